@@ -1,0 +1,199 @@
+"""Typed, validated run configurations: YAML presets plus dotted command-line overrides.
+
+Why: a wrong field must fail before any work starts, in one line that names the field, the
+value given and what is allowed. Configs are frozen pydantic models, passed explicitly; derived
+values are computed by functions, never written back into a config.
+
+A preset is a YAML file under ``configs/`` (or any path). It may start from another preset with
+``_base_: NAME`` and override a few keys, like the original's experiment files do.
+Overrides are ``a.b.c=value`` strings; the value is read as YAML, and scalars are left for the
+schema to coerce, so ``optim.lr=1e-3`` and ``name=123`` both mean what a user expects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+BASE_KEY = "_base_"
+
+Schema = TypeVar("Schema", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message is one line naming the field."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors and values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TrackingConfig(Section):
+    """Where and how often a run reports to MLflow (the store URI comes from the environment)."""
+
+    experiment: str = Field("dinoflow", min_length=1)
+    metric_every: int = Field(10, ge=1, description="log step metrics every N steps")
+
+
+class FashionMnistConfig(Section):
+    """Fashion-MNIST in its IDX form (Debian's ``dataset-fashion-mnist`` or any copy)."""
+
+    source: str = Field("/usr/share/datasets/fashion-mnist", min_length=1)
+    knn_k: int = Field(20, ge=1)
+    knn_temperature: float = Field(0.07, gt=0)
+
+
+class DemoConfig(Section):
+    """The demo job: what exists of the platform, end to end, on Fashion-MNIST."""
+
+    name: str = Field("demo", min_length=1)
+    out: str = Field("runs/demo", min_length=1, description="run root: a path or URI")
+    seed: int = 0
+    data: FashionMnistConfig = FashionMnistConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    device: Literal["cpu", "cuda"] = "cpu"
+
+
+def preset_path(name_or_path: str | Path) -> Path:
+    """Find a preset: an existing file, else ``configs/**/<name>.yaml`` (one match)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    stem = path.name.removesuffix(".yaml")
+    matches = sorted(CONFIG_DIR.rglob(f"{stem}.yaml"))
+    if len(matches) == 1:
+        return matches[0]
+    available = ", ".join(sorted(p.stem for p in CONFIG_DIR.rglob("*.yaml")))
+    if not matches:
+        raise ConfigError(f"preset {str(name_or_path)!r} not found; available: {available}")
+    raise ConfigError(f"preset {str(name_or_path)!r} is ambiguous: {[str(m) for m in matches]}")
+
+
+def load_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a preset, resolving its ``_base_`` chain (child keys win, sections merge)."""
+    path = path.resolve()
+    if path in _seen:
+        raise ConfigError(f"preset {path} includes itself through {BASE_KEY}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"preset {path} is not valid YAML: {' '.join(str(err).split())}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset {path} must hold a mapping, not {type(data).__name__}")
+    base = data.pop(BASE_KEY, None)
+    if base is None:
+        return data
+    base_path = path.parent / (str(base) if str(base).endswith(".yaml") else f"{base}.yaml")
+    if not base_path.is_file():
+        base_path = preset_path(base)
+    return merge(load_yaml(base_path, (*_seen, path)), data)
+
+
+def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep-merge two mappings; sections merge key by key, everything else is replaced."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _override_value(text: str) -> Any:
+    """YAML-read an override; scalars stay text so the schema coerces them to its own type."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if value is None or isinstance(value, (list, dict)):
+        return value
+    return text
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides to a nested mapping (new keys are left for validation)."""
+    result = merge({}, data)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise ConfigError(f"override {item!r} must look like section.field=value")
+        node = result
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(parts[: depth + 1])
+                raise ConfigError(
+                    f"override {item!r}: {where!r} is a value ({child!r}), not a section"
+                )
+            node[part] = child = dict(child)
+            node = child
+        node[parts[-1]] = _override_value(text.strip())
+    return result
+
+
+def _allowed_keys(schema: type[BaseModel], loc: Sequence[str | int]) -> list[str]:
+    """Field names of the section that holds ``loc`` (for 'unknown key' messages)."""
+    model = schema
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def describe_error(schema: type[BaseModel], err: ValidationError) -> str:
+    """One line per problem, naming the dotted field, the value given and what is allowed."""
+    lines = []
+    for problem in err.errors():
+        where = ".".join(str(p) for p in problem["loc"]) or "<root>"
+        if problem["type"] == "extra_forbidden":
+            allowed = ", ".join(_allowed_keys(schema, problem["loc"]))
+            lines.append(f"unknown key {where!r} (allowed: {allowed})")
+        else:
+            lines.append(f"{where} = {problem['input']!r}: {problem['msg']}")
+    return "; ".join(lines)
+
+
+def validate(schema: type[Schema], data: Mapping[str, Any]) -> Schema:
+    """Build a config from plain data, or raise ConfigError in one line."""
+    try:
+        return schema.model_validate(dict(data))
+    except ValidationError as err:
+        raise ConfigError(f"invalid {schema.__name__}: {describe_error(schema, err)}") from None
+
+
+def load_config(
+    schema: type[Schema], preset: str | Path | None = None, overrides: Sequence[str] = ()
+) -> Schema:
+    """Load a preset (or the schema's defaults), apply overrides, validate."""
+    data = load_yaml(preset_path(preset)) if preset is not None else {}
+    return validate(schema, apply_overrides(data, overrides))
+
+
+def to_yaml(config: BaseModel) -> str:
+    """The resolved config as YAML; loading it back gives an equal config."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten(config: BaseModel | Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted ``section.field -> value`` pairs, as logged to MLflow params."""
+    data = config.model_dump(mode="json") if isinstance(config, BaseModel) else config
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{dotted}."))
+        else:
+            flat[dotted] = value
+    return flat

@@ -1,0 +1,1 @@
+"""Benchmarks on frozen features: k-NN, linear probe, dense tasks, retrieval."""

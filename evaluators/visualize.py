@@ -1,0 +1,66 @@
+"""Pictures a person would rather look at than read: image grids and confusion matrices.
+
+Why: numbers in MLflow say how well a model does; these PNGs show where. Written with the
+non-interactive Agg backend so they work on headless machines and in pods.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """Counts ``(C, C)``: row = true class, column = predicted class."""
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(matrix, (labels, predictions), 1)
+    return matrix
+
+
+def save_image_grid(
+    images: np.ndarray, titles: Sequence[str], path: str | Path, columns: int = 8
+) -> Path:
+    """Save grayscale ``(N, H, W)`` or RGB ``(N, H, W, 3)`` images in a titled grid."""
+    rows = max(1, -(-len(images) // columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(columns * 1.4, rows * 1.6), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, image, title in zip(axes.flat, images, titles):
+        axis.imshow(image, cmap="gray" if image.ndim == 2 else None)
+        axis.set_title(title, fontsize=7)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def save_confusion_matrix(
+    matrix: np.ndarray, class_names: Sequence[str], path: str | Path, title: str = ""
+) -> Path:
+    """Save a row-normalised confusion matrix with the counts' percentages written in."""
+    rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    figure, axis = plt.subplots(figsize=(7, 6))
+    shown = axis.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    axis.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right", fontsize=8)
+    axis.set_yticks(range(len(class_names)), class_names, fontsize=8)
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    axis.set_title(title)
+    for (row, col), rate in np.ndenumerate(rates):
+        axis.text(col, row, f"{100 * rate:.0f}", ha="center", va="center", fontsize=7,
+                  color="white" if rate > 0.5 else "black")
+    figure.colorbar(shown, ax=axis, fraction=0.046)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def _save(figure: plt.Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

@@ -1,0 +1,1 @@
+"""Pipelines (DAGs of components), the demo job and the ``dinoflow`` command line."""

@@ -1,0 +1,155 @@
+"""dinoflow.config: presets, overrides, one-line errors naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from dinoflow.config import (
+    CONFIG_DIR,
+    ConfigError,
+    DemoConfig,
+    apply_overrides,
+    flatten,
+    load_config,
+    to_yaml,
+)
+from pipelines.cli import app
+
+
+def test_every_preset_round_trips(tmp_path: Path) -> None:
+    presets = sorted(CONFIG_DIR.rglob("*.yaml"))
+    assert presets, "configs/ holds no presets"
+    for preset in presets:
+        config = load_config(DemoConfig, preset)
+        dumped = tmp_path / f"{preset.stem}.yaml"
+        dumped.write_text(to_yaml(config))
+        assert load_config(DemoConfig, dumped) == config
+
+
+def test_preset_by_name_and_overrides() -> None:
+    config = load_config(
+        DemoConfig,
+        "demo",
+        ["data.knn_k=10", "data.knn_temperature=1e-3", "tracking.experiment=123", "out=s3://b/x"],
+    )
+    assert config.data.knn_k == 10
+    assert config.data.knn_temperature == pytest.approx(1e-3)
+    assert config.tracking.experiment == "123"
+    assert config.out == "s3://b/x"
+    assert config.data.source == "/usr/share/datasets/fashion-mnist"  # untouched keys stay
+
+
+def test_base_preset_is_extended(tmp_path: Path) -> None:
+    (tmp_path / "parent.yaml").write_text("name: parent\ndata:\n  knn_k: 7\n  knn_temperature: 0.5\n")
+    (tmp_path / "child.yaml").write_text("_base_: parent\ndata:\n  knn_k: 9\n")
+    config = load_config(DemoConfig, tmp_path / "child.yaml")
+    assert (config.name, config.data.knn_k, config.data.knn_temperature) == ("parent", 9, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["data.knnk=3"], r"unknown key 'data.knnk' \(allowed: source, knn_k, knn_temperature\)"),
+        (["optim.lr=1e-3"], r"unknown key 'optim' \(allowed: name, out, seed, data, tracking, device\)"),
+        (["data.knn_k=abc"], r"data.knn_k = 'abc': Input should be a valid integer"),
+        (["data.knn_k=2.5"], r"data.knn_k = '2.5': Input should be a valid integer"),
+        (["data.knn_k=0"], r"data.knn_k = '0': Input should be greater than or equal to 1"),
+        (["data.knn_temperature=-1"], r"data.knn_temperature = '-1': Input should be greater than 0"),
+        (["device=tpu"], r"device = 'tpu': Input should be 'cpu' or 'cuda'"),
+        (["data=[1, 2]"], r"data = \[1, 2\]: Input should be a valid dictionary"),
+        (["name.first=x"], r"'name' is a value \('demo'\), not a section"),
+        (["knn_k"], r"override 'knn_k' must look like section.field=value"),
+        (["data..knn_k=1"], r"must look like section.field=value"),
+    ],
+)
+def test_bad_input_gives_one_line_naming_the_field(overrides: list[str], expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected) as caught:
+        load_config(DemoConfig, "demo", overrides)
+    assert "\n" not in str(caught.value)
+
+
+def test_bad_yaml_and_bad_presets(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML") as caught:
+        load_config(DemoConfig, broken)
+    assert "\n" not in str(caught.value)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(DemoConfig, listed)
+    looped = tmp_path / "loop.yaml"
+    looped.write_text("_base_: loop\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_config(DemoConfig, looped)
+    with pytest.raises(ConfigError, match="preset 'no-such-preset' not found; available: .*demo"):
+        load_config(DemoConfig, "no-such-preset")
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("tracking:\n  experimnt: x\n")
+    with pytest.raises(ConfigError, match="unknown key 'tracking.experimnt'"):
+        load_config(DemoConfig, unknown)
+
+
+def test_config_is_frozen_and_flattens() -> None:
+    config = load_config(DemoConfig, "demo")
+    with pytest.raises(ValueError):
+        config.data.knn_k = 3  # type: ignore[misc]
+    flat = flatten(config)
+    assert flat["data.knn_k"] == 20 and flat["tracking.experiment"] == "dinoflow-demo"
+    assert yaml.safe_load(to_yaml(config))["data"]["knn_k"] == 20
+
+
+def test_apply_overrides_does_not_touch_its_input() -> None:
+    data = {"data": {"knn_k": 1}}
+    assert apply_overrides(data, ["data.knn_k=2"]) == {"data": {"knn_k": "2"}}
+    assert data == {"data": {"knn_k": 1}}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(max_size=40), max_size=4))
+def test_fuzzed_overrides_fail_only_with_config_errors(overrides: list[str]) -> None:
+    try:
+        config = load_config(DemoConfig, "demo", overrides)
+    except ConfigError as err:
+        assert "\n" not in str(err)
+    else:
+        assert isinstance(config, DemoConfig)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+))
+def test_fuzzed_yaml_fails_only_with_config_errors(tmp_path_factory: pytest.TempPathFactory, document: object) -> None:
+    path = tmp_path_factory.mktemp("fuzz") / "preset.yaml"
+    path.write_text(yaml.safe_dump(document))
+    try:
+        load_config(DemoConfig, path)
+    except ConfigError as err:
+        assert "\n" not in str(err)
+
+
+def test_cli_config_show() -> None:
+    runner = CliRunner()
+    shown = runner.invoke(app, ["config", "show", "demo", "data.knn_k=5"])
+    assert shown.exit_code == 0, shown.output
+    assert yaml.safe_load(shown.stdout)["data"]["knn_k"] == 5
+    bad = runner.invoke(app, ["config", "show", "demo", "data.knn_k=0"])
+    assert bad.exit_code == 2
+    assert "error: invalid DemoConfig: data.knn_k = '0'" in bad.stderr
+
+
+def test_cli_version_and_help() -> None:
+    runner = CliRunner()
+    version = runner.invoke(app, ["version"])
+    assert version.exit_code == 0 and version.stdout.startswith("dinoflow 0.")
+    help_text = runner.invoke(app, ["--help"])
+    assert help_text.exit_code == 0 and "demo" in help_text.stdout and "config" in help_text.stdout

@@ -1,0 +1,1 @@
+"""Models, losses, data and the training engine of dinoflow."""

@@ -1,0 +1,1 @@
+"""Datasets, augmentation and masking for self-supervised training."""
