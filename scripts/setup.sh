@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Create or update the virtual environment and the demo data; a no-op when nothing changed.
+#   VENV (default .venv)   where the environment lives
+#   TORCH (default torch==2.13.0)   the torch requirement, installed first (CPU wheel here)
+#   EXTRAS (default dev)   optional dependency groups of pyproject.toml
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+TORCH=${TORCH:-torch==2.13.0}
+EXTRAS=${EXTRAS:-dev}
+DATA=/usr/share/datasets/fashion-mnist
+
+# Debian's Fashion-MNIST (the demo and test data); nothing is downloaded at run time.
+if [ ! -f "$DATA/train-images-idx3-ubyte.gz" ]; then
+  if command -v apt-get >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo -n"
+    echo "setup: installing Debian's dataset-fashion-mnist" >&2
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
+  else
+    echo "setup: no apt-get here; put Fashion-MNIST's four *-ubyte.gz files in a folder and pass data.source=FOLDER" >&2
+  fi
+fi
+
+PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+  || { echo "setup: dinoflow needs Python >= 3.11, $PYTHON is $("$PYTHON" --version)" >&2; exit 1; }
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+
+stamp="$VENV/.dinoflow-installed"
+want=$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -c1-16)-$TORCH-$EXTRAS
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+echo "setup: installing into $VENV ($TORCH, extras: $EXTRAS)" >&2
+PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+"${PIP[@]}" "$TORCH"
+"${PIP[@]}" -c constraints.txt -e ".[$EXTRAS]"
+echo "$want" > "$stamp"
