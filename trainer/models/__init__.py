@@ -1,0 +1,1 @@
+"""DINOv2 backbones, heads, weight loading and export."""

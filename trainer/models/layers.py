@@ -1,0 +1,197 @@
+"""Transformer building blocks of the DINOv2 ViT, in the official parameter layout.
+
+Why packed lists: training runs 2 global crops (e.g. 224 px, 257 tokens) and several local crops
+(98 px, 50 tokens) through the student. Every block takes a *list* of token groups
+``[(B_i, N_i, D), ...]``; the linear layers run once over all tokens of all groups (one large
+matrix product), and attention runs per group, so each image attends only to its own tokens:
+block-diagonal attention, with no mask ever materialised. One group is the ordinary case, and
+there the packing is a free reshape.
+
+Why the subset trick for stochastic depth: with drop rate r > 0.1 a residual branch is computed
+only for a random subset of ``max(int(B (1 - r)), 1)`` samples and added back scaled by
+``B / subset`` (expectation unchanged, compute saved), as the original does; 0 < r <= 0.1 uses a
+per-sample Bernoulli mask scaled by ``1 / (1 - r)``. Eval mode is the identity either way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Shapes = list[tuple[int, int]]  # (samples, tokens) of each packed group
+EFFICIENT_DROP_PATH_ABOVE = 0.1
+
+
+def pack(groups: Sequence[Tensor]) -> tuple[Tensor, Shapes]:
+    """Concatenate groups ``(B_i, N_i, D)`` into one token matrix ``(sum B_i N_i, D)``."""
+    shapes = [(g.shape[0], g.shape[1]) for g in groups]
+    if len(groups) == 1:
+        return groups[0].reshape(-1, groups[0].shape[-1]), shapes
+    return torch.cat([g.reshape(-1, g.shape[-1]) for g in groups]), shapes
+
+
+def unpack(tokens: Tensor, shapes: Shapes) -> list[Tensor]:
+    """Inverse of :func:`pack`."""
+    sizes = [b * n for b, n in shapes]
+    return [part.view(b, n, -1) for part, (b, n) in zip(tokens.split(sizes), shapes)]
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping ``patch_size`` patches projected to ``embed_dim`` by a strided conv."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """``(B, C, H, W)`` -> ``(B, H/p * W/p, D)``; H and W must be multiples of p."""
+        height, width = images.shape[-2:]
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"image size {height}x{width} is not a multiple of the patch size {self.patch_size}"
+            )
+        return self.proj(images).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through ``scaled_dot_product_attention``, per packed group."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+
+    def forward(self, tokens: Tensor, shapes: Shapes) -> Tensor:
+        """``(T, D)`` packed tokens -> ``(T, D)``; tokens attend within their own image only."""
+        dim = tokens.shape[-1]
+        qkv = self.qkv(tokens)  # (T, 3D)
+        outputs = []
+        for part, (batch, length) in zip(qkv.split([b * n for b, n in shapes]), shapes):
+            # (b, n, 3, heads, d) -> 3 x (b, heads, n, d)
+            q, k, v = part.view(batch, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+            attended = F.scaled_dot_product_attention(q, k, v)  # (b, heads, n, d)
+            outputs.append(attended.transpose(1, 2).reshape(batch * length, dim))
+        return self.proj(outputs[0] if len(outputs) == 1 else torch.cat(outputs))
+
+
+class Mlp(nn.Module):
+    """``fc2(gelu(fc1(x)))``: the FFN of ViT-S/B/L."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool = True) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, bias=bias)
+        self.fc2 = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class SwiGLUFFN(nn.Module):
+    """``w3(silu(a) * b)`` with ``[a, b] = w12(x)``: the FFN of ViT-g.
+
+    The nominal hidden width is scaled by 2/3 and rounded up to a multiple of 8
+    (4 * 1536 -> 4096), so the parameter count stays close to a GELU MLP's.
+    """
+
+    def __init__(self, dim: int, hidden: int, bias: bool = True) -> None:
+        super().__init__()
+        hidden = swiglu_hidden(hidden)
+        self.w12 = nn.Linear(dim, 2 * hidden, bias=bias)
+        self.w3 = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, value = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(gate) * value)
+
+
+def swiglu_hidden(nominal: int) -> int:
+    """The SwiGLU hidden width for a nominal MLP width."""
+    return (int(nominal * 2 / 3) + 7) // 8 * 8
+
+
+class LayerScale(nn.Module):
+    """Per-channel scale ``gamma`` on a residual branch (initialised small, 1e-5 in training)."""
+
+    def __init__(self, dim: int, init_value: float) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_value)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x += ls1(attn(norm1(x)))``; ``x += ls2(ffn(norm2(x)))``."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        ffn_layer: Literal["mlp", "swiglu"] = "mlp",
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        ffn_bias: bool = True,
+        layerscale_init: float | None = 1e-5,
+        drop_path: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= drop_path < 1.0:
+            raise ValueError(f"drop_path must be in [0, 1), got {drop_path}")
+        hidden = int(dim * mlp_ratio)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias)
+        self.ls1 = LayerScale(dim, layerscale_init) if layerscale_init else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        ffn = {"mlp": Mlp, "swiglu": SwiGLUFFN}[ffn_layer]
+        self.mlp = ffn(dim, hidden, bias=ffn_bias)
+        self.ls2 = LayerScale(dim, layerscale_init) if layerscale_init else nn.Identity()
+        self.drop_path = drop_path
+
+    def _attention_branch(self, tokens: Tensor, shapes: Shapes) -> Tensor:
+        return self.ls1(self.attn(self.norm1(tokens), shapes))
+
+    def _ffn_branch(self, tokens: Tensor, shapes: Shapes) -> Tensor:
+        return self.ls2(self.mlp(self.norm2(tokens)))
+
+    def forward(self, groups: list[Tensor]) -> list[Tensor]:
+        """Apply the block to packed groups ``[(B_i, N_i, D), ...]``."""
+        for branch in (self._attention_branch, self._ffn_branch):
+            groups = residual(groups, branch, self.drop_path if self.training else 0.0)
+        return groups
+
+
+def residual(
+    groups: list[Tensor], branch: Callable[[Tensor, Shapes], Tensor], drop_rate: float
+) -> list[Tensor]:
+    """``x + branch(x)`` per sample, with stochastic depth at ``drop_rate`` (see module doc)."""
+    if drop_rate == 0.0:
+        tokens, shapes = pack(groups)
+        return unpack(tokens + branch(tokens, shapes), shapes)
+    if drop_rate <= EFFICIENT_DROP_PATH_ABOVE:
+        tokens, shapes = pack(groups)
+        keep = [
+            torch.empty(b, 1, 1, device=tokens.device, dtype=tokens.dtype).bernoulli_(1 - drop_rate)
+            / (1 - drop_rate)
+            for b, _ in shapes
+        ]
+        updates = unpack(branch(tokens, shapes), shapes)
+        return [g + u * k for g, u, k in zip(groups, updates, keep)]
+    subsets = [
+        torch.randperm(g.shape[0], device=g.device)[: max(int(g.shape[0] * (1 - drop_rate)), 1)]
+        for g in groups
+    ]
+    tokens, shapes = pack([g[index] for g, index in zip(groups, subsets)])
+    updates = unpack(branch(tokens, shapes), shapes)
+    return [
+        g.index_add(0, index, update.to(g.dtype), alpha=g.shape[0] / len(index))
+        for g, index, update in zip(groups, subsets, updates)
+    ]
