@@ -104,6 +104,66 @@ def demo(
     )
 
 
+@app.command()
+def export(
+    weights: Annotated[str, typer.Option(help="weight file or folder: local path or URI")],
+    export_format: Annotated[str, typer.Option("--format", help="hf, onnx or safetensors")],
+    out: Annotated[str, typer.Option(help="output folder: local path or URI")],
+    source: Annotated[
+        str | None,
+        typer.Option(help="official, training, safetensors or hf; default from the path: "
+                          "*.safetensors -> safetensors, a folder -> hf, else official"),
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="released architecture, e.g. dinov2_vits14_reg (else inferred)")
+    ] = None,
+    height: Annotated[int, typer.Option(help="ONNX input height (multiple of the patch size)")] = 224,
+    width: Annotated[int, typer.Option(help="ONNX input width (multiple of the patch size)")] = 224,
+) -> None:
+    """Export a backbone to a Hugging Face folder, an ONNX file or safetensors."""
+    import tempfile
+    from pathlib import Path
+
+    from dinoflow.storage import S3Settings, Storage, join_uri
+    from trainer.models.hub import SOURCES, load_backbone, pretrained_arch_kwargs, save_backbone
+
+    formats = ("hf", "onnx", "safetensors")
+    if export_format not in formats:
+        typer.echo(f"error: unknown format {export_format!r}; allowed: {', '.join(formats)}", err=True)
+        raise typer.Exit(2)
+    storage = Storage(S3Settings.from_env(os.environ))
+    if storage.list(out):
+        typer.echo(f"error: {out} is not empty; choose a new output folder", err=True)
+        raise typer.Exit(2)
+    if source is None:
+        source = ("safetensors" if weights.endswith(".safetensors")
+                  else "hf" if storage.exists(join_uri(weights, "config.json")) else "official")
+        typer.echo(f"weights source: {source} (from the path; pass --source to choose)", err=True)
+    if source not in SOURCES:
+        typer.echo(f"error: unknown source {source!r}; allowed: {', '.join(SOURCES)}", err=True)
+        raise typer.Exit(2)
+    try:
+        arch_kwargs = pretrained_arch_kwargs(model) if model else None
+        backbone = load_backbone(weights, source, storage, arch_kwargs)  # type: ignore[arg-type]
+    except (ValueError, FileNotFoundError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    with tempfile.TemporaryDirectory() as scratch:
+        staged = Path(scratch) / "export"
+        if export_format == "hf":
+            from trainer.models.hf import export_hf
+
+            export_hf(backbone, staged)
+        elif export_format == "onnx":
+            from trainer.models.onnx_export import export_onnx
+
+            export_onnx(backbone, staged / "model.onnx", height, width)
+        else:
+            save_backbone(backbone, str(staged / "backbone.safetensors"))
+        written = storage.upload_dir(staged, out)
+    typer.echo("\n".join(written))
+
+
 def _artifact_location(tracking_uri: str, run_root: str) -> str | None:
     """Artifacts of the embedded sqlite store live beside it; a server decides its own."""
     if not tracking_uri.startswith("sqlite:"):

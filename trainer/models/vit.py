@@ -111,7 +111,7 @@ class DinoVisionTransformer(nn.Module):
         rates = (
             [drop_path_rate] * depth
             if drop_path_uniform
-            else torch.linspace(0, drop_path_rate, depth).tolist()
+            else [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         )
         self.blocks = nn.ModuleList(
             Block(
@@ -261,6 +261,12 @@ def build_vit(arch: str, num_register_tokens: int = 0, **overrides: object) -> D
     kwargs["interpolate_offset"] = 0.0 if num_register_tokens > 0 else 0.1
     kwargs.update(overrides)
     return DinoVisionTransformer(**kwargs)
+
+
+def vit_arch_kwargs(arch: str, num_register_tokens: int = 0, **overrides: object) -> dict:
+    """The complete constructor arguments of :func:`build_vit` (built on the meta device: free)."""
+    with torch.device("meta"):
+        return build_vit(arch, num_register_tokens, **overrides).arch_kwargs
 
 
 def vit_small(**kwargs: object) -> DinoVisionTransformer:

@@ -1,0 +1,113 @@
+"""Weight loading and saving: official files, training dumps, safetensors on any storage."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from dinoflow.storage import Storage, join_uri
+from trainer.models.hub import (
+    convert_training_state_dict,
+    dinov2_vits14_reg,
+    load_backbone,
+    read_weights,
+    save_backbone,
+)
+from trainer.models.vit import build_vit
+
+
+def small_model(**overrides: object):
+    torch.manual_seed(0)
+    kwargs = dict(img_size=56, patch_size=14, embed_dim=64, depth=4, num_heads=2, layerscale_init=1.0)
+    model = build_vit("vit_small", **(kwargs | overrides))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    return model.eval()
+
+
+def same_outputs(a, b) -> None:
+    images = torch.randn(2, 3, 56, 42)
+    with torch.no_grad():
+        torch.testing.assert_close(a.forward_features(images)["x_prenorm"], b.forward_features(images)["x_prenorm"],
+                                   rtol=0, atol=0)
+
+
+def test_safetensors_round_trip_on_any_storage(storage_root: tuple[Storage, str]) -> None:
+    storage, root = storage_root
+    model = small_model(num_register_tokens=4, embed_dim=40, num_heads=5)  # 8-d heads: not inferable
+    uri = join_uri(root, "backbone.safetensors")
+    save_backbone(model, uri, storage)
+    loaded = load_backbone(uri, "safetensors", storage)
+    assert loaded.arch_kwargs == model.arch_kwargs
+    same_outputs(model, loaded)
+
+
+def test_official_pth_loads_with_inferred_architecture(tmp_path: Path) -> None:
+    model = small_model(embed_dim=128, num_register_tokens=4, img_size=518)  # 64-d heads like Meta's
+    path = tmp_path / "dinov2_tiny_reg4_pretrain.pth"
+    torch.save(model.state_dict(), path)
+    loaded = load_backbone(str(path), "official")
+    assert loaded.arch_kwargs["num_heads"] == 2 and loaded.arch_kwargs["interpolate_antialias"]
+    same_outputs(model, loaded)
+
+
+def test_training_dump_with_prefixes_and_chunks(tmp_path: Path) -> None:
+    model = small_model()
+    dump: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("blocks."):
+            index = int(key.split(".")[1])
+            key = key.replace(f"blocks.{index}.", f"blocks.{index // 2}.{index}.", 1)  # 2 chunks
+        dump[f"module.backbone.{key}"] = value
+    dump["module.dino_head.last_layer.weight_g"] = torch.ones(10, 1)
+    dump["module.ibot_head.mlp.0.weight"] = torch.ones(3, 3)
+    converted = convert_training_state_dict({"teacher": dump})
+    assert set(converted) == set(model.state_dict())
+    path = tmp_path / "teacher_checkpoint.pth"
+    torch.save({"teacher": dump, "iteration": torch.tensor(5)}, path)
+    loaded = load_backbone(str(path), "training", arch_kwargs=model.arch_kwargs)
+    same_outputs(model, loaded)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_pickles_with_code_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pth"
+    buffer = io.BytesIO()
+    torch.save({"cls_token": torch.zeros(1), "payload": _Payload()}, buffer)
+    path.write_bytes(buffer.getvalue())
+    with pytest.raises(ValueError, match="not a tensor-only torch checkpoint"):
+        read_weights(str(path), "official", Storage())
+
+
+def test_bad_files_and_sources(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(ValueError, match="corrupt safetensors header"):
+        read_weights(str(garbage), "safetensors", Storage())
+    with pytest.raises(ValueError, match="unknown weight source 'timm'; allowed: official, training"):
+        read_weights(str(garbage), "timm", Storage())  # type: ignore[arg-type]
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        read_weights(str(tmp_path / "missing.pth"), "official", Storage())
+
+
+def test_named_constructor_loads_released_layout(tmp_path: Path) -> None:
+    reference = dinov2_vits14_reg()  # random init, released layout and hyperparameters
+    with torch.no_grad():
+        for parameter in reference.parameters():
+            parameter.normal_(0, 0.02)
+    path = tmp_path / "dinov2_vits14_reg4_pretrain.pth"
+    torch.save(reference.state_dict(), path)
+    loaded = dinov2_vits14_reg(weights=str(path))
+    images = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), reference.eval()(images), rtol=0, atol=0)
+    assert not loaded.training

@@ -1,0 +1,248 @@
+"""The DINOv2 ViT: official layout, position interpolation, packed multi-crop, drop path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from trainer.models.hub import PRETRAINED, infer_arch_kwargs, load_strict, pretrained_arch_kwargs
+from trainer.models.layers import Block, residual
+from trainer.models.vit import DinoVisionTransformer, build_vit, vit_arch_kwargs
+
+# The released backbones, from the reference table (not from our model): width, depth, FFN.
+OFFICIAL = {"s": (384, 12, "mlp"), "b": (768, 12, "mlp"), "l": (1024, 24, "mlp"), "g": (1536, 40, "swiglu")}
+
+
+def official_shapes(letter: str, registers: int) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of ``dinov2_vit<letter>14[_reg4]_pretrain.pth`` as the reference lists it."""
+    dim, depth, ffn = OFFICIAL[letter]
+    shapes: dict[str, tuple[int, ...]] = {
+        "cls_token": (1, 1, dim), "pos_embed": (1, 1370, dim), "mask_token": (1, dim),
+        "patch_embed.proj.weight": (dim, 3, 14, 14), "patch_embed.proj.bias": (dim,),
+        "norm.weight": (dim,), "norm.bias": (dim,),
+    }
+    if registers:
+        shapes["register_tokens"] = (1, registers, dim)
+    for i in range(depth):
+        block = {
+            "norm1.weight": (dim,), "norm1.bias": (dim,),
+            "attn.qkv.weight": (3 * dim, dim), "attn.qkv.bias": (3 * dim,),
+            "attn.proj.weight": (dim, dim), "attn.proj.bias": (dim,), "ls1.gamma": (dim,),
+            "norm2.weight": (dim,), "norm2.bias": (dim,), "ls2.gamma": (dim,),
+        }
+        if ffn == "mlp":
+            block |= {"mlp.fc1.weight": (4 * dim, dim), "mlp.fc1.bias": (4 * dim,),
+                      "mlp.fc2.weight": (dim, 4 * dim), "mlp.fc2.bias": (dim,)}
+        else:  # ViT-g: fused SwiGLU, hidden 4096
+            block |= {"mlp.w12.weight": (8192, 1536), "mlp.w12.bias": (8192,),
+                      "mlp.w3.weight": (1536, 4096), "mlp.w3.bias": (1536,)}
+        shapes |= {f"blocks.{i}.{k}": v for k, v in block.items()}
+    return shapes
+
+
+def meta_state_dict(shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    return {k: torch.empty(v, device="meta") for k, v in shapes.items()}
+
+
+def meta_model(name: str) -> DinoVisionTransformer:
+    with torch.device("meta"):
+        return DinoVisionTransformer(**pretrained_arch_kwargs(name))
+
+
+@pytest.mark.parametrize("letter", list(OFFICIAL))
+@pytest.mark.parametrize("registers", [0, 4])
+def test_official_checkpoints_load_strictly(letter: str, registers: int) -> None:
+    name = f"dinov2_vit{letter}14{'_reg' if registers else ''}"
+    shapes = official_shapes(letter, registers)
+    load_strict(meta_model(name), meta_state_dict(shapes))
+    assert infer_arch_kwargs(meta_state_dict(shapes)) == pretrained_arch_kwargs(name)
+
+
+def test_bad_checkpoints_name_the_key() -> None:
+    shapes = official_shapes("s", 0)
+    missing = meta_state_dict({k: v for k, v in shapes.items() if k != "blocks.3.ls2.gamma"})
+    with pytest.raises(ValueError, match="missing keys: blocks.3.ls2.gamma"):
+        load_strict(meta_model("dinov2_vits14"), missing)
+    wrong = meta_state_dict(shapes | {"pos_embed": (1, 257, 384)})
+    with pytest.raises(ValueError, match=r"wrong shapes: pos_embed: file \(1, 257, 384\) vs model \(1, 1370, 384\)"):
+        load_strict(meta_model("dinov2_vits14"), wrong)
+    extra = meta_state_dict(shapes | {"head.weight": (1000, 384)})
+    with pytest.raises(ValueError, match="unexpected keys: head.weight"):
+        load_strict(meta_model("dinov2_vits14"), extra)
+    with pytest.raises(ValueError, match="missing keys: register_tokens"):
+        load_strict(meta_model("dinov2_vits14_reg"), meta_state_dict(shapes))
+
+
+@pytest.mark.parametrize(("name", "low", "high"), [
+    ("dinov2_vits14", 21e6, 23e6), ("dinov2_vitb14", 85e6, 88e6),
+    ("dinov2_vitl14", 300e6, 306e6), ("dinov2_vitg14", 1.10e9, 1.14e9),
+])
+def test_parameter_counts(name: str, low: float, high: float) -> None:
+    count = sum(p.numel() for p in meta_model(name).parameters())
+    assert low < count < high
+    assert len(PRETRAINED) == 8
+
+
+def tiny(registers: int = 0, **overrides: object) -> DinoVisionTransformer:
+    torch.manual_seed(0)
+    kwargs = dict(img_size=70, patch_size=7, embed_dim=48, depth=3, num_heads=4, layerscale_init=0.5)
+    model = build_vit("vit_small", num_register_tokens=registers, **(kwargs | overrides))
+    with torch.no_grad():
+        for parameter in model.parameters():  # no zero or constant tensor may hide a bug
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    return model.eval()
+
+
+def keys_cubic(t: np.ndarray, a: float = -0.75) -> np.ndarray:
+    t = np.abs(t)
+    return np.where(t <= 1, (a + 2) * t**3 - (a + 3) * t**2 + 1,
+                    np.where(t < 2, a * t**3 - 5 * a * t**2 + 8 * a * t - 4 * a, 0.0))
+
+
+def bicubic_matrix(source: int, target: int, scale: float) -> np.ndarray:
+    """Resampling matrix of align_corners=False bicubic (a=-0.75) with a given scale factor,
+    border samples clamped: written from the definition, independent of torch."""
+    matrix = np.zeros((target, source))
+    for i in range(target):
+        centre = (i + 0.5) / scale - 0.5
+        base = int(np.floor(centre))
+        for tap in range(base - 1, base + 3):
+            matrix[i, min(max(tap, 0), source - 1)] += keys_cubic(centre - tap)
+    return matrix
+
+
+@pytest.mark.parametrize(("height", "width"), [(70, 70), (42, 63), (98, 56)])
+def test_non_register_interpolation_follows_the_offset_formula(height: int, width: int) -> None:
+    model = tiny(registers=0)
+    table = model.pos_embed.detach().double().numpy()[0]
+    side, rows, cols = 10, height // 7, width // 7
+    grid = table[1:].reshape(side, side, -1)
+    if (rows, cols) == (side, side):
+        expected = grid
+    else:
+        row_matrix = bicubic_matrix(side, rows, (rows + 0.1) / side)
+        col_matrix = bicubic_matrix(side, cols, (cols + 0.1) / side)
+        expected = np.einsum("ri,cj,ijd->rcd", row_matrix, col_matrix, grid)
+    ours = model.interpolate_pos_encoding(height, width, torch.float32)[0].detach().numpy()
+    np.testing.assert_allclose(ours[0], table[0], atol=1e-6)
+    np.testing.assert_allclose(ours[1:].reshape(rows, cols, -1), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(("height", "width"), [(42, 63), (98, 112), (14, 140)])
+def test_register_interpolation_matches_pil_antialiased_bicubic(height: int, width: int) -> None:
+    model = tiny(registers=4)
+    table = model.pos_embed.detach().numpy()[0]
+    rows, cols = height // 7, width // 7
+    grid = table[1:].reshape(10, 10, -1)
+    expected = np.stack([
+        np.asarray(Image.fromarray(grid[:, :, d].astype(np.float32), mode="F").resize((cols, rows), Image.BICUBIC))
+        for d in range(grid.shape[-1])
+    ], axis=-1)
+    ours = model.interpolate_pos_encoding(height, width, torch.float32)[0].detach().numpy()
+    np.testing.assert_allclose(ours[1:].reshape(rows, cols, -1), expected, atol=2e-5)
+
+
+@pytest.mark.parametrize("registers", [0, 4])
+def test_packed_crops_equal_separate_passes(registers: int) -> None:
+    model = tiny(registers)
+    torch.manual_seed(1)
+    crops = [torch.randn(2, 3, 70, 70), torch.randn(5, 3, 28, 28), torch.randn(1, 3, 42, 63)]
+    masks = [torch.rand(2, 100) < 0.4, None, None]
+    with torch.no_grad():
+        packed = model.forward_features_list(crops, masks)
+        for crop, mask, together in zip(crops, masks, packed):
+            alone = model.forward_features(crop, mask)
+            for key in ("x_norm_clstoken", "x_norm_regtokens", "x_norm_patchtokens", "x_prenorm"):
+                torch.testing.assert_close(together[key], alone[key], rtol=0, atol=1e-5)
+    assert packed[0]["x_norm_regtokens"].shape == (2, registers, 48)
+    assert packed[1]["x_norm_patchtokens"].shape == (5, 16, 48)
+
+
+def test_masked_patches_are_replaced_by_the_mask_token() -> None:
+    model = tiny(registers=4)
+    images = torch.randn(2, 3, 70, 70)
+    everything = torch.ones(2, 100, dtype=torch.bool)
+    with torch.no_grad():
+        out = model.forward_features(images, everything)
+        other = model.forward_features(torch.randn(2, 3, 70, 70), everything)
+        plain = model.forward_features(images)
+    torch.testing.assert_close(out["x_prenorm"], other["x_prenorm"])  # image content is gone
+    assert not torch.allclose(out["x_prenorm"], plain["x_prenorm"])
+    with pytest.raises(ValueError, match="do not match the patch grid"):
+        model.forward_features(images, everything[:, :50])
+
+
+def test_intermediate_layers() -> None:
+    model = tiny(registers=4)
+    images = torch.randn(2, 3, 70, 42)
+    with torch.no_grad():
+        features = model.forward_features(images)
+        (last,) = model.get_intermediate_layers(images, n=1)
+        torch.testing.assert_close(last, features["x_norm_patchtokens"])
+        layers = model.get_intermediate_layers(images, n=[0, 2], reshape=True, return_class_token=True)
+        raw = model.get_intermediate_layers(images, n=2, norm=False)
+    assert len(layers) == 2
+    patches, cls = layers[1]
+    assert patches.shape == (2, 48, 10, 6) and cls.shape == (2, 48)
+    torch.testing.assert_close(cls, features["x_norm_clstoken"])
+    torch.testing.assert_close(raw[1], features["x_prenorm"][:, 5:])
+    with pytest.raises(ValueError, match="out of range"):
+        model.get_intermediate_layers(images, n=[3])
+
+
+def test_bad_sizes_are_refused() -> None:
+    model = tiny()
+    with pytest.raises(ValueError, match="image size 70x50 is not a multiple of the patch size 7"):
+        model(torch.randn(1, 3, 70, 50))
+    with pytest.raises(ValueError, match="img_size 100 is not a multiple of patch_size 14"):
+        build_vit("vit_small", img_size=100, depth=1)
+    with pytest.raises(ValueError, match="unknown architecture 'vit_huge'"):
+        build_vit("vit_huge")
+
+
+@pytest.mark.parametrize("rate", [0.05, 0.4])
+def test_drop_path_keeps_the_expectation(rate: float) -> None:
+    torch.manual_seed(0)
+    x = [torch.randn(8, 5, 6), torch.randn(4, 3, 6)]
+    weight = torch.randn(6, 6)
+    rows_seen: list[int] = []
+
+    def branch(tokens: torch.Tensor, shapes: list[tuple[int, int]]) -> torch.Tensor:
+        rows_seen.append(sum(b for b, _ in shapes))
+        return torch.tanh(tokens @ weight)
+
+    draws = 4000
+    total = [torch.zeros_like(g) for g in x]
+    for _ in range(draws):
+        for acc, out in zip(total, residual(x, branch, rate)):
+            acc += out
+    exact = residual(x, branch, 0.0)
+    for acc, want in zip(total, exact):
+        # per-sample std of the estimate <= |branch| * sqrt(r / (1 - r) / draws) < 0.02
+        torch.testing.assert_close(acc / draws, want, rtol=0, atol=0.06)
+    if rate > 0.1:  # the subset trick computes the branch on int(B (1 - r)) samples per group
+        assert rows_seen[0] == int(8 * 0.6) + int(4 * 0.6)
+    else:
+        assert rows_seen[0] == 12
+
+
+def test_drop_path_is_identity_in_eval_mode() -> None:
+    torch.manual_seed(0)
+    block = Block(24, 4, drop_path=0.4, layerscale_init=0.3)
+    plain = Block(24, 4, drop_path=0.0, layerscale_init=0.3)
+    plain.load_state_dict(block.state_dict())
+    x = [torch.randn(6, 9, 24)]
+    block.eval()
+    torch.testing.assert_close(block(x)[0], plain(x)[0], rtol=0, atol=0)
+    block.train()
+    assert not torch.allclose(block(x)[0], plain(x)[0])
+
+
+def test_linear_drop_path_schedule() -> None:
+    kwargs = vit_arch_kwargs("vit_small", depth=5, drop_path_rate=0.4, drop_path_uniform=False)
+    model = DinoVisionTransformer(**kwargs)
+    assert [round(b.drop_path, 6) for b in model.blocks] == [0.0, 0.1, 0.2, 0.3, 0.4]
+    uniform = build_vit("vit_small", depth=3, drop_path_rate=0.3)
+    assert [b.drop_path for b in uniform.blocks] == [0.3, 0.3, 0.3]

@@ -1,0 +1,222 @@
+"""Named backbones and their weights: constructors, loading from any path or URI, saving.
+
+Why explicit sources: a weight file's layout is declared (``source=``), never guessed from its
+keys. Each source has one pure converter to our (the official) layout:
+
+* ``official``: Meta's released ``dinov2_vit*14[_reg4]_pretrain.pth`` (already our layout);
+* ``training``: the original's training dumps (``{"teacher": ...}`` with ``backbone.``,
+  ``module.`` prefixes, and ``blocks.<chunk>.<index>.`` keys of block-chunked models);
+* ``safetensors``: our own files, whose metadata carries the architecture;
+* ``hf``: a Hugging Face ``Dinov2Model`` / ``Dinov2WithRegistersModel`` folder.
+
+Checkpoints are read as tensors only (``torch.load(weights_only=True)`` or safetensors), and
+loading is strict: a missing, unexpected or mis-shaped key fails with a message naming it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+from torch import Tensor
+
+from dinoflow.storage import Storage, join_uri
+from trainer.models.vit import ARCHITECTURES, DinoVisionTransformer, vit_arch_kwargs
+
+Source = Literal["official", "training", "safetensors", "hf"]
+SOURCES: tuple[str, ...] = ("official", "training", "safetensors", "hf")
+ARCH_METADATA_KEY = "dinoflow.arch_kwargs"
+
+# name -> (architecture, register tokens); released weights: 518 px table, LayerScale stored
+PRETRAINED: dict[str, tuple[str, int]] = {
+    f"dinov2_vit{letter}14{suffix}": (arch, registers)
+    for letter, arch in (("s", "vit_small"), ("b", "vit_base"), ("l", "vit_large"), ("g", "vit_giant2"))
+    for suffix, registers in (("", 0), ("_reg", 4))
+}
+
+
+def pretrained_arch_kwargs(name: str) -> dict[str, Any]:
+    """Constructor arguments of a released backbone (as the original hub builds it)."""
+    if name not in PRETRAINED:
+        raise ValueError(f"unknown backbone {name!r}; allowed: {', '.join(PRETRAINED)}")
+    arch, registers = PRETRAINED[name]
+    return vit_arch_kwargs(arch, num_register_tokens=registers, img_size=518, layerscale_init=1.0)
+
+
+def dinov2(name: str, weights: str | None = None, storage: Storage | None = None,
+           source: Source = "official") -> DinoVisionTransformer:
+    """A released backbone by name, with weights from a local path or URI when given."""
+    model = DinoVisionTransformer(**pretrained_arch_kwargs(name))
+    if weights is not None:
+        state_dict, _ = read_weights(weights, source, storage or Storage())
+        load_strict(model, state_dict)
+    return model.eval()
+
+
+def _constructor(name: str) -> Callable[..., DinoVisionTransformer]:
+    def build(weights: str | None = None, storage: Storage | None = None,
+              source: Source = "official") -> DinoVisionTransformer:
+        return dinov2(name, weights, storage, source)
+
+    arch, registers = PRETRAINED[name]
+    build.__name__ = name
+    build.__doc__ = (f"DINOv2 {arch} /14{' with 4 registers' if registers else ''}; "
+                     "weights from a local path or URI (nothing is downloaded).")
+    return build
+
+
+dinov2_vits14 = _constructor("dinov2_vits14")
+dinov2_vits14_reg = _constructor("dinov2_vits14_reg")
+dinov2_vitb14 = _constructor("dinov2_vitb14")
+dinov2_vitb14_reg = _constructor("dinov2_vitb14_reg")
+dinov2_vitl14 = _constructor("dinov2_vitl14")
+dinov2_vitl14_reg = _constructor("dinov2_vitl14_reg")
+dinov2_vitg14 = _constructor("dinov2_vitg14")
+dinov2_vitg14_reg = _constructor("dinov2_vitg14_reg")
+
+
+# -- converters (pure: state dict in, state dict out) ---------------------------------------
+
+def convert_official_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Released backbone files are already in our layout."""
+    return dict(state_dict)
+
+
+_CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+)\.")
+
+
+def convert_training_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The backbone of a training dump: unwrap ``teacher``/``model``, strip ``module.`` and
+    ``backbone.``, drop the heads, and turn chunked ``blocks.C.N.`` keys into ``blocks.N.``."""
+    state = checkpoint
+    for wrapper in ("teacher", "model"):
+        if wrapper in state and isinstance(state[wrapper], Mapping):
+            state = state[wrapper]
+    converted: dict[str, Tensor] = {}
+    for key, value in state.items():
+        key = key.removeprefix("module.")
+        if key.startswith(("dino_head.", "ibot_head.")):
+            continue
+        key = key.removeprefix("backbone.")
+        converted[_CHUNKED_BLOCK.sub(r"blocks.\1.", key)] = value
+    return converted
+
+
+def infer_arch_kwargs(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
+    """Architecture of an official-family backbone from its tensor shapes (64-d heads).
+
+    Released ``.pth`` files carry no config; their shapes determine it. Models with other head
+    widths must be saved with metadata (:func:`save_backbone`) or given ``arch_kwargs``.
+    """
+    try:
+        embed_dim = state_dict["cls_token"].shape[-1]
+        patch = state_dict["patch_embed.proj.weight"].shape[-1]
+        grid = (state_dict["pos_embed"].shape[1] - 1) ** 0.5
+    except KeyError as err:
+        raise ValueError(f"cannot infer the architecture: key {err} missing") from None
+    depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
+    swiglu = "blocks.0.mlp.w12.weight" in state_dict
+    registers = state_dict["register_tokens"].shape[1] if "register_tokens" in state_dict else 0
+    hidden = state_dict["blocks.0.mlp.fc1.weight"].shape[0] if not swiglu else 4 * embed_dim
+    matches = [a for a, spec in ARCHITECTURES.items() if spec["embed_dim"] == embed_dim]
+    arch = matches[0] if matches else "vit_small"
+    return vit_arch_kwargs(
+        arch, num_register_tokens=registers, img_size=int(round(grid)) * patch, patch_size=patch,
+        embed_dim=embed_dim, depth=depth, num_heads=max(embed_dim // 64, 1),
+        mlp_ratio=hidden / embed_dim, ffn_layer="swiglu" if swiglu else "mlp",
+        layerscale_init=1.0 if "blocks.0.ls1.gamma" in state_dict else None,
+    )
+
+
+# -- reading and writing --------------------------------------------------------------------
+
+def read_weights(uri: str, source: Source, storage: Storage) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
+    """Read a weight file or folder into our layout; returns (state dict, arch kwargs or None)."""
+    if source not in SOURCES:
+        raise ValueError(f"unknown weight source {source!r}; allowed: {', '.join(SOURCES)}")
+    if source == "hf":
+        from trainer.models.hf import arch_kwargs_from_hf_config, from_hf_state_dict
+
+        config = json.loads(storage.read_bytes(join_uri(uri, "config.json")))
+        arch_kwargs = arch_kwargs_from_hf_config(config)
+        weights_uri = join_uri(uri, "model.safetensors")
+        tensors = _read_safetensors(storage.read_bytes(weights_uri), weights_uri)
+        return from_hf_state_dict(tensors, arch_kwargs), arch_kwargs
+    data = storage.read_bytes(uri)
+    if source == "safetensors":
+        arch_kwargs = _safetensors_arch(data, uri)
+        return _read_safetensors(data, uri), arch_kwargs
+    try:
+        checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - pickles with code, corrupt files: one message
+        raise ValueError(f"{uri}: not a tensor-only torch checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"{uri}: expected a state dict, found {type(checkpoint).__name__}")
+    if source == "training":
+        return convert_training_state_dict(checkpoint), None
+    return convert_official_state_dict(checkpoint), None
+
+
+def _read_safetensors(data: bytes, uri: str) -> dict[str, Tensor]:
+    try:
+        return load_safetensors_bytes(data)
+    except Exception as err:  # noqa: BLE001 - the Rust error type is not importable
+        raise ValueError(f"{uri}: corrupt safetensors file ({err})") from None
+
+
+def _safetensors_arch(data: bytes, uri: str) -> dict[str, Any] | None:
+    """The architecture saved in a safetensors header by :func:`save_backbone`, if any."""
+    header_length = int.from_bytes(data[:8], "little")
+    try:
+        header = json.loads(data[8 : 8 + header_length])
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{uri}: corrupt safetensors header ({err})") from None
+    text = header.get("__metadata__", {}).get(ARCH_METADATA_KEY)
+    return json.loads(text) if text else None
+
+
+def load_strict(model: torch.nn.Module, state_dict: Mapping[str, Tensor]) -> None:
+    """Copy weights into ``model``; every key must exist with the right shape, and no extras."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = [
+        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+    if unexpected:
+        problems.append(f"unexpected keys: {', '.join(unexpected[:10])}{' ...' if len(unexpected) > 10 else ''}")
+    if mismatched:
+        problems.append(f"wrong shapes: {'; '.join(mismatched[:10])}")
+    if problems:
+        raise ValueError("weights do not fit the model: " + " | ".join(problems))
+    meta = any(t.is_meta for t in expected.values())
+    model.load_state_dict(dict(state_dict), strict=True, assign=meta)
+
+
+def load_backbone(
+    uri: str, source: Source, storage: Storage | None = None, arch_kwargs: dict[str, Any] | None = None
+) -> DinoVisionTransformer:
+    """Build and load a backbone; the architecture comes from ``arch_kwargs``, else the file's
+    metadata or config, else the tensor shapes (official family)."""
+    state_dict, found = read_weights(uri, source, storage or Storage())
+    model = DinoVisionTransformer(**(arch_kwargs or found or infer_arch_kwargs(state_dict)))
+    load_strict(model, state_dict)
+    return model.eval()
+
+
+def save_backbone(model: DinoVisionTransformer, uri: str, storage: Storage | None = None) -> None:
+    """Write a backbone as safetensors (architecture in the metadata), atomically."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    data = save_safetensors_bytes(tensors, metadata={ARCH_METADATA_KEY: json.dumps(model.arch_kwargs)})
+    (storage or Storage()).write_bytes(uri, data)
