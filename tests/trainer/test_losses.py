@@ -1,0 +1,137 @@
+"""Loss maths against independent references on random inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.spatial.distance import cdist
+
+from trainer.losses import (
+    DINOLoss,
+    IBOTPatchLoss,
+    KoLeoLoss,
+    SoftmaxCentering,
+    cross_entropy,
+    sinkhorn_knopp,
+)
+from trainer.models.heads import DINOHead
+
+
+def soft_ce(target: torch.Tensor, logits: torch.Tensor, temp: float) -> torch.Tensor:
+    """Mean soft-target cross-entropy by torch's own F.cross_entropy."""
+    return F.cross_entropy(logits / temp, target)
+
+
+def test_cross_entropy_matches_torch() -> None:
+    torch.manual_seed(0)
+    logits, target = torch.randn(7, 11), torch.randn(7, 11).softmax(-1)
+    torch.testing.assert_close(cross_entropy(target, logits, 0.1).mean(), soft_ce(target, logits, 0.1))
+
+
+@pytest.mark.parametrize("local_crops", [0, 1, 8])
+def test_dino_loss_pairs_crops_like_the_original(local_crops: int) -> None:
+    torch.manual_seed(local_crops)
+    batch, prototypes = 5, 32
+    student_global = torch.randn(2, batch, prototypes)
+    student_local = torch.randn(local_crops, batch, prototypes)
+    teacher = torch.randn(2, batch, prototypes).softmax(-1)
+    pairs = [(teacher[1], student_global[0]), (teacher[0], student_global[1])]
+    pairs += [(teacher[g], student_local[l]) for l in range(local_crops) for g in range(2)]
+    expected = sum(soft_ce(t, s, 0.1) for t, s in pairs) / len(pairs)
+    loss = DINOLoss(0.1)(student_global, student_local, teacher)
+    torch.testing.assert_close(loss, expected)
+    with pytest.raises(ValueError, match="expected 2 global crops"):
+        DINOLoss()(torch.randn(3, batch, prototypes), None, teacher)
+
+
+def test_ibot_loss_weights_patches_per_crop() -> None:
+    torch.manual_seed(0)
+    crops, patches, prototypes = 6, 16, 24
+    masks = torch.rand(crops, patches) < 0.3
+    masks[2] = False  # an unmasked crop still counts in the denominator
+    count = int(masks.sum())
+    student, teacher = torch.randn(count, prototypes), torch.randn(count, prototypes).softmax(-1)
+    expected = torch.tensor(0.0)
+    row = 0
+    for crop in range(crops):
+        n = int(masks[crop].sum())
+        if n:
+            expected += soft_ce(teacher[row : row + n], student[row : row + n], 0.1)
+            row += n
+    expected /= crops
+    torch.testing.assert_close(IBOTPatchLoss(0.1)(student, teacher, masks), expected)
+    with pytest.raises(ValueError, match="masked patches"):
+        IBOTPatchLoss()(student[:-1], teacher[:-1], masks)
+
+
+def test_koleo_matches_brute_force() -> None:
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((33, 12))
+    x = features / np.linalg.norm(features, axis=1, keepdims=True)
+    distances = cdist(x, x)
+    np.fill_diagonal(distances, np.inf)
+    expected = -np.log(distances.min(axis=1) + 1e-8).mean()
+    loss = KoLeoLoss()(torch.from_numpy(features).float())
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="at least 2"):
+        KoLeoLoss()(torch.randn(1, 4))
+
+
+def test_sinkhorn_targets() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(40, 16).clamp(-1, 1)
+    targets = sinkhorn_knopp(logits, teacher_temp=0.07, iterations=3)
+    torch.testing.assert_close(targets.sum(dim=1), torch.ones(40))  # one distribution per sample
+    # Sinkhorn only rescales rows and columns: log Q - t / tau = a_b + c_k (a rank-one sum)
+    residual = targets.double().log() - logits.double() / 0.07
+    centred = residual - residual.mean(0, keepdim=True) - residual.mean(1, keepdim=True) + residual.mean()
+    assert centred.abs().max() < 1e-4
+    # more iterations -> every prototype gets an equal share of the batch
+    balanced = sinkhorn_knopp(logits, teacher_temp=0.07, iterations=300)
+    torch.testing.assert_close(balanced.sum(dim=0), torch.full((16,), 40 / 16), rtol=1e-3, atol=1e-3)
+    plain = logits.div(0.07).softmax(-1).sum(0)
+    assert (balanced.sum(0) - 2.5).abs().max() < (plain - 2.5).abs().max()
+
+
+def test_sinkhorn_runs_in_fp32_on_half_inputs() -> None:
+    targets = sinkhorn_knopp(torch.randn(8, 10).half(), teacher_temp=0.04)
+    assert targets.dtype == torch.float32 and torch.isfinite(targets).all()
+
+
+def test_softmax_centering() -> None:
+    torch.manual_seed(0)
+    centering = SoftmaxCentering(6, momentum=0.9)
+    first, second = torch.randn(4, 6), torch.randn(2, 3, 6)
+    torch.testing.assert_close(centering(first, 0.04), (first / 0.04).softmax(-1))
+    centering.update(first)
+    expected = 0.1 * first.mean(0, keepdim=True)
+    torch.testing.assert_close(centering.center, expected)
+    centering.update(second)  # patch logits (C, N, K) are averaged over every patch
+    expected = 0.9 * expected + 0.1 * second.reshape(-1, 6).mean(0, keepdim=True)
+    torch.testing.assert_close(centering.center, expected)
+    torch.testing.assert_close(centering(first, 0.07), ((first - expected) / 0.07).softmax(-1))
+
+
+def test_dino_head_layout_and_weight_norm() -> None:
+    torch.manual_seed(0)
+    head = DINOHead(48, 100, hidden_dim=64, bottleneck_dim=16)
+    assert set(head.state_dict()) == {
+        "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias", "mlp.4.weight", "mlp.4.bias",
+        "last_layer.weight_g", "last_layer.weight_v",
+    }
+    with torch.no_grad():
+        head.last_layer.weight_g.mul_(torch.rand(100, 1) + 0.5)
+    torch.testing.assert_close(head.last_layer.weight.norm(dim=1, keepdim=True), head.last_layer.weight_g)
+    tokens = torch.randn(3, 7, 48)
+    logits = head(tokens)
+    assert logits.shape == (3, 7, 100)
+    # logits are bounded by the prototype norms: bottleneck features have unit length
+    assert (logits.abs() <= head.last_layer.weight_g.squeeze(1) + 1e-5).all()
+    reference = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(16, 100, bias=False))
+    with torch.no_grad():
+        reference.parametrizations.weight.original0.copy_(head.last_layer.weight_g)
+        reference.parametrizations.weight.original1.copy_(head.last_layer.weight_v)
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(head.last_layer(x), reference(x))

@@ -1,0 +1,164 @@
+"""The DINOv2 objective: DINO (CLS), iBOT (masked patches), KoLeo, and teacher normalisation.
+
+Notation: ``K`` prototypes, ``B`` images per rank, ``tau_s`` student temperature (0.1),
+``tau_t`` teacher temperature (0.04 -> 0.07). A teacher *target* is a probability vector over
+prototypes; each loss is a cross-entropy ``H(t, s) = -sum_k t_k log softmax(s / tau_s)_k``.
+
+Cross-rank sums go through an injected ``all_reduce`` (a sum over ranks; the identity on one
+process), so the maths here does not know how it is distributed.
+
+References: DINO (Caron et al. 2021), iBOT (Zhou et al. 2022), DINOv2 (Oquab et al. 2023),
+KoLeo (Sablayrolles et al. 2019), SwAV's Sinkhorn-Knopp (Caron et al. 2020).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+AllReduce = Callable[[Tensor], Tensor]
+
+
+def no_reduce(tensor: Tensor) -> Tensor:
+    """The all-reduce of a single process."""
+    return tensor
+
+
+def cross_entropy(teacher_probs: Tensor, student_logits: Tensor, student_temp: float) -> Tensor:
+    """``H(t, s)`` per row: ``-sum_k t_k log softmax(s / tau_s)_k``; shapes ``(..., K) -> (...)``."""
+    return -(teacher_probs * F.log_softmax(student_logits.float() / student_temp, dim=-1)).sum(dim=-1)
+
+
+class DINOLoss(nn.Module):
+    """Image-level loss on CLS logits with DINO's crop pairing.
+
+    Every local crop is scored against both teacher global targets, and each student global crop
+    against the teacher target of the *other* global crop (never its own view):
+
+        L = [ sum_{l, g} mean_b H(t_g, s_l) + sum_{g != g'} mean_b H(t_g', s_g) ] / (2 L + 2)
+
+    Shapes: student globals ``(2, B, K)``, student locals ``(L, B, K)`` (L may be 0), teacher
+    targets ``(2, B, K)``. Returns a scalar.
+    """
+
+    def __init__(self, student_temp: float = 0.1) -> None:
+        super().__init__()
+        self.student_temp = student_temp
+
+    def forward(self, student_global: Tensor, student_local: Tensor | None, teacher_probs: Tensor) -> Tensor:
+        if student_global.shape[0] != 2 or teacher_probs.shape != student_global.shape:
+            raise ValueError(
+                f"expected 2 global crops for student {tuple(student_global.shape)} and teacher "
+                f"{tuple(teacher_probs.shape)} with equal shapes (2, B, K)"
+            )
+        swapped = teacher_probs.flip(0)  # crop 0 learns from teacher crop 1 and vice versa
+        total = cross_entropy(swapped, student_global, self.student_temp).mean(dim=1).sum()
+        terms = 2
+        if student_local is not None and len(student_local):
+            # (L, 1, B) x (1, 2, B): every local crop against every teacher global crop
+            local = cross_entropy(teacher_probs.unsqueeze(0), student_local.unsqueeze(1), self.student_temp)
+            total = total + local.mean(dim=-1).sum()
+            terms += 2 * len(student_local)
+        return total / terms
+
+
+class IBOTPatchLoss(nn.Module):
+    """Masked-patch loss: each masked patch of a student crop learns the teacher's target for
+    the same (unmasked) patch. Patches are weighted ``1 / #masked`` within their crop, and the
+    sum is divided by the number of crops, masked or not:
+
+        L = -(1 / C) sum_c (1 / M_c) sum_{p masked in c} sum_k t_{c,p,k} log softmax(s_{c,p} / tau_s)_k
+
+    Shapes: student and teacher ``(M, K)`` for the ``M = masks.sum()`` masked patches in
+    ``masks[masks]`` order; ``masks`` ``(C, N)`` bool.
+    """
+
+    def __init__(self, student_temp: float = 0.1) -> None:
+        super().__init__()
+        self.student_temp = student_temp
+
+    def forward(self, student_logits: Tensor, teacher_probs: Tensor, masks: Tensor) -> Tensor:
+        masked = int(masks.sum())
+        if student_logits.shape[0] != masked or teacher_probs.shape != student_logits.shape:
+            raise ValueError(
+                f"{masked} masked patches but student {tuple(student_logits.shape)} and teacher "
+                f"{tuple(teacher_probs.shape)} rows"
+            )
+        per_crop = masks.sum(dim=1, keepdim=True).clamp(min=1)  # (C, 1)
+        weights = (1.0 / per_crop).expand_as(masks)[masks]  # (M,)
+        loss = cross_entropy(teacher_probs, student_logits, self.student_temp)
+        return (loss * weights).sum() / masks.shape[0]
+
+
+class KoLeoLoss(nn.Module):
+    """Kozachenko-Leonenko entropy estimator: spreads features over the sphere.
+
+        L = -(1 / B) sum_i log( || x_i - x_{nn(i)} || + eps ),   x L2-normalised,
+
+    where ``nn(i)`` is the most similar other vector of the batch. Computed in fp32. Input
+    ``(B, D)`` (one crop's CLS tokens on one rank); returns a scalar.
+    """
+
+    def __init__(self, eps: float = 1e-8) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, features: Tensor) -> Tensor:
+        if features.shape[0] < 2:
+            raise ValueError(f"KoLeo needs at least 2 vectors, got {features.shape[0]}")
+        with torch.autocast(features.device.type, enabled=False):
+            x = F.normalize(features.float(), dim=-1, eps=self.eps)
+            similarity = x @ x.T  # (B, B)
+            similarity.fill_diagonal_(-2.0)  # a vector is never its own neighbour
+            neighbour = similarity.argmax(dim=1)
+            distance = (x - x[neighbour]).norm(dim=-1)
+            return -torch.log(distance + self.eps).mean()
+
+
+class SoftmaxCentering(nn.Module):
+    """Teacher targets ``softmax((t - c) / tau_t)`` with a running centre ``c``.
+
+    ``c`` is an EMA (momentum 0.9) of the mean teacher logits over all ranks; it is updated
+    only by an explicit :meth:`update` call after the targets of a step are computed.
+    """
+
+    def __init__(self, num_prototypes: int, momentum: float = 0.9) -> None:
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("center", torch.zeros(1, num_prototypes))
+
+    def forward(self, teacher_logits: Tensor, teacher_temp: float) -> Tensor:
+        return F.softmax((teacher_logits.float() - self.center) / teacher_temp, dim=-1)
+
+    @torch.no_grad()
+    def update(self, teacher_logits: Tensor, all_reduce: AllReduce = no_reduce) -> None:
+        """``c <- m c + (1 - m) mean(t)`` with the mean over every rank's rows."""
+        flat = teacher_logits.float().reshape(-1, teacher_logits.shape[-1])
+        total = all_reduce(flat.sum(dim=0, keepdim=True))
+        count = all_reduce(torch.tensor(float(flat.shape[0]), device=flat.device))
+        self.center.mul_(self.momentum).add_(total / count, alpha=1 - self.momentum)
+
+
+@torch.no_grad()
+def sinkhorn_knopp(
+    teacher_logits: Tensor, teacher_temp: float, iterations: int = 3, all_reduce: AllReduce = no_reduce
+) -> Tensor:
+    """Teacher targets by Sinkhorn-Knopp: an (approximately) equipartitioned soft assignment.
+
+    ``Q = exp(t / tau_t)^T`` (K x B_total, fp32) is scaled alternately so that each prototype row
+    sums to ``1/K`` and each sample column to ``1/B_total``; after the final column step each
+    sample's column is rescaled to sum 1. ``B_total`` counts rows on all ranks (for iBOT, the
+    masked patches). The logits are assumed bounded (weight-normalised head), as in the original.
+    Input ``(B, K)``; output ``(B, K)`` with rows summing to 1.
+    """
+    q = torch.exp(teacher_logits.float() / teacher_temp).T  # (K, B)
+    num_prototypes = q.shape[0]
+    num_samples = all_reduce(torch.tensor(float(q.shape[1]), device=q.device))
+    q = q / all_reduce(q.sum())
+    for _ in range(iterations):
+        q = q / all_reduce(q.sum(dim=1, keepdim=True)) / num_prototypes  # rows -> 1/K
+        q = q / q.sum(dim=0, keepdim=True) / num_samples  # columns -> 1/B_total
+    return (q * num_samples).T

@@ -1,0 +1,69 @@
+"""Projection heads of DINO and iBOT, in the original's parameter layout.
+
+Why a weight-normalised last layer: the prototypes' directions are learned while their norm is
+held by ``weight_g`` (initialised to 1), so on L2-normalised bottleneck features the logits are
+cosine-like and bounded, which keeps the teacher's softmax and Sinkhorn-Knopp well conditioned.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class WeightNormLinear(nn.Module):
+    """Bias-free linear layer with ``W = g * V / ||V||`` per output row.
+
+    Parameters are named ``weight_g`` ``(out, 1)`` and ``weight_v`` ``(out, in)`` like
+    ``torch.nn.utils.weight_norm`` made them, so the original's head checkpoints load.
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        reference = nn.Linear(in_features, out_features, bias=False)  # PyTorch's default init
+        self.weight_v = nn.Parameter(reference.weight.detach().clone())
+        self.weight_g = nn.Parameter(torch.ones(out_features, 1))
+
+    @property
+    def weight(self) -> Tensor:
+        return self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight)
+
+
+class DINOHead(nn.Module):
+    """MLP ``D -> hidden -> hidden -> bottleneck`` (GELU), L2-normalise, prototypes ``-> K``.
+
+    Input ``(..., D)`` backbone tokens; output ``(..., K)`` logits. Keys: ``mlp.{0,2,4}.*``,
+    ``last_layer.weight_{g,v}``.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        num_layers: int = 3,
+    ) -> None:
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        widths = [in_dim] + [hidden_dim] * (num_layers - 1) + [bottleneck_dim]
+        layers: list[nn.Module] = []
+        for index, (width_in, width_out) in enumerate(zip(widths[:-1], widths[1:])):
+            layers.append(nn.Linear(width_in, width_out))
+            if index < num_layers - 1:
+                layers.append(nn.GELU())
+        self.mlp = nn.Sequential(*layers)
+        for module in self.mlp:
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        bottleneck = F.normalize(self.mlp(x), dim=-1, eps=1e-6 if x.dtype == torch.float16 else 1e-12)
+        return self.last_layer(bottleneck)
