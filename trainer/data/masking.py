@@ -1,0 +1,97 @@
+"""Block-wise masks for iBOT's masked-patch objective (BEiT-style), and their batch sampling.
+
+Why blocks: masking random rectangles rather than scattered patches removes whole parts of
+an object, so the student must infer them from context instead of copying a neighbour.
+
+Per batch of ``C`` global crops (2 per image), ``int(C * mask_probability)`` crops are masked;
+their masking ratios are stratified: ``[0.1, 0.5]`` is cut into that many equal bins, one ratio
+drawn uniformly in each, so a batch always spans light to heavy masking. The list of masks is
+then shuffled. All randomness comes from an explicit ``numpy.random.Generator`` so that a
+resumed run draws exactly the masks an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class BlockMaskGenerator:
+    """Masks on a ``rows x cols`` patch grid built from random rectangles.
+
+    Each rectangle has an area in ``[min_patches, remaining budget]`` (capped at
+    ``max_patches``) and a log-uniform aspect ratio in ``[min_aspect, 1 / min_aspect]``; up to 10
+    placements are tried, and one counts only if it masks new patches without exceeding the
+    budget. Rectangles are added until the target count is met or no placement helps.
+    """
+
+    rows: int
+    cols: int
+    max_patches: int
+    min_patches: int = 4
+    min_aspect: float = 0.3
+
+    def __call__(self, num_patches: int, rng: np.random.Generator) -> np.ndarray:
+        """A ``(rows, cols)`` bool mask with about ``num_patches`` patches set (never more)."""
+        mask = np.zeros((self.rows, self.cols), dtype=bool)
+        count = 0
+        while count < num_patches:
+            added = self._add_rectangle(mask, min(num_patches - count, self.max_patches), rng)
+            if added == 0:
+                break
+            count += added
+        return mask
+
+    def _add_rectangle(self, mask: np.ndarray, budget: int, rng: np.random.Generator) -> int:
+        log_aspect = (math.log(self.min_aspect), math.log(1 / self.min_aspect))
+        for _ in range(10):
+            # uniform between min_patches and the budget, which may be the smaller one
+            area = self.min_patches + (budget - self.min_patches) * rng.random()
+            aspect = math.exp(rng.uniform(*log_aspect))
+            height = int(round(math.sqrt(area * aspect)))
+            width = int(round(math.sqrt(area / aspect)))
+            if width >= self.cols or height >= self.rows:
+                continue
+            top = int(rng.integers(0, self.rows - height + 1))
+            left = int(rng.integers(0, self.cols - width + 1))
+            window = mask[top : top + height, left : left + width]
+            new = height * width - int(window.sum())
+            if 0 < new <= budget:
+                window[...] = True
+                return new
+        return 0
+
+
+def sample_crop_masks(
+    num_crops: int,
+    rows: int,
+    cols: int,
+    rng: np.random.Generator,
+    mask_probability: float = 0.5,
+    ratio_range: tuple[float, float] = (0.1, 0.5),
+    max_ratio_per_block: float = 0.5,
+) -> tuple[torch.Tensor, int]:
+    """Masks for the global crops of a batch: ``(num_crops, rows * cols)`` bool, and the upper
+    bound on the number of masked patches (for fixed-size buffers)."""
+    if not 0.0 <= mask_probability <= 1.0:
+        raise ValueError(f"mask_probability must be in [0, 1], got {mask_probability}")
+    low, high = ratio_range
+    if not 0.0 <= low <= high <= 1.0:
+        raise ValueError(f"ratio_range must satisfy 0 <= low <= high <= 1, got {ratio_range}")
+    patches = rows * cols
+    generator = BlockMaskGenerator(rows, cols, max_patches=int(max_ratio_per_block * patches))
+    masked_crops = int(num_crops * mask_probability)
+    bins = np.linspace(low, high, masked_crops + 1)
+    masks = []
+    upper_bound = 0
+    for lo, hi in zip(bins[:-1], bins[1:]):
+        masks.append(generator(int(patches * rng.uniform(lo, hi)), rng))
+        upper_bound += int(patches * hi)
+    masks += [np.zeros((rows, cols), dtype=bool)] * (num_crops - masked_crops)
+    order = rng.permutation(num_crops)
+    stacked = np.stack([masks[i] for i in order]).reshape(num_crops, patches)
+    return torch.from_numpy(stacked), upper_bound
