@@ -61,6 +61,126 @@ class DemoConfig(Section):
     device: Literal["cpu", "cuda"] = "cpu"
 
 
+class ModelConfig(Section):
+    """The backbone: a named architecture, optionally shrunk for CPU runs."""
+
+    arch: Literal["vit_small", "vit_base", "vit_large", "vit_giant2"] = "vit_small"
+    patch_size: int = Field(14, ge=1)
+    embed_dim: int | None = Field(None, ge=8, description="overrides the architecture's width")
+    depth: int | None = Field(None, ge=1)
+    num_heads: int | None = Field(None, ge=1)
+    ffn_layer: Literal["mlp", "swiglu"] | None = None
+    num_register_tokens: int = Field(0, ge=0)
+    layerscale_init: float = Field(1e-5, gt=0)
+    drop_path_rate: float = Field(0.3, ge=0, lt=1)
+    drop_path_uniform: bool = True
+
+
+class HeadsConfig(Section):
+    """DINO head (and the iBOT head when separate): MLP -> bottleneck -> K prototypes."""
+
+    num_prototypes: int = Field(65536, ge=2)
+    hidden_dim: int = Field(2048, ge=1)
+    bottleneck_dim: int = Field(256, ge=1)
+    num_layers: int = Field(3, ge=1)
+    ibot_separate_head: bool = False
+    ibot_num_prototypes: int = Field(65536, ge=2)
+    ibot_bottleneck_dim: int = Field(256, ge=1)
+
+
+class LossConfig(Section):
+    """Weights, temperatures and teacher normalisation of the DINOv2 objective."""
+
+    dino_weight: float = Field(1.0, ge=0)
+    ibot_weight: float = Field(1.0, ge=0)
+    koleo_weight: float = Field(0.1, ge=0)
+    centering: Literal["softmax", "sinkhorn_knopp"] = "softmax"
+    student_temp: float = Field(0.1, gt=0)
+    teacher_temp: float = Field(0.07, gt=0)
+    warmup_teacher_temp: float = Field(0.04, gt=0)
+    warmup_teacher_temp_epochs: float = Field(30, ge=0)
+    mask_probability: float = Field(0.5, ge=0, le=1)
+    mask_ratio_min: float = Field(0.1, ge=0, le=1)
+    mask_ratio_max: float = Field(0.5, ge=0, le=1)
+
+
+class CropsConfig(Section):
+    """Multi-crop augmentation (sizes in pixels; scales as fractions of the image area)."""
+
+    load_size: int = Field(256, ge=8, description="images are decoded to load_size x load_size")
+    global_crop_size: int = Field(224, ge=8)
+    local_crop_size: int = Field(98, ge=8)
+    num_local_crops: int = Field(8, ge=0)
+    global_crop_scale: tuple[float, float] = (0.32, 1.0)
+    local_crop_scale: tuple[float, float] = (0.05, 0.32)
+    blur_kernel_size: int = Field(9, ge=1)
+    original_blur_probabilities: bool = Field(
+        True, description="use the original's effective blur probabilities 0 / 0.9 / 0.5 "
+        "(its inverted RandomApply) instead of the nominal 1.0 / 0.1 / 0.5",
+    )
+
+
+class OptimConfig(Section):
+    """AdamW, schedules and clipping; an epoch is ``epoch_length`` steps, whatever the data size."""
+
+    epochs: float = Field(100, gt=0)
+    epoch_length: int = Field(1250, ge=1)
+    batch_size: int = Field(64, ge=2, description="images per rank per step")
+    base_lr: float = Field(4e-3, gt=0, description="for a global batch of 1024, sqrt scaling")
+    min_lr: float = Field(1e-6, ge=0)
+    warmup_epochs: float = Field(10, ge=0)
+    weight_decay: float = Field(0.04, ge=0)
+    weight_decay_end: float = Field(0.4, ge=0)
+    momentum_teacher: float = Field(0.992, ge=0, le=1)
+    final_momentum_teacher: float = Field(1.0, ge=0, le=1)
+    freeze_last_layer_epochs: float = Field(1, ge=0)
+    layerwise_decay: float = Field(0.9, gt=0, le=1)
+    patch_embed_lr_mult: float = Field(0.2, ge=0)
+    clip_grad: float = Field(3.0, ge=0, description="per-module max norm; 0 disables")
+    adamw_beta1: float = Field(0.9, ge=0, lt=1)
+    adamw_beta2: float = Field(0.999, ge=0, lt=1)
+    grad_accumulation: int = Field(1, ge=1)
+
+
+class DataConfig(Section):
+    """Where training images come from."""
+
+    kind: Literal["fashion_mnist", "folder", "shards"] = "folder"
+    uri: str = Field("", description="folder, shard folder or Fashion-MNIST folder")
+    max_bad_fraction: float = Field(0.01, ge=0, le=1)
+    num_workers: int = Field(0, ge=0)
+
+
+class EvalConfig(Section):
+    """Frozen-feature benchmarks run during and after training (labelled data only)."""
+
+    every_steps: int = Field(0, ge=0, description="0: only at the end")
+    knn_k: int = Field(20, ge=1)
+    knn_temperature: float = Field(0.07, gt=0)
+    train_limit: int = Field(0, ge=0, description="labelled train images used (0: all)")
+    test_limit: int = Field(0, ge=0)
+
+
+class PretrainConfig(Section):
+    """Self-supervised pretraining (DINO + iBOT + KoLeo) of a backbone."""
+
+    name: str = Field("pretrain", min_length=1)
+    out: str = Field("runs/pretrain", min_length=1, description="run root: a path or URI")
+    seed: int = 0
+    device: Literal["cpu", "cuda"] = "cpu"
+    max_steps: int = Field(0, ge=0, description="stop after this many steps (0: the schedule)")
+    max_minutes: float = Field(0, ge=0, description="stop after this wall time (0: no limit)")
+    checkpoint_every: int = Field(100, ge=1)
+    model: ModelConfig = ModelConfig()
+    heads: HeadsConfig = HeadsConfig()
+    loss: LossConfig = LossConfig()
+    crops: CropsConfig = CropsConfig()
+    optim: OptimConfig = OptimConfig()
+    data: DataConfig = DataConfig()
+    eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+
 def preset_path(name_or_path: str | Path) -> Path:
     """Find a preset: an existing file, else ``configs/**/<name>.yaml`` (one match)."""
     path = Path(name_or_path)

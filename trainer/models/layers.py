@@ -1,11 +1,11 @@
 """Transformer building blocks of the DINOv2 ViT, in the official parameter layout.
 
-Why packed lists: training runs 2 global crops (e.g. 224 px, 257 tokens) and several local crops
-(98 px, 50 tokens) through the student. Every block takes a *list* of token groups
-``[(B_i, N_i, D), ...]``; the linear layers run once over all tokens of all groups (one large
-matrix product), and attention runs per group, so each image attends only to its own tokens:
-block-diagonal attention, with no mask ever materialised. One group is the ordinary case, and
-there the packing is a free reshape.
+Why packed tokens: training runs 2 global crops (e.g. 224 px, 257 tokens) and several local
+crops (98 px, 50 tokens) through the student. Groups of crops ``[(B_i, N_i, D), ...]`` are packed
+once into one token matrix ``(T, D)`` that every block takes with the group ``shapes``; the
+linear layers run once over all tokens (one large matrix product), and attention runs per group,
+so each image attends only to its own tokens: block-diagonal attention, with no mask ever
+materialised. One group is the ordinary case, and there the packing is a free reshape.
 
 Why the subset trick for stochastic depth: with drop rate r > 0.1 a residual branch is computed
 only for a random subset of ``max(int(B (1 - r)), 1)`` samples and added back scaled by
@@ -162,36 +162,32 @@ class Block(nn.Module):
     def _ffn_branch(self, tokens: Tensor, shapes: Shapes) -> Tensor:
         return self.ls2(self.mlp(self.norm2(tokens)))
 
-    def forward(self, groups: list[Tensor]) -> list[Tensor]:
-        """Apply the block to packed groups ``[(B_i, N_i, D), ...]``."""
-        for branch in (self._attention_branch, self._ffn_branch):
-            groups = residual(groups, branch, self.drop_path if self.training else 0.0)
-        return groups
+    def forward(self, tokens: Tensor, shapes: Shapes) -> Tensor:
+        """Apply the block to packed tokens ``(T, D)`` of groups ``shapes``."""
+        rate = self.drop_path if self.training else 0.0
+        tokens = residual(tokens, shapes, self._attention_branch, rate)
+        return residual(tokens, shapes, self._ffn_branch, rate)
 
 
 def residual(
-    groups: list[Tensor], branch: Callable[[Tensor, Shapes], Tensor], drop_rate: float
-) -> list[Tensor]:
-    """``x + branch(x)`` per sample, with stochastic depth at ``drop_rate`` (see module doc)."""
+    tokens: Tensor, shapes: Shapes, branch: Callable[[Tensor, Shapes], Tensor], drop_rate: float
+) -> Tensor:
+    """``x + branch(x)`` per sample on packed tokens ``(T, D)``, with stochastic depth at
+    ``drop_rate`` (see the module docstring)."""
     if drop_rate == 0.0:
-        tokens, shapes = pack(groups)
-        return unpack(tokens + branch(tokens, shapes), shapes)
+        return tokens + branch(tokens, shapes)
     if drop_rate <= EFFICIENT_DROP_PATH_ABOVE:
-        tokens, shapes = pack(groups)
-        keep = [
-            torch.empty(b, 1, 1, device=tokens.device, dtype=tokens.dtype).bernoulli_(1 - drop_rate)
-            / (1 - drop_rate)
-            for b, _ in shapes
-        ]
-        updates = unpack(branch(tokens, shapes), shapes)
-        return [g + u * k for g, u, k in zip(groups, updates, keep)]
-    subsets = [
-        torch.randperm(g.shape[0], device=g.device)[: max(int(g.shape[0] * (1 - drop_rate)), 1)]
-        for g in groups
-    ]
-    tokens, shapes = pack([g[index] for g, index in zip(groups, subsets)])
-    updates = unpack(branch(tokens, shapes), shapes)
-    return [
-        g.index_add(0, index, update.to(g.dtype), alpha=g.shape[0] / len(index))
-        for g, index, update in zip(groups, subsets, updates)
-    ]
+        keep = torch.cat([torch.empty(b, device=tokens.device).bernoulli_(1 - drop_rate) for b, _ in shapes])
+        per_token = keep.repeat_interleave(torch.tensor([n for b, n in shapes for _ in range(b)], device=tokens.device))
+        return tokens + branch(tokens, shapes) * (per_token / (1 - drop_rate)).unsqueeze(1).to(tokens.dtype)
+    rows, scales, kept_shapes = [], [], []
+    offset = 0
+    for batch, length in shapes:
+        kept = torch.randperm(batch, device=tokens.device)[: max(int(batch * (1 - drop_rate)), 1)]
+        rows.append((offset + kept.unsqueeze(1) * length + torch.arange(length, device=tokens.device)).flatten())
+        scales.append(torch.full((len(kept) * length,), batch / len(kept), device=tokens.device))
+        kept_shapes.append((len(kept), length))
+        offset += batch * length
+    index = torch.cat(rows)
+    update = branch(tokens[index], kept_shapes) * torch.cat(scales).unsqueeze(1).to(tokens.dtype)
+    return tokens.index_add(0, index, update)

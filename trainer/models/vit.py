@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainer.models.layers import Block, PatchEmbed
+from trainer.models.layers import Block, PatchEmbed, pack, unpack
 
 FfnLayer = Literal["mlp", "swiglu"]
 
@@ -180,10 +180,10 @@ class DinoVisionTransformer(nn.Module):
         masks = masks if masks is not None else [None] * len(images)
         if len(masks) != len(images):
             raise ValueError(f"{len(images)} image groups but {len(masks)} mask groups")
-        groups = [self.prepare_tokens(x, m) for x, m in zip(images, masks)]
+        tokens, shapes = pack([self.prepare_tokens(x, m) for x, m in zip(images, masks)])
         for block in self.blocks:
-            groups = block(groups)
-        return [self._features(g, m) for g, m in zip(groups, masks)]
+            tokens = block(tokens, shapes)
+        return [self._features(g, m) for g, m in zip(unpack(tokens, shapes), masks)]
 
     def forward_features(self, images: Tensor, masks: Tensor | None = None) -> Features:
         """Normalised CLS, register and patch tokens plus the pre-norm tokens."""
@@ -209,12 +209,12 @@ class DinoVisionTransformer(nn.Module):
         wanted = set(range(self.depth - n, self.depth)) if isinstance(n, int) else set(n)
         if not wanted or min(wanted) < 0 or max(wanted) >= self.depth:
             raise ValueError(f"blocks {sorted(wanted)} out of range for depth {self.depth}")
-        groups = [self.prepare_tokens(images)]
+        tokens, shapes = pack([self.prepare_tokens(images)])
         outputs = []
         for index, block in enumerate(self.blocks):
-            groups = block(groups)
+            tokens = block(tokens, shapes)
             if index in wanted:
-                outputs.append(groups[0])
+                outputs.append(unpack(tokens, shapes)[0])
         if norm:
             outputs = [self.norm(out) for out in outputs]
         class_tokens = [out[:, 0] for out in outputs]

@@ -1,0 +1,379 @@
+"""The pretraining engine: models, one training step, the loop, and exact checkpoints.
+
+Why this shape: the step is a plain function of (networks, objective, batch, schedule values,
+optimiser); setup builds those once; the loop only orders things (nanoGPT's order: schedule ->
+evaluate/checkpoint -> micro-steps -> clip -> step -> EMA -> log). Randomness of step ``i``
+(augmentation, masks, stochastic depth) is seeded from ``(seed, i)``, so a run resumed at step
+``i`` draws exactly what an uninterrupted run draws, and the checkpoint needs no RNG state
+beyond the step.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from dinoflow.config import PretrainConfig, to_yaml
+from dinoflow.progress import progress
+from dinoflow.storage import Storage, join_uri
+from dinoflow.tracking import NullTracker, Tracker
+from trainer.data.augment import MultiCrop
+from trainer.data.masking import sample_crop_masks
+from trainer.losses import DINOLoss, IBOTPatchLoss, KoLeoLoss, SoftmaxCentering, sinkhorn_knopp
+from trainer.models.heads import DINOHead
+from trainer.models.hub import save_backbone
+from trainer.models.vit import DinoVisionTransformer, build_vit
+from trainer.schedules import ScheduleValues, schedule_values, total_steps
+
+
+class SSLNetwork(nn.Module):
+    """A backbone with its DINO head and iBOT head (the same module when shared)."""
+
+    def __init__(self, backbone: DinoVisionTransformer, dino_head: DINOHead, ibot_head: DINOHead | None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.dino_head = dino_head
+        self.ibot_head = ibot_head  # None: iBOT uses dino_head
+
+    @property
+    def patch_head(self) -> DINOHead:
+        return self.ibot_head if self.ibot_head is not None else self.dino_head
+
+
+def build_backbone(cfg: PretrainConfig, drop_path: bool = True) -> DinoVisionTransformer:
+    """The backbone of a recipe; the position table is sized for the global crop."""
+    m = cfg.model
+    overrides = {k: v for k, v in (("embed_dim", m.embed_dim), ("depth", m.depth),
+                                   ("num_heads", m.num_heads), ("ffn_layer", m.ffn_layer)) if v is not None}
+    return build_vit(
+        m.arch, num_register_tokens=m.num_register_tokens, img_size=cfg.crops.global_crop_size,
+        patch_size=m.patch_size, layerscale_init=m.layerscale_init,
+        drop_path_rate=m.drop_path_rate if drop_path else 0.0, drop_path_uniform=m.drop_path_uniform,
+        **overrides,
+    )
+
+
+def build_networks(cfg: PretrainConfig) -> tuple[SSLNetwork, SSLNetwork]:
+    """Student (with stochastic depth) and teacher (without; starts as a copy, never trained)."""
+    h = cfg.heads
+
+    def network(drop_path: bool) -> SSLNetwork:
+        backbone = build_backbone(cfg, drop_path)
+        dino = DINOHead(backbone.embed_dim, h.num_prototypes, h.hidden_dim, h.bottleneck_dim, h.num_layers)
+        ibot = (DINOHead(backbone.embed_dim, h.ibot_num_prototypes, h.hidden_dim, h.ibot_bottleneck_dim, h.num_layers)
+                if h.ibot_separate_head else None)
+        return SSLNetwork(backbone, dino, ibot)
+
+    student = network(drop_path=True)
+    teacher = network(drop_path=False)
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)
+    return student, teacher.eval()
+
+
+class Objective(nn.Module):
+    """The DINOv2 loss terms and the teacher-target normalisation state (centres)."""
+
+    def __init__(self, cfg: PretrainConfig) -> None:
+        super().__init__()
+        self.cfg = cfg.loss
+        self.dino = DINOLoss(cfg.loss.student_temp)
+        self.ibot = IBOTPatchLoss(cfg.loss.student_temp)
+        self.koleo = KoLeoLoss()
+        ibot_prototypes = cfg.heads.ibot_num_prototypes if cfg.heads.ibot_separate_head else cfg.heads.num_prototypes
+        self.dino_center = SoftmaxCentering(cfg.heads.num_prototypes)
+        self.ibot_center = SoftmaxCentering(ibot_prototypes)
+
+    def targets(self, logits: Tensor, center: SoftmaxCentering, temp: float) -> Tensor:
+        """Teacher probabilities: Sinkhorn-Knopp, or softmax centering (then the centre moves)."""
+        if self.cfg.centering == "sinkhorn_knopp":
+            return sinkhorn_knopp(logits, temp)
+        probs = center(logits, temp)
+        center.update(logits)
+        return probs
+
+
+@dataclass
+class Batch:
+    """One micro-batch: crops ``(2, B, 3, G, G)`` / ``(L, B, 3, l, l)``, masks ``(2B, N)``."""
+
+    global_crops: Tensor
+    local_crops: Tensor
+    masks: Tensor
+
+
+def train_step(
+    student: SSLNetwork,
+    teacher: SSLNetwork,
+    objective: Objective,
+    micro_batches: list[Batch],
+    sched: ScheduleValues,
+    optimizer: torch.optim.Optimizer,
+    clip_grad: float,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, float]:
+    """One optimiser step over ``micro_batches`` (gradient accumulation), then the EMA update.
+
+    Returns the loss terms (averaged over micro-batches) for logging.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = (sched.last_layer_lr if group["is_last_layer"] else sched.lr) * group["lr_multiplier"]
+        group["weight_decay"] = sched.weight_decay * group["wd_multiplier"]
+    totals: dict[str, float] = {}
+    weights = objective.cfg
+    device_type = micro_batches[0].global_crops.device.type
+    for batch in micro_batches:
+        with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            terms = _loss_terms(student, teacher, objective, batch, sched.teacher_temp)
+        loss = (weights.dino_weight * terms["dino"] + weights.ibot_weight * terms["ibot"]
+                + weights.koleo_weight * terms["koleo"])
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} ({ {k: v.item() for k, v in terms.items()} })")
+        (loss / len(micro_batches)).backward()
+        for name, value in (*terms.items(), ("total", loss)):
+            totals[name] = totals.get(name, 0.0) + value.item() / len(micro_batches)
+    if clip_grad > 0:
+        for module in (student.backbone, student.dino_head, student.ibot_head):
+            if module is not None:
+                nn.utils.clip_grad_norm_(module.parameters(), clip_grad)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    ema_update(teacher, student, sched.teacher_momentum)
+    return totals
+
+
+def _loss_terms(student: SSLNetwork, teacher: SSLNetwork, objective: Objective, batch: Batch,
+                teacher_temp: float) -> dict[str, Tensor]:
+    globals_ = batch.global_crops.flatten(0, 1)  # (2B, 3, G, G), crop-major
+    locals_ = batch.local_crops.flatten(0, 1)  # (LB, 3, l, l)
+    masks = batch.masks  # (2B, N)
+    num_images = batch.global_crops.shape[1]
+    with torch.no_grad():
+        seen = teacher.backbone.forward_features(globals_)
+        teacher_cls = objective.targets(teacher.dino_head(seen["x_norm_clstoken"]), objective.dino_center,
+                                        teacher_temp)  # (2B, K)
+        teacher_patch = objective.targets(teacher.patch_head(seen["x_norm_patchtokens"][masks]),
+                                          objective.ibot_center, teacher_temp)  # (M, K)
+    groups = [globals_] + ([locals_] if len(locals_) else [])
+    outputs = student.backbone.forward_features_list(groups, [masks] + [None] * (len(groups) - 1))
+    global_cls = outputs[0]["x_norm_clstoken"]  # (2B, D)
+    student_global = student.dino_head(global_cls).view(2, num_images, -1)
+    student_local = (student.dino_head(outputs[1]["x_norm_clstoken"]).view(-1, num_images, student_global.shape[-1])
+                     if len(groups) > 1 else None)
+    student_patch = student.patch_head(outputs[0]["x_norm_patchtokens"][masks])  # (M, K)
+    return {
+        "dino": objective.dino(student_global, student_local, teacher_cls.view(2, num_images, -1)),
+        "ibot": objective.ibot(student_patch, teacher_patch, masks) if masks.any() else global_cls.sum() * 0,
+        "koleo": sum(objective.koleo(crop) for crop in global_cls.view(2, num_images, -1)),
+    }
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """``teacher <- m * teacher + (1 - m) * student`` for every parameter."""
+    teacher_params = list(teacher.parameters())
+    student_params = [p.detach() for p in student.parameters()]
+    torch._foreach_mul_(teacher_params, momentum)
+    torch._foreach_add_(teacher_params, student_params, alpha=1 - momentum)
+
+
+def param_groups(student: SSLNetwork, cfg: PretrainConfig) -> list[dict[str, Any]]:
+    """AdamW groups by (lr multiplier, weight-decay multiplier, last layer).
+
+    Layer-wise decay ``r^(depth + 1 - layer)`` (embeddings are layer 0, heads and the final
+    norm ``depth + 1``), patch embedding x ``patch_embed_lr_mult``; no weight decay on biases,
+    norms and LayerScale gammas; the heads' prototype layers follow the last-layer schedule.
+    """
+    depth = student.backbone.depth
+    groups: dict[tuple[float, float, bool], list[nn.Parameter]] = {}
+    for name, parameter in student.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        layer = depth + 1
+        if name.startswith("backbone."):
+            inner = name.removeprefix("backbone.")
+            if inner.startswith(("cls_token", "pos_embed", "mask_token", "register_tokens", "patch_embed")):
+                layer = 0
+            elif inner.startswith("blocks."):
+                layer = int(inner.split(".")[1]) + 1
+        lr_mult = cfg.optim.layerwise_decay ** (depth + 1 - layer)
+        if "patch_embed" in name:
+            lr_mult *= cfg.optim.patch_embed_lr_mult
+        wd_mult = 0.0 if name.endswith(".bias") or "norm" in name or "gamma" in name else 1.0
+        groups.setdefault((lr_mult, wd_mult, "last_layer" in name), []).append(parameter)
+    return [{"params": params, "lr_multiplier": lr, "wd_multiplier": wd, "is_last_layer": last}
+            for (lr, wd, last), params in groups.items()]
+
+
+def make_batch(images: Tensor, step: int, cfg: PretrainConfig, multi_crop: MultiCrop) -> Batch:
+    """Crops and masks for uint8 images; random draws are seeded from ``(seed, step)``."""
+    global_crops, local_crops = multi_crop(images)
+    grid = cfg.crops.global_crop_size // cfg.model.patch_size
+    rng = np.random.default_rng([cfg.seed, step])
+    masks, _ = sample_crop_masks(
+        2 * len(images), grid, grid, rng, cfg.loss.mask_probability,
+        (cfg.loss.mask_ratio_min, cfg.loss.mask_ratio_max),
+    )
+    return Batch(global_crops, local_crops, masks.to(images.device))
+
+
+class ResumableBatches:
+    """Index batches over a data set of ``length`` images, forever: each data epoch is a
+    permutation seeded by ``(seed, epoch)``, so batch ``b`` is known without replaying."""
+
+    def __init__(self, length: int, batch_size: int, seed: int, start: int = 0) -> None:
+        if length < batch_size:
+            raise ValueError(f"data set of {length} images is smaller than one batch ({batch_size})")
+        self.length, self.batch_size, self.seed, self.start = length, batch_size, seed, start
+        self.per_epoch = length // batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        index = self.start
+        while True:
+            epoch, offset = divmod(index, self.per_epoch)
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.length)
+            yield order[offset * self.batch_size : (offset + 1) * self.batch_size].tolist()
+            index += 1
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint restores."""
+
+    step: int = 0
+    images_seen: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def checkpoint_bytes(student: SSLNetwork, teacher: SSLNetwork, objective: Objective,
+                     optimizer: torch.optim.Optimizer, state: TrainState, cfg: PretrainConfig) -> bytes:
+    buffer = io.BytesIO()
+    torch.save({
+        "student": student.state_dict(), "teacher": teacher.state_dict(),
+        "objective": objective.state_dict(), "optimizer": optimizer.state_dict(),
+        "step": state.step, "images_seen": state.images_seen, "config": to_yaml(cfg),
+        "history": json.dumps(state.history),
+    }, buffer)
+    return buffer.getvalue()
+
+
+def save_checkpoint(storage: Storage, out: str, data: bytes, step: int, keep: int = 2) -> str:
+    """Write ``checkpoints/step_N.pt`` then point ``checkpoints/latest.json`` at it (both atomic);
+    a checkpoint is only ever found through the pointer, so a half-written one is never read."""
+    folder = join_uri(out, "checkpoints")
+    uri = join_uri(folder, f"step_{step:09d}.pt")
+    storage.write_bytes(uri, data)
+    storage.write_bytes(join_uri(folder, "latest.json"), json.dumps({"step": step, "uri": uri}).encode())
+    old = [u for u in storage.list(folder) if u.endswith(".pt") and u != uri]
+    for stale in old[: max(len(old) - (keep - 1), 0)]:
+        storage.delete(stale)
+    return uri
+
+
+def load_latest_checkpoint(storage: Storage, out: str) -> dict[str, Any] | None:
+    """The checkpoint ``latest.json`` points at, or None for a fresh run."""
+    pointer = join_uri(out, "checkpoints", "latest.json")
+    if not storage.exists(pointer):
+        return None
+    uri = json.loads(storage.read_bytes(pointer))["uri"]
+    return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+
+
+EvalFn = Callable[[DinoVisionTransformer, int], dict[str, float]]
+
+
+def pretrain(
+    cfg: PretrainConfig,
+    dataset: Any,
+    collate: Callable,
+    storage: Storage,
+    tracker: Tracker | None = None,
+    evaluate: EvalFn | None = None,
+) -> dict[str, Any]:
+    """Train (or resume) a run in ``cfg.out``; returns the summary written to ``summary.json``.
+
+    ``dataset[i]`` gives samples that ``collate`` turns into an object with ``images``
+    (uint8 ``(B, 3, S, S)``); ``evaluate(teacher_backbone, step)`` gives metrics to log.
+    """
+    tracker = tracker or NullTracker()
+    device = torch.device(cfg.device)
+    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    torch.manual_seed(cfg.seed)
+    student, teacher = build_networks(cfg)
+    objective = Objective(cfg)
+    student, teacher, objective = student.to(device), teacher.to(device), objective.to(device)
+    optimizer = torch.optim.AdamW(param_groups(student, cfg), betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
+    state = TrainState()
+    checkpoint = load_latest_checkpoint(storage, cfg.out)
+    if checkpoint is not None:
+        student.load_state_dict(checkpoint["student"])
+        teacher.load_state_dict(checkpoint["teacher"])
+        objective.load_state_dict(checkpoint["objective"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        state = TrainState(checkpoint["step"], checkpoint["images_seen"], json.loads(checkpoint["history"]))
+    tracker.log_config(cfg)
+    multi_crop = MultiCrop(cfg.crops).to(device)
+    micro = cfg.optim.grad_accumulation
+    last_step = total_steps(cfg.optim) if cfg.max_steps == 0 else min(cfg.max_steps, total_steps(cfg.optim))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=ResumableBatches(len(dataset), cfg.optim.batch_size, cfg.seed, state.step * micro),
+        collate_fn=collate, num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
+    )
+    batches = iter(loader)
+    started = time.monotonic()
+    bar = progress(range(state.step, last_step), desc=f"pretrain {cfg.name}", total=last_step - state.step,
+                   unit="step")
+    stopped_early = False
+    for step in bar:
+        if cfg.max_minutes and time.monotonic() - started > 60 * cfg.max_minutes:
+            stopped_early = True
+            break
+        sched = schedule_values(step, cfg.optim, cfg.loss)
+        tick = time.perf_counter()
+        torch.manual_seed(cfg.seed * 1_000_003 + step)
+        images = [next(batches).images.to(device, non_blocking=True) for _ in range(micro)]
+        micro_batches = [make_batch(x, step * micro + i, cfg, multi_crop) for i, x in enumerate(images)]
+        student.train()
+        losses = train_step(student, teacher, objective, micro_batches, sched, optimizer, cfg.optim.clip_grad,
+                            autocast_dtype)
+        count = sum(len(x) for x in images)
+        state.step, state.images_seen = step + 1, state.images_seen + count
+        metrics = {**{f"loss_{k}": v for k, v in losses.items()}, "lr": sched.lr, "weight_decay": sched.weight_decay,
+                   "teacher_momentum": sched.teacher_momentum, "teacher_temp": sched.teacher_temp,
+                   "images_per_second": count / (time.perf_counter() - tick)}
+        tracker.log_metrics(metrics, step=state.step)
+        bar.set_postfix(loss=f"{losses['total']:.3f}", img_s=f"{metrics['images_per_second']:.0f}")
+        if evaluate is not None and cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0:
+            results = evaluate(teacher.backbone, state.step)
+            tracker.log_metrics(results, step=state.step, force=True)
+            state.history.append({"step": state.step, "minutes": _minutes(started), **results})
+        if state.step % cfg.checkpoint_every == 0 or state.step == last_step:
+            save_checkpoint(storage, cfg.out, checkpoint_bytes(student, teacher, objective, optimizer, state, cfg),
+                            state.step)
+    if stopped_early or state.step % cfg.checkpoint_every:
+        save_checkpoint(storage, cfg.out, checkpoint_bytes(student, teacher, objective, optimizer, state, cfg),
+                        state.step)
+    final: dict[str, float] = {}
+    if evaluate is not None:
+        final = evaluate(teacher.backbone, state.step)
+        tracker.log_metrics(final, step=state.step, force=True)
+    save_backbone(teacher.backbone.cpu(), join_uri(cfg.out, "backbone.safetensors"), storage)
+    summary = {"name": cfg.name, "steps": state.step, "images_seen": state.images_seen,
+               "train_minutes": _minutes(started), "stopped_early": stopped_early,
+               "backbone": join_uri(cfg.out, "backbone.safetensors"), "final": final,
+               "history": state.history, "mlflow_run_id": tracker.run_id}
+    storage.write_bytes(join_uri(cfg.out, "summary.json"), json.dumps(summary, indent=2).encode())
+    return summary
+
+
+def _minutes(started: float) -> float:
+    return round((time.monotonic() - started) / 60, 3)
