@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 from pydantic import BaseModel
 
-from dinoflow.config import ConfigError, DemoConfig, load_config, to_yaml
+from dinoflow.config import ConfigError, DemoConfig, PretrainConfig, load_config, to_yaml
 
 app = typer.Typer(
     name="dinoflow",
@@ -28,7 +28,7 @@ app = typer.Typer(
 config_app = typer.Typer(help="Inspect configs.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
-SCHEMAS: dict[str, type[BaseModel]] = {"demo": DemoConfig}
+SCHEMAS: dict[str, type[BaseModel]] = {"demo": DemoConfig, "pretrain": PretrainConfig}
 
 Overrides = Annotated[
     list[str] | None, typer.Argument(help="dotted overrides, e.g. out=runs/x data.knn_k=10")
@@ -102,6 +102,29 @@ def demo(
         f"         browse with: mlflow ui --backend-store-uri {tracking_uri}",
         err=True,
     )
+
+
+@app.command()
+def pretrain(
+    overrides: Overrides = None,
+    config: Annotated[str, typer.Option(help="preset name (e.g. tiny, vits14) or YAML path")] = "tiny",
+) -> None:
+    """Pretrain a backbone with DINO + iBOT + KoLeo; resumes when OUT holds a checkpoint."""
+    from dinoflow.storage import S3Settings, Storage
+    from dinoflow.tracking import MlflowTracker, default_tracking_uri, standard_tags
+    from trainer.run import run_pretrain
+
+    cfg = _load(PretrainConfig, config, overrides)
+    assert isinstance(cfg, PretrainConfig)
+    storage = Storage(S3Settings.from_env(os.environ))
+    storage.make_bucket(cfg.out)
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(cfg.out)
+    with MlflowTracker.start(
+        tracking_uri, cfg.tracking.experiment, run_name=cfg.name, tags=standard_tags("pretrain"),
+        artifact_location=_artifact_location(tracking_uri, cfg.out), metric_every=cfg.tracking.metric_every,
+    ) as tracker:
+        summary = run_pretrain(cfg, storage, tracker)
+    typer.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
 
 
 @app.command()

@@ -27,6 +27,7 @@ from dinoflow.progress import progress
 from dinoflow.storage import Storage, join_uri
 from dinoflow.tracking import NullTracker, Tracker
 from trainer.data.augment import MultiCrop
+from trainer.data.datasets import BadImageTracker
 from trainer.data.masking import sample_crop_masks
 from trainer.losses import DINOLoss, IBOTPatchLoss, KoLeoLoss, SoftmaxCentering, sinkhorn_knopp
 from trainer.models.heads import DINOHead
@@ -103,7 +104,7 @@ class Objective(nn.Module):
 
 
 @dataclass
-class Batch:
+class CropBatch:
     """One micro-batch: crops ``(2, B, 3, G, G)`` / ``(L, B, 3, l, l)``, masks ``(2B, N)``."""
 
     global_crops: Tensor
@@ -115,7 +116,7 @@ def train_step(
     student: SSLNetwork,
     teacher: SSLNetwork,
     objective: Objective,
-    micro_batches: list[Batch],
+    micro_batches: list[CropBatch],
     sched: ScheduleValues,
     optimizer: torch.optim.Optimizer,
     clip_grad: float,
@@ -151,7 +152,7 @@ def train_step(
     return totals
 
 
-def _loss_terms(student: SSLNetwork, teacher: SSLNetwork, objective: Objective, batch: Batch,
+def _loss_terms(student: SSLNetwork, teacher: SSLNetwork, objective: Objective, batch: CropBatch,
                 teacher_temp: float) -> dict[str, Tensor]:
     globals_ = batch.global_crops.flatten(0, 1)  # (2B, 3, G, G), crop-major
     locals_ = batch.local_crops.flatten(0, 1)  # (LB, 3, l, l)
@@ -214,7 +215,7 @@ def param_groups(student: SSLNetwork, cfg: PretrainConfig) -> list[dict[str, Any
             for (lr, wd, last), params in groups.items()]
 
 
-def make_batch(images: Tensor, step: int, cfg: PretrainConfig, multi_crop: MultiCrop) -> Batch:
+def make_batch(images: Tensor, step: int, cfg: PretrainConfig, multi_crop: MultiCrop) -> CropBatch:
     """Crops and masks for uint8 images; random draws are seeded from ``(seed, step)``."""
     global_crops, local_crops = multi_crop(images)
     grid = cfg.crops.global_crop_size // cfg.model.patch_size
@@ -223,7 +224,7 @@ def make_batch(images: Tensor, step: int, cfg: PretrainConfig, multi_crop: Multi
         2 * len(images), grid, grid, rng, cfg.loss.mask_probability,
         (cfg.loss.mask_ratio_min, cfg.loss.mask_ratio_max),
     )
-    return Batch(global_crops, local_crops, masks.to(images.device))
+    return CropBatch(global_crops, local_crops, masks.to(images.device))
 
 
 class ResumableBatches:
@@ -298,11 +299,14 @@ def pretrain(
     storage: Storage,
     tracker: Tracker | None = None,
     evaluate: EvalFn | None = None,
+    final_evaluate: EvalFn | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) a run in ``cfg.out``; returns the summary written to ``summary.json``.
 
-    ``dataset[i]`` gives samples that ``collate`` turns into an object with ``images``
-    (uint8 ``(B, 3, S, S)``); ``evaluate(teacher_backbone, step)`` gives metrics to log.
+    ``dataset[i]`` gives samples that ``collate`` turns into a batch with ``images`` (uint8
+    ``(B, 3, S, S)``) and the ``keys``/``bad_keys`` of decoded and undecodable images;
+    ``evaluate(teacher_backbone, step)`` gives metrics every ``cfg.eval.every_steps`` steps and
+    ``final_evaluate`` (default ``evaluate``) at the end.
     """
     tracker = tracker or NullTracker()
     device = torch.device(cfg.device)
@@ -329,6 +333,16 @@ def pretrain(
         collate_fn=collate, num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
     )
     batches = iter(loader)
+    bad_images = BadImageTracker(cfg.data.max_bad_fraction)
+
+    def next_images() -> Tensor:
+        while True:
+            batch = next(batches)
+            bad_images.update(batch)
+            bad_images.check()
+            if len(batch.images):
+                return batch.images.to(device, non_blocking=True)
+
     started = time.monotonic()
     bar = progress(range(state.step, last_step), desc=f"pretrain {cfg.name}", total=last_step - state.step,
                    unit="step")
@@ -340,7 +354,7 @@ def pretrain(
         sched = schedule_values(step, cfg.optim, cfg.loss)
         tick = time.perf_counter()
         torch.manual_seed(cfg.seed * 1_000_003 + step)
-        images = [next(batches).images.to(device, non_blocking=True) for _ in range(micro)]
+        images = [next_images() for _ in range(micro)]
         micro_batches = [make_batch(x, step * micro + i, cfg, multi_crop) for i, x in enumerate(images)]
         student.train()
         losses = train_step(student, teacher, objective, micro_batches, sched, optimizer, cfg.optim.clip_grad,
@@ -362,14 +376,17 @@ def pretrain(
     if stopped_early or state.step % cfg.checkpoint_every:
         save_checkpoint(storage, cfg.out, checkpoint_bytes(student, teacher, objective, optimizer, state, cfg),
                         state.step)
+    bad_images.check(final=True)
     final: dict[str, float] = {}
-    if evaluate is not None:
-        final = evaluate(teacher.backbone, state.step)
+    closing = final_evaluate or evaluate
+    if closing is not None:
+        final = closing(teacher.backbone, state.step)
         tracker.log_metrics(final, step=state.step, force=True)
     save_backbone(teacher.backbone.cpu(), join_uri(cfg.out, "backbone.safetensors"), storage)
     summary = {"name": cfg.name, "steps": state.step, "images_seen": state.images_seen,
                "train_minutes": _minutes(started), "stopped_early": stopped_early,
                "backbone": join_uri(cfg.out, "backbone.safetensors"), "final": final,
+               "bad_images": bad_images.summary(),
                "history": state.history, "mlflow_run_id": tracker.run_id}
     storage.write_bytes(join_uri(cfg.out, "summary.json"), json.dumps(summary, indent=2).encode())
     return summary

@@ -1,0 +1,302 @@
+"""Linear probe on frozen features: a grid of learning rates trained in one pass (DINOv2's protocol).
+
+The original (``dinov2/eval/linear.py``) trains one ``nn.Linear`` per learning rate side by side on
+the same mini-batches, then keeps the best. Here the backbone has already been run
+(:func:`evaluators.features.extract_features`), so the probe trains on precomputed features:
+
+* **Grid.** 13 base learning rates ``1e-5 ... 0.1``, each multiplied by ``batch_size / 256``. All
+  ``G`` classifiers are one weight tensor ``(G, F, C)`` and bias ``(G, C)``; each step runs one
+  einsum over the batch and updates all of them. The loss is the sum over classifiers of the
+  batch-mean cross-entropy, so each classifier gets exactly the gradient it would get alone.
+* **Optimiser.** SGD, momentum 0.9 (torch's rule: ``buf = m * buf + g``, ``p -= lr * buf``),
+  weight decay 0 by default (applied to weights and biases, like the original's param groups);
+  cosine decay to 0 over all steps, ``lr_t = lr * (1 + cos(pi t / T)) / 2``, as torch's
+  ``CosineAnnealingLR(T_max=T)`` stepped after every step.
+* **Init.** Weights ``normal(0, 0.01)``, biases 0, as the original's ``LinearClassifier``.
+* **Data order.** Each epoch visits every training sample once in the order
+  ``torch.randperm(N, generator=...)`` of a seeded CPU generator, in batches of ``batch_size``
+  (the last one may be smaller). The original samples a fixed number of iterations with random
+  crops and flips; on fixed features there is no augmentation, so epochs are plain passes.
+* **Raw features.** As in the original, features go into the linear layer as they are: no
+  standardisation, no BatchNorm, no L2 normalisation.
+
+**Selection.** The original picks the best classifier on ImageNet-val, the set it also reports.
+Here a seeded random ``val_fraction`` (10 %) of the train set is held out, the grid is trained on
+the rest, and the learning rate with the best held-out accuracy wins (ties: the smallest). With
+``refit=True`` (the default, as scikit-learn's ``GridSearchCV``) one classifier is then retrained
+at that learning rate on the whole train set, with the same recipe, and that one is scored on test;
+with ``refit=False`` the selected grid member itself (trained on 90 %) is scored.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor
+
+from dinoflow.progress import progress
+
+DEFAULT_BASE_LEARNING_RATES: tuple[float, ...] = (
+    1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1,
+)
+REFERENCE_BATCH_SIZE = 256  # learning rates are given for this batch size and scaled linearly
+INIT_STD = 0.01
+
+
+def scale_learning_rates(base_learning_rates: Sequence[float], batch_size: int) -> tuple[float, ...]:
+    """The linear scaling rule: ``lr * batch_size / 256`` for each base learning rate."""
+    return tuple(lr * batch_size / REFERENCE_BATCH_SIZE for lr in base_learning_rates)
+
+
+def cosine_factor(step: int, total_steps: int) -> float:
+    """Multiplier of the base learning rate at ``step`` (0-based): ``(1 + cos(pi step / T)) / 2``."""
+    return 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
+
+
+@dataclass
+class ClassifierGrid:
+    """``G`` linear classifiers over ``F`` features and ``C`` classes, stored together."""
+
+    weight: Tensor  # (G, F, C)
+    bias: Tensor  # (G, C)
+
+    def logits(self, features: Tensor) -> Tensor:
+        """Features ``(B, F)`` -> logits ``(G, B, C)``."""
+        # b: batch, f: feature, g: classifier, c: class
+        return torch.einsum("bf,gfc->gbc", features, self.weight) + self.bias[:, None, :]
+
+    def accuracies(self, features: Tensor, labels: Tensor, chunk_size: int = 4096) -> Tensor:
+        """Top-1 accuracy of each classifier ``(G,)`` on ``(N, F)`` features and ``(N,)`` labels."""
+        correct = torch.zeros(len(self.weight), dtype=torch.long, device=self.weight.device)
+        for start in range(0, len(features), chunk_size):
+            x = features[start : start + chunk_size].to(self.weight)
+            y = labels[start : start + chunk_size].to(self.weight.device)
+            correct += (self.logits(x).argmax(dim=-1) == y).sum(dim=1)  # (G,)
+        return correct.double().cpu() / max(len(features), 1)
+
+    def clone(self) -> ClassifierGrid:
+        return ClassifierGrid(self.weight.clone(), self.bias.clone())
+
+
+def init_classifier_grid(
+    num_classifiers: int,
+    feature_dim: int,
+    num_classes: int,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+) -> ClassifierGrid:
+    """Weights ``normal(0, 0.01)``, biases 0 (drawn on the CPU, so any device gets the same values)."""
+    weight = torch.randn(num_classifiers, feature_dim, num_classes, generator=generator, dtype=dtype) * INIT_STD
+    bias = torch.zeros(num_classifiers, num_classes, dtype=dtype)
+    return ClassifierGrid(weight.to(device), bias.to(device))
+
+
+def epoch_batches(num_samples: int, batch_size: int, epochs: int, generator: torch.Generator) -> Iterator[Tensor]:
+    """Index batches: per epoch one ``torch.randperm(num_samples, generator=generator)``, cut in order."""
+    for _ in range(epochs):
+        order = torch.randperm(num_samples, generator=generator)
+        yield from order.split(batch_size)
+
+
+@torch.no_grad()
+def train_classifier_grid(
+    grid: ClassifierGrid,
+    features: Tensor,
+    labels: Tensor,
+    learning_rates: Sequence[float],
+    epochs: int,
+    batch_size: int,
+    generator: torch.Generator,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+) -> ClassifierGrid:
+    """SGD with momentum and cosine decay on all classifiers at once; returns a trained copy.
+
+    Args:
+        grid: the starting classifiers (not modified), one per learning rate.
+        features: ``(N, F)`` training features, on any device (moved to the grid's).
+        labels: ``(N,)`` int class indices.
+        learning_rates: ``G`` peak learning rates (already scaled for the batch size).
+        epochs: passes over the data; the cosine runs over ``epochs * ceil(N / batch_size)`` steps.
+        batch_size: samples per step.
+        generator: CPU generator drawing each epoch's order.
+        momentum, weight_decay: SGD's.
+    """
+    num_classifiers = len(grid.weight)
+    if len(learning_rates) != num_classifiers:
+        raise ValueError(f"{len(learning_rates)} learning rates for {num_classifiers} classifiers")
+    if len(features) != len(labels) or len(features) == 0:
+        raise ValueError(f"need as many labels as features (> 0): {len(features)} vs {len(labels)}")
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
+    device, dtype = grid.weight.device, grid.weight.dtype
+    features = features.to(device=device, dtype=dtype)
+    labels = labels.to(device=device, dtype=torch.long)
+    peak = torch.tensor(learning_rates, dtype=dtype, device=device)  # (G,)
+    weight, bias = grid.weight.clone(), grid.bias.clone()
+    weight_buffer, bias_buffer = torch.zeros_like(weight), torch.zeros_like(bias)
+    total_steps = epochs * math.ceil(len(features) / batch_size)
+
+    batches = epoch_batches(len(features), batch_size, epochs, generator)
+    for step, index in enumerate(progress(batches, desc="linear probe", total=total_steps, unit="step")):
+        index = index.to(device)
+        x, y = features[index], labels[index]  # (B, F), (B,)
+        logits = torch.einsum("bf,gfc->gbc", x, weight) + bias[:, None, :]  # (G, B, C)
+        # d(mean cross-entropy)/d(logits) = (softmax - one_hot) / B, for each classifier
+        grad_logits = logits.softmax(dim=-1)
+        grad_logits[:, torch.arange(len(y), device=device), y] -= 1.0
+        grad_logits /= len(y)
+        grad_weight = torch.einsum("bf,gbc->gfc", x, grad_logits)  # (G, F, C)
+        grad_bias = grad_logits.sum(dim=1)  # (G, C)
+        if weight_decay:
+            grad_weight += weight_decay * weight
+            grad_bias += weight_decay * bias
+        weight_buffer.mul_(momentum).add_(grad_weight)
+        bias_buffer.mul_(momentum).add_(grad_bias)
+        lr = peak * cosine_factor(step, total_steps)  # (G,)
+        weight -= lr[:, None, None] * weight_buffer
+        bias -= lr[:, None] * bias_buffer
+    return ClassifierGrid(weight, bias)
+
+
+@dataclass(frozen=True)
+class LinearProbeConfig:
+    """How the probe trains and selects; the defaults follow the original where it applies.
+
+    Args:
+        base_learning_rates: the grid, for batch size 256 (scaled by ``batch_size / 256``).
+        batch_size: samples per SGD step.
+        epochs: passes over the training features.
+        momentum, weight_decay: SGD's.
+        val_fraction: share of the train set held out to pick the learning rate.
+        refit: retrain at the best learning rate on the whole train set before testing.
+        seed: seeds the split, the initial weights and the data order.
+    """
+
+    base_learning_rates: tuple[float, ...] = DEFAULT_BASE_LEARNING_RATES
+    batch_size: int = 256
+    epochs: int = 10
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    val_fraction: float = 0.1
+    refit: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.base_learning_rates or min(self.base_learning_rates) <= 0:
+            raise ValueError(f"base_learning_rates must be positive and non-empty, got {self.base_learning_rates}")
+        if self.batch_size < 1 or self.epochs < 1:
+            raise ValueError(f"batch_size and epochs must be >= 1, got {self.batch_size} and {self.epochs}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+
+
+@dataclass(frozen=True)
+class LinearProbeResult:
+    """Outcome of :func:`linear_probe`; accuracies are fractions in [0, 1]."""
+
+    best_lr: float  # the scaled learning rate that won on the held-out split
+    best_base_lr: float  # the same, before batch-size scaling
+    val_accuracy: float  # held-out accuracy of the winner (trained without the held-out part)
+    test_accuracy: float  # of the refit classifier when refit, else of the winner itself
+    learning_rates: tuple[float, ...]  # the scaled grid, in order
+    val_accuracies: tuple[float, ...]  # held-out accuracy per grid entry
+    refit: bool
+    num_train: int  # samples the grid was trained on
+    num_val: int
+    num_test: int
+    num_classes: int
+    feature_dim: int
+    config: LinearProbeConfig = field(default_factory=LinearProbeConfig)
+
+    def to_dict(self) -> dict:
+        """A JSON-able dict (the config nested under ``"config"``)."""
+        out = asdict(self)
+        out["learning_rates"] = list(self.learning_rates)
+        out["val_accuracies"] = list(self.val_accuracies)
+        out["config"]["base_learning_rates"] = list(self.config.base_learning_rates)
+        return out
+
+
+def split_train_val(num_samples: int, val_fraction: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Seeded random split of ``range(num_samples)``: ``(train_index, val_index)``, val has
+    ``round(val_fraction * N)`` samples (at least 1, and at least 1 left to train on)."""
+    num_val = max(1, round(val_fraction * num_samples))
+    if num_val >= num_samples:
+        raise ValueError(f"cannot hold out {val_fraction:.0%} of {num_samples} samples and still train")
+    order = torch.randperm(num_samples, generator=generator)
+    return order[num_val:], order[:num_val]
+
+
+def linear_probe(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    config: LinearProbeConfig = LinearProbeConfig(),
+    num_classes: int | None = None,
+    device: str | torch.device = "cpu",
+) -> LinearProbeResult:
+    """Train the learning-rate grid on frozen features, pick on a held-out split, score on test.
+
+    Args:
+        train_features, test_features: ``(N, F)`` and ``(M, F)`` raw features.
+        train_labels, test_labels: ``(N,)`` and ``(M,)`` int class indices.
+        config: the recipe (see :class:`LinearProbeConfig`).
+        num_classes: C; None means ``1 + the largest label`` seen in train or test.
+        device: where training runs (features are copied there once).
+    """
+    if train_features.ndim != 2 or test_features.ndim != 2:
+        raise ValueError(
+            f"features must be (N, F): got train {tuple(train_features.shape)}, test {tuple(test_features.shape)}"
+        )
+    if train_features.shape[1] != test_features.shape[1]:
+        raise ValueError(f"feature widths differ: {train_features.shape[1]} vs {test_features.shape[1]}")
+    if len(train_features) != len(train_labels) or len(test_features) != len(test_labels):
+        raise ValueError("features and labels must have the same length")
+    classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
+    feature_dim = train_features.shape[1]
+    generator = torch.Generator().manual_seed(config.seed)
+    learning_rates = scale_learning_rates(config.base_learning_rates, config.batch_size)
+    features = train_features.to(device=device, dtype=torch.float32)
+    labels = train_labels.to(device=device, dtype=torch.long)
+
+    fit_index, val_index = split_train_val(len(features), config.val_fraction, generator)
+    fit_index, val_index = fit_index.to(device), val_index.to(device)
+    grid = init_classifier_grid(len(learning_rates), feature_dim, classes, generator, device=device)
+    grid = train_classifier_grid(
+        grid, features[fit_index], labels[fit_index], learning_rates, config.epochs, config.batch_size,
+        generator, config.momentum, config.weight_decay,
+    )
+    val_accuracies = grid.accuracies(features[val_index], labels[val_index])  # (G,)
+    best = int(val_accuracies.argmax())  # first maximum: the smallest learning rate among ties
+
+    if config.refit:
+        chosen = init_classifier_grid(1, feature_dim, classes, generator, device=device)
+        chosen = train_classifier_grid(
+            chosen, features, labels, [learning_rates[best]], config.epochs, config.batch_size,
+            generator, config.momentum, config.weight_decay,
+        )
+    else:
+        chosen = ClassifierGrid(grid.weight[best : best + 1], grid.bias[best : best + 1])
+    test_accuracy = float(chosen.accuracies(test_features, test_labels)[0])
+
+    return LinearProbeResult(
+        best_lr=learning_rates[best],
+        best_base_lr=config.base_learning_rates[best],
+        val_accuracy=float(val_accuracies[best]),
+        test_accuracy=test_accuracy,
+        learning_rates=learning_rates,
+        val_accuracies=tuple(float(a) for a in val_accuracies),
+        refit=config.refit,
+        num_train=len(fit_index),
+        num_val=len(val_index),
+        num_test=len(test_features),
+        num_classes=classes,
+        feature_dim=feature_dim,
+        config=config,
+    )

@@ -1,0 +1,134 @@
+"""Linear probe: the one-pass grid against separate nn.Linear + SGD runs, and against scikit-learn."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.linear_model import LogisticRegression
+
+from evaluators.linear import (
+    DEFAULT_BASE_LEARNING_RATES,
+    LinearProbeConfig,
+    init_classifier_grid,
+    linear_probe,
+    scale_learning_rates,
+    train_classifier_grid,
+)
+
+
+def blobs(num_samples: int, dim: int, classes: int, spread: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian blobs around fixed class centres (the centres depend on ``dim`` and ``classes`` only)."""
+    centres = torch.randn(classes, dim, generator=torch.Generator().manual_seed(1234))
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, classes, (num_samples,), generator=generator)
+    return centres[labels] + spread * torch.randn(num_samples, dim, generator=generator), labels
+
+
+def reference_sgd(
+    weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, lr: float,
+    epochs: int, batch_size: int, seed: int, momentum: float, weight_decay: float,
+) -> torch.nn.Linear:
+    """One classifier the ordinary way: nn.Linear, autograd, torch SGD, CosineAnnealingLR."""
+    linear = torch.nn.Linear(weight.shape[0], weight.shape[1])
+    with torch.no_grad():
+        linear.weight.copy_(weight.T)  # nn.Linear stores (C, F)
+        linear.bias.copy_(bias)
+    optimizer = torch.optim.SGD(linear.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    steps_per_epoch = -(-len(features) // batch_size)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        order = torch.randperm(len(features), generator=generator)
+        for start in range(0, len(features), batch_size):
+            index = order[start : start + batch_size]
+            loss = F.cross_entropy(linear(features[index]), labels[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    return linear
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
+def test_one_pass_grid_equals_separate_sgd_runs(weight_decay: float) -> None:
+    features, labels = blobs(70, 6, 4, spread=1.0, seed=0)
+    learning_rates = (1e-3, 3e-2, 0.3, 1.0)
+    epochs, batch_size, seed = 3, 16, 7  # 5 steps per epoch, the last one of 6 samples
+    start = init_classifier_grid(len(learning_rates), 6, 4, torch.Generator().manual_seed(0))
+    trained = train_classifier_grid(
+        start, features, labels, learning_rates, epochs, batch_size, torch.Generator().manual_seed(seed),
+        momentum=0.9, weight_decay=weight_decay,
+    )
+    for g, lr in enumerate(learning_rates):
+        linear = reference_sgd(start.weight[g], start.bias[g], features, labels, lr, epochs, batch_size, seed,
+                               0.9, weight_decay)
+        torch.testing.assert_close(trained.weight[g], linear.weight.detach().T, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(trained.bias[g], linear.bias.detach(), atol=1e-5, rtol=1e-5)
+    # the check has teeth: training moved the weights far beyond the tolerance
+    assert (trained.weight[-1] - start.weight[-1]).abs().max() > 0.1
+
+
+def test_grid_leaves_its_input_alone() -> None:
+    features, labels = blobs(20, 3, 2, spread=1.0, seed=1)
+    start = init_classifier_grid(2, 3, 2, torch.Generator().manual_seed(0))
+    before = start.clone()
+    train_classifier_grid(start, features, labels, [0.1, 0.2], 1, 8, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(start.weight, before.weight, rtol=0, atol=0)
+
+
+def test_default_grid_is_the_originals_scaled_by_batch_size() -> None:
+    assert len(DEFAULT_BASE_LEARNING_RATES) == 13
+    assert DEFAULT_BASE_LEARNING_RATES[0] == 1e-5 and DEFAULT_BASE_LEARNING_RATES[-1] == 0.1
+    assert LinearProbeConfig().base_learning_rates == DEFAULT_BASE_LEARNING_RATES
+    assert scale_learning_rates([1e-3, 0.1], 128) == pytest.approx((5e-4, 0.05))
+
+
+def test_probe_agrees_with_logistic_regression_on_blobs() -> None:
+    train_features, train_labels = blobs(800, 24, 6, spread=1.6, seed=0)
+    test_features, test_labels = blobs(400, 24, 6, spread=1.6, seed=1)
+    result = linear_probe(
+        train_features, train_labels, test_features, test_labels, LinearProbeConfig(batch_size=64, epochs=20)
+    )
+    sklearn_accuracy = (
+        LogisticRegression(max_iter=2000)
+        .fit(train_features.numpy(), train_labels.numpy())
+        .score(test_features.numpy(), test_labels.numpy())
+    )
+    assert 0.75 < sklearn_accuracy < 0.99  # neither trivial nor hopeless, so agreement means something
+    assert result.test_accuracy > 0.75
+    assert abs(result.test_accuracy - sklearn_accuracy) < 0.04
+    # the selection is the argmax over the grid, and the grid spans useless to good learning rates
+    assert result.val_accuracy == max(result.val_accuracies)
+    assert result.best_lr == result.learning_rates[result.val_accuracies.index(result.val_accuracy)]
+    assert min(result.val_accuracies) < result.val_accuracy
+    assert (result.num_train, result.num_val, result.num_test) == (720, 80, 400)
+
+
+def test_result_is_seeded_and_json_able() -> None:
+    train_features, train_labels = blobs(200, 8, 3, spread=1.5, seed=2)
+    test_features, test_labels = blobs(100, 8, 3, spread=1.5, seed=3)
+    config = LinearProbeConfig(batch_size=32, epochs=2, refit=False, seed=5)
+    first = linear_probe(train_features, train_labels, test_features, test_labels, config)
+    second = linear_probe(train_features, train_labels, test_features, test_labels, config)
+    assert first == second
+    as_dict = json.loads(json.dumps(first.to_dict()))
+    assert set(as_dict) >= {"best_lr", "val_accuracy", "test_accuracy", "learning_rates", "val_accuracies"}
+    assert len(as_dict["val_accuracies"]) == 13 and as_dict["refit"] is False
+    assert np.isclose(as_dict["best_lr"], as_dict["best_base_lr"] * 32 / 256)
+    refit = linear_probe(train_features, train_labels, test_features, test_labels,
+                         LinearProbeConfig(batch_size=32, epochs=2, refit=True, seed=5))
+    assert refit.val_accuracies == first.val_accuracies and refit.best_lr == first.best_lr
+
+
+def test_bad_arguments_are_named() -> None:
+    x, y = torch.randn(10, 4), torch.zeros(10, dtype=torch.long)
+    with pytest.raises(ValueError, match="feature widths differ: 4 vs 3"):
+        linear_probe(x, y, torch.randn(2, 3), y[:2])
+    with pytest.raises(ValueError, match="val_fraction must be in"):
+        LinearProbeConfig(val_fraction=0.0)
+    with pytest.raises(ValueError, match="2 learning rates for 1 classifiers"):
+        train_classifier_grid(init_classifier_grid(1, 4, 2), x, y, [0.1, 0.2], 1, 4, torch.Generator())

@@ -1,0 +1,451 @@
+"""Image folders, tar shards and Fashion-MNIST as fixed-size uint8 samples, on disk and on S3.
+
+Expected pixels are computed here independently: Pillow's resize of the whole image to the
+shorter side, then a crop (the module resamples the centred square in one step), alpha and
+palettes resolved with numpy. Sizes are chosen so the intermediate size is an integer, where
+the two agree within one level (the rounding of Pillow's 8-bit intermediate pass).
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from dinoflow.storage import Storage, join_uri
+from trainer.data.datasets import (
+    Batch,
+    BadImageTracker,
+    FashionMnistDataset,
+    ImageFolderDataset,
+    Sample,
+    ShardDataset,
+    collate_samples,
+    decode_image,
+)
+from trainer.data.fashion_mnist import load_split
+
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+S = 16
+
+
+def smooth_rgb(width: int, height: int, seed: int) -> np.ndarray:
+    """A gradient with a bright off-centre square: smooth enough for tolerances, asymmetric."""
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[0:height, 0:width]
+    image = np.stack([xs * 255 / width, ys * 255 / height, np.full_like(xs, rng.integers(0, 255))], axis=-1)
+    image[height // 4 : height // 2, width // 3 : width // 2] = rng.integers(0, 255, 3)
+    return image.astype(np.uint8)
+
+
+def encode(image: Image.Image, fmt: str, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def expected(rgb: np.ndarray, size: int = S) -> np.ndarray:
+    """(3, size, size): shorter side to ``size`` (bicubic), then the centre crop."""
+    height, width = rgb.shape[:2]
+    scale = size / min(width, height)
+    new_w, new_h = round(width * scale), round(height * scale)
+    resized = Image.fromarray(rgb).resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return np.asarray(resized.crop((left, top, left + size, top + size))).transpose(2, 0, 1)
+
+
+def decoded(data: bytes) -> np.ndarray:
+    """Pixels of an encoded RGB/L image as Pillow decodes it, (H, W, 3)."""
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def on_white(rgba: np.ndarray) -> np.ndarray:
+    alpha = rgba[..., 3:].astype(np.float64) / 255
+    return (rgba[..., :3] * alpha + 255 * (1 - alpha)).round().astype(np.uint8)
+
+
+def assert_close(image: torch.Tensor | None, want: np.ndarray, atol: int = 1) -> None:
+    assert image is not None and image.dtype == torch.uint8 and image.shape == want.shape
+    diff = np.abs(image.numpy().astype(int) - want.astype(int))
+    assert diff.max() <= atol, f"max difference {diff.max()}"
+
+
+# -- decoding ---------------------------------------------------------------------------------
+
+
+def test_rgba_palette_and_16_bit_inputs_become_rgb() -> None:
+    rgba = np.dstack([smooth_rgb(32, 48, 1), np.tile(np.linspace(0, 255, 32, dtype=np.uint8), (48, 1))])
+    assert_close(decode_image(encode(Image.fromarray(rgba, "RGBA"), "PNG"), S), expected(on_white(rgba)))
+
+    palette_image = Image.fromarray(smooth_rgb(32, 32, 2)).quantize(colors=16)
+    indices = np.asarray(palette_image)
+    palette = np.array(palette_image.getpalette()[: 3 * 16], dtype=np.uint8).reshape(16, 3)
+    assert_close(decode_image(encode(palette_image, "PNG"), S), expected(palette[indices]))
+    palette_image.info["transparency"] = 0  # index 0 transparent: shown on white
+    want = palette[indices].copy()
+    want[indices == 0] = 255
+    assert_close(decode_image(encode(palette_image, "PNG", transparency=0), S), expected(want))
+
+    deep = (np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)  # 16-bit grayscale
+    gray = np.clip(np.round(deep / 257), 0, 255).astype(np.uint8)
+    assert_close(decode_image(encode(Image.fromarray(deep), "PNG"), S), expected(np.dstack([gray] * 3)))
+
+
+def test_non_integer_scales_stay_close_to_resize_then_crop() -> None:
+    for width, height in ((50, 37), (23, 61), (7, 5)):
+        rgb = smooth_rgb(width, height, width)
+        image = decode_image(encode(Image.fromarray(rgb), "PNG"), S)
+        assert image is not None and image.shape == (3, S, S)
+        diff = np.abs(image.numpy().astype(int) - expected(rgb).astype(int))
+        assert diff.mean() < 6, (width, height, diff.mean())
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_damaged_bytes_never_raise(data: st.DataObject) -> None:
+    fmt = data.draw(st.sampled_from(["JPEG", "PNG", "WEBP"]))
+    original = encode(Image.fromarray(smooth_rgb(24, 20, 3)), fmt)
+    damaged = bytearray(original[: data.draw(st.integers(0, len(original)))])
+    for _ in range(data.draw(st.integers(0, 4))):
+        if damaged:
+            damaged[data.draw(st.integers(0, len(damaged) - 1))] = data.draw(st.integers(0, 255))
+    image = decode_image(bytes(damaged), S)
+    assert image is None or (image.shape == (3, S, S) and image.dtype == torch.uint8)
+
+
+# -- image folders ----------------------------------------------------------------------------
+
+
+def test_folder_recursion_labels_and_extensions(storage_root: tuple[Storage, str]) -> None:
+    storage, root = storage_root
+    rgb, tall = smooth_rgb(48, 32, 4), smooth_rgb(32, 64, 5)
+    rgba = np.dstack([smooth_rgb(32, 32, 6), np.full((32, 32), 128, np.uint8)])
+    gray = smooth_rgb(64, 32, 7)[..., 0]
+    files = {
+        "cat/a.jpg": encode(Image.fromarray(rgb), "JPEG", quality=95),
+        "cat/deep/er/b.PNG": encode(Image.fromarray(tall), "PNG"),
+        "dog/c.png": encode(Image.fromarray(rgba, "RGBA"), "PNG"),
+        "dog/d.JPEG": encode(Image.fromarray(gray, "L"), "JPEG"),
+        "dog/e.webp": encode(Image.fromarray(rgb), "WEBP", lossless=True),
+        "dog/notes.txt": b"not an image",
+        "dog/.hidden.jpg": b"macOS resource fork",
+        ".cache/f.png": b"also hidden",
+    }
+    for name, data in files.items():
+        storage.write_bytes(join_uri(root, name), data)
+
+    dataset = ImageFolderDataset(storage, root, load_size=S)
+    assert dataset.classes == ("cat", "dog")
+    samples = [dataset[i] for i in range(len(dataset))]
+    assert [s.key for s in samples] == [
+        join_uri(root, name) for name in ("cat/a.jpg", "cat/deep/er/b.PNG", "dog/c.png", "dog/d.JPEG", "dog/e.webp")
+    ]
+    assert [s.label for s in samples] == [0, 0, 1, 1, 1]
+    assert_close(samples[0].image, expected(decoded(files["cat/a.jpg"])))
+    assert_close(samples[1].image, expected(tall))
+    assert_close(samples[2].image, expected(on_white(rgba)))
+    assert_close(samples[3].image, expected(decoded(files["dog/d.JPEG"])))
+    gray_channels = samples[3].image
+    assert gray_channels is not None and bool((gray_channels == gray_channels[0]).all())
+    assert_close(samples[4].image, expected(rgb))
+
+    only_png = ImageFolderDataset(storage, root, load_size=S, extensions=("png",))
+    assert [s.key.rsplit("/", 1)[-1] for s in (only_png[0], only_png[1])] == ["b.PNG", "c.png"]
+
+
+def test_folder_without_class_subfolders_is_unlabelled(storage_root: tuple[Storage, str]) -> None:
+    storage, root = storage_root
+    png = encode(Image.fromarray(smooth_rgb(20, 20, 8)), "PNG")
+    storage.write_bytes(join_uri(root, "top.png"), png)
+    storage.write_bytes(join_uri(root, "cls/inner.png"), png)
+    dataset = ImageFolderDataset(storage, root, load_size=S)
+    assert dataset.classes == () and [dataset[i].label for i in range(2)] == [-1, -1]
+
+
+def test_empty_folder_names_uri_and_extensions(storage_root: tuple[Storage, str]) -> None:
+    storage, root = storage_root
+    storage.write_bytes(join_uri(root, "readme.txt"), b"no images here")
+    with pytest.raises(FileNotFoundError, match=rf"no images under {root}: allowed extensions are \.jpg, \.jpeg"):
+        ImageFolderDataset(storage, root, load_size=S)
+
+
+def test_bad_images_are_skipped_and_counted(storage_root: tuple[Storage, str]) -> None:
+    storage, root = storage_root
+    jpeg = encode(Image.fromarray(smooth_rgb(32, 32, 9)), "JPEG")
+    png = encode(Image.fromarray(smooth_rgb(32, 32, 10)), "PNG")
+    files = {
+        "good.png": png,
+        "corrupt.jpg": bytes(np.random.default_rng(0).integers(0, 256, 2000, dtype=np.uint8)),
+        "half.jpg": jpeg[: len(jpeg) // 2],
+        "half.png": png[: len(png) // 2],
+        "empty.png": b"",
+        "huge.png": encode(Image.new("RGB", (64, 64)), "PNG"),
+        "tiff.jpg": encode(Image.new("RGB", (8, 8)), "TIFF"),  # Pillow reads TIFF, but it is not allowed
+    }
+    for name, data in files.items():
+        storage.write_bytes(join_uri(root, name), data)
+    dataset = ImageFolderDataset(storage, root, load_size=S, max_pixels=40 * 40)
+    samples = [dataset[i] for i in range(len(dataset))]
+    bad = sorted(join_uri(root, name) for name in files if name != "good.png")
+    assert sorted(s.key for s in samples if s.image is None) == bad
+
+    batch = collate_samples(samples)
+    assert batch.keys == [join_uri(root, "good.png")] and batch.images.shape == (1, 3, S, S)
+    assert batch.labels.tolist() == [-1] and sorted(batch.bad_keys) == bad
+
+    tracker = BadImageTracker(max_fraction=0.5)
+    tracker.update(batch)
+    tracker.check()  # 7 seen: fewer than min_seen, not final
+    with pytest.raises(ValueError, match=r"6 of 7 images \(85\.7%\) could not be decoded.*50\.0%.*corrupt\.jpg"):
+        tracker.check(final=True)
+
+
+def test_all_bad_batch_is_empty() -> None:
+    batch = collate_samples([Sample(None, 3, "a"), Sample(None, 1, "b")])
+    assert batch.images.shape == (0, 3, 0, 0) and batch.labels.shape == (0,) and batch.bad_keys == ["a", "b"]
+
+
+def test_mixed_sizes_in_one_batch_are_refused() -> None:
+    small, large = torch.zeros(3, 4, 4, dtype=torch.uint8), torch.zeros(3, 8, 8, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="different shapes"):
+        collate_samples([Sample(small, 0, "a"), Sample(large, 0, "b")])
+
+
+# -- bad image tracker ------------------------------------------------------------------------
+
+
+def batch_of(good: int, bad: int, start: int = 0) -> Batch:
+    return Batch(
+        images=torch.zeros(good, 3, 1, 1, dtype=torch.uint8),
+        labels=torch.zeros(good, dtype=torch.int64),
+        keys=[f"ok{i}" for i in range(good)],
+        bad_keys=[f"bad{start + i}" for i in range(bad)],
+    )
+
+
+def test_tracker_raises_only_above_the_limit() -> None:
+    tracker = BadImageTracker(max_fraction=0.1)
+    tracker.update(batch_of(0, 19))
+    tracker.check()  # 19 seen, all bad: below min_seen
+    with pytest.raises(ValueError, match="19 of 19"):
+        tracker.check(final=True)
+
+    tracker = BadImageTracker(max_fraction=0.1)
+    tracker.update(batch_of(45, 5))
+    tracker.update(batch_of(45, 5, start=5))
+    tracker.check(final=True)  # exactly 10%: allowed
+    tracker.update(batch_of(0, 1, start=10))
+    with pytest.raises(ValueError) as raised:
+        tracker.check()
+    message = str(raised.value)
+    assert "11 of 101 images (10.9%)" in message and "max_fraction 10.0%" in message
+    assert "bad0, bad1, bad2, bad3, bad4" in message and "bad5" not in message
+    assert tracker.summary() == {
+        "seen": 101,
+        "bad": 11,
+        "fraction": 11 / 101,
+        "examples": ["bad0", "bad1", "bad2", "bad3", "bad4"],
+    }
+
+
+def test_tracker_arguments_are_checked() -> None:
+    with pytest.raises(ValueError, match=r"max_fraction must be within \[0, 1\], got 1.5"):
+        BadImageTracker(max_fraction=1.5)
+    BadImageTracker(max_fraction=0.0).check(final=True)  # nothing seen: nothing to judge
+
+
+# -- tar shards -------------------------------------------------------------------------------
+
+
+def tar_bytes(members: list[tuple[str, bytes] | tarfile.TarInfo]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for member in members:
+            if isinstance(member, tarfile.TarInfo):
+                tar.addfile(member)
+            else:
+                name, data = member
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def test_shards_with_labels(storage_root: tuple[Storage, str]) -> None:
+    storage, root = storage_root
+    images = {i: smooth_rgb(32 + 16 * i, 32, 20 + i) for i in range(4)}  # integer scales
+    first = tar_bytes(
+        [
+            ("000000.jpg", encode(Image.fromarray(images[0]), "JPEG")),
+            ("000000.cls", b"3"),
+            ("000001.png", encode(Image.fromarray(images[1]), "PNG")),
+            ("000001.txt", b" 7\n"),
+            ("000001.json", b"{}"),
+            ("sub/000002.WEBP", encode(Image.fromarray(images[2]), "WEBP", lossless=True)),
+        ]
+    )
+    second = tar_bytes(
+        [
+            ("000000.png", encode(Image.fromarray(images[3]), "PNG")),
+            ("000000.cls", b"1"),
+            ("000004.jpeg", b"broken"),
+            ("000004.cls", b"2"),
+        ]
+    )
+    storage.write_bytes(join_uri(root, "shards/a.tar"), first)
+    storage.write_bytes(join_uri(root, "shards/more/b.TAR"), second)
+    storage.write_bytes(join_uri(root, "shards/readme.md"), b"not a shard")
+    shard_a, shard_b = join_uri(root, "shards/a.tar"), join_uri(root, "shards/more/b.TAR")
+
+    by_folder = ShardDataset(storage, join_uri(root, "shards"), load_size=S)
+    by_list = ShardDataset(storage, [shard_a, shard_b], load_size=S, cached_shards=1)
+    assert by_folder.shards == [shard_a, shard_b]
+    for dataset in (by_folder, by_list):
+        samples = [dataset[i] for i in range(len(dataset))]
+        assert [s.key for s in samples] == [
+            f"{shard_a}#000000.jpg",
+            f"{shard_a}#000001.png",
+            f"{shard_a}#sub/000002.WEBP",
+            f"{shard_b}#000000.png",
+            f"{shard_b}#000004.jpeg",
+        ]
+        assert [s.label for s in samples] == [3, 7, -1, 1, 2]
+        assert_close(samples[0].image, expected(decoded(encode(Image.fromarray(images[0]), "JPEG"))))
+        for i in (1, 2):
+            assert_close(samples[i].image, expected(images[i]))
+        assert_close(samples[3].image, expected(images[3]))
+        assert samples[4].image is None
+        assert_close(dataset[0].image, samples[0].image.numpy())  # back to the first shard
+
+    clone = pickle.loads(pickle.dumps(by_list))  # what a spawned worker gets: no cached shard bytes
+    assert not clone._cache and clone[3].label == 1
+
+
+def good_sample() -> tuple[str, bytes]:
+    return "000000.png", encode(Image.new("RGB", (4, 4)), "PNG")
+
+
+def special_member(name: str, kind: bytes, linkname: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = linkname
+    return info
+
+
+@pytest.mark.parametrize(
+    ("member", "problem"),
+    [
+        (("../x.jpg", b"x"), "absolute path or one leaving the archive"),
+        (("/etc/x.jpg", b"x"), "absolute path or one leaving the archive"),
+        (("a/../../x.jpg", b"x"), "absolute path or one leaving the archive"),
+        (special_member("x.jpg", tarfile.SYMTYPE, "/etc/passwd"), "is a symbolic link"),
+        (special_member("x.jpg", tarfile.LNKTYPE, "000000.png"), "is a hard link"),
+        (special_member("x.jpg", tarfile.CHRTYPE), "is a character device"),
+    ],
+    ids=["parent", "absolute", "nested-parent", "symlink", "hardlink", "device"],
+)
+def test_unsafe_members_are_refused(
+    storage_root: tuple[Storage, str], member: tuple[str, bytes] | tarfile.TarInfo, problem: str
+) -> None:
+    storage, root = storage_root
+    shard = join_uri(root, "evil.tar")
+    storage.write_bytes(shard, tar_bytes([good_sample(), member]))
+    name = member.name if isinstance(member, tarfile.TarInfo) else member[0]
+    with pytest.raises(ValueError, match=rf"shard {shard}: member '{name}' .*{problem}"):
+        ShardDataset(storage, [shard], load_size=S)
+
+
+@pytest.mark.parametrize(
+    ("members", "message"),
+    [
+        ([("a.jpg", b"x"), ("a.png", b"x")], r"sample 'a' has 2 image members \(jpg, png\); exactly one of"),
+        ([("a.cls", b"1")], r"sample 'a' has 0 image members \(none\)"),
+        ([good_sample(), ("000000.cls", b"cat")], r"label member '000000.cls' holds b'cat', not an integer"),
+    ],
+    ids=["two-images", "no-image", "bad-label"],
+)
+def test_malformed_shards_are_named(tmp_path: Path, members: list[tuple[str, bytes]], message: str) -> None:
+    shard = str(tmp_path / "s.tar")
+    Path(shard).write_bytes(tar_bytes(members))
+    with pytest.raises(ValueError, match=rf"shard {shard}: {message}"):
+        ShardDataset(Storage(), [shard], load_size=S)
+
+
+def test_compressed_missing_or_empty_shards_are_named(tmp_path: Path) -> None:
+    shard = tmp_path / "s.tar"
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        info = tarfile.TarInfo("a.png")
+        tar.addfile(info, io.BytesIO(b""))
+    shard.write_bytes(buffer.getvalue())
+    with pytest.raises(ValueError, match=rf"shard {shard}: not a readable uncompressed tar"):
+        ShardDataset(Storage(), [str(shard)], load_size=S)
+    empty = tmp_path / "none"
+    with pytest.raises(FileNotFoundError, match=rf"no shards under {empty}: allowed are files ending in .tar"):
+        ShardDataset(Storage(), str(empty), load_size=S)
+    shard.write_bytes(tar_bytes([]))
+    with pytest.raises(ValueError, match=rf"no samples in the 1 shard\(s\) starting with {shard}"):
+        ShardDataset(Storage(), [str(shard)], load_size=S)
+
+
+# -- Fashion-MNIST ----------------------------------------------------------------------------
+
+
+def test_fashion_mnist_samples() -> None:
+    storage = Storage()
+    train = FashionMnistDataset(storage, FASHION_MNIST, "train")
+    assert len(train) == 60000
+    raw = load_split(storage, FASHION_MNIST, "train")
+    for index in (0, 1, 59999):
+        sample = train[index]
+        assert sample.image is not None and sample.image.shape == (3, 28, 28) and sample.image.dtype == torch.uint8
+        assert all(bool((sample.image[c] == torch.from_numpy(raw.images[index])).all()) for c in range(3))
+        assert sample.label == int(raw.labels[index]) and 0 <= sample.label <= 9
+    assert train[5].key == f"{FASHION_MNIST}#train/5"
+
+    test = FashionMnistDataset(storage, FASHION_MNIST, "test", load_size=32)
+    assert len(test) == 10000
+    image = test[0].image
+    assert image is not None and image.shape == (3, 32, 32)
+    assert bool((image[0] == image[1]).all() and (image[1] == image[2]).all())
+    gray = load_split(storage, FASHION_MNIST, "test").images[0]
+    want = np.asarray(Image.fromarray(gray).resize((32, 32), Image.Resampling.BICUBIC))
+    assert np.array_equal(image[0].numpy(), want)
+    with pytest.raises(ValueError, match="split must be 'train' or 'test', got 'val'"):
+        FashionMnistDataset(storage, FASHION_MNIST, "val")  # type: ignore[arg-type]
+
+
+# -- DataLoader -------------------------------------------------------------------------------
+
+
+def test_dataloader_with_two_workers(storage_root: tuple[Storage, str]) -> None:
+    """Forked workers must not reuse the parent's S3 client (fsspec refuses: not fork-safe)."""
+    storage, root = storage_root
+    for i in range(10):
+        data = encode(Image.fromarray(smooth_rgb(20 + i, 24, 30 + i)), "PNG")
+        storage.write_bytes(join_uri(root, f"{'ab'[i % 2]}/{i:02d}.png"), data)
+    storage.write_bytes(join_uri(root, "a/zz-broken.jpg"), b"\xff\xd8 not really")
+    dataset = ImageFolderDataset(storage, root, load_size=S)
+    reference = [dataset[i] for i in range(len(dataset))]  # the parent's S3 client now exists
+
+    loader = DataLoader(dataset, batch_size=4, num_workers=2, collate_fn=collate_samples)
+    batches = list(loader)
+    keys = [key for batch in batches for key in batch.keys]
+    assert keys == [s.key for s in reference if s.image is not None]
+    assert [key for batch in batches for key in batch.bad_keys] == [join_uri(root, "a/zz-broken.jpg")]
+    images = torch.cat([batch.images for batch in batches])
+    assert torch.equal(images, torch.stack([s.image for s in reference if s.image is not None]))
+    labels = torch.cat([batch.labels for batch in batches])
+    assert labels.tolist() == [s.label for s in reference if s.image is not None]
+
+    clone = pickle.loads(pickle.dumps(dataset))  # what a spawned worker gets
+    assert torch.equal(clone[0].image, reference[0].image)

@@ -1,0 +1,484 @@
+"""Map-style datasets of fixed-size uint8 RGB images: image folders, tar shards, Fashion-MNIST.
+
+Why fixed-size uint8: every image is decoded on a CPU worker once, to RGB, its shorter side
+resized to ``load_size`` (bicubic) and centre-cropped to ``load_size x load_size``. Batches of
+equal-sized uint8 tensors are 4x smaller than float ones to move, and the random resized crops,
+flips and colour jitter of the multi-crop augmentation then run batched on the device instead
+of image by image in Python.
+
+Why a bad image is a ``Sample`` with ``image=None`` rather than an error: a few broken files in a
+large crawl are normal and one of them must not kill a multi-day run. :func:`collate_samples`
+drops them and names them in ``Batch.bad_keys``, and :class:`BadImageTracker` fails the run when
+too many go missing, because then the data (or its decoding) is broken.
+
+All bytes are read through :class:`~dinoflow.storage.Storage`, so local folders, ``file://`` and
+``s3://`` work alike, also inside forked or spawned ``DataLoader`` workers.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import tarfile
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from dinoflow.storage import Storage
+from trainer.data.fashion_mnist import load_split
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+DEFAULT_MAX_PIXELS = 64_000_000
+# Only these decoders run, so a mislabelled file never reaches e.g. Pillow's EPS plugin, which
+# shells out to Ghostscript.
+DECODE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
+SHARD_LABEL_EXTENSIONS = ("cls", "txt")  # first one present wins
+_DECODE_ERRORS = (
+    UnidentifiedImageError,
+    Image.DecompressionBombError,
+    OSError,  # truncated data ("image file is truncated"), broken streams
+    ValueError,
+    EOFError,
+    SyntaxError,  # Pillow's PNG reader raises it for broken chunks
+)
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image ``(3, S, S)`` uint8, or None when it could not be decoded; label -1 if none."""
+
+    image: torch.Tensor | None
+    label: int
+    key: str
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Decoded images ``(B, 3, S, S)`` uint8 with labels ``(B,)`` int64, and the keys skipped.
+
+    A batch whose images were all bad has ``B = 0`` and ``images`` of shape ``(0, 3, 0, 0)``.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    keys: list[str]
+    bad_keys: list[str]
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode as RGB; transparent pixels are composited onto white.
+
+    Why white: colours under alpha 0 are arbitrary (often black or garbage), and white is how
+    transparent product shots and logos are shown. 16-bit grayscale is scaled down, because
+    Pillow's own conversion clips it at 255 and turns most such images white.
+    """
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        scaled = np.clip(np.asarray(img, dtype=np.float64) / 257.0, 0, 255).round()
+        img = Image.fromarray(scaled.astype(np.uint8), mode="L")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")
+    return img.convert("RGB")
+
+
+def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """Shorter side resized to ``size`` (bicubic, antialiased) and the centre ``size x size`` kept.
+
+    Done as one resampling of the centred square of the source, so no intermediate image is
+    made and its size needs no rounding.
+    """
+    width, height = img.size
+    side = min(width, height)
+    left, top = (width - side) / 2, (height - side) / 2
+    return img.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side))
+
+
+def _to_tensor(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()  # (3, S, S)
+
+
+def decode_image(data: bytes, load_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor | None:
+    """An encoded image as ``(3, load_size, load_size)`` uint8, or None if it is bad.
+
+    Bad means: not a JPEG/PNG/WebP/GIF/BMP Pillow can read, truncated (the whole image is
+    decoded, so a cut file is caught here and not later), or more than ``max_pixels`` pixels
+    (checked from the header, before decoding). The reason is logged at DEBUG level.
+    """
+    try:
+        with Image.open(io.BytesIO(data), formats=DECODE_FORMATS) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ValueError(f"{width}x{height} pixels is more than max_pixels={max_pixels}")
+            img.load()
+            rgb = to_rgb(img)
+    except _DECODE_ERRORS as err:
+        _log.debug("bad image (%d bytes): %s: %s", len(data), type(err).__name__, err)
+        return None
+    return _to_tensor(resize_center_crop(rgb, load_size))
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise ValueError(f"{name} must be a positive number of pixels, got {value}")
+
+
+class _ProcessLocalStorage:
+    """The caller's Storage in the process that made the dataset; a fresh twin in any other.
+
+    Why: fsspec's s3 client refuses to run in a process forked after it was created ("not
+    fork-safe"), and a pickled one is useless in a spawned worker, so each DataLoader worker
+    builds its own Storage with the same settings on first use.
+    """
+
+    def __init__(self, storage: Storage) -> None:
+        self._settings = (storage.s3, storage.retry, storage.part_size)
+        self._storage: Storage | None = storage
+        self._pid = os.getpid()
+
+    def get(self) -> Storage:
+        if self._storage is None or self._pid != os.getpid():
+            self._storage = Storage(*self._settings)
+            self._pid = os.getpid()
+        return self._storage
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_settings": self._settings, "_storage": None, "_pid": None}
+
+
+def _has_extension(uri: str, extensions: Sequence[str]) -> bool:
+    return uri.lower().endswith(tuple("." + ext.lower().lstrip(".") for ext in extensions))
+
+
+class ImageFolderDataset(Dataset[Sample]):
+    """Every image file under ``root_uri`` (recursively), labelled by its first-level folder.
+
+    Files match ``extensions`` (with or without the dot) case-insensitively; hidden files and
+    folders (names starting with ".") are skipped. When every image lies inside a subfolder,
+    the sorted subfolder names are ``classes`` and each label is an index into them; otherwise
+    ``classes`` is empty and every label is -1. ``Sample.key`` is the file's URI.
+    """
+
+    def __init__(
+        self,
+        storage: Storage,
+        root_uri: str,
+        load_size: int,
+        extensions: Sequence[str] = IMAGE_EXTENSIONS,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        _check_positive(load_size=load_size, max_pixels=max_pixels)
+        prefix = root_uri.rstrip("/") + "/"
+        relative = [
+            uri[len(prefix) :]
+            for uri in storage.list(root_uri, recursive=True)
+            if _has_extension(uri, extensions)
+        ]
+        relative = [path for path in relative if not any(part.startswith(".") for part in path.split("/"))]
+        if not relative:
+            raise FileNotFoundError(
+                f"no images under {root_uri}: allowed extensions are {', '.join(extensions)} "
+                "(any case; hidden files are skipped)"
+            )
+        self.root_uri = root_uri
+        self.load_size = load_size
+        self.max_pixels = max_pixels
+        self._storage = _ProcessLocalStorage(storage)
+        # numpy arrays rather than lists of Python objects: forked workers then share the pages
+        self._keys = np.array([prefix + path for path in relative])
+        if all("/" in path for path in relative):
+            self.classes: tuple[str, ...] = tuple(sorted({path.split("/", 1)[0] for path in relative}))
+            index = {name: i for i, name in enumerate(self.classes)}
+            self._labels = np.array([index[path.split("/", 1)[0]] for path in relative], dtype=np.int64)
+        else:
+            self.classes = ()
+            self._labels = np.full(len(relative), -1, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __getitem__(self, index: int) -> Sample:
+        key = str(self._keys[index])
+        image = decode_image(self._storage.get().read_bytes(key), self.load_size, self.max_pixels)
+        return Sample(image=image, label=int(self._labels[index]), key=key)
+
+
+def _member_kind(member: tarfile.TarInfo) -> str | None:
+    """What is wrong with a member's type, or None for a regular file or a folder."""
+    if member.issparse():
+        return "sparse file"
+    if member.isfile() or member.isdir():
+        return None
+    kinds = {
+        tarfile.SYMTYPE: "symbolic link",
+        tarfile.LNKTYPE: "hard link",
+        tarfile.CHRTYPE: "character device",
+        tarfile.BLKTYPE: "block device",
+        tarfile.FIFOTYPE: "FIFO",
+    }
+    return kinds.get(member.type, f"member of tar type {member.type!r}")
+
+
+def _check_member(shard_uri: str, member: tarfile.TarInfo) -> None:
+    if member.name.startswith("/") or ".." in PurePosixPath(member.name).parts:
+        raise ValueError(
+            f"shard {shard_uri}: member {member.name!r} has an absolute path or one leaving the "
+            "archive; member names must be relative and free of '..'"
+        )
+    kind = _member_kind(member)
+    if kind is not None:
+        raise ValueError(
+            f"shard {shard_uri}: member {member.name!r} is a {kind}; only regular files (and folders) are allowed"
+        )
+
+
+def _split_member_name(name: str) -> tuple[str, str]:
+    """webdataset's split: key = folder + basename up to its first dot, extension = the rest."""
+    folder, _, basename = name.rpartition("/")
+    stem, _, extension = basename.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), extension.lower()
+
+
+@dataclass(frozen=True)
+class _IndexedSample:
+    name: str  # the image member
+    offset: int
+    size: int
+    label: int
+
+
+def _index_shard(shard_uri: str, data: bytes, image_extensions: set[str]) -> list[_IndexedSample]:
+    """The samples of one webdataset tar, in member order, with their image byte ranges."""
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            members = tar.getmembers()
+    except tarfile.TarError as err:
+        raise ValueError(f"shard {shard_uri}: not a readable uncompressed tar ({err})") from err
+    groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+    for member in members:
+        _check_member(shard_uri, member)
+        if member.isdir():
+            continue
+        key, extension = _split_member_name(member.name)
+        parts = groups.setdefault(key, {})
+        if extension in parts:
+            raise ValueError(f"shard {shard_uri}: member {member.name!r} appears twice")
+        parts[extension] = member
+    samples = []
+    for key, parts in groups.items():
+        images = sorted(ext for ext in parts if ext in image_extensions)
+        if len(images) != 1:
+            raise ValueError(
+                f"shard {shard_uri}: sample {key!r} has {len(images)} image members ({', '.join(images) or 'none'}); "
+                f"exactly one of {', '.join(sorted(image_extensions))} is allowed"
+            )
+        image = parts[images[0]]
+        label = -1
+        label_extension = next((ext for ext in SHARD_LABEL_EXTENSIONS if ext in parts), None)
+        if label_extension is not None:
+            label_member = parts[label_extension]
+            text = data[label_member.offset_data : label_member.offset_data + label_member.size]
+            try:
+                label = int(text.decode("utf-8").strip())
+            except (UnicodeDecodeError, ValueError) as err:
+                raise ValueError(
+                    f"shard {shard_uri}: label member {label_member.name!r} holds {text[:40]!r}, "
+                    "not an integer class index"
+                ) from err
+        samples.append(_IndexedSample(image.name, image.offset_data, image.size, label))
+    return samples
+
+
+class ShardDataset(Dataset[Sample]):
+    """Samples of tar shards in webdataset layout, indexed once at construction.
+
+    Members are grouped into samples by key (folder + basename up to the first dot); each
+    sample has exactly one image member (jpg, jpeg, png, webp) and optionally a label member
+    (``cls``, else ``txt``) holding an integer; other members are ignored. ``shards`` is a list of
+    shard URIs, or one folder URI whose ``*.tar`` files (recursively, sorted) are the shards.
+    Members with absolute or ``..`` names, links, devices and sparse files are refused.
+
+    Why whole shards are read and cached: Storage reads whole objects, and a shard (~100 MB)
+    holds hundreds of samples; each process keeps the last ``cached_shards`` shards, and the
+    index holds each image's byte range so no tar is parsed again. Samples are ordered shard by
+    shard, so sequential or shard-grouped sampling reads each shard once per epoch; a sampler
+    shuffling over all samples would re-read a shard for nearly every sample.
+    ``Sample.key`` is ``<shard URI>#<image member name>``.
+    """
+
+    def __init__(
+        self,
+        storage: Storage,
+        shards: Sequence[str] | str,
+        load_size: int,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        cached_shards: int = 1,
+        image_extensions: Sequence[str] = ("jpg", "jpeg", "png", "webp"),
+    ) -> None:
+        _check_positive(load_size=load_size, max_pixels=max_pixels)
+        if cached_shards < 1:
+            raise ValueError(f"cached_shards must be at least 1, got {cached_shards}")
+        if isinstance(shards, str):
+            folder = shards
+            shards = [uri for uri in storage.list(folder, recursive=True) if uri.lower().endswith(".tar")]
+            if not shards:
+                raise FileNotFoundError(f"no shards under {folder}: allowed are files ending in .tar (any case)")
+        if not shards:
+            raise ValueError("shards is an empty list; give shard URIs or a folder URI holding *.tar files")
+        extensions = {ext.lower().lstrip(".") for ext in image_extensions}
+        self.shards = list(shards)
+        self.load_size = load_size
+        self.max_pixels = max_pixels
+        self.cached_shards = cached_shards
+        self._storage = _ProcessLocalStorage(storage)
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        shard_of, names, offsets, sizes, labels = [], [], [], [], []
+        for shard_index, uri in enumerate(self.shards):
+            for sample in _index_shard(uri, storage.read_bytes(uri), extensions):
+                shard_of.append(shard_index)
+                names.append(sample.name)
+                offsets.append(sample.offset)
+                sizes.append(sample.size)
+                labels.append(sample.label)
+        if not names:
+            raise ValueError(f"no samples in the {len(self.shards)} shard(s) starting with {self.shards[0]}")
+        # numpy arrays rather than lists of Python objects: forked workers then share the pages
+        self._shard_of = np.array(shard_of, dtype=np.int64)
+        self._names = np.array(names)
+        self._offsets = np.array(offsets, dtype=np.int64)
+        self._sizes = np.array(sizes, dtype=np.int64)
+        self._labels = np.array(labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __getitem__(self, index: int) -> Sample:
+        shard = int(self._shard_of[index])
+        offset, size = int(self._offsets[index]), int(self._sizes[index])
+        data = self._shard_bytes(shard)[offset : offset + size]
+        image = decode_image(data, self.load_size, self.max_pixels)
+        return Sample(image=image, label=int(self._labels[index]), key=f"{self.shards[shard]}#{self._names[index]}")
+
+    def _shard_bytes(self, shard: int) -> bytes:
+        if shard in self._cache:
+            self._cache.move_to_end(shard)
+            return self._cache[shard]
+        data = self._storage.get().read_bytes(self.shards[shard])
+        self._cache[shard] = data
+        while len(self._cache) > self.cached_shards:
+            self._cache.popitem(last=False)
+        return data
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (for spawned workers) without the cached shard bytes."""
+        return {**self.__dict__, "_cache": OrderedDict()}
+
+
+class FashionMnistDataset(Dataset[Sample]):
+    """Fashion-MNIST's 28x28 grayscale images as 3 equal channels, labels 0-9.
+
+    The images are resized (bicubic) to ``load_size`` when it is not 28. ``Sample.key`` is
+    ``<root_uri>#<split>/<index>``.
+    """
+
+    def __init__(
+        self,
+        storage: Storage,
+        root_uri: str,
+        split: Literal["train", "test"],
+        load_size: int = 28,
+    ) -> None:
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        _check_positive(load_size=load_size)
+        data = load_split(storage, root_uri, split)
+        self.root_uri = root_uri
+        self.split = split
+        self.load_size = load_size
+        self._images = data.images  # (N, 28, 28) uint8
+        self._labels = data.labels  # (N,) int64
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def __getitem__(self, index: int) -> Sample:
+        gray = self._images[index]  # (28, 28)
+        if self.load_size != gray.shape[0]:
+            gray = np.asarray(resize_center_crop(Image.fromarray(gray, mode="L"), self.load_size))
+        image = torch.from_numpy(np.array(gray, dtype=np.uint8)).expand(3, -1, -1).contiguous()
+        return Sample(image=image, label=int(self._labels[index]), key=f"{self.root_uri}#{self.split}/{index}")
+
+
+def collate_samples(samples: Sequence[Sample]) -> Batch:
+    """A DataLoader ``collate_fn``: stacks the decoded images and lists the bad ones' keys."""
+    good = [sample for sample in samples if sample.image is not None]
+    bad_keys = [sample.key for sample in samples if sample.image is None]
+    if not good:
+        images = torch.empty((0, 3, 0, 0), dtype=torch.uint8)
+    else:
+        shapes = {tuple(sample.image.shape) for sample in good if sample.image is not None}
+        if len(shapes) > 1:
+            raise ValueError(
+                f"samples of different shapes {sorted(shapes)} in one batch "
+                f"(first keys: {', '.join(s.key for s in good[:3])}); one dataset's load_size must be shared"
+            )
+        images = torch.stack([sample.image for sample in good if sample.image is not None])
+    labels = torch.tensor([sample.label for sample in good], dtype=torch.int64)
+    return Batch(images=images, labels=labels, keys=[sample.key for sample in good], bad_keys=bad_keys)
+
+
+class BadImageTracker:
+    """Counts images seen and bad over batches; :meth:`check` fails once too many were bad.
+
+    Why: skipping a handful of broken files is right, but a high fraction means the data set or
+    its decoding is broken, and training on the remainder would silently skew the data.
+    The limit applies once ``min_seen`` images were seen, so one bad file in the first batch
+    does not stop a run, or at the end of the data (``final=True``) whatever the count.
+    """
+
+    def __init__(self, max_fraction: float, min_seen: int = 20, max_examples: int = 5) -> None:
+        if not 0.0 <= max_fraction <= 1.0:
+            raise ValueError(f"max_fraction must be within [0, 1], got {max_fraction}")
+        if min_seen < 1:
+            raise ValueError(f"min_seen must be at least 1, got {min_seen}")
+        self.max_fraction = max_fraction
+        self.min_seen = min_seen
+        self.max_examples = max_examples
+        self.seen = 0
+        self.bad = 0
+        self.examples: list[str] = []
+
+    @property
+    def fraction(self) -> float:
+        """Bad images over images seen; 0 before any."""
+        return self.bad / self.seen if self.seen else 0.0
+
+    def update(self, batch: Batch) -> None:
+        """Count one batch's decoded and bad images, keeping the first bad keys as examples."""
+        self.seen += len(batch.keys) + len(batch.bad_keys)
+        self.bad += len(batch.bad_keys)
+        self.examples.extend(batch.bad_keys[: self.max_examples - len(self.examples)])
+
+    def check(self, final: bool = False) -> None:
+        """Raise ValueError if the bad fraction is above the limit (once enough were seen)."""
+        if self.seen == 0 or (self.seen < self.min_seen and not final):
+            return
+        if self.fraction > self.max_fraction:
+            raise ValueError(
+                f"{self.bad} of {self.seen} images ({self.fraction:.1%}) could not be decoded, "
+                f"more than the allowed max_fraction {self.max_fraction:.1%}; "
+                f"examples: {', '.join(self.examples)}"
+            )
+
+    def summary(self) -> dict[str, Any]:
+        """Counts for logging: seen, bad, fraction and example keys."""
+        return {"seen": self.seen, "bad": self.bad, "fraction": self.fraction, "examples": list(self.examples)}
