@@ -1,0 +1,79 @@
+"""dinoflow export and dinoflow eval, end to end through the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from dinoflow.storage import Storage
+from evaluators.features import to_model_input
+from evaluators.report import knn_accuracies
+from trainer.data.fashion_mnist import load_split
+from pipelines.cli import app
+from trainer.models.hf import load_hf_dir
+from trainer.models.hub import load_backbone, save_backbone
+from trainer.models.vit import build_vit
+from trainer.run import labelled_features
+
+
+@pytest.fixture
+def weights(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    model = build_vit("vit_small", num_register_tokens=4, img_size=28, patch_size=7, embed_dim=64, depth=2,
+                      num_heads=4, layerscale_init=1.0)
+    path = tmp_path / "backbone.safetensors"
+    save_backbone(model, str(path))
+    return path
+
+
+def test_export_to_every_format(weights: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    model = load_backbone(str(weights), "safetensors")
+    for export_format in ("hf", "onnx", "safetensors"):
+        out = tmp_path / export_format
+        result = runner.invoke(app, ["export", "--weights", str(weights), "--format", export_format,
+                                     "--out", str(out), "--height", "28", "--width", "42"])
+        assert result.exit_code == 0, result.output
+    state, arch = load_hf_dir(tmp_path / "hf")
+    assert arch["num_register_tokens"] == 4 and set(state) == set(model.state_dict())
+    images = torch.randn(1, 3, 28, 42)
+    session = onnxruntime.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    cls = session.run(["cls_token"], {session.get_inputs()[0].name: images.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(cls, model(images).numpy(), atol=1e-4)
+    again = load_backbone(str(tmp_path / "safetensors" / "backbone.safetensors"), "safetensors")
+    assert again.arch_kwargs == model.arch_kwargs
+    refused = runner.invoke(app, ["export", "--weights", str(weights), "--format", "hf", "--out", str(tmp_path / "hf")])
+    assert refused.exit_code == 2 and "is not empty" in refused.stderr
+    bad = runner.invoke(app, ["export", "--weights", str(weights), "--format", "coreml", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "allowed: hf, onnx, safetensors" in bad.stderr
+
+
+def test_eval_knn_matches_the_library(weights: Path, tmp_path: Path) -> None:
+    report_path = tmp_path / "report.json"
+    result = CliRunner().invoke(app, ["eval", "knn", "--weights", str(weights), "--train-limit", "500",
+                                      "--test-limit", "100", "--out", str(report_path)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_path.read_text())
+    assert 0.0 <= report["knn"]["k20"] <= 1.0
+    model = load_backbone(str(weights), "safetensors")
+    features = []
+    for split, count in (("train", 500), ("test", 100)):
+        data = load_split(Storage(), "/usr/share/datasets/fashion-mnist", split)
+        features += [labelled_features(model, torch.from_numpy(data.images[:count]), 7),
+                     torch.from_numpy(data.labels[:count])]
+    assert knn_accuracies(*features, ks=(20,))["k20"] == report["knn"]["k20"]
+    assert to_model_input(torch.zeros(1, 28, 28, dtype=torch.uint8), patch_size=7).shape == (1, 3, 28, 28)
+
+
+def test_eval_rejects_bad_input(weights: Path) -> None:
+    runner = CliRunner()
+    assert "allowed: knn, linear" in runner.invoke(app, ["eval", "svm", "--weights", str(weights)]).stderr
+    missing = runner.invoke(app, ["eval", "knn", "--weights", str(weights.parent / "nope.safetensors")])
+    assert missing.exit_code == 2 and "nope.safetensors" in missing.stderr
