@@ -42,8 +42,8 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def vit_s(registers: int, **overrides: object) -> DinoVisionTransformer:
-    """ViT-S (384 wide, 6 heads) at 518 px; 2 blocks, since every block maps the same way."""
-    model = build_vit("vit_small", num_register_tokens=registers, img_size=518, depth=2, **overrides)
+    """The full ViT-S/14 (384 wide, 12 blocks, 6 heads) at 518 px."""
+    model = build_vit("vit_small", num_register_tokens=registers, img_size=518, **overrides)
     return randomize(model, seed=registers)
 
 
