@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 BASE_KEY = "_base_"
@@ -118,6 +118,9 @@ class CropsConfig(Section):
         True, description="use the original's effective blur probabilities 0 / 0.9 / 0.5 "
         "(its inverted RandomApply) instead of the nominal 1.0 / 0.1 / 0.5",
     )
+    highres_steps: int = Field(0, ge=0, description="final steps of the schedule at high resolution")
+    highres_global_crop_size: int = Field(518, ge=8)
+    highres_local_crop_size: int = Field(224, ge=8)
 
 
 class OptimConfig(Section):
@@ -179,6 +182,15 @@ class PretrainConfig(Section):
     data: DataConfig = DataConfig()
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _crops_fit_patches(self) -> PretrainConfig:
+        """Every crop side must be a multiple of the patch size (the patch grid must tile it)."""
+        for name in ("global_crop_size", "local_crop_size", "highres_global_crop_size", "highres_local_crop_size"):
+            size = getattr(self.crops, name)
+            if size % self.model.patch_size:
+                raise ValueError(f"crops.{name} = {size} is not a multiple of model.patch_size = {self.model.patch_size}")
+        return self
 
 
 def preset_path(name_or_path: str | Path) -> Path:
@@ -277,7 +289,9 @@ def describe_error(schema: type[BaseModel], err: ValidationError) -> str:
     lines = []
     for problem in err.errors():
         where = ".".join(str(p) for p in problem["loc"]) or "<root>"
-        if problem["type"] == "extra_forbidden":
+        if not problem["loc"]:  # a check across fields names them in its message
+            lines.append(problem["msg"].removeprefix("Value error, "))
+        elif problem["type"] == "extra_forbidden":
             allowed = ", ".join(_allowed_keys(schema, problem["loc"]))
             lines.append(f"unknown key {where!r} (allowed: {allowed})")
         else:

@@ -218,7 +218,7 @@ def param_groups(student: SSLNetwork, cfg: PretrainConfig) -> list[dict[str, Any
 def make_batch(images: Tensor, step: int, cfg: PretrainConfig, multi_crop: MultiCrop) -> CropBatch:
     """Crops and masks for uint8 images; random draws are seeded from ``(seed, step)``."""
     global_crops, local_crops = multi_crop(images)
-    grid = cfg.crops.global_crop_size // cfg.model.patch_size
+    grid = global_crops.shape[-1] // cfg.model.patch_size
     rng = np.random.default_rng([cfg.seed, step])
     masks, _ = sample_crop_masks(
         2 * len(images), grid, grid, rng, cfg.loss.mask_probability,
@@ -326,6 +326,12 @@ def pretrain(
         state = TrainState(checkpoint["step"], checkpoint["images_seen"], json.loads(checkpoint["history"]))
     tracker.log_config(cfg)
     multi_crop = MultiCrop(cfg.crops).to(device)
+    # the final adaptation phase: the last highres_steps of the schedule use larger crops
+    highres_from = total_steps(cfg.optim) - cfg.crops.highres_steps if cfg.crops.highres_steps else None
+    highres_crop = MultiCrop(cfg.crops.model_copy(update={
+        "global_crop_size": cfg.crops.highres_global_crop_size,
+        "local_crop_size": cfg.crops.highres_local_crop_size,
+    })).to(device) if highres_from is not None else None
     micro = cfg.optim.grad_accumulation
     last_step = total_steps(cfg.optim) if cfg.max_steps == 0 else min(cfg.max_steps, total_steps(cfg.optim))
     loader = torch.utils.data.DataLoader(
@@ -355,7 +361,8 @@ def pretrain(
         tick = time.perf_counter()
         torch.manual_seed(cfg.seed * 1_000_003 + step)
         images = [next_images() for _ in range(micro)]
-        micro_batches = [make_batch(x, step * micro + i, cfg, multi_crop) for i, x in enumerate(images)]
+        crop = highres_crop if highres_from is not None and step >= highres_from else multi_crop
+        micro_batches = [make_batch(x, step * micro + i, cfg, crop) for i, x in enumerate(images)]
         student.train()
         losses = train_step(student, teacher, objective, micro_batches, sched, optimizer, cfg.optim.clip_grad,
                             autocast_dtype)

@@ -101,6 +101,14 @@ def test_bad_yaml_and_bad_presets(tmp_path: Path) -> None:
         load_config(DemoConfig, unknown)
 
 
+def test_cross_field_check_names_the_fields() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(PretrainConfig, "tiny", ["crops.local_crop_size=12"])
+    assert str(caught.value) == (
+        "invalid PretrainConfig: crops.local_crop_size = 12 is not a multiple of model.patch_size = 7"
+    )
+
+
 def test_config_is_frozen_and_flattens() -> None:
     config = load_config(DemoConfig, "demo")
     with pytest.raises(ValueError):

@@ -158,3 +158,28 @@ def _payload(step: int) -> bytes:
     buffer = io.BytesIO()
     torch.save({"step": step, "weights": torch.ones(3) * step}, buffer)
     return buffer.getvalue()
+
+
+@pytest.mark.parametrize(("preset", "low", "high"), [
+    ("vits14", 21e6, 23e6), ("vitb14", 85e6, 88e6), ("vitl14", 300e6, 310e6), ("vitg14", 1.10e9, 1.15e9),
+])
+def test_full_size_recipes_build_the_released_shapes(preset: str, low: float, high: float) -> None:
+    cfg = load_config(PretrainConfig, preset)
+    with torch.device("meta"):
+        student, _ = build_networks(cfg)
+    backbone = sum(p.numel() for p in student.backbone.parameters())
+    assert low < backbone < high
+    if preset in ("vitl14", "vitg14"):  # the large recipes: SK, separate iBOT head, 131k prototypes
+        assert cfg.loss.centering == "sinkhorn_knopp" and student.ibot_head is not None
+        assert student.dino_head.last_layer.weight_v.shape == (131072, 384)
+        assert student.ibot_head.last_layer.weight_v.shape == (131072, 256)
+        assert cfg.optim.base_lr == 2e-4 and cfg.model.drop_path_rate == 0.4
+    else:
+        assert student.ibot_head is None and student.dino_head.last_layer.weight_v.shape == (65536, 256)
+
+
+def test_highres_phase_uses_larger_crops() -> None:
+    cfg = config("crops.highres_global_crop_size=42", "crops.highres_local_crop_size=21")
+    hr = MultiCrop(cfg.crops.model_copy(update={"global_crop_size": 42, "local_crop_size": 21}))
+    batch = make_batch(images(), 5, cfg, hr)
+    assert batch.global_crops.shape[-1] == 42 and batch.masks.shape == (16, 36)
