@@ -59,6 +59,9 @@ class DemoConfig(Section):
     data: FashionMnistConfig = FashionMnistConfig()
     tracking: TrackingConfig = TrackingConfig()
     device: Literal["cpu", "cuda"] = "cpu"
+    pretrain_preset: str = Field("tiny", min_length=1, description="pretraining recipe of the demo")
+    pretrain_minutes: float = Field(3.0, ge=0, description="0 skips pretraining")
+    pretrain_overrides: list[str] = Field(default_factory=list, description="dotted overrides of the recipe")
 
 
 class ModelConfig(Section):

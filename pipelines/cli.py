@@ -78,8 +78,9 @@ def demo(
     storage.make_bucket(cfg.out)
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(cfg.out)
     typer.echo(
-        "dinoflow demo: the pretraining pipeline is not built yet; this runs what exists end "
-        "to end: config -> storage -> Fashion-MNIST reader -> raw-pixel k-NN -> MLflow.",
+        "dinoflow demo: the KFP pipeline is not built yet; this runs what exists end to end: "
+        "config -> storage -> Fashion-MNIST -> raw-pixel k-NN -> pretrain the "
+        f"{cfg.pretrain_preset!r} recipe for {cfg.pretrain_minutes:g} min -> k-NN + linear probe -> MLflow.",
         err=True,
     )
     with MlflowTracker.start(
@@ -90,12 +91,21 @@ def demo(
         artifact_location=_artifact_location(tracking_uri, cfg.out),
         metric_every=cfg.tracking.metric_every,
     ) as tracker:
-        summary = run_demo(cfg, storage, tracker)
+        with tracker.child("pretrain", tags=standard_tags("pretrain")) as pretrain_tracker:
+            summary = run_demo(cfg, storage, tracker, pretrain_tracker)
     knn = summary["knn"]
     typer.echo(json.dumps({k: v for k, v in summary.items() if k != "knn"} | {
         "knn_top1": round(knn["top1"], 4), "knn_k": knn["k"]}, indent=2))
+    pretrained = summary["pretrained"]
+    if pretrained:
+        typer.echo(
+            f"\npretrained {pretrained['recipe']!r} for {pretrained['minutes']:.1f} min ({pretrained['steps']} steps): "
+            f"k-NN top-1 {100 * pretrained['knn_top1_k20']:.2f}%, linear probe {100 * pretrained['linear_top1']:.2f}% "
+            "(teacher CLS, eval.train_limit/test_limit images)",
+            err=True,
+        )
     typer.echo(
-        f"\nraw-pixel k-NN top-1 on Fashion-MNIST test: {100 * knn['top1']:.2f}%  "
+        f"raw-pixel k-NN top-1 on Fashion-MNIST test: {100 * knn['top1']:.2f}%  "
         f"(k={knn['k']}, T={knn['temperature']})\n"
         f"outputs: {cfg.out}  (data/, demo/)\n"
         f"MLflow:  {tracking_uri}  experiment {cfg.tracking.experiment!r}, run {summary['mlflow_run_id']}\n"

@@ -353,6 +353,7 @@ def pretrain(
     bar = progress(range(state.step, last_step), desc=f"pretrain {cfg.name}", total=last_step - state.step,
                    unit="step")
     stopped_early = False
+    metrics: dict[str, float] = {}
     for step in bar:
         if cfg.max_minutes and time.monotonic() - started > 60 * cfg.max_minutes:
             stopped_early = True
@@ -383,6 +384,8 @@ def pretrain(
     if stopped_early or state.step % cfg.checkpoint_every:
         save_checkpoint(storage, cfg.out, checkpoint_bytes(student, teacher, objective, optimizer, state, cfg),
                         state.step)
+    if metrics:  # the last step's values, whatever the cadence
+        tracker.log_metrics(metrics, step=state.step, force=True)
     bad_images.check(final=True)
     final: dict[str, float] = {}
     closing = final_evaluate or evaluate
