@@ -10,7 +10,6 @@ beyond the step.
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 import time
