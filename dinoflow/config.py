@@ -161,6 +161,7 @@ class EvalConfig(Section):
     """Frozen-feature benchmarks run during and after training (labelled data only)."""
 
     every_steps: int = Field(0, ge=0, description="0: only at the end")
+    at_minutes: list[float] = Field(default_factory=list, description="also after these minutes of training")
     knn_k: int = Field(20, ge=1)
     knn_temperature: float = Field(0.07, gt=0)
     train_limit: int = Field(0, ge=0, description="labelled train images used (0: all)")
@@ -175,7 +176,8 @@ class PretrainConfig(Section):
     seed: int = 0
     device: Literal["cpu", "cuda"] = "cpu"
     max_steps: int = Field(0, ge=0, description="stop after this many steps (0: the schedule)")
-    max_minutes: float = Field(0, ge=0, description="stop after this wall time (0: no limit)")
+    max_minutes: float = Field(0, ge=0, description="stop after this much training time, evaluations "
+                               "excluded, over all resumes (0: no limit)")
     checkpoint_every: int = Field(100, ge=1)
     model: ModelConfig = ModelConfig()
     heads: HeadsConfig = HeadsConfig()

@@ -251,6 +251,7 @@ class TrainState:
 
     step: int = 0
     images_seen: int = 0
+    train_seconds: float = 0.0  # wall time spent training, evaluations excluded, over all resumes
     history: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -260,7 +261,8 @@ def checkpoint_bytes(student: SSLNetwork, teacher: SSLNetwork, objective: Object
     torch.save({
         "student": student.state_dict(), "teacher": teacher.state_dict(),
         "objective": objective.state_dict(), "optimizer": optimizer.state_dict(),
-        "step": state.step, "images_seen": state.images_seen, "config": to_yaml(cfg),
+        "step": state.step, "images_seen": state.images_seen, "train_seconds": state.train_seconds,
+        "config": to_yaml(cfg),
         "history": json.dumps(state.history),
     }, buffer)
     return buffer.getvalue()
@@ -322,7 +324,8 @@ def pretrain(
         teacher.load_state_dict(checkpoint["teacher"])
         objective.load_state_dict(checkpoint["objective"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        state = TrainState(checkpoint["step"], checkpoint["images_seen"], json.loads(checkpoint["history"]))
+        state = TrainState(checkpoint["step"], checkpoint["images_seen"], checkpoint["train_seconds"],
+                           json.loads(checkpoint["history"]))
     tracker.log_config(cfg)
     multi_crop = MultiCrop(cfg.crops).to(device)
     # the final adaptation phase: the last highres_steps of the schedule use larger crops
@@ -348,13 +351,14 @@ def pretrain(
             if len(batch.images):
                 return batch.images.to(device, non_blocking=True)
 
-    started = time.monotonic()
+    marks = sorted(m for m in cfg.eval.at_minutes if m > state.train_seconds / 60)
+
     bar = progress(range(state.step, last_step), desc=f"pretrain {cfg.name}", total=last_step - state.step,
                    unit="step")
     stopped_early = False
     metrics: dict[str, float] = {}
     for step in bar:
-        if cfg.max_minutes and time.monotonic() - started > 60 * cfg.max_minutes:
+        if cfg.max_minutes and state.train_seconds > 60 * cfg.max_minutes:
             stopped_early = True
             break
         sched = schedule_values(step, cfg.optim, cfg.loss)
@@ -366,17 +370,22 @@ def pretrain(
         student.train()
         losses = train_step(student, teacher, objective, micro_batches, sched, optimizer, cfg.optim.clip_grad,
                             autocast_dtype)
-        count = sum(len(x) for x in images)
+        count, seconds = sum(len(x) for x in images), time.perf_counter() - tick
         state.step, state.images_seen = step + 1, state.images_seen + count
+        state.train_seconds += seconds
         metrics = {**{f"loss_{k}": v for k, v in losses.items()}, "lr": sched.lr, "weight_decay": sched.weight_decay,
                    "teacher_momentum": sched.teacher_momentum, "teacher_temp": sched.teacher_temp,
-                   "images_per_second": count / (time.perf_counter() - tick)}
+                   "images_per_second": count / seconds}
         tracker.log_metrics(metrics, step=state.step)
         bar.set_postfix(loss=f"{losses['total']:.3f}", img_s=f"{metrics['images_per_second']:.0f}")
-        if evaluate is not None and cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0:
+        due = bool(cfg.eval.every_steps) and state.step % cfg.eval.every_steps == 0
+        while marks and state.train_seconds >= 60 * marks[0]:
+            marks.pop(0)
+            due = True
+        if evaluate is not None and due:
             results = evaluate(teacher.backbone, state.step)
             tracker.log_metrics(results, step=state.step, force=True)
-            state.history.append({"step": state.step, "minutes": _minutes(started), **results})
+            state.history.append({"step": state.step, "train_minutes": round(state.train_seconds / 60, 3), **results})
         if state.step % cfg.checkpoint_every == 0 or state.step == last_step:
             save_checkpoint(storage, cfg.out, checkpoint_bytes(student, teacher, objective, optimizer, state, cfg),
                             state.step)
@@ -393,13 +402,10 @@ def pretrain(
         tracker.log_metrics(final, step=state.step, force=True)
     save_backbone(teacher.backbone.cpu(), join_uri(cfg.out, "backbone.safetensors"), storage)
     summary = {"name": cfg.name, "steps": state.step, "images_seen": state.images_seen,
-               "train_minutes": _minutes(started), "stopped_early": stopped_early,
+               "train_minutes": round(state.train_seconds / 60, 3), "stopped_early": stopped_early,
                "backbone": join_uri(cfg.out, "backbone.safetensors"), "final": final,
                "bad_images": bad_images.summary(),
                "history": state.history, "mlflow_run_id": tracker.run_id}
     storage.write_bytes(join_uri(cfg.out, "summary.json"), json.dumps(summary, indent=2).encode())
     return summary
 
-
-def _minutes(started: float) -> float:
-    return round((time.monotonic() - started) / 60, 3)

@@ -61,7 +61,7 @@ def test_base_preset_is_extended(tmp_path: Path) -> None:
     ("overrides", "expected"),
     [
         (["data.knnk=3"], r"unknown key 'data.knnk' \(allowed: source, knn_k, knn_temperature\)"),
-        (["optim.lr=1e-3"], r"unknown key 'optim' \(allowed: name, out, seed, data, tracking, device\)"),
+        (["optim.lr=1e-3"], r"unknown key 'optim' \(allowed: name, out, seed, data, tracking, device, pretrain_"),
         (["data.knn_k=abc"], r"data.knn_k = 'abc': Input should be a valid integer"),
         (["data.knn_k=2.5"], r"data.knn_k = '2.5': Input should be a valid integer"),
         (["data.knn_k=0"], r"data.knn_k = '0': Input should be greater than or equal to 1"),

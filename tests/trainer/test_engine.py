@@ -183,3 +183,33 @@ def test_highres_phase_uses_larger_crops() -> None:
     hr = MultiCrop(cfg.crops.model_copy(update={"global_crop_size": 42, "local_crop_size": 21}))
     batch = make_batch(images(), 5, cfg, hr)
     assert batch.global_crops.shape[-1] == 42 and batch.masks.shape == (16, 36)
+
+
+class _RandomImages(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 24  # three batches of 8: every image is drawn once in three steps
+
+    def __getitem__(self, index: int):
+        from trainer.data.datasets import Sample
+
+        image = (torch.rand(3, 28, 28, generator=torch.Generator().manual_seed(index)) * 255).to(torch.uint8)
+        return Sample(image=image if index != 5 else None, label=-1, key=f"img{index}")
+
+
+def test_pretrain_evaluates_on_the_training_clock(tmp_path) -> None:
+    from trainer.data.datasets import collate_samples
+    from trainer.engine import pretrain
+
+    cfg = config(f"out={tmp_path / 'run'}", "max_steps=3", "eval.at_minutes=[0.00001, 500]", "data.max_bad_fraction=0.1")
+    calls: list[int] = []
+
+    def evaluate(backbone, step: int) -> dict[str, float]:
+        assert not any(p.requires_grad for p in backbone.parameters())  # the teacher is evaluated
+        calls.append(step)
+        return {"score": float(step)}
+
+    summary = pretrain(cfg, _RandomImages(), collate_samples, Storage(), evaluate=evaluate)
+    assert calls == [1, 3]  # the first mark after step 1, then the closing evaluation
+    assert [h["step"] for h in summary["history"]] == [1] and summary["final"] == {"score": 3.0}
+    assert summary["bad_images"]["bad"] == 1 and summary["bad_images"]["examples"] == ["img5"]
+    assert 0 < summary["train_minutes"] < 5 and summary["steps"] == 3
