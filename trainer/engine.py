@@ -385,7 +385,8 @@ def pretrain(
         if evaluate is not None and due:
             results = evaluate(teacher.backbone, state.step)
             tracker.log_metrics(results, step=state.step, force=True)
-            state.history.append({"step": state.step, "train_minutes": round(state.train_seconds / 60, 3), **results})
+            state.history.append({"step": state.step, "train_minutes": round(state.train_seconds / 60, 3),
+                                  "images_seen": state.images_seen, **results})
         if state.step % cfg.checkpoint_every == 0 or state.step == last_step:
             save_checkpoint(storage, cfg.out, checkpoint_bytes(student, teacher, objective, optimizer, state, cfg),
                             state.step)

@@ -1,0 +1,84 @@
+"""Does pretraining learn? Fashion-MNIST k-NN and linear-probe accuracy after N minutes on this CPU.
+
+Pretrains a recipe (default ``tiny``) on Fashion-MNIST's train split without labels, and after
+5, 15 and 60 minutes of training (evaluations excluded) scores the teacher's CLS features on the
+full test split: k-NN (k=20, T=0.07) against the full train split, and the one-pass linear
+probe. Raw pixels and the untrained network are scored in the same run as baselines. It prints
+a table and writes it as JSON; it asserts nothing.
+
+    python benchmarks/pretrain_quality.py                       # 5, 15, 60 minutes
+    python benchmarks/pretrain_quality.py --minutes 5 15 -- model.layerscale_init=0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from dinoflow.config import PretrainConfig, load_config
+from dinoflow.storage import Storage, join_uri
+from evaluators.linear import LinearProbeConfig
+from evaluators.report import benchmark_report, report_metrics
+from trainer.data.datasets import collate_samples
+from trainer.data.fashion_mnist import load_split
+from trainer.engine import build_networks, pretrain
+from trainer.run import build_dataset, labelled_features
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="tiny", help="pretraining preset")
+    parser.add_argument("--minutes", type=float, nargs="+", default=[5, 15, 60])
+    parser.add_argument("--out", default="runs/bench-pretrain-quality", help="run root (emptied first)")
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    storage = Storage()
+    storage.delete(args.out, recursive=True)
+    cfg = load_config(PretrainConfig, args.config, [
+        f"out={args.out}", f"max_minutes={max(args.minutes)}", f"eval.at_minutes={sorted(args.minutes)}",
+        "eval.every_steps=0", "eval.train_limit=0", "eval.test_limit=0", *args.overrides,
+    ])
+    train, test = load_split(storage, cfg.data.uri, "train"), load_split(storage, cfg.data.uri, "test")
+    train_labels, test_labels = torch.from_numpy(train.labels), torch.from_numpy(test.labels)
+
+    def score(train_x: torch.Tensor, test_x: torch.Tensor) -> dict[str, float]:
+        report = benchmark_report(train_x, train_labels, test_x, test_labels, ks=(20,), temperature=0.07,
+                                  linear=LinearProbeConfig(), num_classes=10)
+        metrics = report_metrics(report)
+        return {"knn": metrics["knn_top1_k20"], "linear": metrics["linear_top1"]}
+
+    def evaluate(backbone: torch.nn.Module, step: int) -> dict[str, float]:
+        features = [labelled_features(backbone, torch.from_numpy(split.images), cfg.model.patch_size)
+                    for split in (train, test)]
+        return score(*features)
+
+    rows = [{"what": "raw pixels", **score(torch.from_numpy(train.images).flatten(1).float(),
+                                            torch.from_numpy(test.images).flatten(1).float())}]
+    torch.manual_seed(cfg.seed)
+    untrained = build_networks(cfg)[1].backbone
+    rows.append({"what": "untrained network", **evaluate(untrained, 0)})
+    started = time.monotonic()
+    summary = pretrain(cfg, build_dataset(cfg.data, cfg.crops.load_size, storage), collate_samples, storage,
+                       evaluate=evaluate)
+    for mark in summary["history"]:
+        rows.append({"what": f"{args.config} after {mark['train_minutes']:.1f} min", "step": mark["step"],
+                     "img_per_s": round(mark["images_seen"] / (60 * mark["train_minutes"]), 1),
+                     "knn": mark["knn"], "linear": mark["linear"]})
+    print(f"\n{args.config} on Fashion-MNIST, {torch.get_num_threads()} threads, "
+          f"wall {(time.monotonic() - started) / 60:.1f} min incl. evaluations")
+    print(f"{'features':<32} {'step':>6} {'img/s':>7} {'k-NN':>7} {'linear':>7}")
+    for row in rows:
+        print(f"{row['what']:<32} {row.get('step', ''):>6} {row.get('img_per_s', ''):>7} "
+              f"{100 * row['knn']:>6.1f}% {100 * row['linear']:>6.1f}%")
+    storage.write_bytes(join_uri(args.out, "quality.json"), json.dumps(rows, indent=2).encode())
+
+
+if __name__ == "__main__":
+    main()
