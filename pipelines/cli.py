@@ -11,7 +11,7 @@ import json
 import os
 import sys
 from importlib import metadata
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from pydantic import BaseModel
@@ -68,15 +68,12 @@ def demo(
     config: Annotated[str, typer.Option(help="preset name or YAML path")] = "demo",
 ) -> None:
     """Run the demo job: Fashion-MNIST into storage, raw-pixel k-NN baseline, MLflow run."""
-    from dinoflow.storage import S3Settings, Storage
-    from dinoflow.tracking import MlflowTracker, default_tracking_uri, standard_tags
+    from dinoflow.tracking import MlflowTracker, standard_tags
     from pipelines.demo import run_demo
 
     cfg = _load(DemoConfig, config, overrides)
     assert isinstance(cfg, DemoConfig)
-    storage = Storage(S3Settings.from_env(os.environ))
-    storage.make_bucket(cfg.out)
-    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(cfg.out)
+    storage, tracking_uri = _run_root(cfg.out)
     typer.echo(
         "dinoflow demo: the KFP pipeline is not built yet; this runs what exists end to end: "
         "config -> storage -> Fashion-MNIST -> raw-pixel k-NN -> pretrain the "
@@ -120,15 +117,12 @@ def pretrain(
     config: Annotated[str, typer.Option(help="preset name (e.g. tiny, vits14) or YAML path")] = "tiny",
 ) -> None:
     """Pretrain a backbone with DINO + iBOT + KoLeo; resumes when OUT holds a checkpoint."""
-    from dinoflow.storage import S3Settings, Storage
-    from dinoflow.tracking import MlflowTracker, default_tracking_uri, standard_tags
+    from dinoflow.tracking import MlflowTracker, standard_tags
     from trainer.run import run_pretrain
 
     cfg = _load(PretrainConfig, config, overrides)
     assert isinstance(cfg, PretrainConfig)
-    storage = Storage(S3Settings.from_env(os.environ))
-    storage.make_bucket(cfg.out)
-    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(cfg.out)
+    storage, tracking_uri = _run_root(cfg.out)
     with MlflowTracker.start(
         tracking_uri, cfg.tracking.experiment, run_name=cfg.name, tags=standard_tags("pretrain"),
         artifact_location=_artifact_location(tracking_uri, cfg.out), metric_every=cfg.tracking.metric_every,
@@ -244,6 +238,17 @@ def export(
             save_backbone(backbone, str(staged / "backbone.safetensors"))
         written = storage.upload_dir(staged, out)
     typer.echo("\n".join(written))
+
+
+def _run_root(out: str) -> tuple[Any, str]:
+    """Storage from the environment with the run root's bucket made, and the tracking URI
+    (``MLFLOW_TRACKING_URI``, else sqlite under the run root)."""
+    from dinoflow.storage import S3Settings, Storage
+    from dinoflow.tracking import default_tracking_uri
+
+    storage = Storage(S3Settings.from_env(os.environ))
+    storage.make_bucket(out)
+    return storage, os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(out)
 
 
 def _artifact_location(tracking_uri: str, run_root: str) -> str | None:
