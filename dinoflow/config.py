@@ -179,6 +179,8 @@ class PretrainConfig(Section):
     max_minutes: float = Field(0, ge=0, description="stop after this much training time, evaluations "
                                "excluded, over all resumes (0: no limit)")
     checkpoint_every: int = Field(100, ge=1)
+    init_weights: str = Field("", description="backbone safetensors (path or URI) that student and teacher "
+                              "start from on a fresh run, e.g. the registry's champion; empty: random init")
     model: ModelConfig = ModelConfig()
     heads: HeadsConfig = HeadsConfig()
     loss: LossConfig = LossConfig()

@@ -4,7 +4,9 @@ The original (``dinov2/eval/linear.py``) trains one ``nn.Linear`` per learning r
 the same mini-batches, then keeps the best. Here the backbone has already been run
 (:func:`evaluators.features.extract_features`), so the probe trains on precomputed features:
 
-* **Grid.** 13 base learning rates ``1e-5 ... 0.1``, each multiplied by ``batch_size / 256``. All
+* **Grid.** The original's 13 base learning rates ``1e-5 ... 0.1`` and three more up to ``1.0``
+  (standardised features want larger steps than the original's), each multiplied by
+  ``batch_size / 256``. All
   ``G`` classifiers are one weight tensor ``(G, F, C)`` and bias ``(G, C)``; each step runs one
   einsum over the batch and updates all of them. The loss is the sum over classifiers of the
   batch-mean cross-entropy, so each classifier gets exactly the gradient it would get alone.
@@ -17,8 +19,13 @@ the same mini-batches, then keeps the best. Here the backbone has already been r
   ``torch.randperm(N, generator=...)`` of a seeded CPU generator, in batches of ``batch_size``
   (the last one may be smaller). The original samples a fixed number of iterations with random
   crops and flips; on fixed features there is no augmentation, so epochs are plain passes.
-* **Raw features.** As in the original, features go into the linear layer as they are: no
-  standardisation, no BatchNorm, no L2 normalisation.
+* **Standardised features** (``standardize=True``, the default): each feature dimension is shifted
+  and scaled by the train set's mean and standard deviation, i.e. MAE's linear probe (a BatchNorm
+  without affine before the classifier, frozen at eval). The original feeds raw features; on small
+  SSL features the raw scale is badly conditioned for SGD, and 10 epochs of it stayed 6-7 points
+  below a converged logistic regression on the same features (71.2 % vs 78.0 % on a tiny
+  Fashion-MNIST backbone), while standardised features came within one point. ``False`` restores
+  the original's raw input.
 
 **Selection.** The original picks the best classifier on ImageNet-val, the set it also reports.
 Here a seeded random ``val_fraction`` (10 %) of the train set is held out, the grid is trained on
@@ -40,7 +47,7 @@ from torch import Tensor
 from dinoflow.progress import progress
 
 DEFAULT_BASE_LEARNING_RATES: tuple[float, ...] = (
-    1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1,
+    1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1, 2e-1, 5e-1, 1.0,
 )
 REFERENCE_BATCH_SIZE = 256  # learning rates are given for this batch size and scaled linearly
 INIT_STD = 0.01
@@ -174,6 +181,7 @@ class LinearProbeConfig:
         momentum, weight_decay: SGD's.
         val_fraction: share of the train set held out to pick the learning rate.
         refit: retrain at the best learning rate on the whole train set before testing.
+        standardize: scale each feature by the train set's mean and standard deviation first.
         seed: seeds the split, the initial weights and the data order.
     """
 
@@ -184,6 +192,7 @@ class LinearProbeConfig:
     weight_decay: float = 0.0
     val_fraction: float = 0.1
     refit: bool = True
+    standardize: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -232,6 +241,12 @@ def split_train_val(num_samples: int, val_fraction: float, generator: torch.Gene
     return order[num_val:], order[:num_val]
 
 
+def standardize(train: Tensor, *others: Tensor, eps: float = 1e-6) -> tuple[Tensor, ...]:
+    """``(x - mean) / (std + eps)`` per feature, with the mean and (biased) std of ``train`` only."""
+    mean, std = train.mean(dim=0), train.std(dim=0, unbiased=False) + eps
+    return tuple((x - mean) / std for x in (train, *others))
+
+
 def linear_probe(
     train_features: Tensor,
     train_labels: Tensor,
@@ -264,6 +279,9 @@ def linear_probe(
     learning_rates = scale_learning_rates(config.base_learning_rates, config.batch_size)
     features = train_features.to(device=device, dtype=torch.float32)
     labels = train_labels.to(device=device, dtype=torch.long)
+    test_features = test_features.to(device=device, dtype=torch.float32)
+    if config.standardize:
+        features, test_features = standardize(features, test_features)
 
     fit_index, val_index = split_train_val(len(features), config.val_fraction, generator)
     fit_index, val_index = fit_index.to(device), val_index.to(device)

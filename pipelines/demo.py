@@ -24,26 +24,8 @@ from dinoflow.storage import Storage, join_uri
 from dinoflow.tracking import Tracker
 from evaluators.knn import knn_predict
 from evaluators.visualize import confusion_matrix, save_confusion_matrix, save_image_grid
-from trainer.data.fashion_mnist import CLASSES, FILES, load_split
+from trainer.data.fashion_mnist import CLASSES, copy_fashion_mnist, load_split
 from trainer.run import run_pretrain
-
-
-def ingest_fashion_mnist(storage: Storage, source: str, destination: str) -> list[str]:
-    """Copy the four IDX files into the run's storage; files already there are kept."""
-    written = []
-    for name in (name for pair in FILES.values() for name in pair):
-        target = join_uri(destination, name)
-        source_uri = join_uri(source, name)
-        if not storage.exists(source_uri):
-            raise FileNotFoundError(
-                f"Fashion-MNIST file {source_uri} is missing: install Debian's "
-                "dataset-fashion-mnist (make demo does) or set data.source to a folder holding "
-                f"{', '.join(n for pair in FILES.values() for n in pair)}"
-            )
-        if not (storage.exists(target) and storage.size(target) == storage.size(source_uri)):
-            storage.write_bytes(target, storage.read_bytes(source_uri))
-        written.append(target)
-    return written
 
 
 def demo_pretrain_config(config: DemoConfig) -> PretrainConfig:
@@ -65,7 +47,7 @@ def run_demo(config: DemoConfig, storage: Storage, tracker: Tracker,
     tracker.log_config(config)
     pretrain_config = demo_pretrain_config(config)  # a bad recipe or override fails before any work
     data_uri = join_uri(config.out, "data", "fashion-mnist")
-    ingest_fashion_mnist(storage, config.data.source, data_uri)
+    copy_fashion_mnist(storage, config.data.source, data_uri)
     train = load_split(storage, data_uri, "train")
     test = load_split(storage, data_uri, "test")
 

@@ -30,7 +30,7 @@ from trainer.data.datasets import BadImageTracker
 from trainer.data.masking import sample_crop_masks
 from trainer.losses import DINOLoss, IBOTPatchLoss, KoLeoLoss, SoftmaxCentering, sinkhorn_knopp
 from trainer.models.heads import DINOHead
-from trainer.models.hub import save_backbone
+from trainer.models.hub import load_strict, read_weights, save_backbone
 from trainer.models.vit import DinoVisionTransformer, build_vit
 from trainer.schedules import ScheduleValues, schedule_values, total_steps
 
@@ -319,6 +319,10 @@ def pretrain(
     optimizer = torch.optim.AdamW(param_groups(student, cfg), betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
     state = TrainState()
     checkpoint = load_latest_checkpoint(storage, cfg.out)
+    if checkpoint is None and cfg.init_weights:
+        weights, _ = read_weights(cfg.init_weights, "safetensors", storage)
+        for network in (student, teacher):
+            load_strict(network.backbone, weights)
     if checkpoint is not None:
         student.load_state_dict(checkpoint["student"])
         teacher.load_state_dict(checkpoint["teacher"])

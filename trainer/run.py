@@ -67,9 +67,15 @@ def fashion_mnist_evaluator(cfg: PretrainConfig, storage: Storage, linear: bool 
     return evaluate
 
 
-def run_pretrain(cfg: PretrainConfig, storage: Storage, tracker: Tracker) -> dict[str, Any]:
-    """Train per ``cfg`` (resuming from ``cfg.out`` when a checkpoint is there)."""
+def run_pretrain(cfg: PretrainConfig, storage: Storage, tracker: Tracker, evaluate: bool = True) -> dict[str, Any]:
+    """Train per ``cfg`` (resuming from ``cfg.out`` when a checkpoint is there).
+
+    With ``evaluate`` (and Fashion-MNIST data) the teacher is scored by k-NN every
+    ``cfg.eval.every_steps`` and by k-NN + linear probe at the end; a pipeline leaves that to its
+    evaluate stage.
+    """
     dataset = build_dataset(cfg.data, cfg.crops.load_size, storage)
-    periodic = fashion_mnist_evaluator(cfg, storage) if cfg.data.kind == "fashion_mnist" else None
-    final = fashion_mnist_evaluator(cfg, storage, linear=True) if cfg.data.kind == "fashion_mnist" else None
+    scored = evaluate and cfg.data.kind == "fashion_mnist"
+    periodic = fashion_mnist_evaluator(cfg, storage) if scored else None
+    final = fashion_mnist_evaluator(cfg, storage, linear=True) if scored else None
     return pretrain(cfg, dataset, collate_samples, storage, tracker, evaluate=periodic, final_evaluate=final)

@@ -10,12 +10,15 @@ import torch
 import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 
+from sklearn.preprocessing import StandardScaler
+
 from evaluators.linear import (
     DEFAULT_BASE_LEARNING_RATES,
     LinearProbeConfig,
     init_classifier_grid,
     linear_probe,
     scale_learning_rates,
+    standardize,
     train_classifier_grid,
 )
 
@@ -80,9 +83,10 @@ def test_grid_leaves_its_input_alone() -> None:
     torch.testing.assert_close(start.weight, before.weight, rtol=0, atol=0)
 
 
-def test_default_grid_is_the_originals_scaled_by_batch_size() -> None:
-    assert len(DEFAULT_BASE_LEARNING_RATES) == 13
-    assert DEFAULT_BASE_LEARNING_RATES[0] == 1e-5 and DEFAULT_BASE_LEARNING_RATES[-1] == 0.1
+def test_default_grid_is_the_originals_extended_and_scaled_by_batch_size() -> None:
+    assert len(DEFAULT_BASE_LEARNING_RATES) == 16
+    assert DEFAULT_BASE_LEARNING_RATES[0] == 1e-5 and DEFAULT_BASE_LEARNING_RATES[12] == 0.1
+    assert DEFAULT_BASE_LEARNING_RATES[-1] == 1.0
     assert LinearProbeConfig().base_learning_rates == DEFAULT_BASE_LEARNING_RATES
     assert scale_learning_rates([1e-3, 0.1], 128) == pytest.approx((5e-4, 0.05))
 
@@ -108,6 +112,28 @@ def test_probe_agrees_with_logistic_regression_on_blobs() -> None:
     assert (result.num_train, result.num_val, result.num_test) == (720, 80, 400)
 
 
+def test_standardize_matches_scikit_learn_and_uses_train_statistics_only() -> None:
+    train = torch.randn(300, 5, dtype=torch.float64) * torch.tensor([1e-3, 1.0, 5.0, 30.0, 1e4]) + 7.0
+    test = torch.randn(50, 5, dtype=torch.float64) * 3.0
+    scaler = StandardScaler().fit(train.numpy())
+    ours_train, ours_test = standardize(train, test, eps=0.0)
+    np.testing.assert_allclose(ours_train.numpy(), scaler.transform(train.numpy()), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(ours_test.numpy(), scaler.transform(test.numpy()), rtol=1e-9, atol=1e-9)
+
+
+def test_standardised_probe_ignores_the_feature_scale_and_raw_probe_does_not() -> None:
+    train_features, train_labels = blobs(600, 16, 5, spread=1.6, seed=4)
+    test_features, test_labels = blobs(300, 16, 5, spread=1.6, seed=5)
+    scale = torch.logspace(-4, 1, 16)  # badly conditioned, like small SSL features
+    config = LinearProbeConfig(batch_size=64, epochs=5)
+    unit = linear_probe(train_features, train_labels, test_features, test_labels, config)
+    scaled = linear_probe(train_features * scale, train_labels, test_features * scale, test_labels, config)
+    assert scaled.test_accuracy == pytest.approx(unit.test_accuracy, abs=0.01)
+    raw = linear_probe(train_features * scale, train_labels, test_features * scale, test_labels,
+                       LinearProbeConfig(batch_size=64, epochs=5, standardize=False))
+    assert raw.test_accuracy < unit.test_accuracy - 0.05
+
+
 def test_result_is_seeded_and_json_able() -> None:
     train_features, train_labels = blobs(200, 8, 3, spread=1.5, seed=2)
     test_features, test_labels = blobs(100, 8, 3, spread=1.5, seed=3)
@@ -117,7 +143,7 @@ def test_result_is_seeded_and_json_able() -> None:
     assert first == second
     as_dict = json.loads(json.dumps(first.to_dict()))
     assert set(as_dict) >= {"best_lr", "val_accuracy", "test_accuracy", "learning_rates", "val_accuracies"}
-    assert len(as_dict["val_accuracies"]) == 13 and as_dict["refit"] is False
+    assert len(as_dict["val_accuracies"]) == 16 and as_dict["refit"] is False
     assert np.isclose(as_dict["best_lr"], as_dict["best_base_lr"] * 32 / 256)
     refit = linear_probe(train_features, train_labels, test_features, test_labels,
                          LinearProbeConfig(batch_size=32, epochs=2, refit=True, seed=5))

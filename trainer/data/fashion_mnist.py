@@ -88,3 +88,21 @@ def load_split(storage: Storage, root: str, split: Literal["train", "test"]) -> 
     if images.ndim != 3 or labels.ndim != 1:
         raise ValueError(f"{root}: expected images (N,H,W) and labels (N,), got {images.shape} and {labels.shape}")
     return LabelledImages(images=images, labels=labels.astype(np.int64))
+
+
+def copy_fashion_mnist(storage: Storage, source: str, destination: str) -> list[str]:
+    """Copy the four IDX files into the run's storage; files already there are kept."""
+    written = []
+    for name in (name for pair in FILES.values() for name in pair):
+        target = join_uri(destination, name)
+        source_uri = join_uri(source, name)
+        if not storage.exists(source_uri):
+            raise FileNotFoundError(
+                f"Fashion-MNIST file {source_uri} is missing: install Debian's "
+                "dataset-fashion-mnist (make demo does) or point the source to a folder holding "
+                f"{', '.join(n for pair in FILES.values() for n in pair)}"
+            )
+        if not (storage.exists(target) and storage.size(target) == storage.size(source_uri)):
+            storage.write_bytes(target, storage.read_bytes(source_uri))
+        written.append(target)
+    return written

@@ -1,0 +1,1 @@
+"""Kubeflow Pipelines components: one per stage, thin wrappers over the libraries."""

@@ -1,0 +1,118 @@
+"""The KFP component of each stage: a typed signature and three lines that call the stage.
+
+Why this shape: KFP ships a lightweight component as its function's source, so each body only
+imports its stage from the embedded code bundle (:mod:`components.bundle`) and calls it; the
+logic lives in the stage modules, where tests call it directly. Every component takes the same
+context parameters (run root, MLflow store, parent run, pipeline run id, cache switch).
+``build_components(image)`` makes them for a base image: the CPU image by default, or any image
+that has dinoflow's dependencies (the code itself always comes from the bundle).
+
+No ``from __future__ import annotations`` here: KFP reads the annotations as types.
+"""
+
+import os
+from types import SimpleNamespace
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import Artifact, Input, Metrics, Model, Output
+
+from components.bundle import build_bundle
+
+DEFAULT_IMAGE = os.environ.get("DINOFLOW_IMAGE", "ghcr.io/dinoflow/dinoflow-cpu:0.1.0")
+
+
+def open_run(run_root: str, tracking_uri: str, experiment: str, pipeline_run_id: str, pipeline: str) -> str:
+    """Open the pipeline's parent MLflow run; returns its id."""
+    from components.pipeline_run import open_pipeline_run
+    from components.stage import StageContext
+
+    ctx = StageContext(run_root, tracking_uri, experiment, "", pipeline_run_id)
+    return open_pipeline_run(ctx, pipeline)
+
+
+def close_run(run_root: str, tracking_uri: str, experiment: str, pipeline_run_id: str,
+              status: dsl.PipelineTaskFinalStatus):
+    """Exit handler: end the parent run FINISHED or FAILED, with the failed stages' errors."""
+    from components.pipeline_run import close_pipeline_run
+    from components.stage import StageContext
+
+    print(close_pipeline_run(StageContext(run_root, tracking_uri, experiment, "", pipeline_run_id), status.state))
+
+
+def ingest(run_root: str, tracking_uri: str, experiment: str, parent_run_id: str, pipeline_run_id: str,
+           use_cache: bool, source: str) -> str:
+    """Copy Fashion-MNIST into the pipeline's storage; returns the stored copy's URI."""
+    from components.ingest import run_ingest
+    from components.stage import StageContext
+
+    return run_ingest(StageContext(run_root, tracking_uri, experiment, parent_run_id, pipeline_run_id, use_cache),
+                      source)
+
+
+def pretrain(run_root: str, tracking_uri: str, experiment: str, parent_run_id: str, pipeline_run_id: str,
+             use_cache: bool, preset: str, overrides: list, data_kind: str, data_uri: str, max_minutes: float,
+             seed: int, backbone: Output[Model], init: Input[Model] = None) -> NamedTuple(
+                 "PretrainOutputs", [("steps", int), ("cached", bool)]):
+    """Pretrain a recipe (from ``init``'s weights when given); the teacher backbone is the output."""
+    from collections import namedtuple
+
+    from components.pretrain import run_pretrain_stage
+    from components.stage import StageContext
+
+    ctx = StageContext(run_root, tracking_uri, experiment, parent_run_id, pipeline_run_id, use_cache)
+    result = run_pretrain_stage(ctx, backbone.path, preset, [str(o) for o in overrides], data_kind, data_uri,
+                                max_minutes, seed, init.path if init is not None else None)
+    backbone.metadata.update({"steps": result["steps"], "cached": result["cached"], "format": "safetensors"})
+    return namedtuple("PretrainOutputs", ["steps", "cached"])(int(result["steps"]), bool(result["cached"]))
+
+
+def evaluate(run_root: str, tracking_uri: str, experiment: str, parent_run_id: str, pipeline_run_id: str,
+             use_cache: bool, backbone: Input[Model], data_uri: str, train_limit: int, test_limit: int,
+             report: Output[Artifact], metrics: Output[Metrics]) -> float:
+    """k-NN and linear probe on frozen features; returns k-NN top-1 (k=20)."""
+    from components.evaluate import run_evaluate_stage
+    from components.stage import StageContext
+
+    ctx = StageContext(run_root, tracking_uri, experiment, parent_run_id, pipeline_run_id, use_cache)
+    result = run_evaluate_stage(ctx, backbone.path, report.path, data_uri, train_limit, test_limit)
+    for name, value in result["metrics"].items():
+        metrics.log_metric(name, value)
+    return float(result["metrics"]["knn_top1_k20"])
+
+
+def register(run_root: str, tracking_uri: str, experiment: str, parent_run_id: str, pipeline_run_id: str,
+             backbone: Input[Model], report: Input[Artifact], model_name: str, metric: str, margin: float,
+             decision: Output[Artifact]) -> NamedTuple("RegisterOutputs", [("version", str), ("promoted", bool)]):
+    """Register the backbone and move ``champion`` only if the gate passes."""
+    from collections import namedtuple
+
+    from components.register import run_register_stage
+    from components.stage import StageContext
+
+    ctx = StageContext(run_root, tracking_uri, experiment, parent_run_id, pipeline_run_id)
+    result = run_register_stage(ctx, backbone.path, report.path, decision.path, model_name, metric, margin)
+    return namedtuple("RegisterOutputs", ["version", "promoted"])(result["version"], result["promoted"])
+
+
+def champion(run_root: str, tracking_uri: str, experiment: str, parent_run_id: str, pipeline_run_id: str,
+             model_name: str, backbone: Output[Model]) -> str:
+    """The registry's ``champion`` backbone as an artifact; returns its version."""
+    from components.register import run_champion_stage
+    from components.stage import StageContext
+
+    ctx = StageContext(run_root, tracking_uri, experiment, parent_run_id, pipeline_run_id)
+    return run_champion_stage(ctx, model_name, backbone.path)
+
+
+STAGES = (open_run, close_run, ingest, pretrain, evaluate, register, champion)
+
+
+def build_components(image: str = DEFAULT_IMAGE) -> SimpleNamespace:
+    """KFP components of every stage for ``image``, all shipping the same code bundle."""
+    bundle = str(build_bundle())
+    return SimpleNamespace(**{
+        func.__name__: dsl.component(func, base_image=image, embedded_artifact_path=bundle,
+                                     install_kfp_package=False)
+        for func in STAGES
+    })

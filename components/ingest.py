@@ -1,0 +1,23 @@
+"""Stage ``ingest``: copy the labelled image set into the pipeline's storage (until curation lands).
+
+Fashion-MNIST's four IDX files go from ``source`` to ``<run_root>/data/fashion-mnist`` (atomic
+puts; files already there with the same size are kept), so every later stage reads the
+pipeline's own copy, on a laptop or in a bucket.
+"""
+
+from __future__ import annotations
+
+from components.stage import StageContext, recording_errors, stage_run, storage_from_env
+from dinoflow.storage import join_uri
+from trainer.data.fashion_mnist import copy_fashion_mnist
+
+
+def run_ingest(ctx: StageContext, source: str) -> str:
+    """Returns the URI of the stored copy."""
+    storage = storage_from_env()
+    with recording_errors(ctx, storage, "ingest"), stage_run(ctx, "ingest") as tracker:
+        destination = join_uri(ctx.run_root, "data", "fashion-mnist")
+        storage.make_bucket(destination)
+        written = copy_fashion_mnist(storage, source, destination)
+        tracker.log_params({"source": source, "destination": destination, "files": len(written)})
+    return destination

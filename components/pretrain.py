@@ -1,0 +1,66 @@
+"""Stage ``pretrain``: a recipe trained on the pipeline's data, its teacher backbone as output.
+
+The config is the preset plus overrides, validated before any work. Checkpoints go to
+``<run_root>/work/pretrain/<key>`` (``key``: the stage's content hash), so a killed task rerun
+with the same inputs resumes where it stopped, and a finished one is reused from the cache.
+Output folder: ``backbone.safetensors``, ``config.yaml`` (the resolved recipe), ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from components.stage import (
+    StageContext,
+    cache_key,
+    mark_cached,
+    recording_errors,
+    run_cached,
+    stage_run,
+    storage_from_env,
+)
+from dinoflow.config import PretrainConfig, load_config, to_yaml
+from dinoflow.storage import join_uri
+from trainer.run import run_pretrain
+
+BACKBONE_FILE = "backbone.safetensors"
+
+
+def pretrain_config(preset: str, overrides: list[str], data_kind: str, data_uri: str, max_minutes: float,
+                    seed: int) -> PretrainConfig:
+    """The stage's recipe: ``preset`` + the pipeline's data and budget + user ``overrides`` (last wins)."""
+    return load_config(PretrainConfig, preset, [
+        f"data.kind={data_kind}", f"data.uri={data_uri}", f"max_minutes={max_minutes}", f"seed={seed}",
+        *overrides,
+    ])
+
+
+def run_pretrain_stage(ctx: StageContext, out_dir: str | Path, preset: str, overrides: list[str], data_kind: str,
+                       data_uri: str, max_minutes: float, seed: int, init_dir: str | None = None) -> dict[str, Any]:
+    """Train (or resume, or reuse) and fill ``out_dir``; returns steps, minutes, images seen, cached."""
+    storage = storage_from_env()
+    out = Path(out_dir)
+    with recording_errors(ctx, storage, "pretrain"), stage_run(ctx, "pretrain") as tracker:
+        cfg = pretrain_config(preset, overrides, data_kind, data_uri, max_minutes, seed)
+        init = {"init": Path(init_dir) / BACKBONE_FILE} if init_dir else {}
+        key = cache_key("pretrain", {"config": to_yaml(cfg)}, init)
+        cfg = cfg.model_copy(update={
+            "out": join_uri(ctx.run_root, "work", "pretrain", key[:20]),
+            "init_weights": str(init["init"]) if init else "",
+        })
+
+        def work() -> dict[str, Any]:
+            summary = run_pretrain(cfg, storage, tracker, evaluate=False)
+            out.mkdir(parents=True, exist_ok=True)
+            storage.get_file(summary["backbone"], out / BACKBONE_FILE)
+            (out / "config.yaml").write_text(to_yaml(cfg))
+            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+            return {key_: summary[key_] for key_ in ("steps", "images_seen", "train_minutes")}
+
+        result = run_cached(ctx, storage, "pretrain", key, out, work)
+        mark_cached(tracker, result)
+        tracker.log_metrics({k: float(result[k]) for k in ("steps", "images_seen", "train_minutes")}, step=0,
+                            force=True)
+    return result

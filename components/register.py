@@ -1,0 +1,95 @@
+"""Stage ``register``: the backbone into the MLflow registry, the ``champion`` alias through the gate.
+
+The stage logs the backbone as an MLflow model (:mod:`trainer.models.packaging`) in its run,
+creates a new version of ``model_name`` tagged with the evaluate stage's metrics, and lets
+:func:`dinoflow.registry.gate` decide whether ``champion`` moves. The decision is written to the
+run (tags ``gate.*``, ``gate.json``) and to the output folder as ``decision.json``. Never cached:
+each run registers a version.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from components.evaluate import REPORT_FILE
+from components.pretrain import BACKBONE_FILE
+from components.stage import StageContext, recording_errors, stage_run, storage_from_env
+from dinoflow.registry import gate, register_version
+from trainer.models.packaging import save_mlflow_model
+
+MODEL_ARTIFACT = "backbone"
+
+
+def run_register_stage(ctx: StageContext, backbone_dir: str | Path, report_dir: str | Path, out_dir: str | Path,
+                       model_name: str, metric: str = "knn_top1_k20", margin: float = 0.0) -> dict[str, Any]:
+    """Register and gate; returns the decision as a dict (``promoted``, ``version``, the numbers)."""
+    if not ctx.tracking_uri:
+        raise ValueError("register needs an MLflow tracking URI (the registry lives there)")
+    storage = storage_from_env()
+    backbone = Path(backbone_dir)
+    metrics = json.loads((Path(report_dir) / REPORT_FILE).read_text())["metrics"]
+    if metric not in metrics:
+        raise ValueError(f"gate metric {metric!r} is not in the evaluate report; it has: {', '.join(sorted(metrics))}")
+    with recording_errors(ctx, storage, "register"), stage_run(ctx, "register") as tracker:
+        with tempfile.TemporaryDirectory() as scratch:
+            model_dir = save_mlflow_model(backbone / BACKBONE_FILE, _arch(backbone), Path(scratch) / MODEL_ARTIFACT,
+                                          example=np.zeros((2, 28, 28), dtype=np.uint8))
+            tracker.log_artifact(model_dir, MODEL_ARTIFACT)
+        client = tracker.client  # type: ignore[attr-defined]
+        version = register_version(client, model_name, str(tracker.run_id), MODEL_ARTIFACT, metrics,
+                                   description=f"pipeline run {ctx.pipeline_run_id}")
+        decision = gate(client, model_name, version, metric, margin)
+        tracker.set_tags({"gate.verdict": "promoted" if decision.promoted else "kept",
+                          "gate.reason": decision.reason, "gate.model_version": version})
+        tracker.log_metrics({"gate_value": decision.value, "gate_promoted": float(decision.promoted)}, step=0,
+                            force=True)
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "decision.json").write_text(json.dumps(decision.to_dict(), indent=2))
+        tracker.log_artifact(out / "decision.json")
+    return decision.to_dict()
+
+
+def _arch(backbone_dir: Path) -> dict[str, Any]:
+    """Architecture facts for the model's config: from the pretrain stage's recipe when present."""
+    config_file = backbone_dir / "config.yaml"
+    if config_file.is_file():
+        model = yaml.safe_load(config_file.read_text())["model"]
+        return {"patch_size": model["patch_size"], "embed_dim": model["embed_dim"], "depth": model["depth"]}
+    from trainer.models.hub import load_backbone
+
+    loaded = load_backbone(str(backbone_dir / BACKBONE_FILE), "safetensors")
+    return {"patch_size": loaded.patch_size, "embed_dim": loaded.embed_dim, "depth": len(loaded.blocks)}
+
+
+def run_champion_stage(ctx: StageContext, model_name: str, out_dir: str | Path) -> str:
+    """Copy the ``champion`` version's weights into ``out_dir`` as ``backbone.safetensors``;
+    returns the version. Fails clearly when the model has no champion yet."""
+    import shutil
+
+    from mlflow.artifacts import download_artifacts
+    from mlflow.tracking import MlflowClient
+
+    from dinoflow.registry import champion_version
+
+    if not ctx.tracking_uri:
+        raise ValueError("champion needs an MLflow tracking URI (the registry lives there)")
+    storage = storage_from_env()
+    with recording_errors(ctx, storage, "champion"), stage_run(ctx, "champion") as tracker:
+        version = champion_version(MlflowClient(tracking_uri=ctx.tracking_uri), model_name)
+        if version is None:
+            raise ValueError(f"registered model {model_name!r} has no champion: run the full pipeline first")
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as scratch:
+            folder = Path(download_artifacts(artifact_uri=f"models:/{model_name}/{version}", dst_path=scratch,
+                                             tracking_uri=ctx.tracking_uri))
+            shutil.copyfile(folder / "artifacts" / BACKBONE_FILE, out / BACKBONE_FILE)
+        tracker.set_tags({"champion.model": model_name, "champion.version": version})
+    return version

@@ -1,0 +1,93 @@
+"""A backbone as an MLflow model: safetensors weights + architecture config, loadable anywhere.
+
+Why: the registry holds models a user can load with ``mlflow.pyfunc.load_model`` and call on
+images without dinoflow's training code paths in mind. The package is an MLflow ``pyfunc``
+folder: the weights (``backbone.safetensors``, tensors only: loading never runs pickled code),
+``config.json`` (architecture), this module and the model code (``code_paths``), explicit pip
+requirements and an input example. ``predict`` takes uint8 images ``(N, H, W)`` or
+``(N, 3, H, W)`` and returns the final normalised CLS features ``(N, D)`` float32, exactly as
+:func:`evaluators.features.extract_features` computes them.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+REQUIREMENTS = ("torch", "numpy", "safetensors", "pydantic", "pyyaml", "fsspec", "s3fs", "tqdm")
+
+
+class BackbonePyfunc(mlflow.pyfunc.PythonModel):
+    """The package's model (MLflow calls ``load_context`` once, then ``predict``)."""
+
+    def load_context(self, context: Any) -> None:
+        from trainer.models.hub import load_backbone
+
+        self.patch_size = json.loads(Path(context.artifacts["config"]).read_text())["patch_size"]
+        self.backbone = load_backbone(context.artifacts["weights"], "safetensors").eval()
+
+    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> np.ndarray:
+        return cls_features(self.backbone, self.patch_size, model_input)
+
+
+def cls_features(backbone: Any, patch_size: int, images: Any) -> np.ndarray:
+    """Final normalised CLS features ``(N, D)`` of uint8 images ``(N, H, W)`` or ``(N, 3, H, W)``."""
+    import torch
+
+    from evaluators.features import extract_features, to_model_input
+
+    array = np.asarray(images)
+    if array.dtype != np.uint8 or array.ndim not in (3, 4):
+        raise ValueError(f"images must be uint8 (N, H, W) or (N, 3, H, W), got {array.dtype} {array.shape}")
+    inputs = to_model_input(torch.from_numpy(array), patch_size=patch_size)
+    features, _ = extract_features(backbone, inputs)
+    return features.numpy()
+
+
+def pinned_requirements() -> list[str]:
+    """``name==version`` of what the model needs at load time, as installed here."""
+    return [f"{name}=={metadata.version(name).split('+')[0]}" for name in REQUIREMENTS]  # no +cpu tags
+
+
+def save_mlflow_model(weights: str | Path, config: dict[str, Any], path: str | Path,
+                      example: np.ndarray) -> Path:
+    """Write the pyfunc folder at ``path`` (must not exist) and return it.
+
+    The model is "from code" (MLflow 3): the package stores this module's entry file, not a
+    pickle, so loading it runs only dinoflow's own source.
+
+    Args:
+        weights: a backbone ``.safetensors`` written by :func:`trainer.models.hub.save_backbone`.
+        config: JSON-able architecture facts; must hold ``patch_size``.
+        path: where the folder goes.
+        example: a small uint8 image batch stored as the input example.
+    """
+    from mlflow.models import infer_signature
+
+    from trainer.models.hub import load_backbone
+
+    if "patch_size" not in config:
+        raise ValueError(f"config must hold patch_size, got keys {sorted(config)}")
+    path = Path(path)
+    inputs = path.parent / f".{path.name}.inputs"
+    inputs.mkdir(parents=True, exist_ok=True)
+    config_file = inputs / "config.json"
+    config_file.write_text(json.dumps(config, indent=2))
+    backbone = load_backbone(str(weights), "safetensors").eval()
+    signature = infer_signature(example, cls_features(backbone, config["patch_size"], example))
+    mlflow.pyfunc.save_model(
+        path=str(path),
+        python_model=str(Path(__file__).with_name("mlflow_entry.py")),
+        artifacts={"weights": str(weights), "config": str(config_file)},
+        code_paths=[str(PACKAGE_ROOT / name) for name in ("trainer", "evaluators", "dinoflow")],
+        pip_requirements=pinned_requirements(),
+        input_example=example,
+        signature=signature,
+    )
+    return path
