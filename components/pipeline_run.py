@@ -11,7 +11,7 @@ import json
 
 from components.stage import StageContext, storage_from_env
 from dinoflow.storage import join_uri
-from dinoflow.tracking import TAG_PIPELINE_RUN, MlflowTracker, standard_tags
+from dinoflow.tracking import TAG_PIPELINE_RUN, MlflowTracker, default_artifact_location, standard_tags
 
 TAG_PIPELINE = "dinoflow.pipeline"
 TAG_FAILED_STAGES = "dinoflow.failed_stages"
@@ -22,7 +22,8 @@ def open_pipeline_run(ctx: StageContext, pipeline: str) -> str:
     if not ctx.tracking_uri:
         return ""
     tags = {**standard_tags("pipeline", ctx.pipeline_run_id or None), TAG_PIPELINE: pipeline}
-    tracker = MlflowTracker.start(ctx.tracking_uri, ctx.experiment, run_name=pipeline, tags=tags)
+    tracker = MlflowTracker.start(ctx.tracking_uri, ctx.experiment, run_name=pipeline, tags=tags,
+                                  artifact_location=default_artifact_location(ctx.tracking_uri, ctx.run_root))
     tracker.log_params({"run_root": ctx.run_root, "pipeline_run_id": ctx.pipeline_run_id})
     return str(tracker.run_id)
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from components.bundle import REPO_ROOT, code_digest
 from dinoflow.storage import S3Settings, Storage, join_uri
-from dinoflow.tracking import MlflowTracker, NullTracker, Tracker, standard_tags
+from dinoflow.tracking import MlflowTracker, NullTracker, Tracker, default_artifact_location, standard_tags
 
 TAG_CACHED = "dinoflow.cached"
 
@@ -86,7 +86,8 @@ def stage_run(ctx: StageContext, stage: str) -> Iterator[Tracker]:
         return
     tags = standard_tags(stage, ctx.pipeline_run_id or None)
     with MlflowTracker.start(ctx.tracking_uri, ctx.experiment, run_name=stage, tags=tags,
-                             parent_run_id=ctx.parent_run_id or None) as tracker:
+                             parent_run_id=ctx.parent_run_id or None,
+                             artifact_location=default_artifact_location(ctx.tracking_uri, ctx.run_root)) as tracker:
         yield tracker
 
 

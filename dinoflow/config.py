@@ -51,7 +51,7 @@ class FashionMnistConfig(Section):
 
 
 class DemoConfig(Section):
-    """The demo job: what exists of the platform, end to end, on Fashion-MNIST."""
+    """The demo job: the ``full`` pipeline on this machine, on Fashion-MNIST."""
 
     name: str = Field("demo", min_length=1)
     out: str = Field("runs/demo", min_length=1, description="run root: a path or URI")
@@ -60,8 +60,12 @@ class DemoConfig(Section):
     tracking: TrackingConfig = TrackingConfig()
     device: Literal["cpu", "cuda"] = "cpu"
     pretrain_preset: str = Field("tiny", min_length=1, description="pretraining recipe of the demo")
-    pretrain_minutes: float = Field(3.0, ge=0, description="0 skips pretraining")
+    pretrain_minutes: float = Field(3.0, gt=0, description="training time of the pretrain stage")
     pretrain_overrides: list[str] = Field(default_factory=list, description="dotted overrides of the recipe")
+    eval_train_limit: int = Field(0, ge=0, description="labelled train images the benchmarks use (0: all)")
+    eval_test_limit: int = Field(0, ge=0, description="test images the benchmarks use (0: all)")
+    model_name: str = Field("dinoflow-tiny", min_length=1, description="registered model in MLflow")
+    gate_margin: float = Field(0.0, description="a new version becomes champion if it beats it by more")
 
 
 class ModelConfig(Section):

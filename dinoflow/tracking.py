@@ -9,6 +9,7 @@ the component, never here) points it at a server.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from collections.abc import Mapping
@@ -78,6 +79,15 @@ def default_tracking_uri(run_root: str | Path) -> str:
     folder = Path(root.removeprefix("file://")).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+def default_artifact_location(tracking_uri: str, run_root: str) -> str | None:
+    """Artifacts of the embedded sqlite store live beside it (``<run root>/mlartifacts``); a server
+    decides its own (None)."""
+    if not tracking_uri.startswith("sqlite:"):
+        return None
+    root = run_root.removeprefix("file://")
+    return f"file://{os.path.abspath(os.path.join(root, 'mlartifacts'))}"
 
 
 def git_commit(start: Path | None = None) -> str | None:

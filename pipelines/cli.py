@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from importlib import metadata
 from typing import Annotated, Any
 
@@ -27,6 +28,9 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect configs.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+pipeline_app = typer.Typer(help="Kubeflow pipelines: compile, run locally, submit to a cluster.",
+                           no_args_is_help=True)
+app.add_typer(pipeline_app, name="pipeline")
 
 SCHEMAS: dict[str, type[BaseModel]] = {"demo": DemoConfig, "pretrain": PretrainConfig}
 
@@ -67,48 +71,45 @@ def demo(
     overrides: Overrides = None,
     config: Annotated[str, typer.Option(help="preset name or YAML path")] = "demo",
 ) -> None:
-    """Run the demo job: Fashion-MNIST into storage, raw-pixel k-NN baseline, MLflow run."""
-    from dinoflow.tracking import MlflowTracker, standard_tags
-    from pipelines.demo import run_demo
+    """Run the main job: the full pipeline (ingest, pretrain, evaluate, register) on this machine."""
+    from pipelines.demo import check_recipe, demo_params
+    from pipelines.local import PipelineFailed, local_root, run_locally
 
     cfg = _load(DemoConfig, config, overrides)
     assert isinstance(cfg, DemoConfig)
+    try:
+        check_recipe(cfg)
+    except ConfigError as err:
+        typer.echo(f"error: pretrain_overrides: {err}", err=True)
+        raise typer.Exit(2) from None
     storage, tracking_uri = _run_root(cfg.out)
+    root = local_root(cfg.out)
+    kfp_root = os.path.join(root if "://" not in root else "runs", "kfp")
     typer.echo(
-        "dinoflow demo: the KFP pipeline is not built yet; this runs what exists end to end: "
-        "config -> storage -> Fashion-MNIST -> raw-pixel k-NN -> pretrain the "
-        f"{cfg.pretrain_preset!r} recipe for {cfg.pretrain_minutes:g} min -> k-NN + linear probe -> MLflow.",
-        err=True,
+        f"dinoflow demo: the 'full' pipeline on kfp.local: Fashion-MNIST into {cfg.out} -> pretrain "
+        f"{cfg.pretrain_preset!r} for {cfg.pretrain_minutes:g} min -> k-NN + linear probe -> MLflow registry "
+        f"{cfg.model_name!r} with the champion gate.", err=True,
     )
-    with MlflowTracker.start(
-        tracking_uri,
-        cfg.tracking.experiment,
-        run_name=cfg.name,
-        tags=standard_tags("demo"),
-        artifact_location=_artifact_location(tracking_uri, cfg.out),
-        metric_every=cfg.tracking.metric_every,
-    ) as tracker:
-        with tracker.child("pretrain", tags=standard_tags("pretrain")) as pretrain_tracker:
-            summary = run_demo(cfg, storage, tracker, pretrain_tracker)
-    knn = summary["knn"]
-    typer.echo(json.dumps({k: v for k, v in summary.items() if k != "knn"} | {
-        "knn_top1": round(knn["top1"], 4), "knn_k": knn["k"]}, indent=2))
-    pretrained = summary["pretrained"]
-    if pretrained:
-        typer.echo(
-            f"\npretrained {pretrained['recipe']!r} for {pretrained['minutes']:.1f} min ({pretrained['steps']} steps): "
-            f"k-NN top-1 {100 * pretrained['knn_top1_k20']:.2f}%, linear probe {100 * pretrained['linear_top1']:.2f}% "
-            "(teacher CLS, eval.train_limit/test_limit images)",
-            err=True,
-        )
-    typer.echo(
-        f"raw-pixel k-NN top-1 on Fashion-MNIST test: {100 * knn['top1']:.2f}%  "
-        f"(k={knn['k']}, T={knn['temperature']})\n"
-        f"outputs: {cfg.out}  (data/, demo/)\n"
-        f"MLflow:  {tracking_uri}  experiment {cfg.tracking.experiment!r}, run {summary['mlflow_run_id']}\n"
-        f"         browse with: mlflow ui --backend-store-uri {tracking_uri}",
-        err=True,
-    )
+    started = time.perf_counter()
+    try:
+        stages = run_locally(_pipeline("full", None), "full", cfg.out, kfp_root, tracking_uri, demo_params(cfg), storage)
+    except PipelineFailed as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+    _print_summary("full", stages, time.perf_counter() - started, kfp_root, tracking_uri,
+                   f"models:/{cfg.model_name}@champion")
+
+
+def _print_summary(name: str, stages: list[Any], seconds: float, kfp_root: str, tracking_uri: str,
+                   model: str | None = None) -> None:
+    from pipelines.local import format_summary
+
+    typer.echo(f"\npipeline {name!r} finished in {seconds:.0f} s\n{format_summary(stages)}\n")
+    typer.echo(f"stage outputs: {os.path.abspath(kfp_root)}")
+    typer.echo(f"MLflow store:  {tracking_uri}")
+    if model:
+        typer.echo(f"model:         {model}  (mlflow.pyfunc.load_model with MLFLOW_TRACKING_URI set to the store)")
+    typer.echo(f"browse it:     mlflow ui --backend-store-uri {tracking_uri}")
 
 
 @app.command()
@@ -117,7 +118,7 @@ def pretrain(
     config: Annotated[str, typer.Option(help="preset name (e.g. tiny, vits14) or YAML path")] = "tiny",
 ) -> None:
     """Pretrain a backbone with DINO + iBOT + KoLeo; resumes when OUT holds a checkpoint."""
-    from dinoflow.tracking import MlflowTracker, standard_tags
+    from dinoflow.tracking import MlflowTracker, default_artifact_location, standard_tags
     from trainer.run import run_pretrain
 
     cfg = _load(PretrainConfig, config, overrides)
@@ -125,7 +126,7 @@ def pretrain(
     storage, tracking_uri = _run_root(cfg.out)
     with MlflowTracker.start(
         tracking_uri, cfg.tracking.experiment, run_name=cfg.name, tags=standard_tags("pretrain"),
-        artifact_location=_artifact_location(tracking_uri, cfg.out), metric_every=cfg.tracking.metric_every,
+        artifact_location=default_artifact_location(tracking_uri, cfg.out), metric_every=cfg.tracking.metric_every,
     ) as tracker:
         summary = run_pretrain(cfg, storage, tracker)
     typer.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
@@ -240,6 +241,101 @@ def export(
     typer.echo("\n".join(written))
 
 
+PipelineParams = Annotated[
+    list[str] | None,
+    typer.Argument(help="pipeline parameters as key=value (values parsed as YAML, e.g. max_minutes=2 "
+                        "overrides=[optim.batch_size=64])"),
+]
+ImageOption = Annotated[str | None, typer.Option(help="base image of the components (default: DINOFLOW_IMAGE "
+                                                      "or the published CPU image)")]
+
+
+def _pipeline(name: str, image: str | None) -> Any:
+    from components.definitions import DEFAULT_IMAGE
+    from pipelines.definitions import build_pipelines
+
+    pipelines = build_pipelines(image or DEFAULT_IMAGE)
+    key = name.replace("-", "_")
+    if key not in pipelines:
+        typer.echo(f"error: unknown pipeline {name!r}; allowed: {', '.join(pipelines)}", err=True)
+        raise typer.Exit(2)
+    return pipelines[key]
+
+
+def _pipeline_params(pipeline: Any, items: list[str] | None) -> dict[str, Any]:
+    """``key=value`` pairs checked against the pipeline's parameters (values read as YAML)."""
+    import yaml
+
+    allowed = list(pipeline.component_spec.inputs or {})
+    params: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or key not in allowed:
+            typer.echo(f"error: bad pipeline parameter {item!r}; give key=value with key one of: "
+                       f"{', '.join(allowed)}", err=True)
+            raise typer.Exit(2)
+        params[key] = yaml.safe_load(value) if value else ""
+    return params
+
+
+@pipeline_app.command("compile")
+def pipeline_compile(
+    name: Annotated[str, typer.Argument(help="full, evaluate_only or retrain")],
+    out: Annotated[str, typer.Option(help="YAML file to write")],
+    image: ImageOption = None,
+) -> None:
+    """Compile a pipeline to KFP IR YAML (upload it in the Kubeflow UI, or submit it)."""
+    from kfp import compiler
+
+    compiler.Compiler().compile(_pipeline(name, image), out)
+    typer.echo(out)
+
+
+@pipeline_app.command("run")
+def pipeline_run(
+    name: Annotated[str, typer.Argument(help="full, evaluate_only or retrain")],
+    params: PipelineParams = None,
+    run_root: Annotated[str, typer.Option(help="folder or s3:// URI for stage state (and the sqlite MLflow "
+                                               "store when MLFLOW_TRACKING_URI is unset)")] = "runs/pipeline",
+    kfp_root: Annotated[str, typer.Option(help="local folder for KFP's task outputs")] = "runs/pipeline/kfp",
+) -> None:
+    """Run a pipeline on this machine (kfp.local), then print a summary of its stages."""
+    from pipelines.local import PipelineFailed, run_locally
+
+    pipeline = _pipeline(name, None)
+    values = _pipeline_params(pipeline, params)
+    storage, tracking_uri = _run_root(run_root)
+    started = time.perf_counter()
+    try:
+        stages = run_locally(pipeline, name, run_root, kfp_root, tracking_uri, values, storage)
+    except PipelineFailed as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+    _print_summary(name, stages, time.perf_counter() - started, kfp_root, tracking_uri)
+
+
+@pipeline_app.command("submit")
+def pipeline_submit(
+    name: Annotated[str, typer.Argument(help="full, evaluate_only or retrain")],
+    host: Annotated[str, typer.Option(help="KFP API endpoint, e.g. https://kubeflow.example.com/pipeline")],
+    params: PipelineParams = None,
+    experiment: Annotated[str, typer.Option(help="KFP experiment")] = "dinoflow",
+    image: ImageOption = None,
+    namespace: Annotated[str | None, typer.Option(help="Kubeflow profile namespace")] = None,
+) -> None:
+    """Submit a pipeline run to a Kubeflow cluster (token from KF_PIPELINES_TOKEN if set)."""
+    from pipelines.submit import submit
+
+    pipeline = _pipeline(name, image)
+    try:
+        run_id = submit(pipeline, host, _pipeline_params(pipeline, params), experiment, namespace,
+                        token=os.environ.get("KF_PIPELINES_TOKEN"))
+    except ValueError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"submitted {name!r}: run {run_id} on {host}")
+
+
 def _run_root(out: str) -> tuple[Any, str]:
     """Storage from the environment with the run root's bucket made, and the tracking URI
     (``MLFLOW_TRACKING_URI``, else sqlite under the run root)."""
@@ -249,14 +345,6 @@ def _run_root(out: str) -> tuple[Any, str]:
     storage = Storage(S3Settings.from_env(os.environ))
     storage.make_bucket(out)
     return storage, os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(out)
-
-
-def _artifact_location(tracking_uri: str, run_root: str) -> str | None:
-    """Artifacts of the embedded sqlite store live beside it; a server decides its own."""
-    if not tracking_uri.startswith("sqlite:"):
-        return None
-    root = run_root.removeprefix("file://")
-    return f"file://{os.path.abspath(os.path.join(root, 'mlartifacts'))}"
 
 
 def main() -> None:

@@ -45,10 +45,9 @@ def build_pipelines(image: str = DEFAULT_IMAGE) -> dict[str, Callable[..., Any]]
         return uncached(c.open_run(run_root=run_root, tracking_uri=tracking_uri, experiment=experiment,
                                    pipeline_run_id=RUN_ID, pipeline=name))
 
-    def score_and_register(ctx: dict[str, Any], use_cache: bool, backbone: Any, data_uri: Any, train_limit: int,
-                           test_limit: int, model_name: str, metric: str, margin: float) -> None:
-        scored = c.evaluate(**ctx, use_cache=use_cache, backbone=backbone, data_uri=data_uri,
-                            train_limit=train_limit, test_limit=test_limit)
+    def score_and_register(ctx: dict[str, Any], use_cache: bool, backbone: Any, data_uri: Any, eval_params: dict,
+                           model_name: str, metric: str, margin: float) -> None:
+        scored = c.evaluate(**ctx, use_cache=use_cache, backbone=backbone, data_uri=data_uri, **eval_params)
         uncached(c.register(**ctx, backbone=backbone, report=scored.outputs["report"], model_name=model_name,
                             metric=metric, margin=margin))
 
@@ -56,34 +55,36 @@ def build_pipelines(image: str = DEFAULT_IMAGE) -> dict[str, Callable[..., Any]]
     def full(run_root: str = CLUSTER_RUN_ROOT, tracking_uri: str = CLUSTER_TRACKING_URI,
              experiment: str = EXPERIMENT, use_cache: bool = True, data_source: str = CLUSTER_DATA,
              preset: str = "tiny", overrides: list = [], max_minutes: float = 3.0, seed: int = 0,  # noqa: B006
-             train_limit: int = 0, test_limit: int = 0, model_name: str = "dinoflow-tiny",
-             metric: str = "knn_top1_k20", margin: float = 0.0) -> None:
+             train_limit: int = 0, test_limit: int = 0, knn_k: int = 20, knn_temperature: float = 0.07,
+             model_name: str = "dinoflow-tiny", metric: str = "knn_top1_k20", margin: float = 0.0) -> None:
         with dsl.ExitHandler(closer(run_root, tracking_uri, experiment)):
             parent = open_parent(run_root, tracking_uri, experiment, "full")
             ctx = context(run_root, tracking_uri, experiment, parent)
             data = c.ingest(**ctx, use_cache=use_cache, source=data_source)
             trained = c.pretrain(**ctx, use_cache=use_cache, preset=preset, overrides=overrides,
                                  data_kind="fashion_mnist", data_uri=data.output, max_minutes=max_minutes, seed=seed)
-            score_and_register(ctx, use_cache, trained.outputs["backbone"], data.output, train_limit, test_limit,
-                               model_name, metric, margin)
+            score_and_register(ctx, use_cache, trained.outputs["backbone"], data.output,
+                               {"train_limit": train_limit, "test_limit": test_limit, "knn_k": knn_k,
+                                "knn_temperature": knn_temperature}, model_name, metric, margin)
 
     @dsl.pipeline(name="evaluate-only", description="Benchmark given backbone weights on frozen features.")
     def evaluate_only(weights_uri: str, run_root: str = CLUSTER_RUN_ROOT, tracking_uri: str = CLUSTER_TRACKING_URI,
                       experiment: str = EXPERIMENT, use_cache: bool = True, data_uri: str = CLUSTER_DATA,
-                      train_limit: int = 0, test_limit: int = 0) -> None:
+                      train_limit: int = 0, test_limit: int = 0, knn_k: int = 20,
+                      knn_temperature: float = 0.07) -> None:
         with dsl.ExitHandler(closer(run_root, tracking_uri, experiment)):
             parent = open_parent(run_root, tracking_uri, experiment, "evaluate-only")
             ctx = context(run_root, tracking_uri, experiment, parent)
             weights = dsl.importer(artifact_uri=weights_uri, artifact_class=dsl.Model, reimport=False)
             c.evaluate(**ctx, use_cache=use_cache, backbone=weights.output, data_uri=data_uri,
-                       train_limit=train_limit, test_limit=test_limit)
+                       train_limit=train_limit, test_limit=test_limit, knn_k=knn_k, knn_temperature=knn_temperature)
 
     @dsl.pipeline(name="retrain", description="Continue from the registry's champion; promote only if better.")
     def retrain(run_root: str = CLUSTER_RUN_ROOT, tracking_uri: str = CLUSTER_TRACKING_URI,
                 experiment: str = EXPERIMENT, use_cache: bool = True, data_uri: str = CLUSTER_DATA,
                 preset: str = "tiny", overrides: list = [], max_minutes: float = 3.0, seed: int = 1,  # noqa: B006
-                train_limit: int = 0, test_limit: int = 0, model_name: str = "dinoflow-tiny",
-                metric: str = "knn_top1_k20", margin: float = 0.0) -> None:
+                train_limit: int = 0, test_limit: int = 0, knn_k: int = 20, knn_temperature: float = 0.07,
+                model_name: str = "dinoflow-tiny", metric: str = "knn_top1_k20", margin: float = 0.0) -> None:
         with dsl.ExitHandler(closer(run_root, tracking_uri, experiment)):
             parent = open_parent(run_root, tracking_uri, experiment, "retrain")
             ctx = context(run_root, tracking_uri, experiment, parent)
@@ -91,7 +92,8 @@ def build_pipelines(image: str = DEFAULT_IMAGE) -> dict[str, Callable[..., Any]]
             trained = c.pretrain(**ctx, use_cache=use_cache, preset=preset, overrides=overrides,
                                  data_kind="fashion_mnist", data_uri=data_uri, max_minutes=max_minutes, seed=seed,
                                  init=start.outputs["backbone"])
-            score_and_register(ctx, use_cache, trained.outputs["backbone"], data_uri, train_limit, test_limit,
-                               model_name, metric, margin)
+            score_and_register(ctx, use_cache, trained.outputs["backbone"], data_uri,
+                               {"train_limit": train_limit, "test_limit": test_limit, "knn_k": knn_k,
+                                "knn_temperature": knn_temperature}, model_name, metric, margin)
 
     return {"full": full, "evaluate_only": evaluate_only, "retrain": retrain}

@@ -38,22 +38,30 @@ class StageSummary:
     tags: dict[str, str] = field(default_factory=dict)
 
 
-def run_locally(pipeline: Any, name: str, run_root: str, tracking_uri: str, params: dict[str, Any],
+def local_root(run_root: str) -> str:
+    """``run_root`` as an absolute local path, or unchanged when it is a remote URI."""
+    if "://" in run_root and not run_root.startswith("file://"):
+        return run_root
+    return str(Path(run_root.removeprefix("file://")).resolve())
+
+
+def run_locally(pipeline: Any, name: str, run_root: str, kfp_root: str, tracking_uri: str, params: dict[str, Any],
                 storage: Storage) -> list[StageSummary]:
     """Run ``pipeline`` (a ``@dsl.pipeline`` function) with kfp.local's subprocess runner.
 
-    Returns the stage runs of this pipeline run (in start order); raises :class:`PipelineFailed`
-    with the failing stages' errors.
+    ``run_root`` (local or ``s3://``) holds the stages' state; KFP's own outputs go to the local
+    folder ``kfp_root``. Returns the stage runs of this pipeline run (in start order); raises
+    :class:`PipelineFailed` with the failing stages' errors.
     """
     from kfp import local
 
-    root = Path(run_root.removeprefix("file://")).resolve()
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root / "kfp"))
+    root = local_root(run_root)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(Path(kfp_root).resolve()))
     started = time.time()
     try:
-        pipeline(run_root=str(root), tracking_uri=tracking_uri, **params)
+        pipeline(run_root=root, tracking_uri=tracking_uri, **params)
     except RuntimeError as err:
-        raise PipelineFailed(name, stage_errors(storage, str(root), since=started)) from err
+        raise PipelineFailed(name, stage_errors(storage, root, since=started)) from err
     return stage_summaries(tracking_uri, params.get("experiment", "dinoflow"), name, since=started)
 
 

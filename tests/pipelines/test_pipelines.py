@@ -1,0 +1,158 @@
+"""The pipelines run for real on kfp.local (subprocess tasks, sqlite MLflow, local or S3 storage).
+
+One ``full`` run is shared by the tests of this module; each test adds the runs it needs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from components.pipeline_run import TAG_FAILED_STAGES, TAG_PIPELINE
+from dinoflow.registry import champion_version
+from dinoflow.storage import Storage
+from dinoflow.tracking import default_tracking_uri
+from pipelines.cli import app
+from pipelines.definitions import build_pipelines
+from pipelines.local import PipelineFailed, StageSummary, run_locally
+
+FAST = {
+    "overrides": ["optim.batch_size=32", "model.depth=2", "checkpoint_every=5"],
+    "max_minutes": 0.05, "train_limit": 2000, "test_limit": 500, "model_name": "tiny-test",
+}
+DATA = "/usr/share/datasets/fashion-mnist"
+
+
+class Runs:
+    """A run root with its sqlite store, running pipelines one after another."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.kfp = root, root / "kfp"
+        self.tracking_uri = default_tracking_uri(str(root))
+        self.pipelines = build_pipelines()
+        self.client = MlflowClient(tracking_uri=self.tracking_uri)
+
+    def run(self, name: str, **params: Any) -> dict[str, StageSummary]:
+        stages = run_locally(self.pipelines[name], name, str(self.root), str(self.kfp), self.tracking_uri, params,
+                             Storage())
+        return {s.stage: s for s in stages}
+
+    def parents(self, pipeline: str) -> list[Any]:
+        experiment = self.client.get_experiment_by_name("dinoflow")
+        return self.client.search_runs([experiment.experiment_id], f"tags.`{TAG_PIPELINE}` = '{pipeline}'",
+                                       order_by=["start_time ASC"])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    runs = Runs(tmp_path_factory.mktemp("pipelines"))
+    runs.first = runs.run("full", data_source=DATA, **FAST)  # type: ignore[attr-defined]
+    return runs
+
+
+def test_full_runs_every_stage_and_registers_a_champion(runs: Runs) -> None:
+    stages = runs.first  # type: ignore[attr-defined]
+    assert list(stages) == ["ingest", "pretrain", "evaluate", "register"]
+    assert all(s.status == "FINISHED" and not s.cached for s in stages.values())
+    assert stages["pretrain"].metrics["steps"] >= 1
+    evaluate = stages["evaluate"].metrics
+    assert 0.1 < evaluate["knn_top1_k20"] <= 1 and 0.1 < evaluate["linear_top1"] <= 1
+    assert evaluate["pixels_knn_top1_k20"] == pytest.approx(0.80, abs=0.05)  # raw pixels, 2000 train images
+    assert stages["register"].tags["gate.verdict"] == "promoted"
+    parent = runs.parents("full")[0]
+    assert parent.info.status == "FINISHED"
+    assert champion_version(runs.client, "tiny-test") == stages["register"].tags["gate.model_version"] == "1"
+    # the artifacts behind the task outputs
+    decision = json.loads(next(runs.kfp.glob("full-*/register/decision/decision.json")).read_text())
+    assert decision["promoted"] and decision["reason"] == "no champion yet"
+    report = json.loads(next(runs.kfp.glob("full-*/evaluate/report/report.json")).read_text())
+    assert report["metrics"]["knn_top1_k20"] == pytest.approx(evaluate["knn_top1_k20"])
+    assert next(runs.kfp.glob("full-*/evaluate/report/confusion_knn.png")).read_bytes()[:4] == b"\x89PNG"
+    assert next(runs.kfp.glob("full-*/pretrain/backbone/backbone.safetensors")).stat().st_size > 10_000
+    assert len(list((runs.root / "data" / "fashion-mnist").iterdir())) == 4
+
+
+def test_rerun_reuses_stages_and_the_gate_decides_both_ways(runs: Runs) -> None:
+    kept = runs.run("full", data_source=DATA, **{**FAST, "margin": 1.0})
+    assert kept["pretrain"].cached and kept["evaluate"].cached and not kept["register"].cached
+    assert kept["evaluate"].metrics["knn_top1_k20"] == runs.first["evaluate"].metrics["knn_top1_k20"]  # type: ignore[attr-defined]
+    assert kept["register"].tags["gate.verdict"] == "kept"
+    assert champion_version(runs.client, "tiny-test") == "1"
+    promoted = runs.run("full", data_source=DATA, **{**FAST, "margin": -1.0})
+    assert promoted["register"].tags["gate.verdict"] == "promoted"
+    assert champion_version(runs.client, "tiny-test") == promoted["register"].tags["gate.model_version"] == "3"
+    changed = runs.run("full", data_source=DATA, **{**FAST, "seed": 5})
+    assert not changed["pretrain"].cached and not changed["evaluate"].cached
+
+
+def test_a_failing_stage_fails_the_pipeline_with_its_error(runs: Runs) -> None:
+    with pytest.raises(PipelineFailed) as failure:
+        runs.run("full", data_source=DATA, **{**FAST, "overrides": ["crops.local_crop_size=13"]})
+    assert list(failure.value.errors) == ["pretrain"]
+    assert "crops.local_crop_size = 13 is not a multiple of model.patch_size = 7" in failure.value.errors["pretrain"]
+    assert "stage 'pretrain' failed" in str(failure.value)
+    parent = runs.parents("full")[-1]
+    assert parent.info.status == "FAILED" and parent.data.tags[TAG_FAILED_STAGES] == "pretrain"
+
+
+def test_evaluate_only_and_retrain_from_the_champion(runs: Runs) -> None:
+    backbone = next(runs.kfp.glob("full-*/pretrain/backbone"))
+    scored = runs.run("evaluate_only", weights_uri=str(backbone), data_uri=str(runs.root / "data" / "fashion-mnist"),
+                      train_limit=FAST["train_limit"], test_limit=FAST["test_limit"])
+    assert list(scored) == ["evaluate"] and scored["evaluate"].cached  # same weights, same benchmark
+    champion = champion_version(runs.client, "tiny-test")
+    retrained = runs.run("retrain", data_uri=str(runs.root / "data" / "fashion-mnist"), **FAST)
+    assert list(retrained) == ["champion", "pretrain", "evaluate", "register"]
+    assert retrained["champion"].tags["champion.version"] == champion
+    assert not retrained["pretrain"].cached  # other seed, and it starts from the champion's weights
+    assert retrained["register"].tags["gate.verdict"] in ("promoted", "kept")
+
+
+def test_compiled_pipelines_hold_their_dag_and_no_secrets_or_local_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    planted = "planted-secret-4f1c"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", planted)
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", planted)
+    expected = {
+        "full": {"open-run": [], "ingest": ["open-run"], "pretrain": ["ingest", "open-run"],
+                 "evaluate": ["ingest", "open-run", "pretrain"], "register": ["evaluate", "open-run", "pretrain"]},
+        "evaluate_only": {"open-run": [], "importer": [], "evaluate": ["importer", "open-run"]},
+        "retrain": {"open-run": [], "champion": ["open-run"], "pretrain": ["champion", "open-run"],
+                    "evaluate": ["open-run", "pretrain"], "register": ["evaluate", "open-run", "pretrain"]},
+    }
+    for name, tasks in expected.items():
+        out = tmp_path / f"{name}.yaml"
+        result = CliRunner().invoke(app, ["pipeline", "compile", name, "--out", str(out), "--image", "registry.example/dinoflow:1"])
+        assert result.exit_code == 0, result.output
+        text = out.read_text()
+        spec = yaml.safe_load(text)
+        root = spec["root"]["dag"]["tasks"]
+        assert set(root) == {"exit-handler-1", "close-run"}
+        assert root["close-run"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
+        inner = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+        assert {task: sorted(body.get("dependentTasks", [])) for task, body in inner.items()} == tasks
+        for task in ("open-run", "register", "champion"):
+            if task in inner:
+                assert inner[task]["cachingOptions"] == {}  # caching off: they act, not compute
+        images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values() if "container" in e}
+        assert images == {"registry.example/dinoflow:1"}
+        defaults = {k: v.get("defaultValue") for k, v in spec["root"]["inputDefinitions"]["parameters"].items()}
+        assert defaults["run_root"] == "s3://dinoflow/runs" and defaults["tracking_uri"].startswith("http://mlflow.")
+        assert planted not in text
+        for local in (str(Path.cwd()), str(Path.home()), str(tmp_path), "/usr/share", "sqlite:"):
+            assert local not in text, f"{local} baked into {name}"
+
+
+def test_pipeline_cli_rejects_unknown_names_and_parameters() -> None:
+    bad = CliRunner().invoke(app, ["pipeline", "run", "nope"])
+    assert bad.exit_code == 2 and "unknown pipeline 'nope'; allowed: full, evaluate_only, retrain" in bad.stderr
+    param = CliRunner().invoke(app, ["pipeline", "run", "full", "max_minute=3"])
+    assert param.exit_code == 2 and "bad pipeline parameter 'max_minute=3'" in param.stderr
+    assert "max_minutes" in param.stderr

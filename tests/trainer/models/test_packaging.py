@@ -1,0 +1,62 @@
+"""A backbone as an MLflow model: registered, loaded by alias, and equal to the library's features."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow.pyfunc
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from dinoflow.registry import CHAMPION, gate, register_version
+from evaluators.features import extract_features, to_model_input
+from trainer.models.hub import save_backbone
+from trainer.models.packaging import save_mlflow_model
+from trainer.models.vit import build_vit
+
+
+@pytest.fixture
+def weights(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
+    torch.manual_seed(3)
+    backbone = build_vit("vit_small", patch_size=7, embed_dim=32, depth=2, num_heads=2, img_size=28,
+                         layerscale_init=0.1).eval()
+    path = tmp_path / "backbone.safetensors"
+    save_backbone(backbone, str(path))
+    return path, backbone
+
+
+def test_registered_model_loads_by_alias_and_embeds_like_the_library(
+    weights: tuple[Path, torch.nn.Module], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, backbone = weights
+    images = np.random.default_rng(0).integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    folder = save_mlflow_model(path, {"patch_size": 7}, tmp_path / "package" / "backbone", example=images[:2])
+    names = {p.name for p in folder.rglob("*") if p.is_file()}
+    assert {"MLmodel", "requirements.txt", "backbone.safetensors", "config.json"} <= names
+    assert not [n for n in names if n.endswith(".pkl")]  # from code: loading runs no pickled objects
+    requirements = (folder / "requirements.txt").read_text()
+    assert "torch==" in requirements and "+cpu" not in requirements
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("packaging", artifact_location=f"file://{tmp_path / 'artifacts'}")
+    run = client.create_run(experiment)
+    client.log_artifacts(run.info.run_id, str(folder), "backbone")
+    version = register_version(client, "tiny", run.info.run_id, "backbone", {"knn_top1_k20": 0.5})
+    assert gate(client, "tiny", version, "knn_top1_k20").promoted
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    model = mlflow.pyfunc.load_model(f"models:/tiny@{CHAMPION}")
+    features = model.predict(images)
+    expected, _ = extract_features(backbone, to_model_input(torch.from_numpy(images), patch_size=7))
+    np.testing.assert_allclose(features, expected.numpy(), rtol=1e-5, atol=1e-5)
+    assert features.shape == (5, 32) and np.abs(features).max() > 0.1
+    with pytest.raises(Exception, match="uint8"):
+        model.predict(images.astype(np.float32))
+
+
+def test_config_without_patch_size_is_refused(weights: tuple[Path, torch.nn.Module], tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="must hold patch_size"):
+        save_mlflow_model(weights[0], {}, tmp_path / "x", example=np.zeros((1, 28, 28), np.uint8))
