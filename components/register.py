@@ -38,8 +38,10 @@ def run_register_stage(ctx: StageContext, backbone_dir: str | Path, report_dir: 
         raise ValueError(f"gate metric {metric!r} is not in the evaluate report; it has: {', '.join(sorted(metrics))}")
     with recording_errors(ctx, storage, "register"), stage_run(ctx, "register") as tracker:
         with tempfile.TemporaryDirectory() as scratch:
-            model_dir = save_mlflow_model(backbone / BACKBONE_FILE, _arch(backbone), Path(scratch) / MODEL_ARTIFACT,
-                                          example=np.zeros((2, 28, 28), dtype=np.uint8))
+            arch = _arch(backbone)
+            size = arch["image_size"]
+            model_dir = save_mlflow_model(backbone / BACKBONE_FILE, arch, Path(scratch) / MODEL_ARTIFACT,
+                                          example=np.zeros((2, size, size), dtype=np.uint8))
             tracker.log_artifact(model_dir, MODEL_ARTIFACT)
         client = tracker.client  # type: ignore[attr-defined]
         version = register_version(client, model_name, str(tracker.run_id), MODEL_ARTIFACT, metrics,
@@ -57,15 +59,15 @@ def run_register_stage(ctx: StageContext, backbone_dir: str | Path, report_dir: 
 
 
 def _arch(backbone_dir: Path) -> dict[str, Any]:
-    """Architecture facts for the model's config: from the pretrain stage's recipe when present."""
-    config_file = backbone_dir / "config.yaml"
-    if config_file.is_file():
-        model = yaml.safe_load(config_file.read_text())["model"]
-        return {"patch_size": model["patch_size"], "embed_dim": model["embed_dim"], "depth": model["depth"]}
+    """Architecture facts for the model's config (and the input example's size): the weights' own,
+    plus the training crop size from the pretrain stage's recipe when present (else 224)."""
     from trainer.models.hub import load_backbone
 
     loaded = load_backbone(str(backbone_dir / BACKBONE_FILE), "safetensors")
-    return {"patch_size": loaded.patch_size, "embed_dim": loaded.embed_dim, "depth": len(loaded.blocks)}
+    config_file = backbone_dir / "config.yaml"
+    size = yaml.safe_load(config_file.read_text())["crops"]["global_crop_size"] if config_file.is_file() else 224
+    return {"patch_size": loaded.patch_size, "embed_dim": loaded.embed_dim, "depth": len(loaded.blocks),
+            "image_size": size}
 
 
 def run_champion_stage(ctx: StageContext, model_name: str, out_dir: str | Path) -> str:

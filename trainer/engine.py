@@ -253,6 +253,7 @@ class TrainState:
     images_seen: int = 0
     train_seconds: float = 0.0  # wall time spent training, evaluations excluded, over all resumes
     history: list[dict[str, float]] = field(default_factory=list)
+    bad_images: dict[str, Any] = field(default_factory=dict)  # BadImageTracker.summary() at the save
 
 
 def checkpoint_bytes(student: SSLNetwork, teacher: SSLNetwork, objective: Objective,
@@ -264,6 +265,7 @@ def checkpoint_bytes(student: SSLNetwork, teacher: SSLNetwork, objective: Object
         "step": state.step, "images_seen": state.images_seen, "train_seconds": state.train_seconds,
         "config": to_yaml(cfg),
         "history": json.dumps(state.history),
+        "bad_images": json.dumps(state.bad_images),
     }, buffer)
     return buffer.getvalue()
 
@@ -329,7 +331,7 @@ def pretrain(
         objective.load_state_dict(checkpoint["objective"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         state = TrainState(checkpoint["step"], checkpoint["images_seen"], checkpoint["train_seconds"],
-                           json.loads(checkpoint["history"]))
+                           json.loads(checkpoint["history"]), json.loads(checkpoint.get("bad_images", "{}")))
     tracker.log_config(cfg)
     multi_crop = MultiCrop(cfg.crops).to(device)
     # the final adaptation phase: the last highres_steps of the schedule use larger crops
@@ -346,6 +348,7 @@ def pretrain(
     )
     batches = iter(loader)
     bad_images = BadImageTracker(cfg.data.max_bad_fraction)
+    bad_images.restore(state.bad_images)
 
     def next_images() -> Tensor:
         while True:
@@ -391,6 +394,7 @@ def pretrain(
             tracker.log_metrics(results, step=state.step, force=True)
             state.history.append({"step": state.step, "train_minutes": round(state.train_seconds / 60, 3),
                                   "images_seen": state.images_seen, **results})
+        state.bad_images = bad_images.summary()
         if state.step % cfg.checkpoint_every == 0 or state.step == last_step:
             save_checkpoint(storage, cfg.out, checkpoint_bytes(student, teacher, objective, optimizer, state, cfg),
                             state.step)

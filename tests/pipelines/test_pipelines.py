@@ -99,6 +99,12 @@ def test_a_failing_stage_fails_the_pipeline_with_its_error(runs: Runs) -> None:
     assert "stage 'pretrain' failed" in str(failure.value)
     parent = runs.parents("full")[-1]
     assert parent.info.status == "FAILED" and parent.data.tags[TAG_FAILED_STAGES] == "pretrain"
+    # a later stage fails: the finished pretrain is reused by the rerun that fixes the input
+    with pytest.raises(PipelineFailed) as late:
+        runs.run("full", data_source=DATA, **{**FAST, "seed": 11, "knn_k": 0})
+    assert list(late.value.errors) == ["evaluate"] and "k must be in [1, 2000], got 0" in late.value.errors["evaluate"]
+    fixed = runs.run("full", data_source=DATA, **{**FAST, "seed": 11})
+    assert fixed["pretrain"].cached and not fixed["evaluate"].cached and fixed["register"].status == "FINISHED"
 
 
 def test_evaluate_only_and_retrain_from_the_champion(runs: Runs) -> None:

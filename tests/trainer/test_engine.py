@@ -213,3 +213,44 @@ def test_pretrain_evaluates_on_the_training_clock(tmp_path) -> None:
     assert [h["step"] for h in summary["history"]] == [1] and summary["final"] == {"score": 3.0}
     assert summary["bad_images"]["bad"] == 1 and summary["bad_images"]["examples"] == ["img5"]
     assert 0 < summary["train_minutes"] < 5 and summary["steps"] == 3
+
+
+def test_a_fresh_run_starts_from_init_weights_and_a_resumed_one_ignores_them(tmp_path) -> None:
+    from trainer.data.datasets import collate_samples
+    from trainer.engine import pretrain
+    from trainer.models.hub import load_backbone, save_backbone
+
+    torch.manual_seed(123)
+    start = build_networks(config())[0].backbone
+    save_backbone(start, str(tmp_path / "start.safetensors"))
+    cfg = config(f"out={tmp_path / 'run'}", "max_steps=1", f"init_weights={tmp_path / 'start.safetensors'}",
+                 "data.max_bad_fraction=0.1", "seed=7")
+    summary = pretrain(cfg, _RandomImages(), collate_samples, Storage())
+    teacher = load_backbone(summary["backbone"], "safetensors")
+    random_init = build_networks(cfg)[1].backbone  # what seed 7 alone would have started from
+    moved = {k: (v - start.state_dict()[k]).abs().max().item() for k, v in teacher.state_dict().items()}
+    apart = {k: (v - random_init.state_dict()[k]).abs().max().item() for k, v in teacher.state_dict().items()}
+    # one EMA step (momentum 0.99) from the init weights: close to them, far from a random init
+    assert max(moved.values()) < 0.01 * max(apart.values())
+    # a resumed run takes the checkpoint, whatever init_weights says
+    broken = config(f"out={tmp_path / 'run'}", "max_steps=2", f"init_weights={tmp_path / 'missing.safetensors'}",
+                    "data.max_bad_fraction=0.1", "seed=7")
+    assert pretrain(broken, _RandomImages(), collate_samples, Storage())["steps"] == 2
+    fresh = config(f"out={tmp_path / 'other'}", "max_steps=1", f"init_weights={tmp_path / 'missing.safetensors'}")
+    with pytest.raises(Exception, match="missing.safetensors"):
+        pretrain(fresh, _RandomImages(), collate_samples, Storage())
+
+
+def test_the_bad_image_tally_survives_a_resume(tmp_path) -> None:
+    from trainer.data.datasets import collate_samples
+    from trainer.engine import pretrain
+
+    def run(out: str, *steps: int) -> dict:
+        for last in steps:
+            summary = pretrain(config(f"out={tmp_path / out}", f"max_steps={last}", "data.max_bad_fraction=0.1",
+                                      "checkpoint_every=1"), _RandomImages(), collate_samples, Storage())
+        return summary["bad_images"]
+
+    whole = run("whole", 6)  # two passes over 24 images, one of them bad each time
+    assert (whole["seen"], whole["bad"], whole["examples"]) == (48, 2, ["img5", "img5"])
+    assert run("pieces", 2, 4, 6) == whole

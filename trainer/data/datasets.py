@@ -480,5 +480,10 @@ class BadImageTracker:
             )
 
     def summary(self) -> dict[str, Any]:
-        """Counts for logging: seen, bad, fraction and example keys."""
+        """Counts for logging (and checkpoints): seen, bad, fraction and example keys."""
         return {"seen": self.seen, "bad": self.bad, "fraction": self.fraction, "examples": list(self.examples)}
+
+    def restore(self, summary: dict[str, Any]) -> None:
+        """Continue counting from a :meth:`summary` (a resumed run keeps its tally)."""
+        self.seen, self.bad = int(summary.get("seen", 0)), int(summary.get("bad", 0))
+        self.examples = list(summary.get("examples", []))[: self.max_examples]
