@@ -1,0 +1,123 @@
+"""Metrics of the dense and retrieval benchmarks: segmentation, monocular depth, instance retrieval.
+
+Why one module: the heads and data adapters of each task differ, but their scores are small,
+exact formulas that every task's report and its tests share.
+
+* **Segmentation**: a ``C x C`` confusion matrix accumulated over images (rows: ground truth,
+  columns: prediction), pixels labelled ``ignore_index`` (255) skipped. Per class
+  ``IoU_c = TP_c / (TP_c + FP_c + FN_c)``; mIoU averages the classes that occur in the ground
+  truth or the predictions (union > 0); pixel accuracy is ``trace / total``.
+* **Depth** over valid pixels (ground truth > 0, optionally below ``max_depth``), pooled over all
+  images: ``RMSE = sqrt(mean((d - d*)^2))``, ``AbsRel = mean(|d - d*| / d*)``,
+  ``delta1 = mean(max(d / d*, d* / d) < 1.25)``.
+* **Retrieval** (revisited Oxford/Paris, Radenovic et al. 2018): each query has ``easy``,
+  ``hard`` and ``junk`` database images. The protocols pick positives and ignored images:
+  easy (positives easy; ignore junk + hard), medium (easy + hard; ignore junk), hard (hard;
+  ignore junk + easy). Ignored images are removed from the ranking; average precision is the
+  trapezoidal area under precision-recall: for the ``j``-th positive (0-based) at rank ``r``
+  (0-based, counted without ignored images), the area gains
+  ``(1 / P) * (j / r + (j + 1) / (r + 1)) / 2`` (with ``j / r := 1`` when ``r = 0``), ``P``
+  the number of positives. A query without positives is left out of the mean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = 255
+PROTOCOLS = ("easy", "medium", "hard")
+
+
+def segmentation_confusion(predictions: Tensor, targets: Tensor, num_classes: int,
+                           ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """``(C, C)`` int64 counts of (ground truth, prediction) over pixels not ``ignore_index``."""
+    if predictions.shape != targets.shape:
+        raise ValueError(f"predictions {tuple(predictions.shape)} and targets {tuple(targets.shape)} differ in shape")
+    keep = targets != ignore_index
+    truth, guess = targets[keep].long(), predictions[keep].long()
+    if len(truth) and (truth.min() < 0 or truth.max() >= num_classes or guess.min() < 0 or guess.max() >= num_classes):
+        raise ValueError(f"labels must be in [0, {num_classes}) or {ignore_index} (ignored)")
+    return torch.bincount(truth * num_classes + guess, minlength=num_classes * num_classes).view(num_classes, -1)
+
+
+def segmentation_scores(confusion: Tensor) -> dict[str, float]:
+    """``miou``, ``pixel_accuracy`` and ``iou_<c>`` per class (NaN where a class never occurs)."""
+    confusion = confusion.double()
+    true_positive = confusion.diag()
+    union = confusion.sum(0) + confusion.sum(1) - true_positive
+    iou = torch.where(union > 0, true_positive / union.clamp(min=1), torch.full_like(union, float("nan")))
+    present = union > 0
+    scores = {
+        "miou": float(iou[present].mean()) if present.any() else float("nan"),
+        "pixel_accuracy": float(true_positive.sum() / confusion.sum().clamp(min=1)),
+    }
+    scores.update({f"iou_{c}": float(v) for c, v in enumerate(iou)})
+    return scores
+
+
+def depth_scores(predictions: Tensor, targets: Tensor, max_depth: float | None = None) -> dict[str, float]:
+    """``rmse``, ``abs_rel`` and ``delta1`` over valid pixels of ``(N, H, W)`` depth maps (metres)."""
+    if predictions.shape != targets.shape:
+        raise ValueError(f"predictions {tuple(predictions.shape)} and targets {tuple(targets.shape)} differ in shape")
+    valid = targets > 0
+    if max_depth is not None:
+        valid &= targets <= max_depth
+    if not valid.any():
+        raise ValueError("no valid ground-truth pixel (depth > 0) to score")
+    guess, truth = predictions[valid].double().clamp(min=1e-6), targets[valid].double()
+    ratio = torch.maximum(guess / truth, truth / guess)
+    return {
+        "rmse": float(((guess - truth) ** 2).mean().sqrt()),
+        "abs_rel": float(((guess - truth).abs() / truth).mean()),
+        "delta1": float((ratio < 1.25).double().mean()),
+    }
+
+
+@dataclass(frozen=True)
+class QueryTruth:
+    """Database indices of one query's easy, hard and junk images (revisited Oxford/Paris)."""
+
+    easy: Sequence[int]
+    hard: Sequence[int]
+    junk: Sequence[int]
+
+    def split(self, protocol: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(positives, ignored)`` under ``protocol`` (easy, medium or hard)."""
+        easy, hard, junk = (np.asarray(x, dtype=np.int64) for x in (self.easy, self.hard, self.junk))
+        if protocol == "easy":
+            return easy, np.concatenate([junk, hard])
+        if protocol == "medium":
+            return np.concatenate([easy, hard]), junk
+        if protocol == "hard":
+            return hard, np.concatenate([junk, easy])
+        raise ValueError(f"unknown protocol {protocol!r}; allowed: {', '.join(PROTOCOLS)}")
+
+
+def average_precision(ranking: np.ndarray, positives: np.ndarray, ignored: np.ndarray) -> float:
+    """AP of one ranked list of database indices (best first); see the module docstring."""
+    if len(positives) == 0:
+        return float("nan")
+    kept = ranking[~np.isin(ranking, ignored)]
+    ranks = np.flatnonzero(np.isin(kept, positives)).astype(np.float64)  # 0-based, sorted
+    found = np.arange(len(ranks), dtype=np.float64)
+    before = np.divide(found, ranks, out=np.ones_like(ranks), where=ranks > 0)
+    return float(((before + (found + 1) / (ranks + 1)) / 2).sum() / len(positives))
+
+
+def retrieval_map(similarity: np.ndarray, truths: Sequence[QueryTruth],
+                  protocols: Sequence[str] = PROTOCOLS) -> Mapping[str, float]:
+    """mAP per protocol (``map_easy`` …) from a ``(queries, database)`` similarity matrix."""
+    if similarity.shape[0] != len(truths):
+        raise ValueError(f"{similarity.shape[0]} queries in the similarity matrix but {len(truths)} ground truths")
+    rankings = np.argsort(-similarity, axis=1, kind="stable")
+    scores = {}
+    for protocol in protocols:
+        aps = [average_precision(rankings[q], *truths[q].split(protocol)) for q in range(len(truths))]
+        valid = [ap for ap in aps if not np.isnan(ap)]
+        scores[f"map_{protocol}"] = float(np.mean(valid)) if valid else float("nan")
+    return scores
