@@ -1,0 +1,165 @@
+"""Linear heads on frozen patch features: semantic segmentation and monocular depth.
+
+Why no mmseg: DINOv2's dense evaluations run through mmcv/mmseg, a heavy stack its users
+struggle to install. The heads are small, so they are written here in plain PyTorch and train
+on features extracted once:
+
+* **Segmentation** (the original's "linear"): BatchNorm + 1x1 convolution over patch features
+  (the last layer, or the last 4 concatenated), logits upsampled bilinearly to the mask size,
+  cross-entropy with ignore index 255. "+ms" testing averages the softmax over input scales and
+  horizontal flips (features re-extracted per scale).
+* **Depth** (the original's linear head): each patch feature concatenated with the CLS token,
+  upsampled x4, BatchNorm + 1x1 convolution to ``B`` depth bins (uniform over
+  ``[min_depth, max_depth]``); the depth is the softmax-weighted mean of the bin centres,
+  upsampled to the target size. Trained with the scale-invariant log loss
+  ``10 * sqrt(mean(g^2) - 0.85 mean(g)^2)``, ``g = log d - log d*`` over valid pixels.
+
+Both are trained with AdamW on seeded mini-batches; scores come from :mod:`evaluators.dense_metrics`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dinoflow.progress import progress
+from evaluators.dense_metrics import IGNORE_INDEX, depth_scores, segmentation_confusion, segmentation_scores
+
+
+@torch.no_grad()
+def dense_features(backbone: nn.Module, images: Tensor, layers: int = 1, batch_size: int = 64) -> tuple[Tensor, Tensor]:
+    """Patch features ``(N, L*D, h, w)`` and CLS tokens ``(N, L*D)`` of the last ``layers`` blocks
+    for model input ``images`` ``(N, 3, H, W)``, float32 on the CPU."""
+    device = next(backbone.parameters()).device
+    patches, classes = [], []
+    for start in range(0, len(images), batch_size):
+        out = backbone.get_intermediate_layers(images[start : start + batch_size].to(device), n=layers,
+                                               reshape=True, return_class_token=True)
+        patches.append(torch.cat([p for p, _ in out], dim=1).float().cpu())
+        classes.append(torch.cat([c for _, c in out], dim=1).float().cpu())
+    return torch.cat(patches), torch.cat(classes)
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """Training of a dense head on frozen features."""
+
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError(f"epochs and batch_size must be >= 1 and lr > 0, got {self}")
+
+
+class LinearSegmentationHead(nn.Module):
+    """BatchNorm + 1x1 conv: ``(B, F, h, w)`` features -> ``(B, C, H, W)`` logits."""
+
+    def __init__(self, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(in_channels)
+        self.classifier = nn.Conv2d(in_channels, num_classes, 1)
+
+    def forward(self, features: Tensor, size: tuple[int, int]) -> Tensor:
+        return F.interpolate(self.classifier(self.norm(features)), size=size, mode="bilinear", align_corners=False)
+
+
+class LinearDepthHead(nn.Module):
+    """[patch, CLS] -> x4 upsampling -> BatchNorm + 1x1 conv to bins -> expected depth ``(B, H, W)``."""
+
+    def __init__(self, in_channels: int, bins: int = 256, min_depth: float = 1e-3, max_depth: float = 10.0) -> None:
+        super().__init__()
+        if not 0 < min_depth < max_depth:
+            raise ValueError(f"need 0 < min_depth < max_depth, got {min_depth}, {max_depth}")
+        self.norm = nn.BatchNorm2d(2 * in_channels)
+        self.classifier = nn.Conv2d(2 * in_channels, bins, 1)
+        self.register_buffer("centres", torch.linspace(min_depth, max_depth, bins))
+
+    def forward(self, patches: Tensor, cls: Tensor, size: tuple[int, int]) -> Tensor:
+        x = torch.cat([patches, cls[:, :, None, None].expand_as(patches)], dim=1)
+        x = F.interpolate(x, scale_factor=4, mode="bilinear", align_corners=False)
+        probabilities = self.classifier(self.norm(x)).softmax(dim=1)
+        depth = torch.einsum("bkhw,k->bhw", probabilities, self.centres)
+        return F.interpolate(depth[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def silog_loss(prediction: Tensor, target: Tensor, variance_focus: float = 0.85) -> Tensor:
+    """Scale-invariant log loss over pixels with ``target > 0``."""
+    valid = target > 0
+    g = torch.log(prediction[valid].clamp(min=1e-6)) - torch.log(target[valid])
+    return 10 * torch.sqrt((g**2).mean() - variance_focus * g.mean() ** 2 + 1e-12)
+
+
+def _batches(count: int, config: HeadConfig) -> list[Tensor]:
+    generator = torch.Generator().manual_seed(config.seed)
+    return [index for _ in range(config.epochs) for index in torch.randperm(count, generator=generator).split(config.batch_size)]
+
+
+def train_segmentation_head(features: Tensor, masks: Tensor, num_classes: int,
+                            config: HeadConfig = HeadConfig()) -> LinearSegmentationHead:
+    """Fit the head on ``(N, F, h, w)`` features and ``(N, H, W)`` int masks (255 ignored)."""
+    torch.manual_seed(config.seed)
+    head = LinearSegmentationHead(features.shape[1], num_classes)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    size = tuple(masks.shape[-2:])
+    for index in progress(_batches(len(features), config), desc="segmentation head", unit="step"):
+        loss = F.cross_entropy(head(features[index], size), masks[index].long(), ignore_index=IGNORE_INDEX)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return head.eval()
+
+
+@torch.no_grad()
+def evaluate_segmentation(head: LinearSegmentationHead, probabilities_or_features: Tensor, masks: Tensor,
+                          num_classes: int, already_probabilities: bool = False) -> dict[str, float]:
+    """mIoU and pixel accuracy of the head's predictions (or of given class probabilities)."""
+    size = tuple(masks.shape[-2:])
+    scores = probabilities_or_features if already_probabilities else head(probabilities_or_features, size)
+    return segmentation_scores(segmentation_confusion(scores.argmax(dim=1), masks, num_classes))
+
+
+@torch.no_grad()
+def multiscale_probabilities(backbone: nn.Module, head: LinearSegmentationHead, images: Tensor, layers: int,
+                             scales: Sequence[float] = (0.75, 1.0, 1.25), flip: bool = True) -> Tensor:
+    """Softmax averaged over input scales (sides rounded to the patch size) and flips, at input size."""
+    size = tuple(images.shape[-2:])
+    patch = backbone.patch_size
+    total = torch.zeros(0)
+    for scale in scales:
+        side = [max(patch, round(s * scale / patch) * patch) for s in size]
+        scaled = F.interpolate(images, size=side, mode="bilinear", align_corners=False)
+        for flipped in ([False, True] if flip else [False]):
+            x = scaled.flip(-1) if flipped else scaled
+            probabilities = head(dense_features(backbone, x, layers)[0], size).softmax(dim=1)
+            probabilities = probabilities.flip(-1) if flipped else probabilities
+            total = probabilities if total.numel() == 0 else total + probabilities
+    return total / (len(scales) * (2 if flip else 1))
+
+
+def train_depth_head(patches: Tensor, cls: Tensor, depths: Tensor, config: HeadConfig = HeadConfig(),
+                     bins: int = 256, min_depth: float = 1e-3, max_depth: float = 10.0) -> LinearDepthHead:
+    """Fit the head on features and ``(N, H, W)`` depth maps (0 = unknown) with the SiLog loss."""
+    torch.manual_seed(config.seed)
+    head = LinearDepthHead(patches.shape[1], bins, min_depth, max_depth)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    size = tuple(depths.shape[-2:])
+    for index in progress(_batches(len(patches), config), desc="depth head", unit="step"):
+        loss = silog_loss(head(patches[index], cls[index], size), depths[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return head.eval()
+
+
+@torch.no_grad()
+def evaluate_depth(head: LinearDepthHead, patches: Tensor, cls: Tensor, depths: Tensor) -> dict[str, float]:
+    """RMSE, AbsRel and delta1 of the head's depth against ``depths``."""
+    return depth_scores(head(patches, cls, tuple(depths.shape[-2:])), depths)

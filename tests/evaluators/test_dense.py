@@ -1,0 +1,69 @@
+"""Dense heads on frozen features: they learn what the features hold, and score with the metrics."""
+
+from __future__ import annotations
+
+import torch
+
+from evaluators.dense import (
+    HeadConfig,
+    dense_features,
+    evaluate_depth,
+    evaluate_segmentation,
+    multiscale_probabilities,
+    silog_loss,
+    train_depth_head,
+    train_segmentation_head,
+)
+from trainer.models.vit import build_vit
+
+
+def _blocky(count: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masks made of 4x4-pixel blocks, and 'features' per block that encode the class (noisy one-hot)."""
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.randint(0, classes, (count, 4, 4), generator=generator)
+    features = torch.nn.functional.one_hot(coarse, classes).permute(0, 3, 1, 2).float()
+    features = features + 0.3 * torch.randn(features.shape, generator=generator)
+    masks = coarse.repeat_interleave(4, 1).repeat_interleave(4, 2)
+    return features, masks
+
+
+def test_segmentation_head_learns_features_that_hold_the_class() -> None:
+    features, masks = _blocky(64, 3, seed=0)
+    masks[:, 0, 0] = 255  # ignored pixels do not break training or scoring
+    head = train_segmentation_head(features, masks, 3, HeadConfig(epochs=40, batch_size=16, lr=1e-2))
+    test_features, test_masks = _blocky(16, 3, seed=1)
+    scores = evaluate_segmentation(head, test_features, test_masks, 3)
+    assert scores["miou"] > 0.6 and scores["pixel_accuracy"] > 0.8  # bilinear edges cost a little
+    noise = evaluate_segmentation(head, torch.randn_like(test_features), test_masks, 3)
+    assert noise["miou"] < 0.5
+
+
+def test_depth_head_learns_features_that_hold_the_depth() -> None:
+    generator = torch.Generator().manual_seed(0)
+    coarse = torch.rand(64, 4, 4, generator=generator) * 8 + 1  # metres
+    patches = torch.stack([coarse / 9, 1 - coarse / 9], dim=1) + 0.01 * torch.randn(64, 2, 4, 4, generator=generator)
+    cls = torch.zeros(64, 2)
+    depths = coarse.repeat_interleave(4, 1).repeat_interleave(4, 2)
+    depths[:, :2] = 0  # unknown rows are not scored
+    head = train_depth_head(patches, cls, depths, HeadConfig(epochs=60, batch_size=16, lr=2e-2), bins=64,
+                            max_depth=10.0)
+    good = evaluate_depth(head, patches, cls, depths)
+    flat = evaluate_depth(head, torch.full_like(patches, 0.5), cls, depths)
+    assert good["abs_rel"] < 0.25 and good["rmse"] < 0.6 * flat["rmse"]
+    assert silog_loss(depths + (depths == 0), depths) < 1e-3
+
+
+def test_features_and_multiscale_probabilities_have_the_right_shapes() -> None:
+    torch.manual_seed(0)
+    backbone = build_vit("vit_small", patch_size=7, embed_dim=16, depth=4, num_heads=2, img_size=28).eval()
+    images = torch.randn(3, 3, 28, 28)
+    patches, cls = dense_features(backbone, images, layers=4, batch_size=2)
+    assert patches.shape == (3, 64, 4, 4) and cls.shape == (3, 64)
+    single, _ = dense_features(backbone, images, layers=1)
+    torch.testing.assert_close(single, patches[:, 48:])  # the last layer is the last block of four
+    head = train_segmentation_head(patches, torch.zeros(3, 28, 28, dtype=torch.long), 5, HeadConfig(epochs=1))
+    probabilities = multiscale_probabilities(backbone, head, images, layers=4, scales=(0.5, 1.0))
+    assert probabilities.shape == (3, 5, 28, 28)
+    torch.testing.assert_close(probabilities.sum(dim=1), torch.ones(3, 28, 28))
+    plain = head(patches, (28, 28)).softmax(dim=1)
+    torch.testing.assert_close(multiscale_probabilities(backbone, head, images, 4, scales=(1.0,), flip=False), plain)
