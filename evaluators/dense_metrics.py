@@ -109,12 +109,16 @@ def average_precision(ranking: np.ndarray, positives: np.ndarray, ignored: np.nd
     return float(((before + (found + 1) / (ranks + 1)) / 2).sum() / len(positives))
 
 
-def retrieval_map(similarity: np.ndarray, truths: Sequence[QueryTruth],
+def rank(similarity: np.ndarray) -> np.ndarray:
+    """Database indices per query, most similar first (ties: lower index first)."""
+    return np.argsort(-similarity, axis=1, kind="stable")
+
+
+def retrieval_map(rankings: np.ndarray, truths: Sequence[QueryTruth],
                   protocols: Sequence[str] = PROTOCOLS) -> Mapping[str, float]:
-    """mAP per protocol (``map_easy`` …) from a ``(queries, database)`` similarity matrix."""
-    if similarity.shape[0] != len(truths):
-        raise ValueError(f"{similarity.shape[0]} queries in the similarity matrix but {len(truths)} ground truths")
-    rankings = np.argsort(-similarity, axis=1, kind="stable")
+    """mAP per protocol (``map_easy`` …) from full rankings ``(queries, database)``, best first."""
+    if rankings.shape[0] != len(truths):
+        raise ValueError(f"{rankings.shape[0]} ranked queries but {len(truths)} ground truths")
     scores = {}
     for protocol in protocols:
         aps = [average_precision(rankings[q], *truths[q].split(protocol)) for q in range(len(truths))]

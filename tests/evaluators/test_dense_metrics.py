@@ -11,6 +11,7 @@ from evaluators.dense_metrics import (
     QueryTruth,
     average_precision,
     depth_scores,
+    rank,
     retrieval_map,
     segmentation_confusion,
     segmentation_scores,
@@ -100,7 +101,7 @@ def test_map_against_brute_force_on_random_rankings() -> None:
         picks = rng.permutation(database)
         truths.append(QueryTruth(easy=picks[:4].tolist(), hard=picks[4:7].tolist(), junk=picks[7:10].tolist()))
     truths[3] = QueryTruth(easy=[], hard=[], junk=[1, 2])  # no positives: not in the mean
-    scores = retrieval_map(similarity, truths)
+    scores = retrieval_map(rank(similarity), truths)
     for protocol in ("easy", "medium", "hard"):
         aps = []
         for q, truth in enumerate(truths):

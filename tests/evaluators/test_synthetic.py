@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from evaluators.dense_metrics import retrieval_map
+from evaluators.dense_metrics import rank, retrieval_map
 from evaluators.synthetic import CLASS_NAMES, SceneConfig, _shape_mask, make_retrieval_set, make_scenes, render_scene
 
 
@@ -59,7 +59,7 @@ def test_retrieval_ground_truth_points_at_copies_of_the_query_scene() -> None:
     flat = lambda x: (x.reshape(len(x), -1) - 128.0) / 128.0  # noqa: E731
     q, d = flat(data.queries), flat(data.database)
     similarity = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (d / np.linalg.norm(d, axis=1, keepdims=True)).T
-    scores = retrieval_map(similarity, data.truths)
+    scores = retrieval_map(rank(similarity), data.truths)
     assert scores["map_easy"] > scores["map_hard"] and scores["map_easy"] > 0.3
 
 

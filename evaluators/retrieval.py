@@ -1,0 +1,106 @@
+"""Instance retrieval on frozen features: global descriptors, faiss search, revisited Oxford/Paris mAP.
+
+Descriptors are the CLS token or GeM over the patch tokens (``(mean x^p)^(1/p)`` per channel of
+the ReLU-clamped tokens, p = 3), optionally both concatenated, L2-normalised so that the inner
+product of faiss' exact ``IndexFlatIP`` is the cosine. The whole database is ranked for every
+query, as the protocol requires, and scored by :func:`evaluators.dense_metrics.retrieval_map`.
+
+The ground truth of revisited Oxford/Paris ships as a pickle (``gnd_roxford5k.pkl``); it is read
+with an unpickler that admits no class or function at all (plain dicts, lists, strings and
+numbers), so a crafted file cannot run code. A JSON file with the same structure works too.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dinoflow.storage import Storage, join_uri
+from evaluators.dense_metrics import QueryTruth
+
+Pooling = Literal["cls", "gem", "cls+gem"]
+
+
+@torch.no_grad()
+def global_descriptors(backbone: nn.Module, images: Tensor, pooling: Pooling = "cls", gem_p: float = 3.0,
+                       batch_size: int = 64) -> Tensor:
+    """L2-normalised descriptors ``(N, D)`` (``2D`` for ``cls+gem``) of model input ``(N, 3, H, W)``."""
+    if pooling not in ("cls", "gem", "cls+gem"):
+        raise ValueError(f"unknown pooling {pooling!r}; allowed: cls, gem, cls+gem")
+    device = next(backbone.parameters()).device
+    out = []
+    for start in range(0, len(images), batch_size):
+        features = backbone.forward_features(images[start : start + batch_size].to(device))
+        parts = []
+        if pooling in ("cls", "cls+gem"):
+            parts.append(F.normalize(features["x_norm_clstoken"].float(), dim=-1))
+        if pooling in ("gem", "cls+gem"):
+            tokens = features["x_norm_patchtokens"].float().clamp(min=1e-6)
+            parts.append(F.normalize(tokens.pow(gem_p).mean(dim=1).pow(1 / gem_p), dim=-1))
+        out.append(F.normalize(torch.cat(parts, dim=-1), dim=-1).cpu())
+    return torch.cat(out)
+
+
+def rank_database(queries: Tensor, database: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Every database index per query, most similar first, with the similarities (faiss, exact)."""
+    import faiss
+
+    index = faiss.IndexFlatIP(database.shape[1])
+    index.add(np.ascontiguousarray(database.numpy(), dtype=np.float32))
+    similarity, ranking = index.search(np.ascontiguousarray(queries.numpy(), dtype=np.float32), len(database))
+    return ranking, similarity
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(
+            f"refusing to load {module}.{name}: ground-truth files may hold only dicts, lists, strings and numbers")
+
+
+def load_plain_pickle(data: bytes) -> Any:
+    """Unpickle data made only of builtin containers and scalars (no class, no function)."""
+    return _PlainUnpickler(io.BytesIO(data)).load()
+
+
+@dataclass(frozen=True)
+class RevisitedDataset:
+    """Revisited Oxford/Paris: database and query image names (without ``.jpg``) and ground truth."""
+
+    name: str
+    images: list[str]
+    queries: list[str]
+    truths: list[QueryTruth]
+    query_boxes: list[tuple[float, float, float, float]]
+
+
+def load_revisited(storage: Storage, root: str, name: str) -> RevisitedDataset:
+    """Read ``<root>/gnd_<name>.pkl`` (or ``.json``): keys ``imlist``, ``qimlist`` and ``gnd`` (one
+    dict per query with ``easy``, ``hard``, ``junk`` and ``bbx``); images are ``<root>/jpg/<id>.jpg``."""
+    pkl, js = join_uri(root, f"gnd_{name}.pkl"), join_uri(root, f"gnd_{name}.json")
+    if storage.exists(pkl):
+        raw = load_plain_pickle(storage.read_bytes(pkl))
+    elif storage.exists(js):
+        raw = json.loads(storage.read_bytes(js))
+    else:
+        raise FileNotFoundError(f"no ground truth for {name!r}: expected {pkl} or {js}")
+    try:
+        images, queries, gnd = list(raw["imlist"]), list(raw["qimlist"]), list(raw["gnd"])
+        truths = [QueryTruth(list(g["easy"]), list(g["hard"]), list(g["junk"])) for g in gnd]
+        boxes = [tuple(float(v) for v in g["bbx"]) for g in gnd]
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{pkl}: not a revisited Oxford/Paris ground truth ({err!r})") from None
+    if len(truths) != len(queries):
+        raise ValueError(f"{name}: {len(queries)} queries but {len(truths)} ground-truth entries")
+    for q, truth in enumerate(truths):
+        indices = [*truth.easy, *truth.hard, *truth.junk]
+        if indices and (min(indices) < 0 or max(indices) >= len(images)):
+            raise ValueError(f"{name}: query {q} points outside the {len(images)} database images")
+    return RevisitedDataset(name, images, queries, truths, boxes)  # type: ignore[arg-type]
