@@ -1,4 +1,4 @@
-"""Pictures a person would rather look at than read: image grids and confusion matrices.
+"""Pictures a person would rather look at than read: image grids, confusion matrices, PCA maps.
 
 Why: numbers in MLflow say how well a model does; these PNGs show where. Written with the
 non-interactive Agg backend so they work on headless machines and in pods.
@@ -54,6 +54,40 @@ def save_confusion_matrix(
         axis.text(col, row, f"{100 * rate:.0f}", ha="center", va="center", fontsize=7,
                   color="white" if rate > 0.5 else "black")
     figure.colorbar(shown, ax=axis, fraction=0.046)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def pca_components(patches: np.ndarray, count: int = 3) -> np.ndarray:
+    """Projections ``(N, h, w, count)`` of patch features ``(N, D, h, w)`` on their first principal
+    axes (computed over all patches of all images, so colours mean the same across images)."""
+    n, d, h, w = patches.shape
+    flat = patches.transpose(0, 2, 3, 1).reshape(-1, d).astype(np.float64)
+    flat -= flat.mean(axis=0)
+    _, _, axes = np.linalg.svd(flat, full_matrices=False)
+    return (flat @ axes[:count].T).reshape(n, h, w, count)
+
+
+def pca_rgb(patches: np.ndarray) -> np.ndarray:
+    """The first three principal components as RGB in [0, 1] ``(N, h, w, 3)``, each stretched
+    between its 1st and 99th percentile (DINOv2's feature pictures)."""
+    components = pca_components(patches, 3)
+    low, high = np.percentile(components, [1, 99], axis=(0, 1, 2))
+    return np.clip((components - low) / np.maximum(high - low, 1e-12), 0, 1)
+
+
+def save_pca_maps(images: np.ndarray, patches: np.ndarray, path: str | Path, columns: int = 8) -> Path:
+    """Save each image above the RGB picture of its patch features' first three components."""
+    colours = pca_rgb(patches)
+    count = min(len(images), columns)
+    figure, axes = plt.subplots(2, count, figsize=(count * 1.5, 3.2), squeeze=False)
+    for column in range(count):
+        image = images[column]
+        axes[0, column].imshow(image.transpose(1, 2, 0) if image.ndim == 3 and image.shape[0] == 3 else image,
+                               cmap="gray" if image.ndim == 2 else None)
+        axes[1, column].imshow(colours[column], interpolation="nearest")
+        for axis in axes[:, column]:
+            axis.axis("off")
     figure.tight_layout()
     return _save(figure, path)
 

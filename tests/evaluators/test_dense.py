@@ -67,3 +67,21 @@ def test_features_and_multiscale_probabilities_have_the_right_shapes() -> None:
     torch.testing.assert_close(probabilities.sum(dim=1), torch.ones(3, 28, 28))
     plain = head(patches, (28, 28)).softmax(dim=1)
     torch.testing.assert_close(multiscale_probabilities(backbone, head, images, 4, scales=(1.0,), flip=False), plain)
+
+
+def test_pca_pictures_match_scikit_learn_and_stay_in_range(tmp_path) -> None:
+    import numpy as np
+    from sklearn.decomposition import PCA
+
+    from evaluators.visualize import pca_components, pca_rgb, save_pca_maps
+
+    rng = np.random.default_rng(0)
+    patches = rng.normal(size=(4, 12, 5, 6)) * np.linspace(3, 0.1, 12)[None, :, None, None]
+    ours = pca_components(patches, 3).reshape(-1, 3)
+    reference = PCA(3).fit_transform(patches.transpose(0, 2, 3, 1).reshape(-1, 12))
+    for k in range(3):  # principal axes are defined up to sign
+        assert min(np.abs(ours[:, k] - reference[:, k]).max(), np.abs(ours[:, k] + reference[:, k]).max()) < 1e-8
+    colours = pca_rgb(patches)
+    assert colours.shape == (4, 5, 6, 3) and colours.min() >= 0 and colours.max() <= 1
+    path = save_pca_maps(rng.integers(0, 255, (4, 3, 35, 42), dtype=np.uint8), patches, tmp_path / "pca.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
