@@ -134,47 +134,44 @@ def pretrain(
 
 @app.command("eval")
 def evaluate(
-    benchmark: Annotated[str, typer.Argument(help="knn or linear")],
+    benchmark: Annotated[str, typer.Argument(help="knn, linear, or suite (the tasks in --tasks)")],
     weights: Annotated[str, typer.Option(help="backbone weights: local path or URI")],
     source: Annotated[str, typer.Option(help="official, training, safetensors or hf")] = "safetensors",
+    tasks: Annotated[str, typer.Option(help="for suite: comma-separated knn, linear, seg, depth, retrieval")] = (
+        "knn,linear,seg,depth,retrieval"),
     data_uri: Annotated[str, typer.Option(help="Fashion-MNIST folder")] = "/usr/share/datasets/fashion-mnist",
     train_limit: Annotated[int, typer.Option(help="labelled train images used (0: all)")] = 0,
     test_limit: Annotated[int, typer.Option(help="test images used (0: all)")] = 0,
-    k: Annotated[int, typer.Option(help="neighbours for k-NN")] = 20,
+    k: Annotated[int, typer.Option(help="neighbours for k-NN (k=20 is always reported too)")] = 20,
     out: Annotated[str | None, typer.Option(help="write the JSON report here (path or URI)")] = None,
 ) -> None:
-    """Benchmark frozen features of a backbone on Fashion-MNIST: k-NN or the linear probe."""
-    import torch
-
+    """Benchmark frozen features of a backbone: k-NN, linear probe, or the whole suite
+    (Fashion-MNIST classification; segmentation, depth and retrieval on synthetic scenes)."""
     from dinoflow.storage import S3Settings, Storage
-    from evaluators.linear import LinearProbeConfig
-    from evaluators.report import benchmark_report
-    from trainer.data.fashion_mnist import load_split
+    from evaluators.suite import SuiteConfig, run_suite
     from trainer.models.hub import SOURCES, load_backbone
-    from trainer.run import labelled_features
 
-    if benchmark not in ("knn", "linear"):
-        typer.echo(f"error: unknown benchmark {benchmark!r}; allowed: knn, linear", err=True)
+    if benchmark not in ("knn", "linear", "suite"):
+        typer.echo(f"error: unknown benchmark {benchmark!r}; allowed: knn, linear, suite", err=True)
         raise typer.Exit(2)
     if source not in SOURCES:
         typer.echo(f"error: unknown source {source!r}; allowed: {', '.join(SOURCES)}", err=True)
         raise typer.Exit(2)
+    chosen = tuple(t.strip() for t in tasks.split(",") if t.strip()) if benchmark == "suite" else (benchmark,)
+    try:
+        config = SuiteConfig(tasks=chosen, fashion_mnist_uri=data_uri, train_limit=train_limit,
+                             test_limit=test_limit, ks=tuple(sorted({k, 20})))
+    except ValueError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
     storage = Storage(S3Settings.from_env(os.environ))
     try:
         backbone = load_backbone(weights, source, storage)  # type: ignore[arg-type]
     except (ValueError, FileNotFoundError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
-    splits = []
-    for split, limit in (("train", train_limit), ("test", test_limit)):
-        data = load_split(storage, data_uri, split)  # type: ignore[arg-type]
-        count = limit or len(data.images)
-        features = labelled_features(backbone, torch.from_numpy(data.images[:count]), backbone.patch_size)
-        splits += [features, torch.from_numpy(data.labels[:count])]
-    report = benchmark_report(*splits, ks=(k,), linear=LinearProbeConfig() if benchmark == "linear" else None,
-                              num_classes=10)
-    if benchmark == "linear":
-        report.pop("knn")
+    report = run_suite(backbone, config, storage)
+    report.pop("features")
     text = json.dumps(report, indent=2)
     if out:
         storage.write_bytes(out, text.encode())

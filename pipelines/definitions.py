@@ -56,7 +56,8 @@ def build_pipelines(image: str = DEFAULT_IMAGE) -> dict[str, Callable[..., Any]]
              experiment: str = EXPERIMENT, use_cache: bool = True, data_source: str = CLUSTER_DATA,
              preset: str = "tiny", overrides: list = [], max_minutes: float = 3.0, seed: int = 0,  # noqa: B006
              train_limit: int = 0, test_limit: int = 0, knn_k: int = 20, knn_temperature: float = 0.07,
-             model_name: str = "dinoflow-tiny", metric: str = "knn_top1_k20", margin: float = 0.0) -> None:
+             eval_tasks: list = ["knn", "linear"], model_name: str = "dinoflow-tiny",  # noqa: B006
+             metric: str = "knn_top1_k20", margin: float = 0.0) -> None:
         with dsl.ExitHandler(closer(run_root, tracking_uri, experiment)):
             parent = open_parent(run_root, tracking_uri, experiment, "full")
             ctx = context(run_root, tracking_uri, experiment, parent)
@@ -65,26 +66,29 @@ def build_pipelines(image: str = DEFAULT_IMAGE) -> dict[str, Callable[..., Any]]
                                  data_kind="fashion_mnist", data_uri=data.output, max_minutes=max_minutes, seed=seed)
             score_and_register(ctx, use_cache, trained.outputs["backbone"], data.output,
                                {"train_limit": train_limit, "test_limit": test_limit, "knn_k": knn_k,
-                                "knn_temperature": knn_temperature}, model_name, metric, margin)
+                                "knn_temperature": knn_temperature, "tasks": eval_tasks},
+                               model_name, metric, margin)
 
     @dsl.pipeline(name="evaluate-only", description="Benchmark given backbone weights on frozen features.")
     def evaluate_only(weights_uri: str, run_root: str = CLUSTER_RUN_ROOT, tracking_uri: str = CLUSTER_TRACKING_URI,
                       experiment: str = EXPERIMENT, use_cache: bool = True, data_uri: str = CLUSTER_DATA,
                       train_limit: int = 0, test_limit: int = 0, knn_k: int = 20,
-                      knn_temperature: float = 0.07) -> None:
+                      knn_temperature: float = 0.07, eval_tasks: list = ["knn", "linear"]) -> None:  # noqa: B006
         with dsl.ExitHandler(closer(run_root, tracking_uri, experiment)):
             parent = open_parent(run_root, tracking_uri, experiment, "evaluate-only")
             ctx = context(run_root, tracking_uri, experiment, parent)
             weights = dsl.importer(artifact_uri=weights_uri, artifact_class=dsl.Model, reimport=False)
             c.evaluate(**ctx, use_cache=use_cache, backbone=weights.output, data_uri=data_uri,
-                       train_limit=train_limit, test_limit=test_limit, knn_k=knn_k, knn_temperature=knn_temperature)
+                       train_limit=train_limit, test_limit=test_limit, knn_k=knn_k, knn_temperature=knn_temperature,
+                       tasks=eval_tasks)
 
     @dsl.pipeline(name="retrain", description="Continue from the registry's champion; promote only if better.")
     def retrain(run_root: str = CLUSTER_RUN_ROOT, tracking_uri: str = CLUSTER_TRACKING_URI,
                 experiment: str = EXPERIMENT, use_cache: bool = True, data_uri: str = CLUSTER_DATA,
                 preset: str = "tiny", overrides: list = [], max_minutes: float = 3.0, seed: int = 1,  # noqa: B006
                 train_limit: int = 0, test_limit: int = 0, knn_k: int = 20, knn_temperature: float = 0.07,
-                model_name: str = "dinoflow-tiny", metric: str = "knn_top1_k20", margin: float = 0.0) -> None:
+                eval_tasks: list = ["knn", "linear"], model_name: str = "dinoflow-tiny",  # noqa: B006
+                metric: str = "knn_top1_k20", margin: float = 0.0) -> None:
         with dsl.ExitHandler(closer(run_root, tracking_uri, experiment)):
             parent = open_parent(run_root, tracking_uri, experiment, "retrain")
             ctx = context(run_root, tracking_uri, experiment, parent)
@@ -94,6 +98,7 @@ def build_pipelines(image: str = DEFAULT_IMAGE) -> dict[str, Callable[..., Any]]
                                  init=start.outputs["backbone"])
             score_and_register(ctx, use_cache, trained.outputs["backbone"], data_uri,
                                {"train_limit": train_limit, "test_limit": test_limit, "knn_k": knn_k,
-                                "knn_temperature": knn_temperature}, model_name, metric, margin)
+                                "knn_temperature": knn_temperature, "tasks": eval_tasks},
+                               model_name, metric, margin)
 
     return {"full": full, "evaluate_only": evaluate_only, "retrain": retrain}

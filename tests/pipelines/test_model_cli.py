@@ -61,19 +61,21 @@ def test_eval_knn_matches_the_library(weights: Path, tmp_path: Path) -> None:
                                       "--test-limit", "100", "--out", str(report_path)])
     assert result.exit_code == 0, result.output
     report = json.loads(report_path.read_text())
-    assert 0.0 <= report["knn"]["k20"] <= 1.0
+    assert 0.0 <= report["metrics"]["knn_top1_k20"] <= 1.0 and "linear_top1" not in report["metrics"]
     model = load_backbone(str(weights), "safetensors")
     features = []
     for split, count in (("train", 500), ("test", 100)):
         data = load_split(Storage(), "/usr/share/datasets/fashion-mnist", split)
         features += [labelled_features(model, torch.from_numpy(data.images[:count]), 7),
                      torch.from_numpy(data.labels[:count])]
-    assert knn_accuracies(*features, ks=(20,))["k20"] == report["knn"]["k20"]
+    assert knn_accuracies(*features, ks=(20,))["k20"] == report["metrics"]["knn_top1_k20"]
     assert to_model_input(torch.zeros(1, 28, 28, dtype=torch.uint8), patch_size=7).shape == (1, 3, 28, 28)
 
 
 def test_eval_rejects_bad_input(weights: Path) -> None:
     runner = CliRunner()
-    assert "allowed: knn, linear" in runner.invoke(app, ["eval", "svm", "--weights", str(weights)]).stderr
+    assert "allowed: knn, linear, suite" in runner.invoke(app, ["eval", "svm", "--weights", str(weights)]).stderr
+    bad_task = runner.invoke(app, ["eval", "suite", "--weights", str(weights), "--tasks", "knn,segm"])
+    assert bad_task.exit_code == 2 and "unknown tasks ['segm']" in bad_task.stderr
     missing = runner.invoke(app, ["eval", "knn", "--weights", str(weights.parent / "nope.safetensors")])
     assert missing.exit_code == 2 and "nope.safetensors" in missing.stderr

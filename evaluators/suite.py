@@ -1,0 +1,141 @@
+"""The benchmark suite: every frozen-feature task on one backbone, one JSON report.
+
+Tasks:
+
+* ``knn``, ``linear``: Fashion-MNIST classification (k-NN at ``ks`` with temperature ``T``; the
+  one-pass linear probe), next to the raw-pixel k-NN baseline (``pixels_knn_top1_k*``);
+* ``seg``: the linear segmentation head on synthetic scenes (mIoU, pixel accuracy);
+* ``depth``: the linear depth head on the same scenes (RMSE, AbsRel, delta1);
+* ``retrieval``: CLS descriptors on synthetic retrieval sets (mAP easy/medium/hard).
+
+The synthetic scenes (:mod:`evaluators.synthetic`) make the dense and retrieval tasks run
+anywhere with exact ground truth; the adapters of :mod:`evaluators.dense_datasets` feed the same
+heads with the real data sets. The report is ``{"metrics": {flat name: value}, "tasks": {...}, "config": {...}}`` (plus the
+classification ``features`` ``[train_x, train_y, test_x, test_y]`` for plots, not for JSON);
+``metrics`` is what MLflow logs and the promotion gate reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from dinoflow.storage import Storage
+from evaluators.dense import (
+    HeadConfig,
+    dense_features,
+    evaluate_depth,
+    evaluate_segmentation,
+    train_depth_head,
+    train_segmentation_head,
+)
+from evaluators.dense_metrics import retrieval_map
+from evaluators.features import extract_features, to_model_input
+from evaluators.linear import LinearProbeConfig
+from evaluators.report import benchmark_report, knn_accuracies, report_metrics
+from evaluators.retrieval import global_descriptors, rank_database
+from evaluators.synthetic import CLASS_NAMES, SceneConfig, make_retrieval_set, make_scenes
+
+TASKS = ("knn", "linear", "seg", "depth", "retrieval")
+
+
+@dataclass(frozen=True)
+class SuiteConfig:
+    """What the suite runs and on how much data."""
+
+    tasks: tuple[str, ...] = ("knn", "linear")
+    fashion_mnist_uri: str = ""
+    train_limit: int = 0
+    test_limit: int = 0
+    ks: tuple[int, ...] = (10, 20)
+    temperature: float = 0.07
+    train_scenes: int = 256
+    test_scenes: int = 64
+    scene_size: int = 56
+    layers: int = 1
+    head: HeadConfig = field(default_factory=HeadConfig)
+    retrieval_scenes: int = 40
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown or not self.tasks:
+            raise ValueError(f"unknown tasks {unknown or '(none)'}; allowed: {', '.join(TASKS)}")
+        if {"knn", "linear"} & set(self.tasks) and not self.fashion_mnist_uri:
+            raise ValueError("knn and linear need fashion_mnist_uri (the Fashion-MNIST folder)")
+
+
+def _classification(backbone: nn.Module, config: SuiteConfig, storage: Storage) -> dict[str, Any]:
+    from trainer.data.fashion_mnist import load_split
+
+    splits, pixels = [], []
+    for split, limit in (("train", config.train_limit), ("test", config.test_limit)):
+        data = load_split(storage, config.fashion_mnist_uri, split)  # type: ignore[arg-type]
+        images = torch.from_numpy(data.images[: limit or len(data.images)])
+        labels = torch.from_numpy(data.labels[: len(images)])
+        features, _ = extract_features(backbone, to_model_input(images, patch_size=backbone.patch_size))
+        splits += [features, labels]
+        pixels += [images.flatten(1).float(), labels]
+    linear = LinearProbeConfig() if "linear" in config.tasks else None
+    report = benchmark_report(*splits, ks=config.ks, temperature=config.temperature, linear=linear, num_classes=10)
+    report["pixels_knn"] = knn_accuracies(*pixels, ks=config.ks, temperature=config.temperature, num_classes=10)
+    metrics = {**report_metrics(report), **{f"pixels_knn_top1_{k}": v for k, v in report["pixels_knn"].items()}}
+    return {"metrics": metrics, "report": report, "features": splits}
+
+
+def _scene_inputs(backbone: nn.Module, config: SuiteConfig) -> dict[str, Any]:
+    scene = SceneConfig(size=config.scene_size)
+    train = make_scenes(config.train_scenes, config.seed, scene)
+    test = make_scenes(config.test_scenes, config.seed + 1, scene)
+    encode = lambda s: dense_features(backbone, to_model_input(s.images, patch_size=backbone.patch_size), config.layers)  # noqa: E731
+    return {"scene": scene, "train": train, "test": test, "train_x": encode(train), "test_x": encode(test)}
+
+
+def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None = None) -> dict[str, Any]:
+    """Run ``config.tasks`` on ``backbone`` (in eval mode, not moved); returns the report."""
+    backbone.eval()
+    metrics: dict[str, float] = {}
+    tasks: dict[str, Any] = {}
+    features = None
+    if {"knn", "linear"} & set(config.tasks):
+        result = _classification(backbone, config, storage or Storage())
+        metrics.update(result["metrics"])
+        tasks["classification"] = result["report"]
+        features = result["features"]
+    if {"seg", "depth"} & set(config.tasks):
+        scenes = _scene_inputs(backbone, config)
+        (train_patches, train_cls), (test_patches, test_cls) = scenes["train_x"], scenes["test_x"]
+        if "seg" in config.tasks:
+            masks = torch.from_numpy(scenes["train"].masks).long()
+            head = train_segmentation_head(train_patches, masks, len(CLASS_NAMES), config.head)
+            seg = evaluate_segmentation(head, test_patches, torch.from_numpy(scenes["test"].masks).long(),
+                                        len(CLASS_NAMES))
+            tasks["seg"] = seg
+            metrics.update({"seg_miou": seg["miou"], "seg_pixel_accuracy": seg["pixel_accuracy"]})
+        if "depth" in config.tasks:
+            head = train_depth_head(train_patches, train_cls, torch.from_numpy(scenes["train"].depths), config.head,
+                                    max_depth=scenes["scene"].far)
+            depth = evaluate_depth(head, test_patches, test_cls, torch.from_numpy(scenes["test"].depths))
+            tasks["depth"] = depth
+            metrics.update({f"depth_{k}": v for k, v in depth.items()})
+    if "retrieval" in config.tasks:
+        data = make_retrieval_set(config.retrieval_scenes, seed=config.seed + 2,
+                                  config=SceneConfig(size=config.scene_size))
+        encode = lambda x: global_descriptors(backbone, to_model_input(x, patch_size=backbone.patch_size))  # noqa: E731
+        ranking, _ = rank_database(encode(data.queries), encode(data.database))
+        scores = dict(retrieval_map(ranking, data.truths))
+        tasks["retrieval"] = scores
+        metrics.update({f"retrieval_{k}": v for k, v in scores.items()})
+    return {"metrics": metrics, "tasks": tasks, "config": _jsonable(asdict(config)), "features": features}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [_jsonable(v) for v in value]
+    return value

@@ -1,0 +1,40 @@
+"""The benchmark suite runs every task on a backbone and reports flat metrics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from evaluators.dense import HeadConfig
+from evaluators.suite import SuiteConfig, run_suite
+from trainer.models.vit import build_vit
+
+
+def test_every_task_reports_its_metrics() -> None:
+    torch.manual_seed(0)
+    backbone = build_vit("vit_small", patch_size=7, embed_dim=32, depth=2, num_heads=2, img_size=28,
+                         layerscale_init=1.0)
+    config = SuiteConfig(tasks=("knn", "linear", "seg", "depth", "retrieval"),
+                         fashion_mnist_uri="/usr/share/datasets/fashion-mnist", train_limit=500, test_limit=200,
+                         train_scenes=24, test_scenes=8, head=HeadConfig(epochs=2), retrieval_scenes=6)
+    report = run_suite(backbone, config)
+    metrics = report["metrics"]
+    for name in ("knn_top1_k10", "knn_top1_k20", "linear_top1", "pixels_knn_top1_k20", "seg_miou",
+                 "seg_pixel_accuracy", "depth_rmse", "depth_abs_rel", "depth_delta1", "retrieval_map_easy",
+                 "retrieval_map_medium", "retrieval_map_hard"):
+        assert name in metrics and metrics[name] == metrics[name], name  # present and not NaN
+    assert 0 <= metrics["seg_miou"] <= 1 and metrics["depth_rmse"] > 0
+    assert len(report["features"]) == 4 and report["features"][0].shape == (500, 32)
+    report.pop("features")
+    json.dumps(report)  # the rest is the JSON report
+    assert report["config"]["tasks"] == ["knn", "linear", "seg", "depth", "retrieval"]
+
+
+def test_bad_task_lists_are_named() -> None:
+    with pytest.raises(ValueError, match="unknown tasks \\['segm'\\]; allowed: knn, linear, seg, depth, retrieval"):
+        SuiteConfig(tasks=("segm",))
+    with pytest.raises(ValueError, match="need fashion_mnist_uri"):
+        SuiteConfig(tasks=("knn",))
+    assert SuiteConfig(tasks=("seg",)).tasks == ("seg",)
