@@ -75,7 +75,6 @@ def run_champion_stage(ctx: StageContext, model_name: str, out_dir: str | Path) 
     returns the version. Fails clearly when the model has no champion yet."""
     import shutil
 
-    from mlflow.artifacts import download_artifacts
     from mlflow.tracking import MlflowClient
 
     from dinoflow.registry import champion_version
@@ -84,14 +83,16 @@ def run_champion_stage(ctx: StageContext, model_name: str, out_dir: str | Path) 
         raise ValueError("champion needs an MLflow tracking URI (the registry lives there)")
     storage = storage_from_env()
     with recording_errors(ctx, storage, "champion"), stage_run(ctx, "champion") as tracker:
-        version = champion_version(MlflowClient(tracking_uri=ctx.tracking_uri), model_name)
+        client = MlflowClient(tracking_uri=ctx.tracking_uri)
+        version = champion_version(client, model_name)
         if version is None:
             raise ValueError(f"registered model {model_name!r} has no champion: run the full pipeline first")
+        run_id = client.get_model_version(model_name, version).run_id
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as scratch:
-            folder = Path(download_artifacts(artifact_uri=f"models:/{model_name}/{version}", dst_path=scratch,
-                                             tracking_uri=ctx.tracking_uri))
-            shutil.copyfile(folder / "artifacts" / BACKBONE_FILE, out / BACKBONE_FILE)
+            # through this client's store (a models:/ URI would resolve against the global registry URI)
+            weights = client.download_artifacts(run_id, f"{MODEL_ARTIFACT}/artifacts/{BACKBONE_FILE}", scratch)
+            shutil.copyfile(weights, out / BACKBONE_FILE)
         tracker.set_tags({"champion.model": model_name, "champion.version": version})
     return version

@@ -75,7 +75,7 @@ def build_pipelines(image: str = DEFAULT_IMAGE) -> dict[str, Callable[..., Any]]
                       train_limit: int = 0, test_limit: int = 0, knn_k: int = 20,
                       knn_temperature: float = 0.07, eval_tasks: list = ["knn", "linear"]) -> None:  # noqa: B006
         with dsl.ExitHandler(closer(run_root, tracking_uri, experiment)):
-            parent = open_parent(run_root, tracking_uri, experiment, "evaluate-only")
+            parent = open_parent(run_root, tracking_uri, experiment, "evaluate_only")
             ctx = context(run_root, tracking_uri, experiment, parent)
             weights = dsl.importer(artifact_uri=weights_uri, artifact_class=dsl.Model, reimport=False)
             c.evaluate(**ctx, use_cache=use_cache, backbone=weights.output, data_uri=data_uri,
