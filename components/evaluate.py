@@ -49,9 +49,9 @@ def run_evaluate_stage(ctx: StageContext, backbone_dir: str | Path, out_dir: str
 
         def work() -> dict[str, Any]:
             backbone = load_backbone(str(weights), "safetensors", storage).eval()
-            report = run_suite(backbone, config, storage)
-            features = report.pop("features")
             out.mkdir(parents=True, exist_ok=True)
+            report = run_suite(backbone, config, storage, pictures=out)
+            features = report.pop("features")
             (out / REPORT_FILE).write_text(json.dumps({**report, "backbone_sha256": file_digest(weights)}, indent=2))
             if features is not None:
                 k = 20

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -39,6 +41,7 @@ from evaluators.linear import LinearProbeConfig
 from evaluators.report import benchmark_report, knn_accuracies, report_metrics
 from evaluators.retrieval import global_descriptors, rank_database
 from evaluators.synthetic import CLASS_NAMES, SceneConfig, make_retrieval_set, make_scenes
+from evaluators.visualize import save_dense_predictions, save_pca_maps
 
 TASKS = ("knn", "linear", "seg", "depth", "retrieval")
 
@@ -95,8 +98,14 @@ def _scene_inputs(backbone: nn.Module, config: SuiteConfig) -> dict[str, Any]:
     return {"scene": scene, "train": train, "test": test, "train_x": encode(train), "test_x": encode(test)}
 
 
-def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None = None) -> dict[str, Any]:
-    """Run ``config.tasks`` on ``backbone`` (in eval mode, not moved); returns the report."""
+def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None = None,
+              pictures: str | Path | None = None) -> dict[str, Any]:
+    """Run ``config.tasks`` on ``backbone`` (in eval mode, not moved); returns the report.
+
+    With ``pictures`` (a local folder) and the dense tasks, it also saves ``pca_features.png``
+    (test scenes and their patch features' first three principal components as RGB) and
+    ``dense_predictions.png`` (masks and depth maps, true and predicted).
+    """
     backbone.eval()
     metrics: dict[str, float] = {}
     tasks: dict[str, Any] = {}
@@ -109,19 +118,30 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
     if {"seg", "depth"} & set(config.tasks):
         scenes = _scene_inputs(backbone, config)
         (train_patches, train_cls), (test_patches, test_cls) = scenes["train_x"], scenes["test_x"]
+        test = scenes["test"]
+        size = tuple(test.masks.shape[-2:])
+        predicted_masks, predicted_depths = np.zeros_like(test.masks), np.zeros_like(test.depths)
         if "seg" in config.tasks:
             masks = torch.from_numpy(scenes["train"].masks).long()
             head = train_segmentation_head(train_patches, masks, len(CLASS_NAMES), config.head)
-            seg = evaluate_segmentation(head, test_patches, torch.from_numpy(scenes["test"].masks).long(),
-                                        len(CLASS_NAMES))
+            seg = evaluate_segmentation(head, test_patches, torch.from_numpy(test.masks).long(), len(CLASS_NAMES))
+            with torch.no_grad():
+                predicted_masks = head(test_patches, size).argmax(dim=1).numpy().astype(np.uint8)
             tasks["seg"] = seg
             metrics.update({"seg_miou": seg["miou"], "seg_pixel_accuracy": seg["pixel_accuracy"]})
         if "depth" in config.tasks:
             head = train_depth_head(train_patches, train_cls, torch.from_numpy(scenes["train"].depths), config.head,
                                     max_depth=scenes["scene"].far)
-            depth = evaluate_depth(head, test_patches, test_cls, torch.from_numpy(scenes["test"].depths))
+            depth = evaluate_depth(head, test_patches, test_cls, torch.from_numpy(test.depths))
+            with torch.no_grad():
+                predicted_depths = head(test_patches, test_cls, size).numpy()
             tasks["depth"] = depth
             metrics.update({f"depth_{k}": v for k, v in depth.items()})
+        if pictures is not None:
+            shown = slice(0, 6)
+            save_pca_maps(test.images[shown], test_patches[shown].numpy(), Path(pictures) / "pca_features.png")
+            save_dense_predictions(test.images[shown], test.masks[shown], predicted_masks[shown], test.depths[shown],
+                                   predicted_depths[shown], Path(pictures) / "dense_predictions.png", len(CLASS_NAMES))
     if "retrieval" in config.tasks:
         data = make_retrieval_set(config.retrieval_scenes, seed=config.seed + 2,
                                   config=SceneConfig(size=config.scene_size))

@@ -92,6 +92,27 @@ def save_pca_maps(images: np.ndarray, patches: np.ndarray, path: str | Path, col
     return _save(figure, path)
 
 
+def save_dense_predictions(images: np.ndarray, masks: np.ndarray, predicted_masks: np.ndarray, depths: np.ndarray,
+                           predicted_depths: np.ndarray, path: str | Path, num_classes: int) -> Path:
+    """One row per image: the image, its mask and the predicted one, its depth and the predicted one."""
+    titles = ("image", "mask", "predicted mask", "depth", "predicted depth")
+    figure, axes = plt.subplots(len(images), 5, figsize=(7.5, 1.6 * len(images)), squeeze=False)
+    high = float(max(depths.max(), predicted_depths.max()))
+    for row in range(len(images)):
+        axes[row, 0].imshow(images[row].transpose(1, 2, 0))
+        for column, mask in ((1, masks[row]), (2, predicted_masks[row])):
+            axes[row, column].imshow(np.where(mask == 255, 0, mask), cmap="tab10", vmin=0, vmax=max(num_classes - 1, 1),
+                                     interpolation="nearest")
+        for column, depth in ((3, depths[row]), (4, predicted_depths[row])):
+            axes[row, column].imshow(depth, cmap="magma_r", vmin=0, vmax=high)
+        for column, axis in enumerate(axes[row]):
+            axis.axis("off")
+            if row == 0:
+                axis.set_title(titles[column], fontsize=8)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
 def _save(figure: plt.Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

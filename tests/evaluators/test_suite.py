@@ -12,14 +12,14 @@ from evaluators.suite import SuiteConfig, run_suite
 from trainer.models.vit import build_vit
 
 
-def test_every_task_reports_its_metrics() -> None:
+def test_every_task_reports_its_metrics(tmp_path) -> None:
     torch.manual_seed(0)
     backbone = build_vit("vit_small", patch_size=7, embed_dim=32, depth=2, num_heads=2, img_size=28,
                          layerscale_init=1.0)
     config = SuiteConfig(tasks=("knn", "linear", "seg", "depth", "retrieval"),
                          fashion_mnist_uri="/usr/share/datasets/fashion-mnist", train_limit=500, test_limit=200,
                          train_scenes=24, test_scenes=8, head=HeadConfig(epochs=2), retrieval_scenes=6)
-    report = run_suite(backbone, config)
+    report = run_suite(backbone, config, pictures=tmp_path)
     metrics = report["metrics"]
     for name in ("knn_top1_k10", "knn_top1_k20", "linear_top1", "pixels_knn_top1_k20", "seg_miou",
                  "seg_pixel_accuracy", "depth_rmse", "depth_abs_rel", "depth_delta1", "retrieval_map_easy",
@@ -27,6 +27,8 @@ def test_every_task_reports_its_metrics() -> None:
         assert name in metrics and metrics[name] == metrics[name], name  # present and not NaN
     assert 0 <= metrics["seg_miou"] <= 1 and metrics["depth_rmse"] > 0
     assert len(report["features"]) == 4 and report["features"][0].shape == (500, 32)
+    for name in ("pca_features.png", "dense_predictions.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     report.pop("features")
     json.dumps(report)  # the rest is the JSON report
     assert report["config"]["tasks"] == ["knn", "linear", "seg", "depth", "retrieval"]
