@@ -32,6 +32,7 @@ from evaluators.dense import (
     dense_features,
     evaluate_depth,
     evaluate_segmentation,
+    multiscale_probabilities,
     train_depth_head,
     train_segmentation_head,
 )
@@ -59,7 +60,8 @@ class SuiteConfig:
     train_scenes: int = 256
     test_scenes: int = 64
     scene_size: int = 56
-    layers: int = 1
+    layers: int = 1  # 4: the "+ms" protocol's last four blocks
+    multiscale: bool = False  # segmentation tested over scales 0.75/1/1.25 and flips ("+ms")
     head: HeadConfig = field(default_factory=HeadConfig)
     retrieval_scenes: int = 40
     seed: int = 0
@@ -94,8 +96,10 @@ def _scene_inputs(backbone: nn.Module, config: SuiteConfig) -> dict[str, Any]:
     scene = SceneConfig(size=config.scene_size)
     train = make_scenes(config.train_scenes, config.seed, scene)
     test = make_scenes(config.test_scenes, config.seed + 1, scene)
-    encode = lambda s: dense_features(backbone, to_model_input(s.images, patch_size=backbone.patch_size), config.layers)  # noqa: E731
-    return {"scene": scene, "train": train, "test": test, "train_x": encode(train), "test_x": encode(test)}
+    inputs = {name: to_model_input(s.images, patch_size=backbone.patch_size) for name, s in (("train", train), ("test", test))}
+    return {"scene": scene, "train": train, "test": test, "test_inputs": inputs["test"],
+            "train_x": dense_features(backbone, inputs["train"], config.layers),
+            "test_x": dense_features(backbone, inputs["test"], config.layers)}
 
 
 def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None = None,
@@ -124,9 +128,12 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
         if "seg" in config.tasks:
             masks = torch.from_numpy(scenes["train"].masks).long()
             head = train_segmentation_head(train_patches, masks, len(CLASS_NAMES), config.head)
-            seg = evaluate_segmentation(head, test_patches, torch.from_numpy(test.masks).long(), len(CLASS_NAMES))
             with torch.no_grad():
-                predicted_masks = head(test_patches, size).argmax(dim=1).numpy().astype(np.uint8)
+                probabilities = (multiscale_probabilities(backbone, head, scenes["test_inputs"], config.layers)
+                                 if config.multiscale else head(test_patches, size).softmax(dim=1))
+            seg = evaluate_segmentation(head, probabilities, torch.from_numpy(test.masks).long(), len(CLASS_NAMES),
+                                        already_probabilities=True)
+            predicted_masks = probabilities.argmax(dim=1).numpy().astype(np.uint8)
             tasks["seg"] = seg
             metrics.update({"seg_miou": seg["miou"], "seg_pixel_accuracy": seg["pixel_accuracy"]})
         if "depth" in config.tasks:

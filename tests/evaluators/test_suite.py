@@ -34,6 +34,15 @@ def test_every_task_reports_its_metrics(tmp_path) -> None:
     assert report["config"]["tasks"] == ["knn", "linear", "seg", "depth", "retrieval"]
 
 
+def test_multiscale_four_layer_segmentation_runs() -> None:
+    torch.manual_seed(0)
+    backbone = build_vit("vit_small", patch_size=7, embed_dim=16, depth=4, num_heads=2, img_size=28)
+    config = SuiteConfig(tasks=("seg",), train_scenes=8, test_scenes=4, layers=4, multiscale=True,
+                         head=HeadConfig(epochs=1))
+    metrics = run_suite(backbone, config)["metrics"]
+    assert 0 <= metrics["seg_miou"] <= 1 and 0 <= metrics["seg_pixel_accuracy"] <= 1
+
+
 def test_bad_task_lists_are_named() -> None:
     with pytest.raises(ValueError, match="unknown tasks \\['segm'\\]; allowed: knn, linear, seg, depth, retrieval"):
         SuiteConfig(tasks=("segm",))
