@@ -20,9 +20,9 @@ from PIL import Image
 
 from dinoflow.config import PretrainConfig, load_config
 from dinoflow.storage import Storage, join_uri
+from dinoflow.tracking import NullTracker
 from evaluators.suite import SuiteConfig, run_suite
 from evaluators.synthetic import SceneConfig, make_scenes
-from dinoflow.tracking import NullTracker
 from trainer.engine import build_networks
 from trainer.models.hub import load_backbone
 from trainer.run import run_pretrain

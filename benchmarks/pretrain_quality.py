@@ -20,12 +20,13 @@ import torch
 
 from dinoflow.config import PretrainConfig, load_config
 from dinoflow.storage import Storage, join_uri
+from evaluators.features import labelled_features
 from evaluators.linear import LinearProbeConfig
 from evaluators.report import benchmark_report, report_metrics
 from trainer.data.datasets import collate_samples
 from trainer.data.fashion_mnist import load_split
 from trainer.engine import build_networks, pretrain
-from trainer.run import build_dataset, labelled_features
+from trainer.run import build_dataset
 
 
 def parse_args() -> argparse.Namespace:

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import json
 
-from components.stage import StageContext, storage_from_env
-from dinoflow.storage import join_uri
+from components.stage import StageContext, errors_uri, storage_from_env
 from dinoflow.tracking import TAG_PIPELINE_RUN, MlflowTracker, default_artifact_location, standard_tags
 
 TAG_PIPELINE = "dinoflow.pipeline"
@@ -31,8 +30,7 @@ def open_pipeline_run(ctx: StageContext, pipeline: str) -> str:
 def close_pipeline_run(ctx: StageContext, state: str) -> dict[str, object]:
     """End the parent run FINISHED or FAILED (from KFP's final ``state``), recording failed stages."""
     storage = storage_from_env()
-    errors_uri = join_uri(ctx.run_root, "pipeline-runs", ctx.pipeline_run_id or "unknown", "errors")
-    errors = [json.loads(storage.read_bytes(uri)) for uri in storage.list(errors_uri) if uri.endswith(".json")]
+    errors = [json.loads(storage.read_bytes(uri)) for uri in storage.list(errors_uri(ctx)) if uri.endswith(".json")]
     summary = {"state": state, "failed_stages": [e["stage"] for e in errors],
                "errors": {e["stage"]: e["error"] for e in errors}}
     if not ctx.tracking_uri:

@@ -59,9 +59,14 @@ def storage_from_env() -> Storage:
     return Storage(S3Settings.from_env(os.environ))
 
 
+def errors_uri(ctx: StageContext) -> str:
+    """The folder where the failed stages of this pipeline run record their errors."""
+    return join_uri(ctx.run_root, "pipeline-runs", ctx.pipeline_run_id or "unknown", "errors")
+
+
 def error_uri(ctx: StageContext, stage: str) -> str:
     """Where a failed stage of this pipeline run records its error."""
-    return join_uri(ctx.run_root, "pipeline-runs", ctx.pipeline_run_id or "unknown", "errors", f"{stage}.json")
+    return join_uri(errors_uri(ctx), f"{stage}.json")
 
 
 @contextmanager

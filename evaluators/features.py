@@ -178,3 +178,13 @@ def _split_batch(batch: Batch) -> tuple[Tensor, Tensor | None]:
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
     raise ValueError(f"a batch must be images or (images, labels), got {type(batch).__name__}")
+
+
+def labelled_features(
+    backbone: nn.Module, images: torch.Tensor, patch_size: int, batch_size: int = 512
+) -> torch.Tensor:
+    """Final normalised CLS features of uint8 images ``(N, H, W)`` or ``(N, 3, H, W)``."""
+    device = next(backbone.parameters()).device
+    inputs = to_model_input(images, patch_size=patch_size).to(device)
+    features, _ = extract_features(backbone, inputs, batch_size=batch_size)
+    return features

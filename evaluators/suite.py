@@ -37,7 +37,7 @@ from evaluators.dense import (
     train_segmentation_head,
 )
 from evaluators.dense_metrics import retrieval_map
-from evaluators.features import extract_features, to_model_input
+from evaluators.features import labelled_features, to_model_input
 from evaluators.linear import LinearProbeConfig
 from evaluators.report import benchmark_report, knn_accuracies, report_metrics
 from evaluators.retrieval import global_descriptors, rank_database
@@ -82,8 +82,7 @@ def _classification(backbone: nn.Module, config: SuiteConfig, storage: Storage) 
         data = load_split(storage, config.fashion_mnist_uri, split)  # type: ignore[arg-type]
         images = torch.from_numpy(data.images[: limit or len(data.images)])
         labels = torch.from_numpy(data.labels[: len(images)])
-        features, _ = extract_features(backbone, to_model_input(images, patch_size=backbone.patch_size))
-        splits += [features, labels]
+        splits += [labelled_features(backbone, images, backbone.patch_size), labels]
         pixels += [images.flatten(1).float(), labels]
     linear = LinearProbeConfig() if "linear" in config.tasks else None
     report = benchmark_report(*splits, ks=config.ks, temperature=config.temperature, linear=linear, num_classes=10)

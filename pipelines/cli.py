@@ -147,7 +147,7 @@ def evaluate(
 ) -> None:
     """Benchmark frozen features of a backbone: k-NN, linear probe, or the whole suite
     (Fashion-MNIST classification; segmentation, depth and retrieval on synthetic scenes)."""
-    from dinoflow.storage import S3Settings, Storage
+    from components.stage import storage_from_env
     from evaluators.suite import SuiteConfig, run_suite
     from trainer.models.hub import SOURCES, load_backbone
 
@@ -164,7 +164,7 @@ def evaluate(
     except ValueError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
-    storage = Storage(S3Settings.from_env(os.environ))
+    storage = storage_from_env()
     try:
         backbone = load_backbone(weights, source, storage)  # type: ignore[arg-type]
     except (ValueError, FileNotFoundError) as err:
@@ -198,14 +198,15 @@ def export(
     import tempfile
     from pathlib import Path
 
-    from dinoflow.storage import S3Settings, Storage, join_uri
+    from components.stage import storage_from_env
+    from dinoflow.storage import join_uri
     from trainer.models.hub import SOURCES, load_backbone, pretrained_arch_kwargs, save_backbone
 
     formats = ("hf", "onnx", "safetensors")
     if export_format not in formats:
         typer.echo(f"error: unknown format {export_format!r}; allowed: {', '.join(formats)}", err=True)
         raise typer.Exit(2)
-    storage = Storage(S3Settings.from_env(os.environ))
+    storage = storage_from_env()
     if storage.list(out):
         typer.echo(f"error: {out} is not empty; choose a new output folder", err=True)
         raise typer.Exit(2)
@@ -336,10 +337,10 @@ def pipeline_submit(
 def _run_root(out: str) -> tuple[Any, str]:
     """Storage from the environment with the run root's bucket made, and the tracking URI
     (``MLFLOW_TRACKING_URI``, else sqlite under the run root)."""
-    from dinoflow.storage import S3Settings, Storage
+    from components.stage import storage_from_env
     from dinoflow.tracking import default_tracking_uri
 
-    storage = Storage(S3Settings.from_env(os.environ))
+    storage = storage_from_env()
     storage.make_bucket(out)
     return storage, os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(out)
 

@@ -13,7 +13,7 @@ import torch
 from dinoflow.config import DataConfig, PretrainConfig
 from dinoflow.storage import Storage
 from dinoflow.tracking import Tracker
-from evaluators.features import extract_features, to_model_input
+from evaluators.features import labelled_features
 from evaluators.linear import LinearProbeConfig
 from evaluators.report import benchmark_report, knn_accuracies, report_metrics
 from trainer.data.datasets import FashionMnistDataset, ImageFolderDataset, ShardDataset, collate_samples
@@ -31,16 +31,6 @@ def build_dataset(data: DataConfig, load_size: int, storage: Storage) -> torch.u
     if data.kind == "folder":
         return ImageFolderDataset(storage, data.uri, load_size)
     return ShardDataset(storage, data.uri, load_size)
-
-
-def labelled_features(
-    backbone: DinoVisionTransformer, images: torch.Tensor, patch_size: int, batch_size: int = 512
-) -> torch.Tensor:
-    """Final normalised CLS features of uint8 images ``(N, H, W)`` or ``(N, 3, H, W)``."""
-    device = next(backbone.parameters()).device
-    inputs = to_model_input(images, patch_size=patch_size).to(device)
-    features, _ = extract_features(backbone, inputs, batch_size=batch_size)
-    return features
 
 
 def fashion_mnist_evaluator(cfg: PretrainConfig, storage: Storage, linear: bool = False) -> EvalFn:

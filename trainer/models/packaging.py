@@ -40,14 +40,12 @@ def cls_features(backbone: Any, patch_size: int, images: Any) -> np.ndarray:
     """Final normalised CLS features ``(N, D)`` of uint8 images ``(N, H, W)`` or ``(N, 3, H, W)``."""
     import torch
 
-    from evaluators.features import extract_features, to_model_input
+    from evaluators.features import labelled_features
 
     array = np.asarray(images)
     if array.dtype != np.uint8 or array.ndim not in (3, 4):
         raise ValueError(f"images must be uint8 (N, H, W) or (N, 3, H, W), got {array.dtype} {array.shape}")
-    inputs = to_model_input(torch.from_numpy(array), patch_size=patch_size)
-    features, _ = extract_features(backbone, inputs)
-    return features.numpy()
+    return labelled_features(backbone, torch.from_numpy(array), patch_size).numpy()
 
 
 def pinned_requirements() -> list[str]:
