@@ -172,6 +172,16 @@ class EvalConfig(Section):
     test_limit: int = Field(0, ge=0)
 
 
+class DistributedConfig(Section):
+    """How pretraining is spread over processes (one per rank, started by ``torchrun``)."""
+
+    strategy: Literal["single", "fsdp2"] = Field(
+        "single", description="single: one process, whole networks; fsdp2: student and teacher sharded "
+        "with torch FSDP2 over all ranks (gloo on CPU, NCCL on CUDA)",
+    )
+    timeout_seconds: float = Field(1800, gt=0, description="collective timeout of the process group")
+
+
 class PretrainConfig(Section):
     """Self-supervised pretraining (DINO + iBOT + KoLeo) of a backbone."""
 
@@ -193,6 +203,7 @@ class PretrainConfig(Section):
     data: DataConfig = DataConfig()
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
+    distributed: DistributedConfig = DistributedConfig()
 
     @model_validator(mode="after")
     def _crops_fit_patches(self) -> PretrainConfig:

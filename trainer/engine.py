@@ -28,11 +28,20 @@ from dinoflow.tracking import NullTracker, Tracker
 from trainer.data.augment import MultiCrop
 from trainer.data.datasets import BadImageTracker
 from trainer.data.masking import sample_crop_masks
-from trainer.losses import DINOLoss, IBOTPatchLoss, KoLeoLoss, SoftmaxCentering, sinkhorn_knopp
+from trainer.losses import (
+    AllReduce,
+    DINOLoss,
+    IBOTPatchLoss,
+    KoLeoLoss,
+    SoftmaxCentering,
+    no_reduce,
+    sinkhorn_knopp,
+)
 from trainer.models.heads import DINOHead
 from trainer.models.hub import load_strict, read_weights, save_backbone
 from trainer.models.vit import DinoVisionTransformer, build_vit
 from trainer.schedules import ScheduleValues, schedule_values, total_steps
+from trainer.strategy import Strategy, build_strategy, local_tensor
 
 
 class SSLNetwork(nn.Module):
@@ -81,11 +90,15 @@ def build_networks(cfg: PretrainConfig) -> tuple[SSLNetwork, SSLNetwork]:
 
 
 class Objective(nn.Module):
-    """The DINOv2 loss terms and the teacher-target normalisation state (centres)."""
+    """The DINOv2 loss terms and the teacher-target normalisation state (centres).
 
-    def __init__(self, cfg: PretrainConfig) -> None:
+    ``all_reduce`` (a sum over ranks) makes Sinkhorn-Knopp and the centre see every rank's rows.
+    """
+
+    def __init__(self, cfg: PretrainConfig, all_reduce: AllReduce = no_reduce) -> None:
         super().__init__()
         self.cfg = cfg.loss
+        self.all_reduce = all_reduce
         self.dino = DINOLoss(cfg.loss.student_temp)
         self.ibot = IBOTPatchLoss(cfg.loss.student_temp)
         self.koleo = KoLeoLoss()
@@ -96,9 +109,9 @@ class Objective(nn.Module):
     def targets(self, logits: Tensor, center: SoftmaxCentering, temp: float) -> Tensor:
         """Teacher probabilities: Sinkhorn-Knopp, or softmax centering (then the centre moves)."""
         if self.cfg.centering == "sinkhorn_knopp":
-            return sinkhorn_knopp(logits, temp)
+            return sinkhorn_knopp(logits, temp, all_reduce=self.all_reduce)
         probs = center(logits, temp)
-        center.update(logits)
+        center.update(logits, self.all_reduce)
         return probs
 
 
@@ -120,10 +133,12 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     clip_grad: float,
     autocast_dtype: torch.dtype | None = None,
+    strategy: Strategy | None = None,
 ) -> dict[str, float]:
     """One optimiser step over ``micro_batches`` (gradient accumulation), then the EMA update.
 
-    Returns the loss terms (averaged over micro-batches) for logging.
+    Returns the loss terms (averaged over micro-batches, and over ranks under ``strategy``) for
+    logging.
     """
     for group in optimizer.param_groups:
         group["lr"] = (sched.last_layer_lr if group["is_last_layer"] else sched.lr) * group["lr_multiplier"]
@@ -148,7 +163,7 @@ def train_step(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     ema_update(teacher, student, sched.teacher_momentum)
-    return totals
+    return strategy.mean(totals) if strategy is not None else totals
 
 
 def _loss_terms(student: SSLNetwork, teacher: SSLNetwork, objective: Objective, batch: CropBatch,
@@ -179,9 +194,10 @@ def _loss_terms(student: SSLNetwork, teacher: SSLNetwork, objective: Objective, 
 
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """``teacher <- m * teacher + (1 - m) * student`` for every parameter."""
-    teacher_params = list(teacher.parameters())
-    student_params = [p.detach() for p in student.parameters()]
+    """``teacher <- m * teacher + (1 - m) * student`` for every parameter; on sharded networks,
+    on this rank's shards only (student and teacher are sharded alike)."""
+    teacher_params = [local_tensor(p) for p in teacher.parameters()]
+    student_params = [local_tensor(p.detach()) for p in student.parameters()]
     torch._foreach_mul_(teacher_params, momentum)
     torch._foreach_add_(teacher_params, student_params, alpha=1 - momentum)
 
@@ -214,34 +230,51 @@ def param_groups(student: SSLNetwork, cfg: PretrainConfig) -> list[dict[str, Any
             for (lr, wd, last), params in groups.items()]
 
 
-def make_batch(images: Tensor, step: int, cfg: PretrainConfig, multi_crop: MultiCrop) -> CropBatch:
-    """Crops and masks for uint8 images; random draws are seeded from ``(seed, step)``."""
+def make_batch(images: Tensor, step: int, cfg: PretrainConfig, multi_crop: MultiCrop,
+               strategy: Strategy | None = None) -> CropBatch:
+    """Crops and masks for uint8 images; random draws are seeded from ``(seed, step)``.
+
+    Under ``strategy`` the masks are drawn for the global batch (every rank draws the same) and
+    this rank keeps its images' rows, so masking does not depend on how the batch is split.
+    """
+    strategy = strategy or Strategy()
     global_crops, local_crops = multi_crop(images)
     grid = global_crops.shape[-1] // cfg.model.patch_size
     rng = np.random.default_rng([cfg.seed, step])
+    global_images = len(images) * strategy.world_size
     masks, _ = sample_crop_masks(
-        2 * len(images), grid, grid, rng, cfg.loss.mask_probability,
+        2 * global_images, grid, grid, rng, cfg.loss.mask_probability,
         (cfg.loss.mask_ratio_min, cfg.loss.mask_ratio_max),
     )
+    masks = masks.view(2, global_images, -1)[:, strategy.rank_slice(global_images)].flatten(0, 1)  # (2B, N)
     return CropBatch(global_crops, local_crops, masks.to(images.device))
 
 
 class ResumableBatches:
     """Index batches over a data set of ``length`` images, forever: each data epoch is a
-    permutation seeded by ``(seed, epoch)``, so batch ``b`` is known without replaying."""
+    permutation seeded by ``(seed, epoch)``, so batch ``b`` is known without replaying.
 
-    def __init__(self, length: int, batch_size: int, seed: int, start: int = 0) -> None:
-        if length < batch_size:
-            raise ValueError(f"data set of {length} images is smaller than one batch ({batch_size})")
+    With ``world_size`` ranks, global batch ``b`` is the next ``batch_size * world_size`` indices
+    of the permutation and rank ``r`` reads its ``r``-th block of ``batch_size``: distinct images
+    per rank, fixed by the seed and the world size."""
+
+    def __init__(self, length: int, batch_size: int, seed: int, start: int = 0, rank: int = 0,
+                 world_size: int = 1) -> None:
+        global_size = batch_size * world_size
+        if length < global_size:
+            raise ValueError(f"data set of {length} images is smaller than one batch ({global_size})")
         self.length, self.batch_size, self.seed, self.start = length, batch_size, seed, start
-        self.per_epoch = length // batch_size
+        self.rank, self.world_size = rank, world_size
+        self.per_epoch = length // global_size
 
     def __iter__(self) -> Iterator[list[int]]:
         index = self.start
+        global_size = self.batch_size * self.world_size
         while True:
             epoch, offset = divmod(index, self.per_epoch)
             order = np.random.default_rng([self.seed, epoch]).permutation(self.length)
-            yield order[offset * self.batch_size : (offset + 1) * self.batch_size].tolist()
+            first = offset * global_size + self.rank * self.batch_size
+            yield order[first : first + self.batch_size].tolist()
             index += 1
 
 
@@ -257,11 +290,14 @@ class TrainState:
 
 
 def checkpoint_bytes(student: SSLNetwork, teacher: SSLNetwork, objective: Objective,
-                     optimizer: torch.optim.Optimizer, state: TrainState, cfg: PretrainConfig) -> bytes:
+                     optimizer: torch.optim.Optimizer, state: TrainState, cfg: PretrainConfig,
+                     strategy: Strategy | None = None) -> bytes:
+    """The whole run state (gathered from every rank under ``strategy``: all ranks call this)."""
+    strategy = strategy or Strategy()
     buffer = io.BytesIO()
     torch.save({
-        "student": student.state_dict(), "teacher": teacher.state_dict(),
-        "objective": objective.state_dict(), "optimizer": optimizer.state_dict(),
+        "student": strategy.full_state_dict(student), "teacher": strategy.full_state_dict(teacher),
+        "objective": objective.state_dict(), "optimizer": strategy.optimizer_state(student, optimizer),
         "step": state.step, "images_seen": state.images_seen, "train_seconds": state.train_seconds,
         "config": to_yaml(cfg),
         "history": json.dumps(state.history),
@@ -310,15 +346,28 @@ def pretrain(
     ``(B, 3, S, S)``) and the ``keys``/``bad_keys`` of decoded and undecodable images;
     ``evaluate(teacher_backbone, step)`` gives metrics every ``cfg.eval.every_steps`` steps and
     ``final_evaluate`` (default ``evaluate``) at the end.
+
+    Under a distributed ``cfg.distributed.strategy`` every rank runs this (started by torchrun):
+    each reads its slice of every global batch, and only rank 0 logs, evaluates and writes.
     """
+    device = torch.device(cfg.device)
+    strategy = build_strategy(cfg.distributed, device)
+    try:
+        return _pretrain(cfg, dataset, collate, storage, tracker if strategy.is_main else NullTracker(),
+                         evaluate, final_evaluate, strategy)
+    finally:
+        strategy.close()
+
+
+def _pretrain(cfg: PretrainConfig, dataset: Any, collate: Callable, storage: Storage, tracker: Tracker | None,
+              evaluate: EvalFn | None, final_evaluate: EvalFn | None, strategy: Strategy) -> dict[str, Any]:
     tracker = tracker or NullTracker()
     device = torch.device(cfg.device)
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
     torch.manual_seed(cfg.seed)
     student, teacher = build_networks(cfg)
-    objective = Objective(cfg)
+    objective = Objective(cfg, strategy.all_reduce)
     student, teacher, objective = student.to(device), teacher.to(device), objective.to(device)
-    optimizer = torch.optim.AdamW(param_groups(student, cfg), betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
     state = TrainState()
     checkpoint = load_latest_checkpoint(storage, cfg.out)
     if checkpoint is None and cfg.init_weights:
@@ -329,7 +378,10 @@ def pretrain(
         student.load_state_dict(checkpoint["student"])
         teacher.load_state_dict(checkpoint["teacher"])
         objective.load_state_dict(checkpoint["objective"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+    student, teacher = strategy.wrap(student, teacher)  # shards what was loaded
+    optimizer = torch.optim.AdamW(param_groups(student, cfg), betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
+    if checkpoint is not None:
+        strategy.load_optimizer_state(student, optimizer, checkpoint["optimizer"])
         state = TrainState(checkpoint["step"], checkpoint["images_seen"], checkpoint["train_seconds"],
                            json.loads(checkpoint["history"]), json.loads(checkpoint.get("bad_images", "{}")))
     tracker.log_config(cfg)
@@ -343,7 +395,8 @@ def pretrain(
     micro = cfg.optim.grad_accumulation
     last_step = total_steps(cfg.optim) if cfg.max_steps == 0 else min(cfg.max_steps, total_steps(cfg.optim))
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=ResumableBatches(len(dataset), cfg.optim.batch_size, cfg.seed, state.step * micro),
+        dataset, batch_sampler=ResumableBatches(len(dataset), cfg.optim.batch_size, cfg.seed, state.step * micro,
+                                                strategy.rank, strategy.world_size),
         collate_fn=collate, num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
     )
     batches = iter(loader)
@@ -360,6 +413,9 @@ def pretrain(
 
     marks = sorted(m for m in cfg.eval.at_minutes if m > state.train_seconds / 60)
 
+    def teacher_backbone() -> nn.Module:
+        return build_backbone(cfg, drop_path=False)
+
     bar = progress(range(state.step, last_step), desc=f"pretrain {cfg.name}", total=last_step - state.step,
                    unit="step")
     stopped_early = False
@@ -370,14 +426,17 @@ def pretrain(
             break
         sched = schedule_values(step, cfg.optim, cfg.loss)
         tick = time.perf_counter()
-        torch.manual_seed(cfg.seed * 1_000_003 + step)
+        # augmentation and stochastic depth: a stream per (step, rank); masks: per step (make_batch)
+        torch.manual_seed((cfg.seed * 1_000_003 + step) * strategy.world_size + strategy.rank)
         images = [next_images() for _ in range(micro)]
         crop = highres_crop if highres_from is not None and step >= highres_from else multi_crop
-        micro_batches = [make_batch(x, step * micro + i, cfg, crop) for i, x in enumerate(images)]
+        micro_batches = [make_batch(x, step * micro + i, cfg, crop, strategy) for i, x in enumerate(images)]
         student.train()
         losses = train_step(student, teacher, objective, micro_batches, sched, optimizer, cfg.optim.clip_grad,
-                            autocast_dtype)
-        count, seconds = sum(len(x) for x in images), time.perf_counter() - tick
+                            autocast_dtype, strategy)
+        count = sum(len(x) for x in images) * strategy.world_size
+        # one clock for all ranks, so that time-based stops and evaluations happen on all at once
+        seconds = strategy.mean({"seconds": time.perf_counter() - tick})["seconds"]
         state.step, state.images_seen = step + 1, state.images_seen + count
         state.train_seconds += seconds
         metrics = {**{f"loss_{k}": v for k, v in losses.items()}, "lr": sched.lr, "weight_decay": sched.weight_decay,
@@ -390,31 +449,37 @@ def pretrain(
             marks.pop(0)
             due = True
         if evaluate is not None and due:
-            results = evaluate(teacher.backbone, state.step)
+            whole = strategy.whole(teacher.backbone, teacher_backbone)
+            results = evaluate(whole, state.step) if strategy.is_main else {}
             tracker.log_metrics(results, step=state.step, force=True)
             state.history.append({"step": state.step, "train_minutes": round(state.train_seconds / 60, 3),
                                   "images_seen": state.images_seen, **results})
         state.bad_images = bad_images.summary()
         if state.step % cfg.checkpoint_every == 0 or state.step == last_step:
-            save_checkpoint(storage, cfg.out, checkpoint_bytes(student, teacher, objective, optimizer, state, cfg),
-                            state.step)
+            data = checkpoint_bytes(student, teacher, objective, optimizer, state, cfg, strategy)
+            if strategy.is_main:
+                save_checkpoint(storage, cfg.out, data, state.step)
     if stopped_early or state.step % cfg.checkpoint_every:
-        save_checkpoint(storage, cfg.out, checkpoint_bytes(student, teacher, objective, optimizer, state, cfg),
-                        state.step)
+        data = checkpoint_bytes(student, teacher, objective, optimizer, state, cfg, strategy)
+        if strategy.is_main:
+            save_checkpoint(storage, cfg.out, data, state.step)
     if metrics:  # the last step's values, whatever the cadence
         tracker.log_metrics(metrics, step=state.step, force=True)
     bad_images.check(final=True)
     final: dict[str, float] = {}
     closing = final_evaluate or evaluate
-    if closing is not None:
-        final = closing(teacher.backbone, state.step)
+    backbone = strategy.whole(teacher.backbone, teacher_backbone)
+    if closing is not None and strategy.is_main:
+        final = closing(backbone, state.step)
         tracker.log_metrics(final, step=state.step, force=True)
-    save_backbone(teacher.backbone.cpu(), join_uri(cfg.out, "backbone.safetensors"), storage)
+    if strategy.is_main:
+        save_backbone(backbone.cpu(), join_uri(cfg.out, "backbone.safetensors"), storage)
     summary = {"name": cfg.name, "steps": state.step, "images_seen": state.images_seen,
                "train_minutes": round(state.train_seconds / 60, 3), "stopped_early": stopped_early,
                "backbone": join_uri(cfg.out, "backbone.safetensors"), "final": final,
                "bad_images": bad_images.summary(),
                "history": state.history, "mlflow_run_id": tracker.run_id}
-    storage.write_bytes(join_uri(cfg.out, "summary.json"), json.dumps(summary, indent=2).encode())
+    if strategy.is_main:
+        storage.write_bytes(join_uri(cfg.out, "summary.json"), json.dumps(summary, indent=2).encode())
     return summary
 

@@ -1,0 +1,95 @@
+"""Run N training steps on a fixed stream of global batches and save what they produced.
+
+Started by ``test_distributed.py`` twice: under ``torchrun`` (W ranks, ``distributed.strategy=
+fsdp2``) and as one plain process (``single``). Every rank augments the whole global batch with
+the ``(seed, step)`` generator and keeps its block of images, so each image's crops and masks
+are the same however the batch is split; the runs differ only by how the work is distributed.
+
+Usage: ``python distributed_steps.py OUT GLOBAL_BATCH STEPS [section.field=value ...]``.
+Writes (from rank 0) ``{"losses": [per-step dict], "student": sd, "teacher": sd, "objective": sd}``.
+
+``python distributed_steps.py pretrain [section.field=value ...]`` runs the whole ``pretrain``
+loop on 48 random images instead.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from dinoflow.config import PretrainConfig, load_config
+from trainer.data.augment import MultiCrop
+from trainer.engine import (
+    CropBatch,
+    Objective,
+    build_networks,
+    make_batch,
+    param_groups,
+    train_step,
+)
+from trainer.schedules import ScheduleValues
+from trainer.strategy import build_strategy
+
+
+def global_images(step: int, count: int) -> torch.Tensor:
+    """The ``count`` uint8 images of global batch ``step``, ``(count, 3, 28, 28)``."""
+    generator = torch.Generator().manual_seed(10_000 + step)
+    return (torch.rand(count, 3, 28, 28, generator=generator) * 255).to(torch.uint8)
+
+
+def main(out: str, global_batch: int, steps: int, overrides: list[str]) -> None:
+    torch.set_num_threads(1)
+    cfg = load_config(PretrainConfig, "tiny", overrides)
+    strategy = build_strategy(cfg.distributed, torch.device("cpu"))
+    torch.manual_seed(cfg.seed)
+    student, teacher = strategy.wrap(*build_networks(cfg))
+    objective = Objective(cfg, strategy.all_reduce)
+    optimizer = torch.optim.AdamW(param_groups(student, cfg), betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
+    multi_crop = MultiCrop(cfg.crops)
+    mine = strategy.rank_slice(global_batch)
+    history = []
+    for step in range(steps):
+        sched = ScheduleValues(lr=1e-3, last_layer_lr=1e-3 if step >= 2 else 0.0, weight_decay=0.04,
+                               teacher_momentum=0.9, teacher_temp=0.04 + 0.001 * step)
+        torch.manual_seed(cfg.seed * 1_000_003 + step)
+        full = make_batch(global_images(step, global_batch), step, cfg, multi_crop)
+        batch = CropBatch(full.global_crops[:, mine], full.local_crops[:, mine],
+                          full.masks.view(2, global_batch, -1)[:, mine].flatten(0, 1))
+        student.train()
+        history.append(train_step(student, teacher, objective, [batch], sched, optimizer, cfg.optim.clip_grad,
+                                  strategy=strategy))
+    result = {"losses": history, "student": strategy.full_state_dict(student),
+              "teacher": strategy.full_state_dict(teacher), "objective": objective.state_dict(),
+              "world_size": strategy.world_size}
+    if strategy.is_main:
+        torch.save(result, out)
+    strategy.close()
+
+
+class RandomImages(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 48
+
+    def __getitem__(self, index: int):
+        from trainer.data.datasets import Sample
+
+        image = (torch.rand(3, 28, 28, generator=torch.Generator().manual_seed(index)) * 255).to(torch.uint8)
+        return Sample(image=image, label=-1, key=f"img{index}")
+
+
+def run_pretrain(overrides: list[str]) -> None:
+    from dinoflow.storage import Storage
+    from trainer.data.datasets import collate_samples
+    from trainer.engine import pretrain
+
+    torch.set_num_threads(1)
+    cfg = load_config(PretrainConfig, "tiny", overrides)
+    pretrain(cfg, RandomImages(), collate_samples, Storage())
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "pretrain":
+        run_pretrain(sys.argv[2:])
+    else:
+        main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:])
