@@ -1,0 +1,1 @@
+"""Helpers the CI workflows call (``.github/workflows``)."""

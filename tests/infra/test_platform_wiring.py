@@ -1,0 +1,54 @@
+"""The manifests and the code agree: the names the pipelines default to exist in the cluster
+layout, and the access rules let the pipeline reach what it needs (and no more).
+
+Why: the pipeline's cluster defaults (``pipelines.definitions``) and the Services, buckets and
+NetworkPolicies are written in different files; a rename on one side breaks runs only on a cluster.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlparse
+
+import pytest
+
+from pipelines.definitions import CLUSTER_DATA, CLUSTER_RUN_ROOT, CLUSTER_TRACKING_URI
+from tests.infra.helpers import render
+
+
+def _by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    return {doc["metadata"]["name"]: doc for doc in docs if doc["kind"] == kind}
+
+
+@pytest.mark.parametrize("overlay", ["overlays/dev", "overlays/prod"])
+def test_pipeline_defaults_point_at_the_platform(overlay: str) -> None:
+    docs = render(overlay)
+    url = urlparse(CLUSTER_TRACKING_URI)
+    service, namespace = url.hostname.split(".")[:2]  # type: ignore[union-attr]
+    found = _by_kind(docs, "Service")[service]
+    assert found["metadata"]["namespace"] == namespace
+    assert url.port in [port["port"] for port in found["spec"]["ports"]]
+    script = " ".join(_by_kind(docs, "Job")["minio-buckets"]["spec"]["template"]["spec"]["containers"][0]["args"])
+    for uri in (CLUSTER_RUN_ROOT, CLUSTER_DATA):
+        assert f"platform/{urlparse(uri).netloc}" in script, f"no bucket made for {uri}"
+    mlflow_args = _by_kind(docs, "Deployment")["mlflow"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    allowed = next(a for a in mlflow_args if a.startswith("--allowed-hosts=")).split("=", 1)[1].split(",")
+    assert url.netloc in allowed, "MLflow would reject the pipeline's Host header"
+
+
+@pytest.mark.parametrize("overlay", ["overlays/dev", "overlays/prod"])
+def test_ingress_is_denied_by_default(overlay: str) -> None:
+    policies = _by_kind(render(overlay), "NetworkPolicy")
+    deny = policies["default-deny-ingress"]["spec"]
+    assert deny["podSelector"] == {} and deny["policyTypes"] == ["Ingress"] and "ingress" not in deny
+    postgres = policies["postgres-clients"]["spec"]["ingress"]
+    assert [peer["podSelector"]["matchLabels"] for rule in postgres for peer in rule["from"]] == [
+        {"app.kubernetes.io/name": "mlflow"}]
+
+
+def test_pipeline_role_grants_no_secrets_and_no_writes_beyond_jobs() -> None:
+    role = _by_kind(render("overlays/prod"), "Role")["dinoflow-pipeline"]
+    for rule in role["rules"]:
+        assert "secrets" not in rule["resources"] and "*" not in rule["resources"] and "*" not in rule["verbs"]
+        if rule["apiGroups"] != ["kubeflow.org"]:
+            assert set(rule["verbs"]) <= {"get", "list", "watch"}, rule
