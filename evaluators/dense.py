@@ -83,9 +83,12 @@ class LinearDepthHead(nn.Module):
         self.register_buffer("centres", torch.linspace(min_depth, max_depth, bins))
 
     def forward(self, patches: Tensor, cls: Tensor, size: tuple[int, int]) -> Tensor:
+        # Bilinear upsampling and the per-pixel affine BatchNorm + 1x1 conv commute (interpolation
+        # weights sum to 1), so the bins' logits are computed at patch resolution and upsampled x4:
+        # the original's order gives the same logits at 16x the cost.
         x = torch.cat([patches, cls[:, :, None, None].expand_as(patches)], dim=1)
-        x = F.interpolate(x, scale_factor=4, mode="bilinear", align_corners=False)
-        probabilities = self.classifier(self.norm(x)).softmax(dim=1)
+        logits = F.interpolate(self.classifier(self.norm(x)), scale_factor=4, mode="bilinear", align_corners=False)
+        probabilities = logits.softmax(dim=1)
         depth = torch.einsum("bkhw,k->bhw", probabilities, self.centres)
         return F.interpolate(depth[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
 

@@ -9,8 +9,9 @@ depth buffer, so occlusion, masks and depth agree pixel for pixel.
 * Depth in metres: the plane spans ``near .. far`` from the bottom row to the top row; a shape
   is fronto-parallel at depth ``z`` (where it stands on the plane) and its apparent size is
   ``focal * real_size / z``.
-* Textures: stripes on the plane (their period shrinks with distance), checkers or dots on
-  the shapes, colours drawn per scene; a little pixel noise.
+* Textures: stripes on the plane (their period shrinks with distance); on the shapes a pattern
+  of their class (disc checkers, square dots, triangle diagonal stripes, ring concentric
+  bands); colours drawn per scene; a little pixel noise.
 * Retrieval: each distinct scene yields a query and database copies under photometric and
   geometric changes; mild ones are ``easy``, strong ones ``hard``, copies with most of the
   image cut away ``junk`` (the revisited Oxford/Paris roles, see :mod:`evaluators.dense_metrics`).
@@ -31,18 +32,22 @@ CLASS_NAMES = ("plane", "disc", "square", "triangle", "ring")
 
 @dataclass(frozen=True)
 class SceneConfig:
-    """Image size (pixels), shapes per scene, depth range (metres) and focal length (pixels)."""
+    """Image size (pixels), shapes per scene, their real radius (metres), depth range (metres) and
+    focal length (pixels): a shape of radius ``r`` at depth ``z`` spans ``focal * r / z`` pixels."""
 
     size: int = 56
     min_shapes: int = 2
     max_shapes: int = 5
+    min_radius: float = 0.6
+    max_radius: float = 1.2
     near: float = 2.0
     far: float = 12.0
     focal: float = 40.0
     noise: float = 4.0
 
     def __post_init__(self) -> None:
-        if self.size < 8 or not 1 <= self.min_shapes <= self.max_shapes or not 0 < self.near < self.far:
+        if (self.size < 8 or not 1 <= self.min_shapes <= self.max_shapes or not 0 < self.near < self.far
+                or not 0 < self.min_radius <= self.max_radius):
             raise ValueError(f"bad scene config: {self}")
 
 
@@ -67,6 +72,18 @@ def _shape_mask(kind: int, ys: np.ndarray, xs: np.ndarray, cy: float, cx: float,
     return (radial <= 1) & (radial >= 0.35)
 
 
+def _texture(kind: int, dy: np.ndarray, dx: np.ndarray, cell: float) -> np.ndarray:
+    """Each class has its own pattern (checkers, dots, diagonal stripes, concentric bands), so
+    that, as in real data, what a class looks like locally says which class it is."""
+    if kind == 1:
+        return ((np.floor(dy / cell) + np.floor(dx / cell)) % 2).astype(bool)
+    if kind == 2:
+        return (dy % cell) ** 2 + (dx % cell) ** 2 < (cell / 3) ** 2
+    if kind == 3:
+        return (np.floor((dy + dx) / cell) % 2).astype(bool)
+    return (np.floor(np.hypot(dy, dx) / cell) % 2).astype(bool)
+
+
 Shape = tuple[float, int, float, float, float]  # depth z, class, centre row, centre column, radius
 
 
@@ -87,17 +104,13 @@ def render_scene(rng: np.random.Generator, config: SceneConfig = SceneConfig()
     for _ in range(rng.integers(config.min_shapes, config.max_shapes + 1)):
         foot_row = rng.uniform(0.35, 1.0) * size  # where it stands on the plane
         z = config.far + (config.near - config.far) * foot_row / size
-        radius = config.focal * rng.uniform(0.35, 0.7) / z
+        radius = config.focal * rng.uniform(config.min_radius, config.max_radius) / z
         shapes.append((z, int(rng.integers(1, len(CLASS_NAMES))), foot_row - radius, rng.uniform(0, size), radius))
     shapes.sort(reverse=True)
     for z, kind, cy, cx, radius in shapes:  # far to near; the depth test decides
         inside = _shape_mask(kind, ys, xs, cy, cx, radius) & (z < depth)
         colour, second = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
-        cell = max(radius / 2, 1.0)
-        if rng.random() < 0.5:
-            pattern = ((np.floor((ys - cy) / cell) + np.floor((xs - cx) / cell)) % 2).astype(bool)
-        else:
-            pattern = ((ys - cy) % cell) ** 2 + ((xs - cx) % cell) ** 2 < (cell / 3) ** 2
+        pattern = _texture(kind, ys - cy, xs - cx, max(radius / 2, 1.5))
         texture = np.where(pattern[None], second[:, None, None], colour[:, None, None])
         image = np.where(inside[None], texture, image)
         mask[inside] = kind

@@ -10,6 +10,7 @@ from evaluators.dense import (
     evaluate_depth,
     evaluate_segmentation,
     multiscale_probabilities,
+    LinearDepthHead,
     silog_loss,
     train_depth_head,
     train_segmentation_head,
@@ -51,6 +52,21 @@ def test_depth_head_learns_features_that_hold_the_depth() -> None:
     flat = evaluate_depth(head, torch.full_like(patches, 0.5), cls, depths)
     assert good["abs_rel"] < 0.25 and good["rmse"] < 0.6 * flat["rmse"]
     assert silog_loss(depths + (depths == 0), depths) < 1e-3
+
+
+def test_depth_head_at_patch_resolution_equals_the_originals_upsample_first_order() -> None:
+    torch.manual_seed(0)
+    head = LinearDepthHead(6, bins=16, max_depth=5.0)
+    torch.nn.init.normal_(head.norm.running_mean)
+    torch.nn.init.uniform_(head.norm.running_var, 0.5, 2.0)
+    head.eval()
+    patches, cls = torch.randn(2, 6, 3, 4), torch.randn(2, 6)
+    x = torch.cat([patches, cls[:, :, None, None].expand_as(patches)], dim=1)
+    upsampled = torch.nn.functional.interpolate(x, scale_factor=4, mode="bilinear", align_corners=False)
+    probabilities = head.classifier(head.norm(upsampled)).softmax(dim=1)
+    reference = torch.nn.functional.interpolate(torch.einsum("bkhw,k->bhw", probabilities, head.centres)[:, None],
+                                                size=(21, 28), mode="bilinear", align_corners=False)[:, 0]
+    torch.testing.assert_close(head(patches, cls, (21, 28)), reference, atol=1e-5, rtol=1e-5)
 
 
 def test_features_and_multiscale_probabilities_have_the_right_shapes() -> None:
