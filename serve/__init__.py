@@ -1,0 +1,11 @@
+"""Serving a backbone over HTTP: embeddings, nearest neighbours and a small web page.
+
+Layer 4-and-a-half: it uses the science (``trainer``, ``evaluators``) and the plumbing
+(``dinoflow``), and only the CLI (``pipelines/cli.py``) starts it. The pieces:
+
+* :mod:`serve.model`: load a backbone (MLflow model URI or weight file) and embed uint8 images;
+* :mod:`serve.batching`: a worker thread that merges concurrent requests into one forward pass;
+* :mod:`serve.index`: build and load a faiss index of a folder or tar shards;
+* :mod:`serve.app`: the FastAPI application (``/v1/embed``, ``/v1/neighbours``, ``/healthz``,
+  ``/metrics``, ``/``).
+"""

@@ -1,0 +1,117 @@
+"""Dynamic batching: concurrent requests merged into one forward pass by a worker thread.
+
+Why a thread and not the event loop: the forward pass holds the CPU (or waits on the GPU) for
+milliseconds; run on the loop it would stall every other request, health checks included. The
+event loop only enqueues and awaits a future.
+
+The worker takes the first waiting request, then keeps taking requests until the batch holds
+``max_batch_size`` images or ``max_wait_ms`` has passed since it took the first one; a request
+that would overflow the batch waits for the next one (a single request larger than the batch runs
+alone). ``max_batch_size=1`` turns batching off: every request runs alone, in arrival order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+Forward = Callable[[Tensor], dict[str, Tensor]]
+
+
+@dataclass
+class _Job:
+    pixels: Tensor  # (n, 3, S, S) uint8
+    future: Future = field(default_factory=Future)
+
+
+class DynamicBatcher:
+    """Runs ``forward`` on batches of the images submitted from any thread or event loop.
+
+    Args:
+        forward: uint8 ``(B, 3, S, S)`` -> dict of tensors whose first axis is ``B``.
+        max_batch_size: most images in one forward pass (1: no batching).
+        max_wait_ms: longest wait for more requests after the first one of a batch.
+        on_batch: called with the number of images of each batch run (metrics).
+    """
+
+    def __init__(self, forward: Forward, max_batch_size: int = 32, max_wait_ms: float = 5.0,
+                 on_batch: Callable[[int], None] | None = None) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
+        self.forward = forward
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.on_batch = on_batch
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._work, name="dinoflow-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, pixels: Tensor) -> Future:
+        """Queue uint8 images ``(n, 3, S, S)``; the future gives their slice of the features."""
+        if not self._thread.is_alive():
+            raise RuntimeError("the batcher is closed")
+        job = _Job(pixels)
+        self._queue.put(job)
+        return job.future
+
+    async def run(self, pixels: Tensor) -> dict[str, Tensor]:
+        """``submit`` for an event loop: await the features of ``pixels``."""
+        return await asyncio.wrap_future(self.submit(pixels))
+
+    def close(self) -> None:
+        """Finish the queued jobs and stop the worker."""
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def _work(self) -> None:
+        carried: _Job | None = None
+        while True:
+            first = carried or self._queue.get()
+            carried = None
+            if first is None:
+                return
+            jobs, count = [first], len(first.pixels)
+            deadline = time.monotonic() + self.max_wait_s
+            stop = False
+            while count < self.max_batch_size:
+                remaining = deadline - time.monotonic()
+                try:
+                    job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    stop = True
+                    break
+                if count + len(job.pixels) > self.max_batch_size:
+                    carried = job
+                    break
+                jobs.append(job)
+                count += len(job.pixels)
+            self._run(jobs, count)
+            if stop:
+                return
+
+    def _run(self, jobs: list[_Job], count: int) -> None:
+        try:
+            outputs = self.forward(torch.cat([job.pixels for job in jobs]))  # each (count, ...)
+        except Exception as err:  # noqa: BLE001 - every waiting request gets the error
+            for job in jobs:
+                job.future.set_exception(err)
+            return
+        if self.on_batch is not None:
+            self.on_batch(count)
+        start = 0
+        for job in jobs:
+            end = start + len(job.pixels)
+            job.future.set_result({name: value[start:end] for name, value in outputs.items()})
+            start = end

@@ -1,0 +1,127 @@
+"""A faiss index of a folder of images or of tar shards, for ``/v1/neighbours``.
+
+Why CLS features, L2-normalised, in an exact ``IndexFlatIP``: the inner product is then the
+cosine, as in :mod:`evaluators.retrieval`, and an exact index needs no training and no tuning
+for the collections this serves (up to a few million images fit in memory). Images are decoded by
+the datasets of :mod:`trainer.data.datasets` at the served model's ``image_size``, so an indexed
+image and the same file uploaded to the service give the same pixels and the same feature.
+
+On storage an index is a folder: ``index.faiss`` (faiss' own serialisation) and ``index.json``
+(the keys, i.e. each vector's image URI, in order, plus the model and image size it was built
+with, and the images that could not be decoded).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dinoflow.progress import progress
+from dinoflow.storage import Storage, join_uri
+from serve.model import ServedModel
+
+SourceKind = Literal["folder", "shards"]
+INDEX_FILE = "index.faiss"
+META_FILE = "index.json"
+
+
+def build_index(model: ServedModel, source_uri: str, out_uri: str, kind: SourceKind = "folder",
+                storage: Storage | None = None, batch_size: int = 64) -> dict[str, Any]:
+    """Embed every image of ``source_uri`` and write the index folder at ``out_uri``; returns its metadata.
+
+    Args:
+        model: the served model (the index is only valid with the same model).
+        source_uri: a folder of images (recursively) or a folder of ``*.tar`` shards (webdataset layout).
+        out_uri: the index folder to write.
+        kind: ``folder`` or ``shards``: how to read ``source_uri``.
+        batch_size: images per forward pass.
+    """
+    import faiss
+
+    from trainer.data.datasets import ImageFolderDataset, ShardDataset
+
+    storage = storage or Storage()
+    if kind == "folder":
+        dataset: Any = ImageFolderDataset(storage, source_uri, load_size=model.image_size)
+    elif kind == "shards":
+        dataset = ShardDataset(storage, source_uri, load_size=model.image_size)
+    else:
+        raise ValueError(f"unknown source kind {kind!r}; allowed: folder, shards")
+    keys: list[str] = []
+    skipped: list[str] = []
+    vectors: list[np.ndarray] = []
+    starts = range(0, len(dataset), batch_size)
+    for start in progress(starts, desc="index", total=len(starts), unit="batch"):
+        samples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        good = [s for s in samples if s.image is not None]
+        skipped += [s.key for s in samples if s.image is None]
+        if not good:
+            continue
+        features = model.embed(torch.stack([s.image for s in good]))["cls"]  # (B, D)
+        vectors.append(F.normalize(features, dim=-1).numpy())
+        keys += [s.key for s in good]
+    if not keys:
+        raise ValueError(f"no decodable image under {source_uri} ({len(skipped)} bad)")
+    matrix = np.ascontiguousarray(np.concatenate(vectors), dtype=np.float32)  # (N, D)
+    index = faiss.IndexFlatIP(matrix.shape[1])
+    index.add(matrix)
+    meta = {"model": model.name, "image_size": model.image_size, "dim": int(matrix.shape[1]), "metric": "cosine",
+            "source": source_uri, "kind": kind, "count": len(keys), "keys": keys, "skipped": skipped}
+    storage.write_bytes(join_uri(out_uri, INDEX_FILE), faiss.serialize_index(index).tobytes())
+    storage.write_bytes(join_uri(out_uri, META_FILE), json.dumps(meta, indent=1).encode())
+    return meta
+
+
+@dataclass
+class NeighbourIndex:
+    """A loaded index: the faiss index, the image keys and the build metadata."""
+
+    index: Any
+    keys: list[str]
+    meta: dict[str, Any]
+    storage: Storage
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def search(self, features: torch.Tensor, k: int) -> list[list[dict[str, Any]]]:
+        """Top-``k`` neighbours (``rank``, ``id``, ``key``, ``score`` = cosine) of each feature row ``(Q, D)``."""
+        queries = np.ascontiguousarray(F.normalize(features.float(), dim=-1).numpy(), dtype=np.float32)
+        scores, ids = self.index.search(queries, min(k, len(self.keys)))
+        return [[{"rank": rank, "id": int(i), "key": self.keys[int(i)], "score": float(s)}
+                 for rank, (i, s) in enumerate(zip(row_ids, row_scores)) if i >= 0]
+                for row_ids, row_scores in zip(ids, scores)]
+
+    def image_bytes(self, item: int) -> bytes:
+        """The encoded image of entry ``item`` (a file, or a member of a tar shard)."""
+        key = self.keys[item]
+        if "#" in key and self.meta.get("kind") == "shards":
+            shard, member = key.split("#", 1)
+            with tarfile.open(fileobj=io.BytesIO(self.storage.read_bytes(shard))) as tar:
+                handle = tar.extractfile(member)
+                if handle is None:
+                    raise FileNotFoundError(f"{member} is not a file in {shard}")
+                return handle.read()
+        return self.storage.read_bytes(key)
+
+
+def load_index(uri: str, model: ServedModel | None = None, storage: Storage | None = None) -> NeighbourIndex:
+    """Read an index folder; with ``model``, check it was built at the same feature size and image size."""
+    import faiss
+
+    storage = storage or Storage()
+    meta = json.loads(storage.read_bytes(join_uri(uri, META_FILE)))
+    index = faiss.deserialize_index(np.frombuffer(storage.read_bytes(join_uri(uri, INDEX_FILE)), dtype=np.uint8))
+    if index.ntotal != len(meta["keys"]):
+        raise ValueError(f"{uri}: the faiss index holds {index.ntotal} vectors but index.json {len(meta['keys'])} keys")
+    if model is not None and (meta["dim"] != model.embed_dim or meta["image_size"] != model.image_size):
+        raise ValueError(f"{uri}: built with dim={meta['dim']}, image_size={meta['image_size']} (model {meta['model']}); "
+                         f"the served model has dim={model.embed_dim}, image_size={model.image_size}")
+    return NeighbourIndex(index=index, keys=list(meta["keys"]), meta=meta, storage=storage)

@@ -1,0 +1,90 @@
+"""`dinoflow index build` and `dinoflow serve` on the registry's champion, the service in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import torch
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from dinoflow.registry import gate, register_version
+from evaluators.features import labelled_features
+from pipelines.cli import app
+from serve.model import load_served_model
+from tests.servers import free_port
+from trainer.data.datasets import decode_image
+from trainer.models.packaging import save_mlflow_model
+
+
+@pytest.fixture
+def champion(tiny_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """``models:/tiny@champion`` in a sqlite registry (MLFLOW_TRACKING_URI set); its config says 14 px."""
+    example = np.zeros((1, 3, 14, 14), np.uint8)
+    folder = save_mlflow_model(tiny_weights, {"patch_size": 7, "image_size": 14}, tmp_path / "pkg" / "backbone",
+                               example=example)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("serve", artifact_location=f"file://{tmp_path / 'artifacts'}")
+    run = client.create_run(experiment)
+    client.log_artifacts(run.info.run_id, str(folder), "backbone")
+    version = register_version(client, "tiny", run.info.run_id, "backbone", {"knn_top1_k20": 0.5})
+    assert gate(client, "tiny", version, "knn_top1_k20").promoted
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return "models:/tiny@champion"
+
+
+def test_index_build_and_serve_the_champion(champion: str, image_folder: list[Path], tmp_path: Path) -> None:
+    model = load_served_model(champion)
+    assert model.image_size == 14 and model.patch_size == 7  # the package's config.json
+
+    out = tmp_path / "index"
+    built = CliRunner().invoke(app, ["index", "build", "--model", champion, "--images", str(image_folder[0].parent),
+                                     "--out", str(out)])
+    assert built.exit_code == 0, built.output
+    assert json.loads(built.stdout)["count"] == 8
+    bad = CliRunner().invoke(app, ["index", "build", "--model", champion, "--images", "x", "--out", "y",
+                                   "--kind", "zip"])
+    assert bad.exit_code == 2 and "allowed: folder, shards" in bad.stderr
+
+    port = free_port()
+    with open(tmp_path / "serve.log", "wb") as log:  # the child keeps its own descriptor
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pipelines.cli", "serve", "--model", champion, "--index", str(out),
+             "--port", str(port)],
+            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 45
+        while True:
+            try:
+                if requests.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert process.poll() is None, (tmp_path / "serve.log").read_text()
+            assert time.monotonic() < deadline, "service did not come up"
+            time.sleep(0.2)
+        health = requests.get(url + "/healthz", timeout=5).json()
+        assert health["model"] == champion and health["image_size"] == 14 and health["index_size"] == 8
+        files = [("images", (p.name, p.read_bytes(), "image/png")) for p in image_folder[:3]]
+        embedded = requests.post(url + "/v1/embed", files=files, timeout=30).json()
+        pixels = torch.stack([decode_image(p.read_bytes(), 14) for p in image_folder[:3]])
+        expected = labelled_features(model.backbone, pixels, 7).numpy()
+        np.testing.assert_allclose(np.array(embedded["features"]["cls"]), expected, rtol=1e-5, atol=1e-5)
+        found = requests.post(url + "/v1/neighbours", params={"k": 1}, files=files, timeout=30).json()["results"]
+        assert [hits[0]["key"].rsplit("/", 1)[-1] for hits in found] == [p.name for p in image_folder[:3]]
+        wrong = requests.post(url + "/v1/embed", files=[("file", ("a", b"x", "image/png"))], timeout=10)
+        assert wrong.status_code == 400 and "'images'" in wrong.json()["detail"]
+        assert "dinoflow_serve_requests_total" in requests.get(url + "/metrics", timeout=5).text
+    finally:
+        process.terminate()
+        process.wait(timeout=15)

@@ -1,0 +1,42 @@
+"""Indexes of folders and tar shards: one vector per decodable image, found again by its own image."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from serve.index import build_index, load_index
+from serve.model import ServedModel, decode_upload, load_served_model
+
+
+def test_shards_index_matches_the_folder_index(served_model: ServedModel, image_folder: list[Path], index_uri: str,
+                                               tmp_path: Path) -> None:
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with tarfile.open(shards / "000000.tar", "w") as tar:
+        for path in image_folder:
+            info = tarfile.TarInfo(f"{path.stem}.png")
+            info.size = len(path.read_bytes())
+            tar.addfile(info, io.BytesIO(path.read_bytes()))
+        broken = tarfile.TarInfo("broken.png")
+        broken.size = 3
+        tar.addfile(broken, io.BytesIO(b"bad"))
+    meta = build_index(served_model, str(shards), str(tmp_path / "idx"), kind="shards", batch_size=4)
+    assert meta["count"] == 8 and meta["skipped"] == [f"{shards / '000000.tar'}#broken.png"]
+    from_shards, from_folder = load_index(str(tmp_path / "idx"), served_model), load_index(index_uri, served_model)
+    assert from_shards.image_bytes(3) == image_folder[3].read_bytes()
+    query = served_model.embed(torch.stack([decode_upload(p.read_bytes(), 28, 10**6) for p in image_folder]))["cls"]
+    assert [hits[0]["id"] for hits in from_shards.search(query, 2)] == list(range(8))
+    assert [hits[0]["id"] for hits in from_folder.search(query, 2)] == list(range(8))
+
+
+def test_index_of_another_model_is_refused(index_uri: str, tiny_weights: Path) -> None:
+    other = load_served_model(str(tiny_weights), image_size=14)
+    with pytest.raises(ValueError, match="image_size=28"):
+        load_index(index_uri, other)
+    with pytest.raises(ValueError, match="unknown source kind"):
+        build_index(other, "x", "y", kind="zip")  # type: ignore[arg-type]
