@@ -1,0 +1,69 @@
+"""Write the curated set: webdataset tar shards of the original image bytes, a JSONL manifest.
+
+Images are copied byte for byte (no re-encoding). A key ``<shard URI>#<member>`` (as
+:class:`trainer.data.datasets.ShardDataset` names samples) is read out of its tar; any other key
+is an object URI.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections.abc import Sequence
+from typing import Any
+
+from dinoflow.progress import progress
+from dinoflow.storage import Storage, join_uri
+
+
+class ImageBytesReader:
+    """Original bytes of a pool image by key; keeps the last tar shard read in memory."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self._shard_uri: str | None = None
+        self._members: dict[str, bytes] = {}
+
+    def read(self, key: str) -> bytes:
+        if "#" not in key:
+            return self.storage.read_bytes(key)
+        shard_uri, member = key.split("#", 1)
+        if shard_uri != self._shard_uri:
+            with tarfile.open(fileobj=io.BytesIO(self.storage.read_bytes(shard_uri)), mode="r:") as tar:
+                self._members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}  # type: ignore[union-attr]
+            self._shard_uri = shard_uri
+        return self._members[member]
+
+
+def _extension(key: str) -> str:
+    ext = key.rsplit("/", 1)[-1].rsplit(".", 1)[-1].lower() if "." in key.rsplit("/", 1)[-1] else "jpg"
+    return "jpg" if ext == "jpeg" else ext
+
+
+def write_shards(keys: Sequence[str], records: Sequence[dict[str, Any]], out_uri: str, storage: Storage,
+                 shard_size: int = 1000) -> list[str]:
+    """Tar shards ``shard-00000.tar`` ... (members ``<000000000>.<ext>`` and ``<...>.json`` with the
+    record) and ``manifest.jsonl`` (one record a line, with its ``shard`` and ``member``)."""
+    if len(keys) != len(records):
+        raise ValueError(f"{len(keys)} keys but {len(records)} records")
+    reader = ImageBytesReader(storage)
+    shard_uris, manifest = [], []
+    for start in progress(range(0, len(keys), shard_size), desc="write shards", unit="shard"):
+        shard_uri = join_uri(out_uri, f"shard-{start // shard_size:05d}.tar")
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for offset, (key, record) in enumerate(zip(keys[start:start + shard_size],
+                                                       records[start:start + shard_size])):
+                stem = f"{start + offset:09d}"
+                member = f"{stem}.{_extension(key)}"
+                for name, data in ((member, reader.read(key)), (f"{stem}.json", json.dumps(record).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                manifest.append({**record, "shard": shard_uri, "member": member})
+        storage.write_bytes(shard_uri, buffer.getvalue())
+        shard_uris.append(shard_uri)
+    storage.write_bytes(join_uri(out_uri, "manifest.jsonl"),
+                        "".join(json.dumps(row) + "\n" for row in manifest).encode())
+    return shard_uris
