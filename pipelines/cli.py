@@ -116,20 +116,35 @@ def _print_summary(name: str, stages: list[Any], seconds: float, kfp_root: str, 
 def pretrain(
     overrides: Overrides = None,
     config: Annotated[str, typer.Option(help="preset name (e.g. tiny, vits14) or YAML path")] = "tiny",
+    nproc: Annotated[int, typer.Option(min=1, help="ranks on this machine: N > 1 re-runs this command under "
+                                       "torchrun with N processes (distributed.strategy=fsdp2 unless the "
+                                       "config names another distributed strategy)")] = 1,
 ) -> None:
     """Pretrain a backbone with DINO + iBOT + KoLeo; resumes when OUT holds a checkpoint."""
-    from dinoflow.tracking import MlflowTracker, default_artifact_location, standard_tags
+    import contextlib
+
+    from dinoflow.tracking import MlflowTracker, NullTracker, default_artifact_location, standard_tags
     from trainer.run import run_pretrain
 
     cfg = _load(PretrainConfig, config, overrides)
     assert isinstance(cfg, PretrainConfig)
+    if nproc > 1:
+        import subprocess
+
+        strategy = ["distributed.strategy=fsdp2"] if cfg.distributed.strategy == "single" else []
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                   "-m", "pipelines.cli", "pretrain", "--config", config, *(overrides or []), *strategy]
+        typer.echo(f"dinoflow pretrain: {nproc} ranks: {' '.join(command)}", err=True)
+        raise typer.Exit(subprocess.call(command))
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # torchrun's; rank 0 alone tracks and reports
     storage, tracking_uri = _run_root(cfg.out)
-    with MlflowTracker.start(
+    with (MlflowTracker.start(
         tracking_uri, cfg.tracking.experiment, run_name=cfg.name, tags=standard_tags("pretrain"),
         artifact_location=default_artifact_location(tracking_uri, cfg.out), metric_every=cfg.tracking.metric_every,
-    ) as tracker:
+    ) if main_rank else contextlib.nullcontext(NullTracker())) as tracker:
         summary = run_pretrain(cfg, storage, tracker)
-    typer.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
+    if main_rank:
+        typer.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
 
 
 @app.command("eval")
@@ -239,6 +254,50 @@ def export(
     typer.echo("\n".join(written))
 
 
+@app.command()
+def curate(
+    pool: Annotated[str, typer.Option(help="pool of images: folder or folder of *.tar shards (path or URI)")],
+    out: Annotated[str, typer.Option(help="output folder: path or URI")],
+    weights: Annotated[str | None, typer.Option(help="backbone weights (path or URI); none: downsampled "
+                                                     "pixels, fit for near-copy dedup only")] = None,
+    source: Annotated[str, typer.Option(help="official, training, safetensors or hf")] = "safetensors",
+    eval_sets: Annotated[list[str] | None, typer.Option("--eval", help="evaluation set to decontaminate "
+                                                                       "against (repeatable)")] = None,
+    dedup_threshold: Annotated[float, typer.Option(help="cosine similarity of near-copies in the pool")] = 0.6,
+    decontaminate_threshold: Annotated[float, typer.Option(help="cosine similarity to eval images")] = 0.45,
+    balance_target: Annotated[int, typer.Option(help="images to keep by balanced sampling (0: off)")] = 0,
+    balance_clusters: Annotated[str, typer.Option(help="clusters per level, bottom to top, e.g. 1000,100")] = "",
+    load_size: Annotated[int, typer.Option(help="decoded image side")] = 224,
+) -> None:
+    """Curate an image pool: embed, deduplicate, decontaminate, balance, write shards + manifest."""
+    from components.stage import storage_from_env
+    from curation.embed import backbone_embedder, pixel_embedder
+    from curation.kmeans import LevelConfig
+    from curation.pipeline import CurationConfig, run_curation
+
+    try:
+        levels = tuple(LevelConfig(int(c), resampling_steps=(0 if i == 0 else 10), sample_size=(1 if i == 0 else 5))
+                       for i, c in enumerate(v for v in balance_clusters.split(",") if v.strip()))
+        config = CurationConfig(dedup_threshold=dedup_threshold, decontaminate_threshold=decontaminate_threshold,
+                                balance_target=balance_target, balance_levels=levels, load_size=load_size)
+    except ValueError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    storage = storage_from_env()
+    if weights is None:
+        embedder = pixel_embedder(6)
+        typer.echo("embedder: downsampled pixels (6x6, standardised); pass --weights for a backbone", err=True)
+    else:
+        from trainer.models.hub import SOURCES, load_backbone
+
+        if source not in SOURCES:
+            typer.echo(f"error: unknown source {source!r}; allowed: {', '.join(SOURCES)}", err=True)
+            raise typer.Exit(2)
+        embedder = backbone_embedder(load_backbone(weights, source, storage))  # type: ignore[arg-type]
+    report = run_curation(pool, out, storage, embedder, config, tuple(eval_sets or ()))
+    typer.echo(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
+
+
 PipelineParams = Annotated[
     list[str] | None,
     typer.Argument(help="pipeline parameters as key=value (values parsed as YAML, e.g. max_minutes=2 "
@@ -343,6 +402,74 @@ def _run_root(out: str) -> tuple[Any, str]:
     storage = storage_from_env()
     storage.make_bucket(out)
     return storage, os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(out)
+
+
+index_app = typer.Typer(help="Nearest-neighbour indexes for `dinoflow serve`.", no_args_is_help=True)
+app.add_typer(index_app, name="index")
+ModelOption = Annotated[str, typer.Option(help="models:/<name>@champion, runs:/..., an MLflow model folder "
+                                               "or a backbone .safetensors (path or URI)")]
+ImageSizeOption = Annotated[int, typer.Option(help="image side (multiple of the patch size); 0: the model's")]
+
+
+@index_app.command("build")
+def index_build(
+    model: ModelOption,
+    images: Annotated[str, typer.Option(help="folder of images, or of *.tar shards (path or URI)")],
+    out: Annotated[str, typer.Option(help="index folder to write (path or URI)")],
+    kind: Annotated[str, typer.Option(help="folder or shards: how to read --images")] = "folder",
+    image_size: ImageSizeOption = 0,
+    batch_size: Annotated[int, typer.Option(help="images per forward pass")] = 64,
+) -> None:
+    """Embed a folder (or shards) and write a faiss index that `dinoflow serve --index` loads."""
+    from components.stage import storage_from_env
+    from serve.index import build_index
+    from serve.model import load_served_model
+
+    if kind not in ("folder", "shards"):
+        typer.echo(f"error: unknown kind {kind!r}; allowed: folder, shards", err=True)
+        raise typer.Exit(2)
+    storage = storage_from_env()
+    try:
+        served = load_served_model(model, image_size or None, storage=storage)
+        meta = build_index(served, images, out, kind, storage, batch_size)  # type: ignore[arg-type]
+    except (ValueError, FileNotFoundError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps({k: v for k, v in meta.items() if k != "keys"} | {"out": out}, indent=2))
+
+
+@app.command()
+def serve(
+    model: ModelOption,
+    index: Annotated[str | None, typer.Option(help="index folder from `dinoflow index build`")] = None,
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+    image_size: ImageSizeOption = 0,
+    device: Annotated[str, typer.Option(help="torch device of the model")] = "cpu",
+    max_batch_size: Annotated[int, typer.Option(help="images per forward pass; 1 turns dynamic batching off")] = 32,
+    max_wait_ms: Annotated[float, typer.Option(help="longest wait for more requests to fill a batch")] = 5.0,
+    max_images: Annotated[int, typer.Option(help="most images in one request")] = 32,
+    max_body_mb: Annotated[float, typer.Option(help="largest request body in MiB")] = 16.0,
+) -> None:
+    """HTTP service: /v1/embed, /v1/neighbours, /healthz, /metrics and a web page at /."""
+    import uvicorn
+
+    from components.stage import storage_from_env
+    from serve.app import ServeSettings, create_app
+    from serve.index import load_index
+    from serve.model import load_served_model
+
+    storage = storage_from_env()
+    try:
+        settings = ServeSettings(max_body_bytes=int(max_body_mb * 1024 * 1024), max_images=max_images,
+                                 max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
+        served = load_served_model(model, image_size or None, device, storage)
+        loaded = load_index(index, served, storage) if index else None
+    except (ValueError, FileNotFoundError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"serving {model} on http://{host}:{port} (index: {index or 'none'})", err=True)
+    uvicorn.run(create_app(served, loaded, settings), host=host, port=port, log_level="warning")
 
 
 def main() -> None:

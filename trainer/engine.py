@@ -424,7 +424,7 @@ def _pretrain(cfg: PretrainConfig, dataset: Any, collate: Callable, storage: Sto
         if cfg.max_minutes and state.train_seconds > 60 * cfg.max_minutes:
             stopped_early = True
             break
-        sched = schedule_values(step, cfg.optim, cfg.loss)
+        sched = schedule_values(step, cfg.optim, cfg.loss, strategy.world_size)  # lr scales with the global batch
         tick = time.perf_counter()
         # augmentation and stochastic depth: a stream per (step, rank); masks: per step (make_batch)
         torch.manual_seed((cfg.seed * 1_000_003 + step) * strategy.world_size + strategy.rank)

@@ -12,6 +12,11 @@ the few things that change with distribution, chosen by ``distributed.strategy``
   ``r``-th contiguous block), so a global batch means the same images whatever ``W`` is.
 * ``mean``: a logged value averaged over ranks (losses are per-rank batch means).
 
+Checkpoints hold whole tensors keyed by parameter name, the optimizer's state included (through
+``torch.distributed.checkpoint.state_dict`` with ``full_state_dict``) for every strategy, so a run
+written by W ranks resumes on any world size (keep the global batch: ``optim.batch_size`` is per
+rank).
+
 Gradients: FSDP2 averages them over ranks in its reduce-scatter, and every loss term is a mean
 over the rank's images (equal counts on every rank), so W ranks x B images give the gradient of
 1 rank x WB images. KoLeo is the exception, per rank as in the original (its nearest neighbour
@@ -80,11 +85,31 @@ class Strategy:
         return module
 
     def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """The optimizer's whole state, for a checkpoint (every rank must call it)."""
-        return optimizer.state_dict()
+        """The optimizer's whole state for a checkpoint, keyed by parameter name with whole
+        tensors (gathered under sharding: every rank must call it). The same format for every
+        strategy and world size, so a checkpoint resumes on any of them."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
+
+        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
 
     def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-        optimizer.load_state_dict(state)
+        """Restore :meth:`optimizer_state` (each rank keeps its shards of the whole tensors)."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
+        if any(isinstance(key, int) for key in state["state"]):
+            # written before checkpoints keyed the state by name: torch's own single-process format
+            if self.world_size != 1:
+                raise ValueError("this checkpoint's optimizer state is keyed by parameter index (an older "
+                                 "single-process checkpoint): resume it with distributed.strategy=single")
+            optimizer.load_state_dict(state)
+            return
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
     def rank_slice(self, global_count: int) -> slice:
         """This rank's contiguous block of a global batch of ``global_count`` items."""
@@ -174,22 +199,6 @@ class FSDP2Strategy(Strategy):
         copy = build().to(self.device)
         copy.load_state_dict(self.full_state_dict(module))
         return copy.requires_grad_(False).train(module.training)
-
-    def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_optimizer_state_dict,
-        )
-
-        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
-
-    def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_optimizer_state_dict,
-        )
-
-        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():

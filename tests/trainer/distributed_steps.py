@@ -5,15 +5,21 @@ fsdp2``) and as one plain process (``single``). Every rank augments the whole gl
 the ``(seed, step)`` generator and keeps its block of images, so each image's crops and masks
 are the same however the batch is split; the runs differ only by how the work is distributed.
 
-Usage: ``python distributed_steps.py OUT GLOBAL_BATCH STEPS [section.field=value ...]``.
-Writes (from rank 0) ``{"losses": [per-step dict], "student": sd, "teacher": sd, "objective": sd}``.
+Usage: ``python distributed_steps.py OUT GLOBAL_BATCH STEPS [--save-at=K:PATH] [--resume=PATH]
+[section.field=value ...]``. Writes (from rank 0) ``{"losses": [per-step dict], "student": sd,
+"teacher": sd, "objective": sd}``; ``--save-at`` also writes the engine's checkpoint after step K
+(``checkpoint_bytes``), and ``--resume`` starts from such a checkpoint (written by any world size)
+at its step, so ``losses`` holds only the steps run here.
 
 ``python distributed_steps.py pretrain [section.field=value ...]`` runs the whole ``pretrain``
-loop on 48 random images instead.
+loop on 48 random images instead. With ``KILL_RANK_AT_ITEM=R:N`` in the environment, rank R
+SIGKILLs itself when it reads its N-th image (a crash in the middle of a step).
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
 import torch
@@ -23,7 +29,9 @@ from trainer.data.augment import MultiCrop
 from trainer.engine import (
     CropBatch,
     Objective,
+    TrainState,
     build_networks,
+    checkpoint_bytes,
     make_batch,
     param_groups,
     train_step,
@@ -38,18 +46,29 @@ def global_images(step: int, count: int) -> torch.Tensor:
     return (torch.rand(count, 3, 28, 28, generator=generator) * 255).to(torch.uint8)
 
 
-def main(out: str, global_batch: int, steps: int, overrides: list[str]) -> None:
+def main(out: str, global_batch: int, steps: int, args: list[str]) -> None:
+    options = dict(a.removeprefix("--").split("=", 1) for a in args if a.startswith("--"))
+    overrides = [a for a in args if not a.startswith("--")]
+    save_step, save_path = options["save-at"].split(":", 1) if "save-at" in options else (-1, "")
     torch.set_num_threads(1)
     cfg = load_config(PretrainConfig, "tiny", overrides)
     strategy = build_strategy(cfg.distributed, torch.device("cpu"))
     torch.manual_seed(cfg.seed)
-    student, teacher = strategy.wrap(*build_networks(cfg))
+    student, teacher = build_networks(cfg)
     objective = Objective(cfg, strategy.all_reduce)
+    checkpoint = torch.load(options["resume"], weights_only=True) if "resume" in options else None
+    if checkpoint is not None:  # as the engine restores: whole tensors before sharding
+        student.load_state_dict(checkpoint["student"])
+        teacher.load_state_dict(checkpoint["teacher"])
+        objective.load_state_dict(checkpoint["objective"])
+    student, teacher = strategy.wrap(student, teacher)
     optimizer = torch.optim.AdamW(param_groups(student, cfg), betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
+    if checkpoint is not None:
+        strategy.load_optimizer_state(student, optimizer, checkpoint["optimizer"])
     multi_crop = MultiCrop(cfg.crops)
     mine = strategy.rank_slice(global_batch)
     history = []
-    for step in range(steps):
+    for step in range(checkpoint["step"] if checkpoint is not None else 0, steps):
         sched = ScheduleValues(lr=1e-3, last_layer_lr=1e-3 if step >= 2 else 0.0, weight_decay=0.04,
                                teacher_momentum=0.9, teacher_temp=0.04 + 0.001 * step)
         torch.manual_seed(cfg.seed * 1_000_003 + step)
@@ -59,6 +78,11 @@ def main(out: str, global_batch: int, steps: int, overrides: list[str]) -> None:
         student.train()
         history.append(train_step(student, teacher, objective, [batch], sched, optimizer, cfg.optim.clip_grad,
                                   strategy=strategy))
+        if step + 1 == int(save_step):
+            data = checkpoint_bytes(student, teacher, objective, optimizer, TrainState(step + 1), cfg, strategy)
+            if strategy.is_main:
+                with open(save_path, "wb") as file:
+                    file.write(data)
     result = {"losses": history, "student": strategy.full_state_dict(student),
               "teacher": strategy.full_state_dict(teacher), "objective": objective.state_dict(),
               "world_size": strategy.world_size}
@@ -68,12 +92,21 @@ def main(out: str, global_batch: int, steps: int, overrides: list[str]) -> None:
 
 
 class RandomImages(torch.utils.data.Dataset):
+    def __init__(self) -> None:
+        kill = os.environ.get("KILL_RANK_AT_ITEM", "")
+        rank, item = kill.split(":") if kill else ("-1", "0")
+        self.kill_at = int(item) if rank == os.environ.get("RANK", "0") else 0
+        self.reads = 0
+
     def __len__(self) -> int:
         return 48
 
     def __getitem__(self, index: int):
         from trainer.data.datasets import Sample
 
+        self.reads += 1
+        if self.reads == self.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
         image = (torch.rand(3, 28, 28, generator=torch.Generator().manual_seed(index)) * 255).to(torch.uint8)
         return Sample(image=image, label=-1, key=f"img{index}")
 

@@ -31,8 +31,8 @@ LOSS_TOLERANCE = 1e-5  # absolute, per term and step; fp32 sums in another order
 PARAM_TOLERANCE = 1e-5  # absolute, every element of every parameter after the last step
 
 
-def _run(command: list[str], out: Path) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+def _run(command: list[str], out: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env or {}))
     log = open(out.with_suffix(".log"), "wb")  # noqa: SIM115 (closed with the process)
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
