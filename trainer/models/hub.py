@@ -182,14 +182,24 @@ def _safetensors_arch(data: bytes, uri: str) -> dict[str, Any] | None:
 
 
 def load_strict(model: torch.nn.Module, state_dict: Mapping[str, Tensor]) -> None:
-    """Copy weights into ``model``; every key must exist with the right shape, and no extras."""
+    """Copy weights into ``model``; every key must exist as a tensor with the right shape and a
+    compatible dtype (a float of any width for a float weight), and no extras."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
+    not_tensors = [f"{k} ({type(v).__name__})" for k, v in state_dict.items()
+                   if k in expected and not isinstance(v, Tensor)]
+    if not_tensors:  # weights_only admits ints, strings and lists; nothing below can compare them
+        raise ValueError(f"weights do not fit the model: values that are not tensors: {', '.join(not_tensors[:10])}")
     mismatched = [
         f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
         for k in expected
         if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
+    ]
+    wrong_dtypes = [
+        f"{k}: file {state_dict[k].dtype} vs model {expected[k].dtype}"
+        for k in expected
+        if k in state_dict and state_dict[k].dtype.is_floating_point != expected[k].dtype.is_floating_point
     ]
     problems = []
     if missing:
@@ -198,6 +208,8 @@ def load_strict(model: torch.nn.Module, state_dict: Mapping[str, Tensor]) -> Non
         problems.append(f"unexpected keys: {', '.join(unexpected[:10])}{' ...' if len(unexpected) > 10 else ''}")
     if mismatched:
         problems.append(f"wrong shapes: {'; '.join(mismatched[:10])}")
+    if wrong_dtypes:
+        problems.append(f"wrong dtypes: {'; '.join(wrong_dtypes[:10])}")
     if problems:
         raise ValueError("weights do not fit the model: " + " | ".join(problems))
     meta = any(t.is_meta for t in expected.values())
