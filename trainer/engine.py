@@ -140,6 +140,7 @@ def train_step(
     Returns the loss terms (averaged over micro-batches, and over ranks under ``strategy``) for
     logging.
     """
+    strategy = strategy or Strategy()
     for group in optimizer.param_groups:
         group["lr"] = (sched.last_layer_lr if group["is_last_layer"] else sched.lr) * group["lr_multiplier"]
         group["weight_decay"] = sched.weight_decay * group["wd_multiplier"]
@@ -153,17 +154,16 @@ def train_step(
                 + weights.koleo_weight * terms["koleo"])
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} ({ {k: v.item() for k, v in terms.items()} })")
-        (loss / len(micro_batches)).backward()
+        strategy.backward(loss / len(micro_batches))
         for name, value in (*terms.items(), ("total", loss)):
             totals[name] = totals.get(name, 0.0) + value.item() / len(micro_batches)
     if clip_grad > 0:
         for module in (student.backbone, student.dino_head, student.ibot_head):
             if module is not None:
-                nn.utils.clip_grad_norm_(module.parameters(), clip_grad)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+                strategy.clip_grad_norm_(module.parameters(), clip_grad)
+    strategy.step(optimizer)
     ema_update(teacher, student, sched.teacher_momentum)
-    return strategy.mean(totals) if strategy is not None else totals
+    return strategy.mean(totals)
 
 
 def _loss_terms(student: SSLNetwork, teacher: SSLNetwork, objective: Objective, batch: CropBatch,
@@ -197,7 +197,7 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     """``teacher <- m * teacher + (1 - m) * student`` for every parameter; on sharded networks,
     on this rank's shards only (student and teacher are sharded alike)."""
     teacher_params = [local_tensor(p) for p in teacher.parameters()]
-    student_params = [local_tensor(p.detach()) for p in student.parameters()]
+    student_params = [local_tensor(p).detach() for p in student.parameters()]
     torch._foreach_mul_(teacher_params, momentum)
     torch._foreach_add_(teacher_params, student_params, alpha=1 - momentum)
 
@@ -379,7 +379,8 @@ def _pretrain(cfg: PretrainConfig, dataset: Any, collate: Callable, storage: Sto
         teacher.load_state_dict(checkpoint["teacher"])
         objective.load_state_dict(checkpoint["objective"])
     student, teacher = strategy.wrap(student, teacher)  # shards what was loaded
-    optimizer = torch.optim.AdamW(param_groups(student, cfg), betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
+    optimizer = strategy.prepare_optimizer(student, torch.optim.AdamW(
+        param_groups(student, cfg), betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2)))
     if checkpoint is not None:
         strategy.load_optimizer_state(student, optimizer, checkpoint["optimizer"])
         state = TrainState(checkpoint["step"], checkpoint["images_seen"], checkpoint["train_seconds"],

@@ -42,6 +42,9 @@ def local_tensor(tensor: Tensor) -> Tensor:
 
     The shard aliases the parameter's storage, so in-place ops on it update the parameter.
     """
+    partition = getattr(tensor, "ds_tensor", None)  # a DeepSpeed ZeRO-3 parameter: its flat partition
+    if partition is not None:
+        return partition
     to_local = getattr(tensor, "to_local", None)
     return to_local() if to_local is not None else tensor
 
@@ -110,6 +113,24 @@ class Strategy:
             optimizer.load_state_dict(state)
             return
         set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+    def prepare_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """Called once, with the optimizer of the wrapped ``model``; returns the optimizer whose
+        ``param_groups`` the step sets (lr, weight decay) and whose state is checkpointed."""
+        return optimizer
+
+    def backward(self, loss: Tensor) -> None:
+        """Gradients of ``loss`` (accumulated over the calls before :meth:`step`)."""
+        loss.backward()
+
+    def clip_grad_norm_(self, parameters: Any, max_norm: float) -> Tensor:
+        """Scale the gradients of ``parameters`` to a total 2-norm of at most ``max_norm``."""
+        return nn.utils.clip_grad_norm_(parameters, max_norm)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Apply the accumulated gradients, then clear them."""
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     def rank_slice(self, global_count: int) -> slice:
         """This rank's contiguous block of a global batch of ``global_count`` items."""
@@ -205,6 +226,187 @@ class FSDP2Strategy(Strategy):
             dist.destroy_process_group()
 
 
+class DeepSpeedStrategy(FSDP2Strategy):
+    """Student and teacher partitioned with DeepSpeed ZeRO stage 3 (fp32) over all ranks.
+
+    The student is a ZeRO-3 engine with the AdamW that the engine builds (its ``param_groups``
+    dicts stay the ones the step sets lr and weight decay on; DeepSpeed swaps their ``params`` for
+    its flat fp32 partitions). The teacher is a second ZeRO-3 engine without an optimizer: its
+    parameters are partitioned exactly as the student's (same shapes, same ranks), so the EMA
+    runs on ``param.ds_tensor`` of both (see :func:`local_tensor`), with no gather. Parameters
+    are never kept gathered (persistence threshold 0), so ``ds_tensor`` is the only copy.
+
+    Backward, step and clipping go through the engine: gradients are reduce-scattered (averaged
+    over ranks) during backward into the optimizer's partitions; per-module clipping takes the
+    norm of the local partitions, summed over ranks.
+
+    Optimizer state is saved and restored in the same whole-tensor, by-name format as the other
+    strategies (gathered with ``safe_get_full_optimizer_state``), so checkpoints move between
+    strategies and world sizes.
+    """
+
+    name = "deepspeed"
+
+    def __init__(self, device: torch.device, owns_group: bool) -> None:
+        import deepspeed
+
+        self.device = device
+        self.owns_group = owns_group
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+        self.student_engine: Any = None
+        self.teacher_engine: Any = None
+        self._student: nn.Module | None = None
+        self._group_names: list[list[str]] = []
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "train_micro_batch_size_per_gpu": 1,  # the loop feeds the batches; only the ratio matters
+            "gradient_accumulation_steps": 1,  # micro-batches accumulate in the partitions until step
+            "gradient_clipping": 0.0,  # per module, by clip_grad_norm_
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 2**62,
+            "wall_clock_breakdown": False,
+            "zero_optimization": {
+                "stage": 3,
+                "stage3_param_persistence_threshold": 0,  # nothing stays gathered: ds_tensor is the truth
+                "stage3_model_persistence_threshold": 0,
+                "stage3_prefetch_bucket_size": 0,
+                "contiguous_gradients": True,
+                "overlap_comm": False,
+            },
+        }
+
+    @staticmethod
+    def _route_through_call(module: nn.Module, method_name: str) -> None:
+        """Make ``module.method_name(...)`` run as ``module(...)``, so ZeRO-3's module hooks gather
+        the module's own parameters (cls token, position table...) around it and for backward."""
+        method = getattr(module, method_name)
+        active = [False]
+
+        def routed(*args: Any, **kwargs: Any) -> Any:
+            if active[0]:  # already inside the module's call (e.g. forward -> forward_features)
+                return method(*args, **kwargs)
+            active[0] = True
+            module.forward = method
+            try:
+                return module(*args, **kwargs)
+            finally:
+                del module.forward
+                active[0] = False
+
+        setattr(module, method_name, routed)
+
+    def wrap(self, student: nn.Module, teacher: nn.Module) -> tuple[nn.Module, nn.Module]:
+        import deepspeed
+
+        for network in (student, teacher):
+            self._route_through_call(network.backbone, "forward_features_list")
+        self.teacher_engine, *_ = deepspeed.initialize(model=teacher, config=self._config())
+        self._student = student
+        return student, teacher
+
+    def prepare_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        import deepspeed
+
+        if model is not self._student or self.student_engine is not None:
+            raise RuntimeError("deepspeed: prepare_optimizer takes the student wrapped by wrap(), once")
+        names = {id(p): n for n, p in model.named_parameters()}
+        self._group_names = [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+        self.student_engine, ds_optimizer, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                                     config=self._config())
+        self._ds_optimizer = ds_optimizer
+        if ds_optimizer.optimizer is not optimizer:
+            raise RuntimeError("deepspeed wrapped a different optimizer than the one given")
+        return optimizer  # its param_groups are DeepSpeed's: the step's lr/wd settings reach it
+
+    def backward(self, loss: Tensor) -> None:
+        self.student_engine.backward(loss, scale_wrt_gas=False)
+
+    def clip_grad_norm_(self, parameters: Any, max_norm: float) -> Tensor:
+        from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
+
+        params = [p for p in parameters if p.requires_grad]
+        grads = []
+        for p in params:
+            grad = safe_get_local_grad(p)
+            real = max(0, min(p.partition_numel(), p.ds_numel - self.rank * p.partition_numel()))
+            grads.append(grad.flatten()[:real] if grad is not None else None)
+        squares = torch.zeros((), dtype=torch.float64, device=self.device)
+        for grad in grads:
+            if grad is not None:
+                squares += grad.double().square().sum()
+        total = self.all_reduce(squares).sqrt()
+        coef = min(1.0, max_norm / (float(total) + 1e-6))
+        if coef < 1.0:
+            for p, grad in zip(params, grads):
+                if grad is not None:
+                    local = safe_get_local_grad(p).clone()
+                    local.flatten()[: grad.numel()] = grad * coef
+                    safe_set_local_grad(p, local)
+        return total.float()
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.student_engine.step()  # also clears the gradients
+
+    def full_state_dict(self, module: nn.Module) -> dict[str, Tensor]:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            return {name: value.detach().clone() for name, value in module.state_dict().items()}
+
+    def _flat(self, param: nn.Parameter) -> Tensor:
+        """The flat fp32 partition (of a ZeRO sub-group) holding ``param``'s local part: the tensor
+        the wrapped torch optimizer keys its state by."""
+        opt = self._ds_optimizer
+        sub_group = opt.grad_position[opt.get_param_id(param)][0]
+        return opt.fp32_partitioned_groups_flat[sub_group]
+
+    def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        params = dict(model.named_parameters())
+        flat_state = self._ds_optimizer.optimizer.state
+        groups, state = [], {}
+        for group, names in zip(optimizer.param_groups, self._group_names):
+            groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": list(names)})
+            for name in names:
+                if self._flat(params[name]) not in flat_state:
+                    continue  # no step yet: no state, as torch's optimizers
+                step = flat_state[self._flat(params[name])]["step"]
+                state[name] = {"step": step.clone() if isinstance(step, Tensor) else torch.tensor(float(step))}
+                for key in ("exp_avg", "exp_avg_sq"):
+                    full = safe_get_full_optimizer_state(params[name], key)  # collective
+                    state[name][key] = full.detach().view(params[name].ds_shape).cpu().clone()
+        return {"state": state, "param_groups": groups}
+
+    def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        if any(isinstance(key, int) for key in state["state"]):
+            raise ValueError("this checkpoint's optimizer state is keyed by parameter index (an older "
+                             "single-process checkpoint): resume it with distributed.strategy=single")
+        params = dict(model.named_parameters())
+        by_first = {g["params"][0]: g for g in state["param_groups"] if g["params"]}
+        flat_state = self._ds_optimizer.optimizer.state
+        for index, (group, names) in enumerate(zip(optimizer.param_groups, self._group_names)):
+            saved = by_first.get(names[0])
+            if saved is None or list(saved["params"]) != names:
+                raise ValueError(f"deepspeed: the checkpoint's optimizer groups do not match this model's "
+                                 f"(group {index} starts with {names[0]})")
+            group.update({k: v for k, v in saved.items() if k != "params"})
+            for name in names:
+                if name not in state["state"]:
+                    continue
+                p = params[name]
+                flat = self._flat(p)
+                entry = flat_state.setdefault(flat, {})
+                entry["step"] = torch.as_tensor(state["state"][name]["step"], dtype=torch.float32).clone()
+                for key in ("exp_avg", "exp_avg_sq"):
+                    buffer = entry.setdefault(key, torch.zeros_like(flat, memory_format=torch.preserve_format))
+                    local, _ = self._ds_optimizer._get_fp32_opt_state_partition(p, False, key)
+                    start = self.rank * p.partition_numel()
+                    full = state["state"][name][key].to(buffer.device, buffer.dtype).flatten()
+                    local.copy_(full[start : start + local.numel()])
+
+
 def build_strategy(cfg: DistributedConfig, device: torch.device) -> Strategy:
     """The strategy ``cfg`` names. ``fsdp2`` joins the process group that ``torchrun`` (or a test)
     describes in ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``, unless one is already up;
@@ -223,4 +425,6 @@ def build_strategy(cfg: DistributedConfig, device: torch.device) -> Strategy:
                                 timeout=timedelta(seconds=cfg.timeout_seconds))
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
+    if cfg.strategy == "deepspeed":
+        return DeepSpeedStrategy(device, owns_group)
     return FSDP2Strategy(device, owns_group)

@@ -62,7 +62,8 @@ def main(out: str, global_batch: int, steps: int, args: list[str]) -> None:
         teacher.load_state_dict(checkpoint["teacher"])
         objective.load_state_dict(checkpoint["objective"])
     student, teacher = strategy.wrap(student, teacher)
-    optimizer = torch.optim.AdamW(param_groups(student, cfg), betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
+    optimizer = strategy.prepare_optimizer(student, torch.optim.AdamW(
+        param_groups(student, cfg), betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2)))
     if checkpoint is not None:
         strategy.load_optimizer_state(student, optimizer, checkpoint["optimizer"])
     multi_crop = MultiCrop(cfg.crops)
