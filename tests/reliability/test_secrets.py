@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from components.stage import StageContext, error_uri, recording_errors, storage_from_env
 from dinoflow.storage import RetryPolicy, S3Settings, Storage, StorageError
-from dinoflow.tracking import MlflowTracker, default_tracking_uri, standard_tags
+from dinoflow.tracking import MlflowTracker, default_artifact_location, default_tracking_uri, standard_tags
 from pipelines.definitions import build_pipelines
 from tests.reliability.helpers import tiny_config
 
@@ -97,7 +97,8 @@ def test_a_failed_stage_records_its_error_without_credentials(planted: None, tmp
 def test_mlflow_params_tags_and_config_hold_no_credentials(planted: None, tmp_path: Path) -> None:
     uri = default_tracking_uri(tmp_path)
     cfg = tiny_config("s3://bucket/run", "data.kind=shards", "data.uri=s3://bucket/shards")
-    with MlflowTracker.start(uri, "secrets", "pretrain", tags=standard_tags("pretrain", "run-1")) as tracker:
+    with MlflowTracker.start(uri, "secrets", "pretrain", tags=standard_tags("pretrain", "run-1"),
+                             artifact_location=default_artifact_location(uri, str(tmp_path))) as tracker:
         tracker.log_config(cfg)
         tracker.log_params({"run_root": "s3://bucket/run"})
         run_id = tracker.run_id
