@@ -175,9 +175,10 @@ class EvalConfig(Section):
 class DistributedConfig(Section):
     """How pretraining is spread over processes (one per rank, started by ``torchrun``)."""
 
-    strategy: Literal["single", "fsdp2"] = Field(
+    strategy: Literal["single", "fsdp2", "deepspeed"] = Field(
         "single", description="single: one process, whole networks; fsdp2: student and teacher sharded "
-        "with torch FSDP2 over all ranks (gloo on CPU, NCCL on CUDA)",
+        "with torch FSDP2 over all ranks (gloo on CPU, NCCL on CUDA); deepspeed: student and teacher "
+        "partitioned with DeepSpeed ZeRO stage 3 (fp32), the optimizer state partitioned too",
     )
     timeout_seconds: float = Field(1800, gt=0, description="collective timeout of the process group")
 
@@ -237,7 +238,7 @@ def load_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"preset {path} includes itself through {BASE_KEY}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
+    except (yaml.YAMLError, ValueError, RecursionError) as err:  # ValueError: impossible dates like 2001-02-30
         raise ConfigError(f"preset {path} is not valid YAML: {' '.join(str(err).split())}") from err
     if not isinstance(data, dict):
         raise ConfigError(f"preset {path} must hold a mapping, not {type(data).__name__}")
@@ -267,6 +268,8 @@ def _override_value(text: str) -> Any:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    except (ValueError, RecursionError) as err:  # an impossible date (2001-02-30), a 1000-deep nesting
+        raise ConfigError(f"override value {text[:40]!r} cannot be read: {' '.join(str(err).split())[:200]}") from None
     if value is None or isinstance(value, (list, dict)):
         return value
     return text
@@ -353,3 +356,27 @@ def flatten(config: BaseModel | Mapping[str, Any], prefix: str = "") -> dict[str
         else:
             flat[dotted] = value
     return flat
+
+
+class TeacherConfig(Section):
+    """The frozen teacher of a distillation run."""
+
+    uri: str = Field("", description="a dinoflow run folder (its checkpoints/latest.json) or a backbone "
+                     ".safetensors file (path or URI)")
+    source: Literal["checkpoint", "backbone"] = Field(
+        "checkpoint", description="checkpoint: the teacher network of a pretrain (or distill) run, with its "
+        "frozen DINO/iBOT heads and its centres; backbone: a save_backbone safetensors file, with frozen, "
+        "randomly initialised heads built from `heads` (seeded by `seed`)",
+    )
+
+
+class DistillConfig(PretrainConfig):
+    """Distillation of a frozen teacher into a student: the pretraining recipe of the student
+    (``model``, ``heads``, ``loss``, ``crops``, ``optim``...) plus where the teacher comes from.
+
+    Compared with pretraining: the teacher is frozen (never updated), the student has no
+    stochastic depth and no masking, the patch loss covers every patch of the global crops, and
+    an EMA of the student (momentum schedule ``optim.momentum_teacher``) is the released model.
+    """
+
+    teacher: TeacherConfig = TeacherConfig()

@@ -147,6 +147,36 @@ def pretrain(
         typer.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
 
 
+@app.command()
+def distill(
+    overrides: Overrides = None,
+    teacher: Annotated[str, typer.Option(help="the frozen teacher: a pretrain/distill run folder (its latest "
+                                         "checkpoint, with its heads) or a backbone .safetensors (path or URI)")] = "",
+    teacher_source: Annotated[str, typer.Option(help="checkpoint (a run folder) or backbone (a .safetensors; "
+                                                "frozen random heads)")] = "checkpoint",
+    student: Annotated[str, typer.Option(help="the student's recipe: a distill preset name or YAML path")] = "distill-tiny",
+) -> None:
+    """Distil a frozen teacher into a smaller student (its EMA is released); resumes when OUT holds a checkpoint."""
+    from dinoflow.config import DistillConfig
+    from dinoflow.tracking import MlflowTracker, default_artifact_location, standard_tags
+    from trainer.distill import run_distill
+
+    given = [f"teacher.uri={teacher}"] if teacher else []
+    cfg = _load(DistillConfig, student, [*given, f"teacher.source={teacher_source}", *(overrides or [])])
+    assert isinstance(cfg, DistillConfig)
+    storage, tracking_uri = _run_root(cfg.out)
+    with MlflowTracker.start(
+        tracking_uri, cfg.tracking.experiment, run_name=cfg.name, tags=standard_tags("distill"),
+        artifact_location=default_artifact_location(tracking_uri, cfg.out), metric_every=cfg.tracking.metric_every,
+    ) as tracker:
+        try:
+            summary = run_distill(cfg, storage, tracker)
+        except ValueError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(2) from None
+    typer.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
+
+
 @app.command("eval")
 def evaluate(
     benchmark: Annotated[str, typer.Argument(help="knn, linear, or suite (the tasks in --tasks)")],

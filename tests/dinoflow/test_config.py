@@ -14,6 +14,7 @@ from dinoflow.config import (
     CONFIG_DIR,
     ConfigError,
     DemoConfig,
+    DistillConfig,
     PretrainConfig,
     apply_overrides,
     flatten,
@@ -23,7 +24,7 @@ from dinoflow.config import (
 from pipelines.cli import app
 
 
-SCHEMA_OF_FOLDER = {"configs": DemoConfig, "pretrain": PretrainConfig}
+SCHEMA_OF_FOLDER = {"configs": DemoConfig, "pretrain": PretrainConfig, "distill": DistillConfig}
 
 
 def test_every_preset_round_trips(tmp_path: Path) -> None:

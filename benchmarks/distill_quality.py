@@ -1,0 +1,125 @@
+"""Does distillation pay? A small student distilled from a larger teacher vs. the same student
+pretrained from scratch, for the same wall-clock budget on this CPU, on Fashion-MNIST.
+
+Pretrains the teacher (recipe ``tiny``, 128-d x 6 blocks) for ``--teacher-minutes`` unless
+``--teacher RUN`` names a pretrain run folder; then distils the student (``--student`` preset,
+default ``distill-tiny``: 64-d x 4 blocks) for ``--minutes`` of training, and pretrains the same
+student architecture from scratch with the ``tiny`` recipe for the same ``--minutes``. Each
+released backbone (the teacher's EMA for pretraining, the student EMA for distillation) is scored
+on its CLS features over the full splits: k-NN (k=20, T=0.07) against the train split, and the
+one-pass linear probe, as in ``benchmarks/pretrain_quality.py``. Prints a table, writes it as
+JSON; asserts nothing.
+
+    python benchmarks/distill_quality.py --teacher-minutes 4 --minutes 4 --train-limit 20000 --test-limit 5000
+    python benchmarks/distill_quality.py --teacher runs/pretrain-tiny --minutes 10 -- optim.base_lr=1e-3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from dinoflow.config import DistillConfig, PretrainConfig, load_config
+from dinoflow.storage import Storage, join_uri
+from evaluators.features import labelled_features
+from evaluators.linear import LinearProbeConfig
+from evaluators.report import benchmark_report, report_metrics
+from trainer.data.datasets import collate_samples
+from trainer.data.fashion_mnist import load_split
+from trainer.distill import distill, load_teacher
+from trainer.engine import pretrain
+from trainer.models.hub import load_backbone
+from trainer.run import build_dataset
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--teacher", default="", help="a pretrain run folder (default: pretrain one)")
+    parser.add_argument("--teacher-config", default="tiny", help="recipe of the teacher pretrained here")
+    parser.add_argument("--teacher-minutes", type=float, default=4)
+    parser.add_argument("--student", default="distill-tiny", help="distillation preset of the student")
+    parser.add_argument("--scratch-config", default="tiny", help="recipe of the from-scratch student "
+                        "(its model section is replaced by the student's)")
+    parser.add_argument("--minutes", type=float, default=4, help="training budget of each student")
+    parser.add_argument("--train-limit", type=int, default=0, help="labelled train images scored (0: all)")
+    parser.add_argument("--test-limit", type=int, default=0, help="test images scored (0: all)")
+    parser.add_argument("--out", default="runs/bench-distill-quality", help="run root (emptied first)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides of the student's distillation config")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    storage = Storage()
+    storage.delete(args.out, recursive=True)
+    started = time.monotonic()
+    rows: list[dict] = []
+    teacher_uri = args.teacher
+    if not teacher_uri:
+        teacher_uri = join_uri(args.out, "teacher")
+        teacher_cfg = load_config(PretrainConfig, args.teacher_config, [
+            f"out={teacher_uri}", f"max_minutes={args.teacher_minutes}", "eval.every_steps=0"])
+        summary = pretrain(teacher_cfg, build_dataset(teacher_cfg.data, teacher_cfg.crops.load_size, storage),
+                           collate_samples, storage)
+        rows.append({"what": f"teacher ({args.teacher_config}, pretrained)", **_run_facts(summary)})
+    else:
+        rows.append({"what": f"teacher {teacher_uri}"})
+
+    cfg = load_config(DistillConfig, args.student, [
+        f"teacher.uri={teacher_uri}", "teacher.source=checkpoint", f"out={join_uri(args.out, 'distilled')}",
+        f"max_minutes={args.minutes}", "eval.every_steps=0", *args.overrides])
+    teacher = load_teacher(cfg, storage)
+    dataset = build_dataset(cfg.data, cfg.crops.load_size, storage)
+    distilled = distill(cfg, dataset, collate_samples, storage, teacher=teacher)
+    rows.append({"what": f"student distilled ({args.student})", **_run_facts(distilled)})
+
+    model = [f"model.{k}={v}" for k, v in cfg.model.model_dump().items() if k != "drop_path_rate" and v is not None]
+    scratch_cfg = load_config(PretrainConfig, args.scratch_config, [
+        *model, f"out={join_uri(args.out, 'scratch')}", f"max_minutes={args.minutes}", "eval.every_steps=0"])
+    scratch = pretrain(scratch_cfg, dataset, collate_samples, storage)
+    rows.append({"what": f"student from scratch ({args.scratch_config})", **_run_facts(scratch)})
+    trained_minutes = (time.monotonic() - started) / 60
+
+    train, test = load_split(storage, cfg.data.uri, "train"), load_split(storage, cfg.data.uri, "test")
+    train_count, test_count = args.train_limit or len(train.labels), args.test_limit or len(test.labels)
+    train_images, test_images = (torch.from_numpy(train.images[:train_count]), torch.from_numpy(test.images[:test_count]))
+    train_labels, test_labels = torch.from_numpy(train.labels[:train_count]), torch.from_numpy(test.labels[:test_count])
+
+    def score(backbone: torch.nn.Module) -> dict[str, float]:
+        train_x, test_x = (labelled_features(backbone, images, cfg.model.patch_size)
+                           for images in (train_images, test_images))
+        report = benchmark_report(train_x, train_labels, test_x, test_labels, ks=(20,), temperature=0.07,
+                                  linear=LinearProbeConfig(), num_classes=10)
+        metrics = report_metrics(report)
+        return {"knn": metrics["knn_top1_k20"], "linear": metrics["linear_top1"]}
+
+    rows[0].update(score(teacher[0].backbone), params=_params(teacher[0].backbone))
+    for row, summary in zip(rows[1:], (distilled, scratch)):
+        backbone = load_backbone(summary["backbone"], "safetensors", storage)
+        row.update(score(backbone), params=_params(backbone))
+
+    print(f"\nDistillation on Fashion-MNIST, {torch.get_num_threads()} threads, students {args.minutes:g} min each; "
+          f"wall {trained_minutes:.1f} min training + {(time.monotonic() - started) / 60 - trained_minutes:.1f} "
+          f"min scoring (k-NN k=20 T=0.07 and linear probe; {train_count} train / {test_count} test images)")
+    print(f"{'backbone':<40} {'params':>8} {'min':>5} {'steps':>6} {'img/s':>6} {'k-NN':>7} {'linear':>7}")
+    for row in rows:
+        print(f"{row['what']:<40} {row['params']:>8} {row.get('minutes', ''):>5} {row.get('steps', ''):>6} "
+              f"{row.get('img_per_s', ''):>6} {100 * row['knn']:>6.1f}% {100 * row['linear']:>6.1f}%")
+    storage.write_bytes(join_uri(args.out, "quality.json"), json.dumps(rows, indent=2).encode())
+
+
+def _run_facts(summary: dict) -> dict:
+    minutes = summary["train_minutes"]
+    return {"minutes": round(minutes, 1), "steps": summary["steps"],
+            "img_per_s": round(summary["images_seen"] / max(60 * minutes, 1e-9))}
+
+
+def _params(backbone: torch.nn.Module) -> str:
+    return f"{sum(p.numel() for p in backbone.parameters()) / 1e6:.2f}M"
+
+
+if __name__ == "__main__":
+    main()

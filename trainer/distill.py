@@ -1,0 +1,345 @@
+"""Distillation: a large frozen teacher trains a small student with the pretraining loop.
+
+What changes from :mod:`trainer.engine` (DINOv2 paper, section on distillation; maintainers in
+dinov2 #96, #176): the teacher is any dinoflow network, loaded once and frozen (never the EMA
+target); the student is another size, with fresh heads, no stochastic depth and no masking; the
+DINO loss is on CLS tokens as in pretraining and the patch loss is on *all* patch tokens of the
+two global crops; KoLeo as in pretraining; an EMA of the student (momentum schedule
+``optim.momentum_teacher``) does not feed back into training and is the released model.
+
+Everything else is the engine's: the objective and its teacher-target normalisation, parameter
+groups, schedules, the per-step seeding, the resumable batch order and the checkpoint files.
+A distillation checkpoint stores the student EMA under ``teacher`` (the original's convention
+for the released network), so a distilled run can itself be a teacher or be read with
+``source="training"``; the frozen teacher is not stored, it is re-read from ``teacher.uri``.
+
+Teacher heads: from a run folder's checkpoint they are the teacher's trained DINO/iBOT heads,
+so the student's heads must have the same prototype counts. From a bare backbone file they are
+built from ``heads`` with a seeded random initialisation and stay frozen (a fixed random
+projection: it still transfers the teacher's geometry, but fitting heads first would do better).
+
+Single process only (no ``distributed.strategy`` other than ``single``).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import yaml
+from torch import Tensor, nn
+
+from dinoflow.config import DistillConfig, PretrainConfig, validate
+from dinoflow.progress import progress
+from dinoflow.storage import Storage, join_uri
+from dinoflow.tracking import NullTracker, Tracker
+from trainer.data.augment import MultiCrop
+from trainer.data.datasets import BadImageTracker
+from trainer.engine import (
+    CropBatch,
+    EvalFn,
+    Objective,
+    ResumableBatches,
+    SSLNetwork,
+    TrainState,
+    build_backbone,
+    checkpoint_bytes,
+    ema_update,
+    load_latest_checkpoint,
+    param_groups,
+    save_checkpoint,
+)
+from trainer.models.heads import DINOHead
+from trainer.models.hub import load_backbone, save_backbone
+from trainer.models.vit import DinoVisionTransformer
+from trainer.schedules import ScheduleValues, schedule_values, total_steps
+
+# -- networks ------------------------------------------------------------------------------
+
+def _heads(embed_dim: int, cfg: PretrainConfig) -> tuple[DINOHead, DINOHead | None]:
+    h = cfg.heads
+    dino = DINOHead(embed_dim, h.num_prototypes, h.hidden_dim, h.bottleneck_dim, h.num_layers)
+    ibot = (DINOHead(embed_dim, h.ibot_num_prototypes, h.hidden_dim, h.ibot_bottleneck_dim, h.num_layers)
+            if h.ibot_separate_head else None)
+    return dino, ibot
+
+
+def checkpoint_config(text: str) -> PretrainConfig:
+    """The recipe saved in a pretrain or distill checkpoint."""
+    data = yaml.safe_load(text)
+    return validate(DistillConfig if "teacher" in data else PretrainConfig, data)
+
+
+def load_teacher(cfg: DistillConfig, storage: Storage) -> tuple[SSLNetwork, dict[str, Tensor] | None]:
+    """The frozen teacher network (eval mode, no gradients) and, from a checkpoint, its
+    objective state (the running centres), which the student's objective starts from."""
+    source = cfg.teacher
+    if not source.uri:
+        raise ValueError("teacher.uri is empty: give a pretrain run folder or a backbone .safetensors")
+    objective_state = None
+    if source.source == "checkpoint":
+        checkpoint = load_latest_checkpoint(storage, source.uri)
+        if checkpoint is None:
+            raise ValueError(f"teacher.uri = {source.uri!r} holds no checkpoints/latest.json "
+                             "(for a .safetensors file use teacher.source=backbone)")
+        teacher_cfg = checkpoint_config(checkpoint["config"])
+        for field in ("num_prototypes", "ibot_separate_head", "ibot_num_prototypes"):
+            theirs, ours = getattr(teacher_cfg.heads, field), getattr(cfg.heads, field)
+            if theirs != ours and (field != "ibot_num_prototypes" or teacher_cfg.heads.ibot_separate_head):
+                raise ValueError(f"heads.{field} = {ours} but the teacher's heads have {theirs}: the student's "
+                                 f"heads must match the teacher's frozen heads")
+        backbone = build_backbone(teacher_cfg, drop_path=False)
+        network = SSLNetwork(backbone, *_heads(backbone.embed_dim, teacher_cfg))
+        network.load_state_dict(checkpoint["teacher"])
+        objective_state = checkpoint["objective"]
+    else:
+        backbone = load_backbone(source.uri, "safetensors", storage)
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(cfg.seed + 1)  # the frozen random heads are fixed by the seed
+        network = SSLNetwork(backbone, *_heads(backbone.embed_dim, cfg))
+        torch.random.set_rng_state(generator_state)
+    if network.backbone.patch_size != cfg.model.patch_size:
+        raise ValueError(f"model.patch_size = {cfg.model.patch_size} but the teacher's is "
+                         f"{network.backbone.patch_size}: the patch loss pairs patches one to one")
+    network.requires_grad_(False)
+    return network.eval(), objective_state
+
+
+def build_student(cfg: DistillConfig) -> tuple[SSLNetwork, SSLNetwork]:
+    """Student (no stochastic depth, fresh heads) and its EMA (a copy, never trained)."""
+    backbone = build_backbone(cfg, drop_path=False)
+    student = SSLNetwork(backbone, *_heads(backbone.embed_dim, cfg))
+    student_ema = copy.deepcopy(student).requires_grad_(False)
+    return student, student_ema.eval()
+
+
+def fingerprint(module: nn.Module) -> str:
+    """SHA-256 of every tensor of a module's state (names, dtypes, shapes, bytes)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# -- one step ------------------------------------------------------------------------------
+
+def distill_loss_terms(student: SSLNetwork, teacher: SSLNetwork, objective: Objective, batch: CropBatch,
+                       teacher_temp: float) -> dict[str, Tensor]:
+    """DINO on CLS (the engine's crop pairing), the patch loss on every global-crop patch, KoLeo.
+
+    Crops ``(2, B, 3, G, G)`` / ``(L, B, 3, l, l)``; ``batch.masks`` is ignored (no masking).
+    """
+    globals_ = batch.global_crops.flatten(0, 1)  # (2B, 3, G, G), crop-major
+    locals_ = batch.local_crops.flatten(0, 1)  # (LB, 3, l, l)
+    num_images = batch.global_crops.shape[1]
+    with torch.no_grad():
+        seen = teacher.backbone.forward_features(globals_)
+        teacher_cls = objective.targets(teacher.dino_head(seen["x_norm_clstoken"]), objective.dino_center,
+                                        teacher_temp)  # (2B, K)
+        teacher_patches = seen["x_norm_patchtokens"]  # (2B, N, D_teacher)
+        teacher_patch = objective.targets(teacher.patch_head(teacher_patches.flatten(0, 1)), objective.ibot_center,
+                                          teacher_temp)  # (2BN, K)
+    groups = [globals_] + ([locals_] if len(locals_) else [])
+    outputs = student.backbone.forward_features_list(groups)
+    global_cls = outputs[0]["x_norm_clstoken"]  # (2B, D)
+    student_global = student.dino_head(global_cls).view(2, num_images, -1)
+    student_local = (student.dino_head(outputs[1]["x_norm_clstoken"]).view(-1, num_images, student_global.shape[-1])
+                     if len(groups) > 1 else None)
+    student_patches = outputs[0]["x_norm_patchtokens"]  # (2B, N, D)
+    if student_patches.shape[1] != teacher_patches.shape[1]:
+        raise ValueError(f"student has {student_patches.shape[1]} patches per crop, teacher "
+                         f"{teacher_patches.shape[1]}")
+    student_patch = student.patch_head(student_patches.flatten(0, 1))  # (2BN, K)
+    every_patch = torch.ones(student_patches.shape[:2], dtype=torch.bool, device=student_patches.device)  # (2B, N)
+    return {
+        "dino": objective.dino(student_global, student_local, teacher_cls.view(2, num_images, -1)),
+        "ibot": objective.ibot(student_patch, teacher_patch, every_patch),
+        "koleo": sum(objective.koleo(crop) for crop in global_cls.view(2, num_images, -1)),
+    }
+
+
+def distill_step(student: SSLNetwork, student_ema: SSLNetwork, teacher: SSLNetwork, objective: Objective,
+                 batch: CropBatch, sched: ScheduleValues, optimizer: torch.optim.Optimizer, clip_grad: float,
+                 autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+    """One optimiser step of the student, then the EMA update of ``student_ema``; the teacher is
+    only read. Returns the loss terms for logging."""
+    for group in optimizer.param_groups:
+        group["lr"] = (sched.last_layer_lr if group["is_last_layer"] else sched.lr) * group["lr_multiplier"]
+        group["weight_decay"] = sched.weight_decay * group["wd_multiplier"]
+    weights = objective.cfg
+    device_type = batch.global_crops.device.type
+    with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        terms = distill_loss_terms(student, teacher, objective, batch, sched.teacher_temp)
+    loss = (weights.dino_weight * terms["dino"] + weights.ibot_weight * terms["ibot"]
+            + weights.koleo_weight * terms["koleo"])
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss.item()} ({ {k: v.item() for k, v in terms.items()} })")
+    loss.backward()
+    if clip_grad > 0:
+        for module in (student.backbone, student.dino_head, student.ibot_head):
+            if module is not None:
+                nn.utils.clip_grad_norm_(module.parameters(), clip_grad)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    ema_update(student_ema, student, sched.teacher_momentum)
+    return {**{k: v.item() for k, v in terms.items()}, "total": loss.item()}
+
+
+# -- the loop ------------------------------------------------------------------------------
+
+def distill(
+    cfg: DistillConfig,
+    dataset: Any,
+    collate: Callable,
+    storage: Storage,
+    tracker: Tracker | None = None,
+    evaluate: EvalFn | None = None,
+    final_evaluate: EvalFn | None = None,
+    teacher: tuple[SSLNetwork, dict[str, Tensor] | None] | None = None,
+) -> dict[str, Any]:
+    """Distil (or resume distilling) into ``cfg.out``; returns the summary written to ``summary.json``.
+
+    Arguments as :func:`trainer.engine.pretrain`; ``evaluate`` scores the student EMA's backbone.
+    ``teacher`` (from :func:`load_teacher`) saves re-reading it when several students share one.
+    The student EMA's backbone is written to ``backbone.safetensors`` (:func:`save_backbone`).
+    """
+    if cfg.distributed.strategy != "single":
+        raise ValueError(f"distributed.strategy = {cfg.distributed.strategy!r}: distillation runs single-process")
+    tracker = tracker or NullTracker()
+    device = torch.device(cfg.device)
+    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    teacher_network, teacher_objective = teacher or load_teacher(cfg, storage)
+    teacher_network = teacher_network.to(device)
+    teacher_hash = fingerprint(teacher_network)
+    torch.manual_seed(cfg.seed)
+    student, student_ema = build_student(cfg)
+    objective = Objective(cfg)
+    state = TrainState()
+    checkpoint = load_latest_checkpoint(storage, cfg.out)
+    _check_same_teacher(storage, cfg, teacher_hash, resuming=checkpoint is not None)
+    if checkpoint is not None:
+        student.load_state_dict(checkpoint["student"])
+        student_ema.load_state_dict(checkpoint["teacher"])
+        objective.load_state_dict(checkpoint["objective"])
+    elif teacher_objective is not None and cfg.loss.centering == "softmax":
+        objective.load_state_dict(teacher_objective)  # the teacher's running centres
+    student, student_ema, objective = student.to(device), student_ema.to(device), objective.to(device)
+    optimizer = torch.optim.AdamW(param_groups(student, cfg), betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        state = TrainState(checkpoint["step"], checkpoint["images_seen"], checkpoint["train_seconds"],
+                           json.loads(checkpoint["history"]), json.loads(checkpoint.get("bad_images", "{}")))
+    tracker.log_config(cfg)
+    multi_crop = MultiCrop(cfg.crops).to(device)
+    last_step = total_steps(cfg.optim) if cfg.max_steps == 0 else min(cfg.max_steps, total_steps(cfg.optim))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=ResumableBatches(len(dataset), cfg.optim.batch_size, cfg.seed, state.step),
+        collate_fn=collate, num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
+    )
+    batches = iter(loader)
+    bad_images = BadImageTracker(cfg.data.max_bad_fraction)
+    bad_images.restore(state.bad_images)
+
+    def next_images() -> Tensor:
+        while True:
+            batch = next(batches)
+            bad_images.update(batch)
+            bad_images.check()
+            if len(batch.images):
+                return batch.images.to(device, non_blocking=True)
+
+    marks = sorted(m for m in cfg.eval.at_minutes if m > state.train_seconds / 60)
+    bar = progress(range(state.step, last_step), desc=f"distill {cfg.name}", total=last_step - state.step,
+                   unit="step")
+    stopped_early = False
+    metrics: dict[str, float] = {}
+    for step in bar:
+        if cfg.max_minutes and state.train_seconds > 60 * cfg.max_minutes:
+            stopped_early = True
+            break
+        sched = schedule_values(step, cfg.optim, cfg.loss)
+        tick = time.perf_counter()
+        torch.manual_seed(cfg.seed * 1_000_003 + step)  # the engine's per-step stream (augmentation)
+        images = next_images()
+        global_crops, local_crops = multi_crop(images)
+        batch = CropBatch(global_crops, local_crops, torch.zeros(0, dtype=torch.bool, device=device))
+        student.train()
+        losses = distill_step(student, student_ema, teacher_network, objective, batch, sched, optimizer,
+                              cfg.optim.clip_grad, autocast_dtype)
+        seconds = time.perf_counter() - tick
+        state.step, state.images_seen = step + 1, state.images_seen + len(images)
+        state.train_seconds += seconds
+        metrics = {**{f"loss_{k}": v for k, v in losses.items()}, "lr": sched.lr, "weight_decay": sched.weight_decay,
+                   "ema_momentum": sched.teacher_momentum, "teacher_temp": sched.teacher_temp,
+                   "images_per_second": len(images) / seconds}
+        tracker.log_metrics(metrics, step=state.step)
+        bar.set_postfix(loss=f"{losses['total']:.3f}", img_s=f"{metrics['images_per_second']:.0f}")
+        due = bool(cfg.eval.every_steps) and state.step % cfg.eval.every_steps == 0
+        while marks and state.train_seconds >= 60 * marks[0]:
+            marks.pop(0)
+            due = True
+        if evaluate is not None and due:
+            results = evaluate(student_ema.backbone, state.step)
+            tracker.log_metrics(results, step=state.step, force=True)
+            state.history.append({"step": state.step, "train_minutes": round(state.train_seconds / 60, 3),
+                                  "images_seen": state.images_seen, **results})
+        state.bad_images = bad_images.summary()
+        if state.step % cfg.checkpoint_every == 0 or state.step == last_step:
+            save_checkpoint(storage, cfg.out, checkpoint_bytes(student, student_ema, objective, optimizer, state, cfg),
+                            state.step)
+    if stopped_early or state.step % cfg.checkpoint_every:
+        save_checkpoint(storage, cfg.out, checkpoint_bytes(student, student_ema, objective, optimizer, state, cfg),
+                        state.step)
+    if metrics:
+        tracker.log_metrics(metrics, step=state.step, force=True)
+    bad_images.check(final=True)
+    if fingerprint(teacher_network) != teacher_hash:
+        raise RuntimeError("the frozen teacher changed during distillation")
+    final: dict[str, float] = {}
+    closing = final_evaluate or evaluate
+    backbone: DinoVisionTransformer = student_ema.backbone
+    if closing is not None:
+        final = closing(backbone, state.step)
+        tracker.log_metrics(final, step=state.step, force=True)
+    save_backbone(backbone.cpu(), join_uri(cfg.out, "backbone.safetensors"), storage)
+    summary = {"name": cfg.name, "steps": state.step, "images_seen": state.images_seen,
+               "train_minutes": round(state.train_seconds / 60, 3), "stopped_early": stopped_early,
+               "teacher": cfg.teacher.uri, "teacher_sha256": teacher_hash,
+               "backbone": join_uri(cfg.out, "backbone.safetensors"), "final": final,
+               "bad_images": bad_images.summary(), "history": state.history, "mlflow_run_id": tracker.run_id}
+    storage.write_bytes(join_uri(cfg.out, "summary.json"), json.dumps(summary, indent=2).encode())
+    return summary
+
+
+def _check_same_teacher(storage: Storage, cfg: DistillConfig, teacher_hash: str, resuming: bool) -> None:
+    """Record the teacher's fingerprint in ``teacher.json`` on a fresh run; on a resume, refuse a
+    teacher that differs from the one the run started with (the teacher is not checkpointed)."""
+    record = join_uri(cfg.out, "teacher.json")
+    if resuming and storage.exists(record):
+        started_with = json.loads(storage.read_bytes(record))
+        if started_with["sha256"] != teacher_hash:
+            raise ValueError(f"{cfg.out} was distilled from another teacher ({started_with['uri']}, sha256 "
+                             f"{started_with['sha256'][:12]}...) than {cfg.teacher.uri} now holds (sha256 "
+                             f"{teacher_hash[:12]}...)")
+        return
+    storage.write_bytes(record, json.dumps({"uri": cfg.teacher.uri, "source": cfg.teacher.source,
+                                            "sha256": teacher_hash}).encode())
+
+
+def run_distill(cfg: DistillConfig, storage: Storage, tracker: Tracker, evaluate: bool = True) -> dict[str, Any]:
+    """Distil per ``cfg`` (resuming from ``cfg.out``), scoring the student EMA on Fashion-MNIST
+    (k-NN periodically, k-NN + linear probe at the end) when that is the data."""
+    from trainer.data.datasets import collate_samples
+    from trainer.run import build_dataset, fashion_mnist_evaluator
+
+    dataset = build_dataset(cfg.data, cfg.crops.load_size, storage)
+    scored = evaluate and cfg.data.kind == "fashion_mnist"
+    periodic = fashion_mnist_evaluator(cfg, storage) if scored else None
+    final = fashion_mnist_evaluator(cfg, storage, linear=True) if scored else None
+    return distill(cfg, dataset, collate_samples, storage, tracker, evaluate=periodic, final_evaluate=final)
