@@ -11,20 +11,23 @@ the reason goes back to the client.
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 from torch import Tensor
 
 from dinoflow.storage import Storage
 from evaluators.features import to_model_input
-from trainer.data.datasets import DECODE_FORMATS, resize_center_crop, to_rgb
+from trainer.data.datasets import (
+    DECODE_ERRORS,
+    DECODE_FORMATS,
+    TooManyPixels,
+    read_image,
+)
 
 FEATURE_KINDS = ("cls", "pooled", "patch")
 
@@ -77,20 +80,14 @@ def decode_upload(data: bytes, image_size: int, max_pixels: int) -> Tensor:
     if not data:
         raise ImageError("empty file: expected a JPEG, PNG, WebP, GIF or BMP image")
     try:
-        with Image.open(io.BytesIO(data), formats=DECODE_FORMATS) as img:
-            width, height = img.size
-            if width * height > max_pixels:
-                raise ImageError(f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
-            img.load()
-            rgb = to_rgb(img)
-    except ImageError:
-        raise
+        return read_image(data, image_size, max_pixels)
+    except TooManyPixels as err:
+        raise ImageError(f"image is {err.width}x{err.height} = {err.width * err.height} pixels; "
+                         f"the limit is {err.max_pixels}") from None
     except UnidentifiedImageError:
         raise ImageError(f"not an image ({len(data)} bytes): allowed formats are {', '.join(DECODE_FORMATS)}") from None
-    except (Image.DecompressionBombError, OSError, ValueError, EOFError, SyntaxError) as err:
+    except DECODE_ERRORS as err:
         raise ImageError(f"broken image ({type(err).__name__}: {err})") from None
-    array = np.array(resize_center_crop(rgb, image_size), dtype=np.uint8)  # (S, S, 3)
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()  # (3, S, S)
 
 
 def load_served_model(uri: str, image_size: int | None = None, device: str = "cpu",

@@ -41,7 +41,7 @@ DEFAULT_MAX_PIXELS = 64_000_000
 # shells out to Ghostscript.
 DECODE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 SHARD_LABEL_EXTENSIONS = ("cls", "txt")  # first one present wins
-_DECODE_ERRORS = (
+DECODE_ERRORS = (
     UnidentifiedImageError,
     Image.DecompressionBombError,
     OSError,  # truncated data ("image file is truncated"), broken streams
@@ -106,24 +106,37 @@ def _to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()  # (3, S, S)
 
 
-def decode_image(data: bytes, load_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor | None:
-    """An encoded image as ``(3, load_size, load_size)`` uint8, or None if it is bad.
+class TooManyPixels(ValueError):
+    """An image whose header gives more than the allowed number of pixels."""
 
-    Bad means: not a JPEG/PNG/WebP/GIF/BMP Pillow can read, truncated (the whole image is
-    decoded, so a cut file is caught here and not later), or more than ``max_pixels`` pixels
-    (checked from the header, before decoding). The reason is logged at DEBUG level.
+    def __init__(self, width: int, height: int, max_pixels: int) -> None:
+        super().__init__(f"{width}x{height} pixels is more than max_pixels={max_pixels}")
+        self.width, self.height, self.max_pixels = width, height, max_pixels
+
+
+def read_image(data: bytes, load_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """An encoded image as ``(3, load_size, load_size)`` uint8; raises one of ``DECODE_ERRORS``.
+
+    Refused: not a JPEG/PNG/WebP/GIF/BMP Pillow can read (``UnidentifiedImageError``), truncated
+    (the whole image is decoded, so a cut file is caught here and not later), or more than
+    ``max_pixels`` pixels (:class:`TooManyPixels`, checked from the header before decoding).
     """
+    with Image.open(io.BytesIO(data), formats=DECODE_FORMATS) as img:
+        width, height = img.size
+        if width * height > max_pixels:
+            raise TooManyPixels(width, height, max_pixels)
+        img.load()
+        rgb = to_rgb(img)
+    return _to_tensor(resize_center_crop(rgb, load_size))
+
+
+def decode_image(data: bytes, load_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor | None:
+    """:func:`read_image`, or None if the image is bad (the reason is logged at DEBUG level)."""
     try:
-        with Image.open(io.BytesIO(data), formats=DECODE_FORMATS) as img:
-            width, height = img.size
-            if width * height > max_pixels:
-                raise ValueError(f"{width}x{height} pixels is more than max_pixels={max_pixels}")
-            img.load()
-            rgb = to_rgb(img)
-    except _DECODE_ERRORS as err:
+        return read_image(data, load_size, max_pixels)
+    except DECODE_ERRORS as err:
         _log.debug("bad image (%d bytes): %s: %s", len(data), type(err).__name__, err)
         return None
-    return _to_tensor(resize_center_crop(rgb, load_size))
 
 
 def _check_positive(**values: int) -> None:
