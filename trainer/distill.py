@@ -44,12 +44,12 @@ from trainer.engine import (
     CropBatch,
     EvalFn,
     Objective,
-    ResumableBatches,
     SSLNetwork,
     TrainState,
     build_backbone,
     checkpoint_bytes,
     ema_update,
+    image_stream,
     load_latest_checkpoint,
     param_groups,
     save_checkpoint,
@@ -233,26 +233,13 @@ def distill(
     optimizer = torch.optim.AdamW(param_groups(student, cfg), betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
-        state = TrainState(checkpoint["step"], checkpoint["images_seen"], checkpoint["train_seconds"],
-                           json.loads(checkpoint["history"]), json.loads(checkpoint.get("bad_images", "{}")))
+        state = TrainState.from_checkpoint(checkpoint)
     tracker.log_config(cfg)
     multi_crop = MultiCrop(cfg.crops).to(device)
     last_step = total_steps(cfg.optim) if cfg.max_steps == 0 else min(cfg.max_steps, total_steps(cfg.optim))
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=ResumableBatches(len(dataset), cfg.optim.batch_size, cfg.seed, state.step),
-        collate_fn=collate, num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
-    )
-    batches = iter(loader)
     bad_images = BadImageTracker(cfg.data.max_bad_fraction)
     bad_images.restore(state.bad_images)
-
-    def next_images() -> Tensor:
-        while True:
-            batch = next(batches)
-            bad_images.update(batch)
-            bad_images.check()
-            if len(batch.images):
-                return batch.images.to(device, non_blocking=True)
+    next_images = image_stream(dataset, collate, cfg, state.step, device, bad_images)
 
     marks = sorted(m for m in cfg.eval.at_minutes if m > state.train_seconds / 60)
     bar = progress(range(state.step, last_step), desc=f"distill {cfg.name}", total=last_step - state.step,

@@ -288,6 +288,11 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)
     bad_images: dict[str, Any] = field(default_factory=dict)  # BadImageTracker.summary() at the save
 
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict[str, Any]) -> TrainState:
+        return cls(checkpoint["step"], checkpoint["images_seen"], checkpoint["train_seconds"],
+                   json.loads(checkpoint["history"]), json.loads(checkpoint.get("bad_images", "{}")))
+
 
 def checkpoint_bytes(student: SSLNetwork, teacher: SSLNetwork, objective: Objective,
                      optimizer: torch.optim.Optimizer, state: TrainState, cfg: PretrainConfig,
@@ -326,6 +331,29 @@ def load_latest_checkpoint(storage: Storage, out: str) -> dict[str, Any] | None:
         return None
     uri = json.loads(storage.read_bytes(pointer))["uri"]
     return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+
+
+def image_stream(dataset: Any, collate: Callable, cfg: PretrainConfig, start_batch: int, device: torch.device,
+                 bad_images: BadImageTracker, rank: int = 0, world_size: int = 1) -> Callable[[], Tensor]:
+    """A function giving the next batch of decoded uint8 images on ``device``, from batch
+    ``start_batch`` of :class:`ResumableBatches` on; undecodable images are tallied in
+    ``bad_images`` (which stops the run above its fraction) and empty batches skipped."""
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=ResumableBatches(len(dataset), cfg.optim.batch_size, cfg.seed, start_batch,
+                                                rank, world_size),
+        collate_fn=collate, num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
+    )
+    batches = iter(loader)
+
+    def next_images() -> Tensor:
+        while True:
+            batch = next(batches)
+            bad_images.update(batch)
+            bad_images.check()
+            if len(batch.images):
+                return batch.images.to(device, non_blocking=True)
+
+    return next_images
 
 
 EvalFn = Callable[[DinoVisionTransformer, int], dict[str, float]]
@@ -383,8 +411,7 @@ def _pretrain(cfg: PretrainConfig, dataset: Any, collate: Callable, storage: Sto
         param_groups(student, cfg), betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2)))
     if checkpoint is not None:
         strategy.load_optimizer_state(student, optimizer, checkpoint["optimizer"])
-        state = TrainState(checkpoint["step"], checkpoint["images_seen"], checkpoint["train_seconds"],
-                           json.loads(checkpoint["history"]), json.loads(checkpoint.get("bad_images", "{}")))
+        state = TrainState.from_checkpoint(checkpoint)
     tracker.log_config(cfg)
     multi_crop = MultiCrop(cfg.crops).to(device)
     # the final adaptation phase: the last highres_steps of the schedule use larger crops
@@ -395,22 +422,10 @@ def _pretrain(cfg: PretrainConfig, dataset: Any, collate: Callable, storage: Sto
     })).to(device) if highres_from is not None else None
     micro = cfg.optim.grad_accumulation
     last_step = total_steps(cfg.optim) if cfg.max_steps == 0 else min(cfg.max_steps, total_steps(cfg.optim))
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=ResumableBatches(len(dataset), cfg.optim.batch_size, cfg.seed, state.step * micro,
-                                                strategy.rank, strategy.world_size),
-        collate_fn=collate, num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
-    )
-    batches = iter(loader)
     bad_images = BadImageTracker(cfg.data.max_bad_fraction)
     bad_images.restore(state.bad_images)
-
-    def next_images() -> Tensor:
-        while True:
-            batch = next(batches)
-            bad_images.update(batch)
-            bad_images.check()
-            if len(batch.images):
-                return batch.images.to(device, non_blocking=True)
+    next_images = image_stream(dataset, collate, cfg, state.step * micro, device, bad_images,
+                               strategy.rank, strategy.world_size)
 
     marks = sorted(m for m in cfg.eval.at_minutes if m > state.train_seconds / 60)
 
