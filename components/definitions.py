@@ -4,13 +4,15 @@ Why this shape: KFP ships a lightweight component as its function's source, so e
 imports its stage from the embedded code bundle (:mod:`components.bundle`) and calls it; the
 logic lives in the stage modules, where tests call it directly. Every component takes the same
 context parameters (run root, MLflow store, parent run, pipeline run id, cache switch).
-``build_components(image)`` makes them for a base image: the CPU image by default, or any image
-that has dinoflow's dependencies (the code itself always comes from the bundle).
+``build_components(images)`` makes them for their base images (:class:`Images`): the training
+stages (:data:`GPU_STAGES`) on the GPU image, the others on the CPU image, both from one registry
+and tag; or one image for every stage (any image with dinoflow's dependencies: the code itself
+always comes from the bundle).
 
 No ``from __future__ import annotations`` here: KFP reads the annotations as types.
 """
 
-import os
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import NamedTuple
 
@@ -19,7 +21,36 @@ from kfp.dsl import Artifact, Input, Metrics, Model, Output
 
 from components.bundle import build_bundle
 
-DEFAULT_IMAGE = os.environ.get("DINOFLOW_IMAGE", "ghcr.io/dinoflow/dinoflow-cpu:0.1.0")
+REGISTRY = "ghcr.io/dinoflow"
+TAG = "0.1.0"  # the project's version: images are built and tagged per release (infra/README.md)
+GPU_STAGES = frozenset({"pretrain", "distill"})  # the training stages (distill: when it gets a component)
+
+
+@dataclass(frozen=True)
+class Images:
+    """Base images of the components: ``gpu`` for :data:`GPU_STAGES`, ``cpu`` for every other stage."""
+
+    cpu: str
+    gpu: str
+
+    @classmethod
+    def from_registry(cls, registry: str = REGISTRY, tag: str = TAG) -> "Images":
+        """``<registry>/dinoflow-cpu:<tag>`` and ``<registry>/dinoflow-gpu:<tag>`` (infra/docker)."""
+        registry = registry.rstrip("/")
+        if not registry or not tag or tag == "latest":
+            raise ValueError(f"give a registry and a fixed tag (not latest), got {registry!r} and {tag!r}")
+        return cls(cpu=f"{registry}/dinoflow-cpu:{tag}", gpu=f"{registry}/dinoflow-gpu:{tag}")
+
+    @classmethod
+    def single(cls, image: str) -> "Images":
+        """The same image for every stage."""
+        return cls(cpu=image, gpu=image)
+
+    def for_stage(self, stage: str) -> str:
+        return self.gpu if stage in GPU_STAGES else self.cpu
+
+
+DEFAULT_IMAGES = Images.from_registry()
 
 
 def open_run(run_root: str, tracking_uri: str, experiment: str, pipeline_run_id: str, pipeline: str) -> str:
@@ -48,6 +79,24 @@ def ingest(run_root: str, tracking_uri: str, experiment: str, parent_run_id: str
 
     return run_ingest(StageContext(run_root, tracking_uri, experiment, parent_run_id, pipeline_run_id, use_cache),
                       source)
+
+
+def curate(run_root: str, tracking_uri: str, experiment: str, parent_run_id: str, pipeline_run_id: str,
+           use_cache: bool, pool_uri: str, eval_uris: list, dedup_threshold: float, decontaminate_threshold: float,
+           balance_target: int, balance_clusters: list, embed_weights: str, fallback_kind: str,
+           fallback_uri: str) -> NamedTuple("CurateOutputs", [("data_kind", str), ("data_uri", str)]):
+    """Curate ``pool_uri`` into shards; an empty ``pool_uri`` skips curation and passes the fallback
+    data (``fallback_kind``, ``fallback_uri``) on. Returns what the pretrain stage reads."""
+    from collections import namedtuple
+
+    from components.curate import run_curate_stage
+    from components.stage import StageContext
+
+    ctx = StageContext(run_root, tracking_uri, experiment, parent_run_id, pipeline_run_id, use_cache)
+    kind, uri = run_curate_stage(ctx, pool_uri, [str(u) for u in eval_uris], dedup_threshold,
+                                 decontaminate_threshold, balance_target, [int(c) for c in balance_clusters],
+                                 embed_weights, fallback_kind, fallback_uri)
+    return namedtuple("CurateOutputs", ["data_kind", "data_uri"])(kind, uri)
 
 
 def pretrain(run_root: str, tracking_uri: str, experiment: str, parent_run_id: str, pipeline_run_id: str,
@@ -108,14 +157,16 @@ def champion(run_root: str, tracking_uri: str, experiment: str, parent_run_id: s
     return run_champion_stage(ctx, model_name, backbone.path)
 
 
-STAGES = (open_run, close_run, ingest, pretrain, evaluate, register, champion)
+STAGES = (open_run, close_run, ingest, curate, pretrain, evaluate, register, champion)
 
 
-def build_components(image: str = DEFAULT_IMAGE) -> SimpleNamespace:
-    """KFP components of every stage for ``image``, all shipping the same code bundle."""
+def build_components(images: Images | str = DEFAULT_IMAGES) -> SimpleNamespace:
+    """KFP components of every stage on ``images`` (a str: one image for all), all shipping the
+    same code bundle."""
+    chosen = Images.single(images) if isinstance(images, str) else images
     bundle = str(build_bundle())
     return SimpleNamespace(**{
-        func.__name__: dsl.component(func, base_image=image, embedded_artifact_path=bundle,
+        func.__name__: dsl.component(func, base_image=chosen.for_stage(func.__name__), embedded_artifact_path=bundle,
                                      install_kfp_package=False)
         for func in STAGES
     })

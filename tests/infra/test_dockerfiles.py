@@ -8,7 +8,6 @@ into a Dockerfile would drift from pyproject.toml.
 
 from __future__ import annotations
 
-import ast
 import re
 import shlex
 import tomllib
@@ -138,18 +137,16 @@ def _project_version() -> str:
     return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 
 
-def test_component_default_image_is_the_cpu_image_of_this_version() -> None:
-    """``components.definitions.DEFAULT_IMAGE`` without DINOFLOW_IMAGE (read from the source, so
-    the environment of this test does not matter)."""
-    source = (REPO / "components" / "definitions.py").read_text()
-    assignment = next(node for node in ast.parse(source).body if isinstance(node, ast.Assign)
-                      and getattr(node.targets[0], "id", "") == "DEFAULT_IMAGE")
-    call = assignment.value
-    assert isinstance(call, ast.Call) and isinstance(call.args[1], ast.Constant)
-    assert call.args[0].value == "DINOFLOW_IMAGE"  # type: ignore[attr-defined]
-    default = call.args[1].value
-    assert default == f"ghcr.io/dinoflow/dinoflow-cpu:{_project_version()}"
-    assert f"-t {default} ." in (DOCKER / "cpu.Dockerfile").read_text()
+def test_component_default_images_are_the_images_of_this_version() -> None:
+    """The components' default CPU and GPU images are the ones the Dockerfiles say to build for
+    this version (``components.definitions.TAG`` follows pyproject's version)."""
+    from components.definitions import DEFAULT_IMAGES
+
+    version = _project_version()
+    assert DEFAULT_IMAGES.cpu == f"ghcr.io/dinoflow/dinoflow-cpu:{version}"
+    assert DEFAULT_IMAGES.gpu == f"ghcr.io/dinoflow/dinoflow-gpu:{version}"
+    assert f"-t {DEFAULT_IMAGES.cpu} ." in (DOCKER / "cpu.Dockerfile").read_text()
+    assert f"-t {DEFAULT_IMAGES.gpu} ." in (DOCKER / "gpu.Dockerfile").read_text()
 
 
 def test_manifests_use_the_images_of_this_version() -> None:

@@ -12,8 +12,16 @@ from urllib.parse import urlparse
 
 import pytest
 
-from pipelines.definitions import CLUSTER_DATA, CLUSTER_RUN_ROOT, CLUSTER_TRACKING_URI
-from tests.infra.helpers import render
+from pipelines.definitions import (
+    CLUSTER_DATA,
+    CLUSTER_RUN_ROOT,
+    CLUSTER_TRACKING_URI,
+    S3_SECRET,
+    S3_SECRET_KEYS,
+    SETTINGS_CONFIG_MAP,
+    SETTINGS_KEYS,
+)
+from tests.infra.helpers import INFRA, render
 
 
 def _by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
@@ -52,3 +60,25 @@ def test_pipeline_role_grants_no_secrets_and_no_writes_beyond_jobs() -> None:
         assert "secrets" not in rule["resources"] and "*" not in rule["resources"] and "*" not in rule["verbs"]
         if rule["apiGroups"] != ["kubeflow.org"]:
             assert set(rule["verbs"]) <= {"get", "list", "watch"}, rule
+
+
+@pytest.mark.parametrize("overlay", ["overlays/dev", "overlays/prod"])
+def test_pipeline_tasks_settings_name_the_platform_services(overlay: str) -> None:
+    """The ConfigMap every pipeline task reads (env) sits in KFP's namespace and points at the
+    platform's MinIO and MLflow; the Secret the tasks read is the one the README creates."""
+    (settings,) = render("pipelines")
+    assert (settings["kind"], settings["metadata"]["name"]) == ("ConfigMap", SETTINGS_CONFIG_MAP)
+    assert settings["metadata"]["namespace"] == "kubeflow"  # where KFP runs pipeline pods
+    assert set(settings["data"]) == set(SETTINGS_KEYS)
+    assert settings["data"]["MLFLOW_TRACKING_URI"] == CLUSTER_TRACKING_URI
+    endpoint = urlparse(settings["data"]["AWS_ENDPOINT_URL"])
+    service, namespace = endpoint.hostname.split(".")[:2]  # type: ignore[union-attr]
+    minio = _by_kind(render(overlay), "Service")[service]
+    assert minio["metadata"]["namespace"] == namespace and endpoint.port in [p["port"] for p in minio["spec"]["ports"]]
+    readme = (INFRA / "README.md").read_text()
+    assert f"create secret generic {S3_SECRET}" in readme and "namespace':'kubeflow'" in readme
+    for key in S3_SECRET_KEYS:
+        assert f"--from-literal={key}=" in readme
+    job = _by_kind(render(overlay), "Job")["minio-buckets"]["spec"]["template"]["spec"]["containers"][0]
+    assert {e["valueFrom"]["secretKeyRef"]["key"] for e in job["env"] if "valueFrom" in e
+            and e["valueFrom"]["secretKeyRef"]["name"] == S3_SECRET} == set(S3_SECRET_KEYS)

@@ -6,6 +6,7 @@ One ``full`` run is shared by the tests of this module; each test adds the runs 
 from __future__ import annotations
 
 import json
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +15,13 @@ import yaml
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
+from components.definitions import Images
 from components.pipeline_run import TAG_FAILED_STAGES, TAG_PIPELINE
 from dinoflow.registry import champion_version
 from dinoflow.storage import Storage
 from dinoflow.tracking import default_tracking_uri
 from pipelines.cli import app
-from pipelines.definitions import build_pipelines
+from pipelines.definitions import S3_SECRET, SETTINGS_CONFIG_MAP, build_pipelines
 from pipelines.local import PipelineFailed, StageSummary, run_locally
 
 FAST = {
@@ -129,8 +131,9 @@ def test_compiled_pipelines_hold_their_dag_and_no_secrets_or_local_paths(
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", planted)
     monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", planted)
     expected = {
-        "full": {"open-run": [], "ingest": ["open-run"], "pretrain": ["ingest", "open-run"],
-                 "evaluate": ["ingest", "open-run", "pretrain"], "register": ["evaluate", "open-run", "pretrain"]},
+        "full": {"open-run": [], "ingest": ["open-run"], "curate": ["ingest", "open-run"],
+                 "pretrain": ["curate", "open-run"], "evaluate": ["ingest", "open-run", "pretrain"],
+                 "register": ["evaluate", "open-run", "pretrain"]},
         "evaluate_only": {"open-run": [], "importer": [], "evaluate": ["importer", "open-run"]},
         "retrain": {"open-run": [], "champion": ["open-run"], "pretrain": ["champion", "open-run"],
                     "evaluate": ["open-run", "pretrain"], "register": ["evaluate", "open-run", "pretrain"]},
@@ -140,7 +143,7 @@ def test_compiled_pipelines_hold_their_dag_and_no_secrets_or_local_paths(
         result = CliRunner().invoke(app, ["pipeline", "compile", name, "--out", str(out), "--image", "registry.example/dinoflow:1"])
         assert result.exit_code == 0, result.output
         text = out.read_text()
-        spec = yaml.safe_load(text)
+        spec, platform = yaml.safe_load_all(text)
         root = spec["root"]["dag"]["tasks"]
         assert set(root) == {"exit-handler-1", "close-run"}
         assert root["close-run"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
@@ -151,11 +154,49 @@ def test_compiled_pipelines_hold_their_dag_and_no_secrets_or_local_paths(
                 assert inner[task]["cachingOptions"] == {}  # caching off: they act, not compute
         images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values() if "container" in e}
         assert images == {"registry.example/dinoflow:1"}
+        assert_cluster_env(spec, platform)
         defaults = {k: v.get("defaultValue") for k, v in spec["root"]["inputDefinitions"]["parameters"].items()}
         assert defaults["run_root"] == "s3://dinoflow/runs" and defaults["tracking_uri"].startswith("http://mlflow.")
         assert planted not in text
         for local in (str(Path.cwd()), str(Path.home()), str(tmp_path), "/usr/share", "sqlite:"):
             assert local not in text, f"{local} baked into {name}"
+
+
+def assert_cluster_env(spec: dict[str, Any], platform: dict[str, Any], secret: str = S3_SECRET) -> None:
+    """Every container task reads the S3 Secret and the settings ConfigMap as env vars (names only)."""
+    executors = {name for name, e in spec["deploymentSpec"]["executors"].items() if "container" in e}
+    configs = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert set(configs) == executors
+    for name, config in configs.items():
+        (secret_env,) = config["secretAsEnv"]
+        assert secret_env["secretName"] == secret and not secret_env["optional"], name
+        assert {(k["secretKey"], k["envVar"]) for k in secret_env["keyToEnv"]} == {
+            ("AWS_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID"), ("AWS_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY")}, name
+        (settings,) = config["configMapAsEnv"]
+        assert settings["configMapName"] == SETTINGS_CONFIG_MAP and not settings["optional"], name
+        assert {k["envVar"] for k in settings["keyToEnv"]} == {"AWS_ENDPOINT_URL", "MLFLOW_TRACKING_URI"}, name
+
+
+def test_compiled_components_run_on_the_cpu_and_gpu_images_of_a_registry_and_tag(tmp_path: Path) -> None:
+    out = tmp_path / "full.yaml"
+    result = CliRunner().invoke(app, ["pipeline", "compile", "full", "--out", str(out), "--registry",
+                                      "registry.example/team/", "--tag", "2.0.1", "--s3-secret", "team-s3"],
+                                env={"DINOFLOW_IMAGE": None})
+    assert result.exit_code == 0, result.output
+    spec, platform = yaml.safe_load_all(out.read_text())
+    images = {name.removeprefix("exec-"): e["container"]["image"]
+              for name, e in spec["deploymentSpec"]["executors"].items()}
+    assert images.pop("pretrain") == "registry.example/team/dinoflow-gpu:2.0.1"
+    assert set(images.values()) == {"registry.example/team/dinoflow-cpu:2.0.1"}
+    assert_cluster_env(spec, platform, secret="team-s3")
+    # the defaults: this release's images, pinned to its version, and the infra's Secret
+    defaults = Images.from_registry()
+    version = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]["version"]
+    assert (defaults.cpu, defaults.gpu) == (f"ghcr.io/dinoflow/dinoflow-cpu:{version}",
+                                            f"ghcr.io/dinoflow/dinoflow-gpu:{version}")
+    latest = CliRunner().invoke(app, ["pipeline", "compile", "full", "--out", str(out), "--tag", "latest"],
+                                env={"DINOFLOW_IMAGE": None})
+    assert latest.exit_code == 2 and "fixed tag (not latest)" in latest.stderr
 
 
 def test_pipeline_cli_rejects_unknown_names_and_parameters() -> None:

@@ -72,8 +72,12 @@ def test_submit_sends_the_compiled_pipeline_with_its_parameters(kfp_api: str, mo
     assert run["experiment_id"] == "exp-1"
     assert run["runtime_config"]["parameters"] == {"max_minutes": 30, "overrides": ["optim.batch_size=256"],
                                                    "model_name": "vits14-lvd"}
-    spec = run["pipeline_spec"]
+    spec, platform = run["pipeline_spec"]["pipeline_spec"], run["pipeline_spec"]["platform_spec"]
     assert spec["pipelineInfo"]["name"] == "retrain"
+    # the Kubernetes section travels with it: every task reads the S3 Secret (by name only)
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert set(executors) == set(spec["deploymentSpec"]["executors"])
+    assert {e["secretAsEnv"][0]["secretName"] for e in executors.values()} == {"dinoflow-s3"}
     assert "planted-secret-9d2" not in json.dumps(run) and "token-123" not in yaml.safe_dump(spec)
 
 
