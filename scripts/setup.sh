@@ -10,15 +10,21 @@ TORCH=${TORCH:-torch==2.13.0}
 EXTRAS=${EXTRAS:-dev}
 DATA=/usr/share/datasets/fashion-mnist
 
-# Debian's Fashion-MNIST (the demo and test data); nothing is downloaded at run time.
-if [ ! -f "$DATA/train-images-idx3-ubyte.gz" ]; then
+# Debian packages, each only when missing: Fashion-MNIST (the demo and test data) and headless
+# Chromium with its driver (the web page's browser test); nothing is downloaded at run time.
+APT_PACKAGES=()
+[ -f "$DATA/train-images-idx3-ubyte.gz" ] || APT_PACKAGES+=(dataset-fashion-mnist)
+command -v chromium >/dev/null 2>&1 || APT_PACKAGES+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || APT_PACKAGES+=(chromium-driver)
+if [ "${#APT_PACKAGES[@]}" -gt 0 ]; then
   if command -v apt-get >/dev/null 2>&1; then
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo -n"
-    echo "setup: installing Debian's dataset-fashion-mnist" >&2
+    echo "setup: installing Debian's ${APT_PACKAGES[*]}" >&2
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${APT_PACKAGES[@]}" >/dev/null
   else
-    echo "setup: no apt-get here; put Fashion-MNIST's four *-ubyte.gz files in a folder and pass data.source=FOLDER" >&2
+    echo "setup: no apt-get here; missing ${APT_PACKAGES[*]}: put Fashion-MNIST's four *-ubyte.gz files in a" \
+         "folder and pass data.source=FOLDER; install chromium and chromedriver for tests/serve/test_page_browser.py" >&2
   fi
 fi
 

@@ -4,8 +4,10 @@ Layer 4-and-a-half: it uses the science (``trainer``, ``evaluators``) and the pl
 (``dinoflow``), and only the CLI (``pipelines/cli.py``) starts it. The pieces:
 
 * :mod:`serve.model`: load a backbone (MLflow model URI or weight file) and embed uint8 images;
-* :mod:`serve.batching`: a worker thread that merges concurrent requests into one forward pass;
+* :mod:`serve.batching`: a worker thread that merges concurrent requests into one forward pass,
+  with a bounded queue and a per-request timeout;
 * :mod:`serve.index`: build and load a faiss index of a folder or tar shards;
-* :mod:`serve.app`: the FastAPI application (``/v1/embed``, ``/v1/neighbours``, ``/healthz``,
-  ``/metrics``, ``/``).
+* :mod:`serve.reload`: a swappable model slot and the registry poller that picks up a new champion;
+* :mod:`serve.app`: the FastAPI application (``/v1/embed``, ``/v1/neighbours``, ``/v1/pca``,
+  ``/v1/pca-video``, ``/healthz``, ``/metrics``, ``/``).
 """

@@ -10,12 +10,24 @@ Routes:
   CLS features) out.
 * ``POST /v1/pca``: one image in; a PNG of its patch features' first three principal components
   (:func:`evaluators.visualize.pca_rgb`) out.
+* ``POST /v1/pca-video``: frames in (several images, or animated GIF/PNG/WebP files whose frames
+  are taken in order); one PCA basis fitted over the patches of all frames, so a colour means the
+  same feature direction in every frame; an animated PNG (``format=apng``, identical consecutive
+  frames merged by the encoder) or a zip of one PNG per frame (``format=zip``) out.
 * ``GET /v1/index/items/{id}/image``: an indexed image, re-encoded as a small PNG (for the page).
 * ``GET /healthz``, ``GET /metrics`` (Prometheus text format), ``GET /`` (the web page).
 
 Limits (:class:`ServeSettings`) are checked before any decoding: body bytes, images per request,
 pixels per image. A bad request gets a 4xx whose JSON ``detail`` says what was wrong and what is
 allowed; it never reaches the batcher, so the service keeps serving.
+
+Overload gets a 503 with ``Retry-After`` and a ``detail`` that says which limit was hit: when
+``max_queue`` requests already wait for the model (checked before the body is read, and again when
+the decoded images are queued), or when a request's features take longer than
+``request_timeout_s``. Memory is bounded by ``max_queue * max_images`` decoded images in the queue.
+
+With ``reload_every_s`` and a ``models:/<name>@<alias>`` model, a :class:`~serve.reload.ChampionWatcher`
+swaps in the version the alias moves to, between two forward passes (see :mod:`serve.reload`).
 """
 
 from __future__ import annotations
@@ -25,7 +37,8 @@ import binascii
 import io
 import json
 import time
-from collections.abc import AsyncIterator
+import zipfile
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -35,19 +48,21 @@ import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from serve.batching import DynamicBatcher
+from serve.batching import DynamicBatcher, Overloaded, RequestTimeout
 from serve.index import NeighbourIndex
-from serve.model import FEATURE_KINDS, ImageError, ServedModel, decode_upload
+from serve.model import FEATURE_KINDS, ImageError, ServedModel, decode_upload, split_frames
 from serve.page import PAGE_HTML
+from serve.reload import ChampionWatcher, ModelSlot
 
 IMAGE_FIELD = "images"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+RETRY_AFTER_S = "1"
 
 
 @dataclass(frozen=True)
@@ -61,6 +76,9 @@ class ServeSettings:
         max_batch_size: most images in one forward pass; 1 turns dynamic batching off.
         max_wait_ms: longest wait for more requests to fill a batch.
         max_k: most neighbours one request may ask for.
+        max_queue: most requests waiting for the model (503 above).
+        request_timeout_s: longest wait of one request for its features, queue included (503 after).
+        reload_every_s: seconds between polls of the registry alias for a new champion; 0 turns it off.
     """
 
     max_body_bytes: int = 16 * 1024 * 1024
@@ -69,11 +87,20 @@ class ServeSettings:
     max_batch_size: int = 32
     max_wait_ms: float = 5.0
     max_k: int = 100
+    max_queue: int = 64
+    request_timeout_s: float = 30.0
+    reload_every_s: float = 0.0
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
-            if value < (0 if name == "max_wait_ms" else 1):
-                raise ValueError(f"{name} must be {'>= 0' if name == 'max_wait_ms' else '>= 1'}, got {value}")
+            if name in ("max_wait_ms", "reload_every_s"):
+                low, text = 0, ">= 0"
+            elif name == "request_timeout_s":
+                low, text = 1e-9, "> 0"
+            else:
+                low, text = 1, ">= 1"
+            if value < low:
+                raise ValueError(f"{name} must be {text}, got {value}")
 
 
 class _Metrics:
@@ -88,26 +115,63 @@ class _Metrics:
         self.batch_images = Histogram("dinoflow_serve_batch_images", "images per forward pass",
                                       buckets=BATCH_BUCKETS, registry=self.registry)
         self.images = Counter("dinoflow_serve_images", "images embedded", registry=self.registry)
+        self.rejected = Counter("dinoflow_serve_rejected", "requests refused with 503, by reason (queue_full, timeout)",
+                                ["reason"], registry=self.registry)
+        self.queued = Gauge("dinoflow_serve_queued_requests", "requests waiting for the model",
+                            registry=self.registry)
 
     def on_batch(self, count: int) -> None:
         self.batch_images.observe(count)
         self.images.inc(count)
 
 
-def create_app(model: ServedModel, index: NeighbourIndex | None = None,
-               settings: ServeSettings | None = None) -> FastAPI:
-    """The FastAPI application; its batcher thread stops when the app shuts down."""
+def create_app(model: ServedModel, index: NeighbourIndex | None = None, settings: ServeSettings | None = None,
+               load: Callable[[str], ServedModel] | None = None) -> FastAPI:
+    """The FastAPI application; its batcher (and champion watcher) threads stop when the app shuts down.
+
+    ``load`` loads a ``models:/<name>/<version>`` URI for the champion watcher (default
+    :func:`~serve.model.load_served_model` on the CPU); it is used only when ``settings.reload_every_s > 0``,
+    which needs a ``models:/<name>@<alias>`` model and no index (the index holds the old model's features).
+    """
     settings = settings or ServeSettings()
     metrics = _Metrics()
-    batcher = DynamicBatcher(model.embed, settings.max_batch_size, settings.max_wait_ms, metrics.on_batch)
+    slot = ModelSlot(model)
+    watcher = None
+    if settings.reload_every_s > 0:  # checked before any thread starts
+        if index is not None:
+            raise ValueError("reloading the champion cannot be combined with an index: the index holds the features "
+                             "of the model it was built with; rebuild the index and restart instead")
+        if load is None:
+            from serve.model import load_served_model as load
+        watcher = ChampionWatcher(slot, model.name, settings.reload_every_s, load)
+    batcher = DynamicBatcher(slot.embed, settings.max_batch_size, settings.max_wait_ms, metrics.on_batch,
+                             max_queue=settings.max_queue, timeout_s=settings.request_timeout_s)
+    metrics.queued.set_function(lambda: batcher.queued)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if watcher is not None:
+            watcher.start()
         yield
+        if watcher is not None:
+            watcher.close()
         batcher.close()
 
     app = FastAPI(title="dinoflow serve", lifespan=lifespan)
-    app.state.model, app.state.index, app.state.settings, app.state.batcher = model, index, settings, batcher
+    app.state.slot, app.state.index, app.state.settings, app.state.batcher = slot, index, settings, batcher
+    app.state.watcher = watcher
+
+    def overloaded(reason: str, message: str) -> HTTPException:
+        metrics.rejected.labels(reason).inc()
+        return HTTPException(503, message, headers={"Retry-After": RETRY_AFTER_S})
+
+    async def features_of(pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        try:
+            return await batcher.run(pixels)
+        except Overloaded as err:
+            raise overloaded("queue_full", str(err)) from None
+        except RequestTimeout as err:
+            raise overloaded("timeout", str(err)) from None
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next: Any) -> Response:
@@ -122,15 +186,33 @@ def create_app(model: ServedModel, index: NeighbourIndex | None = None,
             metrics.requests.labels(route, str(status)).inc()
             metrics.latency.labels(route).observe(time.perf_counter() - start)
 
-    async def pixels_of(request: Request) -> torch.Tensor:
+    async def pixels_of(request: Request, frames: bool = False) -> torch.Tensor:
+        """The request's images decoded at the served image size; ``frames``: animated files give all frames."""
+        if batcher.full:  # before the body is read: an overloaded service spends nothing on the request
+            raise overloaded("queue_full", f"the service is busy: {batcher.queued} requests are waiting for the "
+                                           f"model (the limit is {settings.max_queue}); retry later")
         uploads = await _read_uploads(request, settings)
+        image_size = slot.current.image_size  # a swap keeps it (serve.reload)
+
+        def decode() -> list[torch.Tensor]:
+            items = split_frames(uploads, settings.max_images, settings.max_pixels) if frames else uploads
+            return [decode_upload(data, image_size, settings.max_pixels) for data in items]
+
         try:
-            images = await run_in_threadpool(
-                lambda: [decode_upload(data, model.image_size, settings.max_pixels) for data in uploads])
+            images = await run_in_threadpool(decode)
         except ImageError as err:
             status = 413 if "the limit is" in str(err) else 400
             raise HTTPException(status, f"{err}") from None
         return torch.stack(images)  # (n, 3, S, S) uint8
+
+    def pca_frames(patch: torch.Tensor, size: int) -> list[Image.Image]:
+        """Patch features ``(n, h*w, D)`` -> ``n`` RGB pictures, one PCA basis fitted over all of them."""
+        from evaluators.visualize import pca_rgb
+
+        grid = slot.current.grid
+        maps = patch.reshape(len(patch), grid, grid, -1).permute(0, 3, 1, 2).numpy()  # (n, D, h, w)
+        colours = (pca_rgb(maps) * 255).round().astype(np.uint8)  # (n, h, w, 3)
+        return [Image.fromarray(frame).resize((size, size), Image.Resampling.NEAREST) for frame in colours]
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> str:
@@ -138,9 +220,14 @@ def create_app(model: ServedModel, index: NeighbourIndex | None = None,
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "model": model.name, "image_size": model.image_size, "patch_size": model.patch_size,
-                "embed_dim": model.embed_dim, "index_size": len(index) if index is not None else None,
-                "batching": {"max_batch_size": settings.max_batch_size, "max_wait_ms": settings.max_wait_ms}}
+        model = slot.current
+        return {"status": "ok", "model": model.name, "model_version": model.version, "image_size": model.image_size,
+                "patch_size": model.patch_size, "embed_dim": model.embed_dim,
+                "index_size": len(index) if index is not None else None,
+                "batching": {"max_batch_size": settings.max_batch_size, "max_wait_ms": settings.max_wait_ms},
+                "queue": {"queued": batcher.queued, "max_queue": settings.max_queue,
+                          "request_timeout_s": settings.request_timeout_s},
+                "reload": watcher.describe() if watcher is not None else None}
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -157,12 +244,13 @@ def create_app(model: ServedModel, index: NeighbourIndex | None = None,
         if format == "npy" and len(kinds) != 1:
             raise HTTPException(400, f"format=npy returns one array: ask for one feature kind, got {kinds}")
         pixels = await pixels_of(request)
-        outputs = await batcher.run(pixels)
+        outputs = await features_of(pixels)
         if format == "npy":
             buffer = io.BytesIO()
             np.save(buffer, outputs[kinds[0]].numpy())
             return Response(buffer.getvalue(), media_type="application/x-npy",
                             headers={"X-Feature-Shape": ",".join(map(str, outputs[kinds[0]].shape))})
+        model = slot.current
         return JSONResponse({
             "model": model.name, "count": len(pixels), "image_size": model.image_size,
             "grid": [model.grid, model.grid],
@@ -177,23 +265,41 @@ def create_app(model: ServedModel, index: NeighbourIndex | None = None,
         if not 1 <= k <= settings.max_k:
             raise HTTPException(400, f"k must be in [1, {settings.max_k}], got {k}")
         pixels = await pixels_of(request)
-        outputs = await batcher.run(pixels)
-        return {"model": model.name, "index_size": len(index), "k": k, "results": index.search(outputs["cls"], k)}
+        outputs = await features_of(pixels)
+        return {"model": slot.current.name, "index_size": len(index), "k": k,
+                "results": index.search(outputs["cls"], k)}
 
     @app.post("/v1/pca")
     async def pca(request: Request, size: int = 224) -> Response:
-        from evaluators.visualize import pca_rgb
-
         if not 16 <= size <= 1024:
             raise HTTPException(400, f"size must be in [16, 1024], got {size}")
         pixels = await pixels_of(request)
         if len(pixels) != 1:
             raise HTTPException(400, f"send exactly one image for a PCA map, got {len(pixels)}")
-        patch = (await batcher.run(pixels))["patch"]  # (1, h*w, D)
-        grid = patch.reshape(1, model.grid, model.grid, -1).permute(0, 3, 1, 2).numpy()  # (1, D, h, w)
-        colours = (pca_rgb(grid)[0] * 255).round().astype(np.uint8)  # (h, w, 3)
-        return Response(_png(Image.fromarray(colours).resize((size, size), Image.Resampling.NEAREST)),
-                        media_type="image/png")
+        patch = (await features_of(pixels))["patch"]  # (1, h*w, D)
+        (picture,) = await run_in_threadpool(pca_frames, patch, size)
+        return Response(_png(picture), media_type="image/png")
+
+    @app.post("/v1/pca-video")
+    async def pca_video(request: Request, size: int = 224, fps: float = 4.0, format: str = "apng") -> Response:
+        if not 16 <= size <= 512:
+            raise HTTPException(400, f"size must be in [16, 512], got {size}")
+        if not 0.5 <= fps <= 30:
+            raise HTTPException(400, f"fps must be in [0.5, 30], got {fps}")
+        if format not in ("apng", "zip"):
+            raise HTTPException(400, f"unknown format {format!r}; allowed: apng, zip")
+        pixels = await pixels_of(request, frames=True)  # (n, 3, S, S): every frame of every file, in order
+        patch = (await features_of(pixels))["patch"]  # (n, h*w, D)
+
+        def encode() -> bytes:
+            pictures = pca_frames(patch, size)
+            return _zip_of_pngs(pictures) if format == "zip" else _apng(pictures, fps)
+
+        headers = {"X-Frame-Count": str(len(pixels))}
+        if format == "zip":
+            headers["Content-Disposition"] = 'attachment; filename="pca-frames.zip"'
+        return Response(await run_in_threadpool(encode), headers=headers,
+                        media_type="application/zip" if format == "zip" else "image/apng")
 
     @app.get("/v1/index/items/{item}/image")
     async def index_image(item: int, size: int = 128) -> Response:
@@ -214,6 +320,22 @@ def create_app(model: ServedModel, index: NeighbourIndex | None = None,
 def _png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _apng(pictures: list[Image.Image], fps: float) -> bytes:
+    """An animated PNG, looping (identical consecutive frames become one longer frame)."""
+    buffer = io.BytesIO()
+    pictures[0].save(buffer, format="PNG", save_all=True, append_images=pictures[1:], duration=1000.0 / fps, loop=0)
+    return buffer.getvalue()
+
+
+def _zip_of_pngs(pictures: list[Image.Image]) -> bytes:
+    """``frame_0000.png``, ``frame_0001.png``, ... in one zip (stored: PNGs are compressed already)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        for position, picture in enumerate(pictures):
+            archive.writestr(f"frame_{position:04d}.png", _png(picture))
     return buffer.getvalue()
 
 

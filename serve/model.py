@@ -11,6 +11,7 @@ the reason goes back to the client.
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,12 +46,14 @@ class ServedModel:
         patch_size: its patch side.
         image_size: the square side images are resized and cropped to (a multiple of patch_size).
         name: where it came from (URI), shown by ``/healthz``.
+        version: the registry version for ``models:/`` URIs (an alias resolved when loading), else None.
     """
 
     backbone: Any
     patch_size: int
     image_size: int
     name: str
+    version: str | None = None
 
     @property
     def embed_dim(self) -> int:
@@ -90,27 +93,94 @@ def decode_upload(data: bytes, image_size: int, max_pixels: int) -> Tensor:
         raise ImageError(f"broken image ({type(err).__name__}: {err})") from None
 
 
+def split_frames(uploads: list[bytes], max_frames: int, max_pixels: int) -> list[bytes]:
+    """Each upload as its frames, in order: an animated GIF, PNG or WebP gives one PNG per frame
+    (each composited as a viewer shows it); any other upload stays as it is (:func:`decode_upload`
+    then says what is wrong with it). :class:`ImageError` when there are more than ``max_frames``
+    frames in all, or an animated file has more than ``max_pixels`` pixels per frame.
+    """
+    from PIL import Image, ImageSequence
+
+    from trainer.data.datasets import to_rgb
+
+    frames: list[bytes] = []
+    for data in uploads:
+        try:
+            image = Image.open(io.BytesIO(data), formats=DECODE_FORMATS)
+        except DECODE_ERRORS:
+            frames.append(data)
+            continue
+        with image:
+            count = getattr(image, "n_frames", 1)
+            if len(frames) + count > max_frames:
+                raise ImageError(f"{len(frames) + count} frames in one request; the limit is {max_frames}")
+            if count == 1:
+                frames.append(data)
+                continue
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageError(f"animated image is {width}x{height} = {width * height} pixels per frame; "
+                                 f"the limit is {max_pixels}")
+            try:
+                for frame in ImageSequence.Iterator(image):
+                    buffer = io.BytesIO()
+                    to_rgb(frame).save(buffer, format="PNG")
+                    frames.append(buffer.getvalue())
+            except DECODE_ERRORS as err:
+                raise ImageError(f"broken animated image ({type(err).__name__}: {err})") from None
+    return frames
+
+
+def parse_registry_uri(uri: str) -> tuple[str, str | None, str | None] | None:
+    """``models:/<name>@<alias>`` -> ``(name, alias, None)``, ``models:/<name>/<version>`` ->
+    ``(name, None, version)``; None for any other URI."""
+    if not uri.startswith("models:/"):
+        return None
+    path = uri[len("models:/"):]
+    if "@" in path:
+        name, alias = path.rsplit("@", 1)
+        return name, alias, None
+    name, _, version = path.rpartition("/")
+    return (name, None, version) if name and version.isdigit() else None
+
+
+def resolve_alias(name: str, alias: str) -> str:
+    """The version the registry alias points at now (registry URI from the environment, as MLflow reads it)."""
+    from mlflow.tracking import MlflowClient
+
+    return str(MlflowClient().get_model_version_by_alias(name, alias).version)
+
+
 def load_served_model(uri: str, image_size: int | None = None, device: str = "cpu",
                       storage: Storage | None = None) -> ServedModel:
-    """Load ``models:/<name>@<alias>``, ``runs:/...``, an MLflow model folder, or a backbone
-    ``.safetensors`` file (path or URI).
+    """Load ``models:/<name>@<alias>``, ``models:/<name>/<version>``, ``runs:/...``, an MLflow model
+    folder, or a backbone ``.safetensors`` file (path or URI).
 
     MLflow models are loaded through ``mlflow.pyfunc.load_model`` (the tracking/registry URI comes
     from the environment, as MLflow reads it) and unwrapped to dinoflow's
-    :class:`~trainer.models.packaging.BackbonePyfunc`. ``image_size`` defaults to the package's
-    ``config.json`` ``image_size``, else the backbone's own ``img_size``. ``storage`` reads weight
-    files (S3 settings); MLflow reads its artifacts itself.
+    :class:`~trainer.models.packaging.BackbonePyfunc`. An alias is resolved to its version first
+    and that exact version is loaded, so :attr:`ServedModel.version` is the one served even if the
+    alias moves meanwhile. ``image_size`` defaults to the package's ``config.json`` ``image_size``,
+    else the backbone's own ``img_size``. ``storage`` reads weight files (S3 settings); MLflow reads
+    its artifacts itself.
     """
     from trainer.models.hub import load_backbone
 
     config: dict[str, Any] = {}
+    version = None
     if uri.endswith(".safetensors"):
         backbone = load_backbone(uri, "safetensors", storage)
         patch_size = backbone.patch_size
     elif uri.startswith(("models:/", "runs:/")) or (Path(uri) / "MLmodel").is_file():
         import mlflow.pyfunc
 
-        package = mlflow.pyfunc.load_model(uri)
+        registered = parse_registry_uri(uri)
+        load_uri = uri
+        if registered is not None:
+            name, alias, version = registered
+            version = version or resolve_alias(name, alias or "")
+            load_uri = f"models:/{name}/{version}"
+        package = mlflow.pyfunc.load_model(load_uri)
         wrapped = package.unwrap_python_model()
         if not hasattr(wrapped, "backbone"):
             raise ValueError(f"{uri}: not a dinoflow backbone package (found {type(wrapped).__name__})")
@@ -126,4 +196,5 @@ def load_served_model(uri: str, image_size: int | None = None, device: str = "cp
     size = image_size or int(config.get("image_size") or backbone.arch_kwargs["img_size"])
     if size <= 0 or size % patch_size:
         raise ValueError(f"image_size {size} is not a positive multiple of the patch size {patch_size}")
-    return ServedModel(backbone=backbone.to(device).eval(), patch_size=int(patch_size), image_size=size, name=uri)
+    return ServedModel(backbone=backbone.to(device).eval(), patch_size=int(patch_size), image_size=size, name=uri,
+                       version=version)

@@ -1,7 +1,10 @@
-"""The web page of the service: upload an image, see its PCA feature map and nearest neighbours.
+"""The web page of the service: upload an image, see its PCA feature map and nearest neighbours;
+upload frames (or an animated GIF/PNG/WebP), see their PCA video.
 
 Plain HTML and JavaScript in one string (no CDN, no build step, no package data to ship): it
-calls ``/v1/pca``, ``/v1/neighbours`` and ``/v1/index/items/{id}/image`` of the same process.
+calls ``/v1/pca``, ``/v1/neighbours``, ``/v1/index/items/{id}/image`` and ``/v1/pca-video`` of the
+same process. Element ids the browser test relies on: ``file``, ``pca``, ``neighbours``,
+``frames``, ``pca-video``, ``status``; an image that has finished loading gets ``data-ready``.
 """
 
 PAGE_HTML = """<!doctype html>
@@ -31,13 +34,26 @@ PAGE_HTML = """<!doctype html>
 </div>
 <h2>Nearest images</h2>
 <div class="row" id="neighbours"></div>
+<h2>PCA video</h2>
+<p>Frames (several images, or an animated GIF/PNG/WebP), one PCA basis for all of them:
+   <input type="file" id="frames" accept="image/*" multiple> fps = <input type="number" id="fps" value="4"
+   min="0.5" max="30" step="0.5" style="width: 4rem"></p>
+<div class="row">
+  <figure><img id="pca-video" class="big" alt=""><figcaption id="pca-video-caption">PCA video</figcaption></figure>
+</div>
 <script>
 const statusLine = document.getElementById("status");
 async function detail(response) {
   try { return (await response.json()).detail; } catch (e) { return response.statusText; }
 }
+function show(img, blob) {  // data-ready once the picture is decoded (the browser test waits for it)
+  img.removeAttribute("data-ready");
+  img.onload = () => img.setAttribute("data-ready", "1");
+  img.src = URL.createObjectURL(blob);
+}
 fetch("healthz").then(r => r.json()).then(h => {
-  document.getElementById("model").innerHTML = "model <code>" + h.model + "</code>, image size " + h.image_size +
+  document.getElementById("model").innerHTML = "model <code>" + h.model + "</code>" +
+    (h.model_version === null ? "" : " (version " + h.model_version + ")") + ", image size " + h.image_size +
     ", index " + (h.index_size === null ? "none (start with --index)" : h.index_size + " images");
 });
 document.getElementById("file").addEventListener("change", async (event) => {
@@ -48,7 +64,7 @@ document.getElementById("file").addEventListener("change", async (event) => {
   const form = () => { const f = new FormData(); f.append("images", file); return f; };
   const pca = await fetch("v1/pca", { method: "POST", body: form() });
   if (!pca.ok) { statusLine.textContent = "PCA: " + await detail(pca); return; }
-  document.getElementById("pca").src = URL.createObjectURL(await pca.blob());
+  show(document.getElementById("pca"), await pca.blob());
   const list = document.getElementById("neighbours");
   list.replaceChildren();
   const k = document.getElementById("k").value;
@@ -65,6 +81,19 @@ document.getElementById("file").addEventListener("change", async (event) => {
     figure.append(img, caption);
     list.append(figure);
   }
+});
+document.getElementById("frames").addEventListener("change", async (event) => {
+  const files = Array.from(event.target.files);
+  if (!files.length) return;
+  statusLine.textContent = "";
+  const form = new FormData();
+  for (const file of files) form.append("images", file);
+  const fps = document.getElementById("fps").value;
+  const video = await fetch("v1/pca-video?fps=" + encodeURIComponent(fps), { method: "POST", body: form });
+  if (!video.ok) { statusLine.textContent = "PCA video: " + await detail(video); return; }
+  document.getElementById("pca-video-caption").textContent =
+    "PCA video, " + video.headers.get("X-Frame-Count") + " frames (one basis for all)";
+  show(document.getElementById("pca-video"), await video.blob());
 });
 </script>
 </body>

@@ -40,10 +40,10 @@ def png_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.fixture(scope="session")
-def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def write_tiny_weights(path: Path, seed: int = 0) -> Path:
+    """A tiny ViT (patch 7, dim 16, depth 2) with random weights of ``seed``, saved as ``.safetensors``."""
     model = build_vit("vit_small", patch_size=PATCH_SIZE, embed_dim=16, depth=2, num_heads=2, img_size=IMAGE_SIZE)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # distinct features per image (a fresh init maps noise images to nearly one point)
         for name, param in model.named_parameters():
             noise = torch.randn(param.shape, generator=generator)
@@ -53,9 +53,13 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 param.copy_(1 + 0.2 * noise)
             else:
                 param.copy_(0.5 * noise)
-    path = tmp_path_factory.mktemp("weights") / "backbone.safetensors"
     save_backbone(model, str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_weights(tmp_path_factory.mktemp("weights") / "backbone.safetensors")
 
 
 @pytest.fixture(scope="session")

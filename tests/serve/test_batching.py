@@ -1,13 +1,16 @@
-"""The dynamic batcher: requests merged up to the batch size, results split back, errors delivered."""
+"""The dynamic batcher: requests merged up to the batch size, results split back, errors delivered,
+the queue bounded and a timed-out request dropped."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 
 import pytest
 import torch
 
-from serve.batching import DynamicBatcher
+from serve.batching import DynamicBatcher, Overloaded, RequestTimeout
 
 
 def _recording_forward(sizes: list[int], gate: threading.Event | None = None):
@@ -73,3 +76,60 @@ def test_settings_are_checked() -> None:
         DynamicBatcher(lambda x: {}, max_batch_size=0)
     with pytest.raises(ValueError, match="max_wait_ms"):
         DynamicBatcher(lambda x: {}, max_wait_ms=-1)
+
+
+def _wait_until(condition, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.005)
+
+
+def test_a_full_queue_refuses_at_once_and_drains() -> None:
+    sizes: list[int] = []
+    gate = threading.Event()
+    batcher = DynamicBatcher(_recording_forward(sizes, gate), max_batch_size=1, max_wait_ms=0, max_queue=2)
+    try:
+        running = batcher.submit(_images(1))
+        _wait_until(lambda: batcher.queued == 0)  # the worker holds it, blocked on the gate
+        waiting = [batcher.submit(_images(2)), batcher.submit(_images(3))]
+        assert batcher.full and batcher.queued == 2
+        with pytest.raises(Overloaded, match=r"2 requests are waiting for the model \(the limit is 2\)"):
+            batcher.submit(_images(4))
+        gate.set()
+        assert [f.result(5)["first"].tolist() for f in [running, *waiting]] == [[1], [2], [3]]
+        assert batcher.submit(_images(5)).result(5)["first"].tolist() == [5]  # room again
+        assert not batcher.full
+    finally:
+        gate.set()
+        batcher.close()
+
+
+def test_a_timed_out_request_is_dropped_from_the_queue() -> None:
+    sizes: list[int] = []
+    gate = threading.Event()
+    batcher = DynamicBatcher(_recording_forward(sizes, gate), max_batch_size=1, max_wait_ms=0, timeout_s=0.1)
+
+    async def two_requests() -> list[BaseException | dict]:
+        first = asyncio.ensure_future(batcher.run(_images(1)))
+        await asyncio.sleep(0.02)
+        second = asyncio.ensure_future(batcher.run(_images(2)))
+        return await asyncio.gather(first, second, return_exceptions=True)
+
+    try:
+        outcomes = asyncio.run(two_requests())
+        assert all(isinstance(outcome, RequestTimeout) for outcome in outcomes)
+        assert "request timeout of 0.1 s" in str(outcomes[0])
+        gate.set()  # the first forward pass ends; the second request was cancelled while queued
+        assert batcher.submit(_images(7)).result(5)["first"].tolist() == [7]
+        assert sizes == [1, 1]  # request 1 and request 7 ran; request 2 never did
+    finally:
+        gate.set()
+        batcher.close()
+
+
+def test_queue_and_timeout_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="max_queue"):
+        DynamicBatcher(lambda x: {}, max_queue=0)
+    with pytest.raises(ValueError, match="timeout_s"):
+        DynamicBatcher(lambda x: {}, timeout_s=0)
