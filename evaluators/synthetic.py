@@ -6,10 +6,13 @@ the horizon) with textured shapes standing on it at known depths, drawn far to n
 depth buffer, so occlusion, masks and depth agree pixel for pixel.
 
 * Classes: 0 the plane, 1 disc, 2 square, 3 triangle, 4 ring (``CLASS_NAMES``).
-* Depth in metres: the plane spans ``near .. far`` from the bottom row to the top row; a shape
-  is fronto-parallel at depth ``z`` (where it stands on the plane) and its apparent size is
-  ``focal * real_size / z``.
-* Textures: stripes on the plane (their period shrinks with distance); on the shapes a pattern
+* Depth in metres: the plane is seen in true perspective, ``z(row) = c / (row - horizon)`` with
+  the horizon above the image, so that it spans ``near .. far`` from the bottom row to the top
+  row; a shape is fronto-parallel at the depth ``z`` of the row it stands on and its apparent
+  size is ``focal * real_size / z``. Depth is thus visible locally, as in photographs: the
+  plane's stripes (a fixed period in metres) get thinner towards the horizon and a shape's
+  texture cells get smaller with distance.
+* Textures: stripes on the plane; on the shapes a pattern
   of their class (disc checkers, square dots, triangle diagonal stripes, ring concentric
   bands); colours drawn per scene; a little pixel noise.
 * Retrieval: each distinct scene yields a query and database copies under photometric and
@@ -84,6 +87,20 @@ def _texture(kind: int, dy: np.ndarray, dx: np.ndarray, cell: float) -> np.ndarr
     return (np.floor(np.hypot(dy, dx) / cell) % 2).astype(bool)
 
 
+def ground_depth(rows: np.ndarray, config: SceneConfig) -> np.ndarray:
+    """Depth of the ground plane at image ``rows`` (0 = top edge, ``size`` = bottom edge) in
+    perspective: ``z = c / (row - horizon)``, with the horizon row and ``c`` chosen so that
+    ``z(0) = far`` and ``z(size) = near``."""
+    horizon = -config.size * config.near / (config.far - config.near)  # above the image
+    return -horizon * config.far / (rows - horizon)
+
+
+def ground_row(depth: np.ndarray, config: SceneConfig) -> np.ndarray:
+    """The image row where the ground plane is at ``depth`` (the inverse of :func:`ground_depth`)."""
+    horizon = -config.size * config.near / (config.far - config.near)
+    return horizon - horizon * config.far / depth
+
+
 Shape = tuple[float, int, float, float, float]  # depth z, class, centre row, centre column, radius
 
 
@@ -93,8 +110,7 @@ def render_scene(rng: np.random.Generator, config: SceneConfig = SceneConfig()
     its shapes (far to near)."""
     size = config.size
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
-    horizon = (ys / size)  # 0 at the top row, 1 at the bottom
-    depth = config.far + (config.near - config.far) * horizon  # far at the top, near at the bottom
+    depth = ground_depth(ys, config)
     plane_colour, stripe_colour = rng.uniform(40, 215, 3), rng.uniform(40, 215, 3)
     period = rng.uniform(0.6, 1.2)  # metres along the ground
     stripes = (np.floor(depth / period) % 2).astype(bool)
@@ -102,8 +118,8 @@ def render_scene(rng: np.random.Generator, config: SceneConfig = SceneConfig()
     mask = np.zeros((size, size), dtype=np.uint8)
     shapes: list[Shape] = []
     for _ in range(rng.integers(config.min_shapes, config.max_shapes + 1)):
-        foot_row = rng.uniform(0.35, 1.0) * size  # where it stands on the plane
-        z = config.far + (config.near - config.far) * foot_row / size
+        z = rng.uniform(config.near, (config.near + config.far) / 2)  # where it stands on the plane
+        foot_row = float(ground_row(np.asarray(z), config))
         radius = config.focal * rng.uniform(config.min_radius, config.max_radius) / z
         shapes.append((z, int(rng.integers(1, len(CLASS_NAMES))), foot_row - radius, rng.uniform(0, size), radius))
     shapes.sort(reverse=True)

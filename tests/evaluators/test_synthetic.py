@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 
 from evaluators.dense_metrics import rank, retrieval_map
-from evaluators.synthetic import CLASS_NAMES, SceneConfig, _shape_mask, make_retrieval_set, make_scenes, render_scene
+from evaluators.synthetic import (
+    CLASS_NAMES,
+    SceneConfig,
+    _shape_mask,
+    ground_depth,
+    ground_row,
+    make_retrieval_set,
+    make_scenes,
+    render_scene,
+)
 
 
 def test_scenes_have_consistent_shapes_ranges_and_classes() -> None:
@@ -17,9 +26,10 @@ def test_scenes_have_consistent_shapes_ranges_and_classes() -> None:
     config = SceneConfig()
     assert config.near <= scenes.depths.min() and scenes.depths.max() <= config.far
     plane = scenes.masks == 0
-    # the plane's depth is a function of the row alone: far at the top, near at the bottom
+    # the plane's depth is a function of the row alone, in perspective: inverse depth is linear
+    # in the row, from 1/far at the top edge to 1/near at the bottom edge
     rows = np.broadcast_to(np.arange(56)[None, :, None], plane.shape)
-    expected = config.far + (config.near - config.far) * (rows + 0.5) / 56
+    expected = 1 / (1 / config.far + (1 / config.near - 1 / config.far) * (rows + 0.5) / 56)
     np.testing.assert_allclose(scenes.depths[plane], expected[plane], rtol=1e-5)
     # shapes stand in front of the plane behind them
     assert (scenes.depths[~plane] < expected[~plane]).all()
@@ -31,7 +41,7 @@ def test_each_pixel_shows_the_nearest_shape_covering_it() -> None:
     for seed in range(20):
         _, mask, depth, shapes = render_scene(np.random.default_rng(seed), config)
         ys, xs = np.mgrid[0:56, 0:56] + 0.5
-        plane = config.far + (config.near - config.far) * ys / 56
+        plane = 1 / (1 / config.far + (1 / config.near - 1 / config.far) * ys / 56)
         # independent composition: per pixel, the minimum over the plane and every covering shape
         stack = [plane] + [np.where(_shape_mask(k, ys, xs, cy, cx, r), z, np.inf) for z, k, cy, cx, r in shapes]
         classes = np.array([0] + [k for _, k, *_ in shapes])
@@ -41,6 +51,17 @@ def test_each_pixel_shows_the_nearest_shape_covering_it() -> None:
         covered = sum(np.isfinite(layer) for layer in stack[1:])
         overlaps += int((covered > 1).sum())
     assert overlaps > 100  # the scenes do have occlusions to get right
+
+
+def test_ground_row_inverts_ground_depth_and_stands_shapes_on_the_plane() -> None:
+    config = SceneConfig()
+    rows = np.linspace(0, 56, 9)
+    np.testing.assert_allclose(ground_row(ground_depth(rows, config), config), rows, atol=1e-9)
+    for seed in range(5):
+        *_, shapes = render_scene(np.random.default_rng(seed), config)
+        for z, _, cy, _, radius in shapes:  # a shape's foot (centre row + radius) is on its depth's row
+            assert config.near <= z <= config.far
+            np.testing.assert_allclose(ground_depth(np.asarray(cy + radius), config), z, rtol=1e-9)
 
 
 def test_scenes_are_a_function_of_the_seed() -> None:
