@@ -4,10 +4,11 @@ Why this shape: KFP ships a lightweight component as its function's source, so e
 imports its stage from the embedded code bundle (:mod:`components.bundle`) and calls it; the
 logic lives in the stage modules, where tests call it directly. Every component takes the same
 context parameters (run root, MLflow store, parent run, pipeline run id, cache switch).
-``build_components(images)`` makes them for their base images (:class:`Images`): the training
-stages (:data:`GPU_STAGES`) on the GPU image, the others on the CPU image, both from one registry
-and tag; or one image for every stage (any image with dinoflow's dependencies: the code itself
-always comes from the bundle).
+``build_components(images, gpus)`` makes them for their base images (:class:`Images`): the
+training stages (:data:`GPU_STAGES`) on the GPU image when they get GPUs, the others (and every
+stage on a CPU-only cluster, ``gpus=0``) on the CPU image, both from one registry and tag; or one
+image for every stage (any image with dinoflow's dependencies: the code itself always comes from
+the bundle).
 
 No ``from __future__ import annotations`` here: KFP reads the annotations as types.
 """
@@ -46,8 +47,9 @@ class Images:
         """The same image for every stage."""
         return cls(cpu=image, gpu=image)
 
-    def for_stage(self, stage: str) -> str:
-        return self.gpu if stage in GPU_STAGES else self.cpu
+    def for_stage(self, stage: str, gpus: int = 1) -> str:
+        """The GPU image for a training stage that gets GPUs, else the CPU image."""
+        return self.gpu if stage in GPU_STAGES and gpus > 0 else self.cpu
 
 
 DEFAULT_IMAGES = Images.from_registry()
@@ -101,17 +103,18 @@ def curate(run_root: str, tracking_uri: str, experiment: str, parent_run_id: str
 
 def pretrain(run_root: str, tracking_uri: str, experiment: str, parent_run_id: str, pipeline_run_id: str,
              use_cache: bool, preset: str, overrides: list, data_kind: str, data_uri: str, max_minutes: float,
-             seed: int, backbone: Output[Model], init: Input[Model] = None) -> NamedTuple(
+             seed: int, device: str, backbone: Output[Model], init: Input[Model] = None) -> NamedTuple(
                  "PretrainOutputs", [("steps", int), ("cached", bool)]):
-    """Pretrain a recipe (from ``init``'s weights when given); the teacher backbone is the output."""
+    """Pretrain a recipe (from ``init``'s weights when given) on ``device`` (cpu or cuda; a
+    ``device=`` in ``overrides`` wins); the teacher backbone is the output."""
     from collections import namedtuple
 
     from components.pretrain import run_pretrain_stage
     from components.stage import StageContext
 
     ctx = StageContext(run_root, tracking_uri, experiment, parent_run_id, pipeline_run_id, use_cache)
-    result = run_pretrain_stage(ctx, backbone.path, preset, [str(o) for o in overrides], data_kind, data_uri,
-                                max_minutes, seed, init.path if init is not None else None)
+    result = run_pretrain_stage(ctx, backbone.path, preset, [f"device={device}", *(str(o) for o in overrides)],
+                                data_kind, data_uri, max_minutes, seed, init.path if init is not None else None)
     backbone.metadata.update({"steps": result["steps"], "cached": result["cached"], "format": "safetensors"})
     return namedtuple("PretrainOutputs", ["steps", "cached"])(int(result["steps"]), bool(result["cached"]))
 
@@ -160,13 +163,13 @@ def champion(run_root: str, tracking_uri: str, experiment: str, parent_run_id: s
 STAGES = (open_run, close_run, ingest, curate, pretrain, evaluate, register, champion)
 
 
-def build_components(images: Images | str = DEFAULT_IMAGES) -> SimpleNamespace:
+def build_components(images: Images | str = DEFAULT_IMAGES, gpus: int = 1) -> SimpleNamespace:
     """KFP components of every stage on ``images`` (a str: one image for all), all shipping the
-    same code bundle."""
+    same code bundle; with ``gpus=0`` the training stages take the CPU image too."""
     chosen = Images.single(images) if isinstance(images, str) else images
     bundle = str(build_bundle())
     return SimpleNamespace(**{
-        func.__name__: dsl.component(func, base_image=chosen.for_stage(func.__name__), embedded_artifact_path=bundle,
-                                     install_kfp_package=False)
+        func.__name__: dsl.component(func, base_image=chosen.for_stage(func.__name__, gpus),
+                                     embedded_artifact_path=bundle, install_kfp_package=False)
         for func in STAGES
     })

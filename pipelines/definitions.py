@@ -13,19 +13,23 @@ the compiled YAML holds no local paths; :mod:`pipelines.local` passes local ones
 On a cluster every task reads the S3 credentials from the Secret ``s3_secret`` and the S3
 endpoint and MLflow address (``AWS_ENDPOINT_URL``, ``MLFLOW_TRACKING_URI``) from the ConfigMap
 ``settings_config_map`` (infra/k8s/pipelines), as environment variables; the compiled YAML names
-them and holds no value. ``kfp.local`` ignores this Kubernetes configuration: local tasks inherit
-the caller's environment.
+them and holds no value. Every task requests CPU and memory (:data:`STAGE_RESOURCES`); the
+training stage gets ``gpus`` GPUs (``nvidia.com/gpu``, 0: a CPU-only cluster), tolerates the GPU
+nodes' taint, and trains on ``cuda``. ``kfp.local`` ignores this Kubernetes configuration (it warns
+that the resources have no effect): local tasks inherit the caller's environment and share the
+machine, so local callers build with ``gpus=0``.
 
 No ``from __future__ import annotations``: KFP reads the pipeline signatures' annotations as types.
 """
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
 from kfp import dsl, kubernetes
 
-from components.definitions import DEFAULT_IMAGES, Images, build_components
+from components.definitions import DEFAULT_IMAGES, GPU_STAGES, Images, build_components
 
 CLUSTER_RUN_ROOT = "s3://dinoflow/runs"
 CLUSTER_TRACKING_URI = "http://mlflow.dinoflow.svc.cluster.local:5000"
@@ -36,28 +40,79 @@ S3_SECRET = "dinoflow-s3"  # infra/README.md step 3, copied into the pipelines' 
 S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")  # Secret key = env var name
 SETTINGS_CONFIG_MAP = "dinoflow-pipeline-settings"  # infra/k8s/pipelines
 SETTINGS_KEYS = ("AWS_ENDPOINT_URL", "MLFLOW_TRACKING_URI")  # ConfigMap key = env var name
+GPUS = 1  # GPUs of the training task on a cluster: it trains in one process
+# the NVIDIA device plugin's resource, and the taint key of GPU nodes (infra/README.md step 0)
+GPU_RESOURCE = "nvidia.com/gpu"
 
 
-def with_cluster_env(component: Any, s3_secret: str, settings_config_map: str) -> Callable[..., Any]:
-    """``component`` whose tasks get the S3 Secret and the settings ConfigMap as env vars on Kubernetes."""
+@dataclass(frozen=True)
+class Resources:
+    """CPU and memory a stage's pod requests and may use at most (Kubernetes quantities);
+    ``shared_memory``: a memory-backed ``/dev/shm`` of this size (DataLoader workers), or none."""
+
+    cpu_request: str
+    cpu_limit: str
+    memory_request: str
+    memory_limit: str
+    shared_memory: str = ""
+
+
+_MLFLOW_ONLY = Resources("250m", "1", "512Mi", "2Gi")  # MLflow calls
+STAGE_RESOURCES = {
+    "open_run": _MLFLOW_ONLY,
+    "close_run": _MLFLOW_ONLY,
+    "ingest": Resources("500m", "2", "1Gi", "4Gi"),
+    "curate": Resources("2", "4", "4Gi", "16Gi"),  # embeds and indexes the pool
+    # one GPU's share of a training node (infra/k8s/training: 4 CPUs and 32Gi per GPU); the
+    # shared memory counts against the memory limit
+    "pretrain": Resources("4", "8", "16Gi", "32Gi", shared_memory="4Gi"),
+    "evaluate": Resources("2", "4", "4Gi", "8Gi"),  # features of the train and test sets, probes
+    "register": Resources("500m", "2", "1Gi", "4Gi"),
+    "champion": Resources("250m", "1", "1Gi", "2Gi"),
+}
+
+
+def request_resources(task: Any, resources: Resources, gpus: int = 0) -> None:
+    """``task`` requests ``resources`` (and ``gpus`` GPUs, tolerating the GPU nodes' taint) on Kubernetes."""
+    task.set_cpu_request(resources.cpu_request).set_cpu_limit(resources.cpu_limit)
+    task.set_memory_request(resources.memory_request).set_memory_limit(resources.memory_limit)
+    if resources.shared_memory:
+        kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
+                                   size_limit=resources.shared_memory)
+    if gpus > 0:
+        task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(gpus)
+        kubernetes.add_toleration(task, key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")
+
+
+def on_cluster(component: Any, s3_secret: str, settings_config_map: str, resources: Resources,
+               gpus: int = 0) -> Callable[..., Any]:
+    """``component`` whose tasks get the S3 Secret and the settings ConfigMap as env vars, and
+    request ``resources`` and ``gpus`` GPUs, on Kubernetes."""
 
     def task(**arguments: Any) -> Any:
         made = component(**arguments)
         kubernetes.use_secret_as_env(made, secret_name=s3_secret, secret_key_to_env={k: k for k in S3_SECRET_KEYS})
         kubernetes.use_config_map_as_env(made, config_map_name=settings_config_map,
                                          config_map_key_to_env={k: k for k in SETTINGS_KEYS})
+        request_resources(made, resources, gpus)
         return made
 
     return task
 
 
 def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_SECRET,
-                    settings_config_map: str = SETTINGS_CONFIG_MAP) -> dict[str, Callable[..., Any]]:
+                    settings_config_map: str = SETTINGS_CONFIG_MAP, gpus: int = GPUS) -> dict[str, Callable[..., Any]]:
     """The pipeline functions (``@dsl.pipeline``) by name, for components on ``images`` (a str: one
-    image for every stage) whose tasks read the Secret and ConfigMap of these names on a cluster."""
-    built = build_components(images)
-    c = SimpleNamespace(**{name: with_cluster_env(component, s3_secret, settings_config_map)
+    image for every stage) whose tasks read the Secret and ConfigMap of these names on a cluster;
+    the training stage gets ``gpus`` GPUs (0 or 1; 0: it runs on the CPU image, on CPU)."""
+    if gpus not in (0, 1):
+        raise ValueError(f"gpus must be 0 (a CPU-only cluster) or 1: the pretrain task trains in one process "
+                         f"(multi-GPU training: the PyTorchJob, infra/README.md step 7), got {gpus}")
+    built = build_components(images, gpus)
+    c = SimpleNamespace(**{name: on_cluster(component, s3_secret, settings_config_map, STAGE_RESOURCES[name],
+                                            gpus if name in GPU_STAGES else 0)
                            for name, component in vars(built).items()})
+    device = "cuda" if gpus > 0 else "cpu"
 
     def uncached(task: Any) -> Any:
         return task.set_caching_options(False)
@@ -104,7 +159,7 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                                fallback_uri=data.output)
             trained = c.pretrain(**ctx, use_cache=use_cache, preset=preset, overrides=overrides,
                                  data_kind=curated.outputs["data_kind"], data_uri=curated.outputs["data_uri"],
-                                 max_minutes=max_minutes, seed=seed)
+                                 max_minutes=max_minutes, seed=seed, device=device)
             score_and_register(ctx, use_cache, trained.outputs["backbone"], data.output,
                                {"train_limit": train_limit, "test_limit": test_limit, "knn_k": knn_k,
                                 "knn_temperature": knn_temperature, "tasks": eval_tasks},
@@ -136,7 +191,7 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
             start = uncached(c.champion(**ctx, model_name=model_name))
             trained = c.pretrain(**ctx, use_cache=use_cache, preset=preset, overrides=overrides,
                                  data_kind="fashion_mnist", data_uri=data_uri, max_minutes=max_minutes, seed=seed,
-                                 init=start.outputs["backbone"])
+                                 device=device, init=start.outputs["backbone"])
             score_and_register(ctx, use_cache, trained.outputs["backbone"], data_uri,
                                {"train_limit": train_limit, "test_limit": test_limit, "knn_k": knn_k,
                                 "knn_temperature": knn_temperature, "tasks": eval_tasks},

@@ -82,3 +82,30 @@ def test_pipeline_tasks_settings_name_the_platform_services(overlay: str) -> Non
     job = _by_kind(render(overlay), "Job")["minio-buckets"]["spec"]["template"]["spec"]["containers"][0]
     assert {e["valueFrom"]["secretKeyRef"]["key"] for e in job["env"] if "valueFrom" in e
             and e["valueFrom"]["secretKeyRef"]["name"] == S3_SECRET} == set(S3_SECRET_KEYS)
+
+
+def test_pipeline_pretrain_tolerates_the_gpu_taint_the_training_job_tolerates(tmp_path: Any) -> None:
+    """The pipelines' GPU task and the PyTorchJob tolerate the same taint, the one the README puts
+    on GPU nodes, and ask for the same GPU resource."""
+    import re
+
+    import yaml
+    from kfp import compiler
+
+    from pipelines.definitions import GPU_RESOURCE, build_pipelines
+
+    out = tmp_path / "retrain.yaml"
+    compiler.Compiler().compile(build_pipelines(gpus=1)["retrain"], str(out))
+    spec, platform = yaml.safe_load_all(out.read_text())
+    pipeline_tolerations = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-pretrain"][
+        "tolerations"]
+    (job,) = [doc for doc in render("training") if doc["kind"] == "PyTorchJob"]
+    for replica in job["spec"]["pytorchReplicaSpecs"].values():
+        pod = replica["template"]["spec"]
+        assert pod["tolerations"] == pipeline_tolerations
+        assert GPU_RESOURCE in pod["containers"][0]["resources"]["limits"]
+    assert spec["deploymentSpec"]["executors"]["exec-pretrain"]["container"]["resources"]["accelerator"][
+        "resourceType"] == GPU_RESOURCE
+    (taint,) = re.findall(r"kubectl taint nodes \S+ (\S+)", (INFRA / "README.md").read_text())
+    key, _, effect = re.fullmatch(r"([^=:]+)(=[^:]*)?:(\w+)", taint).group(1, 2, 3)  # type: ignore[union-attr]
+    assert [{"key": key, "operator": "Exists", "effect": effect}] == pipeline_tolerations

@@ -2,60 +2,34 @@
 
 Why: a scheduled workflow fails at 3 a.m. on a typo (a renamed CLI option, a missing module),
 and nobody runs it by hand first; so every command line of its ``run:`` steps is checked
-against the real CLI (options included), and the run-id extraction is checked against the real
-output of ``dinoflow pipeline submit``.
+against the real CLI (options included), the run-id extraction is checked against the real
+output of ``dinoflow pipeline submit``, and the pipeline its compile step makes from the job's
+environment (repository variables unset or set) is checked: pretrain on the GPU image with a
+GPU, the other stages on the CPU image.
 """
 
 from __future__ import annotations
 
-import importlib
 import re
 import shlex
 import subprocess
 from pathlib import Path
 from typing import Any
 
-import typer
+import pytest
 import yaml
 from typer.testing import CliRunner
 
+from components.definitions import REGISTRY, TAG
 from pipelines.cli import app
-from tests.infra.helpers import REPO, run_tool, tool
+from pipelines.definitions import GPU_RESOURCE, GPUS
+from tests.infra.helpers import run_tool, tool
+from tests.infra.workflows import WORKFLOWS, check_commands, command_lines, job_env, triggers, unpinned_actions
 from tests.pipelines.test_submit import kfp_api  # noqa: F401  (the stand-in KFP API fixture)
 
-WORKFLOW = REPO / ".github" / "workflows" / "retrain.yml"
+WORKFLOW = WORKFLOWS / "retrain.yml"
 # shell commands the workflow may use besides the repository's own
 SHELL = {"test", "echo", "exit", "tee", "sed"}
-
-
-def _scripts() -> list[str]:
-    steps = yaml.safe_load(WORKFLOW.read_text())["jobs"]["retrain"]["steps"]
-    return [step["run"] for step in steps if "run" in step]
-
-
-def _command_lines() -> list[str]:
-    """Each logical line of the run scripts, split into simple commands (at |, &&, ||, ;, {, }, $( );
-    GitHub expressions (``${{ ... }}``) become a placeholder word first."""
-    text = re.sub(r"\$\{\{[^}]*\}\}", "GITHUB_EXPRESSION", "\n".join(_scripts()))
-    lines = re.sub(r"\\\n\s*", " ", text).splitlines()
-    return [part.strip() for line in lines for part in re.split(r"\|\||&&|\||;|\{|\}|\$\(", line)
-            if part.strip() and part.strip() != ")"]
-
-
-def _check_options(command: Any, words: list[str], where: str) -> None:
-    known = {opt for param in command.params for opt in param.opts}
-    for word in words:
-        if word.startswith("--"):
-            assert word.split("=")[0] in known, f"{where}: no option {word}; it has {sorted(known)}"
-
-
-def _dinoflow_command(path: list[str]) -> tuple[Any, list[str]]:
-    """The (sub)command ``path`` names, and the words after it; a group (``commands``) is not one."""
-    command: Any = typer.main.get_command(app)
-    while hasattr(command, "commands") and path and path[0] in command.commands:
-        command, path = command.commands[path[0]], path[1:]
-    assert not hasattr(command, "commands"), f"dinoflow has no command {' '.join(path)}"
-    return command, path
 
 
 def test_workflow_is_valid_for_githubs_schema() -> None:
@@ -64,33 +38,59 @@ def test_workflow_is_valid_for_githubs_schema() -> None:
 
 
 def test_workflow_runs_on_a_schedule_and_by_hand() -> None:
-    triggers = yaml.safe_load(WORKFLOW.read_text())[True]  # YAML 1.1 reads the key `on` as True
-    assert "schedule" in triggers and "workflow_dispatch" in triggers
+    assert {"schedule", "workflow_dispatch"} <= set(triggers(WORKFLOW))
 
 
 def test_every_command_exists() -> None:
-    seen = set()
-    for line in _command_lines():
-        words = shlex.split(line)
-        name = words[0]
-        if "=" in name and not name.startswith("-"):  # an assignment (run_id=...)
-            continue
-        if name == "dinoflow":
-            command, rest = _dinoflow_command(words[1:])
-            _check_options(command, rest, line)
-            seen.add(" ".join(words[:3]))
-        elif name == "python":
-            assert words[1] == "-m", f"{line}: run modules with python -m"
-            if words[2] == "pip":
-                assert "-c" in words and (REPO / words[words.index("-c") + 1]).is_file(), f"{line}: pin with -c"
-            else:
-                module = importlib.import_module(words[2])
-                assert (REPO / Path(*words[2].split("."))).with_suffix(".py").is_file(), f"{line}: not in the repo"
-                _check_options(typer.main.get_command(module.app), words[3:], line)
-                seen.add(f"python -m {words[2]}")
-        else:
-            assert name in SHELL, f"{line}: {name} is neither a repository command nor an allowed shell command"
+    seen = check_commands(WORKFLOW, SHELL)
     assert {"dinoflow pipeline compile", "dinoflow pipeline submit", "python -m infra.ci.report_verdict"} <= seen
+
+
+def test_actions_are_standard_and_pinned_by_commit() -> None:
+    assert unpinned_actions(WORKFLOW) == []
+
+
+def _compiled_by_the_workflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                              variables: dict[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The workflow's compile command, run as written with the job's environment for these
+    repository ``variables``; the compiled (spec, platform spec)."""
+    env = job_env(WORKFLOW, "retrain", {"vars": variables, "secrets": {}, "inputs": {}})
+    assert "DINOFLOW_IMAGE" not in env, "one image for every stage would put pretrain on the CPU image"
+    (line,) = [line for line in command_lines(WORKFLOW) if line.startswith("dinoflow pipeline compile")]
+    monkeypatch.chdir(tmp_path)
+    words = shlex.split(line)
+    result = CliRunner().invoke(app, words[1:], env={"DINOFLOW_IMAGE": None, **env})
+    assert result.exit_code == 0, result.output
+    out = words[words.index("--out") + 1]
+    spec, platform = yaml.safe_load_all((tmp_path / out).read_text())
+    return spec, platform
+
+
+def _images_gpus_tolerations(spec: dict[str, Any], platform: dict[str, Any]) -> dict[str, tuple[str, str, bool]]:
+    """Per task: its image, its accelerator count ('' when none) and whether it tolerates the GPU taint."""
+    configs = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    return {
+        name.removeprefix("exec-"): (
+            e["container"]["image"],
+            e["container"].get("resources", {}).get("accelerator", {}).get("resourceCount", ""),
+            any(t.get("key") == GPU_RESOURCE for t in configs[name].get("tolerations", [])),
+        )
+        for name, e in spec["deploymentSpec"]["executors"].items()
+    }
+
+
+def test_pretrain_gets_the_gpu_image_and_a_gpu_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tasks = _images_gpus_tolerations(*_compiled_by_the_workflow(tmp_path, monkeypatch, {}))
+    assert GPUS == 1
+    assert tasks.pop("pretrain") == (f"{REGISTRY}/dinoflow-gpu:{TAG}", "1", True)
+    assert set(tasks.values()) == {(f"{REGISTRY}/dinoflow-cpu:{TAG}", "", False)}
+
+
+def test_repository_variables_pick_the_registry_tag_and_gpus(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    variables = {"DINOFLOW_REGISTRY": "registry.example/team", "DINOFLOW_TAG": "0.0.9", "DINOFLOW_GPUS": "0"}
+    tasks = _images_gpus_tolerations(*_compiled_by_the_workflow(tmp_path, monkeypatch, variables))
+    assert set(tasks.values()) == {("registry.example/team/dinoflow-cpu:0.0.9", "", False)}
 
 
 def test_run_id_is_read_from_the_real_submit_output(kfp_api: str) -> None:  # noqa: F811

@@ -21,7 +21,8 @@ from dinoflow.registry import champion_version
 from dinoflow.storage import Storage
 from dinoflow.tracking import default_tracking_uri
 from pipelines.cli import app
-from pipelines.definitions import S3_SECRET, SETTINGS_CONFIG_MAP, build_pipelines
+from pipelines.cli import _pipeline
+from pipelines.definitions import GPU_RESOURCE, S3_SECRET, SETTINGS_CONFIG_MAP, build_pipelines
 from pipelines.local import PipelineFailed, StageSummary, run_locally
 
 FAST = {
@@ -39,7 +40,7 @@ class Runs:
     def __init__(self, root: Path) -> None:
         self.root, self.kfp = root, root / "kfp"
         self.tracking_uri = default_tracking_uri(str(root))
-        self.pipelines = build_pipelines()
+        self.pipelines = build_pipelines(gpus=0)  # kfp.local: no GPU here, pretrain on cpu
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
 
     def run(self, name: str, **params: Any) -> dict[str, StageSummary]:
@@ -197,6 +198,82 @@ def test_compiled_components_run_on_the_cpu_and_gpu_images_of_a_registry_and_tag
     latest = CliRunner().invoke(app, ["pipeline", "compile", "full", "--out", str(out), "--tag", "latest"],
                                 env={"DINOFLOW_IMAGE": None})
     assert latest.exit_code == 2 and "fixed tag (not latest)" in latest.stderr
+
+
+def _compiled(tmp_path: Path, name: str, *options: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    out = tmp_path / f"{name}.yaml"
+    result = CliRunner().invoke(app, ["pipeline", "compile", name, "--out", str(out), *options],
+                                env={"DINOFLOW_IMAGE": None, "DINOFLOW_GPUS": None})
+    assert result.exit_code == 0, result.output
+    spec, platform = yaml.safe_load_all(out.read_text())
+    return spec, platform
+
+
+def _hardware(spec: dict[str, Any], platform: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per task: image, resources, tolerations, /dev/shm volume and (pretrain) the device it trains on."""
+    configs = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    tasks = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    tasks["close-run"] = spec["root"]["dag"]["tasks"]["close-run"]
+    return {
+        name.removeprefix("exec-"): {
+            "image": e["container"]["image"], "resources": e["container"].get("resources", {}),
+            "tolerations": configs[name].get("tolerations", []),
+            "shm": [m["mountPath"] for m in configs[name].get("emptyDirMounts", [])],
+            "device": tasks[name.removeprefix("exec-")]["inputs"]["parameters"].get("device", {}).get(
+                "runtimeValue", {}).get("constant"),
+        }
+        for name, e in spec["deploymentSpec"]["executors"].items()
+    }
+
+
+@pytest.mark.parametrize("name", ["full", "retrain"])
+def test_pretrain_requests_a_gpu_and_tolerates_the_gpu_taint(tmp_path: Path, name: str) -> None:
+    tasks = _hardware(*_compiled(tmp_path, name))
+    pretrain = tasks.pop("pretrain")
+    accelerator = pretrain["resources"]["accelerator"]
+    assert (accelerator["resourceType"], accelerator["resourceCount"]) == (GPU_RESOURCE, "1")
+    assert pretrain["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert pretrain["image"].split("/")[-1].startswith("dinoflow-gpu:") and pretrain["device"] == "cuda"
+    assert pretrain["shm"] == ["/dev/shm"]  # DataLoader workers share batches through it
+    for task, hardware in tasks.items():
+        assert "accelerator" not in hardware["resources"] and hardware["tolerations"] == [], task
+        assert hardware["image"].split("/")[-1].startswith("dinoflow-cpu:"), task
+
+
+def test_gpus_0_compiles_for_a_cpu_only_cluster(tmp_path: Path) -> None:
+    tasks = _hardware(*_compiled(tmp_path, "retrain", "--gpus", "0"))
+    assert all("accelerator" not in t["resources"] and t["tolerations"] == [] for t in tasks.values())
+    assert {t["image"].split("/")[-1].split(":")[0] for t in tasks.values()} == {"dinoflow-cpu"}
+    assert tasks["pretrain"]["device"] == "cpu"
+    many = CliRunner().invoke(app, ["pipeline", "compile", "retrain", "--out", str(tmp_path / "x.yaml"), "--gpus",
+                                    "2"], env={"DINOFLOW_IMAGE": None})
+    assert many.exit_code == 2 and "gpus must be 0 (a CPU-only cluster) or 1" in many.stderr
+
+
+@pytest.mark.parametrize("gpus", ["1", "0"])
+def test_every_task_requests_and_limits_cpu_and_memory(tmp_path: Path, gpus: str) -> None:
+    def quantity(value: str) -> float:
+        units = {"m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+        unit = next((u for u in units if value.endswith(u)), "")
+        return float(value.removesuffix(unit)) * units.get(unit, 1)
+
+    tasks = _hardware(*_compiled(tmp_path, "full", "--gpus", gpus))
+    assert set(tasks) == {"open-run", "close-run", "ingest", "curate", "pretrain", "evaluate", "register"}
+    for task, hardware in tasks.items():
+        r = hardware["resources"]
+        for kind in ("Cpu", "Memory"):
+            request, limit = quantity(r[f"resource{kind}Request"]), quantity(r[f"resource{kind}Limit"])
+            assert 0 < request <= limit, (task, kind, r)
+
+
+def test_local_runs_build_without_gpus(tmp_path: Path) -> None:
+    """``dinoflow demo`` and ``pipeline run`` (kfp.local) get the pipeline with gpus=0: pretrain on cpu."""
+    from kfp import compiler
+
+    out = tmp_path / "local.yaml"
+    compiler.Compiler().compile(_pipeline("full"), str(out))
+    tasks = _hardware(*yaml.safe_load_all(out.read_text()))
+    assert tasks["pretrain"]["device"] == "cpu" and "accelerator" not in tasks["pretrain"]["resources"]
 
 
 def test_pipeline_cli_rejects_unknown_names_and_parameters() -> None:

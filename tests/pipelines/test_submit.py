@@ -78,7 +78,21 @@ def test_submit_sends_the_compiled_pipeline_with_its_parameters(kfp_api: str, mo
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert set(executors) == set(spec["deploymentSpec"]["executors"])
     assert {e["secretAsEnv"][0]["secretName"] for e in executors.values()} == {"dinoflow-s3"}
+    # and the GPU: pretrain asks for one and tolerates the GPU nodes' taint, nothing else does
+    accelerators = {name: e["container"]["resources"].get("accelerator", {}).get("resourceCount")
+                    for name, e in spec["deploymentSpec"]["executors"].items()}
+    assert {name: count for name, count in accelerators.items() if count} == {"exec-pretrain": "1"}
+    assert [name for name, e in executors.items() if e.get("tolerations")] == ["exec-pretrain"]
     assert "planted-secret-9d2" not in json.dumps(run) and "token-123" not in yaml.safe_dump(spec)
+
+
+def test_submit_with_gpus_0_asks_for_no_gpu(kfp_api: str) -> None:
+    result = CliRunner().invoke(app, ["pipeline", "submit", "retrain", "--host", kfp_api, "--gpus", "0"],
+                                env={"DINOFLOW_IMAGE": None})
+    assert result.exit_code == 0, result.output
+    (run,) = [body for method, path, body in StandInKfpApi.requests if method == "POST" and "/runs" in path]
+    text = json.dumps(run["pipeline_spec"])
+    assert "accelerator" not in text and "tolerations" not in text and "dinoflow-gpu" not in text
 
 
 def test_submit_refuses_a_host_that_is_not_a_url() -> None:
