@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,9 @@ def run_locally(pipeline: Any, name: str, run_root: str, kfp_root: str, tracking
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(Path(kfp_root).resolve()))
     started = time.time()
     try:
-        pipeline(run_root=root, tracking_uri=tracking_uri, **params)
+        with warnings.catch_warnings():  # the cluster's CPU/memory/GPU settings, which kfp.local ignores
+            warnings.filterwarnings("ignore", message=r".*have no effect in the current local runner")
+            pipeline(run_root=root, tracking_uri=tracking_uri, **params)
     except RuntimeError as err:
         raise PipelineFailed(name, stage_errors(storage, root, since=started)) from err
     return stage_summaries(tracking_uri, params.get("experiment", "dinoflow"), name, since=started)
