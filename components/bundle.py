@@ -1,13 +1,16 @@
-"""The code a component ships: dinoflow's packages and presets, embedded in the component.
+"""The code a component ships: the modules its stage imports, and the presets, embedded in it.
 
 Why: a lightweight KFP component runs a function's source in a container; with
 ``embedded_artifact_path`` KFP packs a folder into the component and puts it on ``sys.path``, so
 every task runs this checkout's code with no ``pip install`` per task, locally and on a cluster.
 KFP embeds the folder as base64 inside one command-line argument, and Linux caps a single argument
-at 128 KiB (``MAX_ARG_STRLEN``), so the bundle holds only what stages import, its Python files
-lose their docstrings and comments (``ast.unparse``: about 40 % smaller; the checkout stays the
-readable source, and line numbers in a task's traceback refer to the shipped copy), and its size
-is checked here, before anything runs.
+at 128 KiB (``MAX_ARG_STRLEN``), so each component's bundle holds only the import closure of its
+function (every module of :data:`PACKAGES` reachable through any ``import``, even one inside a
+function, plus their packages' ``__init__``) and the YAML presets; its Python files lose their
+docstrings and comments (``ast.unparse``: about 40 % smaller; the checkout stays the readable
+source, and line numbers in a task's traceback refer to the shipped copy); and its size is checked
+here, before anything runs. A side effect: a stage's cache key (:func:`code_digest` of its bundle)
+changes only when code the stage can run changes.
 """
 
 from __future__ import annotations
@@ -20,35 +23,80 @@ import io
 import shutil
 import tarfile
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("dinoflow", "trainer", "evaluators", "curation", "components", "configs")
-# modules of PACKAGES that no stage imports, left out for room (tests check nothing shipped imports them):
-# test data, retrieval, the real-dataset adapters of the dense benchmarks, the ONNX export
-EXCLUDED = ("curation/synthetic.py", "curation/retrieve.py", "evaluators/dense_datasets.py",
-            "trainer/models/onnx_export.py")
 ARGUMENT_LIMIT = 128 * 1024  # bytes in one execve argument (MAX_ARG_STRLEN)
 HEADROOM = 24 * 1024  # for the component's own source next to the archive
 
 
-def bundle_files(root: Path = REPO_ROOT) -> list[Path]:
-    """The files of :data:`PACKAGES` under ``root`` (sources and presets; no caches, nor
-    :data:`EXCLUDED`), sorted."""
-    files = []
-    for package in PACKAGES:
-        folder = root / package
-        if not folder.is_dir():
-            raise FileNotFoundError(f"cannot bundle {folder}: not a folder (run from a dinoflow checkout)")
-        files += [p for p in folder.rglob("*") if p.is_file() and p.suffix in (".py", ".yaml")
-                  and "__pycache__" not in p.parts and p.relative_to(root).as_posix() not in EXCLUDED]
-    return sorted(files)
+def _module_file(name: str, root: Path) -> Path | None:
+    """The file of module ``name`` under ``root`` (``a/b.py`` or ``a/b/__init__.py``), if it is ours."""
+    if name.split(".")[0] not in PACKAGES:
+        return None
+    base = root.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
 
 
-def code_digest(root: Path = REPO_ROOT) -> str:
-    """SHA-256 over the bundled files' paths and bytes: the code version for stage caching."""
+def imported_modules(source: str, module: str = "", is_package: bool = False) -> set[str]:
+    """Names every ``import`` of ``source`` may load, anywhere in it (``from a import b`` gives
+    ``a`` and ``a.b``, which may be a submodule); relative imports are resolved against ``module``."""
+    names: set[str] = set()
+    package = module if is_package else module.rpartition(".")[0]
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1] if package else []
+                base = ".".join([*parent, *([base] if base else [])])
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return names
+
+
+def import_closure(roots: Iterable[str], root: Path = REPO_ROOT) -> list[Path]:
+    """Files of the modules ``roots`` name and of every module of :data:`PACKAGES` they import,
+    transitively, with the ``__init__.py`` of each package on the way; sorted."""
+    pending = [name for name in roots]
+    seen: set[Path] = set()
+    while pending:
+        name = pending.pop()
+        parts = name.split(".")
+        for depth in range(1, len(parts) + 1):  # the packages above a module are imported first
+            path = _module_file(".".join(parts[:depth]), root)
+            if path is None or path in seen:
+                continue
+            seen.add(path)
+            module = ".".join(parts[:depth])
+            pending.extend(imported_modules(path.read_text(), module, path.name == "__init__.py"))
+    return sorted(seen)
+
+
+def bundle_files(root: Path = REPO_ROOT, roots: Iterable[str] | None = None) -> list[Path]:
+    """What a bundle under ``root`` holds: the import closure of ``roots`` and the YAML presets,
+    or (``roots=None``) every source and preset of :data:`PACKAGES` there; sorted."""
+    folders = [root / package for package in PACKAGES if (root / package).is_dir()]
+    if not folders:
+        raise FileNotFoundError(f"cannot bundle {root}: none of {', '.join(PACKAGES)} is there "
+                                "(run from a dinoflow checkout)")
+    wanted = (".yaml",) if roots is not None else (".py", ".yaml")
+    files = [p for folder in folders for p in folder.rglob("*")
+             if p.is_file() and p.suffix in wanted and "__pycache__" not in p.parts]
+    return sorted({*files, *(import_closure(roots, root) if roots is not None else ())})
+
+
+def code_digest(root: Path = REPO_ROOT, roots: Iterable[str] | None = None) -> str:
+    """SHA-256 over the bundled files' paths and bytes: the code version for stage caching (inside
+    a task, ``root`` is the task's bundle, so that is the code its stage can run)."""
     digest = hashlib.sha256()
-    for path in bundle_files(root):
+    for path in bundle_files(root, roots):
         digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
 
@@ -73,17 +121,17 @@ def encoded_size(folder: Path) -> int:
     return len(base64.b64encode(gzip.compress(buffer.getvalue())))
 
 
-def build_bundle(root: Path = REPO_ROOT, cache: Path | None = None) -> Path:
-    """A folder holding the shipped copy of the bundled files, made once per code version.
+def build_bundle(root: Path = REPO_ROOT, cache: Path | None = None, roots: Iterable[str] | None = None) -> Path:
+    """A folder holding the shipped copy of :func:`bundle_files`, made once per code version.
 
     Raises ``ValueError`` when the encoded bundle would not fit in one command-line argument.
     """
-    digest = code_digest(root)
+    digest = code_digest(root, roots)
     target = (cache or Path(tempfile.gettempdir()) / "dinoflow-bundles") / digest[:16]
     if target.is_dir():
         return target
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent if target.parent.exists() else None))
-    for path in bundle_files(root):
+    for path in bundle_files(root, roots):
         destination = staging / path.relative_to(root)
         destination.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix == ".py":
@@ -96,7 +144,7 @@ def build_bundle(root: Path = REPO_ROOT, cache: Path | None = None) -> Path:
         raise ValueError(
             f"the component code bundle encodes to {size // 1024} KiB, over the "
             f"{(ARGUMENT_LIMIT - HEADROOM) // 1024} KiB that fit in one container argument; "
-            f"trim {', '.join(PACKAGES)} or ship the code in the base image"
+            f"trim the modules it imports or ship the code in the base image"
         )
     target.parent.mkdir(parents=True, exist_ok=True)
     try:

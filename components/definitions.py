@@ -13,14 +13,18 @@ the bundle).
 No ``from __future__ import annotations`` here: KFP reads the annotations as types.
 """
 
+import inspect
+import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from kfp import dsl
 from kfp.dsl import Artifact, Input, Metrics, Model, Output
 
-from components.bundle import build_bundle
+from components.bundle import build_bundle, imported_modules
 
 REGISTRY = "ghcr.io/dinoflow"
 TAG = "0.1.0"  # the project's version: images are built and tagged per release (infra/README.md)
@@ -165,11 +169,15 @@ STAGES = (open_run, close_run, ingest, curate, pretrain, evaluate, register, cha
 
 def build_components(images: Images | str = DEFAULT_IMAGES, gpus: int = 1) -> SimpleNamespace:
     """KFP components of every stage on ``images`` (a str: one image for all), all shipping the
-    same code bundle; with ``gpus=0`` the training stages take the CPU image too."""
+    code bundle of what it imports; with ``gpus=0`` the training stages take the CPU image too."""
     chosen = Images.single(images) if isinstance(images, str) else images
-    bundle = str(build_bundle())
     return SimpleNamespace(**{
         func.__name__: dsl.component(func, base_image=chosen.for_stage(func.__name__, gpus),
-                                     embedded_artifact_path=bundle, install_kfp_package=False)
+                                     embedded_artifact_path=str(stage_bundle(func)), install_kfp_package=False)
         for func in STAGES
     })
+
+
+def stage_bundle(func: Callable[..., Any]) -> Path:
+    """The code bundle of a component function: the import closure of the imports in its body."""
+    return build_bundle(roots=imported_modules(textwrap.dedent(inspect.getsource(func))))

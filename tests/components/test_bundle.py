@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -11,18 +12,20 @@ import pytest
 
 from components.bundle import (
     ARGUMENT_LIMIT,
-    EXCLUDED,
     HEADROOM,
     PACKAGES,
     REPO_ROOT,
     build_bundle,
     code_digest,
     encoded_size,
+    import_closure,
+    imported_modules,
 )
+from components.definitions import STAGES, stage_bundle
 
 
 def test_bundle_holds_the_packages_without_docstrings_and_imports_on_its_own(tmp_path: Path) -> None:
-    bundle = build_bundle(cache=tmp_path)
+    bundle = build_bundle(cache=tmp_path, roots=["components.pretrain", "components.curate"])
     assert sorted(p.name for p in bundle.iterdir()) == sorted(PACKAGES)
     assert not list(bundle.rglob("__pycache__")) and (bundle / "configs" / "pretrain" / "tiny.yaml").is_file()
     engine = (bundle / "trainer" / "engine.py").read_text()
@@ -42,24 +45,56 @@ def test_bundle_holds_the_packages_without_docstrings_and_imports_on_its_own(tmp
     assert encoded_size(bundle) < ARGUMENT_LIMIT - HEADROOM
 
 
-def test_no_shipped_module_imports_a_module_left_out(tmp_path: Path) -> None:
-    """Not even lazily, inside a function: the :data:`EXCLUDED` modules are not needed by any stage."""
-    bundle = build_bundle(cache=tmp_path)
-    left_out = {e.removesuffix(".py").replace("/", ".") for e in EXCLUDED}
-    assert not any((bundle / e).exists() for e in EXCLUDED)
+def test_imported_modules_sees_lazy_and_relative_imports() -> None:
+    source = ("import a.b\nfrom c import d\nfrom . import e\nfrom ..f import g\n"
+              "def h():\n    from trainer import engine\n")
+    assert imported_modules(source, "p.q.r") == {"a.b", "c", "c.d", "p.q", "p.q.e", "p.f", "p.f.g",
+                                                  "trainer", "trainer.engine"}
+    assert "p.q.r.e" in imported_modules("from . import e\n", "p.q.r", is_package=True)
+
+
+def test_closure_follows_imports_transitively_with_packages(tmp_path: Path) -> None:
+    for name, text in {"trainer/__init__.py": "", "trainer/a.py": "def f():\n    from trainer.sub import b\n",
+                       "trainer/sub/__init__.py": "", "trainer/sub/b.py": "import numpy\nfrom dinoflow import c\n",
+                       "trainer/unused.py": "", "dinoflow/__init__.py": "", "dinoflow/c.py": ""}.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    shipped = {p.relative_to(tmp_path).as_posix() for p in import_closure(["trainer.a"], tmp_path)}
+    assert shipped == {"trainer/__init__.py", "trainer/a.py", "trainer/sub/__init__.py", "trainer/sub/b.py",
+                       "dinoflow/__init__.py", "dinoflow/c.py"}
+
+
+@pytest.mark.parametrize("func", STAGES, ids=lambda f: f.__name__)
+def test_each_stage_bundle_is_import_complete_and_fits(func) -> None:
+    """Every module a shipped file imports (even lazily) is shipped too, the stage imports from a
+    fresh interpreter with only its bundle on the path, and the bundle fits its argument."""
+    bundle = stage_bundle(func)
+    assert encoded_size(bundle) < ARGUMENT_LIMIT - HEADROOM
     for path in bundle.rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
-            else:
-                continue
-            assert not left_out & set(names), f"{path.relative_to(bundle)} imports {left_out & set(names)}"
+        module = ".".join(path.relative_to(bundle).with_suffix("").parts).removesuffix(".__init__")
+        for name in imported_modules(path.read_text(), module, path.name == "__init__.py"):
+            source = REPO_ROOT.joinpath(*name.split("."))
+            for candidate in (source.with_suffix(".py"), source / "__init__.py"):
+                if name.split(".")[0] in PACKAGES and candidate.is_file():
+                    assert (bundle / candidate.relative_to(REPO_ROOT)).is_file(), f"{path} imports {name}"
+    stage_modules = sorted(m for m in imported_modules(inspect.getsource(func))
+                           if m.startswith("components.") and REPO_ROOT.joinpath(*m.split(".")).with_suffix(".py").is_file())
+    script = ("import sys, importlib; sys.path.insert(0, sys.argv[1]);"
+              "[importlib.import_module(m) for m in sys.argv[2:]];"
+              f"ours = [m for n, m in sys.modules.items() if n.split('.')[0] in {PACKAGES!r} and getattr(m, '__file__', None)];"
+              "outside = [m.__file__ for m in ours if not m.__file__.startswith(sys.argv[1])];"
+              "assert ours and not outside, outside")
+    subprocess.run([sys.executable, "-c", script, str(bundle), *stage_modules], check=True, cwd=bundle.parent)
+
+
+def test_stage_bundles_leave_out_what_the_stage_cannot_run() -> None:
+    pretrain, = (stage_bundle(f) for f in STAGES if f.__name__ == "pretrain")
+    assert (pretrain / "trainer" / "engine.py").is_file() and not (pretrain / "curation").exists()
+    assert not (pretrain / "trainer" / "models" / "onnx_export.py").exists()
 
 
 def test_bundle_is_made_once_per_code_version(tmp_path: Path) -> None:
-    assert build_bundle(cache=tmp_path) == build_bundle(cache=tmp_path)
+    assert build_bundle(cache=tmp_path, roots=["components.ingest"]) == build_bundle(cache=tmp_path, roots=["components.ingest"])
     assert len(list(tmp_path.iterdir())) == 1
 
 
