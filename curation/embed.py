@@ -181,9 +181,16 @@ def load_embeddings(out_uri: str, storage: Storage, parts: int | None = None) ->
 
 
 def l2_normalise(vectors: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (float32, contiguous, as faiss wants them)."""
+    """Rows scaled to unit length (float32, contiguous, as faiss wants them).
+
+    Already-unit float32 rows come back as the same array, not a copy: at a million 384-d rows
+    every copy is 1.5 GB, and the index, dedup and retrieval each normalise their input.
+    """
     x = np.ascontiguousarray(vectors, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    norms = np.sqrt(np.einsum("nf,nf->n", x, x))[:, None]  # (N, 1), without an (N, F) temporary
+    if x is vectors and np.allclose(norms, 1.0, rtol=0, atol=1e-5):
+        return x
+    return x / np.maximum(norms, 1e-12)
 
 
 def select(embeddings: Embeddings, keep: Sequence[int]) -> Embeddings:

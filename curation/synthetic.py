@@ -92,7 +92,7 @@ def removal_quality(keep: np.ndarray, group: np.ndarray, component: np.ndarray) 
     correct = sum(kept_group.get(int(component[i])) == int(group[i]) for i in removed)
     ideal = int(len(group) - len(np.unique(group)))
     return {
-        "removed": int(len(removed)),
+        "removed": len(removed),
         "ideal_removed": ideal,
         "correct_removed": int(correct),
         "precision": float(correct / len(removed)) if len(removed) else 1.0,

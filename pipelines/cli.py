@@ -293,22 +293,42 @@ def curate(
     source: Annotated[str, typer.Option(help="official, training, safetensors or hf")] = "safetensors",
     eval_sets: Annotated[list[str] | None, typer.Option("--eval", help="evaluation set to decontaminate "
                                                                        "against (repeatable)")] = None,
+    seed_sets: Annotated[list[str] | None, typer.Option("--seeds", help="seed set to retrieve around "
+                                                                        "(repeatable; none: keep the whole "
+                                                                        "deduplicated pool)")] = None,
+    retrieve: Annotated[str, typer.Option(help="with --seeds: sample (the --per-seed nearest pool images of "
+                                               "each seed) or cluster (up to --per-seed images of each "
+                                               "seed's k-means cluster)")] = "sample",
+    per_seed: Annotated[int, typer.Option(help="pool images retrieved per seed image")] = 4,
+    retrieve_clusters: Annotated[int, typer.Option(help="--retrieve cluster: k-means clusters of the pool "
+                                                        "(0: about sqrt of the kept pool)")] = 0,
     dedup_threshold: Annotated[float, typer.Option(help="cosine similarity of near-copies in the pool")] = 0.6,
     decontaminate_threshold: Annotated[float, typer.Option(help="cosine similarity to eval images")] = 0.45,
     balance_target: Annotated[int, typer.Option(help="images to keep by balanced sampling (0: off)")] = 0,
     balance_clusters: Annotated[str, typer.Option(help="clusters per level, bottom to top, e.g. 1000,100")] = "",
     load_size: Annotated[int, typer.Option(help="decoded image side")] = 224,
+    track: Annotated[bool, typer.Option(help="record the run in MLflow (MLFLOW_TRACKING_URI, else sqlite "
+                                             "under a local --out)")] = True,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment")] = "dinoflow",
 ) -> None:
-    """Curate an image pool: embed, deduplicate, decontaminate, balance, write shards + manifest."""
+    """Curate an image pool: embed, deduplicate, decontaminate, retrieve around seed sets, balance,
+    write shards + manifest + report."""
+    import contextlib
+
     from components.curate import balance_levels
     from components.stage import storage_from_env
     from curation.embed import backbone_embedder, pixel_embedder
     from curation.pipeline import CurationConfig, run_curation
+    from dinoflow.tracking import (MlflowTracker, NullTracker, default_artifact_location, default_tracking_uri,
+                                   standard_tags)
 
     try:
         levels = balance_levels([int(v) for v in balance_clusters.split(",") if v.strip()])
         config = CurationConfig(dedup_threshold=dedup_threshold, decontaminate_threshold=decontaminate_threshold,
-                                balance_target=balance_target, balance_levels=levels, load_size=load_size)
+                                retrieve_mode=retrieve, retrieve_per_seed=per_seed,
+                                retrieve_clusters=retrieve_clusters, balance_target=balance_target,
+                                balance_levels=levels, load_size=load_size)
+        tracking_uri = (os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(out)) if track else None
     except ValueError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
@@ -323,8 +343,16 @@ def curate(
             typer.echo(f"error: unknown source {source!r}; allowed: {', '.join(SOURCES)}", err=True)
             raise typer.Exit(2)
         embedder = backbone_embedder(load_backbone(weights, source, storage))  # type: ignore[arg-type]
-    report = run_curation(pool, out, storage, embedder, config, tuple(eval_sets or ()))
+    with (MlflowTracker.start(
+        tracking_uri, experiment, run_name="curate", tags=standard_tags("curate"),
+        artifact_location=default_artifact_location(tracking_uri, out),
+    ) if tracking_uri else contextlib.nullcontext(NullTracker())) as tracker:
+        tracker.log_params({"pool": pool, "out": out, "embedder": weights or "pixels6"})
+        report = run_curation(pool, out, storage, embedder, config, tuple(eval_sets or ()), tuple(seed_sets or ()),
+                              tracker)
     typer.echo(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
+    if tracking_uri:
+        typer.echo(f"MLflow run {tracker.run_id} in {tracking_uri}", err=True)
 
 
 PipelineParams = Annotated[
@@ -332,8 +360,9 @@ PipelineParams = Annotated[
     typer.Argument(help="pipeline parameters as key=value (values parsed as YAML, e.g. max_minutes=2 "
                         "overrides=[optim.batch_size=64])"),
 ]
-ImageOption = Annotated[str | None, typer.Option(envvar="DINOFLOW_IMAGE", help="one base image for every component "
-                                                      "(default: the CPU and GPU images of --registry and --tag)")]
+ImageOption = Annotated[str | None, typer.Option(envvar="DINOFLOW_IMAGE", help="one base image for every component, "
+                                                      "with CUDA PyTorch unless --gpus 0 (default: the CPU and GPU "
+                                                      "images of --registry and --tag)")]
 RegistryOption = Annotated[str | None, typer.Option(envvar="DINOFLOW_REGISTRY", help="registry of the dinoflow-cpu "
                                                     "and dinoflow-gpu images (GPU: pretrain) "
                                                     "[default: ghcr.io/dinoflow]")]
@@ -341,19 +370,24 @@ TagOption = Annotated[str | None, typer.Option(envvar="DINOFLOW_TAG", help="tag 
                                                "[default: this release's version]")]
 SecretOption = Annotated[str | None, typer.Option(help="Secret holding AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                                                   "in the pipelines' namespace [default: dinoflow-s3]")]
+GpusOption = Annotated[int | None, typer.Option(envvar="DINOFLOW_GPUS", help="GPUs (nvidia.com/gpu) of the pretrain "
+                                                "task, which tolerates the GPU nodes' taint and trains on cuda; 0: "
+                                                "a CPU-only cluster (no GPU request, CPU image, trains on cpu) "
+                                                "[default: 1]")]
 
 
 def _pipeline(name: str, image: str | None = None, registry: str | None = None, tag: str | None = None,
-              s3_secret: str | None = None) -> Any:
+              s3_secret: str | None = None, gpus: int = 0) -> Any:
+    """The pipeline ``name`` for these images, Secret and GPUs (0, the default: what kfp.local runs)."""
     from components.definitions import REGISTRY, TAG, Images
     from pipelines.definitions import S3_SECRET, build_pipelines
 
     try:
         images = image or Images.from_registry(registry or REGISTRY, tag or TAG)
+        pipelines = build_pipelines(images, s3_secret=s3_secret or S3_SECRET, gpus=gpus)
     except ValueError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
-    pipelines = build_pipelines(images, s3_secret=s3_secret or S3_SECRET)
     key = name.replace("-", "_")
     if key not in pipelines:
         typer.echo(f"error: unknown pipeline {name!r}; allowed: {', '.join(pipelines)}", err=True)
@@ -385,11 +419,14 @@ def pipeline_compile(
     registry: RegistryOption = None,
     tag: TagOption = None,
     s3_secret: SecretOption = None,
+    gpus: GpusOption = None,
 ) -> None:
     """Compile a pipeline to KFP IR YAML (upload it in the Kubeflow UI, or submit it)."""
     from kfp import compiler
 
-    compiler.Compiler().compile(_pipeline(name, image, registry, tag, s3_secret), out)
+    from pipelines.definitions import GPUS
+
+    compiler.Compiler().compile(_pipeline(name, image, registry, tag, s3_secret, GPUS if gpus is None else gpus), out)
     typer.echo(out)
 
 
@@ -426,12 +463,14 @@ def pipeline_submit(
     registry: RegistryOption = None,
     tag: TagOption = None,
     s3_secret: SecretOption = None,
+    gpus: GpusOption = None,
     namespace: Annotated[str | None, typer.Option(help="Kubeflow profile namespace")] = None,
 ) -> None:
     """Submit a pipeline run to a Kubeflow cluster (token from KF_PIPELINES_TOKEN if set)."""
+    from pipelines.definitions import GPUS
     from pipelines.submit import submit
 
-    pipeline = _pipeline(name, image, registry, tag, s3_secret)
+    pipeline = _pipeline(name, image, registry, tag, s3_secret, GPUS if gpus is None else gpus)
     try:
         run_id = submit(pipeline, host, _pipeline_params(pipeline, params), experiment, namespace,
                         token=os.environ.get("KF_PIPELINES_TOKEN"))

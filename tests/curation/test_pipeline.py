@@ -1,29 +1,58 @@
-"""End to end on a small synthetic pool: embedding resume, dedup, decontamination, shards, CLI."""
+"""End to end on a small synthetic pool: embedding resume, dedup, decontamination, seed retrieval,
+shards, MLflow tracking, the CLI."""
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from curation.embed import embed_dataset, pixel_embedder
+from curation.dedup import deduplicate
+from curation.embed import embed_dataset, embed_images, pixel_embedder
 from curation.kmeans import LevelConfig
 from curation.pipeline import CurationConfig, run_curation
-from curation.synthetic import make_copy_pool, removal_quality
+from curation.synthetic import COPY_KINDS, CopyPool, make_copy_pool, near_copy, removal_quality
 from dinoflow.storage import Storage
-from trainer.data.datasets import ImageFolderDataset, ShardDataset
+from evaluators.synthetic import SceneConfig, make_scenes
+from trainer.data.datasets import ImageFolderDataset, ShardDataset, decode_image
 
 
-def _write_pool(root: Path, originals: int = 120, copied: int = 40, seed: int = 0):
+def _write_pool(root: Path, originals: int = 120, copied: int = 40, seed: int = 0) -> CopyPool:
     pool = make_copy_pool(originals, copied, 2, seed=seed, size=48)
     root.mkdir(parents=True, exist_ok=True)
     for name, data in zip(pool.names, pool.encoded):
         (root / name).write_bytes(data)
     return pool
+
+
+def _write_fresh_copies(root: Path, pool: CopyPool, groups: list[int], originals: int = 120, seed: int = 0) -> None:
+    """New near-copies (each kind in turn) of the originals ``groups``: images the pool never saw."""
+    scenes = make_scenes(originals, seed, SceneConfig(size=48)).images
+    rng = np.random.default_rng(123)
+    root.mkdir(parents=True, exist_ok=True)
+    for i, group in enumerate(groups):
+        kind = COPY_KINDS[i % len(COPY_KINDS)]
+        (root / f"fresh{group:04d}.{'jpg' if kind == 'jpeg' else 'png'}").write_bytes(near_copy(scenes[group], kind, rng))
+
+
+def _copied_groups(pool: CopyPool, count: int) -> list[int]:
+    """``count`` originals that have near-copies in the pool."""
+    return [int(g) for g in np.unique(pool.group) if (pool.group == g).sum() == 3][:count]
+
+
+def _manifest(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "shards" / "manifest.jsonl").read_text().splitlines()]
+
+
+def _groups_of(records: list[dict], pool: CopyPool) -> set[int]:
+    group = dict(zip(pool.names, pool.group.tolist()))
+    return {group[Path(r["id"]).name] for r in records}
 
 
 def test_embedding_resumes_and_checks_meta(tmp_path: Path) -> None:
@@ -82,12 +111,7 @@ def test_run_curation_on_near_copies(tmp_path: Path) -> None:
         assert (tmp_path / "out" / "grids" / f"{grid}.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_dedup_quality_on_small_pool(tmp_path: Path) -> None:
-    from curation.dedup import deduplicate
-    from curation.embed import embed_images
-    from trainer.data.datasets import decode_image
-    import torch
-
+def test_dedup_quality_on_small_pool() -> None:
     pool = make_copy_pool(300, 100, 2, seed=1, size=64)
     images = torch.stack([decode_image(b, 64) for b in pool.encoded])
     result = deduplicate(embed_images(images, pixel_embedder(6)), threshold=0.85)
@@ -95,13 +119,68 @@ def test_dedup_quality_on_small_pool(tmp_path: Path) -> None:
     assert quality["precision"] >= 0.95 and quality["recall"] >= 0.9
 
 
+def test_decontamination_removes_every_copy_of_an_eval_image(tmp_path: Path) -> None:
+    """The eval set holds fresh near-copies of 10 originals that have 2 near-copies each in the
+    pool: all 30 related pool images go (at a looser threshold than dedup's), nothing else does."""
+    storage = Storage()
+    pool = _write_pool(tmp_path / "pool")
+    contaminated = _copied_groups(pool, 10)
+    _write_fresh_copies(tmp_path / "eval", pool, contaminated)
+    config = CurationConfig(dedup_threshold=0.85, decontaminate_threshold=0.75, load_size=48)
+    report = run_curation(str(tmp_path / "pool"), str(tmp_path / "out"), storage, pixel_embedder(6), config,
+                          (str(tmp_path / "eval"),))
+    kept = _groups_of(_manifest(tmp_path / "out"), pool)
+    assert not kept & set(contaminated)
+    assert kept == set(pool.group.tolist()) - set(contaminated)  # every other original is still represented
+    assert report["counts"]["decontaminated"] == report["counts"]["after_dedup"] - len(_manifest(tmp_path / "out"))
+
+
 def test_cli_curate(tmp_path: Path) -> None:
     from pipelines.cli import app
 
     _write_pool(tmp_path / "pool", 40, 10)
     result = CliRunner().invoke(app, ["curate", "--pool", str(tmp_path / "pool"), "--out", str(tmp_path / "out"),
-                                      "--dedup-threshold", "0.85", "--load-size", "48"])
+                                      "--dedup-threshold", "0.85", "--load-size", "48", "--no-track"])
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "out" / "report.json").exists()
+    assert (tmp_path / "out" / "report.json").exists() and not (tmp_path / "out" / "mlflow.db").exists()
     bad = CliRunner().invoke(app, ["curate", "--pool", "x", "--out", "y", "--dedup-threshold", "2"])
     assert bad.exit_code == 2
+    bad = CliRunner().invoke(app, ["curate", "--pool", "x", "--out", "y", "--retrieve", "nearest"])
+    assert bad.exit_code == 2 and "retrieve_mode" in bad.output
+
+
+@pytest.mark.parametrize("mode", ["sample", "cluster"])
+def test_cli_retrieves_around_seeds_and_tracks_the_run_in_mlflow(mode: str, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipelines.cli import app
+
+    pool = _write_pool(tmp_path / "pool")
+    seeded = _copied_groups(pool, 6)
+    _write_fresh_copies(tmp_path / "seeds", pool, seeded)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    result = CliRunner().invoke(app, ["curate", "--pool", str(tmp_path / "pool"), "--out", str(tmp_path / "out"),
+                                      "--dedup-threshold", "0.85", "--load-size", "48", "--seeds",
+                                      str(tmp_path / "seeds"), "--retrieve", mode, "--per-seed", "3",
+                                      "--experiment", "curation-test"])
+    assert result.exit_code == 0, result.output
+    records = _manifest(tmp_path / "out")
+    assert {r["rule"] for r in records} == {f"retrieved-{mode}"} and 6 <= len(records) <= 18
+    assert set(seeded) <= _groups_of(records, pool)  # each seed found its own original's group
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["counts"]["seeds"] == 6 and report["counts"]["retrieved"] == len(records)
+    assert report["retrieve"]["mode"] == mode
+    # the MLflow run: counts as metrics, config as params, report files and manifest as artifacts
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("curation-test").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["dinoflow.stage"] == "curate"
+    metrics = run.data.metrics
+    assert metrics["curation_pool"] == len(pool.names) and metrics["curation_curated"] == len(records)
+    assert metrics["curation_seeds"] == 6 and metrics["curation_seconds_dedup"] >= 0
+    assert run.data.params["curation.retrieve_mode"] == mode and run.data.params["curation.index.built.kind"] == "flat"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"report.json", "manifest.jsonl", "grids"} <= artifacts
+    grids = {a.path for a in client.list_artifacts(run.info.run_id, "grids")}
+    assert grids == {f"grids/{g}.png" for g in ("kept", "removed", "duplicate_groups", "retrieved")}
+    local = Path(client.download_artifacts(run.info.run_id, "manifest.jsonl", str(tmp_path / "dl")))
+    assert [json.loads(line)["id"] for line in local.read_text().splitlines()] == [r["id"] for r in records]
