@@ -238,7 +238,10 @@ class DeepSpeedStrategy(FSDP2Strategy):
 
     Backward, step and clipping go through the engine: gradients are reduce-scattered (averaged
     over ranks) during backward into the optimizer's partitions; per-module clipping takes the
-    norm of the local partitions, summed over ranks.
+    norm of the local partitions, summed over ranks. Gradient accumulation is the training step's
+    micro-batch loop (one :meth:`backward` per micro-batch, one :meth:`step`), not DeepSpeed's
+    ``gradient_accumulation_steps`` (kept at 1): the micro-batches' gradients add up in the
+    partitions until the step, as under the other strategies.
 
     Optimizer state is saved and restored in the same whole-tensor, by-name format as the other
     strategies (gathered with ``safe_get_full_optimizer_state``), so checkpoints move between
@@ -320,6 +323,11 @@ class DeepSpeedStrategy(FSDP2Strategy):
         return optimizer  # its param_groups are DeepSpeed's: the step's lr/wd settings reach it
 
     def backward(self, loss: Tensor) -> None:
+        # The step calls the backbone and heads, never the engine's forward, which is where
+        # DeepSpeed marks the start of a micro-batch: mark it here, so that the gradients of a
+        # second micro-batch add to the partitions instead of overwriting them (the step clears
+        # the mark, so the first micro-batch after it copies).
+        self._ds_optimizer.clear_backward_seen_flag()
         self.student_engine.backward(loss, scale_wrt_gas=False)
 
     def clip_grad_norm_(self, parameters: Any, max_norm: float) -> Tensor:

@@ -5,21 +5,21 @@ fsdp2``) and as one plain process (``single``). Every rank augments the whole gl
 the ``(seed, step)`` generator and keeps its block of images, so each image's crops and masks
 are the same however the batch is split; the runs differ only by how the work is distributed.
 
-Usage: ``python distributed_steps.py OUT GLOBAL_BATCH STEPS [--save-at=K:PATH] [--resume=PATH]
-[section.field=value ...]``. Writes (from rank 0) ``{"losses": [per-step dict], "student": sd,
-"teacher": sd, "objective": sd}``; ``--save-at`` also writes the engine's checkpoint after step K
-(``checkpoint_bytes``), and ``--resume`` starts from such a checkpoint (written by any world size)
-at its step, so ``losses`` holds only the steps run here.
+Usage: ``python distributed_steps.py OUT GLOBAL_BATCH STEPS [--micro=K] [--save-at=K:PATH]
+[--resume=PATH] [section.field=value ...]``. Writes (from rank 0) ``{"losses": [per-step dict],
+"student": sd, "teacher": sd, "objective": sd}``. ``--micro=K`` splits each step's global batch
+into K global micro-batches (gradient accumulation, as in the engine: micro-batch ``i`` of step
+``s`` is global batch ``s * K + i``, each rank keeping its block of it); ``--save-at`` also
+writes the engine's checkpoint after step K (``checkpoint_bytes``), and ``--resume`` starts from
+such a checkpoint (written by any world size) at its step, so ``losses`` holds only the steps run
+here.
 
 ``python distributed_steps.py pretrain [section.field=value ...]`` runs the whole ``pretrain``
-loop on 48 random images instead. With ``KILL_RANK_AT_ITEM=R:N`` in the environment, rank R
-SIGKILLs itself when it reads its N-th image (a crash in the middle of a step).
+loop on 48 random images instead.
 """
 
 from __future__ import annotations
 
-import os
-import signal
 import sys
 
 import torch
@@ -50,6 +50,7 @@ def main(out: str, global_batch: int, steps: int, args: list[str]) -> None:
     options = dict(a.removeprefix("--").split("=", 1) for a in args if a.startswith("--"))
     overrides = [a for a in args if not a.startswith("--")]
     save_step, save_path = options["save-at"].split(":", 1) if "save-at" in options else (-1, "")
+    micro = int(options.get("micro", "1"))
     torch.set_num_threads(1)
     cfg = load_config(PretrainConfig, "tiny", overrides)
     strategy = build_strategy(cfg.distributed, torch.device("cpu"))
@@ -67,17 +68,19 @@ def main(out: str, global_batch: int, steps: int, args: list[str]) -> None:
     if checkpoint is not None:
         strategy.load_optimizer_state(student, optimizer, checkpoint["optimizer"])
     multi_crop = MultiCrop(cfg.crops)
-    mine = strategy.rank_slice(global_batch)
+    mine = strategy.rank_slice(global_batch // micro)
     history = []
     for step in range(checkpoint["step"] if checkpoint is not None else 0, steps):
         sched = ScheduleValues(lr=1e-3, last_layer_lr=1e-3 if step >= 2 else 0.0, weight_decay=0.04,
                                teacher_momentum=0.9, teacher_temp=0.04 + 0.001 * step)
         torch.manual_seed(cfg.seed * 1_000_003 + step)
-        full = make_batch(global_images(step, global_batch), step, cfg, multi_crop)
-        batch = CropBatch(full.global_crops[:, mine], full.local_crops[:, mine],
-                          full.masks.view(2, global_batch, -1)[:, mine].flatten(0, 1))
+        batches = []
+        for index in range(step * micro, (step + 1) * micro):
+            full = make_batch(global_images(index, global_batch // micro), index, cfg, multi_crop)
+            batches.append(CropBatch(full.global_crops[:, mine], full.local_crops[:, mine],
+                                     full.masks.view(2, global_batch // micro, -1)[:, mine].flatten(0, 1)))
         student.train()
-        history.append(train_step(student, teacher, objective, [batch], sched, optimizer, cfg.optim.clip_grad,
+        history.append(train_step(student, teacher, objective, batches, sched, optimizer, cfg.optim.clip_grad,
                                   strategy=strategy))
         if step + 1 == int(save_step):
             data = checkpoint_bytes(student, teacher, objective, optimizer, TrainState(step + 1), cfg, strategy)
@@ -93,21 +96,12 @@ def main(out: str, global_batch: int, steps: int, args: list[str]) -> None:
 
 
 class RandomImages(torch.utils.data.Dataset):
-    def __init__(self) -> None:
-        kill = os.environ.get("KILL_RANK_AT_ITEM", "")
-        rank, item = kill.split(":") if kill else ("-1", "0")
-        self.kill_at = int(item) if rank == os.environ.get("RANK", "0") else 0
-        self.reads = 0
-
     def __len__(self) -> int:
         return 48
 
     def __getitem__(self, index: int):
         from trainer.data.datasets import Sample
 
-        self.reads += 1
-        if self.reads == self.kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
         image = (torch.rand(3, 28, 28, generator=torch.Generator().manual_seed(index)) * 255).to(torch.uint8)
         return Sample(image=image, label=-1, key=f"img{index}")
 

@@ -1,0 +1,188 @@
+"""What does a distribution strategy cost or buy on this machine? Training-step throughput and
+peak memory per rank of ``--strategy`` on ``--nproc`` ranks, next to one plain process training
+on the same global batch, measured in the same invocation.
+
+Each configuration runs the engine's own loop (:func:`trainer.engine.pretrain`) as a real job:
+N ranks are started by ``torchrun`` exactly as ``dinoflow pretrain --nproc N`` starts them, one
+plain process for ``single``. The images are random uint8 squares of ``crops.load_size`` made
+on the fly, so the figure is the step's (data loader, augmentation, forward, backward,
+collectives, optimizer, EMA), not a disk's. Throughput is the global images of the steps after
+``--warmup`` over their summed step times (the engine's per-step clock, averaged over ranks, so
+checkpoint writes are not counted). Peak memory is each rank process's peak resident set
+(``VmHWM``; ``getrusage``'s ``ru_maxrss`` would report the launcher's peak for a child started
+by fork and exec). ``--threads`` cores are shared out: ``threads // N`` per rank, all of them
+for ``single``.
+
+``optim.batch_size`` is per rank, as in training: the global batch is ``batch_size x N`` and the
+single process trains on that whole global batch. DeepSpeed's CPU communication op is compiled
+once into ``TORCH_EXTENSIONS_DIR`` (default here ``~/.cache/dinoflow/torch_extensions``, shared
+with the tests). Prints one table; asserts nothing.
+
+    python benchmarks/train_step.py --strategy deepspeed --nproc 2 --steps 10 --config tiny
+    python benchmarks/train_step.py --strategy fsdp2 --nproc 2 -- optim.batch_size=32 crops.num_local_crops=2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dinoflow.config import PretrainConfig, load_config
+from dinoflow.progress import progress
+from dinoflow.storage import Storage
+from dinoflow.tracking import NullTracker
+
+STRATEGIES = ("single", "fsdp2", "deepspeed")
+EXTENSIONS = str(Path.home() / ".cache" / "dinoflow" / "torch_extensions")
+COLUMNS = ("strategy", "ranks", "global_batch", "img_per_s", "vs_single", "peak_mib_per_rank")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--strategy", choices=STRATEGIES, default="deepspeed")
+    parser.add_argument("--nproc", type=int, default=2, help="ranks of --strategy (1 for single)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps, after the warm-up")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed first steps (allocation, first collectives)")
+    parser.add_argument("--config", default="tiny", help="pretraining preset name or YAML path")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="cores shared by the ranks of one configuration")
+    parser.add_argument("--worker", default="", help=argparse.SUPPRESS)  # a rank: write results to this folder
+    parser.add_argument("overrides", nargs="*", help="dotted overrides of the preset (optim.batch_size per rank)")
+    args = parser.parse_args()
+    if args.nproc < 1 or args.steps < 1 or args.warmup < 0 or args.threads < 1:
+        parser.error("--nproc, --steps and --threads must be at least 1, --warmup at least 0")
+    if (args.strategy == "single") != (args.nproc == 1) and not args.worker:
+        parser.error("--strategy single runs on --nproc 1, and a distributed strategy on --nproc 2 or more")
+    return args
+
+
+class RandomImages(torch.utils.data.Dataset):
+    """``length`` random uint8 images ``(3, size, size)``, image ``i`` seeded by ``i``."""
+
+    def __init__(self, length: int, size: int) -> None:
+        self.length, self.size = length, size
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> Any:
+        from trainer.data.datasets import Sample
+
+        generator = torch.Generator().manual_seed(index)
+        image = torch.randint(0, 256, (3, self.size, self.size), generator=generator, dtype=torch.uint8)
+        return Sample(image=image, label=-1, key=f"random{index}")
+
+
+class StepClock(NullTracker):
+    """Keeps the engine's per-step ``images_per_second`` (rank 0's tracker; its clock is the ranks' mean)."""
+
+    def __init__(self) -> None:
+        self.images_per_second: dict[int, float] = {}
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int, force: bool = False) -> None:
+        if "images_per_second" in metrics:
+            self.images_per_second[step] = metrics["images_per_second"]
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set since it was exec'd, in MiB (Linux ``VmHWM``)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status: peak memory is measured on Linux only")
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One rank (or the single process): ``warmup + steps`` steps of ``pretrain``, then its figures
+    to ``rank<R>.json`` in ``args.worker``."""
+    from trainer.data.datasets import collate_samples
+    from trainer.engine import pretrain
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    folder = Path(args.worker)
+    total = args.warmup + args.steps
+    cfg = load_config(PretrainConfig, args.config, [
+        *args.overrides, f"out={folder / 'run'}", f"max_steps={total}", f"checkpoint_every={total}",
+        "eval.every_steps=0"])
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    step_images = cfg.optim.batch_size * world_size * cfg.optim.grad_accumulation  # the global batch
+    clock = StepClock()
+    pretrain(cfg, RandomImages(step_images, cfg.crops.load_size), collate_samples, Storage(), tracker=clock)
+    rank = int(os.environ.get("RANK", "0"))
+    result: dict[str, Any] = {"rank": rank, "peak_mib": peak_rss_mib()}
+    if rank == 0:
+        timed = [clock.images_per_second[step] for step in range(args.warmup + 1, total + 1)]
+        # each step's seconds are step_images / its img/s: the timed steps' images over their time
+        result.update(global_batch=step_images, img_per_s=len(timed) / sum(1 / ips for ips in timed))
+    Storage().write_bytes(str(folder / f"rank{rank}.json"), json.dumps(result).encode())
+
+
+def measure(strategy: str, nproc: int, per_rank_batch: int, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    """Start one configuration (as ``dinoflow pretrain --nproc`` starts ranks) and collect its figures."""
+    folder.mkdir(parents=True)
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+                if nproc > 1 else [sys.executable])
+    command = [*launcher, str(Path(__file__).resolve()), "--worker", str(folder), "--config", args.config,
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--",
+               *args.overrides, f"distributed.strategy={strategy}", f"optim.batch_size={per_rank_batch}"]
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, args.threads // nproc)))
+    env.setdefault("TORCH_EXTENSIONS_DIR", EXTENSIONS)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)  # a fresh job, even when this script runs inside one
+    log = folder / "log.txt"
+    with open(log, "wb") as output:
+        done = subprocess.run(command, env=env, stdout=output, stderr=subprocess.STDOUT, check=False)
+    if done.returncode:
+        raise SystemExit(f"{strategy} on {nproc} rank(s) failed ({done.returncode}):\n"
+                         f"{log.read_text(errors='replace')[-4000:]}")
+    ranks = [json.loads((folder / f"rank{r}.json").read_text()) for r in range(nproc)]
+    return {"strategy": strategy, "ranks": nproc, "global_batch": ranks[0]["global_batch"],
+            "img_per_s": ranks[0]["img_per_s"], "peak_mib": [r["peak_mib"] for r in ranks]}
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """One line per configuration, whitespace-separated; per-rank peaks joined by commas."""
+    single = rows[0]["img_per_s"]
+    lines = [f"{COLUMNS[0]:<10} {COLUMNS[1]:>5} {COLUMNS[2]:>12} {COLUMNS[3]:>9} {COLUMNS[4]:>9}  {COLUMNS[5]}"]
+    for row in rows:
+        peaks = ",".join(f"{mib:.0f}" for mib in row["peak_mib"])
+        lines.append(f"{row['strategy']:<10} {row['ranks']:>5} {row['global_batch']:>12} {row['img_per_s']:>9.1f} "
+                     f"{row['img_per_s'] / single:>9.2f}  {peaks}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.worker:
+        worker(args)
+        return
+    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    per_rank = cfg.optim.batch_size
+    configurations = [("single", 1, per_rank * args.nproc)]
+    if args.strategy != "single":
+        configurations.append((args.strategy, args.nproc, per_rank))
+    rows = []
+    load_before = os.getloadavg()[0]  # other work on the cores skews every figure: say how much there was
+    with tempfile.TemporaryDirectory(prefix="bench-train-step-") as scratch:
+        for strategy, nproc, batch in progress(configurations, desc="train_step benchmark", unit="run"):
+            rows.append(measure(strategy, nproc, batch, args, Path(scratch) / f"{strategy}-{nproc}"))
+    m = cfg.model
+    print(f"\nTraining step, preset {args.config!r} ({m.arch}, embed_dim {m.embed_dim}, depth {m.depth}, "
+          f"{cfg.crops.num_local_crops} local crops, {cfg.optim.grad_accumulation} micro-batch(es) per step), "
+          f"{args.threads} cores, {args.steps} timed steps after {args.warmup} warm-up; torch {torch.__version__}; "
+          f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
+    print(format_table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""``benchmarks/train_step.py`` on tiny sizes: it starts a real single process and 2 real
+DeepSpeed ZeRO-3 ranks (torchrun, gloo on 127.0.0.1) and prints one table whose rows parse.
+Timings are never asserted: only that each figure is there, has its unit's sense and is positive.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from tests.trainer.test_deepspeed import ENV
+from tests.trainer.test_distributed import ROOT, SMALL
+
+SCRIPT = ROOT / "benchmarks" / "train_step.py"
+
+
+def _table(output: str) -> list[dict[str, str]]:
+    """The rows under the ``strategy ranks ...`` header, as column -> text."""
+    lines = output.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["strategy", "ranks"])
+    columns = lines[start].split()
+    return [dict(zip(columns, line.split(), strict=True)) for line in lines[start + 1:] if line.strip()]
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **ENV)
+
+
+def test_benchmark_prints_single_and_deepspeed_rows_with_positive_figures() -> None:
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--strategy", "deepspeed", "--nproc", "2", "--steps", "2", "--warmup", "1",
+         "--threads", "2", "--", *SMALL, "optim.batch_size=2"],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240, check=False,
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    rows = _table(done.stdout)
+    assert [(r["strategy"], int(r["ranks"])) for r in rows] == [("single", 1), ("deepspeed", 2)]
+    for row in rows:
+        assert int(row["global_batch"]) == 4  # 2 images x 2 ranks, all 4 in the single process
+        assert float(row["img_per_s"]) > 0 and float(row["vs_single"]) > 0
+        peaks = [float(mib) for mib in row["peak_mib_per_rank"].split(",")]
+        assert len(peaks) == int(row["ranks"]) and all(mib > 0 for mib in peaks)
+    assert float(rows[0]["vs_single"]) == 1.0
+
+
+def test_benchmark_refuses_a_strategy_on_the_wrong_number_of_ranks() -> None:
+    for strategy, nproc in (("single", "2"), ("deepspeed", "1")):
+        done = subprocess.run([sys.executable, str(SCRIPT), "--strategy", strategy, "--nproc", nproc], cwd=ROOT,
+                              env=_env(), capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 2 and "--strategy single runs on --nproc 1" in done.stderr, done.stderr[-2000:]
