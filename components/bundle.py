@@ -28,6 +28,8 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("dinoflow", "trainer", "evaluators", "curation", "components", "configs")
+# modules a shipped module hands to a library by file path instead of importing them
+LOADED_BY_PATH = {"trainer.models.packaging": ("trainer.models.mlflow_entry",)}  # MLflow "models from code"
 ARGUMENT_LIMIT = 128 * 1024  # bytes in one execve argument (MAX_ARG_STRLEN)
 HEADROOM = 24 * 1024  # for the component's own source next to the archive
 
@@ -62,8 +64,9 @@ def imported_modules(source: str, module: str = "", is_package: bool = False) ->
 
 
 def import_closure(roots: Iterable[str], root: Path = REPO_ROOT) -> list[Path]:
-    """Files of the modules ``roots`` name and of every module of :data:`PACKAGES` they import,
-    transitively, with the ``__init__.py`` of each package on the way; sorted."""
+    """Files of the modules ``roots`` name and of every module of :data:`PACKAGES` they import
+    (or load by path, :data:`LOADED_BY_PATH`), transitively, with the ``__init__.py`` of each
+    package on the way; sorted."""
     pending = [name for name in roots]
     seen: set[Path] = set()
     while pending:
@@ -76,6 +79,7 @@ def import_closure(roots: Iterable[str], root: Path = REPO_ROOT) -> list[Path]:
             seen.add(path)
             module = ".".join(parts[:depth])
             pending.extend(imported_modules(path.read_text(), module, path.name == "__init__.py"))
+            pending.extend(LOADED_BY_PATH.get(module, ()))
     return sorted(seen)
 
 

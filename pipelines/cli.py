@@ -395,19 +395,38 @@ def _pipeline(name: str, image: str | None = None, registry: str | None = None, 
     return pipelines[key]
 
 
+PARAMETER_TYPES = {"String": str, "Integer": int, "Float": float, "Boolean": bool, "List": list, "Dict": dict}
+
+
 def _pipeline_params(pipeline: Any, items: list[str] | None) -> dict[str, Any]:
-    """``key=value`` pairs checked against the pipeline's parameters (values read as YAML)."""
+    """``key=value`` pairs checked against the pipeline's parameters before anything runs: a
+    String input takes the text as it is, the others read it as YAML and must get their declared
+    type (an integer is a valid Float: ``max_minutes=2``); anything else exits 2 in one line."""
     import yaml
 
-    allowed = list(pipeline.component_spec.inputs or {})
+    inputs = pipeline.component_spec.inputs or {}
     params: dict[str, Any] = {}
     for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or key not in allowed:
-            typer.echo(f"error: bad pipeline parameter {item!r}; give key=value with key one of: "
-                       f"{', '.join(allowed)}", err=True)
+        key, sep, text = item.partition("=")
+        problem, value = "", None
+        if not sep or key not in inputs:
+            problem = f"give key=value with key one of: {', '.join(inputs)}"
+        else:
+            kind = inputs[key].type
+            try:
+                value = text if kind == "String" else yaml.safe_load(text) if text else ""
+            except (yaml.YAMLError, ValueError, RecursionError) as err:
+                problem = f"not valid YAML ({' '.join(str(err).split())})"
+            else:
+                if kind == "Float" and type(value) is int:
+                    value = float(value)
+                expected = PARAMETER_TYPES.get(kind)
+                if expected and (not isinstance(value, expected) or (expected is int and isinstance(value, bool))):
+                    problem = f"{key} takes a {kind}, got {type(value).__name__} {value!r}"
+        if problem:
+            typer.echo(f"error: bad pipeline parameter {item!r}; {problem}", err=True)
             raise typer.Exit(2)
-        params[key] = yaml.safe_load(value) if value else ""
+        params[key] = value
     return params
 
 

@@ -494,7 +494,8 @@ def _pretrain(cfg: PretrainConfig, dataset: Any, collate: Callable, storage: Sto
                "train_minutes": round(state.train_seconds / 60, 3), "stopped_early": stopped_early,
                "backbone": join_uri(cfg.out, "backbone.safetensors"), "final": final,
                "bad_images": bad_images.summary(),
-               "history": state.history, "mlflow_run_id": tracker.run_id}
+               "history": state.history, "mlflow_run_id": tracker.run_id,
+               "tracking": tracker.delivery()}  # metrics sent, still queued or lost (an unreachable store)
     if strategy.is_main:
         storage.write_bytes(join_uri(cfg.out, "summary.json"), json.dumps(summary, indent=2).encode())
     return summary

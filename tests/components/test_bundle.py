@@ -87,6 +87,11 @@ def test_each_stage_bundle_is_import_complete_and_fits(func) -> None:
     subprocess.run([sys.executable, "-c", script, str(bundle), *stage_modules], check=True, cwd=bundle.parent)
 
 
+def test_files_handed_over_by_path_are_shipped_with_their_module() -> None:
+    register, = (stage_bundle(f) for f in STAGES if f.__name__ == "register")
+    assert (register / "trainer" / "models" / "mlflow_entry.py").is_file()
+
+
 def test_stage_bundles_leave_out_what_the_stage_cannot_run() -> None:
     pretrain, = (stage_bundle(f) for f in STAGES if f.__name__ == "pretrain")
     assert (pretrain / "trainer" / "engine.py").is_file() and not (pretrain / "curation").exists()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -76,3 +79,80 @@ def jpeg_bytes(width: int = 20, height: int = 20) -> bytes:
 
 def assert_not_run(marker: Path) -> None:
     assert not os.path.exists(marker), "the checkpoint's pickled code ran"
+
+
+def train_tiny(out: str, overrides: list[str], length: int = 16) -> None:
+    """Pretrain (or resume) the tiny recipe on ``RandomImages(length)`` in ``out``, one thread.
+
+    The body of the forked training processes that the SIGKILL tests kill; it lives here, in a
+    module the fork server preloads, so a child starts without importing anything.
+    """
+    import threading
+
+    from tqdm import tqdm
+
+    from dinoflow.storage import Storage
+    from trainer.data.datasets import collate_samples
+    from trainer.engine import pretrain
+
+    torch.set_num_threads(1)
+    # a thread lock for the progress bars: tqdm's default is a named semaphore, which a killed
+    # process leaves behind for the resource tracker to clean up (with a warning)
+    tqdm.set_lock(threading.RLock())
+    pretrain(tiny_config(out, *overrides), RandomImages(length), collate_samples, Storage())
+
+
+def fork_server() -> Any:
+    """A multiprocessing context whose children fork from a server that has already imported
+    torch and the trainer (about 0.1 s a start instead of about 4 s for a fresh interpreter).
+
+    The server never runs a tensor op, so its children start with no OpenMP pool to inherit.
+    """
+    import multiprocessing
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "trainer.engine", "tests.reliability.helpers"])
+    return context
+
+
+def assert_same_training_state(got: dict, want: dict, label: str, atol: float = 1e-6) -> None:
+    """Two pretraining checkpoints hold the same step, weights, teacher center and optimizer state."""
+    assert got["step"] == want["step"] and got["images_seen"] == want["images_seen"], label
+    for part in ("student", "teacher", "objective"):
+        assert got[part].keys() == want[part].keys(), f"{label}: {part} keys"
+        for key, tensor in want[part].items():
+            torch.testing.assert_close(got[part][key], tensor, rtol=0, atol=atol, msg=f"{label}: {part}.{key}")
+    assert got["optimizer"]["state"].keys() == want["optimizer"]["state"].keys(), label
+    for index, slots in want["optimizer"]["state"].items():
+        for name, tensor in slots.items():
+            torch.testing.assert_close(got["optimizer"]["state"][index][name], tensor, rtol=0, atol=atol,
+                                       msg=f"{label}: optimizer state {index}.{name}")
+
+
+def image_shard(first: int, count: int, size: int = 16) -> bytes:
+    """An uncompressed tar shard of ``count`` random JPEGs (``<n>.jpg`` + ``<n>.cls``), seeded by ``n``."""
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for n in range(first, first + count):
+            pixels = np.random.default_rng(n).integers(0, 256, (size, size, 3), dtype=np.uint8)
+            image = io.BytesIO()
+            Image.fromarray(pixels).save(image, format="JPEG")
+            for name, data in ((f"{n:06d}.jpg", image.getvalue()), (f"{n:06d}.cls", str(n % 2).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Run the body with one intra-op thread: a tiny model on a shared 2-core machine is several
+    times faster so than with two threads that spin-wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -17,7 +17,12 @@ from mlflow.tracking import MlflowClient
 
 from components.stage import StageContext, error_uri, recording_errors, storage_from_env
 from dinoflow.storage import RetryPolicy, S3Settings, Storage, StorageError
-from dinoflow.tracking import MlflowTracker, default_artifact_location, default_tracking_uri, standard_tags
+from dinoflow.tracking import (
+    MlflowTracker,
+    default_artifact_location,
+    default_tracking_uri,
+    standard_tags,
+)
 from pipelines.definitions import build_pipelines
 from tests.reliability.helpers import tiny_config
 
