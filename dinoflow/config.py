@@ -188,7 +188,7 @@ class PretrainConfig(Section):
 
     name: str = Field("pretrain", min_length=1)
     out: str = Field("runs/pretrain", min_length=1, description="run root: a path or URI")
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32, description="seeds numpy and torch (both take 0 <= seed < 2**32)")
     device: Literal["cpu", "cuda"] = "cpu"
     max_steps: int = Field(0, ge=0, description="stop after this many steps (0: the schedule)")
     max_minutes: float = Field(0, ge=0, description="stop after this much training time, evaluations "
@@ -219,8 +219,11 @@ class PretrainConfig(Section):
 def preset_path(name_or_path: str | Path) -> Path:
     """Find a preset: an existing file, else ``configs/**/<name>.yaml`` (one match)."""
     path = Path(name_or_path)
-    if path.is_file():
-        return path
+    try:
+        if path.is_file():
+            return path
+    except OSError as err:  # a name too long for the file system, say
+        raise ConfigError(f"preset {str(name_or_path)[:80]!r} cannot be a file: {err.strerror}") from err
     stem = path.name.removesuffix(".yaml")
     matches = sorted(CONFIG_DIR.rglob(f"{stem}.yaml"))
     if len(matches) == 1:
