@@ -8,10 +8,15 @@ student architecture from scratch with the ``tiny`` recipe for the same ``--minu
 released backbone (the teacher's EMA for pretraining, the student EMA for distillation) is scored
 on its CLS features over the full splits: k-NN (k=20, T=0.07) against the train split, and the
 one-pass linear probe, as in ``benchmarks/pretrain_quality.py``. Prints a table, writes it as
-JSON; asserts nothing.
+JSON; asserts nothing. The distillation objective is the preset's ``distill.objective`` unless
+an override names it (``-- distill.objective=heads``); the table says which ran.
 
     python benchmarks/distill_quality.py --teacher-minutes 4 --minutes 4 --train-limit 20000 --test-limit 5000
     python benchmarks/distill_quality.py --teacher runs/pretrain-tiny --minutes 10 -- optim.base_lr=1e-3
+    python benchmarks/distill_quality.py --teacher runs/pretrain-tiny --minutes 4 -- distill.objective=features
+
+On a shared, loaded machine, ``--steps N`` gives each student N optimiser steps instead of a time
+budget (its img/s column then says what the same minutes would have bought).
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--scratch-config", default="tiny", help="recipe of the from-scratch student "
                         "(its model section is replaced by the student's)")
     parser.add_argument("--minutes", type=float, default=4, help="training budget of each student")
+    parser.add_argument("--steps", type=int, default=0, help="give each student this many steps instead of "
+                        "--minutes (for a loaded machine, where wall-clock budgets are not comparable)")
     parser.add_argument("--train-limit", type=int, default=0, help="labelled train images scored (0: all)")
     parser.add_argument("--test-limit", type=int, default=0, help="test images scored (0: all)")
     parser.add_argument("--out", default="runs/bench-distill-quality", help="run root (emptied first)")
@@ -68,17 +75,18 @@ def main() -> None:
     else:
         rows.append({"what": f"teacher {teacher_uri}"})
 
+    budget = [f"max_steps={args.steps}", "max_minutes=0"] if args.steps else [f"max_minutes={args.minutes}"]
     cfg = load_config(DistillConfig, args.student, [
         f"teacher.uri={teacher_uri}", "teacher.source=checkpoint", f"out={join_uri(args.out, 'distilled')}",
-        f"max_minutes={args.minutes}", "eval.every_steps=0", *args.overrides])
+        *budget, "eval.every_steps=0", *args.overrides])
     teacher = load_teacher(cfg, storage)
     dataset = build_dataset(cfg.data, cfg.crops.load_size, storage)
     distilled = distill(cfg, dataset, collate_samples, storage, teacher=teacher)
-    rows.append({"what": f"student distilled ({args.student})", **_run_facts(distilled)})
+    rows.append({"what": f"student distilled ({args.student}, {cfg.distill.objective})", **_run_facts(distilled)})
 
     model = [f"model.{k}={v}" for k, v in cfg.model.model_dump().items() if k != "drop_path_rate" and v is not None]
     scratch_cfg = load_config(PretrainConfig, args.scratch_config, [
-        *model, f"out={join_uri(args.out, 'scratch')}", f"max_minutes={args.minutes}", "eval.every_steps=0"])
+        *model, f"out={join_uri(args.out, 'scratch')}", *budget, "eval.every_steps=0"])
     scratch = pretrain(scratch_cfg, dataset, collate_samples, storage)
     rows.append({"what": f"student from scratch ({args.scratch_config})", **_run_facts(scratch)})
     trained_minutes = (time.monotonic() - started) / 60
@@ -101,12 +109,13 @@ def main() -> None:
         backbone = load_backbone(summary["backbone"], "safetensors", storage)
         row.update(score(backbone), params=_params(backbone))
 
-    print(f"\nDistillation on Fashion-MNIST, {torch.get_num_threads()} threads, students {args.minutes:g} min each; "
+    each = f"{args.steps} steps" if args.steps else f"{args.minutes:g} min"
+    print(f"\nDistillation on Fashion-MNIST, {torch.get_num_threads()} threads, students {each} each; "
           f"wall {trained_minutes:.1f} min training + {(time.monotonic() - started) / 60 - trained_minutes:.1f} "
           f"min scoring (k-NN k=20 T=0.07 and linear probe; {train_count} train / {test_count} test images)")
-    print(f"{'backbone':<40} {'params':>8} {'min':>5} {'steps':>6} {'img/s':>6} {'k-NN':>7} {'linear':>7}")
+    print(f"{'backbone':<48} {'params':>8} {'min':>5} {'steps':>6} {'img/s':>6} {'k-NN':>7} {'linear':>7}")
     for row in rows:
-        print(f"{row['what']:<40} {row['params']:>8} {row.get('minutes', ''):>5} {row.get('steps', ''):>6} "
+        print(f"{row['what']:<48} {row['params']:>8} {row.get('minutes', ''):>5} {row.get('steps', ''):>6} "
               f"{row.get('img_per_s', ''):>6} {100 * row['knn']:>6.1f}% {100 * row['linear']:>6.1f}%")
     storage.write_bytes(join_uri(args.out, "quality.json"), json.dumps(rows, indent=2).encode())
 

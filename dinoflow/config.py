@@ -368,14 +368,30 @@ class TeacherConfig(Section):
                      ".safetensors file (path or URI)")
     source: Literal["checkpoint", "backbone"] = Field(
         "checkpoint", description="checkpoint: the teacher network of a pretrain (or distill) run, with its "
-        "frozen DINO/iBOT heads and its centres; backbone: a save_backbone safetensors file, with frozen, "
-        "randomly initialised heads built from `heads` (seeded by `seed`)",
+        "frozen DINO/iBOT heads and its centres (distill.objective=features reads its backbone only); backbone: "
+        "a save_backbone safetensors file, with frozen, randomly initialised heads built from `heads` (seeded "
+        "by `seed`; none for distill.objective=features)",
     )
+
+
+class DistillObjectiveConfig(Section):
+    """What the student learns from the frozen teacher."""
+
+    objective: Literal["heads", "features"] = Field(
+        "heads", description="heads: DINO on CLS and the patch loss on every global-crop patch, against the "
+        "teacher's DINO/iBOT head outputs (the student has its own heads; weights loss.dino_weight, "
+        "loss.ibot_weight); features: the student's CLS (every crop) and global-crop patch tokens, each through "
+        "a linear projector to the teacher's width, pulled in cosine to the teacher's backbone CLS and patch "
+        "tokens (no heads built or run; the projectors are not released). KoLeo (loss.koleo_weight) in both",
+    )
+    patch_weight: float = Field(1.0, ge=0, description="features: weight of the patch-token cosine loss "
+                                "(the CLS cosine loss has weight 1)")
 
 
 class DistillConfig(PretrainConfig):
     """Distillation of a frozen teacher into a student: the pretraining recipe of the student
-    (``model``, ``heads``, ``loss``, ``crops``, ``optim``...) plus where the teacher comes from.
+    (``model``, ``heads``, ``loss``, ``crops``, ``optim``...) plus where the teacher comes from
+    (``teacher``) and what the student learns from it (``distill``).
 
     Compared with pretraining: the teacher is frozen (never updated), the student has no
     stochastic depth and no masking, the patch loss covers every patch of the global crops, and
@@ -383,3 +399,4 @@ class DistillConfig(PretrainConfig):
     """
 
     teacher: TeacherConfig = TeacherConfig()
+    distill: DistillObjectiveConfig = DistillObjectiveConfig()

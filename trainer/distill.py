@@ -7,11 +7,22 @@ DINO loss is on CLS tokens as in pretraining and the patch loss is on *all* patc
 two global crops; KoLeo as in pretraining; an EMA of the student (momentum schedule
 ``optim.momentum_teacher``) does not feed back into training and is the released model.
 
+``distill.objective`` picks what the student learns:
+
+* ``heads`` (the paper's): the loss above, against the teacher's DINO/iBOT head outputs.
+* ``features``: the student's final-norm CLS of every crop and its patch tokens of the global
+  crops go through linear projectors (student width -> teacher width; trained, not released)
+  and are pulled, in cosine, to the teacher backbone's CLS and patch tokens
+  (:class:`trainer.losses.CLSFeatureLoss`, :class:`trainer.losses.PatchFeatureLoss`), plus
+  KoLeo. No head is built or run, on either side. Use it when the teacher's heads carry less
+  than its backbone: a collapsed DINO head gives uniform targets that teach nothing.
+
 Everything else is the engine's: the objective and its teacher-target normalisation, parameter
 groups, schedules, the per-step seeding, the resumable batch order and the checkpoint files.
 A distillation checkpoint stores the student EMA under ``teacher`` (the original's convention
-for the released network), so a distilled run can itself be a teacher or be read with
-``source="training"``; the frozen teacher is not stored, it is re-read from ``teacher.uri``.
+for the released network; with ``features`` the EMA is of the backbone only, keys ``backbone.*``),
+so a distilled run can itself be a teacher or be read with ``source="training"``; the frozen
+teacher is not stored, it is re-read from ``teacher.uri``.
 
 Teacher heads: from a run folder's checkpoint they are the teacher's trained DINO/iBOT heads,
 so the student's heads must have the same prototype counts. From a bare backbone file they are
@@ -54,6 +65,7 @@ from trainer.engine import (
     param_groups,
     save_checkpoint,
 )
+from trainer.losses import CLSFeatureLoss, PatchFeatureLoss
 from trainer.models.heads import DINOHead
 from trainer.models.hub import load_backbone, save_backbone
 from trainer.models.vit import DinoVisionTransformer
@@ -69,25 +81,64 @@ def _heads(embed_dim: int, cfg: PretrainConfig) -> tuple[DINOHead, DINOHead | No
     return dino, ibot
 
 
+class HeadlessNetwork(nn.Module):
+    """A backbone alone, under an :class:`SSLNetwork`'s state-dict keys (``backbone.*``): the
+    teacher and the released student EMA of ``distill.objective=features``."""
+
+    def __init__(self, backbone: DinoVisionTransformer) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+
+class FeatureStudent(nn.Module):
+    """The student of ``distill.objective=features``: its backbone and two linear projectors from
+    its width to the teacher's, one for the CLS token and one for patch tokens (the two play
+    different roles in the teacher and sit in different parts of its feature space). The
+    projectors only serve the loss; the released network is the backbone."""
+
+    def __init__(self, backbone: DinoVisionTransformer, teacher_dim: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.cls_projector = nn.Linear(backbone.embed_dim, teacher_dim)
+        self.patch_projector = nn.Linear(backbone.embed_dim, teacher_dim)
+
+
+Teacher = SSLNetwork | HeadlessNetwork
+Student = SSLNetwork | FeatureStudent
+
+
 def checkpoint_config(text: str) -> PretrainConfig:
     """The recipe saved in a pretrain or distill checkpoint."""
     data = yaml.safe_load(text)
     return validate(DistillConfig if "teacher" in data else PretrainConfig, data)
 
 
-def load_teacher(cfg: DistillConfig, storage: Storage) -> tuple[SSLNetwork, dict[str, Tensor] | None]:
+def load_teacher(cfg: DistillConfig, storage: Storage) -> tuple[Teacher, dict[str, Tensor] | None]:
     """The frozen teacher network (eval mode, no gradients) and, from a checkpoint, its
-    objective state (the running centres), which the student's objective starts from."""
+    objective state (the running centres), which the student's objective starts from.
+
+    With ``distill.objective=features`` the teacher is its backbone alone (no heads, no centres).
+    """
     source = cfg.teacher
+    features = cfg.distill.objective == "features"
     if not source.uri:
         raise ValueError("teacher.uri is empty: give a pretrain run folder or a backbone .safetensors")
     objective_state = None
+    network: Teacher
     if source.source == "checkpoint":
         checkpoint = load_latest_checkpoint(storage, source.uri)
         if checkpoint is None:
             raise ValueError(f"teacher.uri = {source.uri!r} holds no checkpoints/latest.json "
                              "(for a .safetensors file use teacher.source=backbone)")
         teacher_cfg = checkpoint_config(checkpoint["config"])
+        if features:
+            backbone = build_backbone(teacher_cfg, drop_path=False)
+            network = HeadlessNetwork(backbone)
+            network.load_state_dict({k: v for k, v in checkpoint["teacher"].items() if k.startswith("backbone.")})
+            return _frozen(network, cfg), None
+        if isinstance(teacher_cfg, DistillConfig) and teacher_cfg.distill.objective == "features":
+            raise ValueError(f"teacher.uri = {source.uri!r} was distilled with distill.objective=features and has "
+                             "no DINO/iBOT heads: distil from it with distill.objective=features")
         for field in ("num_prototypes", "ibot_separate_head", "ibot_num_prototypes"):
             theirs, ours = getattr(teacher_cfg.heads, field), getattr(cfg.heads, field)
             if theirs != ours and (field != "ibot_num_prototypes" or teacher_cfg.heads.ibot_separate_head):
@@ -97,25 +148,39 @@ def load_teacher(cfg: DistillConfig, storage: Storage) -> tuple[SSLNetwork, dict
         network = SSLNetwork(backbone, *_heads(backbone.embed_dim, teacher_cfg))
         network.load_state_dict(checkpoint["teacher"])
         objective_state = checkpoint["objective"]
+    elif features:
+        network = HeadlessNetwork(load_backbone(source.uri, "safetensors", storage))
     else:
         backbone = load_backbone(source.uri, "safetensors", storage)
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(cfg.seed + 1)  # the frozen random heads are fixed by the seed
         network = SSLNetwork(backbone, *_heads(backbone.embed_dim, cfg))
         torch.random.set_rng_state(generator_state)
+    return _frozen(network, cfg), objective_state
+
+
+def _frozen(network: Teacher, cfg: DistillConfig) -> Teacher:
     if network.backbone.patch_size != cfg.model.patch_size:
         raise ValueError(f"model.patch_size = {cfg.model.patch_size} but the teacher's is "
                          f"{network.backbone.patch_size}: the patch loss pairs patches one to one")
     network.requires_grad_(False)
-    return network.eval(), objective_state
+    return network.eval()
 
 
-def build_student(cfg: DistillConfig) -> tuple[SSLNetwork, SSLNetwork]:
-    """Student (no stochastic depth, fresh heads) and its EMA (a copy, never trained)."""
+def build_student(cfg: DistillConfig, teacher_dim: int | None = None) -> tuple[Student, Teacher]:
+    """Student (no stochastic depth) and its EMA (a copy, never trained): with ``heads``, fresh
+    heads and an EMA of everything; with ``features``, projectors to ``teacher_dim`` (the teacher
+    backbone's width) and an EMA of the backbone only (the projectors are not released)."""
     backbone = build_backbone(cfg, drop_path=False)
-    student = SSLNetwork(backbone, *_heads(backbone.embed_dim, cfg))
-    student_ema = copy.deepcopy(student).requires_grad_(False)
-    return student, student_ema.eval()
+    if cfg.distill.objective == "features":
+        if teacher_dim is None:
+            raise ValueError("distill.objective = 'features' needs the teacher's width (teacher_dim)")
+        student_ema: Teacher = HeadlessNetwork(copy.deepcopy(backbone))
+        student: Student = FeatureStudent(backbone, teacher_dim)
+    else:
+        student = SSLNetwork(backbone, *_heads(backbone.embed_dim, cfg))
+        student_ema = copy.deepcopy(student)
+    return student, student_ema.requires_grad_(False).eval()
 
 
 def fingerprint(module: nn.Module) -> str:
@@ -164,30 +229,84 @@ def distill_loss_terms(student: SSLNetwork, teacher: SSLNetwork, objective: Obje
     }
 
 
-def distill_step(student: SSLNetwork, student_ema: SSLNetwork, teacher: SSLNetwork, objective: Objective,
-                 batch: CropBatch, sched: ScheduleValues, optimizer: torch.optim.Optimizer, clip_grad: float,
+def feature_loss_terms(student: FeatureStudent, teacher: Teacher, objective: Objective,
+                       batch: CropBatch) -> dict[str, Tensor]:
+    """Cosine losses of the projected student CLS (every crop) and global-crop patch tokens to
+    the teacher backbone's final-norm tokens, KoLeo on the student's global-crop CLS.
+
+    Crops ``(2, B, 3, G, G)`` / ``(L, B, 3, l, l)``; ``batch.masks`` is ignored (no masking). The
+    teacher sees the global crops only; no head runs. ``objective`` lends its KoLeo.
+    """
+    globals_ = batch.global_crops.flatten(0, 1)  # (2B, 3, G, G), crop-major
+    locals_ = batch.local_crops.flatten(0, 1)  # (LB, 3, l, l)
+    num_images = batch.global_crops.shape[1]
+    with torch.no_grad():
+        seen = teacher.backbone.forward_features(globals_)
+        teacher_cls = seen["x_norm_clstoken"].view(2, num_images, -1)  # (2, B, D_teacher)
+        teacher_patches = seen["x_norm_patchtokens"]  # (2B, N, D_teacher)
+    groups = [globals_] + ([locals_] if len(locals_) else [])
+    outputs = student.backbone.forward_features_list(groups)
+    global_cls = outputs[0]["x_norm_clstoken"]  # (2B, D)
+    student_global = student.cls_projector(global_cls).view(2, num_images, -1)  # (2, B, D_teacher)
+    student_local = (student.cls_projector(outputs[1]["x_norm_clstoken"]).view(-1, num_images,
+                                                                              student_global.shape[-1])
+                     if len(groups) > 1 else None)  # (L, B, D_teacher)
+    student_patches = outputs[0]["x_norm_patchtokens"]  # (2B, N, D)
+    if student_patches.shape[1] != teacher_patches.shape[1]:
+        raise ValueError(f"student has {student_patches.shape[1]} patches per crop, teacher "
+                         f"{teacher_patches.shape[1]}")
+    return {
+        "cls": CLSFeatureLoss()(student_global, student_local, teacher_cls),
+        "patch": PatchFeatureLoss()(student.patch_projector(student_patches), teacher_patches),
+        "koleo": sum(objective.koleo(crop) for crop in global_cls.view(2, num_images, -1)),
+    }
+
+
+def distill_loss(student: Student, teacher: Teacher, objective: Objective, batch: CropBatch,
+                 cfg: DistillConfig, teacher_temp: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """The loss of ``cfg.distill.objective`` (its weighted sum) and its unweighted terms.
+
+    ``heads``: ``dino_weight * dino + ibot_weight * ibot + koleo_weight * koleo`` (``loss.*``);
+    ``features``: ``cls + distill.patch_weight * patch + loss.koleo_weight * koleo``.
+    """
+    if cfg.distill.objective == "features":
+        if not isinstance(student, FeatureStudent):
+            raise TypeError(f"distill.objective = 'features' needs a FeatureStudent, not {type(student).__name__}")
+        terms = feature_loss_terms(student, teacher, objective, batch)
+        weights = {"cls": 1.0, "patch": cfg.distill.patch_weight, "koleo": cfg.loss.koleo_weight}
+    else:
+        if not (isinstance(student, SSLNetwork) and isinstance(teacher, SSLNetwork)):
+            raise TypeError(f"distill.objective = 'heads' needs a student and a teacher with heads, not "
+                            f"{type(student).__name__} and {type(teacher).__name__}")
+        terms = distill_loss_terms(student, teacher, objective, batch, teacher_temp)
+        weights = {"dino": cfg.loss.dino_weight, "ibot": cfg.loss.ibot_weight, "koleo": cfg.loss.koleo_weight}
+    loss = sum(weights[name] * term for name, term in terms.items())
+    return loss, terms
+
+
+def distill_step(student: Student, student_ema: Teacher, teacher: Teacher, objective: Objective,
+                 batch: CropBatch, sched: ScheduleValues, optimizer: torch.optim.Optimizer, cfg: DistillConfig,
                  autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
     """One optimiser step of the student, then the EMA update of ``student_ema``; the teacher is
     only read. Returns the loss terms for logging."""
     for group in optimizer.param_groups:
         group["lr"] = (sched.last_layer_lr if group["is_last_layer"] else sched.lr) * group["lr_multiplier"]
         group["weight_decay"] = sched.weight_decay * group["wd_multiplier"]
-    weights = objective.cfg
     device_type = batch.global_crops.device.type
     with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        terms = distill_loss_terms(student, teacher, objective, batch, sched.teacher_temp)
-    loss = (weights.dino_weight * terms["dino"] + weights.ibot_weight * terms["ibot"]
-            + weights.koleo_weight * terms["koleo"])
+        loss, terms = distill_loss(student, teacher, objective, batch, cfg, sched.teacher_temp)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"loss is {loss.item()} ({ {k: v.item() for k, v in terms.items()} })")
     loss.backward()
-    if clip_grad > 0:
-        for module in (student.backbone, student.dino_head, student.ibot_head):
-            if module is not None:
-                nn.utils.clip_grad_norm_(module.parameters(), clip_grad)
+    if cfg.optim.clip_grad > 0:
+        for module in student.children():  # backbone, then heads or projectors: clipped one by one
+            nn.utils.clip_grad_norm_(module.parameters(), cfg.optim.clip_grad)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    ema_update(student_ema, student, sched.teacher_momentum)
+    if isinstance(student_ema, HeadlessNetwork):
+        ema_update(student_ema.backbone, student.backbone, sched.teacher_momentum)  # projectors: not released
+    else:
+        ema_update(student_ema, student, sched.teacher_momentum)
     return {**{k: v.item() for k, v in terms.items()}, "total": loss.item()}
 
 
@@ -201,7 +320,7 @@ def distill(
     tracker: Tracker | None = None,
     evaluate: EvalFn | None = None,
     final_evaluate: EvalFn | None = None,
-    teacher: tuple[SSLNetwork, dict[str, Tensor] | None] | None = None,
+    teacher: tuple[Teacher, dict[str, Tensor] | None] | None = None,
 ) -> dict[str, Any]:
     """Distil (or resume distilling) into ``cfg.out``; returns the summary written to ``summary.json``.
 
@@ -218,16 +337,21 @@ def distill(
     teacher_network = teacher_network.to(device)
     teacher_hash = fingerprint(teacher_network)
     torch.manual_seed(cfg.seed)
-    student, student_ema = build_student(cfg)
-    objective = Objective(cfg)
+    student, student_ema = build_student(cfg, teacher_network.backbone.embed_dim)
+    objective = Objective(cfg)  # with ``features``, only its KoLeo is used (the centres stay as built)
     state = TrainState()
     checkpoint = load_latest_checkpoint(storage, cfg.out)
+    if checkpoint is not None:
+        started_with = checkpoint_config(checkpoint["config"])
+        if isinstance(started_with, DistillConfig) and started_with.distill.objective != cfg.distill.objective:
+            raise ValueError(f"{cfg.out} was distilled with distill.objective = {started_with.distill.objective!r}, "
+                             f"not {cfg.distill.objective!r}: resume it with the same objective or use a new out")
     _check_same_teacher(storage, cfg, teacher_hash, resuming=checkpoint is not None)
     if checkpoint is not None:
         student.load_state_dict(checkpoint["student"])
         student_ema.load_state_dict(checkpoint["teacher"])
         objective.load_state_dict(checkpoint["objective"])
-    elif teacher_objective is not None and cfg.loss.centering == "softmax":
+    elif teacher_objective is not None and cfg.loss.centering == "softmax" and cfg.distill.objective == "heads":
         objective.load_state_dict(teacher_objective)  # the teacher's running centres
     student, student_ema, objective = student.to(device), student_ema.to(device), objective.to(device)
     optimizer = torch.optim.AdamW(param_groups(student, cfg), betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
@@ -257,8 +381,8 @@ def distill(
         global_crops, local_crops = multi_crop(images)
         batch = CropBatch(global_crops, local_crops, torch.zeros(0, dtype=torch.bool, device=device))
         student.train()
-        losses = distill_step(student, student_ema, teacher_network, objective, batch, sched, optimizer,
-                              cfg.optim.clip_grad, autocast_dtype)
+        losses = distill_step(student, student_ema, teacher_network, objective, batch, sched, optimizer, cfg,
+                              autocast_dtype)
         seconds = time.perf_counter() - tick
         state.step, state.images_seen = step + 1, state.images_seen + len(images)
         state.train_seconds += seconds
@@ -297,7 +421,7 @@ def distill(
     save_backbone(backbone.cpu(), join_uri(cfg.out, "backbone.safetensors"), storage)
     summary = {"name": cfg.name, "steps": state.step, "images_seen": state.images_seen,
                "train_minutes": round(state.train_seconds / 60, 3), "stopped_early": stopped_early,
-               "teacher": cfg.teacher.uri, "teacher_sha256": teacher_hash,
+               "teacher": cfg.teacher.uri, "teacher_sha256": teacher_hash, "objective": cfg.distill.objective,
                "backbone": join_uri(cfg.out, "backbone.safetensors"), "final": final,
                "bad_images": bad_images.summary(), "history": state.history, "mlflow_run_id": tracker.run_id}
     storage.write_bytes(join_uri(cfg.out, "summary.json"), json.dumps(summary, indent=2).encode())

@@ -1,4 +1,5 @@
-"""The DINOv2 objective: DINO (CLS), iBOT (masked patches), KoLeo, and teacher normalisation.
+"""The DINOv2 objective: DINO (CLS), iBOT (masked patches), KoLeo, and teacher normalisation;
+plus the cosine losses of feature distillation (student features pulled to a frozen teacher's).
 
 Notation: ``K`` prototypes, ``B`` images per rank, ``tau_s`` student temperature (0.1),
 ``tau_t`` teacher temperature (0.04 -> 0.07). A teacher *target* is a probability vector over
@@ -140,6 +141,65 @@ class SoftmaxCentering(nn.Module):
         total = all_reduce(flat.sum(dim=0, keepdim=True))
         count = all_reduce(torch.tensor(float(flat.shape[0]), device=flat.device))
         self.center.mul_(self.momentum).add_(total / count, alpha=1 - self.momentum)
+
+
+def cosine_distance(student: Tensor, teacher: Tensor, eps: float = 1e-8) -> Tensor:
+    """``1 - cos(s, t)`` per row, in fp32; shapes ``(..., D) -> (...)``."""
+    with torch.autocast(student.device.type, enabled=False):
+        s = F.normalize(student.float(), dim=-1, eps=eps)
+        t = F.normalize(teacher.float(), dim=-1, eps=eps)
+        return 1.0 - (s * t).sum(dim=-1)
+
+
+class CLSFeatureLoss(nn.Module):
+    """Feature distillation on the image embedding: every student crop's (projected) CLS token is
+    pulled, in cosine, to the frozen teacher's CLS token of the global crops.
+
+    A global crop learns the teacher's view of the *same* crop (no swap as in DINO: the target is
+    a fixed function of those pixels, so the same crop is the exact target). A local crop is not
+    seen by the teacher (running it on the L locals would cost L more teacher passes, and a small
+    part is meant to predict the whole image's embedding, DINO's local-to-global pairing); it lies
+    anywhere in the image, in both, one or neither global crop, so neither view is *its* target
+    and it learns the average over both views (DINO's pairing of each local with both globals,
+    with half the noise of picking one). Each student crop counts once:
+
+        L = [ sum_g mean_b (1 - cos(s_gb, t_gb)) + sum_l mean_b (1/2) sum_g (1 - cos(s_lb, t_gb)) ] / (2 + L)
+
+    Shapes: student globals ``(2, B, D)``, student locals ``(L, B, D)`` (L may be 0), teacher
+    ``(2, B, D)``, with ``D`` the teacher's width (the student's CLS projected to it). Returns a
+    scalar in ``[0, 2]``. Reference: FitNets (Romero et al. 2015) regress a teacher's features
+    through a learned projection of the student's; here the regression is in cosine.
+    """
+
+    def forward(self, student_global: Tensor, student_local: Tensor | None, teacher: Tensor) -> Tensor:
+        if student_global.shape[0] != 2 or teacher.shape != student_global.shape:
+            raise ValueError(f"expected 2 global crops for student {tuple(student_global.shape)} and teacher "
+                             f"{tuple(teacher.shape)} with equal shapes (2, B, D)")
+        total = cosine_distance(student_global, teacher).mean(dim=1).sum()  # same crop, no swap
+        crops = 2
+        if student_local is not None and len(student_local):
+            # (L, 1, B, D) x (1, 2, B, D): every local crop against both teacher global crops
+            local = cosine_distance(student_local.unsqueeze(1), teacher.unsqueeze(0))  # (L, 2, B)
+            total = total + local.mean(dim=(1, 2)).sum()
+            crops += len(student_local)
+        return total / crops
+
+
+class PatchFeatureLoss(nn.Module):
+    """Feature distillation on patch tokens: each student patch (projected) is pulled, in cosine,
+    to the teacher's token of the same patch of the same crop, every patch weighted alike:
+
+        L = (1 / (C N)) sum_{c, p} (1 - cos(s_cp, t_cp))
+
+    Shapes: student and teacher ``(C, N, D)`` (C crops of N patches, the teacher's width D).
+    Returns a scalar in ``[0, 2]``.
+    """
+
+    def forward(self, student_patches: Tensor, teacher_patches: Tensor) -> Tensor:
+        if student_patches.shape != teacher_patches.shape or student_patches.dim() != 3:
+            raise ValueError(f"student patches {tuple(student_patches.shape)} and teacher patches "
+                             f"{tuple(teacher_patches.shape)} must have equal shapes (C, N, D)")
+        return cosine_distance(student_patches, teacher_patches).mean()
 
 
 @torch.no_grad()

@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from dinoflow.config import DistillConfig, PretrainConfig, load_config
+from dinoflow.config import ConfigError, DistillConfig, PretrainConfig, load_config
 from dinoflow.storage import Storage
 from trainer.data.augment import MultiCrop
 from trainer.data.datasets import collate_samples
 from trainer.distill import (
+    FeatureStudent,
+    HeadlessNetwork,
     build_student,
     distill,
+    distill_loss,
     distill_loss_terms,
     fingerprint,
     load_teacher,
@@ -67,30 +71,39 @@ def fixed_batch(cfg: DistillConfig, dataset) -> CropBatch:
     return CropBatch(global_crops, local_crops, torch.zeros(0, dtype=torch.bool))
 
 
-def test_teacher_frozen_and_student_learns(teacher_run: Path, tmp_path: Path, storage: Storage, dataset) -> None:
-    cfg = student_config(teacher_run, tmp_path / "run", "max_steps=12")
+@pytest.mark.parametrize("objective", ["heads", "features"])
+def test_teacher_frozen_and_student_learns(teacher_run: Path, tmp_path: Path, storage: Storage, dataset,
+                                           objective: str) -> None:
+    cfg = student_config(teacher_run, tmp_path / "run", "max_steps=12", f"distill.objective={objective}")
     teacher, objective_state = load_teacher(cfg, storage)
     assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
     saved = load_latest_checkpoint(storage, str(teacher_run))["teacher"]
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    for key, tensor in saved.items():  # the checkpoint's teacher network, heads included
+    if objective == "features":  # the teacher's backbone alone: no heads, no centres
+        assert isinstance(teacher, HeadlessNetwork) and objective_state is None
+        saved = {k: v for k, v in saved.items() if k.startswith("backbone.")}
+    assert set(before) == set(saved)
+    for key, tensor in saved.items():  # the checkpoint's teacher network (heads included for `heads`)
         assert torch.equal(before[key], tensor), key
     hash_before = fingerprint(teacher)
 
     batch = fixed_batch(cfg, dataset)
-    objective = Objective(cfg)
-    objective.load_state_dict(objective_state)
+    losses = Objective(cfg)
+    if objective_state is not None:
+        losses.load_state_dict(objective_state)
 
     def loss_of(student) -> float:
         with torch.no_grad():
-            terms = distill_loss_terms(student, teacher, copy.deepcopy(objective), batch, cfg.loss.teacher_temp)
-        return float(terms["dino"] + terms["ibot"])
+            terms = distill_loss(student, teacher, copy.deepcopy(losses), batch, cfg, cfg.loss.teacher_temp)[1]
+        return float(sum(v for k, v in terms.items() if k != "koleo"))
 
     torch.manual_seed(cfg.seed)
-    initial = loss_of(build_student(cfg)[0].eval())
+    teacher_dim = teacher.backbone.embed_dim
+    initial = loss_of(build_student(cfg, teacher_dim)[0].eval())
     summary = distill(cfg, dataset, collate_samples, storage, teacher=(teacher, objective_state))
     assert summary["steps"] == 12 and summary["teacher_sha256"] == hash_before
-    student = build_student(cfg)[0]
+    assert summary["objective"] == objective
+    student = build_student(cfg, teacher_dim)[0]
     student.load_state_dict(load_latest_checkpoint(storage, cfg.out)["student"])
     trained = loss_of(student.eval())
     assert trained < initial - 0.05, (initial, trained)
@@ -103,7 +116,7 @@ def test_teacher_frozen_and_student_learns(teacher_run: Path, tmp_path: Path, st
 
 def test_no_masking_no_drop_path_and_all_patches(teacher_run: Path, tmp_path: Path, storage: Storage,
                                                  dataset) -> None:
-    cfg = student_config(teacher_run, tmp_path, "model.drop_path_rate=0.3")
+    cfg = student_config(teacher_run, tmp_path, "model.drop_path_rate=0.3", "distill.objective=heads")
     student, student_ema = build_student(cfg)
     assert student.backbone.arch_kwargs["drop_path_rate"] == 0.0  # no stochastic depth, whatever the recipe
     assert all(not p.requires_grad for p in student_ema.parameters())
@@ -123,37 +136,116 @@ def test_no_masking_no_drop_path_and_all_patches(teacher_run: Path, tmp_path: Pa
     assert seen[0].shape == (2 * 16, grid) and bool(seen[0].all())
 
 
-def test_resume_is_exact_and_student_exports(teacher_run: Path, tmp_path: Path, storage: Storage, dataset) -> None:
-    teacher = load_teacher(student_config(teacher_run, tmp_path), storage)
-    whole = student_config(teacher_run, tmp_path / "whole", "max_steps=6")
+@pytest.mark.parametrize("objective", ["heads", "features"])
+def test_resume_is_exact_and_student_exports(teacher_run: Path, tmp_path: Path, storage: Storage, dataset,
+                                             objective: str) -> None:
+    def config(out: Path, *extra: str) -> DistillConfig:
+        return student_config(teacher_run, out, f"distill.objective={objective}", *extra)
+
+    teacher = load_teacher(config(tmp_path), storage)
+    whole = config(tmp_path / "whole", "max_steps=6")
     distill(whole, dataset, collate_samples, storage, teacher=teacher)
     split = tmp_path / "split"
-    distill(student_config(teacher_run, split, "max_steps=3"), dataset, collate_samples, storage, teacher=teacher)
-    distill(student_config(teacher_run, split, "max_steps=6"), dataset, collate_samples, storage, teacher=teacher)
+    distill(config(split, "max_steps=3"), dataset, collate_samples, storage, teacher=teacher)
+    distill(config(split, "max_steps=6"), dataset, collate_samples, storage, teacher=teacher)
     want, got = load_latest_checkpoint(storage, str(tmp_path / "whole")), load_latest_checkpoint(storage, str(split))
     assert got["step"] == want["step"] == 6
     for part in ("student", "teacher", "objective"):  # "teacher": the student EMA
+        assert set(got[part]) == set(want[part]), part
         for key, tensor in want[part].items():
             torch.testing.assert_close(got[part][key], tensor, rtol=0, atol=0, msg=f"{part}.{key}")
+    for key, tensor in want["optimizer"]["state"].items():  # AdamW moments too
+        for name, value in tensor.items():
+            torch.testing.assert_close(got["optimizer"]["state"][key][name], value, rtol=0, atol=0)
 
     other_teacher = copy.deepcopy(teacher[0])
     with torch.no_grad():
         other_teacher.backbone.cls_token.add_(1.0)
     with pytest.raises(ValueError, match="another teacher"):  # the teacher is not checkpointed: refuse a swap
-        distill(student_config(teacher_run, split, "max_steps=7"), dataset, collate_samples, storage,
+        distill(config(split, "max_steps=7"), dataset, collate_samples, storage,
                 teacher=(other_teacher, teacher[1]))
+    other = "heads" if objective == "features" else "features"
+    with pytest.raises(ValueError, match=f"distill.objective = '{objective}', not '{other}'"):
+        distill(student_config(teacher_run, split, "max_steps=7", f"distill.objective={other}"), dataset,
+                collate_samples, storage)
 
+    # the released student is a plain backbone, whichever way it is read
     exported = load_backbone(str(tmp_path / "whole" / "backbone.safetensors"), "safetensors", storage)
     assert exported.embed_dim == 16
     for key, tensor in exported.state_dict().items():
         assert torch.equal(tensor, want["teacher"][f"backbone.{key}"]), key
+    checkpoint_file = json.loads((tmp_path / "whole" / "checkpoints" / "latest.json").read_text())["uri"]
+    from_training = load_backbone(checkpoint_file, "training", storage, exported.arch_kwargs)
+    images = torch.rand(3, 3, 28, 28)
+    torch.testing.assert_close(from_training.eval()(images), exported.eval()(images), rtol=0, atol=0)
+
+
+def test_features_runs_no_heads(teacher_run: Path, tmp_path: Path, storage: Storage, dataset,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = student_config(teacher_run, tmp_path, "distill.objective=features", "distill.patch_weight=0.5")
+    teacher, _ = load_teacher(cfg, storage)
+    assert [name for name, _ in teacher.named_children()] == ["backbone"]  # heads are not even loaded
+    student, student_ema = build_student(cfg, teacher.backbone.embed_dim)
+    assert isinstance(student, FeatureStudent) and isinstance(student_ema, HeadlessNetwork)
+    assert [name for name, _ in student.named_children()] == ["backbone", "cls_projector", "patch_projector"]
+    assert student.cls_projector.weight.shape == (32, 16)  # student width -> teacher width
+    assert set(student_ema.state_dict()) == {f"backbone.{k}" for k in student.backbone.state_dict()}
+
+    batch = fixed_batch(cfg, dataset)
+    teacher_inputs = []
+    original = teacher.backbone.forward_features_list
+    monkeypatch.setattr(teacher.backbone, "forward_features_list",
+                        lambda images, masks=None: teacher_inputs.append([x.shape for x in images])
+                        or original(images, masks))
+    loss, terms = distill_loss(student, teacher, Objective(cfg), batch, cfg, 0.04)
+    assert teacher_inputs == [[(2 * 16, 3, 28, 28)]]  # the teacher sees the global crops only
+    assert set(terms) == {"cls", "patch", "koleo"}
+    torch.testing.assert_close(loss, terms["cls"] + 0.5 * terms["patch"] + cfg.loss.koleo_weight * terms["koleo"])
+    loss.backward()
+    no_gradient = [name for name, p in student.named_parameters() if p.grad is None]
+    assert no_gradient == ["backbone.mask_token"]  # no masking in distillation; everything else learns
+    with pytest.raises(TypeError, match="needs a FeatureStudent"):
+        distill_loss(build_student(student_config(teacher_run, tmp_path, "distill.objective=heads"))[0], teacher,
+                     Objective(cfg), batch, cfg, 0.04)
+
+
+def test_features_teacher_from_backbone_file_and_from_a_features_run(teacher_run: Path, tmp_path: Path,
+                                                                     storage: Storage, dataset) -> None:
+    network, _ = load_teacher(student_config(teacher_run, tmp_path, "distill.objective=features"), storage)
+    weights = tmp_path / "teacher.safetensors"
+    save_backbone(network.backbone, str(weights), storage)
+    cfg = student_config(weights, tmp_path / "run", "teacher.source=backbone", "distill.objective=features",
+                         "max_steps=2")
+    teacher, objective_state = load_teacher(cfg, storage)
+    assert isinstance(teacher, HeadlessNetwork) and objective_state is None
+    assert fingerprint(teacher) == fingerprint(network)  # no random heads: the same weights either way
+    summary = distill(cfg, dataset, collate_samples, storage)
+    assert summary["steps"] == 2 and summary["teacher_sha256"] == fingerprint(teacher)
+
+    # a feature-distilled run teaches features (its EMA backbone), never heads (it has none)
+    again = load_teacher(student_config(tmp_path / "run", tmp_path / "next", "distill.objective=features"), storage)[0]
+    released = load_backbone(summary["backbone"], "safetensors", storage)
+    assert again.backbone.state_dict().keys() == released.state_dict().keys()
+    assert all(torch.equal(again.backbone.state_dict()[k], v) for k, v in released.state_dict().items())
+    with pytest.raises(ValueError, match="has no DINO/iBOT heads"):
+        load_teacher(student_config(tmp_path / "run", tmp_path / "next", "distill.objective=heads"), storage)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("distill.objective=logits", "distill.objective = 'logits': Input should be 'heads' or 'features'"),
+    ("distill.patch_weight=-1", "distill.patch_weight = '-1': Input should be greater than or equal to 0"),
+    ("distill.cls_weight=2", "unknown key 'distill.cls_weight' (allowed: objective, patch_weight)"),
+])
+def test_bad_distill_values_fail_clearly(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(DistillConfig, "distill-tiny", [override])
 
 
 def test_teacher_from_backbone_file(teacher_run: Path, tmp_path: Path, storage: Storage, dataset) -> None:
-    network, _ = load_teacher(student_config(teacher_run, tmp_path), storage)
+    network, _ = load_teacher(student_config(teacher_run, tmp_path, "distill.objective=heads"), storage)
     weights = tmp_path / "teacher.safetensors"
     save_backbone(network.backbone, str(weights), storage)
-    cfg = student_config(weights, tmp_path / "run", "teacher.source=backbone", "max_steps=2")
+    cfg = student_config(weights, tmp_path / "run", "teacher.source=backbone", "max_steps=2", "distill.objective=heads")
     teacher, objective_state = load_teacher(cfg, storage)
     assert objective_state is None and teacher.dino_head.last_layer.weight_v.shape[0] == 64
     again, _ = load_teacher(cfg, storage)
@@ -163,9 +255,10 @@ def test_teacher_from_backbone_file(teacher_run: Path, tmp_path: Path, storage: 
 
 
 def test_heads_must_match_the_teachers(teacher_run: Path, tmp_path: Path, storage: Storage) -> None:
-    cfg = student_config(teacher_run, tmp_path, "heads.num_prototypes=32")
+    cfg = student_config(teacher_run, tmp_path, "heads.num_prototypes=32", "distill.objective=heads")
     with pytest.raises(ValueError, match="heads.num_prototypes = 32"):
         load_teacher(cfg, storage)
+    load_teacher(student_config(teacher_run, tmp_path, "heads.num_prototypes=32"), storage)  # features: no heads
 
 
 def test_cli_distills(teacher_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -179,6 +272,7 @@ def test_cli_distills(teacher_run: Path, tmp_path: Path, monkeypatch: pytest.Mon
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and "knn_top1_k20" in summary["final"]
+    assert summary["objective"] == "features"  # the preset's default
     assert (out / "backbone.safetensors").exists()
 
     bad = CliRunner().invoke(app, ["distill", "--teacher", str(tmp_path / "nothing"), f"out={tmp_path / 'x'}"])

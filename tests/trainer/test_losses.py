@@ -9,10 +9,13 @@ import torch.nn.functional as F
 from scipy.spatial.distance import cdist
 
 from trainer.losses import (
+    CLSFeatureLoss,
     DINOLoss,
     IBOTPatchLoss,
     KoLeoLoss,
+    PatchFeatureLoss,
     SoftmaxCentering,
+    cosine_distance,
     cross_entropy,
     sinkhorn_knopp,
 )
@@ -77,6 +80,50 @@ def test_koleo_matches_brute_force() -> None:
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     with pytest.raises(ValueError, match="at least 2"):
         KoLeoLoss()(torch.randn(1, 4))
+
+
+def brute_cosine_distance(a: np.ndarray, b: np.ndarray) -> float:
+    return 1.0 - float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+@pytest.mark.parametrize("local_crops", [0, 1, 6])
+def test_cls_feature_loss_matches_brute_force(local_crops: int) -> None:
+    rng = np.random.default_rng(local_crops)
+    batch, dim = 5, 12
+    student_global = rng.standard_normal((2, batch, dim))
+    student_local = rng.standard_normal((local_crops, batch, dim))
+    teacher = rng.standard_normal((2, batch, dim))
+    per_crop = [np.mean([brute_cosine_distance(student_global[g, b], teacher[g, b]) for b in range(batch)])
+                for g in range(2)]  # each global crop against the teacher's view of the same crop
+    per_crop += [np.mean([np.mean([brute_cosine_distance(student_local[l, b], teacher[g, b]) for g in range(2)])
+                          for b in range(batch)]) for l in range(local_crops)]  # locals: both views, averaged
+    expected = np.mean(per_crop)
+    loss = CLSFeatureLoss()(*(torch.from_numpy(x).float() for x in (student_global, student_local, teacher)))
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="expected 2 global crops"):
+        CLSFeatureLoss()(torch.randn(3, batch, dim), None, torch.randn(3, batch, dim))
+
+
+def test_patch_feature_loss_matches_brute_force() -> None:
+    rng = np.random.default_rng(0)
+    crops, patches, dim = 4, 9, 7
+    student, teacher = rng.standard_normal((crops, patches, dim)), rng.standard_normal((crops, patches, dim))
+    expected = np.mean([brute_cosine_distance(student[c, p], teacher[c, p])
+                        for c in range(crops) for p in range(patches)])
+    loss = PatchFeatureLoss()(torch.from_numpy(student).float(), torch.from_numpy(teacher).float())
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="equal shapes"):
+        PatchFeatureLoss()(torch.randn(crops, patches, dim), torch.randn(crops, patches, dim + 1))
+
+
+def test_cosine_distance_bounds_scale_and_dtype() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(6, 5)
+    torch.testing.assert_close(cosine_distance(x, 3 * x), torch.zeros(6), atol=1e-6, rtol=0)  # scale-free
+    torch.testing.assert_close(cosine_distance(x, -x), torch.full((6,), 2.0))
+    half = cosine_distance(x.half(), torch.randn(6, 5).half())
+    assert half.dtype == torch.float32 and bool(((half >= 0) & (half <= 2)).all())
+    assert torch.isfinite(cosine_distance(torch.zeros(2, 5), x[:2])).all()  # a zero vector has no direction
 
 
 def test_sinkhorn_targets() -> None:
