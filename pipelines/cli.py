@@ -151,12 +151,18 @@ def pretrain(
 def distill(
     overrides: Overrides = None,
     teacher: Annotated[str, typer.Option(help="the frozen teacher: a pretrain/distill run folder (its latest "
-                                         "checkpoint, with its heads) or a backbone .safetensors (path or URI)")] = "",
+                                         "checkpoint, with its heads for distill.objective=heads) or a backbone "
+                                         ".safetensors (path or URI)")] = "",
     teacher_source: Annotated[str, typer.Option(help="checkpoint (a run folder) or backbone (a .safetensors; "
-                                                "frozen random heads)")] = "checkpoint",
+                                                "with distill.objective=heads, frozen random heads)")] = "checkpoint",
     student: Annotated[str, typer.Option(help="the student's recipe: a distill preset name or YAML path")] = "distill-tiny",
 ) -> None:
-    """Distil a frozen teacher into a smaller student (its EMA is released); resumes when OUT holds a checkpoint."""
+    """Distil a frozen teacher into a smaller student (its EMA is released); resumes when OUT holds a checkpoint.
+
+    The preset's ``distill.objective`` says what the student learns: ``features`` (default: the
+    teacher backbone's CLS and patch tokens, through linear projectors) or ``heads`` (the DINO and
+    patch losses against the teacher's heads, as in DINOv2).
+    """
     from dinoflow.config import DistillConfig
     from dinoflow.tracking import MlflowTracker, default_artifact_location, standard_tags
     from trainer.distill import run_distill

@@ -423,7 +423,8 @@ def distill(
                "train_minutes": round(state.train_seconds / 60, 3), "stopped_early": stopped_early,
                "teacher": cfg.teacher.uri, "teacher_sha256": teacher_hash, "objective": cfg.distill.objective,
                "backbone": join_uri(cfg.out, "backbone.safetensors"), "final": final,
-               "bad_images": bad_images.summary(), "history": state.history, "mlflow_run_id": tracker.run_id}
+               "bad_images": bad_images.summary(), "history": state.history, "mlflow_run_id": tracker.run_id,
+               "tracking": tracker.delivery()}  # metrics sent, still queued or lost (an unreachable store)
     storage.write_bytes(join_uri(cfg.out, "summary.json"), json.dumps(summary, indent=2).encode())
     return summary
 

@@ -273,6 +273,7 @@ def test_cli_distills(teacher_run: Path, tmp_path: Path, monkeypatch: pytest.Mon
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and "knn_top1_k20" in summary["final"]
     assert summary["objective"] == "features"  # the preset's default
+    assert summary["tracking"]["dropped"] == 0 and summary["tracking"]["rejected"] == 0  # nothing lost on the way
     assert (out / "backbone.safetensors").exists()
 
     bad = CliRunner().invoke(app, ["distill", "--teacher", str(tmp_path / "nothing"), f"out={tmp_path / 'x'}"])
