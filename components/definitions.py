@@ -28,7 +28,7 @@ from components.bundle import build_bundle, imported_modules
 
 REGISTRY = "ghcr.io/dinoflow"
 TAG = "0.1.0"  # the project's version: images are built and tagged per release (infra/README.md)
-GPU_STAGES = frozenset({"pretrain", "distill"})  # the training stages (distill: when it gets a component)
+GPU_STAGES = frozenset({"pretrain", "distill"})  # the training stages
 
 
 @dataclass(frozen=True)
@@ -123,6 +123,26 @@ def pretrain(run_root: str, tracking_uri: str, experiment: str, parent_run_id: s
     return namedtuple("PretrainOutputs", ["steps", "cached"])(int(result["steps"]), bool(result["cached"]))
 
 
+def distill(run_root: str, tracking_uri: str, experiment: str, parent_run_id: str, pipeline_run_id: str,
+            use_cache: bool, teacher: Input[Model], student: str, overrides: list, data_kind: str, data_uri: str,
+            max_minutes: float, seed: int, device: str, model_name: str, backbone: Output[Model]) -> NamedTuple(
+                "DistillOutputs", [("steps", int), ("cached", bool), ("model_name", str)]):
+    """Distil the frozen ``teacher`` backbone into the ``student`` preset on ``device``; the student
+    EMA backbone is the output, ``model_name`` the name it registers under (``<model_name>-<student>``)."""
+    from collections import namedtuple
+
+    from components.distill import registered_name, run_distill_stage
+    from components.stage import StageContext
+
+    ctx = StageContext(run_root, tracking_uri, experiment, parent_run_id, pipeline_run_id, use_cache)
+    result = run_distill_stage(ctx, backbone.path, teacher.path, student,
+                               [f"device={device}", *(str(o) for o in overrides)], data_kind, data_uri, max_minutes,
+                               seed)
+    backbone.metadata.update({"steps": result["steps"], "cached": result["cached"], "format": "safetensors"})
+    return namedtuple("DistillOutputs", ["steps", "cached", "model_name"])(
+        int(result["steps"]), bool(result["cached"]), registered_name(model_name, student))
+
+
 def evaluate(run_root: str, tracking_uri: str, experiment: str, parent_run_id: str, pipeline_run_id: str,
              use_cache: bool, backbone: Input[Model], data_uri: str, train_limit: int, test_limit: int,
              knn_k: int, knn_temperature: float, tasks: list, report: Output[Artifact],
@@ -164,7 +184,7 @@ def champion(run_root: str, tracking_uri: str, experiment: str, parent_run_id: s
     return run_champion_stage(ctx, model_name, backbone.path)
 
 
-STAGES = (open_run, close_run, ingest, curate, pretrain, evaluate, register, champion)
+STAGES = (open_run, close_run, ingest, curate, pretrain, distill, evaluate, register, champion)
 
 
 def build_components(images: Images | str = DEFAULT_IMAGES, gpus: int = 1) -> SimpleNamespace:

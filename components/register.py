@@ -48,7 +48,8 @@ def run_register_stage(ctx: StageContext, backbone_dir: str | Path, report_dir: 
                                    description=f"pipeline run {ctx.pipeline_run_id}")
         decision = gate(client, model_name, version, metric, margin)
         tracker.set_tags({"gate.verdict": "promoted" if decision.promoted else "kept",
-                          "gate.reason": decision.reason, "gate.model_version": version})
+                          "gate.reason": decision.reason, "gate.model_version": version,
+                          "gate.model_name": model_name})
         tracker.log_metrics({"gate_value": decision.value, "gate_promoted": float(decision.promoted)}, step=0,
                             force=True)
         out = Path(out_dir)

@@ -28,6 +28,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from kfp import dsl, kubernetes
+from kfp.dsl import Input, Model
 
 from components.definitions import DEFAULT_IMAGES, GPU_STAGES, Images, build_components
 
@@ -66,6 +67,7 @@ STAGE_RESOURCES = {
     # one GPU's share of a training node (infra/k8s/training: 4 CPUs and 32Gi per GPU); the
     # shared memory counts against the memory limit
     "pretrain": Resources("4", "8", "16Gi", "32Gi", shared_memory="4Gi"),
+    "distill": Resources("4", "8", "16Gi", "32Gi", shared_memory="4Gi"),  # a student and the frozen teacher
     "evaluate": Resources("2", "4", "4Gi", "8Gi"),  # features of the train and test sets, probes
     "register": Resources("500m", "2", "1Gi", "4Gi"),
     "champion": Resources("250m", "1", "1Gi", "2Gi"),
@@ -135,8 +137,29 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
         uncached(c.register(**ctx, backbone=backbone, report=scored.outputs["report"], model_name=model_name,
                             metric=metric, margin=margin))
 
+    # A pipeline of its own so that the loop reads the teacher's stages' outputs as its inputs:
+    # kfp.local resolves an outer task's output parameter inside a ParallelFor as the loop item.
+    @dsl.pipeline(name="distil-students", description="Distil each student from the teacher in parallel, then "
+                                                      "evaluate and register it as <model_name>-<student>.")
+    def distil_students(run_root: str, tracking_uri: str, experiment: str, parent_run_id: str, use_cache: bool,
+                        teacher: Input[Model], students: list, overrides: list, data_kind: str, data_uri: str,
+                        max_minutes: float, seed: int, eval_data_uri: str, train_limit: int, test_limit: int,
+                        knn_k: int, knn_temperature: float, eval_tasks: list, model_name: str, metric: str,
+                        margin: float) -> None:
+        ctx = {"run_root": run_root, "tracking_uri": tracking_uri, "experiment": experiment,
+               "parent_run_id": parent_run_id, "pipeline_run_id": RUN_ID}
+        with dsl.ParallelFor(students) as student:  # each a distill preset name, e.g. distill-tiny
+            distilled = c.distill(**ctx, use_cache=use_cache, teacher=teacher, student=student, overrides=overrides,
+                                  data_kind=data_kind, data_uri=data_uri, max_minutes=max_minutes, seed=seed,
+                                  device=device, model_name=model_name)
+            score_and_register(ctx, use_cache, distilled.outputs["backbone"], eval_data_uri,
+                               {"train_limit": train_limit, "test_limit": test_limit, "knn_k": knn_k,
+                                "knn_temperature": knn_temperature, "tasks": eval_tasks},
+                               distilled.outputs["model_name"], metric, margin)
+
     @dsl.pipeline(name="full", description="Ingest, curate (with a pool), pretrain, evaluate, register with a "
-                                           "promotion gate.")
+                                           "promotion gate; distil each of `students` from the pretrained "
+                                           "teacher in parallel, then evaluate and register each.")
     def full(run_root: str = CLUSTER_RUN_ROOT, tracking_uri: str = CLUSTER_TRACKING_URI,
              experiment: str = EXPERIMENT, use_cache: bool = True, data_source: str = CLUSTER_DATA,
              pool_uri: str = "", curation_eval_uris: list = [], curation_dedup_threshold: float = 0.6,  # noqa: B006
@@ -145,7 +168,8 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
              preset: str = "tiny", overrides: list = [], max_minutes: float = 3.0, seed: int = 0,  # noqa: B006
              train_limit: int = 0, test_limit: int = 0, knn_k: int = 20, knn_temperature: float = 0.07,
              eval_tasks: list = ["knn", "linear"], model_name: str = "dinoflow-tiny",  # noqa: B006
-             metric: str = "knn_top1_k20", margin: float = 0.0) -> None:
+             metric: str = "knn_top1_k20", margin: float = 0.0, students: list = [],  # noqa: B006
+             student_overrides: list = [], student_minutes: float = 3.0) -> None:  # noqa: B006
         with dsl.ExitHandler(closer(run_root, tracking_uri, experiment)):
             parent = open_parent(run_root, tracking_uri, experiment, "full")
             ctx = context(run_root, tracking_uri, experiment, parent)
@@ -160,10 +184,17 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
             trained = c.pretrain(**ctx, use_cache=use_cache, preset=preset, overrides=overrides,
                                  data_kind=curated.outputs["data_kind"], data_uri=curated.outputs["data_uri"],
                                  max_minutes=max_minutes, seed=seed, device=device)
-            score_and_register(ctx, use_cache, trained.outputs["backbone"], data.output,
-                               {"train_limit": train_limit, "test_limit": test_limit, "knn_k": knn_k,
-                                "knn_temperature": knn_temperature, "tasks": eval_tasks},
+            eval_params = {"train_limit": train_limit, "test_limit": test_limit, "knn_k": knn_k,
+                           "knn_temperature": knn_temperature, "tasks": eval_tasks}
+            score_and_register(ctx, use_cache, trained.outputs["backbone"], data.output, eval_params,
                                model_name, metric, margin)
+            distil_students(run_root=run_root, tracking_uri=tracking_uri, experiment=experiment,
+                            parent_run_id=parent.output, use_cache=use_cache, teacher=trained.outputs["backbone"],
+                            students=students, overrides=student_overrides, data_kind=curated.outputs["data_kind"],
+                            data_uri=curated.outputs["data_uri"], max_minutes=student_minutes, seed=seed,
+                            eval_data_uri=data.output, train_limit=train_limit, test_limit=test_limit, knn_k=knn_k,
+                            knn_temperature=knn_temperature, eval_tasks=eval_tasks, model_name=model_name,
+                            metric=metric, margin=margin)
 
     @dsl.pipeline(name="evaluate-only", description="Benchmark given backbone weights on frozen features.")
     def evaluate_only(weights_uri: str, run_root: str = CLUSTER_RUN_ROOT, tracking_uri: str = CLUSTER_TRACKING_URI,

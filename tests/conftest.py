@@ -8,34 +8,21 @@ from pathlib import Path
 
 import pytest
 
-from dinoflow.storage import RetryPolicy, S3Settings, Storage
-from tests.servers import MlflowServer, SeaweedS3
-
-TEST_BUCKET = "dinoflow-tests"
-
-
-def s3_settings(server: SeaweedS3) -> S3Settings:
-    # SeaweedFS runs without auth here; any credentials are accepted
-    return S3Settings(endpoint_url=server.endpoint, access_key="test", secret_key="test")
+from dinoflow.storage import RetryPolicy, Storage
+from tests.servers import TEST_BUCKET, MlflowServer, SeaweedS3, running_mlflow, running_s3, s3_settings
 
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
     """One SeaweedFS S3 server for the whole session (tests that kill a server start their own)."""
-    root = tmp_path_factory.mktemp("seaweed")
-    server = SeaweedS3(root / "data", root / "weed.log")
-    server.start()
-    Storage(s3_settings(server)).make_bucket(f"s3://{TEST_BUCKET}")
-    yield server
-    server.stop()
+    with running_s3(tmp_path_factory.mktemp("seaweed")) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
-    server.start()
-    yield server
-    server.stop()
+    with running_mlflow(tmp_path_factory.mktemp("mlflow-server")) as server:
+        yield server
 
 
 @pytest.fixture(params=["file", "s3"])

@@ -17,8 +17,13 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from dinoflow.storage import S3Settings, Storage
+
+TEST_BUCKET = "dinoflow-tests"
 GRPC_OFFSET = 10000  # SeaweedFS puts each service's gRPC port at its HTTP port + 10000
 
 
@@ -173,3 +178,33 @@ class MlflowServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(10)
+
+
+def s3_settings(server: SeaweedS3) -> S3Settings:
+    """Settings that reach ``server`` (SeaweedFS runs without auth here: any credentials pass)."""
+    return S3Settings(endpoint_url=server.endpoint, access_key="test", secret_key="test")
+
+
+@contextmanager
+def running_s3(root: Path, bucket: str = TEST_BUCKET) -> Iterator[SeaweedS3]:
+    """A started S3 server with its data and log under ``root`` and ``bucket`` made (none if
+    empty); stopped at exit, whatever a test did to it meanwhile (killed, restarted)."""
+    server = SeaweedS3(root / "data", root / "weed.log")
+    server.start()
+    try:
+        if bucket:
+            Storage(s3_settings(server)).make_bucket(f"s3://{bucket}")
+        yield server
+    finally:
+        server.stop()
+
+
+@contextmanager
+def running_mlflow(root: Path) -> Iterator[MlflowServer]:
+    """A started MLflow server with its store under ``root``; stopped at exit."""
+    server = MlflowServer(root)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -19,8 +19,7 @@ from dinoflow.storage import (
     is_transient,
     join_uri,
 )
-from tests.conftest import TEST_BUCKET, s3_settings
-from tests.servers import SeaweedS3
+from tests.servers import TEST_BUCKET, SeaweedS3, running_s3, s3_settings
 
 MIB = 1 << 20
 
@@ -178,10 +177,8 @@ def test_transient_error_classification() -> None:
 @pytest.fixture
 def own_s3_server(tmp_path: Path):
     """A server of this test's own, which the test may kill and restart."""
-    server = SeaweedS3(tmp_path / "data", tmp_path / "weed.log")
-    server.start()
-    yield server
-    server.kill()
+    with running_s3(tmp_path, bucket="") as server:
+        yield server
 
 
 def test_write_survives_a_server_restart(own_s3_server: SeaweedS3) -> None:

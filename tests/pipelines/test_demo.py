@@ -13,8 +13,7 @@ from typer.testing import CliRunner
 from components.pipeline_run import TAG_PIPELINE
 from dinoflow.storage import Storage
 from pipelines.cli import app
-from tests.conftest import TEST_BUCKET, s3_settings
-from tests.servers import MlflowServer, SeaweedS3
+from tests.servers import TEST_BUCKET, MlflowServer, SeaweedS3, s3_settings
 
 SHORT = [
     "pretrain_minutes=0.05",

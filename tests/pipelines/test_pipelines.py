@@ -134,7 +134,8 @@ def test_compiled_pipelines_hold_their_dag_and_no_secrets_or_local_paths(
     expected = {
         "full": {"open-run": [], "ingest": ["open-run"], "curate": ["ingest", "open-run"],
                  "pretrain": ["curate", "open-run"], "evaluate": ["ingest", "open-run", "pretrain"],
-                 "register": ["evaluate", "open-run", "pretrain"]},
+                 "register": ["evaluate", "open-run", "pretrain"],
+                 "distil-students": ["curate", "ingest", "open-run", "pretrain"]},
         "evaluate_only": {"open-run": [], "importer": [], "evaluate": ["importer", "open-run"]},
         "retrain": {"open-run": [], "champion": ["open-run"], "pretrain": ["champion", "open-run"],
                     "evaluate": ["open-run", "pretrain"], "register": ["evaluate", "open-run", "pretrain"]},
@@ -150,6 +151,11 @@ def test_compiled_pipelines_hold_their_dag_and_no_secrets_or_local_paths(
         assert root["close-run"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
         inner = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
         assert {task: sorted(body.get("dependentTasks", [])) for task, body in inner.items()} == tasks
+        if name == "full":  # each student, in parallel: distil from the teacher, then evaluate and register it
+            assert list(spec["components"]["comp-distil-students"]["dag"]["tasks"]) == ["for-loop-1"]
+            loop = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
+            assert {task: sorted(body.get("dependentTasks", [])) for task, body in loop.items()} == {
+                "distill": [], "evaluate": ["distill"], "register": ["distill", "evaluate"]}
         for task in ("open-run", "register", "champion"):
             if task in inner:
                 assert inner[task]["cachingOptions"] == {}  # caching off: they act, not compute
@@ -187,7 +193,7 @@ def test_compiled_components_run_on_the_cpu_and_gpu_images_of_a_registry_and_tag
     spec, platform = yaml.safe_load_all(out.read_text())
     images = {name.removeprefix("exec-"): e["container"]["image"]
               for name, e in spec["deploymentSpec"]["executors"].items()}
-    assert images.pop("pretrain") == "registry.example/team/dinoflow-gpu:2.0.1"
+    assert images.pop("pretrain") == images.pop("distill") == "registry.example/team/dinoflow-gpu:2.0.1"
     assert set(images.values()) == {"registry.example/team/dinoflow-cpu:2.0.1"}
     assert_cluster_env(spec, platform, secret="team-s3")
     # the defaults: this release's images, pinned to its version, and the infra's Secret
@@ -210,25 +216,30 @@ def _compiled(tmp_path: Path, name: str, *options: str) -> tuple[dict[str, Any],
 
 
 def _hardware(spec: dict[str, Any], platform: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Per task: image, resources, tolerations, /dev/shm volume and (pretrain) the device it trains on."""
+    """Per task: image, resources, tolerations, /dev/shm volume and (training stages) the device it
+    trains on; tasks of every DAG (the exit handler's, the students' loop, the root)."""
     configs = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    tasks = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
-    tasks["close-run"] = spec["root"]["dag"]["tasks"]["close-run"]
+    components, executors = spec["components"], spec["deploymentSpec"]["executors"]
+    tasks = {components[task["componentRef"]["name"]]["executorLabel"]: task
+             for component in [spec["root"], *components.values()]
+             for task in component.get("dag", {}).get("tasks", {}).values()
+             if "executorLabel" in components[task["componentRef"]["name"]]}
     return {
         name.removeprefix("exec-"): {
             "image": e["container"]["image"], "resources": e["container"].get("resources", {}),
             "tolerations": configs[name].get("tolerations", []),
             "shm": [m["mountPath"] for m in configs[name].get("emptyDirMounts", [])],
-            "device": tasks[name.removeprefix("exec-")]["inputs"]["parameters"].get("device", {}).get(
-                "runtimeValue", {}).get("constant"),
+            "device": tasks[name]["inputs"]["parameters"].get("device", {}).get("runtimeValue", {}).get("constant"),
         }
-        for name, e in spec["deploymentSpec"]["executors"].items()
+        for name, e in executors.items()
     }
 
 
 @pytest.mark.parametrize("name", ["full", "retrain"])
 def test_pretrain_requests_a_gpu_and_tolerates_the_gpu_taint(tmp_path: Path, name: str) -> None:
     tasks = _hardware(*_compiled(tmp_path, name))
+    if name == "full":
+        assert tasks.pop("distill") == tasks["pretrain"]  # a training stage: the same GPU, image, resources
     pretrain = tasks.pop("pretrain")
     accelerator = pretrain["resources"]["accelerator"]
     assert (accelerator["resourceType"], accelerator["resourceCount"]) == (GPU_RESOURCE, "1")
@@ -258,7 +269,8 @@ def test_every_task_requests_and_limits_cpu_and_memory(tmp_path: Path, gpus: str
         return float(value.removesuffix(unit)) * units.get(unit, 1)
 
     tasks = _hardware(*_compiled(tmp_path, "full", "--gpus", gpus))
-    assert set(tasks) == {"open-run", "close-run", "ingest", "curate", "pretrain", "evaluate", "register"}
+    assert set(tasks) == {"open-run", "close-run", "ingest", "curate", "pretrain", "distill", "evaluate", "register",
+                          "evaluate-2", "register-2"}
     for task, hardware in tasks.items():
         r = hardware["resources"]
         for kind in ("Cpu", "Memory"):
@@ -282,3 +294,26 @@ def test_pipeline_cli_rejects_unknown_names_and_parameters() -> None:
     param = CliRunner().invoke(app, ["pipeline", "run", "full", "max_minute=3"])
     assert param.exit_code == 2 and "bad pipeline parameter 'max_minute=3'" in param.stderr
     assert "max_minutes" in param.stderr
+
+
+def test_full_distils_each_student_from_its_teacher_and_registers_it(runs: Runs) -> None:
+    """Last in the module: it adds registry versions. The teacher's stages come from the cache."""
+    params = {**FAST, "students": ["distill-tiny"], "student_minutes": 0.05,
+              "student_overrides": ["optim.batch_size=32", "model.depth=2", "checkpoint_every=5"]}
+    stages = run_locally(runs.pipelines["full"], "full", str(runs.root), str(runs.kfp), runs.tracking_uri,
+                         {"data_source": DATA, **params}, Storage())
+    names = sorted(s.stage for s in stages)
+    assert names == ["distill", "evaluate", "evaluate", "ingest", "pretrain", "register", "register"]
+    assert all(s.status == "FINISHED" for s in stages)
+    by_name = {s.stage: s for s in stages if s.stage in ("pretrain", "distill")}
+    assert by_name["pretrain"].cached and not by_name["distill"].cached
+    assert by_name["distill"].metrics["steps"] >= 1 and by_name["distill"].tags["student"] == "distill-tiny"
+    student = [s for s in stages if s.stage == "register" and s.tags["gate.model_name"] == "tiny-test-distill-tiny"]
+    assert len(student) == 1 and student[0].tags["gate.verdict"] == "promoted"
+    assert champion_version(runs.client, "tiny-test-distill-tiny") == "1"
+    scored = [s for s in stages if s.stage == "evaluate"]
+    assert all(0.1 < s.metrics["knn_top1_k20"] <= 1 for s in scored)
+
+    again = run_locally(runs.pipelines["full"], "full", str(runs.root), str(runs.kfp), runs.tracking_uri,
+                        {"data_source": DATA, **params}, Storage())
+    assert next(s for s in again if s.stage == "distill").cached  # same teacher, same recipe: reused

@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from dinoflow.storage import Storage
 from dinoflow.tracking import MlflowTracker, default_tracking_uri
 from tests.reliability.helpers import RandomImages, one_torch_thread, tiny_config
-from tests.servers import MlflowServer, free_port
+from tests.servers import MlflowServer, free_port, running_mlflow
 from trainer.data.datasets import collate_samples
 from trainer.engine import pretrain
 
@@ -29,10 +29,8 @@ from trainer.engine import pretrain
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
     """A server of this module's own, which its tests stop and start."""
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-outage"))
-    server.start()
-    yield server
-    server.stop()
+    with running_mlflow(tmp_path_factory.mktemp("mlflow-outage")) as server:
+        yield server
 
 
 @pytest.fixture(autouse=True)

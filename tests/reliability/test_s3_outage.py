@@ -18,14 +18,13 @@ from pathlib import Path
 import pytest
 
 from dinoflow.storage import RetryPolicy, Storage, StorageError, join_uri
-from tests.conftest import TEST_BUCKET, s3_settings
 from tests.reliability.helpers import (
     assert_same_training_state,
     image_shard,
     one_torch_thread,
     tiny_config,
 )
-from tests.servers import SeaweedS3
+from tests.servers import TEST_BUCKET, SeaweedS3, running_s3, s3_settings
 from trainer.engine import load_latest_checkpoint
 from trainer.run import run_pretrain
 
@@ -62,12 +61,8 @@ def _one_thread() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
     """A server of this module's own, which its tests kill and restart."""
-    root = tmp_path_factory.mktemp("s3-outage")
-    server = SeaweedS3(root / "data", root / "weed.log")
-    server.start()
-    Storage(s3_settings(server)).make_bucket(f"s3://{TEST_BUCKET}")
-    yield server
-    server.kill()
+    with running_s3(tmp_path_factory.mktemp("s3-outage")) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,12 @@ import numpy as np
 import pytest
 import requests
 import torch
-from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from dinoflow.registry import gate, register_version
 from evaluators.features import labelled_features
 from pipelines.cli import app
 from serve.model import load_served_model
+from tests.registry import promote_package
 from tests.servers import free_port
 from trainer.data.datasets import decode_image
 from trainer.models.packaging import save_mlflow_model
@@ -31,14 +30,7 @@ def champion(tiny_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     example = np.zeros((1, 3, 14, 14), np.uint8)
     folder = save_mlflow_model(tiny_weights, {"patch_size": 7, "image_size": 14}, tmp_path / "pkg" / "backbone",
                                example=example)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri)
-    experiment = client.create_experiment("serve", artifact_location=f"file://{tmp_path / 'artifacts'}")
-    run = client.create_run(experiment)
-    client.log_artifacts(run.info.run_id, str(folder), "backbone")
-    version = register_version(client, "tiny", run.info.run_id, "backbone", {"knn_top1_k20": 0.5})
-    assert gate(client, "tiny", version, "knn_top1_k20").promoted
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", promote_package(folder, tmp_path))
     return "models:/tiny@champion"
 
 

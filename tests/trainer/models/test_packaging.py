@@ -8,10 +8,10 @@ import mlflow.pyfunc
 import numpy as np
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
 
-from dinoflow.registry import CHAMPION, gate, register_version
+from dinoflow.registry import CHAMPION
 from evaluators.features import extract_features, to_model_input
+from tests.registry import promote_package
 from trainer.models.hub import save_backbone
 from trainer.models.packaging import save_mlflow_model
 from trainer.models.vit import build_vit
@@ -39,15 +39,7 @@ def test_registered_model_loads_by_alias_and_embeds_like_the_library(
     requirements = (folder / "requirements.txt").read_text()
     assert "torch==" in requirements and "+cpu" not in requirements
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri)
-    experiment = client.create_experiment("packaging", artifact_location=f"file://{tmp_path / 'artifacts'}")
-    run = client.create_run(experiment)
-    client.log_artifacts(run.info.run_id, str(folder), "backbone")
-    version = register_version(client, "tiny", run.info.run_id, "backbone", {"knn_top1_k20": 0.5})
-    assert gate(client, "tiny", version, "knn_top1_k20").promoted
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", promote_package(folder, tmp_path))
     model = mlflow.pyfunc.load_model(f"models:/tiny@{CHAMPION}")
     features = model.predict(images)
     expected, _ = extract_features(backbone, to_model_input(torch.from_numpy(images), patch_size=7))

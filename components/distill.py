@@ -1,0 +1,73 @@
+"""Stage ``distill``: a student distilled from the pipeline's frozen teacher backbone.
+
+The teacher is the backbone a pretrain stage produced (its ``backbone.safetensors``), read with
+``teacher.source=backbone``: the ``features`` objective (the ``distill-tiny`` default) needs no
+heads; a ``heads`` preset gets frozen random heads. Checkpoints go to
+``<run_root>/work/distill/<key>`` (``key``: the content hash of the recipe and the teacher file),
+so a killed task rerun resumes and a finished one is reused from the cache. Output folder:
+``backbone.safetensors`` (the student EMA), ``config.yaml``, ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from components.pretrain import BACKBONE_FILE
+from components.stage import (
+    StageContext,
+    cache_key,
+    mark_cached,
+    recording_errors,
+    run_cached,
+    stage_run,
+    storage_from_env,
+)
+from dinoflow.config import DistillConfig, load_config, to_yaml
+from dinoflow.storage import join_uri
+from trainer.distill import run_distill
+
+
+def distill_config(student: str, overrides: list[str], teacher_file: str, data_kind: str, data_uri: str,
+                   max_minutes: float, seed: int) -> DistillConfig:
+    """The stage's recipe: the ``student`` preset + the teacher file, the pipeline's data and
+    budget + user ``overrides`` (last wins)."""
+    return load_config(DistillConfig, student, [
+        f"teacher.uri={teacher_file}", "teacher.source=backbone", f"data.kind={data_kind}", f"data.uri={data_uri}",
+        f"max_minutes={max_minutes}", f"seed={seed}", *overrides,
+    ])
+
+
+def registered_name(model_name: str, student: str) -> str:
+    """The registry name of a student: the pipeline's model name and the preset's stem."""
+    return f"{model_name}-{Path(student).stem}"
+
+
+def run_distill_stage(ctx: StageContext, out_dir: str | Path, teacher_dir: str | Path, student: str,
+                      overrides: list[str], data_kind: str, data_uri: str, max_minutes: float,
+                      seed: int) -> dict[str, Any]:
+    """Distil (or resume, or reuse) and fill ``out_dir``; returns steps, minutes, images seen, cached."""
+    storage = storage_from_env()
+    out = Path(out_dir)
+    with recording_errors(ctx, storage, "distill"), stage_run(ctx, "distill") as tracker:
+        teacher_file = Path(teacher_dir) / BACKBONE_FILE
+        cfg = distill_config(student, overrides, str(teacher_file), data_kind, data_uri, max_minutes, seed)
+        key = cache_key("distill", {"config": to_yaml(cfg.model_copy(update={"teacher": cfg.teacher.model_copy(
+            update={"uri": ""})}))}, {"teacher": teacher_file})
+        cfg = cfg.model_copy(update={"out": join_uri(ctx.run_root, "work", "distill", key[:20])})
+        tracker.set_tags({"student": Path(student).stem})
+
+        def work() -> dict[str, Any]:
+            summary = run_distill(cfg, storage, tracker, evaluate=False)
+            out.mkdir(parents=True, exist_ok=True)
+            storage.get_file(summary["backbone"], out / BACKBONE_FILE)
+            (out / "config.yaml").write_text(to_yaml(cfg))
+            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+            return {key_: summary[key_] for key_ in ("steps", "images_seen", "train_minutes")}
+
+        result = run_cached(ctx, storage, "distill", key, out, work)
+        mark_cached(tracker, result)
+        tracker.log_metrics({k: float(result[k]) for k in ("steps", "images_seen", "train_minutes")}, step=0,
+                            force=True)
+    return result
