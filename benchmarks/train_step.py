@@ -18,7 +18,13 @@ single process trains on that whole global batch. DeepSpeed's CPU communication 
 once into ``TORCH_EXTENSIONS_DIR`` (default here ``~/.cache/dinoflow/torch_extensions``, shared
 with the tests). Prints one table; asserts nothing.
 
+``--probe`` instead times, in this one process on ``--device``, the engine's ``train_step`` on
+synthetic crops and masks already on the device (all losses on; bf16 autocast on CUDA, as the
+engine trains) next to issue 11's plain ceiling probe (``benchmarks/step_probe.py``) at the same
+recipe sizes, and prints img/s, TFLOP/s, peak memory and ours/probe.
+
     python benchmarks/train_step.py --strategy deepspeed --nproc 2 --steps 10 --config tiny
+    python benchmarks/train_step.py --probe --device cpu --config tiny --steps 3 --warmup 1
     python benchmarks/train_step.py --strategy fsdp2 --nproc 2 -- optim.batch_size=32 crops.num_local_crops=2
 """
 
@@ -30,12 +36,15 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from step_probe import ProbeShape, ProbeViT, probe_flops_per_image, probe_step  # this script's folder is first on sys.path
 from dinoflow.config import PretrainConfig, load_config
 from dinoflow.progress import progress
 from dinoflow.storage import Storage
@@ -55,12 +64,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--config", default="tiny", help="pretraining preset name or YAML path")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="cores shared by the ranks of one configuration")
+    parser.add_argument("--probe", action="store_true",
+                        help="instead: dinoflow's train_step next to the plain ceiling probe (issue 11), one process")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="--probe's device")
     parser.add_argument("--worker", default="", help=argparse.SUPPRESS)  # a rank: write results to this folder
     parser.add_argument("overrides", nargs="*", help="dotted overrides of the preset (optim.batch_size per rank)")
     args = parser.parse_args()
     if args.nproc < 1 or args.steps < 1 or args.warmup < 0 or args.threads < 1:
         parser.error("--nproc, --steps and --threads must be at least 1, --warmup at least 0")
-    if (args.strategy == "single") != (args.nproc == 1) and not args.worker:
+    if (args.strategy == "single") != (args.nproc == 1) and not args.worker and not args.probe:
         parser.error("--strategy single runs on --nproc 1, and a distributed strategy on --nproc 2 or more")
     return args
 
@@ -161,8 +173,81 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def time_steps(step: Callable[[], None], args: argparse.Namespace, device: torch.device) -> float:
+    """Seconds per step of ``step`` over ``args.steps`` after ``args.warmup`` untimed ones."""
+    for _ in range(args.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    tick = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - tick) / args.steps
+
+
+def peak_mib(device: torch.device) -> float:
+    """Peak memory so far: the CUDA allocator's on a GPU, the process's peak resident set on CPU."""
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mib()
+
+
+def probe(args: argparse.Namespace) -> None:
+    """Time dinoflow's ``train_step`` (all losses, synthetic crops and masks on the device) and the
+    ceiling probe at the recipe's sizes, in this process; print one table."""
+    from trainer.data.masking import sample_crop_masks
+    from trainer.engine import CropBatch, Objective, build_networks, param_groups, train_step
+    from trainer.schedules import schedule_values
+
+    device = torch.device(args.device)
+    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    batch, crops, m = cfg.optim.batch_size, cfg.crops, cfg.model
+    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None  # as the engine trains
+    torch.manual_seed(cfg.seed)
+    student, teacher = (network.to(device) for network in build_networks(cfg))
+    objective = Objective(cfg).to(device)
+    optimizer = torch.optim.AdamW(param_groups(student, cfg), betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
+    grid = crops.global_crop_size // m.patch_size
+    masks, _ = sample_crop_masks(2 * batch, grid, grid, np.random.default_rng(cfg.seed), cfg.loss.mask_probability,
+                                 (cfg.loss.mask_ratio_min, cfg.loss.mask_ratio_max))
+    crop_batch = CropBatch(torch.randn(2, batch, 3, crops.global_crop_size, crops.global_crop_size, device=device),
+                           torch.randn(crops.num_local_crops, batch, 3, crops.local_crop_size, crops.local_crop_size,
+                                       device=device), masks.to(device))
+    sched = schedule_values(0, cfg.optim, cfg.loss, 1)
+    backbone = student.backbone
+    shape = ProbeShape(backbone.embed_dim, len(backbone.blocks), backbone.blocks[0].attn.num_heads, m.patch_size,
+                       crops.global_crop_size, crops.local_crop_size, crops.num_local_crops, cfg.heads.bottleneck_dim,
+                       cfg.heads.num_prototypes)
+    rows = []
+    ours = time_steps(lambda: train_step(student, teacher, objective, [crop_batch], sched, optimizer,
+                                         cfg.optim.clip_grad, autocast_dtype), args, device)
+    rows.append(("dinoflow", ours, peak_mib(device)))
+    del student, teacher, objective, optimizer
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    probe_student, probe_teacher = ProbeViT(shape).to(device), ProbeViT(shape).to(device)
+    probe_optimizer = torch.optim.AdamW(probe_student.parameters())
+    global_crops, local_crops = crop_batch.global_crops.flatten(0, 1), crop_batch.local_crops.flatten(0, 1)
+    plain = time_steps(lambda: probe_step(probe_student, probe_teacher, global_crops, local_crops, probe_optimizer,
+                                          autocast_dtype), args, device)
+    rows.append(("probe", plain, peak_mib(device)))
+    flops = probe_flops_per_image(shape)
+    print(f"\nTraining step vs ceiling probe, preset {args.config!r} on {device} "
+          f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), batch {batch}, "
+          f"{crops.num_local_crops} local crops, {flops / 1e9:.3f} GFLOP/image; torch {torch.__version__}; "
+          f"{args.steps} timed steps after {args.warmup} warm-up"
+          + ("; CPU peak is the process's peak RSS, so the probe row includes dinoflow's" if device.type == "cpu" else ""))
+    print(f"{'step':<9} {'img_per_s':>10} {'tflop_per_s':>12} {'peak_mib':>9} {'ours_vs_probe':>14}")
+    for name, seconds, peak in rows:
+        print(f"{name:<9} {batch / seconds:>10.1f} {batch * flops / seconds / 1e12:>12.4f} {peak:>9.0f} "
+              f"{plain / seconds:>14.2f}")
+
+
 def main() -> None:
     args = parse_args()
+    if args.probe:
+        probe(args)
+        return
     if args.worker:
         worker(args)
         return

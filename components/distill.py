@@ -10,20 +10,11 @@ so a killed task rerun resumes and a finished one is reused from the cache. Outp
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from components.pretrain import BACKBONE_FILE
-from components.stage import (
-    StageContext,
-    cache_key,
-    mark_cached,
-    recording_errors,
-    run_cached,
-    stage_run,
-    storage_from_env,
-)
+from components.pretrain import BACKBONE_FILE, run_training
+from components.stage import StageContext, cache_key, recording_errors, stage_run, storage_from_env
 from dinoflow.config import DistillConfig, load_config, to_yaml
 from dinoflow.storage import join_uri
 from trainer.distill import run_distill
@@ -57,17 +48,5 @@ def run_distill_stage(ctx: StageContext, out_dir: str | Path, teacher_dir: str |
             update={"uri": ""})}))}, {"teacher": teacher_file})
         cfg = cfg.model_copy(update={"out": join_uri(ctx.run_root, "work", "distill", key[:20])})
         tracker.set_tags({"student": Path(student).stem})
-
-        def work() -> dict[str, Any]:
-            summary = run_distill(cfg, storage, tracker, evaluate=False)
-            out.mkdir(parents=True, exist_ok=True)
-            storage.get_file(summary["backbone"], out / BACKBONE_FILE)
-            (out / "config.yaml").write_text(to_yaml(cfg))
-            (out / "summary.json").write_text(json.dumps(summary, indent=2))
-            return {key_: summary[key_] for key_ in ("steps", "images_seen", "train_minutes")}
-
-        result = run_cached(ctx, storage, "distill", key, out, work)
-        mark_cached(tracker, result)
-        tracker.log_metrics({k: float(result[k]) for k in ("steps", "images_seen", "train_minutes")}, step=0,
-                            force=True)
-    return result
+        return run_training(ctx, storage, tracker, "distill", key, out, cfg,
+                            lambda: run_distill(cfg, storage, tracker, evaluate=False))

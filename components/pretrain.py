@@ -9,6 +9,7 @@ Output folder: ``backbone.safetensors``, ``config.yaml`` (the resolved recipe), 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,8 @@ from components.stage import (
     storage_from_env,
 )
 from dinoflow.config import PretrainConfig, load_config, to_yaml
-from dinoflow.storage import join_uri
+from dinoflow.storage import Storage, join_uri
+from dinoflow.tracking import Tracker
 from trainer.run import run_pretrain
 
 BACKBONE_FILE = "backbone.safetensors"
@@ -50,17 +52,25 @@ def run_pretrain_stage(ctx: StageContext, out_dir: str | Path, preset: str, over
             "out": join_uri(ctx.run_root, "work", "pretrain", key[:20]),
             "init_weights": str(init["init"]) if init else "",
         })
+        return run_training(ctx, storage, tracker, "pretrain", key, out, cfg,
+                            lambda: run_pretrain(cfg, storage, tracker, evaluate=False))
 
-        def work() -> dict[str, Any]:
-            summary = run_pretrain(cfg, storage, tracker, evaluate=False)
-            out.mkdir(parents=True, exist_ok=True)
-            storage.get_file(summary["backbone"], out / BACKBONE_FILE)
-            (out / "config.yaml").write_text(to_yaml(cfg))
-            (out / "summary.json").write_text(json.dumps(summary, indent=2))
-            return {key_: summary[key_] for key_ in ("steps", "images_seen", "train_minutes")}
 
-        result = run_cached(ctx, storage, "pretrain", key, out, work)
-        mark_cached(tracker, result)
-        tracker.log_metrics({k: float(result[k]) for k in ("steps", "images_seen", "train_minutes")}, step=0,
-                            force=True)
+def run_training(ctx: StageContext, storage: Storage, tracker: Tracker, stage: str, key: str, out: Path,
+                 cfg: PretrainConfig, train: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """A training stage's body (pretrain, distill): ``train()`` (the trainer's summary) unless the
+    cache holds ``key``; ``out`` gets the released backbone, the resolved recipe and the summary;
+    steps, images seen and minutes are logged. Returns those and ``cached``."""
+
+    def work() -> dict[str, Any]:
+        summary = train()
+        out.mkdir(parents=True, exist_ok=True)
+        storage.get_file(summary["backbone"], out / BACKBONE_FILE)
+        (out / "config.yaml").write_text(to_yaml(cfg))
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return {name: summary[name] for name in ("steps", "images_seen", "train_minutes")}
+
+    result = run_cached(ctx, storage, stage, key, out, work)
+    mark_cached(tracker, result)
+    tracker.log_metrics({k: float(result[k]) for k in ("steps", "images_seen", "train_minutes")}, step=0, force=True)
     return result

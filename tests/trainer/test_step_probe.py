@@ -1,0 +1,76 @@
+"""``benchmarks/step_probe.py``: the hand FLOP count of the ceiling probe against torch's own
+``FlopCounterMode`` on tiny sizes, and one real probe step on CPU.
+
+``FlopCounterMode`` does not count the CPU kernel of ``scaled_dot_product_attention``, so the
+attention term is checked on its own against an explicit ``q @ k^T`` and ``weights @ v``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+SPEC = importlib.util.spec_from_file_location(
+    "step_probe", Path(__file__).resolve().parents[2] / "benchmarks" / "step_probe.py")
+step_probe = sys.modules["step_probe"] = importlib.util.module_from_spec(SPEC)  # dataclasses look it up
+SPEC.loader.exec_module(step_probe)
+
+SHAPE = step_probe.ProbeShape(embed_dim=32, depth=2, num_heads=4, patch_size=7, global_crop_size=28,
+                              local_crop_size=14, num_local_crops=2, bottleneck_dim=16, num_prototypes=64)
+
+
+def attention_flops(tokens: int) -> int:
+    """Counted FLOPs of one crop's attention in all blocks, done with plain matmuls."""
+    head_dim = SHAPE.embed_dim // SHAPE.num_heads
+    q = k = v = torch.randn(1, SHAPE.num_heads, tokens, head_dim)
+    with FlopCounterMode(display=False) as counter:
+        (q @ k.transpose(-1, -2)).softmax(-1) @ v
+    return SHAPE.depth * counter.get_total_flops()
+
+
+def test_forward_and_backward_flops_match_flop_counter() -> None:
+    model = step_probe.ProbeViT(SHAPE)
+    for crop in (SHAPE.global_crop_size, SHAPE.local_crop_size):
+        images = torch.randn(3, 3, crop, crop, requires_grad=True)  # input grad: backward is a full 2x
+        tokens = (crop // SHAPE.patch_size) ** 2 + 1
+        with FlopCounterMode(display=False) as forward:
+            model(images)
+        assert forward.get_total_flops() + 3 * attention_flops(tokens) == 3 * step_probe.forward_flops(SHAPE, crop)
+        with FlopCounterMode(display=False) as both:
+            model(images).sum().backward()
+        assert both.get_total_flops() + 9 * attention_flops(tokens) == 9 * step_probe.forward_flops(SHAPE, crop)
+
+
+def test_flops_per_image_is_student_three_passes_plus_teacher_forward() -> None:
+    g, loc = step_probe.forward_flops(SHAPE, 28), step_probe.forward_flops(SHAPE, 14)
+    assert step_probe.probe_flops_per_image(SHAPE) == 3 * (2 * g + 2 * loc) + 2 * g
+
+
+def test_probe_step_trains_the_student_only() -> None:
+    torch.manual_seed(0)
+    student, teacher = step_probe.ProbeViT(SHAPE), step_probe.ProbeViT(SHAPE)
+    before = [p.detach().clone() for p in student.parameters()]
+    teacher_before = [p.detach().clone() for p in teacher.parameters()]
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-2)
+    step_probe.probe_step(student, teacher, torch.randn(4, 3, 28, 28), torch.randn(4, 3, 14, 14), optimizer, None)
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(teacher_before, teacher.parameters()))
+
+
+def test_probe_mode_prints_both_rows_on_cpu() -> None:
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "train_step.py"
+    done = subprocess.run([sys.executable, str(script), "--probe", "--device", "cpu", "--config", "tiny", "--steps", "1",
+                           "--warmup", "1", "--", "optim.batch_size=4", "crops.num_local_crops=2"],
+                          capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in done.stdout.splitlines()
+            if line.split()[:1] in (["dinoflow"], ["probe"])}
+    assert set(rows) == {"dinoflow", "probe"}
+    assert all(value > 0 for figures in rows.values() for value in figures)
+    assert rows["probe"][3] == 1.0
