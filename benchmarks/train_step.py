@@ -21,16 +21,23 @@ with the tests). Prints one table; asserts nothing.
 ``--probe`` instead times, in this one process on ``--device``, the engine's ``train_step`` on
 synthetic crops and masks already on the device (all losses on; bf16 autocast on CUDA, as the
 engine trains) next to issue 11's plain ceiling probe (``benchmarks/step_probe.py``) at the same
-recipe sizes, and prints img/s, TFLOP/s, peak memory and ours/probe.
+recipe sizes, and prints img/s, TFLOP/s, peak memory and ours/probe (over the eager probe). The
+engine's step uses the engine's AdamW (``optim.fused_adamw``), the probe torch's default one.
+``--compile`` adds both again with every transformer block compiled (``model.compile_blocks``
+for ours, the same per-block compile for the probe's blocks; the warm-up steps absorb the
+compilation); a row whose compilation fell back to eager says so. ``--json`` also writes every
+row, as it completes, to a file.
 
     python benchmarks/train_step.py --strategy deepspeed --nproc 2 --steps 10 --config tiny
     python benchmarks/train_step.py --probe --device cpu --config tiny --steps 3 --warmup 1
+    python benchmarks/train_step.py --probe --compile --device cuda --config vits14 -- optim.batch_size=128
     python benchmarks/train_step.py --strategy fsdp2 --nproc 2 -- optim.batch_size=32 crops.num_local_crops=2
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -39,7 +46,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -49,6 +56,9 @@ from dinoflow.config import PretrainConfig, load_config
 from dinoflow.progress import progress
 from dinoflow.storage import Storage
 from dinoflow.tracking import NullTracker
+
+if TYPE_CHECKING:
+    from trainer.engine import CropBatch
 
 STRATEGIES = ("single", "fsdp2", "deepspeed")
 EXTENSIONS = str(Path.home() / ".cache" / "dinoflow" / "torch_extensions")
@@ -67,11 +77,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--probe", action="store_true",
                         help="instead: dinoflow's train_step next to the plain ceiling probe (issue 11), one process")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="--probe's device")
+    parser.add_argument("--compile", action="store_true",
+                        help="--probe: also time both steps with compiled blocks (model.compile_blocks)")
+    parser.add_argument("--json", default="", help="--probe: also write the figures to this JSON file, row by row")
     parser.add_argument("--worker", default="", help=argparse.SUPPRESS)  # a rank: write results to this folder
     parser.add_argument("overrides", nargs="*", help="dotted overrides of the preset (optim.batch_size per rank)")
     args = parser.parse_args()
     if args.nproc < 1 or args.steps < 1 or args.warmup < 0 or args.threads < 1:
         parser.error("--nproc, --steps and --threads must be at least 1, --warmup at least 0")
+    if (args.compile or args.json) and not args.probe:
+        parser.error("--compile and --json go with --probe")
+    if args.compile and args.warmup < 1:
+        parser.error("--compile needs --warmup of at least 1: the first step compiles")
     if (args.strategy == "single") != (args.nproc == 1) and not args.worker and not args.probe:
         parser.error("--strategy single runs on --nproc 1, and a distributed strategy on --nproc 2 or more")
     return args
@@ -193,54 +210,108 @@ def peak_mib(device: torch.device) -> float:
 
 
 def probe(args: argparse.Namespace) -> None:
-    """Time dinoflow's ``train_step`` (all losses, synthetic crops and masks on the device) and the
-    ceiling probe at the recipe's sizes, in this process; print one table."""
+    """Time the ceiling probe and dinoflow's ``train_step`` (all losses, synthetic crops and masks on
+    the device) at the recipe's sizes, in this process, eager and with ``--compile`` also with
+    compiled blocks; print one row per measurement as it completes and keep ``--json`` up to date,
+    so a run stopped by a timeout still leaves the rows it finished."""
     from trainer.data.masking import sample_crop_masks
-    from trainer.engine import CropBatch, Objective, build_networks, param_groups, train_step
-    from trainer.schedules import schedule_values
+    from trainer.engine import CropBatch, build_networks
 
     device = torch.device(args.device)
     cfg = load_config(PretrainConfig, args.config, args.overrides)
     batch, crops, m = cfg.optim.batch_size, cfg.crops, cfg.model
-    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None  # as the engine trains
-    torch.manual_seed(cfg.seed)
-    student, teacher = (network.to(device) for network in build_networks(cfg))
-    objective = Objective(cfg).to(device)
-    optimizer = torch.optim.AdamW(param_groups(student, cfg), betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
     grid = crops.global_crop_size // m.patch_size
     masks, _ = sample_crop_masks(2 * batch, grid, grid, np.random.default_rng(cfg.seed), cfg.loss.mask_probability,
                                  (cfg.loss.mask_ratio_min, cfg.loss.mask_ratio_max))
+    torch.manual_seed(cfg.seed)
     crop_batch = CropBatch(torch.randn(2, batch, 3, crops.global_crop_size, crops.global_crop_size, device=device),
                            torch.randn(crops.num_local_crops, batch, 3, crops.local_crop_size, crops.local_crop_size,
                                        device=device), masks.to(device))
-    sched = schedule_values(0, cfg.optim, cfg.loss, 1)
-    backbone = student.backbone
+    with torch.device("meta"):
+        backbone = build_networks(cfg)[0].backbone  # its sizes only
     shape = ProbeShape(backbone.embed_dim, len(backbone.blocks), backbone.blocks[0].attn.num_heads, m.patch_size,
                        crops.global_crop_size, crops.local_crop_size, crops.num_local_crops, cfg.heads.bottleneck_dim,
                        cfg.heads.num_prototypes)
-    rows = []
-    ours = time_steps(lambda: train_step(student, teacher, objective, [crop_batch], sched, optimizer,
-                                         cfg.optim.clip_grad, autocast_dtype), args, device)
-    rows.append(("dinoflow", ours, peak_mib(device)))
-    del student, teacher, objective, optimizer
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    probe_student, probe_teacher = ProbeViT(shape).to(device), ProbeViT(shape).to(device)
-    probe_optimizer = torch.optim.AdamW(probe_student.parameters())
-    global_crops, local_crops = crop_batch.global_crops.flatten(0, 1), crop_batch.local_crops.flatten(0, 1)
-    plain = time_steps(lambda: probe_step(probe_student, probe_teacher, global_crops, local_crops, probe_optimizer,
-                                          autocast_dtype), args, device)
-    rows.append(("probe", plain, peak_mib(device)))
     flops = probe_flops_per_image(shape)
-    print(f"\nTraining step vs ceiling probe, preset {args.config!r} on {device} "
-          f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), batch {batch}, "
-          f"{crops.num_local_crops} local crops, {flops / 1e9:.3f} GFLOP/image; torch {torch.__version__}; "
-          f"{args.steps} timed steps after {args.warmup} warm-up"
-          + ("; CPU peak is the process's peak RSS, so the probe row includes dinoflow's" if device.type == "cpu" else ""))
-    print(f"{'step':<9} {'img_per_s':>10} {'tflop_per_s':>12} {'peak_mib':>9} {'ours_vs_probe':>14}")
-    for name, seconds, peak in rows:
-        print(f"{name:<9} {batch / seconds:>10.1f} {batch * flops / seconds / 1e12:>12.4f} {peak:>9.0f} "
-              f"{plain / seconds:>14.2f}")
+    report: dict[str, Any] = {
+        "config": args.config, "overrides": args.overrides, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+        "torch": torch.__version__, "batch": batch, "num_local_crops": crops.num_local_crops,
+        "gflop_per_image": flops / 1e9, "steps": args.steps, "warmup": args.warmup, "rows": []}
+    print(f"\nTraining step vs ceiling probe, preset {args.config!r} on {device} ({report['device_name']}), "
+          f"batch {batch}, {crops.num_local_crops} local crops, {flops / 1e9:.3f} GFLOP/image; torch "
+          f"{torch.__version__}; {args.steps} timed steps after {args.warmup} warm-up"
+          + ("; CPU peak is the process's peak RSS, so each row includes the rows before it"
+             if device.type == "cpu" else ""))
+    print(f"{'step':<18} {'img_per_s':>10} {'tflop_per_s':>12} {'peak_mib':>9} {'ours_vs_probe':>14}", flush=True)
+    measures: dict[str, Callable[[bool], tuple[float, bool]]] = {
+        "probe": lambda compiled: time_probe(args, device, compiled, shape, crop_batch),
+        "dinoflow": lambda compiled: time_dinoflow(args, device, compiled, crop_batch)}
+    plain: float | None = None  # the eager probe's seconds per step: every row's reference
+    for compiled in (False, True) if args.compile else (False,):
+        for name, measure in measures.items():
+            label = f"{name}_compiled" if compiled else name
+            gc.collect()  # the last row's networks: compiled blocks hold themselves in a cycle
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            try:
+                seconds, fell_back = measure(compiled)
+            except torch.OutOfMemoryError:  # a row too large for the card: say so, measure the others
+                report["rows"].append({"step": label, "compiled": compiled, "error": "out of memory"})
+                print(f"{label:<18} out of memory", flush=True)
+            else:
+                plain = seconds if label == "probe" else plain
+                row = {"step": label, "compiled": compiled, "img_per_s": batch / seconds,
+                       "tflop_per_s": batch * flops / seconds / 1e12, "peak_mib": peak_mib(device),
+                       "ours_vs_probe": plain / seconds if plain else None, "compile_fell_back": fell_back}
+                report["rows"].append(row)
+                ratio = f"{row['ours_vs_probe']:>14.2f}" if plain else f"{'-':>14}"
+                print(f"{label:<18} {row['img_per_s']:>10.1f} {row['tflop_per_s']:>12.4f} {row['peak_mib']:>9.0f} "
+                      f"{ratio}" + ("  (compilation failed: eager)" if fell_back else ""), flush=True)
+            if args.json:
+                Storage().write_bytes(args.json, json.dumps(report, indent=2).encode())
+
+
+def time_probe(args: argparse.Namespace, device: torch.device, compiled: bool, shape: ProbeShape,
+               crop_batch: CropBatch) -> tuple[float, bool]:
+    """Seconds per step of the ceiling probe (blocks compiled if ``compiled``), and whether their
+    compilation fell back to eager."""
+    from trainer.models.compile import compile_blocks, is_compiled
+
+    torch.manual_seed(0)
+    student, teacher = ProbeViT(shape).to(device), ProbeViT(shape).to(device)
+    if compiled:
+        for network in (student, teacher):
+            compile_blocks(network.blocks)
+    optimizer = torch.optim.AdamW(student.parameters())  # the plain probe: torch's default AdamW
+    global_crops, local_crops = crop_batch.global_crops.flatten(0, 1), crop_batch.local_crops.flatten(0, 1)
+    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    seconds = time_steps(lambda: probe_step(student, teacher, global_crops, local_crops, optimizer, autocast_dtype),
+                         args, device)
+    return seconds, compiled and not all(is_compiled(b) for b in (*student.blocks, *teacher.blocks))
+
+
+def time_dinoflow(args: argparse.Namespace, device: torch.device, compiled: bool,
+                  crop_batch: CropBatch) -> tuple[float, bool]:
+    """Seconds per step of the engine's ``train_step`` as the engine sets it up (its AdamW, bf16
+    autocast on CUDA), with ``model.compile_blocks`` set to ``compiled``, and whether the
+    compilation fell back to eager."""
+    from trainer.engine import Objective, build_adamw, build_networks, train_step
+    from trainer.models.compile import is_compiled
+    from trainer.schedules import schedule_values
+
+    cfg = load_config(PretrainConfig, args.config, [*args.overrides, f"model.compile_blocks={compiled}"])
+    torch.manual_seed(cfg.seed)
+    student, teacher = (network.to(device) for network in build_networks(cfg))
+    objective = Objective(cfg).to(device)
+    optimizer = build_adamw(student, cfg, device)
+    sched = schedule_values(0, cfg.optim, cfg.loss, 1)
+    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None  # as the engine trains
+    seconds = time_steps(lambda: train_step(student, teacher, objective, [crop_batch], sched, optimizer,
+                                            cfg.optim.clip_grad, autocast_dtype), args, device)
+    blocks = (*student.backbone.blocks, *teacher.backbone.blocks)
+    return seconds, compiled and not all(is_compiled(b) for b in blocks)
 
 
 def main() -> None:

@@ -81,6 +81,10 @@ class ModelConfig(Section):
     layerscale_init: float = Field(1e-5, gt=0)
     drop_path_rate: float = Field(0.3, ge=0, lt=1)
     drop_path_uniform: bool = True
+    compile_blocks: bool = Field(
+        False, description="torch.compile each transformer block of the networks being trained (static "
+        "shapes; a block whose compilation fails runs eagerly, with a warning); state-dict names unchanged",
+    )
 
 
 class HeadsConfig(Section):
@@ -150,6 +154,11 @@ class OptimConfig(Section):
     adamw_beta1: float = Field(0.9, ge=0, lt=1)
     adamw_beta2: float = Field(0.999, ge=0, lt=1)
     grad_accumulation: int = Field(1, ge=1)
+    fused_adamw: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch's fused AdamW kernel: auto: on CUDA (except under distributed.strategy="
+        "deepspeed), else torch's default (foreach on CUDA, a per-tensor loop on CPU); on: always; off: "
+        "torch's default",
+    )
 
 
 class DataConfig(Section):

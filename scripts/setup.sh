@@ -10,12 +10,14 @@ TORCH=${TORCH:-torch==2.13.0}
 EXTRAS=${EXTRAS:-dev}
 DATA=/usr/share/datasets/fashion-mnist
 
-# Debian packages, each only when missing: Fashion-MNIST (the demo and test data) and headless
-# Chromium with its driver (the web page's browser test); nothing is downloaded at run time.
+# Debian packages, each only when missing: Fashion-MNIST (the demo and test data), headless
+# Chromium with its driver (the web page's browser test) and a C++ compiler (torch.compile's CPU
+# backend, model.compile_blocks); nothing is downloaded at run time.
 APT_PACKAGES=()
 [ -f "$DATA/train-images-idx3-ubyte.gz" ] || APT_PACKAGES+=(dataset-fashion-mnist)
 command -v chromium >/dev/null 2>&1 || APT_PACKAGES+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || APT_PACKAGES+=(chromium-driver)
+command -v g++ >/dev/null 2>&1 || APT_PACKAGES+=(g++)
 if [ "${#APT_PACKAGES[@]}" -gt 0 ]; then
   if command -v apt-get >/dev/null 2>&1; then
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo -n"

@@ -57,15 +57,17 @@ from trainer.engine import (
     Objective,
     SSLNetwork,
     TrainState,
+    build_adamw,
     build_backbone,
     checkpoint_bytes,
     ema_update,
     image_stream,
     load_latest_checkpoint,
-    param_groups,
     save_checkpoint,
+    with_kernel_choice,
 )
 from trainer.losses import CLSFeatureLoss, PatchFeatureLoss
+from trainer.models.compile import compile_blocks
 from trainer.models.heads import DINOHead
 from trainer.models.hub import load_backbone, save_backbone
 from trainer.models.vit import DinoVisionTransformer
@@ -170,7 +172,10 @@ def _frozen(network: Teacher, cfg: DistillConfig) -> Teacher:
 def build_student(cfg: DistillConfig, teacher_dim: int | None = None) -> tuple[Student, Teacher]:
     """Student (no stochastic depth) and its EMA (a copy, never trained): with ``heads``, fresh
     heads and an EMA of everything; with ``features``, projectors to ``teacher_dim`` (the teacher
-    backbone's width) and an EMA of the backbone only (the projectors are not released)."""
+    backbone's width) and an EMA of the backbone only (the projectors are not released).
+
+    ``model.compile_blocks`` compiles the student's blocks (after the copy: the EMA, only
+    evaluated, stays eager), as :func:`trainer.engine.build_networks` does."""
     backbone = build_backbone(cfg, drop_path=False)
     if cfg.distill.objective == "features":
         if teacher_dim is None:
@@ -180,6 +185,8 @@ def build_student(cfg: DistillConfig, teacher_dim: int | None = None) -> tuple[S
     else:
         student = SSLNetwork(backbone, *_heads(backbone.embed_dim, cfg))
         student_ema = copy.deepcopy(student)
+    if cfg.model.compile_blocks:
+        compile_blocks(backbone.blocks)
     return student, student_ema.requires_grad_(False).eval()
 
 
@@ -354,9 +361,9 @@ def distill(
     elif teacher_objective is not None and cfg.loss.centering == "softmax" and cfg.distill.objective == "heads":
         objective.load_state_dict(teacher_objective)  # the teacher's running centres
     student, student_ema, objective = student.to(device), student_ema.to(device), objective.to(device)
-    optimizer = torch.optim.AdamW(param_groups(student, cfg), betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
+    optimizer = build_adamw(student, cfg, device)
     if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        optimizer.load_state_dict(with_kernel_choice(checkpoint["optimizer"], optimizer))
         state = TrainState.from_checkpoint(checkpoint)
     tracker.log_config(cfg)
     multi_crop = MultiCrop(cfg.crops).to(device)

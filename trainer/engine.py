@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -37,11 +38,14 @@ from trainer.losses import (
     no_reduce,
     sinkhorn_knopp,
 )
+from trainer.models.compile import compile_blocks
 from trainer.models.heads import DINOHead
 from trainer.models.hub import load_strict, read_weights, save_backbone
 from trainer.models.vit import DinoVisionTransformer, build_vit
 from trainer.schedules import ScheduleValues, schedule_values, total_steps
 from trainer.strategy import Strategy, build_strategy, local_tensor
+
+_log = logging.getLogger(__name__)
 
 
 class SSLNetwork(nn.Module):
@@ -72,7 +76,9 @@ def build_backbone(cfg: PretrainConfig, drop_path: bool = True) -> DinoVisionTra
 
 
 def build_networks(cfg: PretrainConfig) -> tuple[SSLNetwork, SSLNetwork]:
-    """Student (with stochastic depth) and teacher (without; starts as a copy, never trained)."""
+    """Student (with stochastic depth) and teacher (without; starts as a copy, never trained);
+    with ``model.compile_blocks`` the blocks of each are compiled (:func:`compile_blocks`, lazily:
+    at their first call, wherever the networks are moved or sharded to before it)."""
     h = cfg.heads
 
     def network(drop_path: bool) -> SSLNetwork:
@@ -86,6 +92,9 @@ def build_networks(cfg: PretrainConfig) -> tuple[SSLNetwork, SSLNetwork]:
     teacher = network(drop_path=False)
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
+    if cfg.model.compile_blocks:
+        for network in (student, teacher):  # a group each: a deep copy of one never reaches the other
+            compile_blocks(network.backbone.blocks)
     return student, teacher.eval()
 
 
@@ -228,6 +237,45 @@ def param_groups(student: SSLNetwork, cfg: PretrainConfig) -> list[dict[str, Any
         groups.setdefault((lr_mult, wd_mult, "last_layer" in name), []).append(parameter)
     return [{"params": params, "lr_multiplier": lr, "wd_multiplier": wd, "is_last_layer": last}
             for (lr, wd, last), params in groups.items()]
+
+
+def use_fused_adamw(cfg: PretrainConfig, device: torch.device) -> bool:
+    """Whether AdamW runs torch's fused kernel (``optim.fused_adamw``) on parameters on ``device``.
+
+    ``auto`` fuses on CUDA, where one kernel per device and dtype does the whole update that
+    torch's default foreach path spreads over several launches, and keeps torch's default elsewhere.
+    Under ``distributed.strategy=deepspeed`` ``auto`` does not fuse: ZeRO-3 steps the optimizer on
+    its own flat fp32 partitions, and that combination has been checked on CPU only (2 ranks train
+    like one fused process; see ``DeepSpeedStrategy.load_optimizer_state`` for where fused keeps its
+    ``step``), not on GPUs; ``on`` asks for it explicitly.
+    """
+    if cfg.optim.fused_adamw == "auto":
+        return device.type == "cuda" and cfg.distributed.strategy != "deepspeed"
+    return cfg.optim.fused_adamw == "on"
+
+
+def build_adamw(student: nn.Module, cfg: PretrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """The training AdamW: :func:`param_groups` of ``student`` (parameters on ``device``), the
+    recipe's betas, fused per :func:`use_fused_adamw` (the choice is logged). "Not fused" passes
+    ``fused=None``, torch's default (foreach where it applies), never ``False``, which would force
+    the slow per-tensor loop."""
+    fused = use_fused_adamw(cfg, device)
+    _log.info("AdamW on %s: %s (optim.fused_adamw=%s)", device, "fused" if fused else "torch default",
+              cfg.optim.fused_adamw)
+    return torch.optim.AdamW(param_groups(student, cfg), betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2),
+                             fused=True if fused else None)
+
+
+def with_kernel_choice(state: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """A checkpoint's optimizer ``state`` carrying ``optimizer``'s kernel choice (``fused``,
+    ``foreach``) in its param groups, to load into ``optimizer``.
+
+    Why: torch's ``load_state_dict`` takes every group setting from the checkpoint, so a run
+    resumed with another ``optim.fused_adamw`` or on another device (or from a checkpoint written
+    before the option existed) would silently keep the writer's kernel, and torch places each
+    ``step`` counter by the flag it loads (fused: on the parameter's device; else on the CPU)."""
+    choice = {key: optimizer.param_groups[0][key] for key in ("fused", "foreach")}
+    return {**state, "param_groups": [{**group, **choice} for group in state["param_groups"]]}
 
 
 def make_batch(images: Tensor, step: int, cfg: PretrainConfig, multi_crop: MultiCrop,
@@ -407,10 +455,9 @@ def _pretrain(cfg: PretrainConfig, dataset: Any, collate: Callable, storage: Sto
         teacher.load_state_dict(checkpoint["teacher"])
         objective.load_state_dict(checkpoint["objective"])
     student, teacher = strategy.wrap(student, teacher)  # shards what was loaded
-    optimizer = strategy.prepare_optimizer(student, torch.optim.AdamW(
-        param_groups(student, cfg), betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2)))
+    optimizer = strategy.prepare_optimizer(student, build_adamw(student, cfg, device))
     if checkpoint is not None:
-        strategy.load_optimizer_state(student, optimizer, checkpoint["optimizer"])
+        strategy.load_optimizer_state(student, optimizer, with_kernel_choice(checkpoint["optimizer"], optimizer))
         state = TrainState.from_checkpoint(checkpoint)
     tracker.log_config(cfg)
     multi_crop = MultiCrop(cfg.crops).to(device)

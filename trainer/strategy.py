@@ -406,7 +406,10 @@ class DeepSpeedStrategy(FSDP2Strategy):
                 p = params[name]
                 flat = self._flat(p)
                 entry = flat_state.setdefault(flat, {})
-                entry["step"] = torch.as_tensor(state["state"][name]["step"], dtype=torch.float32).clone()
+                # where torch keeps it: on the partition's device for the fused kernel, else on the CPU
+                step_device = flat.device if group.get("fused") else torch.device("cpu")
+                entry["step"] = torch.as_tensor(state["state"][name]["step"], dtype=torch.float32,
+                                                device=step_device).clone()
                 for key in ("exp_avg", "exp_avg_sq"):
                     buffer = entry.setdefault(key, torch.zeros_like(flat, memory_format=torch.preserve_format))
                     local, _ = self._ds_optimizer._get_fp32_opt_state_partition(p, False, key)

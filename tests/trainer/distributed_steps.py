@@ -30,11 +30,12 @@ from trainer.engine import (
     CropBatch,
     Objective,
     TrainState,
+    build_adamw,
     build_networks,
     checkpoint_bytes,
     make_batch,
-    param_groups,
     train_step,
+    with_kernel_choice,
 )
 from trainer.schedules import ScheduleValues
 from trainer.strategy import build_strategy
@@ -63,10 +64,9 @@ def main(out: str, global_batch: int, steps: int, args: list[str]) -> None:
         teacher.load_state_dict(checkpoint["teacher"])
         objective.load_state_dict(checkpoint["objective"])
     student, teacher = strategy.wrap(student, teacher)
-    optimizer = strategy.prepare_optimizer(student, torch.optim.AdamW(
-        param_groups(student, cfg), betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2)))
+    optimizer = strategy.prepare_optimizer(student, build_adamw(student, cfg, torch.device("cpu")))
     if checkpoint is not None:
-        strategy.load_optimizer_state(student, optimizer, checkpoint["optimizer"])
+        strategy.load_optimizer_state(student, optimizer, with_kernel_choice(checkpoint["optimizer"], optimizer))
     multi_crop = MultiCrop(cfg.crops)
     mine = strategy.rank_slice(global_batch // micro)
     history = []

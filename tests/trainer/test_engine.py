@@ -13,6 +13,7 @@ from trainer.data.augment import MultiCrop
 from trainer.engine import (
     Objective,
     ResumableBatches,
+    build_adamw,
     build_networks,
     ema_update,
     load_latest_checkpoint,
@@ -20,8 +21,11 @@ from trainer.engine import (
     param_groups,
     save_checkpoint,
     train_step,
+    use_fused_adamw,
+    with_kernel_choice,
 )
 from trainer.schedules import ScheduleValues
+from trainer.strategy import Strategy
 
 TINY = ["model.embed_dim=32", "model.depth=3", "model.num_heads=2", "model.patch_size=7",
         "crops.local_crop_size=14", "heads.num_prototypes=64", "heads.hidden_dim=64",
@@ -128,6 +132,67 @@ def test_nan_loss_halts_with_a_clear_error() -> None:
     sched = ScheduleValues(lr=1e-3, last_layer_lr=1e-3, weight_decay=0.0, teacher_momentum=0.9, teacher_temp=0.05)
     with pytest.raises(FloatingPointError, match="loss is nan"):
         train_step(student, teacher, Objective(cfg), [batch], sched, torch.optim.AdamW(param_groups(student, cfg)), 3.0)
+
+
+def test_fused_adamw_trains_like_the_default_one() -> None:
+    """Three real steps (DINO and iBOT losses, masks, drop path, clipping) from the same networks
+    and batches: the fused kernel and torch's default path end at the same parameters and losses.
+
+    KoLeo is weighted 0 here (still computed): at init the CLS embeddings nearly coincide, so its
+    -log nearest-neighbour distance turns the kernels' rounding-level differences (~1e-8 after a
+    step) into 1e-2 changes of the loss, which Adam's normalised update carries into the weights."""
+    runs = []
+    for choice in ("on", "off"):
+        cfg = config(f"optim.fused_adamw={choice}", "loss.koleo_weight=0")
+        torch.manual_seed(0)
+        student, teacher = build_networks(cfg)
+        objective = Objective(cfg)
+        optimizer = build_adamw(student, cfg, torch.device("cpu"))
+        assert optimizer.param_groups[0]["fused"] is (True if choice == "on" else None)
+        sched = ScheduleValues(lr=1e-3, last_layer_lr=1e-3, weight_decay=0.04, teacher_momentum=0.9, teacher_temp=0.05)
+        losses = []
+        for step in range(3):
+            torch.manual_seed(step)  # the same crops and drop-path draws in both runs
+            batch = make_batch(images(), step, cfg, MultiCrop(cfg.crops))
+            losses.append(train_step(student, teacher, objective, [batch], sched, optimizer, clip_grad=3.0))
+        runs.append((student, losses))
+    (fused, fused_losses), (default, default_losses) = runs
+    for a, b in zip(fused_losses, default_losses):
+        for term in ("dino", "ibot", "total"):
+            assert a[term] == pytest.approx(b[term], abs=1e-6), term
+    for (name, a), b in zip(fused.named_parameters(), default.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+    moved = build_networks(config())[0]  # a fresh start differs: the steps did move the weights
+    assert not torch.allclose(fused.backbone.blocks[0].attn.qkv.weight, moved.backbone.blocks[0].attn.qkv.weight)
+
+
+def test_auto_fuses_adamw_on_cuda_only_and_not_under_deepspeed() -> None:
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert use_fused_adamw(config(), cuda) and not use_fused_adamw(config(), cpu)
+    assert use_fused_adamw(config("distributed.strategy=fsdp2"), cuda)
+    assert not use_fused_adamw(config("distributed.strategy=deepspeed"), cuda)
+    assert use_fused_adamw(config("optim.fused_adamw=on", "distributed.strategy=deepspeed"), cpu)
+    assert not use_fused_adamw(config("optim.fused_adamw=off"), cuda)
+
+
+def test_a_resumed_optimizer_takes_this_runs_kernel_not_the_checkpoints() -> None:
+    """A checkpoint written by torch's default AdamW, loaded (through the strategy's by-name format)
+    into a fused one, stays fused and keeps its moments and step; and back."""
+    cfg = config()
+    torch.manual_seed(0)
+    student, teacher = build_networks(cfg)
+    written = build_adamw(student, cfg, torch.device("cpu"))
+    sched = ScheduleValues(lr=1e-3, last_layer_lr=1e-3, weight_decay=0.04, teacher_momentum=0.9, teacher_temp=0.05)
+    train_step(student, teacher, Objective(cfg), [make_batch(images(), 0, cfg, MultiCrop(cfg.crops))], sched, written,
+               clip_grad=3.0)
+    state = Strategy().optimizer_state(student, written)
+    for choice, fused in (("on", True), ("off", None)):
+        resumed = build_adamw(student, config(f"optim.fused_adamw={choice}"), torch.device("cpu"))
+        Strategy().load_optimizer_state(student, resumed, with_kernel_choice(state, resumed))
+        assert all(group["fused"] is fused for group in resumed.param_groups)
+        qkv = student.backbone.blocks[0].attn.qkv.weight
+        torch.testing.assert_close(resumed.state[qkv]["exp_avg"], written.state[qkv]["exp_avg"])
+        assert float(resumed.state[qkv]["step"]) == 1.0
 
 
 def test_batches_resume_anywhere() -> None:

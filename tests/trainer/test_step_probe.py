@@ -8,6 +8,7 @@ attention term is checked on its own against an explicit ``q @ k^T`` and ``weigh
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -63,10 +64,14 @@ def test_probe_step_trains_the_student_only() -> None:
     assert all(torch.equal(a, b) for a, b in zip(teacher_before, teacher.parameters()))
 
 
-def test_probe_mode_prints_both_rows_on_cpu() -> None:
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "train_step.py"
-    done = subprocess.run([sys.executable, str(script), "--probe", "--device", "cpu", "--config", "tiny", "--steps", "1",
-                           "--warmup", "1", "--", "optim.batch_size=4", "crops.num_local_crops=2"],
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "train_step.py"
+
+
+def test_probe_mode_prints_both_rows_on_cpu(tmp_path: Path) -> None:
+    report = tmp_path / "probe.json"
+    done = subprocess.run([sys.executable, str(SCRIPT), "--probe", "--device", "cpu", "--config", "tiny", "--steps",
+                           "1", "--warmup", "1", "--json", str(report), "--", "optim.batch_size=4",
+                           "crops.num_local_crops=2"],
                           capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in done.stdout.splitlines()
@@ -74,3 +79,15 @@ def test_probe_mode_prints_both_rows_on_cpu() -> None:
     assert set(rows) == {"dinoflow", "probe"}
     assert all(value > 0 for figures in rows.values() for value in figures)
     assert rows["probe"][3] == 1.0
+    written = {row["step"]: row for row in json.loads(report.read_text())["rows"]}  # the same rows, unrounded
+    for name, (img_per_s, _, _, ratio) in rows.items():
+        assert round(written[name]["img_per_s"], 1) == img_per_s and round(written[name]["ours_vs_probe"], 2) == ratio
+        assert not written[name]["compiled"]
+
+
+def test_compile_needs_a_warm_up_step_and_the_probe_mode() -> None:
+    for extra, message in ((["--probe", "--warmup", "0"], "--compile needs --warmup of at least 1"),
+                           ([], "--compile and --json go with --probe")):
+        done = subprocess.run([sys.executable, str(SCRIPT), "--compile", *extra], capture_output=True, text=True,
+                              timeout=120, check=False)
+        assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]

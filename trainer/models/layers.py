@@ -177,8 +177,10 @@ def residual(
     if drop_rate == 0.0:
         return tokens + branch(tokens, shapes)
     if drop_rate <= EFFICIENT_DROP_PATH_ABOVE:
-        keep = torch.cat([torch.empty(b, device=tokens.device).bernoulli_(1 - drop_rate) for b, _ in shapes])
-        per_token = keep.repeat_interleave(torch.tensor([n for b, n in shapes for _ in range(b)], device=tokens.device))
+        # each sample's draw over its n tokens, (T,): static shapes, so torch.compile traces it whole
+        # (a repeat_interleave by a tensor of counts has a data-dependent size: a graph break and a sync)
+        per_token = torch.cat([torch.empty(b, 1, device=tokens.device).bernoulli_(1 - drop_rate).expand(b, n)
+                               .reshape(-1) for b, n in shapes])
         return tokens + branch(tokens, shapes) * (per_token / (1 - drop_rate)).unsqueeze(1).to(tokens.dtype)
     rows, scales, kept_shapes = [], [], []
     offset = 0

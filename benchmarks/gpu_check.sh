@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Issue 11's check on one GPU, in under 8 minutes on an H100; everything it writes goes to OUTDIR.
+#
+#   benchmarks/gpu_check.sh OUTDIR [--cpu-smoke]
+#
+# Steps, each under `timeout` (its own cap, and never past the run's budget of $BUDGET seconds,
+# so one hang cannot eat the others' time; a step stopped by its timeout keeps the rows it had
+# written):
+#   env            nvidia-smi, torch and CUDA versions                          -> env.txt
+#   correctness    benchmarks/gpu_correctness.py: backbone and one train_step on the GPU against the
+#                  CPU from the same weights (fp32), bf16 autocast against fp32, compiled blocks
+#                  against eager                                                 -> correctness.json
+#   probe_small    benchmarks/train_step.py --probe --compile: ViT-S/14 recipe, batch 128  -> probe_small.json
+#   probe_large    the same for the ViT-L/14 recipe, batch 64                               -> probe_large.json
+#   summary        benchmarks/gpu_summary.py                                     -> summary.md, summary.json
+# Both probes: 2 x 224 + 8 x 98 crops and 65536 prototypes (issue 11's sizes), eager and compiled
+# rows of dinoflow's step and of the ceiling probe. Each step's output is in <step>.log and the
+# step table in steps.tsv. Exits 1 if a step failed or timed out (or a check failed), else 0.
+#
+# --cpu-smoke runs the same steps on the CPU with the tiny recipe in a minute or two (the second
+# probe with the large recipe's code paths: SwiGLU, Sinkhorn-Knopp, a separate iBOT head and the
+# subset drop path), to test this script; its figures mean nothing.
+set -u -o pipefail
+
+if [[ $# -lt 1 || $# -gt 2 || ( $# -eq 2 && $2 != --cpu-smoke ) ]]; then
+    echo "usage: $0 OUTDIR [--cpu-smoke]" >&2
+    exit 2
+fi
+OUT=$1
+SMOKE=${2:-}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+PYTHON=${PYTHON:-python}
+BUDGET=${BUDGET:-450}  # seconds for all timed steps together
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$ROOT" || exit 2
+: > "$OUT/steps.tsv"
+export PYTHONUNBUFFERED=1  # a step killed by its timeout still leaves its last lines in the log
+started=$SECONDS
+failed=0
+
+# run_step NAME CAP_SECONDS COMMAND...: run under timeout, log to NAME.log, record a line in steps.tsv
+run_step() {
+    local name=$1 cap=$2
+    shift 2
+    local left=$((BUDGET - (SECONDS - started)))
+    local limit=$((cap < left ? cap : left))
+    if ((limit < 10)); then
+        printf '%s\tskipped (budget spent)\t-\t0\t%s\n' "$name" "$limit" >> "$OUT/steps.tsv"
+        failed=1
+        return
+    fi
+    echo "== $name (at most ${limit}s)"
+    local tick=$SECONDS rc status
+    timeout --kill-after=15 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    rc=$?
+    case $rc in
+        0) status=ok ;;
+        124 | 137) status=timeout ;;
+        *) status=failed ;;
+    esac
+    ((rc == 0)) || failed=1
+    printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$status" "$rc" "$((SECONDS - tick))" "$limit" >> "$OUT/steps.tsv"
+    tail -n 8 "$OUT/$name.log"
+}
+
+CROPS=(crops.global_crop_size=224 crops.local_crop_size=98 crops.num_local_crops=8)
+if [[ $SMOKE == --cpu-smoke ]]; then
+    DEVICE=cpu
+    CORRECTNESS=(--config tiny -- optim.batch_size=4 crops.num_local_crops=2)
+    SMALL=(--config tiny --steps 1 --warmup 1 -- optim.batch_size=4 crops.num_local_crops=2)
+    LARGE=(--config tiny --steps 1 --warmup 1 -- optim.batch_size=4 crops.num_local_crops=2 model.ffn_layer=swiglu
+           loss.centering=sinkhorn_knopp heads.ibot_separate_head=true heads.ibot_num_prototypes=4096
+           model.drop_path_rate=0.4)
+    CAPS=(60 120 120)
+else
+    DEVICE=cuda
+    CORRECTNESS=(--config vits14 -- optim.batch_size=4 "${CROPS[@]}")
+    SMALL=(--config vits14 --steps 8 --warmup 2 -- optim.batch_size=128 "${CROPS[@]}" heads.num_prototypes=65536)
+    LARGE=(--config vitl14 --steps 8 --warmup 2 -- optim.batch_size=64 "${CROPS[@]}" heads.num_prototypes=65536
+           heads.ibot_num_prototypes=65536)
+    CAPS=(120 150 180)
+fi
+
+echo "== env"
+{
+    date -u
+    git -C "$ROOT" rev-parse HEAD 2>/dev/null
+    timeout 30 nvidia-smi 2>&1 || echo "no nvidia-smi"
+    timeout 60 "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+'available', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
+} > "$OUT/env.txt" 2>&1
+
+run_step correctness "${CAPS[0]}" "$PYTHON" benchmarks/gpu_correctness.py --device "$DEVICE" --reference cpu \
+    --compile --out "$OUT/correctness.json" "${CORRECTNESS[@]}"
+run_step probe_small "${CAPS[1]}" "$PYTHON" benchmarks/train_step.py --probe --compile --device "$DEVICE" \
+    --json "$OUT/probe_small.json" "${SMALL[@]}"
+run_step probe_large "${CAPS[2]}" "$PYTHON" benchmarks/train_step.py --probe --compile --device "$DEVICE" \
+    --json "$OUT/probe_large.json" "${LARGE[@]}"
+
+echo "== summary (${OUT}/summary.md), $((SECONDS - started))s"
+"$PYTHON" benchmarks/gpu_summary.py "$OUT" || failed=1
+exit $failed

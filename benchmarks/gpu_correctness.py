@@ -1,0 +1,165 @@
+"""Does the training step compute the same thing on ``--device`` as on ``--reference``? From the
+same weights and the same synthetic crops and masks:
+
+* ``backbone_fp32``: the student backbone's pre-norm tokens (packed global + local crops, masked
+  globals, eval mode) in fp32 on both devices;
+* ``step_fp32``: one ``train_step``'s loss terms in fp32 on both devices;
+* ``step_bf16``: the step's loss terms under bf16 autocast (as the engine trains on CUDA) against
+  fp32 on ``--device``;
+* ``step_compiled`` (``--compile``): the loss terms with compiled blocks (``model.compile_blocks``)
+  against eager, fp32 on ``--device``; a compilation that fell back to eager fails it.
+
+fp32 means fp32: TF32 is switched off for matmuls and convolutions (cuDNN would use it for the
+patch embedding). Stochastic depth is off (its draws differ between devices) and LayerScale starts
+at 1 (at the recipes' 1e-5 the blocks barely touch the tokens, and a wrong block would pass).
+A difference passes when ``|device - reference| <= rtol * max(1, max |reference|)``.
+
+Prints one line per check and rewrites ``--out`` (JSON, every figure) as each one completes;
+exits 1 if any fails.
+``--device cpu --reference cpu`` is the smoke test of the script itself.
+
+    python benchmarks/gpu_correctness.py --device cuda --config vits14 --compile --out check.json -- optim.batch_size=4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dinoflow.config import PretrainConfig, load_config
+from dinoflow.storage import Storage
+from trainer.data.masking import sample_crop_masks
+from trainer.engine import CropBatch, Objective, build_adamw, build_networks, train_step
+from trainer.models.compile import is_compiled
+from trainer.schedules import schedule_values
+
+FORCED = ["model.drop_path_rate=0", "model.layerscale_init=1.0"]  # see the module docstring
+RTOL = {"backbone_fp32": 1e-4, "step_fp32": 1e-3, "step_bf16": 2e-2, "step_compiled": 1e-3}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda", help="the device checked")
+    parser.add_argument("--reference", default="cpu", help="the device it is checked against")
+    parser.add_argument("--config", default="vits14", help="pretraining preset name or YAML path")
+    parser.add_argument("--compile", action="store_true", help="also check compiled blocks against eager")
+    parser.add_argument("--out", default="", help="write the results to this JSON file")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides of the preset (e.g. optim.batch_size=4)")
+    return parser.parse_args()
+
+
+def recipe(args: argparse.Namespace, compiled: bool) -> PretrainConfig:
+    """The preset with ``args.overrides``, then :data:`FORCED`, blocks compiled or not."""
+    return load_config(PretrainConfig, args.config, [*args.overrides, *FORCED, f"model.compile_blocks={compiled}"])
+
+
+def synthetic_batch(cfg: PretrainConfig) -> CropBatch:
+    """Random crops and the recipe's masks, on the CPU, fixed by ``cfg.seed``."""
+    batch, crops = cfg.optim.batch_size, cfg.crops
+    generator = torch.Generator().manual_seed(cfg.seed)
+    grid = crops.global_crop_size // cfg.model.patch_size
+    masks, _ = sample_crop_masks(2 * batch, grid, grid, np.random.default_rng(cfg.seed), cfg.loss.mask_probability,
+                                 (cfg.loss.mask_ratio_min, cfg.loss.mask_ratio_max))
+    return CropBatch(
+        torch.randn(2, batch, 3, crops.global_crop_size, crops.global_crop_size, generator=generator),
+        torch.randn(crops.num_local_crops, batch, 3, crops.local_crop_size, crops.local_crop_size, generator=generator),
+        masks)
+
+
+def to_device(batch: CropBatch, device: torch.device) -> CropBatch:
+    return CropBatch(batch.global_crops.to(device), batch.local_crops.to(device), batch.masks.to(device))
+
+
+def backbone_tokens(cfg: PretrainConfig, weights: dict[str, Tensor], batch: CropBatch,
+                    device: torch.device) -> Tensor:
+    """The student backbone's pre-norm tokens of both crop groups, flattened, back on the CPU."""
+    student, _ = build_networks(cfg)
+    student.load_state_dict(weights)
+    backbone = student.backbone.to(device).eval()
+    batch = to_device(batch, device)
+    with torch.no_grad():
+        outputs = backbone.forward_features_list([batch.global_crops.flatten(0, 1), batch.local_crops.flatten(0, 1)],
+                                                 [batch.masks, None])
+    return torch.cat([o["x_prenorm"].flatten() for o in outputs]).cpu()
+
+
+def step_losses(cfg: PretrainConfig, weights: dict[str, Tensor], batch: CropBatch, device: torch.device,
+                autocast_dtype: torch.dtype | None) -> tuple[dict[str, float], bool]:
+    """One ``train_step`` from ``weights`` (student and teacher alike): its loss terms, and whether
+    every block still ran compiled (True when nothing was compiled)."""
+    student, teacher = build_networks(cfg)
+    student.load_state_dict(weights)
+    teacher.load_state_dict(weights)
+    student, teacher, objective = student.to(device), teacher.to(device), Objective(cfg).to(device)
+    sched = schedule_values(0, cfg.optim, cfg.loss, 1)
+    losses = train_step(student, teacher, objective, [to_device(batch, device)], sched,
+                        build_adamw(student, cfg, device), cfg.optim.clip_grad, autocast_dtype)
+    blocks = (*student.backbone.blocks, *teacher.backbone.blocks)
+    return losses, not cfg.model.compile_blocks or all(is_compiled(b) for b in blocks)
+
+
+def compare(name: str, want: dict[str, float], got: dict[str, float]) -> dict[str, Any]:
+    """One check over loss terms: each term's difference against ``RTOL[name]``."""
+    terms = {}
+    for term, value in want.items():
+        diff = abs(got[term] - value)
+        terms[term] = {"reference": value, "got": got[term], "abs_diff": diff,
+                       "ok": diff <= RTOL[name] * max(1.0, abs(value))}
+    return {"name": name, "rtol": RTOL[name], "terms": terms, "ok": all(t["ok"] for t in terms.values())}
+
+
+def main() -> None:
+    args = parse_args()
+    device, reference = torch.device(args.device), torch.device(args.reference)
+    # fp32 is fp32: no TF32 in matmuls nor in cuDNN (the patch embedding's convolution). The flags
+    # torch calls legacy, because inductor reads them, and they refuse to be read once the new
+    # per-backend ones (fp32_precision) disagree among themselves
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    cfg = recipe(args, compiled=False)
+    torch.manual_seed(cfg.seed)
+    weights = build_networks(cfg)[0].state_dict()
+    batch = synthetic_batch(cfg)
+    checks: list[dict[str, Any]] = []
+    result = {"device": str(device), "reference": str(reference), "config": args.config,
+              "overrides": [*args.overrides, *FORCED], "torch": torch.__version__,
+              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+              "checks": checks, "ok": False}
+
+    def record(check: dict[str, Any]) -> None:
+        """Keep ``check``, print it, and rewrite ``--out`` (a step stopped midway keeps the checks done)."""
+        checks.append(check)
+        result["ok"] = all(c["ok"] for c in checks)
+        detail = (f"max |diff| {check['max_abs_diff']:.3g} (scale {check['max_abs_reference']:.3g})"
+                  if "terms" not in check else
+                  ", ".join(f"{t} {v['got']:.5f} vs {v['reference']:.5f}" for t, v in check["terms"].items()))
+        print(f"{'PASS' if check['ok'] else 'FAIL'} {check['name']} (rtol {check['rtol']}): {detail}"
+              + ("" if check.get("stayed_compiled", True) else "; compilation fell back to eager"), flush=True)
+        if args.out:
+            Storage().write_bytes(args.out, json.dumps(result, indent=2).encode())
+
+    want, got = (backbone_tokens(cfg, weights, batch, d) for d in (reference, device))
+    scale = max(1.0, want.abs().max().item())
+    diff = (got - want).abs().max().item()
+    record({"name": "backbone_fp32", "rtol": RTOL["backbone_fp32"], "max_abs_reference": scale,
+            "max_abs_diff": diff, "ok": diff <= RTOL["backbone_fp32"] * scale})
+    reference_losses, _ = step_losses(cfg, weights, batch, reference, None)
+    fp32, _ = step_losses(cfg, weights, batch, device, None)
+    record(compare("step_fp32", reference_losses, fp32))
+    bf16, _ = step_losses(cfg, weights, batch, device, torch.bfloat16)
+    record(compare("step_bf16", fp32, bf16))
+    if args.compile:
+        compiled, stayed_compiled = step_losses(recipe(args, compiled=True), weights, batch, device, None)
+        check = compare("step_compiled", fp32, compiled)
+        check.update(stayed_compiled=stayed_compiled, ok=check["ok"] and stayed_compiled)
+        record(check)
+    raise SystemExit(0 if result["ok"] else 1)
+
+
+if __name__ == "__main__":
+    main()

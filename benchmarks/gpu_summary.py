@@ -1,0 +1,72 @@
+"""The summary of a ``benchmarks/gpu_check.sh`` run: its steps (status, time), the correctness
+checks and every probe row, from the files the steps left in OUTDIR (``steps.tsv``, written by
+the script, and each step's ``<step>.json``, written row by row, so a step stopped by its timeout
+still shows what it finished). Writes ``summary.json`` and ``summary.md`` there and prints the
+latter.
+
+    python benchmarks/gpu_summary.py OUTDIR
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+STEP_COLUMNS = ("step", "status", "exit_code", "seconds", "limit_seconds")
+
+
+def read_steps(out: Path) -> list[dict[str, Any]]:
+    """The steps the script ran, in order, with the JSON each one left (or None)."""
+    steps = []
+    for line in (out / "steps.tsv").read_text().splitlines():
+        step = dict(zip(STEP_COLUMNS, line.split("\t"), strict=True))
+        result = out / f"{step['step']}.json"
+        step["result"] = json.loads(result.read_text()) if result.is_file() else None
+        steps.append(step)
+    return steps
+
+
+def markdown(steps: list[dict[str, Any]]) -> str:
+    """Steps, then each correctness check and each probe table."""
+    lines = ["# GPU check", "", "| step | status | exit code | seconds | limit |", "|---|---|---:|---:|---:|"]
+    lines += [f"| {s['step']} | {s['status']} | {s['exit_code']} | {s['seconds']} | {s['limit_seconds']} |"
+              for s in steps]
+    for step in steps:
+        result = step["result"]
+        if result is None:
+            continue
+        lines += ["", f"## {step['step']}: {result['config']} on {result['device_name']}, torch {result['torch']}",
+                  "", f"overrides: `{' '.join(result['overrides'])}`", ""]
+        if "checks" in result:
+            lines += [f"- {'PASS' if c['ok'] else 'FAIL'} `{c['name']}` (rtol {c['rtol']}): " + (
+                f"max abs diff {c['max_abs_diff']:.3g} at scale {c['max_abs_reference']:.3g}" if "terms" not in c else
+                ", ".join(f"{t} {v['got']:.5f} vs {v['reference']:.5f}" for t, v in c["terms"].items()))
+                for c in result["checks"]]
+        else:
+            lines += [f"batch {result['batch']}, {result['num_local_crops']} local crops, "
+                      f"{result['gflop_per_image']:.2f} GFLOP/image, {result['steps']} timed steps after "
+                      f"{result['warmup']} warm-up", "",
+                      "| step | img/s | TFLOP/s | peak MiB | vs eager probe | note |", "|---|---:|---:|---:|---:|---|"]
+            for row in result["rows"]:
+                if "error" in row:
+                    lines.append(f"| {row['step']} | | | | | {row['error']} |")
+                    continue
+                ratio = f"{row['ours_vs_probe']:.2f}" if row["ours_vs_probe"] is not None else ""
+                note = "compilation failed: eager" if row["compile_fell_back"] else ""
+                lines.append(f"| {row['step']} | {row['img_per_s']:.1f} | {row['tflop_per_s']:.2f} | "
+                             f"{row['peak_mib']:.0f} | {ratio} | {note} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(out: Path) -> None:
+    steps = read_steps(out)
+    (out / "summary.json").write_text(json.dumps({"steps": steps}, indent=2))
+    text = markdown(steps)
+    (out / "summary.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

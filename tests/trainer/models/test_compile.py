@@ -1,0 +1,117 @@
+"""``trainer/models/compile.py``: blocks compiled by inductor compute what eager blocks compute,
+keep their parameter names and do not recompile from step to step; a backend that fails (in the
+forward or in the backward compiler) leaves the blocks eager, with a warning, and the run going.
+
+The failing backends are real ``torch.compile`` backends (callables dynamo calls with the traced
+graph) that raise, as a broken compiler toolchain would.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from torch._dynamo.backends.common import aot_autograd
+from torch._dynamo.utils import counters
+
+from dinoflow.config import DistillConfig, PretrainConfig, load_config, validate
+from trainer.distill import build_student
+from trainer.engine import build_networks
+from trainer.models.compile import compile_blocks, is_compiled
+from trainer.models.vit import DinoVisionTransformer, build_vit
+
+SHAPES = [(4, 17), (8, 5)]  # packed groups: 4 global crops of 16 patches + CLS, 8 local of 4 + CLS
+
+
+def backbone() -> DinoVisionTransformer:
+    torch.manual_seed(0)
+    return build_vit("vit_small", embed_dim=32, depth=2, num_heads=2, patch_size=7, img_size=28)
+
+
+def step(model: DinoVisionTransformer, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One training forward and backward on packed global and local crops (masks on the globals):
+    the pre-norm tokens of both groups and every parameter's gradient."""
+    generator = torch.Generator().manual_seed(seed)
+    images = [torch.randn(4, 3, 28, 28, generator=generator), torch.randn(8, 3, 14, 14, generator=generator)]
+    masks = [torch.rand(4, 16, generator=generator) > 0.5, None]
+    model.zero_grad(set_to_none=True)
+    outputs = model.forward_features_list(images, masks)
+    (outputs[0]["x_norm_clstoken"].square().sum() + outputs[1]["x_norm_patchtokens"].sum()).backward()
+    prenorm = torch.cat([o["x_prenorm"].flatten() for o in outputs]).detach()
+    return prenorm, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def test_inductor_blocks_match_eager_keep_their_names_and_compile_once() -> None:
+    torch._dynamo.reset()  # other tests' graphs of Block.forward count towards dynamo's recompile limit
+    eager = backbone()
+    compiled = copy.deepcopy(eager)
+    names = list(compiled.state_dict())
+    compile_blocks(compiled.blocks)
+    assert list(compiled.state_dict()) == names  # no "_orig_mod." anywhere
+    assert [n for n, _ in compiled.named_parameters()] == [n for n, _ in eager.named_parameters()]
+    frames_before = counters["frames"]["ok"]
+    for seed in (0, 1):
+        want_tokens, want_grads = step(eager, seed)
+        got_tokens, got_grads = step(compiled, seed)
+        torch.testing.assert_close(got_tokens, want_tokens, rtol=1e-4, atol=1e-5)
+        for name, grad in want_grads.items():
+            torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+        if seed == 0:
+            compiled_frames = counters["frames"]["ok"] - frames_before
+    assert all(is_compiled(block) for block in compiled.blocks)  # still compiled: no fallback
+    assert compiled_frames == 1  # one graph for both blocks and both packed groups...
+    assert counters["frames"]["ok"] - frames_before == 1  # ...and no recompilation at the second step
+    # a deep copy runs on its own weights, not on the original's
+    twin = copy.deepcopy(compiled)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.zero_()
+    assert twin.forward_features(torch.randn(2, 3, 28, 28))["x_prenorm"].abs().max() == 0
+
+
+def _refuse(graph: torch.fx.GraphModule, example_inputs: list) -> None:
+    raise RuntimeError("no compiler on this machine")
+
+
+def test_a_failing_backend_leaves_the_blocks_eager_with_one_warning(caplog: pytest.LogCaptureFixture) -> None:
+    eager, compiled = backbone(), backbone()
+    compile_blocks(compiled.blocks, backend=_refuse)
+    with caplog.at_level(logging.WARNING, logger="trainer.models.compile"):
+        got = step(compiled, 0)
+        step(compiled, 1)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1, warnings
+    assert "torch.compile failed for 2 Block blocks" in warnings[0] and "no compiler on this machine" in warnings[0]
+    assert not any(is_compiled(block) for block in compiled.blocks)  # back to the class's forward
+    want = step(eager, 0)
+    assert torch.equal(got[0], want[0]) and all(torch.equal(got[1][n], g) for n, g in want[1].items())
+
+
+def test_a_failing_backward_compiler_is_caught_at_the_forward_call(caplog: pytest.LogCaptureFixture) -> None:
+    """AOTAutograd would compile the backward at ``loss.backward()``, beyond the fallback's reach:
+    it is lowered when the forward compiles, so its failure falls back there."""
+    eager, compiled = backbone(), backbone()
+    compile_blocks(compiled.blocks, backend=aot_autograd(fw_compiler=lambda graph, inputs: graph, bw_compiler=_refuse))
+    with caplog.at_level(logging.WARNING, logger="trainer.models.compile"):
+        got = step(compiled, 0)
+    assert any("no compiler on this machine" in r.getMessage() for r in caplog.records)
+    want = step(eager, 0)
+    assert torch.equal(got[0], want[0]) and all(torch.equal(got[1][n], g) for n, g in want[1].items())
+
+
+def test_the_trainers_compile_blocks_when_the_recipe_says_so() -> None:
+    small = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "heads.num_prototypes=64",
+             "heads.hidden_dim=64", "heads.bottleneck_dim=16"]
+    plain = build_networks(load_config(PretrainConfig, "tiny", small))
+    networks = build_networks(load_config(PretrainConfig, "tiny", [*small, "model.compile_blocks=true"]))
+    for network, reference in zip(networks, plain):
+        assert all(is_compiled(block) for block in network.backbone.blocks)
+        assert list(network.state_dict()) == list(reference.state_dict())
+    assert not any(is_compiled(block) for block in plain[0].backbone.blocks)
+    cfg = validate(DistillConfig, {**load_config(PretrainConfig, "tiny", [*small, "model.compile_blocks=true"])
+                                   .model_dump(), "teacher": {"uri": "unused"}})
+    student, student_ema = build_student(cfg)
+    assert all(is_compiled(block) for block in student.backbone.blocks)
+    assert not any(is_compiled(block) for block in student_ema.backbone.blocks)

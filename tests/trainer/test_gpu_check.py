@@ -1,0 +1,37 @@
+"""``benchmarks/gpu_check.sh OUTDIR --cpu-smoke``: the GPU check's own steps, run for real on the
+CPU with the tiny recipe (correctness against the CPU, both probes eager and compiled by inductor),
+leave their logs, JSON and a summary in OUTDIR. Timings are never asserted."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = ("correctness", "probe_small", "probe_large")
+
+
+def test_cpu_smoke_writes_every_output_and_the_summary(tmp_path: Path) -> None:
+    out = tmp_path / "check"
+    done = subprocess.run([str(ROOT / "benchmarks" / "gpu_check.sh"), str(out), "--cpu-smoke"], cwd=tmp_path,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable), capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    outputs = [f"{step}.{kind}" for step in STEPS for kind in ("log", "json")]
+    for name in ("env.txt", "steps.tsv", "summary.md", "summary.json", *outputs):
+        assert (out / name).is_file(), name
+    steps = json.loads((out / "summary.json").read_text())["steps"]
+    assert [(s["step"], s["status"]) for s in steps] == [(name, "ok") for name in STEPS]
+    correctness = json.loads((out / "correctness.json").read_text())
+    assert correctness["ok"]
+    assert [c["name"] for c in correctness["checks"]] == ["backbone_fp32", "step_fp32", "step_bf16", "step_compiled"]
+    for probe in STEPS[1:]:
+        rows = json.loads((out / f"{probe}.json").read_text())["rows"]
+        assert [r["step"] for r in rows] == ["probe", "dinoflow", "probe_compiled", "dinoflow_compiled"]
+        assert all(r["img_per_s"] > 0 and not r["compile_fell_back"] for r in rows), rows
+    summary = (out / "summary.md").read_text()
+    assert all(f"| {name} | ok |" in summary for name in STEPS)
+    assert summary.count("PASS") == 4 and "| dinoflow_compiled |" in summary

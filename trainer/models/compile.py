@@ -1,0 +1,104 @@
+"""``torch.compile`` per transformer block, with an eager fallback and unchanged parameter names.
+
+Why per block: every block of a ViT runs the same code on the same shapes, so one compiled graph
+per (train/eval mode, token shapes) serves all of them (dynamo keys its cache by code object and
+treats each block's parameters as inputs): compile time is one block's, whatever the depth, and
+the losses, masking and heads around the blocks stay eager and easy to change.
+
+Why only ``forward`` is compiled (an instance attribute over the class's), not
+``torch.compile(block)`` nor ``nn.Module.compile()``: the first wraps the block in an
+``OptimizedModule``, so state-dict keys gain ``_orig_mod.`` and checkpoints, exports and the EMA
+would see other names; the second compiles ``_call_impl`` with the block's hooks, which under
+``fsdp2`` and ``deepspeed`` gather the block's sharded parameters and are better left eager. Both
+keep the names here (``state_dict`` never sees the attribute), and falling back is deleting it.
+
+Static shapes (``dynamic=False``): a step's shapes are fixed by the recipe (batch, crop sizes, the
+samples kept by stochastic depth), and the packed-token ``shapes`` argument is a list of Python
+ints that dynamo specialises on. Training compiles two graphs (student in train mode, teacher in
+eval mode under no_grad), plus one per other shape (an evaluation's batch, the high-resolution
+phase); nothing recompiles from step to step. Dynamo's default would turn sizes symbolic after
+the first new shape, for no gain here. Past ``torch._dynamo.config.recompile_limit`` graphs per
+code object (8), dynamo itself runs further shapes eagerly, with a warning.
+
+Why the backward is lowered when the forward compiles: AOTAutograd compiles the backward lazily,
+at the first ``loss.backward()``, where a compiler failure would escape the fallback below;
+lowering it at the forward call (``force_non_lazy_backward_lowering``, at compile time only)
+makes it fail where the fallback catches it.
+
+The fallback: any exception from a compiled call (tracing, the backend, a recompile for a new
+shape) logs a warning naming it, sends every block compiled together back to eager for good, and
+re-runs the call eagerly, so the run goes on (a genuine error then raises from the eager code).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+_log = logging.getLogger(__name__)
+
+Backend = str | Callable[..., Any]  # a torch.compile backend: a registered name or a callable
+
+
+def compile_blocks(blocks: Sequence[nn.Module], backend: Backend = "inductor") -> None:
+    """Compile each block's ``forward`` in place (all blocks must share one class); on the first
+    failure all of ``blocks`` run eagerly from then on (see the module docstring)."""
+    classes = {type(block) for block in blocks}
+    if len(classes) != 1:
+        raise ValueError(f"compile_blocks takes blocks of one class, got {sorted(c.__name__ for c in classes)}")
+    compiled = torch.compile(classes.pop().forward, dynamic=False, backend=_lowering_backward_too(backend))
+    fall_back = _FallBack(list(blocks))
+    for block in blocks:
+        block.forward = _CompiledForward(block, compiled, fall_back)
+
+
+def is_compiled(block: nn.Module) -> bool:
+    """Whether ``block`` runs a compiled ``forward`` (False if never compiled or fallen back)."""
+    return isinstance(vars(block).get("forward"), _CompiledForward)
+
+
+def _lowering_backward_too(backend: Backend) -> Callable[..., Any]:
+    """``backend``, compiling the backward graph together with the forward one."""
+    compile_graph = torch._dynamo.lookup_backend(backend) if isinstance(backend, str) else backend
+
+    def compile_forward_and_backward(graph: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        with torch._functorch.config.patch(force_non_lazy_backward_lowering=True):
+            return compile_graph(graph, example_inputs)
+
+    return compile_forward_and_backward
+
+
+class _FallBack:
+    """Sends a group of compiled blocks back to their class's eager ``forward``, once, with a warning."""
+
+    def __init__(self, blocks: list[nn.Module]) -> None:
+        self.blocks = blocks
+
+    def __call__(self, error: Exception) -> None:
+        compiled = [block for block in self.blocks if is_compiled(block)]
+        if not compiled:
+            return
+        message = " ".join(str(error).split())[:400]
+        _log.warning("torch.compile failed for %d %s blocks (%s: %s); they run eagerly from now on",
+                     len(self.blocks), type(self.blocks[0]).__name__, type(error).__name__, message)
+        for block in compiled:
+            del block.forward
+
+
+class _CompiledForward:
+    """A block's ``forward``: the compiled class function applied to the block, or on failure the
+    eager one. It holds the block, not a bound method, so a deep copy calls the copy's weights."""
+
+    def __init__(self, block: nn.Module, compiled: Callable[..., Any], fall_back: _FallBack) -> None:
+        self.block, self.compiled, self.fall_back = block, compiled, fall_back
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self.compiled(self.block, *args, **kwargs)
+        except Exception as error:  # any failure of the compiled path: eager takes over
+            self.fall_back(error)
+            return self.block.forward(*args, **kwargs)
