@@ -72,6 +72,11 @@ def main() -> None:
         rows.append({"what": f"{args.config} after {mark['train_minutes']:.1f} min", "step": mark["step"],
                      "img_per_s": round(mark["images_seen"] / (60 * mark["train_minutes"]), 1),
                      "knn": mark["knn"], "linear": mark["linear"]})
+    if not summary["stopped_early"]:  # the schedule ended before the last mark: its end is scored too
+        rows.append({"what": f"{args.config} at schedule end, {summary['train_minutes']:.1f} min",
+                     "step": summary["steps"],
+                     "img_per_s": round(summary["images_seen"] / (60 * summary["train_minutes"]), 1),
+                     "knn": summary["final"]["knn"], "linear": summary["final"]["linear"]})
     print(f"\n{args.config} on Fashion-MNIST, {torch.get_num_threads()} threads, "
           f"wall {(time.monotonic() - started) / 60:.1f} min incl. evaluations")
     print(f"{'features':<32} {'step':>6} {'img/s':>7} {'k-NN':>7} {'linear':>7}")
