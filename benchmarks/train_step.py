@@ -48,7 +48,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from step_probe import ProbeShape, ProbeViT, probe_flops_per_image, probe_step  # this script's folder is first on sys.path
@@ -214,19 +213,13 @@ def probe(args: argparse.Namespace) -> None:
     the device) at the recipe's sizes, in this process, eager and with ``--compile`` also with
     compiled blocks; print one row per measurement as it completes and keep ``--json`` up to date,
     so a run stopped by a timeout still leaves the rows it finished."""
-    from trainer.data.masking import sample_crop_masks
-    from trainer.engine import CropBatch, build_networks
+    from gpu_correctness import synthetic_batch, to_device
+    from trainer.engine import build_networks
 
     device = torch.device(args.device)
     cfg = load_config(PretrainConfig, args.config, args.overrides)
     batch, crops, m = cfg.optim.batch_size, cfg.crops, cfg.model
-    grid = crops.global_crop_size // m.patch_size
-    masks, _ = sample_crop_masks(2 * batch, grid, grid, np.random.default_rng(cfg.seed), cfg.loss.mask_probability,
-                                 (cfg.loss.mask_ratio_min, cfg.loss.mask_ratio_max))
-    torch.manual_seed(cfg.seed)
-    crop_batch = CropBatch(torch.randn(2, batch, 3, crops.global_crop_size, crops.global_crop_size, device=device),
-                           torch.randn(crops.num_local_crops, batch, 3, crops.local_crop_size, crops.local_crop_size,
-                                       device=device), masks.to(device))
+    crop_batch = to_device(synthetic_batch(cfg), device)
     with torch.device("meta"):
         backbone = build_networks(cfg)[0].backbone  # its sizes only
     shape = ProbeShape(backbone.embed_dim, len(backbone.blocks), backbone.blocks[0].attn.num_heads, m.patch_size,
@@ -277,6 +270,7 @@ def time_probe(args: argparse.Namespace, device: torch.device, compiled: bool, s
                crop_batch: CropBatch) -> tuple[float, bool]:
     """Seconds per step of the ceiling probe (blocks compiled if ``compiled``), and whether their
     compilation fell back to eager."""
+    from trainer.engine import training_autocast
     from trainer.models.compile import compile_blocks, is_compiled
 
     torch.manual_seed(0)
@@ -286,7 +280,7 @@ def time_probe(args: argparse.Namespace, device: torch.device, compiled: bool, s
             compile_blocks(network.blocks)
     optimizer = torch.optim.AdamW(student.parameters())  # the plain probe: torch's default AdamW
     global_crops, local_crops = crop_batch.global_crops.flatten(0, 1), crop_batch.local_crops.flatten(0, 1)
-    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    autocast_dtype = training_autocast(device)  # the engine's, so both steps compute alike
     seconds = time_steps(lambda: probe_step(student, teacher, global_crops, local_crops, optimizer, autocast_dtype),
                          args, device)
     return seconds, compiled and not all(is_compiled(b) for b in (*student.blocks, *teacher.blocks))
@@ -297,7 +291,7 @@ def time_dinoflow(args: argparse.Namespace, device: torch.device, compiled: bool
     """Seconds per step of the engine's ``train_step`` as the engine sets it up (its AdamW, bf16
     autocast on CUDA), with ``model.compile_blocks`` set to ``compiled``, and whether the
     compilation fell back to eager."""
-    from trainer.engine import Objective, build_adamw, build_networks, train_step
+    from trainer.engine import Objective, build_adamw, build_networks, train_step, training_autocast
     from trainer.models.compile import is_compiled
     from trainer.schedules import schedule_values
 
@@ -307,7 +301,7 @@ def time_dinoflow(args: argparse.Namespace, device: torch.device, compiled: bool
     objective = Objective(cfg).to(device)
     optimizer = build_adamw(student, cfg, device)
     sched = schedule_values(0, cfg.optim, cfg.loss, 1)
-    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None  # as the engine trains
+    autocast_dtype = training_autocast(device)
     seconds = time_steps(lambda: train_step(student, teacher, objective, [crop_batch], sched, optimizer,
                                             cfg.optim.clip_grad, autocast_dtype), args, device)
     blocks = (*student.backbone.blocks, *teacher.backbone.blocks)

@@ -64,6 +64,7 @@ from trainer.engine import (
     image_stream,
     load_latest_checkpoint,
     save_checkpoint,
+    training_autocast,
     with_kernel_choice,
 )
 from trainer.losses import CLSFeatureLoss, PatchFeatureLoss
@@ -339,7 +340,7 @@ def distill(
         raise ValueError(f"distributed.strategy = {cfg.distributed.strategy!r}: distillation runs single-process")
     tracker = tracker or NullTracker()
     device = torch.device(cfg.device)
-    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    autocast_dtype = training_autocast(device)
     teacher_network, teacher_objective = teacher or load_teacher(cfg, storage)
     teacher_network = teacher_network.to(device)
     teacher_hash = fingerprint(teacher_network)

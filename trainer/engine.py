@@ -239,6 +239,12 @@ def param_groups(student: SSLNetwork, cfg: PretrainConfig) -> list[dict[str, Any
             for (lr, wd, last), params in groups.items()]
 
 
+def training_autocast(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype training runs under on ``device``: bf16 on CUDA (Sinkhorn-Knopp and the
+    softmaxes stay fp32 in the losses), none (fp32) on CPU, where bf16 matmuls are slow."""
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
 def use_fused_adamw(cfg: PretrainConfig, device: torch.device) -> bool:
     """Whether AdamW runs torch's fused kernel (``optim.fused_adamw``) on parameters on ``device``.
 
@@ -439,7 +445,7 @@ def _pretrain(cfg: PretrainConfig, dataset: Any, collate: Callable, storage: Sto
               evaluate: EvalFn | None, final_evaluate: EvalFn | None, strategy: Strategy) -> dict[str, Any]:
     tracker = tracker or NullTracker()
     device = torch.device(cfg.device)
-    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    autocast_dtype = training_autocast(device)
     torch.manual_seed(cfg.seed)
     student, teacher = build_networks(cfg)
     objective = Objective(cfg, strategy.all_reduce)
