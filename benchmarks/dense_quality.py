@@ -28,7 +28,7 @@ from trainer.models.hub import load_backbone
 from trainer.run import run_pretrain
 
 OVERRIDES = ["data.kind=folder", "crops.load_size=56", "crops.global_crop_size=56", "crops.local_crop_size=28",
-             "model.layerscale_init=0.1", "eval.every_steps=0"]
+             "eval.every_steps=0"]
 
 
 def main() -> None:

@@ -181,10 +181,11 @@ def _split_batch(batch: Batch) -> tuple[Tensor, Tensor | None]:
 
 
 def labelled_features(
-    backbone: nn.Module, images: torch.Tensor, patch_size: int, batch_size: int = 512
+    backbone: nn.Module, images: torch.Tensor, patch_size: int, batch_size: int = 512, layers: int = 1
 ) -> torch.Tensor:
-    """Final normalised CLS features of uint8 images ``(N, H, W)`` or ``(N, 3, H, W)``."""
+    """Normalised CLS features of uint8 images ``(N, H, W)`` or ``(N, 3, H, W)``: the final one, or
+    the last ``layers`` blocks' concatenated (see :func:`linear_features`)."""
     device = next(backbone.parameters()).device
     inputs = to_model_input(images, patch_size=patch_size).to(device)
-    features, _ = extract_features(backbone, inputs, batch_size=batch_size)
+    features, _ = extract_features(backbone, inputs, batch_size=batch_size, layers=layers)
     return features

@@ -38,7 +38,7 @@ with ``refit=False`` the selected grid member itself (trained on 90 %) is scored
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -318,3 +318,16 @@ def linear_probe(
         feature_dim=feature_dim,
         config=config,
     )
+
+
+def best_by_val(results: Mapping[str, LinearProbeResult]) -> str:
+    """The name of the feature variant whose probe won on the held-out split (ties: the first).
+
+    The original's linear evaluation trains classifiers on several views of the same frozen
+    backbone at once (the CLS token of the last 1 or 4 blocks, with or without the mean patch
+    token) and reports the one that is best on validation; this applies that rule to probes run
+    on each view, so the choice never looks at test accuracy.
+    """
+    if not results:
+        raise ValueError("no probe results to choose from")
+    return max(results, key=lambda name: results[name].val_accuracy)

@@ -434,11 +434,14 @@ def pretrain(
     """
     device = torch.device(cfg.device)
     strategy = build_strategy(cfg.distributed, device)
+    finished = False
     try:
-        return _pretrain(cfg, dataset, collate, storage, tracker if strategy.is_main else NullTracker(),
-                         evaluate, final_evaluate, strategy)
+        summary = _pretrain(cfg, dataset, collate, storage, tracker if strategy.is_main else NullTracker(),
+                            evaluate, final_evaluate, strategy)
+        finished = True
+        return summary
     finally:
-        strategy.close()
+        strategy.close(finished)
 
 
 def _pretrain(cfg: PretrainConfig, dataset: Any, collate: Callable, storage: Storage, tracker: Tracker | None,

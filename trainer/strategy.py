@@ -139,8 +139,10 @@ class Strategy:
         per_rank = global_count // self.world_size
         return slice(self.rank * per_rank, (self.rank + 1) * per_rank)
 
-    def close(self) -> None:
-        """Release what :func:`build_strategy` started."""
+    def close(self, finished: bool = True) -> None:
+        """Release what :func:`build_strategy` started. ``finished``: every rank got through the
+        run, so the ranks wait for each other before tearing down; after an error they must not
+        (a rank that died would never arrive)."""
 
 
 class FSDP2Strategy(Strategy):
@@ -221,8 +223,12 @@ class FSDP2Strategy(Strategy):
         copy.load_state_dict(self.full_state_dict(module))
         return copy.requires_grad_(False).train(module.training)
 
-    def close(self) -> None:
+    def close(self, finished: bool = True) -> None:
         if self.owns_group and dist.is_initialized():
+            if finished:
+                # no rank may leave while another still talks to it: a process group torn down
+                # under a peer's last collective can abort that peer at exit
+                dist.barrier()
             dist.destroy_process_group()
 
 
@@ -260,6 +266,12 @@ class DeepSpeedStrategy(FSDP2Strategy):
         self.teacher_engine: Any = None
         self._student: nn.Module | None = None
         self._group_names: list[list[str]] = []
+
+    def close(self, finished: bool = True) -> None:
+        for engine in (self.student_engine, self.teacher_engine):
+            if engine is not None:
+                engine.destroy()  # its hooks and partition buffers go before the process group does
+        super().close(finished)
 
     def _config(self) -> dict[str, Any]:
         return {

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from evaluators.features import IMAGENET_MEAN, IMAGENET_STD, extract_features, to_model_input
+from evaluators.features import IMAGENET_MEAN, IMAGENET_STD, extract_features, labelled_features, to_model_input
 from trainer.models.vit import DinoVisionTransformer, build_vit
 
 DIM = 32
@@ -61,6 +61,16 @@ def test_four_layers_are_each_blocks_normalised_cls(images: torch.Tensor) -> Non
     torch.testing.assert_close(features, torch.cat(expected, dim=1), atol=1e-5, rtol=1e-5)
     # the blocks differ, so the concatenation order is actually checked
     assert (features[:, :DIM] - features[:, 3 * DIM : 4 * DIM]).abs().max() > 1e-2
+
+
+def test_labelled_features_of_uint8_images_take_the_last_blocks_cls_tokens() -> None:
+    model = tiny_vit().eval()
+    pixels = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    inputs = to_model_input(pixels, patch_size=7)
+    for layers in (1, 4):
+        expected, _ = extract_features(model, inputs, layers=layers)
+        torch.testing.assert_close(labelled_features(model, pixels, 7, batch_size=2, layers=layers), expected)
+    assert labelled_features(model, pixels, 7, layers=4).shape == (5, 4 * DIM)
 
 
 def test_loader_input_returns_labels_and_restores_mode(images: torch.Tensor) -> None:

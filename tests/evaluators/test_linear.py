@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -15,6 +16,7 @@ from sklearn.preprocessing import StandardScaler
 from evaluators.linear import (
     DEFAULT_BASE_LEARNING_RATES,
     LinearProbeConfig,
+    best_by_val,
     init_classifier_grid,
     linear_probe,
     scale_learning_rates,
@@ -148,6 +150,24 @@ def test_result_is_seeded_and_json_able() -> None:
     refit = linear_probe(train_features, train_labels, test_features, test_labels,
                          LinearProbeConfig(batch_size=32, epochs=2, refit=True, seed=5))
     assert refit.val_accuracies == first.val_accuracies and refit.best_lr == first.best_lr
+
+
+def test_feature_variant_is_chosen_on_the_held_out_split_never_on_test() -> None:
+    informative, labels = blobs(300, 8, 3, spread=1.0, seed=6)
+    test_informative, test_labels = blobs(120, 8, 3, spread=1.0, seed=7)
+    noise = torch.randn(300, 8, generator=torch.Generator().manual_seed(8))
+    config = LinearProbeConfig(batch_size=32, epochs=3)
+    probes = {"noise": linear_probe(noise, labels, torch.randn(120, 8), test_labels, config),
+              "blobs": linear_probe(informative, labels, test_informative, test_labels, config)}
+    assert best_by_val(probes) == "blobs"
+    # a variant with a worse held-out score loses even if its test score were the highest
+    swapped = {"a": dataclasses.replace(probes["blobs"], test_accuracy=0.0),
+               "b": dataclasses.replace(probes["noise"], test_accuracy=1.0)}
+    assert best_by_val(swapped) == "a"
+    tie = {"first": probes["blobs"], "second": probes["blobs"]}
+    assert best_by_val(tie) == "first"
+    with pytest.raises(ValueError, match="no probe results"):
+        best_by_val({})
 
 
 def test_bad_arguments_are_named() -> None:
