@@ -1,9 +1,12 @@
 """Does pretraining help dense tasks? Segmentation, depth and retrieval on synthetic scenes.
 
 Writes ``--images`` synthetic scenes (seeds disjoint from the evaluation scenes) as PNG files,
-pretrains the ``tiny`` recipe on that folder for ``--minutes`` (56 px crops, patch 7), then runs
-the suite's dense and retrieval tasks on its teacher and on the same architecture with random
-weights, and prints both with the ratio. It asserts nothing.
+pretrains the ``tiny`` recipe on that folder (56 px crops, patch 7) for ``--minutes`` or the
+schedule given in the overrides, then runs the suite's dense tasks on its teacher and on the
+same architecture with random weights, for the last block and for the last 4 blocks (the
+original's two linear protocols), plus retrieval, and prints both with the difference. It asserts
+nothing. A second call with the same ``--out`` resumes the pretraining from its last checkpoint
+(and only evaluates once it is done); ``--fresh`` starts over.
 
     python benchmarks/dense_quality.py --minutes 10
 """
@@ -29,6 +32,19 @@ from trainer.run import run_pretrain
 
 OVERRIDES = ["data.kind=folder", "crops.load_size=56", "crops.global_crop_size=56", "crops.local_crop_size=28",
              "eval.every_steps=0"]
+DENSE = ("seg_miou", "seg_pixel_accuracy", "depth_rmse", "depth_abs_rel", "depth_delta1")
+RETRIEVAL = ("retrieval_map_easy", "retrieval_map_medium", "retrieval_map_hard")
+
+
+def write_scenes(storage: Storage, folder: str, count: int) -> None:
+    """The pretraining images (seed 1000; the suite's scenes use seeds 0-2), unless already there."""
+    if storage.exists(join_uri(folder, f"{count - 1:06d}.png")):
+        return
+    scenes = make_scenes(count, seed=1000, config=SceneConfig(size=56))
+    for i, image in enumerate(scenes.images):
+        buffer = io.BytesIO()
+        Image.fromarray(image.transpose(1, 2, 0)).save(buffer, format="PNG")
+        storage.write_bytes(join_uri(folder, f"{i:06d}.png"), buffer.getvalue())
 
 
 def main() -> None:
@@ -36,16 +52,14 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=10)
     parser.add_argument("--images", type=int, default=4000)
     parser.add_argument("--out", default="runs/bench-dense-quality")
+    parser.add_argument("--fresh", action="store_true", help="delete --out first instead of resuming")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     storage = Storage()
-    storage.delete(args.out, recursive=True)
+    if args.fresh:
+        storage.delete(args.out, recursive=True)
     folder = join_uri(args.out, "scenes")
-    scenes = make_scenes(args.images, seed=1000, config=SceneConfig(size=56))
-    for i, image in enumerate(scenes.images):
-        buffer = io.BytesIO()
-        Image.fromarray(image.transpose(1, 2, 0)).save(buffer, format="PNG")
-        storage.write_bytes(join_uri(folder, f"{i:06d}.png"), buffer.getvalue())
+    write_scenes(storage, folder, args.images)
     cfg = load_config(PretrainConfig, "tiny", [f"out={join_uri(args.out, 'pretrain')}", f"data.uri={folder}",
                                                f"max_minutes={args.minutes}", *OVERRIDES, *args.overrides])
     started = time.monotonic()
@@ -53,16 +67,21 @@ def main() -> None:
     trained = load_backbone(summary["backbone"], "safetensors")
     torch.manual_seed(cfg.seed)
     untrained = build_networks(cfg)[1].backbone
-    suite = SuiteConfig(tasks=("seg", "depth", "retrieval"), scene_size=56)
-    rows = {name: run_suite(model, suite)["metrics"] for name, model in (("random init", untrained),
-                                                                          ("pretrained", trained))}
+    rows: dict[str, dict[str, float]] = {}
+    for layers in (1, 4):
+        tasks = ("seg", "depth", "retrieval") if layers == 1 else ("seg", "depth")
+        suite = SuiteConfig(tasks=tasks, scene_size=56, layers=layers)
+        for name, model in (("random init", untrained), ("pretrained", trained)):
+            for metric, value in run_suite(model, suite)["metrics"].items():
+                row = metric if metric.startswith("retrieval") else f"{metric} (last {layers})"
+                rows.setdefault(row, {})[name] = value
     print(f"\ntiny on {args.images} synthetic scenes: {summary['steps']} steps, {summary['train_minutes']:.1f} min "
-          f"training ({(time.monotonic() - started) / 60:.1f} min wall), {torch.get_num_threads()} threads")
-    names = ("seg_miou", "seg_pixel_accuracy", "depth_rmse", "depth_abs_rel", "depth_delta1",
-             "retrieval_map_easy", "retrieval_map_medium", "retrieval_map_hard")
-    print(f"{'metric':<22} {'random init':>12} {'pretrained':>12}")
-    for name in names:
-        print(f"{name:<22} {rows['random init'][name]:>12.4f} {rows['pretrained'][name]:>12.4f}")
+          f"of training in all ({(time.monotonic() - started) / 60:.1f} min wall this call), "
+          f"{torch.get_num_threads()} threads")
+    print(f"{'metric':<30} {'random init':>12} {'pretrained':>12} {'difference':>12}")
+    for metric in [f"{m} (last {layers})" for layers in (1, 4) for m in DENSE] + list(RETRIEVAL):
+        random_init, pretrained = rows[metric]["random init"], rows[metric]["pretrained"]
+        print(f"{metric:<30} {random_init:>12.4f} {pretrained:>12.4f} {pretrained - random_init:>+12.4f}")
     storage.write_bytes(join_uri(args.out, "dense_quality.json"), json.dumps(rows, indent=2).encode())
 
 

@@ -57,12 +57,13 @@ class SuiteConfig:
     test_limit: int = 0
     ks: tuple[int, ...] = (10, 20)
     temperature: float = 0.07
-    train_scenes: int = 256
-    test_scenes: int = 64
+    train_scenes: int = 1024
+    test_scenes: int = 128
     scene_size: int = 56
     layers: int = 1  # 4: the "+ms" protocol's last four blocks
     multiscale: bool = False  # segmentation tested over scales 0.75/1/1.25 and flips ("+ms")
-    head: HeadConfig = field(default_factory=HeadConfig)
+    seg_head: HeadConfig = field(default_factory=HeadConfig)
+    depth_head: HeadConfig = field(default_factory=lambda: HeadConfig(steps=1000))  # ~10x a seg step's cost
     retrieval_scenes: int = 40
     seed: int = 0
 
@@ -126,7 +127,7 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
         predicted_masks, predicted_depths = np.zeros_like(test.masks), np.zeros_like(test.depths)
         if "seg" in config.tasks:
             masks = torch.from_numpy(scenes["train"].masks).long()
-            head = train_segmentation_head(train_patches, masks, len(CLASS_NAMES), config.head)
+            head = train_segmentation_head(train_patches, masks, len(CLASS_NAMES), config.seg_head)
             with torch.no_grad():
                 probabilities = (multiscale_probabilities(backbone, head, scenes["test_inputs"], config.layers)
                                  if config.multiscale else head(test_patches, size).softmax(dim=1))
@@ -136,8 +137,8 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
             tasks["seg"] = seg
             metrics.update({"seg_miou": seg["miou"], "seg_pixel_accuracy": seg["pixel_accuracy"]})
         if "depth" in config.tasks:
-            head = train_depth_head(train_patches, train_cls, torch.from_numpy(scenes["train"].depths), config.head,
-                                    max_depth=scenes["scene"].far)
+            depths = torch.from_numpy(scenes["train"].depths)
+            head = train_depth_head(train_patches, train_cls, depths, config.depth_head, max_depth=scenes["scene"].far)
             depth = evaluate_depth(head, test_patches, test_cls, torch.from_numpy(test.depths))
             with torch.no_grad():
                 predicted_depths = head(test_patches, test_cls, size).numpy()

@@ -18,7 +18,8 @@ def test_every_task_reports_its_metrics(tmp_path) -> None:
                          layerscale_init=1.0)
     config = SuiteConfig(tasks=("knn", "linear", "seg", "depth", "retrieval"),
                          fashion_mnist_uri="/usr/share/datasets/fashion-mnist", train_limit=500, test_limit=200,
-                         train_scenes=24, test_scenes=8, head=HeadConfig(epochs=2), retrieval_scenes=6)
+                         train_scenes=24, test_scenes=8, seg_head=HeadConfig(steps=6), depth_head=HeadConfig(steps=6),
+                         retrieval_scenes=6)
     report = run_suite(backbone, config, pictures=tmp_path)
     metrics = report["metrics"]
     for name in ("knn_top1_k10", "knn_top1_k20", "linear_top1", "pixels_knn_top1_k20", "seg_miou",
@@ -38,7 +39,7 @@ def test_multiscale_four_layer_segmentation_runs() -> None:
     torch.manual_seed(0)
     backbone = build_vit("vit_small", patch_size=7, embed_dim=16, depth=4, num_heads=2, img_size=28)
     config = SuiteConfig(tasks=("seg",), train_scenes=8, test_scenes=4, layers=4, multiscale=True,
-                         head=HeadConfig(epochs=1))
+                         seg_head=HeadConfig(steps=1))
     metrics = run_suite(backbone, config)["metrics"]
     assert 0 <= metrics["seg_miou"] <= 1 and 0 <= metrics["seg_pixel_accuracy"] <= 1
 
