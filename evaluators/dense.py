@@ -6,11 +6,11 @@ on features extracted once:
 
 * **Segmentation** (the original's "linear"): BatchNorm + 1x1 convolution over patch features
   (the last layer, or the last 4 concatenated), logits upsampled bilinearly to the mask size,
-  cross-entropy with ignore index 255, each class weighted by ``(1 / pixel frequency) ** class_balance``
-  (0 gives the original's plain loss; the default 0.5 keeps a dominant class, like the synthetic
-  scenes' ground plane at 80 % of pixels, from drowning the rest: mIoU weighs every class alike).
-  "+ms" testing averages the softmax over input scales and
-  horizontal flips (features re-extracted per scale).
+  cross-entropy with ignore index 255, each class weighted by
+  ``(1 / pixel frequency) ** class_balance`` (0 gives the original's plain loss; the default 0.5
+  keeps a dominant class, like the synthetic scenes' ground plane at 80 % of pixels, from
+  drowning the rest: mIoU weighs every class alike). "+ms" testing averages the softmax over
+  input scales and horizontal flips (features re-extracted per scale).
 * **Depth** (the original's linear head): each patch feature concatenated with the CLS token,
   upsampled x4, BatchNorm + 1x1 convolution to ``B`` depth bins (uniform over
   ``[min_depth, max_depth]``); the depth is the softmax-weighted mean of the bin centres,
