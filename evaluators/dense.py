@@ -24,7 +24,6 @@ mini-batches; scores come from :mod:`evaluators.dense_metrics`.
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -118,15 +117,15 @@ def silog_loss(prediction: Tensor, target: Tensor, variance_focus: float = 0.85)
 
 
 def _batches(count: int, config: HeadConfig) -> list[Tensor]:
-    epochs = math.ceil(config.steps / math.ceil(count / config.batch_size))
-    batches = epoch_batches(count, config.batch_size, epochs, torch.Generator().manual_seed(config.seed))
+    # every epoch yields at least one batch, so ``steps`` epochs suffice; the generator stops early
+    batches = epoch_batches(count, config.batch_size, config.steps, torch.Generator().manual_seed(config.seed))
     return list(itertools.islice(batches, config.steps))
 
 
 def class_weights(masks: Tensor, num_classes: int, power: float) -> Tensor:
     """``(1 / frequency_c) ** power`` for the classes in ``masks`` (255 ignored), scaled to mean 1
     over them; classes absent from ``masks`` get 0 (no pixel of theirs is in the loss anyway)."""
-    counts = torch.bincount(masks[masks != IGNORE_INDEX].flatten().long(), minlength=num_classes)[:num_classes].double()
+    counts = torch.bincount(masks[masks != IGNORE_INDEX].long(), minlength=num_classes)[:num_classes].double()
     present = counts > 0
     weights = torch.where(present, (counts.sum() / counts.clamp(min=1)) ** power, torch.zeros_like(counts))
     return (weights / weights[present].mean()).float()
