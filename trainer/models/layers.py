@@ -192,4 +192,7 @@ def residual(
         offset += batch * length
     index = torch.cat(rows)
     update = branch(tokens[index], kept_shapes) * torch.cat(scales).unsqueeze(1).to(tokens.dtype)
-    return tokens.index_add(0, index, update)
+    # under autocast the branch may return another dtype than its input (bf16 tokens, fp32 layer
+    # scale): promote both, as ``tokens + update`` does on the other paths
+    dtype = torch.promote_types(tokens.dtype, update.dtype)
+    return tokens.to(dtype).index_add(0, index, update.to(dtype))

@@ -226,6 +226,20 @@ def test_drop_path_keeps_the_expectation(rate: float) -> None:
         assert rows_seen[0] == 12
 
 
+def test_subset_drop_path_runs_under_bf16_autocast() -> None:
+    """Under autocast a block's branch returns fp32 (the fp32 layer scale) for bf16 tokens; the
+    subset path's ``index_add`` needs one dtype (this failed on the GPU, where training autocasts)."""
+    block = Block(24, 4, drop_path=0.5, layerscale_init=0.3).train()
+    x, shapes = torch.randn(6 * 9, 24), [(6, 9)]
+    torch.manual_seed(1)
+    reference = block(x, shapes)
+    torch.manual_seed(1)  # the same kept samples
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = block(x.bfloat16(), shapes)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, reference, rtol=0.05, atol=0.05)
+
+
 def test_drop_path_is_identity_in_eval_mode() -> None:
     torch.manual_seed(0)
     block = Block(24, 4, drop_path=0.4, layerscale_init=0.3)
