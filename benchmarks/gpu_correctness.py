@@ -6,8 +6,9 @@ same weights and the same synthetic crops and masks:
 * ``step_fp32``: one ``train_step``'s loss terms in fp32 on both devices;
 * ``step_bf16``: the step's loss terms under bf16 autocast (as the engine trains on CUDA) against
   fp32 on ``--device``;
-* ``step_compiled`` (``--compile``): the loss terms with compiled blocks (``model.compile_blocks``)
-  against eager, fp32 on ``--device``; a compilation that fell back to eager fails it.
+* ``step_compiled`` (``--compile``): the loss terms with compiled blocks and loss tails
+  (``model.compile_blocks``, ``loss.compile``) against eager, fp32 on ``--device``; a
+  compilation that fell back to eager fails it.
 
 fp32 means fp32: TF32 is switched off for matmuls and convolutions (cuDNN would use it for the
 patch embedding). Stochastic depth is off (its draws differ between devices) and LayerScale starts
@@ -54,8 +55,9 @@ def parse_args() -> argparse.Namespace:
 
 
 def recipe(args: argparse.Namespace, compiled: bool) -> PretrainConfig:
-    """The preset with ``args.overrides``, then :data:`FORCED`, blocks compiled or not."""
-    return load_config(PretrainConfig, args.config, [*args.overrides, *FORCED, f"model.compile_blocks={compiled}"])
+    """The preset with ``args.overrides``, then :data:`FORCED`, blocks and loss tails compiled or not."""
+    return load_config(PretrainConfig, args.config,
+                       [*args.overrides, *FORCED, f"model.compile_blocks={compiled}", f"loss.compile={compiled}"])
 
 
 def synthetic_batch(cfg: PretrainConfig) -> CropBatch:
@@ -91,7 +93,7 @@ def backbone_tokens(cfg: PretrainConfig, weights: dict[str, Tensor], batch: Crop
 def step_losses(cfg: PretrainConfig, weights: dict[str, Tensor], batch: CropBatch, device: torch.device,
                 autocast_dtype: torch.dtype | None) -> tuple[dict[str, float], bool]:
     """One ``train_step`` from ``weights`` (student and teacher alike): its loss terms, and whether
-    every block still ran compiled (True when nothing was compiled)."""
+    every block and loss tail still ran compiled (True when nothing was compiled)."""
     student, teacher = build_networks(cfg)
     student.load_state_dict(weights)
     teacher.load_state_dict(weights)
@@ -100,7 +102,7 @@ def step_losses(cfg: PretrainConfig, weights: dict[str, Tensor], batch: CropBatc
     losses = train_step(student, teacher, objective, [to_device(batch, device)], sched,
                         build_adamw(student, cfg, device), cfg.optim.clip_grad, autocast_dtype)
     blocks = (*student.backbone.blocks, *teacher.backbone.blocks)
-    return losses, not cfg.model.compile_blocks or all(is_compiled(b) for b in blocks)
+    return losses, not cfg.model.compile_blocks or (all(is_compiled(b) for b in blocks) and objective.tails_compiled())
 
 
 def compare(name: str, want: dict[str, float], got: dict[str, float]) -> dict[str, Any]:

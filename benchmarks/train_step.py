@@ -24,7 +24,8 @@ engine trains) next to issue 11's plain ceiling probe (``benchmarks/step_probe.p
 recipe sizes, and prints img/s, TFLOP/s, peak memory and ours/probe (over the eager probe). The
 engine's step uses the engine's AdamW (``optim.fused_adamw``), the probe torch's default one.
 ``--compile`` adds both again with every transformer block compiled (``model.compile_blocks``
-for ours, the same per-block compile for the probe's blocks; the warm-up steps absorb the
+and the loss tails, ``loss.compile``, for ours; the same per-block compile for the probe's
+blocks, which has no losses; the warm-up steps absorb the
 compilation); a row whose compilation fell back to eager says so. ``--json`` also writes every
 row, as it completes, to a file.
 
@@ -77,7 +78,7 @@ def parse_args() -> argparse.Namespace:
                         help="instead: dinoflow's train_step next to the plain ceiling probe (issue 11), one process")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="--probe's device")
     parser.add_argument("--compile", action="store_true",
-                        help="--probe: also time both steps with compiled blocks (model.compile_blocks)")
+                        help="--probe: also time both steps compiled (model.compile_blocks, loss.compile)")
     parser.add_argument("--json", default="", help="--probe: also write the figures to this JSON file, row by row")
     parser.add_argument("--worker", default="", help=argparse.SUPPRESS)  # a rank: write results to this folder
     parser.add_argument("overrides", nargs="*", help="dotted overrides of the preset (optim.batch_size per rank)")
@@ -289,13 +290,14 @@ def time_probe(args: argparse.Namespace, device: torch.device, compiled: bool, s
 def time_dinoflow(args: argparse.Namespace, device: torch.device, compiled: bool,
                   crop_batch: CropBatch) -> tuple[float, bool]:
     """Seconds per step of the engine's ``train_step`` as the engine sets it up (its AdamW, bf16
-    autocast on CUDA), with ``model.compile_blocks`` set to ``compiled``, and whether the
-    compilation fell back to eager."""
+    autocast on CUDA), with ``model.compile_blocks`` and ``loss.compile`` set to ``compiled``, and
+    whether the compilation fell back to eager."""
     from trainer.engine import Objective, build_adamw, build_networks, train_step, training_autocast
     from trainer.models.compile import is_compiled
     from trainer.schedules import schedule_values
 
-    cfg = load_config(PretrainConfig, args.config, [*args.overrides, f"model.compile_blocks={compiled}"])
+    cfg = load_config(PretrainConfig, args.config,
+                      [*args.overrides, f"model.compile_blocks={compiled}", f"loss.compile={compiled}"])
     torch.manual_seed(cfg.seed)
     student, teacher = (network.to(device) for network in build_networks(cfg))
     objective = Objective(cfg).to(device)
@@ -305,7 +307,7 @@ def time_dinoflow(args: argparse.Namespace, device: torch.device, compiled: bool
     seconds = time_steps(lambda: train_step(student, teacher, objective, [crop_batch], sched, optimizer,
                                             cfg.optim.clip_grad, autocast_dtype), args, device)
     blocks = (*student.backbone.blocks, *teacher.backbone.blocks)
-    return seconds, compiled and not all(is_compiled(b) for b in blocks)
+    return seconds, compiled and not (all(is_compiled(b) for b in blocks) and objective.tails_compiled())
 
 
 def main() -> None:

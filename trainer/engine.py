@@ -38,7 +38,7 @@ from trainer.losses import (
     no_reduce,
     sinkhorn_knopp,
 )
-from trainer.models.compile import compile_blocks
+from trainer.models.compile import compile_blocks, compiled_now
 from trainer.models.heads import DINOHead
 from trainer.models.hub import load_strict, read_weights, save_backbone
 from trainer.models.vit import DinoVisionTransformer, build_vit
@@ -108,12 +108,18 @@ class Objective(nn.Module):
         super().__init__()
         self.cfg = cfg.loss
         self.all_reduce = all_reduce
-        self.dino = DINOLoss(cfg.loss.student_temp)
-        self.ibot = IBOTPatchLoss(cfg.loss.student_temp)
+        compiled = cfg.loss.compile
+        self.dino = DINOLoss(cfg.loss.student_temp, compiled)
+        self.ibot = IBOTPatchLoss(cfg.loss.student_temp, compiled)
         self.koleo = KoLeoLoss()
         ibot_prototypes = cfg.heads.ibot_num_prototypes if cfg.heads.ibot_separate_head else cfg.heads.num_prototypes
-        self.dino_center = SoftmaxCentering(cfg.heads.num_prototypes)
-        self.ibot_center = SoftmaxCentering(ibot_prototypes)
+        self.dino_center = SoftmaxCentering(cfg.heads.num_prototypes, compiled=compiled)
+        self.ibot_center = SoftmaxCentering(ibot_prototypes, compiled=compiled)
+
+    def tails_compiled(self) -> bool:
+        """Whether every loss tail compiled by ``loss.compile`` still runs compiled (no fallback)."""
+        tails = (self.dino.cross_entropy, self.ibot.cross_entropy, self.dino_center.softmax, self.ibot_center.softmax)
+        return all(compiled_now(tail) for tail in tails)
 
     def targets(self, logits: Tensor, center: SoftmaxCentering, temp: float) -> Tensor:
         """Teacher probabilities: Sinkhorn-Knopp, or softmax centering (then the centre moves)."""

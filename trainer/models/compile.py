@@ -28,10 +28,16 @@ makes it fail where the fallback catches it.
 The fallback: any exception from a compiled call (tracing, the backend, a recompile for a new
 shape) logs a warning naming it, sends every block compiled together back to eager for good, and
 re-runs the call eagerly, so the run goes on (a genuine error then raises from the eager code).
+
+:func:`compile_function` does the same for a plain function (the losses' element-wise tails over
+``(rows, prototypes)`` logits), with torch's default shape handling: a row count that changes from
+step to step (iBOT's masked patches) makes that dimension dynamic after the first change, one
+recompile, instead of one graph per count.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -56,13 +62,27 @@ def compile_blocks(blocks: Sequence[nn.Module], backend: Backend = "inductor") -
         block.forward = _CompiledForward(block, compiled, fall_back)
 
 
+def compile_function(function: Callable[..., Any], backend: Backend = "inductor") -> Callable[..., Any]:
+    """``function`` compiled, running eagerly from its first failure on (see the module docstring);
+    ``compiled_now(result)`` says whether it still runs compiled."""
+    return _CompiledFunction(function, backend)
+
+
+def compiled_now(function: Callable[..., Any]) -> bool:
+    """Whether ``function`` (from :func:`compile_function`) runs compiled (False if it fell back)."""
+    return isinstance(function, _CompiledFunction) and function.compiled is not None
+
+
 def is_compiled(block: nn.Module) -> bool:
     """Whether ``block`` runs a compiled ``forward`` (False if never compiled or fallen back)."""
     return isinstance(vars(block).get("forward"), _CompiledForward)
 
 
+@functools.cache
 def _lowering_backward_too(backend: Backend) -> Callable[..., Any]:
-    """``backend``, compiling the backward graph together with the forward one."""
+    """``backend``, compiling the backward graph together with the forward one. One wrapper per
+    backend (cached): dynamo reuses a code object's graphs only for the same backend object, so
+    two objects compiling one function (the DINO and iBOT losses' cross-entropy) share graphs."""
     compile_graph = torch._dynamo.lookup_backend(backend) if isinstance(backend, str) else backend
 
     def compile_forward_and_backward(graph: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
@@ -102,3 +122,23 @@ class _CompiledForward:
         except Exception as error:  # any failure of the compiled path: eager takes over
             self.fall_back(error)
             return self.block.forward(*args, **kwargs)
+
+
+class _CompiledFunction:
+    """A function's compiled version, replaced by the function itself at the first failure."""
+
+    def __init__(self, function: Callable[..., Any], backend: Backend) -> None:
+        self.function = function
+        self.compiled: Callable[..., Any] | None = torch.compile(function, backend=_lowering_backward_too(backend))
+        functools.update_wrapper(self, function)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as error:  # any failure of the compiled path: eager takes over
+                message = " ".join(str(error).split())[:400]
+                _log.warning("torch.compile failed for %s (%s: %s); it runs eagerly from now on",
+                             self.function.__name__, type(error).__name__, message)
+                self.compiled = None
+        return self.function(*args, **kwargs)

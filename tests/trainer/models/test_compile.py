@@ -1,6 +1,7 @@
 """``trainer/models/compile.py``: blocks compiled by inductor compute what eager blocks compute,
 keep their parameter names and do not recompile from step to step; a backend that fails (in the
 forward or in the backward compiler) leaves the blocks eager, with a warning, and the run going.
+The same for the losses' compiled element-wise tails (``loss.compile``).
 
 The failing backends are real ``torch.compile`` backends (callables dynamo calls with the traced
 graph) that raise, as a broken compiler toolchain would.
@@ -19,7 +20,8 @@ from torch._dynamo.utils import counters
 from dinoflow.config import DistillConfig, PretrainConfig, load_config, validate
 from trainer.distill import build_student
 from trainer.engine import build_networks
-from trainer.models.compile import compile_blocks, is_compiled
+from trainer.losses import DINOLoss, IBOTPatchLoss, SoftmaxCentering, cross_entropy
+from trainer.models.compile import compile_blocks, compile_function, compiled_now, is_compiled
 from trainer.models.vit import DinoVisionTransformer, build_vit
 
 SHAPES = [(4, 17), (8, 5)]  # packed groups: 4 global crops of 16 patches + CLS, 8 local of 4 + CLS
@@ -115,3 +117,52 @@ def test_the_trainers_compile_blocks_when_the_recipe_says_so() -> None:
     student, student_ema = build_student(cfg)
     assert all(is_compiled(block) for block in student.backbone.blocks)
     assert not any(is_compiled(block) for block in student_ema.backbone.blocks)
+
+
+def _loss_terms(compiled: bool, seed: int, masked: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """DINO and iBOT losses on bf16 student logits (as autocast makes them) against targets from
+    the centred softmax, with ``masked`` iBOT rows: the loss values, the new centre, the gradients."""
+    generator = torch.Generator().manual_seed(seed)
+    batch, prototypes = 3, 40
+    dino, ibot = DINOLoss(0.1, compiled), IBOTPatchLoss(0.1, compiled)
+    center = SoftmaxCentering(prototypes, compiled=compiled)
+    center.center.normal_(generator=generator)
+    teacher = torch.randn(2, batch, prototypes, generator=generator).bfloat16()
+    student_global, student_local, student_patch = (
+        torch.randn(*shape, prototypes, generator=generator).bfloat16().requires_grad_()
+        for shape in ((2, batch), (4, batch), (masked,)))
+    masks = torch.zeros(2 * batch, 8, dtype=torch.bool)
+    masks.view(-1)[torch.randperm(masks.numel(), generator=generator)[:masked]] = True
+    teacher_patch = torch.randn(masked, prototypes, generator=generator).bfloat16()
+    targets, patch_targets = center(teacher, 0.04), center(teacher_patch, 0.04)
+    center.update(teacher)
+    losses = [dino(student_global, student_local, targets), ibot(student_patch, patch_targets, masks)]
+    sum(losses).backward()
+    assert all(compiled_now(f) == compiled for f in (dino.cross_entropy, ibot.cross_entropy, center.softmax))
+    return [*losses, targets, center.center.clone()], [t.grad for t in (student_global, student_local, student_patch)]
+
+
+def test_compiled_losses_match_eager_and_follow_a_changing_row_count() -> None:
+    """Inductor's fused cross-entropies and centred softmax (``loss.compile``) against the eager
+    maths, forward and backward, at two iBOT row counts (the second makes the rows dynamic)."""
+    counters.clear()
+    for seed, masked in ((0, 7), (1, 11), (2, 5)):
+        want, want_grads = _loss_terms(False, seed, masked)
+        got, got_grads = _loss_terms(True, seed, masked)
+        for g, w in zip([*got, *got_grads], [*want, *want_grads]):
+            torch.testing.assert_close(g.float(), w.float(), rtol=1e-4, atol=1e-5)
+    # cross-entropy on 3-d (DINO globals), 4-d (locals x globals) and 2-d (iBOT) logits, the centred
+    # softmax on 3-d and 2-d; each 2-d graph once static and once with dynamic rows, never per count
+    assert counters["stats"]["unique_graphs"] <= 7, counters["stats"]
+
+
+def test_a_failing_compiled_function_runs_eagerly_with_one_warning(caplog: pytest.LogCaptureFixture) -> None:
+    cross_entropy_of = compile_function(cross_entropy, backend=_refuse)
+    targets, logits = torch.softmax(torch.randn(4, 6), -1), torch.randn(4, 6)
+    with caplog.at_level(logging.WARNING, logger="trainer.models.compile"):
+        got = [cross_entropy_of(targets, logits, 0.1) for _ in range(2)]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1, warnings
+    assert "torch.compile failed for cross_entropy" in warnings[0] and "no compiler on this machine" in warnings[0]
+    assert not compiled_now(cross_entropy_of) and compiled_now(compile_function(cross_entropy))
+    assert all(torch.equal(g, cross_entropy(targets, logits, 0.1)) for g in got)
