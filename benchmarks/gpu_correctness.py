@@ -74,7 +74,8 @@ def synthetic_batch(cfg: PretrainConfig) -> CropBatch:
 
 
 def to_device(batch: CropBatch, device: torch.device) -> CropBatch:
-    return CropBatch(batch.global_crops.to(device), batch.local_crops.to(device), batch.masks.to(device))
+    return CropBatch(batch.global_crops.to(device), batch.local_crops.to(device), batch.masks.to(device),
+                     batch.mask_index.to(device))
 
 
 def backbone_tokens(cfg: PretrainConfig, weights: dict[str, Tensor], batch: CropBatch,

@@ -387,7 +387,8 @@ def distill(
         torch.manual_seed(cfg.seed * 1_000_003 + step)  # the engine's per-step stream (augmentation)
         images = next_images()
         global_crops, local_crops = multi_crop(images)
-        batch = CropBatch(global_crops, local_crops, torch.zeros(0, dtype=torch.bool, device=device))
+        batch = CropBatch(global_crops, local_crops, torch.zeros(0, dtype=torch.bool, device=device),
+                          torch.zeros(0, dtype=torch.long, device=device))  # no masking
         student.train()
         losses = distill_step(student, student_ema, teacher_network, objective, batch, sched, optimizer, cfg,
                               autocast_dtype)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -132,11 +133,22 @@ class Objective(nn.Module):
 
 @dataclass
 class CropBatch:
-    """One micro-batch: crops ``(2, B, 3, G, G)`` / ``(L, B, 3, l, l)``, masks ``(2B, N)``."""
+    """One micro-batch: crops ``(2, B, 3, G, G)`` / ``(L, B, 3, l, l)``, masks ``(2B, N)``, and
+    ``mask_index`` ``(M,)``: the masked patches' positions in ``masks.flatten()``, in order.
+
+    Why the index: selecting the masked patches with it (``tokens.flatten(0, 1)[mask_index]``)
+    has a size known on the host; a boolean mask's selection must wait for the GPU to count its
+    ``True``s. Built with the masks on the host it costs nothing; left out, it is derived here.
+    """
 
     global_crops: Tensor
     local_crops: Tensor
     masks: Tensor
+    mask_index: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.mask_index is None:
+            self.mask_index = self.masks.flatten().nonzero().squeeze(1)
 
 
 def train_step(
@@ -159,19 +171,23 @@ def train_step(
     for group in optimizer.param_groups:
         group["lr"] = (sched.last_layer_lr if group["is_last_layer"] else sched.lr) * group["lr_multiplier"]
         group["weight_decay"] = sched.weight_decay * group["wd_multiplier"]
-    totals: dict[str, float] = {}
     weights = objective.cfg
     device_type = micro_batches[0].global_crops.device.type
+    values = []  # per micro-batch: the terms and the total, read on the host once, below
     for batch in micro_batches:
         with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             terms = _loss_terms(student, teacher, objective, batch, sched.teacher_temp)
         loss = (weights.dino_weight * terms["dino"] + weights.ibot_weight * terms["ibot"]
                 + weights.koleo_weight * terms["koleo"])
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} ({ {k: v.item() for k, v in terms.items()} })")
         strategy.backward(loss / len(micro_batches))
-        for name, value in (*terms.items(), ("total", loss)):
-            totals[name] = totals.get(name, 0.0) + value.item() / len(micro_batches)
+        values.append(torch.stack([*terms.values(), loss]).detach().float())
+    # the step's one wait for the GPU, after every backward is queued, before the weights change
+    names = [*terms, "total"]
+    rows = torch.stack(values).tolist()
+    for row in rows:
+        if not all(math.isfinite(value) for value in row):
+            raise FloatingPointError(f"loss is {row[-1]} ({dict(zip(names[:-1], row[:-1]))})")
+    totals = {name: sum(row[i] for row in rows) / len(rows) for i, name in enumerate(names)}
     if clip_grad > 0:
         for module in (student.backbone, student.dino_head, student.ibot_head):
             if module is not None:
@@ -185,13 +201,13 @@ def _loss_terms(student: SSLNetwork, teacher: SSLNetwork, objective: Objective, 
                 teacher_temp: float) -> dict[str, Tensor]:
     globals_ = batch.global_crops.flatten(0, 1)  # (2B, 3, G, G), crop-major
     locals_ = batch.local_crops.flatten(0, 1)  # (LB, 3, l, l)
-    masks = batch.masks  # (2B, N)
+    masks, index = batch.masks, batch.mask_index  # (2B, N), (M,)
     num_images = batch.global_crops.shape[1]
     with torch.no_grad():
         seen = teacher.backbone.forward_features(globals_)
         teacher_cls = objective.targets(teacher.dino_head(seen["x_norm_clstoken"]), objective.dino_center,
                                         teacher_temp)  # (2B, K)
-        teacher_patch = objective.targets(teacher.patch_head(seen["x_norm_patchtokens"][masks]),
+        teacher_patch = objective.targets(teacher.patch_head(seen["x_norm_patchtokens"].flatten(0, 1)[index]),
                                           objective.ibot_center, teacher_temp)  # (M, K)
     groups = [globals_] + ([locals_] if len(locals_) else [])
     outputs = student.backbone.forward_features_list(groups, [masks] + [None] * (len(groups) - 1))
@@ -199,10 +215,10 @@ def _loss_terms(student: SSLNetwork, teacher: SSLNetwork, objective: Objective, 
     student_global = student.dino_head(global_cls).view(2, num_images, -1)
     student_local = (student.dino_head(outputs[1]["x_norm_clstoken"]).view(-1, num_images, student_global.shape[-1])
                      if len(groups) > 1 else None)
-    student_patch = student.patch_head(outputs[0]["x_norm_patchtokens"][masks])  # (M, K)
+    student_patch = student.patch_head(outputs[0]["x_norm_patchtokens"].flatten(0, 1)[index])  # (M, K)
     return {
         "dino": objective.dino(student_global, student_local, teacher_cls.view(2, num_images, -1)),
-        "ibot": objective.ibot(student_patch, teacher_patch, masks) if masks.any() else global_cls.sum() * 0,
+        "ibot": objective.ibot(student_patch, teacher_patch, masks, index) if len(index) else global_cls.sum() * 0,
         "koleo": sum(objective.koleo(crop) for crop in global_cls.view(2, num_images, -1)),
     }
 
@@ -307,7 +323,17 @@ def make_batch(images: Tensor, step: int, cfg: PretrainConfig, multi_crop: Multi
         (cfg.loss.mask_ratio_min, cfg.loss.mask_ratio_max),
     )
     masks = masks.view(2, global_images, -1)[:, strategy.rank_slice(global_images)].flatten(0, 1)  # (2B, N)
-    return CropBatch(global_crops, local_crops, masks.to(images.device))
+    index = masks.flatten().nonzero().squeeze(1)  # on the host: no wait for the GPU
+    return CropBatch(global_crops, local_crops, to_device_async(masks, images.device),
+                     to_device_async(index, images.device))
+
+
+def to_device_async(tensor: Tensor, device: torch.device) -> Tensor:
+    """A host tensor copied to ``device`` without waiting for the work queued there (pinned
+    memory, non-blocking copy on CUDA; a plain ``to`` elsewhere)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 class ResumableBatches:

@@ -92,7 +92,9 @@ class IBOTPatchLoss(nn.Module):
         L = -(1 / C) sum_c (1 / M_c) sum_{p masked in c} sum_k t_{c,p,k} log softmax(s_{c,p} / tau_s)_k
 
     Shapes: student and teacher ``(M, K)`` for the ``M = masks.sum()`` masked patches in
-    ``masks[masks]`` order; ``masks`` ``(C, N)`` bool. ``compiled``: see the module docstring.
+    ``masks[masks]`` order; ``masks`` ``(C, N)`` bool; ``mask_index`` ``(M,)`` their positions in
+    ``masks.flatten()`` (given, nothing waits for the GPU to count the masks; else derived).
+    ``compiled``: see the module docstring.
     """
 
     def __init__(self, student_temp: float = 0.1, compiled: bool = False) -> None:
@@ -100,15 +102,16 @@ class IBOTPatchLoss(nn.Module):
         self.student_temp = student_temp
         self.cross_entropy = _maybe_compiled(cross_entropy, compiled)
 
-    def forward(self, student_logits: Tensor, teacher_probs: Tensor, masks: Tensor) -> Tensor:
-        masked = int(masks.sum())
-        if student_logits.shape[0] != masked or teacher_probs.shape != student_logits.shape:
+    def forward(self, student_logits: Tensor, teacher_probs: Tensor, masks: Tensor,
+                mask_index: Tensor | None = None) -> Tensor:
+        index = masks.flatten().nonzero().squeeze(1) if mask_index is None else mask_index
+        if student_logits.shape[0] != len(index) or teacher_probs.shape != student_logits.shape:
             raise ValueError(
-                f"{masked} masked patches but student {tuple(student_logits.shape)} and teacher "
+                f"{len(index)} masked patches but student {tuple(student_logits.shape)} and teacher "
                 f"{tuple(teacher_probs.shape)} rows"
             )
-        per_crop = masks.sum(dim=1, keepdim=True).clamp(min=1)  # (C, 1)
-        weights = (1.0 / per_crop).expand_as(masks)[masks]  # (M,)
+        per_crop = masks.sum(dim=1).clamp(min=1)  # (C,)
+        weights = 1.0 / per_crop[index // masks.shape[1]]  # (M,): 1 / (masked patches of its crop)
         loss = self.cross_entropy(teacher_probs, student_logits, self.student_temp)
         return (loss * weights).sum() / masks.shape[0]
 
@@ -160,7 +163,7 @@ class SoftmaxCentering(nn.Module):
         """``c <- m c + (1 - m) mean(t)`` with the mean over every rank's rows."""
         flat = teacher_logits.reshape(-1, teacher_logits.shape[-1])
         total = all_reduce(flat.sum(dim=0, keepdim=True, dtype=torch.float32))  # fp32 sums, no fp32 copy
-        count = all_reduce(torch.tensor(float(flat.shape[0]), device=flat.device))
+        count = all_reduce(torch.full((), float(flat.shape[0]), device=flat.device))  # a fill, not a copy
         self.center.mul_(self.momentum).add_(total / count, alpha=1 - self.momentum)
 
 
@@ -237,7 +240,7 @@ def sinkhorn_knopp(
     """
     q = torch.exp(teacher_logits.float() / teacher_temp).T  # (K, B)
     num_prototypes = q.shape[0]
-    num_samples = all_reduce(torch.tensor(float(q.shape[1]), device=q.device))
+    num_samples = all_reduce(torch.full((), float(q.shape[1]), device=q.device))  # a fill, not a copy
     q = q / all_reduce(q.sum())
     for _ in range(iterations):
         q = q / all_reduce(q.sum(dim=1, keepdim=True)) / num_prototypes  # rows -> 1/K

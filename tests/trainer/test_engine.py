@@ -130,8 +130,19 @@ def test_nan_loss_halts_with_a_clear_error() -> None:
         student.dino_head.mlp[0].weight.fill_(float("nan"))
     batch = make_batch(images(), 0, cfg, MultiCrop(cfg.crops))
     sched = ScheduleValues(lr=1e-3, last_layer_lr=1e-3, weight_decay=0.0, teacher_momentum=0.9, teacher_temp=0.05)
+    before = {name: p.clone() for name, p in student.named_parameters()}
     with pytest.raises(FloatingPointError, match="loss is nan"):
         train_step(student, teacher, Objective(cfg), [batch], sched, torch.optim.AdamW(param_groups(student, cfg)), 3.0)
+    assert all(torch.equal(p, before[name]) for name, p in student.named_parameters() if name != "dino_head.mlp.0.weight")
+
+
+def test_a_batch_indexes_its_masked_patches_in_mask_order() -> None:
+    """``CropBatch.mask_index`` (built on the host) selects what the boolean masks select."""
+    cfg = config()
+    batch = make_batch(images(), 3, cfg, MultiCrop(cfg.crops))
+    tokens = torch.randn(*batch.masks.shape, 5)
+    assert len(batch.mask_index) > 0
+    assert torch.equal(tokens.flatten(0, 1)[batch.mask_index], tokens[batch.masks])
 
 
 def test_fused_adamw_trains_like_the_default_one() -> None:

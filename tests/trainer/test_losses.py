@@ -65,8 +65,12 @@ def test_ibot_loss_weights_patches_per_crop() -> None:
             row += n
     expected /= crops
     torch.testing.assert_close(IBOTPatchLoss(0.1)(student, teacher, masks), expected)
+    index = torch.tensor([crop * patches + p for crop in range(crops) for p in range(patches) if masks[crop, p]])
+    torch.testing.assert_close(IBOTPatchLoss(0.1)(student, teacher, masks, index), expected)  # as CropBatch gives it
     with pytest.raises(ValueError, match="masked patches"):
         IBOTPatchLoss()(student[:-1], teacher[:-1], masks)
+    with pytest.raises(ValueError, match=f"{count - 1} masked patches"):
+        IBOTPatchLoss()(student, teacher, masks, index[:-1])
 
 
 def test_koleo_matches_brute_force() -> None:

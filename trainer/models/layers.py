@@ -41,7 +41,13 @@ def unpack(tokens: Tensor, shapes: Shapes) -> list[Tensor]:
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping ``patch_size`` patches projected to ``embed_dim`` by a strided conv."""
+    """Non-overlapping ``patch_size`` patches projected to ``embed_dim``: a strided conv's weights
+    (``proj``, the original's layout), applied as one matrix product over the unfolded patches.
+
+    Why not the conv itself: a stride equal to the kernel is a matrix product, and cuDNN ran
+    this one as an implicit GEMM at 1.3 ms per call on an H100 (ViT-S/14, 256 crops of 224 px,
+    ~30 GFLOP, i.e. under 5 % of the card's rate); a reshape and a plain GEMM does the same sums.
+    """
 
     def __init__(self, patch_size: int, in_chans: int, embed_dim: int) -> None:
         super().__init__()
@@ -55,7 +61,12 @@ class PatchEmbed(nn.Module):
             raise ValueError(
                 f"image size {height}x{width} is not a multiple of the patch size {self.patch_size}"
             )
-        return self.proj(images).flatten(2).transpose(1, 2)
+        batch, channels = images.shape[:2]
+        p = self.patch_size
+        rows, cols = height // p, width // p
+        # (B, C, rows, p, cols, p) -> (B, rows * cols, C * p * p), each patch flattened as the conv's weight is
+        patches = images.reshape(batch, channels, rows, p, cols, p).permute(0, 2, 4, 1, 3, 5)
+        return F.linear(patches.reshape(batch, rows * cols, channels * p * p), self.proj.weight.flatten(1), self.proj.bias)
 
 
 class Attention(nn.Module):

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from trainer.models.hub import PRETRAINED, infer_arch_kwargs, load_strict, pretrained_arch_kwargs
-from trainer.models.layers import Block, residual
+from trainer.models.layers import Block, PatchEmbed, residual
 from trainer.models.vit import DinoVisionTransformer, build_vit, vit_arch_kwargs
 
 # The released backbones, from the reference table (not from our model): width, depth, FFN.
@@ -224,6 +224,24 @@ def test_drop_path_keeps_the_expectation(rate: float) -> None:
         assert rows_seen[0] == int(8 * 0.6) + int(4 * 0.6)
     else:
         assert rows_seen[0] == 12
+
+
+@pytest.mark.parametrize("size", [(28, 42), (14, 14)])
+def test_patch_embedding_is_its_strided_convolution(size: tuple[int, int]) -> None:
+    """The matrix-product patch embedding against ``F.conv2d`` with the same weights: values and
+    the weights' gradients (the backward the training step takes)."""
+    torch.manual_seed(0)
+    embed = PatchEmbed(7, 3, 16)
+    images = torch.randn(3, 3, *size)
+    got = embed(images)
+    reference = torch.nn.functional.conv2d(images, embed.proj.weight, embed.proj.bias, stride=7)
+    torch.testing.assert_close(got, reference.flatten(2).transpose(1, 2), rtol=1e-5, atol=1e-5)
+    upstream = torch.randn_like(got)
+    got_grads = torch.autograd.grad((got * upstream).sum(), [embed.proj.weight, embed.proj.bias])
+    want_grads = torch.autograd.grad((reference.flatten(2).transpose(1, 2) * upstream).sum(),
+                                     [embed.proj.weight, embed.proj.bias])
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
 
 
 def test_subset_drop_path_runs_under_bf16_autocast() -> None:
