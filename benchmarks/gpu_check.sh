@@ -11,6 +11,7 @@
 #                  CPU from the same weights (fp32), bf16 autocast against fp32, compiled blocks
 #                  against eager                                                 -> correctness.json
 #   probe_small    benchmarks/train_step.py --probe --compile: ViT-S/14 recipe, batch 128  -> probe_small.json
+#                  and the compiled step's kernel-time table (torch profiler)       -> profile_small.txt
 #   probe_large    the same for the ViT-L/14 recipe, batch 64                               -> probe_large.json
 #   summary        benchmarks/gpu_summary.py                                     -> summary.md, summary.json
 # Both probes: 2 x 224 + 8 x 98 crops and 65536 prototypes (issue 11's sizes), eager and compiled
@@ -94,7 +95,7 @@ echo "== env"
 run_step correctness "${CAPS[0]}" "$PYTHON" benchmarks/gpu_correctness.py --device "$DEVICE" --reference cpu \
     --compile --out "$OUT/correctness.json" "${CORRECTNESS[@]}"
 run_step probe_small "${CAPS[1]}" "$PYTHON" benchmarks/train_step.py --probe --compile --device "$DEVICE" \
-    --json "$OUT/probe_small.json" "${SMALL[@]}"
+    --json "$OUT/probe_small.json" --profile "$OUT/profile_small.txt" "${SMALL[@]}"
 run_step probe_large "${CAPS[2]}" "$PYTHON" benchmarks/train_step.py --probe --compile --device "$DEVICE" \
     --json "$OUT/probe_large.json" "${LARGE[@]}"
 

@@ -80,13 +80,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true",
                         help="--probe: also time both steps compiled (model.compile_blocks, loss.compile)")
     parser.add_argument("--json", default="", help="--probe: also write the figures to this JSON file, row by row")
+    parser.add_argument("--profile", default="",
+                        help="--probe: profile two more steps of dinoflow's last row (compiled with --compile) "
+                             "and write the kernel-time table (operator time on CPU) to this file")
     parser.add_argument("--worker", default="", help=argparse.SUPPRESS)  # a rank: write results to this folder
     parser.add_argument("overrides", nargs="*", help="dotted overrides of the preset (optim.batch_size per rank)")
     args = parser.parse_args()
     if args.nproc < 1 or args.steps < 1 or args.warmup < 0 or args.threads < 1:
         parser.error("--nproc, --steps and --threads must be at least 1, --warmup at least 0")
-    if (args.compile or args.json) and not args.probe:
-        parser.error("--compile and --json go with --probe")
+    if (args.compile or args.json or args.profile) and not args.probe:
+        parser.error("--compile, --json and --profile go with --probe")
     if args.compile and args.warmup < 1:
         parser.error("--compile needs --warmup of at least 1: the first step compiles")
     if (args.strategy == "single") != (args.nproc == 1) and not args.worker and not args.probe:
@@ -240,7 +243,8 @@ def probe(args: argparse.Namespace) -> None:
     print(f"{'step':<18} {'img_per_s':>10} {'tflop_per_s':>12} {'peak_mib':>9} {'ours_vs_probe':>14}", flush=True)
     measures: dict[str, Callable[[bool], tuple[float, bool]]] = {
         "probe": lambda compiled: time_probe(args, device, compiled, shape, crop_batch),
-        "dinoflow": lambda compiled: time_dinoflow(args, device, compiled, crop_batch)}
+        "dinoflow": lambda compiled: time_dinoflow(args, device, compiled, crop_batch,
+                                                   args.profile if compiled == args.compile else "")}
     plain: float | None = None  # the eager probe's seconds per step: every row's reference
     for compiled in (False, True) if args.compile else (False,):
         for name, measure in measures.items():
@@ -288,10 +292,10 @@ def time_probe(args: argparse.Namespace, device: torch.device, compiled: bool, s
 
 
 def time_dinoflow(args: argparse.Namespace, device: torch.device, compiled: bool,
-                  crop_batch: CropBatch) -> tuple[float, bool]:
+                  crop_batch: CropBatch, profile: str = "") -> tuple[float, bool]:
     """Seconds per step of the engine's ``train_step`` as the engine sets it up (its AdamW, bf16
     autocast on CUDA), with ``model.compile_blocks`` and ``loss.compile`` set to ``compiled``, and
-    whether the compilation fell back to eager."""
+    whether the compilation fell back to eager; with ``profile``, two more steps profiled there."""
     from trainer.engine import Objective, build_adamw, build_networks, train_step, training_autocast
     from trainer.models.compile import is_compiled
     from trainer.schedules import schedule_values
@@ -304,10 +308,33 @@ def time_dinoflow(args: argparse.Namespace, device: torch.device, compiled: bool
     optimizer = build_adamw(student, cfg, device)
     sched = schedule_values(0, cfg.optim, cfg.loss, 1)
     autocast_dtype = training_autocast(device)
-    seconds = time_steps(lambda: train_step(student, teacher, objective, [crop_batch], sched, optimizer,
-                                            cfg.optim.clip_grad, autocast_dtype), args, device)
+    def step() -> None:
+        train_step(student, teacher, objective, [crop_batch], sched, optimizer, cfg.optim.clip_grad, autocast_dtype)
+
+    seconds = time_steps(step, args, device)
+    if profile:
+        write_profile(step, device, profile, f"dinoflow's train_step, preset {args.config!r}, compiled {compiled}, "
+                                             f"batch {cfg.optim.batch_size}, on {device}")
     blocks = (*student.backbone.blocks, *teacher.backbone.blocks)
     return seconds, compiled and not (all(is_compiled(b) for b in blocks) and objective.tails_compiled())
+
+
+def write_profile(step: Callable[[], None], device: torch.device, path: str, title: str) -> None:
+    """Where two steps' time goes, by torch's profiler: the kernels' own time on a GPU (the
+    operators' on CPU), largest first, as a table in ``path``, to choose the next change by."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as profiler:
+        tick = time.perf_counter()
+        for _ in range(2):
+            step()
+        if cuda:
+            torch.cuda.synchronize(device)
+        seconds = (time.perf_counter() - tick) / 2
+    table = profiler.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                          row_limit=40, max_name_column_width=90)
+    Storage().write_bytes(path, f"{title}: {seconds * 1e3:.1f} ms a step under the profiler, 2 steps\n{table}".encode())
 
 
 def main() -> None:

@@ -180,7 +180,7 @@ def train_step(
         loss = (weights.dino_weight * terms["dino"] + weights.ibot_weight * terms["ibot"]
                 + weights.koleo_weight * terms["koleo"])
         strategy.backward(loss / len(micro_batches))
-        values.append(torch.stack([*terms.values(), loss]).detach().float())
+        values.append(torch.stack([value.detach().float() for value in (*terms.values(), loss)]))
     # the step's one wait for the GPU, after every backward is queued, before the weights change
     names = [*terms, "total"]
     rows = torch.stack(values).tolist()

@@ -40,19 +40,36 @@ def unpack(tokens: Tensor, shapes: Shapes) -> list[Tensor]:
     return [part.view(b, n, -1) for part, (b, n) in zip(tokens.split(sizes), shapes)]
 
 
-class PatchEmbed(nn.Module):
-    """Non-overlapping ``patch_size`` patches projected to ``embed_dim``: a strided conv's weights
-    (``proj``, the original's layout), applied as one matrix product over the unfolded patches.
+class PatchProjection(nn.Conv2d):
+    """A ``kernel = stride = patch_size`` conv's parameters (the original's layout and names),
+    applied as one matrix product over the unfolded patches: ``(B, C, H, W) -> (B, H/p * W/p, D)``.
 
-    Why not the conv itself: a stride equal to the kernel is a matrix product, and cuDNN ran
-    this one as an implicit GEMM at 1.3 ms per call on an H100 (ViT-S/14, 256 crops of 224 px,
-    ~30 GFLOP, i.e. under 5 % of the card's rate); a reshape and a plain GEMM does the same sums.
+    Why not the conv: with the stride equal to the kernel it is a matrix product, and cuDNN ran
+    this one as an implicit GEMM at 1.3 ms a call on an H100 (ViT-S/14, 256 crops of 224 px,
+    ~30 GFLOP: under 5 % of the card's rate); a reshape and a plain GEMM do the same sums. Why a
+    ``Conv2d`` subclass: sharded training (ZeRO-3) gathers a module's parameters when its own
+    ``forward`` runs, so the product must be computed here, not by the parent reading them.
     """
+
+    def __init__(self, in_chans: int, embed_dim: int, patch_size: int) -> None:
+        super().__init__(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, images: Tensor) -> Tensor:
+        batch, channels, height, width = images.shape
+        p = self.kernel_size[0]
+        rows, cols = height // p, width // p
+        # (B, C, rows, p, cols, p) -> (B, rows * cols, C * p * p), each patch flattened as the weight is
+        patches = images.reshape(batch, channels, rows, p, cols, p).permute(0, 2, 4, 1, 3, 5)
+        return F.linear(patches.reshape(batch, rows * cols, channels * p * p), self.weight.flatten(1), self.bias)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping ``patch_size`` patches projected to ``embed_dim`` (:class:`PatchProjection`)."""
 
     def __init__(self, patch_size: int, in_chans: int, embed_dim: int) -> None:
         super().__init__()
         self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.proj = PatchProjection(in_chans, embed_dim, patch_size)
 
     def forward(self, images: Tensor) -> Tensor:
         """``(B, C, H, W)`` -> ``(B, H/p * W/p, D)``; H and W must be multiples of p."""
@@ -61,12 +78,7 @@ class PatchEmbed(nn.Module):
             raise ValueError(
                 f"image size {height}x{width} is not a multiple of the patch size {self.patch_size}"
             )
-        batch, channels = images.shape[:2]
-        p = self.patch_size
-        rows, cols = height // p, width // p
-        # (B, C, rows, p, cols, p) -> (B, rows * cols, C * p * p), each patch flattened as the conv's weight is
-        patches = images.reshape(batch, channels, rows, p, cols, p).permute(0, 2, 4, 1, 3, 5)
-        return F.linear(patches.reshape(batch, rows * cols, channels * p * p), self.proj.weight.flatten(1), self.proj.bias)
+        return self.proj(images)
 
 
 class Attention(nn.Module):
