@@ -114,9 +114,9 @@ class LossConfig(Section):
     mask_ratio_min: float = Field(0.1, ge=0, le=1)
     mask_ratio_max: float = Field(0.5, ge=0, le=1)
     compile: bool = Field(
-        False, description="torch.compile the element-wise tails of the DINO/iBOT cross-entropies and of "
-        "the teacher's centred softmax (fused passes over the (rows, prototypes) logits; eager "
-        "fallback with a warning on failure)",
+        False, description="torch.compile the element-wise tails of the DINO/iBOT cross-entropies and the "
+        "teacher's targets (centred softmax, Sinkhorn-Knopp): fused passes over the (rows, prototypes) "
+        "logits; eager fallback with a warning on failure",
     )
 
 

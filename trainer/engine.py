@@ -39,7 +39,7 @@ from trainer.losses import (
     no_reduce,
     sinkhorn_knopp,
 )
-from trainer.models.compile import compile_blocks, compiled_now
+from trainer.models.compile import compile_blocks, compile_function, compiled_now
 from trainer.models.heads import DINOHead
 from trainer.models.hub import load_strict, read_weights, save_backbone
 from trainer.models.vit import DinoVisionTransformer, build_vit
@@ -116,16 +116,18 @@ class Objective(nn.Module):
         ibot_prototypes = cfg.heads.ibot_num_prototypes if cfg.heads.ibot_separate_head else cfg.heads.num_prototypes
         self.dino_center = SoftmaxCentering(cfg.heads.num_prototypes, compiled=compiled)
         self.ibot_center = SoftmaxCentering(ibot_prototypes, compiled=compiled)
+        self.sinkhorn_knopp = compile_function(sinkhorn_knopp) if compiled else sinkhorn_knopp
 
     def tails_compiled(self) -> bool:
         """Whether every loss tail compiled by ``loss.compile`` still runs compiled (no fallback)."""
-        tails = (self.dino.cross_entropy, self.ibot.cross_entropy, self.dino_center.softmax, self.ibot_center.softmax)
+        tails = (self.dino.cross_entropy, self.ibot.cross_entropy, self.dino_center.softmax, self.ibot_center.softmax,
+                 self.sinkhorn_knopp)
         return all(compiled_now(tail) for tail in tails)
 
     def targets(self, logits: Tensor, center: SoftmaxCentering, temp: float) -> Tensor:
         """Teacher probabilities: Sinkhorn-Knopp, or softmax centering (then the centre moves)."""
         if self.cfg.centering == "sinkhorn_knopp":
-            return sinkhorn_knopp(logits, temp, all_reduce=self.all_reduce)
+            return self.sinkhorn_knopp(logits, temp, all_reduce=self.all_reduce)
         probs = center(logits, temp)
         center.update(logits, self.all_reduce)
         return probs

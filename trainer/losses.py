@@ -11,8 +11,9 @@ process), so the maths here does not know how it is distributed.
 Why ``compiled``: the iBOT terms work on ``(masked patches, K)`` logits, ~9,800 x 65,536 for a
 ViT-S/14 batch of 128, a 2.6 GB fp32 tensor; eagerly the cast, temperature, (log-)softmax, product
 and sum of the cross-entropy and of the teacher's centred softmax, with their backward, pass over
-it some 20 times. Compiled (:func:`~trainer.models.compile.compile_function`, eager fallback), each
-becomes one or two fused kernels that read the bf16 logits once or twice: the same maths.
+it some 20 times, and Sinkhorn-Knopp's three iterations as many. Compiled
+(:func:`~trainer.models.compile.compile_function`, eager fallback), each becomes one or a few
+fused kernels that read the logits once or twice: the same maths.
 
 References: DINO (Caron et al. 2021), iBOT (Zhou et al. 2022), DINOv2 (Oquab et al. 2023),
 KoLeo (Sablayrolles et al. 2019), SwAV's Sinkhorn-Knopp (Caron et al. 2020).

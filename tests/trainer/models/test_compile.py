@@ -19,7 +19,7 @@ from torch._dynamo.utils import counters
 
 from dinoflow.config import DistillConfig, PretrainConfig, load_config, validate
 from trainer.distill import build_student
-from trainer.engine import build_networks
+from trainer.engine import Objective, build_networks
 from trainer.losses import DINOLoss, IBOTPatchLoss, SoftmaxCentering, cross_entropy
 from trainer.models.compile import compile_blocks, compile_function, compiled_now, is_compiled
 from trainer.models.vit import DinoVisionTransformer, build_vit
@@ -154,6 +154,19 @@ def test_compiled_losses_match_eager_and_follow_a_changing_row_count() -> None:
     # cross-entropy on 3-d (DINO globals), 4-d (locals x globals) and 2-d (iBOT) logits, the centred
     # softmax on 3-d and 2-d; each 2-d graph once static and once with dynamic rows, never per count
     assert counters["stats"]["unique_graphs"] <= 7, counters["stats"]
+
+
+def test_compiled_sinkhorn_knopp_matches_eager_at_changing_row_counts() -> None:
+    """``loss.compile``'s Sinkhorn-Knopp targets (the objective's, on bf16 logits) equal the eager ones."""
+    small = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "heads.num_prototypes=64",
+             "loss.centering=sinkhorn_knopp"]
+    eager, compiled = (Objective(load_config(PretrainConfig, "tiny", [*small, f"loss.compile={c}"])) for c in (False, True))
+    generator = torch.Generator().manual_seed(0)
+    for rows in (9, 13, 6):
+        logits = torch.randn(rows, 64, generator=generator).bfloat16()
+        torch.testing.assert_close(compiled.targets(logits, compiled.ibot_center, 0.05),
+                                   eager.targets(logits, eager.ibot_center, 0.05), rtol=1e-5, atol=1e-7)
+    assert compiled.tails_compiled() and not eager.tails_compiled()
 
 
 def test_a_failing_compiled_function_runs_eagerly_with_one_warning(caplog: pytest.LogCaptureFixture) -> None:
