@@ -87,7 +87,7 @@ def test_probe_mode_prints_both_rows_on_cpu(tmp_path: Path) -> None:
 
 def test_compile_needs_a_warm_up_step_and_the_probe_mode() -> None:
     for extra, message in ((["--probe", "--warmup", "0"], "--compile needs --warmup of at least 1"),
-                           ([], "--compile and --json go with --probe")):
+                           ([], "--compile, --json and --profile go with --probe")):
         done = subprocess.run([sys.executable, str(SCRIPT), "--compile", *extra], capture_output=True, text=True,
                               timeout=120, check=False)
         assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
