@@ -36,6 +36,7 @@ from trainer.losses import (
     IBOTPatchLoss,
     KoLeoLoss,
     SoftmaxCentering,
+    masked_positions,
     no_reduce,
     sinkhorn_knopp,
 )
@@ -150,7 +151,7 @@ class CropBatch:
 
     def __post_init__(self) -> None:
         if self.mask_index is None:
-            self.mask_index = self.masks.flatten().nonzero().squeeze(1)
+            self.mask_index = masked_positions(self.masks)
 
 
 def train_step(
@@ -325,7 +326,7 @@ def make_batch(images: Tensor, step: int, cfg: PretrainConfig, multi_crop: Multi
         (cfg.loss.mask_ratio_min, cfg.loss.mask_ratio_max),
     )
     masks = masks.view(2, global_images, -1)[:, strategy.rank_slice(global_images)].flatten(0, 1)  # (2B, N)
-    index = masks.flatten().nonzero().squeeze(1)  # on the host: no wait for the GPU
+    index = masked_positions(masks)  # on the host: no wait for the GPU
     return CropBatch(global_crops, local_crops, to_device_async(masks, images.device),
                      to_device_async(index, images.device))
 

@@ -42,6 +42,12 @@ def cross_entropy(teacher_probs: Tensor, student_logits: Tensor, student_temp: f
     return -(teacher_probs * F.log_softmax(student_logits.float() / student_temp, dim=-1)).sum(dim=-1)
 
 
+def masked_positions(masks: Tensor) -> Tensor:
+    """``(M,)`` positions of the ``True`` entries of ``masks`` in ``masks.flatten()``, in order
+    (``x.flatten(0, 1)[positions]`` selects what ``x[masks]`` selects)."""
+    return masks.flatten().nonzero().squeeze(1)
+
+
 def centered_softmax(teacher_logits: Tensor, center: Tensor, teacher_temp: float) -> Tensor:
     """``softmax((t - c) / tau_t)`` per row, in fp32; ``(..., K)`` logits, ``(1, K)`` centre."""
     return F.softmax((teacher_logits.float() - center) / teacher_temp, dim=-1)
@@ -105,7 +111,7 @@ class IBOTPatchLoss(nn.Module):
 
     def forward(self, student_logits: Tensor, teacher_probs: Tensor, masks: Tensor,
                 mask_index: Tensor | None = None) -> Tensor:
-        index = masks.flatten().nonzero().squeeze(1) if mask_index is None else mask_index
+        index = masked_positions(masks) if mask_index is None else mask_index
         if student_logits.shape[0] != len(index) or teacher_probs.shape != student_logits.shape:
             raise ValueError(
                 f"{len(index)} masked patches but student {tuple(student_logits.shape)} and teacher "
