@@ -11,7 +11,8 @@
 #                  CPU from the same weights (fp32), bf16 autocast against fp32, compiled blocks
 #                  against eager                                                 -> correctness.json
 #   probe_small    benchmarks/train_step.py --probe --compile: ViT-S/14 recipe, batch 128  -> probe_small.json
-#                  and the compiled step's kernel-time table (torch profiler)       -> profile_small.txt
+#                  the compiled step's kernel-time table (torch profiler) and what is alive at its
+#                  memory peak; the same for the compiled probe   -> profile_small.txt, profile_small_probe.txt
 #   probe_large    the same for the ViT-L/14 recipe, batch 64                               -> probe_large.json
 #   summary        benchmarks/gpu_summary.py                                     -> summary.md, summary.json
 # Both probes: 2 x 224 + 8 x 98 crops and 65536 prototypes (issue 11's sizes), eager and compiled

@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from memory_peak import record_peak  # this script's folder is first on sys.path
 from step_probe import ProbeShape, ProbeViT, probe_flops_per_image, probe_step  # this script's folder is first on sys.path
 from dinoflow.config import PretrainConfig, load_config
 from dinoflow.progress import progress
@@ -82,7 +83,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--json", default="", help="--probe: also write the figures to this JSON file, row by row")
     parser.add_argument("--profile", default="",
                         help="--probe: profile two more steps of dinoflow's last row (compiled with --compile) "
-                             "and write the kernel-time table (operator time on CPU) to this file")
+                             "and write the kernel-time table (operator time on CPU; on a GPU also what is "
+                             "alive at the memory peak) to this file, the probe's last row's to FILE_probe")
     parser.add_argument("--worker", default="", help=argparse.SUPPRESS)  # a rank: write results to this folder
     parser.add_argument("overrides", nargs="*", help="dotted overrides of the preset (optim.batch_size per rank)")
     args = parser.parse_args()
@@ -242,7 +244,8 @@ def probe(args: argparse.Namespace) -> None:
              if device.type == "cpu" else ""))
     print(f"{'step':<18} {'img_per_s':>10} {'tflop_per_s':>12} {'peak_mib':>9} {'ours_vs_probe':>14}", flush=True)
     measures: dict[str, Callable[[bool], tuple[float, bool]]] = {
-        "probe": lambda compiled: time_probe(args, device, compiled, shape, crop_batch),
+        "probe": lambda compiled: time_probe(args, device, compiled, shape, crop_batch,
+                                             probe_profile_path(args.profile) if compiled == args.compile else ""),
         "dinoflow": lambda compiled: time_dinoflow(args, device, compiled, crop_batch,
                                                    args.profile if compiled == args.compile else "")}
     plain: float | None = None  # the eager probe's seconds per step: every row's reference
@@ -271,10 +274,18 @@ def probe(args: argparse.Namespace) -> None:
                 Storage().write_bytes(args.json, json.dumps(report, indent=2).encode())
 
 
+def probe_profile_path(profile: str) -> str:
+    """Where the probe's profile goes next to dinoflow's ``profile`` (``x.txt`` -> ``x_probe.txt``)."""
+    if not profile:
+        return ""
+    path = Path(profile)
+    return str(path.with_name(f"{path.stem}_probe{path.suffix}"))
+
+
 def time_probe(args: argparse.Namespace, device: torch.device, compiled: bool, shape: ProbeShape,
-               crop_batch: CropBatch) -> tuple[float, bool]:
+               crop_batch: CropBatch, profile: str = "") -> tuple[float, bool]:
     """Seconds per step of the ceiling probe (blocks compiled if ``compiled``), and whether their
-    compilation fell back to eager."""
+    compilation fell back to eager; with ``profile``, two more steps profiled there."""
     from trainer.engine import training_autocast
     from trainer.models.compile import compile_blocks, is_compiled
 
@@ -286,8 +297,13 @@ def time_probe(args: argparse.Namespace, device: torch.device, compiled: bool, s
     optimizer = torch.optim.AdamW(student.parameters())  # the plain probe: torch's default AdamW
     global_crops, local_crops = crop_batch.global_crops.flatten(0, 1), crop_batch.local_crops.flatten(0, 1)
     autocast_dtype = training_autocast(device)  # the engine's, so both steps compute alike
-    seconds = time_steps(lambda: probe_step(student, teacher, global_crops, local_crops, optimizer, autocast_dtype),
-                         args, device)
+    def step() -> None:
+        probe_step(student, teacher, global_crops, local_crops, optimizer, autocast_dtype)
+
+    seconds = time_steps(step, args, device)
+    if profile:
+        write_profile(step, device, profile, f"the ceiling probe's step, compiled {compiled}, "
+                                             f"batch {global_crops.shape[0] // 2}, on {device}")
     return seconds, compiled and not all(is_compiled(b) for b in (*student.blocks, *teacher.blocks))
 
 
@@ -321,7 +337,8 @@ def time_dinoflow(args: argparse.Namespace, device: torch.device, compiled: bool
 
 def write_profile(step: Callable[[], None], device: torch.device, path: str, title: str) -> None:
     """Where two steps' time goes, by torch's profiler: the kernels' own time on a GPU (the
-    operators' on CPU), largest first, as a table in ``path``, to choose the next change by."""
+    operators' on CPU), largest first, as a table in ``path``, to choose the next change by; on a
+    GPU also what is alive at a third step's memory peak (:func:`memory_peak.record_peak`)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -334,7 +351,10 @@ def write_profile(step: Callable[[], None], device: torch.device, path: str, tit
         seconds = (time.perf_counter() - tick) / 2
     table = profiler.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
                                           row_limit=40, max_name_column_width=90)
-    Storage().write_bytes(path, f"{title}: {seconds * 1e3:.1f} ms a step under the profiler, 2 steps\n{table}".encode())
+    text = f"{title}: {seconds * 1e3:.1f} ms a step under the profiler, 2 steps\n{table}"
+    if cuda:
+        text += "\n" + record_peak(step, device)
+    Storage().write_bytes(path, text.encode())
 
 
 def main() -> None:

@@ -34,6 +34,7 @@ def test_cpu_smoke_writes_every_output_and_the_summary(tmp_path: Path) -> None:
         assert all(r["img_per_s"] > 0 and not r["compile_fell_back"] for r in rows), rows
     profile = (out / "profile_small.txt").read_text()  # the compiled step's operators, by the profiler
     assert "compiled True" in profile and "aten::" in profile
+    assert "aten::" in (out / "profile_small_probe.txt").read_text()  # the compiled probe's, to compare
     summary = (out / "summary.md").read_text()
     assert all(f"| {name} | ok |" in summary for name in STEPS)
     assert summary.count("PASS") == 4 and "| dinoflow_compiled |" in summary
