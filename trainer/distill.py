@@ -35,6 +35,7 @@ Single process only (no ``distributed.strategy`` other than ``single``).
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import time
@@ -216,8 +217,8 @@ def distill_loss_terms(student: SSLNetwork, teacher: SSLNetwork, objective: Obje
         teacher_cls = objective.targets(teacher.dino_head(seen["x_norm_clstoken"]), objective.dino_center,
                                         teacher_temp)  # (2B, K)
         teacher_patches = seen["x_norm_patchtokens"]  # (2B, N, D_teacher)
-        teacher_patch = objective.targets(teacher.patch_head(teacher_patches.flatten(0, 1)), objective.ibot_center,
-                                          teacher_temp)  # (2BN, K)
+        teacher_patch = objective.patch_targets(teacher.patch_head(teacher_patches.flatten(0, 1)),
+                                                teacher_temp)  # (2BN, K)
     groups = [globals_] + ([locals_] if len(locals_) else [])
     outputs = student.backbone.forward_features_list(groups)
     global_cls = outputs[0]["x_norm_clstoken"]  # (2B, D)
@@ -228,11 +229,12 @@ def distill_loss_terms(student: SSLNetwork, teacher: SSLNetwork, objective: Obje
     if student_patches.shape[1] != teacher_patches.shape[1]:
         raise ValueError(f"student has {student_patches.shape[1]} patches per crop, teacher "
                          f"{teacher_patches.shape[1]}")
-    student_patch = student.patch_head(student_patches.flatten(0, 1))  # (2BN, K)
     every_patch = torch.ones(student_patches.shape[:2], dtype=torch.bool, device=student_patches.device)  # (2B, N)
+    patch_loss = functools.partial(objective.ibot, targets=teacher_patch, masks=every_patch,
+                                   mask_index=torch.arange(every_patch.numel(), device=every_patch.device))
     return {
         "dino": objective.dino(student_global, student_local, teacher_cls.view(2, num_images, -1)),
-        "ibot": objective.ibot(student_patch, teacher_patch, every_patch),
+        "ibot": student.patch_head(student_patches.flatten(0, 1), loss=patch_loss),  # fused: no (2BN, K) logits
         "koleo": sum(objective.koleo(crop) for crop in global_cls.view(2, num_images, -1)),
     }
 

@@ -10,6 +10,7 @@ beyond the step.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -36,6 +37,7 @@ from trainer.losses import (
     IBOTPatchLoss,
     KoLeoLoss,
     SoftmaxCentering,
+    Targets,
     masked_positions,
     no_reduce,
     sinkhorn_knopp,
@@ -121,7 +123,7 @@ class Objective(nn.Module):
 
     def tails_compiled(self) -> bool:
         """Whether every loss tail compiled by ``loss.compile`` still runs compiled (no fallback)."""
-        tails = (self.dino.cross_entropy, self.ibot.cross_entropy, self.dino_center.softmax, self.ibot_center.softmax,
+        tails = (self.dino.cross_entropy, self.ibot.tail, self.dino_center.softmax, self.ibot_center.softmax,
                  self.sinkhorn_knopp)
         return all(compiled_now(tail) for tail in tails)
 
@@ -132,6 +134,15 @@ class Objective(nn.Module):
         probs = center(logits, temp)
         center.update(logits, self.all_reduce)
         return probs
+
+    def patch_targets(self, logits: Tensor, temp: float) -> Targets:
+        """The iBOT head's teacher targets as :class:`Targets`: Sinkhorn-Knopp's probabilities, or the
+        logits with the centre before this step's update (their softmax is left to the fused loss)."""
+        if self.cfg.centering == "sinkhorn_knopp":
+            return Targets(self.sinkhorn_knopp(logits, temp, all_reduce=self.all_reduce))
+        targets = Targets(logits, self.ibot_center.center.clone(), temp)
+        self.ibot_center.update(logits, self.all_reduce)
+        return targets
 
 
 @dataclass
@@ -184,20 +195,36 @@ def train_step(
                 + weights.koleo_weight * terms["koleo"])
         strategy.backward(loss / len(micro_batches))
         values.append(torch.stack([value.detach().float() for value in (*terms.values(), loss)]))
-    # the step's one wait for the GPU, after every backward is queued, before the weights change
+    # The step's one wait for the GPU: reading the loss terms. A fused AdamW in one process skips a
+    # non-finite step on the device (its ``found_inf``), so there the read comes after the update and
+    # the EMA are queued, and the lead the host built during the backward covers their launches;
+    # elsewhere it comes before the weights change.
+    losses = torch.stack(values)  # (micro-batches, terms + total)
     names = [*terms, "total"]
-    rows = torch.stack(values).tolist()
-    for row in rows:
-        if not all(math.isfinite(value) for value in row):
-            raise FloatingPointError(f"loss is {row[-1]} ({dict(zip(names[:-1], row[:-1]))})")
-    totals = {name: sum(row[i] for row in rows) / len(rows) for i, name in enumerate(names)}
+    skip_on_device = type(strategy) is Strategy and bool(optimizer.param_groups[0].get("fused"))
+    if not skip_on_device:
+        totals = _read_losses(losses, names)
     if clip_grad > 0:
         for module in (student.backbone, student.dino_head, student.ibot_head):
             if module is not None:
                 strategy.clip_grad_norm_(module.parameters(), clip_grad)
+    if skip_on_device:
+        optimizer.found_inf = (~losses.isfinite().all()).float()  # 1: the fused kernel leaves every weight as it is
     strategy.step(optimizer)
     ema_update(teacher, student, sched.teacher_momentum)
+    if skip_on_device:
+        totals = _read_losses(losses, names)  # a non-finite step raises here, the student unchanged
     return strategy.mean(totals)
+
+
+def _read_losses(losses: Tensor, names: list[str]) -> dict[str, float]:
+    """The micro-batches' loss terms ``(micro-batches, terms)`` averaged, read on the host; raises
+    ``FloatingPointError`` naming the terms if any is not finite."""
+    rows = losses.tolist()
+    for row in rows:
+        if not all(math.isfinite(value) for value in row):
+            raise FloatingPointError(f"loss is {row[-1]} ({dict(zip(names[:-1], row[:-1]))})")
+    return {name: sum(row[i] for row in rows) / len(rows) for i, name in enumerate(names)}
 
 
 def _loss_terms(student: SSLNetwork, teacher: SSLNetwork, objective: Objective, batch: CropBatch,
@@ -210,18 +237,20 @@ def _loss_terms(student: SSLNetwork, teacher: SSLNetwork, objective: Objective, 
         seen = teacher.backbone.forward_features(globals_)
         teacher_cls = objective.targets(teacher.dino_head(seen["x_norm_clstoken"]), objective.dino_center,
                                         teacher_temp)  # (2B, K)
-        teacher_patch = objective.targets(teacher.patch_head(seen["x_norm_patchtokens"].flatten(0, 1)[index]),
-                                          objective.ibot_center, teacher_temp)  # (M, K)
+        teacher_patch = objective.patch_targets(teacher.patch_head(seen["x_norm_patchtokens"].flatten(0, 1)[index]),
+                                                teacher_temp)  # (M, K)
     groups = [globals_] + ([locals_] if len(locals_) else [])
     outputs = student.backbone.forward_features_list(groups, [masks] + [None] * (len(groups) - 1))
     global_cls = outputs[0]["x_norm_clstoken"]  # (2B, D)
     student_global = student.dino_head(global_cls).view(2, num_images, -1)
     student_local = (student.dino_head(outputs[1]["x_norm_clstoken"]).view(-1, num_images, student_global.shape[-1])
                      if len(groups) > 1 else None)
-    student_patch = student.patch_head(outputs[0]["x_norm_patchtokens"].flatten(0, 1)[index])  # (M, K)
+    patch_loss = functools.partial(objective.ibot, targets=teacher_patch, masks=masks, mask_index=index)
     return {
         "dino": objective.dino(student_global, student_local, teacher_cls.view(2, num_images, -1)),
-        "ibot": objective.ibot(student_patch, teacher_patch, masks, index) if len(index) else global_cls.sum() * 0,
+        # the head's prototype layer fused with the loss: the (M, K) logits are never kept
+        "ibot": (student.patch_head(outputs[0]["x_norm_patchtokens"].flatten(0, 1)[index], loss=patch_loss)
+                 if len(index) else global_cls.sum() * 0),
         "koleo": sum(objective.koleo(crop) for crop in global_cls.view(2, num_images, -1)),
     }
 

@@ -8,10 +8,18 @@ prototypes; each loss is a cross-entropy ``H(t, s) = -sum_k t_k log softmax(s / 
 Cross-rank sums go through an injected ``all_reduce`` (a sum over ranks; the identity on one
 process), so the maths here does not know how it is distributed.
 
-Why ``compiled``: the iBOT terms work on ``(masked patches, K)`` logits, ~9,800 x 65,536 for a
-ViT-S/14 batch of 128, a 2.6 GB fp32 tensor; eagerly the cast, temperature, (log-)softmax, product
-and sum of the cross-entropy and of the teacher's centred softmax, with their backward, pass over
-it some 20 times, and Sinkhorn-Knopp's three iterations as many. Compiled
+Why the iBOT loss is fused with the head's prototype layer (:func:`prototype_cross_entropy`): its
+logits are ``(masked patches, K)``, ~9,300 x 65,536 for a ViT-S/14 batch of 128, 1.2 GB in bf16
+and 2.5 GB as fp32 targets, and autograd would keep the student's logits, the targets and the
+logits' gradient alive into the backward, where the backbone's activations peak (5 GB of a 26 GB
+step on an H100). Fused, a block of rows at a time goes from the bottleneck features to the
+logits, the teacher's (centred-softmax) targets, the loss and the gradient of the features and of
+the prototypes, during the forward; only those two gradients are kept. The matrix products are
+the ones autograd would run.
+
+Why ``compiled``: the element-wise tails over those ``(rows, K)`` blocks (cast, temperature,
+(log-)softmax, product, sum, gradient; the teacher's centred softmax; Sinkhorn-Knopp's three
+iterations over its full matrix) pass over them many times eagerly. Compiled
 (:func:`~trainer.models.compile.compile_function`, eager fallback), each becomes one or a few
 fused kernels that read the logits once or twice: the same maths.
 
@@ -22,6 +30,8 @@ KoLeo (Sablayrolles et al. 2019), SwAV's Sinkhorn-Knopp (Caron et al. 2020).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +101,87 @@ class DINOLoss(nn.Module):
         return total / terms
 
 
+@dataclass
+class Targets:
+    """Teacher targets over ``K`` prototypes, one row per student row: probabilities ``values``
+    (Sinkhorn-Knopp's), or, when ``center`` is set, teacher logits ``values`` whose targets are
+    ``softmax((values - center) / temp)``, left to be computed where they are used, a block of rows
+    at a time (:func:`prototype_cross_entropy`), so no ``(rows, K)`` fp32 tensor is written."""
+
+    values: Tensor
+    center: Tensor | None = None
+    temp: float = 1.0
+
+    def probs(self) -> Tensor:
+        """The targets as one fp32 ``(rows, K)`` tensor."""
+        return self.values.float() if self.center is None else centered_softmax(self.values, self.center, self.temp)
+
+
+def prototype_cross_entropy_tail(student_logits: Tensor, teacher: Tensor, center: Tensor | None, row_weights: Tensor,
+                                 student_temp: float, teacher_temp: float) -> tuple[Tensor, Tensor]:
+    """For a block of rows: ``sum_r w_r H(t_r, s_r)`` and its gradient with respect to the logits,
+
+        dL/ds_r = w_r (softmax(s_r / tau_s) sum_k t_rk - t_r) / tau_s   (in the logits' dtype),
+
+    with ``t = teacher`` (probabilities) or, given ``center``, ``softmax((teacher - center) / tau_t)``."""
+    targets = teacher.float() if center is None else centered_softmax(teacher, center, teacher_temp)
+    log_probs = F.log_softmax(student_logits.float() / student_temp, dim=-1)
+    loss = -(targets * log_probs).sum(dim=-1)
+    scale = (row_weights.float() / student_temp).unsqueeze(1)
+    grad = (log_probs.exp() * targets.sum(dim=-1, keepdim=True) - targets) * scale
+    return (loss * row_weights).sum(), grad.to(student_logits.dtype)
+
+
+PATCH_LOSS_BLOCK_ELEMENTS = 2**28  # logits per block of rows in prototype_cross_entropy: 512 MB in bf16
+
+
+def prototype_cross_entropy(features: Tensor, prototypes: Tensor, targets: Targets, row_weights: Tensor,
+                            student_temp: float, tail: Callable[..., tuple[Tensor, Tensor]] = prototype_cross_entropy_tail,
+                            block_rows: int | None = None) -> Tensor:
+    """``sum_r w_r H(t_r, softmax(f_r W^T / tau_s))`` for features ``f`` ``(M, d)``, prototypes
+    ``W`` ``(K, d)``, targets ``(M, K)`` and row weights ``w`` ``(M,)``, fused (module docstring):
+    the logits exist one block of ``block_rows`` rows at a time (default: ``2**28 / K`` of them), and
+    the gradients of ``f`` and ``W`` are computed with the loss. Under autocast the products run in
+    its dtype, as ``F.linear`` would; ``tail`` computes a block's loss and logit gradient
+    (:func:`prototype_cross_entropy_tail`, or its compiled version)."""
+    if targets.values.shape != (features.shape[0], prototypes.shape[0]) or row_weights.shape != features.shape[:1]:
+        raise ValueError(f"features {tuple(features.shape)} and prototypes {tuple(prototypes.shape)} need targets "
+                         f"(rows, prototypes) and one weight per row, got {tuple(targets.values.shape)} and "
+                         f"{tuple(row_weights.shape)}")
+    rows = block_rows or max(1, PATCH_LOSS_BLOCK_ELEMENTS // prototypes.shape[0])
+    return _PrototypeCrossEntropy.apply(features, prototypes, targets.values, targets.center, row_weights,
+                                        student_temp, targets.temp, tail, rows)
+
+
+class _PrototypeCrossEntropy(torch.autograd.Function):
+    """:func:`prototype_cross_entropy`: the gradients are made in the forward and scaled in the backward."""
+
+    @staticmethod
+    def forward(ctx: Any, features: Tensor, prototypes: Tensor, teacher: Tensor, center: Tensor | None,
+                row_weights: Tensor, student_temp: float, teacher_temp: float,
+                tail: Callable[..., tuple[Tensor, Tensor]], block_rows: int) -> Tensor:
+        device = features.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else features.dtype
+        f, w = features.to(dtype), prototypes.to(dtype)
+        total = features.new_zeros((), dtype=torch.float32)
+        grad_features = torch.empty_like(features)
+        grad_prototypes = torch.zeros_like(prototypes, dtype=torch.float32)
+        for start in range(0, features.shape[0], block_rows):
+            block = slice(start, start + block_rows)
+            loss, grad_logits = tail(f[block] @ w.T, teacher[block], center, row_weights[block], student_temp,
+                                     teacher_temp)
+            total += loss
+            grad_features[block] = grad_logits @ w
+            grad_prototypes += grad_logits.T @ f[block]
+        ctx.save_for_backward(grad_features, grad_prototypes.to(prototypes.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        grad_features, grad_prototypes = ctx.saved_tensors
+        return grad_features * grad_output, grad_prototypes * grad_output, None, None, None, None, None, None, None
+
+
 class IBOTPatchLoss(nn.Module):
     """Masked-patch loss: each masked patch of a student crop learns the teacher's target for
     the same (unmasked) patch. Patches are weighted ``1 / #masked`` within their crop, and the
@@ -98,29 +189,30 @@ class IBOTPatchLoss(nn.Module):
 
         L = -(1 / C) sum_c (1 / M_c) sum_{p masked in c} sum_k t_{c,p,k} log softmax(s_{c,p} / tau_s)_k
 
-    Shapes: student and teacher ``(M, K)`` for the ``M = masks.sum()`` masked patches in
-    ``masks[masks]`` order; ``masks`` ``(C, N)`` bool; ``mask_index`` ``(M,)`` their positions in
-    ``masks.flatten()`` (given, nothing waits for the GPU to count the masks; else derived).
-    ``compiled``: see the module docstring.
+    with the student logits ``s = f W^T`` of the head's bottleneck features ``f`` ``(M, d)`` and
+    prototypes ``W`` ``(K, d)``, computed fused (:func:`prototype_cross_entropy`): the head calls
+    this with ``f`` and ``W`` (``DINOHead.forward(x, loss=...)``). Targets ``(M, K)`` for the
+    ``M = masks.sum()`` masked patches in ``masks[masks]`` order; ``masks`` ``(C, N)`` bool;
+    ``mask_index`` ``(M,)`` their positions in ``masks.flatten()`` (given, nothing waits for the GPU
+    to count the masks; else derived). ``compiled``: see the module docstring.
     """
 
     def __init__(self, student_temp: float = 0.1, compiled: bool = False) -> None:
         super().__init__()
         self.student_temp = student_temp
-        self.cross_entropy = _maybe_compiled(cross_entropy, compiled)
+        self.tail = _maybe_compiled(prototype_cross_entropy_tail, compiled)
 
-    def forward(self, student_logits: Tensor, teacher_probs: Tensor, masks: Tensor,
+    def forward(self, features: Tensor, prototypes: Tensor, targets: Targets, masks: Tensor,
                 mask_index: Tensor | None = None) -> Tensor:
         index = masked_positions(masks) if mask_index is None else mask_index
-        if student_logits.shape[0] != len(index) or teacher_probs.shape != student_logits.shape:
+        if features.shape[0] != len(index) or targets.values.shape != (len(index), prototypes.shape[0]):
             raise ValueError(
-                f"{len(index)} masked patches but student {tuple(student_logits.shape)} and teacher "
-                f"{tuple(teacher_probs.shape)} rows"
+                f"{len(index)} masked patches but student features {tuple(features.shape)} and teacher targets "
+                f"{tuple(targets.values.shape)} for {prototypes.shape[0]} prototypes"
             )
         per_crop = masks.sum(dim=1).clamp(min=1)  # (C,)
-        weights = 1.0 / per_crop[index // masks.shape[1]]  # (M,): 1 / (masked patches of its crop)
-        loss = self.cross_entropy(teacher_probs, student_logits, self.student_temp)
-        return (loss * weights).sum() / masks.shape[0]
+        weights = 1.0 / per_crop[index // masks.shape[1]] / masks.shape[0]  # (M,): 1 / (C x masked in its crop)
+        return prototype_cross_entropy(features, prototypes, targets, weights, self.student_temp, self.tail)
 
 
 class KoLeoLoss(nn.Module):

@@ -126,14 +126,16 @@ def test_no_masking_no_drop_path_and_all_patches(teacher_run: Path, tmp_path: Pa
     seen = []
     original = objective.ibot.forward
 
-    def spy(student_logits, teacher_probs, masks):
-        seen.append(masks)
-        return original(student_logits, teacher_probs, masks)
+    def spy(features, prototypes, targets, masks, mask_index):
+        seen.append((masks, mask_index))
+        return original(features, prototypes, targets, masks, mask_index)
 
     objective.ibot.forward = spy
     distill_loss_terms(student, teacher, objective, batch, 0.04)
     grid = (cfg.crops.global_crop_size // cfg.model.patch_size) ** 2
-    assert seen[0].shape == (2 * 16, grid) and bool(seen[0].all())
+    masks, index = seen[0]
+    assert masks.shape == (2 * 16, grid) and bool(masks.all())
+    assert torch.equal(index, torch.arange(2 * 16 * grid))
 
 
 @pytest.mark.parametrize("objective", ["heads", "features"])

@@ -123,17 +123,23 @@ def test_gradient_accumulation_matches_one_big_batch() -> None:
     assert cosine > 0.9
 
 
-def test_nan_loss_halts_with_a_clear_error() -> None:
+@pytest.mark.parametrize("fused", [False, True])
+def test_nan_loss_halts_with_a_clear_error(fused: bool) -> None:
+    """A non-finite loss raises and the student's weights stay as they were: checked on the host
+    before the update, or (fused AdamW) skipped by the kernel and read after it."""
     cfg = config()
     student, teacher = build_networks(cfg)
     with torch.no_grad():
         student.dino_head.mlp[0].weight.fill_(float("nan"))
     batch = make_batch(images(), 0, cfg, MultiCrop(cfg.crops))
-    sched = ScheduleValues(lr=1e-3, last_layer_lr=1e-3, weight_decay=0.0, teacher_momentum=0.9, teacher_temp=0.05)
+    sched = ScheduleValues(lr=1e-3, last_layer_lr=1e-3, weight_decay=0.04, teacher_momentum=0.9, teacher_temp=0.05)
     before = {name: p.clone() for name, p in student.named_parameters()}
+    optimizer = torch.optim.AdamW(param_groups(student, cfg), fused=fused or None)
     with pytest.raises(FloatingPointError, match="loss is nan"):
-        train_step(student, teacher, Objective(cfg), [batch], sched, torch.optim.AdamW(param_groups(student, cfg)), 3.0)
+        train_step(student, teacher, Objective(cfg), [batch], sched, optimizer, 3.0)
     assert all(torch.equal(p, before[name]) for name, p in student.named_parameters() if name != "dino_head.mlp.0.weight")
+    if fused:  # the skipped step is not counted either
+        assert all(float(state["step"]) == 0 for state in optimizer.state.values())
 
 
 def test_a_batch_indexes_its_masked_patches_in_mask_order() -> None:

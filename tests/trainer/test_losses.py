@@ -15,8 +15,10 @@ from trainer.losses import (
     KoLeoLoss,
     PatchFeatureLoss,
     SoftmaxCentering,
+    Targets,
     cosine_distance,
     cross_entropy,
+    prototype_cross_entropy,
     sinkhorn_knopp,
 )
 from trainer.models.heads import DINOHead
@@ -51,11 +53,12 @@ def test_dino_loss_pairs_crops_like_the_original(local_crops: int) -> None:
 
 def test_ibot_loss_weights_patches_per_crop() -> None:
     torch.manual_seed(0)
-    crops, patches, prototypes = 6, 16, 24
+    crops, patches, prototypes, width = 6, 16, 24, 5
     masks = torch.rand(crops, patches) < 0.3
     masks[2] = False  # an unmasked crop still counts in the denominator
     count = int(masks.sum())
-    student, teacher = torch.randn(count, prototypes), torch.randn(count, prototypes).softmax(-1)
+    features, weight = torch.randn(count, width), torch.randn(prototypes, width)
+    student, teacher = features @ weight.T, torch.randn(count, prototypes).softmax(-1)
     expected = torch.tensor(0.0)
     row = 0
     for crop in range(crops):
@@ -64,13 +67,71 @@ def test_ibot_loss_weights_patches_per_crop() -> None:
             expected += soft_ce(teacher[row : row + n], student[row : row + n], 0.1)
             row += n
     expected /= crops
-    torch.testing.assert_close(IBOTPatchLoss(0.1)(student, teacher, masks), expected)
+    targets = Targets(teacher)
+    torch.testing.assert_close(IBOTPatchLoss(0.1)(features, weight, targets, masks), expected)
     index = torch.tensor([crop * patches + p for crop in range(crops) for p in range(patches) if masks[crop, p]])
-    torch.testing.assert_close(IBOTPatchLoss(0.1)(student, teacher, masks, index), expected)  # as CropBatch gives it
+    torch.testing.assert_close(IBOTPatchLoss(0.1)(features, weight, targets, masks, index), expected)  # as CropBatch gives it
     with pytest.raises(ValueError, match="masked patches"):
-        IBOTPatchLoss()(student[:-1], teacher[:-1], masks)
+        IBOTPatchLoss()(features[:-1], weight, Targets(teacher[:-1]), masks)
     with pytest.raises(ValueError, match=f"{count - 1} masked patches"):
-        IBOTPatchLoss()(student, teacher, masks, index[:-1])
+        IBOTPatchLoss()(features, weight, targets, masks, index[:-1])
+
+
+def explicit_prototype_loss(features: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                            row_weights: torch.Tensor, temp: float) -> torch.Tensor:
+    """The unfused reference: logits by ``F.linear``, the cross-entropy by ``F.cross_entropy`` per row."""
+    logits = F.linear(features, weight)
+    return (F.cross_entropy(logits.float() / temp, targets, reduction="none") * row_weights).sum()
+
+
+@pytest.mark.parametrize("centred", [False, True])
+@pytest.mark.parametrize("block_rows", [3, 100])
+def test_fused_prototype_loss_matches_autograd_on_the_logits(centred: bool, block_rows: int) -> None:
+    """The fused loss (blocks of rows, gradients made in the forward) against autograd through the
+    explicit logits: the value and the gradients of the features and of the prototypes, with
+    targets as probabilities or as teacher logits about a centre, in one block or several."""
+    generator = torch.Generator().manual_seed(int(centred) * 10 + block_rows)
+    rows, prototypes, width, temp = 11, 37, 6, 0.1
+    features = torch.randn(rows, width, generator=generator, requires_grad=True)
+    weight = torch.randn(prototypes, width, generator=generator, requires_grad=True)
+    teacher = torch.randn(rows, prototypes, generator=generator)
+    center = torch.randn(1, prototypes, generator=generator)
+    row_weights = torch.rand(rows, generator=generator)
+    targets = Targets(teacher, center, 0.04) if centred else Targets(teacher.softmax(-1))
+    probs = ((teacher - center) / 0.04).softmax(-1) if centred else teacher.softmax(-1)
+    torch.testing.assert_close(targets.probs(), probs)
+    upstream = 0.7  # the loss weight the step scales it by
+    got = prototype_cross_entropy(features, weight, targets, row_weights, temp, block_rows=block_rows)
+    got_grads = torch.autograd.grad(got * upstream, [features, weight])
+    want = explicit_prototype_loss(features, weight, probs, row_weights, temp)
+    want_grads = torch.autograd.grad(want * upstream, [features, weight])
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_prototype_loss_under_bf16_autocast_matches_the_unfused_one() -> None:
+    """Under autocast both multiply in bf16 and take the cross-entropy in fp32; the gradients come
+    back in the inputs' dtypes."""
+    generator = torch.Generator().manual_seed(3)
+    features = torch.randn(40, 16, generator=generator, requires_grad=True)
+    weight = torch.randn(64, 16, generator=generator, requires_grad=True)
+    targets = torch.randn(40, 64, generator=generator).softmax(-1)
+    row_weights = torch.full((40,), 1 / 40)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = prototype_cross_entropy(features, weight, Targets(targets), row_weights, 0.1, block_rows=16)
+        want = explicit_prototype_loss(features, weight, targets, row_weights, 0.1)
+    got_grads = torch.autograd.grad(got, [features, weight])
+    want_grads = torch.autograd.grad(want, [features, weight])
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    for g, w, x in zip(got_grads, want_grads, (features, weight)):
+        assert g.dtype == x.dtype
+        torch.testing.assert_close(g, w, rtol=0.02, atol=0.02 * w.abs().max().item())
+
+
+def test_fused_prototype_loss_refuses_mismatched_targets() -> None:
+    with pytest.raises(ValueError, match=r"need targets \(rows, prototypes\) and one weight per row"):
+        prototype_cross_entropy(torch.randn(4, 3), torch.randn(9, 3), Targets(torch.rand(4, 8)), torch.ones(4), 0.1)
 
 
 def test_koleo_matches_brute_force() -> None:

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from trainer.models.hub import PRETRAINED, infer_arch_kwargs, load_strict, pretrained_arch_kwargs
-from trainer.models.layers import Block, PatchEmbed, residual
+from trainer.models.layers import Block, PatchEmbed, residual, subset_sizes
 from trainer.models.vit import DinoVisionTransformer, build_vit, vit_arch_kwargs
 
 # The released backbones, from the reference table (not from our model): width, depth, FFN.
@@ -202,11 +202,15 @@ def test_bad_sizes_are_refused() -> None:
         build_vit("vit_huge")
 
 
-@pytest.mark.parametrize("rate", [0.05, 0.4])
-def test_drop_path_keeps_the_expectation(rate: float) -> None:
+@pytest.mark.parametrize(("rate", "shapes", "subset"), [
+    (0.05, [(8, 5), (4, 3)], False),  # 7 of 8 would drop 12.5 %: the mask
+    (0.4, [(8, 5), (4, 3)], False),  # 4 of 8 would drop 50 %: the mask
+    (0.1, [(10, 5), (20, 3)], True),  # 9 of 10 and 18 of 20: exactly 10 %, the subset trick
+    (0.4, [(10, 5), (5, 3)], True),
+])
+def test_drop_path_keeps_the_expectation(rate: float, shapes: list[tuple[int, int]], subset: bool) -> None:
     torch.manual_seed(0)
-    shapes = [(8, 5), (4, 3)]
-    x = torch.randn(8 * 5 + 4 * 3, 6)
+    x = torch.randn(sum(b * n for b, n in shapes), 6)
     weight = torch.randn(6, 6)
     rows_seen: list[int] = []
 
@@ -220,10 +224,16 @@ def test_drop_path_keeps_the_expectation(rate: float) -> None:
         total += residual(x, shapes, branch, rate)
     # per-sample std of the estimate <= |branch| * sqrt(r / (1 - r) / draws) < 0.02
     torch.testing.assert_close(total / draws, residual(x, shapes, branch, 0.0), rtol=0, atol=0.06)
-    if rate > 0.1:  # the subset trick computes the branch on int(B (1 - r)) samples per group
-        assert rows_seen[0] == int(8 * 0.6) + int(4 * 0.6)
-    else:
-        assert rows_seen[0] == 12
+    batch = sum(b for b, _ in shapes)
+    # the subset trick computes the branch on int(B (1 - r)) samples per group, the mask on all
+    assert rows_seen[0] == (sum(int(b * (1 - rate)) for b, _ in shapes) if subset else batch)
+
+
+def test_subset_sizes_keep_the_rate_or_refuse() -> None:
+    assert subset_sizes([(128, 261), (1024, 54)], 0.1) == [115, 921]  # ViT-S/14's batch: 10.2 %, 10.1 %
+    assert subset_sizes([(128, 261), (512, 54)], 0.4) == [76, 307]  # ViT-L/14's: 40.6 %, 40.0 %
+    assert subset_sizes([(4, 261), (16, 54)], 0.1) is None  # 3 of 4: 25 %
+    assert subset_sizes([(1, 9)], 0.5) is None  # would keep no sample
 
 
 @pytest.mark.parametrize("size", [(28, 42), (14, 14)])
