@@ -350,7 +350,7 @@ def write_profile(step: Callable[[], None], device: torch.device, path: str, tit
             torch.cuda.synchronize(device)
         seconds = (time.perf_counter() - tick) / 2
     table = profiler.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
-                                          row_limit=40, max_name_column_width=90)
+                                          row_limit=60, max_name_column_width=90)
     text = f"{title}: {seconds * 1e3:.1f} ms a step under the profiler, 2 steps\n{table}"
     if cuda:
         text += "\n" + record_peak(step, device)
