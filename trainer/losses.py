@@ -132,7 +132,7 @@ def prototype_cross_entropy_tail(student_logits: Tensor, teacher: Tensor, center
     return (loss * row_weights).sum(), grad.to(student_logits.dtype)
 
 
-PATCH_LOSS_BLOCK_ELEMENTS = 2**28  # logits per block of rows in prototype_cross_entropy: 512 MB in bf16
+PATCH_LOSS_BLOCK_ELEMENTS = 2**26  # logits per block of rows in prototype_cross_entropy: 128 MB in bf16
 
 
 def prototype_cross_entropy(features: Tensor, prototypes: Tensor, targets: Targets, row_weights: Tensor,
@@ -140,7 +140,7 @@ def prototype_cross_entropy(features: Tensor, prototypes: Tensor, targets: Targe
                             block_rows: int | None = None) -> Tensor:
     """``sum_r w_r H(t_r, softmax(f_r W^T / tau_s))`` for features ``f`` ``(M, d)``, prototypes
     ``W`` ``(K, d)``, targets ``(M, K)`` and row weights ``w`` ``(M,)``, fused (module docstring):
-    the logits exist one block of ``block_rows`` rows at a time (default: ``2**28 / K`` of them), and
+    the logits exist one block of ``block_rows`` rows at a time (default: ``2**26 / K`` of them), and
     the gradients of ``f`` and ``W`` are computed with the loss. Under autocast the products run in
     its dtype, as ``F.linear`` would; ``tail`` computes a block's loss and logit gradient
     (:func:`prototype_cross_entropy_tail`, or its compiled version)."""

@@ -203,10 +203,10 @@ def test_bad_sizes_are_refused() -> None:
 
 
 @pytest.mark.parametrize(("rate", "shapes", "subset"), [
-    (0.05, [(8, 5), (4, 3)], False),  # 7 of 8 would drop 12.5 %: the mask
+    (0.05, [(20, 5), (40, 3)], False),  # r <= 0.1: the mask, whatever the batch
     (0.4, [(8, 5), (4, 3)], False),  # 4 of 8 would drop 50 %: the mask
-    (0.1, [(10, 5), (20, 3)], True),  # 9 of 10 and 18 of 20: exactly 10 %, the subset trick
-    (0.4, [(10, 5), (5, 3)], True),
+    (0.4, [(10, 5), (5, 3)], True),  # 6 of 10 and 3 of 5: exactly 40 %, the subset trick
+    (0.25, [(8, 5), (4, 3)], True),
 ])
 def test_drop_path_keeps_the_expectation(rate: float, shapes: list[tuple[int, int]], subset: bool) -> None:
     torch.manual_seed(0)
@@ -230,9 +230,9 @@ def test_drop_path_keeps_the_expectation(rate: float, shapes: list[tuple[int, in
 
 
 def test_subset_sizes_keep_the_rate_or_refuse() -> None:
-    assert subset_sizes([(128, 261), (1024, 54)], 0.1) == [115, 921]  # ViT-S/14's batch: 10.2 %, 10.1 %
-    assert subset_sizes([(128, 261), (512, 54)], 0.4) == [76, 307]  # ViT-L/14's: 40.6 %, 40.0 %
-    assert subset_sizes([(4, 261), (16, 54)], 0.1) is None  # 3 of 4: 25 %
+    assert subset_sizes([(128, 261), (512, 54)], 0.4) == [76, 307]  # ViT-L/14's batch: 40.6 %, 40.0 %
+    assert subset_sizes([(256, 261), (1024, 54)], 0.1) is None  # ViT-S/14's rate: the mask
+    assert subset_sizes([(4, 261), (16, 54)], 0.4) is None  # 2 of 4: 50 %
     assert subset_sizes([(1, 9)], 0.5) is None  # would keep no sample
 
 
