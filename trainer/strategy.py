@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from dinoflow.config import DistributedConfig
+from trainer.models.layers import external_parameters
 
 
 def local_tensor(tensor: Tensor) -> Tensor:
@@ -316,6 +317,9 @@ class DeepSpeedStrategy(FSDP2Strategy):
 
         for network in (student, teacher):
             self._route_through_call(network.backbone, "forward_features_list")
+            for block in network.backbone.blocks:
+                for module, parameter in external_parameters(block):
+                    deepspeed.zero.register_external_parameter(module, parameter)
         self.teacher_engine, *_ = deepspeed.initialize(model=teacher, config=self._config())
         self._student = student
         return student, teacher

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from trainer.models.hub import PRETRAINED, infer_arch_kwargs, load_strict, pretrained_arch_kwargs
-from trainer.models.layers import Block, PatchEmbed, residual, subset_sizes
+from trainer.models.layers import Block, PatchEmbed, external_parameters, residual, subset_sizes
 from trainer.models.vit import DinoVisionTransformer, build_vit, vit_arch_kwargs
 
 # The released backbones, from the reference table (not from our model): width, depth, FFN.
@@ -255,15 +255,16 @@ def test_patch_embedding_is_its_strided_convolution(size: tuple[int, int]) -> No
 
 
 def test_subset_drop_path_runs_under_bf16_autocast() -> None:
-    """Under autocast a block's branch returns fp32 (the fp32 layer scale) for bf16 tokens; the
-    subset path's ``index_add`` needs one dtype (this failed on the GPU, where training autocasts)."""
+    """Under autocast a block's branch returns bf16 (its output projection's product) for the fp32
+    residual stream; the subset path's ``index_add`` needs one dtype (this failed on the GPU, where
+    training autocasts)."""
     block = Block(24, 4, drop_path=0.5, layerscale_init=0.3).train()
     x, shapes = torch.randn(6 * 9, 24), [(6, 9)]
     torch.manual_seed(1)
     reference = block(x, shapes)
     torch.manual_seed(1)  # the same kept samples
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed = block(x.bfloat16(), shapes)
+        mixed = block(x, shapes)
     assert mixed.dtype == torch.float32
     torch.testing.assert_close(mixed, reference, rtol=0.05, atol=0.05)
 
@@ -286,3 +287,37 @@ def test_linear_drop_path_schedule() -> None:
     assert [round(b.drop_path, 6) for b in model.blocks] == [0.0, 0.1, 0.2, 0.3, 0.4]
     uniform = build_vit("vit_small", depth=3, drop_path_rate=0.3)
     assert [b.drop_path for b in uniform.blocks] == [0.3, 0.3, 0.3]
+
+
+@pytest.mark.parametrize("ffn", ["mlp", "swiglu"])
+def test_layer_scale_folded_into_the_projections_is_the_scaled_branch(ffn: str) -> None:
+    """The block's branches with gamma folded into their output projections against the explicit
+    ``x + gamma * branch(x)`` (branches run unscaled): the output and every parameter's gradient."""
+    torch.manual_seed(0)
+    block = Block(24, 4, ffn_layer=ffn, layerscale_init=0.3)
+    with torch.no_grad():
+        block.ls1.gamma.uniform_(-1, 1)
+        block.ls2.gamma.uniform_(-1, 1)
+    x, shapes = torch.randn(5 * 7 + 3 * 4, 24), [(5, 7), (3, 4)]
+    upstream = torch.randn_like(x)
+    got = block(x, shapes)
+    got_grads = torch.autograd.grad((got * upstream).sum(), list(block.parameters()))
+    middle = x + block.ls1.gamma * block.attn(block.norm1(x), shapes)
+    want = middle + block.ls2.gamma * block.mlp(block.norm2(middle))
+    want_grads = torch.autograd.grad((want * upstream).sum(), list(block.parameters()))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for (name, _), g, w in zip(block.named_parameters(), got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_external_parameters_are_the_projections_and_gammas() -> None:
+    """What a block reads outside the parameters' own modules (DeepSpeed ZeRO-3 must gather them
+    for the reading module's call)."""
+    block = Block(24, 4, ffn_layer="swiglu", layerscale_init=0.3)
+    pairs = {(id(module), id(parameter)) for module, parameter in external_parameters(block)}
+    assert pairs == {(id(block.attn), id(block.attn.proj.weight)), (id(block.attn), id(block.attn.proj.bias)),
+                     (id(block.mlp), id(block.mlp.w3.weight)), (id(block.mlp), id(block.mlp.w3.bias)),
+                     (id(block), id(block.ls1.gamma)), (id(block), id(block.ls2.gamma))}
+    plain = Block(24, 4, layerscale_init=None)
+    assert {p for _, p in external_parameters(plain)} == {plain.attn.proj.weight, plain.attn.proj.bias,
+                                                          plain.mlp.fc2.weight, plain.mlp.fc2.bias}
