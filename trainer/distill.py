@@ -217,8 +217,8 @@ def distill_loss_terms(student: SSLNetwork, teacher: SSLNetwork, objective: Obje
         teacher_cls = objective.targets(teacher.dino_head(seen["x_norm_clstoken"]), objective.dino_center,
                                         teacher_temp)  # (2B, K)
         teacher_patches = seen["x_norm_patchtokens"]  # (2B, N, D_teacher)
-        teacher_patch = objective.patch_targets(teacher.patch_head(teacher_patches.flatten(0, 1)),
-                                                teacher_temp)  # (2BN, K)
+        teacher_patch = teacher.patch_head(teacher_patches.flatten(0, 1),
+                                           fused=functools.partial(objective.patch_targets, temp=teacher_temp))  # (2BN, K)
     groups = [globals_] + ([locals_] if len(locals_) else [])
     outputs = student.backbone.forward_features_list(groups)
     global_cls = outputs[0]["x_norm_clstoken"]  # (2B, D)
@@ -234,7 +234,7 @@ def distill_loss_terms(student: SSLNetwork, teacher: SSLNetwork, objective: Obje
                                    mask_index=torch.arange(every_patch.numel(), device=every_patch.device))
     return {
         "dino": objective.dino(student_global, student_local, teacher_cls.view(2, num_images, -1)),
-        "ibot": student.patch_head(student_patches.flatten(0, 1), loss=patch_loss),  # fused: no (2BN, K) logits
+        "ibot": student.patch_head(student_patches.flatten(0, 1), fused=patch_loss),  # fused: no (2BN, K) logits
         "koleo": sum(objective.koleo(crop) for crop in global_cls.view(2, num_images, -1)),
     }
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dinoflow.config import PretrainConfig, to_yaml
@@ -135,13 +136,19 @@ class Objective(nn.Module):
         center.update(logits, self.all_reduce)
         return probs
 
-    def patch_targets(self, logits: Tensor, temp: float) -> Targets:
-        """The iBOT head's teacher targets as :class:`Targets`: Sinkhorn-Knopp's probabilities, or the
-        logits with the centre before this step's update (their softmax is left to the fused loss)."""
+    def patch_targets(self, features: Tensor, prototypes: Tensor, temp: float) -> Targets:
+        """The iBOT teacher targets of the teacher head's bottleneck ``features`` ``(M, d)`` and
+        ``prototypes`` ``(K, d)`` (the head calls this: ``DINOHead.forward(x, fused=...)``):
+        Sinkhorn-Knopp's probabilities, or for softmax centring the features, prototypes and the
+        centre before this step's update, their logits and softmax left to the fused loss; the centre
+        moves by the logits' column sums, ``(sum_r f_r) W^T``, without writing the logits."""
         if self.cfg.centering == "sinkhorn_knopp":
+            logits = F.linear(features, prototypes)  # under the step's autocast, as the head's own product
             return Targets(self.sinkhorn_knopp(logits, temp, all_reduce=self.all_reduce))
-        targets = Targets(logits, self.ibot_center.center.clone(), temp)
-        self.ibot_center.update(logits, self.all_reduce)
+        targets = Targets(features, prototypes, self.ibot_center.center.clone(), temp)
+        with torch.autocast(features.device.type, enabled=False):
+            total = features.float().sum(dim=0, keepdim=True) @ prototypes.float().T  # (1, K)
+        self.ibot_center.update_with_sum(total, features.shape[0], self.all_reduce)
         return targets
 
 
@@ -237,8 +244,8 @@ def _loss_terms(student: SSLNetwork, teacher: SSLNetwork, objective: Objective, 
         seen = teacher.backbone.forward_features(globals_)
         teacher_cls = objective.targets(teacher.dino_head(seen["x_norm_clstoken"]), objective.dino_center,
                                         teacher_temp)  # (2B, K)
-        teacher_patch = objective.patch_targets(teacher.patch_head(seen["x_norm_patchtokens"].flatten(0, 1)[index]),
-                                                teacher_temp)  # (M, K)
+        teacher_patch = teacher.patch_head(seen["x_norm_patchtokens"].flatten(0, 1)[index],
+                                           fused=functools.partial(objective.patch_targets, temp=teacher_temp))  # (M, K)
     groups = [globals_] + ([locals_] if len(locals_) else [])
     outputs = student.backbone.forward_features_list(groups, [masks] + [None] * (len(groups) - 1))
     global_cls = outputs[0]["x_norm_clstoken"]  # (2B, D)
@@ -249,7 +256,7 @@ def _loss_terms(student: SSLNetwork, teacher: SSLNetwork, objective: Objective, 
     return {
         "dino": objective.dino(student_global, student_local, teacher_cls.view(2, num_images, -1)),
         # the head's prototype layer fused with the loss: the (M, K) logits are never kept
-        "ibot": (student.patch_head(outputs[0]["x_norm_patchtokens"].flatten(0, 1)[index], loss=patch_loss)
+        "ibot": (student.patch_head(outputs[0]["x_norm_patchtokens"].flatten(0, 1)[index], fused=patch_loss)
                  if len(index) else global_cls.sum() * 0),
         "koleo": sum(objective.koleo(crop) for crop in global_cls.view(2, num_images, -1)),
     }

@@ -13,8 +13,10 @@ logits are ``(masked patches, K)``, ~9,300 x 65,536 for a ViT-S/14 batch of 128,
 and 2.5 GB as fp32 targets, and autograd would keep the student's logits, the targets and the
 logits' gradient alive into the backward, where the backbone's activations peak (5 GB of a 26 GB
 step on an H100). Fused, a block of rows at a time goes from the bottleneck features to the
-logits, the teacher's (centred-softmax) targets, the loss and the gradient of the features and of
-the prototypes, during the forward; only those two gradients are kept. The matrix products are
+logits, the teacher's targets (under softmax centring made in the block from the teacher's own
+bottleneck features and prototypes, so its logits are never written whole either), the loss and
+the gradient of the features and of the prototypes, during the forward; only those two gradients
+are kept. The matrix products are
 the ones autograd would run.
 
 Why ``compiled``: the element-wise tails over those ``(rows, K)`` blocks (cast, temperature,
@@ -104,17 +106,34 @@ class DINOLoss(nn.Module):
 @dataclass
 class Targets:
     """Teacher targets over ``K`` prototypes, one row per student row: probabilities ``values``
-    (Sinkhorn-Knopp's), or, when ``center`` is set, teacher logits ``values`` whose targets are
-    ``softmax((values - center) / temp)``, left to be computed where they are used, a block of rows
-    at a time (:func:`prototype_cross_entropy`), so no ``(rows, K)`` fp32 tensor is written."""
+    ``(rows, K)`` (Sinkhorn-Knopp's), or, when ``prototypes`` ``(K, d)`` is set, the teacher's
+    bottleneck features ``values`` ``(rows, d)``, whose targets ``softmax((f W^T - center) / temp)``
+    are left to be computed where they are used, a block of rows at a time
+    (:func:`prototype_cross_entropy`): neither the teacher's logits nor fp32 targets of size
+    ``(rows, K)`` are ever written whole."""
 
     values: Tensor
+    prototypes: Tensor | None = None
     center: Tensor | None = None
     temp: float = 1.0
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(rows, K)``."""
+        width = self.values.shape[1] if self.prototypes is None else self.prototypes.shape[0]
+        return self.values.shape[0], width
+
+    def block(self, rows: slice, dtype: torch.dtype) -> Tensor:
+        """Rows ``rows`` of the probabilities, or of the teacher's logits (a product in ``dtype``)."""
+        if self.prototypes is None:
+            return self.values[rows]
+        return self.values[rows].to(dtype) @ self.prototypes.to(dtype).T
+
     def probs(self) -> Tensor:
         """The targets as one fp32 ``(rows, K)`` tensor."""
-        return self.values.float() if self.center is None else centered_softmax(self.values, self.center, self.temp)
+        if self.prototypes is None:
+            return self.values.float()
+        return centered_softmax(self.block(slice(None), self.values.dtype), self.center, self.temp)
 
 
 def prototype_cross_entropy_tail(student_logits: Tensor, teacher: Tensor, center: Tensor | None, row_weights: Tensor,
@@ -144,22 +163,20 @@ def prototype_cross_entropy(features: Tensor, prototypes: Tensor, targets: Targe
     the gradients of ``f`` and ``W`` are computed with the loss. Under autocast the products run in
     its dtype, as ``F.linear`` would; ``tail`` computes a block's loss and logit gradient
     (:func:`prototype_cross_entropy_tail`, or its compiled version)."""
-    if targets.values.shape != (features.shape[0], prototypes.shape[0]) or row_weights.shape != features.shape[:1]:
+    if targets.shape != (features.shape[0], prototypes.shape[0]) or row_weights.shape != features.shape[:1]:
         raise ValueError(f"features {tuple(features.shape)} and prototypes {tuple(prototypes.shape)} need targets "
-                         f"(rows, prototypes) and one weight per row, got {tuple(targets.values.shape)} and "
+                         f"(rows, prototypes) and one weight per row, got {targets.shape} and "
                          f"{tuple(row_weights.shape)}")
     rows = block_rows or max(1, PATCH_LOSS_BLOCK_ELEMENTS // prototypes.shape[0])
-    return _PrototypeCrossEntropy.apply(features, prototypes, targets.values, targets.center, row_weights,
-                                        student_temp, targets.temp, tail, rows)
+    return _PrototypeCrossEntropy.apply(features, prototypes, targets, row_weights, student_temp, tail, rows)
 
 
 class _PrototypeCrossEntropy(torch.autograd.Function):
     """:func:`prototype_cross_entropy`: the gradients are made in the forward and scaled in the backward."""
 
     @staticmethod
-    def forward(ctx: Any, features: Tensor, prototypes: Tensor, teacher: Tensor, center: Tensor | None,
-                row_weights: Tensor, student_temp: float, teacher_temp: float,
-                tail: Callable[..., tuple[Tensor, Tensor]], block_rows: int) -> Tensor:
+    def forward(ctx: Any, features: Tensor, prototypes: Tensor, targets: Targets, row_weights: Tensor,
+                student_temp: float, tail: Callable[..., tuple[Tensor, Tensor]], block_rows: int) -> Tensor:
         device = features.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else features.dtype
         f, w = features.to(dtype), prototypes.to(dtype)
@@ -168,8 +185,8 @@ class _PrototypeCrossEntropy(torch.autograd.Function):
         grad_prototypes = torch.zeros_like(prototypes, dtype=torch.float32)
         for start in range(0, features.shape[0], block_rows):
             block = slice(start, start + block_rows)
-            loss, grad_logits = tail(f[block] @ w.T, teacher[block], center, row_weights[block], student_temp,
-                                     teacher_temp)
+            loss, grad_logits = tail(f[block] @ w.T, targets.block(block, dtype), targets.center, row_weights[block],
+                                     student_temp, targets.temp)
             total += loss
             grad_features[block] = grad_logits @ w
             grad_prototypes += grad_logits.T @ f[block]
@@ -179,7 +196,7 @@ class _PrototypeCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         grad_features, grad_prototypes = ctx.saved_tensors
-        return grad_features * grad_output, grad_prototypes * grad_output, None, None, None, None, None, None, None
+        return grad_features * grad_output, grad_prototypes * grad_output, None, None, None, None, None
 
 
 class IBOTPatchLoss(nn.Module):
@@ -191,7 +208,7 @@ class IBOTPatchLoss(nn.Module):
 
     with the student logits ``s = f W^T`` of the head's bottleneck features ``f`` ``(M, d)`` and
     prototypes ``W`` ``(K, d)``, computed fused (:func:`prototype_cross_entropy`): the head calls
-    this with ``f`` and ``W`` (``DINOHead.forward(x, loss=...)``). Targets ``(M, K)`` for the
+    this with ``f`` and ``W`` (``DINOHead.forward(x, fused=...)``). Targets ``(M, K)`` for the
     ``M = masks.sum()`` masked patches in ``masks[masks]`` order; ``masks`` ``(C, N)`` bool;
     ``mask_index`` ``(M,)`` their positions in ``masks.flatten()`` (given, nothing waits for the GPU
     to count the masks; else derived). ``compiled``: see the module docstring.
@@ -205,10 +222,10 @@ class IBOTPatchLoss(nn.Module):
     def forward(self, features: Tensor, prototypes: Tensor, targets: Targets, masks: Tensor,
                 mask_index: Tensor | None = None) -> Tensor:
         index = masked_positions(masks) if mask_index is None else mask_index
-        if features.shape[0] != len(index) or targets.values.shape != (len(index), prototypes.shape[0]):
+        if features.shape[0] != len(index) or targets.shape != (len(index), prototypes.shape[0]):
             raise ValueError(
                 f"{len(index)} masked patches but student features {tuple(features.shape)} and teacher targets "
-                f"{tuple(targets.values.shape)} for {prototypes.shape[0]} prototypes"
+                f"{targets.shape} for {prototypes.shape[0]} prototypes"
             )
         per_crop = masks.sum(dim=1).clamp(min=1)  # (C,)
         weights = 1.0 / per_crop[index // masks.shape[1]] / masks.shape[0]  # (M,): 1 / (C x masked in its crop)
@@ -261,9 +278,14 @@ class SoftmaxCentering(nn.Module):
     def update(self, teacher_logits: Tensor, all_reduce: AllReduce = no_reduce) -> None:
         """``c <- m c + (1 - m) mean(t)`` with the mean over every rank's rows."""
         flat = teacher_logits.reshape(-1, teacher_logits.shape[-1])
-        total = all_reduce(flat.sum(dim=0, keepdim=True, dtype=torch.float32))  # fp32 sums, no fp32 copy
-        count = all_reduce(torch.full((), float(flat.shape[0]), device=flat.device))  # a fill, not a copy
-        self.center.mul_(self.momentum).add_(total / count, alpha=1 - self.momentum)
+        self.update_with_sum(flat.sum(dim=0, keepdim=True, dtype=torch.float32), flat.shape[0], all_reduce)  # no fp32 copy
+
+    @torch.no_grad()
+    def update_with_sum(self, total: Tensor, rows: int, all_reduce: AllReduce = no_reduce) -> None:
+        """:meth:`update` from this rank's column sums ``(1, K)`` of its ``rows`` teacher logits (for
+        logits never written whole: ``sum_r f_r W^T = (sum_r f_r) W^T``)."""
+        count = all_reduce(torch.full((), float(rows), device=total.device))  # a fill, not a copy
+        self.center.mul_(self.momentum).add_(all_reduce(total.float()) / count, alpha=1 - self.momentum)
 
 
 def cosine_distance(student: Tensor, teacher: Tensor, eps: float = 1e-8) -> Tensor:

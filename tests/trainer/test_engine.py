@@ -336,3 +336,22 @@ def test_the_bad_image_tally_survives_a_resume(tmp_path) -> None:
     whole = run("whole", 6)  # two passes over 24 images, one of them bad each time
     assert (whole["seen"], whole["bad"], whole["examples"]) == (48, 2, ["img5", "img5"])
     assert run("pieces", 2, 4, 6) == whole
+
+
+@pytest.mark.parametrize("centering", ["softmax", "sinkhorn_knopp"])
+def test_patch_targets_from_features_equal_targets_from_logits(centering: str) -> None:
+    """The teacher's iBOT targets made from its bottleneck features and prototypes (the logits never
+    written whole) against the targets and centre update made from the explicit logits."""
+    cfg = config(f"loss.centering={centering}", "heads.num_prototypes=64")
+    generator = torch.Generator().manual_seed(0)
+    # unit rows, as the head makes them (normalised bottleneck, weight-normalised prototypes): bounded logits
+    features, prototypes = (torch.nn.functional.normalize(torch.randn(rows, 16, generator=generator), dim=1)
+                            for rows in (13, 64))
+    fused, explicit = Objective(cfg), Objective(cfg)
+    for objective in (fused, explicit):
+        objective.ibot_center.center.normal_(generator=torch.Generator().manual_seed(1))
+    targets = fused.patch_targets(features, prototypes, 0.05)
+    logits = features @ prototypes.T
+    torch.testing.assert_close(targets.probs(), explicit.targets(logits, explicit.ibot_center, 0.05),
+                               rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(fused.ibot_center.center, explicit.ibot_center.center, rtol=1e-5, atol=1e-6)

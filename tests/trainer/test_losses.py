@@ -89,15 +89,17 @@ def explicit_prototype_loss(features: torch.Tensor, weight: torch.Tensor, target
 def test_fused_prototype_loss_matches_autograd_on_the_logits(centred: bool, block_rows: int) -> None:
     """The fused loss (blocks of rows, gradients made in the forward) against autograd through the
     explicit logits: the value and the gradients of the features and of the prototypes, with
-    targets as probabilities or as teacher logits about a centre, in one block or several."""
+    targets as probabilities or as teacher features and prototypes whose logits are softmaxed about
+    a centre, in one block or several."""
     generator = torch.Generator().manual_seed(int(centred) * 10 + block_rows)
     rows, prototypes, width, temp = 11, 37, 6, 0.1
     features = torch.randn(rows, width, generator=generator, requires_grad=True)
     weight = torch.randn(prototypes, width, generator=generator, requires_grad=True)
-    teacher = torch.randn(rows, prototypes, generator=generator)
+    teacher_features, teacher_weight = torch.randn(rows, 5, generator=generator), torch.randn(prototypes, 5, generator=generator)
+    teacher = teacher_features @ teacher_weight.T
     center = torch.randn(1, prototypes, generator=generator)
     row_weights = torch.rand(rows, generator=generator)
-    targets = Targets(teacher, center, 0.04) if centred else Targets(teacher.softmax(-1))
+    targets = Targets(teacher_features, teacher_weight, center, 0.04) if centred else Targets(teacher.softmax(-1))
     probs = ((teacher - center) / 0.04).softmax(-1) if centred else teacher.softmax(-1)
     torch.testing.assert_close(targets.probs(), probs)
     upstream = 0.7  # the loss weight the step scales it by

@@ -8,6 +8,7 @@ cosine-like and bounded, which keeps the teacher's softmax and Sinkhorn-Knopp we
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,10 +32,11 @@ class WeightNormLinear(nn.Module):
     def weight(self) -> Tensor:
         return self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True)
 
-    def forward(self, x: Tensor, loss: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
-        """``x W^T``; with ``loss``, ``loss(x, W)`` instead (a loss fused with this layer, computed
-        here, in the layer's own call, where a sharding strategy has gathered its parameters)."""
-        return F.linear(x, self.weight) if loss is None else loss(x, self.weight)
+    def forward(self, x: Tensor, fused: Callable[[Tensor, Tensor], Any] | None = None) -> Any:
+        """``x W^T``; with ``fused``, ``fused(x, W)`` instead (what is computed from the logits without
+        writing them, here, in the layer's own call, where a sharding strategy has gathered its
+        parameters)."""
+        return F.linear(x, self.weight) if fused is None else fused(x, self.weight)
 
 
 class DINOHead(nn.Module):
@@ -68,9 +70,10 @@ class DINOHead(nn.Module):
                 nn.init.zeros_(module.bias)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
 
-    def forward(self, x: Tensor, loss: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
-        """Logits ``(..., K)``; with ``loss``, ``loss(features, prototypes)`` of the normalised
-        bottleneck features and the prototype matrix ``(K, bottleneck)`` instead, for a loss that
-        never writes the logits (:func:`trainer.losses.prototype_cross_entropy`)."""
+    def forward(self, x: Tensor, fused: Callable[[Tensor, Tensor], Any] | None = None) -> Any:
+        """Logits ``(..., K)``; with ``fused``, ``fused(features, prototypes)`` of the normalised
+        bottleneck features and the prototype matrix ``(K, bottleneck)`` instead, for what never
+        writes the logits (the student's fused loss, :func:`trainer.losses.prototype_cross_entropy`;
+        the teacher's targets, :class:`trainer.losses.Targets`)."""
         bottleneck = F.normalize(self.mlp(x), dim=-1, eps=1e-6 if x.dtype == torch.float16 else 1e-12)
-        return self.last_layer(bottleneck, loss)
+        return self.last_layer(bottleneck, fused)

@@ -121,7 +121,8 @@ def test_the_trainers_compile_blocks_when_the_recipe_says_so() -> None:
 
 def _loss_terms(compiled: bool, seed: int, masked: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """DINO loss on bf16 student logits (as autocast makes them) against targets from the centred
-    softmax, and the fused iBOT loss on bf16 features against centred teacher logits, with
+    softmax, and the fused iBOT loss on bf16 features against centred teacher logits (of teacher
+    features and prototypes), with
     ``masked`` iBOT rows: the loss values, the new centre, the gradients."""
     generator = torch.Generator().manual_seed(seed)
     batch, prototypes, width = 3, 40, 8
@@ -135,8 +136,10 @@ def _loss_terms(compiled: bool, seed: int, masked: int) -> tuple[list[torch.Tens
     weight = torch.randn(prototypes, width, generator=generator).requires_grad_()
     masks = torch.zeros(2 * batch, 8, dtype=torch.bool)
     masks.view(-1)[torch.randperm(masks.numel(), generator=generator)[:masked]] = True
-    teacher_patch = torch.randn(masked, prototypes, generator=generator).bfloat16()
-    targets, patch_targets = center(teacher, 0.04), Targets(teacher_patch, center.center.clone(), 0.04)
+    teacher_features = torch.randn(masked, width, generator=generator).bfloat16()
+    teacher_weight = torch.randn(prototypes, width, generator=generator)
+    targets = center(teacher, 0.04)
+    patch_targets = Targets(teacher_features, teacher_weight, center.center.clone(), 0.04)
     center.update(teacher)
     losses = [dino(student_global, student_local, targets), ibot(features, weight, patch_targets, masks)]
     sum(losses).backward()
