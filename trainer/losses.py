@@ -117,6 +117,10 @@ class Targets:
     center: Tensor | None = None
     temp: float = 1.0
 
+    def __post_init__(self) -> None:
+        if (self.prototypes is None) != (self.center is None):
+            raise ValueError("Targets takes probabilities alone, or features with both prototypes and a centre")
+
     @property
     def shape(self) -> tuple[int, int]:
         """``(rows, K)``."""

@@ -132,6 +132,8 @@ def test_fused_prototype_loss_under_bf16_autocast_matches_the_unfused_one() -> N
 
 
 def test_fused_prototype_loss_refuses_mismatched_targets() -> None:
+    with pytest.raises(ValueError, match="features with both prototypes and a centre"):
+        Targets(torch.randn(4, 3), torch.randn(8, 3))
     with pytest.raises(ValueError, match=r"need targets \(rows, prototypes\) and one weight per row"):
         prototype_cross_entropy(torch.randn(4, 3), torch.randn(9, 3), Targets(torch.rand(4, 8)), torch.ones(4), 0.1)
 
