@@ -287,9 +287,11 @@ class SoftmaxCentering(nn.Module):
     @torch.no_grad()
     def update_with_sum(self, total: Tensor, rows: int, all_reduce: AllReduce = no_reduce) -> None:
         """:meth:`update` from this rank's column sums ``(1, K)`` of its ``rows`` teacher logits (for
-        logits never written whole: ``sum_r f_r W^T = (sum_r f_r) W^T``)."""
+        logits never written whole: ``sum_r f_r W^T = (sum_r f_r) W^T``). No rows on any rank (a
+        step with no masked patch) leave the centre as it is, decided on the device."""
         count = all_reduce(torch.full((), float(rows), device=total.device))  # a fill, not a copy
-        self.center.mul_(self.momentum).add_(all_reduce(total.float()) / count, alpha=1 - self.momentum)
+        moved = self.center * self.momentum + all_reduce(total.float()) / count.clamp(min=1) * (1 - self.momentum)
+        self.center.copy_(torch.where(count > 0, moved, self.center))
 
 
 def cosine_distance(student: Tensor, teacher: Tensor, eps: float = 1e-8) -> Tensor:

@@ -251,3 +251,18 @@ def test_dino_head_layout_and_weight_norm() -> None:
         reference.parametrizations.weight.original1.copy_(head.last_layer.weight_v)
     x = torch.randn(5, 16)
     torch.testing.assert_close(head.last_layer(x), reference(x))
+
+
+def test_centre_moves_by_column_sums_and_not_without_rows() -> None:
+    """The centre's EMA from column sums equals the one from the logits; no rows leave it unchanged
+    (a step with no masked patch), where a mean over zero rows would make it NaN."""
+    torch.manual_seed(0)
+    logits = torch.randn(6, 10)
+    from_logits, from_sums = SoftmaxCentering(10), SoftmaxCentering(10)
+    from_logits.update(logits)
+    from_sums.update_with_sum(logits.sum(dim=0, keepdim=True), 6)
+    torch.testing.assert_close(from_sums.center, from_logits.center)
+    torch.testing.assert_close(from_logits.center, 0.1 * logits.mean(dim=0, keepdim=True))
+    before = from_sums.center.clone()
+    from_sums.update(torch.randn(0, 10))
+    assert torch.equal(from_sums.center, before)
