@@ -159,7 +159,7 @@ def scaled_linear(linear: nn.Linear, scale: Tensor | None) -> tuple[Tensor, Tens
     ``linear(x) * scale = x (s W)^T + s b``.
 
     Why: multiplying the output keeps it alive until the backward, for ``scale``'s gradient
-    (a ``(tokens, D)`` tensor per branch and block: 2 GB of a ViT-S/14 step at batch 128); folded,
+    (a ``(tokens, D)`` tensor per branch and block: about 2 GB of a ViT-S/14 step at batch 128); folded,
     that gradient comes from the weight's, ``dL/ds_d = sum_j dL/dW'_dj W_dj + dL/db'_d b_d``, from
     what the product keeps anyway (its input), and no separate multiply or reduction runs.
     """
