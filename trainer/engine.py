@@ -43,7 +43,7 @@ from trainer.losses import (
     no_reduce,
     sinkhorn_knopp,
 )
-from trainer.models.compile import compile_blocks, compile_function, compiled_now
+from trainer.models.compile import compile_blocks, compiled_now, maybe_compiled
 from trainer.models.heads import DINOHead
 from trainer.models.hub import load_strict, read_weights, save_backbone
 from trainer.models.vit import DinoVisionTransformer, build_vit
@@ -120,7 +120,7 @@ class Objective(nn.Module):
         ibot_prototypes = cfg.heads.ibot_num_prototypes if cfg.heads.ibot_separate_head else cfg.heads.num_prototypes
         self.dino_center = SoftmaxCentering(cfg.heads.num_prototypes, compiled=compiled)
         self.ibot_center = SoftmaxCentering(ibot_prototypes, compiled=compiled)
-        self.sinkhorn_knopp = compile_function(sinkhorn_knopp) if compiled else sinkhorn_knopp
+        self.sinkhorn_knopp = maybe_compiled(sinkhorn_knopp, compiled)
 
     def tails_compiled(self) -> bool:
         """Whether every loss tail compiled by ``loss.compile`` still runs compiled (no fallback)."""

@@ -32,14 +32,14 @@ KoLeo (Sablayrolles et al. 2019), SwAV's Sinkhorn-Knopp (Caron et al. 2020).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainer.models.compile import compile_function
+from trainer.models.compile import maybe_compiled
 
 AllReduce = Callable[[Tensor], Tensor]
 
@@ -65,10 +65,6 @@ def centered_softmax(teacher_logits: Tensor, center: Tensor, teacher_temp: float
     return F.softmax((teacher_logits.float() - center) / teacher_temp, dim=-1)
 
 
-def _maybe_compiled(function: Callable[..., Tensor], compiled: bool) -> Callable[..., Tensor]:
-    return compile_function(function) if compiled else function
-
-
 class DINOLoss(nn.Module):
     """Image-level loss on CLS logits with DINO's crop pairing.
 
@@ -84,7 +80,7 @@ class DINOLoss(nn.Module):
     def __init__(self, student_temp: float = 0.1, compiled: bool = False) -> None:
         super().__init__()
         self.student_temp = student_temp
-        self.cross_entropy = _maybe_compiled(cross_entropy, compiled)
+        self.cross_entropy = maybe_compiled(cross_entropy, compiled)
 
     def forward(self, student_global: Tensor, student_local: Tensor | None, teacher_probs: Tensor) -> Tensor:
         if student_global.shape[0] != 2 or teacher_probs.shape != student_global.shape:
@@ -127,17 +123,24 @@ class Targets:
         width = self.values.shape[1] if self.prototypes is None else self.prototypes.shape[0]
         return self.values.shape[0], width
 
-    def block(self, rows: slice, dtype: torch.dtype) -> Tensor:
-        """Rows ``rows`` of the probabilities, or of the teacher's logits (a product in ``dtype``)."""
+    def cast(self, dtype: torch.dtype) -> Targets:
+        """These targets with features and prototypes in ``dtype`` (cast once, not per block)."""
+        if self.prototypes is None:
+            return self
+        return replace(self, values=self.values.to(dtype), prototypes=self.prototypes.to(dtype))
+
+    def block(self, rows: slice) -> Tensor:
+        """Rows ``rows`` of the probabilities, or of the teacher's logits (a product in the features'
+        dtype: :meth:`cast` them first)."""
         if self.prototypes is None:
             return self.values[rows]
-        return self.values[rows].to(dtype) @ self.prototypes.to(dtype).T
+        return self.values[rows] @ self.prototypes.T
 
     def probs(self) -> Tensor:
         """The targets as one fp32 ``(rows, K)`` tensor."""
         if self.prototypes is None:
             return self.values.float()
-        return centered_softmax(self.block(slice(None), self.values.dtype), self.center, self.temp)
+        return centered_softmax(self.cast(self.values.dtype).block(slice(None)), self.center, self.temp)
 
 
 def prototype_cross_entropy_tail(student_logits: Tensor, teacher: Tensor, center: Tensor | None, row_weights: Tensor,
@@ -183,13 +186,13 @@ class _PrototypeCrossEntropy(torch.autograd.Function):
                 student_temp: float, tail: Callable[..., tuple[Tensor, Tensor]], block_rows: int) -> Tensor:
         device = features.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else features.dtype
-        f, w = features.to(dtype), prototypes.to(dtype)
+        f, w, teacher = features.to(dtype), prototypes.to(dtype), targets.cast(dtype)
         total = features.new_zeros((), dtype=torch.float32)
         grad_features = torch.empty_like(features)
         grad_prototypes = torch.zeros_like(prototypes, dtype=torch.float32)
         for start in range(0, features.shape[0], block_rows):
             block = slice(start, start + block_rows)
-            loss, grad_logits = tail(f[block] @ w.T, targets.block(block, dtype), targets.center, row_weights[block],
+            loss, grad_logits = tail(f[block] @ w.T, teacher.block(block), targets.center, row_weights[block],
                                      student_temp, targets.temp)
             total += loss
             grad_features[block] = grad_logits @ w
@@ -221,7 +224,7 @@ class IBOTPatchLoss(nn.Module):
     def __init__(self, student_temp: float = 0.1, compiled: bool = False) -> None:
         super().__init__()
         self.student_temp = student_temp
-        self.tail = _maybe_compiled(prototype_cross_entropy_tail, compiled)
+        self.tail = maybe_compiled(prototype_cross_entropy_tail, compiled)
 
     def forward(self, features: Tensor, prototypes: Tensor, targets: Targets, masks: Tensor,
                 mask_index: Tensor | None = None) -> Tensor:
@@ -273,7 +276,7 @@ class SoftmaxCentering(nn.Module):
         super().__init__()
         self.momentum = momentum
         self.register_buffer("center", torch.zeros(1, num_prototypes))
-        self.softmax = _maybe_compiled(centered_softmax, compiled)
+        self.softmax = maybe_compiled(centered_softmax, compiled)
 
     def forward(self, teacher_logits: Tensor, teacher_temp: float) -> Tensor:
         return self.softmax(teacher_logits, self.center, teacher_temp)

@@ -68,6 +68,11 @@ def compile_function(function: Callable[..., Any], backend: Backend = "inductor"
     return _CompiledFunction(function, backend)
 
 
+def maybe_compiled(function: Callable[..., Any], compiled: bool) -> Callable[..., Any]:
+    """:func:`compile_function` of ``function`` when ``compiled``, else ``function`` itself."""
+    return compile_function(function) if compiled else function
+
+
 def compiled_now(function: Callable[..., Any]) -> bool:
     """Whether ``function`` (from :func:`compile_function`) runs compiled (False if it fell back)."""
     return isinstance(function, _CompiledFunction) and function.compiled is not None

@@ -258,7 +258,8 @@ def residual(
     ``drop_rate`` (see the module docstring)."""
     if drop_rate == 0.0:
         return tokens + branch(tokens, shapes)
-    if subset_sizes(shapes, drop_rate) is None:
+    keeps = subset_sizes(shapes, drop_rate)
+    if keeps is None:
         # each sample's draw over its n tokens, (T,): static shapes, so torch.compile traces it whole
         # (a repeat_interleave by a tensor of counts has a data-dependent size: a graph break and a sync)
         per_token = torch.cat([torch.empty(b, 1, device=tokens.device).bernoulli_(1 - drop_rate).expand(b, n)
@@ -266,7 +267,7 @@ def residual(
         return tokens + branch(tokens, shapes) * (per_token / (1 - drop_rate)).unsqueeze(1).to(tokens.dtype)
     rows, scales, kept_shapes = [], [], []
     offset = 0
-    for (batch, length), keep in zip(shapes, subset_sizes(shapes, drop_rate)):
+    for (batch, length), keep in zip(shapes, keeps):
         kept = torch.randperm(batch, device=tokens.device)[:keep]
         rows.append((offset + kept.unsqueeze(1) * length + torch.arange(length, device=tokens.device)).flatten())
         scales.append(torch.full((len(kept) * length,), batch / len(kept), device=tokens.device))
