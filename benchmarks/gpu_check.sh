@@ -10,7 +10,8 @@
 #   correctness    benchmarks/gpu_correctness.py: backbone and one train_step on the GPU against the
 #                  CPU from the same weights (fp32), bf16 autocast against fp32, compiled blocks
 #                  against eager                                                 -> correctness.json
-#   probe_small    benchmarks/train_step.py --probe --compile: ViT-S/14 recipe, batch 128  -> probe_small.json
+#   probe_small    benchmarks/train_step.py --probe --compile --cuda-graphs: ViT-S/14 recipe, batch 128, and
+#                  dinoflow's compiled step once more with CUDA graphs      -> probe_small.json
 #                  the compiled step's kernel-time table (torch profiler) and what is alive at its
 #                  memory peak; the same for the compiled probe   -> profile_small.txt, profile_small_probe.txt
 #   probe_large    the same for the ViT-L/14 recipe, batch 64                               -> probe_large.json
@@ -74,14 +75,14 @@ if [[ $SMOKE == --cpu-smoke ]]; then
     LARGE=(--config tiny --steps 1 --warmup 1 -- optim.batch_size=4 crops.num_local_crops=2 model.ffn_layer=swiglu
            loss.centering=sinkhorn_knopp heads.ibot_separate_head=true heads.ibot_num_prototypes=4096
            model.drop_path_rate=0.4)
-    CAPS=(60 120 120)
+    CAPS=(60 180 120)
 else
     DEVICE=cuda
     CORRECTNESS=(--config vits14 -- optim.batch_size=4 "${CROPS[@]}")
     SMALL=(--config vits14 --steps 8 --warmup 2 -- optim.batch_size=128 "${CROPS[@]}" heads.num_prototypes=65536)
     LARGE=(--config vitl14 --steps 8 --warmup 2 -- optim.batch_size=64 "${CROPS[@]}" heads.num_prototypes=65536
            heads.ibot_num_prototypes=65536)
-    CAPS=(120 150 180)
+    CAPS=(120 200 180)
 fi
 
 echo "== env"
@@ -95,7 +96,7 @@ echo "== env"
 
 run_step correctness "${CAPS[0]}" "$PYTHON" benchmarks/gpu_correctness.py --device "$DEVICE" --reference cpu \
     --compile --out "$OUT/correctness.json" "${CORRECTNESS[@]}"
-run_step probe_small "${CAPS[1]}" "$PYTHON" benchmarks/train_step.py --probe --compile --device "$DEVICE" \
+run_step probe_small "${CAPS[1]}" "$PYTHON" benchmarks/train_step.py --probe --compile --cuda-graphs --device "$DEVICE" \
     --json "$OUT/probe_small.json" --profile "$OUT/profile_small.txt" "${SMALL[@]}"
 run_step probe_large "${CAPS[2]}" "$PYTHON" benchmarks/train_step.py --probe --compile --device "$DEVICE" \
     --json "$OUT/probe_large.json" "${LARGE[@]}"

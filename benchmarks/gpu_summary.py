@@ -54,7 +54,10 @@ def markdown(steps: list[dict[str, Any]]) -> str:
                     lines.append(f"| {row['step']} | | | | | {row['error']} |")
                     continue
                 ratio = f"{row['ours_vs_probe']:.2f}" if row["ours_vs_probe"] is not None else ""
-                note = "compilation failed: eager" if row["compile_fell_back"] else ""
+                notes = ["compilation failed: eager"] * row["compile_fell_back"] + (
+                    [f"{row['cudagraph_skips']} graphs without CUDA graphs"]
+                    if row["step"].endswith("_cudagraphs") and row.get("cudagraph_skips") else [])
+                note = "; ".join(notes)
                 lines.append(f"| {row['step']} | {row['img_per_s']:.1f} | {row['tflop_per_s']:.2f} | "
                              f"{row['peak_mib']:.0f} | {ratio} | {note} |")
     return "\n".join(lines) + "\n"

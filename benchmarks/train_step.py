@@ -26,12 +26,14 @@ engine's step uses the engine's AdamW (``optim.fused_adamw``), the probe torch's
 ``--compile`` adds both again with every transformer block compiled (``model.compile_blocks``
 and the loss tails, ``loss.compile``, for ours; the same per-block compile for the probe's
 blocks, which has no losses; the warm-up steps absorb the
-compilation); a row whose compilation fell back to eager says so. ``--json`` also writes every
+compilation); a row whose compilation fell back to eager says so. ``--cuda-graphs`` adds dinoflow's
+compiled step once more with its blocks replayed as CUDA graphs (``model.compile_mode=reduce-overhead``;
+the row counts the graphs inductor compiled without them: on CPU, all). ``--json`` also writes every
 row, as it completes, to a file.
 
     python benchmarks/train_step.py --strategy deepspeed --nproc 2 --steps 10 --config tiny
     python benchmarks/train_step.py --probe --device cpu --config tiny --steps 3 --warmup 1
-    python benchmarks/train_step.py --probe --compile --device cuda --config vits14 -- optim.batch_size=128
+    python benchmarks/train_step.py --probe --compile --cuda-graphs --device cuda --config vits14 -- optim.batch_size=128
     python benchmarks/train_step.py --strategy fsdp2 --nproc 2 -- optim.batch_size=32 crops.num_local_crops=2
 """
 
@@ -50,6 +52,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch._dynamo.utils import counters
 
 from memory_peak import record_peak  # this script's folder is first on sys.path
 from step_probe import ProbeShape, ProbeViT, probe_flops_per_image, probe_step  # this script's folder is first on sys.path
@@ -80,6 +83,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="--probe's device")
     parser.add_argument("--compile", action="store_true",
                         help="--probe: also time both steps compiled (model.compile_blocks, loss.compile)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="--probe --compile: also time dinoflow's compiled step with its blocks' kernels "
+                             "replayed as CUDA graphs (model.compile_mode=reduce-overhead)")
     parser.add_argument("--json", default="", help="--probe: also write the figures to this JSON file, row by row")
     parser.add_argument("--profile", default="",
                         help="--probe: profile two more steps of dinoflow's last row (compiled with --compile) "
@@ -92,6 +98,8 @@ def parse_args() -> argparse.Namespace:
         parser.error("--nproc, --steps and --threads must be at least 1, --warmup at least 0")
     if (args.compile or args.json or args.profile) and not args.probe:
         parser.error("--compile, --json and --profile go with --probe")
+    if args.cuda_graphs and not args.compile:
+        parser.error("--cuda-graphs goes with --probe --compile")
     if args.compile and args.warmup < 1:
         parser.error("--compile needs --warmup of at least 1: the first step compiles")
     if (args.strategy == "single") != (args.nproc == 1) and not args.worker and not args.probe:
@@ -243,35 +251,45 @@ def probe(args: argparse.Namespace) -> None:
           + ("; CPU peak is the process's peak RSS, so each row includes the rows before it"
              if device.type == "cpu" else ""))
     print(f"{'step':<18} {'img_per_s':>10} {'tflop_per_s':>12} {'peak_mib':>9} {'ours_vs_probe':>14}", flush=True)
-    measures: dict[str, Callable[[bool], tuple[float, bool]]] = {
-        "probe": lambda compiled: time_probe(args, device, compiled, shape, crop_batch,
-                                             probe_profile_path(args.profile) if compiled == args.compile else ""),
-        "dinoflow": lambda compiled: time_dinoflow(args, device, compiled, crop_batch,
-                                                   args.profile if compiled == args.compile else "")}
+    measures: dict[str, Callable[[], tuple[float, bool]]] = {
+        "probe": lambda: time_probe(args, device, False, shape, crop_batch,
+                                    "" if args.compile else probe_profile_path(args.profile)),
+        "dinoflow": lambda: time_dinoflow(args, device, False, crop_batch, "" if args.compile else args.profile)}
+    if args.compile:
+        measures.update({
+            "probe_compiled": lambda: time_probe(args, device, True, shape, crop_batch,
+                                                 probe_profile_path(args.profile)),
+            "dinoflow_compiled": lambda: time_dinoflow(args, device, True, crop_batch, args.profile)})
+    if args.cuda_graphs:
+        measures["dinoflow_cudagraphs"] = lambda: time_dinoflow(args, device, True, crop_batch, mode="reduce-overhead")
     plain: float | None = None  # the eager probe's seconds per step: every row's reference
-    for compiled in (False, True) if args.compile else (False,):
-        for name, measure in measures.items():
-            label = f"{name}_compiled" if compiled else name
-            gc.collect()  # the last row's networks: compiled blocks hold themselves in a cycle
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
-            try:
-                seconds, fell_back = measure(compiled)
-            except torch.OutOfMemoryError:  # a row too large for the card: say so, measure the others
-                report["rows"].append({"step": label, "compiled": compiled, "error": "out of memory"})
-                print(f"{label:<18} out of memory", flush=True)
-            else:
-                plain = seconds if label == "probe" else plain
-                row = {"step": label, "compiled": compiled, "img_per_s": batch / seconds,
-                       "tflop_per_s": batch * flops / seconds / 1e12, "peak_mib": peak_mib(device),
-                       "ours_vs_probe": plain / seconds if plain else None, "compile_fell_back": fell_back}
-                report["rows"].append(row)
-                ratio = f"{row['ours_vs_probe']:>14.2f}" if plain else f"{'-':>14}"
-                print(f"{label:<18} {row['img_per_s']:>10.1f} {row['tflop_per_s']:>12.4f} {row['peak_mib']:>9.0f} "
-                      f"{ratio}" + ("  (compilation failed: eager)" if fell_back else ""), flush=True)
-            if args.json:
-                Storage().write_bytes(args.json, json.dumps(report, indent=2).encode())
+    for label, measure in measures.items():
+        compiled = label.endswith(("_compiled", "_cudagraphs"))
+        gc.collect()  # the last row's networks: compiled blocks hold themselves in a cycle
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        skips = counters["inductor"]["cudagraph_skips"]
+        try:
+            seconds, fell_back = measure()
+        except torch.OutOfMemoryError:  # a row too large for the card: say so, measure the others
+            report["rows"].append({"step": label, "compiled": compiled, "error": "out of memory"})
+            print(f"{label:<18} out of memory", flush=True)
+        else:
+            plain = seconds if label == "probe" else plain
+            row = {"step": label, "compiled": compiled, "img_per_s": batch / seconds,
+                   "tflop_per_s": batch * flops / seconds / 1e12, "peak_mib": peak_mib(device),
+                   "ours_vs_probe": plain / seconds if plain else None, "compile_fell_back": fell_back,
+                   "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips}
+            report["rows"].append(row)
+            ratio = f"{row['ours_vs_probe']:>14.2f}" if plain else f"{'-':>14}"
+            notes = ["compilation failed: eager"] * fell_back + (
+                [f"{row['cudagraph_skips']} graphs without CUDA graphs"] if label.endswith("_cudagraphs")
+                and row["cudagraph_skips"] else [])
+            print(f"{label:<18} {row['img_per_s']:>10.1f} {row['tflop_per_s']:>12.4f} {row['peak_mib']:>9.0f} "
+                  f"{ratio}" + "".join(f"  ({note})" for note in notes), flush=True)
+        if args.json:
+            Storage().write_bytes(args.json, json.dumps(report, indent=2).encode())
 
 
 def probe_profile_path(profile: str) -> str:
@@ -308,16 +326,18 @@ def time_probe(args: argparse.Namespace, device: torch.device, compiled: bool, s
 
 
 def time_dinoflow(args: argparse.Namespace, device: torch.device, compiled: bool,
-                  crop_batch: CropBatch, profile: str = "") -> tuple[float, bool]:
+                  crop_batch: CropBatch, profile: str = "", mode: str = "default") -> tuple[float, bool]:
     """Seconds per step of the engine's ``train_step`` as the engine sets it up (its AdamW, bf16
-    autocast on CUDA), with ``model.compile_blocks`` and ``loss.compile`` set to ``compiled``, and
-    whether the compilation fell back to eager; with ``profile``, two more steps profiled there."""
+    autocast on CUDA), with ``model.compile_blocks`` and ``loss.compile`` set to ``compiled`` (the
+    blocks in ``model.compile_mode`` ``mode``), and whether the compilation fell back to eager; with
+    ``profile``, two more steps profiled there."""
     from trainer.engine import Objective, build_adamw, build_networks, train_step, training_autocast
     from trainer.models.compile import is_compiled
     from trainer.schedules import schedule_values
 
     cfg = load_config(PretrainConfig, args.config,
-                      [*args.overrides, f"model.compile_blocks={compiled}", f"loss.compile={compiled}"])
+                      [*args.overrides, f"model.compile_blocks={compiled}", f"loss.compile={compiled}",
+                       f"model.compile_mode={mode}"])
     torch.manual_seed(cfg.seed)
     student, teacher = (network.to(device) for network in build_networks(cfg))
     objective = Objective(cfg).to(device)

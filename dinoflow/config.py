@@ -68,6 +68,9 @@ class DemoConfig(Section):
     gate_margin: float = Field(0.0, description="a new version becomes champion if it beats it by more")
 
 
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the torch.compile modes that replay CUDA graphs
+
+
 class ModelConfig(Section):
     """The backbone: a named architecture, optionally shrunk for CPU runs."""
 
@@ -85,6 +88,17 @@ class ModelConfig(Section):
         False, description="torch.compile each transformer block of the networks being trained (static "
         "shapes; a block whose compilation fails runs eagerly, with a warning); state-dict names unchanged",
     )
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"] = Field(
+        "default", description="torch.compile mode of compile_blocks (inductor's options of that name): "
+        "'reduce-overhead' replays each compiled block's kernels as CUDA graphs on a GPU (one process only; "
+        "no effect on CPU), the max-autotune modes tune the matrix products (long compilation)",
+    )
+
+    @model_validator(mode="after")
+    def _mode_needs_compile(self) -> ModelConfig:
+        if self.compile_mode != "default" and not self.compile_blocks:
+            raise ValueError(f"model.compile_mode = {self.compile_mode!r} needs model.compile_blocks = true")
+        return self
 
 
 class HeadsConfig(Section):
@@ -227,6 +241,15 @@ class PretrainConfig(Section):
             size = getattr(self.crops, name)
             if size % self.model.patch_size:
                 raise ValueError(f"crops.{name} = {size} is not a multiple of model.patch_size = {self.model.patch_size}")
+        return self
+
+    @model_validator(mode="after")
+    def _cuda_graphs_in_one_process(self) -> PretrainConfig:
+        """CUDA graphs replay fixed parameter addresses: a sharded strategy gathers its parameters
+        into buffers it may free and remake each step."""
+        if self.model.compile_mode in CUDA_GRAPH_MODES and self.distributed.strategy != "single":
+            raise ValueError(f"model.compile_mode = {self.model.compile_mode!r} (CUDA graphs) runs with "
+                             f"distributed.strategy = 'single', not {self.distributed.strategy!r}")
         return self
 
 

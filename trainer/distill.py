@@ -58,6 +58,7 @@ from trainer.engine import (
     Objective,
     SSLNetwork,
     TrainState,
+    begin_step,
     build_adamw,
     build_backbone,
     checkpoint_bytes,
@@ -188,7 +189,7 @@ def build_student(cfg: DistillConfig, teacher_dim: int | None = None) -> tuple[S
         student = SSLNetwork(backbone, *_heads(backbone.embed_dim, cfg))
         student_ema = copy.deepcopy(student)
     if cfg.model.compile_blocks:
-        compile_blocks(backbone.blocks)
+        compile_blocks(backbone.blocks, mode=cfg.model.compile_mode)
     return student, student_ema.requires_grad_(False).eval()
 
 
@@ -299,9 +300,7 @@ def distill_step(student: Student, student_ema: Teacher, teacher: Teacher, objec
                  autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
     """One optimiser step of the student, then the EMA update of ``student_ema``; the teacher is
     only read. Returns the loss terms for logging."""
-    for group in optimizer.param_groups:
-        group["lr"] = (sched.last_layer_lr if group["is_last_layer"] else sched.lr) * group["lr_multiplier"]
-        group["weight_decay"] = sched.weight_decay * group["wd_multiplier"]
+    begin_step(optimizer, sched)
     device_type = batch.global_crops.device.type
     with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
         loss, terms = distill_loss(student, teacher, objective, batch, cfg, sched.teacher_temp)

@@ -99,7 +99,7 @@ def build_networks(cfg: PretrainConfig) -> tuple[SSLNetwork, SSLNetwork]:
     teacher.requires_grad_(False)
     if cfg.model.compile_blocks:
         for network in (student, teacher):  # a group each: a deep copy of one never reaches the other
-            compile_blocks(network.backbone.blocks)
+            compile_blocks(network.backbone.blocks, mode=cfg.model.compile_mode)
     return student, teacher.eval()
 
 
@@ -189,9 +189,7 @@ def train_step(
     logging.
     """
     strategy = strategy or Strategy()
-    for group in optimizer.param_groups:
-        group["lr"] = (sched.last_layer_lr if group["is_last_layer"] else sched.lr) * group["lr_multiplier"]
-        group["weight_decay"] = sched.weight_decay * group["wd_multiplier"]
+    begin_step(optimizer, sched)
     weights = objective.cfg
     device_type = micro_batches[0].global_crops.device.type
     values = []  # per micro-batch: the terms and the total, read on the host once, below
@@ -222,6 +220,16 @@ def train_step(
     if skip_on_device:
         totals = _read_losses(losses, names)  # a non-finite step raises here, the student unchanged
     return strategy.mean(totals)
+
+
+def begin_step(optimizer: torch.optim.Optimizer, sched: ScheduleValues) -> None:
+    """Start an optimiser step: this step's learning rates and weight decays into ``optimizer``'s
+    groups (:func:`param_groups`), and a new iteration for compiled blocks' CUDA graphs
+    (``model.compile_mode``), whose next replays may then reuse the memory of the last step's outputs."""
+    torch.compiler.cudagraph_mark_step_begin()
+    for group in optimizer.param_groups:
+        group["lr"] = (sched.last_layer_lr if group["is_last_layer"] else sched.lr) * group["lr_multiplier"]
+        group["weight_decay"] = sched.weight_decay * group["wd_multiplier"]
 
 
 def _read_losses(losses: Tensor, names: list[str]) -> dict[str, float]:
@@ -268,8 +276,7 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     on this rank's shards only (student and teacher are sharded alike)."""
     teacher_params = [local_tensor(p) for p in teacher.parameters()]
     student_params = [local_tensor(p).detach() for p in student.parameters()]
-    torch._foreach_mul_(teacher_params, momentum)
-    torch._foreach_add_(teacher_params, student_params, alpha=1 - momentum)
+    torch._foreach_lerp_(teacher_params, student_params, 1 - momentum)  # one pass: t + (1 - m)(s - t)
 
 
 def param_groups(student: SSLNetwork, cfg: PretrainConfig) -> list[dict[str, Any]]:

@@ -30,7 +30,8 @@ def test_cpu_smoke_writes_every_output_and_the_summary(tmp_path: Path) -> None:
     assert [c["name"] for c in correctness["checks"]] == ["backbone_fp32", "step_fp32", "step_bf16", "step_compiled"]
     for probe in STEPS[1:]:
         rows = json.loads((out / f"{probe}.json").read_text())["rows"]
-        assert [r["step"] for r in rows] == ["probe", "dinoflow", "probe_compiled", "dinoflow_compiled"]
+        extra = ["dinoflow_cudagraphs"] if probe == "probe_small" else []
+        assert [r["step"] for r in rows] == ["probe", "dinoflow", "probe_compiled", "dinoflow_compiled", *extra]
         assert all(r["img_per_s"] > 0 and not r["compile_fell_back"] for r in rows), rows
     profile = (out / "profile_small.txt").read_text()  # the compiled step's operators, by the profiler
     assert "compiled True" in profile and "aten::" in profile
@@ -38,3 +39,6 @@ def test_cpu_smoke_writes_every_output_and_the_summary(tmp_path: Path) -> None:
     summary = (out / "summary.md").read_text()
     assert all(f"| {name} | ok |" in summary for name in STEPS)
     assert summary.count("PASS") == 4 and "| dinoflow_compiled |" in summary
+    graphs = json.loads((out / "probe_small.json").read_text())["rows"][-1]
+    assert graphs["cudagraph_skips"] > 0  # asked for CUDA graphs, which inductor declines on the CPU...
+    assert "graphs without CUDA graphs |" in summary  # ...and the summary says so

@@ -25,6 +25,14 @@ at the first ``loss.backward()``, where a compiler failure would escape the fall
 lowering it at the forward call (``force_non_lazy_backward_lowering``, at compile time only)
 makes it fail where the fallback catches it.
 
+CUDA graphs (``mode="reduce-overhead"``, ``model.compile_mode``): on a GPU inductor records each
+block's kernels once per call site (cudagraph trees: one graph per block, teacher and student,
+forward and backward) and replays them with one launch, which takes the per-kernel launch cost of
+the host, the step's bottleneck for small models. A replay overwrites the previous one's outputs,
+so every training step starts with ``torch.compiler.cudagraph_mark_step_begin()`` and nothing
+keeps a block's output past its step. Parameters are read at fixed addresses: one process only
+(the config refuses sharded strategies). On CPU the mode compiles as ``default`` does.
+
 The fallback: any exception from a compiled call (tracing, the backend, a recompile for a new
 shape) logs a warning naming it, sends every block compiled together back to eager for good, and
 re-runs the call eagerly, so the run goes on (a genuine error then raises from the eager code).
@@ -50,13 +58,20 @@ _log = logging.getLogger(__name__)
 Backend = str | Callable[..., Any]  # a torch.compile backend: a registered name or a callable
 
 
-def compile_blocks(blocks: Sequence[nn.Module], backend: Backend = "inductor") -> None:
+def compile_blocks(blocks: Sequence[nn.Module], backend: Backend = "inductor", mode: str = "default") -> None:
     """Compile each block's ``forward`` in place (all blocks must share one class); on the first
-    failure all of ``blocks`` run eagerly from then on (see the module docstring)."""
+    failure all of ``blocks`` run eagerly from then on (see the module docstring). ``mode``: an
+    inductor mode of ``torch.compile`` (``reduce-overhead``: CUDA graphs, see the module docstring)."""
     classes = {type(block) for block in blocks}
     if len(classes) != 1:
         raise ValueError(f"compile_blocks takes blocks of one class, got {sorted(c.__name__ for c in classes)}")
-    compiled = torch.compile(classes.pop().forward, dynamic=False, backend=_lowering_backward_too(backend))
+    from torch._inductor import list_mode_options
+
+    if mode not in list_mode_options():
+        raise ValueError(f"compile mode {mode!r} is not one of {sorted(list_mode_options())}")
+    if mode != "default" and backend != "inductor":
+        raise ValueError(f"compile mode {mode!r} is an inductor mode; backend {backend!r} takes only 'default'")
+    compiled = torch.compile(classes.pop().forward, dynamic=False, backend=_lowering_backward_too(backend, mode))
     fall_back = _FallBack(list(blocks))
     for block in blocks:
         block.forward = _CompiledForward(block, compiled, fall_back)
@@ -84,15 +99,22 @@ def is_compiled(block: nn.Module) -> bool:
 
 
 @functools.cache
-def _lowering_backward_too(backend: Backend) -> Callable[..., Any]:
-    """``backend``, compiling the backward graph together with the forward one. One wrapper per
-    backend (cached): dynamo reuses a code object's graphs only for the same backend object, so
-    two objects compiling one function (the DINO and iBOT losses' cross-entropy) share graphs."""
+def _lowering_backward_too(backend: Backend, mode: str = "default") -> Callable[..., Any]:
+    """``backend``, compiling the backward graph together with the forward one (inductor with the
+    options of ``mode``, as ``torch.compile(mode=...)`` sets them). One wrapper per backend and
+    mode (cached): dynamo reuses a code object's graphs only for the same backend object, so two
+    objects compiling one function (the DINO and iBOT losses' cross-entropy) share graphs."""
     compile_graph = torch._dynamo.lookup_backend(backend) if isinstance(backend, str) else backend
+    if mode == "default":
+        options = {}
+    else:
+        from torch._inductor import list_mode_options  # inductor's own table of what each mode turns on
+
+        options = {"config_patches": list_mode_options(mode)}
 
     def compile_forward_and_backward(graph: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
         with torch._functorch.config.patch(force_non_lazy_backward_lowering=True):
-            return compile_graph(graph, example_inputs)
+            return compile_graph(graph, example_inputs, **options)
 
     return compile_forward_and_backward
 

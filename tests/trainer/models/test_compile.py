@@ -73,6 +73,41 @@ def test_inductor_blocks_match_eager_keep_their_names_and_compile_once() -> None
     assert twin.forward_features(torch.randn(2, 3, 28, 28))["x_prenorm"].abs().max() == 0
 
 
+def test_reduce_overhead_blocks_reach_inductor_with_cuda_graphs_and_match_eager_on_cpu() -> None:
+    """``mode="reduce-overhead"`` hands inductor its CUDA-graph option (on the CPU inductor declines,
+    counting a skip: the mode arrived) and the blocks still compute what eager blocks compute, step
+    after step, with each step marked as CUDA graphs need."""
+    torch._dynamo.reset()
+    eager = backbone()
+    compiled = copy.deepcopy(eager)
+    compile_blocks(compiled.blocks, mode="reduce-overhead")
+    skips = counters["inductor"]["cudagraph_skips"]
+    for seed in (0, 1):
+        torch.compiler.cudagraph_mark_step_begin()
+        got_tokens, got_grads = step(compiled, seed)
+        want_tokens, want_grads = step(eager, seed)
+        torch.testing.assert_close(got_tokens, want_tokens, rtol=1e-4, atol=1e-5)
+        for name, grad in want_grads.items():
+            torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert all(is_compiled(block) for block in compiled.blocks)
+    assert counters["inductor"]["cudagraph_skips"] > skips  # inductor was asked for CUDA graphs
+
+
+def test_compile_modes_are_checked() -> None:
+    with pytest.raises(ValueError, match="'fastest' is not one of"):
+        compile_blocks(backbone().blocks, mode="fastest")
+    with pytest.raises(ValueError, match="inductor mode"):
+        compile_blocks(backbone().blocks, backend="eager", mode="reduce-overhead")
+    with pytest.raises(ValueError, match="needs model.compile_blocks = true"):
+        load_config(PretrainConfig, "tiny", ["model.compile_mode=reduce-overhead"])
+    with pytest.raises(ValueError, match="distributed.strategy = 'single', not 'fsdp2'"):
+        load_config(PretrainConfig, "tiny", ["model.compile_blocks=true", "model.compile_mode=reduce-overhead",
+                                             "distributed.strategy=fsdp2"])
+    cfg = load_config(PretrainConfig, "tiny", ["model.compile_blocks=true", "model.compile_mode=max-autotune-no-cudagraphs",
+                                               "distributed.strategy=fsdp2"])
+    assert cfg.model.compile_mode == "max-autotune-no-cudagraphs"  # no CUDA graphs: any strategy
+
+
 def _refuse(graph: torch.fx.GraphModule, example_inputs: list) -> None:
     raise RuntimeError("no compiler on this machine")
 
@@ -117,6 +152,12 @@ def test_the_trainers_compile_blocks_when_the_recipe_says_so() -> None:
     student, student_ema = build_student(cfg)
     assert all(is_compiled(block) for block in student.backbone.blocks)
     assert not any(is_compiled(block) for block in student_ema.backbone.blocks)
+    graphs = build_networks(load_config(PretrainConfig, "tiny", [*small, "model.compile_blocks=true",
+                                                                 "model.compile_mode=reduce-overhead"]))[1]
+    skips = counters["inductor"]["cudagraph_skips"]
+    with torch.no_grad():
+        graphs.backbone.forward_features(torch.randn(2, 3, 28, 28))
+    assert counters["inductor"]["cudagraph_skips"] > skips  # the recipe's mode reached inductor
 
 
 def _loss_terms(compiled: bool, seed: int, masked: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
