@@ -223,9 +223,7 @@ def distill_loss_terms(student: SSLNetwork, teacher: SSLNetwork, objective: Obje
     groups = [globals_] + ([locals_] if len(locals_) else [])
     outputs = student.backbone.forward_features_list(groups)
     global_cls = outputs[0]["x_norm_clstoken"]  # (2B, D)
-    student_global = student.dino_head(global_cls).view(2, num_images, -1)
-    student_local = (student.dino_head(outputs[1]["x_norm_clstoken"]).view(-1, num_images, student_global.shape[-1])
-                     if len(groups) > 1 else None)
+    every_cls = torch.cat([output["x_norm_clstoken"] for output in outputs])  # (CB, D), crop-major
     student_patches = outputs[0]["x_norm_patchtokens"]  # (2B, N, D)
     if student_patches.shape[1] != teacher_patches.shape[1]:
         raise ValueError(f"student has {student_patches.shape[1]} patches per crop, teacher "
@@ -234,8 +232,10 @@ def distill_loss_terms(student: SSLNetwork, teacher: SSLNetwork, objective: Obje
     patch_loss = functools.partial(objective.ibot, targets=teacher_patch, masks=every_patch,
                                    mask_index=torch.arange(every_patch.numel(), device=every_patch.device))
     return {
-        "dino": objective.dino(student_global, student_local, teacher_cls.view(2, num_images, -1)),
-        "ibot": student.patch_head(student_patches.flatten(0, 1), fused=patch_loss),  # fused: no (2BN, K) logits
+        # both heads' prototype layers fused with their losses: no (rows, K) student logits are kept
+        "dino": student.dino_head(every_cls, fused=functools.partial(
+            objective.dino, teacher_probs=teacher_cls.view(2, num_images, -1))),
+        "ibot": student.patch_head(student_patches.flatten(0, 1), fused=patch_loss),
         "koleo": sum(objective.koleo(crop) for crop in global_cls.view(2, num_images, -1)),
     }
 

@@ -124,7 +124,7 @@ class Objective(nn.Module):
 
     def tails_compiled(self) -> bool:
         """Whether every loss tail compiled by ``loss.compile`` still runs compiled (no fallback)."""
-        tails = (self.dino.cross_entropy, self.ibot.tail, self.dino_center.softmax, self.ibot_center.softmax,
+        tails = (self.dino.tail, self.ibot.tail, self.dino_center.softmax, self.ibot_center.softmax,
                  self.sinkhorn_knopp)
         return all(compiled_now(tail) for tail in tails)
 
@@ -257,13 +257,12 @@ def _loss_terms(student: SSLNetwork, teacher: SSLNetwork, objective: Objective, 
     groups = [globals_] + ([locals_] if len(locals_) else [])
     outputs = student.backbone.forward_features_list(groups, [masks] + [None] * (len(groups) - 1))
     global_cls = outputs[0]["x_norm_clstoken"]  # (2B, D)
-    student_global = student.dino_head(global_cls).view(2, num_images, -1)
-    student_local = (student.dino_head(outputs[1]["x_norm_clstoken"]).view(-1, num_images, student_global.shape[-1])
-                     if len(groups) > 1 else None)
+    every_cls = torch.cat([output["x_norm_clstoken"] for output in outputs])  # (CB, D), crop-major
     patch_loss = functools.partial(objective.ibot, targets=teacher_patch, masks=masks, mask_index=index)
     return {
-        "dino": objective.dino(student_global, student_local, teacher_cls.view(2, num_images, -1)),
-        # the head's prototype layer fused with the loss: the (M, K) logits are never kept
+        # both heads' prototype layers fused with their losses: no (rows, K) student logits are kept
+        "dino": student.dino_head(every_cls, fused=functools.partial(
+            objective.dino, teacher_probs=teacher_cls.view(2, num_images, -1))),
         "ibot": (student.patch_head(outputs[0]["x_norm_patchtokens"].flatten(0, 1)[index], fused=patch_loss)
                  if len(index) else global_cls.sum() * 0),
         "koleo": sum(objective.koleo(crop) for crop in global_cls.view(2, num_images, -1)),

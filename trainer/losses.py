@@ -17,7 +17,9 @@ logits, the teacher's targets (under softmax centring made in the block from the
 bottleneck features and prototypes, so its logits are never written whole either), the loss and
 the gradient of the features and of the prototypes, during the forward; only those two gradients
 are kept. The matrix products are
-the ones autograd would run.
+the ones autograd would run. The DINO loss goes the same way for the CLS tokens of every crop
+(``(2 + L) B`` rows, 1280 x 65,536 for ViT-S/14: 168 MB of bf16 logits, and the fp32 tail's
+intermediates, no longer kept for the backward).
 
 Why ``compiled``: the element-wise tails over those ``(rows, K)`` blocks (cast, temperature,
 (log-)softmax, product, sum, gradient; the teacher's centred softmax; Sinkhorn-Knopp's three
@@ -49,11 +51,6 @@ def no_reduce(tensor: Tensor) -> Tensor:
     return tensor
 
 
-def cross_entropy(teacher_probs: Tensor, student_logits: Tensor, student_temp: float) -> Tensor:
-    """``H(t, s)`` per row: ``-sum_k t_k log softmax(s / tau_s)_k``; shapes ``(..., K) -> (...)``."""
-    return -(teacher_probs * F.log_softmax(student_logits.float() / student_temp, dim=-1)).sum(dim=-1)
-
-
 def masked_positions(masks: Tensor) -> Tensor:
     """``(M,)`` positions of the ``True`` entries of ``masks`` in ``masks.flatten()``, in order
     (``x.flatten(0, 1)[positions]`` selects what ``x[masks]`` selects)."""
@@ -66,52 +63,61 @@ def centered_softmax(teacher_logits: Tensor, center: Tensor, teacher_temp: float
 
 
 class DINOLoss(nn.Module):
-    """Image-level loss on CLS logits with DINO's crop pairing.
+    """Image-level loss on the CLS tokens with DINO's crop pairing, fused with the DINO head's
+    prototype layer (:func:`prototype_cross_entropy`: the ``(crops x B, K)`` student logits are
+    never written; the head calls this with its bottleneck features and prototypes,
+    ``DINOHead.forward(x, fused=...)``).
 
     Every local crop is scored against both teacher global targets, and each student global crop
     against the teacher target of the *other* global crop (never its own view):
 
         L = [ sum_{l, g} mean_b H(t_g, s_l) + sum_{g != g'} mean_b H(t_g', s_g) ] / (2 L + 2)
 
-    Shapes: student globals ``(2, B, K)``, student locals ``(L, B, K)`` (L may be 0), teacher
-    targets ``(2, B, K)``. Returns a scalar. ``compiled``: see the module docstring.
+    As ``H`` is linear in its target, a local crop's two terms are one, ``H(t_0 + t_1, s_l)``: each
+    student row has one target row and weight ``1 / (B (2 L + 2))``.
+
+    Shapes: features ``(C B, d)`` for ``C = 2 + L`` crops, crop-major, the two global crops first;
+    prototypes ``(K, d)``; teacher targets ``(2, B, K)``. Returns a scalar. ``compiled``: see the
+    module docstring.
     """
 
     def __init__(self, student_temp: float = 0.1, compiled: bool = False) -> None:
         super().__init__()
         self.student_temp = student_temp
-        self.cross_entropy = maybe_compiled(cross_entropy, compiled)
+        self.tail = maybe_compiled(prototype_cross_entropy_tail, compiled)
 
-    def forward(self, student_global: Tensor, student_local: Tensor | None, teacher_probs: Tensor) -> Tensor:
-        if student_global.shape[0] != 2 or teacher_probs.shape != student_global.shape:
+    def forward(self, features: Tensor, prototypes: Tensor, teacher_probs: Tensor) -> Tensor:
+        two, batch, width = teacher_probs.shape if teacher_probs.dim() == 3 else (0, 1, 0)
+        crops, extra = divmod(features.shape[0], batch)
+        if two != 2 or width != prototypes.shape[0] or extra or crops < 2:
             raise ValueError(
-                f"expected 2 global crops for student {tuple(student_global.shape)} and teacher "
-                f"{tuple(teacher_probs.shape)} with equal shapes (2, B, K)"
+                f"expected teacher targets (2, B, K) for {prototypes.shape[0]} prototypes and student features "
+                f"(C B, d) of C >= 2 crops, got {tuple(teacher_probs.shape)} and {tuple(features.shape)}"
             )
-        swapped = teacher_probs.flip(0)  # crop 0 learns from teacher crop 1 and vice versa
-        total = self.cross_entropy(swapped, student_global, self.student_temp).mean(dim=1).sum()
-        terms = 2
-        if student_local is not None and len(student_local):
-            # (L, 1, B) x (1, 2, B): every local crop against every teacher global crop
-            local = self.cross_entropy(teacher_probs.unsqueeze(0), student_local.unsqueeze(1), self.student_temp)
-            total = total + local.mean(dim=-1).sum()
-            terms += 2 * len(student_local)
-        return total / terms
+        # target rows: the other global crop's for each global crop, both globals' sum for the locals
+        values = torch.cat([teacher_probs[1], teacher_probs[0], teacher_probs.sum(dim=0)])  # (3B, K)
+        image = torch.arange(batch, device=features.device)
+        index = torch.cat([image, image + batch, *(image + 2 * batch,) * (crops - 2)])  # (C B,)
+        weights = features.new_full((features.shape[0],), 1.0 / (batch * 2 * (crops - 1)), dtype=torch.float32)
+        return prototype_cross_entropy(features, prototypes, Targets(values, index=index), weights,
+                                       self.student_temp, self.tail)
 
 
 @dataclass
 class Targets:
     """Teacher targets over ``K`` prototypes, one row per student row: probabilities ``values``
-    ``(rows, K)`` (Sinkhorn-Knopp's), or, when ``prototypes`` ``(K, d)`` is set, the teacher's
-    bottleneck features ``values`` ``(rows, d)``, whose targets ``softmax((f W^T - center) / temp)``
-    are left to be computed where they are used, a block of rows at a time
-    (:func:`prototype_cross_entropy`): neither the teacher's logits nor fp32 targets of size
-    ``(rows, K)`` are ever written whole."""
+    ``(rows, K)`` (Sinkhorn-Knopp's, the centred softmax's), or, when ``prototypes`` ``(K, d)`` is
+    set, the teacher's bottleneck features ``values`` ``(rows, d)``, whose targets
+    ``softmax((f W^T - center) / temp)`` are left to be computed where they are used, a block of
+    rows at a time (:func:`prototype_cross_entropy`): neither the teacher's logits nor fp32 targets
+    of size ``(rows, K)`` are ever written whole. With ``index`` ``(rows,)``, student row ``r``'s
+    target is made of ``values[index[r]]`` (DINO's crops sharing a teacher row), not copied per row."""
 
     values: Tensor
     prototypes: Tensor | None = None
     center: Tensor | None = None
     temp: float = 1.0
+    index: Tensor | None = None
 
     def __post_init__(self) -> None:
         if (self.prototypes is None) != (self.center is None):
@@ -121,7 +127,7 @@ class Targets:
     def shape(self) -> tuple[int, int]:
         """``(rows, K)``."""
         width = self.values.shape[1] if self.prototypes is None else self.prototypes.shape[0]
-        return self.values.shape[0], width
+        return (self.values if self.index is None else self.index).shape[0], width
 
     def cast(self, dtype: torch.dtype) -> Targets:
         """These targets with features and prototypes in ``dtype`` (cast once, not per block)."""
@@ -132,14 +138,13 @@ class Targets:
     def block(self, rows: slice) -> Tensor:
         """Rows ``rows`` of the probabilities, or of the teacher's logits (a product in the features'
         dtype: :meth:`cast` them first)."""
-        if self.prototypes is None:
-            return self.values[rows]
-        return self.values[rows] @ self.prototypes.T
+        values = self.values[rows] if self.index is None else self.values[self.index[rows]]
+        return values if self.prototypes is None else values @ self.prototypes.T
 
     def probs(self) -> Tensor:
         """The targets as one fp32 ``(rows, K)`` tensor."""
         if self.prototypes is None:
-            return self.values.float()
+            return self.block(slice(None)).float()
         return centered_softmax(self.cast(self.values.dtype).block(slice(None)), self.center, self.temp)
 
 

@@ -17,7 +17,6 @@ from trainer.losses import (
     SoftmaxCentering,
     Targets,
     cosine_distance,
-    cross_entropy,
     prototype_cross_entropy,
     sinkhorn_knopp,
 )
@@ -29,26 +28,28 @@ def soft_ce(target: torch.Tensor, logits: torch.Tensor, temp: float) -> torch.Te
     return F.cross_entropy(logits / temp, target)
 
 
-def test_cross_entropy_matches_torch() -> None:
-    torch.manual_seed(0)
-    logits, target = torch.randn(7, 11), torch.randn(7, 11).softmax(-1)
-    torch.testing.assert_close(cross_entropy(target, logits, 0.1).mean(), soft_ce(target, logits, 0.1))
-
-
 @pytest.mark.parametrize("local_crops", [0, 1, 8])
 def test_dino_loss_pairs_crops_like_the_original(local_crops: int) -> None:
+    """The fused DINO loss against torch's own soft-target cross-entropy on the logits ``f W^T``,
+    pair by pair as the original scores them; gradients against autograd's through the same."""
     torch.manual_seed(local_crops)
-    batch, prototypes = 5, 32
-    student_global = torch.randn(2, batch, prototypes)
-    student_local = torch.randn(local_crops, batch, prototypes)
+    batch, prototypes, width = 5, 32, 6
+    features = torch.randn((2 + local_crops) * batch, width, requires_grad=True)
+    weight = torch.randn(prototypes, width, requires_grad=True)
     teacher = torch.randn(2, batch, prototypes).softmax(-1)
-    pairs = [(teacher[1], student_global[0]), (teacher[0], student_global[1])]
-    pairs += [(teacher[g], student_local[l]) for l in range(local_crops) for g in range(2)]
+    logits = (features @ weight.T).view(2 + local_crops, batch, prototypes)
+    pairs = [(teacher[1], logits[0]), (teacher[0], logits[1])]
+    pairs += [(teacher[g], logits[2 + l]) for l in range(local_crops) for g in range(2)]
     expected = sum(soft_ce(t, s, 0.1) for t, s in pairs) / len(pairs)
-    loss = DINOLoss(0.1)(student_global, student_local, teacher)
+    want = torch.autograd.grad(expected, (features, weight))
+    loss = DINOLoss(0.1)(features, weight, teacher)
     torch.testing.assert_close(loss, expected)
-    with pytest.raises(ValueError, match="expected 2 global crops"):
-        DINOLoss()(torch.randn(3, batch, prototypes), None, teacher)
+    for got, reference in zip(torch.autograd.grad(loss, (features, weight)), want):
+        torch.testing.assert_close(got, reference)
+    with pytest.raises(ValueError, match=r"expected teacher targets \(2, B, K\)"):
+        DINOLoss()(features, weight, torch.randn(3, batch, prototypes))
+    with pytest.raises(ValueError, match="C >= 2 crops"):
+        DINOLoss()(features[: batch + 1], weight, teacher)
 
 
 def test_ibot_loss_weights_patches_per_crop() -> None:
@@ -86,20 +87,26 @@ def explicit_prototype_loss(features: torch.Tensor, weight: torch.Tensor, target
 
 @pytest.mark.parametrize("centred", [False, True])
 @pytest.mark.parametrize("block_rows", [3, 100])
-def test_fused_prototype_loss_matches_autograd_on_the_logits(centred: bool, block_rows: int) -> None:
+@pytest.mark.parametrize("indexed", [False, True])
+def test_fused_prototype_loss_matches_autograd_on_the_logits(centred: bool, block_rows: int, indexed: bool) -> None:
     """The fused loss (blocks of rows, gradients made in the forward) against autograd through the
     explicit logits: the value and the gradients of the features and of the prototypes, with
     targets as probabilities or as teacher features and prototypes whose logits are softmaxed about
-    a centre, in one block or several."""
-    generator = torch.Generator().manual_seed(int(centred) * 10 + block_rows)
+    a centre, in one block or several, each row's own or (``indexed``) picked from fewer rows."""
+    generator = torch.Generator().manual_seed(int(centred) * 10 + block_rows + 100 * indexed)
     rows, prototypes, width, temp = 11, 37, 6, 0.1
     features = torch.randn(rows, width, generator=generator, requires_grad=True)
     weight = torch.randn(prototypes, width, generator=generator, requires_grad=True)
-    teacher_features, teacher_weight = torch.randn(rows, 5, generator=generator), torch.randn(prototypes, 5, generator=generator)
-    teacher = teacher_features @ teacher_weight.T
+    sources = 4 if indexed else rows
+    teacher_features, teacher_weight = torch.randn(sources, 5, generator=generator), torch.randn(prototypes, 5, generator=generator)
+    index = torch.randint(0, sources, (rows,), generator=generator) if indexed else None
+    picked = teacher_features if index is None else teacher_features[index]
+    teacher = picked @ teacher_weight.T  # (rows, K)
     center = torch.randn(1, prototypes, generator=generator)
     row_weights = torch.rand(rows, generator=generator)
-    targets = Targets(teacher_features, teacher_weight, center, 0.04) if centred else Targets(teacher.softmax(-1))
+    targets = (Targets(teacher_features, teacher_weight, center, 0.04, index=index) if centred else
+               Targets((teacher_features @ teacher_weight.T).softmax(-1), index=index))
+    assert targets.shape == (rows, prototypes)
     probs = ((teacher - center) / 0.04).softmax(-1) if centred else teacher.softmax(-1)
     torch.testing.assert_close(targets.probs(), probs)
     upstream = 0.7  # the loss weight the step scales it by
@@ -109,7 +116,7 @@ def test_fused_prototype_loss_matches_autograd_on_the_logits(centred: bool, bloc
     want_grads = torch.autograd.grad(want * upstream, [features, weight])
     torch.testing.assert_close(got, want)
     for g, w in zip(got_grads, want_grads):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
 def test_fused_prototype_loss_under_bf16_autocast_matches_the_unfused_one() -> None:

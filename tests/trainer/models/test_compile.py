@@ -20,7 +20,7 @@ from torch._dynamo.utils import counters
 from dinoflow.config import DistillConfig, PretrainConfig, load_config, validate
 from trainer.distill import build_student
 from trainer.engine import Objective, build_networks
-from trainer.losses import DINOLoss, IBOTPatchLoss, SoftmaxCentering, Targets, cross_entropy
+from trainer.losses import DINOLoss, IBOTPatchLoss, SoftmaxCentering, Targets, centered_softmax
 from trainer.models.compile import compile_blocks, compile_function, compiled_now, is_compiled
 from trainer.models.vit import DinoVisionTransformer, build_vit
 
@@ -161,18 +161,18 @@ def test_the_trainers_compile_blocks_when_the_recipe_says_so() -> None:
 
 
 def _loss_terms(compiled: bool, seed: int, masked: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """DINO loss on bf16 student logits (as autocast makes them) against targets from the centred
-    softmax, and the fused iBOT loss on bf16 features against centred teacher logits (of teacher
-    features and prototypes), with
-    ``masked`` iBOT rows: the loss values, the new centre, the gradients."""
+    """The fused DINO loss on bf16 CLS features (as autocast makes them) of 2 global and 4 local
+    crops against targets from the centred softmax, and the fused iBOT loss on bf16 features against
+    centred teacher logits (of teacher features and prototypes), with ``masked`` iBOT rows: the loss
+    values, the new centre, the gradients."""
     generator = torch.Generator().manual_seed(seed)
     batch, prototypes, width = 3, 40, 8
     dino, ibot = DINOLoss(0.1, compiled), IBOTPatchLoss(0.1, compiled)
     center = SoftmaxCentering(prototypes, compiled=compiled)
     center.center.normal_(generator=generator)
     teacher = torch.randn(2, batch, prototypes, generator=generator).bfloat16()
-    student_global, student_local = (torch.randn(*shape, prototypes, generator=generator).bfloat16().requires_grad_()
-                                     for shape in ((2, batch), (4, batch)))
+    cls = torch.randn(6 * batch, width, generator=generator).bfloat16().requires_grad_()
+    dino_weight = torch.randn(prototypes, width, generator=generator).requires_grad_()
     features = torch.randn(masked, width, generator=generator).bfloat16().requires_grad_()
     weight = torch.randn(prototypes, width, generator=generator).requires_grad_()
     masks = torch.zeros(2 * batch, 8, dtype=torch.bool)
@@ -182,10 +182,10 @@ def _loss_terms(compiled: bool, seed: int, masked: int) -> tuple[list[torch.Tens
     targets = center(teacher, 0.04)
     patch_targets = Targets(teacher_features, teacher_weight, center.center.clone(), 0.04)
     center.update(teacher)
-    losses = [dino(student_global, student_local, targets), ibot(features, weight, patch_targets, masks)]
+    losses = [dino(cls, dino_weight, targets.view(2, batch, -1)), ibot(features, weight, patch_targets, masks)]
     sum(losses).backward()
-    assert all(compiled_now(f) == compiled for f in (dino.cross_entropy, ibot.tail, center.softmax))
-    return [*losses, targets, center.center.clone()], [t.grad for t in (student_global, student_local, features, weight)]
+    assert all(compiled_now(f) == compiled for f in (dino.tail, ibot.tail, center.softmax))
+    return [*losses, targets, center.center.clone()], [t.grad for t in (cls, dino_weight, features, weight)]
 
 
 def test_compiled_losses_match_eager_and_follow_a_changing_row_count() -> None:
@@ -197,8 +197,8 @@ def test_compiled_losses_match_eager_and_follow_a_changing_row_count() -> None:
         got, got_grads = _loss_terms(True, seed, masked)
         for g, w in zip([*got, *got_grads], [*want, *want_grads]):
             torch.testing.assert_close(g.float(), w.float(), rtol=1e-4, atol=1e-5)
-    # cross-entropy on 3-d (DINO globals) and 4-d (locals x globals) logits, the centred softmax on
-    # 3-d, the iBOT tail on 2-d blocks once static and once with dynamic rows, never per count
+    # the centred softmax, the fused tail with probabilities (DINO) and with a centre (iBOT), each
+    # once static and once with dynamic rows, never per count
     assert counters["stats"]["unique_graphs"] <= 6, counters["stats"]
 
 
@@ -216,12 +216,12 @@ def test_compiled_sinkhorn_knopp_matches_eager_at_changing_row_counts() -> None:
 
 
 def test_a_failing_compiled_function_runs_eagerly_with_one_warning(caplog: pytest.LogCaptureFixture) -> None:
-    cross_entropy_of = compile_function(cross_entropy, backend=_refuse)
-    targets, logits = torch.softmax(torch.randn(4, 6), -1), torch.randn(4, 6)
+    softmax_of = compile_function(centered_softmax, backend=_refuse)
+    logits, center = torch.randn(4, 6), torch.randn(1, 6)
     with caplog.at_level(logging.WARNING, logger="trainer.models.compile"):
-        got = [cross_entropy_of(targets, logits, 0.1) for _ in range(2)]
+        got = [softmax_of(logits, center, 0.1) for _ in range(2)]
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1, warnings
-    assert "torch.compile failed for cross_entropy" in warnings[0] and "no compiler on this machine" in warnings[0]
-    assert not compiled_now(cross_entropy_of) and compiled_now(compile_function(cross_entropy))
-    assert all(torch.equal(g, cross_entropy(targets, logits, 0.1)) for g in got)
+    assert "torch.compile failed for centered_softmax" in warnings[0] and "no compiler on this machine" in warnings[0]
+    assert not compiled_now(softmax_of) and compiled_now(compile_function(centered_softmax))
+    assert all(torch.equal(g, centered_softmax(logits, center, 0.1)) for g in got)
