@@ -28,7 +28,9 @@ and the loss tails, ``loss.compile``, for ours; the same per-block compile for t
 blocks, which has no losses; the warm-up steps absorb the
 compilation); a row whose compilation fell back to eager says so. ``--cuda-graphs`` adds dinoflow's
 compiled step once more with its blocks replayed as CUDA graphs (``model.compile_mode=reduce-overhead``;
-the row counts the graphs inductor compiled without them: on CPU, all). ``--json`` also writes every
+the row counts the graphs inductor compiled without them: on CPU, all). Last, the engine's multi-crop
+augmentation (kornia) is timed on the device from uint8 images of ``crops.load_size``, alone and
+before the fastest dinoflow step (the loop runs one, then the other). ``--json`` also writes every
 row, as it completes, to a file.
 
     python benchmarks/train_step.py --strategy deepspeed --nproc 2 --steps 10 --config tiny
@@ -290,6 +292,44 @@ def probe(args: argparse.Namespace) -> None:
                   f"{ratio}" + "".join(f"  ({note})" for note in notes), flush=True)
         if args.json:
             Storage().write_bytes(args.json, json.dumps(report, indent=2).encode())
+    report["augment"] = augment_figures(time_augment(args, device, cfg), batch, report["rows"])
+    print(augment_line(report["augment"], device), flush=True)
+    if args.json:
+        Storage().write_bytes(args.json, json.dumps(report, indent=2).encode())
+
+
+def time_augment(args: argparse.Namespace, device: torch.device, cfg: PretrainConfig) -> float:
+    """Seconds per batch of the engine's multi-crop augmentation (kornia, :class:`MultiCrop`) on
+    ``device``, from uint8 images of ``crops.load_size`` already there, as the training loop runs it."""
+    from trainer.data.augment import MultiCrop
+
+    torch.manual_seed(cfg.seed)
+    multi_crop = MultiCrop(cfg.crops).to(device)
+    size = cfg.crops.load_size
+    images = torch.randint(0, 256, (cfg.optim.batch_size, 3, size, size), dtype=torch.uint8, device=device)
+    return time_steps(lambda: multi_crop(images), args, device)
+
+
+def augment_figures(seconds: float, batch: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The augmentation's img/s, and with the fastest dinoflow row's step after it on the same device
+    (the loop runs them one after the other): the end-to-end img/s and the augmentation's share."""
+    figures: dict[str, Any] = {"img_per_s": batch / seconds}
+    steps = [row for row in rows if row["step"].startswith("dinoflow") and "img_per_s" in row]
+    if steps:
+        fastest = max(steps, key=lambda row: row["img_per_s"])
+        step_seconds = batch / fastest["img_per_s"]
+        figures.update(step=fastest["step"], end_to_end_img_per_s=batch / (seconds + step_seconds),
+                       share=seconds / (seconds + step_seconds))
+    return figures
+
+
+def augment_line(figures: dict[str, Any], device: torch.device) -> str:
+    """One line on the multi-crop augmentation's figures (:func:`augment_figures`)."""
+    line = f"multi-crop augmentation (kornia) on {device}: {figures['img_per_s']:.1f} img/s"
+    if "step" in figures:
+        line += (f"; before {figures['step']}'s step: {figures['end_to_end_img_per_s']:.1f} img/s end to end, "
+                 f"{100 * figures['share']:.0f} % of the time augmenting")
+    return line
 
 
 def probe_profile_path(profile: str) -> str:

@@ -83,11 +83,19 @@ def test_probe_mode_prints_both_rows_on_cpu(tmp_path: Path) -> None:
     for name, (img_per_s, _, _, ratio) in rows.items():
         assert round(written[name]["img_per_s"], 1) == img_per_s and round(written[name]["ours_vs_probe"], 2) == ratio
         assert not written[name]["compiled"]
+    augment = json.loads(report.read_text())["augment"]  # the multi-crop augmentation, then the step
+    step_ips = written["dinoflow"]["img_per_s"]
+    assert augment["step"] == "dinoflow" and augment["img_per_s"] > 0
+    assert abs(1 / augment["end_to_end_img_per_s"] - (1 / augment["img_per_s"] + 1 / step_ips)) < 1e-9
+    assert abs(augment["share"] - augment["end_to_end_img_per_s"] / augment["img_per_s"]) < 1e-9
+    assert "multi-crop augmentation (kornia) on cpu:" in done.stdout
 
 
 def test_compile_needs_a_warm_up_step_and_the_probe_mode() -> None:
     for extra, message in ((["--probe", "--warmup", "0"], "--compile needs --warmup of at least 1"),
-                           ([], "--compile, --json and --profile go with --probe")):
-        done = subprocess.run([sys.executable, str(SCRIPT), "--compile", *extra], capture_output=True, text=True,
+                           ([], "--compile, --json and --profile go with --probe"),
+                           (["--probe", "--cuda-graphs"], "--cuda-graphs goes with --probe --compile")):
+        compiled = [] if "--cuda-graphs" in extra else ["--compile"]
+        done = subprocess.run([sys.executable, str(SCRIPT), *compiled, *extra], capture_output=True, text=True,
                               timeout=120, check=False)
         assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
