@@ -60,11 +60,11 @@ def markdown(steps: list[dict[str, Any]]) -> str:
                 note = "; ".join(notes)
                 lines.append(f"| {row['step']} | {row['img_per_s']:.1f} | {row['tflop_per_s']:.2f} | "
                              f"{row['peak_mib']:.0f} | {ratio} | {note} |")
-            augment = result.get("augment")
-            if augment:
-                lines += ["", f"multi-crop augmentation (kornia): {augment['img_per_s']:.1f} img/s" + (
-                    f"; before {augment['step']}: {augment['end_to_end_img_per_s']:.1f} img/s end to end, "
-                    f"{100 * augment['share']:.0f} % of the time augmenting" if "step" in augment else "")]
+            preparation = result.get("batch_preparation")
+            if preparation:
+                lines += ["", f"batch preparation (multi-crop, masks): {preparation['img_per_s']:.1f} img/s" + (
+                    f"; before {preparation['step']}: {preparation['end_to_end_img_per_s']:.1f} img/s end to "
+                    f"end, {100 * preparation['share']:.0f} % of the time preparing" if "step" in preparation else "")]
     return "\n".join(lines) + "\n"
 
 

@@ -28,9 +28,10 @@ and the loss tails, ``loss.compile``, for ours; the same per-block compile for t
 blocks, which has no losses; the warm-up steps absorb the
 compilation); a row whose compilation fell back to eager says so. ``--cuda-graphs`` adds dinoflow's
 compiled step once more with its blocks replayed as CUDA graphs (``model.compile_mode=reduce-overhead``;
-the row counts the graphs inductor compiled without them: on CPU, all). Last, the engine's multi-crop
-augmentation (kornia) is timed on the device from uint8 images of ``crops.load_size``, alone and
-before the fastest dinoflow step (the loop runs one, then the other). ``--json`` also writes every
+the row counts the graphs inductor compiled without them: on CPU, all). Last, the loop's batch
+preparation (``make_batch``: the multi-crop augmentation with kornia on the device from uint8 images
+of ``crops.load_size``, the block masks on the host) is timed alone and before the fastest dinoflow
+step (the loop runs one, then the other). ``--json`` also writes every
 row, as it completes, to a file.
 
     python benchmarks/train_step.py --strategy deepspeed --nproc 2 --steps 10 --config tiny
@@ -292,27 +293,30 @@ def probe(args: argparse.Namespace) -> None:
                   f"{ratio}" + "".join(f"  ({note})" for note in notes), flush=True)
         if args.json:
             Storage().write_bytes(args.json, json.dumps(report, indent=2).encode())
-    report["augment"] = augment_figures(time_augment(args, device, cfg), batch, report["rows"])
-    print(augment_line(report["augment"], device), flush=True)
+    report["batch_preparation"] = preparation_figures(time_batch_preparation(args, device, cfg), batch, report["rows"])
+    print(preparation_line(report["batch_preparation"], device), flush=True)
     if args.json:
         Storage().write_bytes(args.json, json.dumps(report, indent=2).encode())
 
 
-def time_augment(args: argparse.Namespace, device: torch.device, cfg: PretrainConfig) -> float:
-    """Seconds per batch of the engine's multi-crop augmentation (kornia, :class:`MultiCrop`) on
-    ``device``, from uint8 images of ``crops.load_size`` already there, as the training loop runs it."""
+def time_batch_preparation(args: argparse.Namespace, device: torch.device, cfg: PretrainConfig) -> float:
+    """Seconds per batch of what the training loop does before each step (:func:`make_batch`): the
+    multi-crop augmentation (kornia, on ``device``, from uint8 images of ``crops.load_size`` already
+    there) and the block masks (drawn on the host, then copied)."""
     from trainer.data.augment import MultiCrop
+    from trainer.engine import make_batch
 
     torch.manual_seed(cfg.seed)
     multi_crop = MultiCrop(cfg.crops).to(device)
     size = cfg.crops.load_size
     images = torch.randint(0, 256, (cfg.optim.batch_size, 3, size, size), dtype=torch.uint8, device=device)
-    return time_steps(lambda: multi_crop(images), args, device)
+    steps = iter(range(1 << 30))  # each batch its own step's masks, as in training
+    return time_steps(lambda: make_batch(images, next(steps), cfg, multi_crop), args, device)
 
 
-def augment_figures(seconds: float, batch: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The augmentation's img/s, and with the fastest dinoflow row's step after it on the same device
-    (the loop runs them one after the other): the end-to-end img/s and the augmentation's share."""
+def preparation_figures(seconds: float, batch: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The batch preparation's img/s, and with the fastest dinoflow row's step after it (the loop
+    runs them one after the other): the end-to-end img/s and the preparation's share of the time."""
     figures: dict[str, Any] = {"img_per_s": batch / seconds}
     steps = [row for row in rows if row["step"].startswith("dinoflow") and "img_per_s" in row]
     if steps:
@@ -323,12 +327,12 @@ def augment_figures(seconds: float, batch: int, rows: list[dict[str, Any]]) -> d
     return figures
 
 
-def augment_line(figures: dict[str, Any], device: torch.device) -> str:
-    """One line on the multi-crop augmentation's figures (:func:`augment_figures`)."""
-    line = f"multi-crop augmentation (kornia) on {device}: {figures['img_per_s']:.1f} img/s"
+def preparation_line(figures: dict[str, Any], device: torch.device) -> str:
+    """One line on the batch preparation's figures (:func:`preparation_figures`)."""
+    line = f"batch preparation (multi-crop on {device}, masks on the host): {figures['img_per_s']:.1f} img/s"
     if "step" in figures:
         line += (f"; before {figures['step']}'s step: {figures['end_to_end_img_per_s']:.1f} img/s end to end, "
-                 f"{100 * figures['share']:.0f} % of the time augmenting")
+                 f"{100 * figures['share']:.0f} % of the time preparing")
     return line
 
 

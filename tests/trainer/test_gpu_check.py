@@ -39,10 +39,11 @@ def test_cpu_smoke_writes_every_output_and_the_summary(tmp_path: Path) -> None:
     summary = (out / "summary.md").read_text()
     assert all(f"| {name} | ok |" in summary for name in STEPS)
     assert summary.count("PASS") == 4 and "| dinoflow_compiled |" in summary
-    for probe in STEPS[1:]:  # the augmentation's figures, beside the fastest dinoflow step
-        augment = json.loads((out / f"{probe}.json").read_text())["augment"]
-        assert augment["img_per_s"] > 0 and augment["step"].startswith("dinoflow") and 0 < augment["share"] < 1
-    assert summary.count("multi-crop augmentation (kornia):") == 2
+    for probe in STEPS[1:]:  # the batch preparation's figures, beside the fastest dinoflow step
+        preparation = json.loads((out / f"{probe}.json").read_text())["batch_preparation"]
+        assert preparation["img_per_s"] > 0 and preparation["step"].startswith("dinoflow")
+        assert 0 < preparation["share"] < 1
+    assert summary.count("batch preparation (multi-crop, masks):") == 2
     graphs = json.loads((out / "probe_small.json").read_text())["rows"][-1]
     assert graphs["cudagraph_skips"] > 0  # asked for CUDA graphs, which inductor declines on the CPU...
     assert "graphs without CUDA graphs |" in summary  # ...and the summary says so

@@ -83,12 +83,12 @@ def test_probe_mode_prints_both_rows_on_cpu(tmp_path: Path) -> None:
     for name, (img_per_s, _, _, ratio) in rows.items():
         assert round(written[name]["img_per_s"], 1) == img_per_s and round(written[name]["ours_vs_probe"], 2) == ratio
         assert not written[name]["compiled"]
-    augment = json.loads(report.read_text())["augment"]  # the multi-crop augmentation, then the step
+    preparation = json.loads(report.read_text())["batch_preparation"]  # crops and masks, then the step
     step_ips = written["dinoflow"]["img_per_s"]
-    assert augment["step"] == "dinoflow" and augment["img_per_s"] > 0
-    assert abs(1 / augment["end_to_end_img_per_s"] - (1 / augment["img_per_s"] + 1 / step_ips)) < 1e-9
-    assert abs(augment["share"] - augment["end_to_end_img_per_s"] / augment["img_per_s"]) < 1e-9
-    assert "multi-crop augmentation (kornia) on cpu:" in done.stdout
+    assert preparation["step"] == "dinoflow" and preparation["img_per_s"] > 0
+    assert abs(1 / preparation["end_to_end_img_per_s"] - (1 / preparation["img_per_s"] + 1 / step_ips)) < 1e-9
+    assert abs(preparation["share"] - preparation["end_to_end_img_per_s"] / preparation["img_per_s"]) < 1e-9
+    assert "batch preparation (multi-crop on cpu, masks on the host):" in done.stdout
 
 
 def test_compile_needs_a_warm_up_step_and_the_probe_mode() -> None:

@@ -20,6 +20,43 @@ def test_masks_reach_the_target_without_exceeding_it() -> None:
     assert np.mean(reached) > 0.9
 
 
+def reference_mask(generator: BlockMaskGenerator, num_patches: int, uniforms: list[float]) -> np.ndarray:
+    """The rectangle rule written plainly on a numpy grid, reading the same numbers in the same order."""
+    numbers = iter(uniforms)
+    mask = np.zeros((generator.rows, generator.cols), dtype=bool)
+    count = 0
+    while count < num_patches:
+        budget, added = min(num_patches - count, generator.max_patches), 0
+        for _ in range(10):
+            area = generator.min_patches + (budget - generator.min_patches) * next(numbers)
+            aspect = np.exp(np.log(generator.min_aspect) * (1 - 2 * next(numbers)))  # log-uniform, symmetric
+            height, width = int(round(np.sqrt(area * aspect))), int(round(np.sqrt(area / aspect)))
+            if width >= generator.cols or height >= generator.rows:
+                continue
+            top = int(next(numbers) * (generator.rows - height + 1))
+            left = int(next(numbers) * (generator.cols - width + 1))
+            window = mask[top : top + height, left : left + width]
+            if 0 < height * width - window.sum() <= budget:
+                added = height * width - int(window.sum())
+                window[...] = True
+                break
+        if added == 0:
+            break
+        count += added
+    return mask
+
+
+def test_bit_grid_masks_equal_a_plain_numpy_reference() -> None:
+    rng = np.random.default_rng(3)
+    for rows, cols, target in ((16, 16, 80), (37, 37, 600), (5, 7, 12), (16, 16, 3)):
+        generator = BlockMaskGenerator(rows, cols, max_patches=rows * cols // 2)
+        uniforms = rng.random(20_000).tolist()
+        want = reference_mask(generator, target, uniforms)
+        numbers = iter(uniforms)
+        got = generator.from_uniforms(target, lambda: next(numbers))
+        assert got.dtype == bool and (got == want).all() and 0 < got.sum() <= target
+
+
 def test_masks_are_made_of_blocks() -> None:
     rng = np.random.default_rng(1)
     generator = BlockMaskGenerator(16, 16, max_patches=128)
