@@ -28,10 +28,11 @@ and the loss tails, ``loss.compile``, for ours; the same per-block compile for t
 blocks, which has no losses; the warm-up steps absorb the
 compilation); a row whose compilation fell back to eager says so. ``--cuda-graphs`` adds dinoflow's
 compiled step once more with its blocks replayed as CUDA graphs (``model.compile_mode=reduce-overhead``;
-the row counts the graphs inductor compiled without them: on CPU, all). Last, the loop's batch
-preparation (``make_batch``: the multi-crop augmentation with kornia on the device from uint8 images
-of ``crops.load_size``, the block masks on the host) is timed alone and before the fastest dinoflow
-step (the loop runs one, then the other). ``--json`` also writes every
+the row counts the graphs inductor compiled without them: on CPU, all). Before the rows, the loop's
+batch preparation (``make_batch``: the multi-crop augmentation with kornia on the device from uint8
+images of ``crops.load_size``, the block masks on the host) is timed; printed last, its img/s alone
+and with the fastest dinoflow row's step after it (the loop runs one, then the other), kept in
+``--json`` as the rows complete. ``--json`` also writes every
 row, as it completes, to a file.
 
     python benchmarks/train_step.py --strategy deepspeed --nproc 2 --steps 10 --config tiny
@@ -265,6 +266,8 @@ def probe(args: argparse.Namespace) -> None:
             "dinoflow_compiled": lambda: time_dinoflow(args, device, True, crop_batch, args.profile)})
     if args.cuda_graphs:
         measures["dinoflow_cudagraphs"] = lambda: time_dinoflow(args, device, True, crop_batch, mode="reduce-overhead")
+    # first, so that a row that fails (the last, experimental ones) cannot take this figure with it
+    preparation = time_batch_preparation(args, device, cfg)
     plain: float | None = None  # the eager probe's seconds per step: every row's reference
     for label, measure in measures.items():
         compiled = label.endswith(("_compiled", "_cudagraphs"))
@@ -291,12 +294,10 @@ def probe(args: argparse.Namespace) -> None:
                 and row["cudagraph_skips"] else [])
             print(f"{label:<18} {row['img_per_s']:>10.1f} {row['tflop_per_s']:>12.4f} {row['peak_mib']:>9.0f} "
                   f"{ratio}" + "".join(f"  ({note})" for note in notes), flush=True)
+        report["batch_preparation"] = preparation_figures(preparation, batch, report["rows"])
         if args.json:
             Storage().write_bytes(args.json, json.dumps(report, indent=2).encode())
-    report["batch_preparation"] = preparation_figures(time_batch_preparation(args, device, cfg), batch, report["rows"])
     print(preparation_line(report["batch_preparation"], device), flush=True)
-    if args.json:
-        Storage().write_bytes(args.json, json.dumps(report, indent=2).encode())
 
 
 def time_batch_preparation(args: argparse.Namespace, device: torch.device, cfg: PretrainConfig) -> float:
