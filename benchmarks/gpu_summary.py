@@ -28,6 +28,23 @@ def read_steps(out: Path) -> list[dict[str, Any]]:
     return steps
 
 
+def row_notes(row: dict[str, Any]) -> list[str]:
+    """What a probe row's figures need said beside them: an eager fallback, CUDA graphs not used."""
+    notes = ["compilation failed: eager"] * row["compile_fell_back"]
+    if row["step"].endswith("_cudagraphs") and row.get("cudagraph_skips"):
+        notes.append(f"{row['cudagraph_skips']} graphs without CUDA graphs")
+    return notes
+
+
+def preparation_text(figures: dict[str, Any], title: str) -> str:
+    """The batch preparation's figures (``train_step.preparation_figures``) in one line."""
+    text = f"{title}: {figures['img_per_s']:.1f} img/s"
+    if "step" in figures:
+        text += (f"; before {figures['step']}'s step: {figures['end_to_end_img_per_s']:.1f} img/s end to end, "
+                 f"{100 * figures['share']:.0f} % of the time preparing")
+    return text
+
+
 def markdown(steps: list[dict[str, Any]]) -> str:
     """Steps, then each correctness check and each probe table."""
     lines = ["# GPU check", "", "| step | status | exit code | seconds | limit |", "|---|---|---:|---:|---:|"]
@@ -54,17 +71,12 @@ def markdown(steps: list[dict[str, Any]]) -> str:
                     lines.append(f"| {row['step']} | | | | | {row['error']} |")
                     continue
                 ratio = f"{row['ours_vs_probe']:.2f}" if row["ours_vs_probe"] is not None else ""
-                notes = ["compilation failed: eager"] * row["compile_fell_back"] + (
-                    [f"{row['cudagraph_skips']} graphs without CUDA graphs"]
-                    if row["step"].endswith("_cudagraphs") and row.get("cudagraph_skips") else [])
-                note = "; ".join(notes)
+                note = "; ".join(row_notes(row))
                 lines.append(f"| {row['step']} | {row['img_per_s']:.1f} | {row['tflop_per_s']:.2f} | "
                              f"{row['peak_mib']:.0f} | {ratio} | {note} |")
             preparation = result.get("batch_preparation")
             if preparation:
-                lines += ["", f"batch preparation (multi-crop, masks): {preparation['img_per_s']:.1f} img/s" + (
-                    f"; before {preparation['step']}: {preparation['end_to_end_img_per_s']:.1f} img/s end to "
-                    f"end, {100 * preparation['share']:.0f} % of the time preparing" if "step" in preparation else "")]
+                lines += ["", preparation_text(preparation, "batch preparation (multi-crop, masks)")]
     return "\n".join(lines) + "\n"
 
 

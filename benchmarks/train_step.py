@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch._dynamo.utils import counters
 
+from gpu_summary import preparation_text, row_notes  # this script's folder is first on sys.path
 from memory_peak import record_peak  # this script's folder is first on sys.path
 from step_probe import ProbeShape, ProbeViT, probe_flops_per_image, probe_step  # this script's folder is first on sys.path
 from dinoflow.config import PretrainConfig, load_config
@@ -289,15 +290,14 @@ def probe(args: argparse.Namespace) -> None:
                    "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips}
             report["rows"].append(row)
             ratio = f"{row['ours_vs_probe']:>14.2f}" if plain else f"{'-':>14}"
-            notes = ["compilation failed: eager"] * fell_back + (
-                [f"{row['cudagraph_skips']} graphs without CUDA graphs"] if label.endswith("_cudagraphs")
-                and row["cudagraph_skips"] else [])
+            notes = row_notes(row)
             print(f"{label:<18} {row['img_per_s']:>10.1f} {row['tflop_per_s']:>12.4f} {row['peak_mib']:>9.0f} "
                   f"{ratio}" + "".join(f"  ({note})" for note in notes), flush=True)
         report["batch_preparation"] = preparation_figures(preparation, batch, report["rows"])
         if args.json:
             Storage().write_bytes(args.json, json.dumps(report, indent=2).encode())
-    print(preparation_line(report["batch_preparation"], device), flush=True)
+    print(preparation_text(report["batch_preparation"], f"batch preparation (multi-crop on {device}, masks on the host)"),
+          flush=True)
 
 
 def time_batch_preparation(args: argparse.Namespace, device: torch.device, cfg: PretrainConfig) -> float:
@@ -317,7 +317,8 @@ def time_batch_preparation(args: argparse.Namespace, device: torch.device, cfg: 
 
 def preparation_figures(seconds: float, batch: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The batch preparation's img/s, and with the fastest dinoflow row's step after it (the loop
-    runs them one after the other): the end-to-end img/s and the preparation's share of the time."""
+    runs them one after the other): the end-to-end img/s and the preparation's share of the time
+    (printed by ``gpu_summary.preparation_text``)."""
     figures: dict[str, Any] = {"img_per_s": batch / seconds}
     steps = [row for row in rows if row["step"].startswith("dinoflow") and "img_per_s" in row]
     if steps:
@@ -326,15 +327,6 @@ def preparation_figures(seconds: float, batch: int, rows: list[dict[str, Any]]) 
         figures.update(step=fastest["step"], end_to_end_img_per_s=batch / (seconds + step_seconds),
                        share=seconds / (seconds + step_seconds))
     return figures
-
-
-def preparation_line(figures: dict[str, Any], device: torch.device) -> str:
-    """One line on the batch preparation's figures (:func:`preparation_figures`)."""
-    line = f"batch preparation (multi-crop on {device}, masks on the host): {figures['img_per_s']:.1f} img/s"
-    if "step" in figures:
-        line += (f"; before {figures['step']}'s step: {figures['end_to_end_img_per_s']:.1f} img/s end to end, "
-                 f"{100 * figures['share']:.0f} % of the time preparing")
-    return line
 
 
 def probe_profile_path(profile: str) -> str:
