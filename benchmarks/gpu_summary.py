@@ -42,6 +42,9 @@ def preparation_text(figures: dict[str, Any], title: str) -> str:
     if "step" in figures:
         text += (f"; before {figures['step']}'s step: {figures['end_to_end_img_per_s']:.1f} img/s end to end, "
                  f"{100 * figures['share']:.0f} % of the time preparing")
+    if "loop_step" in figures:
+        text += (f"; {figures['loop_step']} with the next batch prepared in its wait, as the loop runs: "
+                 f"{figures['loop_img_per_s']:.1f} img/s")
     return text
 
 

@@ -30,9 +30,11 @@ compilation); a row whose compilation fell back to eager says so. ``--cuda-graph
 compiled step once more with its blocks replayed as CUDA graphs (``model.compile_mode=reduce-overhead``;
 the row counts the graphs inductor compiled without them: on CPU, all). Before the rows, the loop's
 batch preparation (``make_batch``: the multi-crop augmentation with kornia on the device from uint8
-images of ``crops.load_size``, the block masks on the host) is timed; printed last, its img/s alone
-and with the fastest dinoflow row's step after it (the loop runs one, then the other), kept in
-``--json`` as the rows complete. ``--json`` also writes every
+images of ``crops.load_size``, the block masks on the host) is timed; printed last, its img/s alone,
+with the fastest dinoflow row's step after it (one, then the other), and as the loop runs it: the
+compiled row (eager without ``--compile``) is timed once more with each step's batch prepared
+during the step before, in its wait for the losses (``train_step``'s ``while_waiting``), new crops
+and masks every step. Kept in ``--json`` as the rows complete. ``--json`` also writes every
 row, as it completes, to a file.
 
     python benchmarks/train_step.py --strategy deepspeed --nproc 2 --steps 10 --config tiny
@@ -45,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import subprocess
@@ -256,19 +259,21 @@ def probe(args: argparse.Namespace) -> None:
           + ("; CPU peak is the process's peak RSS, so each row includes the rows before it"
              if device.type == "cpu" else ""))
     print(f"{'step':<18} {'img_per_s':>10} {'tflop_per_s':>12} {'peak_mib':>9} {'ours_vs_probe':>14}", flush=True)
-    measures: dict[str, Callable[[], tuple[float, bool]]] = {
+    prepare = batch_preparation(device, cfg)
+    # first, so that a row that fails (the last, experimental ones) cannot take this figure with it
+    preparation = time_steps(prepare, args, device)
+    measures: dict[str, Callable[[], tuple[float, bool, float | None]]] = {
         "probe": lambda: time_probe(args, device, False, shape, crop_batch,
                                     "" if args.compile else probe_profile_path(args.profile)),
-        "dinoflow": lambda: time_dinoflow(args, device, False, crop_batch, "" if args.compile else args.profile)}
+        "dinoflow": lambda: time_dinoflow(args, device, False, crop_batch, "" if args.compile else args.profile,
+                                          prepare=None if args.compile else prepare)}
     if args.compile:
         measures.update({
             "probe_compiled": lambda: time_probe(args, device, True, shape, crop_batch,
                                                  probe_profile_path(args.profile)),
-            "dinoflow_compiled": lambda: time_dinoflow(args, device, True, crop_batch, args.profile)})
+            "dinoflow_compiled": lambda: time_dinoflow(args, device, True, crop_batch, args.profile, prepare=prepare)})
     if args.cuda_graphs:
         measures["dinoflow_cudagraphs"] = lambda: time_dinoflow(args, device, True, crop_batch, mode="reduce-overhead")
-    # first, so that a row that fails (the last, experimental ones) cannot take this figure with it
-    preparation = time_batch_preparation(args, device, cfg)
     plain: float | None = None  # the eager probe's seconds per step: every row's reference
     for label, measure in measures.items():
         compiled = label.endswith(("_compiled", "_cudagraphs"))
@@ -278,7 +283,7 @@ def probe(args: argparse.Namespace) -> None:
             torch.cuda.reset_peak_memory_stats(device)
         skips = counters["inductor"]["cudagraph_skips"]
         try:
-            seconds, fell_back = measure()
+            seconds, fell_back, loop_seconds = measure()
         except torch.OutOfMemoryError:  # a row too large for the card: say so, measure the others
             report["rows"].append({"step": label, "compiled": compiled, "error": "out of memory"})
             print(f"{label:<18} out of memory", flush=True)
@@ -288,6 +293,8 @@ def probe(args: argparse.Namespace) -> None:
                    "tflop_per_s": batch * flops / seconds / 1e12, "peak_mib": peak_mib(device),
                    "ours_vs_probe": plain / seconds if plain else None, "compile_fell_back": fell_back,
                    "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips}
+            if loop_seconds is not None:
+                row["loop_img_per_s"] = batch / loop_seconds
             report["rows"].append(row)
             ratio = f"{row['ours_vs_probe']:>14.2f}" if plain else f"{'-':>14}"
             notes = row_notes(row)
@@ -300,10 +307,10 @@ def probe(args: argparse.Namespace) -> None:
           flush=True)
 
 
-def time_batch_preparation(args: argparse.Namespace, device: torch.device, cfg: PretrainConfig) -> float:
-    """Seconds per batch of what the training loop does before each step (:func:`make_batch`): the
-    multi-crop augmentation (kornia, on ``device``, from uint8 images of ``crops.load_size`` already
-    there) and the block masks (drawn on the host, then copied)."""
+def batch_preparation(device: torch.device, cfg: PretrainConfig) -> Callable[[], CropBatch]:
+    """What the training loop does to make each step's batch (:func:`make_batch`), on fresh
+    steps: the multi-crop augmentation (kornia, on ``device``, from uint8 images of
+    ``crops.load_size`` already there) and the block masks (drawn on the host, then copied)."""
     from trainer.data.augment import MultiCrop
     from trainer.engine import make_batch
 
@@ -311,14 +318,15 @@ def time_batch_preparation(args: argparse.Namespace, device: torch.device, cfg: 
     multi_crop = MultiCrop(cfg.crops).to(device)
     size = cfg.crops.load_size
     images = torch.randint(0, 256, (cfg.optim.batch_size, 3, size, size), dtype=torch.uint8, device=device)
-    steps = iter(range(1 << 30))  # each batch its own step's masks, as in training
-    return time_steps(lambda: make_batch(images, next(steps), cfg, multi_crop), args, device)
+    steps = itertools.count()  # each batch its own step's masks, as in training
+    return lambda: make_batch(images, next(steps), cfg, multi_crop)
 
 
 def preparation_figures(seconds: float, batch: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The batch preparation's img/s, and with the fastest dinoflow row's step after it (the loop
-    runs them one after the other): the end-to-end img/s and the preparation's share of the time
-    (printed by ``gpu_summary.preparation_text``)."""
+    """The batch preparation's img/s; with the fastest dinoflow row's step after it, the end-to-end
+    img/s and the preparation's share of the time; and the img/s of the row timed as the loop runs
+    (the next batch prepared in the step's wait), if it was (printed by
+    ``gpu_summary.preparation_text``)."""
     figures: dict[str, Any] = {"img_per_s": batch / seconds}
     steps = [row for row in rows if row["step"].startswith("dinoflow") and "img_per_s" in row]
     if steps:
@@ -326,6 +334,9 @@ def preparation_figures(seconds: float, batch: int, rows: list[dict[str, Any]]) 
         step_seconds = batch / fastest["img_per_s"]
         figures.update(step=fastest["step"], end_to_end_img_per_s=batch / (seconds + step_seconds),
                        share=seconds / (seconds + step_seconds))
+    for row in steps:
+        if "loop_img_per_s" in row:
+            figures.update(loop_step=row["step"], loop_img_per_s=row["loop_img_per_s"])
     return figures
 
 
@@ -338,9 +349,10 @@ def probe_profile_path(profile: str) -> str:
 
 
 def time_probe(args: argparse.Namespace, device: torch.device, compiled: bool, shape: ProbeShape,
-               crop_batch: CropBatch, profile: str = "") -> tuple[float, bool]:
+               crop_batch: CropBatch, profile: str = "") -> tuple[float, bool, None]:
     """Seconds per step of the ceiling probe (blocks compiled if ``compiled``), and whether their
-    compilation fell back to eager; with ``profile``, two more steps profiled there."""
+    compilation fell back to eager (and no loop timing: the probe has no batch preparation); with
+    ``profile``, two more steps profiled there."""
     from trainer.engine import training_autocast
     from trainer.models.compile import compile_blocks, is_compiled
 
@@ -359,15 +371,18 @@ def time_probe(args: argparse.Namespace, device: torch.device, compiled: bool, s
     if profile:
         write_profile(step, device, profile, f"the ceiling probe's step, compiled {compiled}, "
                                              f"batch {global_crops.shape[0] // 2}, on {device}")
-    return seconds, compiled and not all(is_compiled(b) for b in (*student.blocks, *teacher.blocks))
+    return seconds, compiled and not all(is_compiled(b) for b in (*student.blocks, *teacher.blocks)), None
 
 
 def time_dinoflow(args: argparse.Namespace, device: torch.device, compiled: bool,
-                  crop_batch: CropBatch, profile: str = "", mode: str = "default") -> tuple[float, bool]:
+                  crop_batch: CropBatch, profile: str = "", mode: str = "default",
+                  prepare: Callable[[], CropBatch] | None = None) -> tuple[float, bool, float | None]:
     """Seconds per step of the engine's ``train_step`` as the engine sets it up (its AdamW, bf16
     autocast on CUDA), with ``model.compile_blocks`` and ``loss.compile`` set to ``compiled`` (the
-    blocks in ``model.compile_mode`` ``mode``), and whether the compilation fell back to eager; with
-    ``profile``, two more steps profiled there."""
+    blocks in ``model.compile_mode`` ``mode``), whether the compilation fell back to eager, and with
+    ``prepare`` the seconds per step as the loop runs it: each step on the batch ``prepare`` made
+    during the step before, in its wait for the losses; with ``profile``, two more steps profiled
+    on the fixed batch."""
     from trainer.engine import Objective, build_adamw, build_networks, train_step, training_autocast
     from trainer.models.compile import is_compiled
     from trainer.schedules import schedule_values
@@ -388,8 +403,18 @@ def time_dinoflow(args: argparse.Namespace, device: torch.device, compiled: bool
     if profile:
         write_profile(step, device, profile, f"dinoflow's train_step, preset {args.config!r}, compiled {compiled}, "
                                              f"batch {cfg.optim.batch_size}, on {device}")
+    loop_seconds = None
+    if prepare is not None:
+        upcoming = [prepare()]
+
+        def loop_step() -> None:
+            train_step(student, teacher, objective, [upcoming.pop()], sched, optimizer, cfg.optim.clip_grad,
+                       autocast_dtype, while_waiting=lambda: upcoming.append(prepare()))
+
+        loop_seconds = time_steps(loop_step, args, device)
     blocks = (*student.backbone.blocks, *teacher.backbone.blocks)
-    return seconds, compiled and not (all(is_compiled(b) for b in blocks) and objective.tails_compiled())
+    return (seconds, compiled and not (all(is_compiled(b) for b in blocks) and objective.tails_compiled()),
+            loop_seconds)
 
 
 def write_profile(step: Callable[[], None], device: torch.device, path: str, title: str) -> None:

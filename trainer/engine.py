@@ -17,6 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -182,11 +183,16 @@ def train_step(
     clip_grad: float,
     autocast_dtype: torch.dtype | None = None,
     strategy: Strategy | None = None,
+    while_waiting: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """One optimiser step over ``micro_batches`` (gradient accumulation), then the EMA update.
 
     Returns the loss terms (averaged over micro-batches, and over ranks under ``strategy``) for
-    logging.
+    logging. ``while_waiting`` is called once, after the step's device work is queued and before
+    the host waits for it (reading the losses): the loop prepares the next step's batch there, so
+    that the host's share of it (loading, launching the augmentation, drawing the block masks)
+    runs while the device computes this step instead of leaving the device idle between steps.
+    Nothing after the call draws random numbers, so the streams are those of a step-by-step loop.
     """
     strategy = strategy or Strategy()
     begin_step(optimizer, sched)
@@ -208,7 +214,7 @@ def train_step(
     names = [*terms, "total"]
     skip_on_device = type(strategy) is Strategy and bool(optimizer.param_groups[0].get("fused"))
     if not skip_on_device:
-        totals = _read_losses(losses, names)
+        totals = _read_losses(losses, names, while_waiting)
     if clip_grad > 0:
         for module in (student.backbone, student.dino_head, student.ibot_head):
             if module is not None:
@@ -218,7 +224,7 @@ def train_step(
     strategy.step(optimizer)
     ema_update(teacher, student, sched.teacher_momentum)
     if skip_on_device:
-        totals = _read_losses(losses, names)  # a non-finite step raises here, the student unchanged
+        totals = _read_losses(losses, names, while_waiting)  # a non-finite step raises here, the student unchanged
     return strategy.mean(totals)
 
 
@@ -232,9 +238,12 @@ def begin_step(optimizer: torch.optim.Optimizer, sched: ScheduleValues) -> None:
         group["weight_decay"] = sched.weight_decay * group["wd_multiplier"]
 
 
-def _read_losses(losses: Tensor, names: list[str]) -> dict[str, float]:
-    """The micro-batches' loss terms ``(micro-batches, terms)`` averaged, read on the host; raises
-    ``FloatingPointError`` naming the terms if any is not finite."""
+def _read_losses(losses: Tensor, names: list[str], first: Callable[[], None] | None = None) -> dict[str, float]:
+    """The micro-batches' loss terms ``(micro-batches, terms)`` averaged, read on the host after
+    calling ``first`` (the host's work to do before it waits); raises ``FloatingPointError`` naming
+    the terms if any is not finite."""
+    if first is not None:
+        first()
     rows = losses.tolist()
     for row in rows:
         if not all(math.isfinite(value) for value in row):
@@ -371,6 +380,27 @@ def make_batch(images: Tensor, step: int, cfg: PretrainConfig, multi_crop: Multi
     index = masked_positions(masks)  # on the host: no wait for the GPU
     return CropBatch(global_crops, local_crops, to_device_async(masks, images.device),
                      to_device_async(index, images.device))
+
+
+@dataclass
+class PreparedStep:
+    """A step's micro-batches, its images on this rank, and the bad-image tally once they were read
+    (:class:`BadImageTracker.summary`), which is the one its checkpoint keeps: the loop reads the
+    next step's images before this step's checkpoint is written."""
+
+    micro_batches: list[CropBatch]
+    images: int
+    bad_images: dict[str, Any]
+
+
+def _settle(future: Future[Any], make: Callable[[int], Any], step: int) -> None:
+    """``make(step)``'s result or exception into ``future``: raised where the result is used, so
+    that an error in preparing the next step (a data set with too many bad images) stops the run
+    where a step-by-step loop would, after this step's checkpoint."""
+    try:
+        future.set_result(make(step))
+    except Exception as error:  # noqa: BLE001 - handed over whole, raised by future.result()
+        future.set_exception(error)
 
 
 def to_device_async(tensor: Tensor, device: torch.device) -> Tensor:
@@ -565,25 +595,32 @@ def _pretrain(cfg: PretrainConfig, dataset: Any, collate: Callable, storage: Sto
     def teacher_backbone() -> nn.Module:
         return build_backbone(cfg, drop_path=False)
 
+    def prepare(step: int) -> PreparedStep:
+        # augmentation and stochastic depth: a stream per (step, rank); masks: per step (make_batch)
+        torch.manual_seed((cfg.seed * 1_000_003 + step) * strategy.world_size + strategy.rank)
+        images = [next_images() for _ in range(micro)]
+        crop = highres_crop if highres_from is not None and step >= highres_from else multi_crop
+        micro_batches = [make_batch(x, step * micro + i, cfg, crop, strategy) for i, x in enumerate(images)]
+        return PreparedStep(micro_batches, sum(len(x) for x in images), bad_images.summary())
+
     bar = progress(range(state.step, last_step), desc=f"pretrain {cfg.name}", total=last_step - state.step,
                    unit="step")
     stopped_early = False
     metrics: dict[str, float] = {}
+    upcoming: Future[PreparedStep] | None = None  # the step's batch, prepared during the last step
     for step in bar:
         if cfg.max_minutes and state.train_seconds > 60 * cfg.max_minutes:
             stopped_early = True
             break
         sched = schedule_values(step, cfg.optim, cfg.loss, strategy.world_size)  # lr scales with the global batch
         tick = time.perf_counter()
-        # augmentation and stochastic depth: a stream per (step, rank); masks: per step (make_batch)
-        torch.manual_seed((cfg.seed * 1_000_003 + step) * strategy.world_size + strategy.rank)
-        images = [next_images() for _ in range(micro)]
-        crop = highres_crop if highres_from is not None and step >= highres_from else multi_crop
-        micro_batches = [make_batch(x, step * micro + i, cfg, crop, strategy) for i, x in enumerate(images)]
+        prepared = upcoming.result() if upcoming is not None else prepare(step)
+        upcoming = Future() if step + 1 < last_step else None
         student.train()
-        losses = train_step(student, teacher, objective, micro_batches, sched, optimizer, cfg.optim.clip_grad,
-                            autocast_dtype, strategy)
-        count = sum(len(x) for x in images) * strategy.world_size
+        losses = train_step(student, teacher, objective, prepared.micro_batches, sched, optimizer, cfg.optim.clip_grad,
+                            autocast_dtype, strategy,
+                            while_waiting=functools.partial(_settle, upcoming, prepare, step + 1) if upcoming else None)
+        count = prepared.images * strategy.world_size
         # one clock for all ranks, so that time-based stops and evaluations happen on all at once
         seconds = strategy.mean({"seconds": time.perf_counter() - tick})["seconds"]
         state.step, state.images_seen = step + 1, state.images_seen + count
@@ -599,11 +636,12 @@ def _pretrain(cfg: PretrainConfig, dataset: Any, collate: Callable, storage: Sto
             due = True
         if evaluate is not None and due:
             whole = strategy.whole(teacher.backbone, teacher_backbone)
-            results = evaluate(whole, state.step) if strategy.is_main else {}
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the next step's draws began
+                results = evaluate(whole, state.step) if strategy.is_main else {}
             tracker.log_metrics(results, step=state.step, force=True)
             state.history.append({"step": state.step, "train_minutes": round(state.train_seconds / 60, 3),
                                   "images_seen": state.images_seen, **results})
-        state.bad_images = bad_images.summary()
+        state.bad_images = prepared.bad_images
         if state.step % cfg.checkpoint_every == 0 or state.step == last_step:
             data = checkpoint_bytes(student, teacher, objective, optimizer, state, cfg, strategy)
             if strategy.is_main:
@@ -614,6 +652,7 @@ def _pretrain(cfg: PretrainConfig, dataset: Any, collate: Callable, storage: Sto
             save_checkpoint(storage, cfg.out, data, state.step)
     if metrics:  # the last step's values, whatever the cadence
         tracker.log_metrics(metrics, step=state.step, force=True)
+    bad_images.restore(state.bad_images)  # a batch prepared for a step not run (a time limit) does not count
     bad_images.check(final=True)
     final: dict[str, float] = {}
     closing = final_evaluate or evaluate

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -355,3 +356,75 @@ def test_patch_targets_from_features_equal_targets_from_logits(centering: str) -
     torch.testing.assert_close(targets.probs(), explicit.targets(logits, explicit.ibot_center, 0.05),
                                rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(fused.ibot_center.center, explicit.ibot_center.center, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_while_waiting_runs_once_with_the_step_queued_before_its_losses_are_read(fused: bool) -> None:
+    """The loop's hook for preparing the next batch: called once, after the fused update and the
+    EMA are queued (on the default path, before the update, which waits for the read), and the
+    step's result is the one it has without the hook."""
+    cfg = config()
+    results, calls = [], []
+    for hook in (None, lambda: calls.append(not torch.equal(student.backbone.blocks[0].attn.qkv.weight, before))):
+        torch.manual_seed(0)
+        student, teacher = build_networks(cfg)
+        before = student.backbone.blocks[0].attn.qkv.weight.detach().clone()
+        optimizer = torch.optim.AdamW(param_groups(student, cfg), fused=fused or None)
+        sched = ScheduleValues(lr=1e-3, last_layer_lr=1e-3, weight_decay=0.04, teacher_momentum=0.9, teacher_temp=0.05)
+        torch.manual_seed(1)
+        batch = make_batch(images(), 0, cfg, MultiCrop(cfg.crops))
+        results.append(train_step(student, teacher, Objective(cfg), [batch], sched, optimizer, 3.0, while_waiting=hook))
+    assert calls == [fused]  # the weights had moved when it ran on the fused path only
+    assert results[0] == results[1]
+
+
+def test_an_evaluation_between_steps_leaves_the_training_draws_alone(tmp_path) -> None:
+    """The loop draws the next step's crops before evaluating (they are prepared in the step's
+    wait), so an evaluation that draws random numbers must not move the stream the next step's
+    stochastic depth reads: a run evaluated every step ends where an unevaluated one does."""
+    from trainer.data.datasets import collate_samples
+    from trainer.engine import pretrain
+    from trainer.models.hub import load_backbone
+
+    def evaluate(backbone, step: int) -> dict[str, float]:
+        return {"noise": torch.rand(1000).sum().item()}
+
+    ends = []
+    for name, every, fn in (("plain", 0, None), ("evaluated", 1, evaluate)):
+        cfg = config(f"out={tmp_path / name}", "max_steps=3", f"eval.every_steps={every}", "model.drop_path_rate=0.3",
+                     "data.max_bad_fraction=0.1")
+        summary = pretrain(cfg, _RandomImages(), collate_samples, Storage(), evaluate=fn)
+        ends.append(load_backbone(summary["backbone"], "safetensors").state_dict())
+    for key, value in ends[0].items():
+        torch.testing.assert_close(ends[1][key], value, rtol=0, atol=0, msg=key)
+
+
+class _SpoilingImages(torch.utils.data.Dataset):
+    """24 images; every one read after the first 16 (two batches of 8) is undecodable."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def __len__(self) -> int:
+        return 24
+
+    def __getitem__(self, index: int):
+        from trainer.data.datasets import Sample
+
+        self.reads += 1
+        image = (torch.rand(3, 28, 28, generator=torch.Generator().manual_seed(index)) * 255).to(torch.uint8)
+        return Sample(image=image if self.reads <= 16 else None, label=-1, key=f"img{index}")
+
+
+def test_a_bad_next_batch_stops_the_run_after_this_steps_checkpoint(tmp_path) -> None:
+    """Step 3's images are read while step 2 runs; they break the bad-image limit, and the run
+    stops where a step-by-step loop would: with step 2 trained and checkpointed, its tally clean."""
+    from trainer.data.datasets import collate_samples
+    from trainer.engine import pretrain
+
+    cfg = config(f"out={tmp_path / 'run'}", "max_steps=4", "checkpoint_every=1", "data.max_bad_fraction=0.1")
+    with pytest.raises(ValueError, match="8 of 24 images"):
+        pretrain(cfg, _SpoilingImages(), collate_samples, Storage())
+    checkpoint = load_latest_checkpoint(Storage(), cfg.out)
+    assert checkpoint["step"] == 2
+    assert json.loads(checkpoint["bad_images"]) == {"seen": 16, "bad": 0, "fraction": 0.0, "examples": []}

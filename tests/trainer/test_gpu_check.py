@@ -43,7 +43,9 @@ def test_cpu_smoke_writes_every_output_and_the_summary(tmp_path: Path) -> None:
         preparation = json.loads((out / f"{probe}.json").read_text())["batch_preparation"]
         assert preparation["img_per_s"] > 0 and preparation["step"].startswith("dinoflow")
         assert 0 < preparation["share"] < 1
+        assert preparation["loop_step"] == "dinoflow_compiled" and preparation["loop_img_per_s"] > 0
     assert summary.count("batch preparation (multi-crop, masks):") == 2
+    assert summary.count("dinoflow_compiled with the next batch prepared in its wait") == 2
     graphs = json.loads((out / "probe_small.json").read_text())["rows"][-1]
     assert graphs["cudagraph_skips"] > 0  # asked for CUDA graphs, which inductor declines on the CPU...
     assert "graphs without CUDA graphs |" in summary  # ...and the summary says so

@@ -89,6 +89,9 @@ def test_probe_mode_prints_both_rows_on_cpu(tmp_path: Path) -> None:
     assert abs(1 / preparation["end_to_end_img_per_s"] - (1 / preparation["img_per_s"] + 1 / step_ips)) < 1e-9
     assert abs(preparation["share"] - preparation["end_to_end_img_per_s"] / preparation["img_per_s"]) < 1e-9
     assert "batch preparation (multi-crop on cpu, masks on the host):" in done.stdout
+    # the eager row timed again as the loop runs it, the next batch prepared in each step's wait
+    assert preparation["loop_step"] == "dinoflow" and written["dinoflow"]["loop_img_per_s"] > 0
+    assert "dinoflow with the next batch prepared in its wait, as the loop runs:" in done.stdout
 
 
 def test_compile_needs_a_warm_up_step_and_the_probe_mode() -> None:
