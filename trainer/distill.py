@@ -40,6 +40,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 import torch
@@ -56,6 +57,7 @@ from trainer.engine import (
     CropBatch,
     EvalFn,
     Objective,
+    PreparedStep,
     SSLNetwork,
     TrainState,
     begin_step,
@@ -63,9 +65,12 @@ from trainer.engine import (
     build_backbone,
     checkpoint_bytes,
     ema_update,
+    finish_step,
     image_stream,
     load_latest_checkpoint,
     save_checkpoint,
+    settle,
+    streams_kept,
     training_autocast,
     with_kernel_choice,
 )
@@ -75,6 +80,7 @@ from trainer.models.heads import DINOHead
 from trainer.models.hub import load_backbone, save_backbone
 from trainer.models.vit import DinoVisionTransformer
 from trainer.schedules import ScheduleValues, schedule_values, total_steps
+from trainer.strategy import Strategy
 
 # -- networks ------------------------------------------------------------------------------
 
@@ -297,26 +303,24 @@ def distill_loss(student: Student, teacher: Teacher, objective: Objective, batch
 
 def distill_step(student: Student, student_ema: Teacher, teacher: Teacher, objective: Objective,
                  batch: CropBatch, sched: ScheduleValues, optimizer: torch.optim.Optimizer, cfg: DistillConfig,
-                 autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+                 autocast_dtype: torch.dtype | None = None,
+                 while_waiting: Callable[[], None] | None = None) -> dict[str, float]:
     """One optimiser step of the student, then the EMA update of ``student_ema``; the teacher is
-    only read. Returns the loss terms for logging."""
+    only read. Returns the loss terms for logging. Ends as pretraining's step does
+    (:func:`trainer.engine.finish_step`: one read of the losses, ``while_waiting`` just before)."""
     begin_step(optimizer, sched)
     device_type = batch.global_crops.device.type
     with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
         loss, terms = distill_loss(student, teacher, objective, batch, cfg, sched.teacher_temp)
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss is {loss.item()} ({ {k: v.item() for k, v in terms.items()} })")
     loss.backward()
-    if cfg.optim.clip_grad > 0:
-        for module in student.children():  # backbone, then heads or projectors: clipped one by one
-            nn.utils.clip_grad_norm_(module.parameters(), cfg.optim.clip_grad)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    if isinstance(student_ema, HeadlessNetwork):
-        ema_update(student_ema.backbone, student.backbone, sched.teacher_momentum)  # projectors: not released
+    losses = torch.stack([value.detach().float() for value in (*terms.values(), loss)])[None]  # one micro-batch
+    if isinstance(student_ema, HeadlessNetwork):  # projectors: not released
+        ema = functools.partial(ema_update, student_ema.backbone, student.backbone, sched.teacher_momentum)
     else:
-        ema_update(student_ema, student, sched.teacher_momentum)
-    return {**{k: v.item() for k, v in terms.items()}, "total": loss.item()}
+        ema = functools.partial(ema_update, student_ema, student, sched.teacher_momentum)
+    # backbone, then heads or projectors: clipped one by one
+    return finish_step(losses, [*terms, "total"], optimizer, list(student.children()), cfg.optim.clip_grad, ema,
+                       Strategy(), while_waiting)
 
 
 # -- the loop ------------------------------------------------------------------------------
@@ -379,26 +383,34 @@ def distill(
                    unit="step")
     stopped_early = False
     metrics: dict[str, float] = {}
+
+    def prepare(step: int) -> PreparedStep:
+        torch.manual_seed(cfg.seed * 1_000_003 + step)  # the engine's per-step stream (augmentation)
+        images = next_images()
+        global_crops, local_crops = multi_crop(images)
+        batch = CropBatch(global_crops, local_crops, torch.zeros(0, dtype=torch.bool, device=device),
+                          torch.zeros(0, dtype=torch.long, device=device))  # no masking
+        return PreparedStep([batch], len(images), bad_images.summary())
+
+    upcoming: Future[PreparedStep] | None = None  # the step's batch, prepared during the last step (as pretrain)
     for step in bar:
         if cfg.max_minutes and state.train_seconds > 60 * cfg.max_minutes:
             stopped_early = True
             break
         sched = schedule_values(step, cfg.optim, cfg.loss)
         tick = time.perf_counter()
-        torch.manual_seed(cfg.seed * 1_000_003 + step)  # the engine's per-step stream (augmentation)
-        images = next_images()
-        global_crops, local_crops = multi_crop(images)
-        batch = CropBatch(global_crops, local_crops, torch.zeros(0, dtype=torch.bool, device=device),
-                          torch.zeros(0, dtype=torch.long, device=device))  # no masking
+        prepared = upcoming.result() if upcoming is not None else prepare(step)
+        upcoming = Future() if step + 1 < last_step else None
         student.train()
-        losses = distill_step(student, student_ema, teacher_network, objective, batch, sched, optimizer, cfg,
-                              autocast_dtype)
+        losses = distill_step(student, student_ema, teacher_network, objective, prepared.micro_batches[0], sched,
+                              optimizer, cfg, autocast_dtype,
+                              functools.partial(settle, upcoming, prepare, step + 1) if upcoming else None)
         seconds = time.perf_counter() - tick
-        state.step, state.images_seen = step + 1, state.images_seen + len(images)
+        state.step, state.images_seen = step + 1, state.images_seen + prepared.images
         state.train_seconds += seconds
         metrics = {**{f"loss_{k}": v for k, v in losses.items()}, "lr": sched.lr, "weight_decay": sched.weight_decay,
                    "ema_momentum": sched.teacher_momentum, "teacher_temp": sched.teacher_temp,
-                   "images_per_second": len(images) / seconds}
+                   "images_per_second": prepared.images / seconds}
         tracker.log_metrics(metrics, step=state.step)
         bar.set_postfix(loss=f"{losses['total']:.3f}", img_s=f"{metrics['images_per_second']:.0f}")
         due = bool(cfg.eval.every_steps) and state.step % cfg.eval.every_steps == 0
@@ -406,11 +418,12 @@ def distill(
             marks.pop(0)
             due = True
         if evaluate is not None and due:
-            results = evaluate(student_ema.backbone, state.step)
+            with streams_kept(device):  # the next step's draws began (as pretrain)
+                results = evaluate(student_ema.backbone, state.step)
             tracker.log_metrics(results, step=state.step, force=True)
             state.history.append({"step": state.step, "train_minutes": round(state.train_seconds / 60, 3),
                                   "images_seen": state.images_seen, **results})
-        state.bad_images = bad_images.summary()
+        state.bad_images = prepared.bad_images
         if state.step % cfg.checkpoint_every == 0 or state.step == last_step:
             save_checkpoint(storage, cfg.out, checkpoint_bytes(student, student_ema, objective, optimizer, state, cfg),
                             state.step)
@@ -419,6 +432,7 @@ def distill(
                         state.step)
     if metrics:
         tracker.log_metrics(metrics, step=state.step, force=True)
+    bad_images.restore(state.bad_images)  # a batch prepared for a step not run (a time limit) does not count
     bad_images.check(final=True)
     if fingerprint(teacher_network) != teacher_hash:
         raise RuntimeError("the frozen teacher changed during distillation")

@@ -10,6 +10,7 @@ beyond the step.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
@@ -206,26 +207,38 @@ def train_step(
                 + weights.koleo_weight * terms["koleo"])
         strategy.backward(loss / len(micro_batches))
         values.append(torch.stack([value.detach().float() for value in (*terms.values(), loss)]))
-    # The step's one wait for the GPU: reading the loss terms. A fused AdamW in one process skips a
-    # non-finite step on the device (its ``found_inf``), so there the read comes after the update and
-    # the EMA are queued, and the lead the host built during the backward covers their launches;
-    # elsewhere it comes before the weights change.
     losses = torch.stack(values)  # (micro-batches, terms + total)
-    names = [*terms, "total"]
+    modules = [m for m in (student.backbone, student.dino_head, student.ibot_head) if m is not None]
+    ema = functools.partial(ema_update, teacher, student, sched.teacher_momentum)
+    return strategy.mean(finish_step(losses, [*terms, "total"], optimizer, modules, clip_grad, ema, strategy,
+                                     while_waiting))
+
+
+def finish_step(losses: Tensor, names: list[str], optimizer: torch.optim.Optimizer, modules: list[nn.Module],
+                clip_grad: float, ema: Callable[[], None], strategy: Strategy,
+                while_waiting: Callable[[], None] | None = None) -> dict[str, float]:
+    """The end of a training step once its backward is queued: each of ``modules``' gradients
+    clipped to norm ``clip_grad`` (if positive), the optimiser step, ``ema()``, and the loss terms
+    ``(micro-batches, names)`` averaged and read on the host, ``while_waiting()`` just before.
+
+    Why one read, and where: it is the step's one wait for the GPU. A fused AdamW in one process
+    skips a non-finite step on the device (its ``found_inf``), so there the read comes after the
+    update and the EMA are queued, and the lead the host built during the backward covers their
+    launches; elsewhere it comes before the weights change. Either way a non-finite loss raises
+    ``FloatingPointError`` with every weight as it was."""
     skip_on_device = type(strategy) is Strategy and bool(optimizer.param_groups[0].get("fused"))
     if not skip_on_device:
         totals = _read_losses(losses, names, while_waiting)
     if clip_grad > 0:
-        for module in (student.backbone, student.dino_head, student.ibot_head):
-            if module is not None:
-                strategy.clip_grad_norm_(module.parameters(), clip_grad)
+        for module in modules:
+            strategy.clip_grad_norm_(module.parameters(), clip_grad)
     if skip_on_device:
         optimizer.found_inf = (~losses.isfinite().all()).float()  # 1: the fused kernel leaves every weight as it is
     strategy.step(optimizer)
-    ema_update(teacher, student, sched.teacher_momentum)
+    ema()
     if skip_on_device:
         totals = _read_losses(losses, names, while_waiting)  # a non-finite step raises here, the student unchanged
-    return strategy.mean(totals)
+    return totals
 
 
 def begin_step(optimizer: torch.optim.Optimizer, sched: ScheduleValues) -> None:
@@ -393,7 +406,7 @@ class PreparedStep:
     bad_images: dict[str, Any]
 
 
-def _settle(future: Future[Any], make: Callable[[int], Any], step: int) -> None:
+def settle(future: Future[Any], make: Callable[[int], Any], step: int) -> None:
     """``make(step)``'s result or exception into ``future``: raised where the result is used, so
     that an error in preparing the next step (a data set with too many bad images) stops the run
     where a step-by-step loop would, after this step's checkpoint."""
@@ -401,6 +414,14 @@ def _settle(future: Future[Any], make: Callable[[int], Any], step: int) -> None:
         future.set_result(make(step))
     except Exception as error:  # noqa: BLE001 - handed over whole, raised by future.result()
         future.set_exception(error)
+
+
+def streams_kept(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """A block after which torch's random streams (the CPU's, and ``device``'s on CUDA) are as
+    they were before it. Why: the loop draws the next step's crops in the step's wait, before an
+    evaluation runs, so one drawing random numbers would otherwise move the stream the next step's
+    stochastic depth reads."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 def to_device_async(tensor: Tensor, device: torch.device) -> Tensor:
@@ -619,7 +640,7 @@ def _pretrain(cfg: PretrainConfig, dataset: Any, collate: Callable, storage: Sto
         student.train()
         losses = train_step(student, teacher, objective, prepared.micro_batches, sched, optimizer, cfg.optim.clip_grad,
                             autocast_dtype, strategy,
-                            while_waiting=functools.partial(_settle, upcoming, prepare, step + 1) if upcoming else None)
+                            while_waiting=functools.partial(settle, upcoming, prepare, step + 1) if upcoming else None)
         count = prepared.images * strategy.world_size
         # one clock for all ranks, so that time-based stops and evaluations happen on all at once
         seconds = strategy.mean({"seconds": time.perf_counter() - tick})["seconds"]
@@ -636,7 +657,7 @@ def _pretrain(cfg: PretrainConfig, dataset: Any, collate: Callable, storage: Sto
             due = True
         if evaluate is not None and due:
             whole = strategy.whole(teacher.backbone, teacher_backbone)
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the next step's draws began
+            with streams_kept(device):  # the next step's draws began
                 results = evaluate(whole, state.step) if strategy.is_main else {}
             tracker.log_metrics(results, step=state.step, force=True)
             state.history.append({"step": state.step, "train_minutes": round(state.train_seconds / 60, 3),

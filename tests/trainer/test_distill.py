@@ -280,3 +280,33 @@ def test_cli_distills(teacher_run: Path, tmp_path: Path, monkeypatch: pytest.Mon
 
     bad = CliRunner().invoke(app, ["distill", "--teacher", str(tmp_path / "nothing"), f"out={tmp_path / 'x'}"])
     assert bad.exit_code == 2 and "holds no checkpoints" in bad.output
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_non_finite_distillation_step_halts_with_the_student_unchanged(teacher_run: Path, tmp_path: Path,
+                                                                        storage: Storage, dataset,
+                                                                        fused: bool) -> None:
+    """The distillation step ends as pretraining's (one read of the losses): a non-finite loss
+    raises naming its terms, with the student as it was, read before the update or (fused AdamW)
+    after the kernel skipped it; ``while_waiting`` still runs once, before the read."""
+    from trainer.distill import distill_step
+    from trainer.engine import build_adamw
+    from trainer.schedules import ScheduleValues
+
+    cfg = student_config(teacher_run, tmp_path, "distill.objective=heads", f"optim.fused_adamw={'on' if fused else 'off'}")
+    teacher, _ = load_teacher(cfg, storage)
+    student, student_ema = build_student(cfg)
+    with torch.no_grad():
+        student.dino_head.mlp[0].weight.fill_(float("nan"))
+    before = copy.deepcopy(student.state_dict())
+    optimizer = build_adamw(student, cfg, torch.device("cpu"))
+    sched = ScheduleValues(lr=1e-3, last_layer_lr=1e-3, weight_decay=0.04, teacher_momentum=0.9, teacher_temp=0.05)
+    calls = []
+    with pytest.raises(FloatingPointError, match=r"loss is nan \(\{'dino': nan"):
+        distill_step(student, student_ema, teacher, Objective(cfg), fixed_batch(cfg, dataset), sched, optimizer, cfg,
+                     while_waiting=lambda: calls.append(1))
+    assert calls == [1]
+    for key, value in student.state_dict().items():
+        assert torch.equal(value, before[key]) or key == "dino_head.mlp.0.weight", key
+    if fused:  # the skipped step is not counted either
+        assert all(float(state["step"]) == 0 for state in optimizer.state.values())
