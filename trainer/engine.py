@@ -296,7 +296,7 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     """``teacher <- m * teacher + (1 - m) * student`` for every parameter; on sharded networks,
     on this rank's shards only (student and teacher are sharded alike)."""
     teacher_params = [local_tensor(p) for p in teacher.parameters()]
-    student_params = [local_tensor(p).detach() for p in student.parameters()]
+    student_params = [local_tensor(p) for p in student.parameters()]
     torch._foreach_lerp_(teacher_params, student_params, 1 - momentum)  # one pass: t + (1 - m)(s - t)
 
 
