@@ -656,8 +656,8 @@ def _pretrain(cfg: PretrainConfig, dataset: Any, collate: Callable, storage: Sto
             marks.pop(0)
             due = True
         if evaluate is not None and due:
-            whole = strategy.whole(teacher.backbone, teacher_backbone)
-            with streams_kept(device):  # the next step's draws began
+            with streams_kept(device):  # the next step's draws began (and a sharded teacher's gather builds a network)
+                whole = strategy.whole(teacher.backbone, teacher_backbone)
                 results = evaluate(whole, state.step) if strategy.is_main else {}
             tracker.log_metrics(results, step=state.step, force=True)
             state.history.append({"step": state.step, "train_minutes": round(state.train_seconds / 60, 3),
