@@ -36,6 +36,7 @@ from dinoflow.config import PretrainConfig, load_config
 from dinoflow.storage import Storage
 from trainer.data.masking import sample_crop_masks
 from trainer.engine import CropBatch, Objective, build_adamw, build_networks, train_step
+from trainer.losses import masked_positions
 from trainer.models.compile import is_compiled
 from trainer.schedules import schedule_values
 
@@ -61,16 +62,17 @@ def recipe(args: argparse.Namespace, compiled: bool) -> PretrainConfig:
 
 
 def synthetic_batch(cfg: PretrainConfig) -> CropBatch:
-    """Random crops and the recipe's masks, on the CPU, fixed by ``cfg.seed``."""
+    """Random crops and the recipe's masks, their index padded as in training, on the CPU, fixed by
+    ``cfg.seed``."""
     batch, crops = cfg.optim.batch_size, cfg.crops
     generator = torch.Generator().manual_seed(cfg.seed)
     grid = crops.global_crop_size // cfg.model.patch_size
-    masks, _ = sample_crop_masks(2 * batch, grid, grid, np.random.default_rng(cfg.seed), cfg.loss.mask_probability,
-                                 (cfg.loss.mask_ratio_min, cfg.loss.mask_ratio_max))
+    masks, bound = sample_crop_masks(2 * batch, grid, grid, np.random.default_rng(cfg.seed),
+                                     cfg.loss.mask_probability, (cfg.loss.mask_ratio_min, cfg.loss.mask_ratio_max))
     return CropBatch(
         torch.randn(2, batch, 3, crops.global_crop_size, crops.global_crop_size, generator=generator),
         torch.randn(crops.num_local_crops, batch, 3, crops.local_crop_size, crops.local_crop_size, generator=generator),
-        masks)
+        masks, masked_positions(masks, bound))
 
 
 def to_device(batch: CropBatch, device: torch.device) -> CropBatch:

@@ -33,7 +33,7 @@ from dinoflow.storage import Storage, join_uri
 from dinoflow.tracking import NullTracker, Tracker
 from trainer.data.augment import MultiCrop
 from trainer.data.datasets import BadImageTracker
-from trainer.data.masking import sample_crop_masks
+from trainer.data.masking import masked_patch_bound, sample_crop_masks
 from trainer.losses import (
     AllReduce,
     DINOLoss,
@@ -138,30 +138,38 @@ class Objective(nn.Module):
         center.update(logits, self.all_reduce)
         return probs
 
-    def patch_targets(self, features: Tensor, prototypes: Tensor, temp: float) -> Targets:
+    def patch_targets(self, features: Tensor, prototypes: Tensor, temp: float, valid: Tensor | None = None) -> Targets:
         """The iBOT teacher targets of the teacher head's bottleneck ``features`` ``(M, d)`` and
         ``prototypes`` ``(K, d)`` (the head calls this: ``DINOHead.forward(x, fused=...)``):
         Sinkhorn-Knopp's probabilities, or for softmax centring the features, prototypes and the
         centre before this step's update, their logits and softmax left to the fused loss; the centre
-        moves by the logits' column sums, ``(sum_r f_r) W^T``, without writing the logits."""
+        moves by the logits' column sums, ``(sum_r f_r) W^T``, without writing the logits. Only the
+        ``valid`` ``(M,)`` rows (all by default) count: the others pad the masked patches to a fixed
+        count (:func:`masked_positions`) and carry no weight in the loss."""
         if self.cfg.centering == "sinkhorn_knopp":
             logits = F.linear(features, prototypes)  # under the step's autocast, as the head's own product
-            return Targets(self.sinkhorn_knopp(logits, temp, all_reduce=self.all_reduce))
+            return Targets(self.sinkhorn_knopp(logits, temp, all_reduce=self.all_reduce, valid=valid))
         targets = Targets(features, prototypes, self.ibot_center.center.clone(), temp)
         with torch.autocast(features.device.type, enabled=False):
-            total = features.float().sum(dim=0, keepdim=True) @ prototypes.float().T  # (1, K)
-        self.ibot_center.update_with_sum(total, features.shape[0], self.all_reduce)
+            kept = features.float() if valid is None else torch.where(valid.unsqueeze(1), features.float(), 0.0)
+            total = kept.sum(dim=0, keepdim=True) @ prototypes.float().T  # (1, K)
+        self.ibot_center.update_with_sum(total, features.shape[0] if valid is None else valid.sum(), self.all_reduce)
         return targets
 
 
 @dataclass
 class CropBatch:
     """One micro-batch: crops ``(2, B, 3, G, G)`` / ``(L, B, 3, l, l)``, masks ``(2B, N)``, and
-    ``mask_index`` ``(M,)``: the masked patches' positions in ``masks.flatten()``, in order.
+    ``mask_index`` ``(M,)``: the masked patches' positions in ``masks.flatten()``, in order, then
+    (from :func:`make_batch`) an unmasked patch's position up to the recipe's fixed ``M``.
 
     Why the index: selecting the masked patches with it (``tokens.flatten(0, 1)[mask_index]``)
     has a size known on the host; a boolean mask's selection must wait for the GPU to count its
-    ``True``s. Built with the masks on the host it costs nothing; left out, it is derived here.
+    ``True``s. Why padded: the same ``M`` every step (:func:`~trainer.data.masking.masked_patch_bound`)
+    gives the iBOT heads and losses static shapes, so compiled code and CUDA graphs are built once,
+    not again for each count; the padding rows (``masks.flatten()[mask_index]`` False) get no weight
+    and no target mass. Built with the masks on the host it costs nothing; left out, it is derived
+    here, unpadded.
     """
 
     global_crops: Tensor
@@ -269,13 +277,14 @@ def _loss_terms(student: SSLNetwork, teacher: SSLNetwork, objective: Objective, 
     globals_ = batch.global_crops.flatten(0, 1)  # (2B, 3, G, G), crop-major
     locals_ = batch.local_crops.flatten(0, 1)  # (LB, 3, l, l)
     masks, index = batch.masks, batch.mask_index  # (2B, N), (M,)
+    valid = masks.flatten()[index]  # (M,): False on the rows padding the index to a fixed count
     num_images = batch.global_crops.shape[1]
     with torch.no_grad():
         seen = teacher.backbone.forward_features(globals_)
         teacher_cls = objective.targets(teacher.dino_head(seen["x_norm_clstoken"]), objective.dino_center,
                                         teacher_temp)  # (2B, K)
-        teacher_patch = teacher.patch_head(seen["x_norm_patchtokens"].flatten(0, 1)[index],
-                                           fused=functools.partial(objective.patch_targets, temp=teacher_temp))  # (M, K)
+        teacher_patch = teacher.patch_head(seen["x_norm_patchtokens"].flatten(0, 1)[index], fused=functools.partial(
+            objective.patch_targets, temp=teacher_temp, valid=valid))  # (M, K)
     groups = [globals_] + ([locals_] if len(locals_) else [])
     outputs = student.backbone.forward_features_list(groups, [masks] + [None] * (len(groups) - 1))
     global_cls = outputs[0]["x_norm_clstoken"]  # (2B, D)
@@ -378,19 +387,19 @@ def make_batch(images: Tensor, step: int, cfg: PretrainConfig, multi_crop: Multi
     """Crops and masks for uint8 images; random draws are seeded from ``(seed, step)``.
 
     Under ``strategy`` the masks are drawn for the global batch (every rank draws the same) and
-    this rank keeps its images' rows, so masking does not depend on how the batch is split.
+    this rank keeps its images' rows, so masking does not depend on how the batch is split. The
+    masked patches' index is padded to the most this rank's crops can hold (:class:`CropBatch`).
     """
     strategy = strategy or Strategy()
     global_crops, local_crops = multi_crop(images)
     grid = global_crops.shape[-1] // cfg.model.patch_size
     rng = np.random.default_rng([cfg.seed, step])
     global_images = len(images) * strategy.world_size
-    masks, _ = sample_crop_masks(
-        2 * global_images, grid, grid, rng, cfg.loss.mask_probability,
-        (cfg.loss.mask_ratio_min, cfg.loss.mask_ratio_max),
-    )
+    ratios = (cfg.loss.mask_ratio_min, cfg.loss.mask_ratio_max)
+    masks, _ = sample_crop_masks(2 * global_images, grid, grid, rng, cfg.loss.mask_probability, ratios)
     masks = masks.view(2, global_images, -1)[:, strategy.rank_slice(global_images)].flatten(0, 1)  # (2B, N)
-    index = masked_positions(masks)  # on the host: no wait for the GPU
+    rows = masked_patch_bound(2 * global_images, grid * grid, cfg.loss.mask_probability, ratios, kept=len(masks))
+    index = masked_positions(masks, rows)  # on the host: no wait for the GPU
     return CropBatch(global_crops, local_crops, to_device_async(masks, images.device),
                      to_device_async(index, images.device))
 

@@ -51,10 +51,20 @@ def no_reduce(tensor: Tensor) -> Tensor:
     return tensor
 
 
-def masked_positions(masks: Tensor) -> Tensor:
+def masked_positions(masks: Tensor, rows: int | None = None) -> Tensor:
     """``(M,)`` positions of the ``True`` entries of ``masks`` in ``masks.flatten()``, in order
-    (``x.flatten(0, 1)[positions]`` selects what ``x[masks]`` selects)."""
-    return masks.flatten().nonzero().squeeze(1)
+    (``x.flatten(0, 1)[positions]`` selects what ``x[masks]`` selects); with ``rows``, padded to
+    that many with the position of an unmasked patch, so that ``masks.flatten()[positions]`` is
+    False exactly on the padding (the losses give those rows no weight and no target mass)."""
+    flat = masks.flatten()
+    positions = flat.nonzero().squeeze(1)
+    if rows is None or rows == len(positions):
+        return positions
+    if rows < len(positions) or len(positions) == len(flat):
+        raise ValueError(f"cannot pad the {len(positions)} masked of {len(flat)} patches to {rows} rows: allowed "
+                         f"are at least as many as are masked, with an unmasked patch to pad with")
+    unmasked = flat.to(torch.uint8).argmin()  # the first unmasked patch
+    return torch.cat([positions, unmasked.expand(rows - len(positions))])
 
 
 def centered_softmax(teacher_logits: Tensor, center: Tensor, teacher_temp: float) -> Tensor:
@@ -240,7 +250,8 @@ class IBOTPatchLoss(nn.Module):
                 f"{targets.shape} for {prototypes.shape[0]} prototypes"
             )
         per_crop = masks.sum(dim=1).clamp(min=1)  # (C,)
-        weights = 1.0 / per_crop[index // masks.shape[1]] / masks.shape[0]  # (M,): 1 / (C x masked in its crop)
+        valid = masks.flatten()[index]  # (M,): False on rows padding the index (masked_positions' rows)
+        weights = valid / per_crop[index // masks.shape[1]] / masks.shape[0]  # (M,): 1 / (C x masked in its crop)
         return prototype_cross_entropy(features, prototypes, targets, weights, self.student_temp, self.tail)
 
 
@@ -293,11 +304,13 @@ class SoftmaxCentering(nn.Module):
         self.update_with_sum(flat.sum(dim=0, keepdim=True, dtype=torch.float32), flat.shape[0], all_reduce)  # no fp32 copy
 
     @torch.no_grad()
-    def update_with_sum(self, total: Tensor, rows: int, all_reduce: AllReduce = no_reduce) -> None:
+    def update_with_sum(self, total: Tensor, rows: int | Tensor, all_reduce: AllReduce = no_reduce) -> None:
         """:meth:`update` from this rank's column sums ``(1, K)`` of its ``rows`` teacher logits (for
-        logits never written whole: ``sum_r f_r W^T = (sum_r f_r) W^T``). No rows on any rank (a
-        step with no masked patch) leave the centre as it is, decided on the device."""
-        count = all_reduce(torch.full((), float(rows), device=total.device))  # a fill, not a copy
+        logits never written whole: ``sum_r f_r W^T = (sum_r f_r) W^T``; ``rows`` a device scalar when
+        only the device knows it). No rows on any rank (a step with no masked patch) leave the centre
+        as it is, decided on the device."""
+        count = all_reduce(rows.float() if isinstance(rows, Tensor)
+                           else torch.full((), float(rows), device=total.device))  # a fill, not a copy
         moved = self.center * self.momentum + all_reduce(total.float()) / count.clamp(min=1) * (1 - self.momentum)
         self.center.copy_(torch.where(count > 0, moved, self.center))
 
@@ -363,7 +376,8 @@ class PatchFeatureLoss(nn.Module):
 
 @torch.no_grad()
 def sinkhorn_knopp(
-    teacher_logits: Tensor, teacher_temp: float, iterations: int = 3, all_reduce: AllReduce = no_reduce
+    teacher_logits: Tensor, teacher_temp: float, iterations: int = 3, all_reduce: AllReduce = no_reduce,
+    valid: Tensor | None = None,
 ) -> Tensor:
     """Teacher targets by Sinkhorn-Knopp: an (approximately) equipartitioned soft assignment.
 
@@ -371,13 +385,20 @@ def sinkhorn_knopp(
     sums to ``1/K`` and each sample column to ``1/B_total``; after the final column step each
     sample's column is rescaled to sum 1. ``B_total`` counts rows on all ranks (for iBOT, the
     masked patches). The logits are assumed bounded (weight-normalised head), as in the original.
-    Input ``(B, K)``; output ``(B, K)`` with rows summing to 1.
+    Input ``(B, K)``; output ``(B, K)`` with rows summing to 1. ``valid`` ``(B,)`` bool: only those
+    rows take part (the rows padding the masked patches to a fixed count are left out of every sum
+    and get zero targets), so the result on the valid rows is that of the valid rows alone.
     """
     q = torch.exp(teacher_logits.float() / teacher_temp).T  # (K, B)
     num_prototypes = q.shape[0]
-    num_samples = all_reduce(torch.full((), float(q.shape[1]), device=q.device))  # a fill, not a copy
-    q = q / all_reduce(q.sum())
+    if valid is None:
+        num_samples = all_reduce(torch.full((), float(q.shape[1]), device=q.device))  # a fill, not a copy
+    else:
+        q = torch.where(valid, q, 0.0)
+        num_samples = all_reduce(valid.sum().float())
+    tiny = torch.finfo(torch.float32).tiny  # 0 / tiny = 0 where there are no rows (padding, a rank without any)
+    q = q / all_reduce(q.sum()).clamp(min=tiny)
     for _ in range(iterations):
-        q = q / all_reduce(q.sum(dim=1, keepdim=True)) / num_prototypes  # rows -> 1/K
-        q = q / q.sum(dim=0, keepdim=True) / num_samples  # columns -> 1/B_total
+        q = q / all_reduce(q.sum(dim=1, keepdim=True)).clamp(min=tiny) / num_prototypes  # rows -> 1/K
+        q = q / q.sum(dim=0, keepdim=True).clamp(min=tiny) / num_samples.clamp(min=1)  # columns -> 1/B_total
     return (q * num_samples).T

@@ -26,6 +26,7 @@ import torch
 
 from dinoflow.config import PretrainConfig, load_config
 from trainer.data.augment import MultiCrop
+from trainer.data.masking import masked_patch_bound
 from trainer.engine import (
     CropBatch,
     Objective,
@@ -37,6 +38,7 @@ from trainer.engine import (
     train_step,
     with_kernel_choice,
 )
+from trainer.losses import masked_positions
 from trainer.schedules import ScheduleValues
 from trainer.strategy import build_strategy
 
@@ -77,8 +79,12 @@ def main(out: str, global_batch: int, steps: int, args: list[str]) -> None:
         batches = []
         for index in range(step * micro, (step + 1) * micro):
             full = make_batch(global_images(index, global_batch // micro), index, cfg, multi_crop)
-            batches.append(CropBatch(full.global_crops[:, mine], full.local_crops[:, mine],
-                                     full.masks.view(2, global_batch // micro, -1)[:, mine].flatten(0, 1)))
+            masks = full.masks.view(2, global_batch // micro, -1)[:, mine].flatten(0, 1)
+            # padded as make_batch pads a rank's share: the most its crops can hold, padding left out
+            rows = masked_patch_bound(len(full.masks), masks.shape[1], cfg.loss.mask_probability,
+                                      (cfg.loss.mask_ratio_min, cfg.loss.mask_ratio_max), kept=len(masks))
+            batches.append(CropBatch(full.global_crops[:, mine], full.local_crops[:, mine], masks,
+                                     masked_positions(masks, rows)))
         student.train()
         history.append(train_step(student, teacher, objective, batches, sched, optimizer, cfg.optim.clip_grad,
                                   strategy=strategy))

@@ -11,7 +11,9 @@ import torch
 from dinoflow.config import PretrainConfig, load_config
 from dinoflow.storage import Storage
 from trainer.data.augment import MultiCrop
+from trainer.data.masking import masked_patch_bound
 from trainer.engine import (
+    CropBatch,
     Objective,
     ResumableBatches,
     build_adamw,
@@ -143,13 +145,49 @@ def test_nan_loss_halts_with_a_clear_error(fused: bool) -> None:
         assert all(float(state["step"]) == 0 for state in optimizer.state.values())
 
 
-def test_a_batch_indexes_its_masked_patches_in_mask_order() -> None:
-    """``CropBatch.mask_index`` (built on the host) selects what the boolean masks select."""
+def test_a_batch_indexes_its_masked_patches_in_mask_order_padded_to_a_fixed_count() -> None:
+    """``CropBatch.mask_index`` (built on the host) selects what the boolean masks select, then
+    pads to the same length every step: the recipe's bound on the masked patches."""
     cfg = config()
-    batch = make_batch(images(), 3, cfg, MultiCrop(cfg.crops))
-    tokens = torch.randn(*batch.masks.shape, 5)
-    assert len(batch.mask_index) > 0
-    assert torch.equal(tokens.flatten(0, 1)[batch.mask_index], tokens[batch.masks])
+    grid = cfg.crops.global_crop_size // cfg.model.patch_size
+    bound = masked_patch_bound(16, grid * grid, cfg.loss.mask_probability,
+                               (cfg.loss.mask_ratio_min, cfg.loss.mask_ratio_max))
+    for step in range(4):
+        batch = make_batch(images(), step, cfg, MultiCrop(cfg.crops))
+        tokens = torch.randn(*batch.masks.shape, 5)
+        masked = int(batch.masks.sum())
+        assert 0 < masked <= len(batch.mask_index) == bound
+        assert torch.equal(tokens.flatten(0, 1)[batch.mask_index[:masked]], tokens[batch.masks])
+        assert not batch.masks.flatten()[batch.mask_index[masked:]].any()
+
+
+@pytest.mark.parametrize("centering", ["softmax", "sinkhorn_knopp"])
+def test_padding_the_masked_patches_changes_no_loss_and_no_weight(centering: str) -> None:
+    """Two steps on a padded batch and on the same batch unpadded (``mask_index`` derived from the
+    masks) give the same loss terms, centres and weights: padding rows count nowhere."""
+    cfg = config(f"loss.centering={centering}")
+    sched = ScheduleValues(lr=1e-3, last_layer_lr=1e-3, weight_decay=0.04, teacher_momentum=0.9, teacher_temp=0.05)
+    runs = []
+    for padded in (True, False):
+        torch.manual_seed(0)
+        student, teacher = build_networks(cfg)
+        objective = Objective(cfg)
+        optimizer = build_adamw(student, cfg, torch.device("cpu"))
+        losses = []
+        for step in range(2):
+            torch.manual_seed(step)  # the same crops and drop-path draws in both runs
+            batch = make_batch(images(), step, cfg, MultiCrop(cfg.crops))
+            assert len(batch.mask_index) > int(batch.masks.sum())  # there is padding to ignore
+            if not padded:
+                batch = CropBatch(batch.global_crops, batch.local_crops, batch.masks)
+            losses.append(train_step(student, teacher, objective, [batch], sched, optimizer, clip_grad=3.0))
+        runs.append((student, objective, losses))
+    (student, objective, losses), (plain_student, plain_objective, plain_losses) = runs
+    for a, b in zip(losses, plain_losses):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(objective.state_dict(), plain_objective.state_dict())
+    for (name, a), b in zip(student.named_parameters(), plain_student.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
 
 
 def test_fused_adamw_trains_like_the_default_one() -> None:

@@ -17,6 +17,7 @@ from trainer.losses import (
     SoftmaxCentering,
     Targets,
     cosine_distance,
+    masked_positions,
     prototype_cross_entropy,
     sinkhorn_knopp,
 )
@@ -76,6 +77,51 @@ def test_ibot_loss_weights_patches_per_crop() -> None:
         IBOTPatchLoss()(features[:-1], weight, Targets(teacher[:-1]), masks)
     with pytest.raises(ValueError, match=f"{count - 1} masked patches"):
         IBOTPatchLoss()(features, weight, targets, masks, index[:-1])
+
+
+def test_masked_positions_pad_with_an_unmasked_patch() -> None:
+    """Padded to a fixed row count, the index starts with the masked positions in order and
+    continues with an unmasked patch, so that the masks read at the index tell the padding."""
+    torch.manual_seed(1)
+    masks = torch.rand(4, 9) < 0.4
+    plain = masked_positions(masks)
+    assert torch.equal(plain, torch.tensor([i for i, m in enumerate(masks.flatten().tolist()) if m]))
+    padded = masked_positions(masks, len(plain) + 5)
+    assert len(padded) == len(plain) + 5 and torch.equal(padded[: len(plain)], plain)
+    assert torch.equal(masks.flatten()[padded], torch.arange(len(padded)) < len(plain))
+    assert torch.equal(masked_positions(masks, len(plain)), plain)
+    with pytest.raises(ValueError, match=f"cannot pad the {len(plain)} masked of 36 patches to {len(plain) - 1}"):
+        masked_positions(masks, len(plain) - 1)
+    with pytest.raises(ValueError, match="unmasked patch to pad with"):
+        masked_positions(torch.ones(2, 3, dtype=torch.bool), 7)
+
+
+@pytest.mark.parametrize("centred", [False, True])
+def test_ibot_loss_gives_padding_rows_no_weight(centred: bool) -> None:
+    """The loss and the gradients of the tokens and prototypes are those of the masked patches
+    alone when the index is padded (the padding rows are real, unmasked tokens with targets)."""
+    torch.manual_seed(2)
+    crops, patches, prototypes, width = 4, 12, 20, 6
+    masks = torch.rand(crops, patches) < 0.3
+    tokens = torch.randn(crops * patches, width)
+    teacher = torch.randn(crops * patches, prototypes).softmax(-1)
+    teacher_features = torch.randn(crops * patches, width)
+
+    def run(index: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x, w = tokens.clone().requires_grad_(), torch.randn(prototypes, width, generator=torch.Generator().manual_seed(3))
+        w.requires_grad_()
+        targets = (Targets(teacher_features[index], w.detach(), torch.randn(1, prototypes), 0.05) if centred
+                   else Targets(teacher[index]))
+        loss = IBOTPatchLoss(0.1)(x[index], w, targets, masks, index)
+        loss.backward()
+        return loss.detach(), x.grad, w.grad
+
+    plain = masked_positions(masks)
+    torch.manual_seed(4)
+    expected = run(plain)
+    torch.manual_seed(4)
+    for got, want in zip(run(masked_positions(masks, len(plain) + 7)), expected):
+        torch.testing.assert_close(got, want)
 
 
 def explicit_prototype_loss(features: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -218,6 +264,19 @@ def test_sinkhorn_targets() -> None:
     assert (balanced.sum(0) - 2.5).abs().max() < (plain - 2.5).abs().max()
 
 
+def test_sinkhorn_leaves_out_rows_not_valid() -> None:
+    """With ``valid``, the targets of the valid rows are Sinkhorn-Knopp's of those rows alone, the
+    others zero; no valid row at all gives zeros, not NaN (a rank or step without masked patches)."""
+    torch.manual_seed(5)
+    logits = torch.randn(30, 12).clamp(-1, 1)
+    valid = torch.rand(30) < 0.6
+    targets = sinkhorn_knopp(logits, teacher_temp=0.05, valid=valid)
+    torch.testing.assert_close(targets[valid], sinkhorn_knopp(logits[valid], teacher_temp=0.05))
+    assert torch.equal(targets[~valid], torch.zeros(int((~valid).sum()), 12))
+    none = sinkhorn_knopp(logits, teacher_temp=0.05, valid=torch.zeros(30, dtype=torch.bool))
+    assert torch.equal(none, torch.zeros(30, 12))
+
+
 def test_sinkhorn_runs_in_fp32_on_half_inputs() -> None:
     targets = sinkhorn_knopp(torch.randn(8, 10).half(), teacher_temp=0.04)
     assert targets.dtype == torch.float32 and torch.isfinite(targets).all()
@@ -273,3 +332,7 @@ def test_centre_moves_by_column_sums_and_not_without_rows() -> None:
     before = from_sums.center.clone()
     from_sums.update(torch.randn(0, 10))
     assert torch.equal(from_sums.center, before)
+    from_sums.update_with_sum(torch.zeros(1, 10), torch.tensor(0))  # a count only the device knows
+    assert torch.equal(from_sums.center, before)
+    from_sums.update_with_sum(logits.sum(dim=0, keepdim=True), torch.tensor(6))
+    torch.testing.assert_close(from_sums.center, 0.9 * before + 0.1 * logits.mean(dim=0, keepdim=True))

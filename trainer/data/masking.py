@@ -95,6 +95,32 @@ def _uniforms(rng: np.random.Generator) -> Callable[[], float]:
     return uniform
 
 
+def _ratio_bins(num_crops: int, mask_probability: float, ratio_range: tuple[float, float]) -> np.ndarray:
+    """The edges of the masked crops' ratio bins (``int(num_crops * mask_probability)`` of them),
+    after checking the arguments."""
+    if not 0.0 <= mask_probability <= 1.0:
+        raise ValueError(f"mask_probability must be in [0, 1], got {mask_probability}")
+    low, high = ratio_range
+    if not 0.0 <= low <= high <= 1.0:
+        raise ValueError(f"ratio_range must satisfy 0 <= low <= high <= 1, got {ratio_range}")
+    return np.linspace(low, high, int(num_crops * mask_probability) + 1)
+
+
+def masked_patch_bound(num_crops: int, patches: int, mask_probability: float = 0.5,
+                       ratio_range: tuple[float, float] = (0.1, 0.5), kept: int | None = None) -> int:
+    """The most patches :func:`sample_crop_masks` (same arguments) can mask in any ``kept`` of its
+    ``num_crops`` crops (all by default): the sum of the ``kept`` largest per-crop bounds
+    ``int(patches x bin top)``, whichever crops the shuffle puts there.
+
+    Why: it is a fixed row count for the masked patches of every step (static shapes for compiled
+    and graph-captured code); with every crop kept it is the batch's total, about 1 % above what
+    is drawn; a rank keeping its share of a global batch's crops gets a looser bound, as any of
+    them may be the most masked."""
+    bins = _ratio_bins(num_crops, mask_probability, ratio_range)
+    per_crop = sorted((int(patches * top) for top in bins[1:]), reverse=True)
+    return sum(per_crop[:num_crops if kept is None else kept])
+
+
 def sample_crop_masks(
     num_crops: int,
     rows: int,
@@ -105,22 +131,12 @@ def sample_crop_masks(
     max_ratio_per_block: float = 0.5,
 ) -> tuple[torch.Tensor, int]:
     """Masks for the global crops of a batch: ``(num_crops, rows * cols)`` bool, and the upper
-    bound on the number of masked patches (for fixed-size buffers)."""
-    if not 0.0 <= mask_probability <= 1.0:
-        raise ValueError(f"mask_probability must be in [0, 1], got {mask_probability}")
-    low, high = ratio_range
-    if not 0.0 <= low <= high <= 1.0:
-        raise ValueError(f"ratio_range must satisfy 0 <= low <= high <= 1, got {ratio_range}")
+    bound on the number of masked patches (:func:`masked_patch_bound`, for fixed-size buffers)."""
+    bins = _ratio_bins(num_crops, mask_probability, ratio_range)
     patches = rows * cols
     generator = BlockMaskGenerator(rows, cols, max_patches=int(max_ratio_per_block * patches))
-    masked_crops = int(num_crops * mask_probability)
-    bins = np.linspace(low, high, masked_crops + 1)
-    masks = []
-    upper_bound = 0
-    for lo, hi in zip(bins[:-1], bins[1:]):
-        masks.append(generator(int(patches * rng.uniform(lo, hi)), rng))
-        upper_bound += int(patches * hi)
-    masks += [np.zeros((rows, cols), dtype=bool)] * (num_crops - masked_crops)
+    masks = [generator(int(patches * rng.uniform(lo, hi)), rng) for lo, hi in zip(bins[:-1], bins[1:])]
+    masks += [np.zeros((rows, cols), dtype=bool)] * (num_crops - len(masks))
     order = rng.permutation(num_crops)
     stacked = np.stack([masks[i] for i in order]).reshape(num_crops, patches)
-    return torch.from_numpy(stacked), upper_bound
+    return torch.from_numpy(stacked), masked_patch_bound(num_crops, patches, mask_probability, ratio_range)

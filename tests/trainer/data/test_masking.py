@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from trainer.data.masking import BlockMaskGenerator, sample_crop_masks
+from trainer.data.masking import BlockMaskGenerator, masked_patch_bound, sample_crop_masks
 
 
 def test_masks_reach_the_target_without_exceeding_it() -> None:
@@ -81,6 +83,34 @@ def test_batch_masks_are_stratified_and_shuffled() -> None:
     assert (masked <= (256 * bins[1:]).astype(int)).all()  # the i-th smallest stays in bin i or below
     assert masked[-1] > 0.4 * 256 * 0.9 and masked[0] < 0.15 * 256
     assert not (counts[:32] > 0).all()  # shuffled, not masked-first
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 4])
+def test_masked_patch_bound_holds_for_any_rank_share(ranks: int) -> None:
+    """The bound for ``kept`` crops is the most any ``kept`` of the batch's crops can hold (brute
+    force over the per-crop bounds), every rank's share of drawn masks stays within it, and with
+    every crop kept it is the batch's bound, which drawn batches of a real recipe come close to."""
+    images, grid = 2, 6  # per rank
+    crops = 2 * images * ranks
+    tops = np.linspace(0.1, 0.5, crops // 2 + 1)[1:]
+    per_crop = [int(grid * grid * top) for top in tops] + [0] * (crops - len(tops))
+    share = masked_patch_bound(crops, grid * grid, kept=2 * images)
+    assert share == max(sum(chosen) for chosen in itertools.combinations(per_crop, 2 * images))
+    whole = masked_patch_bound(crops, grid * grid)
+    assert whole == sum(per_crop) and (ranks > 1 or share == whole)
+    rng = np.random.default_rng(ranks)
+    totals = []
+    for _ in range(50):
+        masks, bound = sample_crop_masks(crops, grid, grid, rng)
+        assert bound == whole
+        totals.append(int(masks.sum()))
+        for rank in range(ranks):  # make_batch's split: each rank its images' two crops
+            mine = masks.view(2, images * ranks, -1)[:, rank * images:(rank + 1) * images]
+            assert int(mine.sum()) <= share
+    assert max(totals) <= whole
+    # a ViT-S/14 batch of 128 on one rank: narrow bins, so the padding is about 1 % of the rows
+    drawn = [int(sample_crop_masks(256, 16, 16, rng)[0].sum()) for _ in range(5)]
+    assert min(drawn) > 0.98 * masked_patch_bound(256, 256)
 
 
 def test_masks_are_deterministic_given_the_generator() -> None:
