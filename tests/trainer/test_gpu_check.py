@@ -10,15 +10,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = ("correctness", "probe_small", "probe_large")
 
 
+@pytest.mark.timeout(1500)  # inductor compiles ~10 graphs on a cold cache: 4-5 minutes on 2 loaded cores
 def test_cpu_smoke_writes_every_output_and_the_summary(tmp_path: Path) -> None:
     out = tmp_path / "check"
     done = subprocess.run([str(ROOT / "benchmarks" / "gpu_check.sh"), str(out), "--cpu-smoke"], cwd=tmp_path,
                           env=dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable), capture_output=True,
-                          text=True, timeout=300, check=False)
+                          text=True, timeout=1400, check=False)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     outputs = [f"{step}.{kind}" for step in STEPS for kind in ("log", "json")]
     for name in ("env.txt", "steps.tsv", "summary.md", "summary.json", *outputs):
