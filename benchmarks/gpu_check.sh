@@ -34,7 +34,6 @@ OUT=$1
 SMOKE=${2:-}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON=${PYTHON:-python}
-BUDGET=${BUDGET:-$([[ $SMOKE == --cpu-smoke ]] && echo 1200 || echo 450)}  # seconds for all timed steps together
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$ROOT" || exit 2
@@ -77,6 +76,7 @@ if [[ $SMOKE == --cpu-smoke ]]; then
            loss.centering=sinkhorn_knopp heads.ibot_separate_head=true heads.ibot_num_prototypes=4096
            model.drop_path_rate=0.4)
     CAPS=(400 500 400)  # generous: inductor's first compilations on a cold cache, on cores other work shares
+    BUDGET=${BUDGET:-1200}  # seconds for all timed steps together
 else
     DEVICE=cuda
     CORRECTNESS=(--config vits14 -- optim.batch_size=4 "${CROPS[@]}")
@@ -84,6 +84,7 @@ else
     LARGE=(--config vitl14 --steps 8 --warmup 2 -- optim.batch_size=64 "${CROPS[@]}" heads.num_prototypes=65536
            heads.ibot_num_prototypes=65536)
     CAPS=(120 200 180)
+    BUDGET=${BUDGET:-450}
 fi
 
 echo "== env"
