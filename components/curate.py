@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 from components.stage import StageContext, cache_key, mark_cached, recording_errors, stage_run, storage_from_env
-from curation.embed import Embedder, backbone_embedder, pixel_embedder
-from curation.kmeans import LevelConfig
-from curation.pipeline import CurationConfig, run_curation
 from dinoflow.storage import Storage, join_uri
+
+if TYPE_CHECKING:  # imported where used: a skipped curation (no pool) is a task that never loads torch
+    from curation.embed import Embedder
+    from curation.kmeans import LevelConfig
 
 PIXEL_SIDE = 6  # the pixel embedder's grid, as the CLI's `dinoflow curate` without --weights
 
@@ -30,12 +32,16 @@ PIXEL_SIDE = 6  # the pixel embedder's grid, as the CLI's `dinoflow curate` with
 def balance_levels(clusters: list[int]) -> tuple[LevelConfig, ...]:
     """Hierarchical k-means levels, bottom to top, from clusters per level (e.g. ``[1000, 100]``):
     plain k-means at the bottom, resampling k-means (10 steps, 5 points per centroid) above."""
+    from curation.kmeans import LevelConfig
+
     return tuple(LevelConfig(int(c), resampling_steps=0 if i == 0 else 10, sample_size=1 if i == 0 else 5)
                  for i, c in enumerate(clusters))
 
 
 def make_embedder(embed_weights: str, storage: Storage) -> Embedder:
     """The backbone in ``embed_weights`` (safetensors), or pixels when it is empty."""
+    from curation.embed import backbone_embedder, pixel_embedder
+
     if not embed_weights:
         return pixel_embedder(PIXEL_SIDE)
     from trainer.models.hub import load_backbone
@@ -49,6 +55,8 @@ def run_curate_stage(ctx: StageContext, pool_uri: str, eval_uris: list[str], ded
     """Curate (or reuse a finished curation, or skip); returns ``(data kind, data URI)`` for pretrain."""
     if not pool_uri:
         return fallback_kind, fallback_uri
+    from curation.pipeline import CurationConfig, run_curation
+
     storage = storage_from_env()
     with recording_errors(ctx, storage, "curate"), stage_run(ctx, "curate") as tracker:
         config = CurationConfig(dedup_threshold=dedup_threshold, decontaminate_threshold=decontaminate_threshold,

@@ -13,11 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from components.pretrain import BACKBONE_FILE, run_training
-from components.stage import StageContext, cache_key, recording_errors, stage_run, storage_from_env
+from components.pretrain import run_training
+from components.stage import BACKBONE_FILE, StageContext, cache_key, recording_errors, stage_run, storage_from_env
 from dinoflow.config import DistillConfig, load_config, to_yaml
-from dinoflow.storage import join_uri
-from trainer.distill import run_distill
+from dinoflow.storage import Storage, join_uri
+from dinoflow.tracking import Tracker
 
 
 def distill_config(student: str, overrides: list[str], teacher_file: str, data_kind: str, data_uri: str,
@@ -48,5 +48,11 @@ def run_distill_stage(ctx: StageContext, out_dir: str | Path, teacher_dir: str |
             update={"uri": ""})}))}, {"teacher": teacher_file})
         cfg = cfg.model_copy(update={"out": join_uri(ctx.run_root, "work", "distill", key[:20])})
         tracker.set_tags({"student": Path(student).stem})
-        return run_training(ctx, storage, tracker, "distill", key, out, cfg,
-                            lambda: run_distill(cfg, storage, tracker, evaluate=False))
+        return run_training(ctx, storage, tracker, "distill", key, out, cfg, lambda: _train(cfg, storage, tracker))
+
+
+def _train(cfg: DistillConfig, storage: Storage, tracker: Tracker) -> dict[str, Any]:
+    """The distiller, imported only when the cache misses: a reused stage never loads torch."""
+    from trainer.distill import run_distill
+
+    return run_distill(cfg, storage, tracker, evaluate=False)

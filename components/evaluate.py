@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from components.stage import (
+    BACKBONE_FILE,
+    REPORT_FILE,
     StageContext,
     cache_key,
     file_digest,
@@ -29,20 +31,18 @@ from evaluators.visualize import confusion_matrix, save_confusion_matrix
 from trainer.data.fashion_mnist import CLASSES
 from trainer.models.hub import load_backbone
 
-REPORT_FILE = "report.json"
-
 
 def run_evaluate_stage(ctx: StageContext, backbone_dir: str | Path, out_dir: str | Path, data_uri: str,
                        train_limit: int = 0, test_limit: int = 0, ks: list[int] | None = None,
                        temperature: float = 0.07, tasks: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark suite on the backbone in ``backbone_dir``; returns ``{"metrics": ...}``."""
     storage = storage_from_env()
-    weights = Path(backbone_dir) / "backbone.safetensors"
+    weights = Path(backbone_dir) / BACKBONE_FILE
     out = Path(out_dir)
     ks = sorted({int(k) for k in ks or []} | {20})  # k=20 always: the default gate metric
-    config = SuiteConfig(tasks=tuple(tasks or ("knn", "linear")), fashion_mnist_uri=data_uri, train_limit=train_limit,
-                         test_limit=test_limit, ks=tuple(ks), temperature=temperature)
     with recording_errors(ctx, storage, "evaluate"), stage_run(ctx, "evaluate") as tracker:
+        config = SuiteConfig(tasks=tuple(tasks or ("knn", "linear")), fashion_mnist_uri=data_uri,
+                             train_limit=train_limit, test_limit=test_limit, ks=tuple(ks), temperature=temperature)
         params = {"data_uri": data_uri, "train_limit": train_limit, "test_limit": test_limit, "ks": ks,
                   "temperature": temperature, "tasks": list(config.tasks)}
         tracker.log_params(params)

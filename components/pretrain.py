@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from components.stage import (
+    BACKBONE_FILE,
     StageContext,
     cache_key,
     mark_cached,
@@ -25,9 +26,6 @@ from components.stage import (
 from dinoflow.config import PretrainConfig, load_config, to_yaml
 from dinoflow.storage import Storage, join_uri
 from dinoflow.tracking import Tracker
-from trainer.run import run_pretrain
-
-BACKBONE_FILE = "backbone.safetensors"
 
 
 def pretrain_config(preset: str, overrides: list[str], data_kind: str, data_uri: str, max_minutes: float,
@@ -52,8 +50,14 @@ def run_pretrain_stage(ctx: StageContext, out_dir: str | Path, preset: str, over
             "out": join_uri(ctx.run_root, "work", "pretrain", key[:20]),
             "init_weights": str(init["init"]) if init else "",
         })
-        return run_training(ctx, storage, tracker, "pretrain", key, out, cfg,
-                            lambda: run_pretrain(cfg, storage, tracker, evaluate=False))
+        return run_training(ctx, storage, tracker, "pretrain", key, out, cfg, lambda: _train(cfg, storage, tracker))
+
+
+def _train(cfg: PretrainConfig, storage: Storage, tracker: Tracker) -> dict[str, Any]:
+    """The trainer, imported only when the cache misses: a reused stage never loads torch."""
+    from trainer.run import run_pretrain
+
+    return run_pretrain(cfg, storage, tracker, evaluate=False)
 
 
 def run_training(ctx: StageContext, storage: Storage, tracker: Tracker, stage: str, key: str, out: Path,

@@ -17,9 +17,14 @@ from typing import Any
 import numpy as np
 import yaml
 
-from components.evaluate import REPORT_FILE
-from components.pretrain import BACKBONE_FILE
-from components.stage import StageContext, recording_errors, stage_run, storage_from_env
+from components.stage import (
+    BACKBONE_FILE,
+    REPORT_FILE,
+    StageContext,
+    recording_errors,
+    stage_run,
+    storage_from_env,
+)
 from dinoflow.registry import gate, register_version
 from trainer.models.packaging import save_mlflow_model
 

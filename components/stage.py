@@ -27,6 +27,9 @@ from dinoflow.storage import S3Settings, Storage, join_uri
 from dinoflow.tracking import MlflowTracker, NullTracker, Tracker, default_artifact_location, standard_tags
 
 TAG_CACHED = "dinoflow.cached"
+# what stages hand each other: here, so a stage reads another's output without importing its code
+BACKBONE_FILE = "backbone.safetensors"  # pretrain's and distill's output, evaluate's and register's input
+REPORT_FILE = "report.json"  # evaluate's output, register's input
 
 
 @dataclass(frozen=True)

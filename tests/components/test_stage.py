@@ -65,6 +65,18 @@ def test_errors_are_recorded_then_raised(tmp_path: Path) -> None:
     assert "Traceback" in record["traceback"] and "run-7" in error_uri(ctx, "evaluate")
 
 
+def test_a_bad_evaluate_setting_is_recorded_before_any_work(tmp_path: Path) -> None:
+    """The suite's settings are checked inside the error record: the pipeline's failure then names
+    the setting, not only the task (no tracking, no backbone needed to get there)."""
+    from components.evaluate import run_evaluate_stage
+
+    ctx = StageContext(run_root=str(tmp_path), pipeline_run_id="run-8")
+    with pytest.raises(ValueError, match="unknown tasks"):
+        run_evaluate_stage(ctx, tmp_path / "backbone", tmp_path / "report", "", tasks=["knn", "segment"])
+    record = json.loads(Storage().read_bytes(error_uri(ctx, "evaluate")))
+    assert record["error"].startswith("ValueError: unknown tasks") and "allowed: knn, linear" in record["error"]
+
+
 def test_cache_key_depends_on_parameters_and_input_bytes(tmp_path: Path) -> None:
     weights = tmp_path / "w.bin"
     weights.write_bytes(b"abc")

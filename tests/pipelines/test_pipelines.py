@@ -6,6 +6,7 @@ One ``full`` run is shared by the tests of this module; each test adds the runs 
 from __future__ import annotations
 
 import json
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from dinoflow.tracking import default_tracking_uri
 from pipelines.cli import app
 from pipelines.cli import _pipeline
 from pipelines.definitions import GPU_RESOURCE, S3_SECRET, SETTINGS_CONFIG_MAP, build_pipelines
-from pipelines.local import PipelineFailed, StageSummary, run_locally
+from pipelines.local import PipelineFailed, StageSummary, run_locally, stage_summaries
 
 FAST = {
     # LayerScale 0.1: CLS tokens differ from the first step, so k-NN is above chance however few
@@ -32,6 +33,9 @@ FAST = {
     "max_minutes": 0.05, "train_limit": 2000, "test_limit": 500, "model_name": "tiny-test",
 }
 DATA = "/usr/share/datasets/fashion-mnist"
+STUDENT = {"students": ["distill-tiny"], "student_minutes": 0.05,
+           "student_overrides": ["optim.batch_size=32", "model.depth=2", "checkpoint_every=5"]}
+STUDENT_MODEL = "tiny-test-distill-tiny"  # <model_name>-<student preset>
 
 
 class Runs:
@@ -43,10 +47,17 @@ class Runs:
         self.pipelines = build_pipelines(gpus=0)  # kfp.local: no GPU here, pretrain on cpu
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
 
+    def run_all(self, name: str, **params: Any) -> list[StageSummary]:
+        """Every stage run of one pipeline run, in start order."""
+        return run_locally(self.pipelines[name], name, str(self.root), str(self.kfp), self.tracking_uri, params,
+                           Storage())
+
     def run(self, name: str, **params: Any) -> dict[str, StageSummary]:
-        stages = run_locally(self.pipelines[name], name, str(self.root), str(self.kfp), self.tracking_uri, params,
-                             Storage())
-        return {s.stage: s for s in stages}
+        """The stage runs by name, for a pipeline run where each stage runs once (no students)."""
+        stages = self.run_all(name, **params)
+        named = {s.stage: s for s in stages}
+        assert len(named) == len(stages), [s.stage for s in stages]
+        return named
 
     def parents(self, pipeline: str) -> list[Any]:
         experiment = self.client.get_experiment_by_name("dinoflow")
@@ -83,17 +94,39 @@ def test_full_runs_every_stage_and_registers_a_champion(runs: Runs) -> None:
     assert len(list((runs.root / "data" / "fashion-mnist").iterdir())) == 4
 
 
-def test_rerun_reuses_stages_and_the_gate_decides_both_ways(runs: Runs) -> None:
-    kept = runs.run("full", data_source=DATA, **{**FAST, "margin": 1.0})
-    assert kept["pretrain"].cached and kept["evaluate"].cached and not kept["register"].cached
-    assert kept["evaluate"].metrics["knn_top1_k20"] == runs.first["evaluate"].metrics["knn_top1_k20"]  # type: ignore[attr-defined]
-    assert kept["register"].tags["gate.verdict"] == "kept"
+def registered(stages: list[StageSummary], model: str) -> StageSummary:
+    """The register stage of ``model`` in one pipeline run."""
+    (found,) = [s for s in stages if s.stage == "register" and s.tags["gate.model_name"] == model]
+    return found
+
+
+def test_rerun_reuses_stages_the_gate_decides_both_ways_and_a_student_distils_once(runs: Runs) -> None:
+    """Two reruns that differ only in the gate's margin, each also distilling a student from the
+    teacher: the first distils, scores and registers the student, the second reuses it (the same
+    teacher bytes, at another task's output path, and the same recipe)."""
+    kept = runs.run_all("full", data_source=DATA, **{**FAST, **STUDENT, "margin": 1.0})
+    assert sorted(s.stage for s in kept) == ["distill", "evaluate", "evaluate", "ingest", "pretrain", "register",
+                                             "register"]
+    assert all(s.status == "FINISHED" for s in kept)
+    trained = {s.stage: s for s in kept if s.stage in ("pretrain", "distill")}
+    assert trained["pretrain"].cached and not trained["distill"].cached
+    assert trained["distill"].metrics["steps"] >= 1 and trained["distill"].tags["student"] == "distill-tiny"
+    scored = [s for s in kept if s.stage == "evaluate"]
+    assert sorted(s.cached for s in scored) == [False, True]  # the teacher's scores reused, the student's new
+    first = runs.first["evaluate"].metrics["knn_top1_k20"]  # type: ignore[attr-defined]
+    assert next(s for s in scored if s.cached).metrics["knn_top1_k20"] == first
+    assert all(0.1 < s.metrics["knn_top1_k20"] <= 1 for s in scored)
+    assert registered(kept, "tiny-test").tags["gate.verdict"] == "kept"
     assert champion_version(runs.client, "tiny-test") == "1"
-    promoted = runs.run("full", data_source=DATA, **{**FAST, "margin": -1.0})
-    assert promoted["register"].tags["gate.verdict"] == "promoted"
-    assert champion_version(runs.client, "tiny-test") == promoted["register"].tags["gate.model_version"] == "3"
-    changed = runs.run("full", data_source=DATA, **{**FAST, "seed": 5})
-    assert not changed["pretrain"].cached and not changed["evaluate"].cached
+    assert registered(kept, STUDENT_MODEL).tags["gate.verdict"] == "promoted"  # its first version: no champion yet
+    assert champion_version(runs.client, STUDENT_MODEL) == "1"
+
+    promoted = runs.run_all("full", data_source=DATA, **{**FAST, **STUDENT, "margin": -1.0})
+    assert next(s for s in promoted if s.stage == "distill").cached  # same teacher, same recipe: reused
+    assert all(s.cached for s in promoted if s.stage == "evaluate")
+    teacher = registered(promoted, "tiny-test")
+    assert teacher.tags["gate.verdict"] == "promoted"
+    assert champion_version(runs.client, "tiny-test") == teacher.tags["gate.model_version"] == "3"
 
 
 def test_a_failing_stage_fails_the_pipeline_with_its_error(runs: Runs) -> None:
@@ -104,10 +137,15 @@ def test_a_failing_stage_fails_the_pipeline_with_its_error(runs: Runs) -> None:
     assert "stage 'pretrain' failed" in str(failure.value)
     parent = runs.parents("full")[-1]
     assert parent.info.status == "FAILED" and parent.data.tags[TAG_FAILED_STAGES] == "pretrain"
-    # a later stage fails: the finished pretrain is reused by the rerun that fixes the input
+    # a later stage fails: the finished pretrain (a new seed: trained anew) is reused by the rerun
+    # that fixes the input
+    started = time.time()
     with pytest.raises(PipelineFailed) as late:
         runs.run("full", data_source=DATA, **{**FAST, "seed": 11, "knn_k": 0})
     assert list(late.value.errors) == ["evaluate"] and "k must be in [1, 2000], got 0" in late.value.errors["evaluate"]
+    failed = {s.stage: s for s in stage_summaries(runs.tracking_uri, "dinoflow", "full", since=started)}
+    assert failed["pretrain"].status == "FINISHED" and not failed["pretrain"].cached
+    assert failed["evaluate"].status == "FAILED"
     fixed = runs.run("full", data_source=DATA, **{**FAST, "seed": 11})
     assert fixed["pretrain"].cached and not fixed["evaluate"].cached and fixed["register"].status == "FINISHED"
 
@@ -294,26 +332,3 @@ def test_pipeline_cli_rejects_unknown_names_and_parameters() -> None:
     param = CliRunner().invoke(app, ["pipeline", "run", "full", "max_minute=3"])
     assert param.exit_code == 2 and "bad pipeline parameter 'max_minute=3'" in param.stderr
     assert "max_minutes" in param.stderr
-
-
-def test_full_distils_each_student_from_its_teacher_and_registers_it(runs: Runs) -> None:
-    """Last in the module: it adds registry versions. The teacher's stages come from the cache."""
-    params = {**FAST, "students": ["distill-tiny"], "student_minutes": 0.05,
-              "student_overrides": ["optim.batch_size=32", "model.depth=2", "checkpoint_every=5"]}
-    stages = run_locally(runs.pipelines["full"], "full", str(runs.root), str(runs.kfp), runs.tracking_uri,
-                         {"data_source": DATA, **params}, Storage())
-    names = sorted(s.stage for s in stages)
-    assert names == ["distill", "evaluate", "evaluate", "ingest", "pretrain", "register", "register"]
-    assert all(s.status == "FINISHED" for s in stages)
-    by_name = {s.stage: s for s in stages if s.stage in ("pretrain", "distill")}
-    assert by_name["pretrain"].cached and not by_name["distill"].cached
-    assert by_name["distill"].metrics["steps"] >= 1 and by_name["distill"].tags["student"] == "distill-tiny"
-    student = [s for s in stages if s.stage == "register" and s.tags["gate.model_name"] == "tiny-test-distill-tiny"]
-    assert len(student) == 1 and student[0].tags["gate.verdict"] == "promoted"
-    assert champion_version(runs.client, "tiny-test-distill-tiny") == "1"
-    scored = [s for s in stages if s.stage == "evaluate"]
-    assert all(0.1 < s.metrics["knn_top1_k20"] <= 1 for s in scored)
-
-    again = run_locally(runs.pipelines["full"], "full", str(runs.root), str(runs.kfp), runs.tracking_uri,
-                        {"data_source": DATA, **params}, Storage())
-    assert next(s for s in again if s.stage == "distill").cached  # same teacher, same recipe: reused
