@@ -110,6 +110,7 @@ def test_rerun_reuses_stages_the_gate_decides_both_ways_and_a_student_distils_on
     assert all(s.status == "FINISHED" for s in kept)
     trained = {s.stage: s for s in kept if s.stage in ("pretrain", "distill")}
     assert trained["pretrain"].cached and not trained["distill"].cached
+    assert not any(s.cached for s in kept if s.stage == "register")  # each run registers a version
     assert trained["distill"].metrics["steps"] >= 1 and trained["distill"].tags["student"] == "distill-tiny"
     scored = [s for s in kept if s.stage == "evaluate"]
     assert sorted(s.cached for s in scored) == [False, True]  # the teacher's scores reused, the student's new
