@@ -13,9 +13,6 @@ into K global micro-batches (gradient accumulation, as in the engine: micro-batc
 writes the engine's checkpoint after step K (``checkpoint_bytes``), and ``--resume`` starts from
 such a checkpoint (written by any world size) at its step, so ``losses`` holds only the steps run
 here.
-
-``python distributed_steps.py pretrain [section.field=value ...]`` runs the whole ``pretrain``
-loop on 48 random images instead.
 """
 
 from __future__ import annotations
@@ -101,29 +98,5 @@ def main(out: str, global_batch: int, steps: int, args: list[str]) -> None:
     strategy.close()
 
 
-class RandomImages(torch.utils.data.Dataset):
-    def __len__(self) -> int:
-        return 48
-
-    def __getitem__(self, index: int):
-        from trainer.data.datasets import Sample
-
-        image = (torch.rand(3, 28, 28, generator=torch.Generator().manual_seed(index)) * 255).to(torch.uint8)
-        return Sample(image=image, label=-1, key=f"img{index}")
-
-
-def run_pretrain(overrides: list[str]) -> None:
-    from dinoflow.storage import Storage
-    from trainer.data.datasets import collate_samples
-    from trainer.engine import pretrain
-
-    torch.set_num_threads(1)
-    cfg = load_config(PretrainConfig, "tiny", overrides)
-    pretrain(cfg, RandomImages(), collate_samples, Storage())
-
-
 if __name__ == "__main__":
-    if sys.argv[1] == "pretrain":
-        run_pretrain(sys.argv[2:])
-    else:
-        main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:])
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:])

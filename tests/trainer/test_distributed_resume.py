@@ -132,22 +132,6 @@ def _tracked_steps(out: Path) -> list[list[int]]:
     return [sorted({m.step for m in client.get_metric_history(run.info.run_id, "lr")}) for run in runs]
 
 
-@pytest.mark.parametrize("strategy", ["fsdp2", "deepspeed"])
-def test_pretrain_resumes_at_another_world_size(tmp_path: Path, strategy: str) -> None:
-    """The engine's own save and restore, through the CLI: 2 ranks write step 2, 1 rank (single)
-    goes on to 4, 2 ranks to 6. Each rank augments only its own images, so a run that changes
-    world size sees other crops than one that does not: this checks that it resumes and keeps
-    counting (Adam's steps included), not the weights."""
-    (out,) = _runs(tmp_path, "run")
-    for ranks, steps in ((2, 2), (1, 4), (2, 6)):
-        _finish(_pretrain(out, ranks, strategy, steps, f"launch{steps}"), out, f"launch{steps}")
-        checkpoint = _latest(out)
-        assert (checkpoint["step"], checkpoint["images_seen"]) == (steps, 8 * steps)
-        steps_taken = {float(m["step"]) for m in checkpoint["optimizer"]["state"].values()}
-        assert steps_taken == {float(steps)}  # Adam's bias correction continues from the checkpoint
-    assert _tracked_steps(out) == [[1, 2], [3, 4], [5, 6]]  # each launch trained only its own steps
-
-
 def _kill_rank_once_a_checkpoint_exists(launch: subprocess.Popen, out: Path, rank: int) -> None:
     """SIGKILL the process of ``rank`` (a child of torchrun, a child of the CLI) as soon as the run
     has written its first checkpoint: a crash in the middle of the following steps."""
@@ -168,12 +152,18 @@ def _kill_rank_once_a_checkpoint_exists(launch: subprocess.Popen, out: Path, ran
 
 
 @pytest.mark.parametrize("strategy", ["fsdp2", "deepspeed"])
-def test_a_killed_rank_ends_the_job_and_the_rerun_finishes_like_an_uninterrupted_run(tmp_path: Path,
-                                                                                     strategy: str) -> None:
+def test_a_killed_rank_ends_the_job_the_rerun_finishes_like_an_uninterrupted_run_and_goes_on_at_other_world_sizes(
+        tmp_path: Path, strategy: str) -> None:
     """``dinoflow pretrain --nproc 2``: rank 1 is SIGKILLed once the step-2 checkpoint exists (a
     checkpoint every 2 of 8 steps); torchrun stops rank 0 and the command fails; the rerun resumes
     from the last whole checkpoint and its step-8 weights equal those of a run that was never
-    killed (same world size: exact but for fp32 noise, 1e-6 absolute)."""
+    killed (same world size: exact but for fp32 noise, 1e-6 absolute).
+
+    Then the same run goes on through the engine's own save and restore at other world sizes: 1 rank
+    (single) to step 9, a last checkpoint off the every-2 schedule, and 2 ranks again to 11. Each rank
+    augments only its own images, so a run that changes world size sees other crops than one that
+    does not: this part checks that it resumes and keeps counting (Adam's steps included), not the
+    weights."""
     whole, crashed = _runs(tmp_path, "whole", "crashed")
     reference = _pretrain(whole, 2, strategy, 8, "launch")
     killed = _pretrain(crashed, 2, strategy, 8, "killed")
@@ -191,6 +181,14 @@ def test_a_killed_rank_ends_the_job_and_the_rerun_finishes_like_an_uninterrupted
     want, got = _latest(whole), _latest(crashed)
     assert want["step"] == got["step"] == 8 and want["images_seen"] == got["images_seen"] == 8 * 8
     _assert_same_state(got, want, 1e-6)  # measured: 0.0 (bit-exact) under both strategies
+
+    for ranks, steps in ((1, 9), (2, 11)):
+        _finish(_pretrain(crashed, ranks, strategy, steps, f"launch{steps}"), crashed, f"launch{steps}")
+        checkpoint = _latest(crashed)
+        assert (checkpoint["step"], checkpoint["images_seen"]) == (steps, 8 * steps)
+        steps_taken = {float(m["step"]) for m in checkpoint["optimizer"]["state"].values()}
+        assert steps_taken == {float(steps)}  # Adam's bias correction continues from the checkpoint
+    assert _tracked_steps(crashed)[-2:] == [[9], [10, 11]]  # each launch trained only its own steps
 
 
 def test_single_process_optimizer_state_is_keyed_by_name_and_reads_older_checkpoints() -> None:
