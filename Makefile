@@ -3,7 +3,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
-# pytest-xdist processes, each running whole test files (module fixtures stay shared); 0: one process
+# pytest-xdist processes, each running whole test files (module fixtures stay shared), the longest
+# files first (tests/conftest.py's LONGEST_FIRST, not xdist's reordering); 0: one process
 PYTEST_WORKERS ?= 2
 ARGS ?=
 
@@ -17,7 +18,7 @@ demo: setup
 
 # pytest exits 5 when it collects no test: that is reported, not treated as a failure
 test: setup
-	@$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --durations=20 $(PYTEST_ARGS); rc=$$?; \
+	@$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=20 $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests (exit 5)"; rc=0; fi; exit $$rc
 
 clean:

@@ -1,4 +1,5 @@
-"""Shared fixtures: real S3 and MLflow servers on 127.0.0.1, storage roots on file:// and s3://."""
+"""Shared fixtures: real S3 and MLflow servers on 127.0.0.1, storage roots on file:// and s3://;
+and the order in which pytest-xdist hands out the test files."""
 
 from __future__ import annotations
 
@@ -10,6 +11,36 @@ import pytest
 
 from dinoflow.storage import RetryPolicy, Storage
 from tests.servers import TEST_BUCKET, MlflowServer, SeaweedS3, running_mlflow, running_s3, s3_settings
+
+# The files that take minutes (CI's durations on 2 cores, cold caches), longest first. ``make test``
+# runs whole files per worker (``--dist loadfile``) in collection order (``--no-loadscope-reorder``:
+# xdist would otherwise start with the files of most tests, the quick unit tests, and leave these
+# few-test, long files for the end, where one worker runs the last of them while the other idles);
+# handing these out first lets the many short files even out the workers' ends. Only the order
+# depends on this list: a file missing from it runs after these, a stale name changes nothing.
+LONGEST_FIRST = (
+    "pipelines/test_pipelines.py",
+    "trainer/test_distributed_resume.py",
+    "trainer/test_gpu_check.py",
+    "pipelines/test_demo.py",
+    "reliability/test_kill_anywhere.py",
+    "reliability/test_pipeline_faults.py",
+    "trainer/test_deepspeed.py",
+    "trainer/models/test_compile.py",
+    "pipelines/test_curated_pipeline.py",
+    "trainer/test_resume.py",
+    "components/test_bundle.py",
+    "trainer/test_distributed.py",
+    "reliability/test_s3_outage.py",
+    "trainer/test_train_step_benchmark.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The longest files first (:data:`LONGEST_FIRST`), each file's tests in their own order."""
+    here = Path(__file__).parent
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.relative_to(here).as_posix(), len(rank)))
 
 
 @pytest.fixture(scope="session")
