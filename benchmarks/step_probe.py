@@ -14,10 +14,14 @@ step's achieved TFLOP/s is ``images/s x flops_per_image / 1e12``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from dinoflow.config import PretrainConfig
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,19 @@ class ProbeShape:
     @property
     def mlp_dim(self) -> int:
         return int(self.embed_dim * self.mlp_ratio)
+
+
+def probe_shape(cfg: PretrainConfig) -> ProbeShape:
+    """The probe's sizes for a dinoflow recipe: its backbone's width, depth and heads (built on the
+    meta device: no memory), crops and the DINO head's bottleneck and prototypes."""
+    from trainer.engine import build_networks
+
+    with torch.device("meta"):
+        backbone = build_networks(cfg)[0].backbone
+    crops = cfg.crops
+    return ProbeShape(backbone.embed_dim, len(backbone.blocks), backbone.blocks[0].attn.num_heads,
+                      cfg.model.patch_size, crops.global_crop_size, crops.local_crop_size, crops.num_local_crops,
+                      cfg.heads.bottleneck_dim, cfg.heads.num_prototypes)
 
 
 class ProbeBlock(nn.Module):

@@ -63,7 +63,7 @@ from torch._dynamo.utils import counters
 
 from gpu_summary import preparation_text, row_notes  # this script's folder is first on sys.path
 from memory_peak import record_peak  # this script's folder is first on sys.path
-from step_probe import ProbeShape, ProbeViT, probe_flops_per_image, probe_step  # this script's folder is first on sys.path
+from step_probe import ProbeShape, ProbeViT, probe_flops_per_image, probe_shape, probe_step  # this script's folder is first on sys.path
 from dinoflow.config import PretrainConfig, load_config
 from dinoflow.progress import progress
 from dinoflow.storage import Storage
@@ -236,17 +236,12 @@ def probe(args: argparse.Namespace) -> None:
     compiled blocks; print one row per measurement as it completes and keep ``--json`` up to date,
     so a run stopped by a timeout still leaves the rows it finished."""
     from gpu_correctness import synthetic_batch, to_device
-    from trainer.engine import build_networks
 
     device = torch.device(args.device)
     cfg = load_config(PretrainConfig, args.config, args.overrides)
-    batch, crops, m = cfg.optim.batch_size, cfg.crops, cfg.model
+    batch, crops = cfg.optim.batch_size, cfg.crops
     crop_batch = to_device(synthetic_batch(cfg), device)
-    with torch.device("meta"):
-        backbone = build_networks(cfg)[0].backbone  # its sizes only
-    shape = ProbeShape(backbone.embed_dim, len(backbone.blocks), backbone.blocks[0].attn.num_heads, m.patch_size,
-                       crops.global_crop_size, crops.local_crop_size, crops.num_local_crops, cfg.heads.bottleneck_dim,
-                       cfg.heads.num_prototypes)
+    shape = probe_shape(cfg)
     flops = probe_flops_per_image(shape)
     report: dict[str, Any] = {
         "config": args.config, "overrides": args.overrides, "device": str(device),

@@ -210,7 +210,7 @@ def train_step(
     values = []  # per micro-batch: the terms and the total, read on the host once, below
     for batch in micro_batches:
         with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            terms = _loss_terms(student, teacher, objective, batch, sched.teacher_temp)
+            terms = loss_terms(student, teacher, objective, batch, sched.teacher_temp)
         loss = (weights.dino_weight * terms["dino"] + weights.ibot_weight * terms["ibot"]
                 + weights.koleo_weight * terms["koleo"])
         strategy.backward(loss / len(micro_batches))
@@ -272,8 +272,10 @@ def _read_losses(losses: Tensor, names: list[str], first: Callable[[], None] | N
     return {name: sum(row[i] for row in rows) / len(rows) for i, name in enumerate(names)}
 
 
-def _loss_terms(student: SSLNetwork, teacher: SSLNetwork, objective: Objective, batch: CropBatch,
-                teacher_temp: float) -> dict[str, Tensor]:
+def loss_terms(student: SSLNetwork, teacher: SSLNetwork, objective: Objective, batch: CropBatch,
+               teacher_temp: float) -> dict[str, Tensor]:
+    """One micro-batch's unweighted DINO, iBOT and KoLeo terms: the teacher's targets (no grad) from
+    the global crops, the student's forward on all crops, each head fused with its loss."""
     globals_ = batch.global_crops.flatten(0, 1)  # (2B, 3, G, G), crop-major
     locals_ = batch.local_crops.flatten(0, 1)  # (LB, 3, l, l)
     masks, index = batch.masks, batch.mask_index  # (2B, N), (M,)

@@ -104,7 +104,7 @@ def test_a_non_finite_loss_halts_with_the_last_good_checkpoint(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Step 3's loss turns NaN: the run stops with a message naming it, checkpoint 2 stays the latest."""
     calls = {"n": 0}
-    real_terms = engine._loss_terms
+    real_terms = engine.loss_terms
 
     def poisoned(*args, **kwargs):
         terms = real_terms(*args, **kwargs)
@@ -113,7 +113,7 @@ def test_a_non_finite_loss_halts_with_the_last_good_checkpoint(tmp_path: Path,
             terms["dino"] = terms["dino"] * float("nan")
         return terms
 
-    monkeypatch.setattr(engine, "_loss_terms", poisoned)
+    monkeypatch.setattr(engine, "loss_terms", poisoned)
     out = tmp_path / "run"
     cfg = tiny_config(str(out), "checkpoint_every=2", "max_steps=5")
     storage = Storage()
@@ -127,6 +127,6 @@ def test_a_non_finite_loss_halts_with_the_last_good_checkpoint(tmp_path: Path,
     assert not (out / "summary.json").exists() and not (out / "backbone.safetensors").exists()
 
     # the run resumes from step 2 once the cause is gone and finishes
-    monkeypatch.setattr(engine, "_loss_terms", real_terms)
+    monkeypatch.setattr(engine, "loss_terms", real_terms)
     summary = pretrain(cfg, RandomImages(), collate_samples, storage)
     assert summary["steps"] == 5
