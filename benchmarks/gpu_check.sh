@@ -15,6 +15,9 @@
 #                  the compiled step's kernel-time table (torch profiler) and what is alive at its
 #                  memory peak; the same for the compiled probe   -> profile_small.txt, profile_small_probe.txt
 #   probe_large    the same for the ViT-L/14 recipe, batch 64                               -> probe_large.json
+#   flops_small,   benchmarks/step_flops.py: the matmul FLOPs per image of dinoflow's step at each probe's
+#   flops_large    sizes, counted on the CPU (fake tensors, no GPU) while the GPU steps run, so that the
+#                  summary gives dinoflow's rows their real TFLOP/s       -> flops_small.json, flops_large.json
 #   summary        benchmarks/gpu_summary.py                                     -> summary.md, summary.json
 # Both probes: 2 x 224 + 8 x 98 crops and 65536 prototypes (issue 11's sizes), eager and compiled
 # rows of dinoflow's step and of the ceiling probe; the batch preparation alone, and the compiled
@@ -67,23 +70,62 @@ run_step() {
     tail -n 8 "$OUT/$name.log"
 }
 
+# start_counting NAME CAP ARGS...: benchmarks/step_flops.py in the background on one CPU core (no
+# GPU visible to it, so the timed steps keep the card and the other cores), under timeout like a
+# step; finish_counting waits for each and records it in steps.tsv
+counting=()
+start_counting() {
+    local name=$1 cap=$2
+    shift 2
+    local limit=$((cap < BUDGET ? cap : BUDGET))
+    (
+        tick=$SECONDS
+        CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=1 timeout --kill-after=15 "$limit" "$PYTHON" benchmarks/step_flops.py \
+            --json "$OUT/$name.json" "$@" > "$OUT/$name.log" 2>&1
+        echo "$? $((SECONDS - tick)) $limit" > "$OUT/$name.rc"
+    ) &
+    counting+=("$name:$!")
+}
+
+finish_counting() {
+    local entry name rc seconds limit status
+    for entry in "${counting[@]}"; do
+        name=${entry%%:*}
+        wait "${entry#*:}"
+        read -r rc seconds limit < "$OUT/$name.rc"
+        rm -f "$OUT/$name.rc"
+        case $rc in
+            0) status=ok ;;
+            124 | 137) status=timeout ;;
+            *) status=failed ;;
+        esac
+        ((rc == 0)) || failed=1
+        printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$status" "$rc" "$seconds" "$limit" >> "$OUT/steps.tsv"
+        echo "== $name: $status"
+        tail -n 6 "$OUT/$name.log"
+    done
+}
+
 CROPS=(crops.global_crop_size=224 crops.local_crop_size=98 crops.num_local_crops=8)
+# SMALL and LARGE: each probe's recipe and sizes; STEPS: timed steps after the warm-up
 if [[ $SMOKE == --cpu-smoke ]]; then
     DEVICE=cpu
     CORRECTNESS=(--config tiny -- optim.batch_size=4 crops.num_local_crops=2)
-    SMALL=(--config tiny --steps 1 --warmup 1 -- optim.batch_size=4 crops.num_local_crops=2)
-    LARGE=(--config tiny --steps 1 --warmup 1 -- optim.batch_size=4 crops.num_local_crops=2 model.ffn_layer=swiglu
+    STEPS=(--steps 1 --warmup 1)
+    SMALL=(--config tiny -- optim.batch_size=4 crops.num_local_crops=2)
+    LARGE=(--config tiny -- optim.batch_size=4 crops.num_local_crops=2 model.ffn_layer=swiglu
            loss.centering=sinkhorn_knopp heads.ibot_separate_head=true heads.ibot_num_prototypes=4096
            model.drop_path_rate=0.4)
-    CAPS=(400 500 400)  # generous: inductor's first compilations on a cold cache, on cores other work shares
+    CAPS=(400 500 400 300)  # generous: inductor's first compilations on a cold cache, on cores other work shares
     BUDGET=${BUDGET:-1200}  # seconds for all timed steps together
 else
     DEVICE=cuda
     CORRECTNESS=(--config vits14 -- optim.batch_size=4 "${CROPS[@]}")
-    SMALL=(--config vits14 --steps 8 --warmup 2 -- optim.batch_size=128 "${CROPS[@]}" heads.num_prototypes=65536)
-    LARGE=(--config vitl14 --steps 8 --warmup 2 -- optim.batch_size=64 "${CROPS[@]}" heads.num_prototypes=65536
+    STEPS=(--steps 8 --warmup 2)
+    SMALL=(--config vits14 -- optim.batch_size=128 "${CROPS[@]}" heads.num_prototypes=65536)
+    LARGE=(--config vitl14 -- optim.batch_size=64 "${CROPS[@]}" heads.num_prototypes=65536
            heads.ibot_num_prototypes=65536)
-    CAPS=(120 200 180)
+    CAPS=(120 200 180 240)  # the last: each FLOP count, on the CPU beside the GPU steps (ViT-L/14: ~1 minute)
     BUDGET=${BUDGET:-450}
 fi
 
@@ -96,12 +138,15 @@ echo "== env"
 'available', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
 } > "$OUT/env.txt" 2>&1
 
+start_counting flops_small "${CAPS[3]}" "${SMALL[@]}"
+start_counting flops_large "${CAPS[3]}" "${LARGE[@]}"
 run_step correctness "${CAPS[0]}" "$PYTHON" benchmarks/gpu_correctness.py --device "$DEVICE" --reference cpu \
     --compile --out "$OUT/correctness.json" "${CORRECTNESS[@]}"
 run_step probe_small "${CAPS[1]}" "$PYTHON" benchmarks/train_step.py --probe --compile --cuda-graphs --device "$DEVICE" \
-    --json "$OUT/probe_small.json" --profile "$OUT/profile_small.txt" "${SMALL[@]}"
+    --json "$OUT/probe_small.json" --profile "$OUT/profile_small.txt" "${STEPS[@]}" "${SMALL[@]}"
 run_step probe_large "${CAPS[2]}" "$PYTHON" benchmarks/train_step.py --probe --compile --device "$DEVICE" \
-    --json "$OUT/probe_large.json" "${LARGE[@]}"
+    --json "$OUT/probe_large.json" "${STEPS[@]}" "${LARGE[@]}"
+finish_counting
 
 echo "== summary (${OUT}/summary.md), $((SECONDS - started))s"
 "$PYTHON" benchmarks/gpu_summary.py "$OUT" || failed=1

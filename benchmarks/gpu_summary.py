@@ -1,8 +1,10 @@
 """The summary of a ``benchmarks/gpu_check.sh`` run: its steps (status, time), the correctness
 checks and every probe row, from the files the steps left in OUTDIR (``steps.tsv``, written by
 the script, and each step's ``<step>.json``, written row by row, so a step stopped by its timeout
-still shows what it finished). Writes ``summary.json`` and ``summary.md`` there and prints the
-latter.
+still shows what it finished). Under each probe's table, with the FLOP count of dinoflow's step at
+its sizes (``flops_small.json`` beside ``probe_small.json``, from ``step_flops.py``), that work
+against the probe's and dinoflow's rows at their real TFLOP/s. Writes ``summary.json`` and
+``summary.md`` there and prints the latter.
 
     python benchmarks/gpu_summary.py OUTDIR
 """
@@ -48,14 +50,25 @@ def preparation_text(figures: dict[str, Any], title: str) -> str:
     return text
 
 
+def work_text(flops: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """dinoflow's counted work per image (``step_flops.py``) against the probe's, and dinoflow's
+    rows' img/s turned into TFLOP/s with it, in one line."""
+    rates = ", ".join(f"{row['step']} {row['img_per_s'] * flops['gflop_per_image'] / 1e3:.2f}"
+                      for row in rows if row["step"].startswith("dinoflow") and "error" not in row)
+    return (f"dinoflow's step counted: {flops['gflop_per_image']:.2f} GFLOP/image (backbones "
+            f"{flops['backbone_gflop_per_image']:.2f}, heads and losses {flops['heads_and_losses_gflop_per_image']:.2f}), "
+            f"{flops['ours_vs_probe']:.3f}x the probe's work; its real TFLOP/s: {rates}")
+
+
 def markdown(steps: list[dict[str, Any]]) -> str:
-    """Steps, then each correctness check and each probe table."""
+    """Steps, then each correctness check and each probe table, with its FLOP count's line."""
     lines = ["# GPU check", "", "| step | status | exit code | seconds | limit |", "|---|---|---:|---:|---:|"]
     lines += [f"| {s['step']} | {s['status']} | {s['exit_code']} | {s['seconds']} | {s['limit_seconds']} |"
               for s in steps]
+    counts = {s["step"].replace("flops_", "probe_", 1): s["result"] for s in steps if s["step"].startswith("flops_")}
     for step in steps:
         result = step["result"]
-        if result is None:
+        if result is None or step["step"].startswith("flops_"):
             continue
         lines += ["", f"## {step['step']}: {result['config']} on {result['device_name']}, torch {result['torch']}",
                   "", f"overrides: `{' '.join(result['overrides'])}`", ""]
@@ -80,6 +93,8 @@ def markdown(steps: list[dict[str, Any]]) -> str:
             preparation = result.get("batch_preparation")
             if preparation:
                 lines += ["", preparation_text(preparation, "batch preparation (multi-crop, masks)")]
+            if counts.get(step["step"]):
+                lines += ["", work_text(counts[step["step"]], result["rows"])]
     return "\n".join(lines) + "\n"
 
 

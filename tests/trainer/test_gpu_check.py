@@ -1,6 +1,6 @@
 """``benchmarks/gpu_check.sh OUTDIR --cpu-smoke``: the GPU check's own steps, run for real on the
-CPU with the tiny recipe (correctness against the CPU, both probes eager and compiled by inductor),
-leave their logs, JSON and a summary in OUTDIR. Timings are never asserted."""
+CPU with the tiny recipe (correctness against the CPU, both probes eager and compiled by inductor,
+the FLOP count of dinoflow's step at each probe's sizes), leave their logs, JSON and a summary in OUTDIR. Timings are never asserted."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = ("correctness", "probe_small", "probe_large")
+PROBES = ("probe_small", "probe_large")
+STEPS = ("correctness", *PROBES, "flops_small", "flops_large")
 
 
 @pytest.mark.timeout(1500)  # inductor compiles ~10 graphs on a cold cache: 4-5 minutes on 2 loaded cores
@@ -31,7 +32,7 @@ def test_cpu_smoke_writes_every_output_and_the_summary(tmp_path: Path) -> None:
     correctness = json.loads((out / "correctness.json").read_text())
     assert correctness["ok"]
     assert [c["name"] for c in correctness["checks"]] == ["backbone_fp32", "step_fp32", "step_bf16", "step_compiled"]
-    for probe in STEPS[1:]:
+    for probe in PROBES:
         rows = json.loads((out / f"{probe}.json").read_text())["rows"]
         extra = ["dinoflow_cudagraphs"] if probe == "probe_small" else []
         assert [r["step"] for r in rows] == ["probe", "dinoflow", "probe_compiled", "dinoflow_compiled", *extra]
@@ -42,13 +43,18 @@ def test_cpu_smoke_writes_every_output_and_the_summary(tmp_path: Path) -> None:
     summary = (out / "summary.md").read_text()
     assert all(f"| {name} | ok |" in summary for name in STEPS)
     assert summary.count("PASS") == 4 and "| dinoflow_compiled |" in summary
-    for probe in STEPS[1:]:  # the batch preparation's figures, beside the fastest dinoflow step
+    for probe in PROBES:  # the batch preparation's figures, beside the fastest dinoflow step
         preparation = json.loads((out / f"{probe}.json").read_text())["batch_preparation"]
         assert preparation["img_per_s"] > 0 and preparation["step"].startswith("dinoflow")
         assert 0 < preparation["share"] < 1
         assert preparation["loop_step"] == "dinoflow_compiled" and preparation["loop_img_per_s"] > 0
     assert summary.count("batch preparation (multi-crop, masks):") == 2
     assert summary.count("dinoflow_compiled with the next batch prepared in its wait") == 2
+    for probe in PROBES:  # dinoflow's counted work at the probe's sizes, and its rows' real TFLOP/s
+        flops = json.loads((out / f"{probe.replace('probe_', 'flops_')}.json").read_text())
+        assert flops["batch"] == 4 and 0 < flops["heads_and_losses_gflop_per_image"] < flops["gflop_per_image"]
+        assert f"counted: {flops['gflop_per_image']:.2f} GFLOP/image" in summary
+    assert summary.count("its real TFLOP/s: dinoflow ") == 2
     graphs = json.loads((out / "probe_small.json").read_text())["rows"][-1]
     assert graphs["cudagraph_skips"] > 0  # asked for CUDA graphs, which inductor declines on the CPU...
     assert "graphs without CUDA graphs |" in summary  # ...and the summary says so
