@@ -92,7 +92,9 @@ finish_counting() {
     for entry in "${counting[@]}"; do
         name=${entry%%:*}
         wait "${entry#*:}"
-        read -r rc seconds limit < "$OUT/$name.rc"
+        if ! read -r rc seconds limit 2> /dev/null < "$OUT/$name.rc"; then
+            rc=1 seconds=- limit=-  # its shell was killed before it could say
+        fi
         rm -f "$OUT/$name.rc"
         case $rc in
             0) status=ok ;;
