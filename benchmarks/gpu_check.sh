@@ -45,6 +45,20 @@ export PYTHONUNBUFFERED=1  # a step killed by its timeout still leaves its last 
 started=$SECONDS
 failed=0
 
+# record NAME EXIT_CODE SECONDS LIMIT: a step's line in steps.tsv (its status from its exit code), and
+# the run failed unless the code is 0
+record() {
+    local status
+    case $2 in
+        0) status=ok ;;
+        124 | 137) status=timeout ;;
+        *) status=failed ;;
+    esac
+    [[ $2 == 0 ]] || failed=1
+    printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$status" "$2" "$3" "$4" >> "$OUT/steps.tsv"
+    echo "== $1: $status"
+}
+
 # run_step NAME CAP_SECONDS COMMAND...: run under timeout, log to NAME.log, record a line in steps.tsv
 run_step() {
     local name=$1 cap=$2
@@ -57,16 +71,9 @@ run_step() {
         return
     fi
     echo "== $name (at most ${limit}s)"
-    local tick=$SECONDS rc status
+    local tick=$SECONDS
     timeout --kill-after=15 "$limit" "$@" > "$OUT/$name.log" 2>&1
-    rc=$?
-    case $rc in
-        0) status=ok ;;
-        124 | 137) status=timeout ;;
-        *) status=failed ;;
-    esac
-    ((rc == 0)) || failed=1
-    printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$status" "$rc" "$((SECONDS - tick))" "$limit" >> "$OUT/steps.tsv"
+    record "$name" $? "$((SECONDS - tick))" "$limit"
     tail -n 8 "$OUT/$name.log"
 }
 
@@ -88,7 +95,7 @@ start_counting() {
 }
 
 finish_counting() {
-    local entry name rc seconds limit status
+    local entry name rc seconds limit
     for entry in "${counting[@]}"; do
         name=${entry%%:*}
         wait "${entry#*:}"
@@ -96,14 +103,7 @@ finish_counting() {
             rc=1 seconds=- limit=-  # its shell was killed before it could say
         fi
         rm -f "$OUT/$name.rc"
-        case $rc in
-            0) status=ok ;;
-            124 | 137) status=timeout ;;
-            *) status=failed ;;
-        esac
-        ((rc == 0)) || failed=1
-        printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$status" "$rc" "$seconds" "$limit" >> "$OUT/steps.tsv"
-        echo "== $name: $status"
+        record "$name" "$rc" "$seconds" "$limit"
         tail -n 6 "$OUT/$name.log"
     done
 }
