@@ -4,13 +4,13 @@
 turns both into TFLOP/s with the probe's hand count, which is the same work only in the backbone:
 dinoflow's step also runs the heads' MLPs and the iBOT head on the masked patches, and its
 stochastic depth (above rate 0.1, the subset form) skips a share of the student's branch rows.
-This counts what dinoflow's step really multiplies, so that an img/s ratio can be read as
-(ratio of work) x (ratio of FLOP rates).
+This counts what dinoflow's step really multiplies, so that an img/s ratio can be read as the
+probe's work over ours, times our FLOP rate over the probe's.
 
 Counted by torch's ``FlopCounterMode`` (matmul FLOPs, 2 per multiply-add; norms, element-wise ops,
 the optimizer and the EMA left out, as in the probe's count) over the engine's own
-:func:`~trainer.engine.loss_terms` and its backward, on fake tensors: shapes only, no memory and no
-arithmetic, so the full recipes (ViT-L/14 at batch 64, 65,536 prototypes) count on a laptop CPU.
+:func:`~trainer.engine.loss_terms` and its backward, with the crops as fake tensors: every activation
+a shape only, no arithmetic and no activation memory (the weights are real), so the full recipes (ViT-L/14 at batch 64, 65,536 prototypes) count on a laptop CPU.
 Attention runs torch's math backend here, so that its two products are counted. The step's
 masks are the recipe's (their count padded to the recipe's bound, as in training). ``backbone`` is
 the teacher's forward and the student's forward and backward through the backbones alone; ``heads and
