@@ -10,8 +10,8 @@ probe's work over ours, times our FLOP rate over the probe's.
 Counted by torch's ``FlopCounterMode`` (matmul FLOPs, 2 per multiply-add; norms, element-wise ops,
 the optimizer and the EMA left out, as in the probe's count) over the engine's own
 :func:`~trainer.engine.loss_terms` and its backward, with the crops as fake tensors: every activation
-a shape only, no arithmetic and no activation memory (the weights are real), so the full recipes (ViT-L/14 at batch 64, 65,536 prototypes) count on a laptop CPU.
-Attention runs torch's math backend here, so that its two products are counted. The step's
+a shape only, no arithmetic and no activation memory (the weights are real), so the full recipes
+(ViT-L/14 at batch 64, 65,536 prototypes) count on a laptop CPU. Attention runs torch's math backend here, so that its two products are counted. The step's
 masks are the recipe's (their count padded to the recipe's bound, as in training). ``backbone`` is
 the teacher's forward and the student's forward and backward through the backbones alone; ``heads and
 losses`` is the rest of the step.
@@ -35,7 +35,7 @@ from gpu_correctness import synthetic_batch  # this script's folder is first on 
 from step_probe import probe_flops_per_image, probe_shape  # this script's folder is first on sys.path
 from dinoflow.config import PretrainConfig, load_config
 from dinoflow.storage import Storage
-from trainer.engine import CropBatch, Objective, SSLNetwork, build_networks, loss_terms
+from trainer.engine import CropBatch, Objective, SSLNetwork, build_networks, crop_outputs, loss_terms
 
 
 def _counted(work: Any) -> int:
@@ -50,11 +50,9 @@ def _backbones(student: SSLNetwork, teacher: SSLNetwork, batch: CropBatch) -> No
     """The backbones' share of a step, as :func:`~trainer.engine.loss_terms` calls them: the
     teacher's forward on the global crops, the student's forward on both crop groups (the global
     ones masked) and a backward through every output token."""
-    globals_, locals_ = batch.global_crops.flatten(0, 1), batch.local_crops.flatten(0, 1)
     with torch.no_grad():
-        teacher.backbone.forward_features(globals_)
-    groups = [globals_] + ([locals_] if len(locals_) else [])
-    outputs = student.backbone.forward_features_list(groups, [batch.masks] + [None] * (len(groups) - 1))
+        teacher.backbone.forward_features(batch.global_crops.flatten(0, 1))
+    outputs = crop_outputs(student.backbone, batch)
     sum(output["x_norm_clstoken"].sum() + output["x_norm_patchtokens"].sum() for output in outputs).backward()
 
 

@@ -64,6 +64,7 @@ from trainer.engine import (
     build_adamw,
     build_backbone,
     checkpoint_bytes,
+    crop_outputs,
     ema_update,
     finish_step,
     image_stream,
@@ -217,7 +218,6 @@ def distill_loss_terms(student: SSLNetwork, teacher: SSLNetwork, objective: Obje
     Crops ``(2, B, 3, G, G)`` / ``(L, B, 3, l, l)``; ``batch.masks`` is ignored (no masking).
     """
     globals_ = batch.global_crops.flatten(0, 1)  # (2B, 3, G, G), crop-major
-    locals_ = batch.local_crops.flatten(0, 1)  # (LB, 3, l, l)
     num_images = batch.global_crops.shape[1]
     with torch.no_grad():
         seen = teacher.backbone.forward_features(globals_)
@@ -226,8 +226,7 @@ def distill_loss_terms(student: SSLNetwork, teacher: SSLNetwork, objective: Obje
         teacher_patches = seen["x_norm_patchtokens"]  # (2B, N, D_teacher)
         teacher_patch = teacher.patch_head(teacher_patches.flatten(0, 1),
                                            fused=functools.partial(objective.patch_targets, temp=teacher_temp))  # (2BN, K)
-    groups = [globals_] + ([locals_] if len(locals_) else [])
-    outputs = student.backbone.forward_features_list(groups)
+    outputs = crop_outputs(student.backbone, batch, masked=False)
     global_cls = outputs[0]["x_norm_clstoken"]  # (2B, D)
     every_cls = torch.cat([output["x_norm_clstoken"] for output in outputs])  # (CB, D), crop-major
     student_patches = outputs[0]["x_norm_patchtokens"]  # (2B, N, D)
@@ -255,19 +254,17 @@ def feature_loss_terms(student: FeatureStudent, teacher: Teacher, objective: Obj
     teacher sees the global crops only; no head runs. ``objective`` lends its KoLeo.
     """
     globals_ = batch.global_crops.flatten(0, 1)  # (2B, 3, G, G), crop-major
-    locals_ = batch.local_crops.flatten(0, 1)  # (LB, 3, l, l)
     num_images = batch.global_crops.shape[1]
     with torch.no_grad():
         seen = teacher.backbone.forward_features(globals_)
         teacher_cls = seen["x_norm_clstoken"].view(2, num_images, -1)  # (2, B, D_teacher)
         teacher_patches = seen["x_norm_patchtokens"]  # (2B, N, D_teacher)
-    groups = [globals_] + ([locals_] if len(locals_) else [])
-    outputs = student.backbone.forward_features_list(groups)
+    outputs = crop_outputs(student.backbone, batch, masked=False)
     global_cls = outputs[0]["x_norm_clstoken"]  # (2B, D)
     student_global = student.cls_projector(global_cls).view(2, num_images, -1)  # (2, B, D_teacher)
     student_local = (student.cls_projector(outputs[1]["x_norm_clstoken"]).view(-1, num_images,
                                                                               student_global.shape[-1])
-                     if len(groups) > 1 else None)  # (L, B, D_teacher)
+                     if len(outputs) > 1 else None)  # (L, B, D_teacher)
     student_patches = outputs[0]["x_norm_patchtokens"]  # (2B, N, D)
     if student_patches.shape[1] != teacher_patches.shape[1]:
         raise ValueError(f"student has {student_patches.shape[1]} patches per crop, teacher "

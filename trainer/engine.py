@@ -272,12 +272,21 @@ def _read_losses(losses: Tensor, names: list[str], first: Callable[[], None] | N
     return {name: sum(row[i] for row in rows) / len(rows) for i, name in enumerate(names)}
 
 
+def crop_outputs(backbone: nn.Module, batch: CropBatch, masked: bool = True) -> list[dict[str, Tensor]]:
+    """``backbone``'s outputs on the global crops (masked by ``batch.masks`` if ``masked``) and, if
+    there are any, the local crops: both groups in one packed pass, each group crop-major."""
+    groups = [batch.global_crops.flatten(0, 1)]  # (2B, 3, G, G)
+    if len(batch.local_crops):
+        groups.append(batch.local_crops.flatten(0, 1))  # (LB, 3, l, l)
+    masks = [batch.masks if masked else None] + [None] * (len(groups) - 1)
+    return backbone.forward_features_list(groups, masks)
+
+
 def loss_terms(student: SSLNetwork, teacher: SSLNetwork, objective: Objective, batch: CropBatch,
                teacher_temp: float) -> dict[str, Tensor]:
     """One micro-batch's unweighted DINO, iBOT and KoLeo terms: the teacher's targets (no grad) from
     the global crops, the student's forward on all crops, each head fused with its loss."""
     globals_ = batch.global_crops.flatten(0, 1)  # (2B, 3, G, G), crop-major
-    locals_ = batch.local_crops.flatten(0, 1)  # (LB, 3, l, l)
     masks, index = batch.masks, batch.mask_index  # (2B, N), (M,)
     valid = masks.flatten()[index]  # (M,): False on the rows padding the index to a fixed count
     num_images = batch.global_crops.shape[1]
@@ -287,8 +296,7 @@ def loss_terms(student: SSLNetwork, teacher: SSLNetwork, objective: Objective, b
                                         teacher_temp)  # (2B, K)
         teacher_patch = teacher.patch_head(seen["x_norm_patchtokens"].flatten(0, 1)[index], fused=functools.partial(
             objective.patch_targets, temp=teacher_temp, valid=valid))  # (M, K)
-    groups = [globals_] + ([locals_] if len(locals_) else [])
-    outputs = student.backbone.forward_features_list(groups, [masks] + [None] * (len(groups) - 1))
+    outputs = crop_outputs(student.backbone, batch)
     global_cls = outputs[0]["x_norm_clstoken"]  # (2B, D)
     every_cls = torch.cat([output["x_norm_clstoken"] for output in outputs])  # (CB, D), crop-major
     patch_loss = functools.partial(objective.ibot, targets=teacher_patch, masks=masks, mask_index=index)

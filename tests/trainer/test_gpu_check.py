@@ -1,6 +1,7 @@
 """``benchmarks/gpu_check.sh OUTDIR --cpu-smoke``: the GPU check's own steps, run for real on the
 CPU with the tiny recipe (correctness against the CPU, both probes eager and compiled by inductor,
-the FLOP count of dinoflow's step at each probe's sizes), leave their logs, JSON and a summary in OUTDIR. Timings are never asserted."""
+the FLOP count of dinoflow's step at each probe's sizes), leave their logs, JSON and a summary in
+OUTDIR. Timings are never asserted."""
 
 from __future__ import annotations
 
