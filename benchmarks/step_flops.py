@@ -1,11 +1,11 @@
 """How much work is one dinoflow training step per image, next to the ceiling probe's?
 
 ``train_step.py --probe`` sets dinoflow's img/s against a plain ViT step's (``step_probe.py``) and
-turns both into TFLOP/s with the probe's hand count, which is the same work only in the backbone:
-dinoflow's step also runs the heads' MLPs and the iBOT head on the masked patches, and its
-stochastic depth (above rate 0.1, the subset form) skips a share of the student's branch rows.
-This counts what dinoflow's step really multiplies, so that an img/s ratio can be read as the
-probe's work over ours, times our FLOP rate over the probe's.
+turns both into TFLOP/s with the probe's hand count. dinoflow's step does other work: its stochastic
+depth (above rate 0.1, the subset form) skips a share of the student's branch rows, its losses add
+small products of their own, and it never computes the patch embedding's input gradient, which the
+probe's count includes. This counts what dinoflow's step really multiplies, so that an img/s ratio
+can be read as the probe's work over ours, times our FLOP rate over the probe's.
 
 Counted by torch's ``FlopCounterMode`` (matmul FLOPs, 2 per multiply-add; norms, element-wise ops,
 the optimizer and the EMA left out, as in the probe's count) over the engine's own

@@ -2,9 +2,16 @@
 
 Why it exists: dinoflow's real step (losses, masking, Sinkhorn, EMA) must beat what a straightforward
 implementation gets from the same card. The probe is that straightforward implementation: pre-norm
-ViT blocks with SDPA attention, a CLS-token prototype head, and nothing else -- no losses, no data,
-no stochastic depth. Per image it does a student forward+backward on 2 global + N local crops, a
-teacher forward (no grad) on the 2 global crops, and the prototype-head matmuls on every crop.
+ViT blocks with SDPA attention, a DINO-shaped head (MLP, bottleneck, prototypes), and nothing else --
+no losses, no data, no stochastic depth. Per image it does a student forward+backward on 2 global +
+N local crops, a teacher forward (no grad) on the 2 global crops, and the head's matmuls where a
+DINOv2 step runs them: on every crop's CLS token and on the global crops' masked patches (iBOT), as
+many rows as dinoflow's step pads them to (:func:`~trainer.data.masking.masked_patch_bound`).
+
+Why the masked patches: issue 11's own figures count them. Its ViT-L/14 probe ran at 345 TFLOP/s at
+169 img/s and 415 at 203, that is 2041-2045 GFLOP per image (within their rounding); this probe
+counts 2044.4 at those sizes, and without the masked patches' head (the CLS-only probe of
+benchmarks runs 1-6) 2029.4, outside that range.
 
 :func:`probe_flops_per_image` counts the matmul FLOPs of that work by hand (norms, activations and
 the optimizer are left out, as ``torch.utils.flop_counter.FlopCounterMode`` leaves them out), so a
@@ -26,7 +33,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class ProbeShape:
-    """The sizes one DINOv2 step works at: backbone, crops and prototype head."""
+    """The sizes one DINOv2 step works at: backbone, crops, head, batch and masked patches."""
 
     embed_dim: int
     depth: int
@@ -35,8 +42,13 @@ class ProbeShape:
     global_crop_size: int
     local_crop_size: int
     num_local_crops: int
+    hidden_dim: int  # the head's MLP
+    head_layers: int  # its linear layers up to the bottleneck (1: straight to it)
     bottleneck_dim: int
     num_prototypes: int
+    batch_size: int  # images per step
+    masked_rows: int  # masked patches per step, over the batch's global crops
+    patch_head: tuple[int, int] | None = None  # a separate iBOT head's (bottleneck, prototypes), else the DINO head
     mlp_ratio: float = 4.0
 
     @property
@@ -46,15 +58,37 @@ class ProbeShape:
 
 def probe_shape(cfg: PretrainConfig) -> ProbeShape:
     """The probe's sizes for a dinoflow recipe: its backbone's width, depth and heads (built on the
-    meta device: no memory), crops and the DINO head's bottleneck and prototypes."""
+    meta device: no memory), crops, the DINO head's sizes (and the iBOT head's when separate), and
+    the masked patches a step of its batch is padded to."""
+    from trainer.data.masking import masked_patch_bound
     from trainer.engine import build_networks
 
     with torch.device("meta"):
         backbone = build_networks(cfg)[0].backbone
-    crops = cfg.crops
+    crops, heads, loss = cfg.crops, cfg.heads, cfg.loss
+    batch = cfg.optim.batch_size
+    patches = (crops.global_crop_size // cfg.model.patch_size) ** 2
+    masked = masked_patch_bound(2 * batch, patches, loss.mask_probability, (loss.mask_ratio_min, loss.mask_ratio_max))
     return ProbeShape(backbone.embed_dim, len(backbone.blocks), backbone.blocks[0].attn.num_heads,
                       cfg.model.patch_size, crops.global_crop_size, crops.local_crop_size, crops.num_local_crops,
-                      cfg.heads.bottleneck_dim, cfg.heads.num_prototypes)
+                      heads.hidden_dim, heads.num_layers, heads.bottleneck_dim, heads.num_prototypes, batch, masked,
+                      (heads.ibot_bottleneck_dim, heads.ibot_num_prototypes) if heads.ibot_separate_head else None)
+
+
+def _head_widths(shape: ProbeShape, patches: bool = False) -> list[int]:
+    """Widths from the token to the logits: ``d, hidden, ..., hidden, bottleneck, prototypes``, of
+    the DINO head or (``patches``) the head of the masked patches."""
+    bottleneck, prototypes = (shape.patch_head if patches and shape.patch_head else
+                              (shape.bottleneck_dim, shape.num_prototypes))
+    return [shape.embed_dim, *[shape.hidden_dim] * (shape.head_layers - 1), bottleneck, prototypes]
+
+
+def _head(widths: list[int]) -> nn.Sequential:
+    """The MLP to the bottleneck (GELU between its layers), then the prototypes (no bias)."""
+    layers: list[nn.Module] = []
+    for width_in, width_out in zip(widths[:-2], widths[1:-1]):
+        layers += [nn.Linear(width_in, width_out), nn.GELU()]
+    return nn.Sequential(*layers[:-1], nn.Linear(widths[-2], widths[-1], bias=False))
 
 
 class ProbeBlock(nn.Module):
@@ -77,7 +111,9 @@ class ProbeBlock(nn.Module):
 
 
 class ProbeViT(nn.Module):
-    """Patch embedding -> CLS + positions -> blocks -> norm -> CLS -> bottleneck -> K prototype logits."""
+    """Patch embedding -> CLS + positions -> blocks -> norm -> head (MLP, bottleneck, K prototypes)
+    on the CLS tokens and, given their positions, on patch tokens (a second head of the iBOT head's
+    sizes when the recipe's is separate)."""
 
     def __init__(self, shape: ProbeShape) -> None:
         super().__init__()
@@ -88,51 +124,65 @@ class ProbeViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, max_tokens, d))
         self.blocks = nn.ModuleList(ProbeBlock(d, shape.num_heads, shape.mlp_dim) for _ in range(shape.depth))
         self.norm = nn.LayerNorm(d)
-        self.bottleneck = nn.Linear(d, shape.bottleneck_dim)
-        self.prototypes = nn.Linear(shape.bottleneck_dim, shape.num_prototypes, bias=False)
+        self.head = _head(_head_widths(shape))
+        self.patch_head = self.head if shape.patch_head is None else _head(_head_widths(shape, patches=True))
 
-    def forward(self, images: Tensor) -> Tensor:
+    def forward(self, images: Tensor, patch_index: Tensor | None = None) -> list[Tensor]:
+        """Logits: ``(batch, prototypes)`` of the CLS tokens, then, given ``patch_index`` (``M``
+        positions in the ``(batch x patches)`` patch tokens), ``(M, prototypes)`` of those patches."""
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (batch, patches, dim)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = x + self.pos_embed[:, : x.shape[1]]  # local crops take the first positions: work, not accuracy
         for block in self.blocks:
             x = block(x)
-        return self.prototypes(self.bottleneck(self.norm(x[:, 0])))  # (batch, num_prototypes)
+        x = self.norm(x)
+        if patch_index is None:
+            return [self.head(x[:, 0])]
+        patches = x.shape[1] - 1  # the p-th patch token is row p + p // patches + 1 of the flattened tokens
+        return [self.head(x[:, 0]), self.patch_head(x.flatten(0, 1)[patch_index + patch_index // patches + 1])]
 
 
 def probe_step(student: ProbeViT, teacher: ProbeViT, global_crops: Tensor, local_crops: Tensor,
-               optimizer: torch.optim.Optimizer, autocast_dtype: torch.dtype | None) -> None:
+               masked_index: Tensor, optimizer: torch.optim.Optimizer, autocast_dtype: torch.dtype | None) -> None:
     """One probe step: teacher forward on the global crops, student forward+backward on all crops,
-    optimizer step. The "loss" is the logits' mean: it makes backward do the full work and nothing more.
+    the head also on the global crops' patches at ``masked_index`` for both, optimizer step. The
+    "loss" is the logits' mean (accumulated in fp32): it makes backward do the full work and nothing more.
 
     ``global_crops`` is ``(2 * batch, 3, G, G)``, ``local_crops`` ``(N * batch, 3, L, L)``.
     """
     device_type = global_crops.device.type
     with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
         with torch.no_grad():
-            teacher(global_crops)
-        loss = student(global_crops).float().mean()
-        if local_crops.numel():
-            loss = loss + student(local_crops).float().mean()
+            teacher(global_crops, masked_index)
+        logits = student(global_crops, masked_index) + (student(local_crops) if local_crops.numel() else [])
+        loss = sum(part.mean(dtype=torch.float32) for part in logits)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
 
+def head_flops(shape: ProbeShape, patches: bool = False) -> int:
+    """Matmul FLOPs (2 per multiply-add) of the DINO head's (``patches``: the masked patches' head's)
+    forward on one token."""
+    widths = _head_widths(shape, patches)
+    return 2 * sum(a * b for a, b in zip(widths, widths[1:]))
+
+
 def forward_flops(shape: ProbeShape, crop_size: int) -> int:
-    """Matmul FLOPs (2 per multiply-add) of one forward of one crop through :class:`ProbeViT`."""
+    """Matmul FLOPs of one forward of one crop through :class:`ProbeViT`, the head on its CLS token."""
     d, patches = shape.embed_dim, (crop_size // shape.patch_size) ** 2
     tokens = patches + 1
     patch_embed = 2 * patches * 3 * shape.patch_size ** 2 * d
     linears = 2 * tokens * (3 * d * d + d * d + 2 * d * shape.mlp_dim)  # qkv, proj, fc1, fc2
     attention = 2 * 2 * tokens * tokens * d  # q @ k^T and weights @ v, all heads together
-    head = 2 * (d * shape.bottleneck_dim + shape.bottleneck_dim * shape.num_prototypes)  # CLS token only
-    return patch_embed + shape.depth * (linears + attention) + head
+    return patch_embed + shape.depth * (linears + attention) + head_flops(shape)
 
 
-def probe_flops_per_image(shape: ProbeShape) -> int:
+def probe_flops_per_image(shape: ProbeShape) -> float:
     """FLOPs of one DINOv2 step per image: the student's forward + backward (backward = 2x forward)
-    on 2 global and N local crops, and the teacher's forward on the 2 global crops."""
+    on 2 global and N local crops and the teacher's forward on the 2 global crops, then the head
+    on the step's masked patches (student 3 passes, teacher 1), shared by the batch's images."""
     global_forward, local_forward = forward_flops(shape, shape.global_crop_size), forward_flops(shape, shape.local_crop_size)
     student = 3 * (2 * global_forward + shape.num_local_crops * local_forward)
-    return student + 2 * global_forward
+    masked = (3 + 1) * shape.masked_rows * head_flops(shape, patches=True)
+    return student + 2 * global_forward + masked / shape.batch_size

@@ -247,9 +247,10 @@ def probe(args: argparse.Namespace) -> None:
         "config": args.config, "overrides": args.overrides, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
         "torch": torch.__version__, "batch": batch, "num_local_crops": crops.num_local_crops,
-        "gflop_per_image": flops / 1e9, "steps": args.steps, "warmup": args.warmup, "rows": []}
+        "masked_rows": shape.masked_rows, "gflop_per_image": flops / 1e9, "steps": args.steps, "warmup": args.warmup, "rows": []}
     print(f"\nTraining step vs ceiling probe, preset {args.config!r} on {device} ({report['device_name']}), "
-          f"batch {batch}, {crops.num_local_crops} local crops, {flops / 1e9:.3f} GFLOP/image; torch "
+          f"batch {batch}, {crops.num_local_crops} local crops, {shape.masked_rows} masked patches, "
+          f"{flops / 1e9:.3f} GFLOP/image; torch "
           f"{torch.__version__}; {args.steps} timed steps after {args.warmup} warm-up"
           + ("; CPU peak is the process's peak RSS, so each row includes the rows before it"
              if device.type == "cpu" else ""))
@@ -360,7 +361,7 @@ def time_probe(args: argparse.Namespace, device: torch.device, compiled: bool, s
     global_crops, local_crops = crop_batch.global_crops.flatten(0, 1), crop_batch.local_crops.flatten(0, 1)
     autocast_dtype = training_autocast(device)  # the engine's, so both steps compute alike
     def step() -> None:
-        probe_step(student, teacher, global_crops, local_crops, optimizer, autocast_dtype)
+        probe_step(student, teacher, global_crops, local_crops, crop_batch.mask_index, optimizer, autocast_dtype)
 
     seconds = time_steps(step, args, device)
     if profile:

@@ -7,6 +7,7 @@ attention term is checked on its own against an explicit ``q @ k^T`` and ``weigh
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -14,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -23,7 +25,8 @@ step_probe = sys.modules["step_probe"] = importlib.util.module_from_spec(SPEC)  
 SPEC.loader.exec_module(step_probe)
 
 SHAPE = step_probe.ProbeShape(embed_dim=32, depth=2, num_heads=4, patch_size=7, global_crop_size=28,
-                              local_crop_size=14, num_local_crops=2, bottleneck_dim=16, num_prototypes=64)
+                              local_crop_size=14, num_local_crops=2, hidden_dim=24, head_layers=3, bottleneck_dim=16,
+                              num_prototypes=64, batch_size=4, masked_rows=5)
 
 
 def attention_flops(tokens: int) -> int:
@@ -44,13 +47,59 @@ def test_forward_and_backward_flops_match_flop_counter() -> None:
             model(images)
         assert forward.get_total_flops() + 3 * attention_flops(tokens) == 3 * step_probe.forward_flops(SHAPE, crop)
         with FlopCounterMode(display=False) as both:
-            model(images).sum().backward()
+            model(images)[0].sum().backward()
         assert both.get_total_flops() + 9 * attention_flops(tokens) == 9 * step_probe.forward_flops(SHAPE, crop)
 
 
-def test_flops_per_image_is_student_three_passes_plus_teacher_forward() -> None:
+@pytest.mark.parametrize("patch_head", [None, (8, 48)], ids=["shared", "separate"])
+def test_the_head_on_patch_rows_adds_its_forward_per_row(patch_head: tuple[int, int] | None) -> None:
+    """The heads' hand counts against the counter's, and the patch rows they take: an index
+    selects exactly the patch tokens ``tokens[:, 1:].flatten(0, 1)[index]``."""
+    shape = dataclasses.replace(SHAPE, patch_head=patch_head)
+    model = step_probe.ProbeViT(shape)
+    images, index = torch.randn(3, 3, 28, 28), torch.tensor([0, 15, 16, 47, 5])
+    with FlopCounterMode(display=False) as cls_only:
+        model(images)
+    with FlopCounterMode(display=False) as with_rows:
+        cls_logits, patch_logits = model(images, index)
+    assert with_rows.get_total_flops() - cls_only.get_total_flops() == 5 * step_probe.head_flops(shape, patches=True)
+    bottleneck, prototypes = patch_head or (16, 64)
+    assert step_probe.head_flops(shape, patches=True) == 2 * (32 * 24 + 24 * 24 + 24 * bottleneck + bottleneck * prototypes)
+    assert patch_logits.shape == (5, prototypes) and cls_logits.shape == (3, 64)
+
+    captured = {}
+    model.norm.register_forward_hook(lambda module, args, out: captured.update(tokens=out))
+    model(images, index)
+    assert torch.allclose(patch_logits, model.patch_head(captured["tokens"][:, 1:].flatten(0, 1)[index]))
+    assert torch.allclose(cls_logits, model.head(captured["tokens"][:, 0]))
+    assert (model.patch_head is model.head) == (patch_head is None)
+
+
+def test_flops_per_image_is_student_three_passes_plus_teacher_forward_and_the_masked_rows() -> None:
     g, loc = step_probe.forward_flops(SHAPE, 28), step_probe.forward_flops(SHAPE, 14)
-    assert step_probe.probe_flops_per_image(SHAPE) == 3 * (2 * g + 2 * loc) + 2 * g
+    masked = 4 * 5 * step_probe.head_flops(SHAPE, patches=True)  # 5 rows: student forward + backward, teacher
+    assert step_probe.probe_flops_per_image(SHAPE) == 3 * (2 * g + 2 * loc) + 2 * g + masked / 4
+
+
+def test_the_probe_shape_pads_its_masked_rows_as_dinoflows_step_does() -> None:
+    """A recipe's probe: the DINO head's sizes and the masked rows of dinoflow's padded step."""
+    from dinoflow.config import PretrainConfig, load_config
+
+    spec = importlib.util.spec_from_file_location("gpu_correctness", SPEC.origin.replace("step_probe", "gpu_correctness"))
+    gpu_correctness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_correctness)
+
+    cfg = load_config(PretrainConfig, "tiny", ["optim.batch_size=6", "heads.num_layers=2", "heads.hidden_dim=40"])
+    shape = step_probe.probe_shape(cfg)
+    assert shape.masked_rows == len(gpu_correctness.synthetic_batch(cfg).mask_index) > 0
+    assert (shape.batch_size, shape.head_layers, shape.hidden_dim, shape.num_prototypes) == (
+        6, 2, 40, cfg.heads.num_prototypes)
+    assert [m.out_features for m in step_probe.ProbeViT(shape).head if isinstance(m, torch.nn.Linear)] == [
+        40, cfg.heads.bottleneck_dim, cfg.heads.num_prototypes]
+    assert shape.patch_head is None
+    separate = step_probe.probe_shape(load_config(PretrainConfig, "tiny", [
+        "heads.ibot_separate_head=true", "heads.ibot_bottleneck_dim=12", "heads.ibot_num_prototypes=30"]))
+    assert separate.patch_head == (12, 30)
 
 
 def test_probe_step_trains_the_student_only() -> None:
@@ -59,7 +108,8 @@ def test_probe_step_trains_the_student_only() -> None:
     before = [p.detach().clone() for p in student.parameters()]
     teacher_before = [p.detach().clone() for p in teacher.parameters()]
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-2)
-    step_probe.probe_step(student, teacher, torch.randn(4, 3, 28, 28), torch.randn(4, 3, 14, 14), optimizer, None)
+    step_probe.probe_step(student, teacher, torch.randn(4, 3, 28, 28), torch.randn(4, 3, 14, 14),
+                          torch.tensor([1, 2, 40]), optimizer, None)
     assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(teacher_before, teacher.parameters()))
 
