@@ -10,8 +10,9 @@
 #   correctness    benchmarks/gpu_correctness.py: backbone and one train_step on the GPU against the
 #                  CPU from the same weights (fp32), bf16 autocast against fp32, compiled blocks
 #                  against eager                                                 -> correctness.json
-#   probe_small    benchmarks/train_step.py --probe --compile --cuda-graphs: ViT-S/14 recipe, batch 128, and
-#                  dinoflow's compiled step once more with CUDA graphs      -> probe_small.json
+#   probe_small    benchmarks/train_step.py --probe --compile --cuda-graphs --subset-drop-above 0.05: ViT-S/14
+#                  recipe, batch 128, and dinoflow's compiled step once more with CUDA graphs, and once
+#                  more with its drop path (0.1) in the subset form               -> probe_small.json
 #                  the compiled step's kernel-time table (torch profiler) and what is alive at its
 #                  memory peak; the same for the compiled probe   -> profile_small.txt, profile_small_probe.txt
 #   probe_large    the same for the ViT-L/14 recipe, batch 64                               -> probe_large.json
@@ -117,7 +118,7 @@ if [[ $SMOKE == --cpu-smoke ]]; then
     SMALL=(--config tiny -- optim.batch_size=4 crops.num_local_crops=2)
     LARGE=(--config tiny -- optim.batch_size=4 crops.num_local_crops=2 model.ffn_layer=swiglu
            loss.centering=sinkhorn_knopp heads.ibot_separate_head=true heads.ibot_num_prototypes=4096
-           model.drop_path_rate=0.4)
+           model.drop_path_rate=0.5)  # 4 of a group's 8 crops kept: the subset form
     CAPS=(400 500 400 300)  # generous: inductor's first compilations on a cold cache, on cores other work shares
     BUDGET=${BUDGET:-1200}  # seconds for all timed steps together
 else
@@ -127,7 +128,7 @@ else
     SMALL=(--config vits14 -- optim.batch_size=128 "${CROPS[@]}" heads.num_prototypes=65536)
     LARGE=(--config vitl14 -- optim.batch_size=64 "${CROPS[@]}" heads.num_prototypes=65536
            heads.ibot_num_prototypes=65536)
-    CAPS=(120 200 180 240)  # the last: each FLOP count, on the CPU beside the GPU steps (ViT-L/14: ~1 minute)
+    CAPS=(120 240 180 240)  # the last: each FLOP count, on the CPU beside the GPU steps (ViT-L/14: ~1 minute)
     BUDGET=${BUDGET:-450}
 fi
 
@@ -144,7 +145,8 @@ start_counting flops_small "${CAPS[3]}" "${SMALL[@]}"
 start_counting flops_large "${CAPS[3]}" "${LARGE[@]}"
 run_step correctness "${CAPS[0]}" "$PYTHON" benchmarks/gpu_correctness.py --device "$DEVICE" --reference cpu \
     --compile --out "$OUT/correctness.json" "${CORRECTNESS[@]}"
-run_step probe_small "${CAPS[1]}" "$PYTHON" benchmarks/train_step.py --probe --compile --cuda-graphs --device "$DEVICE" \
+run_step probe_small "${CAPS[1]}" "$PYTHON" benchmarks/train_step.py --probe --compile --cuda-graphs \
+    --subset-drop-above 0.05 --device "$DEVICE" \
     --json "$OUT/probe_small.json" --profile "$OUT/profile_small.txt" "${STEPS[@]}" "${SMALL[@]}"
 run_step probe_large "${CAPS[2]}" "$PYTHON" benchmarks/train_step.py --probe --compile --device "$DEVICE" \
     --json "$OUT/probe_large.json" "${STEPS[@]}" "${LARGE[@]}"

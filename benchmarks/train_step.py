@@ -57,6 +57,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from unittest import mock
 
 import torch
 from torch._dynamo.utils import counters
@@ -94,6 +95,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="--probe --compile: also time dinoflow's compiled step with its blocks' kernels "
                              "replayed as CUDA graphs (model.compile_mode=reduce-overhead)")
+    parser.add_argument("--subset-drop-above", type=float, default=None, metavar="RATE",
+                        help="--probe --compile: also time dinoflow's compiled step with stochastic depth in its "
+                             "subset form above RATE instead of trainer.models.layers.SUBSET_DROP_ABOVE (e.g. 0.05: "
+                             "ViT-S/14's rate 0.1 skips its dropped rows instead of masking them)")
     parser.add_argument("--json", default="", help="--probe: also write the figures to this JSON file, row by row")
     parser.add_argument("--profile", default="",
                         help="--probe: profile two more steps of dinoflow's last row (compiled with --compile) "
@@ -106,8 +111,10 @@ def parse_args() -> argparse.Namespace:
         parser.error("--nproc, --steps and --threads must be at least 1, --warmup at least 0")
     if (args.compile or args.json or args.profile) and not args.probe:
         parser.error("--compile, --json and --profile go with --probe")
-    if args.cuda_graphs and not args.compile:
-        parser.error("--cuda-graphs goes with --probe --compile")
+    if (args.cuda_graphs or args.subset_drop_above is not None) and not args.compile:
+        parser.error("--cuda-graphs and --subset-drop-above go with --probe --compile")
+    if args.subset_drop_above is not None and not 0 <= args.subset_drop_above < 1:
+        parser.error(f"--subset-drop-above takes a rate in [0, 1), got {args.subset_drop_above}")
     if args.compile and args.warmup < 1:
         parser.error("--compile needs --warmup of at least 1: the first step compiles")
     if (args.strategy == "single") != (args.nproc == 1) and not args.worker and not args.probe:
@@ -270,9 +277,12 @@ def probe(args: argparse.Namespace) -> None:
             "dinoflow_compiled": lambda: time_dinoflow(args, device, True, crop_batch, args.profile, prepare=prepare)})
     if args.cuda_graphs:
         measures["dinoflow_cudagraphs"] = lambda: time_dinoflow(args, device, True, crop_batch, mode="reduce-overhead")
+    if args.subset_drop_above is not None:
+        measures["dinoflow_subset"] = lambda: time_dinoflow(args, device, True, crop_batch,
+                                                            subset_drop_above=args.subset_drop_above)
     plain: float | None = None  # the eager probe's seconds per step: every row's reference
     for label, measure in measures.items():
-        compiled = label.endswith(("_compiled", "_cudagraphs"))
+        compiled = label.endswith(("_compiled", "_cudagraphs", "_subset"))
         gc.collect()  # the last row's networks: compiled blocks hold themselves in a cycle
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -291,6 +301,8 @@ def probe(args: argparse.Namespace) -> None:
                    "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips}
             if loop_seconds is not None:
                 row["loop_img_per_s"] = batch / loop_seconds
+            if label == "dinoflow_subset":
+                row["subset_drop_above"] = args.subset_drop_above
             report["rows"].append(row)
             ratio = f"{row['ours_vs_probe']:>14.2f}" if plain else f"{'-':>14}"
             notes = row_notes(row)
@@ -372,16 +384,23 @@ def time_probe(args: argparse.Namespace, device: torch.device, compiled: bool, s
 
 def time_dinoflow(args: argparse.Namespace, device: torch.device, compiled: bool,
                   crop_batch: CropBatch, profile: str = "", mode: str = "default",
-                  prepare: Callable[[], CropBatch] | None = None) -> tuple[float, bool, float | None]:
+                  prepare: Callable[[], CropBatch] | None = None,
+                  subset_drop_above: float | None = None) -> tuple[float, bool, float | None]:
     """Seconds per step of the engine's ``train_step`` as the engine sets it up (its AdamW, bf16
     autocast on CUDA), with ``model.compile_blocks`` and ``loss.compile`` set to ``compiled`` (the
     blocks in ``model.compile_mode`` ``mode``), whether the compilation fell back to eager, and with
     ``prepare`` the seconds per step as the loop runs it: each step on the batch ``prepare`` made
     during the step before, in its wait for the losses; with ``profile``, two more steps profiled
-    on the fixed batch."""
+    on the fixed batch. ``subset_drop_above`` replaces ``SUBSET_DROP_ABOVE`` for this measurement
+    (networks built, compiled and timed under it): where the subset form of stochastic depth starts."""
     from trainer.engine import Objective, build_adamw, build_networks, train_step, training_autocast
+    from trainer.models import layers
     from trainer.models.compile import is_compiled
     from trainer.schedules import schedule_values
+
+    if subset_drop_above is not None:
+        with mock.patch.object(layers, "SUBSET_DROP_ABOVE", subset_drop_above):
+            return time_dinoflow(args, device, compiled, crop_batch, profile, mode, prepare)
 
     cfg = load_config(PretrainConfig, args.config,
                       [*args.overrides, f"model.compile_blocks={compiled}", f"loss.compile={compiled}",

@@ -35,7 +35,7 @@ def test_cpu_smoke_writes_every_output_and_the_summary(tmp_path: Path) -> None:
     assert [c["name"] for c in correctness["checks"]] == ["backbone_fp32", "step_fp32", "step_bf16", "step_compiled"]
     for probe in PROBES:
         rows = json.loads((out / f"{probe}.json").read_text())["rows"]
-        extra = ["dinoflow_cudagraphs"] if probe == "probe_small" else []
+        extra = ["dinoflow_cudagraphs", "dinoflow_subset"] if probe == "probe_small" else []
         assert [r["step"] for r in rows] == ["probe", "dinoflow", "probe_compiled", "dinoflow_compiled", *extra]
         assert all(r["img_per_s"] > 0 and not r["compile_fell_back"] for r in rows), rows
     profile = (out / "profile_small.txt").read_text()  # the compiled step's operators, by the profiler
@@ -44,6 +44,7 @@ def test_cpu_smoke_writes_every_output_and_the_summary(tmp_path: Path) -> None:
     summary = (out / "summary.md").read_text()
     assert all(f"| {name} | ok |" in summary for name in STEPS)
     assert summary.count("PASS") == 4 and "| dinoflow_compiled |" in summary
+    assert "| dinoflow_subset |" in summary and "subset form above rate 0.05" in summary
     for probe in PROBES:  # the batch preparation's figures, beside the fastest dinoflow step
         preparation = json.loads((out / f"{probe}.json").read_text())["batch_preparation"]
         assert preparation["img_per_s"] > 0 and preparation["step"].startswith("dinoflow")
@@ -56,6 +57,6 @@ def test_cpu_smoke_writes_every_output_and_the_summary(tmp_path: Path) -> None:
         assert flops["batch"] == 4 and 0 < flops["heads_and_losses_gflop_per_image"] < flops["gflop_per_image"]
         assert f"counted: {flops['gflop_per_image']:.2f} GFLOP/image" in summary
     assert summary.count("its real TFLOP/s: dinoflow ") == 2
-    graphs = json.loads((out / "probe_small.json").read_text())["rows"][-1]
+    (graphs,) = [r for r in json.loads((out / "probe_small.json").read_text())["rows"] if r["step"] == "dinoflow_cudagraphs"]
     assert graphs["cudagraph_skips"] > 0  # asked for CUDA graphs, which inductor declines on the CPU...
     assert "graphs without CUDA graphs |" in summary  # ...and the summary says so

@@ -147,8 +147,37 @@ def test_probe_mode_prints_both_rows_on_cpu(tmp_path: Path) -> None:
 def test_compile_needs_a_warm_up_step_and_the_probe_mode() -> None:
     for extra, message in ((["--probe", "--warmup", "0"], "--compile needs --warmup of at least 1"),
                            ([], "--compile, --json and --profile go with --probe"),
-                           (["--probe", "--cuda-graphs"], "--cuda-graphs goes with --probe --compile")):
+                           (["--probe", "--cuda-graphs"], "--cuda-graphs and --subset-drop-above go with --probe "
+                                                           "--compile"),
+                           (["--probe", "--subset-drop-above", "1"], "--subset-drop-above takes a rate in [0, 1), got 1.0")):
         compiled = [] if "--cuda-graphs" in extra else ["--compile"]
         done = subprocess.run([sys.executable, str(SCRIPT), *compiled, *extra], capture_output=True, text=True,
                               timeout=120, check=False)
         assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
+
+
+def test_the_subset_row_times_stochastic_depth_in_its_subset_form_then_puts_the_threshold_back(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--subset-drop-above``'s row: at the recipe's rate 0.1 (10 samples a group: 9 kept, the rate
+    exactly) the blocks take the subset form while it is timed, the mask form before and after."""
+    import argparse
+
+    from dinoflow.config import PretrainConfig, load_config
+    from trainer.models import layers
+
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import gpu_correctness
+    import train_step
+
+    overrides = ["optim.batch_size=5", "crops.num_local_crops=2", "model.drop_path_rate=0.1"]
+    args = argparse.Namespace(config="tiny", overrides=overrides, steps=1, warmup=0)
+    batch = gpu_correctness.synthetic_batch(load_config(PretrainConfig, "tiny", overrides))
+    forms = []
+    sizes = layers.subset_sizes
+    monkeypatch.setattr(layers, "subset_sizes", lambda shapes, rate: forms.append(sizes(shapes, rate)) or forms[-1])
+    seconds, _, _ = train_step.time_dinoflow(args, torch.device("cpu"), False, batch, subset_drop_above=0.05)
+    assert seconds > 0 and forms and all(kept == [9, 9] for kept in forms)
+    assert layers.SUBSET_DROP_ABOVE == 0.1
+    forms.clear()
+    train_step.time_dinoflow(args, torch.device("cpu"), False, batch)
+    assert forms and all(kept is None for kept in forms)
