@@ -10,8 +10,8 @@ many rows as dinoflow's step pads them to (:func:`~trainer.data.masking.masked_p
 
 Why the masked patches: issue 11's own figures count them. Its ViT-L/14 probe ran at 345 TFLOP/s at
 169 img/s and 415 at 203, that is 2041-2045 GFLOP per image (within their rounding); this probe
-counts 2044.4 at those sizes, and without the masked patches' head (the CLS-only probe of
-benchmarks runs 1-6) 2029.4, outside that range.
+counts 2044.9 at the ViT-L/14 recipe's sizes, and without the masked patches' head (the CLS-only
+probe of benchmarks runs 1-6) 2029.9, outside that range.
 
 :func:`probe_flops_per_image` counts the matmul FLOPs of that work by hand (norms, activations and
 the optimizer are left out, as ``torch.utils.flop_counter.FlopCounterMode`` leaves them out), so a
