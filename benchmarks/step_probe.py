@@ -182,7 +182,8 @@ def probe_flops_per_image(shape: ProbeShape) -> float:
     """FLOPs of one DINOv2 step per image: the student's forward + backward (backward = 2x forward)
     on 2 global and N local crops and the teacher's forward on the 2 global crops, then the head
     on the step's masked patches (student 3 passes, teacher 1), shared by the batch's images."""
-    global_forward, local_forward = forward_flops(shape, shape.global_crop_size), forward_flops(shape, shape.local_crop_size)
+    global_forward = forward_flops(shape, shape.global_crop_size)
+    local_forward = forward_flops(shape, shape.local_crop_size)
     student = 3 * (2 * global_forward + shape.num_local_crops * local_forward)
     masked = (3 + 1) * shape.masked_rows * head_flops(shape, patches=True)
     return student + 2 * global_forward + masked / shape.batch_size

@@ -254,7 +254,8 @@ def probe(args: argparse.Namespace) -> None:
         "config": args.config, "overrides": args.overrides, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
         "torch": torch.__version__, "batch": batch, "num_local_crops": crops.num_local_crops,
-        "masked_rows": shape.masked_rows, "gflop_per_image": flops / 1e9, "steps": args.steps, "warmup": args.warmup, "rows": []}
+        "masked_rows": shape.masked_rows, "gflop_per_image": flops / 1e9, "steps": args.steps,
+        "warmup": args.warmup, "rows": []}
     print(f"\nTraining step vs ceiling probe, preset {args.config!r} on {device} ({report['device_name']}), "
           f"batch {batch}, {crops.num_local_crops} local crops, {shape.masked_rows} masked patches, "
           f"{flops / 1e9:.3f} GFLOP/image; torch "

@@ -64,7 +64,8 @@ def test_the_head_on_patch_rows_adds_its_forward_per_row(patch_head: tuple[int, 
         cls_logits, patch_logits = model(images, index)
     assert with_rows.get_total_flops() - cls_only.get_total_flops() == 5 * step_probe.head_flops(shape, patches=True)
     bottleneck, prototypes = patch_head or (16, 64)
-    assert step_probe.head_flops(shape, patches=True) == 2 * (32 * 24 + 24 * 24 + 24 * bottleneck + bottleneck * prototypes)
+    assert step_probe.head_flops(shape, patches=True) == 2 * (32 * 24 + 24 * 24 + 24 * bottleneck
+                                                              + bottleneck * prototypes)
     assert patch_logits.shape == (5, prototypes) and cls_logits.shape == (3, 64)
 
     captured = {}
@@ -81,13 +82,12 @@ def test_flops_per_image_is_student_three_passes_plus_teacher_forward_and_the_ma
     assert step_probe.probe_flops_per_image(SHAPE) == 3 * (2 * g + 2 * loc) + 2 * g + masked / 4
 
 
-def test_the_probe_shape_pads_its_masked_rows_as_dinoflows_step_does() -> None:
+def test_the_probe_shape_pads_its_masked_rows_as_dinoflows_step_does(monkeypatch: pytest.MonkeyPatch) -> None:
     """A recipe's probe: the DINO head's sizes and the masked rows of dinoflow's padded step."""
     from dinoflow.config import PretrainConfig, load_config
 
-    spec = importlib.util.spec_from_file_location("gpu_correctness", SPEC.origin.replace("step_probe", "gpu_correctness"))
-    gpu_correctness = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_correctness)
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import gpu_correctness
 
     cfg = load_config(PretrainConfig, "tiny", ["optim.batch_size=6", "heads.num_layers=2", "heads.hidden_dim=40"])
     shape = step_probe.probe_shape(cfg)
@@ -149,7 +149,8 @@ def test_compile_needs_a_warm_up_step_and_the_probe_mode() -> None:
                            ([], "--compile, --json and --profile go with --probe"),
                            (["--probe", "--cuda-graphs"], "--cuda-graphs and --subset-drop-above go with --probe "
                                                            "--compile"),
-                           (["--probe", "--subset-drop-above", "1"], "--subset-drop-above takes a rate in [0, 1), got 1.0")):
+                           (["--probe", "--subset-drop-above", "1"],
+                            "--subset-drop-above takes a rate in [0, 1), got 1.0")):
         compiled = [] if "--cuda-graphs" in extra else ["--compile"]
         done = subprocess.run([sys.executable, str(SCRIPT), *compiled, *extra], capture_output=True, text=True,
                               timeout=120, check=False)
