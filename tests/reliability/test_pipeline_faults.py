@@ -46,10 +46,11 @@ def checkpoint_step(root: Path) -> int:
 
 def test_a_killed_stage_fails_the_pipeline_and_the_rerun_reuses_and_resumes(tmp_path: Path) -> None:
     runs = Runs(tmp_path)
-    # 12 s of training with a checkpoint every step: time enough to be killed after the second;
-    # a smaller benchmark than FAST's (the evaluate and register stages only have to finish)
-    params = {"data_source": DATA, **FAST, "overrides": [*FAST["overrides"], "checkpoint_every=1"],
-              "max_minutes": 0.2, "train_limit": 500, "test_limit": 200, "eval_tasks": ["knn"]}
+    # 8 steps with a checkpoint after each, however slow the machine (a time budget could end on a
+    # loaded one before the second): time enough to be killed after the second; a smaller
+    # benchmark than FAST's (the evaluate and register stages only have to finish)
+    params = {"data_source": DATA, **FAST, "overrides": [*FAST["overrides"], "checkpoint_every=1", "max_steps=8"],
+              "max_minutes": 10.0, "train_limit": 500, "test_limit": 200, "eval_tasks": ["knn"]}
     outcome: dict[str, BaseException] = {}
 
     def first_run() -> None:
