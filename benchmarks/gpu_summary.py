@@ -1,9 +1,10 @@
 """The summary of a ``benchmarks/gpu_check.sh`` run: its steps (status, time), the correctness
 checks and every probe row, from the files the steps left in OUTDIR (``steps.tsv``, written by
 the script, and each step's ``<step>.json``, written row by row, so a step stopped by its timeout
-still shows what it finished). Under each probe's table, with the FLOP count of dinoflow's step at
-its sizes (``flops_small.json`` beside ``probe_small.json``, from ``step_flops.py``), that work
-against the probe's and dinoflow's rows at their real TFLOP/s. Writes ``summary.json`` and
+still shows what it finished). Under each probe's table, issue 11's bar (dinoflow's fastest
+compiled row against the compiled probe, img/s and peak memory) and, with the FLOP count of
+dinoflow's step at its sizes (``flops_small.json`` beside ``probe_small.json``, from
+``step_flops.py``), that work against the probe's and dinoflow's rows at their real TFLOP/s. Writes ``summary.json`` and
 ``summary.md`` there and prints the latter.
 
     python benchmarks/gpu_summary.py OUTDIR
@@ -63,6 +64,20 @@ def work_text(flops: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             f"{flops['ours_vs_probe']:.3f}x the probe's work; its real TFLOP/s: {rates}")
 
 
+def bar_text(rows: list[dict[str, Any]]) -> str:
+    """Issue 11's bar in one line: dinoflow's fastest compiled row against the compiled probe, in
+    img/s and peak memory ("" without both)."""
+    measured = [r for r in rows if "error" not in r and r["compiled"]]
+    probe = next((r for r in measured if r["step"] == "probe_compiled"), None)
+    ours = max((r for r in measured if r["step"].startswith("dinoflow")), key=lambda r: r["img_per_s"], default=None)
+    if probe is None or ours is None:
+        return ""
+    speed, memory = ours["img_per_s"] / probe["img_per_s"], ours["peak_mib"] / probe["peak_mib"]
+    verdict = "met" if speed >= 1 and memory <= 1 else "not met"
+    return (f"issue 11's bar (at least the compiled probe's img/s at no more peak memory): {ours['step']} "
+            f"{speed:.2f}x its img/s at {100 * (memory - 1):+.0f} % peak memory: {verdict}")
+
+
 def markdown(steps: list[dict[str, Any]]) -> str:
     """Steps, then each correctness check and each probe table, with its FLOP count's line."""
     lines = ["# GPU check", "", "| step | status | exit code | seconds | limit |", "|---|---|---:|---:|---:|"]
@@ -81,18 +96,26 @@ def markdown(steps: list[dict[str, Any]]) -> str:
                 ", ".join(f"{t} {v['got']:.5f} vs {v['reference']:.5f}" for t, v in c["terms"].items()))
                 for c in result["checks"]]
         else:
-            lines += [f"batch {result['batch']}, {result['num_local_crops']} local crops, "
+            masked = f"{result['masked_rows']} masked patches, " if "masked_rows" in result else ""
+            lines += [f"batch {result['batch']}, {result['num_local_crops']} local crops, {masked}"
                       f"{result['gflop_per_image']:.2f} GFLOP/image, {result['steps']} timed steps after "
                       f"{result['warmup']} warm-up", "",
-                      "| step | img/s | TFLOP/s | peak MiB | vs eager probe | note |", "|---|---:|---:|---:|---:|---|"]
+                      "| step | img/s | TFLOP/s | peak MiB | vs eager probe | vs compiled probe | note |",
+                      "|---|---:|---:|---:|---:|---:|---|"]
+            compiled_probe = next((r for r in result["rows"] if r["step"] == "probe_compiled" and "error" not in r),
+                                  None)
             for row in result["rows"]:
                 if "error" in row:
-                    lines.append(f"| {row['step']} | | | | | {row['error']} |")
+                    lines.append(f"| {row['step']} | | | | | | {row['error']} |")
                     continue
                 ratio = f"{row['ours_vs_probe']:.2f}" if row["ours_vs_probe"] is not None else ""
+                against = (f"{row['img_per_s'] / compiled_probe['img_per_s']:.2f}"
+                           if compiled_probe and row["compiled"] else "")
                 note = "; ".join(row_notes(row))
                 lines.append(f"| {row['step']} | {row['img_per_s']:.1f} | {row['tflop_per_s']:.2f} | "
-                             f"{row['peak_mib']:.0f} | {ratio} | {note} |")
+                             f"{row['peak_mib']:.0f} | {ratio} | {against} | {note} |")
+            if bar := bar_text(result["rows"]):
+                lines += ["", bar]
             preparation = result.get("batch_preparation")
             if preparation:
                 lines += ["", preparation_text(preparation, "batch preparation (multi-crop, masks)")]

@@ -1,0 +1,58 @@
+"""``benchmarks/gpu_summary.py``'s reading of a probe table: each compiled row against the compiled
+probe, and issue 11's bar (img/s at least the compiled probe's, peak memory no more) on the
+fastest compiled dinoflow row, from rows written as ``train_step.py --probe`` writes them."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+SPEC = importlib.util.spec_from_file_location(
+    "gpu_summary", Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_summary.py")
+gpu_summary = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(gpu_summary)
+
+
+def _row(step: str, img_per_s: float, peak_mib: float) -> dict[str, Any]:
+    compiled = step.endswith(("_compiled", "_cudagraphs", "_subset"))
+    return {"step": step, "compiled": compiled, "img_per_s": img_per_s, "tflop_per_s": img_per_s * 0.1,
+            "peak_mib": peak_mib, "ours_vs_probe": img_per_s / 100.0, "compile_fell_back": False,
+            "cudagraph_skips": 0}
+
+
+def _steps(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    result = {"config": "vits14", "device_name": "a card", "torch": "2.13", "overrides": [], "batch": 128,
+              "num_local_crops": 8, "masked_rows": 9831, "gflop_per_image": 165.69, "steps": 8, "warmup": 2,
+              "rows": rows}
+    return [{"step": "probe_small", "status": "ok", "exit_code": "0", "seconds": "99", "limit_seconds": "240",
+             "result": result}]
+
+
+@pytest.mark.parametrize(("subset", "verdict"), [
+    ((130.0, 900.0), "dinoflow_subset 1.08x its img/s at -10 % peak memory: met"),
+    ((125.0, 1100.0), "dinoflow_subset 1.04x its img/s at +10 % peak memory: not met"),
+    ((110.0, 900.0), "dinoflow_compiled 0.92x its img/s at -20 % peak memory: not met"),  # a tie: the first
+])
+def test_the_table_sets_compiled_rows_against_the_compiled_probe_and_reads_the_bar(subset, verdict) -> None:
+    rows = [_row("probe", 100.0, 1000.0), _row("dinoflow", 80.0, 1200.0), _row("probe_compiled", 120.0, 1000.0),
+            _row("dinoflow_compiled", 110.0, 800.0), _row("dinoflow_subset", *subset)]
+    rows[-1]["subset_drop_above"] = 0.05
+    text = gpu_summary.markdown(_steps(rows))
+    assert "| dinoflow_compiled | 110.0 | 11.00 | 800 | 1.10 | 0.92 |  |" in text
+    assert "| dinoflow | 80.0 | 8.00 | 1200 | 0.80 |  |  |" in text  # eager rows: no compiled ratio
+    assert "| probe_compiled | 120.0 | 12.00 | 1000 | 1.20 | 1.00 |  |" in text
+    assert "stochastic depth in its subset form above rate 0.05 |" in text
+    assert "9831 masked patches" in text
+    assert f"issue 11's bar (at least the compiled probe's img/s at no more peak memory): {verdict}" in text
+
+
+def test_no_bar_without_the_compiled_probe() -> None:
+    rows = [_row("probe", 100.0, 1000.0), _row("dinoflow", 80.0, 1200.0),
+            {"step": "probe_compiled", "compiled": True, "error": "out of memory"},
+            _row("dinoflow_compiled", 110.0, 800.0)]
+    text = gpu_summary.markdown(_steps(rows))
+    assert "| probe_compiled | | | | | | out of memory |" in text and "issue 11's bar" not in text
+    assert "| dinoflow_compiled | 110.0 | 11.00 | 800 | 1.10 |  |  |" in text
