@@ -4,8 +4,8 @@ the script, and each step's ``<step>.json``, written row by row, so a step stopp
 still shows what it finished). Under each probe's table, issue 11's bar (dinoflow's fastest
 compiled row against the compiled probe, img/s and peak memory) and, with the FLOP count of
 dinoflow's step at its sizes (``flops_small.json`` beside ``probe_small.json``, from
-``step_flops.py``), that work against the probe's and dinoflow's rows at their real TFLOP/s. Writes ``summary.json`` and
-``summary.md`` there and prints the latter.
+``step_flops.py``), that work against the probe's and dinoflow's rows at their real TFLOP/s.
+Writes ``summary.json`` and ``summary.md`` there and prints the latter.
 
     python benchmarks/gpu_summary.py OUTDIR
 """
@@ -60,16 +60,22 @@ def work_text(flops: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     rates = ", ".join(f"{row['step']} {row['img_per_s'] * flops['gflop_per_image'] / 1e3:.2f}"
                       for row in rows if row["step"].startswith("dinoflow") and "error" not in row)
     return (f"dinoflow's step counted: {flops['gflop_per_image']:.2f} GFLOP/image (backbones "
-            f"{flops['backbone_gflop_per_image']:.2f}, heads and losses {flops['heads_and_losses_gflop_per_image']:.2f}), "
+            f"{flops['backbone_gflop_per_image']:.2f}, heads and losses "
+            f"{flops['heads_and_losses_gflop_per_image']:.2f}), "
             f"{flops['ours_vs_probe']:.3f}x the probe's work; its real TFLOP/s: {rates}")
+
+
+def compiled_probe(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The compiled probe's row, if it was measured: what issue 11's bar sets dinoflow against."""
+    return next((r for r in rows if r["step"] == "probe_compiled" and "error" not in r), None)
 
 
 def bar_text(rows: list[dict[str, Any]]) -> str:
     """Issue 11's bar in one line: dinoflow's fastest compiled row against the compiled probe, in
     img/s and peak memory ("" without both)."""
-    measured = [r for r in rows if "error" not in r and r["compiled"]]
-    probe = next((r for r in measured if r["step"] == "probe_compiled"), None)
-    ours = max((r for r in measured if r["step"].startswith("dinoflow")), key=lambda r: r["img_per_s"], default=None)
+    probe = compiled_probe(rows)
+    ours = max((r for r in rows if "error" not in r and r["compiled"] and r["step"].startswith("dinoflow")),
+               key=lambda r: r["img_per_s"], default=None)
     if probe is None or ours is None:
         return ""
     speed, memory = ours["img_per_s"] / probe["img_per_s"], ours["peak_mib"] / probe["peak_mib"]
@@ -102,15 +108,13 @@ def markdown(steps: list[dict[str, Any]]) -> str:
                       f"{result['warmup']} warm-up", "",
                       "| step | img/s | TFLOP/s | peak MiB | vs eager probe | vs compiled probe | note |",
                       "|---|---:|---:|---:|---:|---:|---|"]
-            compiled_probe = next((r for r in result["rows"] if r["step"] == "probe_compiled" and "error" not in r),
-                                  None)
+            probe = compiled_probe(result["rows"])
             for row in result["rows"]:
                 if "error" in row:
                     lines.append(f"| {row['step']} | | | | | | {row['error']} |")
                     continue
                 ratio = f"{row['ours_vs_probe']:.2f}" if row["ours_vs_probe"] is not None else ""
-                against = (f"{row['img_per_s'] / compiled_probe['img_per_s']:.2f}"
-                           if compiled_probe and row["compiled"] else "")
+                against = f"{row['img_per_s'] / probe['img_per_s']:.2f}" if probe and row["compiled"] else ""
                 note = "; ".join(row_notes(row))
                 lines.append(f"| {row['step']} | {row['img_per_s']:.1f} | {row['tflop_per_s']:.2f} | "
                              f"{row['peak_mib']:.0f} | {ratio} | {against} | {note} |")

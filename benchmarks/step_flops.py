@@ -11,8 +11,9 @@ Counted by torch's ``FlopCounterMode`` (matmul FLOPs, 2 per multiply-add; norms,
 the optimizer and the EMA left out, as in the probe's count) over the engine's own
 :func:`~trainer.engine.loss_terms` and its backward, with the crops as fake tensors: every activation
 a shape only, no arithmetic and no activation memory (the weights are real), so the full recipes
-(ViT-L/14 at batch 64, 65,536 prototypes) count on a laptop CPU. Attention runs torch's math backend here, so that its two products are counted. The step's
-masks are the recipe's (their count padded to the recipe's bound, as in training). ``backbone`` is
+(ViT-L/14 at batch 64, 65,536 prototypes) count on a laptop CPU. Attention runs torch's math
+backend here, so that its two products are counted. The step's masks are the recipe's (their
+count padded to the recipe's bound, as in training). ``backbone`` is
 the teacher's forward and the student's forward and backward through the backbones alone; ``heads and
 losses`` is the rest of the step.
 
