@@ -6,7 +6,10 @@ Tasks:
   one-pass linear probe), next to the raw-pixel k-NN baseline (``pixels_knn_top1_k*``);
 * ``seg``: the linear segmentation head on synthetic scenes (mIoU, pixel accuracy);
 * ``depth``: the linear depth head on the same scenes (RMSE, AbsRel, delta1);
-* ``retrieval``: CLS descriptors on synthetic retrieval sets (mAP easy/medium/hard).
+* ``retrieval``: CLS descriptors on synthetic retrieval sets (mAP easy/medium/hard);
+
+and with any of the first four, on the test images (scenes, else Fashion-MNIST), the share of
+high-norm patch tokens and the CLS token's attention on the patches (:mod:`evaluators.attention`).
 
 The synthetic scenes (:mod:`evaluators.synthetic`) make the dense and retrieval tasks run
 anywhere with exact ground truth; the adapters of :mod:`evaluators.dense_datasets` feed the same
@@ -42,9 +45,11 @@ from evaluators.linear import LinearProbeConfig
 from evaluators.report import benchmark_report, knn_accuracies, report_metrics
 from evaluators.retrieval import global_descriptors, rank_database
 from evaluators.synthetic import CLASS_NAMES, SceneConfig, make_retrieval_set, make_scenes
-from evaluators.visualize import save_dense_predictions, save_pca_maps
+from evaluators.attention import attention_summary
+from evaluators.visualize import save_attention_maps, save_dense_predictions, save_pca_maps
 
 TASKS = ("knn", "linear", "seg", "depth", "retrieval")
+ATTENTION_IMAGES = 128  # test images the attention figures are measured on
 
 
 @dataclass(frozen=True)
@@ -89,7 +94,7 @@ def _classification(backbone: nn.Module, config: SuiteConfig, storage: Storage) 
     report = benchmark_report(*splits, ks=config.ks, temperature=config.temperature, linear=linear, num_classes=10)
     report["pixels_knn"] = knn_accuracies(*pixels, ks=config.ks, temperature=config.temperature, num_classes=10)
     metrics = {**report_metrics(report), **{f"pixels_knn_top1_{k}": v for k, v in report["pixels_knn"].items()}}
-    return {"metrics": metrics, "report": report, "features": splits}
+    return {"metrics": metrics, "report": report, "features": splits, "test_images": images}
 
 
 def _scene_inputs(backbone: nn.Module, config: SuiteConfig) -> dict[str, Any]:
@@ -108,21 +113,25 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
 
     With ``pictures`` (a local folder) and the dense tasks, it also saves ``pca_features.png``
     (test scenes and their patch features' first three principal components as RGB) and
-    ``dense_predictions.png`` (masks and depth maps, true and predicted).
+    ``dense_predictions.png`` (masks and depth maps, true and predicted); with either the dense
+    or the classification tasks, ``attention_maps.png`` (:func:`_attention`).
     """
     backbone.eval()
     metrics: dict[str, float] = {}
     tasks: dict[str, Any] = {}
     features = None
+    looked_at = None  # uint8 test images for the attention maps: the scenes, else Fashion-MNIST's
     if {"knn", "linear"} & set(config.tasks):
         result = _classification(backbone, config, storage or Storage())
         metrics.update(result["metrics"])
         tasks["classification"] = result["report"]
         features = result["features"]
+        looked_at = result["test_images"][:ATTENTION_IMAGES]
     if {"seg", "depth"} & set(config.tasks):
         scenes = _scene_inputs(backbone, config)
         (train_patches, train_cls), (test_patches, test_cls) = scenes["train_x"], scenes["test_x"]
         test = scenes["test"]
+        looked_at = test.images[:ATTENTION_IMAGES]
         size = tuple(test.masks.shape[-2:])
         predicted_masks, predicted_depths = np.zeros_like(test.masks), np.zeros_like(test.depths)
         if "seg" in config.tasks:
@@ -149,6 +158,9 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
             save_pca_maps(test.images[shown], test_patches[shown].numpy(), Path(pictures) / "pca_features.png")
             save_dense_predictions(test.images[shown], test.masks[shown], predicted_masks[shown], test.depths[shown],
                                    predicted_depths[shown], Path(pictures) / "dense_predictions.png", len(CLASS_NAMES))
+    if looked_at is not None and hasattr(backbone, "last_self_attention"):
+        tasks["attention"] = _attention(backbone, looked_at, pictures)
+        metrics.update(tasks["attention"])
     if "retrieval" in config.tasks:
         data = make_retrieval_set(config.retrieval_scenes, seed=config.seed + 2,
                                   config=SceneConfig(size=config.scene_size))
@@ -158,6 +170,22 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
         tasks["retrieval"] = scores
         metrics.update({f"retrieval_{k}": v for k, v in scores.items()})
     return {"metrics": metrics, "tasks": tasks, "config": _jsonable(asdict(config)), "features": features}
+
+
+def _attention(backbone: nn.Module, images: np.ndarray | torch.Tensor,
+               pictures: str | Path | None) -> dict[str, float]:
+    """:func:`~evaluators.attention.attention_summary`'s metrics on uint8 test ``images``, each
+    resized to at least 8 patches a side (Fashion-MNIST's 28 px is 4 patches of 7), and with
+    ``pictures`` the first 8 in ``attention_maps.png``."""
+    pixels = torch.as_tensor(images)
+    patch = backbone.patch_size
+    side = patch * max(8, -(-max(pixels.shape[-2:]) // patch))
+    summary = attention_summary(backbone, to_model_input(pixels, size=side, patch_size=patch))
+    if pictures is not None:
+        shown = to_model_input(pixels[:8], size=side, patch_size=patch, mean=(0.0,) * 3, std=(1 / 255,) * 3)
+        save_attention_maps(shown.round().to(torch.uint8).numpy(), summary["maps"][:8].numpy(),
+                            summary["high_norm"][:8].numpy(), Path(pictures) / "attention_maps.png")
+    return summary["metrics"]
 
 
 def _jsonable(value: Any) -> Any:

@@ -1,4 +1,5 @@
-"""Pictures a person would rather look at than read: image grids, confusion matrices, PCA maps.
+"""Pictures a person would rather look at than read: image grids, confusion matrices, PCA and
+attention maps.
 
 Why: numbers in MLflow say how well a model does; these PNGs show where. Written with the
 non-interactive Agg backend so they work on headless machines and in pods.
@@ -88,6 +89,33 @@ def save_pca_maps(images: np.ndarray, patches: np.ndarray, path: str | Path, col
         axes[1, column].imshow(colours[column], interpolation="nearest")
         for axis in axes[:, column]:
             axis.axis("off")
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def save_attention_maps(images: np.ndarray, maps: np.ndarray, high_norm: np.ndarray, path: str | Path,
+                        columns: int = 8) -> Path:
+    """Save each image (uint8 ``(3, H, W)`` or ``(H, W)``) above its CLS attention ``maps``
+    ``(heads, h, w)`` averaged over heads, and below that the image with its high-norm patch
+    tokens ``high_norm`` ``(h, w)`` boxed in red (:mod:`evaluators.attention`)."""
+    count = min(len(images), columns)
+    figure, axes = plt.subplots(3, count, figsize=(count * 1.5, 4.8), squeeze=False)
+    for column in range(count):
+        image = images[column]
+        shown = image.transpose(1, 2, 0) if image.ndim == 3 and image.shape[0] == 3 else image
+        cmap = "gray" if shown.ndim == 2 else None
+        height, width = shown.shape[:2]
+        rows, cols = high_norm[column].shape
+        axes[0, column].imshow(shown, cmap=cmap)
+        axes[1, column].imshow(maps[column].mean(axis=0), cmap="inferno", interpolation="nearest")
+        axes[2, column].imshow(shown, cmap=cmap)
+        for row, col in zip(*np.nonzero(high_norm[column])):
+            axes[2, column].add_patch(plt.Rectangle((col * width / cols - 0.5, row * height / rows - 0.5),
+                                                    width / cols, height / rows, fill=False, color="red", lw=1))
+        for axis in axes[:, column]:
+            axis.axis("off")
+    for axis, title in zip(axes[:, 0], ("image", "CLS attention", "high-norm tokens")):
+        axis.set_title(title, fontsize=7, loc="left")
     figure.tight_layout()
     return _save(figure, path)
 

@@ -230,6 +230,63 @@ def evaluate(
 
 
 @app.command()
+def attention(
+    images: Annotated[list[str], typer.Argument(help="images (JPEG, PNG, WebP, GIF, BMP): local paths or URIs")],
+    weights: Annotated[str, typer.Option(help="backbone weights: local path or URI")],
+    out: Annotated[str, typer.Option(help="the PNG to write (path or URI): images, CLS attention, high-norm tokens")],
+    source: Annotated[str, typer.Option(help="official, training, safetensors or hf")] = "safetensors",
+    size: Annotated[int, typer.Option(help="side images are resized and centre-cropped to (a multiple of the "
+                                            "patch size)")] = 224,
+    factor: Annotated[float, typer.Option(help="high-norm: a patch token's norm above this many times the "
+                                                "median")] = 3.0,
+) -> None:
+    """Where a backbone looks and its high-norm tokens: the last block's CLS attention over the
+    patches and the patch tokens whose norm stands out, drawn in one PNG (up to 8 images); prints
+    the figures as JSON (per image: the high-norm tokens' (row, column) positions)."""
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from components.stage import storage_from_env
+    from evaluators.attention import attention_summary
+    from evaluators.features import to_model_input
+    from evaluators.visualize import save_attention_maps
+    from trainer.data.datasets import DECODE_ERRORS, read_image
+    from trainer.models.hub import SOURCES, load_backbone
+
+    if source not in SOURCES:
+        typer.echo(f"error: unknown source {source!r}; allowed: {', '.join(SOURCES)}", err=True)
+        raise typer.Exit(2)
+    if not out.endswith(".png"):
+        typer.echo(f"error: --out {out!r} must name a .png file", err=True)
+        raise typer.Exit(2)
+    storage = storage_from_env()
+    try:
+        backbone = load_backbone(weights, source, storage).eval()  # type: ignore[arg-type]
+        if size <= 0 or size % backbone.patch_size:
+            raise ValueError(f"--size {size} is not a positive multiple of the patch size {backbone.patch_size}")
+        pixels = []
+        for uri in images:
+            try:
+                pixels.append(read_image(storage.read_bytes(uri), size))
+            except DECODE_ERRORS as err:
+                raise ValueError(f"{uri} is not a readable image ({type(err).__name__}: {err})") from None
+        summary = attention_summary(backbone, to_model_input(torch.stack(pixels), patch_size=backbone.patch_size),
+                                    factor)
+    except (ValueError, FileNotFoundError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    with tempfile.TemporaryDirectory() as scratch:
+        picture = save_attention_maps(torch.stack(pixels).numpy(), summary["maps"].numpy(),
+                                      summary["high_norm"].numpy(), Path(scratch) / "attention.png")
+        storage.write_bytes(out, picture.read_bytes())
+    per_image = [{"image": uri, "high_norm_tokens": [[int(r), int(c)] for r, c in torch.nonzero(high).tolist()]}
+                 for uri, high in zip(images, summary["high_norm"])]
+    typer.echo(json.dumps({**summary["metrics"], "images": per_image, "out": out}, indent=2))
+
+
+@app.command()
 def export(
     weights: Annotated[str, typer.Option(help="weight file or folder: local path or URI")],
     export_format: Annotated[str, typer.Option("--format", help="hf, onnx or safetensors")],

@@ -28,7 +28,8 @@ def test_every_task_reports_its_metrics(tmp_path) -> None:
         assert name in metrics and metrics[name] == metrics[name], name  # present and not NaN
     assert 0 <= metrics["seg_miou"] <= 1 and metrics["depth_rmse"] > 0
     assert len(report["features"]) == 4 and report["features"][0].shape == (500, 32)
-    for name in ("pca_features.png", "dense_predictions.png"):
+    assert 0 <= metrics["high_norm_token_share"] < 0.5 and 0 < metrics["cls_attention_on_patches"] < 1
+    for name in ("pca_features.png", "dense_predictions.png", "attention_maps.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     report.pop("features")
     json.dumps(report)  # the rest is the JSON report

@@ -79,3 +79,42 @@ def test_eval_rejects_bad_input(weights: Path) -> None:
     assert bad_task.exit_code == 2 and "unknown tasks ['segm']" in bad_task.stderr
     missing = runner.invoke(app, ["eval", "knn", "--weights", str(weights.parent / "nope.safetensors")])
     assert missing.exit_code == 2 and "nope.safetensors" in missing.stderr
+
+
+def test_attention_draws_the_maps_and_names_the_high_norm_tokens(weights: Path, tmp_path: Path) -> None:
+    """Images in, the picture out and its figures as JSON: the same as the library on the same pixels."""
+    from PIL import Image
+
+    from evaluators.attention import attention_summary
+    from trainer.data.datasets import read_image
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for index, shape in enumerate([(40, 60, 3), (35, 35, 3)]):
+        path = tmp_path / f"image{index}.png"
+        Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    out = tmp_path / "maps" / "attention.png"
+    runner = CliRunner()
+    result = runner.invoke(app, ["attention", *paths, "--weights", str(weights), "--out", str(out), "--size", "42",
+                                 "--factor", "1.2"])
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    pixels = torch.stack([read_image(Path(p).read_bytes(), 42) for p in paths])
+    summary = attention_summary(load_backbone(str(weights), "safetensors").eval(),
+                                to_model_input(pixels, patch_size=7), factor=1.2)
+    assert printed["high_norm_token_share"] == pytest.approx(summary["metrics"]["high_norm_token_share"])
+    assert printed["cls_attention_on_patches"] == pytest.approx(summary["metrics"]["cls_attention_on_patches"])
+    flagged = [[list(map(int, rc)) for rc in torch.nonzero(high).tolist()] for high in summary["high_norm"]]
+    assert [image["high_norm_tokens"] for image in printed["images"]] == flagged
+    assert any(flagged)  # at 1.2 x the median some of a random model's tokens stand out
+    for args, message in (([paths[0], "--size", "40"], "not a positive multiple of the patch size 7"),
+                          ([str(tmp_path / "missing.png")], "missing.png"),
+                          ([str(weights)], "is not a readable image"),
+                          ([paths[0], "--factor", "1"], "factor must be > 1")):
+        bad = runner.invoke(app, ["attention", *args, "--weights", str(weights), "--out", str(tmp_path / "x.png")])
+        assert bad.exit_code == 2 and message in bad.stderr, bad.output
+    assert not (tmp_path / "x.png").exists()
+    wrong = runner.invoke(app, ["attention", paths[0], "--weights", str(weights), "--out", str(tmp_path / "x.jpg")])
+    assert wrong.exit_code == 2 and "must name a .png file" in wrong.stderr

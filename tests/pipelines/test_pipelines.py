@@ -89,7 +89,9 @@ def test_full_runs_every_stage_and_registers_a_champion(runs: Runs) -> None:
     assert decision["promoted"] and decision["reason"] == "no champion yet"
     report = json.loads(next(runs.kfp.glob("full-*/evaluate/report/report.json")).read_text())
     assert report["metrics"]["knn_top1_k20"] == pytest.approx(evaluate["knn_top1_k20"])
-    assert next(runs.kfp.glob("full-*/evaluate/report/confusion_knn.png")).read_bytes()[:4] == b"\x89PNG"
+    for picture in ("confusion_knn.png", "attention_maps.png"):
+        assert next(runs.kfp.glob(f"full-*/evaluate/report/{picture}")).read_bytes()[:4] == b"\x89PNG"
+    assert 0 <= evaluate["high_norm_token_share"] < 0.5 and 0 < evaluate["cls_attention_on_patches"] < 1
     assert next(runs.kfp.glob("full-*/pretrain/backbone/backbone.safetensors")).stat().st_size > 10_000
     assert len(list((runs.root / "data" / "fashion-mnist").iterdir())) == 4
 

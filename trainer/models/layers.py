@@ -116,6 +116,15 @@ class Attention(nn.Module):
             outputs.append(F.linear(attended.transpose(1, 2).reshape(batch * length, dim), weight, bias))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
+    def weights(self, tokens: Tensor) -> Tensor:
+        """The attention probabilities ``(B, heads, N, N)`` of tokens ``(B, N, D)``:
+        ``softmax(q k^T / sqrt(d))``, the weights :meth:`forward`'s fused attention applies to the
+        values without ever writing them; written out here for attention maps."""
+        batch, length, dim = tokens.shape
+        head_dim = dim // self.num_heads
+        q, k, _ = self.qkv(tokens).view(batch, length, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
+        return (q @ k.transpose(-2, -1) * head_dim**-0.5).softmax(dim=-1)
+
 
 class Mlp(nn.Module):
     """``fc2(gelu(fc1(x)))``: the FFN of ViT-S/B/L."""
