@@ -93,12 +93,21 @@ def save_pca_maps(images: np.ndarray, patches: np.ndarray, path: str | Path, col
     return _save(figure, path)
 
 
+def attention_rgb(maps: np.ndarray) -> np.ndarray:
+    """CLS attention maps ``(N, heads, h, w)`` as RGB in [0, 1] ``(N, h, w, 3)``: the mean over
+    heads, each image's map divided by its largest weight, in matplotlib's ``inferno`` colours."""
+    mean = maps.mean(axis=1)
+    scaled = mean / np.maximum(mean.max(axis=(1, 2), keepdims=True), 1e-12)
+    return matplotlib.colormaps["inferno"](scaled)[..., :3]
+
+
 def save_attention_maps(images: np.ndarray, maps: np.ndarray, high_norm: np.ndarray, path: str | Path,
                         columns: int = 8) -> Path:
     """Save each image (uint8 ``(3, H, W)`` or ``(H, W)``) above its CLS attention ``maps``
-    ``(heads, h, w)`` averaged over heads, and below that the image with its high-norm patch
+    ``(heads, h, w)`` (:func:`attention_rgb`), and below that the image with its high-norm patch
     tokens ``high_norm`` ``(h, w)`` boxed in red (:mod:`evaluators.attention`)."""
     count = min(len(images), columns)
+    colours = attention_rgb(maps[:count])
     figure, axes = plt.subplots(3, count, figsize=(count * 1.5, 4.8), squeeze=False)
     for column in range(count):
         image = images[column]
@@ -107,7 +116,7 @@ def save_attention_maps(images: np.ndarray, maps: np.ndarray, high_norm: np.ndar
         height, width = shown.shape[:2]
         rows, cols = high_norm[column].shape
         axes[0, column].imshow(shown, cmap=cmap)
-        axes[1, column].imshow(maps[column].mean(axis=0), cmap="inferno", interpolation="nearest")
+        axes[1, column].imshow(colours[column], interpolation="nearest")
         axes[2, column].imshow(shown, cmap=cmap)
         for row, col in zip(*np.nonzero(high_norm[column])):
             axes[2, column].add_patch(plt.Rectangle((col * width / cols - 0.5, row * height / rows - 0.5),

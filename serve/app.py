@@ -10,6 +10,9 @@ Routes:
   CLS features) out.
 * ``POST /v1/pca``: one image in; a PNG of its patch features' first three principal components
   (:func:`evaluators.visualize.pca_rgb`) out.
+* ``POST /v1/attention``: one image in; a PNG of the last block's CLS attention over its patches
+  (:func:`evaluators.visualize.attention_rgb`) out, with its high-norm patch tokens counted in the
+  headers ``X-High-Norm-Tokens`` and ``X-CLS-Attention-On-Patches`` (:mod:`evaluators.attention`).
 * ``POST /v1/pca-video``: frames in (several images, or animated GIF/PNG/WebP files whose frames
   are taken in order); one PCA basis fitted over the patches of all frames, so a colour means the
   same feature direction in every frame; an animated PNG (``format=apng``, identical consecutive
@@ -53,6 +56,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from evaluators.features import to_model_input
 from serve.batching import DynamicBatcher, Overloaded, RequestTimeout
 from serve.index import NeighbourIndex
 from serve.model import FEATURE_KINDS, ImageError, ServedModel, decode_upload, split_frames
@@ -279,6 +283,32 @@ def create_app(model: ServedModel, index: NeighbourIndex | None = None, settings
         patch = (await features_of(pixels))["patch"]  # (1, h*w, D)
         (picture,) = await run_in_threadpool(pca_frames, patch, size)
         return Response(_png(picture), media_type="image/png")
+
+    @app.post("/v1/attention")
+    async def attention(request: Request, size: int = 224) -> Response:
+        if not 16 <= size <= 1024:
+            raise HTTPException(400, f"size must be in [16, 1024], got {size}")
+        pixels = await pixels_of(request)
+        if len(pixels) != 1:
+            raise HTTPException(400, f"send exactly one image for an attention map, got {len(pixels)}")
+
+        def draw() -> tuple[bytes, dict[str, Any]]:
+            from evaluators.attention import attention_summary
+            from evaluators.visualize import attention_rgb
+
+            model = slot.current  # a swap between two requests changes nothing within this one
+            device = next(model.backbone.parameters()).device
+            with torch.inference_mode():
+                summary = attention_summary(model.backbone, to_model_input(pixels, patch_size=model.patch_size)
+                                            .to(device))
+            colours = (attention_rgb(summary["maps"].float().cpu().numpy())[0] * 255).round().astype(np.uint8)
+            picture = Image.fromarray(colours).resize((size, size), Image.Resampling.NEAREST)
+            return _png(picture), summary
+
+        png, summary = await run_in_threadpool(draw)
+        headers = {"X-High-Norm-Tokens": str(int(summary["high_norm"].sum())),
+                   "X-CLS-Attention-On-Patches": f"{summary['metrics']['cls_attention_on_patches']:.6f}"}
+        return Response(png, media_type="image/png", headers=headers)
 
     @app.post("/v1/pca-video")
     async def pca_video(request: Request, size: int = 224, fps: float = 4.0, format: str = "apng") -> Response:

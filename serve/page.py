@@ -1,9 +1,10 @@
-"""The web page of the service: upload an image, see its PCA feature map and nearest neighbours;
-upload frames (or an animated GIF/PNG/WebP), see their PCA video.
+"""The web page of the service: upload an image, see its PCA feature map, its CLS attention map
+and nearest neighbours; upload frames (or an animated GIF/PNG/WebP), see their PCA video.
 
 Plain HTML and JavaScript in one string (no CDN, no build step, no package data to ship): it
-calls ``/v1/pca``, ``/v1/neighbours``, ``/v1/index/items/{id}/image`` and ``/v1/pca-video`` of the
-same process. Element ids the browser test relies on: ``file``, ``pca``, ``neighbours``,
+calls ``/v1/pca``, ``/v1/attention``, ``/v1/neighbours``, ``/v1/index/items/{id}/image`` and
+``/v1/pca-video`` of the same process. Element ids the browser test relies on: ``file``, ``pca``,
+``attention``, ``attention-caption``, ``neighbours``,
 ``frames``, ``pca-video``, ``status``; an image that has finished loading gets ``data-ready``.
 """
 
@@ -31,6 +32,8 @@ PAGE_HTML = """<!doctype html>
 <div class="row">
   <figure><img id="input" class="big" alt=""><figcaption>input</figcaption></figure>
   <figure><img id="pca" class="big" alt=""><figcaption>PCA of the patch features (RGB = first 3 components)</figcaption></figure>
+  <figure><img id="attention" class="big" alt=""><figcaption id="attention-caption">CLS attention (last block, mean
+    of the heads)</figcaption></figure>
 </div>
 <h2>Nearest images</h2>
 <div class="row" id="neighbours"></div>
@@ -65,6 +68,11 @@ document.getElementById("file").addEventListener("change", async (event) => {
   const pca = await fetch("v1/pca", { method: "POST", body: form() });
   if (!pca.ok) { statusLine.textContent = "PCA: " + await detail(pca); return; }
   show(document.getElementById("pca"), await pca.blob());
+  const looked = await fetch("v1/attention", { method: "POST", body: form() });
+  if (!looked.ok) { statusLine.textContent = "attention: " + await detail(looked); return; }
+  document.getElementById("attention-caption").textContent = "CLS attention (last block, mean of the heads); " +
+    looked.headers.get("X-High-Norm-Tokens") + " high-norm patch tokens";
+  show(document.getElementById("attention"), await looked.blob());
   const list = document.getElementById("neighbours");
   list.replaceChildren();
   const k = document.getElementById("k").value;

@@ -45,7 +45,7 @@ def test_healthz_and_page(service: Running) -> None:
                                "index_size": 8}
     page = requests.get(service.url + "/", timeout=10)
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
-    assert "v1/neighbours" in page.text and "v1/pca" in page.text
+    assert "v1/neighbours" in page.text and "v1/pca" in page.text and "v1/attention" in page.text
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page.text)  # nothing from a CDN
 
 
@@ -150,3 +150,29 @@ def test_pca_map_is_a_png(service: Running) -> None:
     assert image.format == "PNG" and image.size == (64, 64) and image.mode == "RGB"
     two = requests.post(service.url + "/v1/pca", files=_files(service.images[:2]), timeout=30)
     assert two.status_code == 400 and "exactly one image" in two.json()["detail"]
+
+
+def test_attention_map_is_the_librarys(service: Running) -> None:
+    from PIL import Image
+
+    from evaluators.attention import attention_summary
+    from evaluators.visualize import attention_rgb
+
+    response = requests.post(service.url + "/v1/attention", params={"size": 64}, files=_files(service.images[-1:]),
+                             timeout=30)
+    assert response.status_code == 200, response.text
+    image = Image.open(io.BytesIO(response.content))
+    assert image.format == "PNG" and image.size == (64, 64) and image.mode == "RGB"
+    pixels = torch.stack([decode_image(service.images[-1].read_bytes(), IMAGE_SIZE)])
+    summary = attention_summary(service.model.backbone, to_model_input(pixels, patch_size=PATCH_SIZE))
+    colours = (attention_rgb(summary["maps"].numpy())[0] * 255).round().astype(np.uint8)  # (h, w, 3)
+    cell = 64 // (IMAGE_SIZE // PATCH_SIZE)
+    np.testing.assert_array_equal(np.asarray(image)[cell // 2::cell, cell // 2::cell], colours)
+    assert response.headers["X-High-Norm-Tokens"] == str(int(summary["high_norm"].sum()))
+    assert float(response.headers["X-CLS-Attention-On-Patches"]) == pytest.approx(
+        summary["metrics"]["cls_attention_on_patches"], abs=1e-6)
+    two = requests.post(service.url + "/v1/attention", files=_files(service.images[:2]), timeout=30)
+    assert two.status_code == 400 and "exactly one image" in two.json()["detail"]
+    small = requests.post(service.url + "/v1/attention", params={"size": 8}, files=_files(service.images[:1]),
+                          timeout=30)
+    assert small.status_code == 400 and "size must be in [16, 1024]" in small.json()["detail"]

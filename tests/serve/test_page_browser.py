@@ -1,8 +1,9 @@
 """The web page in a real headless Chromium (Debian's chromium + chromium-driver, driven by selenium).
 
-Upload an image through the file input, wait for the PCA map and the neighbours to render, take a
-screenshot and check the PCA region is a picture (several colours, pixel variance) equal to what
-``/v1/pca`` returns; then upload frames and wait for the PCA video. Chromium missing is a failure,
+Upload an image through the file input, wait for the PCA and attention maps and the neighbours to
+render, take a screenshot and check the PCA region is a picture (several colours, pixel variance)
+equal to what ``/v1/pca`` returns, and the attention region what ``/v1/attention`` returns; then
+upload frames and wait for the PCA video. Chromium missing is a failure,
 not a skip: ``scripts/setup.sh`` installs it.
 """
 
@@ -53,7 +54,8 @@ def _region(screenshot: Image.Image, element: object) -> np.ndarray:
     return np.asarray(screenshot.convert("RGB").crop(box), dtype=np.int16)
 
 
-def test_upload_shows_the_pca_map_and_the_neighbours(service: Running, browser: object, tmp_path: Path) -> None:
+def test_upload_shows_the_pca_and_attention_maps_and_the_neighbours(service: Running, browser: object,
+                                                                    tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -65,6 +67,7 @@ def test_upload_shows_the_pca_map_and_the_neighbours(service: Running, browser: 
     driver.find_element(By.ID, "file").send_keys(str(upload))
 
     WebDriverWait(driver, WAIT_S).until(lambda d: d.find_element(By.ID, "pca").get_attribute("data-ready"))
+    WebDriverWait(driver, WAIT_S).until(lambda d: d.find_element(By.ID, "attention").get_attribute("data-ready"))
     loaded = ("return Array.from(document.querySelectorAll('#neighbours img'))"
               ".filter(i => i.complete && i.naturalWidth > 0).length")
     WebDriverWait(driver, WAIT_S).until(lambda d: d.execute_script(loaded) == 5)
@@ -83,6 +86,14 @@ def test_upload_shows_the_pca_map_and_the_neighbours(service: Running, browser: 
     shown = pca[1:-1, 1:-1]  # inside the 1 px border
     assert shown.shape == expected.shape
     assert np.abs(shown - expected).mean() < 3, f"the page does not show /v1/pca's picture; {path}"
+    looked = requests.post(service.url + "/v1/attention", timeout=30,
+                           files=[("images", ("q.png", upload.read_bytes(), "image/png"))])
+    expected = np.asarray(Image.open(io.BytesIO(looked.content)).convert("RGB"), dtype=np.int16)
+    shown = _region(screenshot, driver.find_element(By.ID, "attention"))[1:-1, 1:-1]
+    assert shown.shape == expected.shape
+    assert np.abs(shown - expected).mean() < 3, f"the page does not show /v1/attention's picture; {path}"
+    caption = driver.find_element(By.ID, "attention-caption").text
+    assert f"{looked.headers['X-High-Norm-Tokens']} high-norm patch tokens" in caption
 
     captions = [c.text for c in driver.find_elements(By.CSS_SELECTOR, "#neighbours figcaption")]
     assert len(captions) == 5 and captions[0].startswith("#1") and "1.000" in captions[0]  # the image itself
