@@ -245,3 +245,22 @@ def test_foreign_keys_and_configs_are_refused() -> None:
         arch_kwargs_from_hf_config(hf_config(model.arch_kwargs) | {"model_type": "vit"})
     with pytest.raises(ValueError, match="hidden_act"):
         arch_kwargs_from_hf_config(hf_config(model.arch_kwargs) | {"hidden_act": "relu"})
+
+
+# off the native size only the register model's position resize is the same in transformers (hf.py)
+@pytest.mark.parametrize(("registers", "width"), [(0, 56), (4, 42)])
+def test_last_self_attention_is_the_attention_transformers_returns(tmp_path: Path, registers: int, width: int) -> None:
+    """Our last block's attention probabilities (the attention maps' source) against those of
+    transformers' eager attention on the exported weights: an implementation we did not write."""
+    model = tiny(num_register_tokens=registers)
+    theirs = transformers.AutoModel.from_pretrained(export_hf(model, tmp_path / "out"), local_files_only=True,
+                                                    attn_implementation="eager").eval()
+    images = torch.randn(2, 3, 56, width, generator=torch.Generator().manual_seed(5))
+    tokens = 1 + registers + 4 * width // 14
+    with torch.inference_mode():
+        ours = model.last_self_attention(images)
+        attentions = theirs(pixel_values=images, output_attentions=True).attentions
+    assert len(attentions) == model.depth and ours.shape == (2, 4, tokens, tokens)
+    torch.testing.assert_close(ours, attentions[-1], atol=1e-5, rtol=0)
+    with pytest.raises(AssertionError):  # the check tells the blocks apart
+        torch.testing.assert_close(ours, attentions[-2], atol=1e-5, rtol=0)
