@@ -95,9 +95,11 @@ def save_pca_maps(images: np.ndarray, patches: np.ndarray, path: str | Path, col
 
 def attention_rgb(maps: np.ndarray) -> np.ndarray:
     """CLS attention maps ``(N, heads, h, w)`` as RGB in [0, 1] ``(N, h, w, 3)``: the mean over
-    heads, each image's map divided by its largest weight, in matplotlib's ``inferno`` colours."""
+    heads, each image's map stretched from its smallest weight to its largest (a briefly trained
+    model's attention is nearly flat; the stretch shows where it leans), in ``inferno`` colours."""
     mean = maps.mean(axis=1)
-    scaled = mean / np.maximum(mean.max(axis=(1, 2), keepdims=True), 1e-12)
+    low = mean.min(axis=(1, 2), keepdims=True)
+    scaled = (mean - low) / np.maximum(mean.max(axis=(1, 2), keepdims=True) - low, 1e-12)
     return matplotlib.colormaps["inferno"](scaled)[..., :3]
 
 
@@ -123,7 +125,8 @@ def save_attention_maps(images: np.ndarray, maps: np.ndarray, high_norm: np.ndar
                                                     width / cols, height / rows, fill=False, color="red", lw=1))
         for axis in axes[:, column]:
             axis.axis("off")
-    for axis, title in zip(axes[:, 0], ("image", "CLS attention", "high-norm tokens")):
+    flagged = f"high-norm tokens (red): {int(high_norm[:count].sum())} of {high_norm[:count].size}"
+    for axis, title in zip(axes[:, 0], ("image", "CLS attention", flagged)):
         axis.set_title(title, fontsize=7, loc="left")
     figure.tight_layout()
     return _save(figure, path)

@@ -85,3 +85,19 @@ def test_summary_figures_and_picture(tmp_path) -> None:
     pixels = np.random.default_rng(0).integers(0, 255, (4, 3, 28, 28), dtype=np.uint8)
     path = save_attention_maps(pixels, summary["maps"].numpy(), high, tmp_path / "attention.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_attention_colours_stretch_each_maps_head_mean() -> None:
+    import matplotlib
+
+    from evaluators.visualize import attention_rgb
+
+    rng = np.random.default_rng(4)
+    maps = rng.random((2, 3, 4, 5))
+    colours = attention_rgb(maps)
+    assert colours.shape == (2, 4, 5, 3)
+    inferno = matplotlib.colormaps["inferno"]
+    for image, mean in zip(colours, maps.mean(axis=1)):
+        np.testing.assert_allclose(image[np.unravel_index(mean.argmin(), mean.shape)], inferno(0.0)[:3])
+        np.testing.assert_allclose(image[np.unravel_index(mean.argmax(), mean.shape)], inferno(1.0)[:3])
+    np.testing.assert_allclose(attention_rgb(0.01 * maps + 0.2), colours)  # a flat-ish map shows the same
