@@ -8,9 +8,10 @@ maps (Darcet et al., "Vision Transformers Need Registers"; dinov2 #293, #475): t
 tokens says whether a backbone has these artefacts, and registers should bring it down.
 
 A patch token is *high-norm* when its norm at the last block's output (before the final norm)
-exceeds ``factor`` times the median patch-token norm of the images looked at: a relative rule,
-so that it holds at any width and depth, where the paper's absolute threshold was read off one
-model's histogram.
+exceeds ``factor`` times the median patch-token norm of its image: a relative rule, so that it
+holds at any width and depth (the paper's absolute threshold was read off one model's
+histogram), and per image, so that an image's verdicts do not depend on the others looked at
+with it (a service batches requests together).
 """
 
 from __future__ import annotations
@@ -50,22 +51,25 @@ def patch_norms(backbone: Any, images: Tensor) -> Tensor:
 
 
 def high_norm_tokens(norms: Tensor, factor: float = HIGH_NORM_FACTOR) -> Tensor:
-    """Which patch tokens of ``norms`` (:func:`patch_norms`) are high-norm: above ``factor`` times
-    their median (module docstring); same shape, bool."""
+    """Which patch tokens of ``norms`` ``(..., h, w)`` (:func:`patch_norms`) are high-norm: above
+    ``factor`` times the median of their image's ``h x w`` (module docstring); same shape, bool."""
     if not factor > 1:
         raise ValueError(f"factor must be > 1 (a multiple of the median norm), got {factor}")
-    return norms > factor * norms.median()
+    medians = norms.flatten(-2).median(dim=-1).values  # (...,)
+    return norms > factor * medians[..., None, None]
 
 
 def attention_summary(backbone: Any, images: Tensor, factor: float = HIGH_NORM_FACTOR) -> dict[str, Any]:
     """Maps and figures of ``backbone`` (eval mode) on model inputs ``images`` ``(B, 3, H, W)``:
     ``maps`` (:func:`cls_attention_maps`), ``norms`` (:func:`patch_norms`), ``high_norm``
-    (:func:`high_norm_tokens`) and ``metrics``: ``high_norm_token_share`` (of all patch tokens)
-    and ``cls_attention_on_patches`` (the CLS token's attention mass on the patches, averaged over
-    heads and images; the rest goes to itself and the registers)."""
+    (:func:`high_norm_tokens`), ``on_patches`` ``(B,)`` (the CLS token's attention mass on the
+    patches, averaged over heads; the rest goes to itself and the registers) and ``metrics``:
+    ``high_norm_token_share`` (of all patch tokens) and ``cls_attention_on_patches`` (``on_patches``'
+    mean)."""
     maps = cls_attention_maps(backbone, images)
     norms = patch_norms(backbone, images)
     high = high_norm_tokens(norms, factor)
+    on_patches = maps.sum(dim=(-2, -1)).mean(dim=1)
     metrics = {"high_norm_token_share": high.float().mean().item(),
-               "cls_attention_on_patches": maps.sum(dim=(-2, -1)).mean().item()}
-    return {"maps": maps, "norms": norms, "high_norm": high, "metrics": metrics}
+               "cls_attention_on_patches": on_patches.mean().item()}
+    return {"maps": maps, "norms": norms, "high_norm": high, "on_patches": on_patches, "metrics": metrics}

@@ -25,7 +25,8 @@ pixels per image. A bad request gets a 4xx whose JSON ``detail`` says what was w
 allowed; it never reaches the batcher, so the service keeps serving.
 
 Overload gets a 503 with ``Retry-After`` and a ``detail`` that says which limit was hit: when
-``max_queue`` requests already wait for the model (checked before the body is read, and again when
+``max_queue`` requests already wait for the model (the features and the attention maps each have
+a queue of their own) (checked before the body is read, and again when
 the decoded images are queued), or when a request's features take longer than
 ``request_timeout_s``. Memory is bounded by ``max_queue * max_images`` decoded images in the queue.
 
@@ -56,7 +57,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from evaluators.features import to_model_input
 from serve.batching import DynamicBatcher, Overloaded, RequestTimeout
 from serve.index import NeighbourIndex
 from serve.model import FEATURE_KINDS, ImageError, ServedModel, decode_upload, split_frames
@@ -150,7 +150,10 @@ def create_app(model: ServedModel, index: NeighbourIndex | None = None, settings
         watcher = ChampionWatcher(slot, model.name, settings.reload_every_s, load)
     batcher = DynamicBatcher(slot.embed, settings.max_batch_size, settings.max_wait_ms, metrics.on_batch,
                              max_queue=settings.max_queue, timeout_s=settings.request_timeout_s)
-    metrics.queued.set_function(lambda: batcher.queued)
+    # the attention maps' own queue (another forward than the features'), bounded and timed alike
+    looker = DynamicBatcher(slot.attention, settings.max_batch_size, settings.max_wait_ms, metrics.on_batch,
+                            max_queue=settings.max_queue, timeout_s=settings.request_timeout_s)
+    metrics.queued.set_function(lambda: batcher.queued + looker.queued)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -160,6 +163,7 @@ def create_app(model: ServedModel, index: NeighbourIndex | None = None, settings
         if watcher is not None:
             watcher.close()
         batcher.close()
+        looker.close()
 
     app = FastAPI(title="dinoflow serve", lifespan=lifespan)
     app.state.slot, app.state.index, app.state.settings, app.state.batcher = slot, index, settings, batcher
@@ -169,9 +173,9 @@ def create_app(model: ServedModel, index: NeighbourIndex | None = None, settings
         metrics.rejected.labels(reason).inc()
         return HTTPException(503, message, headers={"Retry-After": RETRY_AFTER_S})
 
-    async def features_of(pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+    async def features_of(pixels: torch.Tensor, queue: DynamicBatcher = batcher) -> dict[str, torch.Tensor]:
         try:
-            return await batcher.run(pixels)
+            return await queue.run(pixels)
         except Overloaded as err:
             raise overloaded("queue_full", str(err)) from None
         except RequestTimeout as err:
@@ -190,10 +194,11 @@ def create_app(model: ServedModel, index: NeighbourIndex | None = None, settings
             metrics.requests.labels(route, str(status)).inc()
             metrics.latency.labels(route).observe(time.perf_counter() - start)
 
-    async def pixels_of(request: Request, frames: bool = False) -> torch.Tensor:
-        """The request's images decoded at the served image size; ``frames``: animated files give all frames."""
-        if batcher.full:  # before the body is read: an overloaded service spends nothing on the request
-            raise overloaded("queue_full", f"the service is busy: {batcher.queued} requests are waiting for the "
+    async def pixels_of(request: Request, frames: bool = False, queue: DynamicBatcher = batcher) -> torch.Tensor:
+        """The request's images decoded at the served image size, for ``queue``; ``frames``: animated
+        files give all frames."""
+        if queue.full:  # before the body is read: an overloaded service spends nothing on the request
+            raise overloaded("queue_full", f"the service is busy: {queue.queued} requests are waiting for the "
                                            f"model (the limit is {settings.max_queue}); retry later")
         uploads = await _read_uploads(request, settings)
         image_size = slot.current.image_size  # a swap keeps it (serve.reload)
@@ -273,42 +278,36 @@ def create_app(model: ServedModel, index: NeighbourIndex | None = None, settings
         return {"model": slot.current.name, "index_size": len(index), "k": k,
                 "results": index.search(outputs["cls"], k)}
 
-    @app.post("/v1/pca")
-    async def pca(request: Request, size: int = 224) -> Response:
+    async def one_image(request: Request, size: int, picture: str, queue: DynamicBatcher = batcher) -> torch.Tensor:
+        """The request's one image ``(1, 3, S, S)`` for a ``picture`` of side ``size``, or a 400 saying why not."""
         if not 16 <= size <= 1024:
             raise HTTPException(400, f"size must be in [16, 1024], got {size}")
-        pixels = await pixels_of(request)
+        pixels = await pixels_of(request, queue=queue)
         if len(pixels) != 1:
-            raise HTTPException(400, f"send exactly one image for a PCA map, got {len(pixels)}")
+            raise HTTPException(400, f"send exactly one image for {picture}, got {len(pixels)}")
+        return pixels
+
+    @app.post("/v1/pca")
+    async def pca(request: Request, size: int = 224) -> Response:
+        pixels = await one_image(request, size, "a PCA map")
         patch = (await features_of(pixels))["patch"]  # (1, h*w, D)
         (picture,) = await run_in_threadpool(pca_frames, patch, size)
         return Response(_png(picture), media_type="image/png")
 
     @app.post("/v1/attention")
     async def attention(request: Request, size: int = 224) -> Response:
-        if not 16 <= size <= 1024:
-            raise HTTPException(400, f"size must be in [16, 1024], got {size}")
-        pixels = await pixels_of(request)
-        if len(pixels) != 1:
-            raise HTTPException(400, f"send exactly one image for an attention map, got {len(pixels)}")
+        pixels = await one_image(request, size, "an attention map", looker)
+        looked = await features_of(pixels, looker)
 
-        def draw() -> tuple[bytes, dict[str, Any]]:
-            from evaluators.attention import attention_summary
+        def draw() -> bytes:
             from evaluators.visualize import attention_rgb
 
-            model = slot.current  # a swap between two requests changes nothing within this one
-            device = next(model.backbone.parameters()).device
-            with torch.inference_mode():
-                summary = attention_summary(model.backbone, to_model_input(pixels, patch_size=model.patch_size)
-                                            .to(device))
-            colours = (attention_rgb(summary["maps"].float().cpu().numpy())[0] * 255).round().astype(np.uint8)
-            picture = Image.fromarray(colours).resize((size, size), Image.Resampling.NEAREST)
-            return _png(picture), summary
+            colours = (attention_rgb(looked["maps"].numpy())[0] * 255).round().astype(np.uint8)  # (h, w, 3)
+            return _png(Image.fromarray(colours).resize((size, size), Image.Resampling.NEAREST))
 
-        png, summary = await run_in_threadpool(draw)
-        headers = {"X-High-Norm-Tokens": str(int(summary["high_norm"].sum())),
-                   "X-CLS-Attention-On-Patches": f"{summary['metrics']['cls_attention_on_patches']:.6f}"}
-        return Response(png, media_type="image/png", headers=headers)
+        headers = {"X-High-Norm-Tokens": str(int(looked["high_norm"].sum())),
+                   "X-CLS-Attention-On-Patches": f"{float(looked['on_patches'][0]):.6f}"}
+        return Response(await run_in_threadpool(draw), media_type="image/png", headers=headers)
 
     @app.post("/v1/pca-video")
     async def pca_video(request: Request, size: int = 224, fps: float = 4.0, format: str = "apng") -> Response:

@@ -77,6 +77,19 @@ class ServedModel:
         patch, cls = blocks[-1]  # (B, h*w, D), (B, D): the last block through the final norm
         return {"cls": cls.float().cpu(), "pooled": patch.mean(dim=1).float().cpu(), "patch": patch.float().cpu()}
 
+    def attention(self, pixels: Tensor) -> dict[str, Tensor]:
+        """Where the backbone looks in uint8 images ``(B, 3, S, S)``: ``maps`` ``(B, heads, h, w)``
+        (the last block's CLS attention over the patches), ``high_norm`` ``(B, h, w)`` (each image's
+        high-norm patch tokens) and ``on_patches`` ``(B,)`` (the CLS attention mass on the patches),
+        on the CPU: :func:`evaluators.attention.attention_summary`, per image."""
+        from evaluators.attention import attention_summary
+
+        device = next(self.backbone.parameters()).device
+        with torch.inference_mode():
+            summary = attention_summary(self.backbone, to_model_input(pixels, patch_size=self.patch_size).to(device))
+        return {name: summary[name].float().cpu() if name != "high_norm" else summary[name].cpu()
+                for name in ("maps", "high_norm", "on_patches")}
+
 
 def decode_upload(data: bytes, image_size: int, max_pixels: int) -> Tensor:
     """Encoded image bytes -> uint8 ``(3, image_size, image_size)``; :class:`ImageError` says why not."""

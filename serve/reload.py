@@ -42,6 +42,10 @@ class ModelSlot:
         """:meth:`ServedModel.embed` of the model current when the batch starts."""
         return self._model.embed(pixels)
 
+    def attention(self, pixels: Tensor) -> dict[str, Tensor]:
+        """:meth:`ServedModel.attention` of the model current when the batch starts."""
+        return self._model.attention(pixels)
+
     def swap(self, model: ServedModel) -> ServedModel:
         """Serve ``model`` from the next forward pass on; returns the previous one.
 

@@ -66,11 +66,13 @@ def test_patch_norms_and_high_norm_tokens() -> None:
     norms = patch_norms(model, images)
     prenorm = model.forward_features(images)["x_prenorm"][:, 5:]
     torch.testing.assert_close(norms, prenorm.norm(dim=-1).view(3, 4, 4).detach())
-    values = torch.tensor([[1.0, 1.1, 0.9, 1.0], [1.2, 3.3, 0.8, 9.0]])
-    assert high_norm_tokens(values).tolist() == [[False] * 4, [False, True, False, True]]  # median 1.0
-    assert high_norm_tokens(values, factor=5.0).sum() == 1
+    image = torch.tensor([[1.0, 1.1, 0.9, 1.0], [1.2, 3.3, 0.8, 9.0]])  # (h, w): median 1.0
+    flagged = [[False] * 4, [False, True, False, True]]
+    assert high_norm_tokens(image).tolist() == flagged
+    assert high_norm_tokens(torch.stack([image, 10 * image])).tolist() == [flagged, flagged]  # each its own median
+    assert high_norm_tokens(image, factor=5.0).sum() == 1
     with pytest.raises(ValueError, match="factor must be > 1"):
-        high_norm_tokens(values, factor=1.0)
+        high_norm_tokens(image, factor=1.0)
 
 
 def test_summary_figures_and_picture(tmp_path) -> None:
@@ -80,6 +82,7 @@ def test_summary_figures_and_picture(tmp_path) -> None:
     metrics = summary["metrics"]
     assert metrics["high_norm_token_share"] == pytest.approx(summary["high_norm"].float().mean().item())
     assert 0 < metrics["cls_attention_on_patches"] < 1  # the CLS token keeps some attention on itself
+    torch.testing.assert_close(summary["on_patches"], summary["maps"].sum((-2, -1)).mean(1))
     high = summary["high_norm"].numpy().copy()
     high[0, 1, 2] = True
     pixels = np.random.default_rng(0).integers(0, 255, (4, 3, 28, 28), dtype=np.uint8)

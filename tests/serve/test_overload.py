@@ -36,6 +36,12 @@ class SlowModel(ServedModel):
         finally:
             self.idle.set()
 
+    attention_delay_s: float = 0.0
+
+    def attention(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        time.sleep(self.attention_delay_s)
+        return super().attention(pixels)
+
 
 @pytest.fixture
 def slow_service(served_model: ServedModel, service: Running, request: pytest.FixtureRequest) -> Iterator[tuple]:
@@ -48,8 +54,18 @@ def slow_service(served_model: ServedModel, service: Running, request: pytest.Fi
     thread.join(timeout=10)
 
 
-def _embed(url: str, image: bytes) -> requests.Response:
-    return requests.post(url + "/v1/embed", files=[("images", ("x.png", image, "image/png"))], timeout=30)
+def _embed(url: str, image: bytes, route: str = "/v1/embed") -> requests.Response:
+    return requests.post(url + route, files=[("images", ("x.png", image, "image/png"))], timeout=30)
+
+
+def _served_and_refused(responses: list[requests.Response]) -> tuple[list[int], requests.Response]:
+    """The sorted statuses of ``responses``, some served and the others refused as busy at a queue of
+    1 (asserted), and one refused response."""
+    statuses = sorted(response.status_code for response in responses)
+    assert set(statuses) == {200, 503}, statuses
+    busy = next(response for response in responses if response.status_code == 503)
+    assert "the service is busy" in busy.json()["detail"] and "the limit is 1" in busy.json()["detail"]
+    return statuses, busy
 
 
 @pytest.mark.parametrize("slow_service", [{"max_queue": 1, "request_timeout_s": 30}], indirect=True)
@@ -59,10 +75,7 @@ def test_a_full_queue_gets_503_and_the_service_recovers(slow_service: tuple) -> 
     slow.delay_s = 1.0
     with ThreadPoolExecutor(8) as pool:
         responses = list(pool.map(lambda _: _embed(url, image), range(8)))
-    statuses = sorted(response.status_code for response in responses)
-    assert set(statuses) == {200, 503} and statuses.count(200) >= 1, statuses
-    busy = next(response for response in responses if response.status_code == 503)
-    assert "the service is busy" in busy.json()["detail"] and "the limit is 1" in busy.json()["detail"]
+    statuses, busy = _served_and_refused(responses)
     assert busy.headers["retry-after"] == "1"
     assert slow.forward_calls == statuses.count(200)  # refused requests never reached the model
 
@@ -75,6 +88,20 @@ def test_a_full_queue_gets_503_and_the_service_recovers(slow_service: tuple) -> 
     rejected = re.search(r'^dinoflow_serve_rejected_total\{reason="queue_full"\} (\S+)$', metrics, re.MULTILINE)
     assert rejected and float(rejected.group(1)) == statuses.count(503)
     assert re.search(r"^dinoflow_serve_queued_requests 0\.0$", metrics, re.MULTILINE)
+
+
+@pytest.mark.parametrize("slow_service", [{"max_queue": 1, "request_timeout_s": 30}], indirect=True)
+def test_attention_maps_queue_apart_from_the_features_and_are_bounded_alike(slow_service: tuple) -> None:
+    slow, url, images = slow_service
+    image = images[0].read_bytes()
+    slow.attention_delay_s = 1.0
+    with ThreadPoolExecutor(6) as pool:
+        looks = [pool.submit(_embed, url, image, "/v1/attention") for _ in range(6)]
+        time.sleep(0.5)  # one map being drawn, one waiting: the attention queue is full
+        embedded = _embed(url, image)
+        responses = [look.result() for look in looks]
+    assert embedded.status_code == 200, embedded.text  # the features' queue is another one
+    _served_and_refused(responses)
 
 
 @pytest.mark.parametrize("slow_service", [{"max_queue": 4, "request_timeout_s": 0.3}], indirect=True)
