@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from dinoflow.storage import Storage
+from evaluators.attention import attention_summary
 from evaluators.dense import (
     HeadConfig,
     dense_features,
@@ -45,7 +46,6 @@ from evaluators.linear import LinearProbeConfig
 from evaluators.report import benchmark_report, knn_accuracies, report_metrics
 from evaluators.retrieval import global_descriptors, rank_database
 from evaluators.synthetic import CLASS_NAMES, SceneConfig, make_retrieval_set, make_scenes
-from evaluators.attention import attention_summary
 from evaluators.visualize import save_attention_maps, save_dense_predictions, save_pca_maps
 
 TASKS = ("knn", "linear", "seg", "depth", "retrieval")

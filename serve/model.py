@@ -87,8 +87,8 @@ class ServedModel:
         device = next(self.backbone.parameters()).device
         with torch.inference_mode():
             summary = attention_summary(self.backbone, to_model_input(pixels, patch_size=self.patch_size).to(device))
-        return {name: summary[name].float().cpu() if name != "high_norm" else summary[name].cpu()
-                for name in ("maps", "high_norm", "on_patches")}
+        return {"maps": summary["maps"].float().cpu(), "high_norm": summary["high_norm"].cpu(),
+                "on_patches": summary["on_patches"].float().cpu()}
 
 
 def decode_upload(data: bytes, image_size: int, max_pixels: int) -> Tensor:
