@@ -60,14 +60,16 @@ def high_norm_tokens(norms: Tensor, factor: float = HIGH_NORM_FACTOR) -> Tensor:
 
 
 def attention_summary(backbone: Any, images: Tensor, factor: float = HIGH_NORM_FACTOR) -> dict[str, Any]:
-    """Maps and figures of ``backbone`` (eval mode) on model inputs ``images`` ``(B, 3, H, W)``:
-    ``maps`` (:func:`cls_attention_maps`), ``norms`` (:func:`patch_norms`), ``high_norm``
+    """Maps and figures of ``backbone`` (eval mode, on any device) on model inputs ``images``
+    ``(B, 3, H, W)``, the tensors on the CPU (float32; ``high_norm`` bool): ``maps``
+    (:func:`cls_attention_maps`), ``norms`` (:func:`patch_norms`), ``high_norm``
     (:func:`high_norm_tokens`), ``on_patches`` ``(B,)`` (the CLS token's attention mass on the
     patches, averaged over heads; the rest goes to itself and the registers) and ``metrics``:
     ``high_norm_token_share`` (of all patch tokens) and ``cls_attention_on_patches`` (``on_patches``'
     mean)."""
-    maps = cls_attention_maps(backbone, images)
-    norms = patch_norms(backbone, images)
+    images = images.to(next(backbone.parameters()).device)
+    maps = cls_attention_maps(backbone, images).float().cpu()
+    norms = patch_norms(backbone, images).cpu()
     high = high_norm_tokens(norms, factor)
     on_patches = maps.sum(dim=(-2, -1)).mean(dim=1)
     metrics = {"high_norm_token_share": high.float().mean().item(),

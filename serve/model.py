@@ -84,11 +84,9 @@ class ServedModel:
         on the CPU: :func:`evaluators.attention.attention_summary`, per image."""
         from evaluators.attention import attention_summary
 
-        device = next(self.backbone.parameters()).device
         with torch.inference_mode():
-            summary = attention_summary(self.backbone, to_model_input(pixels, patch_size=self.patch_size).to(device))
-        return {"maps": summary["maps"].float().cpu(), "high_norm": summary["high_norm"].cpu(),
-                "on_patches": summary["on_patches"].float().cpu()}
+            summary = attention_summary(self.backbone, to_model_input(pixels, patch_size=self.patch_size))
+        return {name: summary[name] for name in ("maps", "high_norm", "on_patches")}
 
 
 def decode_upload(data: bytes, image_size: int, max_pixels: int) -> Tensor:
