@@ -104,13 +104,16 @@ def attention_rgb(maps: np.ndarray) -> np.ndarray:
 
 
 def save_attention_maps(images: np.ndarray, maps: np.ndarray, high_norm: np.ndarray, path: str | Path,
-                        columns: int = 8) -> Path:
+                        columns: int = 8, per_head: bool = False) -> Path:
     """Save each image (uint8 ``(3, H, W)`` or ``(H, W)``) above its CLS attention ``maps``
-    ``(heads, h, w)`` (:func:`attention_rgb`), and below that the image with its high-norm patch
-    tokens ``high_norm`` ``(h, w)`` boxed in red (:mod:`evaluators.attention`)."""
+    ``(heads, h, w)`` (:func:`attention_rgb`: the heads' mean, or with ``per_head`` a row per head,
+    each stretched alone), and below that the image with its high-norm patch tokens ``high_norm``
+    ``(h, w)`` boxed in red (:mod:`evaluators.attention`)."""
     count = min(len(images), columns)
-    colours = attention_rgb(maps[:count])
-    figure, axes = plt.subplots(3, count, figsize=(count * 1.5, 4.8), squeeze=False)
+    groups = [maps[:count, head:head + 1] for head in range(maps.shape[1])] if per_head else [maps[:count]]
+    colours = [attention_rgb(group) for group in groups]  # a row each: (count, h, w, 3)
+    rows_shown = 2 + len(colours)
+    figure, axes = plt.subplots(rows_shown, count, figsize=(count * 1.5, 1.6 * rows_shown), squeeze=False)
     for column in range(count):
         image = images[column]
         shown = image.transpose(1, 2, 0) if image.ndim == 3 and image.shape[0] == 3 else image
@@ -118,15 +121,17 @@ def save_attention_maps(images: np.ndarray, maps: np.ndarray, high_norm: np.ndar
         height, width = shown.shape[:2]
         rows, cols = high_norm[column].shape
         axes[0, column].imshow(shown, cmap=cmap)
-        axes[1, column].imshow(colours[column], interpolation="nearest")
-        axes[2, column].imshow(shown, cmap=cmap)
+        for row, colour in enumerate(colours, start=1):
+            axes[row, column].imshow(colour[column], interpolation="nearest")
+        axes[-1, column].imshow(shown, cmap=cmap)
         for row, col in zip(*np.nonzero(high_norm[column])):
-            axes[2, column].add_patch(plt.Rectangle((col * width / cols - 0.5, row * height / rows - 0.5),
-                                                    width / cols, height / rows, fill=False, color="red", lw=1))
+            axes[-1, column].add_patch(plt.Rectangle((col * width / cols - 0.5, row * height / rows - 0.5),
+                                                     width / cols, height / rows, fill=False, color="red", lw=1))
         for axis in axes[:, column]:
             axis.axis("off")
     flagged = f"high-norm tokens (red): {int(high_norm[:count].sum())} of {high_norm[:count].size}"
-    for axis, title in zip(axes[:, 0], ("image", "CLS attention", flagged)):
+    middle = [f"CLS attention, head {head}" for head in range(len(groups))] if per_head else ["CLS attention"]
+    for axis, title in zip(axes[:, 0], ["image", *middle, flagged]):
         axis.set_title(title, fontsize=7, loc="left")
     figure.tight_layout()
     return _save(figure, path)

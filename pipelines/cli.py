@@ -239,6 +239,7 @@ def attention(
                                             "patch size)")] = 224,
     factor: Annotated[float, typer.Option(help="high-norm: a patch token's norm above this many times the "
                                                 "median")] = 3.0,
+    per_head: Annotated[bool, typer.Option(help="a row per attention head instead of the heads' mean")] = False,
 ) -> None:
     """Where a backbone looks and its high-norm tokens: the last block's CLS attention over the
     patches and the patch tokens whose norm stands out, drawn in one PNG (up to 8 images); prints
@@ -279,7 +280,8 @@ def attention(
         raise typer.Exit(2) from None
     with tempfile.TemporaryDirectory() as scratch:
         picture = save_attention_maps(torch.stack(pixels).numpy(), summary["maps"].numpy(),
-                                      summary["high_norm"].numpy(), Path(scratch) / "attention.png")
+                                      summary["high_norm"].numpy(), Path(scratch) / "attention.png",
+                                      per_head=per_head)
         storage.write_bytes(out, picture.read_bytes())
     per_image = [{"image": uri, "high_norm_tokens": [[int(r), int(c)] for r, c in torch.nonzero(high).tolist()]}
                  for uri, high in zip(images, summary["high_norm"])]

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from evaluators.attention import attention_summary, cls_attention_maps, high_norm_tokens, patch_norms
@@ -87,7 +88,9 @@ def test_summary_figures_and_picture(tmp_path) -> None:
     high[0, 1, 2] = True
     pixels = np.random.default_rng(0).integers(0, 255, (4, 3, 28, 28), dtype=np.uint8)
     path = save_attention_maps(pixels, summary["maps"].numpy(), high, tmp_path / "attention.png")
-    assert path.read_bytes()[:4] == b"\x89PNG"
+    heads = save_attention_maps(pixels, summary["maps"].numpy(), high, tmp_path / "heads.png", per_head=True)
+    height, taller = Image.open(path).size[1], Image.open(heads).size[1]
+    assert taller / height == pytest.approx((2 + 2) / 3, rel=0.02)  # 2 heads: a row each instead of their mean
 
 
 def test_attention_colours_stretch_each_maps_head_mean() -> None:

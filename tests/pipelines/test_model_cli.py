@@ -109,6 +109,10 @@ def test_attention_draws_the_maps_and_names_the_high_norm_tokens(weights: Path, 
     flagged = [[list(map(int, rc)) for rc in torch.nonzero(high).tolist()] for high in summary["high_norm"]]
     assert [image["high_norm_tokens"] for image in printed["images"]] == flagged
     assert any(flagged)  # at 1.2 x the median some of a random model's tokens stand out
+    heads = tmp_path / "maps" / "heads.png"
+    assert runner.invoke(app, ["attention", *paths, "--weights", str(weights), "--out", str(heads), "--size", "42",
+                               "--per-head"]).exit_code == 0
+    assert Image.open(heads).size[1] > Image.open(out).size[1]  # a row per head (4) instead of their mean
     for args, message in (([paths[0], "--size", "40"], "not a positive multiple of the patch size 7"),
                           ([str(tmp_path / "missing.png")], "missing.png"),
                           ([str(weights)], "is not a readable image"),
