@@ -30,6 +30,18 @@ def _grid(backbone: Any, images: Tensor) -> tuple[int, int, int]:
     return 1 + backbone.num_register_tokens, rows, cols
 
 
+def _cls_rows(attention: Tensor, grid: tuple[int, int, int]) -> Tensor:
+    """The CLS token's row over the patches of attention ``(B, heads, T, T)``: ``(B, heads, h, w)``."""
+    first, rows, cols = grid
+    return attention[:, :, 0, first:].reshape(*attention.shape[:2], rows, cols)
+
+
+def _patch_norms_of(output: Tensor, grid: tuple[int, int, int]) -> Tensor:
+    """The patch tokens' L2 norms of the last block's output ``(B, T, D)``: ``(B, h, w)``."""
+    first, rows, cols = grid
+    return output[:, first:].float().norm(dim=-1).reshape(len(output), rows, cols)
+
+
 @torch.no_grad()
 def cls_attention_maps(backbone: Any, images: Tensor) -> Tensor:
     """The last block's attention of the CLS token over the patches, per head: ``(B, heads, h, w)``.
@@ -37,17 +49,13 @@ def cls_attention_maps(backbone: Any, images: Tensor) -> Tensor:
     The weights are those of the softmax over all tokens (CLS and registers included), not
     renormalised over the patches, so a map's sum is the share of the CLS token's attention that
     goes to the image's patches."""
-    first, rows, cols = _grid(backbone, images)
-    attention = backbone.last_self_attention(images)  # (B, heads, T, T)
-    return attention[:, :, 0, first:].reshape(*attention.shape[:2], rows, cols)
+    return _cls_rows(backbone.last_self_attention(images), _grid(backbone, images))
 
 
 @torch.no_grad()
 def patch_norms(backbone: Any, images: Tensor) -> Tensor:
     """The L2 norm of each patch token at the last block's output (before the final norm): ``(B, h, w)``."""
-    first, rows, cols = _grid(backbone, images)
-    prenorm = backbone.forward_features(images)["x_prenorm"]  # (B, T, D)
-    return prenorm[:, first:].float().norm(dim=-1).reshape(len(images), rows, cols)
+    return _patch_norms_of(backbone.forward_features(images)["x_prenorm"], _grid(backbone, images))
 
 
 def high_norm_tokens(norms: Tensor, factor: float = HIGH_NORM_FACTOR) -> Tensor:
@@ -61,15 +69,18 @@ def high_norm_tokens(norms: Tensor, factor: float = HIGH_NORM_FACTOR) -> Tensor:
 
 def attention_summary(backbone: Any, images: Tensor, factor: float = HIGH_NORM_FACTOR) -> dict[str, Any]:
     """Maps and figures of ``backbone`` (eval mode, on any device) on model inputs ``images``
-    ``(B, 3, H, W)``, the tensors on the CPU (float32; ``high_norm`` bool): ``maps``
-    (:func:`cls_attention_maps`), ``norms`` (:func:`patch_norms`), ``high_norm``
+    ``(B, 3, H, W)`` from one forward pass, the tensors on the CPU (float32; ``high_norm`` bool):
+    ``maps`` (:func:`cls_attention_maps`), ``norms`` (:func:`patch_norms`), ``high_norm``
     (:func:`high_norm_tokens`), ``on_patches`` ``(B,)`` (the CLS token's attention mass on the
     patches, averaged over heads; the rest goes to itself and the registers) and ``metrics``:
     ``high_norm_token_share`` (of all patch tokens) and ``cls_attention_on_patches`` (``on_patches``'
     mean)."""
     images = images.to(next(backbone.parameters()).device)
-    maps = cls_attention_maps(backbone, images).float().cpu()
-    norms = patch_norms(backbone, images).cpu()
+    grid = _grid(backbone, images)
+    with torch.no_grad():  # one pass for both: the blocks before the last run once
+        attention, output = backbone.last_self_attention(images, with_output=True)
+    maps = _cls_rows(attention, grid).float().cpu()
+    norms = _patch_norms_of(output, grid).cpu()
     high = high_norm_tokens(norms, factor)
     on_patches = maps.sum(dim=(-2, -1)).mean(dim=1)
     metrics = {"high_norm_token_share": high.float().mean().item(),

@@ -79,7 +79,10 @@ def test_patch_norms_and_high_norm_tokens() -> None:
 def test_summary_figures_and_picture(tmp_path) -> None:
     torch.manual_seed(3)
     model = build_vit("vit_small", patch_size=7, embed_dim=16, depth=2, num_heads=2, img_size=28).eval()
-    summary = attention_summary(model, torch.randn(4, 3, 28, 28))
+    images = torch.randn(4, 3, 28, 28)
+    summary = attention_summary(model, images)
+    torch.testing.assert_close(summary["maps"], cls_attention_maps(model, images))  # one pass gives what two do
+    torch.testing.assert_close(summary["norms"], patch_norms(model, images))
     metrics = summary["metrics"]
     assert metrics["high_norm_token_share"] == pytest.approx(summary["high_norm"].float().mean().item())
     assert 0 < metrics["cls_attention_on_patches"] < 1  # the CLS token keeps some attention on itself

@@ -193,15 +193,18 @@ class DinoVisionTransformer(nn.Module):
         """The normalised CLS token ``(B, D)``: the image embedding."""
         return self.forward_features(images)["x_norm_clstoken"]
 
-    def last_self_attention(self, images: Tensor) -> Tensor:
+    def last_self_attention(self, images: Tensor, with_output: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """The last block's attention probabilities ``(B, heads, T, T)`` over its input tokens
         ``[CLS, registers..., patches...]`` (``T = 1 + R + h*w``), as DINO's attention maps show
-        them; call in eval mode (stochastic depth off). See :mod:`evaluators.attention`."""
+        them; with ``with_output`` also the last block's output ``(B, T, D)`` (``forward_features``'
+        ``x_prenorm``) from the same pass. Call in eval mode (stochastic depth off). See
+        :mod:`evaluators.attention`."""
         tokens, shapes = pack([self.prepare_tokens(images)])
         for block in self.blocks[:-1]:
             tokens = block(tokens, shapes)
         last = self.blocks[-1]
-        return last.attn.weights(last.norm1(unpack(tokens, shapes)[0]))
+        attention = last.attn.weights(last.norm1(unpack(tokens, shapes)[0]))
+        return (attention, unpack(last(tokens, shapes), shapes)[0]) if with_output else attention
 
     def get_intermediate_layers(
         self,
