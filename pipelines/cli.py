@@ -267,23 +267,23 @@ def attention(
         backbone = load_backbone(weights, source, storage).eval()  # type: ignore[arg-type]
         if size <= 0 or size % backbone.patch_size:
             raise ValueError(f"--size {size} is not a positive multiple of the patch size {backbone.patch_size}")
-        pixels = []
+        decoded = []
         for uri in images:
             try:
-                pixels.append(read_image(storage.read_bytes(uri), size))
+                decoded.append(read_image(storage.read_bytes(uri), size))
             except DECODE_ERRORS as err:
                 raise ValueError(f"{uri} is not a readable image ({type(err).__name__}: {err})") from None
-        summary = attention_summary(backbone, to_model_input(torch.stack(pixels), patch_size=backbone.patch_size),
-                                    factor)
+        pixels = torch.stack(decoded)  # (N, 3, size, size) uint8
+        summary = attention_summary(backbone, to_model_input(pixels, patch_size=backbone.patch_size), factor)
     except (ValueError, FileNotFoundError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
     with tempfile.TemporaryDirectory() as scratch:
-        picture = save_attention_maps(torch.stack(pixels).numpy(), summary["maps"].numpy(),
+        picture = save_attention_maps(pixels.numpy(), summary["maps"].numpy(),
                                       summary["high_norm"].numpy(), Path(scratch) / "attention.png",
                                       per_head=per_head)
         storage.write_bytes(out, picture.read_bytes())
-    per_image = [{"image": uri, "high_norm_tokens": [[int(r), int(c)] for r, c in torch.nonzero(high).tolist()]}
+    per_image = [{"image": uri, "high_norm_tokens": torch.nonzero(high).tolist()}  # [[row, column], ...]
                  for uri, high in zip(images, summary["high_norm"])]
     typer.echo(json.dumps({**summary["metrics"], "images": per_image, "out": out}, indent=2))
 

@@ -25,10 +25,10 @@ pixels per image. A bad request gets a 4xx whose JSON ``detail`` says what was w
 allowed; it never reaches the batcher, so the service keeps serving.
 
 Overload gets a 503 with ``Retry-After`` and a ``detail`` that says which limit was hit: when
-``max_queue`` requests already wait for the model (the features and the attention maps each have
-a queue of their own) (checked before the body is read, and again when
-the decoded images are queued), or when a request's features take longer than
-``request_timeout_s``. Memory is bounded by ``max_queue * max_images`` decoded images in the queue.
+``max_queue`` requests already wait for the model in the request's queue (the features and the
+attention maps each have one; checked before the body is read, and again when the decoded images
+are queued), or when a request's features take longer than ``request_timeout_s``. Memory is
+bounded by ``max_queue * max_images`` decoded images in each queue.
 
 With ``reload_every_s`` and a ``models:/<name>@<alias>`` model, a :class:`~serve.reload.ChampionWatcher`
 swaps in the version the alias moves to, between two forward passes (see :mod:`serve.reload`).
