@@ -27,10 +27,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dinoflow.storage import Storage
-from evaluators.attention import attention_summary
+from evaluators.attention import attention_summary, garment_foreground
 from evaluators.dense import (
     HeadConfig,
     dense_features,
@@ -120,18 +121,19 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
     metrics: dict[str, float] = {}
     tasks: dict[str, Any] = {}
     features = None
-    looked_at = None  # uint8 test images for the attention maps: the scenes, else Fashion-MNIST's
+    looked_at = None  # (uint8 test images, their foreground) for the attention maps: the scenes, else Fashion-MNIST's
     if {"knn", "linear"} & set(config.tasks):
         result = _classification(backbone, config, storage or Storage())
         metrics.update(result["metrics"])
         tasks["classification"] = result["report"]
         features = result["features"]
-        looked_at = result["test_images"][:ATTENTION_IMAGES]
+        garments = torch.as_tensor(result["test_images"][:ATTENTION_IMAGES])
+        looked_at = garments, garment_foreground(garments)
     if {"seg", "depth"} & set(config.tasks):
         scenes = _scene_inputs(backbone, config)
         (train_patches, train_cls), (test_patches, test_cls) = scenes["train_x"], scenes["test_x"]
         test = scenes["test"]
-        looked_at = test.images[:ATTENTION_IMAGES]
+        looked_at = test.images[:ATTENTION_IMAGES], test.masks[:ATTENTION_IMAGES] != 0  # the shapes, not the plane
         size = tuple(test.masks.shape[-2:])
         predicted_masks, predicted_depths = np.zeros_like(test.masks), np.zeros_like(test.depths)
         if "seg" in config.tasks:
@@ -158,8 +160,8 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
             save_pca_maps(test.images[shown], test_patches[shown].numpy(), Path(pictures) / "pca_features.png")
             save_dense_predictions(test.images[shown], test.masks[shown], predicted_masks[shown], test.depths[shown],
                                    predicted_depths[shown], Path(pictures) / "dense_predictions.png", len(CLASS_NAMES))
-    if looked_at is not None and hasattr(backbone, "last_self_attention"):
-        tasks["attention"] = _attention(backbone, looked_at, pictures)
+    if looked_at is not None and hasattr(backbone, "self_attention"):
+        tasks["attention"] = _attention(backbone, *looked_at, pictures)
         metrics.update(tasks["attention"])
     if "retrieval" in config.tasks:
         data = make_retrieval_set(config.retrieval_scenes, seed=config.seed + 2,
@@ -172,19 +174,22 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
     return {"metrics": metrics, "tasks": tasks, "config": _jsonable(asdict(config)), "features": features}
 
 
-def _attention(backbone: nn.Module, images: np.ndarray | torch.Tensor,
+def _attention(backbone: nn.Module, images: np.ndarray | torch.Tensor, foreground: np.ndarray | torch.Tensor,
                pictures: str | Path | None) -> dict[str, float]:
-    """:func:`~evaluators.attention.attention_summary`'s metrics on uint8 test ``images``, each
-    resized to at least 8 patches a side (Fashion-MNIST's 28 px is 4 patches of 7), and with
-    ``pictures`` the first 8 in ``attention_maps.png``."""
+    """:func:`~evaluators.attention.attention_summary`'s metrics on uint8 test ``images`` and their
+    ``foreground`` (bool, same size), each resized to at least 8 patches a side (Fashion-MNIST's 28
+    px is 4 patches of 7; the foreground nearest), and with ``pictures`` the first 8 in
+    ``attention_maps.png``, the head-mean maps' 60 % masks outlined."""
     pixels = torch.as_tensor(images)
     patch = backbone.patch_size
     side = patch * max(8, -(-max(pixels.shape[-2:]) // patch))
-    summary = attention_summary(backbone, to_model_input(pixels, size=side, patch_size=patch))
+    resized = F.interpolate(torch.as_tensor(foreground)[:, None].float(), size=(side, side), mode="nearest")[:, 0] > 0
+    summary = attention_summary(backbone, to_model_input(pixels, size=side, patch_size=patch), foreground=resized)
     if pictures is not None:
         shown = to_model_input(pixels[:8], size=side, patch_size=patch, mean=(0.0,) * 3, std=(1 / 255,) * 3)
         save_attention_maps(shown.round().to(torch.uint8).numpy(), summary["maps"][:8].numpy(),
-                            summary["high_norm"][:8].numpy(), Path(pictures) / "attention_maps.png")
+                            summary["high_norm"][:8].numpy(), Path(pictures) / "attention_maps.png",
+                            masks=summary["masks"][:8].numpy())
     return summary["metrics"]
 
 

@@ -104,11 +104,12 @@ def attention_rgb(maps: np.ndarray) -> np.ndarray:
 
 
 def save_attention_maps(images: np.ndarray, maps: np.ndarray, high_norm: np.ndarray, path: str | Path,
-                        columns: int = 8, per_head: bool = False) -> Path:
+                        columns: int = 8, per_head: bool = False, masks: np.ndarray | None = None) -> Path:
     """Save each image (uint8 ``(3, H, W)`` or ``(H, W)``) above its CLS attention ``maps``
     ``(heads, h, w)`` (:func:`attention_rgb`: the heads' mean, or with ``per_head`` a row per head,
     each stretched alone), and below that the image with its high-norm patch tokens ``high_norm``
-    ``(h, w)`` boxed in red (:mod:`evaluators.attention`)."""
+    ``(h, w)`` boxed in red (:mod:`evaluators.attention`); ``masks`` ``(h, w)`` bool (the attention
+    masks, :func:`~evaluators.attention.attention_masks`) are outlined in cyan on the top image."""
     count = min(len(images), columns)
     groups = [maps[:count, head:head + 1] for head in range(maps.shape[1])] if per_head else [maps[:count]]
     colours = [attention_rgb(group) for group in groups]  # a row each: (count, h, w, 3)
@@ -121,6 +122,9 @@ def save_attention_maps(images: np.ndarray, maps: np.ndarray, high_norm: np.ndar
         height, width = shown.shape[:2]
         rows, cols = high_norm[column].shape
         axes[0, column].imshow(shown, cmap=cmap)
+        if masks is not None and masks[column].any() and not masks[column].all():
+            pixels = np.kron(masks[column].astype(float), np.ones((height // rows, width // cols)))
+            axes[0, column].contour(pixels, levels=[0.5], colors="cyan", linewidths=0.8)
         for row, colour in enumerate(colours, start=1):
             axes[row, column].imshow(colour[column], interpolation="nearest")
         axes[-1, column].imshow(shown, cmap=cmap)
@@ -131,7 +135,8 @@ def save_attention_maps(images: np.ndarray, maps: np.ndarray, high_norm: np.ndar
             axis.axis("off")
     flagged = f"high-norm tokens (red): {int(high_norm[:count].sum())} of {high_norm[:count].size}"
     middle = [f"CLS attention, head {head}" for head in range(len(groups))] if per_head else ["CLS attention"]
-    for axis, title in zip(axes[:, 0], ["image", *middle, flagged]):
+    first = "image, attention mask (cyan)" if masks is not None else "image"
+    for axis, title in zip(axes[:, 0], [first, *middle, flagged]):
         axis.set_title(title, fontsize=7, loc="left")
     figure.tight_layout()
     return _save(figure, path)

@@ -240,10 +240,14 @@ def attention(
     factor: Annotated[float, typer.Option(help="high-norm: a patch token's norm above this many times the "
                                                 "median")] = 3.0,
     per_head: Annotated[bool, typer.Option(help="a row per attention head instead of the heads' mean")] = False,
+    block: Annotated[int, typer.Option(help="the block whose attention is shown: 0 the first, -1 the last")] = -1,
+    mass: Annotated[float, typer.Option(help="the attention mask (outlined in cyan) keeps the largest weights "
+                                              "holding this share of the map")] = 0.6,
 ) -> None:
-    """Where a backbone looks and its high-norm tokens: the last block's CLS attention over the
-    patches and the patch tokens whose norm stands out, drawn in one PNG (up to 8 images); prints
-    the figures as JSON (per image: the high-norm tokens' (row, column) positions)."""
+    """Where a backbone looks and its high-norm tokens: a block's (the last's) CLS attention over
+    the patches, its mask (the largest weights holding ``mass`` of it), and the patch tokens whose
+    norm at that block's output stands out, drawn in one PNG (up to 8 images); prints the figures
+    as JSON (per image: the high-norm tokens' (row, column) positions, the mask's share of the patches)."""
     import tempfile
     from pathlib import Path
 
@@ -274,17 +278,19 @@ def attention(
             except DECODE_ERRORS as err:
                 raise ValueError(f"{uri} is not a readable image ({type(err).__name__}: {err})") from None
         pixels = torch.stack(decoded)  # (N, 3, size, size) uint8
-        summary = attention_summary(backbone, to_model_input(pixels, patch_size=backbone.patch_size), factor)
+        summary = attention_summary(backbone, to_model_input(pixels, patch_size=backbone.patch_size), factor,
+                                    block, mass=mass)
     except (ValueError, FileNotFoundError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
     with tempfile.TemporaryDirectory() as scratch:
         picture = save_attention_maps(pixels.numpy(), summary["maps"].numpy(),
                                       summary["high_norm"].numpy(), Path(scratch) / "attention.png",
-                                      per_head=per_head)
+                                      per_head=per_head, masks=summary["masks"].numpy())
         storage.write_bytes(out, picture.read_bytes())
-    per_image = [{"image": uri, "high_norm_tokens": torch.nonzero(high).tolist()}  # [[row, column], ...]
-                 for uri, high in zip(images, summary["high_norm"])]
+    per_image = [{"image": uri, "high_norm_tokens": torch.nonzero(high).tolist(),  # [[row, column], ...]
+                  "attention_mask_share": mask.float().mean().item()}
+                 for uri, high, mask in zip(images, summary["high_norm"], summary["masks"])]
     typer.echo(json.dumps({**summary["metrics"], "images": per_image, "out": out}, indent=2))
 
 

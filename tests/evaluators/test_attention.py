@@ -1,4 +1,5 @@
-"""Attention maps and high-norm tokens, checked against torch's own attention and by hand."""
+"""Attention maps, their masks and high-norm tokens, checked against torch's own attention, a
+brute-force search and by hand."""
 
 from __future__ import annotations
 
@@ -9,7 +10,16 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from evaluators.attention import attention_summary, cls_attention_maps, high_norm_tokens, patch_norms
+from evaluators.attention import (
+    attention_masks,
+    attention_summary,
+    cls_attention_maps,
+    foreground_jaccard,
+    garment_foreground,
+    high_norm_tokens,
+    jaccard,
+    patch_norms,
+)
 from evaluators.visualize import save_attention_maps
 from trainer.models.layers import Attention
 from trainer.models.vit import build_vit
@@ -55,7 +65,7 @@ def test_cls_maps_are_the_last_blocks_cls_row_over_the_patches(registers: int) -
         expected = (q @ k.transpose(-2, -1) / 8**0.5).softmax(-1)[:, :, 0, 1 + registers:]
     torch.testing.assert_close(maps, expected.reshape(2, 4, 3, 5))
     # the CLS row is a distribution over every token; what the patches do not get goes to CLS and registers
-    rest = model.last_self_attention(images)[:, :, 0, :1 + registers].sum(-1)
+    rest = model.self_attention(images)[:, :, 0, :1 + registers].sum(-1)
     torch.testing.assert_close(maps.sum((-2, -1)) + rest, torch.ones(2, 4))
 
 
@@ -94,6 +104,17 @@ def test_summary_figures_and_picture(tmp_path) -> None:
     heads = save_attention_maps(pixels, summary["maps"].numpy(), high, tmp_path / "heads.png", per_head=True)
     height, taller = Image.open(path).size[1], Image.open(heads).size[1]
     assert taller / height == pytest.approx((2 + 2) / 3, rel=0.02)  # 2 heads: a row each instead of their mean
+    gray = pixels[:, 0]  # no cyan anywhere but in the masks' outlines
+    masks = np.zeros((4, 4, 4), dtype=bool)
+    masks[:, 1:3, 1:3] = True
+    plain, outlined = (np.asarray(Image.open(save_attention_maps(gray, summary["maps"].numpy(), high, tmp_path / name,
+                                                                 masks=shown)).convert("RGB")).astype(int)
+                       for name, shown in (("plain.png", None), ("outlined.png", masks)))
+
+    def cyan(picture: np.ndarray) -> int:
+        return int(((picture[..., 0] < 80) & (picture[..., 1] > 180) & (picture[..., 2] > 180)).sum())
+
+    assert cyan(plain) == 0 and cyan(outlined) > 4 * 20  # four outlines of a 2 x 2 patch square
 
 
 def test_attention_colours_stretch_each_maps_head_mean() -> None:
@@ -110,3 +131,77 @@ def test_attention_colours_stretch_each_maps_head_mean() -> None:
         np.testing.assert_allclose(image[np.unravel_index(mean.argmin(), mean.shape)], inferno(0.0)[:3])
         np.testing.assert_allclose(image[np.unravel_index(mean.argmax(), mean.shape)], inferno(1.0)[:3])
     np.testing.assert_allclose(attention_rgb(0.01 * maps + 0.2), colours)  # a flat-ish map shows the same
+
+
+def _smallest_top_set(weights: np.ndarray, mass: float) -> set[int]:
+    """Brute force: among the sets of each size, smallest first, the first whose mass reaches
+    ``mass`` of the total; of equal sets the one of the largest weights (ties: lowest index)."""
+    order = sorted(range(len(weights)), key=lambda i: (-weights[i], i))
+    for size in range(1, len(weights) + 1):
+        if weights[order[:size]].sum() >= mass * weights.sum() * (1 - 1e-9):
+            return set(order[:size])
+    raise AssertionError("unreachable: the whole map holds all of its mass")
+
+
+@pytest.mark.parametrize("mass", [0.1, 0.6, 0.9])
+def test_masks_keep_the_fewest_largest_weights_that_hold_the_mass(mass: float) -> None:
+    rng = np.random.default_rng(5)
+    maps = rng.random((3, 2, 4, 5)) ** 4  # peaked, as attention is
+    maps[2, 1] = np.round(maps[2, 1], 1)  # ties
+    masks = attention_masks(torch.from_numpy(maps), mass)
+    assert masks.shape == maps.shape and masks.dtype == torch.bool
+    for image in range(3):
+        for head in range(2):
+            weights = maps[image, head].ravel()
+            assert set(np.flatnonzero(masks[image, head].numpy().ravel())) == _smallest_top_set(weights, mass)
+    assert attention_masks(torch.from_numpy(7 * maps), mass).equal(masks)  # a share of each map: scale-free
+    for bad in (0.0, 1.0):
+        with pytest.raises(ValueError, match="mass must be in"):
+            attention_masks(torch.from_numpy(maps), bad)
+
+
+def test_jaccard_and_foreground_jaccard_against_sets() -> None:
+    rng = np.random.default_rng(6)
+    a, b = rng.random((2, 3, 6, 6)) > 0.5
+    expected = [(x & y).sum() / (x | y).sum() for x, y in zip(a, b)]
+    np.testing.assert_allclose(jaccard(torch.from_numpy(a), torch.from_numpy(b)).numpy(), expected, rtol=1e-6)
+    empty = torch.zeros(1, 2, 2, dtype=torch.bool)
+    assert jaccard(empty, empty).tolist() == [1.0]
+    # 2 images, 3 heads, a 2 x 3 patch grid of 4-pixel patches: the object is patch (0, 1) and (1, 1)
+    maps = torch.full((2, 3, 2, 3), 0.01)
+    maps[:, 0, :, 1] = 3.0  # head 0 looks at the object
+    maps[:, 1, 0, 0] = 1.0  # head 1 at one background patch
+    foreground = torch.zeros(2, 8, 12, dtype=torch.bool)
+    foreground[:, :, 4:8] = True
+    scored = foreground_jaccard(maps, foreground)
+    assert scored["best_head"] == 0 and scored["attention_jaccard_best_head"] == pytest.approx(1.0)
+    # the heads' mean: 1.007 on each of the object's patches, 0.34 at (0, 0), 0.01 elsewhere: the
+    # first object patch holds 42 % of the mass (under 60 %), both 84 %: the mask is the object
+    assert scored["attention_jaccard"] == pytest.approx(1.0)
+    torch.testing.assert_close(scored["per_image"], torch.ones(2))
+    maps[1, :, 0, 0] = 5.0  # image 1: every head (and their mean) now mostly on patch (0, 0)
+    scored = foreground_jaccard(maps, foreground)
+    assert scored["attention_jaccard"] == pytest.approx(0.5) and scored["per_image"].tolist() == [1.0, 0.0]
+    with pytest.raises(ValueError, match="does not fit maps"):
+        foreground_jaccard(maps, foreground[:, :, :10])
+    garment = torch.tensor([[0, 10, 11, 255]], dtype=torch.uint8)
+    assert garment_foreground(garment).tolist() == [[False, False, True, True]]
+
+
+def test_summary_of_another_block_and_its_jaccard() -> None:
+    torch.manual_seed(7)
+    model = build_vit("vit_small", patch_size=7, embed_dim=16, depth=3, num_heads=2, img_size=28).eval()
+    images = torch.randn(3, 3, 28, 28)
+    foreground = torch.rand(3, 28, 28) > 0.5
+    first = attention_summary(model, images, block=0, foreground=foreground, mass=0.5)
+    torch.testing.assert_close(first["maps"], cls_attention_maps(model, images, block=0))
+    assert not first["maps"].allclose(cls_attention_maps(model, images))  # not the last block's
+    with torch.no_grad():  # the norms: of the tokens block 0 writes
+        tokens = model.prepare_tokens(images)
+        written = model.blocks[0](tokens.flatten(0, 1), [tuple(tokens.shape[:2])]).view(tokens.shape)
+    torch.testing.assert_close(first["norms"], written[:, 1:].norm(dim=-1).view(3, 4, 4))
+    torch.testing.assert_close(first["masks"], attention_masks(first["maps"].mean(1), 0.5))
+    scored = foreground_jaccard(first["maps"], foreground, 0.5)
+    assert first["metrics"]["attention_jaccard"] == pytest.approx(scored["attention_jaccard"])
+    assert first["best_head"] == scored["best_head"]
+    assert "attention_jaccard" not in attention_summary(model, images)["metrics"]  # no foreground, no score

@@ -7,8 +7,13 @@ import json
 import pytest
 import torch
 
+from dinoflow.storage import Storage
+from evaluators.attention import attention_summary, garment_foreground
 from evaluators.dense import HeadConfig
+from evaluators.features import to_model_input
 from evaluators.suite import SuiteConfig, run_suite
+from evaluators.synthetic import SceneConfig, make_scenes
+from trainer.data.fashion_mnist import load_split
 from trainer.models.vit import build_vit
 
 
@@ -29,11 +34,30 @@ def test_every_task_reports_its_metrics(tmp_path) -> None:
     assert 0 <= metrics["seg_miou"] <= 1 and metrics["depth_rmse"] > 0
     assert len(report["features"]) == 4 and report["features"][0].shape == (500, 32)
     assert 0 <= metrics["high_norm_token_share"] < 0.5 and 0 < metrics["cls_attention_on_patches"] < 1
+    # the attention masks are scored against the test scenes' shapes (class > 0), at 56 px = 8 patches
+    test = make_scenes(8, config.seed + 1, SceneConfig(size=config.scene_size))
+    scenes = attention_summary(backbone, to_model_input(test.images, patch_size=7),
+                               foreground=torch.from_numpy(test.masks != 0))["metrics"]
+    for name in ("attention_jaccard", "attention_jaccard_best_head", "high_norm_token_share"):
+        assert metrics[name] == pytest.approx(scenes[name]), name
+    assert 0 < metrics["attention_jaccard"] <= metrics["attention_jaccard_best_head"] <= 1
     for name in ("pca_features.png", "dense_predictions.png", "attention_maps.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     report.pop("features")
     json.dumps(report)  # the rest is the JSON report
     assert report["config"]["tasks"] == ["knn", "linear", "seg", "depth", "retrieval"]
+
+
+def test_classification_alone_scores_attention_on_the_garments() -> None:
+    torch.manual_seed(1)
+    backbone = build_vit("vit_small", patch_size=7, embed_dim=16, depth=2, num_heads=2, img_size=28)
+    config = SuiteConfig(tasks=("knn",), fashion_mnist_uri="/usr/share/datasets/fashion-mnist", train_limit=100,
+                         test_limit=20)
+    metrics = run_suite(backbone, config)["metrics"]
+    garments = torch.from_numpy(load_split(Storage(), config.fashion_mnist_uri, "test").images[:20])
+    big = garment_foreground(garments).repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1)  # 28 -> 56 px
+    expected = attention_summary(backbone.eval(), to_model_input(garments, size=56, patch_size=7), foreground=big)
+    assert metrics["attention_jaccard"] == pytest.approx(expected["metrics"]["attention_jaccard"])
 
 
 def test_multiscale_four_layer_segmentation_runs() -> None:

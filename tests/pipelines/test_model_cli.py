@@ -109,6 +109,18 @@ def test_attention_draws_the_maps_and_names_the_high_norm_tokens(weights: Path, 
     flagged = [[list(map(int, rc)) for rc in torch.nonzero(high).tolist()] for high in summary["high_norm"]]
     assert [image["high_norm_tokens"] for image in printed["images"]] == flagged
     assert any(flagged)  # at 1.2 x the median some of a random model's tokens stand out
+    shares = [mask.float().mean().item() for mask in summary["masks"]]
+    assert [image["attention_mask_share"] for image in printed["images"]] == pytest.approx(shares)
+    first = tmp_path / "maps" / "first.png"
+    earlier = runner.invoke(app, ["attention", *paths, "--weights", str(weights), "--out", str(first), "--size", "42",
+                                  "--block", "0", "--mass", "0.3"])
+    assert earlier.exit_code == 0, earlier.output
+    summary = attention_summary(load_backbone(str(weights), "safetensors").eval(),
+                                to_model_input(pixels, patch_size=7), block=0, mass=0.3)
+    assert json.loads(earlier.stdout)["cls_attention_on_patches"] == pytest.approx(
+        summary["metrics"]["cls_attention_on_patches"]) != printed["cls_attention_on_patches"]  # not the last's
+    assert [image["attention_mask_share"] for image in json.loads(earlier.stdout)["images"]] == pytest.approx(
+        [mask.float().mean().item() for mask in summary["masks"]])
     heads = tmp_path / "maps" / "heads.png"
     assert runner.invoke(app, ["attention", *paths, "--weights", str(weights), "--out", str(heads), "--size", "42",
                                "--per-head"]).exit_code == 0
@@ -116,7 +128,9 @@ def test_attention_draws_the_maps_and_names_the_high_norm_tokens(weights: Path, 
     for args, message in (([paths[0], "--size", "40"], "not a positive multiple of the patch size 7"),
                           ([str(tmp_path / "missing.png")], "missing.png"),
                           ([str(weights)], "is not a readable image"),
-                          ([paths[0], "--factor", "1"], "factor must be > 1")):
+                          ([paths[0], "--factor", "1"], "factor must be > 1"),
+                          ([paths[0], "--block", "9"], "block 9 out of range"),
+                          ([paths[0], "--mass", "1"], "mass must be in (0, 1)")):
         bad = runner.invoke(app, ["attention", *args, "--weights", str(weights), "--out", str(tmp_path / "x.png")])
         assert bad.exit_code == 2 and message in bad.stderr, bad.output
     assert not (tmp_path / "x.png").exists()

@@ -193,18 +193,23 @@ class DinoVisionTransformer(nn.Module):
         """The normalised CLS token ``(B, D)``: the image embedding."""
         return self.forward_features(images)["x_norm_clstoken"]
 
-    def last_self_attention(self, images: Tensor, with_output: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """The last block's attention probabilities ``(B, heads, T, T)`` over its input tokens
+    def self_attention(self, images: Tensor, block: int = -1,
+                       with_output: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Block ``block``'s attention probabilities ``(B, heads, T, T)`` over its input tokens
         ``[CLS, registers..., patches...]`` (``T = 1 + R + h*w``), as DINO's attention maps show
-        them; with ``with_output`` also the last block's output ``(B, T, D)`` (``forward_features``'
-        ``x_prenorm``) from the same pass. Call in eval mode (stochastic depth off). See
-        :mod:`evaluators.attention`."""
+        them; ``block`` counts from 0, or from the end when negative (-1: the last block, whose
+        maps DINO shows). With ``with_output`` also that block's output ``(B, T, D)`` from the same
+        pass (for the last block ``forward_features``' ``x_prenorm``). The blocks after ``block``
+        do not run. Call in eval mode (stochastic depth off). See :mod:`evaluators.attention`."""
+        if not -self.depth <= block < self.depth:
+            raise ValueError(f"block {block} out of range: this backbone has {self.depth} blocks "
+                             f"(0..{self.depth - 1}, or -{self.depth}..-1 from the end)")
+        chosen = self.blocks[block]
         tokens, shapes = pack([self.prepare_tokens(images)])
-        for block in self.blocks[:-1]:
-            tokens = block(tokens, shapes)
-        last = self.blocks[-1]
-        attention = last.attn.weights(last.norm1(unpack(tokens, shapes)[0]))
-        return (attention, unpack(last(tokens, shapes), shapes)[0]) if with_output else attention
+        for earlier in self.blocks[: block % self.depth]:
+            tokens = earlier(tokens, shapes)
+        attention = chosen.attn.weights(chosen.norm1(unpack(tokens, shapes)[0]))
+        return (attention, unpack(chosen(tokens, shapes), shapes)[0]) if with_output else attention
 
     def get_intermediate_layers(
         self,

@@ -249,8 +249,9 @@ def test_foreign_keys_and_configs_are_refused() -> None:
 
 # off the native size only the register model's position resize is the same in transformers (hf.py)
 @pytest.mark.parametrize(("registers", "width"), [(0, 56), (4, 42)])
-def test_last_self_attention_is_the_attention_transformers_returns(tmp_path: Path, registers: int, width: int) -> None:
-    """Our last block's attention probabilities (the attention maps' source) against those of
+def test_each_blocks_self_attention_is_the_attention_transformers_returns(tmp_path: Path, registers: int,
+                                                                          width: int) -> None:
+    """Each block's attention probabilities (the attention maps' source) against those of
     transformers' eager attention on the exported weights: an implementation we did not write."""
     model = tiny(num_register_tokens=registers)
     theirs = transformers.AutoModel.from_pretrained(export_hf(model, tmp_path / "out"), local_files_only=True,
@@ -258,9 +259,14 @@ def test_last_self_attention_is_the_attention_transformers_returns(tmp_path: Pat
     images = torch.randn(2, 3, 56, width, generator=torch.Generator().manual_seed(5))
     tokens = 1 + registers + 4 * width // 14
     with torch.inference_mode():
-        ours = model.last_self_attention(images)
+        ours = [model.self_attention(images, block) for block in range(model.depth)]
         attentions = theirs(pixel_values=images, output_attentions=True).attentions
-    assert len(attentions) == model.depth and ours.shape == (2, 4, tokens, tokens)
-    torch.testing.assert_close(ours, attentions[-1], atol=1e-5, rtol=0)
+        last = model.self_attention(images)  # block -1 by default
+    assert len(attentions) == model.depth >= 2 and last.shape == (2, 4, tokens, tokens)
+    for block, (mine, expected) in enumerate(zip(ours, attentions)):
+        torch.testing.assert_close(mine, expected, atol=1e-5, rtol=0, msg=f"block {block}")
+    torch.testing.assert_close(last, attentions[-1], atol=1e-5, rtol=0)
     with pytest.raises(AssertionError):  # the check tells the blocks apart
-        torch.testing.assert_close(ours, attentions[-2], atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours[-1], attentions[-2], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=f"block {model.depth} out of range: this backbone has {model.depth} blocks"):
+        model.self_attention(images, model.depth)
