@@ -25,7 +25,7 @@ from components.stage import (
 )
 from dinoflow.config import PretrainConfig, load_config, to_yaml
 from dinoflow.storage import Storage, join_uri
-from dinoflow.tracking import Tracker
+from dinoflow.tracking import TAG_HEALTH, Tracker
 
 
 def pretrain_config(preset: str, overrides: list[str], data_kind: str, data_uri: str, max_minutes: float,
@@ -64,7 +64,8 @@ def run_training(ctx: StageContext, storage: Storage, tracker: Tracker, stage: s
                  cfg: PretrainConfig, train: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """A training stage's body (pretrain, distill): ``train()`` (the trainer's summary) unless the
     cache holds ``key``; ``out`` gets the released backbone, the resolved recipe and the summary;
-    steps, images seen and minutes are logged. Returns those and ``cached``."""
+    steps, images seen and minutes are logged, and pretraining's collapse verdict tagged (``TAG_HEALTH``).
+    Returns those and ``cached``."""
 
     def work() -> dict[str, Any]:
         summary = train()
@@ -72,9 +73,12 @@ def run_training(ctx: StageContext, storage: Storage, tracker: Tracker, stage: s
         storage.get_file(summary["backbone"], out / BACKBONE_FILE)
         (out / "config.yaml").write_text(to_yaml(cfg))
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        return {name: summary[name] for name in ("steps", "images_seen", "train_minutes")}
+        kept = ("steps", "images_seen", "train_minutes", "health")  # health: pretraining's collapse verdict
+        return {name: summary[name] for name in kept if name in summary}
 
     result = run_cached(ctx, storage, stage, key, out, work)
     mark_cached(tracker, result)
+    if "health" in result:  # also on a cache hit, whose training set no tag on this run
+        tracker.set_tags({TAG_HEALTH: result["health"]})
     tracker.log_metrics({k: float(result[k]) for k in ("steps", "images_seen", "train_minutes")}, step=0, force=True)
     return result

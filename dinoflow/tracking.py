@@ -37,6 +37,7 @@ TAG_GIT_COMMIT = "mlflow.source.git.commit"
 TAG_VERSION = "dinoflow.version"
 TAG_PIPELINE_RUN = "dinoflow.pipeline_run_id"
 TAG_STAGE = "dinoflow.stage"
+TAG_HEALTH = "dinoflow.health"  # a pretraining run's collapse verdict (trainer.health.CollapseWatch): ok or what
 TAG_PARENT = "mlflow.parentRunId"
 
 

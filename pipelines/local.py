@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dinoflow.storage import Storage, join_uri
+from dinoflow.tracking import TAG_HEALTH
 
 
 class PipelineFailed(RuntimeError):
@@ -114,6 +115,8 @@ def format_summary(stages: list[StageSummary]) -> str:
     lines = [f"{'stage':<10} {'status':<9} {'seconds':>8} {'cached':>6}  key figures"]
     for s in stages:
         figures = [f"{k}={s.metrics[k]:.4g}" for k in KEY_METRICS if k in s.metrics]
+        if TAG_HEALTH in s.tags:
+            figures.append(f"health {s.tags[TAG_HEALTH]}")
         if "gate.verdict" in s.tags:
             figures.append(f"version {s.tags.get('gate.model_version')}: {s.tags['gate.verdict']} ({s.tags['gate.reason']})")
         lines.append(f"{s.stage:<10} {s.status:<9} {s.seconds:>8.1f} {'yes' if s.cached else 'no':>6}  {', '.join(figures)}")

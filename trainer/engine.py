@@ -30,10 +30,11 @@ from torch import Tensor, nn
 from dinoflow.config import PretrainConfig, to_yaml
 from dinoflow.progress import progress
 from dinoflow.storage import Storage, join_uri
-from dinoflow.tracking import NullTracker, Tracker
+from dinoflow.tracking import TAG_HEALTH, NullTracker, Tracker
 from trainer.data.augment import MultiCrop
 from trainer.data.datasets import BadImageTracker
 from trainer.data.masking import masked_patch_bound, sample_crop_masks
+from trainer.health import CollapseWatch, target_health
 from trainer.losses import (
     AllReduce,
     DINOLoss,
@@ -196,9 +197,10 @@ def train_step(
 ) -> dict[str, float]:
     """One optimiser step over ``micro_batches`` (gradient accumulation), then the EMA update.
 
-    Returns the loss terms (averaged over micro-batches, and over ranks under ``strategy``) for
-    logging. ``while_waiting`` is called once, after the step's device work is queued and before
-    the host waits for it (reading the losses): the loop prepares the next step's batch there, so
+    Returns the loss terms and ``total``, and the ``health_*`` figures (:func:`loss_terms`),
+    averaged over micro-batches (and over ranks under ``strategy``), for logging.
+    ``while_waiting`` is called once, after the step's device work is queued and before the host
+    waits for it (reading the losses): the loop prepares the next step's batch there, so
     that the host's share of it (loading, launching the augmentation, drawing the block masks)
     runs while the device computes this step instead of leaving the device idle between steps.
     Nothing after the call draws random numbers, so the streams are those of a step-by-step loop.
@@ -285,7 +287,9 @@ def crop_outputs(backbone: nn.Module, batch: CropBatch, masked: bool = True) -> 
 def loss_terms(student: SSLNetwork, teacher: SSLNetwork, objective: Objective, batch: CropBatch,
                teacher_temp: float) -> dict[str, Tensor]:
     """One micro-batch's unweighted DINO, iBOT and KoLeo terms: the teacher's targets (no grad) from
-    the global crops, the student's forward on all crops, each head fused with its loss."""
+    the global crops, the student's forward on all crops, each head fused with its loss; and, as
+    ``health_*`` entries that are no loss (no gradient, no weight), :func:`~trainer.health.target_health`'s
+    figures of the teacher's CLS targets and embeddings, read on the host with the losses."""
     globals_ = batch.global_crops.flatten(0, 1)  # (2B, 3, G, G), crop-major
     masks, index = batch.masks, batch.mask_index  # (2B, N), (M,)
     valid = masks.flatten()[index]  # (M,): False on the rows padding the index to a fixed count
@@ -307,6 +311,7 @@ def loss_terms(student: SSLNetwork, teacher: SSLNetwork, objective: Objective, b
         "ibot": (student.patch_head(outputs[0]["x_norm_patchtokens"].flatten(0, 1)[index], fused=patch_loss)
                  if len(index) else global_cls.sum() * 0),
         "koleo": sum(objective.koleo(crop) for crop in global_cls.view(2, num_images, -1)),
+        **{f"health_{name}": value for name, value in target_health(teacher_cls, seen["x_norm_clstoken"]).items()},
     }
 
 
@@ -631,6 +636,8 @@ def _pretrain(cfg: PretrainConfig, dataset: Any, collate: Callable, storage: Sto
                                strategy.rank, strategy.world_size)
 
     marks = sorted(m for m in cfg.eval.at_minutes if m > state.train_seconds / 60)
+    # collapse is judged once the teacher's temperature has warmed up (on resume the count starts again)
+    watch = CollapseWatch(start=int(cfg.loss.warmup_teacher_temp_epochs * cfg.optim.epoch_length))
 
     def teacher_backbone() -> nn.Module:
         return build_backbone(cfg, drop_path=False)
@@ -665,10 +672,14 @@ def _pretrain(cfg: PretrainConfig, dataset: Any, collate: Callable, storage: Sto
         seconds = strategy.mean({"seconds": time.perf_counter() - tick})["seconds"]
         state.step, state.images_seen = step + 1, state.images_seen + count
         state.train_seconds += seconds
-        metrics = {**{f"loss_{k}": v for k, v in losses.items()}, "lr": sched.lr, "weight_decay": sched.weight_decay,
-                   "teacher_momentum": sched.teacher_momentum, "teacher_temp": sched.teacher_temp,
-                   "images_per_second": count / seconds}
+        health = {k.removeprefix("health_"): v for k, v in losses.items() if k.startswith("health_")}
+        metrics = {**{f"loss_{k}": v for k, v in losses.items() if not k.startswith("health_")},
+                   **{f"health_{k}": v for k, v in health.items()}, "lr": sched.lr,
+                   "weight_decay": sched.weight_decay, "teacher_momentum": sched.teacher_momentum,
+                   "teacher_temp": sched.teacher_temp, "images_per_second": count / seconds}
         tracker.log_metrics(metrics, step=state.step)
+        if watch.update(state.step, health):
+            tracker.set_tags({TAG_HEALTH: watch.verdict()})
         bar.set_postfix(loss=f"{losses['total']:.3f}", img_s=f"{metrics['images_per_second']:.0f}")
         due = bool(cfg.eval.every_steps) and state.step % cfg.eval.every_steps == 0
         while marks and state.train_seconds >= 60 * marks[0]:
@@ -692,6 +703,7 @@ def _pretrain(cfg: PretrainConfig, dataset: Any, collate: Callable, storage: Sto
             save_checkpoint(storage, cfg.out, data, state.step)
     if metrics:  # the last step's values, whatever the cadence
         tracker.log_metrics(metrics, step=state.step, force=True)
+    tracker.set_tags({TAG_HEALTH: watch.verdict()})
     bad_images.restore(state.bad_images)  # a batch prepared for a step not run (a time limit) does not count
     bad_images.check(final=True)
     final: dict[str, float] = {}
@@ -705,7 +717,7 @@ def _pretrain(cfg: PretrainConfig, dataset: Any, collate: Callable, storage: Sto
     summary = {"name": cfg.name, "steps": state.step, "images_seen": state.images_seen,
                "train_minutes": round(state.train_seconds / 60, 3), "stopped_early": stopped_early,
                "backbone": join_uri(cfg.out, "backbone.safetensors"), "final": final,
-               "bad_images": bad_images.summary(),
+               "bad_images": bad_images.summary(), "health": watch.verdict(),
                "history": state.history, "mlflow_run_id": tracker.run_id,
                "tracking": tracker.delivery()}  # metrics sent, still queued or lost (an unreachable store)
     if strategy.is_main:

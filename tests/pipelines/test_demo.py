@@ -32,6 +32,7 @@ def _check_mlflow(tracking_uri: str, experiment: str, monkeypatch: pytest.Monkey
     assert [c.info.run_name for c in children] == ["ingest", "pretrain", "evaluate", "register"]
     pretrain, evaluate = children[1], children[2]
     assert pretrain.data.metrics["loss_total"] > 0 and "lr" in pretrain.data.metrics
+    assert 0 < pretrain.data.metrics["health_target_entropy"] < 1 and pretrain.data.tags["dinoflow.health"] == "ok"
     assert "config.yaml" in {a.path for a in client.list_artifacts(pretrain.info.run_id)}
     assert {"report.json", "confusion_knn.png"} <= {a.path for a in client.list_artifacts(evaluate.info.run_id)}
     version = client.get_model_version_by_alias("dinoflow-tiny", "champion")
@@ -46,7 +47,7 @@ def test_demo_on_local_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     out = tmp_path / "run"
     result = CliRunner().invoke(app, ["demo", f"out={out}", *SHORT])
     assert result.exit_code == 0, result.output
-    for line in ("ingest", "pretrain", "evaluate", "register", "promoted (no champion yet)",
+    for line in ("ingest", "pretrain", "evaluate", "register", "promoted (no champion yet)", "health ok",
                  f"mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'}", "models:/dinoflow-tiny@champion"):
         assert line in result.output
     assert len(list((out / "data" / "fashion-mnist").iterdir())) == 4

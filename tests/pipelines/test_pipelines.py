@@ -20,7 +20,7 @@ from components.definitions import Images
 from components.pipeline_run import TAG_FAILED_STAGES, TAG_PIPELINE
 from dinoflow.registry import champion_version
 from dinoflow.storage import Storage
-from dinoflow.tracking import default_tracking_uri
+from dinoflow.tracking import TAG_HEALTH, default_tracking_uri
 from pipelines.cli import app
 from pipelines.cli import _pipeline
 from pipelines.definitions import GPU_RESOURCE, S3_SECRET, SETTINGS_CONFIG_MAP, build_pipelines
@@ -77,6 +77,7 @@ def test_full_runs_every_stage_and_registers_a_champion(runs: Runs) -> None:
     assert list(stages) == ["ingest", "pretrain", "evaluate", "register"]
     assert all(s.status == "FINISHED" and not s.cached for s in stages.values())
     assert stages["pretrain"].metrics["steps"] >= 1
+    assert stages["pretrain"].tags[TAG_HEALTH] == "ok"  # the collapse watch's verdict (warm-up: 100 steps)
     evaluate = stages["evaluate"].metrics
     assert 0.1 < evaluate["knn_top1_k20"] <= 1 and 0.1 < evaluate["linear_top1"] <= 1
     assert evaluate["pixels_knn_top1_k20"] == pytest.approx(0.80, abs=0.05)  # raw pixels, 2000 train images
@@ -92,6 +93,7 @@ def test_full_runs_every_stage_and_registers_a_champion(runs: Runs) -> None:
     for picture in ("confusion_knn.png", "attention_maps.png"):
         assert next(runs.kfp.glob(f"full-*/evaluate/report/{picture}")).read_bytes()[:4] == b"\x89PNG"
     assert 0 <= evaluate["high_norm_token_share"] < 0.5 and 0 < evaluate["cls_attention_on_patches"] < 1
+    assert 0 < evaluate["attention_jaccard"] <= evaluate["attention_jaccard_best_head"] <= 1  # on the garments
     assert next(runs.kfp.glob("full-*/pretrain/backbone/backbone.safetensors")).stat().st_size > 10_000
     assert len(list((runs.root / "data" / "fashion-mnist").iterdir())) == 4
 
@@ -112,6 +114,7 @@ def test_rerun_reuses_stages_the_gate_decides_both_ways_and_a_student_distils_on
     assert all(s.status == "FINISHED" for s in kept)
     trained = {s.stage: s for s in kept if s.stage in ("pretrain", "distill")}
     assert trained["pretrain"].cached and not trained["distill"].cached
+    assert trained["pretrain"].tags[TAG_HEALTH] == "ok"  # a reused stage tags the verdict it trained with
     assert not any(s.cached for s in kept if s.stage == "register")  # each run registers a version
     assert trained["distill"].metrics["steps"] >= 1 and trained["distill"].tags["student"] == "distill-tiny"
     scored = [s for s in kept if s.stage == "evaluate"]

@@ -93,7 +93,11 @@ def test_train_step_updates_student_then_teacher(centering: str, separate_head: 
     student_before, teacher_before = copy.deepcopy(student), copy.deepcopy(teacher)
     sched = ScheduleValues(lr=1e-3, last_layer_lr=0.0, weight_decay=0.04, teacher_momentum=0.9, teacher_temp=0.05)
     losses = train_step(student, teacher, objective, [batch], sched, optimizer, clip_grad=3.0)
-    assert set(losses) == {"dino", "ibot", "koleo", "total"}
+    health = {"health_target_entropy", "health_prototypes_used", "health_feature_spread"}  # figures, no losses
+    assert set(losses) == {"dino", "ibot", "koleo", "total", *health}
+    weights = cfg.loss
+    assert losses["total"] == pytest.approx(weights.dino_weight * losses["dino"] + weights.ibot_weight * losses["ibot"]
+                                            + weights.koleo_weight * losses["koleo"], rel=1e-5)
     assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
     moved = [n for (n, a), b in zip(student.named_parameters(), student_before.parameters()) if not torch.equal(a, b)]
     assert "backbone.blocks.0.attn.qkv.weight" in moved and "dino_head.mlp.0.weight" in moved
