@@ -5,8 +5,10 @@ Pretrains a recipe (default ``tiny``) on Fashion-MNIST's train split without lab
 full test split: k-NN (k=20, T=0.07) against the full train split, and the one-pass linear
 probe, on the final CLS token ("linear") and on the last 4 blocks' CLS tokens concatenated
 ("last 4"). "protocol" is the original's report: of the two probes, the one best on the
-held-out part of train. Raw pixels and the untrained network are scored in the same run as
-baselines. It prints a table and writes it as JSON; it asserts nothing.
+held-out part of train. "attn J" is how well the last block's CLS attention outlines the garments
+of the first 1,000 test images (:func:`evaluators.suite.attention_figures`: the Jaccard of the
+head-mean map's 60 % mask with each garment's silhouette). Raw pixels and the untrained network
+are scored in the same run as baselines. It prints a table and writes it as JSON; it asserts nothing.
 
     python benchmarks/pretrain_quality.py                       # 5, 15, 60 minutes
     python benchmarks/pretrain_quality.py --minutes 5 15 -- model.layerscale_init=0.1
@@ -22,16 +24,20 @@ import torch
 
 from dinoflow.config import PretrainConfig, load_config
 from dinoflow.storage import Storage, join_uri
+from evaluators.attention import garment_foreground
 from evaluators.features import labelled_features
 from evaluators.linear import LinearProbeConfig, best_by_val, linear_probe
 from evaluators.report import knn_accuracies
+from evaluators.suite import attention_figures
 from trainer.data.datasets import collate_samples
 from trainer.data.fashion_mnist import load_split
 from trainer.engine import build_networks, pretrain
 from trainer.run import build_dataset
 
 
-SCORES = {"knn": "k-NN", "linear": "linear", "last4": "last 4", "protocol": "protocol"}  # key: column title
+SCORES = {"knn": "k-NN", "linear": "linear", "last4": "last 4", "protocol": "protocol",
+          "attention_jaccard": "attn J"}  # key: column title
+ATTENTION_IMAGES = 1000  # test garments the attention Jaccard is measured on
 
 
 def parse_args() -> argparse.Namespace:
@@ -71,7 +77,10 @@ def main() -> None:
         last4 = [labelled_features(backbone, torch.from_numpy(split.images), cfg.model.patch_size, layers=4)
                  for split in (train, test)]
         final = [x[:, -backbone.embed_dim:] for x in last4]
-        return score({"linear": (final[0], final[1]), "last4": (last4[0], last4[1])})
+        garments = torch.from_numpy(test.images[:ATTENTION_IMAGES])
+        looked = attention_figures(backbone, garments, garment_foreground(garments))
+        return {**score({"linear": (final[0], final[1]), "last4": (last4[0], last4[1])}),
+                "attention_jaccard": looked["attention_jaccard"]}
 
     rows = [{"what": "raw pixels", **score({"linear": (torch.from_numpy(train.images).flatten(1).float(),
                                                        torch.from_numpy(test.images).flatten(1).float())})}]

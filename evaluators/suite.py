@@ -115,7 +115,7 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
     With ``pictures`` (a local folder) and the dense tasks, it also saves ``pca_features.png``
     (test scenes and their patch features' first three principal components as RGB) and
     ``dense_predictions.png`` (masks and depth maps, true and predicted); with either the dense
-    or the classification tasks, ``attention_maps.png`` (:func:`_attention`).
+    or the classification tasks, ``attention_maps.png`` (:func:`attention_figures`).
     """
     backbone.eval()
     metrics: dict[str, float] = {}
@@ -161,7 +161,7 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
             save_dense_predictions(test.images[shown], test.masks[shown], predicted_masks[shown], test.depths[shown],
                                    predicted_depths[shown], Path(pictures) / "dense_predictions.png", len(CLASS_NAMES))
     if looked_at is not None and hasattr(backbone, "self_attention"):
-        tasks["attention"] = _attention(backbone, *looked_at, pictures)
+        tasks["attention"] = attention_figures(backbone, *looked_at, pictures)
         metrics.update(tasks["attention"])
     if "retrieval" in config.tasks:
         data = make_retrieval_set(config.retrieval_scenes, seed=config.seed + 2,
@@ -174,8 +174,8 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
     return {"metrics": metrics, "tasks": tasks, "config": _jsonable(asdict(config)), "features": features}
 
 
-def _attention(backbone: nn.Module, images: np.ndarray | torch.Tensor, foreground: np.ndarray | torch.Tensor,
-               pictures: str | Path | None) -> dict[str, float]:
+def attention_figures(backbone: nn.Module, images: np.ndarray | torch.Tensor, foreground: np.ndarray | torch.Tensor,
+                      pictures: str | Path | None = None) -> dict[str, float]:
     """:func:`~evaluators.attention.attention_summary`'s metrics on uint8 test ``images`` and their
     ``foreground`` (bool, same size), each resized to at least 8 patches a side (Fashion-MNIST's 28
     px is 4 patches of 7; the foreground nearest), and with ``pictures`` the first 8 in

@@ -109,7 +109,7 @@ def save_attention_maps(images: np.ndarray, maps: np.ndarray, high_norm: np.ndar
     ``(heads, h, w)`` (:func:`attention_rgb`: the heads' mean, or with ``per_head`` a row per head,
     each stretched alone), and below that the image with its high-norm patch tokens ``high_norm``
     ``(h, w)`` boxed in red (:mod:`evaluators.attention`); ``masks`` ``(h, w)`` bool (the attention
-    masks, :func:`~evaluators.attention.attention_masks`) are outlined in cyan on the top image."""
+    masks, :func:`~evaluators.attention.attention_masks`) are tinted and outlined in cyan on the top image."""
     count = min(len(images), columns)
     groups = [maps[:count, head:head + 1] for head in range(maps.shape[1])] if per_head else [maps[:count]]
     colours = [attention_rgb(group) for group in groups]  # a row each: (count, h, w, 3)
@@ -124,6 +124,9 @@ def save_attention_maps(images: np.ndarray, maps: np.ndarray, high_norm: np.ndar
         axes[0, column].imshow(shown, cmap=cmap)
         if masks is not None and masks[column].any() and not masks[column].all():
             pixels = np.kron(masks[column].astype(float), np.ones((height // rows, width // cols)))
+            tint = np.zeros((*pixels.shape, 4))
+            tint[pixels > 0] = (0.0, 1.0, 1.0, 0.3)  # the inside tinted, so the outline has a side
+            axes[0, column].imshow(tint, interpolation="nearest")
             axes[0, column].contour(pixels, levels=[0.5], colors="cyan", linewidths=0.8)
         for row, colour in enumerate(colours, start=1):
             axes[row, column].imshow(colour[column], interpolation="nearest")
