@@ -136,8 +136,8 @@ def attention_summary(backbone: Any, images: Tensor, factor: float = HIGH_NORM_F
     ``mass``), ``on_patches`` ``(B,)`` (the CLS token's attention mass on the patches, averaged over
     heads; the rest goes to itself and the registers) and ``metrics``: ``high_norm_token_share`` (of
     all patch tokens) and ``cls_attention_on_patches`` (``on_patches``' mean); given the
-    ``foreground`` ``(B, H, W)``, also :func:`foreground_jaccard`'s figures (``jaccard`` ``(B,)``
-    per image, ``best_head``)."""
+    ``foreground`` ``(B, H, W)``, also :func:`foreground_jaccard`'s two figures in ``metrics``, and
+    its ``best_head``."""
     images = images.to(next(backbone.parameters()).device)
     grid = _grid(backbone, images)
     with torch.no_grad():  # one pass for both: the blocks before the chosen one run once
@@ -153,5 +153,5 @@ def attention_summary(backbone: Any, images: Tensor, factor: float = HIGH_NORM_F
     if foreground is not None:
         scored = foreground_jaccard(maps, foreground.cpu(), mass)
         metrics.update({k: scored[k] for k in ("attention_jaccard", "attention_jaccard_best_head")})
-        summary.update(jaccard=scored["per_image"], best_head=scored["best_head"])
+        summary["best_head"] = scored["best_head"]
     return summary

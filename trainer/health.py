@@ -65,29 +65,30 @@ class CollapseWatch:
     runs: dict[str, int] = field(default_factory=dict)  # condition -> steps in a row it has held
     reported: dict[str, int] = field(default_factory=dict)  # condition -> step it was reported at
 
-    def conditions(self, health: dict[str, float]) -> list[str]:
-        """The collapse conditions ``health`` meets, worded for a person."""
-        found = []
+    def conditions(self, health: dict[str, float]) -> dict[str, str]:
+        """The collapse conditions ``health`` meets: each one's name and its figure, for a person."""
+        found = {}
         if health["target_entropy"] > self.uniform_entropy:
-            found.append(f"uniform teacher targets (entropy {health['target_entropy']:.3f} of log K)")
+            found["uniform teacher targets"] = f"entropy {health['target_entropy']:.3f} of log K"
         if health["prototypes_used"] < 1.5:
-            found.append("every teacher target picks one prototype")
+            found["every teacher target picks one prototype"] = "1 prototype picked"
         if health["feature_spread"] < self.collapsed_spread:
-            found.append(f"image embeddings collapsed to one point (spread {health['feature_spread']:.4f})")
+            found["image embeddings collapsed to one point"] = f"spread {health['feature_spread']:.4f}"
         return found
 
     def update(self, step: int, health: dict[str, float]) -> list[str]:
-        """Record step ``step``'s figures; returns the conditions newly reported at this step."""
+        """Record step ``step``'s figures; returns the conditions newly reported at this step
+        (``name (figure)``)."""
         if step < self.start:
             return []
-        met = {condition.split(" (")[0]: condition for condition in self.conditions(health)}
+        met = self.conditions(health)
         self.runs = {name: self.runs.get(name, 0) + 1 for name in met}
-        new = [met[name] for name, count in self.runs.items() if count >= self.patience and name not in self.reported]
-        for condition in new:
-            self.reported[condition.split(" (")[0]] = step
-            _log.warning("step %d: the run may be collapsing: %s for %d steps in a row", step, condition,
+        new = [name for name, count in self.runs.items() if count >= self.patience and name not in self.reported]
+        for name in new:
+            self.reported[name] = step
+            _log.warning("step %d: the run may be collapsing: %s (%s) for %d steps in a row", step, name, met[name],
                          self.patience)
-        return new
+        return [f"{name} ({met[name]})" for name in new]
 
     def verdict(self) -> str:
         """``ok``, or the conditions reported and the steps they were first reported at."""
