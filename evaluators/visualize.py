@@ -1,5 +1,5 @@
 """Pictures a person would rather look at than read: image grids, confusion matrices, PCA and
-attention maps.
+attention maps, training curves.
 
 Why: numbers in MLflow say how well a model does; these PNGs show where. Written with the
 non-interactive Agg backend so they work on headless machines and in pods.
@@ -162,6 +162,48 @@ def save_dense_predictions(images: np.ndarray, masks: np.ndarray, predicted_mask
             axis.axis("off")
             if row == 0:
                 axis.set_title(titles[column], fontsize=8)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+COLLAPSE_FIGURES = ("health_target_entropy", "health_feature_spread")  # both in [0, 1]: one axis
+EVALUATION_SKIPPED = ("step", "train_minutes", "images_seen")  # an evaluation row's bookkeeping
+
+
+def save_training_curves(curves: Sequence[dict[str, float]], evaluations: Sequence[dict[str, float]],
+                         path: str | Path) -> Path:
+    """A run's curves against its steps, a panel each: every ``loss_*`` of ``curves`` (rows with
+    ``step``: :meth:`trainer.engine.TrainState.record`); the collapse figures (``health_*``,
+    :mod:`trainer.health`) when there are any, the prototypes picked on a second axis; the learning
+    rate; and, when the run was evaluated, each score of ``evaluations`` (rows with ``step``)."""
+    steps = [row["step"] for row in curves]
+    scores = sorted({k for row in evaluations for k in row if k not in EVALUATION_SKIPPED})
+    panels = ["losses", *(["teacher"] if any(k in curves[0] for k in COLLAPSE_FIGURES) else []), "lr",
+              *(["evaluations"] if scores else [])]
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+    for axis, panel in zip(axes[0], panels):
+        axis.set_xlabel("step")
+        if panel == "losses":
+            for key in sorted(k for k in curves[0] if k.startswith("loss_")):
+                axis.plot(steps, [row[key] for row in curves], label=key.removeprefix("loss_"), lw=1)
+            axis.set_title("losses", fontsize=9)
+        elif panel == "teacher":
+            for key in COLLAPSE_FIGURES:
+                axis.plot(steps, [row[key] for row in curves], label=key.removeprefix("health_"), lw=1)
+            axis.set_ylim(0, 1.05)
+            picked = axis.twinx()
+            picked.plot(steps, [row["health_prototypes_used"] for row in curves], color="grey", lw=0.8, ls="--")
+            picked.set_ylabel("prototypes picked (dashed)", fontsize=7)
+            axis.set_title("teacher: collapse figures", fontsize=9)
+        elif panel == "lr":
+            axis.plot(steps, [row["lr"] for row in curves], lw=1, label="lr")
+            axis.set_title("learning rate", fontsize=9)
+        else:
+            for key in scores:
+                kept = [(row["step"], row[key]) for row in evaluations if key in row]
+                axis.plot(*zip(*kept), marker="o", lw=1, label=key)
+            axis.set_title("evaluations", fontsize=9)
+        axis.legend(fontsize=6)
     figure.tight_layout()
     return _save(figure, path)
 

@@ -74,6 +74,7 @@ from trainer.engine import (
     streams_kept,
     training_autocast,
     with_kernel_choice,
+    write_training_curves,
 )
 from trainer.losses import CLSFeatureLoss, PatchFeatureLoss
 from trainer.models.compile import compile_blocks
@@ -409,6 +410,7 @@ def distill(
                    "ema_momentum": sched.teacher_momentum, "teacher_temp": sched.teacher_temp,
                    "images_per_second": prepared.images / seconds}
         tracker.log_metrics(metrics, step=state.step)
+        state.record(state.step, metrics, cfg.tracking.metric_every)
         bar.set_postfix(loss=f"{losses['total']:.3f}", img_s=f"{metrics['images_per_second']:.0f}")
         due = bool(cfg.eval.every_steps) and state.step % cfg.eval.every_steps == 0
         while marks and state.train_seconds >= 60 * marks[0]:
@@ -440,6 +442,7 @@ def distill(
         final = closing(backbone, state.step)
         tracker.log_metrics(final, step=state.step, force=True)
     save_backbone(backbone.cpu(), join_uri(cfg.out, "backbone.safetensors"), storage)
+    write_training_curves(state, storage, cfg.out, tracker)
     summary = {"name": cfg.name, "steps": state.step, "images_seen": state.images_seen,
                "train_minutes": round(state.train_seconds / 60, 3), "stopped_early": stopped_early,
                "teacher": cfg.teacher.uri, "teacher_sha256": teacher_hash, "objective": cfg.distill.objective,

@@ -54,6 +54,8 @@ from trainer.schedules import ScheduleValues, schedule_values, total_steps
 from trainer.strategy import Strategy, build_strategy, local_tensor
 
 _log = logging.getLogger(__name__)
+CURVE_POINTS = 1000  # rows of step metrics a run keeps for its training curves (TrainState.record)
+CURVES_FILE = "training_curves.png"
 
 
 class SSLNetwork(nn.Module):
@@ -493,11 +495,42 @@ class TrainState:
     train_seconds: float = 0.0  # wall time spent training, evaluations excluded, over all resumes
     history: list[dict[str, float]] = field(default_factory=list)
     bad_images: dict[str, Any] = field(default_factory=dict)  # BadImageTracker.summary() at the save
+    curves: list[dict[str, float]] = field(default_factory=list)  # step metrics every curve_every steps
+    curve_every: int = 0  # 0 until the first record
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict[str, Any]) -> TrainState:
         return cls(checkpoint["step"], checkpoint["images_seen"], checkpoint["train_seconds"],
-                   json.loads(checkpoint["history"]), json.loads(checkpoint.get("bad_images", "{}")))
+                   json.loads(checkpoint["history"]), json.loads(checkpoint.get("bad_images", "{}")),
+                   json.loads(checkpoint.get("curves", "[]")), int(checkpoint.get("curve_every", 0)))
+
+    def record(self, step: int, metrics: dict[str, float], every: int) -> None:
+        """Keep step ``step``'s ``metrics`` for the training curves when it falls on the stride
+        (``every`` steps at first); past :data:`CURVE_POINTS` rows the stride doubles and every other
+        row goes, so a run of any length keeps a bounded, evenly spaced record in its checkpoints."""
+        self.curve_every = self.curve_every or every
+        if step % self.curve_every:
+            return
+        self.curves.append({"step": step, **metrics})
+        if len(self.curves) > CURVE_POINTS:
+            self.curve_every *= 2
+            self.curves = [row for row in self.curves if row["step"] % self.curve_every == 0]
+
+
+def write_training_curves(state: TrainState, storage: Storage, out: str, tracker: Tracker) -> None:
+    """``<out>/training_curves.png`` (:func:`evaluators.visualize.save_training_curves` of the
+    recorded steps and evaluations), also logged to ``tracker``; nothing when no step was recorded."""
+    import tempfile
+    from pathlib import Path
+
+    from evaluators.visualize import save_training_curves
+
+    if not state.curves:
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        picture = save_training_curves(state.curves, state.history, Path(scratch) / CURVES_FILE)
+        storage.write_bytes(join_uri(out, CURVES_FILE), picture.read_bytes())
+        tracker.log_artifact(picture)
 
 
 def checkpoint_bytes(student: SSLNetwork, teacher: SSLNetwork, objective: Objective,
@@ -513,6 +546,7 @@ def checkpoint_bytes(student: SSLNetwork, teacher: SSLNetwork, objective: Object
         "config": to_yaml(cfg),
         "history": json.dumps(state.history),
         "bad_images": json.dumps(state.bad_images),
+        "curves": json.dumps(state.curves), "curve_every": state.curve_every,
     }, buffer)
     return buffer.getvalue()
 
@@ -678,6 +712,7 @@ def _pretrain(cfg: PretrainConfig, dataset: Any, collate: Callable, storage: Sto
                    "weight_decay": sched.weight_decay, "teacher_momentum": sched.teacher_momentum,
                    "teacher_temp": sched.teacher_temp, "images_per_second": count / seconds}
         tracker.log_metrics(metrics, step=state.step)
+        state.record(state.step, metrics, cfg.tracking.metric_every)
         if watch.update(state.step, health):
             tracker.set_tags({TAG_HEALTH: watch.verdict()})
         bar.set_postfix(loss=f"{losses['total']:.3f}", img_s=f"{metrics['images_per_second']:.0f}")
@@ -714,6 +749,7 @@ def _pretrain(cfg: PretrainConfig, dataset: Any, collate: Callable, storage: Sto
         tracker.log_metrics(final, step=state.step, force=True)
     if strategy.is_main:
         save_backbone(backbone.cpu(), join_uri(cfg.out, "backbone.safetensors"), storage)
+        write_training_curves(state, storage, cfg.out, tracker)
     summary = {"name": cfg.name, "steps": state.step, "images_seen": state.images_seen,
                "train_minutes": round(state.train_seconds / 60, 3), "stopped_early": stopped_early,
                "backbone": join_uri(cfg.out, "backbone.safetensors"), "final": final,

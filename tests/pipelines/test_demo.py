@@ -17,7 +17,7 @@ from tests.servers import TEST_BUCKET, MlflowServer, SeaweedS3, s3_settings
 
 SHORT = [
     "pretrain_minutes=0.05",
-    "pretrain_overrides=[optim.batch_size=32, model.depth=2, checkpoint_every=5]",
+    "pretrain_overrides=[optim.batch_size=32, model.depth=2, checkpoint_every=5, tracking.metric_every=1]",
     "eval_train_limit=2000", "eval_test_limit=500",
 ]
 
@@ -33,7 +33,7 @@ def _check_mlflow(tracking_uri: str, experiment: str, monkeypatch: pytest.Monkey
     pretrain, evaluate = children[1], children[2]
     assert pretrain.data.metrics["loss_total"] > 0 and "lr" in pretrain.data.metrics
     assert 0 < pretrain.data.metrics["health_target_entropy"] < 1 and pretrain.data.tags["dinoflow.health"] == "ok"
-    assert "config.yaml" in {a.path for a in client.list_artifacts(pretrain.info.run_id)}
+    assert {"config.yaml", "training_curves.png"} <= {a.path for a in client.list_artifacts(pretrain.info.run_id)}
     assert {"report.json", "confusion_knn.png"} <= {a.path for a in client.list_artifacts(evaluate.info.run_id)}
     version = client.get_model_version_by_alias("dinoflow-tiny", "champion")
     assert version.tags["metric.knn_top1_k20"] == repr(evaluate.data.metrics["knn_top1_k20"])

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 import torch
 from typer.testing import CliRunner
 
@@ -270,13 +271,16 @@ def test_cli_distills(teacher_run: Path, tmp_path: Path, monkeypatch: pytest.Mon
     out = tmp_path / "cli"
     result = CliRunner().invoke(app, ["distill", "--teacher", str(teacher_run), "--student", "distill-tiny",
                                       f"out={out}", *STUDENT, "max_steps=2", "eval.train_limit=200",
-                                      "eval.test_limit=50"])
+                                      "eval.test_limit=50", "tracking.metric_every=1"])
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and "knn_top1_k20" in summary["final"]
     assert summary["objective"] == "features"  # the preset's default
     assert summary["tracking"]["dropped"] == 0 and summary["tracking"]["rejected"] == 0  # nothing lost on the way
     assert (out / "backbone.safetensors").exists()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")  # the loss curves, drawn and logged
+    assert (out / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert "training_curves.png" in {a.path for a in client.list_artifacts(summary["mlflow_run_id"])}
 
     bad = CliRunner().invoke(app, ["distill", "--teacher", str(tmp_path / "nothing"), f"out={tmp_path / 'x'}"])
     assert bad.exit_code == 2 and "holds no checkpoints" in bad.output

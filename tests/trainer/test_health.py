@@ -85,3 +85,4 @@ def test_a_run_whose_targets_go_uniform_is_tagged_and_a_healthy_one_is_not(tmp_p
     assert run.data.tags[TAG_HEALTH] == verdict
     assert {"health_target_entropy", "health_prototypes_used", "health_feature_spread"} <= set(run.data.metrics)
     assert not any(name.startswith("loss_health") for name in run.data.metrics)
+    assert "training_curves.png" in {a.path for a in MlflowClient(uri).list_artifacts(tracker.run_id)}
