@@ -11,8 +11,10 @@ Routes:
 * ``POST /v1/pca``: one image in; a PNG of its patch features' first three principal components
   (:func:`evaluators.visualize.pca_rgb`) out.
 * ``POST /v1/attention``: one image in; a PNG of the last block's CLS attention over its patches
-  (:func:`evaluators.visualize.attention_rgb`) out, with its high-norm patch tokens counted in the
-  headers ``X-High-Norm-Tokens`` and ``X-CLS-Attention-On-Patches`` (:mod:`evaluators.attention`).
+  (:func:`evaluators.visualize.attention_rgb`: the heads' mean, or with ``heads=true`` each head's
+  map side by side, each stretched alone) out, with its high-norm patch tokens counted in the
+  headers ``X-High-Norm-Tokens``, ``X-CLS-Attention-On-Patches``, ``X-Attention-Heads`` and
+  ``X-Attention-Mask-Share`` (the share of patches in the mean map's 60 % mask; :mod:`evaluators.attention`).
 * ``POST /v1/pca-video``: frames in (several images, or animated GIF/PNG/WebP files whose frames
   are taken in order); one PCA basis fitted over the patches of all frames, so a colour means the
   same feature direction in every frame; an animated PNG (``format=apng``, identical consecutive
@@ -295,18 +297,26 @@ def create_app(model: ServedModel, index: NeighbourIndex | None = None, settings
         return Response(_png(picture), media_type="image/png")
 
     @app.post("/v1/attention")
-    async def attention(request: Request, size: int = 224) -> Response:
+    async def attention(request: Request, size: int = 224, heads: bool = False) -> Response:
         pixels = await one_image(request, size, "an attention map", looker)
         looked = await features_of(pixels, looker)
+        maps = looked["maps"].numpy()  # (1, heads, h, w)
 
         def draw() -> bytes:
             from evaluators.visualize import attention_rgb
 
-            colours = (attention_rgb(looked["maps"].numpy())[0] * 255).round().astype(np.uint8)  # (h, w, 3)
-            return _png(Image.fromarray(colours).resize((size, size), Image.Resampling.NEAREST))
+            groups = [maps[:, head:head + 1] for head in range(maps.shape[1])] if heads else [maps]
+            tiles = [Image.fromarray((attention_rgb(group)[0] * 255).round().astype(np.uint8)).resize(
+                (size, size), Image.Resampling.NEAREST) for group in groups]  # each stretched alone
+            strip = Image.new("RGB", (size * len(tiles), size))
+            for index, tile in enumerate(tiles):
+                strip.paste(tile, (index * size, 0))
+            return _png(strip)
 
         headers = {"X-High-Norm-Tokens": str(int(looked["high_norm"].sum())),
-                   "X-CLS-Attention-On-Patches": f"{float(looked['on_patches'][0]):.6f}"}
+                   "X-CLS-Attention-On-Patches": f"{float(looked['on_patches'][0]):.6f}",
+                   "X-Attention-Heads": str(maps.shape[1]),
+                   "X-Attention-Mask-Share": f"{float(looked['masks'][0].float().mean()):.6f}"}
         return Response(await run_in_threadpool(draw), media_type="image/png", headers=headers)
 
     @app.post("/v1/pca-video")

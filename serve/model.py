@@ -80,13 +80,14 @@ class ServedModel:
     def attention(self, pixels: Tensor) -> dict[str, Tensor]:
         """Where the backbone looks in uint8 images ``(B, 3, S, S)``: ``maps`` ``(B, heads, h, w)``
         (the last block's CLS attention over the patches), ``high_norm`` ``(B, h, w)`` (each image's
-        high-norm patch tokens) and ``on_patches`` ``(B,)`` (the CLS attention mass on the patches),
-        on the CPU: :func:`evaluators.attention.attention_summary`, per image."""
+        high-norm patch tokens), ``masks`` ``(B, h, w)`` (the mean map's attention mask) and
+        ``on_patches`` ``(B,)`` (the CLS attention mass on the patches), on the CPU:
+        :func:`evaluators.attention.attention_summary`, per image."""
         from evaluators.attention import attention_summary
 
         with torch.inference_mode():
             summary = attention_summary(self.backbone, to_model_input(pixels, patch_size=self.patch_size))
-        return {name: summary[name] for name in ("maps", "high_norm", "on_patches")}
+        return {name: summary[name] for name in ("maps", "high_norm", "masks", "on_patches")}
 
 
 def decode_upload(data: bytes, image_size: int, max_pixels: int) -> Tensor:

@@ -4,7 +4,7 @@ and nearest neighbours; upload frames (or an animated GIF/PNG/WebP), see their P
 Plain HTML and JavaScript in one string (no CDN, no build step, no package data to ship): it
 calls ``/v1/pca``, ``/v1/attention``, ``/v1/neighbours``, ``/v1/index/items/{id}/image`` and
 ``/v1/pca-video`` of the same process. Element ids the browser test relies on: ``file``, ``pca``,
-``attention``, ``attention-caption``, ``neighbours``,
+``attention``, ``attention-caption``, ``attention-heads``, ``neighbours``,
 ``frames``, ``pca-video``, ``status``; an image that has finished loading gets ``data-ready``.
 """
 
@@ -35,6 +35,8 @@ PAGE_HTML = """<!doctype html>
   <figure><img id="attention" class="big" alt=""><figcaption id="attention-caption">CLS attention (last block, mean
     of the heads)</figcaption></figure>
 </div>
+<figure><img id="attention-heads" alt="" style="height: 112px; image-rendering: pixelated; border: 1px solid #ccc">
+  <figcaption>CLS attention of each head (each stretched alone)</figcaption></figure>
 <h2>Nearest images</h2>
 <div class="row" id="neighbours"></div>
 <h2>PCA video</h2>
@@ -73,6 +75,9 @@ document.getElementById("file").addEventListener("change", async (event) => {
   document.getElementById("attention-caption").textContent = "CLS attention (last block, mean of the heads); " +
     looked.headers.get("X-High-Norm-Tokens") + " high-norm patch tokens";
   show(document.getElementById("attention"), await looked.blob());
+  const heads = await fetch("v1/attention?heads=true", { method: "POST", body: form() });
+  if (!heads.ok) { statusLine.textContent = "attention heads: " + await detail(heads); return; }
+  show(document.getElementById("attention-heads"), await heads.blob());
   const list = document.getElementById("neighbours");
   list.replaceChildren();
   const k = document.getElementById("k").value;

@@ -171,6 +171,17 @@ def test_attention_map_is_the_librarys(service: Running) -> None:
     assert response.headers["X-High-Norm-Tokens"] == str(int(summary["high_norm"].sum()))
     assert float(response.headers["X-CLS-Attention-On-Patches"]) == pytest.approx(
         summary["metrics"]["cls_attention_on_patches"], abs=1e-6)
+    assert float(response.headers["X-Attention-Mask-Share"]) == pytest.approx(summary["masks"].float().mean().item(),
+                                                                              abs=1e-6)
+    heads = requests.post(service.url + "/v1/attention", params={"size": 64, "heads": "true"},
+                          files=_files(service.images[-1:]), timeout=30)
+    count = summary["maps"].shape[1]
+    assert heads.status_code == 200 and heads.headers["X-Attention-Heads"] == str(count) and count > 1
+    strip = np.asarray(Image.open(io.BytesIO(heads.content)))
+    assert strip.shape == (64, 64 * count, 3)
+    for head in range(count):  # each tile: that head's map alone, stretched alone
+        alone = (attention_rgb(summary["maps"][:, head:head + 1].numpy())[0] * 255).round().astype(np.uint8)
+        np.testing.assert_array_equal(strip[cell // 2::cell, 64 * head + cell // 2:64 * (head + 1):cell], alone)
     two = requests.post(service.url + "/v1/attention", files=_files(service.images[:2]), timeout=30)
     assert two.status_code == 400 and "exactly one image" in two.json()["detail"]
     small = requests.post(service.url + "/v1/attention", params={"size": 8}, files=_files(service.images[:1]),

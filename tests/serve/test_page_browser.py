@@ -94,6 +94,9 @@ def test_upload_shows_the_pca_and_attention_maps_and_the_neighbours(service: Run
     assert np.abs(shown - expected).mean() < 3, f"the page does not show /v1/attention's picture; {path}"
     caption = driver.find_element(By.ID, "attention-caption").text
     assert f"{looked.headers['X-High-Norm-Tokens']} high-norm patch tokens" in caption
+    WebDriverWait(driver, WAIT_S).until(lambda d: d.find_element(By.ID, "attention-heads").get_attribute("data-ready"))
+    width = driver.execute_script("return document.getElementById('attention-heads').naturalWidth")
+    assert width == 224 * int(looked.headers["X-Attention-Heads"])  # /v1/attention?heads=true: a tile per head
 
     captions = [c.text for c in driver.find_elements(By.CSS_SELECTOR, "#neighbours figcaption")]
     assert len(captions) == 5 and captions[0].startswith("#1") and "1.000" in captions[0]  # the image itself
