@@ -519,7 +519,8 @@ class TrainState:
 
 def write_training_curves(state: TrainState, storage: Storage, out: str, tracker: Tracker) -> None:
     """``<out>/training_curves.png`` (:func:`evaluators.visualize.save_training_curves` of the
-    recorded steps and evaluations), also logged to ``tracker``; nothing when no step was recorded."""
+    recorded steps and evaluations), also logged to ``tracker``; nothing when no step was recorded.
+    The local copy it logs is left in place: an upload queued while the store is down reads it later."""
     import tempfile
     from pathlib import Path
 
@@ -527,10 +528,9 @@ def write_training_curves(state: TrainState, storage: Storage, out: str, tracker
 
     if not state.curves:
         return
-    with tempfile.TemporaryDirectory() as scratch:
-        picture = save_training_curves(state.curves, state.history, Path(scratch) / CURVES_FILE)
-        storage.write_bytes(join_uri(out, CURVES_FILE), picture.read_bytes())
-        tracker.log_artifact(picture)
+    picture = save_training_curves(state.curves, state.history, Path(tempfile.mkdtemp()) / CURVES_FILE)
+    storage.write_bytes(join_uri(out, CURVES_FILE), picture.read_bytes())
+    tracker.log_artifact(picture)
 
 
 def checkpoint_bytes(student: SSLNetwork, teacher: SSLNetwork, objective: Objective,
