@@ -179,7 +179,7 @@ def attention_figures(backbone: nn.Module, images: np.ndarray | torch.Tensor, fo
     """:func:`~evaluators.attention.attention_summary`'s metrics on uint8 test ``images`` and their
     ``foreground`` (bool, same size), each resized to at least 8 patches a side (Fashion-MNIST's 28
     px is 4 patches of 7; the foreground nearest), and with ``pictures`` the first 8 in
-    ``attention_maps.png``, the head-mean maps' 60 % masks outlined."""
+    ``attention_maps.png``, the head-mean maps' 60 % masks tinted and outlined."""
     pixels = torch.as_tensor(images)
     patch = backbone.patch_size
     side = patch * max(8, -(-max(pixels.shape[-2:]) // patch))
