@@ -104,14 +104,15 @@ def train_tiny(out: str, overrides: list[str], length: int = 16) -> None:
 
 def fork_server() -> Any:
     """A multiprocessing context whose children fork from a server that has already imported
-    torch and the trainer (about 0.1 s a start instead of about 4 s for a fresh interpreter).
+    torch and the trainer (about 0.1 s a start instead of about 4 s for a fresh interpreter), and
+    matplotlib, with which a finished run draws its training curves.
 
     The server never runs a tensor op, so its children start with no OpenMP pool to inherit.
     """
     import multiprocessing
 
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "trainer.engine", "tests.reliability.helpers"])
+    context.set_forkserver_preload(["torch", "trainer.engine", "evaluators.visualize", "tests.reliability.helpers"])
     return context
 
 
