@@ -103,16 +103,22 @@ def attention_rgb(maps: np.ndarray) -> np.ndarray:
     return matplotlib.colormaps["inferno"](scaled)[..., :3]
 
 
+def attention_rows(maps: np.ndarray, per_head: bool = False) -> list[np.ndarray]:
+    """:func:`attention_rgb` of ``maps`` ``(N, heads, h, w)``: one ``(N, h, w, 3)`` array of the
+    heads' mean, or with ``per_head`` one per head, each head's map stretched alone."""
+    groups = [maps[:, head:head + 1] for head in range(maps.shape[1])] if per_head else [maps]
+    return [attention_rgb(group) for group in groups]
+
+
 def save_attention_maps(images: np.ndarray, maps: np.ndarray, high_norm: np.ndarray, path: str | Path,
                         columns: int = 8, per_head: bool = False, masks: np.ndarray | None = None) -> Path:
     """Save each image (uint8 ``(3, H, W)`` or ``(H, W)``) above its CLS attention ``maps``
-    ``(heads, h, w)`` (:func:`attention_rgb`: the heads' mean, or with ``per_head`` a row per head,
+    ``(heads, h, w)`` (:func:`attention_rows`: the heads' mean, or with ``per_head`` a row per head,
     each stretched alone), and below that the image with its high-norm patch tokens ``high_norm``
     ``(h, w)`` boxed in red (:mod:`evaluators.attention`); ``masks`` ``(h, w)`` bool (the attention
     masks, :func:`~evaluators.attention.attention_masks`) are tinted and outlined in cyan on the top image."""
     count = min(len(images), columns)
-    groups = [maps[:count, head:head + 1] for head in range(maps.shape[1])] if per_head else [maps[:count]]
-    colours = [attention_rgb(group) for group in groups]  # a row each: (count, h, w, 3)
+    colours = attention_rows(maps[:count], per_head)  # a row each: (count, h, w, 3)
     rows_shown = 2 + len(colours)
     figure, axes = plt.subplots(rows_shown, count, figsize=(count * 1.5, 1.6 * rows_shown), squeeze=False)
     for column in range(count):
@@ -137,7 +143,7 @@ def save_attention_maps(images: np.ndarray, maps: np.ndarray, high_norm: np.ndar
         for axis in axes[:, column]:
             axis.axis("off")
     flagged = f"high-norm tokens (red): {int(high_norm[:count].sum())} of {high_norm[:count].size}"
-    middle = [f"CLS attention, head {head}" for head in range(len(groups))] if per_head else ["CLS attention"]
+    middle = [f"CLS attention, head {head}" for head in range(len(colours))] if per_head else ["CLS attention"]
     first = "image, attention mask (cyan)" if masks is not None else "image"
     for axis, title in zip(axes[:, 0], [first, *middle, flagged]):
         axis.set_title(title, fontsize=7, loc="left")

@@ -11,7 +11,7 @@ Routes:
 * ``POST /v1/pca``: one image in; a PNG of its patch features' first three principal components
   (:func:`evaluators.visualize.pca_rgb`) out.
 * ``POST /v1/attention``: one image in; a PNG of the last block's CLS attention over its patches
-  (:func:`evaluators.visualize.attention_rgb`: the heads' mean, or with ``heads=true`` each head's
+  (:func:`evaluators.visualize.attention_rows`: the heads' mean, or with ``heads=true`` each head's
   map side by side, each stretched alone) out, with its high-norm patch tokens counted in the
   headers ``X-High-Norm-Tokens``, ``X-CLS-Attention-On-Patches``, ``X-Attention-Heads`` and
   ``X-Attention-Mask-Share`` (the share of patches in the mean map's 60 % mask; :mod:`evaluators.attention`).
@@ -303,11 +303,10 @@ def create_app(model: ServedModel, index: NeighbourIndex | None = None, settings
         maps = looked["maps"].numpy()  # (1, heads, h, w)
 
         def draw() -> bytes:
-            from evaluators.visualize import attention_rgb
+            from evaluators.visualize import attention_rows
 
-            groups = [maps[:, head:head + 1] for head in range(maps.shape[1])] if heads else [maps]
-            tiles = [Image.fromarray((attention_rgb(group)[0] * 255).round().astype(np.uint8)).resize(
-                (size, size), Image.Resampling.NEAREST) for group in groups]  # each stretched alone
+            tiles = [Image.fromarray((colours[0] * 255).round().astype(np.uint8)).resize(
+                (size, size), Image.Resampling.NEAREST) for colours in attention_rows(maps, heads)]
             strip = Image.new("RGB", (size * len(tiles), size))
             for index, tile in enumerate(tiles):
                 strip.paste(tile, (index * size, 0))

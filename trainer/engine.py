@@ -707,8 +707,7 @@ def _pretrain(cfg: PretrainConfig, dataset: Any, collate: Callable, storage: Sto
         state.step, state.images_seen = step + 1, state.images_seen + count
         state.train_seconds += seconds
         health = {k.removeprefix("health_"): v for k, v in losses.items() if k.startswith("health_")}
-        metrics = {**{f"loss_{k}": v for k, v in losses.items() if not k.startswith("health_")},
-                   **{f"health_{k}": v for k, v in health.items()}, "lr": sched.lr,
+        metrics = {**{(k if k.startswith("health_") else f"loss_{k}"): v for k, v in losses.items()}, "lr": sched.lr,
                    "weight_decay": sched.weight_decay, "teacher_momentum": sched.teacher_momentum,
                    "teacher_temp": sched.teacher_temp, "images_per_second": count / seconds}
         tracker.log_metrics(metrics, step=state.step)

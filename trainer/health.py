@@ -44,7 +44,7 @@ def target_health(targets: Tensor, features: Tensor) -> dict[str, Tensor]:
     ``(rows, K)`` (probabilities: rows sum to 1) and its CLS embeddings ``(rows, D)``."""
     probs = targets.float()
     num_prototypes = probs.shape[-1]
-    entropy = -(probs * probs.clamp_min(torch.finfo(torch.float32).tiny).log()).sum(dim=-1)
+    entropy = torch.special.entr(probs).sum(dim=-1)  # -p ln p, 0 at p = 0
     picked = torch.zeros(num_prototypes, device=probs.device).index_fill_(0, probs.argmax(dim=-1), 1.0)
     unit = F.normalize(features.float(), dim=-1)
     spread = unit.std(dim=0, correction=0).mean() * math.sqrt(unit.shape[-1])
