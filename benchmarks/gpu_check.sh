@@ -10,6 +10,9 @@
 #   correctness    benchmarks/gpu_correctness.py: backbone and one train_step on the GPU against the
 #                  CPU from the same weights (fp32), bf16 autocast against fp32, compiled blocks
 #                  against eager                                                 -> correctness.json
+#   preparation    benchmarks/batch_preparation.py --sync-check: the loop's batch preparation at ViT-S/14's
+#                  sizes alone, the host time it takes behind queued GPU work, and whether any of its
+#                  calls waits for the GPU                                       -> preparation.json
 #   probe_small    benchmarks/train_step.py --probe --compile --cuda-graphs --subset-drop-above 0.05: ViT-S/14
 #                  recipe, batch 128, and dinoflow's compiled step once more with CUDA graphs, and once
 #                  more with its drop path (0.1) in the subset form               -> probe_small.json
@@ -145,6 +148,8 @@ start_counting flops_small "${CAPS[3]}" "${SMALL[@]}"
 start_counting flops_large "${CAPS[3]}" "${LARGE[@]}"
 run_step correctness "${CAPS[0]}" "$PYTHON" benchmarks/gpu_correctness.py --device "$DEVICE" --reference cpu \
     --compile --out "$OUT/correctness.json" "${CORRECTNESS[@]}"
+run_step preparation 60 "$PYTHON" benchmarks/batch_preparation.py --device "$DEVICE" --sync-check \
+    --json "$OUT/preparation.json" "${SMALL[@]}"
 run_step probe_small "${CAPS[1]}" "$PYTHON" benchmarks/train_step.py --probe --compile --cuda-graphs \
     --subset-drop-above 0.05 --device "$DEVICE" \
     --json "$OUT/probe_small.json" --profile "$OUT/profile_small.txt" "${STEPS[@]}" "${SMALL[@]}"

@@ -54,6 +54,18 @@ def preparation_text(figures: dict[str, Any], title: str) -> str:
     return text
 
 
+def preparation_check_text(result: dict[str, Any]) -> str:
+    """``batch_preparation.py``'s figures in a line (and where a call waited for the device)."""
+    text = (f"batch {result['batch']}: prepared in {result['prepare_ms']:.2f} ms ({result['img_per_s']:.1f} img/s), "
+            f"crops {result['crops_ms']:.2f} ms")
+    if "queue_ms" in result:
+        text += f"; behind {result['busy_ms']:.0f} ms of queued GPU work it returned in {result['queue_ms']:.2f} ms"
+    if "waited" in result:
+        text += ("; sync check: a call waited for the GPU:\n\n    " + result["waited"].replace("\n", "\n    ")
+                 if result["waited"] else "; sync check: no call waited for the GPU")
+    return text
+
+
 def work_text(flops: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     """dinoflow's counted work per image (``step_flops.py``) against the probe's, and dinoflow's
     rows' img/s turned into TFLOP/s with it, in one line."""
@@ -96,7 +108,9 @@ def markdown(steps: list[dict[str, Any]]) -> str:
             continue
         lines += ["", f"## {step['step']}: {result['config']} on {result['device_name']}, torch {result['torch']}",
                   "", f"overrides: `{' '.join(result['overrides'])}`", ""]
-        if "checks" in result:
+        if "prepare_ms" in result:
+            lines.append(preparation_check_text(result))
+        elif "checks" in result:
             lines += [f"- {'PASS' if c['ok'] else 'FAIL'} `{c['name']}` (rtol {c['rtol']}): " + (
                 f"max abs diff {c['max_abs_diff']:.3g} at scale {c['max_abs_reference']:.3g}" if "terms" not in c else
                 ", ".join(f"{t} {v['got']:.5f} vs {v['reference']:.5f}" for t, v in c["terms"].items()))

@@ -29,7 +29,7 @@ blocks, which has no losses; the warm-up steps absorb the
 compilation); a row whose compilation fell back to eager says so. ``--cuda-graphs`` adds dinoflow's
 compiled step once more with its blocks replayed as CUDA graphs (``model.compile_mode=reduce-overhead``;
 the row counts the graphs inductor compiled without them: on CPU, all). Before the rows, the loop's
-batch preparation (``make_batch``: the multi-crop augmentation with kornia on the device from uint8
+batch preparation (``make_batch``: the multi-crop augmentation on the device from uint8
 images of ``crops.load_size``, the block masks on the host) is timed; printed last, its img/s alone,
 with the fastest dinoflow row's step after it (one, then the other), and as the loop runs it: the
 compiled row (eager without ``--compile``) is timed once more with each step's batch prepared
@@ -318,7 +318,7 @@ def probe(args: argparse.Namespace) -> None:
 
 def batch_preparation(device: torch.device, cfg: PretrainConfig) -> Callable[[], CropBatch]:
     """What the training loop does to make each step's batch (:func:`make_batch`), on fresh
-    steps: the multi-crop augmentation (kornia, on ``device``, from uint8 images of
+    steps: the multi-crop augmentation (on ``device``, from uint8 images of
     ``crops.load_size`` already there) and the block masks (drawn on the host, then copied)."""
     from trainer.data.augment import MultiCrop
     from trainer.engine import make_batch

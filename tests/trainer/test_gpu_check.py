@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PROBES = ("probe_small", "probe_large")
-STEPS = ("correctness", *PROBES, "flops_small", "flops_large")
+STEPS = ("correctness", "preparation", *PROBES, "flops_small", "flops_large")
 
 
 @pytest.mark.timeout(1500)  # inductor compiles ~10 graphs on a cold cache: 4-5 minutes on 2 loaded cores
@@ -51,6 +51,9 @@ def test_cpu_smoke_writes_every_output_and_the_summary(tmp_path: Path) -> None:
         assert 0 < preparation["share"] < 1
         assert preparation["loop_step"] == "dinoflow_compiled" and preparation["loop_img_per_s"] > 0
     assert summary.count("batch preparation (multi-crop, masks):") == 2
+    preparation = json.loads((out / "preparation.json").read_text())  # the preparation alone (no sync check on CPU)
+    assert preparation["batch"] == 4 and preparation["prepare_ms"] > 0 and "waited" not in preparation
+    assert "## preparation: tiny on cpu" in summary and "batch 4: prepared in " in summary
     assert summary.count("dinoflow_compiled with the next batch prepared in its wait") == 2
     for probe in PROBES:  # dinoflow's counted work at the probe's sizes, and its rows' real TFLOP/s
         flops = json.loads((out / f"{probe.replace('probe_', 'flops_')}.json").read_text())

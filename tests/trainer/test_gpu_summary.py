@@ -56,3 +56,20 @@ def test_no_bar_without_the_compiled_probe() -> None:
     text = gpu_summary.markdown(_steps(rows))
     assert "| probe_compiled | | | | | | out of memory |" in text and "issue 11's bar" not in text
     assert "| dinoflow_compiled | 110.0 | 11.00 | 800 | 1.10 |  |  |" in text
+
+
+@pytest.mark.parametrize(("waited", "said"), [
+    ("", "sync check: no call waited for the GPU"),
+    ("File \"crop.py\", line 267\nRuntimeError: called a synchronizing CUDA operation",
+     "sync check: a call waited for the GPU:\n\n    File \"crop.py\", line 267\n    RuntimeError: called a"),
+])
+def test_the_batch_preparation_line_says_whether_a_call_waited(waited: str, said: str) -> None:
+    result = {"config": "vits14", "device_name": "a card", "torch": "2.13", "overrides": [], "batch": 128,
+              "prepare_ms": 16.6, "img_per_s": 7710.7, "crops_ms": 16.61, "busy_ms": 100.0, "queue_ms": 11.03,
+              "waited": waited}
+    steps = [{"step": "preparation", "status": "ok", "exit_code": "0", "seconds": "9", "limit_seconds": "60",
+              "result": result}]
+    text = gpu_summary.markdown(steps)
+    assert "## preparation: vits14 on a card" in text
+    assert ("batch 128: prepared in 16.60 ms (7710.7 img/s), crops 16.61 ms; behind 100 ms of queued GPU work "
+            "it returned in 11.03 ms; " + said) in text
