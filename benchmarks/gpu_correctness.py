@@ -8,7 +8,11 @@ same weights and the same synthetic crops and masks:
   fp32 on ``--device``;
 * ``step_compiled`` (``--compile``): the loss terms with compiled blocks and loss tails
   (``model.compile_blocks``, ``loss.compile``) against eager, fp32 on ``--device``; a
-  compilation that fell back to eager fails it.
+  compilation that fell back to eager fails it;
+* ``side_stream``: the loop's batch (``make_batch`` from uint8 images) made on a second CUDA stream
+  behind queued work there and handed over (``data.side_stream``), read on the step's stream at
+  once, against the same batch made on the step's stream: bitwise equal (a missing wait would read
+  crops not yet written). Off CUDA there is no second stream: the same call twice.
 
 fp32 means fp32: TF32 is switched off for matmuls and convolutions (cuDNN would use it for the
 patch embedding). Stochastic depth is off (its draws differ between devices) and LayerScale starts
@@ -35,13 +39,14 @@ from torch import Tensor
 from dinoflow.config import PretrainConfig, load_config
 from dinoflow.storage import Storage
 from trainer.data.masking import sample_crop_masks
-from trainer.engine import CropBatch, Objective, build_adamw, build_networks, train_step
+from trainer.data.augment import MultiCrop
+from trainer.engine import CropBatch, Objective, SideStream, build_adamw, build_networks, make_batch, train_step
 from trainer.losses import masked_positions
 from trainer.models.compile import is_compiled
 from trainer.schedules import schedule_values
 
 FORCED = ["model.drop_path_rate=0", "model.layerscale_init=1.0"]  # see the module docstring
-RTOL = {"backbone_fp32": 1e-4, "step_fp32": 1e-3, "step_bf16": 2e-2, "step_compiled": 1e-3}
+RTOL = {"backbone_fp32": 1e-4, "step_fp32": 1e-3, "step_bf16": 2e-2, "step_compiled": 1e-3, "side_stream": 0.0}
 
 
 def parse_args() -> argparse.Namespace:
@@ -108,6 +113,35 @@ def step_losses(cfg: PretrainConfig, weights: dict[str, Tensor], batch: CropBatc
     return losses, not cfg.model.compile_blocks or (all(is_compiled(b) for b in blocks) and objective.tails_compiled())
 
 
+def side_stream_difference(cfg: PretrainConfig, device: torch.device) -> tuple[float, float]:
+    """The largest difference between a batch made on the side stream (behind ~50 large matrix
+    products queued there, then handed over and copied at once on the current stream) and the
+    same batch made on the current stream, and the batch's largest value."""
+    size = cfg.crops.load_size
+    images = torch.randint(0, 256, (cfg.optim.batch_size, 3, size, size), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+    multi_crop = MultiCrop(cfg.crops).to(device)
+
+    def make() -> CropBatch:
+        torch.manual_seed(cfg.seed)
+        return make_batch(images, 0, cfg, multi_crop)
+
+    def values(batch: CropBatch) -> list[Tensor]:
+        return [t.float().flatten() for t in (batch.global_crops, batch.local_crops, batch.masks, batch.mask_index)]
+
+    want = torch.cat(values(make()))
+    side = SideStream(device, enabled=True)
+    if side.stream is not None:
+        busy = torch.randn(4096, 4096, device=device)
+        with torch.cuda.stream(side.stream):
+            for _ in range(50):
+                busy = busy @ busy / 64
+    made = side.run(make)
+    side.hand_over([made])
+    got = torch.cat([v.clone() for v in values(made)])
+    return (got - want).abs().max().item(), want.abs().max().item()
+
+
 def compare(name: str, want: dict[str, float], got: dict[str, float]) -> dict[str, Any]:
     """One check over loss terms: each term's difference against ``RTOL[name]`` (the step's
     ``health_*`` figures are left out: a count of argmax picks may move by one with rounding)."""
@@ -166,6 +200,9 @@ def main() -> None:
         check = compare("step_compiled", fp32, compiled)
         check.update(stayed_compiled=stayed_compiled, ok=check["ok"] and stayed_compiled)
         record(check)
+    diff, scale = side_stream_difference(recipe(args, compiled=False), device)
+    record({"name": "side_stream", "rtol": RTOL["side_stream"], "max_abs_reference": scale, "max_abs_diff": diff,
+            "ok": diff == 0})
     raise SystemExit(0 if result["ok"] else 1)
 
 

@@ -51,6 +51,8 @@ def preparation_text(figures: dict[str, Any], title: str) -> str:
     if "loop_step" in figures:
         text += (f"; {figures['loop_step']} with the next batch prepared in its wait, as the loop runs: "
                  f"{figures['loop_img_per_s']:.1f} img/s")
+        if "loop_side_stream_img_per_s" in figures:
+            text += f", {figures['loop_side_stream_img_per_s']:.1f} with the batch made on a second stream"
     return text
 
 

@@ -34,7 +34,8 @@ images of ``crops.load_size``, the block masks on the host) is timed; printed la
 with the fastest dinoflow row's step after it (one, then the other), and as the loop runs it: the
 compiled row (eager without ``--compile``) is timed once more with each step's batch prepared
 during the step before, in its wait for the losses (``train_step``'s ``while_waiting``), new crops
-and masks every step. Kept in ``--json`` as the rows complete. ``--json`` also writes every
+and masks every step, then again with that batch made on a second CUDA stream
+(``data.side_stream``; off CUDA the same loop). Kept in ``--json`` as the rows complete. ``--json`` also writes every
 row, as it completes, to a file.
 
     python benchmarks/train_step.py --strategy deepspeed --nproc 2 --steps 10 --config tiny
@@ -266,7 +267,7 @@ def probe(args: argparse.Namespace) -> None:
     prepare = batch_preparation(device, cfg)
     # first, so that a row that fails (the last, experimental ones) cannot take this figure with it
     preparation = time_steps(prepare, args, device)
-    measures: dict[str, Callable[[], tuple[float, bool, float | None]]] = {
+    measures: dict[str, Callable[[], tuple[float, bool, dict[str, float] | None]]] = {
         "probe": lambda: time_probe(args, device, False, shape, crop_batch,
                                     "" if args.compile else probe_profile_path(args.profile)),
         "dinoflow": lambda: time_dinoflow(args, device, False, crop_batch, "" if args.compile else args.profile,
@@ -300,8 +301,8 @@ def probe(args: argparse.Namespace) -> None:
                    "tflop_per_s": batch * flops / seconds / 1e12, "peak_mib": peak_mib(device),
                    "ours_vs_probe": plain / seconds if plain else None, "compile_fell_back": fell_back,
                    "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips}
-            if loop_seconds is not None:
-                row["loop_img_per_s"] = batch / loop_seconds
+            for name, loop in (loop_seconds or {}).items():
+                row[f"{name}_img_per_s"] = batch / loop
             if label == "dinoflow_subset":
                 row["subset_drop_above"] = args.subset_drop_above
             report["rows"].append(row)
@@ -345,7 +346,8 @@ def preparation_figures(seconds: float, batch: int, rows: list[dict[str, Any]]) 
                        share=seconds / (seconds + step_seconds))
     for row in steps:
         if "loop_img_per_s" in row:
-            figures.update(loop_step=row["step"], loop_img_per_s=row["loop_img_per_s"])
+            figures.update(loop_step=row["step"], loop_img_per_s=row["loop_img_per_s"],
+                           loop_side_stream_img_per_s=row["loop_side_stream_img_per_s"])
     return figures
 
 
@@ -358,7 +360,7 @@ def probe_profile_path(profile: str) -> str:
 
 
 def time_probe(args: argparse.Namespace, device: torch.device, compiled: bool, shape: ProbeShape,
-               crop_batch: CropBatch, profile: str = "") -> tuple[float, bool, None]:
+               crop_batch: CropBatch, profile: str = "") -> tuple[float, bool, dict[str, float] | None]:
     """Seconds per step of the ceiling probe (blocks compiled if ``compiled``), and whether their
     compilation fell back to eager (and no loop timing: the probe has no batch preparation); with
     ``profile``, two more steps profiled there."""
@@ -386,15 +388,17 @@ def time_probe(args: argparse.Namespace, device: torch.device, compiled: bool, s
 def time_dinoflow(args: argparse.Namespace, device: torch.device, compiled: bool,
                   crop_batch: CropBatch, profile: str = "", mode: str = "default",
                   prepare: Callable[[], CropBatch] | None = None,
-                  subset_drop_above: float | None = None) -> tuple[float, bool, float | None]:
+                  subset_drop_above: float | None = None) -> tuple[float, bool, dict[str, float] | None]:
     """Seconds per step of the engine's ``train_step`` as the engine sets it up (its AdamW, bf16
     autocast on CUDA), with ``model.compile_blocks`` and ``loss.compile`` set to ``compiled`` (the
     blocks in ``model.compile_mode`` ``mode``), whether the compilation fell back to eager, and with
-    ``prepare`` the seconds per step as the loop runs it: each step on the batch ``prepare`` made
-    during the step before, in its wait for the losses; with ``profile``, two more steps profiled
+    ``prepare`` the seconds per step as the loop runs it (``loop``: each step on the batch
+    ``prepare`` made during the step before, in its wait for the losses; ``loop_side_stream``: the
+    same with the batch made on a second CUDA stream, ``data.side_stream``, a plain call off CUDA);
+    with ``profile``, two more steps profiled
     on the fixed batch. ``subset_drop_above`` replaces ``SUBSET_DROP_ABOVE`` for this measurement
     (networks built, compiled and timed under it): where the subset form of stochastic depth starts."""
-    from trainer.engine import Objective, build_adamw, build_networks, train_step, training_autocast
+    from trainer.engine import Objective, SideStream, build_adamw, build_networks, train_step, training_autocast
     from trainer.models import layers
     from trainer.models.compile import is_compiled
     from trainer.schedules import schedule_values
@@ -421,13 +425,16 @@ def time_dinoflow(args: argparse.Namespace, device: torch.device, compiled: bool
                                              f"batch {cfg.optim.batch_size}, on {device}")
     loop_seconds = None
     if prepare is not None:
-        upcoming = [prepare()]
+        loop_seconds = {}
+        for name, side in (("loop", SideStream(device, False)), ("loop_side_stream", SideStream(device, True))):
+            upcoming = [side.run(prepare)]
 
-        def loop_step() -> None:
-            train_step(student, teacher, objective, [upcoming.pop()], sched, optimizer, cfg.optim.clip_grad,
-                       autocast_dtype, while_waiting=lambda: upcoming.append(prepare()))
+            def loop_step() -> None:
+                side.hand_over(upcoming)
+                train_step(student, teacher, objective, [upcoming.pop()], sched, optimizer, cfg.optim.clip_grad,
+                           autocast_dtype, while_waiting=lambda: upcoming.append(side.run(prepare)))
 
-        loop_seconds = time_steps(loop_step, args, device)
+            loop_seconds[name] = time_steps(loop_step, args, device)
     blocks = (*student.backbone.blocks, *teacher.backbone.blocks)
     return (seconds, compiled and not (all(is_compiled(b) for b in blocks) and objective.tails_compiled()),
             loop_seconds)

@@ -187,6 +187,8 @@ class DataConfig(Section):
     uri: str = Field("", description="folder, shard folder or Fashion-MNIST folder")
     max_bad_fraction: float = Field(0.01, ge=0, le=1)
     num_workers: int = Field(0, ge=0)
+    side_stream: bool = Field(False, description="on CUDA, make the next step's batch on a second stream, beside "
+                              "the step's kernels rather than after them (benchmarks/train_step.py measures both)")
 
 
 class EvalConfig(Section):

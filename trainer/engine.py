@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -56,6 +56,7 @@ from trainer.strategy import Strategy, build_strategy, local_tensor
 _log = logging.getLogger(__name__)
 CURVE_POINTS = 1000  # rows of step metrics a run keeps for its training curves (TrainState.record)
 CURVES_FILE = "training_curves.png"
+T = TypeVar("T")
 
 
 class SSLNetwork(nn.Module):
@@ -450,6 +451,38 @@ def streams_kept(device: torch.device) -> contextlib.AbstractContextManager[None
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
+class SideStream:
+    """The next step's batch made on a second CUDA stream (``data.side_stream``).
+
+    Why: the loop prepares the next batch in the step's wait (:func:`train_step`'s
+    ``while_waiting``), but on the step's own stream its kernels (the augmentation: element-wise
+    passes over every crop) queue behind the step and run after it, adding their time to every
+    step. On a stream of their own they run beside the step's matrix products. :meth:`run` queues
+    ``make()``'s device work on that stream; :meth:`hand_over` makes the current stream wait for it
+    and tells the allocator that the batch's tensors are used there (so their memory is not reused
+    while the step reads them). Off, or off CUDA, both are plain calls.
+    """
+
+    def __init__(self, device: torch.device, enabled: bool) -> None:
+        self.stream = torch.cuda.Stream(device) if enabled and device.type == "cuda" else None
+
+    def run(self, make: Callable[[], T]) -> T:
+        if self.stream is None:
+            return make()
+        with torch.cuda.stream(self.stream):
+            return make()
+
+    def hand_over(self, batches: list[CropBatch]) -> None:
+        if self.stream is None:
+            return
+        current = torch.cuda.current_stream(self.stream.device)
+        current.wait_stream(self.stream)
+        for batch in batches:
+            for tensor in (batch.global_crops, batch.local_crops, batch.masks, batch.mask_index):
+                if tensor is not None:
+                    tensor.record_stream(current)
+
+
 def to_device_async(tensor: Tensor, device: torch.device) -> Tensor:
     """A host tensor copied to ``device`` without waiting for the work queued there (pinned
     memory, non-blocking copy on CUDA; a plain ``to`` elsewhere)."""
@@ -676,13 +709,19 @@ def _pretrain(cfg: PretrainConfig, dataset: Any, collate: Callable, storage: Sto
     def teacher_backbone() -> nn.Module:
         return build_backbone(cfg, drop_path=False)
 
+    side = SideStream(device, cfg.data.side_stream)
+
     def prepare(step: int) -> PreparedStep:
         # augmentation and stochastic depth: a stream per (step, rank); masks: per step (make_batch)
         torch.manual_seed((cfg.seed * 1_000_003 + step) * strategy.world_size + strategy.rank)
-        images = [next_images() for _ in range(micro)]
         crop = highres_crop if highres_from is not None and step >= highres_from else multi_crop
-        micro_batches = [make_batch(x, step * micro + i, cfg, crop, strategy) for i, x in enumerate(images)]
-        return PreparedStep(micro_batches, sum(len(x) for x in images), bad_images.summary())
+
+        def make() -> PreparedStep:
+            images = [next_images() for _ in range(micro)]
+            micro_batches = [make_batch(x, step * micro + i, cfg, crop, strategy) for i, x in enumerate(images)]
+            return PreparedStep(micro_batches, sum(len(x) for x in images), bad_images.summary())
+
+        return side.run(make)
 
     bar = progress(range(state.step, last_step), desc=f"pretrain {cfg.name}", total=last_step - state.step,
                    unit="step")
@@ -696,6 +735,7 @@ def _pretrain(cfg: PretrainConfig, dataset: Any, collate: Callable, storage: Sto
         sched = schedule_values(step, cfg.optim, cfg.loss, strategy.world_size)  # lr scales with the global batch
         tick = time.perf_counter()
         prepared = upcoming.result() if upcoming is not None else prepare(step)
+        side.hand_over(prepared.micro_batches)
         upcoming = Future() if step + 1 < last_step else None
         student.train()
         losses = train_step(student, teacher, objective, prepared.micro_batches, sched, optimizer, cfg.optim.clip_grad,

@@ -470,3 +470,24 @@ def test_a_bad_next_batch_stops_the_run_after_this_steps_checkpoint(tmp_path) ->
     checkpoint = load_latest_checkpoint(Storage(), cfg.out)
     assert checkpoint["step"] == 2
     assert json.loads(checkpoint["bad_images"]) == {"seen": 16, "bad": 0, "fraction": 0.0, "examples": []}
+
+
+def test_the_side_stream_option_trains_as_the_same_stream_does(tmp_path) -> None:
+    """``data.side_stream`` moves the next batch's device work to a second CUDA stream and nothing
+    else: the same draws in the same order. Off CUDA there is no second stream (the calls are plain),
+    so here the two runs must end bitwise equal; the GPU check compares the streams' crops on a GPU
+    (``benchmarks/gpu_correctness.py``: ``side_stream``)."""
+    from trainer.data.datasets import collate_samples
+    from trainer.engine import SideStream, pretrain
+    from trainer.models.hub import load_backbone
+
+    side = SideStream(torch.device("cpu"), enabled=True)
+    assert side.stream is None and side.run(lambda: 7) == 7
+    ends = []
+    for on in (False, True):
+        cfg = config(f"out={tmp_path / str(on)}", "max_steps=3", "model.drop_path_rate=0.3", f"data.side_stream={on}",
+                     "data.max_bad_fraction=0.1")
+        summary = pretrain(cfg, _RandomImages(), collate_samples, Storage())
+        ends.append(load_backbone(summary["backbone"], "safetensors").state_dict())
+    for key, value in ends[0].items():
+        torch.testing.assert_close(ends[1][key], value, rtol=0, atol=0, msg=key)

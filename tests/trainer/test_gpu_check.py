@@ -32,7 +32,8 @@ def test_cpu_smoke_writes_every_output_and_the_summary(tmp_path: Path) -> None:
     assert [(s["step"], s["status"]) for s in steps] == [(name, "ok") for name in STEPS]
     correctness = json.loads((out / "correctness.json").read_text())
     assert correctness["ok"]
-    assert [c["name"] for c in correctness["checks"]] == ["backbone_fp32", "step_fp32", "step_bf16", "step_compiled"]
+    assert [c["name"] for c in correctness["checks"]] == ["backbone_fp32", "step_fp32", "step_bf16", "step_compiled",
+                                                          "side_stream"]
     for probe in PROBES:
         rows = json.loads((out / f"{probe}.json").read_text())["rows"]
         extra = ["dinoflow_cudagraphs", "dinoflow_subset"] if probe == "probe_small" else []
@@ -43,13 +44,14 @@ def test_cpu_smoke_writes_every_output_and_the_summary(tmp_path: Path) -> None:
     assert "aten::" in (out / "profile_small_probe.txt").read_text()  # the compiled probe's, to compare
     summary = (out / "summary.md").read_text()
     assert all(f"| {name} | ok |" in summary for name in STEPS)
-    assert summary.count("PASS") == 4 and "| dinoflow_compiled |" in summary
+    assert summary.count("PASS") == 5 and "| dinoflow_compiled |" in summary
     assert "| dinoflow_subset |" in summary and "subset form above rate 0.05" in summary
     for probe in PROBES:  # the batch preparation's figures, beside the fastest dinoflow step
         preparation = json.loads((out / f"{probe}.json").read_text())["batch_preparation"]
         assert preparation["img_per_s"] > 0 and preparation["step"].startswith("dinoflow")
         assert 0 < preparation["share"] < 1
         assert preparation["loop_step"] == "dinoflow_compiled" and preparation["loop_img_per_s"] > 0
+        assert preparation["loop_side_stream_img_per_s"] > 0
     assert summary.count("batch preparation (multi-crop, masks):") == 2
     preparation = json.loads((out / "preparation.json").read_text())  # the preparation alone (no sync check on CPU)
     assert preparation["batch"] == 4 and preparation["prepare_ms"] > 0 and "waited" not in preparation
