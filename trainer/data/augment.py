@@ -11,12 +11,12 @@ Why it is built this way: the training loop prepares the next step's batch while
 the current step, which only pays if preparing a batch never waits for the GPU. kornia's
 augmentation containers draw their parameters on the host, decide per call which samples to
 touch and copy the parameters to the device; each such copy waits for all the work queued before
-it (the whole step), and their Python per call cost as much as a ViT-S/14 step on an H200 (run 7
-in benchmarks/RESULTS.md). Here every random draw is one tensor on the images' device
-(:func:`draw_params`), every operation runs on all crops with the unselected ones given the
-neutral value or kept by ``torch.where`` (:func:`augment_crops`), and all crops of a kind come
-from one ``grid_sample`` call: a fixed, short list of kernels queued without reading anything
-back. The colour, grayscale and blur maths are kornia's functions. Randomness comes from torch's
+it (the whole step), so the preparation could not run ahead (runs 7-8 in benchmarks/RESULTS.md:
+2,035 img/s against 7,711 now at ViT-S/14's sizes on an H200). Here every random draw is one
+tensor on the images' device (:func:`draw_params`), every operation runs on all crops with the
+unselected ones given the neutral value or kept by ``torch.where`` (:func:`augment_crops`), and
+all crops of a kind come from one ``grid_sample`` call: a fixed, short list of kernels queued
+without reading anything back. The colour, grayscale and blur maths are kornia's functions. Randomness comes from torch's
 generators (the device's for the draws, the host's for the jitter order), which the engine seeds
 per step and checkpoints restore.
 """
