@@ -16,9 +16,9 @@ it (the whole step), so the preparation could not run ahead (runs 7-8 in benchma
 tensor on the images' device (:func:`draw_params`), every operation runs on all crops with the
 unselected ones given the neutral value or kept by ``torch.where`` (:func:`augment_crops`), and
 all crops of a kind come from one ``grid_sample`` call: a fixed, short list of kernels queued
-without reading anything back. The colour, grayscale and blur maths are kornia's functions. Randomness comes from torch's
-generators (the device's for the draws, the host's for the jitter order), which the engine seeds
-per step and checkpoints restore.
+without reading anything back. The colour, grayscale and blur maths are kornia's functions.
+Randomness comes from torch's generators (the device's for the draws, the host's for the jitter
+order), which the engine seeds per step and checkpoints restore.
 """
 
 from __future__ import annotations
