@@ -22,7 +22,6 @@ Prints figures (and with ``--json`` writes them, for ``gpu_check.sh``'s summary)
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import time
 import traceback
@@ -32,9 +31,8 @@ from typing import Any
 
 import torch
 
+from train_step import batch_preparation, preparation_inputs, time_steps  # this script's folder is first on sys.path
 from dinoflow.config import PretrainConfig, load_config
-from trainer.data.augment import MultiCrop
-from trainer.engine import make_batch
 
 
 def parse_args() -> argparse.Namespace:
@@ -49,29 +47,12 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def finish(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def seconds_each(work: Callable[[], object], batches: int, device: torch.device) -> float:
-    """Seconds per call of ``work``, its device work finished, over ``batches`` after 2 untimed."""
-    for _ in range(2):
-        work()
-    finish(device)
-    tick = time.perf_counter()
-    for _ in range(batches):
-        work()
-    finish(device)
-    return (time.perf_counter() - tick) / batches
-
-
 def busy_work(device: torch.device, milliseconds: float) -> Callable[[], None]:
     """A function queueing about ``milliseconds`` of bf16 matrix products on ``device``."""
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     def one() -> None:
         a @ a
-    seconds = seconds_each(one, 5, device)
+    seconds = time_steps(one, argparse.Namespace(steps=5, warmup=2), device)
     count = max(1, round(milliseconds / 1000 / seconds))
     def queue() -> None:
         for _ in range(count):
@@ -83,21 +64,18 @@ def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
     cfg = load_config(PretrainConfig, args.config, args.overrides)
-    torch.manual_seed(cfg.seed)
-    multi_crop = MultiCrop(cfg.crops).to(device)
+    multi_crop, images = preparation_inputs(device, cfg)
+    prepare = batch_preparation(multi_crop, images, cfg)
     batch, size = cfg.optim.batch_size, cfg.crops.load_size
-    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
-    steps = itertools.count()
-    def prepare() -> object:
-        return make_batch(images, next(steps), cfg, multi_crop)
+    timing = argparse.Namespace(steps=args.batches, warmup=2)
 
     figures: dict[str, Any] = {
         "config": args.config, "overrides": args.overrides, "torch": torch.__version__, "batch": batch,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     print(f"batch preparation, preset {args.config!r}, batch {batch}, load size {size}, "
           f"{cfg.crops.num_local_crops} local crops, on {device}")
-    whole = seconds_each(prepare, args.batches, device)
-    crops = seconds_each(lambda: multi_crop(images), args.batches, device)
+    whole = time_steps(prepare, timing, device)
+    crops = time_steps(lambda: multi_crop(images), timing, device)
     figures.update(prepare_ms=1000 * whole, img_per_s=batch / whole, crops_ms=1000 * crops)
     print(f"  prepare            {1000 * whole:8.2f} ms  {batch / whole:9.1f} img/s")
     print(f"    crops            {1000 * crops:8.2f} ms")
@@ -124,7 +102,7 @@ def queue_seconds(prepare: Callable[[], object], device: torch.device, args: arg
         tick = time.perf_counter()
         prepare()
         queued.append(time.perf_counter() - tick)
-        finish(device)
+        torch.cuda.synchronize(device)
     return sorted(queued)[len(queued) // 2]
 
 
@@ -138,6 +116,7 @@ def first_wait(prepare: Callable[[], object]) -> str:
         return "\n".join(traceback.format_exc().splitlines()[-8:])
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
 
 if __name__ == "__main__":
     main()

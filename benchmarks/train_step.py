@@ -72,6 +72,9 @@ from dinoflow.storage import Storage
 from dinoflow.tracking import NullTracker
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
+    from trainer.data.augment import MultiCrop
     from trainer.engine import CropBatch
 
 STRATEGIES = ("single", "fsdp2", "deepspeed")
@@ -264,7 +267,7 @@ def probe(args: argparse.Namespace) -> None:
           + ("; CPU peak is the process's peak RSS, so each row includes the rows before it"
              if device.type == "cpu" else ""))
     print(f"{'step':<18} {'img_per_s':>10} {'tflop_per_s':>12} {'peak_mib':>9} {'ours_vs_probe':>14}", flush=True)
-    prepare = batch_preparation(device, cfg)
+    prepare = batch_preparation(*preparation_inputs(device, cfg), cfg)
     # first, so that a row that fails (the last, experimental ones) cannot take this figure with it
     preparation = time_steps(prepare, args, device)
     measures: dict[str, Callable[[], tuple[float, bool, dict[str, float] | None]]] = {
@@ -317,17 +320,23 @@ def probe(args: argparse.Namespace) -> None:
           flush=True)
 
 
-def batch_preparation(device: torch.device, cfg: PretrainConfig) -> Callable[[], CropBatch]:
-    """What the training loop does to make each step's batch (:func:`make_batch`), on fresh
-    steps: the multi-crop augmentation (on ``device``, from uint8 images of
-    ``crops.load_size`` already there) and the block masks (drawn on the host, then copied)."""
+def preparation_inputs(device: torch.device, cfg: PretrainConfig) -> tuple[MultiCrop, Tensor]:
+    """The loop's multi-crop augmentation on ``device`` and a batch of random uint8 images of
+    ``crops.load_size`` already there, fixed by ``cfg.seed``."""
     from trainer.data.augment import MultiCrop
-    from trainer.engine import make_batch
 
     torch.manual_seed(cfg.seed)
-    multi_crop = MultiCrop(cfg.crops).to(device)
     size = cfg.crops.load_size
     images = torch.randint(0, 256, (cfg.optim.batch_size, 3, size, size), dtype=torch.uint8, device=device)
+    return MultiCrop(cfg.crops).to(device), images
+
+
+def batch_preparation(multi_crop: MultiCrop, images: Tensor, cfg: PretrainConfig) -> Callable[[], CropBatch]:
+    """What the training loop does to make each step's batch (:func:`make_batch`), on fresh
+    steps: the multi-crop augmentation of ``images`` (on their device) and the block masks (drawn
+    on the host, then copied)."""
+    from trainer.engine import make_batch
+
     steps = itertools.count()  # each batch its own step's masks, as in training
     return lambda: make_batch(images, next(steps), cfg, multi_crop)
 

@@ -170,6 +170,7 @@ class MultiCrop(nn.Module):
         self.register_buffer("global_blur_p", torch.tensor([blur_1, blur_2]), persistent=False)
         self.register_buffer("global_solarize_p", torch.tensor([0.0, 0.2]), persistent=False)
         self.register_buffer("local_blur_p", torch.tensor([blur_local]), persistent=False)
+        self.register_buffer("local_solarize_p", torch.tensor([0.0]), persistent=False)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
 
@@ -195,7 +196,7 @@ class MultiCrop(nn.Module):
                               self.global_solarize_p)
         if cfg.num_local_crops == 0:
             return globals_, pixels.new_zeros((0, len(images), 3, 1, 1))
-        zero = torch.zeros_like(self.local_blur_p)
         locals_ = self._kind(pixels, cfg.num_local_crops, cfg.local_crop_size, cfg.local_crop_scale,
-                             self.local_blur_p.expand(cfg.num_local_crops), zero.expand(cfg.num_local_crops))
+                             self.local_blur_p.expand(cfg.num_local_crops),
+                             self.local_solarize_p.expand(cfg.num_local_crops))
         return globals_, locals_
