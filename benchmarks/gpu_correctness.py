@@ -36,10 +36,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from train_step import preparation_inputs  # this script's folder is first on sys.path
 from dinoflow.config import PretrainConfig, load_config
 from dinoflow.storage import Storage
 from trainer.data.masking import sample_crop_masks
-from trainer.data.augment import MultiCrop
 from trainer.engine import CropBatch, Objective, SideStream, build_adamw, build_networks, make_batch, train_step
 from trainer.losses import masked_positions
 from trainer.models.compile import is_compiled
@@ -117,10 +117,7 @@ def side_stream_difference(cfg: PretrainConfig, device: torch.device) -> tuple[f
     """The largest difference between a batch made on the side stream (behind ~50 large matrix
     products queued there, then handed over and copied at once on the current stream) and the
     same batch made on the current stream, and the batch's largest value."""
-    size = cfg.crops.load_size
-    images = torch.randint(0, 256, (cfg.optim.batch_size, 3, size, size), dtype=torch.uint8,
-                           generator=torch.Generator().manual_seed(cfg.seed)).to(device)
-    multi_crop = MultiCrop(cfg.crops).to(device)
+    multi_crop, images = preparation_inputs(device, cfg)
 
     def make() -> CropBatch:
         torch.manual_seed(cfg.seed)
