@@ -151,6 +151,14 @@ class Targets:
         values = self.values[rows] if self.index is None else self.values[self.index[rows]]
         return values if self.prototypes is None else values @ self.prototypes.T
 
+    def tail_inputs(self, rows: slice) -> tuple[Tensor, Tensor | None]:
+        """``(teacher, index)`` for :func:`prototype_cross_entropy_tail` on rows ``rows``: the
+        probabilities shared by several rows stay whole with the rows' ``index`` into them (the tail
+        gathers them as it reads, not into a ``(rows, K)`` copy first); else :meth:`block`."""
+        if self.prototypes is None and self.index is not None:
+            return self.values, self.index[rows]
+        return self.block(rows), None
+
     def probs(self) -> Tensor:
         """The targets as one fp32 ``(rows, K)`` tensor."""
         if self.prototypes is None:
@@ -159,17 +167,34 @@ class Targets:
 
 
 def prototype_cross_entropy_tail(student_logits: Tensor, teacher: Tensor, center: Tensor | None, row_weights: Tensor,
-                                 student_temp: float, teacher_temp: float) -> tuple[Tensor, Tensor]:
+                                 student_temp: float, teacher_temp: float,
+                                 index: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """For a block of rows: ``sum_r w_r H(t_r, s_r)`` and its gradient with respect to the logits,
 
-        dL/ds_r = w_r (softmax(s_r / tau_s) sum_k t_rk - t_r) / tau_s   (in the logits' dtype),
+        H(t_r, s_r) = sum_k t_rk (lse_r - s_rk / tau_s),   lse_r = log sum_k exp(s_rk / tau_s),
+        dL/ds_r = w_r (exp(s_r / tau_s - lse_r) m_r - t_r) / tau_s   (in the logits' dtype),
 
-    with ``t = teacher`` (probabilities) or, given ``center``, ``softmax((teacher - center) / tau_t)``."""
-    targets = teacher.float() if center is None else centered_softmax(teacher, center, teacher_temp)
-    log_probs = F.log_softmax(student_logits.float() / student_temp, dim=-1)
-    loss = -(targets * log_probs).sum(dim=-1)
-    scale = (row_weights.float() / student_temp).unsqueeze(1)
-    grad = (log_probs.exp() * targets.sum(dim=-1, keepdim=True) - targets) * scale
+    with ``t = teacher`` (probabilities; rows ``teacher[index]`` given ``index``), target mass
+    ``m_r = sum_k t_rk``, or, given ``center``, ``t = softmax((teacher - center) / tau_t)`` (``m_r = 1``).
+
+    Why row statistics (``lse`` and the teacher's) rather than softmax and log-softmax tensors: every
+    ``(rows, K)`` quantity is then an element-wise function of the inputs and per-row scalars, so
+    compiled code recomputes it in its last pass over the row rather than writing fp32 targets and
+    log-probabilities out and reading them back (inductor's code for centred targets: five passes
+    over a row writing only the gradient, where the softmax form made six writing two fp32 buffers
+    besides; ``benchmarks/loss_tail.py`` times it)."""
+    s = student_logits.float() / student_temp
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)
+    rows = teacher if index is None else teacher[index]
+    grad = (s - lse).exp_()  # the student's softmax, made the gradient in place (eagerly: fewer passes)
+    if center is None:
+        targets = rows.float()
+        grad.mul_(targets.sum(dim=-1, keepdim=True))
+    else:
+        logits = (rows.float() - center) / teacher_temp
+        targets = logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True)).exp_()
+    loss = (targets * (lse - s)).sum(dim=-1)
+    grad.sub_(targets).mul_((row_weights.float() / student_temp).unsqueeze(1))
     return (loss * row_weights).sum(), grad.to(student_logits.dtype)
 
 
@@ -207,8 +232,9 @@ class _PrototypeCrossEntropy(torch.autograd.Function):
         grad_prototypes = torch.zeros_like(prototypes, dtype=torch.float32)
         for start in range(0, features.shape[0], block_rows):
             block = slice(start, start + block_rows)
-            loss, grad_logits = tail(f[block] @ w.T, teacher.block(block), targets.center, row_weights[block],
-                                     student_temp, targets.temp)
+            rows, index = teacher.tail_inputs(block)
+            loss, grad_logits = tail(f[block] @ w.T, rows, targets.center, row_weights[block], student_temp,
+                                     targets.temp, index)
             total += loss
             grad_features[block] = grad_logits @ w
             grad_prototypes += grad_logits.T @ f[block]

@@ -160,6 +160,28 @@ def test_packed_crops_equal_separate_passes(registers: int) -> None:
     assert packed[1]["x_norm_patchtokens"].shape == (5, 16, 48)
 
 
+@pytest.mark.parametrize("ffn", ["mlp", "swiglu"])
+def test_packed_block_gradients_are_the_separate_passes_summed(ffn: str) -> None:
+    """A block on packed groups (attention and its projections per group, the rest over all tokens)
+    against each group through the block alone: every output row, each input's gradient, and every
+    parameter's gradient as the sum of the groups' (fp64, so only the summation order differs)."""
+    torch.manual_seed(2)
+    block = Block(24, 4, ffn_layer=ffn, layerscale_init=0.3).double()
+    shapes = [(3, 9), (5, 4), (1, 6)]
+    groups = [torch.randn(b * n, 24, dtype=torch.float64, requires_grad=True) for b, n in shapes]
+    upstream = [torch.randn(b * n, 24, dtype=torch.float64) for b, n in shapes]
+    packed = torch.cat(groups)
+    got = block(packed, shapes)
+    got_grads = torch.autograd.grad((got * torch.cat(upstream)).sum(), [*groups, *block.parameters()])
+    alone = [block(group, [shape]) for group, shape in zip(groups, shapes)]
+    want = sum((a * u).sum() for a, u in zip(alone, upstream))
+    want_grads = torch.autograd.grad(want, [*groups, *block.parameters()])
+    torch.testing.assert_close(got, torch.cat(alone), rtol=1e-12, atol=1e-12)
+    names = [f"input {i}" for i in range(len(groups))] + [name for name, _ in block.named_parameters()]
+    for name, g, w in zip(names, got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12, msg=name)
+
+
 def test_masked_patches_are_replaced_by_the_mask_token() -> None:
     model = tiny(registers=4)
     images = torch.randn(2, 3, 70, 70)
