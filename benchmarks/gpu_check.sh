@@ -13,6 +13,8 @@
 #   preparation    benchmarks/batch_preparation.py --sync-check: the loop's batch preparation at ViT-S/14's
 #                  sizes alone, the host time it takes behind queued GPU work, and whether any of its
 #                  calls waits for the GPU                                       -> preparation.json
+#   loss_tail      benchmarks/loss_tail.py: the DINO/iBOT losses' element-wise tail on one block of
+#                  rows x 65536 prototypes, eager, compiled and the library's way  -> loss_tail.json
 #   probe_small    benchmarks/train_step.py --probe --compile --cuda-graphs --subset-drop-above 0.05: ViT-S/14
 #                  recipe, batch 128, and dinoflow's compiled step once more with CUDA graphs, and once
 #                  more with its drop path (0.1) in the subset form               -> probe_small.json
@@ -122,6 +124,7 @@ if [[ $SMOKE == --cpu-smoke ]]; then
     LARGE=(--config tiny -- optim.batch_size=4 crops.num_local_crops=2 model.ffn_layer=swiglu
            loss.centering=sinkhorn_knopp heads.ibot_separate_head=true heads.ibot_num_prototypes=4096
            model.drop_path_rate=0.5)  # 4 of a group's 8 crops kept: the subset form
+    TAIL=(--rows 64 --prototypes 4096 --steps 2)
     CAPS=(400 500 400 300)  # generous: inductor's first compilations on a cold cache, on cores other work shares
     BUDGET=${BUDGET:-1200}  # seconds for all timed steps together
 else
@@ -131,6 +134,7 @@ else
     SMALL=(--config vits14 -- optim.batch_size=128 "${CROPS[@]}" heads.num_prototypes=65536)
     LARGE=(--config vitl14 -- optim.batch_size=64 "${CROPS[@]}" heads.num_prototypes=65536
            heads.ibot_num_prototypes=65536)
+    TAIL=(--steps 20)  # the losses' block at ViT-S/14's 65536 prototypes: 1024 rows
     CAPS=(120 240 180 240)  # the last: each FLOP count, on the CPU beside the GPU steps (ViT-L/14: ~1 minute)
     BUDGET=${BUDGET:-450}
 fi
@@ -150,6 +154,7 @@ run_step correctness "${CAPS[0]}" "$PYTHON" benchmarks/gpu_correctness.py --devi
     --compile --out "$OUT/correctness.json" "${CORRECTNESS[@]}"
 run_step preparation 60 "$PYTHON" benchmarks/batch_preparation.py --device "$DEVICE" --sync-check \
     --json "$OUT/preparation.json" "${SMALL[@]}"
+run_step loss_tail 60 "$PYTHON" benchmarks/loss_tail.py --device "$DEVICE" --json "$OUT/loss_tail.json" "${TAIL[@]}"
 run_step probe_small "${CAPS[1]}" "$PYTHON" benchmarks/train_step.py --probe --compile --cuda-graphs \
     --subset-drop-above 0.05 --device "$DEVICE" \
     --json "$OUT/probe_small.json" --profile "$OUT/profile_small.txt" "${STEPS[@]}" "${SMALL[@]}"

@@ -4,7 +4,8 @@ the script, and each step's ``<step>.json``, written row by row, so a step stopp
 still shows what it finished). Under each probe's table, issue 11's bar (dinoflow's fastest
 compiled row against the compiled probe, img/s and peak memory) and, with the FLOP count of
 dinoflow's step at its sizes (``flops_small.json`` beside ``probe_small.json``, from
-``step_flops.py``), that work against the probe's and dinoflow's rows at their real TFLOP/s.
+``step_flops.py``), that work against the probe's and dinoflow's rows at their real TFLOP/s; the
+loss tail's times (``loss_tail.json``).
 Writes ``summary.json`` and ``summary.md`` there and prints the latter.
 
     python benchmarks/gpu_summary.py OUTDIR
@@ -68,6 +69,19 @@ def preparation_check_text(result: dict[str, Any]) -> str:
     return text
 
 
+def loss_tail_lines(result: dict[str, Any]) -> list[str]:
+    """``loss_tail.py``'s figures: a table of each kind of target's tail times and GB/s of its least
+    traffic, and the compiled gradient's largest difference from the library's."""
+    lines = ["| targets | library ms | eager ms | compiled ms | compiled GB/s | library / compiled | "
+             "max abs grad diff |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for kind, row in result["kinds"].items():
+        compiled = row["compiled_ms"] / 1000
+        lines.append(f"| {kind} | {row['library_ms']:.3f} | {row['eager_ms']:.3f} | {row['compiled_ms']:.3f} | "
+                     f"{row['least_bytes'] / compiled / 1e9:.1f} | {row['library_ms'] / row['compiled_ms']:.2f} | "
+                     f"{row['max_grad_difference']:.2g} of {row['grad_scale']:.2g} |")
+    return lines
+
+
 def work_text(flops: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     """dinoflow's counted work per image (``step_flops.py``) against the probe's, and dinoflow's
     rows' img/s turned into TFLOP/s with it, in one line."""
@@ -108,10 +122,13 @@ def markdown(steps: list[dict[str, Any]]) -> str:
         result = step["result"]
         if result is None or step["step"].startswith("flops_"):
             continue
-        lines += ["", f"## {step['step']}: {result['config']} on {result['device_name']}, torch {result['torch']}",
-                  "", f"overrides: `{' '.join(result['overrides'])}`", ""]
+        lines += ["", f"## {step['step']}: {result['config']} on {result['device_name']}, torch {result['torch']}", ""]
+        if result["overrides"]:
+            lines += [f"overrides: `{' '.join(result['overrides'])}`", ""]
         if "prepare_ms" in result:
             lines.append(preparation_check_text(result))
+        elif "kinds" in result:
+            lines += loss_tail_lines(result)
         elif "checks" in result:
             lines += [f"- {'PASS' if c['ok'] else 'FAIL'} `{c['name']}` (rtol {c['rtol']}): " + (
                 f"max abs diff {c['max_abs_diff']:.3g} at scale {c['max_abs_reference']:.3g}" if "terms" not in c else

@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PROBES = ("probe_small", "probe_large")
-STEPS = ("correctness", "preparation", *PROBES, "flops_small", "flops_large")
+STEPS = ("correctness", "preparation", "loss_tail", *PROBES, "flops_small", "flops_large")
 
 
 @pytest.mark.timeout(1500)  # inductor compiles ~10 graphs on a cold cache: 4-5 minutes on 2 loaded cores
@@ -57,6 +57,13 @@ def test_cpu_smoke_writes_every_output_and_the_summary(tmp_path: Path) -> None:
     assert preparation["batch"] == 4 and preparation["prepare_ms"] > 0 and "waited" not in preparation
     assert "## preparation: tiny on cpu" in summary and "batch 4: prepared in " in summary
     assert summary.count("dinoflow_compiled with the next batch prepared in its wait") == 2
+    tail = json.loads((out / "loss_tail.json").read_text())  # the losses' tail, each kind of target, three ways
+    assert (tail["rows"], tail["prototypes"]) == (64, 4096)
+    assert set(tail["kinds"]) == {"centred", "probabilities", "indexed"}
+    for row in tail["kinds"].values():
+        assert min(row["library_ms"], row["eager_ms"], row["compiled_ms"]) > 0
+        assert row["max_grad_difference"] <= 0.01 * row["grad_scale"]  # bf16 gradients, the same maths
+    assert "## loss_tail: a block of 64 x 4096 on cpu" in summary and summary.count("| indexed |") == 1
     for probe in PROBES:  # dinoflow's counted work at the probe's sizes, and its rows' real TFLOP/s
         flops = json.loads((out / f"{probe.replace('probe_', 'flops_')}.json").read_text())
         assert flops["batch"] == 4 and 0 < flops["heads_and_losses_gflop_per_image"] < flops["gflop_per_image"]

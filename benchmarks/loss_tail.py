@@ -1,0 +1,119 @@
+"""How close does the losses' element-wise tail come to reading its inputs once?
+
+The DINO and iBOT losses run over blocks of ``(rows, K)`` logits
+(``trainer.losses.prototype_cross_entropy``); over each block the tail
+(``prototype_cross_entropy_tail``: the teacher's targets, the student's log-sum-exp, the loss and the
+logits' gradient) is memory-bound. Its least traffic is the student's bf16 logits and the teacher's
+rows read once and the bf16 gradient written once. For one block of ``--rows`` x ``--prototypes``
+on ``--device``, with each kind of target the losses use:
+
+- ``centred``: the teacher's bf16 logits softmaxed about a centre (iBOT under softmax centring);
+- ``probabilities``: fp32 rows, one per student row (Sinkhorn-Knopp's);
+- ``indexed``: fp32 rows shared by student rows through an index (DINO's: 3 rows per image, here
+  ``rows / 4`` of them),
+
+this prints the tail's time eager and compiled (``loss.compile``) and, measured in the same run, the
+library's way: ``F.cross_entropy`` with probability targets on the fp32 logits and autograd's
+backward for the gradient; the GB/s of the least traffic; and the largest difference of the
+compiled tail's gradient from the library's (a check that both compute the same). Asserts nothing.
+
+    python benchmarks/loss_tail.py --device cpu --rows 256
+    python benchmarks/loss_tail.py --device cuda --json tail.json   # a ViT-S/14 block: 1024 x 65536
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from train_step import time_steps  # this script's folder is first on sys.path
+from trainer.losses import PATCH_LOSS_BLOCK_ELEMENTS, centered_softmax, prototype_cross_entropy_tail
+from trainer.models.compile import compile_function
+
+STUDENT_TEMP, TEACHER_TEMP = 0.1, 0.04
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--prototypes", type=int, default=65536)
+    parser.add_argument("--rows", type=int, default=0, help="rows of the block (default: the losses' block)")
+    parser.add_argument("--steps", type=int, default=20, help="timed calls, after 3 untimed")
+    parser.add_argument("--json", default="", help="also write the figures to this JSON file")
+    return parser.parse_args()
+
+
+def library_tail(student_logits: Tensor, teacher: Tensor, center: Tensor | None, row_weights: Tensor,
+                 student_temp: float, teacher_temp: float, index: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The tail's loss and logit gradient the plain way: targets as a tensor, ``F.cross_entropy``,
+    autograd."""
+    logits = student_logits.detach().requires_grad_()
+    rows = teacher if index is None else teacher[index]
+    targets = rows.float() if center is None else centered_softmax(rows, center, teacher_temp)
+    loss = (F.cross_entropy(logits.float() / student_temp, targets, reduction="none") * row_weights).sum()
+    (grad,) = torch.autograd.grad(loss, logits)
+    return loss.detach(), grad
+
+
+def block_inputs(kind: str, rows: int, prototypes: int, device: torch.device) -> tuple[tuple[Any, ...], int]:
+    """The tail's arguments for a block of ``kind`` and the bytes of its least traffic."""
+    generator = torch.Generator(device).manual_seed(0)
+
+    def normal(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=generator, device=device)
+
+    student = (3 * normal(rows, prototypes)).bfloat16()
+    weights = torch.rand(rows, generator=generator, device=device) / rows
+    center, index = None, None
+    if kind == "centred":
+        teacher, center = (2 * normal(rows, prototypes)).bfloat16(), normal(1, prototypes)
+    elif kind == "probabilities":
+        teacher = (3 * normal(rows, prototypes)).softmax(-1)
+    else:
+        teacher = (3 * normal(max(1, rows // 4), prototypes)).softmax(-1)
+        index = torch.randint(0, teacher.shape[0], (rows,), generator=generator, device=device)
+    least = 2 * student.numel() + teacher.numel() * teacher.element_size() + 2 * student.numel()
+    return (student, teacher, center, weights, STUDENT_TEMP, TEACHER_TEMP, index), least
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device(args.device)
+    rows = args.rows or max(1, PATCH_LOSS_BLOCK_ELEMENTS // args.prototypes)
+    timing = argparse.Namespace(steps=args.steps, warmup=3)
+    tails: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
+        "library": library_tail, "eager": prototype_cross_entropy_tail,
+        "compiled": compile_function(prototype_cross_entropy_tail)}
+    figures: dict[str, Any] = {
+        "config": f"a block of {rows} x {args.prototypes}", "overrides": [],
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "rows": rows, "prototypes": args.prototypes, "kinds": {}}
+    print(f"loss tail, {figures['config']} on {figures['device_name']}, torch {torch.__version__}")
+    print(f"{'targets':<14}{'tail':<10}{'ms':>9}{'GB/s':>9}{'library/this':>14}")
+    for kind in ("centred", "probabilities", "indexed"):
+        inputs, least = block_inputs(kind, rows, args.prototypes, device)
+        row: dict[str, Any] = {"least_bytes": least}
+        for name, tail in tails.items():
+            seconds = time_steps(lambda: tail(*inputs), timing, device)
+            row[f"{name}_ms"] = 1000 * seconds
+            speedup = row["library_ms"] / row[f"{name}_ms"]
+            print(f"{kind:<14}{name:<10}{1000 * seconds:9.3f}{least / seconds / 1e9:9.1f}{speedup:14.2f}")
+        (_, want), (_, got) = library_tail(*inputs), tails["compiled"](*inputs)
+        row["max_grad_difference"] = (got.float() - want.float()).abs().max().item()
+        row["grad_scale"] = want.float().abs().max().item()
+        print(f"{'':<14}compiled gradient vs the library's: max |difference| {row['max_grad_difference']:.2e} "
+              f"of {row['grad_scale']:.2e}")
+        figures["kinds"][kind] = row
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()
