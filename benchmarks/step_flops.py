@@ -59,7 +59,11 @@ def _backbones(student: SSLNetwork, teacher: SSLNetwork, batch: CropBatch) -> No
 
 def step_flops(cfg: PretrainConfig) -> dict[str, Any]:
     """Matmul FLOPs per image of one training step of ``cfg`` (its batch, crops and masks): the
-    whole step, its backbone part, and the ceiling probe's hand count at the same sizes."""
+    whole step, its backbone part, and the ceiling probe's hand count at the same sizes. Counted on
+    the eager step (the GPU presets' compiled blocks and loss tails off): compiling does the same
+    products, and the counter sees them as operators."""
+    eager_model = cfg.model.model_copy(update={"compile_blocks": False, "compile_mode": "default"})
+    cfg = cfg.model_copy(update={"model": eager_model, "loss": cfg.loss.model_copy(update={"compile": False})})
     batch = synthetic_batch(cfg)
     student, teacher = build_networks(cfg)  # real weights (loss code reads them); the inputs are fake
     objective = Objective(cfg)
