@@ -35,8 +35,8 @@ with the fastest dinoflow row's step after it (one, then the other), and as the 
 compiled row (eager without ``--compile``) is timed once more with each step's batch prepared
 during the step before, in its wait for the losses (``train_step``'s ``while_waiting``), new crops
 and masks every step, then again with that batch made on a second CUDA stream
-(``data.side_stream``; off CUDA the same loop). Kept in ``--json`` as the rows complete. ``--json`` also writes every
-row, as it completes, to a file.
+(``data.side_stream``; off CUDA the same loop). ``--json`` also writes every row, as it
+completes, to a file.
 
     python benchmarks/train_step.py --strategy deepspeed --nproc 2 --steps 10 --config tiny
     python benchmarks/train_step.py --probe --device cpu --config tiny --steps 3 --warmup 1
@@ -404,8 +404,7 @@ def time_dinoflow(args: argparse.Namespace, device: torch.device, compiled: bool
     ``prepare`` the seconds per step as the loop runs it (``loop``: each step on the batch
     ``prepare`` made during the step before, in its wait for the losses; ``loop_side_stream``: the
     same with the batch made on a second CUDA stream, ``data.side_stream``, a plain call off CUDA);
-    with ``profile``, two more steps profiled
-    on the fixed batch. ``subset_drop_above`` replaces ``SUBSET_DROP_ABOVE`` for this measurement
+    with ``profile``, two more steps profiled on the fixed batch. ``subset_drop_above`` replaces ``SUBSET_DROP_ABOVE`` for this measurement
     (networks built, compiled and timed under it): where the subset form of stochastic depth starts."""
     from trainer.engine import Objective, SideStream, build_adamw, build_networks, train_step, training_autocast
     from trainer.models import layers
