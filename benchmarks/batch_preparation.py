@@ -7,6 +7,8 @@ for the device. This script times, for a preset and batch on ``--device``:
 
 - ``prepare``: one batch made and finished (synchronised), in ms and img/s, then the crops alone
   (``MultiCrop``) and the rest (the masks, drawn on the host);
+- ``crops eager / compiled``: the crops alone once more with the pixel stages eager and compiled
+  (``crops.compile``), the ratio, and the largest difference between the two from one seed;
 - ``queue behind busy device``: the host time ``make_batch`` takes to return when called right
   after ``--busy-ms`` of matrix products were queued (CUDA only). About ``prepare``'s host share
   if it never waits; ``--busy-ms`` more if it waits for the queued work;
@@ -33,6 +35,7 @@ import torch
 
 from train_step import batch_preparation, preparation_inputs, time_steps  # this script's folder is first on sys.path
 from dinoflow.config import PretrainConfig, load_config
+from trainer.data.augment import MultiCrop
 
 
 def parse_args() -> argparse.Namespace:
@@ -80,6 +83,10 @@ def main() -> None:
     print(f"  prepare            {1000 * whole:8.2f} ms  {batch / whole:9.1f} img/s")
     print(f"    crops            {1000 * crops:8.2f} ms")
     print(f"    the rest (masks) {1000 * (whole - crops):8.2f} ms")
+    figures.update(compare_stages(cfg, images, timing, device))
+    print(f"  crops eager {figures['crops_eager_ms']:8.2f} ms, compiled {figures['crops_compiled_ms']:8.2f} ms "
+          f"({figures['crops_eager_ms'] / figures['crops_compiled_ms']:.2f}x), largest difference "
+          f"{figures['crops_compiled_max_diff']:.2e}")
     if device.type == "cuda":
         figures.update(busy_ms=args.busy_ms, queue_ms=1000 * queue_seconds(prepare, device, args))
         print(f"  queue behind busy device ({args.busy_ms:.0f} ms queued): {figures['queue_ms']:8.2f} ms to return "
@@ -90,6 +97,20 @@ def main() -> None:
                                       else "no call waited for the device"))
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
+
+
+def compare_stages(cfg: PretrainConfig, images: torch.Tensor, timing: argparse.Namespace,
+                   device: torch.device) -> dict[str, float]:
+    """The crops' ms with the pixel stages eager and compiled, and the largest difference between
+    the crops each makes from one seed."""
+    figures, made = {}, []
+    for name, compiled in (("eager", False), ("compiled", True)):
+        multi_crop = MultiCrop(cfg.crops.model_copy(update={"compile": compiled})).to(device)
+        figures[f"crops_{name}_ms"] = 1000 * time_steps(lambda: multi_crop(images), timing, device)
+        torch.manual_seed(cfg.seed)
+        made.append(multi_crop(images))
+    figures["crops_compiled_max_diff"] = max(float((a - b).abs().max()) for a, b in zip(*made))
+    return figures
 
 
 def queue_seconds(prepare: Callable[[], object], device: torch.device, args: argparse.Namespace) -> float:

@@ -11,8 +11,8 @@
 #                  CPU from the same weights (fp32), bf16 autocast against fp32, compiled blocks
 #                  against eager                                                 -> correctness.json
 #   preparation    benchmarks/batch_preparation.py --sync-check: the loop's batch preparation at ViT-S/14's
-#                  sizes alone, the host time it takes behind queued GPU work, and whether any of its
-#                  calls waits for the GPU                                       -> preparation.json
+#                  sizes alone, the host time it takes behind queued GPU work, whether any of its calls
+#                  waits for the GPU, and its pixel stages eager against compiled -> preparation.json
 #   loss_tail      benchmarks/loss_tail.py: the DINO/iBOT losses' element-wise tail on one block of
 #                  rows x 65536 prototypes, eager, compiled and the library's way  -> loss_tail.json
 #   probe_small    benchmarks/train_step.py --probe --compile --cuda-graphs --subset-drop-above 0.05: ViT-S/14
@@ -126,6 +126,7 @@ if [[ $SMOKE == --cpu-smoke ]]; then
            model.drop_path_rate=0.5)  # 4 of a group's 8 crops kept: the subset form
     TAIL=(--rows 64 --prototypes 4096 --steps 2)
     CAPS=(400 500 400 300)  # generous: inductor's first compilations on a cold cache, on cores other work shares
+    PREPARATION_CAP=240  # the preparation compiled for its comparison: ten small graphs on a cold cache
     BUDGET=${BUDGET:-1200}  # seconds for all timed steps together
 else
     DEVICE=cuda
@@ -136,6 +137,7 @@ else
            heads.ibot_num_prototypes=65536)
     TAIL=(--steps 20)  # the losses' block at ViT-S/14's 65536 prototypes: 1024 rows
     CAPS=(120 240 180 240)  # the last: each FLOP count, on the CPU beside the GPU steps (ViT-L/14: ~1 minute)
+    PREPARATION_CAP=90
     BUDGET=${BUDGET:-450}
 fi
 
@@ -152,7 +154,7 @@ start_counting flops_small "${CAPS[3]}" "${SMALL[@]}"
 start_counting flops_large "${CAPS[3]}" "${LARGE[@]}"
 run_step correctness "${CAPS[0]}" "$PYTHON" benchmarks/gpu_correctness.py --device "$DEVICE" --reference cpu \
     --compile --out "$OUT/correctness.json" "${CORRECTNESS[@]}"
-run_step preparation 60 "$PYTHON" benchmarks/batch_preparation.py --device "$DEVICE" --sync-check \
+run_step preparation "$PREPARATION_CAP" "$PYTHON" benchmarks/batch_preparation.py --device "$DEVICE" --sync-check \
     --json "$OUT/preparation.json" "${SMALL[@]}"
 run_step loss_tail 60 "$PYTHON" benchmarks/loss_tail.py --device "$DEVICE" --json "$OUT/loss_tail.json" "${TAIL[@]}"
 run_step probe_small "${CAPS[1]}" "$PYTHON" benchmarks/train_step.py --probe --compile --cuda-graphs \

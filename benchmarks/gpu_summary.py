@@ -61,6 +61,10 @@ def preparation_check_text(result: dict[str, Any]) -> str:
     """``batch_preparation.py``'s figures in a line (and where a call waited for the device)."""
     text = (f"batch {result['batch']}: prepared in {result['prepare_ms']:.2f} ms ({result['img_per_s']:.1f} img/s), "
             f"crops {result['crops_ms']:.2f} ms")
+    if "crops_compiled_ms" in result:
+        eager, compiled = result["crops_eager_ms"], result["crops_compiled_ms"]
+        text += (f" (pixel stages eager: {eager:.2f} ms, compiled: {compiled:.2f} ms, {eager / compiled:.2f}x, "
+                 f"largest difference {result['crops_compiled_max_diff']:.1e})")
     if "queue_ms" in result:
         text += f"; behind {result['busy_ms']:.0f} ms of queued GPU work it returned in {result['queue_ms']:.2f} ms"
     if "waited" in result:

@@ -144,6 +144,8 @@ class CropsConfig(Section):
     global_crop_scale: tuple[float, float] = (0.32, 1.0)
     local_crop_scale: tuple[float, float] = (0.05, 0.32)
     blur_kernel_size: int = Field(9, ge=1)
+    compile: bool = Field(False, description="torch.compile the augmentation's pixel work after the crops (the "
+                          "jitter steps and the rest, each fused; eager fallback); the GPU recipes turn it on")
     original_blur_probabilities: bool = Field(
         True, description="use the original's effective blur probabilities 0 / 0.9 / 0.5 "
         "(its inverted RandomApply) instead of the nominal 1.0 / 0.1 / 0.5",

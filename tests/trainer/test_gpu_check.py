@@ -55,6 +55,8 @@ def test_cpu_smoke_writes_every_output_and_the_summary(tmp_path: Path) -> None:
     assert summary.count("batch preparation (multi-crop, masks):") == 2
     preparation = json.loads((out / "preparation.json").read_text())  # the preparation alone (no sync check on CPU)
     assert preparation["batch"] == 4 and preparation["prepare_ms"] > 0 and "waited" not in preparation
+    assert preparation["crops_eager_ms"] > 0 and preparation["crops_compiled_ms"] > 0
+    assert preparation["crops_compiled_max_diff"] < 1e-4  # the compiled stages make the eager crops
     assert "## preparation: tiny on cpu" in summary and "batch 4: prepared in " in summary
     assert summary.count("dinoflow_compiled with the next batch prepared in its wait") == 2
     tail = json.loads((out / "loss_tail.json").read_text())  # the losses' tail, each kind of target, three ways

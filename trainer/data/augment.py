@@ -19,11 +19,19 @@ all crops of a kind come from one ``grid_sample`` call: a fixed, short list of k
 without reading anything back. The colour, grayscale and blur maths are kornia's functions.
 Randomness comes from torch's generators (the device's for the draws, the host's for the jitter
 order), which the engine seeds per step and checkpoints restore.
+
+Why the pixel stages compile (``crops.compile``, on in the GPU recipes): eagerly, kornia's colour
+and blur maths and the selections are some hundred element-wise kernels per call, each a pass over
+all crops in memory; compiled, each jitter step and the rest (clamp, grayscale, blur, solarisation,
+normalisation) fuse into a few passes (:class:`Stages`; ``benchmarks/batch_preparation.py``
+times both). The draws stay eager, so a seed gives the same parameters either way, and so does
+the bicubic crop: inductor's decomposition of ``grid_sample`` is slower than the library's kernel.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +43,7 @@ from kornia.filters import filter2d_separable, get_gaussian_kernel1d
 from torch import Tensor, nn
 
 from dinoflow.config import CropsConfig
+from trainer.models.compile import compile_function
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -137,26 +146,74 @@ def resized_crops(pixels: Tensor, boxes: Tensor, flips: Tensor, size: int) -> Te
     return out.view(batch, 3, crops, size, size).permute(2, 0, 1, 3, 4).clamp(0, 1)
 
 
-def augment_crops(crops: Tensor, params: AugmentParams, blur_kernel: int, jitter_order: list[int]) -> Tensor:
-    """Colour jitter (its four steps in ``jitter_order``: 0 brightness, 1 contrast, 2 saturation,
-    3 hue), grayscale, Gaussian blur and solarisation of ``crops`` ``(n, 3, s, s)`` in [0, 1]. A
-    crop not drawn for a step gets its neutral factor or keeps its pixels (``torch.where``)."""
-    steps = (lambda x: adjust_brightness_accumulative(x, params.brightness),
-             lambda x: adjust_contrast_with_mean_subtraction(x, params.contrast),
-             lambda x: adjust_saturation_with_gray_subtraction(x, params.saturation),
-             lambda x: adjust_hue(x, params.hue * 2 * math.pi))
-    for index in jitter_order:
-        crops = steps[index](crops)
+def brightness(crops: Tensor, factor: Tensor) -> Tensor:
+    """Colour jitter's brightness step: each crop ``(n, 3, s, s)`` scaled by its factor ``(n,)``."""
+    return adjust_brightness_accumulative(crops, factor)
+
+
+def contrast(crops: Tensor, factor: Tensor) -> Tensor:
+    """Colour jitter's contrast step: each crop blended with its mean gray by its factor."""
+    return adjust_contrast_with_mean_subtraction(crops, factor)
+
+
+def saturation(crops: Tensor, factor: Tensor) -> Tensor:
+    """Colour jitter's saturation step: each pixel blended with its gray by the crop's factor."""
+    return adjust_saturation_with_gray_subtraction(crops, factor)
+
+
+def hue(crops: Tensor, turns: Tensor) -> Tensor:
+    """Colour jitter's hue step: each crop's hue shifted by its share of a turn."""
+    return adjust_hue(crops, turns * 2 * math.pi)
+
+
+def gray_blur_solarize(crops: Tensor, grayscale: Tensor, sigma: Tensor, solarize: Tensor, blur_kernel: int,
+                       mean: Tensor | None = None, std: Tensor | None = None) -> Tensor:
+    """After the colour jitter: clamp to [0, 1], grayscale, Gaussian blur (``sigma`` 0: none) and
+    solarisation of the crops chosen for each (``(n,)`` each), then with ``mean`` and ``std``
+    ``(3, 1, 1)`` normalised (in the same pass once compiled). A crop not chosen keeps its pixels
+    (``torch.where``)."""
     crops = crops.clamp(0, 1)
 
     def where(chosen: Tensor, changed: Tensor, kept: Tensor) -> Tensor:
         return torch.where(chosen[:, None, None, None], changed, kept)
 
-    crops = where(params.grayscale, rgb_to_grayscale(crops).expand_as(crops), crops)
+    crops = where(grayscale, rgb_to_grayscale(crops).expand_as(crops), crops)
     kernel = blur_kernel if blur_kernel % 2 else blur_kernel + 1
-    taps = get_gaussian_kernel1d(kernel, params.sigma.clamp(min=BLUR_SIGMA[0])[:, None])
-    crops = where(params.sigma > 0, filter2d_separable(crops, taps, taps, "reflect"), crops)
-    return where(params.solarize, torch.where(crops < SOLARIZE_THRESHOLD, crops, 1 - crops), crops)
+    taps = get_gaussian_kernel1d(kernel, sigma.clamp(min=BLUR_SIGMA[0])[:, None])
+    crops = where(sigma > 0, filter2d_separable(crops, taps, taps, "reflect"), crops)
+    crops = where(solarize, torch.where(crops < SOLARIZE_THRESHOLD, crops, 1 - crops), crops)
+    return crops if mean is None or std is None else (crops - mean) / std
+
+
+@dataclass(frozen=True)
+class Stages:
+    """The augmentation's pixel work after the crops, in its stages: the four jitter steps
+    (brightness, contrast, saturation, hue: ``(crops, factor) -> crops``) and
+    :func:`gray_blur_solarize`. :meth:`compiled` has each stage compiled on its own, so the random
+    order of the jitter steps picks among four graphs rather than compiling each of 24 orders."""
+
+    jitter: tuple[Callable[[Tensor, Tensor], Tensor], ...] = (brightness, contrast, saturation, hue)
+    finish: Callable[..., Tensor] = gray_blur_solarize
+
+    @classmethod
+    def compiled(cls) -> Stages:
+        """Each stage compiled with static shapes (one graph per crop size), eager from its first
+        failure on (:func:`~trainer.models.compile.compile_function`)."""
+        eager = cls()
+        return cls(tuple(compile_function(step, dynamic=False) for step in eager.jitter),
+                   compile_function(eager.finish, dynamic=False))
+
+
+def augment_crops(crops: Tensor, params: AugmentParams, blur_kernel: int, jitter_order: list[int],
+                  stages: Stages = Stages(), mean: Tensor | None = None, std: Tensor | None = None) -> Tensor:
+    """Colour jitter (its four steps in ``jitter_order``: 0 brightness, 1 contrast, 2 saturation,
+    3 hue), grayscale, Gaussian blur and solarisation of ``crops`` ``(n, 3, s, s)`` in [0, 1]
+    (normalised with ``mean`` and ``std`` if given). A crop not drawn for a step gets its neutral
+    factor or keeps its pixels."""
+    factors = (params.brightness, params.contrast, params.saturation, params.hue)
+    for index in jitter_order:
+        crops = stages.jitter[index](crops, factors[index])
+    return stages.finish(crops, params.grayscale, params.sigma, params.solarize, blur_kernel, mean, std)
 
 
 class MultiCrop(nn.Module):
@@ -167,6 +224,7 @@ class MultiCrop(nn.Module):
         super().__init__()
         blur_1, blur_2, blur_local = blur_probabilities(crops.original_blur_probabilities)
         self.crops = crops
+        self.stages = Stages.compiled() if crops.compile else Stages()
         self.register_buffer("global_blur_p", torch.tensor([blur_1, blur_2]), persistent=False)
         self.register_buffer("global_solarize_p", torch.tensor([0.0, 0.2]), persistent=False)
         self.register_buffer("local_blur_p", torch.tensor([blur_local]), persistent=False)
@@ -183,8 +241,9 @@ class MultiCrop(nn.Module):
                              solarize_p.repeat_interleave(batch))
         crops = resized_crops(pixels, params.boxes.view(count, batch, 4), params.flips.view(count, batch), size)
         order = torch.randperm(4).tolist()  # one jitter order per call, from the host's generator: no device read
-        crops = augment_crops(crops.flatten(0, 1), params, self.crops.blur_kernel_size, order)
-        return ((crops - self.mean) / self.std).view(count, batch, 3, size, size)
+        crops = augment_crops(crops.flatten(0, 1), params, self.crops.blur_kernel_size, order, self.stages,
+                              self.mean, self.std)
+        return crops.view(count, batch, 3, size, size)
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:

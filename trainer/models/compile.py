@@ -38,9 +38,10 @@ shape) logs a warning naming it, sends every block compiled together back to eag
 re-runs the call eagerly, so the run goes on (a genuine error then raises from the eager code).
 
 :func:`compile_function` does the same for a plain function (the losses' element-wise tails over
-``(rows, prototypes)`` logits), with torch's default shape handling: a row count that changes from
-step to step (iBOT's masked patches) makes that dimension dynamic after the first change, one
-recompile, instead of one graph per count.
+``(rows, prototypes)`` logits, the multi-crop augmentation's pixel stages), by default with torch's
+shape handling: a row count that changes from step to step (iBOT's masked patches) makes that
+dimension dynamic after the first change, one recompile, instead of one graph per count. The
+augmentation's few fixed crop sizes take ``dynamic=False``: one graph per size, each specialised.
 """
 
 from __future__ import annotations
@@ -77,10 +78,12 @@ def compile_blocks(blocks: Sequence[nn.Module], backend: Backend = "inductor", m
         block.forward = _CompiledForward(block, compiled, fall_back)
 
 
-def compile_function(function: Callable[..., Any], backend: Backend = "inductor") -> Callable[..., Any]:
+def compile_function(function: Callable[..., Any], backend: Backend = "inductor",
+                     dynamic: bool | None = None) -> Callable[..., Any]:
     """``function`` compiled, running eagerly from its first failure on (see the module docstring);
-    ``compiled_now(result)`` says whether it still runs compiled."""
-    return _CompiledFunction(function, backend)
+    ``compiled_now(result)`` says whether it still runs compiled. ``dynamic``: ``torch.compile``'s
+    (None: dynamic after the first change of a shape; False: one graph per shape)."""
+    return _CompiledFunction(function, backend, dynamic)
 
 
 def maybe_compiled(function: Callable[..., Any], compiled: bool) -> Callable[..., Any]:
@@ -154,9 +157,10 @@ class _CompiledForward:
 class _CompiledFunction:
     """A function's compiled version, replaced by the function itself at the first failure."""
 
-    def __init__(self, function: Callable[..., Any], backend: Backend) -> None:
+    def __init__(self, function: Callable[..., Any], backend: Backend, dynamic: bool | None = None) -> None:
         self.function = function
-        self.compiled: Callable[..., Any] | None = torch.compile(function, backend=_lowering_backward_too(backend))
+        self.compiled: Callable[..., Any] | None = torch.compile(function, dynamic=dynamic,
+                                                                  backend=_lowering_backward_too(backend))
         functools.update_wrapper(self, function)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

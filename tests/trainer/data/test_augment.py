@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from dinoflow.config import CropsConfig
 from trainer.data.augment import (ASPECT_RATIOS, IMAGENET_MEAN, IMAGENET_STD, SOLARIZE_THRESHOLD, AugmentParams,
-                                  MultiCrop, augment_crops, crop_boxes, draw_params, resized_crops)
+                                  MultiCrop, Stages, augment_crops, crop_boxes, draw_params, resized_crops)
+from trainer.models.compile import compiled_now
 
 
 def neutral(n: int, **changes: torch.Tensor) -> AugmentParams:
@@ -183,3 +184,30 @@ def test_multicrop_reads_nothing_back_from_the_device() -> None:
     global_crops, local_crops = module(torch.empty(6, 3, 64, 64, dtype=torch.uint8, device="meta"))
     assert global_crops.shape == (2, 6, 3, 56, 56) and local_crops.shape == (4, 6, 3, 28, 28)
     assert global_crops.device.type == "meta"
+
+
+
+def test_compiled_stages_make_the_eager_crops() -> None:
+    """``crops.compile``: each jitter order through the compiled stages gives the eager pixels (to
+    float rounding), normalised in the last stage; a seeded ``MultiCrop`` makes the eager crops at
+    both crop sizes; no stage fell back to eager."""
+    torch.manual_seed(7)
+    crops = torch.rand(6, 3, 12, 12)
+    params = draw_params(6, (0.32, 1.0), torch.full((6,), 0.5), torch.full((6,), 0.5))
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    stages = Stages.compiled()
+    for order in ([0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1]):
+        expected = (augment_crops(crops, params, 9, order) - mean) / std
+        torch.testing.assert_close(augment_crops(crops, params, 9, order, stages, mean, std), expected,
+                                   atol=2e-5, rtol=0)
+
+    config = CropsConfig(load_size=32, global_crop_size=24, local_crop_size=12, num_local_crops=3)
+    eager, compiled = MultiCrop(config), MultiCrop(config.model_copy(update={"compile": True}))
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    torch.manual_seed(8)
+    expected = eager(images)
+    torch.manual_seed(8)
+    for made, reference in zip(compiled(images), expected):
+        torch.testing.assert_close(made, reference, atol=2e-5, rtol=0)
+    assert all(compiled_now(stage) for stage in (*stages.jitter, stages.finish, *compiled.stages.jitter,
+                                                 compiled.stages.finish))
