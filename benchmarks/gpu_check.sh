@@ -20,6 +20,8 @@
 #                  more with its drop path (0.1) in the subset form               -> probe_small.json
 #                  the compiled step's kernel-time table (torch profiler) and what is alive at its
 #                  memory peak; the same for the compiled probe   -> profile_small.txt, profile_small_probe.txt
+#                  With AUTOTUNE=1 in the environment also once more with autotuned matrix products
+#                  (train_step.py --autotune; its cap 180 s longer, so raise BUDGET by as much)
 #   probe_large    the same for the ViT-L/14 recipe, batch 64                               -> probe_large.json
 #   flops_small,   benchmarks/step_flops.py: the matmul FLOPs per image of dinoflow's step at each probe's
 #   flops_large    sizes, counted on the CPU (fake tensors, no GPU) while the GPU steps run, so that the
@@ -127,6 +129,7 @@ if [[ $SMOKE == --cpu-smoke ]]; then
     TAIL=(--rows 64 --prototypes 4096 --steps 2)
     CAPS=(400 500 400 300)  # generous: inductor's first compilations on a cold cache, on cores other work shares
     PREPARATION_CAP=240  # the preparation compiled for its comparison: ten small graphs on a cold cache
+    AUTOTUNE_CAP=300
     BUDGET=${BUDGET:-1200}  # seconds for all timed steps together
 else
     DEVICE=cuda
@@ -138,6 +141,7 @@ else
     TAIL=(--steps 20)  # the losses' block at ViT-S/14's 65536 prototypes: 1024 rows
     CAPS=(120 240 180 240)  # the last: each FLOP count, on the CPU beside the GPU steps (ViT-L/14: ~1 minute)
     PREPARATION_CAP=90
+    AUTOTUNE_CAP=180
     BUDGET=${BUDGET:-450}
 fi
 
@@ -157,8 +161,14 @@ run_step correctness "${CAPS[0]}" "$PYTHON" benchmarks/gpu_correctness.py --devi
 run_step preparation "$PREPARATION_CAP" "$PYTHON" benchmarks/batch_preparation.py --device "$DEVICE" --sync-check \
     --json "$OUT/preparation.json" "${SMALL[@]}"
 run_step loss_tail 60 "$PYTHON" benchmarks/loss_tail.py --device "$DEVICE" --json "$OUT/loss_tail.json" "${TAIL[@]}"
-run_step probe_small "${CAPS[1]}" "$PYTHON" benchmarks/train_step.py --probe --compile --cuda-graphs \
-    --subset-drop-above 0.05 --device "$DEVICE" \
+SMALL_CAP=${CAPS[1]}
+AUTOTUNE_ROW=()
+if [[ ${AUTOTUNE:-0} == 1 ]]; then
+    SMALL_CAP=$((SMALL_CAP + AUTOTUNE_CAP))
+    AUTOTUNE_ROW=(--autotune)
+fi
+run_step probe_small "$SMALL_CAP" "$PYTHON" benchmarks/train_step.py --probe --compile --cuda-graphs \
+    --subset-drop-above 0.05 "${AUTOTUNE_ROW[@]}" --device "$DEVICE" \
     --json "$OUT/probe_small.json" --profile "$OUT/profile_small.txt" "${STEPS[@]}" "${SMALL[@]}"
 run_step probe_large "${CAPS[2]}" "$PYTHON" benchmarks/train_step.py --probe --compile --device "$DEVICE" \
     --json "$OUT/probe_large.json" "${STEPS[@]}" "${LARGE[@]}"

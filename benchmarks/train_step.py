@@ -28,7 +28,10 @@ and the loss tails, ``loss.compile``, for ours; the same per-block compile for t
 blocks, which has no losses; the warm-up steps absorb the
 compilation); a row whose compilation fell back to eager says so. ``--cuda-graphs`` adds dinoflow's
 compiled step once more with its blocks replayed as CUDA graphs (``model.compile_mode=reduce-overhead``;
-the row counts the graphs inductor compiled without them: on CPU, all). Before the rows, the loop's
+the row counts the graphs inductor compiled without them: on CPU, all). ``--autotune`` adds it once
+more in ``model.compile_mode=max-autotune-no-cudagraphs``: inductor times its own matrix-product
+kernels (templates with the element-wise work after a product fused in) against the library's and
+keeps the fastest, which takes minutes to compile on a GPU. Before the rows, the loop's
 batch preparation (``make_batch``: the multi-crop augmentation on the device from uint8
 images of ``crops.load_size``, the block masks on the host) is timed; printed last, its img/s alone,
 with the fastest dinoflow row's step after it (one, then the other), and as the loop runs it: the
@@ -99,6 +102,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="--probe --compile: also time dinoflow's compiled step with its blocks' kernels "
                              "replayed as CUDA graphs (model.compile_mode=reduce-overhead)")
+    parser.add_argument("--autotune", action="store_true",
+                        help="--probe --compile: also time dinoflow's compiled step with autotuned matrix products "
+                             "(model.compile_mode=max-autotune-no-cudagraphs; minutes of compilation on a GPU)")
     parser.add_argument("--subset-drop-above", type=float, default=None, metavar="RATE",
                         help="--probe --compile: also time dinoflow's compiled step with stochastic depth in its "
                              "subset form above RATE instead of trainer.models.layers.SUBSET_DROP_ABOVE (e.g. 0.05: "
@@ -115,8 +121,8 @@ def parse_args() -> argparse.Namespace:
         parser.error("--nproc, --steps and --threads must be at least 1, --warmup at least 0")
     if (args.compile or args.json or args.profile) and not args.probe:
         parser.error("--compile, --json and --profile go with --probe")
-    if (args.cuda_graphs or args.subset_drop_above is not None) and not args.compile:
-        parser.error("--cuda-graphs and --subset-drop-above go with --probe --compile")
+    if (args.cuda_graphs or args.autotune or args.subset_drop_above is not None) and not args.compile:
+        parser.error("--cuda-graphs, --autotune and --subset-drop-above go with --probe --compile")
     if args.subset_drop_above is not None and not 0 <= args.subset_drop_above < 1:
         parser.error(f"--subset-drop-above takes a rate in [0, 1), got {args.subset_drop_above}")
     if args.compile and args.warmup < 1:
@@ -285,9 +291,12 @@ def probe(args: argparse.Namespace) -> None:
     if args.subset_drop_above is not None:
         measures["dinoflow_subset"] = lambda: time_dinoflow(args, device, True, crop_batch,
                                                             subset_drop_above=args.subset_drop_above)
+    if args.autotune:  # last: the longest to compile
+        measures["dinoflow_autotune"] = lambda: time_dinoflow(args, device, True, crop_batch,
+                                                              mode="max-autotune-no-cudagraphs")
     plain: float | None = None  # the eager probe's seconds per step: every row's reference
     for label, measure in measures.items():
-        compiled = label.endswith(("_compiled", "_cudagraphs", "_subset"))
+        compiled = label.endswith(("_compiled", "_cudagraphs", "_subset", "_autotune"))
         gc.collect()  # the last row's networks: compiled blocks hold themselves in a cycle
         if device.type == "cuda":
             torch.cuda.empty_cache()

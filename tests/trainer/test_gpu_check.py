@@ -22,7 +22,7 @@ STEPS = ("correctness", "preparation", "loss_tail", *PROBES, "flops_small", "flo
 def test_cpu_smoke_writes_every_output_and_the_summary(tmp_path: Path) -> None:
     out = tmp_path / "check"
     done = subprocess.run([str(ROOT / "benchmarks" / "gpu_check.sh"), str(out), "--cpu-smoke"], cwd=tmp_path,
-                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable), capture_output=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable, AUTOTUNE="1"), capture_output=True,
                           text=True, timeout=1400, check=False)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     outputs = [f"{step}.{kind}" for step in STEPS for kind in ("log", "json")]
@@ -36,7 +36,7 @@ def test_cpu_smoke_writes_every_output_and_the_summary(tmp_path: Path) -> None:
                                                           "side_stream"]
     for probe in PROBES:
         rows = json.loads((out / f"{probe}.json").read_text())["rows"]
-        extra = ["dinoflow_cudagraphs", "dinoflow_subset"] if probe == "probe_small" else []
+        extra = ["dinoflow_cudagraphs", "dinoflow_subset", "dinoflow_autotune"] if probe == "probe_small" else []
         assert [r["step"] for r in rows] == ["probe", "dinoflow", "probe_compiled", "dinoflow_compiled", *extra]
         assert all(r["img_per_s"] > 0 and not r["compile_fell_back"] for r in rows), rows
     profile = (out / "profile_small.txt").read_text()  # the compiled step's operators, by the profiler

@@ -149,11 +149,11 @@ def test_probe_mode_prints_both_rows_on_cpu(tmp_path: Path) -> None:
 def test_compile_needs_a_warm_up_step_and_the_probe_mode() -> None:
     for extra, message in ((["--probe", "--warmup", "0"], "--compile needs --warmup of at least 1"),
                            ([], "--compile, --json and --profile go with --probe"),
-                           (["--probe", "--cuda-graphs"], "--cuda-graphs and --subset-drop-above go with --probe "
-                                                           "--compile"),
+                           (["--probe", "--autotune"], "--cuda-graphs, --autotune and --subset-drop-above go "
+                                                        "with --probe --compile"),
                            (["--probe", "--subset-drop-above", "1"],
                             "--subset-drop-above takes a rate in [0, 1), got 1.0")):
-        compiled = [] if "--cuda-graphs" in extra else ["--compile"]
+        compiled = [] if "--autotune" in extra else ["--compile"]
         done = subprocess.run([sys.executable, str(SCRIPT), *compiled, *extra], capture_output=True, text=True,
                               timeout=120, check=False)
         assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
