@@ -146,23 +146,8 @@ def resized_crops(pixels: Tensor, boxes: Tensor, flips: Tensor, size: int) -> Te
     return out.view(batch, 3, crops, size, size).permute(2, 0, 1, 3, 4).clamp(0, 1)
 
 
-def brightness(crops: Tensor, factor: Tensor) -> Tensor:
-    """Colour jitter's brightness step: each crop ``(n, 3, s, s)`` scaled by its factor ``(n,)``."""
-    return adjust_brightness_accumulative(crops, factor)
-
-
-def contrast(crops: Tensor, factor: Tensor) -> Tensor:
-    """Colour jitter's contrast step: each crop blended with its mean gray by its factor."""
-    return adjust_contrast_with_mean_subtraction(crops, factor)
-
-
-def saturation(crops: Tensor, factor: Tensor) -> Tensor:
-    """Colour jitter's saturation step: each pixel blended with its gray by the crop's factor."""
-    return adjust_saturation_with_gray_subtraction(crops, factor)
-
-
-def hue(crops: Tensor, turns: Tensor) -> Tensor:
-    """Colour jitter's hue step: each crop's hue shifted by its share of a turn."""
+def adjust_hue_turns(crops: Tensor, turns: Tensor) -> Tensor:
+    """Colour jitter's hue step: each crop's hue shifted by its share ``(n,)`` of a turn."""
     return adjust_hue(crops, turns * 2 * math.pi)
 
 
@@ -188,11 +173,13 @@ def gray_blur_solarize(crops: Tensor, grayscale: Tensor, sigma: Tensor, solarize
 @dataclass(frozen=True)
 class Stages:
     """The augmentation's pixel work after the crops, in its stages: the four jitter steps
-    (brightness, contrast, saturation, hue: ``(crops, factor) -> crops``) and
-    :func:`gray_blur_solarize`. :meth:`compiled` has each stage compiled on its own, so the random
+    (kornia's brightness, contrast, saturation and hue: ``(crops, factor per crop) -> crops``)
+    and :func:`gray_blur_solarize`. :meth:`compiled` has each stage compiled on its own, so the random
     order of the jitter steps picks among four graphs rather than compiling each of 24 orders."""
 
-    jitter: tuple[Callable[[Tensor, Tensor], Tensor], ...] = (brightness, contrast, saturation, hue)
+    jitter: tuple[Callable[[Tensor, Tensor], Tensor], ...] = (
+        adjust_brightness_accumulative, adjust_contrast_with_mean_subtraction, adjust_saturation_with_gray_subtraction,
+        adjust_hue_turns)
     finish: Callable[..., Tensor] = gray_blur_solarize
 
     @classmethod
