@@ -6,6 +6,13 @@ equal-sized uint8 tensors are 4x smaller than float ones to move, and the random
 flips and colour jitter of the multi-crop augmentation then run batched on the device instead
 of image by image in Python.
 
+Why a large JPEG is decoded at a reduced scale: a worker's time goes mostly into decoding, and
+libjpeg can decode at 1/2, 1/4 or 1/8 of the size for a fraction of the work. As Pillow's own
+``thumbnail`` does, the scale kept leaves the shorter side at least twice ``load_size`` before the
+bicubic resize, so the result differs from a full decode by less than the choice of resampling
+filter does (``benchmarks/decode.py`` times both and gives the difference); images under that
+size, and other formats, decode as before.
+
 Why a bad image is a ``Sample`` with ``image=None`` rather than an error: a few broken files in a
 large crawl are normal and one of them must not kill a multi-day run. :func:`collate_samples`
 drops them and names them in ``Batch.bad_keys``, and :class:`BadImageTracker` fails the run when
@@ -90,13 +97,17 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+DRAFT_GAP = 2  # a JPEG decodes at a reduced scale only while its shorter side stays >= DRAFT_GAP x load_size
+
+
+def resize_center_crop(img: Image.Image, size: int, extent: tuple[float, float] | None = None) -> Image.Image:
     """Shorter side resized to ``size`` (bicubic, antialiased) and the centre ``size x size`` kept.
 
     Done as one resampling of the centred square of the source, so no intermediate image is
-    made and its size needs no rounding.
+    made and its size needs no rounding. ``extent``: where the picture ends in ``img`` (width,
+    height) if not at its edges (a JPEG decoded at a reduced scale, whose size is rounded up).
     """
-    width, height = img.size
+    width, height = extent or img.size
     side = min(width, height)
     left, top = (width - side) / 2, (height - side) / 2
     return img.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side))
@@ -117,6 +128,7 @@ class TooManyPixels(ValueError):
 def read_image(data: bytes, load_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """An encoded image as ``(3, load_size, load_size)`` uint8; raises one of ``DECODE_ERRORS``.
 
+    A large JPEG is decoded at a reduced scale (module docstring).
     Refused: not a JPEG/PNG/WebP/GIF/BMP Pillow can read (``UnidentifiedImageError``), truncated
     (the whole image is decoded, so a cut file is caught here and not later), or more than
     ``max_pixels`` pixels (:class:`TooManyPixels`, checked from the header before decoding).
@@ -125,9 +137,11 @@ def read_image(data: bytes, load_size: int, max_pixels: int = DEFAULT_MAX_PIXELS
         width, height = img.size
         if width * height > max_pixels:
             raise TooManyPixels(width, height, max_pixels)
+        side = min(width, height)
+        draft = img.draft(None, (width * DRAFT_GAP * load_size // side, height * DRAFT_GAP * load_size // side))
         img.load()
         rgb = to_rgb(img)
-    return _to_tensor(resize_center_crop(rgb, load_size))
+    return _to_tensor(resize_center_crop(rgb, load_size, draft[1][2:] if draft else None))
 
 
 def decode_image(data: bytes, load_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor | None:

@@ -109,6 +109,30 @@ def test_non_integer_scales_stay_close_to_resize_then_crop() -> None:
         assert diff.mean() < 6, (width, height, diff.mean())
 
 
+@pytest.mark.parametrize(("width", "height", "reduced"), [(200, 150, True), (150, 200, True), (1000, 130, True),
+                                                        (60, 50, False)])
+def test_a_large_jpeg_decoded_at_a_reduced_scale_stays_close_to_the_full_decode(width: int, height: int,
+                                                                                  reduced: bool) -> None:
+    """A JPEG whose shorter side is at least ``4 x S`` (at half its size still twice ``S``) decodes at
+    1/2 of its size or less:
+    within a level or two of the full decode resized (Pillow's, computed here), but not equal to it,
+    and with the crop still centred (the off-centre square lands where it does in the reference).
+    A smaller one decodes fully: equal to the reference."""
+    data = encode(Image.fromarray(smooth_rgb(width, height, 5)), "JPEG", quality=95)
+    full = decoded(data)
+    side = min(width, height)
+    left, top = (width - side) / 2, (height - side) / 2
+    want = np.asarray(Image.fromarray(full).resize((S, S), Image.Resampling.BICUBIC,
+                                                   box=(left, top, left + side, top + side))).transpose(2, 0, 1)
+    image = decode_image(data, S)
+    assert image is not None and image.shape == (3, S, S)
+    diff = np.abs(image.numpy().astype(int) - want.astype(int))
+    if reduced:
+        assert 0 < diff.mean() < 1.5 and diff.max() <= 12, (diff.mean(), diff.max())
+    else:
+        assert diff.max() == 0
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_damaged_bytes_never_raise(data: st.DataObject) -> None:
