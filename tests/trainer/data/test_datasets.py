@@ -133,6 +133,21 @@ def test_a_large_jpeg_decoded_at_a_reduced_scale_stays_close_to_the_full_decode(
         assert diff.max() == 0
 
 
+@pytest.mark.parametrize("mode", ["L", "CMYK"])
+@pytest.mark.parametrize("progressive", [False, True])
+def test_gray_cmyk_and_progressive_jpegs_decode_at_a_reduced_scale_too(mode: str, progressive: bool) -> None:
+    rgb = smooth_rgb(160, 120, 6)
+    image = Image.fromarray(rgb).convert(mode)
+    data = encode(image, "JPEG", quality=95, progressive=progressive)
+    full = decoded(data) if mode == "L" else np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    want = np.asarray(Image.fromarray(full).resize((S, S), Image.Resampling.BICUBIC,
+                                                   box=(20, 0, 140, 120))).transpose(2, 0, 1)
+    got = decode_image(data, S)
+    assert got is not None and got.shape == (3, S, S)
+    diff = np.abs(got.numpy().astype(int) - want.astype(int))
+    assert diff.mean() < 1.5 and diff.max() <= 12, (diff.mean(), diff.max())
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_damaged_bytes_never_raise(data: st.DataObject) -> None:
