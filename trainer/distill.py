@@ -55,7 +55,10 @@ from trainer.data.augment import MultiCrop
 from trainer.data.datasets import BadImageTracker
 from trainer.engine import (
     CropBatch,
+    LOADER_WAIT_WINDOW,
     EvalFn,
+    ImageStream,
+    LoaderWatch,
     Objective,
     PreparedStep,
     SSLNetwork,
@@ -67,7 +70,6 @@ from trainer.engine import (
     crop_outputs,
     ema_update,
     finish_step,
-    image_stream,
     load_latest_checkpoint,
     save_checkpoint,
     settle,
@@ -374,7 +376,8 @@ def distill(
     last_step = total_steps(cfg.optim) if cfg.max_steps == 0 else min(cfg.max_steps, total_steps(cfg.optim))
     bad_images = BadImageTracker(cfg.data.max_bad_fraction)
     bad_images.restore(state.bad_images)
-    next_images = image_stream(dataset, collate, cfg, state.step, device, bad_images)
+    next_images = ImageStream(dataset, collate, cfg, state.step, device, bad_images)
+    loader_watch = LoaderWatch(cfg.data.num_workers, LOADER_WAIT_WINDOW)
 
     marks = sorted(m for m in cfg.eval.at_minutes if m > state.train_seconds / 60)
     bar = progress(range(state.step, last_step), desc=f"distill {cfg.name}", total=last_step - state.step,
@@ -403,12 +406,13 @@ def distill(
         losses = distill_step(student, student_ema, teacher_network, objective, prepared.micro_batches[0], sched,
                               optimizer, cfg, autocast_dtype,
                               functools.partial(settle, upcoming, prepare, step + 1) if upcoming else None)
-        seconds = time.perf_counter() - tick
+        seconds, waited = time.perf_counter() - tick, next_images.take_wait()
+        loader_watch.update(seconds, waited)
         state.step, state.images_seen = step + 1, state.images_seen + prepared.images
         state.train_seconds += seconds
         metrics = {**{f"loss_{k}": v for k, v in losses.items()}, "lr": sched.lr, "weight_decay": sched.weight_decay,
                    "ema_momentum": sched.teacher_momentum, "teacher_temp": sched.teacher_temp,
-                   "images_per_second": prepared.images / seconds}
+                   "images_per_second": prepared.images / seconds, "data_wait_share": waited / seconds}
         tracker.log_metrics(metrics, step=state.step)
         state.record(state.step, metrics, cfg.tracking.metric_every)
         bar.set_postfix(loss=f"{losses['total']:.3f}", img_s=f"{metrics['images_per_second']:.0f}")

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -606,27 +607,70 @@ def load_latest_checkpoint(storage: Storage, out: str) -> dict[str, Any] | None:
     return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
 
 
-def image_stream(dataset: Any, collate: Callable, cfg: PretrainConfig, start_batch: int, device: torch.device,
-                 bad_images: BadImageTracker, rank: int = 0, world_size: int = 1) -> Callable[[], Tensor]:
-    """A function giving the next batch of decoded uint8 images on ``device``, from batch
+class ImageStream:
+    """The next batch of decoded uint8 images on ``device`` at each call, from batch
     ``start_batch`` of :class:`ResumableBatches` on; undecodable images are tallied in
-    ``bad_images`` (which stops the run above its fraction) and empty batches skipped."""
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=ResumableBatches(len(dataset), cfg.optim.batch_size, cfg.seed, start_batch,
-                                                rank, world_size),
-        collate_fn=collate, num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
-    )
-    batches = iter(loader)
+    ``bad_images`` (which stops the run above its fraction) and empty batches skipped.
 
-    def next_images() -> Tensor:
+    Why it clocks its waits (:meth:`take_wait`): the loop asks for the next step's images in the
+    step's wait for its losses, so a loader whose workers keep up costs nothing, and one that does
+    not adds its lag to every step, which a GPU run shows only as fewer images a second. The loops
+    log the share of each step spent waiting (``data_wait_share``) and :class:`LoaderWatch` names
+    the cause."""
+
+    def __init__(self, dataset: Any, collate: Callable, cfg: PretrainConfig, start_batch: int, device: torch.device,
+                 bad_images: BadImageTracker, rank: int = 0, world_size: int = 1) -> None:
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=ResumableBatches(len(dataset), cfg.optim.batch_size, cfg.seed, start_batch,
+                                                    rank, world_size),
+            collate_fn=collate, num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
+        )
+        self.batches, self.device, self.bad_images = iter(loader), device, bad_images
+        self.waited = 0.0
+
+    def __call__(self) -> Tensor:
         while True:
-            batch = next(batches)
-            bad_images.update(batch)
-            bad_images.check()
+            tick = time.perf_counter()
+            batch = next(self.batches)
+            self.waited += time.perf_counter() - tick
+            self.bad_images.update(batch)
+            self.bad_images.check()
             if len(batch.images):
-                return batch.images.to(device, non_blocking=True)
+                return batch.images.to(self.device, non_blocking=True)
 
-    return next_images
+    def take_wait(self) -> float:
+        """Seconds spent waiting for the loader since the last call."""
+        waited, self.waited = self.waited, 0.0
+        return waited
+
+
+LOADER_WAIT_WINDOW = 20  # consecutive steps LoaderWatch judges together
+
+
+class LoaderWatch:
+    """Warns once when the loop waited for the loader more than ``share`` of the time of
+    ``window`` consecutive steps (the run's first step, which waits for the workers to start, not
+    counted), naming ``data.num_workers``: the workers do not keep up with the steps."""
+
+    def __init__(self, num_workers: int, window: int, share: float = 0.2) -> None:
+        self.num_workers, self.share = num_workers, share
+        self.steps: deque[tuple[float, float]] = deque(maxlen=window)
+        self.first, self.warned = True, False
+
+    def update(self, seconds: float, waited: float) -> None:
+        """Count one step of ``seconds`` of which ``waited`` went into waiting for images."""
+        if self.first:
+            self.first = False
+            return
+        self.steps.append((seconds, waited))
+        if self.warned or len(self.steps) < (self.steps.maxlen or 0):
+            return
+        share = sum(w for _, w in self.steps) / max(sum(s for s, _ in self.steps), 1e-9)
+        if share > self.share:
+            self.warned = True
+            _log.warning("the last %d steps spent %.0f %% of their time waiting for images: the loader's %d "
+                         "workers do not keep up (raise data.num_workers; benchmarks/decode.py gives a "
+                         "worker's images a second)", len(self.steps), 100 * share, self.num_workers)
 
 
 EvalFn = Callable[[DinoVisionTransformer, int], dict[str, float]]
@@ -699,8 +743,9 @@ def _pretrain(cfg: PretrainConfig, dataset: Any, collate: Callable, storage: Sto
     last_step = total_steps(cfg.optim) if cfg.max_steps == 0 else min(cfg.max_steps, total_steps(cfg.optim))
     bad_images = BadImageTracker(cfg.data.max_bad_fraction)
     bad_images.restore(state.bad_images)
-    next_images = image_stream(dataset, collate, cfg, state.step * micro, device, bad_images,
-                               strategy.rank, strategy.world_size)
+    next_images = ImageStream(dataset, collate, cfg, state.step * micro, device, bad_images,
+                              strategy.rank, strategy.world_size)
+    loader_watch = LoaderWatch(cfg.data.num_workers, LOADER_WAIT_WINDOW)
 
     marks = sorted(m for m in cfg.eval.at_minutes if m > state.train_seconds / 60)
     # collapse is judged once the teacher's temperature has warmed up (on resume the count starts again)
@@ -743,13 +788,16 @@ def _pretrain(cfg: PretrainConfig, dataset: Any, collate: Callable, storage: Sto
                             while_waiting=functools.partial(settle, upcoming, prepare, step + 1) if upcoming else None)
         count = prepared.images * strategy.world_size
         # one clock for all ranks, so that time-based stops and evaluations happen on all at once
-        seconds = strategy.mean({"seconds": time.perf_counter() - tick})["seconds"]
+        clock = strategy.mean({"seconds": time.perf_counter() - tick, "waited": next_images.take_wait()})
+        seconds = clock["seconds"]
+        loader_watch.update(seconds, clock["waited"])
         state.step, state.images_seen = step + 1, state.images_seen + count
         state.train_seconds += seconds
         health = {k.removeprefix("health_"): v for k, v in losses.items() if k.startswith("health_")}
         metrics = {**{(k if k.startswith("health_") else f"loss_{k}"): v for k, v in losses.items()}, "lr": sched.lr,
                    "weight_decay": sched.weight_decay, "teacher_momentum": sched.teacher_momentum,
-                   "teacher_temp": sched.teacher_temp, "images_per_second": count / seconds}
+                   "teacher_temp": sched.teacher_temp, "images_per_second": count / seconds,
+                   "data_wait_share": clock["waited"] / seconds}
         tracker.log_metrics(metrics, step=state.step)
         state.record(state.step, metrics, cfg.tracking.metric_every)
         if watch.update(state.step, health):
