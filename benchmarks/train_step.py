@@ -413,8 +413,9 @@ def time_dinoflow(args: argparse.Namespace, device: torch.device, compiled: bool
     ``prepare`` the seconds per step as the loop runs it (``loop``: each step on the batch
     ``prepare`` made during the step before, in its wait for the losses; ``loop_side_stream``: the
     same with the batch made on a second CUDA stream, ``data.side_stream``, a plain call off CUDA);
-    with ``profile``, two more steps profiled on the fixed batch. ``subset_drop_above`` replaces ``SUBSET_DROP_ABOVE`` for this measurement
-    (networks built, compiled and timed under it): where the subset form of stochastic depth starts."""
+    with ``profile``, two more steps profiled on the fixed batch. ``subset_drop_above`` replaces
+    ``SUBSET_DROP_ABOVE`` for this measurement (networks built, compiled and timed under it): where the
+    subset form of stochastic depth starts."""
     from trainer.engine import Objective, SideStream, build_adamw, build_networks, train_step, training_autocast
     from trainer.models import layers
     from trainer.models.compile import is_compiled

@@ -55,7 +55,6 @@ from trainer.data.augment import MultiCrop
 from trainer.data.datasets import BadImageTracker
 from trainer.engine import (
     CropBatch,
-    LOADER_WAIT_WINDOW,
     EvalFn,
     ImageStream,
     LoaderWatch,
@@ -377,7 +376,7 @@ def distill(
     bad_images = BadImageTracker(cfg.data.max_bad_fraction)
     bad_images.restore(state.bad_images)
     next_images = ImageStream(dataset, collate, cfg, state.step, device, bad_images)
-    loader_watch = LoaderWatch(cfg.data.num_workers, LOADER_WAIT_WINDOW)
+    loader_watch = LoaderWatch(cfg.data.num_workers)
 
     marks = sorted(m for m in cfg.eval.at_minutes if m > state.train_seconds / 60)
     bar = progress(range(state.step, last_step), desc=f"distill {cfg.name}", total=last_step - state.step,

@@ -649,12 +649,13 @@ LOADER_WAIT_WINDOW = 20  # consecutive steps LoaderWatch judges together
 
 class LoaderWatch:
     """Warns once when the loop waited for the loader more than ``share`` of the time of
-    ``window`` consecutive steps (the run's first step, which waits for the workers to start, not
-    counted), naming ``data.num_workers``: the workers do not keep up with the steps."""
+    ``window`` consecutive steps (default :data:`LOADER_WAIT_WINDOW`; the run's first step, which
+    waits for the workers to start, not counted), naming ``data.num_workers``: the workers do not
+    keep up with the steps."""
 
-    def __init__(self, num_workers: int, window: int, share: float = 0.2) -> None:
+    def __init__(self, num_workers: int, window: int | None = None, share: float = 0.2) -> None:
         self.num_workers, self.share = num_workers, share
-        self.steps: deque[tuple[float, float]] = deque(maxlen=window)
+        self.steps: deque[tuple[float, float]] = deque(maxlen=window or LOADER_WAIT_WINDOW)
         self.first, self.warned = True, False
 
     def update(self, seconds: float, waited: float) -> None:
@@ -745,7 +746,7 @@ def _pretrain(cfg: PretrainConfig, dataset: Any, collate: Callable, storage: Sto
     bad_images.restore(state.bad_images)
     next_images = ImageStream(dataset, collate, cfg, state.step * micro, device, bad_images,
                               strategy.rank, strategy.world_size)
-    loader_watch = LoaderWatch(cfg.data.num_workers, LOADER_WAIT_WINDOW)
+    loader_watch = LoaderWatch(cfg.data.num_workers)
 
     marks = sorted(m for m in cfg.eval.at_minutes if m > state.train_seconds / 60)
     # collapse is judged once the teacher's temperature has warmed up (on resume the count starts again)

@@ -22,8 +22,8 @@ STEPS = ("correctness", "preparation", "loss_tail", *PROBES, "flops_small", "flo
 def test_cpu_smoke_writes_every_output_and_the_summary(tmp_path: Path) -> None:
     out = tmp_path / "check"
     done = subprocess.run([str(ROOT / "benchmarks" / "gpu_check.sh"), str(out), "--cpu-smoke"], cwd=tmp_path,
-                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable, AUTOTUNE="1"), capture_output=True,
-                          text=True, timeout=1400, check=False)
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable, AUTOTUNE="1"),
+                          capture_output=True, text=True, timeout=1400, check=False)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     outputs = [f"{step}.{kind}" for step in STEPS for kind in ("log", "json")]
     for name in ("env.txt", "steps.tsv", "summary.md", "summary.json", *outputs):
