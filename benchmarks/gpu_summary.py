@@ -75,7 +75,8 @@ def preparation_check_text(result: dict[str, Any]) -> str:
 
 def loss_tail_lines(result: dict[str, Any]) -> list[str]:
     """``loss_tail.py``'s figures: a table of each kind of target's tail times and GB/s of its least
-    traffic, and the compiled gradient's largest difference from the library's."""
+    traffic, and the compiled gradient's largest difference from the library's; then the prototypes'
+    weight norm, autograd's against the head's."""
     lines = ["| targets | library ms | eager ms | compiled ms | compiled GB/s | library / compiled | "
              "max abs grad diff |", "|---|---:|---:|---:|---:|---:|---:|"]
     for kind, row in result["kinds"].items():
@@ -83,6 +84,12 @@ def loss_tail_lines(result: dict[str, Any]) -> list[str]:
         lines.append(f"| {kind} | {row['library_ms']:.3f} | {row['eager_ms']:.3f} | {row['compiled_ms']:.3f} | "
                      f"{row['least_bytes'] / compiled / 1e9:.1f} | {row['library_ms'] / row['compiled_ms']:.2f} | "
                      f"{row['max_grad_difference']:.2g} of {row['grad_scale']:.2g} |")
+    if "weight_norm" in result:
+        norm = result["weight_norm"]
+        lines += ["", f"The prototypes' weight norm ({norm['prototypes']} x {norm['bottleneck']}, forward and "
+                      f"backward, each head call): autograd {norm['autograd_ms']:.3f} ms, written out "
+                      f"{norm['written_ms']:.3f} ms ({norm['autograd_ms'] / norm['written_ms']:.2f}x), max abs "
+                      f"gradient difference {norm['max_grad_difference']:.2g} of {norm['grad_scale']:.2g}"]
     return lines
 
 

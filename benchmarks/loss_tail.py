@@ -15,7 +15,11 @@ on ``--device``, with each kind of target the losses use:
 this prints the tail's time eager and compiled (``loss.compile``) and, measured in the same run, the
 library's way: ``F.cross_entropy`` with probability targets on the fp32 logits and autograd's
 backward for the gradient; the GB/s of the least traffic; and the largest difference of the
-compiled tail's gradient from the library's (a check that both compute the same). Asserts nothing.
+compiled tail's gradient from the library's (a check that both compute the same). Then the prototype
+layer's weight norm (``W = g v / ||v||``, ``--prototypes`` x ``--bottleneck``, made at each call of the
+head), forward and backward: autograd's way against the head's written-out backward
+(``trainer.models.heads.normalized_rows``), with the largest difference of their gradients. Asserts
+nothing.
 
     python benchmarks/loss_tail.py --device cpu --rows 256
     python benchmarks/loss_tail.py --device cuda --json tail.json   # a ViT-S/14 block: 1024 x 65536
@@ -36,6 +40,7 @@ from torch import Tensor
 from train_step import time_steps  # this script's folder is first on sys.path
 from trainer.losses import PATCH_LOSS_BLOCK_ELEMENTS, centered_softmax, prototype_cross_entropy_tail
 from trainer.models.compile import compile_function
+from trainer.models.heads import normalized_rows
 
 STUDENT_TEMP, TEACHER_TEMP = 0.1, 0.04
 
@@ -45,6 +50,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--prototypes", type=int, default=65536)
     parser.add_argument("--rows", type=int, default=0, help="rows of the block (default: the losses' block)")
+    parser.add_argument("--bottleneck", type=int, default=256, help="the prototypes' width, for the weight norm")
     parser.add_argument("--steps", type=int, default=20, help="timed calls, after 3 untimed")
     parser.add_argument("--json", default="", help="also write the figures to this JSON file")
     return parser.parse_args()
@@ -83,6 +89,27 @@ def block_inputs(kind: str, rows: int, prototypes: int, device: torch.device) ->
     return (student, teacher, center, weights, STUDENT_TEMP, TEACHER_TEMP, index), least
 
 
+def weight_norm_figures(prototypes: int, bottleneck: int, device: torch.device,
+                        timing: argparse.Namespace) -> dict[str, Any]:
+    """The prototype layer's weight norm forward and backward (an upstream gradient given), autograd's
+    way and the head's, in ms, and the largest difference of their ``v`` gradients."""
+    generator = torch.Generator(device).manual_seed(0)
+    v = torch.randn(prototypes, bottleneck, generator=generator, device=device).requires_grad_()
+    g = (torch.rand(prototypes, 1, generator=generator, device=device) + 0.5).requires_grad_()
+    upstream = torch.randn(prototypes, bottleneck, generator=generator, device=device)
+    ways: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+        "autograd": lambda v, g: g * v / v.norm(dim=1, keepdim=True), "written": normalized_rows}
+    figures: dict[str, Any] = {"prototypes": prototypes, "bottleneck": bottleneck}
+    gradients = {}
+    for name, way in ways.items():
+        gradients[name] = torch.autograd.grad(way(v, g), (v, g), upstream)[0]
+        seconds = time_steps(lambda: torch.autograd.grad(way(v, g), (v, g), upstream), timing, device)
+        figures[f"{name}_ms"] = 1000 * seconds
+    figures["max_grad_difference"] = (gradients["written"] - gradients["autograd"]).abs().max().item()
+    figures["grad_scale"] = gradients["autograd"].abs().max().item()
+    return figures
+
+
 def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
@@ -111,6 +138,12 @@ def main() -> None:
         print(f"{'':<14}compiled gradient vs the library's: max |difference| {row['max_grad_difference']:.2e} "
               f"of {row['grad_scale']:.2e}")
         figures["kinds"][kind] = row
+    norm = weight_norm_figures(args.prototypes, args.bottleneck, device, timing)
+    figures["weight_norm"] = norm
+    print(f"prototypes' weight norm ({args.prototypes} x {args.bottleneck}, forward and backward): autograd "
+          f"{norm['autograd_ms']:.3f} ms, written out {norm['written_ms']:.3f} ms "
+          f"({norm['autograd_ms'] / norm['written_ms']:.2f}x); max |v gradient difference| "
+          f"{norm['max_grad_difference']:.2e} of {norm['grad_scale']:.2e}")
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
 
