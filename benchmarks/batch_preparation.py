@@ -12,6 +12,10 @@ for the device. This script times, for a preset and batch on ``--device``:
 - ``queue behind busy device``: the host time ``make_batch`` takes to return when called right
   after ``--busy-ms`` of matrix products were queued (CUDA only). About ``prepare``'s host share
   if it never waits; ``--busy-ms`` more if it waits for the queued work;
+- ``copy behind busy device`` (CUDA only): the same for the loader's uint8 images of a batch copied
+  to the device (``non_blocking``) from pageable memory and from pinned memory, as the training
+  loop's ``ImageStream`` copies them (pinned by its DataLoader on CUDA since 2026-12-04): a copy that
+  returns after about ``--busy-ms`` waited for the queued work;
 - ``--sync-check`` (CUDA only): ``make_batch`` under ``torch.cuda.set_sync_debug_mode("error")``,
   which raises at the first call that waits for the device, and prints where.
 
@@ -24,6 +28,7 @@ Prints figures (and with ``--json`` writes them, for ``gpu_check.sh``'s summary)
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 import traceback
@@ -91,6 +96,13 @@ def main() -> None:
         figures.update(busy_ms=args.busy_ms, queue_ms=1000 * queue_seconds(prepare, device, args))
         print(f"  queue behind busy device ({args.busy_ms:.0f} ms queued): {figures['queue_ms']:8.2f} ms to return "
               "(median)")
+        host = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
+        pinned = host.pin_memory()
+        for name, source in (("pageable", host), ("pinned", pinned)):
+            copy = functools.partial(source.to, device, non_blocking=True)
+            figures[f"copy_{name}_ms"] = 1000 * queue_seconds(copy, device, args)
+        print(f"  copy behind busy device: the loader's images from pageable memory {figures['copy_pageable_ms']:8.2f} "
+              f"ms to return, from pinned memory {figures['copy_pinned_ms']:8.2f} ms (medians)")
         if args.sync_check:
             figures["waited"] = first_wait(prepare)
             print("  sync check: " + (f"a call waited for the device:\n{figures['waited']}" if figures["waited"]

@@ -67,6 +67,9 @@ def preparation_check_text(result: dict[str, Any]) -> str:
                  f"largest difference {result['crops_compiled_max_diff']:.1e})")
     if "queue_ms" in result:
         text += f"; behind {result['busy_ms']:.0f} ms of queued GPU work it returned in {result['queue_ms']:.2f} ms"
+    if "copy_pinned_ms" in result:
+        text += (f"; the loader's images copied behind the same work returned in {result['copy_pageable_ms']:.2f} ms "
+                 f"from pageable memory, {result['copy_pinned_ms']:.2f} ms from pinned memory")
     if "waited" in result:
         text += ("; sync check: a call waited for the GPU:\n\n    " + result["waited"].replace("\n", "\n    ")
                  if result["waited"] else "; sync check: no call waited for the GPU")

@@ -624,6 +624,7 @@ class ImageStream:
             dataset, batch_sampler=ResumableBatches(len(dataset), cfg.optim.batch_size, cfg.seed, start_batch,
                                                     rank, world_size),
             collate_fn=collate, num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
+            pin_memory=device.type == "cuda",  # Batch.pin_memory: the copy below then waits for nothing
         )
         self.batches, self.device, self.bad_images = iter(loader), device, bad_images
         self.waited = 0.0

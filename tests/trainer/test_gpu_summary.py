@@ -67,14 +67,15 @@ def test_the_batch_preparation_line_says_whether_a_call_waited(waited: str, said
     result = {"config": "vits14", "device_name": "a card", "torch": "2.13", "overrides": [], "batch": 128,
               "prepare_ms": 16.6, "img_per_s": 7710.7, "crops_ms": 16.61, "crops_eager_ms": 16.5,
               "crops_compiled_ms": 5.5, "crops_compiled_max_diff": 2.4e-6, "busy_ms": 100.0, "queue_ms": 11.03,
-              "waited": waited}
+              "copy_pageable_ms": 101.5, "copy_pinned_ms": 0.04, "waited": waited}
     steps = [{"step": "preparation", "status": "ok", "exit_code": "0", "seconds": "9", "limit_seconds": "60",
               "result": result}]
     text = gpu_summary.markdown(steps)
     assert "## preparation: vits14 on a card" in text
     assert ("batch 128: prepared in 16.60 ms (7710.7 img/s), crops 16.61 ms (pixel stages eager: 16.50 ms, "
             "compiled: 5.50 ms, 3.00x, largest difference 2.4e-06); behind 100 ms of queued GPU work "
-            "it returned in 11.03 ms; " + said) in text
+            "it returned in 11.03 ms; the loader's images copied behind the same work returned in 101.50 ms from "
+            "pageable memory, 0.04 ms from pinned memory; " + said) in text
 
 
 def test_the_loss_tail_table_gives_the_compiled_tail_its_bandwidth_and_ratio() -> None:

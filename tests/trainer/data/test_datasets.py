@@ -253,6 +253,29 @@ def test_all_bad_batch_is_empty() -> None:
     assert batch.images.shape == (0, 3, 0, 0) and batch.labels.shape == (0,) and batch.bad_keys == ["a", "b"]
 
 
+def test_a_pinning_data_loader_pins_the_batch_images_and_labels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The DataLoader's pinning step (``pin_memory=True``, the training loop's on CUDA) pins a
+    :class:`Batch`'s tensors and keeps its keys; without the method it would pass the batch on
+    unpinned. Page-locked memory needs an accelerator, so ``Tensor.pin_memory`` is replaced by a
+    recording copy here (the one thing mocked: this CPU has no accelerator)."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    pinned: list[torch.Tensor] = []
+
+    def fake_pin(tensor: torch.Tensor, *args: object) -> torch.Tensor:
+        pinned.append(tensor.clone())
+        return pinned[-1]
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    image = torch.randint(0, 255, (3, 4, 4), dtype=torch.uint8)
+    batch = collate_samples([Sample(image, 2, "a"), Sample(None, 1, "b"), Sample(image.flip(1), 0, "c")])
+    out = pin_memory(batch)
+    assert isinstance(out, Batch) and out is not batch
+    assert out.images is pinned[0] and out.labels is pinned[1] and len(pinned) == 2
+    assert torch.equal(out.images, batch.images) and out.labels.tolist() == [2, 0]
+    assert (out.keys, out.bad_keys) == (["a", "c"], ["b"])
+
+
 def test_mixed_sizes_in_one_batch_are_refused() -> None:
     small, large = torch.zeros(3, 4, 4, dtype=torch.uint8), torch.zeros(3, 8, 8, dtype=torch.uint8)
     with pytest.raises(ValueError, match="different shapes"):
