@@ -13,8 +13,10 @@
 #   (the steps that give issue 11's figures first, so that a budget cut short takes diagnostics only)
 #   probe_small    benchmarks/train_step.py --probe --compile --cuda-graphs: ViT-S/14 recipe, batch 128,
 #                  and dinoflow's compiled step once more with CUDA graphs     -> probe_small.json
-#                  the compiled step's kernel-time table (torch profiler) and what is alive at its
-#                  memory peak; the same for the compiled probe   -> profile_small.txt, profile_small_probe.txt
+#                  the compiled step's kernel-time table (torch profiler), what is alive at its
+#                  memory peak and where its GPU sits idle between kernels (benchmarks/gpu_gaps.py, with
+#                  the trace); the same for the compiled probe   -> profile_small.txt, profile_small_probe.txt,
+#                                                         profile_small_trace.json.gz, profile_small_probe_trace.json.gz
 #                  With AUTOTUNE=1 in the environment also once more with autotuned matrix products
 #                  (train_step.py --autotune; its cap 180 s longer, so raise BUDGET by as much)
 #   probe_large    the same for the ViT-L/14 recipe, batch 64                               -> probe_large.json

@@ -5,7 +5,8 @@ still shows what it finished). Under each probe's table, issue 11's bar (dinoflo
 compiled row against the compiled probe, img/s and peak memory) and, with the FLOP count of
 dinoflow's step at its sizes (``flops_small.json`` beside ``probe_small.json``, from
 ``step_flops.py``), that work against the probe's and dinoflow's rows at their real TFLOP/s; the
-loss tail's times (``loss_tail.json``).
+loss tail's times (``loss_tail.json``); at the end the device timelines of the profiled steps (the
+GPU's idle time between kernels, ``profile_*.txt``).
 Writes ``summary.json`` and ``summary.md`` there and prints the latter.
 
     python benchmarks/gpu_summary.py OUTDIR
@@ -13,6 +14,7 @@ Writes ``summary.json`` and ``summary.md`` there and prints the latter.
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -175,10 +177,29 @@ def markdown(steps: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+TIMELINE_MARK = "the device's timeline over 2 more steps"  # train_step.write_profile's line
+
+
+def timeline_lines(out: Path) -> list[str]:
+    """Each profile's device timeline (``train_step.device_timeline``: idle time a step and the
+    largest gaps) under a heading, from the ``profile_*.txt`` files in ``out``."""
+    lines: list[str] = []
+    for path in sorted(out.glob("profile_*.txt")):
+        text = path.read_text().splitlines()
+        marks = [i for i, line in enumerate(text) if line.startswith(TIMELINE_MARK)]
+        if not marks:
+            continue
+        gaps = itertools.takewhile(lambda line: line.startswith("  "), text[marks[0] + 1:])
+        lines += ["", f"{path.stem}: " + text[marks[0]].removeprefix(TIMELINE_MARK).lstrip(" :"), "", "```", *gaps,
+                  "```"]
+    return ["", "## device timelines (idle time between kernels)", *lines] if lines else []
+
+
 def main(out: Path) -> None:
     steps = read_steps(out)
     (out / "summary.json").write_text(json.dumps({"steps": steps}, indent=2))
-    text = markdown(steps)
+    timelines = timeline_lines(out)
+    text = markdown(steps) + ("\n".join(timelines) + "\n" if timelines else "")
     (out / "summary.md").write_text(text)
     print(text)
 

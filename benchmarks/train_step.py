@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import gzip
 import itertools
 import json
 import os
@@ -66,6 +67,7 @@ from unittest import mock
 import torch
 from torch._dynamo.utils import counters
 
+from gpu_gaps import gap_report  # this script's folder is first on sys.path
 from gpu_summary import preparation_text, row_notes  # this script's folder is first on sys.path
 from memory_peak import record_peak  # this script's folder is first on sys.path
 from step_probe import ProbeShape, ProbeViT, probe_flops_per_image, probe_shape, probe_step  # this script's folder is first on sys.path
@@ -461,7 +463,8 @@ def time_dinoflow(args: argparse.Namespace, device: torch.device, compiled: bool
 def write_profile(step: Callable[[], None], device: torch.device, path: str, title: str) -> None:
     """Where two steps' time goes, by torch's profiler: the kernels' own time on a GPU (the
     operators' on CPU), largest first, as a table in ``path``, to choose the next change by; on a
-    GPU also what is alive at a third step's memory peak (:func:`memory_peak.record_peak`)."""
+    GPU also what is alive at a third step's memory peak (:func:`memory_peak.record_peak`) and where
+    two more steps leave the GPU idle (:func:`device_timeline`)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -477,7 +480,31 @@ def write_profile(step: Callable[[], None], device: torch.device, path: str, tit
     text = f"{title}: {seconds * 1e3:.1f} ms a step under the profiler, 2 steps\n{table}"
     if cuda:
         text += "\n" + record_peak(step, device)
+        timeline = device_timeline(step, device, path)
+        text += f"\n\nthe device's timeline over 2 more steps (device activity only): {timeline}"
     Storage().write_bytes(path, text.encode())
+
+
+def device_timeline(step: Callable[[], None], device: torch.device, path: str) -> str:
+    """Two steps profiled for their device activity alone (no host operators recorded, so the
+    profiler's host overhead opens no gaps of its own): their Chrome trace gzipped beside ``path``
+    (``x.txt`` -> ``x_trace.json.gz``) and :func:`gpu_gaps.gap_report` of it. A diagnostic: if the
+    profiler or its export fails, the text says how and the benchmark's rows go on."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+            for _ in range(2):
+                step()
+            torch.cuda.synchronize(device)
+        with tempfile.TemporaryDirectory() as folder:
+            raw = Path(folder) / "trace.json"
+            profiler.export_chrome_trace(str(raw))
+            data = raw.read_bytes()
+        Storage().write_bytes(str(Path(path).with_name(Path(path).stem + "_trace.json.gz")), gzip.compress(data))
+        return gap_report(json.loads(data), steps=2)
+    except Exception as error:  # noqa: BLE001 - reported in the profile's text instead
+        return f"not recorded ({type(error).__name__}: {error})"
 
 
 def main() -> None:

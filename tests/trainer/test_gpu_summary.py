@@ -94,3 +94,22 @@ def test_the_loss_tail_table_gives_the_compiled_tail_its_bandwidth_and_ratio() -
     assert "| centred | 2.000 | 3.000 | 0.250 | 1600.0 | 8.00 | 0.0001 of 0.5 |" in text
     assert ("The prototypes' weight norm (65536 x 256, forward and backward, each head call): autograd 1.500 ms, "
             "written out 0.500 ms (3.00x), max abs gradient difference 6e-08 of 0.5") in text
+
+
+def test_the_profiles_device_timelines_close_the_summary(tmp_path: Path) -> None:
+    """The timeline that ``train_step.py`` appends to each profile (a ``gpu_gaps`` report) is copied
+    to the summary under its profile's name; a profile without one (the CPU's) adds nothing."""
+    report = ("device busy 86.60 ms of 90.10 ms a step: idle 3.50 ms a step (3.9 %) in 40 gaps (20 a step)\n"
+              "    1.200 ms at +   88.00 ms  after 'multi_tensor_apply_kernel'  before 'gemm'")
+    (tmp_path / "profile_small.txt").write_text(
+        "dinoflow's train_step ...\nkernel table\n\nwhat is alive at the peak\n\n"
+        f"{gpu_summary.TIMELINE_MARK} (device activity only): {report}\n")
+    (tmp_path / "profile_small_probe.txt").write_text("the probe's table only\n")
+    (tmp_path / "steps.tsv").write_text("")
+    gpu_summary.main(tmp_path)
+    text = (tmp_path / "summary.md").read_text()
+    assert text.endswith("## device timelines (idle time between kernels)\n\nprofile_small: (device activity only): "
+                         "device busy 86.60 ms of 90.10 ms a step: idle 3.50 ms a step (3.9 %) in 40 gaps "
+                         "(20 a step)\n\n```\n    1.200 ms at +   88.00 ms  after 'multi_tensor_apply_kernel'  "
+                         "before 'gemm'\n```\n")
+    assert "profile_small_probe" not in text
