@@ -177,7 +177,7 @@ def markdown(steps: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-TIMELINE_MARK = "the device's timeline over 2 more steps"  # train_step.write_profile's line
+TIMELINE_MARK = "the device's timeline over 2 more steps"  # opens the line train_step.write_profile writes
 
 
 def timeline_lines(out: Path) -> list[str]:

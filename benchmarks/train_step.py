@@ -68,7 +68,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from gpu_gaps import gap_report  # this script's folder is first on sys.path
-from gpu_summary import preparation_text, row_notes  # this script's folder is first on sys.path
+from gpu_summary import TIMELINE_MARK, preparation_text, row_notes  # this script's folder is first on sys.path
 from memory_peak import record_peak  # this script's folder is first on sys.path
 from step_probe import ProbeShape, ProbeViT, probe_flops_per_image, probe_shape, probe_step  # this script's folder is first on sys.path
 from dinoflow.config import PretrainConfig, load_config
@@ -481,7 +481,7 @@ def write_profile(step: Callable[[], None], device: torch.device, path: str, tit
     if cuda:
         text += "\n" + record_peak(step, device)
         timeline = device_timeline(step, device, path)
-        text += f"\n\nthe device's timeline over 2 more steps (device activity only): {timeline}"
+        text += f"\n\n{TIMELINE_MARK} (device activity only): {timeline}"
     Storage().write_bytes(path, text.encode())
 
 
