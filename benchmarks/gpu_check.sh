@@ -24,8 +24,9 @@
 #                  sizes alone, the host time it takes behind queued GPU work, whether any of its calls
 #                  waits for the GPU, and its pixel stages eager against compiled -> preparation.json
 #   loss_tail      benchmarks/loss_tail.py: the DINO/iBOT losses' element-wise tail on one block of
-#                  rows x 65536 prototypes, eager, compiled and the library's way, and the prototypes'
-#                  weight norm, autograd's way and the head's                  -> loss_tail.json
+#                  rows x 65536 prototypes, eager, compiled and the library's way, the prototypes'
+#                  weight norm, autograd's way and the head's, and ViT-S/14's shared head on CLS
+#                  tokens and masked patches in one call against a call each  -> loss_tail.json
 #   flops_small,   benchmarks/step_flops.py: the matmul FLOPs per image of dinoflow's step at each probe's
 #   flops_large    sizes, counted on the CPU (fake tensors, no GPU) while the GPU steps run, so that the
 #                  summary gives dinoflow's rows their real TFLOP/s       -> flops_small.json, flops_large.json
@@ -131,7 +132,7 @@ if [[ $SMOKE == --cpu-smoke ]]; then
     LARGE=(--config tiny -- optim.batch_size=4 crops.num_local_crops=2 model.ffn_layer=swiglu
            loss.centering=sinkhorn_knopp heads.ibot_separate_head=true heads.ibot_num_prototypes=4096
            model.drop_path_rate=0.5)  # 4 of a group's 8 crops kept: the subset form
-    TAIL=(--rows 64 --prototypes 4096 --steps 2)
+    TAIL=(--rows 64 --prototypes 4096 --steps 2 --head-rows 64 96)
     CAPS=(400 500 400 300)  # generous: inductor's first compilations on a cold cache, on cores other work shares
     PREPARATION_CAP=240  # the preparation compiled for its comparison: ten small graphs on a cold cache
     AUTOTUNE_CAP=300

@@ -81,7 +81,7 @@ def preparation_check_text(result: dict[str, Any]) -> str:
 def loss_tail_lines(result: dict[str, Any]) -> list[str]:
     """``loss_tail.py``'s figures: a table of each kind of target's tail times and GB/s of its least
     traffic, and the compiled gradient's largest difference from the library's; then the prototypes'
-    weight norm, autograd's against the head's."""
+    weight norm, autograd's against the head's, and the shared head in one call against a call each."""
     lines = ["| targets | library ms | eager ms | compiled ms | compiled GB/s | library / compiled | "
              "max abs grad diff |", "|---|---:|---:|---:|---:|---:|---:|"]
     for kind, row in result["kinds"].items():
@@ -95,6 +95,13 @@ def loss_tail_lines(result: dict[str, Any]) -> list[str]:
                       f"backward, each head call): autograd {norm['autograd_ms']:.3f} ms, written out "
                       f"{norm['written_ms']:.3f} ms ({norm['autograd_ms'] / norm['written_ms']:.2f}x), max abs "
                       f"gradient difference {norm['max_grad_difference']:.2g} of {norm['grad_scale']:.2g}"]
+    if "shared_head" in result:
+        head = result["shared_head"]
+        lines += ["", f"The shared head ({' -> '.join(map(str, head['dims']))}) on {head['rows'][0]} CLS and "
+                      f"{head['rows'][1]} patch rows with their fused losses, forward and backward: one call "
+                      f"{head['one_call_ms']:.3f} ms, a call each {head['call_each_ms']:.3f} ms "
+                      f"({head['call_each_ms'] / head['one_call_ms']:.2f}x), loss difference "
+                      f"{head['max_loss_difference']:.2g} of {head['loss']:.3g}"]
     return lines
 
 

@@ -18,16 +18,20 @@ backward for the gradient; the GB/s of the least traffic; and the largest differ
 compiled tail's gradient from the library's (a check that both compute the same). Then the prototype
 layer's weight norm (``W = g v / ||v||``, ``--prototypes`` x ``--bottleneck``, made at each call of the
 head), forward and backward: autograd's way against the head's written-out backward
-(``trainer.models.heads.normalized_rows``), with the largest difference of their gradients. Asserts
-nothing.
+(``trainer.models.heads.normalized_rows``), with the largest difference of their gradients. Last,
+the head shared by DINO and iBOT (``--head-dims``) on ``--head-rows`` CLS tokens and masked patches,
+each with its fused loss, forward and backward (under bf16 autocast on CUDA, as training runs): one
+call on both (``SSLNetwork.heads``) against a call each, with the largest difference of their
+losses. Asserts nothing.
 
     python benchmarks/loss_tail.py --device cpu --rows 256
-    python benchmarks/loss_tail.py --device cuda --json tail.json   # a ViT-S/14 block: 1024 x 65536
+    python benchmarks/loss_tail.py --device cuda --json tail.json   # ViT-S/14's block (1024 x 65536) and head
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -38,9 +42,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from train_step import time_steps  # this script's folder is first on sys.path
-from trainer.losses import PATCH_LOSS_BLOCK_ELEMENTS, centered_softmax, prototype_cross_entropy_tail
+from trainer.losses import (
+    PATCH_LOSS_BLOCK_ELEMENTS,
+    Targets,
+    centered_softmax,
+    prototype_cross_entropy,
+    prototype_cross_entropy_tail,
+)
 from trainer.models.compile import compile_function
-from trainer.models.heads import normalized_rows
+from trainer.models.heads import DINOHead, normalized_rows
 
 STUDENT_TEMP, TEACHER_TEMP = 0.1, 0.04
 
@@ -51,6 +61,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prototypes", type=int, default=65536)
     parser.add_argument("--rows", type=int, default=0, help="rows of the block (default: the losses' block)")
     parser.add_argument("--bottleneck", type=int, default=256, help="the prototypes' width, for the weight norm")
+    parser.add_argument("--head-dims", type=int, nargs=2, default=(384, 2048), metavar=("IN", "HIDDEN"),
+                        help="the shared head's input and hidden widths (default ViT-S/14's)")
+    parser.add_argument("--head-rows", type=int, nargs=2, default=(1280, 9831), metavar=("CLS", "PATCHES"),
+                        help="the head's CLS and masked-patch rows (default ViT-S/14's at batch 128: 10 crops, "
+                             "the masked patches' bound)")
     parser.add_argument("--steps", type=int, default=20, help="timed calls, after 3 untimed")
     parser.add_argument("--json", default="", help="also write the figures to this JSON file")
     return parser.parse_args()
@@ -110,6 +125,40 @@ def weight_norm_figures(prototypes: int, bottleneck: int, device: torch.device,
     return figures
 
 
+def shared_head_figures(args: argparse.Namespace, device: torch.device, timing: argparse.Namespace) -> dict[str, Any]:
+    """The shared head's forward and backward on CLS rows and masked-patch rows, each with its fused
+    prototype cross-entropy (random probability targets), in one call and in a call each, in ms; and
+    the largest difference of their losses."""
+    (dim, hidden), (cls_rows, patch_rows) = args.head_dims, args.head_rows
+    torch.manual_seed(0)
+    head = DINOHead(dim, args.prototypes, hidden, args.bottleneck).to(device)
+    rows = [torch.randn(count, dim, device=device).requires_grad_() for count in (cls_rows, patch_rows)]
+    fused = tuple(functools.partial(
+        prototype_cross_entropy, targets=Targets(torch.randn(count, args.prototypes, device=device).softmax(-1)),
+        row_weights=torch.full((count,), 1 / count, device=device), student_temp=STUDENT_TEMP)
+        for count in (cls_rows, patch_rows))
+    ways: dict[str, Callable[[], tuple[Tensor, Tensor]]] = {
+        "one_call": lambda: head(tuple(rows), fused),
+        "call_each": lambda: (head(rows[0], fused[0]), head(rows[1], fused[1]))}
+    figures: dict[str, Any] = {"dims": [dim, hidden, hidden, args.bottleneck, args.prototypes],
+                               "rows": [cls_rows, patch_rows]}
+    losses = {}
+    for name, way in ways.items():
+        def step(way: Callable[[], tuple[Tensor, Tensor]] = way) -> Tensor:
+            for tensor in (*rows, *head.parameters()):
+                tensor.grad = None  # as each training step starts
+            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                total = sum(way())
+            total.backward()
+            return total
+
+        losses[name] = step().item()
+        figures[f"{name}_ms"] = 1000 * time_steps(step, timing, device)
+    figures["max_loss_difference"] = abs(losses["one_call"] - losses["call_each"])
+    figures["loss"] = losses["call_each"]
+    return figures
+
+
 def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
@@ -144,6 +193,12 @@ def main() -> None:
           f"{norm['autograd_ms']:.3f} ms, written out {norm['written_ms']:.3f} ms "
           f"({norm['autograd_ms'] / norm['written_ms']:.2f}x); max |v gradient difference| "
           f"{norm['max_grad_difference']:.2e} of {norm['grad_scale']:.2e}")
+    head = shared_head_figures(args, device, timing)
+    figures["shared_head"] = head
+    print(f"shared head ({' -> '.join(map(str, head['dims']))}) on {head['rows'][0]} CLS and {head['rows'][1]} "
+          f"patch rows, fused losses, forward and backward: one call {head['one_call_ms']:.3f} ms, a call each "
+          f"{head['call_each_ms']:.3f} ms ({head['call_each_ms'] / head['one_call_ms']:.2f}x); loss difference "
+          f"{head['max_loss_difference']:.2e} of {head['loss']:.2e}")
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
 

@@ -223,11 +223,11 @@ def distill_loss_terms(student: SSLNetwork, teacher: SSLNetwork, objective: Obje
     num_images = batch.global_crops.shape[1]
     with torch.no_grad():
         seen = teacher.backbone.forward_features(globals_)
-        teacher_cls = objective.targets(teacher.dino_head(seen["x_norm_clstoken"]), objective.dino_center,
-                                        teacher_temp)  # (2B, K)
         teacher_patches = seen["x_norm_patchtokens"]  # (2B, N, D_teacher)
-        teacher_patch = teacher.patch_head(teacher_patches.flatten(0, 1),
-                                           fused=functools.partial(objective.patch_targets, temp=teacher_temp))  # (2BN, K)
+        cls_logits, teacher_patch = teacher.heads(  # (2B, K), targets of every patch (2BN, K)
+            seen["x_norm_clstoken"], teacher_patches.flatten(0, 1),
+            patch_fused=functools.partial(objective.patch_targets, temp=teacher_temp))
+        teacher_cls = objective.targets(cls_logits, objective.dino_center, teacher_temp)  # (2B, K)
     outputs = crop_outputs(student.backbone, batch, masked=False)
     global_cls = outputs[0]["x_norm_clstoken"]  # (2B, D)
     every_cls = torch.cat([output["x_norm_clstoken"] for output in outputs])  # (CB, D), crop-major
@@ -236,13 +236,15 @@ def distill_loss_terms(student: SSLNetwork, teacher: SSLNetwork, objective: Obje
         raise ValueError(f"student has {student_patches.shape[1]} patches per crop, teacher "
                          f"{teacher_patches.shape[1]}")
     every_patch = torch.ones(student_patches.shape[:2], dtype=torch.bool, device=student_patches.device)  # (2B, N)
-    patch_loss = functools.partial(objective.ibot, targets=teacher_patch, masks=every_patch,
-                                   mask_index=torch.arange(every_patch.numel(), device=every_patch.device))
+    # both heads' prototype layers fused with their losses: no (rows, K) student logits are kept
+    dino, ibot = student.heads(
+        every_cls, student_patches.flatten(0, 1),
+        cls_fused=functools.partial(objective.dino, teacher_probs=teacher_cls.view(2, num_images, -1)),
+        patch_fused=functools.partial(objective.ibot, targets=teacher_patch, masks=every_patch,
+                                      mask_index=torch.arange(every_patch.numel(), device=every_patch.device)))
     return {
-        # both heads' prototype layers fused with their losses: no (rows, K) student logits are kept
-        "dino": student.dino_head(every_cls, fused=functools.partial(
-            objective.dino, teacher_probs=teacher_cls.view(2, num_images, -1))),
-        "ibot": student.patch_head(student_patches.flatten(0, 1), fused=patch_loss),
+        "dino": dino,
+        "ibot": ibot,
         "koleo": sum(objective.koleo(crop) for crop in global_cls.view(2, num_images, -1)),
     }
 

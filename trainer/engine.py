@@ -48,7 +48,7 @@ from trainer.losses import (
     sinkhorn_knopp,
 )
 from trainer.models.compile import compile_blocks, compiled_now, maybe_compiled
-from trainer.models.heads import DINOHead
+from trainer.models.heads import DINOHead, Fused
 from trainer.models.hub import load_strict, read_weights, save_backbone
 from trainer.models.vit import DinoVisionTransformer, build_vit
 from trainer.schedules import ScheduleValues, schedule_values, total_steps
@@ -69,9 +69,17 @@ class SSLNetwork(nn.Module):
         self.dino_head = dino_head
         self.ibot_head = ibot_head  # None: iBOT uses dino_head
 
-    @property
-    def patch_head(self) -> DINOHead:
-        return self.ibot_head if self.ibot_head is not None else self.dino_head
+    def heads(self, cls: Tensor, patches: Tensor, cls_fused: Fused = None,
+              patch_fused: Fused = None) -> tuple[Any, Any]:
+        """The DINO head on ``cls`` tokens and the iBOT head on ``patches`` (``(rows, D)`` each), each
+        result ``fused`` as :meth:`DINOHead.forward` says. A shared head takes both in one call (one
+        pass of its MLP over all rows, the prototype matrix made once); without patches (no masked
+        patch this step) it runs on ``cls`` only and the patch result is ``None``."""
+        if not len(patches):
+            return self.dino_head(cls, cls_fused), None
+        if self.ibot_head is None:
+            return self.dino_head((cls, patches), (cls_fused, patch_fused))
+        return self.dino_head(cls, cls_fused), self.ibot_head(patches, patch_fused)
 
 
 def build_backbone(cfg: PretrainConfig, drop_path: bool = True) -> DinoVisionTransformer:
@@ -300,20 +308,21 @@ def loss_terms(student: SSLNetwork, teacher: SSLNetwork, objective: Objective, b
     num_images = batch.global_crops.shape[1]
     with torch.no_grad():
         seen = teacher.backbone.forward_features(globals_)
-        teacher_cls = objective.targets(teacher.dino_head(seen["x_norm_clstoken"]), objective.dino_center,
-                                        teacher_temp)  # (2B, K)
-        teacher_patch = teacher.patch_head(seen["x_norm_patchtokens"].flatten(0, 1)[index], fused=functools.partial(
-            objective.patch_targets, temp=teacher_temp, valid=valid))  # (M, K)
+        cls_logits, teacher_patch = teacher.heads(  # (2B, K), targets of the masked patches (M, K)
+            seen["x_norm_clstoken"], seen["x_norm_patchtokens"].flatten(0, 1)[index],
+            patch_fused=functools.partial(objective.patch_targets, temp=teacher_temp, valid=valid))
+        teacher_cls = objective.targets(cls_logits, objective.dino_center, teacher_temp)  # (2B, K)
     outputs = crop_outputs(student.backbone, batch)
     global_cls = outputs[0]["x_norm_clstoken"]  # (2B, D)
     every_cls = torch.cat([output["x_norm_clstoken"] for output in outputs])  # (CB, D), crop-major
-    patch_loss = functools.partial(objective.ibot, targets=teacher_patch, masks=masks, mask_index=index)
+    # both heads' prototype layers fused with their losses: no (rows, K) student logits are kept
+    dino, ibot = student.heads(
+        every_cls, outputs[0]["x_norm_patchtokens"].flatten(0, 1)[index],
+        cls_fused=functools.partial(objective.dino, teacher_probs=teacher_cls.view(2, num_images, -1)),
+        patch_fused=functools.partial(objective.ibot, targets=teacher_patch, masks=masks, mask_index=index))
     return {
-        # both heads' prototype layers fused with their losses: no (rows, K) student logits are kept
-        "dino": student.dino_head(every_cls, fused=functools.partial(
-            objective.dino, teacher_probs=teacher_cls.view(2, num_images, -1))),
-        "ibot": (student.patch_head(outputs[0]["x_norm_patchtokens"].flatten(0, 1)[index], fused=patch_loss)
-                 if len(index) else global_cls.sum() * 0),
+        "dino": dino,
+        "ibot": ibot if ibot is not None else global_cls.sum() * 0,
         "koleo": sum(objective.koleo(crop) for crop in global_cls.view(2, num_images, -1)),
         **{f"health_{name}": value for name, value in target_health(teacher_cls, seen["x_norm_clstoken"]).items()},
     }

@@ -16,6 +16,7 @@ from trainer.engine import (
     CropBatch,
     Objective,
     ResumableBatches,
+    SSLNetwork,
     build_adamw,
     build_networks,
     ema_update,
@@ -191,6 +192,40 @@ def test_padding_the_masked_patches_changes_no_loss_and_no_weight(centering: str
         assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
     torch.testing.assert_close(objective.state_dict(), plain_objective.state_dict())
     for (name, a), b in zip(student.named_parameters(), plain_student.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("centering", ["softmax", "sinkhorn_knopp"])
+def test_a_shared_head_on_cls_and_patches_in_one_call_trains_as_a_call_each(centering: str, monkeypatch) -> None:
+    """Two steps with the shared DINO/iBOT head taking the CLS tokens and the masked patches in one
+    call (``SSLNetwork.heads``), and with a call each (the reference, patched in): the same loss
+    terms, centres and weights, for the student's losses and the teacher's targets alike."""
+    cfg = config(f"loss.centering={centering}")
+    assert not cfg.heads.ibot_separate_head
+    sched = ScheduleValues(lr=1e-3, last_layer_lr=1e-3, weight_decay=0.04, teacher_momentum=0.9, teacher_temp=0.05)
+
+    def a_call_each(network: SSLNetwork, cls, patches, cls_fused=None, patch_fused=None):
+        return network.dino_head(cls, cls_fused), network.dino_head(patches, patch_fused) if len(patches) else None
+
+    runs = []
+    for one_call in (True, False):
+        if not one_call:
+            monkeypatch.setattr(SSLNetwork, "heads", a_call_each)
+        torch.manual_seed(0)
+        student, teacher = build_networks(cfg)
+        objective = Objective(cfg)
+        optimizer = build_adamw(student, cfg, torch.device("cpu"))
+        losses = []
+        for step in range(2):
+            torch.manual_seed(step)  # the same crops and drop-path draws in both runs
+            batch = make_batch(images(), step, cfg, MultiCrop(cfg.crops))
+            losses.append(train_step(student, teacher, objective, [batch], sched, optimizer, clip_grad=3.0))
+        runs.append((student, objective, losses))
+    (student, objective, losses), (reference, reference_objective, reference_losses) = runs
+    for a, b in zip(losses, reference_losses):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(objective.state_dict(), reference_objective.state_dict())
+    for (name, a), b in zip(student.named_parameters(), reference.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
 
 

@@ -69,6 +69,10 @@ def test_cpu_smoke_writes_every_output_and_the_summary(tmp_path: Path) -> None:
     assert (norm["prototypes"], norm["bottleneck"]) == (4096, 256) and min(norm["autograd_ms"], norm["written_ms"]) > 0
     assert norm["max_grad_difference"] <= 1e-5 * norm["grad_scale"]  # fp32, the same gradient
     assert "The prototypes' weight norm (4096 x 256, forward and backward, each head call): autograd " in summary
+    head = tail["shared_head"]  # the shared head on CLS and patch rows, one call and a call each: the same losses
+    assert head["rows"] == [64, 96] and min(head["one_call_ms"], head["call_each_ms"]) > 0
+    assert head["max_loss_difference"] <= 1e-5 * head["loss"]
+    assert "The shared head (384 -> 2048 -> 2048 -> 256 -> 4096) on 64 CLS and 96 patch rows" in summary
     for probe in PROBES:  # dinoflow's counted work at the probe's sizes, and its rows' real TFLOP/s
         flops = json.loads((out / f"{probe.replace('probe_', 'flops_')}.json").read_text())
         assert flops["batch"] == 4 and 0 < flops["heads_and_losses_gflop_per_image"] < flops["gflop_per_image"]

@@ -80,13 +80,15 @@ def test_the_batch_preparation_line_says_whether_a_call_waited(waited: str, said
 
 def test_the_loss_tail_table_gives_the_compiled_tail_its_bandwidth_and_ratio() -> None:
     """GB/s of the least traffic at the compiled time, the library's time over the compiled one; the weight
-    norm's two times and their ratio."""
+    norm's two times and their ratio; the shared head's."""
     row = {"least_bytes": 4e8, "library_ms": 2.0, "eager_ms": 3.0, "compiled_ms": 0.25, "max_grad_difference": 1e-4,
            "grad_scale": 0.5}
     result = {"config": "a block of 1024 x 65536", "device_name": "a card", "torch": "2.13", "overrides": [],
               "rows": 1024, "prototypes": 65536, "kinds": {"centred": row},
               "weight_norm": {"prototypes": 65536, "bottleneck": 256, "autograd_ms": 1.5, "written_ms": 0.5,
-                              "max_grad_difference": 6e-8, "grad_scale": 0.5}}
+                              "max_grad_difference": 6e-8, "grad_scale": 0.5},
+              "shared_head": {"dims": [384, 2048, 2048, 256, 65536], "rows": [1280, 9831], "one_call_ms": 20.0,
+                              "call_each_ms": 21.0, "max_loss_difference": 1e-6, "loss": 22.6}}
     steps = [{"step": "loss_tail", "status": "ok", "exit_code": "0", "seconds": "20", "limit_seconds": "60",
               "result": result}]
     text = gpu_summary.markdown(steps)
@@ -94,6 +96,9 @@ def test_the_loss_tail_table_gives_the_compiled_tail_its_bandwidth_and_ratio() -
     assert "| centred | 2.000 | 3.000 | 0.250 | 1600.0 | 8.00 | 0.0001 of 0.5 |" in text
     assert ("The prototypes' weight norm (65536 x 256, forward and backward, each head call): autograd 1.500 ms, "
             "written out 0.500 ms (3.00x), max abs gradient difference 6e-08 of 0.5") in text
+    assert ("The shared head (384 -> 2048 -> 2048 -> 256 -> 65536) on 1280 CLS and 9831 patch rows with their "
+            "fused losses, forward and backward: one call 20.000 ms, a call each 21.000 ms (1.05x), loss "
+            "difference 1e-06 of 22.6") in text
 
 
 def test_the_profiles_device_timelines_close_the_summary(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from trainer.losses import (
     prototype_cross_entropy,
     sinkhorn_knopp,
 )
+from trainer.models import heads
 from trainer.models.heads import DINOHead, normalized_rows
 
 
@@ -317,6 +318,37 @@ def test_dino_head_layout_and_weight_norm() -> None:
         reference.parametrizations.weight.original1.copy_(head.last_layer.weight_v)
     x = torch.randn(5, 16)
     torch.testing.assert_close(head.last_layer(x), reference(x))
+
+
+def test_a_head_given_several_inputs_computes_each_as_alone_and_its_prototypes_once(monkeypatch) -> None:
+    """``DINOHead`` on a tuple of row blocks, each with its own ``fused`` (or none: logits), equals
+    a call per block, outputs and gradients; the prototype matrix is normalised once for the tuple."""
+    torch.manual_seed(0)
+    head = DINOHead(48, 100, hidden_dim=64, bottleneck_dim=16).double()
+    blocks = [torch.randn(rows, 48, dtype=torch.float64) for rows in (5, 11)]
+    targets = torch.randn(11, 100, dtype=torch.float64).softmax(-1)
+
+    def cross_entropy(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+        return -(targets * (features @ prototypes.T).log_softmax(-1)).sum(-1).mean()
+
+    made = []
+    monkeypatch.setattr(heads, "normalized_rows", lambda v, g: made.append(v) or normalized_rows(v, g))
+    runs = []
+    for together in (True, False):
+        inputs = [block.detach().clone().requires_grad_() for block in blocks]
+        head.zero_grad()
+        if together:
+            logits, loss = head(tuple(inputs), (None, cross_entropy))
+            assert len(made) == 1
+        else:
+            logits, loss = head(inputs[0]), head(inputs[1], fused=cross_entropy)
+        (logits.square().sum() + loss).backward()
+        runs.append([logits, loss, *(x.grad for x in inputs), *(p.grad.clone() for p in head.parameters())])
+    assert len(made) == 3
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="one fused callable .* per input, got 1 for 2"):
+        head(tuple(blocks), (None,))
 
 
 def test_weight_norm_backward_matches_autograd_and_finite_differences() -> None:

@@ -7,12 +7,14 @@ cosine-like and bounded, which keeps the teacher's softmax and Sinkhorn-Knopp we
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+Fused = Callable[[Tensor, Tensor], Any] | None  # what a head computes from (features, prototypes) instead of logits
 
 
 def normalized_rows(v: Tensor, g: Tensor) -> Tensor:
@@ -64,11 +66,15 @@ class WeightNormLinear(nn.Module):
     def weight(self) -> Tensor:
         return normalized_rows(self.weight_v, self.weight_g)
 
-    def forward(self, x: Tensor, fused: Callable[[Tensor, Tensor], Any] | None = None) -> Any:
+    def forward(self, x: Tensor | Sequence[Tensor], fused: Fused | Sequence[Fused] = None) -> Any:
         """``x W^T``; with ``fused``, ``fused(x, W)`` instead (what is computed from the logits without
         writing them, here, in the layer's own call, where a sharding strategy has gathered its
-        parameters)."""
-        return F.linear(x, self.weight) if fused is None else fused(x, self.weight)
+        parameters). A tuple of inputs with a tuple of ``fused`` (one callable or ``None`` each) gives
+        a tuple of results from one ``W``: its normalisation and its cast for autocast made once."""
+        if isinstance(x, Tensor):
+            return self.forward((x,), (fused,))[0]
+        weight = self.weight
+        return tuple(F.linear(part, weight) if then is None else then(part, weight) for part, then in zip(x, fused))
 
 
 class DINOHead(nn.Module):
@@ -102,10 +108,20 @@ class DINOHead(nn.Module):
                 nn.init.zeros_(module.bias)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
 
-    def forward(self, x: Tensor, fused: Callable[[Tensor, Tensor], Any] | None = None) -> Any:
+    def forward(self, x: Tensor | Sequence[Tensor], fused: Fused | Sequence[Fused] = None) -> Any:
         """Logits ``(..., K)``; with ``fused``, ``fused(features, prototypes)`` of the normalised
         bottleneck features and the prototype matrix ``(K, bottleneck)`` instead, for what never
         writes the logits (the student's fused loss, :func:`trainer.losses.prototype_cross_entropy`;
-        the teacher's targets, :class:`trainer.losses.Targets`)."""
-        bottleneck = F.normalize(self.mlp(x), dim=-1, eps=1e-6 if x.dtype == torch.float16 else 1e-12)
-        return self.last_layer(bottleneck, fused)
+        the teacher's targets, :class:`trainer.losses.Targets`).
+
+        A tuple of ``(rows, D)`` inputs with a tuple of ``fused`` (a callable or ``None`` each) gives a
+        tuple of results from one pass: the head shared by DINO and iBOT takes the CLS tokens and the
+        masked patches together, as the original does, so each layer is one larger matrix product
+        (and, under a sharding strategy, one gather) and the prototype matrix is made once."""
+        if isinstance(x, Tensor):
+            return self.forward((x,), (fused,))[0]
+        if len(x) != len(fused):
+            raise ValueError(f"DINOHead takes one fused callable (or None) per input, got {len(fused)} for {len(x)}")
+        rows = torch.cat(tuple(x)) if len(x) > 1 else x[0]
+        bottleneck = F.normalize(self.mlp(rows), dim=-1, eps=1e-6 if rows.dtype == torch.float16 else 1e-12)
+        return self.last_layer(bottleneck.split([part.shape[0] for part in x]), fused)
