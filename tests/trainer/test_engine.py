@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -166,33 +167,46 @@ def test_a_batch_indexes_its_masked_patches_in_mask_order_padded_to_a_fixed_coun
         assert not batch.masks.flatten()[batch.mask_index[masked:]].any()
 
 
+TrainedRun = tuple[torch.nn.Module, Objective, list[dict[str, float]]]
+
+
+def two_steps(cfg: PretrainConfig, adjust: Callable[[CropBatch], CropBatch] = lambda batch: batch) -> TrainedRun:
+    """The student, objective and losses after two steps from seeded networks on seeded batches,
+    each batch passed through ``adjust`` first."""
+    sched = ScheduleValues(lr=1e-3, last_layer_lr=1e-3, weight_decay=0.04, teacher_momentum=0.9, teacher_temp=0.05)
+    torch.manual_seed(0)
+    student, teacher = build_networks(cfg)
+    objective = Objective(cfg)
+    optimizer = build_adamw(student, cfg, torch.device("cpu"))
+    losses = []
+    for step in range(2):
+        torch.manual_seed(step)  # the same crops and drop-path draws in every run
+        batch = adjust(make_batch(images(), step, cfg, MultiCrop(cfg.crops)))
+        losses.append(train_step(student, teacher, objective, [batch], sched, optimizer, clip_grad=3.0))
+    return student, objective, losses
+
+
+def assert_trained_alike(run: TrainedRun, reference: TrainedRun) -> None:
+    """The same loss terms each step, the same centres and the same student weights."""
+    (student, objective, losses), (reference_student, reference_objective, reference_losses) = run, reference
+    for a, b in zip(losses, reference_losses, strict=True):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(objective.state_dict(), reference_objective.state_dict())
+    for (name, a), b in zip(student.named_parameters(), reference_student.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("centering", ["softmax", "sinkhorn_knopp"])
 def test_padding_the_masked_patches_changes_no_loss_and_no_weight(centering: str) -> None:
     """Two steps on a padded batch and on the same batch unpadded (``mask_index`` derived from the
     masks) give the same loss terms, centres and weights: padding rows count nowhere."""
     cfg = config(f"loss.centering={centering}")
-    sched = ScheduleValues(lr=1e-3, last_layer_lr=1e-3, weight_decay=0.04, teacher_momentum=0.9, teacher_temp=0.05)
-    runs = []
-    for padded in (True, False):
-        torch.manual_seed(0)
-        student, teacher = build_networks(cfg)
-        objective = Objective(cfg)
-        optimizer = build_adamw(student, cfg, torch.device("cpu"))
-        losses = []
-        for step in range(2):
-            torch.manual_seed(step)  # the same crops and drop-path draws in both runs
-            batch = make_batch(images(), step, cfg, MultiCrop(cfg.crops))
-            assert len(batch.mask_index) > int(batch.masks.sum())  # there is padding to ignore
-            if not padded:
-                batch = CropBatch(batch.global_crops, batch.local_crops, batch.masks)
-            losses.append(train_step(student, teacher, objective, [batch], sched, optimizer, clip_grad=3.0))
-        runs.append((student, objective, losses))
-    (student, objective, losses), (plain_student, plain_objective, plain_losses) = runs
-    for a, b in zip(losses, plain_losses):
-        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
-    torch.testing.assert_close(objective.state_dict(), plain_objective.state_dict())
-    for (name, a), b in zip(student.named_parameters(), plain_student.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
+
+    def unpadded(batch: CropBatch) -> CropBatch:
+        assert len(batch.mask_index) > int(batch.masks.sum())  # there is padding to ignore
+        return CropBatch(batch.global_crops, batch.local_crops, batch.masks)
+
+    assert_trained_alike(two_steps(cfg), two_steps(cfg, unpadded))
 
 
 @pytest.mark.parametrize("centering", ["softmax", "sinkhorn_knopp"])
@@ -202,31 +216,13 @@ def test_a_shared_head_on_cls_and_patches_in_one_call_trains_as_a_call_each(cent
     terms, centres and weights, for the student's losses and the teacher's targets alike."""
     cfg = config(f"loss.centering={centering}")
     assert not cfg.heads.ibot_separate_head
-    sched = ScheduleValues(lr=1e-3, last_layer_lr=1e-3, weight_decay=0.04, teacher_momentum=0.9, teacher_temp=0.05)
+    one_call = two_steps(cfg)
 
     def a_call_each(network: SSLNetwork, cls, patches, cls_fused=None, patch_fused=None):
         return network.dino_head(cls, cls_fused), network.dino_head(patches, patch_fused) if len(patches) else None
 
-    runs = []
-    for one_call in (True, False):
-        if not one_call:
-            monkeypatch.setattr(SSLNetwork, "heads", a_call_each)
-        torch.manual_seed(0)
-        student, teacher = build_networks(cfg)
-        objective = Objective(cfg)
-        optimizer = build_adamw(student, cfg, torch.device("cpu"))
-        losses = []
-        for step in range(2):
-            torch.manual_seed(step)  # the same crops and drop-path draws in both runs
-            batch = make_batch(images(), step, cfg, MultiCrop(cfg.crops))
-            losses.append(train_step(student, teacher, objective, [batch], sched, optimizer, clip_grad=3.0))
-        runs.append((student, objective, losses))
-    (student, objective, losses), (reference, reference_objective, reference_losses) = runs
-    for a, b in zip(losses, reference_losses):
-        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
-    torch.testing.assert_close(objective.state_dict(), reference_objective.state_dict())
-    for (name, a), b in zip(student.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
+    monkeypatch.setattr(SSLNetwork, "heads", a_call_each)
+    assert_trained_alike(one_call, two_steps(cfg))
 
 
 def test_fused_adamw_trains_like_the_default_one() -> None:
