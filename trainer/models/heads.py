@@ -70,7 +70,7 @@ class WeightNormLinear(nn.Module):
         """``x W^T``; with ``fused``, ``fused(x, W)`` instead (what is computed from the logits without
         writing them, here, in the layer's own call, where a sharding strategy has gathered its
         parameters). A tuple of inputs with a tuple of ``fused`` (one callable or ``None`` each) gives
-        a tuple of results from one ``W``: its normalisation and its cast for autocast made once."""
+        a tuple of results from one ``W``, normalised once (and, in the backward, its gradient's one pass)."""
         if isinstance(x, Tensor):
             return self.forward((x,), (fused,))[0]
         weight = self.weight
