@@ -9,7 +9,12 @@ table cannot show this; its timeline can. This reads a Chrome trace written by
 for the compiled step, recorded with device activity only, so that the profiler's own host
 overhead does not open gaps of its own), merges the device's busy intervals (kernels, copies and
 sets, on every stream) and prints the idle time per step and the largest gaps, each with the
-kernels on either side (what ran before the GPU waited, and what it waited for). Asserts nothing.
+kernels on either side (what ran before the GPU waited, and what it waited for), and the idle time
+by gap length (``GAP_CLASSES``), which tells the causes apart: gaps of a few microseconds lie between
+kernels already queued, so their sum grows with the number of kernels and only fewer kernels
+(fusion, CUDA graphs) shrink it; tens of microseconds are the host queueing eager work more slowly
+than the GPU runs it; a tenth of a millisecond and more is the GPU waiting for the host (the sync,
+the next step's first launches). Asserts nothing.
 
     python benchmarks/gpu_gaps.py OUT/profile_small_trace.json.gz --steps 2
 """
@@ -24,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 DEVICE_CATEGORIES = frozenset({"kernel", "gpu_memcpy", "gpu_memset"})  # the trace's device work
+GAP_CLASSES = ((10.0, "under 10 us"), (100.0, "10-100 us"), (float("inf"), "0.1 ms and over"))  # (below, label)
 
 
 @dataclass(frozen=True)
@@ -83,9 +89,20 @@ def timeline(intervals: list[tuple[float, float, str]]) -> Timeline:
     return Timeline(intervals[0][0], busy, run_end - intervals[0][0], gaps)
 
 
+def gap_classes(gaps: list[Gap]) -> list[tuple[str, int, float]]:
+    """``(label, gaps, idle us)`` of ``gaps`` in each length class of ``GAP_CLASSES`` (a gap falls in
+    the first class whose bound it is below)."""
+    totals = {label: [0, 0.0] for _, label in GAP_CLASSES}
+    for gap in gaps:
+        label = next(label for below, label in GAP_CLASSES if gap.length_us < below)
+        totals[label][0] += 1
+        totals[label][1] += gap.length_us
+    return [(label, int(count), total) for label, (count, total) in totals.items()]
+
+
 def gap_report(trace: dict[str, Any], steps: int, top: int = 8) -> str:
-    """The device's busy and idle time per step in ``trace`` (``steps`` steps) and its ``top``
-    largest gaps, as text."""
+    """The device's busy and idle time per step in ``trace`` (``steps`` steps), the idle time by gap
+    length, and its ``top`` largest gaps, as text."""
     line = timeline(device_intervals(trace))
     if not line.span_us:
         seen = sorted({str(event.get("cat")) for event in trace.get("traceEvents", [])})
@@ -93,7 +110,9 @@ def gap_report(trace: dict[str, Any], steps: int, top: int = 8) -> str:
     per_step = 1000 * steps
     lines = [f"device busy {line.busy_us / per_step:.2f} ms of {line.span_us / per_step:.2f} ms a step: idle "
              f"{line.idle_us / per_step:.2f} ms a step ({100 * line.idle_us / line.span_us:.1f} %) in "
-             f"{len(line.gaps)} gaps ({len(line.gaps) / steps:.0f} a step)"]
+             f"{len(line.gaps)} gaps ({len(line.gaps) / steps:.0f} a step)",
+             "by length: " + "; ".join(f"{label} {count / steps:.0f} a step, {total / per_step:.2f} ms"
+                                       for label, count, total in gap_classes(line.gaps))]
     for gap in sorted(line.gaps, key=lambda g: -g.length_us)[:top]:
         lines.append(f"  {gap.length_us / 1000:7.3f} ms at +{(gap.start_us - line.start_us) / 1000:8.2f} ms"
                      f"  after {gap.before[:60]!r}  before {gap.after[:60]!r}")

@@ -36,6 +36,11 @@ def test_busy_time_and_gaps_match_a_count_on_a_microsecond_grid(seed: int) -> No
     assert line.busy_us == grid.sum() and line.span_us == last - first and line.start_us == first
     assert [(g.start_us, g.length_us) for g in line.gaps] == expected_gaps
     assert line.idle_us == sum(n for _, n in expected_gaps)
+    classes = gpu_gaps.gap_classes(line.gaps)  # each gap counted once, in the class of its length
+    bounds = [0.0] + [below for below, _ in gpu_gaps.GAP_CLASSES]
+    assert classes == [(label, sum(low <= n < high for _, n in expected_gaps),
+                        float(sum(n for _, n in expected_gaps if low <= n < high)))
+                       for (high, label), low in zip(gpu_gaps.GAP_CLASSES, bounds)]
 
 
 def test_the_report_names_the_kernels_around_the_largest_gap(tmp_path: Path) -> None:
@@ -60,8 +65,10 @@ def test_the_report_names_the_kernels_around_the_largest_gap(tmp_path: Path) -> 
     lines = text.splitlines()
     # busy 500 + 100 + 200 = 800 us of a 2900 us span, over 2 steps
     assert lines[0] == "device busy 0.40 ms of 1.45 ms a step: idle 1.05 ms a step (72.4 %) in 2 gaps (1 a step)"
-    assert lines[1] == "    2.000 ms at +    0.50 ms  after 'Memcpy HtoD'  before 'multi_tensor_apply_kernel'"
-    assert lines[2] == "    0.100 ms at +    2.60 ms  after 'multi_tensor_apply_kernel'  before 'Memset'"
+    assert lines[1] == ("by length: under 10 us 0 a step, 0.00 ms; 10-100 us 0 a step, 0.00 ms; "
+                        "0.1 ms and over 1 a step, 1.05 ms")  # 2 ms and 0.1 ms, over 2 steps
+    assert lines[2] == "    2.000 ms at +    0.50 ms  after 'Memcpy HtoD'  before 'multi_tensor_apply_kernel'"
+    assert lines[3] == "    0.100 ms at +    2.60 ms  after 'multi_tensor_apply_kernel'  before 'Memset'"
 
 
 def test_a_trace_without_device_work_says_so_and_names_what_it_holds(tmp_path: Path) -> None:
