@@ -111,7 +111,7 @@ def gap_report(trace: dict[str, Any], steps: int, top: int = 8) -> str:
     lines = [f"device busy {line.busy_us / per_step:.2f} ms of {line.span_us / per_step:.2f} ms a step: idle "
              f"{line.idle_us / per_step:.2f} ms a step ({100 * line.idle_us / line.span_us:.1f} %) in "
              f"{len(line.gaps)} gaps ({len(line.gaps) / steps:.0f} a step)",
-             "by length: " + "; ".join(f"{label} {count / steps:.0f} a step, {total / per_step:.2f} ms"
+             "  by length: " + "; ".join(f"{label} {count / steps:.0f} a step, {total / per_step:.2f} ms"
                                        for label, count, total in gap_classes(line.gaps))]
     for gap in sorted(line.gaps, key=lambda g: -g.length_us)[:top]:
         lines.append(f"  {gap.length_us / 1000:7.3f} ms at +{(gap.start_us - line.start_us) / 1000:8.2f} ms"

@@ -65,7 +65,7 @@ def test_the_report_names_the_kernels_around_the_largest_gap(tmp_path: Path) -> 
     lines = text.splitlines()
     # busy 500 + 100 + 200 = 800 us of a 2900 us span, over 2 steps
     assert lines[0] == "device busy 0.40 ms of 1.45 ms a step: idle 1.05 ms a step (72.4 %) in 2 gaps (1 a step)"
-    assert lines[1] == ("by length: under 10 us 0 a step, 0.00 ms; 10-100 us 0 a step, 0.00 ms; "
+    assert lines[1] == ("  by length: under 10 us 0 a step, 0.00 ms; 10-100 us 0 a step, 0.00 ms; "
                         "0.1 ms and over 1 a step, 1.05 ms")  # 2 ms and 0.1 ms, over 2 steps
     assert lines[2] == "    2.000 ms at +    0.50 ms  after 'Memcpy HtoD'  before 'multi_tensor_apply_kernel'"
     assert lines[3] == "    0.100 ms at +    2.60 ms  after 'multi_tensor_apply_kernel'  before 'Memset'"
