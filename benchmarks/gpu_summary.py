@@ -188,8 +188,8 @@ TIMELINE_MARK = "the device's timeline over 2 more steps"  # opens the line trai
 
 
 def timeline_lines(out: Path) -> list[str]:
-    """Each profile's device timeline (``train_step.device_timeline``: idle time a step and the
-    largest gaps) under a heading, from the ``profile_*.txt`` files in ``out``."""
+    """Each profile's device timeline (``train_step.device_timeline``: idle time a step, its split by
+    gap length and the largest gaps) under a heading, from the ``profile_*.txt`` files in ``out``."""
     lines: list[str] = []
     for path in sorted(out.glob("profile_*.txt")):
         text = path.read_text().splitlines()
