@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from dinoflow.config import ConfigError, DistillConfig, PretrainConfig, load_config
 from dinoflow.storage import Storage
+from tests.trainer.host_reads import host_reads
 from trainer.data.augment import MultiCrop
 from trainer.data.datasets import collate_samples
 from trainer.distill import (
@@ -314,3 +315,26 @@ def test_a_non_finite_distillation_step_halts_with_the_student_unchanged(teacher
         assert torch.equal(value, before[key]) or key == "dino_head.mlp.0.weight", key
     if fused:  # the skipped step is not counted either
         assert all(float(state["step"]) == 0 for state in optimizer.state.values())
+
+
+@pytest.mark.parametrize("objective", ["features", "heads"])
+def test_a_fused_distillation_step_reads_back_from_the_device_only_its_losses(teacher_run: Path, tmp_path: Path,
+                                                                               storage: Storage, dataset,
+                                                                               objective: str) -> None:
+    """As pretraining's step (``test_a_fused_step_reads_back_from_the_device_only_its_losses``):
+    the teacher's targets, the student's losses, the update and the EMA wait for nothing; the
+    losses are read once."""
+    from trainer.distill import distill_step
+    from trainer.engine import build_adamw
+    from trainer.schedules import ScheduleValues
+
+    cfg = student_config(teacher_run, tmp_path, f"distill.objective={objective}", "optim.fused_adamw=on")
+    teacher, _ = load_teacher(cfg, storage)
+    student, student_ema = build_student(cfg, teacher.backbone.embed_dim)
+    optimizer = build_adamw(student, cfg, torch.device("cpu"))
+    sched = ScheduleValues(lr=1e-3, last_layer_lr=1e-3, weight_decay=0.04, teacher_momentum=0.9, teacher_temp=0.05)
+    batch = fixed_batch(cfg, dataset)
+    for _ in range(2):  # the first step makes the optimizer's state; both are checked
+        with host_reads() as reads:
+            distill_step(student, student_ema, teacher, Objective(cfg), batch, sched, optimizer, cfg)
+        assert reads == ["tolist in trainer/engine.py:_read_losses"]

@@ -11,6 +11,8 @@ import torch
 
 from dinoflow.config import PretrainConfig, load_config
 from dinoflow.storage import Storage
+from tests.trainer.host_reads import host_reads
+from trainer import engine
 from trainer.data.augment import MultiCrop
 from trainer.data.masking import masked_patch_bound
 from trainer.engine import (
@@ -450,6 +452,53 @@ def test_while_waiting_runs_once_with_the_step_queued_before_its_losses_are_read
         results.append(train_step(student, teacher, Objective(cfg), [batch], sched, optimizer, 3.0, while_waiting=hook))
     assert calls == [fused]  # the weights had moved when it ran on the fused path only
     assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("centering", ["softmax", "sinkhorn_knopp"])
+@pytest.mark.parametrize("separate_head", [False, True])
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_a_fused_step_reads_back_from_the_device_only_its_losses(centering: str, separate_head: bool,
+                                                                   micro_batches: int) -> None:
+    """The GPU path's step (fused AdamW) waits for the device once: nothing in the losses, the
+    masking, the heads, the clipping, the update or the EMA reads a value back or sizes a tensor
+    by values (each would drain the GPU's queue mid-step); the one read is the losses'."""
+    cfg = config(f"loss.centering={centering}", f"heads.ibot_separate_head={separate_head}",
+                 "heads.ibot_num_prototypes=48")
+    torch.manual_seed(0)
+    student, teacher = build_networks(cfg)
+    optimizer = torch.optim.AdamW(param_groups(student, cfg), fused=True)
+    batches = [make_batch(images(), step, cfg, MultiCrop(cfg.crops)) for step in range(micro_batches)]
+    sched = ScheduleValues(lr=1e-3, last_layer_lr=1e-3, weight_decay=0.04, teacher_momentum=0.9, teacher_temp=0.05)
+    for _ in range(2):  # the first step makes the optimizer's state; both are checked
+        with host_reads() as reads:
+            train_step(student, teacher, Objective(cfg), batches, sched, optimizer, clip_grad=3.0)
+        assert reads == ["tolist in trainer/engine.py:_read_losses"]
+
+
+def test_the_read_counter_sees_a_value_read_and_a_boolean_index(monkeypatch) -> None:
+    """The check above can fail: a loss term read as a float and a boolean mask's pick, slipped
+    into the step, are reported where they happen (the pick's gradient in the backward too)."""
+    real_terms = engine.loss_terms
+
+    def reading(*args, **kwargs):
+        terms = real_terms(*args, **kwargs)
+        if float(terms["koleo"]) > -1:  # a value read
+            both = torch.stack([terms["dino"], terms["ibot"]])
+            terms["koleo"] = terms["koleo"] + both[both > 0].sum() * 0  # an output sized by values
+        return terms
+
+    monkeypatch.setattr(engine, "loss_terms", reading)
+    cfg = config()
+    student, teacher = build_networks(cfg)
+    optimizer = torch.optim.AdamW(param_groups(student, cfg), fused=True)
+    sched = ScheduleValues(lr=1e-3, last_layer_lr=1e-3, weight_decay=0.04, teacher_momentum=0.9, teacher_temp=0.05)
+    batch = make_batch(images(), 0, cfg, MultiCrop(cfg.crops))
+    with host_reads() as reads:
+        train_step(student, teacher, Objective(cfg), [batch], sched, optimizer, clip_grad=3.0)
+    where = "tests/trainer/test_engine.py:reading"
+    assert reads == [f"_local_scalar_dense in {where}", f"index in {where}",
+                     "index_put in trainer/strategy.py:backward",  # the boolean index's gradient waits too
+                     "tolist in trainer/engine.py:_read_losses"]
 
 
 def test_an_evaluation_between_steps_leaves_the_training_draws_alone(tmp_path) -> None:
