@@ -13,6 +13,8 @@
 #   (the steps that give issue 11's figures first, so that a budget cut short takes diagnostics only)
 #   probe_small    benchmarks/train_step.py --probe --compile --cuda-graphs: ViT-S/14 recipe, batch 128,
 #                  and dinoflow's compiled step once more with CUDA graphs     -> probe_small.json
+#                  then --rounds 3: the compiled rows again, in three alternating rounds (ViT-S/14 is near
+#                  the bar, where the card's clocks drifting between rows minutes apart could decide it)
 #                  the compiled step's kernel-time table (torch profiler), what is alive at its
 #                  memory peak and where its GPU sits idle between kernels (benchmarks/gpu_gaps.py, with
 #                  the trace); the same for the compiled probe   -> profile_small.txt, profile_small_probe.txt,
@@ -128,6 +130,7 @@ if [[ $SMOKE == --cpu-smoke ]]; then
     DEVICE=cpu
     CORRECTNESS=(--config tiny -- optim.batch_size=4 crops.num_local_crops=2)
     STEPS=(--steps 1 --warmup 1)
+    ROUNDS=(--rounds 2)
     SMALL=(--config tiny -- optim.batch_size=4 crops.num_local_crops=2)
     LARGE=(--config tiny -- optim.batch_size=4 crops.num_local_crops=2 model.ffn_layer=swiglu
            loss.centering=sinkhorn_knopp heads.ibot_separate_head=true heads.ibot_num_prototypes=4096
@@ -141,6 +144,7 @@ else
     DEVICE=cuda
     CORRECTNESS=(--config vits14 -- optim.batch_size=4 "${CROPS[@]}")
     STEPS=(--steps 8 --warmup 2)
+    ROUNDS=(--rounds 3)
     SMALL=(--config vits14 -- optim.batch_size=128 "${CROPS[@]}" heads.num_prototypes=65536)
     LARGE=(--config vitl14 -- optim.batch_size=64 "${CROPS[@]}" heads.num_prototypes=65536
            heads.ibot_num_prototypes=65536)
@@ -171,7 +175,7 @@ if [[ ${AUTOTUNE:-0} == 1 ]]; then
     AUTOTUNE_ROW=(--autotune)
 fi
 run_step probe_small "$SMALL_CAP" "$PYTHON" benchmarks/train_step.py --probe --compile --cuda-graphs \
-    "${AUTOTUNE_ROW[@]}" --device "$DEVICE" \
+    "${AUTOTUNE_ROW[@]}" "${ROUNDS[@]}" --device "$DEVICE" \
     --json "$OUT/probe_small.json" --profile "$OUT/profile_small.txt" "${STEPS[@]}" "${SMALL[@]}"
 run_step probe_large "${CAPS[2]}" "$PYTHON" benchmarks/train_step.py --probe --compile --device "$DEVICE" \
     --json "$OUT/probe_large.json" "${STEPS[@]}" "${LARGE[@]}"

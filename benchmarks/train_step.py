@@ -38,8 +38,13 @@ with the fastest dinoflow row's step after it (one, then the other), and as the 
 compiled row (eager without ``--compile``) is timed once more with each step's batch prepared
 during the step before, in its wait for the losses (``train_step``'s ``while_waiting``), new crops
 and masks every step, then again with that batch made on a second CUDA stream
-(``data.side_stream``; off CUDA the same loop). ``--json`` also writes every row, as it
-completes, to a file.
+(``data.side_stream``; off CUDA the same loop). ``--rounds R`` keeps the compiled rows' steps
+alive and, after the rows, times them again in R alternating rounds (each round the compiled
+probe and every compiled dinoflow row back to back, the order reversed every other round), so
+that a ratio ours/probe near 1 is not decided by the card's clocks drifting between rows timed
+minutes apart; it prints each row's ratio, median and range over the rounds. A row's peak memory on
+a GPU is the allocator's peak over what was allocated when the row began (the synthetic batch,
+the rows kept for ``--rounds``). ``--json`` also writes every row, as it completes, to a file.
 
     python benchmarks/train_step.py --strategy deepspeed --nproc 2 --steps 10 --config tiny
     python benchmarks/train_step.py --probe --device cpu --config tiny --steps 3 --warmup 1
@@ -50,6 +55,7 @@ completes, to a file.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import gzip
 import itertools
@@ -61,14 +67,19 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 from unittest import mock
 
 import torch
 from torch._dynamo.utils import counters
 
 from gpu_gaps import gap_report  # this script's folder is first on sys.path
-from gpu_summary import TIMELINE_MARK, preparation_text, row_notes  # this script's folder is first on sys.path
+from gpu_summary import (  # this script's folder is first on sys.path
+    TIMELINE_MARK,
+    preparation_text,
+    rounds_text,
+    row_notes,
+)
 from memory_peak import record_peak  # this script's folder is first on sys.path
 from step_probe import ProbeShape, ProbeViT, probe_flops_per_image, probe_shape, probe_step  # this script's folder is first on sys.path
 from dinoflow.config import PretrainConfig, load_config
@@ -85,6 +96,17 @@ if TYPE_CHECKING:
 STRATEGIES = ("single", "fsdp2", "deepspeed")
 EXTENSIONS = str(Path.home() / ".cache" / "dinoflow" / "torch_extensions")
 COLUMNS = ("strategy", "ranks", "global_batch", "img_per_s", "vs_single", "peak_mib_per_rank")
+
+
+class Timed(NamedTuple):
+    """One ``--probe`` row's measurement: seconds per step, whether its compilation fell back to
+    eager, the seconds per step as the loop runs it (dinoflow's rows with a batch preparation), and
+    the step itself (with its networks: kept alive for ``--rounds``)."""
+
+    seconds: float
+    fell_back: bool
+    loop_seconds: dict[str, float] | None
+    step: Callable[[], None]
 
 
 def parse_args() -> argparse.Namespace:
@@ -111,6 +133,10 @@ def parse_args() -> argparse.Namespace:
                         help="--probe --compile: also time dinoflow's compiled step with stochastic depth in its "
                              "subset form above RATE instead of trainer.models.layers.SUBSET_DROP_ABOVE (e.g. 0.05: "
                              "ViT-S/14's rate 0.1 skips its dropped rows instead of masking them)")
+    parser.add_argument("--rounds", type=int, default=0,
+                        help="--probe --compile: then this many alternating rounds of --steps steps of the compiled "
+                             "probe and each compiled dinoflow row (kept alive for it), so that each ratio ours/probe "
+                             "is measured in one stretch of the card's clocks; the median and range over rounds")
     parser.add_argument("--json", default="", help="--probe: also write the figures to this JSON file, row by row")
     parser.add_argument("--profile", default="",
                         help="--probe: profile two more steps of dinoflow's last row (compiled with --compile) "
@@ -123,8 +149,10 @@ def parse_args() -> argparse.Namespace:
         parser.error("--nproc, --steps and --threads must be at least 1, --warmup at least 0")
     if (args.compile or args.json or args.profile) and not args.probe:
         parser.error("--compile, --json and --profile go with --probe")
-    if (args.cuda_graphs or args.autotune or args.subset_drop_above is not None) and not args.compile:
-        parser.error("--cuda-graphs, --autotune and --subset-drop-above go with --probe --compile")
+    if (args.cuda_graphs or args.autotune or args.subset_drop_above is not None or args.rounds) and not args.compile:
+        parser.error("--cuda-graphs, --autotune, --subset-drop-above and --rounds go with --probe --compile")
+    if args.rounds < 0:
+        parser.error(f"--rounds takes a count of at least 0, got {args.rounds}")
     if args.subset_drop_above is not None and not 0 <= args.subset_drop_above < 1:
         parser.error(f"--subset-drop-above takes a rate in [0, 1), got {args.subset_drop_above}")
     if args.compile and args.warmup < 1:
@@ -244,9 +272,10 @@ def time_steps(step: Callable[[], None], args: argparse.Namespace, device: torch
     return (time.perf_counter() - tick) / args.steps
 
 
-def peak_mib(device: torch.device) -> float:
-    """Peak memory so far: the CUDA allocator's on a GPU, the process's peak resident set on CPU."""
-    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mib()
+def peak_mib(device: torch.device, since: int = 0) -> float:
+    """Peak memory so far: the CUDA allocator's on a GPU, over the ``since`` bytes allocated before
+    (what a row found allocated is not its own), the process's peak resident set on CPU."""
+    return (torch.cuda.max_memory_allocated(device) - since) / 2**20 if device.type == "cuda" else peak_rss_mib()
 
 
 def probe(args: argparse.Namespace) -> None:
@@ -278,7 +307,7 @@ def probe(args: argparse.Namespace) -> None:
     prepare = batch_preparation(*preparation_inputs(device, cfg), cfg)
     # first, so that a row that fails (the last, experimental ones) cannot take this figure with it
     preparation = time_steps(prepare, args, device)
-    measures: dict[str, Callable[[], tuple[float, bool, dict[str, float] | None]]] = {
+    measures: dict[str, Callable[[], Timed]] = {
         "probe": lambda: time_probe(args, device, False, shape, crop_batch,
                                     "" if args.compile else probe_profile_path(args.profile)),
         "dinoflow": lambda: time_dinoflow(args, device, False, crop_batch, "" if args.compile else args.profile,
@@ -297,22 +326,25 @@ def probe(args: argparse.Namespace) -> None:
         measures["dinoflow_autotune"] = lambda: time_dinoflow(args, device, True, crop_batch,
                                                               mode="max-autotune-no-cudagraphs")
     plain: float | None = None  # the eager probe's seconds per step: every row's reference
+    kept: dict[str, Callable[[], None]] = {}  # the compiled rows' steps, for --rounds
     for label, measure in measures.items():
         compiled = label.endswith(("_compiled", "_cudagraphs", "_subset", "_autotune"))
         gc.collect()  # the last row's networks: compiled blocks hold themselves in a cycle
+        start = 0
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
+            start = torch.cuda.memory_allocated(device)  # the synthetic batch, the rows kept for --rounds
         skips = counters["inductor"]["cudagraph_skips"]
         try:
-            seconds, fell_back, loop_seconds = measure()
+            seconds, fell_back, loop_seconds, step = measure()
         except torch.OutOfMemoryError:  # a row too large for the card: say so, measure the others
             report["rows"].append({"step": label, "compiled": compiled, "error": "out of memory"})
             print(f"{label:<18} out of memory", flush=True)
         else:
             plain = seconds if label == "probe" else plain
             row = {"step": label, "compiled": compiled, "img_per_s": batch / seconds,
-                   "tflop_per_s": batch * flops / seconds / 1e12, "peak_mib": peak_mib(device),
+                   "tflop_per_s": batch * flops / seconds / 1e12, "peak_mib": peak_mib(device, start),
                    "ours_vs_probe": plain / seconds if plain else None, "compile_fell_back": fell_back,
                    "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips}
             for name, loop in (loop_seconds or {}).items():
@@ -324,11 +356,41 @@ def probe(args: argparse.Namespace) -> None:
             notes = row_notes(row)
             print(f"{label:<18} {row['img_per_s']:>10.1f} {row['tflop_per_s']:>12.4f} {row['peak_mib']:>9.0f} "
                   f"{ratio}" + "".join(f"  ({note})" for note in notes), flush=True)
+            if args.rounds and compiled:
+                kept[label] = step
         report["batch_preparation"] = preparation_figures(preparation, batch, report["rows"])
         if args.json:
             Storage().write_bytes(args.json, json.dumps(report, indent=2).encode())
     print(preparation_text(report["batch_preparation"], f"batch preparation (multi-crop on {device}, masks on the host)"),
           flush=True)
+    if "probe_compiled" in kept and len(kept) > 1:
+        report["rounds"] = {"rounds": args.rounds, "steps": args.steps,
+                            "ours_vs_probe": rounds_ratios(alternating_rounds(kept, args.rounds, args.steps, device))}
+        print(rounds_text(report["rounds"]), flush=True)
+        if args.json:
+            Storage().write_bytes(args.json, json.dumps(report, indent=2).encode())
+
+
+def alternating_rounds(steps: Mapping[str, Callable[[], None]], rounds: int, count: int,
+                       device: torch.device) -> dict[str, list[float]]:
+    """Seconds per step of each of ``steps`` in each of ``rounds`` rounds: ``count`` timed steps
+    after one untimed (the switch from another row's kernels and memory), the order of ``steps``
+    reversed every other round. Rows timed one after the other, minutes apart, also measure the
+    card's clocks drifting between them (warming up, power limits); here each round's rows share
+    one stretch of them, and no row is always first."""
+    seconds: dict[str, list[float]] = {label: [] for label in steps}
+    timing = argparse.Namespace(steps=count, warmup=1)
+    for index in range(rounds):
+        for label in list(steps)[:: -1 if index % 2 else 1]:
+            seconds[label].append(time_steps(steps[label], timing, device))
+    return seconds
+
+
+def rounds_ratios(seconds: Mapping[str, list[float]]) -> dict[str, list[float]]:
+    """Each dinoflow row's img/s over the compiled probe's, round by round."""
+    probe = seconds["probe_compiled"]
+    return {label: [reference / ours for reference, ours in zip(probe, row)]
+            for label, row in seconds.items() if label != "probe_compiled"}
 
 
 def preparation_inputs(device: torch.device, cfg: PretrainConfig) -> tuple[MultiCrop, Tensor]:
@@ -380,7 +442,7 @@ def probe_profile_path(profile: str) -> str:
 
 
 def time_probe(args: argparse.Namespace, device: torch.device, compiled: bool, shape: ProbeShape,
-               crop_batch: CropBatch, profile: str = "") -> tuple[float, bool, dict[str, float] | None]:
+               crop_batch: CropBatch, profile: str = "") -> Timed:
     """Seconds per step of the ceiling probe (blocks compiled if ``compiled``), and whether their
     compilation fell back to eager (and no loop timing: the probe has no batch preparation); with
     ``profile``, two more steps profiled there."""
@@ -402,13 +464,13 @@ def time_probe(args: argparse.Namespace, device: torch.device, compiled: bool, s
     if profile:
         write_profile(step, device, profile, f"the ceiling probe's step, compiled {compiled}, "
                                              f"batch {global_crops.shape[0] // 2}, on {device}")
-    return seconds, compiled and not all(is_compiled(b) for b in (*student.blocks, *teacher.blocks)), None
+    return Timed(seconds, compiled and not all(is_compiled(b) for b in (*student.blocks, *teacher.blocks)), None, step)
 
 
 def time_dinoflow(args: argparse.Namespace, device: torch.device, compiled: bool,
                   crop_batch: CropBatch, profile: str = "", mode: str = "default",
                   prepare: Callable[[], CropBatch] | None = None,
-                  subset_drop_above: float | None = None) -> tuple[float, bool, dict[str, float] | None]:
+                  subset_drop_above: float | None = None) -> Timed:
     """Seconds per step of the engine's ``train_step`` as the engine sets it up (its AdamW, bf16
     autocast on CUDA), with ``model.compile_blocks`` and ``loss.compile`` set to ``compiled`` (the
     blocks in ``model.compile_mode`` ``mode``), whether the compilation fell back to eager, and with
@@ -424,8 +486,15 @@ def time_dinoflow(args: argparse.Namespace, device: torch.device, compiled: bool
     from trainer.schedules import schedule_values
 
     if subset_drop_above is not None:
-        with mock.patch.object(layers, "SUBSET_DROP_ABOVE", subset_drop_above):
-            return time_dinoflow(args, device, compiled, crop_batch, profile, mode, prepare)
+        subset = functools.partial(mock.patch.object, layers, "SUBSET_DROP_ABOVE", subset_drop_above)
+        with subset():
+            timed = time_dinoflow(args, device, compiled, crop_batch, profile, mode, prepare)
+
+        def subset_step() -> None:  # the step kept for --rounds runs under the same rate
+            with subset():
+                timed.step()
+
+        return timed._replace(step=subset_step)
 
     cfg = load_config(PretrainConfig, args.config,
                       [*args.overrides, f"model.compile_blocks={compiled}", f"loss.compile={compiled}",
@@ -456,8 +525,8 @@ def time_dinoflow(args: argparse.Namespace, device: torch.device, compiled: bool
 
             loop_seconds[name] = time_steps(loop_step, args, device)
     blocks = (*student.backbone.blocks, *teacher.backbone.blocks)
-    return (seconds, compiled and not (all(is_compiled(b) for b in blocks) and objective.tails_compiled()),
-            loop_seconds)
+    return Timed(seconds, compiled and not (all(is_compiled(b) for b in blocks) and objective.tails_compiled()),
+                 loop_seconds, step)
 
 
 def write_profile(step: Callable[[], None], device: torch.device, path: str, title: str) -> None:

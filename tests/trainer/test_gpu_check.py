@@ -81,3 +81,8 @@ def test_cpu_smoke_writes_every_output_and_the_summary(tmp_path: Path) -> None:
     (graphs,) = [r for r in json.loads((out / "probe_small.json").read_text())["rows"] if r["step"] == "dinoflow_cudagraphs"]
     assert graphs["cudagraph_skips"] > 0  # asked for CUDA graphs, which inductor declines on the CPU...
     assert "graphs without CUDA graphs |" in summary  # ...and the summary says so
+    rounds = json.loads((out / "probe_small.json").read_text())["rounds"]
+    assert (rounds["rounds"], rounds["steps"]) == (2, 1)
+    assert set(rounds["ours_vs_probe"]) == {"dinoflow_compiled", "dinoflow_cudagraphs", "dinoflow_autotune"}
+    assert all(len(ratios) == 2 and min(ratios) > 0 for ratios in rounds["ours_vs_probe"].values())
+    assert summary.count("in 2 alternating rounds of 1 steps") == 1  # ViT-S/14's probe only

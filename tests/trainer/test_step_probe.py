@@ -149,8 +149,9 @@ def test_probe_mode_prints_both_rows_on_cpu(tmp_path: Path) -> None:
 def test_compile_needs_a_warm_up_step_and_the_probe_mode() -> None:
     for extra, message in ((["--probe", "--warmup", "0"], "--compile needs --warmup of at least 1"),
                            ([], "--compile, --json and --profile go with --probe"),
-                           (["--probe", "--autotune"], "--cuda-graphs, --autotune and --subset-drop-above go "
-                                                        "with --probe --compile"),
+                           (["--probe", "--autotune"], "--cuda-graphs, --autotune, --subset-drop-above and "
+                                                        "--rounds go with --probe --compile"),
+                           (["--probe", "--rounds", "-1"], "--rounds takes a count of at least 0, got -1"),
                            (["--probe", "--subset-drop-above", "1"],
                             "--subset-drop-above takes a rate in [0, 1), got 1.0")):
         compiled = [] if "--autotune" in extra else ["--compile"]
@@ -162,7 +163,8 @@ def test_compile_needs_a_warm_up_step_and_the_probe_mode() -> None:
 def test_the_subset_row_times_stochastic_depth_in_its_subset_form_then_puts_the_threshold_back(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """``--subset-drop-above``'s row: at the recipe's rate 0.1 (10 samples a group: 9 kept, the rate
-    exactly) the blocks take the subset form while it is timed, the mask form before and after."""
+    exactly) the blocks take the subset form while it is timed and when its step (kept for
+    ``--rounds``) runs again, the mask form before and after."""
     import argparse
 
     from dinoflow.config import PretrainConfig, load_config
@@ -178,8 +180,12 @@ def test_the_subset_row_times_stochastic_depth_in_its_subset_form_then_puts_the_
     forms = []
     sizes = layers.subset_sizes
     monkeypatch.setattr(layers, "subset_sizes", lambda shapes, rate: forms.append(sizes(shapes, rate)) or forms[-1])
-    seconds, _, _ = train_step.time_dinoflow(args, torch.device("cpu"), False, batch, subset_drop_above=0.05)
-    assert seconds > 0 and forms and all(kept == [9, 9] for kept in forms)
+    timed = train_step.time_dinoflow(args, torch.device("cpu"), False, batch, subset_drop_above=0.05)
+    assert timed.seconds > 0 and forms and all(kept == [9, 9] for kept in forms)
+    assert layers.SUBSET_DROP_ABOVE == 0.1
+    forms.clear()
+    timed.step()
+    assert forms and all(kept == [9, 9] for kept in forms)
     assert layers.SUBSET_DROP_ABOVE == 0.1
     forms.clear()
     train_step.time_dinoflow(args, torch.device("cpu"), False, batch)

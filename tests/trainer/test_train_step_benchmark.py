@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 from tests.trainer.test_deepspeed import ENV
 from tests.trainer.test_distributed import ROOT, SMALL
 
@@ -49,3 +51,21 @@ def test_benchmark_refuses_a_strategy_on_the_wrong_number_of_ranks() -> None:
         done = subprocess.run([sys.executable, str(SCRIPT), "--strategy", strategy, "--nproc", nproc], cwd=ROOT,
                               env=_env(), capture_output=True, text=True, timeout=120, check=False)
         assert done.returncode == 2 and "--strategy single runs on --nproc 1" in done.stderr, done.stderr[-2000:]
+
+
+def test_alternating_rounds_reverse_the_rows_every_other_round_and_set_each_against_the_probe(monkeypatch) -> None:
+    """``--rounds``: each round times every kept row (one untimed step, then the timed ones), the
+    order reversed every other round; each dinoflow row's ratio is the probe's seconds over its own,
+    round by round."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import train_step
+    calls: list[str] = []
+    steps = {label: (lambda label=label: calls.append(label)) for label in ("probe_compiled", "dinoflow_compiled",
+                                                                          "dinoflow_cudagraphs")}
+    seconds = train_step.alternating_rounds(steps, rounds=3, count=2, device=torch.device("cpu"))
+    forward, backward = ["probe_compiled", "dinoflow_compiled", "dinoflow_cudagraphs"], [
+        "dinoflow_cudagraphs", "dinoflow_compiled", "probe_compiled"]
+    assert calls == [label for order in (forward, backward, forward) for label in order for _ in range(3)]
+    assert {label: len(times) for label, times in seconds.items()} == dict.fromkeys(steps, 3)
+    ratios = train_step.rounds_ratios({"probe_compiled": [2.0, 3.0], "dinoflow_compiled": [1.0, 4.0]})
+    assert ratios == {"dinoflow_compiled": [2.0, 0.75]}
