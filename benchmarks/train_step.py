@@ -337,17 +337,18 @@ def probe(args: argparse.Namespace) -> None:
             start = torch.cuda.memory_allocated(device)  # the synthetic batch, the rows kept for --rounds
         skips = counters["inductor"]["cudagraph_skips"]
         try:
-            seconds, fell_back, loop_seconds, step = measure()
+            timed = measure()
         except torch.OutOfMemoryError:  # a row too large for the card: say so, measure the others
             report["rows"].append({"step": label, "compiled": compiled, "error": "out of memory"})
             print(f"{label:<18} out of memory", flush=True)
         else:
+            seconds = timed.seconds
             plain = seconds if label == "probe" else plain
             row = {"step": label, "compiled": compiled, "img_per_s": batch / seconds,
                    "tflop_per_s": batch * flops / seconds / 1e12, "peak_mib": peak_mib(device, start),
-                   "ours_vs_probe": plain / seconds if plain else None, "compile_fell_back": fell_back,
+                   "ours_vs_probe": plain / seconds if plain else None, "compile_fell_back": timed.fell_back,
                    "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips}
-            for name, loop in (loop_seconds or {}).items():
+            for name, loop in (timed.loop_seconds or {}).items():
                 row[f"{name}_img_per_s"] = batch / loop
             if label == "dinoflow_subset":
                 row["subset_drop_above"] = args.subset_drop_above
@@ -357,7 +358,8 @@ def probe(args: argparse.Namespace) -> None:
             print(f"{label:<18} {row['img_per_s']:>10.1f} {row['tflop_per_s']:>12.4f} {row['peak_mib']:>9.0f} "
                   f"{ratio}" + "".join(f"  ({note})" for note in notes), flush=True)
             if args.rounds and compiled:
-                kept[label] = step
+                kept[label] = timed.step
+            del timed  # the row's networks go with its step, unless kept
         report["batch_preparation"] = preparation_figures(preparation, batch, report["rows"])
         if args.json:
             Storage().write_bytes(args.json, json.dumps(report, indent=2).encode())
