@@ -39,10 +39,12 @@ from torch import Tensor
 from train_step import preparation_inputs  # this script's folder is first on sys.path
 from dinoflow.config import PretrainConfig, load_config
 from dinoflow.storage import Storage
+from trainer.batches import CropBatch, SideStream, make_batch
 from trainer.data.masking import sample_crop_masks
-from trainer.engine import CropBatch, Objective, SideStream, build_adamw, build_networks, make_batch, train_step
+from trainer.engine import Objective, build_networks, train_step
 from trainer.losses import masked_positions
 from trainer.models.compile import is_compiled
+from trainer.optim import build_adamw
 from trainer.schedules import schedule_values
 
 FORCED = ["model.drop_path_rate=0", "model.layerscale_init=1.0"]  # see the module docstring

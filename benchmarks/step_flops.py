@@ -36,7 +36,8 @@ from gpu_correctness import synthetic_batch  # this script's folder is first on 
 from step_probe import probe_flops_per_image, probe_shape  # this script's folder is first on sys.path
 from dinoflow.config import PretrainConfig, load_config
 from dinoflow.storage import Storage
-from trainer.engine import CropBatch, Objective, SSLNetwork, build_networks, crop_outputs, loss_terms
+from trainer.batches import CropBatch
+from trainer.engine import Objective, SSLNetwork, build_networks, crop_outputs, loss_terms
 
 
 def _counted(work: Any) -> int:

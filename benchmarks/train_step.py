@@ -90,8 +90,8 @@ from dinoflow.tracking import NullTracker
 if TYPE_CHECKING:
     from torch import Tensor
 
+    from trainer.batches import CropBatch
     from trainer.data.augment import MultiCrop
-    from trainer.engine import CropBatch
 
 STRATEGIES = ("single", "fsdp2", "deepspeed")
 EXTENSIONS = str(Path.home() / ".cache" / "dinoflow" / "torch_extensions")
@@ -410,7 +410,7 @@ def batch_preparation(multi_crop: MultiCrop, images: Tensor, cfg: PretrainConfig
     """What the training loop does to make each step's batch (:func:`make_batch`), on fresh
     steps: the multi-crop augmentation of ``images`` (on their device) and the block masks (drawn
     on the host, then copied)."""
-    from trainer.engine import make_batch
+    from trainer.batches import make_batch
 
     steps = itertools.count()  # each batch its own step's masks, as in training
     return lambda: make_batch(images, next(steps), cfg, multi_crop)
@@ -482,9 +482,11 @@ def time_dinoflow(args: argparse.Namespace, device: torch.device, compiled: bool
     with ``profile``, two more steps profiled on the fixed batch. ``subset_drop_above`` replaces
     ``SUBSET_DROP_ABOVE`` for this measurement (networks built, compiled and timed under it): where the
     subset form of stochastic depth starts."""
-    from trainer.engine import Objective, SideStream, build_adamw, build_networks, train_step, training_autocast
+    from trainer.batches import SideStream
+    from trainer.engine import Objective, build_networks, train_step, training_autocast
     from trainer.models import layers
     from trainer.models.compile import is_compiled
+    from trainer.optim import build_adamw
     from trainer.schedules import schedule_values
 
     if subset_drop_above is not None:

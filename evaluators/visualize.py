@@ -179,7 +179,7 @@ EVALUATION_SKIPPED = ("step", "train_minutes", "images_seen")  # an evaluation r
 def save_training_curves(curves: Sequence[dict[str, float]], evaluations: Sequence[dict[str, float]],
                          path: str | Path) -> Path:
     """A run's curves against its steps, a panel each: every ``loss_*`` of ``curves`` (rows with
-    ``step``: :meth:`trainer.engine.TrainState.record`); the collapse figures (``health_*``,
+    ``step``: :meth:`trainer.checkpoints.TrainState.record`); the collapse figures (``health_*``,
     :mod:`trainer.health`) when there are any, the prototypes picked on a second axis; the learning
     rate; and, when the run was evaluated, each score of ``evaluations`` (rows with ``step``)."""
     steps = [row["step"] for row in curves]

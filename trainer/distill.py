@@ -51,37 +51,33 @@ from dinoflow.config import DistillConfig, PretrainConfig, validate
 from dinoflow.progress import progress
 from dinoflow.storage import Storage, join_uri
 from dinoflow.tracking import NullTracker, Tracker
+from trainer.batches import CropBatch, ImageStream, LoaderWatch, PreparedStep, settle, streams_kept
+from trainer.checkpoints import (
+    TrainState,
+    checkpoint_bytes,
+    load_latest_checkpoint,
+    save_checkpoint,
+    write_training_curves,
+)
 from trainer.data.augment import MultiCrop
 from trainer.data.datasets import BadImageTracker
 from trainer.engine import (
-    CropBatch,
     EvalFn,
-    ImageStream,
-    LoaderWatch,
     Objective,
-    PreparedStep,
     SSLNetwork,
-    TrainState,
     begin_step,
-    build_adamw,
     build_backbone,
-    checkpoint_bytes,
     crop_outputs,
     ema_update,
     finish_step,
-    load_latest_checkpoint,
-    save_checkpoint,
-    settle,
-    streams_kept,
     training_autocast,
-    with_kernel_choice,
-    write_training_curves,
 )
 from trainer.losses import CLSFeatureLoss, PatchFeatureLoss
 from trainer.models.compile import compile_blocks
 from trainer.models.heads import DINOHead
 from trainer.models.hub import load_backbone, save_backbone
 from trainer.models.vit import DinoVisionTransformer
+from trainer.optim import build_adamw, with_kernel_choice
 from trainer.schedules import ScheduleValues, schedule_values, total_steps
 from trainer.strategy import Strategy
 

@@ -1,4 +1,6 @@
-"""The pretraining engine: models, one training step, the loop, and exact checkpoints.
+"""The pretraining engine: the networks, the objective, one training step and the loop. Beside
+it: what feeds the loop (:mod:`trainer.batches`), its AdamW (:mod:`trainer.optim`) and its exact
+checkpoints (:mod:`trainer.checkpoints`).
 
 Why this shape: the step is a plain function of (networks, objective, batch, schedule values,
 optimiser); setup builds those once; the loop only orders things (nanoGPT's order: schedule ->
@@ -10,31 +12,41 @@ beyond the step.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import io
 import json
-import logging
 import math
 import time
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dinoflow.config import PretrainConfig, to_yaml
+from dinoflow.config import PretrainConfig
 from dinoflow.progress import progress
 from dinoflow.storage import Storage, join_uri
 from dinoflow.tracking import TAG_HEALTH, NullTracker, Tracker
+from trainer.batches import (
+    CropBatch,
+    ImageStream,
+    LoaderWatch,
+    PreparedStep,
+    SideStream,
+    make_batch,
+    settle,
+    streams_kept,
+)
+from trainer.checkpoints import (
+    TrainState,
+    checkpoint_bytes,
+    load_latest_checkpoint,
+    save_checkpoint,
+    write_training_curves,
+)
 from trainer.data.augment import MultiCrop
 from trainer.data.datasets import BadImageTracker
-from trainer.data.masking import masked_patch_bound, sample_crop_masks
 from trainer.health import CollapseWatch, target_health
 from trainer.losses import (
     AllReduce,
@@ -43,7 +55,6 @@ from trainer.losses import (
     KoLeoLoss,
     SoftmaxCentering,
     Targets,
-    masked_positions,
     no_reduce,
     sinkhorn_knopp,
 )
@@ -51,13 +62,9 @@ from trainer.models.compile import compile_blocks, compiled_now, maybe_compiled
 from trainer.models.heads import DINOHead, Fused
 from trainer.models.hub import load_strict, read_weights, save_backbone
 from trainer.models.vit import DinoVisionTransformer, build_vit
+from trainer.optim import build_adamw, with_kernel_choice
 from trainer.schedules import ScheduleValues, schedule_values, total_steps
 from trainer.strategy import Strategy, build_strategy, local_tensor
-
-_log = logging.getLogger(__name__)
-CURVE_POINTS = 1000  # rows of step metrics a run keeps for its training curves (TrainState.record)
-CURVES_FILE = "training_curves.png"
-T = TypeVar("T")
 
 
 class SSLNetwork(nn.Module):
@@ -170,31 +177,6 @@ class Objective(nn.Module):
         return targets
 
 
-@dataclass
-class CropBatch:
-    """One micro-batch: crops ``(2, B, 3, G, G)`` / ``(L, B, 3, l, l)``, masks ``(2B, N)``, and
-    ``mask_index`` ``(M,)``: the masked patches' positions in ``masks.flatten()``, in order, then
-    (from :func:`make_batch`) an unmasked patch's position up to the recipe's fixed ``M``.
-
-    Why the index: selecting the masked patches with it (``tokens.flatten(0, 1)[mask_index]``)
-    has a size known on the host; a boolean mask's selection must wait for the GPU to count its
-    ``True``s. Why padded: the same ``M`` every step (:func:`~trainer.data.masking.masked_patch_bound`)
-    gives the iBOT heads and losses static shapes, so compiled code and CUDA graphs are built once,
-    not again for each count; the padding rows (``masks.flatten()[mask_index]`` False) get no weight
-    and no target mass. Built with the masks on the host it costs nothing; left out, it is derived
-    here, unpadded.
-    """
-
-    global_crops: Tensor
-    local_crops: Tensor
-    masks: Tensor
-    mask_index: Tensor | None = None
-
-    def __post_init__(self) -> None:
-        if self.mask_index is None:
-            self.mask_index = masked_positions(self.masks)
-
-
 def train_step(
     student: SSLNetwork,
     teacher: SSLNetwork,
@@ -265,7 +247,7 @@ def finish_step(losses: Tensor, names: list[str], optimizer: torch.optim.Optimiz
 
 def begin_step(optimizer: torch.optim.Optimizer, sched: ScheduleValues) -> None:
     """Start an optimiser step: this step's learning rates and weight decays into ``optimizer``'s
-    groups (:func:`param_groups`), and a new iteration for compiled blocks' CUDA graphs
+    groups (:func:`~trainer.optim.param_groups`), and a new iteration for compiled blocks' CUDA graphs
     (``model.compile_mode``), whose next replays may then reuse the memory of the last step's outputs."""
     torch.compiler.cudagraph_mark_step_begin()
     for group in optimizer.param_groups:
@@ -337,351 +319,10 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     torch._foreach_lerp_(teacher_params, student_params, 1 - momentum)  # one pass: t + (1 - m)(s - t)
 
 
-def param_groups(student: SSLNetwork, cfg: PretrainConfig) -> list[dict[str, Any]]:
-    """AdamW groups by (lr multiplier, weight-decay multiplier, last layer).
-
-    Layer-wise decay ``r^(depth + 1 - layer)`` (embeddings are layer 0, heads and the final
-    norm ``depth + 1``), patch embedding x ``patch_embed_lr_mult``; no weight decay on biases,
-    norms and LayerScale gammas; the heads' prototype layers follow the last-layer schedule.
-    """
-    depth = student.backbone.depth
-    groups: dict[tuple[float, float, bool], list[nn.Parameter]] = {}
-    for name, parameter in student.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        layer = depth + 1
-        if name.startswith("backbone."):
-            inner = name.removeprefix("backbone.")
-            if inner.startswith(("cls_token", "pos_embed", "mask_token", "register_tokens", "patch_embed")):
-                layer = 0
-            elif inner.startswith("blocks."):
-                layer = int(inner.split(".")[1]) + 1
-        lr_mult = cfg.optim.layerwise_decay ** (depth + 1 - layer)
-        if "patch_embed" in name:
-            lr_mult *= cfg.optim.patch_embed_lr_mult
-        wd_mult = 0.0 if name.endswith(".bias") or "norm" in name or "gamma" in name else 1.0
-        groups.setdefault((lr_mult, wd_mult, "last_layer" in name), []).append(parameter)
-    return [{"params": params, "lr_multiplier": lr, "wd_multiplier": wd, "is_last_layer": last}
-            for (lr, wd, last), params in groups.items()]
-
-
 def training_autocast(device: torch.device) -> torch.dtype | None:
     """The autocast dtype training runs under on ``device``: bf16 on CUDA (Sinkhorn-Knopp and the
     softmaxes stay fp32 in the losses), none (fp32) on CPU, where bf16 matmuls are slow."""
     return torch.bfloat16 if device.type == "cuda" else None
-
-
-def use_fused_adamw(cfg: PretrainConfig, device: torch.device) -> bool:
-    """Whether AdamW runs torch's fused kernel (``optim.fused_adamw``) on parameters on ``device``.
-
-    ``auto`` fuses on CUDA, where one kernel per device and dtype does the whole update that
-    torch's default foreach path spreads over several launches, and keeps torch's default elsewhere.
-    Under ``distributed.strategy=deepspeed`` ``auto`` does not fuse: ZeRO-3 steps the optimizer on
-    its own flat fp32 partitions, and that combination has been checked on CPU only (2 ranks train
-    like one fused process; see ``DeepSpeedStrategy.load_optimizer_state`` for where fused keeps its
-    ``step``), not on GPUs; ``on`` asks for it explicitly.
-    """
-    if cfg.optim.fused_adamw == "auto":
-        return device.type == "cuda" and cfg.distributed.strategy != "deepspeed"
-    return cfg.optim.fused_adamw == "on"
-
-
-def build_adamw(student: nn.Module, cfg: PretrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """The training AdamW: :func:`param_groups` of ``student`` (parameters on ``device``), the
-    recipe's betas, fused per :func:`use_fused_adamw` (the choice is logged). "Not fused" passes
-    ``fused=None``, torch's default (foreach where it applies), never ``False``, which would force
-    the slow per-tensor loop."""
-    fused = use_fused_adamw(cfg, device)
-    _log.info("AdamW on %s: %s (optim.fused_adamw=%s)", device, "fused" if fused else "torch default",
-              cfg.optim.fused_adamw)
-    return torch.optim.AdamW(param_groups(student, cfg), betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2),
-                             fused=True if fused else None)
-
-
-def with_kernel_choice(state: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """A checkpoint's optimizer ``state`` carrying ``optimizer``'s kernel choice (``fused``,
-    ``foreach``) in its param groups, to load into ``optimizer``.
-
-    Why: torch's ``load_state_dict`` takes every group setting from the checkpoint, so a run
-    resumed with another ``optim.fused_adamw`` or on another device (or from a checkpoint written
-    before the option existed) would silently keep the writer's kernel, and torch places each
-    ``step`` counter by the flag it loads (fused: on the parameter's device; else on the CPU)."""
-    choice = {key: optimizer.param_groups[0][key] for key in ("fused", "foreach")}
-    return {**state, "param_groups": [{**group, **choice} for group in state["param_groups"]]}
-
-
-def make_batch(images: Tensor, step: int, cfg: PretrainConfig, multi_crop: MultiCrop,
-               strategy: Strategy | None = None) -> CropBatch:
-    """Crops and masks for uint8 images; random draws are seeded from ``(seed, step)``.
-
-    Under ``strategy`` the masks are drawn for the global batch (every rank draws the same) and
-    this rank keeps its images' rows, so masking does not depend on how the batch is split. The
-    masked patches' index is padded to the most this rank's crops can hold (:class:`CropBatch`).
-    """
-    strategy = strategy or Strategy()
-    global_crops, local_crops = multi_crop(images)
-    grid = global_crops.shape[-1] // cfg.model.patch_size
-    rng = np.random.default_rng([cfg.seed, step])
-    global_images = len(images) * strategy.world_size
-    ratios = (cfg.loss.mask_ratio_min, cfg.loss.mask_ratio_max)
-    masks, _ = sample_crop_masks(2 * global_images, grid, grid, rng, cfg.loss.mask_probability, ratios)
-    masks = masks.view(2, global_images, -1)[:, strategy.rank_slice(global_images)].flatten(0, 1)  # (2B, N)
-    rows = masked_patch_bound(2 * global_images, grid * grid, cfg.loss.mask_probability, ratios, kept=len(masks))
-    index = masked_positions(masks, rows)  # on the host: no wait for the GPU
-    return CropBatch(global_crops, local_crops, to_device_async(masks, images.device),
-                     to_device_async(index, images.device))
-
-
-@dataclass
-class PreparedStep:
-    """A step's micro-batches, its images on this rank, and the bad-image tally once they were read
-    (:class:`BadImageTracker.summary`), which is the one its checkpoint keeps: the loop reads the
-    next step's images before this step's checkpoint is written."""
-
-    micro_batches: list[CropBatch]
-    images: int
-    bad_images: dict[str, Any]
-
-
-def settle(future: Future[Any], make: Callable[[int], Any], step: int) -> None:
-    """``make(step)``'s result or exception into ``future``: raised where the result is used, so
-    that an error in preparing the next step (a data set with too many bad images) stops the run
-    where a step-by-step loop would, after this step's checkpoint."""
-    try:
-        future.set_result(make(step))
-    except Exception as error:  # noqa: BLE001 - handed over whole, raised by future.result()
-        future.set_exception(error)
-
-
-def streams_kept(device: torch.device) -> contextlib.AbstractContextManager[None]:
-    """A block after which torch's random streams (the CPU's, and ``device``'s on CUDA) are as
-    they were before it. Why: the loop draws the next step's crops in the step's wait, before an
-    evaluation runs, so one drawing random numbers would otherwise move the stream the next step's
-    stochastic depth reads."""
-    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
-
-
-class SideStream:
-    """The next step's batch made on a second CUDA stream (``data.side_stream``).
-
-    Why: the loop prepares the next batch in the step's wait (:func:`train_step`'s
-    ``while_waiting``), but on the step's own stream its kernels (the augmentation: element-wise
-    passes over every crop) queue behind the step and run after it, adding their time to every
-    step. On a stream of their own they run beside the step's matrix products. :meth:`run` queues
-    ``make()``'s device work on that stream; :meth:`hand_over` makes the current stream wait for it
-    and tells the allocator that the batch's tensors are used there (so their memory is not reused
-    while the step reads them). Off, or off CUDA, both are plain calls.
-    """
-
-    def __init__(self, device: torch.device, enabled: bool) -> None:
-        self.stream = torch.cuda.Stream(device) if enabled and device.type == "cuda" else None
-
-    def run(self, make: Callable[[], T]) -> T:
-        if self.stream is None:
-            return make()
-        with torch.cuda.stream(self.stream):
-            return make()
-
-    def hand_over(self, batches: list[CropBatch]) -> None:
-        if self.stream is None:
-            return
-        current = torch.cuda.current_stream(self.stream.device)
-        current.wait_stream(self.stream)
-        for batch in batches:
-            for tensor in (batch.global_crops, batch.local_crops, batch.masks, batch.mask_index):
-                if tensor is not None:
-                    tensor.record_stream(current)
-
-
-def to_device_async(tensor: Tensor, device: torch.device) -> Tensor:
-    """A host tensor copied to ``device`` without waiting for the work queued there (pinned
-    memory, non-blocking copy on CUDA; a plain ``to`` elsewhere)."""
-    if device.type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
-
-
-class ResumableBatches:
-    """Index batches over a data set of ``length`` images, forever: each data epoch is a
-    permutation seeded by ``(seed, epoch)``, so batch ``b`` is known without replaying.
-
-    With ``world_size`` ranks, global batch ``b`` is the next ``batch_size * world_size`` indices
-    of the permutation and rank ``r`` reads its ``r``-th block of ``batch_size``: distinct images
-    per rank, fixed by the seed and the world size."""
-
-    def __init__(self, length: int, batch_size: int, seed: int, start: int = 0, rank: int = 0,
-                 world_size: int = 1) -> None:
-        global_size = batch_size * world_size
-        if length < global_size:
-            raise ValueError(f"data set of {length} images is smaller than one batch ({global_size})")
-        self.length, self.batch_size, self.seed, self.start = length, batch_size, seed, start
-        self.rank, self.world_size = rank, world_size
-        self.per_epoch = length // global_size
-
-    def __iter__(self) -> Iterator[list[int]]:
-        index = self.start
-        global_size = self.batch_size * self.world_size
-        while True:
-            epoch, offset = divmod(index, self.per_epoch)
-            order = np.random.default_rng([self.seed, epoch]).permutation(self.length)
-            first = offset * global_size + self.rank * self.batch_size
-            yield order[first : first + self.batch_size].tolist()
-            index += 1
-
-
-@dataclass
-class TrainState:
-    """What a checkpoint restores."""
-
-    step: int = 0
-    images_seen: int = 0
-    train_seconds: float = 0.0  # wall time spent training, evaluations excluded, over all resumes
-    history: list[dict[str, float]] = field(default_factory=list)
-    bad_images: dict[str, Any] = field(default_factory=dict)  # BadImageTracker.summary() at the save
-    curves: list[dict[str, float]] = field(default_factory=list)  # step metrics every curve_every steps
-    curve_every: int = 0  # 0 until the first record
-
-    @classmethod
-    def from_checkpoint(cls, checkpoint: dict[str, Any]) -> TrainState:
-        return cls(checkpoint["step"], checkpoint["images_seen"], checkpoint["train_seconds"],
-                   json.loads(checkpoint["history"]), json.loads(checkpoint.get("bad_images", "{}")),
-                   json.loads(checkpoint.get("curves", "[]")), int(checkpoint.get("curve_every", 0)))
-
-    def record(self, step: int, metrics: dict[str, float], every: int) -> None:
-        """Keep step ``step``'s ``metrics`` for the training curves when it falls on the stride
-        (``every`` steps at first); past :data:`CURVE_POINTS` rows the stride doubles and every other
-        row goes, so a run of any length keeps a bounded, evenly spaced record in its checkpoints."""
-        self.curve_every = self.curve_every or every
-        if step % self.curve_every:
-            return
-        self.curves.append({"step": step, **metrics})
-        if len(self.curves) > CURVE_POINTS:
-            self.curve_every *= 2
-            self.curves = [row for row in self.curves if row["step"] % self.curve_every == 0]
-
-
-def write_training_curves(state: TrainState, storage: Storage, out: str, tracker: Tracker) -> None:
-    """``<out>/training_curves.png`` (:func:`evaluators.visualize.save_training_curves` of the
-    recorded steps and evaluations), also logged to ``tracker``; nothing when no step was recorded.
-    The local copy it logs is left in place: an upload queued while the store is down reads it later."""
-    import tempfile
-    from pathlib import Path
-
-    from evaluators.visualize import save_training_curves
-
-    if not state.curves:
-        return
-    picture = save_training_curves(state.curves, state.history, Path(tempfile.mkdtemp()) / CURVES_FILE)
-    storage.write_bytes(join_uri(out, CURVES_FILE), picture.read_bytes())
-    tracker.log_artifact(picture)
-
-
-def checkpoint_bytes(student: SSLNetwork, teacher: SSLNetwork, objective: Objective,
-                     optimizer: torch.optim.Optimizer, state: TrainState, cfg: PretrainConfig,
-                     strategy: Strategy | None = None) -> bytes:
-    """The whole run state (gathered from every rank under ``strategy``: all ranks call this)."""
-    strategy = strategy or Strategy()
-    buffer = io.BytesIO()
-    torch.save({
-        "student": strategy.full_state_dict(student), "teacher": strategy.full_state_dict(teacher),
-        "objective": objective.state_dict(), "optimizer": strategy.optimizer_state(student, optimizer),
-        "step": state.step, "images_seen": state.images_seen, "train_seconds": state.train_seconds,
-        "config": to_yaml(cfg),
-        "history": json.dumps(state.history),
-        "bad_images": json.dumps(state.bad_images),
-        "curves": json.dumps(state.curves), "curve_every": state.curve_every,
-    }, buffer)
-    return buffer.getvalue()
-
-
-def save_checkpoint(storage: Storage, out: str, data: bytes, step: int, keep: int = 2) -> str:
-    """Write ``checkpoints/step_N.pt`` then point ``checkpoints/latest.json`` at it (both atomic);
-    a checkpoint is only ever found through the pointer, so a half-written one is never read."""
-    folder = join_uri(out, "checkpoints")
-    uri = join_uri(folder, f"step_{step:09d}.pt")
-    storage.write_bytes(uri, data)
-    storage.write_bytes(join_uri(folder, "latest.json"), json.dumps({"step": step, "uri": uri}).encode())
-    old = [u for u in storage.list(folder) if u.endswith(".pt") and u != uri]
-    for stale in old[: max(len(old) - (keep - 1), 0)]:
-        storage.delete(stale)
-    return uri
-
-
-def load_latest_checkpoint(storage: Storage, out: str) -> dict[str, Any] | None:
-    """The checkpoint ``latest.json`` points at, or None for a fresh run."""
-    pointer = join_uri(out, "checkpoints", "latest.json")
-    if not storage.exists(pointer):
-        return None
-    uri = json.loads(storage.read_bytes(pointer))["uri"]
-    return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
-
-
-class ImageStream:
-    """The next batch of decoded uint8 images on ``device`` at each call, from batch
-    ``start_batch`` of :class:`ResumableBatches` on; undecodable images are tallied in
-    ``bad_images`` (which stops the run above its fraction) and empty batches skipped.
-
-    Why it clocks its waits (:meth:`take_wait`): the loop asks for the next step's images in the
-    step's wait for its losses, so a loader whose workers keep up costs nothing, and one that does
-    not adds its lag to every step, which a GPU run shows only as fewer images a second. The loops
-    log the share of each step spent waiting (``data_wait_share``) and :class:`LoaderWatch` names
-    the cause."""
-
-    def __init__(self, dataset: Any, collate: Callable, cfg: PretrainConfig, start_batch: int, device: torch.device,
-                 bad_images: BadImageTracker, rank: int = 0, world_size: int = 1) -> None:
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=ResumableBatches(len(dataset), cfg.optim.batch_size, cfg.seed, start_batch,
-                                                    rank, world_size),
-            collate_fn=collate, num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
-            pin_memory=device.type == "cuda",  # Batch.pin_memory: the copy below then waits for nothing
-        )
-        self.batches, self.device, self.bad_images = iter(loader), device, bad_images
-        self.waited = 0.0
-
-    def __call__(self) -> Tensor:
-        while True:
-            tick = time.perf_counter()
-            batch = next(self.batches)
-            self.waited += time.perf_counter() - tick
-            self.bad_images.update(batch)
-            self.bad_images.check()
-            if len(batch.images):
-                return batch.images.to(self.device, non_blocking=True)
-
-    def take_wait(self) -> float:
-        """Seconds spent waiting for the loader since the last call."""
-        waited, self.waited = self.waited, 0.0
-        return waited
-
-
-LOADER_WAIT_WINDOW = 20  # consecutive steps LoaderWatch judges together
-
-
-class LoaderWatch:
-    """Warns once when the loop waited for the loader more than ``share`` of the time of
-    ``window`` consecutive steps (default :data:`LOADER_WAIT_WINDOW`; the run's first step, which
-    waits for the workers to start, not counted), naming ``data.num_workers``: the workers do not
-    keep up with the steps."""
-
-    def __init__(self, num_workers: int, window: int | None = None, share: float = 0.2) -> None:
-        self.num_workers, self.share = num_workers, share
-        self.steps: deque[tuple[float, float]] = deque(maxlen=window or LOADER_WAIT_WINDOW)
-        self.first, self.warned = True, False
-
-    def update(self, seconds: float, waited: float) -> None:
-        """Count one step of ``seconds`` of which ``waited`` went into waiting for images."""
-        if self.first:
-            self.first = False
-            return
-        self.steps.append((seconds, waited))
-        if self.warned or len(self.steps) < (self.steps.maxlen or 0):
-            return
-        share = sum(w for _, w in self.steps) / max(sum(s for s, _ in self.steps), 1e-9)
-        if share > self.share:
-            self.warned = True
-            _log.warning("the last %d steps spent %.0f %% of their time waiting for images: the loader's %d "
-                         "workers do not keep up (raise data.num_workers; benchmarks/decode.py gives a "
-                         "worker's images a second)", len(self.steps), 100 * share, self.num_workers)
 
 
 EvalFn = Callable[[DinoVisionTransformer, int], dict[str, float]]

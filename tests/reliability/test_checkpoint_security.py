@@ -13,7 +13,7 @@ from safetensors.torch import save as save_safetensors
 
 from dinoflow.storage import Storage
 from tests.reliability.helpers import assert_not_run, malicious_checkpoint
-from trainer.engine import load_latest_checkpoint, save_checkpoint
+from trainer.checkpoints import load_latest_checkpoint, save_checkpoint
 from trainer.models.hub import (
     dinov2,
     load_backbone,

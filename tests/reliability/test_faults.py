@@ -21,8 +21,9 @@ import torch
 from dinoflow.storage import Storage, join_uri
 from tests.reliability.helpers import RandomImages, tiny_config
 from trainer import engine
+from trainer.checkpoints import load_latest_checkpoint
 from trainer.data.datasets import collate_samples
-from trainer.engine import load_latest_checkpoint, pretrain
+from trainer.engine import pretrain
 
 # The child writes checkpoint 1 whole, then checkpoint 2 through a Storage whose write of the
 # chosen object stalls after its first chunk (6 MiB: on S3 one multipart part is already

@@ -26,7 +26,7 @@ from tests.reliability.helpers import (
     fork_server,
     train_tiny,
 )
-from trainer.engine import load_latest_checkpoint
+from trainer.checkpoints import load_latest_checkpoint
 
 # 12 steps, a checkpoint every 2 (so most kills lose a step and redo it), stochastic depth on
 # (its random stream must resume too), 2 blocks

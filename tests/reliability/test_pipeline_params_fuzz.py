@@ -161,7 +161,7 @@ def test_the_pretrain_stage_recipe_is_a_config_or_a_config_error(preset: str, ov
 
 
 def engine_seeds(seed: int) -> Iterator[None]:
-    """Seed the generators as the trainer does at step 0 (engine.make_batch, ResumableBatches,
+    """Seed the generators as the trainer does at step 0 (batches.make_batch, ResumableBatches,
     the per-step torch seed of a rank of up to 1024)."""
     import numpy as np
 

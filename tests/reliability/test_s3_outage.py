@@ -25,7 +25,7 @@ from tests.reliability.helpers import (
     tiny_config,
 )
 from tests.servers import TEST_BUCKET, SeaweedS3, running_s3, s3_settings
-from trainer.engine import load_latest_checkpoint
+from trainer.checkpoints import load_latest_checkpoint
 from trainer.run import run_pretrain
 
 SHARDS, PER_SHARD = 4, 8

@@ -22,20 +22,13 @@ import sys
 import torch
 
 from dinoflow.config import PretrainConfig, load_config
+from trainer.batches import CropBatch, make_batch
+from trainer.checkpoints import TrainState, checkpoint_bytes
 from trainer.data.augment import MultiCrop
 from trainer.data.masking import masked_patch_bound
-from trainer.engine import (
-    CropBatch,
-    Objective,
-    TrainState,
-    build_adamw,
-    build_networks,
-    checkpoint_bytes,
-    make_batch,
-    train_step,
-    with_kernel_choice,
-)
+from trainer.engine import Objective, build_networks, train_step
 from trainer.losses import masked_positions
+from trainer.optim import build_adamw, with_kernel_choice
 from trainer.schedules import ScheduleValues
 from trainer.strategy import build_strategy
 

@@ -12,13 +12,14 @@ from dinoflow.storage import Storage
 from evaluators.visualize import save_training_curves
 from tests.reliability.helpers import RandomImages
 from tests.trainer.test_engine import config
-from trainer import engine
+from trainer import checkpoints
+from trainer.checkpoints import TrainState, load_latest_checkpoint
 from trainer.data.datasets import collate_samples
-from trainer.engine import TrainState, load_latest_checkpoint, pretrain
+from trainer.engine import pretrain
 
 
 def test_the_record_keeps_every_strides_step_and_doubles_the_stride_when_full(monkeypatch) -> None:
-    monkeypatch.setattr(engine, "CURVE_POINTS", 10)
+    monkeypatch.setattr(checkpoints, "CURVE_POINTS", 10)
     state = TrainState()
     for step in range(1, 101):
         state.record(step, {"loss_total": 1.0 / step}, every=2)

@@ -15,6 +15,8 @@ from typer.testing import CliRunner
 from dinoflow.config import ConfigError, DistillConfig, PretrainConfig, load_config
 from dinoflow.storage import Storage
 from tests.trainer.host_reads import host_reads
+from trainer.batches import CropBatch
+from trainer.checkpoints import load_latest_checkpoint
 from trainer.data.augment import MultiCrop
 from trainer.data.datasets import collate_samples
 from trainer.distill import (
@@ -27,7 +29,7 @@ from trainer.distill import (
     fingerprint,
     load_teacher,
 )
-from trainer.engine import CropBatch, Objective, load_latest_checkpoint, pretrain
+from trainer.engine import Objective, pretrain
 from trainer.models.hub import load_backbone, save_backbone
 from trainer.run import build_dataset
 
@@ -295,7 +297,7 @@ def test_a_non_finite_distillation_step_halts_with_the_student_unchanged(teacher
     raises naming its terms, with the student as it was, read before the update or (fused AdamW)
     after the kernel skipped it; ``while_waiting`` still runs once, before the read."""
     from trainer.distill import distill_step
-    from trainer.engine import build_adamw
+    from trainer.optim import build_adamw
     from trainer.schedules import ScheduleValues
 
     cfg = student_config(teacher_run, tmp_path, "distill.objective=heads", f"optim.fused_adamw={'on' if fused else 'off'}")
@@ -325,7 +327,7 @@ def test_a_fused_distillation_step_reads_back_from_the_device_only_its_losses(te
     the teacher's targets, the student's losses, the update and the EMA wait for nothing; the
     losses are read once."""
     from trainer.distill import distill_step
-    from trainer.engine import build_adamw
+    from trainer.optim import build_adamw
     from trainer.schedules import ScheduleValues
 
     cfg = student_config(teacher_run, tmp_path, f"distill.objective={objective}", "optim.fused_adamw=on")

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from dinoflow.config import ConfigError, PretrainConfig, load_config
+from trainer.batches import ResumableBatches, make_batch
 from trainer.data.augment import MultiCrop
-from trainer.engine import ResumableBatches, make_batch
 from trainer.strategy import Strategy, build_strategy
 
 HELPER = Path(__file__).with_name("distributed_steps.py")

@@ -193,7 +193,8 @@ def test_a_killed_rank_ends_the_job_the_rerun_finishes_like_an_uninterrupted_run
 
 def test_single_process_optimizer_state_is_keyed_by_name_and_reads_older_checkpoints() -> None:
     from dinoflow.config import PretrainConfig, load_config
-    from trainer.engine import build_networks, param_groups
+    from trainer.engine import build_networks
+    from trainer.optim import param_groups
     from trainer.strategy import Strategy
 
     cfg = load_config(PretrainConfig, "tiny", SMALL)

@@ -13,24 +13,12 @@ from dinoflow.config import PretrainConfig, load_config
 from dinoflow.storage import Storage
 from tests.trainer.host_reads import host_reads
 from trainer import engine
+from trainer.batches import CropBatch, ResumableBatches, make_batch
+from trainer.checkpoints import load_latest_checkpoint, save_checkpoint
 from trainer.data.augment import MultiCrop
 from trainer.data.masking import masked_patch_bound
-from trainer.engine import (
-    CropBatch,
-    Objective,
-    ResumableBatches,
-    SSLNetwork,
-    build_adamw,
-    build_networks,
-    ema_update,
-    load_latest_checkpoint,
-    make_batch,
-    param_groups,
-    save_checkpoint,
-    train_step,
-    use_fused_adamw,
-    with_kernel_choice,
-)
+from trainer.engine import Objective, SSLNetwork, build_networks, ema_update, train_step
+from trainer.optim import build_adamw, param_groups, use_fused_adamw, with_kernel_choice
 from trainer.schedules import ScheduleValues
 from trainer.strategy import Strategy
 
@@ -558,8 +546,9 @@ def test_the_side_stream_option_trains_as_the_same_stream_does(tmp_path) -> None
     else: the same draws in the same order. Off CUDA there is no second stream (the calls are plain),
     so here the two runs must end bitwise equal; the GPU check compares the streams' crops on a GPU
     (``benchmarks/gpu_correctness.py``: ``side_stream``)."""
+    from trainer.batches import SideStream
     from trainer.data.datasets import collate_samples
-    from trainer.engine import SideStream, pretrain
+    from trainer.engine import pretrain
     from trainer.models.hub import load_backbone
 
     side = SideStream(torch.device("cpu"), enabled=True)

@@ -13,8 +13,9 @@ import torch
 from dinoflow.config import PretrainConfig, load_config
 from dinoflow.storage import Storage
 from dinoflow.tracking import NullTracker
+from trainer.batches import LoaderWatch
 from trainer.data.datasets import Sample, collate_samples
-from trainer.engine import LoaderWatch, pretrain
+from trainer.engine import pretrain
 
 SLEEP = 0.05  # seconds per image in the slow data set: a batch of 4 takes at least 0.2 s to load
 
@@ -43,7 +44,7 @@ class Metrics(NullTracker):
 
 
 def test_the_watch_warns_once_past_its_share_and_never_below(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="trainer.engine")
+    caplog.set_level(logging.WARNING, logger="trainer.batches")
     watch = LoaderWatch(num_workers=2, window=3, share=0.2)
     watch.update(10.0, 9.0)  # the first step (the workers starting) is not counted
     for _ in range(3):
@@ -62,10 +63,10 @@ def test_pretrain_logs_the_share_of_each_step_spent_waiting_for_images(
     """With a data set that takes ``4 x SLEEP`` seconds a batch (no workers: the loop loads in its
     own thread), every step waits at least that long, which the logged share shows, and the watch
     (its window shortened to 2 steps) warns; with an instant data set neither."""
-    import trainer.engine as engine
+    import trainer.batches as batches
 
-    monkeypatch.setattr(engine, "LOADER_WAIT_WINDOW", 2)
-    caplog.set_level(logging.WARNING, logger="trainer.engine")
+    monkeypatch.setattr(batches, "LOADER_WAIT_WINDOW", 2)
+    caplog.set_level(logging.WARNING, logger="trainer.batches")
     cfg = load_config(PretrainConfig, "tiny", [
         "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=7", "crops.local_crop_size=14",
         "heads.num_prototypes=64", "heads.hidden_dim=64", "heads.bottleneck_dim=16", "optim.batch_size=4",

@@ -1,0 +1,244 @@
+"""What feeds the pretraining loop: each step's crops and masks (:func:`make_batch`, a
+:class:`CropBatch`), made from the loader's images in a resumable order, and made in the step
+before's wait for its losses, on a second CUDA stream if asked.
+
+Why apart from the step (:mod:`trainer.engine`): the step is a function of a batch; how the batch
+is made, where its images come from and when is the loop's business, shared with distillation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dinoflow.config import PretrainConfig
+from trainer.data.augment import MultiCrop
+from trainer.data.datasets import BadImageTracker
+from trainer.data.masking import masked_patch_bound, sample_crop_masks
+from trainer.losses import masked_positions
+from trainer.strategy import Strategy
+
+_log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class CropBatch:
+    """One micro-batch: crops ``(2, B, 3, G, G)`` / ``(L, B, 3, l, l)``, masks ``(2B, N)``, and
+    ``mask_index`` ``(M,)``: the masked patches' positions in ``masks.flatten()``, in order, then
+    (from :func:`make_batch`) an unmasked patch's position up to the recipe's fixed ``M``.
+
+    Why the index: selecting the masked patches with it (``tokens.flatten(0, 1)[mask_index]``)
+    has a size known on the host; a boolean mask's selection must wait for the GPU to count its
+    ``True``s. Why padded: the same ``M`` every step (:func:`~trainer.data.masking.masked_patch_bound`)
+    gives the iBOT heads and losses static shapes, so compiled code and CUDA graphs are built once,
+    not again for each count; the padding rows (``masks.flatten()[mask_index]`` False) get no weight
+    and no target mass. Built with the masks on the host it costs nothing; left out, it is derived
+    here, unpadded.
+    """
+
+    global_crops: Tensor
+    local_crops: Tensor
+    masks: Tensor
+    mask_index: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.mask_index is None:
+            self.mask_index = masked_positions(self.masks)
+
+
+def make_batch(images: Tensor, step: int, cfg: PretrainConfig, multi_crop: MultiCrop,
+               strategy: Strategy | None = None) -> CropBatch:
+    """Crops and masks for uint8 images; random draws are seeded from ``(seed, step)``.
+
+    Under ``strategy`` the masks are drawn for the global batch (every rank draws the same) and
+    this rank keeps its images' rows, so masking does not depend on how the batch is split. The
+    masked patches' index is padded to the most this rank's crops can hold (:class:`CropBatch`).
+    """
+    strategy = strategy or Strategy()
+    global_crops, local_crops = multi_crop(images)
+    grid = global_crops.shape[-1] // cfg.model.patch_size
+    rng = np.random.default_rng([cfg.seed, step])
+    global_images = len(images) * strategy.world_size
+    ratios = (cfg.loss.mask_ratio_min, cfg.loss.mask_ratio_max)
+    masks, _ = sample_crop_masks(2 * global_images, grid, grid, rng, cfg.loss.mask_probability, ratios)
+    masks = masks.view(2, global_images, -1)[:, strategy.rank_slice(global_images)].flatten(0, 1)  # (2B, N)
+    rows = masked_patch_bound(2 * global_images, grid * grid, cfg.loss.mask_probability, ratios, kept=len(masks))
+    index = masked_positions(masks, rows)  # on the host: no wait for the GPU
+    return CropBatch(global_crops, local_crops, to_device_async(masks, images.device),
+                     to_device_async(index, images.device))
+
+
+@dataclass
+class PreparedStep:
+    """A step's micro-batches, its images on this rank, and the bad-image tally once they were read
+    (:class:`BadImageTracker.summary`), which is the one its checkpoint keeps: the loop reads the
+    next step's images before this step's checkpoint is written."""
+
+    micro_batches: list[CropBatch]
+    images: int
+    bad_images: dict[str, Any]
+
+
+def settle(future: Future[Any], make: Callable[[int], Any], step: int) -> None:
+    """``make(step)``'s result or exception into ``future``: raised where the result is used, so
+    that an error in preparing the next step (a data set with too many bad images) stops the run
+    where a step-by-step loop would, after this step's checkpoint."""
+    try:
+        future.set_result(make(step))
+    except Exception as error:  # noqa: BLE001 - handed over whole, raised by future.result()
+        future.set_exception(error)
+
+
+def streams_kept(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """A block after which torch's random streams (the CPU's, and ``device``'s on CUDA) are as
+    they were before it. Why: the loop draws the next step's crops in the step's wait, before an
+    evaluation runs, so one drawing random numbers would otherwise move the stream the next step's
+    stochastic depth reads."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
+class SideStream:
+    """The next step's batch made on a second CUDA stream (``data.side_stream``).
+
+    Why: the loop prepares the next batch in the step's wait (:func:`~trainer.engine.train_step`'s
+    ``while_waiting``), but on the step's own stream its kernels (the augmentation: element-wise
+    passes over every crop) queue behind the step and run after it, adding their time to every
+    step. On a stream of their own they run beside the step's matrix products. :meth:`run` queues
+    ``make()``'s device work on that stream; :meth:`hand_over` makes the current stream wait for it
+    and tells the allocator that the batch's tensors are used there (so their memory is not reused
+    while the step reads them). Off, or off CUDA, both are plain calls.
+    """
+
+    def __init__(self, device: torch.device, enabled: bool) -> None:
+        self.stream = torch.cuda.Stream(device) if enabled and device.type == "cuda" else None
+
+    def run(self, make: Callable[[], T]) -> T:
+        if self.stream is None:
+            return make()
+        with torch.cuda.stream(self.stream):
+            return make()
+
+    def hand_over(self, batches: list[CropBatch]) -> None:
+        if self.stream is None:
+            return
+        current = torch.cuda.current_stream(self.stream.device)
+        current.wait_stream(self.stream)
+        for batch in batches:
+            for tensor in (batch.global_crops, batch.local_crops, batch.masks, batch.mask_index):
+                if tensor is not None:
+                    tensor.record_stream(current)
+
+
+def to_device_async(tensor: Tensor, device: torch.device) -> Tensor:
+    """A host tensor copied to ``device`` without waiting for the work queued there (pinned
+    memory, non-blocking copy on CUDA; a plain ``to`` elsewhere)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+class ResumableBatches:
+    """Index batches over a data set of ``length`` images, forever: each data epoch is a
+    permutation seeded by ``(seed, epoch)``, so batch ``b`` is known without replaying.
+
+    With ``world_size`` ranks, global batch ``b`` is the next ``batch_size * world_size`` indices
+    of the permutation and rank ``r`` reads its ``r``-th block of ``batch_size``: distinct images
+    per rank, fixed by the seed and the world size."""
+
+    def __init__(self, length: int, batch_size: int, seed: int, start: int = 0, rank: int = 0,
+                 world_size: int = 1) -> None:
+        global_size = batch_size * world_size
+        if length < global_size:
+            raise ValueError(f"data set of {length} images is smaller than one batch ({global_size})")
+        self.length, self.batch_size, self.seed, self.start = length, batch_size, seed, start
+        self.rank, self.world_size = rank, world_size
+        self.per_epoch = length // global_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        index = self.start
+        global_size = self.batch_size * self.world_size
+        while True:
+            epoch, offset = divmod(index, self.per_epoch)
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.length)
+            first = offset * global_size + self.rank * self.batch_size
+            yield order[first : first + self.batch_size].tolist()
+            index += 1
+
+
+class ImageStream:
+    """The next batch of decoded uint8 images on ``device`` at each call, from batch
+    ``start_batch`` of :class:`ResumableBatches` on; undecodable images are tallied in
+    ``bad_images`` (which stops the run above its fraction) and empty batches skipped.
+
+    Why it clocks its waits (:meth:`take_wait`): the loop asks for the next step's images in the
+    step's wait for its losses, so a loader whose workers keep up costs nothing, and one that does
+    not adds its lag to every step, which a GPU run shows only as fewer images a second. The loops
+    log the share of each step spent waiting (``data_wait_share``) and :class:`LoaderWatch` names
+    the cause."""
+
+    def __init__(self, dataset: Any, collate: Callable, cfg: PretrainConfig, start_batch: int, device: torch.device,
+                 bad_images: BadImageTracker, rank: int = 0, world_size: int = 1) -> None:
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=ResumableBatches(len(dataset), cfg.optim.batch_size, cfg.seed, start_batch,
+                                                    rank, world_size),
+            collate_fn=collate, num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
+            pin_memory=device.type == "cuda",  # Batch.pin_memory: the copy below then waits for nothing
+        )
+        self.batches, self.device, self.bad_images = iter(loader), device, bad_images
+        self.waited = 0.0
+
+    def __call__(self) -> Tensor:
+        while True:
+            tick = time.perf_counter()
+            batch = next(self.batches)
+            self.waited += time.perf_counter() - tick
+            self.bad_images.update(batch)
+            self.bad_images.check()
+            if len(batch.images):
+                return batch.images.to(self.device, non_blocking=True)
+
+    def take_wait(self) -> float:
+        """Seconds spent waiting for the loader since the last call."""
+        waited, self.waited = self.waited, 0.0
+        return waited
+
+
+LOADER_WAIT_WINDOW = 20  # consecutive steps LoaderWatch judges together
+
+
+class LoaderWatch:
+    """Warns once when the loop waited for the loader more than ``share`` of the time of
+    ``window`` consecutive steps (default :data:`LOADER_WAIT_WINDOW`; the run's first step, which
+    waits for the workers to start, not counted), naming ``data.num_workers``: the workers do not
+    keep up with the steps."""
+
+    def __init__(self, num_workers: int, window: int | None = None, share: float = 0.2) -> None:
+        self.num_workers, self.share = num_workers, share
+        self.steps: deque[tuple[float, float]] = deque(maxlen=window or LOADER_WAIT_WINDOW)
+        self.first, self.warned = True, False
+
+    def update(self, seconds: float, waited: float) -> None:
+        """Count one step of ``seconds`` of which ``waited`` went into waiting for images."""
+        if self.first:
+            self.first = False
+            return
+        self.steps.append((seconds, waited))
+        if self.warned or len(self.steps) < (self.steps.maxlen or 0):
+            return
+        share = sum(w for _, w in self.steps) / max(sum(s for s, _ in self.steps), 1e-9)
+        if share > self.share:
+            self.warned = True
+            _log.warning("the last %d steps spent %.0f %% of their time waiting for images: the loader's %d "
+                         "workers do not keep up (raise data.num_workers; benchmarks/decode.py gives a "
+                         "worker's images a second)", len(self.steps), 100 * share, self.num_workers)
