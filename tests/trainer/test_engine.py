@@ -1,4 +1,4 @@
-"""The training step, parameter groups, EMA and checkpoints of the pretraining engine."""
+"""The pretraining engine: the training step, its losses and EMA, and the loop."""
 
 from __future__ import annotations
 
@@ -13,14 +13,12 @@ from dinoflow.config import PretrainConfig, load_config
 from dinoflow.storage import Storage
 from tests.trainer.host_reads import host_reads
 from trainer import engine
-from trainer.batches import CropBatch, ResumableBatches, make_batch
-from trainer.checkpoints import load_latest_checkpoint, save_checkpoint
+from trainer.batches import CropBatch, make_batch
+from trainer.checkpoints import load_latest_checkpoint
 from trainer.data.augment import MultiCrop
-from trainer.data.masking import masked_patch_bound
 from trainer.engine import Objective, SSLNetwork, build_networks, ema_update, train_step
-from trainer.optim import build_adamw, param_groups, use_fused_adamw, with_kernel_choice
+from trainer.optim import build_adamw, param_groups
 from trainer.schedules import ScheduleValues
-from trainer.strategy import Strategy
 
 TINY = ["model.embed_dim=32", "model.depth=3", "model.num_heads=2", "model.patch_size=7",
         "crops.local_crop_size=14", "heads.num_prototypes=64", "heads.hidden_dim=64",
@@ -33,32 +31,6 @@ def config(*extra: str) -> PretrainConfig:
 
 def images(count: int = 8) -> torch.Tensor:
     return (torch.rand(count, 3, 28, 28, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
-
-
-def test_param_groups_multipliers_and_decay() -> None:
-    cfg = config("optim.patch_embed_lr_mult=0.2")
-    student, _ = build_networks(cfg)
-    groups = param_groups(student, cfg)
-    assert sum(len(g["params"]) for g in groups) == len(list(student.parameters()))
-    where = {id(p): g for g in groups for p in g["params"]}
-    named = dict(student.named_parameters())
-    depth = 3
-
-    def group(name: str) -> dict:
-        return where[id(named[name])]
-
-    assert group("backbone.cls_token")["lr_multiplier"] == pytest.approx(0.5 ** (depth + 1))
-    assert group("backbone.patch_embed.proj.weight")["lr_multiplier"] == pytest.approx(0.2 * 0.5 ** (depth + 1))
-    assert group("backbone.blocks.0.attn.qkv.weight")["lr_multiplier"] == pytest.approx(0.5 ** depth)
-    assert group("backbone.blocks.2.mlp.fc1.weight")["lr_multiplier"] == pytest.approx(0.5)
-    assert group("dino_head.mlp.0.weight")["lr_multiplier"] == 1.0
-    for name in ("backbone.blocks.1.attn.qkv.bias", "backbone.blocks.1.norm1.weight", "backbone.blocks.1.ls1.gamma",
-                 "backbone.norm.weight"):
-        assert group(name)["wd_multiplier"] == 0.0, name
-    for name in ("backbone.blocks.1.attn.qkv.weight", "backbone.pos_embed", "backbone.mask_token"):
-        assert group(name)["wd_multiplier"] == 1.0, name
-    assert group("dino_head.last_layer.weight_v")["is_last_layer"]
-    assert not group("dino_head.mlp.0.weight")["is_last_layer"]
 
 
 def test_ema_update_formula() -> None:
@@ -141,22 +113,6 @@ def test_nan_loss_halts_with_a_clear_error(fused: bool) -> None:
         assert all(float(state["step"]) == 0 for state in optimizer.state.values())
 
 
-def test_a_batch_indexes_its_masked_patches_in_mask_order_padded_to_a_fixed_count() -> None:
-    """``CropBatch.mask_index`` (built on the host) selects what the boolean masks select, then
-    pads to the same length every step: the recipe's bound on the masked patches."""
-    cfg = config()
-    grid = cfg.crops.global_crop_size // cfg.model.patch_size
-    bound = masked_patch_bound(16, grid * grid, cfg.loss.mask_probability,
-                               (cfg.loss.mask_ratio_min, cfg.loss.mask_ratio_max))
-    for step in range(4):
-        batch = make_batch(images(), step, cfg, MultiCrop(cfg.crops))
-        tokens = torch.randn(*batch.masks.shape, 5)
-        masked = int(batch.masks.sum())
-        assert 0 < masked <= len(batch.mask_index) == bound
-        assert torch.equal(tokens.flatten(0, 1)[batch.mask_index[:masked]], tokens[batch.masks])
-        assert not batch.masks.flatten()[batch.mask_index[masked:]].any()
-
-
 TrainedRun = tuple[torch.nn.Module, Objective, list[dict[str, float]]]
 
 
@@ -213,97 +169,6 @@ def test_a_shared_head_on_cls_and_patches_in_one_call_trains_as_a_call_each(cent
 
     monkeypatch.setattr(SSLNetwork, "heads", a_call_each)
     assert_trained_alike(one_call, two_steps(cfg))
-
-
-def test_fused_adamw_trains_like_the_default_one() -> None:
-    """Three real steps (DINO and iBOT losses, masks, drop path, clipping) from the same networks
-    and batches: the fused kernel and torch's default path end at the same parameters and losses.
-
-    KoLeo is weighted 0 here (still computed): at init the CLS embeddings nearly coincide, so its
-    -log nearest-neighbour distance turns the kernels' rounding-level differences (~1e-8 after a
-    step) into 1e-2 changes of the loss, which Adam's normalised update carries into the weights."""
-    runs = []
-    for choice in ("on", "off"):
-        cfg = config(f"optim.fused_adamw={choice}", "loss.koleo_weight=0")
-        torch.manual_seed(0)
-        student, teacher = build_networks(cfg)
-        objective = Objective(cfg)
-        optimizer = build_adamw(student, cfg, torch.device("cpu"))
-        assert optimizer.param_groups[0]["fused"] is (True if choice == "on" else None)
-        sched = ScheduleValues(lr=1e-3, last_layer_lr=1e-3, weight_decay=0.04, teacher_momentum=0.9, teacher_temp=0.05)
-        losses = []
-        for step in range(3):
-            torch.manual_seed(step)  # the same crops and drop-path draws in both runs
-            batch = make_batch(images(), step, cfg, MultiCrop(cfg.crops))
-            losses.append(train_step(student, teacher, objective, [batch], sched, optimizer, clip_grad=3.0))
-        runs.append((student, losses))
-    (fused, fused_losses), (default, default_losses) = runs
-    for a, b in zip(fused_losses, default_losses):
-        for term in ("dino", "ibot", "total"):
-            assert a[term] == pytest.approx(b[term], abs=1e-6), term
-    for (name, a), b in zip(fused.named_parameters(), default.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
-    moved = build_networks(config())[0]  # a fresh start differs: the steps did move the weights
-    assert not torch.allclose(fused.backbone.blocks[0].attn.qkv.weight, moved.backbone.blocks[0].attn.qkv.weight)
-
-
-def test_auto_fuses_adamw_on_cuda_only_and_not_under_deepspeed() -> None:
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert use_fused_adamw(config(), cuda) and not use_fused_adamw(config(), cpu)
-    assert use_fused_adamw(config("distributed.strategy=fsdp2"), cuda)
-    assert not use_fused_adamw(config("distributed.strategy=deepspeed"), cuda)
-    assert use_fused_adamw(config("optim.fused_adamw=on", "distributed.strategy=deepspeed"), cpu)
-    assert not use_fused_adamw(config("optim.fused_adamw=off"), cuda)
-
-
-def test_a_resumed_optimizer_takes_this_runs_kernel_not_the_checkpoints() -> None:
-    """A checkpoint written by torch's default AdamW, loaded (through the strategy's by-name format)
-    into a fused one, stays fused and keeps its moments and step; and back."""
-    cfg = config()
-    torch.manual_seed(0)
-    student, teacher = build_networks(cfg)
-    written = build_adamw(student, cfg, torch.device("cpu"))
-    sched = ScheduleValues(lr=1e-3, last_layer_lr=1e-3, weight_decay=0.04, teacher_momentum=0.9, teacher_temp=0.05)
-    train_step(student, teacher, Objective(cfg), [make_batch(images(), 0, cfg, MultiCrop(cfg.crops))], sched, written,
-               clip_grad=3.0)
-    state = Strategy().optimizer_state(student, written)
-    for choice, fused in (("on", True), ("off", None)):
-        resumed = build_adamw(student, config(f"optim.fused_adamw={choice}"), torch.device("cpu"))
-        Strategy().load_optimizer_state(student, resumed, with_kernel_choice(state, resumed))
-        assert all(group["fused"] is fused for group in resumed.param_groups)
-        qkv = student.backbone.blocks[0].attn.qkv.weight
-        torch.testing.assert_close(resumed.state[qkv]["exp_avg"], written.state[qkv]["exp_avg"])
-        assert float(resumed.state[qkv]["step"]) == 1.0
-
-
-def test_batches_resume_anywhere() -> None:
-    full = ResumableBatches(50, 8, seed=3)
-    stream = iter(full)
-    first = [next(stream) for _ in range(14)]  # crosses a data-epoch boundary (6 batches per epoch)
-    resumed = iter(ResumableBatches(50, 8, seed=3, start=9))
-    assert [next(resumed) for _ in range(5)] == first[9:]
-    assert sorted(sum(first[:6], [])) == sorted(set(sum(first[:6], [])))  # no repeats in an epoch
-    with pytest.raises(ValueError, match="smaller than one batch"):
-        ResumableBatches(5, 8, seed=0)
-
-
-def test_checkpoints_are_found_only_through_the_pointer(tmp_path) -> None:
-    storage, out = Storage(), str(tmp_path / "run")
-    assert load_latest_checkpoint(storage, out) is None
-    for step in (1, 2, 3):
-        save_checkpoint(storage, out, _payload(step), step)
-    (tmp_path / "run" / "checkpoints" / "step_000000009.pt").write_bytes(b"half-writ")  # never pointed at
-    assert load_latest_checkpoint(storage, out)["step"] == 3
-    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
-    assert kept == ["latest.json", "step_000000002.pt", "step_000000003.pt", "step_000000009.pt"]
-
-
-def _payload(step: int) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    torch.save({"step": step, "weights": torch.ones(3) * step}, buffer)
-    return buffer.getvalue()
 
 
 @pytest.mark.parametrize(("preset", "low", "high"), [
