@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from dinoflow.config import ConfigError, DistillConfig, PretrainConfig, load_config
 from dinoflow.storage import Storage
 from tests.trainer.host_reads import host_reads
+from tests.trainer.test_engine import SCHED
 from trainer.batches import CropBatch
 from trainer.checkpoints import load_latest_checkpoint
 from trainer.data.augment import MultiCrop
@@ -298,7 +299,6 @@ def test_a_non_finite_distillation_step_halts_with_the_student_unchanged(teacher
     after the kernel skipped it; ``while_waiting`` still runs once, before the read."""
     from trainer.distill import distill_step
     from trainer.optim import build_adamw
-    from trainer.schedules import ScheduleValues
 
     cfg = student_config(teacher_run, tmp_path, "distill.objective=heads", f"optim.fused_adamw={'on' if fused else 'off'}")
     teacher, _ = load_teacher(cfg, storage)
@@ -307,10 +307,9 @@ def test_a_non_finite_distillation_step_halts_with_the_student_unchanged(teacher
         student.dino_head.mlp[0].weight.fill_(float("nan"))
     before = copy.deepcopy(student.state_dict())
     optimizer = build_adamw(student, cfg, torch.device("cpu"))
-    sched = ScheduleValues(lr=1e-3, last_layer_lr=1e-3, weight_decay=0.04, teacher_momentum=0.9, teacher_temp=0.05)
     calls = []
     with pytest.raises(FloatingPointError, match=r"loss is nan \(\{'dino': nan"):
-        distill_step(student, student_ema, teacher, Objective(cfg), fixed_batch(cfg, dataset), sched, optimizer, cfg,
+        distill_step(student, student_ema, teacher, Objective(cfg), fixed_batch(cfg, dataset), SCHED, optimizer, cfg,
                      while_waiting=lambda: calls.append(1))
     assert calls == [1]
     for key, value in student.state_dict().items():
@@ -328,15 +327,13 @@ def test_a_fused_distillation_step_reads_back_from_the_device_only_its_losses(te
     losses are read once."""
     from trainer.distill import distill_step
     from trainer.optim import build_adamw
-    from trainer.schedules import ScheduleValues
 
     cfg = student_config(teacher_run, tmp_path, f"distill.objective={objective}", "optim.fused_adamw=on")
     teacher, _ = load_teacher(cfg, storage)
     student, student_ema = build_student(cfg, teacher.backbone.embed_dim)
     optimizer = build_adamw(student, cfg, torch.device("cpu"))
-    sched = ScheduleValues(lr=1e-3, last_layer_lr=1e-3, weight_decay=0.04, teacher_momentum=0.9, teacher_temp=0.05)
     batch = fixed_batch(cfg, dataset)
     for _ in range(2):  # the first step makes the optimizer's state; both are checked
         with host_reads() as reads:
-            distill_step(student, student_ema, teacher, Objective(cfg), batch, sched, optimizer, cfg)
+            distill_step(student, student_ema, teacher, Objective(cfg), batch, SCHED, optimizer, cfg)
         assert reads == ["tolist in trainer/engine.py:_read_losses"]

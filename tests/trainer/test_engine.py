@@ -25,6 +25,10 @@ TINY = ["model.embed_dim=32", "model.depth=3", "model.num_heads=2", "model.patch
         "heads.bottleneck_dim=16", "optim.batch_size=8", "optim.layerwise_decay=0.5"]
 
 
+SCHED = ScheduleValues(  # the schedule values of a step in these tests (frozen: shared safely)
+    lr=1e-3, last_layer_lr=1e-3, weight_decay=0.04, teacher_momentum=0.9, teacher_temp=0.05)
+
+
 def config(*extra: str) -> PretrainConfig:
     return load_config(PretrainConfig, "tiny", [*TINY, *extra])
 
@@ -103,11 +107,10 @@ def test_nan_loss_halts_with_a_clear_error(fused: bool) -> None:
     with torch.no_grad():
         student.dino_head.mlp[0].weight.fill_(float("nan"))
     batch = make_batch(images(), 0, cfg, MultiCrop(cfg.crops))
-    sched = ScheduleValues(lr=1e-3, last_layer_lr=1e-3, weight_decay=0.04, teacher_momentum=0.9, teacher_temp=0.05)
     before = {name: p.clone() for name, p in student.named_parameters()}
     optimizer = torch.optim.AdamW(param_groups(student, cfg), fused=fused or None)
     with pytest.raises(FloatingPointError, match="loss is nan"):
-        train_step(student, teacher, Objective(cfg), [batch], sched, optimizer, 3.0)
+        train_step(student, teacher, Objective(cfg), [batch], SCHED, optimizer, 3.0)
     assert all(torch.equal(p, before[name]) for name, p in student.named_parameters() if name != "dino_head.mlp.0.weight")
     if fused:  # the skipped step is not counted either
         assert all(float(state["step"]) == 0 for state in optimizer.state.values())
@@ -119,7 +122,6 @@ TrainedRun = tuple[torch.nn.Module, Objective, list[dict[str, float]]]
 def two_steps(cfg: PretrainConfig, adjust: Callable[[CropBatch], CropBatch] = lambda batch: batch) -> TrainedRun:
     """The student, objective and losses after two steps from seeded networks on seeded batches,
     each batch passed through ``adjust`` first."""
-    sched = ScheduleValues(lr=1e-3, last_layer_lr=1e-3, weight_decay=0.04, teacher_momentum=0.9, teacher_temp=0.05)
     torch.manual_seed(0)
     student, teacher = build_networks(cfg)
     objective = Objective(cfg)
@@ -128,7 +130,7 @@ def two_steps(cfg: PretrainConfig, adjust: Callable[[CropBatch], CropBatch] = la
     for step in range(2):
         torch.manual_seed(step)  # the same crops and drop-path draws in every run
         batch = adjust(make_batch(images(), step, cfg, MultiCrop(cfg.crops)))
-        losses.append(train_step(student, teacher, objective, [batch], sched, optimizer, clip_grad=3.0))
+        losses.append(train_step(student, teacher, objective, [batch], SCHED, optimizer, clip_grad=3.0))
     return student, objective, losses
 
 
@@ -299,10 +301,9 @@ def test_while_waiting_runs_once_with_the_step_queued_before_its_losses_are_read
         student, teacher = build_networks(cfg)
         before = student.backbone.blocks[0].attn.qkv.weight.detach().clone()
         optimizer = torch.optim.AdamW(param_groups(student, cfg), fused=fused or None)
-        sched = ScheduleValues(lr=1e-3, last_layer_lr=1e-3, weight_decay=0.04, teacher_momentum=0.9, teacher_temp=0.05)
         torch.manual_seed(1)
         batch = make_batch(images(), 0, cfg, MultiCrop(cfg.crops))
-        results.append(train_step(student, teacher, Objective(cfg), [batch], sched, optimizer, 3.0, while_waiting=hook))
+        results.append(train_step(student, teacher, Objective(cfg), [batch], SCHED, optimizer, 3.0, while_waiting=hook))
     assert calls == [fused]  # the weights had moved when it ran on the fused path only
     assert results[0] == results[1]
 
@@ -321,10 +322,9 @@ def test_a_fused_step_reads_back_from_the_device_only_its_losses(centering: str,
     student, teacher = build_networks(cfg)
     optimizer = torch.optim.AdamW(param_groups(student, cfg), fused=True)
     batches = [make_batch(images(), step, cfg, MultiCrop(cfg.crops)) for step in range(micro_batches)]
-    sched = ScheduleValues(lr=1e-3, last_layer_lr=1e-3, weight_decay=0.04, teacher_momentum=0.9, teacher_temp=0.05)
     for _ in range(2):  # the first step makes the optimizer's state; both are checked
         with host_reads() as reads:
-            train_step(student, teacher, Objective(cfg), batches, sched, optimizer, clip_grad=3.0)
+            train_step(student, teacher, Objective(cfg), batches, SCHED, optimizer, clip_grad=3.0)
         assert reads == ["tolist in trainer/engine.py:_read_losses"]
 
 
@@ -344,10 +344,9 @@ def test_the_read_counter_sees_a_value_read_and_a_boolean_index(monkeypatch) -> 
     cfg = config()
     student, teacher = build_networks(cfg)
     optimizer = torch.optim.AdamW(param_groups(student, cfg), fused=True)
-    sched = ScheduleValues(lr=1e-3, last_layer_lr=1e-3, weight_decay=0.04, teacher_momentum=0.9, teacher_temp=0.05)
     batch = make_batch(images(), 0, cfg, MultiCrop(cfg.crops))
     with host_reads() as reads:
-        train_step(student, teacher, Objective(cfg), [batch], sched, optimizer, clip_grad=3.0)
+        train_step(student, teacher, Objective(cfg), [batch], SCHED, optimizer, clip_grad=3.0)
     where = "tests/trainer/test_engine.py:reading"
     assert reads == [f"_local_scalar_dense in {where}", f"index in {where}",
                      "index_put in trainer/strategy.py:backward",  # the boolean index's gradient waits too

@@ -6,12 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.trainer.test_engine import config, images
+from tests.trainer.test_engine import SCHED, config, images
 from trainer.batches import make_batch
 from trainer.data.augment import MultiCrop
 from trainer.engine import Objective, build_networks, train_step
 from trainer.optim import build_adamw, param_groups, use_fused_adamw, with_kernel_choice
-from trainer.schedules import ScheduleValues
 from trainer.strategy import Strategy
 
 
@@ -56,12 +55,11 @@ def test_fused_adamw_trains_like_the_default_one() -> None:
         objective = Objective(cfg)
         optimizer = build_adamw(student, cfg, torch.device("cpu"))
         assert optimizer.param_groups[0]["fused"] is (True if choice == "on" else None)
-        sched = ScheduleValues(lr=1e-3, last_layer_lr=1e-3, weight_decay=0.04, teacher_momentum=0.9, teacher_temp=0.05)
         losses = []
         for step in range(3):
             torch.manual_seed(step)  # the same crops and drop-path draws in both runs
             batch = make_batch(images(), step, cfg, MultiCrop(cfg.crops))
-            losses.append(train_step(student, teacher, objective, [batch], sched, optimizer, clip_grad=3.0))
+            losses.append(train_step(student, teacher, objective, [batch], SCHED, optimizer, clip_grad=3.0))
         runs.append((student, losses))
     (fused, fused_losses), (default, default_losses) = runs
     for a, b in zip(fused_losses, default_losses):
@@ -89,8 +87,7 @@ def test_a_resumed_optimizer_takes_this_runs_kernel_not_the_checkpoints() -> Non
     torch.manual_seed(0)
     student, teacher = build_networks(cfg)
     written = build_adamw(student, cfg, torch.device("cpu"))
-    sched = ScheduleValues(lr=1e-3, last_layer_lr=1e-3, weight_decay=0.04, teacher_momentum=0.9, teacher_temp=0.05)
-    train_step(student, teacher, Objective(cfg), [make_batch(images(), 0, cfg, MultiCrop(cfg.crops))], sched, written,
+    train_step(student, teacher, Objective(cfg), [make_batch(images(), 0, cfg, MultiCrop(cfg.crops))], SCHED, written,
                clip_grad=3.0)
     state = Strategy().optimizer_state(student, written)
     for choice, fused in (("on", True), ("off", None)):
