@@ -325,6 +325,11 @@ def probe(args: argparse.Namespace) -> None:
     if args.autotune:  # last: the longest to compile
         measures["dinoflow_autotune"] = lambda: time_dinoflow(args, device, True, crop_batch,
                                                               mode="max-autotune-no-cudagraphs")
+
+    def save_report() -> None:  # as each row completes, so a run cut short keeps what it finished
+        if args.json:
+            Storage().write_bytes(args.json, json.dumps(report, indent=2).encode())
+
     plain: float | None = None  # the eager probe's seconds per step: every row's reference
     kept: dict[str, Callable[[], None]] = {}  # the compiled rows' steps, for --rounds
     for label, measure in measures.items():
@@ -361,16 +366,14 @@ def probe(args: argparse.Namespace) -> None:
                 kept[label] = timed.step
             del timed  # the row's networks go with its step, unless kept
         report["batch_preparation"] = preparation_figures(preparation, batch, report["rows"])
-        if args.json:
-            Storage().write_bytes(args.json, json.dumps(report, indent=2).encode())
+        save_report()
     print(preparation_text(report["batch_preparation"], f"batch preparation (multi-crop on {device}, masks on the host)"),
           flush=True)
     if "probe_compiled" in kept and len(kept) > 1:
         report["rounds"] = {"rounds": args.rounds, "steps": args.steps,
                             "ours_vs_probe": rounds_ratios(alternating_rounds(kept, args.rounds, args.steps, device))}
         print(rounds_text(report["rounds"]), flush=True)
-        if args.json:
-            Storage().write_bytes(args.json, json.dumps(report, indent=2).encode())
+        save_report()
 
 
 def alternating_rounds(steps: Mapping[str, Callable[[], None]], rounds: int, count: int,
