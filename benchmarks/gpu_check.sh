@@ -12,7 +12,9 @@
 #                  against eager                                                 -> correctness.json
 #   (the steps that give issue 11's figures first, so that a budget cut short takes diagnostics only)
 #   probe_small    benchmarks/train_step.py --probe --compile --cuda-graphs: ViT-S/14 recipe, batch 128,
-#                  and dinoflow's compiled step once more with CUDA graphs     -> probe_small.json
+#                  and dinoflow's compiled step once more with CUDA graphs, and once more with stochastic
+#                  depth in its subset form at the recipe's rate 0.1 (--subset-drop-above 0.05: the dropped
+#                  samples skipped instead of masked, their rows moved by gathers) -> probe_small.json
 #                  then --rounds 3: the compiled rows again, in three alternating rounds (ViT-S/14 is near
 #                  the bar, where the card's clocks drifting between rows minutes apart could decide it)
 #                  the compiled step's kernel-time table (torch profiler), what is alive at its
@@ -37,8 +39,7 @@
 # rows of dinoflow's step and of the ceiling probe; the batch preparation alone, and the compiled
 # dinoflow step once more as the loop runs it (the next batch prepared in the step's wait). Each
 # step's output is in <step>.log and the step table in steps.tsv. Exits 1 if a step failed or
-# timed out (or a check failed), else 0. (train_step.py's --subset-drop-above row, 0.82x for
-# ViT-S/14 in run 7, is no longer run here: the time goes to the rows still open.)
+# timed out (or a check failed), else 0.
 #
 # --cpu-smoke runs the same steps on the CPU with the tiny recipe in a few minutes (the second
 # probe with the large recipe's code paths: SwiGLU, Sinkhorn-Knopp, a separate iBOT head and the
@@ -149,7 +150,7 @@ else
     LARGE=(--config vitl14 -- optim.batch_size=64 "${CROPS[@]}" heads.num_prototypes=65536
            heads.ibot_num_prototypes=65536)
     TAIL=(--steps 20)  # the losses' block at ViT-S/14's 65536 prototypes: 1024 rows
-    CAPS=(120 240 180 240)  # the last: each FLOP count, on the CPU beside the GPU steps (ViT-L/14: ~1 minute)
+    CAPS=(120 270 180 240)  # the last: each FLOP count, on the CPU beside the GPU steps (ViT-L/14: ~1 minute)
     PREPARATION_CAP=90
     AUTOTUNE_CAP=180
     BUDGET=${BUDGET:-450}
@@ -175,7 +176,7 @@ if [[ ${AUTOTUNE:-0} == 1 ]]; then
     AUTOTUNE_ROW=(--autotune)
 fi
 run_step probe_small "$SMALL_CAP" "$PYTHON" benchmarks/train_step.py --probe --compile --cuda-graphs \
-    "${AUTOTUNE_ROW[@]}" "${ROUNDS[@]}" --device "$DEVICE" \
+    --subset-drop-above 0.05 "${AUTOTUNE_ROW[@]}" "${ROUNDS[@]}" --device "$DEVICE" \
     --json "$OUT/probe_small.json" --profile "$OUT/profile_small.txt" "${STEPS[@]}" "${SMALL[@]}"
 run_step probe_large "${CAPS[2]}" "$PYTHON" benchmarks/train_step.py --probe --compile --device "$DEVICE" \
     --json "$OUT/probe_large.json" "${STEPS[@]}" "${LARGE[@]}"

@@ -36,7 +36,7 @@ def test_cpu_smoke_writes_every_output_and_the_summary(tmp_path: Path) -> None:
                                                           "side_stream"]
     for probe in PROBES:
         rows = json.loads((out / f"{probe}.json").read_text())["rows"]
-        extra = ["dinoflow_cudagraphs", "dinoflow_autotune"] if probe == "probe_small" else []
+        extra = ["dinoflow_cudagraphs", "dinoflow_subset", "dinoflow_autotune"] if probe == "probe_small" else []
         assert [r["step"] for r in rows] == ["probe", "dinoflow", "probe_compiled", "dinoflow_compiled", *extra]
         assert all(r["img_per_s"] > 0 and not r["compile_fell_back"] for r in rows), rows
     profile = (out / "profile_small.txt").read_text()  # the compiled step's operators, by the profiler
@@ -83,6 +83,7 @@ def test_cpu_smoke_writes_every_output_and_the_summary(tmp_path: Path) -> None:
     assert "graphs without CUDA graphs |" in summary  # ...and the summary says so
     rounds = json.loads((out / "probe_small.json").read_text())["rounds"]
     assert (rounds["rounds"], rounds["steps"]) == (2, 1)
-    assert set(rounds["ours_vs_probe"]) == {"dinoflow_compiled", "dinoflow_cudagraphs", "dinoflow_autotune"}
+    assert set(rounds["ours_vs_probe"]) == {"dinoflow_compiled", "dinoflow_cudagraphs", "dinoflow_subset",
+                                            "dinoflow_autotune"}
     assert all(len(ratios) == 2 and min(ratios) > 0 for ratios in rounds["ours_vs_probe"].values())
     assert summary.count("in 2 alternating rounds of 1 steps") == 1  # ViT-S/14's probe only

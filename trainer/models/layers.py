@@ -14,17 +14,22 @@ scaled by ``B / k`` (expectation unchanged; the dropped samples' compute and act
 saved), as the original does, provided that whole-sample rounding keeps the configured share:
 ``k / B`` within ``SUBSET_KEEP_TOLERANCE`` of ``1 - r`` in every group (a ViT-L batch of 64, 128
 global crops at r = 0.4, keeps 76: 0.594). Otherwise a per-sample Bernoulli mask scaled by
-``1 / (1 - r)`` keeps the rate exact at full compute: at r <= 0.1, where the subset's gather and
-scatter cost what the tenth of the branch they skip saves (measured on an H100 with compiled
-blocks: ViT-S/14's step no faster, and 1 GB more memory, its scatter's output kept besides the
-residual stream), and for small batches (4 samples at r = 0.4 would keep 2,
-dropping 50 %), where the original would over-drop. Eval mode is the identity either way.
+``1 / (1 - r)`` keeps the rate exact at full compute: for small batches (4 samples at r = 0.4 would
+keep 2, dropping 50 %), where the original would over-drop, and at r <= 0.1. There the subset's
+rows in and out cost more than the tenth of the branch they skip when they were the original's
+gather and ``index_add``, a scatter forward and backward (atomic adds on a GPU): with compiled
+blocks ViT-S/14's step was no faster on an H100, with 1 GB more memory, and 0.91x the mask form's
+img/s on an H200 (``benchmarks/RESULTS.md``, run 7). They are now gathers both ways
+(:class:`PickRows`), which inductor fuses into the layer norm that reads the rows and the
+residual add that takes them back; the threshold stays until a GPU measures that form at
+ViT-S/14's rate (``benchmarks/train_step.py --subset-drop-above``, ``benchmarks/drop_path.py``).
+Eval mode is the identity either way.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -280,17 +285,61 @@ def residual(
         per_token = torch.cat([torch.empty(b, 1, device=tokens.device).bernoulli_(1 - drop_rate).expand(b, n)
                                .reshape(-1) for b, n in shapes])
         return tokens + branch(tokens, shapes) * (per_token / (1 - drop_rate)).unsqueeze(1).to(tokens.dtype)
-    rows, scales, kept_shapes = [], [], []
-    offset = 0
+    index, inverse, picked, scales, kept_shapes = _subset_rows(shapes, keeps, tokens)
+    update = branch(PickRows.apply(tokens, index, None, inverse, picked), kept_shapes)
+    # under autocast the branch may return bf16 for the fp32 stream: the fp32 scale promotes it, as on the mask path
+    return tokens + PickRows.apply(update * scales.unsqueeze(1), inverse, picked, index, None)
+
+
+class PickRows(torch.autograd.Function):
+    """``source[index]``, the rows where ``picked`` is False zeroed (``picked=None``: none), for an
+    ``index`` that picks each source row at most once; ``inverse`` says where: source row ``i`` went
+    to output row ``inverse[i]`` if ``inverse_picked[i]`` (``None``: every source row was picked).
+
+    Why a function of its own: autograd's gradient of a row gather is a scatter into zeros (atomic
+    adds on a GPU), and so is ``index_add``'s forward. Knowing the inverse, the gradient is a gather
+    too, ``grad[inverse]`` (zero where not picked), and the subset stochastic depth's way in (the
+    kept samples' tokens) and way out (their branch back into the residual stream) are four gathers
+    that inductor fuses into the layer norms and residual adds around them: no scatter, no atomics,
+    no extra pass over the tokens."""
+
+    @staticmethod
+    def forward(ctx: Any, source: Tensor, index: Tensor, picked: Tensor | None, inverse: Tensor,
+                inverse_picked: Tensor | None) -> Tensor:
+        ctx.save_for_backward(inverse, inverse_picked)
+        return _gather_rows(source, index, picked)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
+        inverse, inverse_picked = ctx.saved_tensors
+        return _gather_rows(grad, inverse, inverse_picked), None, None, None, None
+
+
+def _gather_rows(source: Tensor, index: Tensor, picked: Tensor | None) -> Tensor:
+    rows = source[index]
+    return rows if picked is None else torch.where(picked.unsqueeze(1), rows, 0)
+
+
+def _subset_rows(shapes: Shapes, keeps: list[int], tokens: Tensor
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Shapes]:
+    """The subset trick's rows for packed ``tokens`` of groups ``shapes``, ``keeps[g]`` random
+    samples of group ``g`` kept (one ``randperm`` a group): the kept tokens' rows ``(K,)``,
+    sample-major in the order drawn; for every token ``(T,)`` its row among them and whether it is
+    kept; each kept token's scale ``B / k`` ``(K,)`` in the tokens' dtype; and the kept groups' shapes."""
+    device = tokens.device
+    index, inverse, picked, scales = [], [], [], []
+    offset = kept_offset = 0
     for (batch, length), keep in zip(shapes, keeps):
-        kept = torch.randperm(batch, device=tokens.device)[:keep]
-        rows.append((offset + kept.unsqueeze(1) * length + torch.arange(length, device=tokens.device)).flatten())
-        scales.append(torch.full((len(kept) * length,), batch / len(kept), device=tokens.device))
-        kept_shapes.append((len(kept), length))
+        order = torch.randperm(batch, device=device)
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(batch, device=device)  # where each sample went in the draw
+        positions = torch.arange(length, device=device)
+        index.append((offset + order[:keep].unsqueeze(1) * length + positions).flatten())
+        kept = (rank < keep).unsqueeze(1).expand(batch, length).flatten()
+        inverse.append(torch.where(kept, kept_offset + (rank.unsqueeze(1) * length + positions).flatten(), 0))
+        picked.append(kept)
+        scales.append(torch.full((keep * length,), batch / keep, dtype=tokens.dtype, device=device))
         offset += batch * length
-    index = torch.cat(rows)
-    update = branch(tokens[index], kept_shapes) * torch.cat(scales).unsqueeze(1).to(tokens.dtype)
-    # under autocast the branch may return another dtype than its input (bf16 tokens, fp32 layer
-    # scale): promote both, as ``tokens + update`` does on the other paths
-    dtype = torch.promote_types(tokens.dtype, update.dtype)
-    return tokens.to(dtype).index_add(0, index, update.to(dtype))
+        kept_offset += keep * length
+    kept_shapes = [(keep, length) for keep, (_, length) in zip(keeps, shapes)]
+    return torch.cat(index), torch.cat(inverse), torch.cat(picked), torch.cat(scales), kept_shapes

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from trainer.models.hub import PRETRAINED, infer_arch_kwargs, load_strict, pretrained_arch_kwargs
-from trainer.models.layers import Block, PatchEmbed, external_parameters, residual, subset_sizes
+from trainer.models.layers import Block, PatchEmbed, PickRows, external_parameters, residual, subset_sizes
 from trainer.models.vit import DinoVisionTransformer, build_vit, vit_arch_kwargs
 
 # The released backbones, from the reference table (not from our model): width, depth, FFN.
@@ -278,8 +278,8 @@ def test_patch_embedding_is_its_strided_convolution(size: tuple[int, int]) -> No
 
 def test_subset_drop_path_runs_under_bf16_autocast() -> None:
     """Under autocast a block's branch returns bf16 (its output projection's product) for the fp32
-    residual stream; the subset path's ``index_add`` needs one dtype (this failed on the GPU, where
-    training autocasts)."""
+    residual stream, which the subset path adds back in fp32 (its first form, ``index_add``, needed
+    one dtype and failed on the GPU, where training autocasts)."""
     block = Block(24, 4, drop_path=0.5, layerscale_init=0.3).train()
     x, shapes = torch.randn(6 * 9, 24), [(6, 9)]
     torch.manual_seed(1)
@@ -289,6 +289,90 @@ def test_subset_drop_path_runs_under_bf16_autocast() -> None:
         mixed = block(x, shapes)
     assert mixed.dtype == torch.float32
     torch.testing.assert_close(mixed, reference, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize(("rate", "shapes"), [(0.4, [(10, 5), (5, 3)]), (0.25, [(8, 5), (4, 3), (12, 2)]),
+                                            (0.5, [(6, 4)])])
+def test_subset_drop_path_is_the_originals_gather_and_index_add(rate: float, shapes: list[tuple[int, int]]) -> None:
+    """The subset form (gathers both ways, :class:`PickRows`) against the original's formula written
+    out here, ``x.index_add(0, rows, branch(x[rows]) * B / k)`` with the rows of the same draws (one
+    ``randperm`` a group, the first ``k`` kept): the output, the input's gradient and the branch's
+    weights' gradient, in fp64 on random inputs."""
+    torch.manual_seed(0)
+    x = torch.randn(sum(b * n for b, n in shapes), 6, dtype=torch.float64)
+    weight = torch.randn(6, 6, dtype=torch.float64)
+    upstream = torch.randn_like(x)
+    kept_shapes: list[list[tuple[int, int]]] = []
+
+    def f(tokens: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # the branch: a function of each row
+        return torch.tanh(tokens @ w) * tokens.sum(1, keepdim=True)
+
+    results = []
+    for form in ("ours", "original"):
+        inputs = (x.clone().requires_grad_(), weight.clone().requires_grad_())
+        torch.manual_seed(1)
+        if form == "ours":
+            out = residual(inputs[0], shapes, lambda t, groups: kept_shapes.append(groups) or f(t, inputs[1]), rate)
+        else:
+            rows, scales, offset = [], [], 0
+            for batch, length in shapes:
+                keep = int(batch * (1 - rate))
+                kept = torch.randperm(batch)[:keep]
+                rows.append((offset + kept.unsqueeze(1) * length + torch.arange(length)).flatten())
+                scales.append(torch.full((keep * length, 1), batch / keep, dtype=torch.float64))
+                offset += batch * length
+            index = torch.cat(rows)
+            update = f(inputs[0][index], inputs[1]) * torch.cat(scales)
+            out = inputs[0].index_add(0, index, update)
+        results.append((out, *torch.autograd.grad((out * upstream).sum(), inputs)))
+    assert kept_shapes == [[(int(b * (1 - rate)), n) for b, n in shapes]]
+    for ours, original in zip(*results):
+        torch.testing.assert_close(ours, original, rtol=1e-12, atol=1e-12)
+    assert not torch.equal(results[0][0], x + f(x, weight))  # some samples dropped
+
+
+@pytest.mark.parametrize("masked_output", [False, True])
+def test_pick_rows_gradient_is_the_gather_by_the_inverse(masked_output: bool) -> None:
+    """:class:`PickRows` both ways the subset path uses it, by ``gradcheck`` (fp64, random rows):
+    picking 5 of 9 source rows (the way in), and spreading 5 rows back over 9 with the others
+    zeroed (the way out)."""
+    torch.manual_seed(0)
+    order = torch.randperm(9)
+    index = order[:5]  # output row j <- source row index[j]
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(9)
+    inverse, picked = torch.where(rank < 5, rank, 0), rank < 5
+    if masked_output:  # 5 rows out to 9: output row i <- source row inverse[i] where picked
+        source = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+        arguments = (source, inverse, picked, index, None)
+        expected = torch.zeros(9, 4, dtype=torch.float64).index_copy(0, index, source.detach())
+    else:
+        source = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
+        arguments = (source, index, None, inverse, picked)
+        expected = source.detach()[index]
+    torch.testing.assert_close(PickRows.apply(*arguments), expected, rtol=0, atol=0)
+    assert torch.autograd.gradcheck(lambda s: PickRows.apply(s, *arguments[1:]), (source,))
+
+
+def test_compiled_subset_drop_path_scatters_nothing() -> None:
+    """A block compiled with the subset drop path moves the kept rows in and out by gathers in its
+    forward and backward: inductor's code for it (CPU) has no atomic add, which the original's
+    ``index_add`` and its gather's gradient (a scatter into zeros) both compile to, and which on a
+    GPU made the subset form slower than the mask it saves a share of the work over."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    block = Block(32, 4, drop_path=0.4, layerscale_init=0.3).train()
+    shapes = [(10, 5), (5, 3)]
+    x = torch.randn(sum(b * n for b, n in shapes), 32, requires_grad=True)
+    assert subset_sizes(shapes, 0.4) == [6, 3]
+    torch._dynamo.reset()
+    compiled = torch.compile(block.forward, dynamic=False)
+    _, codes = run_and_get_code(lambda: compiled(x, shapes).square().sum().backward())
+    torch._dynamo.reset()
+    assert len(codes) == 2  # the forward's code and the backward's
+    assert all("atomic_add" not in code for code in codes)
+    assert x.grad is not None and x.grad.abs().sum() > 0
 
 
 def test_drop_path_is_identity_in_eval_mode() -> None:
