@@ -140,6 +140,27 @@ def bar_text(rows: list[dict[str, Any]], rounds: dict[str, Any] | None = None) -
             f"{speed:.2f}x its img/s{in_rounds} at {100 * (memory - 1):+.0f} % peak memory: {verdict}")
 
 
+def subset_text(rows: list[dict[str, Any]], rounds: dict[str, Any] | None = None) -> str:
+    """The subset form of stochastic depth against its mask form in one line: the ``dinoflow_subset``
+    row (``--subset-drop-above``) over ``dinoflow_compiled`` (the recipe's form, the same compile
+    mode), in img/s and peak memory, and over the alternating rounds if they have both; it says
+    whether the threshold should come down to the row's ("" without both rows)."""
+    subset = next((r for r in rows if r["step"] == "dinoflow_subset" and "error" not in r), None)
+    mask = next((r for r in rows if r["step"] == "dinoflow_compiled" and "error" not in r), None)
+    if subset is None or mask is None:
+        return ""
+    speed, memory = subset["img_per_s"] / mask["img_per_s"], subset["peak_mib"] / mask["peak_mib"]
+    ratios = (rounds or {}).get("ours_vs_probe", {})
+    paired = [s / m for s, m in zip(ratios.get("dinoflow_subset", []), ratios.get("dinoflow_compiled", []))]
+    in_rounds = f", {statistics.median(paired):.3f}x at the median of the alternating rounds" if paired else ""
+    faster = min(speed, statistics.median(paired or [speed])) > 1
+    return (f"stochastic depth in its subset form from rate {subset['subset_drop_above']} against the recipe's "
+            f"form (dinoflow_subset over dinoflow_compiled): {speed:.3f}x img/s{in_rounds}, "
+            f"{100 * (memory - 1):+.0f} % peak memory: "
+            + (f"faster, so trainer.models.layers.SUBSET_DROP_ABOVE can come down to {subset['subset_drop_above']}"
+               if faster else "not faster, SUBSET_DROP_ABOVE stays"))
+
+
 def rounds_text(rounds: dict[str, Any]) -> str:
     """``train_step.py --rounds``' figures in one line: each dinoflow row's img/s over the compiled
     probe's, median and range over the rounds."""
@@ -192,6 +213,8 @@ def markdown(steps: list[dict[str, Any]]) -> str:
                 lines += ["", bar]
             if result.get("rounds"):
                 lines += ["", rounds_text(result["rounds"])]
+            if subset := subset_text(result["rows"], result.get("rounds")):
+                lines += ["", subset]
             preparation = result.get("batch_preparation")
             if preparation:
                 lines += ["", preparation_text(preparation, "batch preparation (multi-crop, masks)")]

@@ -87,3 +87,4 @@ def test_cpu_smoke_writes_every_output_and_the_summary(tmp_path: Path) -> None:
                                             "dinoflow_autotune"}
     assert all(len(ratios) == 2 and min(ratios) > 0 for ratios in rounds["ours_vs_probe"].values())
     assert summary.count("in 2 alternating rounds of 1 steps") == 1  # ViT-S/14's probe only
+    assert summary.count("stochastic depth in its subset form from rate 0.05 against the recipe's form") == 1

@@ -72,6 +72,28 @@ def test_the_bar_also_reads_the_alternating_rounds(ratios: list[float], verdict:
             f"({min(ratios):.3f}-{max(ratios):.3f}), dinoflow_cudagraphs 1.000x (0.970-1.040)") in text
 
 
+@pytest.mark.parametrize(("subset", "verdict"), [
+    ([1.06, 1.07, 1.05], "1.050x img/s, 1.039x at the median of the alternating rounds, -5 % peak memory: faster, "
+                         "so trainer.models.layers.SUBSET_DROP_ABOVE can come down to 0.05"),
+    ([0.99, 1.02, 1.01], "1.050x img/s, 0.990x at the median of the alternating rounds, -5 % peak memory: not "
+                         "faster, SUBSET_DROP_ABOVE stays"),  # faster in its row, not in the rounds
+])
+def test_the_subset_row_is_set_against_the_mask_form(subset: list[float], verdict: str) -> None:
+    rows = [_row("probe", 100.0, 1000.0), _row("probe_compiled", 100.0, 1000.0),
+            _row("dinoflow_compiled", 100.0, 800.0), _row("dinoflow_subset", 105.0, 760.0)]
+    rows[-1]["subset_drop_above"] = 0.05
+    steps = _steps(rows)
+    steps[0]["result"]["rounds"] = {"rounds": 3, "steps": 8, "ours_vs_probe": {
+        "dinoflow_compiled": [1.0, 1.03, 1.02], "dinoflow_subset": subset}}
+    text = gpu_summary.markdown(steps)
+    assert ("stochastic depth in its subset form from rate 0.05 against the recipe's form (dinoflow_subset over "
+            f"dinoflow_compiled): {verdict}") in text
+    del steps[0]["result"]["rounds"]  # without rounds, the rows alone
+    assert "dinoflow_compiled): 1.050x img/s, -5 % peak memory: faster" in gpu_summary.markdown(steps)
+    steps[0]["result"]["rows"] = rows[:-1]
+    assert "subset form" not in gpu_summary.markdown(steps)
+
+
 def test_no_bar_without_the_compiled_probe() -> None:
     rows = [_row("probe", 100.0, 1000.0), _row("dinoflow", 80.0, 1200.0),
             {"step": "probe_compiled", "compiled": True, "error": "out of memory"},
