@@ -118,6 +118,7 @@ def main() -> None:
 
     steps = {name: step(name) for name in FORMS}
     figures: dict[str, Any] = {
+        "config": f"one block of width {args.dim} at drop rate {args.rate}", "overrides": [],
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "dim": args.dim, "heads": args.heads, "shapes": shapes, "rate": args.rate,
         "kept": subset_keeps(shapes, args.rate), "forms": {}}

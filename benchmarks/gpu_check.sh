@@ -31,6 +31,10 @@
 #                  rows x 65536 prototypes, eager, compiled and the library's way, the prototypes'
 #                  weight norm, autograd's way and the head's, and ViT-S/14's shared head on CLS
 #                  tokens and masked patches in one call against a call each  -> loss_tail.json
+#   drop_path      benchmarks/drop_path.py: one compiled ViT-S/14 block at batch 128, forward and backward,
+#                  with stochastic depth at 0.1 as a mask, in the subset form (gathers) and in the original's
+#                  subset form (index_add), in alternating rounds, with the subset forms' difference from the
+#                  same draws (last: what the budget leaves, at most 90 s)           -> drop_path.json
 #   flops_small,   benchmarks/step_flops.py: the matmul FLOPs per image of dinoflow's step at each probe's
 #   flops_large    sizes, counted on the CPU (fake tensors, no GPU) while the GPU steps run, so that the
 #                  summary gives dinoflow's rows their real TFLOP/s       -> flops_small.json, flops_large.json
@@ -137,6 +141,7 @@ if [[ $SMOKE == --cpu-smoke ]]; then
            loss.centering=sinkhorn_knopp heads.ibot_separate_head=true heads.ibot_num_prototypes=4096
            model.drop_path_rate=0.5)  # 4 of a group's 8 crops kept: the subset form
     TAIL=(--rows 64 --prototypes 4096 --steps 2 --head-rows 64 96)
+    DROP=(--dim 32 --heads 4 --batch 5 --global-tokens 17 --local-tokens 5 --rate 0.4 --steps 1 --rounds 2)
     CAPS=(400 500 400 300)  # generous: inductor's first compilations on a cold cache, on cores other work shares
     PREPARATION_CAP=240  # the preparation compiled for its comparison: ten small graphs on a cold cache
     AUTOTUNE_CAP=300
@@ -150,6 +155,7 @@ else
     LARGE=(--config vitl14 -- optim.batch_size=64 "${CROPS[@]}" heads.num_prototypes=65536
            heads.ibot_num_prototypes=65536)
     TAIL=(--steps 20)  # the losses' block at ViT-S/14's 65536 prototypes: 1024 rows
+    DROP=(--batch 128)  # ViT-S/14's block and rate
     CAPS=(120 270 180 240)  # the last: each FLOP count, on the CPU beside the GPU steps (ViT-L/14: ~1 minute)
     PREPARATION_CAP=90
     AUTOTUNE_CAP=180
@@ -183,6 +189,7 @@ run_step probe_large "${CAPS[2]}" "$PYTHON" benchmarks/train_step.py --probe --c
 run_step preparation "$PREPARATION_CAP" "$PYTHON" benchmarks/batch_preparation.py --device "$DEVICE" --sync-check \
     --json "$OUT/preparation.json" "${SMALL[@]}"
 run_step loss_tail 60 "$PYTHON" benchmarks/loss_tail.py --device "$DEVICE" --json "$OUT/loss_tail.json" "${TAIL[@]}"
+run_step drop_path 90 "$PYTHON" benchmarks/drop_path.py --device "$DEVICE" --json "$OUT/drop_path.json" "${DROP[@]}"
 finish_counting
 
 echo "== summary (${OUT}/summary.md), $((SECONDS - started))s"

@@ -6,7 +6,8 @@ compiled row against the compiled probe, img/s and peak memory; with ``train_ste
 also at the median of alternating rounds, and each row's ratio over them) and, with the FLOP count of
 dinoflow's step at its sizes (``flops_small.json`` beside ``probe_small.json``, from
 ``step_flops.py``), that work against the probe's and dinoflow's rows at their real TFLOP/s; the
-loss tail's times (``loss_tail.json``); at the end the device timelines of the profiled steps (the
+loss tail's times (``loss_tail.json``), the subset row against the mask form, one block's drop path
+in its three forms (``drop_path.json``); at the end the device timelines of the profiled steps (the
 GPU's idle time between kernels, ``profile_*.txt``).
 Writes ``summary.json`` and ``summary.md`` there and prints the latter.
 
@@ -107,6 +108,18 @@ def loss_tail_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def drop_path_lines(result: dict[str, Any]) -> list[str]:
+    """``drop_path.py``'s figures: each form of stochastic depth in one compiled block, its median ms
+    and its speed over the mask form's, its peak memory; the subset forms' difference from the same draws."""
+    lines = [f"groups {result['shapes']}, kept {result['kept']}, forward and backward", "",
+             "| form | ms | mask / form | peak MiB |", "|---|---:|---:|---:|"]
+    for name, form in result["forms"].items():
+        peak = f"{form['peak_mib']:.0f}" if form["peak_mib"] is not None else ""
+        lines.append(f"| {name} | {form['ms']:.3f} | {form['mask_over_this']:.2f} | {peak} |")
+    return lines + ["", "subset against index_add from the same draws: max abs output difference "
+                        f"{result['subset_vs_index_add_max_difference']:.2g}"]
+
+
 def work_text(flops: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     """dinoflow's counted work per image (``step_flops.py``) against the probe's, and dinoflow's
     rows' img/s turned into TFLOP/s with it, in one line."""
@@ -187,6 +200,8 @@ def markdown(steps: list[dict[str, Any]]) -> str:
             lines.append(preparation_check_text(result))
         elif "kinds" in result:
             lines += loss_tail_lines(result)
+        elif "forms" in result:
+            lines += drop_path_lines(result)
         elif "checks" in result:
             lines += [f"- {'PASS' if c['ok'] else 'FAIL'} `{c['name']}` (rtol {c['rtol']}): " + (
                 f"max abs diff {c['max_abs_diff']:.3g} at scale {c['max_abs_reference']:.3g}" if "terms" not in c else

@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PROBES = ("probe_small", "probe_large")
-STEPS = ("correctness", *PROBES, "preparation", "loss_tail", "flops_small", "flops_large")
+STEPS = ("correctness", *PROBES, "preparation", "loss_tail", "drop_path", "flops_small", "flops_large")
 
 
 @pytest.mark.timeout(1500)  # inductor compiles ~10 graphs on a cold cache: 4-5 minutes on 2 loaded cores
@@ -88,3 +88,7 @@ def test_cpu_smoke_writes_every_output_and_the_summary(tmp_path: Path) -> None:
     assert all(len(ratios) == 2 and min(ratios) > 0 for ratios in rounds["ours_vs_probe"].values())
     assert summary.count("in 2 alternating rounds of 1 steps") == 1  # ViT-S/14's probe only
     assert summary.count("stochastic depth in its subset form from rate 0.05 against the recipe's form") == 1
+    drop = json.loads((out / "drop_path.json").read_text())  # one block's drop path in its three forms
+    assert list(drop["forms"]) == ["mask", "subset", "index_add"] and drop["kept"] == [6, 24]
+    assert drop["subset_vs_index_add_max_difference"] <= 1e-5
+    assert "## drop_path: one block of width 32 at drop rate 0.4 on cpu" in summary and "| index_add |" in summary
