@@ -12,7 +12,7 @@
 #                  against eager                                                 -> correctness.json
 #   (the steps that give issue 11's figures first, so that a budget cut short takes diagnostics only)
 #   probe_small    benchmarks/train_step.py --probe --compile --cuda-graphs: ViT-S/14 recipe, batch 128,
-#                  and dinoflow's compiled step once more with CUDA graphs, and once more with stochastic
+#                  and dinoflow's compiled step once more with CUDA graphs, and once more so with stochastic
 #                  depth in its subset form at the recipe's rate 0.1 (--subset-drop-above 0.05: the dropped
 #                  samples skipped instead of masked, their rows moved by gathers) -> probe_small.json
 #                  then --rounds 3: the compiled rows again, in three alternating rounds (ViT-S/14 is near

@@ -41,7 +41,8 @@ def row_notes(row: dict[str, Any]) -> list[str]:
     """What a probe row's figures need said beside them: an eager fallback, CUDA graphs not used,
     where the subset form of stochastic depth starts when a row moved it."""
     notes = ["compilation failed: eager"] * row["compile_fell_back"]
-    if row["step"].endswith("_cudagraphs") and row.get("cudagraph_skips"):
+    if (row["step"].endswith("_cudagraphs") or row.get("compile_mode") == "reduce-overhead") and row.get(
+            "cudagraph_skips"):
         notes.append(f"{row['cudagraph_skips']} graphs without CUDA graphs")
     if "subset_drop_above" in row:
         notes.append(f"stochastic depth in its subset form above rate {row['subset_drop_above']}")
@@ -155,20 +156,22 @@ def bar_text(rows: list[dict[str, Any]], rounds: dict[str, Any] | None = None) -
 
 def subset_text(rows: list[dict[str, Any]], rounds: dict[str, Any] | None = None) -> str:
     """The subset form of stochastic depth against its mask form in one line: the ``dinoflow_subset``
-    row (``--subset-drop-above``) over ``dinoflow_compiled`` (the recipe's form, the same compile
-    mode), in img/s and peak memory, and over the alternating rounds if they have both; it says
-    whether the threshold should come down to the row's ("" without both rows)."""
+    row (``--subset-drop-above``) over the row of the recipe's form in the same compile mode
+    (``dinoflow_cudagraphs`` for CUDA graphs, else ``dinoflow_compiled``), in img/s and peak memory,
+    and over the alternating rounds if they have both; it says whether the threshold should come
+    down to the row's ("" without both rows)."""
     subset = next((r for r in rows if r["step"] == "dinoflow_subset" and "error" not in r), None)
-    mask = next((r for r in rows if r["step"] == "dinoflow_compiled" and "error" not in r), None)
+    label = "dinoflow_cudagraphs" if (subset or {}).get("compile_mode") == "reduce-overhead" else "dinoflow_compiled"
+    mask = next((r for r in rows if r["step"] == label and "error" not in r), None)
     if subset is None or mask is None:
         return ""
     speed, memory = subset["img_per_s"] / mask["img_per_s"], subset["peak_mib"] / mask["peak_mib"]
     ratios = (rounds or {}).get("ours_vs_probe", {})
-    paired = [s / m for s, m in zip(ratios.get("dinoflow_subset", []), ratios.get("dinoflow_compiled", []))]
+    paired = [s / m for s, m in zip(ratios.get("dinoflow_subset", []), ratios.get(label, []))]
     in_rounds = f", {statistics.median(paired):.3f}x at the median of the alternating rounds" if paired else ""
     faster = min(speed, statistics.median(paired or [speed])) > 1
     return (f"stochastic depth in its subset form from rate {subset['subset_drop_above']} against the recipe's "
-            f"form (dinoflow_subset over dinoflow_compiled): {speed:.3f}x img/s{in_rounds}, "
+            f"form (dinoflow_subset over {label}): {speed:.3f}x img/s{in_rounds}, "
             f"{100 * (memory - 1):+.0f} % peak memory: "
             + (f"faster, so trainer.models.layers.SUBSET_DROP_ABOVE can come down to {subset['subset_drop_above']}"
                if faster else "not faster, SUBSET_DROP_ABOVE stays"))

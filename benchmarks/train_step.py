@@ -130,9 +130,10 @@ def parse_args() -> argparse.Namespace:
                         help="--probe --compile: also time dinoflow's compiled step with autotuned matrix products "
                              "(model.compile_mode=max-autotune-no-cudagraphs; minutes of compilation on a GPU)")
     parser.add_argument("--subset-drop-above", type=float, default=None, metavar="RATE",
-                        help="--probe --compile: also time dinoflow's compiled step with stochastic depth in its "
-                             "subset form above RATE instead of trainer.models.layers.SUBSET_DROP_ABOVE (e.g. 0.05: "
-                             "ViT-S/14's rate 0.1 skips its dropped rows instead of masking them)")
+                        help="--probe --compile: also time dinoflow's compiled step (with --cuda-graphs as CUDA "
+                             "graphs) with stochastic depth in its subset form above RATE instead of "
+                             "trainer.models.layers.SUBSET_DROP_ABOVE (e.g. 0.05: ViT-S/14's rate 0.1 skips its "
+                             "dropped rows instead of masking them)")
     parser.add_argument("--rounds", type=int, default=0,
                         help="--probe --compile: then this many alternating rounds of --steps steps of the compiled "
                              "probe and each compiled dinoflow row (kept alive for it), so that each ratio ours/probe "
@@ -319,8 +320,9 @@ def probe(args: argparse.Namespace) -> None:
             "dinoflow_compiled": lambda: time_dinoflow(args, device, True, crop_batch, args.profile, prepare=prepare)})
     if args.cuda_graphs:
         measures["dinoflow_cudagraphs"] = lambda: time_dinoflow(args, device, True, crop_batch, mode="reduce-overhead")
+    subset_mode = "reduce-overhead" if args.cuda_graphs else "default"  # the fastest form of the rows beside it
     if args.subset_drop_above is not None:
-        measures["dinoflow_subset"] = lambda: time_dinoflow(args, device, True, crop_batch,
+        measures["dinoflow_subset"] = lambda: time_dinoflow(args, device, True, crop_batch, mode=subset_mode,
                                                             subset_drop_above=args.subset_drop_above)
     if args.autotune:  # last: the longest to compile
         measures["dinoflow_autotune"] = lambda: time_dinoflow(args, device, True, crop_batch,
@@ -356,7 +358,7 @@ def probe(args: argparse.Namespace) -> None:
             for name, loop in (timed.loop_seconds or {}).items():
                 row[f"{name}_img_per_s"] = batch / loop
             if label == "dinoflow_subset":
-                row["subset_drop_above"] = args.subset_drop_above
+                row.update(subset_drop_above=args.subset_drop_above, compile_mode=subset_mode)
             report["rows"].append(row)
             ratio = f"{row['ours_vs_probe']:>14.2f}" if plain else f"{'-':>14}"
             notes = row_notes(row)

@@ -87,7 +87,11 @@ def test_cpu_smoke_writes_every_output_and_the_summary(tmp_path: Path) -> None:
                                             "dinoflow_autotune"}
     assert all(len(ratios) == 2 and min(ratios) > 0 for ratios in rounds["ours_vs_probe"].values())
     assert summary.count("in 2 alternating rounds of 1 steps") == 1  # ViT-S/14's probe only
-    assert summary.count("stochastic depth in its subset form from rate 0.05 against the recipe's form") == 1
+    small_rows = json.loads((out / "probe_small.json").read_text())["rows"]
+    (subset,) = [r for r in small_rows if r["step"] == "dinoflow_subset"]
+    assert subset["compile_mode"] == "reduce-overhead"  # beside the CUDA-graph row, as CUDA graphs
+    assert summary.count("stochastic depth in its subset form from rate 0.05 against the recipe's form "
+                         "(dinoflow_subset over dinoflow_cudagraphs)") == 1
     drop = json.loads((out / "drop_path.json").read_text())  # one block's drop path in its three forms
     assert list(drop["forms"]) == ["mask", "subset", "index_add"] and drop["kept"] == [6, 24]
     assert drop["subset_vs_index_add_max_difference"] <= 1e-5

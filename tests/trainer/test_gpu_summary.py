@@ -90,8 +90,13 @@ def test_the_subset_row_is_set_against_the_mask_form(subset: list[float], verdic
             f"dinoflow_compiled): {verdict}") in text
     del steps[0]["result"]["rounds"]  # without rounds, the rows alone
     assert "dinoflow_compiled): 1.050x img/s, -5 % peak memory: faster" in gpu_summary.markdown(steps)
+    rows[-1]["compile_mode"] = "reduce-overhead"  # a subset row as CUDA graphs: against the mask form's graphs
+    assert "against the recipe's form" not in gpu_summary.markdown(steps)  # ...which this table lacks
+    rows.insert(-1, _row("dinoflow_cudagraphs", 110.0, 780.0))
+    assert "(dinoflow_subset over dinoflow_cudagraphs): 0.955x img/s, -3 % peak memory: not faster" in (
+        gpu_summary.markdown(steps))
     steps[0]["result"]["rows"] = rows[:-1]
-    assert "subset form" not in gpu_summary.markdown(steps)
+    assert "against the recipe's form" not in gpu_summary.markdown(steps)
 
 
 def test_no_bar_without_the_compiled_probe() -> None:
