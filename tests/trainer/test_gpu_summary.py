@@ -26,10 +26,13 @@ def _row(step: str, img_per_s: float, peak_mib: float) -> dict[str, Any]:
             "cudagraph_skips": 0}
 
 
-def _steps(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _steps(rows: list[dict[str, Any]], rounds: dict[str, list[float]] | None = None) -> list[dict[str, Any]]:
+    """A ``probe_small`` step's table of ``rows`` and, given, each row's ratios over 3 alternating rounds."""
     result = {"config": "vits14", "device_name": "a card", "torch": "2.13", "overrides": [], "batch": 128,
               "num_local_crops": 8, "masked_rows": 9831, "gflop_per_image": 165.69, "steps": 8, "warmup": 2,
               "rows": rows}
+    if rounds:
+        result["rounds"] = {"rounds": 3, "steps": 8, "ours_vs_probe": rounds}
     return [{"step": "probe_small", "status": "ok", "exit_code": "0", "seconds": "99", "limit_seconds": "240",
              "result": result}]
 
@@ -61,10 +64,7 @@ def test_the_table_sets_compiled_rows_against_the_compiled_probe_and_reads_the_b
 def test_the_bar_also_reads_the_alternating_rounds(ratios: list[float], verdict: str) -> None:
     rows = [_row("probe", 100.0, 1000.0), _row("probe_compiled", 100.0, 1000.0),
             _row("dinoflow_compiled", 110.0, 800.0), _row("dinoflow_cudagraphs", 105.0, 790.0)]
-    steps = _steps(rows)
-    steps[0]["result"]["rounds"] = {"rounds": 3, "steps": 8, "ours_vs_probe": {
-        "dinoflow_compiled": ratios, "dinoflow_cudagraphs": [1.0, 0.97, 1.04]}}
-    text = gpu_summary.markdown(steps)
+    text = gpu_summary.markdown(_steps(rows, {"dinoflow_compiled": ratios, "dinoflow_cudagraphs": [1.0, 0.97, 1.04]}))
     assert f"issue 11's bar (at least the compiled probe's img/s at no more peak memory): {verdict}" in text
     median = sorted(ratios)[1]
     assert (f"in 3 alternating rounds of 8 steps (the compiled rows back to back, the order reversed every other "
@@ -82,9 +82,7 @@ def test_the_subset_row_is_set_against_the_mask_form(subset: list[float], verdic
     rows = [_row("probe", 100.0, 1000.0), _row("probe_compiled", 100.0, 1000.0),
             _row("dinoflow_compiled", 100.0, 800.0), _row("dinoflow_subset", 105.0, 760.0)]
     rows[-1]["subset_drop_above"] = 0.05
-    steps = _steps(rows)
-    steps[0]["result"]["rounds"] = {"rounds": 3, "steps": 8, "ours_vs_probe": {
-        "dinoflow_compiled": [1.0, 1.03, 1.02], "dinoflow_subset": subset}}
+    steps = _steps(rows, {"dinoflow_compiled": [1.0, 1.03, 1.02], "dinoflow_subset": subset})
     text = gpu_summary.markdown(steps)
     assert ("stochastic depth in its subset form from rate 0.05 against the recipe's form (dinoflow_subset over "
             f"dinoflow_compiled): {verdict}") in text
