@@ -9,7 +9,8 @@
 #   env            nvidia-smi, torch and CUDA versions                          -> env.txt
 #   correctness    benchmarks/gpu_correctness.py: backbone and one train_step on the GPU against the
 #                  CPU from the same weights (fp32), bf16 autocast against fp32, compiled blocks
-#                  against eager                                                 -> correctness.json
+#                  against eager, the batch made on a second stream, the subset drop path replayed as
+#                  CUDA graphs against its formula                               -> correctness.json
 #   (the steps that give issue 11's figures first, so that a budget cut short takes diagnostics only)
 #   probe_small    benchmarks/train_step.py --probe --compile --cuda-graphs: ViT-S/14 recipe, batch 128,
 #                  and dinoflow's compiled step once more with CUDA graphs, and once more so with stochastic
@@ -156,7 +157,7 @@ else
            heads.ibot_num_prototypes=65536)
     TAIL=(--steps 20)  # the losses' block at ViT-S/14's 65536 prototypes: 1024 rows
     DROP=(--batch 128)  # ViT-S/14's block and rate
-    CAPS=(120 270 180 240)  # the last: each FLOP count, on the CPU beside the GPU steps (ViT-L/14: ~1 minute)
+    CAPS=(150 270 180 240)  # the last: each FLOP count, on the CPU beside the GPU steps (ViT-L/14: ~1 minute)
     PREPARATION_CAP=90
     AUTOTUNE_CAP=180
     BUDGET=${BUDGET:-450}

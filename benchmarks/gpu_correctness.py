@@ -9,6 +9,12 @@ same weights and the same synthetic crops and masks:
 * ``step_compiled`` (``--compile``): the loss terms with compiled blocks and loss tails
   (``model.compile_blocks``, ``loss.compile``) against eager, fp32 on ``--device``; a
   compilation that fell back to eager fails it;
+* ``subset_cudagraphs`` (``--compile``): stochastic depth's subset form (``trainer.models.layers``'
+  gathers) compiled as CUDA graphs (``reduce-overhead``; plainly compiled off CUDA), replayed on the
+  same tokens with a simple branch: each replay leaves exactly the dropped samples' rows as they
+  were, adds the branch times ``B / k`` to the kept ones and gives the input the gradient of that
+  formula (eager, from the kept samples read off the output), and the two replays draw different
+  samples (the graph's random draws advance);
 * ``side_stream``: the loop's batch (``make_batch`` from uint8 images) made on a second CUDA stream
   behind queued work there and handed over (``data.side_stream``), read on the step's stream at
   once, against the same batch made on the step's stream: bitwise equal (a missing wait would read
@@ -48,7 +54,8 @@ from trainer.optim import build_adamw
 from trainer.schedules import schedule_values
 
 FORCED = ["model.drop_path_rate=0", "model.layerscale_init=1.0"]  # see the module docstring
-RTOL = {"backbone_fp32": 1e-4, "step_fp32": 1e-3, "step_bf16": 2e-2, "step_compiled": 1e-3, "side_stream": 0.0}
+RTOL = {"backbone_fp32": 1e-4, "step_fp32": 1e-3, "step_bf16": 2e-2, "step_compiled": 1e-3, "side_stream": 0.0,
+        "subset_cudagraphs": 1e-5}
 
 
 def parse_args() -> argparse.Namespace:
@@ -141,6 +148,66 @@ def side_stream_difference(cfg: PretrainConfig, device: torch.device) -> tuple[f
     return (got - want).abs().max().item(), want.abs().max().item()
 
 
+def subset_replays(device: torch.device) -> dict[str, Any]:
+    """The ``subset_cudagraphs`` check (module docstring): one residual at rate 0.1 over two packed
+    groups (20 and 40 samples: 18 and 36 kept), fp32, replayed twice after a warm-up call."""
+    from unittest import mock
+
+    from trainer.models import layers
+
+    shapes, rate = [(20, 5), (40, 3)], 0.1
+    keeps = [int(batch * (1 - rate)) for batch, _ in shapes]
+    torch.manual_seed(0)
+    tokens = torch.randn(sum(b * n for b, n in shapes), 32, device=device)
+    weight = torch.randn(32, 32, device=device) / 32 ** 0.5
+    upstream = torch.randn_like(tokens)
+
+    def branch(rows: Tensor, groups: list[tuple[int, int]]) -> Tensor:
+        return torch.tanh(rows @ weight)
+
+    def replay(function: Any) -> tuple[Tensor, Tensor]:
+        torch.compiler.cudagraph_mark_step_begin()
+        x = tokens.clone().requires_grad_()
+        out = function(x)
+        out.backward(upstream)
+        return out.detach().clone(), x.grad.clone()  # a replay's outputs are overwritten by the next
+
+    def reference(out: Tensor) -> tuple[Tensor, Tensor, list[int]]:
+        """The formula's output and input gradient with the kept samples read off ``out``, and how
+        many samples of each group ``out`` left as they were."""
+        rows, scales, dropped, offset = [], [], [], 0
+        for (batch, length), keep in zip(shapes, keeps):
+            same = (out[offset:offset + batch * length] == tokens[offset:offset + batch * length]).view(batch, -1)
+            kept = (~same.all(1)).nonzero().flatten()
+            dropped.append(batch - len(kept))
+            rows.append((offset + kept.unsqueeze(1) * length + torch.arange(length, device=device)).flatten())
+            scales.append(torch.full((len(kept) * length, 1), batch / keep, device=device))
+            offset += batch * length
+        index = torch.cat(rows)
+        x = tokens.clone().requires_grad_()
+        want = x.index_add(0, index, branch(x[index], []) * torch.cat(scales))
+        want.backward(upstream)
+        return want.detach(), x.grad, dropped
+
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    with mock.patch.object(layers, "SUBSET_DROP_ABOVE", 0.0):
+        compiled = torch.compile(lambda x: layers.residual(x, shapes, branch, rate), mode=mode, dynamic=False)
+        replay(compiled)  # warm-up: CUDA graph trees record from a later call
+        replays = [replay(compiled) for _ in range(2)]
+    diff, dropped, kept_sets = 0.0, [], []
+    for out, grad in replays:
+        want, want_grad, counts = reference(out)
+        diff = max(diff, (out - want).abs().max().item(), (grad - want_grad).abs().max().item())
+        dropped.append(counts)
+        kept_sets.append((out != tokens).any(1).cpu())
+    scale = max(1.0, tokens.abs().max().item(), upstream.abs().max().item())
+    draws_differ = not torch.equal(*kept_sets)
+    expected = [batch - keep for (batch, _), keep in zip(shapes, keeps)]
+    return {"name": "subset_cudagraphs", "rtol": RTOL["subset_cudagraphs"], "mode": mode,
+            "max_abs_reference": scale, "max_abs_diff": diff, "dropped": dropped, "draws_differ": draws_differ,
+            "ok": diff <= RTOL["subset_cudagraphs"] * scale and all(d == expected for d in dropped) and draws_differ}
+
+
 def compare(name: str, want: dict[str, float], got: dict[str, float]) -> dict[str, Any]:
     """One check over loss terms: each term's difference against ``RTOL[name]`` (the step's
     ``health_*`` figures are left out: a count of argmax picks may move by one with rounding)."""
@@ -202,6 +269,8 @@ def main() -> None:
     diff, scale = side_stream_difference(recipe(args, compiled=False), device)
     record({"name": "side_stream", "rtol": RTOL["side_stream"], "max_abs_reference": scale, "max_abs_diff": diff,
             "ok": diff == 0})
+    if args.compile:
+        record(subset_replays(device))
     raise SystemExit(0 if result["ok"] else 1)
 
 

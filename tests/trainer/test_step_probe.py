@@ -190,3 +190,26 @@ def test_the_subset_row_times_stochastic_depth_in_its_subset_form_then_puts_the_
     forms.clear()
     train_step.time_dinoflow(args, torch.device("cpu"), False, batch)
     assert forms and all(kept is None for kept in forms)
+
+
+def test_the_subset_replay_check_passes_and_catches_a_wrong_scale(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``gpu_correctness.py``'s ``subset_cudagraphs`` check, compiled on the CPU (no CUDA graphs here):
+    it passes on the subset form as built, with exactly the drawn share dropped in each group and
+    other samples drawn by the second replay, and fails when the kept samples' scale ``B / k`` is
+    off by 1 %."""
+    from trainer.models import layers
+
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import gpu_correctness
+
+    check = gpu_correctness.subset_replays(torch.device("cpu"))
+    assert check["ok"] and check["dropped"] == [[2, 4], [2, 4]] and check["draws_differ"], check
+    rows = layers._subset_rows
+
+    def off_scale(*args: object) -> tuple:
+        index, inverse, picked, scales, shapes = rows(*args)
+        return index, inverse, picked, scales * 1.01, shapes
+
+    monkeypatch.setattr(layers, "_subset_rows", off_scale)
+    check = gpu_correctness.subset_replays(torch.device("cpu"))
+    assert not check["ok"] and check["max_abs_diff"] > 1e-3 and check["dropped"] == [[2, 4], [2, 4]]
