@@ -69,22 +69,30 @@ def subset_keeps(shapes: layers.Shapes, rate: float) -> list[int] | None:
         return layers.subset_sizes(shapes, rate)
 
 
-def index_add_residual(tokens: Tensor, shapes: layers.Shapes, branch: Callable[[Tensor, layers.Shapes], Tensor],
-                       drop_rate: float) -> Tensor:
-    """The original's subset form: the kept samples' rows gathered (one ``randperm`` a group, the
-    same draws as ``layers.residual``), their branch scaled by ``B / k`` and added back by ``index_add``."""
-    keeps = subset_keeps(shapes, drop_rate)
-    assert keeps is not None
+def index_add_form(tokens: Tensor, shapes: layers.Shapes, kept: list[Tensor],
+                   branch: Callable[[Tensor, layers.Shapes], Tensor]) -> Tensor:
+    """The original's subset form given each group's kept samples ``kept[g]``: their rows gathered,
+    their branch scaled by ``B / k`` and added back by ``index_add``."""
     rows, scales, kept_shapes, offset = [], [], [], 0
-    for (batch, length), keep in zip(shapes, keeps):
-        kept = torch.randperm(batch, device=tokens.device)[:keep]
-        rows.append((offset + kept.unsqueeze(1) * length + torch.arange(length, device=tokens.device)).flatten())
-        scales.append(torch.full((keep * length,), batch / keep, dtype=tokens.dtype, device=tokens.device))
-        kept_shapes.append((keep, length))
+    for (batch, length), samples in zip(shapes, kept):
+        rows.append((offset + samples.unsqueeze(1) * length + torch.arange(length, device=tokens.device)).flatten())
+        scales.append(torch.full((len(samples) * length,), batch / len(samples), dtype=tokens.dtype,
+                                 device=tokens.device))
+        kept_shapes.append((len(samples), length))
         offset += batch * length
     index = torch.cat(rows)
     update = branch(tokens[index], kept_shapes) * torch.cat(scales).unsqueeze(1)
     return tokens.index_add(0, index, update.to(tokens.dtype))
+
+
+def index_add_residual(tokens: Tensor, shapes: layers.Shapes, branch: Callable[[Tensor, layers.Shapes], Tensor],
+                       drop_rate: float) -> Tensor:
+    """:func:`index_add_form` on the samples ``layers.residual`` would keep (one ``randperm`` a
+    group, the same draws)."""
+    keeps = subset_keeps(shapes, drop_rate)
+    assert keeps is not None
+    kept = [torch.randperm(batch, device=tokens.device)[:keep] for (batch, _), keep in zip(shapes, keeps)]
+    return index_add_form(tokens, shapes, kept, branch)
 
 
 @contextlib.contextmanager

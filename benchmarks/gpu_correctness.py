@@ -42,7 +42,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from train_step import preparation_inputs  # this script's folder is first on sys.path
+from drop_path import index_add_form  # this script's folder is first on sys.path
+from train_step import preparation_inputs
 from dinoflow.config import PretrainConfig, load_config
 from dinoflow.storage import Storage
 from trainer.batches import CropBatch, SideStream, make_batch
@@ -173,21 +174,17 @@ def subset_replays(device: torch.device) -> dict[str, Any]:
         return out.detach().clone(), x.grad.clone()  # a replay's outputs are overwritten by the next
 
     def reference(out: Tensor) -> tuple[Tensor, Tensor, list[int]]:
-        """The formula's output and input gradient with the kept samples read off ``out``, and how
-        many samples of each group ``out`` left as they were."""
-        rows, scales, dropped, offset = [], [], [], 0
-        for (batch, length), keep in zip(shapes, keeps):
+        """The formula's output and input gradient (the original's form) with the kept samples read
+        off ``out``, and how many samples of each group ``out`` left as they were."""
+        kept, offset = [], 0
+        for batch, length in shapes:
             same = (out[offset:offset + batch * length] == tokens[offset:offset + batch * length]).view(batch, -1)
-            kept = (~same.all(1)).nonzero().flatten()
-            dropped.append(batch - len(kept))
-            rows.append((offset + kept.unsqueeze(1) * length + torch.arange(length, device=device)).flatten())
-            scales.append(torch.full((len(kept) * length, 1), batch / keep, device=device))
+            kept.append((~same.all(1)).nonzero().flatten())
             offset += batch * length
-        index = torch.cat(rows)
         x = tokens.clone().requires_grad_()
-        want = x.index_add(0, index, branch(x[index], []) * torch.cat(scales))
+        want = index_add_form(x, shapes, kept, branch)
         want.backward(upstream)
-        return want.detach(), x.grad, dropped
+        return want.detach(), x.grad, [batch - len(samples) for (batch, _), samples in zip(shapes, kept)]
 
     mode = "reduce-overhead" if device.type == "cuda" else "default"
     with mock.patch.object(layers, "SUBSET_DROP_ABOVE", 0.0):
