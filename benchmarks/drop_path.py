@@ -54,11 +54,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", default="", help="also write the figures to this JSON file")
     args = parser.parse_args()
-    shapes = [(2 * args.batch, args.global_tokens), (args.locals * args.batch, args.local_tokens)]
+    args.shapes = [(2 * args.batch, args.global_tokens), (args.locals * args.batch, args.local_tokens)]
     if not 0 < args.rate < 1:
         parser.error(f"--rate takes a rate in (0, 1), got {args.rate}")
-    if subset_keeps(shapes, args.rate) is None:
-        parser.error(f"at --rate {args.rate} the groups {shapes} cannot keep their share in whole samples "
+    if subset_keeps(args.shapes, args.rate) is None:
+        parser.error(f"at --rate {args.rate} the groups {args.shapes} cannot keep their share in whole samples "
                      f"(within {layers.SUBSET_KEEP_TOLERANCE}): pick another --batch")
     return args
 
@@ -108,8 +108,7 @@ def form(name: str) -> Iterator[None]:
 
 def main() -> None:
     args = parse_args()
-    device = torch.device(args.device)
-    shapes = [(2 * args.batch, args.global_tokens), (args.locals * args.batch, args.local_tokens)]
+    device, shapes = torch.device(args.device), args.shapes  # the packed crop groups: (samples, tokens)
     torch.manual_seed(0)
     block = layers.Block(args.dim, args.heads, drop_path=args.rate).to(device).train()
     tokens = torch.randn(sum(b * n for b, n in shapes), args.dim, device=device, requires_grad=True)
