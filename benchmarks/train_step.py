@@ -22,7 +22,9 @@ with the tests). Prints one table; asserts nothing.
 synthetic crops and masks already on the device (all losses on; bf16 autocast on CUDA, as the
 engine trains) next to issue 11's plain ceiling probe (``benchmarks/step_probe.py``) at the same
 recipe sizes, and prints img/s, TFLOP/s, peak memory and ours/probe (over the eager probe). The
-engine's step uses the engine's AdamW (``optim.fused_adamw``), the probe torch's default one.
+engine's step uses the engine's AdamW (``optim.fused_adamw``), the probe torch's default one, and is
+queued as the loop queues it (``optim.lagged_loss_read``: the losses of a step read while the next
+runs, so neither waits for the host between steps).
 ``--compile`` adds both again with every transformer block compiled (``model.compile_blocks``
 and the loss tails, ``loss.compile``, for ours; the same per-block compile for the probe's
 blocks, which has no losses; the warm-up steps absorb the
@@ -36,7 +38,7 @@ batch preparation (``make_batch``: the multi-crop augmentation on the device fro
 images of ``crops.load_size``, the block masks on the host) is timed; printed last, its img/s alone,
 with the fastest dinoflow row's step after it (one, then the other), and as the loop runs it: the
 compiled row (eager without ``--compile``) is timed once more with each step's batch prepared
-during the step before, in its wait for the losses (``train_step``'s ``while_waiting``), new crops
+during the step before, once its work is queued (``queue_step``'s ``while_waiting``), new crops
 and masks every step, then again with that batch made on a second CUDA stream
 (``data.side_stream``; off CUDA the same loop). ``--rounds R`` keeps the compiled rows' steps
 alive and, after the rows, times them again in R alternating rounds (each round the compiled
@@ -478,8 +480,9 @@ def time_dinoflow(args: argparse.Namespace, device: torch.device, compiled: bool
                   crop_batch: CropBatch, profile: str = "", mode: str = "default",
                   prepare: Callable[[], CropBatch] | None = None,
                   subset_drop_above: float | None = None) -> Timed:
-    """Seconds per step of the engine's ``train_step`` as the engine sets it up (its AdamW, bf16
-    autocast on CUDA), with ``model.compile_blocks`` and ``loss.compile`` set to ``compiled`` (the
+    """Seconds per step of the engine's step as the engine sets it up (its AdamW, bf16 autocast on
+    CUDA) and its loop queues it (``queue_step``; with ``optim.lagged_loss_read``, the step before's
+    losses read once this one is queued), with ``model.compile_blocks`` and ``loss.compile`` set to ``compiled`` (the
     blocks in ``model.compile_mode`` ``mode``), whether the compilation fell back to eager, and with
     ``prepare`` the seconds per step as the loop runs it (``loop``: each step on the batch
     ``prepare`` made during the step before, in its wait for the losses; ``loop_side_stream``: the
@@ -488,7 +491,7 @@ def time_dinoflow(args: argparse.Namespace, device: torch.device, compiled: bool
     ``SUBSET_DROP_ABOVE`` for this measurement (networks built, compiled and timed under it): where the
     subset form of stochastic depth starts."""
     from trainer.batches import SideStream
-    from trainer.engine import Objective, build_networks, train_step, training_autocast
+    from trainer.engine import Objective, StepLosses, build_networks, queue_step, training_autocast
     from trainer.models import layers
     from trainer.models.compile import is_compiled
     from trainer.optim import build_adamw
@@ -514,8 +517,21 @@ def time_dinoflow(args: argparse.Namespace, device: torch.device, compiled: bool
     optimizer = build_adamw(student, cfg, device)
     sched = schedule_values(0, cfg.optim, cfg.loss, 1)
     autocast_dtype = training_autocast(device)
+    unread: list[StepLosses] = []
+
+    def queue(batch: CropBatch, while_waiting: Callable[[], None] | None = None) -> None:
+        """A step queued and, as the loop reads (``optim.lagged_loss_read``), the step before's losses read."""
+        losses = queue_step(student, teacher, objective, [batch], sched, optimizer, cfg.optim.clip_grad, autocast_dtype,
+                            while_waiting=while_waiting, after=unread[0] if unread else None)
+        if unread:
+            unread.pop().read()
+        if cfg.optim.lagged_loss_read:
+            unread.append(losses)
+        else:
+            losses.read()
+
     def step() -> None:
-        train_step(student, teacher, objective, [crop_batch], sched, optimizer, cfg.optim.clip_grad, autocast_dtype)
+        queue(crop_batch)
 
     seconds = time_steps(step, args, device)
     if profile:
@@ -529,8 +545,7 @@ def time_dinoflow(args: argparse.Namespace, device: torch.device, compiled: bool
 
             def loop_step() -> None:
                 side.hand_over(upcoming)
-                train_step(student, teacher, objective, [upcoming.pop()], sched, optimizer, cfg.optim.clip_grad,
-                           autocast_dtype, while_waiting=lambda: upcoming.append(side.run(prepare)))
+                queue(upcoming.pop(), while_waiting=lambda: upcoming.append(side.run(prepare)))
 
             loop_seconds[name] = time_steps(loop_step, args, device)
     blocks = (*student.backbone.blocks, *teacher.backbone.blocks)

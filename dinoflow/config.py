@@ -180,6 +180,11 @@ class OptimConfig(Section):
         "deepspeed), else torch's default (foreach on CUDA, a per-tensor loop on CPU); on: always; off: "
         "torch's default",
     )
+    lagged_loss_read: bool = Field(
+        True, description="with fused AdamW in one process, read a step's losses while the next step runs, so "
+        "that the GPU does not wait for the host between steps; a non-finite loss still stops the run with every "
+        "weight as it was before it, a step later; false: read them before queuing the next step",
+    )
 
 
 class DataConfig(Section):

@@ -304,7 +304,8 @@ def distill_step(student: Student, student_ema: Teacher, teacher: Teacher, objec
                  while_waiting: Callable[[], None] | None = None) -> dict[str, float]:
     """One optimiser step of the student, then the EMA update of ``student_ema``; the teacher is
     only read. Returns the loss terms for logging. Ends as pretraining's step does
-    (:func:`trainer.engine.finish_step`: one read of the losses, ``while_waiting`` just before)."""
+    (:func:`trainer.engine.finish_step`, ``while_waiting`` before its losses are read), and reads
+    them at once."""
     begin_step(optimizer, sched)
     device_type = batch.global_crops.device.type
     with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
@@ -317,7 +318,7 @@ def distill_step(student: Student, student_ema: Teacher, teacher: Teacher, objec
         ema = functools.partial(ema_update, student_ema, student, sched.teacher_momentum)
     # backbone, then heads or projectors: clipped one by one
     return finish_step(losses, [*terms, "total"], optimizer, list(student.children()), cfg.optim.clip_grad, ema,
-                       Strategy(), while_waiting)
+                       Strategy(), while_waiting).read()
 
 
 # -- the loop ------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ beyond the step.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -192,7 +193,29 @@ def train_step(
     """One optimiser step over ``micro_batches`` (gradient accumulation), then the EMA update.
 
     Returns the loss terms and ``total``, and the ``health_*`` figures (:func:`loss_terms`),
-    averaged over micro-batches (and over ranks under ``strategy``), for logging.
+    averaged over micro-batches (and over ranks under ``strategy``), for logging: the step queued
+    (:func:`queue_step`) and its losses read at once. The loop reads them during the next step."""
+    strategy = strategy or Strategy()
+    return strategy.mean(queue_step(student, teacher, objective, micro_batches, sched, optimizer, clip_grad,
+                                    autocast_dtype, strategy, while_waiting).read())
+
+
+def queue_step(
+    student: SSLNetwork,
+    teacher: SSLNetwork,
+    objective: Objective,
+    micro_batches: list[CropBatch],
+    sched: ScheduleValues,
+    optimizer: torch.optim.Optimizer,
+    clip_grad: float,
+    autocast_dtype: torch.dtype | None = None,
+    strategy: Strategy | None = None,
+    while_waiting: Callable[[], None] | None = None,
+    after: StepLosses | None = None,
+) -> StepLosses:
+    """:func:`train_step`'s work queued on the device, its losses not yet read where they need not be
+    (:func:`finish_step`): the loop reads them during the next step (``after``).
+
     ``while_waiting`` is called once, after the step's device work is queued and before the host
     waits for it (reading the losses): the loop prepares the next step's batch there, so
     that the host's share of it (loading, launching the augmentation, drawing the block masks)
@@ -203,7 +226,7 @@ def train_step(
     begin_step(optimizer, sched)
     weights = objective.cfg
     device_type = micro_batches[0].global_crops.device.type
-    values = []  # per micro-batch: the terms and the total, read on the host once, below
+    values = []  # per micro-batch: the terms and the total, read on the host once
     for batch in micro_batches:
         with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             terms = loss_terms(student, teacher, objective, batch, sched.teacher_temp)
@@ -214,35 +237,74 @@ def train_step(
     losses = torch.stack(values)  # (micro-batches, terms + total)
     modules = [m for m in (student.backbone, student.dino_head, student.ibot_head) if m is not None]
     ema = functools.partial(ema_update, teacher, student, sched.teacher_momentum)
-    return strategy.mean(finish_step(losses, [*terms, "total"], optimizer, modules, clip_grad, ema, strategy,
-                                     while_waiting))
+    return finish_step(losses, [*terms, "total"], optimizer, modules, clip_grad, ema, strategy, while_waiting, after)
+
+
+@dataclasses.dataclass
+class StepLosses:
+    """A step's loss terms ``(micro-batches, names)`` on the device, read on the host once (:meth:`read`),
+    and with fused AdamW in one process the step's skip flag (its ``found_inf``: 1 where a non-finite
+    loss left every weight as it was), which a step queued before this one is read carries on."""
+
+    losses: Tensor
+    names: list[str]
+    skipped: Tensor | None = None
+    values: dict[str, float] | None = None  # once read
+
+    def read(self) -> dict[str, float]:
+        """The terms averaged over micro-batches, read once (the host waits for the step here);
+        raises ``FloatingPointError`` naming the terms if any is not finite."""
+        if self.values is None:
+            rows = self.losses.tolist()
+            for row in rows:
+                if not all(math.isfinite(value) for value in row):
+                    raise FloatingPointError(f"loss is {row[-1]} ({dict(zip(self.names[:-1], row[:-1]))})")
+            self.values = {name: sum(row[i] for row in rows) / len(rows) for i, name in enumerate(self.names)}
+        return self.values
+
+
+@dataclasses.dataclass
+class QueuedStep:
+    """A step the loop has queued: its index, schedule values, images (on all ranks) and losses."""
+
+    step: int
+    sched: ScheduleValues
+    images: int
+    losses: StepLosses
 
 
 def finish_step(losses: Tensor, names: list[str], optimizer: torch.optim.Optimizer, modules: list[nn.Module],
                 clip_grad: float, ema: Callable[[], None], strategy: Strategy,
-                while_waiting: Callable[[], None] | None = None) -> dict[str, float]:
+                while_waiting: Callable[[], None] | None = None, after: StepLosses | None = None) -> StepLosses:
     """The end of a training step once its backward is queued: each of ``modules``' gradients
-    clipped to norm ``clip_grad`` (if positive), the optimiser step, ``ema()``, and the loss terms
-    ``(micro-batches, names)`` averaged and read on the host, ``while_waiting()`` just before.
+    clipped to norm ``clip_grad`` (if positive), the optimiser step, ``ema()``, ``while_waiting()``
+    and the loss terms ``(micro-batches, names)``, read where they must be.
 
-    Why one read, and where: it is the step's one wait for the GPU. A fused AdamW in one process
-    skips a non-finite step on the device (its ``found_inf``), so there the read comes after the
-    update and the EMA are queued, and the lead the host built during the backward covers their
-    launches; elsewhere it comes before the weights change. Either way a non-finite loss raises
-    ``FloatingPointError`` with every weight as it was."""
+    Why the read is where it is: it is the step's one wait for the GPU. A fused AdamW in one process
+    skips a non-finite step on the device (its ``found_inf``), so there nothing waits: the losses
+    are returned unread, and the loop reads them once the next step is queued, so that the GPU goes
+    from one step to the next without waiting for the host. That next step (queued ``after`` this
+    one) is skipped on the device too if this one was, so a non-finite loss raises on its read with
+    every weight as it was before it. Elsewhere the losses are read before the weights change."""
     skip_on_device = type(strategy) is Strategy and bool(optimizer.param_groups[0].get("fused"))
+    queued = StepLosses(losses, names)
     if not skip_on_device:
-        totals = _read_losses(losses, names, while_waiting)
+        if while_waiting is not None:
+            while_waiting()
+        queued.read()
     if clip_grad > 0:
         for module in modules:
             strategy.clip_grad_norm_(module.parameters(), clip_grad)
     if skip_on_device:
-        optimizer.found_inf = (~losses.isfinite().all()).float()  # 1: the fused kernel leaves every weight as it is
+        queued.skipped = (~losses.isfinite().all()).float()  # 1: the fused kernel leaves every weight as it is
+        if after is not None and after.skipped is not None and after.values is None:
+            queued.skipped = torch.maximum(queued.skipped, after.skipped)
+        optimizer.found_inf = queued.skipped
     strategy.step(optimizer)
     ema()
-    if skip_on_device:
-        totals = _read_losses(losses, names, while_waiting)  # a non-finite step raises here, the student unchanged
-    return totals
+    if skip_on_device and while_waiting is not None:
+        while_waiting()
+    return queued
 
 
 def begin_step(optimizer: torch.optim.Optimizer, sched: ScheduleValues) -> None:
@@ -253,19 +315,6 @@ def begin_step(optimizer: torch.optim.Optimizer, sched: ScheduleValues) -> None:
     for group in optimizer.param_groups:
         group["lr"] = (sched.last_layer_lr if group["is_last_layer"] else sched.lr) * group["lr_multiplier"]
         group["weight_decay"] = sched.weight_decay * group["wd_multiplier"]
-
-
-def _read_losses(losses: Tensor, names: list[str], first: Callable[[], None] | None = None) -> dict[str, float]:
-    """The micro-batches' loss terms ``(micro-batches, terms)`` averaged, read on the host after
-    calling ``first`` (the host's work to do before it waits); raises ``FloatingPointError`` naming
-    the terms if any is not finite."""
-    if first is not None:
-        first()
-    rows = losses.tolist()
-    for row in rows:
-        if not all(math.isfinite(value) for value in row):
-            raise FloatingPointError(f"loss is {row[-1]} ({dict(zip(names[:-1], row[:-1]))})")
-    return {name: sum(row[i] for row in rows) / len(rows) for i, name in enumerate(names)}
 
 
 def crop_outputs(backbone: nn.Module, batch: CropBatch, masked: bool = True) -> list[dict[str, Tensor]]:
@@ -425,37 +474,66 @@ def _pretrain(cfg: PretrainConfig, dataset: Any, collate: Callable, storage: Sto
     stopped_early = False
     metrics: dict[str, float] = {}
     upcoming: Future[PreparedStep] | None = None  # the step's batch, prepared during the last step
+    unread: list[QueuedStep] = []  # the last step, queued, its losses read during this one (lagged_loss_read)
+    saved_at = state.step  # the step of the last checkpoint written (or loaded)
+    clock_start = time.perf_counter()
+
+    def report(queued: QueuedStep) -> dict[str, float]:
+        """``queued``'s losses read (the host waits for the step here), the step counted, logged and watched."""
+        nonlocal clock_start
+        try:
+            losses = strategy.mean(queued.losses.read())
+        except FloatingPointError as error:
+            raise FloatingPointError(f"step {queued.step + 1}: {error}") from error
+        # one clock for all ranks, so that time-based stops and evaluations happen on all at once
+        clock = strategy.mean({"seconds": time.perf_counter() - clock_start, "waited": next_images.take_wait()})
+        seconds = clock["seconds"]
+        loader_watch.update(seconds, clock["waited"])
+        state.step, state.images_seen = queued.step + 1, state.images_seen + queued.images
+        state.train_seconds += seconds
+        health = {k.removeprefix("health_"): v for k, v in losses.items() if k.startswith("health_")}
+        sched = queued.sched
+        reported = {**{(k if k.startswith("health_") else f"loss_{k}"): v for k, v in losses.items()}, "lr": sched.lr,
+                    "weight_decay": sched.weight_decay, "teacher_momentum": sched.teacher_momentum,
+                    "teacher_temp": sched.teacher_temp, "images_per_second": queued.images / seconds,
+                    "data_wait_share": clock["waited"] / seconds}
+        tracker.log_metrics(reported, step=state.step)
+        state.record(state.step, reported, cfg.tracking.metric_every)
+        if watch.update(state.step, health):
+            tracker.set_tags({TAG_HEALTH: watch.verdict()})
+        bar.set_postfix(loss=f"{losses['total']:.3f}", img_s=f"{reported['images_per_second']:.0f}")
+        clock_start = time.perf_counter()
+        return reported
+
+    def eval_due(count: int) -> bool:
+        return bool(cfg.eval.every_steps) and count % cfg.eval.every_steps == 0
+
     for step in bar:
-        if cfg.max_minutes and state.train_seconds > 60 * cfg.max_minutes:
+        if cfg.max_minutes and state.train_seconds > 60 * cfg.max_minutes:  # the steps read so far
             stopped_early = True
             break
         sched = schedule_values(step, cfg.optim, cfg.loss, strategy.world_size)  # lr scales with the global batch
-        tick = time.perf_counter()
         prepared = upcoming.result() if upcoming is not None else prepare(step)
         side.hand_over(prepared.micro_batches)
         upcoming = Future() if step + 1 < last_step else None
         student.train()
-        losses = train_step(student, teacher, objective, prepared.micro_batches, sched, optimizer, cfg.optim.clip_grad,
+        losses = queue_step(student, teacher, objective, prepared.micro_batches, sched, optimizer, cfg.optim.clip_grad,
                             autocast_dtype, strategy,
-                            while_waiting=functools.partial(settle, upcoming, prepare, step + 1) if upcoming else None)
-        count = prepared.images * strategy.world_size
-        # one clock for all ranks, so that time-based stops and evaluations happen on all at once
-        clock = strategy.mean({"seconds": time.perf_counter() - tick, "waited": next_images.take_wait()})
-        seconds = clock["seconds"]
-        loader_watch.update(seconds, clock["waited"])
-        state.step, state.images_seen = step + 1, state.images_seen + count
-        state.train_seconds += seconds
-        health = {k.removeprefix("health_"): v for k, v in losses.items() if k.startswith("health_")}
-        metrics = {**{(k if k.startswith("health_") else f"loss_{k}"): v for k, v in losses.items()}, "lr": sched.lr,
-                   "weight_decay": sched.weight_decay, "teacher_momentum": sched.teacher_momentum,
-                   "teacher_temp": sched.teacher_temp, "images_per_second": count / seconds,
-                   "data_wait_share": clock["waited"] / seconds}
-        tracker.log_metrics(metrics, step=state.step)
-        state.record(state.step, metrics, cfg.tracking.metric_every)
-        if watch.update(state.step, health):
-            tracker.set_tags({TAG_HEALTH: watch.verdict()})
-        bar.set_postfix(loss=f"{losses['total']:.3f}", img_s=f"{metrics['images_per_second']:.0f}")
-        due = bool(cfg.eval.every_steps) and state.step % cfg.eval.every_steps == 0
+                            while_waiting=functools.partial(settle, upcoming, prepare, step + 1) if upcoming else None,
+                            after=unread[0].losses if unread else None)
+        queued = QueuedStep(step, sched, prepared.images * strategy.world_size, losses)
+        state.bad_images = prepared.bad_images
+        if unread:
+            metrics = report(unread.pop())  # the step before, done or nearly: the device goes on with this one
+        save = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == last_step
+        # the weights evaluated or saved are this step's, so its losses are read first, as they are
+        # where they cannot wait (not fused AdamW in one process: read in the step already)
+        if not (losses.values is not None or not cfg.optim.lagged_loss_read or save or eval_due(step + 1)
+                or (marks and state.train_seconds >= 60 * marks[0])):
+            unread.append(queued)
+            continue
+        metrics = report(queued)
+        due = eval_due(state.step)
         while marks and state.train_seconds >= 60 * marks[0]:
             marks.pop(0)
             due = True
@@ -466,12 +544,15 @@ def _pretrain(cfg: PretrainConfig, dataset: Any, collate: Callable, storage: Sto
             tracker.log_metrics(results, step=state.step, force=True)
             state.history.append({"step": state.step, "train_minutes": round(state.train_seconds / 60, 3),
                                   "images_seen": state.images_seen, **results})
-        state.bad_images = prepared.bad_images
-        if state.step % cfg.checkpoint_every == 0 or state.step == last_step:
+        if save:
             data = checkpoint_bytes(student, teacher, objective, optimizer, state, cfg, strategy)
             if strategy.is_main:
                 save_checkpoint(storage, cfg.out, data, state.step)
-    if stopped_early or state.step % cfg.checkpoint_every:
+            saved_at = state.step
+        clock_start = time.perf_counter()  # evaluations and checkpoints are not training time
+    if unread:  # stopped by the time limit with the last step unread
+        metrics = report(unread.pop())
+    if state.step != saved_at:  # stopped by the time limit between checkpoints
         data = checkpoint_bytes(student, teacher, objective, optimizer, state, cfg, strategy)
         if strategy.is_main:
             save_checkpoint(storage, cfg.out, data, state.step)

@@ -2,7 +2,7 @@
 
 On a GPU each such read waits for all the work queued before it, so the host stops queueing and
 the GPU then idles while the host catches up: a step should read back once, its losses
-(``trainer.engine._read_losses``). CPU tensors never wait, so the reads are counted by what
+(``trainer.engine.StepLosses.read``). CPU tensors never wait, so the reads are counted by what
 would wait: an operator that needs a tensor's value on the host (``item``, ``bool``, ``float``:
 ``_local_scalar_dense``) or whose output's shape depends on values (``nonzero``, boolean
 indexing, ``unique`` ...), seen by a dispatch mode; and ``tolist``, ``cpu`` and ``numpy``, which

@@ -336,4 +336,4 @@ def test_a_fused_distillation_step_reads_back_from_the_device_only_its_losses(te
     for _ in range(2):  # the first step makes the optimizer's state; both are checked
         with host_reads() as reads:
             distill_step(student, student_ema, teacher, Objective(cfg), batch, SCHED, optimizer, cfg)
-        assert reads == ["tolist in trainer/engine.py:_read_losses"]
+        assert reads == ["tolist in trainer/engine.py:read"]

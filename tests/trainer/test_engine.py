@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from collections.abc import Callable
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 from dinoflow.config import PretrainConfig, load_config
 from dinoflow.storage import Storage
+from dinoflow.tracking import NullTracker
 from tests.trainer.host_reads import host_reads
 from trainer import engine
 from trainer.batches import CropBatch, make_batch
@@ -325,7 +327,7 @@ def test_a_fused_step_reads_back_from_the_device_only_its_losses(centering: str,
     for _ in range(2):  # the first step makes the optimizer's state; both are checked
         with host_reads() as reads:
             train_step(student, teacher, Objective(cfg), batches, SCHED, optimizer, clip_grad=3.0)
-        assert reads == ["tolist in trainer/engine.py:_read_losses"]
+        assert reads == ["tolist in trainer/engine.py:read"]
 
 
 def test_the_read_counter_sees_a_value_read_and_a_boolean_index(monkeypatch) -> None:
@@ -350,7 +352,7 @@ def test_the_read_counter_sees_a_value_read_and_a_boolean_index(monkeypatch) -> 
     where = "tests/trainer/test_engine.py:reading"
     assert reads == [f"_local_scalar_dense in {where}", f"index in {where}",
                      "index_put in trainer/strategy.py:backward",  # the boolean index's gradient waits too
-                     "tolist in trainer/engine.py:_read_losses"]
+                     "tolist in trainer/engine.py:read"]
 
 
 def test_an_evaluation_between_steps_leaves_the_training_draws_alone(tmp_path) -> None:
@@ -425,3 +427,102 @@ def test_the_side_stream_option_trains_as_the_same_stream_does(tmp_path) -> None
         ends.append(load_backbone(summary["backbone"], "safetensors").state_dict())
     for key, value in ends[0].items():
         torch.testing.assert_close(ends[1][key], value, rtol=0, atol=0, msg=key)
+
+
+class _Metrics(NullTracker):
+    def __init__(self) -> None:
+        self.steps: dict[int, dict[str, float]] = {}
+
+    def log_metrics(self, metrics, step: int, force: bool = False) -> None:
+        self.steps.setdefault(step, {}).update(metrics)
+
+
+def test_the_lagged_loss_read_trains_logs_evaluates_and_saves_as_reading_each_step(tmp_path, monkeypatch) -> None:
+    """``optim.lagged_loss_read`` (fused AdamW in one process) reads a step's losses while the next
+    one runs, and changes nothing else: the same losses logged at the same steps, the evaluations
+    and checkpoints at the same steps on the same weights, the same end, bitwise."""
+    from trainer.data.datasets import collate_samples
+    from trainer.engine import pretrain
+    from trainer.models.hub import load_backbone
+
+    saved: list[tuple[bool, int]] = []
+    real_save = engine.save_checkpoint
+    monkeypatch.setattr(engine, "save_checkpoint", lambda storage, out, data, step: (
+        saved.append((out.endswith("True"), step)), real_save(storage, out, data, step))[1])
+    real_terms, real_read, order = engine.loss_terms, engine.StepLosses.read, []
+    monkeypatch.setattr(engine, "loss_terms", lambda *args, **kwargs: (order.append("q"), real_terms(*args, **kwargs))[1])
+    monkeypatch.setattr(engine.StepLosses, "read", lambda self: (order.append("r"), real_read(self))[1])
+    runs, orders = {}, {}
+    for lagged in (False, True):
+        metrics, order[:] = _Metrics(), []
+
+        def evaluate(backbone, step: int) -> dict[str, float]:
+            return {"weights": float(sum(p.double().sum() for p in backbone.parameters()))}
+
+        cfg = config(f"out={tmp_path / str(lagged)}", "max_steps=7", "checkpoint_every=3", "eval.every_steps=2",
+                     "model.drop_path_rate=0.3", "optim.fused_adamw=on", f"optim.lagged_loss_read={lagged}",
+                     "data.max_bad_fraction=0.1")
+        summary = pretrain(cfg, _RandomImages(), collate_samples, Storage(), tracker=metrics, evaluate=evaluate)
+        timed = ("images_per_second", "data_wait_share")
+        runs[lagged] = ({step: {k: v for k, v in m.items() if k not in timed} for step, m in metrics.steps.items()},
+                        [{k: v for k, v in h.items() if k != "train_minutes"} for h in summary["history"]],
+                        summary["final"], load_backbone(summary["backbone"], "safetensors").state_dict())
+        orders[lagged] = "".join(order)
+    # queued (q) and read (r): steps 2, 3, 4, 6 and 7 are evaluated or saved, so read at once
+    assert orders == {False: "qr" * 7, True: "qqrr" + "qr" * 2 + "qqrr" + "qr"}
+    (logged, history, final, end), (lagged_logged, lagged_history, lagged_final, lagged_end) = runs[False], runs[True]
+    assert sorted(logged) == list(range(1, 8)) and lagged_logged == logged
+    assert [h["step"] for h in history] == [2, 4, 6] and lagged_history == history and lagged_final == final
+    assert [step for lagged, step in saved if lagged] == [step for lagged, step in saved if not lagged] == [3, 6, 7]
+    for key, value in end.items():
+        torch.testing.assert_close(lagged_end[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_a_non_finite_step_read_late_leaves_every_weight_as_before_it() -> None:
+    """A step queued after a non-finite one whose losses are not yet read is skipped on the device
+    too, so reading them raises with the student as it was before both; without the carried flag
+    the second step would have moved it."""
+    from trainer.engine import queue_step
+
+    cfg = config()
+    moved = []
+    for carried in (True, False):
+        torch.manual_seed(0)
+        student, teacher = build_networks(cfg)
+        before = {name: p.detach().clone() for name, p in student.named_parameters()}
+        optimizer = torch.optim.AdamW(param_groups(student, cfg), fused=True)
+        spoiled = make_batch(images(), 0, cfg, MultiCrop(cfg.crops))
+        spoiled.global_crops.fill_(float("nan"))
+        first = queue_step(student, teacher, Objective(cfg), [spoiled], SCHED, optimizer, 3.0)
+        second = queue_step(student, teacher, Objective(cfg), [make_batch(images(), 1, cfg, MultiCrop(cfg.crops))],
+                            SCHED, optimizer, 3.0, after=first if carried else None)
+        assert first.values is None and second.values is None  # queued, not read
+        with pytest.raises(FloatingPointError, match="loss is nan"):
+            first.read()
+        assert math.isfinite(second.read()["total"])
+        moved.append(not all(torch.equal(p, before[name]) for name, p in student.named_parameters()))
+    assert moved == [False, True]
+
+
+def test_a_non_finite_loss_read_late_names_its_step_and_leaves_the_last_checkpoint(tmp_path, monkeypatch) -> None:
+    """In the loop the read comes a step late; the error names the step whose loss it was, and
+    the checkpoint on disk is the last one before it."""
+    from trainer.data.datasets import collate_samples
+    from trainer.engine import pretrain
+
+    real_terms, calls = engine.loss_terms, []
+
+    def spoiled_third(*args, **kwargs):
+        terms = real_terms(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            terms["dino"] = terms["dino"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(engine, "loss_terms", spoiled_third)
+    cfg = config(f"out={tmp_path / 'run'}", "max_steps=6", "checkpoint_every=2", "optim.fused_adamw=on",
+                 "data.max_bad_fraction=0.1")
+    with pytest.raises(FloatingPointError, match="^step 3: loss is nan"):
+        pretrain(cfg, _RandomImages(), collate_samples, Storage())
+    assert len(calls) == 4  # step 4 was queued (and skipped on the device) before step 3 was read
+    assert load_latest_checkpoint(Storage(), cfg.out)["step"] == 2

@@ -121,7 +121,7 @@ def test_probe_mode_prints_both_rows_on_cpu(tmp_path: Path) -> None:
     report = tmp_path / "probe.json"
     done = subprocess.run([sys.executable, str(SCRIPT), "--probe", "--device", "cpu", "--config", "tiny", "--steps",
                            "1", "--warmup", "1", "--json", str(report), "--", "optim.batch_size=4",
-                           "crops.num_local_crops=2"],
+                           "crops.num_local_crops=2", "optim.fused_adamw=on"],  # the GPU's path: losses read late
                           capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in done.stdout.splitlines()
