@@ -38,7 +38,6 @@ import copy
 import functools
 import hashlib
 import json
-import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -63,8 +62,11 @@ from trainer.data.augment import MultiCrop
 from trainer.data.datasets import BadImageTracker
 from trainer.engine import (
     EvalFn,
+    LossReads,
     Objective,
+    QueuedStep,
     SSLNetwork,
+    StepLosses,
     begin_step,
     build_backbone,
     crop_outputs,
@@ -301,11 +303,11 @@ def distill_loss(student: Student, teacher: Teacher, objective: Objective, batch
 def distill_step(student: Student, student_ema: Teacher, teacher: Teacher, objective: Objective,
                  batch: CropBatch, sched: ScheduleValues, optimizer: torch.optim.Optimizer, cfg: DistillConfig,
                  autocast_dtype: torch.dtype | None = None,
-                 while_waiting: Callable[[], None] | None = None) -> dict[str, float]:
+                 while_waiting: Callable[[], None] | None = None, after: StepLosses | None = None) -> StepLosses:
     """One optimiser step of the student, then the EMA update of ``student_ema``; the teacher is
-    only read. Returns the loss terms for logging. Ends as pretraining's step does
-    (:func:`trainer.engine.finish_step`, ``while_waiting`` before its losses are read), and reads
-    them at once."""
+    only read. Returns the loss terms for logging, read or to be read (:meth:`StepLosses.read`): it
+    ends as pretraining's step does (:func:`trainer.engine.finish_step`, queued ``after`` the step
+    before if that one is unread)."""
     begin_step(optimizer, sched)
     device_type = batch.global_crops.device.type
     with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
@@ -318,7 +320,7 @@ def distill_step(student: Student, student_ema: Teacher, teacher: Teacher, objec
         ema = functools.partial(ema_update, student_ema, student, sched.teacher_momentum)
     # backbone, then heads or projectors: clipped one by one
     return finish_step(losses, [*terms, "total"], optimizer, list(student.children()), cfg.optim.clip_grad, ema,
-                       Strategy(), while_waiting).read()
+                       Strategy(), while_waiting, after)
 
 
 # -- the loop ------------------------------------------------------------------------------
@@ -391,30 +393,41 @@ def distill(
                           torch.zeros(0, dtype=torch.long, device=device))  # no masking
         return PreparedStep([batch], len(images), bad_images.summary())
 
+    saved_at = state.step  # the step of the last checkpoint written (or loaded)
+
+    def report(queued: QueuedStep, losses: dict[str, float], seconds: float) -> None:
+        nonlocal metrics
+        waited = next_images.take_wait()
+        loader_watch.update(seconds, waited)
+        state.step, state.images_seen = queued.step + 1, state.images_seen + queued.images
+        state.train_seconds += seconds
+        sched = queued.sched
+        metrics = {**{f"loss_{k}": v for k, v in losses.items()}, "lr": sched.lr, "weight_decay": sched.weight_decay,
+                   "ema_momentum": sched.teacher_momentum, "teacher_temp": sched.teacher_temp,
+                   "images_per_second": queued.images / seconds, "data_wait_share": waited / seconds}
+        tracker.log_metrics(metrics, step=state.step)
+        state.record(state.step, metrics, cfg.tracking.metric_every)
+        bar.set_postfix(loss=f"{losses['total']:.3f}", img_s=f"{metrics['images_per_second']:.0f}")
+
     upcoming: Future[PreparedStep] | None = None  # the step's batch, prepared during the last step (as pretrain)
+    reads = LossReads(cfg.optim.lagged_loss_read, report)  # losses read while the next step runs (as pretrain)
     for step in bar:
         if cfg.max_minutes and state.train_seconds > 60 * cfg.max_minutes:
             stopped_early = True
             break
         sched = schedule_values(step, cfg.optim, cfg.loss)
-        tick = time.perf_counter()
         prepared = upcoming.result() if upcoming is not None else prepare(step)
         upcoming = Future() if step + 1 < last_step else None
         student.train()
         losses = distill_step(student, student_ema, teacher_network, objective, prepared.micro_batches[0], sched,
                               optimizer, cfg, autocast_dtype,
-                              functools.partial(settle, upcoming, prepare, step + 1) if upcoming else None)
-        seconds, waited = time.perf_counter() - tick, next_images.take_wait()
-        loader_watch.update(seconds, waited)
-        state.step, state.images_seen = step + 1, state.images_seen + prepared.images
-        state.train_seconds += seconds
-        metrics = {**{f"loss_{k}": v for k, v in losses.items()}, "lr": sched.lr, "weight_decay": sched.weight_decay,
-                   "ema_momentum": sched.teacher_momentum, "teacher_temp": sched.teacher_temp,
-                   "images_per_second": prepared.images / seconds, "data_wait_share": waited / seconds}
-        tracker.log_metrics(metrics, step=state.step)
-        state.record(state.step, metrics, cfg.tracking.metric_every)
-        bar.set_postfix(loss=f"{losses['total']:.3f}", img_s=f"{metrics['images_per_second']:.0f}")
-        due = bool(cfg.eval.every_steps) and state.step % cfg.eval.every_steps == 0
+                              functools.partial(settle, upcoming, prepare, step + 1) if upcoming else None, reads.after)
+        state.bad_images = prepared.bad_images
+        save = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == last_step
+        due = bool(cfg.eval.every_steps) and (step + 1) % cfg.eval.every_steps == 0
+        if not reads.queued(QueuedStep(step, sched, prepared.images, losses), now=lambda: (
+                save or due or bool(marks) and state.train_seconds >= 60 * marks[0])):
+            continue
         while marks and state.train_seconds >= 60 * marks[0]:
             marks.pop(0)
             due = True
@@ -424,11 +437,13 @@ def distill(
             tracker.log_metrics(results, step=state.step, force=True)
             state.history.append({"step": state.step, "train_minutes": round(state.train_seconds / 60, 3),
                                   "images_seen": state.images_seen, **results})
-        state.bad_images = prepared.bad_images
-        if state.step % cfg.checkpoint_every == 0 or state.step == last_step:
+        if save:
             save_checkpoint(storage, cfg.out, checkpoint_bytes(student, student_ema, objective, optimizer, state, cfg),
                             state.step)
-    if stopped_early or state.step % cfg.checkpoint_every:
+            saved_at = state.step
+        reads.restart_clock()
+    reads.flush()  # stopped by the time limit with the last step unread
+    if state.step != saved_at:  # stopped by the time limit between checkpoints
         save_checkpoint(storage, cfg.out, checkpoint_bytes(student, student_ema, objective, optimizer, state, cfg),
                         state.step)
     if metrics:

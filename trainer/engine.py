@@ -273,6 +273,56 @@ class QueuedStep:
     losses: StepLosses
 
 
+class LossReads:
+    """When a training loop reads its steps' losses (its one wait for the device a step), and its
+    training clock, which runs from one read to the next.
+
+    With ``lagged`` (``optim.lagged_loss_read``) a step's losses are read once the next step is
+    queued: the device then goes from one step to the next without waiting for the host to read,
+    log and launch. A step is read at once where it cannot wait: read in the step already (not
+    fused AdamW in one process: :func:`finish_step`), or its weights about to be evaluated or saved.
+    ``report(step, losses, seconds)`` counts and logs a step once read, ``seconds`` its share of the
+    clock; a non-finite loss raises ``FloatingPointError`` naming its step."""
+
+    def __init__(self, lagged: bool, report: Callable[[QueuedStep, dict[str, float], float], None]) -> None:
+        self.lagged, self.report = lagged, report
+        self.unread: QueuedStep | None = None
+        self.restart_clock()
+
+    @property
+    def after(self) -> StepLosses | None:
+        """The unread step's losses, which the next step is queued after (:func:`finish_step`)."""
+        return None if self.unread is None else self.unread.losses
+
+    def restart_clock(self) -> None:
+        """The clock from now on: evaluations and checkpoints are not training time."""
+        self.clock_start = time.perf_counter()
+
+    def queued(self, step: QueuedStep, now: Callable[[], bool]) -> bool:
+        """``step`` was just queued: the step before read if it waited, then ``step`` unless it can
+        wait (``now()``, asked after that read: its weights are evaluated or saved next); whether it was."""
+        self.flush()
+        if self.lagged and step.losses.values is None and not now():
+            self.unread = step
+            return False
+        self._read(step)
+        return True
+
+    def flush(self) -> None:
+        """The unread step read, if there is one (the loop stops)."""
+        if self.unread is not None:
+            step, self.unread = self.unread, None
+            self._read(step)
+
+    def _read(self, step: QueuedStep) -> None:
+        try:
+            losses = step.losses.read()
+        except FloatingPointError as error:
+            raise FloatingPointError(f"step {step.step + 1}: {error}") from error
+        self.report(step, losses, time.perf_counter() - self.clock_start)
+        self.restart_clock()
+
+
 def finish_step(losses: Tensor, names: list[str], optimizer: torch.optim.Optimizer, modules: list[nn.Module],
                 clip_grad: float, ema: Callable[[], None], strategy: Strategy,
                 while_waiting: Callable[[], None] | None = None, after: StepLosses | None = None) -> StepLosses:
@@ -474,40 +524,33 @@ def _pretrain(cfg: PretrainConfig, dataset: Any, collate: Callable, storage: Sto
     stopped_early = False
     metrics: dict[str, float] = {}
     upcoming: Future[PreparedStep] | None = None  # the step's batch, prepared during the last step
-    unread: list[QueuedStep] = []  # the last step, queued, its losses read during this one (lagged_loss_read)
     saved_at = state.step  # the step of the last checkpoint written (or loaded)
-    clock_start = time.perf_counter()
 
-    def report(queued: QueuedStep) -> dict[str, float]:
-        """``queued``'s losses read (the host waits for the step here), the step counted, logged and watched."""
-        nonlocal clock_start
-        try:
-            losses = strategy.mean(queued.losses.read())
-        except FloatingPointError as error:
-            raise FloatingPointError(f"step {queued.step + 1}: {error}") from error
+    def report(queued: QueuedStep, losses: dict[str, float], seconds: float) -> None:
+        nonlocal metrics
+        losses = strategy.mean(losses)
         # one clock for all ranks, so that time-based stops and evaluations happen on all at once
-        clock = strategy.mean({"seconds": time.perf_counter() - clock_start, "waited": next_images.take_wait()})
+        clock = strategy.mean({"seconds": seconds, "waited": next_images.take_wait()})
         seconds = clock["seconds"]
         loader_watch.update(seconds, clock["waited"])
         state.step, state.images_seen = queued.step + 1, state.images_seen + queued.images
         state.train_seconds += seconds
         health = {k.removeprefix("health_"): v for k, v in losses.items() if k.startswith("health_")}
         sched = queued.sched
-        reported = {**{(k if k.startswith("health_") else f"loss_{k}"): v for k, v in losses.items()}, "lr": sched.lr,
-                    "weight_decay": sched.weight_decay, "teacher_momentum": sched.teacher_momentum,
-                    "teacher_temp": sched.teacher_temp, "images_per_second": queued.images / seconds,
-                    "data_wait_share": clock["waited"] / seconds}
-        tracker.log_metrics(reported, step=state.step)
-        state.record(state.step, reported, cfg.tracking.metric_every)
+        metrics = {**{(k if k.startswith("health_") else f"loss_{k}"): v for k, v in losses.items()}, "lr": sched.lr,
+                   "weight_decay": sched.weight_decay, "teacher_momentum": sched.teacher_momentum,
+                   "teacher_temp": sched.teacher_temp, "images_per_second": queued.images / seconds,
+                   "data_wait_share": clock["waited"] / seconds}
+        tracker.log_metrics(metrics, step=state.step)
+        state.record(state.step, metrics, cfg.tracking.metric_every)
         if watch.update(state.step, health):
             tracker.set_tags({TAG_HEALTH: watch.verdict()})
-        bar.set_postfix(loss=f"{losses['total']:.3f}", img_s=f"{reported['images_per_second']:.0f}")
-        clock_start = time.perf_counter()
-        return reported
+        bar.set_postfix(loss=f"{losses['total']:.3f}", img_s=f"{metrics['images_per_second']:.0f}")
 
     def eval_due(count: int) -> bool:
         return bool(cfg.eval.every_steps) and count % cfg.eval.every_steps == 0
 
+    reads = LossReads(cfg.optim.lagged_loss_read, report)
     for step in bar:
         if cfg.max_minutes and state.train_seconds > 60 * cfg.max_minutes:  # the steps read so far
             stopped_early = True
@@ -520,19 +563,13 @@ def _pretrain(cfg: PretrainConfig, dataset: Any, collate: Callable, storage: Sto
         losses = queue_step(student, teacher, objective, prepared.micro_batches, sched, optimizer, cfg.optim.clip_grad,
                             autocast_dtype, strategy,
                             while_waiting=functools.partial(settle, upcoming, prepare, step + 1) if upcoming else None,
-                            after=unread[0].losses if unread else None)
-        queued = QueuedStep(step, sched, prepared.images * strategy.world_size, losses)
+                            after=reads.after)
         state.bad_images = prepared.bad_images
-        if unread:
-            metrics = report(unread.pop())  # the step before, done or nearly: the device goes on with this one
         save = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == last_step
-        # the weights evaluated or saved are this step's, so its losses are read first, as they are
-        # where they cannot wait (not fused AdamW in one process: read in the step already)
-        if not (losses.values is not None or not cfg.optim.lagged_loss_read or save or eval_due(step + 1)
-                or (marks and state.train_seconds >= 60 * marks[0])):
-            unread.append(queued)
+        # read at once if this step's weights are evaluated or saved next
+        if not reads.queued(QueuedStep(step, sched, prepared.images * strategy.world_size, losses), now=lambda: (
+                save or eval_due(step + 1) or bool(marks) and state.train_seconds >= 60 * marks[0])):
             continue
-        metrics = report(queued)
         due = eval_due(state.step)
         while marks and state.train_seconds >= 60 * marks[0]:
             marks.pop(0)
@@ -549,9 +586,8 @@ def _pretrain(cfg: PretrainConfig, dataset: Any, collate: Callable, storage: Sto
             if strategy.is_main:
                 save_checkpoint(storage, cfg.out, data, state.step)
             saved_at = state.step
-        clock_start = time.perf_counter()  # evaluations and checkpoints are not training time
-    if unread:  # stopped by the time limit with the last step unread
-        metrics = report(unread.pop())
+        reads.restart_clock()
+    reads.flush()  # stopped by the time limit with the last step unread
     if state.step != saved_at:  # stopped by the time limit between checkpoints
         data = checkpoint_bytes(student, teacher, objective, optimizer, state, cfg, strategy)
         if strategy.is_main:

@@ -290,6 +290,43 @@ def test_cli_distills(teacher_run: Path, tmp_path: Path, monkeypatch: pytest.Mon
     assert bad.exit_code == 2 and "holds no checkpoints" in bad.output
 
 
+def test_the_lagged_loss_read_distils_as_reading_each_step(teacher_run: Path, tmp_path: Path, storage: Storage,
+                                                           dataset, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Distillation's loop reads its steps' losses as pretraining's does (``optim.lagged_loss_read``,
+    fused AdamW): a step's losses while the next one runs, a checkpointed step's at once; the same
+    losses logged, the same checkpoints, bitwise."""
+    from dinoflow.tracking import NullTracker
+    from trainer import distill as distill_module, engine
+
+    class Metrics(NullTracker):
+        def __init__(self) -> None:
+            self.steps: dict[int, dict[str, float]] = {}
+
+        def log_metrics(self, metrics, step: int, force: bool = False) -> None:
+            self.steps.setdefault(step, {}).update(metrics)
+
+    real_loss, real_read, order = distill_module.distill_loss, engine.StepLosses.read, []
+    monkeypatch.setattr(distill_module, "distill_loss", lambda *a, **k: (order.append("q"), real_loss(*a, **k))[1])
+    monkeypatch.setattr(engine.StepLosses, "read", lambda self: (order.append("r"), real_read(self))[1])
+    teacher = load_teacher(student_config(teacher_run, tmp_path), storage)
+    runs = {}
+    for lagged in (False, True):
+        metrics, order[:] = Metrics(), []
+        cfg = student_config(teacher_run, tmp_path / str(lagged), "max_steps=5", "checkpoint_every=3",
+                             "optim.fused_adamw=on", f"optim.lagged_loss_read={lagged}")
+        distill(cfg, dataset, collate_samples, storage, tracker=metrics, teacher=teacher)
+        logged = {step: {k: v for k, v in m.items() if k not in ("images_per_second", "data_wait_share")}
+                  for step, m in metrics.steps.items()}
+        runs[lagged] = ("".join(order), logged, load_latest_checkpoint(storage, cfg.out))
+    assert runs[False][0] == "qr" * 5 and runs[True][0] == "qqrqrr" + "qqrr"  # steps 3 and 5 saved: read at once
+    assert sorted(runs[False][1]) == list(range(1, 6)) and runs[True][1] == runs[False][1]
+    want, got = runs[False][2], runs[True][2]
+    assert got["step"] == want["step"] == 5
+    for part in ("student", "teacher", "objective"):
+        for key, tensor in want[part].items():
+            torch.testing.assert_close(got[part][key], tensor, rtol=0, atol=0, msg=f"{part}.{key}")
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_a_non_finite_distillation_step_halts_with_the_student_unchanged(teacher_run: Path, tmp_path: Path,
                                                                         storage: Storage, dataset,
@@ -310,7 +347,7 @@ def test_a_non_finite_distillation_step_halts_with_the_student_unchanged(teacher
     calls = []
     with pytest.raises(FloatingPointError, match=r"loss is nan \(\{'dino': nan"):
         distill_step(student, student_ema, teacher, Objective(cfg), fixed_batch(cfg, dataset), SCHED, optimizer, cfg,
-                     while_waiting=lambda: calls.append(1))
+                     while_waiting=lambda: calls.append(1)).read()
     assert calls == [1]
     for key, value in student.state_dict().items():
         assert torch.equal(value, before[key]) or key == "dino_head.mlp.0.weight", key
@@ -335,5 +372,5 @@ def test_a_fused_distillation_step_reads_back_from_the_device_only_its_losses(te
     batch = fixed_batch(cfg, dataset)
     for _ in range(2):  # the first step makes the optimizer's state; both are checked
         with host_reads() as reads:
-            distill_step(student, student_ema, teacher, Objective(cfg), batch, SCHED, optimizer, cfg)
+            distill_step(student, student_ema, teacher, Objective(cfg), batch, SCHED, optimizer, cfg).read()
         assert reads == ["tolist in trainer/engine.py:read"]

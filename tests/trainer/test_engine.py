@@ -526,3 +526,18 @@ def test_a_non_finite_loss_read_late_names_its_step_and_leaves_the_last_checkpoi
         pretrain(cfg, _RandomImages(), collate_samples, Storage())
     assert len(calls) == 4  # step 4 was queued (and skipped on the device) before step 3 was read
     assert load_latest_checkpoint(Storage(), cfg.out)["step"] == 2
+
+
+def test_a_time_limit_with_a_step_unread_reads_counts_and_saves_it(tmp_path) -> None:
+    """The time limit is judged on the steps read; the step queued when it is reached, unread
+    then, is read, logged and saved with the rest: none of its work is lost."""
+    from trainer.data.datasets import collate_samples
+    from trainer.engine import pretrain
+
+    metrics = _Metrics()
+    cfg = config(f"out={tmp_path / 'run'}", "max_steps=6", "max_minutes=0.000001", "optim.fused_adamw=on",
+                 "data.max_bad_fraction=0.1")
+    summary = pretrain(cfg, _RandomImages(), collate_samples, Storage(), tracker=metrics)
+    # step 1 was unread when step 2 was queued (the clock still at 0), then the limit was past
+    assert summary["stopped_early"] and summary["steps"] == 2 and sorted(metrics.steps) == [1, 2]
+    assert load_latest_checkpoint(Storage(), cfg.out)["step"] == 2
