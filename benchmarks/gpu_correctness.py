@@ -15,6 +15,10 @@ same weights and the same synthetic crops and masks:
   were, adds the branch times ``B / k`` to the kept ones and gives the input the gradient of that
   formula (eager, from the kept samples read off the output), and the two replays draw different
   samples (the graph's random draws advance);
+* ``lagged_skip``: a step with a non-finite loss queued with fused AdamW (``queue_step``), then a
+  finite step queued behind it before its losses are read (``optim.lagged_loss_read``): the first
+  read raises, the second gives finite losses, and every student weight is bitwise as it was
+  (the fused kernel skipped both steps on the device, the second by the first's carried flag);
 * ``side_stream``: the loop's batch (``make_batch`` from uint8 images) made on a second CUDA stream
   behind queued work there and handed over (``data.side_stream``), read on the step's stream at
   once, against the same batch made on the step's stream: bitwise equal (a missing wait would read
@@ -35,7 +39,9 @@ exits 1 if any fails.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -48,15 +54,15 @@ from dinoflow.config import PretrainConfig, load_config
 from dinoflow.storage import Storage
 from trainer.batches import CropBatch, SideStream, make_batch
 from trainer.data.masking import sample_crop_masks
-from trainer.engine import Objective, build_networks, train_step
+from trainer.engine import Objective, build_networks, queue_step, train_step
 from trainer.losses import masked_positions
 from trainer.models.compile import is_compiled
 from trainer.optim import build_adamw
-from trainer.schedules import schedule_values
+from trainer.schedules import schedule_values, total_steps
 
 FORCED = ["model.drop_path_rate=0", "model.layerscale_init=1.0"]  # see the module docstring
 RTOL = {"backbone_fp32": 1e-4, "step_fp32": 1e-3, "step_bf16": 2e-2, "step_compiled": 1e-3, "side_stream": 0.0,
-        "subset_cudagraphs": 1e-5}
+        "subset_cudagraphs": 1e-5, "lagged_skip": 0.0}
 
 
 def parse_args() -> argparse.Namespace:
@@ -121,6 +127,35 @@ def step_losses(cfg: PretrainConfig, weights: dict[str, Tensor], batch: CropBatc
                         build_adamw(student, cfg, device), cfg.optim.clip_grad, autocast_dtype)
     blocks = (*student.backbone.blocks, *teacher.backbone.blocks)
     return losses, not cfg.model.compile_blocks or (all(is_compiled(b) for b in blocks) and objective.tails_compiled())
+
+
+def lagged_skip(cfg: PretrainConfig, weights: dict[str, Tensor], batch: CropBatch,
+                device: torch.device) -> dict[str, Any]:
+    """The ``lagged_skip`` check: a non-finite step, then a finite one queued behind it unread, with
+    fused AdamW (on any device); the largest change of a student weight must be 0."""
+    cfg = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"fused_adamw": "on"})})
+    student, teacher = build_networks(cfg)
+    student.load_state_dict(weights)
+    teacher.load_state_dict(weights)
+    student, teacher, objective = student.to(device), teacher.to(device), Objective(cfg).to(device)
+    optimizer = build_adamw(student, cfg, device)
+    sched = schedule_values(total_steps(cfg.optim) // 2, cfg.optim, cfg.loss, 1)  # past the warm-up: lr > 0
+    finite = to_device(batch, device)
+    # the student's local crops only: the teacher's targets and centres stay finite for the next step
+    spoiled = dataclasses.replace(finite, local_crops=torch.full_like(finite.local_crops, float("nan")))
+    before = [p.detach().clone() for p in student.parameters()]
+    first = queue_step(student, teacher, objective, [spoiled], sched, optimizer, cfg.optim.clip_grad)
+    second = queue_step(student, teacher, objective, [finite], sched, optimizer, cfg.optim.clip_grad, after=first)
+    try:
+        first.read()
+        raised = False
+    except FloatingPointError:
+        raised = True
+    second_finite = all(math.isfinite(v) for v in second.read().values())
+    changed = max((p.detach() - b).abs().max().item() for p, b in zip(student.parameters(), before))
+    return {"name": "lagged_skip", "rtol": RTOL["lagged_skip"], "max_abs_reference": 1.0, "max_abs_diff": changed,
+            "first_raised": raised, "second_finite": second_finite,
+            "ok": raised and second_finite and changed == 0}
 
 
 def side_stream_difference(cfg: PretrainConfig, device: torch.device) -> tuple[float, float]:
@@ -263,6 +298,7 @@ def main() -> None:
         check = compare("step_compiled", fp32, compiled)
         check.update(stayed_compiled=stayed_compiled, ok=check["ok"] and stayed_compiled)
         record(check)
+    record(lagged_skip(cfg, weights, batch, device))
     diff, scale = side_stream_difference(recipe(args, compiled=False), device)
     record({"name": "side_stream", "rtol": RTOL["side_stream"], "max_abs_reference": scale, "max_abs_diff": diff,
             "ok": diff == 0})

@@ -4,7 +4,8 @@ checkpoints (:mod:`trainer.checkpoints`).
 
 Why this shape: the step is a plain function of (networks, objective, batch, schedule values,
 optimiser); setup builds those once; the loop only orders things (nanoGPT's order: schedule ->
-evaluate/checkpoint -> micro-steps -> clip -> step -> EMA -> log). Randomness of step ``i``
+evaluate/checkpoint -> micro-steps -> clip -> step -> EMA -> log), and reads a step's losses while
+the next one runs where it can (:class:`LossReads`). Randomness of step ``i``
 (augmentation, masks, stochastic depth) is seeded from ``(seed, i)``, so a run resumed at step
 ``i`` draws exactly what an uninterrupted run draws, and the checkpoint needs no RNG state
 beyond the step.

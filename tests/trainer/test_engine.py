@@ -492,9 +492,10 @@ def test_a_non_finite_step_read_late_leaves_every_weight_as_before_it() -> None:
         before = {name: p.detach().clone() for name, p in student.named_parameters()}
         optimizer = torch.optim.AdamW(param_groups(student, cfg), fused=True)
         spoiled = make_batch(images(), 0, cfg, MultiCrop(cfg.crops))
-        spoiled.global_crops.fill_(float("nan"))
-        first = queue_step(student, teacher, Objective(cfg), [spoiled], SCHED, optimizer, 3.0)
-        second = queue_step(student, teacher, Objective(cfg), [make_batch(images(), 1, cfg, MultiCrop(cfg.crops))],
+        spoiled.local_crops.fill_(float("nan"))  # the student's alone: the teacher's centres stay finite
+        objective = Objective(cfg)
+        first = queue_step(student, teacher, objective, [spoiled], SCHED, optimizer, 3.0)
+        second = queue_step(student, teacher, objective, [make_batch(images(), 1, cfg, MultiCrop(cfg.crops))],
                             SCHED, optimizer, 3.0, after=first if carried else None)
         assert first.values is None and second.values is None  # queued, not read
         with pytest.raises(FloatingPointError, match="loss is nan"):

@@ -33,7 +33,7 @@ def test_cpu_smoke_writes_every_output_and_the_summary(tmp_path: Path) -> None:
     correctness = json.loads((out / "correctness.json").read_text())
     assert correctness["ok"]
     assert [c["name"] for c in correctness["checks"]] == ["backbone_fp32", "step_fp32", "step_bf16", "step_compiled",
-                                                          "side_stream", "subset_cudagraphs"]
+                                                          "lagged_skip", "side_stream", "subset_cudagraphs"]
     subset = correctness["checks"][-1]  # the subset drop path, compiled: exactly the drawn share dropped, twice
     assert subset["dropped"] == [[2, 4], [2, 4]] and subset["draws_differ"]
     for probe in PROBES:
@@ -46,7 +46,7 @@ def test_cpu_smoke_writes_every_output_and_the_summary(tmp_path: Path) -> None:
     assert "aten::" in (out / "profile_small_probe.txt").read_text()  # the compiled probe's, to compare
     summary = (out / "summary.md").read_text()
     assert all(f"| {name} | ok |" in summary for name in STEPS)
-    assert summary.count("PASS") == 6 and "| dinoflow_compiled |" in summary
+    assert summary.count("PASS") == 7 and "| dinoflow_compiled |" in summary
     for probe in PROBES:  # the batch preparation's figures, beside the fastest dinoflow step
         preparation = json.loads((out / f"{probe}.json").read_text())["batch_preparation"]
         assert preparation["img_per_s"] > 0 and preparation["step"].startswith("dinoflow")

@@ -213,3 +213,23 @@ def test_the_subset_replay_check_passes_and_catches_a_wrong_scale(monkeypatch: p
     monkeypatch.setattr(layers, "_subset_rows", off_scale)
     check = gpu_correctness.subset_replays(torch.device("cpu"))
     assert not check["ok"] and check["max_abs_diff"] > 1e-3 and check["dropped"] == [[2, 4], [2, 4]]
+
+
+def test_the_lagged_skip_check_passes_and_fails_without_the_carried_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``gpu_correctness``'s ``lagged_skip`` on the CPU (fused AdamW there too): the two steps leave
+    every weight as it was; with the second step not told about the unread first, it moves them."""
+    from dinoflow.config import PretrainConfig, load_config
+    from trainer import engine
+
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import gpu_correctness
+
+    cfg = load_config(PretrainConfig, "tiny", ["optim.batch_size=4", *gpu_correctness.FORCED])
+    weights = engine.build_networks(cfg)[0].state_dict()
+    batch = gpu_correctness.synthetic_batch(cfg)
+    check = gpu_correctness.lagged_skip(cfg, weights, batch, torch.device("cpu"))
+    assert check["ok"] and check["first_raised"] and check["second_finite"] and check["max_abs_diff"] == 0, check
+    finish = engine.finish_step
+    monkeypatch.setattr(engine, "finish_step", lambda *args: finish(*args[:-1], None))  # ``after`` left out
+    check = gpu_correctness.lagged_skip(cfg, weights, batch, torch.device("cpu"))
+    assert not check["ok"] and check["first_raised"] and check["max_abs_diff"] > 0, check
