@@ -9,9 +9,9 @@
 #   env            nvidia-smi, torch and CUDA versions                          -> env.txt
 #   correctness    benchmarks/gpu_correctness.py: backbone and one train_step on the GPU against the
 #                  CPU from the same weights (fp32), bf16 autocast against fp32, compiled blocks
-#                  against eager, a non-finite step's skip carried to the step queued behind it
-#                  unread, the batch made on a second stream, the subset drop path replayed as
-#                  CUDA graphs against its formula                               -> correctness.json
+#                  against eager, the batch made on a second stream, the subset drop path replayed as
+#                  CUDA graphs against its formula, a non-finite step's skip carried to the step
+#                  queued behind it unread                                       -> correctness.json
 #   (the steps that give issue 11's figures first, so that a budget cut short takes diagnostics only)
 #   probe_small    benchmarks/train_step.py --probe --compile --cuda-graphs: ViT-S/14 recipe, batch 128,
 #                  and dinoflow's compiled step once more with CUDA graphs, and once more so with stochastic

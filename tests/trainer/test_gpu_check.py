@@ -33,8 +33,8 @@ def test_cpu_smoke_writes_every_output_and_the_summary(tmp_path: Path) -> None:
     correctness = json.loads((out / "correctness.json").read_text())
     assert correctness["ok"]
     assert [c["name"] for c in correctness["checks"]] == ["backbone_fp32", "step_fp32", "step_bf16", "step_compiled",
-                                                          "lagged_skip", "side_stream", "subset_cudagraphs"]
-    subset = correctness["checks"][-1]  # the subset drop path, compiled: exactly the drawn share dropped, twice
+                                                          "side_stream", "subset_cudagraphs", "lagged_skip"]
+    subset = correctness["checks"][-2]  # the subset drop path, compiled: exactly the drawn share dropped, twice
     assert subset["dropped"] == [[2, 4], [2, 4]] and subset["draws_differ"]
     for probe in PROBES:
         rows = json.loads((out / f"{probe}.json").read_text())["rows"]
