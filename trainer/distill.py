@@ -416,7 +416,8 @@ def distill(
             stopped_early = True
             break
         sched = schedule_values(step, cfg.optim, cfg.loss)
-        prepared = upcoming.result() if upcoming is not None else prepare(step)
+        with reads.flushed_on_error():
+            prepared = upcoming.result() if upcoming is not None else prepare(step)
         upcoming = Future() if step + 1 < last_step else None
         student.train()
         losses = distill_step(student, student_ema, teacher_network, objective, prepared.micro_batches[0], sched,

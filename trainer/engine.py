@@ -13,12 +13,13 @@ beyond the step.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
@@ -315,6 +316,16 @@ class LossReads:
             step, self.unread = self.unread, None
             self._read(step)
 
+    @contextlib.contextmanager
+    def flushed_on_error(self) -> Iterator[None]:
+        """A block that, if it raises (the next batch's images break the bad-image limit), first reads
+        the unread step, so that it is counted and logged as a step-by-step loop would have."""
+        try:
+            yield
+        except Exception:
+            self.flush()
+            raise
+
     def _read(self, step: QueuedStep) -> None:
         try:
             losses = step.losses.read()
@@ -557,7 +568,8 @@ def _pretrain(cfg: PretrainConfig, dataset: Any, collate: Callable, storage: Sto
             stopped_early = True
             break
         sched = schedule_values(step, cfg.optim, cfg.loss, strategy.world_size)  # lr scales with the global batch
-        prepared = upcoming.result() if upcoming is not None else prepare(step)
+        with reads.flushed_on_error():
+            prepared = upcoming.result() if upcoming is not None else prepare(step)
         side.hand_over(prepared.micro_batches)
         upcoming = Future() if step + 1 < last_step else None
         student.train()

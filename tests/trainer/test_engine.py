@@ -407,6 +407,21 @@ def test_a_bad_next_batch_stops_the_run_after_this_steps_checkpoint(tmp_path) ->
     assert json.loads(checkpoint["bad_images"]) == {"seen": 16, "bad": 0, "fraction": 0.0, "examples": []}
 
 
+def test_a_bad_next_batch_with_a_step_unread_reads_and_logs_it_first(tmp_path) -> None:
+    """As above with the losses read late and no checkpoint due: step 2 is unread when step 3's
+    images break the limit; it is read and logged before the error goes on, as a step-by-step loop
+    would have, and the checkpoint is the one a step-by-step loop leaves (none here)."""
+    from trainer.data.datasets import collate_samples
+    from trainer.engine import pretrain
+
+    metrics = _Metrics()
+    cfg = config(f"out={tmp_path / 'run'}", "max_steps=4", "checkpoint_every=10", "optim.fused_adamw=on",
+                 "data.max_bad_fraction=0.1")
+    with pytest.raises(ValueError, match="8 of 24 images"):
+        pretrain(cfg, _SpoilingImages(), collate_samples, Storage(), tracker=metrics)
+    assert sorted(metrics.steps) == [1, 2] and load_latest_checkpoint(Storage(), cfg.out) is None
+
+
 def test_the_side_stream_option_trains_as_the_same_stream_does(tmp_path) -> None:
     """``data.side_stream`` moves the next batch's device work to a second CUDA stream and nothing
     else: the same draws in the same order. Off CUDA there is no second stream (the calls are plain),
