@@ -465,7 +465,7 @@ def test_the_lagged_loss_read_trains_logs_evaluates_and_saves_as_reading_each_st
     monkeypatch.setattr(engine, "save_checkpoint", lambda storage, out, data, step: (
         saved.append((out.endswith("True"), step)), real_save(storage, out, data, step))[1])
     real_terms, real_read, order = engine.loss_terms, engine.StepLosses.read, []
-    monkeypatch.setattr(engine, "loss_terms", lambda *args, **kwargs: (order.append("q"), real_terms(*args, **kwargs))[1])
+    monkeypatch.setattr(engine, "loss_terms", lambda *a, **k: (order.append("q"), real_terms(*a, **k))[1])
     monkeypatch.setattr(engine.StepLosses, "read", lambda self: (order.append("r"), real_read(self))[1])
     runs, orders = {}, {}
     for lagged in (False, True):
