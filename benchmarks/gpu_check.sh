@@ -43,7 +43,8 @@
 #   summary        benchmarks/gpu_summary.py                                     -> summary.md, summary.json
 # Both probes: 2 x 224 + 8 x 98 crops and 65536 prototypes (issue 11's sizes), eager and compiled
 # rows of dinoflow's step and of the ceiling probe; the batch preparation alone, and the compiled
-# dinoflow step once more as the loop runs it (the next batch prepared in the step's wait). Each
+# and CUDA-graph dinoflow steps once more as the loop runs them (the next batch prepared in the
+# step's wait). Each
 # step's output is in <step>.log and the step table in steps.tsv. Exits 1 if a step failed or
 # timed out (or a check failed), else 0.
 #

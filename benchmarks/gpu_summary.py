@@ -54,11 +54,13 @@ def preparation_text(figures: dict[str, Any], title: str) -> str:
     if "step" in figures:
         text += (f"; before {figures['step']}'s step: {figures['end_to_end_img_per_s']:.1f} img/s end to end, "
                  f"{100 * figures['share']:.0f} % of the time preparing")
-    if "loop_step" in figures:
-        text += (f"; {figures['loop_step']} with the next batch prepared in its wait, as the loop runs: "
-                 f"{figures['loop_img_per_s']:.1f} img/s")
-        if "loop_side_stream_img_per_s" in figures:
-            text += f", {figures['loop_side_stream_img_per_s']:.1f} with the batch made on a second stream"
+    for loop in figures.get("loops", []):
+        text += f"; {loop['step']} with the next batch prepared in its wait, as the loop runs: "
+        text += f"{loop['img_per_s']:.1f} img/s" if "img_per_s" in loop else "-"
+        if "side_stream_img_per_s" in loop:
+            text += f", {loop['side_stream_img_per_s']:.1f} with the batch made on a second stream"
+        if "error" in loop:
+            text += f" (failed: {loop['error']})"
     return text
 
 

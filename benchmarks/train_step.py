@@ -37,10 +37,11 @@ keeps the fastest, which takes minutes to compile on a GPU. Before the rows, the
 batch preparation (``make_batch``: the multi-crop augmentation on the device from uint8
 images of ``crops.load_size``, the block masks on the host) is timed; printed last, its img/s alone,
 with the fastest dinoflow row's step after it (one, then the other), and as the loop runs it: the
-compiled row (eager without ``--compile``) is timed once more with each step's batch prepared
-during the step before, once its work is queued (``queue_step``'s ``while_waiting``), new crops
-and masks every step, then again with that batch made on a second CUDA stream
-(``data.side_stream``; off CUDA the same loop). ``--rounds R`` keeps the compiled rows' steps
+compiled row (eager without ``--compile``), and the CUDA-graph row, are timed once more with each
+step's batch prepared during the step before, once its work is queued (``queue_step``'s
+``while_waiting``), new crops and masks every step, then again with that batch made on a second
+CUDA stream (``data.side_stream``; off CUDA the same loop); a loop that fails is reported, and its
+row is left out of the rounds. ``--rounds R`` keeps the compiled rows' steps
 alive and, after the rows, times them again in R alternating rounds (each round the compiled
 probe and every compiled dinoflow row back to back, the order reversed every other round), so
 that a ratio ours/probe near 1 is not decided by the card's clocks drifting between rows timed
@@ -100,15 +101,20 @@ EXTENSIONS = str(Path.home() / ".cache" / "dinoflow" / "torch_extensions")
 COLUMNS = ("strategy", "ranks", "global_batch", "img_per_s", "vs_single", "peak_mib_per_rank")
 
 
+LOOP_KEYS = ("loop_img_per_s", "loop_side_stream_img_per_s", "loop_error")  # a row's figures as the loop runs
+
+
 class Timed(NamedTuple):
     """One ``--probe`` row's measurement: seconds per step, whether its compilation fell back to
-    eager, the seconds per step as the loop runs it (dinoflow's rows with a batch preparation), and
-    the step itself (with its networks: kept alive for ``--rounds``)."""
+    eager, the seconds per step as the loop runs it (dinoflow's rows with a batch preparation), the
+    step itself (with its networks: kept alive for ``--rounds``), and why the loop's timing failed
+    (the row's own figure stands)."""
 
     seconds: float
     fell_back: bool
     loop_seconds: dict[str, float] | None
     step: Callable[[], None]
+    loop_error: str | None = None
 
 
 def parse_args() -> argparse.Namespace:
@@ -321,7 +327,8 @@ def probe(args: argparse.Namespace) -> None:
                                                  probe_profile_path(args.profile)),
             "dinoflow_compiled": lambda: time_dinoflow(args, device, True, crop_batch, args.profile, prepare=prepare)})
     if args.cuda_graphs:
-        measures["dinoflow_cudagraphs"] = lambda: time_dinoflow(args, device, True, crop_batch, mode="reduce-overhead")
+        measures["dinoflow_cudagraphs"] = lambda: time_dinoflow(args, device, True, crop_batch, mode="reduce-overhead",
+                                                                prepare=prepare)
     subset_mode = "reduce-overhead" if args.cuda_graphs else "default"  # the fastest form of the rows beside it
     if args.subset_drop_above is not None:
         measures["dinoflow_subset"] = lambda: time_dinoflow(args, device, True, crop_batch, mode=subset_mode,
@@ -359,6 +366,8 @@ def probe(args: argparse.Namespace) -> None:
                    "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips}
             for name, loop in (timed.loop_seconds or {}).items():
                 row[f"{name}_img_per_s"] = batch / loop
+            if timed.loop_error:
+                row["loop_error"] = timed.loop_error
             if label == "dinoflow_subset":
                 row.update(subset_drop_above=args.subset_drop_above, compile_mode=subset_mode)
             report["rows"].append(row)
@@ -366,7 +375,7 @@ def probe(args: argparse.Namespace) -> None:
             notes = row_notes(row)
             print(f"{label:<18} {row['img_per_s']:>10.1f} {row['tflop_per_s']:>12.4f} {row['peak_mib']:>9.0f} "
                   f"{ratio}" + "".join(f"  ({note})" for note in notes), flush=True)
-            if args.rounds and compiled:
+            if args.rounds and compiled and not timed.loop_error:  # a step whose loop failed may fail the rounds
                 kept[label] = timed.step
             del timed  # the row's networks go with its step, unless kept
         report["batch_preparation"] = preparation_figures(preparation, batch, report["rows"])
@@ -425,9 +434,9 @@ def batch_preparation(multi_crop: MultiCrop, images: Tensor, cfg: PretrainConfig
 
 def preparation_figures(seconds: float, batch: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The batch preparation's img/s; with the fastest dinoflow row's step after it, the end-to-end
-    img/s and the preparation's share of the time; and the img/s of the row timed as the loop runs
-    (the next batch prepared in the step's wait), if it was (printed by
-    ``gpu_summary.preparation_text``)."""
+    img/s and the preparation's share of the time; and for each row timed as the loop runs (the next
+    batch prepared in the step's wait) its img/s, alone and with the batch made on a second stream,
+    or why that timing failed (printed by ``gpu_summary.preparation_text``)."""
     figures: dict[str, Any] = {"img_per_s": batch / seconds}
     steps = [row for row in rows if row["step"].startswith("dinoflow") and "img_per_s" in row]
     if steps:
@@ -435,10 +444,10 @@ def preparation_figures(seconds: float, batch: int, rows: list[dict[str, Any]]) 
         step_seconds = batch / fastest["img_per_s"]
         figures.update(step=fastest["step"], end_to_end_img_per_s=batch / (seconds + step_seconds),
                        share=seconds / (seconds + step_seconds))
-    for row in steps:
-        if "loop_img_per_s" in row:
-            figures.update(loop_step=row["step"], loop_img_per_s=row["loop_img_per_s"],
-                           loop_side_stream_img_per_s=row["loop_side_stream_img_per_s"])
+    loops = [{"step": row["step"], **{key.removeprefix("loop_"): row[key] for key in LOOP_KEYS if key in row}}
+             for row in steps if any(key in row for key in LOOP_KEYS)]
+    if loops:
+        figures["loops"] = loops
     return figures
 
 
@@ -537,7 +546,7 @@ def time_dinoflow(args: argparse.Namespace, device: torch.device, compiled: bool
     if profile:
         write_profile(step, device, profile, f"dinoflow's train_step, preset {args.config!r}, compiled {compiled}, "
                                              f"batch {cfg.optim.batch_size}, on {device}")
-    loop_seconds = None
+    loop_seconds, loop_error = None, None
     if prepare is not None:
         loop_seconds = {}
         for name, side in (("loop", SideStream(device, False)), ("loop_side_stream", SideStream(device, True))):
@@ -547,10 +556,14 @@ def time_dinoflow(args: argparse.Namespace, device: torch.device, compiled: bool
                 side.hand_over(upcoming)
                 queue(upcoming.pop(), while_waiting=lambda: upcoming.append(side.run(prepare)))
 
-            loop_seconds[name] = time_steps(loop_step, args, device)
+            try:
+                loop_seconds[name] = time_steps(loop_step, args, device)
+            except Exception as error:  # noqa: BLE001 - a diagnostic: reported in the row, the others go on
+                loop_error = f"{name}: {type(error).__name__}: {error}"
+                break
     blocks = (*student.backbone.blocks, *teacher.backbone.blocks)
     return Timed(seconds, compiled and not (all(is_compiled(b) for b in blocks) and objective.tails_compiled()),
-                 loop_seconds, step)
+                 loop_seconds, step, loop_error)
 
 
 def write_profile(step: Callable[[], None], device: torch.device, path: str, title: str) -> None:

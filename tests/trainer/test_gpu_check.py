@@ -51,8 +51,10 @@ def test_cpu_smoke_writes_every_output_and_the_summary(tmp_path: Path) -> None:
         preparation = json.loads((out / f"{probe}.json").read_text())["batch_preparation"]
         assert preparation["img_per_s"] > 0 and preparation["step"].startswith("dinoflow")
         assert 0 < preparation["share"] < 1
-        assert preparation["loop_step"] == "dinoflow_compiled" and preparation["loop_img_per_s"] > 0
-        assert preparation["loop_side_stream_img_per_s"] > 0
+        # the compiled rows as the loop runs them: with --cuda-graphs (probe_small) the CUDA-graph row too
+        loops = ["dinoflow_compiled", "dinoflow_cudagraphs"] if probe == "probe_small" else ["dinoflow_compiled"]
+        assert [loop["step"] for loop in preparation["loops"]] == loops
+        assert all(loop["img_per_s"] > 0 and loop["side_stream_img_per_s"] > 0 for loop in preparation["loops"])
     assert summary.count("batch preparation (multi-crop, masks):") == 2
     preparation = json.loads((out / "preparation.json").read_text())  # the preparation alone (no sync check on CPU)
     assert preparation["batch"] == 4 and preparation["prepare_ms"] > 0 and "waited" not in preparation
@@ -60,6 +62,7 @@ def test_cpu_smoke_writes_every_output_and_the_summary(tmp_path: Path) -> None:
     assert preparation["crops_compiled_max_diff"] < 1e-4  # the compiled stages make the eager crops
     assert "## preparation: tiny on cpu" in summary and "batch 4: prepared in " in summary
     assert summary.count("dinoflow_compiled with the next batch prepared in its wait") == 2
+    assert summary.count("dinoflow_cudagraphs with the next batch prepared in its wait") == 1
     tail = json.loads((out / "loss_tail.json").read_text())  # the losses' tail, each kind of target, three ways
     assert (tail["rows"], tail["prototypes"]) == (64, 4096)
     assert set(tail["kinds"]) == {"centred", "probabilities", "indexed"}

@@ -140,7 +140,7 @@ def test_probe_mode_prints_both_rows_on_cpu(tmp_path: Path) -> None:
     assert abs(preparation["share"] - preparation["end_to_end_img_per_s"] / preparation["img_per_s"]) < 1e-9
     assert "batch preparation (multi-crop on cpu, masks on the host):" in done.stdout
     # the eager row timed again as the loop runs it, the next batch prepared in each step's wait
-    assert preparation["loop_step"] == "dinoflow" and written["dinoflow"]["loop_img_per_s"] > 0
+    assert [loop["step"] for loop in preparation["loops"]] == ["dinoflow"] and written["dinoflow"]["loop_img_per_s"] > 0
     assert written["dinoflow"]["loop_side_stream_img_per_s"] > 0
     assert "with the batch made on a second stream" in done.stdout
     assert "dinoflow with the next batch prepared in its wait, as the loop runs:" in done.stdout

@@ -69,3 +69,27 @@ def test_alternating_rounds_reverse_the_rows_every_other_round_and_set_each_agai
     assert {label: len(times) for label, times in seconds.items()} == dict.fromkeys(steps, 3)
     ratios = train_step.rounds_ratios({"probe_compiled": [2.0, 3.0], "dinoflow_compiled": [1.0, 4.0]})
     assert ratios == {"dinoflow_compiled": [2.0, 0.75]}
+
+
+def test_each_row_timed_as_the_loop_runs_gets_its_line_and_a_failed_loop_says_why(monkeypatch) -> None:
+    """The preparation's figures keep every row timed as the loop runs (the compiled and CUDA-graph
+    rows), in row order, with a loop that failed reported by its error; the summary's line gives
+    each."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import gpu_summary
+    import train_step
+
+    failed = "loop_side_stream: RuntimeError: replayed too soon"
+    rows = [{"step": "probe_compiled", "img_per_s": 1400.0},
+            {"step": "dinoflow_compiled", "img_per_s": 1380.0, "loop_img_per_s": 1190.0,
+             "loop_side_stream_img_per_s": 1300.0},
+            {"step": "dinoflow_cudagraphs", "img_per_s": 1420.0, "loop_img_per_s": 1250.0, "loop_error": failed}]
+    figures = train_step.preparation_figures(128 / 7700, 128, rows)
+    assert figures["step"] == "dinoflow_cudagraphs"  # the fastest step, after the preparation
+    assert figures["loops"] == [
+        {"step": "dinoflow_compiled", "img_per_s": 1190.0, "side_stream_img_per_s": 1300.0},
+        {"step": "dinoflow_cudagraphs", "img_per_s": 1250.0, "error": failed}]
+    text = gpu_summary.preparation_text(figures, "batch preparation")
+    assert ("dinoflow_compiled with the next batch prepared in its wait, as the loop runs: 1190.0 img/s, 1300.0 with "
+            "the batch made on a second stream; dinoflow_cudagraphs with the next batch prepared in its wait, as the "
+            "loop runs: 1250.0 img/s (failed: loop_side_stream: RuntimeError: replayed too soon)") in text
