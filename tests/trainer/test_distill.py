@@ -295,15 +295,8 @@ def test_the_lagged_loss_read_distils_as_reading_each_step(teacher_run: Path, tm
     """Distillation's loop reads its steps' losses as pretraining's does (``optim.lagged_loss_read``,
     fused AdamW): a step's losses while the next one runs, a checkpointed step's at once; the same
     losses logged, the same checkpoints, bitwise."""
-    from dinoflow.tracking import NullTracker
+    from tests.trainer.test_loader_wait import Metrics
     from trainer import distill as distill_module, engine
-
-    class Metrics(NullTracker):
-        def __init__(self) -> None:
-            self.steps: dict[int, dict[str, float]] = {}
-
-        def log_metrics(self, metrics, step: int, force: bool = False) -> None:
-            self.steps.setdefault(step, {}).update(metrics)
 
     real_loss, real_read, order = distill_module.distill_loss, engine.StepLosses.read, []
     monkeypatch.setattr(distill_module, "distill_loss", lambda *a, **k: (order.append("q"), real_loss(*a, **k))[1])

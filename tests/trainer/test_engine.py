@@ -12,8 +12,8 @@ import torch
 
 from dinoflow.config import PretrainConfig, load_config
 from dinoflow.storage import Storage
-from dinoflow.tracking import NullTracker
 from tests.trainer.host_reads import host_reads
+from tests.trainer.test_loader_wait import Metrics
 from trainer import engine
 from trainer.batches import CropBatch, make_batch
 from trainer.checkpoints import load_latest_checkpoint
@@ -414,7 +414,7 @@ def test_a_bad_next_batch_with_a_step_unread_reads_and_logs_it_first(tmp_path) -
     from trainer.data.datasets import collate_samples
     from trainer.engine import pretrain
 
-    metrics = _Metrics()
+    metrics = Metrics()
     cfg = config(f"out={tmp_path / 'run'}", "max_steps=4", "checkpoint_every=10", "optim.fused_adamw=on",
                  "data.max_bad_fraction=0.1")
     with pytest.raises(ValueError, match="8 of 24 images"):
@@ -444,14 +444,6 @@ def test_the_side_stream_option_trains_as_the_same_stream_does(tmp_path) -> None
         torch.testing.assert_close(ends[1][key], value, rtol=0, atol=0, msg=key)
 
 
-class _Metrics(NullTracker):
-    def __init__(self) -> None:
-        self.steps: dict[int, dict[str, float]] = {}
-
-    def log_metrics(self, metrics, step: int, force: bool = False) -> None:
-        self.steps.setdefault(step, {}).update(metrics)
-
-
 def test_the_lagged_loss_read_trains_logs_evaluates_and_saves_as_reading_each_step(tmp_path, monkeypatch) -> None:
     """``optim.lagged_loss_read`` (fused AdamW in one process) reads a step's losses while the next
     one runs, and changes nothing else: the same losses logged at the same steps, the evaluations
@@ -469,7 +461,7 @@ def test_the_lagged_loss_read_trains_logs_evaluates_and_saves_as_reading_each_st
     monkeypatch.setattr(engine.StepLosses, "read", lambda self: (order.append("r"), real_read(self))[1])
     runs, orders = {}, {}
     for lagged in (False, True):
-        metrics, order[:] = _Metrics(), []
+        metrics, order[:] = Metrics(), []
 
         def evaluate(backbone, step: int) -> dict[str, float]:
             return {"weights": float(sum(p.double().sum() for p in backbone.parameters()))}
@@ -550,7 +542,7 @@ def test_a_time_limit_with_a_step_unread_reads_counts_and_saves_it(tmp_path) -> 
     from trainer.data.datasets import collate_samples
     from trainer.engine import pretrain
 
-    metrics = _Metrics()
+    metrics = Metrics()
     cfg = config(f"out={tmp_path / 'run'}", "max_steps=6", "max_minutes=0.000001", "optim.fused_adamw=on",
                  "data.max_bad_fraction=0.1")
     summary = pretrain(cfg, _RandomImages(), collate_samples, Storage(), tracker=metrics)
