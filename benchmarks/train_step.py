@@ -500,7 +500,7 @@ def time_dinoflow(args: argparse.Namespace, device: torch.device, compiled: bool
     ``SUBSET_DROP_ABOVE`` for this measurement (networks built, compiled and timed under it): where the
     subset form of stochastic depth starts."""
     from trainer.batches import SideStream
-    from trainer.engine import Objective, StepLosses, build_networks, queue_step, training_autocast
+    from trainer.engine import LossReads, Objective, QueuedStep, build_networks, queue_step, training_autocast
     from trainer.models import layers
     from trainer.models.compile import is_compiled
     from trainer.optim import build_adamw
@@ -526,18 +526,13 @@ def time_dinoflow(args: argparse.Namespace, device: torch.device, compiled: bool
     optimizer = build_adamw(student, cfg, device)
     sched = schedule_values(0, cfg.optim, cfg.loss, 1)
     autocast_dtype = training_autocast(device)
-    unread: list[StepLosses] = []
+    reads = LossReads(cfg.optim.lagged_loss_read, report=lambda *_: None)  # the loop's reads, nothing logged
 
     def queue(batch: CropBatch, while_waiting: Callable[[], None] | None = None) -> None:
-        """A step queued and, as the loop reads (``optim.lagged_loss_read``), the step before's losses read."""
+        """A step queued, and its losses or the step before's read as the loop reads them."""
         losses = queue_step(student, teacher, objective, [batch], sched, optimizer, cfg.optim.clip_grad, autocast_dtype,
-                            while_waiting=while_waiting, after=unread[0] if unread else None)
-        if unread:
-            unread.pop().read()
-        if cfg.optim.lagged_loss_read:
-            unread.append(losses)
-        else:
-            losses.read()
+                            while_waiting=while_waiting, after=reads.after)
+        reads.queued(QueuedStep(0, sched, cfg.optim.batch_size, losses), now=lambda: False)
 
     def step() -> None:
         queue(crop_batch)
