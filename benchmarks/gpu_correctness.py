@@ -54,7 +54,7 @@ from dinoflow.config import PretrainConfig, load_config
 from dinoflow.storage import Storage
 from trainer.batches import CropBatch, SideStream, make_batch
 from trainer.data.masking import sample_crop_masks
-from trainer.engine import Objective, build_networks, queue_step, train_step
+from trainer.engine import Objective, SSLNetwork, build_networks, queue_step, train_step
 from trainer.losses import masked_positions
 from trainer.models.compile import is_compiled
 from trainer.optim import build_adamw
@@ -114,14 +114,20 @@ def backbone_tokens(cfg: PretrainConfig, weights: dict[str, Tensor], batch: Crop
     return torch.cat([o["x_prenorm"].flatten() for o in outputs]).cpu()
 
 
+def networks(cfg: PretrainConfig, weights: dict[str, Tensor], device: torch.device
+             ) -> tuple[SSLNetwork, SSLNetwork, Objective]:
+    """The student and teacher from ``weights`` (alike) and a fresh objective, on ``device``."""
+    student, teacher = build_networks(cfg)
+    student.load_state_dict(weights)
+    teacher.load_state_dict(weights)
+    return student.to(device), teacher.to(device), Objective(cfg).to(device)
+
+
 def step_losses(cfg: PretrainConfig, weights: dict[str, Tensor], batch: CropBatch, device: torch.device,
                 autocast_dtype: torch.dtype | None) -> tuple[dict[str, float], bool]:
     """One ``train_step`` from ``weights`` (student and teacher alike): its loss terms, and whether
     every block and loss tail still ran compiled (True when nothing was compiled)."""
-    student, teacher = build_networks(cfg)
-    student.load_state_dict(weights)
-    teacher.load_state_dict(weights)
-    student, teacher, objective = student.to(device), teacher.to(device), Objective(cfg).to(device)
+    student, teacher, objective = networks(cfg, weights, device)
     sched = schedule_values(0, cfg.optim, cfg.loss, 1)
     losses = train_step(student, teacher, objective, [to_device(batch, device)], sched,
                         build_adamw(student, cfg, device), cfg.optim.clip_grad, autocast_dtype)
@@ -134,10 +140,7 @@ def lagged_skip(cfg: PretrainConfig, weights: dict[str, Tensor], batch: CropBatc
     """The ``lagged_skip`` check: a non-finite step, then a finite one queued behind it unread, with
     fused AdamW (on any device); the largest change of a student weight must be 0."""
     cfg = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"fused_adamw": "on"})})
-    student, teacher = build_networks(cfg)
-    student.load_state_dict(weights)
-    teacher.load_state_dict(weights)
-    student, teacher, objective = student.to(device), teacher.to(device), Objective(cfg).to(device)
+    student, teacher, objective = networks(cfg, weights, device)
     optimizer = build_adamw(student, cfg, device)
     sched = schedule_values(total_steps(cfg.optim) // 2, cfg.optim, cfg.loss, 1)  # past the warm-up: lr > 0
     finite = to_device(batch, device)
