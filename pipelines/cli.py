@@ -19,6 +19,8 @@ from pydantic import BaseModel
 
 from dinoflow.config import ConfigError, DemoConfig, PretrainConfig, load_config, to_yaml
 
+# The help prints a command docstring's first paragraph as one line and keeps the line breaks of
+# the others: write those in lines of at most 76 characters.
 app = typer.Typer(
     name="dinoflow",
     help="Train, distil, evaluate and ship DINOv2 vision backbones.",
@@ -159,9 +161,10 @@ def distill(
 ) -> None:
     """Distil a frozen teacher into a smaller student (its EMA is released); resumes when OUT holds a checkpoint.
 
-    The preset's ``distill.objective`` says what the student learns: ``features`` (default: the
-    teacher backbone's CLS and patch tokens, through linear projectors) or ``heads`` (the DINO and
-    patch losses against the teacher's heads, as in DINOv2).
+    The preset's distill.objective says what the student learns: features
+    (default: the teacher backbone's CLS and patch tokens, through linear
+    projectors) or heads (the DINO and patch losses against the teacher's
+    heads, as in DINOv2).
     """
     from dinoflow.config import DistillConfig
     from dinoflow.tracking import MlflowTracker, default_artifact_location, standard_tags
@@ -196,8 +199,10 @@ def evaluate(
     k: Annotated[int, typer.Option(help="neighbours for k-NN (k=20 is always reported too)")] = 20,
     out: Annotated[str | None, typer.Option(help="write the JSON report here (path or URI)")] = None,
 ) -> None:
-    """Benchmark frozen features of a backbone: k-NN, linear probe, or the whole suite
-    (Fashion-MNIST classification; segmentation, depth and retrieval on synthetic scenes)."""
+    """Benchmark frozen features of a backbone: k-NN, linear probe, or the whole suite.
+
+    Fashion-MNIST classification; segmentation, depth and retrieval on
+    synthetic scenes."""
     from components.stage import storage_from_env
     from evaluators.suite import SuiteConfig, run_suite
     from trainer.models.hub import SOURCES, load_backbone
@@ -244,10 +249,13 @@ def attention(
     mass: Annotated[float, typer.Option(help="the attention mask (outlined in cyan) keeps the largest weights "
                                               "holding this share of the map")] = 0.6,
 ) -> None:
-    """Where a backbone looks and its high-norm tokens: a block's (the last's) CLS attention over
-    the patches, its mask (the largest weights holding ``mass`` of it), and the patch tokens whose
-    norm at that block's output stands out, drawn in one PNG (up to 8 images); prints the figures
-    as JSON (per image: the high-norm tokens' (row, column) positions, the mask's share of the patches)."""
+    """Where a backbone looks: CLS attention maps and high-norm tokens, drawn in one PNG.
+
+    A block's (the last's) CLS attention over the patches, its mask (the
+    largest weights holding --mass of it), and the patch tokens whose norm at
+    that block's output stands out, for up to 8 images; prints the figures as
+    JSON (per image: the high-norm tokens' (row, column) positions, the mask's
+    share of the patches)."""
     import tempfile
     from pathlib import Path
 
@@ -382,8 +390,10 @@ def curate(
                                              "under a local --out)")] = True,
     experiment: Annotated[str, typer.Option(help="MLflow experiment")] = "dinoflow",
 ) -> None:
-    """Curate an image pool: embed, deduplicate, decontaminate, retrieve around seed sets, balance,
-    write shards + manifest + report."""
+    """Curate an image pool into shards: embed, deduplicate, decontaminate, retrieve, balance.
+
+    Retrieval is around the seed sets given (--seeds); writes the shards, a
+    manifest and a report."""
     import contextlib
 
     from components.curate import balance_levels

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
+from typing import Any
 
 import pytest
+import typer
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -167,3 +170,26 @@ def test_cli_version_and_help() -> None:
     assert version.exit_code == 0 and version.stdout.startswith("dinoflow 0.")
     help_text = runner.invoke(app, ["--help"])
     assert help_text.exit_code == 0 and "demo" in help_text.stdout and "config" in help_text.stdout
+
+
+def _commands(group: Any, ctx: Any) -> list[Any]:
+    """Every command under ``group``, sub-groups' too (typer's groups are its own click's)."""
+    found = []
+    for name in group.list_commands(ctx):
+        command = group.get_command(ctx, name)
+        found += _commands(command, ctx) if hasattr(command, "list_commands") else [command]
+    return found
+
+
+def test_cli_help_reads_as_paragraphs() -> None:
+    """The help prints a docstring's first paragraph joined into one line but keeps the line breaks
+    of the others: a command's summary fits the command list's 80 columns in two lines, and a
+    longer line elsewhere would break raggedly at a terminal's 80 columns."""
+    group = typer.main.get_command(app)
+    commands = _commands(group, group.context_class(group))
+    assert len(commands) >= 14
+    for command in commands:
+        first, *rest = inspect.cleandoc(command.help or "").split("\n\n")
+        assert first and len(" ".join(first.split())) <= 130, (command.name, first)
+        for line in "\n".join(rest).splitlines():
+            assert len(line) <= 76, (command.name, line)
