@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 
 import torch
@@ -66,10 +67,14 @@ def export_onnx(
     modes = {module: module.training for module in model.modules()}
     wrapper = FeatureOutputs(model).eval()
     try:
-        program = torch.onnx.export(
-            wrapper, (images,), dynamo=True, opset_version=OPSET, input_names=["images"],
-            output_names=list(wrapper.output_names), verbose=False,
-        )
+        with warnings.catch_warnings():
+            # torch's exporter copies its own pytree specs through a path torch deprecates: a warning
+            # about torch's code, not the model's, that a user exporting can do nothing about
+            warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)", FutureWarning)
+            program = torch.onnx.export(
+                wrapper, (images,), dynamo=True, opset_version=OPSET, input_names=["images"],
+                output_names=list(wrapper.output_names), verbose=False,
+            )
     finally:
         for module, training in modes.items():
             module.training = training
