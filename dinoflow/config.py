@@ -231,8 +231,13 @@ class PretrainConfig(Section):
     max_minutes: float = Field(0, ge=0, description="stop after this much training time, evaluations "
                                "excluded, over all resumes (0: no limit)")
     checkpoint_every: int = Field(100, ge=1)
-    init_weights: str = Field("", description="backbone safetensors (path or URI) that student and teacher "
-                              "start from on a fresh run, e.g. the registry's champion; empty: random init")
+    init_weights: str = Field("", description="backbone weights (path or URI) the networks start from on a "
+                              "fresh run: the registry's champion, Meta's released .pth (its position table "
+                              "resized to the global crop), a training dump, a Hugging Face folder; empty: random "
+                              "init. The recipe's model.* must match their architecture (an error names what differs)")
+    init_weights_source: Literal["auto", "official", "training", "safetensors", "hf"] = Field(
+        "auto", description="layout of init_weights; auto: from the path (*.safetensors: safetensors, a folder "
+        "with config.json: hf, else official); a training dump must be named")
     model: ModelConfig = ModelConfig()
     heads: HeadsConfig = HeadsConfig()
     loss: LossConfig = LossConfig()

@@ -323,8 +323,7 @@ def export(
     from pathlib import Path
 
     from components.stage import storage_from_env
-    from dinoflow.storage import join_uri
-    from trainer.models.hub import SOURCES, load_backbone, pretrained_arch_kwargs, save_backbone
+    from trainer.models.hub import SOURCES, load_backbone, pretrained_arch_kwargs, save_backbone, weights_source
 
     formats = ("hf", "onnx", "safetensors")
     if export_format not in formats:
@@ -335,8 +334,7 @@ def export(
         typer.echo(f"error: {out} is not empty; choose a new output folder", err=True)
         raise typer.Exit(2)
     if source is None:
-        source = ("safetensors" if weights.endswith(".safetensors")
-                  else "hf" if storage.exists(join_uri(weights, "config.json")) else "official")
+        source = weights_source(weights, storage)
         typer.echo(f"weights source: {source} (from the path; pass --source to choose)", err=True)
     if source not in SOURCES:
         typer.echo(f"error: unknown source {source!r}; allowed: {', '.join(SOURCES)}", err=True)

@@ -72,6 +72,7 @@ from trainer.engine import (
     crop_outputs,
     ema_update,
     finish_step,
+    start_from_weights,
     training_autocast,
 )
 from trainer.losses import CLSFeatureLoss, PatchFeatureLoss
@@ -364,8 +365,12 @@ def distill(
         student.load_state_dict(checkpoint["student"])
         student_ema.load_state_dict(checkpoint["teacher"])
         objective.load_state_dict(checkpoint["objective"])
-    elif teacher_objective is not None and cfg.loss.centering == "softmax" and cfg.distill.objective == "heads":
-        objective.load_state_dict(teacher_objective)  # the teacher's running centres
+    else:
+        if cfg.init_weights:  # the student (and so its EMA) starts from given weights
+            start_from_weights(cfg, student.backbone, storage)
+            student_ema.backbone.load_state_dict(student.backbone.state_dict())
+        if teacher_objective is not None and cfg.loss.centering == "softmax" and cfg.distill.objective == "heads":
+            objective.load_state_dict(teacher_objective)  # the teacher's running centres
     student, student_ema, objective = student.to(device), student_ema.to(device), objective.to(device)
     optimizer = build_adamw(student, cfg, device)
     if checkpoint is not None:

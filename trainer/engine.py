@@ -63,7 +63,7 @@ from trainer.losses import (
 )
 from trainer.models.compile import compile_blocks, compiled_now, maybe_compiled
 from trainer.models.heads import DINOHead, Fused
-from trainer.models.hub import load_strict, read_weights, save_backbone
+from trainer.models.hub import init_backbone, save_backbone, weights_source
 from trainer.models.vit import DinoVisionTransformer, build_vit
 from trainer.optim import build_adamw, with_kernel_choice
 from trainer.schedules import ScheduleValues, schedule_values, total_steps
@@ -103,6 +103,14 @@ def build_backbone(cfg: PretrainConfig, drop_path: bool = True) -> DinoVisionTra
         drop_path_rate=m.drop_path_rate if drop_path else 0.0, drop_path_uniform=m.drop_path_uniform,
         **overrides,
     )
+
+
+def start_from_weights(cfg: PretrainConfig, backbone: DinoVisionTransformer, storage: Storage) -> None:
+    """A fresh run's ``backbone`` loaded from ``cfg.init_weights`` (its layout ``init_weights_source``,
+    by default from the path): :func:`~trainer.models.hub.init_backbone`."""
+    source = cfg.init_weights_source
+    init_backbone(backbone, cfg.init_weights, weights_source(cfg.init_weights, storage) if source == "auto" else source,
+                  storage)
 
 
 def build_networks(cfg: PretrainConfig) -> tuple[SSLNetwork, SSLNetwork]:
@@ -482,9 +490,8 @@ def _pretrain(cfg: PretrainConfig, dataset: Any, collate: Callable, storage: Sto
     state = TrainState()
     checkpoint = load_latest_checkpoint(storage, cfg.out)
     if checkpoint is None and cfg.init_weights:
-        weights, _ = read_weights(cfg.init_weights, "safetensors", storage)
-        for network in (student, teacher):
-            load_strict(network.backbone, weights)
+        start_from_weights(cfg, student.backbone, storage)
+        teacher.backbone.load_state_dict(student.backbone.state_dict())
     if checkpoint is not None:
         student.load_state_dict(checkpoint["student"])
         teacher.load_state_dict(checkpoint["teacher"])

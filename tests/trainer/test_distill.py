@@ -30,7 +30,7 @@ from trainer.distill import (
     fingerprint,
     load_teacher,
 )
-from trainer.engine import Objective, pretrain
+from trainer.engine import Objective, build_backbone, pretrain
 from trainer.models.hub import load_backbone, save_backbone
 from trainer.run import build_dataset
 
@@ -117,6 +117,28 @@ def test_teacher_frozen_and_student_learns(teacher_run: Path, tmp_path: Path, st
     for key, tensor in teacher.state_dict().items():
         assert torch.equal(tensor, before[key]), key
     assert fingerprint(load_teacher(cfg, storage)[0]) == hash_before  # the teacher's files are untouched
+
+
+@pytest.mark.parametrize("objective", ["heads", "features"])
+def test_a_fresh_student_starts_from_init_weights(teacher_run: Path, tmp_path: Path, storage: Storage, dataset,
+                                                  objective: str) -> None:
+    """``init_weights`` (here our safetensors) start the student and so its released EMA; before,
+    distillation took the field from the pretraining config and ignored it."""
+    cfg = student_config(teacher_run, tmp_path / "run", "max_steps=1", f"distill.objective={objective}",
+                         f"init_weights={tmp_path / 'start.safetensors'}")
+    torch.manual_seed(11)
+    start = build_backbone(cfg, drop_path=False)
+    with torch.no_grad():
+        for parameter in start.parameters():
+            parameter.add_(0.5 * torch.randn_like(parameter))
+    save_backbone(start, str(tmp_path / "start.safetensors"))
+    summary = distill(cfg, dataset, collate_samples, storage)
+    released = load_backbone(summary["backbone"], "safetensors")
+    torch.manual_seed(cfg.seed)
+    random_init = build_student(cfg, 32)[1].backbone  # where the seed alone starts
+    moved = max((v - start.state_dict()[k]).abs().max().item() for k, v in released.state_dict().items())
+    apart = max((v - random_init.state_dict()[k]).abs().max().item() for k, v in released.state_dict().items())
+    assert moved < 0.05 * apart, (moved, apart)
 
 
 def test_no_masking_no_drop_path_and_all_patches(teacher_run: Path, tmp_path: Path, storage: Storage,

@@ -257,6 +257,38 @@ def test_a_fresh_run_starts_from_init_weights_and_a_resumed_one_ignores_them(tmp
         pretrain(fresh, _RandomImages(), collate_samples, Storage())
 
 
+def test_a_fresh_run_starts_from_released_weights_with_their_position_table_resized(tmp_path) -> None:
+    """Meta's .pth layout (a 10 x 10 table here, 37 x 37 there), the source taken from the path."""
+    from trainer.data.datasets import collate_samples
+    from trainer.engine import pretrain
+    from trainer.models.hub import init_backbone, load_backbone
+    from trainer.models.vit import build_vit
+
+    torch.manual_seed(3)
+    released = build_vit("vit_small", embed_dim=32, depth=3, num_heads=2, patch_size=7, img_size=70)
+    with torch.no_grad():
+        for parameter in released.parameters():
+            parameter.copy_(0.1 * torch.randn_like(parameter))
+    torch.save(released.state_dict(), tmp_path / "dinov2_tiny_pretrain.pth")
+    cfg = config(f"out={tmp_path / 'run'}", "max_steps=1", f"init_weights={tmp_path / 'dinov2_tiny_pretrain.pth'}",
+                 "data.max_bad_fraction=0.1", "seed=7")
+    start = build_networks(cfg)[0].backbone
+    init_backbone(start, cfg.init_weights, "official", Storage())
+    summary = pretrain(cfg, _RandomImages(), collate_samples, Storage())
+    teacher = load_backbone(summary["backbone"], "safetensors")
+    random_init = build_networks(cfg)[1].backbone
+    moved = {k: (v - start.state_dict()[k]).abs().max().item() for k, v in teacher.state_dict().items()}
+    apart = {k: (v - random_init.state_dict()[k]).abs().max().item() for k, v in teacher.state_dict().items()}
+    assert teacher.pos_embed.shape == (1, 17, 32)
+    assert max(moved.values()) < 0.01 * max(apart.values())
+    # weights that do not fit the recipe: named before any step, nothing written
+    misfit = config(f"out={tmp_path / 'misfit'}", "max_steps=1", "model.num_register_tokens=4",
+                    f"init_weights={tmp_path / 'dinov2_tiny_pretrain.pth'}")
+    with pytest.raises(ValueError, match=r"model.num_register_tokens = 4 \(the weights: 0\)"):
+        pretrain(misfit, _RandomImages(), collate_samples, Storage())
+    assert not (tmp_path / "misfit" / "checkpoints").exists()
+
+
 def test_the_bad_image_tally_survives_a_resume(tmp_path) -> None:
     from trainer.data.datasets import collate_samples
     from trainer.engine import pretrain

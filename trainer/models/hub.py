@@ -27,7 +27,7 @@ from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor
 
 from dinoflow.storage import Storage, join_uri
-from trainer.models.vit import ARCHITECTURES, DinoVisionTransformer, vit_arch_kwargs
+from trainer.models.vit import ARCHITECTURES, DinoVisionTransformer, resize_positions, vit_arch_kwargs
 
 Source = Literal["official", "training", "safetensors", "hf"]
 SOURCES: tuple[str, ...] = ("official", "training", "safetensors", "hf")
@@ -214,6 +214,47 @@ def load_strict(model: torch.nn.Module, state_dict: Mapping[str, Tensor]) -> Non
         raise ValueError("weights do not fit the model: " + " | ".join(problems))
     meta = any(t.is_meta for t in expected.values())
     model.load_state_dict(dict(state_dict), strict=True, assign=meta)
+
+
+def weights_source(uri: str, storage: Storage) -> Source:
+    """The source a weight path names: ``*.safetensors`` -> safetensors, a folder holding
+    ``config.json`` -> hf, else official (Meta's released ``.pth``). A training dump, also a
+    ``.pth``, is never guessed: it is named (``source=training``)."""
+    if uri.endswith(".safetensors"):
+        return "safetensors"
+    return "hf" if storage.exists(join_uri(uri, "config.json")) else "official"
+
+
+# the architecture arguments a weight file's tensors fix, and the recipe setting of each
+_RECIPE_SETTINGS = {"patch_size": "model.patch_size", "embed_dim": "model.embed_dim", "depth": "model.depth",
+                    "ffn_layer": "model.ffn_layer", "num_register_tokens": "model.num_register_tokens"}
+
+
+def init_backbone(backbone: DinoVisionTransformer, uri: str, source: Source, storage: Storage) -> None:
+    """Start a recipe's ``backbone`` from the weights at ``uri``, e.g. Meta's released ones, to
+    pretrain or distil further on other data.
+
+    The recipe's position table is sized for its global crop (16 x 16 patches at 224 px) and the
+    released one for 518 px (37 x 37): a table of another grid is resized as the weights' own model
+    resizes it for an image of the backbone's size (:func:`~trainer.models.vit.resize_positions`,
+    with the weights' interpolation settings), so at that size the backbone computes exactly what
+    the released model does. Architectures that differ otherwise fail with a ``ValueError`` naming
+    each recipe setting (``model.*``) and the value the weights need."""
+    state_dict, found = read_weights(uri, source, storage)
+    theirs = found or infer_arch_kwargs(state_dict)
+    ours = backbone.arch_kwargs
+    differ = [f"{setting} = {ours[key]!r} (the weights: {theirs[key]!r})"
+              for key, setting in _RECIPE_SETTINGS.items() if key in theirs and theirs[key] != ours[key]]
+    if differ:
+        raise ValueError(f"init weights {uri} do not fit the recipe's backbone: {'; '.join(differ)}; "
+                         "set these (or model.arch) to the weights' values")
+    table = state_dict.get("pos_embed")
+    if isinstance(table, Tensor) and table.ndim == 3 and table.shape != backbone.pos_embed.shape:
+        grid = ours["img_size"] // ours["patch_size"]
+        resized = resize_positions(table, grid, grid, theirs.get("interpolate_offset", 0.1),
+                                   theirs.get("interpolate_antialias", False))
+        state_dict = {**state_dict, "pos_embed": resized.to(table.dtype)}
+    load_strict(backbone, state_dict)
 
 
 def load_backbone(

@@ -129,23 +129,9 @@ class DinoVisionTransformer(nn.Module):
 
     def interpolate_pos_encoding(self, height: int, width: int, dtype: torch.dtype) -> Tensor:
         """The position table for an ``height x width`` image: ``(1, 1 + h*w, D)``."""
-        rows, cols = height // self.patch_size, width // self.patch_size
-        table = self.pos_embed
-        side = math.isqrt(table.shape[1] - 1)
-        if rows == side and cols == side:
-            return table.to(dtype)
-        table = table.float()
-        grid = table[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)  # (1, D, M, M)
-        if self.interpolate_offset:
-            resize = {"scale_factor": ((rows + self.interpolate_offset) / side,
-                                       (cols + self.interpolate_offset) / side)}
-        else:
-            resize = {"size": (rows, cols)}
-        grid = F.interpolate(grid, mode="bicubic", antialias=self.interpolate_antialias, **resize)
-        if grid.shape[-2:] != (rows, cols):
-            raise RuntimeError(f"position grid resized to {tuple(grid.shape[-2:])}, wanted {(rows, cols)}")
-        grid = grid.permute(0, 2, 3, 1).reshape(1, rows * cols, -1)
-        return torch.cat([table[:, :1], grid], dim=1).to(dtype)
+        table = resize_positions(self.pos_embed, height // self.patch_size, width // self.patch_size,
+                                 self.interpolate_offset, self.interpolate_antialias)
+        return table.to(dtype)
 
     def prepare_tokens(self, images: Tensor, masks: Tensor | None = None) -> Tensor:
         """``(B, C, H, W)`` (+ ``(B, N)`` bool masks) -> ``(B, 1 + R + N, D)`` input tokens."""
@@ -244,6 +230,26 @@ class DinoVisionTransformer(nn.Module):
         if return_class_token:
             return tuple(zip(patches, class_tokens))
         return tuple(patches)
+
+
+def resize_positions(table: Tensor, rows: int, cols: int, offset: float, antialias: bool) -> Tensor:
+    """A square position table ``(1, 1 + M*M, D)`` (CLS first) for a ``rows x cols`` patch grid:
+    the table itself if it has that grid, else its grid resized bicubically (in fp32) by the scale
+    ``(n + offset) / M`` when ``offset`` is non-zero, as the original does, else to the size."""
+    side = math.isqrt(table.shape[1] - 1)
+    if rows == side and cols == side:
+        return table
+    table = table.float()
+    grid = table[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)  # (1, D, M, M)
+    if offset:
+        resize = {"scale_factor": ((rows + offset) / side, (cols + offset) / side)}
+    else:
+        resize = {"size": (rows, cols)}
+    grid = F.interpolate(grid, mode="bicubic", antialias=antialias, **resize)
+    if grid.shape[-2:] != (rows, cols):
+        raise RuntimeError(f"position grid resized to {tuple(grid.shape[-2:])}, wanted {(rows, cols)}")
+    grid = grid.permute(0, 2, 3, 1).reshape(1, rows * cols, -1)
+    return torch.cat([table[:, :1], grid], dim=1)
 
 
 def init_weights(model: DinoVisionTransformer) -> None:

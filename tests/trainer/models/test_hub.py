@@ -13,9 +13,11 @@ from dinoflow.storage import Storage, join_uri
 from trainer.models.hub import (
     convert_training_state_dict,
     dinov2_vits14_reg,
+    init_backbone,
     load_backbone,
     read_weights,
     save_backbone,
+    weights_source,
 )
 from trainer.models.vit import build_vit
 
@@ -111,3 +113,46 @@ def test_named_constructor_loads_released_layout(tmp_path: Path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(loaded(images), reference.eval()(images), rtol=0, atol=0)
     assert not loaded.training
+
+
+@pytest.mark.parametrize("registers", [0, 4])
+def test_a_recipe_backbone_started_from_released_weights_computes_the_released_model_at_its_size(
+        tmp_path: Path, registers: int) -> None:
+    """Meta's files hold a 37 x 37 position table (518 px), a recipe's backbone one for its global
+    crop: at that crop's size the started backbone equals the released model, which resizes its own
+    table (offset 0.1 without registers, antialias with them)."""
+    released = small_model(embed_dim=128, num_register_tokens=registers, img_size=140)  # 10 x 10 patches
+    with torch.no_grad():
+        released.pos_embed.copy_(torch.randn_like(released.pos_embed))  # a table whose resizing shows
+    path = tmp_path / "released.pth"
+    torch.save(released.state_dict(), path)
+    recipe = build_vit("vit_small", num_register_tokens=registers, img_size=56, patch_size=14, embed_dim=128,
+                       depth=4, num_heads=2, layerscale_init=1e-5, drop_path_rate=0.1)
+    assert recipe.pos_embed.shape[1] == 1 + 4 * 4
+    init_backbone(recipe, str(path), weights_source(str(path), Storage()), Storage())
+    images = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        ours, theirs = recipe.eval().forward_features(images), released.forward_features(images)
+    for key in ("x_norm_clstoken", "x_norm_patchtokens", "x_norm_regtokens"):
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-5, msg=key)
+    assert not torch.equal(recipe.pos_embed, released.pos_embed[:, :17])  # resized, not cut
+
+
+def test_starting_weights_that_do_not_fit_the_recipe_name_the_settings(tmp_path: Path) -> None:
+    path = tmp_path / "released.pth"
+    torch.save(small_model(embed_dim=128, num_register_tokens=4, img_size=140).state_dict(), path)
+    recipe = build_vit("vit_small", img_size=56, patch_size=14, embed_dim=128, depth=2, num_heads=2)
+    before = {k: v.clone() for k, v in recipe.state_dict().items()}
+    with pytest.raises(ValueError, match=r"model.depth = 2 \(the weights: 4\); "
+                                         r"model.num_register_tokens = 0 \(the weights: 4\)"):
+        init_backbone(recipe, str(path), "official", Storage())
+    assert all(torch.equal(v, before[k]) for k, v in recipe.state_dict().items())  # untouched
+
+
+def test_weights_source_from_the_path(tmp_path: Path) -> None:
+    storage = Storage()
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    assert weights_source(str(tmp_path / "backbone.safetensors"), storage) == "safetensors"
+    assert weights_source(str(tmp_path / "hf"), storage) == "hf"
+    assert weights_source(str(tmp_path / "dinov2_vits14_pretrain.pth"), storage) == "official"
