@@ -58,7 +58,6 @@ from trainer.checkpoints import (
     save_checkpoint,
     write_training_curves,
 )
-from trainer.data.augment import MultiCrop
 from trainer.data.datasets import BadImageTracker
 from trainer.engine import (
     EvalFn,
@@ -73,6 +72,7 @@ from trainer.engine import (
     ema_update,
     finish_step,
     start_from_weights,
+    step_crops,
     training_autocast,
 )
 from trainer.losses import CLSFeatureLoss, PatchFeatureLoss
@@ -302,19 +302,22 @@ def distill_loss(student: Student, teacher: Teacher, objective: Objective, batch
 
 
 def distill_step(student: Student, student_ema: Teacher, teacher: Teacher, objective: Objective,
-                 batch: CropBatch, sched: ScheduleValues, optimizer: torch.optim.Optimizer, cfg: DistillConfig,
-                 autocast_dtype: torch.dtype | None = None,
+                 micro_batches: list[CropBatch], sched: ScheduleValues, optimizer: torch.optim.Optimizer,
+                 cfg: DistillConfig, autocast_dtype: torch.dtype | None = None,
                  while_waiting: Callable[[], None] | None = None, after: StepLosses | None = None) -> StepLosses:
-    """One optimiser step of the student, then the EMA update of ``student_ema``; the teacher is
-    only read. Returns the loss terms for logging, read or to be read (:meth:`StepLosses.read`): it
-    ends as pretraining's step does (:func:`trainer.engine.finish_step`, queued ``after`` the step
-    before if that one is unread)."""
+    """One optimiser step of the student over ``micro_batches`` (gradient accumulation), then the
+    EMA update of ``student_ema``; the teacher is only read. Returns the loss terms for logging, read
+    or to be read (:meth:`StepLosses.read`): it ends as pretraining's step does
+    (:func:`trainer.engine.finish_step`, queued ``after`` the step before if that one is unread)."""
     begin_step(optimizer, sched)
-    device_type = batch.global_crops.device.type
-    with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        loss, terms = distill_loss(student, teacher, objective, batch, cfg, sched.teacher_temp)
-    loss.backward()
-    losses = torch.stack([value.detach().float() for value in (*terms.values(), loss)])[None]  # one micro-batch
+    device_type = micro_batches[0].global_crops.device.type
+    values = []  # per micro-batch: the terms and the total, read on the host once
+    for batch in micro_batches:
+        with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            loss, terms = distill_loss(student, teacher, objective, batch, cfg, sched.teacher_temp)
+        (loss / len(micro_batches)).backward()
+        values.append(torch.stack([value.detach().float() for value in (*terms.values(), loss)]))
+    losses = torch.stack(values)  # (micro-batches, terms + total)
     if isinstance(student_ema, HeadlessNetwork):  # projectors: not released
         ema = functools.partial(ema_update, student_ema.backbone, student.backbone, sched.teacher_momentum)
     else:
@@ -377,11 +380,12 @@ def distill(
         optimizer.load_state_dict(with_kernel_choice(checkpoint["optimizer"], optimizer))
         state = TrainState.from_checkpoint(checkpoint)
     tracker.log_config(cfg)
-    multi_crop = MultiCrop(cfg.crops).to(device)
+    crop_of = step_crops(cfg, device)
+    micro = cfg.optim.grad_accumulation
     last_step = total_steps(cfg.optim) if cfg.max_steps == 0 else min(cfg.max_steps, total_steps(cfg.optim))
     bad_images = BadImageTracker(cfg.data.max_bad_fraction)
     bad_images.restore(state.bad_images)
-    next_images = ImageStream(dataset, collate, cfg, state.step, device, bad_images)
+    next_images = ImageStream(dataset, collate, cfg, state.step * micro, device, bad_images)
     loader_watch = LoaderWatch(cfg.data.num_workers)
 
     marks = sorted(m for m in cfg.eval.at_minutes if m > state.train_seconds / 60)
@@ -392,11 +396,11 @@ def distill(
 
     def prepare(step: int) -> PreparedStep:
         torch.manual_seed(cfg.seed * 1_000_003 + step)  # the engine's per-step stream (augmentation)
-        images = next_images()
-        global_crops, local_crops = multi_crop(images)
-        batch = CropBatch(global_crops, local_crops, torch.zeros(0, dtype=torch.bool, device=device),
-                          torch.zeros(0, dtype=torch.long, device=device))  # no masking
-        return PreparedStep([batch], len(images), bad_images.summary())
+        crop = crop_of(step)
+        images = [next_images() for _ in range(micro)]
+        batches = [CropBatch(*crop(x), torch.zeros(0, dtype=torch.bool, device=device),
+                             torch.zeros(0, dtype=torch.long, device=device)) for x in images]  # no masking
+        return PreparedStep(batches, sum(len(x) for x in images), bad_images.summary())
 
     saved_at = state.step  # the step of the last checkpoint written (or loaded)
 
@@ -425,7 +429,7 @@ def distill(
             prepared = upcoming.result() if upcoming is not None else prepare(step)
         upcoming = Future() if step + 1 < last_step else None
         student.train()
-        losses = distill_step(student, student_ema, teacher_network, objective, prepared.micro_batches[0], sched,
+        losses = distill_step(student, student_ema, teacher_network, objective, prepared.micro_batches, sched,
                               optimizer, cfg, autocast_dtype,
                               functools.partial(settle, upcoming, prepare, step + 1) if upcoming else None, reads.after)
         state.bad_images = prepared.bad_images

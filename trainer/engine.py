@@ -387,6 +387,20 @@ def begin_step(optimizer: torch.optim.Optimizer, sched: ScheduleValues) -> None:
         group["weight_decay"] = sched.weight_decay * group["wd_multiplier"]
 
 
+def step_crops(cfg: PretrainConfig, device: torch.device) -> Callable[[int], MultiCrop]:
+    """The multi-crop of each step: the recipe's crops, and in the final adaptation phase (the last
+    ``crops.highres_steps`` of the schedule, as the original ends) the high-resolution ones."""
+    multi_crop = MultiCrop(cfg.crops).to(device)
+    if not cfg.crops.highres_steps:
+        return lambda step: multi_crop
+    highres_from = total_steps(cfg.optim) - cfg.crops.highres_steps
+    highres = MultiCrop(cfg.crops.model_copy(update={
+        "global_crop_size": cfg.crops.highres_global_crop_size,
+        "local_crop_size": cfg.crops.highres_local_crop_size,
+    })).to(device)
+    return lambda step: highres if step >= highres_from else multi_crop
+
+
 def crop_outputs(backbone: nn.Module, batch: CropBatch, masked: bool = True) -> list[dict[str, Tensor]]:
     """``backbone``'s outputs on the global crops (masked by ``batch.masks`` if ``masked``) and, if
     there are any, the local crops: both groups in one packed pass, each group crop-major."""
@@ -502,13 +516,7 @@ def _pretrain(cfg: PretrainConfig, dataset: Any, collate: Callable, storage: Sto
         strategy.load_optimizer_state(student, optimizer, with_kernel_choice(checkpoint["optimizer"], optimizer))
         state = TrainState.from_checkpoint(checkpoint)
     tracker.log_config(cfg)
-    multi_crop = MultiCrop(cfg.crops).to(device)
-    # the final adaptation phase: the last highres_steps of the schedule use larger crops
-    highres_from = total_steps(cfg.optim) - cfg.crops.highres_steps if cfg.crops.highres_steps else None
-    highres_crop = MultiCrop(cfg.crops.model_copy(update={
-        "global_crop_size": cfg.crops.highres_global_crop_size,
-        "local_crop_size": cfg.crops.highres_local_crop_size,
-    })).to(device) if highres_from is not None else None
+    crop_of = step_crops(cfg, device)
     micro = cfg.optim.grad_accumulation
     last_step = total_steps(cfg.optim) if cfg.max_steps == 0 else min(cfg.max_steps, total_steps(cfg.optim))
     bad_images = BadImageTracker(cfg.data.max_bad_fraction)
@@ -529,7 +537,7 @@ def _pretrain(cfg: PretrainConfig, dataset: Any, collate: Callable, storage: Sto
     def prepare(step: int) -> PreparedStep:
         # augmentation and stochastic depth: a stream per (step, rank); masks: per step (make_batch)
         torch.manual_seed((cfg.seed * 1_000_003 + step) * strategy.world_size + strategy.rank)
-        crop = highres_crop if highres_from is not None and step >= highres_from else multi_crop
+        crop = crop_of(step)
 
         def make() -> PreparedStep:
             images = [next_images() for _ in range(micro)]

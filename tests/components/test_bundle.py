@@ -25,8 +25,8 @@ from components.definitions import STAGES, stage_bundle
 
 
 def test_bundle_holds_the_packages_without_docstrings_and_imports_on_its_own(tmp_path: Path) -> None:
-    bundle = build_bundle(cache=tmp_path, roots=["components.pretrain", "components.curate"])
-    assert sorted(p.name for p in bundle.iterdir()) == sorted(PACKAGES)
+    bundle = build_bundle(cache=tmp_path, roots=["components.pretrain"])
+    assert sorted(p.name for p in bundle.iterdir()) == sorted(set(PACKAGES) - {"curation"})  # not imported
     assert not list(bundle.rglob("__pycache__")) and (bundle / "configs" / "pretrain" / "tiny.yaml").is_file()
     engine = (bundle / "trainer" / "engine.py").read_text()
     assert ast.get_docstring(ast.parse(engine)) is None
@@ -35,14 +35,20 @@ def test_bundle_holds_the_packages_without_docstrings_and_imports_on_its_own(tmp
     assert shipped < 0.8 * original
     # a fresh interpreter with only the bundle on its path (not the checkout) loads a stage and a preset
     script = ("import sys; sys.path.insert(0, sys.argv[1]);"
-              "import components.pretrain as p, components.curate, trainer.engine as e;"
+              "import components.pretrain as p, trainer.engine as e;"
               "from dinoflow.config import PretrainConfig, load_config;"
               "assert p.__file__.startswith(sys.argv[1]) and e.__file__.startswith(sys.argv[1]);"
               "print(load_config(PretrainConfig, 'tiny').model.embed_dim)")
     out = subprocess.run([sys.executable, "-c", script, str(bundle)], capture_output=True, text=True,
                          cwd=tmp_path, check=True)
     assert out.stdout.strip() == "128"
-    assert encoded_size(bundle) < ARGUMENT_LIMIT - HEADROOM
+
+
+@pytest.mark.parametrize("stage", STAGES, ids=lambda stage: stage.__name__)
+def test_each_stage_bundle_fits_one_container_argument(stage) -> None:
+    """What KFP embeds is each component's own bundle (its import closure), so that is what must
+    fit; the largest (distill, pretrain) hold most of ``trainer``."""
+    assert encoded_size(stage_bundle(stage)) < ARGUMENT_LIMIT - HEADROOM
 
 
 def test_imported_modules_sees_lazy_and_relative_imports() -> None:

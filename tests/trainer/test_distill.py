@@ -165,11 +165,12 @@ def test_no_masking_no_drop_path_and_all_patches(teacher_run: Path, tmp_path: Pa
     assert torch.equal(index, torch.arange(2 * 16 * grid))
 
 
-@pytest.mark.parametrize("objective", ["heads", "features"])
+@pytest.mark.parametrize(("objective", "accumulation"), [("heads", 1), ("features", 2)])
 def test_resume_is_exact_and_student_exports(teacher_run: Path, tmp_path: Path, storage: Storage, dataset,
-                                             objective: str) -> None:
+                                             objective: str, accumulation: int) -> None:
     def config(out: Path, *extra: str) -> DistillConfig:
-        return student_config(teacher_run, out, f"distill.objective={objective}", *extra)
+        return student_config(teacher_run, out, f"distill.objective={objective}",
+                              f"optim.grad_accumulation={accumulation}", *extra)
 
     teacher = load_teacher(config(tmp_path), storage)
     whole = config(tmp_path / "whole", "max_steps=6")
@@ -179,6 +180,7 @@ def test_resume_is_exact_and_student_exports(teacher_run: Path, tmp_path: Path, 
     distill(config(split, "max_steps=6"), dataset, collate_samples, storage, teacher=teacher)
     want, got = load_latest_checkpoint(storage, str(tmp_path / "whole")), load_latest_checkpoint(storage, str(split))
     assert got["step"] == want["step"] == 6
+    assert got["images_seen"] == want["images_seen"] == 6 * 16 * accumulation
     for part in ("student", "teacher", "objective"):  # "teacher": the student EMA
         assert set(got[part]) == set(want[part]), part
         for key, tensor in want[part].items():
@@ -207,6 +209,55 @@ def test_resume_is_exact_and_student_exports(teacher_run: Path, tmp_path: Path, 
     from_training = load_backbone(checkpoint_file, "training", storage, exported.arch_kwargs)
     images = torch.rand(3, 3, 28, 28)
     torch.testing.assert_close(from_training.eval()(images), exported.eval()(images), rtol=0, atol=0)
+
+
+def test_micro_batches_step_as_their_union(teacher_run: Path, tmp_path: Path, storage: Storage, dataset) -> None:
+    """``optim.grad_accumulation``: two micro-batches of 8 move the student as one batch of 16 (the
+    feature losses are means over equal halves; KoLeo, which pairs images within a batch, off).
+    Before, distillation took one micro-batch a step while its learning rate was scaled for all."""
+    from trainer.distill import distill_step
+    from trainer.optim import build_adamw
+
+    cfg = student_config(teacher_run, tmp_path, "distill.objective=features", "loss.koleo_weight=0")
+    teacher, _ = load_teacher(cfg, storage)
+    whole = fixed_batch(cfg, dataset)
+    halves = [CropBatch(whole.global_crops[:, part], whole.local_crops[:, part], whole.masks, whole.mask_index)
+              for part in (slice(0, 8), slice(8, 16))]
+    weights = []
+    for micro_batches in ([whole], halves):
+        torch.manual_seed(0)
+        student, student_ema = build_student(cfg, teacher.backbone.embed_dim)
+        optimizer = build_adamw(student, cfg, torch.device("cpu"))
+        terms = distill_step(student, student_ema, teacher, Objective(cfg), micro_batches, SCHED, optimizer, cfg).read()
+        assert set(terms) == {"cls", "patch", "koleo", "total"}
+        weights.append(student.state_dict())
+    for key, tensor in weights[0].items():
+        torch.testing.assert_close(weights[1][key], tensor, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_the_last_steps_distil_at_high_resolution(teacher_run: Path, tmp_path: Path, storage: Storage, dataset,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """``crops.highres_steps``: the last steps' crops at the high-resolution sizes, as pretraining's
+    (the engine's ``step_crops``); before, distillation kept the recipe's crops to the end."""
+    import trainer.distill as distill_module
+
+    sizes = []
+    step_crops = distill_module.step_crops
+
+    def recording(cfg, device):
+        crop_of = step_crops(cfg, device)
+
+        def crop(step: int):
+            multi_crop = crop_of(step)
+            sizes.append((step, multi_crop.crops.global_crop_size))
+            return multi_crop
+        return crop
+
+    monkeypatch.setattr(distill_module, "step_crops", recording)
+    cfg = student_config(teacher_run, tmp_path, "optim.epochs=1", "optim.epoch_length=3", "crops.highres_steps=1",
+                         "crops.highres_global_crop_size=42", "crops.highres_local_crop_size=14")
+    summary = distill(cfg, dataset, collate_samples, storage)
+    assert summary["steps"] == 3 and sizes == [(0, 28), (1, 28), (2, 42)]
 
 
 def test_features_runs_no_heads(teacher_run: Path, tmp_path: Path, storage: Storage, dataset,
@@ -361,7 +412,7 @@ def test_a_non_finite_distillation_step_halts_with_the_student_unchanged(teacher
     optimizer = build_adamw(student, cfg, torch.device("cpu"))
     calls = []
     with pytest.raises(FloatingPointError, match=r"loss is nan \(\{'dino': nan"):
-        distill_step(student, student_ema, teacher, Objective(cfg), fixed_batch(cfg, dataset), SCHED, optimizer, cfg,
+        distill_step(student, student_ema, teacher, Objective(cfg), [fixed_batch(cfg, dataset)], SCHED, optimizer, cfg,
                      while_waiting=lambda: calls.append(1)).read()
     assert calls == [1]
     for key, value in student.state_dict().items():
@@ -387,5 +438,5 @@ def test_a_fused_distillation_step_reads_back_from_the_device_only_its_losses(te
     batch = fixed_batch(cfg, dataset)
     for _ in range(2):  # the first step makes the optimizer's state; both are checked
         with host_reads() as reads:
-            distill_step(student, student_ema, teacher, Objective(cfg), batch, SCHED, optimizer, cfg).read()
+            distill_step(student, student_ema, teacher, Objective(cfg), [batch], SCHED, optimizer, cfg).read()
         assert reads == ["tolist in trainer/engine.py:read"]
