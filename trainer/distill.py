@@ -50,7 +50,7 @@ from dinoflow.config import DistillConfig, PretrainConfig, validate
 from dinoflow.progress import progress
 from dinoflow.storage import Storage, join_uri
 from dinoflow.tracking import NullTracker, Tracker
-from trainer.batches import CropBatch, ImageStream, LoaderWatch, PreparedStep, settle, streams_kept
+from trainer.batches import CropBatch, ImageStream, LoaderWatch, PreparedStep, SideStream, settle, streams_kept
 from trainer.checkpoints import (
     TrainState,
     checkpoint_bytes,
@@ -381,6 +381,7 @@ def distill(
         state = TrainState.from_checkpoint(checkpoint)
     tracker.log_config(cfg)
     crop_of = step_crops(cfg, device)
+    side = SideStream(device, cfg.data.side_stream)  # the next batch made beside the step on CUDA (as pretrain)
     micro = cfg.optim.grad_accumulation
     last_step = total_steps(cfg.optim) if cfg.max_steps == 0 else min(cfg.max_steps, total_steps(cfg.optim))
     bad_images = BadImageTracker(cfg.data.max_bad_fraction)
@@ -397,10 +398,14 @@ def distill(
     def prepare(step: int) -> PreparedStep:
         torch.manual_seed(cfg.seed * 1_000_003 + step)  # the engine's per-step stream (augmentation)
         crop = crop_of(step)
-        images = [next_images() for _ in range(micro)]
-        batches = [CropBatch(*crop(x), torch.zeros(0, dtype=torch.bool, device=device),
-                             torch.zeros(0, dtype=torch.long, device=device)) for x in images]  # no masking
-        return PreparedStep(batches, sum(len(x) for x in images), bad_images.summary())
+
+        def make() -> PreparedStep:
+            images = [next_images() for _ in range(micro)]
+            batches = [CropBatch(*crop(x), torch.zeros(0, dtype=torch.bool, device=device),
+                                 torch.zeros(0, dtype=torch.long, device=device)) for x in images]  # no masking
+            return PreparedStep(batches, sum(len(x) for x in images), bad_images.summary())
+
+        return side.run(make)
 
     saved_at = state.step  # the step of the last checkpoint written (or loaded)
 
@@ -427,6 +432,7 @@ def distill(
         sched = schedule_values(step, cfg.optim, cfg.loss)
         with reads.flushed_on_error():
             prepared = upcoming.result() if upcoming is not None else prepare(step)
+        side.hand_over(prepared.micro_batches)
         upcoming = Future() if step + 1 < last_step else None
         student.train()
         losses = distill_step(student, student_ema, teacher_network, objective, prepared.micro_batches, sched,
