@@ -49,6 +49,17 @@ def _load(schema: type[BaseModel], preset: str, overrides: list[str] | None) -> 
         raise typer.Exit(2) from None
 
 
+def _check_device(device: str) -> None:
+    """A run's device refused in one line before anything is created (no MLflow run, no folder)."""
+    from trainer.engine import training_device
+
+    try:
+        training_device(device)
+    except ValueError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+
+
 @app.command()
 def version() -> None:
     """Print the dinoflow version."""
@@ -130,6 +141,7 @@ def pretrain(
 
     cfg = _load(PretrainConfig, config, overrides)
     assert isinstance(cfg, PretrainConfig)
+    _check_device(cfg.device)
     if nproc > 1:
         import subprocess
 
@@ -144,7 +156,11 @@ def pretrain(
         tracking_uri, cfg.tracking.experiment, run_name=cfg.name, tags=standard_tags("pretrain"),
         artifact_location=default_artifact_location(tracking_uri, cfg.out), metric_every=cfg.tracking.metric_every,
     ) if main_rank else contextlib.nullcontext(NullTracker())) as tracker:
-        summary = run_pretrain(cfg, storage, tracker)
+        try:
+            summary = run_pretrain(cfg, storage, tracker)
+        except ValueError as err:  # bad input met once the run starts (init weights that do not fit, ...)
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(2) from None
     if main_rank:
         typer.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
 
@@ -173,6 +189,7 @@ def distill(
     given = [f"teacher.uri={teacher}"] if teacher else []
     cfg = _load(DistillConfig, student, [*given, f"teacher.source={teacher_source}", *(overrides or [])])
     assert isinstance(cfg, DistillConfig)
+    _check_device(cfg.device)
     storage, tracking_uri = _run_root(cfg.out)
     with MlflowTracker.start(
         tracking_uri, cfg.tracking.experiment, run_name=cfg.name, tags=standard_tags("distill"),

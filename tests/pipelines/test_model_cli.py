@@ -136,3 +136,27 @@ def test_attention_draws_the_maps_and_names_the_high_norm_tokens(weights: Path, 
     assert not (tmp_path / "x.png").exists()
     wrong = runner.invoke(app, ["attention", paths[0], "--weights", str(weights), "--out", str(tmp_path / "x.jpg")])
     assert wrong.exit_code == 2 and "must name a .png file" in wrong.stderr
+
+
+@pytest.mark.parametrize("command", [["pretrain", "--config", "vits14"], ["distill", "device=cuda"]])
+def test_a_gpu_run_on_a_machine_without_one_is_refused_in_one_line(command: list[str], tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU recipes name ``device: cuda``; on a CPU-only machine the run stopped deep in its
+    first step with torch's assertion, after creating its MLflow run and folder."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also where a GPU is: the refusal is tested
+    result = CliRunner().invoke(app, [*command, f"out={tmp_path / 'run'}"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: device = 'cuda', but this machine has no CUDA device")
+    assert "set device=cpu" in result.stderr and not (tmp_path / "run").exists()
+
+
+def test_init_weights_that_do_not_fit_the_recipe_are_named_in_one_line(weights: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["pretrain", "--config", "tiny", f"out={tmp_path / 'run'}", "max_steps=1",
+                                      "model.embed_dim=32", f"init_weights={weights}"])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.stderr  # (MLflow's own INFO lines come before: its store is made first)
+    assert result.stderr.strip().splitlines()[-1:] == [
+        f"error: init weights {weights} do not fit the recipe's backbone: model.embed_dim = 32 (the weights: 64); "
+        "model.depth = 6 (the weights: 2); "
+        "model.num_register_tokens = 0 (the weights: 4); set these (or model.arch) to the weights' values"]
+    assert not (tmp_path / "run" / "checkpoints").exists()
