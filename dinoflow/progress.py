@@ -8,6 +8,7 @@ writes a plain status line at most every ``log_every_s`` seconds, and none for a
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Iterable
 from typing import TextIO, TypeVar
@@ -17,20 +18,23 @@ from tqdm.auto import tqdm
 _T = TypeVar("_T")
 
 LOG_EVERY_S = 60.0  # off a terminal: a status line at most this often
-_LINE_FORMAT = "{desc}: {n_fmt}/{total_fmt} {unit} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+_LINE_FORMAT = "{desc}: {n_fmt}/{total_fmt} {unit} [{elapsed}<{remaining}, {rate_fmt}]{postfix}"
+_TIMES = re.compile(r" \[[^\]]*\]")
 
 
 class _Lines:
-    """tqdm's redraws (``"\\r" + status``) written as whole lines, each once."""
+    """tqdm's redraws (``"\\r" + status``) written as whole lines, a status once (the closing redraw
+    of a loop whose last line was already its end differs only in its times)."""
 
     def __init__(self, stream: TextIO) -> None:
         self.stream, self.last = stream, ""
 
     def write(self, text: str) -> None:
         line = text.replace("\r", "").rstrip()
-        if line and line != self.last:
+        status = _TIMES.sub("", line)
+        if line and status != self.last:
             self.stream.write(line + "\n")
-            self.last = line
+            self.last = status
 
     def flush(self) -> None:
         self.stream.flush()

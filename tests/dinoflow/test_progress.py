@@ -37,7 +37,9 @@ def test_a_batch_job_log_gets_whole_status_lines_at_a_bounded_rate(monkeypatch: 
     assert "\r" not in log.getvalue() and log.getvalue().endswith("\n")
     assert 2 <= len(lines) <= elapsed / 0.2 + 2, lines
     assert all(line.startswith("train: ") for line in lines)
-    assert lines[-1].startswith("train: 20/20 step") and "loss=0.050" in lines[-1]
+    assert lines[-1].startswith("train: 20/20 step") and lines[-1].endswith("], loss=0.050")
+    statuses = [line.split(" [")[0] + line.split("]")[-1] for line in lines]  # the times left out
+    assert len(set(statuses)) == len(statuses), lines  # the closing redraw does not repeat the last line
 
 
 def test_a_terminal_gets_a_redrawn_bar(monkeypatch: pytest.MonkeyPatch) -> None:
