@@ -45,10 +45,12 @@ def run_pretrain_stage(ctx: StageContext, out_dir: str | Path, preset: str, over
     with recording_errors(ctx, storage, "pretrain"), stage_run(ctx, "pretrain") as tracker:
         cfg = pretrain_config(preset, overrides, data_kind, data_uri, max_minutes, seed)
         init = {"init": Path(init_dir) / BACKBONE_FILE} if init_dir else {}
+        # the init artifact's bytes key the cache; an init_weights override (Meta's released weights, a
+        # fixed URI) keys it by its URI, in the config
         key = cache_key("pretrain", {"config": to_yaml(cfg)}, init)
         cfg = cfg.model_copy(update={
             "out": join_uri(ctx.run_root, "work", "pretrain", key[:20]),
-            "init_weights": str(init["init"]) if init else "",
+            "init_weights": str(init["init"]) if init else cfg.init_weights,
         })
         return run_training(ctx, storage, tracker, "pretrain", key, out, cfg, lambda: _train(cfg, storage, tracker))
 
