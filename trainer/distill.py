@@ -66,6 +66,7 @@ from trainer.engine import (
     QueuedStep,
     SSLNetwork,
     StepLosses,
+    accumulate,
     begin_step,
     build_backbone,
     crop_outputs,
@@ -311,20 +312,15 @@ def distill_step(student: Student, student_ema: Teacher, teacher: Teacher, objec
     or to be read (:meth:`StepLosses.read`): it ends as pretraining's step does
     (:func:`trainer.engine.finish_step`, queued ``after`` the step before if that one is unread)."""
     begin_step(optimizer, sched)
-    device_type = micro_batches[0].global_crops.device.type
-    values = []  # per micro-batch: the terms and the total, read on the host once
-    for batch in micro_batches:
-        with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            loss, terms = distill_loss(student, teacher, objective, batch, cfg, sched.teacher_temp)
-        (loss / len(micro_batches)).backward()
-        values.append(torch.stack([value.detach().float() for value in (*terms.values(), loss)]))
-    losses = torch.stack(values)  # (micro-batches, terms + total)
+    losses, names = accumulate(
+        micro_batches, autocast_dtype,
+        lambda batch: distill_loss(student, teacher, objective, batch, cfg, sched.teacher_temp), Tensor.backward)
     if isinstance(student_ema, HeadlessNetwork):  # projectors: not released
         ema = functools.partial(ema_update, student_ema.backbone, student.backbone, sched.teacher_momentum)
     else:
         ema = functools.partial(ema_update, student_ema, student, sched.teacher_momentum)
     # backbone, then heads or projectors: clipped one by one
-    return finish_step(losses, [*terms, "total"], optimizer, list(student.children()), cfg.optim.clip_grad, ema,
+    return finish_step(losses, names, optimizer, list(student.children()), cfg.optim.clip_grad, ema,
                        Strategy(), while_waiting, after)
 
 

@@ -235,19 +235,33 @@ def queue_step(
     strategy = strategy or Strategy()
     begin_step(optimizer, sched)
     weights = objective.cfg
-    device_type = micro_batches[0].global_crops.device.type
-    values = []  # per micro-batch: the terms and the total, read on the host once
-    for batch in micro_batches:
-        with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            terms = loss_terms(student, teacher, objective, batch, sched.teacher_temp)
-        loss = (weights.dino_weight * terms["dino"] + weights.ibot_weight * terms["ibot"]
-                + weights.koleo_weight * terms["koleo"])
-        strategy.backward(loss / len(micro_batches))
-        values.append(torch.stack([value.detach().float() for value in (*terms.values(), loss)]))
-    losses = torch.stack(values)  # (micro-batches, terms + total)
+
+    def loss_of(batch: CropBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        terms = loss_terms(student, teacher, objective, batch, sched.teacher_temp)
+        return (weights.dino_weight * terms["dino"] + weights.ibot_weight * terms["ibot"]
+                + weights.koleo_weight * terms["koleo"]), terms
+
+    losses, names = accumulate(micro_batches, autocast_dtype, loss_of, strategy.backward)
     modules = [m for m in (student.backbone, student.dino_head, student.ibot_head) if m is not None]
     ema = functools.partial(ema_update, teacher, student, sched.teacher_momentum)
-    return finish_step(losses, [*terms, "total"], optimizer, modules, clip_grad, ema, strategy, while_waiting, after)
+    return finish_step(losses, names, optimizer, modules, clip_grad, ema, strategy, while_waiting, after)
+
+
+def accumulate(micro_batches: list[CropBatch], autocast_dtype: torch.dtype | None,
+               loss_of: Callable[[CropBatch], tuple[Tensor, dict[str, Tensor]]],
+               backward: Callable[[Tensor], None]) -> tuple[Tensor, list[str]]:
+    """Gradient accumulation, for pretraining's and distillation's steps: each micro-batch's loss
+    and terms (``loss_of``, under autocast to ``autocast_dtype`` if given), its ``backward`` scaled
+    by the micro-batch count. Returns the terms and the total ``(micro-batches, names)``, read on
+    the host once (:func:`finish_step`), and their names."""
+    device_type = micro_batches[0].global_crops.device.type
+    values = []
+    for batch in micro_batches:
+        with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            loss, terms = loss_of(batch)
+        backward(loss / len(micro_batches))
+        values.append(torch.stack([value.detach().float() for value in (*terms.values(), loss)]))
+    return torch.stack(values), [*terms, "total"]
 
 
 @dataclasses.dataclass
