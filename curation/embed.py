@@ -135,7 +135,9 @@ def embed_dataset(
     tracker = BadImageTracker(max_bad_fraction)
     for part in progress(range(parts), desc="embed", total=parts, unit="part"):
         done_uri = join_uri(out_uri, f"part-{part:05d}.json")
-        if storage.exists(done_uri):
+        if storage.exists(done_uri):  # finished: its bad images still count towards the limit
+            listing = json.loads(storage.read_bytes(done_uri))
+            tracker.add(len(listing["ids"]), listing["bad"])
             continue
         indices = range(part * part_size, min(count, (part + 1) * part_size))
         loader = DataLoader(Subset(dataset, list(indices)), batch_size=batch_size, num_workers=num_workers,

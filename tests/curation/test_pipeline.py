@@ -80,6 +80,23 @@ def test_embedding_resumes_and_checks_meta(tmp_path: Path) -> None:
         raise AssertionError("a changed part_size must be refused")
 
 
+def test_a_resumed_embedding_still_counts_the_bad_images_of_finished_parts(tmp_path: Path) -> None:
+    """The bad-image limit holds over the whole pool: a rerun skipping the finished parts counted
+    none of their bad images, so it passed a pool the first run refused, embedding the rest."""
+    storage = Storage()
+    _write_pool(tmp_path / "pool", 6, 0)
+    for index in range(4):
+        (tmp_path / "pool" / f"broken{index}.png").write_bytes(b"not an image")
+    dataset = ImageFolderDataset(storage, str(tmp_path / "pool"), 48)
+    for attempt in range(2):
+        with pytest.raises(ValueError, match=r"4 of 10 images \(40\.0%\) could not be decoded"):
+            embed_dataset(dataset, pixel_embedder(6), str(tmp_path / "emb"), storage, batch_size=4, part_size=5)
+        assert len(list((tmp_path / "emb").glob("part-*.json"))) == 2  # both parts written by the first run
+    kept = embed_dataset(dataset, pixel_embedder(6), str(tmp_path / "emb"), storage, batch_size=4, part_size=5,
+                         max_bad_fraction=0.5)
+    assert len(kept.ids) == 6 and sorted(Path(k).name for k in kept.bad) == [f"broken{i}.png" for i in range(4)]
+
+
 def test_run_curation_on_near_copies(tmp_path: Path) -> None:
     storage = Storage()
     pool = _write_pool(tmp_path / "pool")

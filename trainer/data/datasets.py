@@ -500,9 +500,13 @@ class BadImageTracker:
 
     def update(self, batch: Batch) -> None:
         """Count one batch's decoded and bad images, keeping the first bad keys as examples."""
-        self.seen += len(batch.keys) + len(batch.bad_keys)
-        self.bad += len(batch.bad_keys)
-        self.examples.extend(batch.bad_keys[: self.max_examples - len(self.examples)])
+        self.add(len(batch.keys), batch.bad_keys)
+
+    def add(self, decoded: int, bad_keys: Sequence[str]) -> None:
+        """Count ``decoded`` good images and the bad ones named (e.g. a finished part's, on resume)."""
+        self.seen += decoded + len(bad_keys)
+        self.bad += len(bad_keys)
+        self.examples.extend(bad_keys[: self.max_examples - len(self.examples)])
 
     def check(self, final: bool = False) -> None:
         """Raise ValueError if the bad fraction is above the limit (once enough were seen)."""
