@@ -8,7 +8,8 @@ pool's listing, the settings and the code), holding ``shards/``, ``report.json``
 a folder holding it is complete and is reused) and the embedding parts, so a killed task rerun
 with the same inputs resumes at the embedding part it reached.
 
-Embedder: the backbone in ``embed_weights`` (a ``.safetensors`` path or URI), else downsampled
+Embedder: the backbone in ``embed_weights`` (path or URI: a ``.safetensors`` file, a run folder,
+Meta's released ``.pth`` or a Hugging Face folder), else downsampled
 pixels, which find near-copies but know nothing of semantics (fit for dedup, not for balancing
 by concept).
 """
@@ -39,14 +40,15 @@ def balance_levels(clusters: list[int]) -> tuple[LevelConfig, ...]:
 
 
 def make_embedder(embed_weights: str, storage: Storage) -> Embedder:
-    """The backbone in ``embed_weights`` (safetensors), or pixels when it is empty."""
+    """The backbone in ``embed_weights`` (any layout :func:`~trainer.models.hub.locate_weights` finds
+    from the path, e.g. Meta's released ``.pth``), or pixels when it is empty."""
     from curation.embed import backbone_embedder, pixel_embedder
 
     if not embed_weights:
         return pixel_embedder(PIXEL_SIDE)
     from trainer.models.hub import load_backbone
 
-    return backbone_embedder(load_backbone(embed_weights, "safetensors", storage))
+    return backbone_embedder(load_backbone(embed_weights, "auto", storage))
 
 
 def run_curate_stage(ctx: StageContext, pool_uri: str, eval_uris: list[str], dedup_threshold: float,

@@ -237,7 +237,7 @@ class PretrainConfig(Section):
                               "init. The recipe's model.* must match their architecture (an error names what differs)")
     init_weights_source: Literal["auto", "official", "training", "safetensors", "hf"] = Field(
         "auto", description="layout of init_weights; auto: from the path (*.safetensors: safetensors, a folder "
-        "with config.json: hf, else official); a training dump must be named")
+        "with config.json: hf, a run folder: its backbone.safetensors, else official); a training dump must be named")
     model: ModelConfig = ModelConfig()
     heads: HeadsConfig = HeadsConfig()
     loss: LossConfig = LossConfig()

@@ -7,17 +7,23 @@ terminal. It builds configs, storage and trackers and hands them to library code
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from importlib import metadata
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from pydantic import BaseModel
 
 from dinoflow.config import ConfigError, DemoConfig, PretrainConfig, load_config, to_yaml
+
+if TYPE_CHECKING:
+    from dinoflow.storage import Storage
+    from trainer.models.vit import DinoVisionTransformer
 
 # The help prints a command docstring's first paragraph as one line and keeps the line breaks of
 # the others: write those in lines of at most 76 characters.
@@ -39,25 +45,44 @@ SCHEMAS: dict[str, type[BaseModel]] = {"demo": DemoConfig, "pretrain": PretrainC
 Overrides = Annotated[
     list[str] | None, typer.Argument(help="dotted overrides, e.g. out=runs/x data.knn_k=10")
 ]
+SourceOption = Annotated[str, typer.Option(help="layout of --weights: auto (from the path: *.safetensors; a folder "
+                                                "with config.json: hf; a run folder: its backbone.safetensors; "
+                                                "else Meta's .pth), official, training, safetensors or hf")]
+
+
+@contextlib.contextmanager
+def _bad_input() -> Iterator[None]:
+    """Bad input a command meets (a missing file, weights that do not fit, an image that does not
+    decode, a setting out of range) said in one line with exit status 2, not a traceback."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _backbone(weights: str, source: str, storage: Storage,
+              arch_kwargs: dict[str, Any] | None = None) -> DinoVisionTransformer:
+    """The backbone at ``weights``; with source ``auto`` the layout found from the path is said."""
+    from trainer.models.hub import load_backbone, locate_weights
+
+    if source == "auto":
+        weights, source = locate_weights(weights, storage)
+        typer.echo(f"weights: {weights} ({source}, from the path; --source to choose)", err=True)
+    return load_backbone(weights, source, storage, arch_kwargs)  # type: ignore[arg-type]
 
 
 def _load(schema: type[BaseModel], preset: str, overrides: list[str] | None) -> BaseModel:
-    try:
+    with _bad_input():
         return load_config(schema, preset, overrides or [])
-    except ConfigError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
 
 
 def _check_device(device: str) -> None:
     """A run's device refused in one line before anything is created (no MLflow run, no folder)."""
     from trainer.engine import training_device
 
-    try:
+    with _bad_input():
         training_device(device)
-    except ValueError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -134,8 +159,6 @@ def pretrain(
                                        "config names another distributed strategy)")] = 1,
 ) -> None:
     """Pretrain a backbone with DINO + iBOT + KoLeo; resumes when OUT holds a checkpoint."""
-    import contextlib
-
     from dinoflow.tracking import MlflowTracker, NullTracker, default_artifact_location, standard_tags
     from trainer.run import run_pretrain
 
@@ -155,12 +178,8 @@ def pretrain(
     with (MlflowTracker.start(
         tracking_uri, cfg.tracking.experiment, run_name=cfg.name, tags=standard_tags("pretrain"),
         artifact_location=default_artifact_location(tracking_uri, cfg.out), metric_every=cfg.tracking.metric_every,
-    ) if main_rank else contextlib.nullcontext(NullTracker())) as tracker:
-        try:
-            summary = run_pretrain(cfg, storage, tracker)
-        except ValueError as err:  # bad input met once the run starts (init weights that do not fit, ...)
-            typer.echo(f"error: {err}", err=True)
-            raise typer.Exit(2) from None
+    ) if main_rank else contextlib.nullcontext(NullTracker())) as tracker, _bad_input():
+        summary = run_pretrain(cfg, storage, tracker)  # bad input met as it starts: a missing data folder, ...
     if main_rank:
         typer.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
 
@@ -194,12 +213,8 @@ def distill(
     with MlflowTracker.start(
         tracking_uri, cfg.tracking.experiment, run_name=cfg.name, tags=standard_tags("distill"),
         artifact_location=default_artifact_location(tracking_uri, cfg.out), metric_every=cfg.tracking.metric_every,
-    ) as tracker:
-        try:
-            summary = run_distill(cfg, storage, tracker)
-        except ValueError as err:
-            typer.echo(f"error: {err}", err=True)
-            raise typer.Exit(2) from None
+    ) as tracker, _bad_input():
+        summary = run_distill(cfg, storage, tracker)
     typer.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
 
 
@@ -207,7 +222,7 @@ def distill(
 def evaluate(
     benchmark: Annotated[str, typer.Argument(help="knn, linear, or suite (the tasks in --tasks)")],
     weights: Annotated[str, typer.Option(help="backbone weights: local path or URI")],
-    source: Annotated[str, typer.Option(help="official, training, safetensors or hf")] = "safetensors",
+    source: SourceOption = "auto",
     tasks: Annotated[str, typer.Option(help="for suite: comma-separated knn, linear, seg, depth, retrieval")] = (
         "knn,linear,seg,depth,retrieval"),
     data_uri: Annotated[str, typer.Option(help="Fashion-MNIST folder")] = "/usr/share/datasets/fashion-mnist",
@@ -222,28 +237,16 @@ def evaluate(
     synthetic scenes."""
     from components.stage import storage_from_env
     from evaluators.suite import SuiteConfig, run_suite
-    from trainer.models.hub import SOURCES, load_backbone
 
-    if benchmark not in ("knn", "linear", "suite"):
-        typer.echo(f"error: unknown benchmark {benchmark!r}; allowed: knn, linear, suite", err=True)
-        raise typer.Exit(2)
-    if source not in SOURCES:
-        typer.echo(f"error: unknown source {source!r}; allowed: {', '.join(SOURCES)}", err=True)
-        raise typer.Exit(2)
-    chosen = tuple(t.strip() for t in tasks.split(",") if t.strip()) if benchmark == "suite" else (benchmark,)
-    try:
+    storage = storage_from_env()
+    with _bad_input():
+        if benchmark not in ("knn", "linear", "suite"):
+            raise ValueError(f"unknown benchmark {benchmark!r}; allowed: knn, linear, suite")
+        chosen = tuple(t.strip() for t in tasks.split(",") if t.strip()) if benchmark == "suite" else (benchmark,)
         config = SuiteConfig(tasks=chosen, fashion_mnist_uri=data_uri, train_limit=train_limit,
                              test_limit=test_limit, ks=tuple(sorted({k, 20})))
-    except ValueError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
-    storage = storage_from_env()
-    try:
-        backbone = load_backbone(weights, source, storage)  # type: ignore[arg-type]
-    except (ValueError, FileNotFoundError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
-    report = run_suite(backbone, config, storage)
+        backbone = _backbone(weights, source, storage)
+        report = run_suite(backbone, config, storage)
     report.pop("features")
     text = json.dumps(report, indent=2)
     if out:
@@ -256,7 +259,7 @@ def attention(
     images: Annotated[list[str], typer.Argument(help="images (JPEG, PNG, WebP, GIF, BMP): local paths or URIs")],
     weights: Annotated[str, typer.Option(help="backbone weights: local path or URI")],
     out: Annotated[str, typer.Option(help="the PNG to write (path or URI): images, CLS attention, high-norm tokens")],
-    source: Annotated[str, typer.Option(help="official, training, safetensors or hf")] = "safetensors",
+    source: SourceOption = "auto",
     size: Annotated[int, typer.Option(help="side images are resized and centre-cropped to (a multiple of the "
                                             "patch size)")] = 224,
     factor: Annotated[float, typer.Option(help="high-norm: a patch token's norm above this many times the "
@@ -283,17 +286,12 @@ def attention(
     from evaluators.features import to_model_input
     from evaluators.visualize import save_attention_maps
     from trainer.data.datasets import DECODE_ERRORS, read_image
-    from trainer.models.hub import SOURCES, load_backbone
 
-    if source not in SOURCES:
-        typer.echo(f"error: unknown source {source!r}; allowed: {', '.join(SOURCES)}", err=True)
-        raise typer.Exit(2)
-    if not out.endswith(".png"):
-        typer.echo(f"error: --out {out!r} must name a .png file", err=True)
-        raise typer.Exit(2)
     storage = storage_from_env()
-    try:
-        backbone = load_backbone(weights, source, storage).eval()  # type: ignore[arg-type]
+    with _bad_input():
+        if not out.endswith(".png"):
+            raise ValueError(f"--out {out!r} must name a .png file")
+        backbone = _backbone(weights, source, storage).eval()
         if size <= 0 or size % backbone.patch_size:
             raise ValueError(f"--size {size} is not a positive multiple of the patch size {backbone.patch_size}")
         decoded = []
@@ -305,9 +303,6 @@ def attention(
         pixels = torch.stack(decoded)  # (N, 3, size, size) uint8
         summary = attention_summary(backbone, to_model_input(pixels, patch_size=backbone.patch_size), factor,
                                     block, mass=mass)
-    except (ValueError, FileNotFoundError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
     with tempfile.TemporaryDirectory() as scratch:
         picture = save_attention_maps(pixels.numpy(), summary["maps"].numpy(),
                                       summary["high_norm"].numpy(), Path(scratch) / "attention.png",
@@ -324,11 +319,7 @@ def export(
     weights: Annotated[str, typer.Option(help="weight file or folder: local path or URI")],
     export_format: Annotated[str, typer.Option("--format", help="hf, onnx or safetensors")],
     out: Annotated[str, typer.Option(help="output folder: local path or URI")],
-    source: Annotated[
-        str | None,
-        typer.Option(help="official, training, safetensors or hf; default from the path: "
-                          "*.safetensors -> safetensors, a folder -> hf, else official"),
-    ] = None,
+    source: SourceOption = "auto",
     model: Annotated[
         str | None, typer.Option(help="released architecture, e.g. dinov2_vits14_reg (else inferred)")
     ] = None,
@@ -340,29 +331,16 @@ def export(
     from pathlib import Path
 
     from components.stage import storage_from_env
-    from trainer.models.hub import SOURCES, load_backbone, pretrained_arch_kwargs, save_backbone, weights_source
+    from trainer.models.hub import BACKBONE_FILE, pretrained_arch_kwargs, save_backbone
 
     formats = ("hf", "onnx", "safetensors")
-    if export_format not in formats:
-        typer.echo(f"error: unknown format {export_format!r}; allowed: {', '.join(formats)}", err=True)
-        raise typer.Exit(2)
     storage = storage_from_env()
-    if storage.list(out):
-        typer.echo(f"error: {out} is not empty; choose a new output folder", err=True)
-        raise typer.Exit(2)
-    if source is None:
-        source = weights_source(weights, storage)
-        typer.echo(f"weights source: {source} (from the path; pass --source to choose)", err=True)
-    if source not in SOURCES:
-        typer.echo(f"error: unknown source {source!r}; allowed: {', '.join(SOURCES)}", err=True)
-        raise typer.Exit(2)
-    try:
-        arch_kwargs = pretrained_arch_kwargs(model) if model else None
-        backbone = load_backbone(weights, source, storage, arch_kwargs)  # type: ignore[arg-type]
-    except (ValueError, FileNotFoundError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
-    with tempfile.TemporaryDirectory() as scratch:
+    with _bad_input(), tempfile.TemporaryDirectory() as scratch:
+        if export_format not in formats:
+            raise ValueError(f"unknown format {export_format!r}; allowed: {', '.join(formats)}")
+        if storage.list(out):
+            raise ValueError(f"{out} is not empty; choose a new output folder")
+        backbone = _backbone(weights, source, storage, pretrained_arch_kwargs(model) if model else None)
         staged = Path(scratch) / "export"
         if export_format == "hf":
             from trainer.models.hf import export_hf
@@ -373,7 +351,7 @@ def export(
 
             export_onnx(backbone, staged / "model.onnx", height, width)
         else:
-            save_backbone(backbone, str(staged / "backbone.safetensors"))
+            save_backbone(backbone, str(staged / BACKBONE_FILE))
         written = storage.upload_dir(staged, out)
     typer.echo("\n".join(written))
 
@@ -384,7 +362,7 @@ def curate(
     out: Annotated[str, typer.Option(help="output folder: path or URI")],
     weights: Annotated[str | None, typer.Option(help="backbone weights (path or URI); none: downsampled "
                                                      "pixels, fit for near-copy dedup only")] = None,
-    source: Annotated[str, typer.Option(help="official, training, safetensors or hf")] = "safetensors",
+    source: SourceOption = "auto",
     eval_sets: Annotated[list[str] | None, typer.Option("--eval", help="evaluation set to decontaminate "
                                                                        "against (repeatable)")] = None,
     seed_sets: Annotated[list[str] | None, typer.Option("--seeds", help="seed set to retrieve around "
@@ -409,8 +387,6 @@ def curate(
 
     Retrieval is around the seed sets given (--seeds); writes the shards, a
     manifest and a report."""
-    import contextlib
-
     from components.curate import balance_levels
     from components.stage import storage_from_env
     from curation.embed import backbone_embedder, pixel_embedder
@@ -418,31 +394,23 @@ def curate(
     from dinoflow.tracking import (MlflowTracker, NullTracker, default_artifact_location, default_tracking_uri,
                                    standard_tags)
 
-    try:
+    storage = storage_from_env()
+    with _bad_input():
         levels = balance_levels([int(v) for v in balance_clusters.split(",") if v.strip()])
         config = CurationConfig(dedup_threshold=dedup_threshold, decontaminate_threshold=decontaminate_threshold,
                                 retrieve_mode=retrieve, retrieve_per_seed=per_seed,
                                 retrieve_clusters=retrieve_clusters, balance_target=balance_target,
                                 balance_levels=levels, load_size=load_size)
         tracking_uri = (os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(out)) if track else None
-    except ValueError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
-    storage = storage_from_env()
-    if weights is None:
-        embedder = pixel_embedder(6)
-        typer.echo("embedder: downsampled pixels (6x6, standardised); pass --weights for a backbone", err=True)
-    else:
-        from trainer.models.hub import SOURCES, load_backbone
-
-        if source not in SOURCES:
-            typer.echo(f"error: unknown source {source!r}; allowed: {', '.join(SOURCES)}", err=True)
-            raise typer.Exit(2)
-        embedder = backbone_embedder(load_backbone(weights, source, storage))  # type: ignore[arg-type]
+        if weights is None:
+            embedder = pixel_embedder(6)
+            typer.echo("embedder: downsampled pixels (6x6, standardised); pass --weights for a backbone", err=True)
+        else:
+            embedder = backbone_embedder(_backbone(weights, source, storage))
     with (MlflowTracker.start(
         tracking_uri, experiment, run_name="curate", tags=standard_tags("curate"),
         artifact_location=default_artifact_location(tracking_uri, out),
-    ) if tracking_uri else contextlib.nullcontext(NullTracker())) as tracker:
+    ) if tracking_uri else contextlib.nullcontext(NullTracker())) as tracker, _bad_input():
         tracker.log_params({"pool": pool, "out": out, "embedder": weights or "pixels6"})
         report = run_curation(pool, out, storage, embedder, config, tuple(eval_sets or ()), tuple(seed_sets or ()),
                               tracker)
@@ -478,12 +446,9 @@ def _pipeline(name: str, image: str | None = None, registry: str | None = None, 
     from components.definitions import REGISTRY, TAG, Images
     from pipelines.definitions import S3_SECRET, build_pipelines
 
-    try:
+    with _bad_input():
         images = image or Images.from_registry(registry or REGISTRY, tag or TAG)
         pipelines = build_pipelines(images, s3_secret=s3_secret or S3_SECRET, gpus=gpus)
-    except ValueError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
     key = name.replace("-", "_")
     if key not in pipelines:
         typer.echo(f"error: unknown pipeline {name!r}; allowed: {', '.join(pipelines)}", err=True)
@@ -586,12 +551,9 @@ def pipeline_submit(
     from pipelines.submit import submit
 
     pipeline = _pipeline(name, image, registry, tag, s3_secret, GPUS if gpus is None else gpus)
-    try:
+    with _bad_input():
         run_id = submit(pipeline, host, _pipeline_params(pipeline, params), experiment, namespace,
                         token=os.environ.get("KF_PIPELINES_TOKEN"))
-    except ValueError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
     typer.echo(f"submitted {name!r}: run {run_id} on {host}")
 
 
@@ -609,7 +571,8 @@ def _run_root(out: str) -> tuple[Any, str]:
 index_app = typer.Typer(help="Nearest-neighbour indexes for `dinoflow serve`.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
 ModelOption = Annotated[str, typer.Option(help="models:/<name>@champion, runs:/..., an MLflow model folder "
-                                               "or a backbone .safetensors (path or URI)")]
+                                               "or backbone weights (a .safetensors, a run folder, Meta's .pth, "
+                                               "a Hugging Face folder; path or URI)")]
 ImageSizeOption = Annotated[int, typer.Option(help="image side (multiple of the patch size); 0: the model's")]
 
 
@@ -631,12 +594,9 @@ def index_build(
         typer.echo(f"error: unknown kind {kind!r}; allowed: folder, shards", err=True)
         raise typer.Exit(2)
     storage = storage_from_env()
-    try:
+    with _bad_input():
         served = load_served_model(model, image_size or None, storage=storage)
         meta = build_index(served, images, out, kind, storage, batch_size)  # type: ignore[arg-type]
-    except (ValueError, FileNotFoundError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
     typer.echo(json.dumps({k: v for k, v in meta.items() if k != "keys"} | {"out": out}, indent=2))
 
 
@@ -668,7 +628,7 @@ def serve(
     from serve.model import load_served_model
 
     storage = storage_from_env()
-    try:
+    with _bad_input():
         settings = ServeSettings(max_body_bytes=int(max_body_mb * 1024 * 1024), max_images=max_images,
                                  max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
                                  request_timeout_s=request_timeout_s, reload_every_s=reload_every_s)
@@ -676,9 +636,6 @@ def serve(
         loaded = load_index(index, served, storage) if index else None
         application = create_app(served, loaded, settings,
                                  load=lambda uri: load_served_model(uri, image_size or None, device, storage))
-    except (ValueError, FileNotFoundError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
     version = f" version {served.version}" if served.version else ""
     typer.echo(f"serving {model}{version} on http://{host}:{port} (index: {index or 'none'})", err=True)
     uvicorn.run(application, host=host, port=port, log_level="warning")

@@ -166,7 +166,9 @@ def resolve_alias(name: str, alias: str) -> str:
 def load_served_model(uri: str, image_size: int | None = None, device: str = "cpu",
                       storage: Storage | None = None) -> ServedModel:
     """Load ``models:/<name>@<alias>``, ``models:/<name>/<version>``, ``runs:/...``, an MLflow model
-    folder, or a backbone ``.safetensors`` file (path or URI).
+    folder, or backbone weights (path or URI) in any layout :func:`~trainer.models.hub.locate_weights`
+    finds from the path: a ``.safetensors`` file, a run folder, Meta's released ``.pth``, a Hugging
+    Face folder.
 
     MLflow models are loaded through ``mlflow.pyfunc.load_model`` (the tracking/registry URI comes
     from the environment, as MLflow reads it) and unwrapped to dinoflow's
@@ -180,10 +182,7 @@ def load_served_model(uri: str, image_size: int | None = None, device: str = "cp
 
     config: dict[str, Any] = {}
     version = None
-    if uri.endswith(".safetensors"):
-        backbone = load_backbone(uri, "safetensors", storage)
-        patch_size = backbone.patch_size
-    elif uri.startswith(("models:/", "runs:/")) or (Path(uri) / "MLmodel").is_file():
+    if uri.startswith(("models:/", "runs:/")) or (Path(uri) / "MLmodel").is_file():
         import mlflow.pyfunc
 
         registered = parse_registry_uri(uri)
@@ -203,8 +202,8 @@ def load_served_model(uri: str, image_size: int | None = None, device: str = "cp
         if config_file and Path(config_file).is_file():
             config = json.loads(Path(config_file).read_text())
     else:
-        raise ValueError(f"{uri}: expected models:/<name>@<alias>, runs:/<id>/<path>, an MLflow model folder "
-                         "or a .safetensors backbone file")
+        backbone = load_backbone(uri, "auto", storage)
+        patch_size = backbone.patch_size
     size = image_size or int(config.get("image_size") or backbone.arch_kwargs["img_size"])
     if size <= 0 or size % patch_size:
         raise ValueError(f"image_size {size} is not a positive multiple of the patch size {patch_size}")

@@ -80,7 +80,7 @@ from trainer.engine import (
 from trainer.losses import CLSFeatureLoss, PatchFeatureLoss
 from trainer.models.compile import compile_blocks
 from trainer.models.heads import DINOHead
-from trainer.models.hub import load_backbone, save_backbone
+from trainer.models.hub import BACKBONE_FILE, load_backbone, save_backbone
 from trainer.models.vit import DinoVisionTransformer
 from trainer.optim import build_adamw, with_kernel_choice
 from trainer.schedules import ScheduleValues, schedule_values, total_steps
@@ -471,12 +471,12 @@ def distill(
     if closing is not None:
         final = closing(backbone, state.step)
         tracker.log_metrics(final, step=state.step, force=True)
-    save_backbone(backbone.cpu(), join_uri(cfg.out, "backbone.safetensors"), storage)
+    save_backbone(backbone.cpu(), join_uri(cfg.out, BACKBONE_FILE), storage)
     write_training_curves(state, storage, cfg.out, tracker)
     summary = {"name": cfg.name, "steps": state.step, "images_seen": state.images_seen,
                "train_minutes": round(state.train_seconds / 60, 3), "stopped_early": stopped_early,
                "teacher": cfg.teacher.uri, "teacher_sha256": teacher_hash, "objective": cfg.distill.objective,
-               "backbone": join_uri(cfg.out, "backbone.safetensors"), "final": final,
+               "backbone": join_uri(cfg.out, BACKBONE_FILE), "final": final,
                "bad_images": bad_images.summary(), "history": state.history, "mlflow_run_id": tracker.run_id,
                "tracking": tracker.delivery()}  # metrics sent, still queued or lost (an unreachable store)
     storage.write_bytes(join_uri(cfg.out, "summary.json"), json.dumps(summary, indent=2).encode())

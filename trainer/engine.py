@@ -63,7 +63,7 @@ from trainer.losses import (
 )
 from trainer.models.compile import compile_blocks, compiled_now, maybe_compiled
 from trainer.models.heads import DINOHead, Fused
-from trainer.models.hub import init_backbone, save_backbone, weights_source
+from trainer.models.hub import BACKBONE_FILE, init_backbone, save_backbone
 from trainer.models.vit import DinoVisionTransformer, build_vit
 from trainer.optim import build_adamw, with_kernel_choice
 from trainer.schedules import ScheduleValues, schedule_values, total_steps
@@ -108,9 +108,7 @@ def build_backbone(cfg: PretrainConfig, drop_path: bool = True) -> DinoVisionTra
 def start_from_weights(cfg: PretrainConfig, backbone: DinoVisionTransformer, storage: Storage) -> None:
     """A fresh run's ``backbone`` loaded from ``cfg.init_weights`` (its layout ``init_weights_source``,
     by default from the path): :func:`~trainer.models.hub.init_backbone`."""
-    source = cfg.init_weights_source
-    init_backbone(backbone, cfg.init_weights, weights_source(cfg.init_weights, storage) if source == "auto" else source,
-                  storage)
+    init_backbone(backbone, cfg.init_weights, cfg.init_weights_source, storage)
 
 
 def build_networks(cfg: PretrainConfig) -> tuple[SSLNetwork, SSLNetwork]:
@@ -656,11 +654,11 @@ def _pretrain(cfg: PretrainConfig, dataset: Any, collate: Callable, storage: Sto
         final = closing(backbone, state.step)
         tracker.log_metrics(final, step=state.step, force=True)
     if strategy.is_main:
-        save_backbone(backbone.cpu(), join_uri(cfg.out, "backbone.safetensors"), storage)
+        save_backbone(backbone.cpu(), join_uri(cfg.out, BACKBONE_FILE), storage)
         write_training_curves(state, storage, cfg.out, tracker)
     summary = {"name": cfg.name, "steps": state.step, "images_seen": state.images_seen,
                "train_minutes": round(state.train_seconds / 60, 3), "stopped_early": stopped_early,
-               "backbone": join_uri(cfg.out, "backbone.safetensors"), "final": final,
+               "backbone": join_uri(cfg.out, BACKBONE_FILE), "final": final,
                "bad_images": bad_images.summary(), "health": watch.verdict(),
                "history": state.history, "mlflow_run_id": tracker.run_id,
                "tracking": tracker.delivery()}  # metrics sent, still queued or lost (an unreachable store)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from components.curate import balance_levels, run_curate_stage
+from components.curate import balance_levels, make_embedder, run_curate_stage
 from components.stage import StageContext, error_uri
 from curation.synthetic import make_copy_pool
 from dinoflow.storage import Storage
@@ -59,3 +59,23 @@ def test_balance_levels_resample_above_the_bottom_level() -> None:
     bottom, top = balance_levels([20, 5])
     assert (bottom.clusters, bottom.resampling_steps, top.clusters, top.resampling_steps) == (20, 0, 5, 10)
     assert balance_levels([]) == ()
+
+
+def test_the_stage_embeds_with_meta_released_weights(tmp_path: Path) -> None:
+    """``curation_embed_weights`` takes Meta's released .pth (the curation of the paper embeds with a
+    released model) as it takes our safetensors: the same embeddings (it took only safetensors)."""
+    import torch
+
+    from trainer.models.hub import save_backbone
+    from trainer.models.vit import build_vit
+
+    torch.manual_seed(0)
+    model = build_vit("vit_small", patch_size=14, embed_dim=64, depth=2, num_heads=1, img_size=56,
+                      layerscale_init=1.0).eval()
+    torch.save(model.state_dict(), tmp_path / "dinov2_pretrain.pth")
+    save_backbone(model, str(tmp_path / "backbone.safetensors"))
+    images = torch.randint(0, 256, (4, 3, 40, 40), dtype=torch.uint8)
+    released = make_embedder(str(tmp_path / "dinov2_pretrain.pth"), Storage())(images)
+    ours = make_embedder(str(tmp_path / "backbone.safetensors"), Storage())(images)
+    torch.testing.assert_close(released, ours, rtol=0, atol=1e-5)
+    assert released.shape == (4, 64)

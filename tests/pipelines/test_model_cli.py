@@ -160,3 +160,78 @@ def test_init_weights_that_do_not_fit_the_recipe_are_named_in_one_line(weights: 
         "model.depth = 6 (the weights: 2); "
         "model.num_register_tokens = 0 (the weights: 4); set these (or model.arch) to the weights' values"]
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_every_weights_command_takes_each_layout_from_the_path(tmp_path: Path) -> None:
+    """eval, attention, curate, export and index build read Meta's released .pth, a run folder or a
+    Hugging Face folder without --source, as the same backbone (they took only safetensors)."""
+    from PIL import Image
+
+    from trainer.models.hf import export_hf
+    from trainer.models.hub import convert_official_state_dict
+
+    torch.manual_seed(0)  # heads of 64 channels, as Meta's are (a .pth does not say)
+    model = build_vit("vit_small", num_register_tokens=4, img_size=28, patch_size=7, embed_dim=128, depth=2,
+                      num_heads=2, layerscale_init=1.0).eval()
+    torch.save(model.state_dict(), tmp_path / "released.pth")  # Meta's layout: our keys are theirs
+    assert set(convert_official_state_dict(torch.load(tmp_path / "released.pth"))) == set(model.state_dict())
+    (tmp_path / "run").mkdir()
+    save_backbone(model, str(tmp_path / "run" / "backbone.safetensors"))
+    export_hf(model, tmp_path / "hf")
+    image = tmp_path / "image.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (28, 28, 3), dtype=np.uint8)).save(image)
+    runner = CliRunner()
+    figures = {}
+    for name, layout in (("released.pth", "official"), ("run", "safetensors"), ("hf", "hf")):
+        uri = str(tmp_path / name)
+        result = runner.invoke(app, ["attention", str(image), "--weights", uri, "--out", str(tmp_path / f"{name}.png"),
+                                     "--size", "28"])
+        assert result.exit_code == 0, result.output
+        assert f"({layout}, from the path; --source to choose)" in result.stderr
+        figures[name] = json.loads(result.stdout)["cls_attention_on_patches"]
+        exported = runner.invoke(app, ["export", "--weights", uri, "--format", "safetensors",
+                                       "--out", str(tmp_path / f"export-{name}")])
+        assert exported.exit_code == 0, exported.output
+        again = load_backbone(str(tmp_path / f"export-{name}" / "backbone.safetensors"), "safetensors")
+        assert all(torch.equal(again.state_dict()[k], v) for k, v in model.state_dict().items())
+    assert figures["released.pth"] == pytest.approx(figures["run"]) == pytest.approx(figures["hf"], abs=1e-5)
+    evaluated = runner.invoke(app, ["eval", "knn", "--weights", str(tmp_path / "released.pth"), "--train-limit",
+                                    "100", "--test-limit", "50"])
+    assert evaluated.exit_code == 0, evaluated.output
+    curated = runner.invoke(app, ["curate", "--pool", str(tmp_path / "pool-missing"), "--out", str(tmp_path / "c"),
+                                  "--weights", str(tmp_path / "released.pth"), "--no-track"])
+    assert "(official, from the path" in curated.stderr  # the weights loaded; the pool is the bad input
+    named = runner.invoke(app, ["eval", "knn", "--weights", str(tmp_path / "run" / "backbone.safetensors"),
+                                "--source", "official"])
+    assert named.exit_code == 2 and "this is a safetensors file: give source safetensors, or auto" in named.stderr
+
+
+@pytest.mark.parametrize("command, message", [
+    (["curate", "--pool", "{tmp}/empty", "--out", "{tmp}/curated", "--no-track"], "no images under {tmp}/empty"),
+    (["curate", "--pool", "{tmp}/pool", "--out", "{tmp}/curated", "--no-track", "--balance-target", "2",
+      "--balance-clusters", "50"], "level 1 asks for 50 clusters of 3 nodes"),
+    (["pretrain", "--config", "tiny", "out={tmp}/run", "data.kind=folder", "data.uri={tmp}/empty"],
+     "no images under {tmp}/empty"),
+    (["distill", "--teacher", "{weights}", "--teacher-source", "backbone", "out={tmp}/run", "data.kind=folder",
+      "data.uri={tmp}/empty"], "no images under {tmp}/empty"),
+    (["export", "--weights", "{weights}", "--format", "onnx", "--out", "{tmp}/onnx", "--height", "30"],
+     "ONNX input size 30x224 must be positive multiples of the patch size 7"),
+    (["eval", "knn", "--weights", "{tmp}/empty"], "{tmp}/empty is a folder without backbone.safetensors"),
+    (["serve", "--model", "{tmp}/pool"], "{tmp}/pool is a folder without backbone.safetensors"),
+])
+def test_bad_input_is_said_in_one_line(command: list[str], message: str, weights: Path, tmp_path: Path) -> None:
+    """Bad input met once a command runs (a folder without images, weights where there are none, an
+    ONNX size the patches do not tile) ends in one `error:` line with status 2, not a traceback."""
+    from PIL import Image
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    (tmp_path / "pool").mkdir()
+    for index in range(3):
+        Image.fromarray(np.full((16, 16, 3), 80 * index, dtype=np.uint8)).save(tmp_path / "pool" / f"{index}.png")
+    fill = {"tmp": str(tmp_path), "weights": str(weights)}
+    result = CliRunner().invoke(app, [part.format(**fill) for part in command])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {message.format(**fill)}"), result.stderr
+    assert not (tmp_path / "onnx").exists() and not (tmp_path / "run" / "checkpoints").exists()

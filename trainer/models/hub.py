@@ -29,9 +29,10 @@ from torch import Tensor
 from dinoflow.storage import Storage, join_uri
 from trainer.models.vit import ARCHITECTURES, DinoVisionTransformer, resize_positions, vit_arch_kwargs
 
-Source = Literal["official", "training", "safetensors", "hf"]
-SOURCES: tuple[str, ...] = ("official", "training", "safetensors", "hf")
+Source = Literal["auto", "official", "training", "safetensors", "hf"]  # auto: :func:`locate_weights`
+SOURCES: tuple[str, ...] = ("auto", "official", "training", "safetensors", "hf")
 ARCH_METADATA_KEY = "dinoflow.arch_kwargs"
+BACKBONE_FILE = "backbone.safetensors"  # what pretraining and distillation runs write
 
 # name -> (architecture, register tokens); released weights: 518 px table, LayerScale stored
 PRETRAINED: dict[str, tuple[str, int]] = {
@@ -140,6 +141,8 @@ def read_weights(uri: str, source: Source, storage: Storage) -> tuple[dict[str, 
     """Read a weight file or folder into our layout; returns (state dict, arch kwargs or None)."""
     if source not in SOURCES:
         raise ValueError(f"unknown weight source {source!r}; allowed: {', '.join(SOURCES)}")
+    if source == "auto":
+        uri, source = locate_weights(uri, storage)
     if source == "hf":
         from trainer.models.hf import arch_kwargs_from_hf_config, from_hf_state_dict
 
@@ -155,7 +158,7 @@ def read_weights(uri: str, source: Source, storage: Storage) -> tuple[dict[str, 
     try:
         checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - pickles with code, corrupt files: one message
-        raise ValueError(f"{uri}: not a tensor-only torch checkpoint ({type(err).__name__}: {err})") from None
+        raise ValueError(f"{uri}: not a tensor-only torch checkpoint ({_load_refusal(err, data)})") from None
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"{uri}: expected a state dict, found {type(checkpoint).__name__}")
     if source == "training":
@@ -216,13 +219,36 @@ def load_strict(model: torch.nn.Module, state_dict: Mapping[str, Tensor]) -> Non
     model.load_state_dict(dict(state_dict), strict=True, assign=meta)
 
 
-def weights_source(uri: str, storage: Storage) -> Source:
-    """The source a weight path names: ``*.safetensors`` -> safetensors, a folder holding
-    ``config.json`` -> hf, else official (Meta's released ``.pth``). A training dump, also a
-    ``.pth``, is never guessed: it is named (``source=training``)."""
+_TORCH_LOAD_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
+def _load_refusal(err: Exception, data: bytes) -> str:
+    """Why ``torch.load(weights_only=True)`` refused ``data``, in one line: its reason without the
+    paragraph that follows it (which advises loading the file unsafely); a safetensors file given
+    as a torch checkpoint is named as one."""
+    if len(data) > 9 and data[8:9] == b"{" and int.from_bytes(data[:8], "little") <= len(data) - 8:
+        return "this is a safetensors file: give source safetensors, or auto"
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    reason = next((line for line in lines if not line.startswith(_TORCH_LOAD_BOILERPLATE)), lines[0] if lines else "")
+    return f"{type(err).__name__}: {reason[:200]}"
+
+
+def locate_weights(uri: str, storage: Storage) -> tuple[str, Source]:
+    """Where the weights ``uri`` names are, and their layout, from the path: ``*.safetensors`` ->
+    safetensors; a folder holding ``config.json`` -> hf; a folder holding ``backbone.safetensors``
+    (a pretraining or distillation run, a safetensors export) -> that file; any other folder is
+    refused; else official (Meta's released ``.pth``). A training dump, also a ``.pth``, is never
+    guessed: it is named (source ``training``)."""
     if uri.endswith(".safetensors"):
-        return "safetensors"
-    return "hf" if storage.exists(join_uri(uri, "config.json")) else "official"
+        return uri, "safetensors"
+    if storage.exists(join_uri(uri, "config.json")):
+        return uri, "hf"
+    if storage.exists(join_uri(uri, BACKBONE_FILE)):
+        return join_uri(uri, BACKBONE_FILE), "safetensors"
+    if storage.list(uri):
+        raise ValueError(f"{uri} is a folder without {BACKBONE_FILE} (a pretraining or distillation run) or "
+                         "config.json (a Hugging Face folder): give the weight file itself")
+    return uri, "official"
 
 
 # the architecture arguments a weight file's tensors fix, and the recipe setting of each

@@ -14,10 +14,10 @@ from trainer.models.hub import (
     convert_training_state_dict,
     dinov2_vits14_reg,
     init_backbone,
+    locate_weights,
     load_backbone,
     read_weights,
     save_backbone,
-    weights_source,
 )
 from trainer.models.vit import build_vit
 
@@ -95,7 +95,7 @@ def test_bad_files_and_sources(tmp_path: Path) -> None:
     garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     with pytest.raises(ValueError, match="corrupt safetensors header"):
         read_weights(str(garbage), "safetensors", Storage())
-    with pytest.raises(ValueError, match="unknown weight source 'timm'; allowed: official, training"):
+    with pytest.raises(ValueError, match="unknown weight source 'timm'; allowed: auto, official, training"):
         read_weights(str(garbage), "timm", Storage())  # type: ignore[arg-type]
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         read_weights(str(tmp_path / "missing.pth"), "official", Storage())
@@ -129,7 +129,7 @@ def test_a_recipe_backbone_started_from_released_weights_computes_the_released_m
     recipe = build_vit("vit_small", num_register_tokens=registers, img_size=56, patch_size=14, embed_dim=128,
                        depth=4, num_heads=2, layerscale_init=1e-5, drop_path_rate=0.1)
     assert recipe.pos_embed.shape[1] == 1 + 4 * 4
-    init_backbone(recipe, str(path), weights_source(str(path), Storage()), Storage())
+    init_backbone(recipe, str(path), "auto", Storage())
     images = torch.randn(2, 3, 56, 56)
     with torch.no_grad():
         ours, theirs = recipe.eval().forward_features(images), released.forward_features(images)
@@ -149,10 +149,56 @@ def test_starting_weights_that_do_not_fit_the_recipe_name_the_settings(tmp_path:
     assert all(torch.equal(v, before[k]) for k, v in recipe.state_dict().items())  # untouched
 
 
-def test_weights_source_from_the_path(tmp_path: Path) -> None:
+def test_the_weights_layout_from_the_path(tmp_path: Path) -> None:
     storage = Storage()
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text("{}")
-    assert weights_source(str(tmp_path / "backbone.safetensors"), storage) == "safetensors"
-    assert weights_source(str(tmp_path / "hf"), storage) == "hf"
-    assert weights_source(str(tmp_path / "dinov2_vits14_pretrain.pth"), storage) == "official"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "backbone.safetensors").write_bytes(b"")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("")
+    assert locate_weights(str(tmp_path / "b.safetensors"), storage) == (str(tmp_path / "b.safetensors"), "safetensors")
+    assert locate_weights(str(tmp_path / "hf"), storage) == (str(tmp_path / "hf"), "hf")
+    assert locate_weights(str(tmp_path / "run"), storage) == (str(tmp_path / "run" / "backbone.safetensors"),
+                                                              "safetensors")
+    assert locate_weights(str(tmp_path / "dinov2_vits14_pretrain.pth"), storage) == (
+        str(tmp_path / "dinov2_vits14_pretrain.pth"), "official")
+    with pytest.raises(ValueError, match=r"other is a folder without backbone\.safetensors .* give the weight file"):
+        locate_weights(str(tmp_path / "other"), storage)
+
+
+def test_every_layout_loads_with_source_auto(tmp_path: Path) -> None:
+    """auto reads each layout as its named source does: Meta's .pth, safetensors, a run folder, HF."""
+    from trainer.models.hf import export_hf
+
+    model = small_model(embed_dim=128, num_register_tokens=4)  # heads of 64 channels, as a .pth implies
+    torch.save(model.state_dict(), tmp_path / "released.pth")
+    (tmp_path / "run").mkdir()
+    save_backbone(model, str(tmp_path / "run" / "backbone.safetensors"))
+    export_hf(model, tmp_path / "hf")
+    images = torch.randn(2, 3, 56, 56)  # the table's own size: a .pth holds no interpolation settings
+    with torch.no_grad():
+        expected = model.eval()(images)
+        for uri in ("released.pth", "run", "run/backbone.safetensors", "hf"):
+            loaded = load_backbone(str(tmp_path / uri), "auto")
+            torch.testing.assert_close(loaded(images), expected, rtol=0, atol=1e-5, msg=uri)
+
+
+def test_a_refused_torch_file_is_named_in_one_line(tmp_path: Path) -> None:
+    """torch's refusal runs to a dozen lines and advises loading unsafely: only its reason is kept;
+    a safetensors file given as a torch checkpoint is named as one."""
+    path = tmp_path / "evil.pth"
+    buffer = io.BytesIO()
+    torch.save({"cls_token": torch.zeros(1), "payload": _Payload()}, buffer)
+    path.write_bytes(buffer.getvalue())
+    with pytest.raises(ValueError) as refused:
+        read_weights(str(path), "official", Storage())
+    message = str(refused.value)
+    assert "\n" not in message and "weights_only` set to `False`" not in message, message
+    assert message.startswith(f"{path}: not a tensor-only torch checkpoint (UnpicklingError: ")
+    assert "GLOBAL posix.system" in message, message  # the reason: the payload's call
+    safetensors_file = tmp_path / "weights.pth"
+    save_backbone(small_model(embed_dim=64), str(safetensors_file))
+    with pytest.raises(ValueError, match=r"weights\.pth: not a tensor-only torch checkpoint \(this is a safetensors "
+                                         r"file: give source safetensors, or auto\)"):
+        read_weights(str(safetensors_file), "official", Storage())
