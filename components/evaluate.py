@@ -5,6 +5,10 @@ Output folder: ``report.json`` (:func:`evaluators.suite.run_suite`'s report plus
 metric names as :func:`evaluators.report.report_metrics` gives them, e.g. ``knn_top1_k20`` and
 ``linear_top1``, plus ``pixels_knn_top1_k*``: the same k-NN on raw pixels, the baseline every
 backbone must beat) and ``confusion_knn.png``. Cached by the backbone's bytes and the parameters.
+
+The backbone artifact is a stage's folder (``backbone.safetensors``) or, imported by
+``evaluate_only``, any weights :func:`~trainer.models.hub.locate_weights` finds from the path:
+Meta's released ``.pth``, a Hugging Face folder, a ``.safetensors`` file.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from components.stage import (
-    BACKBONE_FILE,
     REPORT_FILE,
     StageContext,
     cache_key,
@@ -29,7 +32,7 @@ from evaluators.knn import knn_predict
 from evaluators.suite import SuiteConfig, run_suite
 from evaluators.visualize import confusion_matrix, save_confusion_matrix
 from trainer.data.fashion_mnist import CLASSES
-from trainer.models.hub import load_backbone
+from trainer.models.hub import load_backbone, locate_weights
 
 
 def run_evaluate_stage(ctx: StageContext, backbone_dir: str | Path, out_dir: str | Path, data_uri: str,
@@ -37,7 +40,6 @@ def run_evaluate_stage(ctx: StageContext, backbone_dir: str | Path, out_dir: str
                        temperature: float = 0.07, tasks: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark suite on the backbone in ``backbone_dir``; returns ``{"metrics": ...}``."""
     storage = storage_from_env()
-    weights = Path(backbone_dir) / BACKBONE_FILE
     out = Path(out_dir)
     ks = sorted({int(k) for k in ks or []} | {20})  # k=20 always: the default gate metric
     with recording_errors(ctx, storage, "evaluate"), stage_run(ctx, "evaluate") as tracker:
@@ -46,9 +48,11 @@ def run_evaluate_stage(ctx: StageContext, backbone_dir: str | Path, out_dir: str
         params = {"data_uri": data_uri, "train_limit": train_limit, "test_limit": test_limit, "ks": ks,
                   "temperature": temperature, "tasks": list(config.tasks)}
         tracker.log_params(params)
+        uri, source = locate_weights(str(backbone_dir), storage)
+        weights = Path(uri) / "model.safetensors" if source == "hf" else Path(uri)  # the bytes that key the cache
 
         def work() -> dict[str, Any]:
-            backbone = load_backbone(str(weights), "safetensors", storage).eval()
+            backbone = load_backbone(uri, source, storage).eval()
             out.mkdir(parents=True, exist_ok=True)
             report = run_suite(backbone, config, storage, pictures=out)
             features = report.pop("features")

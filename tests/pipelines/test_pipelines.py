@@ -169,6 +169,29 @@ def test_evaluate_only_and_retrain_from_the_champion(runs: Runs) -> None:
     assert retrained["register"].tags["gate.verdict"] in ("promoted", "kept")
 
 
+def test_evaluate_only_benchmarks_released_and_hugging_face_weights(runs: Runs, tmp_path: Path) -> None:
+    """The Kubeflow UI's way to benchmark a released model next to ours: ``weights_uri`` names Meta's
+    .pth or a Hugging Face folder (it took only a stage's folder holding backbone.safetensors)."""
+    import torch
+
+    from components.stage import file_digest
+    from trainer.models.hf import export_hf
+    from trainer.models.hub import load_backbone
+
+    model = load_backbone(str(next(runs.kfp.glob("full-*/pretrain/backbone")) / "backbone.safetensors"), "safetensors")
+    export_hf(model, tmp_path / "hf")
+    torch.save(model.state_dict(), tmp_path / "released.pth")
+    limits = {"data_uri": str(runs.root / "data" / "fashion-mnist"), "train_limit": FAST["train_limit"],
+              "test_limit": FAST["test_limit"]}
+    from_hf = runs.run("evaluate_only", weights_uri=str(tmp_path / "hf"), **limits)["evaluate"]
+    assert from_hf.status == "FINISHED" and not from_hf.cached
+    assert from_hf.metrics["knn_top1_k20"] == pytest.approx(runs.first["evaluate"].metrics["knn_top1_k20"], abs=0.005)
+    released = runs.run("evaluate_only", weights_uri=str(tmp_path / "released.pth"), **limits)["evaluate"]
+    assert released.status == "FINISHED" and 0.1 < released.metrics["knn_top1_k20"] <= 1.0  # above chance
+    reports = runs.root.glob("cache/evaluate/*/outputs/report.json")  # the cache keyed by the file's bytes
+    assert file_digest(tmp_path / "released.pth") in [json.loads(path.read_text())["backbone_sha256"] for path in reports]
+
+
 def test_compiled_pipelines_hold_their_dag_and_no_secrets_or_local_paths(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
