@@ -415,12 +415,14 @@ def flatten(config: BaseModel | Mapping[str, Any], prefix: str = "") -> dict[str
 class TeacherConfig(Section):
     """The frozen teacher of a distillation run."""
 
-    uri: str = Field("", description="a dinoflow run folder (its checkpoints/latest.json) or a backbone "
-                     ".safetensors file (path or URI)")
-    source: Literal["checkpoint", "backbone"] = Field(
-        "checkpoint", description="checkpoint: the teacher network of a pretrain (or distill) run, with its "
+    uri: str = Field("", description="a dinoflow run folder (its checkpoints/latest.json) or backbone weights "
+                     "(path or URI)")
+    source: Literal["auto", "checkpoint", "backbone"] = Field(
+        "auto", description="auto: checkpoint when teacher.uri holds checkpoints/latest.json, else backbone; "
+        "checkpoint: the teacher network of a pretrain (or distill) run, with its "
         "frozen DINO/iBOT heads and its centres (distill.objective=features reads its backbone only); backbone: "
-        "a save_backbone safetensors file, with frozen, randomly initialised heads built from `heads` (seeded "
+        "backbone weights in any layout found from the path (a .safetensors, a run folder's, Meta's released .pth, "
+        "a Hugging Face folder), with frozen, randomly initialised heads built from `heads` (seeded "
         "by `seed`; none for distill.objective=features)",
     )
 

@@ -188,10 +188,12 @@ def pretrain(
 def distill(
     overrides: Overrides = None,
     teacher: Annotated[str, typer.Option(help="the frozen teacher: a pretrain/distill run folder (its latest "
-                                         "checkpoint, with its heads for distill.objective=heads) or a backbone "
-                                         ".safetensors (path or URI)")] = "",
-    teacher_source: Annotated[str, typer.Option(help="checkpoint (a run folder) or backbone (a .safetensors; "
-                                                "with distill.objective=heads, frozen random heads)")] = "checkpoint",
+                                         "checkpoint, with its heads for distill.objective=heads) or backbone "
+                                         "weights: a .safetensors, Meta's released .pth, a Hugging Face folder "
+                                         "(path or URI)")] = "",
+    teacher_source: Annotated[str, typer.Option(help="auto (checkpoint for a folder holding checkpoints, else "
+                                                "backbone), checkpoint or backbone (with distill.objective=heads, "
+                                                "frozen random heads)")] = "auto",
     student: Annotated[str, typer.Option(help="the student's recipe: a distill preset name or YAML path")] = "distill-tiny",
 ) -> None:
     """Distil a frozen teacher into a smaller student (its EMA is released); resumes when OUT holds a checkpoint.

@@ -137,14 +137,18 @@ def load_teacher(cfg: DistillConfig, storage: Storage) -> tuple[Teacher, dict[st
     source = cfg.teacher
     features = cfg.distill.objective == "features"
     if not source.uri:
-        raise ValueError("teacher.uri is empty: give a pretrain run folder or a backbone .safetensors")
+        raise ValueError("teacher.uri is empty: give a pretrain run folder or backbone weights (a .safetensors, "
+                         "Meta's released .pth, a Hugging Face folder)")
     objective_state = None
     network: Teacher
-    if source.source == "checkpoint":
+    kind = source.source
+    if kind == "auto":
+        kind = "checkpoint" if storage.exists(join_uri(source.uri, "checkpoints", "latest.json")) else "backbone"
+    if kind == "checkpoint":
         checkpoint = load_latest_checkpoint(storage, source.uri)
         if checkpoint is None:
             raise ValueError(f"teacher.uri = {source.uri!r} holds no checkpoints/latest.json "
-                             "(for a .safetensors file use teacher.source=backbone)")
+                             "(for backbone weights, a .safetensors or Meta's released .pth, use teacher.source=backbone)")
         teacher_cfg = checkpoint_config(checkpoint["config"])
         if features:
             backbone = build_backbone(teacher_cfg, drop_path=False)
@@ -164,9 +168,9 @@ def load_teacher(cfg: DistillConfig, storage: Storage) -> tuple[Teacher, dict[st
         network.load_state_dict(checkpoint["teacher"])
         objective_state = checkpoint["objective"]
     elif features:
-        network = HeadlessNetwork(load_backbone(source.uri, "safetensors", storage))
+        network = HeadlessNetwork(load_backbone(source.uri, "auto", storage))
     else:
-        backbone = load_backbone(source.uri, "safetensors", storage)
+        backbone = load_backbone(source.uri, "auto", storage)
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(cfg.seed + 1)  # the frozen random heads are fixed by the seed
         network = SSLNetwork(backbone, *_heads(backbone.embed_dim, cfg))

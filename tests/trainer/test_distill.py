@@ -311,6 +311,34 @@ def test_features_teacher_from_backbone_file_and_from_a_features_run(teacher_run
         load_teacher(student_config(tmp_path / "run", tmp_path / "next", "distill.objective=heads"), storage)
 
 
+def test_the_teacher_source_is_found_from_the_path(teacher_run: Path, tmp_path: Path, storage: Storage,
+                                                   dataset) -> None:
+    """teacher.source auto (the default): a run folder is read as a checkpoint (heads and centres),
+    weights as a backbone, in any layout: Meta's released .pth, a Hugging Face folder, safetensors
+    (a backbone was read as safetensors only, and had to be named)."""
+    from trainer.models.hf import export_hf
+    from trainer.models.vit import build_vit
+
+    from_run, centres = load_teacher(student_config(teacher_run, tmp_path, "distill.objective=heads"), storage)
+    assert centres is not None and hasattr(from_run, "dino_head")  # the checkpoint's heads and centres
+    backbone = load_teacher(student_config(teacher_run, tmp_path, "distill.objective=features"), storage)[0].backbone
+    export_hf(backbone, tmp_path / "hf")
+    save_backbone(backbone, str(tmp_path / "teacher.safetensors"), storage)
+    torch.manual_seed(0)  # Meta's layout: heads of 64 channels (a .pth does not say)
+    released = build_vit("vit_small", patch_size=7, embed_dim=64, depth=2, num_heads=1, img_size=28,
+                         layerscale_init=1.0)
+    torch.save(released.state_dict(), tmp_path / "dinov2_pretrain.pth")
+    for uri, expected in (("hf", backbone), ("teacher.safetensors", backbone), ("dinov2_pretrain.pth", released)):
+        teacher, centres = load_teacher(student_config(tmp_path / uri, tmp_path, "distill.objective=features"),
+                                        storage)
+        assert centres is None and isinstance(teacher, HeadlessNetwork), uri
+        assert all(torch.equal(teacher.backbone.state_dict()[k], v) for k, v in expected.state_dict().items()), uri
+    cfg = student_config(tmp_path / "dinov2_pretrain.pth", tmp_path / "run", "distill.objective=features",
+                         "max_steps=2")
+    summary = distill(cfg, dataset, collate_samples, storage)
+    assert summary["steps"] == 2 and load_backbone(summary["backbone"], "safetensors").embed_dim == 16
+
+
 @pytest.mark.parametrize(("override", "message"), [
     ("distill.objective=logits", "distill.objective = 'logits': Input should be 'heads' or 'features'"),
     ("distill.patch_weight=-1", "distill.patch_weight = '-1': Input should be greater than or equal to 0"),
@@ -360,7 +388,10 @@ def test_cli_distills(teacher_run: Path, tmp_path: Path, monkeypatch: pytest.Mon
     assert "training_curves.png" in {a.path for a in client.list_artifacts(summary["mlflow_run_id"])}
 
     bad = CliRunner().invoke(app, ["distill", "--teacher", str(tmp_path / "nothing"), f"out={tmp_path / 'x'}"])
-    assert bad.exit_code == 2 and "holds no checkpoints" in bad.output
+    assert bad.exit_code == 2 and bad.output == f"error: read {tmp_path / 'nothing'}: not found\n"
+    named = CliRunner().invoke(app, ["distill", "--teacher", str(tmp_path / "nothing"), "--teacher-source",
+                                     "checkpoint", f"out={tmp_path / 'x'}"])
+    assert named.exit_code == 2 and "holds no checkpoints/latest.json (for backbone weights" in named.output
 
 
 def test_the_lagged_loss_read_distils_as_reading_each_step(teacher_run: Path, tmp_path: Path, storage: Storage,
