@@ -4,7 +4,9 @@ Output folder: ``report.json`` (:func:`evaluators.suite.run_suite`'s report plus
 ``{"metrics": {name: value}, "tasks": {...}, ...}``,
 metric names as :func:`evaluators.report.report_metrics` gives them, e.g. ``knn_top1_k20`` and
 ``linear_top1``, plus ``pixels_knn_top1_k*``: the same k-NN on raw pixels, the baseline every
-backbone must beat) and ``confusion_knn.png``. Cached by the backbone's bytes and the parameters.
+backbone must beat) and ``confusion_knn.png`` (up to 30 classes). Cached by the backbone's bytes and
+the parameters. ``data_uri`` is Fashion-MNIST's folder or one of class folders, ``train/<class>/``
+and ``val/<class>/`` (:mod:`evaluators.classification`).
 
 The backbone artifact is a stage's folder (``backbone.safetensors``) or, imported by
 ``evaluate_only``, any weights :func:`~trainer.models.hub.locate_weights` finds from the path:
@@ -31,8 +33,10 @@ from components.stage import (
 from evaluators.knn import knn_predict
 from evaluators.suite import SuiteConfig, run_suite
 from evaluators.visualize import confusion_matrix, save_confusion_matrix
-from trainer.data.fashion_mnist import CLASSES
 from trainer.models.hub import load_backbone, locate_weights
+
+
+MAX_CONFUSION_CLASSES = 30  # above, a confusion matrix is too dense to read: none is drawn
 
 
 def run_evaluate_stage(ctx: StageContext, backbone_dir: str | Path, out_dir: str | Path, data_uri: str,
@@ -43,7 +47,7 @@ def run_evaluate_stage(ctx: StageContext, backbone_dir: str | Path, out_dir: str
     out = Path(out_dir)
     ks = sorted({int(k) for k in ks or []} | {20})  # k=20 always: the default gate metric
     with recording_errors(ctx, storage, "evaluate"), stage_run(ctx, "evaluate") as tracker:
-        config = SuiteConfig(tasks=tuple(tasks or ("knn", "linear")), fashion_mnist_uri=data_uri,
+        config = SuiteConfig(tasks=tuple(tasks or ("knn", "linear")), data_uri=data_uri,
                              train_limit=train_limit, test_limit=test_limit, ks=tuple(ks), temperature=temperature)
         params = {"data_uri": data_uri, "train_limit": train_limit, "test_limit": test_limit, "ks": ks,
                   "temperature": temperature, "tasks": list(config.tasks)}
@@ -57,13 +61,14 @@ def run_evaluate_stage(ctx: StageContext, backbone_dir: str | Path, out_dir: str
             report = run_suite(backbone, config, storage, pictures=out)
             features = report.pop("features")
             (out / REPORT_FILE).write_text(json.dumps({**report, "backbone_sha256": file_digest(weights)}, indent=2))
-            if features is not None:
+            classes = report["tasks"].get("classification", {}).get("classes", [])
+            if features is not None and len(classes) <= MAX_CONFUSION_CLASSES:
                 k = 20
                 train_x, train_y, test_x, test_y = features
                 predictions = knn_predict(train_x, train_y, test_x, k=k, temperature=temperature,
-                                          num_classes=len(CLASSES)).numpy()
+                                          num_classes=len(classes)).numpy()
                 accuracy = report["metrics"][f"knn_top1_k{k}"]
-                save_confusion_matrix(confusion_matrix(test_y.numpy(), predictions, len(CLASSES)), CLASSES,
+                save_confusion_matrix(confusion_matrix(test_y.numpy(), predictions, len(classes)), classes,
                                       out / "confusion_knn.png",
                                       title=f"k-NN (k={k}) on frozen CLS features: {100 * accuracy:.1f}%")
             return {"metrics": report["metrics"]}

@@ -2,8 +2,9 @@
 
 Tasks:
 
-* ``knn``, ``linear``: Fashion-MNIST classification (k-NN at ``ks`` with temperature ``T``; the
-  one-pass linear probe), next to the raw-pixel k-NN baseline (``pixels_knn_top1_k*``);
+* ``knn``, ``linear``: classification (k-NN at ``ks`` with temperature ``T``; the one-pass linear
+  probe) on Fashion-MNIST, next to the raw-pixel k-NN baseline (``pixels_knn_top1_k*``), or on
+  folders of class folders, e.g. ImageNet (:mod:`evaluators.classification`);
 * ``seg``: the linear segmentation head on synthetic scenes (mIoU, pixel accuracy);
 * ``depth``: the linear depth head on the same scenes (RMSE, AbsRel, delta1);
 * ``retrieval``: CLS descriptors on synthetic retrieval sets (mAP easy/medium/hard);
@@ -32,6 +33,7 @@ from torch import nn
 
 from dinoflow.storage import Storage
 from evaluators.attention import attention_summary, garment_foreground
+from evaluators.classification import DATA_KINDS, DataKind, labelled_features_of
 from evaluators.dense import (
     HeadConfig,
     dense_features,
@@ -42,7 +44,7 @@ from evaluators.dense import (
     train_segmentation_head,
 )
 from evaluators.dense_metrics import retrieval_map
-from evaluators.features import labelled_features, to_model_input
+from evaluators.features import to_model_input
 from evaluators.linear import LinearProbeConfig
 from evaluators.report import benchmark_report, knn_accuracies, report_metrics
 from evaluators.retrieval import global_descriptors, rank_database
@@ -58,7 +60,10 @@ class SuiteConfig:
     """What the suite runs and on how much data."""
 
     tasks: tuple[str, ...] = ("knn", "linear")
-    fashion_mnist_uri: str = ""
+    data_uri: str = ""  # knn, linear: Fashion-MNIST's files, or train/ and val/ class folders
+    data_kind: DataKind = "auto"
+    image_size: int = 224  # class folders' images: the centre crop's side
+    num_workers: int = 0  # class folders' decoding processes
     train_limit: int = 0
     test_limit: int = 0
     ks: tuple[int, ...] = (10, 20)
@@ -77,25 +82,27 @@ class SuiteConfig:
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown or not self.tasks:
             raise ValueError(f"unknown tasks {unknown or '(none)'}; allowed: {', '.join(TASKS)}")
-        if {"knn", "linear"} & set(self.tasks) and not self.fashion_mnist_uri:
-            raise ValueError("knn and linear need fashion_mnist_uri (the Fashion-MNIST folder)")
+        if {"knn", "linear"} & set(self.tasks) and not self.data_uri:
+            raise ValueError("knn and linear need data_uri (Fashion-MNIST's folder, or one of class folders)")
+        if self.data_kind not in DATA_KINDS:
+            raise ValueError(f"unknown data kind {self.data_kind!r}; allowed: {', '.join(DATA_KINDS)}")
 
 
 def _classification(backbone: nn.Module, config: SuiteConfig, storage: Storage) -> dict[str, Any]:
-    from trainer.data.fashion_mnist import load_split
-
-    splits, pixels = [], []
-    for split, limit in (("train", config.train_limit), ("test", config.test_limit)):
-        data = load_split(storage, config.fashion_mnist_uri, split)  # type: ignore[arg-type]
-        images = torch.from_numpy(data.images[: limit or len(data.images)])
-        labels = torch.from_numpy(data.labels[: len(images)])
-        splits += [labelled_features(backbone, images, backbone.patch_size), labels]
-        pixels += [images.flatten(1).float(), labels]
+    data = labelled_features_of(backbone, config.data_uri, config.data_kind, storage, config.train_limit,
+                                config.test_limit, config.image_size, num_workers=config.num_workers, seed=config.seed)
+    splits = [data.train_x, data.train_y, data.test_x, data.test_y]
     linear = LinearProbeConfig() if "linear" in config.tasks else None
-    report = benchmark_report(*splits, ks=config.ks, temperature=config.temperature, linear=linear, num_classes=10)
-    report["pixels_knn"] = knn_accuracies(*pixels, ks=config.ks, temperature=config.temperature, num_classes=10)
-    metrics = {**report_metrics(report), **{f"pixels_knn_top1_{k}": v for k, v in report["pixels_knn"].items()}}
-    return {"metrics": metrics, "report": report, "features": splits, "test_images": images}
+    classes = len(data.classes)
+    report = benchmark_report(*splits, ks=config.ks, temperature=config.temperature, linear=linear,
+                              num_classes=classes)
+    report.update(classes=list(data.classes), bad_images=data.bad)
+    metrics = report_metrics(report)
+    if data.pixels is not None:
+        report["pixels_knn"] = knn_accuracies(data.pixels[0], data.train_y, data.pixels[1], data.test_y, ks=config.ks,
+                                              temperature=config.temperature, num_classes=classes)
+        metrics.update({f"pixels_knn_top1_{k}": v for k, v in report["pixels_knn"].items()})
+    return {"metrics": metrics, "report": report, "features": splits, "test_images": data.test_images}
 
 
 def _scene_inputs(backbone: nn.Module, config: SuiteConfig) -> dict[str, Any]:
@@ -127,8 +134,9 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
         metrics.update(result["metrics"])
         tasks["classification"] = result["report"]
         features = result["features"]
-        garments = torch.as_tensor(result["test_images"][:ATTENTION_IMAGES])
-        looked_at = garments, garment_foreground(garments)
+        if result["test_images"] is not None:  # Fashion-MNIST's: a garment's silhouette is its foreground
+            garments = torch.as_tensor(result["test_images"][:ATTENTION_IMAGES])
+            looked_at = garments, garment_foreground(garments)
     if {"seg", "depth"} & set(config.tasks):
         scenes = _scene_inputs(backbone, config)
         (train_patches, train_cls), (test_patches, test_cls) = scenes["train_x"], scenes["test_x"]

@@ -227,27 +227,35 @@ def evaluate(
     source: SourceOption = "auto",
     tasks: Annotated[str, typer.Option(help="for suite: comma-separated knn, linear, seg, depth, retrieval")] = (
         "knn,linear,seg,depth,retrieval"),
-    data_uri: Annotated[str, typer.Option(help="Fashion-MNIST folder")] = "/usr/share/datasets/fashion-mnist",
-    train_limit: Annotated[int, typer.Option(help="labelled train images used (0: all)")] = 0,
+    data_uri: Annotated[str, typer.Option(help="labelled images for knn and linear: Fashion-MNIST's folder, or "
+                                                "one of class folders, train/<class>/ and val/<class>/ (ImageNet's "
+                                                "layout; path or URI)")] = "/usr/share/datasets/fashion-mnist",
+    train_limit: Annotated[int, typer.Option(help="labelled train images used (0: all; class folders: a seeded "
+                                                  "random subset)")] = 0,
     test_limit: Annotated[int, typer.Option(help="test images used (0: all)")] = 0,
+    image_size: Annotated[int, typer.Option(help="class folders: the centre crop's side, after the shorter side "
+                                                 "is resized to it / 0.875 (256 for 224)")] = 224,
+    num_workers: Annotated[int, typer.Option(min=0, help="class folders: decoding processes")] = 0,
+    device: Annotated[str, typer.Option(help="where the backbone runs: cpu or cuda")] = "cpu",
     k: Annotated[int, typer.Option(help="neighbours for k-NN (k=20 is always reported too)")] = 20,
     out: Annotated[str | None, typer.Option(help="write the JSON report here (path or URI)")] = None,
 ) -> None:
     """Benchmark frozen features of a backbone: k-NN, linear probe, or the whole suite.
 
-    Fashion-MNIST classification; segmentation, depth and retrieval on
-    synthetic scenes."""
+    Classification on Fashion-MNIST or on your class folders (ImageNet's
+    layout); segmentation, depth and retrieval on synthetic scenes."""
     from components.stage import storage_from_env
     from evaluators.suite import SuiteConfig, run_suite
+    from trainer.engine import training_device
 
     storage = storage_from_env()
     with _bad_input():
         if benchmark not in ("knn", "linear", "suite"):
             raise ValueError(f"unknown benchmark {benchmark!r}; allowed: knn, linear, suite")
         chosen = tuple(t.strip() for t in tasks.split(",") if t.strip()) if benchmark == "suite" else (benchmark,)
-        config = SuiteConfig(tasks=chosen, fashion_mnist_uri=data_uri, train_limit=train_limit,
-                             test_limit=test_limit, ks=tuple(sorted({k, 20})))
-        backbone = _backbone(weights, source, storage)
+        config = SuiteConfig(tasks=chosen, data_uri=data_uri, train_limit=train_limit, test_limit=test_limit,
+                             ks=tuple(sorted({k, 20})), image_size=image_size, num_workers=num_workers)
+        backbone = _backbone(weights, source, storage).to(training_device(device))
         report = run_suite(backbone, config, storage)
     report.pop("features")
     text = json.dumps(report, indent=2)

@@ -467,7 +467,10 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
 def training_device(name: str) -> torch.device:
     """The device a run trains on, refused before any work where this machine has none of it (a
     GPU recipe started on a CPU-only machine would fail deep in its first step)."""
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; allowed: cpu, cuda, cuda:<index>") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device = {name!r}, but this machine has no CUDA device (torch {torch.__version__}); "
                          "set device=cpu to run here")

@@ -22,7 +22,7 @@ def test_every_task_reports_its_metrics(tmp_path) -> None:
     backbone = build_vit("vit_small", patch_size=7, embed_dim=32, depth=2, num_heads=2, img_size=28,
                          layerscale_init=1.0)
     config = SuiteConfig(tasks=("knn", "linear", "seg", "depth", "retrieval"),
-                         fashion_mnist_uri="/usr/share/datasets/fashion-mnist", train_limit=500, test_limit=200,
+                         data_uri="/usr/share/datasets/fashion-mnist", train_limit=500, test_limit=200,
                          train_scenes=24, test_scenes=8, seg_head=HeadConfig(steps=6), depth_head=HeadConfig(steps=6),
                          retrieval_scenes=6)
     report = run_suite(backbone, config, pictures=tmp_path)
@@ -51,10 +51,10 @@ def test_every_task_reports_its_metrics(tmp_path) -> None:
 def test_classification_alone_scores_attention_on_the_garments() -> None:
     torch.manual_seed(1)
     backbone = build_vit("vit_small", patch_size=7, embed_dim=16, depth=2, num_heads=2, img_size=28)
-    config = SuiteConfig(tasks=("knn",), fashion_mnist_uri="/usr/share/datasets/fashion-mnist", train_limit=100,
+    config = SuiteConfig(tasks=("knn",), data_uri="/usr/share/datasets/fashion-mnist", train_limit=100,
                          test_limit=20)
     metrics = run_suite(backbone, config)["metrics"]
-    garments = torch.from_numpy(load_split(Storage(), config.fashion_mnist_uri, "test").images[:20])
+    garments = torch.from_numpy(load_split(Storage(), config.data_uri, "test").images[:20])
     big = garment_foreground(garments).repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1)  # 28 -> 56 px
     expected = attention_summary(backbone.eval(), to_model_input(garments, size=56, patch_size=7), foreground=big)
     assert metrics["attention_jaccard"] == pytest.approx(expected["metrics"]["attention_jaccard"])
@@ -72,6 +72,6 @@ def test_multiscale_four_layer_segmentation_runs() -> None:
 def test_bad_task_lists_are_named() -> None:
     with pytest.raises(ValueError, match="unknown tasks \\['segm'\\]; allowed: knn, linear, seg, depth, retrieval"):
         SuiteConfig(tasks=("segm",))
-    with pytest.raises(ValueError, match="need fashion_mnist_uri"):
+    with pytest.raises(ValueError, match="need data_uri"):
         SuiteConfig(tasks=("knn",))
     assert SuiteConfig(tasks=("seg",)).tasks == ("seg",)

@@ -235,3 +235,19 @@ def test_bad_input_is_said_in_one_line(command: list[str], message: str, weights
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: {message.format(**fill)}"), result.stderr
     assert not (tmp_path / "onnx").exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_eval_scores_class_folders(weights: Path, tmp_path: Path) -> None:
+    """`dinoflow eval --data-uri` naming train/ and val/ class folders, decoded by a worker process."""
+    from tests.evaluators.test_classification import CLASSES, write_folders
+
+    write_folders(tmp_path / "data", {"cat": (12, 4), "dog": (12, 4), "fish": (12, 4)})
+    result = CliRunner().invoke(app, ["eval", "knn", "--weights", str(weights), "--data-uri", str(tmp_path / "data"),
+                                      "--image-size", "28", "--num-workers", "1", "--k", "5"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["tasks"]["classification"]["classes"] == list(CLASSES)
+    assert report["metrics"]["knn_top1_k5"] > 0.9 and report["config"]["image_size"] == 28
+    bad = CliRunner().invoke(app, ["eval", "knn", "--weights", str(weights), "--device", "tpu"])
+    assert bad.exit_code == 2 and bad.stderr.strip().splitlines()[-1] == (
+        "error: unknown device 'tpu'; allowed: cpu, cuda, cuda:<index>")

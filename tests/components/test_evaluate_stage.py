@@ -1,0 +1,33 @@
+"""The evaluate stage on class folders: the pipeline's benchmark of one's own labelled images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from components.evaluate import run_evaluate_stage
+from components.stage import StageContext
+from tests.evaluators.test_classification import CLASSES, write_folders
+from trainer.models.hub import save_backbone
+from trainer.models.vit import build_vit
+
+
+def test_the_stage_scores_class_folders_and_draws_their_confusion_matrix(tmp_path: Path) -> None:
+    """``data_uri`` naming train/ and val/ class folders (it read Fashion-MNIST only): the report
+    names the classes, the confusion matrix is drawn over them, a rerun comes from the cache."""
+    write_folders(tmp_path / "data", {"cat": (8, 3), "dog": (8, 3), "fish": (8, 3)})
+    torch.manual_seed(0)
+    (tmp_path / "backbone").mkdir()
+    save_backbone(build_vit("vit_small", patch_size=14, embed_dim=32, depth=2, num_heads=2, img_size=56,
+                            layerscale_init=1.0),
+                  str(tmp_path / "backbone" / "backbone.safetensors"))
+    ctx = StageContext(run_root=str(tmp_path / "root"))
+    result = run_evaluate_stage(ctx, tmp_path / "backbone", tmp_path / "out", str(tmp_path / "data"), tasks=["knn"])
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["tasks"]["classification"]["classes"] == list(CLASSES)
+    assert report["metrics"]["knn_top1_k20"] == result["metrics"]["knn_top1_k20"] > 0.9  # colours separate
+    assert (tmp_path / "out" / "confusion_knn.png").read_bytes()[:4] == b"\x89PNG"
+    again = run_evaluate_stage(ctx, tmp_path / "backbone", tmp_path / "again", str(tmp_path / "data"), tasks=["knn"])
+    assert again["cached"] and again["metrics"] == result["metrics"]

@@ -1,0 +1,112 @@
+"""k-NN and linear benchmarks on folders of class folders (ImageNet's layout), beside Fashion-MNIST."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dinoflow.storage import Storage
+from evaluators.classification import data_kind, labelled_features_of
+from evaluators.features import to_model_input
+from evaluators.knn import knn_predict
+from evaluators.suite import SuiteConfig, run_suite
+from trainer.data.datasets import read_image
+from trainer.models.vit import build_vit
+
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+CLASSES = ("cat", "dog", "fish")
+
+
+def write_folders(root: Path, per_class: dict[str, tuple[int, int]], seed: int = 0) -> None:
+    """``root/{train,val}/<class>/*.png``: each class a colour with noise, in varied shapes."""
+    rng = np.random.default_rng(seed)
+    for index, name in enumerate(CLASSES):
+        colour = np.eye(3)[index] * 200 + 30
+        for split, count in zip(("train", "val"), per_class.get(name, (0, 0))):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                height, width = rng.integers(30, 60, size=2)
+                noise = rng.normal(0, 40, (height, width, 3))
+                Image.fromarray(np.clip(colour + noise, 0, 255).astype(np.uint8)).save(folder / f"{i}.png")
+
+
+def backbone() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_vit("vit_small", patch_size=7, embed_dim=32, depth=2, num_heads=2, img_size=28,
+                     layerscale_init=1.0).eval()
+
+
+def expected_features(model: torch.nn.Module, files: list[Path], size: int) -> torch.Tensor:
+    """The original's evaluation transform written out: shorter side to size / 0.875, centre crop."""
+    load = round(size / 0.875)
+    offset = (load - size) // 2
+    pixels = torch.stack([read_image(f.read_bytes(), load)[:, offset:offset + size, offset:offset + size]
+                          for f in files])
+    with torch.no_grad():
+        return model(to_model_input(pixels, patch_size=7))
+
+
+def test_class_folders_give_the_features_and_labels_of_each_image(tmp_path: Path) -> None:
+    """val lacks a class: its labels are indices into train's classes, not its own."""
+    write_folders(tmp_path, {"cat": (4, 0), "dog": (5, 2), "fish": (3, 3)})
+    model = backbone()
+    data = labelled_features_of(model, str(tmp_path), "auto", Storage(), image_size=28, batch_size=4)
+    assert data.classes == CLASSES and data.pixels is None and data.bad == {"train": 0, "test": 0}
+    train_files = sorted((tmp_path / "train").rglob("*.png"))
+    val_files = sorted((tmp_path / "val").rglob("*.png"))
+    torch.testing.assert_close(data.train_x, expected_features(model, train_files, 28), rtol=0, atol=1e-5)
+    torch.testing.assert_close(data.test_x, expected_features(model, val_files, 28), rtol=0, atol=1e-5)
+    assert data.train_y.tolist() == [0] * 4 + [1] * 5 + [2] * 3
+    assert data.test_y.tolist() == [1, 1, 2, 2, 2]
+
+
+def test_a_limit_keeps_a_random_subset_of_every_class_and_bad_images_are_counted(tmp_path: Path) -> None:
+    write_folders(tmp_path, {"cat": (20, 4), "dog": (20, 4), "fish": (20, 4)})
+    (tmp_path / "train" / "dog" / "broken.png").write_bytes(b"not an image")
+    model = backbone()
+    data = labelled_features_of(model, str(tmp_path), "folder", Storage(), train_limit=61, test_limit=6,
+                                image_size=28)
+    assert data.bad == {"train": 1, "test": 0} and len(data.train_y) == 60 and len(data.test_y) == 6
+    subset = labelled_features_of(model, str(tmp_path), "folder", Storage(), train_limit=9, image_size=28)
+    assert len(subset.train_y) <= 9 and len(set(subset.train_y.tolist())) == 3  # not the first class's 9
+    for index in range(6):
+        (tmp_path / "val" / "fish" / f"broken{index}.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"6 of 18 images \(33\.3%\) could not be decoded"):
+        labelled_features_of(model, str(tmp_path), "folder", Storage(), image_size=28)
+
+
+def test_the_suite_scores_class_folders(tmp_path: Path) -> None:
+    """k-NN and the linear probe on class folders; the report names the classes; k-NN's accuracy
+    is the weighted vote's over the same features, computed here."""
+    write_folders(tmp_path, {"cat": (10, 4), "dog": (10, 4), "fish": (10, 4)})
+    model = backbone()
+    config = SuiteConfig(tasks=("knn", "linear"), data_uri=str(tmp_path), image_size=28, ks=(5,))
+    report = run_suite(model, config)
+    train_x, train_y, test_x, test_y = report["features"]
+    predicted = knn_predict(train_x, train_y, test_x, k=5, temperature=0.07, num_classes=3)
+    assert report["metrics"]["knn_top1_k5"] == pytest.approx((predicted == test_y).float().mean().item())
+    assert report["metrics"]["knn_top1_k5"] > 0.9  # the colours separate even a random backbone's features
+    assert 0 <= report["metrics"]["linear_top1"] <= 1 and "pixels_knn_top1_k5" not in report["metrics"]
+    assert report["tasks"]["classification"]["classes"] == list(CLASSES)
+
+
+def test_data_kinds_and_bad_layouts_are_named(tmp_path: Path) -> None:
+    storage = Storage()
+    assert data_kind(FASHION_MNIST, storage) == "fashion_mnist"
+    write_folders(tmp_path / "folders", {"cat": (2, 1), "dog": (2, 1)})
+    assert data_kind(str(tmp_path / "folders"), storage) == "folder"
+    with pytest.raises(ValueError, match="holds neither Fashion-MNIST .* nor train/<class>/ image folders"):
+        data_kind(str(tmp_path / "nothing"), storage)
+    (tmp_path / "folders" / "val" / "bird").mkdir()
+    Image.new("RGB", (30, 30)).save(tmp_path / "folders" / "val" / "bird" / "0.png")
+    with pytest.raises(ValueError, match=r"classes \['bird'\] are not among train's 2 class folders"):
+        labelled_features_of(backbone(), str(tmp_path / "folders"), "auto", storage, image_size=28)
+    with pytest.raises(ValueError, match="image_size 30 is not a positive multiple of the patch size 7"):
+        labelled_features_of(backbone(), str(tmp_path / "folders"), "auto", storage, image_size=30)
+    with pytest.raises(ValueError, match="unknown data kind 'csv'"):
+        SuiteConfig(data_uri="x", data_kind="csv")  # type: ignore[arg-type]
