@@ -120,6 +120,6 @@ def _fashion_mnist(backbone: nn.Module, uri: str, storage: Storage, train_limit:
         parts[split] = images, torch.from_numpy(data.labels[: len(images)])
     (train, train_y), (test, test_y) = parts["train"], parts["test"]
     patch = int(backbone.patch_size)
-    return LabelledFeatures(labelled_features(backbone, train, patch), train_y, labelled_features(backbone, test, patch),
-                            test_y, FASHION_MNIST_CLASSES, test, (train.flatten(1).float(), test.flatten(1).float()),
-                            {"train": 0, "test": 0})
+    train_x, test_x = labelled_features(backbone, train, patch), labelled_features(backbone, test, patch)
+    return LabelledFeatures(train_x, train_y, test_x, test_y, FASHION_MNIST_CLASSES, test,
+                            (train.flatten(1).float(), test.flatten(1).float()), {"train": 0, "test": 0})
