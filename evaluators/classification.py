@@ -81,34 +81,49 @@ def labelled_features_of(backbone: nn.Module, uri: str, kind: DataKind, storage:
         raise ValueError(f"{test_uri}: classes {unknown or '(none: images outside class folders)'} are not "
                          f"among train's {len(train.classes)} class folders")
     remap = torch.tensor([train.classes.index(name) for name in test.classes])
-    loaders = {}
+    split_batches = {}
     for split, dataset, limit in (("train", train, train_limit), ("test", test, test_limit)):
         rows = np.arange(len(dataset))
         if limit and limit < len(rows):
             rows = np.sort(np.random.default_rng(seed).permutation(len(rows))[:limit])
-        loaders[split] = DataLoader(Subset(dataset, rows.tolist()), batch_size=batch_size, num_workers=num_workers,
-                                    collate_fn=collate_samples)
+        loader = DataLoader(Subset(dataset, rows.tolist()), batch_size=batch_size, num_workers=num_workers,
+                            collate_fn=collate_samples)
+        split_batches[split] = _ModelInput(loader, image_size, patch, remap if split == "test" else None)
     device = next(backbone.parameters()).device
-    bad = {}
+    train_x, train_y = extract_features(backbone, split_batches["train"], device=device)
+    test_x, test_y = extract_features(backbone, split_batches["test"], device=device)
+    assert train_y is not None and test_y is not None
+    return LabelledFeatures(train_x, train_y, test_x, test_y, train.classes, None, None,
+                            {split: batches.bad for split, batches in split_batches.items()})
 
-    def batches(split: str) -> Iterator[tuple[Tensor, Tensor]]:
+
+@dataclass
+class _ModelInput:
+    """A split's batches as centre-cropped model input with labels (``remap``: into train's class
+    indices), its undecodable images counted in ``bad``; sized, so the feature bar shows its end."""
+
+    loader: DataLoader
+    image_size: int
+    patch: int
+    remap: Tensor | None
+    bad: int = 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         tracker = BadImageTracker(MAX_BAD_FRACTION)
-        for batch in loaders[split]:
+        for batch in self.loader:
             tracker.update(batch)
             tracker.check()
             if not batch.keys:
                 continue
-            offset = (batch.images.shape[-1] - image_size) // 2
-            pixels = batch.images[..., offset:offset + image_size, offset:offset + image_size]
-            labels = batch.labels if split == "train" else remap[batch.labels]
-            yield to_model_input(pixels, patch_size=patch), labels
+            offset = (batch.images.shape[-1] - self.image_size) // 2
+            pixels = batch.images[..., offset:offset + self.image_size, offset:offset + self.image_size]
+            labels = batch.labels if self.remap is None else self.remap[batch.labels]
+            yield to_model_input(pixels, patch_size=self.patch), labels
         tracker.check(final=True)
-        bad[split] = tracker.bad
-
-    train_x, train_y = extract_features(backbone, batches("train"), device=device)
-    test_x, test_y = extract_features(backbone, batches("test"), device=device)
-    assert train_y is not None and test_y is not None
-    return LabelledFeatures(train_x, train_y, test_x, test_y, train.classes, None, None, bad)
+        self.bad = tracker.bad
 
 
 def _fashion_mnist(backbone: nn.Module, uri: str, storage: Storage, train_limit: int,
