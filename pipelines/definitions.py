@@ -10,6 +10,10 @@ the compiled YAML holds no local paths; :mod:`pipelines.local` passes local ones
     evaluate_only:  import weights -> evaluate
     retrain:        champion -> pretrain (from the champion's weights) -> evaluate -> register (+ gate)
 
+``full`` evaluates (and gates) on the ingested Fashion-MNIST, or with ``eval_data_uri`` on one's own
+labelled images in class folders (``train/<class>/``, ``val/<class>/``): a model pretrained on a
+curated pool of one's own is judged on one's own labels.
+
 On a cluster every task reads the S3 credentials from the Secret ``s3_secret`` and the S3
 endpoint and MLflow address (``AWS_ENDPOINT_URL``, ``MLFLOW_TRACKING_URI``) from the ConfigMap
 ``settings_config_map`` (infra/k8s/pipelines), as environment variables; the compiled YAML names
@@ -133,6 +137,7 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
 
     def score_and_register(ctx: dict[str, Any], use_cache: bool, backbone: Any, data_uri: Any, eval_params: dict,
                            model_name: str, metric: str, margin: float) -> None:
+        """Evaluate ``backbone`` (on ``eval_params``' eval_data_uri when given, else ``data_uri``) and register it."""
         scored = c.evaluate(**ctx, use_cache=use_cache, backbone=backbone, data_uri=data_uri, **eval_params)
         uncached(c.register(**ctx, backbone=backbone, report=scored.outputs["report"], model_name=model_name,
                             metric=metric, margin=margin))
@@ -143,18 +148,19 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                                                       "evaluate and register it as <model_name>-<student>.")
     def distil_students(run_root: str, tracking_uri: str, experiment: str, parent_run_id: str, use_cache: bool,
                         teacher: Input[Model], students: list, overrides: list, data_kind: str, data_uri: str,
-                        max_minutes: float, seed: int, eval_data_uri: str, train_limit: int, test_limit: int,
-                        knn_k: int, knn_temperature: float, eval_tasks: list, model_name: str, metric: str,
-                        margin: float) -> None:
+                        max_minutes: float, seed: int, data_for_eval: str, eval_data_uri: str, train_limit: int,
+                        test_limit: int, knn_k: int, knn_temperature: float, eval_tasks: list, model_name: str,
+                        metric: str, margin: float) -> None:
         ctx = {"run_root": run_root, "tracking_uri": tracking_uri, "experiment": experiment,
                "parent_run_id": parent_run_id, "pipeline_run_id": RUN_ID}
         with dsl.ParallelFor(students) as student:  # each a distill preset name, e.g. distill-tiny
             distilled = c.distill(**ctx, use_cache=use_cache, teacher=teacher, student=student, overrides=overrides,
                                   data_kind=data_kind, data_uri=data_uri, max_minutes=max_minutes, seed=seed,
                                   device=device, model_name=model_name)
-            score_and_register(ctx, use_cache, distilled.outputs["backbone"], eval_data_uri,
+            score_and_register(ctx, use_cache, distilled.outputs["backbone"], data_for_eval,
                                {"train_limit": train_limit, "test_limit": test_limit, "knn_k": knn_k,
-                                "knn_temperature": knn_temperature, "tasks": eval_tasks},
+                                "knn_temperature": knn_temperature, "tasks": eval_tasks,
+                                "eval_data_uri": eval_data_uri},
                                distilled.outputs["model_name"], metric, margin)
 
     @dsl.pipeline(name="full", description="Ingest, curate (with a pool), pretrain, evaluate, register with a "
@@ -167,9 +173,9 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
              curation_balance_clusters: list = [], curation_embed_weights: str = "",  # noqa: B006
              preset: str = "tiny", overrides: list = [], max_minutes: float = 3.0, seed: int = 0,  # noqa: B006
              train_limit: int = 0, test_limit: int = 0, knn_k: int = 20, knn_temperature: float = 0.07,
-             eval_tasks: list = ["knn", "linear"], model_name: str = "dinoflow-tiny",  # noqa: B006
-             metric: str = "knn_top1_k20", margin: float = 0.0, students: list = [],  # noqa: B006
-             student_overrides: list = [], student_minutes: float = 3.0) -> None:  # noqa: B006
+             eval_tasks: list = ["knn", "linear"], eval_data_uri: str = "",  # noqa: B006
+             model_name: str = "dinoflow-tiny", metric: str = "knn_top1_k20", margin: float = 0.0,
+             students: list = [], student_overrides: list = [], student_minutes: float = 3.0) -> None:  # noqa: B006
         with dsl.ExitHandler(closer(run_root, tracking_uri, experiment)):
             parent = open_parent(run_root, tracking_uri, experiment, "full")
             ctx = context(run_root, tracking_uri, experiment, parent)
@@ -185,14 +191,15 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                                  data_kind=curated.outputs["data_kind"], data_uri=curated.outputs["data_uri"],
                                  max_minutes=max_minutes, seed=seed, device=device)
             eval_params = {"train_limit": train_limit, "test_limit": test_limit, "knn_k": knn_k,
-                           "knn_temperature": knn_temperature, "tasks": eval_tasks}
+                           "knn_temperature": knn_temperature, "tasks": eval_tasks, "eval_data_uri": eval_data_uri}
             score_and_register(ctx, use_cache, trained.outputs["backbone"], data.output, eval_params,
                                model_name, metric, margin)
             distil_students(run_root=run_root, tracking_uri=tracking_uri, experiment=experiment,
                             parent_run_id=parent.output, use_cache=use_cache, teacher=trained.outputs["backbone"],
                             students=students, overrides=student_overrides, data_kind=curated.outputs["data_kind"],
                             data_uri=curated.outputs["data_uri"], max_minutes=student_minutes, seed=seed,
-                            eval_data_uri=data.output, train_limit=train_limit, test_limit=test_limit, knn_k=knn_k,
+                            data_for_eval=data.output, eval_data_uri=eval_data_uri, train_limit=train_limit,
+                            test_limit=test_limit, knn_k=knn_k,
                             knn_temperature=knn_temperature, eval_tasks=eval_tasks, model_name=model_name,
                             metric=metric, margin=margin)
 
