@@ -45,6 +45,9 @@ SCHEMAS: dict[str, type[BaseModel]] = {"demo": DemoConfig, "pretrain": PretrainC
 Overrides = Annotated[
     list[str] | None, typer.Argument(help="dotted overrides, e.g. out=runs/x data.knn_k=10")
 ]
+WeightsOption = Annotated[str, typer.Option(help="backbone weights (path or URI: a .safetensors, a run folder, "
+                                                 "Meta's .pth, a Hugging Face folder) or a registered model "
+                                                 "(models:/<name>@<alias>, models:/<name>/<version>)")]
 SourceOption = Annotated[str, typer.Option(help="layout of --weights: auto (from the path: *.safetensors; a folder "
                                                 "with config.json: hf; a run folder: its backbone.safetensors; "
                                                 "else Meta's .pth), official, training, safetensors or hf")]
@@ -63,9 +66,13 @@ def _bad_input() -> Iterator[None]:
 
 def _backbone(weights: str, source: str, storage: Storage,
               arch_kwargs: dict[str, Any] | None = None) -> DinoVisionTransformer:
-    """The backbone at ``weights``; with source ``auto`` the layout found from the path is said."""
+    """The backbone of a registered MLflow model (``models:/...``, ``runs:/...``, registry URI from
+    the environment), or at ``weights`` in the layout ``source`` (auto: found from the path, said)."""
+    from serve.model import is_mlflow_model, load_served_model
     from trainer.models.hub import load_backbone, locate_weights
 
+    if is_mlflow_model(weights):
+        return load_served_model(weights, storage=storage).backbone  # type: ignore[return-value]
     if source == "auto":
         weights, source = locate_weights(weights, storage)
         typer.echo(f"weights: {weights} ({source}, from the path; --source to choose)", err=True)
@@ -223,7 +230,7 @@ def distill(
 @app.command("eval")
 def evaluate(
     benchmark: Annotated[str, typer.Argument(help="knn, linear, or suite (the tasks in --tasks)")],
-    weights: Annotated[str, typer.Option(help="backbone weights: local path or URI")],
+    weights: WeightsOption,
     source: SourceOption = "auto",
     tasks: Annotated[str, typer.Option(help="for suite: comma-separated knn, linear, seg, depth, retrieval")] = (
         "knn,linear,seg,depth,retrieval"),
@@ -267,7 +274,7 @@ def evaluate(
 @app.command()
 def attention(
     images: Annotated[list[str], typer.Argument(help="images (JPEG, PNG, WebP, GIF, BMP): local paths or URIs")],
-    weights: Annotated[str, typer.Option(help="backbone weights: local path or URI")],
+    weights: WeightsOption,
     out: Annotated[str, typer.Option(help="the PNG to write (path or URI): images, CLS attention, high-norm tokens")],
     source: SourceOption = "auto",
     size: Annotated[int, typer.Option(help="side images are resized and centre-cropped to (a multiple of the "
@@ -326,7 +333,7 @@ def attention(
 
 @app.command()
 def export(
-    weights: Annotated[str, typer.Option(help="weight file or folder: local path or URI")],
+    weights: WeightsOption,
     export_format: Annotated[str, typer.Option("--format", help="hf, onnx or safetensors")],
     out: Annotated[str, typer.Option(help="output folder: local path or URI")],
     source: SourceOption = "auto",
@@ -370,7 +377,7 @@ def export(
 def curate(
     pool: Annotated[str, typer.Option(help="pool of images: folder or folder of *.tar shards (path or URI)")],
     out: Annotated[str, typer.Option(help="output folder: path or URI")],
-    weights: Annotated[str | None, typer.Option(help="backbone weights (path or URI); none: downsampled "
+    weights: Annotated[str | None, typer.Option(help="backbone weights, as for eval; none: downsampled "
                                                      "pixels, fit for near-copy dedup only")] = None,
     source: SourceOption = "auto",
     eval_sets: Annotated[list[str] | None, typer.Option("--eval", help="evaluation set to decontaminate "

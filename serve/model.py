@@ -163,6 +163,11 @@ def resolve_alias(name: str, alias: str) -> str:
     return str(MlflowClient().get_model_version_by_alias(name, alias).version)
 
 
+def is_mlflow_model(uri: str) -> bool:
+    """Whether ``uri`` names an MLflow model: ``models:/...``, ``runs:/...`` or a folder with ``MLmodel``."""
+    return uri.startswith(("models:/", "runs:/")) or (Path(uri) / "MLmodel").is_file()
+
+
 def load_served_model(uri: str, image_size: int | None = None, device: str = "cpu",
                       storage: Storage | None = None) -> ServedModel:
     """Load ``models:/<name>@<alias>``, ``models:/<name>/<version>``, ``runs:/...``, an MLflow model
@@ -182,16 +187,20 @@ def load_served_model(uri: str, image_size: int | None = None, device: str = "cp
 
     config: dict[str, Any] = {}
     version = None
-    if uri.startswith(("models:/", "runs:/")) or (Path(uri) / "MLmodel").is_file():
+    if is_mlflow_model(uri):
         import mlflow.pyfunc
+        from mlflow.exceptions import MlflowException
 
         registered = parse_registry_uri(uri)
         load_uri = uri
-        if registered is not None:
-            name, alias, version = registered
-            version = version or resolve_alias(name, alias or "")
-            load_uri = f"models:/{name}/{version}"
-        package = mlflow.pyfunc.load_model(load_uri)
+        try:
+            if registered is not None:
+                name, alias, version = registered
+                version = version or resolve_alias(name, alias or "")
+                load_uri = f"models:/{name}/{version}"
+            package = mlflow.pyfunc.load_model(load_uri)
+        except MlflowException as err:  # no such model, version or alias: the registry's words, in one line
+            raise ValueError(f"{uri}: {' '.join(err.message.split())}") from None
         wrapped = package.unwrap_python_model()
         if not hasattr(wrapped, "backbone"):
             raise ValueError(f"{uri}: not a dinoflow backbone package (found {type(wrapped).__name__})")

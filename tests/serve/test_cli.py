@@ -80,3 +80,25 @@ def test_index_build_and_serve_the_champion(champion: str, image_folder: list[Pa
     finally:
         process.terminate()
         process.wait(timeout=15)
+
+
+def test_commands_take_a_registered_model(champion: str, tiny_weights: Path, tmp_path: Path) -> None:
+    """eval and export pick a model from the registry as serve does (they took weight files only)."""
+    from tests.evaluators.test_classification import CLASSES, write_folders
+    from trainer.models.hub import load_backbone
+
+    exported = CliRunner().invoke(app, ["export", "--weights", champion, "--format", "safetensors",
+                                        "--out", str(tmp_path / "export")])
+    assert exported.exit_code == 0, exported.output
+    ours, theirs = (load_backbone(str(path), "safetensors").state_dict()
+                    for path in (tmp_path / "export" / "backbone.safetensors", tiny_weights))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    write_folders(tmp_path / "data", {"cat": (6, 2), "dog": (6, 2), "fish": (6, 2)})
+    scored = CliRunner().invoke(app, ["eval", "knn", "--weights", champion, "--data-uri", str(tmp_path / "data"),
+                                      "--image-size", "14", "--k", "3"])
+    assert scored.exit_code == 0, scored.output
+    assert json.loads(scored.stdout)["tasks"]["classification"]["classes"] == list(CLASSES)
+    missing = CliRunner().invoke(app, ["eval", "knn", "--weights", "models:/nope@champion"])
+    assert missing.exit_code == 2, missing.output
+    assert missing.stderr.strip().splitlines()[-1] == ("error: models:/nope@champion: Registered Model with "
+                                                       "name=nope not found")
