@@ -205,8 +205,12 @@ class EvalConfig(Section):
     at_minutes: list[float] = Field(default_factory=list, description="also after these minutes of training")
     knn_k: int = Field(20, ge=1)
     knn_temperature: float = Field(0.07, gt=0)
-    train_limit: int = Field(0, ge=0, description="labelled train images used (0: all)")
+    train_limit: int = Field(0, ge=0, description="labelled train images used (0: all; class folders: a "
+                             "seeded random subset)")
     test_limit: int = Field(0, ge=0)
+    data_uri: str = Field("", description="labelled images to score on: Fashion-MNIST's folder, or class folders "
+                          "train/<class>/ and val/<class>/; empty: the training data when it is Fashion-MNIST")
+    image_size: int = Field(0, ge=0, description="class folders: the centre crop's side (0: crops.global_crop_size)")
 
 
 class DistributedConfig(Section):
@@ -250,11 +254,16 @@ class PretrainConfig(Section):
 
     @model_validator(mode="after")
     def _crops_fit_patches(self) -> PretrainConfig:
-        """Every crop side must be a multiple of the patch size (the patch grid must tile it)."""
+        """Every crop side (and the evaluation's) must be a multiple of the patch size (the patch grid
+        must tile it)."""
         for name in ("global_crop_size", "local_crop_size", "highres_global_crop_size", "highres_local_crop_size"):
             size = getattr(self.crops, name)
             if size % self.model.patch_size:
-                raise ValueError(f"crops.{name} = {size} is not a multiple of model.patch_size = {self.model.patch_size}")
+                raise ValueError(f"crops.{name} = {size} is not a multiple of model.patch_size = "
+                                 f"{self.model.patch_size}")
+        if self.eval.image_size % self.model.patch_size:
+            raise ValueError(f"eval.image_size = {self.eval.image_size} is not a multiple of model.patch_size = "
+                             f"{self.model.patch_size}")
         return self
 
     @model_validator(mode="after")

@@ -503,13 +503,12 @@ def _check_same_teacher(storage: Storage, cfg: DistillConfig, teacher_hash: str,
 
 
 def run_distill(cfg: DistillConfig, storage: Storage, tracker: Tracker, evaluate: bool = True) -> dict[str, Any]:
-    """Distil per ``cfg`` (resuming from ``cfg.out``), scoring the student EMA on Fashion-MNIST
-    (k-NN periodically, k-NN + linear probe at the end) when that is the data."""
+    """Distil per ``cfg`` (resuming from ``cfg.out``), scoring the student EMA on labelled images
+    (k-NN periodically, k-NN + linear probe at the end; :func:`trainer.run.labelled_evaluator`)."""
     from trainer.data.datasets import collate_samples
-    from trainer.run import build_dataset, fashion_mnist_evaluator
+    from trainer.run import build_dataset, labelled_evaluator
 
     dataset = build_dataset(cfg.data, cfg.crops.load_size, storage)
-    scored = evaluate and cfg.data.kind == "fashion_mnist"
-    periodic = fashion_mnist_evaluator(cfg, storage) if scored else None
-    final = fashion_mnist_evaluator(cfg, storage, linear=True) if scored else None
+    periodic = labelled_evaluator(cfg, storage) if evaluate else None
+    final = labelled_evaluator(cfg, storage, linear=True) if evaluate else None
     return distill(cfg, dataset, collate_samples, storage, tracker, evaluate=periodic, final_evaluate=final)
