@@ -246,12 +246,22 @@ def evaluate(
     device: Annotated[str, typer.Option(help="where the backbone runs: cpu or cuda")] = "cpu",
     k: Annotated[int, typer.Option(help="neighbours for k-NN (k=20 is always reported too)")] = 20,
     out: Annotated[str | None, typer.Option(help="write the JSON report here (path or URI)")] = None,
+    pictures: Annotated[str | None, typer.Option(help="folder (path or URI) for the pictures: attention maps; "
+                                                      "with seg or depth, PCA features and predictions")] = None,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment of the run, recorded when "
+                                                 "MLFLOW_TRACKING_URI is set")] = "dinoflow",
 ) -> None:
     """Benchmark frozen features of a backbone: k-NN, linear probe, or the whole suite.
 
     Classification on Fashion-MNIST or on your class folders (ImageNet's
-    layout); segmentation, depth and retrieval on synthetic scenes."""
+    layout); segmentation, depth and retrieval on synthetic scenes. With
+    MLFLOW_TRACKING_URI set, the run is recorded there: its settings, metrics,
+    report and pictures."""
+    import tempfile
+    from pathlib import Path
+
     from components.stage import storage_from_env
+    from dinoflow.tracking import MlflowTracker, NullTracker, standard_tags
     from evaluators.suite import SuiteConfig, run_suite
     from trainer.engine import training_device
 
@@ -263,11 +273,28 @@ def evaluate(
         config = SuiteConfig(tasks=chosen, data_uri=data_uri, train_limit=train_limit, test_limit=test_limit,
                              ks=tuple(sorted({k, 20})), image_size=image_size, num_workers=num_workers)
         backbone = _backbone(weights, source, storage).to(training_device(device))
-        report = run_suite(backbone, config, storage)
-    report.pop("features")
-    text = json.dumps(report, indent=2)
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    with tempfile.TemporaryDirectory() as scratch, (MlflowTracker.start(
+        tracking_uri, experiment, run_name=f"eval-{benchmark}", tags=standard_tags("evaluate"),
+    ) if tracking_uri else contextlib.nullcontext(NullTracker())) as tracker, _bad_input():
+        tracker.log_params({"weights": weights, "benchmark": benchmark, "tasks": ",".join(chosen),
+                            "data_uri": data_uri, "train_limit": train_limit, "test_limit": test_limit,
+                            "image_size": image_size})
+        drawn = Path(scratch) / "pictures"
+        drawn.mkdir()
+        report = run_suite(backbone, config, storage, pictures=drawn)
+        report.pop("features")
+        text = json.dumps(report, indent=2)
+        (Path(scratch) / "report.json").write_text(text)
+        tracker.log_metrics(report["metrics"], step=0, force=True)
+        for path in [Path(scratch) / "report.json", *sorted(drawn.iterdir())]:
+            tracker.log_artifact(path)
+        if pictures:
+            storage.upload_dir(drawn, pictures)
     if out:
         storage.write_bytes(out, text.encode())
+    if tracking_uri:
+        typer.echo(f"MLflow run {tracker.run_id} in {tracking_uri}", err=True)
     typer.echo(text)
 
 

@@ -12,14 +12,13 @@ import torch
 from typer.testing import CliRunner
 
 from dinoflow.storage import Storage
-from evaluators.features import to_model_input
+from evaluators.features import labelled_features, to_model_input
 from evaluators.report import knn_accuracies
 from trainer.data.fashion_mnist import load_split
 from pipelines.cli import app
 from trainer.models.hf import load_hf_dir
 from trainer.models.hub import load_backbone, save_backbone
 from trainer.models.vit import build_vit
-from trainer.run import labelled_features
 
 
 @pytest.fixture
@@ -251,3 +250,25 @@ def test_eval_scores_class_folders(weights: Path, tmp_path: Path) -> None:
     bad = CliRunner().invoke(app, ["eval", "knn", "--weights", str(weights), "--device", "tpu"])
     assert bad.exit_code == 2 and bad.stderr.strip().splitlines()[-1] == (
         "error: unknown device 'tpu'; allowed: cpu, cuda, cuda:<index>")
+
+
+def test_eval_records_its_run_in_mlflow(weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With MLFLOW_TRACKING_URI set, a benchmark from the command line is an MLflow run like a
+    pipeline's evaluate stage: its settings, metrics, report and pictures (it was printed only)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    result = CliRunner().invoke(app, ["eval", "knn", "--weights", str(weights), "--train-limit", "200",
+                                      "--test-limit", "50", "--pictures", str(tmp_path / "pictures"),
+                                      "--experiment", "benchmarks"])
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)
+    client = MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("benchmarks").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["weights"] == str(weights)
+    assert run.data.metrics["knn_top1_k20"] == pytest.approx(printed["metrics"]["knn_top1_k20"])
+    assert run.data.tags["dinoflow.stage"] == "evaluate"
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"report.json", "attention_maps.png"}
+    assert (tmp_path / "pictures" / "attention_maps.png").read_bytes()[:4] == b"\x89PNG"
+    assert f"MLflow run {run.info.run_id} in {uri}" in result.stderr
