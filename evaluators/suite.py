@@ -5,8 +5,10 @@ Tasks:
 * ``knn``, ``linear``: classification (k-NN at ``ks`` with temperature ``T``; the one-pass linear
   probe) on Fashion-MNIST, next to the raw-pixel k-NN baseline (``pixels_knn_top1_k*``), or on
   folders of class folders, e.g. ImageNet (:mod:`evaluators.classification`);
-* ``seg``: the linear segmentation head on synthetic scenes (mIoU, pixel accuracy);
-* ``depth``: the linear depth head on the same scenes (RMSE, AbsRel, delta1);
+* ``seg``: the linear segmentation head on synthetic scenes, or on ADE20K or Pascal VOC
+  (``seg_data``) (mIoU, pixel accuracy);
+* ``depth``: the linear depth head on the same scenes, or on NYU-Depth v2 (``depth_data``) (RMSE,
+  AbsRel, delta1);
 * ``retrieval``: CLS descriptors on synthetic retrieval sets (mAP easy/medium/hard);
 
 and with any of the first four, on the test images (scenes, else Fashion-MNIST), the share of
@@ -14,7 +16,10 @@ high-norm patch tokens and the CLS token's attention on the patches (:mod:`evalu
 
 The synthetic scenes (:mod:`evaluators.synthetic`) make the dense and retrieval tasks run
 anywhere with exact ground truth; the adapters of :mod:`evaluators.dense_datasets` feed the same
-heads with the real data sets. The report is ``{"metrics": {flat name: value}, "tasks": {...}, "config": {...}}`` (plus the
+heads with the real data sets (``seg_data="ade20k:<root>"`` or ``"voc:<root>"``,
+``depth_data="nyu:<root>"``; images at ``image_size``, ``train_limit`` / ``test_limit`` of each).
+
+The report is ``{"metrics": {flat name: value}, "tasks": {...}, "config": {...}}`` (plus the
 classification ``features`` ``[train_x, train_y, test_x, test_y]`` for plots, not for JSON);
 ``metrics`` is what MLflow logs and the promotion gate reads.
 """
@@ -22,7 +27,7 @@ classification ``features`` ``[train_x, train_y, test_x, test_y]`` for plots, no
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +48,7 @@ from evaluators.dense import (
     train_depth_head,
     train_segmentation_head,
 )
+from evaluators.dense_datasets import load_ade20k, load_nyu, load_voc
 from evaluators.dense_metrics import retrieval_map
 from evaluators.features import to_model_input
 from evaluators.linear import LinearProbeConfig
@@ -73,6 +79,8 @@ class SuiteConfig:
     scene_size: int = 56
     layers: int = 1  # 4: the "+ms" protocol's last four blocks
     multiscale: bool = False  # segmentation tested over scales 0.75/1/1.25 and flips ("+ms")
+    seg_data: str = ""  # "": the scenes; ade20k:<root> or voc:<root>
+    depth_data: str = ""  # "": the scenes; nyu:<root>
     seg_head: HeadConfig = field(default_factory=HeadConfig)
     depth_head: HeadConfig = field(default_factory=lambda: HeadConfig(steps=1000))  # ~10x a seg step's cost
     retrieval_scenes: int = 40
@@ -86,6 +94,12 @@ class SuiteConfig:
             raise ValueError("knn and linear need data_uri (Fashion-MNIST's folder, or one of class folders)")
         if self.data_kind not in DATA_KINDS:
             raise ValueError(f"unknown data kind {self.data_kind!r}; allowed: {', '.join(DATA_KINDS)}")
+        for name, given, allowed in (("seg_data", self.seg_data, ("ade20k", "voc")),
+                                     ("depth_data", self.depth_data, ("nyu",))):
+            kind, sep, root = given.partition(":")
+            if given and (kind not in allowed or not sep or not root):
+                raise ValueError(f"{name} = {given!r}; give <data set>:<root> with the data set one of "
+                                 f"{', '.join(allowed)}, e.g. {allowed[0]}:/data/{allowed[0]}")
 
 
 def _classification(backbone: nn.Module, config: SuiteConfig, storage: Storage) -> dict[str, Any]:
@@ -105,14 +119,63 @@ def _classification(backbone: nn.Module, config: SuiteConfig, storage: Storage) 
     return {"metrics": metrics, "report": report, "features": splits, "test_images": data.test_images}
 
 
-def _scene_inputs(backbone: nn.Module, config: SuiteConfig) -> dict[str, Any]:
-    scene = SceneConfig(size=config.scene_size)
-    train = make_scenes(config.train_scenes, config.seed, scene)
-    test = make_scenes(config.test_scenes, config.seed + 1, scene)
-    inputs = {name: to_model_input(s.images, patch_size=backbone.patch_size) for name, s in (("train", train), ("test", test))}
-    return {"scene": scene, "train": train, "test": test, "test_inputs": inputs["test"],
-            "train_x": dense_features(backbone, inputs["train"], config.layers),
-            "test_x": dense_features(backbone, inputs["test"], config.layers)}
+# a real dense data set: its loader, (train split, test split), and its classes (seg) or
+# largest depth in metres (depth), the heads' label range
+DENSE_SETS = {"ade20k": (load_ade20k, ("training", "validation"), 150), "voc": (load_voc, ("train", "val"), 21),
+              "nyu": (load_nyu, ("train", "test"), 10.0)}
+
+
+@dataclass(frozen=True)
+class _DenseSet:
+    """One dense task's uint8 images ``(N, 3, S, S)`` and per-pixel labels (masks or depths), both
+    splits, with the patch features ``(patches, cls)`` of each split."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    train_x: tuple[torch.Tensor, torch.Tensor]
+    test_x: tuple[torch.Tensor, torch.Tensor]
+    test_inputs: torch.Tensor
+    label_range: float  # classes (seg) or the largest depth (depth)
+    foreground: np.ndarray | None  # the scenes' shapes (class > 0) in the test images; None for real data
+
+
+def _dense_sets(backbone: nn.Module, config: SuiteConfig, storage: Storage) -> dict[str, _DenseSet]:
+    """The data of each dense task asked for: a real data set when named, else the scenes (shared
+    by seg and depth, their features computed once)."""
+    made: dict[str, _DenseSet] = {}
+    scenes: _DenseSet | None = None
+    for task, given in (("seg", config.seg_data), ("depth", config.depth_data)):
+        if task not in config.tasks:
+            continue
+        if given:
+            name, _, root = given.partition(":")
+            load, (train_split, test_split), label_range = DENSE_SETS[name]
+            train = load(storage, root, train_split, config.image_size, config.train_limit)
+            test = load(storage, root, test_split, config.image_size, config.test_limit)
+            made[task] = _features_of(backbone, config, train.images, train.labels, test.images, test.labels,
+                                      float(label_range), None)
+            continue
+        if scenes is None:
+            scene = SceneConfig(size=config.scene_size)
+            train_scenes = make_scenes(config.train_scenes, config.seed, scene)
+            test_scenes = make_scenes(config.test_scenes, config.seed + 1, scene)
+            scenes = _features_of(backbone, config, train_scenes.images, train_scenes.masks, test_scenes.images,
+                                  test_scenes.masks, float(len(CLASS_NAMES)), test_scenes.masks != 0)
+            depths = (train_scenes.depths, test_scenes.depths, float(scene.far))
+        made[task] = scenes if task == "seg" else replace(scenes, train_labels=depths[0], test_labels=depths[1],
+                                                              label_range=depths[2])
+    return made
+
+
+def _features_of(backbone: nn.Module, config: SuiteConfig, train_images: np.ndarray, train_labels: np.ndarray,
+                 test_images: np.ndarray, test_labels: np.ndarray, label_range: float,
+                 foreground: np.ndarray | None) -> _DenseSet:
+    inputs = [to_model_input(images, patch_size=backbone.patch_size) for images in (train_images, test_images)]
+    return _DenseSet(train_images, train_labels, test_images, test_labels, dense_features(backbone, inputs[0],
+                     config.layers), dense_features(backbone, inputs[1], config.layers), inputs[1], label_range,
+                     foreground)
 
 
 def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None = None,
@@ -137,37 +200,43 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
         if result["test_images"] is not None:  # Fashion-MNIST's: a garment's silhouette is its foreground
             garments = torch.as_tensor(result["test_images"][:ATTENTION_IMAGES])
             looked_at = garments, garment_foreground(garments)
-    if {"seg", "depth"} & set(config.tasks):
-        scenes = _scene_inputs(backbone, config)
-        (train_patches, train_cls), (test_patches, test_cls) = scenes["train_x"], scenes["test_x"]
-        test = scenes["test"]
-        looked_at = test.images[:ATTENTION_IMAGES], test.masks[:ATTENTION_IMAGES] != 0  # the shapes, not the plane
-        size = tuple(test.masks.shape[-2:])
-        predicted_masks, predicted_depths = np.zeros_like(test.masks), np.zeros_like(test.depths)
-        if "seg" in config.tasks:
-            masks = torch.from_numpy(scenes["train"].masks).long()
-            head = train_segmentation_head(train_patches, masks, len(CLASS_NAMES), config.seg_head)
-            with torch.no_grad():
-                probabilities = (multiscale_probabilities(backbone, head, scenes["test_inputs"], config.layers)
-                                 if config.multiscale else head(test_patches, size).softmax(dim=1))
-            seg = evaluate_segmentation(head, probabilities, torch.from_numpy(test.masks).long(), len(CLASS_NAMES),
-                                        already_probabilities=True)
-            predicted_masks = probabilities.argmax(dim=1).numpy().astype(np.uint8)
-            tasks["seg"] = seg
-            metrics.update({"seg_miou": seg["miou"], "seg_pixel_accuracy": seg["pixel_accuracy"]})
-        if "depth" in config.tasks:
-            depths = torch.from_numpy(scenes["train"].depths)
-            head = train_depth_head(train_patches, train_cls, depths, config.depth_head, max_depth=scenes["scene"].far)
-            depth = evaluate_depth(head, test_patches, test_cls, torch.from_numpy(test.depths))
-            with torch.no_grad():
-                predicted_depths = head(test_patches, test_cls, size).numpy()
-            tasks["depth"] = depth
-            metrics.update({f"depth_{k}": v for k, v in depth.items()})
-        if pictures is not None:
-            shown = slice(0, 6)
-            save_pca_maps(test.images[shown], test_patches[shown].numpy(), Path(pictures) / "pca_features.png")
-            save_dense_predictions(test.images[shown], test.masks[shown], predicted_masks[shown], test.depths[shown],
-                                   predicted_depths[shown], Path(pictures) / "dense_predictions.png", len(CLASS_NAMES))
+    dense = _dense_sets(backbone, config, storage or Storage()) if {"seg", "depth"} & set(config.tasks) else {}
+    predicted: dict[str, np.ndarray] = {}
+    if "seg" in dense:
+        data = dense["seg"]
+        (train_patches, _), (test_patches, _) = data.train_x, data.test_x
+        classes, size = int(data.label_range), tuple(data.test_labels.shape[-2:])
+        head = train_segmentation_head(train_patches, torch.from_numpy(data.train_labels).long(), classes,
+                                       config.seg_head)
+        with torch.no_grad():
+            probabilities = (multiscale_probabilities(backbone, head, data.test_inputs, config.layers)
+                             if config.multiscale else head(test_patches, size).softmax(dim=1))
+        seg = evaluate_segmentation(head, probabilities, torch.from_numpy(data.test_labels).long(), classes,
+                                    already_probabilities=True)
+        predicted["seg"] = probabilities.argmax(dim=1).numpy().astype(np.uint8)
+        tasks["seg"] = seg
+        metrics.update({"seg_miou": seg["miou"], "seg_pixel_accuracy": seg["pixel_accuracy"]})
+    if "depth" in dense:
+        data = dense["depth"]
+        (train_patches, train_cls), (test_patches, test_cls) = data.train_x, data.test_x
+        head = train_depth_head(train_patches, train_cls, torch.from_numpy(data.train_labels), config.depth_head,
+                                max_depth=data.label_range)
+        depth = evaluate_depth(head, test_patches, test_cls, torch.from_numpy(data.test_labels))
+        with torch.no_grad():
+            predicted["depth"] = head(test_patches, test_cls, tuple(data.test_labels.shape[-2:])).numpy()
+        tasks["depth"] = depth
+        metrics.update({f"depth_{k}": v for k, v in depth.items()})
+    scenes = [data for data in dense.values() if data.foreground is not None]
+    if scenes:  # the scenes' shapes, not their plane, are the attention's foreground
+        looked_at = scenes[0].test_images[:ATTENTION_IMAGES], scenes[0].foreground[:ATTENTION_IMAGES]
+    if pictures is not None and dense:
+        shown = slice(0, 6)
+        first = next(iter(dense.values()))
+        save_pca_maps(first.test_images[shown], first.test_x[0][shown].numpy(), Path(pictures) / "pca_features.png")
+        if len(dense) == 2 and dense["seg"].test_images is dense["depth"].test_images:  # the same scenes
+            save_dense_predictions(first.test_images[shown], dense["seg"].test_labels[shown], predicted["seg"][shown],
+                                   dense["depth"].test_labels[shown], predicted["depth"][shown],
+                                   Path(pictures) / "dense_predictions.png", len(CLASS_NAMES))
     if looked_at is not None and hasattr(backbone, "self_attention"):
         tasks["attention"] = attention_figures(backbone, *looked_at, pictures)
         metrics.update(tasks["attention"])

@@ -241,8 +241,13 @@ def evaluate(
                                                   "random subset)")] = 0,
     test_limit: Annotated[int, typer.Option(help="test images used (0: all)")] = 0,
     image_size: Annotated[int, typer.Option(help="class folders: the centre crop's side, after the shorter side "
-                                                 "is resized to it / 0.875 (256 for 224)")] = 224,
+                                                 "is resized to it / 0.875 (256 for 224); real dense data sets: "
+                                                 "the side their images are resized to")] = 224,
     num_workers: Annotated[int, typer.Option(min=0, help="class folders: decoding processes")] = 0,
+    seg_data: Annotated[str, typer.Option(help="seg on a real data set, ade20k:<root> or voc:<root> (its own "
+                                               "layout; images at --image-size; default: synthetic scenes)")] = "",
+    depth_data: Annotated[str, typer.Option(help="depth on NYU-Depth v2, nyu:<root> (train/*.npz, test/*.npz; "
+                                                 "default: synthetic scenes)")] = "",
     device: Annotated[str, typer.Option(help="where the backbone runs: cpu or cuda")] = "cpu",
     k: Annotated[int, typer.Option(help="neighbours for k-NN (k=20 is always reported too)")] = 20,
     out: Annotated[str | None, typer.Option(help="write the JSON report here (path or URI)")] = None,
@@ -254,7 +259,8 @@ def evaluate(
     """Benchmark frozen features of a backbone: k-NN, linear probe, or the whole suite.
 
     Classification on Fashion-MNIST or on your class folders (ImageNet's
-    layout); segmentation, depth and retrieval on synthetic scenes. With
+    layout); segmentation and depth on synthetic scenes or on ADE20K, VOC
+    and NYU-Depth v2; retrieval on synthetic sets. With
     MLFLOW_TRACKING_URI set, the run is recorded there: its settings, metrics,
     report and pictures."""
     import tempfile
@@ -271,7 +277,8 @@ def evaluate(
             raise ValueError(f"unknown benchmark {benchmark!r}; allowed: knn, linear, suite")
         chosen = tuple(t.strip() for t in tasks.split(",") if t.strip()) if benchmark == "suite" else (benchmark,)
         config = SuiteConfig(tasks=chosen, data_uri=data_uri, train_limit=train_limit, test_limit=test_limit,
-                             ks=tuple(sorted({k, 20})), image_size=image_size, num_workers=num_workers)
+                             ks=tuple(sorted({k, 20})), image_size=image_size, num_workers=num_workers,
+                             seg_data=seg_data, depth_data=depth_data)
         backbone = _backbone(weights, source, storage).to(training_device(device))
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
     with tempfile.TemporaryDirectory() as scratch, (MlflowTracker.start(
@@ -279,7 +286,7 @@ def evaluate(
     ) if tracking_uri else contextlib.nullcontext(NullTracker())) as tracker, _bad_input():
         tracker.log_params({"weights": weights, "benchmark": benchmark, "tasks": ",".join(chosen),
                             "data_uri": data_uri, "train_limit": train_limit, "test_limit": test_limit,
-                            "image_size": image_size})
+                            "image_size": image_size, "seg_data": seg_data, "depth_data": depth_data})
         drawn = Path(scratch) / "pictures"
         drawn.mkdir()
         report = run_suite(backbone, config, storage, pictures=drawn)

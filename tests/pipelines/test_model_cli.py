@@ -272,3 +272,20 @@ def test_eval_records_its_run_in_mlflow(weights: Path, tmp_path: Path, monkeypat
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"report.json", "attention_maps.png"}
     assert (tmp_path / "pictures" / "attention_maps.png").read_bytes()[:4] == b"\x89PNG"
     assert f"MLflow run {run.info.run_id} in {uri}" in result.stderr
+
+
+def test_eval_suite_runs_segmentation_and_depth_on_real_layouts(weights: Path, tmp_path: Path) -> None:
+    from tests.evaluators.test_dense_datasets import write_halves
+
+    voc, nyu = write_halves(tmp_path)
+    result = CliRunner().invoke(app, ["eval", "suite", "--weights", str(weights), "--tasks", "seg,depth",
+                                      "--seg-data", f"voc:{voc}", "--depth-data", f"nyu:{nyu}", "--image-size", "28",
+                                      "--test-limit", "3"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert {"seg_miou", "depth_rmse"} <= set(report["metrics"])
+    assert report["config"]["seg_data"] == f"voc:{voc}"
+    assert sum(key.startswith("iou_") for key in report["tasks"]["seg"]) == 21  # VOC's classes
+    bad = CliRunner().invoke(app, ["eval", "suite", "--weights", str(weights), "--tasks", "seg",
+                                   "--seg-data", str(voc)])
+    assert bad.exit_code == 2 and "give <data set>:<root>" in bad.stderr
