@@ -12,6 +12,11 @@ than ``MAX_BAD_FRACTION`` of a split stops the benchmark naming some.
 
 With a limit, a split keeps a seeded random subset (a folder lists its images class by class,
 so its first N would hold the first classes only); Fashion-MNIST keeps its first N, as before.
+
+Scoring (:func:`classification_report`) follows the original: k-NN on the final CLS token; the
+linear probe on each of its four views of the frozen backbone (the last block's CLS token or the
+last 4 blocks' concatenated, each with or without the mean of the last block's patch tokens),
+the view whose probe wins on the held-out split reported.
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
 from dinoflow.storage import Storage, join_uri
-from evaluators.features import extract_features, labelled_features, to_model_input
+from evaluators.features import extract_features, to_model_input
+from evaluators.linear import LinearProbeConfig, best_by_val, linear_probe
+from evaluators.report import knn_accuracies
 from trainer.data.datasets import BadImageTracker, ImageFolderDataset, collate_samples
 from trainer.data.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
 from trainer.data.fashion_mnist import FILES, load_split
@@ -35,17 +42,19 @@ DataKind = Literal["auto", "fashion_mnist", "folder"]
 DATA_KINDS = ("auto", "fashion_mnist", "folder")
 CROP_RATIO = 0.875  # the original's evaluation: resize to 256, centre crop 224
 MAX_BAD_FRACTION = 0.05
+PROBE_VIEWS = ("last1", "last1+avgpool", "last4", "last4+avgpool")  # the original's linear inputs
 
 
 @dataclass(frozen=True)
 class LabelledFeatures:
     """Frozen features of both splits and what the report shows beside them."""
 
-    train_x: Tensor  # (N, F)
+    train_x: Tensor  # (N, D): the final CLS token
     train_y: Tensor  # (N,) int64
-    test_x: Tensor  # (M, F)
+    test_x: Tensor  # (M, D)
     test_y: Tensor  # (M,)
     classes: tuple[str, ...]
+    views: tuple[Tensor, Tensor] | None  # with views: (N, (b + 1) D) and (M, ...), :func:`view`'s input
     test_images: Tensor | None  # Fashion-MNIST's test images (N, 28, 28) uint8, for the attention figures
     pixels: tuple[Tensor, Tensor] | None  # Fashion-MNIST's raw-pixel train and test features: the baseline
     bad: dict[str, int]  # undecodable images skipped per split
@@ -61,13 +70,24 @@ def data_kind(uri: str, storage: Storage) -> Literal["fashion_mnist", "folder"]:
                      "train/<class>/ image folders (with val/<class>/ or test/<class>/ beside)")
 
 
+def view(features: Tensor, name: str, dim: int) -> Tensor:
+    """One of :data:`PROBE_VIEWS` of ``features`` ``(N, (b + 1) D)``: the CLS tokens of the last
+    ``b`` blocks (in block order, the last one last), then the last block's mean patch token."""
+    blocks = features.shape[1] // dim - 1
+    cls = features[:, : blocks * dim]
+    picked = cls[:, -dim:] if name.startswith("last1") else cls
+    return torch.cat([picked, features[:, blocks * dim:]], dim=1) if name.endswith("+avgpool") else picked
+
+
 def labelled_features_of(backbone: nn.Module, uri: str, kind: DataKind, storage: Storage, train_limit: int = 0,
                          test_limit: int = 0, image_size: int = 224, batch_size: int = 128, num_workers: int = 0,
-                         seed: int = 0) -> LabelledFeatures:
-    """Features of the train and test splits at ``uri`` (``kind`` auto: :func:`data_kind`)."""
+                         seed: int = 0, views: bool = False) -> LabelledFeatures:
+    """Features of the train and test splits at ``uri`` (``kind`` auto: :func:`data_kind`); with
+    ``views``, also the linear probe's inputs (:func:`view`)."""
+    blocks = min(4, len(backbone.blocks)) if views else 1
     resolved = data_kind(uri, storage) if kind == "auto" else kind
     if resolved == "fashion_mnist":
-        return _fashion_mnist(backbone, uri, storage, train_limit, test_limit)
+        return _fashion_mnist(backbone, uri, storage, train_limit, test_limit, blocks, views)
     patch = int(getattr(backbone, "patch_size", 14))
     if image_size <= 0 or image_size % patch:
         raise ValueError(f"image_size {image_size} is not a positive multiple of the patch size {patch}")
@@ -90,11 +110,43 @@ def labelled_features_of(backbone: nn.Module, uri: str, kind: DataKind, storage:
                             collate_fn=collate_samples)
         split_batches[split] = _ModelInput(loader, image_size, patch, remap if split == "test" else None)
     device = next(backbone.parameters()).device
-    train_x, train_y = extract_features(backbone, split_batches["train"], device=device)
-    test_x, test_y = extract_features(backbone, split_batches["test"], device=device)
+    train_f, train_y = extract_features(backbone, split_batches["train"], device=device, layers=blocks,
+                                        with_patch_mean=views)
+    test_f, test_y = extract_features(backbone, split_batches["test"], device=device, layers=blocks,
+                                      with_patch_mean=views)
     assert train_y is not None and test_y is not None
-    return LabelledFeatures(train_x, train_y, test_x, test_y, train.classes, None, None,
-                            {split: batches.bad for split, batches in split_batches.items()})
+    return _labelled(train_f, train_y, test_f, test_y, train.classes, backbone, views, None, None,
+                     {split: batches.bad for split, batches in split_batches.items()})
+
+
+def _labelled(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y: Tensor, classes: tuple[str, ...],
+              backbone: nn.Module, views: bool, test_images: Tensor | None, pixels: tuple[Tensor, Tensor] | None,
+              bad: dict[str, int]) -> LabelledFeatures:
+    """The features as extracted (with views: every block's CLS and the patch mean) sorted out."""
+    dim = int(backbone.embed_dim)
+    final = (view(train_f, "last1", dim), view(test_f, "last1", dim)) if views else (train_f, test_f)
+    return LabelledFeatures(final[0], train_y, final[1], test_y, classes, (train_f, test_f) if views else None,
+                            test_images, pixels, bad)
+
+
+def classification_report(data: LabelledFeatures, ks: tuple[int, ...], temperature: float,
+                          linear: LinearProbeConfig | None = None) -> dict:
+    """k-NN accuracies on the final CLS token and, with ``linear`` (features taken with views),
+    the linear probe of the view that wins on the held-out split: ``{"knn": {"k20": acc, ...},
+    "linear": {..., "view": name, "val_accuracy_by_view": {name: acc}}}``."""
+    classes = len(data.classes)
+    report: dict = {"knn": knn_accuracies(data.train_x, data.train_y, data.test_x, data.test_y, ks, temperature,
+                                          classes)}
+    if linear is not None:
+        if data.views is None:
+            raise ValueError("the linear probe needs the features taken with views=True")
+        dim = data.train_x.shape[1]
+        probes = {name: linear_probe(view(data.views[0], name, dim), data.train_y, view(data.views[1], name, dim),
+                                     data.test_y, linear, num_classes=classes) for name in PROBE_VIEWS}
+        best = best_by_val(probes)
+        report["linear"] = {**probes[best].to_dict(), "view": best,
+                            "val_accuracy_by_view": {name: probe.val_accuracy for name, probe in probes.items()}}
+    return report
 
 
 @dataclass
@@ -126,15 +178,15 @@ class _ModelInput:
         self.bad = tracker.bad
 
 
-def _fashion_mnist(backbone: nn.Module, uri: str, storage: Storage, train_limit: int,
-                   test_limit: int) -> LabelledFeatures:
+def _fashion_mnist(backbone: nn.Module, uri: str, storage: Storage, train_limit: int, test_limit: int, blocks: int,
+                   views: bool) -> LabelledFeatures:
     parts = {}
     for split, limit in (("train", train_limit), ("test", test_limit)):
         data = load_split(storage, uri, split)  # type: ignore[arg-type]
         images = torch.from_numpy(data.images[: limit or len(data.images)])
-        parts[split] = images, torch.from_numpy(data.labels[: len(images)])
-    (train, train_y), (test, test_y) = parts["train"], parts["test"]
-    patch = int(backbone.patch_size)
-    train_x, test_x = labelled_features(backbone, train, patch), labelled_features(backbone, test, patch)
-    return LabelledFeatures(train_x, train_y, test_x, test_y, FASHION_MNIST_CLASSES, test,
-                            (train.flatten(1).float(), test.flatten(1).float()), {"train": 0, "test": 0})
+        inputs = to_model_input(images, patch_size=int(backbone.patch_size))
+        features, _ = extract_features(backbone, inputs, batch_size=512, layers=blocks, with_patch_mean=views)
+        parts[split] = images, features, torch.from_numpy(data.labels[: len(images)])
+    (train, train_f, train_y), (test, test_f, test_y) = parts["train"], parts["test"]
+    return _labelled(train_f, train_y, test_f, test_y, FASHION_MNIST_CLASSES, backbone, views, test,
+                     (train.flatten(1).float(), test.flatten(1).float()), {"train": 0, "test": 0})

@@ -38,7 +38,7 @@ from torch import nn
 
 from dinoflow.storage import Storage
 from evaluators.attention import attention_summary, garment_foreground
-from evaluators.classification import DATA_KINDS, DataKind, labelled_features_of
+from evaluators.classification import DATA_KINDS, DataKind, classification_report, labelled_features_of
 from evaluators.dense import (
     HeadConfig,
     dense_features,
@@ -52,7 +52,7 @@ from evaluators.dense_datasets import load_ade20k, load_nyu, load_voc
 from evaluators.dense_metrics import retrieval_map
 from evaluators.features import to_model_input
 from evaluators.linear import LinearProbeConfig
-from evaluators.report import benchmark_report, knn_accuracies, report_metrics
+from evaluators.report import knn_accuracies, report_metrics
 from evaluators.retrieval import global_descriptors, rank_database
 from evaluators.synthetic import CLASS_NAMES, SceneConfig, make_retrieval_set, make_scenes
 from evaluators.visualize import save_attention_maps, save_dense_predictions, save_pca_maps
@@ -103,13 +103,13 @@ class SuiteConfig:
 
 
 def _classification(backbone: nn.Module, config: SuiteConfig, storage: Storage) -> dict[str, Any]:
-    data = labelled_features_of(backbone, config.data_uri, config.data_kind, storage, config.train_limit,
-                                config.test_limit, config.image_size, num_workers=config.num_workers, seed=config.seed)
-    splits = [data.train_x, data.train_y, data.test_x, data.test_y]
     linear = LinearProbeConfig() if "linear" in config.tasks else None
+    data = labelled_features_of(backbone, config.data_uri, config.data_kind, storage, config.train_limit,
+                                config.test_limit, config.image_size, num_workers=config.num_workers, seed=config.seed,
+                                views=linear is not None)
+    splits = [data.train_x, data.train_y, data.test_x, data.test_y]
     classes = len(data.classes)
-    report = benchmark_report(*splits, ks=config.ks, temperature=config.temperature, linear=linear,
-                              num_classes=classes)
+    report = classification_report(data, config.ks, config.temperature, linear)
     report.update(classes=list(data.classes), bad_images=data.bad)
     metrics = report_metrics(report)
     if data.pixels is not None:

@@ -13,9 +13,9 @@ import torch
 from dinoflow.config import DataConfig, PretrainConfig
 from dinoflow.storage import Storage
 from dinoflow.tracking import Tracker
-from evaluators.classification import data_kind, labelled_features_of
+from evaluators.classification import classification_report, data_kind, labelled_features_of
 from evaluators.linear import LinearProbeConfig
-from evaluators.report import benchmark_report, knn_accuracies, report_metrics
+from evaluators.report import report_metrics
 from trainer.data.datasets import FashionMnistDataset, ImageFolderDataset, ShardDataset, collate_samples
 from trainer.engine import EvalFn, pretrain
 from trainer.models.vit import DinoVisionTransformer
@@ -46,14 +46,11 @@ def labelled_evaluator(cfg: PretrainConfig, storage: Storage, linear: bool = Fal
 
     def evaluate(backbone: DinoVisionTransformer, step: int) -> dict[str, float]:
         was_training = backbone.training
-        data = labelled_features_of(backbone, uri, kind, storage, cfg.eval.train_limit, cfg.eval.test_limit, size)
+        data = labelled_features_of(backbone, uri, kind, storage, cfg.eval.train_limit, cfg.eval.test_limit, size,
+                                    views=linear)
         backbone.train(was_training)
-        splits, classes = (data.train_x, data.train_y, data.test_x, data.test_y), len(data.classes)
-        if linear:
-            return report_metrics(benchmark_report(*splits, ks=(k,), temperature=cfg.eval.knn_temperature,
-                                                   linear=LinearProbeConfig(), num_classes=classes))
-        accuracy = knn_accuracies(*splits, ks=(k,), temperature=cfg.eval.knn_temperature, num_classes=classes)
-        return {f"knn_top1_k{k}": accuracy[f"k{k}"]}
+        return report_metrics(classification_report(data, (k,), cfg.eval.knn_temperature,
+                                                    LinearProbeConfig() if linear else None))
 
     return evaluate
 

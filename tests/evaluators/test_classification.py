@@ -110,3 +110,37 @@ def test_data_kinds_and_bad_layouts_are_named(tmp_path: Path) -> None:
         labelled_features_of(backbone(), str(tmp_path / "folders"), "auto", storage, image_size=30)
     with pytest.raises(ValueError, match="unknown data kind 'csv'"):
         SuiteConfig(data_uri="x", data_kind="csv")  # type: ignore[arg-type]
+
+
+def test_the_probe_views_are_the_originals_and_the_best_on_held_out_is_reported(tmp_path: Path) -> None:
+    """The four inputs of the original's linear grid, checked against the backbone's own blocks;
+    the report holds the probe of the view that wins on the held-out split, recomputed here."""
+    from evaluators.classification import PROBE_VIEWS, classification_report, view
+    from evaluators.linear import LinearProbeConfig, linear_probe
+
+    write_folders(tmp_path, {"cat": (12, 4), "dog": (12, 4), "fish": (12, 4)})
+    model = build_vit("vit_small", patch_size=7, embed_dim=32, depth=5, num_heads=2, img_size=28,
+                      layerscale_init=1.0).eval()
+    data = labelled_features_of(model, str(tmp_path), "folder", Storage(), image_size=28, views=True)
+    train_files = sorted((tmp_path / "train").rglob("*.png"))
+    load = round(28 / 0.875)
+    pixels = torch.stack([read_image(f.read_bytes(), load)[:, 2:30, 2:30] for f in train_files])
+    with torch.no_grad():
+        blocks = model.get_intermediate_layers(to_model_input(pixels, patch_size=7), n=4, return_class_token=True)
+    cls = [c for _, c in blocks]  # the last 4 blocks' CLS, each through the final norm
+    mean = blocks[-1][0].mean(dim=1)
+    expected = {"last1": cls[-1], "last1+avgpool": torch.cat([cls[-1], mean], 1), "last4": torch.cat(cls, 1),
+                "last4+avgpool": torch.cat([*cls, mean], 1)}
+    for name in PROBE_VIEWS:
+        torch.testing.assert_close(view(data.views[0], name, 32), expected[name], rtol=0, atol=1e-5, msg=name)
+    torch.testing.assert_close(data.train_x, cls[-1], rtol=0, atol=1e-5)
+    config = LinearProbeConfig(epochs=3)
+    report = classification_report(data, (5,), 0.07, config)["linear"]
+    assert set(report["val_accuracy_by_view"]) == set(PROBE_VIEWS)
+    assert report["val_accuracy"] == max(report["val_accuracy_by_view"].values())
+    alone = linear_probe(view(data.views[0], report["view"], 32), data.train_y, view(data.views[1], report["view"], 32),
+                         data.test_y, config, num_classes=3)
+    assert report["test_accuracy"] == alone.test_accuracy
+    with pytest.raises(ValueError, match="needs the features taken with views=True"):
+        classification_report(labelled_features_of(model, str(tmp_path), "folder", Storage(), image_size=28),
+                              (5,), 0.07, config)
