@@ -77,28 +77,36 @@ def _arch(backbone_dir: Path) -> dict[str, Any]:
 
 
 def run_champion_stage(ctx: StageContext, model_name: str, out_dir: str | Path) -> str:
-    """Copy the ``champion`` version's weights into ``out_dir`` as ``backbone.safetensors``;
-    returns the version. Fails clearly when the model has no champion yet."""
+    """Copy a registered version's weights into ``out_dir`` as ``backbone.safetensors``; returns
+    the version. ``model_name`` picks it: ``<name>`` (its ``champion``), ``<name>@<alias>`` or
+    ``<name>/<version>``. Fails clearly when there is no such version yet."""
     import shutil
 
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from dinoflow.registry import champion_version
+    from dinoflow.registry import CHAMPION, champion_version, parse_registry_uri
 
     if not ctx.tracking_uri:
         raise ValueError("champion needs an MLflow tracking URI (the registry lives there)")
     storage = storage_from_env()
     with recording_errors(ctx, storage, "champion"), stage_run(ctx, "champion") as tracker:
         client = MlflowClient(tracking_uri=ctx.tracking_uri)
-        version = champion_version(client, model_name)
+        name, alias, version = parse_registry_uri(f"models:/{model_name}") or (model_name, CHAMPION, None)
         if version is None:
-            raise ValueError(f"registered model {model_name!r} has no champion: run the full pipeline first")
-        run_id = client.get_model_version(model_name, version).run_id
+            version = champion_version(client, name, alias or CHAMPION)
+            if version is None:
+                raise ValueError(f"registered model {name!r} has no champion: run the full pipeline first"
+                                 if alias == CHAMPION else f"registered model {name!r} has no alias {alias!r}")
+        try:
+            run_id = client.get_model_version(name, version).run_id
+        except MlflowException as err:
+            raise ValueError(f"registered model {name!r}: {' '.join(err.message.split())}") from None
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as scratch:
             # through this client's store (a models:/ URI would resolve against the global registry URI)
             weights = client.download_artifacts(run_id, f"{MODEL_ARTIFACT}/artifacts/{BACKBONE_FILE}", scratch)
             shutil.copyfile(weights, out / BACKBONE_FILE)
-        tracker.set_tags({"champion.model": model_name, "champion.version": version})
+        tracker.set_tags({"champion.model": name, "champion.version": version})
     return version

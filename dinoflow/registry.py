@@ -59,14 +59,27 @@ def version_metric(client: Any, name: str, version: str, metric: str) -> float |
     return None if text is None else float(text)
 
 
-def champion_version(client: Any, name: str) -> str | None:
-    """The version the ``champion`` alias points at, or None."""
+def champion_version(client: Any, name: str, alias: str = CHAMPION) -> str | None:
+    """The version the ``champion`` alias (or another ``alias``) points at, or None."""
     from mlflow.exceptions import MlflowException
 
     try:
-        return str(client.get_model_version_by_alias(name, CHAMPION).version)
+        return str(client.get_model_version_by_alias(name, alias).version)
     except MlflowException:
         return None
+
+
+def parse_registry_uri(uri: str) -> tuple[str, str | None, str | None] | None:
+    """``models:/<name>@<alias>`` -> ``(name, alias, None)``, ``models:/<name>/<version>`` ->
+    ``(name, None, version)``; None for any other URI."""
+    if not uri.startswith("models:/"):
+        return None
+    path = uri[len("models:/"):]
+    if "@" in path:
+        name, alias = path.rsplit("@", 1)
+        return name, alias, None
+    name, _, version = path.rpartition("/")
+    return (name, None, version) if name and version.isdigit() else None
 
 
 def gate(client: Any, name: str, version: str, metric: str, margin: float = 0.0) -> GateDecision:

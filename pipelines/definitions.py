@@ -7,7 +7,7 @@ the compiled YAML holds no local paths; :mod:`pipelines.local` passes local ones
 
     full:           ingest -> curate (a pass-through without ``pool_uri``) -> pretrain -> evaluate
                     -> register (+ gate)
-    evaluate_only:  import weights -> evaluate
+    evaluate_only:  import weights (or fetch a registered version) -> evaluate
     retrain:        champion -> pretrain (from the champion's weights) -> evaluate -> register (+ gate)
 
 ``full`` evaluates (and gates) on the ingested Fashion-MNIST, or with ``eval_data_uri`` on one's own
@@ -203,18 +203,25 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                             knn_temperature=knn_temperature, eval_tasks=eval_tasks, model_name=model_name,
                             metric=metric, margin=margin)
 
-    @dsl.pipeline(name="evaluate-only", description="Benchmark given backbone weights on frozen features.")
-    def evaluate_only(weights_uri: str, run_root: str = CLUSTER_RUN_ROOT, tracking_uri: str = CLUSTER_TRACKING_URI,
-                      experiment: str = EXPERIMENT, use_cache: bool = True, data_uri: str = CLUSTER_DATA,
-                      train_limit: int = 0, test_limit: int = 0, knn_k: int = 20,
+    @dsl.pipeline(name="evaluate-only", description="Benchmark backbone weights (weights_uri) or a registered "
+                                                    "model (model: <name>, <name>@<alias>, <name>/<version>) on "
+                                                    "frozen features.")
+    def evaluate_only(weights_uri: str = "", model: str = "", run_root: str = CLUSTER_RUN_ROOT,
+                      tracking_uri: str = CLUSTER_TRACKING_URI, experiment: str = EXPERIMENT, use_cache: bool = True,
+                      data_uri: str = CLUSTER_DATA, train_limit: int = 0, test_limit: int = 0, knn_k: int = 20,
                       knn_temperature: float = 0.07, eval_tasks: list = ["knn", "linear"]) -> None:  # noqa: B006
         with dsl.ExitHandler(closer(run_root, tracking_uri, experiment)):
             parent = open_parent(run_root, tracking_uri, experiment, "evaluate_only")
             ctx = context(run_root, tracking_uri, experiment, parent)
-            weights = dsl.importer(artifact_uri=weights_uri, artifact_class=dsl.Model, reimport=False)
-            c.evaluate(**ctx, use_cache=use_cache, backbone=weights.output, data_uri=data_uri,
-                       train_limit=train_limit, test_limit=test_limit, knn_k=knn_k, knn_temperature=knn_temperature,
-                       tasks=eval_tasks)
+            benchmark = {"use_cache": use_cache, "data_uri": data_uri, "train_limit": train_limit,
+                         "test_limit": test_limit, "knn_k": knn_k, "knn_temperature": knn_temperature,
+                         "tasks": eval_tasks}
+            with dsl.If(model == ""):
+                weights = dsl.importer(artifact_uri=weights_uri, artifact_class=dsl.Model, reimport=False)
+                c.evaluate(**ctx, backbone=weights.output, **benchmark)
+            with dsl.Else():  # picked from the registry, as the Kubeflow UI's users pick models
+                picked = uncached(c.champion(**ctx, model_name=model))
+                c.evaluate(**ctx, backbone=picked.outputs["backbone"], **benchmark)
 
     @dsl.pipeline(name="retrain", description="Continue from the registry's champion; promote only if better.")
     def retrain(run_root: str = CLUSTER_RUN_ROOT, tracking_uri: str = CLUSTER_TRACKING_URI,

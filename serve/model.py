@@ -21,6 +21,7 @@ import torch
 from PIL import UnidentifiedImageError
 from torch import Tensor
 
+from dinoflow.registry import parse_registry_uri
 from dinoflow.storage import Storage
 from evaluators.features import to_model_input
 from trainer.data.datasets import (
@@ -141,19 +142,6 @@ def split_frames(uploads: list[bytes], max_frames: int, max_pixels: int) -> list
             except DECODE_ERRORS as err:
                 raise ImageError(f"broken animated image ({type(err).__name__}: {err})") from None
     return frames
-
-
-def parse_registry_uri(uri: str) -> tuple[str, str | None, str | None] | None:
-    """``models:/<name>@<alias>`` -> ``(name, alias, None)``, ``models:/<name>/<version>`` ->
-    ``(name, None, version)``; None for any other URI."""
-    if not uri.startswith("models:/"):
-        return None
-    path = uri[len("models:/"):]
-    if "@" in path:
-        name, alias = path.rsplit("@", 1)
-        return name, alias, None
-    name, _, version = path.rpartition("/")
-    return (name, None, version) if name and version.isdigit() else None
 
 
 def resolve_alias(name: str, alias: str) -> str:

@@ -23,7 +23,8 @@ from typing import Any
 
 from torch import Tensor
 
-from serve.model import ServedModel, parse_registry_uri, resolve_alias
+from dinoflow.registry import parse_registry_uri
+from serve.model import ServedModel, resolve_alias
 
 log = logging.getLogger(__name__)
 

@@ -161,6 +161,10 @@ def test_evaluate_only_and_retrain_from_the_champion(runs: Runs) -> None:
     scored = runs.run("evaluate_only", weights_uri=str(backbone), data_uri=str(runs.root / "data" / "fashion-mnist"),
                       train_limit=FAST["train_limit"], test_limit=FAST["test_limit"])
     assert list(scored) == ["evaluate"] and scored["evaluate"].cached  # same weights, same benchmark
+    picked = runs.run("evaluate_only", model="tiny-test", data_uri=str(runs.root / "data" / "fashion-mnist"),
+                      train_limit=FAST["train_limit"], test_limit=FAST["test_limit"])  # the registry's champion
+    assert list(picked) == ["champion", "evaluate"] and picked["evaluate"].cached  # the same weights again
+    assert picked["champion"].tags["champion.version"] == champion_version(runs.client, "tiny-test")
     champion = champion_version(runs.client, "tiny-test")
     retrained = runs.run("retrain", data_uri=str(runs.root / "data" / "fashion-mnist"), **FAST)
     assert list(retrained) == ["champion", "pretrain", "evaluate", "register"]
@@ -203,7 +207,7 @@ def test_compiled_pipelines_hold_their_dag_and_no_secrets_or_local_paths(
                  "pretrain": ["curate", "open-run"], "evaluate": ["ingest", "open-run", "pretrain"],
                  "register": ["evaluate", "open-run", "pretrain"],
                  "distil-students": ["curate", "ingest", "open-run", "pretrain"]},
-        "evaluate_only": {"open-run": [], "importer": [], "evaluate": ["importer", "open-run"]},
+        "evaluate_only": {"open-run": [], "condition-branches-2": ["open-run"]},
         "retrain": {"open-run": [], "champion": ["open-run"], "pretrain": ["champion", "open-run"],
                     "evaluate": ["open-run", "pretrain"], "register": ["evaluate", "open-run", "pretrain"]},
     }
@@ -218,6 +222,15 @@ def test_compiled_pipelines_hold_their_dag_and_no_secrets_or_local_paths(
         assert root["close-run"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
         inner = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
         assert {task: sorted(body.get("dependentTasks", [])) for task, body in inner.items()} == tasks
+        if name == "evaluate_only":  # imported weights, or a version fetched from the registry
+            branches = spec["components"]["comp-condition-branches-2"]["dag"]["tasks"]
+            assert [body["triggerPolicy"]["condition"] for body in branches.values()] == [
+                "inputs.parameter_values['pipelinechannel--model'] == ''",
+                "!(inputs.parameter_values['pipelinechannel--model'] == '')"]
+            assert {task: sorted(body.get("dependentTasks", []))
+                    for branch in ("comp-condition-3", "comp-condition-4")
+                    for task, body in spec["components"][branch]["dag"]["tasks"].items()} == {
+                "importer": [], "evaluate": ["importer"], "champion": [], "evaluate-2": ["champion"]}
         if name == "full":  # each student, in parallel: distil from the teacher, then evaluate and register it
             assert list(spec["components"]["comp-distil-students"]["dag"]["tasks"]) == ["for-loop-1"]
             loop = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
