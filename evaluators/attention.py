@@ -29,6 +29,7 @@ from torch import Tensor
 
 HIGH_NORM_FACTOR = 3.0  # a patch token above 3x the median norm counts as high-norm (module docstring)
 MASK_MASS = 0.6  # an attention mask keeps the largest weights that hold 60 % of the map (DINO's figures)
+ATTENTION_IMAGES = 128  # test images an evaluation's attention figures are measured on
 # Fashion-MNIST's garments lie on black: a pixel above 10 of 255 is the garment (measured on 1,000 test
 # images: 91 % are then one connected silhouette, and the largest part holds 99.5 % of the pixels)
 GARMENT_THRESHOLD = 10

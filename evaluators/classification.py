@@ -22,7 +22,7 @@ the view whose probe wins on the held-out split reported.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
 from dinoflow.storage import Storage, join_uri
+from evaluators.attention import ATTENTION_IMAGES, garment_foreground
 from evaluators.features import extract_features, to_model_input
 from evaluators.linear import LinearProbeConfig, best_by_val, linear_probe
 from evaluators.report import knn_accuracies
@@ -55,7 +56,8 @@ class LabelledFeatures:
     test_y: Tensor  # (M,)
     classes: tuple[str, ...]
     views: tuple[Tensor, Tensor] | None  # with views: (N, (b + 1) D) and (M, ...), :func:`view`'s input
-    test_images: Tensor | None  # Fashion-MNIST's test images (N, 28, 28) uint8, for the attention figures
+    test_images: Tensor  # the first ATTENTION_IMAGES test images, uint8 as the backbone saw them
+    foreground: Tensor | None  # their foreground where known (Fashion-MNIST: the garments' silhouettes)
     pixels: tuple[Tensor, Tensor] | None  # Fashion-MNIST's raw-pixel train and test features: the baseline
     bad: dict[str, int]  # undecodable images skipped per split
 
@@ -115,18 +117,19 @@ def labelled_features_of(backbone: nn.Module, uri: str, kind: DataKind, storage:
     test_f, test_y = extract_features(backbone, split_batches["test"], device=device, layers=blocks,
                                       with_patch_mean=views)
     assert train_y is not None and test_y is not None
-    return _labelled(train_f, train_y, test_f, test_y, train.classes, backbone, views, None, None,
+    shown = torch.cat(split_batches["test"].kept)[:ATTENTION_IMAGES]
+    return _labelled(train_f, train_y, test_f, test_y, train.classes, backbone, views, shown, None, None,
                      {split: batches.bad for split, batches in split_batches.items()})
 
 
 def _labelled(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y: Tensor, classes: tuple[str, ...],
-              backbone: nn.Module, views: bool, test_images: Tensor | None, pixels: tuple[Tensor, Tensor] | None,
-              bad: dict[str, int]) -> LabelledFeatures:
+              backbone: nn.Module, views: bool, test_images: Tensor, foreground: Tensor | None,
+              pixels: tuple[Tensor, Tensor] | None, bad: dict[str, int]) -> LabelledFeatures:
     """The features as extracted (with views: every block's CLS and the patch mean) sorted out."""
     dim = int(backbone.embed_dim)
     final = (view(train_f, "last1", dim), view(test_f, "last1", dim)) if views else (train_f, test_f)
     return LabelledFeatures(final[0], train_y, final[1], test_y, classes, (train_f, test_f) if views else None,
-                            test_images, pixels, bad)
+                            test_images, foreground, pixels, bad)
 
 
 def classification_report(data: LabelledFeatures, ks: tuple[int, ...], temperature: float,
@@ -159,6 +162,7 @@ class _ModelInput:
     patch: int
     remap: Tensor | None
     bad: int = 0
+    kept: list[Tensor] = field(default_factory=list)  # the first ATTENTION_IMAGES images' pixels
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -173,6 +177,8 @@ class _ModelInput:
             offset = (batch.images.shape[-1] - self.image_size) // 2
             pixels = batch.images[..., offset:offset + self.image_size, offset:offset + self.image_size]
             labels = batch.labels if self.remap is None else self.remap[batch.labels]
+            if sum(len(k) for k in self.kept) < ATTENTION_IMAGES:
+                self.kept.append(pixels)
             yield to_model_input(pixels, patch_size=self.patch), labels
         tracker.check(final=True)
         self.bad = tracker.bad
@@ -188,5 +194,7 @@ def _fashion_mnist(backbone: nn.Module, uri: str, storage: Storage, train_limit:
         features, _ = extract_features(backbone, inputs, batch_size=512, layers=blocks, with_patch_mean=views)
         parts[split] = images, features, torch.from_numpy(data.labels[: len(images)])
     (train, train_f, train_y), (test, test_f, test_y) = parts["train"], parts["test"]
-    return _labelled(train_f, train_y, test_f, test_y, FASHION_MNIST_CLASSES, backbone, views, test,
-                     (train.flatten(1).float(), test.flatten(1).float()), {"train": 0, "test": 0})
+    shown = test[:ATTENTION_IMAGES]
+    return _labelled(train_f, train_y, test_f, test_y, FASHION_MNIST_CLASSES, backbone, views, shown,
+                     garment_foreground(shown), (train.flatten(1).float(), test.flatten(1).float()),
+                     {"train": 0, "test": 0})

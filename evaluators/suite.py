@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dinoflow.storage import Storage
-from evaluators.attention import attention_summary, garment_foreground
+from evaluators.attention import ATTENTION_IMAGES, attention_summary
 from evaluators.classification import DATA_KINDS, DataKind, classification_report, labelled_features_of
 from evaluators.dense import (
     HeadConfig,
@@ -58,7 +58,6 @@ from evaluators.synthetic import CLASS_NAMES, SceneConfig, make_retrieval_set, m
 from evaluators.visualize import save_attention_maps, save_dense_predictions, save_pca_maps
 
 TASKS = ("knn", "linear", "seg", "depth", "retrieval")
-ATTENTION_IMAGES = 128  # test images the attention figures are measured on
 
 
 @dataclass(frozen=True)
@@ -116,7 +115,7 @@ def _classification(backbone: nn.Module, config: SuiteConfig, storage: Storage) 
         report["pixels_knn"] = knn_accuracies(data.pixels[0], data.train_y, data.pixels[1], data.test_y, ks=config.ks,
                                               temperature=config.temperature, num_classes=classes)
         metrics.update({f"pixels_knn_top1_{k}": v for k, v in report["pixels_knn"].items()})
-    return {"metrics": metrics, "report": report, "features": splits, "test_images": data.test_images}
+    return {"metrics": metrics, "report": report, "features": splits, "looked_at": (data.test_images, data.foreground)}
 
 
 # a real dense data set: its loader, (train split, test split), and its classes (seg) or
@@ -191,15 +190,14 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
     metrics: dict[str, float] = {}
     tasks: dict[str, Any] = {}
     features = None
-    looked_at = None  # (uint8 test images, their foreground) for the attention maps: the scenes, else Fashion-MNIST's
+    looked_at = None  # (uint8 test images, their foreground or None) for the attention maps: the scenes' first
     if {"knn", "linear"} & set(config.tasks):
         result = _classification(backbone, config, storage or Storage())
         metrics.update(result["metrics"])
         tasks["classification"] = result["report"]
         features = result["features"]
-        if result["test_images"] is not None:  # Fashion-MNIST's: a garment's silhouette is its foreground
-            garments = torch.as_tensor(result["test_images"][:ATTENTION_IMAGES])
-            looked_at = garments, garment_foreground(garments)
+        looked_at = result["looked_at"]  # Fashion-MNIST's with the garments' silhouettes, or class folders'
+
     dense = _dense_sets(backbone, config, storage or Storage()) if {"seg", "depth"} & set(config.tasks) else {}
     predicted: dict[str, np.ndarray] = {}
     if "seg" in dense:
@@ -251,16 +249,18 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
     return {"metrics": metrics, "tasks": tasks, "config": _jsonable(asdict(config)), "features": features}
 
 
-def attention_figures(backbone: nn.Module, images: np.ndarray | torch.Tensor, foreground: np.ndarray | torch.Tensor,
-                      pictures: str | Path | None = None) -> dict[str, float]:
+def attention_figures(backbone: nn.Module, images: np.ndarray | torch.Tensor,
+                      foreground: np.ndarray | torch.Tensor | None, pictures: str | Path | None = None
+                      ) -> dict[str, float]:
     """:func:`~evaluators.attention.attention_summary`'s metrics on uint8 test ``images`` and their
-    ``foreground`` (bool, same size), each resized to at least 8 patches a side (Fashion-MNIST's 28
-    px is 4 patches of 7; the foreground nearest), and with ``pictures`` the first 8 in
-    ``attention_maps.png``, the head-mean maps' 60 % masks tinted and outlined."""
+    ``foreground`` (bool, same size; None: no Jaccard), each resized to at least 8 patches a side
+    (Fashion-MNIST's 28 px is 4 patches of 7; the foreground nearest), and with ``pictures`` the
+    first 8 in ``attention_maps.png``, the head-mean maps' 60 % masks tinted and outlined."""
     pixels = torch.as_tensor(images)
     patch = backbone.patch_size
     side = patch * max(8, -(-max(pixels.shape[-2:]) // patch))
-    resized = F.interpolate(torch.as_tensor(foreground)[:, None].float(), size=(side, side), mode="nearest")[:, 0] > 0
+    resized = None if foreground is None else F.interpolate(
+        torch.as_tensor(foreground)[:, None].float(), size=(side, side), mode="nearest")[:, 0] > 0
     summary = attention_summary(backbone, to_model_input(pixels, size=side, patch_size=patch), foreground=resized)
     if pictures is not None:
         shown = to_model_input(pixels[:8], size=side, patch_size=patch, mean=(0.0,) * 3, std=(1 / 255,) * 3)

@@ -86,13 +86,16 @@ def test_the_suite_scores_class_folders(tmp_path: Path) -> None:
     write_folders(tmp_path, {"cat": (10, 4), "dog": (10, 4), "fish": (10, 4)})
     model = backbone()
     config = SuiteConfig(tasks=("knn", "linear"), data_uri=str(tmp_path), image_size=28, ks=(5,))
-    report = run_suite(model, config)
+    report = run_suite(model, config, pictures=tmp_path / "pictures")
     train_x, train_y, test_x, test_y = report["features"]
     predicted = knn_predict(train_x, train_y, test_x, k=5, temperature=0.07, num_classes=3)
     assert report["metrics"]["knn_top1_k5"] == pytest.approx((predicted == test_y).float().mean().item())
     assert report["metrics"]["knn_top1_k5"] > 0.9  # the colours separate even a random backbone's features
     assert 0 <= report["metrics"]["linear_top1"] <= 1 and "pixels_knn_top1_k5" not in report["metrics"]
     assert report["tasks"]["classification"]["classes"] == list(CLASSES)
+    # the attention figures on the first test images as the backbone saw them; no foreground to score
+    assert 0 < report["metrics"]["cls_attention_on_patches"] < 1 and "attention_jaccard" not in report["metrics"]
+    assert (tmp_path / "pictures" / "attention_maps.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_data_kinds_and_bad_layouts_are_named(tmp_path: Path) -> None:
