@@ -110,7 +110,8 @@ def labelled_features_of(backbone: nn.Module, uri: str, kind: DataKind, storage:
             rows = np.sort(np.random.default_rng(seed).permutation(len(rows))[:limit])
         loader = DataLoader(Subset(dataset, rows.tolist()), batch_size=batch_size, num_workers=num_workers,
                             collate_fn=collate_samples)
-        split_batches[split] = _ModelInput(loader, image_size, patch, remap if split == "test" else None)
+        split_batches[split] = (_ModelInput(loader, image_size, patch, None) if split == "train" else
+                                _ModelInput(loader, image_size, patch, remap, keep=ATTENTION_IMAGES))
     device = next(backbone.parameters()).device
     train_f, train_y = extract_features(backbone, split_batches["train"], device=device, layers=blocks,
                                         with_patch_mean=views)
@@ -162,7 +163,8 @@ class _ModelInput:
     patch: int
     remap: Tensor | None
     bad: int = 0
-    kept: list[Tensor] = field(default_factory=list)  # the first ATTENTION_IMAGES images' pixels
+    keep: int = 0  # how many of the first images' pixels to keep in ``kept``
+    kept: list[Tensor] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -177,7 +179,7 @@ class _ModelInput:
             offset = (batch.images.shape[-1] - self.image_size) // 2
             pixels = batch.images[..., offset:offset + self.image_size, offset:offset + self.image_size]
             labels = batch.labels if self.remap is None else self.remap[batch.labels]
-            if sum(len(k) for k in self.kept) < ATTENTION_IMAGES:
+            if sum(len(k) for k in self.kept) < self.keep:
                 self.kept.append(pixels)
             yield to_model_input(pixels, patch_size=self.patch), labels
         tracker.check(final=True)
