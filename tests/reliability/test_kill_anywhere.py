@@ -105,7 +105,9 @@ def test_sigkill_at_random_moments_then_resume_ends_like_an_uninterrupted_run(
         out = tmp_path / f"trial-{trial}"
         step, fraction = points[trial]
         saved = kill_after(context, out, step, fraction)
-        assert step <= saved < STEPS
+        # on a loaded machine the steps after a slow interval may run fast enough for the kill to
+        # land after the last checkpoint, while the run writes its backbone: a rerun must end alike
+        assert step <= saved <= STEPS
         name = f"trial {trial} (killed {fraction:.2f} intervals after checkpoint {step}; last checkpoint {saved})"
         # what a resume finds is whole: the pointer parses and names a listed checkpoint
         pointer = json.loads((out / "checkpoints" / "latest.json").read_text())
