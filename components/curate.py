@@ -56,6 +56,10 @@ def run_curate_stage(ctx: StageContext, pool_uri: str, eval_uris: list[str], ded
                      embed_weights: str, fallback_kind: str, fallback_uri: str) -> tuple[str, str]:
     """Curate (or reuse a finished curation, or skip); returns ``(data kind, data URI)`` for pretrain."""
     if not pool_uri:
+        if not fallback_uri:
+            with recording_errors(ctx, storage_from_env(), "curate"):
+                raise ValueError("no training images: give the pipeline pool_uri (images to curate) or "
+                                 "data_source (Fashion-MNIST)")
         return fallback_kind, fallback_uri
     from curation.pipeline import CurationConfig, run_curation
 

@@ -31,7 +31,7 @@ from components.stage import (
     storage_from_env,
 )
 from evaluators.knn import knn_predict
-from evaluators.suite import SuiteConfig, run_suite
+from evaluators.suite import TASKS, SuiteConfig, run_suite
 from evaluators.visualize import confusion_matrix, save_confusion_matrix
 from trainer.models.hub import load_backbone, locate_weights
 
@@ -47,6 +47,10 @@ def run_evaluate_stage(ctx: StageContext, backbone_dir: str | Path, out_dir: str
     out = Path(out_dir)
     ks = sorted({int(k) for k in ks or []} | {20})  # k=20 always: the default gate metric
     with recording_errors(ctx, storage, "evaluate"), stage_run(ctx, "evaluate") as tracker:
+        asked = set(tasks or ("knn", "linear"))
+        if not data_uri and {"knn", "linear"} & asked and asked <= set(TASKS):  # (unknown tasks: named below)
+            raise ValueError("no labelled images for knn and linear: give the pipeline eval_data_uri (class "
+                             "folders) or data_source (Fashion-MNIST); evaluate_only and retrain: data_uri")
         config = SuiteConfig(tasks=tuple(tasks or ("knn", "linear")), data_uri=data_uri,
                              train_limit=train_limit, test_limit=test_limit, ks=tuple(ks), temperature=temperature)
         params = {"data_uri": data_uri, "train_limit": train_limit, "test_limit": test_limit, "ks": ks,

@@ -1,8 +1,10 @@
-"""Stage ``ingest``: copy the labelled image set into the pipeline's storage (until curation lands).
+"""Stage ``ingest``: copy Fashion-MNIST into the pipeline's storage.
 
 Fashion-MNIST's four IDX files go from ``source`` to ``<run_root>/data/fashion-mnist`` (atomic
 puts; files already there with the same size are kept), so every later stage reads the
-pipeline's own copy, on a laptop or in a bucket.
+pipeline's own copy, on a laptop or in a bucket. An empty ``source`` skips it (no MLflow run, no
+work): a pipeline that trains on a pool of its own (``pool_uri``) and evaluates on its own labels
+(``eval_data_uri``) needs no Fashion-MNIST.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from trainer.data.fashion_mnist import copy_fashion_mnist
 
 
 def run_ingest(ctx: StageContext, source: str) -> str:
-    """Returns the URI of the stored copy."""
+    """Returns the URI of the stored copy ("" when ``source`` is empty)."""
+    if not source:
+        return ""
     storage = storage_from_env()
     with recording_errors(ctx, storage, "ingest"), stage_run(ctx, "ingest") as tracker:
         destination = join_uri(ctx.run_root, "data", "fashion-mnist")

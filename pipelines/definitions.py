@@ -5,7 +5,8 @@ failing stage's error when a stage fails); every stage gets the same context par
 defaults point at the cluster layout (``s3://dinoflow/...``, the in-cluster MLflow service), so
 the compiled YAML holds no local paths; :mod:`pipelines.local` passes local ones.
 
-    full:           ingest -> curate (a pass-through without ``pool_uri``) -> pretrain -> evaluate
+    full:           ingest (none with an empty ``data_source``) -> curate (a pass-through without
+                    ``pool_uri``) -> pretrain -> evaluate
                     -> register (+ gate)
     evaluate_only:  import weights (or fetch a registered version) -> evaluate
     retrain:        champion -> pretrain (from the champion's weights) -> evaluate -> register (+ gate)

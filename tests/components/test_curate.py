@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,14 @@ def test_no_pool_passes_the_fallback_data_on_without_work(tmp_path: Path) -> Non
     ctx = StageContext(run_root=str(tmp_path / "root"))
     assert _stage(ctx, "") == ("fashion_mnist", "s3://bucket/fmnist")
     assert not (tmp_path / "root").exists()
+
+
+def test_no_pool_and_no_fashion_mnist_is_refused_naming_both_parameters(tmp_path: Path) -> None:
+    """``data_source=""`` (no ingest) without ``pool_uri`` leaves pretraining nothing to read."""
+    ctx = StageContext(run_root=str(tmp_path / "root"))
+    with pytest.raises(ValueError, match="no training images: give the pipeline pool_uri .* or data_source"):
+        run_curate_stage(ctx, "", [], 0.85, 0.95, 0, [], "", "fashion_mnist", "")
+    assert "no training images" in json.loads(Path(error_uri(ctx, "curate")).read_text())["error"]
 
 
 def test_a_pool_becomes_shards_and_a_rerun_reuses_them(tmp_path: Path) -> None:

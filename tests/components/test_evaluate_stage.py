@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from components.evaluate import run_evaluate_stage
@@ -31,3 +32,9 @@ def test_the_stage_scores_class_folders_and_draws_their_confusion_matrix(tmp_pat
     assert (tmp_path / "out" / "confusion_knn.png").read_bytes()[:4] == b"\x89PNG"
     again = run_evaluate_stage(ctx, tmp_path / "backbone", tmp_path / "again", str(tmp_path / "data"), tasks=["knn"])
     assert again["cached"] and again["metrics"] == result["metrics"]
+
+
+def test_no_labelled_images_is_refused_naming_the_parameters(tmp_path: Path) -> None:
+    ctx = StageContext(run_root=str(tmp_path / "root"))
+    with pytest.raises(ValueError, match="no labelled images for knn and linear: give the pipeline eval_data_uri"):
+        run_evaluate_stage(ctx, tmp_path / "backbone", tmp_path / "out", "", tasks=["knn"])
