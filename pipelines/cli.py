@@ -248,6 +248,9 @@ def evaluate(
                                                "layout; images at --image-size; default: synthetic scenes)")] = "",
     depth_data: Annotated[str, typer.Option(help="depth on NYU-Depth v2, nyu:<root> (train/*.npz, test/*.npz; "
                                                  "default: synthetic scenes)")] = "",
+    ms: Annotated[bool, typer.Option("--ms", help="seg and depth by the +ms protocol: the last 4 blocks' patch "
+                                                  "tokens (all of a shallower model's), and seg over scales 0.75, 1, "
+                                                  "1.25 with flips")] = False,
     device: Annotated[str, typer.Option(help="where the backbone runs: cpu or cuda")] = "cpu",
     k: Annotated[int, typer.Option(help="neighbours for k-NN (k=20 is always reported too)")] = 20,
     out: Annotated[str | None, typer.Option(help="write the JSON report here (path or URI)")] = None,
@@ -276,17 +279,18 @@ def evaluate(
         if benchmark not in ("knn", "linear", "suite"):
             raise ValueError(f"unknown benchmark {benchmark!r}; allowed: knn, linear, suite")
         chosen = tuple(t.strip() for t in tasks.split(",") if t.strip()) if benchmark == "suite" else (benchmark,)
+        backbone = _backbone(weights, source, storage).to(training_device(device))
         config = SuiteConfig(tasks=chosen, data_uri=data_uri, train_limit=train_limit, test_limit=test_limit,
                              ks=tuple(sorted({k, 20})), image_size=image_size, num_workers=num_workers,
-                             seg_data=seg_data, depth_data=depth_data)
-        backbone = _backbone(weights, source, storage).to(training_device(device))
+                             seg_data=seg_data, depth_data=depth_data, multiscale=ms,
+                             layers=min(4, len(backbone.blocks)) if ms else 1)
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
     with tempfile.TemporaryDirectory() as scratch, (MlflowTracker.start(
         tracking_uri, experiment, run_name=f"eval-{benchmark}", tags=standard_tags("evaluate"),
     ) if tracking_uri else contextlib.nullcontext(NullTracker())) as tracker, _bad_input():
         tracker.log_params({"weights": weights, "benchmark": benchmark, "tasks": ",".join(chosen),
                             "data_uri": data_uri, "train_limit": train_limit, "test_limit": test_limit,
-                            "image_size": image_size, "seg_data": seg_data, "depth_data": depth_data})
+                            "image_size": image_size, "seg_data": seg_data, "depth_data": depth_data, "ms": ms})
         drawn = Path(scratch) / "pictures"
         drawn.mkdir()
         report = run_suite(backbone, config, storage, pictures=drawn)

@@ -286,6 +286,12 @@ def test_eval_suite_runs_segmentation_and_depth_on_real_layouts(weights: Path, t
     assert {"seg_miou", "depth_rmse"} <= set(report["metrics"])
     assert report["config"]["seg_data"] == f"voc:{voc}"
     assert sum(key.startswith("iou_") for key in report["tasks"]["seg"]) == 21  # VOC's classes
+    plus_ms = CliRunner().invoke(app, ["eval", "suite", "--weights", str(weights), "--tasks", "seg",
+                                       "--seg-data", f"voc:{voc}", "--image-size", "28", "--test-limit", "3", "--ms"])
+    assert plus_ms.exit_code == 0, plus_ms.output
+    config = json.loads(plus_ms.stdout)["config"]
+    assert (config["layers"], config["multiscale"]) == (2, True)  # the fixture's 2 blocks
+    assert 0 < json.loads(plus_ms.stdout)["metrics"]["seg_miou"] <= 1
     bad = CliRunner().invoke(app, ["eval", "suite", "--weights", str(weights), "--tasks", "seg",
                                    "--seg-data", str(voc)])
     assert bad.exit_code == 2 and "give <data set>:<root>" in bad.stderr
