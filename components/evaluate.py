@@ -4,7 +4,7 @@ Output folder: ``report.json`` (:func:`evaluators.suite.run_suite`'s report plus
 ``{"metrics": {name: value}, "tasks": {...}, ...}``,
 metric names as :func:`evaluators.report.report_metrics` gives them, e.g. ``knn_top1_k20`` and
 ``linear_top1``, plus ``pixels_knn_top1_k*``: the same k-NN on raw pixels, the baseline every
-backbone must beat) and ``confusion_knn.png`` (up to 30 classes). Cached by the backbone's bytes and
+backbone must beat) and the suite's pictures (``confusion_knn.png``, attention maps). Cached by the backbone's bytes and
 the parameters. ``data_uri`` is Fashion-MNIST's folder or one of class folders, ``train/<class>/``
 and ``val/<class>/`` (:mod:`evaluators.classification`).
 
@@ -30,13 +30,8 @@ from components.stage import (
     stage_run,
     storage_from_env,
 )
-from evaluators.knn import knn_predict
 from evaluators.suite import TASKS, SuiteConfig, run_suite
-from evaluators.visualize import confusion_matrix, save_confusion_matrix
 from trainer.models.hub import load_backbone, locate_weights
-
-
-MAX_CONFUSION_CLASSES = 30  # above, a confusion matrix is too dense to read: none is drawn
 
 
 def run_evaluate_stage(ctx: StageContext, backbone_dir: str | Path, out_dir: str | Path, data_uri: str,
@@ -63,18 +58,8 @@ def run_evaluate_stage(ctx: StageContext, backbone_dir: str | Path, out_dir: str
             backbone = load_backbone(uri, source, storage).eval()
             out.mkdir(parents=True, exist_ok=True)
             report = run_suite(backbone, config, storage, pictures=out)
-            features = report.pop("features")
+            report.pop("features")
             (out / REPORT_FILE).write_text(json.dumps({**report, "backbone_sha256": file_digest(weights)}, indent=2))
-            classes = report["tasks"].get("classification", {}).get("classes", [])
-            if features is not None and len(classes) <= MAX_CONFUSION_CLASSES:
-                k = 20
-                train_x, train_y, test_x, test_y = features
-                predictions = knn_predict(train_x, train_y, test_x, k=k, temperature=temperature,
-                                          num_classes=len(classes)).numpy()
-                accuracy = report["metrics"][f"knn_top1_k{k}"]
-                save_confusion_matrix(confusion_matrix(test_y.numpy(), predictions, len(classes)), classes,
-                                      out / "confusion_knn.png",
-                                      title=f"k-NN (k={k}) on frozen CLS features: {100 * accuracy:.1f}%")
             return {"metrics": report["metrics"]}
 
         key = cache_key("evaluate", params, {"backbone": weights})

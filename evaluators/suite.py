@@ -55,9 +55,17 @@ from evaluators.linear import LinearProbeConfig
 from evaluators.report import knn_accuracies, report_metrics
 from evaluators.retrieval import global_descriptors, rank_database
 from evaluators.synthetic import CLASS_NAMES, SceneConfig, make_retrieval_set, make_scenes
-from evaluators.visualize import save_attention_maps, save_dense_predictions, save_pca_maps
+from evaluators.knn import knn_predict
+from evaluators.visualize import (
+    confusion_matrix,
+    save_attention_maps,
+    save_confusion_matrix,
+    save_dense_predictions,
+    save_pca_maps,
+)
 
 TASKS = ("knn", "linear", "seg", "depth", "retrieval")
+MAX_CONFUSION_CLASSES = 30  # above, a confusion matrix is too dense to read: none is drawn
 
 
 @dataclass(frozen=True)
@@ -101,7 +109,8 @@ class SuiteConfig:
                                  f"{', '.join(allowed)}, e.g. {allowed[0]}:/data/{allowed[0]}")
 
 
-def _classification(backbone: nn.Module, config: SuiteConfig, storage: Storage) -> dict[str, Any]:
+def _classification(backbone: nn.Module, config: SuiteConfig, storage: Storage,
+                    pictures: str | Path | None) -> dict[str, Any]:
     linear = LinearProbeConfig() if "linear" in config.tasks else None
     data = labelled_features_of(backbone, config.data_uri, config.data_kind, storage, config.train_limit,
                                 config.test_limit, config.image_size, num_workers=config.num_workers, seed=config.seed,
@@ -111,6 +120,12 @@ def _classification(backbone: nn.Module, config: SuiteConfig, storage: Storage) 
     report = classification_report(data, config.ks, config.temperature, linear)
     report.update(classes=list(data.classes), bad_images=data.bad)
     metrics = report_metrics(report)
+    if pictures is not None and classes <= MAX_CONFUSION_CLASSES:
+        k = 20 if 20 in config.ks else config.ks[0]
+        predictions = knn_predict(*splits[:3], k=k, temperature=config.temperature, num_classes=classes).numpy()
+        save_confusion_matrix(confusion_matrix(data.test_y.numpy(), predictions, classes), data.classes,
+                              Path(pictures) / "confusion_knn.png",
+                              title=f"k-NN (k={k}) on frozen CLS features: {100 * report['knn'][f'k{k}']:.1f}%")
     if data.pixels is not None:
         report["pixels_knn"] = knn_accuracies(data.pixels[0], data.train_y, data.pixels[1], data.test_y, ks=config.ks,
                                               temperature=config.temperature, num_classes=classes)
@@ -181,7 +196,8 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
               pictures: str | Path | None = None) -> dict[str, Any]:
     """Run ``config.tasks`` on ``backbone`` (in eval mode, not moved); returns the report.
 
-    With ``pictures`` (a local folder) and the dense tasks, it also saves ``pca_features.png``
+    With ``pictures`` (a local folder) and knn or linear, it saves ``confusion_knn.png`` (k-NN's
+    confusion matrix, up to 30 classes); with the dense tasks, ``pca_features.png``
     (test scenes and their patch features' first three principal components as RGB) and
     ``dense_predictions.png`` (masks and depth maps, true and predicted); with either the dense
     or the classification tasks, ``attention_maps.png`` (:func:`attention_figures`).
@@ -192,7 +208,7 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
     features = None
     looked_at = None  # (uint8 test images, their foreground or None) for the attention maps: the scenes' first
     if {"knn", "linear"} & set(config.tasks):
-        result = _classification(backbone, config, storage or Storage())
+        result = _classification(backbone, config, storage or Storage(), pictures)
         metrics.update(result["metrics"])
         tasks["classification"] = result["report"]
         features = result["features"]

@@ -269,7 +269,8 @@ def test_eval_records_its_run_in_mlflow(weights: Path, tmp_path: Path, monkeypat
     assert run.info.status == "FINISHED" and run.data.params["weights"] == str(weights)
     assert run.data.metrics["knn_top1_k20"] == pytest.approx(printed["metrics"]["knn_top1_k20"])
     assert run.data.tags["dinoflow.stage"] == "evaluate"
-    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"report.json", "attention_maps.png"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"report.json", "attention_maps.png",
+                                                                        "confusion_knn.png"}
     assert (tmp_path / "pictures" / "attention_maps.png").read_bytes()[:4] == b"\x89PNG"
     assert f"MLflow run {run.info.run_id} in {uri}" in result.stderr
 
