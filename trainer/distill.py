@@ -148,7 +148,8 @@ def load_teacher(cfg: DistillConfig, storage: Storage) -> tuple[Teacher, dict[st
         checkpoint = load_latest_checkpoint(storage, source.uri)
         if checkpoint is None:
             raise ValueError(f"teacher.uri = {source.uri!r} holds no checkpoints/latest.json "
-                             "(for backbone weights, a .safetensors or Meta's released .pth, use teacher.source=backbone)")
+                             "(for backbone weights, a .safetensors or Meta's released .pth, use "
+                             "teacher.source=backbone)")
         teacher_cfg = checkpoint_config(checkpoint["config"])
         if features:
             backbone = build_backbone(teacher_cfg, drop_path=False)

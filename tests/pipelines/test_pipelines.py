@@ -193,7 +193,8 @@ def test_evaluate_only_benchmarks_released_and_hugging_face_weights(runs: Runs, 
     released = runs.run("evaluate_only", weights_uri=str(tmp_path / "released.pth"), **limits)["evaluate"]
     assert released.status == "FINISHED" and 0.1 < released.metrics["knn_top1_k20"] <= 1.0  # above chance
     reports = runs.root.glob("cache/evaluate/*/outputs/report.json")  # the cache keyed by the file's bytes
-    assert file_digest(tmp_path / "released.pth") in [json.loads(path.read_text())["backbone_sha256"] for path in reports]
+    digests = [json.loads(path.read_text())["backbone_sha256"] for path in reports]
+    assert file_digest(tmp_path / "released.pth") in digests
 
 
 def test_compiled_pipelines_hold_their_dag_and_no_secrets_or_local_paths(
