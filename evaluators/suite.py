@@ -120,8 +120,9 @@ def _classification(backbone: nn.Module, config: SuiteConfig, storage: Storage,
     report = classification_report(data, config.ks, config.temperature, linear)
     report.update(classes=list(data.classes), bad_images=data.bad)
     metrics = report_metrics(report)
-    if pictures is not None and classes <= MAX_CONFUSION_CLASSES:
-        k = 20 if 20 in config.ks else config.ks[0]
+    usable = [k for k in config.ks if f"k{k}" in report["knn"]]  # (ks above the train set's size are skipped)
+    if pictures is not None and classes <= MAX_CONFUSION_CLASSES and usable:
+        k = 20 if 20 in usable else usable[-1]
         predictions = knn_predict(*splits[:3], k=k, temperature=config.temperature, num_classes=classes).numpy()
         save_confusion_matrix(confusion_matrix(data.test_y.numpy(), predictions, classes), data.classes,
                               Path(pictures) / "confusion_knn.png",
