@@ -42,11 +42,11 @@ def run_evaluate_stage(ctx: StageContext, backbone_dir: str | Path, out_dir: str
     out = Path(out_dir)
     ks = sorted({int(k) for k in ks or []} | {20})  # k=20 always: the default gate metric
     with recording_errors(ctx, storage, "evaluate"), stage_run(ctx, "evaluate") as tracker:
-        asked = set(tasks or ("knn", "linear"))
-        if not data_uri and {"knn", "linear"} & asked and asked <= set(TASKS):  # (unknown tasks: named below)
+        asked = tuple(tasks or ("knn", "linear"))
+        if not data_uri and {"knn", "linear"} & set(asked) and set(asked) <= set(TASKS):  # (unknown: named below)
             raise ValueError("no labelled images for knn and linear: give the pipeline eval_data_uri (class "
                              "folders) or data_source (Fashion-MNIST); evaluate_only and retrain: data_uri")
-        config = SuiteConfig(tasks=tuple(tasks or ("knn", "linear")), data_uri=data_uri,
+        config = SuiteConfig(tasks=asked, data_uri=data_uri,
                              train_limit=train_limit, test_limit=test_limit, ks=tuple(ks), temperature=temperature)
         params = {"data_uri": data_uri, "train_limit": train_limit, "test_limit": test_limit, "ks": ks,
                   "temperature": temperature, "tasks": list(config.tasks)}

@@ -51,11 +51,11 @@ from evaluators.dense import (
 from evaluators.dense_datasets import load_ade20k, load_nyu, load_voc
 from evaluators.dense_metrics import retrieval_map
 from evaluators.features import to_model_input
+from evaluators.knn import knn_predict
 from evaluators.linear import LinearProbeConfig
 from evaluators.report import knn_accuracies, report_metrics
 from evaluators.retrieval import global_descriptors, rank_database
 from evaluators.synthetic import CLASS_NAMES, SceneConfig, make_retrieval_set, make_scenes
-from evaluators.knn import knn_predict
 from evaluators.visualize import (
     confusion_matrix,
     save_attention_maps,
@@ -142,10 +142,9 @@ DENSE_SETS = {"ade20k": (load_ade20k, ("training", "validation"), 150), "voc": (
 
 @dataclass(frozen=True)
 class _DenseSet:
-    """One dense task's uint8 images ``(N, 3, S, S)`` and per-pixel labels (masks or depths), both
-    splits, with the patch features ``(patches, cls)`` of each split."""
+    """One dense task's per-pixel labels (masks or depths) of both splits, its uint8 test images
+    ``(N, 3, S, S)``, and the patch features ``(patches, cls)`` of each split."""
 
-    train_images: np.ndarray
     train_labels: np.ndarray
     test_images: np.ndarray
     test_labels: np.ndarray
@@ -188,9 +187,8 @@ def _features_of(backbone: nn.Module, config: SuiteConfig, train_images: np.ndar
                  test_images: np.ndarray, test_labels: np.ndarray, label_range: float,
                  foreground: np.ndarray | None) -> _DenseSet:
     inputs = [to_model_input(images, patch_size=backbone.patch_size) for images in (train_images, test_images)]
-    return _DenseSet(train_images, train_labels, test_images, test_labels, dense_features(backbone, inputs[0],
-                     config.layers), dense_features(backbone, inputs[1], config.layers), inputs[1], label_range,
-                     foreground)
+    return _DenseSet(train_labels, test_images, test_labels, dense_features(backbone, inputs[0], config.layers),
+                     dense_features(backbone, inputs[1], config.layers), inputs[1], label_range, foreground)
 
 
 def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None = None,
