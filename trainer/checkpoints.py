@@ -88,13 +88,19 @@ def checkpoint_bytes(student: SSLNetwork, teacher: SSLNetwork, objective: Object
     return buffer.getvalue()
 
 
+def pointer_uri(out: str) -> str:
+    """``<out>/checkpoints/latest.json``: the pointer to a run's latest checkpoint (a run folder
+    holds one once it has saved a checkpoint)."""
+    return join_uri(out, "checkpoints", "latest.json")
+
+
 def save_checkpoint(storage: Storage, out: str, data: bytes, step: int, keep: int = 2) -> str:
     """Write ``checkpoints/step_N.pt`` then point ``checkpoints/latest.json`` at it (both atomic);
     a checkpoint is only ever found through the pointer, so a half-written one is never read."""
     folder = join_uri(out, "checkpoints")
     uri = join_uri(folder, f"step_{step:09d}.pt")
     storage.write_bytes(uri, data)
-    storage.write_bytes(join_uri(folder, "latest.json"), json.dumps({"step": step, "uri": uri}).encode())
+    storage.write_bytes(pointer_uri(out), json.dumps({"step": step, "uri": uri}).encode())
     old = [u for u in storage.list(folder) if u.endswith(".pt") and u != uri]
     for stale in old[: max(len(old) - (keep - 1), 0)]:
         storage.delete(stale)
@@ -103,7 +109,7 @@ def save_checkpoint(storage: Storage, out: str, data: bytes, step: int, keep: in
 
 def load_latest_checkpoint(storage: Storage, out: str) -> dict[str, Any] | None:
     """The checkpoint ``latest.json`` points at, or None for a fresh run."""
-    pointer = join_uri(out, "checkpoints", "latest.json")
+    pointer = pointer_uri(out)
     if not storage.exists(pointer):
         return None
     uri = json.loads(storage.read_bytes(pointer))["uri"]

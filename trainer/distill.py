@@ -55,6 +55,7 @@ from trainer.checkpoints import (
     TrainState,
     checkpoint_bytes,
     load_latest_checkpoint,
+    pointer_uri,
     save_checkpoint,
     write_training_curves,
 )
@@ -143,7 +144,7 @@ def load_teacher(cfg: DistillConfig, storage: Storage) -> tuple[Teacher, dict[st
     network: Teacher
     kind = source.source
     if kind == "auto":
-        kind = "checkpoint" if storage.exists(join_uri(source.uri, "checkpoints", "latest.json")) else "backbone"
+        kind = "checkpoint" if storage.exists(pointer_uri(source.uri)) else "backbone"
     if kind == "checkpoint":
         checkpoint = load_latest_checkpoint(storage, source.uri)
         if checkpoint is None:
