@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from dinoflow.tracking import Tracker
-from evaluators.knn import knn_predict
+from evaluators.knn import knn_predictions
 from evaluators.linear import LinearProbeConfig, linear_probe
 
 DEFAULT_KS: tuple[int, ...] = (10, 20, 100, 200)  # the original's k-NN protocol
@@ -31,21 +31,18 @@ def knn_accuracies(
     temperature: float = DEFAULT_TEMPERATURE,
     num_classes: int | None = None,
 ) -> dict[str, float]:
-    """Top-1 accuracy of :func:`~evaluators.knn.knn_predict` per k: ``{"k10": acc, ...}``.
+    """Top-1 accuracy of :func:`~evaluators.knn.knn_predict` per k: ``{"k10": acc, ...}``, every k
+    voting from one similarity pass (:func:`~evaluators.knn.knn_predictions`).
 
     A k larger than the train set is skipped (absent from the result), not clipped.
     """
     train_labels, test_labels = train_labels.long(), test_labels.long()
     classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
-    results: dict[str, float] = {}
-    for k in ks:
-        if k > len(train_features):
-            continue
-        predictions = knn_predict(
-            train_features, train_labels, test_features, k=k, temperature=temperature, num_classes=classes
-        )
-        results[f"k{k}"] = float((predictions == test_labels).double().mean())
-    return results
+    usable = [k for k in ks if k <= len(train_features)]
+    if not usable:
+        return {}
+    predictions = knn_predictions(train_features, train_labels, test_features, usable, temperature, classes)
+    return {f"k{k}": float((predictions[k] == test_labels).double().mean()) for k in usable}
 
 
 def benchmark_report(

@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.neighbors import KNeighborsClassifier
 
-from evaluators.knn import knn_predict
+from evaluators.knn import knn_predict, knn_predictions
 
 
 @pytest.mark.parametrize(("k", "temperature"), [(1, 0.07), (10, 0.07), (20, 0.5), (50, 0.07)])
@@ -31,6 +31,24 @@ def test_matches_sklearn_weighted_cosine_knn(k: int, temperature: float) -> None
     np.testing.assert_array_equal(ours, reference)
     assert (ours == query_labels).mean() > 0.5  # the task is learnable, so the check has teeth
 
+
+
+def test_every_k_from_one_pass_votes_as_sklearn() -> None:
+    """Several k share one similarity pass (each votes with the first k of the largest k's sorted
+    neighbours): the same labels as scikit-learn's classifier fitted per k."""
+    rng = np.random.default_rng(7)
+    centres = rng.standard_normal((4, 8))
+    train_labels = rng.integers(0, 4, 300)
+    train = centres[train_labels] + 1.5 * rng.standard_normal((300, 8))
+    queries = centres[rng.integers(0, 4, 90)] + 1.5 * rng.standard_normal((90, 8))
+    ks = (1, 5, 20, 60)
+    ours = knn_predictions(torch.from_numpy(train).float(), torch.from_numpy(train_labels),
+                           torch.from_numpy(queries).float(), ks, temperature=0.1, num_classes=4, chunk_size=32)
+    for k in ks:
+        reference = KNeighborsClassifier(n_neighbors=k, metric="cosine", algorithm="brute",
+                                         weights=lambda d: np.exp((1 - d) / 0.1)).fit(train, train_labels)
+        np.testing.assert_array_equal(ours[k].numpy(), reference.predict(queries), err_msg=f"k={k}")
+    assert len({tuple(p.tolist()) for p in ours.values()}) > 1  # the ks disagree somewhere: slicing is checked
 
 def test_bad_arguments_are_named() -> None:
     x, y = torch.randn(10, 4), torch.zeros(10, dtype=torch.long)
