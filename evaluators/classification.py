@@ -81,18 +81,18 @@ def view(features: Tensor, name: str, dim: int) -> Tensor:
     return torch.cat([picked, features[:, blocks * dim:]], dim=1) if name.endswith("+avgpool") else picked
 
 
-def labelled_features_of(backbone: nn.Module, uri: str, kind: DataKind, storage: Storage, train_limit: int = 0,
-                         test_limit: int = 0, image_size: int = 224, batch_size: int = 128, num_workers: int = 0,
-                         seed: int = 0, views: bool = False) -> LabelledFeatures:
-    """Features of the train and test splits at ``uri`` (``kind`` auto: :func:`data_kind`); with
-    ``views``, also the linear probe's inputs (:func:`view`)."""
-    blocks = min(4, len(backbone.blocks)) if views else 1
+def labelled_images(uri: str, kind: DataKind, storage: Storage, train_limit: int = 0, test_limit: int = 0,
+                    image_size: int = 224, seed: int = 0) -> LabelledImages:
+    """Both splits of the labelled data at ``uri`` (``kind`` auto: :func:`data_kind`), found and
+    checked once: training scores the same images at every evaluation, so it reads Fashion-MNIST's
+    files and lists a folder's images once, not at each pass."""
     resolved = data_kind(uri, storage) if kind == "auto" else kind
     if resolved == "fashion_mnist":
-        return _fashion_mnist(backbone, uri, storage, train_limit, test_limit, blocks, views)
-    patch = int(getattr(backbone, "patch_size", 14))
-    if image_size <= 0 or image_size % patch:
-        raise ValueError(f"image_size {image_size} is not a positive multiple of the patch size {patch}")
+        splits = [load_split(storage, uri, split) for split in ("train", "test")]  # type: ignore[arg-type]
+        (train, train_y), (test, test_y) = ((torch.from_numpy(data.images[: limit or len(data.images)]),
+                                             torch.from_numpy(data.labels[: limit or len(data.labels)]))
+                                            for data, limit in zip(splits, (train_limit, test_limit)))
+        return FashionMnistImages(train, train_y, test, test_y)
     train = ImageFolderDataset(storage, join_uri(uri, "train"), round(image_size / CROP_RATIO))
     if not train.classes:
         raise ValueError(f"{join_uri(uri, 'train')}: every image must lie in a class folder, train/<class>/<image>")
@@ -102,25 +102,75 @@ def labelled_features_of(backbone: nn.Module, uri: str, kind: DataKind, storage:
     if unknown or not test.classes:
         raise ValueError(f"{test_uri}: classes {unknown or '(none: images outside class folders)'} are not "
                          f"among train's {len(train.classes)} class folders")
-    remap = torch.tensor([train.classes.index(name) for name in test.classes])
-    split_batches = {}
-    for split, dataset, limit in (("train", train, train_limit), ("test", test, test_limit)):
+    subsets = []
+    for dataset, limit in ((train, train_limit), (test, test_limit)):
         rows = np.arange(len(dataset))
         if limit and limit < len(rows):
             rows = np.sort(np.random.default_rng(seed).permutation(len(rows))[:limit])
-        loader = DataLoader(Subset(dataset, rows.tolist()), batch_size=batch_size, num_workers=num_workers,
-                            collate_fn=collate_samples)
-        split_batches[split] = (_ModelInput(loader, image_size, patch, None) if split == "train" else
-                                _ModelInput(loader, image_size, patch, remap, keep=ATTENTION_IMAGES))
-    device = next(backbone.parameters()).device
-    train_f, train_y = extract_features(backbone, split_batches["train"], device=device, layers=blocks,
-                                        with_patch_mean=views)
-    test_f, test_y = extract_features(backbone, split_batches["test"], device=device, layers=blocks,
-                                      with_patch_mean=views)
-    assert train_y is not None and test_y is not None
-    shown = torch.cat(split_batches["test"].kept)[:ATTENTION_IMAGES]
-    return _labelled(train_f, train_y, test_f, test_y, train.classes, backbone, views, shown, None, None,
-                     {split: batches.bad for split, batches in split_batches.items()})
+        subsets.append(Subset(dataset, rows.tolist()))
+    remap = torch.tensor([train.classes.index(name) for name in test.classes])
+    return FolderImages(subsets[0], subsets[1], train.classes, remap, image_size)
+
+
+@dataclass(frozen=True)
+class FashionMnistImages:
+    """Fashion-MNIST's splits in memory (a limit keeps the first N, as the original files order them)."""
+
+    train: Tensor  # (N, 28, 28) uint8
+    train_y: Tensor
+    test: Tensor
+    test_y: Tensor
+    classes: tuple[str, ...] = FASHION_MNIST_CLASSES
+
+    def features(self, backbone: nn.Module, views: bool = False, batch_size: int = 512,
+                 num_workers: int = 0) -> LabelledFeatures:
+        """The frozen features of both splits (with ``views``, also the linear probe's inputs,
+        :func:`view`), the raw pixels as the baseline's features, the garments' silhouettes."""
+        blocks = min(4, len(backbone.blocks)) if views else 1
+        train_f, test_f = (extract_features(backbone, to_model_input(images, patch_size=int(backbone.patch_size)),
+                                            batch_size=batch_size, layers=blocks, with_patch_mean=views)[0]
+                           for images in (self.train, self.test))
+        shown = self.test[:ATTENTION_IMAGES]
+        return _labelled(train_f, self.train_y, test_f, self.test_y, self.classes, backbone, views, shown,
+                         garment_foreground(shown), (self.train.flatten(1).float(), self.test.flatten(1).float()),
+                         {"train": 0, "test": 0})
+
+
+@dataclass(frozen=True)
+class FolderImages:
+    """Class folders' image lists (a limit keeps a seeded random subset), decoded as each feature
+    pass streams them; ``remap`` maps the test split's class indices into train's."""
+
+    train: Subset
+    test: Subset
+    classes: tuple[str, ...]
+    remap: Tensor
+    image_size: int
+
+    def features(self, backbone: nn.Module, views: bool = False, batch_size: int = 128,
+                 num_workers: int = 0) -> LabelledFeatures:
+        """The frozen features of both splits' centre crops (with ``views``, also the linear probe's
+        inputs, :func:`view`), the undecodable images of each counted."""
+        blocks = min(4, len(backbone.blocks)) if views else 1
+        patch = int(getattr(backbone, "patch_size", 14))
+        if self.image_size <= 0 or self.image_size % patch:
+            raise ValueError(f"image_size {self.image_size} is not a positive multiple of the patch size {patch}")
+        device = next(backbone.parameters()).device
+        passes, features = {}, {}
+        for split, subset, remap, keep in (("train", self.train, None, 0),
+                                           ("test", self.test, self.remap, ATTENTION_IMAGES)):
+            loader = DataLoader(subset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_samples)
+            passes[split] = _ModelInput(loader, self.image_size, patch, remap, keep=keep)
+            features[split] = extract_features(backbone, passes[split], device=device, layers=blocks,
+                                               with_patch_mean=views)
+        (train_f, train_y), (test_f, test_y) = features["train"], features["test"]
+        assert train_y is not None and test_y is not None
+        shown = torch.cat(passes["test"].kept)[:ATTENTION_IMAGES]
+        return _labelled(train_f, train_y, test_f, test_y, self.classes, backbone, views, shown, None, None,
+                         {split: batches.bad for split, batches in passes.items()})
+
+
+LabelledImages = FashionMnistImages | FolderImages
 
 
 def _labelled(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y: Tensor, classes: tuple[str, ...],
@@ -184,19 +234,3 @@ class _ModelInput:
             yield to_model_input(pixels, patch_size=self.patch), labels
         tracker.check(final=True)
         self.bad = tracker.bad
-
-
-def _fashion_mnist(backbone: nn.Module, uri: str, storage: Storage, train_limit: int, test_limit: int, blocks: int,
-                   views: bool) -> LabelledFeatures:
-    parts = {}
-    for split, limit in (("train", train_limit), ("test", test_limit)):
-        data = load_split(storage, uri, split)  # type: ignore[arg-type]
-        images = torch.from_numpy(data.images[: limit or len(data.images)])
-        inputs = to_model_input(images, patch_size=int(backbone.patch_size))
-        features, _ = extract_features(backbone, inputs, batch_size=512, layers=blocks, with_patch_mean=views)
-        parts[split] = images, features, torch.from_numpy(data.labels[: len(images)])
-    (train, train_f, train_y), (test, test_f, test_y) = parts["train"], parts["test"]
-    shown = test[:ATTENTION_IMAGES]
-    return _labelled(train_f, train_y, test_f, test_y, FASHION_MNIST_CLASSES, backbone, views, shown,
-                     garment_foreground(shown), (train.flatten(1).float(), test.flatten(1).float()),
-                     {"train": 0, "test": 0})

@@ -38,7 +38,7 @@ from torch import nn
 
 from dinoflow.storage import Storage
 from evaluators.attention import ATTENTION_IMAGES, attention_summary
-from evaluators.classification import DATA_KINDS, DataKind, classification_report, labelled_features_of
+from evaluators.classification import DATA_KINDS, DataKind, classification_report, labelled_images
 from evaluators.dense import (
     HeadConfig,
     dense_features,
@@ -112,9 +112,9 @@ class SuiteConfig:
 def _classification(backbone: nn.Module, config: SuiteConfig, storage: Storage,
                     pictures: str | Path | None) -> dict[str, Any]:
     linear = LinearProbeConfig() if "linear" in config.tasks else None
-    data = labelled_features_of(backbone, config.data_uri, config.data_kind, storage, config.train_limit,
-                                config.test_limit, config.image_size, num_workers=config.num_workers, seed=config.seed,
-                                views=linear is not None)
+    images = labelled_images(config.data_uri, config.data_kind, storage, config.train_limit, config.test_limit,
+                             config.image_size, config.seed)
+    data = images.features(backbone, views=linear is not None, num_workers=config.num_workers)
     splits = [data.train_x, data.train_y, data.test_x, data.test_y]
     classes = len(data.classes)
     report = classification_report(data, config.ks, config.temperature, linear)

@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from dinoflow.config import DistillConfig, PretrainConfig, validate
 from dinoflow.progress import progress
+from dinoflow.run_files import BACKBONE_FILE, SUMMARY_FILE
 from dinoflow.storage import Storage, join_uri
 from dinoflow.tracking import NullTracker, Tracker
 from trainer.batches import CropBatch, ImageStream, LoaderWatch, PreparedStep, SideStream, settle, streams_kept
@@ -81,7 +82,7 @@ from trainer.engine import (
 from trainer.losses import CLSFeatureLoss, PatchFeatureLoss
 from trainer.models.compile import compile_blocks
 from trainer.models.heads import DINOHead
-from trainer.models.hub import BACKBONE_FILE, load_backbone, save_backbone
+from trainer.models.hub import load_backbone, save_backbone
 from trainer.models.vit import DinoVisionTransformer
 from trainer.optim import build_adamw, with_kernel_choice
 from trainer.schedules import ScheduleValues, schedule_values, total_steps
@@ -485,7 +486,7 @@ def distill(
                "backbone": join_uri(cfg.out, BACKBONE_FILE), "final": final,
                "bad_images": bad_images.summary(), "history": state.history, "mlflow_run_id": tracker.run_id,
                "tracking": tracker.delivery()}  # metrics sent, still queued or lost (an unreachable store)
-    storage.write_bytes(join_uri(cfg.out, "summary.json"), json.dumps(summary, indent=2).encode())
+    storage.write_bytes(join_uri(cfg.out, SUMMARY_FILE), json.dumps(summary, indent=2).encode())
     return summary
 
 
@@ -506,11 +507,10 @@ def _check_same_teacher(storage: Storage, cfg: DistillConfig, teacher_hash: str,
 
 def run_distill(cfg: DistillConfig, storage: Storage, tracker: Tracker, evaluate: bool = True) -> dict[str, Any]:
     """Distil per ``cfg`` (resuming from ``cfg.out``), scoring the student EMA on labelled images
-    (k-NN periodically, k-NN + linear probe at the end; :func:`trainer.run.labelled_evaluator`)."""
+    (k-NN periodically, k-NN + linear probe at the end; :func:`trainer.run.labelled_evaluators`)."""
     from trainer.data.datasets import collate_samples
-    from trainer.run import build_dataset, labelled_evaluator
+    from trainer.run import build_dataset, labelled_evaluators
 
     dataset = build_dataset(cfg.data, cfg.crops.load_size, storage)
-    periodic = labelled_evaluator(cfg, storage) if evaluate else None
-    final = labelled_evaluator(cfg, storage, linear=True) if evaluate else None
+    periodic, final = labelled_evaluators(cfg, storage) if evaluate else (None, None)
     return distill(cfg, dataset, collate_samples, storage, tracker, evaluate=periodic, final_evaluate=final)

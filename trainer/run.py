@@ -13,7 +13,7 @@ import torch
 from dinoflow.config import DataConfig, PretrainConfig
 from dinoflow.storage import Storage
 from dinoflow.tracking import Tracker
-from evaluators.classification import classification_report, data_kind, labelled_features_of
+from evaluators.classification import classification_report, labelled_images
 from evaluators.linear import LinearProbeConfig
 from evaluators.report import report_metrics
 from trainer.data.datasets import FashionMnistDataset, ImageFolderDataset, ShardDataset, collate_samples
@@ -32,37 +32,38 @@ def build_dataset(data: DataConfig, load_size: int, storage: Storage) -> torch.u
     return ShardDataset(storage, data.uri, load_size)
 
 
-def labelled_evaluator(cfg: PretrainConfig, storage: Storage, linear: bool = False) -> EvalFn | None:
-    """k-NN (and, if asked, the linear probe) of the teacher on labelled images: ``eval.data_uri``
-    (Fashion-MNIST's files or class folders, :mod:`evaluators.classification`), else the training
-    data when it is Fashion-MNIST; None when there are no labels to score on. A bad
-    ``eval.data_uri`` fails here, before training starts."""
+def labelled_evaluators(cfg: PretrainConfig, storage: Storage) -> tuple[EvalFn | None, EvalFn | None]:
+    """The teacher's scores on labelled images: ``eval.data_uri`` (Fashion-MNIST's files or class
+    folders, :mod:`evaluators.classification`), else the training data when it is Fashion-MNIST:
+    k-NN for the periodic evaluation and k-NN + linear probe for the final one, both over images
+    read once; (None, None) when there are no labels to score on. A bad ``eval.data_uri`` fails
+    here, before training starts."""
     uri = cfg.eval.data_uri or (cfg.data.uri if cfg.data.kind == "fashion_mnist" else "")
     if not uri:
-        return None
-    kind = data_kind(uri, storage)
-    size = cfg.eval.image_size or cfg.crops.global_crop_size
-    k = cfg.eval.knn_k
+        return None, None
+    images = labelled_images(uri, "auto", storage, cfg.eval.train_limit, cfg.eval.test_limit,
+                             cfg.eval.image_size or cfg.crops.global_crop_size)
 
-    def evaluate(backbone: DinoVisionTransformer, step: int) -> dict[str, float]:
-        was_training = backbone.training
-        data = labelled_features_of(backbone, uri, kind, storage, cfg.eval.train_limit, cfg.eval.test_limit, size,
-                                    views=linear)
-        backbone.train(was_training)
-        return report_metrics(classification_report(data, (k,), cfg.eval.knn_temperature,
-                                                    LinearProbeConfig() if linear else None))
+    def scorer(linear: bool) -> EvalFn:
+        def evaluate(backbone: DinoVisionTransformer, step: int) -> dict[str, float]:
+            was_training = backbone.training
+            data = images.features(backbone, views=linear)
+            backbone.train(was_training)
+            return report_metrics(classification_report(data, (cfg.eval.knn_k,), cfg.eval.knn_temperature,
+                                                        LinearProbeConfig() if linear else None))
 
-    return evaluate
+        return evaluate
+
+    return scorer(linear=False), scorer(linear=True)
 
 
 def run_pretrain(cfg: PretrainConfig, storage: Storage, tracker: Tracker, evaluate: bool = True) -> dict[str, Any]:
     """Train per ``cfg`` (resuming from ``cfg.out`` when a checkpoint is there).
 
-    With ``evaluate`` and labelled images (:func:`labelled_evaluator`) the teacher is scored by
+    With ``evaluate`` and labelled images (:func:`labelled_evaluators`) the teacher is scored by
     k-NN every ``cfg.eval.every_steps`` and by k-NN + linear probe at the end; a pipeline leaves
     that to its evaluate stage.
     """
     dataset = build_dataset(cfg.data, cfg.crops.load_size, storage)
-    periodic = labelled_evaluator(cfg, storage) if evaluate else None
-    final = labelled_evaluator(cfg, storage, linear=True) if evaluate else None
+    periodic, final = labelled_evaluators(cfg, storage) if evaluate else (None, None)
     return pretrain(cfg, dataset, collate_samples, storage, tracker, evaluate=periodic, final_evaluate=final)

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from dinoflow.storage import Storage
-from evaluators.classification import data_kind, labelled_features_of
+from evaluators.classification import data_kind, labelled_images
 from evaluators.features import to_model_input
 from evaluators.knn import knn_predict
 from evaluators.suite import SuiteConfig, run_suite
@@ -55,7 +55,7 @@ def test_class_folders_give_the_features_and_labels_of_each_image(tmp_path: Path
     """val lacks a class: its labels are indices into train's classes, not its own."""
     write_folders(tmp_path, {"cat": (4, 0), "dog": (5, 2), "fish": (3, 3)})
     model = backbone()
-    data = labelled_features_of(model, str(tmp_path), "auto", Storage(), image_size=28, batch_size=4)
+    data = labelled_images(str(tmp_path), "auto", Storage(), image_size=28).features(model, batch_size=4)
     assert data.classes == CLASSES and data.pixels is None and data.bad == {"train": 0, "test": 0}
     train_files = sorted((tmp_path / "train").rglob("*.png"))
     val_files = sorted((tmp_path / "val").rglob("*.png"))
@@ -69,15 +69,15 @@ def test_a_limit_keeps_a_random_subset_of_every_class_and_bad_images_are_counted
     write_folders(tmp_path, {"cat": (20, 4), "dog": (20, 4), "fish": (20, 4)})
     (tmp_path / "train" / "dog" / "broken.png").write_bytes(b"not an image")
     model = backbone()
-    data = labelled_features_of(model, str(tmp_path), "folder", Storage(), train_limit=61, test_limit=6,
-                                image_size=28)
+    data = labelled_images(str(tmp_path), "folder", Storage(), train_limit=61, test_limit=6,
+                           image_size=28).features(model)
     assert data.bad == {"train": 1, "test": 0} and len(data.train_y) == 60 and len(data.test_y) == 6
-    subset = labelled_features_of(model, str(tmp_path), "folder", Storage(), train_limit=9, image_size=28)
+    subset = labelled_images(str(tmp_path), "folder", Storage(), train_limit=9, image_size=28).features(model)
     assert len(subset.train_y) <= 9 and len(set(subset.train_y.tolist())) == 3  # not the first class's 9
     for index in range(6):
         (tmp_path / "val" / "fish" / f"broken{index}.png").write_bytes(b"")
     with pytest.raises(ValueError, match=r"6 of 18 images \(33\.3%\) could not be decoded"):
-        labelled_features_of(model, str(tmp_path), "folder", Storage(), image_size=28)
+        labelled_images(str(tmp_path), "folder", Storage(), image_size=28).features(model)
 
 
 def test_the_suite_scores_class_folders(tmp_path: Path) -> None:
@@ -105,12 +105,12 @@ def test_data_kinds_and_bad_layouts_are_named(tmp_path: Path) -> None:
     assert data_kind(str(tmp_path / "folders"), storage) == "folder"
     with pytest.raises(ValueError, match="holds neither Fashion-MNIST .* nor train/<class>/ image folders"):
         data_kind(str(tmp_path / "nothing"), storage)
+    with pytest.raises(ValueError, match="image_size 30 is not a positive multiple of the patch size 7"):
+        labelled_images(str(tmp_path / "folders"), "auto", storage, image_size=30).features(backbone())
     (tmp_path / "folders" / "val" / "bird").mkdir()
     Image.new("RGB", (30, 30)).save(tmp_path / "folders" / "val" / "bird" / "0.png")
     with pytest.raises(ValueError, match=r"classes \['bird'\] are not among train's 2 class folders"):
-        labelled_features_of(backbone(), str(tmp_path / "folders"), "auto", storage, image_size=28)
-    with pytest.raises(ValueError, match="image_size 30 is not a positive multiple of the patch size 7"):
-        labelled_features_of(backbone(), str(tmp_path / "folders"), "auto", storage, image_size=30)
+        labelled_images(str(tmp_path / "folders"), "auto", storage, image_size=28)
     with pytest.raises(ValueError, match="unknown data kind 'csv'"):
         SuiteConfig(data_uri="x", data_kind="csv")  # type: ignore[arg-type]
 
@@ -124,7 +124,7 @@ def test_the_probe_views_are_the_originals_and_the_best_on_held_out_is_reported(
     write_folders(tmp_path, {"cat": (12, 4), "dog": (12, 4), "fish": (12, 4)})
     model = build_vit("vit_small", patch_size=7, embed_dim=32, depth=5, num_heads=2, img_size=28,
                       layerscale_init=1.0).eval()
-    data = labelled_features_of(model, str(tmp_path), "folder", Storage(), image_size=28, views=True)
+    data = labelled_images(str(tmp_path), "folder", Storage(), image_size=28).features(model, views=True)
     train_files = sorted((tmp_path / "train").rglob("*.png"))
     load = round(28 / 0.875)
     pixels = torch.stack([read_image(f.read_bytes(), load)[:, 2:30, 2:30] for f in train_files])
@@ -145,5 +145,5 @@ def test_the_probe_views_are_the_originals_and_the_best_on_held_out_is_reported(
                          data.test_y, config, num_classes=3)
     assert report["test_accuracy"] == alone.test_accuracy
     with pytest.raises(ValueError, match="needs the features taken with views=True"):
-        classification_report(labelled_features_of(model, str(tmp_path), "folder", Storage(), image_size=28),
+        classification_report(labelled_images(str(tmp_path), "folder", Storage(), image_size=28).features(model),
                               (5,), 0.07, config)
