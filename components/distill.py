@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from components.pretrain import run_training
-from components.stage import BACKBONE_FILE, StageContext, cache_key, recording_errors, stage_run, storage_from_env
+from components.stage import StageContext, cache_key, recording_errors, stage_run, storage_from_env
 from dinoflow.config import DistillConfig, load_config, to_yaml
+from dinoflow.run_files import BACKBONE_FILE
 from dinoflow.storage import Storage, join_uri
 from dinoflow.tracking import Tracker
 

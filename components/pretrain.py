@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from components.stage import (
-    BACKBONE_FILE,
     StageContext,
     cache_key,
     mark_cached,
@@ -24,6 +23,7 @@ from components.stage import (
     storage_from_env,
 )
 from dinoflow.config import PretrainConfig, load_config, to_yaml
+from dinoflow.run_files import BACKBONE_FILE, SUMMARY_FILE
 from dinoflow.storage import Storage, join_uri
 from dinoflow.tracking import TAG_HEALTH, Tracker
 
@@ -74,7 +74,7 @@ def run_training(ctx: StageContext, storage: Storage, tracker: Tracker, stage: s
         out.mkdir(parents=True, exist_ok=True)
         storage.get_file(summary["backbone"], out / BACKBONE_FILE)
         (out / "config.yaml").write_text(to_yaml(cfg))
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         kept = ("steps", "images_seen", "train_minutes", "health")  # health: pretraining's collapse verdict
         return {name: summary[name] for name in kept if name in summary}
 

@@ -18,7 +18,6 @@ import numpy as np
 import yaml
 
 from components.stage import (
-    BACKBONE_FILE,
     REPORT_FILE,
     StageContext,
     recording_errors,
@@ -26,6 +25,7 @@ from components.stage import (
     storage_from_env,
 )
 from dinoflow.registry import gate, register_version
+from dinoflow.run_files import BACKBONE_FILE
 from trainer.models.packaging import save_mlflow_model
 
 MODEL_ARTIFACT = "backbone"

@@ -27,8 +27,8 @@ from dinoflow.storage import S3Settings, Storage, join_uri
 from dinoflow.tracking import MlflowTracker, NullTracker, Tracker, default_artifact_location, standard_tags
 
 TAG_CACHED = "dinoflow.cached"
-# what stages hand each other: here, so a stage reads another's output without importing its code
-BACKBONE_FILE = "backbone.safetensors"  # pretrain's and distill's output, evaluate's and register's input
+# what stages hand each other beside a run's files (dinoflow.run_files): here, so a stage reads another's
+# output without importing its code
 REPORT_FILE = "report.json"  # evaluate's output, register's input
 
 

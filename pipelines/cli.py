@@ -386,7 +386,8 @@ def export(
     from pathlib import Path
 
     from components.stage import storage_from_env
-    from trainer.models.hub import BACKBONE_FILE, pretrained_arch_kwargs, save_backbone
+    from dinoflow.run_files import BACKBONE_FILE
+    from trainer.models.hub import pretrained_arch_kwargs, save_backbone
 
     formats = ("hf", "onnx", "safetensors")
     storage = storage_from_env()

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from dinoflow.config import PretrainConfig
 from dinoflow.progress import progress
+from dinoflow.run_files import BACKBONE_FILE, SUMMARY_FILE
 from dinoflow.storage import Storage, join_uri
 from dinoflow.tracking import TAG_HEALTH, NullTracker, Tracker
 from trainer.batches import (
@@ -63,7 +64,7 @@ from trainer.losses import (
 )
 from trainer.models.compile import compile_blocks, compiled_now, maybe_compiled
 from trainer.models.heads import DINOHead, Fused
-from trainer.models.hub import BACKBONE_FILE, init_backbone, save_backbone
+from trainer.models.hub import init_backbone, save_backbone
 from trainer.models.vit import DinoVisionTransformer, build_vit
 from trainer.optim import build_adamw, with_kernel_choice
 from trainer.schedules import ScheduleValues, schedule_values, total_steps
@@ -666,6 +667,6 @@ def _pretrain(cfg: PretrainConfig, dataset: Any, collate: Callable, storage: Sto
                "history": state.history, "mlflow_run_id": tracker.run_id,
                "tracking": tracker.delivery()}  # metrics sent, still queued or lost (an unreachable store)
     if strategy.is_main:
-        storage.write_bytes(join_uri(cfg.out, "summary.json"), json.dumps(summary, indent=2).encode())
+        storage.write_bytes(join_uri(cfg.out, SUMMARY_FILE), json.dumps(summary, indent=2).encode())
     return summary
 

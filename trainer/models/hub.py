@@ -26,13 +26,13 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor
 
+from dinoflow.run_files import BACKBONE_FILE
 from dinoflow.storage import Storage, join_uri
 from trainer.models.vit import ARCHITECTURES, DinoVisionTransformer, resize_positions, vit_arch_kwargs
 
 Source = Literal["auto", "official", "training", "safetensors", "hf"]  # auto: :func:`locate_weights`
 SOURCES: tuple[str, ...] = ("auto", "official", "training", "safetensors", "hf")
 ARCH_METADATA_KEY = "dinoflow.arch_kwargs"
-BACKBONE_FILE = "backbone.safetensors"  # what pretraining and distillation runs write
 
 # name -> (architecture, register tokens); released weights: 518 px table, LayerScale stored
 PRETRAINED: dict[str, tuple[str, int]] = {

@@ -1,0 +1,8 @@
+"""The files a pretraining or distillation run leaves in its folder, named once.
+
+Why: the trainer writes them and others read them without importing the trainer (the pipeline's
+stages stay torch-free, the weight loader finds a run folder's backbone by this name).
+"""
+
+BACKBONE_FILE = "backbone.safetensors"  # the released backbone: the teacher's (pretraining) or the student's
+SUMMARY_FILE = "summary.json"  # the run's figures: steps, history, final scores, where the backbone is
