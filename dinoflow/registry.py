@@ -5,16 +5,23 @@ new version is measurably better. Each version carries its benchmark metrics as 
 (``metric.<name>``), so the gate compares numbers written at registration time, not whatever a
 run holds later. The decision (what was compared, the numbers, the verdict) is returned for the
 caller to record.
+
+A person may still move an alias past the gate (:func:`move_alias`: a rollback after a version
+misbehaves in use, a promotion on grounds the gate does not measure). Every move, the gate's and a
+person's, is written on the version it lands on (``alias.<alias>``: when, who, why), so "why is
+this version the champion?" has an answer in the registry itself (:func:`model_versions`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 CHAMPION = "champion"
 METRIC_TAG = "metric."
+ALIAS_TAG = "alias."  # alias.<alias> on a version: when and why that alias last moved to it
 
 
 @dataclass(frozen=True)
@@ -103,5 +110,85 @@ def gate(client: Any, name: str, version: str, metric: str, margin: float = 0.0)
     else:
         promoted, reason = False, f"{value:.4f} <= {current_value:.4f} + margin {margin:g}"
     if promoted:
-        client.set_registered_model_alias(name, CHAMPION, version)
+        _set_alias(client, name, version, CHAMPION, f"gate: {reason}")
     return GateDecision(name, version, metric, value, margin, current, current_value, promoted, reason)
+
+
+@dataclass(frozen=True)
+class VersionRow:
+    """One registered version as ``dinoflow models list`` shows it."""
+
+    name: str
+    version: str
+    aliases: tuple[str, ...]
+    metrics: dict[str, float]
+    registered: str  # UTC, ISO 8601 to the second
+    run_id: str
+    description: str
+    alias_moves: dict[str, str] = field(default_factory=dict)  # alias -> "<UTC time> <who>: <why>"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def model_versions(client: Any, name: str | None = None) -> list[VersionRow]:
+    """Every version of registered model ``name`` (of every registered model when None), newest
+    first, with the aliases pointing at it and the metrics it was registered with."""
+    names = [name] if name else sorted(model.name for model in client.search_registered_models())
+    rows = []
+    for model_name in names:
+        aliases = _registered_model(client, model_name).aliases  # {alias: version}
+        for found in client.search_model_versions(f"name='{model_name}'"):
+            version = str(found.version)
+            tags = found.tags or {}
+            rows.append(VersionRow(
+                name=model_name, version=version,
+                aliases=tuple(sorted(alias for alias, target in aliases.items() if str(target) == version)),
+                metrics={key[len(METRIC_TAG):]: float(value) for key, value in sorted(tags.items())
+                         if key.startswith(METRIC_TAG)},
+                registered=_utc(found.creation_timestamp / 1000), run_id=found.run_id or "",
+                description=found.description or "",
+                alias_moves={key[len(ALIAS_TAG):]: value for key, value in sorted(tags.items())
+                             if key.startswith(ALIAS_TAG)}))
+    return sorted(rows, key=lambda row: (row.name, -int(row.version)))
+
+
+def move_alias(client: Any, name: str, version: str, alias: str = CHAMPION, reason: str = "") -> str | None:
+    """Point ``alias`` at ``version`` by hand (a rollback, or a promotion the gate would not make),
+    past the gate, recording when and why on the version; returns the version it pointed at before."""
+    from mlflow.exceptions import MlflowException
+
+    _registered_model(client, name)
+    try:
+        client.get_model_version(name, version)
+    except MlflowException:
+        known = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+        raise ValueError(f"model {name!r} has no version {version!r}; its versions: "
+                         f"{', '.join(map(str, known)) or '(none)'}") from None
+    before = champion_version(client, name, alias)
+    try:
+        _set_alias(client, name, version, alias, f"by hand: {reason or '(no reason given)'}")
+    except MlflowException as err:  # e.g. a reserved alias: "latest", "v<number>"
+        raise ValueError(f"alias {alias!r}: {err.message}") from None
+    return before
+
+
+def _set_alias(client: Any, name: str, version: str, alias: str, why: str) -> None:
+    client.set_registered_model_alias(name, alias, version)
+    client.set_model_version_tag(name, version, f"{ALIAS_TAG}{alias}", f"{_utc()} {why}")
+
+
+def _registered_model(client: Any, name: str) -> Any:
+    """The registered model ``name``; a miss names the models the registry holds."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_registered_model(name)
+    except MlflowException:
+        held = sorted(model.name for model in client.search_registered_models())
+        raise ValueError(f"no registered model {name!r}; the registry holds: {', '.join(held) or '(none)'}") from None
+
+
+def _utc(seconds: float | None = None) -> str:
+    moment = datetime.now(timezone.utc) if seconds is None else datetime.fromtimestamp(seconds, timezone.utc)
+    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")

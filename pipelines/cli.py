@@ -154,6 +154,8 @@ def _print_summary(name: str, stages: list[Any], seconds: float, kfp_root: str, 
     typer.echo(f"MLflow store:  {tracking_uri}")
     if model:
         typer.echo(f"model:         {model}  (mlflow.pyfunc.load_model with MLFLOW_TRACKING_URI set to the store)")
+        name = model.removeprefix("models:/").split("@")[0]
+        typer.echo(f"its versions:  dinoflow models list {name} --tracking-uri {tracking_uri}")
     typer.echo(f"browse it:     mlflow ui --backend-store-uri {tracking_uri}")
 
 
@@ -655,6 +657,79 @@ def index_build(
         meta = build_index(served, images, out, kind, storage, batch_size)  # type: ignore[arg-type]
     typer.echo(json.dumps({k: v for k, v in meta.items() if k != "keys"} | {"out": out}, indent=2))
 
+
+
+models_app = typer.Typer(help="The MLflow model registry: versions with their scores; an alias moved by hand.",
+                         no_args_is_help=True)
+app.add_typer(models_app, name="models")
+StoreOption = Annotated[str, typer.Option(help="the MLflow store: MLFLOW_TRACKING_URI when empty, else the "
+                                               "demo's (sqlite under runs/demo)")]
+
+
+def _registry_client(tracking_uri: str) -> Any:
+    """An MLflow client of ``tracking_uri``, else ``MLFLOW_TRACKING_URI``, else the demo's store
+    (which must exist: opening a sqlite store that is not there would make an empty one)."""
+    from mlflow.tracking import MlflowClient
+
+    from dinoflow.tracking import default_tracking_uri
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri:
+        uri = default_tracking_uri(DemoConfig().out)
+        if not os.path.exists(uri.removeprefix("sqlite:///")):
+            raise ValueError(f"no MLflow store given and the demo's ({uri}) is not there yet: run `make demo`, "
+                             "or give --tracking-uri or MLFLOW_TRACKING_URI")
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+@models_app.command("list")
+def models_list(
+    name: Annotated[str | None, typer.Argument(help="a registered model; every one when left out")] = None,
+    metrics: Annotated[str, typer.Option(help="comma-separated metrics to show (the versions' metric.* tags)")] = (
+        "knn_top1_k20,linear_top1"),
+    as_json: Annotated[bool, typer.Option("--json", help="every field of every version as JSON")] = False,
+    tracking_uri: StoreOption = "",
+) -> None:
+    """Registered versions, newest first: aliases, scores, when each alias moved to it and why."""
+    from dinoflow.registry import model_versions
+
+    with _bad_input():
+        rows = model_versions(_registry_client(tracking_uri), name)
+    if as_json:
+        typer.echo(json.dumps([row.to_dict() for row in rows], indent=2))
+        return
+    shown = [m for m in metrics.split(",") if m]
+    header = ["model", "version", "aliases", *shown, "registered (UTC)", "alias moves"]
+    table = [[row.name, row.version, ",".join(row.aliases) or "-",
+              *(f"{row.metrics[m]:.4f}" if m in row.metrics else "-" for m in shown), row.registered,
+              "; ".join(f"{alias}: {move}" for alias, move in row.alias_moves.items()) or "-"] for row in rows]
+    widths = [max(len(line[i]) for line in [header, *table]) for i in range(len(header) - 1)]
+    for line in [header, *table]:
+        typer.echo("  ".join(cell.ljust(width) for cell, width in zip(line, widths)) + "  " + line[-1])
+    if not rows:
+        typer.echo("(no registered versions)")
+
+
+@models_app.command("promote")
+def models_promote(
+    name: Annotated[str, typer.Argument(help="a registered model")],
+    version: Annotated[str, typer.Argument(help="the version the alias should point at")],
+    alias: Annotated[str, typer.Option(help="the alias to move")] = "champion",
+    reason: Annotated[str, typer.Option(help="why, written on the version beside the time")] = "",
+    tracking_uri: StoreOption = "",
+) -> None:
+    """Point an alias at a version by hand, past the gate: a rollback, or a promotion.
+
+    Whatever follows the alias (`dinoflow serve --model models:/NAME@champion
+    --reload-every-s 30`, the retrain pipeline's starting point) takes the
+    version from then on. The move is written on the version (`alias.<alias>`:
+    when, by hand, the reason), as the gate writes its own.
+    """
+    from dinoflow.registry import move_alias
+
+    with _bad_input():
+        before = move_alias(_registry_client(tracking_uri), name, version, alias, reason)
+    typer.echo(f"models:/{name}@{alias}: version {before or '(none)'} -> {version}")
 
 @app.command()
 def serve(

@@ -60,3 +60,33 @@ def test_a_version_without_the_metric_cannot_pass(client: MlflowClient, tmp_path
     with pytest.raises(ValueError, match="has no finite 'knn_top1_k20' to gate on"):
         gate(client, name, version, "knn_top1_k20")
     assert champion_version(client, name) is None
+
+
+def test_a_person_moves_the_alias_back_and_every_move_is_written_on_its_version(client: MlflowClient,
+                                                                                 tmp_path: Path) -> None:
+    """A rollback past the gate: the champion goes back to an older version; the gate's move and
+    the person's are each recorded on the version they landed on; the listing shows both."""
+    from dinoflow.registry import model_versions, move_alias
+
+    name = f"roll-{uuid.uuid4().hex[:8]}"
+    first = _version(client, name, tmp_path, {"knn_top1_k20": 0.70, "linear_top1": 0.72})
+    gate(client, name, first, "knn_top1_k20")
+    second = _version(client, name, tmp_path, {"knn_top1_k20": 0.75})
+    assert gate(client, name, second, "knn_top1_k20").promoted
+    assert move_alias(client, name, first, reason="v2 drifts in use") == second
+    assert champion_version(client, name) == first
+    assert move_alias(client, name, second, alias="candidate") is None
+    rows = model_versions(client, name)
+    assert [(row.version, row.aliases) for row in rows] == [(second, ("candidate",)), (first, ("champion",))]
+    assert rows[1].metrics == {"knn_top1_k20": pytest.approx(0.70), "linear_top1": pytest.approx(0.72)}
+    assert rows[1].alias_moves["champion"].endswith("by hand: v2 drifts in use")
+    assert rows[0].alias_moves["champion"].endswith("gate: 0.7500 > 0.7000 + margin 0")  # it was champion once
+    assert rows[0].alias_moves["candidate"].endswith("by hand: (no reason given)")
+    assert rows[0].registered.endswith("Z") and rows[0].run_id
+    with pytest.raises(ValueError, match=rf"model '{name}' has no version '9'; its versions: 1, 2"):
+        move_alias(client, name, "9")
+    with pytest.raises(ValueError, match=rf"no registered model 'nope-{name}'; the registry holds: .*{name}"):
+        model_versions(client, f"nope-{name}")
+    with pytest.raises(ValueError, match="alias 'latest'"):
+        move_alias(client, name, first, alias="latest")
+    assert champion_version(client, name) == first
