@@ -30,9 +30,10 @@ def knn_accuracies(
     ks: Sequence[int] = DEFAULT_KS,
     temperature: float = DEFAULT_TEMPERATURE,
     num_classes: int | None = None,
+    device: str | torch.device | None = None,
 ) -> dict[str, float]:
     """Top-1 accuracy of :func:`~evaluators.knn.knn_predict` per k: ``{"k10": acc, ...}``, every k
-    voting from one similarity pass (:func:`~evaluators.knn.knn_predictions`).
+    voting from one similarity pass (:func:`~evaluators.knn.knn_predictions`, on ``device``).
 
     A k larger than the train set is skipped (absent from the result), not clipped.
     """
@@ -41,7 +42,8 @@ def knn_accuracies(
     usable = [k for k in ks if k <= len(train_features)]
     if not usable:
         return {}
-    predictions = knn_predictions(train_features, train_labels, test_features, usable, temperature, classes)
+    predictions = knn_predictions(train_features, train_labels, test_features, usable, temperature, classes,
+                                  device=device)
     return {f"k{k}": float((predictions[k] == test_labels).double().mean()) for k in usable}
 
 
@@ -65,7 +67,7 @@ def benchmark_report(
         ks, temperature: the k-NN settings; ks above N are skipped.
         linear: the probe's recipe; None skips the probe (no ``"linear"`` key).
         num_classes: C; None means ``1 + the largest label`` seen.
-        device: where the linear probe trains.
+        device: where the k-NN similarities are computed and the linear probe trains.
 
     Returns:
         ``{"knn": {"k10": acc, ...}, "linear": LinearProbeResult.to_dict()}``, JSON-able.
@@ -74,7 +76,7 @@ def benchmark_report(
     classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
     report: dict[str, Any] = {
         "knn": knn_accuracies(
-            train_features.cpu(), train_labels, test_features.cpu(), test_labels, ks, temperature, classes
+            train_features, train_labels, test_features, test_labels, ks, temperature, classes, device
         )
     }
     if linear is not None:

@@ -117,19 +117,21 @@ def _classification(backbone: nn.Module, config: SuiteConfig, storage: Storage,
     data = images.features(backbone, views=linear is not None, num_workers=config.num_workers)
     splits = [data.train_x, data.train_y, data.test_x, data.test_y]
     classes = len(data.classes)
-    report = classification_report(data, config.ks, config.temperature, linear)
+    device = next(backbone.parameters()).device
+    report = classification_report(data, config.ks, config.temperature, linear, device)
     report.update(classes=list(data.classes), bad_images=data.bad)
     metrics = report_metrics(report)
     usable = [k for k in config.ks if f"k{k}" in report["knn"]]  # (ks above the train set's size are skipped)
     if pictures is not None and classes <= MAX_CONFUSION_CLASSES and usable:
         k = 20 if 20 in usable else usable[-1]
-        predictions = knn_predict(*splits[:3], k=k, temperature=config.temperature, num_classes=classes).numpy()
+        predictions = knn_predict(*splits[:3], k=k, temperature=config.temperature, num_classes=classes,
+                                  device=device).numpy()
         save_confusion_matrix(confusion_matrix(data.test_y.numpy(), predictions, classes), data.classes,
                               Path(pictures) / "confusion_knn.png",
                               title=f"k-NN (k={k}) on frozen CLS features: {100 * report['knn'][f'k{k}']:.1f}%")
     if data.pixels is not None:
         report["pixels_knn"] = knn_accuracies(data.pixels[0], data.train_y, data.pixels[1], data.test_y, ks=config.ks,
-                                              temperature=config.temperature, num_classes=classes)
+                                              temperature=config.temperature, num_classes=classes, device=device)
         metrics.update({f"pixels_knn_top1_{k}": v for k, v in report["pixels_knn"].items()})
     return {"metrics": metrics, "report": report, "features": splits, "looked_at": (data.test_images, data.foreground)}
 

@@ -50,7 +50,8 @@ def labelled_evaluators(cfg: PretrainConfig, storage: Storage) -> tuple[EvalFn |
             data = images.features(backbone, views=linear)
             backbone.train(was_training)
             return report_metrics(classification_report(data, (cfg.eval.knn_k,), cfg.eval.knn_temperature,
-                                                        LinearProbeConfig() if linear else None))
+                                                        LinearProbeConfig() if linear else None,
+                                                        next(backbone.parameters()).device))
 
         return evaluate
 

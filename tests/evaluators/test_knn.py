@@ -58,3 +58,22 @@ def test_bad_arguments_are_named() -> None:
         knn_predict(x, y, torch.randn(2, 3), k=1)
     with pytest.raises(ValueError, match="temperature must be > 0"):
         knn_predict(x, y, x, k=1, temperature=0)
+
+
+def test_the_chunks_follow_the_train_sets_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no chunk size, a chunk's similarities stay under MAX_SIMILARITIES (queries per chunk
+    shrink as the train set grows) and the predictions are those of one big chunk."""
+    import evaluators.knn as knn
+
+    generator = torch.Generator().manual_seed(3)
+    train, queries = torch.randn(500, 8, generator=generator), torch.randn(70, 8, generator=generator)
+    labels = torch.randint(0, 6, (500,), generator=generator)
+    whole = knn_predictions(train, labels, queries, (5, 25), chunk_size=70)
+    seen: list[int] = []
+    original_normalize = knn.F.normalize
+    monkeypatch.setattr(knn, "MAX_SIMILARITIES", 500 * 16)  # 16 queries a chunk
+    monkeypatch.setattr(knn.F, "normalize", lambda x, dim: seen.append(len(x)) or original_normalize(x, dim=dim))
+    chunked = knn_predictions(train, labels, queries, (5, 25), device="cpu")
+    assert seen == [500, 16, 16, 16, 16, 6]  # the bank once, then the queries' chunks
+    for k in (5, 25):
+        torch.testing.assert_close(chunked[k], whole[k], rtol=0, atol=0)
