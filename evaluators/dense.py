@@ -18,13 +18,16 @@ on features extracted once:
   ``10 * sqrt(mean(g^2) - 0.85 mean(g)^2)``, ``g = log d - log d*`` over valid pixels.
 
 Both are trained for a number of AdamW steps (the original counts iterations too) on seeded
-mini-batches; scores come from :mod:`evaluators.dense_metrics`.
+mini-batches, on a given device (the backbone's: a GPU's for real data sets); the features stay
+on the CPU and each batch goes over. They are scored (:mod:`evaluators.dense_metrics`) a few test
+images at a time, the confusion matrix and the depth sums added up: a test set's per-pixel
+outputs (ADE20K's 2000 validation images x 150 classes at 512 px: 300 GB) are never held at once.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +35,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dinoflow.progress import progress
-from evaluators.dense_metrics import IGNORE_INDEX, depth_scores, segmentation_confusion, segmentation_scores
+from evaluators.dense_metrics import (
+    IGNORE_INDEX,
+    depth_scores_of,
+    depth_tally,
+    segmentation_confusion,
+    segmentation_scores,
+)
+
+EVAL_BATCH = 4  # test images scored at once
 from evaluators.linear import epoch_batches
 
 
@@ -131,16 +142,16 @@ def class_weights(masks: Tensor, num_classes: int, power: float) -> Tensor:
     return (weights / weights[present].mean()).float()
 
 
-def train_segmentation_head(features: Tensor, masks: Tensor, num_classes: int,
-                            config: HeadConfig = HeadConfig()) -> LinearSegmentationHead:
-    """Fit the head on ``(N, F, h, w)`` features and ``(N, H, W)`` int masks (255 ignored)."""
+def train_segmentation_head(features: Tensor, masks: Tensor, num_classes: int, config: HeadConfig = HeadConfig(),
+                            device: str | torch.device = "cpu") -> LinearSegmentationHead:
+    """Fit the head on ``(N, F, h, w)`` features and ``(N, H, W)`` int masks (255 ignored), on ``device``."""
     torch.manual_seed(config.seed)
-    head = LinearSegmentationHead(features.shape[1], num_classes)
+    head = LinearSegmentationHead(features.shape[1], num_classes).to(device)
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     size = tuple(masks.shape[-2:])
-    weight = class_weights(masks, num_classes, config.class_balance)
+    weight = class_weights(masks, num_classes, config.class_balance).to(device)
     for index in progress(_batches(len(features), config), desc="segmentation head", unit="step"):
-        loss = F.cross_entropy(head(features[index], size), masks[index].long(), weight=weight,
+        loss = F.cross_entropy(head(features[index].to(device), size), masks[index].to(device).long(), weight=weight,
                                ignore_index=IGNORE_INDEX)
         optimizer.zero_grad()
         loss.backward()
@@ -148,13 +159,31 @@ def train_segmentation_head(features: Tensor, masks: Tensor, num_classes: int,
     return head.eval()
 
 
+def row_batches(count: int, batch_size: int = EVAL_BATCH) -> Iterator[slice]:
+    """Consecutive rows ``[start, start + batch_size)`` covering ``count``."""
+    return (slice(start, start + batch_size) for start in range(0, count, batch_size))
+
+
+def head_scores(head: nn.Module, features: Tensor, size: tuple[int, int]) -> Callable[[slice], Tensor]:
+    """Rows of ``features`` -> the segmentation head's class scores at ``size``, on the head's device."""
+    device = next(head.parameters()).device
+    return lambda rows: head(features[rows].to(device), size)
+
+
 @torch.no_grad()
-def evaluate_segmentation(head: LinearSegmentationHead, probabilities_or_features: Tensor, masks: Tensor,
-                          num_classes: int, already_probabilities: bool = False) -> dict[str, float]:
-    """mIoU and pixel accuracy of the head's predictions (or of given class probabilities)."""
-    size = tuple(masks.shape[-2:])
-    scores = probabilities_or_features if already_probabilities else head(probabilities_or_features, size)
-    return segmentation_scores(segmentation_confusion(scores.argmax(dim=1), masks, num_classes))
+def evaluate_segmentation(scores_of: Callable[[slice], Tensor], masks: Tensor, num_classes: int,
+                          keep: int = 0) -> tuple[dict[str, float], Tensor]:
+    """mIoU and pixel accuracy of the class maps ``scores_of(rows).argmax(1)`` (class scores or
+    probabilities ``(b, C, H, W)`` of those test rows: :func:`head_scores`, or
+    :func:`multiscale_probabilities` of the images), scored a few images at a time; also the first
+    ``keep`` predicted class maps ``(keep, H, W)``, for pictures."""
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    kept: list[Tensor] = []
+    for rows in row_batches(len(masks)):
+        predicted = scores_of(rows).argmax(dim=1).cpu()
+        confusion += segmentation_confusion(predicted, masks[rows], num_classes)
+        kept.append(predicted[: max(0, keep - sum(len(k) for k in kept))])
+    return segmentation_scores(confusion), torch.cat(kept)
 
 
 @torch.no_grad()
@@ -169,21 +198,23 @@ def multiscale_probabilities(backbone: nn.Module, head: LinearSegmentationHead, 
         scaled = F.interpolate(images, size=side, mode="bilinear", align_corners=False)
         for flipped in ([False, True] if flip else [False]):
             x = scaled.flip(-1) if flipped else scaled
-            probabilities = head(dense_features(backbone, x, layers)[0], size).softmax(dim=1)
+            features = dense_features(backbone, x, layers)[0].to(next(head.parameters()).device)
+            probabilities = head(features, size).softmax(dim=1)
             probabilities = probabilities.flip(-1) if flipped else probabilities
             total = probabilities if total.numel() == 0 else total + probabilities
     return total / (len(scales) * (2 if flip else 1))
 
 
 def train_depth_head(patches: Tensor, cls: Tensor, depths: Tensor, config: HeadConfig = HeadConfig(),
-                     bins: int = 256, min_depth: float = 1e-3, max_depth: float = 10.0) -> LinearDepthHead:
-    """Fit the head on features and ``(N, H, W)`` depth maps (0 = unknown) with the SiLog loss."""
+                     bins: int = 256, min_depth: float = 1e-3, max_depth: float = 10.0,
+                     device: str | torch.device = "cpu") -> LinearDepthHead:
+    """Fit the head on features and ``(N, H, W)`` depth maps (0 = unknown) with the SiLog loss, on ``device``."""
     torch.manual_seed(config.seed)
-    head = LinearDepthHead(patches.shape[1], bins, min_depth, max_depth)
+    head = LinearDepthHead(patches.shape[1], bins, min_depth, max_depth).to(device)
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     size = tuple(depths.shape[-2:])
     for index in progress(_batches(len(patches), config), desc="depth head", unit="step"):
-        loss = silog_loss(head(patches[index], cls[index], size), depths[index])
+        loss = silog_loss(head(patches[index].to(device), cls[index].to(device), size), depths[index].to(device))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -191,6 +222,15 @@ def train_depth_head(patches: Tensor, cls: Tensor, depths: Tensor, config: HeadC
 
 
 @torch.no_grad()
-def evaluate_depth(head: LinearDepthHead, patches: Tensor, cls: Tensor, depths: Tensor) -> dict[str, float]:
-    """RMSE, AbsRel and delta1 of the head's depth against ``depths``."""
-    return depth_scores(head(patches, cls, tuple(depths.shape[-2:])), depths)
+def evaluate_depth(head: LinearDepthHead, patches: Tensor, cls: Tensor, depths: Tensor,
+                   keep: int = 0) -> tuple[dict[str, float], Tensor]:
+    """RMSE, AbsRel and delta1 of the head's depth against ``depths``, scored a few images at a
+    time on the head's device; also the first ``keep`` predicted depth maps, for pictures."""
+    device = next(head.parameters()).device
+    tally = torch.zeros(4, dtype=torch.float64)
+    kept: list[Tensor] = []
+    for rows in row_batches(len(depths)):
+        predicted = head(patches[rows].to(device), cls[rows].to(device), tuple(depths.shape[-2:])).cpu()
+        tally += depth_tally(predicted, depths[rows])
+        kept.append(predicted[: max(0, keep - sum(len(k) for k in kept))])
+    return depth_scores_of(tally), torch.cat(kept)

@@ -62,20 +62,30 @@ def segmentation_scores(confusion: Tensor) -> dict[str, float]:
 
 def depth_scores(predictions: Tensor, targets: Tensor, max_depth: float | None = None) -> dict[str, float]:
     """``rmse``, ``abs_rel`` and ``delta1`` over valid pixels of ``(N, H, W)`` depth maps (metres)."""
+    return depth_scores_of(depth_tally(predictions, targets, max_depth))
+
+
+def depth_tally(predictions: Tensor, targets: Tensor, max_depth: float | None = None) -> Tensor:
+    """The sums the depth scores pool over pixels, ``(4,)`` float64: valid pixels, squared errors,
+    relative errors, pixels within delta 1.25. Added over batches of images, they score the whole
+    test set without holding its depth maps (:func:`depth_scores_of`)."""
     if predictions.shape != targets.shape:
         raise ValueError(f"predictions {tuple(predictions.shape)} and targets {tuple(targets.shape)} differ in shape")
     valid = targets > 0
     if max_depth is not None:
         valid &= targets <= max_depth
-    if not valid.any():
-        raise ValueError("no valid ground-truth pixel (depth > 0) to score")
     guess, truth = predictions[valid].double().clamp(min=1e-6), targets[valid].double()
     ratio = torch.maximum(guess / truth, truth / guess)
-    return {
-        "rmse": float(((guess - truth) ** 2).mean().sqrt()),
-        "abs_rel": float(((guess - truth).abs() / truth).mean()),
-        "delta1": float((ratio < 1.25).double().mean()),
-    }
+    return torch.stack([torch.tensor(float(len(truth)), dtype=torch.float64), ((guess - truth) ** 2).sum(),
+                        ((guess - truth).abs() / truth).sum(), (ratio < 1.25).double().sum()]).cpu()
+
+
+def depth_scores_of(tally: Tensor) -> dict[str, float]:
+    """``rmse``, ``abs_rel`` and ``delta1`` from :func:`depth_tally`'s sums."""
+    pixels, squared, relative, within = tally.tolist()
+    if not pixels:
+        raise ValueError("no valid ground-truth pixel (depth > 0) to score")
+    return {"rmse": (squared / pixels) ** 0.5, "abs_rel": relative / pixels, "delta1": within / pixels}
 
 
 @dataclass(frozen=True)

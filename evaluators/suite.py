@@ -44,6 +44,7 @@ from evaluators.dense import (
     dense_features,
     evaluate_depth,
     evaluate_segmentation,
+    head_scores,
     multiscale_probabilities,
     train_depth_head,
     train_segmentation_head,
@@ -216,36 +217,36 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
         looked_at = result["looked_at"]  # Fashion-MNIST's with the garments' silhouettes, or class folders'
 
     dense = _dense_sets(backbone, config, storage or Storage()) if {"seg", "depth"} & set(config.tasks) else {}
-    predicted: dict[str, np.ndarray] = {}
+    device = next(backbone.parameters()).device
+    shown = slice(0, 6)
+    predicted: dict[str, np.ndarray] = {}  # the first test images' predictions, for the pictures
     if "seg" in dense:
         data = dense["seg"]
         (train_patches, _), (test_patches, _) = data.train_x, data.test_x
         classes, size = int(data.label_range), tuple(data.test_labels.shape[-2:])
         head = train_segmentation_head(train_patches, torch.from_numpy(data.train_labels).long(), classes,
-                                       config.seg_head)
-        with torch.no_grad():
-            probabilities = (multiscale_probabilities(backbone, head, data.test_inputs, config.layers)
-                             if config.multiscale else head(test_patches, size).softmax(dim=1))
-        seg = evaluate_segmentation(head, probabilities, torch.from_numpy(data.test_labels).long(), classes,
-                                    already_probabilities=True)
-        predicted["seg"] = probabilities.argmax(dim=1).numpy().astype(np.uint8)
+                                       config.seg_head, device)
+        scores_of = ((lambda rows: multiscale_probabilities(backbone, head, data.test_inputs[rows], config.layers))
+                     if config.multiscale else head_scores(head, test_patches, size))
+        seg, maps = evaluate_segmentation(scores_of, torch.from_numpy(data.test_labels).long(), classes,
+                                          keep=shown.stop)
+        predicted["seg"] = maps.numpy().astype(np.uint8)
         tasks["seg"] = seg
         metrics.update({"seg_miou": seg["miou"], "seg_pixel_accuracy": seg["pixel_accuracy"]})
     if "depth" in dense:
         data = dense["depth"]
         (train_patches, train_cls), (test_patches, test_cls) = data.train_x, data.test_x
         head = train_depth_head(train_patches, train_cls, torch.from_numpy(data.train_labels), config.depth_head,
-                                max_depth=data.label_range)
-        depth = evaluate_depth(head, test_patches, test_cls, torch.from_numpy(data.test_labels))
-        with torch.no_grad():
-            predicted["depth"] = head(test_patches, test_cls, tuple(data.test_labels.shape[-2:])).numpy()
+                                max_depth=data.label_range, device=device)
+        depth, maps = evaluate_depth(head, test_patches, test_cls, torch.from_numpy(data.test_labels),
+                                     keep=shown.stop)
+        predicted["depth"] = maps.numpy()
         tasks["depth"] = depth
         metrics.update({f"depth_{k}": v for k, v in depth.items()})
     scenes = [data for data in dense.values() if data.foreground is not None]
     if scenes:  # the scenes' shapes, not their plane, are the attention's foreground
         looked_at = scenes[0].test_images[:ATTENTION_IMAGES], scenes[0].foreground[:ATTENTION_IMAGES]
     if pictures is not None and dense:
-        shown = slice(0, 6)
         first = next(iter(dense.values()))
         save_pca_maps(first.test_images[shown], first.test_x[0][shown].numpy(), Path(pictures) / "pca_features.png")
         if len(dense) == 2 and dense["seg"].test_images is dense["depth"].test_images:  # the same scenes

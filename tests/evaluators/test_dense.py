@@ -11,12 +11,14 @@ from evaluators.dense import (
     dense_features,
     evaluate_depth,
     evaluate_segmentation,
+    head_scores,
     multiscale_probabilities,
     LinearDepthHead,
     silog_loss,
     train_depth_head,
     train_segmentation_head,
 )
+from evaluators.dense_metrics import depth_scores, segmentation_confusion, segmentation_scores
 from trainer.models.vit import build_vit
 
 
@@ -35,9 +37,14 @@ def test_segmentation_head_learns_features_that_hold_the_class() -> None:
     masks[:, 0, 0] = 255  # ignored pixels do not break training or scoring
     head = train_segmentation_head(features, masks, 3, HeadConfig(steps=160, batch_size=16, lr=1e-2))
     test_features, test_masks = _blocky(16, 3, seed=1)
-    scores = evaluate_segmentation(head, test_features, test_masks, 3)
+    scores, maps = evaluate_segmentation(head_scores(head, test_features, (16, 16)), test_masks, 3, keep=6)
     assert scores["miou"] > 0.6 and scores["pixel_accuracy"] > 0.8  # bilinear edges cost a little
-    noise = evaluate_segmentation(head, torch.randn_like(test_features), test_masks, 3)
+    # scored 4 images at a time: the same as the whole test set's class maps at once
+    with torch.no_grad():
+        whole = head(test_features, (16, 16)).argmax(dim=1)
+    assert scores == segmentation_scores(segmentation_confusion(whole, test_masks, 3))
+    torch.testing.assert_close(maps, whole[:6])
+    noise, _ = evaluate_segmentation(head_scores(head, torch.randn_like(test_features), (16, 16)), test_masks, 3)
     assert noise["miou"] < 0.5
 
 
@@ -77,9 +84,13 @@ def test_depth_head_learns_features_that_hold_the_depth() -> None:
     depths[:, :2] = 0  # unknown rows are not scored
     head = train_depth_head(patches, cls, depths, HeadConfig(steps=240, batch_size=16, lr=2e-2), bins=64,
                             max_depth=10.0)
-    good = evaluate_depth(head, patches, cls, depths)
-    flat = evaluate_depth(head, torch.full_like(patches, 0.5), cls, depths)
+    good, maps = evaluate_depth(head, patches, cls, depths, keep=5)
+    flat, _ = evaluate_depth(head, torch.full_like(patches, 0.5), cls, depths)
     assert good["abs_rel"] < 0.25 and good["rmse"] < 0.6 * flat["rmse"]
+    with torch.no_grad():  # scored 4 images at a time: the pooled formulas over the whole set at once
+        whole = head(patches, cls, (16, 16))
+    assert good == pytest.approx(depth_scores(whole, depths), rel=1e-9)
+    torch.testing.assert_close(maps, whole[:5])
     assert silog_loss(depths + (depths == 0), depths) < 1e-3
 
 
