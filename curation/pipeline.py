@@ -71,6 +71,7 @@ class CurationConfig:
     index: IndexConfig = field(default_factory=IndexConfig)
     load_size: int = 64
     batch_size: int = 64
+    num_workers: int = 0  # decoding processes of the embedding pass
     part_size: int = 4096
     dtype: EmbeddingDtype = "float16"
     shard_size: int = 1000
@@ -86,6 +87,8 @@ class CurationConfig:
         if self.retrieve_per_seed < 1 or self.retrieve_clusters < 0:
             raise ValueError(f"retrieve_per_seed must be >= 1 and retrieve_clusters >= 0, got "
                              f"{self.retrieve_per_seed}, {self.retrieve_clusters}")
+        if self.batch_size < 1 or self.num_workers < 0:
+            raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {self.batch_size}, {self.num_workers}")
         if self.balance_target < 0:
             raise ValueError(f"balance_target must be >= 0, got {self.balance_target}")
         if self.balance_target and not self.balance_levels:
@@ -103,7 +106,7 @@ def open_pool(storage: Storage, uri: str, load_size: int) -> Dataset[Sample]:
 
 def _embed(storage: Storage, uri: str, out_uri: str, embedder: Embedder, config: CurationConfig) -> Embeddings:
     return embed_dataset(open_pool(storage, uri, config.load_size), embedder, out_uri, storage,
-                         config.batch_size, config.part_size, config.dtype)
+                         config.batch_size, config.part_size, config.dtype, config.num_workers)
 
 
 def _concat(sets: list[Embeddings]) -> Embeddings:

@@ -437,6 +437,9 @@ def curate(
     balance_target: Annotated[int, typer.Option(help="images to keep by balanced sampling (0: off)")] = 0,
     balance_clusters: Annotated[str, typer.Option(help="clusters per level, bottom to top, e.g. 1000,100")] = "",
     load_size: Annotated[int, typer.Option(help="decoded image side")] = 224,
+    device: Annotated[str, typer.Option(help="where the backbone embeds: cpu or cuda")] = "cpu",
+    batch_size: Annotated[int, typer.Option(help="images per forward pass")] = 64,
+    num_workers: Annotated[int, typer.Option(help="image decoding processes")] = 0,
     track: Annotated[bool, typer.Option(help="record the run in MLflow (MLFLOW_TRACKING_URI, else sqlite "
                                              "under a local --out)")] = True,
     experiment: Annotated[str, typer.Option(help="MLflow experiment")] = "dinoflow",
@@ -449,27 +452,30 @@ def curate(
     from components.stage import storage_from_env
     from curation.embed import backbone_embedder, pixel_embedder
     from curation.pipeline import CurationConfig, run_curation
+    from trainer.engine import training_device
     from dinoflow.tracking import (MlflowTracker, NullTracker, default_artifact_location, default_tracking_uri,
                                    standard_tags)
 
+    _check_device(device)
     storage = storage_from_env()
     with _bad_input():
         levels = balance_levels([int(v) for v in balance_clusters.split(",") if v.strip()])
         config = CurationConfig(dedup_threshold=dedup_threshold, decontaminate_threshold=decontaminate_threshold,
                                 retrieve_mode=retrieve, retrieve_per_seed=per_seed,
                                 retrieve_clusters=retrieve_clusters, balance_target=balance_target,
-                                balance_levels=levels, load_size=load_size)
+                                balance_levels=levels, load_size=load_size, batch_size=batch_size,
+                                num_workers=num_workers)
         tracking_uri = (os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(out)) if track else None
         if weights is None:
             embedder = pixel_embedder(6)
             typer.echo("embedder: downsampled pixels (6x6, standardised); pass --weights for a backbone", err=True)
         else:
-            embedder = backbone_embedder(_backbone(weights, source, storage))
+            embedder = backbone_embedder(_backbone(weights, source, storage).to(training_device(device)))
     with (MlflowTracker.start(
         tracking_uri, experiment, run_name="curate", tags=standard_tags("curate"),
         artifact_location=default_artifact_location(tracking_uri, out),
     ) if tracking_uri else contextlib.nullcontext(NullTracker())) as tracker, _bad_input():
-        tracker.log_params({"pool": pool, "out": out, "embedder": weights or "pixels6"})
+        tracker.log_params({"pool": pool, "out": out, "embedder": weights or "pixels6", "device": device})
         report = run_curation(pool, out, storage, embedder, config, tuple(eval_sets or ()), tuple(seed_sets or ()),
                               tracker)
     typer.echo(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))

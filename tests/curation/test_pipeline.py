@@ -164,6 +164,18 @@ def test_cli_curate(tmp_path: Path) -> None:
     assert bad.exit_code == 2
     bad = CliRunner().invoke(app, ["curate", "--pool", "x", "--out", "y", "--retrieve", "nearest"])
     assert bad.exit_code == 2 and "retrieve_mode" in bad.output
+    # decoding processes and another batch size give the same curation
+    again = CliRunner().invoke(app, ["curate", "--pool", str(tmp_path / "pool"), "--out", str(tmp_path / "again"),
+                                     "--dedup-threshold", "0.85", "--load-size", "48", "--no-track",
+                                     "--num-workers", "2", "--batch-size", "7"])
+    assert again.exit_code == 0, again.output
+    kept = [{k: v for k, v in record.items() if k != "shard"} for record in _manifest(tmp_path / "out")]
+    assert [{k: v for k, v in record.items() if k != "shard"} for record in _manifest(tmp_path / "again")] == kept
+    bad = CliRunner().invoke(app, ["curate", "--pool", "x", "--out", "y", "--num-workers", "-1"])
+    assert bad.exit_code == 2 and "num_workers >= 0" in bad.output
+    if not torch.cuda.is_available():
+        bad = CliRunner().invoke(app, ["curate", "--pool", "x", "--out", "y", "--device", "cuda"])
+        assert bad.exit_code == 2 and "no CUDA device" in bad.output
 
 
 @pytest.mark.parametrize("mode", ["sample", "cluster"])
