@@ -648,6 +648,8 @@ def index_build(
     kind: Annotated[str, typer.Option(help="folder or shards: how to read --images")] = "folder",
     image_size: ImageSizeOption = 0,
     batch_size: Annotated[int, typer.Option(help="images per forward pass")] = 64,
+    device: Annotated[str, typer.Option(help="where the model embeds: cpu or cuda")] = "cpu",
+    num_workers: Annotated[int, typer.Option(help="image decoding processes")] = 0,
 ) -> None:
     """Embed a folder (or shards) and write a faiss index that `dinoflow serve --index` loads."""
     from components.stage import storage_from_env
@@ -657,10 +659,11 @@ def index_build(
     if kind not in ("folder", "shards"):
         typer.echo(f"error: unknown kind {kind!r}; allowed: folder, shards", err=True)
         raise typer.Exit(2)
+    _check_device(device)
     storage = storage_from_env()
     with _bad_input():
-        served = load_served_model(model, image_size or None, storage=storage)
-        meta = build_index(served, images, out, kind, storage, batch_size)  # type: ignore[arg-type]
+        served = load_served_model(model, image_size or None, device, storage)
+        meta = build_index(served, images, out, kind, storage, batch_size, num_workers)  # type: ignore[arg-type]
     typer.echo(json.dumps({k: v for k, v in meta.items() if k != "keys"} | {"out": out}, indent=2))
 
 
@@ -764,6 +767,7 @@ def serve(
     from serve.index import load_index
     from serve.model import load_served_model
 
+    _check_device(device)
     storage = storage_from_env()
     with _bad_input():
         settings = ServeSettings(max_body_bytes=int(max_body_mb * 1024 * 1024), max_images=max_images,

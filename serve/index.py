@@ -33,7 +33,7 @@ META_FILE = "index.json"
 
 
 def build_index(model: ServedModel, source_uri: str, out_uri: str, kind: SourceKind = "folder",
-                storage: Storage | None = None, batch_size: int = 64) -> dict[str, Any]:
+                storage: Storage | None = None, batch_size: int = 64, num_workers: int = 0) -> dict[str, Any]:
     """Embed every image of ``source_uri`` and write the index folder at ``out_uri``; returns its metadata.
 
     Args:
@@ -41,11 +41,13 @@ def build_index(model: ServedModel, source_uri: str, out_uri: str, kind: SourceK
         source_uri: a folder of images (recursively) or a folder of ``*.tar`` shards (webdataset layout).
         out_uri: the index folder to write.
         kind: ``folder`` or ``shards``: how to read ``source_uri``.
-        batch_size: images per forward pass.
+        batch_size: images per forward pass (on the model's device).
+        num_workers: image decoding processes.
     """
     import faiss
+    from torch.utils.data import DataLoader
 
-    from trainer.data.datasets import ImageFolderDataset, ShardDataset
+    from trainer.data.datasets import ImageFolderDataset, ShardDataset, collate_samples
 
     storage = storage or Storage()
     if kind == "folder":
@@ -57,16 +59,14 @@ def build_index(model: ServedModel, source_uri: str, out_uri: str, kind: SourceK
     keys: list[str] = []
     skipped: list[str] = []
     vectors: list[np.ndarray] = []
-    starts = range(0, len(dataset), batch_size)
-    for start in progress(starts, desc="index", total=len(starts), unit="batch"):
-        samples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        good = [s for s in samples if s.image is not None]
-        skipped += [s.key for s in samples if s.image is None]
-        if not good:
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_samples)
+    for batch in progress(loader, desc="index", total=len(loader), unit="batch"):
+        skipped += batch.bad_keys
+        if not batch.keys:
             continue
-        features = model.embed(torch.stack([s.image for s in good]))["cls"]  # (B, D)
+        features = model.embed(batch.images)["cls"]  # (B, D)
         vectors.append(F.normalize(features, dim=-1).numpy())
-        keys += [s.key for s in good]
+        keys += batch.keys
     if not keys:
         raise ValueError(f"no decodable image under {source_uri} ({len(skipped)} bad)")
     matrix = np.ascontiguousarray(np.concatenate(vectors), dtype=np.float32)  # (N, D)

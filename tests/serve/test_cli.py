@@ -46,6 +46,10 @@ def test_index_build_and_serve_the_champion(champion: str, image_folder: list[Pa
     bad = CliRunner().invoke(app, ["index", "build", "--model", champion, "--images", "x", "--out", "y",
                                    "--kind", "zip"])
     assert bad.exit_code == 2 and "allowed: folder, shards" in bad.stderr
+    if not torch.cuda.is_available():
+        bad = CliRunner().invoke(app, ["index", "build", "--model", champion, "--images", "x", "--out", "y",
+                                       "--device", "cuda"])
+        assert bad.exit_code == 2 and "no CUDA device" in bad.stderr
 
     port = free_port()
     with open(tmp_path / "serve.log", "wb") as log:  # the child keeps its own descriptor

@@ -6,6 +6,8 @@ import io
 import tarfile
 from pathlib import Path
 
+import faiss
+import numpy as np
 import pytest
 import torch
 
@@ -27,6 +29,12 @@ def test_shards_index_matches_the_folder_index(served_model: ServedModel, image_
         tar.addfile(broken, io.BytesIO(b"bad"))
     meta = build_index(served_model, str(shards), str(tmp_path / "idx"), kind="shards", batch_size=4)
     assert meta["count"] == 8 and meta["skipped"] == [f"{shards / '000000.tar'}#broken.png"]
+    # decoding processes and another batch size: the same keys, skips and vectors
+    again = build_index(served_model, str(shards), str(tmp_path / "again"), kind="shards", batch_size=3,
+                        num_workers=2)
+    assert (again["keys"], again["skipped"]) == (meta["keys"], meta["skipped"])
+    np.testing.assert_allclose(faiss.read_index(str(tmp_path / "again" / "index.faiss")).reconstruct_n(0, 8),
+                               faiss.read_index(str(tmp_path / "idx" / "index.faiss")).reconstruct_n(0, 8), atol=1e-6)
     from_shards, from_folder = load_index(str(tmp_path / "idx"), served_model), load_index(index_uri, served_model)
     assert from_shards.image_bytes(3) == image_folder[3].read_bytes()
     query = served_model.embed(torch.stack([decode_upload(p.read_bytes(), 28, 10**6) for p in image_folder]))["cls"]
