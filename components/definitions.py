@@ -5,7 +5,7 @@ imports its stage from the embedded code bundle (:mod:`components.bundle`) and c
 logic lives in the stage modules, where tests call it directly. Every component takes the same
 context parameters (run root, MLflow store, parent run, pipeline run id, cache switch).
 ``build_components(images, gpus)`` makes them for their base images (:class:`Images`): the
-training stages (:data:`GPU_STAGES`) on the GPU image when they get GPUs, the others (and every
+training and evaluation stages (:data:`GPU_STAGES`) on the GPU image when they get GPUs, the others (and every
 stage on a CPU-only cluster, ``gpus=0``) on the CPU image, both from one registry and tag; or one
 image for every stage (any image with dinoflow's dependencies: the code itself always comes from
 the bundle).
@@ -28,7 +28,7 @@ from components.bundle import build_bundle, imported_modules
 
 REGISTRY = "ghcr.io/dinoflow"
 TAG = "0.1.0"  # the project's version: images are built and tagged per release (infra/README.md)
-GPU_STAGES = frozenset({"pretrain", "distill"})  # the training stages
+GPU_STAGES = frozenset({"pretrain", "distill", "evaluate"})  # the stages that run a backbone over a data set
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class Images:
         return cls(cpu=image, gpu=image)
 
     def for_stage(self, stage: str, gpus: int = 1) -> str:
-        """The GPU image for a training stage that gets GPUs, else the CPU image."""
+        """The GPU image for a stage of :data:`GPU_STAGES` that gets GPUs, else the CPU image."""
         return self.gpu if stage in GPU_STAGES and gpus > 0 else self.cpu
 
 
@@ -146,15 +146,16 @@ def distill(run_root: str, tracking_uri: str, experiment: str, parent_run_id: st
 def evaluate(run_root: str, tracking_uri: str, experiment: str, parent_run_id: str, pipeline_run_id: str,
              use_cache: bool, backbone: Input[Model], data_uri: str, train_limit: int, test_limit: int,
              knn_k: int, knn_temperature: float, tasks: list, report: Output[Artifact],
-             metrics: Output[Metrics], eval_data_uri: str = "") -> float:
+             metrics: Output[Metrics], eval_data_uri: str = "", device: str = "cpu", num_workers: int = 0) -> float:
     """The benchmark suite (``tasks`` of knn, linear, seg, depth, retrieval) on the labelled images
-    at ``eval_data_uri``, else ``data_uri``; returns k-NN top-1 (k=20), NaN when k-NN was not run."""
+    at ``eval_data_uri``, else ``data_uri``, on ``device`` (images decoded by ``num_workers``
+    processes); returns k-NN top-1 (k=20), NaN when k-NN was not run."""
     from components.evaluate import run_evaluate_stage
     from components.stage import StageContext
 
     ctx = StageContext(run_root, tracking_uri, experiment, parent_run_id, pipeline_run_id, use_cache)
     result = run_evaluate_stage(ctx, backbone.path, report.path, eval_data_uri or data_uri, train_limit, test_limit,
-                                [int(knn_k)], knn_temperature, [str(t) for t in tasks])
+                                [int(knn_k)], knn_temperature, [str(t) for t in tasks], device, num_workers)
     for name, value in result["metrics"].items():
         metrics.log_metric(name, value)
     return float(result["metrics"].get("knn_top1_k20", float("nan")))
@@ -190,7 +191,7 @@ STAGES = (open_run, close_run, ingest, curate, pretrain, distill, evaluate, regi
 
 def build_components(images: Images | str = DEFAULT_IMAGES, gpus: int = 1) -> SimpleNamespace:
     """KFP components of every stage on ``images`` (a str: one image for all), all shipping the
-    code bundle of what it imports; with ``gpus=0`` the training stages take the CPU image too."""
+    code bundle of what it imports; with ``gpus=0`` the GPU stages take the CPU image too."""
     chosen = Images.single(images) if isinstance(images, str) else images
     return SimpleNamespace(**{
         func.__name__: dsl.component(func, base_image=chosen.for_stage(func.__name__, gpus),

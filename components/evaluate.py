@@ -31,13 +31,16 @@ from components.stage import (
     storage_from_env,
 )
 from evaluators.suite import TASKS, SuiteConfig, run_suite
+from trainer.devices import available_device
 from trainer.models.hub import load_backbone, locate_weights
 
 
 def run_evaluate_stage(ctx: StageContext, backbone_dir: str | Path, out_dir: str | Path, data_uri: str,
                        train_limit: int = 0, test_limit: int = 0, ks: list[int] | None = None,
-                       temperature: float = 0.07, tasks: list[str] | None = None) -> dict[str, Any]:
-    """Run the benchmark suite on the backbone in ``backbone_dir``; returns ``{"metrics": ...}``."""
+                       temperature: float = 0.07, tasks: list[str] | None = None, device: str = "cpu",
+                       num_workers: int = 0) -> dict[str, Any]:
+    """Run the benchmark suite on the backbone in ``backbone_dir`` on ``device`` (class folders
+    decoded by ``num_workers`` processes); returns ``{"metrics": ...}``."""
     storage = storage_from_env()
     out = Path(out_dir)
     ks = sorted({int(k) for k in ks or []} | {20})  # k=20 always: the default gate metric
@@ -46,16 +49,16 @@ def run_evaluate_stage(ctx: StageContext, backbone_dir: str | Path, out_dir: str
         if not data_uri and {"knn", "linear"} & set(asked) and set(asked) <= set(TASKS):  # (unknown: named below)
             raise ValueError("no labelled images for knn and linear: give the pipeline eval_data_uri (class "
                              "folders) or data_source (Fashion-MNIST); evaluate_only and retrain: data_uri")
-        config = SuiteConfig(tasks=asked, data_uri=data_uri,
-                             train_limit=train_limit, test_limit=test_limit, ks=tuple(ks), temperature=temperature)
+        config = SuiteConfig(tasks=asked, data_uri=data_uri, train_limit=train_limit, test_limit=test_limit,
+                             ks=tuple(ks), temperature=temperature, num_workers=num_workers)
         params = {"data_uri": data_uri, "train_limit": train_limit, "test_limit": test_limit, "ks": ks,
-                  "temperature": temperature, "tasks": list(config.tasks)}
+                  "temperature": temperature, "tasks": list(config.tasks), "device": device}
         tracker.log_params(params)
         uri, source = locate_weights(str(backbone_dir), storage)
         weights = Path(uri) / "model.safetensors" if source == "hf" else Path(uri)  # the bytes that key the cache
 
         def work() -> dict[str, Any]:
-            backbone = load_backbone(uri, source, storage).eval()
+            backbone = load_backbone(uri, source, storage).to(available_device(device)).eval()
             out.mkdir(parents=True, exist_ok=True)
             report = run_suite(backbone, config, storage, pictures=out)
             report.pop("features")

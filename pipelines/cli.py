@@ -86,10 +86,10 @@ def _load(schema: type[BaseModel], preset: str, overrides: list[str] | None) -> 
 
 def _check_device(device: str) -> None:
     """A run's device refused in one line before anything is created (no MLflow run, no folder)."""
-    from trainer.engine import training_device
+    from trainer.devices import available_device
 
     with _bad_input():
-        training_device(device)
+        available_device(device)
 
 
 @app.command()
@@ -274,14 +274,14 @@ def evaluate(
     from components.stage import storage_from_env
     from dinoflow.tracking import MlflowTracker, NullTracker, standard_tags
     from evaluators.suite import SuiteConfig, run_suite
-    from trainer.engine import training_device
+    from trainer.devices import available_device
 
     storage = storage_from_env()
     with _bad_input():
         if benchmark not in ("knn", "linear", "suite"):
             raise ValueError(f"unknown benchmark {benchmark!r}; allowed: knn, linear, suite")
         chosen = tuple(t.strip() for t in tasks.split(",") if t.strip()) if benchmark == "suite" else (benchmark,)
-        backbone = _backbone(weights, source, storage).to(training_device(device))
+        backbone = _backbone(weights, source, storage).to(available_device(device))
         config = SuiteConfig(tasks=chosen, data_uri=data_uri, train_limit=train_limit, test_limit=test_limit,
                              ks=tuple(sorted({k, 20})), image_size=image_size, num_workers=num_workers,
                              seg_data=seg_data, depth_data=depth_data, multiscale=ms,
@@ -452,7 +452,7 @@ def curate(
     from components.stage import storage_from_env
     from curation.embed import backbone_embedder, pixel_embedder
     from curation.pipeline import CurationConfig, run_curation
-    from trainer.engine import training_device
+    from trainer.devices import available_device
     from dinoflow.tracking import (MlflowTracker, NullTracker, default_artifact_location, default_tracking_uri,
                                    standard_tags)
 
@@ -470,7 +470,7 @@ def curate(
             embedder = pixel_embedder(6)
             typer.echo("embedder: downsampled pixels (6x6, standardised); pass --weights for a backbone", err=True)
         else:
-            embedder = backbone_embedder(_backbone(weights, source, storage).to(training_device(device)))
+            embedder = backbone_embedder(_backbone(weights, source, storage).to(available_device(device)))
     with (MlflowTracker.start(
         tracking_uri, experiment, run_name="curate", tags=standard_tags("curate"),
         artifact_location=default_artifact_location(tracking_uri, out),
@@ -498,10 +498,10 @@ TagOption = Annotated[str | None, typer.Option(envvar="DINOFLOW_TAG", help="tag 
                                                "[default: this release's version]")]
 SecretOption = Annotated[str | None, typer.Option(help="Secret holding AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                                                   "in the pipelines' namespace [default: dinoflow-s3]")]
-GpusOption = Annotated[int | None, typer.Option(envvar="DINOFLOW_GPUS", help="GPUs (nvidia.com/gpu) of the pretrain "
-                                                "task, which tolerates the GPU nodes' taint and trains on cuda; 0: "
-                                                "a CPU-only cluster (no GPU request, CPU image, trains on cpu) "
-                                                "[default: 1]")]
+GpusOption = Annotated[int | None, typer.Option(envvar="DINOFLOW_GPUS", help="GPUs (nvidia.com/gpu) of each "
+                                                "pretrain, distill and evaluate task, which tolerate the GPU nodes' "
+                                                "taint and run on cuda; 0: a CPU-only cluster (no GPU request, CPU "
+                                                "image, runs on cpu) [default: 1]")]
 
 
 def _pipeline(name: str, image: str | None = None, registry: str | None = None, tag: str | None = None,

@@ -19,8 +19,8 @@ On a cluster every task reads the S3 credentials from the Secret ``s3_secret`` a
 endpoint and MLflow address (``AWS_ENDPOINT_URL``, ``MLFLOW_TRACKING_URI``) from the ConfigMap
 ``settings_config_map`` (infra/k8s/pipelines), as environment variables; the compiled YAML names
 them and holds no value. Every task requests CPU and memory (:data:`STAGE_RESOURCES`); the
-training stage gets ``gpus`` GPUs (``nvidia.com/gpu``, 0: a CPU-only cluster), tolerates the GPU
-nodes' taint, and trains on ``cuda``. ``kfp.local`` ignores this Kubernetes configuration (it warns
+training and evaluation stages get ``gpus`` GPUs each (``nvidia.com/gpu``, 0: a CPU-only cluster),
+tolerate the GPU nodes' taint, and run on ``cuda``. ``kfp.local`` ignores this Kubernetes configuration (it warns
 that the resources have no effect): local tasks inherit the caller's environment and share the
 machine, so local callers build with ``gpus=0``.
 
@@ -46,7 +46,8 @@ S3_SECRET = "dinoflow-s3"  # infra/README.md step 3, copied into the pipelines' 
 S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")  # Secret key = env var name
 SETTINGS_CONFIG_MAP = "dinoflow-pipeline-settings"  # infra/k8s/pipelines
 SETTINGS_KEYS = ("AWS_ENDPOINT_URL", "MLFLOW_TRACKING_URI")  # ConfigMap key = env var name
-GPUS = 1  # GPUs of the training task on a cluster: it trains in one process
+GPUS = 1  # GPUs of the training and evaluation tasks on a cluster: each runs in one process
+EVAL_WORKERS = 3  # evaluate's decoding processes beside the GPU's (its pod has 4 CPUs)
 # the NVIDIA device plugin's resource, and the taint key of GPU nodes (infra/README.md step 0)
 GPU_RESOURCE = "nvidia.com/gpu"
 
@@ -73,7 +74,9 @@ STAGE_RESOURCES = {
     # shared memory counts against the memory limit
     "pretrain": Resources("4", "8", "16Gi", "32Gi", shared_memory="4Gi"),
     "distill": Resources("4", "8", "16Gi", "32Gi", shared_memory="4Gi"),  # a student and the frozen teacher
-    "evaluate": Resources("2", "4", "4Gi", "8Gi"),  # features of the train and test sets, probes
+    # features of the train and test sets (ImageNet's 1.28M: 10 GB with the probe's views), probes;
+    # with a GPU, the images decoded by EVAL_WORKERS processes through the shared memory
+    "evaluate": Resources("4", "8", "16Gi", "32Gi", shared_memory="4Gi"),
     "register": Resources("500m", "2", "1Gi", "4Gi"),
     "champion": Resources("250m", "1", "1Gi", "2Gi"),
 }
@@ -111,7 +114,7 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                     settings_config_map: str = SETTINGS_CONFIG_MAP, gpus: int = GPUS) -> dict[str, Callable[..., Any]]:
     """The pipeline functions (``@dsl.pipeline``) by name, for components on ``images`` (a str: one
     image for every stage) whose tasks read the Secret and ConfigMap of these names on a cluster;
-    the training stage gets ``gpus`` GPUs (0 or 1; 0: it runs on the CPU image, on CPU)."""
+    the training and evaluation stages get ``gpus`` GPUs (0 or 1; 0: they run on the CPU image, on CPU)."""
     if gpus not in (0, 1):
         raise ValueError(f"gpus must be 0 (a CPU-only cluster) or 1: the pretrain task trains in one process "
                          f"(multi-GPU training: the PyTorchJob, infra/README.md step 7), got {gpus}")
@@ -120,6 +123,7 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                                             gpus if name in GPU_STAGES else 0)
                            for name, component in vars(built).items()})
     device = "cuda" if gpus > 0 else "cpu"
+    on_device = {"device": device, "num_workers": EVAL_WORKERS if gpus > 0 else 0}  # evaluate's
 
     def uncached(task: Any) -> Any:
         return task.set_caching_options(False)
@@ -139,7 +143,8 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
     def score_and_register(ctx: dict[str, Any], use_cache: bool, backbone: Any, data_uri: Any, eval_params: dict,
                            model_name: str, metric: str, margin: float) -> None:
         """Evaluate ``backbone`` (on ``eval_params``' eval_data_uri when given, else ``data_uri``) and register it."""
-        scored = c.evaluate(**ctx, use_cache=use_cache, backbone=backbone, data_uri=data_uri, **eval_params)
+        scored = c.evaluate(**ctx, use_cache=use_cache, backbone=backbone, data_uri=data_uri, **eval_params,
+                            **on_device)
         uncached(c.register(**ctx, backbone=backbone, report=scored.outputs["report"], model_name=model_name,
                             metric=metric, margin=margin))
 
@@ -216,7 +221,7 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
             ctx = context(run_root, tracking_uri, experiment, parent)
             benchmark = {"use_cache": use_cache, "data_uri": data_uri, "train_limit": train_limit,
                          "test_limit": test_limit, "knn_k": knn_k, "knn_temperature": knn_temperature,
-                         "tasks": eval_tasks}
+                         "tasks": eval_tasks, **on_device}
             with dsl.If(model == ""):
                 weights = dsl.importer(artifact_uri=weights_uri, artifact_class=dsl.Model, reimport=False)
                 c.evaluate(**ctx, backbone=weights.output, **benchmark)

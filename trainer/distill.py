@@ -77,8 +77,8 @@ from trainer.engine import (
     start_from_weights,
     step_crops,
     training_autocast,
-    training_device,
 )
+from trainer.devices import available_device
 from trainer.losses import CLSFeatureLoss, PatchFeatureLoss
 from trainer.models.compile import compile_blocks
 from trainer.models.heads import DINOHead
@@ -352,7 +352,7 @@ def distill(
     if cfg.distributed.strategy != "single":
         raise ValueError(f"distributed.strategy = {cfg.distributed.strategy!r}: distillation runs single-process")
     tracker = tracker or NullTracker()
-    device = training_device(cfg.device)
+    device = available_device(cfg.device)
     autocast_dtype = training_autocast(device)
     teacher_network, teacher_objective = teacher or load_teacher(cfg, storage)
     teacher_network = teacher_network.to(device)

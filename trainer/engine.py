@@ -51,6 +51,7 @@ from trainer.checkpoints import (
 )
 from trainer.data.augment import MultiCrop
 from trainer.data.datasets import BadImageTracker
+from trainer.devices import available_device
 from trainer.health import CollapseWatch, target_health
 from trainer.losses import (
     AllReduce,
@@ -465,19 +466,6 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     torch._foreach_lerp_(teacher_params, student_params, 1 - momentum)  # one pass: t + (1 - m)(s - t)
 
 
-def training_device(name: str) -> torch.device:
-    """The device a run trains on, refused before any work where this machine has none of it (a
-    GPU recipe started on a CPU-only machine would fail deep in its first step)."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; allowed: cpu, cuda, cuda:<index>") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device = {name!r}, but this machine has no CUDA device (torch {torch.__version__}); "
-                         "set device=cpu to run here")
-    return device
-
-
 def training_autocast(device: torch.device) -> torch.dtype | None:
     """The autocast dtype training runs under on ``device``: bf16 on CUDA (Sinkhorn-Knopp and the
     softmaxes stay fp32 in the losses), none (fp32) on CPU, where bf16 matmuls are slow."""
@@ -506,7 +494,7 @@ def pretrain(
     Under a distributed ``cfg.distributed.strategy`` every rank runs this (started by torchrun):
     each reads its slice of every global batch, and only rank 0 logs, evaluates and writes.
     """
-    device = training_device(cfg.device)
+    device = available_device(cfg.device)
     strategy = build_strategy(cfg.distributed, device)
     finished = False
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,14 @@ def test_the_stage_scores_class_folders_and_draws_their_confusion_matrix(tmp_pat
     assert (tmp_path / "out" / "confusion_knn.png").read_bytes()[:4] == b"\x89PNG"
     again = run_evaluate_stage(ctx, tmp_path / "backbone", tmp_path / "again", str(tmp_path / "data"), tasks=["knn"])
     assert again["cached"] and again["metrics"] == result["metrics"]
+    # decoding processes (as on a cluster's GPU pod) give the same figures; the device is part of the key
+    workers = run_evaluate_stage(replace(ctx, use_cache=False), tmp_path / "backbone", tmp_path / "workers",
+                                 str(tmp_path / "data"), tasks=["knn"], num_workers=2)
+    assert not workers["cached"] and workers["metrics"] == result["metrics"]
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            run_evaluate_stage(ctx, tmp_path / "backbone", tmp_path / "gpu", str(tmp_path / "data"), tasks=["knn"],
+                               device="cuda")
 
 
 def test_no_labelled_images_is_refused_naming_the_parameters(tmp_path: Path) -> None:

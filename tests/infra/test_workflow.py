@@ -79,10 +79,11 @@ def _images_gpus_tolerations(spec: dict[str, Any], platform: dict[str, Any]) -> 
     }
 
 
-def test_pretrain_gets_the_gpu_image_and_a_gpu_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pretrain_and_evaluate_get_the_gpu_image_and_a_gpu_by_default(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     tasks = _images_gpus_tolerations(*_compiled_by_the_workflow(tmp_path, monkeypatch, {}))
     assert GPUS == 1
-    assert tasks.pop("pretrain") == (f"{REGISTRY}/dinoflow-gpu:{TAG}", "1", True)
+    assert tasks.pop("pretrain") == tasks.pop("evaluate") == (f"{REGISTRY}/dinoflow-gpu:{TAG}", "1", True)
     assert set(tasks.values()) == {(f"{REGISTRY}/dinoflow-cpu:{TAG}", "", False)}
 
 

@@ -16,7 +16,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from components.definitions import Images
+from components.definitions import GPU_STAGES, Images
 from components.pipeline_run import TAG_FAILED_STAGES, TAG_PIPELINE
 from dinoflow.registry import champion_version
 from dinoflow.storage import Storage
@@ -274,7 +274,8 @@ def test_compiled_components_run_on_the_cpu_and_gpu_images_of_a_registry_and_tag
     spec, platform = yaml.safe_load_all(out.read_text())
     images = {name.removeprefix("exec-"): e["container"]["image"]
               for name, e in spec["deploymentSpec"]["executors"].items()}
-    assert images.pop("pretrain") == images.pop("distill") == "registry.example/team/dinoflow-gpu:2.0.1"
+    assert images.pop("pretrain") == images.pop("distill") == images.pop("evaluate") == images.pop("evaluate-2") == (
+        "registry.example/team/dinoflow-gpu:2.0.1")
     assert set(images.values()) == {"registry.example/team/dinoflow-cpu:2.0.1"}
     assert_cluster_env(spec, platform, secret="team-s3")
     # the defaults: this release's images, pinned to its version, and the infra's Secret
@@ -297,8 +298,8 @@ def _compiled(tmp_path: Path, name: str, *options: str) -> tuple[dict[str, Any],
 
 
 def _hardware(spec: dict[str, Any], platform: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Per task: image, resources, tolerations, /dev/shm volume and (training stages) the device it
-    trains on; tasks of every DAG (the exit handler's, the students' loop, the root)."""
+    """Per task: image, resources, tolerations, /dev/shm volume and (GPU stages) the device it runs
+    on; tasks of every DAG (the exit handler's, the students' loop, the root)."""
     configs = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     components, executors = spec["components"], spec["deploymentSpec"]["executors"]
     tasks = {components[task["componentRef"]["name"]]["executorLabel"]: task
@@ -312,21 +313,26 @@ def _hardware(spec: dict[str, Any], platform: dict[str, Any]) -> dict[str, dict[
             "shm": [m["mountPath"] for m in configs[name].get("emptyDirMounts", [])],
             "device": tasks[name]["inputs"]["parameters"].get("device", {}).get("runtimeValue", {}).get("constant"),
         }
-        for name, e in executors.items()
+        for name, e in executors.items() if "container" in e  # (an importer runs no container)
     }
 
 
-@pytest.mark.parametrize("name", ["full", "retrain"])
-def test_pretrain_requests_a_gpu_and_tolerates_the_gpu_taint(tmp_path: Path, name: str) -> None:
+@pytest.mark.parametrize("name", ["full", "retrain", "evaluate_only"])
+def test_pretrain_and_evaluate_request_a_gpu_and_tolerate_the_gpu_taint(tmp_path: Path, name: str) -> None:
+    """The stages that run a backbone over a data set (training, and evaluation: ImageNet's probe
+    takes hours on a CPU) get a GPU each, the GPU image, the taint's toleration, device=cuda and
+    the shared memory their decoding processes need; no other task does."""
     tasks = _hardware(*_compiled(tmp_path, name))
-    if name == "full":
-        assert tasks.pop("distill") == tasks["pretrain"]  # a training stage: the same GPU, image, resources
-    pretrain = tasks.pop("pretrain")
-    accelerator = pretrain["resources"]["accelerator"]
-    assert (accelerator["resourceType"], accelerator["resourceCount"]) == (GPU_RESOURCE, "1")
-    assert pretrain["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-    assert pretrain["image"].split("/")[-1].startswith("dinoflow-gpu:") and pretrain["device"] == "cuda"
-    assert pretrain["shm"] == ["/dev/shm"]  # DataLoader workers share batches through it
+    gpu_tasks = {task: tasks.pop(task) for task in list(tasks) if task.split("-")[0] in GPU_STAGES}
+    expected = {"full": {"pretrain", "distill", "evaluate", "evaluate-2"}, "retrain": {"pretrain", "evaluate"},
+                "evaluate_only": {"evaluate", "evaluate-2"}}[name]  # evaluate_only: one per branch
+    assert set(gpu_tasks) == expected
+    for task, hardware in gpu_tasks.items():
+        accelerator = hardware["resources"]["accelerator"]
+        assert (accelerator["resourceType"], accelerator["resourceCount"]) == (GPU_RESOURCE, "1"), task
+        assert hardware["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        assert hardware["image"].split("/")[-1].startswith("dinoflow-gpu:") and hardware["device"] == "cuda", task
+        assert hardware["shm"] == ["/dev/shm"], task  # DataLoader workers share batches through it
     for task, hardware in tasks.items():
         assert "accelerator" not in hardware["resources"] and hardware["tolerations"] == [], task
         assert hardware["image"].split("/")[-1].startswith("dinoflow-cpu:"), task
@@ -336,7 +342,7 @@ def test_gpus_0_compiles_for_a_cpu_only_cluster(tmp_path: Path) -> None:
     tasks = _hardware(*_compiled(tmp_path, "retrain", "--gpus", "0"))
     assert all("accelerator" not in t["resources"] and t["tolerations"] == [] for t in tasks.values())
     assert {t["image"].split("/")[-1].split(":")[0] for t in tasks.values()} == {"dinoflow-cpu"}
-    assert tasks["pretrain"]["device"] == "cpu"
+    assert tasks["pretrain"]["device"] == tasks["evaluate"]["device"] == "cpu"
     many = CliRunner().invoke(app, ["pipeline", "compile", "retrain", "--out", str(tmp_path / "x.yaml"), "--gpus",
                                     "2"], env={"DINOFLOW_IMAGE": None})
     assert many.exit_code == 2 and "gpus must be 0 (a CPU-only cluster) or 1" in many.stderr

@@ -78,11 +78,12 @@ def test_submit_sends_the_compiled_pipeline_with_its_parameters(kfp_api: str, mo
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert set(executors) == set(spec["deploymentSpec"]["executors"])
     assert {e["secretAsEnv"][0]["secretName"] for e in executors.values()} == {"dinoflow-s3"}
-    # and the GPU: pretrain asks for one and tolerates the GPU nodes' taint, nothing else does
+    # and the GPU: pretrain and evaluate ask for one each and tolerate the GPU nodes' taint, nothing else does
     accelerators = {name: e["container"]["resources"].get("accelerator", {}).get("resourceCount")
                     for name, e in spec["deploymentSpec"]["executors"].items()}
-    assert {name: count for name, count in accelerators.items() if count} == {"exec-pretrain": "1"}
-    assert [name for name, e in executors.items() if e.get("tolerations")] == ["exec-pretrain"]
+    assert {name: count for name, count in accelerators.items() if count} == {"exec-pretrain": "1",
+                                                                              "exec-evaluate": "1"}
+    assert sorted(name for name, e in executors.items() if e.get("tolerations")) == ["exec-evaluate", "exec-pretrain"]
     assert "planted-secret-9d2" not in json.dumps(run) and "token-123" not in yaml.safe_dump(spec)
 
 
