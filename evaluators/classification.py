@@ -122,13 +122,15 @@ class FashionMnistImages:
     test_y: Tensor
     classes: tuple[str, ...] = FASHION_MNIST_CLASSES
 
-    def features(self, backbone: nn.Module, views: bool = False, batch_size: int = 512,
-                 num_workers: int = 0) -> LabelledFeatures:
+    def features(self, backbone: nn.Module, views: bool = False, batch_size: int = 512, num_workers: int = 0,
+                 amp_dtype: torch.dtype | None = None) -> LabelledFeatures:
         """The frozen features of both splits (with ``views``, also the linear probe's inputs,
-        :func:`view`), the raw pixels as the baseline's features, the garments' silhouettes."""
+        :func:`view`; ``amp_dtype``: the backbone under autocast), the raw pixels as the baseline's
+        features, the garments' silhouettes."""
         blocks = min(4, len(backbone.blocks)) if views else 1
         train_f, test_f = (extract_features(backbone, to_model_input(images, patch_size=int(backbone.patch_size)),
-                                            batch_size=batch_size, layers=blocks, with_patch_mean=views)[0]
+                                            batch_size=batch_size, layers=blocks, with_patch_mean=views,
+                                            amp_dtype=amp_dtype)[0]
                            for images in (self.train, self.test))
         shown = self.test[:ATTENTION_IMAGES]
         return _labelled(train_f, self.train_y, test_f, self.test_y, self.classes, backbone, views, shown,
@@ -147,10 +149,11 @@ class FolderImages:
     remap: Tensor
     image_size: int
 
-    def features(self, backbone: nn.Module, views: bool = False, batch_size: int = 128,
-                 num_workers: int = 0) -> LabelledFeatures:
+    def features(self, backbone: nn.Module, views: bool = False, batch_size: int = 128, num_workers: int = 0,
+                 amp_dtype: torch.dtype | None = None) -> LabelledFeatures:
         """The frozen features of both splits' centre crops (with ``views``, also the linear probe's
-        inputs, :func:`view`), the undecodable images of each counted."""
+        inputs, :func:`view`; ``amp_dtype``: the backbone under autocast), the undecodable images of
+        each counted."""
         blocks = min(4, len(backbone.blocks)) if views else 1
         patch = int(getattr(backbone, "patch_size", 14))
         if self.image_size <= 0 or self.image_size % patch:
@@ -162,7 +165,7 @@ class FolderImages:
             loader = DataLoader(subset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_samples)
             passes[split] = _ModelInput(loader, self.image_size, patch, remap, keep=keep)
             features[split] = extract_features(backbone, passes[split], device=device, layers=blocks,
-                                               with_patch_mean=views)
+                                               with_patch_mean=views, amp_dtype=amp_dtype)
         (train_f, train_y), (test_f, test_y) = features["train"], features["test"]
         assert train_y is not None and test_y is not None
         shown = torch.cat(passes["test"].kept)[:ATTENTION_IMAGES]

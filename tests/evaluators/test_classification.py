@@ -147,3 +147,20 @@ def test_the_probe_views_are_the_originals_and_the_best_on_held_out_is_reported(
     with pytest.raises(ValueError, match="needs the features taken with views=True"):
         classification_report(labelled_images(str(tmp_path), "folder", Storage(), image_size=28).features(model),
                               (5,), 0.07, config)
+
+
+def test_half_precision_features_are_the_fp32_ones_rounded(tmp_path: Path) -> None:
+    """``precision`` bf16: the backbone runs under autocast (as the original evaluates), its features
+    near the fp32 ones but not equal (the autocast is on); an unknown precision is named."""
+    write_folders(tmp_path, {"cat": (4, 2), "dog": (4, 2)})
+    images = labelled_images(str(tmp_path), "folder", Storage(), image_size=28)
+    model = backbone()
+    fp32 = images.features(model)
+    bf16 = images.features(model, amp_dtype=torch.bfloat16)
+    assert fp32.train_x.dtype == bf16.train_x.dtype == torch.float32
+    torch.testing.assert_close(bf16.train_x, fp32.train_x, rtol=0.05, atol=0.05)
+    assert not torch.equal(bf16.train_x, fp32.train_x)
+    config = SuiteConfig(tasks=("knn",), data_uri=str(tmp_path), image_size=28, ks=(3,), precision="bf16")
+    assert run_suite(model, config)["metrics"]["knn_top1_k3"] == 1.0  # the colours separate
+    with pytest.raises(ValueError, match="unknown precision 'int8'; allowed: fp32, bf16, fp16"):
+        SuiteConfig(data_uri="x", precision="int8")
