@@ -126,7 +126,8 @@ class FashionMnistImages:
                  amp_dtype: torch.dtype | None = None) -> LabelledFeatures:
         """The frozen features of both splits (with ``views``, also the linear probe's inputs,
         :func:`view`; ``amp_dtype``: the backbone under autocast), the raw pixels as the baseline's
-        features, the garments' silhouettes."""
+        features, the garments' silhouettes (``num_workers``: nothing to decode, the images are
+        arrays already; taken as :class:`FolderImages` takes it)."""
         blocks = min(4, len(backbone.blocks)) if views else 1
         train_f, test_f = (extract_features(backbone, to_model_input(images, patch_size=int(backbone.patch_size)),
                                             batch_size=batch_size, layers=blocks, with_patch_mean=views,
