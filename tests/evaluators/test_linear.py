@@ -20,6 +20,7 @@ from evaluators.linear import (
     init_classifier_grid,
     linear_probe,
     scale_learning_rates,
+    feature_scaling,
     standardize,
     train_classifier_grid,
 )
@@ -83,6 +84,25 @@ def test_grid_leaves_its_input_alone() -> None:
     before = start.clone()
     train_classifier_grid(start, features, labels, [0.1, 0.2], 1, 8, torch.Generator().manual_seed(0))
     torch.testing.assert_close(start.weight, before.weight, rtol=0, atol=0)
+
+
+def test_rows_and_scaling_train_as_the_standardised_subset_would() -> None:
+    """The probe trains on the held-out split's rest and standardises batch by batch (so ImageNet's
+    features are held once): exactly what training on the standardised subset gives."""
+    features, labels = blobs(90, 5, 3, spread=1.0, seed=2)
+    features = features * torch.logspace(-2, 2, 5)
+    rows = torch.randperm(90, generator=torch.Generator().manual_seed(3))[:70]
+    start = init_classifier_grid(3, 5, 3, torch.Generator().manual_seed(0))
+    scaling = feature_scaling(features)
+    lazily = train_classifier_grid(start, features, labels, [0.01, 0.1, 1.0], 2, 16, torch.Generator().manual_seed(4),
+                                   rows=rows, scaling=scaling)
+    (standardised,) = standardize(features)
+    eagerly = train_classifier_grid(start, standardised[rows], labels[rows], [0.01, 0.1, 1.0], 2, 16,
+                                    torch.Generator().manual_seed(4))
+    torch.testing.assert_close(lazily.weight, eagerly.weight, rtol=0, atol=0)
+    rest = torch.tensor(sorted(set(range(90)) - set(rows.tolist())))
+    torch.testing.assert_close(lazily.accuracies(features, labels, chunk_size=7, rows=rest, scaling=scaling),
+                               eagerly.accuracies(standardised[rest], labels[rest]), rtol=0, atol=0)
 
 
 def test_default_grid_is_the_originals_extended_and_scaled_by_batch_size() -> None:
