@@ -78,7 +78,10 @@ def view(features: Tensor, name: str, dim: int) -> Tensor:
     blocks = features.shape[1] // dim - 1
     cls = features[:, : blocks * dim]
     picked = cls[:, -dim:] if name.startswith("last1") else cls
-    return torch.cat([picked, features[:, blocks * dim:]], dim=1) if name.endswith("+avgpool") else picked
+    if not name.endswith("+avgpool"):
+        return picked  # a view of ``features``: no copy
+    whole = picked.shape[1] == cls.shape[1]  # every block's CLS and the mean: the features themselves
+    return features if whole else torch.cat([picked, features[:, blocks * dim:]], dim=1)
 
 
 def labelled_images(uri: str, kind: DataKind, storage: Storage, train_limit: int = 0, test_limit: int = 0,
