@@ -47,7 +47,7 @@ def labelled_evaluators(cfg: PretrainConfig, storage: Storage) -> tuple[EvalFn |
     def scorer(linear: bool) -> EvalFn:
         def evaluate(backbone: DinoVisionTransformer, step: int) -> dict[str, float]:
             was_training = backbone.training
-            data = images.features(backbone, views=linear)
+            data = images.features(backbone, views=linear, num_workers=cfg.data.num_workers)  # the loader's
             backbone.train(was_training)
             return report_metrics(classification_report(data, (cfg.eval.knn_k,), cfg.eval.knn_temperature,
                                                         LinearProbeConfig() if linear else None,
