@@ -1,0 +1,110 @@
+"""The frozen-feature suite on an accelerator against the CPU: the same figures, and the time each takes.
+
+Every task of ``dinoflow eval suite`` (k-NN, the linear probe over its four views, segmentation and
+depth heads with +ms, retrieval) runs the whole of its work on the backbone's device: features, k-NN
+similarities, the probe's grid, the dense heads' training and their batched scoring. This runs the
+suite once on ``--reference`` (the CPU) and once on ``--device`` with the same seeded ViT-S/14 and
+the same data (class folders of coloured noise written to a temporary folder, and the synthetic
+scenes), then once more on ``--device`` with the feature pass in bf16 (``--precision``), and prints
+each metric per run with its difference from the reference and the seconds each run took. The
+figures should agree to rounding (the probe and the heads train on features that differ in the last
+bits, so they may move by a sample or a pixel); a device path that reads another device's tensor
+fails outright. Asserts nothing.
+
+    python benchmarks/eval_device.py --device cpu --images 12      # smoke: the CPU against itself
+    python benchmarks/eval_device.py --device cuda --json eval_device.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from evaluators.dense import HeadConfig
+from evaluators.suite import SuiteConfig, run_suite
+from trainer.devices import available_device
+from trainer.models.vit import build_vit
+
+CLASSES = ("red", "green", "blue", "grey")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--reference", default="cpu")
+    parser.add_argument("--images", type=int, default=40, help="train images per class (a quarter as many to test)")
+    parser.add_argument("--image-size", type=int, default=112, help="class folders' centre crop (x14)")
+    parser.add_argument("--precision", default="bf16", help="the extra run's feature pass on --device")
+    parser.add_argument("--json", default="", help="write the figures here too")
+    return parser.parse_args()
+
+
+def write_class_folders(root: Path, per_class: int, seed: int = 0) -> None:
+    """``root/{train,val}/<class>/*.png``: each class a colour under noise, in varied sizes."""
+    rng = np.random.default_rng(seed)
+    for index, name in enumerate(CLASSES):
+        colour = np.eye(3)[index] * 150 + 50 if index < 3 else np.full(3, 128.0)
+        for split, count in (("train", per_class), ("val", max(1, per_class // 4))):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                height, width = rng.integers(100, 180, size=2)
+                pixels = np.clip(colour + rng.normal(0, 60, (height, width, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+
+
+def timed_suite(device: torch.device, config: SuiteConfig, weights: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The suite on ``device`` from ``weights``; its metrics and seconds (a warm-up pass first, so
+    a device's start-up is not counted)."""
+    backbone = build_vit("vit_small", patch_size=14, img_size=224, layerscale_init=1.0)
+    backbone.load_state_dict(weights)
+    backbone = backbone.to(device).eval()
+    with torch.no_grad():
+        backbone(torch.zeros(2, 3, config.image_size, config.image_size, device=device))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    report = run_suite(backbone, config)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return {"device": str(device), "precision": config.precision, "seconds": time.perf_counter() - started,
+            "metrics": report["metrics"]}
+
+
+def main() -> None:
+    args = parse_args()
+    reference, device = available_device(args.reference), available_device(args.device)
+    torch.manual_seed(0)
+    weights = build_vit("vit_small", patch_size=14, img_size=224, layerscale_init=1.0).state_dict()
+    with tempfile.TemporaryDirectory() as scratch:
+        write_class_folders(Path(scratch), args.images)
+        config = SuiteConfig(tasks=("knn", "linear", "seg", "depth", "retrieval"), data_uri=scratch,
+                             image_size=args.image_size, ks=(10, 20), train_scenes=128, test_scenes=32,
+                             layers=4, multiscale=True, seg_head=HeadConfig(steps=200),
+                             depth_head=HeadConfig(steps=100), retrieval_scenes=16)
+        runs = [timed_suite(reference, config, weights), timed_suite(device, config, weights),
+                timed_suite(device, replace(config, precision=args.precision), weights)]
+    names = sorted(runs[0]["metrics"])
+    print(f"{'metric':<32}" + "".join(f"{r['device'] + ' ' + r['precision']:>18}" for r in runs)
+          + f"{'max |diff|':>12}")
+    for name in names:
+        values = [r["metrics"].get(name, float("nan")) for r in runs]
+        diff = max(abs(v - values[0]) for v in values[1:])
+        print(f"{name:<32}" + "".join(f"{v:>18.4f}" for v in values) + f"{diff:>12.4f}")
+    print(f"{'seconds':<32}" + "".join(f"{r['seconds']:>18.1f}" for r in runs)
+          + f"   ({runs[0]['seconds'] / runs[1]['seconds']:.1f}x the reference's speed on {args.device})")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"runs": runs}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
