@@ -186,7 +186,18 @@ def champion(run_root: str, tracking_uri: str, experiment: str, parent_run_id: s
     return run_champion_stage(ctx, model_name, backbone.path)
 
 
-STAGES = (open_run, close_run, ingest, curate, pretrain, distill, evaluate, register, champion)
+def promote(run_root: str, tracking_uri: str, experiment: str, parent_run_id: str, pipeline_run_id: str,
+            model_name: str, version: str, alias: str, reason: str) -> str:
+    """Point ``alias`` of ``model_name`` at ``version`` past the gate (a rollback); returns the
+    version it pointed at before ("" when none)."""
+    from components.promote import run_promote_stage
+    from components.stage import StageContext
+
+    ctx = StageContext(run_root, tracking_uri, experiment, parent_run_id, pipeline_run_id)
+    return run_promote_stage(ctx, model_name, version, alias, reason)["previous"]
+
+
+STAGES = (open_run, close_run, ingest, curate, pretrain, distill, evaluate, register, champion, promote)
 
 
 def build_components(images: Images | str = DEFAULT_IMAGES, gpus: int = 1) -> SimpleNamespace:

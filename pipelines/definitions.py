@@ -1,4 +1,4 @@
-"""The pipelines: ``full``, ``evaluate_only`` and ``retrain``, as KFP v2 DAGs.
+"""The pipelines: ``full``, ``evaluate_only``, ``retrain`` and ``promote``, as KFP v2 DAGs.
 
 Every pipeline opens a parent MLflow run first and closes it in an exit handler (FAILED with the
 failing stage's error when a stage fails); every stage gets the same context parameters. The
@@ -10,6 +10,7 @@ the compiled YAML holds no local paths; :mod:`pipelines.local` passes local ones
                     -> register (+ gate)
     evaluate_only:  import weights (or fetch a registered version) -> evaluate
     retrain:        champion -> pretrain (from the champion's weights) -> evaluate -> register (+ gate)
+    promote:        an alias moved to a version by hand, past the gate (a rollback from the UI)
 
 ``full`` evaluates (and gates) on the ingested Fashion-MNIST, or with ``eval_data_uri`` on one's own
 labelled images in class folders (``train/<class>/``, ``val/<class>/``): a model pretrained on a
@@ -79,6 +80,7 @@ STAGE_RESOURCES = {
     "evaluate": Resources("4", "8", "16Gi", "32Gi", shared_memory="4Gi"),
     "register": Resources("500m", "2", "1Gi", "4Gi"),
     "champion": Resources("250m", "1", "1Gi", "2Gi"),
+    "promote": _MLFLOW_ONLY,
 }
 
 
@@ -248,4 +250,15 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                                 "knn_temperature": knn_temperature, "tasks": eval_tasks},
                                model_name, metric, margin)
 
-    return {"full": full, "evaluate_only": evaluate_only, "retrain": retrain}
+    @dsl.pipeline(name="promote", description="Point a registered model's alias (champion by default) at a "
+                                              "version by hand, past the gate: a rollback. The move is written "
+                                              "on the version (alias.<alias>: when, why).")
+    def promote(model_name: str = "dinoflow-tiny", version: str = "", alias: str = "champion", reason: str = "",
+                run_root: str = CLUSTER_RUN_ROOT, tracking_uri: str = CLUSTER_TRACKING_URI,
+                experiment: str = EXPERIMENT) -> None:
+        with dsl.ExitHandler(closer(run_root, tracking_uri, experiment)):
+            parent = open_parent(run_root, tracking_uri, experiment, "promote")
+            ctx = context(run_root, tracking_uri, experiment, parent)
+            uncached(c.promote(**ctx, model_name=model_name, version=version, alias=alias, reason=reason))
+
+    return {"full": full, "evaluate_only": evaluate_only, "retrain": retrain, "promote": promote}

@@ -173,6 +173,24 @@ def test_evaluate_only_and_retrain_from_the_champion(runs: Runs) -> None:
     assert retrained["register"].tags["gate.verdict"] in ("promoted", "kept")
 
 
+def test_promote_rolls_the_champion_back_from_the_ui(runs: Runs) -> None:
+    """The Kubeflow UI's rollback: the promote pipeline moves the alias past the gate, the move
+    written on the version; a version the model lacks fails the run with the versions it has."""
+    before = champion_version(runs.client, "tiny-test")
+    versions = sorted(int(v.version) for v in runs.client.search_model_versions("name='tiny-test'"))
+    target = str(next(v for v in versions if str(v) != before))  # (the reruns above registered several)
+    moved = runs.run("promote", model_name="tiny-test", version=target, reason="the newer drifts in use")
+    assert list(moved) == ["promote"] and moved["promote"].tags["promote.previous"] == before
+    assert champion_version(runs.client, "tiny-test") == target
+    move = runs.client.get_model_version("tiny-test", target).tags["alias.champion"]
+    assert move.endswith("by hand: the newer drifts in use")
+    with pytest.raises(PipelineFailed) as failure:
+        runs.run("promote", model_name="tiny-test", version="99")
+    listed = ", ".join(map(str, versions))
+    assert f"model 'tiny-test' has no version '99'; its versions: {listed}" in failure.value.errors["promote"]
+    assert champion_version(runs.client, "tiny-test") == target
+
+
 def test_evaluate_only_benchmarks_released_and_hugging_face_weights(runs: Runs, tmp_path: Path) -> None:
     """The Kubeflow UI's way to benchmark a released model next to ours: ``weights_uri`` names Meta's
     .pth or a Hugging Face folder (it took only a stage's folder holding backbone.safetensors)."""
@@ -209,6 +227,7 @@ def test_compiled_pipelines_hold_their_dag_and_no_secrets_or_local_paths(
                  "register": ["evaluate", "open-run", "pretrain"],
                  "distil-students": ["curate", "ingest", "open-run", "pretrain"]},
         "evaluate_only": {"open-run": [], "condition-branches-2": ["open-run"]},
+        "promote": {"open-run": [], "promote": ["open-run"]},
         "retrain": {"open-run": [], "champion": ["open-run"], "pretrain": ["champion", "open-run"],
                     "evaluate": ["open-run", "pretrain"], "register": ["evaluate", "open-run", "pretrain"]},
     }
@@ -237,7 +256,7 @@ def test_compiled_pipelines_hold_their_dag_and_no_secrets_or_local_paths(
             loop = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
             assert {task: sorted(body.get("dependentTasks", [])) for task, body in loop.items()} == {
                 "distill": [], "evaluate": ["distill"], "register": ["distill", "evaluate"]}
-        for task in ("open-run", "register", "champion"):
+        for task in ("open-run", "register", "champion", "promote"):
             if task in inner:
                 assert inner[task]["cachingOptions"] == {}  # caching off: they act, not compute
         images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values() if "container" in e}
@@ -377,7 +396,7 @@ def test_local_runs_build_without_gpus(tmp_path: Path) -> None:
 
 def test_pipeline_cli_rejects_unknown_names_and_parameters() -> None:
     bad = CliRunner().invoke(app, ["pipeline", "run", "nope"])
-    assert bad.exit_code == 2 and "unknown pipeline 'nope'; allowed: full, evaluate_only, retrain" in bad.stderr
+    assert bad.exit_code == 2 and "unknown pipeline 'nope'; allowed: full, evaluate_only, retrain, promote" in bad.stderr
     param = CliRunner().invoke(app, ["pipeline", "run", "full", "max_minute=3"])
     assert param.exit_code == 2 and "bad pipeline parameter 'max_minute=3'" in param.stderr
     assert "max_minutes" in param.stderr

@@ -59,7 +59,7 @@ def embedded_files(text: str) -> dict[str, bytes]:
     return files
 
 
-@pytest.mark.parametrize("name", ["full", "evaluate_only", "retrain"])
+@pytest.mark.parametrize("name", ["full", "evaluate_only", "retrain", "promote"])
 def test_compiled_pipelines_and_their_code_hold_no_credentials(planted: None, tmp_path: Path, name: str) -> None:
     out = tmp_path / f"{name}.yaml"
     compiler.Compiler().compile(build_pipelines("registry.example/dinoflow:1")[name], str(out))
