@@ -117,6 +117,9 @@ def format_summary(stages: list[StageSummary]) -> str:
         figures = [f"{k}={s.metrics[k]:.4g}" for k in KEY_METRICS if k in s.metrics]
         if TAG_HEALTH in s.tags:
             figures.append(f"health {s.tags[TAG_HEALTH]}")
+        if "promote.version" in s.tags:
+            figures.append(f"{s.tags['promote.model']}@{s.tags['promote.alias']}: version "
+                           f"{s.tags['promote.previous'] or '(none)'} -> {s.tags['promote.version']}")
         if "gate.verdict" in s.tags:
             figures.append(f"version {s.tags.get('gate.model_version')}: {s.tags['gate.verdict']} ({s.tags['gate.reason']})")
         lines.append(f"{s.stage:<10} {s.status:<9} {s.seconds:>8.1f} {'yes' if s.cached else 'no':>6}  {', '.join(figures)}")

@@ -24,7 +24,7 @@ from dinoflow.tracking import TAG_HEALTH, default_tracking_uri
 from pipelines.cli import app
 from pipelines.cli import _pipeline
 from pipelines.definitions import GPU_RESOURCE, S3_SECRET, SETTINGS_CONFIG_MAP, build_pipelines
-from pipelines.local import PipelineFailed, StageSummary, run_locally, stage_summaries
+from pipelines.local import PipelineFailed, StageSummary, format_summary, run_locally, stage_summaries
 
 FAST = {
     # LayerScale 0.1: CLS tokens differ from the first step, so k-NN is above chance however few
@@ -181,6 +181,7 @@ def test_promote_rolls_the_champion_back_from_the_ui(runs: Runs) -> None:
     target = str(next(v for v in versions if str(v) != before))  # (the reruns above registered several)
     moved = runs.run("promote", model_name="tiny-test", version=target, reason="the newer drifts in use")
     assert list(moved) == ["promote"] and moved["promote"].tags["promote.previous"] == before
+    assert f"tiny-test@champion: version {before} -> {target}" in format_summary(list(moved.values()))
     assert champion_version(runs.client, "tiny-test") == target
     move = runs.client.get_model_version("tiny-test", target).tags["alias.champion"]
     assert move.endswith("by hand: the newer drifts in use")
