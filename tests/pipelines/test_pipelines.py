@@ -59,6 +59,10 @@ class Runs:
         assert len(named) == len(stages), [s.stage for s in stages]
         return named
 
+    def earliest(self, pattern: str) -> Path:
+        """The first pipeline run's output matching ``pattern`` (run folders are named by their start time)."""
+        return sorted(self.kfp.glob(pattern))[0]
+
     def parents(self, pipeline: str) -> list[Any]:
         experiment = self.client.get_experiment_by_name("dinoflow")
         return self.client.search_runs([experiment.experiment_id], f"tags.`{TAG_PIPELINE}` = '{pipeline}'",
@@ -86,15 +90,15 @@ def test_full_runs_every_stage_and_registers_a_champion(runs: Runs) -> None:
     assert parent.info.status == "FINISHED"
     assert champion_version(runs.client, "tiny-test") == stages["register"].tags["gate.model_version"] == "1"
     # the artifacts behind the task outputs
-    decision = json.loads(next(runs.kfp.glob("full-*/register/decision/decision.json")).read_text())
+    decision = json.loads(runs.earliest("full-*/register/decision/decision.json").read_text())
     assert decision["promoted"] and decision["reason"] == "no champion yet"
-    report = json.loads(next(runs.kfp.glob("full-*/evaluate/report/report.json")).read_text())
+    report = json.loads(runs.earliest("full-*/evaluate/report/report.json").read_text())
     assert report["metrics"]["knn_top1_k20"] == pytest.approx(evaluate["knn_top1_k20"])
     for picture in ("confusion_knn.png", "attention_maps.png"):
-        assert next(runs.kfp.glob(f"full-*/evaluate/report/{picture}")).read_bytes()[:4] == b"\x89PNG"
+        assert runs.earliest(f"full-*/evaluate/report/{picture}").read_bytes()[:4] == b"\x89PNG"
     assert 0 <= evaluate["high_norm_token_share"] < 0.5 and 0 < evaluate["cls_attention_on_patches"] < 1
     assert 0 < evaluate["attention_jaccard"] <= evaluate["attention_jaccard_best_head"] <= 1  # on the garments
-    assert next(runs.kfp.glob("full-*/pretrain/backbone/backbone.safetensors")).stat().st_size > 10_000
+    assert runs.earliest("full-*/pretrain/backbone/backbone.safetensors").stat().st_size > 10_000
     assert len(list((runs.root / "data" / "fashion-mnist").iterdir())) == 4
 
 
@@ -157,7 +161,7 @@ def test_a_failing_stage_fails_the_pipeline_with_its_error(runs: Runs) -> None:
 
 
 def test_evaluate_only_and_retrain_from_the_champion(runs: Runs) -> None:
-    backbone = next(runs.kfp.glob("full-*/pretrain/backbone"))
+    backbone = runs.earliest("full-*/pretrain/backbone")
     scored = runs.run("evaluate_only", weights_uri=str(backbone), data_uri=str(runs.root / "data" / "fashion-mnist"),
                       train_limit=FAST["train_limit"], test_limit=FAST["test_limit"])
     assert list(scored) == ["evaluate"] and scored["evaluate"].cached  # same weights, same benchmark
@@ -201,7 +205,7 @@ def test_evaluate_only_benchmarks_released_and_hugging_face_weights(runs: Runs, 
     from trainer.models.hf import export_hf
     from trainer.models.hub import load_backbone
 
-    model = load_backbone(str(next(runs.kfp.glob("full-*/pretrain/backbone")) / "backbone.safetensors"), "safetensors")
+    model = load_backbone(str(runs.earliest("full-*/pretrain/backbone") / "backbone.safetensors"), "safetensors")
     export_hf(model, tmp_path / "hf")
     torch.save(model.state_dict(), tmp_path / "released.pth")
     limits = {"data_uri": str(runs.root / "data" / "fashion-mnist"), "train_limit": FAST["train_limit"],
