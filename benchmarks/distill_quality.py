@@ -106,7 +106,8 @@ def main() -> None:
     each = f"{args.steps} steps" if args.steps else f"{args.minutes:g} min"
     print(f"\nDistillation on Fashion-MNIST, {torch.get_num_threads()} threads, students {each} each; "
           f"wall {trained_minutes:.1f} min training + {(time.monotonic() - started) / 60 - trained_minutes:.1f} "
-          f"min scoring (k-NN k=20 T=0.07 and the linear probe over its 4 views; {train_count} train / {test_count} test images)")
+          f"min scoring (k-NN k=20 T=0.07 and the linear probe over its 4 views; {train_count} train / "
+          f"{test_count} test images)")
     print(f"{'backbone':<48} {'params':>8} {'min':>5} {'steps':>6} {'img/s':>6} {'k-NN':>7} {'linear':>7}")
     for row in rows:
         print(f"{row['what']:<48} {row['params']:>8} {row.get('minutes', ''):>5} {row.get('steps', ''):>6} "

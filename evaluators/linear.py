@@ -22,11 +22,11 @@ the same mini-batches, then keeps the best. Here the backbone has already been r
 * **Standardised features** (``standardize=True``, the default): each feature dimension is shifted
   and scaled by the train set's mean and standard deviation, i.e. MAE's linear probe (a BatchNorm
   without affine before the classifier, frozen at eval); batch by batch, as the features are read,
-  so they are held once (neither a standardised copy nor the held-out split's rest is made). The original feeds raw features; on small
-  SSL features the raw scale is badly conditioned for SGD, and 10 epochs of it stayed 6-7 points
-  below a converged logistic regression on the same features (71.2 % vs 78.0 % on a tiny
-  Fashion-MNIST backbone), while standardised features came within one point. ``False`` restores
-  the original's raw input.
+  so they are held once (neither a standardised copy nor the held-out split's rest is made). The
+  original feeds raw features; on small SSL features the raw scale is badly conditioned for SGD,
+  and 10 epochs of it stayed 6-7 points below a converged logistic regression on the same
+  features (71.2 % vs 78.0 % on a tiny Fashion-MNIST backbone), while standardised features came
+  within one point. ``False`` restores the original's raw input.
 
 **Selection.** The original picks the best classifier on ImageNet-val, the set it also reports.
 Here a seeded random ``val_fraction`` (10 %) of the train set is held out, the grid is trained on
