@@ -48,14 +48,17 @@ from evaluators.linear import epoch_batches
 
 
 @torch.no_grad()
-def dense_features(backbone: nn.Module, images: Tensor, layers: int = 1, batch_size: int = 64) -> tuple[Tensor, Tensor]:
+def dense_features(backbone: nn.Module, images: Tensor, layers: int = 1, batch_size: int = 64,
+                   amp_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """Patch features ``(N, L*D, h, w)`` and CLS tokens ``(N, L*D)`` of the last ``layers`` blocks
-    for model input ``images`` ``(N, 3, H, W)``, float32 on the CPU."""
+    for model input ``images`` ``(N, 3, H, W)``, float32 on the CPU (``amp_dtype``: the backbone
+    under autocast)."""
     device = next(backbone.parameters()).device
     patches, classes = [], []
     for start in range(0, len(images), batch_size):
-        out = backbone.get_intermediate_layers(images[start : start + batch_size].to(device), n=layers,
-                                               reshape=True, return_class_token=True)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            out = backbone.get_intermediate_layers(images[start : start + batch_size].to(device), n=layers,
+                                                   reshape=True, return_class_token=True)
         patches.append(torch.cat([p for p, _ in out], dim=1).float().cpu())
         classes.append(torch.cat([c for _, c in out], dim=1).float().cpu())
     return torch.cat(patches), torch.cat(classes)
@@ -188,8 +191,10 @@ def evaluate_segmentation(scores_of: Callable[[slice], Tensor], masks: Tensor, n
 
 @torch.no_grad()
 def multiscale_probabilities(backbone: nn.Module, head: LinearSegmentationHead, images: Tensor, layers: int,
-                             scales: Sequence[float] = (0.75, 1.0, 1.25), flip: bool = True) -> Tensor:
-    """Softmax averaged over input scales (sides rounded to the patch size) and flips, at input size."""
+                             scales: Sequence[float] = (0.75, 1.0, 1.25), flip: bool = True,
+                             amp_dtype: torch.dtype | None = None) -> Tensor:
+    """Softmax averaged over input scales (sides rounded to the patch size) and flips, at input size
+    (``amp_dtype``: the backbone under autocast)."""
     size = tuple(images.shape[-2:])
     patch = backbone.patch_size
     total = torch.zeros(0)
@@ -198,7 +203,7 @@ def multiscale_probabilities(backbone: nn.Module, head: LinearSegmentationHead, 
         scaled = F.interpolate(images, size=side, mode="bilinear", align_corners=False)
         for flipped in ([False, True] if flip else [False]):
             x = scaled.flip(-1) if flipped else scaled
-            features = dense_features(backbone, x, layers)[0].to(next(head.parameters()).device)
+            features = dense_features(backbone, x, layers, amp_dtype=amp_dtype)[0].to(next(head.parameters()).device)
             probabilities = head(features, size).softmax(dim=1)
             probabilities = probabilities.flip(-1) if flipped else probabilities
             total = probabilities if total.numel() == 0 else total + probabilities

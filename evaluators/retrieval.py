@@ -31,14 +31,16 @@ Pooling = Literal["cls", "gem", "cls+gem"]
 
 @torch.no_grad()
 def global_descriptors(backbone: nn.Module, images: Tensor, pooling: Pooling = "cls", gem_p: float = 3.0,
-                       batch_size: int = 64) -> Tensor:
-    """L2-normalised descriptors ``(N, D)`` (``2D`` for ``cls+gem``) of model input ``(N, 3, H, W)``."""
+                       batch_size: int = 64, amp_dtype: torch.dtype | None = None) -> Tensor:
+    """L2-normalised descriptors ``(N, D)`` (``2D`` for ``cls+gem``) of model input ``(N, 3, H, W)``
+    (``amp_dtype``: the backbone under autocast)."""
     if pooling not in ("cls", "gem", "cls+gem"):
         raise ValueError(f"unknown pooling {pooling!r}; allowed: cls, gem, cls+gem")
     device = next(backbone.parameters()).device
     out = []
     for start in range(0, len(images), batch_size):
-        features = backbone.forward_features(images[start : start + batch_size].to(device))
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            features = backbone.forward_features(images[start : start + batch_size].to(device))
         parts = []
         if pooling in ("cls", "cls+gem"):
             parts.append(F.normalize(features["x_norm_clstoken"].float(), dim=-1))

@@ -79,7 +79,7 @@ class SuiteConfig:
     data_kind: DataKind = "auto"
     image_size: int = 224  # class folders' images: the centre crop's side
     num_workers: int = 0  # class folders' decoding processes
-    precision: str = "fp32"  # knn, linear: the backbone's, fp32 or under autocast (bf16, fp16: 2-3x on a GPU)
+    precision: str = "fp32"  # every feature pass: fp32, or the backbone under autocast (bf16, fp16: 2-3x on a GPU)
     train_limit: int = 0
     test_limit: int = 0
     ks: tuple[int, ...] = (10, 20)
@@ -195,8 +195,11 @@ def _features_of(backbone: nn.Module, config: SuiteConfig, train_images: np.ndar
                  test_images: np.ndarray, test_labels: np.ndarray, label_range: float,
                  foreground: np.ndarray | None) -> _DenseSet:
     inputs = [to_model_input(images, patch_size=backbone.patch_size) for images in (train_images, test_images)]
-    return _DenseSet(train_labels, test_images, test_labels, dense_features(backbone, inputs[0], config.layers),
-                     dense_features(backbone, inputs[1], config.layers), inputs[1], label_range, foreground)
+    amp = PRECISIONS[config.precision]
+    return _DenseSet(train_labels, test_images, test_labels,
+                     dense_features(backbone, inputs[0], config.layers, amp_dtype=amp),
+                     dense_features(backbone, inputs[1], config.layers, amp_dtype=amp), inputs[1], label_range,
+                     foreground)
 
 
 def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None = None,
@@ -231,7 +234,8 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
         classes, size = int(data.label_range), tuple(data.test_labels.shape[-2:])
         head = train_segmentation_head(train_patches, torch.from_numpy(data.train_labels).long(), classes,
                                        config.seg_head, device)
-        scores_of = ((lambda rows: multiscale_probabilities(backbone, head, data.test_inputs[rows], config.layers))
+        scores_of = ((lambda rows: multiscale_probabilities(backbone, head, data.test_inputs[rows], config.layers,
+                                                            amp_dtype=PRECISIONS[config.precision]))
                      if config.multiscale else head_scores(head, test_patches, size))
         seg, maps = evaluate_segmentation(scores_of, torch.from_numpy(data.test_labels).long(), classes,
                                           keep=shown.stop)
@@ -264,7 +268,8 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
     if "retrieval" in config.tasks:
         data = make_retrieval_set(config.retrieval_scenes, seed=config.seed + 2,
                                   config=SceneConfig(size=config.scene_size))
-        encode = lambda x: global_descriptors(backbone, to_model_input(x, patch_size=backbone.patch_size))  # noqa: E731
+        encode = lambda x: global_descriptors(backbone, to_model_input(x, patch_size=backbone.patch_size),  # noqa: E731
+                                              amp_dtype=PRECISIONS[config.precision])
         ranking, _ = rank_database(encode(data.queries), encode(data.database))
         scores = dict(retrieval_map(ranking, data.truths))
         tasks["retrieval"] = scores

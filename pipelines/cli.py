@@ -254,9 +254,9 @@ def evaluate(
                                                   "tokens (all of a shallower model's), and seg over scales 0.75, 1, "
                                                   "1.25 with flips")] = False,
     device: Annotated[str, typer.Option(help="where the backbone runs: cpu or cuda")] = "cpu",
-    precision: Annotated[str, typer.Option(help="knn and linear: the feature pass in fp32, or under autocast in "
+    precision: Annotated[str, typer.Option(help="every feature pass in fp32, or the backbone under autocast in "
                                                 "bf16 or fp16 (the original evaluates in half precision; 2-3x "
-                                                "faster on a GPU)")] = "fp32",
+                                                "faster on a GPU); heads and probes train in fp32")] = "fp32",
     k: Annotated[int, typer.Option(help="neighbours for k-NN (k=20 is always reported too)")] = 20,
     out: Annotated[str | None, typer.Option(help="write the JSON report here (path or URI)")] = None,
     pictures: Annotated[str | None, typer.Option(help="folder (path or URI) for the pictures: attention maps; "

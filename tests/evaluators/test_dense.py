@@ -141,3 +141,24 @@ def test_pca_pictures_match_scikit_learn_and_stay_in_range(tmp_path) -> None:
     assert colours.shape == (4, 5, 6, 3) and colours.min() >= 0 and colours.max() <= 1
     path = save_pca_maps(rng.integers(0, 255, (4, 3, 35, 42), dtype=np.uint8), patches, tmp_path / "pca.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_half_precision_dense_features_and_descriptors_are_the_fp32_ones_rounded() -> None:
+    """``precision`` bf16 reaches every feature pass: the patch features, +ms and the retrieval
+    descriptors come from the backbone under autocast, near the fp32 ones but not equal."""
+    from evaluators.retrieval import global_descriptors
+
+    torch.manual_seed(0)
+    backbone = build_vit("vit_small", patch_size=7, embed_dim=16, depth=2, num_heads=2, img_size=28).eval()
+    images = torch.randn(3, 3, 28, 28)
+    for fp32, bf16 in (
+        (dense_features(backbone, images)[0], dense_features(backbone, images, amp_dtype=torch.bfloat16)[0]),
+        (global_descriptors(backbone, images), global_descriptors(backbone, images, amp_dtype=torch.bfloat16)),
+    ):
+        assert bf16.dtype == torch.float32
+        torch.testing.assert_close(bf16, fp32, rtol=0.05, atol=0.05)
+        assert not torch.equal(bf16, fp32)
+    head = train_segmentation_head(dense_features(backbone, images)[0], torch.zeros(3, 28, 28, dtype=torch.long), 5,
+                                   HeadConfig(steps=1))
+    torch.testing.assert_close(multiscale_probabilities(backbone, head, images, 1, amp_dtype=torch.bfloat16),
+                               multiscale_probabilities(backbone, head, images, 1), rtol=0.05, atol=0.05)
