@@ -42,9 +42,10 @@ from evaluators.dense_metrics import (
     segmentation_confusion,
     segmentation_scores,
 )
+from evaluators.features import under_autocast
+from evaluators.linear import epoch_batches
 
 EVAL_BATCH = 4  # test images scored at once
-from evaluators.linear import epoch_batches
 
 
 @torch.no_grad()
@@ -56,7 +57,7 @@ def dense_features(backbone: nn.Module, images: Tensor, layers: int = 1, batch_s
     device = next(backbone.parameters()).device
     patches, classes = [], []
     for start in range(0, len(images), batch_size):
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with under_autocast(device, amp_dtype):
             out = backbone.get_intermediate_layers(images[start : start + batch_size].to(device), n=layers,
                                                    reshape=True, return_class_token=True)
         patches.append(torch.cat([p for p, _ in out], dim=1).float().cpu())

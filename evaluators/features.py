@@ -164,12 +164,18 @@ def _run_batches(
         if not images.is_floating_point():
             raise ValueError(f"images must be float model input, got {images.dtype}: see to_model_input")
         images = images.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with under_autocast(device, amp_dtype):
             batch_features = linear_features(model, images, layers, with_patch_mean)  # (B, F)
         features.append(batch_features.float().cpu())
         if batch_labels is not None:
             labels.append(torch.as_tensor(batch_labels).long().cpu())
     return features, labels
+
+
+def under_autocast(device: torch.device, amp_dtype: torch.dtype | None) -> torch.autocast:
+    """The context every feature pass runs its backbone in: autocast in ``amp_dtype`` on
+    ``device``'s type, off when None (the backbone's own precision)."""
+    return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
 
 def _split_batch(batch: Batch) -> tuple[Tensor, Tensor | None]:

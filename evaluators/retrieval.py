@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from dinoflow.storage import Storage, join_uri
 from evaluators.dense_metrics import QueryTruth
+from evaluators.features import under_autocast
 
 Pooling = Literal["cls", "gem", "cls+gem"]
 
@@ -39,7 +40,7 @@ def global_descriptors(backbone: nn.Module, images: Tensor, pooling: Pooling = "
     device = next(backbone.parameters()).device
     out = []
     for start in range(0, len(images), batch_size):
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with under_autocast(device, amp_dtype):
             features = backbone.forward_features(images[start : start + batch_size].to(device))
         parts = []
         if pooling in ("cls", "cls+gem"):
