@@ -96,6 +96,11 @@ class SuiteConfig:
     retrieval_scenes: int = 40
     seed: int = 0
 
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        """The autocast dtype of every feature pass (:data:`PRECISIONS`)."""
+        return PRECISIONS[self.precision]
+
     def __post_init__(self) -> None:
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown or not self.tasks:
@@ -114,16 +119,15 @@ class SuiteConfig:
                                  f"{', '.join(allowed)}, e.g. {allowed[0]}:/data/{allowed[0]}")
 
 
-def _classification(backbone: nn.Module, config: SuiteConfig, storage: Storage,
+def _classification(backbone: nn.Module, config: SuiteConfig, storage: Storage, device: torch.device,
                     pictures: str | Path | None) -> dict[str, Any]:
     linear = LinearProbeConfig() if "linear" in config.tasks else None
     images = labelled_images(config.data_uri, config.data_kind, storage, config.train_limit, config.test_limit,
                              config.image_size, config.seed)
     data = images.features(backbone, views=linear is not None, num_workers=config.num_workers,
-                           amp_dtype=PRECISIONS[config.precision])
+                           amp_dtype=config.amp_dtype)
     splits = [data.train_x, data.train_y, data.test_x, data.test_y]
     classes = len(data.classes)
-    device = next(backbone.parameters()).device
     report = classification_report(data, config.ks, config.temperature, linear, device)
     report.update(classes=list(data.classes), bad_images=data.bad)
     metrics = report_metrics(report)
@@ -195,11 +199,10 @@ def _features_of(backbone: nn.Module, config: SuiteConfig, train_images: np.ndar
                  test_images: np.ndarray, test_labels: np.ndarray, label_range: float,
                  foreground: np.ndarray | None) -> _DenseSet:
     inputs = [to_model_input(images, patch_size=backbone.patch_size) for images in (train_images, test_images)]
-    amp = PRECISIONS[config.precision]
     return _DenseSet(train_labels, test_images, test_labels,
-                     dense_features(backbone, inputs[0], config.layers, amp_dtype=amp),
-                     dense_features(backbone, inputs[1], config.layers, amp_dtype=amp), inputs[1], label_range,
-                     foreground)
+                     dense_features(backbone, inputs[0], config.layers, amp_dtype=config.amp_dtype),
+                     dense_features(backbone, inputs[1], config.layers, amp_dtype=config.amp_dtype), inputs[1],
+                     label_range, foreground)
 
 
 def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None = None,
@@ -217,15 +220,15 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
     tasks: dict[str, Any] = {}
     features = None
     looked_at = None  # (uint8 test images, their foreground or None) for the attention maps: the scenes' first
+    device = next(backbone.parameters()).device
     if {"knn", "linear"} & set(config.tasks):
-        result = _classification(backbone, config, storage or Storage(), pictures)
+        result = _classification(backbone, config, storage or Storage(), device, pictures)
         metrics.update(result["metrics"])
         tasks["classification"] = result["report"]
         features = result["features"]
         looked_at = result["looked_at"]  # Fashion-MNIST's with the garments' silhouettes, or class folders'
 
     dense = _dense_sets(backbone, config, storage or Storage()) if {"seg", "depth"} & set(config.tasks) else {}
-    device = next(backbone.parameters()).device
     shown = slice(0, 6)
     predicted: dict[str, np.ndarray] = {}  # the first test images' predictions, for the pictures
     if "seg" in dense:
@@ -235,7 +238,7 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
         head = train_segmentation_head(train_patches, torch.from_numpy(data.train_labels).long(), classes,
                                        config.seg_head, device)
         scores_of = ((lambda rows: multiscale_probabilities(backbone, head, data.test_inputs[rows], config.layers,
-                                                            amp_dtype=PRECISIONS[config.precision]))
+                                                            amp_dtype=config.amp_dtype))
                      if config.multiscale else head_scores(head, test_patches, size))
         seg, maps = evaluate_segmentation(scores_of, torch.from_numpy(data.test_labels).long(), classes,
                                           keep=shown.stop)
@@ -269,7 +272,7 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
         data = make_retrieval_set(config.retrieval_scenes, seed=config.seed + 2,
                                   config=SceneConfig(size=config.scene_size))
         encode = lambda x: global_descriptors(backbone, to_model_input(x, patch_size=backbone.patch_size),  # noqa: E731
-                                              amp_dtype=PRECISIONS[config.precision])
+                                              amp_dtype=config.amp_dtype)
         ranking, _ = rank_database(encode(data.queries), encode(data.database))
         scores = dict(retrieval_map(ranking, data.truths))
         tasks["retrieval"] = scores
