@@ -265,12 +265,6 @@ def scaled(x: Tensor, scaling: Scaling | None) -> Tensor:
     return x if scaling is None else (x - scaling[0]) / scaling[1]
 
 
-def standardize(train: Tensor, *others: Tensor, eps: float = 1e-6) -> tuple[Tensor, ...]:
-    """``(x - mean) / (std + eps)`` per feature, with the mean and (biased) std of ``train`` only."""
-    scaling = feature_scaling(train, eps)
-    return tuple(scaled(x, scaling) for x in (train, *others))
-
-
 def linear_probe(
     train_features: Tensor,
     train_labels: Tensor,

@@ -21,7 +21,7 @@ from evaluators.linear import (
     linear_probe,
     scale_learning_rates,
     feature_scaling,
-    standardize,
+    scaled,
     train_classifier_grid,
 )
 
@@ -96,7 +96,7 @@ def test_rows_and_scaling_train_as_the_standardised_subset_would() -> None:
     scaling = feature_scaling(features)
     lazily = train_classifier_grid(start, features, labels, [0.01, 0.1, 1.0], 2, 16, torch.Generator().manual_seed(4),
                                    rows=rows, scaling=scaling)
-    (standardised,) = standardize(features)
+    standardised = scaled(features, scaling)
     eagerly = train_classifier_grid(start, standardised[rows], labels[rows], [0.01, 0.1, 1.0], 2, 16,
                                     torch.Generator().manual_seed(4))
     torch.testing.assert_close(lazily.weight, eagerly.weight, rtol=0, atol=0)
@@ -134,11 +134,12 @@ def test_probe_agrees_with_logistic_regression_on_blobs() -> None:
     assert (result.num_train, result.num_val, result.num_test) == (720, 80, 400)
 
 
-def test_standardize_matches_scikit_learn_and_uses_train_statistics_only() -> None:
+def test_scaling_matches_scikit_learn_and_uses_train_statistics_only() -> None:
     train = torch.randn(300, 5, dtype=torch.float64) * torch.tensor([1e-3, 1.0, 5.0, 30.0, 1e4]) + 7.0
     test = torch.randn(50, 5, dtype=torch.float64) * 3.0
     scaler = StandardScaler().fit(train.numpy())
-    ours_train, ours_test = standardize(train, test, eps=0.0)
+    scaling = feature_scaling(train, eps=0.0)
+    ours_train, ours_test = scaled(train, scaling), scaled(test, scaling)
     np.testing.assert_allclose(ours_train.numpy(), scaler.transform(train.numpy()), rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(ours_test.numpy(), scaler.transform(test.numpy()), rtol=1e-9, atol=1e-9)
 
