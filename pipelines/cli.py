@@ -154,7 +154,9 @@ def _print_summary(name: str, stages: list[Any], seconds: float, kfp_root: str, 
     typer.echo(f"MLflow store:  {tracking_uri}")
     if model:
         typer.echo(f"model:         {model}  (mlflow.pyfunc.load_model with MLFLOW_TRACKING_URI set to the store)")
-        name = model.removeprefix("models:/").split("@")[0]
+        from dinoflow.registry import parse_registry_uri
+
+        name = parse_registry_uri(model)[0]  # type: ignore[index]
         typer.echo(f"its versions:  dinoflow models list {name} --tracking-uri {tracking_uri}")
     typer.echo(f"browse it:     mlflow ui --backend-store-uri {tracking_uri}")
 
@@ -456,9 +458,9 @@ def curate(
     from components.stage import storage_from_env
     from curation.embed import backbone_embedder, pixel_embedder
     from curation.pipeline import CurationConfig, run_curation
-    from trainer.devices import available_device
     from dinoflow.tracking import (MlflowTracker, NullTracker, default_artifact_location, default_tracking_uri,
                                    standard_tags)
+    from trainer.devices import available_device
 
     _check_device(device)
     storage = storage_from_env()
@@ -671,7 +673,6 @@ def index_build(
     typer.echo(json.dumps({k: v for k, v in meta.items() if k != "keys"} | {"out": out}, indent=2))
 
 
-
 models_app = typer.Typer(help="The MLflow model registry: versions with their scores; an alias moved by hand.",
                          no_args_is_help=True)
 app.add_typer(models_app, name="models")
@@ -743,6 +744,7 @@ def models_promote(
     with _bad_input():
         before = move_alias(_registry_client(tracking_uri), name, version, alias, reason)
     typer.echo(f"models:/{name}@{alias}: version {before or '(none)'} -> {version}")
+
 
 @app.command()
 def serve(
