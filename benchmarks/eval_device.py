@@ -5,8 +5,10 @@ depth heads with +ms, retrieval) runs the whole of its work on the backbone's de
 similarities, the probe's grid, the dense heads' training and their batched scoring. This runs the
 suite once on ``--reference`` (the CPU) and once on ``--device`` with the same seeded ViT-S/14 and
 the same data (class folders of coloured noise written to a temporary folder, and the synthetic
-scenes), then once more on ``--device`` with the feature pass in bf16 (``--precision``), and prints
-each metric per run with its difference from the reference and the seconds each run took. The
+scenes), then on ``--device`` with the feature pass in bf16 (``--precision``), and with the dense
+heads' features made per batch by the backbone instead of held (``dense_cache_gib=0``: the path of
+a whole ADE20K), and prints each metric per run with its difference from the reference and the
+seconds each run took. The
 figures should agree to rounding (the probe and the heads train on features that differ in the last
 bits, so they may move by a sample or a pixel); a device path that reads another device's tensor
 fails outright. Asserts nothing.
@@ -77,7 +79,7 @@ def timed_suite(device: torch.device, config: SuiteConfig, weights: dict[str, to
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return {"device": str(device), "precision": config.precision, "seconds": time.perf_counter() - started,
-            "metrics": report["metrics"]}
+            "dense": "per batch" if config.dense_cache_gib == 0 else "held", "metrics": report["metrics"]}
 
 
 def main() -> None:
@@ -92,10 +94,12 @@ def main() -> None:
                              layers=4, multiscale=True, seg_head=HeadConfig(steps=200),
                              depth_head=HeadConfig(steps=100), retrieval_scenes=16)
         runs = [timed_suite(reference, config, weights), timed_suite(device, config, weights),
-                timed_suite(device, replace(config, precision=args.precision), weights)]
+                timed_suite(device, replace(config, precision=args.precision), weights),
+                timed_suite(device, replace(config, dense_cache_gib=0.0), weights)]
     names = sorted(runs[0]["metrics"])
     print(f"{'metric':<32}" + "".join(f"{r['device'] + ' ' + r['precision']:>18}" for r in runs)
           + f"{'max |diff|':>12}")
+    print(f"{'dense features':<32}" + "".join(f"{r['dense']:>18}" for r in runs))
     for name in names:
         values = [r["metrics"].get(name, float("nan")) for r in runs]
         diff = max(abs(v - values[0]) for v in values[1:])

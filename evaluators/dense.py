@@ -18,16 +18,18 @@ on features extracted once:
   ``10 * sqrt(mean(g^2) - 0.85 mean(g)^2)``, ``g = log d - log d*`` over valid pixels.
 
 Both are trained for a number of AdamW steps (the original counts iterations too) on seeded
-mini-batches, on a given device (the backbone's: a GPU's for real data sets); the features stay
-on the CPU and each batch goes over. They are scored (:mod:`evaluators.dense_metrics`) a few test
-images at a time, the confusion matrix and the depth sums added up: a test set's per-pixel
-outputs (ADE20K's 2000 validation images x 150 classes at 512 px: 300 GB) are never held at once.
+mini-batches of (features, labels) given in order (:func:`head_batches` picks the rows; where the
+features come from, held or computed per batch, is :mod:`evaluators.dense_source`'s business), on
+a given device (the backbone's: a GPU's for real data sets). They are scored
+(:mod:`evaluators.dense_metrics`) a few test images at a time, the confusion matrix and the depth
+sums added up: a test set's per-pixel outputs (ADE20K's 2000 validation images x 150 classes at
+512 px: 300 GB) are never held at once.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -49,20 +51,22 @@ EVAL_BATCH = 4  # test images scored at once
 
 
 @torch.no_grad()
+def patch_tokens(backbone: nn.Module, images: Tensor, layers: int = 1,
+                 amp_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """Patch features ``(B, L*D, h, w)`` and CLS tokens ``(B, L*D)`` of the last ``layers`` blocks
+    for one batch of model input, float32 on the backbone's device (``amp_dtype``: under autocast)."""
+    device = next(backbone.parameters()).device
+    with under_autocast(device, amp_dtype):
+        out = backbone.get_intermediate_layers(images.to(device), n=layers, reshape=True, return_class_token=True)
+    return torch.cat([p for p, _ in out], dim=1).float(), torch.cat([c for _, c in out], dim=1).float()
+
+
 def dense_features(backbone: nn.Module, images: Tensor, layers: int = 1, batch_size: int = 64,
                    amp_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
-    """Patch features ``(N, L*D, h, w)`` and CLS tokens ``(N, L*D)`` of the last ``layers`` blocks
-    for model input ``images`` ``(N, 3, H, W)``, float32 on the CPU (``amp_dtype``: the backbone
-    under autocast)."""
-    device = next(backbone.parameters()).device
-    patches, classes = [], []
-    for start in range(0, len(images), batch_size):
-        with under_autocast(device, amp_dtype):
-            out = backbone.get_intermediate_layers(images[start : start + batch_size].to(device), n=layers,
-                                                   reshape=True, return_class_token=True)
-        patches.append(torch.cat([p for p, _ in out], dim=1).float().cpu())
-        classes.append(torch.cat([c for _, c in out], dim=1).float().cpu())
-    return torch.cat(patches), torch.cat(classes)
+    """:func:`patch_tokens` of model input ``images`` ``(N, 3, H, W)`` in batches, on the CPU."""
+    parts = [patch_tokens(backbone, images[start: start + batch_size], layers, amp_dtype)
+             for start in range(0, len(images), batch_size)]
+    return torch.cat([p.cpu() for p, _ in parts]), torch.cat([c.cpu() for _, c in parts])
 
 
 @dataclass(frozen=True)
@@ -131,31 +135,41 @@ def silog_loss(prediction: Tensor, target: Tensor, variance_focus: float = 0.85)
     return 10 * torch.sqrt((g**2).mean() - variance_focus * g.mean() ** 2 + 1e-12)
 
 
-def _batches(count: int, config: HeadConfig) -> list[Tensor]:
+def head_batches(count: int, config: HeadConfig) -> list[Tensor]:
+    """The rows of each of the ``config.steps`` training batches: epochs of seeded shuffles of
+    ``count`` rows, cut into ``config.batch_size``."""
     # every epoch yields at least one batch, so ``steps`` epochs suffice; the generator stops early
     batches = epoch_batches(count, config.batch_size, config.steps, torch.Generator().manual_seed(config.seed))
     return list(itertools.islice(batches, config.steps))
 
 
-def class_weights(masks: Tensor, num_classes: int, power: float) -> Tensor:
-    """``(1 / frequency_c) ** power`` for the classes in ``masks`` (255 ignored), scaled to mean 1
-    over them; classes absent from ``masks`` get 0 (no pixel of theirs is in the loss anyway)."""
-    counts = torch.bincount(masks[masks != IGNORE_INDEX].long(), minlength=num_classes)[:num_classes].double()
+def class_counts(masks: Tensor, num_classes: int) -> Tensor:
+    """``(C,)`` int64 pixels of each class in ``masks`` (255 ignored): summed over batches, the
+    input of :func:`class_weights`."""
+    return torch.bincount(masks[masks != IGNORE_INDEX].long(), minlength=num_classes)[:num_classes]
+
+
+def class_weights(counts: Tensor, power: float) -> Tensor:
+    """``(1 / frequency_c) ** power`` from pixel ``counts`` per class, scaled to mean 1 over the
+    classes present; absent classes get 0 (no pixel of theirs is in the loss anyway)."""
+    counts = counts.double()
     present = counts > 0
     weights = torch.where(present, (counts.sum() / counts.clamp(min=1)) ** power, torch.zeros_like(counts))
     return (weights / weights[present].mean()).float()
 
 
-def train_segmentation_head(features: Tensor, masks: Tensor, num_classes: int, config: HeadConfig = HeadConfig(),
+def train_segmentation_head(batches: Iterable[tuple[Tensor, Tensor]], in_channels: int, num_classes: int,
+                            weight: Tensor | None = None, config: HeadConfig = HeadConfig(),
                             device: str | torch.device = "cpu") -> LinearSegmentationHead:
-    """Fit the head on ``(N, F, h, w)`` features and ``(N, H, W)`` int masks (255 ignored), on ``device``."""
+    """Fit the head on ``config.steps`` batches of features ``(b, F, h, w)`` and int masks
+    ``(b, H, W)`` (255 ignored), the loss's classes weighted by ``weight`` (:func:`class_weights`), on ``device``."""
     torch.manual_seed(config.seed)
-    head = LinearSegmentationHead(features.shape[1], num_classes).to(device)
+    head = LinearSegmentationHead(in_channels, num_classes).to(device)
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    size = tuple(masks.shape[-2:])
-    weight = class_weights(masks, num_classes, config.class_balance).to(device)
-    for index in progress(_batches(len(features), config), desc="segmentation head", unit="step"):
-        loss = F.cross_entropy(head(features[index].to(device), size), masks[index].to(device).long(), weight=weight,
+    weight = None if weight is None else weight.to(device)
+    for features, masks in progress(batches, desc="segmentation head", total=config.steps, unit="step"):
+        masks = masks.to(device).long()
+        loss = F.cross_entropy(head(features.to(device), tuple(masks.shape[-2:])), masks, weight=weight,
                                ignore_index=IGNORE_INDEX)
         optimizer.zero_grad()
         loss.backward()
@@ -163,31 +177,40 @@ def train_segmentation_head(features: Tensor, masks: Tensor, num_classes: int, c
     return head.eval()
 
 
-def row_batches(count: int, batch_size: int = EVAL_BATCH) -> Iterator[slice]:
+def row_batches(count: int, batch_size: int = EVAL_BATCH) -> list[range]:
     """Consecutive rows ``[start, start + batch_size)`` covering ``count``."""
-    return (slice(start, start + batch_size) for start in range(0, count, batch_size))
+    return [range(start, min(start + batch_size, count)) for start in range(0, count, batch_size)]
 
 
-def head_scores(head: nn.Module, features: Tensor, size: tuple[int, int]) -> Callable[[slice], Tensor]:
-    """Rows of ``features`` -> the segmentation head's class scores at ``size``, on the head's device."""
-    device = next(head.parameters()).device
-    return lambda rows: head(features[rows].to(device), size)
+def held_batches(tensors: Sequence[Tensor], rows: Iterable[Sequence[int] | Tensor]) -> Iterable[tuple[Tensor, ...]]:
+    """The given ``rows`` of every tensor in ``tensors``, one tuple per group of rows."""
+    return (tuple(t[torch.as_tensor(r)] for t in tensors) for r in rows)
+
+
+def _tally(scored: Iterable[tuple[Tensor, Tensor]], add: Callable[[Tensor, Tensor], Tensor],
+           keep: int) -> tuple[Tensor, Tensor]:
+    """``add(predicted, truth)`` summed over batches (on the CPU), and the first ``keep`` predictions."""
+    total: Tensor | None = None
+    kept: list[Tensor] = []
+    for predicted, truth in scored:
+        predicted = predicted.cpu()
+        part = add(predicted, truth.cpu())
+        total = part if total is None else total + part
+        kept.append(predicted[: max(0, keep - sum(len(k) for k in kept))])
+    if total is None:
+        raise ValueError("no test images to score")
+    return total, torch.cat(kept)
 
 
 @torch.no_grad()
-def evaluate_segmentation(scores_of: Callable[[slice], Tensor], masks: Tensor, num_classes: int,
+def evaluate_segmentation(scored: Iterable[tuple[Tensor, Tensor]], num_classes: int,
                           keep: int = 0) -> tuple[dict[str, float], Tensor]:
-    """mIoU and pixel accuracy of the class maps ``scores_of(rows).argmax(1)`` (class scores or
-    probabilities ``(b, C, H, W)`` of those test rows: :func:`head_scores`, or
-    :func:`multiscale_probabilities` of the images), scored a few images at a time; also the first
-    ``keep`` predicted class maps ``(keep, H, W)``, for pictures."""
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    kept: list[Tensor] = []
-    for rows in row_batches(len(masks)):
-        predicted = scores_of(rows).argmax(dim=1).cpu()
-        confusion += segmentation_confusion(predicted, masks[rows], num_classes)
-        kept.append(predicted[: max(0, keep - sum(len(k) for k in kept))])
-    return segmentation_scores(confusion), torch.cat(kept)
+    """mIoU and pixel accuracy of batches of (class scores or probabilities ``(b, C, H, W)``, true
+    masks ``(b, H, W)``), the confusion matrix added up batch by batch; also the first ``keep``
+    predicted class maps ``(keep, H, W)``, for pictures."""
+    confusion, maps = _tally(((scores.argmax(dim=1), masks) for scores, masks in scored),
+                             lambda predicted, masks: segmentation_confusion(predicted, masks, num_classes), keep)
+    return segmentation_scores(confusion), maps
 
 
 @torch.no_grad()
@@ -204,23 +227,24 @@ def multiscale_probabilities(backbone: nn.Module, head: LinearSegmentationHead, 
         scaled = F.interpolate(images, size=side, mode="bilinear", align_corners=False)
         for flipped in ([False, True] if flip else [False]):
             x = scaled.flip(-1) if flipped else scaled
-            features = dense_features(backbone, x, layers, amp_dtype=amp_dtype)[0].to(next(head.parameters()).device)
+            features = patch_tokens(backbone, x, layers, amp_dtype)[0].to(next(head.parameters()).device)
             probabilities = head(features, size).softmax(dim=1)
             probabilities = probabilities.flip(-1) if flipped else probabilities
             total = probabilities if total.numel() == 0 else total + probabilities
     return total / (len(scales) * (2 if flip else 1))
 
 
-def train_depth_head(patches: Tensor, cls: Tensor, depths: Tensor, config: HeadConfig = HeadConfig(),
-                     bins: int = 256, min_depth: float = 1e-3, max_depth: float = 10.0,
-                     device: str | torch.device = "cpu") -> LinearDepthHead:
-    """Fit the head on features and ``(N, H, W)`` depth maps (0 = unknown) with the SiLog loss, on ``device``."""
+def train_depth_head(batches: Iterable[tuple[Tensor, Tensor, Tensor]], in_channels: int,
+                     config: HeadConfig = HeadConfig(), bins: int = 256, min_depth: float = 1e-3,
+                     max_depth: float = 10.0, device: str | torch.device = "cpu") -> LinearDepthHead:
+    """Fit the head on ``config.steps`` batches of (patch features, CLS tokens, depth maps
+    ``(b, H, W)``, 0 = unknown) with the SiLog loss, on ``device``."""
     torch.manual_seed(config.seed)
-    head = LinearDepthHead(patches.shape[1], bins, min_depth, max_depth).to(device)
+    head = LinearDepthHead(in_channels, bins, min_depth, max_depth).to(device)
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    size = tuple(depths.shape[-2:])
-    for index in progress(_batches(len(patches), config), desc="depth head", unit="step"):
-        loss = silog_loss(head(patches[index].to(device), cls[index].to(device), size), depths[index].to(device))
+    for patches, cls, depths in progress(batches, desc="depth head", total=config.steps, unit="step"):
+        depths = depths.to(device)
+        loss = silog_loss(head(patches.to(device), cls.to(device), tuple(depths.shape[-2:])), depths)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -228,15 +252,8 @@ def train_depth_head(patches: Tensor, cls: Tensor, depths: Tensor, config: HeadC
 
 
 @torch.no_grad()
-def evaluate_depth(head: LinearDepthHead, patches: Tensor, cls: Tensor, depths: Tensor,
-                   keep: int = 0) -> tuple[dict[str, float], Tensor]:
-    """RMSE, AbsRel and delta1 of the head's depth against ``depths``, scored a few images at a
-    time on the head's device; also the first ``keep`` predicted depth maps, for pictures."""
-    device = next(head.parameters()).device
-    tally = torch.zeros(4, dtype=torch.float64)
-    kept: list[Tensor] = []
-    for rows in row_batches(len(depths)):
-        predicted = head(patches[rows].to(device), cls[rows].to(device), tuple(depths.shape[-2:])).cpu()
-        tally += depth_tally(predicted, depths[rows])
-        kept.append(predicted[: max(0, keep - sum(len(k) for k in kept))])
-    return depth_scores_of(tally), torch.cat(kept)
+def evaluate_depth(scored: Iterable[tuple[Tensor, Tensor]], keep: int = 0) -> tuple[dict[str, float], Tensor]:
+    """RMSE, AbsRel and delta1 of batches of (predicted, true depth maps ``(b, H, W)``), the sums
+    added up batch by batch; also the first ``keep`` predicted depth maps, for pictures."""
+    tally, maps = _tally(scored, depth_tally, keep)
+    return depth_scores_of(tally), maps

@@ -41,15 +41,17 @@ from evaluators.attention import ATTENTION_IMAGES, attention_summary
 from evaluators.classification import DATA_KINDS, DataKind, classification_report, labelled_images
 from evaluators.dense import (
     HeadConfig,
-    dense_features,
+    class_weights,
     evaluate_depth,
     evaluate_segmentation,
-    head_scores,
+    head_batches,
     multiscale_probabilities,
+    row_batches,
     train_depth_head,
     train_segmentation_head,
 )
-from evaluators.dense_datasets import load_ade20k, load_nyu, load_voc
+from evaluators.dense_datasets import ArraySplit, load_ade20k, load_nyu, load_voc
+from evaluators.dense_source import FeatureSource, feature_sources, relabelled
 from evaluators.dense_metrics import retrieval_map
 from evaluators.features import to_model_input
 from evaluators.knn import knn_predict
@@ -93,6 +95,7 @@ class SuiteConfig:
     depth_data: str = ""  # "": the scenes; nyu:<root>
     seg_head: HeadConfig = field(default_factory=HeadConfig)
     depth_head: HeadConfig = field(default_factory=lambda: HeadConfig(steps=1000))  # ~10x a seg step's cost
+    dense_cache_gib: float = 4.0  # seg, depth: features held when both splits' fit, else made per batch
     retrieval_scenes: int = 40
     seed: int = 0
 
@@ -107,6 +110,8 @@ class SuiteConfig:
             raise ValueError(f"unknown tasks {unknown or '(none)'}; allowed: {', '.join(TASKS)}")
         if {"knn", "linear"} & set(self.tasks) and not self.data_uri:
             raise ValueError("knn and linear need data_uri (Fashion-MNIST's folder, or one of class folders)")
+        if self.dense_cache_gib < 0:
+            raise ValueError(f"dense_cache_gib must be >= 0 (0: features made per batch), got {self.dense_cache_gib}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; allowed: {', '.join(PRECISIONS)}")
         if self.data_kind not in DATA_KINDS:
@@ -153,56 +158,47 @@ DENSE_SETS = {"ade20k": (load_ade20k, ("training", "validation"), 150), "voc": (
 
 
 @dataclass(frozen=True)
-class _DenseSet:
-    """One dense task's per-pixel labels (masks or depths) of both splits, its uint8 test images
-    ``(N, 3, S, S)``, and the patch features ``(patches, cls)`` of each split."""
+class _DenseTask:
+    """One dense task's train and test splits (:class:`~evaluators.dense_source.FeatureSource`),
+    its classes (seg) or largest depth (depth), and the scenes' shapes (class > 0) in the test
+    images (None for real data)."""
 
-    train_labels: np.ndarray
-    test_images: np.ndarray
-    test_labels: np.ndarray
-    train_x: tuple[torch.Tensor, torch.Tensor]
-    test_x: tuple[torch.Tensor, torch.Tensor]
-    test_inputs: torch.Tensor
-    label_range: float  # classes (seg) or the largest depth (depth)
-    foreground: np.ndarray | None  # the scenes' shapes (class > 0) in the test images; None for real data
+    train: FeatureSource
+    test: FeatureSource
+    label_range: float
+    foreground: np.ndarray | None
 
 
-def _dense_sets(backbone: nn.Module, config: SuiteConfig, storage: Storage) -> dict[str, _DenseSet]:
+def _dense_tasks(backbone: nn.Module, config: SuiteConfig, storage: Storage) -> dict[str, _DenseTask]:
     """The data of each dense task asked for: a real data set when named, else the scenes (shared
-    by seg and depth, their features computed once)."""
-    made: dict[str, _DenseSet] = {}
-    scenes: _DenseSet | None = None
+    by seg and depth, their features held once)."""
+    made: dict[str, _DenseTask] = {}
+    scenes: _DenseTask | None = None
+    sources = lambda splits: feature_sources(backbone, splits, config.layers, config.amp_dtype,  # noqa: E731
+                                             config.num_workers, config.dense_cache_gib * 2**30)
     for task, given in (("seg", config.seg_data), ("depth", config.depth_data)):
         if task not in config.tasks:
             continue
         if given:
             name, _, root = given.partition(":")
             load, (train_split, test_split), label_range = DENSE_SETS[name]
-            train = load(storage, root, train_split, config.image_size, config.train_limit)
-            test = load(storage, root, test_split, config.image_size, config.test_limit)
-            made[task] = _features_of(backbone, config, train.images, train.labels, test.images, test.labels,
-                                      float(label_range), None)
+            train, test = sources([load(storage, root, split, config.image_size, limit)
+                                   for split, limit in ((train_split, config.train_limit),
+                                                        (test_split, config.test_limit))])
+            made[task] = _DenseTask(train, test, float(label_range), None)
             continue
         if scenes is None:
             scene = SceneConfig(size=config.scene_size)
             train_scenes = make_scenes(config.train_scenes, config.seed, scene)
             test_scenes = make_scenes(config.test_scenes, config.seed + 1, scene)
-            scenes = _features_of(backbone, config, train_scenes.images, train_scenes.masks, test_scenes.images,
-                                  test_scenes.masks, float(len(CLASS_NAMES)), test_scenes.masks != 0)
+            train, test = sources([ArraySplit(train_scenes.images, train_scenes.masks),
+                                   ArraySplit(test_scenes.images, test_scenes.masks)])
+            scenes = _DenseTask(train, test, float(len(CLASS_NAMES)), test_scenes.masks != 0)
             depths = (train_scenes.depths, test_scenes.depths, float(scene.far))
-        made[task] = scenes if task == "seg" else replace(scenes, train_labels=depths[0], test_labels=depths[1],
-                                                              label_range=depths[2])
+        made[task] = scenes if task == "seg" else replace(
+            scenes, train=relabelled(scenes.train, depths[0]), test=relabelled(scenes.test, depths[1]),
+            label_range=depths[2])
     return made
-
-
-def _features_of(backbone: nn.Module, config: SuiteConfig, train_images: np.ndarray, train_labels: np.ndarray,
-                 test_images: np.ndarray, test_labels: np.ndarray, label_range: float,
-                 foreground: np.ndarray | None) -> _DenseSet:
-    inputs = [to_model_input(images, patch_size=backbone.patch_size) for images in (train_images, test_images)]
-    return _DenseSet(train_labels, test_images, test_labels,
-                     dense_features(backbone, inputs[0], config.layers, amp_dtype=config.amp_dtype),
-                     dense_features(backbone, inputs[1], config.layers, amp_dtype=config.amp_dtype), inputs[1],
-                     label_range, foreground)
 
 
 def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None = None,
@@ -228,42 +224,46 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
         features = result["features"]
         looked_at = result["looked_at"]  # Fashion-MNIST's with the garments' silhouettes, or class folders'
 
-    dense = _dense_sets(backbone, config, storage or Storage()) if {"seg", "depth"} & set(config.tasks) else {}
+    dense = _dense_tasks(backbone, config, storage or Storage()) if {"seg", "depth"} & set(config.tasks) else {}
     shown = slice(0, 6)
     predicted: dict[str, np.ndarray] = {}  # the first test images' predictions, for the pictures
     if "seg" in dense:
         data = dense["seg"]
-        (train_patches, _), (test_patches, _) = data.train_x, data.test_x
-        classes, size = int(data.label_range), tuple(data.test_labels.shape[-2:])
-        head = train_segmentation_head(train_patches, torch.from_numpy(data.train_labels).long(), classes,
-                                       config.seg_head, device)
-        scores_of = ((lambda rows: multiscale_probabilities(backbone, head, data.test_inputs[rows], config.layers,
-                                                            amp_dtype=config.amp_dtype))
-                     if config.multiscale else head_scores(head, test_patches, size))
-        seg, maps = evaluate_segmentation(scores_of, torch.from_numpy(data.test_labels).long(), classes,
-                                          keep=shown.stop)
+        classes = int(data.label_range)
+        weight = class_weights(data.train.class_counts(classes), config.seg_head.class_balance)
+        head = train_segmentation_head(((patches, masks) for patches, _, masks in
+                                        data.train.batches(head_batches(len(data.train), config.seg_head))),
+                                       data.train.channels, classes, weight, config.seg_head, device)
+        tests = row_batches(len(data.test))
+        scored = (((multiscale_probabilities(backbone, head, images, config.layers, amp_dtype=config.amp_dtype), masks)
+                   for images, masks in data.test.inputs(tests)) if config.multiscale else
+                  ((head(patches.to(device), tuple(masks.shape[-2:])), masks)
+                   for patches, _, masks in data.test.batches(tests)))
+        seg, maps = evaluate_segmentation(scored, classes, keep=shown.stop)
         predicted["seg"] = maps.numpy().astype(np.uint8)
         tasks["seg"] = seg
         metrics.update({"seg_miou": seg["miou"], "seg_pixel_accuracy": seg["pixel_accuracy"]})
     if "depth" in dense:
         data = dense["depth"]
-        (train_patches, train_cls), (test_patches, test_cls) = data.train_x, data.test_x
-        head = train_depth_head(train_patches, train_cls, torch.from_numpy(data.train_labels), config.depth_head,
-                                max_depth=data.label_range, device=device)
-        depth, maps = evaluate_depth(head, test_patches, test_cls, torch.from_numpy(data.test_labels),
+        head = train_depth_head(data.train.batches(head_batches(len(data.train), config.depth_head)),
+                                data.train.channels, config.depth_head, max_depth=data.label_range, device=device)
+        depth, maps = evaluate_depth(((head(patches.to(device), cls.to(device), tuple(depths.shape[-2:])), depths)
+                                      for patches, cls, depths in data.test.batches(row_batches(len(data.test)))),
                                      keep=shown.stop)
         predicted["depth"] = maps.numpy()
         tasks["depth"] = depth
         metrics.update({f"depth_{k}": v for k, v in depth.items()})
     scenes = [data for data in dense.values() if data.foreground is not None]
     if scenes:  # the scenes' shapes, not their plane, are the attention's foreground
-        looked_at = scenes[0].test_images[:ATTENTION_IMAGES], scenes[0].foreground[:ATTENTION_IMAGES]
+        looked_at = scenes[0].test.split.images[:ATTENTION_IMAGES], scenes[0].foreground[:ATTENTION_IMAGES]
     if pictures is not None and dense:
-        first = next(iter(dense.values()))
-        save_pca_maps(first.test_images[shown], first.test_x[0][shown].numpy(), Path(pictures) / "pca_features.png")
-        if len(dense) == 2 and dense["seg"].test_images is dense["depth"].test_images:  # the same scenes
-            save_dense_predictions(first.test_images[shown], dense["seg"].test_labels[shown], predicted["seg"][shown],
-                                   dense["depth"].test_labels[shown], predicted["depth"][shown],
+        first = next(iter(dense.values())).test
+        rows = range(min(shown.stop, len(first)))
+        images = np.stack([first.split[i][0].numpy() for i in rows])
+        save_pca_maps(images, next(first.batches([rows]))[0].cpu().numpy(), Path(pictures) / "pca_features.png")
+        if len(scenes) == 2:  # seg and depth on the same scenes
+            save_dense_predictions(images, dense["seg"].test.split.labels[shown], predicted["seg"][shown],
+                                   dense["depth"].test.split.labels[shown], predicted["depth"][shown],
                                    Path(pictures) / "dense_predictions.png", len(CLASS_NAMES))
     if looked_at is not None and hasattr(backbone, "self_attention"):
         tasks["attention"] = attention_figures(backbone, *looked_at, pictures)

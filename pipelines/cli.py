@@ -247,11 +247,16 @@ def evaluate(
     image_size: Annotated[int, typer.Option(help="class folders: the centre crop's side, after the shorter side "
                                                  "is resized to it / 0.875 (256 for 224); real dense data sets: "
                                                  "the side their images are resized to")] = 224,
-    num_workers: Annotated[int, typer.Option(min=0, help="class folders: decoding processes")] = 0,
+    num_workers: Annotated[int, typer.Option(min=0, help="class folders and real dense data sets: decoding "
+                                                         "processes")] = 0,
     seg_data: Annotated[str, typer.Option(help="seg on a real data set, ade20k:<root> or voc:<root> (its own "
                                                "layout; images at --image-size; default: synthetic scenes)")] = "",
     depth_data: Annotated[str, typer.Option(help="depth on NYU-Depth v2, nyu:<root> (train/*.npz, test/*.npz; "
                                                  "default: synthetic scenes)")] = "",
+    dense_cache_gib: Annotated[float, typer.Option(min=0, help="seg and depth: patch features of both splits are "
+                                                            "held in memory up to this size, else the backbone "
+                                                            "runs on every head batch (ADE20K's: 40 GB with "
+                                                            "ViT-S/14)")] = 4.0,
     ms: Annotated[bool, typer.Option("--ms", help="seg and depth by the +ms protocol: the last 4 blocks' patch "
                                                   "tokens (all of a shallower model's), and seg over scales 0.75, 1, "
                                                   "1.25 with flips")] = False,
@@ -290,7 +295,7 @@ def evaluate(
         config = SuiteConfig(tasks=chosen, data_uri=data_uri, train_limit=train_limit, test_limit=test_limit,
                              ks=tuple(sorted({k, 20})), image_size=image_size, num_workers=num_workers,
                              seg_data=seg_data, depth_data=depth_data, multiscale=ms, precision=precision,
-                             layers=min(4, len(backbone.blocks)) if ms else 1)
+                             layers=min(4, len(backbone.blocks)) if ms else 1, dense_cache_gib=dense_cache_gib)
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
     with tempfile.TemporaryDirectory() as scratch, (MlflowTracker.start(
         tracking_uri, experiment, run_name=f"eval-{benchmark}", tags=standard_tags("evaluate"),
@@ -298,7 +303,7 @@ def evaluate(
         tracker.log_params({"weights": weights, "benchmark": benchmark, "tasks": ",".join(chosen),
                             "data_uri": data_uri, "train_limit": train_limit, "test_limit": test_limit,
                             "image_size": image_size, "seg_data": seg_data, "depth_data": depth_data, "ms": ms,
-                            "device": device, "precision": precision})
+                            "device": device, "precision": precision, "dense_cache_gib": dense_cache_gib})
         drawn = Path(scratch) / "pictures"
         drawn.mkdir()
         report = run_suite(backbone, config, storage, pictures=drawn)

@@ -7,13 +7,16 @@ import torch
 
 from evaluators.dense import (
     HeadConfig,
+    LinearDepthHead,
+    class_counts,
     class_weights,
     dense_features,
     evaluate_depth,
     evaluate_segmentation,
-    head_scores,
+    head_batches,
+    held_batches,
     multiscale_probabilities,
-    LinearDepthHead,
+    row_batches,
     silog_loss,
     train_depth_head,
     train_segmentation_head,
@@ -32,19 +35,30 @@ def _blocky(count: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Te
     return features, masks
 
 
+def _segmentation_head(features: torch.Tensor, masks: torch.Tensor, classes: int,
+                       config: HeadConfig) -> torch.nn.Module:
+    weight = class_weights(class_counts(masks, classes), config.class_balance)
+    return train_segmentation_head(held_batches((features, masks), head_batches(len(features), config)),
+                                   features.shape[1], classes, weight, config)
+
+
+def _scored(head: torch.nn.Module, features: torch.Tensor, masks: torch.Tensor):
+    return ((head(f, tuple(m.shape[-2:])), m) for f, m in held_batches((features, masks), row_batches(len(masks))))
+
+
 def test_segmentation_head_learns_features_that_hold_the_class() -> None:
     features, masks = _blocky(64, 3, seed=0)
     masks[:, 0, 0] = 255  # ignored pixels do not break training or scoring
-    head = train_segmentation_head(features, masks, 3, HeadConfig(steps=160, batch_size=16, lr=1e-2))
+    head = _segmentation_head(features, masks, 3, HeadConfig(steps=160, batch_size=16, lr=1e-2))
     test_features, test_masks = _blocky(16, 3, seed=1)
-    scores, maps = evaluate_segmentation(head_scores(head, test_features, (16, 16)), test_masks, 3, keep=6)
+    scores, maps = evaluate_segmentation(_scored(head, test_features, test_masks), 3, keep=6)
     assert scores["miou"] > 0.6 and scores["pixel_accuracy"] > 0.8  # bilinear edges cost a little
     # scored 4 images at a time: the same as the whole test set's class maps at once
     with torch.no_grad():
         whole = head(test_features, (16, 16)).argmax(dim=1)
     assert scores == segmentation_scores(segmentation_confusion(whole, test_masks, 3))
     torch.testing.assert_close(maps, whole[:6])
-    noise, _ = evaluate_segmentation(head_scores(head, torch.randn_like(test_features), (16, 16)), test_masks, 3)
+    noise, _ = evaluate_segmentation(_scored(head, torch.randn_like(test_features), test_masks), 3)
     assert noise["miou"] < 0.5
 
 
@@ -52,8 +66,11 @@ def test_class_weights_follow_inverse_frequency_to_the_given_power() -> None:
     masks = torch.tensor([[0, 0, 0, 0, 0, 0], [1, 1, 3, 255, 255, 0]])  # counts 7, 2, 0, 1 of 10
     expected = torch.tensor([10 / 7, 10 / 2, 0.0, 10 / 1]) ** 0.5
     expected /= expected[[0, 1, 3]].mean()
-    torch.testing.assert_close(class_weights(masks, 4, 0.5), expected)
-    torch.testing.assert_close(class_weights(masks, 4, 0.0), torch.tensor([1.0, 1.0, 0.0, 1.0]))
+    counts = class_counts(masks, 4)
+    assert counts.tolist() == [7, 2, 0, 1]
+    assert (class_counts(masks[:1], 4) + class_counts(masks[1:], 4)).tolist() == counts.tolist()  # adds up by batch
+    torch.testing.assert_close(class_weights(counts, 0.5), expected)
+    torch.testing.assert_close(class_weights(counts, 0.0), torch.tensor([1.0, 1.0, 0.0, 1.0]))
     with pytest.raises(ValueError, match="class_balance in \\[0, 1\\]"):
         HeadConfig(class_balance=2.0)
 
@@ -66,7 +83,7 @@ def test_class_balance_raises_the_recall_of_a_rare_class() -> None:
     features = (masks.float() + 0.4 * torch.randn(masks.shape, generator=generator))[:, None]
 
     def recall(balance: float) -> float:
-        head = train_segmentation_head(features, masks, 2, HeadConfig(steps=300, lr=5e-2, class_balance=balance))
+        head = _segmentation_head(features, masks, 2, HeadConfig(steps=300, lr=5e-2, class_balance=balance))
         with torch.no_grad():
             predicted = head(features, (4, 4)).argmax(dim=1)
         return float((predicted[masks == 1] == 1).float().mean())
@@ -82,10 +99,15 @@ def test_depth_head_learns_features_that_hold_the_depth() -> None:
     cls = torch.zeros(64, 2)
     depths = coarse.repeat_interleave(4, 1).repeat_interleave(4, 2)
     depths[:, :2] = 0  # unknown rows are not scored
-    head = train_depth_head(patches, cls, depths, HeadConfig(steps=240, batch_size=16, lr=2e-2), bins=64,
+    config = HeadConfig(steps=240, batch_size=16, lr=2e-2)
+    head = train_depth_head(held_batches((patches, cls, depths), head_batches(64, config)), 2, config, bins=64,
                             max_depth=10.0)
-    good, maps = evaluate_depth(head, patches, cls, depths, keep=5)
-    flat, _ = evaluate_depth(head, torch.full_like(patches, 0.5), cls, depths)
+
+    def scored(features: torch.Tensor):
+        return ((head(p, c, (16, 16)), d) for p, c, d in held_batches((features, cls, depths), row_batches(64)))
+
+    good, maps = evaluate_depth(scored(patches), keep=5)
+    flat, _ = evaluate_depth(scored(torch.full_like(patches, 0.5)))
     assert good["abs_rel"] < 0.25 and good["rmse"] < 0.6 * flat["rmse"]
     with torch.no_grad():  # scored 4 images at a time: the pooled formulas over the whole set at once
         whole = head(patches, cls, (16, 16))
@@ -117,7 +139,7 @@ def test_features_and_multiscale_probabilities_have_the_right_shapes() -> None:
     assert patches.shape == (3, 64, 4, 4) and cls.shape == (3, 64)
     single, _ = dense_features(backbone, images, layers=1)
     torch.testing.assert_close(single, patches[:, 48:])  # the last layer is the last block of four
-    head = train_segmentation_head(patches, torch.zeros(3, 28, 28, dtype=torch.long), 5, HeadConfig(steps=1))
+    head = _segmentation_head(patches, torch.zeros(3, 28, 28, dtype=torch.long), 5, HeadConfig(steps=1))
     probabilities = multiscale_probabilities(backbone, head, images, layers=4, scales=(0.5, 1.0))
     assert probabilities.shape == (3, 5, 28, 28)
     torch.testing.assert_close(probabilities.sum(dim=1), torch.ones(3, 28, 28))
@@ -158,7 +180,7 @@ def test_half_precision_dense_features_and_descriptors_are_the_fp32_ones_rounded
         assert bf16.dtype == torch.float32
         torch.testing.assert_close(bf16, fp32, rtol=0.05, atol=0.05)
         assert not torch.equal(bf16, fp32)
-    head = train_segmentation_head(dense_features(backbone, images)[0], torch.zeros(3, 28, 28, dtype=torch.long), 5,
-                                   HeadConfig(steps=1))
+    head = _segmentation_head(dense_features(backbone, images)[0], torch.zeros(3, 28, 28, dtype=torch.long), 5,
+                              HeadConfig(steps=1))
     torch.testing.assert_close(multiscale_probabilities(backbone, head, images, 1, amp_dtype=torch.bfloat16),
                                multiscale_probabilities(backbone, head, images, 1), rtol=0.05, atol=0.05)

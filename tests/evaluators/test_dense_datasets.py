@@ -9,7 +9,15 @@ import pytest
 from PIL import Image
 
 from dinoflow.storage import Storage
-from evaluators.dense_datasets import load_ade20k, load_nyu, load_voc
+from evaluators.dense_datasets import DenseSplit, load_ade20k, load_nyu, load_voc
+
+
+def _whole(split: DenseSplit) -> tuple[np.ndarray, np.ndarray]:
+    """Every sample of a split decoded, stacked: images and labels; each label also decoded alone."""
+    images, labels = zip(*(split[i] for i in range(len(split))))
+    alone = np.stack([split.label(i).numpy() for i in range(len(split))])
+    np.testing.assert_array_equal(alone, np.stack(labels))
+    return np.stack(images), alone
 
 
 def _jpg(path: Path, seed: int, size: tuple[int, int] = (40, 30)) -> None:
@@ -34,8 +42,9 @@ def test_ade20k_layout_and_reduced_labels(tmp_path: Path) -> None:
         labels[10:20, :10] = 1
         _png(tmp_path / "annotations" / "validation" / f"ADE_val_{i:08d}.png", labels, palette=False)
     split = load_ade20k(Storage(), str(tmp_path), "validation", size=16, limit=2)
-    assert split.images.shape == (2, 3, 16, 16) and split.labels.shape == (2, 16, 16)
-    assert set(np.unique(split.labels)) == {0, 149, 255}  # 1 -> 0, 150 -> 149, "other" -> ignore
+    images, labels = _whole(split)
+    assert images.shape == (2, 3, 16, 16) and images.dtype == np.uint8 and labels.shape == (2, 16, 16)
+    assert set(np.unique(labels)) == {0, 149, 255}  # 1 -> 0, 150 -> 149, "other" -> ignore
     assert split.names == ["ADE_val_00000000", "ADE_val_00000001"]
     with pytest.raises(ValueError, match="training or validation"):
         load_ade20k(Storage(), str(tmp_path), "val", 16)
@@ -52,7 +61,7 @@ def test_voc_layout_keeps_boundaries_ignored(tmp_path: Path) -> None:
         labels[:, 35:] = 0
         _png(tmp_path / "SegmentationClass" / f"{name}.png", labels, palette=True)
     split = load_voc(Storage(), str(tmp_path), "val", size=20)
-    assert split.names == ids and set(np.unique(split.labels)) == {0, 15, 255}
+    assert split.names == ids and set(np.unique(_whole(split)[1])) == {0, 15, 255}
     with pytest.raises(FileNotFoundError, match="splits: train, val"):
         load_voc(Storage(), str(tmp_path), "train", 20)
 
@@ -66,11 +75,15 @@ def test_nyu_npz_layout(tmp_path: Path) -> None:
         np.savez(tmp_path / "test" / f"{i:05d}.npz", image=rng.integers(0, 255, (24, 32, 3), dtype=np.uint8),
                  depth=depth)
     split = load_nyu(Storage(), str(tmp_path), "test", size=16)
-    assert split.images.shape == (2, 3, 16, 16) and split.labels.dtype == np.float32
-    assert split.labels.max() <= 9.5 and (split.labels == 0).any() and split.labels.max() > 5
+    images, depths = _whole(split)
+    assert images.shape == (2, 3, 16, 16) and depths.dtype == np.float32
+    assert depths.max() <= 9.5 and (depths == 0).any() and depths.max() > 5
     np.savez(tmp_path / "test" / "bad.npz", image=np.zeros((4, 4, 3), np.uint8))
-    with pytest.raises(ValueError, match="needs arrays 'image' and 'depth'"):
-        load_nyu(Storage(), str(tmp_path), "test", 16)
+    split = load_nyu(Storage(), str(tmp_path), "test", 16)  # files are read when a sample is asked for
+    with pytest.raises(ValueError, match="bad.npz: an NYU sample needs arrays 'image' and 'depth'"):
+        split[2]
+    with pytest.raises(FileNotFoundError, match="no NYU samples under .*train found"):
+        load_nyu(Storage(), str(tmp_path), "train", 16)
 
 
 def write_halves(root: Path) -> tuple[Path, Path]:
@@ -118,7 +131,7 @@ def test_the_suite_runs_the_dense_heads_on_real_layouts(tmp_path: Path) -> None:
     report = run_suite(backbone, config, pictures=tmp_path / "pictures")
     metrics = report["metrics"]
     assert metrics["seg_pixel_accuracy"] > 0.8 and 0 < metrics["seg_miou"] <= 1
-    truth = load_nyu(Storage(), str(nyu), "test", 28).labels
+    truth = _whole(load_nyu(Storage(), str(nyu), "test", 28))[1]
     assert metrics["depth_rmse"] < truth.std()  # below the error of predicting the mean depth
     assert "attention_jaccard" not in metrics  # real data: no shapes to score the attention against
     assert (tmp_path / "pictures" / "pca_features.png").exists()

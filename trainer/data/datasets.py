@@ -168,7 +168,7 @@ def _check_positive(**values: int) -> None:
             raise ValueError(f"{name} must be a positive number of pixels, got {value}")
 
 
-class _ProcessLocalStorage:
+class ProcessLocalStorage:
     """The caller's Storage in the process that made the dataset; a fresh twin in any other.
 
     Why: fsspec's s3 client refuses to run in a process forked after it was created ("not
@@ -228,7 +228,7 @@ class ImageFolderDataset(Dataset[Sample]):
         self.root_uri = root_uri
         self.load_size = load_size
         self.max_pixels = max_pixels
-        self._storage = _ProcessLocalStorage(storage)
+        self._storage = ProcessLocalStorage(storage)
         # numpy arrays rather than lists of Python objects: forked workers then share the pages
         self._keys = np.array([prefix + path for path in relative])
         if all("/" in path for path in relative):
@@ -375,7 +375,7 @@ class ShardDataset(Dataset[Sample]):
         self.load_size = load_size
         self.max_pixels = max_pixels
         self.cached_shards = cached_shards
-        self._storage = _ProcessLocalStorage(storage)
+        self._storage = ProcessLocalStorage(storage)
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         shard_of, names, offsets, sizes, labels = [], [], [], [], []
         for shard_index, uri in enumerate(self.shards):

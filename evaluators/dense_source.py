@@ -1,0 +1,131 @@
+"""Where a dense head's features come from: held in memory, or made from each batch's images.
+
+Why two ways: the heads train for a number of steps on random batches of patch features. On a
+small split (the synthetic scenes, a limited data set) the features are computed once and held:
+each step is then a lookup. On a real one they do not fit: ADE20K's 20k training images at 512 px
+are 2 MB of ViT-S/14 patch features each (40 GB in all; 107 GB for ViT-L/14), so the frozen
+backbone runs on every batch's images instead, as the original's dense evaluations do, the
+images decoded by a DataLoader's workers. Both give the head the same batches (the same rows in
+the same order, features from the same backbone in eval mode, equal up to rounding), so the
+choice is one of memory and time, not of results: :func:`feature_sources` holds the features when
+they fit under a budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from dinoflow.progress import progress
+from evaluators.dense import class_counts, patch_tokens, row_batches
+from evaluators.dense_datasets import ArraySplit
+from evaluators.features import to_model_input
+
+HOLD_BATCH = 64  # images per batch of the pass that makes held features
+Rows = Sequence[int] | Tensor
+
+
+@dataclass(frozen=True)
+class FeatureSource:
+    """A dense split (items: uint8 image ``(3, S, S)``, labels ``(S, S)``) seen through a frozen
+    backbone's last ``layers`` blocks: ``held`` (patch features, CLS tokens, labels of every item,
+    on the CPU) or None for features made per batch."""
+
+    split: Dataset[tuple[Tensor, Tensor]]
+    backbone: nn.Module
+    layers: int = 1
+    amp_dtype: torch.dtype | None = None
+    num_workers: int = 0
+    held: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(self.split)  # type: ignore[arg-type]
+
+    @property
+    def channels(self) -> int:
+        """The patch features' channels, ``layers * D``: a head's input."""
+        return self.layers * int(self.backbone.embed_dim)
+
+    def inputs(self, rows: Iterable[Rows]) -> Iterator[tuple[Tensor, Tensor]]:
+        """(model input on the backbone's device, labels) of each group of rows, decoded by the
+        split's loader; the images are normalised by :func:`~evaluators.features.to_model_input`."""
+        device = next(self.backbone.parameters()).device
+        loader = DataLoader(self.split, batch_sampler=[[int(i) for i in r] for r in rows],
+                            num_workers=self.num_workers, pin_memory=device.type == "cuda")
+        for images, labels in loader:
+            yield to_model_input(images, patch_size=int(self.backbone.patch_size)).to(device), labels
+
+    def batches(self, rows: Iterable[Rows]) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """(patch features, CLS tokens, labels) of each group of rows, in order: looked up when
+        held, else the backbone's on the rows' images (on its device)."""
+        if self.held is not None:
+            for r in rows:
+                index = torch.as_tensor(r)
+                yield tuple(t[index] for t in self.held)  # type: ignore[misc]
+            return
+        for images, labels in self.inputs(rows):
+            yield (*patch_tokens(self.backbone, images, self.layers, self.amp_dtype), labels)
+
+    def class_counts(self, num_classes: int) -> Tensor:
+        """Pixels of each class in the split's masks (:func:`~evaluators.dense.class_counts`), from
+        the held labels or a pass that decodes only the masks."""
+        if self.held is not None:
+            return class_counts(self.held[2], num_classes)
+        loader = DataLoader(_Labels(self.split), batch_size=HOLD_BATCH, num_workers=self.num_workers)
+        total = torch.zeros(num_classes, dtype=torch.long)
+        for masks in progress(loader, desc="class counts", unit="batch"):
+            total += class_counts(masks, num_classes)
+        return total
+
+
+class _Labels(Dataset[Tensor]):
+    """A split's labels alone (its ``label(i)``): no image decoded."""
+
+    def __init__(self, split: Dataset[tuple[Tensor, Tensor]]) -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Tensor:
+        return self.split.label(index)  # type: ignore[attr-defined]
+
+
+def feature_bytes(backbone: nn.Module, count: int, side: int, layers: int) -> int:
+    """Bytes of float32 patch features and CLS tokens of ``count`` images ``side`` pixels square."""
+    patches = (side // int(backbone.patch_size)) ** 2
+    return 4 * count * layers * int(backbone.embed_dim) * (patches + 1)
+
+
+def hold(source: FeatureSource) -> FeatureSource:
+    """``source`` with every item's features computed once, in order, and held on the CPU."""
+    patches, cls, labels = [], [], []
+    rows = row_batches(len(source), HOLD_BATCH)
+    for p, c, y in progress(source.batches(rows), desc="dense features", total=len(rows), unit="batch"):
+        patches.append(p.cpu())
+        cls.append(c.cpu())
+        labels.append(y)
+    return replace(source, held=(torch.cat(patches), torch.cat(cls), torch.cat(labels)))
+
+
+def relabelled(source: FeatureSource, labels: np.ndarray) -> FeatureSource:
+    """``source``'s in-memory images with other labels (the scenes' depths beside their masks),
+    its held features kept."""
+    if not isinstance(source.split, ArraySplit):
+        raise TypeError(f"only images in memory (ArraySplit) can be relabelled, not {type(source.split).__name__}")
+    held = None if source.held is None else (source.held[0], source.held[1], torch.from_numpy(labels))
+    return replace(source, split=ArraySplit(source.split.images, labels), held=held)
+
+
+def feature_sources(backbone: nn.Module, splits: Sequence[Dataset[tuple[Tensor, Tensor]]], layers: int,
+                    amp_dtype: torch.dtype | None, num_workers: int, budget_bytes: float) -> list[FeatureSource]:
+    """One source per split, all held when their features fit in ``budget_bytes`` together, else
+    all made per batch (a split's side is read from its first item)."""
+    sources = [FeatureSource(split, backbone, layers, amp_dtype, num_workers) for split in splits]
+    needed = sum(feature_bytes(backbone, len(s), int(s.split[0][0].shape[-1]), layers) for s in sources)
+    return [hold(s) for s in sources] if needed <= budget_bytes else sources

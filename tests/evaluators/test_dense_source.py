@@ -1,0 +1,110 @@
+"""Dense heads' features held or made per batch: the same batches either way, held only under the
+budget, the real data sets decoded by DataLoader workers from file:// and s3:// alike."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dinoflow.storage import Storage
+from evaluators.dense import HeadConfig, head_batches, row_batches
+from evaluators.dense_datasets import ArraySplit, load_voc
+from evaluators.dense_source import FeatureSource, feature_bytes, feature_sources, hold, relabelled
+from tests.evaluators.test_dense_datasets import write_halves
+from trainer.models.vit import build_vit
+
+
+def _backbone(depth: int = 2) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_vit("vit_small", patch_size=7, embed_dim=16, depth=depth, num_heads=2, img_size=28).eval()
+
+
+def _scenes(count: int, seed: int) -> ArraySplit:
+    rng = np.random.default_rng(seed)
+    masks = rng.integers(0, 4, (count, 28, 28)).astype(np.uint8)
+    masks[:, 0] = 255
+    return ArraySplit(rng.integers(0, 255, (count, 3, 28, 28), dtype=np.uint8), masks)
+
+
+def _assert_same_batches(first: FeatureSource, second: FeatureSource, rows: list) -> None:
+    count = 0
+    for (p1, c1, y1), (p2, c2, y2) in zip(first.batches(rows), second.batches(rows), strict=True):
+        torch.testing.assert_close(p1.cpu(), p2.cpu(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(c1.cpu(), c2.cpu(), atol=1e-5, rtol=1e-5)
+        assert torch.equal(y1, y2)
+        count += 1
+    assert count == len(rows)
+
+
+def test_live_batches_are_the_held_ones() -> None:
+    """The training rows (random, repeated over epochs) and the test rows give the same features,
+    CLS tokens and labels whether looked up or made from the images; so do the class counts."""
+    live = FeatureSource(_scenes(20, 0), _backbone(depth=3), layers=2)
+    held = hold(live)
+    assert held.held is not None and held.held[0].shape == (20, 32, 4, 4) and held.held[1].shape == (20, 32)
+    assert live.channels == held.channels == 32
+    _assert_same_batches(live, held, head_batches(20, HeadConfig(steps=7, batch_size=6)))
+    _assert_same_batches(live, held, row_batches(20))
+    assert torch.equal(live.class_counts(4), held.class_counts(4))
+    assert live.class_counts(4).sum() == 20 * 27 * 28  # every pixel but the ignored first rows
+
+
+def test_features_are_held_only_when_they_fit_the_budget() -> None:
+    backbone = _backbone()
+    splits = [_scenes(10, 0), _scenes(6, 1)]
+    needed = feature_bytes(backbone, 10, 28, 1) + feature_bytes(backbone, 6, 28, 1)
+    held = feature_sources(backbone, splits, 1, None, 0, budget_bytes=needed)
+    assert all(s.held is not None for s in held)
+    assert sum(s.held[0].nbytes + s.held[1].nbytes for s in held) == needed  # the estimate is exact
+    assert all(s.held is None for s in feature_sources(backbone, splits, 1, None, 0, budget_bytes=needed - 1))
+
+
+def test_relabelled_keeps_the_held_features(tmp_path: Path) -> None:
+    voc, _ = write_halves(tmp_path)
+    split = _scenes(8, 0)
+    held = hold(FeatureSource(split, _backbone()))
+    depths = np.random.default_rng(1).uniform(1, 5, (8, 28, 28)).astype(np.float32)
+    moved = relabelled(held, depths)
+    assert moved.held[0] is held.held[0] and torch.equal(moved.held[2], torch.from_numpy(depths))
+    assert torch.equal(moved.split[3][1], torch.from_numpy(depths[3]))
+    with pytest.raises(TypeError, match="only images in memory \\(ArraySplit\\) can be relabelled, not DenseSplit"):
+        relabelled(FeatureSource(load_voc(Storage(), str(voc), "val", 28), _backbone()), depths)
+
+
+def test_workers_decode_a_real_layout_from_storage(storage_root: tuple[Storage, str], tmp_path: Path) -> None:
+    """VOC files on file:// and on the S3 server, decoded by two DataLoader workers (each with a
+    Storage of its own) while the backbone runs per batch: the same batches as held in-process."""
+    storage, root = storage_root
+    voc, _ = write_halves(tmp_path)
+    storage.upload_dir(voc, root)
+    split = load_voc(storage, root, "train", 28)
+    backbone = _backbone()
+    live = FeatureSource(split, backbone, num_workers=2)
+    held = hold(FeatureSource(split, backbone))
+    _assert_same_batches(live, held, head_batches(len(split), HeadConfig(steps=4, batch_size=5)))
+    assert torch.equal(live.class_counts(21), held.class_counts(21))
+    assert live.class_counts(21)[[1, 2]].sum() == 12 * 28 * 28 - (held.held[2] == 255).sum()
+
+
+def test_the_suite_scores_alike_with_features_held_or_made_per_batch(tmp_path: Path) -> None:
+    """seg on a VOC layout and depth on an NYU one: a budget of 0 runs the backbone on every
+    head batch (two workers decoding), the default holds the features; the heads and their scores
+    agree."""
+    from evaluators.suite import SuiteConfig, run_suite
+
+    voc, nyu = write_halves(tmp_path)
+    backbone = _backbone()
+    config = SuiteConfig(tasks=("seg", "depth"), seg_data=f"voc:{voc}", depth_data=f"nyu:{nyu}", image_size=28,
+                         seg_head=HeadConfig(steps=40), depth_head=HeadConfig(steps=40))
+    held = run_suite(backbone, config)["metrics"]
+    live = run_suite(backbone, replace(config, dense_cache_gib=0.0, num_workers=2))["metrics"]
+    assert held.keys() == live.keys()
+    for name in ("seg_miou", "seg_pixel_accuracy", "depth_rmse", "depth_abs_rel", "depth_delta1"):
+        assert live[name] == pytest.approx(held[name], abs=1e-3), name
+    assert held["seg_pixel_accuracy"] > 0.6
+    with pytest.raises(ValueError, match="dense_cache_gib must be >= 0"):
+        SuiteConfig(tasks=("seg",), dense_cache_gib=-1)
