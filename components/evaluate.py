@@ -6,7 +6,9 @@ metric names as :func:`evaluators.report.report_metrics` gives them, e.g. ``knn_
 ``linear_top1``, plus ``pixels_knn_top1_k*``: the same k-NN on raw pixels, the baseline every
 backbone must beat) and the suite's pictures (``confusion_knn.png``, attention maps). Cached by the backbone's bytes and
 the parameters. ``data_uri`` is Fashion-MNIST's folder or one of class folders, ``train/<class>/``
-and ``val/<class>/`` (:mod:`evaluators.classification`).
+and ``val/<class>/`` (:mod:`evaluators.classification`). The labelled images' feature pass is saved
+in parts under ``<run_root>/work/evaluate/<key>`` (:mod:`evaluators.feature_parts`), so a rerun of
+a lost task resumes it; they are removed once the report is written.
 
 The backbone artifact is a stage's folder (``backbone.safetensors``) or, imported by
 ``evaluate_only``, any weights :func:`~trainer.models.hub.locate_weights` finds from the path:
@@ -16,6 +18,7 @@ Meta's released ``.pth``, a Hugging Face folder, a ``.safetensors`` file.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,7 @@ from components.stage import (
     stage_run,
     storage_from_env,
 )
+from dinoflow.storage import join_uri
 from evaluators.suite import TASKS, SuiteConfig, run_suite
 from trainer.devices import available_device
 from trainer.models.hub import load_backbone, locate_weights
@@ -56,6 +60,9 @@ def run_evaluate_stage(ctx: StageContext, backbone_dir: str | Path, out_dir: str
         tracker.log_params(params)
         uri, source = locate_weights(str(backbone_dir), storage)
         weights = Path(uri) / "model.safetensors" if source == "hf" else Path(uri)  # the bytes that key the cache
+        key = cache_key("evaluate", params, {"backbone": weights})
+        parts = join_uri(ctx.run_root, "work", "evaluate", key[:20])  # the feature pass, resumed by a rerun
+        config = replace(config, feature_parts=parts)
 
         def work() -> dict[str, Any]:
             backbone = load_backbone(uri, source, storage).to(available_device(device)).eval()
@@ -63,9 +70,9 @@ def run_evaluate_stage(ctx: StageContext, backbone_dir: str | Path, out_dir: str
             report = run_suite(backbone, config, storage, pictures=out)
             report.pop("features")
             (out / REPORT_FILE).write_text(json.dumps({**report, "backbone_sha256": file_digest(weights)}, indent=2))
+            storage.delete(parts, recursive=True)  # the report holds what they were for
             return {"metrics": report["metrics"]}
 
-        key = cache_key("evaluate", params, {"backbone": weights})
         result = run_cached(ctx, storage, "evaluate", key, out, work)
         mark_cached(tracker, result)
         tracker.log_metrics(result["metrics"], step=0, force=True)

@@ -21,7 +21,7 @@ the view whose probe wins on the held-out split reported.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Subset
 
 from dinoflow.storage import Storage, join_uri
 from evaluators.attention import ATTENTION_IMAGES, garment_foreground
+from evaluators.feature_parts import FeatureParts, in_parts, text_of, text_tensor
 from evaluators.features import extract_features, to_model_input
 from evaluators.linear import LinearProbeConfig, best_by_val, linear_probe
 from evaluators.report import knn_accuracies
@@ -85,10 +86,11 @@ def view(features: Tensor, name: str, dim: int) -> Tensor:
 
 
 def labelled_images(uri: str, kind: DataKind, storage: Storage, train_limit: int = 0, test_limit: int = 0,
-                    image_size: int = 224, seed: int = 0) -> LabelledImages:
+                    image_size: int = 224, seed: int = 0, num_workers: int = 0) -> LabelledImages:
     """Both splits of the labelled data at ``uri`` (``kind`` auto: :func:`data_kind`), found and
     checked once: training scores the same images at every evaluation, so it reads Fashion-MNIST's
-    files and lists a folder's images once, not at each pass."""
+    files and lists a folder's images once, not at each pass (class folders: decoded by
+    ``num_workers`` processes at each pass)."""
     resolved = data_kind(uri, storage) if kind == "auto" else kind
     if resolved == "fashion_mnist":
         splits = [load_split(storage, uri, split) for split in ("train", "test")]  # type: ignore[arg-type]
@@ -112,7 +114,7 @@ def labelled_images(uri: str, kind: DataKind, storage: Storage, train_limit: int
             rows = np.sort(np.random.default_rng(seed).permutation(len(rows))[:limit])
         subsets.append(Subset(dataset, rows.tolist()))
     remap = torch.tensor([train.classes.index(name) for name in test.classes])
-    return FolderImages(subsets[0], subsets[1], train.classes, remap, image_size)
+    return FolderImages(subsets[0], subsets[1], train.classes, remap, image_size, num_workers)
 
 
 @dataclass(frozen=True)
@@ -125,17 +127,27 @@ class FashionMnistImages:
     test_y: Tensor
     classes: tuple[str, ...] = FASHION_MNIST_CLASSES
 
-    def features(self, backbone: nn.Module, views: bool = False, batch_size: int = 512, num_workers: int = 0,
-                 amp_dtype: torch.dtype | None = None) -> LabelledFeatures:
+    def features(self, backbone: nn.Module, views: bool = False, batch_size: int = 512,
+                 amp_dtype: torch.dtype | None = None, parts: FeatureParts | None = None) -> LabelledFeatures:
         """The frozen features of both splits (with ``views``, also the linear probe's inputs,
-        :func:`view`; ``amp_dtype``: the backbone under autocast), the raw pixels as the baseline's
-        features, the garments' silhouettes (``num_workers``: nothing to decode, the images are
-        arrays already; taken as :class:`FolderImages` takes it)."""
+        :func:`view`; ``amp_dtype``: the backbone under autocast; ``parts``: as
+        :meth:`FolderImages.features`), the raw pixels as the baseline's features, the garments'
+        silhouettes."""
         blocks = min(4, len(backbone.blocks)) if views else 1
-        train_f, test_f = (extract_features(backbone, to_model_input(images, patch_size=int(backbone.patch_size)),
-                                            batch_size=batch_size, layers=blocks, with_patch_mean=views,
-                                            amp_dtype=amp_dtype)[0]
-                           for images in (self.train, self.test))
+        patch = int(backbone.patch_size)
+
+        def part(images: Tensor) -> Callable[[list[int], list[dict[str, Tensor]]], dict[str, Tensor]]:
+            def made(rows: list[int], _: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+                inputs = to_model_input(images[rows], patch_size=patch)
+                return {"features": extract_features(backbone, inputs, batch_size=batch_size, layers=blocks,
+                                                     with_patch_mean=views, amp_dtype=amp_dtype)[0]}
+
+            return made
+
+        if parts is not None:
+            parts.claim()
+        train_f, test_f = (torch.cat([p["features"] for p in in_parts(split, len(images), parts, part(images))])
+                           for split, images in (("train", self.train), ("test", self.test)))
         shown = self.test[:ATTENTION_IMAGES]
         return _labelled(train_f, self.train_y, test_f, self.test_y, self.classes, backbone, views, shown,
                          garment_foreground(shown), (self.train.flatten(1).float(), self.test.flatten(1).float()),
@@ -152,29 +164,54 @@ class FolderImages:
     classes: tuple[str, ...]
     remap: Tensor
     image_size: int
+    num_workers: int = 0  # decoding processes
 
-    def features(self, backbone: nn.Module, views: bool = False, batch_size: int = 128, num_workers: int = 0,
-                 amp_dtype: torch.dtype | None = None) -> LabelledFeatures:
+    def features(self, backbone: nn.Module, views: bool = False, batch_size: int = 128,
+                 amp_dtype: torch.dtype | None = None, parts: FeatureParts | None = None) -> LabelledFeatures:
         """The frozen features of both splits' centre crops (with ``views``, also the linear probe's
         inputs, :func:`view`; ``amp_dtype``: the backbone under autocast), the undecodable images of
-        each counted."""
+        each counted; with ``parts``, made and saved a part at a time, the parts saved there by an
+        earlier pass of the same features loaded instead (:mod:`evaluators.feature_parts`)."""
         blocks = min(4, len(backbone.blocks)) if views else 1
         patch = int(getattr(backbone, "patch_size", 14))
         if self.image_size <= 0 or self.image_size % patch:
             raise ValueError(f"image_size {self.image_size} is not a positive multiple of the patch size {patch}")
-        device = next(backbone.parameters()).device
-        passes, features = {}, {}
+        if parts is not None:
+            parts.claim()
+        made = {}
         for split, subset, remap, keep in (("train", self.train, None, 0),
                                            ("test", self.test, self.remap, ATTENTION_IMAGES)):
-            loader = DataLoader(subset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_samples)
-            passes[split] = _ModelInput(loader, self.image_size, patch, remap, keep=keep)
-            features[split] = extract_features(backbone, passes[split], device=device, layers=blocks,
-                                               with_patch_mean=views, amp_dtype=amp_dtype)
-        (train_f, train_y), (test_f, test_y) = features["train"], features["test"]
-        assert train_y is not None and test_y is not None
-        shown = torch.cat(passes["test"].kept)[:ATTENTION_IMAGES]
-        return _labelled(train_f, train_y, test_f, test_y, self.classes, backbone, views, shown, None, None,
-                         {split: batches.bad for split, batches in passes.items()})
+            def part(rows: list[int], earlier: list[dict[str, Tensor]], subset: Subset = subset,
+                     remap: Tensor | None = remap, keep: int = keep) -> dict[str, Tensor]:
+                loader = DataLoader(Subset(subset.dataset, [subset.indices[r] for r in rows]), batch_size=batch_size,
+                                    num_workers=self.num_workers, collate_fn=collate_samples)
+                shown = keep - sum(len(p["kept"]) for p in earlier)  # the first test images' pixels still wanted
+                return self._part(_ModelInput(loader, self.image_size, patch, remap, keep=shown), backbone, blocks,
+                                  views, amp_dtype)
+
+            made[split] = in_parts(split, len(subset), parts, part)
+        bad = {}
+        for split, made_parts in made.items():  # the limit on undecodable images holds for a split as a whole
+            tracker = BadImageTracker(MAX_BAD_FRACTION)
+            for made_part in made_parts:
+                tracker.add(len(made_part["labels"]), text_of(made_part["bad_keys"]).splitlines())
+            tracker.check(final=True)
+            bad[split] = tracker.bad
+        train, test = ({key: torch.cat([p[key] for p in made[split]]) for key in ("features", "labels", "kept")}
+                       for split in ("train", "test"))
+        return _labelled(train["features"], train["labels"], test["features"], test["labels"], self.classes,
+                         backbone, views, test["kept"], None, None, bad)
+
+    def _part(self, batches: _ModelInput, backbone: nn.Module, blocks: int, views: bool,
+              amp_dtype: torch.dtype | None) -> dict[str, Tensor]:
+        """One part's features, labels, undecodable images' keys and first ``batches.keep`` pixels."""
+        features, labels = extract_features(backbone, batches, layers=blocks, with_patch_mean=views,
+                                            amp_dtype=amp_dtype)
+        assert labels is not None
+        side = self.image_size
+        kept = torch.cat(batches.kept) if batches.kept else torch.empty(0, 3, side, side, dtype=torch.uint8)
+        return {"features": features, "labels": labels, "bad_keys": text_tensor("\n".join(batches.bad_keys)),
+                "kept": kept[: batches.keep]}
 
 
 LabelledImages = FashionMnistImages | FolderImages
@@ -215,15 +252,16 @@ def classification_report(data: LabelledFeatures, ks: tuple[int, ...], temperatu
 @dataclass
 class _ModelInput:
     """A split's batches as centre-cropped model input with labels (``remap``: into train's class
-    indices), its undecodable images counted in ``bad``; sized, so the feature bar shows its end."""
+    indices), its undecodable images' keys in ``bad_keys`` (a pass stops when more than
+    ``MAX_BAD_FRACTION`` of them are); sized, so the feature bar shows its end."""
 
     loader: DataLoader
     image_size: int
     patch: int
     remap: Tensor | None
-    bad: int = 0
     keep: int = 0  # how many of the first images' pixels to keep in ``kept``
     kept: list[Tensor] = field(default_factory=list)
+    bad_keys: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -233,6 +271,7 @@ class _ModelInput:
         for batch in self.loader:
             tracker.update(batch)
             tracker.check()
+            self.bad_keys.extend(batch.bad_keys)
             if not batch.keys:
                 continue
             offset = (batch.images.shape[-1] - self.image_size) // 2
@@ -241,5 +280,3 @@ class _ModelInput:
             if sum(len(k) for k in self.kept) < self.keep:
                 self.kept.append(pixels)
             yield to_model_input(pixels, patch_size=self.patch), labels
-        tracker.check(final=True)
-        self.bad = tracker.bad

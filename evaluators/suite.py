@@ -52,6 +52,7 @@ from evaluators.dense import (
 )
 from evaluators.dense_datasets import ArraySplit, load_ade20k, load_nyu, load_voc
 from evaluators.dense_source import FeatureSource, feature_sources, relabelled
+from evaluators.feature_parts import FeatureParts, backbone_digest
 from evaluators.dense_metrics import retrieval_map
 from evaluators.features import to_model_input
 from evaluators.knn import knn_predict
@@ -80,7 +81,7 @@ class SuiteConfig:
     data_uri: str = ""  # knn, linear: Fashion-MNIST's files, or train/ and val/ class folders
     data_kind: DataKind = "auto"
     image_size: int = 224  # class folders' images: the centre crop's side
-    num_workers: int = 0  # class folders' decoding processes
+    num_workers: int = 0  # class folders' and real dense data sets' decoding processes
     precision: str = "fp32"  # every feature pass: fp32, or the backbone under autocast (bf16, fp16: 2-3x on a GPU)
     train_limit: int = 0
     test_limit: int = 0
@@ -96,6 +97,7 @@ class SuiteConfig:
     seg_head: HeadConfig = field(default_factory=HeadConfig)
     depth_head: HeadConfig = field(default_factory=lambda: HeadConfig(steps=1000))  # ~10x a seg step's cost
     dense_cache_gib: float = 4.0  # seg, depth: features held when both splits' fit, else made per batch
+    feature_parts: str = ""  # knn, linear: save the feature pass here in parts; a rerun resumes it
     retrieval_scenes: int = 40
     seed: int = 0
 
@@ -128,9 +130,14 @@ def _classification(backbone: nn.Module, config: SuiteConfig, storage: Storage, 
                     pictures: str | Path | None) -> dict[str, Any]:
     linear = LinearProbeConfig() if "linear" in config.tasks else None
     images = labelled_images(config.data_uri, config.data_kind, storage, config.train_limit, config.test_limit,
-                             config.image_size, config.seed)
-    data = images.features(backbone, views=linear is not None, num_workers=config.num_workers,
-                           amp_dtype=config.amp_dtype)
+                             config.image_size, config.seed, config.num_workers)
+    parts = None
+    if config.feature_parts:
+        identity = {"backbone_sha256": backbone_digest(backbone), "views": linear is not None,
+                    **{name: getattr(config, name) for name in ("data_uri", "data_kind", "train_limit", "test_limit",
+                                                                 "image_size", "precision", "seed")}}
+        parts = FeatureParts(storage, config.feature_parts, identity)
+    data = images.features(backbone, views=linear is not None, amp_dtype=config.amp_dtype, parts=parts)
     splits = [data.train_x, data.train_y, data.test_x, data.test_y]
     classes = len(data.classes)
     report = classification_report(data, config.ks, config.temperature, linear, device)

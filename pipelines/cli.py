@@ -257,6 +257,9 @@ def evaluate(
                                                             "held in memory up to this size, else the backbone "
                                                             "runs on every head batch (ADE20K's: 40 GB with "
                                                             "ViT-S/14)")] = 4.0,
+    feature_parts: Annotated[str, typer.Option(help="knn, linear: save the feature pass in parts under this "
+                                                    "folder (path or URI); the same command run again resumes it "
+                                                    "(ImageNet's: an hour on a GPU)")] = "",
     ms: Annotated[bool, typer.Option("--ms", help="seg and depth by the +ms protocol: the last 4 blocks' patch "
                                                   "tokens (all of a shallower model's), and seg over scales 0.75, 1, "
                                                   "1.25 with flips")] = False,
@@ -295,7 +298,8 @@ def evaluate(
         config = SuiteConfig(tasks=chosen, data_uri=data_uri, train_limit=train_limit, test_limit=test_limit,
                              ks=tuple(sorted({k, 20})), image_size=image_size, num_workers=num_workers,
                              seg_data=seg_data, depth_data=depth_data, multiscale=ms, precision=precision,
-                             layers=min(4, len(backbone.blocks)) if ms else 1, dense_cache_gib=dense_cache_gib)
+                             layers=min(4, len(backbone.blocks)) if ms else 1, dense_cache_gib=dense_cache_gib,
+                             feature_parts=feature_parts)
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
     with tempfile.TemporaryDirectory() as scratch, (MlflowTracker.start(
         tracking_uri, experiment, run_name=f"eval-{benchmark}", tags=standard_tags("evaluate"),
@@ -303,7 +307,8 @@ def evaluate(
         tracker.log_params({"weights": weights, "benchmark": benchmark, "tasks": ",".join(chosen),
                             "data_uri": data_uri, "train_limit": train_limit, "test_limit": test_limit,
                             "image_size": image_size, "seg_data": seg_data, "depth_data": depth_data, "ms": ms,
-                            "device": device, "precision": precision, "dense_cache_gib": dense_cache_gib})
+                            "device": device, "precision": precision, "dense_cache_gib": dense_cache_gib,
+                            "feature_parts": feature_parts})
         drawn = Path(scratch) / "pictures"
         drawn.mkdir()
         report = run_suite(backbone, config, storage, pictures=drawn)

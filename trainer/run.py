@@ -42,12 +42,13 @@ def labelled_evaluators(cfg: PretrainConfig, storage: Storage) -> tuple[EvalFn |
     if not uri:
         return None, None
     images = labelled_images(uri, "auto", storage, cfg.eval.train_limit, cfg.eval.test_limit,
-                             cfg.eval.image_size or cfg.crops.global_crop_size)
+                             cfg.eval.image_size or cfg.crops.global_crop_size,
+                             num_workers=cfg.data.num_workers)  # class folders: decoded by the loader's workers
 
     def scorer(linear: bool) -> EvalFn:
         def evaluate(backbone: DinoVisionTransformer, step: int) -> dict[str, float]:
             was_training = backbone.training
-            data = images.features(backbone, views=linear, num_workers=cfg.data.num_workers)  # the loader's
+            data = images.features(backbone, views=linear)
             backbone.train(was_training)
             return report_metrics(classification_report(data, (cfg.eval.knn_k,), cfg.eval.knn_temperature,
                                                         LinearProbeConfig() if linear else None,

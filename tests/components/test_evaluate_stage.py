@@ -47,3 +47,46 @@ def test_no_labelled_images_is_refused_naming_the_parameters(tmp_path: Path) -> 
     ctx = StageContext(run_root=str(tmp_path / "root"))
     with pytest.raises(ValueError, match="no labelled images for knn and linear: give the pipeline eval_data_uri"):
         run_evaluate_stage(ctx, tmp_path / "backbone", tmp_path / "out", "", tasks=["knn"])
+
+
+def test_a_rerun_after_a_lost_task_resumes_the_feature_pass(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The task dies in its feature pass (a fault injected after the second part: a lost pod
+    here); the rerun loads the two saved parts, makes the rest, reports what an unbroken run
+    reports, and removes the parts."""
+    import evaluators.classification as classification
+    import evaluators.suite as suite
+    from evaluators.feature_parts import FeatureParts
+
+    write_folders(tmp_path / "data", {"cat": (8, 3), "dog": (8, 3), "fish": (8, 3)})
+    torch.manual_seed(0)
+    (tmp_path / "backbone").mkdir()
+    save_backbone(build_vit("vit_small", patch_size=14, embed_dim=32, depth=2, num_heads=2, img_size=56,
+                            layerscale_init=1.0), str(tmp_path / "backbone" / "backbone.safetensors"))
+    monkeypatch.setattr(suite, "FeatureParts", lambda *args: FeatureParts(*args, rows=5))  # 24 train rows: 5 parts
+    made = classification.FolderImages._part
+    calls: list[int] = []
+    lost = [False]
+
+    def dies_after_two(self, *args):
+        calls.append(1)
+        if len(calls) == 3 and not lost[0]:
+            lost[0] = True
+            raise RuntimeError("pod lost")
+        return made(self, *args)
+
+    ctx = StageContext(run_root=str(tmp_path / "root"), use_cache=False)
+    monkeypatch.setattr(classification.FolderImages, "_part", dies_after_two)
+    with pytest.raises(RuntimeError, match="pod lost"):
+        run_evaluate_stage(ctx, tmp_path / "backbone", tmp_path / "out", str(tmp_path / "data"), tasks=["linear"])
+    work = tmp_path / "root" / "work" / "evaluate"
+    assert len(list(work.glob("*/train/part-*.safetensors"))) == 2
+    calls.clear()
+    resumed = run_evaluate_stage(ctx, tmp_path / "backbone", tmp_path / "out", str(tmp_path / "data"),
+                                 tasks=["linear"])
+    assert len(calls) == 3 + 2  # train's last 3 parts, test's 2: not the 2 saved
+    assert not list(work.iterdir())  # removed with the report written
+    monkeypatch.setattr(classification.FolderImages, "_part", made)
+    unbroken = run_evaluate_stage(replace(ctx, run_root=str(tmp_path / "other")), tmp_path / "backbone",
+                                  tmp_path / "unbroken", str(tmp_path / "data"), tasks=["linear"])
+    assert resumed["metrics"] == unbroken["metrics"]

@@ -247,6 +247,14 @@ def test_eval_scores_class_folders(weights: Path, tmp_path: Path) -> None:
     report = json.loads(result.stdout)
     assert report["tasks"]["classification"]["classes"] == list(CLASSES)
     assert report["metrics"]["knn_top1_k5"] > 0.9 and report["config"]["image_size"] == 28
+    # --feature-parts: the pass saved under the folder; the same command again reads it back, same report
+    args = ["eval", "knn", "--weights", str(weights), "--data-uri", str(tmp_path / "data"), "--image-size", "28",
+            "--k", "5", "--feature-parts", str(tmp_path / "parts")]
+    saved, again = (CliRunner().invoke(app, args) for _ in range(2))
+    assert saved.exit_code == again.exit_code == 0, saved.output + again.output
+    assert json.loads(saved.stdout)["metrics"] == json.loads(again.stdout)["metrics"] == report["metrics"]
+    assert (tmp_path / "parts" / "identity.json").exists()
+    assert (tmp_path / "parts" / "train" / "part-00000.safetensors").exists()
     bad = CliRunner().invoke(app, ["eval", "knn", "--weights", str(weights), "--device", "tpu"])
     assert bad.exit_code == 2 and bad.stderr.strip().splitlines()[-1] == (
         "error: unknown device 'tpu'; allowed: cpu, cuda, cuda:<index>")
@@ -293,6 +301,11 @@ def test_eval_suite_runs_segmentation_and_depth_on_real_layouts(weights: Path, t
     config = json.loads(plus_ms.stdout)["config"]
     assert (config["layers"], config["multiscale"]) == (2, True)  # the fixture's 2 blocks
     assert 0 < json.loads(plus_ms.stdout)["metrics"]["seg_miou"] <= 1
+    per_batch = CliRunner().invoke(app, ["eval", "suite", "--weights", str(weights), "--tasks", "seg,depth",
+                                         "--seg-data", f"voc:{voc}", "--depth-data", f"nyu:{nyu}", "--image-size",
+                                         "28", "--test-limit", "3", "--dense-cache-gib", "0", "--num-workers", "2"])
+    assert per_batch.exit_code == 0, per_batch.output  # the backbone on every head batch: the same scores
+    assert json.loads(per_batch.stdout)["metrics"] == pytest.approx(report["metrics"], abs=1e-3)
     bad = CliRunner().invoke(app, ["eval", "suite", "--weights", str(weights), "--tasks", "seg",
                                    "--seg-data", str(voc)])
     assert bad.exit_code == 2 and "give <data set>:<root>" in bad.stderr

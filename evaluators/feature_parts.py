@@ -1,0 +1,110 @@
+"""A feature pass saved in parts, so that a rerun after a lost pod resumes it.
+
+Why: the classification benchmarks' feature pass over ImageNet (1.28M train images, four probe
+views) takes the better part of an hour on a GPU, and a preempted evaluate task started it over
+from the first image. With :class:`FeatureParts` the pass runs ``rows`` images at a time and saves
+each part, ``<uri>/<split>/part-00000.safetensors`` (features, labels, the part's undecodable
+images, the first test images' pixels), atomically; a rerun loads the parts it finds and computes
+the rest. ``<uri>/identity.json`` says what the features are of (the backbone's digest and the
+pass's settings): a folder made for anything else is refused, never mixed in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+from torch import Tensor, nn
+
+from dinoflow.progress import progress
+from dinoflow.storage import Storage, join_uri
+
+PART_ROWS = 16384  # images per part: ~20 s of a ViT-L/14 pass on a GPU, 330 MB of its probe views
+IDENTITY_FILE = "identity.json"
+
+
+def backbone_digest(backbone: nn.Module) -> str:
+    """sha256 of the backbone's state: every tensor's name, dtype, shape and bytes, in order."""
+    digest = hashlib.sha256()
+    for name, tensor in backbone.state_dict().items():
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class FeatureParts:
+    """Where a feature pass keeps its parts (``uri``), what they are of (``identity``, JSON-able)
+    and how many images each holds."""
+
+    storage: Storage
+    uri: str
+    identity: dict[str, Any]
+    rows: int = PART_ROWS
+
+    def __post_init__(self) -> None:
+        if self.rows < 1:
+            raise ValueError(f"rows per part must be >= 1, got {self.rows}")
+
+    def claim(self) -> None:
+        """Write ``identity.json``, or check that the one there names the same features."""
+        path = join_uri(self.uri, IDENTITY_FILE)
+        wanted = json.loads(json.dumps(self.identity))
+        if self.storage.exists(path):
+            found = json.loads(self.storage.read_bytes(path))
+            if found != wanted:
+                differ = sorted(k for k in found.keys() | wanted.keys() if found.get(k) != wanted.get(k))
+                raise ValueError(f"{self.uri} holds features of another pass (it differs in {', '.join(differ)}): "
+                                 "give another folder, or delete this one to start over")
+            return
+        self.storage.write_bytes(path, json.dumps(wanted, indent=2, sort_keys=True).encode())
+
+    def _part(self, split: str, index: int) -> str:
+        return join_uri(self.uri, split, f"part-{index:05d}.safetensors")
+
+    def load(self, split: str, index: int) -> dict[str, Tensor] | None:
+        """Part ``index`` of ``split`` when saved, else None."""
+        path = self._part(split, index)
+        return load_tensors(self.storage.read_bytes(path)) if self.storage.exists(path) else None
+
+    def save(self, split: str, index: int, tensors: dict[str, Tensor]) -> None:
+        data = save_tensors({name: tensor.contiguous() for name, tensor in tensors.items()})
+        self.storage.write_bytes(self._part(split, index), data)
+
+    def clear(self) -> None:
+        """Remove every part (once the report that used them is written)."""
+        self.storage.delete(self.uri, recursive=True)
+
+
+def in_parts(split: str, count: int, parts: FeatureParts | None,
+             make: Callable[[list[int], list[dict[str, Tensor]]], dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+    """``make(rows, earlier parts)`` over rows ``0 .. count - 1`` of ``split``: in one piece, or
+    with ``parts`` in pieces of ``parts.rows``, each saved as it is made and loaded instead when
+    an earlier pass saved it."""
+    size = parts.rows if parts is not None else max(1, count)
+    pieces = [list(range(start, min(start + size, count))) for start in range(0, count, size)]
+    made: list[dict[str, Tensor]] = []
+    for index, rows in enumerate(pieces if len(pieces) < 2 else progress(pieces, f"{split} parts", unit="part")):
+        part = parts.load(split, index) if parts is not None else None
+        if part is None:
+            part = make(rows, made)
+            if parts is not None:
+                parts.save(split, index, part)
+        made.append(part)
+    return made
+
+
+def text_tensor(text: str) -> Tensor:
+    """``text`` as a uint8 tensor of its UTF-8 bytes: a part file holds tensors only."""
+    return torch.tensor(list(text.encode()), dtype=torch.uint8)
+
+
+def text_of(tensor: Tensor) -> str:
+    """The text :func:`text_tensor` stored."""
+    return bytes(tensor.tolist()).decode()
