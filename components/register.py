@@ -94,7 +94,7 @@ def run_champion_stage(ctx: StageContext, model_name: str, out_dir: str | Path) 
         client = MlflowClient(tracking_uri=ctx.tracking_uri)
         name, alias, version = parse_registry_uri(f"models:/{model_name}") or (model_name, CHAMPION, None)
         if version is None:
-            version = champion_version(client, name, alias or CHAMPION)
+            version = champion_version(client, name, alias)  # (an alias whenever no version is named)
             if version is None:
                 raise ValueError(f"registered model {name!r} has no champion: run the full pipeline first"
                                  if alias == CHAMPION else f"registered model {name!r} has no alias {alias!r}")

@@ -7,7 +7,11 @@ query, as the protocol requires, and scored by :func:`evaluators.dense_metrics.r
 
 The ground truth of revisited Oxford/Paris ships as a pickle (``gnd_roxford5k.pkl``); it is read
 with an unpickler that admits no class or function at all (plain dicts, lists, strings and
-numbers), so a crafted file cannot run code. A JSON file with the same structure works too.
+numbers), so a crafted file cannot run code. A JSON file with the same structure works too. Its
+images (``<root>/jpg/<name>.jpg``) keep their aspect ratio: the longer side is resized to the
+evaluation's size and each side rounded to a multiple of the patch size, the queries first cropped
+to their box, as the protocol asks; they are decoded by a DataLoader's workers and go through the
+backbone one at a time (no two need share a shape).
 """
 
 from __future__ import annotations
@@ -21,11 +25,15 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
 
+from dinoflow.progress import progress
 from dinoflow.storage import Storage, join_uri
 from evaluators.dense_metrics import QueryTruth
-from evaluators.features import under_autocast
+from evaluators.features import to_model_input, under_autocast
+from trainer.data.datasets import ProcessLocalStorage
 
 Pooling = Literal["cls", "gem", "cls+gem"]
 
@@ -107,3 +115,51 @@ def load_revisited(storage: Storage, root: str, name: str) -> RevisitedDataset:
         if indices and (min(indices) < 0 or max(indices) >= len(images)):
             raise ValueError(f"{name}: query {q} points outside the {len(images)} database images")
     return RevisitedDataset(name, images, queries, truths, boxes)  # type: ignore[arg-type]
+
+
+Box = tuple[float, float, float, float]
+
+
+class RevisitedImages(Dataset[Tensor]):
+    """``<root>/jpg/<name>.jpg`` as uint8 ``(3, H, W)``: cropped to ``boxes[i]`` (``x1, y1, x2,
+    y2`` pixels) when given, the longer side resized to ``size`` (bicubic), each side rounded to a
+    multiple of ``patch`` (at least one patch)."""
+
+    def __init__(self, storage: Storage, root: str, names: list[str], size: int, patch: int,
+                 boxes: list[Box] | None = None) -> None:
+        if size < patch:
+            raise ValueError(f"image size {size} is below the patch size {patch}")
+        self._storage = ProcessLocalStorage(storage)
+        self.uris = [join_uri(root, "jpg", f"{name}.jpg") for name in names]
+        self.size, self.patch, self.boxes = size, patch, boxes
+
+    def __len__(self) -> int:
+        return len(self.uris)
+
+    def __getitem__(self, index: int) -> Tensor:
+        with Image.open(io.BytesIO(self._storage.get().read_bytes(self.uris[index]))) as image:
+            image = image.convert("RGB")
+            if self.boxes is not None:
+                x1, y1, x2, y2 = self.boxes[index]
+                image = image.crop((max(0, round(x1)), max(0, round(y1)), min(image.width, round(x2)),
+                                    min(image.height, round(y2))))
+            scale = self.size / max(image.size)
+            width, height = (max(self.patch, round(side * scale / self.patch) * self.patch) for side in image.size)
+            pixels = np.array(image.resize((width, height), Image.BICUBIC))
+        return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+
+
+def revisited_descriptors(backbone: nn.Module, data: RevisitedDataset, storage: Storage, root: str, size: int,
+                          pooling: Pooling = "cls", amp_dtype: torch.dtype | None = None,
+                          num_workers: int = 0) -> tuple[Tensor, Tensor]:
+    """:func:`global_descriptors` of the queries (cropped to their boxes) and of the database
+    images of ``data`` (:class:`RevisitedImages` at ``size``): ``(queries, database)``."""
+    patch = int(backbone.patch_size)
+    described = []
+    for what, names, boxes in (("queries", data.queries, data.query_boxes), ("database", data.images, None)):
+        loader = DataLoader(RevisitedImages(storage, root, names, size, patch, boxes), batch_size=1,
+                            num_workers=num_workers)
+        described.append(torch.cat([global_descriptors(backbone, to_model_input(image, patch_size=patch), pooling,
+                                                       amp_dtype=amp_dtype)
+                                    for image in progress(loader, f"{data.name} {what}", unit="image")]))
+    return described[0], described[1]

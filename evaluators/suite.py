@@ -9,7 +9,8 @@ Tasks:
   (``seg_data``) (mIoU, pixel accuracy);
 * ``depth``: the linear depth head on the same scenes, or on NYU-Depth v2 (``depth_data``) (RMSE,
   AbsRel, delta1);
-* ``retrieval``: CLS descriptors on synthetic retrieval sets (mAP easy/medium/hard);
+* ``retrieval``: CLS descriptors on synthetic retrieval sets, or on revisited Oxford or Paris
+  (``retrieval_data``) (mAP easy/medium/hard);
 
 and with any of the first four, on the test images (scenes, else Fashion-MNIST), the share of
 high-norm patch tokens and the CLS token's attention on the patches (:mod:`evaluators.attention`).
@@ -17,7 +18,9 @@ high-norm patch tokens and the CLS token's attention on the patches (:mod:`evalu
 The synthetic scenes (:mod:`evaluators.synthetic`) make the dense and retrieval tasks run
 anywhere with exact ground truth; the adapters of :mod:`evaluators.dense_datasets` feed the same
 heads with the real data sets (``seg_data="ade20k:<root>"`` or ``"voc:<root>"``,
-``depth_data="nyu:<root>"``; images at ``image_size``, ``train_limit`` / ``test_limit`` of each).
+``depth_data="nyu:<root>"``; images at ``image_size``, ``train_limit`` / ``test_limit`` of each), and
+:func:`~evaluators.retrieval.load_revisited` the retrieval task (``retrieval_data="roxford5k:<root>"``
+or ``"rparis6k:<root>"``; the longer side at ``image_size``).
 
 The report is ``{"metrics": {flat name: value}, "tasks": {...}, "config": {...}}`` (plus the
 classification ``features`` ``[train_x, train_y, test_x, test_y]`` for plots, not for JSON);
@@ -58,7 +61,7 @@ from evaluators.features import to_model_input
 from evaluators.knn import knn_predict
 from evaluators.linear import LinearProbeConfig
 from evaluators.report import knn_accuracies, report_metrics
-from evaluators.retrieval import global_descriptors, rank_database
+from evaluators.retrieval import global_descriptors, load_revisited, rank_database, revisited_descriptors
 from evaluators.synthetic import CLASS_NAMES, SceneConfig, make_retrieval_set, make_scenes
 from evaluators.visualize import (
     confusion_matrix,
@@ -69,6 +72,7 @@ from evaluators.visualize import (
 )
 
 TASKS = ("knn", "linear", "seg", "depth", "retrieval")
+REVISITED = ("roxford5k", "rparis6k")  # retrieval_data's data sets
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # the feature pass's autocast dtype
 MAX_CONFUSION_CLASSES = 30  # above, a confusion matrix is too dense to read: none is drawn
 
@@ -99,6 +103,7 @@ class SuiteConfig:
     dense_cache_gib: float = 4.0  # seg, depth: features held when both splits' fit, else made per batch
     feature_parts: str = ""  # knn, linear: save the feature pass here in parts; a rerun resumes it
     retrieval_scenes: int = 40
+    retrieval_data: str = ""  # "": synthetic sets; roxford5k:<root> or rparis6k:<root>
     seed: int = 0
 
     @property
@@ -119,7 +124,8 @@ class SuiteConfig:
         if self.data_kind not in DATA_KINDS:
             raise ValueError(f"unknown data kind {self.data_kind!r}; allowed: {', '.join(DATA_KINDS)}")
         for name, given, allowed in (("seg_data", self.seg_data, ("ade20k", "voc")),
-                                     ("depth_data", self.depth_data, ("nyu",))):
+                                     ("depth_data", self.depth_data, ("nyu",)),
+                                     ("retrieval_data", self.retrieval_data, REVISITED)):
             kind, sep, root = given.partition(":")
             if given and (kind not in allowed or not sep or not root):
                 raise ValueError(f"{name} = {given!r}; give <data set>:<root> with the data set one of "
@@ -219,19 +225,20 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
     or the classification tasks, ``attention_maps.png`` (:func:`attention_figures`).
     """
     backbone.eval()
+    storage = storage or Storage()
     metrics: dict[str, float] = {}
     tasks: dict[str, Any] = {}
     features = None
     looked_at = None  # (uint8 test images, their foreground or None) for the attention maps: the scenes' first
     device = next(backbone.parameters()).device
     if {"knn", "linear"} & set(config.tasks):
-        result = _classification(backbone, config, storage or Storage(), device, pictures)
+        result = _classification(backbone, config, storage, device, pictures)
         metrics.update(result["metrics"])
         tasks["classification"] = result["report"]
         features = result["features"]
         looked_at = result["looked_at"]  # Fashion-MNIST's with the garments' silhouettes, or class folders'
 
-    dense = _dense_tasks(backbone, config, storage or Storage()) if {"seg", "depth"} & set(config.tasks) else {}
+    dense = _dense_tasks(backbone, config, storage) if {"seg", "depth"} & set(config.tasks) else {}
     shown = slice(0, 6)
     predicted: dict[str, np.ndarray] = {}  # the first test images' predictions, for the pictures
     if "seg" in dense:
@@ -276,12 +283,22 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
         tasks["attention"] = attention_figures(backbone, *looked_at, pictures)
         metrics.update(tasks["attention"])
     if "retrieval" in config.tasks:
-        data = make_retrieval_set(config.retrieval_scenes, seed=config.seed + 2,
-                                  config=SceneConfig(size=config.scene_size))
-        encode = lambda x: global_descriptors(backbone, to_model_input(x, patch_size=backbone.patch_size),  # noqa: E731
-                                              amp_dtype=config.amp_dtype)
-        ranking, _ = rank_database(encode(data.queries), encode(data.database))
-        scores = dict(retrieval_map(ranking, data.truths))
+        if config.retrieval_data:
+            name, _, root = config.retrieval_data.partition(":")
+            revisited = load_revisited(storage, root, name)
+            queries, database = revisited_descriptors(backbone, revisited, storage, root,
+                                                      config.image_size, amp_dtype=config.amp_dtype,
+                                                      num_workers=config.num_workers)
+            truths = revisited.truths
+        else:
+            synthetic = make_retrieval_set(config.retrieval_scenes, seed=config.seed + 2,
+                                           config=SceneConfig(size=config.scene_size))
+            queries, database = (global_descriptors(backbone, to_model_input(x, patch_size=backbone.patch_size),
+                                                    amp_dtype=config.amp_dtype)
+                                 for x in (synthetic.queries, synthetic.database))
+            truths = synthetic.truths
+        ranking, _ = rank_database(queries, database)
+        scores = dict(retrieval_map(ranking, truths))
         tasks["retrieval"] = scores
         metrics.update({f"retrieval_{k}": v for k, v in scores.items()})
     return {"metrics": metrics, "tasks": tasks, "config": _jsonable(asdict(config)), "features": features}

@@ -246,13 +246,17 @@ def evaluate(
     test_limit: Annotated[int, typer.Option(help="test images used (0: all)")] = 0,
     image_size: Annotated[int, typer.Option(help="class folders: the centre crop's side, after the shorter side "
                                                  "is resized to it / 0.875 (256 for 224); real dense data sets: "
-                                                 "the side their images are resized to")] = 224,
-    num_workers: Annotated[int, typer.Option(min=0, help="class folders and real dense data sets: decoding "
-                                                         "processes")] = 0,
+                                                 "the side their images are resized to; Oxford/Paris: the longer "
+                                                 "side")] = 224,
+    num_workers: Annotated[int, typer.Option(min=0, help="class folders, real dense and retrieval data sets: "
+                                                         "decoding processes")] = 0,
     seg_data: Annotated[str, typer.Option(help="seg on a real data set, ade20k:<root> or voc:<root> (its own "
                                                "layout; images at --image-size; default: synthetic scenes)")] = "",
     depth_data: Annotated[str, typer.Option(help="depth on NYU-Depth v2, nyu:<root> (train/*.npz, test/*.npz; "
                                                  "default: synthetic scenes)")] = "",
+    retrieval_data: Annotated[str, typer.Option(help="retrieval on revisited Oxford or Paris, roxford5k:<root> "
+                                                     "or rparis6k:<root> (gnd_<name>.pkl, jpg/; the longer side at "
+                                                     "--image-size; default: synthetic sets)")] = "",
     dense_cache_gib: Annotated[float, typer.Option(min=0, help="seg and depth: patch features of both splits are "
                                                             "held in memory up to this size, else the backbone "
                                                             "runs on every head batch (ADE20K's: 40 GB with "
@@ -297,7 +301,8 @@ def evaluate(
         backbone = _backbone(weights, source, storage).to(available_device(device))
         config = SuiteConfig(tasks=chosen, data_uri=data_uri, train_limit=train_limit, test_limit=test_limit,
                              ks=tuple(sorted({k, 20})), image_size=image_size, num_workers=num_workers,
-                             seg_data=seg_data, depth_data=depth_data, multiscale=ms, precision=precision,
+                             seg_data=seg_data, depth_data=depth_data, retrieval_data=retrieval_data,
+                             multiscale=ms, precision=precision,
                              layers=min(4, len(backbone.blocks)) if ms else 1, dense_cache_gib=dense_cache_gib,
                              feature_parts=feature_parts)
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
@@ -306,7 +311,8 @@ def evaluate(
     ) if tracking_uri else contextlib.nullcontext(NullTracker())) as tracker, _bad_input():
         tracker.log_params({"weights": weights, "benchmark": benchmark, "tasks": ",".join(chosen),
                             "data_uri": data_uri, "train_limit": train_limit, "test_limit": test_limit,
-                            "image_size": image_size, "seg_data": seg_data, "depth_data": depth_data, "ms": ms,
+                            "image_size": image_size, "seg_data": seg_data, "depth_data": depth_data,
+                            "retrieval_data": retrieval_data, "ms": ms,
                             "device": device, "precision": precision, "dense_cache_gib": dense_cache_gib,
                             "feature_parts": feature_parts})
         drawn = Path(scratch) / "pictures"

@@ -91,3 +91,71 @@ def test_a_pickle_with_code_is_refused_and_bad_structure_named(tmp_path) -> None
         load_revisited(storage, str(tmp_path), "bad")
     with pytest.raises(FileNotFoundError, match="no ground truth for 'none'"):
         load_revisited(storage, str(tmp_path), "none")
+
+
+def write_revisited(root, name: str = "roxford5k") -> dict:
+    """A revisited layout: 3 landmarks (a coloured stripe pattern each), 2 database photos of each
+    at other sizes and aspect ratios, one query photo of each with the landmark inside its box and
+    noise around it; easy and hard: the landmark's photos, junk: one other."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (root / "jpg").mkdir(parents=True, exist_ok=True)
+
+    def landmark(kind: int, width: int, height: int) -> np.ndarray:
+        x = np.linspace(0, 1, width)[None, :, None]
+        y = np.linspace(0, 1, height)[:, None, None]
+        colour = np.eye(3)[kind][None, None] * 180 + 40
+        stripes = np.sin(2 * np.pi * (3 + 2 * kind) * (x if kind % 2 else y))
+        return np.clip(colour * (0.6 + 0.4 * stripes) + rng.normal(0, 8, (height, width, 3)), 0, 255)
+
+    images, gnd, queries = [], [], []
+    for kind in range(3):
+        for copy, (width, height) in enumerate(((60, 40), (35, 50))):
+            images.append(f"l{kind}_{copy}")
+            Image.fromarray(landmark(kind, width, height).astype(np.uint8)).save(root / "jpg" / f"{images[-1]}.jpg")
+    for kind in range(3):
+        photo = rng.integers(0, 255, (70, 90, 3)).astype(np.float64)
+        photo[20:60, 30:80] = landmark(kind, 50, 40)
+        queries.append(f"q{kind}")
+        Image.fromarray(photo.astype(np.uint8)).save(root / "jpg" / f"q{kind}.jpg")
+        gnd.append({"easy": [2 * kind], "hard": [2 * kind + 1], "junk": [(2 * kind + 2) % 6],
+                    "bbx": [30.0, 20.0, 80.0, 60.0]})
+    truth = {"imlist": images, "qimlist": queries, "gnd": gnd}
+    (root / f"gnd_{name}.pkl").write_bytes(pickle.dumps(truth))
+    return truth
+
+
+def test_the_suite_scores_a_revisited_layout_as_the_protocol_reads_it(backbone: torch.nn.Module, tmp_path) -> None:
+    """``retrieval_data`` (the adapter was unreachable from the suite): the suite's mAP is the one
+    of descriptors made by hand from the protocol's images (queries cropped to their box, the
+    longer side at the evaluation's size, sides rounded to the patch), decoded by workers."""
+    from PIL import Image
+
+    from evaluators.suite import SuiteConfig, run_suite
+
+    truth = write_revisited(tmp_path)
+    report = run_suite(backbone, SuiteConfig(tasks=("retrieval",), retrieval_data=f"roxford5k:{tmp_path}",
+                                             image_size=42, num_workers=2))
+
+    def described(name: str, box: list[float] | None) -> torch.Tensor:
+        image = Image.open(tmp_path / "jpg" / f"{name}.jpg").convert("RGB")
+        image = image.crop(tuple(round(v) for v in box)) if box else image
+        scale = 42 / max(image.size)
+        size = tuple(max(7, round(side * scale / 7) * 7) for side in image.size)
+        pixels = torch.from_numpy(np.array(image.resize(size, Image.BICUBIC))).permute(2, 0, 1)[None]
+        return global_descriptors(backbone, to_model_input(pixels, patch_size=7))
+
+    queries = torch.cat([described(q, g["bbx"]) for q, g in zip(truth["qimlist"], truth["gnd"])])
+    database = torch.cat([described(name, None) for name in truth["imlist"]])
+    expected = retrieval_map(rank_database(queries, database)[0], load_revisited(Storage(), str(tmp_path),
+                                                                                   "roxford5k").truths)
+    assert report["tasks"]["retrieval"] == pytest.approx(expected, abs=1e-6)
+    assert report["metrics"]["retrieval_map_easy"] > 0.5  # the landmarks' colours set them apart
+    from evaluators.retrieval import RevisitedImages
+
+    shapes = {tuple(RevisitedImages(Storage(), str(tmp_path), [name], 42, 7)[0].shape) for name in ("l0_0", "l0_1")}
+    assert shapes == {(3, 28, 42), (3, 42, 28)}  # aspect kept: 60x40 and 35x50
+    with pytest.raises(ValueError, match="retrieval_data = 'oxford:/x'; give <data set>:<root> with the data set "
+                                         "one of roxford5k, rparis6k"):
+        SuiteConfig(tasks=("retrieval",), retrieval_data="oxford:/x")

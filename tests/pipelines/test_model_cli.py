@@ -289,11 +289,11 @@ def test_eval_suite_runs_segmentation_and_depth_on_real_layouts(weights: Path, t
     voc, nyu = write_halves(tmp_path)
     result = CliRunner().invoke(app, ["eval", "suite", "--weights", str(weights), "--tasks", "seg,depth",
                                       "--seg-data", f"voc:{voc}", "--depth-data", f"nyu:{nyu}", "--image-size", "28",
-                                      "--test-limit", "3"])
+                                      "--test-limit", "3", "--dense-cache-gib", "0.5"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert {"seg_miou", "depth_rmse"} <= set(report["metrics"])
-    assert report["config"]["seg_data"] == f"voc:{voc}"
+    assert report["config"]["seg_data"] == f"voc:{voc}" and report["config"]["dense_cache_gib"] == 0.5
     assert sum(key.startswith("iou_") for key in report["tasks"]["seg"]) == 21  # VOC's classes
     plus_ms = CliRunner().invoke(app, ["eval", "suite", "--weights", str(weights), "--tasks", "seg",
                                        "--seg-data", f"voc:{voc}", "--image-size", "28", "--test-limit", "3", "--ms"])
@@ -301,11 +301,13 @@ def test_eval_suite_runs_segmentation_and_depth_on_real_layouts(weights: Path, t
     config = json.loads(plus_ms.stdout)["config"]
     assert (config["layers"], config["multiscale"]) == (2, True)  # the fixture's 2 blocks
     assert 0 < json.loads(plus_ms.stdout)["metrics"]["seg_miou"] <= 1
-    per_batch = CliRunner().invoke(app, ["eval", "suite", "--weights", str(weights), "--tasks", "seg,depth",
-                                         "--seg-data", f"voc:{voc}", "--depth-data", f"nyu:{nyu}", "--image-size",
-                                         "28", "--test-limit", "3", "--dense-cache-gib", "0", "--num-workers", "2"])
-    assert per_batch.exit_code == 0, per_batch.output  # the backbone on every head batch: the same scores
-    assert json.loads(per_batch.stdout)["metrics"] == pytest.approx(report["metrics"], abs=1e-3)
+    from tests.evaluators.test_retrieval import write_revisited
+
+    write_revisited(tmp_path / "rparis", "rparis6k")
+    oxford = CliRunner().invoke(app, ["eval", "suite", "--weights", str(weights), "--tasks", "retrieval",
+                                      "--retrieval-data", f"rparis6k:{tmp_path / 'rparis'}", "--image-size", "56"])
+    assert oxford.exit_code == 0, oxford.output
+    assert 0 < json.loads(oxford.stdout)["metrics"]["retrieval_map_medium"] <= 1
     bad = CliRunner().invoke(app, ["eval", "suite", "--weights", str(weights), "--tasks", "seg",
                                    "--seg-data", str(voc)])
     assert bad.exit_code == 2 and "give <data set>:<root>" in bad.stderr
