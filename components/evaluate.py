@@ -42,9 +42,12 @@ from trainer.models.hub import load_backbone, locate_weights
 def run_evaluate_stage(ctx: StageContext, backbone_dir: str | Path, out_dir: str | Path, data_uri: str,
                        train_limit: int = 0, test_limit: int = 0, ks: list[int] | None = None,
                        temperature: float = 0.07, tasks: list[str] | None = None, device: str = "cpu",
-                       num_workers: int = 0) -> dict[str, Any]:
-    """Run the benchmark suite on the backbone in ``backbone_dir`` on ``device`` (class folders
-    decoded by ``num_workers`` processes); returns ``{"metrics": ...}``."""
+                       num_workers: int = 0, seg_data: str = "", depth_data: str = "", retrieval_data: str = "",
+                       image_size: int = 224, precision: str = "fp32") -> dict[str, Any]:
+    """Run the benchmark suite on the backbone in ``backbone_dir`` on ``device`` (images decoded by
+    ``num_workers`` processes; seg, depth and retrieval on ``seg_data``, ``depth_data`` and
+    ``retrieval_data`` when given, as :class:`~evaluators.suite.SuiteConfig` names them, else on the
+    synthetic sets; ``precision``: the feature passes'); returns ``{"metrics": ...}``."""
     storage = storage_from_env()
     out = Path(out_dir)
     ks = sorted({int(k) for k in ks or []} | {20})  # k=20 always: the default gate metric
@@ -53,10 +56,13 @@ def run_evaluate_stage(ctx: StageContext, backbone_dir: str | Path, out_dir: str
         if not data_uri and {"knn", "linear"} & set(asked) and set(asked) <= set(TASKS):  # (unknown: named below)
             raise ValueError("no labelled images for knn and linear: give the pipeline eval_data_uri (class "
                              "folders) or data_source (Fashion-MNIST); evaluate_only and retrain: data_uri")
+        data_sets = {"seg_data": seg_data, "depth_data": depth_data, "retrieval_data": retrieval_data}
         config = SuiteConfig(tasks=asked, data_uri=data_uri, train_limit=train_limit, test_limit=test_limit,
-                             ks=tuple(ks), temperature=temperature, num_workers=num_workers)
+                             ks=tuple(ks), temperature=temperature, num_workers=num_workers, image_size=image_size,
+                             precision=precision, **data_sets)
         params = {"data_uri": data_uri, "train_limit": train_limit, "test_limit": test_limit, "ks": ks,
-                  "temperature": temperature, "tasks": list(config.tasks), "device": device}
+                  "temperature": temperature, "tasks": list(config.tasks), "device": device,
+                  "image_size": image_size, "precision": precision, **data_sets}
         tracker.log_params(params)
         uri, source = locate_weights(str(backbone_dir), storage)
         weights = Path(uri) / "model.safetensors" if source == "hf" else Path(uri)  # the bytes that key the cache

@@ -217,13 +217,17 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
     def evaluate_only(weights_uri: str = "", model: str = "", run_root: str = CLUSTER_RUN_ROOT,
                       tracking_uri: str = CLUSTER_TRACKING_URI, experiment: str = EXPERIMENT, use_cache: bool = True,
                       data_uri: str = CLUSTER_DATA, train_limit: int = 0, test_limit: int = 0, knn_k: int = 20,
-                      knn_temperature: float = 0.07, eval_tasks: list = ["knn", "linear"]) -> None:  # noqa: B006
+                      knn_temperature: float = 0.07, eval_tasks: list = ["knn", "linear"],  # noqa: B006
+                      seg_data: str = "", depth_data: str = "", retrieval_data: str = "", image_size: int = 224,
+                      precision: str = "fp32") -> None:
         with dsl.ExitHandler(closer(run_root, tracking_uri, experiment)):
             parent = open_parent(run_root, tracking_uri, experiment, "evaluate_only")
             ctx = context(run_root, tracking_uri, experiment, parent)
             benchmark = {"use_cache": use_cache, "data_uri": data_uri, "train_limit": train_limit,
                          "test_limit": test_limit, "knn_k": knn_k, "knn_temperature": knn_temperature,
-                         "tasks": eval_tasks, **on_device}
+                         "tasks": eval_tasks, "seg_data": seg_data, "depth_data": depth_data,
+                         "retrieval_data": retrieval_data, "image_size": image_size, "precision": precision,
+                         **on_device}
             with dsl.If(model == ""):
                 weights = dsl.importer(artifact_uri=weights_uri, artifact_class=dsl.Model, reimport=False)
                 c.evaluate(**ctx, backbone=weights.output, **benchmark)

@@ -90,3 +90,33 @@ def test_a_rerun_after_a_lost_task_resumes_the_feature_pass(tmp_path: Path,
     unbroken = run_evaluate_stage(replace(ctx, run_root=str(tmp_path / "other")), tmp_path / "backbone",
                                   tmp_path / "unbroken", str(tmp_path / "data"), tasks=["linear"])
     assert resumed["metrics"] == unbroken["metrics"]
+
+
+def test_the_stage_runs_the_benchmarks_on_real_data_sets(tmp_path: Path) -> None:
+    """``retrieval_data``, ``image_size``, ``precision`` reach the suite from the stage (the
+    pipelines' evaluate ran on synthetic sets only): the stage reports what the suite reports on
+    the same weights and data, and they key its cache; ``seg_data`` and ``depth_data`` reach its
+    check of their form."""
+    from evaluators.suite import SuiteConfig, run_suite
+    from tests.evaluators.test_retrieval import write_revisited
+    from trainer.models.hub import load_backbone
+
+    write_revisited(tmp_path / "oxford")
+    torch.manual_seed(0)
+    (tmp_path / "backbone").mkdir()
+    save_backbone(build_vit("vit_small", patch_size=14, embed_dim=32, depth=2, num_heads=2, img_size=56,
+                            layerscale_init=1.0), str(tmp_path / "backbone" / "backbone.safetensors"))
+    oxford = f"roxford5k:{tmp_path / 'oxford'}"
+    ctx = StageContext(run_root=str(tmp_path / "root"))
+    result = run_evaluate_stage(ctx, tmp_path / "backbone", tmp_path / "out", "", tasks=["retrieval"],
+                                retrieval_data=oxford, image_size=56)
+    backbone = load_backbone(str(tmp_path / "backbone" / "backbone.safetensors"), "safetensors").eval()
+    expected = run_suite(backbone, SuiteConfig(tasks=("retrieval",), retrieval_data=oxford, image_size=56))
+    assert result["metrics"] == pytest.approx(expected["metrics"], abs=1e-6)
+    for changed in ({"image_size": 42}, {"precision": "bf16"}):
+        again = run_evaluate_stage(ctx, tmp_path / "backbone", tmp_path / "again", "", tasks=["retrieval"],
+                                   **{"retrieval_data": oxford, "image_size": 56, **changed})
+        assert not again["cached"] and again["metrics"].keys() == result["metrics"].keys()
+    for name, given in (("seg_data", "coco:/x"), ("depth_data", "kitti:/x")):
+        with pytest.raises(ValueError, match=f"{name} = '{given}'; give <data set>:<root>"):
+            run_evaluate_stage(ctx, tmp_path / "backbone", tmp_path / "bad", "", tasks=["seg"], **{name: given})

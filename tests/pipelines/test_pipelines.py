@@ -218,6 +218,13 @@ def test_evaluate_only_benchmarks_released_and_hugging_face_weights(runs: Runs, 
     reports = runs.root.glob("cache/evaluate/*/outputs/report.json")  # the cache keyed by the file's bytes
     digests = [json.loads(path.read_text())["backbone_sha256"] for path in reports]
     assert file_digest(tmp_path / "released.pth") in digests
+    # a real benchmark data set from the UI's parameters: revisited Oxford's layout, longer sides at 56 px
+    from tests.evaluators.test_retrieval import write_revisited
+
+    write_revisited(tmp_path / "oxford")
+    oxford = runs.run("evaluate_only", weights_uri=str(tmp_path / "released.pth"), eval_tasks=["retrieval"],
+                      retrieval_data=f"roxford5k:{tmp_path / 'oxford'}", image_size=56)["evaluate"]
+    assert oxford.status == "FINISHED" and 0 < oxford.metrics["retrieval_map_medium"] <= 1
 
 
 def test_compiled_pipelines_hold_their_dag_and_no_secrets_or_local_paths(
