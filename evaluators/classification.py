@@ -21,7 +21,7 @@ the view whose probe wins on the held-out split reported.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -136,18 +136,17 @@ class FashionMnistImages:
         blocks = min(4, len(backbone.blocks)) if views else 1
         patch = int(backbone.patch_size)
 
-        def part(images: Tensor) -> Callable[[list[int], list[dict[str, Tensor]]], dict[str, Tensor]]:
-            def made(rows: list[int], _: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        def split_features(split: str, images: Tensor) -> Tensor:
+            def part(rows: list[int], _: list[dict[str, Tensor]]) -> dict[str, Tensor]:
                 inputs = to_model_input(images[rows], patch_size=patch)
                 return {"features": extract_features(backbone, inputs, batch_size=batch_size, layers=blocks,
                                                      with_patch_mean=views, amp_dtype=amp_dtype)[0]}
 
-            return made
+            return torch.cat([made["features"] for made in in_parts(split, len(images), parts, part)])
 
         if parts is not None:
             parts.claim()
-        train_f, test_f = (torch.cat([p["features"] for p in in_parts(split, len(images), parts, part(images))])
-                           for split, images in (("train", self.train), ("test", self.test)))
+        train_f, test_f = split_features("train", self.train), split_features("test", self.test)
         shown = self.test[:ATTENTION_IMAGES]
         return _labelled(train_f, self.train_y, test_f, self.test_y, self.classes, backbone, views, shown,
                          garment_foreground(shown), (self.train.flatten(1).float(), self.test.flatten(1).float()),
@@ -178,25 +177,26 @@ class FolderImages:
             raise ValueError(f"image_size {self.image_size} is not a positive multiple of the patch size {patch}")
         if parts is not None:
             parts.claim()
-        made = {}
-        for split, subset, remap, keep in (("train", self.train, None, 0),
-                                           ("test", self.test, self.remap, ATTENTION_IMAGES)):
-            def part(rows: list[int], earlier: list[dict[str, Tensor]], subset: Subset = subset,
-                     remap: Tensor | None = remap, keep: int = keep) -> dict[str, Tensor]:
+
+        def split_parts(split: str, subset: Subset, remap: Tensor | None, keep: int) -> list[dict[str, Tensor]]:
+            def part(rows: list[int], earlier: list[dict[str, Tensor]]) -> dict[str, Tensor]:
                 loader = DataLoader(Subset(subset.dataset, [subset.indices[r] for r in rows]), batch_size=batch_size,
                                     num_workers=self.num_workers, collate_fn=collate_samples)
                 shown = keep - sum(len(p["kept"]) for p in earlier)  # the first test images' pixels still wanted
                 return self._part(_ModelInput(loader, self.image_size, patch, remap, keep=shown), backbone, blocks,
                                   views, amp_dtype)
 
-            made[split] = in_parts(split, len(subset), parts, part)
-        bad = {}
-        for split, made_parts in made.items():  # the limit on undecodable images holds for a split as a whole
-            tracker = BadImageTracker(MAX_BAD_FRACTION)
-            for made_part in made_parts:
-                tracker.add(len(made_part["labels"]), text_of(made_part["bad_keys"]).splitlines())
+            made = in_parts(split, len(subset), parts, part)
+            tracker = BadImageTracker(MAX_BAD_FRACTION)  # the limit holds for the split, not for each part
+            for each in made:
+                tracker.add(len(each["labels"]), text_of(each["bad_keys"]).splitlines())
             tracker.check(final=True)
             bad[split] = tracker.bad
+            return made
+
+        bad: dict[str, int] = {}
+        made = {"train": split_parts("train", self.train, None, 0),
+                "test": split_parts("test", self.test, self.remap, ATTENTION_IMAGES)}
         train, test = ({key: torch.cat([p[key] for p in made[split]]) for key in ("features", "labels", "kept")}
                        for split in ("train", "test"))
         return _labelled(train["features"], train["labels"], test["features"], test["labels"], self.classes,

@@ -61,14 +61,6 @@ def patch_tokens(backbone: nn.Module, images: Tensor, layers: int = 1,
     return torch.cat([p for p, _ in out], dim=1).float(), torch.cat([c for _, c in out], dim=1).float()
 
 
-def dense_features(backbone: nn.Module, images: Tensor, layers: int = 1, batch_size: int = 64,
-                   amp_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
-    """:func:`patch_tokens` of model input ``images`` ``(N, 3, H, W)`` in batches, on the CPU."""
-    parts = [patch_tokens(backbone, images[start: start + batch_size], layers, amp_dtype)
-             for start in range(0, len(images), batch_size)]
-    return torch.cat([p.cpu() for p, _ in parts]), torch.cat([c.cpu() for _, c in parts])
-
-
 @dataclass(frozen=True)
 class HeadConfig:
     """Training of a dense head on frozen features: ``steps`` mini-batches of ``batch_size``

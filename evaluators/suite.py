@@ -54,9 +54,9 @@ from evaluators.dense import (
     train_segmentation_head,
 )
 from evaluators.dense_datasets import ArraySplit, load_ade20k, load_nyu, load_voc
+from evaluators.dense_metrics import retrieval_map
 from evaluators.dense_source import FeatureSource, feature_sources, relabelled
 from evaluators.feature_parts import FeatureParts, backbone_digest
-from evaluators.dense_metrics import retrieval_map
 from evaluators.features import to_model_input
 from evaluators.knn import knn_predict
 from evaluators.linear import LinearProbeConfig
@@ -84,8 +84,8 @@ class SuiteConfig:
     tasks: tuple[str, ...] = ("knn", "linear")
     data_uri: str = ""  # knn, linear: Fashion-MNIST's files, or train/ and val/ class folders
     data_kind: DataKind = "auto"
-    image_size: int = 224  # class folders' images: the centre crop's side
-    num_workers: int = 0  # class folders' and real dense data sets' decoding processes
+    image_size: int = 224  # class folders: the centre crop's side; dense sets: the side; Oxford/Paris: the longer
+    num_workers: int = 0  # decoding processes of class folders and the real dense and retrieval sets
     precision: str = "fp32"  # every feature pass: fp32, or the backbone under autocast (bf16, fp16: 2-3x on a GPU)
     train_limit: int = 0
     test_limit: int = 0

@@ -10,12 +10,12 @@ from evaluators.dense import (
     LinearDepthHead,
     class_counts,
     class_weights,
-    dense_features,
     evaluate_depth,
     evaluate_segmentation,
     head_batches,
     held_batches,
     multiscale_probabilities,
+    patch_tokens,
     row_batches,
     silog_loss,
     train_depth_head,
@@ -135,9 +135,9 @@ def test_features_and_multiscale_probabilities_have_the_right_shapes() -> None:
     torch.manual_seed(0)
     backbone = build_vit("vit_small", patch_size=7, embed_dim=16, depth=4, num_heads=2, img_size=28).eval()
     images = torch.randn(3, 3, 28, 28)
-    patches, cls = dense_features(backbone, images, layers=4, batch_size=2)
+    patches, cls = patch_tokens(backbone, images, layers=4)
     assert patches.shape == (3, 64, 4, 4) and cls.shape == (3, 64)
-    single, _ = dense_features(backbone, images, layers=1)
+    single, _ = patch_tokens(backbone, images, layers=1)
     torch.testing.assert_close(single, patches[:, 48:])  # the last layer is the last block of four
     head = _segmentation_head(patches, torch.zeros(3, 28, 28, dtype=torch.long), 5, HeadConfig(steps=1))
     probabilities = multiscale_probabilities(backbone, head, images, layers=4, scales=(0.5, 1.0))
@@ -174,13 +174,13 @@ def test_half_precision_dense_features_and_descriptors_are_the_fp32_ones_rounded
     backbone = build_vit("vit_small", patch_size=7, embed_dim=16, depth=2, num_heads=2, img_size=28).eval()
     images = torch.randn(3, 3, 28, 28)
     for fp32, bf16 in (
-        (dense_features(backbone, images)[0], dense_features(backbone, images, amp_dtype=torch.bfloat16)[0]),
+        (patch_tokens(backbone, images)[0], patch_tokens(backbone, images, amp_dtype=torch.bfloat16)[0]),
         (global_descriptors(backbone, images), global_descriptors(backbone, images, amp_dtype=torch.bfloat16)),
     ):
         assert bf16.dtype == torch.float32
         torch.testing.assert_close(bf16, fp32, rtol=0.05, atol=0.05)
         assert not torch.equal(bf16, fp32)
-    head = _segmentation_head(dense_features(backbone, images)[0], torch.zeros(3, 28, 28, dtype=torch.long), 5,
+    head = _segmentation_head(patch_tokens(backbone, images)[0], torch.zeros(3, 28, 28, dtype=torch.long), 5,
                               HeadConfig(steps=1))
     torch.testing.assert_close(multiscale_probabilities(backbone, head, images, 1, amp_dtype=torch.bfloat16),
                                multiscale_probabilities(backbone, head, images, 1), rtol=0.05, atol=0.05)
