@@ -14,7 +14,10 @@ the compiled YAML holds no local paths; :mod:`pipelines.local` passes local ones
 
 ``full`` evaluates (and gates) on the ingested Fashion-MNIST, or with ``eval_data_uri`` on one's own
 labelled images in class folders (``train/<class>/``, ``val/<class>/``): a model pretrained on a
-curated pool of one's own is judged on one's own labels.
+curated pool of one's own is judged on one's own labels. Every evaluating pipeline runs seg,
+depth and retrieval (in ``eval_tasks``) on ADE20K or VOC, NYU-Depth v2, revisited Oxford or Paris
+when ``seg_data``, ``depth_data``, ``retrieval_data`` name them (``<data set>:<root>``; images at
+``eval_image_size``), else on synthetic sets, so a gate's ``metric`` may be ``seg_miou`` too.
 
 On a cluster every task reads the S3 credentials from the Secret ``s3_secret`` and the S3
 endpoint and MLflow address (``AWS_ENDPOINT_URL``, ``MLFLOW_TRACKING_URI``) from the ConfigMap
@@ -130,6 +133,11 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
     def uncached(task: Any) -> Any:
         return task.set_caching_options(False)
 
+    def data_sets(seg_data: Any, depth_data: Any, retrieval_data: Any, image_size: Any, precision: Any) -> dict:
+        """The evaluate task's real benchmark data sets (empty: the synthetic ones) and image settings."""
+        return {"seg_data": seg_data, "depth_data": depth_data, "retrieval_data": retrieval_data,
+                "image_size": image_size, "precision": precision}
+
     def closer(run_root: str, tracking_uri: str, experiment: str) -> Any:
         return uncached(c.close_run(run_root=run_root, tracking_uri=tracking_uri, experiment=experiment,
                                     pipeline_run_id=RUN_ID))
@@ -157,8 +165,9 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
     def distil_students(run_root: str, tracking_uri: str, experiment: str, parent_run_id: str, use_cache: bool,
                         teacher: Input[Model], students: list, overrides: list, data_kind: str, data_uri: str,
                         max_minutes: float, seed: int, data_for_eval: str, eval_data_uri: str, train_limit: int,
-                        test_limit: int, knn_k: int, knn_temperature: float, eval_tasks: list, model_name: str,
-                        metric: str, margin: float) -> None:
+                        test_limit: int, knn_k: int, knn_temperature: float, eval_tasks: list, seg_data: str,
+                        depth_data: str, retrieval_data: str, eval_image_size: int, eval_precision: str,
+                        model_name: str, metric: str, margin: float) -> None:
         ctx = {"run_root": run_root, "tracking_uri": tracking_uri, "experiment": experiment,
                "parent_run_id": parent_run_id, "pipeline_run_id": RUN_ID}
         with dsl.ParallelFor(students) as student:  # each a distill preset name, e.g. distill-tiny
@@ -168,7 +177,8 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
             score_and_register(ctx, use_cache, distilled.outputs["backbone"], data_for_eval,
                                {"train_limit": train_limit, "test_limit": test_limit, "knn_k": knn_k,
                                 "knn_temperature": knn_temperature, "tasks": eval_tasks,
-                                "eval_data_uri": eval_data_uri},
+                                "eval_data_uri": eval_data_uri,
+                                **data_sets(seg_data, depth_data, retrieval_data, eval_image_size, eval_precision)},
                                distilled.outputs["model_name"], metric, margin)
 
     @dsl.pipeline(name="full", description="Ingest, curate (with a pool), pretrain, evaluate, register with a "
@@ -182,6 +192,8 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
              preset: str = "tiny", overrides: list = [], max_minutes: float = 3.0, seed: int = 0,  # noqa: B006
              train_limit: int = 0, test_limit: int = 0, knn_k: int = 20, knn_temperature: float = 0.07,
              eval_tasks: list = ["knn", "linear"], eval_data_uri: str = "",  # noqa: B006
+             seg_data: str = "", depth_data: str = "", retrieval_data: str = "", eval_image_size: int = 224,
+             eval_precision: str = "fp32",
              model_name: str = "dinoflow-tiny", metric: str = "knn_top1_k20", margin: float = 0.0,
              students: list = [], student_overrides: list = [], student_minutes: float = 3.0) -> None:  # noqa: B006
         with dsl.ExitHandler(closer(run_root, tracking_uri, experiment)):
@@ -199,7 +211,8 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                                  data_kind=curated.outputs["data_kind"], data_uri=curated.outputs["data_uri"],
                                  max_minutes=max_minutes, seed=seed, device=device)
             eval_params = {"train_limit": train_limit, "test_limit": test_limit, "knn_k": knn_k,
-                           "knn_temperature": knn_temperature, "tasks": eval_tasks, "eval_data_uri": eval_data_uri}
+                           "knn_temperature": knn_temperature, "tasks": eval_tasks, "eval_data_uri": eval_data_uri,
+                           **data_sets(seg_data, depth_data, retrieval_data, eval_image_size, eval_precision)}
             score_and_register(ctx, use_cache, trained.outputs["backbone"], data.output, eval_params,
                                model_name, metric, margin)
             distil_students(run_root=run_root, tracking_uri=tracking_uri, experiment=experiment,
@@ -208,8 +221,9 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                             data_uri=curated.outputs["data_uri"], max_minutes=student_minutes, seed=seed,
                             data_for_eval=data.output, eval_data_uri=eval_data_uri, train_limit=train_limit,
                             test_limit=test_limit, knn_k=knn_k,
-                            knn_temperature=knn_temperature, eval_tasks=eval_tasks, model_name=model_name,
-                            metric=metric, margin=margin)
+                            knn_temperature=knn_temperature, eval_tasks=eval_tasks, seg_data=seg_data,
+                            depth_data=depth_data, retrieval_data=retrieval_data, eval_image_size=eval_image_size,
+                            eval_precision=eval_precision, model_name=model_name, metric=metric, margin=margin)
 
     @dsl.pipeline(name="evaluate-only", description="Benchmark backbone weights (weights_uri) or a registered "
                                                     "model (model: <name>, <name>@<alias>, <name>/<version>) on "
@@ -218,16 +232,15 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                       tracking_uri: str = CLUSTER_TRACKING_URI, experiment: str = EXPERIMENT, use_cache: bool = True,
                       data_uri: str = CLUSTER_DATA, train_limit: int = 0, test_limit: int = 0, knn_k: int = 20,
                       knn_temperature: float = 0.07, eval_tasks: list = ["knn", "linear"],  # noqa: B006
-                      seg_data: str = "", depth_data: str = "", retrieval_data: str = "", image_size: int = 224,
-                      precision: str = "fp32") -> None:
+                      seg_data: str = "", depth_data: str = "", retrieval_data: str = "",
+                      eval_image_size: int = 224, eval_precision: str = "fp32") -> None:
         with dsl.ExitHandler(closer(run_root, tracking_uri, experiment)):
             parent = open_parent(run_root, tracking_uri, experiment, "evaluate_only")
             ctx = context(run_root, tracking_uri, experiment, parent)
             benchmark = {"use_cache": use_cache, "data_uri": data_uri, "train_limit": train_limit,
                          "test_limit": test_limit, "knn_k": knn_k, "knn_temperature": knn_temperature,
-                         "tasks": eval_tasks, "seg_data": seg_data, "depth_data": depth_data,
-                         "retrieval_data": retrieval_data, "image_size": image_size, "precision": precision,
-                         **on_device}
+                         "tasks": eval_tasks, **on_device,
+                         **data_sets(seg_data, depth_data, retrieval_data, eval_image_size, eval_precision)}
             with dsl.If(model == ""):
                 weights = dsl.importer(artifact_uri=weights_uri, artifact_class=dsl.Model, reimport=False)
                 c.evaluate(**ctx, backbone=weights.output, **benchmark)
@@ -241,7 +254,8 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                 preset: str = "tiny", overrides: list = [], max_minutes: float = 3.0, seed: int = 1,  # noqa: B006
                 train_limit: int = 0, test_limit: int = 0, knn_k: int = 20, knn_temperature: float = 0.07,
                 eval_tasks: list = ["knn", "linear"], model_name: str = "dinoflow-tiny",  # noqa: B006
-                metric: str = "knn_top1_k20", margin: float = 0.0) -> None:
+                metric: str = "knn_top1_k20", margin: float = 0.0, seg_data: str = "", depth_data: str = "",
+                retrieval_data: str = "", eval_image_size: int = 224, eval_precision: str = "fp32") -> None:
         with dsl.ExitHandler(closer(run_root, tracking_uri, experiment)):
             parent = open_parent(run_root, tracking_uri, experiment, "retrain")
             ctx = context(run_root, tracking_uri, experiment, parent)
@@ -251,7 +265,8 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                                  device=device, init=start.outputs["backbone"])
             score_and_register(ctx, use_cache, trained.outputs["backbone"], data_uri,
                                {"train_limit": train_limit, "test_limit": test_limit, "knn_k": knn_k,
-                                "knn_temperature": knn_temperature, "tasks": eval_tasks},
+                                "knn_temperature": knn_temperature, "tasks": eval_tasks,
+                                **data_sets(seg_data, depth_data, retrieval_data, eval_image_size, eval_precision)},
                                model_name, metric, margin)
 
     @dsl.pipeline(name="promote", description="Point a registered model's alias (champion by default) at a "

@@ -223,7 +223,7 @@ def test_evaluate_only_benchmarks_released_and_hugging_face_weights(runs: Runs, 
 
     write_revisited(tmp_path / "oxford")
     oxford = runs.run("evaluate_only", weights_uri=str(tmp_path / "released.pth"), eval_tasks=["retrieval"],
-                      retrieval_data=f"roxford5k:{tmp_path / 'oxford'}", image_size=56)["evaluate"]
+                      retrieval_data=f"roxford5k:{tmp_path / 'oxford'}", eval_image_size=56)["evaluate"]
     assert oxford.status == "FINISHED" and 0 < oxford.metrics["retrieval_map_medium"] <= 1
 
 
@@ -412,3 +412,22 @@ def test_pipeline_cli_rejects_unknown_names_and_parameters() -> None:
     param = CliRunner().invoke(app, ["pipeline", "run", "full", "max_minute=3"])
     assert param.exit_code == 2 and "bad pipeline parameter 'max_minute=3'" in param.stderr
     assert "max_minutes" in param.stderr
+
+
+@pytest.mark.parametrize("name", ["full", "retrain", "evaluate_only"])
+def test_every_evaluate_task_takes_the_benchmark_data_sets_from_the_pipeline(tmp_path: Path, name: str) -> None:
+    """``seg_data``, ``depth_data``, ``retrieval_data``, ``eval_image_size``, ``eval_precision``:
+    parameters of each evaluating pipeline (the UI's form), fed to every evaluate task (the
+    students' too), so a gate may read a dense metric measured on a real data set."""
+    spec, platform = _compiled(tmp_path, name)
+    given = {"seg_data": "seg_data", "depth_data": "depth_data", "retrieval_data": "retrieval_data",
+             "eval_image_size": "image_size", "eval_precision": "precision"}
+    assert set(given) <= set(spec["root"]["inputDefinitions"]["parameters"])
+    evaluates = [task for component in [spec["root"], *spec["components"].values()]
+                 for task in component.get("dag", {}).get("tasks", {}).values()
+                 if task["componentRef"]["name"].startswith("comp-evaluate")]
+    assert len(evaluates) == {"full": 2, "retrain": 1, "evaluate_only": 2}[name]
+    for task in evaluates:
+        inputs = task["inputs"]["parameters"]
+        for pipeline_param, stage_param in given.items():
+            assert inputs[stage_param]["componentInputParameter"].endswith(pipeline_param), (task, stage_param)
