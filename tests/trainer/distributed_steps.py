@@ -17,6 +17,7 @@ here.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -30,7 +31,7 @@ from trainer.engine import Objective, build_networks, train_step
 from trainer.losses import masked_positions
 from trainer.optim import build_adamw, with_kernel_choice
 from trainer.schedules import ScheduleValues
-from trainer.strategy import build_strategy
+from trainer.strategy import build_strategy, leave_rank
 
 
 def global_images(step: int, count: int) -> torch.Tensor:
@@ -93,3 +94,5 @@ def main(out: str, global_batch: int, steps: int, args: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:])
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        leave_rank()
