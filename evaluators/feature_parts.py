@@ -77,10 +77,6 @@ class FeatureParts:
         data = save_tensors({name: tensor.contiguous() for name, tensor in tensors.items()})
         self.storage.write_bytes(self._part(split, index), data)
 
-    def clear(self) -> None:
-        """Remove every part (once the report that used them is written)."""
-        self.storage.delete(self.uri, recursive=True)
-
 
 def in_parts(split: str, count: int, parts: FeatureParts | None,
              make: Callable[[list[int], list[dict[str, Tensor]]], dict[str, Tensor]]) -> list[dict[str, Tensor]]:

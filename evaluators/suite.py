@@ -187,8 +187,11 @@ def _dense_tasks(backbone: nn.Module, config: SuiteConfig, storage: Storage) -> 
     by seg and depth, their features held once)."""
     made: dict[str, _DenseTask] = {}
     scenes: _DenseTask | None = None
-    sources = lambda splits: feature_sources(backbone, splits, config.layers, config.amp_dtype,  # noqa: E731
-                                             config.num_workers, config.dense_cache_gib * 2**30)
+
+    def sources(splits: list) -> list[FeatureSource]:
+        return feature_sources(backbone, splits, config.layers, config.amp_dtype, config.num_workers,
+                               config.dense_cache_gib * 2**30)
+
     for task, given in (("seg", config.seg_data), ("depth", config.depth_data)):
         if task not in config.tasks:
             continue

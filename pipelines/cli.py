@@ -193,10 +193,9 @@ def pretrain(
         summary = run_pretrain(cfg, storage, tracker)  # bad input met as it starts: a missing data folder, ...
     if main_rank:
         typer.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun rank, its run finished and written
-        from trainer.strategy import leave_rank
+    from trainer.strategy import leave_rank
 
-        leave_rank()
+    leave_rank()  # a torchrun rank ends here, its run finished and written
 
 
 @app.command()

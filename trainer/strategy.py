@@ -30,7 +30,7 @@ import os
 import sys
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -436,9 +436,10 @@ class DeepSpeedStrategy(FSDP2Strategy):
                     local.copy_(full[start : start + local.numel()])
 
 
-def leave_rank() -> NoReturn:
-    """End a ``torchrun`` rank whose work is done (outputs written, process group destroyed)
-    without the interpreter's teardown.
+def leave_rank() -> None:
+    """End this process without the interpreter's teardown when it is one of several ``torchrun``
+    ranks (``WORLD_SIZE`` > 1) whose work is done (outputs written, process group destroyed); a
+    single process returns.
 
     Why: a DeepSpeed ZeRO-3 rank on CPU sometimes aborted after a finished run, in C++ teardown
     with no Python frame left ("terminate called without an active exception", SIGABRT), and
@@ -446,6 +447,8 @@ def leave_rank() -> NoReturn:
     CPU busy; twice in a day's CI). Nothing is left to release here, so the rank exits at once,
     its output streams and log handlers flushed first.
     """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
     sys.stdout.flush()
     sys.stderr.flush()
     logging.shutdown()

@@ -17,7 +17,6 @@ here.
 
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
@@ -94,5 +93,4 @@ def main(out: str, global_batch: int, steps: int, args: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:])
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        leave_rank()
+    leave_rank()
