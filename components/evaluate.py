@@ -6,9 +6,10 @@ metric names as :func:`evaluators.report.report_metrics` gives them, e.g. ``knn_
 ``linear_top1``, plus ``pixels_knn_top1_k*``: the same k-NN on raw pixels, the baseline every
 backbone must beat) and the suite's pictures (``confusion_knn.png``, attention maps). Cached by the backbone's bytes and
 the parameters. ``data_uri`` is Fashion-MNIST's folder or one of class folders, ``train/<class>/``
-and ``val/<class>/`` (:mod:`evaluators.classification`). The labelled images' feature pass is saved
-in parts under ``<run_root>/work/evaluate/<key>`` (:mod:`evaluators.feature_parts`), so a rerun of
-a lost task resumes it; they are removed once the report is written.
+and ``val/<class>/`` (:mod:`evaluators.classification`). The suite's long work, the labelled images'
+feature pass in parts (:mod:`evaluators.feature_parts`) and the dense heads' training
+(:class:`evaluators.dense.HeadSaves`), is saved under ``<run_root>/work/evaluate/<key>``, so a rerun
+of a lost task resumes it; it is removed once the report is written.
 
 The backbone artifact is a stage's folder (``backbone.safetensors``) or, imported by
 ``evaluate_only``, any weights :func:`~trainer.models.hub.locate_weights` finds from the path:
@@ -67,19 +68,19 @@ def run_evaluate_stage(ctx: StageContext, backbone_dir: str | Path, out_dir: str
         uri, source = locate_weights(str(backbone_dir), storage)
         weights = Path(uri) / "model.safetensors" if source == "hf" else Path(uri)  # the bytes that key the cache
         key = cache_key("evaluate", params, {"backbone": weights})
-        parts = join_uri(ctx.run_root, "work", "evaluate", key[:20])  # the feature pass, resumed by a rerun
-        config = replace(config, feature_parts=parts)
+        work = join_uri(ctx.run_root, "work", "evaluate", key[:20])  # resumed by a rerun
+        config = replace(config, work_dir=work)
 
-        def work() -> dict[str, Any]:
+        def evaluate() -> dict[str, Any]:
             backbone = load_backbone(uri, source, storage).to(available_device(device)).eval()
             out.mkdir(parents=True, exist_ok=True)
             report = run_suite(backbone, config, storage, pictures=out)
             report.pop("features")
             (out / REPORT_FILE).write_text(json.dumps({**report, "backbone_sha256": file_digest(weights)}, indent=2))
-            storage.delete(parts, recursive=True)  # the report holds what they were for
+            storage.delete(work, recursive=True)  # the report holds what it was for
             return {"metrics": report["metrics"]}
 
-        result = run_cached(ctx, storage, "evaluate", key, out, work)
+        result = run_cached(ctx, storage, "evaluate", key, out, evaluate)
         mark_cached(tracker, result)
         tracker.log_metrics(result["metrics"], step=0, force=True)
         for path in sorted(out.iterdir()):

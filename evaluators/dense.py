@@ -18,9 +18,12 @@ on features extracted once:
   ``10 * sqrt(mean(g^2) - 0.85 mean(g)^2)``, ``g = log d - log d*`` over valid pixels.
 
 Both are trained for a number of AdamW steps (the original counts iterations too) on seeded
-mini-batches of (features, labels) given in order (:func:`head_batches` picks the rows; where the
+mini-batches of (features, labels) (:func:`head_batches` picks the rows of each step; where the
 features come from, held or computed per batch, is :mod:`evaluators.dense_source`'s business), on
-a given device (the backbone's: a GPU's for real data sets). They are scored
+a given device (the backbone's: a GPU's for real data sets). With :class:`HeadSaves` the training
+saves its state every minute or so and a rerun goes on from the last save, asking only for the
+batches it has not trained on (ADE20K's head, the backbone run on every batch, takes the better
+part of an hour on a GPU): the resumed head is the head an unbroken run makes. They are scored
 (:mod:`evaluators.dense_metrics`) a few test images at a time, the confusion matrix and the depth
 sums added up: a test set's per-pixel outputs (ADE20K's 2000 validation images x 150 classes at
 512 px: 300 GB) are never held at once.
@@ -28,15 +31,19 @@ sums added up: a test set's per-pixel outputs (ADE20K's 2000 validation images x
 
 from __future__ import annotations
 
+import io
 import itertools
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dinoflow.progress import progress
+from dinoflow.storage import Storage, join_uri
 from evaluators.dense_metrics import (
     IGNORE_INDEX,
     depth_scores_of,
@@ -44,10 +51,13 @@ from evaluators.dense_metrics import (
     segmentation_confusion,
     segmentation_scores,
 )
+from evaluators.feature_parts import claim
 from evaluators.features import under_autocast
 from evaluators.linear import epoch_batches
 
 EVAL_BATCH = 4  # test images scored at once
+SAVE_EVERY_S = 60.0  # a head's training state saved at most this often (and at its end)
+HEAD_STATE_FILE = "head_state.pt"
 
 
 @torch.no_grad()
@@ -150,23 +160,76 @@ def class_weights(counts: Tensor, power: float) -> Tensor:
     return (weights / weights[present].mean()).float()
 
 
-def train_segmentation_head(batches: Iterable[tuple[Tensor, Tensor]], in_channels: int, num_classes: int,
-                            weight: Tensor | None = None, config: HeadConfig = HeadConfig(),
-                            device: str | torch.device = "cpu") -> LinearSegmentationHead:
-    """Fit the head on ``config.steps`` batches of features ``(b, F, h, w)`` and int masks
-    ``(b, H, W)`` (255 ignored), the loss's classes weighted by ``weight`` (:func:`class_weights`), on ``device``."""
-    torch.manual_seed(config.seed)
-    head = LinearSegmentationHead(in_channels, num_classes).to(device)
+@dataclass(frozen=True)
+class HeadSaves:
+    """Where a head's training saves its state (``uri``: the head, its optimizer and the steps
+    done, in ``head_state.pt``), what the training is of (``identity``, JSON-able: a folder saved by
+    another training is refused) and how often: at most every ``every_s`` seconds, and at the end."""
+
+    storage: Storage
+    uri: str
+    identity: dict[str, Any]
+    every_s: float = SAVE_EVERY_S
+
+    def restore(self, head: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+        """Load the last saved state into ``head`` and ``optimizer``; the steps it had done (0: none saved)."""
+        claim(self.storage, self.uri, self.identity, "another head's training")
+        path = join_uri(self.uri, HEAD_STATE_FILE)
+        if not self.storage.exists(path):
+            return 0
+        state = torch.load(io.BytesIO(self.storage.read_bytes(path)), map_location="cpu", weights_only=True)
+        head.load_state_dict(state["head"])
+        optimizer.load_state_dict(state["optimizer"])
+        return int(state["step"])
+
+    def save(self, step: int, head: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        buffer = io.BytesIO()
+        torch.save({"step": step, "head": head.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+        self.storage.write_bytes(join_uri(self.uri, HEAD_STATE_FILE), buffer.getvalue())
+
+
+Batches = Callable[[Sequence[Tensor]], Iterable[tuple[Tensor, ...]]]  # the rows of each step -> its batches
+
+
+def _fit(head: nn.Module, loss_of: Callable[[nn.Module, tuple[Tensor, ...]], Tensor], batches: Batches,
+         count: int, config: HeadConfig, saves: HeadSaves | None, desc: str) -> nn.Module:
+    """Train ``head`` with AdamW for ``config.steps`` steps, step ``i`` on ``batches`` of the rows
+    :func:`head_batches` gives it; with ``saves``, from the last saved step on (see :class:`HeadSaves`)."""
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    weight = None if weight is None else weight.to(device)
-    for features, masks in progress(batches, desc="segmentation head", total=config.steps, unit="step"):
-        masks = masks.to(device).long()
-        loss = F.cross_entropy(head(features.to(device), tuple(masks.shape[-2:])), masks, weight=weight,
-                               ignore_index=IGNORE_INDEX)
+    rows = head_batches(count, config)
+    done = saves.restore(head, optimizer) if saves is not None else 0
+    saved = time.monotonic()
+    steps = progress(batches(rows[done:]), desc=desc, total=len(rows) - done, unit="step")
+    for step, batch in enumerate(steps, start=done + 1):
+        loss = loss_of(head, batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if saves is not None and (step == len(rows) or time.monotonic() - saved >= saves.every_s):
+            saves.save(step, head, optimizer)
+            saved = time.monotonic()
     return head.eval()
+
+
+def train_segmentation_head(batches: Batches, count: int, in_channels: int, num_classes: int,
+                            weight: Tensor | None = None, config: HeadConfig = HeadConfig(),
+                            device: str | torch.device = "cpu", saves: HeadSaves | None = None
+                            ) -> LinearSegmentationHead:
+    """Fit the head on ``config.steps`` batches, of ``count`` training rows, of features
+    ``(b, F, h, w)`` and int masks ``(b, H, W)`` (255 ignored), the loss's classes weighted by
+    ``weight`` (:func:`class_weights`), on ``device``; ``batches`` maps the steps' rows to them."""
+    torch.manual_seed(config.seed)
+    head = LinearSegmentationHead(in_channels, num_classes).to(device)
+    weight = None if weight is None else weight.to(device)
+
+    def loss_of(head: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
+        features, masks = batch
+        masks = masks.to(device).long()
+        return F.cross_entropy(head(features.to(device), tuple(masks.shape[-2:])), masks, weight=weight,
+                               ignore_index=IGNORE_INDEX)
+
+    _fit(head, loss_of, batches, count, config, saves, "segmentation head")
+    return head
 
 
 def row_batches(count: int, batch_size: int = EVAL_BATCH) -> list[range]:
@@ -226,21 +289,22 @@ def multiscale_probabilities(backbone: nn.Module, head: LinearSegmentationHead, 
     return total / (len(scales) * (2 if flip else 1))
 
 
-def train_depth_head(batches: Iterable[tuple[Tensor, Tensor, Tensor]], in_channels: int,
-                     config: HeadConfig = HeadConfig(), bins: int = 256, min_depth: float = 1e-3,
-                     max_depth: float = 10.0, device: str | torch.device = "cpu") -> LinearDepthHead:
-    """Fit the head on ``config.steps`` batches of (patch features, CLS tokens, depth maps
-    ``(b, H, W)``, 0 = unknown) with the SiLog loss, on ``device``."""
+def train_depth_head(batches: Batches, count: int, in_channels: int, config: HeadConfig = HeadConfig(),
+                     bins: int = 256, min_depth: float = 1e-3, max_depth: float = 10.0,
+                     device: str | torch.device = "cpu", saves: HeadSaves | None = None) -> LinearDepthHead:
+    """Fit the head on ``config.steps`` batches, of ``count`` training rows, of (patch features, CLS
+    tokens, depth maps ``(b, H, W)``, 0 = unknown) with the SiLog loss, on ``device``; ``batches``
+    maps the steps' rows to them."""
     torch.manual_seed(config.seed)
     head = LinearDepthHead(in_channels, bins, min_depth, max_depth).to(device)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    for patches, cls, depths in progress(batches, desc="depth head", total=config.steps, unit="step"):
+
+    def loss_of(head: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
+        patches, cls, depths = batch
         depths = depths.to(device)
-        loss = silog_loss(head(patches.to(device), cls.to(device), tuple(depths.shape[-2:])), depths)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return head.eval()
+        return silog_loss(head(patches.to(device), cls.to(device), tuple(depths.shape[-2:])), depths)
+
+    _fit(head, loss_of, batches, count, config, saves, "depth head")
+    return head
 
 
 @torch.no_grad()

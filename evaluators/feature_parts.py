@@ -38,6 +38,22 @@ def backbone_digest(backbone: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def claim(storage: Storage, uri: str, identity: dict[str, Any], what: str) -> None:
+    """Write ``<uri>/identity.json``, or check that the one there is ``identity``: a folder of saved
+    work is resumed only by the same work; one holding ``what`` (another's) is refused, naming
+    where they differ."""
+    path = join_uri(uri, IDENTITY_FILE)
+    wanted = json.loads(json.dumps(identity))
+    if storage.exists(path):
+        found = json.loads(storage.read_bytes(path))
+        if found != wanted:
+            differ = sorted(k for k in found.keys() | wanted.keys() if found.get(k) != wanted.get(k))
+            raise ValueError(f"{uri} holds {what} (it differs in {', '.join(differ)}): "
+                             "give another folder, or delete this one to start over")
+        return
+    storage.write_bytes(path, json.dumps(wanted, indent=2, sort_keys=True).encode())
+
+
 @dataclass(frozen=True)
 class FeatureParts:
     """Where a feature pass keeps its parts (``uri``), what they are of (``identity``, JSON-able)
@@ -54,16 +70,7 @@ class FeatureParts:
 
     def claim(self) -> None:
         """Write ``identity.json``, or check that the one there names the same features."""
-        path = join_uri(self.uri, IDENTITY_FILE)
-        wanted = json.loads(json.dumps(self.identity))
-        if self.storage.exists(path):
-            found = json.loads(self.storage.read_bytes(path))
-            if found != wanted:
-                differ = sorted(k for k in found.keys() | wanted.keys() if found.get(k) != wanted.get(k))
-                raise ValueError(f"{self.uri} holds features of another pass (it differs in {', '.join(differ)}): "
-                                 "give another folder, or delete this one to start over")
-            return
-        self.storage.write_bytes(path, json.dumps(wanted, indent=2, sort_keys=True).encode())
+        claim(self.storage, self.uri, self.identity, "features of another pass")
 
     def _part(self, split: str, index: int) -> str:
         return join_uri(self.uri, split, f"part-{index:05d}.safetensors")

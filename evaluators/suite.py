@@ -39,15 +39,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dinoflow.storage import Storage
+from dinoflow.storage import Storage, join_uri
 from evaluators.attention import ATTENTION_IMAGES, attention_summary
 from evaluators.classification import DATA_KINDS, DataKind, classification_report, labelled_images
 from evaluators.dense import (
     HeadConfig,
+    HeadSaves,
     class_weights,
     evaluate_depth,
     evaluate_segmentation,
-    head_batches,
     multiscale_probabilities,
     row_batches,
     train_depth_head,
@@ -101,7 +101,7 @@ class SuiteConfig:
     seg_head: HeadConfig = field(default_factory=HeadConfig)
     depth_head: HeadConfig = field(default_factory=lambda: HeadConfig(steps=1000))  # ~10x a seg step's cost
     dense_cache_gib: float = 4.0  # seg, depth: features held when both splits' fit, else made per batch
-    feature_parts: str = ""  # knn, linear: save the feature pass here in parts; a rerun resumes it
+    work_dir: str = ""  # save the long work here (feature pass in parts, dense heads' training); a rerun resumes it
     retrieval_scenes: int = 40
     retrieval_data: str = ""  # "": synthetic sets; roxford5k:<root> or rparis6k:<root>
     seed: int = 0
@@ -133,16 +133,16 @@ class SuiteConfig:
 
 
 def _classification(backbone: nn.Module, config: SuiteConfig, storage: Storage, device: torch.device,
-                    pictures: str | Path | None) -> dict[str, Any]:
+                    pictures: str | Path | None, digest: str) -> dict[str, Any]:
     linear = LinearProbeConfig() if "linear" in config.tasks else None
     images = labelled_images(config.data_uri, config.data_kind, storage, config.train_limit, config.test_limit,
                              config.image_size, config.seed, config.num_workers)
     parts = None
-    if config.feature_parts:
-        identity = {"backbone_sha256": backbone_digest(backbone), "views": linear is not None,
+    if config.work_dir:
+        identity = {"backbone_sha256": digest, "views": linear is not None,
                     **{name: getattr(config, name) for name in ("data_uri", "data_kind", "train_limit", "test_limit",
                                                                  "image_size", "precision", "seed")}}
-        parts = FeatureParts(storage, config.feature_parts, identity)
+        parts = FeatureParts(storage, join_uri(config.work_dir, "classification"), identity)
     data = images.features(backbone, views=linear is not None, amp_dtype=config.amp_dtype, parts=parts)
     splits = [data.train_x, data.train_y, data.test_x, data.test_y]
     classes = len(data.classes)
@@ -217,6 +217,18 @@ def _dense_tasks(backbone: nn.Module, config: SuiteConfig, storage: Storage) -> 
     return made
 
 
+def _head_saves(task: str, config: SuiteConfig, storage: Storage, digest: str) -> HeadSaves | None:
+    """Where the ``task`` head's training saves its state under ``config.work_dir`` (None: no
+    work_dir), named by what it is of: the backbone, the training data and the head's settings."""
+    if not config.work_dir:
+        return None
+    data = getattr(config, f"{task}_data") or {"train_scenes": config.train_scenes, "scene_size": config.scene_size}
+    settings = ("image_size", "train_limit", "layers", "precision", "seed")
+    identity = {"backbone_sha256": digest, "data": data, "head": asdict(getattr(config, f"{task}_head")),
+                **{name: getattr(config, name) for name in settings}}
+    return HeadSaves(storage, join_uri(config.work_dir, f"{task}-head"), identity)
+
+
 def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None = None,
               pictures: str | Path | None = None) -> dict[str, Any]:
     """Run ``config.tasks`` on ``backbone`` (in eval mode, not moved); returns the report.
@@ -234,8 +246,9 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
     features = None
     looked_at = None  # (uint8 test images, their foreground or None) for the attention maps: the scenes' first
     device = next(backbone.parameters()).device
+    digest = backbone_digest(backbone) if config.work_dir else ""  # names the saved work
     if {"knn", "linear"} & set(config.tasks):
-        result = _classification(backbone, config, storage, device, pictures)
+        result = _classification(backbone, config, storage, device, pictures, digest)
         metrics.update(result["metrics"])
         tasks["classification"] = result["report"]
         features = result["features"]
@@ -248,9 +261,10 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
         data = dense["seg"]
         classes = int(data.label_range)
         weight = class_weights(data.train.class_counts(classes), config.seg_head.class_balance)
-        head = train_segmentation_head(((patches, masks) for patches, _, masks in
-                                        data.train.batches(head_batches(len(data.train), config.seg_head))),
-                                       data.train.channels, classes, weight, config.seg_head, device)
+        source = data.train
+        head = train_segmentation_head(lambda rows: ((patches, masks) for patches, _, masks in source.batches(rows)),
+                                       len(source), source.channels, classes, weight, config.seg_head, device,
+                                       _head_saves("seg", config, storage, digest))
         tests = row_batches(len(data.test))
         scored = (((multiscale_probabilities(backbone, head, images, config.layers, amp_dtype=config.amp_dtype), masks)
                    for images, masks in data.test.inputs(tests)) if config.multiscale else
@@ -262,8 +276,9 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
         metrics.update({"seg_miou": seg["miou"], "seg_pixel_accuracy": seg["pixel_accuracy"]})
     if "depth" in dense:
         data = dense["depth"]
-        head = train_depth_head(data.train.batches(head_batches(len(data.train), config.depth_head)),
-                                data.train.channels, config.depth_head, max_depth=data.label_range, device=device)
+        head = train_depth_head(data.train.batches, len(data.train), data.train.channels, config.depth_head,
+                                max_depth=data.label_range, device=device,
+                                saves=_head_saves("depth", config, storage, digest))
         depth, maps = evaluate_depth(((head(patches.to(device), cls.to(device), tuple(depths.shape[-2:])), depths)
                                       for patches, cls, depths in data.test.batches(row_batches(len(data.test)))),
                                      keep=shown.stop)

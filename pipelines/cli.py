@@ -264,9 +264,10 @@ def evaluate(
                                                             "held in memory up to this size, else the backbone "
                                                             "runs on every head batch (ADE20K's: 40 GB with "
                                                             "ViT-S/14)")] = 4.0,
-    feature_parts: Annotated[str, typer.Option(help="knn, linear: save the feature pass in parts under this "
-                                                    "folder (path or URI); the same command run again resumes it "
-                                                    "(ImageNet's: an hour on a GPU)")] = "",
+    work_dir: Annotated[str, typer.Option(help="save the long work under this folder (path or URI): knn and "
+                                               "linear's feature pass in parts (ImageNet's: an hour on a GPU), "
+                                               "the seg and depth heads' training; the same command run again "
+                                               "resumes it")] = "",
     ms: Annotated[bool, typer.Option("--ms", help="seg and depth by the +ms protocol: the last 4 blocks' patch "
                                                   "tokens (all of a shallower model's), and seg over scales 0.75, 1, "
                                                   "1.25 with flips")] = False,
@@ -307,7 +308,7 @@ def evaluate(
                              seg_data=seg_data, depth_data=depth_data, retrieval_data=retrieval_data,
                              multiscale=ms, precision=precision,
                              layers=min(4, len(backbone.blocks)) if ms else 1, dense_cache_gib=dense_cache_gib,
-                             feature_parts=feature_parts)
+                             work_dir=work_dir)
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
     with tempfile.TemporaryDirectory() as scratch, (MlflowTracker.start(
         tracking_uri, experiment, run_name=f"eval-{benchmark}", tags=standard_tags("evaluate"),
@@ -317,7 +318,7 @@ def evaluate(
                             "image_size": image_size, "seg_data": seg_data, "depth_data": depth_data,
                             "retrieval_data": retrieval_data, "ms": ms,
                             "device": device, "precision": precision, "dense_cache_gib": dense_cache_gib,
-                            "feature_parts": feature_parts})
+                            "work_dir": work_dir})
         drawn = Path(scratch) / "pictures"
         drawn.mkdir()
         report = run_suite(backbone, config, storage, pictures=drawn)

@@ -80,7 +80,7 @@ def test_a_rerun_after_a_lost_task_resumes_the_feature_pass(tmp_path: Path,
     with pytest.raises(RuntimeError, match="pod lost"):
         run_evaluate_stage(ctx, tmp_path / "backbone", tmp_path / "out", str(tmp_path / "data"), tasks=["linear"])
     work = tmp_path / "root" / "work" / "evaluate"
-    assert len(list(work.glob("*/train/part-*.safetensors"))) == 2
+    assert len(list(work.glob("*/classification/train/part-*.safetensors"))) == 2
     calls.clear()
     resumed = run_evaluate_stage(ctx, tmp_path / "backbone", tmp_path / "out", str(tmp_path / "data"),
                                  tasks=["linear"])

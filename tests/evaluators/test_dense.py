@@ -7,12 +7,12 @@ import torch
 
 from evaluators.dense import (
     HeadConfig,
+    HeadSaves,
     LinearDepthHead,
     class_counts,
     class_weights,
     evaluate_depth,
     evaluate_segmentation,
-    head_batches,
     held_batches,
     multiscale_probabilities,
     patch_tokens,
@@ -38,7 +38,7 @@ def _blocky(count: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Te
 def _segmentation_head(features: torch.Tensor, masks: torch.Tensor, classes: int,
                        config: HeadConfig) -> torch.nn.Module:
     weight = class_weights(class_counts(masks, classes), config.class_balance)
-    return train_segmentation_head(held_batches((features, masks), head_batches(len(features), config)),
+    return train_segmentation_head(lambda rows: held_batches((features, masks), rows), len(features),
                                    features.shape[1], classes, weight, config)
 
 
@@ -100,7 +100,7 @@ def test_depth_head_learns_features_that_hold_the_depth() -> None:
     depths = coarse.repeat_interleave(4, 1).repeat_interleave(4, 2)
     depths[:, :2] = 0  # unknown rows are not scored
     config = HeadConfig(steps=240, batch_size=16, lr=2e-2)
-    head = train_depth_head(held_batches((patches, cls, depths), head_batches(64, config)), 2, config, bins=64,
+    head = train_depth_head(lambda rows: held_batches((patches, cls, depths), rows), 64, 2, config, bins=64,
                             max_depth=10.0)
 
     def scored(features: torch.Tensor):
@@ -184,3 +184,48 @@ def test_half_precision_dense_features_and_descriptors_are_the_fp32_ones_rounded
                               HeadConfig(steps=1))
     torch.testing.assert_close(multiscale_probabilities(backbone, head, images, 1, amp_dtype=torch.bfloat16),
                                multiscale_probabilities(backbone, head, images, 1), rtol=0.05, atol=0.05)
+
+
+def test_a_head_training_resumes_from_its_last_save_as_the_unbroken_one(storage_root) -> None:
+    """A segmentation and a depth head's training saved as it goes (every step here; a minute by
+    default) and lost after 12 of 30 steps: the rerun asks only for the batches of steps 13-30 (no
+    backbone pass on the rest when features are made per batch), ends with the unbroken run's
+    head, and a third run, all done, asks for none; a folder of another training is refused."""
+    from dinoflow.storage import join_uri
+    from evaluators.dense import head_batches
+
+    storage, root = storage_root
+    features, masks = _blocky(48, 3, seed=0)
+    cls, depths = features.mean(dim=(2, 3)), masks.float() + 1
+    config = HeadConfig(steps=30, batch_size=8, lr=1e-2)
+    rows = head_batches(48, config)
+    for task, tensors, train in (
+        ("seg", (features, masks), lambda batches, saves: train_segmentation_head(
+            batches, 48, 3, 3, config=config, saves=saves)),
+        ("depth", (features, cls, depths), lambda batches, saves: train_depth_head(
+            batches, 48, 3, config, bins=16, max_depth=4.0, saves=saves)),
+    ):
+        asked: list[list[torch.Tensor]] = []
+
+        def batches(steps, lost_after=None):
+            asked.append(list(steps))
+            for done, batch in enumerate(held_batches(tensors, steps)):
+                if done == lost_after:
+                    raise RuntimeError("pod lost")
+                yield batch
+
+        unbroken = train(batches, None).state_dict()
+        saves = HeadSaves(storage, join_uri(root, task), {"task": task}, every_s=0.0)
+        with pytest.raises(RuntimeError, match="pod lost"):
+            train(lambda steps: batches(steps, lost_after=12), saves)
+        asked.clear()
+        resumed = train(batches, saves).state_dict()
+        assert len(asked) == 1 and all(torch.equal(a, b) for a, b in zip(asked[0], rows[12:], strict=True))
+        assert unbroken.keys() == resumed.keys()
+        for name in unbroken:
+            torch.testing.assert_close(resumed[name], unbroken[name], rtol=0, atol=0, msg=f"{task} {name}")
+        asked.clear()
+        again = train(batches, saves).state_dict()
+        assert asked == [[]] and all(torch.equal(again[name], unbroken[name]) for name in unbroken)
+        with pytest.raises(ValueError, match="holds another head's training \\(it differs in task\\)"):
+            train(batches, HeadSaves(storage, join_uri(root, task), {"task": "other"}))

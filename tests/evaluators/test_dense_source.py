@@ -108,3 +108,40 @@ def test_the_suite_scores_alike_with_features_held_or_made_per_batch(tmp_path: P
     assert held["seg_pixel_accuracy"] > 0.6
     with pytest.raises(ValueError, match="dense_cache_gib must be >= 0"):
         SuiteConfig(tasks=("seg",), dense_cache_gib=-1)
+
+
+def test_the_suite_resumes_the_heads_training_from_its_work_dir(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Features made per batch, the run lost in the depth head's fourth step (the seg head done):
+    the rerun with the same ``work_dir`` runs the backbone on no seg training batch and on depth's
+    last five only, and reports what an unbroken run reports."""
+    import evaluators.suite as suite
+    from evaluators.dense import HeadSaves
+
+    backbone = _backbone()
+    run = backbone.get_intermediate_layers
+    calls: list[int] = []
+    lost_at = [0]
+
+    def counted(images: torch.Tensor, *args, **kwargs):
+        calls.append(len(images))
+        if len(calls) == lost_at[0]:
+            raise RuntimeError("pod lost")
+        return run(images, *args, **kwargs)
+
+    backbone.get_intermediate_layers = counted  # type: ignore[method-assign]
+    head = HeadConfig(steps=8, batch_size=8)
+    config = suite.SuiteConfig(tasks=("seg", "depth"), train_scenes=24, test_scenes=8, scene_size=28,
+                               seg_head=head, depth_head=head, dense_cache_gib=0.0)
+    unbroken = suite.run_suite(backbone, config)["metrics"]
+    every = len(calls)
+    monkeypatch.setattr(suite, "HeadSaves", lambda *args: HeadSaves(*args, every_s=0.0))  # a save each step
+    calls.clear()
+    lost_at[0] = 8 + 2 + 4  # seg's 8 steps and 2 test batches, then depth's fourth step
+    with pytest.raises(RuntimeError, match="pod lost"):
+        suite.run_suite(backbone, replace(config, work_dir=str(tmp_path / "work")))
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["depth-head", "seg-head"]
+    calls.clear()
+    resumed = suite.run_suite(backbone, replace(config, work_dir=str(tmp_path / "work")))["metrics"]
+    assert len(calls) == every - 8 - 3
+    assert resumed == unbroken

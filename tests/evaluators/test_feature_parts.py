@@ -65,7 +65,7 @@ def test_a_rerun_makes_only_the_missing_parts(storage_root: tuple[Storage, str],
 
 
 def test_fashion_mnist_in_parts_and_the_suite_resuming(tmp_path: Path) -> None:
-    """Fashion-MNIST's pass in parts gives its features; the suite's ``feature_parts`` writes the
+    """Fashion-MNIST's pass in parts gives its features; the suite's ``work_dir`` holds the
     parts for its backbone and settings and reuses them on a rerun (no feature computed again),
     with the same report; another backbone is refused."""
     model = backbone()
@@ -75,7 +75,7 @@ def test_fashion_mnist_in_parts_and_the_suite_resuming(tmp_path: Path) -> None:
     assert len(list((tmp_path / "fm" / "train").iterdir())) == 4  # 50 rows in parts of 16
 
     config = SuiteConfig(tasks=("knn", "linear"), data_uri=FASHION_MNIST, train_limit=60, test_limit=20,
-                         feature_parts=str(tmp_path / "suite"))
+                         work_dir=str(tmp_path / "suite"))
     first = run_suite(model, config)["metrics"]
     seen = _counting(model)
     again = run_suite(model, config)["metrics"]

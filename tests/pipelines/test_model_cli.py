@@ -247,14 +247,14 @@ def test_eval_scores_class_folders(weights: Path, tmp_path: Path) -> None:
     report = json.loads(result.stdout)
     assert report["tasks"]["classification"]["classes"] == list(CLASSES)
     assert report["metrics"]["knn_top1_k5"] > 0.9 and report["config"]["image_size"] == 28
-    # --feature-parts: the pass saved under the folder; the same command again reads it back, same report
+    # --work-dir: the pass saved in parts under the folder; the same command again reads it back, same report
     args = ["eval", "knn", "--weights", str(weights), "--data-uri", str(tmp_path / "data"), "--image-size", "28",
-            "--k", "5", "--feature-parts", str(tmp_path / "parts")]
+            "--k", "5", "--work-dir", str(tmp_path / "work")]
     saved, again = (CliRunner().invoke(app, args) for _ in range(2))
     assert saved.exit_code == again.exit_code == 0, saved.output + again.output
     assert json.loads(saved.stdout)["metrics"] == json.loads(again.stdout)["metrics"] == report["metrics"]
-    assert (tmp_path / "parts" / "identity.json").exists()
-    assert (tmp_path / "parts" / "train" / "part-00000.safetensors").exists()
+    assert (tmp_path / "work" / "classification" / "identity.json").exists()
+    assert (tmp_path / "work" / "classification" / "train" / "part-00000.safetensors").exists()
     bad = CliRunner().invoke(app, ["eval", "knn", "--weights", str(weights), "--device", "tpu"])
     assert bad.exit_code == 2 and bad.stderr.strip().splitlines()[-1] == (
         "error: unknown device 'tpu'; allowed: cpu, cuda, cuda:<index>")
