@@ -31,8 +31,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("dinoflow", "trainer", "evaluators", "curation", "components", "configs")
 # modules a shipped module hands to a library by file path instead of importing them
 LOADED_BY_PATH = {"trainer.models.packaging": ("trainer.models.mlflow_entry",)}  # MLflow "models from code"
-ARGUMENT_LIMIT = 128 * 1024  # bytes in one execve argument (MAX_ARG_STRLEN)
-HEADROOM = 24 * 1024  # for the component's own source next to the archive
+ARGUMENT_LIMIT = 128 * 1024  # bytes in one execve argument (MAX_ARG_STRLEN, its closing NUL included)
+HEADROOM = 8 * 1024  # for the component's own source next to the archive (2-3 KiB; checked exactly: longest_argument)
 
 
 def _module_file(name: str, root: Path) -> Path | None:
@@ -133,6 +133,12 @@ def encoded_size(folder: Path) -> int:
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         tar.add(folder, arcname=".")
     return len(base64.b64encode(gzip.compress(buffer.getvalue())))
+
+
+def longest_argument(arguments: Iterable[str]) -> int:
+    """Bytes of the longest of a container's ``arguments`` (command and args) as execve gets it,
+    its closing NUL included: what :data:`ARGUMENT_LIMIT` bounds."""
+    return max((len(argument.encode()) + 1 for argument in arguments), default=0)
 
 
 def build_bundle(root: Path = REPO_ROOT, cache: Path | None = None, roots: Iterable[str] | None = None) -> Path:

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 from kfp import dsl
 from kfp.dsl import Artifact, Input, Metrics, Model, Output
 
-from components.bundle import build_bundle, imported_modules
+from components.bundle import ARGUMENT_LIMIT, build_bundle, imported_modules, longest_argument
 
 REGISTRY = "ghcr.io/dinoflow"
 TAG = "0.1.0"  # the project's version: images are built and tagged per release (infra/README.md)
@@ -206,13 +206,22 @@ STAGES = (open_run, close_run, ingest, curate, pretrain, distill, evaluate, regi
 
 def build_components(images: Images | str = DEFAULT_IMAGES, gpus: int = 1) -> SimpleNamespace:
     """KFP components of every stage on ``images`` (a str: one image for all), all shipping the
-    code bundle of what it imports; with ``gpus=0`` the GPU stages take the CPU image too."""
+    code bundle of what it imports; with ``gpus=0`` the GPU stages take the CPU image too.
+
+    Raises ``ValueError`` naming the stage when a container argument, the component's program with
+    its bundle inside, would be over :data:`~components.bundle.ARGUMENT_LIMIT`: its pod could not start."""
     chosen = Images.single(images) if isinstance(images, str) else images
-    return SimpleNamespace(**{
-        func.__name__: dsl.component(func, base_image=chosen.for_stage(func.__name__, gpus),
-                                     embedded_artifact_path=str(stage_bundle(func)), install_kfp_package=False)
-        for func in STAGES
-    })
+    made = {}
+    for func in STAGES:
+        component = dsl.component(func, base_image=chosen.for_stage(func.__name__, gpus),
+                                  embedded_artifact_path=str(stage_bundle(func)), install_kfp_package=False)
+        container = component.component_spec.implementation.container
+        size = longest_argument([*container.command, *(container.args or [])])
+        if size > ARGUMENT_LIMIT:
+            raise ValueError(f"the {func.__name__} component's program is {size // 1024} KiB, over the "
+                             f"{ARGUMENT_LIMIT // 1024} KiB one container argument holds; trim the modules it imports")
+        made[func.__name__] = component
+    return SimpleNamespace(**made)
 
 
 def stage_bundle(func: Callable[..., Any]) -> Path:

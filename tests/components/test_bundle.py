@@ -20,6 +20,7 @@ from components.bundle import (
     encoded_size,
     import_closure,
     imported_modules,
+    longest_argument,
 )
 from components.definitions import STAGES, stage_bundle
 
@@ -49,6 +50,27 @@ def test_each_stage_bundle_fits_one_container_argument(stage) -> None:
     """What KFP embeds is each component's own bundle (its import closure), so that is what must
     fit; the largest (distill, pretrain) hold most of ``trainer``."""
     assert encoded_size(stage_bundle(stage)) < ARGUMENT_LIMIT - HEADROOM
+
+
+def test_each_component_program_fits_one_argument_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The exact figure, from the components KFP makes: each one's longest container argument (its
+    program, the encoded bundle inside) is under the limit, and the bundle's own check leaves the
+    program's part room enough (``HEADROOM``); a limit below the largest is refused naming the stage."""
+    import components.definitions as definitions
+
+    def sizes() -> dict[str, int]:
+        built = vars(definitions.build_components())
+        return {name: longest_argument([*c.component_spec.implementation.container.command,
+                                        *c.component_spec.implementation.container.args]) for name, c in built.items()}
+
+    measured = sizes()
+    for stage in STAGES:
+        bundle = encoded_size(stage_bundle(stage))
+        assert bundle < measured[stage.__name__] < min(ARGUMENT_LIMIT, bundle + HEADROOM), stage.__name__
+    largest = max(measured, key=measured.__getitem__)
+    monkeypatch.setattr(definitions, "ARGUMENT_LIMIT", measured[largest] - 1)
+    with pytest.raises(ValueError, match=f"the {largest} component's program is .* KiB, over the"):
+        sizes()
 
 
 def test_imported_modules_sees_lazy_and_relative_imports() -> None:
