@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Subset
 
 from dinoflow.storage import Storage, join_uri
 from evaluators.attention import ATTENTION_IMAGES, garment_foreground
-from evaluators.feature_parts import FeatureParts, in_parts, text_of, text_tensor
+from evaluators.feature_parts import FeatureParts, in_parts, join_rows, text_of, text_tensor
 from evaluators.features import extract_features, to_model_input
 from evaluators.linear import LinearProbeConfig, best_by_val, linear_probe
 from evaluators.report import knn_accuracies
@@ -75,14 +75,12 @@ def data_kind(uri: str, storage: Storage) -> Literal["fashion_mnist", "folder"]:
 
 def view(features: Tensor, name: str, dim: int) -> Tensor:
     """One of :data:`PROBE_VIEWS` of ``features`` ``(N, (b + 1) D)``: the CLS tokens of the last
-    ``b`` blocks (in block order, the last one last), then the last block's mean patch token."""
+    ``b`` blocks (in block order, the last one last), then the last block's mean patch token. Each
+    view is a run of adjacent columns (the last CLS sits next to the mean), so it is a slice of
+    ``features``, never a copy (ImageNet's with ViT-L/14: up to 26 GB)."""
     blocks = features.shape[1] // dim - 1
-    cls = features[:, : blocks * dim]
-    picked = cls[:, -dim:] if name.startswith("last1") else cls
-    if not name.endswith("+avgpool"):
-        return picked  # a view of ``features``: no copy
-    whole = picked.shape[1] == cls.shape[1]  # every block's CLS and the mean: the features themselves
-    return features if whole else torch.cat([picked, features[:, blocks * dim:]], dim=1)
+    start = (blocks - 1) * dim if name.startswith("last1") else 0
+    return features[:, start : features.shape[1] if name.endswith("+avgpool") else blocks * dim]
 
 
 def labelled_images(uri: str, kind: DataKind, storage: Storage, train_limit: int = 0, test_limit: int = 0,
@@ -137,12 +135,12 @@ class FashionMnistImages:
         patch = int(backbone.patch_size)
 
         def split_features(split: str, images: Tensor) -> Tensor:
-            def part(rows: list[int], _: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+            def part(rows: list[int]) -> dict[str, Tensor]:
                 inputs = to_model_input(images[rows], patch_size=patch)
                 return {"features": extract_features(backbone, inputs, batch_size=batch_size, layers=blocks,
                                                      with_patch_mean=views, amp_dtype=amp_dtype)[0]}
 
-            return torch.cat([made["features"] for made in in_parts(split, len(images), parts, part)])
+            return join_rows(in_parts(split, len(images), parts, part), len(images))["features"]
 
         if parts is not None:
             parts.claim()
@@ -178,27 +176,33 @@ class FolderImages:
         if parts is not None:
             parts.claim()
 
-        def split_parts(split: str, subset: Subset, remap: Tensor | None, keep: int) -> list[dict[str, Tensor]]:
-            def part(rows: list[int], earlier: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        def split_rows(split: str, subset: Subset, remap: Tensor | None, keep: int) -> dict[str, Tensor]:
+            """The split's features and labels; its undecodable images counted against the limit for
+            the split (not for each part), its first ``keep`` images' pixels kept."""
+            tracker = BadImageTracker(MAX_BAD_FRACTION)
+            kept: list[Tensor] = []
+
+            def part(rows: list[int]) -> dict[str, Tensor]:
                 loader = DataLoader(Subset(subset.dataset, [subset.indices[r] for r in rows]), batch_size=batch_size,
                                     num_workers=self.num_workers, collate_fn=collate_samples)
-                shown = keep - sum(len(p["kept"]) for p in earlier)  # the first test images' pixels still wanted
+                shown = keep - sum(len(k) for k in kept)  # the first test images' pixels still wanted
                 return self._part(_ModelInput(loader, self.image_size, patch, remap, keep=shown), backbone, blocks,
                                   views, amp_dtype)
 
-            made = in_parts(split, len(subset), parts, part)
-            tracker = BadImageTracker(MAX_BAD_FRACTION)  # the limit holds for the split, not for each part
-            for each in made:
-                tracker.add(len(each["labels"]), text_of(each["bad_keys"]).splitlines())
+            def tallied(pieces: Iterator[dict[str, Tensor]]) -> Iterator[dict[str, Tensor]]:
+                for piece in pieces:
+                    tracker.add(len(piece["labels"]), text_of(piece.pop("bad_keys")).splitlines())
+                    kept.append(piece.pop("kept"))
+                    yield piece
+
+            joined = join_rows(tallied(in_parts(split, len(subset), parts, part)), len(subset))
             tracker.check(final=True)
             bad[split] = tracker.bad
-            return made
+            return {**joined, "kept": torch.cat(kept)}
 
         bad: dict[str, int] = {}
-        made = {"train": split_parts("train", self.train, None, 0),
-                "test": split_parts("test", self.test, self.remap, ATTENTION_IMAGES)}
-        train, test = ({key: torch.cat([p[key] for p in made[split]]) for key in ("features", "labels", "kept")}
-                       for split in ("train", "test"))
+        train, test = (split_rows("train", self.train, None, 0),
+                       split_rows("test", self.test, self.remap, ATTENTION_IMAGES))
         return _labelled(train["features"], train["labels"], test["features"], test["labels"], self.classes,
                          backbone, views, test["kept"], None, None, bad)
 

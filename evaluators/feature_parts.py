@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,21 +86,37 @@ class FeatureParts:
 
 
 def in_parts(split: str, count: int, parts: FeatureParts | None,
-             make: Callable[[list[int], list[dict[str, Tensor]]], dict[str, Tensor]]) -> list[dict[str, Tensor]]:
-    """``make(rows, earlier parts)`` over rows ``0 .. count - 1`` of ``split``: in one piece, or
-    with ``parts`` in pieces of ``parts.rows``, each saved as it is made and loaded instead when
-    an earlier pass saved it."""
-    size = parts.rows if parts is not None else max(1, count)
+             make: Callable[[list[int]], dict[str, Tensor]]) -> Iterator[dict[str, Tensor]]:
+    """``make(rows)`` over rows ``0 .. count - 1`` of ``split`` in pieces of ``parts.rows`` (or
+    :data:`PART_ROWS` without ``parts``), yielded in order as they are made; with ``parts`` each is
+    saved as it is made, or loaded instead when an earlier pass saved it."""
+    size = parts.rows if parts is not None else PART_ROWS
     pieces = [list(range(start, min(start + size, count))) for start in range(0, count, size)]
-    made: list[dict[str, Tensor]] = []
     for index, rows in enumerate(pieces if len(pieces) < 2 else progress(pieces, f"{split} parts", unit="part")):
         part = parts.load(split, index) if parts is not None else None
         if part is None:
-            part = make(rows, made)
+            part = make(rows)
             if parts is not None:
                 parts.save(split, index, part)
-        made.append(part)
-    return made
+        yield part
+
+
+def join_rows(pieces: Iterable[dict[str, Tensor]], most: int) -> dict[str, Tensor]:
+    """Each key's rows of ``pieces`` (``most`` at most in all: an undecodable image has none) in
+    one tensor, filled piece by piece as they come: the pieces are never all held beside the whole
+    (ImageNet's probe views with ViT-L/14 are 26 GB; gathered, then concatenated, they took 52)."""
+    joined: dict[str, Tensor] = {}
+    start = 0
+    for piece in pieces:
+        rows = {len(tensor) for tensor in piece.values()}
+        if len(rows) != 1 or start + min(rows) > most:
+            raise ValueError(f"a piece of {sorted(rows)} rows after {start}: its tensors must agree, {most} at most")
+        for key, tensor in piece.items():
+            if key not in joined:
+                joined[key] = tensor.new_empty((most, *tensor.shape[1:]))
+            joined[key][start : start + len(tensor)] = tensor
+        start += rows.pop()
+    return {key: tensor[:start] for key, tensor in joined.items()}
 
 
 def text_tensor(text: str) -> Tensor:

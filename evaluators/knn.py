@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from evaluators.features import float32_on
+
 MAX_SIMILARITIES = 2**27  # query x train similarities held at once (512 MiB in float32)
 
 
@@ -62,7 +64,7 @@ def knn_predictions(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     classes = num_classes or int(train_labels.max()) + 1
     device = torch.device(device) if device is not None else train_features.device
-    bank = F.normalize(train_features.to(device, torch.float32), dim=1)  # (N, D)
+    bank = F.normalize(float32_on(train_features, device), dim=1)  # (N, D)
     train_labels = train_labels.to(device)
     chunk = chunk_size or max(1, min(1024, MAX_SIMILARITIES // len(bank)))
     predictions: dict[int, list[torch.Tensor]] = {k: [] for k in ks}

@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 
 from dinoflow.progress import progress
+from evaluators.features import float32_on
 
 DEFAULT_BASE_LEARNING_RATES: tuple[float, ...] = (
     1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1, 2e-1, 5e-1, 1.0,
@@ -297,9 +298,9 @@ def linear_probe(
     learning_rates = scale_learning_rates(config.base_learning_rates, config.batch_size)
     # one copy of the features (none when they are float32 on the device already), standardised
     # batch by batch: the held-out split and the standardised values are never materialised
-    features = train_features.to(device=device, dtype=torch.float32)
+    features = float32_on(train_features, device)
     labels = train_labels.to(device=device, dtype=torch.long)
-    test_features = test_features.to(device=device, dtype=torch.float32)
+    test_features = float32_on(test_features, device)
     scaling = feature_scaling(features) if config.standardize else None
 
     fit_index, val_index = split_train_val(len(features), config.val_fraction, generator)

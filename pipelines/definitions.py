@@ -78,8 +78,9 @@ STAGE_RESOURCES = {
     # shared memory counts against the memory limit
     "pretrain": Resources("4", "8", "16Gi", "32Gi", shared_memory="4Gi"),
     "distill": Resources("4", "8", "16Gi", "32Gi", shared_memory="4Gi"),  # a student and the frozen teacher
-    # features of the train and test sets (ImageNet's 1.28M: 10 GB with the probe's views), probes;
-    # with a GPU, the images decoded by EVAL_WORKERS processes through the shared memory
+    # features of the train and test sets held once (ImageNet's 1.28M with the probe's views: 10 GB
+    # with ViT-S/14, 20 with ViT-B/14; ViT-L/14's 26 and ViT-g/14's 39 want a limit of 48Gi and
+    # 64Gi), probes; with a GPU, the images decoded by EVAL_WORKERS processes through the shared memory
     "evaluate": Resources("4", "8", "16Gi", "32Gi", shared_memory="4Gi"),
     "register": Resources("500m", "2", "1Gi", "4Gi"),
     "champion": Resources("250m", "1", "1Gi", "2Gi"),

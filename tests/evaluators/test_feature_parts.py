@@ -85,3 +85,51 @@ def test_fashion_mnist_in_parts_and_the_suite_resuming(tmp_path: Path) -> None:
         other.norm.bias.add_(0.1)
     with pytest.raises(ValueError, match="differs in backbone_sha256"):
         run_suite(other, config)
+
+
+def test_the_pass_joins_its_parts_as_they_come(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a parts folder too, the pass runs in parts (of ``PART_ROWS`` images) copied into
+    the split's features as each is made: when a part is made, at most the one before it is still
+    held (ImageNet's probe views gathered whole, then concatenated, took twice their 26 GB), and
+    the features are those of a pass in one piece."""
+    import weakref
+
+    import evaluators.classification as classification
+    import evaluators.feature_parts as feature_parts
+
+    write_folders(tmp_path, {"cat": (8, 3), "dog": (7, 4), "fish": (6, 3)})
+    (tmp_path / "train" / "dog" / "broken.png").write_bytes(b"not an image")  # a part one row short
+    images = labelled_images(str(tmp_path), "folder", Storage(), image_size=28)
+    model = backbone()
+    whole = images.features(model, views=True, batch_size=2)
+    made = classification.FolderImages._part
+    parts: list[weakref.ref] = []
+    held: list[int] = []
+
+    def recorded(self, *args):
+        held.append(sum(part() is not None for part in parts))
+        out = made(self, *args)
+        parts.append(weakref.ref(out["features"]))
+        return out
+
+    monkeypatch.setattr(classification.FolderImages, "_part", recorded)
+    monkeypatch.setattr(feature_parts, "PART_ROWS", 3)
+    pieces = images.features(model, views=True, batch_size=2)
+    _assert_same(pieces, whole)
+    assert len(held) == 8 + 4 and max(held) <= 1  # 22 train images in parts of 3, 10 test
+    with pytest.raises(ValueError, match="a piece of \\[2, 3\\] rows after 0: its tensors must agree"):
+        feature_parts.join_rows([{"a": torch.zeros(2), "b": torch.zeros(3)}], 5)
+    with pytest.raises(ValueError, match="a piece of \\[3\\] rows after 3: its tensors must agree, 5 at most"):
+        feature_parts.join_rows([{"a": torch.zeros(3)}] * 2, 5)
+
+
+def test_the_memory_benchmark_runs_both_ways() -> None:
+    """``benchmarks/feature_memory.py`` (its figures are read, not asserted): both modes report."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "feature_memory.py"
+    out = subprocess.run([sys.executable, str(script), "--rows", "3000", "--dim", "8", "--part-rows", "1000"],
+                         capture_output=True, text=True, check=True).stdout
+    assert [line.split(":")[0].strip() for line in out.splitlines()] == ["gathered", "joined"]
+    assert "the view (3000, 16)" in out

@@ -13,6 +13,7 @@ from sklearn.linear_model import LogisticRegression
 
 from sklearn.preprocessing import StandardScaler
 
+from evaluators.features import float32_on
 from evaluators.linear import (
     DEFAULT_BASE_LEARNING_RATES,
     LinearProbeConfig,
@@ -199,3 +200,16 @@ def test_bad_arguments_are_named() -> None:
         LinearProbeConfig(val_fraction=0.0)
     with pytest.raises(ValueError, match="2 learning rates for 1 classifiers"):
         train_classifier_grid(init_classifier_grid(1, 4, 2), x, y, [0.1, 0.2], 1, 4, torch.Generator())
+
+
+def test_features_reach_the_probe_device_a_few_rows_at_a_time() -> None:
+    """A probe view (a column slice, not contiguous, maybe of another dtype) arrives as float32
+    copied in blocks of rows, equal to a whole copy; float32 already there is not copied."""
+    features = torch.randn(10, 12, dtype=torch.float64)
+    view = features[:, 4:9]
+    moved = float32_on(view, "cpu", chunk_rows=3)
+    assert moved.is_contiguous() and torch.equal(moved, view.float())
+    same = features.float()[:, 4:9]
+    assert float32_on(same, "cpu") is same
+    if torch.cuda.is_available():  # the GPU path: the same values on the card
+        assert torch.equal(float32_on(view, "cuda", chunk_rows=3).cpu(), view.float())
