@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from dinoflow.progress import progress
 from evaluators.dense import class_counts, patch_tokens, row_batches
 from evaluators.dense_datasets import ArraySplit
+from evaluators.feature_parts import join_rows
 from evaluators.features import to_model_input
 
 HOLD_BATCH = 64  # images per batch of the pass that makes held features
@@ -103,14 +104,12 @@ def feature_bytes(backbone: nn.Module, count: int, side: int, layers: int) -> in
 
 
 def hold(source: FeatureSource) -> FeatureSource:
-    """``source`` with every item's features computed once, in order, and held on the CPU."""
-    patches, cls, labels = [], [], []
+    """``source`` with every item's features computed once, in order, and held on the CPU (each
+    batch copied in as it comes: the budget's bytes once, not twice)."""
     rows = row_batches(len(source), HOLD_BATCH)
-    for p, c, y in progress(source.batches(rows), desc="dense features", total=len(rows), unit="batch"):
-        patches.append(p.cpu())
-        cls.append(c.cpu())
-        labels.append(y)
-    return replace(source, held=(torch.cat(patches), torch.cat(cls), torch.cat(labels)))
+    batches = progress(source.batches(rows), desc="dense features", total=len(rows), unit="batch")
+    held = join_rows(({"patches": p.cpu(), "cls": c.cpu(), "labels": y} for p, c, y in batches), len(source))
+    return replace(source, held=(held["patches"], held["cls"], held["labels"]))
 
 
 def relabelled(source: FeatureSource, labels: np.ndarray) -> FeatureSource:
