@@ -260,6 +260,11 @@ def evaluate(
     retrieval_data: Annotated[str, typer.Option(help="retrieval on revisited Oxford or Paris, roxford5k:<root> "
                                                      "or rparis6k:<root> (gnd_<name>.pkl, jpg/; the longer side at "
                                                      "--image-size; default: synthetic sets)")] = "",
+    seg_steps: Annotated[int, typer.Option(min=1, help="seg: the linear head's training steps (AdamW, lr 1e-3; "
+                                                      "the scenes' default; a real data set may want more)")] = 2000,
+    depth_steps: Annotated[int, typer.Option(min=1, help="depth: the linear head's training steps")] = 1000,
+    head_batch_size: Annotated[int, typer.Option(min=1, help="seg and depth: images in a head's training "
+                                                            "batch")] = 32,
     dense_cache_gib: Annotated[float, typer.Option(min=0, help="seg and depth: patch features of both splits are "
                                                             "held in memory up to this size, else the backbone "
                                                             "runs on every head batch (ADE20K's: 40 GB with "
@@ -294,6 +299,7 @@ def evaluate(
 
     from components.stage import storage_from_env
     from dinoflow.tracking import MlflowTracker, NullTracker, standard_tags
+    from evaluators.dense import HeadConfig
     from evaluators.suite import SuiteConfig, run_suite
     from trainer.devices import available_device
 
@@ -308,7 +314,8 @@ def evaluate(
                              seg_data=seg_data, depth_data=depth_data, retrieval_data=retrieval_data,
                              multiscale=ms, precision=precision,
                              layers=min(4, len(backbone.blocks)) if ms else 1, dense_cache_gib=dense_cache_gib,
-                             work_dir=work_dir)
+                             seg_head=HeadConfig(steps=seg_steps, batch_size=head_batch_size),
+                             depth_head=HeadConfig(steps=depth_steps, batch_size=head_batch_size), work_dir=work_dir)
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
     with tempfile.TemporaryDirectory() as scratch, (MlflowTracker.start(
         tracking_uri, experiment, run_name=f"eval-{benchmark}", tags=standard_tags("evaluate"),
@@ -318,6 +325,7 @@ def evaluate(
                             "image_size": image_size, "seg_data": seg_data, "depth_data": depth_data,
                             "retrieval_data": retrieval_data, "ms": ms,
                             "device": device, "precision": precision, "dense_cache_gib": dense_cache_gib,
+                            "seg_steps": seg_steps, "depth_steps": depth_steps, "head_batch_size": head_batch_size,
                             "work_dir": work_dir})
         drawn = Path(scratch) / "pictures"
         drawn.mkdir()

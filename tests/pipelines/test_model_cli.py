@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from typer.testing import CliRunner
 from dinoflow.storage import Storage
 from evaluators.features import labelled_features, to_model_input
 from evaluators.report import knn_accuracies
+from evaluators.suite import SuiteConfig
 from trainer.data.fashion_mnist import load_split
 from pipelines.cli import app
 from trainer.models.hf import load_hf_dir
@@ -294,12 +296,18 @@ def test_eval_suite_runs_segmentation_and_depth_on_real_layouts(weights: Path, t
     report = json.loads(result.stdout)
     assert {"seg_miou", "depth_rmse"} <= set(report["metrics"])
     assert report["config"]["seg_data"] == f"voc:{voc}" and report["config"]["dense_cache_gib"] == 0.5
+    defaults = SuiteConfig(tasks=("seg",))  # the options' defaults are the suite's
+    assert (report["config"]["seg_head"], report["config"]["depth_head"]) == (asdict(defaults.seg_head),
+                                                                              asdict(defaults.depth_head))
     assert sum(key.startswith("iou_") for key in report["tasks"]["seg"]) == 21  # VOC's classes
     plus_ms = CliRunner().invoke(app, ["eval", "suite", "--weights", str(weights), "--tasks", "seg",
-                                       "--seg-data", f"voc:{voc}", "--image-size", "28", "--test-limit", "3", "--ms"])
+                                       "--seg-data", f"voc:{voc}", "--image-size", "28", "--test-limit", "3", "--ms",
+                                       "--seg-steps", "5", "--head-batch-size", "4", "--work-dir", str(tmp_path / "w")])
     assert plus_ms.exit_code == 0, plus_ms.output
     config = json.loads(plus_ms.stdout)["config"]
     assert (config["layers"], config["multiscale"]) == (2, True)  # the fixture's 2 blocks
+    assert (config["seg_head"]["steps"], config["seg_head"]["batch_size"]) == (5, 4)
+    assert (tmp_path / "w" / "seg-head" / "head_state.pt").is_file()  # the head's training, saved at its end
     assert 0 < json.loads(plus_ms.stdout)["metrics"]["seg_miou"] <= 1
     from tests.evaluators.test_retrieval import write_revisited
 
