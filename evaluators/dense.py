@@ -192,9 +192,10 @@ Batches = Callable[[Sequence[Tensor]], Iterable[tuple[Tensor, ...]]]  # the rows
 
 
 def _fit(head: nn.Module, loss_of: Callable[[nn.Module, tuple[Tensor, ...]], Tensor], batches: Batches,
-         count: int, config: HeadConfig, saves: HeadSaves | None, desc: str) -> nn.Module:
+         count: int, config: HeadConfig, saves: HeadSaves | None, desc: str) -> None:
     """Train ``head`` with AdamW for ``config.steps`` steps, step ``i`` on ``batches`` of the rows
-    :func:`head_batches` gives it; with ``saves``, from the last saved step on (see :class:`HeadSaves`)."""
+    :func:`head_batches` gives it, and leave it in eval mode; with ``saves``, from the last saved
+    step on (see :class:`HeadSaves`)."""
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     rows = head_batches(count, config)
     done = saves.restore(head, optimizer) if saves is not None else 0
@@ -208,7 +209,7 @@ def _fit(head: nn.Module, loss_of: Callable[[nn.Module, tuple[Tensor, ...]], Ten
         if saves is not None and (step == len(rows) or time.monotonic() - saved >= saves.every_s):
             saves.save(step, head, optimizer)
             saved = time.monotonic()
-    return head.eval()
+    head.eval()
 
 
 def train_segmentation_head(batches: Batches, count: int, in_channels: int, num_classes: int,
