@@ -14,6 +14,11 @@ simple; it distorts aspect ratios, which the benchmark accepts for every backbon
 * **Pascal VOC 2012**: ids in ``ImageSets/Segmentation/{train,val}.txt``, images
   ``JPEGImages/<id>.jpg``, masks ``SegmentationClass/<id>.png`` (palette indices 0..20, 255 on
   object boundaries, kept as ignore).
+* **Cityscapes** (``leftImg8bit_trainvaltest`` and ``gtFine_trainvaltest`` unpacked side by side):
+  ``leftImg8bit/{train,val}/<city>/<name>_leftImg8bit.png`` and
+  ``gtFine/{train,val}/<city>/<name>_gtFine_labelIds.png``; the 34 label ids become the 19
+  evaluated classes 0..18 (:data:`CITYSCAPES_TRAIN_IDS`, the data set's own ``trainId`` column),
+  every other id ignored.
 * **NYU-Depth v2** (this project's layout): ``{train,test}/*.npz``, each with ``image``
   ``(H, W, 3)`` uint8 and ``depth`` ``(H, W)`` float32 metres.
 
@@ -34,6 +39,14 @@ from torch.utils.data import Dataset
 
 from dinoflow.storage import Storage, join_uri
 from trainer.data.datasets import ProcessLocalStorage
+
+# Cityscapes' label id -> train id of its 19 evaluated classes (road, sidewalk, building, wall, fence, pole,
+# traffic light, traffic sign, vegetation, terrain, sky, person, rider, car, truck, bus, train, motorcycle,
+# bicycle); every other id is ignored
+CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
+                        26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+_CITYSCAPES_LOOKUP = np.full(256, 255, dtype=np.uint8)
+_CITYSCAPES_LOOKUP[list(CITYSCAPES_TRAIN_IDS)] = list(CITYSCAPES_TRAIN_IDS.values())
 
 # (read a file's bytes, the sample's files, side, decode the image too) -> (image or None, labels)
 Decoder = Callable[[Callable[[str], bytes], tuple[str, ...], int, bool], tuple[np.ndarray | None, np.ndarray]]
@@ -107,6 +120,11 @@ def _voc_sample(read: Callable[[str], bytes], files: tuple[str, ...], size: int,
     return (_image(read(files[0]), size) if with_image else None), _mask(read(files[1]), size)
 
 
+def _cityscapes_sample(read: Callable[[str], bytes], files: tuple[str, ...], size: int,
+                       with_image: bool) -> tuple[np.ndarray | None, np.ndarray]:
+    return (_image(read(files[0]), size) if with_image else None), _CITYSCAPES_LOOKUP[_mask(read(files[1]), size)]
+
+
 def _nyu_sample(read: Callable[[str], bytes], files: tuple[str, ...], size: int,
                 with_image: bool) -> tuple[np.ndarray | None, np.ndarray]:
     uri = files[0]
@@ -143,6 +161,20 @@ def load_voc(storage: Storage, root: str, split: str, size: int, limit: int = 0)
     ids = ids[:limit] if limit else ids
     files = [(join_uri(root, "JPEGImages", f"{i}.jpg"), join_uri(root, "SegmentationClass", f"{i}.png")) for i in ids]
     return DenseSplit(storage, files, ids, _voc_sample, size, f"VOC ids in {listing}")
+
+
+def load_cityscapes(storage: Storage, root: str, split: str, size: int, limit: int = 0) -> DenseSplit:
+    """Cityscapes images and fine masks (train ids 0..18, 255 ignored) of ``split`` (train or val)."""
+    if split not in ("train", "val"):
+        raise ValueError(f"Cityscapes split must be train or val (test's masks are withheld), got {split!r}")
+    suffix = "_leftImg8bit.png"
+    images = sorted(u for u in storage.list(join_uri(root, "leftImg8bit", split), recursive=True) if u.endswith(suffix))
+    images = images[:limit] if limit else images
+    names = [PurePosixPath(uri).name.removesuffix(suffix) for uri in images]
+    files = [(uri, join_uri(root, "gtFine", split, PurePosixPath(uri).parent.name, f"{name}_gtFine_labelIds.png"))
+             for uri, name in zip(images, names)]
+    return DenseSplit(storage, files, names, _cityscapes_sample, size,
+                      f"Cityscapes images (*{suffix}) under {join_uri(root, 'leftImg8bit', split)}")
 
 
 def load_nyu(storage: Storage, root: str, split: str, size: int, limit: int = 0) -> DenseSplit:

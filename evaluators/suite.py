@@ -17,7 +17,7 @@ high-norm patch tokens and the CLS token's attention on the patches (:mod:`evalu
 
 The synthetic scenes (:mod:`evaluators.synthetic`) make the dense and retrieval tasks run
 anywhere with exact ground truth; the adapters of :mod:`evaluators.dense_datasets` feed the same
-heads with the real data sets (``seg_data="ade20k:<root>"`` or ``"voc:<root>"``,
+heads with the real data sets (``seg_data="ade20k:<root>"``, ``"voc:<root>"`` or ``"cityscapes:<root>"``,
 ``depth_data="nyu:<root>"``; images at ``image_size``, ``train_limit`` / ``test_limit`` of each), and
 :func:`~evaluators.retrieval.load_revisited` the retrieval task (``retrieval_data="roxford5k:<root>"``
 or ``"rparis6k:<root>"``; the longer side at ``image_size``).
@@ -53,7 +53,7 @@ from evaluators.dense import (
     train_depth_head,
     train_segmentation_head,
 )
-from evaluators.dense_datasets import ArraySplit, load_ade20k, load_nyu, load_voc
+from evaluators.dense_datasets import ArraySplit, load_ade20k, load_cityscapes, load_nyu, load_voc
 from evaluators.dense_metrics import retrieval_map
 from evaluators.dense_source import FeatureSource, feature_sources, relabelled
 from evaluators.feature_parts import FeatureParts, backbone_digest
@@ -96,7 +96,7 @@ class SuiteConfig:
     scene_size: int = 56
     layers: int = 1  # 4: the "+ms" protocol's last four blocks
     multiscale: bool = False  # segmentation tested over scales 0.75/1/1.25 and flips ("+ms")
-    seg_data: str = ""  # "": the scenes; ade20k:<root> or voc:<root>
+    seg_data: str = ""  # "": the scenes; ade20k:<root>, voc:<root> or cityscapes:<root>
     depth_data: str = ""  # "": the scenes; nyu:<root>
     seg_head: HeadConfig = field(default_factory=HeadConfig)
     depth_head: HeadConfig = field(default_factory=lambda: HeadConfig(steps=1000))  # ~10x a seg step's cost
@@ -123,7 +123,7 @@ class SuiteConfig:
             raise ValueError(f"unknown precision {self.precision!r}; allowed: {', '.join(PRECISIONS)}")
         if self.data_kind not in DATA_KINDS:
             raise ValueError(f"unknown data kind {self.data_kind!r}; allowed: {', '.join(DATA_KINDS)}")
-        for name, given, allowed in (("seg_data", self.seg_data, ("ade20k", "voc")),
+        for name, given, allowed in (("seg_data", self.seg_data, ("ade20k", "voc", "cityscapes")),
                                      ("depth_data", self.depth_data, ("nyu",)),
                                      ("retrieval_data", self.retrieval_data, REVISITED)):
             kind, sep, root = given.partition(":")
@@ -167,6 +167,7 @@ def _classification(backbone: nn.Module, config: SuiteConfig, storage: Storage, 
 # a real dense data set: its loader, (train split, test split), and its classes (seg) or
 # largest depth in metres (depth), the heads' label range
 DENSE_SETS = {"ade20k": (load_ade20k, ("training", "validation"), 150), "voc": (load_voc, ("train", "val"), 21),
+              "cityscapes": (load_cityscapes, ("train", "val"), 19),
               "nyu": (load_nyu, ("train", "test"), 10.0)}
 
 

@@ -253,7 +253,8 @@ def evaluate(
                                                  "side")] = 224,
     num_workers: Annotated[int, typer.Option(min=0, help="class folders, real dense and retrieval data sets: "
                                                          "decoding processes")] = 0,
-    seg_data: Annotated[str, typer.Option(help="seg on a real data set, ade20k:<root> or voc:<root> (its own "
+    seg_data: Annotated[str, typer.Option(help="seg on a real data set, ade20k:<root>, voc:<root> or "
+                                               "cityscapes:<root> (its own "
                                                "layout; images at --image-size; default: synthetic scenes)")] = "",
     depth_data: Annotated[str, typer.Option(help="depth on NYU-Depth v2, nyu:<root> (train/*.npz, test/*.npz; "
                                                  "default: synthetic scenes)")] = "",

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from dinoflow.storage import Storage
-from evaluators.dense_datasets import DenseSplit, load_ade20k, load_nyu, load_voc
+from evaluators.dense_datasets import DenseSplit, load_ade20k, load_cityscapes, load_nyu, load_voc
 
 
 def _whole(split: DenseSplit) -> tuple[np.ndarray, np.ndarray]:
@@ -64,6 +64,45 @@ def test_voc_layout_keeps_boundaries_ignored(tmp_path: Path) -> None:
     assert split.names == ids and set(np.unique(_whole(split)[1])) == {0, 15, 255}
     with pytest.raises(FileNotFoundError, match="splits: train, val"):
         load_voc(Storage(), str(tmp_path), "train", 20)
+
+
+# Cityscapes' 19 evaluated classes in train-id order, with their label ids (its labels table)
+CITYSCAPES = [("road", 7), ("sidewalk", 8), ("building", 11), ("wall", 12), ("fence", 13), ("pole", 17),
+              ("traffic light", 19), ("traffic sign", 20), ("vegetation", 21), ("terrain", 22), ("sky", 23),
+              ("person", 24), ("rider", 25), ("car", 26), ("truck", 27), ("bus", 28), ("train", 31),
+              ("motorcycle", 32), ("bicycle", 33)]
+
+
+def write_cityscapes(root: Path, split: str, cities: dict[str, int], side: int = 16) -> list[np.ndarray]:
+    """Cityscapes' layout: per city ``count`` images and fine masks of random label ids 0..33; the
+    masks in the order the adapter lists them (by path)."""
+    rng = np.random.default_rng(len(cities))
+    masks = []
+    for city, count in sorted(cities.items()):
+        for i in range(count):
+            name = f"{city}_{i:06d}_000019"
+            _jpg(root / "leftImg8bit" / split / city / f"{name}_leftImg8bit.png", i, (side, side))
+            masks.append(rng.integers(0, 34, (side, side)).astype(np.uint8))
+            _png(root / "gtFine" / split / city / f"{name}_gtFine_labelIds.png", masks[-1], palette=False)
+            _png(root / "gtFine" / split / city / f"{name}_gtFine_instanceIds.png", masks[-1], palette=False)
+    return masks
+
+
+def test_cityscapes_layout_maps_label_ids_to_the_19_classes(tmp_path: Path) -> None:
+    masks = write_cityscapes(tmp_path, "val", {"frankfurt": 2, "lindau": 1})
+    split = load_cityscapes(Storage(), str(tmp_path), "val", size=16)
+    assert split.names == ["frankfurt_000000_000019", "frankfurt_000001_000019", "lindau_000000_000019"]
+    images, labels = _whole(split)
+    train_id = {label_id: index for index, (_, label_id) in enumerate(CITYSCAPES)}
+    expected = np.vectorize(lambda label_id: train_id.get(int(label_id), 255))(np.stack(masks))
+    assert images.shape == (3, 3, 16, 16)
+    np.testing.assert_array_equal(labels, expected)
+    assert set(np.unique(labels)) == set(range(19)) | {255}
+    assert len(load_cityscapes(Storage(), str(tmp_path), "val", size=16, limit=2)) == 2
+    with pytest.raises(ValueError, match="train or val \\(test's masks are withheld\\)"):
+        load_cityscapes(Storage(), str(tmp_path), "test", 16)
+    with pytest.raises(FileNotFoundError, match="no Cityscapes images .* under .*train found"):
+        load_cityscapes(Storage(), str(tmp_path), "train", 16)
 
 
 def test_nyu_npz_layout(tmp_path: Path) -> None:
@@ -137,5 +176,11 @@ def test_the_suite_runs_the_dense_heads_on_real_layouts(tmp_path: Path) -> None:
     assert (tmp_path / "pictures" / "pca_features.png").exists()
     assert not (tmp_path / "pictures" / "dense_predictions.png").exists()  # masks and depths of other images
     with pytest.raises(ValueError, match="seg_data = 'coco:/x'; give <data set>:<root> with the data set one of "
-                                         "ade20k, voc"):
+                                         "ade20k, voc, cityscapes"):
         SuiteConfig(tasks=("seg",), seg_data="coco:/x")
+    # Cityscapes from the suite: its 19 classes scored
+    write_cityscapes(tmp_path / "cityscapes", "train", {"aachen": 4})
+    write_cityscapes(tmp_path / "cityscapes", "val", {"lindau": 2})
+    cityscapes = run_suite(backbone, SuiteConfig(tasks=("seg",), seg_data=f"cityscapes:{tmp_path / 'cityscapes'}",
+                                                 image_size=28, seg_head=HeadConfig(steps=3)))
+    assert sum(key.startswith("iou_") for key in cityscapes["tasks"]["seg"]) == 19
