@@ -122,9 +122,16 @@ def relabelled(source: FeatureSource, labels: np.ndarray) -> FeatureSource:
 
 
 def feature_sources(backbone: nn.Module, splits: Sequence[Dataset[tuple[Tensor, Tensor]]], layers: int,
-                    amp_dtype: torch.dtype | None, num_workers: int, budget_bytes: float) -> list[FeatureSource]:
-    """One source per split, all held when their features fit in ``budget_bytes`` together, else
-    all made per batch (a split's side is read from its first item)."""
+                    amp_dtype: torch.dtype | None, num_workers: int, budget_bytes: float,
+                    read: Sequence[bool] | None = None) -> list[FeatureSource]:
+    """One source per split; the splits whose features are ``read`` (default: all; +ms scores its
+    test split from the images at other scales, never from these features) all held when their
+    features fit in ``budget_bytes`` together, else all made per batch (a split's side is read from
+    its first item)."""
     sources = [FeatureSource(split, backbone, layers, amp_dtype, num_workers) for split in splits]
-    needed = sum(feature_bytes(backbone, len(s), int(s.split[0][0].shape[-1]), layers) for s in sources)
-    return [hold(s) for s in sources] if needed <= budget_bytes else sources
+    read = [True] * len(sources) if read is None else list(read)
+    needed = sum(feature_bytes(backbone, len(s), int(s.split[0][0].shape[-1]), layers)
+                 for s, wanted in zip(sources, read, strict=True) if wanted)
+    if needed > budget_bytes:
+        return sources
+    return [hold(s) if wanted else s for s, wanted in zip(sources, read, strict=True)]

@@ -189,9 +189,9 @@ def _dense_tasks(backbone: nn.Module, config: SuiteConfig, storage: Storage) -> 
     made: dict[str, _DenseTask] = {}
     scenes: _DenseTask | None = None
 
-    def sources(splits: list) -> list[FeatureSource]:
+    def sources(splits: list, test_read: bool) -> list[FeatureSource]:
         return feature_sources(backbone, splits, config.layers, config.amp_dtype, config.num_workers,
-                               config.dense_cache_gib * 2**30)
+                               config.dense_cache_gib * 2**30, read=(True, test_read))
 
     for task, given in (("seg", config.seg_data), ("depth", config.depth_data)):
         if task not in config.tasks:
@@ -201,7 +201,8 @@ def _dense_tasks(backbone: nn.Module, config: SuiteConfig, storage: Storage) -> 
             load, (train_split, test_split), label_range = DENSE_SETS[name]
             train, test = sources([load(storage, root, split, config.image_size, limit)
                                    for split, limit in ((train_split, config.train_limit),
-                                                        (test_split, config.test_limit))])
+                                                        (test_split, config.test_limit))],
+                                  test_read=task == "depth" or not config.multiscale)
             made[task] = _DenseTask(train, test, float(label_range), None)
             continue
         if scenes is None:
@@ -209,7 +210,8 @@ def _dense_tasks(backbone: nn.Module, config: SuiteConfig, storage: Storage) -> 
             train_scenes = make_scenes(config.train_scenes, config.seed, scene)
             test_scenes = make_scenes(config.test_scenes, config.seed + 1, scene)
             train, test = sources([ArraySplit(train_scenes.images, train_scenes.masks),
-                                   ArraySplit(test_scenes.images, test_scenes.masks)])
+                                   ArraySplit(test_scenes.images, test_scenes.masks)],
+                                  test_read="depth" in config.tasks or not config.multiscale)
             scenes = _DenseTask(train, test, float(len(CLASS_NAMES)), test_scenes.masks != 0)
             depths = (train_scenes.depths, test_scenes.depths, float(scene.far))
         made[task] = scenes if task == "seg" else replace(

@@ -61,6 +61,34 @@ def test_features_are_held_only_when_they_fit_the_budget() -> None:
     assert all(s.held is not None for s in held)
     assert sum(s.held[0].nbytes + s.held[1].nbytes for s in held) == needed  # the estimate is exact
     assert all(s.held is None for s in feature_sources(backbone, splits, 1, None, 0, budget_bytes=needed - 1))
+    # a split whose features are not read (+ms's test split) is neither held nor counted
+    train_only = feature_bytes(backbone, 10, 28, 1)
+    train, test = feature_sources(backbone, splits, 1, None, 0, budget_bytes=train_only, read=(True, False))
+    assert train.held is not None and test.held is None
+
+
+def test_plus_ms_makes_no_feature_of_the_test_images_at_their_own_scale(monkeypatch: pytest.MonkeyPatch) -> None:
+    """seg by +ms scores the test scenes from their images at three scales and flips: the pass that
+    held their features at the one scale is not made, and the report is the one made with it."""
+    import evaluators.dense_source as dense_source
+    import evaluators.suite as suite
+
+    backbone = _backbone()
+    config = suite.SuiteConfig(tasks=("seg",), train_scenes=16, test_scenes=4, scene_size=28, layers=2,
+                               multiscale=True, seg_head=HeadConfig(steps=3, batch_size=8))
+    held: list[int] = []
+    hold = dense_source.hold
+
+    def counted(source):
+        held.append(len(source))
+        return hold(source)
+
+    monkeypatch.setattr(dense_source, "hold", counted)
+    report = suite.run_suite(backbone, config)["metrics"]
+    assert held == [16]  # the training scenes only
+    every = dense_source.feature_sources
+    monkeypatch.setattr(suite, "feature_sources", lambda *args, read=None: every(*args))  # both held, as before
+    assert suite.run_suite(backbone, config)["metrics"] == report and held == [16, 16, 4]
 
 
 def test_relabelled_keeps_the_held_features(tmp_path: Path) -> None:
