@@ -232,6 +232,53 @@ def _head_saves(task: str, config: SuiteConfig, storage: Storage, digest: str) -
     return HeadSaves(storage, join_uri(config.work_dir, f"{task}-head"), identity)
 
 
+def _segmentation(backbone: nn.Module, data: _DenseTask, config: SuiteConfig, saves: HeadSaves | None,
+                  keep: int) -> tuple[dict[str, float], torch.Tensor]:
+    """The segmentation head trained on ``data.train`` (classes weighted by their pixels) and its
+    scores on ``data.test`` (+ms: over scales and flips), with its first ``keep`` class maps."""
+    device = next(backbone.parameters()).device
+    classes = int(data.label_range)
+    weight = class_weights(data.train.class_counts(classes), config.seg_head.class_balance)
+    source = data.train
+    head = train_segmentation_head(lambda rows: ((patches, masks) for patches, _, masks in source.batches(rows)),
+                                   len(source), source.channels, classes, weight, config.seg_head, device, saves)
+    tests = row_batches(len(data.test))
+    scored = (((multiscale_probabilities(backbone, head, images, config.layers, amp_dtype=config.amp_dtype), masks)
+               for images, masks in data.test.inputs(tests)) if config.multiscale else
+              ((head(patches.to(device), tuple(masks.shape[-2:])), masks)
+               for patches, _, masks in data.test.batches(tests)))
+    return evaluate_segmentation(scored, classes, keep=keep)
+
+
+def _depth(data: _DenseTask, config: SuiteConfig, device: torch.device, saves: HeadSaves | None,
+           keep: int) -> tuple[dict[str, float], torch.Tensor]:
+    """The depth head trained on ``data.train`` and its scores on ``data.test``, with its first
+    ``keep`` depth maps."""
+    head = train_depth_head(data.train.batches, len(data.train), data.train.channels, config.depth_head,
+                            max_depth=data.label_range, device=device, saves=saves)
+    return evaluate_depth(((head(patches.to(device), cls.to(device), tuple(depths.shape[-2:])), depths)
+                           for patches, cls, depths in data.test.batches(row_batches(len(data.test)))), keep=keep)
+
+
+def _retrieval(backbone: nn.Module, config: SuiteConfig, storage: Storage) -> dict[str, float]:
+    """mAP (easy, medium, hard) of CLS descriptors on revisited Oxford or Paris, else on synthetic sets."""
+    if config.retrieval_data:
+        name, _, root = config.retrieval_data.partition(":")
+        revisited = load_revisited(storage, root, name)
+        queries, database = revisited_descriptors(backbone, revisited, storage, root, config.image_size,
+                                                  amp_dtype=config.amp_dtype, num_workers=config.num_workers)
+        truths = revisited.truths
+    else:
+        synthetic = make_retrieval_set(config.retrieval_scenes, seed=config.seed + 2,
+                                       config=SceneConfig(size=config.scene_size))
+        queries, database = (global_descriptors(backbone, to_model_input(x, patch_size=backbone.patch_size),
+                                                amp_dtype=config.amp_dtype)
+                             for x in (synthetic.queries, synthetic.database))
+        truths = synthetic.truths
+    ranking, _ = rank_database(queries, database)
+    return dict(retrieval_map(ranking, truths))
+
+
 def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None = None,
               pictures: str | Path | None = None) -> dict[str, Any]:
     """Run ``config.tasks`` on ``backbone`` (in eval mode, not moved); returns the report.
@@ -261,30 +308,14 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
     shown = slice(0, 6)
     predicted: dict[str, np.ndarray] = {}  # the first test images' predictions, for the pictures
     if "seg" in dense:
-        data = dense["seg"]
-        classes = int(data.label_range)
-        weight = class_weights(data.train.class_counts(classes), config.seg_head.class_balance)
-        source = data.train
-        head = train_segmentation_head(lambda rows: ((patches, masks) for patches, _, masks in source.batches(rows)),
-                                       len(source), source.channels, classes, weight, config.seg_head, device,
-                                       _head_saves("seg", config, storage, digest))
-        tests = row_batches(len(data.test))
-        scored = (((multiscale_probabilities(backbone, head, images, config.layers, amp_dtype=config.amp_dtype), masks)
-                   for images, masks in data.test.inputs(tests)) if config.multiscale else
-                  ((head(patches.to(device), tuple(masks.shape[-2:])), masks)
-                   for patches, _, masks in data.test.batches(tests)))
-        seg, maps = evaluate_segmentation(scored, classes, keep=shown.stop)
+        seg, maps = _segmentation(backbone, dense["seg"], config, _head_saves("seg", config, storage, digest),
+                                  keep=shown.stop)
         predicted["seg"] = maps.numpy().astype(np.uint8)
         tasks["seg"] = seg
         metrics.update({"seg_miou": seg["miou"], "seg_pixel_accuracy": seg["pixel_accuracy"]})
     if "depth" in dense:
-        data = dense["depth"]
-        head = train_depth_head(data.train.batches, len(data.train), data.train.channels, config.depth_head,
-                                max_depth=data.label_range, device=device,
-                                saves=_head_saves("depth", config, storage, digest))
-        depth, maps = evaluate_depth(((head(patches.to(device), cls.to(device), tuple(depths.shape[-2:])), depths)
-                                      for patches, cls, depths in data.test.batches(row_batches(len(data.test)))),
-                                     keep=shown.stop)
+        depth, maps = _depth(dense["depth"], config, device, _head_saves("depth", config, storage, digest),
+                             keep=shown.stop)
         predicted["depth"] = maps.numpy()
         tasks["depth"] = depth
         metrics.update({f"depth_{k}": v for k, v in depth.items()})
@@ -304,24 +335,8 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
         tasks["attention"] = attention_figures(backbone, *looked_at, pictures)
         metrics.update(tasks["attention"])
     if "retrieval" in config.tasks:
-        if config.retrieval_data:
-            name, _, root = config.retrieval_data.partition(":")
-            revisited = load_revisited(storage, root, name)
-            queries, database = revisited_descriptors(backbone, revisited, storage, root,
-                                                      config.image_size, amp_dtype=config.amp_dtype,
-                                                      num_workers=config.num_workers)
-            truths = revisited.truths
-        else:
-            synthetic = make_retrieval_set(config.retrieval_scenes, seed=config.seed + 2,
-                                           config=SceneConfig(size=config.scene_size))
-            queries, database = (global_descriptors(backbone, to_model_input(x, patch_size=backbone.patch_size),
-                                                    amp_dtype=config.amp_dtype)
-                                 for x in (synthetic.queries, synthetic.database))
-            truths = synthetic.truths
-        ranking, _ = rank_database(queries, database)
-        scores = dict(retrieval_map(ranking, truths))
-        tasks["retrieval"] = scores
-        metrics.update({f"retrieval_{k}": v for k, v in scores.items()})
+        tasks["retrieval"] = _retrieval(backbone, config, storage)
+        metrics.update({f"retrieval_{k}": v for k, v in tasks["retrieval"].items()})
     return {"metrics": metrics, "tasks": tasks, "config": _jsonable(asdict(config)), "features": features}
 
 
