@@ -186,8 +186,9 @@ class FolderImages:
                 loader = DataLoader(Subset(subset.dataset, [subset.indices[r] for r in rows]), batch_size=batch_size,
                                     num_workers=self.num_workers, collate_fn=collate_samples)
                 shown = keep - sum(len(k) for k in kept)  # the first test images' pixels still wanted
-                return self._part(_ModelInput(loader, self.image_size, patch, remap, keep=shown), backbone, blocks,
-                                  views, amp_dtype)
+                batches = _ModelInput(loader, self.image_size, patch, remap, next(backbone.parameters()).device,
+                                      keep=shown)
+                return self._part(batches, backbone, blocks, views, amp_dtype)
 
             def tallied(pieces: Iterator[dict[str, Tensor]]) -> Iterator[dict[str, Tensor]]:
                 for piece in pieces:
@@ -263,6 +264,7 @@ class _ModelInput:
     image_size: int
     patch: int
     remap: Tensor | None
+    device: torch.device  # the backbone's: the pixels go there as uint8 and are normalised there
     keep: int = 0  # how many of the first images' pixels to keep in ``kept``
     kept: list[Tensor] = field(default_factory=list)
     bad_keys: list[str] = field(default_factory=list)
@@ -283,4 +285,4 @@ class _ModelInput:
             labels = batch.labels if self.remap is None else self.remap[batch.labels]
             if sum(len(k) for k in self.kept) < self.keep:
                 self.kept.append(pixels)
-            yield to_model_input(pixels, patch_size=self.patch), labels
+            yield to_model_input(pixels.to(self.device), patch_size=self.patch), labels

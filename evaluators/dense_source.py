@@ -54,12 +54,13 @@ class FeatureSource:
 
     def inputs(self, rows: Iterable[Rows]) -> Iterator[tuple[Tensor, Tensor]]:
         """(model input on the backbone's device, labels) of each group of rows, decoded by the
-        split's loader; the images are normalised by :func:`~evaluators.features.to_model_input`."""
+        split's loader; the uint8 images moved to the device, then normalised there
+        (:func:`~evaluators.features.to_model_input`)."""
         device = next(self.backbone.parameters()).device
         loader = DataLoader(self.split, batch_sampler=[[int(i) for i in r] for r in rows],
                             num_workers=self.num_workers, pin_memory=device.type == "cuda")
         for images, labels in loader:
-            yield to_model_input(images, patch_size=int(self.backbone.patch_size)).to(device), labels
+            yield to_model_input(images.to(device, non_blocking=True), patch_size=int(self.backbone.patch_size)), labels
 
     def batches(self, rows: Iterable[Rows]) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         """(patch features, CLS tokens, labels) of each group of rows, in order: looked up when

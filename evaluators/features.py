@@ -48,7 +48,9 @@ def to_model_input(
         mean, std: per-channel normalisation of ``[0, 1]`` pixels (ImageNet's by default).
 
     Resizing is bicubic with antialiasing (``F.interpolate``) on ``[0, 1]`` floats, clamped back to
-    ``[0, 1]`` as a uint8 resize would be, before normalisation.
+    ``[0, 1]`` as a uint8 resize would be, before normalisation. It runs where ``images`` are: uint8
+    pixels moved to a GPU first cross the bus at a quarter of the float input's bytes, and the GPU
+    does in microseconds what took the host tens of milliseconds a batch.
     """
     pixels = torch.as_tensor(images)
     if pixels.dtype != torch.uint8:
@@ -65,8 +67,8 @@ def to_model_input(
     x = pixels.float() / 255.0  # (N, 3, H, W) in [0, 1]
     if target != tuple(x.shape[-2:]):
         x = F.interpolate(x, size=target, mode="bicubic", antialias=True, align_corners=False).clamp_(0.0, 1.0)
-    mean_t = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
+    mean_t = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x - mean_t) / std_t
 
 

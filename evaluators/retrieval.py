@@ -155,11 +155,12 @@ def revisited_descriptors(backbone: nn.Module, data: RevisitedDataset, storage: 
     """:func:`global_descriptors` of the queries (cropped to their boxes) and of the database
     images of ``data`` (:class:`RevisitedImages` at ``size``): ``(queries, database)``."""
     patch = int(backbone.patch_size)
+    device = next(backbone.parameters()).device
     described = []
     for what, names, boxes in (("queries", data.queries, data.query_boxes), ("database", data.images, None)):
         loader = DataLoader(RevisitedImages(storage, root, names, size, patch, boxes), batch_size=1,
                             num_workers=num_workers)
-        described.append(torch.cat([global_descriptors(backbone, to_model_input(image, patch_size=patch), pooling,
-                                                       amp_dtype=amp_dtype)
+        described.append(torch.cat([global_descriptors(backbone, to_model_input(image.to(device), patch_size=patch),
+                                                       pooling, amp_dtype=amp_dtype)
                                     for image in progress(loader, f"{data.name} {what}", unit="image")]))
     return described[0], described[1]

@@ -72,7 +72,7 @@ class ServedModel:
         ``with_patch_mean`` part of the same function.
         """
         device = next(self.backbone.parameters()).device
-        inputs = to_model_input(pixels, patch_size=self.patch_size).to(device)  # (B, 3, S, S) float
+        inputs = to_model_input(pixels.to(device), patch_size=self.patch_size)  # (B, 3, S, S) float, made there
         with torch.inference_mode():
             blocks = self.backbone.get_intermediate_layers(inputs, n=1, return_class_token=True)
         patch, cls = blocks[-1]  # (B, h*w, D), (B, D): the last block through the final norm

@@ -111,6 +111,18 @@ def test_model_input_normalisation_matches_hand_formula() -> None:
         np.testing.assert_allclose(got[:, c], (gray / 255.0 - mean[c]) / std[c], atol=1e-5)
 
 
+def test_model_input_is_made_where_the_pixels_are() -> None:
+    """uint8 pixels on a device are normalised (and resized) there, no host tensor mixed in: the
+    meta device, which holds no values and refuses a CPU operand, stands for a GPU here."""
+    pixels = torch.zeros(2, 3, 28, 28, dtype=torch.uint8, device="meta")
+    for size in (None, 14):
+        made = to_model_input(pixels, size=size, patch_size=14)
+        assert made.device.type == "meta" and made.dtype == torch.float32
+    if torch.cuda.is_available():  # the same values on a GPU as on the host
+        rgb = torch.randint(0, 256, (2, 3, 14, 14), dtype=torch.uint8)
+        torch.testing.assert_close(to_model_input(rgb.cuda()).cpu(), to_model_input(rgb))
+
+
 def test_model_input_resize() -> None:
     flat = np.full((1, 28, 28), 200, dtype=np.uint8)  # bicubic keeps a constant image constant
     got = to_model_input(flat, size=14, patch_size=14)
