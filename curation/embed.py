@@ -69,7 +69,7 @@ def backbone_embedder(model: nn.Module, size: int = 224, patch_size: int | None 
     target = torch.device(device) if device is not None else next(model.parameters()).device
 
     def embed(images: Tensor) -> Tensor:
-        inputs = to_model_input(images, size=size, patch_size=patch).to(target)
+        inputs = to_model_input(torch.as_tensor(images).to(target), size=size, patch_size=patch)  # resized there
         features, _ = extract_features(model, inputs, batch_size=len(inputs), device=target, amp_dtype=amp_dtype)
         return features
 
