@@ -279,6 +279,31 @@ def _retrieval(backbone: nn.Module, config: SuiteConfig, storage: Storage) -> di
     return dict(retrieval_map(ranking, truths))
 
 
+def _dense_pictures(dense: dict[str, _DenseTask], predicted: dict[str, np.ndarray], folder: Path, shown: int) -> None:
+    """``pca_features.png`` of the first task's first ``shown`` test images, and their predictions
+    beside the truth: ``dense_predictions.png`` when seg and depth score the same scenes, else
+    ``seg_predictions.png`` and ``depth_predictions.png`` (ADE20K's masks, NYU's depths)."""
+
+    def first(data: _DenseTask) -> tuple[range, np.ndarray, np.ndarray]:
+        rows = range(min(shown, len(data.test)))
+        items = [data.test.split[i] for i in rows]
+        return rows, np.stack([image.numpy() for image, _ in items]), np.stack([label.numpy() for _, label in items])
+
+    lead = next(iter(dense.values()))
+    rows, images, _ = first(lead)
+    save_pca_maps(images, next(lead.test.batches([rows]))[0].cpu().numpy(), folder / "pca_features.png")
+    truths = {task: first(data)[1:] for task, data in dense.items()}
+    seg = {"masks": truths["seg"][1], "predicted_masks": predicted["seg"], "num_classes": int(dense["seg"].label_range)
+           } if "seg" in dense else {}
+    depth = {"depths": truths["depth"][1], "predicted_depths": predicted["depth"]} if "depth" in dense else {}
+    if seg and depth and all(data.foreground is not None for data in dense.values()):  # the same scenes
+        save_dense_predictions(images, folder / "dense_predictions.png", **seg, **depth)
+        return
+    for task, drawn in (("seg", seg), ("depth", depth)):
+        if drawn:
+            save_dense_predictions(truths[task][0], folder / f"{task}_predictions.png", **drawn)
+
+
 def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None = None,
               pictures: str | Path | None = None) -> dict[str, Any]:
     """Run ``config.tasks`` on ``backbone`` (in eval mode, not moved); returns the report.
@@ -286,7 +311,8 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
     With ``pictures`` (a local folder) and knn or linear, it saves ``confusion_knn.png`` (k-NN's
     confusion matrix, up to 30 classes); with the dense tasks, ``pca_features.png``
     (test scenes and their patch features' first three principal components as RGB) and
-    ``dense_predictions.png`` (masks and depth maps, true and predicted); with either the dense
+    ``dense_predictions.png`` (masks and depth maps, true and predicted; on real data sets
+    ``seg_predictions.png`` and ``depth_predictions.png``); with either the dense
     or the classification tasks, ``attention_maps.png`` (:func:`attention_figures`).
     """
     backbone.eval()
@@ -323,14 +349,7 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
     if scenes:  # the scenes' shapes, not their plane, are the attention's foreground
         looked_at = scenes[0].test.split.images[:ATTENTION_IMAGES], scenes[0].foreground[:ATTENTION_IMAGES]
     if pictures is not None and dense:
-        first = next(iter(dense.values())).test
-        rows = range(min(shown.stop, len(first)))
-        images = np.stack([first.split[i][0].numpy() for i in rows])
-        save_pca_maps(images, next(first.batches([rows]))[0].cpu().numpy(), Path(pictures) / "pca_features.png")
-        if len(scenes) == 2:  # seg and depth on the same scenes
-            save_dense_predictions(images, dense["seg"].test.split.labels[shown], predicted["seg"][shown],
-                                   dense["depth"].test.split.labels[shown], predicted["depth"][shown],
-                                   Path(pictures) / "dense_predictions.png", len(CLASS_NAMES))
+        _dense_pictures(dense, predicted, Path(pictures), shown.stop)
     if looked_at is not None and hasattr(backbone, "self_attention"):
         tasks["attention"] = attention_figures(backbone, *looked_at, pictures)
         metrics.update(tasks["attention"])

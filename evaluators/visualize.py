@@ -14,6 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.colors import hsv_to_rgb  # noqa: E402
 import numpy as np  # noqa: E402
 
 
@@ -151,23 +152,52 @@ def save_attention_maps(images: np.ndarray, maps: np.ndarray, high_norm: np.ndar
     return _save(figure, path)
 
 
-def save_dense_predictions(images: np.ndarray, masks: np.ndarray, predicted_masks: np.ndarray, depths: np.ndarray,
-                           predicted_depths: np.ndarray, path: str | Path, num_classes: int) -> Path:
-    """One row per image: the image, its mask and the predicted one, its depth and the predicted one."""
-    titles = ("image", "mask", "predicted mask", "depth", "predicted depth")
-    figure, axes = plt.subplots(len(images), 5, figsize=(7.5, 1.6 * len(images)), squeeze=False)
-    high = float(max(depths.max(), predicted_depths.max()))
+def class_colours(num_classes: int) -> np.ndarray:
+    """``(C, 3)`` RGB in [0, 1], one colour per class: matplotlib's ``tab10``/``tab20`` up to 20
+    classes, else hues spread by the golden ratio (ADE20K's 150 classes stay apart from their
+    neighbours in index, where a 10-colour map repeats every tenth)."""
+    if num_classes <= 20:
+        return np.asarray(plt.get_cmap("tab10" if num_classes <= 10 else "tab20").colors)[:num_classes]
+    hues = (np.arange(num_classes) * 0.618033988749895) % 1.0
+    values = 0.65 + 0.35 * (np.arange(num_classes) % 2)
+    return hsv_to_rgb(np.stack([hues, np.full(num_classes, 0.75), values], axis=1))
+
+
+def mask_rgb(mask: np.ndarray, num_classes: int) -> np.ndarray:
+    """A class-index mask ``(H, W)`` as RGB ``(H, W, 3)``: each class its colour, ignored pixels
+    (255, or any index outside the classes) black."""
+    colours = np.vstack([class_colours(num_classes), np.zeros((256 - num_classes, 3))])
+    return colours[np.asarray(mask, dtype=np.uint8)]
+
+
+def save_dense_predictions(images: np.ndarray, path: str | Path, masks: np.ndarray | None = None,
+                           predicted_masks: np.ndarray | None = None, num_classes: int = 0,
+                           depths: np.ndarray | None = None, predicted_depths: np.ndarray | None = None) -> Path:
+    """One row per image ``(3, H, W)`` uint8: the image, then its mask and the predicted one (when
+    ``masks`` are given: class indices below ``num_classes``, 255 ignored, drawn black), then its
+    depth and the predicted one (when ``depths`` are given, one colour scale; 0 = unknown)."""
+    seg, depth = masks is not None, depths is not None
+    if not seg and not depth:
+        raise ValueError("give the masks (and predicted masks), the depths (and predicted depths), or both")
+    titles = ["image", *(["mask", "predicted mask"] if seg else []), *(["depth", "predicted depth"] if depth else [])]
+    figure, axes = plt.subplots(len(images), len(titles), figsize=(1.5 * len(titles), 1.6 * len(images)),
+                                squeeze=False)
+    high = float(max(depths.max(), predicted_depths.max())) if depth else 0.0
     for row in range(len(images)):
         axes[row, 0].imshow(images[row].transpose(1, 2, 0))
-        for column, mask in ((1, masks[row]), (2, predicted_masks[row])):
-            axes[row, column].imshow(np.where(mask == 255, 0, mask), cmap="tab10", vmin=0, vmax=max(num_classes - 1, 1),
-                                     interpolation="nearest")
-        for column, depth in ((3, depths[row]), (4, predicted_depths[row])):
-            axes[row, column].imshow(depth, cmap="magma_r", vmin=0, vmax=high)
-        for column, axis in enumerate(axes[row]):
+        column = 1
+        if seg:
+            for mask in (masks[row], predicted_masks[row]):
+                axes[row, column].imshow(mask_rgb(mask, num_classes), interpolation="nearest")
+                column += 1
+        if depth:
+            for depth_map in (depths[row], predicted_depths[row]):
+                axes[row, column].imshow(depth_map, cmap="magma_r", vmin=0, vmax=high)
+                column += 1
+        for index, axis in enumerate(axes[row]):
             axis.axis("off")
             if row == 0:
-                axis.set_title(titles[column], fontsize=8)
+                axis.set_title(titles[index], fontsize=8)
     figure.tight_layout()
     return _save(figure, path)
 

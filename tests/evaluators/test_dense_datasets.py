@@ -175,6 +175,8 @@ def test_the_suite_runs_the_dense_heads_on_real_layouts(tmp_path: Path) -> None:
     assert "attention_jaccard" not in metrics  # real data: no shapes to score the attention against
     assert (tmp_path / "pictures" / "pca_features.png").exists()
     assert not (tmp_path / "pictures" / "dense_predictions.png").exists()  # masks and depths of other images
+    for name in ("seg_predictions.png", "depth_predictions.png"):  # so each task is drawn on its own images
+        assert (tmp_path / "pictures" / name).read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="seg_data = 'coco:/x'; give <data set>:<root> with the data set one of "
                                          "ade20k, voc, cityscapes"):
         SuiteConfig(tasks=("seg",), seg_data="coco:/x")

@@ -1,0 +1,47 @@
+"""The dense prediction pictures: a colour per class however many there are, ignored pixels black,
+either task drawn alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from evaluators.visualize import class_colours, mask_rgb, save_dense_predictions
+
+
+@pytest.mark.parametrize("classes", [3, 19, 21, 150])
+def test_every_class_has_a_colour_of_its_own(classes: int) -> None:
+    colours = class_colours(classes)
+    assert colours.shape == (classes, 3) and colours.min() >= 0 and colours.max() <= 1
+    assert len({tuple(np.round(c, 6)) for c in colours}) == classes
+    assert not (colours == 0).all(axis=1).any()  # black is the ignored pixels'
+
+
+def test_masks_are_coloured_by_class_and_ignored_pixels_black() -> None:
+    mask = np.array([[0, 1], [149, 255]], dtype=np.uint8)
+    rgb = mask_rgb(mask, 150)
+    colours = class_colours(150)
+    np.testing.assert_array_equal(rgb[0, 0], colours[0])
+    np.testing.assert_array_equal(rgb[1, 0], colours[149])
+    np.testing.assert_array_equal(rgb[1, 1], [0, 0, 0])
+
+
+def test_either_task_is_drawn_alone_or_both_together(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (3, 3, 16, 16), dtype=np.uint8)
+    masks = rng.integers(0, 150, (3, 16, 16)).astype(np.uint8)
+    depths = rng.uniform(0, 10, (3, 16, 16)).astype(np.float32)
+    seg = {"masks": masks, "predicted_masks": masks[::-1], "num_classes": 150}
+    depth = {"depths": depths, "predicted_depths": depths + 1}
+    sizes = {}
+    for name, drawn in (("seg", seg), ("depth", depth), ("both", {**seg, **depth})):
+        path = save_dense_predictions(images, tmp_path / f"{name}.png", **drawn)
+        with Image.open(path) as picture:
+            sizes[name] = picture.size
+    assert sizes["seg"] == sizes["depth"] and sizes["both"][0] > sizes["seg"][0]  # 3 columns, or 5
+    assert sizes["both"][1] == sizes["seg"][1]  # a row per image either way
+    with pytest.raises(ValueError, match="give the masks"):
+        save_dense_predictions(images, tmp_path / "none.png")
