@@ -134,10 +134,12 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
     def uncached(task: Any) -> Any:
         return task.set_caching_options(False)
 
-    def data_sets(seg_data: Any, depth_data: Any, retrieval_data: Any, image_size: Any, precision: Any) -> dict:
-        """The evaluate task's real benchmark data sets (empty: the synthetic ones) and image settings."""
+    def data_sets(seg_data: Any, depth_data: Any, retrieval_data: Any, image_size: Any, precision: Any,
+                  seg_steps: Any, depth_steps: Any) -> dict:
+        """The evaluate task's real benchmark data sets (empty: the synthetic ones), image settings
+        and dense heads' training steps (0: the suite's)."""
         return {"seg_data": seg_data, "depth_data": depth_data, "retrieval_data": retrieval_data,
-                "image_size": image_size, "precision": precision}
+                "image_size": image_size, "precision": precision, "seg_steps": seg_steps, "depth_steps": depth_steps}
 
     def closer(run_root: str, tracking_uri: str, experiment: str) -> Any:
         return uncached(c.close_run(run_root=run_root, tracking_uri=tracking_uri, experiment=experiment,
@@ -168,7 +170,8 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                         max_minutes: float, seed: int, data_for_eval: str, eval_data_uri: str, train_limit: int,
                         test_limit: int, knn_k: int, knn_temperature: float, eval_tasks: list, seg_data: str,
                         depth_data: str, retrieval_data: str, eval_image_size: int, eval_precision: str,
-                        model_name: str, metric: str, margin: float) -> None:
+                        eval_seg_steps: int, eval_depth_steps: int, model_name: str, metric: str,
+                        margin: float) -> None:
         ctx = {"run_root": run_root, "tracking_uri": tracking_uri, "experiment": experiment,
                "parent_run_id": parent_run_id, "pipeline_run_id": RUN_ID}
         with dsl.ParallelFor(students) as student:  # each a distill preset name, e.g. distill-tiny
@@ -179,7 +182,8 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                                {"train_limit": train_limit, "test_limit": test_limit, "knn_k": knn_k,
                                 "knn_temperature": knn_temperature, "tasks": eval_tasks,
                                 "eval_data_uri": eval_data_uri,
-                                **data_sets(seg_data, depth_data, retrieval_data, eval_image_size, eval_precision)},
+                                **data_sets(seg_data, depth_data, retrieval_data, eval_image_size, eval_precision,
+                                          eval_seg_steps, eval_depth_steps)},
                                distilled.outputs["model_name"], metric, margin)
 
     @dsl.pipeline(name="full", description="Ingest, curate (with a pool), pretrain, evaluate, register with a "
@@ -194,7 +198,7 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
              train_limit: int = 0, test_limit: int = 0, knn_k: int = 20, knn_temperature: float = 0.07,
              eval_tasks: list = ["knn", "linear"], eval_data_uri: str = "",  # noqa: B006
              seg_data: str = "", depth_data: str = "", retrieval_data: str = "", eval_image_size: int = 224,
-             eval_precision: str = "fp32",
+             eval_precision: str = "fp32", eval_seg_steps: int = 0, eval_depth_steps: int = 0,
              model_name: str = "dinoflow-tiny", metric: str = "knn_top1_k20", margin: float = 0.0,
              students: list = [], student_overrides: list = [], student_minutes: float = 3.0) -> None:  # noqa: B006
         with dsl.ExitHandler(closer(run_root, tracking_uri, experiment)):
@@ -213,7 +217,8 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                                  max_minutes=max_minutes, seed=seed, device=device)
             eval_params = {"train_limit": train_limit, "test_limit": test_limit, "knn_k": knn_k,
                            "knn_temperature": knn_temperature, "tasks": eval_tasks, "eval_data_uri": eval_data_uri,
-                           **data_sets(seg_data, depth_data, retrieval_data, eval_image_size, eval_precision)}
+                           **data_sets(seg_data, depth_data, retrieval_data, eval_image_size, eval_precision,
+                                          eval_seg_steps, eval_depth_steps)}
             score_and_register(ctx, use_cache, trained.outputs["backbone"], data.output, eval_params,
                                model_name, metric, margin)
             distil_students(run_root=run_root, tracking_uri=tracking_uri, experiment=experiment,
@@ -224,7 +229,8 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                             test_limit=test_limit, knn_k=knn_k,
                             knn_temperature=knn_temperature, eval_tasks=eval_tasks, seg_data=seg_data,
                             depth_data=depth_data, retrieval_data=retrieval_data, eval_image_size=eval_image_size,
-                            eval_precision=eval_precision, model_name=model_name, metric=metric, margin=margin)
+                            eval_precision=eval_precision, eval_seg_steps=eval_seg_steps,
+                            eval_depth_steps=eval_depth_steps, model_name=model_name, metric=metric, margin=margin)
 
     @dsl.pipeline(name="evaluate-only", description="Benchmark backbone weights (weights_uri) or a registered "
                                                     "model (model: <name>, <name>@<alias>, <name>/<version>) on "
@@ -234,14 +240,16 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                       data_uri: str = CLUSTER_DATA, train_limit: int = 0, test_limit: int = 0, knn_k: int = 20,
                       knn_temperature: float = 0.07, eval_tasks: list = ["knn", "linear"],  # noqa: B006
                       seg_data: str = "", depth_data: str = "", retrieval_data: str = "",
-                      eval_image_size: int = 224, eval_precision: str = "fp32") -> None:
+                      eval_image_size: int = 224, eval_precision: str = "fp32", eval_seg_steps: int = 0,
+                      eval_depth_steps: int = 0) -> None:
         with dsl.ExitHandler(closer(run_root, tracking_uri, experiment)):
             parent = open_parent(run_root, tracking_uri, experiment, "evaluate_only")
             ctx = context(run_root, tracking_uri, experiment, parent)
             benchmark = {"use_cache": use_cache, "data_uri": data_uri, "train_limit": train_limit,
                          "test_limit": test_limit, "knn_k": knn_k, "knn_temperature": knn_temperature,
                          "tasks": eval_tasks, **on_device,
-                         **data_sets(seg_data, depth_data, retrieval_data, eval_image_size, eval_precision)}
+                         **data_sets(seg_data, depth_data, retrieval_data, eval_image_size, eval_precision,
+                                          eval_seg_steps, eval_depth_steps)}
             with dsl.If(model == ""):
                 weights = dsl.importer(artifact_uri=weights_uri, artifact_class=dsl.Model, reimport=False)
                 c.evaluate(**ctx, backbone=weights.output, **benchmark)
@@ -256,7 +264,8 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                 train_limit: int = 0, test_limit: int = 0, knn_k: int = 20, knn_temperature: float = 0.07,
                 eval_tasks: list = ["knn", "linear"], model_name: str = "dinoflow-tiny",  # noqa: B006
                 metric: str = "knn_top1_k20", margin: float = 0.0, seg_data: str = "", depth_data: str = "",
-                retrieval_data: str = "", eval_image_size: int = 224, eval_precision: str = "fp32") -> None:
+                retrieval_data: str = "", eval_image_size: int = 224, eval_precision: str = "fp32",
+                eval_seg_steps: int = 0, eval_depth_steps: int = 0) -> None:
         with dsl.ExitHandler(closer(run_root, tracking_uri, experiment)):
             parent = open_parent(run_root, tracking_uri, experiment, "retrain")
             ctx = context(run_root, tracking_uri, experiment, parent)
@@ -267,7 +276,8 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
             score_and_register(ctx, use_cache, trained.outputs["backbone"], data_uri,
                                {"train_limit": train_limit, "test_limit": test_limit, "knn_k": knn_k,
                                 "knn_temperature": knn_temperature, "tasks": eval_tasks,
-                                **data_sets(seg_data, depth_data, retrieval_data, eval_image_size, eval_precision)},
+                                **data_sets(seg_data, depth_data, retrieval_data, eval_image_size, eval_precision,
+                                          eval_seg_steps, eval_depth_steps)},
                                model_name, metric, margin)
 
     @dsl.pipeline(name="promote", description="Point a registered model's alias (champion by default) at a "

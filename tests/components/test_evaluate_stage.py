@@ -120,3 +120,22 @@ def test_the_stage_runs_the_benchmarks_on_real_data_sets(tmp_path: Path) -> None
     for name, given in (("seg_data", "coco:/x"), ("depth_data", "kitti:/x")):
         with pytest.raises(ValueError, match=f"{name} = '{given}'; give <data set>:<root>"):
             run_evaluate_stage(ctx, tmp_path / "backbone", tmp_path / "bad", "", tasks=["seg"], **{name: given})
+
+
+def test_the_dense_heads_train_as_long_as_the_stage_is_told(tmp_path: Path) -> None:
+    """``seg_steps`` and ``depth_steps`` reach the suite and key the cache; a bad one is refused."""
+    torch.manual_seed(0)
+    (tmp_path / "backbone").mkdir()
+    save_backbone(build_vit("vit_small", patch_size=14, embed_dim=32, depth=2, num_heads=2, img_size=56,
+                            layerscale_init=1.0), str(tmp_path / "backbone" / "backbone.safetensors"))
+    ctx = StageContext(run_root=str(tmp_path / "root"))
+    run_evaluate_stage(ctx, tmp_path / "backbone", tmp_path / "out", "", tasks=["seg", "depth"], seg_steps=2,
+                       depth_steps=3)
+    config = json.loads((tmp_path / "out" / "report.json").read_text())["config"]
+    assert (config["seg_head"]["steps"], config["depth_head"]["steps"]) == (2, 3)
+    again = run_evaluate_stage(ctx, tmp_path / "backbone", tmp_path / "again", "", tasks=["seg", "depth"],
+                               seg_steps=2, depth_steps=4)
+    assert not again["cached"]
+    assert json.loads((tmp_path / "again" / "report.json").read_text())["config"]["depth_head"]["steps"] == 4
+    with pytest.raises(ValueError, match="steps and batch_size must be >= 1"):
+        run_evaluate_stage(ctx, tmp_path / "backbone", tmp_path / "bad", "", tasks=["seg"], seg_steps=-1)
