@@ -61,6 +61,7 @@ class LabelledFeatures:
     foreground: Tensor | None  # their foreground where known (Fashion-MNIST: the garments' silhouettes)
     pixels: tuple[Tensor, Tensor] | None  # Fashion-MNIST's raw-pixel train and test features: the baseline
     bad: dict[str, int]  # undecodable images skipped per split
+    test_classes: Tensor | None = None  # the train classes a separate test set holds, its scores restricted to them
 
 
 def data_kind(uri: str, storage: Storage) -> Literal["fashion_mnist", "folder"]:
@@ -84,12 +85,20 @@ def view(features: Tensor, name: str, dim: int) -> Tensor:
 
 
 def labelled_images(uri: str, kind: DataKind, storage: Storage, train_limit: int = 0, test_limit: int = 0,
-                    image_size: int = 224, seed: int = 0, num_workers: int = 0) -> LabelledImages:
+                    image_size: int = 224, seed: int = 0, num_workers: int = 0, test_uri: str = "") -> LabelledImages:
     """Both splits of the labelled data at ``uri`` (``kind`` auto: :func:`data_kind`), found and
     checked once: training scores the same images at every evaluation, so it reads Fashion-MNIST's
     files and lists a folder's images once, not at each pass (class folders: decoded by
-    ``num_workers`` processes at each pass)."""
+    ``num_workers`` processes at each pass).
+
+    ``test_uri``: a test set of class folders of its own instead of ``<uri>/val`` (ImageNet-A, -R,
+    -Sketch, -C beside ImageNet's train split), its classes among train's; holding fewer, it is
+    scored over its own classes only (:attr:`LabelledFeatures.test_classes`), as ImageNet-A and -R
+    are over their 200."""
     resolved = data_kind(uri, storage) if kind == "auto" else kind
+    if test_uri and resolved != "folder":
+        raise ValueError(f"test_uri {test_uri!r} is a test set of class folders, for a train split of class "
+                         f"folders; {uri} holds Fashion-MNIST, whose test split is its own")
     if resolved == "fashion_mnist":
         splits = [load_split(storage, uri, split) for split in ("train", "test")]  # type: ignore[arg-type]
         (train, train_y), (test, test_y) = ((torch.from_numpy(data.images[: limit or len(data.images)]),
@@ -99,7 +108,8 @@ def labelled_images(uri: str, kind: DataKind, storage: Storage, train_limit: int
     train = ImageFolderDataset(storage, join_uri(uri, "train"), round(image_size / CROP_RATIO))
     if not train.classes:
         raise ValueError(f"{join_uri(uri, 'train')}: every image must lie in a class folder, train/<class>/<image>")
-    test_uri = join_uri(uri, "val") if storage.list(join_uri(uri, "val")) else join_uri(uri, "test")
+    separate = bool(test_uri)
+    test_uri = test_uri or (join_uri(uri, "val") if storage.list(join_uri(uri, "val")) else join_uri(uri, "test"))
     test = ImageFolderDataset(storage, test_uri, round(image_size / CROP_RATIO))
     unknown = sorted(set(test.classes) - set(train.classes))
     if unknown or not test.classes:
@@ -112,7 +122,8 @@ def labelled_images(uri: str, kind: DataKind, storage: Storage, train_limit: int
             rows = np.sort(np.random.default_rng(seed).permutation(len(rows))[:limit])
         subsets.append(Subset(dataset, rows.tolist()))
     remap = torch.tensor([train.classes.index(name) for name in test.classes])
-    return FolderImages(subsets[0], subsets[1], train.classes, remap, image_size, num_workers)
+    restricted = separate and len(test.classes) < len(train.classes)
+    return FolderImages(subsets[0], subsets[1], train.classes, remap, image_size, num_workers, restricted)
 
 
 @dataclass(frozen=True)
@@ -162,6 +173,7 @@ class FolderImages:
     remap: Tensor
     image_size: int
     num_workers: int = 0  # decoding processes
+    restricted: bool = False  # a separate test set of fewer classes: scored over its classes only
 
     def features(self, backbone: nn.Module, views: bool = False, batch_size: int = 128,
                  amp_dtype: torch.dtype | None = None, parts: FeatureParts | None = None) -> LabelledFeatures:
@@ -205,7 +217,8 @@ class FolderImages:
         train, test = (split_rows("train", self.train, None, 0),
                        split_rows("test", self.test, self.remap, ATTENTION_IMAGES))
         return _labelled(train["features"], train["labels"], test["features"], test["labels"], self.classes,
-                         backbone, views, test["kept"], None, None, bad)
+                         backbone, views, test["kept"], None, None, bad,
+                         self.remap.sort().values if self.restricted else None)
 
     def _part(self, batches: _ModelInput, backbone: nn.Module, blocks: int, views: bool,
               amp_dtype: torch.dtype | None) -> dict[str, Tensor]:
@@ -224,12 +237,22 @@ LabelledImages = FashionMnistImages | FolderImages
 
 def _labelled(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y: Tensor, classes: tuple[str, ...],
               backbone: nn.Module, views: bool, test_images: Tensor, foreground: Tensor | None,
-              pixels: tuple[Tensor, Tensor] | None, bad: dict[str, int]) -> LabelledFeatures:
+              pixels: tuple[Tensor, Tensor] | None, bad: dict[str, int],
+              test_classes: Tensor | None = None) -> LabelledFeatures:
     """The features as extracted (with views: every block's CLS and the patch mean) sorted out."""
     dim = int(backbone.embed_dim)
     final = (view(train_f, "last1", dim), view(test_f, "last1", dim)) if views else (train_f, test_f)
     return LabelledFeatures(final[0], train_y, final[1], test_y, classes, (train_f, test_f) if views else None,
-                            test_images, foreground, pixels, bad)
+                            test_images, foreground, pixels, bad, test_classes)
+
+
+def knn_bank(data: LabelledFeatures) -> tuple[Tensor, Tensor]:
+    """The k-NN's train features and labels: all, or those of the classes a restricted test set
+    holds (a k-NN classifier over its classes, as the probe's logits are restricted to them)."""
+    if data.test_classes is None:
+        return data.train_x, data.train_y
+    kept = torch.isin(data.train_y, data.test_classes)
+    return data.train_x[kept], data.train_y[kept]
 
 
 def classification_report(data: LabelledFeatures, ks: tuple[int, ...], temperature: float,
@@ -240,14 +263,16 @@ def classification_report(data: LabelledFeatures, ks: tuple[int, ...], temperatu
     the backbone's, so a GPU that made the features also scores them (ImageNet's probe: 16
     classifiers x 4 views x 10 epochs over 1.28M features, hours on a CPU)."""
     classes = len(data.classes)
-    report: dict = {"knn": knn_accuracies(data.train_x, data.train_y, data.test_x, data.test_y, ks, temperature,
-                                          classes, device)}
+    report: dict = {"knn": knn_accuracies(*knn_bank(data), data.test_x, data.test_y, ks, temperature, classes, device)}
+    if data.test_classes is not None:
+        report["test_classes"] = len(data.test_classes)
     if linear is not None:
         if data.views is None:
             raise ValueError("the linear probe needs the features taken with views=True")
         dim = data.train_x.shape[1]
         probes = {name: linear_probe(view(data.views[0], name, dim), data.train_y, view(data.views[1], name, dim),
-                                     data.test_y, linear, num_classes=classes, device=device) for name in PROBE_VIEWS}
+                                     data.test_y, linear, num_classes=classes, device=device,
+                                     test_classes=data.test_classes) for name in PROBE_VIEWS}
         best = best_by_val(probes)
         report["linear"] = {**probes[best].to_dict(), "view": best,
                             "val_accuracy_by_view": {name: probe.val_accuracy for name, probe in probes.items()}}

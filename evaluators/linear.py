@@ -79,16 +79,20 @@ class ClassifierGrid:
         return torch.einsum("bf,gfc->gbc", features, self.weight) + self.bias[:, None, :]
 
     def accuracies(self, features: Tensor, labels: Tensor, chunk_size: int = 4096, rows: Tensor | None = None,
-                   scaling: Scaling | None = None) -> Tensor:
+                   scaling: Scaling | None = None, classes: Tensor | None = None) -> Tensor:
         """Top-1 accuracy of each classifier ``(G,)`` on ``(N, F)`` features and ``(N,)`` labels
-        (``rows``: on those rows only; ``scaling``: each chunk standardised as it is read)."""
+        (``rows``: on those rows only; ``scaling``: each chunk standardised as it is read;
+        ``classes``: the prediction is the best of these classes' logits, the others left out)."""
         count = len(features) if rows is None else len(rows)
         correct = torch.zeros(len(self.weight), dtype=torch.long, device=self.weight.device)
+        kept = None if classes is None else classes.to(self.weight.device)
         for start in range(0, count, chunk_size):
             index = slice(start, start + chunk_size) if rows is None else rows[start : start + chunk_size]
             x = scaled(features[index].to(self.weight), scaling)
             y = labels[index].to(self.weight.device)
-            correct += (self.logits(x).argmax(dim=-1) == y).sum(dim=1)  # (G,)
+            logits = self.logits(x)  # (G, B, C)
+            predicted = logits.argmax(dim=-1) if kept is None else kept[logits[..., kept].argmax(dim=-1)]
+            correct += (predicted == y).sum(dim=1)  # (G,)
         return correct.double().cpu() / max(count, 1)
 
     def clone(self) -> ClassifierGrid:
@@ -274,6 +278,7 @@ def linear_probe(
     config: LinearProbeConfig = LinearProbeConfig(),
     num_classes: int | None = None,
     device: str | torch.device = "cpu",
+    test_classes: Tensor | None = None,
 ) -> LinearProbeResult:
     """Train the learning-rate grid on frozen features, pick on a held-out split, score on test.
 
@@ -283,6 +288,8 @@ def linear_probe(
         config: the recipe (see :class:`LinearProbeConfig`).
         num_classes: C; None means ``1 + the largest label`` seen in train or test.
         device: where training runs (features are copied there once).
+        test_classes: score the test set over these classes' logits only (ImageNet-A and -R's
+            protocol: 200 of the 1000 classes); the probe trains and is picked on all of them.
     """
     if train_features.ndim != 2 or test_features.ndim != 2:
         raise ValueError(
@@ -321,7 +328,7 @@ def linear_probe(
         )
     else:
         chosen = ClassifierGrid(grid.weight[best : best + 1], grid.bias[best : best + 1])
-    test_accuracy = float(chosen.accuracies(test_features, test_labels, scaling=scaling)[0])
+    test_accuracy = float(chosen.accuracies(test_features, test_labels, scaling=scaling, classes=test_classes)[0])
 
     return LinearProbeResult(
         best_lr=learning_rates[best],

@@ -4,7 +4,8 @@ Tasks:
 
 * ``knn``, ``linear``: classification (k-NN at ``ks`` with temperature ``T``; the one-pass linear
   probe) on Fashion-MNIST, next to the raw-pixel k-NN baseline (``pixels_knn_top1_k*``), or on
-  folders of class folders, e.g. ImageNet (:mod:`evaluators.classification`);
+  folders of class folders, e.g. ImageNet, its test set from ``val/`` or from ``test_uri`` (ImageNet-A,
+  -R, -Sketch, -C: scored over their own classes when fewer) (:mod:`evaluators.classification`);
 * ``seg``: the linear segmentation head on synthetic scenes, or on ADE20K or Pascal VOC
   (``seg_data``) (mIoU, pixel accuracy);
 * ``depth``: the linear depth head on the same scenes, or on NYU-Depth v2 (``depth_data``) (RMSE,
@@ -41,7 +42,7 @@ from torch import nn
 
 from dinoflow.storage import Storage, join_uri
 from evaluators.attention import ATTENTION_IMAGES, attention_summary
-from evaluators.classification import DATA_KINDS, DataKind, classification_report, labelled_images
+from evaluators.classification import DATA_KINDS, DataKind, classification_report, knn_bank, labelled_images
 from evaluators.dense import (
     HeadConfig,
     HeadSaves,
@@ -83,6 +84,7 @@ class SuiteConfig:
 
     tasks: tuple[str, ...] = ("knn", "linear")
     data_uri: str = ""  # knn, linear: Fashion-MNIST's files, or train/ and val/ class folders
+    test_uri: str = ""  # knn, linear: a test set's class folders instead of val/ (ImageNet-A/R/Sketch/C)
     data_kind: DataKind = "auto"
     image_size: int = 224  # class folders: the centre crop's side; dense sets: the side; Oxford/Paris: the longer
     num_workers: int = 0  # decoding processes of class folders and the real dense and retrieval sets
@@ -136,12 +138,12 @@ def _classification(backbone: nn.Module, config: SuiteConfig, storage: Storage, 
                     pictures: str | Path | None, digest: str) -> dict[str, Any]:
     linear = LinearProbeConfig() if "linear" in config.tasks else None
     images = labelled_images(config.data_uri, config.data_kind, storage, config.train_limit, config.test_limit,
-                             config.image_size, config.seed, config.num_workers)
+                             config.image_size, config.seed, config.num_workers, config.test_uri)
     parts = None
     if config.work_dir:
         identity = {"backbone_sha256": digest, "views": linear is not None,
-                    **{name: getattr(config, name) for name in ("data_uri", "data_kind", "train_limit", "test_limit",
-                                                                 "image_size", "precision", "seed")}}
+                    **{name: getattr(config, name) for name in ("data_uri", "test_uri", "data_kind", "train_limit",
+                                                                 "test_limit", "image_size", "precision", "seed")}}
         parts = FeatureParts(storage, join_uri(config.work_dir, "classification"), identity)
     data = images.features(backbone, views=linear is not None, amp_dtype=config.amp_dtype, parts=parts)
     splits = [data.train_x, data.train_y, data.test_x, data.test_y]
@@ -152,8 +154,8 @@ def _classification(backbone: nn.Module, config: SuiteConfig, storage: Storage, 
     usable = [k for k in config.ks if f"k{k}" in report["knn"]]  # (ks above the train set's size are skipped)
     if pictures is not None and classes <= MAX_CONFUSION_CLASSES and usable:
         k = 20 if 20 in usable else usable[-1]
-        predictions = knn_predict(*splits[:3], k=k, temperature=config.temperature, num_classes=classes,
-                                  device=device).numpy()
+        predictions = knn_predict(*knn_bank(data), data.test_x, k=k, temperature=config.temperature,
+                                  num_classes=classes, device=device).numpy()
         save_confusion_matrix(confusion_matrix(data.test_y.numpy(), predictions, classes), data.classes,
                               Path(pictures) / "confusion_knn.png",
                               title=f"k-NN (k={k}) on frozen CLS features: {100 * report['knn'][f'k{k}']:.1f}%")

@@ -244,6 +244,10 @@ def evaluate(
     data_uri: Annotated[str, typer.Option(help="labelled images for knn and linear: Fashion-MNIST's folder, or "
                                                 "one of class folders, train/<class>/ and val/<class>/ (ImageNet's "
                                                 "layout; path or URI)")] = "/usr/share/datasets/fashion-mnist",
+    test_uri: Annotated[str, typer.Option(help="knn and linear: a test set of class folders of its own instead of "
+                                               "<data-uri>/val, e.g. ImageNet-R beside ImageNet's train/; with "
+                                               "fewer classes than train it is scored over its own (ImageNet-A "
+                                               "and -R's protocol)")] = "",
     train_limit: Annotated[int, typer.Option(help="labelled train images used (0: all; class folders: a seeded "
                                                   "random subset)")] = 0,
     test_limit: Annotated[int, typer.Option(help="test images used (0: all)")] = 0,
@@ -310,7 +314,8 @@ def evaluate(
             raise ValueError(f"unknown benchmark {benchmark!r}; allowed: knn, linear, suite")
         chosen = tuple(t.strip() for t in tasks.split(",") if t.strip()) if benchmark == "suite" else (benchmark,)
         backbone = _backbone(weights, source, storage).to(available_device(device))
-        config = SuiteConfig(tasks=chosen, data_uri=data_uri, train_limit=train_limit, test_limit=test_limit,
+        config = SuiteConfig(tasks=chosen, data_uri=data_uri, test_uri=test_uri, train_limit=train_limit,
+                             test_limit=test_limit,
                              ks=tuple(sorted({k, 20})), image_size=image_size, num_workers=num_workers,
                              seg_data=seg_data, depth_data=depth_data, retrieval_data=retrieval_data,
                              multiscale=ms, precision=precision,
@@ -322,7 +327,8 @@ def evaluate(
         tracking_uri, experiment, run_name=f"eval-{benchmark}", tags=standard_tags("evaluate"),
     ) if tracking_uri else contextlib.nullcontext(NullTracker())) as tracker, _bad_input():
         tracker.log_params({"weights": weights, "benchmark": benchmark, "tasks": ",".join(chosen),
-                            "data_uri": data_uri, "train_limit": train_limit, "test_limit": test_limit,
+                            "data_uri": data_uri, "test_uri": test_uri, "train_limit": train_limit,
+                            "test_limit": test_limit,
                             "image_size": image_size, "seg_data": seg_data, "depth_data": depth_data,
                             "retrieval_data": retrieval_data, "ms": ms,
                             "device": device, "precision": precision, "dense_cache_gib": dense_cache_gib,

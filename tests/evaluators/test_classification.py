@@ -164,3 +164,42 @@ def test_half_precision_features_are_the_fp32_ones_rounded(tmp_path: Path) -> No
     assert run_suite(model, config)["metrics"]["knn_top1_k3"] == 1.0  # the colours separate
     with pytest.raises(ValueError, match="unknown precision 'int8'; allowed: fp32, bf16, fp16"):
         SuiteConfig(data_uri="x", precision="int8")
+
+
+def test_a_separate_test_set_of_fewer_classes_is_scored_over_its_own(tmp_path: Path) -> None:
+    """``test_uri`` (ImageNet-R beside ImageNet's train split): its images are the test set, its
+    labels train's indices; holding 2 of 3 classes, k-NN votes among those classes' train images
+    and the probe's prediction is the better of their two logits: never worse than over all three,
+    and each figure recomputed here by hand."""
+    import dataclasses
+
+    from evaluators.classification import classification_report, knn_bank
+    from evaluators.linear import LinearProbeConfig
+    from evaluators.report import knn_accuracies
+
+    write_folders(tmp_path / "in", {"cat": (10, 0), "dog": (10, 0), "fish": (10, 0)})
+    write_folders(tmp_path / "r", {"dog": (0, 6), "fish": (0, 5)}, seed=1)  # val/ only: the test set
+    model = backbone()
+    images = labelled_images(str(tmp_path / "in"), "folder", Storage(), image_size=28,
+                             test_uri=str(tmp_path / "r" / "val"))
+    data = images.features(model, views=True)
+    assert data.test_y.tolist() == [1] * 6 + [2] * 5 and data.test_classes.tolist() == [1, 2]
+    test_files = sorted((tmp_path / "r" / "val").rglob("*.png"))
+    torch.testing.assert_close(data.test_x, expected_features(model, test_files, 28), rtol=0, atol=1e-5)
+    bank_x, bank_y = knn_bank(data)
+    assert bank_y.tolist() == [1] * 10 + [2] * 10
+    torch.testing.assert_close(bank_x, data.train_x[10:])
+    report = classification_report(data, (5,), 0.07, LinearProbeConfig(epochs=2))
+    assert report["test_classes"] == 2
+    assert report["knn"] == knn_accuracies(data.train_x[10:], data.train_y[10:], data.test_x, data.test_y, (5,),
+                                           0.07, 3)
+    whole = classification_report(dataclasses.replace(data, test_classes=None), (5,), 0.07, LinearProbeConfig(epochs=2))
+    assert "test_classes" not in whole
+    for name in report["linear"]["val_accuracy_by_view"]:  # trained and picked alike: only the scoring differs
+        assert report["linear"]["val_accuracy_by_view"][name] == whole["linear"]["val_accuracy_by_view"][name]
+    assert report["linear"]["test_accuracy"] >= whole["linear"]["test_accuracy"]
+    same = labelled_images(str(tmp_path / "in"), "folder", Storage(), image_size=28,
+                           test_uri=str(tmp_path / "in" / "train")).features(model)
+    assert same.test_classes is None  # every train class there: nothing to restrict
+    with pytest.raises(ValueError, match="test_uri .* is a test set of class folders, for a train split of class"):
+        labelled_images(FASHION_MNIST, "auto", Storage(), test_uri=str(tmp_path / "r" / "val"))

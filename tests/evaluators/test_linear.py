@@ -213,3 +213,21 @@ def test_features_reach_the_probe_device_a_few_rows_at_a_time() -> None:
     assert float32_on(same, "cpu") is same
     if torch.cuda.is_available():  # the GPU path: the same values on the card
         assert torch.equal(float32_on(view, "cuda", chunk_rows=3).cpu(), view.float())
+
+
+def test_scores_over_some_classes_take_the_best_of_their_logits() -> None:
+    """``classes``: each classifier's prediction is the argmax of those classes' logits (by hand
+    here), so a sample of one of them is never scored worse than over every class."""
+    generator = torch.Generator().manual_seed(0)
+    grid = init_classifier_grid(3, 6, 5, generator)
+    grid.weight.normal_(generator=generator)
+    features, labels = torch.randn(40, 6, generator=generator), torch.randint(0, 5, (40,), generator=generator)
+    kept = torch.tensor([1, 3, 4])
+    inside = torch.isin(labels, kept)
+    logits = grid.logits(features)  # (G, N, C)
+    by_hand = (kept[logits[..., kept].argmax(dim=-1)] == labels).double().mean(dim=1)
+    torch.testing.assert_close(grid.accuracies(features, labels, classes=kept, chunk_size=7), by_hand)
+    restricted = grid.accuracies(features[inside], labels[inside], classes=kept)
+    assert (restricted >= grid.accuracies(features[inside], labels[inside])).all()
+    every = grid.accuracies(features, labels, classes=torch.arange(5))
+    torch.testing.assert_close(every, grid.accuracies(features, labels))

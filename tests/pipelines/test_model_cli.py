@@ -256,6 +256,13 @@ def test_eval_scores_class_folders(weights: Path, tmp_path: Path) -> None:
     assert saved.exit_code == again.exit_code == 0, saved.output + again.output
     assert json.loads(saved.stdout)["metrics"] == json.loads(again.stdout)["metrics"] == report["metrics"]
     assert (tmp_path / "work" / "classification" / "identity.json").exists()
+    # --test-uri: a test set of its own (as ImageNet-R beside ImageNet), of 2 classes: scored over them
+    write_folders(tmp_path / "other", {"dog": (0, 3), "fish": (0, 3)}, seed=1)
+    separate = CliRunner().invoke(app, ["eval", "knn", "--weights", str(weights), "--data-uri", str(tmp_path / "data"),
+                                        "--test-uri", str(tmp_path / "other" / "val"), "--image-size", "28",
+                                        "--k", "5"])
+    assert separate.exit_code == 0, separate.output
+    assert json.loads(separate.stdout)["tasks"]["classification"]["test_classes"] == 2
     assert (tmp_path / "work" / "classification" / "train" / "part-00000.safetensors").exists()
     bad = CliRunner().invoke(app, ["eval", "knn", "--weights", str(weights), "--device", "tpu"])
     assert bad.exit_code == 2 and bad.stderr.strip().splitlines()[-1] == (
