@@ -45,12 +45,13 @@ def run_evaluate_stage(ctx: StageContext, backbone_dir: str | Path, out_dir: str
                        temperature: float = 0.07, tasks: list[str] | None = None, device: str = "cpu",
                        num_workers: int = 0, seg_data: str = "", depth_data: str = "", retrieval_data: str = "",
                        image_size: int = 224, precision: str = "fp32", seg_steps: int = 0,
-                       depth_steps: int = 0) -> dict[str, Any]:
+                       depth_steps: int = 0, test_uri: str = "") -> dict[str, Any]:
     """Run the benchmark suite on the backbone in ``backbone_dir`` on ``device`` (images decoded by
     ``num_workers`` processes; seg, depth and retrieval on ``seg_data``, ``depth_data`` and
     ``retrieval_data`` when given, as :class:`~evaluators.suite.SuiteConfig` names them, else on the
     synthetic sets; ``precision``: the feature passes'; the dense heads trained ``seg_steps`` and
-    ``depth_steps`` steps, 0: the suite's defaults); returns ``{"metrics": ...}``."""
+    ``depth_steps`` steps, 0: the suite's defaults; ``test_uri``: knn and linear's test set of its
+    own); returns ``{"metrics": ...}``."""
     storage = storage_from_env()
     out = Path(out_dir)
     ks = sorted({int(k) for k in ks or []} | {20})  # k=20 always: the default gate metric
@@ -59,7 +60,8 @@ def run_evaluate_stage(ctx: StageContext, backbone_dir: str | Path, out_dir: str
         if not data_uri and {"knn", "linear"} & set(asked) and set(asked) <= set(TASKS):  # (unknown: named below)
             raise ValueError("no labelled images for knn and linear: give the pipeline eval_data_uri (class "
                              "folders) or data_source (Fashion-MNIST); evaluate_only and retrain: data_uri")
-        data_sets = {"seg_data": seg_data, "depth_data": depth_data, "retrieval_data": retrieval_data}
+        data_sets = {"test_uri": test_uri, "seg_data": seg_data, "depth_data": depth_data,
+                     "retrieval_data": retrieval_data}
         config = SuiteConfig(tasks=asked, data_uri=data_uri, train_limit=train_limit, test_limit=test_limit,
                              ks=tuple(ks), temperature=temperature, num_workers=num_workers, image_size=image_size,
                              precision=precision, **data_sets)

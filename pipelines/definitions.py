@@ -134,11 +134,11 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
     def uncached(task: Any) -> Any:
         return task.set_caching_options(False)
 
-    def data_sets(seg_data: Any, depth_data: Any, retrieval_data: Any, image_size: Any, precision: Any,
-                  seg_steps: Any, depth_steps: Any) -> dict:
-        """The evaluate task's real benchmark data sets (empty: the synthetic ones), image settings
-        and dense heads' training steps (0: the suite's)."""
-        return {"seg_data": seg_data, "depth_data": depth_data, "retrieval_data": retrieval_data,
+    def data_sets(test_uri: Any, seg_data: Any, depth_data: Any, retrieval_data: Any, image_size: Any,
+                  precision: Any, seg_steps: Any, depth_steps: Any) -> dict:
+        """The evaluate task's test set of its own (empty: the labelled images' val/), real benchmark
+        data sets (empty: the synthetic ones), image settings and dense heads' training steps (0: the suite's)."""
+        return {"test_uri": test_uri, "seg_data": seg_data, "depth_data": depth_data, "retrieval_data": retrieval_data,
                 "image_size": image_size, "precision": precision, "seg_steps": seg_steps, "depth_steps": depth_steps}
 
     def closer(run_root: str, tracking_uri: str, experiment: str) -> Any:
@@ -167,7 +167,8 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                                                       "evaluate and register it as <model_name>-<student>.")
     def distil_students(run_root: str, tracking_uri: str, experiment: str, parent_run_id: str, use_cache: bool,
                         teacher: Input[Model], students: list, overrides: list, data_kind: str, data_uri: str,
-                        max_minutes: float, seed: int, data_for_eval: str, eval_data_uri: str, train_limit: int,
+                        max_minutes: float, seed: int, data_for_eval: str, eval_data_uri: str, eval_test_uri: str,
+                        train_limit: int,
                         test_limit: int, knn_k: int, knn_temperature: float, eval_tasks: list, seg_data: str,
                         depth_data: str, retrieval_data: str, eval_image_size: int, eval_precision: str,
                         eval_seg_steps: int, eval_depth_steps: int, model_name: str, metric: str,
@@ -182,8 +183,8 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                                {"train_limit": train_limit, "test_limit": test_limit, "knn_k": knn_k,
                                 "knn_temperature": knn_temperature, "tasks": eval_tasks,
                                 "eval_data_uri": eval_data_uri,
-                                **data_sets(seg_data, depth_data, retrieval_data, eval_image_size, eval_precision,
-                                          eval_seg_steps, eval_depth_steps)},
+                                **data_sets(eval_test_uri, seg_data, depth_data, retrieval_data, eval_image_size,
+                                          eval_precision, eval_seg_steps, eval_depth_steps)},
                                distilled.outputs["model_name"], metric, margin)
 
     @dsl.pipeline(name="full", description="Ingest, curate (with a pool), pretrain, evaluate, register with a "
@@ -196,7 +197,7 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
              curation_balance_clusters: list = [], curation_embed_weights: str = "",  # noqa: B006
              preset: str = "tiny", overrides: list = [], max_minutes: float = 3.0, seed: int = 0,  # noqa: B006
              train_limit: int = 0, test_limit: int = 0, knn_k: int = 20, knn_temperature: float = 0.07,
-             eval_tasks: list = ["knn", "linear"], eval_data_uri: str = "",  # noqa: B006
+             eval_tasks: list = ["knn", "linear"], eval_data_uri: str = "", eval_test_uri: str = "",  # noqa: B006
              seg_data: str = "", depth_data: str = "", retrieval_data: str = "", eval_image_size: int = 224,
              eval_precision: str = "fp32", eval_seg_steps: int = 0, eval_depth_steps: int = 0,
              model_name: str = "dinoflow-tiny", metric: str = "knn_top1_k20", margin: float = 0.0,
@@ -217,15 +218,16 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                                  max_minutes=max_minutes, seed=seed, device=device)
             eval_params = {"train_limit": train_limit, "test_limit": test_limit, "knn_k": knn_k,
                            "knn_temperature": knn_temperature, "tasks": eval_tasks, "eval_data_uri": eval_data_uri,
-                           **data_sets(seg_data, depth_data, retrieval_data, eval_image_size, eval_precision,
-                                          eval_seg_steps, eval_depth_steps)}
+                           **data_sets(eval_test_uri, seg_data, depth_data, retrieval_data, eval_image_size,
+                                          eval_precision, eval_seg_steps, eval_depth_steps)}
             score_and_register(ctx, use_cache, trained.outputs["backbone"], data.output, eval_params,
                                model_name, metric, margin)
             distil_students(run_root=run_root, tracking_uri=tracking_uri, experiment=experiment,
                             parent_run_id=parent.output, use_cache=use_cache, teacher=trained.outputs["backbone"],
                             students=students, overrides=student_overrides, data_kind=curated.outputs["data_kind"],
                             data_uri=curated.outputs["data_uri"], max_minutes=student_minutes, seed=seed,
-                            data_for_eval=data.output, eval_data_uri=eval_data_uri, train_limit=train_limit,
+                            data_for_eval=data.output, eval_data_uri=eval_data_uri, eval_test_uri=eval_test_uri,
+                            train_limit=train_limit,
                             test_limit=test_limit, knn_k=knn_k,
                             knn_temperature=knn_temperature, eval_tasks=eval_tasks, seg_data=seg_data,
                             depth_data=depth_data, retrieval_data=retrieval_data, eval_image_size=eval_image_size,
@@ -237,7 +239,8 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                                                     "frozen features.")
     def evaluate_only(weights_uri: str = "", model: str = "", run_root: str = CLUSTER_RUN_ROOT,
                       tracking_uri: str = CLUSTER_TRACKING_URI, experiment: str = EXPERIMENT, use_cache: bool = True,
-                      data_uri: str = CLUSTER_DATA, train_limit: int = 0, test_limit: int = 0, knn_k: int = 20,
+                      data_uri: str = CLUSTER_DATA, eval_test_uri: str = "", train_limit: int = 0,
+                      test_limit: int = 0, knn_k: int = 20,
                       knn_temperature: float = 0.07, eval_tasks: list = ["knn", "linear"],  # noqa: B006
                       seg_data: str = "", depth_data: str = "", retrieval_data: str = "",
                       eval_image_size: int = 224, eval_precision: str = "fp32", eval_seg_steps: int = 0,
@@ -248,8 +251,8 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
             benchmark = {"use_cache": use_cache, "data_uri": data_uri, "train_limit": train_limit,
                          "test_limit": test_limit, "knn_k": knn_k, "knn_temperature": knn_temperature,
                          "tasks": eval_tasks, **on_device,
-                         **data_sets(seg_data, depth_data, retrieval_data, eval_image_size, eval_precision,
-                                          eval_seg_steps, eval_depth_steps)}
+                         **data_sets(eval_test_uri, seg_data, depth_data, retrieval_data, eval_image_size,
+                                          eval_precision, eval_seg_steps, eval_depth_steps)}
             with dsl.If(model == ""):
                 weights = dsl.importer(artifact_uri=weights_uri, artifact_class=dsl.Model, reimport=False)
                 c.evaluate(**ctx, backbone=weights.output, **benchmark)
@@ -261,7 +264,8 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
     def retrain(run_root: str = CLUSTER_RUN_ROOT, tracking_uri: str = CLUSTER_TRACKING_URI,
                 experiment: str = EXPERIMENT, use_cache: bool = True, data_uri: str = CLUSTER_DATA,
                 preset: str = "tiny", overrides: list = [], max_minutes: float = 3.0, seed: int = 1,  # noqa: B006
-                train_limit: int = 0, test_limit: int = 0, knn_k: int = 20, knn_temperature: float = 0.07,
+                eval_test_uri: str = "", train_limit: int = 0, test_limit: int = 0, knn_k: int = 20,
+                knn_temperature: float = 0.07,
                 eval_tasks: list = ["knn", "linear"], model_name: str = "dinoflow-tiny",  # noqa: B006
                 metric: str = "knn_top1_k20", margin: float = 0.0, seg_data: str = "", depth_data: str = "",
                 retrieval_data: str = "", eval_image_size: int = 224, eval_precision: str = "fp32",
@@ -276,8 +280,8 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
             score_and_register(ctx, use_cache, trained.outputs["backbone"], data_uri,
                                {"train_limit": train_limit, "test_limit": test_limit, "knn_k": knn_k,
                                 "knn_temperature": knn_temperature, "tasks": eval_tasks,
-                                **data_sets(seg_data, depth_data, retrieval_data, eval_image_size, eval_precision,
-                                          eval_seg_steps, eval_depth_steps)},
+                                **data_sets(eval_test_uri, seg_data, depth_data, retrieval_data, eval_image_size,
+                                          eval_precision, eval_seg_steps, eval_depth_steps)},
                                model_name, metric, margin)
 
     @dsl.pipeline(name="promote", description="Point a registered model's alias (champion by default) at a "

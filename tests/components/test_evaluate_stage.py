@@ -37,6 +37,13 @@ def test_the_stage_scores_class_folders_and_draws_their_confusion_matrix(tmp_pat
     workers = run_evaluate_stage(replace(ctx, use_cache=False), tmp_path / "backbone", tmp_path / "workers",
                                  str(tmp_path / "data"), tasks=["knn"], num_workers=2)
     assert not workers["cached"] and workers["metrics"] == result["metrics"]
+    # a test set of its own (ImageNet-R's role), of 2 of the 3 classes: scored over them, a cache key of its own
+    write_folders(tmp_path / "other", {"dog": (0, 3), "fish": (0, 3)}, seed=1)
+    separate = run_evaluate_stage(ctx, tmp_path / "backbone", tmp_path / "separate", str(tmp_path / "data"),
+                                  tasks=["knn"], test_uri=str(tmp_path / "other" / "val"))
+    assert not separate["cached"]
+    assert json.loads((tmp_path / "separate" / "report.json").read_text())["tasks"]["classification"][
+        "test_classes"] == 2
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             run_evaluate_stage(ctx, tmp_path / "backbone", tmp_path / "gpu", str(tmp_path / "data"), tasks=["knn"],
