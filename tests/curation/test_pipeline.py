@@ -80,6 +80,26 @@ def test_embedding_resumes_and_checks_meta(tmp_path: Path) -> None:
         raise AssertionError("a changed part_size must be refused")
 
 
+def test_loaded_embeddings_are_the_parts_in_order_and_a_damaged_part_is_named(tmp_path: Path) -> None:
+    """The float16 parts read into one float32 array part by part: the parts' own values in order
+    (read here with numpy); a part with fewer vectors than its images is refused by name."""
+    import pytest
+
+    from curation.embed import load_embeddings
+
+    storage = Storage()
+    _write_pool(tmp_path / "pool", 30, 5)
+    dataset = ImageFolderDataset(storage, str(tmp_path / "pool"), 48)
+    out = tmp_path / "emb"
+    made = embed_dataset(dataset, pixel_embedder(6), str(out), storage, batch_size=8, part_size=16)
+    parts = sorted(out.glob("part-*.npy"))
+    assert len(parts) == 3 and made.vectors.dtype == np.float32
+    np.testing.assert_array_equal(made.vectors, np.concatenate([np.load(p) for p in parts]).astype(np.float32))
+    np.save(parts[1], np.load(parts[1])[:-1])
+    with pytest.raises(ValueError, match="part-00001.npy holds 15 vectors for 16 images: the part is damaged"):
+        load_embeddings(str(out), storage)
+
+
 def test_a_resumed_embedding_still_counts_the_bad_images_of_finished_parts(tmp_path: Path) -> None:
     """The bad-image limit holds over the whole pool: a rerun skipping the finished parts counted
     none of their bad images, so it passed a pool the first run refused, embedding the rest."""
