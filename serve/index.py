@@ -58,21 +58,21 @@ def build_index(model: ServedModel, source_uri: str, out_uri: str, kind: SourceK
         raise ValueError(f"unknown source kind {kind!r}; allowed: folder, shards")
     keys: list[str] = []
     skipped: list[str] = []
-    vectors: list[np.ndarray] = []
+    index = None  # each batch's vectors added as they come: no second copy of the pool's beside the index
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_samples)
     for batch in progress(loader, desc="index", total=len(loader), unit="batch"):
         skipped += batch.bad_keys
         if not batch.keys:
             continue
         features = model.embed(batch.images)["cls"]  # (B, D)
-        vectors.append(F.normalize(features, dim=-1).numpy())
+        vectors = np.ascontiguousarray(F.normalize(features, dim=-1).numpy(), dtype=np.float32)
+        if index is None:
+            index = faiss.IndexFlatIP(vectors.shape[1])
+        index.add(vectors)
         keys += batch.keys
-    if not keys:
+    if index is None:
         raise ValueError(f"no decodable image under {source_uri} ({len(skipped)} bad)")
-    matrix = np.ascontiguousarray(np.concatenate(vectors), dtype=np.float32)  # (N, D)
-    index = faiss.IndexFlatIP(matrix.shape[1])
-    index.add(matrix)
-    meta = {"model": model.name, "image_size": model.image_size, "dim": int(matrix.shape[1]), "metric": "cosine",
+    meta = {"model": model.name, "image_size": model.image_size, "dim": int(index.d), "metric": "cosine",
             "source": source_uri, "kind": kind, "count": len(keys), "keys": keys, "skipped": skipped}
     storage.write_bytes(join_uri(out_uri, INDEX_FILE), faiss.serialize_index(index).tobytes())
     storage.write_bytes(join_uri(out_uri, META_FILE), json.dumps(meta, indent=1).encode())
