@@ -7,6 +7,9 @@ each part, ``<uri>/<split>/part-00000.safetensors`` (features, labels, the part'
 images, the first test images' pixels), atomically; a rerun loads the parts it finds and computes
 the rest. ``<uri>/identity.json`` says what the features are of (the backbone's digest and the
 pass's settings): a folder made for anything else is refused, never mixed in.
+
+Saved or not, a pass runs in parts (:func:`in_parts`) that :func:`join_rows` copies into the split's
+tensors as they come, so a split's features are held once, not gathered and then concatenated.
 """
 
 from __future__ import annotations
