@@ -178,7 +178,7 @@ def load_embeddings(out_uri: str, storage: Storage, parts: int | None = None) ->
         raise ValueError(f"no embeddings under {out_uri}: every image was bad")
     vectors: np.ndarray | None = None
     start = 0
-    for part, listing in enumerate(listings):
+    for part, listing in enumerate(progress(listings, desc="load embeddings", unit="part")):
         if not listing["ids"]:
             continue
         block = np.load(io.BytesIO(storage.read_bytes(join_uri(out_uri, f"part-{part:05d}.npy"))))
