@@ -291,19 +291,19 @@ def _dense_pictures(dense: dict[str, _DenseTask], predicted: dict[str, np.ndarra
         items = [data.test.split[i] for i in rows]
         return rows, np.stack([image.numpy() for image, _ in items]), np.stack([label.numpy() for _, label in items])
 
-    lead = next(iter(dense.values()))
-    rows, images, _ = first(lead)
-    save_pca_maps(images, next(lead.test.batches([rows]))[0].cpu().numpy(), folder / "pca_features.png")
-    truths = {task: first(data)[1:] for task, data in dense.items()}
-    seg = {"masks": truths["seg"][1], "predicted_masks": predicted["seg"], "num_classes": int(dense["seg"].label_range)
+    truths = {task: first(data) for task, data in dense.items()}  # each task's first images decoded once
+    lead = next(iter(dense))
+    rows, images, _ = truths[lead]
+    save_pca_maps(images, next(dense[lead].test.batches([rows]))[0].cpu().numpy(), folder / "pca_features.png")
+    seg = {"masks": truths["seg"][2], "predicted_masks": predicted["seg"], "num_classes": int(dense["seg"].label_range)
            } if "seg" in dense else {}
-    depth = {"depths": truths["depth"][1], "predicted_depths": predicted["depth"]} if "depth" in dense else {}
+    depth = {"depths": truths["depth"][2], "predicted_depths": predicted["depth"]} if "depth" in dense else {}
     if seg and depth and all(data.foreground is not None for data in dense.values()):  # the same scenes
         save_dense_predictions(images, folder / "dense_predictions.png", **seg, **depth)
         return
     for task, drawn in (("seg", seg), ("depth", depth)):
         if drawn:
-            save_dense_predictions(truths[task][0], folder / f"{task}_predictions.png", **drawn)
+            save_dense_predictions(truths[task][1], folder / f"{task}_predictions.png", **drawn)
 
 
 def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None = None,
