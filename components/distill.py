@@ -2,10 +2,12 @@
 
 The teacher is the backbone a pretrain stage produced (its ``backbone.safetensors``), read with
 ``teacher.source=backbone``: the ``features`` objective (the ``distill-tiny`` default) needs no
-heads; a ``heads`` preset gets frozen random heads. Checkpoints go to
-``<run_root>/work/distill/<key>`` (``key``: the content hash of the recipe and the teacher file),
-so a killed task rerun resumes and a finished one is reused from the cache. Output folder:
-``backbone.safetensors`` (the student EMA), ``config.yaml``, ``summary.json``.
+heads; a ``heads`` preset distils from the teacher's trained heads (the ``heads.safetensors``
+beside it; frozen random heads where there are none). Checkpoints go to
+``<run_root>/work/distill/<key>`` (``key``: the content hash of the recipe and the teacher's
+files), so a killed task rerun resumes and a finished one is reused from the cache. Output
+folder: ``backbone.safetensors`` (the student EMA), its ``heads.safetensors`` with a ``heads``
+objective, ``config.yaml``, ``summary.json``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 from components.pretrain import run_training
 from components.stage import StageContext, cache_key, recording_errors, stage_run, storage_from_env
 from dinoflow.config import DistillConfig, load_config, to_yaml
-from dinoflow.run_files import BACKBONE_FILE
+from dinoflow.run_files import BACKBONE_FILE, HEADS_FILE
 from dinoflow.storage import Storage, join_uri
 from dinoflow.tracking import Tracker
 
@@ -45,8 +47,11 @@ def run_distill_stage(ctx: StageContext, out_dir: str | Path, teacher_dir: str |
     with recording_errors(ctx, storage, "distill"), stage_run(ctx, "distill") as tracker:
         teacher_file = Path(teacher_dir) / BACKBONE_FILE
         cfg = distill_config(student, overrides, str(teacher_file), data_kind, data_uri, max_minutes, seed)
+        files = {"teacher": teacher_file}
+        if (Path(teacher_dir) / HEADS_FILE).is_file():  # the teacher's trained heads: a heads objective's targets
+            files["teacher_heads"] = Path(teacher_dir) / HEADS_FILE
         key = cache_key("distill", {"config": to_yaml(cfg.model_copy(update={"teacher": cfg.teacher.model_copy(
-            update={"uri": ""})}))}, {"teacher": teacher_file})
+            update={"uri": ""})}))}, files)
         cfg = cfg.model_copy(update={"out": join_uri(ctx.run_root, "work", "distill", key[:20])})
         tracker.set_tags({"student": Path(student).stem})
         return run_training(ctx, storage, tracker, "distill", key, out, cfg, lambda: _train(cfg, storage, tracker))

@@ -3,7 +3,9 @@
 The config is the preset plus overrides, validated before any work. Checkpoints go to
 ``<run_root>/work/pretrain/<key>`` (``key``: the stage's content hash), so a killed task rerun
 with the same inputs resumes where it stopped, and a finished one is reused from the cache.
-Output folder: ``backbone.safetensors``, ``config.yaml`` (the resolved recipe), ``summary.json``.
+Output folder: ``backbone.safetensors``, ``heads.safetensors`` (the teacher's DINO/iBOT heads and
+centres: a retrain or a distillation starts from them), ``config.yaml`` (the resolved recipe),
+``summary.json``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from components.stage import (
     storage_from_env,
 )
 from dinoflow.config import PretrainConfig, load_config, to_yaml
-from dinoflow.run_files import BACKBONE_FILE, SUMMARY_FILE
+from dinoflow.run_files import BACKBONE_FILE, HEADS_FILE, SUMMARY_FILE
 from dinoflow.storage import Storage, join_uri
 from dinoflow.tracking import TAG_HEALTH, Tracker
 
@@ -45,6 +47,8 @@ def run_pretrain_stage(ctx: StageContext, out_dir: str | Path, preset: str, over
     with recording_errors(ctx, storage, "pretrain"), stage_run(ctx, "pretrain") as tracker:
         cfg = pretrain_config(preset, overrides, data_kind, data_uri, max_minutes, seed)
         init = {"init": Path(init_dir) / BACKBONE_FILE} if init_dir else {}
+        if init_dir and (Path(init_dir) / HEADS_FILE).is_file():  # the champion's heads: the run starts from them
+            init["init_heads"] = Path(init_dir) / HEADS_FILE
         # the init artifact's bytes key the cache; an init_weights override (Meta's released weights, a
         # fixed URI) keys it by its URI, in the config
         key = cache_key("pretrain", {"config": to_yaml(cfg)}, init)
@@ -65,7 +69,8 @@ def _train(cfg: PretrainConfig, storage: Storage, tracker: Tracker) -> dict[str,
 def run_training(ctx: StageContext, storage: Storage, tracker: Tracker, stage: str, key: str, out: Path,
                  cfg: PretrainConfig, train: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """A training stage's body (pretrain, distill): ``train()`` (the trainer's summary) unless the
-    cache holds ``key``; ``out`` gets the released backbone, the resolved recipe and the summary;
+    cache holds ``key``; ``out`` gets the released backbone (and its heads, when the run has them),
+    the resolved recipe and the summary;
     steps, images seen and minutes are logged, and pretraining's collapse verdict tagged (``TAG_HEALTH``).
     Returns those and ``cached``."""
 
@@ -73,6 +78,8 @@ def run_training(ctx: StageContext, storage: Storage, tracker: Tracker, stage: s
         summary = train()
         out.mkdir(parents=True, exist_ok=True)
         storage.get_file(summary["backbone"], out / BACKBONE_FILE)
+        if "heads" in summary:  # beside the backbone: a run continued from this output starts from them
+            storage.get_file(summary["heads"], out / HEADS_FILE)
         (out / "config.yaml").write_text(to_yaml(cfg))
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         kept = ("steps", "images_seen", "train_minutes", "health")  # health: pretraining's collapse verdict

@@ -1,7 +1,9 @@
 """Stage ``register``: the backbone into the MLflow registry, the ``champion`` alias through the gate.
 
 The stage logs the backbone as an MLflow model (:mod:`trainer.models.packaging`) in its run,
-creates a new version of ``model_name`` tagged with the evaluate stage's metrics, and lets
+with the run's DINO/iBOT heads beside it (artifact ``heads/heads.safetensors``: the ``champion``
+stage hands them to a retrain), creates a new version of ``model_name`` tagged with the evaluate
+stage's metrics, and lets
 :func:`dinoflow.registry.gate` decide whether ``champion`` moves. The decision is written to the
 run (tags ``gate.*``, ``gate.json``) and to the output folder as ``decision.json``. Never cached:
 each run registers a version.
@@ -25,10 +27,11 @@ from components.stage import (
     storage_from_env,
 )
 from dinoflow.registry import gate, register_version
-from dinoflow.run_files import BACKBONE_FILE
+from dinoflow.run_files import BACKBONE_FILE, HEADS_FILE
 from trainer.models.packaging import save_mlflow_model
 
 MODEL_ARTIFACT = "backbone"
+HEADS_ARTIFACT = "heads"  # the run's heads.safetensors: a retrain from this version starts from them
 
 
 def run_register_stage(ctx: StageContext, backbone_dir: str | Path, report_dir: str | Path, out_dir: str | Path,
@@ -48,6 +51,8 @@ def run_register_stage(ctx: StageContext, backbone_dir: str | Path, report_dir: 
             model_dir = save_mlflow_model(backbone / BACKBONE_FILE, arch, Path(scratch) / MODEL_ARTIFACT,
                                           example=np.zeros((2, size, size), dtype=np.uint8))
             tracker.log_artifact(model_dir, MODEL_ARTIFACT)
+        if (backbone / HEADS_FILE).is_file():  # beside the model, not in it: serving needs no heads
+            tracker.log_artifact(backbone / HEADS_FILE, HEADS_ARTIFACT)
         client = tracker.client  # type: ignore[attr-defined]
         version = register_version(client, model_name, str(tracker.run_id), MODEL_ARTIFACT, metrics,
                                    description=f"pipeline run {ctx.pipeline_run_id}")
@@ -77,9 +82,10 @@ def _arch(backbone_dir: Path) -> dict[str, Any]:
 
 
 def run_champion_stage(ctx: StageContext, model_name: str, out_dir: str | Path) -> str:
-    """Copy a registered version's weights into ``out_dir`` as ``backbone.safetensors``; returns
-    the version. ``model_name`` picks it: ``<name>`` (its ``champion``), ``<name>@<alias>`` or
-    ``<name>/<version>``. Fails clearly when there is no such version yet."""
+    """Copy a registered version's weights into ``out_dir`` as ``backbone.safetensors`` (and its
+    heads as ``heads.safetensors`` when it was registered with them); returns the version.
+    ``model_name`` picks it: ``<name>`` (its ``champion``), ``<name>@<alias>`` or ``<name>/<version>``.
+    Fails clearly when there is no such version yet."""
     import shutil
 
     from mlflow.exceptions import MlflowException
@@ -108,5 +114,9 @@ def run_champion_stage(ctx: StageContext, model_name: str, out_dir: str | Path) 
             # through this client's store (a models:/ URI would resolve against the global registry URI)
             weights = client.download_artifacts(run_id, f"{MODEL_ARTIFACT}/artifacts/{BACKBONE_FILE}", scratch)
             shutil.copyfile(weights, out / BACKBONE_FILE)
+            heads = f"{HEADS_ARTIFACT}/{HEADS_FILE}"
+            if any(item.path == heads for item in client.list_artifacts(run_id, HEADS_ARTIFACT)):
+                shutil.copyfile(client.download_artifacts(run_id, heads, scratch),
+                                out / HEADS_FILE)
         tracker.set_tags({"champion.model": name, "champion.version": version})
     return version

@@ -242,6 +242,11 @@ class PretrainConfig(Section):
     init_weights_source: Literal["auto", "official", "training", "safetensors", "hf"] = Field(
         "auto", description="layout of init_weights; auto: from the path (*.safetensors: safetensors, a folder "
         "with config.json: hf, a run folder: its backbone.safetensors, else official); a training dump must be named")
+    init_heads: Literal["auto", "fresh"] = Field(
+        "auto", description="with init_weights: auto starts the DINO/iBOT heads (and the teacher's centres) from "
+        "the heads trained with those weights where there are (a run folder's heads.safetensors, one beside a "
+        "backbone.safetensors, a training dump's teacher heads), else fresh; the recipe's heads.* must match them "
+        "(an error names what differs); fresh: new heads whatever the weights come with")
     model: ModelConfig = ModelConfig()
     heads: HeadsConfig = HeadsConfig()
     loss: LossConfig = LossConfig()
@@ -431,8 +436,9 @@ class TeacherConfig(Section):
         "checkpoint: the teacher network of a pretrain (or distill) run, with its "
         "frozen DINO/iBOT heads and its centres (distill.objective=features reads its backbone only); backbone: "
         "backbone weights in any layout found from the path (a .safetensors, a run folder's, Meta's released .pth, "
-        "a Hugging Face folder), with frozen, randomly initialised heads built from `heads` (seeded "
-        "by `seed`; none for distill.objective=features)",
+        "a Hugging Face folder), with the heads trained with them, frozen, where there are (a heads.safetensors "
+        "beside the backbone's file or in the run folder, a training dump's teacher heads), else frozen, randomly "
+        "initialised heads built from `heads` (seeded by `seed`); none for distill.objective=features",
     )
 
 
@@ -460,5 +466,9 @@ class DistillConfig(PretrainConfig):
     an EMA of the student (momentum schedule ``optim.momentum_teacher``) is the released model.
     """
 
+    init_heads: Literal["auto", "fresh"] = Field(
+        "fresh", description="with init_weights: fresh (the paper's) gives the student new heads; auto starts them "
+        "from the heads trained with those weights where there are (as pretraining's init_heads; the teacher's "
+        "centres stay the teacher's)")
     teacher: TeacherConfig = TeacherConfig()
     distill: DistillObjectiveConfig = DistillObjectiveConfig()

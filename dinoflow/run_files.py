@@ -6,3 +6,4 @@ stages stay torch-free, the weight loader finds a run folder's backbone by this 
 
 BACKBONE_FILE = "backbone.safetensors"  # the released backbone: the teacher's (pretraining) or the student's
 SUMMARY_FILE = "summary.json"  # the run's figures: steps, history, final scores, where the backbone is
+HEADS_FILE = "heads.safetensors"  # the released network's DINO/iBOT heads (and centres): to continue training from

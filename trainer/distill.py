@@ -24,10 +24,12 @@ for the released network; with ``features`` the EMA is of the backbone only, key
 so a distilled run can itself be a teacher or be read with ``source="training"``; the frozen
 teacher is not stored, it is re-read from ``teacher.uri``.
 
-Teacher heads: from a run folder's checkpoint they are the teacher's trained DINO/iBOT heads,
-so the student's heads must have the same prototype counts. From a bare backbone file they are
-built from ``heads`` with a seeded random initialisation and stay frozen (a fixed random
-projection: it still transfers the teacher's geometry, but fitting heads first would do better).
+Teacher heads: the teacher's trained DINO/iBOT heads, from a run folder's checkpoint or the
+``heads.safetensors`` written beside its ``backbone.safetensors`` (a pipeline's pretrain output),
+so the student's heads must have the same prototype counts. A backbone without heads (Meta's
+released files) gets heads built from ``heads`` with a seeded random initialisation, frozen (a
+fixed random projection: it still transfers the teacher's geometry, but trained heads do better).
+The run writes its student EMA's heads beside its backbone (:mod:`trainer.models.head_weights`).
 
 Single process only (no ``distributed.strategy`` other than ``single``).
 """
@@ -46,9 +48,9 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from dinoflow.config import DistillConfig, PretrainConfig, validate
+from dinoflow.config import DistillConfig, HeadsConfig, PretrainConfig, validate
 from dinoflow.progress import progress
-from dinoflow.run_files import BACKBONE_FILE, SUMMARY_FILE
+from dinoflow.run_files import BACKBONE_FILE, HEADS_FILE, SUMMARY_FILE
 from dinoflow.storage import Storage, join_uri
 from dinoflow.tracking import NullTracker, Tracker
 from trainer.batches import CropBatch, ImageStream, LoaderWatch, PreparedStep, SideStream, settle, streams_kept
@@ -71,6 +73,7 @@ from trainer.engine import (
     accumulate,
     begin_step,
     build_backbone,
+    build_heads,
     crop_outputs,
     ema_update,
     finish_step,
@@ -81,22 +84,14 @@ from trainer.engine import (
 from trainer.devices import available_device
 from trainer.losses import CLSFeatureLoss, PatchFeatureLoss
 from trainer.models.compile import compile_blocks
-from trainer.models.heads import DINOHead
-from trainer.models.hub import load_backbone, save_backbone
+from trainer.models.head_weights import find_heads, heads_of, network_heads, save_heads
+from trainer.models.hub import load_backbone, load_strict, save_backbone
 from trainer.models.vit import DinoVisionTransformer
 from trainer.optim import build_adamw, with_kernel_choice
 from trainer.schedules import ScheduleValues, schedule_values, total_steps
 from trainer.strategy import Strategy
 
 # -- networks ------------------------------------------------------------------------------
-
-def _heads(embed_dim: int, cfg: PretrainConfig) -> tuple[DINOHead, DINOHead | None]:
-    h = cfg.heads
-    dino = DINOHead(embed_dim, h.num_prototypes, h.hidden_dim, h.bottleneck_dim, h.num_layers)
-    ibot = (DINOHead(embed_dim, h.ibot_num_prototypes, h.hidden_dim, h.ibot_bottleneck_dim, h.num_layers)
-            if h.ibot_separate_head else None)
-    return dino, ibot
-
 
 class HeadlessNetwork(nn.Module):
     """A backbone alone, under an :class:`SSLNetwork`'s state-dict keys (``backbone.*``): the
@@ -161,24 +156,41 @@ def load_teacher(cfg: DistillConfig, storage: Storage) -> tuple[Teacher, dict[st
         if isinstance(teacher_cfg, DistillConfig) and teacher_cfg.distill.objective == "features":
             raise ValueError(f"teacher.uri = {source.uri!r} was distilled with distill.objective=features and has "
                              "no DINO/iBOT heads: distil from it with distill.objective=features")
-        for field in ("num_prototypes", "ibot_separate_head", "ibot_num_prototypes"):
-            theirs, ours = getattr(teacher_cfg.heads, field), getattr(cfg.heads, field)
-            if theirs != ours and (field != "ibot_num_prototypes" or teacher_cfg.heads.ibot_separate_head):
-                raise ValueError(f"heads.{field} = {ours} but the teacher's heads have {theirs}: the student's "
-                                 f"heads must match the teacher's frozen heads")
+        _check_prototypes(teacher_cfg.heads, cfg.heads)
         backbone = build_backbone(teacher_cfg, drop_path=False)
-        network = SSLNetwork(backbone, *_heads(backbone.embed_dim, teacher_cfg))
+        network = SSLNetwork(backbone, *build_heads(backbone.embed_dim, teacher_cfg.heads))
         network.load_state_dict(checkpoint["teacher"])
         objective_state = checkpoint["objective"]
     elif features:
         network = HeadlessNetwork(load_backbone(source.uri, "auto", storage))
     else:
         backbone = load_backbone(source.uri, "auto", storage)
-        generator_state = torch.random.get_rng_state()
-        torch.manual_seed(cfg.seed + 1)  # the frozen random heads are fixed by the seed
-        network = SSLNetwork(backbone, *_heads(backbone.embed_dim, cfg))
-        torch.random.set_rng_state(generator_state)
+        saved = find_heads(source.uri, "auto", storage)
+        if saved is not None:  # the heads trained with this backbone (a pipeline's pretrain output)
+            found = saved.settings()
+            if found["in_dim"] != backbone.embed_dim:
+                raise ValueError(f"{saved.uri} holds heads for a backbone of width {found['in_dim']}, not the "
+                                 f"teacher's {backbone.embed_dim}")
+            teacher_heads = HeadsConfig(**{k: v for k, v in found.items() if k != "in_dim"})
+            _check_prototypes(teacher_heads, cfg.heads)
+            network = SSLNetwork(backbone, *build_heads(backbone.embed_dim, teacher_heads))
+            load_strict(heads_of(network), saved.heads)
+            objective_state = saved.centres or None
+        else:
+            generator_state = torch.random.get_rng_state()
+            torch.manual_seed(cfg.seed + 1)  # the frozen random heads are fixed by the seed
+            network = SSLNetwork(backbone, *build_heads(backbone.embed_dim, cfg.heads))
+            torch.random.set_rng_state(generator_state)
     return _frozen(network, cfg), objective_state
+
+
+def _check_prototypes(teacher: HeadsConfig, student: HeadsConfig) -> None:
+    """The student's heads must give targets over the teacher's prototypes: same counts, same split."""
+    for field in ("num_prototypes", "ibot_separate_head", "ibot_num_prototypes"):
+        theirs, ours = getattr(teacher, field), getattr(student, field)
+        if theirs != ours and (field != "ibot_num_prototypes" or teacher.ibot_separate_head):
+            raise ValueError(f"heads.{field} = {ours} but the teacher's heads have {theirs}: the student's "
+                             f"heads must match the teacher's frozen heads")
 
 
 def _frozen(network: Teacher, cfg: DistillConfig) -> Teacher:
@@ -203,7 +215,7 @@ def build_student(cfg: DistillConfig, teacher_dim: int | None = None) -> tuple[S
         student_ema: Teacher = HeadlessNetwork(copy.deepcopy(backbone))
         student: Student = FeatureStudent(backbone, teacher_dim)
     else:
-        student = SSLNetwork(backbone, *_heads(backbone.embed_dim, cfg))
+        student = SSLNetwork(backbone, *build_heads(backbone.embed_dim, cfg.heads))
         student_ema = copy.deepcopy(student)
     if cfg.model.compile_blocks:
         compile_blocks(backbone.blocks, mode=cfg.model.compile_mode)
@@ -373,9 +385,10 @@ def distill(
         student_ema.load_state_dict(checkpoint["teacher"])
         objective.load_state_dict(checkpoint["objective"])
     else:
-        if cfg.init_weights:  # the student (and so its EMA) starts from given weights
-            start_from_weights(cfg, student.backbone, storage)
+        if cfg.init_weights:  # the student (and so its EMA) starts from given weights (init_heads=auto: heads too)
+            start_from_weights(cfg, student, None, storage)
             student_ema.backbone.load_state_dict(student.backbone.state_dict())
+            heads_of(student_ema).load_state_dict(heads_of(student).state_dict())
         if teacher_objective is not None and cfg.loss.centering == "softmax" and cfg.distill.objective == "heads":
             objective.load_state_dict(teacher_objective)  # the teacher's running centres
     student, student_ema, objective = student.to(device), student_ema.to(device), objective.to(device)
@@ -479,12 +492,16 @@ def distill(
         final = closing(backbone, state.step)
         tracker.log_metrics(final, step=state.step, force=True)
     save_backbone(backbone.cpu(), join_uri(cfg.out, BACKBONE_FILE), storage)
+    heads = network_heads(student_ema)  # the EMA's (objective heads); no centres: the teacher's were used
+    if heads:
+        save_heads(heads, None, join_uri(cfg.out, HEADS_FILE), storage)
     write_training_curves(state, storage, cfg.out, tracker)
     summary = {"name": cfg.name, "steps": state.step, "images_seen": state.images_seen,
                "train_minutes": round(state.train_seconds / 60, 3), "stopped_early": stopped_early,
                "teacher": cfg.teacher.uri, "teacher_sha256": teacher_hash, "objective": cfg.distill.objective,
-               "backbone": join_uri(cfg.out, BACKBONE_FILE), "final": final,
-               "bad_images": bad_images.summary(), "history": state.history, "mlflow_run_id": tracker.run_id,
+               "backbone": join_uri(cfg.out, BACKBONE_FILE),
+               **({"heads": join_uri(cfg.out, HEADS_FILE)} if heads else {}), "final": final, "bad_images": bad_images.summary(), "history": state.history,
+               "mlflow_run_id": tracker.run_id,
                "tracking": tracker.delivery()}  # metrics sent, still queued or lost (an unreachable store)
     storage.write_bytes(join_uri(cfg.out, SUMMARY_FILE), json.dumps(summary, indent=2).encode())
     return summary

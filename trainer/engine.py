@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dinoflow.config import PretrainConfig
+from dinoflow.config import HeadsConfig, PretrainConfig
 from dinoflow.progress import progress
-from dinoflow.run_files import BACKBONE_FILE, SUMMARY_FILE
+from dinoflow.run_files import BACKBONE_FILE, HEADS_FILE, SUMMARY_FILE
 from dinoflow.storage import Storage, join_uri
 from dinoflow.tracking import TAG_HEALTH, NullTracker, Tracker
 from trainer.batches import (
@@ -64,8 +64,9 @@ from trainer.losses import (
     sinkhorn_knopp,
 )
 from trainer.models.compile import compile_blocks, compiled_now, maybe_compiled
+from trainer.models.head_weights import find_heads, heads_of, network_heads, save_heads
 from trainer.models.heads import DINOHead, Fused
-from trainer.models.hub import init_backbone, save_backbone
+from trainer.models.hub import init_backbone, load_strict, save_backbone
 from trainer.models.vit import DinoVisionTransformer, build_vit
 from trainer.optim import build_adamw, with_kernel_choice
 from trainer.schedules import ScheduleValues, schedule_values, total_steps
@@ -107,24 +108,46 @@ def build_backbone(cfg: PretrainConfig, drop_path: bool = True) -> DinoVisionTra
     )
 
 
-def start_from_weights(cfg: PretrainConfig, backbone: DinoVisionTransformer, storage: Storage) -> None:
-    """A fresh run's ``backbone`` loaded from ``cfg.init_weights`` (its layout ``init_weights_source``,
-    by default from the path): :func:`~trainer.models.hub.init_backbone`."""
-    init_backbone(backbone, cfg.init_weights, cfg.init_weights_source, storage)
+def start_from_weights(cfg: PretrainConfig, network: nn.Module, objective: Objective | None, storage: Storage) -> str:
+    """A fresh run's ``network`` (an ``SSLNetwork``, or any module with a ``backbone``) loaded from
+    ``cfg.init_weights`` (its layout ``init_weights_source``, by default from the path): the backbone
+    (:func:`~trainer.models.hub.init_backbone`) and, with ``init_heads=auto``, the DINO/iBOT heads
+    trained with those weights where there are (:func:`~trainer.models.head_weights.find_heads`), with
+    their centres into ``objective`` when given and saved. Returns where the heads came from (``""``:
+    they stay as built). Heads that do not fit the recipe fail naming each ``heads.*`` setting."""
+    init_backbone(network.backbone, cfg.init_weights, cfg.init_weights_source, storage)
+    heads = heads_of(network)
+    if cfg.init_heads == "fresh" or not len(heads):
+        return ""
+    saved = find_heads(cfg.init_weights, cfg.init_weights_source, storage)
+    if saved is None:
+        return ""
+    differ = saved.mismatches(cfg.heads, network.backbone.embed_dim)
+    if differ:
+        raise ValueError(f"init heads {saved.uri} do not fit the recipe's heads: {'; '.join(differ)}; set these to "
+                         "the heads' values, or init_heads=fresh for new heads")
+    load_strict(heads, saved.heads)
+    if objective is not None and saved.centres:
+        load_strict(objective, saved.centres)
+    return saved.uri
+
+
+def build_heads(embed_dim: int, heads: HeadsConfig) -> tuple[DINOHead, DINOHead | None]:
+    """The DINO head and, when ``heads.ibot_separate_head``, the iBOT head (else ``None``: shared)."""
+    dino = DINOHead(embed_dim, heads.num_prototypes, heads.hidden_dim, heads.bottleneck_dim, heads.num_layers)
+    ibot = (DINOHead(embed_dim, heads.ibot_num_prototypes, heads.hidden_dim, heads.ibot_bottleneck_dim,
+                     heads.num_layers) if heads.ibot_separate_head else None)
+    return dino, ibot
 
 
 def build_networks(cfg: PretrainConfig) -> tuple[SSLNetwork, SSLNetwork]:
     """Student (with stochastic depth) and teacher (without; starts as a copy, never trained);
     with ``model.compile_blocks`` the blocks of each are compiled (:func:`compile_blocks`, lazily:
     at their first call, wherever the networks are moved or sharded to before it)."""
-    h = cfg.heads
 
     def network(drop_path: bool) -> SSLNetwork:
         backbone = build_backbone(cfg, drop_path)
-        dino = DINOHead(backbone.embed_dim, h.num_prototypes, h.hidden_dim, h.bottleneck_dim, h.num_layers)
-        ibot = (DINOHead(backbone.embed_dim, h.ibot_num_prototypes, h.hidden_dim, h.ibot_bottleneck_dim, h.num_layers)
-                if h.ibot_separate_head else None)
-        return SSLNetwork(backbone, dino, ibot)
+        return SSLNetwork(backbone, *build_heads(backbone.embed_dim, cfg.heads))
 
     student = network(drop_path=True)
     teacher = network(drop_path=False)
@@ -518,8 +541,9 @@ def _pretrain(cfg: PretrainConfig, dataset: Any, collate: Callable, storage: Sto
     state = TrainState()
     checkpoint = load_latest_checkpoint(storage, cfg.out)
     if checkpoint is None and cfg.init_weights:
-        start_from_weights(cfg, student.backbone, storage)
-        teacher.backbone.load_state_dict(student.backbone.state_dict())
+        heads_from = start_from_weights(cfg, student, objective, storage)
+        teacher.load_state_dict(student.state_dict())
+        tracker.set_tags({"init_heads": heads_from or "fresh"})
     if checkpoint is not None:
         student.load_state_dict(checkpoint["student"])
         teacher.load_state_dict(checkpoint["teacher"])
@@ -645,12 +669,14 @@ def _pretrain(cfg: PretrainConfig, dataset: Any, collate: Callable, storage: Sto
     if closing is not None and strategy.is_main:
         final = closing(backbone, state.step)
         tracker.log_metrics(final, step=state.step, force=True)
+    heads = network_heads(teacher, strategy.full_state_dict)  # the released backbone's: to continue from
     if strategy.is_main:
         save_backbone(backbone.cpu(), join_uri(cfg.out, BACKBONE_FILE), storage)
+        save_heads(heads, objective.state_dict(), join_uri(cfg.out, HEADS_FILE), storage)
         write_training_curves(state, storage, cfg.out, tracker)
     summary = {"name": cfg.name, "steps": state.step, "images_seen": state.images_seen,
                "train_minutes": round(state.train_seconds / 60, 3), "stopped_early": stopped_early,
-               "backbone": join_uri(cfg.out, BACKBONE_FILE), "final": final,
+               "backbone": join_uri(cfg.out, BACKBONE_FILE), "heads": join_uri(cfg.out, HEADS_FILE), "final": final,
                "bad_images": bad_images.summary(), "health": watch.verdict(),
                "history": state.history, "mlflow_run_id": tracker.run_id,
                "tracking": tracker.delivery()}  # metrics sent, still queued or lost (an unreachable store)

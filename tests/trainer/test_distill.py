@@ -471,3 +471,46 @@ def test_a_fused_distillation_step_reads_back_from_the_device_only_its_losses(te
         with host_reads() as reads:
             distill_step(student, student_ema, teacher, Objective(cfg), [batch], SCHED, optimizer, cfg).read()
         assert reads == ["tolist in trainer/engine.py:read"]
+
+
+def test_a_teachers_heads_beside_its_backbone_are_its_trained_heads(teacher_run: Path, tmp_path: Path,
+                                                                   storage: Storage) -> None:
+    """A pipeline's pretrain output holds backbone.safetensors and heads.safetensors, no checkpoints:
+    read as a backbone, its teacher is the same network, heads and centres, as from the run folder."""
+    from_run, centres = load_teacher(student_config(teacher_run, tmp_path, "distill.objective=heads"), storage)
+    cfg = student_config(teacher_run / "backbone.safetensors", tmp_path, "teacher.source=backbone",
+                         "distill.objective=heads")
+    teacher, objective_state = load_teacher(cfg, storage)
+    assert fingerprint(teacher) == fingerprint(from_run)
+    assert objective_state.keys() == centres.keys()
+    assert all(torch.equal(objective_state[k], v) for k, v in centres.items())
+    with pytest.raises(ValueError, match="heads.num_prototypes = 32 but the teacher's heads have 64"):
+        load_teacher(student_config(teacher_run / "backbone.safetensors", tmp_path, "teacher.source=backbone",
+                                    "distill.objective=heads", "heads.num_prototypes=32"), storage)
+
+
+def test_a_distilled_run_writes_its_students_heads_and_a_student_may_start_from_them(
+        teacher_run: Path, tmp_path: Path, storage: Storage, dataset) -> None:
+    from trainer.engine import start_from_weights
+    from trainer.models.head_weights import find_heads
+
+    summary = distill(student_config(teacher_run, tmp_path / "run", "distill.objective=heads", "max_steps=2"),
+                      dataset, collate_samples, storage)
+    ema = load_latest_checkpoint(storage, str(tmp_path / "run"))["teacher"]  # the reference: the EMA's checkpoint
+    saved = find_heads(str(tmp_path / "run"), "auto", storage)
+    assert summary["heads"] == saved.uri and saved.centres == {}  # the teacher's centres are not the student's
+    assert saved.heads.keys() == {k for k in ema if not k.startswith("backbone.")}
+    assert all(torch.equal(v, ema[k]) for k, v in saved.heads.items())
+    # the paper's fresh student heads by default; init_heads=auto continues from the saved ones
+    for init_heads, expected in (("fresh", ""), ("auto", saved.uri)):
+        told = [f"init_heads={init_heads}"] if init_heads == "auto" else []
+        cfg = student_config(teacher_run, tmp_path / "next", "distill.objective=heads",
+                             f"init_weights={tmp_path / 'run'}", *told)
+        assert cfg.init_heads == init_heads
+        student = build_student(cfg)[0]
+        assert start_from_weights(cfg, student, None, storage) == expected
+        same = [torch.equal(v, student.state_dict()[k]) for k, v in saved.heads.items()]
+        assert all(same) if init_heads == "auto" else not any(same)
+    features = distill(student_config(teacher_run, tmp_path / "features", "distill.objective=features",
+                                      "max_steps=1"), dataset, collate_samples, storage)
+    assert "heads" not in features and not (tmp_path / "features" / "heads.safetensors").exists()

@@ -92,21 +92,29 @@ def convert_official_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, T
 _CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+)\.")
 
 
-def convert_training_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, Tensor]:
-    """The backbone of a training dump: unwrap ``teacher``/``model``, strip ``module.`` and
-    ``backbone.``, drop the heads, and turn chunked ``blocks.C.N.`` keys into ``blocks.N.``."""
+_HEADS = ("dino_head.", "ibot_head.")
+
+
+def _training_entries(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """A training dump's network entries: ``teacher``/``model`` unwrapped, ``module.`` stripped."""
     state = checkpoint
     for wrapper in ("teacher", "model"):
         if wrapper in state and isinstance(state[wrapper], Mapping):
             state = state[wrapper]
-    converted: dict[str, Tensor] = {}
-    for key, value in state.items():
-        key = key.removeprefix("module.")
-        if key.startswith(("dino_head.", "ibot_head.")):
-            continue
-        key = key.removeprefix("backbone.")
-        converted[_CHUNKED_BLOCK.sub(r"blocks.\1.", key)] = value
-    return converted
+    return {key.removeprefix("module."): value for key, value in state.items()}
+
+
+def convert_training_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The backbone of a training dump: unwrap ``teacher``/``model``, strip ``module.`` and
+    ``backbone.``, drop the heads, and turn chunked ``blocks.C.N.`` keys into ``blocks.N.``."""
+    return {_CHUNKED_BLOCK.sub(r"blocks.\1.", key.removeprefix("backbone.")): value
+            for key, value in _training_entries(checkpoint).items() if not key.startswith(_HEADS)}
+
+
+def convert_training_heads(checkpoint: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The DINO/iBOT heads of a training dump (``dino_head.*``, ``ibot_head.*``; none: empty),
+    in our layout (the original's: :class:`~trainer.models.heads.DINOHead`)."""
+    return {key: value for key, value in _training_entries(checkpoint).items() if key.startswith(_HEADS)}
 
 
 def infer_arch_kwargs(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
@@ -149,24 +157,31 @@ def read_weights(uri: str, source: Source, storage: Storage) -> tuple[dict[str, 
         config = json.loads(storage.read_bytes(join_uri(uri, "config.json")))
         arch_kwargs = arch_kwargs_from_hf_config(config)
         weights_uri = join_uri(uri, "model.safetensors")
-        tensors = _read_safetensors(storage.read_bytes(weights_uri), weights_uri)
+        tensors = read_safetensors(storage.read_bytes(weights_uri), weights_uri)
         return from_hf_state_dict(tensors, arch_kwargs), arch_kwargs
     data = storage.read_bytes(uri)
     if source == "safetensors":
         arch_kwargs = _safetensors_arch(data, uri)
-        return _read_safetensors(data, uri), arch_kwargs
+        return read_safetensors(data, uri), arch_kwargs
+    checkpoint = read_torch_checkpoint(data, uri)
+    if source == "training":
+        return convert_training_state_dict(checkpoint), None
+    return convert_official_state_dict(checkpoint), None
+
+
+def read_torch_checkpoint(data: bytes, uri: str) -> Mapping[str, Any]:
+    """A torch checkpoint's mapping, read as tensors only; anything else fails naming ``uri``."""
     try:
         checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - pickles with code, corrupt files: one message
         raise ValueError(f"{uri}: not a tensor-only torch checkpoint ({_load_refusal(err, data)})") from None
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"{uri}: expected a state dict, found {type(checkpoint).__name__}")
-    if source == "training":
-        return convert_training_state_dict(checkpoint), None
-    return convert_official_state_dict(checkpoint), None
+    return checkpoint
 
 
-def _read_safetensors(data: bytes, uri: str) -> dict[str, Tensor]:
+def read_safetensors(data: bytes, uri: str) -> dict[str, Tensor]:
+    """A safetensors file's tensors; a corrupt file fails naming ``uri``."""
     try:
         return load_safetensors_bytes(data)
     except Exception as err:  # noqa: BLE001 - the Rust error type is not importable
