@@ -174,6 +174,11 @@ def test_evaluate_only_and_retrain_from_the_champion(runs: Runs) -> None:
     assert list(retrained) == ["champion", "pretrain", "evaluate", "register"]
     assert retrained["champion"].tags["champion.version"] == champion
     assert not retrained["pretrain"].cached  # other seed, and it starts from the champion's weights
+    # and from its heads: registered beside the model, handed over by the champion stage
+    handed = runs.earliest("retrain-*/champion/backbone/heads.safetensors")
+    trained = {p.read_bytes() for p in runs.kfp.glob("full-*/pretrain/backbone/heads.safetensors")}
+    assert handed.read_bytes() in trained
+    assert retrained["pretrain"].tags["init_heads"] == str(handed)
     assert retrained["register"].tags["gate.verdict"] in ("promoted", "kept")
 
 
