@@ -493,15 +493,15 @@ def distill(
         tracker.log_metrics(final, step=state.step, force=True)
     save_backbone(backbone.cpu(), join_uri(cfg.out, BACKBONE_FILE), storage)
     heads = network_heads(student_ema)  # the EMA's (objective heads); no centres: the teacher's were used
+    written = {"heads": join_uri(cfg.out, HEADS_FILE)} if heads else {}
     if heads:
-        save_heads(heads, None, join_uri(cfg.out, HEADS_FILE), storage)
+        save_heads(heads, None, written["heads"], storage)
     write_training_curves(state, storage, cfg.out, tracker)
     summary = {"name": cfg.name, "steps": state.step, "images_seen": state.images_seen,
                "train_minutes": round(state.train_seconds / 60, 3), "stopped_early": stopped_early,
                "teacher": cfg.teacher.uri, "teacher_sha256": teacher_hash, "objective": cfg.distill.objective,
-               "backbone": join_uri(cfg.out, BACKBONE_FILE),
-               **({"heads": join_uri(cfg.out, HEADS_FILE)} if heads else {}), "final": final, "bad_images": bad_images.summary(), "history": state.history,
-               "mlflow_run_id": tracker.run_id,
+               "backbone": join_uri(cfg.out, BACKBONE_FILE), **written, "final": final,
+               "bad_images": bad_images.summary(), "history": state.history, "mlflow_run_id": tracker.run_id,
                "tracking": tracker.delivery()}  # metrics sent, still queued or lost (an unreachable store)
     storage.write_bytes(join_uri(cfg.out, SUMMARY_FILE), json.dumps(summary, indent=2).encode())
     return summary

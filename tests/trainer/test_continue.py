@@ -52,7 +52,8 @@ def test_a_run_writes_its_teachers_heads_and_centres(first_run: Path) -> None:
     teacher = heads_of(checkpoint["teacher"])
     assert set(found.heads) == set(teacher) and {k.split(".")[0] for k in teacher} == {"dino_head", "ibot_head"}
     assert largest_gap(found.heads, teacher) == 0
-    assert set(found.centres) == set(checkpoint["objective"]) and largest_gap(found.centres, checkpoint["objective"]) == 0
+    assert set(found.centres) == set(checkpoint["objective"])
+    assert largest_gap(found.centres, checkpoint["objective"]) == 0
     assert found.centres["dino_center.center"].abs().max() > 0  # two steps of softmax centring moved it
 
 
