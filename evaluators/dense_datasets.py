@@ -1,12 +1,13 @@
 """Dataset adapters of the dense benchmarks, reading each data set's own on-disk layout.
 
-Every split is a :class:`~torch.utils.data.Dataset` whose item ``i`` is an image ``(3, S, S)``
-uint8 resized to ``size`` (bilinear) and its labels resized the same way (nearest): a class-index
-mask ``(S, S)`` uint8 (255 = ignore) or a depth map ``(S, S)`` float32 in metres (0 = unknown).
-A split lists its files when made (a missing split fails there) and decodes a sample when asked,
-so a DataLoader's workers decode in parallel and nothing holds a whole split: ADE20K's 20k
-training images are 16 GB of pixels at 512 px. Square resizing keeps the code and the heads
-simple; it distorts aspect ratios, which the benchmark accepts for every backbone alike.
+Every split is a :class:`~torch.utils.data.Dataset` whose item ``i`` is an image ``(3, h, w)``
+uint8 and its labels ``(h', w')``: a class-index mask uint8 (255 = ignore) or a depth map float32
+in metres (0 = unknown), sized by the split's :class:`Fit`: squares (the synthetic scenes' way,
+aspect distorted), fixed square crops of the aspect-kept image (a head's training samples), or the
+whole aspect-kept image with the labels as stored (scored through sliding windows, the original's
+protocol for ADE20K, VOC and Cityscapes). A split lists its files when made (a missing split fails
+there) and decodes a sample when asked, so a DataLoader's workers decode in parallel and nothing
+holds a whole split: ADE20K's 20k training images are 16 GB of pixels at 512 px.
 
 * **ADE20K** (``ADEChallengeData2016``): ``images/{training,validation}/*.jpg`` and
   ``annotations/{training,validation}/*.png`` (same stem). Label 0 ("other") is ignored and the
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 import numpy as np
@@ -48,33 +50,88 @@ CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21
 _CITYSCAPES_LOOKUP = np.full(256, 255, dtype=np.uint8)
 _CITYSCAPES_LOOKUP[list(CITYSCAPES_TRAIN_IDS)] = list(CITYSCAPES_TRAIN_IDS.values())
 
-# (read a file's bytes, the sample's files, side, decode the image too) -> (image or None, labels)
-Decoder = Callable[[Callable[[str], bytes], tuple[str, ...], int, bool], tuple[np.ndarray | None, np.ndarray]]
+# (read a file's bytes, the sample's files, decode the image too) -> (image or None, labels), as stored
+Decoder = Callable[[Callable[[str], bytes], tuple[str, ...], bool], tuple[Image.Image | None, Image.Image]]
+FITS = ("square", "crop", "whole")
+
+
+@dataclass(frozen=True)
+class Fit:
+    """How a split sizes its samples, ``side`` pixels (a multiple of the backbone's patch).
+
+    * ``square``: image and labels resized to ``side`` x ``side``, aspect ratios distorted;
+    * ``crop``: the image resized so that its shorter side is ``side`` (aspect kept), then a
+      ``side`` x ``side`` window of it, placed once per sample (drawn from ``seed`` and the sample's
+      index, so held features stay valid), the labels alike: a head's training samples, as the
+      original's random crops;
+    * ``whole``: the image with its shorter side at ``side`` (aspect kept) and the labels as stored:
+      scored at their own resolution through sliding windows (:func:`~evaluators.dense.slid_probabilities`),
+      as the original evaluates ADE20K, VOC and Cityscapes.
+
+    Images resize bilinearly, labels by nearest neighbour (class indices and depths stay values).
+    """
+
+    mode: str = "square"
+    side: int = 224
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in FITS or self.side < 1:
+            raise ValueError(f"fit mode must be one of {', '.join(FITS)} and side >= 1, got {self.mode!r}, {self.side}")
+
+    def image(self, image: Image.Image, index: int) -> np.ndarray:
+        """``(3, h, w)`` uint8 of an RGB image."""
+        return np.array(self._placed(image, index, Image.BILINEAR)).transpose(2, 0, 1)
+
+    def labels(self, labels: Image.Image, index: int) -> np.ndarray:
+        """``(h, w)`` labels (as stored with ``whole``)."""
+        return np.array(labels if self.mode == "whole" else self._placed(labels, index, Image.NEAREST))
+
+    def _placed(self, picture: Image.Image, index: int, resample: int) -> Image.Image:
+        width, height = picture.size
+        if self.mode == "square":
+            return picture.resize((self.side, self.side), resample)
+        scale = self.side / min(width, height)
+        size = (max(self.side, round(width * scale)), max(self.side, round(height * scale)))
+        resized = picture.resize(size, resample)
+        if self.mode == "whole":
+            return resized
+        place = np.random.default_rng([self.seed, index])
+        left, top = (int(place.integers(0, extent - self.side + 1)) for extent in size)
+        return resized.crop((left, top, left + self.side, top + self.side))
 
 
 class DenseSplit(Dataset[tuple[Tensor, Tensor]]):
-    """One split of a data set on storage: per sample its files (``files[i]``, the image's first)
-    and a decoder; :meth:`label` decodes the labels alone (the loss's class counts need no pixels)."""
+    """One split of a data set on storage: per sample its files (``files[i]``, the image's first),
+    a decoder, the :class:`Fit` of its samples (a side alone: squares) and a ``relabel`` of their label values (after
+    sizing: nearest resizing and cropping keep values); :meth:`label` decodes the labels alone (the
+    loss's class counts need no pixels)."""
 
     def __init__(self, storage: Storage, files: list[tuple[str, ...]], names: list[str], decode: Decoder,
-                 size: int, what: str) -> None:
+                 fit: Fit | int, what: str, relabel: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         if not files:
             raise FileNotFoundError(f"no {what} found")
         self._storage = ProcessLocalStorage(storage)
         self._files = files
         self._decode = decode
+        self._relabel = relabel
         self.names = names
-        self.size = size
+        self.fit = fit if isinstance(fit, Fit) else Fit("square", fit)
 
     def __len__(self) -> int:
         return len(self._files)
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        image, labels = self._decode(self._storage.get().read_bytes, self._files[index], self.size, True)
-        return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(labels)
+        image, labels = self._decode(self._storage.get().read_bytes, self._files[index], True)
+        assert image is not None
+        return torch.from_numpy(np.ascontiguousarray(self.fit.image(image, index))), self._labels(labels, index)
 
     def label(self, index: int) -> Tensor:
-        return torch.from_numpy(self._decode(self._storage.get().read_bytes, self._files[index], self.size, False)[1])
+        return self._labels(self._decode(self._storage.get().read_bytes, self._files[index], False)[1], index)
+
+    def _labels(self, labels: Image.Image, index: int) -> Tensor:
+        values = self.fit.labels(labels, index)
+        return torch.from_numpy(np.ascontiguousarray(self._relabel(values) if self._relabel else values))
 
 
 class ArraySplit(Dataset[tuple[Tensor, Tensor]]):
@@ -97,36 +154,33 @@ class ArraySplit(Dataset[tuple[Tensor, Tensor]]):
         return torch.from_numpy(self.labels[index])
 
 
-def _image(data: bytes, size: int) -> np.ndarray:
+def _image(data: bytes) -> Image.Image:
     with Image.open(io.BytesIO(data)) as image:
-        return np.array(image.convert("RGB").resize((size, size), Image.BILINEAR)).transpose(2, 0, 1)
+        return image.convert("RGB")
 
 
-def _mask(data: bytes, size: int) -> np.ndarray:
+def _mask(data: bytes) -> Image.Image:
     with Image.open(io.BytesIO(data)) as image:
         if image.mode not in ("L", "P"):
             raise ValueError(f"a mask must be a single-channel index PNG (mode L or P), got mode {image.mode}")
-        return np.array(image.resize((size, size), Image.NEAREST), dtype=np.uint8)
+        return image.copy() if image.mode == "L" else Image.fromarray(np.array(image, dtype=np.uint8), mode="L")
 
 
-def _ade20k_sample(read: Callable[[str], bytes], files: tuple[str, ...], size: int,
-                   with_image: bool) -> tuple[np.ndarray | None, np.ndarray]:
-    raw = _mask(read(files[1]), size)
-    return (_image(read(files[0]), size) if with_image else None), np.where(raw == 0, 255, raw - 1).astype(np.uint8)
+def _segmentation_sample(read: Callable[[str], bytes], files: tuple[str, ...],
+                         with_image: bool) -> tuple[Image.Image | None, Image.Image]:
+    return (_image(read(files[0])) if with_image else None), _mask(read(files[1]))
 
 
-def _voc_sample(read: Callable[[str], bytes], files: tuple[str, ...], size: int,
-                with_image: bool) -> tuple[np.ndarray | None, np.ndarray]:
-    return (_image(read(files[0]), size) if with_image else None), _mask(read(files[1]), size)
+def _ade20k_labels(raw: np.ndarray) -> np.ndarray:
+    return np.where(raw == 0, 255, raw - 1).astype(np.uint8)  # "other" ignored, 1..150 -> 0..149
 
 
-def _cityscapes_sample(read: Callable[[str], bytes], files: tuple[str, ...], size: int,
-                       with_image: bool) -> tuple[np.ndarray | None, np.ndarray]:
-    return (_image(read(files[0]), size) if with_image else None), _CITYSCAPES_LOOKUP[_mask(read(files[1]), size)]
+def _cityscapes_labels(raw: np.ndarray) -> np.ndarray:
+    return _CITYSCAPES_LOOKUP[raw]
 
 
-def _nyu_sample(read: Callable[[str], bytes], files: tuple[str, ...], size: int,
-                with_image: bool) -> tuple[np.ndarray | None, np.ndarray]:
+def _nyu_sample(read: Callable[[str], bytes], files: tuple[str, ...],
+                with_image: bool) -> tuple[Image.Image | None, Image.Image]:
     uri = files[0]
     with np.load(io.BytesIO(read(uri)), allow_pickle=False) as data:
         if "image" not in data or "depth" not in data:
@@ -134,13 +188,10 @@ def _nyu_sample(read: Callable[[str], bytes], files: tuple[str, ...], size: int,
         image, depth = data["image"], data["depth"].astype(np.float32)
     if image.ndim != 3 or image.shape[2] != 3 or depth.shape != image.shape[:2]:
         raise ValueError(f"{uri}: image {image.shape} must be (H, W, 3) and depth {depth.shape} (H, W)")
-    resized = np.array(Image.fromarray(depth, mode="F").resize((size, size), Image.NEAREST))
-    if not with_image:
-        return None, resized
-    return np.array(Image.fromarray(image).resize((size, size), Image.BILINEAR)).transpose(2, 0, 1), resized
+    return (Image.fromarray(image) if with_image else None), Image.fromarray(depth, mode="F")
 
 
-def load_ade20k(storage: Storage, root: str, split: str, size: int, limit: int = 0) -> DenseSplit:
+def load_ade20k(storage: Storage, root: str, split: str, fit: Fit | int, limit: int = 0) -> DenseSplit:
     """ADE20K images and masks (classes 0..149, 255 ignored) of ``split`` (training or validation)."""
     if split not in ("training", "validation"):
         raise ValueError(f"ADE20K split must be training or validation, got {split!r}")
@@ -148,11 +199,11 @@ def load_ade20k(storage: Storage, root: str, split: str, size: int, limit: int =
     images = images[:limit] if limit else images
     names = [PurePosixPath(uri).stem for uri in images]
     files = [(uri, join_uri(root, "annotations", split, f"{stem}.png")) for uri, stem in zip(images, names)]
-    return DenseSplit(storage, files, names, _ade20k_sample, size,
-                      f"ADE20K images under {join_uri(root, 'images', split)}")
+    return DenseSplit(storage, files, names, _segmentation_sample, fit,
+                      f"ADE20K images under {join_uri(root, 'images', split)}", _ade20k_labels)
 
 
-def load_voc(storage: Storage, root: str, split: str, size: int, limit: int = 0) -> DenseSplit:
+def load_voc(storage: Storage, root: str, split: str, fit: Fit | int, limit: int = 0) -> DenseSplit:
     """Pascal VOC 2012 segmentation images and masks (0..20, 255 ignored) of ``split`` (train or val)."""
     listing = join_uri(root, "ImageSets", "Segmentation", f"{split}.txt")
     if not storage.exists(listing):
@@ -160,10 +211,10 @@ def load_voc(storage: Storage, root: str, split: str, size: int, limit: int = 0)
     ids = [line.strip() for line in storage.read_bytes(listing).decode().splitlines() if line.strip()]
     ids = ids[:limit] if limit else ids
     files = [(join_uri(root, "JPEGImages", f"{i}.jpg"), join_uri(root, "SegmentationClass", f"{i}.png")) for i in ids]
-    return DenseSplit(storage, files, ids, _voc_sample, size, f"VOC ids in {listing}")
+    return DenseSplit(storage, files, ids, _segmentation_sample, fit, f"VOC ids in {listing}")
 
 
-def load_cityscapes(storage: Storage, root: str, split: str, size: int, limit: int = 0) -> DenseSplit:
+def load_cityscapes(storage: Storage, root: str, split: str, fit: Fit | int, limit: int = 0) -> DenseSplit:
     """Cityscapes images and fine masks (train ids 0..18, 255 ignored) of ``split`` (train or val)."""
     if split not in ("train", "val"):
         raise ValueError(f"Cityscapes split must be train or val (test's masks are withheld), got {split!r}")
@@ -173,13 +224,13 @@ def load_cityscapes(storage: Storage, root: str, split: str, size: int, limit: i
     names = [PurePosixPath(uri).name.removesuffix(suffix) for uri in images]
     files = [(uri, join_uri(root, "gtFine", split, PurePosixPath(uri).parent.name, f"{name}_gtFine_labelIds.png"))
              for uri, name in zip(images, names)]
-    return DenseSplit(storage, files, names, _cityscapes_sample, size,
-                      f"Cityscapes images (*{suffix}) under {join_uri(root, 'leftImg8bit', split)}")
+    return DenseSplit(storage, files, names, _segmentation_sample, fit,
+                      f"Cityscapes images (*{suffix}) under {join_uri(root, 'leftImg8bit', split)}", _cityscapes_labels)
 
 
-def load_nyu(storage: Storage, root: str, split: str, size: int, limit: int = 0) -> DenseSplit:
+def load_nyu(storage: Storage, root: str, split: str, fit: Fit | int, limit: int = 0) -> DenseSplit:
     """NYU-Depth v2 images and depth maps (metres, 0 unknown) of ``split`` (train or test)."""
     samples = sorted(u for u in storage.list(join_uri(root, split)) if u.endswith(".npz"))
     samples = samples[:limit] if limit else samples
     return DenseSplit(storage, [(uri,) for uri in samples], [PurePosixPath(uri).stem for uri in samples], _nyu_sample,
-                      size, f"NYU samples under {join_uri(root, split)}")
+                      fit, f"NYU samples under {join_uri(root, split)}")

@@ -41,7 +41,7 @@ def test_ade20k_layout_and_reduced_labels(tmp_path: Path) -> None:
         labels[:, 20:] = 150
         labels[10:20, :10] = 1
         _png(tmp_path / "annotations" / "validation" / f"ADE_val_{i:08d}.png", labels, palette=False)
-    split = load_ade20k(Storage(), str(tmp_path), "validation", size=16, limit=2)
+    split = load_ade20k(Storage(), str(tmp_path), "validation", fit=16, limit=2)
     images, labels = _whole(split)
     assert images.shape == (2, 3, 16, 16) and images.dtype == np.uint8 and labels.shape == (2, 16, 16)
     assert set(np.unique(labels)) == {0, 149, 255}  # 1 -> 0, 150 -> 149, "other" -> ignore
@@ -60,7 +60,7 @@ def test_voc_layout_keeps_boundaries_ignored(tmp_path: Path) -> None:
         labels[:, :5] = 255
         labels[:, 35:] = 0
         _png(tmp_path / "SegmentationClass" / f"{name}.png", labels, palette=True)
-    split = load_voc(Storage(), str(tmp_path), "val", size=20)
+    split = load_voc(Storage(), str(tmp_path), "val", fit=20)
     assert split.names == ids and set(np.unique(_whole(split)[1])) == {0, 15, 255}
     with pytest.raises(FileNotFoundError, match="splits: train, val"):
         load_voc(Storage(), str(tmp_path), "train", 20)
@@ -90,7 +90,7 @@ def write_cityscapes(root: Path, split: str, cities: dict[str, int], side: int =
 
 def test_cityscapes_layout_maps_label_ids_to_the_19_classes(tmp_path: Path) -> None:
     masks = write_cityscapes(tmp_path, "val", {"frankfurt": 2, "lindau": 1})
-    split = load_cityscapes(Storage(), str(tmp_path), "val", size=16)
+    split = load_cityscapes(Storage(), str(tmp_path), "val", fit=16)
     assert split.names == ["frankfurt_000000_000019", "frankfurt_000001_000019", "lindau_000000_000019"]
     images, labels = _whole(split)
     train_id = {label_id: index for index, (_, label_id) in enumerate(CITYSCAPES)}
@@ -98,7 +98,7 @@ def test_cityscapes_layout_maps_label_ids_to_the_19_classes(tmp_path: Path) -> N
     assert images.shape == (3, 3, 16, 16)
     np.testing.assert_array_equal(labels, expected)
     assert set(np.unique(labels)) == set(range(19)) | {255}
-    assert len(load_cityscapes(Storage(), str(tmp_path), "val", size=16, limit=2)) == 2
+    assert len(load_cityscapes(Storage(), str(tmp_path), "val", fit=16, limit=2)) == 2
     with pytest.raises(ValueError, match="train or val \\(test's masks are withheld\\)"):
         load_cityscapes(Storage(), str(tmp_path), "test", 16)
     with pytest.raises(FileNotFoundError, match="no Cityscapes images .* under .*train found"):
@@ -113,7 +113,7 @@ def test_nyu_npz_layout(tmp_path: Path) -> None:
         depth[0] = 0
         np.savez(tmp_path / "test" / f"{i:05d}.npz", image=rng.integers(0, 255, (24, 32, 3), dtype=np.uint8),
                  depth=depth)
-    split = load_nyu(Storage(), str(tmp_path), "test", size=16)
+    split = load_nyu(Storage(), str(tmp_path), "test", fit=16)
     images, depths = _whole(split)
     assert images.shape == (2, 3, 16, 16) and depths.dtype == np.float32
     assert depths.max() <= 9.5 and (depths == 0).any() and depths.max() > 5
