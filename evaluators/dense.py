@@ -244,15 +244,19 @@ def held_batches(tensors: Sequence[Tensor], rows: Iterable[Sequence[int] | Tenso
 
 
 def _tally(scored: Iterable[tuple[Tensor, Tensor]], add: Callable[[Tensor, Tensor], Tensor],
-           keep: int) -> tuple[Tensor, Tensor]:
-    """``add(predicted, truth)`` summed over batches (on the CPU), and the first ``keep`` predictions."""
+           keep: int, kept_side: int = 0) -> tuple[Tensor, Tensor]:
+    """``add(predicted, truth)`` summed over batches (on the CPU), and the first ``keep`` predictions
+    (``kept_side``: resized to squares of that side, nearest: whole images' maps differ in size)."""
     total: Tensor | None = None
     kept: list[Tensor] = []
     for predicted, truth in scored:
         predicted = predicted.cpu()
         part = add(predicted, truth.cpu())
         total = part if total is None else total + part
-        kept.append(predicted[: max(0, keep - sum(len(k) for k in kept))])
+        first = predicted[: max(0, keep - sum(len(k) for k in kept))]
+        if kept_side and len(first):
+            first = F.interpolate(first[:, None].float(), size=(kept_side, kept_side), mode="nearest")[:, 0]
+        kept.append(first.to(predicted.dtype))
     if total is None:
         raise ValueError("no test images to score")
     return total, torch.cat(kept)
@@ -260,21 +264,24 @@ def _tally(scored: Iterable[tuple[Tensor, Tensor]], add: Callable[[Tensor, Tenso
 
 @torch.no_grad()
 def evaluate_segmentation(scored: Iterable[tuple[Tensor, Tensor]], num_classes: int,
-                          keep: int = 0) -> tuple[dict[str, float], Tensor]:
+                          keep: int = 0, kept_side: int = 0) -> tuple[dict[str, float], Tensor]:
     """mIoU and pixel accuracy of batches of (class scores or probabilities ``(b, C, H, W)``, true
-    masks ``(b, H, W)``), the confusion matrix added up batch by batch; also the first ``keep``
-    predicted class maps ``(keep, H, W)``, for pictures."""
+    masks ``(b, H, W)``; each batch of its own size), the confusion matrix added up batch by batch;
+    also the first ``keep`` predicted class maps ``(keep, H, W)`` (``kept_side``: resized to
+    ``kept_side`` squares), for pictures."""
     confusion, maps = _tally(((scores.argmax(dim=1), masks) for scores, masks in scored),
-                             lambda predicted, masks: segmentation_confusion(predicted, masks, num_classes), keep)
+                             lambda predicted, masks: segmentation_confusion(predicted, masks, num_classes), keep,
+                             kept_side)
     return segmentation_scores(confusion), maps
 
 
 @torch.no_grad()
 def multiscale_probabilities(backbone: nn.Module, head: LinearSegmentationHead, images: Tensor, layers: int,
                              scales: Sequence[float] = (0.75, 1.0, 1.25), flip: bool = True,
-                             amp_dtype: torch.dtype | None = None) -> Tensor:
+                             amp_dtype: torch.dtype | None = None, window: int = 0) -> Tensor:
     """Softmax averaged over input scales (sides rounded to the patch size) and flips, at input size
-    (``amp_dtype``: the backbone under autocast)."""
+    (``amp_dtype``: the backbone under autocast); ``window``: each scale seen through sliding
+    windows of that side (:func:`slid_probabilities`), else whole."""
     size = tuple(images.shape[-2:])
     patch = backbone.patch_size
     total = torch.zeros(0)
@@ -283,11 +290,52 @@ def multiscale_probabilities(backbone: nn.Module, head: LinearSegmentationHead, 
         scaled = F.interpolate(images, size=side, mode="bilinear", align_corners=False)
         for flipped in ([False, True] if flip else [False]):
             x = scaled.flip(-1) if flipped else scaled
-            features = patch_tokens(backbone, x, layers, amp_dtype)[0].to(next(head.parameters()).device)
-            probabilities = head(features, size).softmax(dim=1)
+            if window:
+                probabilities = F.interpolate(slid_probabilities(backbone, head, x, window, layers, amp_dtype),
+                                              size=size, mode="bilinear", align_corners=False)
+            else:
+                features = patch_tokens(backbone, x, layers, amp_dtype)[0].to(next(head.parameters()).device)
+                probabilities = head(features, size).softmax(dim=1)
             probabilities = probabilities.flip(-1) if flipped else probabilities
             total = probabilities if total.numel() == 0 else total + probabilities
     return total / (len(scales) * (2 if flip else 1))
+
+
+def window_starts(length: int, window: int, stride: int) -> list[int]:
+    """Where windows of ``window`` pixels start to cover ``length``, ``stride`` apart, the last one
+    flush with the end (one window, from 0, when ``length <= window``)."""
+    if length <= window:
+        return [0]
+    return [min(i * stride, length - window) for i in range(-(-(length - window) // stride) + 1)]
+
+
+@torch.no_grad()
+def slid_probabilities(backbone: nn.Module, head: LinearSegmentationHead, images: Tensor, window: int,
+                       layers: int = 1, amp_dtype: torch.dtype | None = None, stride: int = 0,
+                       windows_per_pass: int = 16) -> Tensor:
+    """Class probabilities ``(1, C, H, W)`` of one image of any size (model input ``(1, 3, H, W)``,
+    each side a multiple of the patch): the head's softmax on ``window``-square windows ``stride``
+    apart (default two thirds of a window, the original's 341 of 512), averaged where windows
+    overlap; a side shorter than ``window`` is one window of its own length. Why: the original
+    scores ADE20K, VOC and Cityscapes so, at the images' own aspect ratios, with the heads' training
+    crops' scale; ``windows_per_pass`` bounds the backbone's batch."""
+    height, width = images.shape[-2:]
+    tall, wide = min(window, height), min(window, width)
+    step = stride or max(1, round(2 * window / 3))
+    places = [(top, left) for top in window_starts(height, tall, step) for left in window_starts(width, wide, step)]
+    device = next(head.parameters()).device
+    total = torch.zeros(0)
+    covered = torch.zeros(1, 1, height, width, device=device)
+    for first in range(0, len(places), windows_per_pass):
+        group = places[first : first + windows_per_pass]
+        crops = torch.cat([images[..., top : top + tall, left : left + wide] for top, left in group])
+        probabilities = head(patch_tokens(backbone, crops, layers, amp_dtype)[0].to(device), (tall, wide)).softmax(1)
+        if not total.numel():
+            total = torch.zeros(1, probabilities.shape[1], height, width, device=device)
+        for (top, left), part in zip(group, probabilities):
+            total[..., top : top + tall, left : left + wide] += part
+            covered[..., top : top + tall, left : left + wide] += 1
+    return total / covered
 
 
 def train_depth_head(batches: Batches, count: int, in_channels: int, config: HeadConfig = HeadConfig(),

@@ -62,6 +62,15 @@ class FeatureSource:
         for images, labels in loader:
             yield to_model_input(images.to(device, non_blocking=True), patch_size=int(self.backbone.patch_size)), labels
 
+    def whole_images(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """(uint8 image ``(3, H, W)`` on the backbone's device, labels) of every item in order, one
+        at a time (whole images differ in size: :class:`~evaluators.dense_datasets.Fit` ``whole``),
+        decoded by the split's loader."""
+        device = next(self.backbone.parameters()).device
+        loader = DataLoader(self.split, batch_size=None, num_workers=self.num_workers, pin_memory=device.type == "cuda")
+        for image, labels in progress(loader, desc="test images", total=len(self), unit="image"):
+            yield image.to(device, non_blocking=True), labels
+
     def batches(self, rows: Iterable[Rows]) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         """(patch features, CLS tokens, labels) of each group of rows, in order: looked up when
         held, else the backbone's on the rows' images (on its device)."""

@@ -19,7 +19,9 @@ high-norm patch tokens and the CLS token's attention on the patches (:mod:`evalu
 The synthetic scenes (:mod:`evaluators.synthetic`) make the dense and retrieval tasks run
 anywhere with exact ground truth; the adapters of :mod:`evaluators.dense_datasets` feed the same
 heads with the real data sets (``seg_data="ade20k:<root>"``, ``"voc:<root>"`` or ``"cityscapes:<root>"``,
-``depth_data="nyu:<root>"``; images at ``image_size``, ``train_limit`` / ``test_limit`` of each), and
+``depth_data="nyu:<root>"``; images at ``image_size``, ``train_limit`` / ``test_limit`` of each; a real
+segmentation set as the original scores it: the head trained on square crops of the aspect-kept images,
+tested on whole images through sliding windows at the masks' own resolution), and
 :func:`~evaluators.retrieval.load_revisited` the retrieval task (``retrieval_data="roxford5k:<root>"``
 or ``"rparis6k:<root>"``; the longer side at ``image_size``).
 
@@ -30,7 +32,7 @@ classification ``features`` ``[train_x, train_y, test_x, test_y]`` for plots, no
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -50,11 +52,13 @@ from evaluators.dense import (
     evaluate_depth,
     evaluate_segmentation,
     multiscale_probabilities,
+    patch_tokens,
     row_batches,
+    slid_probabilities,
     train_depth_head,
     train_segmentation_head,
 )
-from evaluators.dense_datasets import ArraySplit, load_ade20k, load_cityscapes, load_nyu, load_voc
+from evaluators.dense_datasets import ArraySplit, Fit, load_ade20k, load_cityscapes, load_nyu, load_voc
 from evaluators.dense_metrics import retrieval_map
 from evaluators.dense_source import FeatureSource, feature_sources, relabelled
 from evaluators.feature_parts import FeatureParts, backbone_digest
@@ -86,7 +90,8 @@ class SuiteConfig:
     data_uri: str = ""  # knn, linear: Fashion-MNIST's files, or train/ and val/ class folders
     test_uri: str = ""  # knn, linear: a test set's class folders instead of val/ (ImageNet-A/R/Sketch/C)
     data_kind: DataKind = "auto"
-    image_size: int = 224  # class folders: the centre crop's side; dense sets: the side; Oxford/Paris: the longer
+    image_size: int = 224  # class folders: the centre crop's side; dense sets: the side (seg: of the training crops
+    # and the test windows, the images' shorter side at it); Oxford/Paris: the longer
     num_workers: int = 0  # decoding processes of class folders and the real dense and retrieval sets
     precision: str = "fp32"  # every feature pass: fp32, or the backbone under autocast (bf16, fp16: 2-3x on a GPU)
     train_limit: int = 0
@@ -183,6 +188,7 @@ class _DenseTask:
     test: FeatureSource
     label_range: float
     foreground: np.ndarray | None
+    windowed: bool = False  # the test images whole, aspect kept, scored through sliding windows
 
 
 def _dense_tasks(backbone: nn.Module, config: SuiteConfig, storage: Storage) -> dict[str, _DenseTask]:
@@ -201,11 +207,14 @@ def _dense_tasks(backbone: nn.Module, config: SuiteConfig, storage: Storage) -> 
         if given:
             name, _, root = given.partition(":")
             load, (train_split, test_split), label_range = DENSE_SETS[name]
-            train, test = sources([load(storage, root, split, config.image_size, limit)
-                                   for split, limit in ((train_split, config.train_limit),
-                                                        (test_split, config.test_limit))],
-                                  test_read=task == "depth" or not config.multiscale)
-            made[task] = _DenseTask(train, test, float(label_range), None)
+            windowed = task == "seg"  # the original's protocol; NYU's depth stays square
+            fits = ((Fit("crop", config.image_size, config.seed), Fit("whole", config.image_size)) if windowed else
+                    (Fit("square", config.image_size),) * 2)
+            train, test = sources([load(storage, root, split, fit, limit)
+                                   for split, fit, limit in ((train_split, fits[0], config.train_limit),
+                                                             (test_split, fits[1], config.test_limit))],
+                                  test_read=not windowed)
+            made[task] = _DenseTask(train, test, float(label_range), None, windowed)
             continue
         if scenes is None:
             scene = SceneConfig(size=config.scene_size)
@@ -244,12 +253,30 @@ def _segmentation(backbone: nn.Module, data: _DenseTask, config: SuiteConfig, sa
     source = data.train
     head = train_segmentation_head(lambda rows: ((patches, masks) for patches, _, masks in source.batches(rows)),
                                    len(source), source.channels, classes, weight, config.seg_head, device, saves)
+    if data.windowed:
+        return evaluate_segmentation(_windowed_scores(backbone, head, data.test, config), classes, keep=keep,
+                                     kept_side=config.image_size)
     tests = row_batches(len(data.test))
     scored = (((multiscale_probabilities(backbone, head, images, config.layers, amp_dtype=config.amp_dtype), masks)
                for images, masks in data.test.inputs(tests)) if config.multiscale else
               ((head(patches.to(device), tuple(masks.shape[-2:])), masks)
                for patches, _, masks in data.test.batches(tests)))
     return evaluate_segmentation(scored, classes, keep=keep)
+
+
+def _windowed_scores(backbone: nn.Module, head: nn.Module, test: FeatureSource,
+                     config: SuiteConfig) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(class probabilities ``(1, C, H, W)``, mask ``(1, H, W)``) of each whole test image, at its
+    mask's own resolution: sliding windows of ``image_size`` over the image with its shorter side at
+    ``image_size`` (its longer one rounded to the patch), with +ms over scales and flips too."""
+    window, patch = config.image_size, int(backbone.patch_size)
+    for image, mask in test.whole_images():
+        side = [max(patch, round(s / patch) * patch) for s in image.shape[-2:]]
+        x = to_model_input(image[None], size=tuple(side), patch_size=patch)  # on the device: the pixels are
+        probabilities = (multiscale_probabilities(backbone, head, x, config.layers, amp_dtype=config.amp_dtype,
+                                                  window=window) if config.multiscale else
+                         slid_probabilities(backbone, head, x, window, config.layers, config.amp_dtype))
+        yield F.interpolate(probabilities, size=tuple(mask.shape), mode="bilinear", align_corners=False), mask[None]
 
 
 def _depth(data: _DenseTask, config: SuiteConfig, device: torch.device, saves: HeadSaves | None,
@@ -281,29 +308,38 @@ def _retrieval(backbone: nn.Module, config: SuiteConfig, storage: Storage) -> di
     return dict(retrieval_map(ranking, truths))
 
 
-def _dense_pictures(dense: dict[str, _DenseTask], predicted: dict[str, np.ndarray], folder: Path, shown: int) -> None:
+def _dense_pictures(dense: dict[str, _DenseTask], predicted: dict[str, np.ndarray], folder: Path, shown: int,
+                    side: int) -> None:
     """``pca_features.png`` of the first task's first ``shown`` test images, and their predictions
     beside the truth: ``dense_predictions.png`` when seg and depth score the same scenes, else
-    ``seg_predictions.png`` and ``depth_predictions.png`` (ADE20K's masks, NYU's depths)."""
+    ``seg_predictions.png`` and ``depth_predictions.png`` (ADE20K's masks, NYU's depths). Whole
+    test images (windowed) are drawn as ``side`` squares, as their kept predictions are."""
 
-    def first(data: _DenseTask) -> tuple[range, np.ndarray, np.ndarray]:
-        rows = range(min(shown, len(data.test)))
-        items = [data.test.split[i] for i in rows]
-        return rows, np.stack([image.numpy() for image, _ in items]), np.stack([label.numpy() for _, label in items])
+    def first(data: _DenseTask) -> tuple[torch.Tensor, np.ndarray]:
+        items = [data.test.split[i] for i in range(min(shown, len(data.test)))]
+        if data.windowed:
+            items = [(F.interpolate(image[None].float(), size=(side, side), mode="bilinear", align_corners=False)
+                      .round().clamp(0, 255).to(torch.uint8)[0],
+                      F.interpolate(label[None, None].float(), size=(side, side), mode="nearest")[0, 0].to(label.dtype))
+                     for image, label in items]
+        return torch.stack([image for image, _ in items]), torch.stack([label for _, label in items]).numpy()
 
     truths = {task: first(data) for task, data in dense.items()}  # each task's first images decoded once
     lead = next(iter(dense))
-    rows, images, _ = truths[lead]
-    save_pca_maps(images, next(dense[lead].test.batches([rows]))[0].cpu().numpy(), folder / "pca_features.png")
-    seg = {"masks": truths["seg"][2], "predicted_masks": predicted["seg"], "num_classes": int(dense["seg"].label_range)
+    source, images = dense[lead].test, truths[lead][0]
+    model_input = to_model_input(images.to(next(source.backbone.parameters()).device),
+                                 patch_size=int(source.backbone.patch_size))
+    patches = patch_tokens(source.backbone, model_input, source.layers, source.amp_dtype)[0]
+    save_pca_maps(images.numpy(), patches.cpu().numpy(), folder / "pca_features.png")
+    seg = {"masks": truths["seg"][1], "predicted_masks": predicted["seg"], "num_classes": int(dense["seg"].label_range)
            } if "seg" in dense else {}
-    depth = {"depths": truths["depth"][2], "predicted_depths": predicted["depth"]} if "depth" in dense else {}
+    depth = {"depths": truths["depth"][1], "predicted_depths": predicted["depth"]} if "depth" in dense else {}
     if seg and depth and all(data.foreground is not None for data in dense.values()):  # the same scenes
-        save_dense_predictions(images, folder / "dense_predictions.png", **seg, **depth)
+        save_dense_predictions(images.numpy(), folder / "dense_predictions.png", **seg, **depth)
         return
     for task, drawn in (("seg", seg), ("depth", depth)):
         if drawn:
-            save_dense_predictions(truths[task][1], folder / f"{task}_predictions.png", **drawn)
+            save_dense_predictions(truths[task][0].numpy(), folder / f"{task}_predictions.png", **drawn)
 
 
 def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None = None,
@@ -351,7 +387,7 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
     if scenes:  # the scenes' shapes, not their plane, are the attention's foreground
         looked_at = scenes[0].test.split.images[:ATTENTION_IMAGES], scenes[0].foreground[:ATTENTION_IMAGES]
     if pictures is not None and dense:
-        _dense_pictures(dense, predicted, Path(pictures), shown.stop)
+        _dense_pictures(dense, predicted, Path(pictures), shown.stop, config.image_size)
     if looked_at is not None and hasattr(backbone, "self_attention"):
         tasks["attention"] = attention_figures(backbone, *looked_at, pictures)
         metrics.update(tasks["attention"])

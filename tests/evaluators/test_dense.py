@@ -18,8 +18,10 @@ from evaluators.dense import (
     patch_tokens,
     row_batches,
     silog_loss,
+    slid_probabilities,
     train_depth_head,
     train_segmentation_head,
+    window_starts,
 )
 from evaluators.dense_metrics import depth_scores, segmentation_confusion, segmentation_scores
 from trainer.models.vit import build_vit
@@ -145,6 +147,51 @@ def test_features_and_multiscale_probabilities_have_the_right_shapes() -> None:
     torch.testing.assert_close(probabilities.sum(dim=1), torch.ones(3, 28, 28))
     plain = head(patches, (28, 28)).softmax(dim=1)
     torch.testing.assert_close(multiscale_probabilities(backbone, head, images, 4, scales=(1.0,), flip=False), plain)
+
+
+@pytest.mark.parametrize("length", [5, 14, 15, 28, 41, 60, 97])
+@pytest.mark.parametrize(("window", "stride"), [(14, 9), (14, 14), (14, 5), (28, 19)])
+def test_windows_cover_every_pixel_stride_apart_and_end_flush(length: int, window: int, stride: int) -> None:
+    starts = window_starts(length, window, stride)
+    if length <= window:
+        assert starts == [0]
+        return
+    covered = set().union(*(range(s, s + window) for s in starts))
+    assert covered == set(range(length)) and starts[0] == 0 and starts[-1] == length - window
+    assert all(0 < b - a <= stride for a, b in zip(starts, starts[1:]))
+    assert len(starts) == len(range(0, length - window, stride)) + 1  # no window more than needed
+
+
+def test_sliding_windows_average_the_heads_softmax_where_they_overlap() -> None:
+    """Against a second implementation: each window run alone, its softmax added pixel by pixel
+    and divided by how many windows cover each pixel."""
+    torch.manual_seed(0)
+    backbone = build_vit("vit_small", patch_size=7, embed_dim=16, depth=2, num_heads=2, img_size=28).eval()
+    images = torch.randn(1, 3, 35, 63)  # 5 x 9 patches: windows of 28 at 19 apart, 2 x 3 of them
+    patches, _ = patch_tokens(backbone, images[..., :28, :28])
+    head = _segmentation_head(patches, torch.zeros(1, 28, 28, dtype=torch.long), 4, HeadConfig(steps=1))
+    with torch.no_grad():  # a head whose classes differ from place to place
+        head.classifier.weight.normal_()
+    got = slid_probabilities(backbone, head, images, window=28, windows_per_pass=4)
+    total, count = torch.zeros(1, 4, 35, 63), torch.zeros(1, 1, 35, 63)
+    for top in (0, 7):
+        for left in (0, 19, 35):
+            crop = images[..., top : top + 28, left : left + 28]
+            with torch.no_grad():
+                total[..., top : top + 28, left : left + 28] += head(patch_tokens(backbone, crop)[0], (28, 28)).softmax(1)
+            count[..., top : top + 28, left : left + 28] += 1
+    torch.testing.assert_close(got, total / count)
+    torch.testing.assert_close(got.sum(dim=1), torch.ones(1, 35, 63))
+    # a side shorter than the window is one window of its length; an image the window's size, the plain head
+    narrow = images[..., :21, :]
+    assert slid_probabilities(backbone, head, narrow, window=28).shape == (1, 4, 21, 63)
+    square = images[..., :28, :28]
+    with torch.no_grad():
+        plain = head(patch_tokens(backbone, square)[0], (28, 28)).softmax(1)
+    torch.testing.assert_close(slid_probabilities(backbone, head, square, window=28), plain)
+    # +ms through windows: at scale 1 without flips it is the windows' own average
+    torch.testing.assert_close(multiscale_probabilities(backbone, head, images, 1, scales=(1.0,), flip=False,
+                                                        window=28), got)
 
 
 def test_pca_pictures_match_scikit_learn_and_stay_in_range(tmp_path) -> None:

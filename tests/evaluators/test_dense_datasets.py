@@ -6,10 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from dinoflow.storage import Storage
-from evaluators.dense_datasets import DenseSplit, load_ade20k, load_cityscapes, load_nyu, load_voc
+from evaluators.dense_datasets import DenseSplit, Fit, load_ade20k, load_cityscapes, load_nyu, load_voc
 
 
 def _whole(split: DenseSplit) -> tuple[np.ndarray, np.ndarray]:
@@ -48,6 +49,39 @@ def test_ade20k_layout_and_reduced_labels(tmp_path: Path) -> None:
     assert split.names == ["ADE_val_00000000", "ADE_val_00000001"]
     with pytest.raises(ValueError, match="training or validation"):
         load_ade20k(Storage(), str(tmp_path), "val", 16)
+
+
+def test_crops_and_whole_images_keep_the_aspect_and_place_labels_with_pixels(tmp_path: Path) -> None:
+    """ADE20K files of 40 x 30 pixels, side 15: a crop is a 15-square window of the image resized
+    to 20 x 15 (PIL's own resize, the reference), its labels the same window of the nearest-resized
+    mask; the window's place is fixed per sample and seed; whole images keep the mask as stored."""
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        _jpg(tmp_path / "images" / "validation" / f"ADE_val_{i:08d}.jpg", i)
+        _png(tmp_path / "annotations" / "validation" / f"ADE_val_{i:08d}.png",
+             rng.integers(0, 151, (30, 40)), palette=False)
+    crops = load_ade20k(Storage(), str(tmp_path), "validation", Fit("crop", 15, seed=3))
+    lefts = set()
+    for i in range(len(crops)):
+        image, labels = crops[i]
+        with Image.open(tmp_path / "images" / "validation" / f"ADE_val_{i:08d}.jpg") as raw:
+            resized = np.array(raw.convert("RGB").resize((20, 15), Image.BILINEAR)).transpose(2, 0, 1)
+        with Image.open(tmp_path / "annotations" / "validation" / f"ADE_val_{i:08d}.png") as raw:
+            mask = np.array(raw.resize((20, 15), Image.NEAREST)).astype(np.int64)
+        left = next(x for x in range(6) if np.array_equal(resized[:, :, x : x + 15], image.numpy()))
+        lefts.add(left)
+        np.testing.assert_array_equal(labels.numpy(), np.where(mask == 0, 255, mask - 1)[:, left : left + 15])
+        assert torch.equal(crops[i][0], image) and torch.equal(crops.label(i), labels)  # the same place again
+    assert len(lefts) > 1  # placed per sample
+    other = load_ade20k(Storage(), str(tmp_path), "validation", Fit("crop", 15, seed=4))
+    assert any(not torch.equal(other[i][0], crops[i][0]) for i in range(len(crops)))
+    whole = load_ade20k(Storage(), str(tmp_path), "validation", Fit("whole", 15))
+    image, labels = whole[0]
+    assert image.shape == (3, 15, 20) and labels.shape == (30, 40)
+    with Image.open(tmp_path / "annotations" / "validation" / "ADE_val_00000000.png") as raw:
+        np.testing.assert_array_equal(labels.numpy(), np.where(np.array(raw) == 0, 255, np.array(raw) - 1))
+    with pytest.raises(ValueError, match="fit mode must be one of square, crop, whole"):
+        Fit("pad", 15)
 
 
 def test_voc_layout_keeps_boundaries_ignored(tmp_path: Path) -> None:
@@ -155,8 +189,6 @@ def test_the_suite_runs_the_dense_heads_on_real_layouts(tmp_path: Path) -> None:
     """seg on a VOC layout and depth on an NYU layout (the adapters were unreachable from the suite),
     of :func:`write_halves`' images. A linear head on a random backbone's patch features separates
     colours: well above chance, and depth better than the mean's error."""
-    import torch
-
     from evaluators.dense import HeadConfig
     from evaluators.suite import SuiteConfig, run_suite
     from trainer.models.vit import build_vit
@@ -186,3 +218,29 @@ def test_the_suite_runs_the_dense_heads_on_real_layouts(tmp_path: Path) -> None:
     cityscapes = run_suite(backbone, SuiteConfig(tasks=("seg",), seg_data=f"cityscapes:{tmp_path / 'cityscapes'}",
                                                  image_size=28, seg_head=HeadConfig(steps=3)))
     assert sum(key.startswith("iou_") for key in cityscapes["tasks"]["seg"]) == 19
+
+
+def test_whole_test_images_are_scored_through_windows_at_their_masks_resolution(tmp_path: Path) -> None:
+    """VOC's 28 x 40 images, side 28, patch 7: the input is 28 x 42 (the longer side rounded to the
+    patch), seen through 28-square windows, and its probabilities are brought to the mask's 28 x 40."""
+    import torch.nn.functional as F
+
+    from evaluators.dense import LinearSegmentationHead, slid_probabilities
+    from evaluators.dense_source import FeatureSource
+    from evaluators.features import to_model_input
+    from evaluators.suite import SuiteConfig, _windowed_scores
+    from trainer.models.vit import build_vit
+
+    voc, _ = write_halves(tmp_path)
+    torch.manual_seed(0)
+    backbone = build_vit("vit_small", patch_size=7, embed_dim=32, depth=2, num_heads=2, img_size=28).eval()
+    head = LinearSegmentationHead(32, 21).eval()
+    split = load_voc(Storage(), str(voc), "val", Fit("whole", 28))
+    scored = list(_windowed_scores(backbone, head, FeatureSource(split, backbone), SuiteConfig(tasks=("seg",),
+                                                                                             image_size=28)))
+    assert len(scored) == 4
+    for (probabilities, mask), (image, labels) in zip(scored, (split[i] for i in range(4))):
+        assert torch.equal(mask[0], labels) and probabilities.shape == (1, 21, 28, 40)
+        windows = slid_probabilities(backbone, head, to_model_input(image[None], size=(28, 42), patch_size=7), 28)
+        torch.testing.assert_close(probabilities, F.interpolate(windows, size=(28, 40), mode="bilinear",
+                                                                align_corners=False))
