@@ -239,6 +239,7 @@ def _head_saves(task: str, config: SuiteConfig, storage: Storage, digest: str) -
     data = getattr(config, f"{task}_data") or {"train_scenes": config.train_scenes, "scene_size": config.scene_size}
     settings = ("image_size", "train_limit", "layers", "precision", "seed")
     identity = {"backbone_sha256": digest, "data": data, "head": asdict(getattr(config, f"{task}_head")),
+                "samples": "crops" if task == "seg" and config.seg_data else "squares",  # as _dense_tasks sizes them
                 **{name: getattr(config, name) for name in settings}}
     return HeadSaves(storage, join_uri(config.work_dir, f"{task}-head"), identity)
 
