@@ -1,4 +1,4 @@
-"""The pipelines: ``full``, ``evaluate_only``, ``retrain`` and ``promote``, as KFP v2 DAGs.
+"""The pipelines: ``full``, ``evaluate_only``, ``retrain``, ``distill`` and ``promote``, as KFP v2 DAGs.
 
 Every pipeline opens a parent MLflow run first and closes it in an exit handler (FAILED with the
 failing stage's error when a stage fails); every stage gets the same context parameters. The
@@ -9,7 +9,8 @@ the compiled YAML holds no local paths; :mod:`pipelines.local` passes local ones
                     ``pool_uri``) -> pretrain -> evaluate
                     -> register (+ gate)
     evaluate_only:  import weights (or fetch a registered version) -> evaluate
-    retrain:        champion -> pretrain (from the champion's weights) -> evaluate -> register (+ gate)
+    retrain:        champion -> pretrain (from the champion's weights and heads) -> evaluate -> register (+ gate)
+    distill:        champion (or import teacher weights) -> per student: distill -> evaluate -> register (+ gate)
     promote:        an alias moved to a version by hand, past the gate (a rollback from the UI)
 
 ``full`` evaluates (and gates) on the ingested Fashion-MNIST, or with ``eval_data_uri`` on one's own
@@ -284,6 +285,42 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                                           eval_precision, eval_seg_steps, eval_depth_steps)},
                                model_name, metric, margin)
 
+    @dsl.pipeline(name="distill", description="Distil each of `students` from a registered teacher (teacher_model: "
+                                              "<name>, its champion, or <name>@<alias>, <name>/<version>; with "
+                                              "the DINO/iBOT heads registered beside it) or from teacher weights "
+                                              "(teacher_uri), then evaluate and register each as "
+                                              "<model_name>-<student>.")
+    def distill(teacher_model: str = "dinoflow-tiny", teacher_uri: str = "", run_root: str = CLUSTER_RUN_ROOT,
+                tracking_uri: str = CLUSTER_TRACKING_URI, experiment: str = EXPERIMENT, use_cache: bool = True,
+                data_kind: str = "fashion_mnist", data_uri: str = CLUSTER_DATA,
+                students: list = ["distill-tiny"], student_overrides: list = [],  # noqa: B006
+                student_minutes: float = 3.0, seed: int = 0, eval_data_uri: str = "", eval_test_uri: str = "",
+                train_limit: int = 0, test_limit: int = 0, knn_k: int = 20, knn_temperature: float = 0.07,
+                eval_tasks: list = ["knn", "linear"], seg_data: str = "", depth_data: str = "",  # noqa: B006
+                retrieval_data: str = "", eval_image_size: int = 224, eval_precision: str = "fp32",
+                eval_seg_steps: int = 0, eval_depth_steps: int = 0, model_name: str = "dinoflow-tiny",
+                metric: str = "knn_top1_k20", margin: float = 0.0) -> None:
+        with dsl.ExitHandler(closer(run_root, tracking_uri, experiment)):
+            parent = open_parent(run_root, tracking_uri, experiment, "distill")
+            ctx = context(run_root, tracking_uri, experiment, parent)
+            fan_out = {"run_root": run_root, "tracking_uri": tracking_uri, "experiment": experiment,
+                       "parent_run_id": parent.output, "use_cache": use_cache, "students": students,
+                       "overrides": student_overrides, "data_kind": data_kind, "data_uri": data_uri,
+                       "max_minutes": student_minutes, "seed": seed, "data_for_eval": data_uri,
+                       "eval_data_uri": eval_data_uri, "eval_test_uri": eval_test_uri, "train_limit": train_limit,
+                       "test_limit": test_limit, "knn_k": knn_k, "knn_temperature": knn_temperature,
+                       "eval_tasks": eval_tasks, "seg_data": seg_data, "depth_data": depth_data,
+                       "retrieval_data": retrieval_data, "eval_image_size": eval_image_size,
+                       "eval_precision": eval_precision, "eval_seg_steps": eval_seg_steps,
+                       "eval_depth_steps": eval_depth_steps, "model_name": model_name, "metric": metric,
+                       "margin": margin}
+            with dsl.If(teacher_uri == ""):  # picked from the registry, its heads with it
+                picked = uncached(c.champion(**ctx, model_name=teacher_model))
+                distil_students(teacher=picked.outputs["backbone"], **fan_out)
+            with dsl.Else():
+                weights = dsl.importer(artifact_uri=teacher_uri, artifact_class=dsl.Model, reimport=False)
+                distil_students(teacher=weights.output, **fan_out)
+
     @dsl.pipeline(name="promote", description="Point a registered model's alias (champion by default) at a "
                                               "version by hand, past the gate: a rollback. The move is written "
                                               "on the version (alias.<alias>: when, why).")
@@ -295,4 +332,4 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
             ctx = context(run_root, tracking_uri, experiment, parent)
             uncached(c.promote(**ctx, model_name=model_name, version=version, alias=alias, reason=reason))
 
-    return {"full": full, "evaluate_only": evaluate_only, "retrain": retrain, "promote": promote}
+    return {"full": full, "evaluate_only": evaluate_only, "retrain": retrain, "distill": distill, "promote": promote}

@@ -182,6 +182,25 @@ def test_evaluate_only_and_retrain_from_the_champion(runs: Runs) -> None:
     assert retrained["register"].tags["gate.verdict"] in ("promoted", "kept")
 
 
+def test_distill_from_the_registrys_champion_with_its_heads(runs: Runs) -> None:
+    """The distill pipeline picks its teacher from the registry: the backbone and the heads
+    registered beside it, so a ``heads`` student distils against the teacher's trained heads. A
+    recipe whose prototypes differ from theirs is refused naming them (random teacher heads, built
+    from the student's own recipe, would have fitted it)."""
+    given = {"teacher_model": "tiny-test", "data_uri": str(runs.root / "data" / "fashion-mnist"),
+             "model_name": "tiny-test", "students": ["distill-tiny"], "student_minutes": 0.05,
+             "train_limit": FAST["train_limit"], "test_limit": FAST["test_limit"]}
+    heads = [*STUDENT["student_overrides"], "distill.objective=heads"]
+    stages = runs.run_all("distill", **given, student_overrides=heads)
+    assert sorted(s.stage for s in stages) == ["champion", "distill", "evaluate", "register"]
+    assert all(s.status == "FINISHED" for s in stages)
+    assert next(s for s in stages if s.stage == "distill").metrics["steps"] >= 1
+    assert registered(stages, STUDENT_MODEL).tags["gate.model_version"]
+    with pytest.raises(PipelineFailed) as failure:
+        runs.run_all("distill", **given, student_overrides=[*heads, "heads.num_prototypes=32"])
+    assert "heads.num_prototypes = 32 but the teacher's heads have 1024" in failure.value.errors["distill"]
+
+
 def test_promote_rolls_the_champion_back_from_the_ui(runs: Runs) -> None:
     """The Kubeflow UI's rollback: the promote pipeline moves the alias past the gate, the move
     written on the version; a version the model lacks fails the run with the versions it has."""
@@ -413,7 +432,7 @@ def test_local_runs_build_without_gpus(tmp_path: Path) -> None:
 
 def test_pipeline_cli_rejects_unknown_names_and_parameters() -> None:
     bad = CliRunner().invoke(app, ["pipeline", "run", "nope"])
-    assert bad.exit_code == 2 and "unknown pipeline 'nope'; allowed: full, evaluate_only, retrain, promote" in bad.stderr
+    assert bad.exit_code == 2 and "unknown pipeline 'nope'; allowed: full, evaluate_only, retrain, distill, promote" in bad.stderr
     param = CliRunner().invoke(app, ["pipeline", "run", "full", "max_minute=3"])
     assert param.exit_code == 2 and "bad pipeline parameter 'max_minute=3'" in param.stderr
     assert "max_minutes" in param.stderr
