@@ -263,6 +263,7 @@ def test_compiled_pipelines_hold_their_dag_and_no_secrets_or_local_paths(
                  "register": ["evaluate", "open-run", "pretrain"],
                  "distil-students": ["curate", "ingest", "open-run", "pretrain"]},
         "evaluate_only": {"open-run": [], "condition-branches-2": ["open-run"]},
+        "distill": {"open-run": [], "condition-branches-2": ["open-run"]},
         "promote": {"open-run": [], "promote": ["open-run"]},
         "retrain": {"open-run": [], "champion": ["open-run"], "pretrain": ["champion", "open-run"],
                     "evaluate": ["open-run", "pretrain"], "register": ["evaluate", "open-run", "pretrain"]},
@@ -287,6 +288,15 @@ def test_compiled_pipelines_hold_their_dag_and_no_secrets_or_local_paths(
                     for branch in ("comp-condition-3", "comp-condition-4")
                     for task, body in spec["components"][branch]["dag"]["tasks"].items()} == {
                 "importer": [], "evaluate": ["importer"], "champion": [], "evaluate-2": ["champion"]}
+        if name == "distill":  # a teacher from the registry (with its heads), or imported weights
+            branches = spec["components"]["comp-condition-branches-2"]["dag"]["tasks"]
+            assert [body["triggerPolicy"]["condition"] for body in branches.values()] == [
+                "inputs.parameter_values['pipelinechannel--teacher_uri'] == ''",
+                "!(inputs.parameter_values['pipelinechannel--teacher_uri'] == '')"]
+            assert {task: sorted(body.get("dependentTasks", []))
+                    for branch in ("comp-condition-3", "comp-condition-4")
+                    for task, body in spec["components"][branch]["dag"]["tasks"].items()} == {
+                "champion": [], "distil-students": ["champion"], "importer": [], "distil-students-2": ["importer"]}
         if name == "full":  # each student, in parallel: distil from the teacher, then evaluate and register it
             assert list(spec["components"]["comp-distil-students"]["dag"]["tasks"]) == ["for-loop-1"]
             loop = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
@@ -372,7 +382,7 @@ def _hardware(spec: dict[str, Any], platform: dict[str, Any]) -> dict[str, dict[
     }
 
 
-@pytest.mark.parametrize("name", ["full", "retrain", "evaluate_only"])
+@pytest.mark.parametrize("name", ["full", "retrain", "evaluate_only", "distill"])
 def test_pretrain_and_evaluate_request_a_gpu_and_tolerate_the_gpu_taint(tmp_path: Path, name: str) -> None:
     """The stages that run a backbone over a data set (training, and evaluation: ImageNet's probe
     takes hours on a CPU) get a GPU each, the GPU image, the taint's toleration, device=cuda and
@@ -380,7 +390,8 @@ def test_pretrain_and_evaluate_request_a_gpu_and_tolerate_the_gpu_taint(tmp_path
     tasks = _hardware(*_compiled(tmp_path, name))
     gpu_tasks = {task: tasks.pop(task) for task in list(tasks) if task.split("-")[0] in GPU_STAGES}
     expected = {"full": {"pretrain", "distill", "evaluate", "evaluate-2"}, "retrain": {"pretrain", "evaluate"},
-                "evaluate_only": {"evaluate", "evaluate-2"}}[name]  # evaluate_only: one per branch
+                "evaluate_only": {"evaluate", "evaluate-2"},  # evaluate_only, distill: one per branch
+                "distill": {"distill", "distill-2", "evaluate", "evaluate-2"}}[name]
     assert set(gpu_tasks) == expected
     for task, hardware in gpu_tasks.items():
         accelerator = hardware["resources"]["accelerator"]
@@ -438,7 +449,7 @@ def test_pipeline_cli_rejects_unknown_names_and_parameters() -> None:
     assert "max_minutes" in param.stderr
 
 
-@pytest.mark.parametrize("name", ["full", "retrain", "evaluate_only"])
+@pytest.mark.parametrize("name", ["full", "retrain", "evaluate_only", "distill"])
 def test_every_evaluate_task_takes_the_benchmark_data_sets_from_the_pipeline(tmp_path: Path, name: str) -> None:
     """``eval_test_uri``, ``seg_data``, ``depth_data``, ``retrieval_data``, ``eval_image_size``,
     ``eval_precision``, ``eval_seg_steps``, ``eval_depth_steps``: parameters of each evaluating pipeline (the UI's form),
@@ -452,7 +463,7 @@ def test_every_evaluate_task_takes_the_benchmark_data_sets_from_the_pipeline(tmp
     evaluates = [task for component in [spec["root"], *spec["components"].values()]
                  for task in component.get("dag", {}).get("tasks", {}).values()
                  if task["componentRef"]["name"].startswith("comp-evaluate")]
-    assert len(evaluates) == {"full": 2, "retrain": 1, "evaluate_only": 2}[name]
+    assert len(evaluates) == {"full": 2, "retrain": 1, "evaluate_only": 2, "distill": 2}[name]
     for task in evaluates:
         inputs = task["inputs"]["parameters"]
         for pipeline_param, stage_param in given.items():
