@@ -59,7 +59,7 @@ def run_evaluate_stage(ctx: StageContext, backbone_dir: str | Path, out_dir: str
         asked = tuple(tasks or ("knn", "linear"))
         if not data_uri and {"knn", "linear"} & set(asked) and set(asked) <= set(TASKS):  # (unknown: named below)
             raise ValueError("no labelled images for knn and linear: give the pipeline eval_data_uri (class "
-                             "folders) or data_source (Fashion-MNIST); evaluate_only and retrain: data_uri")
+                             "folders) or data_source (Fashion-MNIST); evaluate_only: data_uri")
         data_sets = {"test_uri": test_uri, "seg_data": seg_data, "depth_data": depth_data,
                      "retrieval_data": retrieval_data}
         config = SuiteConfig(tasks=asked, data_uri=data_uri, train_limit=train_limit, test_limit=test_limit,

@@ -9,7 +9,8 @@ the compiled YAML holds no local paths; :mod:`pipelines.local` passes local ones
                     ``pool_uri``) -> pretrain -> evaluate
                     -> register (+ gate)
     evaluate_only:  import weights (or fetch a registered version) -> evaluate
-    retrain:        champion -> pretrain (from the champion's weights and heads) -> evaluate -> register (+ gate)
+    retrain:        champion -> pretrain (from the champion's weights and heads; on ``data_kind`` images:
+                    Fashion-MNIST, a folder or curated shards) -> evaluate -> register (+ gate)
     distill:        champion (or import teacher weights) -> per student: distill -> evaluate -> register (+ gate)
     promote:        an alias moved to a version by hand, past the gate (a rollback from the UI)
 
@@ -263,8 +264,9 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
 
     @dsl.pipeline(name="retrain", description="Continue from the registry's champion; promote only if better.")
     def retrain(run_root: str = CLUSTER_RUN_ROOT, tracking_uri: str = CLUSTER_TRACKING_URI,
-                experiment: str = EXPERIMENT, use_cache: bool = True, data_uri: str = CLUSTER_DATA,
-                preset: str = "tiny", overrides: list = [], max_minutes: float = 3.0, seed: int = 1,  # noqa: B006
+                experiment: str = EXPERIMENT, use_cache: bool = True, data_kind: str = "fashion_mnist",
+                data_uri: str = CLUSTER_DATA, preset: str = "tiny", overrides: list = [],  # noqa: B006
+                max_minutes: float = 3.0, seed: int = 1, eval_data_uri: str = "",
                 eval_test_uri: str = "", train_limit: int = 0, test_limit: int = 0, knn_k: int = 20,
                 knn_temperature: float = 0.07,
                 eval_tasks: list = ["knn", "linear"], model_name: str = "dinoflow-tiny",  # noqa: B006
@@ -276,11 +278,11 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
             ctx = context(run_root, tracking_uri, experiment, parent)
             start = uncached(c.champion(**ctx, model_name=model_name))
             trained = c.pretrain(**ctx, use_cache=use_cache, preset=preset, overrides=overrides,
-                                 data_kind="fashion_mnist", data_uri=data_uri, max_minutes=max_minutes, seed=seed,
+                                 data_kind=data_kind, data_uri=data_uri, max_minutes=max_minutes, seed=seed,
                                  device=device, init=start.outputs["backbone"])
             score_and_register(ctx, use_cache, trained.outputs["backbone"], data_uri,
                                {"train_limit": train_limit, "test_limit": test_limit, "knn_k": knn_k,
-                                "knn_temperature": knn_temperature, "tasks": eval_tasks,
+                                "knn_temperature": knn_temperature, "tasks": eval_tasks, "eval_data_uri": eval_data_uri,
                                 **data_sets(eval_test_uri, seg_data, depth_data, retrieval_data, eval_image_size,
                                           eval_precision, eval_seg_steps, eval_depth_steps)},
                                model_name, metric, margin)

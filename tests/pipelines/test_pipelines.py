@@ -404,6 +404,16 @@ def test_pretrain_and_evaluate_request_a_gpu_and_tolerate_the_gpu_taint(tmp_path
         assert hardware["image"].split("/")[-1].startswith("dinoflow-cpu:"), task
 
 
+def test_retrain_trains_on_the_pipelines_data_kind_and_scores_on_its_eval_data(tmp_path: Path) -> None:
+    """A champion continued on one's own images (a folder, curated shards), gated on one's own labels."""
+    spec, _ = _compiled(tmp_path, "retrain")
+    tasks = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    for task, parameter in (("pretrain", "data_kind"), ("pretrain", "data_uri"), ("evaluate", "eval_data_uri")):
+        assert tasks[task]["inputs"]["parameters"][parameter]["componentInputParameter"].endswith(parameter)
+    defaults = spec["root"]["inputDefinitions"]["parameters"]
+    assert defaults["data_kind"]["defaultValue"] == "fashion_mnist" and defaults["eval_data_uri"]["defaultValue"] == ""
+
+
 def test_gpus_0_compiles_for_a_cpu_only_cluster(tmp_path: Path) -> None:
     tasks = _hardware(*_compiled(tmp_path, "retrain", "--gpus", "0"))
     assert all("accelerator" not in t["resources"] and t["tolerations"] == [] for t in tasks.values())
