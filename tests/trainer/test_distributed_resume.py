@@ -22,6 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dinoflow.storage import Storage
 from tests.trainer.test_deepspeed import ENV as DEEPSPEED_ENV
 from tests.trainer.test_distributed import (
     GLOBAL_BATCH,
@@ -32,6 +33,7 @@ from tests.trainer.test_distributed import (
     _run,
     _wait,
 )
+from trainer.models.head_weights import find_heads
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 SAVE_AT, STEPS = 4, 8
@@ -189,6 +191,11 @@ def test_a_killed_rank_ends_the_job_the_rerun_finishes_like_an_uninterrupted_run
         steps_taken = {float(m["step"]) for m in checkpoint["optimizer"]["state"].values()}
         assert steps_taken == {float(steps)}  # Adam's bias correction continues from the checkpoint
     assert _tracked_steps(crashed)[-2:] == [[9], [10, 11]]  # each launch trained only its own steps
+    # the heads the last (2-rank) launch wrote beside its backbone: the teacher's, gathered head by head,
+    # as the checkpoint gathered them with the whole network
+    written, teacher = find_heads(str(crashed), "auto", Storage()), _latest(crashed)["teacher"]
+    assert written.heads.keys() == {name for name in teacher if not name.startswith("backbone.")}
+    assert all(torch.equal(tensor, teacher[name]) for name, tensor in written.heads.items())
 
 
 def test_single_process_optimizer_state_is_keyed_by_name_and_reads_older_checkpoints() -> None:
