@@ -51,11 +51,12 @@ def run_register_stage(ctx: StageContext, backbone_dir: str | Path, report_dir: 
             model_dir = save_mlflow_model(backbone / BACKBONE_FILE, arch, Path(scratch) / MODEL_ARTIFACT,
                                           example=np.zeros((2, size, size), dtype=np.uint8))
             tracker.log_artifact(model_dir, MODEL_ARTIFACT)
-        if (backbone / HEADS_FILE).is_file():  # beside the model, not in it: serving needs no heads
+        heads = f"{HEADS_ARTIFACT}/{HEADS_FILE}" if (backbone / HEADS_FILE).is_file() else ""
+        if heads:  # beside the model, not in it: serving needs no heads
             tracker.log_artifact(backbone / HEADS_FILE, HEADS_ARTIFACT)
         client = tracker.client  # type: ignore[attr-defined]
         version = register_version(client, model_name, str(tracker.run_id), MODEL_ARTIFACT, metrics,
-                                   description=f"pipeline run {ctx.pipeline_run_id}")
+                                   description=f"pipeline run {ctx.pipeline_run_id}", heads=heads)
         decision = gate(client, model_name, version, metric, margin)
         tracker.set_tags({"gate.verdict": "promoted" if decision.promoted else "kept",
                           "gate.reason": decision.reason, "gate.model_version": version,
@@ -91,7 +92,7 @@ def run_champion_stage(ctx: StageContext, model_name: str, out_dir: str | Path) 
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from dinoflow.registry import CHAMPION, champion_version, parse_registry_uri
+    from dinoflow.registry import CHAMPION, HEADS_TAG, champion_version, parse_registry_uri
 
     if not ctx.tracking_uri:
         raise ValueError("champion needs an MLflow tracking URI (the registry lives there)")
@@ -105,18 +106,17 @@ def run_champion_stage(ctx: StageContext, model_name: str, out_dir: str | Path) 
                 raise ValueError(f"registered model {name!r} has no champion: run the full pipeline first"
                                  if alias == CHAMPION else f"registered model {name!r} has no alias {alias!r}")
         try:
-            run_id = client.get_model_version(name, version).run_id
+            found = client.get_model_version(name, version)
         except MlflowException as err:
             raise ValueError(f"registered model {name!r}: {' '.join(err.message.split())}") from None
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as scratch:
             # through this client's store (a models:/ URI would resolve against the global registry URI)
-            weights = client.download_artifacts(run_id, f"{MODEL_ARTIFACT}/artifacts/{BACKBONE_FILE}", scratch)
+            weights = client.download_artifacts(found.run_id, f"{MODEL_ARTIFACT}/artifacts/{BACKBONE_FILE}", scratch)
             shutil.copyfile(weights, out / BACKBONE_FILE)
-            heads = f"{HEADS_ARTIFACT}/{HEADS_FILE}"
-            if any(item.path == heads for item in client.list_artifacts(run_id, HEADS_ARTIFACT)):
-                shutil.copyfile(client.download_artifacts(run_id, heads, scratch),
-                                out / HEADS_FILE)
+            heads = (found.tags or {}).get(HEADS_TAG)
+            if heads:
+                shutil.copyfile(client.download_artifacts(found.run_id, heads, scratch), out / HEADS_FILE)
         tracker.set_tags({"champion.model": name, "champion.version": version})
     return version

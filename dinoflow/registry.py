@@ -22,6 +22,7 @@ from typing import Any
 CHAMPION = "champion"
 METRIC_TAG = "metric."
 ALIAS_TAG = "alias."  # alias.<alias> on a version: when and why that alias last moved to it
+HEADS_TAG = "heads"  # on a version: where in its run the heads trained with the backbone are
 
 
 @dataclass(frozen=True)
@@ -43,9 +44,11 @@ class GateDecision:
 
 
 def register_version(client: Any, name: str, run_id: str, artifact_path: str,
-                     metrics: dict[str, float], description: str = "") -> str:
+                     metrics: dict[str, float], description: str = "", heads: str = "") -> str:
     """A new version of registered model ``name`` (created if missing) from a run's model folder,
-    tagged with ``metrics``; returns the version number as a string."""
+    tagged with ``metrics`` and, when given, ``heads`` (the run's artifact path of the DINO/iBOT heads
+    trained with the backbone, tag ``heads``: a retrain or a distillation starts from them);
+    returns the version number as a string."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -54,7 +57,8 @@ def register_version(client: Any, name: str, run_id: str, artifact_path: str,
         client.create_registered_model(name)
     version = client.create_model_version(
         name, f"runs:/{run_id}/{artifact_path}", run_id=run_id, description=description or None,
-        tags={f"{METRIC_TAG}{key}": repr(float(value)) for key, value in metrics.items()},
+        tags={**{f"{METRIC_TAG}{key}": repr(float(value)) for key, value in metrics.items()},
+              **({HEADS_TAG: heads} if heads else {})},
     )
     return str(version.version)
 
@@ -126,6 +130,7 @@ class VersionRow:
     run_id: str
     description: str
     alias_moves: dict[str, str] = field(default_factory=dict)  # alias -> "<UTC time> <who>: <why>"
+    heads: str = ""  # the run's artifact path of the heads registered with the backbone ("": none)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -149,7 +154,7 @@ def model_versions(client: Any, name: str | None = None) -> list[VersionRow]:
                 registered=_utc(found.creation_timestamp / 1000), run_id=found.run_id or "",
                 description=found.description or "",
                 alias_moves={key[len(ALIAS_TAG):]: value for key, value in sorted(tags.items())
-                             if key.startswith(ALIAS_TAG)}))
+                             if key.startswith(ALIAS_TAG)}, heads=tags.get(HEADS_TAG, "")))
     return sorted(rows, key=lambda row: (row.name, -int(row.version)))
 
 

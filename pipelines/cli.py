@@ -739,7 +739,8 @@ def models_list(
     as_json: Annotated[bool, typer.Option("--json", help="every field of every version as JSON")] = False,
     tracking_uri: StoreOption = "",
 ) -> None:
-    """Registered versions, newest first: aliases, scores, when each alias moved to it and why."""
+    """Registered versions, newest first: aliases, scores, whether its DINO/iBOT heads were registered
+    with it (a retrain or distillation from it starts from them), when each alias moved to it and why."""
     from dinoflow.registry import model_versions
 
     with _bad_input():
@@ -748,9 +749,10 @@ def models_list(
         typer.echo(json.dumps([row.to_dict() for row in rows], indent=2))
         return
     shown = [m for m in metrics.split(",") if m]
-    header = ["model", "version", "aliases", *shown, "registered (UTC)", "alias moves"]
+    header = ["model", "version", "aliases", *shown, "heads", "registered (UTC)", "alias moves"]
     table = [[row.name, row.version, ",".join(row.aliases) or "-",
-              *(f"{row.metrics[m]:.4f}" if m in row.metrics else "-" for m in shown), row.registered,
+              *(f"{row.metrics[m]:.4f}" if m in row.metrics else "-" for m in shown), "yes" if row.heads else "-",
+              row.registered,
               "; ".join(f"{alias}: {move}" for alias, move in row.alias_moves.items()) or "-"] for row in rows]
     widths = [max(len(line[i]) for line in [header, *table]) for i in range(len(header) - 1)]
     for line in [header, *table]:

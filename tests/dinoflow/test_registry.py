@@ -20,14 +20,14 @@ def client(request: pytest.FixtureRequest, tmp_path: Path) -> MlflowClient:
     return MlflowClient(tracking_uri=server.uri)
 
 
-def _version(client: MlflowClient, name: str, tmp_path: Path, metrics: dict[str, float]) -> str:
+def _version(client: MlflowClient, name: str, tmp_path: Path, metrics: dict[str, float], heads: str = "") -> str:
     experiment = client.get_experiment_by_name("registry-tests")
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(
         "registry-tests", artifact_location=f"file://{tmp_path / 'artifacts'}")
     run = client.create_run(experiment_id)
     (tmp_path / "model.txt").write_text(str(metrics))
     client.log_artifact(run.info.run_id, str(tmp_path / "model.txt"), "backbone")
-    return register_version(client, name, run.info.run_id, "backbone", metrics)
+    return register_version(client, name, run.info.run_id, "backbone", metrics, heads=heads)
 
 
 def test_the_alias_moves_only_for_a_better_version(client: MlflowClient, tmp_path: Path) -> None:

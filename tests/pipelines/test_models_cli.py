@@ -19,16 +19,16 @@ def test_list_then_roll_the_champion_back(tmp_path: Path, monkeypatch: pytest.Mo
     client = MlflowClient(tracking_uri=uri)
     first = _version(client, "tiny", tmp_path, {"knn_top1_k20": 0.70, "linear_top1": 0.72})
     gate(client, "tiny", first, "knn_top1_k20")
-    second = _version(client, "tiny", tmp_path, {"knn_top1_k20": 0.75})
+    second = _version(client, "tiny", tmp_path, {"knn_top1_k20": 0.75}, heads="heads/heads.safetensors")
     gate(client, "tiny", second, "knn_top1_k20")
     runner = CliRunner()
 
     listed = runner.invoke(app, ["models", "list", "--tracking-uri", uri])
     assert listed.exit_code == 0, listed.output
     header, newest, oldest = listed.output.splitlines()
-    assert header.split()[:5] == ["model", "version", "aliases", "knn_top1_k20", "linear_top1"]
-    assert newest.split()[:5] == ["tiny", "2", "champion", "0.7500", "-"] and "gate: 0.7500 > 0.7000" in newest
-    assert oldest.split()[:5] == ["tiny", "1", "-", "0.7000", "0.7200"] and "gate: no champion yet" in oldest
+    assert header.split()[:6] == ["model", "version", "aliases", "knn_top1_k20", "linear_top1", "heads"]
+    assert newest.split()[:6] == ["tiny", "2", "champion", "0.7500", "-", "yes"] and "gate: 0.7500 > 0.7000" in newest
+    assert oldest.split()[:6] == ["tiny", "1", "-", "0.7000", "0.7200", "-"] and "gate: no champion yet" in oldest
 
     moved = runner.invoke(app, ["models", "promote", "tiny", "1", "--reason", "v2 drifts", "--tracking-uri", uri])
     assert moved.exit_code == 0, moved.output
@@ -37,7 +37,8 @@ def test_list_then_roll_the_champion_back(tmp_path: Path, monkeypatch: pytest.Mo
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # the store from the environment, as every command reads it
     rows = json.loads(runner.invoke(app, ["models", "list", "tiny", "--json"]).output)
-    assert [(row["version"], row["aliases"]) for row in rows] == [("2", []), ("1", ["champion"])]
+    assert [(row["version"], row["aliases"], row["heads"]) for row in rows] == [
+        ("2", [], "heads/heads.safetensors"), ("1", ["champion"], "")]
     assert rows[1]["alias_moves"]["champion"].endswith("by hand: v2 drifts")
 
     missing = runner.invoke(app, ["models", "promote", "tiny", "7"])
