@@ -31,6 +31,7 @@ from dinoflow.run_files import BACKBONE_FILE, HEADS_FILE
 from trainer.models.packaging import save_mlflow_model
 
 MODEL_ARTIFACT = "backbone"
+BACKBONE_IN_RUN = f"{MODEL_ARTIFACT}/artifacts/{BACKBONE_FILE}"  # the weights inside the logged model
 HEADS_ARTIFACT = "heads"  # the run's heads.safetensors: a retrain from this version starts from them
 
 
@@ -87,36 +88,16 @@ def run_champion_stage(ctx: StageContext, model_name: str, out_dir: str | Path) 
     heads as ``heads.safetensors`` when it was registered with them); returns the version.
     ``model_name`` picks it: ``<name>`` (its ``champion``), ``<name>@<alias>`` or ``<name>/<version>``.
     Fails clearly when there is no such version yet."""
-    import shutil
-
-    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from dinoflow.registry import CHAMPION, HEADS_TAG, champion_version, parse_registry_uri
+    from dinoflow.registry import download_version, pick_version
 
     if not ctx.tracking_uri:
         raise ValueError("champion needs an MLflow tracking URI (the registry lives there)")
     storage = storage_from_env()
     with recording_errors(ctx, storage, "champion"), stage_run(ctx, "champion") as tracker:
         client = MlflowClient(tracking_uri=ctx.tracking_uri)
-        name, alias, version = parse_registry_uri(f"models:/{model_name}") or (model_name, CHAMPION, None)
-        if version is None:
-            version = champion_version(client, name, alias)  # (an alias whenever no version is named)
-            if version is None:
-                raise ValueError(f"registered model {name!r} has no champion: run the full pipeline first"
-                                 if alias == CHAMPION else f"registered model {name!r} has no alias {alias!r}")
-        try:
-            found = client.get_model_version(name, version)
-        except MlflowException as err:
-            raise ValueError(f"registered model {name!r}: {' '.join(err.message.split())}") from None
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory() as scratch:
-            # through this client's store (a models:/ URI would resolve against the global registry URI)
-            weights = client.download_artifacts(found.run_id, f"{MODEL_ARTIFACT}/artifacts/{BACKBONE_FILE}", scratch)
-            shutil.copyfile(weights, out / BACKBONE_FILE)
-            heads = (found.tags or {}).get(HEADS_TAG)
-            if heads:
-                shutil.copyfile(client.download_artifacts(found.run_id, heads, scratch), out / HEADS_FILE)
-        tracker.set_tags({"champion.model": name, "champion.version": version})
-    return version
+        found = pick_version(client, model_name)
+        download_version(client, found, BACKBONE_IN_RUN, Path(out_dir))
+        tracker.set_tags({"champion.model": found.name, "champion.version": str(found.version)})
+    return str(found.version)

@@ -236,9 +236,11 @@ class PretrainConfig(Section):
                                "excluded, over all resumes (0: no limit)")
     checkpoint_every: int = Field(100, ge=1)
     init_weights: str = Field("", description="backbone weights (path or URI) the networks start from on a "
-                              "fresh run: the registry's champion, Meta's released .pth (its position table "
-                              "resized to the global crop), a training dump, a Hugging Face folder; empty: random "
-                              "init. The recipe's model.* must match their architecture (an error names what differs)")
+                              "fresh run: a run or pipeline output folder, a registered model (models:/<name>@<alias>, "
+                              "models:/<name>/<version>; fetched by the CLI), Meta's released .pth (its position "
+                              "table resized to the global crop), a training dump, a Hugging Face folder; empty: "
+                              "random init. The recipe's model.* must match their architecture (an error names what "
+                              "differs)")
     init_weights_source: Literal["auto", "official", "training", "safetensors", "hf"] = Field(
         "auto", description="layout of init_weights; auto: from the path (*.safetensors: safetensors, a folder "
         "with config.json: hf, a run folder: its backbone.safetensors, else official); a training dump must be named")
@@ -429,8 +431,9 @@ def flatten(config: BaseModel | Mapping[str, Any], prefix: str = "") -> dict[str
 class TeacherConfig(Section):
     """The frozen teacher of a distillation run."""
 
-    uri: str = Field("", description="a dinoflow run folder (its checkpoints/latest.json) or backbone weights "
-                     "(path or URI)")
+    uri: str = Field("", description="a dinoflow run folder (its checkpoints/latest.json), backbone weights "
+                     "(path or URI) or a registered model (models:/<name>@<alias>, models:/<name>/<version>; "
+                     "fetched by the CLI with the heads registered with it)")
     source: Literal["auto", "checkpoint", "backbone"] = Field(
         "auto", description="auto: checkpoint when teacher.uri holds checkpoints/latest.json, else backbone; "
         "checkpoint: the teacher network of a pretrain (or distill) run, with its "

@@ -15,9 +15,14 @@ this version the champion?" has an answer in the registry itself (:func:`model_v
 from __future__ import annotations
 
 import math
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
+
+from dinoflow.run_files import BACKBONE_FILE, HEADS_FILE
 
 CHAMPION = "champion"
 METRIC_TAG = "metric."
@@ -91,6 +96,37 @@ def parse_registry_uri(uri: str) -> tuple[str, str | None, str | None] | None:
         return name, alias, None
     name, _, version = path.rpartition("/")
     return (name, None, version) if name and version.isdigit() else None
+
+
+def pick_version(client: Any, model: str) -> Any:
+    """The registered version ``model`` names: ``<name>`` (its ``champion``), ``<name>@<alias>``,
+    ``<name>/<version>``, or any of them as a ``models:/`` URI; fails naming what is missing."""
+    from mlflow.exceptions import MlflowException
+
+    path = model.removeprefix("models:/")
+    name, alias, version = parse_registry_uri(f"models:/{path}") or (path, CHAMPION, None)
+    if version is None:
+        version = champion_version(client, name, alias)  # (an alias whenever no version is named)
+        if version is None:
+            raise ValueError(f"registered model {name!r} has no champion: run the full pipeline first"
+                             if alias == CHAMPION else f"registered model {name!r} has no alias {alias!r}")
+    try:
+        return client.get_model_version(name, version)
+    except MlflowException as err:
+        raise ValueError(f"registered model {name!r}: {' '.join(err.message.split())}") from None
+
+
+def download_version(client: Any, found: Any, backbone_artifact: str, out: Path) -> None:
+    """A registered version's backbone (``backbone_artifact``, a path in its run) into ``out`` as
+    ``backbone.safetensors`` and, when registered with them, its heads as ``heads.safetensors``:
+    the folder a retrain or a distillation starts from. Through ``client``'s store (a ``models:/``
+    URI would resolve against the global registry URI)."""
+    out.mkdir(parents=True, exist_ok=True)
+    wanted = {BACKBONE_FILE: backbone_artifact, HEADS_FILE: (found.tags or {}).get(HEADS_TAG, "")}
+    with tempfile.TemporaryDirectory() as scratch:
+        for name, artifact in wanted.items():
+            if artifact:
+                shutil.copyfile(client.download_artifacts(found.run_id, artifact, scratch), out / name)
 
 
 def gate(client: Any, name: str, version: str, metric: str, margin: float = 0.0) -> GateDecision:

@@ -11,9 +11,11 @@ import contextlib
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from importlib import metadata
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -77,6 +79,25 @@ def _backbone(weights: str, source: str, storage: Storage,
         weights, source = locate_weights(weights, storage)
         typer.echo(f"weights: {weights} ({source}, from the path; --source to choose)", err=True)
     return load_backbone(weights, source, storage, arch_kwargs)  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def _registered(uri: str) -> Iterator[str]:
+    """``uri`` itself, or for a registered model (``models:/<name>@<alias>``, ``models:/<name>/<version>``,
+    ``models:/<name>``: its champion) a folder holding its backbone and the heads registered with it,
+    fetched from the registry (``MLFLOW_TRACKING_URI``, else the demo's store) for the command's length."""
+    if not uri.startswith("models:/"):
+        yield uri
+        return
+    from components.register import BACKBONE_IN_RUN
+    from dinoflow.registry import download_version, pick_version
+
+    client = _registry_client("")
+    found = pick_version(client, uri)
+    with tempfile.TemporaryDirectory() as folder:
+        download_version(client, found, BACKBONE_IN_RUN, Path(folder))
+        typer.echo(f"{uri}: version {found.version} of {found.name}", err=True)
+        yield folder
 
 
 def _load(schema: type[BaseModel], preset: str, overrides: list[str] | None) -> BaseModel:
@@ -189,7 +210,9 @@ def pretrain(
     with (MlflowTracker.start(
         tracking_uri, cfg.tracking.experiment, run_name=cfg.name, tags=standard_tags("pretrain"),
         artifact_location=default_artifact_location(tracking_uri, cfg.out), metric_every=cfg.tracking.metric_every,
-    ) if main_rank else contextlib.nullcontext(NullTracker())) as tracker, _bad_input():
+    ) if main_rank else contextlib.nullcontext(NullTracker())) as tracker, _bad_input(), \
+            _registered(cfg.init_weights) as init:
+        cfg = cfg.model_copy(update={"init_weights": init})  # a registered model: fetched, with its heads
         summary = run_pretrain(cfg, storage, tracker)  # bad input met as it starts: a missing data folder, ...
     if main_rank:
         typer.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
@@ -202,12 +225,14 @@ def pretrain(
 def distill(
     overrides: Overrides = None,
     teacher: Annotated[str, typer.Option(help="the frozen teacher: a pretrain/distill run folder (its latest "
-                                         "checkpoint, with its heads for distill.objective=heads) or backbone "
+                                         "checkpoint, with its heads for distill.objective=heads), backbone "
                                          "weights: a .safetensors, Meta's released .pth, a Hugging Face folder "
-                                         "(path or URI)")] = "",
+                                         "(path or URI), or a registered model (models:/<name>@<alias>, "
+                                         "models:/<name>/<version>: with the heads registered with it)")] = "",
     teacher_source: Annotated[str, typer.Option(help="auto (checkpoint for a folder holding checkpoints, else "
                                                 "backbone), checkpoint or backbone (with distill.objective=heads, "
-                                                "frozen random heads)")] = "auto",
+                                                "the heads.safetensors beside it, else frozen random "
+                                                "heads)")] = "auto",
     student: Annotated[str, typer.Option(help="the student's recipe: a distill preset name or YAML path")] = "distill-tiny",
 ) -> None:
     """Distil a frozen teacher into a smaller student (its EMA is released); resumes when OUT holds a checkpoint.
@@ -229,7 +254,9 @@ def distill(
     with MlflowTracker.start(
         tracking_uri, cfg.tracking.experiment, run_name=cfg.name, tags=standard_tags("distill"),
         artifact_location=default_artifact_location(tracking_uri, cfg.out), metric_every=cfg.tracking.metric_every,
-    ) as tracker, _bad_input():
+    ) as tracker, _bad_input(), _registered(cfg.teacher.uri) as teacher_uri, _registered(cfg.init_weights) as init:
+        cfg = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"uri": teacher_uri}),
+                                     "init_weights": init})  # registered models: fetched, with their heads
         summary = run_distill(cfg, storage, tracker)
     typer.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
 
@@ -299,9 +326,6 @@ def evaluate(
     and NYU-Depth v2; retrieval on synthetic sets. With
     MLFLOW_TRACKING_URI set, the run is recorded there: its settings, metrics,
     report and pictures."""
-    import tempfile
-    from pathlib import Path
-
     from components.stage import storage_from_env
     from dinoflow.tracking import MlflowTracker, NullTracker, standard_tags
     from evaluators.dense import HeadConfig
@@ -374,9 +398,6 @@ def attention(
     that block's output stands out, for up to 8 images; prints the figures as
     JSON (per image: the high-norm tokens' (row, column) positions, the mask's
     share of the patches)."""
-    import tempfile
-    from pathlib import Path
-
     import torch
 
     from components.stage import storage_from_env
@@ -425,9 +446,6 @@ def export(
     width: Annotated[int, typer.Option(help="ONNX input width (multiple of the patch size)")] = 224,
 ) -> None:
     """Export a backbone to a Hugging Face folder, an ONNX file or safetensors."""
-    import tempfile
-    from pathlib import Path
-
     from components.stage import storage_from_env
     from dinoflow.run_files import BACKBONE_FILE
     from trainer.models.hub import pretrained_arch_kwargs, save_backbone
