@@ -310,32 +310,43 @@ def window_starts(length: int, window: int, stride: int) -> list[int]:
 
 
 @torch.no_grad()
-def slid_probabilities(backbone: nn.Module, head: LinearSegmentationHead, images: Tensor, window: int,
-                       layers: int = 1, amp_dtype: torch.dtype | None = None, stride: int = 0,
-                       windows_per_pass: int = 16) -> Tensor:
-    """Class probabilities ``(1, C, H, W)`` of one image of any size (model input ``(1, 3, H, W)``,
-    each side a multiple of the patch): the head's softmax on ``window``-square windows ``stride``
-    apart (default two thirds of a window, the original's 341 of 512), averaged where windows
-    overlap; a side shorter than ``window`` is one window of its own length. Why: the original
-    scores ADE20K, VOC and Cityscapes so, at the images' own aspect ratios, with the heads' training
-    crops' scale; ``windows_per_pass`` bounds the backbone's batch."""
+def slid_average(backbone: nn.Module, predict: Callable[[Tensor, Tensor, tuple[int, int]], Tensor], images: Tensor,
+                 window: int, layers: int = 1, amp_dtype: torch.dtype | None = None, stride: int = 0,
+                 windows_per_pass: int = 16) -> Tensor:
+    """A dense prediction ``(1, ..., H, W)`` of one image of any size (model input ``(1, 3, H, W)``,
+    each side a multiple of the patch): ``predict(patch features, CLS tokens, (h, w))`` (a head's
+    ``(n, ..., h, w)``) on ``window``-square windows ``stride`` apart (default two thirds of a
+    window, the original's 341 of 512), averaged where windows overlap; a side shorter than
+    ``window`` is one window of its own length. Why: the original scores its dense benchmarks so,
+    at the images' own aspect ratios, with the heads' training crops' scale; ``windows_per_pass``
+    bounds the backbone's batch."""
     height, width = images.shape[-2:]
     tall, wide = min(window, height), min(window, width)
     step = stride or max(1, round(2 * window / 3))
     places = [(top, left) for top in window_starts(height, tall, step) for left in window_starts(width, wide, step)]
-    device = next(head.parameters()).device
     total = torch.zeros(0)
-    covered = torch.zeros(1, 1, height, width, device=device)
+    covered = torch.zeros(height, width)
     for first in range(0, len(places), windows_per_pass):
         group = places[first : first + windows_per_pass]
         crops = torch.cat([images[..., top : top + tall, left : left + wide] for top, left in group])
-        probabilities = head(patch_tokens(backbone, crops, layers, amp_dtype)[0].to(device), (tall, wide)).softmax(1)
+        predicted = predict(*patch_tokens(backbone, crops, layers, amp_dtype), (tall, wide))
         if not total.numel():
-            total = torch.zeros(1, probabilities.shape[1], height, width, device=device)
-        for (top, left), part in zip(group, probabilities):
-            total[..., top : top + tall, left : left + wide] += part
-            covered[..., top : top + tall, left : left + wide] += 1
+            total = predicted.new_zeros((1, *predicted.shape[1:-2], height, width))
+            covered = covered.to(predicted.device)
+        for (top, left), part in zip(group, predicted):
+            total[0, ..., top : top + tall, left : left + wide] += part
+            covered[top : top + tall, left : left + wide] += 1
     return total / covered
+
+
+def slid_probabilities(backbone: nn.Module, head: LinearSegmentationHead, images: Tensor, window: int,
+                       layers: int = 1, amp_dtype: torch.dtype | None = None, stride: int = 0,
+                       windows_per_pass: int = 16) -> Tensor:
+    """Class probabilities ``(1, C, H, W)`` of one image through sliding windows (:func:`slid_average`
+    of the segmentation head's softmax)."""
+    device = next(head.parameters()).device
+    return slid_average(backbone, lambda patches, _, size: head(patches.to(device), size).softmax(1), images,
+                        window, layers, amp_dtype, stride, windows_per_pass)
 
 
 def train_depth_head(batches: Batches, count: int, in_channels: int, config: HeadConfig = HeadConfig(),
@@ -357,8 +368,10 @@ def train_depth_head(batches: Batches, count: int, in_channels: int, config: Hea
 
 
 @torch.no_grad()
-def evaluate_depth(scored: Iterable[tuple[Tensor, Tensor]], keep: int = 0) -> tuple[dict[str, float], Tensor]:
-    """RMSE, AbsRel and delta1 of batches of (predicted, true depth maps ``(b, H, W)``), the sums
-    added up batch by batch; also the first ``keep`` predicted depth maps, for pictures."""
-    tally, maps = _tally(scored, depth_tally, keep)
+def evaluate_depth(scored: Iterable[tuple[Tensor, Tensor]], keep: int = 0,
+                   kept_side: int = 0) -> tuple[dict[str, float], Tensor]:
+    """RMSE, AbsRel and delta1 of batches of (predicted, true depth maps ``(b, H, W)``; each batch of
+    its own size), the sums added up batch by batch; also the first ``keep`` predicted depth maps
+    (``kept_side``: resized to ``kept_side`` squares), for pictures."""
+    tally, maps = _tally(scored, depth_tally, keep, kept_side)
     return depth_scores_of(tally), maps

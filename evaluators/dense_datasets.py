@@ -5,7 +5,7 @@ uint8 and its labels ``(h', w')``: a class-index mask uint8 (255 = ignore) or a 
 in metres (0 = unknown), sized by the split's :class:`Fit`: squares (the synthetic scenes' way,
 aspect distorted), fixed square crops of the aspect-kept image (a head's training samples), or the
 whole aspect-kept image with the labels as stored (scored through sliding windows, the original's
-protocol for ADE20K, VOC and Cityscapes). A split lists its files when made (a missing split fails
+protocol for ADE20K, VOC and Cityscapes, used for NYU too). A split lists its files when made (a missing split fails
 there) and decodes a sample when asked, so a DataLoader's workers decode in parallel and nothing
 holds a whole split: ADE20K's 20k training images are 16 GB of pixels at 512 px.
 
@@ -65,8 +65,8 @@ class Fit:
       index, so held features stay valid), the labels alike: a head's training samples, as the
       original's random crops;
     * ``whole``: the image with its shorter side at ``side`` (aspect kept) and the labels as stored:
-      scored at their own resolution through sliding windows (:func:`~evaluators.dense.slid_probabilities`),
-      as the original evaluates ADE20K, VOC and Cityscapes.
+      scored at their own resolution through sliding windows (:func:`~evaluators.dense.slid_average`),
+      as the original evaluates ADE20K, VOC and Cityscapes (and here NYU's depths alike).
 
     Images resize bilinearly, labels by nearest neighbour (class indices and depths stay values).
     """

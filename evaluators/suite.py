@@ -19,9 +19,9 @@ high-norm patch tokens and the CLS token's attention on the patches (:mod:`evalu
 The synthetic scenes (:mod:`evaluators.synthetic`) make the dense and retrieval tasks run
 anywhere with exact ground truth; the adapters of :mod:`evaluators.dense_datasets` feed the same
 heads with the real data sets (``seg_data="ade20k:<root>"``, ``"voc:<root>"`` or ``"cityscapes:<root>"``,
-``depth_data="nyu:<root>"``; images at ``image_size``, ``train_limit`` / ``test_limit`` of each; a real
-segmentation set as the original scores it: the head trained on square crops of the aspect-kept images,
-tested on whole images through sliding windows at the masks' own resolution), and
+``depth_data="nyu:<root>"``; images at ``image_size``, ``train_limit`` / ``test_limit`` of each; on a real
+data set the head trained on square crops of the aspect-kept images and tested on whole images through
+sliding windows at the labels' own resolution, as the original scores segmentation), and
 :func:`~evaluators.retrieval.load_revisited` the retrieval task (``retrieval_data="roxford5k:<root>"``
 or ``"rparis6k:<root>"``; the longer side at ``image_size``).
 
@@ -32,7 +32,7 @@ classification ``features`` ``[train_x, train_y, test_x, test_y]`` for plots, no
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,7 @@ from evaluators.dense import (
     multiscale_probabilities,
     patch_tokens,
     row_batches,
+    slid_average,
     slid_probabilities,
     train_depth_head,
     train_segmentation_head,
@@ -90,8 +91,8 @@ class SuiteConfig:
     data_uri: str = ""  # knn, linear: Fashion-MNIST's files, or train/ and val/ class folders
     test_uri: str = ""  # knn, linear: a test set's class folders instead of val/ (ImageNet-A/R/Sketch/C)
     data_kind: DataKind = "auto"
-    image_size: int = 224  # class folders: the centre crop's side; dense sets: the side (seg: of the training crops
-    # and the test windows, the images' shorter side at it); Oxford/Paris: the longer
+    image_size: int = 224  # class folders: the centre crop's side; dense sets: the side (real ones: of the training
+    # crops and the test windows, the images' shorter side at it); Oxford/Paris: the longer
     num_workers: int = 0  # decoding processes of class folders and the real dense and retrieval sets
     precision: str = "fp32"  # every feature pass: fp32, or the backbone under autocast (bf16, fp16: 2-3x on a GPU)
     train_limit: int = 0
@@ -188,7 +189,7 @@ class _DenseTask:
     test: FeatureSource
     label_range: float
     foreground: np.ndarray | None
-    windowed: bool = False  # the test images whole, aspect kept, scored through sliding windows
+    windowed: bool = False  # real data: the test images whole, aspect kept, scored through sliding windows
 
 
 def _dense_tasks(backbone: nn.Module, config: SuiteConfig, storage: Storage) -> dict[str, _DenseTask]:
@@ -207,14 +208,12 @@ def _dense_tasks(backbone: nn.Module, config: SuiteConfig, storage: Storage) -> 
         if given:
             name, _, root = given.partition(":")
             load, (train_split, test_split), label_range = DENSE_SETS[name]
-            windowed = task == "seg"  # the original's protocol; NYU's depth stays square
-            fits = ((Fit("crop", config.image_size, config.seed), Fit("whole", config.image_size)) if windowed else
-                    (Fit("square", config.image_size),) * 2)
+            fits = (Fit("crop", config.image_size, config.seed), Fit("whole", config.image_size))
             train, test = sources([load(storage, root, split, fit, limit)
                                    for split, fit, limit in ((train_split, fits[0], config.train_limit),
                                                              (test_split, fits[1], config.test_limit))],
-                                  test_read=not windowed)
-            made[task] = _DenseTask(train, test, float(label_range), None, windowed)
+                                  test_read=False)  # scored from the whole images, through windows
+            made[task] = _DenseTask(train, test, float(label_range), None, windowed=True)
             continue
         if scenes is None:
             scene = SceneConfig(size=config.scene_size)
@@ -239,7 +238,7 @@ def _head_saves(task: str, config: SuiteConfig, storage: Storage, digest: str) -
     data = getattr(config, f"{task}_data") or {"train_scenes": config.train_scenes, "scene_size": config.scene_size}
     settings = ("image_size", "train_limit", "layers", "precision", "seed")
     identity = {"backbone_sha256": digest, "data": data, "head": asdict(getattr(config, f"{task}_head")),
-                "samples": "crops" if task == "seg" and config.seg_data else "squares",  # as _dense_tasks sizes them
+                "samples": "crops" if getattr(config, f"{task}_data") else "squares",  # as _dense_tasks sizes them
                 **{name: getattr(config, name) for name in settings}}
     return HeadSaves(storage, join_uri(config.work_dir, f"{task}-head"), identity)
 
@@ -255,7 +254,12 @@ def _segmentation(backbone: nn.Module, data: _DenseTask, config: SuiteConfig, sa
     head = train_segmentation_head(lambda rows: ((patches, masks) for patches, _, masks in source.batches(rows)),
                                    len(source), source.channels, classes, weight, config.seg_head, device, saves)
     if data.windowed:
-        return evaluate_segmentation(_windowed_scores(backbone, head, data.test, config), classes, keep=keep,
+        def probabilities(x: torch.Tensor) -> torch.Tensor:
+            return (multiscale_probabilities(backbone, head, x, config.layers, amp_dtype=config.amp_dtype,
+                                             window=config.image_size) if config.multiscale else
+                    slid_probabilities(backbone, head, x, config.image_size, config.layers, config.amp_dtype))
+
+        return evaluate_segmentation(_windowed(probabilities, data.test, config), classes, keep=keep,
                                      kept_side=config.image_size)
     tests = row_batches(len(data.test))
     scored = (((multiscale_probabilities(backbone, head, images, config.layers, amp_dtype=config.amp_dtype), masks)
@@ -265,19 +269,20 @@ def _segmentation(backbone: nn.Module, data: _DenseTask, config: SuiteConfig, sa
     return evaluate_segmentation(scored, classes, keep=keep)
 
 
-def _windowed_scores(backbone: nn.Module, head: nn.Module, test: FeatureSource,
-                     config: SuiteConfig) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(class probabilities ``(1, C, H, W)``, mask ``(1, H, W)``) of each whole test image, at its
-    mask's own resolution: sliding windows of ``image_size`` over the image with its shorter side at
-    ``image_size`` (its longer one rounded to the patch), with +ms over scales and flips too."""
-    window, patch = config.image_size, int(backbone.patch_size)
-    for image, mask in test.whole_images():
+def _windowed(predict: Callable[[torch.Tensor], torch.Tensor], test: FeatureSource,
+              config: SuiteConfig) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(prediction, labels ``(1, H, W)``) of each whole test image at its labels' own resolution:
+    ``predict`` (class probabilities ``(1, C, h, w)`` or depths ``(1, h, w)`` through sliding windows
+    of ``image_size``) on the image with its shorter side at ``image_size`` (its longer one rounded
+    to the patch), resized bilinearly to the labels."""
+    patch = int(test.backbone.patch_size)
+    for image, labels in test.whole_images():
         side = [max(patch, round(s / patch) * patch) for s in image.shape[-2:]]
-        x = to_model_input(image[None], size=tuple(side), patch_size=patch)  # on the device: the pixels are
-        probabilities = (multiscale_probabilities(backbone, head, x, config.layers, amp_dtype=config.amp_dtype,
-                                                  window=window) if config.multiscale else
-                         slid_probabilities(backbone, head, x, window, config.layers, config.amp_dtype))
-        yield F.interpolate(probabilities, size=tuple(mask.shape), mode="bilinear", align_corners=False), mask[None]
+        predicted = predict(to_model_input(image[None], size=tuple(side), patch_size=patch))  # on the device
+        flat = predicted.ndim == 3  # depths: no channel dimension
+        resized = F.interpolate(predicted[:, None] if flat else predicted, size=tuple(labels.shape), mode="bilinear",
+                                align_corners=False)
+        yield (resized[:, 0] if flat else resized), labels[None]
 
 
 def _depth(data: _DenseTask, config: SuiteConfig, device: torch.device, saves: HeadSaves | None,
@@ -286,6 +291,14 @@ def _depth(data: _DenseTask, config: SuiteConfig, device: torch.device, saves: H
     ``keep`` depth maps."""
     head = train_depth_head(data.train.batches, len(data.train), data.train.channels, config.depth_head,
                             max_depth=data.label_range, device=device, saves=saves)
+    if data.windowed:
+        backbone = data.test.backbone
+
+        def depths(x: torch.Tensor) -> torch.Tensor:
+            return slid_average(backbone, lambda patches, cls, size: head(patches.to(device), cls.to(device), size),
+                                x, config.image_size, config.layers, config.amp_dtype)
+
+        return evaluate_depth(_windowed(depths, data.test, config), keep=keep, kept_side=config.image_size)
     return evaluate_depth(((head(patches.to(device), cls.to(device), tuple(depths.shape[-2:])), depths)
                            for patches, cls, depths in data.test.batches(row_batches(len(data.test)))), keep=keep)
 

@@ -18,6 +18,7 @@ from evaluators.dense import (
     patch_tokens,
     row_batches,
     silog_loss,
+    slid_average,
     slid_probabilities,
     train_depth_head,
     train_segmentation_head,
@@ -192,6 +193,13 @@ def test_sliding_windows_average_the_heads_softmax_where_they_overlap() -> None:
     # +ms through windows: at scale 1 without flips it is the windows' own average
     torch.testing.assert_close(multiscale_probabilities(backbone, head, images, 1, scales=(1.0,), flip=False,
                                                         window=28), got)
+    # depths (no channel dimension) average the same way: where one window covers, its own prediction
+    depth_head = LinearDepthHead(16).eval()
+    depths = slid_average(backbone, depth_head, images, window=28, windows_per_pass=4)
+    assert depths.shape == (1, 35, 63)
+    with torch.no_grad():
+        corner = depth_head(*patch_tokens(backbone, images[..., :28, :28]), (28, 28))
+    torch.testing.assert_close(depths[..., :7, :19], corner[..., :7, :19])  # covered by the first window alone
 
 
 def test_pca_pictures_match_scikit_learn_and_stay_in_range(tmp_path) -> None:

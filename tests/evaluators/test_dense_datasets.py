@@ -228,7 +228,7 @@ def test_whole_test_images_are_scored_through_windows_at_their_masks_resolution(
     from evaluators.dense import LinearSegmentationHead, slid_probabilities
     from evaluators.dense_source import FeatureSource
     from evaluators.features import to_model_input
-    from evaluators.suite import SuiteConfig, _windowed_scores
+    from evaluators.suite import SuiteConfig, _windowed
     from trainer.models.vit import build_vit
 
     voc, _ = write_halves(tmp_path)
@@ -236,8 +236,8 @@ def test_whole_test_images_are_scored_through_windows_at_their_masks_resolution(
     backbone = build_vit("vit_small", patch_size=7, embed_dim=32, depth=2, num_heads=2, img_size=28).eval()
     head = LinearSegmentationHead(32, 21).eval()
     split = load_voc(Storage(), str(voc), "val", Fit("whole", 28))
-    scored = list(_windowed_scores(backbone, head, FeatureSource(split, backbone), SuiteConfig(tasks=("seg",),
-                                                                                             image_size=28)))
+    scored = list(_windowed(lambda x: slid_probabilities(backbone, head, x, 28), FeatureSource(split, backbone),
+                            SuiteConfig(tasks=("seg",), image_size=28)))
     assert len(scored) == 4
     for (probabilities, mask), (image, labels) in zip(scored, (split[i] for i in range(4))):
         assert torch.equal(mask[0], labels) and probabilities.shape == (1, 21, 28, 40)
