@@ -76,14 +76,11 @@ class SavedHeads:
         """What differs between these heads and a recipe's ``heads`` (a ``HeadsConfig``) on a backbone
         of width ``embed_dim``, each as ``"<setting> = <recipe's> (the heads: <theirs>)"``."""
         found = self.settings()
-        differ = [f"model width = {embed_dim} (the heads: {found['in_dim']})"] if found["in_dim"] != embed_dim else []
-        for name, theirs in found.items():
-            if name == "in_dim" or name.startswith("ibot_") and name != "ibot_separate_head" and \
-                    not heads.ibot_separate_head:
-                continue
-            if getattr(heads, name) != theirs:
-                differ.append(f"heads.{name} = {getattr(heads, name)!r} (the heads: {theirs!r})")
-        return differ
+        width = found.pop("in_dim")
+        differ = [f"model width = {embed_dim} (the heads: {width})"] if width != embed_dim else []
+        unused = () if heads.ibot_separate_head else ("ibot_num_prototypes", "ibot_bottleneck_dim")  # a shared head's
+        return differ + [f"heads.{name} = {getattr(heads, name)!r} (the heads: {theirs!r})"
+                         for name, theirs in found.items() if name not in unused and getattr(heads, name) != theirs]
 
 
 def heads_of(network: nn.Module) -> nn.ModuleDict:
