@@ -184,8 +184,8 @@ def register(run_root: str, tracking_uri: str, experiment: str, parent_run_id: s
 
 def champion(run_root: str, tracking_uri: str, experiment: str, parent_run_id: str, pipeline_run_id: str,
              model_name: str, backbone: Output[Model]) -> str:
-    """A registered backbone as an artifact: ``model_name`` is ``<name>`` (its ``champion``),
-    ``<name>@<alias>`` or ``<name>/<version>``; returns the version."""
+    """A registered backbone as an artifact (with the heads registered with it): ``model_name`` is
+    ``<name>`` (its ``champion``), ``<name>@<alias>`` or ``<name>/<version>``; returns the version."""
     from components.register import run_champion_stage
     from components.stage import StageContext
 

@@ -10,6 +10,10 @@ A person may still move an alias past the gate (:func:`move_alias`: a rollback a
 misbehaves in use, a promotion on grounds the gate does not measure). Every move, the gate's and a
 person's, is written on the version it lands on (``alias.<alias>``: when, who, why), so "why is
 this version the champion?" has an answer in the registry itself (:func:`model_versions`).
+
+A version registered with the DINO/iBOT heads trained beside its backbone is tagged ``heads`` (their
+path in its run): :func:`download_version` fetches them with the backbone, so a retrain or a
+distillation from the version starts from them.
 """
 
 from __future__ import annotations
