@@ -757,8 +757,10 @@ def models_list(
     as_json: Annotated[bool, typer.Option("--json", help="every field of every version as JSON")] = False,
     tracking_uri: StoreOption = "",
 ) -> None:
-    """Registered versions, newest first: aliases, scores, whether its DINO/iBOT heads were registered
-    with it (a retrain or distillation from it starts from them), when each alias moved to it and why."""
+    """Registered versions, newest first: aliases, scores, heads, when each alias moved to it and why.
+
+    "heads": the version was registered with its DINO/iBOT heads (a
+    retrain or a distillation from it starts from them)."""
     from dinoflow.registry import model_versions
 
     with _bad_input():
