@@ -8,7 +8,8 @@ the same data (class folders of coloured noise written to a temporary folder, an
 scenes), then on ``--device`` with the feature pass in bf16 (``--precision``), and with the dense
 heads' features made per batch by the backbone instead of held (``dense_cache_gib=0``: the path of
 a whole ADE20K), and prints each metric per run with its difference from the reference and the
-seconds each run took. The
+seconds each run took; then segmentation and depth on a VOC and an NYU layout of 4:3 images on both
+(the real data sets' path: heads trained on crops, whole test images scored through windows). The
 figures should agree to rounding (the probe and the heads train on features that differ in the last
 bits, so they may move by a sample or a pixel); a device path that reads another device's tensor
 fails outright. Asserts nothing.
@@ -64,6 +65,31 @@ def write_class_folders(root: Path, per_class: int, seed: int = 0) -> None:
                 Image.fromarray(pixels).save(folder / f"{i}.png")
 
 
+def write_dense_layouts(root: Path, train: int, seed: int = 0) -> tuple[Path, Path]:
+    """A Pascal VOC and an NYU-Depth v2 layout of the same 4:3 images (not square: the real sets'
+    whole-image windows), each split left and right at a random column: red (class 1, 2 m) and green
+    (class 2, 8 m), the boundary ignored; ``train`` training images, a quarter as many to test."""
+    rng = np.random.default_rng(seed)
+    voc, nyu = root / "voc", root / "nyu"
+    for split, count in (("train", train), ("val", max(1, train // 4))):
+        ids = [f"{split}{i}" for i in range(count)]
+        (voc / "ImageSets" / "Segmentation").mkdir(parents=True, exist_ok=True)
+        (voc / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids))
+        for folder in (voc / "JPEGImages", voc / "SegmentationClass", nyu / ("train" if split == "train" else "test")):
+            folder.mkdir(parents=True, exist_ok=True)
+        for i, name in enumerate(ids):
+            cut = int(rng.integers(40, 150))
+            pixels = np.where(np.arange(196)[None, :, None] < cut, (220, 30, 30), (30, 220, 30)).repeat(147, 0)
+            pixels = np.clip(pixels + rng.normal(0, 20, pixels.shape), 0, 255).astype(np.uint8)
+            labels = np.where(np.arange(196) < cut, 1, 2)[None].repeat(147, 0).astype(np.uint8)
+            labels[:, cut] = 255
+            Image.fromarray(pixels).save(voc / "JPEGImages" / f"{name}.jpg", quality=95)
+            Image.fromarray(labels, mode="L").save(voc / "SegmentationClass" / f"{name}.png")
+            np.savez(nyu / ("train" if split == "train" else "test") / f"{i:05d}.npz", image=pixels,
+                     depth=np.where(labels == 1, 2.0, 8.0).astype(np.float32))
+    return voc, nyu
+
+
 def timed_suite(device: torch.device, config: SuiteConfig, weights: dict[str, torch.Tensor]) -> dict[str, Any]:
     """The suite on ``device`` from ``weights``; its metrics and seconds (a warm-up pass first, so
     a device's start-up is not counted)."""
@@ -96,18 +122,30 @@ def main() -> None:
         runs = [timed_suite(reference, config, weights), timed_suite(device, config, weights),
                 timed_suite(device, replace(config, precision=args.precision), weights),
                 timed_suite(device, replace(config, dense_cache_gib=0.0), weights)]
-    names = sorted(runs[0]["metrics"])
+        # real data sets' layouts: heads on crops, scored on whole 4:3 images through windows (+ms)
+        voc, nyu = write_dense_layouts(Path(scratch), args.images)
+        layouts = SuiteConfig(tasks=("seg", "depth"), seg_data=f"voc:{voc}", depth_data=f"nyu:{nyu}",
+                              image_size=args.image_size, layers=4, multiscale=True, seg_head=HeadConfig(steps=100),
+                              depth_head=HeadConfig(steps=50))
+        windowed = [timed_suite(reference, layouts, weights), timed_suite(device, layouts, weights)]
+    print_runs(runs, args.device)
+    print("\nVOC and NYU layouts, whole 4:3 test images through sliding windows:")
+    print_runs(windowed, args.device)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"runs": runs, "windowed": windowed}, indent=2))
+
+
+def print_runs(runs: list[dict[str, Any]], device: str) -> None:
+    """Each metric per run, the largest difference from the first (the reference), the seconds."""
     print(f"{'metric':<32}" + "".join(f"{r['device'] + ' ' + r['precision']:>18}" for r in runs)
           + f"{'max |diff|':>12}")
     print(f"{'dense features':<32}" + "".join(f"{r['dense']:>18}" for r in runs))
-    for name in names:
+    for name in sorted(runs[0]["metrics"]):
         values = [r["metrics"].get(name, float("nan")) for r in runs]
         diff = max(abs(v - values[0]) for v in values[1:])
         print(f"{name:<32}" + "".join(f"{v:>18.4f}" for v in values) + f"{diff:>12.4f}")
     print(f"{'seconds':<32}" + "".join(f"{r['seconds']:>18.1f}" for r in runs)
-          + f"   ({runs[0]['seconds'] / runs[1]['seconds']:.1f}x the reference's speed on {args.device})")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"runs": runs}, indent=2))
+          + f"   ({runs[0]['seconds'] / runs[1]['seconds']:.1f}x the reference's speed on {device})")
 
 
 if __name__ == "__main__":
