@@ -280,8 +280,8 @@ def evaluate(
     test_limit: Annotated[int, typer.Option(help="test images used (0: all)")] = 0,
     image_size: Annotated[int, typer.Option(help="class folders: the centre crop's side, after the shorter side "
                                                  "is resized to it / 0.875 (256 for 224); real dense data sets: "
-                                                 "the side their images are resized to; Oxford/Paris: the longer "
-                                                 "side")] = 224,
+                                                 "their images' shorter side, the heads' training crops' and the "
+                                                 "test windows' side; Oxford/Paris: the longer side")] = 224,
     num_workers: Annotated[int, typer.Option(min=0, help="class folders, real dense and retrieval data sets: "
                                                          "decoding processes")] = 0,
     seg_data: Annotated[str, typer.Option(help="seg on a real data set, ade20k:<root>, voc:<root> or "
