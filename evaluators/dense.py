@@ -52,7 +52,7 @@ from evaluators.dense_metrics import (
     segmentation_scores,
 )
 from evaluators.feature_parts import claim
-from evaluators.features import under_autocast
+from evaluators.features import patch_sides, under_autocast
 from evaluators.linear import epoch_batches
 
 EVAL_BATCH = 4  # test images scored at once
@@ -256,7 +256,8 @@ def _tally(scored: Iterable[tuple[Tensor, Tensor]], add: Callable[[Tensor, Tenso
         first = predicted[: max(0, keep - sum(len(k) for k in kept))]
         if kept_side and len(first):
             first = F.interpolate(first[:, None].float(), size=(kept_side, kept_side), mode="nearest")[:, 0]
-        kept.append(first.to(predicted.dtype))
+            first = first.to(predicted.dtype)
+        kept.append(first)
     if total is None:
         raise ValueError("no test images to score")
     return total, torch.cat(kept)
@@ -286,7 +287,7 @@ def multiscale_probabilities(backbone: nn.Module, head: LinearSegmentationHead, 
     patch = backbone.patch_size
     total = torch.zeros(0)
     for scale in scales:
-        side = [max(patch, round(s * scale / patch) * patch) for s in size]
+        side = patch_sides((s * scale for s in size), patch)
         scaled = F.interpolate(images, size=side, mode="bilinear", align_corners=False)
         for flipped in ([False, True] if flip else [False]):
             x = scaled.flip(-1) if flipped else scaled

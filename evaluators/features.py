@@ -30,6 +30,12 @@ from trainer.data.augment import IMAGENET_MEAN, IMAGENET_STD
 Batch = Tensor | tuple[Tensor, Tensor] | list[Tensor]
 
 
+def patch_sides(sides: Iterable[float], patch: int) -> tuple[int, ...]:
+    """Each side rounded to the nearest multiple of ``patch``, at least one patch: a size the
+    backbone's patch grid tiles, closest to the one asked for."""
+    return tuple(max(patch, round(side / patch) * patch) for side in sides)
+
+
 def to_model_input(
     images: Tensor | np.ndarray,
     size: int | tuple[int, int] | None = None,

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from dinoflow.progress import progress
 from dinoflow.storage import Storage, join_uri
 from evaluators.dense_metrics import QueryTruth
-from evaluators.features import to_model_input, under_autocast
+from evaluators.features import patch_sides, to_model_input, under_autocast
 from trainer.data.datasets import ProcessLocalStorage
 
 Pooling = Literal["cls", "gem", "cls+gem"]
@@ -144,7 +144,7 @@ class RevisitedImages(Dataset[Tensor]):
                 image = image.crop((max(0, round(x1)), max(0, round(y1)), min(image.width, round(x2)),
                                     min(image.height, round(y2))))
             scale = self.size / max(image.size)
-            width, height = (max(self.patch, round(side * scale / self.patch) * self.patch) for side in image.size)
+            width, height = patch_sides((side * scale for side in image.size), self.patch)
             pixels = np.array(image.resize((width, height), Image.BICUBIC))
         return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
 

@@ -63,7 +63,7 @@ from evaluators.dense_datasets import ArraySplit, Fit, load_ade20k, load_citysca
 from evaluators.dense_metrics import retrieval_map
 from evaluators.dense_source import FeatureSource, feature_sources, relabelled
 from evaluators.feature_parts import FeatureParts, backbone_digest
-from evaluators.features import to_model_input
+from evaluators.features import patch_sides, to_model_input
 from evaluators.knn import knn_predict
 from evaluators.linear import LinearProbeConfig
 from evaluators.report import knn_accuracies, report_metrics
@@ -277,8 +277,8 @@ def _windowed(predict: Callable[[torch.Tensor], torch.Tensor], test: FeatureSour
     to the patch), resized bilinearly to the labels."""
     patch = int(test.backbone.patch_size)
     for image, labels in test.whole_images():
-        side = [max(patch, round(s / patch) * patch) for s in image.shape[-2:]]
-        predicted = predict(to_model_input(image[None], size=tuple(side), patch_size=patch))  # on the device
+        side = patch_sides(image.shape[-2:], patch)
+        predicted = predict(to_model_input(image[None], size=side, patch_size=patch))  # on the device
         flat = predicted.ndim == 3  # depths: no channel dimension
         resized = F.interpolate(predicted[:, None] if flat else predicted, size=tuple(labels.shape), mode="bilinear",
                                 align_corners=False)
