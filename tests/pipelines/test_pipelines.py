@@ -268,6 +268,12 @@ def test_compiled_pipelines_hold_their_dag_and_no_secrets_or_local_paths(
         "retrain": {"open-run": [], "champion": ["open-run"], "pretrain": ["champion", "open-run"],
                     "evaluate": ["open-run", "pretrain"], "register": ["evaluate", "open-run", "pretrain"]},
     }
+    branched = {  # (the parameter choosing the branch, each branch's tasks)
+        "evaluate_only": ("model", {"importer": [], "evaluate": ["importer"], "champion": [],
+                                    "evaluate-2": ["champion"]}),
+        "distill": ("teacher_uri", {"champion": [], "distil-students": ["champion"], "importer": [],
+                                    "distil-students-2": ["importer"]}),
+    }
     for name, tasks in expected.items():
         out = tmp_path / f"{name}.yaml"
         result = CliRunner().invoke(app, ["pipeline", "compile", name, "--out", str(out), "--image", "registry.example/dinoflow:1"])
@@ -279,24 +285,15 @@ def test_compiled_pipelines_hold_their_dag_and_no_secrets_or_local_paths(
         assert root["close-run"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
         inner = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
         assert {task: sorted(body.get("dependentTasks", [])) for task, body in inner.items()} == tasks
-        if name == "evaluate_only":  # imported weights, or a version fetched from the registry
+        if name in branched:  # a registered version (its heads with it) if the parameter is empty, else imported
+            parameter, branch_tasks = branched[name]
             branches = spec["components"]["comp-condition-branches-2"]["dag"]["tasks"]
             assert [body["triggerPolicy"]["condition"] for body in branches.values()] == [
-                "inputs.parameter_values['pipelinechannel--model'] == ''",
-                "!(inputs.parameter_values['pipelinechannel--model'] == '')"]
+                f"inputs.parameter_values['pipelinechannel--{parameter}'] == ''",
+                f"!(inputs.parameter_values['pipelinechannel--{parameter}'] == '')"]
             assert {task: sorted(body.get("dependentTasks", []))
                     for branch in ("comp-condition-3", "comp-condition-4")
-                    for task, body in spec["components"][branch]["dag"]["tasks"].items()} == {
-                "importer": [], "evaluate": ["importer"], "champion": [], "evaluate-2": ["champion"]}
-        if name == "distill":  # a teacher from the registry (with its heads), or imported weights
-            branches = spec["components"]["comp-condition-branches-2"]["dag"]["tasks"]
-            assert [body["triggerPolicy"]["condition"] for body in branches.values()] == [
-                "inputs.parameter_values['pipelinechannel--teacher_uri'] == ''",
-                "!(inputs.parameter_values['pipelinechannel--teacher_uri'] == '')"]
-            assert {task: sorted(body.get("dependentTasks", []))
-                    for branch in ("comp-condition-3", "comp-condition-4")
-                    for task, body in spec["components"][branch]["dag"]["tasks"].items()} == {
-                "champion": [], "distil-students": ["champion"], "importer": [], "distil-students-2": ["importer"]}
+                    for task, body in spec["components"][branch]["dag"]["tasks"].items()} == branch_tasks
         if name == "full":  # each student, in parallel: distil from the teacher, then evaluate and register it
             assert list(spec["components"]["comp-distil-students"]["dag"]["tasks"]) == ["for-loop-1"]
             loop = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
@@ -453,7 +450,8 @@ def test_local_runs_build_without_gpus(tmp_path: Path) -> None:
 
 def test_pipeline_cli_rejects_unknown_names_and_parameters() -> None:
     bad = CliRunner().invoke(app, ["pipeline", "run", "nope"])
-    assert bad.exit_code == 2 and "unknown pipeline 'nope'; allowed: full, evaluate_only, retrain, distill, promote" in bad.stderr
+    assert bad.exit_code == 2
+    assert "unknown pipeline 'nope'; allowed: full, evaluate_only, retrain, distill, promote" in bad.stderr
     param = CliRunner().invoke(app, ["pipeline", "run", "full", "max_minute=3"])
     assert param.exit_code == 2 and "bad pipeline parameter 'max_minute=3'" in param.stderr
     assert "max_minutes" in param.stderr
