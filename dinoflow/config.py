@@ -384,7 +384,7 @@ def describe_error(schema: type[BaseModel], err: ValidationError) -> str:
     lines = []
     for problem in err.errors():
         where = ".".join(str(p) for p in problem["loc"]) or "<root>"
-        if not problem["loc"]:  # a check across fields names them in its message
+        if not problem["loc"] or problem["type"] == "value_error":  # a check across fields names them itself
             lines.append(problem["msg"].removeprefix("Value error, "))
         elif problem["type"] == "extra_forbidden":
             allowed = ", ".join(_allowed_keys(schema, problem["loc"]))
@@ -475,3 +475,84 @@ class DistillConfig(PretrainConfig):
         "centres stay the teacher's)")
     teacher: TeacherConfig = TeacherConfig()
     distill: DistillObjectiveConfig = DistillObjectiveConfig()
+
+
+class FinetuneDataConfig(Section):
+    """The labelled images of a fine-tuning run (:func:`evaluators.classification.labelled_images`)."""
+
+    uri: str = Field("", description="Fashion-MNIST's folder, or class folders train/<class>/ and val/<class>/ "
+                     "(test/<class>/ when there is no val/)")
+    kind: Literal["auto", "fashion_mnist", "folder"] = "auto"
+    test_uri: str = Field("", description="a test set of class folders of its own instead of <uri>/val (its classes "
+                          "among train's; holding fewer, scored over its own)")
+    train_limit: int = Field(0, ge=0, description="train images used (0: all; class folders: a seeded random subset)")
+    test_limit: int = Field(0, ge=0, description="test images scored (0: all)")
+    num_workers: int = Field(0, ge=0, description="decoding processes")
+    max_bad_fraction: float = Field(0.01, ge=0, le=1)
+
+
+class FinetuneAugmentConfig(Section):
+    """The training images' augmentation, on the device (the DeiT/MAE fine-tuning recipe's parts)."""
+
+    crop_scale: tuple[float, float] = Field((0.08, 1.0), description="random resized crop's area range")
+    horizontal_flip: bool = True
+    rand_augment_ops: int = Field(2, ge=0, description="RandAugment's operations per image (kornia's; 0: off)")
+    rand_augment_magnitude: int = Field(9, ge=0, le=30)
+    random_erasing: float = Field(0.25, ge=0, le=1, description="probability of erasing a random box")
+    mixup_alpha: float = Field(0.8, ge=0, description="Beta(a, a) of the mixup weight (0: no mixup)")
+    cutmix_alpha: float = Field(1.0, ge=0, description="Beta(a, a) of the cutmix area (0: no cutmix)")
+    mix_probability: float = Field(1.0, ge=0, le=1, description="batches mixed (mixup or cutmix)")
+    cutmix_share: float = Field(0.5, ge=0, le=1, description="of the mixed batches, those cut-mixed when both are on")
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _scale_ordered(self) -> FinetuneAugmentConfig:
+        low, high = self.crop_scale
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"augment.crop_scale = {list(self.crop_scale)} must hold 0 < low <= high <= 1")
+        return self
+
+
+class FinetuneOptimConfig(Section):
+    """AdamW with layer-wise learning-rate decay, warm-up then cosine; an epoch is a pass over the
+    training images (fine-tuning's, unlike pretraining's fixed-length epochs)."""
+
+    epochs: float = Field(100, gt=0)
+    batch_size: int = Field(128, ge=2, description="images per step")
+    base_lr: float = Field(5e-4, gt=0, description="for a batch of 256, scaled linearly")
+    min_lr: float = Field(1e-6, ge=0)
+    warmup_epochs: float = Field(5, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    layerwise_decay: float = Field(0.65, gt=0, le=1, description="block i's rate x decay^(depth - i); the head's x 1")
+    patch_embed_lr_mult: float = Field(1.0, ge=0)
+    clip_grad: float = Field(0.0, ge=0, description="max gradient norm of the whole model; 0 disables")
+    adamw_beta1: float = Field(0.9, ge=0, lt=1)
+    adamw_beta2: float = Field(0.999, ge=0, lt=1)
+    fused_adamw: Literal["auto", "on", "off"] = Field("auto", description="torch's fused AdamW: auto: on CUDA")
+
+
+class FinetuneConfig(Section):
+    """Supervised fine-tuning of a whole backbone with a linear classifier on labelled images."""
+
+    name: str = Field("finetune", min_length=1)
+    out: str = Field("runs/finetune", min_length=1, description="run root: a path or URI")
+    seed: int = Field(0, ge=0, lt=2**32)
+    device: Literal["cpu", "cuda"] = "cpu"
+    weights: str = Field("", description="the backbone to fine-tune (path or URI): a run or pipeline output folder, a "
+                         "registered model (models:/<name>@<alias>; fetched by the CLI), a .safetensors, Meta's "
+                         "released .pth, a training dump, a Hugging Face folder")
+    weights_source: Literal["auto", "official", "training", "safetensors", "hf"] = Field(
+        "auto", description="layout of weights; auto: from the path")
+    image_size: int = Field(224, ge=1, description="side of the training crops and of the test images' centre crop; a "
+                            "multiple of the backbone's patch")
+    head_input: Literal["cls", "cls+avgpool"] = Field(
+        "cls+avgpool", description="the classifier's input: the final CLS token, or it and the mean patch token")
+    drop_path_rate: float = Field(0.1, ge=0, lt=1, description="stochastic depth of every block while fine-tuning")
+    max_steps: int = Field(0, ge=0, description="stop after this many steps (0: the schedule)")
+    max_minutes: float = Field(0, ge=0, description="stop after this much training time, over all resumes (0: none)")
+    checkpoint_every: int = Field(200, ge=1)
+    eval_every_epochs: float = Field(1, ge=0, description="score the test split every N epochs (0: at the end only)")
+    data: FinetuneDataConfig = FinetuneDataConfig()
+    augment: FinetuneAugmentConfig = FinetuneAugmentConfig()
+    optim: FinetuneOptimConfig = FinetuneOptimConfig()
+    tracking: TrackingConfig = TrackingConfig()

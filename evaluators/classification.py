@@ -161,6 +161,14 @@ class FashionMnistImages:
                          garment_foreground(shown), (self.train.flatten(1).float(), self.test.flatten(1).float()),
                          {"train": 0, "test": 0})
 
+    def test_batches(self, device: torch.device, patch_size: int, size: int | None = None,
+                     batch_size: int = 256) -> Iterator[tuple[Tensor, Tensor]]:
+        """The test split as model input on ``device`` (resized to ``size``, None: 28) with its
+        labels, a batch at a time: what a trained classifier is scored on."""
+        for start in range(0, len(self.test), batch_size):
+            rows = slice(start, start + batch_size)
+            yield to_model_input(self.test[rows].to(device), size, patch_size), self.test_y[rows]
+
 
 @dataclass(frozen=True)
 class FolderImages:
@@ -219,6 +227,16 @@ class FolderImages:
         return _labelled(train["features"], train["labels"], test["features"], test["labels"], self.classes,
                          backbone, views, test["kept"], None, None, bad,
                          self.remap.sort().values if self.restricted else None)
+
+    def test_batches(self, device: torch.device, patch_size: int, size: int | None = None,
+                     batch_size: int = 128) -> Iterator[tuple[Tensor, Tensor]]:
+        """The test split's centre crops as model input on ``device`` with their labels in train's
+        class indices, a batch at a time (decoded by ``num_workers`` processes; more than
+        ``MAX_BAD_FRACTION`` undecodable stops it); ``size``, when given, must be ``image_size``."""
+        if size is not None and size != self.image_size:
+            raise ValueError(f"the test images were listed for {self.image_size} px centre crops, not {size}")
+        loader = DataLoader(self.test, batch_size=batch_size, num_workers=self.num_workers, collate_fn=collate_samples)
+        yield from _ModelInput(loader, self.image_size, patch_size, self.remap, device)
 
     def _part(self, batches: _ModelInput, backbone: nn.Module, blocks: int, views: bool,
               amp_dtype: torch.dtype | None) -> dict[str, Tensor]:

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from pydantic import BaseModel
 
-from dinoflow.config import ConfigError, DemoConfig, PretrainConfig, load_config, to_yaml
+from dinoflow.config import (ConfigError, DemoConfig, DistillConfig, FinetuneConfig, PretrainConfig, load_config,
+                             to_yaml)
 
 if TYPE_CHECKING:
     from dinoflow.storage import Storage
@@ -42,7 +43,8 @@ pipeline_app = typer.Typer(help="Kubeflow pipelines: compile, run locally, submi
                            no_args_is_help=True)
 app.add_typer(pipeline_app, name="pipeline")
 
-SCHEMAS: dict[str, type[BaseModel]] = {"demo": DemoConfig, "pretrain": PretrainConfig}
+SCHEMAS: dict[str, type[BaseModel]] = {"demo": DemoConfig, "pretrain": PretrainConfig, "distill": DistillConfig,
+                                       "finetune": FinetuneConfig}
 
 Overrides = Annotated[
     list[str] | None, typer.Argument(help="dotted overrides, e.g. out=runs/x data.knn_k=10")
@@ -242,7 +244,6 @@ def distill(
     projectors) or heads (the DINO and patch losses against the teacher's
     heads, as in DINOv2).
     """
-    from dinoflow.config import DistillConfig
     from dinoflow.tracking import MlflowTracker, default_artifact_location, standard_tags
     from trainer.distill import run_distill
 
@@ -258,6 +259,40 @@ def distill(
         cfg = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"uri": teacher_uri}),
                                      "init_weights": init})  # registered models: fetched, with their heads
         summary = run_distill(cfg, storage, tracker)
+    typer.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
+
+
+@app.command()
+def finetune(
+    overrides: Overrides = None,
+    weights: Annotated[str, typer.Option(help="the backbone to fine-tune: a run or pipeline output folder, a "
+                                         ".safetensors, Meta's released .pth, a Hugging Face folder (path or "
+                                         "URI), or a registered model (models:/<name>@<alias>, "
+                                         "models:/<name>/<version>)")] = "",
+    config: Annotated[str, typer.Option(help="the fine-tuning recipe: a preset name or YAML path")] = "finetune-tiny",
+) -> None:
+    """Fine-tune a whole backbone with a linear classifier on labelled images; resumes when OUT holds a checkpoint.
+
+    The recipe is the one that fine-tunes self-supervised ViTs: layer-wise
+    learning-rate decay, warm-up and cosine, stochastic depth, RandAugment,
+    random erasing, mixup/cutmix and label smoothing (each set in the preset).
+    The data (data.uri) is Fashion-MNIST's folder or class folders,
+    train/<class>/ and val/<class>/. OUT gets the fine-tuned
+    backbone.safetensors, classifier.safetensors, a confusion matrix and the
+    training curves; the test split's top-1 is logged every epoch.
+    """
+    from dinoflow.tracking import MlflowTracker, default_artifact_location, standard_tags
+    from trainer.finetune import finetune as run_finetune
+
+    cfg = _load(FinetuneConfig, config, [*([f"weights={weights}"] if weights else []), *(overrides or [])])
+    assert isinstance(cfg, FinetuneConfig)
+    _check_device(cfg.device)
+    storage, tracking_uri = _run_root(cfg.out)
+    with MlflowTracker.start(
+        tracking_uri, cfg.tracking.experiment, run_name=cfg.name, tags=standard_tags("finetune"),
+        artifact_location=default_artifact_location(tracking_uri, cfg.out), metric_every=cfg.tracking.metric_every,
+    ) as tracker, _bad_input(), _registered(cfg.weights) as fetched:
+        summary = run_finetune(cfg.model_copy(update={"weights": fetched}), storage, tracker)
     typer.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
 
 

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from dinoflow.config import PretrainConfig
 from trainer.data.augment import MultiCrop
-from trainer.data.datasets import BadImageTracker
+from trainer.data.datasets import BadImageTracker, Batch
 from trainer.data.masking import masked_patch_bound, sample_crop_masks
 from trainer.losses import masked_positions
 from trainer.strategy import Strategy
@@ -187,18 +187,26 @@ class ImageStream:
     log the share of each step spent waiting (``data_wait_share``) and :class:`LoaderWatch` names
     the cause."""
 
-    def __init__(self, dataset: Any, collate: Callable, cfg: PretrainConfig, start_batch: int, device: torch.device,
-                 bad_images: BadImageTracker, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, dataset: Any, collate: Callable, start_batch: int, device: torch.device,
+                 bad_images: BadImageTracker, *, batch_size: int, seed: int, num_workers: int, rank: int = 0,
+                 world_size: int = 1) -> None:
         loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=ResumableBatches(len(dataset), cfg.optim.batch_size, cfg.seed, start_batch,
-                                                    rank, world_size),
-            collate_fn=collate, num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
+            dataset, batch_sampler=ResumableBatches(len(dataset), batch_size, seed, start_batch, rank, world_size),
+            collate_fn=collate, num_workers=num_workers, persistent_workers=num_workers > 0,
             pin_memory=device.type == "cuda",  # Batch.pin_memory: the copy below then waits for nothing
         )
         self.batches, self.device, self.bad_images = iter(loader), device, bad_images
         self.waited = 0.0
 
     def __call__(self) -> Tensor:
+        return self._next().images.to(self.device, non_blocking=True)
+
+    def next_batch(self) -> tuple[Tensor, Tensor]:
+        """The next batch's images and labels on the device."""
+        batch = self._next()
+        return batch.images.to(self.device, non_blocking=True), batch.labels.to(self.device, non_blocking=True)
+
+    def _next(self) -> Batch:
         while True:
             tick = time.perf_counter()
             batch = next(self.batches)
@@ -206,7 +214,7 @@ class ImageStream:
             self.bad_images.update(batch)
             self.bad_images.check()
             if len(batch.images):
-                return batch.images.to(self.device, non_blocking=True)
+                return batch
 
     def take_wait(self) -> float:
         """Seconds spent waiting for the loader since the last call."""

@@ -403,7 +403,8 @@ def distill(
     last_step = total_steps(cfg.optim) if cfg.max_steps == 0 else min(cfg.max_steps, total_steps(cfg.optim))
     bad_images = BadImageTracker(cfg.data.max_bad_fraction)
     bad_images.restore(state.bad_images)
-    next_images = ImageStream(dataset, collate, cfg, state.step * micro, device, bad_images)
+    next_images = ImageStream(dataset, collate, state.step * micro, device, bad_images, batch_size=cfg.optim.batch_size,
+                              seed=cfg.seed, num_workers=cfg.data.num_workers)
     loader_watch = LoaderWatch(cfg.data.num_workers)
 
     marks = sorted(m for m in cfg.eval.at_minutes if m > state.train_seconds / 60)

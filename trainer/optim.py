@@ -1,4 +1,4 @@
-"""The pretraining AdamW: its parameter groups (layer-wise learning-rate decay, no weight decay
+"""The training AdamW: its parameter groups (layer-wise learning-rate decay, no weight decay
 on biases and norms, the prototypes' own schedule) and its kernel (fused or torch's default),
 the same when a checkpoint written with another kernel is resumed."""
 
@@ -19,15 +19,23 @@ _log = logging.getLogger(__name__)
 
 
 def param_groups(student: SSLNetwork, cfg: PretrainConfig) -> list[dict[str, Any]]:
-    """AdamW groups by (lr multiplier, weight-decay multiplier, last layer).
+    """AdamW groups of pretraining's ``student`` (:func:`layer_groups` with the recipe's decays);
+    the heads' prototype layers follow the last-layer schedule."""
+    return layer_groups(student, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult)
 
-    Layer-wise decay ``r^(depth + 1 - layer)`` (embeddings are layer 0, heads and the final
-    norm ``depth + 1``), patch embedding x ``patch_embed_lr_mult``; no weight decay on biases,
-    norms and LayerScale gammas; the heads' prototype layers follow the last-layer schedule.
+
+def layer_groups(network: nn.Module, layerwise_decay: float, patch_embed_lr_mult: float) -> list[dict[str, Any]]:
+    """AdamW groups of a network holding a ``backbone`` by (lr multiplier, weight-decay
+    multiplier, last layer), for pretraining's and fine-tuning's layer-wise decay alike.
+
+    Layer-wise decay ``r^(depth + 1 - layer)`` (embeddings are layer 0, block i layer i + 1, the
+    final norm and everything outside the backbone, heads or classifier, ``depth + 1``), patch
+    embedding x ``patch_embed_lr_mult``; no weight decay on biases, norms and LayerScale gammas;
+    ``is_last_layer`` marks the DINO heads' prototype layers (``last_layer``).
     """
-    depth = student.backbone.depth
+    depth = network.backbone.depth
     groups: dict[tuple[float, float, bool], list[nn.Parameter]] = {}
-    for name, parameter in student.named_parameters():
+    for name, parameter in network.named_parameters():
         if not parameter.requires_grad:
             continue
         layer = depth + 1
@@ -37,9 +45,9 @@ def param_groups(student: SSLNetwork, cfg: PretrainConfig) -> list[dict[str, Any
                 layer = 0
             elif inner.startswith("blocks."):
                 layer = int(inner.split(".")[1]) + 1
-        lr_mult = cfg.optim.layerwise_decay ** (depth + 1 - layer)
+        lr_mult = layerwise_decay ** (depth + 1 - layer)
         if "patch_embed" in name:
-            lr_mult *= cfg.optim.patch_embed_lr_mult
+            lr_mult *= patch_embed_lr_mult
         wd_mult = 0.0 if name.endswith(".bias") or "norm" in name or "gamma" in name else 1.0
         groups.setdefault((lr_mult, wd_mult, "last_layer" in name), []).append(parameter)
     return [{"params": params, "lr_multiplier": lr, "wd_multiplier": wd, "is_last_layer": last}
@@ -47,18 +55,24 @@ def param_groups(student: SSLNetwork, cfg: PretrainConfig) -> list[dict[str, Any
 
 
 def use_fused_adamw(cfg: PretrainConfig, device: torch.device) -> bool:
-    """Whether AdamW runs torch's fused kernel (``optim.fused_adamw``) on parameters on ``device``.
+    """Whether pretraining's AdamW runs torch's fused kernel (``optim.fused_adamw``) on parameters
+    on ``device``: :func:`fused_adamw_on` under the run's strategy.
 
-    ``auto`` fuses on CUDA, where one kernel per device and dtype does the whole update that
-    torch's default foreach path spreads over several launches, and keeps torch's default elsewhere.
     Under ``distributed.strategy=deepspeed`` ``auto`` does not fuse: ZeRO-3 steps the optimizer on
     its own flat fp32 partitions, and that combination has been checked on CPU only (2 ranks train
     like one fused process; see ``DeepSpeedStrategy.load_optimizer_state`` for where fused keeps its
     ``step``), not on GPUs; ``on`` asks for it explicitly.
     """
-    if cfg.optim.fused_adamw == "auto":
-        return device.type == "cuda" and cfg.distributed.strategy != "deepspeed"
-    return cfg.optim.fused_adamw == "on"
+    if cfg.optim.fused_adamw == "auto" and cfg.distributed.strategy == "deepspeed":
+        return False
+    return fused_adamw_on(cfg.optim.fused_adamw, device)
+
+
+def fused_adamw_on(choice: str, device: torch.device) -> bool:
+    """A ``fused_adamw`` setting (``auto``, ``on``, ``off``) on ``device``: ``auto`` fuses on CUDA,
+    where one kernel per device and dtype does the whole update that torch's default foreach path
+    spreads over several launches, and keeps torch's default elsewhere."""
+    return device.type == "cuda" if choice == "auto" else choice == "on"
 
 
 def build_adamw(student: nn.Module, cfg: PretrainConfig, device: torch.device) -> torch.optim.AdamW:

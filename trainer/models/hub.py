@@ -190,13 +190,18 @@ def read_safetensors(data: bytes, uri: str) -> dict[str, Tensor]:
 
 def _safetensors_arch(data: bytes, uri: str) -> dict[str, Any] | None:
     """The architecture saved in a safetensors header by :func:`save_backbone`, if any."""
+    text = safetensors_metadata(data, uri).get(ARCH_METADATA_KEY)
+    return json.loads(text) if text else None
+
+
+def safetensors_metadata(data: bytes, uri: str) -> dict[str, str]:
+    """The text metadata of a safetensors file's header (empty when it has none)."""
     header_length = int.from_bytes(data[:8], "little")
     try:
         header = json.loads(data[8 : 8 + header_length])
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{uri}: corrupt safetensors header ({err})") from None
-    text = header.get("__metadata__", {}).get(ARCH_METADATA_KEY)
-    return json.loads(text) if text else None
+    return header.get("__metadata__", {}) if isinstance(header, dict) else {}
 
 
 def load_strict(model: torch.nn.Module, state_dict: Mapping[str, Tensor]) -> None:
@@ -289,13 +294,21 @@ def init_backbone(backbone: DinoVisionTransformer, uri: str, source: Source, sto
     if differ:
         raise ValueError(f"init weights {uri} do not fit the recipe's backbone: {'; '.join(differ)}; "
                          "set these (or model.arch) to the weights' values")
+    load_strict(backbone, with_positions_for(backbone, state_dict, theirs))
+
+
+def with_positions_for(backbone: DinoVisionTransformer, state_dict: dict[str, Tensor],
+                       theirs: dict[str, Any]) -> dict[str, Tensor]:
+    """``state_dict`` (of weights built with the arguments ``theirs``) with its position table
+    resized to ``backbone``'s grid as the weights' own model resizes it for an image of that size
+    (their interpolation settings), so at the backbone's size it computes what they do."""
     table = state_dict.get("pos_embed")
-    if isinstance(table, Tensor) and table.ndim == 3 and table.shape != backbone.pos_embed.shape:
-        grid = ours["img_size"] // ours["patch_size"]
-        resized = resize_positions(table, grid, grid, theirs.get("interpolate_offset", 0.1),
-                                   theirs.get("interpolate_antialias", False))
-        state_dict = {**state_dict, "pos_embed": resized.to(table.dtype)}
-    load_strict(backbone, state_dict)
+    if not (isinstance(table, Tensor) and table.ndim == 3 and table.shape != backbone.pos_embed.shape):
+        return state_dict
+    grid = backbone.arch_kwargs["img_size"] // backbone.arch_kwargs["patch_size"]
+    resized = resize_positions(table, grid, grid, theirs.get("interpolate_offset", 0.1),
+                               theirs.get("interpolate_antialias", False))
+    return {**state_dict, "pos_embed": resized.to(table.dtype)}
 
 
 def load_backbone(
