@@ -1,0 +1,195 @@
+"""Supervised fine-tuning (trainer/finetune.py): its loss, mixing and layer-wise decay against
+formulas and torch, and whole runs on Fashion-MNIST and class folders: they learn, resume
+exactly, write weights that reproduce their scores, and refuse bad input by name."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from dinoflow.config import ConfigError, FinetuneAugmentConfig, FinetuneConfig, load_config
+from dinoflow.storage import Storage
+from evaluators.features import to_model_input
+from pipelines.cli import app
+from trainer.data.fashion_mnist import load_split
+from trainer.finetune import (CLASSIFIER_FILE, Classifier, finetune, load_for_finetuning, mix, read_classifier,
+                              soft_cross_entropy, soft_targets)
+from trainer.models.hub import load_backbone, save_backbone
+from trainer.models.vit import build_vit
+from trainer.optim import layer_groups
+
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+needs_fashion_mnist = pytest.mark.skipif(not Path(FASHION_MNIST).is_dir(), reason="Fashion-MNIST is not installed")
+
+
+@pytest.fixture
+def weights(tmp_path: Path) -> Path:
+    """A small random backbone (patch 7, 28 px) as a pretraining run writes one."""
+    torch.manual_seed(0)
+    path = tmp_path / "pretrained" / "backbone.safetensors"
+    path.parent.mkdir()
+    save_backbone(build_vit("vit_small", img_size=28, patch_size=7, embed_dim=64, depth=3, num_heads=4,
+                            layerscale_init=1.0), str(path))
+    return path
+
+
+def config(weights: Path, out: Path, *overrides: str) -> FinetuneConfig:
+    return load_config(FinetuneConfig, "finetune-tiny", [f"weights={weights}", f"out={out}", "data.train_limit=512",
+                                                         "data.test_limit=200", "optim.batch_size=64",
+                                                         "optim.epochs=1", *overrides])
+
+
+def test_soft_cross_entropy_of_smoothed_one_hot_targets_is_torchs_label_smoothing() -> None:
+    torch.manual_seed(0)
+    logits, labels = torch.randn(32, 7) * 3, torch.randint(0, 7, (32,))
+    for eps in (0.0, 0.1, 0.4):
+        ours = soft_cross_entropy(logits, soft_targets(labels, 7, eps))
+        torch.testing.assert_close(ours, F.cross_entropy(logits, labels, label_smoothing=eps))
+
+
+def test_mixup_mixes_images_and_targets_with_one_weight() -> None:
+    torch.manual_seed(1)
+    images, labels = torch.randn(6, 3, 8, 8), torch.arange(6)
+    targets = soft_targets(labels, 6, 0.0)
+    mixed, mixed_targets = mix(images, targets, FinetuneAugmentConfig(mixup_alpha=0.8, cutmix_alpha=0.0))
+    lam = float(mixed_targets[0, 0])  # image 0's own class keeps lam, its partner's (5) gets 1 - lam
+    assert 0 < lam < 1 and float(mixed_targets[0, 5]) == pytest.approx(1 - lam)
+    torch.testing.assert_close(mixed, lam * images + (1 - lam) * images.flip(0))
+    torch.testing.assert_close(mixed_targets.sum(1), torch.ones(6))
+
+
+def test_cutmix_targets_weigh_each_image_by_its_share_of_pixels() -> None:
+    images = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 16, 16).clone()  # image i: every pixel = i
+    targets = soft_targets(torch.arange(4), 4, 0.0)
+    for seed in range(20):
+        torch.manual_seed(seed)
+        mixed, mixed_targets = mix(images, targets, FinetuneAugmentConfig(mixup_alpha=0.0, cutmix_alpha=1.0))
+        for i in range(4):
+            pasted = float((mixed[i] == 3 - i).float().mean())  # the partner (the batch reversed) is 3 - i
+            assert float(mixed_targets[i, 3 - i]) == pytest.approx(pasted)
+            assert float(mixed_targets[i, i]) == pytest.approx(1 - pasted)
+
+
+def test_no_mixing_when_its_probability_is_zero_or_both_are_off() -> None:
+    images, targets = torch.randn(4, 3, 8, 8), soft_targets(torch.arange(4), 4, 0.1)
+    for augment in (FinetuneAugmentConfig(mix_probability=0.0), FinetuneAugmentConfig(mixup_alpha=0, cutmix_alpha=0)):
+        mixed, same = mix(images, targets, augment)
+        assert mixed is images and same is targets
+
+
+def test_layer_groups_decay_each_block_below_the_head() -> None:
+    backbone = build_vit("vit_small", img_size=28, patch_size=7, embed_dim=32, depth=4, num_heads=2)
+    model = Classifier(backbone, 5, "cls")
+    groups = layer_groups(model, 0.5, 0.2)
+    of = {id(p): (g["lr_multiplier"], g["wd_multiplier"]) for g in groups for p in g["params"]}
+    for name, parameter in model.named_parameters():
+        if name.startswith("backbone.blocks."):
+            expected = 0.5 ** (4 - int(name.split(".")[2]))  # block i of 4: decay^(4 - i)
+        elif name.startswith(("backbone.cls_token", "backbone.pos_embed", "backbone.mask_token")):
+            expected = 0.5 ** 5
+        elif name.startswith("backbone.patch_embed"):
+            expected = 0.5 ** 5 * 0.2
+        else:  # the final norm and the classifier
+            expected = 1.0
+        decayed = 0.0 if name.endswith(".bias") or "norm" in name or "gamma" in name else 1.0
+        assert of[id(parameter)] == pytest.approx((expected, decayed)), name
+
+
+def test_the_backbone_is_built_for_the_crop_with_drop_path_rising_over_the_blocks(weights: Path) -> None:
+    cfg = load_config(FinetuneConfig, None, [f"weights={weights.parent}", "image_size=56", "drop_path_rate=0.2"])
+    backbone = load_for_finetuning(cfg, Storage())
+    assert backbone.pos_embed.shape[1] == 1 + 8 * 8
+    assert [block.drop_path for block in backbone.blocks] == pytest.approx([0.0, 0.1, 0.2])
+    original = load_backbone(str(weights), "safetensors")
+    images = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():  # at 56 px the resized table computes what the saved model's own interpolation does
+        torch.testing.assert_close(backbone.eval()(images), original(images), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="image_size = 30 is not a multiple of the backbone's patch size 7"):
+        load_for_finetuning(cfg.model_copy(update={"image_size": 30}), Storage())
+    with pytest.raises(ValueError, match="weights is empty"):
+        load_for_finetuning(cfg.model_copy(update={"weights": ""}), Storage())
+
+
+@needs_fashion_mnist
+def test_a_run_learns_writes_weights_that_reproduce_its_score_and_resumes_exactly(weights: Path,
+                                                                                  tmp_path: Path) -> None:
+    regularised = ["augment.mixup_alpha=0.8", "augment.cutmix_alpha=1.0", "augment.random_erasing=0.25",
+                   "augment.crop_scale=[0.5,1.0]", "eval_every_epochs=0.5"]
+    straight = finetune(config(weights, tmp_path / "straight", *regularised), Storage())
+    assert straight["steps"] == 8 and [row["step"] for row in straight["history"]] == [4, 8]
+    # halted after 4 steps, then resumed from its checkpoint: every weight as the straight run's
+    finetune(config(weights, tmp_path / "resumed", *regularised, "max_steps=4"), Storage())
+    resumed = finetune(config(weights, tmp_path / "resumed", *regularised), Storage())
+    assert resumed["steps"] == 8
+    for file in ("backbone.safetensors", CLASSIFIER_FILE):
+        assert (tmp_path / "straight" / file).read_bytes() == (tmp_path / "resumed" / file).read_bytes(), file
+
+    learned = finetune(config(weights, tmp_path / "learned", "data.train_limit=2048", "optim.epochs=2",
+                              "optim.base_lr=8e-3", "optim.layerwise_decay=1.0"), Storage())
+    # a random backbone (a plain supervised loop reaches 0.46-0.55 here); 10 classes: chance is 0.1
+    assert learned["final"]["top1"] > 0.3, learned["history"]
+    # the files written score what the run reported, read back through the backbone loader
+    backbone = load_backbone(str(tmp_path / "learned" / "backbone.safetensors"), "safetensors")
+    head, classes, head_input = read_classifier(str(tmp_path / "learned" / CLASSIFIER_FILE), Storage())
+    assert classes == tuple(learned["classes"]) and len(classes) == 10 and head_input == "cls+avgpool"
+    test = load_split(Storage(), FASHION_MNIST, "test")
+    with torch.no_grad():
+        out = backbone.forward_features(to_model_input(torch.from_numpy(test.images[:200]), patch_size=7))
+        features = torch.cat([out["x_norm_clstoken"], out["x_norm_patchtokens"].mean(1)], dim=1)
+        predicted = (features @ head["head.weight"].T + head["head.bias"]).argmax(1).numpy()
+    assert float(np.mean(predicted == test.labels[:200])) == pytest.approx(learned["final"]["top1"], abs=1e-6)
+    for picture in ("confusion_matrix.png", "training_curves.png"):
+        assert (tmp_path / "learned" / picture).stat().st_size > 1000
+    assert json.loads((tmp_path / "learned" / "summary.json").read_text())["final"] == learned["final"]
+
+
+@needs_fashion_mnist
+def test_a_run_resumed_with_other_settings_is_refused_naming_them(weights: Path, tmp_path: Path) -> None:
+    finetune(config(weights, tmp_path / "run", "max_steps=1"), Storage())
+    before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    with pytest.raises(ValueError, match=r"image_size = 56 \(the run: 28\); head_input = 'cls' \(the run: "
+                                         r"'cls\+avgpool'\); resume it with its settings or use a new out"):
+        finetune(config(weights, tmp_path / "run", "image_size=56", "head_input=cls"), Storage())
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
+
+
+def test_class_folders_train_and_a_separate_test_set_of_fewer_classes_is_scored_over_them(weights: Path,
+                                                                                       tmp_path: Path) -> None:
+    from tests.evaluators.test_classification import write_folders
+
+    write_folders(tmp_path / "data", {"cat": (24, 4), "dog": (24, 4), "fish": (24, 4)})
+    write_folders(tmp_path / "other", {"dog": (0, 6), "fish": (0, 6)}, seed=1)
+    cfg = load_config(FinetuneConfig, "finetune-tiny", [
+        f"weights={weights}", f"out={tmp_path / 'run'}", f"data.uri={tmp_path / 'data'}",
+        f"data.test_uri={tmp_path / 'other' / 'val'}", "data.test_limit=0", "optim.batch_size=8",
+        "optim.epochs=3", "optim.base_lr=4e-3", "data.num_workers=1"])
+    summary = finetune(cfg, Storage())
+    assert summary["classes"] == ["cat", "dog", "fish"] and summary["steps"] == 27
+    assert summary["final"]["top1"] == 1.0  # a colour a class: learned, and never "cat", which is not in the test set
+    assert "top5" not in summary["final"]  # 3 classes
+
+
+def test_the_command_fine_tunes_and_says_bad_input_in_one_line(weights: Path, tmp_path: Path) -> None:
+    from tests.evaluators.test_classification import write_folders
+
+    write_folders(tmp_path / "data", {"cat": (16, 4), "dog": (16, 4)})
+    args = ["finetune", "--weights", str(weights.parent), f"out={tmp_path / 'run'}", f"data.uri={tmp_path / 'data'}",
+            "data.test_limit=0", "optim.batch_size=8", "optim.epochs=1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["steps"] == 4 and (tmp_path / "run" / "backbone.safetensors").exists()
+    for bad, message in ((["image_size=30"], "image_size = 30 is not a multiple of the backbone's patch size 7"),
+                         (["augment.crop_scale=[0.9,0.2]"], "augment.crop_scale = [0.9, 0.2] must hold 0 < low"),
+                         ([f"data.uri={tmp_path / 'none'}"], "holds neither Fashion-MNIST")):
+        refused = CliRunner().invoke(app, [*args[:3], f"out={tmp_path / 'bad'}", *args[4:], *bad])
+        assert refused.exit_code == 2 and "Traceback" not in refused.stderr, refused.output
+        assert message in refused.stderr.strip().splitlines()[-1], refused.stderr
+        assert not (tmp_path / "bad" / "checkpoints").exists()
+    with pytest.raises(ConfigError, match="unknown key 'optim.layer_decay'"):
+        load_config(FinetuneConfig, "finetune-tiny", ["optim.layer_decay=0.5"])
