@@ -18,6 +18,7 @@ from dinoflow.config import (
     ConfigError,
     DemoConfig,
     DistillConfig,
+    FinetuneConfig,
     PretrainConfig,
     apply_overrides,
     flatten,
@@ -27,7 +28,8 @@ from dinoflow.config import (
 from pipelines.cli import app
 
 
-SCHEMA_OF_FOLDER = {"configs": DemoConfig, "pretrain": PretrainConfig, "distill": DistillConfig}
+SCHEMA_OF_FOLDER = {"configs": DemoConfig, "pretrain": PretrainConfig, "distill": DistillConfig,
+                    "finetune": FinetuneConfig}
 
 
 def test_every_preset_round_trips(tmp_path: Path) -> None:
