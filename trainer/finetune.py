@@ -33,13 +33,12 @@ import torch
 import torch.nn.functional as F
 from kornia import augmentation as K
 from kornia.augmentation.auto import RandAugment
-from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
 from dinoflow.config import FinetuneAugmentConfig, FinetuneConfig, to_yaml, validate
 from dinoflow.progress import progress
-from dinoflow.run_files import BACKBONE_FILE, SUMMARY_FILE
+from dinoflow.run_files import BACKBONE_FILE, CLASSIFIER_FILE, SUMMARY_FILE
 from dinoflow.storage import Storage, join_uri
 from dinoflow.tracking import NullTracker, Tracker
 from evaluators.classification import FolderImages, LabelledImages, labelled_images
@@ -50,36 +49,15 @@ from trainer.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from trainer.data.datasets import BadImageTracker, FashionMnistDataset, collate_samples
 from trainer.devices import available_device
 from trainer.engine import training_autocast
-from trainer.models.hub import (infer_arch_kwargs, load_strict, read_safetensors, read_weights, safetensors_metadata,
-                                save_backbone, with_positions_for)
+from trainer.models.classifier import Classifier, save_classifier
+from trainer.models.hub import infer_arch_kwargs, load_strict, read_weights, save_backbone, with_positions_for
 from trainer.models.vit import DinoVisionTransformer
 from trainer.optim import fused_adamw_on, layer_groups, with_kernel_choice
 from trainer.schedules import warmup_cosine
 
-CLASSIFIER_FILE = "classifier.safetensors"
 CONFUSION_FILE = "confusion_matrix.png"
 LR_BATCH = 256  # base_lr is the rate of a batch of this size, scaled linearly (the MAE/BEiT recipes')
 RESUME_SETTINGS = ("weights", "image_size", "head_input")  # a resumed run must keep these (and data.uri)
-
-
-class Classifier(nn.Module):
-    """A backbone with a linear layer on its final CLS token (``head_input=cls``), or on that
-    token and the mean patch token (``cls+avgpool``, the original's best linear input)."""
-
-    def __init__(self, backbone: DinoVisionTransformer, num_classes: int, head_input: str) -> None:
-        super().__init__()
-        self.backbone, self.head_input = backbone, head_input
-        self.head = nn.Linear(backbone.embed_dim * (2 if head_input == "cls+avgpool" else 1), num_classes)
-        # near-zero logits at first (MAE's init): the backbone's features are not pushed around by a random head
-        nn.init.trunc_normal_(self.head.weight, std=2e-5)
-        nn.init.zeros_(self.head.bias)
-
-    def forward(self, images: Tensor) -> Tensor:
-        out = self.backbone.forward_features(images)
-        parts = [out["x_norm_clstoken"]]
-        if self.head_input == "cls+avgpool":
-            parts.append(out["x_norm_patchtokens"].mean(dim=1))
-        return self.head(torch.cat(parts, dim=-1))
 
 
 def load_for_finetuning(cfg: FinetuneConfig, storage: Storage) -> DinoVisionTransformer:
@@ -214,22 +192,6 @@ def score(model: Classifier, images: LabelledImages, image_size: int, device: to
     if model.head.out_features > 5:
         metrics["top5"] = float((top == truth[:, None]).any(dim=1).float().mean())
     return metrics, truth.numpy(), top[:, 0].numpy()
-
-
-def save_classifier(model: Classifier, classes: tuple[str, ...], uri: str, storage: Storage) -> None:
-    """The linear layer as safetensors, its class names and input in the metadata (atomic)."""
-    tensors = {f"head.{name}": value.detach().cpu().contiguous() for name, value in model.head.state_dict().items()}
-    metadata = {"classes": json.dumps(list(classes)), "head_input": model.head_input}
-    storage.write_bytes(uri, save_safetensors_bytes(tensors, metadata=metadata))
-
-
-def read_classifier(uri: str, storage: Storage) -> tuple[dict[str, Tensor], tuple[str, ...], str]:
-    """A :func:`save_classifier` file: its tensors, class names and input."""
-    data = storage.read_bytes(uri)
-    metadata = safetensors_metadata(data, uri)
-    if "classes" not in metadata:
-        raise ValueError(f"{uri} is not a fine-tuned classifier (no class names in its metadata)")
-    return read_safetensors(data, uri), tuple(json.loads(metadata["classes"])), metadata.get("head_input", "cls")
 
 
 def _checkpoint_bytes(model: Classifier, optimizer: torch.optim.Optimizer, state: TrainState,

@@ -6,7 +6,9 @@ folder: the weights (``backbone.safetensors``, tensors only: loading never runs 
 ``config.json`` (architecture), this module and the model code (``code_paths``), explicit pip
 requirements and an input example. ``predict`` takes uint8 images ``(N, H, W)`` or
 ``(N, 3, H, W)`` and returns the final normalised CLS features ``(N, D)`` float32, exactly as
-:func:`evaluators.features.extract_features` computes them.
+:func:`evaluators.features.extract_features` computes them; a fine-tuned model packaged with its
+classifier (``classifier.safetensors``, its class names in ``config.json``) returns the class
+probabilities ``(N, C)`` instead.
 """
 
 from __future__ import annotations
@@ -27,13 +29,30 @@ class BackbonePyfunc(mlflow.pyfunc.PythonModel):
     """The package's model (MLflow calls ``load_context`` once, then ``predict``)."""
 
     def load_context(self, context: Any) -> None:
+        from dinoflow.storage import Storage
+        from trainer.models.classifier import load_classifier
         from trainer.models.hub import load_backbone
 
         self.patch_size = json.loads(Path(context.artifacts["config"]).read_text())["patch_size"]
         self.backbone = load_backbone(context.artifacts["weights"], "safetensors").eval()
+        classifier = context.artifacts.get("classifier")
+        self.classifier = load_classifier(self.backbone, classifier, Storage())[0] if classifier else None
 
     def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> np.ndarray:
-        return cls_features(self.backbone, self.patch_size, model_input)
+        return predictions(self.backbone, self.classifier, self.patch_size, model_input)
+
+
+def predictions(backbone: Any, classifier: Any, patch_size: int, images: Any) -> np.ndarray:
+    """What the package returns for uint8 images: :func:`cls_features`, or with a classifier
+    (:class:`trainer.models.classifier.Classifier` around ``backbone``) its class probabilities."""
+    if classifier is None:
+        return cls_features(backbone, patch_size, images)
+    from trainer.models.classifier import class_probabilities
+
+    array = np.asarray(images)
+    if array.dtype != np.uint8 or array.ndim not in (3, 4):
+        raise ValueError(f"images must be uint8 (N, H, W) or (N, 3, H, W), got {array.dtype} {array.shape}")
+    return class_probabilities(classifier, array, patch_size)
 
 
 def cls_features(backbone: Any, patch_size: int, images: Any) -> np.ndarray:
@@ -54,7 +73,7 @@ def pinned_requirements() -> list[str]:
 
 
 def save_mlflow_model(weights: str | Path, config: dict[str, Any], path: str | Path,
-                      example: np.ndarray) -> Path:
+                      example: np.ndarray, classifier: str | Path | None = None) -> Path:
     """Write the pyfunc folder at ``path`` (must not exist) and return it.
 
     The model is "from code" (MLflow 3): the package stores this module's entry file, not a
@@ -65,9 +84,14 @@ def save_mlflow_model(weights: str | Path, config: dict[str, Any], path: str | P
         config: JSON-able architecture facts; must hold ``patch_size``.
         path: where the folder goes.
         example: a small uint8 image batch stored as the input example.
+        classifier: a fine-tuned backbone's ``classifier.safetensors``
+            (:func:`trainer.models.classifier.save_classifier`): the model predicts class
+            probabilities, its class names written into ``config.json`` as ``classes``.
     """
     from mlflow.models import infer_signature
 
+    from dinoflow.storage import Storage
+    from trainer.models.classifier import load_classifier
     from trainer.models.hub import load_backbone
 
     if "patch_size" not in config:
@@ -75,14 +99,19 @@ def save_mlflow_model(weights: str | Path, config: dict[str, Any], path: str | P
     path = Path(path)
     inputs = path.parent / f".{path.name}.inputs"
     inputs.mkdir(parents=True, exist_ok=True)
+    backbone = load_backbone(str(weights), "safetensors").eval()
+    model, artifacts = None, {"weights": str(weights)}
+    if classifier is not None:
+        model, classes = load_classifier(backbone, str(classifier), Storage())
+        config = {**config, "classes": list(classes)}
+        artifacts["classifier"] = str(classifier)
     config_file = inputs / "config.json"
     config_file.write_text(json.dumps(config, indent=2))
-    backbone = load_backbone(str(weights), "safetensors").eval()
-    signature = infer_signature(example, cls_features(backbone, config["patch_size"], example))
+    signature = infer_signature(example, predictions(backbone, model, config["patch_size"], example))
     mlflow.pyfunc.save_model(
         path=str(path),
         python_model=str(Path(__file__).with_name("mlflow_entry.py")),
-        artifacts={"weights": str(weights), "config": str(config_file)},
+        artifacts={**artifacts, "config": str(config_file)},
         code_paths=[str(PACKAGE_ROOT / name) for name in ("trainer", "evaluators", "dinoflow")],
         pip_requirements=pinned_requirements(),
         input_example=example,

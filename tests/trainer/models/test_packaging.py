@@ -52,3 +52,26 @@ def test_registered_model_loads_by_alias_and_embeds_like_the_library(
 def test_config_without_patch_size_is_refused(weights: tuple[Path, torch.nn.Module], tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="must hold patch_size"):
         save_mlflow_model(weights[0], {}, tmp_path / "x", example=np.zeros((1, 28, 28), np.uint8))
+
+
+def test_a_fine_tuned_model_packaged_with_its_classifier_predicts_class_probabilities(
+    weights: tuple[Path, torch.nn.Module], tmp_path: Path
+) -> None:
+    from dinoflow.storage import Storage
+    from trainer.models.classifier import Classifier, save_classifier
+
+    path, backbone = weights
+    classifier = Classifier(backbone, 3, "cls+avgpool")
+    torch.nn.init.normal_(classifier.head.weight, std=0.5)  # not the near-zero init: distinct probabilities
+    save_classifier(classifier, ("cat", "dog", "fish"), str(tmp_path / "classifier.safetensors"), Storage())
+    images = np.random.default_rng(1).integers(0, 256, (4, 3, 28, 28), dtype=np.uint8)
+    folder = save_mlflow_model(path, {"patch_size": 7}, tmp_path / "package" / "model", example=images[:2],
+                               classifier=tmp_path / "classifier.safetensors")
+    config = next(folder.rglob("config.json")).read_text()
+    assert '"classes"' in config and '"fish"' in config
+    probabilities = mlflow.pyfunc.load_model(str(folder)).predict(images)
+    with torch.no_grad():  # an independent computation: the head on the CLS token and mean patch token
+        out = backbone.forward_features(to_model_input(torch.from_numpy(images), patch_size=7))
+        logits = classifier.head(torch.cat([out["x_norm_clstoken"], out["x_norm_patchtokens"].mean(1)], dim=1))
+    np.testing.assert_allclose(probabilities, logits.softmax(-1).numpy(), rtol=1e-5, atol=1e-6)
+    assert probabilities.shape == (4, 3) and probabilities.std() > 0.01
