@@ -28,7 +28,7 @@ from components.bundle import ARGUMENT_LIMIT, build_bundle, imported_modules, lo
 
 REGISTRY = "ghcr.io/dinoflow"
 TAG = "0.1.0"  # the project's version: images are built and tagged per release (infra/README.md)
-GPU_STAGES = frozenset({"pretrain", "distill", "evaluate"})  # the stages that run a backbone over a data set
+GPU_STAGES = frozenset({"pretrain", "distill", "finetune", "evaluate"})  # the stages that run a backbone over a data set
 
 
 @dataclass(frozen=True)
@@ -143,6 +143,28 @@ def distill(run_root: str, tracking_uri: str, experiment: str, parent_run_id: st
         int(result["steps"]), bool(result["cached"]), registered_name(model_name, student))
 
 
+def finetune(run_root: str, tracking_uri: str, experiment: str, parent_run_id: str, pipeline_run_id: str,
+             use_cache: bool, backbone: Input[Model], preset: str, overrides: list, data_uri: str, max_minutes: float,
+             seed: int, device: str, tuned: Output[Model], report: Output[Artifact],
+             metrics: Output[Metrics]) -> NamedTuple("FinetuneOutputs", [("top1", float), ("cached", bool)]):
+    """Fine-tune ``backbone`` whole with a linear classifier (recipe ``preset``) on the labelled images
+    at ``data_uri`` on ``device``; the fine-tuned backbone with its classifier is the output, its test
+    top-1 the report's ``finetune_top1`` (the register stage's gate metric)."""
+    from collections import namedtuple
+
+    from components.finetune import run_finetune_stage
+    from components.stage import StageContext
+
+    ctx = StageContext(run_root, tracking_uri, experiment, parent_run_id, pipeline_run_id, use_cache)
+    result = run_finetune_stage(ctx, tuned.path, report.path, backbone.path, preset,
+                                [f"device={device}", *(str(o) for o in overrides)], data_uri, max_minutes, seed)
+    for name, value in result["metrics"].items():
+        metrics.log_metric(name, value)
+    tuned.metadata.update({"steps": result["steps"], "cached": result["cached"], "format": "safetensors"})
+    return namedtuple("FinetuneOutputs", ["top1", "cached"])(float(result["metrics"]["finetune_top1"]),
+                                                             bool(result["cached"]))
+
+
 def evaluate(run_root: str, tracking_uri: str, experiment: str, parent_run_id: str, pipeline_run_id: str,
              use_cache: bool, backbone: Input[Model], data_uri: str, train_limit: int, test_limit: int,
              knn_k: int, knn_temperature: float, tasks: list, report: Output[Artifact],
@@ -204,7 +226,7 @@ def promote(run_root: str, tracking_uri: str, experiment: str, parent_run_id: st
     return run_promote_stage(ctx, model_name, version, alias, reason)["previous"]
 
 
-STAGES = (open_run, close_run, ingest, curate, pretrain, distill, evaluate, register, champion, promote)
+STAGES = (open_run, close_run, ingest, curate, pretrain, distill, finetune, evaluate, register, champion, promote)
 
 
 def build_components(images: Images | str = DEFAULT_IMAGES, gpus: int = 1) -> SimpleNamespace:

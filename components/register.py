@@ -1,6 +1,7 @@
 """Stage ``register``: the backbone into the MLflow registry, the ``champion`` alias through the gate.
 
-The stage logs the backbone as an MLflow model (:mod:`trainer.models.packaging`) in its run,
+The stage logs the backbone as an MLflow model (:mod:`trainer.models.packaging`; a fine-tuned
+backbone with its classifier: the model predicts class probabilities) in its run,
 with the run's DINO/iBOT heads beside it (artifact ``heads/heads.safetensors``: the ``champion``
 stage hands them to a retrain), creates a new version of ``model_name`` tagged with the evaluate
 stage's metrics, and lets
@@ -27,7 +28,7 @@ from components.stage import (
     storage_from_env,
 )
 from dinoflow.registry import gate, register_version
-from dinoflow.run_files import BACKBONE_FILE, HEADS_FILE
+from dinoflow.run_files import BACKBONE_FILE, CLASSIFIER_FILE, HEADS_FILE
 from trainer.models.packaging import save_mlflow_model
 
 MODEL_ARTIFACT = "backbone"
@@ -49,8 +50,10 @@ def run_register_stage(ctx: StageContext, backbone_dir: str | Path, report_dir: 
         with tempfile.TemporaryDirectory() as scratch:
             arch = _arch(backbone)
             size = arch["image_size"]
+            classifier = backbone / CLASSIFIER_FILE
             model_dir = save_mlflow_model(backbone / BACKBONE_FILE, arch, Path(scratch) / MODEL_ARTIFACT,
-                                          example=np.zeros((2, size, size), dtype=np.uint8))
+                                          example=np.zeros((2, size, size), dtype=np.uint8),
+                                          classifier=classifier if classifier.is_file() else None)
             tracker.log_artifact(model_dir, MODEL_ARTIFACT)
         heads = f"{HEADS_ARTIFACT}/{HEADS_FILE}" if (backbone / HEADS_FILE).is_file() else ""
         if heads:  # beside the model, not in it: serving needs no heads
@@ -73,12 +76,14 @@ def run_register_stage(ctx: StageContext, backbone_dir: str | Path, report_dir: 
 
 def _arch(backbone_dir: Path) -> dict[str, Any]:
     """Architecture facts for the model's config (and the input example's size): the weights' own,
-    plus the training crop size from the pretrain stage's recipe when present (else 224)."""
+    plus the training image size from the stage's recipe when present (a pretraining or distillation
+    recipe's global crop, a fine-tuning recipe's ``image_size``; else 224)."""
     from trainer.models.hub import load_backbone
 
     loaded = load_backbone(str(backbone_dir / BACKBONE_FILE), "safetensors")
     config_file = backbone_dir / "config.yaml"
-    size = yaml.safe_load(config_file.read_text())["crops"]["global_crop_size"] if config_file.is_file() else 224
+    recipe = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
+    size = recipe["crops"]["global_crop_size"] if "crops" in recipe else recipe.get("image_size", 224)
     return {"patch_size": loaded.patch_size, "embed_dim": loaded.embed_dim, "depth": len(loaded.blocks),
             "image_size": size}
 

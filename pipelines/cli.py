@@ -651,7 +651,7 @@ def _pipeline_params(pipeline: Any, items: list[str] | None) -> dict[str, Any]:
 
 @pipeline_app.command("compile")
 def pipeline_compile(
-    name: Annotated[str, typer.Argument(help="full, evaluate_only, retrain, distill or promote")],
+    name: Annotated[str, typer.Argument(help="full, evaluate_only, retrain, distill, finetune or promote")],
     out: Annotated[str, typer.Option(help="YAML file to write")],
     image: ImageOption = None,
     registry: RegistryOption = None,
@@ -670,7 +670,7 @@ def pipeline_compile(
 
 @pipeline_app.command("run")
 def pipeline_run(
-    name: Annotated[str, typer.Argument(help="full, evaluate_only, retrain, distill or promote")],
+    name: Annotated[str, typer.Argument(help="full, evaluate_only, retrain, distill, finetune or promote")],
     params: PipelineParams = None,
     run_root: Annotated[str, typer.Option(help="folder or s3:// URI for stage state (and the sqlite MLflow "
                                                "store when MLFLOW_TRACKING_URI is unset)")] = "runs/pipeline",
@@ -693,7 +693,7 @@ def pipeline_run(
 
 @pipeline_app.command("submit")
 def pipeline_submit(
-    name: Annotated[str, typer.Argument(help="full, evaluate_only, retrain, distill or promote")],
+    name: Annotated[str, typer.Argument(help="full, evaluate_only, retrain, distill, finetune or promote")],
     host: Annotated[str, typer.Option(help="KFP API endpoint, e.g. https://kubeflow.example.com/pipeline")],
     params: PipelineParams = None,
     experiment: Annotated[str, typer.Option(help="KFP experiment")] = "dinoflow",

@@ -1,4 +1,4 @@
-"""The pipelines: ``full``, ``evaluate_only``, ``retrain``, ``distill`` and ``promote``, as KFP v2 DAGs.
+"""The pipelines: ``full``, ``evaluate_only``, ``retrain``, ``distill``, ``finetune`` and ``promote``, as KFP v2 DAGs.
 
 Every pipeline opens a parent MLflow run first and closes it in an exit handler (FAILED with the
 failing stage's error when a stage fails); every stage gets the same context parameters. The
@@ -12,6 +12,8 @@ the compiled YAML holds no local paths; :mod:`pipelines.local` passes local ones
     retrain:        champion -> pretrain (from the champion's weights and heads; on ``data_kind`` images:
                     Fashion-MNIST, a folder or curated shards) -> evaluate -> register (+ gate)
     distill:        champion (or import teacher weights) -> per student: distill -> evaluate -> register (+ gate)
+    finetune:       champion (or import weights) -> finetune (the whole backbone and a linear classifier, on
+                    labelled images) -> register as ``finetuned_name`` (+ gate on its test top-1)
     promote:        an alias moved to a version by hand, past the gate (a rollback from the UI)
 
 ``full`` evaluates (and gates) on the ingested Fashion-MNIST, or with ``eval_data_uri`` on one's own
@@ -80,6 +82,7 @@ STAGE_RESOURCES = {
     # shared memory counts against the memory limit
     "pretrain": Resources("4", "8", "16Gi", "32Gi", shared_memory="4Gi"),
     "distill": Resources("4", "8", "16Gi", "32Gi", shared_memory="4Gi"),  # a student and the frozen teacher
+    "finetune": Resources("4", "8", "16Gi", "32Gi", shared_memory="4Gi"),
     # features of the train and test sets held once (ImageNet's 1.28M with the probe's views: 10 GB
     # with ViT-S/14, 20 with ViT-B/14; ViT-L/14's 26 and ViT-g/14's 39 want a limit of 48Gi and
     # 64Gi), probes; with a GPU, the images decoded by EVAL_WORKERS processes through the shared memory
@@ -323,6 +326,31 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                 weights = dsl.importer(artifact_uri=teacher_uri, artifact_class=dsl.Model, reimport=False)
                 distil_students(teacher=weights.output, **fan_out)
 
+    @dsl.pipeline(name="finetune", description="Fine-tune a registered backbone (model: <name>, its champion, or "
+                                               "<name>@<alias>, <name>/<version>) or backbone weights (weights_uri) "
+                                               "whole, with a linear classifier, on labelled images (data_uri: "
+                                               "Fashion-MNIST or class folders); register it as finetuned_name, "
+                                               "promoted if its test top-1 passes the gate.")
+    def finetune(model: str = "dinoflow-tiny", weights_uri: str = "", run_root: str = CLUSTER_RUN_ROOT,
+                 tracking_uri: str = CLUSTER_TRACKING_URI, experiment: str = EXPERIMENT, use_cache: bool = True,
+                 data_uri: str = CLUSTER_DATA, preset: str = "finetune-tiny", overrides: list = [],  # noqa: B006
+                 max_minutes: float = 10.0, seed: int = 0, finetuned_name: str = "dinoflow-tiny-finetuned",
+                 metric: str = "finetune_top1", margin: float = 0.0) -> None:
+        with dsl.ExitHandler(closer(run_root, tracking_uri, experiment)):
+            parent = open_parent(run_root, tracking_uri, experiment, "finetune")
+            ctx = context(run_root, tracking_uri, experiment, parent)
+            recipe = {"use_cache": use_cache, "preset": preset, "overrides": overrides, "data_uri": data_uri,
+                      "max_minutes": max_minutes, "seed": seed, "device": device}
+            gate = {"model_name": finetuned_name, "metric": metric, "margin": margin}
+            with dsl.If(weights_uri == ""):  # picked from the registry, as the Kubeflow UI's users pick models
+                picked = uncached(c.champion(**ctx, model_name=model))
+                tuned = c.finetune(**ctx, backbone=picked.outputs["backbone"], **recipe)
+                uncached(c.register(**ctx, backbone=tuned.outputs["tuned"], report=tuned.outputs["report"], **gate))
+            with dsl.Else():
+                weights = dsl.importer(artifact_uri=weights_uri, artifact_class=dsl.Model, reimport=False)
+                tuned = c.finetune(**ctx, backbone=weights.output, **recipe)
+                uncached(c.register(**ctx, backbone=tuned.outputs["tuned"], report=tuned.outputs["report"], **gate))
+
     @dsl.pipeline(name="promote", description="Point a registered model's alias (champion by default) at a "
                                               "version by hand, past the gate: a rollback. The move is written "
                                               "on the version (alias.<alias>: when, why).")
@@ -334,4 +362,5 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
             ctx = context(run_root, tracking_uri, experiment, parent)
             uncached(c.promote(**ctx, model_name=model_name, version=version, alias=alias, reason=reason))
 
-    return {"full": full, "evaluate_only": evaluate_only, "retrain": retrain, "distill": distill, "promote": promote}
+    return {"full": full, "evaluate_only": evaluate_only, "retrain": retrain, "distill": distill, "finetune": finetune,
+            "promote": promote}

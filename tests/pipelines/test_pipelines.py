@@ -201,6 +201,41 @@ def test_distill_from_the_registrys_champion_with_its_heads(runs: Runs) -> None:
     assert "heads.num_prototypes = 32 but the teacher's heads have 1024" in failure.value.errors["distill"]
 
 
+def test_finetune_the_registrys_champion_and_register_a_classifier(runs: Runs,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The finetune pipeline picks a registered backbone, fine-tunes it whole with a classifier and
+    registers the result gated on its test top-1; the registered model predicts the classes it
+    was scored on, and a rerun reuses the fine-tuning."""
+    import mlflow.pyfunc
+    import numpy as np
+
+    from trainer.data.fashion_mnist import load_split
+
+    given = {"model": "tiny-test", "data_uri": str(runs.root / "data" / "fashion-mnist"), "max_minutes": 1.0,
+             "overrides": ["data.train_limit=512", "data.test_limit=200", "optim.batch_size=64", "optim.epochs=1"],
+             "finetuned_name": "tiny-test-finetuned"}
+    stages = runs.run("finetune", **given)
+    assert list(stages) == ["champion", "finetune", "register"] and not stages["finetune"].cached
+    assert stages["finetune"].metrics["steps"] == 8
+    top1 = stages["finetune"].metrics["finetune_top1"]
+    assert stages["register"].tags["gate.verdict"] == "promoted" and stages["register"].tags["gate.model_name"] == (
+        "tiny-test-finetuned")
+    tuned = runs.earliest("finetune-*/finetune/tuned")
+    champion = runs.earliest("finetune-*/champion/backbone/backbone.safetensors")
+    assert (tuned / "classifier.safetensors").is_file()
+    assert (tuned / "backbone.safetensors").read_bytes() != champion.read_bytes()  # the whole backbone trained
+    report = json.loads(runs.earliest("finetune-*/finetune/report/report.json").read_text())
+    assert report["metrics"]["finetune_top1"] == pytest.approx(top1) and len(report["classes"]) == 10
+    # the registry's model predicts the classes: its top-1 on the same test images is the gate's figure
+    test = load_split(Storage(), DATA, "test")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", runs.tracking_uri)
+    probabilities = mlflow.pyfunc.load_model("models:/tiny-test-finetuned@champion").predict(test.images[:200])
+    assert probabilities.shape == (200, 10) and np.allclose(probabilities.sum(1), 1, atol=1e-5)
+    assert float(np.mean(probabilities.argmax(1) == test.labels[:200])) == pytest.approx(top1, abs=1e-6)
+    again = runs.run("finetune", **given)
+    assert again["finetune"].cached and again["register"].status == "FINISHED"
+
+
 def test_promote_rolls_the_champion_back_from_the_ui(runs: Runs) -> None:
     """The Kubeflow UI's rollback: the promote pipeline moves the alias past the gate, the move
     written on the version; a version the model lacks fails the run with the versions it has."""
@@ -264,6 +299,7 @@ def test_compiled_pipelines_hold_their_dag_and_no_secrets_or_local_paths(
                  "distil-students": ["curate", "ingest", "open-run", "pretrain"]},
         "evaluate_only": {"open-run": [], "condition-branches-2": ["open-run"]},
         "distill": {"open-run": [], "condition-branches-2": ["open-run"]},
+        "finetune": {"open-run": [], "condition-branches-2": ["open-run"]},
         "promote": {"open-run": [], "promote": ["open-run"]},
         "retrain": {"open-run": [], "champion": ["open-run"], "pretrain": ["champion", "open-run"],
                     "evaluate": ["open-run", "pretrain"], "register": ["evaluate", "open-run", "pretrain"]},
@@ -273,6 +309,8 @@ def test_compiled_pipelines_hold_their_dag_and_no_secrets_or_local_paths(
                                     "evaluate-2": ["champion"]}),
         "distill": ("teacher_uri", {"champion": [], "distil-students": ["champion"], "importer": [],
                                     "distil-students-2": ["importer"]}),
+        "finetune": ("weights_uri", {"champion": [], "finetune": ["champion"], "register": ["finetune"],
+                                     "importer": [], "finetune-2": ["importer"], "register-2": ["finetune-2"]}),
     }
     for name, tasks in expected.items():
         out = tmp_path / f"{name}.yaml"
@@ -379,7 +417,7 @@ def _hardware(spec: dict[str, Any], platform: dict[str, Any]) -> dict[str, dict[
     }
 
 
-@pytest.mark.parametrize("name", ["full", "retrain", "evaluate_only", "distill"])
+@pytest.mark.parametrize("name", ["full", "retrain", "evaluate_only", "distill", "finetune"])
 def test_pretrain_and_evaluate_request_a_gpu_and_tolerate_the_gpu_taint(tmp_path: Path, name: str) -> None:
     """The stages that run a backbone over a data set (training, and evaluation: ImageNet's probe
     takes hours on a CPU) get a GPU each, the GPU image, the taint's toleration, device=cuda and
@@ -388,7 +426,8 @@ def test_pretrain_and_evaluate_request_a_gpu_and_tolerate_the_gpu_taint(tmp_path
     gpu_tasks = {task: tasks.pop(task) for task in list(tasks) if task.split("-")[0] in GPU_STAGES}
     expected = {"full": {"pretrain", "distill", "evaluate", "evaluate-2"}, "retrain": {"pretrain", "evaluate"},
                 "evaluate_only": {"evaluate", "evaluate-2"},  # evaluate_only, distill: one per branch
-                "distill": {"distill", "distill-2", "evaluate", "evaluate-2"}}[name]
+                "distill": {"distill", "distill-2", "evaluate", "evaluate-2"},
+                "finetune": {"finetune", "finetune-2"}}[name]
     assert set(gpu_tasks) == expected
     for task, hardware in gpu_tasks.items():
         accelerator = hardware["resources"]["accelerator"]
@@ -451,7 +490,7 @@ def test_local_runs_build_without_gpus(tmp_path: Path) -> None:
 def test_pipeline_cli_rejects_unknown_names_and_parameters() -> None:
     bad = CliRunner().invoke(app, ["pipeline", "run", "nope"])
     assert bad.exit_code == 2
-    assert "unknown pipeline 'nope'; allowed: full, evaluate_only, retrain, distill, promote" in bad.stderr
+    assert "unknown pipeline 'nope'; allowed: full, evaluate_only, retrain, distill, finetune, promote" in bad.stderr
     param = CliRunner().invoke(app, ["pipeline", "run", "full", "max_minute=3"])
     assert param.exit_code == 2 and "bad pipeline parameter 'max_minute=3'" in param.stderr
     assert "max_minutes" in param.stderr
