@@ -80,7 +80,8 @@ def main() -> None:
     print(f"\nFine-tuning {weights} on {data.uri} ({data.train_limit or 'all'} train / {data.test_limit or 'all'} "
           f"test images), {torch.get_num_threads()} threads, recipe {args.config} {' '.join(args.overrides)}, "
           f"wall {(time.monotonic() - started) / 60:.1f} min")
-    print(f"frozen features: k-NN {100 * frozen['knn_top1_k20']:.1f} %, linear probe {100 * frozen['linear_top1']:.1f} %")
+    print(f"frozen features: k-NN {100 * frozen['knn_top1_k20']:.1f} %, "
+          f"linear probe {100 * frozen['linear_top1']:.1f} %")
     for name, row in (("fine-tuned from the pretrained backbone", pre), ("fine-tuned from a random start", rand)):
         trail = " / ".join(f"{100 * top1:.1f}" for top1 in row["by_epoch"])
         print(f"{name}: top-1 {100 * row['top1']:.1f} % ({row['steps']} steps, {row['minutes']:.1f} min; "

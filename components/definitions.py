@@ -28,7 +28,8 @@ from components.bundle import ARGUMENT_LIMIT, build_bundle, imported_modules, lo
 
 REGISTRY = "ghcr.io/dinoflow"
 TAG = "0.1.0"  # the project's version: images are built and tagged per release (infra/README.md)
-GPU_STAGES = frozenset({"pretrain", "distill", "finetune", "evaluate"})  # the stages that run a backbone over a data set
+# the stages that run a backbone over a data set
+GPU_STAGES = frozenset({"pretrain", "distill", "finetune", "evaluate"})
 
 
 @dataclass(frozen=True)

@@ -317,7 +317,8 @@ def finetune(cfg: FinetuneConfig, storage: Storage, tracker: Tracker | None = No
     save_backbone(model.backbone, join_uri(cfg.out, BACKBONE_FILE), storage)
     save_classifier(model, images.classes, join_uri(cfg.out, CLASSIFIER_FILE), storage)
     write_training_curves(state, storage, cfg.out, tracker)
-    summary = {"name": cfg.name, "weights": cfg.weights, "steps": state.step, "epochs": round(state.step / per_epoch, 3),
+    summary = {"name": cfg.name, "weights": cfg.weights, "steps": state.step,
+               "epochs": round(state.step / per_epoch, 3),
                "images_seen": state.images_seen, "train_minutes": round(state.train_seconds / 60, 3),
                "stopped_early": stopped_early, "classes": list(images.classes), "final": final,
                "best": {k: best[k] for k in ("step", "top1", "top5") if k in best},
