@@ -857,7 +857,11 @@ def serve(
         help="poll the registry alias of a models:/<name>@<alias> model this often and serve the version it "
              "moves to (0: off; not with --index)")] = 0.0,
 ) -> None:
-    """HTTP service: /v1/embed, /v1/neighbours, /v1/pca, /v1/pca-video, /healthz, /metrics and a web page at /."""
+    """HTTP service: /v1/embed, /v1/neighbours, /v1/classify, /v1/pca, /v1/pca-video, /healthz, /metrics, a page at /.
+
+    /v1/classify ranks a fine-tuned model's classes (a `dinoflow finetune`
+    folder, or a model the finetune pipeline registered).
+    """
     import uvicorn
 
     from components.stage import storage_from_env

@@ -234,6 +234,7 @@ def create_app(model: ServedModel, index: NeighbourIndex | None = None, settings
         model = slot.current
         return {"status": "ok", "model": model.name, "model_version": model.version, "image_size": model.image_size,
                 "patch_size": model.patch_size, "embed_dim": model.embed_dim,
+                "classes": list(model.classes) if model.classifier is not None else None,
                 "index_size": len(index) if index is not None else None,
                 "batching": {"max_batch_size": settings.max_batch_size, "max_wait_ms": settings.max_wait_ms},
                 "queue": {"queued": batcher.queued, "max_queue": settings.max_queue,
@@ -268,6 +269,24 @@ def create_app(model: ServedModel, index: NeighbourIndex | None = None, settings
             "shapes": {kind: list(outputs[kind].shape) for kind in kinds},
             "features": {kind: outputs[kind].tolist() for kind in kinds},
         })
+
+    @app.post("/v1/classify")
+    async def classify(request: Request, k: int = 5) -> dict[str, Any]:
+        model = slot.current
+        if model.classifier is None:
+            raise HTTPException(404, f"{model.name} has no classifier: serve a fine-tuned model (`dinoflow "
+                                     "finetune`'s folder, or one the finetune pipeline registered)")
+        if not 1 <= k <= len(model.classes):
+            raise HTTPException(400, f"k must be in [1, {len(model.classes)}], got {k}")
+        pixels = await pixels_of(request)
+        outputs = await features_of(pixels)
+        if "probabilities" not in outputs:  # the champion watcher swapped in a model without a classifier
+            raise overloaded("model_changed", "the served model changed to one without a classifier; retry")
+        top = outputs["probabilities"].topk(k, dim=1)
+        return {"model": model.name, "model_version": model.version, "k": k, "results": [
+            [{"class": model.classes[int(i)], "index": int(i), "probability": float(p)}
+             for p, i in zip(values, indices)]
+            for values, indices in zip(top.values, top.indices)]}
 
     @app.post("/v1/neighbours")
     async def neighbours(request: Request, k: int = 5) -> dict[str, Any]:

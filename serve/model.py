@@ -22,6 +22,7 @@ from PIL import UnidentifiedImageError
 from torch import Tensor
 
 from dinoflow.registry import parse_registry_uri
+from dinoflow.run_files import BACKBONE_FILE, CLASSIFIER_FILE
 from dinoflow.storage import Storage
 from evaluators.features import to_model_input
 from trainer.data.datasets import (
@@ -48,6 +49,9 @@ class ServedModel:
         image_size: the square side images are resized and cropped to (a multiple of patch_size).
         name: where it came from (URI), shown by ``/healthz``.
         version: the registry version for ``models:/`` URIs (an alias resolved when loading), else None.
+        classifier: a fine-tuned model's :class:`~trainer.models.classifier.Classifier` around
+            ``backbone`` (its class probabilities are served), else None.
+        classes: the classifier's class names.
     """
 
     backbone: Any
@@ -55,6 +59,8 @@ class ServedModel:
     image_size: int
     name: str
     version: str | None = None
+    classifier: Any = None
+    classes: tuple[str, ...] = ()
 
     @property
     def embed_dim(self) -> int:
@@ -66,7 +72,9 @@ class ServedModel:
 
     def embed(self, pixels: Tensor) -> dict[str, Tensor]:
         """Features of uint8 images ``(B, 3, S, S)``: ``cls`` ``(B, D)``, ``pooled`` ``(B, D)`` (mean of the
-        normalised patch tokens, registers excluded) and ``patch`` ``(B, h*w, D)``, float32 on the CPU.
+        normalised patch tokens, registers excluded) and ``patch`` ``(B, h*w, D)``, float32 on the CPU;
+        with a classifier also ``probabilities`` ``(B, C)``, its softmax over the classes (from the
+        same forward pass: the classifier reads the CLS token and the mean patch token).
 
         ``cls`` equals ``extract_features(backbone, to_model_input(pixels), layers=1)``; ``pooled`` is the
         ``with_patch_mean`` part of the same function.
@@ -75,8 +83,13 @@ class ServedModel:
         inputs = to_model_input(pixels.to(device), patch_size=self.patch_size)  # (B, 3, S, S) float, made there
         with torch.inference_mode():
             blocks = self.backbone.get_intermediate_layers(inputs, n=1, return_class_token=True)
-        patch, cls = blocks[-1]  # (B, h*w, D), (B, D): the last block through the final norm
-        return {"cls": cls.float().cpu(), "pooled": patch.mean(dim=1).float().cpu(), "patch": patch.float().cpu()}
+            patch, cls = blocks[-1]  # (B, h*w, D), (B, D): the last block through the final norm
+            pooled = patch.mean(dim=1)
+            outputs = {"cls": cls.float().cpu(), "pooled": pooled.float().cpu(), "patch": patch.float().cpu()}
+            if self.classifier is not None:
+                head_input = cls if self.classifier.head_input == "cls" else torch.cat([cls, pooled], dim=-1)
+                outputs["probabilities"] = self.classifier.head(head_input).float().softmax(dim=-1).cpu()
+        return outputs
 
     def attention(self, pixels: Tensor) -> dict[str, Tensor]:
         """Where the backbone looks in uint8 images ``(B, 3, S, S)``: ``maps`` ``(B, heads, h, w)``
@@ -169,12 +182,14 @@ def load_served_model(uri: str, image_size: int | None = None, device: str = "cp
     and that exact version is loaded, so :attr:`ServedModel.version` is the one served even if the
     alias moves meanwhile. ``image_size`` defaults to the package's ``config.json`` ``image_size``,
     else the backbone's own ``img_size``. ``storage`` reads weight files (S3 settings); MLflow reads
-    its artifacts itself.
+    its artifacts itself. A fine-tuned model comes with its classifier: a package made with one, or
+    a ``classifier.safetensors`` beside the ``backbone.safetensors`` of a fine-tuning run's folder.
     """
-    from trainer.models.hub import load_backbone
+    from trainer.models.classifier import load_classifier
+    from trainer.models.hub import load_backbone, locate_weights
 
     config: dict[str, Any] = {}
-    version = None
+    version, classifier, classes = None, None, ()
     if is_mlflow_model(uri):
         import mlflow.pyfunc
         from mlflow.exceptions import MlflowException
@@ -198,11 +213,19 @@ def load_served_model(uri: str, image_size: int | None = None, device: str = "cp
         config_file = getattr(context, "artifacts", {}).get("config")
         if config_file and Path(config_file).is_file():
             config = json.loads(Path(config_file).read_text())
+        classifier, classes = getattr(wrapped, "classifier", None), tuple(config.get("classes", ()))
     else:
-        backbone = load_backbone(uri, "auto", storage)
+        storage = storage or Storage()
+        located, source = locate_weights(uri, storage)
+        backbone = load_backbone(located, source, storage)
         patch_size = backbone.patch_size
+        beside = located.removesuffix(BACKBONE_FILE) + CLASSIFIER_FILE
+        if located.endswith(f"/{BACKBONE_FILE}") and storage.exists(beside):  # a fine-tuning run's
+            classifier, classes = load_classifier(backbone, beside, storage)
     size = image_size or int(config.get("image_size") or backbone.arch_kwargs["img_size"])
     if size <= 0 or size % patch_size:
         raise ValueError(f"image_size {size} is not a positive multiple of the patch size {patch_size}")
+    if classifier is not None:
+        classifier = classifier.to(device).eval()  # (its backbone is ``backbone``)
     return ServedModel(backbone=backbone.to(device).eval(), patch_size=int(patch_size), image_size=size, name=uri,
-                       version=version)
+                       version=version, classifier=classifier, classes=classes)
