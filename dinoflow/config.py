@@ -518,8 +518,10 @@ class FinetuneOptimConfig(Section):
     training images (fine-tuning's, unlike pretraining's fixed-length epochs)."""
 
     epochs: float = Field(100, gt=0)
-    batch_size: int = Field(128, ge=2, description="images per step")
-    base_lr: float = Field(5e-4, gt=0, description="for a batch of 256, scaled linearly")
+    batch_size: int = Field(128, ge=2, description="images per micro-batch (per step without accumulation)")
+    grad_accumulation: int = Field(1, ge=1, description="micro-batches per step, their gradients summed: a step "
+                                   "sees batch_size x grad_accumulation images")
+    base_lr: float = Field(5e-4, gt=0, description="for a step of 256 images, scaled linearly")
     min_lr: float = Field(1e-6, ge=0)
     warmup_epochs: float = Field(5, ge=0)
     weight_decay: float = Field(0.05, ge=0)

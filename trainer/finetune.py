@@ -25,6 +25,7 @@ import json
 import math
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -144,26 +145,33 @@ def mix(images: Tensor, targets: Tensor, augment: FinetuneAugmentConfig) -> tupl
     return mixed, targets * lam + targets.flip(0) * (1 - lam)
 
 
-def finetune_step(model: nn.Module, images: Tensor, targets: Tensor, optimizer: torch.optim.Optimizer, lr: float,
-                  weight_decay: float, clip_grad: float, autocast_dtype: torch.dtype | None) -> float:
-    """One optimiser step on a batch of model input and soft targets; returns the loss. A
-    non-finite loss raises before any weight moves."""
+def finetune_step(model: nn.Module, micro_batches: Iterable[tuple[Tensor, Tensor]], count: int,
+                  optimizer: torch.optim.Optimizer, lr: float, weight_decay: float, clip_grad: float,
+                  autocast_dtype: torch.dtype | None) -> float:
+    """One optimiser step over ``count`` micro-batches of model input and soft targets, each made
+    as the step reaches it (so one is on the device at a time) and its gradients accumulated with
+    weight ``1 / count``; returns their mean loss. A non-finite loss raises before any weight moves."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_multiplier"]
         group["weight_decay"] = weight_decay * group["wd_multiplier"]
-    with torch.autocast(images.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-        logits = model(images)
-    loss = soft_cross_entropy(logits, targets)
-    value = float(loss.detach())
-    if not math.isfinite(value):
-        raise FloatingPointError(f"the fine-tuning loss is {value}: the weights are kept as before this step; "
-                                 "lower optim.base_lr or set optim.clip_grad")
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    total = 0.0
+    for images, targets in micro_batches:
+        with torch.autocast(images.device.type, dtype=autocast_dtype or torch.bfloat16,
+                            enabled=autocast_dtype is not None):
+            logits = model(images)
+        loss = soft_cross_entropy(logits, targets)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(f"the fine-tuning loss is {value}: the weights are kept as before this step; "
+                                     "lower optim.base_lr or set optim.clip_grad")
+        (loss / count).backward()
+        total += value
     if clip_grad:
         nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
     optimizer.step()
-    return value
+    return total / count
 
 
 @torch.no_grad()
@@ -247,22 +255,32 @@ def finetune(cfg: FinetuneConfig, storage: Storage, tracker: Tracker | None = No
         optimizer.load_state_dict(with_kernel_choice(checkpoint["optimizer"], optimizer))
     tracker.log_config(cfg)
 
-    per_epoch = len(train) // optim.batch_size
+    micro, step_images = optim.grad_accumulation, optim.batch_size * optim.grad_accumulation
+    per_epoch = len(train) // step_images
     if per_epoch == 0:
-        raise ValueError(f"the train split holds {len(train)} images, fewer than one batch (optim.batch_size = "
-                         f"{optim.batch_size})")
+        raise ValueError(f"the train split holds {len(train)} images, fewer than one step's {step_images} "
+                         f"(optim.batch_size = {optim.batch_size} x optim.grad_accumulation = {micro})")
     total = max(round(optim.epochs * per_epoch), 1)
     warmup = int(optim.warmup_epochs * per_epoch)
-    peak = optim.base_lr * optim.batch_size / LR_BATCH
+    peak = optim.base_lr * step_images / LR_BATCH
     last_step = min(cfg.max_steps, total) if cfg.max_steps else total
     eval_every = max(round(cfg.eval_every_epochs * per_epoch), 1) if cfg.eval_every_epochs else 0
     bad_images = BadImageTracker(cfg.data.max_bad_fraction)
     bad_images.restore(state.bad_images)
-    stream = ImageStream(train, collate_samples, state.step, device, bad_images, batch_size=optim.batch_size,
+    stream = ImageStream(train, collate_samples, state.step * micro, device, bad_images, batch_size=optim.batch_size,
                          seed=cfg.seed, num_workers=cfg.data.num_workers)
     loader_watch = LoaderWatch(cfg.data.num_workers)
     augment = train_augment(cfg).to(device)
     classes = len(images.classes)
+    seen = 0  # images in the step's micro-batches
+
+    def micro_batches() -> Iterator[tuple[Tensor, Tensor]]:
+        nonlocal seen
+        for _ in range(micro):
+            pixels, labels = stream.next_batch()
+            seen += len(labels)
+            yield mix(augment(pixels.float() / 255), soft_targets(labels, classes, cfg.augment.label_smoothing),
+                      cfg.augment)
 
     def evaluate() -> tuple[dict[str, float], np.ndarray, np.ndarray]:
         metrics, truth, predicted = score(model, images, cfg.image_size, device, autocast_dtype)
@@ -282,19 +300,17 @@ def finetune(cfg: FinetuneConfig, storage: Storage, tracker: Tracker | None = No
             break
         tick = time.perf_counter()
         torch.manual_seed(cfg.seed * 1_000_003 + step)  # the step's augmentation, mixing and drop path
-        pixels, labels = stream.next_batch()
-        inputs, targets = mix(augment(pixels.float() / 255), soft_targets(labels, classes, cfg.augment.label_smoothing),
-                              cfg.augment)
+        seen = 0
         lr = warmup_cosine(step, total, warmup, peak, optim.min_lr)
-        loss = finetune_step(model, inputs, targets, optimizer, lr, optim.weight_decay, optim.clip_grad,
+        loss = finetune_step(model, micro_batches(), micro, optimizer, lr, optim.weight_decay, optim.clip_grad,
                              autocast_dtype)
         seconds = time.perf_counter() - tick
         waited = stream.take_wait()
         loader_watch.update(seconds, waited)
-        state.step, state.images_seen, state.train_seconds = step + 1, state.images_seen + len(labels), \
+        state.step, state.images_seen, state.train_seconds = step + 1, state.images_seen + seen, \
             state.train_seconds + seconds
         state.bad_images = bad_images.summary()
-        metrics = {"loss_train": loss, "lr": lr, "images_per_second": len(labels) / seconds,
+        metrics = {"loss_train": loss, "lr": lr, "images_per_second": seen / seconds,
                    "data_wait_share": waited / seconds}
         tracker.log_metrics(metrics, step=state.step)
         state.record(state.step, {"loss_train": loss, "lr": lr}, cfg.tracking.metric_every)

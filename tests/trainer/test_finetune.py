@@ -153,6 +153,24 @@ def test_a_run_learns_writes_weights_that_reproduce_its_score_and_resumes_exactl
 
 
 @needs_fashion_mnist
+def test_two_accumulated_micro_batches_step_as_one_batch_of_both(weights: Path, tmp_path: Path) -> None:
+    """The same 64 images a step (the seeded order's first 64), as one batch or as 2 x 32 accumulated:
+    the same weights after 3 steps (the augmentation off, so both see the same pixels)."""
+    still = ["augment.crop_scale=[1,1]", "augment.horizontal_flip=false", "augment.random_erasing=0",
+             "augment.mixup_alpha=0", "augment.cutmix_alpha=0", "drop_path_rate=0", "max_steps=3"]
+    one = finetune(config(weights, tmp_path / "one", *still), Storage())
+    two = finetune(config(weights, tmp_path / "two", *still, "optim.batch_size=32", "optim.grad_accumulation=2"),
+                   Storage())
+    assert one["images_seen"] == two["images_seen"] == 192
+    ours, theirs = (load_file(tmp_path / run / "backbone.safetensors") for run in ("one", "two"))
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-5, msg=name)
+    with pytest.raises(ValueError, match=r"fewer than one step's 1024 \(optim.batch_size = 64 x "
+                                         r"optim.grad_accumulation = 16\)"):
+        finetune(config(weights, tmp_path / "big", "optim.grad_accumulation=16"), Storage())
+
+
+@needs_fashion_mnist
 def test_a_run_resumed_with_other_settings_is_refused_naming_them(weights: Path, tmp_path: Path) -> None:
     finetune(config(weights, tmp_path / "run", "max_steps=1"), Storage())
     before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
