@@ -21,7 +21,8 @@ holds a whole split: ADE20K's 20k training images are 16 GB of pixels at 512 px.
   evaluated classes 0..18 (:data:`CITYSCAPES_TRAIN_IDS`, the data set's own ``trainId`` column),
   every other id ignored.
 * **NYU-Depth v2** (this project's layout): ``{train,test}/*.npz``, each with ``image``
-  ``(H, W, 3)`` uint8 and ``depth`` ``(H, W)`` float32 metres.
+  ``(H, W, 3)`` uint8 and ``depth`` ``(H, W)`` float32 metres. The test split is scored inside the
+  Eigen crop, as NYU's depth results are reported (:func:`eigen_crop`).
 
 :class:`ArraySplit` serves arrays already in memory (the synthetic scenes) the same way.
 """
@@ -229,8 +230,26 @@ def load_cityscapes(storage: Storage, root: str, split: str, fit: Fit | int, lim
 
 
 def load_nyu(storage: Storage, root: str, split: str, fit: Fit | int, limit: int = 0) -> DenseSplit:
-    """NYU-Depth v2 images and depth maps (metres, 0 unknown) of ``split`` (train or test)."""
+    """NYU-Depth v2 images and depth maps (metres, 0 unknown) of ``split`` (train or test); the test
+    split's depths outside the Eigen crop unknown (:func:`eigen_crop`), so they are not scored."""
     samples = sorted(u for u in storage.list(join_uri(root, split)) if u.endswith(".npz"))
     samples = samples[:limit] if limit else samples
     return DenseSplit(storage, [(uri,) for uri in samples], [PurePosixPath(uri).stem for uri in samples], _nyu_sample,
-                      fit, f"NYU samples under {join_uri(root, split)}")
+                      fit, f"NYU samples under {join_uri(root, split)}", eigen_crop if split == "test" else None)
+
+
+EIGEN_CROP = (45, 471, 41, 601)  # rows and columns of NYU's 480 x 640 frames that are scored (Eigen et al., 2014)
+
+
+def eigen_crop(depth: np.ndarray) -> np.ndarray:
+    """``depth`` with every pixel outside the Eigen crop set unknown (0): NYU's depth metrics are
+    reported over rows 45-470 and columns 41-600 of its 480 x 640 frames, leaving out the border the
+    Kinect's depth and the RGB camera do not share. A map of another size (a resized test set) keeps
+    the same share of its frame."""
+    height, width = depth.shape[-2:]
+    top, bottom, left, right = (round(edge * side) for edge, side in zip(
+        (EIGEN_CROP[0] / 480, EIGEN_CROP[1] / 480, EIGEN_CROP[2] / 640, EIGEN_CROP[3] / 640),
+        (height, height, width, width)))
+    kept = np.zeros_like(depth)
+    kept[..., top:bottom, left:right] = depth[..., top:bottom, left:right]
+    return kept
