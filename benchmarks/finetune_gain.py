@@ -22,15 +22,14 @@ import torch
 
 from dinoflow.config import FinetuneConfig, PretrainConfig, load_config
 from dinoflow.storage import Storage, join_uri
+from dinoflow.tracking import NullTracker
 from evaluators.classification import classification_report, labelled_images
 from evaluators.linear import LinearProbeConfig
 from evaluators.report import report_metrics
-from trainer.data.datasets import collate_samples
-from trainer.engine import pretrain
 from trainer.finetune import finetune
 from trainer.models.hub import load_backbone, save_backbone
 from trainer.models.vit import DinoVisionTransformer
-from trainer.run import build_dataset
+from trainer.run import run_pretrain
 
 
 def parse_args() -> argparse.Namespace:
@@ -52,9 +51,8 @@ def main() -> None:
     weights = args.weights
     if not weights:
         weights = join_uri(args.out, "start")
-        cfg = load_config(PretrainConfig, args.pretrain_config, [f"out={weights}", f"max_minutes={args.start_minutes}",
-                                                                 "eval.every_steps=0"])
-        pretrain(cfg, build_dataset(cfg.data, cfg.crops.load_size, storage), collate_samples, storage)
+        cfg = load_config(PretrainConfig, args.pretrain_config, [f"out={weights}", f"max_minutes={args.start_minutes}"])
+        run_pretrain(cfg, storage, NullTracker(), evaluate=False)
     pretrained = load_backbone(weights, "auto", storage)
     torch.manual_seed(0)
     random_start = join_uri(args.out, "random", "backbone.safetensors")

@@ -193,7 +193,7 @@ def pretrain(
                                        "config names another distributed strategy)")] = 1,
 ) -> None:
     """Pretrain a backbone with DINO + iBOT + KoLeo; resumes when OUT holds a checkpoint."""
-    from dinoflow.tracking import MlflowTracker, NullTracker, default_artifact_location, standard_tags
+    from dinoflow.tracking import NullTracker
     from trainer.run import run_pretrain
 
     cfg = _load(PretrainConfig, config, overrides)
@@ -209,10 +209,8 @@ def pretrain(
         raise typer.Exit(subprocess.call(command))
     main_rank = int(os.environ.get("RANK", "0")) == 0  # torchrun's; rank 0 alone tracks and reports
     storage, tracking_uri = _run_root(cfg.out)
-    with (MlflowTracker.start(
-        tracking_uri, cfg.tracking.experiment, run_name=cfg.name, tags=standard_tags("pretrain"),
-        artifact_location=default_artifact_location(tracking_uri, cfg.out), metric_every=cfg.tracking.metric_every,
-    ) if main_rank else contextlib.nullcontext(NullTracker())) as tracker, _bad_input(), \
+    with (_run_tracker(cfg, "pretrain", tracking_uri) if main_rank else contextlib.nullcontext(NullTracker())) \
+            as tracker, _bad_input(), \
             _registered(cfg.init_weights) as init:
         cfg = cfg.model_copy(update={"init_weights": init})  # a registered model: fetched, with its heads
         summary = run_pretrain(cfg, storage, tracker)  # bad input met as it starts: a missing data folder, ...
@@ -244,7 +242,6 @@ def distill(
     projectors) or heads (the DINO and patch losses against the teacher's
     heads, as in DINOv2).
     """
-    from dinoflow.tracking import MlflowTracker, default_artifact_location, standard_tags
     from trainer.distill import run_distill
 
     given = [f"teacher.uri={teacher}"] if teacher else []
@@ -252,10 +249,8 @@ def distill(
     assert isinstance(cfg, DistillConfig)
     _check_device(cfg.device)
     storage, tracking_uri = _run_root(cfg.out)
-    with MlflowTracker.start(
-        tracking_uri, cfg.tracking.experiment, run_name=cfg.name, tags=standard_tags("distill"),
-        artifact_location=default_artifact_location(tracking_uri, cfg.out), metric_every=cfg.tracking.metric_every,
-    ) as tracker, _bad_input(), _registered(cfg.teacher.uri) as teacher_uri, _registered(cfg.init_weights) as init:
+    with _run_tracker(cfg, "distill", tracking_uri) as tracker, _bad_input(), \
+            _registered(cfg.teacher.uri) as teacher_uri, _registered(cfg.init_weights) as init:
         cfg = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"uri": teacher_uri}),
                                      "init_weights": init})  # registered models: fetched, with their heads
         summary = run_distill(cfg, storage, tracker)
@@ -281,17 +276,13 @@ def finetune(
     backbone.safetensors, classifier.safetensors, a confusion matrix and the
     training curves; the test split's top-1 is logged every epoch.
     """
-    from dinoflow.tracking import MlflowTracker, default_artifact_location, standard_tags
     from trainer.finetune import finetune as run_finetune
 
     cfg = _load(FinetuneConfig, config, [*([f"weights={weights}"] if weights else []), *(overrides or [])])
     assert isinstance(cfg, FinetuneConfig)
     _check_device(cfg.device)
     storage, tracking_uri = _run_root(cfg.out)
-    with MlflowTracker.start(
-        tracking_uri, cfg.tracking.experiment, run_name=cfg.name, tags=standard_tags("finetune"),
-        artifact_location=default_artifact_location(tracking_uri, cfg.out), metric_every=cfg.tracking.metric_every,
-    ) as tracker, _bad_input(), _registered(cfg.weights) as fetched:
+    with _run_tracker(cfg, "finetune", tracking_uri) as tracker, _bad_input(), _registered(cfg.weights) as fetched:
         summary = run_finetune(cfg.model_copy(update={"weights": fetched}), storage, tracker)
     typer.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
 
@@ -713,6 +704,17 @@ def pipeline_submit(
         run_id = submit(pipeline, host, _pipeline_params(pipeline, params), experiment, namespace,
                         token=os.environ.get("KF_PIPELINES_TOKEN"))
     typer.echo(f"submitted {name!r}: run {run_id} on {host}")
+
+
+def _run_tracker(cfg: Any, stage: str, tracking_uri: str) -> contextlib.AbstractContextManager[Any]:
+    """The MLflow run of a training command (``cfg``: a pretrain, distill or finetune config): named
+    ``cfg.name``, tagged for ``stage``, its artifacts beside the run root, step metrics every
+    ``cfg.tracking.metric_every`` steps."""
+    from dinoflow.tracking import MlflowTracker, default_artifact_location, standard_tags
+
+    return MlflowTracker.start(tracking_uri, cfg.tracking.experiment, run_name=cfg.name, tags=standard_tags(stage),
+                               artifact_location=default_artifact_location(tracking_uri, cfg.out),
+                               metric_every=cfg.tracking.metric_every)
 
 
 def _run_root(out: str) -> tuple[Any, str]:
