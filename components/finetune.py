@@ -1,9 +1,10 @@
-"""Stage ``finetune``: a backbone (a registered version, or given weights) fine-tuned whole with a
-linear classifier on labelled images (:mod:`trainer.finetune`).
+"""Stage ``finetune``: a backbone (a registered version, or given weights in any layout the path
+tells: a folder holding ``backbone.safetensors``, Meta's ``.pth``, a Hugging Face folder) fine-tuned
+whole with a linear classifier on labelled images (:mod:`trainer.finetune`).
 
 The recipe is the preset plus the pipeline's data, budget and seed, then user overrides (last
 wins), validated before any work. Checkpoints go to ``<run_root>/work/finetune/<key>`` (``key``:
-the content hash of the recipe and the backbone's bytes), so a killed task rerun resumes and a
+the content hash of the recipe and the backbone artifact's bytes), so a killed task rerun resumes and a
 finished one is reused from the cache. Output folder: ``backbone.safetensors`` (fine-tuned),
 ``classifier.safetensors``, ``config.yaml``, ``summary.json``; the report folder holds
 ``report.json`` with ``finetune_top1`` (and ``finetune_top5``) on the test split: the register
@@ -35,7 +36,7 @@ def finetune_config(preset: str, overrides: list[str], weights: str, data_uri: s
                     seed: int) -> FinetuneConfig:
     """The stage's recipe: ``preset`` + the backbone, the pipeline's data and budget + user
     ``overrides`` (last wins)."""
-    return load_config(FinetuneConfig, preset, [f"weights={weights}", "weights_source=safetensors",
+    return load_config(FinetuneConfig, preset, [f"weights={weights}", "weights_source=auto",
                                                 f"data.uri={data_uri}", f"max_minutes={max_minutes}",
                                                 f"seed={seed}", *overrides])
 
@@ -46,7 +47,7 @@ def run_finetune_stage(ctx: StageContext, out_dir: str | Path, report_dir: str |
     """Fine-tune (or resume, or reuse) and fill ``out_dir`` and ``report_dir``; returns steps,
     minutes, the test scores (``metrics``) and ``cached``."""
     storage = storage_from_env()
-    out, weights = Path(out_dir), Path(backbone_dir) / BACKBONE_FILE
+    out, weights = Path(out_dir), Path(backbone_dir)  # a folder or a file: its layout found from the path
     with recording_errors(ctx, storage, "finetune"), stage_run(ctx, "finetune") as tracker:
         cfg = finetune_config(preset, overrides, str(weights), data_uri, max_minutes, seed)
         key = cache_key("finetune", {"config": to_yaml(cfg.model_copy(update={"weights": ""}))}, {"backbone": weights})

@@ -201,7 +201,7 @@ def test_distill_from_the_registrys_champion_with_its_heads(runs: Runs) -> None:
     assert "heads.num_prototypes = 32 but the teacher's heads have 1024" in failure.value.errors["distill"]
 
 
-def test_finetune_the_registrys_champion_and_register_a_classifier(runs: Runs,
+def test_finetune_the_registrys_champion_and_register_a_classifier(runs: Runs, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """The finetune pipeline picks a registered backbone, fine-tunes it whole with a classifier and
     registers the result gated on its test top-1; the registered model predicts the classes it
@@ -234,6 +234,15 @@ def test_finetune_the_registrys_champion_and_register_a_classifier(runs: Runs,
     assert float(np.mean(probabilities.argmax(1) == test.labels[:200])) == pytest.approx(top1, abs=1e-6)
     again = runs.run("finetune", **given)
     assert again["finetune"].cached and again["register"].status == "FINISHED"
+    # or weights from the UI's weights_uri, in any layout: Meta's .pth of the same backbone here
+    import torch
+
+    from trainer.models.hub import load_backbone
+
+    torch.save(load_backbone(str(champion), "safetensors").state_dict(), tmp_path / "released.pth")
+    imported = runs.run("finetune", **given, weights_uri=str(tmp_path / "released.pth"))
+    assert list(imported) == ["finetune", "register"] and not imported["finetune"].cached
+    assert imported["finetune"].metrics["finetune_top1"] == pytest.approx(top1)  # the same weights, seed and data
 
 
 def test_promote_rolls_the_champion_back_from_the_ui(runs: Runs) -> None:
