@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 from kornia import augmentation as K
 from kornia.augmentation.auto import RandAugment
 from torch import Tensor, nn
@@ -214,8 +215,6 @@ def _checkpoint_bytes(model: Classifier, optimizer: torch.optim.Optimizer, state
 
 def _check_same_run(checkpoint: dict[str, Any], cfg: FinetuneConfig) -> None:
     """A resumed run keeps its weights, data, crop size and classifier input."""
-    import yaml
-
     started = validate(FinetuneConfig, yaml.safe_load(checkpoint["config"]))
     differ = [f"{key} = {getattr(cfg, key)!r} (the run: {getattr(started, key)!r})"
               for key in RESUME_SETTINGS if getattr(cfg, key) != getattr(started, key)]
