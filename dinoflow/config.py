@@ -558,3 +558,11 @@ class FinetuneConfig(Section):
     augment: FinetuneAugmentConfig = FinetuneAugmentConfig()
     optim: FinetuneOptimConfig = FinetuneOptimConfig()
     tracking: TrackingConfig = TrackingConfig()
+    distributed: DistributedConfig = DistributedConfig()
+
+    @model_validator(mode="after")
+    def _sharded_by_fsdp2(self) -> FinetuneConfig:
+        if self.distributed.strategy == "deepspeed":
+            raise ValueError("distributed.strategy = 'deepspeed': fine-tuning runs 'single' or 'fsdp2' (the backbone "
+                             "and classifier sharded over the ranks)")
+        return self

@@ -200,13 +200,7 @@ def pretrain(
     assert isinstance(cfg, PretrainConfig)
     _check_device(cfg.device)
     if nproc > 1:
-        import subprocess
-
-        strategy = ["distributed.strategy=fsdp2"] if cfg.distributed.strategy == "single" else []
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-                   "-m", "pipelines.cli", "pretrain", "--config", config, *(overrides or []), *strategy]
-        typer.echo(f"dinoflow pretrain: {nproc} ranks: {' '.join(command)}", err=True)
-        raise typer.Exit(subprocess.call(command))
+        _rerun_on_ranks(nproc, ["pretrain", "--config", config, *(overrides or [])], cfg.distributed.strategy)
     main_rank = int(os.environ.get("RANK", "0")) == 0  # torchrun's; rank 0 alone tracks and reports
     storage, tracking_uri = _run_root(cfg.out)
     with (_run_tracker(cfg, "pretrain", tracking_uri) if main_rank else contextlib.nullcontext(NullTracker())) \
@@ -265,6 +259,9 @@ def finetune(
                                          "URI), or a registered model (models:/<name>@<alias>, "
                                          "models:/<name>/<version>)")] = "",
     config: Annotated[str, typer.Option(help="the fine-tuning recipe: a preset name or YAML path")] = "finetune-tiny",
+    nproc: Annotated[int, typer.Option(min=1, help="ranks on this machine: N > 1 re-runs this command under "
+                                       "torchrun with N processes, the backbone and classifier sharded over them "
+                                       "(distributed.strategy=fsdp2)")] = 1,
 ) -> None:
     """Fine-tune a whole backbone with a linear classifier on labelled images; resumes when OUT holds a checkpoint.
 
@@ -276,15 +273,24 @@ def finetune(
     backbone.safetensors, classifier.safetensors, a confusion matrix and the
     training curves; the test split's top-1 is logged every epoch.
     """
+    from dinoflow.tracking import NullTracker
     from trainer.finetune import finetune as run_finetune
+    from trainer.strategy import leave_rank
 
-    cfg = _load(FinetuneConfig, config, [*([f"weights={weights}"] if weights else []), *(overrides or [])])
+    given = [*([f"weights={weights}"] if weights else []), *(overrides or [])]
+    cfg = _load(FinetuneConfig, config, given)
     assert isinstance(cfg, FinetuneConfig)
     _check_device(cfg.device)
+    if nproc > 1:
+        _rerun_on_ranks(nproc, ["finetune", "--config", config, *given], cfg.distributed.strategy)
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # torchrun's; rank 0 alone tracks and reports
     storage, tracking_uri = _run_root(cfg.out)
-    with _run_tracker(cfg, "finetune", tracking_uri) as tracker, _bad_input(), _registered(cfg.weights) as fetched:
+    with (_run_tracker(cfg, "finetune", tracking_uri) if main_rank else contextlib.nullcontext(NullTracker())) \
+            as tracker, _bad_input(), _registered(cfg.weights) as fetched:
         summary = run_finetune(cfg.model_copy(update={"weights": fetched}), storage, tracker)
-    typer.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
+    if main_rank:
+        typer.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
+    leave_rank()  # a torchrun rank ends here, its run finished and written
 
 
 @app.command("eval")
@@ -704,6 +710,19 @@ def pipeline_submit(
         run_id = submit(pipeline, host, _pipeline_params(pipeline, params), experiment, namespace,
                         token=os.environ.get("KF_PIPELINES_TOKEN"))
     typer.echo(f"submitted {name!r}: run {run_id} on {host}")
+
+
+def _rerun_on_ranks(nproc: int, args: list[str], strategy: str) -> None:
+    """Run ``dinoflow <args>`` again under torchrun with ``nproc`` ranks on this machine (with
+    ``distributed.strategy=fsdp2`` unless the config names another distributed ``strategy``) and
+    exit with its status."""
+    import subprocess
+
+    extra = ["distributed.strategy=fsdp2"] if strategy == "single" else []
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               "-m", "pipelines.cli", *args, *extra]
+    typer.echo(f"dinoflow {args[0]}: {nproc} ranks: {' '.join(command)}", err=True)
+    raise typer.Exit(subprocess.call(command))
 
 
 def _run_tracker(cfg: Any, stage: str, tracking_uri: str) -> contextlib.AbstractContextManager[Any]:

@@ -56,6 +56,7 @@ from trainer.models.hub import infer_arch_kwargs, load_strict, read_weights, sav
 from trainer.models.vit import DinoVisionTransformer
 from trainer.optim import fused_adamw_on, layer_groups, with_kernel_choice
 from trainer.schedules import warmup_cosine
+from trainer.strategy import Strategy, build_strategy
 
 CONFUSION_FILE = "confusion_matrix.png"
 LR_BATCH = 256  # base_lr is the rate of a batch of this size, scaled linearly (the MAE/BEiT recipes')
@@ -64,8 +65,8 @@ RESUME_SETTINGS = ("weights", "image_size", "head_input")  # a resumed run must 
 
 def load_for_finetuning(cfg: FinetuneConfig, storage: Storage) -> DinoVisionTransformer:
     """The backbone at ``cfg.weights``, its architecture as saved (or inferred from Meta's files),
-    its position table sized for ``image_size`` crops (as the weights' own model resizes it) and
-    stochastic depth rising linearly to ``drop_path_rate`` over the blocks."""
+    its position table sized for ``image_size`` crops (as the weights' own model resizes it),
+    stochastic depth rising linearly to ``drop_path_rate`` over the blocks and its mask token frozen."""
     if not cfg.weights:
         raise ValueError("weights is empty: give the backbone to fine-tune (a run folder, a .safetensors, Meta's "
                          ".pth, a Hugging Face folder, models:/<name>@<alias>)")
@@ -77,6 +78,7 @@ def load_for_finetuning(cfg: FinetuneConfig, storage: Storage) -> DinoVisionTran
     backbone = DinoVisionTransformer(**{**theirs, "img_size": cfg.image_size, "drop_path_rate": cfg.drop_path_rate,
                                         "drop_path_uniform": False})
     load_strict(backbone, with_positions_for(backbone, state_dict, theirs))
+    backbone.mask_token.requires_grad_(False)  # no masking here: it stays as pretraining left it
     return backbone
 
 
@@ -148,10 +150,13 @@ def mix(images: Tensor, targets: Tensor, augment: FinetuneAugmentConfig) -> tupl
 
 def finetune_step(model: nn.Module, micro_batches: Iterable[tuple[Tensor, Tensor]], count: int,
                   optimizer: torch.optim.Optimizer, lr: float, weight_decay: float, clip_grad: float,
-                  autocast_dtype: torch.dtype | None) -> float:
+                  autocast_dtype: torch.dtype | None, strategy: Strategy | None = None) -> float:
     """One optimiser step over ``count`` micro-batches of model input and soft targets, each made
     as the step reaches it (so one is on the device at a time) and its gradients accumulated with
-    weight ``1 / count``; returns their mean loss. A non-finite loss raises before any weight moves."""
+    weight ``1 / count``; returns their mean loss over the micro-batches and ranks. A non-finite
+    loss (on any rank: each micro-batch's loss is averaged over the ranks before its backward, so
+    all of them stop together) raises before any weight moves."""
+    strategy = strategy or Strategy()
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_multiplier"]
         group["weight_decay"] = weight_decay * group["wd_multiplier"]
@@ -162,16 +167,16 @@ def finetune_step(model: nn.Module, micro_batches: Iterable[tuple[Tensor, Tensor
                             enabled=autocast_dtype is not None):
             logits = model(images)
         loss = soft_cross_entropy(logits, targets)
-        value = float(loss.detach())
+        value = strategy.mean({"loss": float(loss.detach())})["loss"]
         if not math.isfinite(value):
             optimizer.zero_grad(set_to_none=True)
             raise FloatingPointError(f"the fine-tuning loss is {value}: the weights are kept as before this step; "
                                      "lower optim.base_lr or set optim.clip_grad")
-        (loss / count).backward()
+        strategy.backward(loss / count)
         total += value
     if clip_grad:
-        nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-    optimizer.step()
+        strategy.clip_grad_norm_(model.parameters(), clip_grad)
+    strategy.step(optimizer)
     return total / count
 
 
@@ -204,9 +209,12 @@ def score(model: Classifier, images: LabelledImages, image_size: int, device: to
 
 
 def _checkpoint_bytes(model: Classifier, optimizer: torch.optim.Optimizer, state: TrainState,
-                      cfg: FinetuneConfig) -> bytes:
+                      cfg: FinetuneConfig, strategy: Strategy) -> bytes:
+    """The run state, whole tensors gathered from every rank (all ranks call this); the optimizer's
+    keyed by parameter name, so a run resumes at any world size."""
     buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": state.step,
+    torch.save({"model": strategy.full_state_dict(model), "optimizer": strategy.optimizer_state(model, optimizer),
+                "step": state.step,
                 "images_seen": state.images_seen, "train_seconds": state.train_seconds, "config": to_yaml(cfg),
                 "history": json.dumps(state.history), "bad_images": json.dumps(state.bad_images),
                 "curves": json.dumps(state.curves), "curve_every": state.curve_every}, buffer)
@@ -228,37 +236,59 @@ def _check_same_run(checkpoint: dict[str, Any], cfg: FinetuneConfig) -> None:
 def finetune(cfg: FinetuneConfig, storage: Storage, tracker: Tracker | None = None) -> dict[str, Any]:
     """Fine-tune (or resume fine-tuning) into ``cfg.out``; returns the summary written to
     ``summary.json``: the final top-1/top-5 on the test split, the best evaluation, every
-    evaluation, where the weights went. Test scores are logged every ``eval_every_epochs``."""
-    tracker = tracker or NullTracker()
+    evaluation, where the weights went. Test scores are logged every ``eval_every_epochs``.
+
+    Under ``distributed.strategy=fsdp2`` every rank runs this (started by torchrun: ``dinoflow
+    finetune --nproc N``): the backbone and classifier are sharded over the ranks, each reads its
+    share of every step's images, and rank 0 alone scores, logs and writes."""
     if not cfg.data.uri:
         raise ValueError("data.uri is empty: give Fashion-MNIST's folder or class folders train/<class>/, val/<class>/")
-    device = available_device(cfg.device)
+    strategy = build_strategy(cfg.distributed, available_device(cfg.device))
+    finished = False
+    try:
+        summary = _finetune(cfg, storage, (tracker or NullTracker()) if strategy.is_main else NullTracker(), strategy)
+        finished = True
+        return summary
+    finally:
+        strategy.close(finished)
+
+
+def _finetune(cfg: FinetuneConfig, storage: Storage, tracker: Tracker, strategy: Strategy) -> dict[str, Any]:
+    device = torch.device(cfg.device)
     autocast_dtype = training_autocast(device)
     images = labelled_images(cfg.data.uri, cfg.data.kind, storage, cfg.data.train_limit, cfg.data.test_limit,
                              cfg.image_size, cfg.seed, cfg.data.num_workers, cfg.data.test_uri)
     train = training_images(images, cfg, storage)
     torch.manual_seed(cfg.seed)
-    model = Classifier(load_for_finetuning(cfg, storage), len(images.classes), cfg.head_input)
+    backbone = load_for_finetuning(cfg, storage)
+    arch, classes = dict(backbone.arch_kwargs), len(images.classes)
+    model = Classifier(backbone, classes, cfg.head_input)
     checkpoint = load_latest_checkpoint(storage, cfg.out)
     state = TrainState()
     if checkpoint is not None:
         _check_same_run(checkpoint, cfg)
         model.load_state_dict(checkpoint["model"])
         state = TrainState.from_checkpoint(checkpoint)
-    model = model.to(device)
+    model = strategy.wrap_one(model.to(device))  # shards what was loaded
     optim = cfg.optim
     optimizer = torch.optim.AdamW(layer_groups(model, optim.layerwise_decay, optim.patch_embed_lr_mult),
                                   betas=(optim.adamw_beta1, optim.adamw_beta2),
                                   fused=True if fused_adamw_on(optim.fused_adamw, device) else None)
     if checkpoint is not None:
-        optimizer.load_state_dict(with_kernel_choice(checkpoint["optimizer"], optimizer))
+        strategy.load_optimizer_state(model, optimizer, with_kernel_choice(checkpoint["optimizer"], optimizer))
     tracker.log_config(cfg)
 
-    micro, step_images = optim.grad_accumulation, optim.batch_size * optim.grad_accumulation
+    def whole() -> Classifier:
+        """The model with whole parameters (gathered under sharding: every rank calls this)."""
+        return strategy.whole(model, lambda: Classifier(DinoVisionTransformer(**arch), classes, cfg.head_input))
+
+    micro = optim.grad_accumulation
+    step_images = optim.batch_size * micro * strategy.world_size
     per_epoch = len(train) // step_images
     if per_epoch == 0:
         raise ValueError(f"the train split holds {len(train)} images, fewer than one step's {step_images} "
-                         f"(optim.batch_size = {optim.batch_size} x optim.grad_accumulation = {micro})")
+                         f"(optim.batch_size = {optim.batch_size} x optim.grad_accumulation = {micro}"
+                         f"{f' x {strategy.world_size} ranks' if strategy.world_size > 1 else ''})")
     total = max(round(optim.epochs * per_epoch), 1)
     warmup = int(optim.warmup_epochs * per_epoch)
     peak = optim.base_lr * step_images / LR_BATCH
@@ -267,10 +297,10 @@ def finetune(cfg: FinetuneConfig, storage: Storage, tracker: Tracker | None = No
     bad_images = BadImageTracker(cfg.data.max_bad_fraction)
     bad_images.restore(state.bad_images)
     stream = ImageStream(train, collate_samples, state.step * micro, device, bad_images, batch_size=optim.batch_size,
-                         seed=cfg.seed, num_workers=cfg.data.num_workers)
+                         seed=cfg.seed, num_workers=cfg.data.num_workers, rank=strategy.rank,
+                         world_size=strategy.world_size)
     loader_watch = LoaderWatch(cfg.data.num_workers)
     augment = train_augment(cfg).to(device)
-    classes = len(images.classes)
     seen = 0  # images in the step's micro-batches
 
     def micro_batches() -> Iterator[tuple[Tensor, Tensor]]:
@@ -281,13 +311,21 @@ def finetune(cfg: FinetuneConfig, storage: Storage, tracker: Tracker | None = No
             yield mix(augment(pixels.float() / 255), soft_targets(labels, classes, cfg.augment.label_smoothing),
                       cfg.augment)
 
-    def evaluate() -> tuple[dict[str, float], np.ndarray, np.ndarray]:
-        metrics, truth, predicted = score(model, images, cfg.image_size, device, autocast_dtype)
+    def evaluate() -> tuple[dict[str, float], np.ndarray | None, np.ndarray | None, Classifier]:
+        """The test scores (rank 0's; {} on the others), labels and predictions, and the whole model."""
+        scored = whole()
+        metrics, truth, predicted = (score(scored, images, cfg.image_size, device, autocast_dtype) if strategy.is_main
+                                     else ({}, None, None))
         tracker.log_metrics(metrics, step=state.step, force=True)
         if not state.history or state.history[-1]["step"] != state.step:  # a finished run resumed: scored once
             state.history.append({"step": state.step, "train_minutes": round(state.train_seconds / 60, 3),
                                   "images_seen": state.images_seen, **metrics})
-        return metrics, truth, predicted
+        return metrics, truth, predicted, scored
+
+    def save() -> None:
+        data = _checkpoint_bytes(model, optimizer, state, cfg, strategy)
+        if strategy.is_main:
+            save_checkpoint(storage, cfg.out, data, state.step)
 
     bar = progress(range(state.step, last_step), desc=f"finetune {cfg.name}", total=last_step - state.step,
                    unit="step")
@@ -302,14 +340,15 @@ def finetune(cfg: FinetuneConfig, storage: Storage, tracker: Tracker | None = No
         seen = 0
         lr = warmup_cosine(step, total, warmup, peak, optim.min_lr)
         loss = finetune_step(model, micro_batches(), micro, optimizer, lr, optim.weight_decay, optim.clip_grad,
-                             autocast_dtype)
-        seconds = time.perf_counter() - tick
-        waited = stream.take_wait()
+                             autocast_dtype, strategy)
+        # one clock for all ranks, so that a time limit stops them at the same step
+        clock = strategy.mean({"seconds": time.perf_counter() - tick, "waited": stream.take_wait(), "seen": seen})
+        seconds, waited, stepped = clock["seconds"], clock["waited"], round(clock["seen"] * strategy.world_size)
         loader_watch.update(seconds, waited)
-        state.step, state.images_seen, state.train_seconds = step + 1, state.images_seen + seen, \
+        state.step, state.images_seen, state.train_seconds = step + 1, state.images_seen + stepped, \
             state.train_seconds + seconds
         state.bad_images = bad_images.summary()
-        metrics = {"loss_train": loss, "lr": lr, "images_per_second": seen / seconds,
+        metrics = {"loss_train": loss, "lr": lr, "images_per_second": stepped / seconds,
                    "data_wait_share": waited / seconds}
         tracker.log_metrics(metrics, step=state.step)
         state.record(state.step, {"loss_train": loss, "lr": lr}, cfg.tracking.metric_every)
@@ -317,21 +356,22 @@ def finetune(cfg: FinetuneConfig, storage: Storage, tracker: Tracker | None = No
         if eval_every and state.step % eval_every == 0 and state.step != last_step:
             evaluate()
         if state.step % cfg.checkpoint_every == 0 or state.step == last_step:
-            save_checkpoint(storage, cfg.out, _checkpoint_bytes(model, optimizer, state, cfg), state.step)
+            save()
     if stopped_early:
-        save_checkpoint(storage, cfg.out, _checkpoint_bytes(model, optimizer, state, cfg), state.step)
+        save()
     bad_images.check(final=True)
-    final, truth, predicted = evaluate()
-    best = max(state.history, key=lambda row: row["top1"])
-    picture = save_confusion_matrix(confusion_matrix(truth, predicted, classes), images.classes,
-                                    Path(tempfile.mkdtemp()) / CONFUSION_FILE,
-                                    f"{cfg.name}: top-1 {100 * final['top1']:.1f} %")
-    storage.write_bytes(join_uri(cfg.out, CONFUSION_FILE), picture.read_bytes())
-    tracker.log_artifact(picture)
-    model = model.cpu()
-    save_backbone(model.backbone, join_uri(cfg.out, BACKBONE_FILE), storage)
-    save_classifier(model, images.classes, join_uri(cfg.out, CLASSIFIER_FILE), storage)
-    write_training_curves(state, storage, cfg.out, tracker)
+    final, truth, predicted, scored = evaluate()
+    best = max((row for row in state.history if "top1" in row), key=lambda row: row["top1"], default={})
+    if strategy.is_main:
+        picture = save_confusion_matrix(confusion_matrix(truth, predicted, classes), images.classes,
+                                        Path(tempfile.mkdtemp()) / CONFUSION_FILE,
+                                        f"{cfg.name}: top-1 {100 * final['top1']:.1f} %")
+        storage.write_bytes(join_uri(cfg.out, CONFUSION_FILE), picture.read_bytes())
+        tracker.log_artifact(picture)
+        scored = scored.cpu()
+        save_backbone(scored.backbone, join_uri(cfg.out, BACKBONE_FILE), storage)
+        save_classifier(scored, images.classes, join_uri(cfg.out, CLASSIFIER_FILE), storage)
+        write_training_curves(state, storage, cfg.out, tracker)
     summary = {"name": cfg.name, "weights": cfg.weights, "steps": state.step,
                "epochs": round(state.step / per_epoch, 3),
                "images_seen": state.images_seen, "train_minutes": round(state.train_seconds / 60, 3),
@@ -340,5 +380,6 @@ def finetune(cfg: FinetuneConfig, storage: Storage, tracker: Tracker | None = No
                "backbone": join_uri(cfg.out, BACKBONE_FILE), "classifier": join_uri(cfg.out, CLASSIFIER_FILE),
                "bad_images": bad_images.summary(), "history": state.history, "mlflow_run_id": tracker.run_id,
                "tracking": tracker.delivery()}
-    storage.write_bytes(join_uri(cfg.out, SUMMARY_FILE), json.dumps(summary, indent=2).encode())
+    if strategy.is_main:
+        storage.write_bytes(join_uri(cfg.out, SUMMARY_FILE), json.dumps(summary, indent=2).encode())
     return summary

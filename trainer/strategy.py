@@ -73,6 +73,11 @@ class Strategy:
     def wrap(self, student: nn.Module, teacher: nn.Module) -> tuple[nn.Module, nn.Module]:
         return student, teacher
 
+    def wrap_one(self, network: nn.Module) -> nn.Module:
+        """One trained network holding a ``backbone`` (a fine-tuned classifier), prepared as
+        :meth:`wrap` prepares student and teacher."""
+        return network
+
     def all_reduce(self, tensor: Tensor) -> Tensor:
         """The sum of ``tensor`` over ranks (a new tensor; the input is left as it is)."""
         return tensor
@@ -206,6 +211,19 @@ class FSDP2Strategy(Strategy):
             backbone.forward_features_list = forward_features_list
             for module in (backbone, *heads):
                 module.register_forward_hook(lambda module, args, output: module.reshard())
+
+    def wrap_one(self, network: nn.Module) -> nn.Module:
+        """Each block, the backbone (its ``forward_features``, which a classifier calls, gathering
+        its own parameters) and the network's root with the rest (a classifier's head), sharded."""
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+        backbone = network.backbone
+        for block in backbone.blocks:
+            fully_shard(block, mesh=self.mesh)
+        fully_shard(backbone, mesh=self.mesh)
+        register_fsdp_forward_method(backbone, "forward_features")
+        fully_shard(network, mesh=self.mesh)
+        return network
 
     def all_reduce(self, tensor: Tensor) -> Tensor:
         total = tensor.detach().clone()

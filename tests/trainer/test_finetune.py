@@ -171,6 +171,49 @@ def test_two_accumulated_micro_batches_step_as_one_batch_of_both(weights: Path, 
 
 
 @needs_fashion_mnist
+def test_two_ranks_fine_tune_like_one_process_and_a_run_resumes_at_another_world_size(weights: Path,
+                                                                                     tmp_path: Path) -> None:
+    """``dinoflow finetune --nproc 2``: 2 ranks of 32 images (FSDP2 over gloo, real processes) step
+    as one process of 64 (the augmentation off: both see the same pixels); a 2-rank run stopped
+    after 2 steps goes on in one process to the same weights."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.trainer.test_distributed import ROOT
+
+    still = ["augment.crop_scale=[1,1]", "augment.horizontal_flip=false", "augment.random_erasing=0",
+             "augment.mixup_alpha=0", "augment.cutmix_alpha=0", "drop_path_rate=0"]
+    one = finetune(config(weights, tmp_path / "one", *still, "max_steps=3"), Storage())
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT),
+               MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    env.pop("RANK", None)
+
+    def two_ranks(out: str, steps: int) -> subprocess.CompletedProcess:
+        done = subprocess.run(
+            [sys.executable, "-m", "pipelines.cli", "finetune", "--nproc", "2", "--weights", str(weights),
+             f"out={tmp_path / out}", "data.train_limit=512", "data.test_limit=200", "optim.epochs=1",
+             "optim.batch_size=32", *still, f"max_steps={steps}"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+        return done
+
+    done = two_ranks("two", 3)
+    assert "--nproc_per_node 2" in done.stderr and "distributed.strategy=fsdp2" in done.stderr
+    assert done.stdout.count('"images_seen"') == 1  # rank 0 alone reports
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert (two["steps"], two["images_seen"]) == (3, 192) == (one["steps"], one["images_seen"])
+    assert two["final"]["top1"] == pytest.approx(one["final"]["top1"], abs=0.011)  # 200 images: 2 may flip
+    two_ranks("mixed", 2)
+    finetune(config(weights, tmp_path / "mixed", *still, "max_steps=3"), Storage())  # one process of 64 now
+    for run in ("two", "mixed"):
+        for file in ("backbone.safetensors", CLASSIFIER_FILE):
+            ours, theirs = load_file(tmp_path / "one" / file), load_file(tmp_path / run / file)
+            for name in ours:
+                torch.testing.assert_close(theirs[name], ours[name], rtol=1e-4, atol=1e-5, msg=f"{run} {name}")
+
+
+@needs_fashion_mnist
 def test_a_run_resumed_with_other_settings_is_refused_naming_them(weights: Path, tmp_path: Path) -> None:
     finetune(config(weights, tmp_path / "run", "max_steps=1"), Storage())
     before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
