@@ -1,10 +1,12 @@
-"""The web page of the service: upload an image, see its PCA feature map, its CLS attention map
-and nearest neighbours; upload frames (or an animated GIF/PNG/WebP), see their PCA video.
+"""The web page of the service: upload an image, see its PCA feature map, its CLS attention map,
+its classes (a fine-tuned model) and nearest neighbours; upload frames (or an animated
+GIF/PNG/WebP), see their PCA video.
 
 Plain HTML and JavaScript in one string (no CDN, no build step, no package data to ship): it
-calls ``/v1/pca``, ``/v1/attention``, ``/v1/neighbours``, ``/v1/index/items/{id}/image`` and
-``/v1/pca-video`` of the same process. Element ids the browser test relies on: ``file``, ``pca``,
-``attention``, ``attention-caption``, ``attention-heads``, ``neighbours``,
+calls ``/v1/pca``, ``/v1/attention``, ``/v1/classify`` (when ``/healthz`` names classes),
+``/v1/neighbours``, ``/v1/index/items/{id}/image`` and ``/v1/pca-video`` of the same process.
+Element ids the browser test relies on: ``file``, ``pca``, ``attention``, ``attention-caption``,
+``attention-heads``, ``classes`` (an ``li`` per class: its name, then its probability), ``neighbours``,
 ``frames``, ``pca-video``, ``status``; an image that has finished loading gets ``data-ready``.
 """
 
@@ -37,6 +39,7 @@ PAGE_HTML = """<!doctype html>
 </div>
 <figure><img id="attention-heads" alt="" style="height: 112px; image-rendering: pixelated; border: 1px solid #ccc">
   <figcaption>CLS attention of each head (each stretched alone)</figcaption></figure>
+<div id="classes-section" hidden><h2>Classes</h2><ol id="classes"></ol></div>
 <h2>Nearest images</h2>
 <div class="row" id="neighbours"></div>
 <h2>PCA video</h2>
@@ -56,10 +59,14 @@ function show(img, blob) {  // data-ready once the picture is decoded (the brows
   img.onload = () => img.setAttribute("data-ready", "1");
   img.src = URL.createObjectURL(blob);
 }
+let classCount = 0;  // a fine-tuned model's classes (0: a backbone alone)
 fetch("healthz").then(r => r.json()).then(h => {
+  classCount = h.classes === null ? 0 : h.classes.length;
+  document.getElementById("classes-section").hidden = classCount === 0;
   document.getElementById("model").innerHTML = "model <code>" + h.model + "</code>" +
     (h.model_version === null ? "" : " (version " + h.model_version + ")") + ", image size " + h.image_size +
-    ", index " + (h.index_size === null ? "none (start with --index)" : h.index_size + " images");
+    ", index " + (h.index_size === null ? "none (start with --index)" : h.index_size + " images") +
+    (classCount ? ", " + classCount + " classes" : "");
 });
 document.getElementById("file").addEventListener("change", async (event) => {
   const file = event.target.files[0];
@@ -78,9 +85,21 @@ document.getElementById("file").addEventListener("change", async (event) => {
   const heads = await fetch("v1/attention?heads=true", { method: "POST", body: form() });
   if (!heads.ok) { statusLine.textContent = "attention heads: " + await detail(heads); return; }
   show(document.getElementById("attention-heads"), await heads.blob());
+  const k = document.getElementById("k").value;
+  if (classCount > 0) {
+    const ranked = document.getElementById("classes");
+    ranked.replaceChildren();
+    const top = Math.min(Number(k), classCount);
+    const classified = await fetch("v1/classify?k=" + top, { method: "POST", body: form() });
+    if (!classified.ok) { statusLine.textContent = "classes: " + await detail(classified); return; }
+    for (const hit of (await classified.json()).results[0]) {
+      const item = document.createElement("li");
+      item.textContent = hit.class + "  " + (100 * hit.probability).toFixed(1) + " %";
+      ranked.append(item);
+    }
+  }
   const list = document.getElementById("neighbours");
   list.replaceChildren();
-  const k = document.getElementById("k").value;
   const found = await fetch("v1/neighbours?k=" + encodeURIComponent(k), { method: "POST", body: form() });
   if (!found.ok) { statusLine.textContent = "neighbours: " + await detail(found); return; }
   for (const hit of (await found.json()).results[0]) {

@@ -18,11 +18,14 @@ from serve.app import ServeSettings, create_app
 from serve.index import build_index, load_index
 from serve.model import ServedModel, load_served_model
 from tests.servers import free_port
-from trainer.models.hub import save_backbone
+from dinoflow.storage import Storage
+from trainer.models.classifier import Classifier, save_classifier
+from trainer.models.hub import load_backbone, save_backbone
 from trainer.models.vit import build_vit
 
 IMAGE_SIZE = 28
 PATCH_SIZE = 7
+CLASSES = ("cat", "dog", "fish", "bird")  # the fine-tuned model's
 
 
 @dataclass
@@ -74,6 +77,19 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
         path.write_bytes(png_bytes(rng.integers(0, 256, shape, dtype=np.uint8)))
         paths.append(path)
     return paths
+
+
+@pytest.fixture(scope="session")
+def finetuned(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fine-tuning run's folder: a backbone and the classifier beside it (cls+avgpool, 4 classes)."""
+    folder = tmp_path_factory.mktemp("finetuned")
+    write_tiny_weights(folder / "backbone.safetensors", seed=3)
+    torch.manual_seed(0)
+    classifier = Classifier(load_backbone(str(folder / "backbone.safetensors"), "safetensors"), len(CLASSES),
+                            "cls+avgpool")
+    torch.nn.init.normal_(classifier.head.weight, std=1.0)  # distinct probabilities, not the near-zero init
+    save_classifier(classifier, CLASSES, str(folder / "classifier.safetensors"), Storage())
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 import requests
 import torch
 
@@ -14,27 +13,11 @@ from dinoflow.storage import Storage
 from serve.app import create_app
 from serve.model import load_served_model
 from trainer.data.datasets import decode_image
-from trainer.models.classifier import Classifier, class_probabilities, save_classifier
+from trainer.models.classifier import class_probabilities
 from trainer.models.hub import load_backbone
 from trainer.models.packaging import save_mlflow_model
 
-from .conftest import IMAGE_SIZE, PATCH_SIZE, Running, start_server, write_tiny_weights
-
-CLASSES = ("cat", "dog", "fish", "bird")
-
-
-@pytest.fixture(scope="module")
-def finetuned(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fine-tuning run's folder: a backbone and the classifier beside it (cls+avgpool, 4 classes)."""
-    folder = tmp_path_factory.mktemp("finetuned")
-    write_tiny_weights(folder / "backbone.safetensors", seed=3)
-    torch.manual_seed(0)
-    classifier = Classifier(load_backbone(str(folder / "backbone.safetensors"), "safetensors"), len(CLASSES),
-                            "cls+avgpool")
-    torch.nn.init.normal_(classifier.head.weight, std=1.0)  # distinct probabilities, not the near-zero init
-    save_classifier(classifier, CLASSES, str(folder / "classifier.safetensors"), Storage())
-    return folder
-
+from .conftest import CLASSES, IMAGE_SIZE, PATCH_SIZE, Running, start_server
 
 def expected(folder: Path, paths: list[Path]) -> np.ndarray:
     """The classifier's probabilities of the files, decoded as the service decodes them."""

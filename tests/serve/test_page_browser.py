@@ -122,3 +122,34 @@ def test_frames_give_a_pca_video(service: Running, browser: object, tmp_path: Pa
     driver.save_screenshot(str(path))
     region = _region(Image.open(path), driver.find_element(By.ID, "pca-video"))[2:-2, 2:-2]
     assert len(np.unique(region.reshape(-1, 3), axis=0)) >= 4 and region.std() > 20, path
+
+
+def test_a_fine_tuned_model_lists_its_classes(finetuned: Path, image_folder: list[Path], browser: object,
+                                             tmp_path: Path) -> None:
+    """A fine-tuned model's page ranks the uploaded image's classes as ``/v1/classify`` does (k = 5
+    asked, the model's 4 classes shown); no index: the neighbours say so, the classes are there."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from serve.app import create_app
+    from serve.model import load_served_model
+
+    from .conftest import start_server
+
+    server, thread, url = start_server(create_app(load_served_model(str(finetuned))))
+    try:
+        driver = browser
+        driver.get(url + "/")
+        WebDriverWait(driver, WAIT_S).until(lambda d: "4 classes" in d.find_element(By.ID, "model").text)
+        upload = tmp_path / "query.png"
+        shutil.copy(image_folder[2], upload)
+        driver.find_element(By.ID, "file").send_keys(str(upload))
+        WebDriverWait(driver, WAIT_S).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#classes li")) == 4)
+        shown = [" ".join(item.text.split()) for item in driver.find_elements(By.CSS_SELECTOR, "#classes li")]
+        ranked = requests.post(url + "/v1/classify", params={"k": 4}, timeout=10,
+                               files=[("images", (upload.name, upload.read_bytes(), "image/png"))]).json()
+        assert shown == [f"{hit['class']} {100 * hit['probability']:.1f} %" for hit in ranked["results"][0]]
+        WebDriverWait(driver, WAIT_S).until(lambda d: "no index loaded" in d.find_element(By.ID, "status").text)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
