@@ -13,7 +13,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -295,7 +295,8 @@ def finetune(
 
 @app.command("eval")
 def evaluate(
-    benchmark: Annotated[str, typer.Argument(help="knn, linear, or suite (the tasks in --tasks)")],
+    benchmark: Annotated[str, typer.Argument(help="knn, linear, suite (the tasks in --tasks), or classify (a "
+                                                  "fine-tuned model's classifier on the labelled test images)")],
     weights: WeightsOption,
     source: SourceOption = "auto",
     tasks: Annotated[str, typer.Option(help="for suite: comma-separated knn, linear, seg, depth, retrieval")] = (
@@ -355,7 +356,9 @@ def evaluate(
 
     Classification on Fashion-MNIST or on your class folders (ImageNet's
     layout); segmentation and depth on synthetic scenes or on ADE20K, VOC
-    and NYU-Depth v2; retrieval on synthetic sets. With
+    and NYU-Depth v2; retrieval on synthetic sets. `classify` scores a
+    fine-tuned model's classifier (a `dinoflow finetune` folder or a
+    registered one) on the test images, e.g. ImageNet-R with --test-uri. With
     MLFLOW_TRACKING_URI set, the run is recorded there: its settings, metrics,
     report and pictures."""
     from components.stage import storage_from_env
@@ -366,18 +369,26 @@ def evaluate(
 
     storage = storage_from_env()
     with _bad_input():
-        if benchmark not in ("knn", "linear", "suite"):
-            raise ValueError(f"unknown benchmark {benchmark!r}; allowed: knn, linear, suite")
+        if benchmark not in ("knn", "linear", "suite", "classify"):
+            raise ValueError(f"unknown benchmark {benchmark!r}; allowed: knn, linear, suite, classify")
         chosen = tuple(t.strip() for t in tasks.split(",") if t.strip()) if benchmark == "suite" else (benchmark,)
-        backbone = _backbone(weights, source, storage).to(available_device(device))
-        config = SuiteConfig(tasks=chosen, data_uri=data_uri, test_uri=test_uri, train_limit=train_limit,
-                             test_limit=test_limit,
-                             ks=tuple(sorted({k, 20})), image_size=image_size, num_workers=num_workers,
-                             seg_data=seg_data, depth_data=depth_data, retrieval_data=retrieval_data,
-                             multiscale=ms, precision=precision,
-                             layers=min(4, len(backbone.blocks)) if ms else 1, dense_cache_gib=dense_cache_gib,
-                             seg_head=HeadConfig(steps=seg_steps, batch_size=head_batch_size),
-                             depth_head=HeadConfig(steps=depth_steps, batch_size=head_batch_size), work_dir=work_dir)
+        if benchmark == "classify":  # the model and the data checked before any run is recorded
+            run = _classifying(weights, data_uri, test_uri, test_limit, image_size, num_workers, device, precision,
+                               storage)
+        else:
+            backbone = _backbone(weights, source, storage).to(available_device(device))
+            config = SuiteConfig(tasks=chosen, data_uri=data_uri, test_uri=test_uri, train_limit=train_limit,
+                                 test_limit=test_limit,
+                                 ks=tuple(sorted({k, 20})), image_size=image_size, num_workers=num_workers,
+                                 seg_data=seg_data, depth_data=depth_data, retrieval_data=retrieval_data,
+                                 multiscale=ms, precision=precision,
+                                 layers=min(4, len(backbone.blocks)) if ms else 1, dense_cache_gib=dense_cache_gib,
+                                 seg_head=HeadConfig(steps=seg_steps, batch_size=head_batch_size),
+                                 depth_head=HeadConfig(steps=depth_steps, batch_size=head_batch_size),
+                                 work_dir=work_dir)
+
+            def run(pictures: Path) -> dict[str, Any]:
+                return run_suite(backbone, config, storage, pictures=pictures)
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
     with tempfile.TemporaryDirectory() as scratch, (MlflowTracker.start(
         tracking_uri, experiment, run_name=f"eval-{benchmark}", tags=standard_tags("evaluate"),
@@ -392,8 +403,8 @@ def evaluate(
                             "work_dir": work_dir})
         drawn = Path(scratch) / "pictures"
         drawn.mkdir()
-        report = run_suite(backbone, config, storage, pictures=drawn)
-        report.pop("features")
+        report = run(drawn)
+        report.pop("features", None)
         text = json.dumps(report, indent=2)
         (Path(scratch) / "report.json").write_text(text)
         tracker.log_metrics(report["metrics"], step=0, force=True)
@@ -406,6 +417,37 @@ def evaluate(
     if tracking_uri:
         typer.echo(f"MLflow run {tracker.run_id} in {tracking_uri}", err=True)
     typer.echo(text)
+
+
+def _classifying(weights: str, data_uri: str, test_uri: str, test_limit: int, image_size: int, num_workers: int,
+                 device: str, precision: str, storage: Storage) -> Callable[[Path], dict[str, Any]]:
+    """``dinoflow eval classify``: the fine-tuned model at ``weights`` and the labelled images found
+    and checked; returns what scores the model on the test images (its confusion matrix drawn
+    into the folder it is given)."""
+    from evaluators.classification import labelled_images
+    from evaluators.suite import PRECISIONS
+    import numpy as np
+
+    from evaluators.visualize import save_confusion_matrix
+    from serve.model import load_served_model
+    from trainer.finetune import classifier_report
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
+    served = load_served_model(weights, image_size, device, storage)
+    if served.classifier is None:
+        raise ValueError(f"{weights} has no classifier: give a fine-tuned model (a `dinoflow finetune` folder, or "
+                         "one the finetune pipeline registered); knn and linear score a backbone alone")
+    images = labelled_images(data_uri, "auto", storage, 0, test_limit, image_size, 0, num_workers, test_uri)
+
+    def run(pictures: Path) -> dict[str, Any]:
+        report = classifier_report(served.classifier, served.classes, images, image_size,
+                                   next(served.backbone.parameters()).device, PRECISIONS[precision])
+        save_confusion_matrix(np.asarray(report["confusion"]), served.classes, pictures / "confusion_classify.png",
+                              f"top-1 {100 * report['metrics']['classify_top1']:.1f} %")
+        return {"benchmark": "classify", "weights": weights, "data_uri": data_uri, "test_uri": test_uri, **report}
+
+    return run
 
 
 @app.command()

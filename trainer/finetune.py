@@ -208,6 +208,21 @@ def score(model: Classifier, images: LabelledImages, image_size: int, device: to
     return metrics, truth.numpy(), top[:, 0].numpy()
 
 
+def classifier_report(model: Classifier, classes: tuple[str, ...], images: LabelledImages, image_size: int,
+                      device: torch.device, autocast_dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """A fine-tuned ``model`` (trained on ``classes``) scored on the test split of ``images``
+    (:func:`score`; a separate test set of fewer classes over its own, as ImageNet-A and -R are):
+    ``{"metrics": {"classify_top1", "classify_top5"}, "classes", "test_images", "confusion"}``.
+    The data's classes must be the classifier's, in its order: its outputs are indices into them."""
+    if tuple(images.classes) != tuple(classes):
+        raise ValueError(f"the data's {len(images.classes)} classes ({', '.join(images.classes[:4])}, ...) are not "
+                         f"the classifier's {len(classes)} ({', '.join(classes[:4])}, ...): score it on class folders "
+                         "named as those it was fine-tuned on")
+    metrics, truth, predicted = score(model.to(device), images, image_size, device, autocast_dtype)
+    return {"metrics": {f"classify_{name}": value for name, value in metrics.items()}, "classes": list(classes),
+            "test_images": len(truth), "confusion": confusion_matrix(truth, predicted, len(classes)).tolist()}
+
+
 def _checkpoint_bytes(model: Classifier, optimizer: torch.optim.Optimizer, state: TrainState,
                       cfg: FinetuneConfig, strategy: Strategy) -> bytes:
     """The run state, whole tensors gathered from every rank (all ranks call this); the optimizer's

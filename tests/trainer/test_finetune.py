@@ -257,3 +257,20 @@ def test_the_command_fine_tunes_and_says_bad_input_in_one_line(weights: Path, tm
         assert not (tmp_path / "bad" / "checkpoints").exists()
     with pytest.raises(ConfigError, match="unknown key 'optim.layer_decay'"):
         load_config(FinetuneConfig, "finetune-tiny", ["optim.layer_decay=0.5"])
+
+    # `dinoflow eval classify`: the fine-tuned folder scored again on the same test images, the same top-1
+    evaluate = ["eval", "classify", "--weights", str(tmp_path / "run"), "--data-uri", str(tmp_path / "data"),
+                "--image-size", "28"]
+    scored = CliRunner().invoke(app, evaluate)
+    assert scored.exit_code == 0, scored.output
+    report = json.loads(scored.stdout)
+    tuned = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert report["metrics"]["classify_top1"] == pytest.approx(tuned["final"]["top1"], abs=1e-6)
+    assert report["classes"] == ["cat", "dog"] and report["test_images"] == 8
+    assert np.asarray(report["confusion"]).sum() == 8
+    write_folders(tmp_path / "other", {"cat": (3, 1), "dog": (3, 1), "fish": (3, 1)})  # other classes
+    for bad, message in ((["--weights", str(weights), "--data-uri", str(tmp_path / "data")], "has no classifier"),
+                         (["--data-uri", str(tmp_path / "other")], "the data's 3 classes (cat, dog, fish, ...) are not "
+                                                                   "the classifier's 2 (cat, dog, ...)")):
+        refused = CliRunner().invoke(app, [*evaluate, *bad])
+        assert refused.exit_code == 2 and message in refused.stderr.strip().splitlines()[-1], refused.output
