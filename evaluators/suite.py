@@ -70,6 +70,7 @@ from evaluators.report import knn_accuracies, report_metrics
 from evaluators.retrieval import global_descriptors, load_revisited, rank_database, revisited_descriptors
 from evaluators.synthetic import CLASS_NAMES, SceneConfig, make_retrieval_set, make_scenes
 from evaluators.visualize import (
+    MAX_CONFUSION_CLASSES,
     confusion_matrix,
     save_attention_maps,
     save_confusion_matrix,
@@ -80,7 +81,6 @@ from evaluators.visualize import (
 TASKS = ("knn", "linear", "seg", "depth", "retrieval")
 REVISITED = ("roxford5k", "rparis6k")  # retrieval_data's data sets
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # the feature pass's autocast dtype
-MAX_CONFUSION_CLASSES = 30  # above, a confusion matrix is too dense to read: none is drawn
 
 
 @dataclass(frozen=True)

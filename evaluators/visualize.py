@@ -18,6 +18,9 @@ from matplotlib.colors import hsv_to_rgb  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+MAX_CONFUSION_CLASSES = 30  # above, a confusion matrix is too dense to read (and slow to draw): none is drawn
+
+
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
     """Counts ``(C, C)``: row = true class, column = predicted class."""
     matrix = np.zeros((num_classes, num_classes), dtype=np.int64)

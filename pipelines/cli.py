@@ -443,8 +443,9 @@ def _classifying(weights: str, data_uri: str, test_uri: str, test_limit: int, im
     def run(pictures: Path) -> dict[str, Any]:
         report = classifier_report(served.classifier, served.classes, images, image_size,
                                    next(served.backbone.parameters()).device, PRECISIONS[precision])
-        save_confusion_matrix(np.asarray(report["confusion"]), served.classes, pictures / "confusion_classify.png",
-                              f"top-1 {100 * report['metrics']['classify_top1']:.1f} %")
+        if "confusion" in report:  # up to MAX_CONFUSION_CLASSES classes
+            save_confusion_matrix(np.asarray(report["confusion"]), served.classes, pictures / "confusion_classify.png",
+                                  f"top-1 {100 * report['metrics']['classify_top1']:.1f} %")
         return {"benchmark": "classify", "weights": weights, "data_uri": data_uri, "test_uri": test_uri, **report}
 
     return run

@@ -44,7 +44,7 @@ from dinoflow.run_files import BACKBONE_FILE, CLASSIFIER_FILE, SUMMARY_FILE
 from dinoflow.storage import Storage, join_uri
 from dinoflow.tracking import NullTracker, Tracker
 from evaluators.classification import FolderImages, LabelledImages, labelled_images
-from evaluators.visualize import confusion_matrix, save_confusion_matrix
+from evaluators.visualize import MAX_CONFUSION_CLASSES, confusion_matrix, save_confusion_matrix
 from trainer.batches import ImageStream, LoaderWatch
 from trainer.checkpoints import TrainState, load_latest_checkpoint, save_checkpoint, write_training_curves
 from trainer.data.augment import IMAGENET_MEAN, IMAGENET_STD
@@ -212,15 +212,20 @@ def classifier_report(model: Classifier, classes: tuple[str, ...], images: Label
                       device: torch.device, autocast_dtype: torch.dtype | None = None) -> dict[str, Any]:
     """A fine-tuned ``model`` (trained on ``classes``) scored on the test split of ``images``
     (:func:`score`; a separate test set of fewer classes over its own, as ImageNet-A and -R are):
-    ``{"metrics": {"classify_top1", "classify_top5"}, "classes", "test_images", "confusion"}``.
-    The data's classes must be the classifier's, in its order: its outputs are indices into them."""
+    ``{"metrics": {"classify_top1", "classify_top5"}, "classes", "test_images"}`` and, up to
+    :data:`~evaluators.visualize.MAX_CONFUSION_CLASSES` classes, ``"confusion"`` (rows: true
+    classes). The data's classes must be the classifier's, in its order: its outputs are indices
+    into them."""
     if tuple(images.classes) != tuple(classes):
         raise ValueError(f"the data's {len(images.classes)} classes ({', '.join(images.classes[:4])}, ...) are not "
                          f"the classifier's {len(classes)} ({', '.join(classes[:4])}, ...): score it on class folders "
                          "named as those it was fine-tuned on")
     metrics, truth, predicted = score(model.to(device), images, image_size, device, autocast_dtype)
-    return {"metrics": {f"classify_{name}": value for name, value in metrics.items()}, "classes": list(classes),
-            "test_images": len(truth), "confusion": confusion_matrix(truth, predicted, len(classes)).tolist()}
+    report = {"metrics": {f"classify_{name}": value for name, value in metrics.items()}, "classes": list(classes),
+              "test_images": len(truth)}
+    if len(classes) <= MAX_CONFUSION_CLASSES:
+        report["confusion"] = confusion_matrix(truth, predicted, len(classes)).tolist()
+    return report
 
 
 def _checkpoint_bytes(model: Classifier, optimizer: torch.optim.Optimizer, state: TrainState,
@@ -377,12 +382,13 @@ def _finetune(cfg: FinetuneConfig, storage: Storage, tracker: Tracker, strategy:
     bad_images.check(final=True)
     final, truth, predicted, scored = evaluate()
     best = max((row for row in state.history if "top1" in row), key=lambda row: row["top1"], default={})
-    if strategy.is_main:
+    if strategy.is_main and classes <= MAX_CONFUSION_CLASSES:  # ImageNet's 1,000: none drawn
         picture = save_confusion_matrix(confusion_matrix(truth, predicted, classes), images.classes,
                                         Path(tempfile.mkdtemp()) / CONFUSION_FILE,
                                         f"{cfg.name}: top-1 {100 * final['top1']:.1f} %")
         storage.write_bytes(join_uri(cfg.out, CONFUSION_FILE), picture.read_bytes())
         tracker.log_artifact(picture)
+    if strategy.is_main:
         scored = scored.cpu()
         save_backbone(scored.backbone, join_uri(cfg.out, BACKBONE_FILE), storage)
         save_classifier(scored, images.classes, join_uri(cfg.out, CLASSIFIER_FILE), storage)

@@ -239,6 +239,26 @@ def test_class_folders_train_and_a_separate_test_set_of_fewer_classes_is_scored_
     assert "top5" not in summary["final"]  # 3 classes
 
 
+def test_a_report_holds_the_confusion_matrix_up_to_30_classes(weights: Path) -> None:
+    """ImageNet's 1,000 classes would make a 1M-cell matrix in every report (and an unreadable
+    picture): up to 30 classes it is there, summing to the test images, above it is left out."""
+    from evaluators.classification import FashionMnistImages
+    from trainer.finetune import classifier_report
+
+    backbone = load_backbone(str(weights), "safetensors")
+    rng = np.random.default_rng(0)
+    for count in (30, 31):
+        names = tuple(f"class{i}" for i in range(count))
+        pixels = torch.from_numpy(rng.integers(0, 256, (12, 28, 28), dtype=np.uint8))
+        labels = torch.from_numpy(rng.integers(0, count, 12))
+        images = FashionMnistImages(pixels, labels, pixels, labels, classes=names)
+        report = classifier_report(Classifier(backbone, count, "cls"), names, images, 28, torch.device("cpu"))
+        assert report["test_images"] == 12 and 0 <= report["metrics"]["classify_top1"] <= 1
+        assert ("confusion" in report) == (count == 30)
+        if count == 30:
+            assert np.asarray(report["confusion"]).sum() == 12
+
+
 def test_the_command_fine_tunes_and_says_bad_input_in_one_line(weights: Path, tmp_path: Path) -> None:
     from tests.evaluators.test_classification import write_folders
 
