@@ -135,6 +135,7 @@ class FashionMnistImages:
     test: Tensor
     test_y: Tensor
     classes: tuple[str, ...] = FASHION_MNIST_CLASSES
+    test_classes = None  # the test split holds every class
 
     def features(self, backbone: nn.Module, views: bool = False, batch_size: int = 512,
                  amp_dtype: torch.dtype | None = None, parts: FeatureParts | None = None) -> LabelledFeatures:
@@ -225,8 +226,12 @@ class FolderImages:
         train, test = (split_rows("train", self.train, None, 0),
                        split_rows("test", self.test, self.remap, ATTENTION_IMAGES))
         return _labelled(train["features"], train["labels"], test["features"], test["labels"], self.classes,
-                         backbone, views, test["kept"], None, None, bad,
-                         self.remap.sort().values if self.restricted else None)
+                         backbone, views, test["kept"], None, None, bad, self.test_classes)
+
+    @property
+    def test_classes(self) -> Tensor | None:
+        """The train classes a separate test set of fewer holds, its scores restricted to them; else None."""
+        return self.remap.sort().values if self.restricted else None
 
     def test_batches(self, device: torch.device, patch_size: int, size: int | None = None,
                      batch_size: int = 128) -> Iterator[tuple[Tensor, Tensor]]:

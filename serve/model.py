@@ -87,8 +87,7 @@ class ServedModel:
             pooled = patch.mean(dim=1)
             outputs = {"cls": cls.float().cpu(), "pooled": pooled.float().cpu(), "patch": patch.float().cpu()}
             if self.classifier is not None:
-                head_input = cls if self.classifier.head_input == "cls" else torch.cat([cls, pooled], dim=-1)
-                outputs["probabilities"] = self.classifier.head(head_input).float().softmax(dim=-1).cpu()
+                outputs["probabilities"] = self.classifier.logits(cls, pooled).float().softmax(dim=-1).cpu()
         return outputs
 
     def attention(self, pixels: Tensor) -> dict[str, Tensor]:

@@ -41,6 +41,12 @@ class TrainState:
                    json.loads(checkpoint["history"]), json.loads(checkpoint.get("bad_images", "{}")),
                    json.loads(checkpoint.get("curves", "[]")), int(checkpoint.get("curve_every", 0)))
 
+    def to_checkpoint(self) -> dict[str, Any]:
+        """The fields a checkpoint stores, as :meth:`from_checkpoint` reads them back."""
+        return {"step": self.step, "images_seen": self.images_seen, "train_seconds": self.train_seconds,
+                "history": json.dumps(self.history), "bad_images": json.dumps(self.bad_images),
+                "curves": json.dumps(self.curves), "curve_every": self.curve_every}
+
     def record(self, step: int, metrics: dict[str, float], every: int) -> None:
         """Keep step ``step``'s ``metrics`` for the training curves when it falls on the stride
         (``every`` steps at first); past :data:`CURVE_POINTS` rows the stride doubles and every other
@@ -79,11 +85,7 @@ def checkpoint_bytes(student: SSLNetwork, teacher: SSLNetwork, objective: Object
     torch.save({
         "student": strategy.full_state_dict(student), "teacher": strategy.full_state_dict(teacher),
         "objective": objective.state_dict(), "optimizer": strategy.optimizer_state(student, optimizer),
-        "step": state.step, "images_seen": state.images_seen, "train_seconds": state.train_seconds,
-        "config": to_yaml(cfg),
-        "history": json.dumps(state.history),
-        "bad_images": json.dumps(state.bad_images),
-        "curves": json.dumps(state.curves), "curve_every": state.curve_every,
+        "config": to_yaml(cfg), **state.to_checkpoint(),
     }, buffer)
     return buffer.getvalue()
 

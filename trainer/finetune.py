@@ -189,9 +189,9 @@ def score(model: Classifier, images: LabelledImages, image_size: int, device: to
     was_training = model.training
     model.eval()
     allowed = None
-    if isinstance(images, FolderImages) and images.restricted:
+    if images.test_classes is not None:
         allowed = torch.zeros(model.head.out_features, dtype=torch.bool, device=device)
-        allowed[images.remap.to(device)] = True
+        allowed[images.test_classes.to(device)] = True
     labels, ranked = [], []
     for inputs, truth in images.test_batches(device, model.backbone.patch_size, image_size):
         with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
@@ -234,10 +234,7 @@ def _checkpoint_bytes(model: Classifier, optimizer: torch.optim.Optimizer, state
     keyed by parameter name, so a run resumes at any world size."""
     buffer = io.BytesIO()
     torch.save({"model": strategy.full_state_dict(model), "optimizer": strategy.optimizer_state(model, optimizer),
-                "step": state.step,
-                "images_seen": state.images_seen, "train_seconds": state.train_seconds, "config": to_yaml(cfg),
-                "history": json.dumps(state.history), "bad_images": json.dumps(state.bad_images),
-                "curves": json.dumps(state.curves), "curve_every": state.curve_every}, buffer)
+                "config": to_yaml(cfg), **state.to_checkpoint()}, buffer)
     return buffer.getvalue()
 
 
@@ -342,10 +339,14 @@ def _finetune(cfg: FinetuneConfig, storage: Storage, tracker: Tracker, strategy:
                                   "images_seen": state.images_seen, **metrics})
         return metrics, truth, predicted, scored
 
+    saved_at = state.step  # the step of the last checkpoint written (or loaded)
+
     def save() -> None:
+        nonlocal saved_at
         data = _checkpoint_bytes(model, optimizer, state, cfg, strategy)
         if strategy.is_main:
             save_checkpoint(storage, cfg.out, data, state.step)
+        saved_at = state.step
 
     bar = progress(range(state.step, last_step), desc=f"finetune {cfg.name}", total=last_step - state.step,
                    unit="step")
@@ -377,7 +378,7 @@ def _finetune(cfg: FinetuneConfig, storage: Storage, tracker: Tracker, strategy:
             evaluate()
         if state.step % cfg.checkpoint_every == 0 or state.step == last_step:
             save()
-    if stopped_early:
+    if state.step != saved_at:  # stopped by the time limit between checkpoints
         save()
     bad_images.check(final=True)
     final, truth, predicted, scored = evaluate()

@@ -37,10 +37,12 @@ class Classifier(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         out = self.backbone.forward_features(images)
-        parts = [out["x_norm_clstoken"]]
-        if self.head_input == "cls+avgpool":
-            parts.append(out["x_norm_patchtokens"].mean(dim=1))
-        return self.head(torch.cat(parts, dim=-1))
+        return self.logits(out["x_norm_clstoken"], out["x_norm_patchtokens"].mean(dim=1))
+
+    def logits(self, cls: Tensor, patch_mean: Tensor) -> Tensor:
+        """The class logits of the backbone's final CLS token ``(B, D)`` and mean patch token ``(B, D)``
+        (read per ``head_input``): for a caller that has run the backbone already."""
+        return self.head(cls if self.head_input == "cls" else torch.cat([cls, patch_mean], dim=-1))
 
 
 def save_classifier(model: Classifier, classes: tuple[str, ...], uri: str, storage: Storage) -> None:

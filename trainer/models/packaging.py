@@ -43,28 +43,26 @@ class BackbonePyfunc(mlflow.pyfunc.PythonModel):
 
 
 def predictions(backbone: Any, classifier: Any, patch_size: int, images: Any) -> np.ndarray:
-    """What the package returns for uint8 images: :func:`cls_features`, or with a classifier
-    (:class:`trainer.models.classifier.Classifier` around ``backbone``) its class probabilities."""
-    if classifier is None:
-        return cls_features(backbone, patch_size, images)
+    """What the package returns for uint8 images ``(N, H, W)`` or ``(N, 3, H, W)``: :func:`cls_features`,
+    or with a classifier (:class:`trainer.models.classifier.Classifier` around ``backbone``) its
+    class probabilities ``(N, C)``."""
     from trainer.models.classifier import class_probabilities
 
     array = np.asarray(images)
     if array.dtype != np.uint8 or array.ndim not in (3, 4):
         raise ValueError(f"images must be uint8 (N, H, W) or (N, 3, H, W), got {array.dtype} {array.shape}")
+    if classifier is None:
+        return cls_features(backbone, patch_size, array)
     return class_probabilities(classifier, array, patch_size)
 
 
-def cls_features(backbone: Any, patch_size: int, images: Any) -> np.ndarray:
-    """Final normalised CLS features ``(N, D)`` of uint8 images ``(N, H, W)`` or ``(N, 3, H, W)``."""
+def cls_features(backbone: Any, patch_size: int, images: np.ndarray) -> np.ndarray:
+    """Final normalised CLS features ``(N, D)`` of uint8 images (checked by :func:`predictions`)."""
     import torch
 
     from evaluators.features import labelled_features
 
-    array = np.asarray(images)
-    if array.dtype != np.uint8 or array.ndim not in (3, 4):
-        raise ValueError(f"images must be uint8 (N, H, W) or (N, 3, H, W), got {array.dtype} {array.shape}")
-    return labelled_features(backbone, torch.from_numpy(array), patch_size).numpy()
+    return labelled_features(backbone, torch.from_numpy(images), patch_size).numpy()
 
 
 def pinned_requirements() -> list[str]:
