@@ -54,7 +54,7 @@ def main() -> None:
         start = join_uri(args.out, "start")
         cfg = load_config(PretrainConfig, args.config, [f"out={start}", f"max_minutes={args.start_minutes}",
                                                         "eval.every_steps=0"])
-        pretrain(cfg, build_dataset(cfg.data, cfg.crops.load_size, storage), collate_samples, storage)
+        pretrain(cfg, build_dataset(cfg.data, cfg.crops, storage), collate_samples, storage)
     runs: dict[str, dict] = {}
     for heads in ("auto", "fresh"):
         cfg = load_config(PretrainConfig, args.config, [
@@ -64,7 +64,7 @@ def main() -> None:
         periodic, final = labelled_evaluators(cfg, storage)
         if heads == "auto":  # the start's own scores, on the same images
             runs["start"] = final(load_backbone(start, "auto", storage), 0)
-        summary = pretrain(cfg, build_dataset(cfg.data, cfg.crops.load_size, storage), collate_samples, storage,
+        summary = pretrain(cfg, build_dataset(cfg.data, cfg.crops, storage), collate_samples, storage,
                            evaluate=periodic, final_evaluate=final)
         runs[heads] = {"knn": {h["step"]: h["knn_top1_k20"] for h in summary["history"]},
                        "final": summary["final"], "minutes": summary["train_minutes"]}

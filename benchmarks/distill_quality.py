@@ -68,7 +68,7 @@ def main() -> None:
         teacher_uri = join_uri(args.out, "teacher")
         teacher_cfg = load_config(PretrainConfig, args.teacher_config, [
             f"out={teacher_uri}", f"max_minutes={args.teacher_minutes}", "eval.every_steps=0"])
-        summary = pretrain(teacher_cfg, build_dataset(teacher_cfg.data, teacher_cfg.crops.load_size, storage),
+        summary = pretrain(teacher_cfg, build_dataset(teacher_cfg.data, teacher_cfg.crops, storage),
                            collate_samples, storage)
         rows.append({"what": f"teacher ({args.teacher_config}, pretrained)", **_run_facts(summary)})
     else:
@@ -79,7 +79,7 @@ def main() -> None:
         f"teacher.uri={teacher_uri}", "teacher.source=checkpoint", f"out={join_uri(args.out, 'distilled')}",
         *budget, "eval.every_steps=0", *args.overrides])
     teacher = load_teacher(cfg, storage)
-    dataset = build_dataset(cfg.data, cfg.crops.load_size, storage)
+    dataset = build_dataset(cfg.data, cfg.crops, storage)
     distilled = distill(cfg, dataset, collate_samples, storage, teacher=teacher)
     rows.append({"what": f"student distilled ({args.student}, {cfg.distill.objective})", **_run_facts(distilled)})
 

@@ -88,7 +88,7 @@ def main() -> None:
     untrained = build_networks(cfg)[1].backbone
     rows.append({"what": "untrained network", **evaluate(untrained, 0)})
     started = time.monotonic()
-    summary = pretrain(cfg, build_dataset(cfg.data, cfg.crops.load_size, storage), collate_samples, storage,
+    summary = pretrain(cfg, build_dataset(cfg.data, cfg.crops, storage), collate_samples, storage,
                        evaluate=evaluate)
     for mark in summary["history"]:
         rows.append({"what": f"{args.config} after {mark['train_minutes']:.1f} min", "step": mark["step"],

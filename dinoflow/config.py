@@ -138,6 +138,10 @@ class CropsConfig(Section):
     """Multi-crop augmentation (sizes in pixels; scales as fractions of the image area)."""
 
     load_size: int = Field(256, ge=8, description="images are decoded to load_size x load_size")
+    max_aspect: float = Field(1.0, ge=1, description="the decoded square holds an image's centred region of aspect "
+                              "ratio up to this (its longer side over its shorter), squeezed; the crops are drawn "
+                              "over that region in its own pixels. 1: the centre square; the original draws them "
+                              "over the whole image")
     global_crop_size: int = Field(224, ge=8)
     local_crop_size: int = Field(98, ge=8)
     num_local_crops: int = Field(8, ge=0)
@@ -489,6 +493,8 @@ class FinetuneDataConfig(Section):
     test_limit: int = Field(0, ge=0, description="test images scored (0: all)")
     num_workers: int = Field(0, ge=0, description="decoding processes")
     max_bad_fraction: float = Field(0.01, ge=0, le=1)
+    max_aspect: float = Field(1.0, ge=1, description="class folders: the training crops are drawn over each image's "
+                              "centred region of aspect ratio up to this (1: the centre square; crops.max_aspect)")
 
 
 class FinetuneAugmentConfig(Section):

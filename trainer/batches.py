@@ -58,15 +58,16 @@ class CropBatch:
 
 
 def make_batch(images: Tensor, step: int, cfg: PretrainConfig, multi_crop: MultiCrop,
-               strategy: Strategy | None = None) -> CropBatch:
-    """Crops and masks for uint8 images; random draws are seeded from ``(seed, step)``.
+               strategy: Strategy | None = None, aspects: Tensor | None = None) -> CropBatch:
+    """Crops and masks for uint8 images (``aspects``: their regions', :class:`MultiCrop`); the
+    masks' random draws are seeded from ``(seed, step)``.
 
     Under ``strategy`` the masks are drawn for the global batch (every rank draws the same) and
     this rank keeps its images' rows, so masking does not depend on how the batch is split. The
     masked patches' index is padded to the most this rank's crops can hold (:class:`CropBatch`).
     """
     strategy = strategy or Strategy()
-    global_crops, local_crops = multi_crop(images)
+    global_crops, local_crops = multi_crop(images, aspects)
     grid = global_crops.shape[-1] // cfg.model.patch_size
     rng = np.random.default_rng([cfg.seed, step])
     global_images = len(images) * strategy.world_size
@@ -198,15 +199,8 @@ class ImageStream:
         self.batches, self.device, self.bad_images = iter(loader), device, bad_images
         self.waited = 0.0
 
-    def __call__(self) -> Tensor:
-        return self._next().images.to(self.device, non_blocking=True)
-
-    def next_batch(self) -> tuple[Tensor, Tensor]:
-        """The next batch's images and labels on the device."""
-        batch = self._next()
-        return batch.images.to(self.device, non_blocking=True), batch.labels.to(self.device, non_blocking=True)
-
-    def _next(self) -> Batch:
+    def __call__(self) -> Batch:
+        """The next batch (of at least one image), its tensors on the device."""
         while True:
             tick = time.perf_counter()
             batch = next(self.batches)
@@ -214,7 +208,7 @@ class ImageStream:
             self.bad_images.update(batch)
             self.bad_images.check()
             if len(batch.images):
-                return batch
+                return batch.to(self.device)
 
     def take_wait(self) -> float:
         """Seconds spent waiting for the loader since the last call."""

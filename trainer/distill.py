@@ -419,9 +419,9 @@ def distill(
 
         def make() -> PreparedStep:
             images = [next_images() for _ in range(micro)]
-            batches = [CropBatch(*crop(x), torch.zeros(0, dtype=torch.bool, device=device),
+            batches = [CropBatch(*crop(x.images, x.aspects), torch.zeros(0, dtype=torch.bool, device=device),
                                  torch.zeros(0, dtype=torch.long, device=device)) for x in images]  # no masking
-            return PreparedStep(batches, sum(len(x) for x in images), bad_images.summary())
+            return PreparedStep(batches, sum(len(x.images) for x in images), bad_images.summary())
 
         return side.run(make)
 
@@ -529,6 +529,6 @@ def run_distill(cfg: DistillConfig, storage: Storage, tracker: Tracker, evaluate
     from trainer.data.datasets import collate_samples
     from trainer.run import build_dataset, labelled_evaluators
 
-    dataset = build_dataset(cfg.data, cfg.crops.load_size, storage)
+    dataset = build_dataset(cfg.data, cfg.crops, storage)
     periodic, final = labelled_evaluators(cfg, storage) if evaluate else (None, None)
     return distill(cfg, dataset, collate_samples, storage, tracker, evaluate=periodic, final_evaluate=final)

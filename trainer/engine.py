@@ -580,8 +580,9 @@ def _pretrain(cfg: PretrainConfig, dataset: Any, collate: Callable, storage: Sto
 
         def make() -> PreparedStep:
             images = [next_images() for _ in range(micro)]
-            micro_batches = [make_batch(x, step * micro + i, cfg, crop, strategy) for i, x in enumerate(images)]
-            return PreparedStep(micro_batches, sum(len(x) for x in images), bad_images.summary())
+            micro_batches = [make_batch(x.images, step * micro + i, cfg, crop, strategy, x.aspects)
+                             for i, x in enumerate(images)]
+            return PreparedStep(micro_batches, sum(len(x.images) for x in images), bad_images.summary())
 
         return side.run(make)
 

@@ -20,6 +20,7 @@ official layout: every command that reads a backbone reads it) with ``classifier
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import math
@@ -47,7 +48,7 @@ from evaluators.classification import FolderImages, LabelledImages, labelled_ima
 from evaluators.visualize import MAX_CONFUSION_CLASSES, confusion_matrix, save_confusion_matrix
 from trainer.batches import ImageStream, LoaderWatch
 from trainer.checkpoints import TrainState, load_latest_checkpoint, save_checkpoint, write_training_curves
-from trainer.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from trainer.data.augment import IMAGENET_MEAN, IMAGENET_STD, crop_boxes, resized_crops
 from trainer.data.datasets import BadImageTracker, FashionMnistDataset, collate_samples
 from trainer.devices import available_device
 from trainer.engine import training_autocast
@@ -85,18 +86,29 @@ def load_for_finetuning(cfg: FinetuneConfig, storage: Storage) -> DinoVisionTran
 def training_images(images: LabelledImages, cfg: FinetuneConfig, storage: Storage) -> Dataset:
     """The train split as a data set of decoded samples with labels: Fashion-MNIST's 28 px images
     (its first ``train_limit``), or the class folders' seeded subset decoded at the evaluation's
-    ``image_size / 0.875`` squares, which the random resized crops are cut from."""
+    ``image_size / 0.875`` squares holding each image's region of aspect up to ``data.max_aspect``,
+    which the random resized crops are cut from."""
     if isinstance(images, FolderImages):
-        return images.train
+        folder = copy.copy(images.train.dataset)  # the files listed once; decoded here to training's region
+        folder.max_aspect = cfg.data.max_aspect  # type: ignore[attr-defined]
+        return Subset(folder, images.train.indices)
     dataset = FashionMnistDataset(storage, cfg.data.uri, "train", 28)
     return Subset(dataset, range(len(images.train))) if len(images.train) < len(dataset) else dataset
 
 
+def random_resized_crops(pixels: Tensor, aspects: Tensor, size: int, scale: tuple[float, float]) -> Tensor:
+    """One random resized crop of each image ``(B, 3, S, S)`` in [0, 1] to ``size`` (bicubic), its box
+    drawn in the pixels of the region the square holds (``aspects``: width / height), as the
+    pretraining crops are (:func:`~trainer.data.augment.crop_boxes`)."""
+    boxes = crop_boxes(len(pixels), scale, pixels.device, aspects)
+    return resized_crops(pixels, boxes[None], torch.ones(1, len(pixels), device=pixels.device), size)[0]
+
+
 def train_augment(cfg: FinetuneConfig) -> nn.Sequential:
-    """kornia's per-image augmentation of ``[0, 1]`` pixels: a random resized crop to ``image_size``,
-    a horizontal flip, RandAugment, the ImageNet normalisation, random erasing (each per the config)."""
-    augment, side = cfg.augment, cfg.image_size
-    parts: list[nn.Module] = [K.RandomResizedCrop((side, side), scale=augment.crop_scale)]
+    """kornia's per-image augmentation of the crops (:func:`random_resized_crops`): a horizontal
+    flip, RandAugment, the ImageNet normalisation, random erasing (each per the config)."""
+    augment = cfg.augment
+    parts: list[nn.Module] = []
     if augment.horizontal_flip:
         parts.append(K.RandomHorizontalFlip())
     if augment.rand_augment_ops:
@@ -323,10 +335,11 @@ def _finetune(cfg: FinetuneConfig, storage: Storage, tracker: Tracker, strategy:
     def micro_batches() -> Iterator[tuple[Tensor, Tensor]]:
         nonlocal seen
         for _ in range(micro):
-            pixels, labels = stream.next_batch()
-            seen += len(labels)
-            yield mix(augment(pixels.float() / 255), soft_targets(labels, classes, cfg.augment.label_smoothing),
-                      cfg.augment)
+            batch = stream()
+            seen += len(batch.labels)
+            crops = random_resized_crops(batch.images.float() / 255, batch.aspects, cfg.image_size,
+                                         cfg.augment.crop_scale)
+            yield mix(augment(crops), soft_targets(batch.labels, classes, cfg.augment.label_smoothing), cfg.augment)
 
     def evaluate() -> tuple[dict[str, float], np.ndarray | None, np.ndarray | None, Classifier]:
         """The test scores (rank 0's; {} on the others), labels and predictions, and the whole model."""

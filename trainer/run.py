@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from dinoflow.config import DataConfig, PretrainConfig
+from dinoflow.config import CropsConfig, DataConfig, PretrainConfig
 from dinoflow.storage import Storage
 from dinoflow.tracking import Tracker
 from evaluators.classification import classification_report, labelled_images
@@ -21,15 +21,16 @@ from trainer.engine import EvalFn, pretrain
 from trainer.models.vit import DinoVisionTransformer
 
 
-def build_dataset(data: DataConfig, load_size: int, storage: Storage) -> torch.utils.data.Dataset:
-    """The training images of ``data`` decoded to ``load_size`` squares (labels unused)."""
+def build_dataset(data: DataConfig, crops: CropsConfig, storage: Storage) -> torch.utils.data.Dataset:
+    """The training images of ``data`` decoded to ``crops.load_size`` squares holding their regions of
+    aspect up to ``crops.max_aspect`` (labels unused)."""
     if not data.uri:
         raise ValueError("data.uri is empty: give the folder, shard folder or Fashion-MNIST folder")
     if data.kind == "fashion_mnist":
-        return FashionMnistDataset(storage, data.uri, "train", load_size)
+        return FashionMnistDataset(storage, data.uri, "train", crops.load_size)
     if data.kind == "folder":
-        return ImageFolderDataset(storage, data.uri, load_size)
-    return ShardDataset(storage, data.uri, load_size)
+        return ImageFolderDataset(storage, data.uri, crops.load_size, max_aspect=crops.max_aspect)
+    return ShardDataset(storage, data.uri, crops.load_size, max_aspect=crops.max_aspect)
 
 
 def labelled_evaluators(cfg: PretrainConfig, storage: Storage) -> tuple[EvalFn | None, EvalFn | None]:
@@ -66,6 +67,6 @@ def run_pretrain(cfg: PretrainConfig, storage: Storage, tracker: Tracker, evalua
     k-NN every ``cfg.eval.every_steps`` and by k-NN + linear probe at the end; a pipeline leaves
     that to its evaluate stage.
     """
-    dataset = build_dataset(cfg.data, cfg.crops.load_size, storage)
+    dataset = build_dataset(cfg.data, cfg.crops, storage)
     periodic, final = labelled_evaluators(cfg, storage) if evaluate else (None, None)
     return pretrain(cfg, dataset, collate_samples, storage, tracker, evaluate=periodic, final_evaluate=final)

@@ -6,9 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from dinoflow.storage import Storage
 from tests.trainer.test_engine import config, images
-from trainer.batches import ResumableBatches, make_batch
+from trainer.batches import ImageStream, ResumableBatches, make_batch
 from trainer.data.augment import MultiCrop
+from trainer.data.datasets import BadImageTracker, ImageFolderDataset, collate_samples
 from trainer.data.masking import masked_patch_bound
 
 
@@ -37,3 +44,28 @@ def test_batches_resume_anywhere() -> None:
     assert sorted(sum(first[:6], [])) == sorted(set(sum(first[:6], [])))  # no repeats in an epoch
     with pytest.raises(ValueError, match="smaller than one batch"):
         ResumableBatches(5, 8, seed=0)
+
+
+def test_the_stream_hands_each_images_region_aspect_to_the_crops(tmp_path: Path) -> None:
+    """Wide and tall images held whole (``crops.max_aspect``): the stream's batches carry their
+    regions' aspects and ``make_batch`` draws the crops for them (as ``MultiCrop`` given them)."""
+    rng = np.random.default_rng(0)
+    for i, (width, height) in enumerate([(56, 28), (28, 42), (40, 40), (60, 30)]):
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    cfg = config()
+    cfg = cfg.model_copy(update={"crops": cfg.crops.model_copy(update={"max_aspect": 2.0})})
+    dataset = ImageFolderDataset(Storage(), str(tmp_path), cfg.crops.load_size, max_aspect=cfg.crops.max_aspect)
+    stream = ImageStream(dataset, collate_samples, 0, torch.device("cpu"), BadImageTracker(0.0), batch_size=4, seed=0,
+                         num_workers=0)
+    batch = stream()
+    by_key = {key.rsplit("/", 1)[-1]: float(a) for key, a in zip(batch.keys, batch.aspects)}
+    assert by_key == {"0.png": 2.0, "1.png": pytest.approx(2 / 3), "2.png": 1.0, "3.png": 2.0}
+    multi_crop = MultiCrop(cfg.crops)
+    torch.manual_seed(5)
+    made = make_batch(batch.images, 0, cfg, multi_crop, aspects=batch.aspects)
+    torch.manual_seed(5)
+    want = multi_crop(batch.images, batch.aspects)
+    torch.manual_seed(5)
+    square = multi_crop(batch.images)
+    assert torch.equal(made.global_crops, want[0]) and torch.equal(made.local_crops, want[1])
+    assert not torch.equal(made.global_crops, square[0])

@@ -53,7 +53,8 @@ def storage() -> Storage:
 
 @pytest.fixture(scope="module")
 def dataset(storage: Storage) -> torch.utils.data.Dataset:
-    return build_dataset(load_config(PretrainConfig, "tiny", [f"data.uri={FASHION_MNIST}"]).data, 28, storage)
+    cfg = load_config(PretrainConfig, "tiny", [f"data.uri={FASHION_MNIST}"])
+    return build_dataset(cfg.data, cfg.crops, storage)
 
 
 @pytest.fixture(scope="module")

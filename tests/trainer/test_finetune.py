@@ -16,11 +16,12 @@ from typer.testing import CliRunner
 
 from dinoflow.config import ConfigError, FinetuneAugmentConfig, FinetuneConfig, load_config
 from dinoflow.storage import Storage
+from evaluators.classification import labelled_images
 from evaluators.features import to_model_input
 from pipelines.cli import app
 from trainer.data.fashion_mnist import load_split
 from dinoflow.run_files import CLASSIFIER_FILE
-from trainer.finetune import finetune, load_for_finetuning, mix, soft_cross_entropy, soft_targets
+from trainer.finetune import finetune, load_for_finetuning, mix, soft_cross_entropy, soft_targets, training_images
 from trainer.models.classifier import Classifier, read_classifier
 from trainer.models.hub import load_backbone, save_backbone
 from trainer.models.vit import build_vit
@@ -232,7 +233,10 @@ def test_class_folders_train_and_a_separate_test_set_of_fewer_classes_is_scored_
     cfg = load_config(FinetuneConfig, "finetune-tiny", [
         f"weights={weights}", f"out={tmp_path / 'run'}", f"data.uri={tmp_path / 'data'}",
         f"data.test_uri={tmp_path / 'other' / 'val'}", "data.test_limit=0", "optim.batch_size=8",
-        "optim.epochs=3", "optim.base_lr=4e-3", "data.num_workers=1"])
+        "optim.epochs=3", "optim.base_lr=4e-3", "data.num_workers=1", "data.max_aspect=2"])
+    train = training_images(labelled_images(cfg.data.uri, "folder", Storage(), cfg.image_size), cfg, Storage())
+    aspects = [train[i].aspect for i in range(len(train))]  # the images' whole regions (30-60 px sides)
+    assert len(set(aspects)) > 10 and 0.5 <= min(aspects) < 1 < max(aspects) <= 2
     summary = finetune(cfg, Storage())
     assert summary["classes"] == ["cat", "dog", "fish"] and summary["steps"] == 27
     assert summary["final"]["top1"] == 1.0  # a colour a class: learned, and never "cat", which is not in the test set

@@ -26,6 +26,7 @@ def test_pretraining_on_a_folder_is_scored_on_class_folders(tmp_path: Path) -> N
     write_folders(tmp_path / "labelled", {"cat": (10, 4), "dog": (10, 4), "fish": (10, 4)})
     cfg = load_config(PretrainConfig, "tiny", [*TINY, f"out={tmp_path / 'run'}", "data.kind=folder",
                                                f"data.uri={tmp_path / 'labelled' / 'train'}", "max_steps=2",
+                                               "crops.max_aspect=2",  # the images' whole regions (30-60 px sides)
                                                "eval.every_steps=1", f"eval.data_uri={tmp_path / 'labelled'}",
                                                "data.num_workers=0"])
     summary = run_pretrain(cfg, Storage(), NullTracker())

@@ -65,7 +65,7 @@ def blur_probabilities(original: bool) -> tuple[float, float, float]:
 @dataclass
 class AugmentParams:
     """One draw for ``n`` crops, all ``(n,)`` tensors on the device (``boxes`` ``(n, 4)``):
-    the crop box ``(x0, y0, width, height)`` as fractions of the (square) image's side, a flip
+    the crop box ``(x0, y0, width, height)`` as fractions of the image's width and height, a flip
     sign (+1 or -1), the colour-jitter factors (neutral where jitter was not drawn: 1, 1, 1, 0),
     whether each crop turns gray, its blur sigma (0: not blurred) and whether it is solarised."""
 
@@ -80,30 +80,43 @@ class AugmentParams:
     solarize: Tensor
 
 
-def crop_boxes(count: int, scale: tuple[float, float], device: torch.device) -> Tensor:
-    """``(count, 4)`` random resized crop boxes ``(x0, y0, w, h)`` in fractions of a square image.
+def crop_boxes(count: int, scale: tuple[float, float], device: torch.device, aspects: Tensor | None = None) -> Tensor:
+    """``(count, 4)`` random resized crop boxes ``(x0, y0, w, h)`` in fractions of each image's
+    width and height; ``aspects`` ``(count,)``: each image's width / height in pixels (None: square).
 
     torchvision's rule, batched: an area share uniform in ``scale`` and a log-uniform aspect ratio
-    in :data:`ASPECT_RATIOS`, drawn :data:`CROP_TRIES` times; the first box inside the image is
-    kept (the whole image if none is), at a uniform position. Positions and sizes are continuous:
-    the bicubic sampling needs no pixel grid.
+    ``r`` (of the box in the image's pixels) in :data:`ASPECT_RATIOS`, drawn :data:`CROP_TRIES`
+    times, so ``w h = area`` and ``(w a) / h = r``: ``w = sqrt(area r / a)``, ``h = sqrt(area a / r)``;
+    the first box inside the image is kept, at a uniform position. If none is, the centred box of
+    the image's ratio clamped to :data:`ASPECT_RATIOS` (the whole image when the ratio lies within).
+    Positions and sizes are continuous: the bicubic sampling needs no pixel grid. Why the image's
+    aspect: a non-square image is held squeezed to a square (:mod:`trainer.data.datasets`), and
+    the boxes must be drawn in its own pixels for the crops to show it unsqueezed.
     """
     area = torch.empty(count, CROP_TRIES, device=device).uniform_(*scale)
     log_ratio = torch.empty(count, CROP_TRIES, device=device).uniform_(*(math.log(r) for r in ASPECT_RATIOS))
-    ratio = log_ratio.exp()
+    ratio = log_ratio.exp() if aspects is None else log_ratio.exp() / aspects[:, None]  # the box's w / h in fractions
     widths, heights = (area * ratio).sqrt(), (area / ratio).sqrt()
     fits = (widths <= 1) & (heights <= 1)
     first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # the first fitting try (0 if none fits)
     found = fits.any(dim=1)
-    width = torch.where(found, widths.gather(1, first).squeeze(1), 1.0)
-    height = torch.where(found, heights.gather(1, first).squeeze(1), 1.0)
-    corner = torch.rand(count, 2, device=device) * torch.stack([1 - width, 1 - height], dim=1)
+    if aspects is None:
+        whole_width = whole_height = torch.ones((), device=device)
+    else:  # the fallback: the image's ratio clamped to the allowed range
+        clamped = aspects.clamp(*ASPECT_RATIOS)
+        whole_width, whole_height = (clamped / aspects).clamp(max=1), (aspects / clamped).clamp(max=1)
+    width = torch.where(found, widths.gather(1, first).squeeze(1), whole_width)
+    height = torch.where(found, heights.gather(1, first).squeeze(1), whole_height)
+    room = torch.stack([1 - width, 1 - height], dim=1)
+    corner = torch.where(found[:, None], torch.rand(count, 2, device=device) * room, room / 2)
     return torch.cat([corner, width[:, None], height[:, None]], dim=1)
 
 
-def draw_params(count: int, scale: tuple[float, float], blur_p: Tensor, solarize_p: Tensor) -> AugmentParams:
+def draw_params(count: int, scale: tuple[float, float], blur_p: Tensor, solarize_p: Tensor,
+                aspects: Tensor | None = None) -> AugmentParams:
     """The random parameters of ``count`` crops on ``blur_p``'s device; ``blur_p`` and
-    ``solarize_p`` are each crop's probabilities ``(count,)``."""
+    ``solarize_p`` are each crop's probabilities ``(count,)``, ``aspects`` its image's width / height
+    (:func:`crop_boxes`)."""
     device = blur_p.device
 
     def chosen(p: float | Tensor) -> Tensor:
@@ -112,7 +125,7 @@ def draw_params(count: int, scale: tuple[float, float], blur_p: Tensor, solarize
     def around_one(spread: float) -> Tensor:
         return torch.empty(count, device=device).uniform_(1 - spread, 1 + spread)
 
-    boxes = crop_boxes(count, scale, device)
+    boxes = crop_boxes(count, scale, device, aspects)
     flips = torch.where(chosen(FLIP_P), -1.0, 1.0)
     jitter = chosen(JITTER_P)
     spread_b, spread_c, spread_s, spread_h = JITTER
@@ -204,7 +217,7 @@ def augment_crops(crops: Tensor, params: AugmentParams, blur_kernel: int, jitter
 
 
 class MultiCrop(nn.Module):
-    """uint8 images ``(B, 3, S, S)`` -> global crops ``(2, B, 3, G, G)`` and local crops
+    """uint8 images ``(B, 3, S, S)`` (and their regions' aspects) -> global crops ``(2, B, 3, G, G)`` and local crops
     ``(L, B, 3, l, l)``, normalised with ImageNet statistics, computed where the images are."""
 
     def __init__(self, crops: CropsConfig) -> None:
@@ -219,13 +232,13 @@ class MultiCrop(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
 
-    def _kind(self, pixels: Tensor, count: int, size: int, scale: tuple[float, float], blur_p: Tensor,
-              solarize_p: Tensor) -> Tensor:
+    def _kind(self, pixels: Tensor, aspects: Tensor | None, count: int, size: int, scale: tuple[float, float],
+              blur_p: Tensor, solarize_p: Tensor) -> Tensor:
         """``count`` crops of each image, ``(count, B, 3, size, size)``; ``blur_p`` and
         ``solarize_p`` per crop index ``(count,)``."""
         batch = len(pixels)
         params = draw_params(count * batch, scale, blur_p.repeat_interleave(batch),
-                             solarize_p.repeat_interleave(batch))
+                             solarize_p.repeat_interleave(batch), None if aspects is None else aspects.repeat(count))
         crops = resized_crops(pixels, params.boxes.view(count, batch, 4), params.flips.view(count, batch), size)
         order = torch.randperm(4).tolist()  # one jitter order per call, from the host's generator: no device read
         crops = augment_crops(crops.flatten(0, 1), params, self.crops.blur_kernel_size, order, self.stages,
@@ -233,16 +246,18 @@ class MultiCrop(nn.Module):
         return crops.view(count, batch, 3, size, size)
 
     @torch.no_grad()
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, images: Tensor, aspects: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Crops of ``images``; ``aspects`` ``(B,)``: the width / height of the region each square
+        holds (:class:`~trainer.data.datasets.Batch`; None: square images)."""
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 images (B, 3, S, S), got {images.dtype} {tuple(images.shape)}")
         pixels = images.float() / 255
         cfg = self.crops
-        globals_ = self._kind(pixels, 2, cfg.global_crop_size, cfg.global_crop_scale, self.global_blur_p,
+        globals_ = self._kind(pixels, aspects, 2, cfg.global_crop_size, cfg.global_crop_scale, self.global_blur_p,
                               self.global_solarize_p)
         if cfg.num_local_crops == 0:
             return globals_, pixels.new_zeros((0, len(images), 3, 1, 1))
-        locals_ = self._kind(pixels, cfg.num_local_crops, cfg.local_crop_size, cfg.local_crop_scale,
+        locals_ = self._kind(pixels, aspects, cfg.num_local_crops, cfg.local_crop_size, cfg.local_crop_scale,
                              self.local_blur_p.expand(cfg.num_local_crops),
                              self.local_solarize_p.expand(cfg.num_local_crops))
         return globals_, locals_

@@ -1,10 +1,16 @@
 """Map-style datasets of fixed-size uint8 RGB images: image folders, tar shards, Fashion-MNIST.
 
-Why fixed-size uint8: every image is decoded on a CPU worker once, to RGB, its shorter side
-resized to ``load_size`` (bicubic) and centre-cropped to ``load_size x load_size``. Batches of
-equal-sized uint8 tensors are 4x smaller than float ones to move, and the random resized crops,
-flips and colour jitter of the multi-crop augmentation then run batched on the device instead
-of image by image in Python.
+Why fixed-size uint8: every image is decoded on a CPU worker once, to RGB, and resampled
+(bicubic) to ``load_size x load_size``. Batches of equal-sized uint8 tensors are 4x smaller than
+float ones to move, and the random resized crops, flips and colour jitter of the multi-crop
+augmentation then run batched on the device instead of image by image in Python.
+
+Which part of an image is kept: its centred region of aspect ratio (width / height) at most
+``max_aspect`` and at least its inverse, squeezed to the square, with that region's aspect in
+``Sample.aspect``. ``max_aspect`` 1 keeps the centre square (the evaluations' centre crop); above
+1, training's random resized crops draw their boxes over the whole region in its own pixels (the
+aspect undoes the squeeze, :func:`trainer.data.augment.crop_boxes`), as the original's crops are
+drawn over the whole image: a 4:3 photograph's centre square holds 75 % of it.
 
 Why a large JPEG is decoded at a reduced scale: a worker's time goes mostly into decoding, and
 libjpeg can decode at 1/2, 1/4 or 1/8 of the size for a fraction of the work. As Pillow's own
@@ -61,16 +67,19 @@ _log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Sample:
-    """One image ``(3, S, S)`` uint8, or None when it could not be decoded; label -1 if none."""
+    """One image ``(3, S, S)`` uint8, or None when it could not be decoded; label -1 if none;
+    ``aspect``: the width / height of the image region the square holds (module docstring)."""
 
     image: torch.Tensor | None
     label: int
     key: str
+    aspect: float = 1.0
 
 
 @dataclass(frozen=True)
 class Batch:
-    """Decoded images ``(B, 3, S, S)`` uint8 with labels ``(B,)`` int64, and the keys skipped.
+    """Decoded images ``(B, 3, S, S)`` uint8 with labels ``(B,)`` int64 and their regions' aspects
+    ``(B,)`` float32 (:class:`Sample`), and the keys skipped.
 
     A batch whose images were all bad has ``B = 0`` and ``images`` of shape ``(0, 3, 0, 0)``.
     """
@@ -79,6 +88,7 @@ class Batch:
     labels: torch.Tensor
     keys: list[str]
     bad_keys: list[str]
+    aspects: torch.Tensor
 
     def pin_memory(self) -> Batch:
         """This batch with its tensors in page-locked memory: a DataLoader with ``pin_memory`` calls
@@ -87,7 +97,14 @@ class Batch:
         work queued on the stream first, so the loop's next batch, copied in the step's wait, could
         leave the host only once the step had finished; from pinned memory the copy waits for
         nothing."""
-        return replace(self, images=self.images.pin_memory(), labels=self.labels.pin_memory())
+        return replace(self, images=self.images.pin_memory(), labels=self.labels.pin_memory(),
+                       aspects=self.aspects.pin_memory())
+
+    def to(self, device: torch.device) -> Batch:
+        """This batch's tensors on ``device`` (copied without blocking from pinned memory)."""
+        return replace(self, images=self.images.to(device, non_blocking=True),
+                       labels=self.labels.to(device, non_blocking=True),
+                       aspects=self.aspects.to(device, non_blocking=True))
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -109,17 +126,29 @@ def to_rgb(img: Image.Image) -> Image.Image:
 DRAFT_GAP = 2  # a JPEG decodes at a reduced scale only while its shorter side stays >= DRAFT_GAP x load_size
 
 
-def resize_center_crop(img: Image.Image, size: int, extent: tuple[float, float] | None = None) -> Image.Image:
-    """Shorter side resized to ``size`` (bicubic, antialiased) and the centre ``size x size`` kept.
+def region_size(width: float, height: float, max_aspect: float = 1.0) -> tuple[float, float]:
+    """The width and height of the centred region of a ``width x height`` image that is kept: the
+    whole image when its aspect ratio lies within ``[1 / max_aspect, max_aspect]``, else the largest
+    centred part whose ratio is that bound (``max_aspect`` 1: the centre square)."""
+    if max_aspect < 1:
+        raise ValueError(f"max_aspect must be at least 1 (1 keeps the centre square), got {max_aspect}")
+    return min(width, height * max_aspect), min(height, width * max_aspect)
 
-    Done as one resampling of the centred square of the source, so no intermediate image is
-    made and its size needs no rounding. ``extent``: where the picture ends in ``img`` (width,
-    height) if not at its edges (a JPEG decoded at a reduced scale, whose size is rounded up).
+
+def resize_center_crop(img: Image.Image, size: int, extent: tuple[float, float] | None = None,
+                       max_aspect: float = 1.0) -> Image.Image:
+    """The centred region of :func:`region_size` resampled to ``size x size`` (bicubic,
+    antialiased): with ``max_aspect`` 1, the shorter side resized to ``size`` and the centre square kept.
+
+    Done as one resampling of the region of the source, so no intermediate image is made and its
+    size needs no rounding. ``extent``: where the picture ends in ``img`` (width, height) if not at
+    its edges (a JPEG decoded at a reduced scale, whose size is rounded up).
     """
     width, height = extent or img.size
-    side = min(width, height)
-    left, top = (width - side) / 2, (height - side) / 2
-    return img.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side))
+    region_width, region_height = region_size(width, height, max_aspect)
+    left, top = (width - region_width) / 2, (height - region_height) / 2
+    return img.resize((size, size), Image.Resampling.BICUBIC,
+                      box=(left, top, left + region_width, top + region_height))
 
 
 def _to_tensor(img: Image.Image) -> torch.Tensor:
@@ -134,10 +163,14 @@ class TooManyPixels(ValueError):
         self.width, self.height, self.max_pixels = width, height, max_pixels
 
 
-def read_image(data: bytes, load_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
-    """An encoded image as ``(3, load_size, load_size)`` uint8; raises one of ``DECODE_ERRORS``.
+def read_region(data: bytes, load_size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+                max_aspect: float = 1.0) -> tuple[torch.Tensor, float]:
+    """An encoded image's region of aspect at most ``max_aspect`` (module docstring) as
+    ``(3, load_size, load_size)`` uint8, and that region's aspect ratio (width / height); raises
+    one of ``DECODE_ERRORS``.
 
-    A large JPEG is decoded at a reduced scale (module docstring).
+    A large JPEG is decoded at a reduced scale (module docstring), its region's shorter side kept
+    at least ``DRAFT_GAP x load_size``.
     Refused: not a JPEG/PNG/WebP/GIF/BMP Pillow can read (``UnidentifiedImageError``), truncated
     (the whole image is decoded, so a cut file is caught here and not later), or more than
     ``max_pixels`` pixels (:class:`TooManyPixels`, checked from the header before decoding).
@@ -146,20 +179,38 @@ def read_image(data: bytes, load_size: int, max_pixels: int = DEFAULT_MAX_PIXELS
         width, height = img.size
         if width * height > max_pixels:
             raise TooManyPixels(width, height, max_pixels)
-        side = min(width, height)
+        side = max(int(min(region_size(width, height, max_aspect))), 1)
         draft = img.draft(None, (width * DRAFT_GAP * load_size // side, height * DRAFT_GAP * load_size // side))
         img.load()
         rgb = to_rgb(img)
-    return _to_tensor(resize_center_crop(rgb, load_size, draft[1][2:] if draft else None))
+    region_width, region_height = region_size(width, height, max_aspect)
+    pixels = _to_tensor(resize_center_crop(rgb, load_size, draft[1][2:] if draft else None, max_aspect))
+    return pixels, region_width / region_height
 
 
-def decode_image(data: bytes, load_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor | None:
-    """:func:`read_image`, or None if the image is bad (the reason is logged at DEBUG level)."""
+def read_image(data: bytes, load_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """An encoded image's centre square as ``(3, load_size, load_size)`` uint8 (:func:`read_region`)."""
+    return read_region(data, load_size, max_pixels)[0]
+
+
+def decode_region(data: bytes, load_size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+                  max_aspect: float = 1.0) -> tuple[torch.Tensor, float] | None:
+    """:func:`read_region`, or None if the image is bad (the reason is logged at DEBUG level)."""
     try:
-        return read_image(data, load_size, max_pixels)
+        return read_region(data, load_size, max_pixels, max_aspect)
     except DECODE_ERRORS as err:
         _log.debug("bad image (%d bytes): %s: %s", len(data), type(err).__name__, err)
         return None
+
+
+def decode_image(data: bytes, load_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor | None:
+    """An image's centre square (:func:`read_image`), or None if the image is bad."""
+    region = decode_region(data, load_size, max_pixels)
+    return None if region is None else region[0]
+
+
+def _sample(region: tuple[torch.Tensor, float] | None, label: int, key: str) -> Sample:
+    return Sample(None, label, key) if region is None else Sample(region[0], label, key, region[1])
 
 
 def _check_positive(**values: int) -> None:
@@ -211,8 +262,10 @@ class ImageFolderDataset(Dataset[Sample]):
         load_size: int,
         extensions: Sequence[str] = IMAGE_EXTENSIONS,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_aspect: float = 1.0,
     ) -> None:
         _check_positive(load_size=load_size, max_pixels=max_pixels)
+        region_size(1, 1, max_aspect)  # checks it
         prefix = root_uri.rstrip("/") + "/"
         relative = [
             uri[len(prefix) :]
@@ -228,6 +281,7 @@ class ImageFolderDataset(Dataset[Sample]):
         self.root_uri = root_uri
         self.load_size = load_size
         self.max_pixels = max_pixels
+        self.max_aspect = max_aspect
         self._storage = ProcessLocalStorage(storage)
         # numpy arrays rather than lists of Python objects: forked workers then share the pages
         self._keys = np.array([prefix + path for path in relative])
@@ -244,8 +298,8 @@ class ImageFolderDataset(Dataset[Sample]):
 
     def __getitem__(self, index: int) -> Sample:
         key = str(self._keys[index])
-        image = decode_image(self._storage.get().read_bytes(key), self.load_size, self.max_pixels)
-        return Sample(image=image, label=int(self._labels[index]), key=key)
+        region = decode_region(self._storage.get().read_bytes(key), self.load_size, self.max_pixels, self.max_aspect)
+        return _sample(region, int(self._labels[index]), key)
 
 
 def _member_kind(member: tarfile.TarInfo) -> str | None:
@@ -359,8 +413,10 @@ class ShardDataset(Dataset[Sample]):
         max_pixels: int = DEFAULT_MAX_PIXELS,
         cached_shards: int = 1,
         image_extensions: Sequence[str] = ("jpg", "jpeg", "png", "webp"),
+        max_aspect: float = 1.0,
     ) -> None:
         _check_positive(load_size=load_size, max_pixels=max_pixels)
+        region_size(1, 1, max_aspect)  # checks it
         if cached_shards < 1:
             raise ValueError(f"cached_shards must be at least 1, got {cached_shards}")
         if isinstance(shards, str):
@@ -374,6 +430,7 @@ class ShardDataset(Dataset[Sample]):
         self.shards = list(shards)
         self.load_size = load_size
         self.max_pixels = max_pixels
+        self.max_aspect = max_aspect
         self.cached_shards = cached_shards
         self._storage = ProcessLocalStorage(storage)
         self._cache: OrderedDict[int, bytes] = OrderedDict()
@@ -401,8 +458,8 @@ class ShardDataset(Dataset[Sample]):
         shard = int(self._shard_of[index])
         offset, size = int(self._offsets[index]), int(self._sizes[index])
         data = self._shard_bytes(shard)[offset : offset + size]
-        image = decode_image(data, self.load_size, self.max_pixels)
-        return Sample(image=image, label=int(self._labels[index]), key=f"{self.shards[shard]}#{self._names[index]}")
+        region = decode_region(data, self.load_size, self.max_pixels, self.max_aspect)
+        return _sample(region, int(self._labels[index]), f"{self.shards[shard]}#{self._names[index]}")
 
     def _shard_bytes(self, shard: int) -> bytes:
         if shard in self._cache:
@@ -469,7 +526,9 @@ def collate_samples(samples: Sequence[Sample]) -> Batch:
             )
         images = torch.stack([sample.image for sample in good if sample.image is not None])
     labels = torch.tensor([sample.label for sample in good], dtype=torch.int64)
-    return Batch(images=images, labels=labels, keys=[sample.key for sample in good], bad_keys=bad_keys)
+    aspects = torch.tensor([sample.aspect for sample in good], dtype=torch.float32)
+    return Batch(images=images, labels=labels, keys=[sample.key for sample in good], bad_keys=bad_keys,
+                 aspects=aspects)
 
 
 class BadImageTracker:

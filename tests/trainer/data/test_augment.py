@@ -73,6 +73,49 @@ def test_crop_boxes_fall_back_to_the_whole_image_when_no_try_fits() -> None:
     assert bool((w[~whole] * h[~whole] >= 0.99 - 1e-6).all())
 
 
+def test_crop_boxes_of_wide_and_tall_images_follow_the_rule_in_their_pixels() -> None:
+    """Boxes in fractions of a squeezed image's width and height: in the image's own pixels
+    (``w a`` wide for ``h`` high) their area share lies in the scale and their ratio in the range."""
+    torch.manual_seed(3)
+    aspects = torch.empty(20_000).uniform_(math.log(0.5), math.log(2.0)).exp()
+    scale = (0.05, 0.32)
+    x0, y0, w, h = crop_boxes(len(aspects), scale, torch.device("cpu"), aspects).unbind(1)
+    assert bool((x0 >= 0).all() and (y0 >= 0).all() and (x0 + w <= 1 + 1e-6).all() and (y0 + h <= 1 + 1e-6).all())
+    area, ratio = w * h, w * aspects / h
+    assert bool((area >= scale[0] - 1e-6).all() and (area <= scale[1] + 1e-6).all())
+    assert bool((ratio >= ASPECT_RATIOS[0] - 1e-5).all() and (ratio <= ASPECT_RATIOS[1] + 1e-5).all())
+    assert abs(float(ratio.log().mean())) < 0.005  # log-uniform in the image's pixels, whatever its shape
+    assert abs(float(area.mean()) - sum(scale) / 2) < 0.003
+
+
+def test_crop_boxes_fall_back_to_the_centred_box_of_the_clamped_ratio() -> None:
+    """torchvision's fallback: the image's own ratio clamped to the range, centred (3:1 -> a
+    4:3 box of full height; 1:3 -> a 3:4 box of full width; 5:4 -> the whole image)."""
+    torch.manual_seed(4)
+    aspects = torch.tensor([3.0, 1 / 3, 1.25]).repeat(2_000)
+    boxes = crop_boxes(len(aspects), (0.999, 1.0), torch.device("cpu"), aspects)
+    wide, tall, within = boxes[0::3], boxes[1::3], boxes[2::3]
+    torch.testing.assert_close(wide, torch.tensor([(1 - 4 / 9) / 2, 0.0, 4 / 9, 1.0]).expand_as(wide))
+    torch.testing.assert_close(tall, torch.tensor([0.0, (1 - 4 / 9) / 2, 1.0, 4 / 9]).expand_as(tall))
+    whole = (within == torch.tensor([0.0, 0.0, 1.0, 1.0])).all(1)
+    assert float(whole.float().mean()) > 0.9  # a 5:4 image's near-full box fits only near ratio 5:4
+
+
+def test_crop_of_a_squeezed_image_shows_the_image_unsqueezed() -> None:
+    """A 90 x 60 picture held squeezed in a 60 x 60 square: the crop of the box given in fractions
+    of that square is the picture's own pixel box resized (torch's bicubic resize of its slice),
+    up to the squeeze's resampling of smooth content."""
+    ys, xs = torch.meshgrid(torch.arange(60.0), torch.arange(90.0), indexing="ij")
+    picture = torch.stack([0.5 + 0.4 * torch.sin(xs / 9), 0.5 + 0.4 * torch.cos(ys / 7), (xs + ys) / 150])[None]
+    square = F.interpolate(picture, size=(60, 60), mode="bicubic", antialias=True, align_corners=False)
+    left, top, side = 30, 12, 36  # a square box in the picture's pixels
+    boxes = torch.tensor([left / 90, top / 60, side / 90, side / 60]).view(1, 1, 4)
+    crop = resized_crops(square, boxes, torch.ones(1, 1), 24)[0]
+    want = F.interpolate(picture[..., top:top + side, left:left + side], size=(24, 24), mode="bicubic",
+                         antialias=True, align_corners=False).clamp(0, 1)
+    assert float((crop - want).abs().max()) < 0.02
+
+
 @pytest.mark.parametrize("step", ["brightness", "contrast", "saturation", "hue"])
 def test_colour_steps_match_their_formulas(step: str) -> None:
     torch.manual_seed(3)
@@ -170,6 +213,12 @@ def test_multicrop_shapes_seeding_and_normalisation() -> None:
     for kind in first:
         pixels = kind * std + mean
         assert float(pixels.min()) >= -1e-5 and float(pixels.max()) <= 1 + 1e-5
+    torch.manual_seed(6)
+    square = module(images, torch.ones(5))  # square images' aspects draw what no aspects do
+    assert all(torch.equal(a, b) for a, b in zip(first, square))
+    torch.manual_seed(6)
+    wide = module(images, torch.full((5,), 2.0))
+    assert wide[0].shape == first[0].shape and not torch.equal(wide[0], first[0])
     none = MultiCrop(crops.model_copy(update={"num_local_crops": 0}))(images)[1]
     assert none.shape == (0, 5, 3, 1, 1)
     with pytest.raises(ValueError, match="expected uint8 images"):

@@ -31,6 +31,8 @@ from trainer.data.datasets import (
     ShardDataset,
     collate_samples,
     decode_image,
+    read_image,
+    read_region,
 )
 from trainer.data.fashion_mnist import load_split
 
@@ -107,6 +109,44 @@ def test_non_integer_scales_stay_close_to_resize_then_crop() -> None:
         assert image is not None and image.shape == (3, S, S)
         diff = np.abs(image.numpy().astype(int) - expected(rgb).astype(int))
         assert diff.mean() < 6, (width, height, diff.mean())
+
+
+@pytest.mark.parametrize(("width", "height", "max_aspect", "box"), [
+    (48, 32, 1.5, (0, 0, 48, 32)),  # 3:2 kept whole
+    (48, 32, 2.0, (0, 0, 48, 32)),
+    (48, 32, 1.25, (4, 0, 44, 32)),  # its centred 5:4
+    (32, 64, 1.5, (0, 8, 32, 56)),  # 1:2 portrait: its centred 2:3
+    (48, 32, 1.0, (8, 0, 40, 32)),  # the centre square
+])
+def test_the_region_up_to_max_aspect_is_kept_squeezed_with_its_aspect(
+        width: int, height: int, max_aspect: float, box: tuple[int, int, int, int]) -> None:
+    """Against Pillow's resize of the cropped region to the square (the module resamples the region
+    of the whole picture in one step: the two differ at the region's edges only)."""
+    rgb = smooth_rgb(width, height, 9)
+    pixels, aspect = read_region(encode(Image.fromarray(rgb), "PNG"), S, max_aspect=max_aspect)
+    left, top, right, bottom = box
+    assert aspect == pytest.approx((right - left) / (bottom - top))
+    want = np.asarray(Image.fromarray(rgb).crop(box).resize((S, S), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
+    diff = np.abs(pixels.numpy().astype(int) - want.astype(int))
+    assert diff.mean() < 2 and diff[:, 2:-2, 2:-2].max() <= 2, (diff.mean(), diff.max())
+    if max_aspect == 1:
+        assert torch.equal(pixels, read_image(encode(Image.fromarray(rgb), "PNG"), S))
+
+
+def test_a_jpeg_region_decoded_at_a_reduced_scale_keeps_its_aspect() -> None:
+    rgb = smooth_rgb(400, 200, 10)
+    data = encode(Image.fromarray(rgb), "JPEG", quality=95)
+    pixels, aspect = read_region(data, S, max_aspect=3.0)
+    assert aspect == 2.0
+    want = np.asarray(Image.fromarray(decoded(data)).resize((S, S), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
+    assert np.abs(pixels.numpy().astype(int) - want.astype(int)).mean() < 2
+
+
+def test_max_aspect_below_one_is_refused(storage_root: tuple[Storage, str]) -> None:
+    storage, root = storage_root
+    storage.write_bytes(join_uri(root, "a.png"), encode(Image.fromarray(smooth_rgb(8, 8, 0)), "PNG"))
+    with pytest.raises(ValueError, match=r"max_aspect must be at least 1 \(1 keeps the centre square\), got 0.5"):
+        ImageFolderDataset(storage, root, load_size=S, max_aspect=0.5)
 
 
 @pytest.mark.parametrize(("width", "height", "reduced"), [(200, 150, True), (150, 200, True), (1000, 130, True),
@@ -197,6 +237,15 @@ def test_folder_recursion_labels_and_extensions(storage_root: tuple[Storage, str
     assert gray_channels is not None and bool((gray_channels == gray_channels[0]).all())
     assert_close(samples[4].image, expected(rgb))
 
+    assert [s.aspect for s in samples] == [1.0] * 5
+    whole = ImageFolderDataset(storage, root, load_size=S, max_aspect=2.0)
+    regions = [whole[i] for i in range(len(whole))]
+    assert [s.aspect for s in regions] == [1.5, 0.5, 1.0, 2.0, 1.5]
+    assert_close(regions[1].image, np.asarray(Image.fromarray(tall).resize((S, S), Image.Resampling.BICUBIC))
+                 .transpose(2, 0, 1))
+    batch = collate_samples(regions)
+    assert batch.aspects.dtype == torch.float32 and batch.aspects.tolist() == [1.5, 0.5, 1.0, 2.0, 1.5]
+
     only_png = ImageFolderDataset(storage, root, load_size=S, extensions=("png",))
     assert [s.key.rsplit("/", 1)[-1] for s in (only_png[0], only_png[1])] == ["b.PNG", "c.png"]
 
@@ -271,8 +320,8 @@ def test_a_pinning_data_loader_pins_the_batch_images_and_labels(monkeypatch: pyt
     batch = collate_samples([Sample(image, 2, "a"), Sample(None, 1, "b"), Sample(image.flip(1), 0, "c")])
     out = pin_memory(batch)
     assert isinstance(out, Batch) and out is not batch
-    assert out.images is pinned[0] and out.labels is pinned[1] and len(pinned) == 2
-    assert torch.equal(out.images, batch.images) and out.labels.tolist() == [2, 0]
+    assert out.images is pinned[0] and out.labels is pinned[1] and out.aspects is pinned[2] and len(pinned) == 3
+    assert torch.equal(out.images, batch.images) and out.labels.tolist() == [2, 0] and out.aspects.tolist() == [1, 1]
     assert (out.keys, out.bad_keys) == (["a", "c"], ["b"])
 
 
@@ -291,6 +340,7 @@ def batch_of(good: int, bad: int, start: int = 0) -> Batch:
         labels=torch.zeros(good, dtype=torch.int64),
         keys=[f"ok{i}" for i in range(good)],
         bad_keys=[f"bad{start + i}" for i in range(bad)],
+        aspects=torch.ones(good),
     )
 
 
@@ -387,6 +437,8 @@ def test_shards_with_labels(storage_root: tuple[Storage, str]) -> None:
         assert_close(samples[3].image, expected(images[3]))
         assert samples[4].image is None
         assert_close(dataset[0].image, samples[0].image.numpy())  # back to the first shard
+    wide = ShardDataset(storage, [shard_a, shard_b], load_size=S, max_aspect=2.5)
+    assert [wide[i].aspect for i in range(len(wide))] == [1.0, 1.5, 2.0, 2.5, 1.0]  # 32 x 32 ... 80 x 32
 
     clone = pickle.loads(pickle.dumps(by_list))  # what a spawned worker gets: no cached shard bytes
     assert not clone._cache and clone[3].label == 1
