@@ -35,7 +35,7 @@ from components.stage import (
     storage_from_env,
 )
 from dinoflow.storage import join_uri
-from evaluators.suite import TASKS, SuiteConfig, run_suite
+from evaluators.suite import CLASSIFICATION_TASKS, TASKS, SuiteConfig, run_suite
 from trainer.devices import available_device
 from trainer.models.hub import load_backbone, locate_weights
 
@@ -50,15 +50,15 @@ def run_evaluate_stage(ctx: StageContext, backbone_dir: str | Path, out_dir: str
     ``num_workers`` processes; seg, depth and retrieval on ``seg_data``, ``depth_data`` and
     ``retrieval_data`` when given, as :class:`~evaluators.suite.SuiteConfig` names them, else on the
     synthetic sets; ``precision``: the feature passes'; the dense heads trained ``seg_steps`` and
-    ``depth_steps`` steps, 0: the suite's defaults; ``test_uri``: knn and linear's test set of its
-    own); returns ``{"metrics": ...}``."""
+    ``depth_steps`` steps, 0: the suite's defaults; ``test_uri``: knn, linear and logreg's test set
+    of its own); returns ``{"metrics": ...}``."""
     storage = storage_from_env()
     out = Path(out_dir)
     ks = sorted({int(k) for k in ks or []} | {20})  # k=20 always: the default gate metric
     with recording_errors(ctx, storage, "evaluate"), stage_run(ctx, "evaluate") as tracker:
         asked = tuple(tasks or ("knn", "linear"))
-        if not data_uri and {"knn", "linear"} & set(asked) and set(asked) <= set(TASKS):  # (unknown: named below)
-            raise ValueError("no labelled images for knn and linear: give the pipeline eval_data_uri (class "
+        if not data_uri and set(CLASSIFICATION_TASKS) & set(asked) and set(asked) <= set(TASKS):  # (unknown: below)
+            raise ValueError("no labelled images for knn, linear and logreg: give the pipeline eval_data_uri (class "
                              "folders) or data_source (Fashion-MNIST); evaluate_only: data_uri")
         data_sets = {"test_uri": test_uri, "seg_data": seg_data, "depth_data": depth_data,
                      "retrieval_data": retrieval_data}

@@ -35,6 +35,7 @@ from evaluators.attention import ATTENTION_IMAGES, garment_foreground
 from evaluators.feature_parts import FeatureParts, in_parts, join_rows, text_of, text_tensor
 from evaluators.features import extract_features, to_model_input
 from evaluators.linear import LinearProbeConfig, best_by_val, linear_probe
+from evaluators.logreg import LogRegConfig, logistic_regression
 from evaluators.report import knn_accuracies
 from trainer.data.datasets import BadImageTracker, ImageFolderDataset, collate_samples
 from trainer.data.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
@@ -279,12 +280,14 @@ def knn_bank(data: LabelledFeatures) -> tuple[Tensor, Tensor]:
 
 
 def classification_report(data: LabelledFeatures, ks: tuple[int, ...], temperature: float,
-                          linear: LinearProbeConfig | None = None, device: str | torch.device = "cpu") -> dict:
+                          linear: LinearProbeConfig | None = None, device: str | torch.device = "cpu",
+                          logreg: LogRegConfig | None = None) -> dict:
     """k-NN accuracies on the final CLS token and, with ``linear`` (features taken with views),
-    the linear probe of the view that wins on the held-out split: ``{"knn": {"k20": acc, ...},
-    "linear": {..., "view": name, "val_accuracy_by_view": {name: acc}}}``. Both run on ``device``:
-    the backbone's, so a GPU that made the features also scores them (ImageNet's probe: 16
-    classifiers x 4 views x 10 epochs over 1.28M features, hours on a CPU)."""
+    the linear probe of the view that wins on the held-out split, with ``logreg`` the logistic
+    regression on the final CLS token (:mod:`evaluators.logreg`): ``{"knn": {"k20": acc, ...},
+    "linear": {..., "view": name, "val_accuracy_by_view": {name: acc}}, "logreg": {...}}``. All run on
+    ``device``: the backbone's, so a GPU that made the features also scores them (ImageNet's probe:
+    16 classifiers x 4 views x 10 epochs over 1.28M features, hours on a CPU)."""
     classes = len(data.classes)
     report: dict = {"knn": knn_accuracies(*knn_bank(data), data.test_x, data.test_y, ks, temperature, classes, device)}
     if data.test_classes is not None:
@@ -299,6 +302,9 @@ def classification_report(data: LabelledFeatures, ks: tuple[int, ...], temperatu
         best = best_by_val(probes)
         report["linear"] = {**probes[best].to_dict(), "view": best,
                             "val_accuracy_by_view": {name: probe.val_accuracy for name, probe in probes.items()}}
+    if logreg is not None:
+        report["logreg"] = logistic_regression(data.train_x, data.train_y, data.test_x, data.test_y, logreg, classes,
+                                               device, data.test_classes).to_dict()
     return report
 
 

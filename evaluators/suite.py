@@ -2,10 +2,11 @@
 
 Tasks:
 
-* ``knn``, ``linear``: classification (k-NN at ``ks`` with temperature ``T``; the one-pass linear
-  probe) on Fashion-MNIST, next to the raw-pixel k-NN baseline (``pixels_knn_top1_k*``), or on
-  folders of class folders, e.g. ImageNet, its test set from ``val/`` or from ``test_uri`` (ImageNet-A,
-  -R, -Sketch, -C: scored over their own classes when fewer) (:mod:`evaluators.classification`);
+* ``knn``, ``linear``, ``logreg``: classification (k-NN at ``ks`` with temperature ``T``; the one-pass
+  linear probe; the logistic regression swept over ``C``, :mod:`evaluators.logreg`) on Fashion-MNIST,
+  next to the raw-pixel k-NN baseline (``pixels_knn_top1_k*``), or on folders of class folders, e.g.
+  ImageNet, its test set from ``val/`` or from ``test_uri`` (ImageNet-A, -R, -Sketch, -C: scored over
+  their own classes when fewer) (:mod:`evaluators.classification`);
 * ``seg``: the linear segmentation head on synthetic scenes, or on ADE20K or Pascal VOC
   (``seg_data``) (mIoU, pixel accuracy);
 * ``depth``: the linear depth head on the same scenes, or on NYU-Depth v2 (``depth_data``) (RMSE,
@@ -66,6 +67,7 @@ from evaluators.feature_parts import FeatureParts, backbone_digest
 from evaluators.features import patch_sides, to_model_input
 from evaluators.knn import knn_predict
 from evaluators.linear import LinearProbeConfig
+from evaluators.logreg import LogRegConfig
 from evaluators.report import knn_accuracies, report_metrics
 from evaluators.retrieval import global_descriptors, load_revisited, rank_database, revisited_descriptors
 from evaluators.synthetic import CLASS_NAMES, SceneConfig, make_retrieval_set, make_scenes
@@ -78,7 +80,8 @@ from evaluators.visualize import (
     save_pca_maps,
 )
 
-TASKS = ("knn", "linear", "seg", "depth", "retrieval")
+TASKS = ("knn", "linear", "logreg", "seg", "depth", "retrieval")
+CLASSIFICATION_TASKS = ("knn", "linear", "logreg")  # on labelled images (data_uri)
 REVISITED = ("roxford5k", "rparis6k")  # retrieval_data's data sets
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # the feature pass's autocast dtype
 
@@ -88,8 +91,8 @@ class SuiteConfig:
     """What the suite runs and on how much data."""
 
     tasks: tuple[str, ...] = ("knn", "linear")
-    data_uri: str = ""  # knn, linear: Fashion-MNIST's files, or train/ and val/ class folders
-    test_uri: str = ""  # knn, linear: a test set's class folders instead of val/ (ImageNet-A/R/Sketch/C)
+    data_uri: str = ""  # knn, linear, logreg: Fashion-MNIST's files, or train/ and val/ class folders
+    test_uri: str = ""  # knn, linear, logreg: a test set's class folders instead of val/ (ImageNet-A/R/Sketch/C)
     data_kind: DataKind = "auto"
     image_size: int = 224  # class folders: the centre crop's side; dense sets: the side (real ones: of the training
     # crops and the test windows, the images' shorter side at it); Oxford/Paris: the longer
@@ -123,8 +126,8 @@ class SuiteConfig:
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown or not self.tasks:
             raise ValueError(f"unknown tasks {unknown or '(none)'}; allowed: {', '.join(TASKS)}")
-        if {"knn", "linear"} & set(self.tasks) and not self.data_uri:
-            raise ValueError("knn and linear need data_uri (Fashion-MNIST's folder, or one of class folders)")
+        if set(CLASSIFICATION_TASKS) & set(self.tasks) and not self.data_uri:
+            raise ValueError("knn, linear and logreg need data_uri (Fashion-MNIST's folder, or one of class folders)")
         if self.dense_cache_gib < 0:
             raise ValueError(f"dense_cache_gib must be >= 0 (0: features made per batch), got {self.dense_cache_gib}")
         if self.precision not in PRECISIONS:
@@ -143,6 +146,7 @@ class SuiteConfig:
 def _classification(backbone: nn.Module, config: SuiteConfig, storage: Storage, device: torch.device,
                     pictures: str | Path | None, digest: str) -> dict[str, Any]:
     linear = LinearProbeConfig() if "linear" in config.tasks else None
+    logreg = LogRegConfig() if "logreg" in config.tasks else None
     images = labelled_images(config.data_uri, config.data_kind, storage, config.train_limit, config.test_limit,
                              config.image_size, config.seed, config.num_workers, config.test_uri)
     parts = None
@@ -154,7 +158,7 @@ def _classification(backbone: nn.Module, config: SuiteConfig, storage: Storage, 
     data = images.features(backbone, views=linear is not None, amp_dtype=config.amp_dtype, parts=parts)
     splits = [data.train_x, data.train_y, data.test_x, data.test_y]
     classes = len(data.classes)
-    report = classification_report(data, config.ks, config.temperature, linear, device)
+    report = classification_report(data, config.ks, config.temperature, linear, device, logreg)
     report.update(classes=list(data.classes), bad_images=data.bad)
     metrics = report_metrics(report)
     usable = [k for k in config.ks if f"k{k}" in report["knn"]]  # (ks above the train set's size are skipped)
@@ -360,7 +364,7 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
               pictures: str | Path | None = None) -> dict[str, Any]:
     """Run ``config.tasks`` on ``backbone`` (in eval mode, not moved); returns the report.
 
-    With ``pictures`` (a local folder) and knn or linear, it saves ``confusion_knn.png`` (k-NN's
+    With ``pictures`` (a local folder) and knn, linear or logreg, it saves ``confusion_knn.png`` (k-NN's
     confusion matrix, up to 30 classes); with the dense tasks, ``pca_features.png``
     (test scenes and their patch features' first three principal components as RGB) and
     ``dense_predictions.png`` (masks and depth maps, true and predicted; on real data sets
@@ -375,7 +379,7 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
     looked_at = None  # (uint8 test images, their foreground or None) for the attention maps: the scenes' first
     device = next(backbone.parameters()).device
     digest = backbone_digest(backbone) if config.work_dir else ""  # names the saved work
-    if {"knn", "linear"} & set(config.tasks):
+    if set(CLASSIFICATION_TASKS) & set(config.tasks):
         result = _classification(backbone, config, storage, device, pictures, digest)
         metrics.update(result["metrics"])
         tasks["classification"] = result["report"]

@@ -295,16 +295,17 @@ def finetune(
 
 @app.command("eval")
 def evaluate(
-    benchmark: Annotated[str, typer.Argument(help="knn, linear, suite (the tasks in --tasks), or classify (a "
+    benchmark: Annotated[str, typer.Argument(help="knn, linear, logreg, suite (the tasks in --tasks), or classify (a "
                                                   "fine-tuned model's classifier on the labelled test images)")],
     weights: WeightsOption,
     source: SourceOption = "auto",
-    tasks: Annotated[str, typer.Option(help="for suite: comma-separated knn, linear, seg, depth, retrieval")] = (
+    tasks: Annotated[str, typer.Option(help="for suite: comma-separated knn, linear, logreg, seg, depth, "
+                                       "retrieval")] = (
         "knn,linear,seg,depth,retrieval"),
-    data_uri: Annotated[str, typer.Option(help="labelled images for knn and linear: Fashion-MNIST's folder, or "
+    data_uri: Annotated[str, typer.Option(help="labelled images for knn, linear, logreg: Fashion-MNIST's folder, or "
                                                 "one of class folders, train/<class>/ and val/<class>/ (ImageNet's "
                                                 "layout; path or URI)")] = "/usr/share/datasets/fashion-mnist",
-    test_uri: Annotated[str, typer.Option(help="knn and linear: a test set of class folders of its own instead of "
+    test_uri: Annotated[str, typer.Option(help="knn, linear, logreg: a test set of class folders of its own instead of "
                                                "<data-uri>/val, e.g. ImageNet-R beside ImageNet's train/; with "
                                                "fewer classes than train it is scored over its own (ImageNet-A "
                                                "and -R's protocol)")] = "",
@@ -352,7 +353,7 @@ def evaluate(
     experiment: Annotated[str, typer.Option(help="MLflow experiment of the run, recorded when "
                                                  "MLFLOW_TRACKING_URI is set")] = "dinoflow",
 ) -> None:
-    """Benchmark frozen features of a backbone: k-NN, linear probe, or the whole suite.
+    """Benchmark frozen features of a backbone: k-NN, linear probe, logistic regression, or the whole suite.
 
     Classification on Fashion-MNIST or on your class folders (ImageNet's
     layout); segmentation and depth on synthetic scenes or on ADE20K, VOC
@@ -369,8 +370,8 @@ def evaluate(
 
     storage = storage_from_env()
     with _bad_input():
-        if benchmark not in ("knn", "linear", "suite", "classify"):
-            raise ValueError(f"unknown benchmark {benchmark!r}; allowed: knn, linear, suite, classify")
+        if benchmark not in ("knn", "linear", "logreg", "suite", "classify"):
+            raise ValueError(f"unknown benchmark {benchmark!r}; allowed: knn, linear, logreg, suite, classify")
         chosen = tuple(t.strip() for t in tasks.split(",") if t.strip()) if benchmark == "suite" else (benchmark,)
         if benchmark == "classify":  # the model and the data checked before any run is recorded
             run = _classifying(weights, data_uri, test_uri, test_limit, image_size, num_workers, device, precision,
@@ -437,7 +438,7 @@ def _classifying(weights: str, data_uri: str, test_uri: str, test_limit: int, im
     served = load_served_model(weights, image_size, device, storage)
     if served.classifier is None:
         raise ValueError(f"{weights} has no classifier: give a fine-tuned model (a `dinoflow finetune` folder, or "
-                         "one the finetune pipeline registered); knn and linear score a backbone alone")
+                         "one the finetune pipeline registered); knn, linear and logreg score a backbone alone")
     images = labelled_images(data_uri, "auto", storage, 0, test_limit, image_size, 0, num_workers, test_uri)
 
     def run(pictures: Path) -> dict[str, Any]:

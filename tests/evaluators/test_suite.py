@@ -60,6 +60,25 @@ def test_classification_alone_scores_attention_on_the_garments() -> None:
     assert metrics["attention_jaccard"] == pytest.approx(expected["metrics"]["attention_jaccard"])
 
 
+def test_the_logistic_regression_task_sweeps_c_on_the_final_cls_features() -> None:
+    """``logreg`` alone: its metrics are :func:`logistic_regression`'s on the report's features
+    (the final CLS tokens), with the original's 45 values of C."""
+    from evaluators.logreg import LogRegConfig, logistic_regression
+
+    torch.manual_seed(2)
+    backbone = build_vit("vit_small", patch_size=7, embed_dim=16, depth=2, num_heads=2, img_size=28,
+                         layerscale_init=1.0)  # (at the default 1e-5 a random backbone's CLS is one vector)
+    config = SuiteConfig(tasks=("logreg",), data_uri="/usr/share/datasets/fashion-mnist", train_limit=300,
+                         test_limit=100)
+    report = run_suite(backbone, config)
+    metrics, (train_x, train_y, test_x, test_y) = report["metrics"], report["features"]
+    assert not any(name.startswith("linear") for name in metrics)  # (k-NN comes with every classification)
+    want = logistic_regression(train_x, train_y, test_x, test_y, LogRegConfig(), num_classes=10)
+    assert metrics["logreg_top1"] == want.test_accuracy and metrics["logreg_best_c"] == want.best_c
+    assert metrics["logreg_val_top1"] == want.val_accuracy > 0.3  # 10 classes: well above chance
+    assert len(report["tasks"]["classification"]["logreg"]["val_accuracies"]) == 45
+
+
 def test_multiscale_four_layer_segmentation_runs() -> None:
     torch.manual_seed(0)
     backbone = build_vit("vit_small", patch_size=7, embed_dim=16, depth=4, num_heads=2, img_size=28)
@@ -70,7 +89,8 @@ def test_multiscale_four_layer_segmentation_runs() -> None:
 
 
 def test_bad_task_lists_are_named() -> None:
-    with pytest.raises(ValueError, match="unknown tasks \\['segm'\\]; allowed: knn, linear, seg, depth, retrieval"):
+    with pytest.raises(ValueError,
+                       match="unknown tasks \\['segm'\\]; allowed: knn, linear, logreg, seg, depth, retrieval"):
         SuiteConfig(tasks=("segm",))
     with pytest.raises(ValueError, match="need data_uri"):
         SuiteConfig(tasks=("knn",))

@@ -73,9 +73,29 @@ def test_eval_knn_matches_the_library(weights: Path, tmp_path: Path) -> None:
     assert to_model_input(torch.zeros(1, 28, 28, dtype=torch.uint8), patch_size=7).shape == (1, 3, 28, 28)
 
 
+def test_eval_logreg_is_the_librarys_sweep_on_the_cls_features(weights: Path, tmp_path: Path) -> None:
+    from evaluators.logreg import LogRegConfig, logistic_regression
+
+    report_path = tmp_path / "report.json"
+    result = CliRunner().invoke(app, ["eval", "logreg", "--weights", str(weights), "--train-limit", "400",
+                                      "--test-limit", "100", "--out", str(report_path)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(report_path.read_text())["metrics"]
+    model = load_backbone(str(weights), "safetensors")
+    features = []
+    for split, count in (("train", 400), ("test", 100)):
+        data = load_split(Storage(), "/usr/share/datasets/fashion-mnist", split)
+        features += [labelled_features(model, torch.from_numpy(data.images[:count]), 7),
+                     torch.from_numpy(data.labels[:count])]
+    want = logistic_regression(*features, LogRegConfig(), num_classes=10)
+    assert (metrics["logreg_top1"], metrics["logreg_best_c"]) == (want.test_accuracy, want.best_c)
+    assert "linear_top1" not in metrics
+
+
 def test_eval_rejects_bad_input(weights: Path) -> None:
     runner = CliRunner()
-    assert "allowed: knn, linear, suite" in runner.invoke(app, ["eval", "svm", "--weights", str(weights)]).stderr
+    unknown = runner.invoke(app, ["eval", "svm", "--weights", str(weights)])
+    assert "allowed: knn, linear, logreg, suite" in unknown.stderr
     bad_task = runner.invoke(app, ["eval", "suite", "--weights", str(weights), "--tasks", "knn,segm"])
     assert bad_task.exit_code == 2 and "unknown tasks ['segm']" in bad_task.stderr
     missing = runner.invoke(app, ["eval", "knn", "--weights", str(weights.parent / "nope.safetensors")])

@@ -1,0 +1,160 @@
+"""Logistic regression on frozen features: the original's second classification protocol.
+
+The original (``dinov2/eval/log_regression.py``) fits a multinomial logistic regression with
+L-BFGS (cuML's) on the L2-normalised final CLS features, sweeps the inverse regularisation ``C``
+over 45 values ``10^p``, ``p`` evenly spaced in ``[-6, 5]``, at most 1,000 iterations each, keeps
+the ``C`` that does best on a held-out split and refits it on the whole train set. Here the same
+with torch's L-BFGS (strong-Wolfe line search), full-batch on the features' device, minimising
+scikit-learn's and cuML's objective ``||W||^2 / 2 + C sum_i CE(W x_i + b, y_i)`` divided by ``C N``:
+
+    L(W, b) = (1 / N) sum_i CE(W x_i + b, y_i) + ||W||^2 / (2 C N)
+
+(the bias unpenalised): the same minimiser, and a loss of the scale of a cross-entropy at every
+``C``, so one gradient tolerance fits the whole sweep.
+
+Why beside the linear probe (:mod:`evaluators.linear`): it has no learning rate, batch or epoch
+count; at convergence its accuracy is a property of the features alone, which is how backbones
+are compared on small transfer sets (the paper's fine-grained benchmarks use it).
+
+Why the sweep runs ``C`` upwards, each fit starting from the last one's solution: the objective
+is strictly convex in ``W``, so a warm start changes where the solver ends only within its
+tolerance, and fits at large ``C`` (weak regularisation, slow to converge from zero) start near
+their optimum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dinoflow.progress import progress
+from evaluators.features import float32_on
+from evaluators.linear import split_train_val
+
+ORIGINAL_C_VALUES: tuple[float, ...] = tuple(float(10.0 ** p) for p in np.linspace(-6, 5, 45))
+CHUNK_ROWS = 65_536  # rows of logits made at a time (ImageNet's 1.28M x 1000 classes would be 5 GB at once)
+HISTORY = 20  # L-BFGS's curvature pairs: each a copy of W (1024 x 1000 floats for ViT-L on ImageNet)
+GRAD_TOLERANCE = 1e-6  # on the largest gradient entry of L, a cross-entropy-sized loss
+CHANGE_TOLERANCE = 1e-10
+
+
+@dataclass(frozen=True)
+class LogRegConfig:
+    """The sweep: ``c_values`` (inverse regularisation, ascending), at most ``max_iter`` L-BFGS
+    iterations per fit, ``val_fraction`` of the train set held out (seeded by ``seed``) to pick ``C``."""
+
+    c_values: tuple[float, ...] = ORIGINAL_C_VALUES
+    max_iter: int = 1000
+    val_fraction: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.c_values or min(self.c_values) <= 0:
+            raise ValueError(f"c_values must be positive and non-empty, got {self.c_values}")
+        if list(self.c_values) != sorted(self.c_values):
+            raise ValueError(f"c_values must be ascending (each fit starts from the last), got {self.c_values}")
+        if self.max_iter < 1:
+            raise ValueError(f"max_iter must be >= 1, got {self.max_iter}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+
+
+@dataclass(frozen=True)
+class LogRegResult:
+    """Outcome of :func:`logistic_regression`; accuracies are fractions in [0, 1]."""
+
+    best_c: float
+    val_accuracy: float  # of the fit at best_c on the held-out split (trained without it)
+    test_accuracy: float  # of the refit on the whole train set
+    c_values: tuple[float, ...]
+    val_accuracies: tuple[float, ...]  # per C
+    num_train: int  # samples the sweep was fit on
+    num_val: int
+    num_test: int
+    num_classes: int
+    feature_dim: int
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["c_values"], out["val_accuracies"] = list(self.c_values), list(self.val_accuracies)
+        return out
+
+
+def fit_logistic(features: Tensor, labels: Tensor, num_classes: int, c: float, max_iter: int = 1000,
+                 start: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """The minimiser ``(W (F, C), b (C,))`` of the module's ``L`` on ``features`` ``(N, F)`` and
+    ``labels`` ``(N,)``, from ``start`` (else zeros), by full-batch L-BFGS on the features' device."""
+    rows, dim = features.shape
+    weight = (features.new_zeros(dim, num_classes) if start is None else start[0].clone()).requires_grad_()
+    bias = (features.new_zeros(num_classes) if start is None else start[1].clone()).requires_grad_()
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, history_size=HISTORY,
+                                  tolerance_grad=GRAD_TOLERANCE, tolerance_change=CHANGE_TOLERANCE,
+                                  line_search_fn="strong_wolfe")
+
+    def loss() -> Tensor:
+        """``L`` with its gradient accumulated chunk by chunk (no ``(N, C)`` logits at once)."""
+        optimizer.zero_grad()
+        penalty = weight.square().sum() / (2 * c * rows)
+        penalty.backward()
+        total = penalty.detach()
+        for first in range(0, rows, CHUNK_ROWS):
+            logits = features[first:first + CHUNK_ROWS] @ weight + bias
+            part = F.cross_entropy(logits, labels[first:first + CHUNK_ROWS], reduction="sum") / rows
+            part.backward()
+            total = total + part.detach()
+        return total
+
+    with torch.enable_grad():
+        optimizer.step(loss)
+    return weight.detach(), bias.detach()
+
+
+def predict(features: Tensor, weight: Tensor, bias: Tensor, classes: Tensor | None = None) -> Tensor:
+    """Each row's class (among ``classes`` only, if given), chunk by chunk."""
+    out = []
+    for first in range(0, len(features), CHUNK_ROWS):
+        logits = features[first:first + CHUNK_ROWS] @ weight + bias
+        out.append(logits.argmax(1) if classes is None else classes[logits[:, classes].argmax(1)])
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=features.device)
+
+
+def normalized(features: Tensor, device: str | torch.device) -> Tensor:
+    """The features L2-normalised per row as float32 on ``device`` (the original's input)."""
+    return F.normalize(float32_on(features, device), dim=1)
+
+
+def logistic_regression(train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor,
+                        config: LogRegConfig = LogRegConfig(), num_classes: int | None = None,
+                        device: str | torch.device = "cpu", test_classes: Tensor | None = None) -> LogRegResult:
+    """The sweep over ``C`` on the L2-normalised features, picked on the held-out split (ties: the
+    smallest ``C``), refit on the whole train set, scored on test (over ``test_classes`` only, if
+    given: ImageNet-A and -R's 200 of 1,000)."""
+    if train_features.ndim != 2 or test_features.ndim != 2 or train_features.shape[1] != test_features.shape[1]:
+        raise ValueError(f"features must be (N, F) of one width: got train {tuple(train_features.shape)}, "
+                         f"test {tuple(test_features.shape)}")
+    if len(train_features) != len(train_labels) or len(test_features) != len(test_labels):
+        raise ValueError("features and labels must have the same length")
+    classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
+    features, test_x = normalized(train_features, device), normalized(test_features, device)
+    labels, test_y = train_labels.to(device, torch.long), test_labels.to(device, torch.long)
+    split = split_train_val(len(features), config.val_fraction, torch.Generator().manual_seed(config.seed))
+    fit_rows, val_rows = (rows.to(device) for rows in split)
+    fit_x, fit_y, val_x, val_y = features[fit_rows], labels[fit_rows], features[val_rows], labels[val_rows]
+    solutions, val_accuracies = [], []
+    solution: tuple[Tensor, Tensor] | None = None
+    for c in progress(config.c_values, desc="logistic regression: C", unit="C"):
+        solution = fit_logistic(fit_x, fit_y, classes, c, config.max_iter, solution)
+        solutions.append(solution)
+        val_accuracies.append(float((predict(val_x, *solution) == val_y).double().mean()))
+    best = int(np.argmax(val_accuracies))  # the first maximum: the smallest C among ties
+    weight, bias = fit_logistic(features, labels, classes, config.c_values[best], config.max_iter, solutions[best])
+    test_classes = None if test_classes is None else test_classes.to(device)
+    test_accuracy = float((predict(test_x, weight, bias, test_classes) == test_y).double().mean())
+    return LogRegResult(best_c=config.c_values[best], val_accuracy=val_accuracies[best], test_accuracy=test_accuracy,
+                        c_values=tuple(config.c_values), val_accuracies=tuple(val_accuracies),
+                        num_train=len(fit_rows), num_val=len(val_rows), num_test=len(test_x), num_classes=classes,
+                        feature_dim=features.shape[1])
