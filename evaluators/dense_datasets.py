@@ -23,6 +23,11 @@ holds a whole split: ADE20K's 20k training images are 16 GB of pixels at 512 px.
 * **NYU-Depth v2** (this project's layout): ``{train,test}/*.npz``, each with ``image``
   ``(H, W, 3)`` uint8 and ``depth`` ``(H, W)`` float32 metres. The test split is scored inside the
   Eigen crop, as NYU's depth results are reported (:func:`eigen_crop`).
+* **KITTI** (Eigen split, the layout of the depth toolbox the original's depth evaluation used):
+  ``kitti_eigen_{train,test}.txt`` lines ``<image> <depth> <focal>``, the image (a camera PNG)
+  under ``input/``, the projected LiDAR depth (a 16-bit PNG, metres x 256, 0 unknown) under
+  ``gt_depth/`` (``None``: a frame without one, skipped). Both cut to the bottom-centred 352 x 1216
+  (KB crop), depths beyond 80 m unknown, the test split scored inside the Garg crop (:func:`garg_crop`).
 
 :class:`ArraySplit` serves arrays already in memory (the synthetic scenes) the same way.
 """
@@ -192,6 +197,29 @@ def _nyu_sample(read: Callable[[str], bytes], files: tuple[str, ...],
     return (Image.fromarray(image) if with_image else None), Image.fromarray(depth, mode="F")
 
 
+KB_CROP = (352, 1216)  # KITTI frames cut to their bottom-centred rows x columns, as the depth toolbox does
+KITTI_MAX_DEPTH = 80.0  # metres: farther LiDAR returns are not scored (nor trained on)
+
+
+def _kitti_sample(read: Callable[[str], bytes], files: tuple[str, ...],
+                  with_image: bool) -> tuple[Image.Image | None, Image.Image]:
+    image_uri, depth_uri = files
+    depth = Image.open(io.BytesIO(read(depth_uri)))
+    if depth.mode not in ("I", "I;16", "I;16B"):
+        raise ValueError(f"{depth_uri}: a KITTI depth map is a 16-bit PNG (metres x 256), got mode {depth.mode}")
+    width, height = depth.size
+    rows, cols = KB_CROP
+    if height < rows or width < cols:
+        raise ValueError(f"{depth_uri}: {width} x {height} is smaller than KITTI's {cols} x {rows} crop")
+    top, left = height - rows, (width - cols) // 2
+    box = (left, top, left + cols, top + rows)
+    metres = np.asarray(depth.crop(box), dtype=np.float32) / 256
+    image = _image(read(image_uri)).crop(box) if with_image else None
+    if image is not None and image.size != (cols, rows):
+        raise ValueError(f"{image_uri}: its size differs from its depth map's ({width} x {height})")
+    return image, Image.fromarray(np.where(metres <= KITTI_MAX_DEPTH, metres, 0).astype(np.float32), mode="F")
+
+
 def load_ade20k(storage: Storage, root: str, split: str, fit: Fit | int, limit: int = 0) -> DenseSplit:
     """ADE20K images and masks (classes 0..149, 255 ignored) of ``split`` (training or validation)."""
     if split not in ("training", "validation"):
@@ -236,6 +264,48 @@ def load_nyu(storage: Storage, root: str, split: str, fit: Fit | int, limit: int
     samples = samples[:limit] if limit else samples
     return DenseSplit(storage, [(uri,) for uri in samples], [PurePosixPath(uri).stem for uri in samples], _nyu_sample,
                       fit, f"NYU samples under {join_uri(root, split)}", eigen_crop if split == "test" else None)
+
+
+def load_kitti(storage: Storage, root: str, split: str, fit: Fit | int, limit: int = 0) -> DenseSplit:
+    """KITTI's Eigen-split images and LiDAR depths (metres, 0 unknown or beyond 80 m) of ``split``
+    (train or test), the frames listed in ``kitti_eigen_<split>.txt``; the test split's depths
+    outside the Garg crop unknown (:func:`garg_crop`)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"KITTI split must be train or test, got {split!r}")
+    listing = join_uri(root, f"kitti_eigen_{split}.txt")
+    if not storage.exists(listing):
+        raise FileNotFoundError(f"KITTI split list {listing} is missing (lines '<image> <depth> <focal>', the "
+                                "image under input/, the depth under gt_depth/)")
+    files, names = [], []
+    for number, line in enumerate(storage.read_bytes(listing).decode().splitlines(), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) < 2:
+            raise ValueError(f"{listing} line {number}: {line!r} is not '<image> <depth> [<focal>]'")
+        if fields[1] == "None":  # a frame without projected depth
+            continue
+        files.append((join_uri(root, "input", fields[0]), join_uri(root, "gt_depth", fields[1])))
+        names.append(fields[0].replace("/", "_").removesuffix(".png"))
+    files, names = (files[:limit], names[:limit]) if limit else (files, names)
+    return DenseSplit(storage, files, names, _kitti_sample, fit, f"KITTI frames with depth in {listing}",
+                      garg_crop if split == "test" else None)
+
+
+GARG_CROP = (0.40810811, 0.99189189, 0.03594771, 0.96405229)  # the share of rows, columns of a frame scored
+
+
+def garg_crop(depth: np.ndarray) -> np.ndarray:
+    """``depth`` with every pixel outside the Garg crop set unknown (0): KITTI's depth metrics are
+    reported over rows 40.8-99.2 % and columns 3.6-96.4 % of the full frame (Garg et al., 2016), most
+    of the sky above the LiDAR's reach left out; applied to the KB-cropped frame as the depth
+    toolbox does."""
+    height, width = depth.shape[-2:]
+    top, bottom = int(GARG_CROP[0] * height), int(GARG_CROP[1] * height)
+    left, right = int(GARG_CROP[2] * width), int(GARG_CROP[3] * width)
+    kept = np.zeros_like(depth)
+    kept[..., top:bottom, left:right] = depth[..., top:bottom, left:right]
+    return kept
 
 
 EIGEN_CROP = (45, 471, 41, 601)  # rows and columns of NYU's 480 x 640 frames that are scored (Eigen et al., 2014)

@@ -9,8 +9,8 @@ Tasks:
   their own classes when fewer) (:mod:`evaluators.classification`);
 * ``seg``: the linear segmentation head on synthetic scenes, or on ADE20K or Pascal VOC
   (``seg_data``) (mIoU, pixel accuracy);
-* ``depth``: the linear depth head on the same scenes, or on NYU-Depth v2 (``depth_data``) (RMSE,
-  AbsRel, delta1);
+* ``depth``: the linear depth head on the same scenes, or on NYU-Depth v2 or KITTI (``depth_data``)
+  (RMSE, AbsRel, delta1);
 * ``retrieval``: CLS descriptors on synthetic retrieval sets, or on revisited Oxford or Paris
   (``retrieval_data``) (mAP easy/medium/hard);
 
@@ -20,9 +20,10 @@ high-norm patch tokens and the CLS token's attention on the patches (:mod:`evalu
 The synthetic scenes (:mod:`evaluators.synthetic`) make the dense and retrieval tasks run
 anywhere with exact ground truth; the adapters of :mod:`evaluators.dense_datasets` feed the same
 heads with the real data sets (``seg_data="ade20k:<root>"``, ``"voc:<root>"`` or ``"cityscapes:<root>"``,
-``depth_data="nyu:<root>"``; images at ``image_size``, ``train_limit`` / ``test_limit`` of each; on a real
-data set the head trained on square crops of the aspect-kept images and tested on whole images through
-sliding windows at the labels' own resolution, as the original scores segmentation), and
+``depth_data="nyu:<root>"`` or ``"kitti:<root>"``; images at ``image_size``, ``train_limit`` /
+``test_limit`` of each; on a real data set the head trained on square crops of the aspect-kept images
+and tested on whole images through sliding windows at the labels' own resolution, as the original
+scores segmentation), and
 :func:`~evaluators.retrieval.load_revisited` the retrieval task (``retrieval_data="roxford5k:<root>"``
 or ``"rparis6k:<root>"``; the longer side at ``image_size``).
 
@@ -60,7 +61,8 @@ from evaluators.dense import (
     train_depth_head,
     train_segmentation_head,
 )
-from evaluators.dense_datasets import ArraySplit, Fit, load_ade20k, load_cityscapes, load_nyu, load_voc
+from evaluators.dense_datasets import (KITTI_MAX_DEPTH, ArraySplit, Fit, load_ade20k, load_cityscapes, load_kitti,
+                                       load_nyu, load_voc)
 from evaluators.dense_metrics import retrieval_map
 from evaluators.dense_source import FeatureSource, feature_sources, relabelled
 from evaluators.feature_parts import FeatureParts, backbone_digest
@@ -108,7 +110,7 @@ class SuiteConfig:
     layers: int = 1  # 4: the "+ms" protocol's last four blocks
     multiscale: bool = False  # segmentation tested over scales 0.75/1/1.25 and flips ("+ms")
     seg_data: str = ""  # "": the scenes; ade20k:<root>, voc:<root> or cityscapes:<root>
-    depth_data: str = ""  # "": the scenes; nyu:<root>
+    depth_data: str = ""  # "": the scenes; nyu:<root> or kitti:<root>
     seg_head: HeadConfig = field(default_factory=HeadConfig)
     depth_head: HeadConfig = field(default_factory=lambda: HeadConfig(steps=1000))  # ~10x a seg step's cost
     dense_cache_gib: float = 4.0  # seg, depth: features held when both splits' fit, else made per batch
@@ -135,7 +137,7 @@ class SuiteConfig:
         if self.data_kind not in DATA_KINDS:
             raise ValueError(f"unknown data kind {self.data_kind!r}; allowed: {', '.join(DATA_KINDS)}")
         for name, given, allowed in (("seg_data", self.seg_data, ("ade20k", "voc", "cityscapes")),
-                                     ("depth_data", self.depth_data, ("nyu",)),
+                                     ("depth_data", self.depth_data, ("nyu", "kitti")),
                                      ("retrieval_data", self.retrieval_data, REVISITED)):
             kind, sep, root = given.partition(":")
             if given and (kind not in allowed or not sep or not root):
@@ -180,7 +182,7 @@ def _classification(backbone: nn.Module, config: SuiteConfig, storage: Storage, 
 # largest depth in metres (depth), the heads' label range
 DENSE_SETS = {"ade20k": (load_ade20k, ("training", "validation"), 150), "voc": (load_voc, ("train", "val"), 21),
               "cityscapes": (load_cityscapes, ("train", "val"), 19),
-              "nyu": (load_nyu, ("train", "test"), 10.0)}
+              "nyu": (load_nyu, ("train", "test"), 10.0), "kitti": (load_kitti, ("train", "test"), KITTI_MAX_DEPTH)}
 
 
 @dataclass(frozen=True)

@@ -321,8 +321,9 @@ def evaluate(
     seg_data: Annotated[str, typer.Option(help="seg on a real data set, ade20k:<root>, voc:<root> or "
                                                "cityscapes:<root> (its own "
                                                "layout; images at --image-size; default: synthetic scenes)")] = "",
-    depth_data: Annotated[str, typer.Option(help="depth on NYU-Depth v2, nyu:<root> (train/*.npz, test/*.npz; "
-                                                 "default: synthetic scenes)")] = "",
+    depth_data: Annotated[str, typer.Option(help="depth on NYU-Depth v2, nyu:<root> (train/*.npz, test/*.npz), or "
+                                                 "KITTI's Eigen split, kitti:<root> (kitti_eigen_{train,test}.txt, "
+                                                 "input/, gt_depth/); default: synthetic scenes")] = "",
     retrieval_data: Annotated[str, typer.Option(help="retrieval on revisited Oxford or Paris, roxford5k:<root> "
                                                      "or rparis6k:<root> (gnd_<name>.pkl, jpg/; the longer side at "
                                                      "--image-size; default: synthetic sets)")] = "",

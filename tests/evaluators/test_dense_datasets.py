@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from dinoflow.storage import Storage
-from evaluators.dense_datasets import DenseSplit, Fit, load_ade20k, load_cityscapes, load_nyu, load_voc
+from evaluators.dense_datasets import DenseSplit, Fit, load_ade20k, load_cityscapes, load_kitti, load_nyu, load_voc
 
 
 def _whole(split: DenseSplit) -> tuple[np.ndarray, np.ndarray]:
@@ -176,6 +176,87 @@ def test_nyus_test_depths_are_scored_inside_the_eigen_crop(tmp_path: Path) -> No
     half = eigen_crop(np.ones((240, 320), np.float32))
     rows, cols = np.nonzero(half)
     assert (rows.min(), rows.max() + 1, cols.min(), cols.max() + 1) == (22, 236, 20, 300)  # 45/2, 471/2, 41/2, 601/2
+
+
+KITTI_FRAME = (376, 1242)  # rows, columns of a KITTI camera frame (they vary a little by drive)
+
+
+def write_kitti(root: Path, frames: dict[str, int], depth_of: object = None) -> None:
+    """A KITTI layout: per split its list, camera PNGs under input/ (grey, darker where nearer) and
+    16-bit depth PNGs (metres x 256) under gt_depth/; ``depth_of(rows, cols, split, i)`` gives a
+    frame's metres (default: a ramp that names each pixel's row and column); each test list also
+    names a frame without depth."""
+    rng = np.random.default_rng(0)
+    rows, cols = KITTI_FRAME
+    for split, count in frames.items():
+        lines = []
+        for i in range(count):
+            image = f"2011_09_26/2011_09_26_drive_{i:04d}_sync/image_02/data/{i:010d}.png"
+            depth = f"2011_09_26_drive_{i:04d}_sync/proj_depth/groundtruth/image_02/{i:010d}.png"
+            lines.append(f"{image} {depth} 721.5377")
+            (root / "input" / image).parent.mkdir(parents=True, exist_ok=True)
+            (root / "gt_depth" / depth).parent.mkdir(parents=True, exist_ok=True)
+            ys, xs = np.mgrid[0:rows, 0:cols]
+            metres = (ys / 10 + (xs % 256) / 256) if depth_of is None else depth_of(ys, xs, split, i)
+            grey = np.clip(metres / 40 * 255 + rng.normal(0, 8, metres.shape), 0, 255)  # nearer is darker
+            Image.fromarray(np.repeat(grey[..., None], 3, 2).astype(np.uint8)).save(root / "input" / image)
+            Image.fromarray(np.round(metres * 256).astype(np.uint16)).save(root / "gt_depth" / depth)
+        if split == "test":
+            lines.append("2011_09_26/2011_09_26_drive_0099_sync/image_02/data/0000000000.png None 721.5377")
+        (root / f"kitti_eigen_{split}.txt").write_text("\n".join(lines) + "\n")
+
+
+def test_kitti_eigen_layout_kb_crop_far_depths_and_garg_crop(tmp_path: Path) -> None:
+    """Each frame cut to its bottom-centred 352 x 1216 (rows 24-375, columns 13-1228 of 376 x 1242),
+    its 16-bit depths / 256 in metres, beyond 80 m unknown; the test split scored inside the Garg crop
+    (rows 40.8-99.2 %, columns 3.6-96.4 % of the cut frame), a listed frame without depth skipped."""
+    def depth_of(ys: np.ndarray, xs: np.ndarray, split: str, i: int) -> np.ndarray:
+        metres = ys / 10 + (xs % 256) / 256
+        metres[300:310, 600:700] = 90.0  # beyond the LiDAR's scored range
+        return metres
+
+    write_kitti(tmp_path, {"train": 2, "test": 1}, depth_of)
+    rows, cols = np.mgrid[24:376, 13:1229]
+    want = rows / 10 + (cols % 256) / 256
+    want[300 - 24:310 - 24, 600 - 13:700 - 13] = 0
+    train = load_kitti(Storage(), str(tmp_path), "train", Fit("whole", 352))
+    images, depths = _whole(train)
+    assert images.shape == (2, 3, 352, 1216) and depths.shape == (2, 352, 1216) and depths.dtype == np.float32
+    np.testing.assert_allclose(depths[0], want, atol=1 / 512)
+    frame = np.asarray(Image.open(tmp_path / "input" / train._files[0][0].split("input/", 1)[1]).convert("RGB"))
+    assert np.abs(images[0].transpose(1, 2, 0).astype(int) - frame[24:376, 13:1229].astype(int)).max() <= 1
+    test = load_kitti(Storage(), str(tmp_path), "test", Fit("whole", 352))
+    assert len(test) == 1  # the frame without depth is not listed
+    scored = test.label(0).numpy()
+    inside = np.zeros((352, 1216), bool)
+    inside[int(0.40810811 * 352):int(0.99189189 * 352), int(0.03594771 * 1216):int(0.96405229 * 1216)] = True
+    np.testing.assert_allclose(scored[inside], want[inside], atol=1 / 512)
+    assert (scored[~inside] == 0).all()
+    with pytest.raises(FileNotFoundError, match="KITTI split list .*kitti_eigen_train.txt is missing"):
+        load_kitti(Storage(), str(tmp_path / "nowhere"), "train", 28)
+    (tmp_path / "kitti_eigen_train.txt").write_text("only_one_field.png\n")
+    with pytest.raises(ValueError, match="line 1: 'only_one_field.png' is not '<image> <depth> \\[<focal>\\]'"):
+        load_kitti(Storage(), str(tmp_path), "train", 28)
+
+
+def test_the_suite_scores_depth_on_kitti_up_to_80_metres(tmp_path: Path) -> None:
+    """depth_data=kitti:<root>: the head's bins reach 80 m: a head topping out at 10 m (NYU's) could
+    come no closer than ~18 m RMSE to these 17-38 m test depths; this one reads them off the frames'
+    shade."""
+    from evaluators.dense import HeadConfig
+    from evaluators.suite import SuiteConfig, run_suite
+    from trainer.models.vit import build_vit
+
+    write_kitti(tmp_path, {"train": 6, "test": 2})
+    torch.manual_seed(0)
+    backbone = build_vit("vit_small", patch_size=7, embed_dim=32, depth=2, num_heads=2, img_size=28,
+                         layerscale_init=1.0)
+    config = SuiteConfig(tasks=("depth",), depth_data=f"kitti:{tmp_path}", image_size=28,
+                         depth_head=HeadConfig(steps=600, lr=1e-2))
+    metrics = run_suite(backbone, config)["metrics"]
+    truth = _whole(load_kitti(Storage(), str(tmp_path), "test", 28))[1]
+    capped = np.sqrt(np.mean((truth[truth > 0] - 10.0) ** 2))  # the least error of any head topping out at 10 m
+    assert metrics["depth_rmse"] < 0.6 * capped and 0.3 < metrics["depth_delta1"] <= 1
 
 
 def write_halves(root: Path) -> tuple[Path, Path]:
