@@ -66,7 +66,7 @@ from trainer.losses import (
 from trainer.models.compile import compile_blocks, compiled_now, maybe_compiled
 from trainer.models.head_weights import find_heads, heads_of, network_heads, save_heads
 from trainer.models.heads import DINOHead, Fused
-from trainer.models.hub import init_backbone, load_strict, save_backbone
+from trainer.models.hub import init_backbone, load_strict, locate_weights, read_torch_checkpoint, save_backbone
 from trainer.models.vit import DinoVisionTransformer, build_vit
 from trainer.optim import build_adamw, with_kernel_choice
 from trainer.schedules import ScheduleValues, schedule_values, total_steps
@@ -114,12 +114,17 @@ def start_from_weights(cfg: PretrainConfig, network: nn.Module, objective: Objec
     (:func:`~trainer.models.hub.init_backbone`) and, with ``init_heads=auto``, the DINO/iBOT heads
     trained with those weights where there are (:func:`~trainer.models.head_weights.find_heads`), with
     their centres into ``objective`` when given and saved. Returns where the heads came from (``""``:
-    they stay as built). Heads that do not fit the recipe fail naming each ``heads.*`` setting."""
-    init_backbone(network.backbone, cfg.init_weights, cfg.init_weights_source, storage)
+    they stay as built). Heads that do not fit the recipe fail naming each ``heads.*`` setting. A
+    training dump, which holds both, is read once (ViT-g's: several GB, maybe from object storage)."""
+    uri, source = cfg.init_weights, cfg.init_weights_source
+    if source == "auto":
+        uri, source = locate_weights(uri, storage)
+    dump = read_torch_checkpoint(storage.read_bytes(uri), uri) if source == "training" else None
+    init_backbone(network.backbone, uri, source, storage, dump)
     heads = heads_of(network)
     if cfg.init_heads == "fresh" or not len(heads):
         return ""
-    saved = find_heads(cfg.init_weights, cfg.init_weights_source, storage)
+    saved = find_heads(uri, source, storage, dump)
     if saved is None:
         return ""
     differ = saved.mismatches(cfg.heads, network.backbone.embed_dim)

@@ -104,6 +104,14 @@ def test_a_training_dumps_heads_start_the_run_and_its_centres_start_at_zero(firs
     cfg = config(*RUN, f"init_weights={dump}", "init_weights_source=training", "seed=5")
     student, _ = build_networks(cfg)
     objective = Objective(cfg)
-    assert start_from_weights(cfg, student, objective, Storage()) == str(dump)
+    reads: list[str] = []
+
+    class Counted(Storage):
+        def read_bytes(self, uri: str) -> bytes:
+            reads.append(uri)
+            return super().read_bytes(uri)
+
+    assert start_from_weights(cfg, student, objective, Counted()) == str(dump)
+    assert reads == [str(dump)]  # the dump holds backbone and heads: read once (ViT-g's are GBs)
     assert largest_gap(student.state_dict(), checkpoint["teacher"]) == 0
     assert all(v.abs().max() == 0 for v in objective.state_dict().values())

@@ -107,15 +107,18 @@ def save_heads(heads: Mapping[str, Tensor], centres: Mapping[str, Tensor] | None
     storage.write_bytes(uri, save_safetensors_bytes(tensors))
 
 
-def find_heads(uri: str, source: Source, storage: Storage) -> SavedHeads | None:
+def find_heads(uri: str, source: Source, storage: Storage,
+               dump: Mapping[str, Any] | None = None) -> SavedHeads | None:
     """The heads trained with the weights at ``uri`` (read as ``source``), or ``None`` when they have
     none: a ``heads.safetensors`` beside a ``backbone.safetensors`` (a run folder, a pipeline's
-    output folder), or a training dump's teacher heads. Released backbones and Hugging Face
-    folders come without heads."""
+    output folder), or a training dump's teacher heads (``dump``: the dump already read). Released
+    backbones and Hugging Face folders come without heads."""
     if source == "auto":
         uri, source = locate_weights(uri, storage)
     if source == "training":
-        heads = convert_training_heads(read_torch_checkpoint(storage.read_bytes(uri), uri))
+        if dump is None:
+            dump = read_torch_checkpoint(storage.read_bytes(uri), uri)
+        heads = convert_training_heads(dump)
         return SavedHeads(uri, heads) if heads else None
     if source != "safetensors" or uri.rsplit("/", 1)[-1] != BACKBONE_FILE:
         return None

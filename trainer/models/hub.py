@@ -145,12 +145,16 @@ def infer_arch_kwargs(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
 
 # -- reading and writing --------------------------------------------------------------------
 
-def read_weights(uri: str, source: Source, storage: Storage) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
-    """Read a weight file or folder into our layout; returns (state dict, arch kwargs or None)."""
+def read_weights(uri: str, source: Source, storage: Storage,
+                 dump: Mapping[str, Any] | None = None) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
+    """Read a weight file or folder into our layout; returns (state dict, arch kwargs or None).
+    ``dump``: a training dump's mapping already read from ``uri`` (:func:`read_torch_checkpoint`)."""
     if source not in SOURCES:
         raise ValueError(f"unknown weight source {source!r}; allowed: {', '.join(SOURCES)}")
     if source == "auto":
         uri, source = locate_weights(uri, storage)
+    if source == "training" and dump is not None:
+        return convert_training_state_dict(dump), None
     if source == "hf":
         from trainer.models.hf import arch_kwargs_from_hf_config, from_hf_state_dict
 
@@ -276,7 +280,8 @@ _RECIPE_SETTINGS = {"patch_size": "model.patch_size", "embed_dim": "model.embed_
                     "ffn_layer": "model.ffn_layer", "num_register_tokens": "model.num_register_tokens"}
 
 
-def init_backbone(backbone: DinoVisionTransformer, uri: str, source: Source, storage: Storage) -> None:
+def init_backbone(backbone: DinoVisionTransformer, uri: str, source: Source, storage: Storage,
+                  dump: Mapping[str, Any] | None = None) -> None:
     """Start a recipe's ``backbone`` from the weights at ``uri``, e.g. Meta's released ones, to
     pretrain or distil further on other data.
 
@@ -285,8 +290,8 @@ def init_backbone(backbone: DinoVisionTransformer, uri: str, source: Source, sto
     resizes it for an image of the backbone's size (:func:`~trainer.models.vit.resize_positions`,
     with the weights' interpolation settings), so at that size the backbone computes exactly what
     the released model does. Architectures that differ otherwise fail with a ``ValueError`` naming
-    each recipe setting (``model.*``) and the value the weights need."""
-    state_dict, found = read_weights(uri, source, storage)
+    each recipe setting (``model.*``) and the value the weights need. ``dump``: :func:`read_weights`'."""
+    state_dict, found = read_weights(uri, source, storage, dump)
     theirs = found or infer_arch_kwargs(state_dict)
     ours = backbone.arch_kwargs
     differ = [f"{setting} = {ours[key]!r} (the weights: {theirs[key]!r})"
