@@ -56,6 +56,18 @@ def test_export_to_every_format(weights: Path, tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "allowed: hf, onnx, safetensors" in bad.stderr
 
 
+def fashion_features(weights: Path, train: int, test: int) -> list[torch.Tensor]:
+    """The final CLS features and labels of Fashion-MNIST's first ``train`` and ``test`` images, as
+    the library makes them: train_x, train_y, test_x, test_y."""
+    model = load_backbone(str(weights), "safetensors")
+    features = []
+    for split, count in (("train", train), ("test", test)):
+        data = load_split(Storage(), "/usr/share/datasets/fashion-mnist", split)
+        features += [labelled_features(model, torch.from_numpy(data.images[:count]), 7),
+                     torch.from_numpy(data.labels[:count])]
+    return features
+
+
 def test_eval_knn_matches_the_library(weights: Path, tmp_path: Path) -> None:
     report_path = tmp_path / "report.json"
     result = CliRunner().invoke(app, ["eval", "knn", "--weights", str(weights), "--train-limit", "500",
@@ -63,12 +75,7 @@ def test_eval_knn_matches_the_library(weights: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     report = json.loads(report_path.read_text())
     assert 0.0 <= report["metrics"]["knn_top1_k20"] <= 1.0 and "linear_top1" not in report["metrics"]
-    model = load_backbone(str(weights), "safetensors")
-    features = []
-    for split, count in (("train", 500), ("test", 100)):
-        data = load_split(Storage(), "/usr/share/datasets/fashion-mnist", split)
-        features += [labelled_features(model, torch.from_numpy(data.images[:count]), 7),
-                     torch.from_numpy(data.labels[:count])]
+    features = fashion_features(weights, 500, 100)
     assert knn_accuracies(*features, ks=(20,))["k20"] == report["metrics"]["knn_top1_k20"]
     assert to_model_input(torch.zeros(1, 28, 28, dtype=torch.uint8), patch_size=7).shape == (1, 3, 28, 28)
 
@@ -81,13 +88,7 @@ def test_eval_logreg_is_the_librarys_sweep_on_the_cls_features(weights: Path, tm
                                       "--test-limit", "100", "--out", str(report_path)])
     assert result.exit_code == 0, result.output
     metrics = json.loads(report_path.read_text())["metrics"]
-    model = load_backbone(str(weights), "safetensors")
-    features = []
-    for split, count in (("train", 400), ("test", 100)):
-        data = load_split(Storage(), "/usr/share/datasets/fashion-mnist", split)
-        features += [labelled_features(model, torch.from_numpy(data.images[:count]), 7),
-                     torch.from_numpy(data.labels[:count])]
-    want = logistic_regression(*features, LogRegConfig(), num_classes=10)
+    want = logistic_regression(*fashion_features(weights, 400, 100), LogRegConfig(), num_classes=10)
     assert (metrics["logreg_top1"], metrics["logreg_best_c"]) == (want.test_accuracy, want.best_c)
     assert "linear_top1" not in metrics
 
