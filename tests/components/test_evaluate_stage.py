@@ -52,7 +52,8 @@ def test_the_stage_scores_class_folders_and_draws_their_confusion_matrix(tmp_pat
 
 def test_no_labelled_images_is_refused_naming_the_parameters(tmp_path: Path) -> None:
     ctx = StageContext(run_root=str(tmp_path / "root"))
-    with pytest.raises(ValueError, match="no labelled images for knn, linear and logreg: give the pipeline eval_data_uri"):
+    with pytest.raises(ValueError,
+                       match="no labelled images for knn, linear and logreg: give the pipeline eval_data_uri"):
         run_evaluate_stage(ctx, tmp_path / "backbone", tmp_path / "out", "", tasks=["knn"])
 
 
