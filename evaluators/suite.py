@@ -80,6 +80,7 @@ from evaluators.visualize import (
     save_confusion_matrix,
     save_dense_predictions,
     save_pca_maps,
+    save_sweeps,
 )
 
 TASKS = ("knn", "linear", "logreg", "seg", "depth", "retrieval")
@@ -171,6 +172,15 @@ def _classification(backbone: nn.Module, config: SuiteConfig, storage: Storage, 
         save_confusion_matrix(confusion_matrix(data.test_y.numpy(), predictions, classes), data.classes,
                               Path(pictures) / "confusion_knn.png",
                               title=f"k-NN (k={k}) on frozen CLS features: {100 * report['knn'][f'k{k}']:.1f}%")
+    sweeps = {}  # each probe's held-out accuracy over its hyper-parameter
+    if "linear" in report:
+        linear_report = report["linear"]
+        sweeps[f"linear probe ({linear_report['view']})"] = ("learning rate", linear_report["learning_rates"],
+                                                             linear_report["val_accuracies"])
+    if "logreg" in report:
+        sweeps["logistic regression"] = ("C", report["logreg"]["c_values"], report["logreg"]["val_accuracies"])
+    if pictures is not None and sweeps:
+        save_sweeps(sweeps, Path(pictures) / "probe_sweeps.png")
     if data.pixels is not None:
         report["pixels_knn"] = knn_accuracies(data.pixels[0], data.train_y, data.pixels[1], data.test_y, ks=config.ks,
                                               temperature=config.temperature, num_classes=classes, device=device)
@@ -367,7 +377,8 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
     """Run ``config.tasks`` on ``backbone`` (in eval mode, not moved); returns the report.
 
     With ``pictures`` (a local folder) and knn, linear or logreg, it saves ``confusion_knn.png`` (k-NN's
-    confusion matrix, up to 30 classes); with the dense tasks, ``pca_features.png``
+    confusion matrix, up to 30 classes) and with linear or logreg ``probe_sweeps.png`` (the held-out
+    accuracy over the learning rates or C); with the dense tasks, ``pca_features.png``
     (test scenes and their patch features' first three principal components as RGB) and
     ``dense_predictions.png`` (masks and depth maps, true and predicted; on real data sets
     ``seg_predictions.png`` and ``depth_predictions.png``); with either the dense

@@ -1,5 +1,5 @@
 """Pictures a person would rather look at than read: image grids, confusion matrices, PCA and
-attention maps, training curves.
+attention maps, training curves, the probes' sweeps.
 
 Why: numbers in MLflow say how well a model does; these PNGs show where. Written with the
 non-interactive Agg backend so they work on headless machines and in pods.
@@ -242,6 +242,25 @@ def save_training_curves(curves: Sequence[dict[str, float]], evaluations: Sequen
                 kept = [(row["step"], row[key]) for row in evaluations if key in row]
                 axis.plot(*zip(*kept), marker="o", lw=1, label=key)
             axis.set_title("evaluations", fontsize=9)
+        axis.legend(fontsize=6)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def save_sweeps(sweeps: dict[str, tuple[str, Sequence[float], Sequence[float]]], path: str | Path) -> Path:
+    """Held-out accuracy against a hyper-parameter on a log scale, a panel per sweep (``title ->
+    (the parameter's name, its values, the accuracies)``), the value picked (the first best) marked:
+    a best at the sweep's edge says the sweep was too narrow."""
+    figure, axes = plt.subplots(1, len(sweeps), figsize=(4.2 * len(sweeps), 3.2), squeeze=False)
+    for axis, (title, (name, values, accuracies)) in zip(axes[0], sweeps.items()):
+        best = int(np.argmax(accuracies))
+        axis.plot(values, [100 * a for a in accuracies], marker="o", lw=1, markersize=3)
+        axis.plot([values[best]], [100 * accuracies[best]], marker="*", markersize=12, color="tab:red",
+                  label=f"picked: {name} = {values[best]:.3g}, {100 * accuracies[best]:.1f} %")
+        axis.set_xscale("log")
+        axis.set_xlabel(name)
+        axis.set_ylabel("held-out top-1 (%)")
+        axis.set_title(title, fontsize=9)
         axis.legend(fontsize=6)
     figure.tight_layout()
     return _save(figure, path)

@@ -41,7 +41,7 @@ def test_every_task_reports_its_metrics(tmp_path) -> None:
     for name in ("attention_jaccard", "attention_jaccard_best_head", "high_norm_token_share"):
         assert metrics[name] == pytest.approx(scenes[name]), name
     assert 0 < metrics["attention_jaccard"] <= metrics["attention_jaccard_best_head"] <= 1
-    for name in ("pca_features.png", "dense_predictions.png", "attention_maps.png"):
+    for name in ("pca_features.png", "dense_predictions.png", "attention_maps.png", "probe_sweeps.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     report.pop("features")
     json.dumps(report)  # the rest is the JSON report

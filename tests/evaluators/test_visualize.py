@@ -1,5 +1,5 @@
-"""The dense prediction pictures: a colour per class however many there are, ignored pixels black,
-either task drawn alone."""
+"""The dense prediction pictures (a colour per class however many there are, ignored pixels black,
+either task drawn alone) and the probes' sweeps."""
 
 from __future__ import annotations
 
@@ -45,3 +45,20 @@ def test_either_task_is_drawn_alone_or_both_together(tmp_path: Path) -> None:
     assert sizes["both"][1] == sizes["seg"][1]  # a row per image either way
     with pytest.raises(ValueError, match="give the masks"):
         save_dense_predictions(images, tmp_path / "none.png")
+
+
+def test_a_sweep_is_drawn_with_its_pick_marked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One panel per sweep; the picked value (the first best) is the one named in its legend."""
+    from evaluators import visualize
+
+    drawn = []
+    save = visualize._save
+    monkeypatch.setattr(visualize, "_save", lambda figure, path: (drawn.append(figure), save(figure, path))[1])
+    path = visualize.save_sweeps({"linear probe": ("learning rate", [1e-3, 1e-2, 1e-1], [0.5, 0.8, 0.8]),
+                                  "logistic regression": ("C", [1e-6, 1.0, 1e5], [0.1, 0.9, 0.7])},
+                                 tmp_path / "sweeps.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    axes = drawn[0].axes
+    assert [a.get_title() for a in axes] == ["linear probe", "logistic regression"]
+    labels = [a.get_legend().get_texts()[0].get_text() for a in axes]
+    assert labels == ["picked: learning rate = 0.01, 80.0 %", "picked: C = 1, 90.0 %"]
