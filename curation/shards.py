@@ -15,6 +15,7 @@ from typing import Any
 
 from dinoflow.progress import progress
 from dinoflow.storage import Storage, join_uri
+from trainer.data.datasets import write_shard_index
 
 
 class ImageBytesReader:
@@ -44,7 +45,8 @@ def _extension(key: str) -> str:
 def write_shards(keys: Sequence[str], records: Sequence[dict[str, Any]], out_uri: str, storage: Storage,
                  shard_size: int = 1000) -> list[str]:
     """Tar shards ``shard-00000.tar`` ... (members ``<000000000>.<ext>`` and ``<...>.json`` with the
-    record) and ``manifest.jsonl`` (one record a line, with its ``shard`` and ``member``)."""
+    record), each with its index beside it (:func:`~trainer.data.datasets.write_shard_index`), and
+    ``manifest.jsonl`` (one record a line, with its ``shard`` and ``member``)."""
     if len(keys) != len(records):
         raise ValueError(f"{len(keys)} keys but {len(records)} records")
     reader = ImageBytesReader(storage)
@@ -63,6 +65,7 @@ def write_shards(keys: Sequence[str], records: Sequence[dict[str, Any]], out_uri
                     tar.addfile(info, io.BytesIO(data))
                 manifest.append({**record, "shard": shard_uri, "member": member})
         storage.write_bytes(shard_uri, buffer.getvalue())
+        write_shard_index(storage, shard_uri, buffer.getvalue())  # training reads it, not the whole shard, to start
         shard_uris.append(shard_uri)
     storage.write_bytes(join_uri(out_uri, "manifest.jsonl"),
                         "".join(json.dumps(row) + "\n" for row in manifest).encode())

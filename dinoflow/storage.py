@@ -271,6 +271,23 @@ class Storage:
             return self._call("read", uri, lambda: Path(path).read_bytes())
         return self._call("read", uri, lambda: self._s3().cat_file(path))
 
+    def read_range(self, uri: str, start: int, size: int) -> bytes:
+        """``size`` bytes of the object from byte ``start``, a position inside it (fewer at its end):
+        one tar member of a shard without the rest of it (an S3 ranged GET)."""
+        if start < 0 or size < 0:
+            raise ValueError(f"read_range of {uri}: start {start} and size {size} must be >= 0")
+        if size == 0:
+            return b""
+        kind, path = self._resolve(uri)
+        if kind == "local":
+            def local() -> bytes:
+                with open(path, "rb") as handle:
+                    handle.seek(start)
+                    return handle.read(size)
+
+            return self._call("read", uri, local)
+        return self._call("read", uri, lambda: self._s3().cat_file(path, start=start, end=start + size))
+
     def exists(self, uri: str) -> bool:
         """Whether an object (or a non-empty prefix / folder) is at ``uri``."""
         kind, path = self._resolve(uri)

@@ -827,6 +827,40 @@ def index_build(
     typer.echo(json.dumps({k: v for k, v in meta.items() if k != "keys"} | {"out": out}, indent=2))
 
 
+shards_app = typer.Typer(help="webdataset tar shards: the indexes that let training start without reading them.",
+                         no_args_is_help=True)
+app.add_typer(shards_app, name="shards")
+
+
+@shards_app.command("index")
+def shards_index(
+    shards: Annotated[str, typer.Argument(help="a folder of *.tar shards (recursively), or one shard (path or URI)")],
+    image_extensions: Annotated[str, typer.Option(help="comma-separated image members' extensions, as "
+                                                       "training reads them")] = "jpg,jpeg,png,webp",
+) -> None:
+    """Write <shard>.tar.index.json beside each shard: a run then starts from the indexes, not a read of every shard.
+
+    Each shard is read once, checked (members, labels) as training would,
+    and its samples' byte ranges and labels written beside it. Curation
+    writes these for its own shards; this indexes others (e.g. a webdataset
+    of ImageNet on S3). An index whose shard changed since is refused by
+    training: run this again."""
+    from components.stage import storage_from_env
+    from dinoflow.progress import progress
+    from trainer.data.datasets import write_shard_index
+
+    storage = storage_from_env()
+    extensions = tuple(ext.strip() for ext in image_extensions.split(",") if ext.strip())
+    with _bad_input():
+        found = ([shards] if shards.lower().endswith(".tar") else
+                 [uri for uri in storage.list(shards, recursive=True) if uri.lower().endswith(".tar")])
+        if not found:
+            raise FileNotFoundError(f"no shards under {shards}: allowed are files ending in .tar (any case)")
+        for uri in progress(found, desc="index shards", unit="shard"):
+            write_shard_index(storage, uri, image_extensions=extensions)
+    typer.echo(json.dumps({"shards": len(found), "indexes": [f"{uri}.index.json" for uri in found[:3]]}, indent=2))
+
+
 models_app = typer.Typer(help="The MLflow model registry: versions with their scores; an alias moved by hand.",
                          no_args_is_help=True)
 app.add_typer(models_app, name="models")

@@ -141,6 +141,8 @@ def test_run_curation_on_near_copies(tmp_path: Path) -> None:
     # shards read back with the training dataset, bytes unchanged
     shards = ShardDataset(storage, str(tmp_path / "out" / "shards"), 48)
     assert len(shards) == 60
+    indexes = sorted(p.name for p in (tmp_path / "out" / "shards").glob("*.index.json"))  # written beside each
+    assert indexes == [f"{Path(uri).name}.index.json" for uri in shards.shards] and shards._sizes_to_check
     with tarfile.open(tmp_path / "out" / "shards" / "shard-00000.tar") as tar:
         first = tar.extractfile("000000000." + manifest[0]["member"].split(".")[1]).read()  # type: ignore[union-attr]
     assert first == (tmp_path / "pool" / Path(manifest[0]["id"]).name).read_bytes()

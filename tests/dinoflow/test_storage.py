@@ -72,6 +72,19 @@ def test_listing(storage_root: tuple[Storage, str]) -> None:
     assert not storage.exists(join_uri(root, "y.bin"))
 
 
+def test_a_range_of_an_object_is_read_alone(storage_root: tuple[Storage, str]) -> None:
+    storage, root = storage_root
+    uri = join_uri(root, "shard.tar")
+    payload = bytes(range(256)) * 40
+    storage.write_bytes(uri, payload)
+    for start, size in ((0, 10), (1000, 512), (10_000, 240), (10_230, 100), (7, 0)):  # (10_230: past the end)
+        assert storage.read_range(uri, start, size) == payload[start:start + size], (start, size)
+    with pytest.raises(FileNotFoundError, match="gone.tar"):
+        storage.read_range(join_uri(root, "gone.tar"), 0, 4)
+    with pytest.raises(ValueError, match="start -1 and size 4 must be >= 0"):
+        storage.read_range(uri, -1, 4)
+
+
 def test_missing_object_names_the_uri(storage_root: tuple[Storage, str]) -> None:
     storage, root = storage_root
     uri = join_uri(root, "nope.bin")

@@ -31,6 +31,7 @@ All bytes are read through :class:`~dinoflow.storage.Storage`, so local folders,
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import tarfile
@@ -45,6 +46,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from dinoflow.progress import progress
 from dinoflow.storage import Storage
 from trainer.data.fashion_mnist import load_split
 
@@ -388,6 +390,31 @@ def _index_shard(shard_uri: str, data: bytes, image_extensions: set[str]) -> lis
     return samples
 
 
+SHARD_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+SHARD_INDEX_SUFFIX = ".index.json"  # a shard's index lies beside it: <name>.tar.index.json
+
+
+def shard_index_uri(shard_uri: str) -> str:
+    """Where the index of the shard at ``shard_uri`` lies (:func:`write_shard_index`)."""
+    return shard_uri + SHARD_INDEX_SUFFIX
+
+
+def shard_index(shard_uri: str, data: bytes, image_extensions: Sequence[str] = SHARD_IMAGE_EXTENSIONS) -> bytes:
+    """The index of a shard's bytes as JSON: its size, the image extensions it was made for and
+    per sample ``[image member, byte offset, size, label]`` (:class:`ShardDataset`)."""
+    extensions = sorted({ext.lower().lstrip(".") for ext in image_extensions})
+    samples = [[s.name, s.offset, s.size, s.label] for s in _index_shard(shard_uri, data, set(extensions))]
+    return json.dumps({"shard_size": len(data), "image_extensions": extensions, "samples": samples}).encode()
+
+
+def write_shard_index(storage: Storage, shard_uri: str, data: bytes | None = None,
+                      image_extensions: Sequence[str] = SHARD_IMAGE_EXTENSIONS) -> None:
+    """Index a shard (``data``: its bytes, read when not given) and write the index beside it, so a
+    :class:`ShardDataset` reads the index instead of the whole shard when it starts."""
+    data = storage.read_bytes(shard_uri) if data is None else data
+    storage.write_bytes(shard_index_uri(shard_uri), shard_index(shard_uri, data, image_extensions))
+
+
 class ShardDataset(Dataset[Sample]):
     """Samples of tar shards in webdataset layout, indexed once at construction.
 
@@ -397,12 +424,19 @@ class ShardDataset(Dataset[Sample]):
     shard URIs, or one folder URI whose ``*.tar`` files (recursively, sorted) are the shards.
     Members with absolute or ``..`` names, links, devices and sparse files are refused.
 
-    Why whole shards are read and cached: Storage reads whole objects, and a shard (~100 MB)
-    holds hundreds of samples; each process keeps the last ``cached_shards`` shards, and the
-    index holds each image's byte range so no tar is parsed again. Samples are ordered shard by
-    shard, so sequential or shard-grouped sampling reads each shard once per epoch; a sampler
-    shuffling over all samples would re-read a shard for nearly every sample.
-    ``Sample.key`` is ``<shard URI>#<image member name>``.
+    Why an index, and where it comes from: it holds each image's byte range (and label), so a
+    sample is read alone and no tar is parsed again. A shard with an index beside it
+    (:func:`write_shard_index`: curation writes them, ``dinoflow shards index`` for others) is not
+    read at construction, only its index; one without is read whole once to index it (a data set
+    of thousands of shards on S3 wants the indexes). An index made for a shard of another size
+    (the shard rewritten since) is refused when the shard is first read.
+
+    Why a sample is read by its byte range, unless its shard is being read in order: training
+    visits the samples in a random order (:class:`~trainer.batches.ResumableBatches`), where
+    reading whole shards (~100 MB for some hundreds of samples) would read one per sample; a pass
+    in order (curation's embedding, index building) reads a shard whole the second time in a row
+    it is asked for one, then serves its samples from memory (each process keeps the last
+    ``cached_shards``). ``Sample.key`` is ``<shard URI>#<image member name>``.
     """
 
     def __init__(
@@ -412,21 +446,23 @@ class ShardDataset(Dataset[Sample]):
         load_size: int,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         cached_shards: int = 1,
-        image_extensions: Sequence[str] = ("jpg", "jpeg", "png", "webp"),
+        image_extensions: Sequence[str] = SHARD_IMAGE_EXTENSIONS,
         max_aspect: float = 1.0,
     ) -> None:
         _check_positive(load_size=load_size, max_pixels=max_pixels)
         region_size(1, 1, max_aspect)  # checks it
         if cached_shards < 1:
             raise ValueError(f"cached_shards must be at least 1, got {cached_shards}")
+        listed: set[str] | None = None
         if isinstance(shards, str):
             folder = shards
-            shards = [uri for uri in storage.list(folder, recursive=True) if uri.lower().endswith(".tar")]
+            listed = set(storage.list(folder, recursive=True))
+            shards = sorted(uri for uri in listed if uri.lower().endswith(".tar"))
             if not shards:
                 raise FileNotFoundError(f"no shards under {folder}: allowed are files ending in .tar (any case)")
         if not shards:
             raise ValueError("shards is an empty list; give shard URIs or a folder URI holding *.tar files")
-        extensions = {ext.lower().lstrip(".") for ext in image_extensions}
+        extensions = sorted({ext.lower().lstrip(".") for ext in image_extensions})
         self.shards = list(shards)
         self.load_size = load_size
         self.max_pixels = max_pixels
@@ -434,14 +470,26 @@ class ShardDataset(Dataset[Sample]):
         self.cached_shards = cached_shards
         self._storage = ProcessLocalStorage(storage)
         self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._last_shard = -1  # the shard of the last sample read (in this process)
+        self._sizes_to_check: dict[int, int] = {}  # shard -> the size its index was made for, until read once
         shard_of, names, offsets, sizes, labels = [], [], [], [], []
-        for shard_index, uri in enumerate(self.shards):
-            for sample in _index_shard(uri, storage.read_bytes(uri), extensions):
-                shard_of.append(shard_index)
-                names.append(sample.name)
-                offsets.append(sample.offset)
-                sizes.append(sample.size)
-                labels.append(sample.label)
+        for position, uri in enumerate(progress(self.shards, desc="index shards", unit="shard")):
+            index_uri = shard_index_uri(uri)
+            made = None
+            if (index_uri in listed) if listed is not None else storage.exists(index_uri):
+                made = json.loads(storage.read_bytes(index_uri))
+                if made.get("image_extensions") != extensions:
+                    made = None  # made for other image members: the shard is indexed again below
+            if made is None:
+                made = json.loads(shard_index(uri, storage.read_bytes(uri), extensions))
+            else:
+                self._sizes_to_check[position] = int(made["shard_size"])
+            for name, offset, size, label in made["samples"]:
+                shard_of.append(position)
+                names.append(name)
+                offsets.append(offset)
+                sizes.append(size)
+                labels.append(label)
         if not names:
             raise ValueError(f"no samples in the {len(self.shards)} shard(s) starting with {self.shards[0]}")
         # numpy arrays rather than lists of Python objects: forked workers then share the pages
@@ -457,9 +505,26 @@ class ShardDataset(Dataset[Sample]):
     def __getitem__(self, index: int) -> Sample:
         shard = int(self._shard_of[index])
         offset, size = int(self._offsets[index]), int(self._sizes[index])
-        data = self._shard_bytes(shard)[offset : offset + size]
+        self._check_size(shard)
+        if shard in self._cache or shard == self._last_shard:  # in order: the whole shard, once
+            data = self._shard_bytes(shard)[offset : offset + size]
+        else:
+            data = self._storage.get().read_range(self.shards[shard], offset, size)
+        self._last_shard = shard
         region = decode_region(data, self.load_size, self.max_pixels, self.max_aspect)
         return _sample(region, int(self._labels[index]), f"{self.shards[shard]}#{self._names[index]}")
+
+    def _check_size(self, shard: int) -> None:
+        """The first read of a shard indexed from a file: the shard must be the size the index was
+        made for, else the byte ranges point elsewhere."""
+        expected = self._sizes_to_check.pop(shard, None)
+        if expected is None:
+            return
+        actual = self._storage.get().size(self.shards[shard])
+        if actual != expected:
+            raise ValueError(f"{shard_index_uri(self.shards[shard])} was made for a shard of {expected} bytes but "
+                             f"{self.shards[shard]} holds {actual}: the shard changed since; index it again "
+                             "(dinoflow shards index <folder>) or delete the index")
 
     def _shard_bytes(self, shard: int) -> bytes:
         if shard in self._cache:

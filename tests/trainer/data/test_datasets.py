@@ -9,6 +9,7 @@ the two agree within one level (the rounding of Pillow's 8-bit intermediate pass
 from __future__ import annotations
 
 import io
+import json
 import pickle
 import tarfile
 from pathlib import Path
@@ -33,6 +34,8 @@ from trainer.data.datasets import (
     decode_image,
     read_image,
     read_region,
+    shard_index_uri,
+    write_shard_index,
 )
 from trainer.data.fashion_mnist import load_split
 
@@ -453,6 +456,108 @@ def special_member(name: str, kind: bytes, linkname: str = "") -> tarfile.TarInf
     info.type = kind
     info.linkname = linkname
     return info
+
+
+
+
+class CountedStorage(Storage):
+    """A Storage that records what it reads: ``("whole", uri)`` or ``("range", uri)``."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.reads: list[tuple[str, str]] = []
+
+    def read_bytes(self, uri: str) -> bytes:
+        self.reads.append(("whole", uri))
+        return super().read_bytes(uri)
+
+    def read_range(self, uri: str, start: int, size: int) -> bytes:
+        self.reads.append(("range", uri))
+        return super().read_range(uri, start, size)
+
+
+def indexed_shards(storage: Storage, root: str, count: int = 2, per_shard: int = 6) -> tuple[list[str], dict]:
+    """``count`` labelled shards under ``root/shards`` with their indexes beside them; the images by key."""
+    shards, images = [], {}
+    for s_ in range(count):
+        members: list[tuple[str, bytes] | tarfile.TarInfo] = []
+        for i in range(per_shard):
+            rgb = smooth_rgb(16 + 3 * i, 16, 10 * s_ + i)  # aspects 1 to 1.9
+            images[f"{s_}/{i:04d}.png"] = rgb
+            members += [(f"{i:04d}.png", encode(Image.fromarray(rgb), "PNG")), (f"{i:04d}.cls", str(s_).encode())]
+        uri = join_uri(root, "shards", f"{s_:02d}.tar")
+        storage.write_bytes(uri, tar_bytes(members))
+        write_shard_index(storage, uri)
+        shards.append(uri)
+    return shards, images
+
+
+def test_an_indexed_shard_is_not_read_at_start_and_random_samples_are_read_alone(
+        storage_root: tuple[Storage, str]) -> None:
+    """With indexes beside the shards, starting reads the indexes only; samples asked in a random
+    order (training's) are each read by their byte range, the same pixels as a whole read gives;
+    in order (curation's pass), a shard is read whole the second time in a row and then served."""
+    plain, root = storage_root
+    storage = CountedStorage(plain.s3, plain.retry)
+    shards, images = indexed_shards(storage, root)
+    storage.reads.clear()
+    dataset = ShardDataset(storage, join_uri(root, "shards"), load_size=S, max_aspect=2.0)
+    assert {uri for _, uri in storage.reads} == {shard_index_uri(uri) for uri in shards}
+    storage.reads.clear()
+    for index in (7, 2, 9, 0, 11, 4):  # alternating shards
+        sample = dataset[index]
+        shard, member = sample.key.split("#")
+        want = np.asarray(Image.fromarray(images[f"{shards.index(shard)}/{member}"]).resize(
+            (S, S), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
+        assert_close(sample.image, want)
+        assert sample.label == shards.index(shard) and sample.aspect == (16 + 3 * int(member[:4])) / 16
+    assert storage.reads == [("range", shards[i // 6]) for i in (7, 2, 9, 0, 11, 4)]
+    storage.reads.clear()
+    in_order = ShardDataset(storage, shards, load_size=S)
+    storage.reads.clear()
+    for index in range(12):
+        in_order[index]
+    assert storage.reads == [("range", shards[0]), ("whole", shards[0]), ("range", shards[1]), ("whole", shards[1])]
+
+
+def test_the_command_indexes_a_folder_of_shards(tmp_path: Path) -> None:
+    """``dinoflow shards index``: shards written without indexes get them; a run then reads the
+    indexes only to start. A folder without shards, or a broken shard, is named."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    storage = CountedStorage()
+    shards, _ = indexed_shards(storage, str(tmp_path), count=2)
+    made = [Path(shard_index_uri(uri)).read_bytes() for uri in shards]
+    for uri in shards:
+        Path(shard_index_uri(uri)).unlink()
+    result = CliRunner().invoke(app, ["shards", "index", str(tmp_path / "shards")])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["shards"] == 2
+    assert [Path(shard_index_uri(uri)).read_bytes() for uri in shards] == made
+    storage.reads.clear()
+    ShardDataset(storage, str(tmp_path / "shards"), load_size=S)
+    assert all(uri.endswith(".index.json") for _, uri in storage.reads)
+    empty = CliRunner().invoke(app, ["shards", "index", str(tmp_path / "nothing")])
+    assert empty.exit_code == 2 and "no shards under" in empty.stderr
+    (tmp_path / "shards" / "broken.tar").write_bytes(b"not a tar")
+    broken = CliRunner().invoke(app, ["shards", "index", str(tmp_path / "shards" / "broken.tar")])
+    assert broken.exit_code == 2 and "broken.tar: not a readable uncompressed tar" in broken.stderr
+
+
+def test_a_stale_index_is_refused_and_one_of_other_extensions_ignored(tmp_path: Path) -> None:
+    storage = CountedStorage()
+    shards, _ = indexed_shards(storage, str(tmp_path), count=1)
+    made = json.loads(Path(shard_index_uri(shards[0])).read_bytes())
+    Path(shards[0]).write_bytes(Path(shards[0]).read_bytes() + b"\0" * 512)  # the shard rewritten: a longer tar
+    dataset = ShardDataset(storage, shards, load_size=S)
+    with pytest.raises(ValueError, match=rf"{made['shard_size']} bytes but .*00.tar holds "
+                                         rf"{made['shard_size'] + 512}: the shard changed since; index it again"):
+        dataset[0]
+    storage.reads.clear()
+    only_jpg = ShardDataset(storage, shards, load_size=S, image_extensions=("png", "jpg"))  # another set: indexed anew
+    assert ("whole", shards[0]) in storage.reads and len(only_jpg) == 6
 
 
 @pytest.mark.parametrize(
