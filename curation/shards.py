@@ -15,26 +15,31 @@ from typing import Any
 
 from dinoflow.progress import progress
 from dinoflow.storage import Storage, join_uri
-from trainer.data.datasets import write_shard_index
+from trainer.data.datasets import check_index_fits, load_shard_index, write_shard_index
 
 
 class ImageBytesReader:
-    """Original bytes of a pool image by key; keeps the last tar shard read in memory."""
+    """Original bytes of a pool image by key: an object, or a tar shard's member read by its byte
+    range (the shard's index read, or made, the first time one of its members is asked for).
+
+    Why ranges: the curated keys come in the selection's order, not the shards', so reading whole
+    shards would read one per image."""
 
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
-        self._shard_uri: str | None = None
-        self._members: dict[str, bytes] = {}
+        self._ranges: dict[str, dict[str, tuple[int, int]]] = {}  # shard -> image member -> (offset, size)
 
     def read(self, key: str) -> bytes:
         if "#" not in key:
             return self.storage.read_bytes(key)
         shard_uri, member = key.split("#", 1)
-        if shard_uri != self._shard_uri:
-            with tarfile.open(fileobj=io.BytesIO(self.storage.read_bytes(shard_uri)), mode="r:") as tar:
-                self._members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}  # type: ignore[union-attr]
-            self._shard_uri = shard_uri
-        return self._members[member]
+        if shard_uri not in self._ranges:
+            made, from_file = load_shard_index(self.storage, shard_uri)
+            if from_file:
+                check_index_fits(self.storage, shard_uri, int(made["shard_size"]))
+            self._ranges[shard_uri] = {name: (offset, size) for name, offset, size, _ in made["samples"]}
+        offset, size = self._ranges[shard_uri][member]
+        return self.storage.read_range(shard_uri, offset, size)
 
 
 def _extension(key: str) -> str:

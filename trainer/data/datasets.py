@@ -35,7 +35,6 @@ import json
 import logging
 import os
 import tarfile
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import PurePosixPath
@@ -392,6 +391,8 @@ def _index_shard(shard_uri: str, data: bytes, image_extensions: set[str]) -> lis
 
 SHARD_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SHARD_INDEX_SUFFIX = ".index.json"  # a shard's index lies beside it: <name>.tar.index.json
+MERGE_GAP = 1 << 20  # bytes between two samples of a batch read along rather than asked for apart: less
+# than another request's latency costs on object storage (~10 ms at 100 MB/s)
 
 
 def shard_index_uri(shard_uri: str) -> str:
@@ -415,6 +416,30 @@ def write_shard_index(storage: Storage, shard_uri: str, data: bytes | None = Non
     storage.write_bytes(shard_index_uri(shard_uri), shard_index(shard_uri, data, image_extensions))
 
 
+def load_shard_index(storage: Storage, shard_uri: str, image_extensions: Sequence[str] = SHARD_IMAGE_EXTENSIONS,
+                     listed: set[str] | None = None) -> tuple[dict[str, Any], bool]:
+    """A shard's index (:func:`shard_index`, parsed) and whether it came from the file beside the
+    shard (``listed``: the URIs of its folder, when known, saves asking whether it exists); made by
+    reading the shard when there is none, or one made for other image extensions."""
+    extensions = sorted({ext.lower().lstrip(".") for ext in image_extensions})
+    index_uri = shard_index_uri(shard_uri)
+    if (index_uri in listed) if listed is not None else storage.exists(index_uri):
+        made = json.loads(storage.read_bytes(index_uri))
+        if made.get("image_extensions") == extensions:
+            return made, True
+    return json.loads(shard_index(shard_uri, storage.read_bytes(shard_uri), extensions)), False
+
+
+def check_index_fits(storage: Storage, shard_uri: str, indexed_size: int) -> None:
+    """Refuse the index of a shard that is not the size it was made for (rewritten since): its byte
+    ranges point elsewhere."""
+    actual = storage.size(shard_uri)
+    if actual != indexed_size:
+        raise ValueError(f"{shard_index_uri(shard_uri)} was made for a shard of {indexed_size} bytes but "
+                         f"{shard_uri} holds {actual}: the shard changed since; index it again "
+                         "(dinoflow shards index <folder>) or delete the index")
+
+
 class ShardDataset(Dataset[Sample]):
     """Samples of tar shards in webdataset layout, indexed once at construction.
 
@@ -431,12 +456,13 @@ class ShardDataset(Dataset[Sample]):
     of thousands of shards on S3 wants the indexes). An index made for a shard of another size
     (the shard rewritten since) is refused when the shard is first read.
 
-    Why a sample is read by its byte range, unless its shard is being read in order: training
-    visits the samples in a random order (:class:`~trainer.batches.ResumableBatches`), where
-    reading whole shards (~100 MB for some hundreds of samples) would read one per sample; a pass
-    in order (curation's embedding, index building) reads a shard whole the second time in a row
-    it is asked for one, then serves its samples from memory (each process keeps the last
-    ``cached_shards``). ``Sample.key`` is ``<shard URI>#<image member name>``.
+    Why samples are read by their byte ranges, a batch's neighbours in one read: training visits
+    the samples in a random order (:class:`~trainer.batches.ResumableBatches`), where reading
+    whole shards (~100 MB for some hundreds of samples) would read one per sample; a pass in order
+    (curation's embedding, index building) asks for runs of neighbouring samples, which a
+    DataLoader hands over as one batch (:meth:`__getitems__`): the samples of a shard lying within
+    :data:`MERGE_GAP` of each other come in one ranged read. ``Sample.key`` is
+    ``<shard URI>#<image member name>``.
     """
 
     def __init__(
@@ -445,14 +471,11 @@ class ShardDataset(Dataset[Sample]):
         shards: Sequence[str] | str,
         load_size: int,
         max_pixels: int = DEFAULT_MAX_PIXELS,
-        cached_shards: int = 1,
         image_extensions: Sequence[str] = SHARD_IMAGE_EXTENSIONS,
         max_aspect: float = 1.0,
     ) -> None:
         _check_positive(load_size=load_size, max_pixels=max_pixels)
         region_size(1, 1, max_aspect)  # checks it
-        if cached_shards < 1:
-            raise ValueError(f"cached_shards must be at least 1, got {cached_shards}")
         listed: set[str] | None = None
         if isinstance(shards, str):
             folder = shards
@@ -467,22 +490,12 @@ class ShardDataset(Dataset[Sample]):
         self.load_size = load_size
         self.max_pixels = max_pixels
         self.max_aspect = max_aspect
-        self.cached_shards = cached_shards
         self._storage = ProcessLocalStorage(storage)
-        self._cache: OrderedDict[int, bytes] = OrderedDict()
-        self._last_shard = -1  # the shard of the last sample read (in this process)
         self._sizes_to_check: dict[int, int] = {}  # shard -> the size its index was made for, until read once
         shard_of, names, offsets, sizes, labels = [], [], [], [], []
         for position, uri in enumerate(progress(self.shards, desc="index shards", unit="shard")):
-            index_uri = shard_index_uri(uri)
-            made = None
-            if (index_uri in listed) if listed is not None else storage.exists(index_uri):
-                made = json.loads(storage.read_bytes(index_uri))
-                if made.get("image_extensions") != extensions:
-                    made = None  # made for other image members: the shard is indexed again below
-            if made is None:
-                made = json.loads(shard_index(uri, storage.read_bytes(uri), extensions))
-            else:
+            made, from_file = load_shard_index(storage, uri, extensions, listed)
+            if from_file:
                 self._sizes_to_check[position] = int(made["shard_size"])
             for name, offset, size, label in made["samples"]:
                 shard_of.append(position)
@@ -503,42 +516,40 @@ class ShardDataset(Dataset[Sample]):
         return len(self._names)
 
     def __getitem__(self, index: int) -> Sample:
-        shard = int(self._shard_of[index])
-        offset, size = int(self._offsets[index]), int(self._sizes[index])
-        self._check_size(shard)
-        if shard in self._cache or shard == self._last_shard:  # in order: the whole shard, once
-            data = self._shard_bytes(shard)[offset : offset + size]
-        else:
-            data = self._storage.get().read_range(self.shards[shard], offset, size)
-        self._last_shard = shard
-        region = decode_region(data, self.load_size, self.max_pixels, self.max_aspect)
-        return _sample(region, int(self._labels[index]), f"{self.shards[shard]}#{self._names[index]}")
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[Sample]:
+        """The samples at ``indices`` (a DataLoader's batch), each shard's neighbouring ones read
+        together (class docstring)."""
+        data: dict[int, bytes] = {}
+        by_shard: dict[int, list[int]] = {}
+        for index in indices:
+            by_shard.setdefault(int(self._shard_of[index]), []).append(int(index))
+        for shard, members in by_shard.items():
+            self._check_size(shard)
+            members.sort(key=lambda i: self._offsets[i])
+            run = [members[0]]
+            for index in [*members[1:], -1]:  # -1: the end, which closes the last run
+                if index >= 0 and self._offsets[index] - self._end(run[-1]) <= MERGE_GAP:
+                    run.append(index)
+                    continue
+                first = int(self._offsets[run[0]])
+                span = self._storage.get().read_range(self.shards[shard], first, self._end(run[-1]) - first)
+                data.update({i: span[self._offsets[i] - first : self._end(i) - first] for i in run})
+                run = [index]
+        return [_sample(decode_region(data[i], self.load_size, self.max_pixels, self.max_aspect),
+                        int(self._labels[i]), f"{self.shards[int(self._shard_of[i])]}#{self._names[i]}")
+                for i in indices]
+
+    def _end(self, index: int) -> int:
+        return int(self._offsets[index] + self._sizes[index])
 
     def _check_size(self, shard: int) -> None:
         """The first read of a shard indexed from a file: the shard must be the size the index was
         made for, else the byte ranges point elsewhere."""
         expected = self._sizes_to_check.pop(shard, None)
-        if expected is None:
-            return
-        actual = self._storage.get().size(self.shards[shard])
-        if actual != expected:
-            raise ValueError(f"{shard_index_uri(self.shards[shard])} was made for a shard of {expected} bytes but "
-                             f"{self.shards[shard]} holds {actual}: the shard changed since; index it again "
-                             "(dinoflow shards index <folder>) or delete the index")
-
-    def _shard_bytes(self, shard: int) -> bytes:
-        if shard in self._cache:
-            self._cache.move_to_end(shard)
-            return self._cache[shard]
-        data = self._storage.get().read_bytes(self.shards[shard])
-        self._cache[shard] = data
-        while len(self._cache) > self.cached_shards:
-            self._cache.popitem(last=False)
-        return data
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickled (for spawned workers) without the cached shard bytes."""
-        return {**self.__dict__, "_cache": OrderedDict()}
+        if expected is not None:
+            check_index_fits(self._storage.get(), self.shards[shard], expected)
 
 
 class FashionMnistDataset(Dataset[Sample]):

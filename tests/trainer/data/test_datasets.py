@@ -422,7 +422,7 @@ def test_shards_with_labels(storage_root: tuple[Storage, str]) -> None:
     shard_a, shard_b = join_uri(root, "shards/a.tar"), join_uri(root, "shards/more/b.TAR")
 
     by_folder = ShardDataset(storage, join_uri(root, "shards"), load_size=S)
-    by_list = ShardDataset(storage, [shard_a, shard_b], load_size=S, cached_shards=1)
+    by_list = ShardDataset(storage, [shard_a, shard_b], load_size=S)
     assert by_folder.shards == [shard_a, shard_b]
     for dataset in (by_folder, by_list):
         samples = [dataset[i] for i in range(len(dataset))]
@@ -442,9 +442,8 @@ def test_shards_with_labels(storage_root: tuple[Storage, str]) -> None:
         assert_close(dataset[0].image, samples[0].image.numpy())  # back to the first shard
     wide = ShardDataset(storage, [shard_a, shard_b], load_size=S, max_aspect=2.5)
     assert [wide[i].aspect for i in range(len(wide))] == [1.0, 1.5, 2.0, 2.5, 1.0]  # 32 x 32 ... 80 x 32
-
-    clone = pickle.loads(pickle.dumps(by_list))  # what a spawned worker gets: no cached shard bytes
-    assert not clone._cache and clone[3].label == 1
+    clone = pickle.loads(pickle.dumps(by_list))  # what a spawned worker gets
+    assert clone[3].label == 1
 
 
 def good_sample() -> tuple[str, bytes]:
@@ -495,8 +494,8 @@ def indexed_shards(storage: Storage, root: str, count: int = 2, per_shard: int =
 def test_an_indexed_shard_is_not_read_at_start_and_random_samples_are_read_alone(
         storage_root: tuple[Storage, str]) -> None:
     """With indexes beside the shards, starting reads the indexes only; samples asked in a random
-    order (training's) are each read by their byte range, the same pixels as a whole read gives;
-    in order (curation's pass), a shard is read whole the second time in a row and then served."""
+    order (training's) are each read by their byte range; in order (curation's pass), a batch's
+    samples of one shard come in one ranged read."""
     plain, root = storage_root
     storage = CountedStorage(plain.s3, plain.retry)
     shards, images = indexed_shards(storage, root)
@@ -512,12 +511,11 @@ def test_an_indexed_shard_is_not_read_at_start_and_random_samples_are_read_alone
         assert_close(sample.image, want)
         assert sample.label == shards.index(shard) and sample.aspect == (16 + 3 * int(member[:4])) / 16
     assert storage.reads == [("range", shards[i // 6]) for i in (7, 2, 9, 0, 11, 4)]
+    in_order = DataLoader(ShardDataset(storage, shards, load_size=S), batch_size=4, collate_fn=collate_samples)
     storage.reads.clear()
-    in_order = ShardDataset(storage, shards, load_size=S)
-    storage.reads.clear()
-    for index in range(12):
-        in_order[index]
-    assert storage.reads == [("range", shards[0]), ("whole", shards[0]), ("range", shards[1]), ("whole", shards[1])]
+    batches = list(in_order)
+    assert [len(b.keys) for b in batches] == [4, 4, 4] and batches[1].labels.tolist() == [0, 0, 1, 1]
+    assert storage.reads == [("range", shards[0]), ("range", shards[0]), ("range", shards[1]), ("range", shards[1])]
 
 
 def test_the_command_indexes_a_folder_of_shards(tmp_path: Path) -> None:

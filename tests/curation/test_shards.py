@@ -1,0 +1,40 @@
+"""Curated shards copy the pool's bytes: from tar shards, each member read by its byte range."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from curation.shards import write_shards
+from tests.trainer.data.test_datasets import CountedStorage, indexed_shards
+from trainer.data.datasets import shard_index_uri
+
+
+def test_curated_shards_copy_pool_members_by_their_byte_ranges(tmp_path: Path) -> None:
+    """Keys in the selection's order, alternating between the pool's shards: each pool shard's index
+    is read once and each image by its range (never a whole pool shard per image), the bytes copied
+    unchanged; a pool shard rewritten since its index is refused."""
+    storage = CountedStorage()
+    pool, _ = indexed_shards(storage, str(tmp_path / "pool"), count=2, per_shard=4)
+    keys = [f"{pool[i % 2]}#{i // 2:04d}.png" for i in range(8)]
+    storage.reads.clear()
+    written = write_shards(keys, [{"id": key} for key in keys], str(tmp_path / "out"), storage, shard_size=5)
+    reads = [read for read in storage.reads if not read[1].startswith(str(tmp_path / "out"))]
+    assert sorted(set(reads)) == sorted({("whole", shard_index_uri(uri)) for uri in pool} |
+                                        {("range", uri) for uri in pool})
+    assert len(reads) == 2 + 8
+    for key, member_of in zip(keys, [(0, 0), (0, 1), (0, 2), (0, 3), (0, 4), (1, 0), (1, 1), (1, 2)]):
+        shard, member = key.split("#")
+        with tarfile.open(shard) as tar:
+            original = tar.extractfile(member).read()  # type: ignore[union-attr]
+        out, position = member_of
+        with tarfile.open(written[out]) as tar:
+            copied = tar.extractfile(f"{5 * out + position:09d}.png").read()  # type: ignore[union-attr]
+        assert copied == original
+    assert len(json.loads(Path(shard_index_uri(written[0])).read_text())["samples"]) == 5
+    Path(pool[0]).write_bytes(Path(pool[0]).read_bytes() + b"\0" * 512)
+    with pytest.raises(ValueError, match="the shard changed since; index it again"):
+        write_shards(keys, [{"id": key} for key in keys], str(tmp_path / "again"), storage)
