@@ -35,6 +35,21 @@ def test_a_batch_indexes_its_masked_patches_in_mask_order_padded_to_a_fixed_coun
         assert not batch.masks.flatten()[batch.mask_index[masked:]].any()
 
 
+def test_each_epoch_is_its_seeded_permutation_made_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank r's batch b is its block of the epoch's permutation (seeded by (seed, epoch)); the
+    permutation is made once an epoch, not for every batch (ImageNet's: 70 ms on a CPU core)."""
+    made: list[list[int]] = []
+    rng = np.random.default_rng
+    monkeypatch.setattr(np.random, "default_rng", lambda seed: (made.append(list(seed)), rng(seed))[1])
+    stream = iter(ResumableBatches(50, 4, seed=3, rank=1, world_size=2))  # 6 global batches of 8 an epoch
+    batches = [next(stream) for _ in range(14)]
+    assert made == [[3, 0], [3, 1], [3, 2]]
+    for index, batch in enumerate(batches):
+        epoch, offset = divmod(index, 6)
+        order = rng([3, epoch]).permutation(50)
+        assert batch == order[offset * 8 + 4 : offset * 8 + 8].tolist()
+
+
 def test_batches_resume_anywhere() -> None:
     full = ResumableBatches(50, 8, seed=3)
     stream = iter(full)
