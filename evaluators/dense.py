@@ -60,14 +60,33 @@ SAVE_EVERY_S = 60.0  # a head's training state saved at most this often (and at 
 HEAD_STATE_FILE = "head_state.pt"
 
 
+Layers = int | tuple[int, ...]  # the last n blocks, or these blocks
+
+
+def layer_count(layers: Layers) -> int:
+    """How many blocks ``layers`` names."""
+    return layers if isinstance(layers, int) else len(layers)
+
+
+def spaced_blocks(depth: int, count: int) -> Layers:
+    """``count`` blocks evenly spaced over a backbone of ``depth``, ending with the last (12 blocks,
+    4: 2, 5, 8, 11; 40 blocks: 9, 19, 29, 39), as the original's 4-layer depth heads read them;
+    one block: the last, as an int."""
+    if count <= 1:
+        return 1
+    return tuple(round((i + 1) * depth / count) - 1 for i in range(count))
+
+
 @torch.no_grad()
-def patch_tokens(backbone: nn.Module, images: Tensor, layers: int = 1,
+def patch_tokens(backbone: nn.Module, images: Tensor, layers: Layers = 1,
                  amp_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
-    """Patch features ``(B, L*D, h, w)`` and CLS tokens ``(B, L*D)`` of the last ``layers`` blocks
-    for one batch of model input, float32 on the backbone's device (``amp_dtype``: under autocast)."""
+    """Patch features ``(B, L*D, h, w)`` and CLS tokens ``(B, L*D)`` of the last ``layers`` blocks (or
+    the blocks it lists) for one batch of model input, float32 on the backbone's device
+    (``amp_dtype``: under autocast)."""
     device = next(backbone.parameters()).device
+    wanted = layers if isinstance(layers, int) else list(layers)
     with under_autocast(device, amp_dtype):
-        out = backbone.get_intermediate_layers(images.to(device), n=layers, reshape=True, return_class_token=True)
+        out = backbone.get_intermediate_layers(images.to(device), n=wanted, reshape=True, return_class_token=True)
     return torch.cat([p for p, _ in out], dim=1).float(), torch.cat([c for _, c in out], dim=1).float()
 
 
@@ -312,7 +331,7 @@ def window_starts(length: int, window: int, stride: int) -> list[int]:
 
 @torch.no_grad()
 def slid_average(backbone: nn.Module, predict: Callable[[Tensor, Tensor, tuple[int, int]], Tensor], images: Tensor,
-                 window: int, layers: int = 1, amp_dtype: torch.dtype | None = None, stride: int = 0,
+                 window: int, layers: Layers = 1, amp_dtype: torch.dtype | None = None, stride: int = 0,
                  windows_per_pass: int = 16) -> Tensor:
     """A dense prediction ``(1, ..., H, W)`` of one image of any size (model input ``(1, 3, H, W)``,
     each side a multiple of the patch): ``predict(patch features, CLS tokens, (h, w))`` (a head's
@@ -341,7 +360,7 @@ def slid_average(backbone: nn.Module, predict: Callable[[Tensor, Tensor, tuple[i
 
 
 def slid_probabilities(backbone: nn.Module, head: LinearSegmentationHead, images: Tensor, window: int,
-                       layers: int = 1, amp_dtype: torch.dtype | None = None, stride: int = 0,
+                       layers: Layers = 1, amp_dtype: torch.dtype | None = None, stride: int = 0,
                        windows_per_pass: int = 16) -> Tensor:
     """Class probabilities ``(1, C, H, W)`` of one image through sliding windows (:func:`slid_average`
     of the segmentation head's softmax)."""

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from dinoflow.progress import progress
-from evaluators.dense import class_counts, patch_tokens, row_batches
+from evaluators.dense import Layers, class_counts, layer_count, patch_tokens, row_batches
 from evaluators.dense_datasets import ArraySplit
 from evaluators.feature_parts import join_rows
 from evaluators.features import to_model_input
@@ -34,12 +34,12 @@ Rows = Sequence[int] | Tensor
 @dataclass(frozen=True)
 class FeatureSource:
     """A dense split (items: uint8 image ``(3, S, S)``, labels ``(S, S)``) seen through a frozen
-    backbone's last ``layers`` blocks: ``held`` (patch features, CLS tokens, labels of every item,
-    on the CPU) or None for features made per batch."""
+    backbone's last ``layers`` blocks (or the blocks it lists): ``held`` (patch features, CLS tokens,
+    labels of every item, on the CPU) or None for features made per batch."""
 
     split: Dataset[tuple[Tensor, Tensor]]
     backbone: nn.Module
-    layers: int = 1
+    layers: Layers = 1
     amp_dtype: torch.dtype | None = None
     num_workers: int = 0
     held: tuple[Tensor, Tensor, Tensor] | None = None
@@ -50,7 +50,7 @@ class FeatureSource:
     @property
     def channels(self) -> int:
         """The patch features' channels, ``layers * D``: a head's input."""
-        return self.layers * int(self.backbone.embed_dim)
+        return layer_count(self.layers) * int(self.backbone.embed_dim)
 
     def inputs(self, rows: Iterable[Rows]) -> Iterator[tuple[Tensor, Tensor]]:
         """(model input on the backbone's device, labels) of each group of rows, decoded by the
@@ -107,10 +107,10 @@ class _Labels(Dataset[Tensor]):
         return self.split.label(index)  # type: ignore[attr-defined]
 
 
-def feature_bytes(backbone: nn.Module, count: int, side: int, layers: int) -> int:
+def feature_bytes(backbone: nn.Module, count: int, side: int, layers: Layers) -> int:
     """Bytes of float32 patch features and CLS tokens of ``count`` images ``side`` pixels square."""
     patches = (side // int(backbone.patch_size)) ** 2
-    return 4 * count * layers * int(backbone.embed_dim) * (patches + 1)
+    return 4 * count * layer_count(layers) * int(backbone.embed_dim) * (patches + 1)
 
 
 def hold(source: FeatureSource) -> FeatureSource:
@@ -131,7 +131,7 @@ def relabelled(source: FeatureSource, labels: np.ndarray) -> FeatureSource:
     return replace(source, split=ArraySplit(source.split.images, labels), held=held)
 
 
-def feature_sources(backbone: nn.Module, splits: Sequence[Dataset[tuple[Tensor, Tensor]]], layers: int,
+def feature_sources(backbone: nn.Module, splits: Sequence[Dataset[tuple[Tensor, Tensor]]], layers: Layers,
                     amp_dtype: torch.dtype | None, num_workers: int, budget_bytes: float,
                     read: Sequence[bool] | None = None) -> list[FeatureSource]:
     """One source per split; the splits whose features are ``read`` (default: all; +ms scores its

@@ -50,12 +50,14 @@ from evaluators.classification import DATA_KINDS, DataKind, classification_repor
 from evaluators.dense import (
     HeadConfig,
     HeadSaves,
+    Layers,
     class_weights,
     evaluate_depth,
     evaluate_segmentation,
     multiscale_probabilities,
     patch_tokens,
     row_batches,
+    spaced_blocks,
     slid_average,
     slid_probabilities,
     train_depth_head,
@@ -108,7 +110,7 @@ class SuiteConfig:
     train_scenes: int = 1024
     test_scenes: int = 128
     scene_size: int = 56
-    layers: int = 1  # 4: the "+ms" protocol's last four blocks
+    layers: int = 1  # 4: seg's "+ms" protocol's last four blocks, depth's "lin.4" four evenly spaced
     multiscale: bool = False  # segmentation tested over scales 0.75/1/1.25 and flips ("+ms")
     seg_data: str = ""  # "": the scenes; ade20k:<root>, voc:<root> or cityscapes:<root>
     depth_data: str = ""  # "": the scenes; nyu:<root> or kitti:<root>
@@ -214,13 +216,14 @@ def _dense_tasks(backbone: nn.Module, config: SuiteConfig, storage: Storage) -> 
     made: dict[str, _DenseTask] = {}
     scenes: _DenseTask | None = None
 
-    def sources(splits: list, test_read: bool) -> list[FeatureSource]:
-        return feature_sources(backbone, splits, config.layers, config.amp_dtype, config.num_workers,
+    def sources(splits: list, test_read: bool, layers: Layers) -> list[FeatureSource]:
+        return feature_sources(backbone, splits, layers, config.amp_dtype, config.num_workers,
                                config.dense_cache_gib * 2**30, read=(True, test_read))
 
     for task, given in (("seg", config.seg_data), ("depth", config.depth_data)):
         if task not in config.tasks:
             continue
+        layers = task_layers(task, config, len(backbone.blocks))
         if given:
             name, _, root = given.partition(":")
             load, (train_split, test_split), label_range = DENSE_SETS[name]
@@ -228,16 +231,17 @@ def _dense_tasks(backbone: nn.Module, config: SuiteConfig, storage: Storage) -> 
             train, test = sources([load(storage, root, split, fit, limit)
                                    for split, fit, limit in ((train_split, fits[0], config.train_limit),
                                                              (test_split, fits[1], config.test_limit))],
-                                  test_read=False)  # scored from the whole images, through windows
+                                  test_read=False, layers=layers)  # scored from the whole images, through windows
             made[task] = _DenseTask(train, test, float(label_range), None, windowed=True)
             continue
-        if scenes is None:
+        if scenes is None or scenes.train.layers != layers:  # the scenes' features shared by seg and depth if alike
+            shared = "depth" in config.tasks and task_layers("depth", config, len(backbone.blocks)) == layers
             scene = SceneConfig(size=config.scene_size)
             train_scenes = make_scenes(config.train_scenes, config.seed, scene)
             test_scenes = make_scenes(config.test_scenes, config.seed + 1, scene)
             train, test = sources([ArraySplit(train_scenes.images, train_scenes.masks),
                                    ArraySplit(test_scenes.images, test_scenes.masks)],
-                                  test_read="depth" in config.tasks or not config.multiscale)
+                                  test_read=task == "depth" or shared or not config.multiscale, layers=layers)
             scenes = _DenseTask(train, test, float(len(CLASS_NAMES)), test_scenes.masks != 0)
             depths = (train_scenes.depths, test_scenes.depths, float(scene.far))
         made[task] = scenes if task == "seg" else replace(
@@ -246,16 +250,24 @@ def _dense_tasks(backbone: nn.Module, config: SuiteConfig, storage: Storage) -> 
     return made
 
 
-def _head_saves(task: str, config: SuiteConfig, storage: Storage, digest: str) -> HeadSaves | None:
+def task_layers(task: str, config: SuiteConfig, depth: int) -> Layers:
+    """The blocks a dense head reads: one, the last; with 4 (``config.layers``), segmentation's
+    "+ms" the last four, depth's "lin.4" four evenly spaced (:func:`~evaluators.dense.spaced_blocks`),
+    as the original's heads do."""
+    return spaced_blocks(depth, config.layers) if task == "depth" else config.layers
+
+
+def _head_saves(task: str, config: SuiteConfig, storage: Storage, digest: str, layers: Layers) -> HeadSaves | None:
     """Where the ``task`` head's training saves its state under ``config.work_dir`` (None: no
-    work_dir), named by what it is of: the backbone, the training data and the head's settings."""
+    work_dir), named by what it is of: the backbone, the blocks it reads, the training data and the
+    head's settings."""
     if not config.work_dir:
         return None
     data = getattr(config, f"{task}_data") or {"train_scenes": config.train_scenes, "scene_size": config.scene_size}
-    settings = ("image_size", "train_limit", "layers", "precision", "seed")
+    settings = ("image_size", "train_limit", "precision", "seed")
     identity = {"backbone_sha256": digest, "data": data, "head": asdict(getattr(config, f"{task}_head")),
                 "samples": "crops" if getattr(config, f"{task}_data") else "squares",  # as _dense_tasks sizes them
-                **{name: getattr(config, name) for name in settings}}
+                "layers": layers, **{name: getattr(config, name) for name in settings}}
     return HeadSaves(storage, join_uri(config.work_dir, f"{task}-head"), identity)
 
 
@@ -312,7 +324,7 @@ def _depth(data: _DenseTask, config: SuiteConfig, device: torch.device, saves: H
 
         def depths(x: torch.Tensor) -> torch.Tensor:
             return slid_average(backbone, lambda patches, cls, size: head(patches.to(device), cls.to(device), size),
-                                x, config.image_size, config.layers, config.amp_dtype)
+                                x, config.image_size, data.test.layers, config.amp_dtype)
 
         return evaluate_depth(_windowed(depths, data.test, config), keep=keep, kept_side=config.image_size)
     return evaluate_depth(((head(patches.to(device), cls.to(device), tuple(depths.shape[-2:])), depths)
@@ -403,14 +415,14 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
     shown = slice(0, 6)
     predicted: dict[str, np.ndarray] = {}  # the first test images' predictions, for the pictures
     if "seg" in dense:
-        seg, maps = _segmentation(backbone, dense["seg"], config, _head_saves("seg", config, storage, digest),
-                                  keep=shown.stop)
+        saves = _head_saves("seg", config, storage, digest, dense["seg"].train.layers)
+        seg, maps = _segmentation(backbone, dense["seg"], config, saves, keep=shown.stop)
         predicted["seg"] = maps.numpy().astype(np.uint8)
         tasks["seg"] = seg
         metrics.update({"seg_miou": seg["miou"], "seg_pixel_accuracy": seg["pixel_accuracy"]})
     if "depth" in dense:
-        depth, maps = _depth(dense["depth"], config, device, _head_saves("depth", config, storage, digest),
-                             keep=shown.stop)
+        saves = _head_saves("depth", config, storage, digest, dense["depth"].train.layers)
+        depth, maps = _depth(dense["depth"], config, device, saves, keep=shown.stop)
         predicted["depth"] = maps.numpy()
         tasks["depth"] = depth
         metrics.update({f"depth_{k}": v for k, v in depth.items()})

@@ -219,6 +219,8 @@ class DinoVisionTransformer(nn.Module):
             tokens = block(tokens, shapes)
             if index in wanted:
                 outputs.append(unpack(tokens, shapes)[0])
+            if index == max(wanted):  # the blocks after it change none of the outputs
+                break
         if norm:
             outputs = [self.norm(out) for out in outputs]
         class_tokens = [out[:, 0] for out in outputs]
