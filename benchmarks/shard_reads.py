@@ -5,7 +5,7 @@ Training visits samples in a random permutation of the whole data set
 synthetic JPEG photographs (``benchmarks/decode.py``'s) with their indexes under ``--uri`` (a temp
 folder by default; an ``s3://`` prefix with ``AWS_ENDPOINT_URL`` and keys set for object storage),
 then reads ``--samples`` samples in a random order two ways and prints bytes and seconds per sample
-and the ratio: as :class:`~trainer.data.datasets.ShardDataset` reads them now (each by its byte range,
+and the ratio: as :class:`~trainer.data.shards.ShardDataset` reads them now (each by its byte range,
 the shards' indexes read to start) and as it read them before (the whole shard for each sample but
 the last one kept, and every shard read whole to index it at the start). Image decoding is left
 out of both (it is ``benchmarks/decode.py``'s). Asserts nothing.
@@ -27,7 +27,7 @@ import numpy as np
 from decode import photograph  # this script's folder is first on sys.path
 from components.stage import storage_from_env
 from dinoflow.storage import Storage, join_uri
-from trainer.data.datasets import ShardDataset, write_shard_index
+from trainer.data.shards import ShardDataset, write_shard_index
 
 
 class Tally(Storage):

@@ -44,7 +44,8 @@ from curation.shards import ImageBytesReader, write_shards
 from dinoflow.config import flatten
 from dinoflow.storage import Storage, join_uri
 from dinoflow.tracking import NullTracker, Tracker
-from trainer.data.datasets import ImageFolderDataset, Sample, ShardDataset, decode_image
+from trainer.data.datasets import ImageFolderDataset, Sample, decode_image
+from trainer.data.shards import ShardDataset
 
 RETRIEVE_MODES = ("sample", "cluster")
 

@@ -1,7 +1,7 @@
 """Write the curated set: webdataset tar shards of the original image bytes, a JSONL manifest.
 
 Images are copied byte for byte (no re-encoding). A key ``<shard URI>#<member>`` (as
-:class:`trainer.data.datasets.ShardDataset` names samples) is read out of its tar; any other key
+:class:`trainer.data.shards.ShardDataset` names samples) is read out of its tar; any other key
 is an object URI.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 from dinoflow.progress import progress
 from dinoflow.storage import Storage, join_uri
-from trainer.data.datasets import check_index_fits, load_shard_index, write_shard_index
+from trainer.data.shards import check_index_fits, load_shard_index, write_shard_index
 
 
 class ImageBytesReader:
@@ -50,7 +50,7 @@ def _extension(key: str) -> str:
 def write_shards(keys: Sequence[str], records: Sequence[dict[str, Any]], out_uri: str, storage: Storage,
                  shard_size: int = 1000) -> list[str]:
     """Tar shards ``shard-00000.tar`` ... (members ``<000000000>.<ext>`` and ``<...>.json`` with the
-    record), each with its index beside it (:func:`~trainer.data.datasets.write_shard_index`), and
+    record), each with its index beside it (:func:`~trainer.data.shards.write_shard_index`), and
     ``manifest.jsonl`` (one record a line, with its ``shard`` and ``member``)."""
     if len(keys) != len(records):
         raise ValueError(f"{len(keys)} keys but {len(records)} records")

@@ -847,7 +847,7 @@ def shards_index(
     training: run this again."""
     from components.stage import storage_from_env
     from dinoflow.progress import progress
-    from trainer.data.datasets import write_shard_index
+    from trainer.data.shards import write_shard_index
 
     storage = storage_from_env()
     extensions = tuple(ext.strip() for ext in image_extensions.split(",") if ext.strip())

@@ -47,7 +47,8 @@ def build_index(model: ServedModel, source_uri: str, out_uri: str, kind: SourceK
     import faiss
     from torch.utils.data import DataLoader
 
-    from trainer.data.datasets import ImageFolderDataset, ShardDataset, collate_samples
+    from trainer.data.datasets import ImageFolderDataset, collate_samples
+    from trainer.data.shards import ShardDataset
 
     storage = storage or Storage()
     if kind == "folder":

@@ -16,7 +16,8 @@ from dinoflow.tracking import Tracker
 from evaluators.classification import classification_report, labelled_images
 from evaluators.linear import LinearProbeConfig
 from evaluators.report import report_metrics
-from trainer.data.datasets import FashionMnistDataset, ImageFolderDataset, ShardDataset, collate_samples
+from trainer.data.datasets import FashionMnistDataset, ImageFolderDataset, collate_samples
+from trainer.data.shards import ShardDataset
 from trainer.engine import EvalFn, pretrain
 from trainer.models.vit import DinoVisionTransformer
 

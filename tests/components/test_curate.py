@@ -11,7 +11,7 @@ from components.curate import balance_levels, make_embedder, run_curate_stage
 from components.stage import StageContext, error_uri
 from curation.synthetic import make_copy_pool
 from dinoflow.storage import Storage
-from trainer.data.datasets import ShardDataset
+from trainer.data.shards import ShardDataset
 
 
 def write_pool(folder: Path, originals: int, copied: int, size: int = 28) -> int:

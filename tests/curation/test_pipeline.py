@@ -20,7 +20,8 @@ from curation.pipeline import CurationConfig, run_curation
 from curation.synthetic import COPY_KINDS, CopyPool, make_copy_pool, near_copy, removal_quality
 from dinoflow.storage import Storage
 from evaluators.synthetic import SceneConfig, make_scenes
-from trainer.data.datasets import ImageFolderDataset, ShardDataset, decode_image
+from trainer.data.datasets import ImageFolderDataset, decode_image
+from trainer.data.shards import ShardDataset
 
 
 def _write_pool(root: Path, originals: int = 120, copied: int = 40, seed: int = 0) -> CopyPool:

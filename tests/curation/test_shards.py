@@ -10,7 +10,7 @@ import pytest
 
 from curation.shards import write_shards
 from tests.trainer.data.test_datasets import CountedStorage, indexed_shards
-from trainer.data.datasets import shard_index_uri
+from trainer.data.shards import shard_index_uri
 
 
 def test_curated_shards_copy_pool_members_by_their_byte_ranges(tmp_path: Path) -> None:

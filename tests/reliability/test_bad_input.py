@@ -15,14 +15,8 @@ from hypothesis import strategies as st
 
 from dinoflow.storage import Storage
 from tests.reliability.helpers import jpeg_bytes, png_bytes
-from trainer.data.datasets import (
-    BadImageTracker,
-    ImageFolderDataset,
-    ShardDataset,
-    _index_shard,
-    collate_samples,
-    decode_image,
-)
+from trainer.data.datasets import BadImageTracker, ImageFolderDataset, collate_samples, decode_image
+from trainer.data.shards import ShardDataset, _index_shard
 from trainer.data.fashion_mnist import parse_idx
 
 

@@ -29,14 +29,12 @@ from trainer.data.datasets import (
     FashionMnistDataset,
     ImageFolderDataset,
     Sample,
-    ShardDataset,
     collate_samples,
     decode_image,
     read_image,
     read_region,
-    shard_index_uri,
-    write_shard_index,
 )
+from trainer.data.shards import ShardDataset, shard_index_uri, write_shard_index
 from trainer.data.fashion_mnist import load_split
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
