@@ -13,6 +13,7 @@ import io
 import json
 import tarfile
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
@@ -26,6 +27,7 @@ from trainer.data.datasets import (DEFAULT_MAX_PIXELS, ProcessLocalStorage, Samp
                                    region_size, sample_of)
 
 SHARD_LABEL_EXTENSIONS = ("cls", "txt")  # first one present wins
+INDEX_READERS = 16  # shards' indexes read at once when a data set starts (thousands on S3: one round trip each)
 
 
 def _member_kind(member: tarfile.TarInfo) -> str | None:
@@ -218,8 +220,10 @@ class ShardDataset(Dataset[Sample]):
         self._storage = ProcessLocalStorage(storage)
         self._sizes_to_check: dict[int, int] = {}  # shard -> the size its index was made for, until read once
         shard_of, names, offsets, sizes, labels = [], [], [], [], []
-        for position, uri in enumerate(progress(self.shards, desc="index shards", unit="shard")):
-            made, from_file = load_shard_index(storage, uri, extensions, listed)
+        with ThreadPoolExecutor(INDEX_READERS) as pool:  # small reads, each a round trip: several at once
+            indexes = pool.map(lambda uri: load_shard_index(storage, uri, extensions, listed), self.shards)
+            made_all = list(progress(indexes, desc="index shards", total=len(self.shards), unit="shard"))
+        for position, (made, from_file) in enumerate(made_all):
             if from_file:
                 self._sizes_to_check[position] = int(made["shard_size"])
             for name, offset, size, label in made["samples"]:
