@@ -144,14 +144,14 @@ def logistic_regression(train_features: Tensor, train_labels: Tensor, test_featu
     split = split_train_val(len(features), config.val_fraction, torch.Generator().manual_seed(config.seed))
     fit_rows, val_rows = (rows.to(device) for rows in split)
     fit_x, fit_y, val_x, val_y = features[fit_rows], labels[fit_rows], features[val_rows], labels[val_rows]
-    solutions, val_accuracies = [], []
+    val_accuracies: list[float] = []
     solution: tuple[Tensor, Tensor] | None = None
     for c in progress(config.c_values, desc="logistic regression: C", unit="C"):
         solution = fit_logistic(fit_x, fit_y, classes, c, config.max_iter, solution)
-        solutions.append(solution)
         val_accuracies.append(float((predict(val_x, *solution) == val_y).double().mean()))
-    best = int(np.argmax(val_accuracies))  # the first maximum: the smallest C among ties
-    weight, bias = fit_logistic(features, labels, classes, config.c_values[best], config.max_iter, solutions[best])
+        if val_accuracies[-1] > max(val_accuracies[:-1], default=-1.0):  # the first best: the smallest C among ties
+            best, picked = len(val_accuracies) - 1, solution
+    weight, bias = fit_logistic(features, labels, classes, config.c_values[best], config.max_iter, picked)
     test_classes = None if test_classes is None else test_classes.to(device)
     test_accuracy = float((predict(test_x, weight, bias, test_classes) == test_y).double().mean())
     return LogRegResult(best_c=config.c_values[best], val_accuracy=val_accuracies[best], test_accuracy=test_accuracy,
