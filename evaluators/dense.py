@@ -51,6 +51,7 @@ from evaluators.dense_metrics import (
     segmentation_confusion,
     segmentation_scores,
 )
+from evaluators.dpt import DPTDepthHead
 from evaluators.feature_parts import claim
 from evaluators.features import patch_sides, under_autocast
 from evaluators.linear import epoch_batches
@@ -369,14 +370,22 @@ def slid_probabilities(backbone: nn.Module, head: LinearSegmentationHead, images
                         window, layers, amp_dtype, stride, windows_per_pass)
 
 
+DEPTH_HEADS = ("linear", "dpt")
+
+
 def train_depth_head(batches: Batches, count: int, in_channels: int, config: HeadConfig = HeadConfig(),
                      bins: int = 256, min_depth: float = 1e-3, max_depth: float = 10.0,
-                     device: str | torch.device = "cpu", saves: HeadSaves | None = None) -> LinearDepthHead:
-    """Fit the head on ``config.steps`` batches, of ``count`` training rows, of (patch features, CLS
-    tokens, depth maps ``(b, H, W)``, 0 = unknown) with the SiLog loss, on ``device``; ``batches``
-    maps the steps' rows to them."""
+                     device: str | torch.device = "cpu", saves: HeadSaves | None = None,
+                     kind: str = "linear") -> nn.Module:
+    """Fit the ``kind`` head (:data:`DEPTH_HEADS`: :class:`LinearDepthHead`, or
+    :class:`~evaluators.dpt.DPTDepthHead` on four blocks) on ``config.steps`` batches, of ``count``
+    training rows, of (patch features, CLS tokens, depth maps ``(b, H, W)``, 0 = unknown) with the
+    SiLog loss, on ``device``; ``batches`` maps the steps' rows to them."""
+    if kind not in DEPTH_HEADS:
+        raise ValueError(f"unknown depth head {kind!r}; allowed: {', '.join(DEPTH_HEADS)}")
     torch.manual_seed(config.seed)
-    head = LinearDepthHead(in_channels, bins, min_depth, max_depth).to(device)
+    head = (DPTDepthHead(in_channels, bins=bins, min_depth=min_depth, max_depth=max_depth) if kind == "dpt"
+            else LinearDepthHead(in_channels, bins, min_depth, max_depth)).to(device)
 
     def loss_of(head: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
         patches, cls, depths = batch

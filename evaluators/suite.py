@@ -9,8 +9,8 @@ Tasks:
   their own classes when fewer) (:mod:`evaluators.classification`);
 * ``seg``: the linear segmentation head on synthetic scenes, or on ADE20K or Pascal VOC
   (``seg_data``) (mIoU, pixel accuracy);
-* ``depth``: the linear depth head on the same scenes, or on NYU-Depth v2 or KITTI (``depth_data``)
-  (RMSE, AbsRel, delta1);
+* ``depth``: the linear depth head (or DPT's decoder, ``depth_head_kind="dpt"``) on the same scenes,
+  or on NYU-Depth v2 or KITTI (``depth_data``) (RMSE, AbsRel, delta1);
 * ``retrieval``: CLS descriptors on synthetic retrieval sets, or on revisited Oxford or Paris
   (``retrieval_data``) (mAP easy/medium/hard);
 
@@ -48,6 +48,7 @@ from dinoflow.storage import Storage, join_uri
 from evaluators.attention import ATTENTION_IMAGES, attention_summary
 from evaluators.classification import DATA_KINDS, DataKind, classification_report, knn_bank, labelled_images
 from evaluators.dense import (
+    DEPTH_HEADS,
     HeadConfig,
     HeadSaves,
     Layers,
@@ -116,6 +117,7 @@ class SuiteConfig:
     depth_data: str = ""  # "": the scenes; nyu:<root> or kitti:<root>
     seg_head: HeadConfig = field(default_factory=HeadConfig)
     depth_head: HeadConfig = field(default_factory=lambda: HeadConfig(steps=1000))  # ~10x a seg step's cost
+    depth_head_kind: str = "linear"  # or "dpt": the DPT decoder on 4 evenly spaced blocks (evaluators/dpt.py)
     dense_cache_gib: float = 4.0  # seg, depth: features held when both splits' fit, else made per batch
     work_dir: str = ""  # save the long work here (feature pass in parts, dense heads' training); a rerun resumes it
     retrieval_scenes: int = 40
@@ -133,6 +135,8 @@ class SuiteConfig:
             raise ValueError(f"unknown tasks {unknown or '(none)'}; allowed: {', '.join(TASKS)}")
         if set(CLASSIFICATION_TASKS) & set(self.tasks) and not self.data_uri:
             raise ValueError("knn, linear and logreg need data_uri (Fashion-MNIST's folder, or one of class folders)")
+        if self.depth_head_kind not in DEPTH_HEADS:
+            raise ValueError(f"unknown depth head {self.depth_head_kind!r}; allowed: {', '.join(DEPTH_HEADS)}")
         if self.dense_cache_gib < 0:
             raise ValueError(f"dense_cache_gib must be >= 0 (0: features made per batch), got {self.dense_cache_gib}")
         if self.precision not in PRECISIONS:
@@ -253,8 +257,10 @@ def _dense_tasks(backbone: nn.Module, config: SuiteConfig, storage: Storage) -> 
 def task_layers(task: str, config: SuiteConfig, depth: int) -> Layers:
     """The blocks a dense head reads: one, the last; with 4 (``config.layers``), segmentation's
     "+ms" the last four, depth's "lin.4" four evenly spaced (:func:`~evaluators.dense.spaced_blocks`),
-    as the original's heads do."""
-    return spaced_blocks(depth, config.layers) if task == "depth" else config.layers
+    as the original's heads do; the DPT depth head four evenly spaced, always."""
+    if task != "depth":
+        return config.layers
+    return spaced_blocks(depth, 4 if config.depth_head_kind == "dpt" else config.layers)
 
 
 def _head_saves(task: str, config: SuiteConfig, storage: Storage, digest: str, layers: Layers) -> HeadSaves | None:
@@ -265,7 +271,10 @@ def _head_saves(task: str, config: SuiteConfig, storage: Storage, digest: str, l
         return None
     data = getattr(config, f"{task}_data") or {"train_scenes": config.train_scenes, "scene_size": config.scene_size}
     settings = ("image_size", "train_limit", "precision", "seed")
-    identity = {"backbone_sha256": digest, "data": data, "head": asdict(getattr(config, f"{task}_head")),
+    head = asdict(getattr(config, f"{task}_head"))
+    if task == "depth" and config.depth_head_kind != "linear":  # (a linear head's saves named as before)
+        head["kind"] = config.depth_head_kind
+    identity = {"backbone_sha256": digest, "data": data, "head": head,
                 "samples": "crops" if getattr(config, f"{task}_data") else "squares",  # as _dense_tasks sizes them
                 "layers": layers, **{name: getattr(config, name) for name in settings}}
     return HeadSaves(storage, join_uri(config.work_dir, f"{task}-head"), identity)
@@ -318,7 +327,7 @@ def _depth(data: _DenseTask, config: SuiteConfig, device: torch.device, saves: H
     """The depth head trained on ``data.train`` and its scores on ``data.test``, with its first
     ``keep`` depth maps."""
     head = train_depth_head(data.train.batches, len(data.train), data.train.channels, config.depth_head,
-                            max_depth=data.label_range, device=device, saves=saves)
+                            max_depth=data.label_range, device=device, saves=saves, kind=config.depth_head_kind)
     if data.windowed:
         backbone = data.test.backbone
 

@@ -330,6 +330,8 @@ def evaluate(
     seg_steps: Annotated[int, typer.Option(min=1, help="seg: the linear head's training steps (AdamW, lr 1e-3; "
                                                       "the scenes' default; a real data set may want more)")] = 2000,
     depth_steps: Annotated[int, typer.Option(min=1, help="depth: the linear head's training steps")] = 1000,
+    depth_head: Annotated[str, typer.Option(help="depth: linear (lin.1; lin.4 with --ms), or dpt (DPT's decoder on "
+                                                 "4 evenly spaced blocks)")] = "linear",
     head_batch_size: Annotated[int, typer.Option(min=1, help="seg and depth: images in a head's training "
                                                             "batch")] = 32,
     dense_cache_gib: Annotated[float, typer.Option(min=0, help="seg and depth: patch features of both splits are "
@@ -387,6 +389,7 @@ def evaluate(
                                  layers=min(4, len(backbone.blocks)) if ms else 1, dense_cache_gib=dense_cache_gib,
                                  seg_head=HeadConfig(steps=seg_steps, batch_size=head_batch_size),
                                  depth_head=HeadConfig(steps=depth_steps, batch_size=head_batch_size),
+                                 depth_head_kind=depth_head,
                                  work_dir=work_dir)
 
             def run(pictures: Path) -> dict[str, Any]:
@@ -401,7 +404,8 @@ def evaluate(
                             "image_size": image_size, "seg_data": seg_data, "depth_data": depth_data,
                             "retrieval_data": retrieval_data, "ms": ms,
                             "device": device, "precision": precision, "dense_cache_gib": dense_cache_gib,
-                            "seg_steps": seg_steps, "depth_steps": depth_steps, "head_batch_size": head_batch_size,
+                            "seg_steps": seg_steps, "depth_steps": depth_steps, "depth_head": depth_head,
+                            "head_batch_size": head_batch_size,
                             "work_dir": work_dir})
         drawn = Path(scratch) / "pictures"
         drawn.mkdir()
