@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from curation.shards import write_shards
-from tests.trainer.data.test_datasets import CountedStorage, indexed_shards
+from tests.trainer.data.test_shards import CountedStorage, indexed_shards
 from trainer.data.shards import shard_index_uri
 
 
