@@ -125,7 +125,7 @@ def test_the_stage_runs_the_benchmarks_on_real_data_sets(tmp_path: Path) -> None
         again = run_evaluate_stage(ctx, tmp_path / "backbone", tmp_path / "again", "", tasks=["retrieval"],
                                    **{"retrieval_data": oxford, "image_size": 56, **changed})
         assert not again["cached"] and again["metrics"].keys() == result["metrics"].keys()
-    for name, given in (("seg_data", "coco:/x"), ("depth_data", "kitti:/x")):
+    for name, given in (("seg_data", "coco:/x"), ("depth_data", "diode:/x")):
         with pytest.raises(ValueError, match=f"{name} = '{given}'; give <data set>:<root>"):
             run_evaluate_stage(ctx, tmp_path / "backbone", tmp_path / "bad", "", tasks=["seg"], **{name: given})
 
