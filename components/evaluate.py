@@ -45,13 +45,13 @@ def run_evaluate_stage(ctx: StageContext, backbone_dir: str | Path, out_dir: str
                        temperature: float = 0.07, tasks: list[str] | None = None, device: str = "cpu",
                        num_workers: int = 0, seg_data: str = "", depth_data: str = "", retrieval_data: str = "",
                        image_size: int = 224, precision: str = "fp32", seg_steps: int = 0,
-                       depth_steps: int = 0, test_uri: str = "") -> dict[str, Any]:
+                       depth_steps: int = 0, test_uri: str = "", depth_head: str = "linear") -> dict[str, Any]:
     """Run the benchmark suite on the backbone in ``backbone_dir`` on ``device`` (images decoded by
     ``num_workers`` processes; seg, depth and retrieval on ``seg_data``, ``depth_data`` and
     ``retrieval_data`` when given, as :class:`~evaluators.suite.SuiteConfig` names them, else on the
     synthetic sets; ``precision``: the feature passes'; the dense heads trained ``seg_steps`` and
     ``depth_steps`` steps, 0: the suite's defaults; ``test_uri``: knn, linear and logreg's test set
-    of its own); returns ``{"metrics": ...}``."""
+    of its own; ``depth_head``: linear or dpt); returns ``{"metrics": ...}``."""
     storage = storage_from_env()
     out = Path(out_dir)
     ks = sorted({int(k) for k in ks or []} | {20})  # k=20 always: the default gate metric
@@ -64,13 +64,13 @@ def run_evaluate_stage(ctx: StageContext, backbone_dir: str | Path, out_dir: str
                      "retrieval_data": retrieval_data}
         config = SuiteConfig(tasks=asked, data_uri=data_uri, train_limit=train_limit, test_limit=test_limit,
                              ks=tuple(ks), temperature=temperature, num_workers=num_workers, image_size=image_size,
-                             precision=precision, **data_sets)
+                             precision=precision, depth_head_kind=depth_head, **data_sets)
         config = replace(config, seg_head=replace(config.seg_head, steps=seg_steps or config.seg_head.steps),
                          depth_head=replace(config.depth_head, steps=depth_steps or config.depth_head.steps))
         params = {"data_uri": data_uri, "train_limit": train_limit, "test_limit": test_limit, "ks": ks,
                   "temperature": temperature, "tasks": list(config.tasks), "device": device,
                   "image_size": image_size, "precision": precision, "seg_steps": config.seg_head.steps,
-                  "depth_steps": config.depth_head.steps, **data_sets}
+                  "depth_steps": config.depth_head.steps, "depth_head": depth_head, **data_sets}
         tracker.log_params(params)
         uri, source = locate_weights(str(backbone_dir), storage)
         weights = Path(uri) / "model.safetensors" if source == "hf" else Path(uri)  # the bytes that key the cache

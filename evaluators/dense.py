@@ -75,6 +75,8 @@ def spaced_blocks(depth: int, count: int) -> Layers:
     one block: the last, as an int."""
     if count <= 1:
         return 1
+    if count > depth:
+        raise ValueError(f"{count} blocks asked of a backbone of {depth}")
     return tuple(round((i + 1) * depth / count) - 1 for i in range(count))
 
 

@@ -260,6 +260,8 @@ def task_layers(task: str, config: SuiteConfig, depth: int) -> Layers:
     as the original's heads do; the DPT depth head four evenly spaced, always."""
     if task != "depth":
         return config.layers
+    if config.depth_head_kind == "dpt" and depth < 4:
+        raise ValueError(f"the DPT depth head reads 4 blocks; this backbone has {depth}: use depth_head linear")
     return spaced_blocks(depth, 4 if config.depth_head_kind == "dpt" else config.layers)
 
 

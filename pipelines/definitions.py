@@ -140,11 +140,13 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
         return task.set_caching_options(False)
 
     def data_sets(test_uri: Any, seg_data: Any, depth_data: Any, retrieval_data: Any, image_size: Any,
-                  precision: Any, seg_steps: Any, depth_steps: Any) -> dict:
+                  precision: Any, seg_steps: Any, depth_steps: Any, depth_head: Any) -> dict:
         """The evaluate task's test set of its own (empty: the labelled images' val/), real benchmark
-        data sets (empty: the synthetic ones), image settings and dense heads' training steps (0: the suite's)."""
+        data sets (empty: the synthetic ones), image settings, the dense heads' training steps (0: the
+        suite's) and the depth head (linear or dpt)."""
         return {"test_uri": test_uri, "seg_data": seg_data, "depth_data": depth_data, "retrieval_data": retrieval_data,
-                "image_size": image_size, "precision": precision, "seg_steps": seg_steps, "depth_steps": depth_steps}
+                "image_size": image_size, "precision": precision, "seg_steps": seg_steps, "depth_steps": depth_steps,
+                "depth_head": depth_head}
 
     def closer(run_root: str, tracking_uri: str, experiment: str) -> Any:
         return uncached(c.close_run(run_root=run_root, tracking_uri=tracking_uri, experiment=experiment,
@@ -176,8 +178,8 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                         train_limit: int,
                         test_limit: int, knn_k: int, knn_temperature: float, eval_tasks: list, seg_data: str,
                         depth_data: str, retrieval_data: str, eval_image_size: int, eval_precision: str,
-                        eval_seg_steps: int, eval_depth_steps: int, model_name: str, metric: str,
-                        margin: float) -> None:
+                        eval_seg_steps: int, eval_depth_steps: int, eval_depth_head: str, model_name: str,
+                        metric: str, margin: float) -> None:
         ctx = {"run_root": run_root, "tracking_uri": tracking_uri, "experiment": experiment,
                "parent_run_id": parent_run_id, "pipeline_run_id": RUN_ID}
         with dsl.ParallelFor(students) as student:  # each a distill preset name, e.g. distill-tiny
@@ -189,7 +191,7 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                                 "knn_temperature": knn_temperature, "tasks": eval_tasks,
                                 "eval_data_uri": eval_data_uri,
                                 **data_sets(eval_test_uri, seg_data, depth_data, retrieval_data, eval_image_size,
-                                          eval_precision, eval_seg_steps, eval_depth_steps)},
+                                          eval_precision, eval_seg_steps, eval_depth_steps, eval_depth_head)},
                                distilled.outputs["model_name"], metric, margin)
 
     @dsl.pipeline(name="full", description="Ingest, curate (with a pool), pretrain, evaluate, register with a "
@@ -205,7 +207,8 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
              eval_tasks: list = ["knn", "linear"], eval_data_uri: str = "", eval_test_uri: str = "",  # noqa: B006
              seg_data: str = "", depth_data: str = "", retrieval_data: str = "", eval_image_size: int = 224,
              eval_precision: str = "fp32", eval_seg_steps: int = 0, eval_depth_steps: int = 0,
-             model_name: str = "dinoflow-tiny", metric: str = "knn_top1_k20", margin: float = 0.0,
+             eval_depth_head: str = "linear", model_name: str = "dinoflow-tiny", metric: str = "knn_top1_k20",
+             margin: float = 0.0,
              students: list = [], student_overrides: list = [], student_minutes: float = 3.0) -> None:  # noqa: B006
         with dsl.ExitHandler(closer(run_root, tracking_uri, experiment)):
             parent = open_parent(run_root, tracking_uri, experiment, "full")
@@ -224,7 +227,7 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
             eval_params = {"train_limit": train_limit, "test_limit": test_limit, "knn_k": knn_k,
                            "knn_temperature": knn_temperature, "tasks": eval_tasks, "eval_data_uri": eval_data_uri,
                            **data_sets(eval_test_uri, seg_data, depth_data, retrieval_data, eval_image_size,
-                                          eval_precision, eval_seg_steps, eval_depth_steps)}
+                                          eval_precision, eval_seg_steps, eval_depth_steps, eval_depth_head)}
             score_and_register(ctx, use_cache, trained.outputs["backbone"], data.output, eval_params,
                                model_name, metric, margin)
             distil_students(run_root=run_root, tracking_uri=tracking_uri, experiment=experiment,
@@ -237,7 +240,8 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                             knn_temperature=knn_temperature, eval_tasks=eval_tasks, seg_data=seg_data,
                             depth_data=depth_data, retrieval_data=retrieval_data, eval_image_size=eval_image_size,
                             eval_precision=eval_precision, eval_seg_steps=eval_seg_steps,
-                            eval_depth_steps=eval_depth_steps, model_name=model_name, metric=metric, margin=margin)
+                            eval_depth_steps=eval_depth_steps, eval_depth_head=eval_depth_head,
+                            model_name=model_name, metric=metric, margin=margin)
 
     @dsl.pipeline(name="evaluate-only", description="Benchmark backbone weights (weights_uri) or a registered "
                                                     "model (model: <name>, <name>@<alias>, <name>/<version>) on "
@@ -249,7 +253,7 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                       knn_temperature: float = 0.07, eval_tasks: list = ["knn", "linear"],  # noqa: B006
                       seg_data: str = "", depth_data: str = "", retrieval_data: str = "",
                       eval_image_size: int = 224, eval_precision: str = "fp32", eval_seg_steps: int = 0,
-                      eval_depth_steps: int = 0) -> None:
+                      eval_depth_steps: int = 0, eval_depth_head: str = "linear") -> None:
         with dsl.ExitHandler(closer(run_root, tracking_uri, experiment)):
             parent = open_parent(run_root, tracking_uri, experiment, "evaluate_only")
             ctx = context(run_root, tracking_uri, experiment, parent)
@@ -257,7 +261,7 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                          "test_limit": test_limit, "knn_k": knn_k, "knn_temperature": knn_temperature,
                          "tasks": eval_tasks, **on_device,
                          **data_sets(eval_test_uri, seg_data, depth_data, retrieval_data, eval_image_size,
-                                          eval_precision, eval_seg_steps, eval_depth_steps)}
+                                          eval_precision, eval_seg_steps, eval_depth_steps, eval_depth_head)}
             with dsl.If(model == ""):
                 weights = dsl.importer(artifact_uri=weights_uri, artifact_class=dsl.Model, reimport=False)
                 c.evaluate(**ctx, backbone=weights.output, **benchmark)
@@ -275,7 +279,7 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                 eval_tasks: list = ["knn", "linear"], model_name: str = "dinoflow-tiny",  # noqa: B006
                 metric: str = "knn_top1_k20", margin: float = 0.0, seg_data: str = "", depth_data: str = "",
                 retrieval_data: str = "", eval_image_size: int = 224, eval_precision: str = "fp32",
-                eval_seg_steps: int = 0, eval_depth_steps: int = 0) -> None:
+                eval_seg_steps: int = 0, eval_depth_steps: int = 0, eval_depth_head: str = "linear") -> None:
         with dsl.ExitHandler(closer(run_root, tracking_uri, experiment)):
             parent = open_parent(run_root, tracking_uri, experiment, "retrain")
             ctx = context(run_root, tracking_uri, experiment, parent)
@@ -287,7 +291,7 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                                {"train_limit": train_limit, "test_limit": test_limit, "knn_k": knn_k,
                                 "knn_temperature": knn_temperature, "tasks": eval_tasks, "eval_data_uri": eval_data_uri,
                                 **data_sets(eval_test_uri, seg_data, depth_data, retrieval_data, eval_image_size,
-                                          eval_precision, eval_seg_steps, eval_depth_steps)},
+                                          eval_precision, eval_seg_steps, eval_depth_steps, eval_depth_head)},
                                model_name, metric, margin)
 
     @dsl.pipeline(name="distill", description="Distil each of `students` from a registered teacher (teacher_model: "
@@ -303,8 +307,8 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                 train_limit: int = 0, test_limit: int = 0, knn_k: int = 20, knn_temperature: float = 0.07,
                 eval_tasks: list = ["knn", "linear"], seg_data: str = "", depth_data: str = "",  # noqa: B006
                 retrieval_data: str = "", eval_image_size: int = 224, eval_precision: str = "fp32",
-                eval_seg_steps: int = 0, eval_depth_steps: int = 0, model_name: str = "dinoflow-tiny",
-                metric: str = "knn_top1_k20", margin: float = 0.0) -> None:
+                eval_seg_steps: int = 0, eval_depth_steps: int = 0, eval_depth_head: str = "linear",
+                model_name: str = "dinoflow-tiny", metric: str = "knn_top1_k20", margin: float = 0.0) -> None:
         with dsl.ExitHandler(closer(run_root, tracking_uri, experiment)):
             parent = open_parent(run_root, tracking_uri, experiment, "distill")
             ctx = context(run_root, tracking_uri, experiment, parent)
@@ -317,7 +321,8 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                        "eval_tasks": eval_tasks, "seg_data": seg_data, "depth_data": depth_data,
                        "retrieval_data": retrieval_data, "eval_image_size": eval_image_size,
                        "eval_precision": eval_precision, "eval_seg_steps": eval_seg_steps,
-                       "eval_depth_steps": eval_depth_steps, "model_name": model_name, "metric": metric,
+                       "eval_depth_steps": eval_depth_steps, "eval_depth_head": eval_depth_head,
+                       "model_name": model_name, "metric": metric,
                        "margin": margin}
             with dsl.If(teacher_uri == ""):  # picked from the registry, its heads with it
                 picked = uncached(c.champion(**ctx, model_name=teacher_model))

@@ -131,7 +131,8 @@ def test_the_stage_runs_the_benchmarks_on_real_data_sets(tmp_path: Path) -> None
 
 
 def test_the_dense_heads_train_as_long_as_the_stage_is_told(tmp_path: Path) -> None:
-    """``seg_steps`` and ``depth_steps`` reach the suite and key the cache; a bad one is refused."""
+    """``seg_steps``, ``depth_steps`` and ``depth_head`` reach the suite and key the cache; a bad one is
+    refused."""
     torch.manual_seed(0)
     (tmp_path / "backbone").mkdir()
     save_backbone(build_vit("vit_small", patch_size=14, embed_dim=32, depth=2, num_heads=2, img_size=56,
@@ -145,5 +146,15 @@ def test_the_dense_heads_train_as_long_as_the_stage_is_told(tmp_path: Path) -> N
                                seg_steps=2, depth_steps=4)
     assert not again["cached"]
     assert json.loads((tmp_path / "again" / "report.json").read_text())["config"]["depth_head"]["steps"] == 4
+    with pytest.raises(ValueError, match="the DPT depth head reads 4 blocks; this backbone has 2"):
+        run_evaluate_stage(ctx, tmp_path / "backbone", tmp_path / "dpt", "", tasks=["depth"], depth_head="dpt")
+    save_backbone(build_vit("vit_small", patch_size=14, embed_dim=32, depth=4, num_heads=2, img_size=56,
+                            layerscale_init=1.0), str(tmp_path / "backbone" / "backbone.safetensors"))
+    dpt = run_evaluate_stage(ctx, tmp_path / "backbone", tmp_path / "dpt", "", tasks=["depth"], depth_steps=3,
+                             depth_head="dpt")
+    assert not dpt["cached"] and json.loads((tmp_path / "dpt" / "report.json").read_text())["config"][
+        "depth_head_kind"] == "dpt"
+    with pytest.raises(ValueError, match="unknown depth head 'unet'; allowed: linear, dpt"):
+        run_evaluate_stage(ctx, tmp_path / "backbone", tmp_path / "bad", "", tasks=["depth"], depth_head="unet")
     with pytest.raises(ValueError, match="steps and batch_size must be >= 1"):
         run_evaluate_stage(ctx, tmp_path / "backbone", tmp_path / "bad", "", tasks=["seg"], seg_steps=-1)
