@@ -12,10 +12,11 @@ seconds each run took; then segmentation and depth on a VOC and an NYU layout of
 (the real data sets' path: heads trained on crops, whole test images scored through windows). The
 figures should agree to rounding (the probe and the heads train on features that differ in the last
 bits, so they may move by a sample or a pixel); a device path that reads another device's tensor
-fails outright. Asserts nothing.
+fails outright. With ``--dpt-steps N``, the NYU layout's depth also by lin.4 and by the DPT decoder
+trained N steps each on ``--device`` (the RMSE of each and its seconds). Asserts nothing.
 
     python benchmarks/eval_device.py --device cpu --images 12      # smoke: the CPU against itself
-    python benchmarks/eval_device.py --device cuda --json eval_device.json
+    python benchmarks/eval_device.py --device cuda --json eval_device.json --dpt-steps 300
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=40, help="train images per class (a quarter as many to test)")
     parser.add_argument("--image-size", type=int, default=112, help="class folders' centre crop (x14)")
     parser.add_argument("--precision", default="bf16", help="the extra run's feature pass on --device")
+    parser.add_argument("--dpt-steps", type=int, default=0, help="also train lin.4 and the DPT depth head this many "
+                        "steps on the NYU layout on --device and compare them (0: not; ~5 s a DPT step on a CPU)")
     parser.add_argument("--json", default="", help="write the figures here too")
     return parser.parse_args()
 
@@ -128,11 +131,18 @@ def main() -> None:
                               image_size=args.image_size, layers=4, multiscale=True, seg_head=HeadConfig(steps=100),
                               depth_head=HeadConfig(steps=50))
         windowed = [timed_suite(reference, layouts, weights), timed_suite(device, layouts, weights)]
+        heads = [timed_suite(device, replace(layouts, tasks=("depth",), depth_head_kind=kind,
+                                             depth_head=HeadConfig(steps=args.dpt_steps)), weights)
+                 for kind in ("linear", "dpt")] if args.dpt_steps else []
     print_runs(runs, args.device)
     print("\nVOC and NYU layouts, whole 4:3 test images through sliding windows:")
     print_runs(windowed, args.device)
+    for kind, run in zip(("lin.4", "DPT"), heads):
+        print(f"NYU layout, {kind} depth head ({args.dpt_steps} steps on {args.device}): "
+              f"RMSE {run['metrics']['depth_rmse']:.4f}, delta1 {run['metrics']['depth_delta1']:.4f}, "
+              f"{run['seconds']:.1f} s")
     if args.json:
-        Path(args.json).write_text(json.dumps({"runs": runs, "windowed": windowed}, indent=2))
+        Path(args.json).write_text(json.dumps({"runs": runs, "windowed": windowed, "depth_heads": heads}, indent=2))
 
 
 def print_runs(runs: list[dict[str, Any]], device: str) -> None:
