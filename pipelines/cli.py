@@ -851,15 +851,12 @@ def shards_index(
     training: run this again."""
     from components.stage import storage_from_env
     from dinoflow.progress import progress
-    from trainer.data.shards import write_shard_index
+    from trainer.data.shards import list_shards, write_shard_index
 
     storage = storage_from_env()
     extensions = tuple(ext.strip() for ext in image_extensions.split(",") if ext.strip())
     with _bad_input():
-        found = ([shards] if shards.lower().endswith(".tar") else
-                 [uri for uri in storage.list(shards, recursive=True) if uri.lower().endswith(".tar")])
-        if not found:
-            raise FileNotFoundError(f"no shards under {shards}: allowed are files ending in .tar (any case)")
+        found = [shards] if shards.lower().endswith(".tar") else list_shards(storage, shards)[0]
         for uri in progress(found, desc="index shards", unit="shard"):
             write_shard_index(storage, uri, image_extensions=extensions)
     typer.echo(json.dumps({"shards": len(found), "indexes": [f"{uri}.index.json" for uri in found[:3]]}, indent=2))

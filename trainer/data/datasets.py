@@ -123,12 +123,17 @@ def to_rgb(img: Image.Image) -> Image.Image:
 DRAFT_GAP = 2  # a JPEG decodes at a reduced scale only while its shorter side stays >= DRAFT_GAP x load_size
 
 
+def check_max_aspect(max_aspect: float) -> None:
+    """Refuse a ``max_aspect`` below 1, naming what is allowed."""
+    if max_aspect < 1:
+        raise ValueError(f"max_aspect must be at least 1 (1 keeps the centre square), got {max_aspect}")
+
+
 def region_size(width: float, height: float, max_aspect: float = 1.0) -> tuple[float, float]:
     """The width and height of the centred region of a ``width x height`` image that is kept: the
     whole image when its aspect ratio lies within ``[1 / max_aspect, max_aspect]``, else the largest
     centred part whose ratio is that bound (``max_aspect`` 1: the centre square)."""
-    if max_aspect < 1:
-        raise ValueError(f"max_aspect must be at least 1 (1 keeps the centre square), got {max_aspect}")
+    check_max_aspect(max_aspect)
     return min(width, height * max_aspect), min(height, width * max_aspect)
 
 
@@ -176,11 +181,11 @@ def read_region(data: bytes, load_size: int, max_pixels: int = DEFAULT_MAX_PIXEL
         width, height = img.size
         if width * height > max_pixels:
             raise TooManyPixels(width, height, max_pixels)
-        side = max(int(min(region_size(width, height, max_aspect))), 1)
+        region_width, region_height = region_size(width, height, max_aspect)
+        side = max(int(min(region_width, region_height)), 1)
         draft = img.draft(None, (width * DRAFT_GAP * load_size // side, height * DRAFT_GAP * load_size // side))
         img.load()
         rgb = to_rgb(img)
-    region_width, region_height = region_size(width, height, max_aspect)
     pixels = _to_tensor(resize_center_crop(rgb, load_size, draft[1][2:] if draft else None, max_aspect))
     return pixels, region_width / region_height
 
@@ -263,7 +268,7 @@ class ImageFolderDataset(Dataset[Sample]):
         max_aspect: float = 1.0,
     ) -> None:
         check_positive(load_size=load_size, max_pixels=max_pixels)
-        region_size(1, 1, max_aspect)  # checks it
+        check_max_aspect(max_aspect)
         prefix = root_uri.rstrip("/") + "/"
         relative = [
             uri[len(prefix) :]

@@ -23,8 +23,8 @@ from torch.utils.data import Dataset
 
 from dinoflow.progress import progress
 from dinoflow.storage import Storage
-from trainer.data.datasets import (DEFAULT_MAX_PIXELS, ProcessLocalStorage, Sample, check_positive, decode_region,
-                                   region_size, sample_of)
+from trainer.data.datasets import (DEFAULT_MAX_PIXELS, ProcessLocalStorage, Sample, check_max_aspect, check_positive,
+                                   decode_region, sample_of)
 
 SHARD_LABEL_EXTENSIONS = ("cls", "txt")  # first one present wins
 INDEX_READERS = 16  # shards' indexes read at once when a data set starts (thousands on S3: one round trip each)
@@ -127,10 +127,25 @@ def shard_index_uri(shard_uri: str) -> str:
     return shard_uri + SHARD_INDEX_SUFFIX
 
 
+def list_shards(storage: Storage, folder: str) -> tuple[list[str], set[str]]:
+    """The ``*.tar`` shards under ``folder`` (recursively, sorted) and every URI listed there (where
+    their indexes are looked for); none is refused, naming the folder."""
+    listed = set(storage.list(folder, recursive=True))
+    shards = sorted(uri for uri in listed if uri.lower().endswith(".tar"))
+    if not shards:
+        raise FileNotFoundError(f"no shards under {folder}: allowed are files ending in .tar (any case)")
+    return shards, listed
+
+
+def _extensions(image_extensions: Sequence[str]) -> list[str]:
+    """Image members' extensions as an index records them: lower case, no dot, sorted."""
+    return sorted({ext.lower().lstrip(".") for ext in image_extensions})
+
+
 def shard_index(shard_uri: str, data: bytes, image_extensions: Sequence[str] = SHARD_IMAGE_EXTENSIONS) -> bytes:
     """The index of a shard's bytes as JSON: its size, the image extensions it was made for and
     per sample ``[image member, byte offset, size, label]`` (:class:`ShardDataset`)."""
-    extensions = sorted({ext.lower().lstrip(".") for ext in image_extensions})
+    extensions = _extensions(image_extensions)
     samples = [[s.name, s.offset, s.size, s.label] for s in _index_shard(shard_uri, data, set(extensions))]
     return json.dumps({"shard_size": len(data), "image_extensions": extensions, "samples": samples}).encode()
 
@@ -148,7 +163,7 @@ def load_shard_index(storage: Storage, shard_uri: str, image_extensions: Sequenc
     """A shard's index (:func:`shard_index`, parsed) and whether it came from the file beside the
     shard (``listed``: the URIs of its folder, when known, saves asking whether it exists); made by
     reading the shard when there is none, or one made for other image extensions."""
-    extensions = sorted({ext.lower().lstrip(".") for ext in image_extensions})
+    extensions = _extensions(image_extensions)
     index_uri = shard_index_uri(shard_uri)
     if (index_uri in listed) if listed is not None else storage.exists(index_uri):
         made = json.loads(storage.read_bytes(index_uri))
@@ -202,17 +217,12 @@ class ShardDataset(Dataset[Sample]):
         max_aspect: float = 1.0,
     ) -> None:
         check_positive(load_size=load_size, max_pixels=max_pixels)
-        region_size(1, 1, max_aspect)  # checks it
+        check_max_aspect(max_aspect)
         listed: set[str] | None = None
         if isinstance(shards, str):
-            folder = shards
-            listed = set(storage.list(folder, recursive=True))
-            shards = sorted(uri for uri in listed if uri.lower().endswith(".tar"))
-            if not shards:
-                raise FileNotFoundError(f"no shards under {folder}: allowed are files ending in .tar (any case)")
+            shards, listed = list_shards(storage, shards)
         if not shards:
             raise ValueError("shards is an empty list; give shard URIs or a folder URI holding *.tar files")
-        extensions = sorted({ext.lower().lstrip(".") for ext in image_extensions})
         self.shards = list(shards)
         self.load_size = load_size
         self.max_pixels = max_pixels
@@ -221,7 +231,7 @@ class ShardDataset(Dataset[Sample]):
         self._sizes_to_check: dict[int, int] = {}  # shard -> the size its index was made for, until read once
         shard_of, names, offsets, sizes, labels = [], [], [], [], []
         with ThreadPoolExecutor(INDEX_READERS) as pool:  # small reads, each a round trip: several at once
-            indexes = pool.map(lambda uri: load_shard_index(storage, uri, extensions, listed), self.shards)
+            indexes = pool.map(lambda uri: load_shard_index(storage, uri, image_extensions, listed), self.shards)
             made_all = list(progress(indexes, desc="index shards", total=len(self.shards), unit="shard"))
         for position, (made, from_file) in enumerate(made_all):
             if from_file:
