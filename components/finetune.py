@@ -7,8 +7,9 @@ wins), validated before any work. Checkpoints go to ``<run_root>/work/finetune/<
 the content hash of the recipe and the backbone artifact's bytes), so a killed task rerun resumes and a
 finished one is reused from the cache. Output folder: ``backbone.safetensors`` (fine-tuned),
 ``classifier.safetensors``, ``config.yaml``, ``summary.json``; the report folder holds
-``report.json`` with ``finetune_top1`` (and ``finetune_top5``) on the test split: the register
-stage's gate reads it.
+``report.json`` with ``finetune_top1`` (and ``finetune_top5``) of the weights written (the last
+step's, or with ``keep=best`` the best evaluation's) on the test split: the register stage's gate
+reads it.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def run_finetune_stage(ctx: StageContext, out_dir: str | Path, report_dir: str |
             (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
             return {"steps": summary["steps"], "train_minutes": summary["train_minutes"],
                     "classes": summary["classes"],
-                    "metrics": {f"finetune_{name}": value for name, value in summary["final"].items()}}
+                    "metrics": {f"finetune_{name}": summary["released"][name] for name in ("top1", "top5")
+                                if name in summary["released"]}}
 
         result = run_cached(ctx, storage, "finetune", key, out, work)
         mark_cached(tracker, result)

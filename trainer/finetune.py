@@ -16,6 +16,12 @@ fixed-length epochs). A run resumes exactly from its checkpoints (each step's dr
 the step, the batches in a seeded order) and writes the fine-tuned ``backbone.safetensors`` (the
 official layout: every command that reads a backbone reads it) with ``classifier.safetensors``
 (the linear layer, its class names and input in the metadata) beside it.
+
+With ``ema_decay`` a moving average of the weights trains beside them (DeiT's model EMA, on each
+rank's shards under FSDP2) and is scored at each evaluation; the weights written are those of
+the last step or, with ``keep: best``, of the evaluation that scored highest, the EMA's where
+they beat the weights (:func:`pick_weights`). Picked on the test split, the score is optimistic,
+as the best epoch that MAE and DeiT report is.
 """
 
 from __future__ import annotations
@@ -51,14 +57,16 @@ from trainer.checkpoints import TrainState, load_latest_checkpoint, save_checkpo
 from trainer.data.augment import IMAGENET_MEAN, IMAGENET_STD, crop_boxes, resized_crops
 from trainer.data.datasets import BadImageTracker, FashionMnistDataset, collate_samples
 from trainer.devices import available_device
-from trainer.engine import training_autocast
-from trainer.models.classifier import Classifier, save_classifier
-from trainer.models.hub import infer_arch_kwargs, load_strict, read_weights, save_backbone, with_positions_for
+from trainer.engine import ema_update, training_autocast
+from trainer.models.classifier import Classifier, load_classifier, save_classifier
+from trainer.models.hub import (infer_arch_kwargs, load_backbone, load_strict, read_weights, save_backbone,
+                                with_positions_for)
 from trainer.models.vit import DinoVisionTransformer
 from trainer.optim import fused_adamw_on, layer_groups, with_kernel_choice
 from trainer.schedules import warmup_cosine
 from trainer.strategy import Strategy, build_strategy
 
+BEST_FOLDER = "best"  # <out>/best/step_<N>/: the best evaluation's weights so far (keep = best)
 CONFUSION_FILE = "confusion_matrix.png"
 LR_BATCH = 256  # base_lr is the rate of a batch of this size, scaled linearly (the MAE/BEiT recipes')
 RESUME_SETTINGS = ("weights", "image_size", "head_input")  # a resumed run must keep these (and data.uri)
@@ -240,12 +248,54 @@ def classifier_report(model: Classifier, classes: tuple[str, ...], images: Label
     return report
 
 
-def _checkpoint_bytes(model: Classifier, optimizer: torch.optim.Optimizer, state: TrainState,
-                      cfg: FinetuneConfig, strategy: Strategy) -> bytes:
+def pick_weights(rows: Iterable[dict[str, Any]]) -> tuple[int, str, dict[str, float]]:
+    """The evaluation with the highest test top-1 among history ``rows``: its step, which weights
+    (``"weights"``, or ``"ema"`` for the moving average's scores, kept under ``ema_``) and their
+    scores; the earlier wins a tie, and the weights win over their EMA."""
+    best: tuple[int, str, dict[str, float]] | None = None
+    for row in rows:
+        for kind, prefix in (("weights", ""), ("ema", "ema_")):
+            scores = {name: row[prefix + name] for name in ("top1", "top5") if prefix + name in row}
+            if "top1" in scores and (best is None or scores["top1"] > best[2]["top1"]):
+                best = (row["step"], kind, scores)
+    if best is None:
+        raise ValueError("no evaluation holds a top-1 to pick weights by")
+    return best
+
+
+def best_folder(out: str, step: int) -> str:
+    """Where ``keep: best`` holds the weights of the evaluation at ``step``."""
+    return join_uri(out, BEST_FOLDER, f"step_{step:08d}")
+
+
+def write_weights(model: Classifier, classes: tuple[str, ...], folder: str, storage: Storage) -> None:
+    """``backbone.safetensors`` and ``classifier.safetensors`` of ``model`` (whole) into ``folder``."""
+    save_backbone(model.backbone, join_uri(folder, BACKBONE_FILE), storage)
+    save_classifier(model, classes, join_uri(folder, CLASSIFIER_FILE), storage)
+
+
+def read_written(folder: str, storage: Storage) -> Classifier:
+    """The classifier :func:`write_weights` wrote into ``folder``."""
+    return load_classifier(load_backbone(join_uri(folder, BACKBONE_FILE), "safetensors", storage),
+                           join_uri(folder, CLASSIFIER_FILE), storage)[0]
+
+
+def prune_best(out: str, step: int, storage: Storage) -> None:
+    """Delete the held weights of every evaluation but ``step``'s. Called when a checkpoint has
+    recorded ``step`` as the best, so a run resumed from it never looks for what was deleted."""
+    keep = best_folder(out, step)
+    for folder in storage.list(join_uri(out, BEST_FOLDER)):
+        if folder.rstrip("/") != keep:
+            storage.delete(folder, recursive=True)
+
+
+def _checkpoint_bytes(model: Classifier, ema: Classifier | None, optimizer: torch.optim.Optimizer,
+                      state: TrainState, cfg: FinetuneConfig, strategy: Strategy) -> bytes:
     """The run state, whole tensors gathered from every rank (all ranks call this); the optimizer's
     keyed by parameter name, so a run resumes at any world size."""
     buffer = io.BytesIO()
     torch.save({"model": strategy.full_state_dict(model), "optimizer": strategy.optimizer_state(model, optimizer),
+                **({"ema": strategy.full_state_dict(ema)} if ema is not None else {}),
                 "config": to_yaml(cfg), **state.to_checkpoint()}, buffer)
     return buffer.getvalue()
 
@@ -298,6 +348,12 @@ def _finetune(cfg: FinetuneConfig, storage: Storage, tracker: Tracker, strategy:
         _check_same_run(checkpoint, cfg)
         model.load_state_dict(checkpoint["model"])
         state = TrainState.from_checkpoint(checkpoint)
+    ema = None
+    if cfg.ema_decay:  # from the weights at the start, or at the resume of a run that had none
+        ema = copy.deepcopy(model).requires_grad_(False)
+        if checkpoint is not None and "ema" in checkpoint:
+            ema.load_state_dict(checkpoint["ema"])
+        ema = strategy.wrap_one(ema.to(device))  # sharded as the weights are: updated shard by shard
     model = strategy.wrap_one(model.to(device))  # shards what was loaded
     optim = cfg.optim
     optimizer = torch.optim.AdamW(layer_groups(model, optim.layerwise_decay, optim.patch_embed_lr_mult),
@@ -307,9 +363,10 @@ def _finetune(cfg: FinetuneConfig, storage: Storage, tracker: Tracker, strategy:
         strategy.load_optimizer_state(model, optimizer, with_kernel_choice(checkpoint["optimizer"], optimizer))
     tracker.log_config(cfg)
 
-    def whole() -> Classifier:
-        """The model with whole parameters (gathered under sharding: every rank calls this)."""
-        return strategy.whole(model, lambda: Classifier(DinoVisionTransformer(**arch), classes, cfg.head_input))
+    def whole(network: Classifier) -> Classifier:
+        """``network`` (the model or its EMA) with whole parameters (gathered under sharding: every
+        rank calls this)."""
+        return strategy.whole(network, lambda: Classifier(DinoVisionTransformer(**arch), classes, cfg.head_input))
 
     micro = optim.grad_accumulation
     step_images = optim.batch_size * micro * strategy.world_size
@@ -341,24 +398,42 @@ def _finetune(cfg: FinetuneConfig, storage: Storage, tracker: Tracker, strategy:
                                          cfg.augment.crop_scale)
             yield mix(augment(crops), soft_targets(batch.labels, classes, cfg.augment.label_smoothing), cfg.augment)
 
-    def evaluate() -> tuple[dict[str, float], np.ndarray | None, np.ndarray | None, Classifier]:
-        """The test scores (rank 0's; {} on the others), labels and predictions, and the whole model."""
-        scored = whole()
-        metrics, truth, predicted = (score(scored, images, cfg.image_size, device, autocast_dtype) if strategy.is_main
-                                     else ({}, None, None))
-        tracker.log_metrics(metrics, step=state.step, force=True)
-        if not state.history or state.history[-1]["step"] != state.step:  # a finished run resumed: scored once
-            state.history.append({"step": state.step, "train_minutes": round(state.train_seconds / 60, 3),
-                                  "images_seen": state.images_seen, **metrics})
-        return metrics, truth, predicted, scored
+    Scored = tuple[dict[str, float], np.ndarray | None, np.ndarray | None, Classifier]
+
+    def evaluate() -> dict[str, Scored]:
+        """For the weights and their EMA (``"weights"``, ``"ema"``): the test scores (rank 0's; {}
+        on the others), labels and predictions, and the whole network; the scores go to the history
+        (the EMA's as ``ema_*``) and, with ``keep: best``, a new best's weights to its folder."""
+        scored: dict[str, Scored] = {}
+        row: dict[str, Any] = {"step": state.step, "train_minutes": round(state.train_seconds / 60, 3),
+                               "images_seen": state.images_seen}
+        for kind, network in (("weights", model), ("ema", ema)):
+            if network is None:
+                continue
+            gathered = whole(network)
+            metrics, truth, predicted = (score(gathered, images, cfg.image_size, device, autocast_dtype)
+                                         if strategy.is_main else ({}, None, None))
+            scored[kind] = (metrics, truth, predicted, gathered)
+            row.update({(f"{kind}_" if kind == "ema" else "") + name: value for name, value in metrics.items()})
+        tracker.log_metrics({k: v for k, v in row.items() if k not in ("step", "train_minutes", "images_seen")},
+                            step=state.step, force=True)
+        if state.history and state.history[-1]["step"] == state.step:  # a finished run resumed: scored once
+            return scored
+        state.history.append(row)
+        if cfg.keep == "best" and strategy.is_main and pick_weights(state.history)[0] == state.step:
+            write_weights(scored[pick_weights([row])[1]][3], images.classes, best_folder(cfg.out, state.step),
+                          storage)
+        return scored
 
     saved_at = state.step  # the step of the last checkpoint written (or loaded)
 
     def save() -> None:
         nonlocal saved_at
-        data = _checkpoint_bytes(model, optimizer, state, cfg, strategy)
+        data = _checkpoint_bytes(model, ema, optimizer, state, cfg, strategy)
         if strategy.is_main:
             save_checkpoint(storage, cfg.out, data, state.step)
+            if cfg.keep == "best" and any("top1" in row for row in state.history):
+                prune_best(cfg.out, pick_weights(state.history)[0], storage)
         saved_at = state.step
 
     bar = progress(range(state.step, last_step), desc=f"finetune {cfg.name}", total=last_step - state.step,
@@ -375,6 +450,8 @@ def _finetune(cfg: FinetuneConfig, storage: Storage, tracker: Tracker, strategy:
         lr = warmup_cosine(step, total, warmup, peak, optim.min_lr)
         loss = finetune_step(model, micro_batches(), micro, optimizer, lr, optim.weight_decay, optim.clip_grad,
                              autocast_dtype, strategy)
+        if ema is not None:
+            ema_update(ema, model, cfg.ema_decay)
         # one clock for all ranks, so that a time limit stops them at the same step
         clock = strategy.mean({"seconds": time.perf_counter() - tick, "waited": stream.take_wait(), "seen": seen})
         seconds, waited, stepped = clock["seconds"], clock["waited"], round(clock["seen"] * strategy.world_size)
@@ -394,24 +471,36 @@ def _finetune(cfg: FinetuneConfig, storage: Storage, tracker: Tracker, strategy:
     if state.step != saved_at:  # stopped by the time limit between checkpoints
         save()
     bad_images.check(final=True)
-    final, truth, predicted, scored = evaluate()
-    best = max((row for row in state.history if "top1" in row), key=lambda row: row["top1"], default={})
-    if strategy.is_main and classes <= MAX_CONFUSION_CLASSES:  # ImageNet's 1,000: none drawn
-        picture = save_confusion_matrix(confusion_matrix(truth, predicted, classes), images.classes,
-                                        Path(tempfile.mkdtemp()) / CONFUSION_FILE,
-                                        f"{cfg.name}: top-1 {100 * final['top1']:.1f} %")
-        storage.write_bytes(join_uri(cfg.out, CONFUSION_FILE), picture.read_bytes())
-        tracker.log_artifact(picture)
+    scored = evaluate()
+    summary_released: dict[str, Any] = {}
     if strategy.is_main:
-        scored = scored.cpu()
-        save_backbone(scored.backbone, join_uri(cfg.out, BACKBONE_FILE), storage)
-        save_classifier(scored, images.classes, join_uri(cfg.out, CLASSIFIER_FILE), storage)
+        final_row = {"step": state.step, **{("ema_" if kind == "ema" else "") + name: value
+                                            for kind, (metrics, *_) in scored.items() for name, value in metrics.items()}}
+        best_step, best_kind, best_scores = pick_weights(state.history)
+        step, kind, metrics = pick_weights([final_row]) if cfg.keep == "last" else (best_step, best_kind, best_scores)
+        if step == state.step:
+            _, truth, predicted, released = scored[kind]
+        else:  # an earlier evaluation's, held in its folder: scored again for the confusion matrix
+            released = read_written(best_folder(cfg.out, step), storage).to(device)
+            _, truth, predicted = score(released, images, cfg.image_size, device, autocast_dtype)
+        summary_released = {"step": step, "weights": kind, **metrics}
+        if classes <= MAX_CONFUSION_CLASSES:  # ImageNet's 1,000: none drawn
+            picture = save_confusion_matrix(confusion_matrix(truth, predicted, classes), images.classes,
+                                            Path(tempfile.mkdtemp()) / CONFUSION_FILE,
+                                            f"{cfg.name}: top-1 {100 * metrics['top1']:.1f} %")
+            storage.write_bytes(join_uri(cfg.out, CONFUSION_FILE), picture.read_bytes())
+            tracker.log_artifact(picture)
+        write_weights(released.cpu(), images.classes, cfg.out, storage)
+        if cfg.keep == "best":  # the best's folder stays: a finished run started again releases it again
+            prune_best(cfg.out, best_step, storage)
         write_training_curves(state, storage, cfg.out, tracker)
     summary = {"name": cfg.name, "weights": cfg.weights, "steps": state.step,
                "epochs": round(state.step / per_epoch, 3),
                "images_seen": state.images_seen, "train_minutes": round(state.train_seconds / 60, 3),
-               "stopped_early": stopped_early, "classes": list(images.classes), "final": final,
-               "best": {k: best[k] for k in ("step", "top1", "top5") if k in best},
+               "stopped_early": stopped_early, "classes": list(images.classes),
+               "final": scored["weights"][0], **({"final_ema": scored["ema"][0]} if ema is not None else {}),
+               "best": {"step": best_step, "weights": best_kind, **best_scores} if strategy.is_main else {},
+               "released": summary_released,
                "backbone": join_uri(cfg.out, BACKBONE_FILE), "classifier": join_uri(cfg.out, CLASSIFIER_FILE),
                "bad_images": bad_images.summary(), "history": state.history, "mlflow_run_id": tracker.run_id,
                "tracking": tracker.delivery()}

@@ -21,7 +21,8 @@ from evaluators.features import to_model_input
 from pipelines.cli import app
 from trainer.data.fashion_mnist import load_split
 from dinoflow.run_files import CLASSIFIER_FILE
-from trainer.finetune import finetune, load_for_finetuning, mix, soft_cross_entropy, soft_targets, training_images
+from trainer.finetune import (finetune, load_for_finetuning, mix, pick_weights, soft_cross_entropy, soft_targets,
+                              training_images)
 from trainer.models.classifier import Classifier, read_classifier
 from trainer.models.hub import load_backbone, save_backbone
 from trainer.models.vit import build_vit
@@ -175,8 +176,9 @@ def test_two_accumulated_micro_batches_step_as_one_batch_of_both(weights: Path, 
 def test_two_ranks_fine_tune_like_one_process_and_a_run_resumes_at_another_world_size(weights: Path,
                                                                                      tmp_path: Path) -> None:
     """``dinoflow finetune --nproc 2``: 2 ranks of 32 images (FSDP2 over gloo, real processes) step
-    as one process of 64 (the augmentation off: both see the same pixels); a 2-rank run stopped
-    after 2 steps goes on in one process to the same weights."""
+    as one process of 64 (the augmentation off: both see the same pixels), their EMAs (kept on each
+    rank's shards) alike; a 2-rank run stopped after 2 steps goes on in one process to the same
+    weights and EMA."""
     import os
     import subprocess
     import sys
@@ -184,7 +186,7 @@ def test_two_ranks_fine_tune_like_one_process_and_a_run_resumes_at_another_world
     from tests.trainer.test_distributed import ROOT
 
     still = ["augment.crop_scale=[1,1]", "augment.horizontal_flip=false", "augment.random_erasing=0",
-             "augment.mixup_alpha=0", "augment.cutmix_alpha=0", "drop_path_rate=0"]
+             "augment.mixup_alpha=0", "augment.cutmix_alpha=0", "drop_path_rate=0", "ema_decay=0.6"]
     one = finetune(config(weights, tmp_path / "one", *still, "max_steps=3"), Storage())
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT),
                MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -207,11 +209,13 @@ def test_two_ranks_fine_tune_like_one_process_and_a_run_resumes_at_another_world
     assert two["final"]["top1"] == pytest.approx(one["final"]["top1"], abs=0.011)  # 200 images: 2 may flip
     two_ranks("mixed", 2)
     finetune(config(weights, tmp_path / "mixed", *still, "max_steps=3"), Storage())  # one process of 64 now
+    ours = torch.load(tmp_path / "one" / "checkpoints" / "step_000000003.pt", weights_only=True)
     for run in ("two", "mixed"):
-        for file in ("backbone.safetensors", CLASSIFIER_FILE):
-            ours, theirs = load_file(tmp_path / "one" / file), load_file(tmp_path / run / file)
-            for name in ours:
-                torch.testing.assert_close(theirs[name], ours[name], rtol=1e-4, atol=1e-5, msg=f"{run} {name}")
+        theirs = torch.load(tmp_path / run / "checkpoints" / "step_000000003.pt", weights_only=True)
+        for kind in ("model", "ema"):
+            for name, value in ours[kind].items():
+                torch.testing.assert_close(theirs[kind][name], value, rtol=1e-4, atol=1e-5, msg=f"{run} {kind} {name}")
+        assert not torch.equal(theirs["ema"]["head.weight"], theirs["model"]["head.weight"])
 
 
 @needs_fashion_mnist
@@ -222,6 +226,71 @@ def test_a_run_resumed_with_other_settings_is_refused_naming_them(weights: Path,
                                          r"'cls\+avgpool'\); resume it with its settings or use a new out"):
         finetune(config(weights, tmp_path / "run", "image_size=56", "head_input=cls"), Storage())
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
+
+
+def test_the_weights_picked_are_the_first_of_the_highest_top1_the_weights_before_their_ema() -> None:
+    rows = [{"step": 2, "top1": 0.5, "ema_top1": 0.6, "ema_top5": 0.9},
+            {"step": 4, "top1": 0.7, "top5": 0.95, "ema_top1": 0.7},
+            {"step": 6, "top1": 0.4, "ema_top1": 0.7}]
+    assert pick_weights(rows) == (4, "weights", {"top1": 0.7, "top5": 0.95})
+    assert pick_weights(rows[:1]) == (2, "ema", {"top1": 0.6, "top5": 0.9})
+    assert pick_weights([{"step": 1, "top1": 0.2}, {"step": 3, "top1": 0.3}]) == (3, "weights", {"top1": 0.3})
+    with pytest.raises(ValueError, match="no evaluation holds a top-1"):
+        pick_weights([{"step": 1}])
+
+
+@needs_fashion_mnist
+def test_the_ema_follows_its_formula_resumes_exactly_and_is_released_where_it_scores_higher(weights: Path,
+                                                                                             tmp_path: Path) -> None:
+    """``ema_decay``: after every step ``ema = d ema + (1 - d) weights`` (read from the run's last two
+    checkpoints), scored beside the weights at each evaluation; a run halted and resumed ends with
+    the same EMA; the files written are the final evaluation's better of the two."""
+    ema = ["ema_decay=0.6", "checkpoint_every=1", "eval_every_epochs=0.5"]
+    straight = finetune(config(weights, tmp_path / "straight", *ema), Storage())
+    first, last = (torch.load(path, weights_only=True) for path in
+                   sorted((tmp_path / "straight" / "checkpoints").glob("step_*.pt")))
+    assert (first["step"], last["step"]) == (7, 8)
+    for name, value in last["ema"].items():
+        expected = 0.6 * first["ema"][name] + 0.4 * last["model"][name]
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(last["ema"]["head.weight"], last["model"]["head.weight"])
+    assert [sorted(row) for row in straight["history"]] == [
+        ["ema_top1", "ema_top5", "images_seen", "step", "top1", "top5", "train_minutes"]] * 2
+    final, final_ema = straight["final"], straight["final_ema"]
+    kind = "ema" if final_ema["top1"] > final["top1"] else "weights"
+    assert straight["released"] == {"step": 8, "weights": kind, **(final_ema if kind == "ema" else final)}
+    written = load_file(tmp_path / "straight" / "backbone.safetensors")
+    released = last["ema" if kind == "ema" else "model"]
+    assert all(torch.equal(value, released[f"backbone.{name}"]) for name, value in written.items())
+
+    finetune(config(weights, tmp_path / "resumed", *ema, "max_steps=3"), Storage())
+    finetune(config(weights, tmp_path / "resumed", *ema), Storage())
+    again = torch.load(sorted((tmp_path / "resumed" / "checkpoints").glob("step_*.pt"))[-1], weights_only=True)
+    assert all(torch.equal(again["ema"][name], value) for name, value in last["ema"].items())
+
+
+def test_keep_best_releases_the_weights_of_the_first_best_evaluation(weights: Path, tmp_path: Path) -> None:
+    """``keep=best``: a colour a class is learned by the first evaluation, so later ones tie and the
+    first is released; its files are a run halted there (the same schedule), and score as said."""
+    from tests.evaluators.test_classification import write_folders
+
+    write_folders(tmp_path / "data", {"cat": (24, 4), "dog": (24, 4), "fish": (24, 4)})
+    common = [f"weights={weights}", f"data.uri={tmp_path / 'data'}", "data.test_limit=0", "optim.batch_size=8",
+              "optim.epochs=3", "optim.base_lr=4e-3", "keep=best"]
+    best = finetune(load_config(FinetuneConfig, "finetune-tiny", [*common, f"out={tmp_path / 'best'}"]), Storage())
+    tops = [row["top1"] for row in best["history"]]
+    assert [row["step"] for row in best["history"]] == [9, 18, 27] and tops.index(max(tops)) < 2, tops
+    step = best["history"][tops.index(max(tops))]["step"]
+    assert best["released"] == best["best"] == {"step": step, "weights": "weights", "top1": max(tops)}
+    halted = finetune(load_config(FinetuneConfig, "finetune-tiny", [*common, f"out={tmp_path / 'halted'}",
+                                                                    f"max_steps={step}", "keep=last"]), Storage())
+    assert halted["released"]["top1"] == max(tops)
+    for file in ("backbone.safetensors", CLASSIFIER_FILE):
+        ours, theirs = (load_file(tmp_path / run / file) for run in ("best", "halted"))
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), file
+    assert [p.name for p in (tmp_path / "best" / "best").iterdir()] == [f"step_{step:08d}"]  # the others pruned
+    assert finetune(load_config(FinetuneConfig, "finetune-tiny", [*common, f"out={tmp_path / 'best'}"]),
+                    Storage())["released"] == best["released"]  # a finished run started again: the same pick
 
 
 def test_class_folders_train_and_a_separate_test_set_of_fewer_classes_is_scored_over_them(weights: Path,
