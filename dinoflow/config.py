@@ -218,7 +218,8 @@ class EvalConfig(Section):
 
 
 class DistributedConfig(Section):
-    """How pretraining is spread over processes (one per rank, started by ``torchrun``)."""
+    """How a run (pretraining, distillation, fine-tuning) is spread over processes (one per rank, started by
+    ``torchrun``)."""
 
     strategy: Literal["single", "fsdp2", "deepspeed"] = Field(
         "single", description="single: one process, whole networks; fsdp2: student and teacher sharded "
@@ -571,9 +572,3 @@ class FinetuneConfig(Section):
     tracking: TrackingConfig = TrackingConfig()
     distributed: DistributedConfig = DistributedConfig()
 
-    @model_validator(mode="after")
-    def _sharded_by_fsdp2(self) -> FinetuneConfig:
-        if self.distributed.strategy == "deepspeed":
-            raise ValueError("distributed.strategy = 'deepspeed': fine-tuning runs 'single' or 'fsdp2' (the backbone "
-                             "and classifier sharded over the ranks)")
-        return self

@@ -261,7 +261,7 @@ def finetune(
     config: Annotated[str, typer.Option(help="the fine-tuning recipe: a preset name or YAML path")] = "finetune-tiny",
     nproc: Annotated[int, typer.Option(min=1, help="ranks on this machine: N > 1 re-runs this command under "
                                        "torchrun with N processes, the backbone and classifier sharded over them "
-                                       "(distributed.strategy=fsdp2)")] = 1,
+                                       "(distributed.strategy=fsdp2 unless the config names deepspeed)")] = 1,
 ) -> None:
     """Fine-tune a whole backbone with a linear classifier on labelled images; resumes when OUT holds a checkpoint.
 

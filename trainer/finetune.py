@@ -356,9 +356,9 @@ def _finetune(cfg: FinetuneConfig, storage: Storage, tracker: Tracker, strategy:
         ema = strategy.wrap_one(ema.to(device))  # sharded as the weights are: updated shard by shard
     model = strategy.wrap_one(model.to(device))  # shards what was loaded
     optim = cfg.optim
-    optimizer = torch.optim.AdamW(layer_groups(model, optim.layerwise_decay, optim.patch_embed_lr_mult),
-                                  betas=(optim.adamw_beta1, optim.adamw_beta2),
-                                  fused=True if fused_adamw_on(optim.fused_adamw, device) else None)
+    optimizer = strategy.prepare_optimizer(model, torch.optim.AdamW(
+        layer_groups(model, optim.layerwise_decay, optim.patch_embed_lr_mult), betas=(optim.adamw_beta1, optim.adamw_beta2),
+        fused=True if fused_adamw_on(optim.fused_adamw, device) else None))
     if checkpoint is not None:
         strategy.load_optimizer_state(model, optimizer, with_kernel_choice(checkpoint["optimizer"], optimizer))
     tracker.log_config(cfg)

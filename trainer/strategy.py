@@ -332,17 +332,38 @@ class DeepSpeedStrategy(FSDP2Strategy):
 
         setattr(module, method_name, routed)
 
+    def _prepare(self, network: nn.Module, method_name: str) -> None:
+        """Route the backbone's ``method_name`` (what the step calls) through its call, and tell
+        ZeRO-3 which parameters a block reads from modules other than its own."""
+        import deepspeed
+
+        self._route_through_call(network.backbone, method_name)
+        for block in network.backbone.blocks:
+            for module, parameter in external_parameters(block):
+                deepspeed.zero.register_external_parameter(module, parameter)
+
     def wrap(self, student: nn.Module, teacher: nn.Module) -> tuple[nn.Module, nn.Module]:
         import deepspeed
 
         for network in (student, teacher):
-            self._route_through_call(network.backbone, "forward_features_list")
-            for block in network.backbone.blocks:
-                for module, parameter in external_parameters(block):
-                    deepspeed.zero.register_external_parameter(module, parameter)
+            self._prepare(network, "forward_features_list")
         self.teacher_engine, *_ = deepspeed.initialize(model=teacher, config=self._config())
         self._student = student
         return student, teacher
+
+    def wrap_one(self, network: nn.Module) -> nn.Module:
+        """A trained network (a classifier calling its backbone's ``forward_features``) becomes the
+        student: partitioned when :meth:`prepare_optimizer` gives it its optimizer. One with no
+        trainable parameter (a fine-tuning run's EMA) is partitioned at once, as the teacher is,
+        and alike, so an EMA runs on the partitions."""
+        import deepspeed
+
+        self._prepare(network, "forward_features")
+        if any(p.requires_grad for p in network.parameters()):
+            self._student = network
+        else:
+            self.teacher_engine, *_ = deepspeed.initialize(model=network, config=self._config())
+        return network
 
     def prepare_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         import deepspeed

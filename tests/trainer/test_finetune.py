@@ -175,10 +175,10 @@ def test_two_accumulated_micro_batches_step_as_one_batch_of_both(weights: Path, 
 @needs_fashion_mnist
 def test_two_ranks_fine_tune_like_one_process_and_a_run_resumes_at_another_world_size(weights: Path,
                                                                                      tmp_path: Path) -> None:
-    """``dinoflow finetune --nproc 2``: 2 ranks of 32 images (FSDP2 over gloo, real processes) step
-    as one process of 64 (the augmentation off: both see the same pixels), their EMAs (kept on each
-    rank's shards) alike; a 2-rank run stopped after 2 steps goes on in one process to the same
-    weights and EMA."""
+    """``dinoflow finetune --nproc 2``: 2 ranks of 32 images (FSDP2 over gloo, real processes; and
+    DeepSpeed ZeRO-3) step as one process of 64 (the augmentation off: all see the same pixels),
+    their EMAs (kept on each rank's shards or partitions) alike; a 2-rank run stopped after 2 steps
+    goes on in one process to the same weights and EMA."""
     import os
     import subprocess
     import sys
@@ -192,11 +192,11 @@ def test_two_ranks_fine_tune_like_one_process_and_a_run_resumes_at_another_world
                MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
     env.pop("RANK", None)
 
-    def two_ranks(out: str, steps: int) -> subprocess.CompletedProcess:
+    def two_ranks(out: str, steps: int, *extra: str) -> subprocess.CompletedProcess:
         done = subprocess.run(
             [sys.executable, "-m", "pipelines.cli", "finetune", "--nproc", "2", "--weights", str(weights),
              f"out={tmp_path / out}", "data.train_limit=512", "data.test_limit=200", "optim.epochs=1",
-             "optim.batch_size=32", *still, f"max_steps={steps}"],
+             "optim.batch_size=32", *still, f"max_steps={steps}", *extra],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
         assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
         return done
@@ -209,13 +209,15 @@ def test_two_ranks_fine_tune_like_one_process_and_a_run_resumes_at_another_world
     assert two["final"]["top1"] == pytest.approx(one["final"]["top1"], abs=0.011)  # 200 images: 2 may flip
     two_ranks("mixed", 2)
     finetune(config(weights, tmp_path / "mixed", *still, "max_steps=3"), Storage())  # one process of 64 now
+    two_ranks("zero3", 3, "distributed.strategy=deepspeed")
     ours = torch.load(tmp_path / "one" / "checkpoints" / "step_000000003.pt", weights_only=True)
-    for run in ("two", "mixed"):
+    for run in ("two", "mixed", "zero3"):
         theirs = torch.load(tmp_path / run / "checkpoints" / "step_000000003.pt", weights_only=True)
         for kind in ("model", "ema"):
             for name, value in ours[kind].items():
                 torch.testing.assert_close(theirs[kind][name], value, rtol=1e-4, atol=1e-5, msg=f"{run} {kind} {name}")
         assert not torch.equal(theirs["ema"]["head.weight"], theirs["model"]["head.weight"])
+        assert ("strategy: deepspeed" in theirs["config"]) == (run == "zero3")
 
 
 @needs_fashion_mnist
