@@ -29,9 +29,9 @@ import torch
 
 from dinoflow.config import DistillConfig, PretrainConfig, load_config
 from dinoflow.storage import Storage, join_uri
-from evaluators.classification import classification_report, labelled_images
+from evaluators.classification import labelled_images
 from evaluators.linear import LinearProbeConfig
-from evaluators.report import report_metrics
+from evaluators.report import classification_report, report_metrics
 from trainer.data.datasets import collate_samples
 from trainer.distill import distill, load_teacher
 from trainer.engine import pretrain

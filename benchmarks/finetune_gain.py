@@ -23,9 +23,9 @@ import torch
 from dinoflow.config import FinetuneConfig, PretrainConfig, load_config
 from dinoflow.storage import Storage, join_uri
 from dinoflow.tracking import NullTracker
-from evaluators.classification import classification_report, labelled_images
+from evaluators.classification import labelled_images
 from evaluators.linear import LinearProbeConfig
-from evaluators.report import report_metrics
+from evaluators.report import classification_report, report_metrics
 from trainer.finetune import finetune
 from trainer.models.hub import load_backbone, save_backbone
 from trainer.models.vit import DinoVisionTransformer

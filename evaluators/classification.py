@@ -13,10 +13,10 @@ than ``MAX_BAD_FRACTION`` of a split stops the benchmark naming some.
 With a limit, a split keeps a seeded random subset (a folder lists its images class by class,
 so its first N would hold the first classes only); Fashion-MNIST keeps its first N, as before.
 
-Scoring (:func:`classification_report`) follows the original: k-NN on the final CLS token; the
-linear probe on each of its four views of the frozen backbone (the last block's CLS token or the
-last 4 blocks' concatenated, each with or without the mean of the last block's patch tokens),
-the view whose probe wins on the held-out split reported.
+Scoring (:func:`evaluators.report.classification_report`) follows the original: k-NN on the final
+CLS token; the linear probe on each of its four views of the frozen backbone (the last block's CLS
+token or the last 4 blocks' concatenated, each with or without the mean of the last block's patch
+tokens), the view whose probe wins on the held-out split reported.
 """
 
 from __future__ import annotations
@@ -34,9 +34,6 @@ from dinoflow.storage import Storage, join_uri
 from evaluators.attention import ATTENTION_IMAGES, garment_foreground
 from evaluators.feature_parts import FeatureParts, in_parts, join_rows, text_of, text_tensor
 from evaluators.features import extract_features, to_model_input
-from evaluators.linear import LinearProbeConfig, best_by_val, linear_probe
-from evaluators.logreg import LogRegConfig, logistic_regression
-from evaluators.report import knn_accuracies
 from trainer.data.datasets import BadImageTracker, ImageFolderDataset, collate_samples
 from trainer.data.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
 from trainer.data.fashion_mnist import FILES, load_split
@@ -268,44 +265,6 @@ def _labelled(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y: Tensor, 
     final = (view(train_f, "last1", dim), view(test_f, "last1", dim)) if views else (train_f, test_f)
     return LabelledFeatures(final[0], train_y, final[1], test_y, classes, (train_f, test_f) if views else None,
                             test_images, foreground, pixels, bad, test_classes)
-
-
-def knn_bank(data: LabelledFeatures) -> tuple[Tensor, Tensor]:
-    """The k-NN's train features and labels: all, or those of the classes a restricted test set
-    holds (a k-NN classifier over its classes, as the probe's logits are restricted to them)."""
-    if data.test_classes is None:
-        return data.train_x, data.train_y
-    kept = torch.isin(data.train_y, data.test_classes)
-    return data.train_x[kept], data.train_y[kept]
-
-
-def classification_report(data: LabelledFeatures, ks: tuple[int, ...], temperature: float,
-                          linear: LinearProbeConfig | None = None, device: str | torch.device = "cpu",
-                          logreg: LogRegConfig | None = None) -> dict:
-    """k-NN accuracies on the final CLS token and, with ``linear`` (features taken with views),
-    the linear probe of the view that wins on the held-out split, with ``logreg`` the logistic
-    regression on the final CLS token (:mod:`evaluators.logreg`): ``{"knn": {"k20": acc, ...},
-    "linear": {..., "view": name, "val_accuracy_by_view": {name: acc}}, "logreg": {...}}``. All run on
-    ``device``: the backbone's, so a GPU that made the features also scores them (ImageNet's probe:
-    16 classifiers x 4 views x 10 epochs over 1.28M features, hours on a CPU)."""
-    classes = len(data.classes)
-    report: dict = {"knn": knn_accuracies(*knn_bank(data), data.test_x, data.test_y, ks, temperature, classes, device)}
-    if data.test_classes is not None:
-        report["test_classes"] = len(data.test_classes)
-    if linear is not None:
-        if data.views is None:
-            raise ValueError("the linear probe needs the features taken with views=True")
-        dim = data.train_x.shape[1]
-        probes = {name: linear_probe(view(data.views[0], name, dim), data.train_y, view(data.views[1], name, dim),
-                                     data.test_y, linear, num_classes=classes, device=device,
-                                     test_classes=data.test_classes) for name in PROBE_VIEWS}
-        best = best_by_val(probes)
-        report["linear"] = {**probes[best].to_dict(), "view": best,
-                            "val_accuracy_by_view": {name: probe.val_accuracy for name, probe in probes.items()}}
-    if logreg is not None:
-        report["logreg"] = logistic_regression(data.train_x, data.train_y, data.test_x, data.test_y, logreg, classes,
-                                               device, data.test_classes).to_dict()
-    return report
 
 
 @dataclass

@@ -1,9 +1,12 @@
-"""k-NN accuracies per k, and the flat metric names every report is logged under.
+"""The classification report of labelled features (k-NN accuracies per k, the probes), and the flat
+metric names every report is logged under.
 
 Why: a training run, a pipeline stage and a notebook should all score a backbone the same way
-and log the same metric names. The report itself (k-NN plus the linear probe over its views) is
-:func:`evaluators.classification.classification_report`'s, JSON-able; :func:`report_metrics`
-flattens it. Accuracies are fractions in [0, 1].
+and log the same metric names. The report itself (k-NN, the linear probe over its views, the
+logistic regression) is :func:`classification_report`'s, JSON-able; :func:`report_metrics`
+flattens it. Accuracies are fractions in [0, 1]. (Apart from the labelled images and their
+features, :mod:`evaluators.classification`, so fine-tuning, which reads those, ships without the
+probes.)
 """
 
 from __future__ import annotations
@@ -14,7 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from evaluators.classification import PROBE_VIEWS, LabelledFeatures, view
 from evaluators.knn import knn_predictions
+from evaluators.linear import LinearProbeConfig, best_by_val, linear_probe
+from evaluators.logreg import LogRegConfig, logistic_regression
 
 DEFAULT_KS: tuple[int, ...] = (10, 20, 100, 200)  # the original's k-NN protocol
 DEFAULT_TEMPERATURE = 0.07
@@ -60,3 +66,41 @@ def report_metrics(report: Mapping[str, Any]) -> dict[str, float]:
         metrics["logreg_val_top1"] = float(logreg["val_accuracy"])
         metrics["logreg_best_c"] = float(logreg["best_c"])
     return metrics
+
+
+def knn_bank(data: LabelledFeatures) -> tuple[Tensor, Tensor]:
+    """The k-NN's train features and labels: all, or those of the classes a restricted test set
+    holds (a k-NN classifier over its classes, as the probe's logits are restricted to them)."""
+    if data.test_classes is None:
+        return data.train_x, data.train_y
+    kept = torch.isin(data.train_y, data.test_classes)
+    return data.train_x[kept], data.train_y[kept]
+
+
+def classification_report(data: LabelledFeatures, ks: tuple[int, ...], temperature: float,
+                          linear: LinearProbeConfig | None = None, device: str | torch.device = "cpu",
+                          logreg: LogRegConfig | None = None) -> dict:
+    """k-NN accuracies on the final CLS token and, with ``linear`` (features taken with views),
+    the linear probe of the view that wins on the held-out split, with ``logreg`` the logistic
+    regression on the final CLS token (:mod:`evaluators.logreg`): ``{"knn": {"k20": acc, ...},
+    "linear": {..., "view": name, "val_accuracy_by_view": {name: acc}}, "logreg": {...}}``. All run on
+    ``device``: the backbone's, so a GPU that made the features also scores them (ImageNet's probe:
+    16 classifiers x 4 views x 10 epochs over 1.28M features, hours on a CPU)."""
+    classes = len(data.classes)
+    report: dict = {"knn": knn_accuracies(*knn_bank(data), data.test_x, data.test_y, ks, temperature, classes, device)}
+    if data.test_classes is not None:
+        report["test_classes"] = len(data.test_classes)
+    if linear is not None:
+        if data.views is None:
+            raise ValueError("the linear probe needs the features taken with views=True")
+        dim = data.train_x.shape[1]
+        probes = {name: linear_probe(view(data.views[0], name, dim), data.train_y, view(data.views[1], name, dim),
+                                     data.test_y, linear, num_classes=classes, device=device,
+                                     test_classes=data.test_classes) for name in PROBE_VIEWS}
+        best = best_by_val(probes)
+        report["linear"] = {**probes[best].to_dict(), "view": best,
+                            "val_accuracy_by_view": {name: probe.val_accuracy for name, probe in probes.items()}}
+    if logreg is not None:
+        report["logreg"] = logistic_regression(data.train_x, data.train_y, data.test_x, data.test_y, logreg, classes,
+                                               device, data.test_classes).to_dict()
+    return report

@@ -46,7 +46,7 @@ from torch import nn
 
 from dinoflow.storage import Storage, join_uri
 from evaluators.attention import ATTENTION_IMAGES, attention_summary
-from evaluators.classification import DATA_KINDS, DataKind, classification_report, knn_bank, labelled_images
+from evaluators.classification import DATA_KINDS, DataKind, labelled_images
 from evaluators.dense import (
     DEPTH_HEADS,
     HeadConfig,
@@ -73,7 +73,7 @@ from evaluators.features import patch_sides, to_model_input
 from evaluators.knn import knn_predict
 from evaluators.linear import LinearProbeConfig
 from evaluators.logreg import LogRegConfig
-from evaluators.report import knn_accuracies, report_metrics
+from evaluators.report import classification_report, knn_accuracies, knn_bank, report_metrics
 from evaluators.retrieval import global_descriptors, load_revisited, rank_database, revisited_descriptors
 from evaluators.synthetic import CLASS_NAMES, SceneConfig, make_retrieval_set, make_scenes
 from evaluators.visualize import (

@@ -13,9 +13,9 @@ import torch
 from dinoflow.config import CropsConfig, DataConfig, PretrainConfig
 from dinoflow.storage import Storage
 from dinoflow.tracking import Tracker
-from evaluators.classification import classification_report, labelled_images
+from evaluators.classification import labelled_images
 from evaluators.linear import LinearProbeConfig
-from evaluators.report import report_metrics
+from evaluators.report import classification_report, report_metrics
 from trainer.data.datasets import FashionMnistDataset, ImageFolderDataset, collate_samples
 from trainer.data.shards import ShardDataset
 from trainer.engine import EvalFn, pretrain

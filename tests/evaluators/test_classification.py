@@ -118,7 +118,8 @@ def test_data_kinds_and_bad_layouts_are_named(tmp_path: Path) -> None:
 def test_the_probe_views_are_the_originals_and_the_best_on_held_out_is_reported(tmp_path: Path) -> None:
     """The four inputs of the original's linear grid, checked against the backbone's own blocks;
     the report holds the probe of the view that wins on the held-out split, recomputed here."""
-    from evaluators.classification import PROBE_VIEWS, classification_report, view
+    from evaluators.classification import PROBE_VIEWS, view
+    from evaluators.report import classification_report
     from evaluators.linear import LinearProbeConfig, linear_probe
 
     write_folders(tmp_path, {"cat": (12, 4), "dog": (12, 4), "fish": (12, 4)})
@@ -173,7 +174,7 @@ def test_a_separate_test_set_of_fewer_classes_is_scored_over_its_own(tmp_path: P
     and each figure recomputed here by hand."""
     import dataclasses
 
-    from evaluators.classification import classification_report, knn_bank
+    from evaluators.report import classification_report, knn_bank
     from evaluators.linear import LinearProbeConfig
     from evaluators.report import knn_accuracies
 
