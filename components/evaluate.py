@@ -45,10 +45,11 @@ def run_evaluate_stage(ctx: StageContext, backbone_dir: str | Path, out_dir: str
                        temperature: float = 0.07, tasks: list[str] | None = None, device: str = "cpu",
                        num_workers: int = 0, seg_data: str = "", depth_data: str = "", retrieval_data: str = "",
                        image_size: int = 224, precision: str = "fp32", seg_steps: int = 0,
-                       depth_steps: int = 0, test_uri: str = "", depth_head: str = "linear") -> dict[str, Any]:
+                       depth_steps: int = 0, test_uri: str = "", depth_head: str = "linear",
+                       video_data: str = "") -> dict[str, Any]:
     """Run the benchmark suite on the backbone in ``backbone_dir`` on ``device`` (images decoded by
-    ``num_workers`` processes; seg, depth and retrieval on ``seg_data``, ``depth_data`` and
-    ``retrieval_data`` when given, as :class:`~evaluators.suite.SuiteConfig` names them, else on the
+    ``num_workers`` processes; seg, depth, retrieval and video on ``seg_data``, ``depth_data``,
+    ``retrieval_data`` and ``video_data`` when given, as :class:`~evaluators.suite.SuiteConfig` names them, else on the
     synthetic sets; ``precision``: the feature passes'; the dense heads trained ``seg_steps`` and
     ``depth_steps`` steps, 0: the suite's defaults; ``test_uri``: knn, linear and logreg's test set
     of its own; ``depth_head``: linear or dpt); returns ``{"metrics": ...}``."""
@@ -61,7 +62,7 @@ def run_evaluate_stage(ctx: StageContext, backbone_dir: str | Path, out_dir: str
             raise ValueError("no labelled images for knn, linear and logreg: give the pipeline eval_data_uri (class "
                              "folders) or data_source (Fashion-MNIST); evaluate_only: data_uri")
         data_sets = {"test_uri": test_uri, "seg_data": seg_data, "depth_data": depth_data,
-                     "retrieval_data": retrieval_data}
+                     "retrieval_data": retrieval_data, "video_data": video_data}
         config = SuiteConfig(tasks=asked, data_uri=data_uri, train_limit=train_limit, test_limit=test_limit,
                              ks=tuple(ks), temperature=temperature, num_workers=num_workers, image_size=image_size,
                              precision=precision, depth_head_kind=depth_head, **data_sets)

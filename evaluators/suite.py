@@ -13,6 +13,9 @@ Tasks:
   or on NYU-Depth v2 or KITTI (``depth_data``) (RMSE, AbsRel, delta1);
 * ``retrieval``: CLS descriptors on synthetic retrieval sets, or on revisited Oxford or Paris
   (``retrieval_data``) (mAP easy/medium/hard);
+* ``video``: the linear probe on ``video_frames`` frames' CLS tokens, averaged or concatenated
+  (``video_pool``), on synthetic clips or on class folders of videos (``video_data``: UCF-101,
+  Kinetics-400, Something-Something v2) (:mod:`evaluators.video`; top-1);
 
 and with any of the first four, on the test images (scenes, else Fashion-MNIST), the share of
 high-norm patch tokens and the CLS token's attention on the patches (:mod:`evaluators.attention`).
@@ -76,6 +79,7 @@ from evaluators.logreg import LogRegConfig
 from evaluators.report import classification_report, knn_accuracies, knn_bank, report_metrics
 from evaluators.retrieval import global_descriptors, load_revisited, rank_database, revisited_descriptors
 from evaluators.synthetic import CLASS_NAMES, SceneConfig, make_retrieval_set, make_scenes
+from evaluators.video import POOLS, VideoConfig, video_probe
 from evaluators.visualize import (
     MAX_CONFUSION_CLASSES,
     confusion_matrix,
@@ -86,7 +90,7 @@ from evaluators.visualize import (
     save_sweeps,
 )
 
-TASKS = ("knn", "linear", "logreg", "seg", "depth", "retrieval")
+TASKS = ("knn", "linear", "logreg", "seg", "depth", "retrieval", "video")
 CLASSIFICATION_TASKS = ("knn", "linear", "logreg")  # on labelled images (data_uri)
 REVISITED = ("roxford5k", "rparis6k")  # retrieval_data's data sets
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # the feature pass's autocast dtype
@@ -122,6 +126,9 @@ class SuiteConfig:
     work_dir: str = ""  # save the long work here (feature pass in parts, dense heads' training); a rerun resumes it
     retrieval_scenes: int = 40
     retrieval_data: str = ""  # "": synthetic sets; roxford5k:<root> or rparis6k:<root>
+    video_data: str = ""  # "": synthetic clips (drawn at scene_size); else <root>/train/<class>/<video>, val/ or test/
+    video_frames: int = 8  # frames of each video through the backbone
+    video_pool: str = "mean"  # their CLS tokens averaged (UCF-101, Kinetics) or concatenated (SSv2): "concat"
     seed: int = 0
 
     @property
@@ -141,6 +148,10 @@ class SuiteConfig:
             raise ValueError(f"dense_cache_gib must be >= 0 (0: features made per batch), got {self.dense_cache_gib}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; allowed: {', '.join(PRECISIONS)}")
+        if self.video_pool not in POOLS:
+            raise ValueError(f"unknown video pool {self.video_pool!r}; allowed: {', '.join(POOLS)}")
+        if self.video_frames < 1:
+            raise ValueError(f"video_frames must be >= 1, got {self.video_frames}")
         if self.data_kind not in DATA_KINDS:
             raise ValueError(f"unknown data kind {self.data_kind!r}; allowed: {', '.join(DATA_KINDS)}")
         for name, given, allowed in (("seg_data", self.seg_data, ("ade20k", "voc", "cityscapes")),
@@ -448,6 +459,14 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
     if "retrieval" in config.tasks:
         tasks["retrieval"] = _retrieval(backbone, config, storage)
         metrics.update({f"retrieval_{k}": v for k, v in tasks["retrieval"].items()})
+    if "video" in config.tasks:
+        video = VideoConfig(frames=config.video_frames, pool=config.video_pool,  # type: ignore[arg-type]
+                            image_size=config.image_size if config.video_data else config.scene_size,
+                            num_workers=config.num_workers)
+        tasks["video"] = video_probe(backbone, config.video_data, video, storage, device, config.amp_dtype,
+                                     config.seed + 3)
+        metrics.update({"video_top1": tasks["video"]["test_accuracy"], "video_val_top1": tasks["video"]["val_accuracy"],
+                        "video_best_lr": tasks["video"]["best_lr"]})
     return {"metrics": metrics, "tasks": tasks, "config": _jsonable(asdict(config)), "features": features}
 
 

@@ -295,12 +295,13 @@ def finetune(
 
 @app.command("eval")
 def evaluate(
-    benchmark: Annotated[str, typer.Argument(help="knn, linear, logreg, suite (the tasks in --tasks), or classify (a "
-                                                  "fine-tuned model's classifier on the labelled test images)")],
+    benchmark: Annotated[str, typer.Argument(help="knn, linear, logreg, video, suite (the tasks in --tasks), or "
+                                                  "classify (a fine-tuned model's classifier on the labelled test "
+                                                  "images)")],
     weights: WeightsOption,
     source: SourceOption = "auto",
     tasks: Annotated[str, typer.Option(help="for suite: comma-separated knn, linear, logreg, seg, depth, "
-                                       "retrieval")] = (
+                                       "retrieval, video")] = (
         "knn,linear,seg,depth,retrieval"),
     data_uri: Annotated[str, typer.Option(help="labelled images for knn, linear, logreg: Fashion-MNIST's folder, or "
                                                 "one of class folders, train/<class>/ and val/<class>/ (ImageNet's "
@@ -327,6 +328,12 @@ def evaluate(
     retrieval_data: Annotated[str, typer.Option(help="retrieval on revisited Oxford or Paris, roxford5k:<root> "
                                                      "or rparis6k:<root> (gnd_<name>.pkl, jpg/; the longer side at "
                                                      "--image-size; default: synthetic sets)")] = "",
+    video_data: Annotated[str, typer.Option(help="video on class folders of videos, <root>/train/<class>/<video> "
+                                                 "and val/ (UCF-101, Kinetics-400, SSv2; a video a file or a folder "
+                                                 "of frames); default: synthetic clips")] = "",
+    video_frames: Annotated[int, typer.Option(min=1, help="video: frames of each video through the backbone")] = 8,
+    video_pool: Annotated[str, typer.Option(help="video: the frames' CLS tokens averaged (mean: UCF-101, Kinetics) "
+                                                 "or concatenated in time order (concat: SSv2)")] = "mean",
     seg_steps: Annotated[int, typer.Option(min=1, help="seg: the linear head's training steps (AdamW, lr 1e-3; "
                                                       "the scenes' default; a real data set may want more)")] = 2000,
     depth_steps: Annotated[int, typer.Option(min=1, help="depth: the linear head's training steps")] = 1000,
@@ -356,15 +363,16 @@ def evaluate(
     experiment: Annotated[str, typer.Option(help="MLflow experiment of the run, recorded when "
                                                  "MLFLOW_TRACKING_URI is set")] = "dinoflow",
 ) -> None:
-    """Benchmark frozen features of a backbone: k-NN, linear probe, logistic regression, or the whole suite.
+    """Benchmark frozen features of a backbone: k-NN, linear probe, logistic regression, video, or the whole suite.
 
     Classification on Fashion-MNIST or on your class folders (ImageNet's
     layout); segmentation and depth on synthetic scenes or on ADE20K, VOC
-    and NYU-Depth v2; retrieval on synthetic sets. `classify` scores a
-    fine-tuned model's classifier (a `dinoflow finetune` folder or a
-    registered one) on the test images, e.g. ImageNet-R with --test-uri. With
-    MLFLOW_TRACKING_URI set, the run is recorded there: its settings, metrics,
-    report and pictures."""
+    and NYU-Depth v2; retrieval on synthetic sets; video (a linear probe on
+    frame features) on synthetic clips or on class folders of videos.
+    `classify` scores a fine-tuned model's classifier (a `dinoflow finetune`
+    folder or a registered one) on the test images, e.g. ImageNet-R with
+    --test-uri. With MLFLOW_TRACKING_URI set, the run is recorded there: its
+    settings, metrics, report and pictures."""
     from components.stage import storage_from_env
     from dinoflow.tracking import MlflowTracker, NullTracker, standard_tags
     from evaluators.dense import HeadConfig
@@ -373,8 +381,8 @@ def evaluate(
 
     storage = storage_from_env()
     with _bad_input():
-        if benchmark not in ("knn", "linear", "logreg", "suite", "classify"):
-            raise ValueError(f"unknown benchmark {benchmark!r}; allowed: knn, linear, logreg, suite, classify")
+        if benchmark not in ("knn", "linear", "logreg", "video", "suite", "classify"):
+            raise ValueError(f"unknown benchmark {benchmark!r}; allowed: knn, linear, logreg, video, suite, classify")
         chosen = tuple(t.strip() for t in tasks.split(",") if t.strip()) if benchmark == "suite" else (benchmark,)
         if benchmark == "classify":  # the model and the data checked before any run is recorded
             run = _classifying(weights, data_uri, test_uri, test_limit, image_size, num_workers, device, precision,
@@ -385,6 +393,7 @@ def evaluate(
                                  test_limit=test_limit,
                                  ks=tuple(sorted({k, 20})), image_size=image_size, num_workers=num_workers,
                                  seg_data=seg_data, depth_data=depth_data, retrieval_data=retrieval_data,
+                                 video_data=video_data, video_frames=video_frames, video_pool=video_pool,
                                  multiscale=ms, precision=precision,
                                  layers=min(4, len(backbone.blocks)) if ms else 1, dense_cache_gib=dense_cache_gib,
                                  seg_head=HeadConfig(steps=seg_steps, batch_size=head_batch_size),
@@ -402,7 +411,8 @@ def evaluate(
                             "data_uri": data_uri, "test_uri": test_uri, "train_limit": train_limit,
                             "test_limit": test_limit,
                             "image_size": image_size, "seg_data": seg_data, "depth_data": depth_data,
-                            "retrieval_data": retrieval_data, "ms": ms,
+                            "retrieval_data": retrieval_data, "video_data": video_data,
+                            "video_frames": video_frames, "video_pool": video_pool, "ms": ms,
                             "device": device, "precision": precision, "dense_cache_gib": dense_cache_gib,
                             "seg_steps": seg_steps, "depth_steps": depth_steps, "depth_head": depth_head,
                             "head_batch_size": head_batch_size,

@@ -19,9 +19,10 @@ the compiled YAML holds no local paths; :mod:`pipelines.local` passes local ones
 ``full`` evaluates (and gates) on the ingested Fashion-MNIST, or with ``eval_data_uri`` on one's own
 labelled images in class folders (``train/<class>/``, ``val/<class>/``): a model pretrained on a
 curated pool of one's own is judged on one's own labels. Every evaluating pipeline runs seg,
-depth and retrieval (in ``eval_tasks``) on ADE20K or VOC, NYU-Depth v2, revisited Oxford or Paris
-when ``seg_data``, ``depth_data``, ``retrieval_data`` name them (``<data set>:<root>``; images at
-``eval_image_size``), else on synthetic sets, so a gate's ``metric`` may be ``seg_miou`` too.
+depth, retrieval and video (in ``eval_tasks``) on ADE20K or VOC, NYU-Depth v2, revisited Oxford or
+Paris and class folders of videos when ``seg_data``, ``depth_data``, ``retrieval_data``
+(``<data set>:<root>``) and ``video_data`` (a root) name them (images at ``eval_image_size``), else
+on synthetic sets, so a gate's ``metric`` may be ``seg_miou`` too.
 
 On a cluster every task reads the S3 credentials from the Secret ``s3_secret`` and the S3
 endpoint and MLflow address (``AWS_ENDPOINT_URL``, ``MLFLOW_TRACKING_URI``) from the ConfigMap
@@ -139,13 +140,14 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
     def uncached(task: Any) -> Any:
         return task.set_caching_options(False)
 
-    def data_sets(test_uri: Any, seg_data: Any, depth_data: Any, retrieval_data: Any, image_size: Any,
-                  precision: Any, seg_steps: Any, depth_steps: Any, depth_head: Any) -> dict:
+    def data_sets(test_uri: Any, seg_data: Any, depth_data: Any, retrieval_data: Any, video_data: Any,
+                  image_size: Any, precision: Any, seg_steps: Any, depth_steps: Any, depth_head: Any) -> dict:
         """The evaluate task's test set of its own (empty: the labelled images' val/), real benchmark
         data sets (empty: the synthetic ones), image settings, the dense heads' training steps (0: the
         suite's) and the depth head (linear or dpt)."""
         return {"test_uri": test_uri, "seg_data": seg_data, "depth_data": depth_data, "retrieval_data": retrieval_data,
-                "image_size": image_size, "precision": precision, "seg_steps": seg_steps, "depth_steps": depth_steps,
+                "video_data": video_data, "image_size": image_size, "precision": precision, "seg_steps": seg_steps,
+                "depth_steps": depth_steps,
                 "depth_head": depth_head}
 
     def closer(run_root: str, tracking_uri: str, experiment: str) -> Any:
@@ -177,7 +179,8 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                         max_minutes: float, seed: int, data_for_eval: str, eval_data_uri: str, eval_test_uri: str,
                         train_limit: int,
                         test_limit: int, knn_k: int, knn_temperature: float, eval_tasks: list, seg_data: str,
-                        depth_data: str, retrieval_data: str, eval_image_size: int, eval_precision: str,
+                        depth_data: str, retrieval_data: str, video_data: str, eval_image_size: int,
+                        eval_precision: str,
                         eval_seg_steps: int, eval_depth_steps: int, eval_depth_head: str, model_name: str,
                         metric: str, margin: float) -> None:
         ctx = {"run_root": run_root, "tracking_uri": tracking_uri, "experiment": experiment,
@@ -190,8 +193,9 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                                {"train_limit": train_limit, "test_limit": test_limit, "knn_k": knn_k,
                                 "knn_temperature": knn_temperature, "tasks": eval_tasks,
                                 "eval_data_uri": eval_data_uri,
-                                **data_sets(eval_test_uri, seg_data, depth_data, retrieval_data, eval_image_size,
-                                          eval_precision, eval_seg_steps, eval_depth_steps, eval_depth_head)},
+                                **data_sets(eval_test_uri, seg_data, depth_data, retrieval_data, video_data,
+                                            eval_image_size, eval_precision, eval_seg_steps, eval_depth_steps,
+                                            eval_depth_head)},
                                distilled.outputs["model_name"], metric, margin)
 
     @dsl.pipeline(name="full", description="Ingest, curate (with a pool), pretrain, evaluate, register with a "
@@ -205,8 +209,9 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
              preset: str = "tiny", overrides: list = [], max_minutes: float = 3.0, seed: int = 0,  # noqa: B006
              train_limit: int = 0, test_limit: int = 0, knn_k: int = 20, knn_temperature: float = 0.07,
              eval_tasks: list = ["knn", "linear"], eval_data_uri: str = "", eval_test_uri: str = "",  # noqa: B006
-             seg_data: str = "", depth_data: str = "", retrieval_data: str = "", eval_image_size: int = 224,
-             eval_precision: str = "fp32", eval_seg_steps: int = 0, eval_depth_steps: int = 0,
+             seg_data: str = "", depth_data: str = "", retrieval_data: str = "", video_data: str = "",
+             eval_image_size: int = 224, eval_precision: str = "fp32", eval_seg_steps: int = 0,
+             eval_depth_steps: int = 0,
              eval_depth_head: str = "linear", model_name: str = "dinoflow-tiny", metric: str = "knn_top1_k20",
              margin: float = 0.0,
              students: list = [], student_overrides: list = [], student_minutes: float = 3.0) -> None:  # noqa: B006
@@ -226,8 +231,9 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                                  max_minutes=max_minutes, seed=seed, device=device)
             eval_params = {"train_limit": train_limit, "test_limit": test_limit, "knn_k": knn_k,
                            "knn_temperature": knn_temperature, "tasks": eval_tasks, "eval_data_uri": eval_data_uri,
-                           **data_sets(eval_test_uri, seg_data, depth_data, retrieval_data, eval_image_size,
-                                          eval_precision, eval_seg_steps, eval_depth_steps, eval_depth_head)}
+                           **data_sets(eval_test_uri, seg_data, depth_data, retrieval_data, video_data,
+                                       eval_image_size, eval_precision, eval_seg_steps, eval_depth_steps,
+                                       eval_depth_head)}
             score_and_register(ctx, use_cache, trained.outputs["backbone"], data.output, eval_params,
                                model_name, metric, margin)
             distil_students(run_root=run_root, tracking_uri=tracking_uri, experiment=experiment,
@@ -238,7 +244,8 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                             train_limit=train_limit,
                             test_limit=test_limit, knn_k=knn_k,
                             knn_temperature=knn_temperature, eval_tasks=eval_tasks, seg_data=seg_data,
-                            depth_data=depth_data, retrieval_data=retrieval_data, eval_image_size=eval_image_size,
+                            depth_data=depth_data, retrieval_data=retrieval_data, video_data=video_data,
+                            eval_image_size=eval_image_size,
                             eval_precision=eval_precision, eval_seg_steps=eval_seg_steps,
                             eval_depth_steps=eval_depth_steps, eval_depth_head=eval_depth_head,
                             model_name=model_name, metric=metric, margin=margin)
@@ -251,7 +258,7 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                       data_uri: str = CLUSTER_DATA, eval_test_uri: str = "", train_limit: int = 0,
                       test_limit: int = 0, knn_k: int = 20,
                       knn_temperature: float = 0.07, eval_tasks: list = ["knn", "linear"],  # noqa: B006
-                      seg_data: str = "", depth_data: str = "", retrieval_data: str = "",
+                      seg_data: str = "", depth_data: str = "", retrieval_data: str = "", video_data: str = "",
                       eval_image_size: int = 224, eval_precision: str = "fp32", eval_seg_steps: int = 0,
                       eval_depth_steps: int = 0, eval_depth_head: str = "linear") -> None:
         with dsl.ExitHandler(closer(run_root, tracking_uri, experiment)):
@@ -260,8 +267,9 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
             benchmark = {"use_cache": use_cache, "data_uri": data_uri, "train_limit": train_limit,
                          "test_limit": test_limit, "knn_k": knn_k, "knn_temperature": knn_temperature,
                          "tasks": eval_tasks, **on_device,
-                         **data_sets(eval_test_uri, seg_data, depth_data, retrieval_data, eval_image_size,
-                                          eval_precision, eval_seg_steps, eval_depth_steps, eval_depth_head)}
+                         **data_sets(eval_test_uri, seg_data, depth_data, retrieval_data, video_data,
+                                     eval_image_size, eval_precision, eval_seg_steps, eval_depth_steps,
+                                     eval_depth_head)}
             with dsl.If(model == ""):
                 weights = dsl.importer(artifact_uri=weights_uri, artifact_class=dsl.Model, reimport=False)
                 c.evaluate(**ctx, backbone=weights.output, **benchmark)
@@ -278,7 +286,8 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                 knn_temperature: float = 0.07,
                 eval_tasks: list = ["knn", "linear"], model_name: str = "dinoflow-tiny",  # noqa: B006
                 metric: str = "knn_top1_k20", margin: float = 0.0, seg_data: str = "", depth_data: str = "",
-                retrieval_data: str = "", eval_image_size: int = 224, eval_precision: str = "fp32",
+                retrieval_data: str = "", video_data: str = "", eval_image_size: int = 224,
+                eval_precision: str = "fp32",
                 eval_seg_steps: int = 0, eval_depth_steps: int = 0, eval_depth_head: str = "linear") -> None:
         with dsl.ExitHandler(closer(run_root, tracking_uri, experiment)):
             parent = open_parent(run_root, tracking_uri, experiment, "retrain")
@@ -290,8 +299,9 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
             score_and_register(ctx, use_cache, trained.outputs["backbone"], data_uri,
                                {"train_limit": train_limit, "test_limit": test_limit, "knn_k": knn_k,
                                 "knn_temperature": knn_temperature, "tasks": eval_tasks, "eval_data_uri": eval_data_uri,
-                                **data_sets(eval_test_uri, seg_data, depth_data, retrieval_data, eval_image_size,
-                                          eval_precision, eval_seg_steps, eval_depth_steps, eval_depth_head)},
+                                **data_sets(eval_test_uri, seg_data, depth_data, retrieval_data, video_data,
+                                            eval_image_size, eval_precision, eval_seg_steps, eval_depth_steps,
+                                            eval_depth_head)},
                                model_name, metric, margin)
 
     @dsl.pipeline(name="distill", description="Distil each of `students` from a registered teacher (teacher_model: "
@@ -306,7 +316,8 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                 student_minutes: float = 3.0, seed: int = 0, eval_data_uri: str = "", eval_test_uri: str = "",
                 train_limit: int = 0, test_limit: int = 0, knn_k: int = 20, knn_temperature: float = 0.07,
                 eval_tasks: list = ["knn", "linear"], seg_data: str = "", depth_data: str = "",  # noqa: B006
-                retrieval_data: str = "", eval_image_size: int = 224, eval_precision: str = "fp32",
+                retrieval_data: str = "", video_data: str = "", eval_image_size: int = 224,
+                eval_precision: str = "fp32",
                 eval_seg_steps: int = 0, eval_depth_steps: int = 0, eval_depth_head: str = "linear",
                 model_name: str = "dinoflow-tiny", metric: str = "knn_top1_k20", margin: float = 0.0) -> None:
         with dsl.ExitHandler(closer(run_root, tracking_uri, experiment)):
@@ -319,7 +330,7 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                        "eval_data_uri": eval_data_uri, "eval_test_uri": eval_test_uri, "train_limit": train_limit,
                        "test_limit": test_limit, "knn_k": knn_k, "knn_temperature": knn_temperature,
                        "eval_tasks": eval_tasks, "seg_data": seg_data, "depth_data": depth_data,
-                       "retrieval_data": retrieval_data, "eval_image_size": eval_image_size,
+                       "retrieval_data": retrieval_data, "video_data": video_data, "eval_image_size": eval_image_size,
                        "eval_precision": eval_precision, "eval_seg_steps": eval_seg_steps,
                        "eval_depth_steps": eval_depth_steps, "eval_depth_head": eval_depth_head,
                        "model_name": model_name, "metric": metric,

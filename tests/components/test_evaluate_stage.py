@@ -101,12 +101,14 @@ def test_a_rerun_after_a_lost_task_resumes_the_feature_pass(tmp_path: Path,
 
 
 def test_the_stage_runs_the_benchmarks_on_real_data_sets(tmp_path: Path) -> None:
-    """``retrieval_data``, ``image_size``, ``precision`` reach the suite from the stage (the
-    pipelines' evaluate ran on synthetic sets only): the stage reports what the suite reports on
-    the same weights and data, and they key its cache; ``seg_data`` and ``depth_data`` reach its
-    check of their form."""
+    """``retrieval_data``, ``video_data``, ``image_size``, ``precision`` reach the suite from the
+    stage (the pipelines' evaluate ran on synthetic sets only): the stage reports what the suite
+    reports on the same weights and data, and they key its cache; ``seg_data`` and ``depth_data``
+    reach its check of their form."""
     from evaluators.suite import SuiteConfig, run_suite
+    from evaluators.video import make_videos
     from tests.evaluators.test_retrieval import write_revisited
+    from tests.evaluators.test_video import write_folders
     from trainer.models.hub import load_backbone
 
     write_revisited(tmp_path / "oxford")
@@ -125,6 +127,12 @@ def test_the_stage_runs_the_benchmarks_on_real_data_sets(tmp_path: Path) -> None
         again = run_evaluate_stage(ctx, tmp_path / "backbone", tmp_path / "again", "", tasks=["retrieval"],
                                    **{"retrieval_data": oxford, "image_size": 56, **changed})
         assert not again["cached"] and again["metrics"].keys() == result["metrics"].keys()
+    for split, seed in (("train", 0), ("val", 1)):
+        write_folders(tmp_path / "videos" / split, *make_videos(2, 4, 64, seed))
+    videos = run_evaluate_stage(ctx, tmp_path / "backbone", tmp_path / "video", "", tasks=["video"],
+                                video_data=str(tmp_path / "videos"), image_size=56)
+    expected = run_suite(backbone, SuiteConfig(tasks=("video",), video_data=str(tmp_path / "videos"), image_size=56))
+    assert videos["metrics"] == pytest.approx(expected["metrics"], abs=1e-6) and "video_top1" in videos["metrics"]
     for name, given in (("seg_data", "coco:/x"), ("depth_data", "diode:/x")):
         with pytest.raises(ValueError, match=f"{name} = '{given}'; give <data set>:<root>"):
             run_evaluate_stage(ctx, tmp_path / "backbone", tmp_path / "bad", "", tasks=["seg"], **{name: given})

@@ -96,7 +96,7 @@ def test_eval_logreg_is_the_librarys_sweep_on_the_cls_features(weights: Path, tm
 def test_eval_rejects_bad_input(weights: Path) -> None:
     runner = CliRunner()
     unknown = runner.invoke(app, ["eval", "svm", "--weights", str(weights)])
-    assert "allowed: knn, linear, logreg, suite" in unknown.stderr
+    assert "allowed: knn, linear, logreg, video, suite" in unknown.stderr
     bad_task = runner.invoke(app, ["eval", "suite", "--weights", str(weights), "--tasks", "knn,segm"])
     assert bad_task.exit_code == 2 and "unknown tasks ['segm']" in bad_task.stderr
     missing = runner.invoke(app, ["eval", "knn", "--weights", str(weights.parent / "nope.safetensors")])

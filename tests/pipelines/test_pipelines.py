@@ -507,13 +507,13 @@ def test_pipeline_cli_rejects_unknown_names_and_parameters() -> None:
 
 @pytest.mark.parametrize("name", ["full", "retrain", "evaluate_only", "distill"])
 def test_every_evaluate_task_takes_the_benchmark_data_sets_from_the_pipeline(tmp_path: Path, name: str) -> None:
-    """``eval_test_uri``, ``seg_data``, ``depth_data``, ``retrieval_data``, ``eval_image_size``,
+    """``eval_test_uri``, ``seg_data``, ``depth_data``, ``retrieval_data``, ``video_data``, ``eval_image_size``,
     ``eval_precision``, ``eval_seg_steps``, ``eval_depth_steps``, ``eval_depth_head``: parameters of
     each evaluating pipeline (the UI's form), fed to every evaluate task (the students' too), so a
     gate may read a dense metric measured on a real data set."""
     spec, platform = _compiled(tmp_path, name)
     given = {"seg_data": "seg_data", "depth_data": "depth_data", "retrieval_data": "retrieval_data",
-             "eval_image_size": "image_size", "eval_precision": "precision", "eval_seg_steps": "seg_steps",
+             "video_data": "video_data", "eval_image_size": "image_size", "eval_precision": "precision", "eval_seg_steps": "seg_steps",
              "eval_depth_steps": "depth_steps", "eval_depth_head": "depth_head", "eval_test_uri": "test_uri"}
     assert set(given) <= set(spec["root"]["inputDefinitions"]["parameters"])
     evaluates = [task for component in [spec["root"], *spec["components"].values()]
