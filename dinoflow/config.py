@@ -561,8 +561,9 @@ class FinetuneConfig(Section):
     max_minutes: float = Field(0, ge=0, description="stop after this much training time, over all resumes (0: none)")
     checkpoint_every: int = Field(200, ge=1)
     eval_every_epochs: float = Field(1, ge=0, description="score the test split every N epochs (0: at the end only)")
-    ema_decay: float = Field(0.0, ge=0, lt=1, description="a moving average of the weights, ema <- d x ema + (1 - d) x "
-                             "weights after every step (DeiT's 0.99996), scored beside them at each evaluation (0: none)")
+    ema_decay: float = Field(0.0, ge=0, lt=1, description="a moving average of the weights, ema <- d x ema + "
+                             "(1 - d) x weights after every step (DeiT's 0.99996), scored beside them at each "
+                             "evaluation (0: none)")
     keep: Literal["last", "best"] = Field(
         "last", description="the weights written out: the last step's, or the evaluation's of the best test top-1 (a "
         "pick on the split that scores it: optimistic); the EMA's where they score higher than the weights")

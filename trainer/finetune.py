@@ -356,9 +356,10 @@ def _finetune(cfg: FinetuneConfig, storage: Storage, tracker: Tracker, strategy:
         ema = strategy.wrap_one(ema.to(device))  # sharded as the weights are: updated shard by shard
     model = strategy.wrap_one(model.to(device))  # shards what was loaded
     optim = cfg.optim
-    optimizer = strategy.prepare_optimizer(model, torch.optim.AdamW(
-        layer_groups(model, optim.layerwise_decay, optim.patch_embed_lr_mult), betas=(optim.adamw_beta1, optim.adamw_beta2),
-        fused=True if fused_adamw_on(optim.fused_adamw, device) else None))
+    adamw = torch.optim.AdamW(layer_groups(model, optim.layerwise_decay, optim.patch_embed_lr_mult),
+                              betas=(optim.adamw_beta1, optim.adamw_beta2),
+                              fused=True if fused_adamw_on(optim.fused_adamw, device) else None)
+    optimizer = strategy.prepare_optimizer(model, adamw)  # DeepSpeed's engine is made around it
     if checkpoint is not None:
         strategy.load_optimizer_state(model, optimizer, with_kernel_choice(checkpoint["optimizer"], optimizer))
     tracker.log_config(cfg)
@@ -400,10 +401,10 @@ def _finetune(cfg: FinetuneConfig, storage: Storage, tracker: Tracker, strategy:
 
     Scored = tuple[dict[str, float], np.ndarray | None, np.ndarray | None, Classifier]
 
-    def evaluate() -> dict[str, Scored]:
+    def evaluate() -> tuple[dict[str, Scored], dict[str, Any]]:
         """For the weights and their EMA (``"weights"``, ``"ema"``): the test scores (rank 0's; {}
-        on the others), labels and predictions, and the whole network; the scores go to the history
-        (the EMA's as ``ema_*``) and, with ``keep: best``, a new best's weights to its folder."""
+        on the others), labels and predictions, and the whole network; and the history's row of
+        the scores (the EMA's as ``ema_*``). With ``keep: best``, a new best's weights go to its folder."""
         scored: dict[str, Scored] = {}
         row: dict[str, Any] = {"step": state.step, "train_minutes": round(state.train_seconds / 60, 3),
                                "images_seen": state.images_seen}
@@ -417,13 +418,13 @@ def _finetune(cfg: FinetuneConfig, storage: Storage, tracker: Tracker, strategy:
             row.update({(f"{kind}_" if kind == "ema" else "") + name: value for name, value in metrics.items()})
         tracker.log_metrics({k: v for k, v in row.items() if k not in ("step", "train_minutes", "images_seen")},
                             step=state.step, force=True)
-        if state.history and state.history[-1]["step"] == state.step:  # a finished run resumed: scored once
-            return scored
+        if state.history and state.history[-1]["step"] == state.step:  # stopped by time right after one
+            return scored, row
         state.history.append(row)
         if cfg.keep == "best" and strategy.is_main and pick_weights(state.history)[0] == state.step:
             write_weights(scored[pick_weights([row])[1]][3], images.classes, best_folder(cfg.out, state.step),
                           storage)
-        return scored
+        return scored, row
 
     saved_at = state.step  # the step of the last checkpoint written (or loaded)
 
@@ -471,11 +472,9 @@ def _finetune(cfg: FinetuneConfig, storage: Storage, tracker: Tracker, strategy:
     if state.step != saved_at:  # stopped by the time limit between checkpoints
         save()
     bad_images.check(final=True)
-    scored = evaluate()
+    scored, final_row = evaluate()
     summary_released: dict[str, Any] = {}
     if strategy.is_main:
-        final_row = {"step": state.step, **{("ema_" if kind == "ema" else "") + name: value
-                                            for kind, (metrics, *_) in scored.items() for name, value in metrics.items()}}
         best_step, best_kind, best_scores = pick_weights(state.history)
         step, kind, metrics = pick_weights([final_row]) if cfg.keep == "last" else (best_step, best_kind, best_scores)
         if step == state.step:
