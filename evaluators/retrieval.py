@@ -1,4 +1,5 @@
-"""Instance retrieval on frozen features: global descriptors, faiss search, revisited Oxford/Paris mAP.
+"""Instance retrieval on frozen features: global descriptors, faiss search, revisited Oxford/Paris
+mAP, AmsterTime's mAP.
 
 Descriptors are the CLS token or GeM over the patch tokens (``(mean x^p)^(1/p)`` per channel of
 the ReLU-clamped tokens, p = 3), optionally both concatenated, L2-normalised so that the inner
@@ -12,6 +13,11 @@ images (``<root>/jpg/<name>.jpg``) keep their aspect ratio: the longer side is r
 evaluation's size and each side rounded to a multiple of the patch size, the queries first cropped
 to their box, as the protocol asks; they are decoded by a DataLoader's workers and go through the
 backbone one at a time (no two need share a shape).
+
+AmsterTime (the original's other landmark benchmark) pairs an archival photograph of an Amsterdam
+place (``<root>/old/<name>``, the query) with a street-level one of it today (``<root>/new/<name>``,
+the database), the two under one file name: a query's only positive is its pair, and
+:func:`pair_retrieval` scores the ranks of the pairs (mAP: the mean of one over the pair's rank).
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from dinoflow.progress import progress
 from dinoflow.storage import Storage, join_uri
 from evaluators.dense_metrics import QueryTruth
 from evaluators.features import patch_sides, to_model_input, under_autocast
-from trainer.data.datasets import ProcessLocalStorage
+from trainer.data.datasets import IMAGE_EXTENSIONS, ProcessLocalStorage
 
 Pooling = Literal["cls", "gem", "cls+gem"]
 
@@ -83,13 +89,16 @@ def load_plain_pickle(data: bytes) -> Any:
 
 @dataclass(frozen=True)
 class RevisitedDataset:
-    """Revisited Oxford/Paris: database and query image names (without ``.jpg``) and ground truth."""
+    """A retrieval set on disk: database and query image names and files, the ground truth, and
+    the queries' boxes (revisited Oxford/Paris; None: whole queries)."""
 
     name: str
     images: list[str]
     queries: list[str]
     truths: list[QueryTruth]
-    query_boxes: list[tuple[float, float, float, float]]
+    query_boxes: list[tuple[float, float, float, float]] | None
+    image_files: list[str]
+    query_files: list[str]
 
 
 def load_revisited(storage: Storage, root: str, name: str) -> RevisitedDataset:
@@ -114,24 +123,53 @@ def load_revisited(storage: Storage, root: str, name: str) -> RevisitedDataset:
         indices = [*truth.easy, *truth.hard, *truth.junk]
         if indices and (min(indices) < 0 or max(indices) >= len(images)):
             raise ValueError(f"{name}: query {q} points outside the {len(images)} database images")
-    return RevisitedDataset(name, images, queries, truths, boxes)  # type: ignore[arg-type]
+    files = [[join_uri(root, "jpg", f"{image}.jpg") for image in names] for names in (images, queries)]
+    return RevisitedDataset(name, images, queries, truths, boxes, *files)  # type: ignore[arg-type]
+
+
+def load_amstertime(storage: Storage, root: str) -> RevisitedDataset:
+    """AmsterTime's pairs: ``<root>/old/<name>`` (queries) and ``<root>/new/<name>`` (database),
+    matched by name; a query's only positive is its pair (the ``easy`` list, no hard or junk)."""
+    names = {}
+    for side in ("old", "new"):
+        listed = [uri.rsplit("/", 1)[1] for uri in storage.list(join_uri(root, side))]
+        names[side] = sorted(name for name in listed if name.lower().endswith(IMAGE_EXTENSIONS))
+    if not names["old"]:
+        raise FileNotFoundError(f"no AmsterTime queries: expected images in {join_uri(root, 'old')} "
+                                f"({', '.join(IMAGE_EXTENSIONS)}), their pairs under the same names in new/")
+    unpaired = sorted(set(names["old"]) ^ set(names["new"]))
+    if unpaired:
+        raise ValueError(f"AmsterTime at {root}: {len(unpaired)} images without a pair of the same name in the other "
+                         f"of old/ and new/ (first: {', '.join(unpaired[:3])})")
+    pairs = names["old"]
+    return RevisitedDataset("amstertime", pairs, pairs, [QueryTruth([i], [], []) for i in range(len(pairs))], None,
+                            [join_uri(root, "new", name) for name in pairs],
+                            [join_uri(root, "old", name) for name in pairs])
+
+
+def pair_retrieval(rankings: np.ndarray) -> dict[str, float]:
+    """Scores of rankings ``(N, N)`` where query ``i``'s only positive is database image ``i``: mAP
+    (with one positive, a query's AP is one over the positive's 1-based rank) and recall at 1
+    and 5 (the share of queries whose pair is among the first k)."""
+    ranks = np.argmax(rankings == np.arange(len(rankings))[:, None], axis=1)  # 0-based
+    return {"map": float(np.mean(1.0 / (ranks + 1))), "recall_at_1": float(np.mean(ranks < 1)),
+            "recall_at_5": float(np.mean(ranks < 5))}
 
 
 Box = tuple[float, float, float, float]
 
 
 class RevisitedImages(Dataset[Tensor]):
-    """``<root>/jpg/<name>.jpg`` as uint8 ``(3, H, W)``: cropped to ``boxes[i]`` (``x1, y1, x2,
-    y2`` pixels) when given, the longer side resized to ``size`` (bicubic), each side rounded to a
+    """Images at ``uris`` as uint8 ``(3, H, W)``: cropped to ``boxes[i]`` (``x1, y1, x2, y2``
+    pixels) when given, the longer side resized to ``size`` (bicubic), each side rounded to a
     multiple of ``patch`` (at least one patch)."""
 
-    def __init__(self, storage: Storage, root: str, names: list[str], size: int, patch: int,
+    def __init__(self, storage: Storage, uris: list[str], size: int, patch: int,
                  boxes: list[Box] | None = None) -> None:
         if size < patch:
             raise ValueError(f"image size {size} is below the patch size {patch}")
         self._storage = ProcessLocalStorage(storage)
-        self.uris = [join_uri(root, "jpg", f"{name}.jpg") for name in names]
-        self.size, self.patch, self.boxes = size, patch, boxes
+        self.uris, self.size, self.patch, self.boxes = uris, size, patch, boxes
 
     def __len__(self) -> int:
         return len(self.uris)
@@ -149,7 +187,7 @@ class RevisitedImages(Dataset[Tensor]):
         return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
 
 
-def revisited_descriptors(backbone: nn.Module, data: RevisitedDataset, storage: Storage, root: str, size: int,
+def revisited_descriptors(backbone: nn.Module, data: RevisitedDataset, storage: Storage, size: int,
                           pooling: Pooling = "cls", amp_dtype: torch.dtype | None = None,
                           num_workers: int = 0) -> tuple[Tensor, Tensor]:
     """:func:`global_descriptors` of the queries (cropped to their boxes) and of the database
@@ -157,8 +195,8 @@ def revisited_descriptors(backbone: nn.Module, data: RevisitedDataset, storage: 
     patch = int(backbone.patch_size)
     device = next(backbone.parameters()).device
     described = []
-    for what, names, boxes in (("queries", data.queries, data.query_boxes), ("database", data.images, None)):
-        loader = DataLoader(RevisitedImages(storage, root, names, size, patch, boxes), batch_size=1,
+    for what, files, boxes in (("queries", data.query_files, data.query_boxes), ("database", data.image_files, None)):
+        loader = DataLoader(RevisitedImages(storage, files, size, patch, boxes), batch_size=1,
                             num_workers=num_workers)
         described.append(torch.cat([global_descriptors(backbone, to_model_input(image.to(device), patch_size=patch),
                                                        pooling, amp_dtype=amp_dtype)

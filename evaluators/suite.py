@@ -12,7 +12,7 @@ Tasks:
 * ``depth``: the linear depth head (or DPT's decoder, ``depth_head_kind="dpt"``) on the same scenes,
   or on NYU-Depth v2 or KITTI (``depth_data``) (RMSE, AbsRel, delta1);
 * ``retrieval``: CLS descriptors on synthetic retrieval sets, or on revisited Oxford or Paris
-  (``retrieval_data``) (mAP easy/medium/hard);
+  (``retrieval_data``) (mAP easy/medium/hard), or AmsterTime (mAP, recall at 1 and 5);
 * ``video``: the linear probe on ``video_frames`` frames' CLS tokens, averaged or concatenated
   (``video_pool``), on synthetic clips or on class folders of videos (``video_data``: UCF-101,
   Kinetics-400, Something-Something v2) (:mod:`evaluators.video`; top-1);
@@ -28,7 +28,8 @@ heads with the real data sets (``seg_data="ade20k:<root>"``, ``"voc:<root>"`` or
 and tested on whole images through sliding windows at the labels' own resolution, as the original
 scores segmentation), and
 :func:`~evaluators.retrieval.load_revisited` the retrieval task (``retrieval_data="roxford5k:<root>"``
-or ``"rparis6k:<root>"``; the longer side at ``image_size``).
+or ``"rparis6k:<root>"``; :func:`~evaluators.retrieval.load_amstertime`, ``"amstertime:<root>"``;
+the longer side at ``image_size``).
 
 The report is ``{"metrics": {flat name: value}, "tasks": {...}, "config": {...}}`` (plus the
 classification ``features`` ``[train_x, train_y, test_x, test_y]`` for plots, not for JSON);
@@ -77,7 +78,8 @@ from evaluators.knn import knn_predict
 from evaluators.linear import LinearProbeConfig
 from evaluators.logreg import LogRegConfig
 from evaluators.report import classification_report, knn_accuracies, knn_bank, report_metrics
-from evaluators.retrieval import global_descriptors, load_revisited, rank_database, revisited_descriptors
+from evaluators.retrieval import (global_descriptors, load_amstertime, load_revisited, pair_retrieval, rank_database,
+                                  revisited_descriptors)
 from evaluators.synthetic import CLASS_NAMES, SceneConfig, make_retrieval_set, make_scenes
 from evaluators.video import POOLS, VideoConfig, video_probe
 from evaluators.visualize import (
@@ -92,7 +94,7 @@ from evaluators.visualize import (
 
 TASKS = ("knn", "linear", "logreg", "seg", "depth", "retrieval", "video")
 CLASSIFICATION_TASKS = ("knn", "linear", "logreg")  # on labelled images (data_uri)
-REVISITED = ("roxford5k", "rparis6k")  # retrieval_data's data sets
+RETRIEVAL_SETS = ("roxford5k", "rparis6k", "amstertime")  # retrieval_data's data sets
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # the feature pass's autocast dtype
 
 
@@ -125,7 +127,7 @@ class SuiteConfig:
     dense_cache_gib: float = 4.0  # seg, depth: features held when both splits' fit, else made per batch
     work_dir: str = ""  # save the long work here (feature pass in parts, dense heads' training); a rerun resumes it
     retrieval_scenes: int = 40
-    retrieval_data: str = ""  # "": synthetic sets; roxford5k:<root> or rparis6k:<root>
+    retrieval_data: str = ""  # "": synthetic sets; roxford5k:<root>, rparis6k:<root> or amstertime:<root>
     video_data: str = ""  # "": synthetic clips (drawn at scene_size); else <root>/train/<class>/<video>, val/ or test/
     video_frames: int = 8  # frames of each video through the backbone
     video_pool: str = "mean"  # their CLS tokens averaged (UCF-101, Kinetics) or concatenated (SSv2): "concat"
@@ -156,7 +158,7 @@ class SuiteConfig:
             raise ValueError(f"unknown data kind {self.data_kind!r}; allowed: {', '.join(DATA_KINDS)}")
         for name, given, allowed in (("seg_data", self.seg_data, ("ade20k", "voc", "cityscapes")),
                                      ("depth_data", self.depth_data, ("nyu", "kitti")),
-                                     ("retrieval_data", self.retrieval_data, REVISITED)):
+                                     ("retrieval_data", self.retrieval_data, RETRIEVAL_SETS)):
             kind, sep, root = given.partition(":")
             if given and (kind not in allowed or not sep or not root):
                 raise ValueError(f"{name} = {given!r}; give <data set>:<root> with the data set one of "
@@ -354,12 +356,15 @@ def _depth(data: _DenseTask, config: SuiteConfig, device: torch.device, saves: H
 
 
 def _retrieval(backbone: nn.Module, config: SuiteConfig, storage: Storage) -> dict[str, float]:
-    """mAP (easy, medium, hard) of CLS descriptors on revisited Oxford or Paris, else on synthetic sets."""
+    """mAP (easy, medium, hard) of CLS descriptors on revisited Oxford or Paris, else on synthetic
+    sets; on AmsterTime its mAP and recalls at 1 and 5 (:func:`~evaluators.retrieval.pair_retrieval`)."""
     if config.retrieval_data:
         name, _, root = config.retrieval_data.partition(":")
-        revisited = load_revisited(storage, root, name)
-        queries, database = revisited_descriptors(backbone, revisited, storage, root, config.image_size,
+        revisited = load_amstertime(storage, root) if name == "amstertime" else load_revisited(storage, root, name)
+        queries, database = revisited_descriptors(backbone, revisited, storage, config.image_size,
                                                   amp_dtype=config.amp_dtype, num_workers=config.num_workers)
+        if name == "amstertime":
+            return pair_retrieval(rank_database(queries, database)[0])
         truths = revisited.truths
     else:
         synthetic = make_retrieval_set(config.retrieval_scenes, seed=config.seed + 2,

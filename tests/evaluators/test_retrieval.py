@@ -1,4 +1,5 @@
-"""Retrieval: descriptors, exact faiss ranking against brute force, the ground-truth adapter."""
+"""Retrieval: descriptors, exact faiss ranking against brute force, the ground-truth adapters
+(revisited Oxford/Paris, AmsterTime's pairs), their scores against formulas and scikit-learn."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import torch
 from dinoflow.storage import Storage
 from evaluators.dense_metrics import rank, retrieval_map
 from evaluators.features import to_model_input
-from evaluators.retrieval import global_descriptors, load_plain_pickle, load_revisited, rank_database
+from evaluators.retrieval import (global_descriptors, load_amstertime, load_plain_pickle, load_revisited,
+                                  pair_retrieval, rank_database)
 from evaluators.synthetic import make_retrieval_set
 from trainer.models.vit import build_vit
 
@@ -154,8 +156,62 @@ def test_the_suite_scores_a_revisited_layout_as_the_protocol_reads_it(backbone: 
     assert report["metrics"]["retrieval_map_easy"] > 0.5  # the landmarks' colours set them apart
     from evaluators.retrieval import RevisitedImages
 
-    shapes = {tuple(RevisitedImages(Storage(), str(tmp_path), [name], 42, 7)[0].shape) for name in ("l0_0", "l0_1")}
+    shapes = {tuple(RevisitedImages(Storage(), [str(tmp_path / "jpg" / f"{name}.jpg")], 42, 7)[0].shape)
+              for name in ("l0_0", "l0_1")}
     assert shapes == {(3, 28, 42), (3, 42, 28)}  # aspect kept: 60x40 and 35x50
     with pytest.raises(ValueError, match="retrieval_data = 'oxford:/x'; give <data set>:<root> with the data set "
                                          "one of roxford5k, rparis6k"):
         SuiteConfig(tasks=("retrieval",), retrieval_data="oxford:/x")
+
+
+def test_pair_scores_are_the_mean_reciprocal_rank_and_scikit_learns_average_precision() -> None:
+    from sklearn.metrics import average_precision_score
+
+    rng = np.random.default_rng(3)
+    similarity = rng.normal(size=(30, 30))
+    scores = pair_retrieval(rank(similarity))
+    aps = [average_precision_score(np.arange(30) == q, similarity[q]) for q in range(30)]
+    assert scores["map"] == pytest.approx(np.mean(aps), abs=1e-12)
+    pair_rank = (similarity > similarity[np.arange(30), np.arange(30)][:, None]).sum(1)  # others above the pair
+    assert scores["recall_at_1"] == np.mean(pair_rank == 0) and scores["recall_at_5"] == np.mean(pair_rank < 5)
+    assert pair_retrieval(rank(np.eye(4))) == {"map": 1.0, "recall_at_1": 1.0, "recall_at_5": 1.0}
+
+
+def test_amstertime_pairs_old_and_new_by_name_and_the_suite_scores_them(backbone: torch.nn.Module, tmp_path) -> None:
+    """AmsterTime's layout: an archival photo in old/ and today's in new/ under one name; the
+    suite's scores are those of descriptors made by hand from the whole images."""
+    from PIL import Image
+
+    from evaluators.suite import SuiteConfig, run_suite
+
+    data = make_retrieval_set(6, seed=4)
+    for side in ("old", "new"):
+        (tmp_path / "amstertime" / side).mkdir(parents=True)
+    for index, (query, copies) in enumerate(zip(data.queries, data.truths)):
+        Image.fromarray(query.transpose(1, 2, 0)).save(tmp_path / "amstertime" / "old" / f"{index:04d}.png")
+        today = data.database[copies.hard[0]].transpose(1, 2, 0)  # a strong change of the same scene
+        Image.fromarray(today).save(tmp_path / "amstertime" / "new" / f"{index:04d}.png")
+    root = str(tmp_path / "amstertime")
+    pairs = load_amstertime(Storage(), root)
+    assert pairs.queries == pairs.images == [f"{i:04d}.png" for i in range(6)] and pairs.query_boxes is None
+    assert [t.easy for t in pairs.truths] == [[i] for i in range(6)]
+    report = run_suite(backbone, SuiteConfig(tasks=("retrieval",), retrieval_data=f"amstertime:{root}", image_size=28))
+
+    def described(side: str) -> torch.Tensor:  # 56 px squares: the longer side to 28 as the protocol resizes
+        pixels = [np.array(Image.open(tmp_path / "amstertime" / side / name).convert("RGB").resize((28, 28),
+                                                                                                 Image.BICUBIC))
+                  for name in pairs.images]
+        return global_descriptors(backbone, to_model_input(torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2),
+                                                           patch_size=7))
+
+    similarity = (described("old") @ described("new").T).numpy()
+    expected = pair_retrieval(rank(similarity))
+    assert report["tasks"]["retrieval"] == pytest.approx(expected, abs=1e-6)
+    assert report["metrics"]["retrieval_map"] == report["tasks"]["retrieval"]["map"]
+
+    (tmp_path / "amstertime" / "new" / "0000.png").rename(tmp_path / "amstertime" / "new" / "9999.png")
+    with pytest.raises(ValueError, match=r"2 images without a pair of the same name in the other of old/ and new/ "
+                                         r"\(first: 0000.png, 9999.png\)"):
+        load_amstertime(Storage(), root)
+    with pytest.raises(FileNotFoundError, match="no AmsterTime queries"):
+        load_amstertime(Storage(), str(tmp_path / "none"))
