@@ -421,7 +421,8 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
     (test scenes and their patch features' first three principal components as RGB) and
     ``dense_predictions.png`` (masks and depth maps, true and predicted; on real data sets
     ``seg_predictions.png`` and ``depth_predictions.png``); with either the dense
-    or the classification tasks, ``attention_maps.png`` (:func:`attention_figures`).
+    or the classification tasks, ``attention_maps.png`` (:func:`attention_figures`); with video,
+    ``video_frames.png`` (the first test videos' frames as the backbone sees them).
     """
     backbone.eval()
     storage = storage or Storage()
@@ -469,7 +470,7 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
                             image_size=config.image_size if config.video_data else config.scene_size,
                             num_workers=config.num_workers)
         tasks["video"] = video_probe(backbone, config.video_data, video, storage, device, config.amp_dtype,
-                                     config.seed + 3)
+                                     config.seed + 3, Path(pictures) if pictures is not None else None)
         metrics.update({"video_top1": tasks["video"]["test_accuracy"], "video_val_top1": tasks["video"]["val_accuracy"],
                         "video_best_lr": tasks["video"]["best_lr"]})
     return {"metrics": metrics, "tasks": tasks, "config": _jsonable(asdict(config)), "features": features}

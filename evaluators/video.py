@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import av
@@ -43,6 +44,7 @@ from dinoflow.progress import progress
 from dinoflow.storage import Storage, join_uri
 from evaluators.features import to_model_input
 from evaluators.linear import LinearProbeConfig, linear_probe
+from evaluators.visualize import save_image_grid
 from trainer.data.datasets import (
     DECODE_ERRORS,
     IMAGE_EXTENSIONS,
@@ -60,6 +62,7 @@ ANIMATED_EXTENSIONS = (".gif", ".webp")  # read by Pillow
 CROP_RATIO = 0.875  # as the image benchmarks: resize to 256, centre crop 224
 MAX_BAD_FRACTION = 0.05
 DIRECTIONS = ("left", "right", "up", "down")  # the synthetic clips' classes
+VIDEO_PICTURE = "video_frames.png"
 
 
 def frame_indices(total: int, count: int) -> list[int]:
@@ -219,12 +222,31 @@ def video_splits(root: str, config: VideoConfig, storage: Storage,
     return train, VideoFolder(storage, test_root, config.frames, load, train.classes), train.classes
 
 
+def save_video_frames(videos: Dataset[Sample], classes: tuple[str, ...], image_size: int, path: Path,
+                      count: int = 4) -> Path:
+    """The frames the backbone sees of the first ``count`` videos (centre crops), a row each, the
+    first titled with its class: a look at what was read and taken."""
+    rows, titles = [], []
+    for index in range(min(count, len(videos))):  # type: ignore[arg-type]
+        sample = videos[index]
+        if sample.image is None:
+            continue
+        offset = (sample.image.shape[-1] - image_size) // 2
+        frames = sample.image[..., offset:offset + image_size, offset:offset + image_size].permute(0, 2, 3, 1)
+        rows.append(frames.numpy())
+        titles += [f"{classes[sample.label]}: frame 1" if t == 0 else str(t + 1) for t in range(len(frames))]
+    return save_image_grid(np.concatenate(rows), titles, path, columns=rows[0].shape[0])
+
+
 def video_probe(backbone: nn.Module, root: str, config: VideoConfig, storage: Storage, device: torch.device,
-                amp_dtype: torch.dtype | None = None, seed: int = 0) -> dict:
+                amp_dtype: torch.dtype | None = None, seed: int = 0, pictures: Path | None = None) -> dict:
     """The linear probe on pooled frame features of ``root``'s videos (synthetic clips when empty):
-    ``{"test_accuracy", "val_accuracy", "best_lr", ..., "frames", "pool", "classes", "bad"}``."""
+    ``{"test_accuracy", "val_accuracy", "best_lr", ..., "frames", "pool", "classes", "bad"}``; with
+    ``pictures`` (a folder), ``video_frames.png`` of the first test videos (:func:`save_video_frames`)."""
     train, test, classes = video_splits(root, config, storage, seed)
     size = config.image_size
+    if pictures is not None:
+        save_video_frames(test, classes, size, pictures / VIDEO_PICTURE)
     (train_x, train_y, train_bad), (test_x, test_y, test_bad) = (
         video_features(backbone, split, size, config.pool, config.batch_size, config.num_workers, amp_dtype)
         for split in (train, test))

@@ -153,8 +153,9 @@ def test_the_command_probes_class_folders_of_videos_and_refuses_a_bad_pool(tmp_p
         write_folders(tmp_path / "videos" / split, clips, labels)
     args = ["eval", "video", "--weights", str(tmp_path / "backbone.safetensors"), "--video-data",
             str(tmp_path / "videos"), "--image-size", "28", "--video-frames", "8", "--video-pool", "concat"]
-    result = CliRunner().invoke(app, args)
+    result = CliRunner().invoke(app, [*args, "--pictures", str(tmp_path / "pictures")])
     assert result.exit_code == 0, result.output
+    assert (tmp_path / "pictures" / "video_frames.png").stat().st_size > 5000  # 4 test videos x 8 frames
     report = json.loads(result.stdout)
     video = report["tasks"]["video"]
     assert (video["num_train"] + video["num_val"], video["num_test"], video["pool"]) == (24, 8, "concat")
