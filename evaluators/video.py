@@ -74,7 +74,9 @@ def frame_indices(total: int, count: int) -> list[int]:
 
 def decode_video(data: bytes, name: str, count: int) -> list[Image.Image]:
     """The :func:`frame_indices` frames of an encoded video (``name`` tells its kind: an animated
-    GIF or WebP through Pillow, anything else through PyAV), as RGB pictures."""
+    GIF or WebP through Pillow, anything else through PyAV), as RGB pictures. Where the container
+    says how many frames it holds, only those taken are kept and decoding stops at the last (a
+    long video is not held whole); else every frame is decoded first."""
     if name.lower().endswith(ANIMATED_EXTENSIONS):
         with Image.open(io.BytesIO(data)) as picture:
             frames = []
@@ -85,6 +87,18 @@ def decode_video(data: bytes, name: str, count: int) -> list[Image.Image]:
     with av.open(io.BytesIO(data)) as container:
         if not container.streams.video:
             raise ValueError("no video stream")
+        declared = container.streams.video[0].frames
+        if declared > 0:  # the container counts its frames: keep those taken, stop after the last
+            wanted = frame_indices(declared, count)
+            kept = {}
+            for index, frame in enumerate(container.decode(video=0)):
+                if index in wanted:
+                    kept[index] = frame.to_image()
+                if index == wanted[-1]:
+                    break
+            if len(kept) == len(set(wanted)):
+                return [kept[index] for index in wanted]
+    with av.open(io.BytesIO(data)) as container:  # no count, or a wrong one: every frame decoded
         decoded = [frame.to_image() for frame in container.decode(video=0)]
     return [decoded[index] for index in frame_indices(len(decoded), count)]
 
