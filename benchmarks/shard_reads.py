@@ -84,19 +84,18 @@ def main() -> None:
     start_bytes, start_seconds = storage.read, time.perf_counter() - tick
     storage.read, tick = 0, time.perf_counter()
     for index in order:
-        shard, offset, size = (int(a[index]) for a in (dataset._shard_of, dataset._offsets, dataset._sizes))
-        storage.read_range(uris[shard], offset, size)
+        storage.read_range(*dataset.location(int(index)))
     now = (storage.read, time.perf_counter() - tick)
 
     storage.read, tick = 0, time.perf_counter()
     for uri in uris:  # before: every shard read whole to index it
         storage.read_bytes(uri)
     before_start = (storage.read, time.perf_counter() - tick)
-    storage.read, tick, kept = 0, time.perf_counter(), -1
+    storage.read, tick, kept = 0, time.perf_counter(), ""
     for index in order:  # before: the whole shard for each sample, the last one kept
-        shard = int(dataset._shard_of[index])
+        shard = dataset.location(int(index))[0]
         if shard != kept:
-            storage.read_bytes(uris[shard])
+            storage.read_bytes(shard)
             kept = shard
     before = (storage.read, time.perf_counter() - tick)
 

@@ -280,6 +280,10 @@ class ShardDataset(Dataset[Sample]):
                         int(self._labels[i]), f"{self.shards[int(self._shard_of[i])]}#{self._names[i]}")
                 for i in indices]
 
+    def location(self, index: int) -> tuple[str, int, int]:
+        """Where sample ``index``'s image lies: its shard's URI, the byte offset and size in it."""
+        return self.shards[int(self._shard_of[index])], int(self._offsets[index]), int(self._sizes[index])
+
     def _end(self, index: int) -> int:
         return int(self._offsets[index] + self._sizes[index])
 

@@ -150,6 +150,11 @@ def test_an_indexed_shard_is_not_read_at_start_and_random_samples_are_read_alone
         assert_close(sample.image, want)
         assert sample.label == shards.index(shard) and sample.aspect == (16 + 3 * int(member[:4])) / 16
     assert storage.reads == [("range", shards[i // 6]) for i in (7, 2, 9, 0, 11, 4)]
+    shard, member = dataset[7].key.split("#")
+    with tarfile.open(fileobj=io.BytesIO(plain.read_bytes(shard))) as tar:
+        stored = tar.extractfile(member).read()
+    uri, offset, size = dataset.location(7)
+    assert uri == shard and plain.read_range(uri, offset, size) == stored
     in_order = DataLoader(ShardDataset(storage, shards, load_size=S), batch_size=4, collate_fn=collate_samples)
     storage.reads.clear()
     batches = list(in_order)
