@@ -160,11 +160,14 @@ def silog_loss(prediction: Tensor, target: Tensor, variance_focus: float = 0.85)
 
 
 def head_batches(count: int, config: HeadConfig) -> list[Tensor]:
-    """The rows of each of the ``config.steps`` training batches: epochs of seeded shuffles of
-    ``count`` rows, cut into ``config.batch_size``."""
+    """The sample keys of each of the ``config.steps`` training batches: epochs of seeded shuffles
+    of ``count`` rows, cut into ``config.batch_size``, row ``r`` of step ``s`` keyed ``r + s *
+    count``: the row is ``key % count`` and ``key // count`` its draw, so an augmented split
+    (:class:`~evaluators.dense_datasets.Fit`) crops it anew at every step, alike in a resumed
+    training; held features and splits without augmentation read row ``key % count``."""
     # every epoch yields at least one batch, so ``steps`` epochs suffice; the generator stops early
     batches = epoch_batches(count, config.batch_size, config.steps, torch.Generator().manual_seed(config.seed))
-    return list(itertools.islice(batches, config.steps))
+    return [rows + step * count for step, rows in enumerate(itertools.islice(batches, config.steps))]
 
 
 def class_counts(masks: Tensor, num_classes: int) -> Tensor:
@@ -261,8 +264,9 @@ def row_batches(count: int, batch_size: int = EVAL_BATCH) -> list[range]:
 
 
 def held_batches(tensors: Sequence[Tensor], rows: Iterable[Sequence[int] | Tensor]) -> Iterable[tuple[Tensor, ...]]:
-    """The given ``rows`` of every tensor in ``tensors``, one tuple per group of rows."""
-    return (tuple(t[torch.as_tensor(r)] for t in tensors) for r in rows)
+    """The given ``rows`` of every tensor in ``tensors``, one tuple per group of rows (a row given
+    as a key of :func:`head_batches`, the row ``key % len``)."""
+    return (tuple(t[torch.as_tensor(r) % len(t)] for t in tensors) for r in rows)
 
 
 def _tally(scored: Iterable[tuple[Tensor, Tensor]], add: Callable[[Tensor, Tensor], Tensor],

@@ -74,26 +74,44 @@ class Fit:
       scored at their own resolution through sliding windows (:func:`~evaluators.dense.slid_average`),
       as the original evaluates ADE20K, VOC and Cityscapes (and here NYU's depths alike).
 
+    With ``augment`` (``crop`` only), each draw of a sample (``draw``: how many times the head's
+    training has drawn it before, :func:`~evaluators.dense.head_batches`) places its window anew,
+    flips it left to right with probability 1/2, and with probability 1/2 jitters the image's
+    colours (:func:`colour_jitter`), as the original's heads train on random crops, flips and
+    colour changes (the depth toolbox's ``ColorAug``; mmseg's photometric distortion for
+    segmentation, of which this keeps the brightness and colour changes). Every draw is seeded by
+    ``seed``, the sample and the draw: a resumed training draws the same.
+
     Images resize bilinearly, labels by nearest neighbour (class indices and depths stay values).
     """
 
     mode: str = "square"
     side: int = 224
     seed: int = 0
+    augment: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in FITS or self.side < 1:
             raise ValueError(f"fit mode must be one of {', '.join(FITS)} and side >= 1, got {self.mode!r}, {self.side}")
+        if self.augment and self.mode != "crop":
+            raise ValueError(f"augment draws crops: fit mode 'crop', not {self.mode!r}")
 
-    def image(self, image: Image.Image, index: int) -> np.ndarray:
-        """``(3, h, w)`` uint8 of an RGB image."""
-        return np.array(self._placed(image, index, Image.BILINEAR)).transpose(2, 0, 1)
+    def image(self, image: Image.Image, index: int, draw: int = 0) -> np.ndarray:
+        """``(3, h, w)`` uint8 of an RGB image (``draw``: see the class docstring)."""
+        pixels = np.array(self._placed(image, index, Image.BILINEAR, draw)).transpose(2, 0, 1)
+        if not self.augment:
+            return pixels
+        jitter = np.random.default_rng([self.seed, index, draw, 1])
+        if jitter.random() >= 0.5:
+            return pixels
+        return colour_jitter(pixels, gamma=jitter.uniform(*JITTER_GAMMA), brightness=jitter.uniform(*JITTER_BRIGHTNESS),
+                             colours=jitter.uniform(*JITTER_COLOUR, size=3))
 
-    def labels(self, labels: Image.Image, index: int) -> np.ndarray:
-        """``(h, w)`` labels (as stored with ``whole``)."""
-        return np.array(labels if self.mode == "whole" else self._placed(labels, index, Image.NEAREST))
+    def labels(self, labels: Image.Image, index: int, draw: int = 0) -> np.ndarray:
+        """``(h, w)`` labels (as stored with ``whole``), placed as :meth:`image` places the image."""
+        return np.array(labels if self.mode == "whole" else self._placed(labels, index, Image.NEAREST, draw))
 
-    def _placed(self, picture: Image.Image, index: int, resample: int) -> Image.Image:
+    def _placed(self, picture: Image.Image, index: int, resample: int, draw: int) -> Image.Image:
         width, height = picture.size
         if self.mode == "square":
             return picture.resize((self.side, self.side), resample)
@@ -102,9 +120,22 @@ class Fit:
         resized = picture.resize(size, resample)
         if self.mode == "whole":
             return resized
-        place = np.random.default_rng([self.seed, index])
+        place = np.random.default_rng([self.seed, index, draw] if self.augment else [self.seed, index])
         left, top = (int(place.integers(0, extent - self.side + 1)) for extent in size)
-        return resized.crop((left, top, left + self.side, top + self.side))
+        window = resized.crop((left, top, left + self.side, top + self.side))
+        if self.augment and place.random() < 0.5:
+            return window.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return window
+
+
+JITTER_GAMMA, JITTER_BRIGHTNESS, JITTER_COLOUR = (0.9, 1.1), (0.75, 1.25), (0.9, 1.1)  # the toolbox's ColorAug ranges
+
+
+def colour_jitter(pixels: np.ndarray, gamma: float, brightness: float, colours: np.ndarray) -> np.ndarray:
+    """``(3, h, w)`` uint8 pixels ``x`` as ``clip(255 (x / 255)^gamma * brightness * colour_c)``,
+    rounded: a gamma, a brightness and a gain per channel."""
+    scaled = 255.0 * (pixels / 255.0) ** gamma * brightness * np.asarray(colours, dtype=np.float64)[:, None, None]
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
 class DenseSplit(Dataset[tuple[Tensor, Tensor]]):
@@ -127,16 +158,19 @@ class DenseSplit(Dataset[tuple[Tensor, Tensor]]):
     def __len__(self) -> int:
         return len(self._files)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+    def __getitem__(self, key: int) -> tuple[Tensor, Tensor]:
+        """Sample ``key % len`` at its draw ``key // len`` (the keys of :func:`~evaluators.dense.head_batches`)."""
+        draw, index = divmod(key, len(self._files))
         image, labels = self._decode(self._storage.get().read_bytes, self._files[index], True)
         assert image is not None
-        return torch.from_numpy(np.ascontiguousarray(self.fit.image(image, index))), self._labels(labels, index)
+        return (torch.from_numpy(np.ascontiguousarray(self.fit.image(image, index, draw))),
+                self._labels(labels, index, draw))
 
     def label(self, index: int) -> Tensor:
-        return self._labels(self._decode(self._storage.get().read_bytes, self._files[index], False)[1], index)
+        return self._labels(self._decode(self._storage.get().read_bytes, self._files[index], False)[1], index, 0)
 
-    def _labels(self, labels: Image.Image, index: int) -> Tensor:
-        values = self.fit.labels(labels, index)
+    def _labels(self, labels: Image.Image, index: int, draw: int) -> Tensor:
+        values = self.fit.labels(labels, index, draw)
         return torch.from_numpy(np.ascontiguousarray(self._relabel(values) if self._relabel else values))
 
 
@@ -153,7 +187,9 @@ class ArraySplit(Dataset[tuple[Tensor, Tensor]]):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+    def __getitem__(self, key: int) -> tuple[Tensor, Tensor]:
+        """Sample ``key % len`` (every draw alike: nothing here is augmented)."""
+        index = key % len(self.images)
         return torch.from_numpy(self.images[index]), torch.from_numpy(self.labels[index])
 
     def label(self, index: int) -> Tensor:

@@ -74,9 +74,9 @@ class FeatureSource:
     def batches(self, rows: Iterable[Rows]) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         """(patch features, CLS tokens, labels) of each group of rows, in order: looked up when
         held, else the backbone's on the rows' images (on its device)."""
-        if self.held is not None:
+        if self.held is not None:  # the rows of keys (:func:`~evaluators.dense.head_batches`): key % len
             for r in rows:
-                index = torch.as_tensor(r)
+                index = torch.as_tensor(r) % len(self)
                 yield tuple(t[index] for t in self.held)  # type: ignore[misc]
             return
         for images, labels in self.inputs(rows):

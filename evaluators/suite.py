@@ -24,9 +24,10 @@ The synthetic scenes (:mod:`evaluators.synthetic`) make the dense and retrieval 
 anywhere with exact ground truth; the adapters of :mod:`evaluators.dense_datasets` feed the same
 heads with the real data sets (``seg_data="ade20k:<root>"``, ``"voc:<root>"`` or ``"cityscapes:<root>"``,
 ``depth_data="nyu:<root>"`` or ``"kitti:<root>"``; images at ``image_size``, ``train_limit`` /
-``test_limit`` of each; on a real data set the head trained on square crops of the aspect-kept images
-and tested on whole images through sliding windows at the labels' own resolution, as the original
-scores segmentation), and
+``test_limit`` of each; on a real data set the head trained on square crops of the aspect-kept images,
+drawn anew at each step, flipped and their colours jittered (``dense_augment``; the backbone then runs
+on every head batch), and tested on whole images through sliding windows at the labels' own
+resolution, as the original scores segmentation), and
 :func:`~evaluators.retrieval.load_revisited` the retrieval task (``retrieval_data="roxford5k:<root>"``
 or ``"rparis6k:<root>"``; :func:`~evaluators.retrieval.load_amstertime`, ``"amstertime:<root>"``;
 the longer side at ``image_size``).
@@ -125,6 +126,7 @@ class SuiteConfig:
     depth_head: HeadConfig = field(default_factory=lambda: HeadConfig(steps=1000))  # ~10x a seg step's cost
     depth_head_kind: str = "linear"  # or "dpt": the DPT decoder on 4 evenly spaced blocks (evaluators/dpt.py)
     dense_cache_gib: float = 4.0  # seg, depth: features held when both splits' fit, else made per batch
+    dense_augment: bool = True  # real seg/depth sets: a crop drawn anew each step, flipped, colours jittered
     work_dir: str = ""  # save the long work here (feature pass in parts, dense heads' training); a rerun resumes it
     retrieval_scenes: int = 40
     retrieval_data: str = ""  # "": synthetic sets; roxford5k:<root>, rparis6k:<root> or amstertime:<root>
@@ -244,11 +246,15 @@ def _dense_tasks(backbone: nn.Module, config: SuiteConfig, storage: Storage) -> 
         if given:
             name, _, root = given.partition(":")
             load, (train_split, test_split), label_range = DENSE_SETS[name]
-            fits = (Fit("crop", config.image_size, config.seed), Fit("whole", config.image_size))
-            train, test = sources([load(storage, root, split, fit, limit)
-                                   for split, fit, limit in ((train_split, fits[0], config.train_limit),
-                                                             (test_split, fits[1], config.test_limit))],
-                                  test_read=False, layers=layers)  # scored from the whole images, through windows
+            fits = (Fit("crop", config.image_size, config.seed, config.dense_augment), Fit("whole", config.image_size))
+            splits = [load(storage, root, split, fit, limit)
+                      for split, fit, limit in ((train_split, fits[0], config.train_limit),
+                                                (test_split, fits[1], config.test_limit))]
+            if config.dense_augment:  # each step's crops drawn anew: the backbone runs on every head batch
+                train, test = (FeatureSource(split, backbone, layers, config.amp_dtype, config.num_workers)
+                               for split in splits)
+            else:
+                train, test = sources(splits, test_read=False, layers=layers)  # tested on whole images, by windows
             made[task] = _DenseTask(train, test, float(label_range), None, windowed=True)
             continue
         if scenes is None or scenes.train.layers != layers:  # the scenes' features shared by seg and depth if alike
@@ -290,7 +296,8 @@ def _head_saves(task: str, config: SuiteConfig, storage: Storage, digest: str, l
     if task == "depth" and config.depth_head_kind != "linear":  # (a linear head's saves named as before)
         head["kind"] = config.depth_head_kind
     identity = {"backbone_sha256": digest, "data": data, "head": head,
-                "samples": "crops" if getattr(config, f"{task}_data") else "squares",  # as _dense_tasks sizes them
+                "samples": ("augmented crops" if config.dense_augment else "crops") if getattr(config, f"{task}_data")
+                else "squares",  # as _dense_tasks sizes them
                 "layers": layers, **{name: getattr(config, name) for name in settings}}
     return HeadSaves(storage, join_uri(config.work_dir, f"{task}-head"), identity)
 

@@ -346,6 +346,10 @@ def evaluate(
                                                             "held in memory up to this size, else the backbone "
                                                             "runs on every head batch (ADE20K's: 40 GB with "
                                                             "ViT-S/14)")] = 4.0,
+    dense_augment: Annotated[bool, typer.Option("--dense-augment/--no-dense-augment", help="seg and depth on a "
+                                                "real data set: the heads' training crops drawn anew at each step, "
+                                                "flipped, their colours jittered, as the original's (the backbone "
+                                                "then runs on every head batch)")] = True,
     work_dir: Annotated[str, typer.Option(help="save the long work under this folder (path or URI): knn and "
                                                "linear's feature pass in parts (ImageNet's: an hour on a GPU), "
                                                "the seg and depth heads' training; the same command run again "
@@ -397,6 +401,7 @@ def evaluate(
                                  video_data=video_data, video_frames=video_frames, video_pool=video_pool,
                                  multiscale=ms, precision=precision,
                                  layers=min(4, len(backbone.blocks)) if ms else 1, dense_cache_gib=dense_cache_gib,
+                                 dense_augment=dense_augment,
                                  seg_head=HeadConfig(steps=seg_steps, batch_size=head_batch_size),
                                  depth_head=HeadConfig(steps=depth_steps, batch_size=head_batch_size),
                                  depth_head_kind=depth_head,
@@ -415,6 +420,7 @@ def evaluate(
                             "retrieval_data": retrieval_data, "video_data": video_data,
                             "video_frames": video_frames, "video_pool": video_pool, "ms": ms,
                             "device": device, "precision": precision, "dense_cache_gib": dense_cache_gib,
+                            "dense_augment": dense_augment,
                             "seg_steps": seg_steps, "depth_steps": depth_steps, "depth_head": depth_head,
                             "head_batch_size": head_batch_size,
                             "work_dir": work_dir})

@@ -84,6 +84,49 @@ def test_crops_and_whole_images_keep_the_aspect_and_place_labels_with_pixels(tmp
         Fit("pad", 15)
 
 
+def test_augmented_crops_are_drawn_anew_at_each_draw_flipped_with_their_labels_colours_jittered(
+        tmp_path: Path) -> None:
+    """An ADE20K sample whose label rises with the column (60 x 40, side 28: resized to 42 x 28):
+    each draw (``key // len``) is a 28-wide window of the resized image and mask (PIL's resizes, the
+    reference) at a place of its own, flipped or not alike; its pixels are the window's, or (about
+    half the draws) the window's with its colours jittered, in the same order along a row (gamma,
+    brightness and gains keep it); the same draw again is the same crop; without augment every
+    draw is the sample's one crop."""
+    ramp = np.repeat(np.arange(60)[None, :], 40, axis=0)
+    _jpg(tmp_path / "images" / "training" / "ADE_a.jpg", 0, (60, 40))
+    _png(tmp_path / "annotations" / "training" / "ADE_a.png", ramp + 1, palette=False)  # classes 0..59 once reduced
+    with Image.open(tmp_path / "images" / "training" / "ADE_a.jpg") as raw:
+        resized = np.array(raw.convert("RGB").resize((42, 28), Image.BILINEAR)).transpose(2, 0, 1)
+    with Image.open(tmp_path / "annotations" / "training" / "ADE_a.png") as raw:
+        mask = np.array(raw.resize((42, 28), Image.NEAREST)).astype(np.int64) - 1
+    augmented = load_ade20k(Storage(), str(tmp_path), "training", Fit("crop", 28, seed=1, augment=True))
+    places, jittered = set(), 0
+    for draw in range(24):
+        image, labels = augmented[draw]  # one sample: key = draw
+        assert torch.equal(image, augmented[draw][0]) and torch.equal(labels, augmented[draw][1])  # the same again
+        flip = bool(labels[0, 0] > labels[0, -1])
+        left = next(x for x in range(15) if np.array_equal(mask[:, x:x + 28][:, ::-1 if flip else 1], labels.numpy()))
+        places.add((left, flip))
+        window = resized[:, :, left:left + 28][:, :, ::-1 if flip else 1]
+        if not np.array_equal(image.numpy(), window):
+            jittered += 1
+            order = np.argsort(window[0, 14], kind="stable")
+            assert (np.diff(image[0, 14].numpy()[order].astype(int)) >= 0).all()  # the order kept
+    assert len({flip for _, flip in places}) == 2 and len(places) > 6 and 4 < jittered < 20
+    still = load_ade20k(Storage(), str(tmp_path), "training", Fit("crop", 28, seed=1))
+    assert all(torch.equal(still[0][0], still[draw][0]) for draw in range(1, 6))
+    with pytest.raises(ValueError, match="augment draws crops: fit mode 'crop', not 'whole'"):
+        Fit("whole", 28, augment=True)
+
+
+def test_colour_jitter_is_a_gamma_a_brightness_and_a_gain_per_channel() -> None:
+    from evaluators.dense_datasets import colour_jitter
+
+    pixels = np.array([[[128]], [[250]], [[0]]], dtype=np.uint8)  # one pixel, three channels
+    out = colour_jitter(pixels, gamma=1.1, brightness=1.2, colours=np.array([0.95, 1.0, 1.1]))
+    assert out[:, 0, 0].tolist() == [round(255 * (128 / 255) ** 1.1 * 1.2 * 0.95), 255, 0]  # 250 clipped
+
+
 def test_voc_layout_keeps_boundaries_ignored(tmp_path: Path) -> None:
     ids = ["2007_000032", "2007_000039"]
     (tmp_path / "ImageSets" / "Segmentation").mkdir(parents=True)

@@ -127,13 +127,18 @@ def test_the_suite_scores_alike_with_features_held_or_made_per_batch(tmp_path: P
     voc, nyu = write_halves(tmp_path)
     backbone = _backbone()
     config = SuiteConfig(tasks=("seg", "depth"), seg_data=f"voc:{voc}", depth_data=f"nyu:{nyu}", image_size=28,
-                         seg_head=HeadConfig(steps=40), depth_head=HeadConfig(steps=40))
+                         seg_head=HeadConfig(steps=40), depth_head=HeadConfig(steps=40), dense_augment=False)
     held = run_suite(backbone, config)["metrics"]
     live = run_suite(backbone, replace(config, dense_cache_gib=0.0, num_workers=2))["metrics"]
     assert held.keys() == live.keys()
     for name in ("seg_miou", "seg_pixel_accuracy", "depth_rmse", "depth_abs_rel", "depth_delta1"):
         assert live[name] == pytest.approx(held[name], abs=1e-3), name
     assert held["seg_pixel_accuracy"] > 0.6
+    # augmented crops (the default): made per batch whatever the budget, each step's drawn anew, and
+    # the same again in one worker or two (each draw seeded by the sample and its draw)
+    augmented = [run_suite(backbone, replace(config, dense_augment=True, num_workers=workers))["metrics"]
+                 for workers in (0, 2)]
+    assert augmented[0] == pytest.approx(augmented[1], abs=1e-6) and augmented[0] != pytest.approx(held, abs=1e-6)
     with pytest.raises(ValueError, match="dense_cache_gib must be >= 0"):
         SuiteConfig(tasks=("seg",), dense_cache_gib=-1)
 

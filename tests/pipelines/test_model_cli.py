@@ -319,11 +319,12 @@ def test_eval_suite_runs_segmentation_and_depth_on_real_layouts(weights: Path, t
     voc, nyu = write_halves(tmp_path)
     result = CliRunner().invoke(app, ["eval", "suite", "--weights", str(weights), "--tasks", "seg,depth",
                                       "--seg-data", f"voc:{voc}", "--depth-data", f"nyu:{nyu}", "--image-size", "28",
-                                      "--test-limit", "3", "--dense-cache-gib", "0.5"])
+                                      "--test-limit", "3", "--dense-cache-gib", "0.5", "--no-dense-augment"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert {"seg_miou", "depth_rmse"} <= set(report["metrics"])
     assert report["config"]["seg_data"] == f"voc:{voc}" and report["config"]["dense_cache_gib"] == 0.5
+    assert report["config"]["dense_augment"] is False
     defaults = SuiteConfig(tasks=("seg",))  # the options' defaults are the suite's
     assert (report["config"]["seg_head"], report["config"]["depth_head"]) == (asdict(defaults.seg_head),
                                                                               asdict(defaults.depth_head))
@@ -333,7 +334,7 @@ def test_eval_suite_runs_segmentation_and_depth_on_real_layouts(weights: Path, t
                                        "--seg-steps", "5", "--head-batch-size", "4", "--work-dir", str(tmp_path / "w")])
     assert plus_ms.exit_code == 0, plus_ms.output
     config = json.loads(plus_ms.stdout)["config"]
-    assert (config["layers"], config["multiscale"]) == (2, True)  # the fixture's 2 blocks
+    assert (config["layers"], config["multiscale"], config["dense_augment"]) == (2, True, True)  # 2 blocks
     assert (config["seg_head"]["steps"], config["seg_head"]["batch_size"]) == (5, 4)
     assert (tmp_path / "w" / "seg-head" / "head_state.pt").is_file()  # the head's training, saved at its end
     assert 0 < json.loads(plus_ms.stdout)["metrics"]["seg_miou"] <= 1
