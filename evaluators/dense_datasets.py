@@ -3,7 +3,8 @@
 Every split is a :class:`~torch.utils.data.Dataset` whose item ``i`` is an image ``(3, h, w)``
 uint8 and its labels ``(h', w')``: a class-index mask uint8 (255 = ignore) or a depth map float32
 in metres (0 = unknown), sized by the split's :class:`Fit`: squares (the synthetic scenes' way,
-aspect distorted), fixed square crops of the aspect-kept image (a head's training samples), or the
+aspect distorted), square crops of the aspect-kept image (a head's training samples: one per image,
+or drawn anew, flipped and colour-jittered at each step), or the
 whole aspect-kept image with the labels as stored (scored through sliding windows, the original's
 protocol for ADE20K, VOC and Cityscapes, used for NYU too). A split lists its files when made (a missing split fails
 there) and decodes a sample when asked, so a DataLoader's workers decode in parallel and nothing
