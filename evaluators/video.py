@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dinoflow.progress import progress
 from dinoflow.storage import Storage, join_uri
+from evaluators.classification import CROP_RATIO, MAX_BAD_FRACTION
 from evaluators.features import to_model_input
 from evaluators.linear import LinearProbeConfig, linear_probe
 from evaluators.visualize import save_image_grid
@@ -59,8 +60,6 @@ Pool = Literal["mean", "concat"]
 POOLS = ("mean", "concat")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov")  # read by PyAV
 ANIMATED_EXTENSIONS = (".gif", ".webp")  # read by Pillow
-CROP_RATIO = 0.875  # as the image benchmarks: resize to 256, centre crop 224
-MAX_BAD_FRACTION = 0.05
 DIRECTIONS = ("left", "right", "up", "down")  # the synthetic clips' classes
 VIDEO_PICTURE = "video_frames.png"
 
