@@ -187,18 +187,25 @@ class RevisitedImages(Dataset[Tensor]):
         return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
 
 
+def file_descriptors(backbone: nn.Module, storage: Storage, files: list[str], size: int, what: str,
+                     boxes: list[Box] | None = None, pooling: Pooling = "cls", amp_dtype: torch.dtype | None = None,
+                     num_workers: int = 0) -> Tensor:
+    """:func:`global_descriptors` ``(N, D)`` of the images at ``files`` (:class:`RevisitedImages` at
+    ``size``, cropped to ``boxes`` when given), one image at a time: no two need share a shape."""
+    patch = int(backbone.patch_size)
+    device = next(backbone.parameters()).device
+    loader = DataLoader(RevisitedImages(storage, files, size, patch, boxes), batch_size=1, num_workers=num_workers)
+    return torch.cat([global_descriptors(backbone, to_model_input(image.to(device), patch_size=patch), pooling,
+                                         amp_dtype=amp_dtype)
+                      for image in progress(loader, what, unit="image")])
+
+
 def revisited_descriptors(backbone: nn.Module, data: RevisitedDataset, storage: Storage, size: int,
                           pooling: Pooling = "cls", amp_dtype: torch.dtype | None = None,
                           num_workers: int = 0) -> tuple[Tensor, Tensor]:
-    """:func:`global_descriptors` of the queries (cropped to their boxes) and of the database
-    images of ``data`` (:class:`RevisitedImages` at ``size``): ``(queries, database)``."""
-    patch = int(backbone.patch_size)
-    device = next(backbone.parameters()).device
-    described = []
-    for what, files, boxes in (("queries", data.query_files, data.query_boxes), ("database", data.image_files, None)):
-        loader = DataLoader(RevisitedImages(storage, files, size, patch, boxes), batch_size=1,
-                            num_workers=num_workers)
-        described.append(torch.cat([global_descriptors(backbone, to_model_input(image.to(device), patch_size=patch),
-                                                       pooling, amp_dtype=amp_dtype)
-                                    for image in progress(loader, f"{data.name} {what}", unit="image")]))
-    return described[0], described[1]
+    """:func:`file_descriptors` of the queries (cropped to their boxes) and of the database images
+    of ``data``: ``(queries, database)``."""
+    return (file_descriptors(backbone, storage, data.query_files, size, f"{data.name} queries", data.query_boxes,
+                             pooling, amp_dtype, num_workers),
+            file_descriptors(backbone, storage, data.image_files, size, f"{data.name} database", None, pooling,
+                             amp_dtype, num_workers))

@@ -12,7 +12,8 @@ Tasks:
 * ``depth``: the linear depth head (or DPT's decoder, ``depth_head_kind="dpt"``) on the same scenes,
   or on NYU-Depth v2 or KITTI (``depth_data``) (RMSE, AbsRel, delta1);
 * ``retrieval``: CLS descriptors on synthetic retrieval sets, or on revisited Oxford or Paris
-  (``retrieval_data``) (mAP easy/medium/hard), or AmsterTime (mAP, recall at 1 and 5);
+  (``retrieval_data``) (mAP easy/medium/hard), AmsterTime (mAP, recall at 1 and 5) or the Met
+  (GAP of the k-NN recogniser, :mod:`evaluators.met`);
 * ``video``: the linear probe on ``video_frames`` frames' CLS tokens, averaged or concatenated
   (``video_pool``), on synthetic clips or on class folders of videos (``video_data``: UCF-101,
   Kinetics-400, Something-Something v2) (:mod:`evaluators.video`; top-1);
@@ -30,7 +31,7 @@ on every head batch), and tested on whole images through sliding windows at the 
 resolution, as the original scores segmentation), and
 :func:`~evaluators.retrieval.load_revisited` the retrieval task (``retrieval_data="roxford5k:<root>"``
 or ``"rparis6k:<root>"``; :func:`~evaluators.retrieval.load_amstertime`, ``"amstertime:<root>"``;
-the longer side at ``image_size``).
+:func:`~evaluators.met.load_met`, ``"met:<root>"``; the longer side at ``image_size``).
 
 The report is ``{"metrics": {flat name: value}, "tasks": {...}, "config": {...}}`` (plus the
 classification ``features`` ``[train_x, train_y, test_x, test_y]`` for plots, not for JSON);
@@ -78,6 +79,7 @@ from evaluators.features import patch_sides, to_model_input
 from evaluators.knn import knn_predict
 from evaluators.linear import LinearProbeConfig
 from evaluators.logreg import LogRegConfig
+from evaluators.met import load_met, met_recognition
 from evaluators.report import classification_report, knn_accuracies, knn_bank, report_metrics
 from evaluators.retrieval import (global_descriptors, load_amstertime, load_revisited, pair_retrieval, rank_database,
                                   revisited_descriptors)
@@ -95,7 +97,7 @@ from evaluators.visualize import (
 
 TASKS = ("knn", "linear", "logreg", "seg", "depth", "retrieval", "video")
 CLASSIFICATION_TASKS = ("knn", "linear", "logreg")  # on labelled images (data_uri)
-RETRIEVAL_SETS = ("roxford5k", "rparis6k", "amstertime")  # retrieval_data's data sets
+RETRIEVAL_SETS = ("roxford5k", "rparis6k", "amstertime", "met")  # retrieval_data's data sets
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # the feature pass's autocast dtype
 
 
@@ -129,7 +131,7 @@ class SuiteConfig:
     dense_augment: bool = True  # real seg/depth sets: a crop drawn anew each step, flipped, colours jittered
     work_dir: str = ""  # save the long work here (feature pass in parts, dense heads' training); a rerun resumes it
     retrieval_scenes: int = 40
-    retrieval_data: str = ""  # "": synthetic sets; roxford5k:<root>, rparis6k:<root> or amstertime:<root>
+    retrieval_data: str = ""  # "": synthetic; roxford5k:<root>, rparis6k:<root>, amstertime:<root> or met:<root>
     video_data: str = ""  # "": synthetic clips (drawn at scene_size); else <root>/train/<class>/<video>, val/ or test/
     video_frames: int = 8  # frames of each video through the backbone
     video_pool: str = "mean"  # their CLS tokens averaged (UCF-101, Kinetics) or concatenated (SSv2): "concat"
@@ -364,9 +366,13 @@ def _depth(data: _DenseTask, config: SuiteConfig, device: torch.device, saves: H
 
 def _retrieval(backbone: nn.Module, config: SuiteConfig, storage: Storage) -> dict[str, float]:
     """mAP (easy, medium, hard) of CLS descriptors on revisited Oxford or Paris, else on synthetic
-    sets; on AmsterTime its mAP and recalls at 1 and 5 (:func:`~evaluators.retrieval.pair_retrieval`)."""
+    sets; on AmsterTime its mAP and recalls at 1 and 5 (:func:`~evaluators.retrieval.pair_retrieval`);
+    on the Met its GAP (:func:`~evaluators.met.met_recognition`)."""
     if config.retrieval_data:
         name, _, root = config.retrieval_data.partition(":")
+        if name == "met":
+            return met_recognition(backbone, load_met(storage, root), storage, config.image_size,
+                                   amp_dtype=config.amp_dtype, num_workers=config.num_workers)
         revisited = load_amstertime(storage, root) if name == "amstertime" else load_revisited(storage, root, name)
         queries, database = revisited_descriptors(backbone, revisited, storage, config.image_size,
                                                   amp_dtype=config.amp_dtype, num_workers=config.num_workers)

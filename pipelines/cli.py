@@ -327,8 +327,9 @@ def evaluate(
                                                  "input/, gt_depth/); default: synthetic scenes")] = "",
     retrieval_data: Annotated[str, typer.Option(help="retrieval on revisited Oxford or Paris, roxford5k:<root> "
                                                      "or rparis6k:<root> (gnd_<name>.pkl, jpg/), or AmsterTime, "
-                                                     "amstertime:<root> (old/ and new/, pairs by name); the longer "
-                                                     "side at --image-size; default: synthetic sets")] = "",
+                                                     "amstertime:<root> (old/ and new/, pairs by name), or the Met's "
+                                                     "GAP, met:<root> (ground_truth/, images/); the longer side at "
+                                                     "--image-size; default: synthetic sets")] = "",
     video_data: Annotated[str, typer.Option(help="video on class folders of videos, <root>/train/<class>/<video> "
                                                  "and val/ (UCF-101, Kinetics-400, SSv2; a video a file or a folder "
                                                  "of frames); default: synthetic clips")] = "",

@@ -1,0 +1,163 @@
+"""The Met: recognising museum exhibits from visitors' photographs, scored by GAP (the original's
+third instance-level benchmark, beside Oxford/Paris and AmsterTime).
+
+The data set (Ypsilantis et al., NeurIPS 2021) holds studio photographs of the Metropolitan
+Museum's exhibits, one class per exhibit, and queries taken by visitors; most queries are
+distractors (no Met exhibit, or no art at all) that a recogniser should answer with low
+confidence. Its release reads here as::
+
+    <root>/ground_truth/MET_database.json   [{"path": "MET/<id>/<n>.jpg", "id": <id>}, ...]
+                        (or mini_MET_database.json, the smaller database of the exhibits queried)
+    <root>/ground_truth/valset.json, testset.json   [{"path": ..., "MET_id": <id>}, ...]
+                        (an entry without MET_id is a distractor)
+    <root>/images/<path>
+
+The protocol is the data set's k-NN classifier on L2-normalised global descriptors: of the ``k``
+nearest database images each exhibit among them keeps its highest similarity ``s_c``, and a
+softmax over all ``n`` exhibits of the database, those not among the neighbours at similarity 0,
+gives the prediction (the nearest neighbour's exhibit) and its confidence
+``p = exp(t s_1) / (sum_c exp(t s_c) + n - u)`` (``u`` exhibits among the neighbours). ``k`` and
+the temperature ``t`` are tuned on the validation queries over the data set's grid, by GAP.
+
+GAP (global average precision, micro-averaged over queries) sorts every query's prediction by
+confidence and is ``GAP = (1/M) sum_i P(i) rel(i)``: ``P(i)`` the precision of the first ``i``
+predictions, ``rel(i)`` 1 where the ``i``-th is right, ``M`` the queries that show an exhibit. A
+distractor predicted confidently pushes every right answer below it down the list.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from dinoflow.storage import Storage, join_uri
+from evaluators.retrieval import file_descriptors, rank_database
+
+K_GRID = (1, 2, 3, 5, 7, 10, 15, 20, 50)  # the data set's tuning grid
+TEMPERATURE_GRID = (0.01, 0.1, 1.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 50.0, 100.0, 500.0)
+DISTRACTOR = -1  # a query's label when it shows no exhibit of the database
+QUERY_SPLITS = ("val", "test")
+
+
+@dataclass(frozen=True)
+class MetDataset:
+    """The database's image files and exhibit ids, and each query split's files and ids
+    (:data:`DISTRACTOR` for distractors); ``database`` names the file read (full or mini)."""
+
+    database: str
+    database_files: list[str]
+    database_labels: np.ndarray
+    query_files: dict[str, list[str]]
+    query_labels: dict[str, np.ndarray]
+
+
+def _entries(storage: Storage, uri: str, label_key: str, required: bool) -> tuple[list[str], np.ndarray]:
+    """The ``path`` and ``label_key`` of each entry of a ground-truth JSON list (a missing
+    optional label: :data:`DISTRACTOR`)."""
+    try:
+        entries = json.loads(storage.read_bytes(uri))
+        paths = [str(entry["path"]) for entry in entries]
+        labels = [int(entry[label_key]) if required or label_key in entry else DISTRACTOR for entry in entries]
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{uri}: not a Met ground truth, expected a list of {{\"path\": ..., \"{label_key}\": "
+                         f"<exhibit id>}} ({err!r})") from None
+    ids = np.asarray(labels, dtype=np.int64)
+    if (ids < (0 if required else DISTRACTOR)).any():
+        raise ValueError(f"{uri}: exhibit ids must be >= 0 ({DISTRACTOR} marks a distractor in the query sets)")
+    return paths, ids
+
+
+def load_met(storage: Storage, root: str) -> MetDataset:
+    """Read the Met's ground truth under ``<root>/ground_truth`` (the full database where it is
+    there, else the mini one) and name its images under ``<root>/images``."""
+    truth = join_uri(root, "ground_truth")
+    names = ("MET_database.json", "mini_MET_database.json")
+    found = [name for name in names if storage.exists(join_uri(truth, name))]
+    missing = [name for name in ("valset.json", "testset.json") if not storage.exists(join_uri(truth, name))]
+    if not found or missing:
+        raise FileNotFoundError(f"not the Met's ground truth at {truth}: it needs {' or '.join(names)}, valset.json "
+                                f"and testset.json (missing: {', '.join(missing or names)})")
+    database_paths, database_labels = _entries(storage, join_uri(truth, found[0]), "id", required=True)
+    if not database_paths:
+        raise ValueError(f"{join_uri(truth, found[0])}: the database is empty")
+    files, labels = {}, {}
+    for split in QUERY_SPLITS:
+        paths, labels[split] = _entries(storage, join_uri(truth, f"{split}set.json"), "MET_id", required=False)
+        if not (labels[split] != DISTRACTOR).any():
+            raise ValueError(f"{join_uri(truth, f'{split}set.json')}: no query shows an exhibit (GAP divides by "
+                             "their number)")
+        files[split] = [join_uri(root, "images", path) for path in paths]
+    return MetDataset("mini" if found[0].startswith("mini") else "full",
+                      [join_uri(root, "images", path) for path in database_paths], database_labels, files, labels)
+
+
+def knn_recognise(similarities: np.ndarray, neighbour_labels: np.ndarray, num_classes: int,
+                  temperature: float) -> tuple[np.ndarray, np.ndarray]:
+    """Predictions and confidences of the Met's k-NN classifier from each query's ``k`` nearest
+    neighbours ``(Q, k)``, most similar first: the nearest's exhibit, and its softmax probability
+    over the ``num_classes`` exhibits (each at its best neighbour's similarity, the absent at 0)."""
+    same = neighbour_labels[:, :, None] == neighbour_labels[:, None, :]
+    first = ~np.tril(same, k=-1).any(axis=2)  # an exhibit's first (most similar) neighbour
+    logits = np.where(first, temperature * similarities, -np.inf)
+    absent = num_classes - first.sum(axis=1)
+    with np.errstate(divide="ignore"):  # each absent exhibit adds exp(t x 0); none: log 0
+        denominator = np.logaddexp(np.logaddexp.reduce(logits, axis=1), np.log(absent))
+    return neighbour_labels[:, 0].copy(), np.exp(temperature * similarities[:, 0] - denominator)
+
+
+def gap(predictions: np.ndarray, confidences: np.ndarray, truths: np.ndarray) -> float:
+    """Global average precision: ``(1/M) sum_i P(i) rel(i)`` over the predictions sorted by
+    confidence (ties in the given order), ``M`` the queries that are not distractors."""
+    shown = truths != DISTRACTOR
+    if not shown.any():
+        raise ValueError("GAP needs at least one query that shows an exhibit")
+    order = np.argsort(-confidences, kind="stable")
+    right = ((predictions == truths) & shown)[order]
+    precision = np.cumsum(right) / np.arange(1, len(right) + 1)
+    return float((precision * right).sum() / shown.sum())
+
+
+def recognition_scores(predictions: np.ndarray, confidences: np.ndarray, truths: np.ndarray) -> dict[str, float]:
+    """GAP, GAP over the non-distractor queries alone (``gap_no_distractors``, the data set's GAP-)
+    and their accuracy."""
+    shown = truths != DISTRACTOR
+    return {"gap": gap(predictions, confidences, truths),
+            "gap_no_distractors": gap(predictions[shown], confidences[shown], truths[shown]),
+            "accuracy": float(np.mean(predictions[shown] == truths[shown]))}
+
+
+def tuned_recognition(database: torch.Tensor, database_labels: np.ndarray, queries: dict[str, torch.Tensor],
+                      query_labels: dict[str, np.ndarray]) -> dict[str, float]:
+    """Test scores (:func:`recognition_scores`) of the k-NN classifier at the ``k`` and temperature
+    of the best validation GAP over :data:`K_GRID` x :data:`TEMPERATURE_GRID` (the ``k`` at most the
+    database's size), with them and the validation GAP."""
+    num_classes = len(np.unique(database_labels))
+    ks = [k for k in K_GRID if k <= len(database)] or [len(database)]
+    neighbours = {}
+    for split in QUERY_SPLITS:
+        ranking, similarity = rank_database(queries[split], database)
+        neighbours[split] = similarity[:, :ks[-1]], database_labels[ranking[:, :ks[-1]]]
+    similarity, labels = neighbours["val"]
+    tried = [(gap(*knn_recognise(similarity[:, :k], labels[:, :k], num_classes, t), query_labels["val"]), -i, k, t)
+             for i, (k, t) in enumerate((k, t) for k in ks for t in TEMPERATURE_GRID)]
+    val_gap, _, k, temperature = max(tried)  # the first of equal GAPs
+    similarity, labels = neighbours["test"]
+    scores = recognition_scores(*knn_recognise(similarity[:, :k], labels[:, :k], num_classes, temperature),
+                                query_labels["test"])
+    return {**scores, "val_gap": val_gap, "k": float(k), "temperature": float(temperature)}
+
+
+def met_recognition(backbone: nn.Module, data: MetDataset, storage: Storage, size: int,
+                    amp_dtype: torch.dtype | None = None, num_workers: int = 0) -> dict[str, float]:
+    """The Met's scores (:func:`tuned_recognition`) of the backbone's CLS descriptors, every image's
+    longer side at ``size`` as the other retrieval sets read theirs."""
+    described = {split: file_descriptors(backbone, storage, files, size, f"met {split} queries",
+                                         amp_dtype=amp_dtype, num_workers=num_workers)
+                 for split, files in data.query_files.items()}
+    database = file_descriptors(backbone, storage, data.database_files, size, f"met {data.database} database",
+                                amp_dtype=amp_dtype, num_workers=num_workers)
+    return tuned_recognition(database, data.database_labels, described, data.query_labels)

@@ -1,0 +1,163 @@
+"""The Met: its k-NN recogniser against a plain loop, GAP against scikit-learn's average
+precision, the ground truth's layout, and the suite's scores against the protocol run by hand."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.metrics import average_precision_score
+
+from dinoflow.storage import Storage
+from evaluators.features import to_model_input
+from evaluators.met import (DISTRACTOR, K_GRID, TEMPERATURE_GRID, gap, knn_recognise, load_met,
+                            recognition_scores)
+from evaluators.retrieval import global_descriptors
+from trainer.models.vit import build_vit
+
+
+def recognise_by_loop(similarities: np.ndarray, labels: np.ndarray, num_classes: int,
+                      temperature: float) -> tuple[np.ndarray, np.ndarray]:
+    """The data set's classifier written out: each exhibit's best similarity, a softmax over all."""
+    predictions, confidences = [], []
+    for sims, names in zip(similarities, labels):
+        best: dict[int, float] = {}
+        for sim, name in zip(sims, names):
+            best[int(name)] = max(best.get(int(name), -math.inf), float(sim))
+        weights = {name: math.exp(temperature * sim) for name, sim in best.items()}
+        total = sum(weights.values()) + (num_classes - len(best))
+        name = max(weights, key=weights.get)
+        predictions.append(name)
+        confidences.append(weights[name] / total)
+    return np.array(predictions), np.array(confidences)
+
+
+def test_knn_recogniser_matches_a_plain_loop() -> None:
+    rng = np.random.default_rng(0)
+    similarities = -np.sort(-rng.uniform(-1, 1, size=(40, 7)), axis=1)
+    labels = rng.integers(0, 4, size=(40, 7))  # repeats: an exhibit keeps its best neighbour
+    for temperature in (0.01, 1.0, 25.0, 500.0):
+        predictions, confidences = knn_recognise(similarities, labels, 9, temperature)
+        expected_predictions, expected_confidences = recognise_by_loop(similarities, labels, 9, temperature)
+        np.testing.assert_array_equal(predictions, expected_predictions)
+        np.testing.assert_allclose(confidences, expected_confidences, rtol=1e-9, atol=1e-300)
+    one = knn_recognise(np.array([[0.9, 0.5]]), np.array([[3, 3]]), 1, 10.0)  # the only exhibit: certain
+    assert one[0].tolist() == [3] and one[1] == pytest.approx([1.0])
+
+
+def test_gap_against_average_precision() -> None:
+    """With distinct confidences GAP is scikit-learn's average precision of the right answers
+    scaled by their share of the M non-distractor queries (its recall runs to the right ones only)."""
+    rng = np.random.default_rng(1)
+    truths = rng.integers(0, 5, size=200)
+    truths[rng.random(200) < 0.6] = DISTRACTOR
+    predictions = np.where(rng.random(200) < 0.5, truths, rng.integers(0, 5, size=200))
+    predictions[truths == DISTRACTOR] = rng.integers(0, 5, size=(truths == DISTRACTOR).sum())
+    confidences = rng.random(200)
+    right = (predictions == truths) & (truths != DISTRACTOR)
+    expected = average_precision_score(right, confidences) * right.sum() / (truths != DISTRACTOR).sum()
+    assert gap(predictions, confidences, truths) == pytest.approx(expected, abs=1e-12)
+    # by hand: right at 0.9, a confident distractor at 0.8, right at 0.7, wrong at 0.1: (1 + 2/3) / 3
+    assert gap(np.array([1, 2, 3, 0]), np.array([0.9, 0.8, 0.7, 0.1]), np.array([1, DISTRACTOR, 3, 4])) == \
+        pytest.approx((1 + 2 / 3) / 3)
+    scores = recognition_scores(np.array([1, 2, 3, 0]), np.array([0.9, 0.8, 0.7, 0.1]), np.array([1, -1, 3, 4]))
+    assert scores["gap_no_distractors"] == pytest.approx((1 + 1) / 3) and scores["accuracy"] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="at least one query that shows an exhibit"):
+        gap(np.array([1]), np.array([0.5]), np.array([DISTRACTOR]))
+
+
+def write_met(root, rng: np.random.Generator, exhibits: int = 6) -> dict[str, list[tuple[str, int]]]:
+    """A Met-shaped folder: each exhibit a random picture, two noisy photographs of it in the
+    database, one in each query split, and two distractor queries per split."""
+    (root / "ground_truth").mkdir(parents=True)
+    bases = rng.integers(0, 256, size=(exhibits, 56, 56, 3))
+    entries: dict[str, list[tuple[str, int]]] = {"db": [], "val": [], "test": []}
+
+    def save(path: str, picture: np.ndarray) -> None:
+        (root / "images" / path).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(picture, 0, 255).astype(np.uint8)).save(root / "images" / path)
+
+    for exhibit, base in enumerate(bases):
+        exhibit_id = 100 + 7 * exhibit
+        for n in range(2):
+            save(f"MET/{exhibit_id}/{n}.png", base + rng.normal(0, 20, base.shape))
+            entries["db"].append((f"MET/{exhibit_id}/{n}.png", exhibit_id))
+        for split in ("val", "test"):
+            save(f"{split}_met/{exhibit}.png", base + rng.normal(0, 60, base.shape))
+            entries[split].append((f"{split}_met/{exhibit}.png", exhibit_id))
+    for split in ("val", "test"):
+        for n in range(2):
+            save(f"{split}_other/{n}.png", rng.integers(0, 256, size=(56, 56, 3)))
+            entries[split].append((f"{split}_other/{n}.png", DISTRACTOR))
+    (root / "ground_truth" / "MET_database.json").write_text(json.dumps([{"path": p, "id": i} for p, i in entries["db"]]))
+    for split in ("val", "test"):
+        listed = [{"path": p, "MET_id": i} if i != DISTRACTOR else {"path": p} for p, i in entries[split]]
+        (root / "ground_truth" / f"{split}set.json").write_text(json.dumps(listed))
+    return entries
+
+
+def test_the_suite_scores_the_met_as_its_protocol_run_by_hand(tmp_path) -> None:
+    from evaluators.suite import SuiteConfig, run_suite
+
+    torch.manual_seed(0)
+    backbone = build_vit("vit_small", patch_size=7, embed_dim=32, depth=2, num_heads=2, img_size=28,
+                         layerscale_init=1.0).eval()
+    root = tmp_path / "met"
+    entries = write_met(root, np.random.default_rng(2))
+    data = load_met(Storage(), str(root))
+    assert data.database == "full" and len(data.database_files) == 12
+    assert data.query_labels["test"].tolist() == [i for _, i in entries["test"]]
+    report = run_suite(backbone, SuiteConfig(tasks=("retrieval",), retrieval_data=f"met:{root}", image_size=28))
+
+    def described(split: str) -> torch.Tensor:  # 56 px squares: the longer side to 28 as the protocol resizes
+        pixels = [np.array(Image.open(root / "images" / path).convert("RGB").resize((28, 28), Image.BICUBIC))
+                  for path, _ in entries[split]]
+        return global_descriptors(backbone, to_model_input(torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2),
+                                                           patch_size=7)).double().numpy()
+
+    database, labels = described("db"), np.array([i for _, i in entries["db"]])
+
+    def scored(split: str, k: int, temperature: float) -> dict[str, float]:
+        similarity = described(split) @ database.T
+        order = np.argsort(-similarity, axis=1, kind="stable")[:, :k]
+        truths = np.array([i for _, i in entries[split]])
+        return recognition_scores(*recognise_by_loop(np.take_along_axis(similarity, order, 1), labels[order], 6,
+                                                     temperature), truths)
+
+    grid = [(scored("val", k, t)["gap"], k, t) for k in K_GRID if k <= 12 for t in TEMPERATURE_GRID]
+    best = max(value for value, _, _ in grid)
+    k, temperature = next((k, t) for value, k, t in grid if value >= best - 1e-9)
+    result = report["tasks"]["retrieval"]
+    assert (result["k"], result["temperature"]) == (k, temperature) and result["val_gap"] == pytest.approx(best)
+    for name, value in scored("test", k, temperature).items():
+        assert result[name] == pytest.approx(value, abs=1e-6)
+        assert report["metrics"][f"retrieval_{name}"] == result[name]
+    assert result["accuracy"] > 1 / 6  # the noisy photographs found their exhibits better than chance
+
+    (root / "ground_truth" / "MET_database.json").rename(root / "ground_truth" / "mini_MET_database.json")
+    assert load_met(Storage(), str(root)).database == "mini"
+
+
+def test_met_ground_truth_errors_name_the_file_and_what_is_allowed(tmp_path) -> None:
+    root = tmp_path / "met"
+    write_met(root, np.random.default_rng(3), exhibits=2)
+    (root / "ground_truth" / "valset.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"needs MET_database.json or mini_MET_database.json, valset.json "
+                                                r"and testset.json \(missing: valset.json\)"):
+        load_met(Storage(), str(root))
+    (root / "ground_truth" / "valset.json").write_text(json.dumps([{"path": "x.png"}]))
+    with pytest.raises(ValueError, match="valset.json: no query shows an exhibit"):
+        load_met(Storage(), str(root))
+    (root / "ground_truth" / "valset.json").write_text(json.dumps([{"file": "x.png", "MET_id": 1}]))
+    with pytest.raises(ValueError, match=r"valset.json: not a Met ground truth, expected a list of "
+                                         r"\{\"path\": ..., \"MET_id\": <exhibit id>\}"):
+        load_met(Storage(), str(root))
+    (root / "ground_truth" / "MET_database.json").write_text(json.dumps([{"path": "a.png", "id": -3}]))
+    with pytest.raises(ValueError, match="MET_database.json: exhibit ids must be >= 0"):
+        load_met(Storage(), str(root))
+    with pytest.raises(FileNotFoundError, match="not the Met's ground truth"):
+        load_met(Storage(), str(tmp_path / "nothing"))
