@@ -29,6 +29,10 @@ holds a whole split: ADE20K's 20k training images are 16 GB of pixels at 512 px.
   under ``input/``, the projected LiDAR depth (a 16-bit PNG, metres x 256, 0 unknown) under
   ``gt_depth/`` (``None``: a frame without one, skipped). Both cut to the bottom-centred 352 x 1216
   (KB crop), depths beyond 80 m unknown, the test split scored inside the Garg crop (:func:`garg_crop`).
+* **SUN RGB-D** (the toolbox's layout, where NYU-trained heads are tested): ``SUNRGBD_{train,val}_splits.txt``
+  lines ``<image> <depth>``, paths under the root; a depth a 16-bit PNG of millimetres with its bits
+  rotated left by 3, as the data set stores them; capped at 8 m, the val split scored at NYU's Eigen
+  rows and columns (:func:`sunrgbd_crop`).
 
 :class:`ArraySplit` serves arrays already in memory (the synthetic scenes) the same way.
 """
@@ -313,20 +317,59 @@ def load_kitti(storage: Storage, root: str, split: str, fit: Fit | int, limit: i
     if not storage.exists(listing):
         raise FileNotFoundError(f"KITTI split list {listing} is missing (lines '<image> <depth> <focal>', the "
                                 "image under input/, the depth under gt_depth/)")
-    files, names = [], []
+    pairs = _listed_pairs(storage, listing)
+    files = [(join_uri(root, "input", image), join_uri(root, "gt_depth", depth)) for image, depth in pairs]
+    names = [image.replace("/", "_").removesuffix(".png") for image, _ in pairs]
+    files, names = (files[:limit], names[:limit]) if limit else (files, names)
+    return DenseSplit(storage, files, names, _kitti_sample, fit, f"KITTI frames with depth in {listing}",
+                      garg_crop if split == "test" else None)
+
+
+def _listed_pairs(storage: Storage, listing: str) -> list[tuple[str, str]]:
+    """The ``(image, depth)`` paths of a depth toolbox split list (lines ``<image> <depth> [...]``),
+    leading slashes dropped; a frame whose depth is ``None`` (none projected) is skipped."""
+    pairs = []
     for number, line in enumerate(storage.read_bytes(listing).decode().splitlines(), 1):
         fields = line.split()
         if not fields:
             continue
         if len(fields) < 2:
             raise ValueError(f"{listing} line {number}: {line!r} is not '<image> <depth> [<focal>]'")
-        if fields[1] == "None":  # a frame without projected depth
-            continue
-        files.append((join_uri(root, "input", fields[0]), join_uri(root, "gt_depth", fields[1])))
-        names.append(fields[0].replace("/", "_").removesuffix(".png"))
-    files, names = (files[:limit], names[:limit]) if limit else (files, names)
-    return DenseSplit(storage, files, names, _kitti_sample, fit, f"KITTI frames with depth in {listing}",
-                      garg_crop if split == "test" else None)
+        if fields[1] != "None":
+            pairs.append((fields[0].lstrip("/"), fields[1].lstrip("/")))
+    return pairs
+
+
+SUN_MAX_DEPTH = 8.0  # metres: SUN RGB-D's depths and the predictions scored on it are capped here, as the toolbox does
+
+
+def _sunrgbd_sample(read: Callable[[str], bytes], files: tuple[str, ...],
+                    with_image: bool) -> tuple[Image.Image | None, Image.Image]:
+    image_uri, depth_uri = files
+    depth = Image.open(io.BytesIO(read(depth_uri)))
+    if depth.mode not in ("I", "I;16", "I;16B"):
+        raise ValueError(f"{depth_uri}: a SUN RGB-D depth map is a 16-bit PNG, got mode {depth.mode}")
+    stored = np.asarray(depth, dtype=np.int64).astype(np.uint16)
+    metres = (np.right_shift(stored, 3) | np.left_shift(stored, 13)).astype(np.float32) / 1000  # its bits rotated by 3
+    image = _image(read(image_uri)) if with_image else None
+    if image is not None and image.size != depth.size:
+        raise ValueError(f"{image_uri}: {image.size} differs from its depth map's {depth.size}")
+    return image, Image.fromarray(np.minimum(metres, SUN_MAX_DEPTH), mode="F")
+
+
+def load_sunrgbd(storage: Storage, root: str, split: str, fit: Fit | int, limit: int = 0) -> DenseSplit:
+    """SUN RGB-D images and depths (metres, 0 unknown, capped at :data:`SUN_MAX_DEPTH`) of ``split``,
+    the frames listed in ``SUNRGBD_<split>_splits.txt`` (paths under ``root``), the depth toolbox's
+    layout of the set that NYU-trained heads are tested on; the val split's depths outside NYU's
+    Eigen rows and columns unknown (:func:`sunrgbd_crop`)."""
+    listing = join_uri(root, f"SUNRGBD_{split}_splits.txt")
+    if not storage.exists(listing):
+        raise FileNotFoundError(f"SUN RGB-D split list {listing} is missing (lines '<image> <depth>', paths under "
+                                f"{root}; splits: train, val)")
+    pairs = _listed_pairs(storage, listing)[: limit or None]
+    return DenseSplit(storage, [(join_uri(root, image), join_uri(root, depth)) for image, depth in pairs],
+                      [image.replace("/", "_").rsplit(".", 1)[0] for image, _ in pairs], _sunrgbd_sample, fit,
+                      f"SUN RGB-D frames with depth in {listing}", sunrgbd_crop if split == "val" else None)
 
 
 GARG_CROP = (0.40810811, 0.99189189, 0.03594771, 0.96405229)  # the share of rows, columns of a frame scored
@@ -357,6 +400,16 @@ def eigen_crop(depth: np.ndarray) -> np.ndarray:
     top, bottom, left, right = (round(edge * side) for edge, side in zip(
         (EIGEN_CROP[0] / 480, EIGEN_CROP[1] / 480, EIGEN_CROP[2] / 640, EIGEN_CROP[3] / 640),
         (height, height, width, width)))
+    kept = np.zeros_like(depth)
+    kept[..., top:bottom, left:right] = depth[..., top:bottom, left:right]
+    return kept
+
+
+def sunrgbd_crop(depth: np.ndarray) -> np.ndarray:
+    """``depth`` with every pixel outside rows 45-470 and columns 41-600 set unknown (0): NYU's
+    Eigen crop (:data:`EIGEN_CROP`) at the same pixels of SUN RGB-D's larger frames, as the depth
+    toolbox scores its transfer from NYU."""
+    top, bottom, left, right = EIGEN_CROP
     kept = np.zeros_like(depth)
     kept[..., top:bottom, left:right] = depth[..., top:bottom, left:right]
     return kept

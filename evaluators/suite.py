@@ -10,7 +10,8 @@ Tasks:
 * ``seg``: the linear segmentation head on synthetic scenes, or on ADE20K or Pascal VOC
   (``seg_data``) (mIoU, pixel accuracy);
 * ``depth``: the linear depth head (or DPT's decoder, ``depth_head_kind="dpt"``) on the same scenes,
-  or on NYU-Depth v2 or KITTI (``depth_data``) (RMSE, AbsRel, delta1);
+  or on NYU-Depth v2 or KITTI (``depth_data``), or trained on one and tested on another (NYU ->
+  SUN RGB-D, the original's transfer) (RMSE, AbsRel, delta1);
 * ``retrieval``: CLS descriptors on synthetic retrieval sets, or on revisited Oxford or Paris
   (``retrieval_data``) (mAP easy/medium/hard), AmsterTime (mAP, recall at 1 and 5) or the Met
   (GAP of the k-NN recogniser, :mod:`evaluators.met`);
@@ -24,7 +25,8 @@ high-norm patch tokens and the CLS token's attention on the patches (:mod:`evalu
 The synthetic scenes (:mod:`evaluators.synthetic`) make the dense and retrieval tasks run
 anywhere with exact ground truth; the adapters of :mod:`evaluators.dense_datasets` feed the same
 heads with the real data sets (``seg_data="ade20k:<root>"``, ``"voc:<root>"`` or ``"cityscapes:<root>"``,
-``depth_data="nyu:<root>"`` or ``"kitti:<root>"``; images at ``image_size``, ``train_limit`` /
+``depth_data="nyu:<root>"`` or ``"kitti:<root>"``, ``"nyu:<root>->sunrgbd:<root>"`` the head trained on
+the first and tested on the second's test split; images at ``image_size``, ``train_limit`` /
 ``test_limit`` of each; on a real data set the head trained on square crops of the aspect-kept images,
 drawn anew at each step, flipped and their colours jittered (``dense_augment``; the backbone then runs
 on every head batch), and tested on whole images through sliding windows at the labels' own
@@ -70,8 +72,8 @@ from evaluators.dense import (
     train_depth_head,
     train_segmentation_head,
 )
-from evaluators.dense_datasets import (KITTI_MAX_DEPTH, ArraySplit, Fit, load_ade20k, load_cityscapes, load_kitti,
-                                       load_nyu, load_voc)
+from evaluators.dense_datasets import (KITTI_MAX_DEPTH, SUN_MAX_DEPTH, ArraySplit, Fit, load_ade20k, load_cityscapes,
+                                       load_kitti, load_nyu, load_sunrgbd, load_voc)
 from evaluators.dense_metrics import retrieval_map
 from evaluators.dense_source import FeatureSource, feature_sources, relabelled
 from evaluators.feature_parts import FeatureParts, backbone_digest
@@ -98,6 +100,8 @@ from evaluators.visualize import (
 TASKS = ("knn", "linear", "logreg", "seg", "depth", "retrieval", "video")
 CLASSIFICATION_TASKS = ("knn", "linear", "logreg")  # on labelled images (data_uri)
 RETRIEVAL_SETS = ("roxford5k", "rparis6k", "amstertime", "met")  # retrieval_data's data sets
+SEG_SETS, DEPTH_SETS = ("ade20k", "voc", "cityscapes"), ("nyu", "kitti", "sunrgbd")
+TRANSFER = "->"  # depth_data's "<train set>:<root>-><test set>:<root>"
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # the feature pass's autocast dtype
 
 
@@ -123,7 +127,7 @@ class SuiteConfig:
     layers: int = 1  # 4: seg's "+ms" protocol's last four blocks, depth's "lin.4" four evenly spaced
     multiscale: bool = False  # segmentation tested over scales 0.75/1/1.25 and flips ("+ms")
     seg_data: str = ""  # "": the scenes; ade20k:<root>, voc:<root> or cityscapes:<root>
-    depth_data: str = ""  # "": the scenes; nyu:<root> or kitti:<root>
+    depth_data: str = ""  # "": the scenes; nyu:<root> or kitti:<root>; nyu:<root>->sunrgbd:<root>: a transfer
     seg_head: HeadConfig = field(default_factory=HeadConfig)
     depth_head: HeadConfig = field(default_factory=lambda: HeadConfig(steps=1000))  # ~10x a seg step's cost
     depth_head_kind: str = "linear"  # or "dpt": the DPT decoder on 4 evenly spaced blocks (evaluators/dpt.py)
@@ -160,8 +164,11 @@ class SuiteConfig:
             raise ValueError(f"video_frames must be >= 1, got {self.video_frames}")
         if self.data_kind not in DATA_KINDS:
             raise ValueError(f"unknown data kind {self.data_kind!r}; allowed: {', '.join(DATA_KINDS)}")
-        for name, given, allowed in (("seg_data", self.seg_data, ("ade20k", "voc", "cityscapes")),
-                                     ("depth_data", self.depth_data, ("nyu", "kitti")),
+        if self.depth_data.count(TRANSFER) > 1 or TRANSFER in self.seg_data:
+            raise ValueError(f"depth_data = {self.depth_data!r}, seg_data = {self.seg_data!r}: a transfer, "
+                             f"<train set>:<root>{TRANSFER}<test set>:<root>, is depth's alone and one at most")
+        for name, given, allowed in (("seg_data", self.seg_data, SEG_SETS),
+                                     *(("depth_data", part, DEPTH_SETS) for part in dense_parts(self.depth_data)),
                                      ("retrieval_data", self.retrieval_data, RETRIEVAL_SETS)):
             kind, sep, root = given.partition(":")
             if given and (kind not in allowed or not sep or not root):
@@ -212,10 +219,17 @@ def _classification(backbone: nn.Module, config: SuiteConfig, storage: Storage, 
 
 
 # a real dense data set: its loader, (train split, test split), and its classes (seg) or
-# largest depth in metres (depth), the heads' label range
+# largest depth in metres (depth), the heads' label range (a depth set's predictions capped there when tested)
 DENSE_SETS = {"ade20k": (load_ade20k, ("training", "validation"), 150), "voc": (load_voc, ("train", "val"), 21),
               "cityscapes": (load_cityscapes, ("train", "val"), 19),
-              "nyu": (load_nyu, ("train", "test"), 10.0), "kitti": (load_kitti, ("train", "test"), KITTI_MAX_DEPTH)}
+              "nyu": (load_nyu, ("train", "test"), 10.0), "kitti": (load_kitti, ("train", "test"), KITTI_MAX_DEPTH),
+              "sunrgbd": (load_sunrgbd, ("train", "val"), SUN_MAX_DEPTH)}
+
+
+def dense_parts(given: str) -> list[str]:
+    """The data sets of a dense task's ``<set>:<root>``: one, or the training and the test set of
+    ``<set>:<root>-><set>:<root>`` (a transfer); none for ``""``."""
+    return given.split(TRANSFER) if given else []
 
 
 @dataclass(frozen=True)
@@ -229,6 +243,7 @@ class _DenseTask:
     label_range: float
     foreground: np.ndarray | None
     windowed: bool = False  # real data: the test images whole, aspect kept, scored through sliding windows
+    test_range: float = 0.0  # depth on real data: the predictions capped at the test set's largest depth
 
 
 def _dense_tasks(backbone: nn.Module, config: SuiteConfig, storage: Storage) -> dict[str, _DenseTask]:
@@ -246,18 +261,19 @@ def _dense_tasks(backbone: nn.Module, config: SuiteConfig, storage: Storage) -> 
             continue
         layers = task_layers(task, config, len(backbone.blocks))
         if given:
-            name, _, root = given.partition(":")
-            load, (train_split, test_split), label_range = DENSE_SETS[name]
+            parts = [part.split(":", 1) for part in dense_parts(given)]  # a transfer: trained on the first
+            (name, root), (test_name, test_root) = parts[0], parts[-1]
+            load, (train_split, _), label_range = DENSE_SETS[name]
+            test_load, (_, test_split), test_range = DENSE_SETS[test_name]
             fits = (Fit("crop", config.image_size, config.seed, config.dense_augment), Fit("whole", config.image_size))
-            splits = [load(storage, root, split, fit, limit)
-                      for split, fit, limit in ((train_split, fits[0], config.train_limit),
-                                                (test_split, fits[1], config.test_limit))]
+            splits = [load(storage, root, train_split, fits[0], config.train_limit),
+                      test_load(storage, test_root, test_split, fits[1], config.test_limit)]
             if config.dense_augment:  # each step's crops drawn anew: the backbone runs on every head batch
                 train, test = (FeatureSource(split, backbone, layers, config.amp_dtype, config.num_workers)
                                for split in splits)
             else:
                 train, test = sources(splits, test_read=False, layers=layers)  # tested on whole images, by windows
-            made[task] = _DenseTask(train, test, float(label_range), None, windowed=True)
+            made[task] = _DenseTask(train, test, float(label_range), None, windowed=True, test_range=float(test_range))
             continue
         if scenes is None or scenes.train.layers != layers:  # the scenes' features shared by seg and depth if alike
             shared = "depth" in config.tasks and task_layers("depth", config, len(backbone.blocks)) == layers
@@ -292,13 +308,14 @@ def _head_saves(task: str, config: SuiteConfig, storage: Storage, digest: str, l
     head's settings."""
     if not config.work_dir:
         return None
-    data = getattr(config, f"{task}_data") or {"train_scenes": config.train_scenes, "scene_size": config.scene_size}
+    given = getattr(config, f"{task}_data")  # a transfer's test set is not the head's: its training set alone
+    data = dense_parts(given)[0] if given else {"train_scenes": config.train_scenes, "scene_size": config.scene_size}
     settings = ("image_size", "train_limit", "precision", "seed")
     head = asdict(getattr(config, f"{task}_head"))
     if task == "depth" and config.depth_head_kind != "linear":  # (a linear head's saves named as before)
         head["kind"] = config.depth_head_kind
     identity = {"backbone_sha256": digest, "data": data, "head": head,
-                "samples": ("augmented crops" if config.dense_augment else "crops") if getattr(config, f"{task}_data")
+                "samples": ("augmented crops" if config.dense_augment else "crops") if given
                 else "squares",  # as _dense_tasks sizes them
                 "layers": layers, **{name: getattr(config, name) for name in settings}}
     return HeadSaves(storage, join_uri(config.work_dir, f"{task}-head"), identity)
@@ -355,9 +372,9 @@ def _depth(data: _DenseTask, config: SuiteConfig, device: torch.device, saves: H
     if data.windowed:
         backbone = data.test.backbone
 
-        def depths(x: torch.Tensor) -> torch.Tensor:
+        def depths(x: torch.Tensor) -> torch.Tensor:  # capped at the test set's range (SUN RGB-D's 8 m after NYU)
             return slid_average(backbone, lambda patches, cls, size: head(patches.to(device), cls.to(device), size),
-                                x, config.image_size, data.test.layers, config.amp_dtype)
+                                x, config.image_size, data.test.layers, config.amp_dtype).clamp(max=data.test_range)
 
         return evaluate_depth(_windowed(depths, data.test, config), keep=keep, kept_side=config.image_size)
     return evaluate_depth(((head(patches.to(device), cls.to(device), tuple(depths.shape[-2:])), depths)

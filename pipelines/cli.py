@@ -324,7 +324,9 @@ def evaluate(
                                                "layout; images at --image-size; default: synthetic scenes)")] = "",
     depth_data: Annotated[str, typer.Option(help="depth on NYU-Depth v2, nyu:<root> (train/*.npz, test/*.npz), or "
                                                  "KITTI's Eigen split, kitti:<root> (kitti_eigen_{train,test}.txt, "
-                                                 "input/, gt_depth/); default: synthetic scenes")] = "",
+                                                 "input/, gt_depth/); trained on one, tested on another: "
+                                                 "nyu:<root>->sunrgbd:<root> (SUNRGBD_val_splits.txt); default: "
+                                                 "synthetic scenes")] = "",
     retrieval_data: Annotated[str, typer.Option(help="retrieval on revisited Oxford or Paris, roxford5k:<root> "
                                                      "or rparis6k:<root> (gnd_<name>.pkl, jpg/), or AmsterTime, "
                                                      "amstertime:<root> (old/ and new/, pairs by name), or the Met's "

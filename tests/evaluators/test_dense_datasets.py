@@ -387,3 +387,97 @@ def test_whole_test_images_are_scored_through_windows_at_their_masks_resolution(
         windows = slid_probabilities(backbone, head, to_model_input(image[None], size=(28, 42), patch_size=7), 28)
         torch.testing.assert_close(probabilities, F.interpolate(windows, size=(28, 40), mode="bilinear",
                                                                 align_corners=False))
+
+
+def write_sunrgbd(root: Path, frames: list[tuple[np.ndarray, np.ndarray]], split: str = "val") -> None:
+    """SUN RGB-D as the depth toolbox lays it out: a split list of '<image> <depth>' paths under the
+    root (with its leading slashes; a frame without depth listed as None), each depth a 16-bit PNG of
+    millimetres with its bits rotated left by 3, as the data set stores them."""
+    lines = []
+    for i, (image, metres) in enumerate(frames):
+        scene = f"SUNRGBD/kv1/NYUdata/NYU{i:04d}"
+        millimetres = np.round(metres * 1000).astype(np.uint32)
+        stored = ((millimetres << 3) | (millimetres >> 13)) & 0xFFFF
+        (root / scene / "image").mkdir(parents=True, exist_ok=True)
+        (root / scene / "depth_bfx").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(root / scene / "image" / f"NYU{i:04d}.png")
+        Image.fromarray(stored.astype(np.uint16)).save(root / scene / "depth_bfx" / f"NYU{i:04d}.png")
+        lines.append(f"/{scene}/image/NYU{i:04d}.png /{scene}/depth_bfx/NYU{i:04d}.png")
+    lines.append("/SUNRGBD/kv2/missing/image/0000.jpg None")
+    (root / f"SUNRGBD_{split}_splits.txt").write_text("\n".join(lines) + "\n")
+
+
+def test_sunrgbd_layout_rotated_millimetres_the_8_metre_cap_and_nyus_crop(tmp_path: Path) -> None:
+    """Its PNGs' bits rotated back to millimetres, metres beyond 8 capped at 8 (0 stays unknown),
+    the val split scored at NYU's Eigen rows 45-470 and columns 41-600 of its 530 x 730 frames."""
+    from evaluators.dense_datasets import load_sunrgbd
+
+    rng = np.random.default_rng(0)
+    metres = np.round(rng.uniform(0.5, 12, size=(530, 730)), 3)
+    metres[:5] = 0  # no return
+    image = rng.integers(0, 256, size=(530, 730, 3), dtype=np.uint8)
+    write_sunrgbd(tmp_path, [(image, metres)], "val")
+    write_sunrgbd(tmp_path, [(image, metres)], "train")
+    want = np.minimum(metres, 8.0)
+    val = load_sunrgbd(Storage(), str(tmp_path), "val", Fit("whole", 530))
+    assert len(val) == 1 and val.names == ["SUNRGBD_kv1_NYUdata_NYU0000_image_NYU0000"]  # the None line skipped
+    pixels, depths = _whole(val)
+    np.testing.assert_array_equal(pixels[0].transpose(1, 2, 0), image)
+    inside = np.zeros((530, 730), bool)
+    inside[45:471, 41:601] = True
+    np.testing.assert_allclose(depths[0][inside], want[inside], atol=1e-6)
+    assert (depths[0][~inside] == 0).all()
+    np.testing.assert_allclose(load_sunrgbd(Storage(), str(tmp_path), "train", Fit("whole", 530)).label(0).numpy(),
+                               want, atol=1e-6)
+    with pytest.raises(FileNotFoundError, match=r"SUN RGB-D split list .*SUNRGBD_test_splits.txt is missing"):
+        load_sunrgbd(Storage(), str(tmp_path), "test", 28)
+
+
+def test_a_depth_head_trained_on_nyu_is_tested_on_sunrgbd(tmp_path: Path) -> None:
+    """depth_data=nyu:<root>->sunrgbd:<root>: the head trains on NYU (red 2 m, green 10 m) and is
+    tested on SUN RGB-D's frames of the same look (one red, one green) whose green stands at 9.5 m,
+    capped at 8. Its
+    predictions capped at 8 too (the toolbox's rule), green scores near 0 error; the same frames read
+    as an NYU test set at a true 8 m (predictions capped at NYU's 10 m) score the head's ~2 m miss.
+    The head's saves name its training set alone: the transfer reuses the head trained for the other."""
+    from evaluators.dense import HeadConfig
+    from evaluators.suite import SuiteConfig, run_suite
+    from trainer.models.vit import build_vit
+
+    rng = np.random.default_rng(1)
+
+    def halves(height: int, width: int, cut: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        cut = cut or int(rng.integers(width // 3, 2 * width // 3))
+        image = np.zeros((height, width, 3), np.uint8)
+        image[:, :cut], image[:, cut:] = (220, 30, 30), (30, 220, 30)
+        red = np.arange(width)[None].repeat(height, 0) < cut
+        return np.clip(image + rng.normal(0, 10, image.shape), 0, 255).astype(np.uint8), red
+
+    nyu, sun, nyu_view = tmp_path / "nyu", tmp_path / "sun", tmp_path / "nyu_view"
+    for split, count in (("train", 10), ("test", 1)):
+        (nyu / split).mkdir(parents=True)
+        for i in range(count):
+            image, red = halves(28, 40)
+            np.savez(nyu / split / f"{i:05d}.npz", image=image, depth=np.where(red, 2.0, 10.0).astype(np.float32))
+    frames = [halves(480, 640, cut) for cut in (640, 1)]  # all red, all green: no edge blurred by the windows
+    write_sunrgbd(sun, [(image, np.where(red, 2.0, 9.5)) for image, red in frames])
+    (nyu_view / "test").mkdir(parents=True)
+    for i, (image, red) in enumerate(frames):
+        np.savez(nyu_view / "test" / f"{i:05d}.npz", image=image, depth=np.where(red, 2.0, 8.0).astype(np.float32))
+    torch.manual_seed(0)
+    backbone = build_vit("vit_small", patch_size=7, embed_dim=32, depth=2, num_heads=2, img_size=28,
+                         layerscale_init=1.0)
+
+    def run(depth_data: str) -> dict[str, float]:
+        config = SuiteConfig(tasks=("depth",), depth_data=depth_data, image_size=28, dense_augment=False,
+                             depth_head=HeadConfig(steps=150), work_dir=str(tmp_path / "work"))
+        return run_suite(backbone, config)["metrics"]
+
+    as_nyu = run(f"nyu:{nyu}->nyu:{nyu_view}")
+    transfer = run(f"nyu:{nyu}->sunrgbd:{sun}")
+    assert as_nyu["depth_rmse"] > 0.8 and transfer["depth_rmse"] < 0.5 * as_nyu["depth_rmse"]
+    for bad in (f"nyu:{nyu}->sunrgbd:{sun}->kitti:/k", f"nyu:{nyu}->coco:/c"):
+        with pytest.raises(ValueError, match="depth_data"):
+            SuiteConfig(tasks=("depth",), depth_data=bad)
+    with pytest.raises(ValueError, match="a transfer, <train set>:<root>-><test set>:<root>, is depth's alone"):
+        SuiteConfig(tasks=("seg",), seg_data="ade20k:/a->voc:/v")

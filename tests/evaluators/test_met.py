@@ -93,7 +93,8 @@ def write_met(root, rng: np.random.Generator, exhibits: int = 6) -> dict[str, li
         for n in range(2):
             save(f"{split}_other/{n}.png", rng.integers(0, 256, size=(56, 56, 3)))
             entries[split].append((f"{split}_other/{n}.png", DISTRACTOR))
-    (root / "ground_truth" / "MET_database.json").write_text(json.dumps([{"path": p, "id": i} for p, i in entries["db"]]))
+    database = [{"path": path, "id": exhibit_id} for path, exhibit_id in entries["db"]]
+    (root / "ground_truth" / "MET_database.json").write_text(json.dumps(database))
     for split in ("val", "test"):
         listed = [{"path": p, "MET_id": i} if i != DISTRACTOR else {"path": p} for p, i in entries[split]]
         (root / "ground_truth" / f"{split}set.json").write_text(json.dumps(listed))
