@@ -496,6 +496,9 @@ class FinetuneDataConfig(Section):
     max_bad_fraction: float = Field(0.01, ge=0, le=1)
     max_aspect: float = Field(1.0, ge=1, description="class folders: the training crops are drawn over each image's "
                               "centred region of aspect ratio up to this (1: the centre square; crops.max_aspect)")
+    val_fraction: float = Field(0.0, ge=0, lt=0.5, description="share of each class's train images held out of "
+                                "training (seeded), scored at each evaluation to pick by (keep, the EMA) instead of "
+                                "test (0: none, the pick on test)")
 
 
 class FinetuneAugmentConfig(Section):
@@ -560,13 +563,14 @@ class FinetuneConfig(Section):
     max_steps: int = Field(0, ge=0, description="stop after this many steps (0: the schedule)")
     max_minutes: float = Field(0, ge=0, description="stop after this much training time, over all resumes (0: none)")
     checkpoint_every: int = Field(200, ge=1)
-    eval_every_epochs: float = Field(1, ge=0, description="score the test split every N epochs (0: at the end only)")
+    eval_every_epochs: float = Field(1, ge=0, description="score the test split (and the held-out images) every "
+                                     "N epochs (0: at the end only)")
     ema_decay: float = Field(0.0, ge=0, lt=1, description="a moving average of the weights, ema <- d x ema + "
                              "(1 - d) x weights after every step (DeiT's 0.99996), scored beside them at each "
                              "evaluation (0: none)")
     keep: Literal["last", "best"] = Field(
-        "last", description="the weights written out: the last step's, or the evaluation's of the best test top-1 (a "
-        "pick on the split that scores it: optimistic); the EMA's where they score higher than the weights")
+        "last", description="the weights written out: the last step's, or the evaluation's of the best top-1 on "
+        "data.val_fraction's held-out images (on test without them: optimistic); the EMA's where they score higher")
     data: FinetuneDataConfig = FinetuneDataConfig()
     augment: FinetuneAugmentConfig = FinetuneAugmentConfig()
     optim: FinetuneOptimConfig = FinetuneOptimConfig()

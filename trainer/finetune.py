@@ -20,8 +20,13 @@ official layout: every command that reads a backbone reads it) with ``classifier
 With ``ema_decay`` a moving average of the weights trains beside them (DeiT's model EMA, on each
 rank's shards under FSDP2) and is scored at each evaluation; the weights written are those of
 the last step or, with ``keep: best``, of the evaluation that scored highest, the EMA's where
-they beat the weights (:func:`pick_weights`). Picked on the test split, the score is optimistic,
-as the best epoch that MAE and DeiT report is.
+they beat the weights (:func:`pick_weights`).
+
+The pick is on ``data.val_fraction`` of the train images, held out of training (each class's
+share, seeded: :func:`held_out_rows`) and scored at each evaluation beside the test split
+(``val_top1``), which is still reported. Without it the pick is on the test split, and its score
+optimistic, as the best epoch that MAE and DeiT report is; ``summary.json``'s ``released`` says
+which split picked (``picked_on``).
 """
 
 from __future__ import annotations
@@ -33,8 +38,9 @@ import math
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -69,7 +75,8 @@ from trainer.strategy import Strategy, build_strategy
 BEST_FOLDER = "best"  # <out>/best/step_<N>/: the best evaluation's weights so far (keep = best)
 CONFUSION_FILE = "confusion_matrix.png"
 LR_BATCH = 256  # base_lr is the rate of a batch of this size, scaled linearly (the MAE/BEiT recipes')
-RESUME_SETTINGS = ("weights", "image_size", "head_input")  # a resumed run must keep these (and data.uri)
+RESUME_SETTINGS = ("weights", "image_size", "head_input", "data.uri", "data.val_fraction")  # a resumed run keeps these
+Split = Literal["test", "val"]
 
 
 def load_for_finetuning(cfg: FinetuneConfig, storage: Storage) -> DinoVisionTransformer:
@@ -91,17 +98,50 @@ def load_for_finetuning(cfg: FinetuneConfig, storage: Storage) -> DinoVisionTran
     return backbone
 
 
-def training_images(images: LabelledImages, cfg: FinetuneConfig, storage: Storage) -> Dataset:
-    """The train split as a data set of decoded samples with labels: Fashion-MNIST's 28 px images
-    (its first ``train_limit``), or the class folders' seeded subset decoded at the evaluation's
-    ``image_size / 0.875`` squares holding each image's region of aspect up to ``data.max_aspect``,
-    which the random resized crops are cut from."""
+def train_labels(images: LabelledImages) -> np.ndarray:
+    """The train split's labels ``(N,)``, in its order (class folders: from the listing, none decoded)."""
+    if isinstance(images, FolderImages):
+        return images.train.dataset.labels[images.train.indices]  # type: ignore[attr-defined]
+    return images.train_y.numpy()
+
+
+def held_out_rows(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """The rows (positions in ``labels``, sorted) held out of training for selection: of each
+    class's ``n_c`` rows, ``round(fraction * n_c)`` (so its share is within half an image of
+    ``fraction``), the first of them in one permutation of all rows drawn from ``seed``.
+
+    Why stratified: a plain random share of a small or unbalanced train split can leave a class
+    out of the selection scores altogether."""
+    order = np.random.default_rng(seed).permutation(len(labels))
+    taken = [order[labels[order] == label][: round(fraction * count)]
+             for label, count in zip(*np.unique(labels, return_counts=True))]
+    return np.sort(np.concatenate([np.zeros(0, dtype=np.int64), *taken]))
+
+
+def training_images(images: LabelledImages, cfg: FinetuneConfig, storage: Storage,
+                    held_out: np.ndarray) -> Dataset:
+    """The train split but its ``held_out`` rows (:func:`held_out_rows`) as a data set of decoded
+    samples with labels: Fashion-MNIST's 28 px images (of its first ``train_limit``), or the class
+    folders' seeded subset decoded at the evaluation's ``image_size / 0.875`` squares holding each
+    image's region of aspect up to ``data.max_aspect``, which the random resized crops are cut from."""
+    rows = np.setdiff1d(np.arange(len(images.train)), held_out)
     if isinstance(images, FolderImages):
         folder = copy.copy(images.train.dataset)  # the files listed once; decoded here to training's region
         folder.max_aspect = cfg.data.max_aspect  # type: ignore[attr-defined]
-        return Subset(folder, images.train.indices)
+        return Subset(folder, [images.train.indices[row] for row in rows])
     dataset = FashionMnistDataset(storage, cfg.data.uri, "train", 28)
-    return Subset(dataset, range(len(images.train))) if len(images.train) < len(dataset) else dataset
+    return Subset(dataset, rows.tolist()) if len(rows) < len(dataset) else dataset
+
+
+def validation_images(images: LabelledImages, held_out: np.ndarray) -> LabelledImages:
+    """``images`` whose test split is the train split's ``held_out`` rows, centre-cropped as the test
+    images are: what :func:`score` scores for the pick."""
+    if isinstance(images, FolderImages):
+        rows = [images.train.indices[row] for row in held_out]
+        return replace(images, test=Subset(images.train.dataset, rows), remap=torch.arange(len(images.classes)),
+                       restricted=False)
+    rows_tensor = torch.from_numpy(held_out)
+    return replace(images, test=images.train[rows_tensor], test_y=images.train_y[rows_tensor])
 
 
 def random_resized_crops(pixels: Tensor, aspects: Tensor, size: int, scale: tuple[float, float]) -> Tensor:
@@ -204,8 +244,9 @@ def finetune_step(model: nn.Module, micro_batches: Iterable[tuple[Tensor, Tensor
 def score(model: Classifier, images: LabelledImages, image_size: int, device: torch.device,
           autocast_dtype: torch.dtype | None) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
     """Top-1 (and top-5 with more than 5 classes) accuracy of ``model`` on the test split's centre
-    crops, over the classes the test split holds when it is a separate set of fewer (as the probe
-    scores ImageNet-A and -R); also the labels and top-1 predictions, in train's class indices."""
+    crops (:func:`validation_images`' for the held-out images), over the classes the test split
+    holds when it is a separate set of fewer (as the probe scores ImageNet-A and -R); also the
+    labels and top-1 predictions, in train's class indices."""
     was_training = model.training
     model.eval()
     allowed = None
@@ -248,18 +289,21 @@ def classifier_report(model: Classifier, classes: tuple[str, ...], images: Label
     return report
 
 
-def pick_weights(rows: Iterable[dict[str, Any]]) -> tuple[int, str, dict[str, float]]:
-    """The evaluation with the highest test top-1 among history ``rows``: its step, which weights
+def pick_weights(rows: Iterable[dict[str, Any]], on: Split) -> tuple[int, str, dict[str, float]]:
+    """The evaluation with the highest top-1 on split ``on`` (``"test"``: ``top1``; ``"val"``: the
+    held-out train images', ``val_top1``) among history ``rows``: its step, which weights
     (``"weights"``, or ``"ema"`` for the moving average's scores, kept under ``ema_``) and their
-    scores; the earlier wins a tie, and the weights win over their EMA."""
+    scores on both splits; the earlier wins a tie, and the weights win over their EMA."""
+    key = "val_top1" if on == "val" else "top1"
     best: tuple[int, str, dict[str, float]] | None = None
     for row in rows:
         for kind, prefix in (("weights", ""), ("ema", "ema_")):
-            scores = {name: row[prefix + name] for name in ("top1", "top5") if prefix + name in row}
-            if "top1" in scores and (best is None or scores["top1"] > best[2]["top1"]):
+            scores = {name: row[prefix + name] for name in ("top1", "top5", "val_top1", "val_top5")
+                      if prefix + name in row}
+            if key in scores and (best is None or scores[key] > best[2][key]):
                 best = (row["step"], kind, scores)
     if best is None:
-        raise ValueError("no evaluation holds a top-1 to pick weights by")
+        raise ValueError(f"no evaluation holds a {key} to pick weights by")
     return best
 
 
@@ -301,12 +345,16 @@ def _checkpoint_bytes(model: Classifier, ema: Classifier | None, optimizer: torc
 
 
 def _check_same_run(checkpoint: dict[str, Any], cfg: FinetuneConfig) -> None:
-    """A resumed run keeps its weights, data, crop size and classifier input."""
+    """A resumed run keeps its weights, data, held-out images, crop size and classifier input
+    (:data:`RESUME_SETTINGS`)."""
     started = validate(FinetuneConfig, yaml.safe_load(checkpoint["config"]))
-    differ = [f"{key} = {getattr(cfg, key)!r} (the run: {getattr(started, key)!r})"
-              for key in RESUME_SETTINGS if getattr(cfg, key) != getattr(started, key)]
-    if cfg.data.uri != started.data.uri:
-        differ.append(f"data.uri = {cfg.data.uri!r} (the run: {started.data.uri!r})")
+
+    def setting(config: FinetuneConfig, dotted: str) -> Any:
+        section, _, name = dotted.rpartition(".")
+        return getattr(getattr(config, section) if section else config, name)
+
+    differ = [f"{key} = {setting(cfg, key)!r} (the run: {setting(started, key)!r})"
+              for key in RESUME_SETTINGS if setting(cfg, key) != setting(started, key)]
     if differ:
         raise ValueError(f"{cfg.out} holds a fine-tuning run started otherwise: {'; '.join(differ)}; resume it with "
                          "its settings or use a new out")
@@ -314,8 +362,9 @@ def _check_same_run(checkpoint: dict[str, Any], cfg: FinetuneConfig) -> None:
 
 def finetune(cfg: FinetuneConfig, storage: Storage, tracker: Tracker | None = None) -> dict[str, Any]:
     """Fine-tune (or resume fine-tuning) into ``cfg.out``; returns the summary written to
-    ``summary.json``: the final top-1/top-5 on the test split, the best evaluation, every
-    evaluation, where the weights went. Test scores are logged every ``eval_every_epochs``.
+    ``summary.json``: the final top-1/top-5 on the test split (and ``val_*`` on the held-out
+    images), the best evaluation, the weights released and the split that picked them, every
+    evaluation, where the weights went. The scores are logged every ``eval_every_epochs``.
 
     Under ``distributed.strategy=fsdp2`` every rank runs this (started by torchrun: ``dinoflow
     finetune --nproc N``): the backbone and classifier are sharded over the ranks, each reads its
@@ -337,7 +386,13 @@ def _finetune(cfg: FinetuneConfig, storage: Storage, tracker: Tracker, strategy:
     autocast_dtype = training_autocast(device)
     images = labelled_images(cfg.data.uri, cfg.data.kind, storage, cfg.data.train_limit, cfg.data.test_limit,
                              cfg.image_size, cfg.seed, cfg.data.num_workers, cfg.data.test_uri)
-    train = training_images(images, cfg, storage)
+    held_out = held_out_rows(train_labels(images), cfg.data.val_fraction, cfg.seed)
+    if cfg.data.val_fraction and not len(held_out):
+        raise ValueError(f"data.val_fraction = {cfg.data.val_fraction} holds out none of the {len(images.train)} "
+                         "train images: raise it or use more images")
+    validation = validation_images(images, held_out) if cfg.data.val_fraction else None
+    picked_on: Split = "val" if validation is not None else "test"
+    train = training_images(images, cfg, storage, held_out)
     torch.manual_seed(cfg.seed)
     backbone = load_for_finetuning(cfg, storage)
     arch, classes = dict(backbone.arch_kwargs), len(images.classes)
@@ -402,9 +457,10 @@ def _finetune(cfg: FinetuneConfig, storage: Storage, tracker: Tracker, strategy:
     Scored = tuple[dict[str, float], np.ndarray | None, np.ndarray | None, Classifier]
 
     def evaluate() -> tuple[dict[str, Scored], dict[str, Any]]:
-        """For the weights and their EMA (``"weights"``, ``"ema"``): the test scores (rank 0's; {}
-        on the others), labels and predictions, and the whole network; and the history's row of
-        the scores (the EMA's as ``ema_*``). With ``keep: best``, a new best's weights go to its folder."""
+        """For the weights and their EMA (``"weights"``, ``"ema"``): the test scores with the
+        held-out images' as ``val_*`` (rank 0's; {} on the others), the test labels and
+        predictions, and the whole network; and the history's row of the scores (the EMA's as
+        ``ema_*``). With ``keep: best``, a new best's weights go to its folder."""
         scored: dict[str, Scored] = {}
         row: dict[str, Any] = {"step": state.step, "train_minutes": round(state.train_seconds / 60, 3),
                                "images_seen": state.images_seen}
@@ -414,6 +470,9 @@ def _finetune(cfg: FinetuneConfig, storage: Storage, tracker: Tracker, strategy:
             gathered = whole(network)
             metrics, truth, predicted = (score(gathered, images, cfg.image_size, device, autocast_dtype)
                                          if strategy.is_main else ({}, None, None))
+            if validation is not None and strategy.is_main:
+                held = score(gathered, validation, cfg.image_size, device, autocast_dtype)[0]
+                metrics.update({f"val_{name}": value for name, value in held.items()})
             scored[kind] = (metrics, truth, predicted, gathered)
             row.update({(f"{kind}_" if kind == "ema" else "") + name: value for name, value in metrics.items()})
         tracker.log_metrics({k: v for k, v in row.items() if k not in ("step", "train_minutes", "images_seen")},
@@ -421,9 +480,9 @@ def _finetune(cfg: FinetuneConfig, storage: Storage, tracker: Tracker, strategy:
         if state.history and state.history[-1]["step"] == state.step:  # stopped by time right after one
             return scored, row
         state.history.append(row)
-        if cfg.keep == "best" and strategy.is_main and pick_weights(state.history)[0] == state.step:
-            write_weights(scored[pick_weights([row])[1]][3], images.classes, best_folder(cfg.out, state.step),
-                          storage)
+        if cfg.keep == "best" and strategy.is_main and pick_weights(state.history, picked_on)[0] == state.step:
+            write_weights(scored[pick_weights([row], picked_on)[1]][3], images.classes,
+                          best_folder(cfg.out, state.step), storage)
         return scored, row
 
     saved_at = state.step  # the step of the last checkpoint written (or loaded)
@@ -433,8 +492,8 @@ def _finetune(cfg: FinetuneConfig, storage: Storage, tracker: Tracker, strategy:
         data = _checkpoint_bytes(model, ema, optimizer, state, cfg, strategy)
         if strategy.is_main:
             save_checkpoint(storage, cfg.out, data, state.step)
-            if cfg.keep == "best" and any("top1" in row for row in state.history):
-                prune_best(cfg.out, pick_weights(state.history)[0], storage)
+            if cfg.keep == "best" and any("top1" in row for row in state.history):  # rank 0 scored one
+                prune_best(cfg.out, pick_weights(state.history, picked_on)[0], storage)
         saved_at = state.step
 
     bar = progress(range(state.step, last_step), desc=f"finetune {cfg.name}", total=last_step - state.step,
@@ -475,14 +534,15 @@ def _finetune(cfg: FinetuneConfig, storage: Storage, tracker: Tracker, strategy:
     scored, final_row = evaluate()
     summary_released: dict[str, Any] = {}
     if strategy.is_main:
-        best_step, best_kind, best_scores = pick_weights(state.history)
-        step, kind, metrics = pick_weights([final_row]) if cfg.keep == "last" else (best_step, best_kind, best_scores)
+        best_step, best_kind, best_scores = pick_weights(state.history, picked_on)
+        step, kind, metrics = (pick_weights([final_row], picked_on) if cfg.keep == "last"
+                               else (best_step, best_kind, best_scores))
         if step == state.step:
             _, truth, predicted, released = scored[kind]
         else:  # an earlier evaluation's, held in its folder: scored again for the confusion matrix
             released = read_written(best_folder(cfg.out, step), storage).to(device)
             _, truth, predicted = score(released, images, cfg.image_size, device, autocast_dtype)
-        summary_released = {"step": step, "weights": kind, **metrics}
+        summary_released = {"step": step, "weights": kind, "picked_on": picked_on, **metrics}
         if classes <= MAX_CONFUSION_CLASSES:  # ImageNet's 1,000: none drawn
             picture = save_confusion_matrix(confusion_matrix(truth, predicted, classes), images.classes,
                                             Path(tempfile.mkdtemp()) / CONFUSION_FILE,
@@ -498,7 +558,8 @@ def _finetune(cfg: FinetuneConfig, storage: Storage, tracker: Tracker, strategy:
                "images_seen": state.images_seen, "train_minutes": round(state.train_seconds / 60, 3),
                "stopped_early": stopped_early, "classes": list(images.classes),
                "final": scored["weights"][0], **({"final_ema": scored["ema"][0]} if ema is not None else {}),
-               "best": {"step": best_step, "weights": best_kind, **best_scores} if strategy.is_main else {},
+               "best": ({"step": best_step, "weights": best_kind, "picked_on": picked_on, **best_scores}
+                        if strategy.is_main else {}),
                "released": summary_released,
                "backbone": join_uri(cfg.out, BACKBONE_FILE), "classifier": join_uri(cfg.out, CLASSIFIER_FILE),
                "bad_images": bad_images.summary(), "history": state.history, "mlflow_run_id": tracker.run_id,

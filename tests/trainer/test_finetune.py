@@ -21,8 +21,8 @@ from evaluators.features import to_model_input
 from pipelines.cli import app
 from trainer.data.fashion_mnist import load_split
 from dinoflow.run_files import CLASSIFIER_FILE
-from trainer.finetune import (finetune, load_for_finetuning, mix, pick_weights, soft_cross_entropy, soft_targets,
-                              training_images)
+from trainer.finetune import (finetune, held_out_rows, load_for_finetuning, mix, pick_weights,
+                              soft_cross_entropy, soft_targets, train_labels, training_images, validation_images)
 from trainer.models.classifier import Classifier, read_classifier
 from trainer.models.hub import load_backbone, save_backbone
 from trainer.models.vit import build_vit
@@ -227,8 +227,10 @@ def test_a_run_resumed_with_other_settings_is_refused_naming_them(weights: Path,
     finetune(config(weights, tmp_path / "run", "max_steps=1"), Storage())
     before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     with pytest.raises(ValueError, match=r"image_size = 56 \(the run: 28\); head_input = 'cls' \(the run: "
-                                         r"'cls\+avgpool'\); resume it with its settings or use a new out"):
-        finetune(config(weights, tmp_path / "run", "image_size=56", "head_input=cls"), Storage())
+                                         r"'cls\+avgpool'\); data.val_fraction = 0.25 \(the run: 0.0\); resume it "
+                                         r"with its settings or use a new out"):
+        finetune(config(weights, tmp_path / "run", "image_size=56", "head_input=cls", "data.val_fraction=0.25"),
+                 Storage())
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
 
 
@@ -236,11 +238,105 @@ def test_the_weights_picked_are_the_first_of_the_highest_top1_the_weights_before
     rows = [{"step": 2, "top1": 0.5, "ema_top1": 0.6, "ema_top5": 0.9},
             {"step": 4, "top1": 0.7, "top5": 0.95, "ema_top1": 0.7},
             {"step": 6, "top1": 0.4, "ema_top1": 0.7}]
-    assert pick_weights(rows) == (4, "weights", {"top1": 0.7, "top5": 0.95})
-    assert pick_weights(rows[:1]) == (2, "ema", {"top1": 0.6, "top5": 0.9})
-    assert pick_weights([{"step": 1, "top1": 0.2}, {"step": 3, "top1": 0.3}]) == (3, "weights", {"top1": 0.3})
-    with pytest.raises(ValueError, match="no evaluation holds a top-1"):
-        pick_weights([{"step": 1}])
+    assert pick_weights(rows, "test") == (4, "weights", {"top1": 0.7, "top5": 0.95})
+    assert pick_weights(rows[:1], "test") == (2, "ema", {"top1": 0.6, "top5": 0.9})
+    assert pick_weights([{"step": 1, "top1": 0.2}, {"step": 3, "top1": 0.3}], "test") == (3, "weights", {"top1": 0.3})
+    with pytest.raises(ValueError, match="no evaluation holds a top1"):
+        pick_weights([{"step": 1}], "test")
+
+
+def test_with_held_out_images_the_pick_is_on_their_top1_not_on_tests() -> None:
+    """Rows where the splits disagree: on test the last step's EMA wins, on the held-out images the
+    first step's EMA; the scores handed back are the pick's on both splits."""
+    rows = [{"step": 2, "top1": 0.8, "val_top1": 0.5, "ema_top1": 0.6, "ema_val_top1": 0.7},
+            {"step": 4, "top1": 0.7, "val_top1": 0.6, "ema_top1": 0.9, "ema_val_top1": 0.55, "ema_val_top5": 0.9}]
+    assert pick_weights(rows, "test") == (4, "ema", {"top1": 0.9, "val_top1": 0.55, "val_top5": 0.9})
+    assert pick_weights(rows, "val") == (2, "ema", {"top1": 0.6, "val_top1": 0.7})
+    assert pick_weights(rows[1:], "val") == (4, "weights", {"top1": 0.7, "val_top1": 0.6})  # the EMA's 0.55 is lower
+    with pytest.raises(ValueError, match="no evaluation holds a val_top1 to pick weights by"):
+        pick_weights([{"step": 1, "top1": 0.5, "ema_top1": 0.6}], "val")
+
+
+def test_the_held_out_rows_are_each_classs_share_drawn_from_the_seed() -> None:
+    """Unbalanced classes (1 to 120 images): each class gives ``round(fraction x n_c)``, within half
+    an image of its share; the same seed draws the same rows, another seed others."""
+    counts = {0: 120, 1: 37, 2: 7, 3: 3, 4: 1}
+    labels = np.random.default_rng(5).permutation(np.repeat(list(counts), list(counts.values())))
+    for fraction in (0.1, 0.25, 0.49):
+        held = held_out_rows(labels, fraction, seed=3)
+        assert np.array_equal(held, np.unique(held))  # sorted, each row once
+        for label, count in counts.items():
+            assert abs(int(np.sum(labels[held] == label)) - fraction * count) <= 0.5, (fraction, label)
+        assert np.array_equal(held, held_out_rows(labels, fraction, seed=3))
+        assert not np.array_equal(held, held_out_rows(labels, fraction, seed=4))
+    assert len(held_out_rows(labels, 0.0, seed=3)) == 0
+
+
+@needs_fashion_mnist
+def test_the_held_out_images_are_never_trained_on_and_scored_as_the_test_images_are(weights: Path,
+                                                                                  tmp_path: Path) -> None:
+    """Fashion-MNIST and class folders: the trained rows and the held-out ones split the train
+    split between them, and the held-out ones are what :func:`score` reads as a test split."""
+    from tests.evaluators.test_classification import write_folders
+
+    write_folders(tmp_path / "data", {"cat": (24, 4), "dog": (10, 4), "fish": (5, 4)})
+    for uri, limit in ((FASHION_MNIST, 512), (str(tmp_path / "data"), 0)):
+        cfg = config(weights, tmp_path / "run", f"data.uri={uri}", f"data.train_limit={limit}",
+                     "data.val_fraction=0.2")
+        images = labelled_images(cfg.data.uri, "auto", Storage(), cfg.data.train_limit, image_size=cfg.image_size)
+        labels = train_labels(images)
+        held = held_out_rows(labels, cfg.data.val_fraction, cfg.seed)
+        train = training_images(images, cfg, Storage(), held)
+        validation = validation_images(images, held)
+        if uri == FASHION_MNIST:  # rows of Fashion-MNIST's train file
+            held_indices, everything = held.tolist(), list(range(512))
+            assert torch.equal(validation.test, images.train[held]) and torch.equal(validation.test_y,
+                                                                                    images.train_y[held])
+        else:  # indices into the class folders' listing; the held-out images' labels as their test split reads them
+            held_indices, everything = validation.test.indices, images.train.indices
+            truth = torch.cat([truth for _, truth in validation.test_batches(torch.device("cpu"), 7)])
+            assert np.array_equal(truth.numpy(), labels[held])
+        assert set(train.indices).isdisjoint(held_indices)
+        assert sorted([*train.indices, *held_indices]) == sorted(everything)
+        for label in range(len(images.classes)):
+            assert np.sum(labels[held] == label) == round(0.2 * np.sum(labels == label)) > 0, (uri, label)
+
+
+@needs_fashion_mnist
+def test_a_run_with_held_out_images_scores_them_and_picks_on_them(weights: Path, tmp_path: Path) -> None:
+    """``data.val_fraction=0.25`` of 512 images: 384 trained on (6 steps of 64), the 128 others
+    scored beside the test split for the weights and their EMA at each evaluation; ``keep=best``
+    releases the evaluation of the best held-out top-1 (computed here from the history) and says so."""
+    summary = finetune(config(weights, tmp_path / "run", "data.val_fraction=0.25", "keep=best", "ema_decay=0.6",
+                              "eval_every_epochs=0.5"), Storage())
+    assert (summary["steps"], summary["images_seen"]) == (6, 384)
+    assert [sorted(row) for row in summary["history"]] == [
+        ["ema_top1", "ema_top5", "ema_val_top1", "ema_val_top5", "images_seen", "step", "top1", "top5",
+         "train_minutes", "val_top1", "val_top5"]] * 2
+    assert [row["step"] for row in summary["history"]] == [3, 6]
+    evaluated = [(row, kind, prefix) for row in summary["history"] for kind, prefix in (("weights", ""),
+                                                                                       ("ema", "ema_"))]
+    row, kind, prefix = max(evaluated, key=lambda one: one[0][one[2] + "val_top1"])  # a tie: the first, as picked
+    picked = {name: row[prefix + name] for name in ("top1", "top5", "val_top1", "val_top5")}
+    assert summary["released"] == summary["best"] == {"step": row["step"], "weights": kind, "picked_on": "val",
+                                                      **picked}
+    assert summary["final"]["val_top1"] == summary["history"][-1]["val_top1"]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["released"] == summary["released"]
+    assert [p.name for p in (tmp_path / "run" / "best").iterdir()] == [f"step_{row['step']:08d}"]
+
+
+def test_bad_held_out_shares_are_refused_naming_the_field(weights: Path, tmp_path: Path) -> None:
+    for value, message in (("0.5", "data.val_fraction = '0.5': Input should be less than 0.5"),
+                           ("-0.1", "data.val_fraction = '-0.1': Input should be greater than or equal to 0")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(FinetuneConfig, "finetune-tiny", [f"data.val_fraction={value}"])
+    from tests.evaluators.test_classification import write_folders
+
+    write_folders(tmp_path / "data", {"cat": (3, 1), "dog": (3, 1)})  # 0.1 of 3 images a class rounds to none
+    with pytest.raises(ValueError, match="data.val_fraction = 0.1 holds out none of the 6 train images: raise it"):
+        finetune(config(weights, tmp_path / "run", f"data.uri={tmp_path / 'data'}", "data.train_limit=0",
+                        "data.val_fraction=0.1"), Storage())
+    assert not (tmp_path / "run").exists()
 
 
 @needs_fashion_mnist
@@ -262,7 +358,8 @@ def test_the_ema_follows_its_formula_resumes_exactly_and_is_released_where_it_sc
         ["ema_top1", "ema_top5", "images_seen", "step", "top1", "top5", "train_minutes"]] * 2
     final, final_ema = straight["final"], straight["final_ema"]
     kind = "ema" if final_ema["top1"] > final["top1"] else "weights"
-    assert straight["released"] == {"step": 8, "weights": kind, **(final_ema if kind == "ema" else final)}
+    assert straight["released"] == {"step": 8, "weights": kind, "picked_on": "test",
+                                    **(final_ema if kind == "ema" else final)}
     written = load_file(tmp_path / "straight" / "backbone.safetensors")
     released = last["ema" if kind == "ema" else "model"]
     assert all(torch.equal(value, released[f"backbone.{name}"]) for name, value in written.items())
@@ -285,7 +382,8 @@ def test_keep_best_releases_the_weights_of_the_first_best_evaluation(weights: Pa
     tops = [row["top1"] for row in best["history"]]
     assert [row["step"] for row in best["history"]] == [9, 18, 27] and tops.index(max(tops)) < 2, tops
     step = best["history"][tops.index(max(tops))]["step"]
-    assert best["released"] == best["best"] == {"step": step, "weights": "weights", "top1": max(tops)}
+    assert best["released"] == best["best"] == {"step": step, "weights": "weights", "picked_on": "test",
+                                                "top1": max(tops)}
     halted = finetune(load_config(FinetuneConfig, "finetune-tiny", [*common, f"out={tmp_path / 'halted'}",
                                                                     f"max_steps={step}", "keep=last"]), Storage())
     assert halted["released"]["top1"] == max(tops)
@@ -307,7 +405,8 @@ def test_class_folders_train_and_a_separate_test_set_of_fewer_classes_is_scored_
         f"weights={weights}", f"out={tmp_path / 'run'}", f"data.uri={tmp_path / 'data'}",
         f"data.test_uri={tmp_path / 'other' / 'val'}", "data.test_limit=0", "optim.batch_size=8",
         "optim.epochs=3", "optim.base_lr=4e-3", "data.num_workers=1", "data.max_aspect=2"])
-    train = training_images(labelled_images(cfg.data.uri, "folder", Storage(), cfg.image_size), cfg, Storage())
+    train = training_images(labelled_images(cfg.data.uri, "folder", Storage(), cfg.image_size), cfg, Storage(),
+                            np.zeros(0, dtype=np.int64))
     aspects = [train[i].aspect for i in range(len(train))]  # the images' whole regions (30-60 px sides)
     assert len(set(aspects)) > 10 and 0.5 <= min(aspects) < 1 < max(aspects) <= 2
     summary = finetune(cfg, Storage())

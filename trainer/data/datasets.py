@@ -299,6 +299,11 @@ class ImageFolderDataset(Dataset[Sample]):
     def __len__(self) -> int:
         return len(self._keys)
 
+    @property
+    def labels(self) -> np.ndarray:
+        """Every image's label (``(N,)`` int64, -1 outside class folders), read from the listing: no image decoded."""
+        return self._labels
+
     def __getitem__(self, index: int) -> Sample:
         key = str(self._keys[index])
         region = decode_region(self._storage.get().read_bytes(key), self.load_size, self.max_pixels, self.max_aspect)
