@@ -568,6 +568,8 @@ class FinetuneConfig(Section):
     ema_decay: float = Field(0.0, ge=0, lt=1, description="a moving average of the weights, ema <- d x ema + "
                              "(1 - d) x weights after every step (DeiT's 0.99996), scored beside them at each "
                              "evaluation (0: none)")
+    ema_warmup: bool = Field(False, description="the decay after step t (1, 2, ...) is min(ema_decay, (1 + t) / (10 + "
+                             "t)), TensorFlow's num_updates rule: the start's weights fade fast")
     keep: Literal["last", "best"] = Field(
         "last", description="the weights written out: the last step's, or the evaluation's of the best top-1 on "
         "data.val_fraction's held-out images (on test without them: optimistic); the EMA's where they score higher")
@@ -576,4 +578,10 @@ class FinetuneConfig(Section):
     optim: FinetuneOptimConfig = FinetuneOptimConfig()
     tracking: TrackingConfig = TrackingConfig()
     distributed: DistributedConfig = DistributedConfig()
+
+    @model_validator(mode="after")
+    def _ema_warmup_has_an_ema(self) -> FinetuneConfig:
+        if self.ema_warmup and not self.ema_decay:
+            raise ValueError("ema_warmup is on but ema_decay = 0 keeps no moving average: set ema_decay (e.g. 0.9999)")
+        return self
 

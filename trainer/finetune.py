@@ -18,9 +18,12 @@ official layout: every command that reads a backbone reads it) with ``classifier
 (the linear layer, its class names and input in the metadata) beside it.
 
 With ``ema_decay`` a moving average of the weights trains beside them (DeiT's model EMA, on each
-rank's shards under FSDP2) and is scored at each evaluation; the weights written are those of
-the last step or, with ``keep: best``, of the evaluation that scored highest, the EMA's where
-they beat the weights (:func:`pick_weights`).
+rank's shards under FSDP2) and is scored at each evaluation; with ``ema_warmup`` its decay after
+step ``t`` (1 after the first) is ``min(ema_decay, (1 + t) / (10 + t))`` (TensorFlow's
+``ExponentialMovingAverage`` with ``num_updates``), so the start's weights (2/11 of the average
+after the first step) fade within some ten steps, not the ``1 / (1 - d)`` of a fixed decay
+(:func:`ema_decay_at`). The weights written are those of the last step or, with ``keep: best``,
+of the evaluation that scored highest, the EMA's where they beat the weights (:func:`pick_weights`).
 
 The pick is on ``data.val_fraction`` of the train images, held out of training (each class's
 share, seeded: :func:`held_out_rows`) and scored at each evaluation beside the test split
@@ -76,6 +79,7 @@ BEST_FOLDER = "best"  # <out>/best/step_<N>/: the best evaluation's weights so f
 CONFUSION_FILE = "confusion_matrix.png"
 LR_BATCH = 256  # base_lr is the rate of a batch of this size, scaled linearly (the MAE/BEiT recipes')
 RESUME_SETTINGS = ("weights", "image_size", "head_input", "data.uri", "data.val_fraction")  # a resumed run keeps these
+EMA_WARMUP_STEPS = 10  # ema_warmup's (1 + t) / (10 + t): TensorFlow's ExponentialMovingAverage num_updates rule
 Split = Literal["test", "val"]
 
 
@@ -206,6 +210,14 @@ def mix(images: Tensor, targets: Tensor, augment: FinetuneAugmentConfig) -> tupl
     else:
         mixed = images * lam + partner * (1 - lam)
     return mixed, targets * lam + targets.flip(0) * (1 - lam)
+
+
+def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
+    """The EMA's decay in the update after step ``step`` (1 after the first): ``decay``, or with
+    ``warmup`` ``min(decay, (1 + step) / (10 + step))``: TensorFlow's ``num_updates`` rule with its
+    global step, which the optimizer has advanced when the average is applied. A pure function of
+    the step, so a resumed run goes on with the decays of a straight one."""
+    return min(decay, (1 + step) / (EMA_WARMUP_STEPS + step)) if warmup else decay
 
 
 def finetune_step(model: nn.Module, micro_batches: Iterable[tuple[Tensor, Tensor]], count: int,
@@ -511,7 +523,7 @@ def _finetune(cfg: FinetuneConfig, storage: Storage, tracker: Tracker, strategy:
         loss = finetune_step(model, micro_batches(), micro, optimizer, lr, optim.weight_decay, optim.clip_grad,
                              autocast_dtype, strategy)
         if ema is not None:
-            ema_update(ema, model, cfg.ema_decay)
+            ema_update(ema, model, ema_decay_at(step + 1, cfg.ema_decay, cfg.ema_warmup))
         # one clock for all ranks, so that a time limit stops them at the same step
         clock = strategy.mean({"seconds": time.perf_counter() - tick, "waited": stream.take_wait(), "seen": seen})
         seconds, waited, stepped = clock["seconds"], clock["waited"], round(clock["seen"] * strategy.world_size)

@@ -21,7 +21,7 @@ from evaluators.features import to_model_input
 from pipelines.cli import app
 from trainer.data.fashion_mnist import load_split
 from dinoflow.run_files import CLASSIFIER_FILE
-from trainer.finetune import (finetune, held_out_rows, load_for_finetuning, mix, pick_weights,
+from trainer.finetune import (ema_decay_at, finetune, held_out_rows, load_for_finetuning, mix, pick_weights,
                               soft_cross_entropy, soft_targets, train_labels, training_images, validation_images)
 from trainer.models.classifier import Classifier, read_classifier
 from trainer.models.hub import load_backbone, save_backbone
@@ -368,6 +368,43 @@ def test_the_ema_follows_its_formula_resumes_exactly_and_is_released_where_it_sc
     finetune(config(weights, tmp_path / "resumed", *ema), Storage())
     again = torch.load(sorted((tmp_path / "resumed" / "checkpoints").glob("step_*.pt"))[-1], weights_only=True)
     assert all(torch.equal(again["ema"][name], value) for name, value in last["ema"].items())
+
+
+def test_the_ema_warm_up_decay_is_tensorflows_num_updates_rule_capped_by_the_decay() -> None:
+    """After step t (1, 2, ...): ``min(d, (1 + t) / (10 + t))``: 2/11, 3/12, then d = 0.28 from
+    t = 3 (4/13 = 0.31 is above it); without the warm-up d at every step."""
+    assert [ema_decay_at(t, 0.28, True) for t in range(1, 6)] == pytest.approx([2 / 11, 3 / 12, 0.28, 0.28, 0.28])
+    assert [ema_decay_at(t, 0.28, False) for t in range(1, 6)] == [0.28] * 5
+    with pytest.raises(ConfigError, match="ema_warmup is on but ema_decay = 0 keeps no moving average"):
+        load_config(FinetuneConfig, "finetune-tiny", ["ema_warmup=true"])
+
+
+@needs_fashion_mnist
+def test_the_warmed_up_ema_follows_its_decays_from_the_start_and_resumes_exactly(weights: Path,
+                                                                                tmp_path: Path) -> None:
+    """``ema_warmup``: the EMA after steps 1, 2, 3 (the checkpoints of a run halted after the first
+    step, then of one straight through) is the start's weights (the run's seeded initialisation made
+    again here) and each step's weights averaged with the decays 2/11, 3/12 and 0.28 (``ema_decay``,
+    below 4/13); the halted run resumed ends with the same EMA."""
+    warm = ["ema_decay=0.28", "ema_warmup=true", "checkpoint_every=1", "eval_every_epochs=0",
+            "optim.warmup_epochs=0"]  # the first step moves the weights (a warm-up's rate starts at 0)
+    cfg = config(weights, tmp_path / "straight", *warm, "max_steps=3")
+    finetune(cfg, Storage())
+    finetune(config(weights, tmp_path / "resumed", *warm, "max_steps=1"), Storage())
+    checkpoints = [torch.load(tmp_path / run / "checkpoints" / f"step_{step:09d}.pt", weights_only=True)
+                   for run, step in (("resumed", 1), ("straight", 2), ("straight", 3))]  # the last 2 are kept
+    torch.manual_seed(cfg.seed)  # the run's start: the backbone, then the classifier's head, from the seed
+    average = Classifier(load_for_finetuning(cfg, Storage()), 10, cfg.head_input).state_dict()
+    for checkpoint, decay in zip(checkpoints, (2 / 11, 3 / 12, 0.28)):
+        average = {name: decay * value + (1 - decay) * checkpoint["model"][name] for name, value in average.items()}
+        for name, value in checkpoint["ema"].items():
+            torch.testing.assert_close(value, average[name], rtol=1e-5, atol=1e-6, msg=f"{checkpoint['step']} {name}")
+    assert all(not torch.equal(checkpoint["ema"]["head.weight"], checkpoint["model"]["head.weight"])
+               for checkpoint in checkpoints)
+
+    finetune(config(weights, tmp_path / "resumed", *warm, "max_steps=3"), Storage())
+    again = torch.load(tmp_path / "resumed" / "checkpoints" / "step_000000003.pt", weights_only=True)
+    assert all(torch.equal(again["ema"][name], value) for name, value in checkpoints[-1]["ema"].items())
 
 
 def test_keep_best_releases_the_weights_of_the_first_best_evaluation(weights: Path, tmp_path: Path) -> None:
