@@ -8,8 +8,14 @@ default ``finetune-tiny``), and the same fine-tuning from a randomly initialised
 same architecture (the same seed, data and schedule: only the start differs). Prints the test
 top-1 of each and their differences, writes them as JSON; asserts nothing.
 
+With ``--ema DECAY`` it measures the moving average instead: one fine-tuning from the start with
+``ema_decay=DECAY keep=best eval_every_epochs=0.5`` (``--val-fraction``: the pick on that share of
+the train images held out; ``--ema-warmup``: the decay warmed up), printing the weights' and the
+EMA's top-1 at each evaluation (the held-out images' beside the test's) and what was released.
+
     python benchmarks/finetune_gain.py --start-minutes 3
     python benchmarks/finetune_gain.py --weights runs/demo/work/pretrain/<key> -- optim.epochs=4
+    python benchmarks/finetune_gain.py --start-minutes 3 --ema 0.998 -- data.test_limit=0
 """
 
 from __future__ import annotations
@@ -32,15 +38,60 @@ from trainer.models.vit import DinoVisionTransformer
 from trainer.run import run_pretrain
 
 
-def parse_args() -> argparse.Namespace:
+def decay(text: str) -> float:
+    """``--ema``'s value: a decay in (0, 1)."""
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a decay in (0, 1), e.g. 0.998")
+    return value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", default="", help="the pretrained backbone (default: pretrain one)")
     parser.add_argument("--pretrain-config", default="tiny", help="recipe of the start when pretrained here")
     parser.add_argument("--start-minutes", type=float, default=3)
-    parser.add_argument("--config", default="finetune-tiny", help="the fine-tuning recipe of both runs")
+    parser.add_argument("--config", default="finetune-tiny", help="the fine-tuning recipe (of both runs)")
     parser.add_argument("--out", default="runs/bench-finetune-gain", help="run root (emptied first)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides of both fine-tuning runs' recipe")
-    return parser.parse_args()
+    parser.add_argument("--ema", type=decay, default=None, metavar="DECAY",
+                        help="measure the weights' moving average of this decay instead (one run, keep=best)")
+    parser.add_argument("--val-fraction", type=float, default=0.0,
+                        help="with --ema: the share of train images held out to pick on (0: the pick on test)")
+    parser.add_argument("--ema-warmup", action="store_true", help="with --ema: warm the decay up (ema_warmup)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides of the fine-tuning runs' recipe")
+    args = parser.parse_args(argv)
+    if args.ema is None and (args.val_fraction or args.ema_warmup):
+        parser.error("--val-fraction and --ema-warmup go with --ema")
+    return args
+
+
+def ema_overrides(args: argparse.Namespace) -> list[str]:
+    """The recipe's overrides of ``--ema``'s run, the user's last (they win)."""
+    return [f"ema_decay={args.ema}", f"ema_warmup={str(args.ema_warmup).lower()}", "keep=best",
+            "eval_every_epochs=0.5", f"data.val_fraction={args.val_fraction}", *args.overrides]
+
+
+def measure_ema(args: argparse.Namespace, weights: str, storage: Storage) -> dict:
+    """``--ema``: one fine-tuning from ``weights``; each evaluation's weights and EMA top-1 printed
+    (with the held-out images' after a slash), then the weights released and the split that picked them."""
+    cfg = load_config(FinetuneConfig, args.config, [f"weights={weights}", f"out={join_uri(args.out, 'ema')}",
+                                                    *ema_overrides(args)])
+    summary = finetune(cfg, storage)
+
+    def top1(row: dict, prefix: str) -> str:
+        held = f" / {100 * row[prefix + 'val_top1']:.1f}" if prefix + "val_top1" in row else ""
+        return f"{100 * row[prefix + 'top1']:.1f}{held}"
+
+    print(f"\nFine-tuning {weights} on {cfg.data.uri} with ema_decay={cfg.ema_decay} (warm-up "
+          f"{'on' if cfg.ema_warmup else 'off'}), {cfg.data.val_fraction:g} of train held out, "
+          f"{torch.get_num_threads()} threads, recipe {args.config} {' '.join(args.overrides)}")
+    print(f"top-1 % (test{' / held out' if cfg.data.val_fraction else ''}): step, weights, EMA")
+    for row in summary["history"]:
+        print(f"  {row['step']:6d}  {top1(row, '')}  {top1(row, 'ema_')}")
+    released = summary["released"]
+    print(f"released: step {released['step']}'s {released['weights']}, picked on {released['picked_on']}: "
+          f"test top-1 {100 * released['top1']:.1f} %; {summary['train_minutes']:.1f} min, evaluations excluded")
+    return {"history": summary["history"], "released": released, "train_minutes": summary["train_minutes"]}
 
 
 def main() -> None:
@@ -53,6 +104,10 @@ def main() -> None:
         weights = join_uri(args.out, "start")
         cfg = load_config(PretrainConfig, args.pretrain_config, [f"out={weights}", f"max_minutes={args.start_minutes}"])
         run_pretrain(cfg, storage, NullTracker(), evaluate=False)
+    if args.ema is not None:
+        measured = measure_ema(args, weights, storage)
+        storage.write_bytes(join_uri(args.out, "ema.json"), json.dumps(measured, indent=2).encode())
+        return
     pretrained = load_backbone(weights, "auto", storage)
     torch.manual_seed(0)
     random_start = join_uri(args.out, "random", "backbone.safetensors")
