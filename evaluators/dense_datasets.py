@@ -84,8 +84,13 @@ class Fit:
     flips it left to right with probability 1/2, and with probability 1/2 jitters the image's
     colours (:func:`colour_jitter`), as the original's heads train on random crops, flips and
     colour changes (the depth toolbox's ``ColorAug``; mmseg's photometric distortion for
-    segmentation, of which this keeps the brightness and colour changes). Every draw is seeded by
-    ``seed``, the sample and the draw: a resumed training draws the same.
+    segmentation, of which this keeps the brightness and colour changes). ``scales`` draws the
+    resize's ratio to ``side`` from a range (mmseg's 0.5-2 for segmentation: the window then sees
+    the image zoomed in or out, an image smaller than it padded), ``rotation`` turns the image
+    about its centre by up to that many degrees half the time (the depth toolbox's 2.5) before the
+    window is cut; :meth:`outside` names the window's pixels that came from no pixel of the image,
+    which a split marks unknown. Every draw is seeded by ``seed``, the sample and the draw: a
+    resumed training draws the same.
 
     Images resize bilinearly, labels by nearest neighbour (class indices and depths stay values).
     """
@@ -94,12 +99,24 @@ class Fit:
     side: int = 224
     seed: int = 0
     augment: bool = False
+    scales: tuple[float, float] = (1.0, 1.0)
+    rotation: float = 0.0
 
     def __post_init__(self) -> None:
         if self.mode not in FITS or self.side < 1:
             raise ValueError(f"fit mode must be one of {', '.join(FITS)} and side >= 1, got {self.mode!r}, {self.side}")
-        if self.augment and self.mode != "crop":
+        if (self.augment or self.reshaped) and self.mode != "crop":
             raise ValueError(f"augment draws crops: fit mode 'crop', not {self.mode!r}")
+        if self.reshaped and not self.augment:
+            raise ValueError("scales and rotation are drawn with augment: set augment=True")
+        if not 0 < self.scales[0] <= self.scales[1] or not 0 <= self.rotation < 90:
+            raise ValueError(f"scales must be a range 0 < low <= high and rotation 0-90 degrees, got {self.scales}, "
+                             f"{self.rotation}")
+
+    @property
+    def reshaped(self) -> bool:
+        """Whether the draws resize by a drawn ratio or rotate (and so may leave the window pixels of no image)."""
+        return self.scales != (1.0, 1.0) or self.rotation > 0
 
     def image(self, image: Image.Image, index: int, draw: int = 0) -> np.ndarray:
         """``(3, h, w)`` uint8 of an RGB image (``draw``: see the class docstring)."""
@@ -116,18 +133,29 @@ class Fit:
         """``(h, w)`` labels (as stored with ``whole``), placed as :meth:`image` places the image."""
         return np.array(labels if self.mode == "whole" else self._placed(labels, index, Image.NEAREST, draw))
 
+    def outside(self, size: tuple[int, int], index: int, draw: int = 0) -> np.ndarray | None:
+        """Where the window of a picture of ``size`` (width, height) holds no pixel of it (padding,
+        rotated-in corners), ``(side, side)`` bool; None when no draw can leave any."""
+        if not self.reshaped:
+            return None
+        return self.labels(Image.new("L", size, 1), index, draw) == 0
+
     def _placed(self, picture: Image.Image, index: int, resample: int, draw: int) -> Image.Image:
         width, height = picture.size
         if self.mode == "square":
             return picture.resize((self.side, self.side), resample)
-        scale = self.side / min(width, height)
-        size = (max(self.side, round(width * scale)), max(self.side, round(height * scale)))
+        place = np.random.default_rng([self.seed, index, draw] if self.augment else [self.seed, index])
+        ratio = place.uniform(*self.scales) if self.scales != (1.0, 1.0) else 1.0
+        scale = self.side * ratio / min(width, height)
+        least = self.side if ratio >= 1 else 1  # zoomed out: smaller than the window, padded by the crop
+        size = (max(least, round(width * scale)), max(least, round(height * scale)))
         resized = picture.resize(size, resample)
         if self.mode == "whole":
             return resized
-        place = np.random.default_rng([self.seed, index, draw] if self.augment else [self.seed, index])
-        left, top = (int(place.integers(0, extent - self.side + 1)) for extent in size)
-        window = resized.crop((left, top, left + self.side, top + self.side))
+        if self.rotation and place.random() < 0.5:
+            resized = resized.rotate(place.uniform(-self.rotation, self.rotation), resample, fillcolor=0)
+        left, top = (int(place.integers(0, max(extent - self.side, 0) + 1)) for extent in size)
+        window = resized.crop((left, top, left + self.side, top + self.side))  # beyond the image: 0
         if self.augment and place.random() < 0.5:
             return window.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return window
@@ -176,7 +204,11 @@ class DenseSplit(Dataset[tuple[Tensor, Tensor]]):
 
     def _labels(self, labels: Image.Image, index: int, draw: int) -> Tensor:
         values = self.fit.labels(labels, index, draw)
-        return torch.from_numpy(np.ascontiguousarray(self._relabel(values) if self._relabel else values))
+        values = self._relabel(values) if self._relabel else values
+        outside = self.fit.outside(labels.size, index, draw)
+        if outside is not None:  # no pixel of the image there: ignored (masks) or unknown (depths)
+            values = np.where(outside, 255 if values.dtype == np.uint8 else 0, values).astype(values.dtype)
+        return torch.from_numpy(np.ascontiguousarray(values))
 
 
 class ArraySplit(Dataset[tuple[Tensor, Tensor]]):

@@ -28,7 +28,8 @@ heads with the real data sets (``seg_data="ade20k:<root>"``, ``"voc:<root>"`` or
 ``depth_data="nyu:<root>"`` or ``"kitti:<root>"``, ``"nyu:<root>->sunrgbd:<root>"`` the head trained on
 the first and tested on the second's test split; images at ``image_size``, ``train_limit`` /
 ``test_limit`` of each; on a real data set the head trained on square crops of the aspect-kept images,
-drawn anew at each step, flipped and their colours jittered (``dense_augment``; the backbone then runs
+drawn anew at each step, flipped, their colours jittered, resized (seg) or turned (depth) (:func:`train_fit`,
+``dense_augment``; the backbone then runs
 on every head batch), and tested on whole images through sliding windows at the labels' own
 resolution, as the original scores segmentation), and
 :func:`~evaluators.retrieval.load_revisited` the retrieval task (``retrieval_data="roxford5k:<root>"``
@@ -132,7 +133,7 @@ class SuiteConfig:
     depth_head: HeadConfig = field(default_factory=lambda: HeadConfig(steps=1000))  # ~10x a seg step's cost
     depth_head_kind: str = "linear"  # or "dpt": the DPT decoder on 4 evenly spaced blocks (evaluators/dpt.py)
     dense_cache_gib: float = 4.0  # seg, depth: features held when both splits' fit, else made per batch
-    dense_augment: bool = True  # real seg/depth sets: a crop drawn anew each step, flipped, colours jittered
+    dense_augment: bool = True  # real seg/depth sets: a crop drawn anew each step, flipped, jittered, scaled/turned
     work_dir: str = ""  # save the long work here (feature pass in parts, dense heads' training); a rerun resumes it
     retrieval_scenes: int = 40
     retrieval_data: str = ""  # "": synthetic; roxford5k:<root>, rparis6k:<root>, amstertime:<root> or met:<root>
@@ -226,6 +227,19 @@ DENSE_SETS = {"ade20k": (load_ade20k, ("training", "validation"), 150), "voc": (
               "sunrgbd": (load_sunrgbd, ("train", "val"), SUN_MAX_DEPTH)}
 
 
+SEG_SCALES, DEPTH_ROTATION = (0.5, 2.0), 2.5  # the original's heads' resize ratios (mmseg), rotation (the toolbox)
+
+
+def train_fit(task: str, config: SuiteConfig) -> Fit:
+    """The training crops of a real dense set: ``image_size`` squares, drawn anew at each step with
+    ``dense_augment`` (flipped, colours jittered; for segmentation resized by a ratio of 0.5-2,
+    for depth turned by up to 2.5 degrees, as the original's heads train), else one per image."""
+    if not config.dense_augment:
+        return Fit("crop", config.image_size, config.seed)
+    return Fit("crop", config.image_size, config.seed, augment=True,
+               **({"scales": SEG_SCALES} if task == "seg" else {"rotation": DEPTH_ROTATION}))
+
+
 def dense_parts(given: str) -> list[str]:
     """The data sets of a dense task's ``<set>:<root>``: one, or the training and the test set of
     ``<set>:<root>-><set>:<root>`` (a transfer); none for ``""``."""
@@ -265,7 +279,7 @@ def _dense_tasks(backbone: nn.Module, config: SuiteConfig, storage: Storage) -> 
             (name, root), (test_name, test_root) = parts[0], parts[-1]
             load, (train_split, _), label_range = DENSE_SETS[name]
             test_load, (_, test_split), test_range = DENSE_SETS[test_name]
-            fits = (Fit("crop", config.image_size, config.seed, config.dense_augment), Fit("whole", config.image_size))
+            fits = (train_fit(task, config), Fit("whole", config.image_size))
             splits = [load(storage, root, train_split, fits[0], config.train_limit),
                       test_load(storage, test_root, test_split, fits[1], config.test_limit)]
             if config.dense_augment:  # each step's crops drawn anew: the backbone runs on every head batch
@@ -315,8 +329,7 @@ def _head_saves(task: str, config: SuiteConfig, storage: Storage, digest: str, l
     if task == "depth" and config.depth_head_kind != "linear":  # (a linear head's saves named as before)
         head["kind"] = config.depth_head_kind
     identity = {"backbone_sha256": digest, "data": data, "head": head,
-                "samples": ("augmented crops" if config.dense_augment else "crops") if given
-                else "squares",  # as _dense_tasks sizes them
+                "samples": asdict(train_fit(task, config)) if given else "squares",  # as _dense_tasks sizes them
                 "layers": layers, **{name: getattr(config, name) for name in settings}}
     return HeadSaves(storage, join_uri(config.work_dir, f"{task}-head"), identity)
 

@@ -351,8 +351,9 @@ def evaluate(
                                                             "ViT-S/14)")] = 4.0,
     dense_augment: Annotated[bool, typer.Option("--dense-augment/--no-dense-augment", help="seg and depth on a "
                                                 "real data set: the heads' training crops drawn anew at each step, "
-                                                "flipped, their colours jittered, as the original's (the backbone "
-                                                "then runs on every head batch)")] = True,
+                                                "flipped, their colours jittered, seg's resized 0.5-2x, depth's "
+                                                "turned up to 2.5 degrees, as the original's (the backbone then "
+                                                "runs on every head batch)")] = True,
     work_dir: Annotated[str, typer.Option(help="save the long work under this folder (path or URI): knn and "
                                                "linear's feature pass in parts (ImageNet's: an hour on a GPU), "
                                                "the seg and depth heads' training; the same command run again "

@@ -119,6 +119,61 @@ def test_augmented_crops_are_drawn_anew_at_each_draw_flipped_with_their_labels_c
         Fit("whole", 28, augment=True)
 
 
+def test_drawn_scales_zoom_in_and_out_and_pad_with_the_ignored_label(tmp_path: Path) -> None:
+    """scales (0.5, 2): a 60 x 40 image at side 28 resized by a drawn ratio: zoomed in, a window
+    spans fewer of the ramp's columns than at ratio 1 (40); zoomed out, the image is shorter than
+    the window and the rows below it (and the columns beside it) are padding: black pixels, the
+    ignored label 255 (its own labels are 0..59), exactly where :meth:`Fit.outside` says. The same
+    draw is the same crop."""
+    ramp = np.repeat(np.arange(60)[None, :], 40, axis=0)
+    _jpg(tmp_path / "images" / "training" / "ADE_a.jpg", 0, (60, 40))
+    _png(tmp_path / "annotations" / "training" / "ADE_a.png", ramp + 1, palette=False)
+    fit = Fit("crop", 28, seed=2, augment=True, scales=(0.5, 2.0))
+    split = load_ade20k(Storage(), str(tmp_path), "training", fit)
+    padded = zoomed_in = 0
+    for draw in range(24):
+        image, labels = split[draw]
+        assert torch.equal(image, split[draw][0]) and torch.equal(labels, split[draw][1])
+        outside = fit.outside((60, 40), 0, draw)
+        assert np.array_equal(labels.numpy() == 255, outside)
+        assert (image.numpy()[:, outside] == 0).all()
+        if outside.any():
+            padded += 1
+            inside_rows, inside_cols = (~outside).any(axis=1), (~outside).any(axis=0)
+            assert np.array_equal(~outside, np.outer(inside_rows, inside_cols))  # the image: a rectangle in it,
+            assert inside_rows[0] and (inside_cols[0] or inside_cols[-1])  # at the top, left or (flipped) right
+        seen = labels.numpy()[0]
+        zoomed_in += len(np.unique(seen[seen != 255])) < 38  # of the ramp's columns
+    assert 3 < padded < 21 and zoomed_in > 3
+    with pytest.raises(ValueError, match="scales and rotation are drawn with augment"):
+        Fit("crop", 28, scales=(0.5, 2.0))
+    with pytest.raises(ValueError, match=r"scales must be a range 0 < low <= high"):
+        Fit("crop", 28, augment=True, scales=(2.0, 0.5))
+
+
+def test_drawn_rotations_turn_half_the_crops_by_at_most_the_angle(tmp_path: Path) -> None:
+    """rotation 2.5: about half the draws of an NYU frame whose depth is its row number are turned
+    (a row of the window no longer one depth; 112 px wide, any angle above half a degree shows) by
+    at most 2.5 degrees (along a row its depths differ by at most 112 tan 2.5 + 2 rows' worth); the
+    corners turned in are unknown (0) depth, exactly where :meth:`Fit.outside` says."""
+    (tmp_path / "train").mkdir()
+    rows = np.repeat(np.arange(1, 161, dtype=np.float32)[:, None], 240, axis=1)
+    np.savez(tmp_path / "train" / "00000.npz", image=np.full((160, 240, 3), 128, np.uint8), depth=rows)
+    fit = Fit("crop", 112, seed=0, augment=True, rotation=2.5)
+    split = load_nyu(Storage(), str(tmp_path), "train", fit)
+    turned = cornered = 0
+    step = 160 / 112  # depth (rows of the frame) per row of the 112-high resized image
+    for draw in range(24):
+        depth = split[draw][1].numpy()
+        assert np.array_equal(depth == 0, fit.outside((240, 160), 0, draw))
+        cornered += (depth == 0).any()
+        spans = [row[row > 0].max() - row[row > 0].min() for row in depth if (row > 0).any()]
+        if max(spans) > 0:
+            turned += 1
+            assert max(spans) <= (112 * np.tan(np.radians(2.5)) + 2) * step
+    assert 4 < turned < 20 and cornered > 2
+
+
 def test_colour_jitter_is_a_gamma_a_brightness_and_a_gain_per_channel() -> None:
     from evaluators.dense_datasets import colour_jitter
 
