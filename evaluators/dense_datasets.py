@@ -64,6 +64,7 @@ _CITYSCAPES_LOOKUP[list(CITYSCAPES_TRAIN_IDS)] = list(CITYSCAPES_TRAIN_IDS.value
 # (read a file's bytes, the sample's files, decode the image too) -> (image or None, labels), as stored
 Decoder = Callable[[Callable[[str], bytes], tuple[str, ...], bool], tuple[Image.Image | None, Image.Image]]
 FITS = ("square", "crop", "whole")
+CROP_ATTEMPTS = 10  # a window placed at most this many times while one class holds too much of it (mmseg's)
 
 
 @dataclass(frozen=True)
@@ -89,8 +90,11 @@ class Fit:
     the image zoomed in or out, an image smaller than it padded), ``rotation`` turns the image
     about its centre by up to that many degrees half the time (the depth toolbox's 2.5) before the
     window is cut; :meth:`outside` names the window's pixels that came from no pixel of the image,
-    which a split marks unknown. Every draw is seeded by ``seed``, the sample and the draw: a
-    resumed training draws the same.
+    which a split marks unknown. With ``max_class_share`` below 1 (segmentation: mmseg's
+    ``cat_max_ratio`` 0.75) a split places the window again, up to :data:`CROP_ATTEMPTS` times in
+    all, while one class holds that share or more of its labelled pixels (``attempt``: the try;
+    the last kept). Every draw is seeded by ``seed``, the sample, the draw and the try: a resumed
+    training draws the same.
 
     Images resize bilinearly, labels by nearest neighbour (class indices and depths stay values).
     """
@@ -101,14 +105,17 @@ class Fit:
     augment: bool = False
     scales: tuple[float, float] = (1.0, 1.0)
     rotation: float = 0.0
+    max_class_share: float = 1.0
 
     def __post_init__(self) -> None:
         if self.mode not in FITS or self.side < 1:
             raise ValueError(f"fit mode must be one of {', '.join(FITS)} and side >= 1, got {self.mode!r}, {self.side}")
         if (self.augment or self.reshaped) and self.mode != "crop":
             raise ValueError(f"augment draws crops: fit mode 'crop', not {self.mode!r}")
-        if self.reshaped and not self.augment:
-            raise ValueError("scales and rotation are drawn with augment: set augment=True")
+        if (self.reshaped or self.max_class_share < 1) and not self.augment:
+            raise ValueError("scales, rotation and max_class_share are drawn with augment: set augment=True")
+        if not 0 < self.max_class_share <= 1:
+            raise ValueError(f"max_class_share must be in (0, 1], got {self.max_class_share}")
         if not 0 < self.scales[0] <= self.scales[1] or not 0 <= self.rotation < 90:
             raise ValueError(f"scales must be a range 0 < low <= high and rotation 0-90 degrees, got {self.scales}, "
                              f"{self.rotation}")
@@ -118,9 +125,9 @@ class Fit:
         """Whether the draws resize by a drawn ratio or rotate (and so may leave the window pixels of no image)."""
         return self.scales != (1.0, 1.0) or self.rotation > 0
 
-    def image(self, image: Image.Image, index: int, draw: int = 0) -> np.ndarray:
-        """``(3, h, w)`` uint8 of an RGB image (``draw``: see the class docstring)."""
-        pixels = np.array(self._placed(image, index, Image.BILINEAR, draw)).transpose(2, 0, 1)
+    def image(self, image: Image.Image, index: int, draw: int = 0, attempt: int = 0) -> np.ndarray:
+        """``(3, h, w)`` uint8 of an RGB image (``draw``, ``attempt``: see the class docstring)."""
+        pixels = np.array(self._placed(image, index, Image.BILINEAR, draw, attempt)).transpose(2, 0, 1)
         if not self.augment:
             return pixels
         jitter = np.random.default_rng([self.seed, index, draw, 1])
@@ -129,18 +136,18 @@ class Fit:
         return colour_jitter(pixels, gamma=jitter.uniform(*JITTER_GAMMA), brightness=jitter.uniform(*JITTER_BRIGHTNESS),
                              colours=jitter.uniform(*JITTER_COLOUR, size=3))
 
-    def labels(self, labels: Image.Image, index: int, draw: int = 0) -> np.ndarray:
+    def labels(self, labels: Image.Image, index: int, draw: int = 0, attempt: int = 0) -> np.ndarray:
         """``(h, w)`` labels (as stored with ``whole``), placed as :meth:`image` places the image."""
-        return np.array(labels if self.mode == "whole" else self._placed(labels, index, Image.NEAREST, draw))
+        return np.array(labels if self.mode == "whole" else self._placed(labels, index, Image.NEAREST, draw, attempt))
 
-    def outside(self, size: tuple[int, int], index: int, draw: int = 0) -> np.ndarray | None:
+    def outside(self, size: tuple[int, int], index: int, draw: int = 0, attempt: int = 0) -> np.ndarray | None:
         """Where the window of a picture of ``size`` (width, height) holds no pixel of it (padding,
         rotated-in corners), ``(side, side)`` bool; None when no draw can leave any."""
         if not self.reshaped:
             return None
-        return self.labels(Image.new("L", size, 1), index, draw) == 0
+        return self.labels(Image.new("L", size, 1), index, draw, attempt) == 0
 
-    def _placed(self, picture: Image.Image, index: int, resample: int, draw: int) -> Image.Image:
+    def _placed(self, picture: Image.Image, index: int, resample: int, draw: int, attempt: int) -> Image.Image:
         width, height = picture.size
         if self.mode == "square":
             return picture.resize((self.side, self.side), resample)
@@ -155,6 +162,9 @@ class Fit:
         if self.rotation and place.random() < 0.5:
             resized = resized.rotate(place.uniform(-self.rotation, self.rotation), resample, fillcolor=0)
         left, top = (int(place.integers(0, max(extent - self.side, 0) + 1)) for extent in size)
+        if attempt:  # placed again in the same resized image (max_class_share)
+            again = np.random.default_rng([self.seed, index, draw, attempt])
+            left, top = (int(again.integers(0, max(extent - self.side, 0) + 1)) for extent in size)
         window = resized.crop((left, top, left + self.side, top + self.side))  # beyond the image: 0
         if self.augment and place.random() < 0.5:
             return window.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -196,19 +206,26 @@ class DenseSplit(Dataset[tuple[Tensor, Tensor]]):
         draw, index = divmod(key, len(self._files))
         image, labels = self._decode(self._storage.get().read_bytes, self._files[index], True)
         assert image is not None
-        return (torch.from_numpy(np.ascontiguousarray(self.fit.image(image, index, draw))),
-                self._labels(labels, index, draw))
+        attempt, values = self._labels(labels, index, draw)
+        return torch.from_numpy(np.ascontiguousarray(self.fit.image(image, index, draw, attempt))), values
 
     def label(self, index: int) -> Tensor:
-        return self._labels(self._decode(self._storage.get().read_bytes, self._files[index], False)[1], index, 0)
+        return self._labels(self._decode(self._storage.get().read_bytes, self._files[index], False)[1], index, 0)[1]
 
-    def _labels(self, labels: Image.Image, index: int, draw: int) -> Tensor:
-        values = self.fit.labels(labels, index, draw)
-        values = self._relabel(values) if self._relabel else values
-        outside = self.fit.outside(labels.size, index, draw)
-        if outside is not None:  # no pixel of the image there: ignored (masks) or unknown (depths)
-            values = np.where(outside, 255 if values.dtype == np.uint8 else 0, values).astype(values.dtype)
-        return torch.from_numpy(np.ascontiguousarray(values))
+    def _labels(self, labels: Image.Image, index: int, draw: int) -> tuple[int, Tensor]:
+        """The try of the window kept (:class:`Fit`'s ``max_class_share``) and its labels."""
+        tries = CROP_ATTEMPTS if self.fit.max_class_share < 1 else 1
+        for attempt in range(tries):
+            values = self.fit.labels(labels, index, draw, attempt)
+            values = self._relabel(values) if self._relabel else values
+            outside = self.fit.outside(labels.size, index, draw, attempt)
+            if outside is not None:  # no pixel of the image there: ignored (masks) or unknown (depths)
+                values = np.where(outside, 255 if values.dtype == np.uint8 else 0, values).astype(values.dtype)
+            if attempt + 1 < tries:  # the last try is kept whatever it holds
+                _, counts = np.unique(values[values != 255], return_counts=True)
+                if len(counts) > 1 and counts.max() < self.fit.max_class_share * counts.sum():
+                    break
+        return attempt, torch.from_numpy(np.ascontiguousarray(values))
 
 
 class ArraySplit(Dataset[tuple[Tensor, Tensor]]):

@@ -228,16 +228,19 @@ DENSE_SETS = {"ade20k": (load_ade20k, ("training", "validation"), 150), "voc": (
 
 
 SEG_SCALES, DEPTH_ROTATION = (0.5, 2.0), 2.5  # the original's heads' resize ratios (mmseg), rotation (the toolbox)
+SEG_MAX_CLASS_SHARE = 0.75  # mmseg's cat_max_ratio: a crop placed again while one class holds this much of it
 
 
 def train_fit(task: str, config: SuiteConfig) -> Fit:
     """The training crops of a real dense set: ``image_size`` squares, drawn anew at each step with
-    ``dense_augment`` (flipped, colours jittered; for segmentation resized by a ratio of 0.5-2,
-    for depth turned by up to 2.5 degrees, as the original's heads train), else one per image."""
+    ``dense_augment`` (flipped, colours jittered; for segmentation resized by a ratio of 0.5-2 and
+    placed again while one class holds 3/4 of the crop, for depth turned by up to 2.5 degrees, as
+    the original's heads train), else one per image."""
     if not config.dense_augment:
         return Fit("crop", config.image_size, config.seed)
     return Fit("crop", config.image_size, config.seed, augment=True,
-               **({"scales": SEG_SCALES} if task == "seg" else {"rotation": DEPTH_ROTATION}))
+               **({"scales": SEG_SCALES, "max_class_share": SEG_MAX_CLASS_SHARE} if task == "seg"
+                  else {"rotation": DEPTH_ROTATION}))
 
 
 def dense_parts(given: str) -> list[str]:

@@ -145,10 +145,38 @@ def test_drawn_scales_zoom_in_and_out_and_pad_with_the_ignored_label(tmp_path: P
         seen = labels.numpy()[0]
         zoomed_in += len(np.unique(seen[seen != 255])) < 38  # of the ramp's columns
     assert 3 < padded < 21 and zoomed_in > 3
-    with pytest.raises(ValueError, match="scales and rotation are drawn with augment"):
+    with pytest.raises(ValueError, match="scales, rotation and max_class_share are drawn with augment"):
         Fit("crop", 28, scales=(0.5, 2.0))
     with pytest.raises(ValueError, match=r"scales must be a range 0 < low <= high"):
         Fit("crop", 28, augment=True, scales=(2.0, 0.5))
+
+
+def test_a_crop_one_class_fills_is_placed_again_and_the_image_with_it(tmp_path: Path) -> None:
+    """max_class_share 0.75 (mmseg's cat_max_ratio): an 80 x 40 image, red class 0 on its first 64
+    columns, green class 1 on the rest; at side 28 a window holds under 3/4 red only when it starts
+    within 5 of its last columns (~1 in 6 places): placed up to 10 times, most draws get there (one
+    place, few do). The image is cut where the labels were: its green pixels are class 1's."""
+    image = np.zeros((40, 80, 3), np.uint8)
+    image[:, :64], image[:, 64:] = (200, 0, 0), (0, 200, 0)
+    (tmp_path / "images" / "training").mkdir(parents=True)
+    Image.fromarray(image).save(tmp_path / "images" / "training" / "ADE_a.jpg", format="PNG")  # exact colours
+    _png(tmp_path / "annotations" / "training" / "ADE_a.png", np.where(np.arange(80) < 64, 1, 2)[None].repeat(40, 0),
+         palette=False)
+
+    def mixed(share: float) -> float:
+        split = load_ade20k(Storage(), str(tmp_path), "training", Fit("crop", 28, seed=5, augment=True,
+                                                                       max_class_share=share))
+        spread = []
+        for draw in range(40):
+            pixels, labels = (x.numpy() for x in split[draw])
+            green = pixels[1] > pixels[0]
+            assert abs(int(green.sum()) - int((labels == 1).sum())) <= 28  # at most a column blended apart
+            spread.append(max((labels == 0).mean(), (labels == 1).mean()) < 0.75)
+        return float(np.mean(spread))
+
+    assert mixed(0.75) > 0.6 and mixed(1.0) < 0.35
+    with pytest.raises(ValueError, match="max_class_share must be in \\(0, 1\\]"):
+        Fit("crop", 28, augment=True, max_class_share=0.0)
 
 
 def test_drawn_rotations_turn_half_the_crops_by_at_most_the_angle(tmp_path: Path) -> None:
