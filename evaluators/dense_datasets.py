@@ -287,6 +287,14 @@ def _nyu_sample(read: Callable[[str], bytes], files: tuple[str, ...],
     return (Image.fromarray(image) if with_image else None), Image.fromarray(depth, mode="F")
 
 
+def _depth_png(read: Callable[[str], bytes], uri: str, expected: str) -> Image.Image:
+    """A 16-bit PNG's depth map, refused (``expected`` says what it should be) in any other mode."""
+    depth = Image.open(io.BytesIO(read(uri)))
+    if depth.mode not in ("I", "I;16", "I;16B"):
+        raise ValueError(f"{uri}: {expected}, got mode {depth.mode}")
+    return depth
+
+
 KB_CROP = (352, 1216)  # KITTI frames cut to their bottom-centred rows x columns, as the depth toolbox does
 KITTI_MAX_DEPTH = 80.0  # metres: farther LiDAR returns are not scored (nor trained on)
 
@@ -294,9 +302,7 @@ KITTI_MAX_DEPTH = 80.0  # metres: farther LiDAR returns are not scored (nor trai
 def _kitti_sample(read: Callable[[str], bytes], files: tuple[str, ...],
                   with_image: bool) -> tuple[Image.Image | None, Image.Image]:
     image_uri, depth_uri = files
-    depth = Image.open(io.BytesIO(read(depth_uri)))
-    if depth.mode not in ("I", "I;16", "I;16B"):
-        raise ValueError(f"{depth_uri}: a KITTI depth map is a 16-bit PNG (metres x 256), got mode {depth.mode}")
+    depth = _depth_png(read, depth_uri, "a KITTI depth map is a 16-bit PNG (metres x 256)")
     width, height = depth.size
     rows, cols = KB_CROP
     if height < rows or width < cols:
@@ -395,9 +401,7 @@ SUN_MAX_DEPTH = 8.0  # metres: SUN RGB-D's depths and the predictions scored on 
 def _sunrgbd_sample(read: Callable[[str], bytes], files: tuple[str, ...],
                     with_image: bool) -> tuple[Image.Image | None, Image.Image]:
     image_uri, depth_uri = files
-    depth = Image.open(io.BytesIO(read(depth_uri)))
-    if depth.mode not in ("I", "I;16", "I;16B"):
-        raise ValueError(f"{depth_uri}: a SUN RGB-D depth map is a 16-bit PNG, got mode {depth.mode}")
+    depth = _depth_png(read, depth_uri, "a SUN RGB-D depth map is a 16-bit PNG")
     stored = np.asarray(depth, dtype=np.int64).astype(np.uint16)
     metres = (np.right_shift(stored, 3) | np.left_shift(stored, 13)).astype(np.float32) / 1000  # its bits rotated by 3
     image = _image(read(image_uri)) if with_image else None
