@@ -138,9 +138,9 @@ def tuned_recognition(database: torch.Tensor, database_labels: np.ndarray, queri
     num_classes = len(np.unique(database_labels))
     ks = [k for k in K_GRID if k <= len(database)] or [len(database)]
     neighbours = {}
-    for split in QUERY_SPLITS:
-        ranking, similarity = rank_database(queries[split], database)
-        neighbours[split] = similarity[:, :ks[-1]], database_labels[ranking[:, :ks[-1]]]
+    for split in QUERY_SPLITS:  # the largest k's neighbours alone: the Met's database holds 400k images
+        ranking, similarity = rank_database(queries[split], database, ks[-1])
+        neighbours[split] = similarity, database_labels[ranking]
     similarity, labels = neighbours["val"]
     tried = [(gap(*knn_recognise(similarity[:, :k], labels[:, :k], num_classes, t), query_labels["val"]), -i, k, t)
              for i, (k, t) in enumerate((k, t) for k in ks for t in TEMPERATURE_GRID)]

@@ -66,13 +66,15 @@ def global_descriptors(backbone: nn.Module, images: Tensor, pooling: Pooling = "
     return torch.cat(out)
 
 
-def rank_database(queries: Tensor, database: Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Every database index per query, most similar first, with the similarities (faiss, exact)."""
+def rank_database(queries: Tensor, database: Tensor, k: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Every database index per query (or its ``k`` nearest: a large database's whole ranking would
+    not fit), most similar first, with the similarities (faiss, exact)."""
     import faiss
 
     index = faiss.IndexFlatIP(database.shape[1])
     index.add(np.ascontiguousarray(database.numpy(), dtype=np.float32))
-    similarity, ranking = index.search(np.ascontiguousarray(queries.numpy(), dtype=np.float32), len(database))
+    similarity, ranking = index.search(np.ascontiguousarray(queries.numpy(), dtype=np.float32),
+                                       min(k, len(database)) if k else len(database))
     return ranking, similarity
 
 

@@ -48,6 +48,10 @@ def test_faiss_ranks_like_brute_force_cosine() -> None:
     brute = (queries @ database.T).numpy()
     np.testing.assert_array_equal(ranking, rank(brute))
     np.testing.assert_allclose(similarity, np.take_along_axis(brute, ranking, 1), atol=1e-5)
+    nearest, nearest_similarity = rank_database(queries, database, k=5)  # the first 5 of the whole ranking
+    np.testing.assert_array_equal(nearest, ranking[:, :5])
+    np.testing.assert_allclose(nearest_similarity, similarity[:, :5], atol=1e-6)
+    assert rank_database(queries, database[:3], k=5)[0].shape == (7, 3)  # at most the database
 
 
 def test_synthetic_retrieval_end_to_end(backbone: torch.nn.Module) -> None:
