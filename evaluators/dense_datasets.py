@@ -90,7 +90,9 @@ class Fit:
     the image zoomed in or out, an image smaller than it padded), ``rotation`` turns the image
     about its centre by up to that many degrees half the time (the depth toolbox's 2.5) before the
     window is cut; :meth:`outside` names the window's pixels that came from no pixel of the image,
-    which a split marks unknown. With ``max_class_share`` below 1 (segmentation: mmseg's
+    which a split marks unknown. ``crop`` gives the window's rows and columns when it is not a
+    ``side`` square (the depth toolbox's 416 x 544 of NYU's 480 x 640 frames, 352 x 704 of KITTI's
+    352 x 1216: more of a wide frame in each crop). With ``max_class_share`` below 1 (segmentation: mmseg's
     ``cat_max_ratio`` 0.75) a split places the window again, up to :data:`CROP_ATTEMPTS` times in
     all, while one class holds that share or more of its labelled pixels (``attempt``: the try;
     the last kept). Every draw is seeded by ``seed``, the sample, the draw and the try: a resumed
@@ -106,16 +108,20 @@ class Fit:
     scales: tuple[float, float] = (1.0, 1.0)
     rotation: float = 0.0
     max_class_share: float = 1.0
+    crop: tuple[int, int] = (0, 0)
 
     def __post_init__(self) -> None:
         if self.mode not in FITS or self.side < 1:
             raise ValueError(f"fit mode must be one of {', '.join(FITS)} and side >= 1, got {self.mode!r}, {self.side}")
-        if (self.augment or self.reshaped) and self.mode != "crop":
+        if (self.augment or self.reshaped or self.crop != (0, 0)) and self.mode != "crop":
             raise ValueError(f"augment draws crops: fit mode 'crop', not {self.mode!r}")
         if (self.reshaped or self.max_class_share < 1) and not self.augment:
             raise ValueError("scales, rotation and max_class_share are drawn with augment: set augment=True")
         if not 0 < self.max_class_share <= 1:
             raise ValueError(f"max_class_share must be in (0, 1], got {self.max_class_share}")
+        if self.crop != (0, 0) and min(self.crop) < 1:
+            raise ValueError(f"crop must be the window's (rows, columns), both >= 1, or (0, 0): a side square; got "
+                             f"{self.crop}")
         if not 0 < self.scales[0] <= self.scales[1] or not 0 <= self.rotation < 90:
             raise ValueError(f"scales must be a range 0 < low <= high and rotation 0-90 degrees, got {self.scales}, "
                              f"{self.rotation}")
@@ -124,6 +130,11 @@ class Fit:
     def reshaped(self) -> bool:
         """Whether the draws resize by a drawn ratio or rotate (and so may leave the window pixels of no image)."""
         return self.scales != (1.0, 1.0) or self.rotation > 0
+
+    @property
+    def window(self) -> tuple[int, int]:
+        """The crops' rows and columns."""
+        return self.crop if self.crop != (0, 0) else (self.side, self.side)
 
     def image(self, image: Image.Image, index: int, draw: int = 0, attempt: int = 0) -> np.ndarray:
         """``(3, h, w)`` uint8 of an RGB image (``draw``, ``attempt``: see the class docstring)."""
@@ -142,8 +153,8 @@ class Fit:
 
     def outside(self, size: tuple[int, int], index: int, draw: int = 0, attempt: int = 0) -> np.ndarray | None:
         """Where the window of a picture of ``size`` (width, height) holds no pixel of it (padding,
-        rotated-in corners), ``(side, side)`` bool; None when no draw can leave any."""
-        if not self.reshaped:
+        rotated-in corners), ``(rows, columns)`` bool; None when no draw can leave any."""
+        if not self.reshaped and (self.crop == (0, 0) or self.mode != "crop"):
             return None
         return self.labels(Image.new("L", size, 1), index, draw, attempt) == 0
 
@@ -161,11 +172,13 @@ class Fit:
             return resized
         if self.rotation and place.random() < 0.5:
             resized = resized.rotate(place.uniform(-self.rotation, self.rotation), resample, fillcolor=0)
-        left, top = (int(place.integers(0, max(extent - self.side, 0) + 1)) for extent in size)
+        rows, cols = self.window
+        left, top = (int(place.integers(0, max(extent - wanted, 0) + 1)) for extent, wanted in zip(size, (cols, rows)))
         if attempt:  # placed again in the same resized image (max_class_share)
             again = np.random.default_rng([self.seed, index, draw, attempt])
-            left, top = (int(again.integers(0, max(extent - self.side, 0) + 1)) for extent in size)
-        window = resized.crop((left, top, left + self.side, top + self.side))  # beyond the image: 0
+            left, top = (int(again.integers(0, max(extent - wanted, 0) + 1))
+                         for extent, wanted in zip(size, (cols, rows)))
+        window = resized.crop((left, top, left + cols, top + rows))  # beyond the image: 0
         if self.augment and place.random() < 0.5:
             return window.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return window

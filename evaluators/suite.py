@@ -27,7 +27,8 @@ anywhere with exact ground truth; the adapters of :mod:`evaluators.dense_dataset
 heads with the real data sets (``seg_data="ade20k:<root>"``, ``"voc:<root>"`` or ``"cityscapes:<root>"``,
 ``depth_data="nyu:<root>"`` or ``"kitti:<root>"``, ``"nyu:<root>->sunrgbd:<root>"`` the head trained on
 the first and tested on the second's test split; images at ``image_size``, ``train_limit`` /
-``test_limit`` of each; on a real data set the head trained on square crops of the aspect-kept images,
+``test_limit`` of each; on a real data set the head trained on square crops (NYU's and KITTI's of the
+depth toolbox's shapes) of the aspect-kept images,
 drawn anew at each step, flipped, their colours jittered, resized (seg) or turned (depth) (:func:`train_fit`,
 ``dense_augment``; the backbone then runs
 on every head batch), and tested on whole images through sliding windows at the labels' own
@@ -231,14 +232,25 @@ SEG_SCALES, DEPTH_ROTATION = (0.5, 2.0), 2.5  # the original's heads' resize rat
 SEG_MAX_CLASS_SHARE = 0.75  # mmseg's cat_max_ratio: a crop placed again while one class holds this much of it
 
 
-def train_fit(task: str, config: SuiteConfig) -> Fit:
-    """The training crops of a real dense set: ``image_size`` squares, drawn anew at each step with
+DEPTH_CROPS = {"nyu": (416 / 480, 544 / 480), "kitti": (1.0, 2.0)}  # the toolbox's crops / the frames' shorter side
+
+
+def train_fit(task: str, config: SuiteConfig, patch: int) -> Fit:
+    """The training crops of a real dense set: ``image_size`` squares (NYU's and KITTI's of the
+    depth toolbox's shape, 416 x 544 of 480 x 640 and 352 x 704 of 352 x 1216, at ``image_size``
+    for the shorter side, each side a multiple of ``patch``), drawn anew at each step with
     ``dense_augment`` (flipped, colours jittered; for segmentation resized by a ratio of 0.5-2 and
     placed again while one class holds 3/4 of the crop, for depth turned by up to 2.5 degrees, as
     the original's heads train), else one per image."""
+    trained_on = dense_parts(getattr(config, f"{task}_data"))[0].split(":", 1)[0]
+    shape = DEPTH_CROPS.get(trained_on) if task == "depth" else None
+    crop = (0, 0)
+    if shape:
+        rows, cols = patch_sides((config.image_size * shape[0], config.image_size * shape[1]), patch)
+        crop = (rows, cols)
     if not config.dense_augment:
-        return Fit("crop", config.image_size, config.seed)
-    return Fit("crop", config.image_size, config.seed, augment=True,
+        return Fit("crop", config.image_size, config.seed, crop=crop)
+    return Fit("crop", config.image_size, config.seed, augment=True, crop=crop,
                **({"scales": SEG_SCALES, "max_class_share": SEG_MAX_CLASS_SHARE} if task == "seg"
                   else {"rotation": DEPTH_ROTATION}))
 
@@ -282,7 +294,7 @@ def _dense_tasks(backbone: nn.Module, config: SuiteConfig, storage: Storage) -> 
             (name, root), (test_name, test_root) = parts[0], parts[-1]
             load, (train_split, _), label_range = DENSE_SETS[name]
             test_load, (_, test_split), test_range = DENSE_SETS[test_name]
-            fits = (train_fit(task, config), Fit("whole", config.image_size))
+            fits = (train_fit(task, config, int(backbone.patch_size)), Fit("whole", config.image_size))
             splits = [load(storage, root, train_split, fits[0], config.train_limit),
                       test_load(storage, test_root, test_split, fits[1], config.test_limit)]
             if config.dense_augment:  # each step's crops drawn anew: the backbone runs on every head batch
@@ -319,7 +331,8 @@ def task_layers(task: str, config: SuiteConfig, depth: int) -> Layers:
     return spaced_blocks(depth, 4 if config.depth_head_kind == "dpt" else config.layers)
 
 
-def _head_saves(task: str, config: SuiteConfig, storage: Storage, digest: str, layers: Layers) -> HeadSaves | None:
+def _head_saves(task: str, config: SuiteConfig, storage: Storage, digest: str, layers: Layers,
+                patch: int) -> HeadSaves | None:
     """Where the ``task`` head's training saves its state under ``config.work_dir`` (None: no
     work_dir), named by what it is of: the backbone, the blocks it reads, the training data and the
     head's settings."""
@@ -332,7 +345,7 @@ def _head_saves(task: str, config: SuiteConfig, storage: Storage, digest: str, l
     if task == "depth" and config.depth_head_kind != "linear":  # (a linear head's saves named as before)
         head["kind"] = config.depth_head_kind
     identity = {"backbone_sha256": digest, "data": data, "head": head,
-                "samples": asdict(train_fit(task, config)) if given else "squares",  # as _dense_tasks sizes them
+                "samples": asdict(train_fit(task, config, patch)) if given else "squares",  # as _dense_tasks sizes them
                 "layers": layers, **{name: getattr(config, name) for name in settings}}
     return HeadSaves(storage, join_uri(config.work_dir, f"{task}-head"), identity)
 
@@ -489,13 +502,13 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
     shown = slice(0, 6)
     predicted: dict[str, np.ndarray] = {}  # the first test images' predictions, for the pictures
     if "seg" in dense:
-        saves = _head_saves("seg", config, storage, digest, dense["seg"].train.layers)
+        saves = _head_saves("seg", config, storage, digest, dense["seg"].train.layers, int(backbone.patch_size))
         seg, maps = _segmentation(backbone, dense["seg"], config, saves, keep=shown.stop)
         predicted["seg"] = maps.numpy().astype(np.uint8)
         tasks["seg"] = seg
         metrics.update({"seg_miou": seg["miou"], "seg_pixel_accuracy": seg["pixel_accuracy"]})
     if "depth" in dense:
-        saves = _head_saves("depth", config, storage, digest, dense["depth"].train.layers)
+        saves = _head_saves("depth", config, storage, digest, dense["depth"].train.layers, int(backbone.patch_size))
         depth, maps = _depth(dense["depth"], config, device, saves, keep=shown.stop)
         predicted["depth"] = maps.numpy()
         tasks["depth"] = depth

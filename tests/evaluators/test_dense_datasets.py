@@ -202,6 +202,39 @@ def test_drawn_rotations_turn_half_the_crops_by_at_most_the_angle(tmp_path: Path
     assert 4 < turned < 20 and cornered > 2
 
 
+def test_depth_crops_take_the_toolboxs_shape(tmp_path: Path) -> None:
+    """crop=(21, 35): each draw of a 30 x 40 NYU frame (its depth naming each pixel's row and column)
+    is a 21 x 35 window of the frame resized to 28 rows (PIL's nearest resize, the reference), at a
+    place of its own, flipped or not. The suite gives NYU the toolbox's 416 x 544 of 480 x 640 and
+    KITTI its 352 x 704 of 352 x 1216 at image_size for the shorter side, each a multiple of the
+    patch; segmentation keeps squares."""
+    from evaluators.suite import SuiteConfig, train_fit
+
+    (tmp_path / "train").mkdir()
+    ys, xs = np.mgrid[0:30, 0:40]
+    depth = (ys * 100 + xs + 1).astype(np.float32)
+    np.savez(tmp_path / "train" / "00000.npz", image=np.zeros((30, 40, 3), np.uint8), depth=depth)
+    resized = np.array(Image.fromarray(depth, mode="F").resize((37, 28), Image.NEAREST))
+    split = load_nyu(Storage(), str(tmp_path), "train", Fit("crop", 28, seed=0, augment=True, crop=(21, 35)))
+    places = set()
+    for draw in range(12):
+        window = split[draw][1].numpy()
+        assert window.shape == (21, 35)
+        found = [(top, left, flip) for top in range(8) for left in range(3) for flip in (1, -1)
+                 if np.array_equal(resized[top:top + 21, left:left + 35][:, ::flip], window)]
+        assert len(found) == 1
+        places.add(found[0])
+    assert len(places) > 4
+    for data, task, window in (("nyu:/n", "depth", (21, 35)), ("kitti:/k", "depth", (28, 56)),
+                               ("ade20k:/a", "seg", (28, 28))):
+        config = SuiteConfig(tasks=(task,), image_size=28, **{f"{task}_data": data})
+        assert train_fit(task, config, 7).window == window
+    assert train_fit("depth", SuiteConfig(tasks=("depth",), image_size=448, depth_data="nyu:/n"), 14).window == (
+        392, 504)  # 388.3 and 507.7 to multiples of 14
+    with pytest.raises(ValueError, match="crop must be the window's \\(rows, columns\\), both >= 1"):
+        Fit("crop", 28, crop=(0, 35))
+
+
 def test_colour_jitter_is_a_gamma_a_brightness_and_a_gain_per_channel() -> None:
     from evaluators.dense_datasets import colour_jitter
 
