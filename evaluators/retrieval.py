@@ -12,7 +12,7 @@ numbers), so a crafted file cannot run code. A JSON file with the same structure
 images (``<root>/jpg/<name>.jpg``) keep their aspect ratio: the longer side is resized to the
 evaluation's size and each side rounded to a multiple of the patch size, the queries first cropped
 to their box, as the protocol asks; they are decoded by a DataLoader's workers and go through the
-backbone one at a time (no two need share a shape).
+backbone in batches of one shape (:func:`file_descriptors`).
 
 AmsterTime (the original's other landmark benchmark) pairs an archival photograph of an Amsterdam
 place (``<root>/old/<name>``, the query) with a street-level one of it today (``<root>/new/<name>``,
@@ -189,17 +189,41 @@ class RevisitedImages(Dataset[Tensor]):
         return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
 
 
+SHAPE_BATCH = 32  # images of one shape described together
+MAX_HELD = 128  # images held waiting for others of their shape; beyond it the fullest shape goes through
+
+
 def file_descriptors(backbone: nn.Module, storage: Storage, files: list[str], size: int, what: str,
                      boxes: list[Box] | None = None, pooling: Pooling = "cls", amp_dtype: torch.dtype | None = None,
-                     num_workers: int = 0) -> Tensor:
+                     num_workers: int = 0, batch_size: int = SHAPE_BATCH, max_held: int = MAX_HELD) -> Tensor:
     """:func:`global_descriptors` ``(N, D)`` of the images at ``files`` (:class:`RevisitedImages` at
-    ``size``, cropped to ``boxes`` when given), one image at a time: no two need share a shape."""
+    ``size``, cropped to ``boxes`` when given), in their order. Their shapes vary, so each is held
+    until ``batch_size`` images of its shape have come and they go through the backbone together (at
+    most ``max_held`` held, the most numerous shape's going through beyond it; the rest at the end): a
+    GPU describes the Met's 400k images in batches, not one by one."""
     patch = int(backbone.patch_size)
     device = next(backbone.parameters()).device
     loader = DataLoader(RevisitedImages(storage, files, size, patch, boxes), batch_size=1, num_workers=num_workers)
-    return torch.cat([global_descriptors(backbone, to_model_input(image.to(device), patch_size=patch), pooling,
-                                         amp_dtype=amp_dtype)
-                      for image in progress(loader, what, unit="image")])
+    held: dict[tuple[int, ...], list[tuple[int, Tensor]]] = {}
+    described: dict[int, Tensor] = {}
+
+    def describe(shape: tuple[int, ...]) -> None:
+        indices, images = zip(*held.pop(shape))
+        out = global_descriptors(backbone, to_model_input(torch.stack(images).to(device), patch_size=patch), pooling,
+                                 batch_size=batch_size, amp_dtype=amp_dtype)
+        for index, descriptor in zip(indices, out):
+            described[index] = descriptor
+
+    for index, image in enumerate(progress(loader, what, unit="image")):
+        shape = tuple(image.shape[-2:])
+        held.setdefault(shape, []).append((index, image[0]))
+        if len(held[shape]) == batch_size:
+            describe(shape)
+        elif sum(len(images) for images in held.values()) > max_held:
+            describe(max(held, key=lambda kept: len(held[kept])))
+    for shape in list(held):
+        describe(shape)
+    return torch.stack([described[index] for index in range(len(files))])
 
 
 def revisited_descriptors(backbone: nn.Module, data: RevisitedDataset, storage: Storage, size: int,

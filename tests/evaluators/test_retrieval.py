@@ -54,6 +54,27 @@ def test_faiss_ranks_like_brute_force_cosine() -> None:
     assert rank_database(queries, database[:3], k=5)[0].shape == (7, 3)  # at most the database
 
 
+def test_file_descriptors_batch_images_of_one_shape_and_keep_their_order(backbone: torch.nn.Module, tmp_path) -> None:
+    """Nine images of three shapes, interleaved: described in batches of a shape (2 at a time, or
+    held until the end, or pushed through when more than 3 wait), every order the same descriptors
+    as each image through the backbone alone, in the files' order."""
+    from PIL import Image
+
+    from evaluators.retrieval import RevisitedImages, file_descriptors
+
+    rng = np.random.default_rng(6)
+    files = []
+    for index in range(9):
+        width, height = ((56, 56), (56, 28), (28, 56))[index % 3]
+        files.append(str(tmp_path / f"{index}.png"))
+        Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)).save(files[-1])
+    alone = torch.cat([global_descriptors(backbone, to_model_input(image[None], patch_size=7))
+                       for image in RevisitedImages(Storage(), files, 28, 7)])
+    for batch_size, max_held in ((2, 128), (100, 128), (100, 3)):
+        described = file_descriptors(backbone, Storage(), files, 28, "test", batch_size=batch_size, max_held=max_held)
+        torch.testing.assert_close(described, alone, atol=1e-5, rtol=1e-5)
+
+
 def test_synthetic_retrieval_end_to_end(backbone: torch.nn.Module) -> None:
     data = make_retrieval_set(8, seed=2, )
     to_input = lambda x: to_model_input(torch.from_numpy(x), patch_size=7)  # noqa: E731
