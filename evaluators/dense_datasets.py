@@ -438,6 +438,13 @@ def load_sunrgbd(storage: Storage, root: str, split: str, fit: Fit | int, limit:
                       f"SUN RGB-D frames with depth in {listing}", sunrgbd_crop if split == "val" else None)
 
 
+def _kept_inside(depth: np.ndarray, top: int, bottom: int, left: int, right: int) -> np.ndarray:
+    """``depth`` with every pixel outside rows ``top:bottom`` and columns ``left:right`` unknown (0)."""
+    kept = np.zeros_like(depth)
+    kept[..., top:bottom, left:right] = depth[..., top:bottom, left:right]
+    return kept
+
+
 GARG_CROP = (0.40810811, 0.99189189, 0.03594771, 0.96405229)  # the share of rows, columns of a frame scored
 
 
@@ -449,9 +456,7 @@ def garg_crop(depth: np.ndarray) -> np.ndarray:
     height, width = depth.shape[-2:]
     top, bottom = int(GARG_CROP[0] * height), int(GARG_CROP[1] * height)
     left, right = int(GARG_CROP[2] * width), int(GARG_CROP[3] * width)
-    kept = np.zeros_like(depth)
-    kept[..., top:bottom, left:right] = depth[..., top:bottom, left:right]
-    return kept
+    return _kept_inside(depth, top, bottom, left, right)
 
 
 EIGEN_CROP = (45, 471, 41, 601)  # rows and columns of NYU's 480 x 640 frames that are scored (Eigen et al., 2014)
@@ -466,16 +471,11 @@ def eigen_crop(depth: np.ndarray) -> np.ndarray:
     top, bottom, left, right = (round(edge * side) for edge, side in zip(
         (EIGEN_CROP[0] / 480, EIGEN_CROP[1] / 480, EIGEN_CROP[2] / 640, EIGEN_CROP[3] / 640),
         (height, height, width, width)))
-    kept = np.zeros_like(depth)
-    kept[..., top:bottom, left:right] = depth[..., top:bottom, left:right]
-    return kept
+    return _kept_inside(depth, top, bottom, left, right)
 
 
 def sunrgbd_crop(depth: np.ndarray) -> np.ndarray:
     """``depth`` with every pixel outside rows 45-470 and columns 41-600 set unknown (0): NYU's
     Eigen crop (:data:`EIGEN_CROP`) at the same pixels of SUN RGB-D's larger frames, as the depth
     toolbox scores its transfer from NYU."""
-    top, bottom, left, right = EIGEN_CROP
-    kept = np.zeros_like(depth)
-    kept[..., top:bottom, left:right] = depth[..., top:bottom, left:right]
-    return kept
+    return _kept_inside(depth, *EIGEN_CROP)
