@@ -273,6 +273,7 @@ class _DenseTask:
     foreground: np.ndarray | None
     windowed: bool = False  # real data: the test images whole, aspect kept, scored through sliding windows
     test_range: float = 0.0  # depth on real data: the predictions capped at the test set's largest depth
+    fit: Fit | None = None  # real data: how the training crops are drawn (:func:`train_fit`); None: the scenes
 
 
 def _dense_tasks(backbone: nn.Module, config: SuiteConfig, storage: Storage) -> dict[str, _DenseTask]:
@@ -302,7 +303,8 @@ def _dense_tasks(backbone: nn.Module, config: SuiteConfig, storage: Storage) -> 
                                for split in splits)
             else:
                 train, test = sources(splits, test_read=False, layers=layers)  # tested on whole images, by windows
-            made[task] = _DenseTask(train, test, float(label_range), None, windowed=True, test_range=float(test_range))
+            made[task] = _DenseTask(train, test, float(label_range), None, windowed=True, test_range=float(test_range),
+                                    fit=fits[0])
             continue
         if scenes is None or scenes.train.layers != layers:  # the scenes' features shared by seg and depth if alike
             shared = "depth" in config.tasks and task_layers("depth", config, len(backbone.blocks)) == layers
@@ -331,11 +333,10 @@ def task_layers(task: str, config: SuiteConfig, depth: int) -> Layers:
     return spaced_blocks(depth, 4 if config.depth_head_kind == "dpt" else config.layers)
 
 
-def _head_saves(task: str, config: SuiteConfig, storage: Storage, digest: str, layers: Layers,
-                patch: int) -> HeadSaves | None:
+def _head_saves(task: str, config: SuiteConfig, storage: Storage, digest: str, dense: _DenseTask) -> HeadSaves | None:
     """Where the ``task`` head's training saves its state under ``config.work_dir`` (None: no
-    work_dir), named by what it is of: the backbone, the blocks it reads, the training data and the
-    head's settings."""
+    work_dir), named by what it is of: the backbone, the blocks it reads, the training data and its
+    crops (``dense``'s) and the head's settings."""
     if not config.work_dir:
         return None
     given = getattr(config, f"{task}_data")  # a transfer's test set is not the head's: its training set alone
@@ -345,8 +346,8 @@ def _head_saves(task: str, config: SuiteConfig, storage: Storage, digest: str, l
     if task == "depth" and config.depth_head_kind != "linear":  # (a linear head's saves named as before)
         head["kind"] = config.depth_head_kind
     identity = {"backbone_sha256": digest, "data": data, "head": head,
-                "samples": asdict(train_fit(task, config, patch)) if given else "squares",  # as _dense_tasks sizes them
-                "layers": layers, **{name: getattr(config, name) for name in settings}}
+                "samples": asdict(dense.fit) if dense.fit else "squares", "layers": dense.train.layers,
+                **{name: getattr(config, name) for name in settings}}
     return HeadSaves(storage, join_uri(config.work_dir, f"{task}-head"), identity)
 
 
@@ -502,13 +503,13 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
     shown = slice(0, 6)
     predicted: dict[str, np.ndarray] = {}  # the first test images' predictions, for the pictures
     if "seg" in dense:
-        saves = _head_saves("seg", config, storage, digest, dense["seg"].train.layers, int(backbone.patch_size))
+        saves = _head_saves("seg", config, storage, digest, dense["seg"])
         seg, maps = _segmentation(backbone, dense["seg"], config, saves, keep=shown.stop)
         predicted["seg"] = maps.numpy().astype(np.uint8)
         tasks["seg"] = seg
         metrics.update({"seg_miou": seg["miou"], "seg_pixel_accuracy": seg["pixel_accuracy"]})
     if "depth" in dense:
-        saves = _head_saves("depth", config, storage, digest, dense["depth"].train.layers, int(backbone.patch_size))
+        saves = _head_saves("depth", config, storage, digest, dense["depth"])
         depth, maps = _depth(dense["depth"], config, device, saves, keep=shown.stop)
         predicted["depth"] = maps.numpy()
         tasks["depth"] = depth
