@@ -172,12 +172,12 @@ def evaluate(run_root: str, tracking_uri: str, experiment: str, parent_run_id: s
              metrics: Output[Metrics], eval_data_uri: str = "", device: str = "cpu", num_workers: int = 0,
              seg_data: str = "", depth_data: str = "", retrieval_data: str = "", image_size: int = 224,
              precision: str = "fp32", seg_steps: int = 0, depth_steps: int = 0, test_uri: str = "",
-             depth_head: str = "linear", video_data: str = "") -> float:
+             depth_head: str = "linear", video_data: str = "", options: dict = {}) -> float:  # noqa: B006
     """The benchmark suite (``tasks`` of knn, linear, logreg, seg, depth, retrieval, video) on the labelled images
     at ``eval_data_uri``, else ``data_uri`` (tested on ``test_uri``'s class folders when given), and
     seg, depth, retrieval, video on the data sets named (else
     synthetic ones; the dense heads trained ``seg_steps`` and ``depth_steps`` steps, 0: the suite's;
-    ``depth_head``: linear or dpt),
+    ``depth_head``: linear or dpt; ``options``: the suite's other settings by name, e.g. ``video_frames``),
     on ``device`` (images decoded by ``num_workers`` processes); returns k-NN top-1 (k=20), NaN when
     k-NN was not run."""
     from components.evaluate import run_evaluate_stage
@@ -187,7 +187,7 @@ def evaluate(run_root: str, tracking_uri: str, experiment: str, parent_run_id: s
     result = run_evaluate_stage(ctx, backbone.path, report.path, eval_data_uri or data_uri, train_limit, test_limit,
                                 [int(knn_k)], knn_temperature, [str(t) for t in tasks], device, num_workers,
                                 seg_data, depth_data, retrieval_data, image_size, precision, seg_steps, depth_steps,
-                                test_uri, depth_head, video_data)
+                                test_uri, depth_head, video_data, dict(options))
     for name, value in result["metrics"].items():
         metrics.log_metric(name, value)
     return float(result["metrics"].get("knn_top1_k20", float("nan")))

@@ -35,9 +35,18 @@ from components.stage import (
     storage_from_env,
 )
 from dinoflow.storage import join_uri
-from evaluators.suite import CLASSIFICATION_TASKS, TASKS, SuiteConfig, run_suite
+from evaluators.suite import CLASSIFICATION_TASKS, TASKS, SuiteConfig, option_values, run_suite, with_options
 from trainer.devices import available_device
 from trainer.models.hub import load_backbone, locate_weights
+
+# the suite's settings the pipelines set through parameters of their own, refused in ``eval_options``
+OWN_PARAMETERS = {"data_uri": "eval_data_uri", "test_uri": "eval_test_uri", "image_size": "eval_image_size",
+                  "precision": "eval_precision", "train_limit": "train_limit", "test_limit": "test_limit",
+                  "temperature": "knn_temperature", "seg_data": "seg_data", "depth_data": "depth_data",
+                  "retrieval_data": "retrieval_data", "video_data": "video_data", "depth_head_kind": "eval_depth_head",
+                  "seg_head.steps": "eval_seg_steps", "depth_head.steps": "eval_depth_steps",
+                  "num_workers": "the pipeline (3 with a GPU, else 0)",
+                  "work_dir": "run_root (the stage's work is saved under it)"}
 
 
 def run_evaluate_stage(ctx: StageContext, backbone_dir: str | Path, out_dir: str | Path, data_uri: str,
@@ -46,13 +55,15 @@ def run_evaluate_stage(ctx: StageContext, backbone_dir: str | Path, out_dir: str
                        num_workers: int = 0, seg_data: str = "", depth_data: str = "", retrieval_data: str = "",
                        image_size: int = 224, precision: str = "fp32", seg_steps: int = 0,
                        depth_steps: int = 0, test_uri: str = "", depth_head: str = "linear",
-                       video_data: str = "") -> dict[str, Any]:
+                       video_data: str = "", options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the benchmark suite on the backbone in ``backbone_dir`` on ``device`` (images decoded by
     ``num_workers`` processes; seg, depth, retrieval and video on ``seg_data``, ``depth_data``,
     ``retrieval_data`` and ``video_data`` when given, as :class:`~evaluators.suite.SuiteConfig` names them, else on the
     synthetic sets; ``precision``: the feature passes'; the dense heads trained ``seg_steps`` and
     ``depth_steps`` steps, 0: the suite's defaults; ``test_uri``: knn, linear and logreg's test set
-    of its own; ``depth_head``: linear or dpt); returns ``{"metrics": ...}``."""
+    of its own; ``depth_head``: linear or dpt; ``options``: any other setting of the suite by name,
+    :func:`~evaluators.suite.with_options`, e.g. ``{"video_frames": 16, "seg_head.lr": 3e-4}``);
+    returns ``{"metrics": ...}``."""
     storage = storage_from_env()
     out = Path(out_dir)
     ks = sorted({int(k) for k in ks or []} | {20})  # k=20 always: the default gate metric
@@ -68,10 +79,13 @@ def run_evaluate_stage(ctx: StageContext, backbone_dir: str | Path, out_dir: str
                              precision=precision, depth_head_kind=depth_head, **data_sets)
         config = replace(config, seg_head=replace(config.seg_head, steps=seg_steps or config.seg_head.steps),
                          depth_head=replace(config.depth_head, steps=depth_steps or config.depth_head.steps))
+        config = with_options(config, options or {}, OWN_PARAMETERS)
+        chosen = option_values(config)  # as the config holds them (a KFP Struct's 6 arrives as 6.0)
         params = {"data_uri": data_uri, "train_limit": train_limit, "test_limit": test_limit, "ks": ks,
                   "temperature": temperature, "tasks": list(config.tasks), "device": device,
                   "image_size": image_size, "precision": precision, "seg_steps": config.seg_head.steps,
-                  "depth_steps": config.depth_head.steps, "depth_head": depth_head, **data_sets}
+                  "depth_steps": config.depth_head.steps, "depth_head": depth_head, **data_sets,
+                  **{f"option.{name}": chosen[name] for name in sorted(options or {})}}
         tracker.log_params(params)
         uri, source = locate_weights(str(backbone_dir), storage)
         weights = Path(uri) / "model.safetensors" if source == "hf" else Path(uri)  # the bytes that key the cache

@@ -44,10 +44,10 @@ classification ``features`` ``[train_x, train_y, test_x, test_y]`` for plots, no
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 import numpy as np
 import torch
@@ -176,6 +176,62 @@ class SuiteConfig:
             if given and (kind not in allowed or not sep or not root):
                 raise ValueError(f"{name} = {given!r}; give <data set>:<root> with the data set one of "
                                  f"{', '.join(allowed)}, e.g. {allowed[0]}:/data/{allowed[0]}")
+
+
+OPTION_TYPES = (bool, int, float, str)  # what a settable field holds; tuples and literals keep their own inputs
+
+
+def settable_options(config: SuiteConfig) -> dict[str, type]:
+    """Every setting :func:`with_options` takes: the config's fields of one plain value, its heads'
+    as ``seg_head.<field>`` and ``depth_head.<field>``, each with its type."""
+    found: dict[str, type] = {}
+    for prefix, obj in (("", config), ("seg_head.", config.seg_head), ("depth_head.", config.depth_head)):
+        for name, kind in get_type_hints(type(obj)).items():
+            if kind in OPTION_TYPES:
+                found[prefix + name] = kind
+    return found
+
+
+def option_values(config: SuiteConfig) -> dict[str, Any]:
+    """The value of each of :func:`settable_options` in ``config``, by the same names."""
+    return {name: getattr(getattr(config, name.partition(".")[0]), name.partition(".")[2]) if "." in name
+            else getattr(config, name) for name in settable_options(config)}
+
+
+def with_options(config: SuiteConfig, options: Mapping[str, Any], taken: Mapping[str, str] | None = None
+                 ) -> SuiteConfig:
+    """``config`` with ``options`` set by name (``video_frames``, ``layers``, ``seg_head.lr``, ...):
+    one mapping for the settings a caller has no input of its own for, so a pipeline takes a new
+    setting of the suite without a new parameter. ``taken`` names the settings the caller sets
+    through inputs of its own (setting: input), refused here so each has one way in. A value
+    must have the field's type (an int passes for a float, a whole float for an int: a pipeline's
+    mapping holds JSON numbers); the config then checks its range."""
+    known = settable_options(config)
+    taken = taken or {}
+    heads: dict[str, dict[str, Any]] = {"seg_head": {}, "depth_head": {}}
+    flat: dict[str, Any] = {}
+    for name, value in options.items():
+        if name in taken:
+            raise ValueError(f"eval option {name!r} has an input of its own: set it by {taken[name]}")
+        if name not in known:
+            allowed = ", ".join(sorted(set(known) - set(taken)))
+            raise ValueError(f"unknown eval option {name!r}; allowed: {allowed}")
+        kind = known[name]
+        if kind is float and type(value) is int:
+            value = float(value)
+        elif kind is int and type(value) is float and value.is_integer():  # a KFP Struct's numbers come as floats
+            value = int(value)
+        if type(value) is not kind:
+            article = "an" if kind is int else "a"
+            raise ValueError(f"eval option {name} takes {article} {kind.__name__}, got {type(value).__name__} "
+                             f"{value!r}")
+        head, dot, field_name = name.partition(".")
+        if dot:
+            heads[head][field_name] = value
+        else:
+            flat[name] = value
+    return replace(config, **flat, **{head: replace(getattr(config, head), **given)
+                                      for head, given in heads.items() if given})
 
 
 def _classification(backbone: nn.Module, config: SuiteConfig, storage: Storage, device: torch.device,

@@ -22,7 +22,9 @@ curated pool of one's own is judged on one's own labels. Every evaluating pipeli
 depth, retrieval and video (in ``eval_tasks``) on ADE20K or VOC, NYU-Depth v2, revisited Oxford or
 Paris and class folders of videos when ``seg_data``, ``depth_data``, ``retrieval_data``
 (``<data set>:<root>``) and ``video_data`` (a root) name them (images at ``eval_image_size``), else
-on synthetic sets, so a gate's ``metric`` may be ``seg_miou`` too.
+on synthetic sets, so a gate's ``metric`` may be ``seg_miou`` too. ``eval_options`` sets any other
+setting of the suite by name (``{video_frames: 16, video_pool: concat, layers: 4, multiscale: true,
+seg_head.lr: 0.0003}``; :func:`evaluators.suite.with_options`), so a new setting needs no new parameter.
 
 On a cluster every task reads the S3 credentials from the Secret ``s3_secret`` and the S3
 endpoint and MLflow address (``AWS_ENDPOINT_URL``, ``MLFLOW_TRACKING_URI``) from the ConfigMap
@@ -141,14 +143,14 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
         return task.set_caching_options(False)
 
     def data_sets(test_uri: Any, seg_data: Any, depth_data: Any, retrieval_data: Any, video_data: Any,
-                  image_size: Any, precision: Any, seg_steps: Any, depth_steps: Any, depth_head: Any) -> dict:
+                  image_size: Any, precision: Any, seg_steps: Any, depth_steps: Any, depth_head: Any,
+                  options: Any) -> dict:
         """The evaluate task's test set of its own (empty: the labelled images' val/), real benchmark
         data sets (empty: the synthetic ones), image settings, the dense heads' training steps (0: the
-        suite's) and the depth head (linear or dpt)."""
+        suite's), the depth head (linear or dpt) and the suite's other settings by name."""
         return {"test_uri": test_uri, "seg_data": seg_data, "depth_data": depth_data, "retrieval_data": retrieval_data,
                 "video_data": video_data, "image_size": image_size, "precision": precision, "seg_steps": seg_steps,
-                "depth_steps": depth_steps,
-                "depth_head": depth_head}
+                "depth_steps": depth_steps, "depth_head": depth_head, "options": options}
 
     def closer(run_root: str, tracking_uri: str, experiment: str) -> Any:
         return uncached(c.close_run(run_root=run_root, tracking_uri=tracking_uri, experiment=experiment,
@@ -181,8 +183,8 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                         test_limit: int, knn_k: int, knn_temperature: float, eval_tasks: list, seg_data: str,
                         depth_data: str, retrieval_data: str, video_data: str, eval_image_size: int,
                         eval_precision: str,
-                        eval_seg_steps: int, eval_depth_steps: int, eval_depth_head: str, model_name: str,
-                        metric: str, margin: float) -> None:
+                        eval_seg_steps: int, eval_depth_steps: int, eval_depth_head: str, eval_options: dict,
+                        model_name: str, metric: str, margin: float) -> None:
         ctx = {"run_root": run_root, "tracking_uri": tracking_uri, "experiment": experiment,
                "parent_run_id": parent_run_id, "pipeline_run_id": RUN_ID}
         with dsl.ParallelFor(students) as student:  # each a distill preset name, e.g. distill-tiny
@@ -195,7 +197,7 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                                 "eval_data_uri": eval_data_uri,
                                 **data_sets(eval_test_uri, seg_data, depth_data, retrieval_data, video_data,
                                             eval_image_size, eval_precision, eval_seg_steps, eval_depth_steps,
-                                            eval_depth_head)},
+                                            eval_depth_head, eval_options)},
                                distilled.outputs["model_name"], metric, margin)
 
     @dsl.pipeline(name="full", description="Ingest, curate (with a pool), pretrain, evaluate, register with a "
@@ -212,8 +214,8 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
              seg_data: str = "", depth_data: str = "", retrieval_data: str = "", video_data: str = "",
              eval_image_size: int = 224, eval_precision: str = "fp32", eval_seg_steps: int = 0,
              eval_depth_steps: int = 0,
-             eval_depth_head: str = "linear", model_name: str = "dinoflow-tiny", metric: str = "knn_top1_k20",
-             margin: float = 0.0,
+             eval_depth_head: str = "linear", eval_options: dict = {}, model_name: str = "dinoflow-tiny",  # noqa: B006
+             metric: str = "knn_top1_k20", margin: float = 0.0,
              students: list = [], student_overrides: list = [], student_minutes: float = 3.0) -> None:  # noqa: B006
         with dsl.ExitHandler(closer(run_root, tracking_uri, experiment)):
             parent = open_parent(run_root, tracking_uri, experiment, "full")
@@ -233,7 +235,7 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                            "knn_temperature": knn_temperature, "tasks": eval_tasks, "eval_data_uri": eval_data_uri,
                            **data_sets(eval_test_uri, seg_data, depth_data, retrieval_data, video_data,
                                        eval_image_size, eval_precision, eval_seg_steps, eval_depth_steps,
-                                       eval_depth_head)}
+                                       eval_depth_head, eval_options)}
             score_and_register(ctx, use_cache, trained.outputs["backbone"], data.output, eval_params,
                                model_name, metric, margin)
             distil_students(run_root=run_root, tracking_uri=tracking_uri, experiment=experiment,
@@ -248,7 +250,7 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                             eval_image_size=eval_image_size,
                             eval_precision=eval_precision, eval_seg_steps=eval_seg_steps,
                             eval_depth_steps=eval_depth_steps, eval_depth_head=eval_depth_head,
-                            model_name=model_name, metric=metric, margin=margin)
+                            eval_options=eval_options, model_name=model_name, metric=metric, margin=margin)
 
     @dsl.pipeline(name="evaluate-only", description="Benchmark backbone weights (weights_uri) or a registered "
                                                     "model (model: <name>, <name>@<alias>, <name>/<version>) on "
@@ -260,7 +262,8 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                       knn_temperature: float = 0.07, eval_tasks: list = ["knn", "linear"],  # noqa: B006
                       seg_data: str = "", depth_data: str = "", retrieval_data: str = "", video_data: str = "",
                       eval_image_size: int = 224, eval_precision: str = "fp32", eval_seg_steps: int = 0,
-                      eval_depth_steps: int = 0, eval_depth_head: str = "linear") -> None:
+                      eval_depth_steps: int = 0, eval_depth_head: str = "linear",
+                      eval_options: dict = {}) -> None:  # noqa: B006
         with dsl.ExitHandler(closer(run_root, tracking_uri, experiment)):
             parent = open_parent(run_root, tracking_uri, experiment, "evaluate_only")
             ctx = context(run_root, tracking_uri, experiment, parent)
@@ -269,7 +272,7 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                          "tasks": eval_tasks, **on_device,
                          **data_sets(eval_test_uri, seg_data, depth_data, retrieval_data, video_data,
                                      eval_image_size, eval_precision, eval_seg_steps, eval_depth_steps,
-                                     eval_depth_head)}
+                                     eval_depth_head, eval_options)}
             with dsl.If(model == ""):
                 weights = dsl.importer(artifact_uri=weights_uri, artifact_class=dsl.Model, reimport=False)
                 c.evaluate(**ctx, backbone=weights.output, **benchmark)
@@ -288,7 +291,8 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                 metric: str = "knn_top1_k20", margin: float = 0.0, seg_data: str = "", depth_data: str = "",
                 retrieval_data: str = "", video_data: str = "", eval_image_size: int = 224,
                 eval_precision: str = "fp32",
-                eval_seg_steps: int = 0, eval_depth_steps: int = 0, eval_depth_head: str = "linear") -> None:
+                eval_seg_steps: int = 0, eval_depth_steps: int = 0, eval_depth_head: str = "linear",
+                eval_options: dict = {}) -> None:  # noqa: B006
         with dsl.ExitHandler(closer(run_root, tracking_uri, experiment)):
             parent = open_parent(run_root, tracking_uri, experiment, "retrain")
             ctx = context(run_root, tracking_uri, experiment, parent)
@@ -301,7 +305,7 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                                 "knn_temperature": knn_temperature, "tasks": eval_tasks, "eval_data_uri": eval_data_uri,
                                 **data_sets(eval_test_uri, seg_data, depth_data, retrieval_data, video_data,
                                             eval_image_size, eval_precision, eval_seg_steps, eval_depth_steps,
-                                            eval_depth_head)},
+                                            eval_depth_head, eval_options)},
                                model_name, metric, margin)
 
     @dsl.pipeline(name="distill", description="Distil each of `students` from a registered teacher (teacher_model: "
@@ -319,7 +323,8 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                 retrieval_data: str = "", video_data: str = "", eval_image_size: int = 224,
                 eval_precision: str = "fp32",
                 eval_seg_steps: int = 0, eval_depth_steps: int = 0, eval_depth_head: str = "linear",
-                model_name: str = "dinoflow-tiny", metric: str = "knn_top1_k20", margin: float = 0.0) -> None:
+                eval_options: dict = {}, model_name: str = "dinoflow-tiny", metric: str = "knn_top1_k20",  # noqa: B006
+                margin: float = 0.0) -> None:
         with dsl.ExitHandler(closer(run_root, tracking_uri, experiment)):
             parent = open_parent(run_root, tracking_uri, experiment, "distill")
             ctx = context(run_root, tracking_uri, experiment, parent)
@@ -333,7 +338,7 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                        "retrieval_data": retrieval_data, "video_data": video_data, "eval_image_size": eval_image_size,
                        "eval_precision": eval_precision, "eval_seg_steps": eval_seg_steps,
                        "eval_depth_steps": eval_depth_steps, "eval_depth_head": eval_depth_head,
-                       "model_name": model_name, "metric": metric,
+                       "eval_options": eval_options, "model_name": model_name, "metric": metric,
                        "margin": margin}
             with dsl.If(teacher_uri == ""):  # picked from the registry, its heads with it
                 picked = uncached(c.champion(**ctx, model_name=teacher_model))

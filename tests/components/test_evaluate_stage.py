@@ -166,3 +166,47 @@ def test_the_dense_heads_train_as_long_as_the_stage_is_told(tmp_path: Path) -> N
         run_evaluate_stage(ctx, tmp_path / "backbone", tmp_path / "bad", "", tasks=["depth"], depth_head="unet")
     with pytest.raises(ValueError, match="steps and batch_size must be >= 1"):
         run_evaluate_stage(ctx, tmp_path / "backbone", tmp_path / "bad", "", tasks=["seg"], seg_steps=-1)
+
+
+def test_eval_options_reach_the_suite_key_the_cache_and_are_recorded(tmp_path: Path) -> None:
+    """``options`` (the pipelines' ``eval_options``) set the suite's other settings: the stage
+    reports what the suite reports with them set on the same weights, a change of one reruns it
+    and MLflow holds each as ``option.<name>``; a setting the stage has an input for is refused
+    naming the pipeline parameter, before anything is cached."""
+    from mlflow.tracking import MlflowClient
+
+    from dinoflow.tracking import default_tracking_uri
+    from evaluators.suite import SuiteConfig, run_suite
+    from trainer.models.hub import load_backbone
+
+    torch.manual_seed(0)
+    (tmp_path / "backbone").mkdir()
+    save_backbone(build_vit("vit_small", patch_size=14, embed_dim=32, depth=2, num_heads=2, img_size=56,
+                            layerscale_init=1.0), str(tmp_path / "backbone" / "backbone.safetensors"))
+    tracking = default_tracking_uri(str(tmp_path / "root"))
+    ctx = StageContext(run_root=str(tmp_path / "root"), tracking_uri=tracking)
+    options = {"retrieval_scenes": 6, "scene_size": 28, "seed": 3}
+    result = run_evaluate_stage(ctx, tmp_path / "backbone", tmp_path / "out", "", tasks=["retrieval"],
+                                options=options)
+    backbone = load_backbone(str(tmp_path / "backbone" / "backbone.safetensors"), "safetensors").eval()
+    expected = run_suite(backbone, SuiteConfig(tasks=("retrieval",), **options))
+    assert result["metrics"] == pytest.approx(expected["metrics"], abs=1e-6)
+    default = run_suite(backbone, SuiteConfig(tasks=("retrieval",)))
+    assert result["metrics"] != pytest.approx(default["metrics"], abs=1e-6)  # the options changed the work
+    config = json.loads((tmp_path / "out" / "report.json").read_text())["config"]
+    assert {name: config[name] for name in options} == options
+    again = run_evaluate_stage(ctx, tmp_path / "backbone", tmp_path / "again", "", tasks=["retrieval"],
+                               options={**options, "seed": 4})
+    assert not again["cached"]
+    same = run_evaluate_stage(ctx, tmp_path / "backbone", tmp_path / "same", "", tasks=["retrieval"],
+                              options={"seed": 3, "scene_size": 28.0, "retrieval_scenes": 6.0})  # as KFP passes them
+    assert same["cached"]  # the same settings: their order and a whole float for an int aside
+    client = MlflowClient(tracking)
+    runs = client.search_runs([client.get_experiment_by_name("dinoflow").experiment_id])
+    recorded = [run.data.params for run in runs if run.data.params.get("option.seed") == "4"]
+    assert recorded and recorded[0]["option.retrieval_scenes"] == "6"
+    with pytest.raises(ValueError, match="eval option 'seg_head.steps' has an input of its own: set it by "
+                                         "eval_seg_steps"):
+        run_evaluate_stage(ctx, tmp_path / "backbone", tmp_path / "bad", "", tasks=["seg"],
+                           options={"seg_head.steps": 5})
+    assert not (tmp_path / "bad").exists()

@@ -121,3 +121,43 @@ def test_bad_task_lists_are_named() -> None:
     with pytest.raises(ValueError, match="need data_uri"):
         SuiteConfig(tasks=("knn",))
     assert SuiteConfig(tasks=("seg",)).tasks == ("seg",)
+
+
+def test_options_set_any_plain_setting_by_name_and_refuse_what_they_cannot_set() -> None:
+    """``with_options``: the one way a pipeline passes the suite's settings that have no parameter
+    of their own. Every plain field (the heads' by ``<head>.<field>``) is settable, found from the
+    dataclasses, so a new field needs no new code; a wrong name, type or range is refused naming it."""
+    from dataclasses import fields
+
+    from evaluators.suite import option_values, settable_options, with_options
+
+    base = SuiteConfig(tasks=("seg",))
+    expected = {f.name for f in fields(SuiteConfig)} - {"tasks", "ks", "data_kind", "seg_head", "depth_head"}
+    expected |= {f"{head}.{f.name}" for head in ("seg_head", "depth_head") for f in fields(HeadConfig)}
+    assert set(settable_options(base)) == expected
+    assert with_options(base, {}) == base
+    given = with_options(base, {"video_frames": 16, "video_pool": "concat", "layers": 4, "multiscale": True,
+                                "seg_head.lr": 1, "depth_head.batch_size": 8.0, "dense_cache_gib": 0.5})
+    assert (given.video_frames, given.video_pool, given.layers, given.multiscale) == (16, "concat", 4, True)
+    assert given.seg_head == HeadConfig(lr=1.0) and type(given.seg_head.lr) is float  # an int passes for a float
+    assert given.depth_head == HeadConfig(steps=1000, batch_size=8) and type(given.depth_head.batch_size) is int
+    assert given.dense_cache_gib == 0.5  # (a whole float passes for an int: a KFP Struct's numbers are floats)
+    values = option_values(given)
+    assert set(values) == expected and (values["video_frames"], values["seg_head.lr"]) == (16, 1.0)
+    assert (values["seg_head.steps"], values["depth_head.steps"]) == (2000, 1000)
+    with pytest.raises(ValueError, match=r"unknown eval option 'frames'; allowed: .*seg_head.lr.*video_frames") as bad:
+        with_options(base, {"frames": 16})
+    assert "ks" not in str(bad.value).split("allowed: ")[1].split(", ")
+    with pytest.raises(ValueError, match="eval option 'seg_data' has an input of its own: set it by seg_data"):
+        with_options(base, {"seg_data": "voc:/x"}, {"seg_data": "seg_data"})
+    with pytest.raises(ValueError, match=r"allowed: (?!.*seg_data)"):
+        with_options(base, {"nope": 1}, {"seg_data": "seg_data"})
+    for name, value, kind in (("video_frames", "8", "an int, got str '8'"), ("multiscale", 1, "a bool, got int 1"),
+                              ("video_frames", True, "an int, got bool True"), ("seg_head.lr", "1e-3", "a float"),
+                              ("video_frames", 8.5, "an int, got float 8.5")):
+        with pytest.raises(ValueError, match=f"eval option {name} takes {kind}"):
+            with_options(base, {name: value})
+    with pytest.raises(ValueError, match="video_frames must be >= 1, got 0"):  # the config's own range checks
+        with_options(base, {"video_frames": 0})
+    with pytest.raises(ValueError, match="lr > 0"):
+        with_options(base, {"depth_head.lr": -1.0})

@@ -295,6 +295,21 @@ def test_evaluate_only_benchmarks_released_and_hugging_face_weights(runs: Runs, 
     assert oxford.status == "FINISHED" and 0 < oxford.metrics["retrieval_map_medium"] <= 1
 
 
+def test_eval_options_set_the_suites_other_settings_from_the_ui(runs: Runs) -> None:
+    """``eval_options``, one mapping of the pipelines' form, carries the suite's settings that have
+    no parameter of their own to the evaluate task; a setting that has one is refused naming it,
+    the pipeline failing with the stage's error."""
+    backbone = str(runs.earliest("full-*/pretrain/backbone"))
+    options = {"retrieval_scenes": 6, "scene_size": 28, "seed": 5}
+    scored = runs.run("evaluate_only", weights_uri=backbone, eval_tasks=["retrieval"], eval_options=options)
+    assert scored["evaluate"].status == "FINISHED" and not scored["evaluate"].cached
+    reports = [json.loads(path.read_text()) for path in runs.root.glob("cache/evaluate/*/outputs/report.json")]
+    configs = [report["config"] for report in reports if report["config"]["tasks"] == ["retrieval"]]
+    assert any({name: config[name] for name in options} == options for config in configs)
+    with pytest.raises(PipelineFailed, match="eval option 'video_data' has an input of its own: set it by video_data"):
+        runs.run_all("evaluate_only", weights_uri=backbone, eval_tasks=["video"], eval_options={"video_data": "/x"})
+
+
 def test_compiled_pipelines_hold_their_dag_and_no_secrets_or_local_paths(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -508,13 +523,15 @@ def test_pipeline_cli_rejects_unknown_names_and_parameters() -> None:
 @pytest.mark.parametrize("name", ["full", "retrain", "evaluate_only", "distill"])
 def test_every_evaluate_task_takes_the_benchmark_data_sets_from_the_pipeline(tmp_path: Path, name: str) -> None:
     """``eval_test_uri``, ``seg_data``, ``depth_data``, ``retrieval_data``, ``video_data``, ``eval_image_size``,
-    ``eval_precision``, ``eval_seg_steps``, ``eval_depth_steps``, ``eval_depth_head``: parameters of
-    each evaluating pipeline (the UI's form), fed to every evaluate task (the students' too), so a
+    ``eval_precision``, ``eval_seg_steps``, ``eval_depth_steps``, ``eval_depth_head``, ``eval_options``:
+    parameters of each evaluating pipeline (the UI's form), fed to every evaluate task (the students' too), so a
     gate may read a dense metric measured on a real data set."""
     spec, platform = _compiled(tmp_path, name)
     given = {"seg_data": "seg_data", "depth_data": "depth_data", "retrieval_data": "retrieval_data",
-             "video_data": "video_data", "eval_image_size": "image_size", "eval_precision": "precision", "eval_seg_steps": "seg_steps",
-             "eval_depth_steps": "depth_steps", "eval_depth_head": "depth_head", "eval_test_uri": "test_uri"}
+             "video_data": "video_data", "eval_image_size": "image_size", "eval_precision": "precision",
+             "eval_seg_steps": "seg_steps",
+             "eval_depth_steps": "depth_steps", "eval_depth_head": "depth_head", "eval_test_uri": "test_uri",
+             "eval_options": "options"}
     assert set(given) <= set(spec["root"]["inputDefinitions"]["parameters"])
     evaluates = [task for component in [spec["root"], *spec["components"].values()]
                  for task in component.get("dag", {}).get("tasks", {}).values()
