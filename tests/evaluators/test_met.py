@@ -1,5 +1,6 @@
 """The Met: its k-NN recogniser against a plain loop, GAP against scikit-learn's average
-precision, the ground truth's layout, and the suite's scores against the protocol run by hand."""
+precision, its PCA whitening against scikit-learn's ``PCA(whiten=True)``, the ground truth's layout,
+and the suite's scores against the protocol run by hand."""
 
 from __future__ import annotations
 
@@ -10,13 +11,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sklearn.decomposition import PCA
 from sklearn.metrics import average_precision_score
 
 from dinoflow.storage import Storage
 from evaluators.features import to_model_input
-from evaluators.met import (DISTRACTOR, K_GRID, TEMPERATURE_GRID, gap, knn_recognise, load_met,
-                            recognition_scores)
-from evaluators.retrieval import global_descriptors
+from evaluators.met import (DISTRACTOR, K_GRID, TEMPERATURE_GRID, QUERY_SPLITS, gap, knn_recognise,
+                            learn_whitening, load_met, met_recognition, recognition_scores, tuned_recognition)
+from evaluators.retrieval import file_descriptors, global_descriptors
 from trainer.models.vit import build_vit
 
 
@@ -162,3 +164,119 @@ def test_met_ground_truth_errors_name_the_file_and_what_is_allowed(tmp_path) -> 
         load_met(Storage(), str(root))
     with pytest.raises(FileNotFoundError, match="not the Met's ground truth"):
         load_met(Storage(), str(tmp_path / "nothing"))
+
+
+def unit_rows(rows: np.ndarray) -> torch.Tensor:
+    return torch.nn.functional.normalize(torch.tensor(rows, dtype=torch.float32), dim=-1)
+
+
+def sklearn_whitened(database: torch.Tensor, dim: int | None, *others: torch.Tensor) -> list[np.ndarray]:
+    """The reference: scikit-learn's whitening PCA fitted on the database alone, then L2 norms."""
+    pca = PCA(n_components=dim, whiten=True, svd_solver="full").fit(database.double().numpy())
+    out = [pca.transform(x.double().numpy()) for x in (database, *others)]
+    return [x / np.linalg.norm(x, axis=1, keepdims=True) for x in out]
+
+
+def anisotropic(rng: np.random.Generator, rows: int, shift: float = 0.0) -> torch.Tensor:
+    """Unit descriptors ``(rows, 16)`` of very unequal variance along 16 random directions."""
+    basis = np.linalg.qr(rng.normal(size=(16, 16)))[0]
+    return unit_rows((rng.normal(size=(rows, 16)) * np.geomspace(3.0, 0.05, 16)) @ basis + 0.5 + shift)
+
+
+def test_whitening_gives_the_database_zero_mean_and_identity_covariance(monkeypatch) -> None:
+    database = anisotropic(np.random.default_rng(4), 300)
+    whole = learn_whitening(database)
+    monkeypatch.setattr("evaluators.met.WHITENING_ROWS", 7)  # the covariance added up over uneven parts
+    np.testing.assert_allclose(learn_whitening(database).projection.numpy(), whole.projection.numpy(), rtol=1e-5)
+    for dim, kept in ((None, 16), (5, 5)):
+        whitening = learn_whitening(database, dim)
+        whitened = (database.double() - whitening.mean.double()) @ whitening.projection.double()  # before the L2 norm
+        assert whitened.shape == (300, kept)
+        np.testing.assert_allclose(whitened.mean(dim=0).numpy(), 0, atol=1e-4)
+        np.testing.assert_allclose((whitened.T @ whitened / 300).numpy(), np.eye(kept), atol=1e-3)
+        np.testing.assert_allclose(whitening(database).norm(dim=1).numpy(), 1, rtol=1e-5)
+
+
+def test_whitening_matches_scikit_learn_pca_whiten_learned_on_the_database_alone() -> None:
+    """Similarities, which a component's sign does not change, against scikit-learn's; the queries
+    come from elsewhere (shifted), so whitening learned with them would not match."""
+    rng = np.random.default_rng(5)
+    database, queries = anisotropic(rng, 200), anisotropic(rng, 50, shift=0.8)
+    for dim in (None, 6):
+        whitening = learn_whitening(database, dim)
+        expected_database, expected_queries = sklearn_whitened(database, dim, queries)
+        np.testing.assert_allclose((whitening(queries) @ whitening(database).T).numpy(),
+                                   expected_queries @ expected_database.T, atol=2e-5)
+        np.testing.assert_allclose((whitening(database) @ whitening(database).T).numpy(),
+                                   expected_database @ expected_database.T, atol=2e-5)
+        _, both_queries, both_database = sklearn_whitened(torch.cat([database, queries]), dim, queries, database)
+        assert np.abs(both_queries @ both_database.T - expected_queries @ expected_database.T).max() > 0.05  # it tells
+
+
+def shared_direction_case(seed: int) -> tuple[torch.Tensor, np.ndarray, dict[str, torch.Tensor], dict[str, np.ndarray]]:
+    """Exhibits told apart along 15 directions of small variance, while every descriptor also
+    points along a 16th, to either side at random and far more than the rest: raw cosines match
+    that side first, whitened ones weigh it as one direction of 16."""
+    rng = np.random.default_rng(seed)
+    codes = rng.normal(0, 0.2, size=(40, 16))
+
+    def draw(labels: np.ndarray) -> torch.Tensor:
+        rows = np.where((labels >= 0)[:, None], codes[labels], rng.normal(0, 0.2, size=(len(labels), 16)))
+        rows = rows + rng.normal(0, 0.02, size=rows.shape)
+        rows[:, 0] = rng.choice([-1.0, 1.0], size=len(labels))
+        return unit_rows(rows)
+
+    database_labels = np.repeat(np.arange(40), 2)
+    query_labels = {split: np.concatenate([np.arange(40), np.full(20, DISTRACTOR)]) for split in QUERY_SPLITS}
+    return draw(database_labels), database_labels, {split: draw(query_labels[split]) for split in QUERY_SPLITS}, \
+        query_labels
+
+
+def test_recognition_whitens_database_and_queries_by_the_database_when_asked() -> None:
+    database, database_labels, queries, query_labels = shared_direction_case(0)
+    plain = tuned_recognition(database, database_labels, queries, query_labels)
+    assert tuned_recognition(database, database_labels, queries, query_labels, whiten=False) == plain
+    assert "whiten_dim" not in plain
+    whitened = tuned_recognition(database, database_labels, queries, query_labels, whiten=True)
+    assert plain["gap"] < 0.8 and whitened["gap"] > 0.95 and whitened["whiten_dim"] == 16
+    expected_database, *expected_queries = sklearn_whitened(database, None, *(queries[s] for s in QUERY_SPLITS))
+    by_reference = tuned_recognition(torch.from_numpy(expected_database).float(), database_labels,
+                                     {s: torch.from_numpy(x).float() for s, x in zip(QUERY_SPLITS, expected_queries)},
+                                     query_labels)
+    for name, value in by_reference.items():
+        assert whitened[name] == pytest.approx(value, abs=1e-6), name
+    kept = tuned_recognition(database, database_labels, queries, query_labels, whiten=True, whiten_dim=4)
+    assert kept["whiten_dim"] == 4 and kept["gap"] != whitened["gap"]
+
+
+def test_whitening_refuses_a_dimension_the_database_cannot_give() -> None:
+    database = anisotropic(np.random.default_rng(6), 10)
+    for dim in (17, 10, 0):
+        with pytest.raises(ValueError, match=rf"whitening dimension {dim}: allowed 1 to 9 \(at most the descriptors' "
+                                             r"16 dimensions and the database's 10 images less one\)"):
+            learn_whitening(database, dim)
+    with pytest.raises(ValueError, match=r"whitening dimension 17: allowed 1 to 16"):
+        learn_whitening(anisotropic(np.random.default_rng(6), 40), 17)
+    with pytest.raises(ValueError, match="whitening needs at least 2 database descriptors, got 1"):
+        learn_whitening(database[:1])
+    with pytest.raises(ValueError, match="whitening eps must be >= 0, got -1"):
+        learn_whitening(database, eps=-1.0)
+    labels = {split: np.array([0]) for split in QUERY_SPLITS}
+    with pytest.raises(ValueError, match=r"whiten_dim = 3 needs whiten=True \(whitening is off\)"):
+        tuned_recognition(database, np.arange(10), {split: database[:1] for split in QUERY_SPLITS}, labels,
+                          whiten_dim=3)
+
+
+def test_met_recognition_passes_whitening_to_the_recogniser(tmp_path) -> None:
+    torch.manual_seed(0)
+    backbone = build_vit("vit_small", patch_size=7, embed_dim=32, depth=2, num_heads=2, img_size=28,
+                         layerscale_init=1.0).eval()
+    write_met(tmp_path / "met", np.random.default_rng(7))
+    data = load_met(Storage(), str(tmp_path / "met"))
+    database = file_descriptors(backbone, Storage(), data.database_files, 28, "database")
+    queries = {split: file_descriptors(backbone, Storage(), data.query_files[split], 28, split)
+               for split in QUERY_SPLITS}
+    result = met_recognition(backbone, data, Storage(), 28, whiten=True, whiten_dim=5)
+    assert result == tuned_recognition(database, data.database_labels, queries, data.query_labels, whiten=True,
+                                       whiten_dim=5)
+    assert result["whiten_dim"] == 5
