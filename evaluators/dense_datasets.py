@@ -65,6 +65,8 @@ _CITYSCAPES_LOOKUP[list(CITYSCAPES_TRAIN_IDS)] = list(CITYSCAPES_TRAIN_IDS.value
 Decoder = Callable[[Callable[[str], bytes], tuple[str, ...], bool], tuple[Image.Image | None, Image.Image]]
 FITS = ("square", "crop", "whole")
 CROP_ATTEMPTS = 10  # a window placed at most this many times while one class holds too much of it (mmseg's)
+# the depth toolbox's ColorAug ranges (its NYU config's brightness; its KITTI config's is 0.9-1.1, Fit.brightness)
+JITTER_GAMMA, JITTER_BRIGHTNESS, JITTER_COLOUR = (0.9, 1.1), (0.75, 1.25), (0.9, 1.1)
 
 
 @dataclass(frozen=True)
@@ -92,11 +94,12 @@ class Fit:
     window is cut; :meth:`outside` names the window's pixels that came from no pixel of the image,
     which a split marks unknown. ``crop`` gives the window's rows and columns when it is not a
     ``side`` square (the depth toolbox's 416 x 544 of NYU's 480 x 640 frames, 352 x 704 of KITTI's
-    352 x 1216: more of a wide frame in each crop). With ``max_class_share`` below 1 (segmentation: mmseg's
-    ``cat_max_ratio`` 0.75) a split places the window again, up to :data:`CROP_ATTEMPTS` times in
-    all, while one class holds that share or more of its labelled pixels (``attempt``: the try;
-    the last kept). Every draw is seeded by ``seed``, the sample, the draw and the try: a resumed
-    training draws the same.
+    352 x 1216: more of a wide frame in each crop); ``brightness`` the jitter's range of brightness
+    gains (the toolbox's 0.75-1.25 for NYU, 0.9-1.1 for KITTI's outdoor frames). With
+    ``max_class_share`` below 1 (segmentation: mmseg's ``cat_max_ratio`` 0.75) a split places the
+    window again, up to :data:`CROP_ATTEMPTS` times in all, while one class holds that share or
+    more of its labelled pixels (``attempt``: the try; the last kept). Every draw is seeded by
+    ``seed``, the sample, the draw and the try: a resumed training draws the same.
 
     Images resize bilinearly, labels by nearest neighbour (class indices and depths stay values).
     """
@@ -109,6 +112,7 @@ class Fit:
     rotation: float = 0.0
     max_class_share: float = 1.0
     crop: tuple[int, int] = (0, 0)
+    brightness: tuple[float, float] = JITTER_BRIGHTNESS
 
     def __post_init__(self) -> None:
         if self.mode not in FITS or self.side < 1:
@@ -122,6 +126,8 @@ class Fit:
         if self.crop != (0, 0) and min(self.crop) < 1:
             raise ValueError(f"crop must be the window's (rows, columns), both >= 1, or (0, 0): a side square; got "
                              f"{self.crop}")
+        if not 0 < self.brightness[0] <= self.brightness[1]:
+            raise ValueError(f"brightness must be a range of gains 0 < low <= high, got {self.brightness}")
         if not 0 < self.scales[0] <= self.scales[1] or not 0 <= self.rotation < 90:
             raise ValueError(f"scales must be a range 0 < low <= high and rotation 0-90 degrees, got {self.scales}, "
                              f"{self.rotation}")
@@ -144,7 +150,7 @@ class Fit:
         jitter = np.random.default_rng([self.seed, index, draw, 1])
         if jitter.random() >= 0.5:
             return pixels
-        return colour_jitter(pixels, gamma=jitter.uniform(*JITTER_GAMMA), brightness=jitter.uniform(*JITTER_BRIGHTNESS),
+        return colour_jitter(pixels, gamma=jitter.uniform(*JITTER_GAMMA), brightness=jitter.uniform(*self.brightness),
                              colours=jitter.uniform(*JITTER_COLOUR, size=3))
 
     def labels(self, labels: Image.Image, index: int, draw: int = 0, attempt: int = 0) -> np.ndarray:
@@ -182,9 +188,6 @@ class Fit:
         if self.augment and place.random() < 0.5:
             return window.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return window
-
-
-JITTER_GAMMA, JITTER_BRIGHTNESS, JITTER_COLOUR = (0.9, 1.1), (0.75, 1.25), (0.9, 1.1)  # the toolbox's ColorAug ranges
 
 
 def colour_jitter(pixels: np.ndarray, gamma: float, brightness: float, colours: np.ndarray) -> np.ndarray:

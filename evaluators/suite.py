@@ -74,8 +74,8 @@ from evaluators.dense import (
     train_depth_head,
     train_segmentation_head,
 )
-from evaluators.dense_datasets import (KITTI_MAX_DEPTH, SUN_MAX_DEPTH, ArraySplit, Fit, load_ade20k, load_cityscapes,
-                                       load_kitti, load_nyu, load_sunrgbd, load_voc)
+from evaluators.dense_datasets import (JITTER_BRIGHTNESS, KITTI_MAX_DEPTH, SUN_MAX_DEPTH, ArraySplit, Fit, load_ade20k,
+                                       load_cityscapes, load_kitti, load_nyu, load_sunrgbd, load_voc)
 from evaluators.dense_metrics import retrieval_map
 from evaluators.dense_source import FeatureSource, feature_sources, relabelled
 from evaluators.feature_parts import FeatureParts, backbone_digest
@@ -289,13 +289,15 @@ SEG_MAX_CLASS_SHARE = 0.75  # mmseg's cat_max_ratio: a crop placed again while o
 
 
 DEPTH_CROPS = {"nyu": (416 / 480, 544 / 480), "kitti": (1.0, 2.0)}  # the toolbox's crops / the frames' shorter side
+DEPTH_BRIGHTNESS = {"kitti": (0.9, 1.1)}  # the toolbox's jitter of KITTI's outdoor frames; others: JITTER_BRIGHTNESS
 
 
 def train_fit(task: str, config: SuiteConfig, patch: int) -> Fit:
     """The training crops of a real dense set: ``image_size`` squares (NYU's and KITTI's of the
     depth toolbox's shape, 416 x 544 of 480 x 640 and 352 x 704 of 352 x 1216, at ``image_size``
     for the shorter side, each side a multiple of ``patch``), drawn anew at each step with
-    ``dense_augment`` (flipped, colours jittered; for segmentation resized by a ratio of 0.5-2 and
+    ``dense_augment`` (flipped, colours jittered, KITTI's brightness by 0.9-1.1, the others' by
+    0.75-1.25; for segmentation resized by a ratio of 0.5-2 and
     placed again while one class holds 3/4 of the crop, for depth turned by up to 2.5 degrees, as
     the original's heads train), else one per image."""
     trained_on = dense_parts(getattr(config, f"{task}_data"))[0].split(":", 1)[0]
@@ -308,7 +310,7 @@ def train_fit(task: str, config: SuiteConfig, patch: int) -> Fit:
         return Fit("crop", config.image_size, config.seed, crop=crop)
     return Fit("crop", config.image_size, config.seed, augment=True, crop=crop,
                **({"scales": SEG_SCALES, "max_class_share": SEG_MAX_CLASS_SHARE} if task == "seg"
-                  else {"rotation": DEPTH_ROTATION}))
+                  else {"rotation": DEPTH_ROTATION, "brightness": DEPTH_BRIGHTNESS.get(trained_on, JITTER_BRIGHTNESS)}))
 
 
 def dense_parts(given: str) -> list[str]:

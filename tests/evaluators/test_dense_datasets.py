@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from dinoflow.storage import Storage
-from evaluators.dense_datasets import DenseSplit, Fit, load_ade20k, load_cityscapes, load_kitti, load_nyu, load_voc
+from evaluators.dense_datasets import (JITTER_BRIGHTNESS, DenseSplit, Fit, load_ade20k, load_cityscapes, load_kitti,
+                                       load_nyu, load_voc)
 
 
 def _whole(split: DenseSplit) -> tuple[np.ndarray, np.ndarray]:
@@ -241,6 +242,30 @@ def test_colour_jitter_is_a_gamma_a_brightness_and_a_gain_per_channel() -> None:
     pixels = np.array([[[128]], [[250]], [[0]]], dtype=np.uint8)  # one pixel, three channels
     out = colour_jitter(pixels, gamma=1.1, brightness=1.2, colours=np.array([0.95, 1.0, 1.1]))
     assert out[:, 0, 0].tolist() == [round(255 * (128 / 255) ** 1.1 * 1.2 * 0.95), 255, 0]  # 250 clipped
+
+
+def test_kittis_colours_are_jittered_within_its_own_brightness_range() -> None:
+    """A grey frame (100) jittered: by gamma 0.9-1.1, a gain per channel 0.9-1.1 and a brightness
+    of 0.9-1.1 (the toolbox's KITTI config) every value lies in 255 (100/255)^1.1 0.9^2 = 73.7 ..
+    255 (100/255)^0.9 1.1^2 = 133.1; with NYU's brightness of 0.75-1.25 some lie beyond. The suite
+    gives KITTI's range to KITTI alone."""
+    from evaluators.suite import SuiteConfig, train_fit
+
+    grey = Image.new("RGB", (40, 40), (100, 100, 100))
+    low, high = 255 * (100 / 255) ** 1.1 * 0.9 ** 2, 255 * (100 / 255) ** 0.9 * 1.1 ** 2
+    seen = {}
+    for name, brightness in (("kitti", (0.9, 1.1)), ("nyu", JITTER_BRIGHTNESS)):
+        fit = Fit("crop", 28, seed=0, augment=True, brightness=brightness)
+        values = np.concatenate([fit.image(grey, 0, draw).ravel() for draw in range(400)])
+        seen[name] = values[values != 100]  # the jittered draws
+    assert len(seen["kitti"]) > 100 and low - 0.5 <= seen["kitti"].min() and seen["kitti"].max() <= high + 0.5
+    assert seen["nyu"].min() < low - 0.5 and seen["nyu"].max() > high + 0.5
+    for data, brightness in (("kitti:/k", (0.9, 1.1)), ("nyu:/n", JITTER_BRIGHTNESS),
+                             ("nyu:/n->sunrgbd:/s", JITTER_BRIGHTNESS)):
+        config = SuiteConfig(tasks=("depth",), image_size=28, depth_data=data)
+        assert train_fit("depth", config, 7).brightness == brightness
+    with pytest.raises(ValueError, match=r"brightness must be a range of gains 0 < low <= high, got \(1.1, 0.9\)"):
+        Fit("crop", 28, augment=True, brightness=(1.1, 0.9))
 
 
 def test_voc_layout_keeps_boundaries_ignored(tmp_path: Path) -> None:
