@@ -14,7 +14,8 @@ Tasks:
   SUN RGB-D, the original's transfer) (RMSE, AbsRel, delta1);
 * ``retrieval``: CLS descriptors on synthetic retrieval sets, or on revisited Oxford or Paris
   (``retrieval_data``) (mAP easy/medium/hard), AmsterTime (mAP, recall at 1 and 5) or the Met
-  (GAP of the k-NN recogniser, :mod:`evaluators.met`);
+  (GAP of the k-NN recogniser, :mod:`evaluators.met`; ``met_whiten``: PCA whitening learned on its
+  database);
 * ``video``: the linear probe on ``video_frames`` frames' CLS tokens, averaged or concatenated
   (``video_pool``), on synthetic clips or on class folders of videos (``video_data``: UCF-101,
   Kinetics-400, Something-Something v2) (:mod:`evaluators.video`; top-1);
@@ -138,6 +139,8 @@ class SuiteConfig:
     work_dir: str = ""  # save the long work here (feature pass in parts, dense heads' training); a rerun resumes it
     retrieval_scenes: int = 40
     retrieval_data: str = ""  # "": synthetic; roxford5k:<root>, rparis6k:<root>, amstertime:<root> or met:<root>
+    met_whiten: bool = False  # the Met: descriptors PCA-whitened as learned on its database (the paper's baselines)
+    met_whiten_dim: int = 0  # the components whitening keeps; 0: all the database allows (min(D, N - 1))
     video_data: str = ""  # "": synthetic clips (drawn at scene_size); else <root>/train/<class>/<video>, val/ or test/
     video_frames: int = 8  # frames of each video through the backbone
     video_pool: str = "mean"  # their CLS tokens averaged (UCF-101, Kinetics) or concatenated (SSv2): "concat"
@@ -162,6 +165,9 @@ class SuiteConfig:
             raise ValueError(f"unknown precision {self.precision!r}; allowed: {', '.join(PRECISIONS)}")
         if self.video_pool not in POOLS:
             raise ValueError(f"unknown video pool {self.video_pool!r}; allowed: {', '.join(POOLS)}")
+        if self.met_whiten_dim < 0 or (self.met_whiten_dim and not self.met_whiten):
+            raise ValueError(f"met_whiten_dim = {self.met_whiten_dim}: must be >= 0 (0: all), and is set only with "
+                             f"met_whiten")
         if self.video_frames < 1:
             raise ValueError(f"video_frames must be >= 1, got {self.video_frames}")
         if self.data_kind not in DATA_KINDS:
@@ -477,7 +483,8 @@ def _retrieval(backbone: nn.Module, config: SuiteConfig, storage: Storage) -> di
         name, _, root = config.retrieval_data.partition(":")
         if name == "met":
             return met_recognition(backbone, load_met(storage, root), storage, config.image_size,
-                                   amp_dtype=config.amp_dtype, num_workers=config.num_workers)
+                                   amp_dtype=config.amp_dtype, num_workers=config.num_workers,
+                                   whiten=config.met_whiten, whiten_dim=config.met_whiten_dim or None)
         revisited = load_amstertime(storage, root) if name == "amstertime" else load_revisited(storage, root, name)
         queries, database = revisited_descriptors(backbone, revisited, storage, config.image_size,
                                                   amp_dtype=config.amp_dtype, num_workers=config.num_workers)

@@ -280,3 +280,26 @@ def test_met_recognition_passes_whitening_to_the_recogniser(tmp_path) -> None:
     assert result == tuned_recognition(database, data.database_labels, queries, data.query_labels, whiten=True,
                                        whiten_dim=5)
     assert result["whiten_dim"] == 5
+
+
+def test_the_suite_whitens_the_mets_descriptors_when_asked(tmp_path) -> None:
+    """``met_whiten`` and ``met_whiten_dim`` (settable from a pipeline's ``eval_options``) reach the
+    recogniser: the suite's scores are its whitened ones; a dimension without whitening is refused."""
+    from evaluators.suite import SuiteConfig, run_suite, with_options
+
+    torch.manual_seed(0)
+    backbone = build_vit("vit_small", patch_size=7, embed_dim=32, depth=2, num_heads=2, img_size=28,
+                         layerscale_init=1.0).eval()
+    write_met(tmp_path / "met", np.random.default_rng(7))
+    config = with_options(SuiteConfig(tasks=("retrieval",), retrieval_data=f"met:{tmp_path / 'met'}", image_size=28),
+                          {"met_whiten": True, "met_whiten_dim": 5})
+    report = run_suite(backbone, config)
+    expected = met_recognition(backbone, load_met(Storage(), str(tmp_path / "met")), Storage(), 28, whiten=True,
+                               whiten_dim=5)
+    assert report["tasks"]["retrieval"] == pytest.approx(expected) and report["metrics"]["retrieval_whiten_dim"] == 5
+    plain = run_suite(backbone, SuiteConfig(tasks=("retrieval",), retrieval_data=f"met:{tmp_path / 'met'}",
+                                            image_size=28))
+    assert "whiten_dim" not in plain["tasks"]["retrieval"]
+    with pytest.raises(ValueError, match="met_whiten_dim = 5: must be >= 0 \\(0: all\\), and is set only with "
+                                         "met_whiten"):
+        SuiteConfig(tasks=("retrieval",), met_whiten_dim=5)
