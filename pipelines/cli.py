@@ -68,6 +68,45 @@ def _bad_input() -> Iterator[None]:
         raise typer.Exit(2) from None
 
 
+# the suite's settings `dinoflow eval` sets through flags of its own, refused in --option
+EVAL_FLAGS = {"data_uri": "--data-uri", "test_uri": "--test-uri", "train_limit": "--train-limit",
+              "test_limit": "--test-limit", "image_size": "--image-size", "num_workers": "--num-workers",
+              "seg_data": "--seg-data", "depth_data": "--depth-data", "retrieval_data": "--retrieval-data",
+              "video_data": "--video-data", "video_frames": "--video-frames", "video_pool": "--video-pool",
+              "multiscale": "--ms", "layers": "--ms", "precision": "--precision",
+              "dense_cache_gib": "--dense-cache-gib",
+              "dense_augment": "--dense-augment", "depth_head_kind": "--depth-head", "work_dir": "--work-dir",
+              "seg_head.steps": "--seg-steps", "depth_head.steps": "--depth-steps",
+              "seg_head.batch_size": "--head-batch-size", "depth_head.batch_size": "--head-batch-size"}
+TRUE, FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _suite_options(items: list[str] | None, config: Any) -> dict[str, Any]:
+    """``--option name=value`` pairs, each value read as its setting's type in ``config`` (a
+    :class:`~evaluators.suite.SuiteConfig`); an unknown name is passed on as text, for
+    :func:`~evaluators.suite.with_options` to refuse naming the allowed ones."""
+    from evaluators.suite import settable_options
+
+    kinds = settable_options(config)
+    options: dict[str, Any] = {}
+    for item in items or []:
+        name, sep, text = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--option {item!r}: give name=value, e.g. met_whiten=true")
+        kind = kinds.get(name, str)
+        try:
+            if kind is bool:
+                if text.lower() not in TRUE + FALSE:
+                    raise ValueError(text)
+                options[name] = text.lower() in TRUE
+            else:
+                options[name] = kind(text)
+        except ValueError:
+            article = "an" if kind is int else "a"
+            raise ValueError(f"--option {item!r}: {name} takes {article} {kind.__name__}") from None
+    return options
+
+
 def _backbone(weights: str, source: str, storage: Storage,
               arch_kwargs: dict[str, Any] | None = None) -> DinoVisionTransformer:
     """The backbone of a registered MLflow model (``models:/...``, ``runs:/...``, registry URI from
@@ -366,6 +405,9 @@ def evaluate(
                                                 "bf16 or fp16 (the original evaluates in half precision; 2-3x "
                                                 "faster on a GPU); heads and probes train in fp32")] = "fp32",
     k: Annotated[int, typer.Option(help="neighbours for k-NN (k=20 is always reported too)")] = 20,
+    option: Annotated[list[str] | None, typer.Option(help="any other setting of the suite, name=value, repeatable: "
+                                                          "e.g. met_whiten=true, seg_head.lr=3e-4, seed=1 (the "
+                                                          "names: a pipeline's eval_options)")] = None,
     out: Annotated[str | None, typer.Option(help="write the JSON report here (path or URI)")] = None,
     pictures: Annotated[str | None, typer.Option(help="folder (path or URI) for the pictures: attention maps; "
                                                       "with seg or depth, PCA features and predictions")] = None,
@@ -385,14 +427,17 @@ def evaluate(
     from components.stage import storage_from_env
     from dinoflow.tracking import MlflowTracker, NullTracker, standard_tags
     from evaluators.dense import HeadConfig
-    from evaluators.suite import SuiteConfig, run_suite
+    from evaluators.suite import SuiteConfig, run_suite, with_options
     from trainer.devices import available_device
 
     storage = storage_from_env()
+    options: dict[str, Any] = {}
     with _bad_input():
         if benchmark not in ("knn", "linear", "logreg", "video", "suite", "classify"):
             raise ValueError(f"unknown benchmark {benchmark!r}; allowed: knn, linear, logreg, video, suite, classify")
         chosen = tuple(t.strip() for t in tasks.split(",") if t.strip()) if benchmark == "suite" else (benchmark,)
+        if benchmark == "classify" and option:
+            raise ValueError("--option sets the suite's settings; classify scores a fine-tuned classifier alone")
         if benchmark == "classify":  # the model and the data checked before any run is recorded
             run = _classifying(weights, data_uri, test_uri, test_limit, image_size, num_workers, device, precision,
                                storage)
@@ -410,6 +455,8 @@ def evaluate(
                                  depth_head=HeadConfig(steps=depth_steps, batch_size=head_batch_size),
                                  depth_head_kind=depth_head,
                                  work_dir=work_dir)
+            options = _suite_options(option, config)
+            config = with_options(config, options, EVAL_FLAGS)
 
             def run(pictures: Path) -> dict[str, Any]:
                 return run_suite(backbone, config, storage, pictures=pictures)
@@ -427,7 +474,7 @@ def evaluate(
                             "dense_augment": dense_augment,
                             "seg_steps": seg_steps, "depth_steps": depth_steps, "depth_head": depth_head,
                             "head_batch_size": head_batch_size,
-                            "work_dir": work_dir})
+                            "work_dir": work_dir, **{f"option.{name}": value for name, value in options.items()}})
         drawn = Path(scratch) / "pictures"
         drawn.mkdir()
         report = run(drawn)

@@ -103,6 +103,34 @@ def test_eval_rejects_bad_input(weights: Path) -> None:
     assert missing.exit_code == 2 and "nope.safetensors" in missing.stderr
 
 
+def test_eval_options_set_the_suites_other_settings_by_name(weights: Path, tmp_path: Path) -> None:
+    """``--option name=value`` (the pipelines' ``eval_options`` names) reads each value as its
+    setting's type: the report is the library's with those settings; a setting with a flag of its
+    own is refused naming the flag, as are a bad value, a bad name and a pair without ``=``."""
+    from evaluators.suite import SuiteConfig, run_suite
+
+    runner = CliRunner()
+    given = ["--option", "retrieval_scenes=6", "--option", "scene_size=28", "--option", "seed=3",
+             "--option", "temperature=0.1"]
+    result = runner.invoke(app, ["eval", "suite", "--weights", str(weights), "--tasks", "retrieval",
+                                 "--out", str(tmp_path / "report.json"), *given])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert {name: report["config"][name] for name in ("retrieval_scenes", "scene_size", "seed", "temperature")} == {
+        "retrieval_scenes": 6, "scene_size": 28, "seed": 3, "temperature": 0.1}
+    expected = run_suite(load_backbone(str(weights), "safetensors"),
+                         SuiteConfig(tasks=("retrieval",), retrieval_scenes=6, scene_size=28, seed=3))
+    assert report["metrics"] == pytest.approx(expected["metrics"], abs=1e-6)
+    for option, said in (("video_frames=4", "eval option 'video_frames' has an input of its own: set it by "
+                                            "--video-frames"),
+                         ("seed=x", "--option 'seed=x': seed takes an int"),
+                         ("met_whiten=maybe", "--option 'met_whiten=maybe': met_whiten takes a bool"),
+                         ("frames=4", "unknown eval option 'frames'; allowed: "), ("seed", "give name=value")):
+        refused = runner.invoke(app, ["eval", "suite", "--weights", str(weights), "--tasks", "retrieval",
+                                      "--option", option])
+        assert refused.exit_code == 2 and said in refused.stderr, (option, refused.stderr)
+
+
 def test_attention_draws_the_maps_and_names_the_high_norm_tokens(weights: Path, tmp_path: Path) -> None:
     """Images in, the picture out and its figures as JSON: the same as the library on the same pixels."""
     from PIL import Image
