@@ -294,20 +294,23 @@ SEG_SCALES, DEPTH_ROTATION = (0.5, 2.0), 2.5  # the original's heads' resize rat
 SEG_MAX_CLASS_SHARE = 0.75  # mmseg's cat_max_ratio: a crop placed again while one class holds this much of it
 
 
-DEPTH_CROPS = {"nyu": (416 / 480, 544 / 480), "kitti": (1.0, 2.0)}  # the toolbox's crops / the frames' shorter side
+# the training crops' (rows, columns) / the images' shorter side: the depth toolbox's NYU and KITTI crops, mmseg's
+# Cityscapes crop (512 x 1024 of 1024 x 2048 frames); the other sets' crops are image_size squares
+TRAIN_CROPS = {"nyu": (416 / 480, 544 / 480), "kitti": (1.0, 2.0), "cityscapes": (0.5, 1.0)}
 DEPTH_BRIGHTNESS = {"kitti": (0.9, 1.1)}  # the toolbox's jitter of KITTI's outdoor frames; others: JITTER_BRIGHTNESS
 
 
 def train_fit(task: str, config: SuiteConfig, patch: int) -> Fit:
     """The training crops of a real dense set: ``image_size`` squares (NYU's and KITTI's of the
-    depth toolbox's shape, 416 x 544 of 480 x 640 and 352 x 704 of 352 x 1216, at ``image_size``
-    for the shorter side, each side a multiple of ``patch``), drawn anew at each step with
+    depth toolbox's shape, 416 x 544 of 480 x 640 and 352 x 704 of 352 x 1216, Cityscapes' of
+    mmseg's, 512 x 1024 of 1024 x 2048, at ``image_size`` for the shorter side, each side a
+    multiple of ``patch``), drawn anew at each step with
     ``dense_augment`` (flipped, colours jittered, KITTI's brightness by 0.9-1.1, the others' by
     0.75-1.25; for segmentation resized by a ratio of 0.5-2 and
     placed again while one class holds 3/4 of the crop, for depth turned by up to 2.5 degrees, as
     the original's heads train), else one per image."""
     trained_on = dense_parts(getattr(config, f"{task}_data"))[0].split(":", 1)[0]
-    shape = DEPTH_CROPS.get(trained_on) if task == "depth" else None
+    shape = TRAIN_CROPS.get(trained_on)
     crop = (0, 0)
     if shape:
         rows, cols = patch_sides((config.image_size * shape[0], config.image_size * shape[1]), patch)

@@ -203,12 +203,12 @@ def test_drawn_rotations_turn_half_the_crops_by_at_most_the_angle(tmp_path: Path
     assert 4 < turned < 20 and cornered > 2
 
 
-def test_depth_crops_take_the_toolboxs_shape(tmp_path: Path) -> None:
+def test_dense_crops_take_the_originals_shapes(tmp_path: Path) -> None:
     """crop=(21, 35): each draw of a 30 x 40 NYU frame (its depth naming each pixel's row and column)
     is a 21 x 35 window of the frame resized to 28 rows (PIL's nearest resize, the reference), at a
     place of its own, flipped or not. The suite gives NYU the toolbox's 416 x 544 of 480 x 640 and
     KITTI its 352 x 704 of 352 x 1216 at image_size for the shorter side, each a multiple of the
-    patch; segmentation keeps squares."""
+    patch, Cityscapes mmseg's 512 x 1024 of 1024 x 2048; ADE20K and VOC keep squares."""
     from evaluators.suite import SuiteConfig, train_fit
 
     (tmp_path / "train").mkdir()
@@ -227,7 +227,7 @@ def test_depth_crops_take_the_toolboxs_shape(tmp_path: Path) -> None:
         places.add(found[0])
     assert len(places) > 4
     for data, task, window in (("nyu:/n", "depth", (21, 35)), ("kitti:/k", "depth", (28, 56)),
-                               ("ade20k:/a", "seg", (28, 28))):
+                               ("ade20k:/a", "seg", (28, 28)), ("cityscapes:/c", "seg", (14, 28))):
         config = SuiteConfig(tasks=(task,), image_size=28, **{f"{task}_data": data})
         assert train_fit(task, config, 7).window == window
     assert train_fit("depth", SuiteConfig(tasks=("depth",), image_size=448, depth_data="nyu:/n"), 14).window == (
