@@ -172,14 +172,13 @@ class SuiteConfig:
             raise ValueError(f"video_frames must be >= 1, got {self.video_frames}")
         if self.data_kind not in DATA_KINDS:
             raise ValueError(f"unknown data kind {self.data_kind!r}; allowed: {', '.join(DATA_KINDS)}")
-        if self.depth_data.count(TRANSFER) > 1 or TRANSFER in self.seg_data:
-            raise ValueError(f"depth_data = {self.depth_data!r}, seg_data = {self.seg_data!r}: a transfer, "
+        if self.depth_data.count(TRANSFER) > 1 or TRANSFER in self.seg_data + self.retrieval_data:
+            raise ValueError(f"depth_data = {self.depth_data!r}, seg_data = {self.seg_data!r}, retrieval_data = "
+                             f"{self.retrieval_data!r}: a transfer, "
                              f"<train set>:<root>{TRANSFER}<test set>:<root>, is depth's alone and one at most")
-        for name, given, allowed in (("seg_data", self.seg_data, SEG_SETS),
-                                     *(("depth_data", part, DEPTH_SETS) for part in dense_parts(self.depth_data)),
+        for name, given, allowed in (("seg_data", self.seg_data, SEG_SETS), ("depth_data", self.depth_data, DEPTH_SETS),
                                      ("retrieval_data", self.retrieval_data, RETRIEVAL_SETS)):
-            kind, sep, root = given.partition(":")
-            if given and (kind not in allowed or not sep or not root):
+            if any(kind not in allowed or not root for kind, root in named_sets(given)):
                 raise ValueError(f"{name} = {given!r}; give <data set>:<root> with the data set one of "
                                  f"{', '.join(allowed)}, e.g. {allowed[0]}:/data/{allowed[0]}")
 
@@ -309,7 +308,7 @@ def train_fit(task: str, config: SuiteConfig, patch: int) -> Fit:
     0.75-1.25; for segmentation resized by a ratio of 0.5-2 and
     placed again while one class holds 3/4 of the crop, for depth turned by up to 2.5 degrees, as
     the original's heads train), else one per image."""
-    trained_on = dense_parts(getattr(config, f"{task}_data"))[0].split(":", 1)[0]
+    trained_on = named_sets(getattr(config, f"{task}_data"))[0][0]
     shape = TRAIN_CROPS.get(trained_on)
     crop = (0, 0)
     if shape:
@@ -322,10 +321,11 @@ def train_fit(task: str, config: SuiteConfig, patch: int) -> Fit:
                   else {"rotation": DEPTH_ROTATION, "brightness": DEPTH_BRIGHTNESS.get(trained_on, JITTER_BRIGHTNESS)}))
 
 
-def dense_parts(given: str) -> list[str]:
-    """The data sets of a dense task's ``<set>:<root>``: one, or the training and the test set of
-    ``<set>:<root>-><set>:<root>`` (a transfer); none for ``""``."""
-    return given.split(TRANSFER) if given else []
+def named_sets(given: str) -> list[tuple[str, str]]:
+    """The ``(set, root)`` pairs a task's ``<set>:<root>`` names: one, or for depth's
+    ``<set>:<root>-><set>:<root>`` (a transfer) the training and the test set; none for ``""``
+    (a part without ``:`` has the root ``""``)."""
+    return [(name, root) for name, _, root in (part.partition(":") for part in given.split(TRANSFER))] if given else []
 
 
 @dataclass(frozen=True)
@@ -358,7 +358,7 @@ def _dense_tasks(backbone: nn.Module, config: SuiteConfig, storage: Storage) -> 
             continue
         layers = task_layers(task, config, len(backbone.blocks))
         if given:
-            parts = [part.split(":", 1) for part in dense_parts(given)]  # a transfer: trained on the first
+            parts = named_sets(given)  # a transfer: trained on the first
             (name, root), (test_name, test_root) = parts[0], parts[-1]
             load, (train_split, _), label_range = DENSE_SETS[name]
             test_load, (_, test_split), test_range = DENSE_SETS[test_name]
@@ -407,7 +407,8 @@ def _head_saves(task: str, config: SuiteConfig, storage: Storage, digest: str, d
     if not config.work_dir:
         return None
     given = getattr(config, f"{task}_data")  # a transfer's test set is not the head's: its training set alone
-    data = dense_parts(given)[0] if given else {"train_scenes": config.train_scenes, "scene_size": config.scene_size}
+    data = ":".join(named_sets(given)[0]) if given else {"train_scenes": config.train_scenes,
+                                                          "scene_size": config.scene_size}
     settings = ("image_size", "train_limit", "precision", "seed")
     head = asdict(getattr(config, f"{task}_head"))
     if task == "depth" and config.depth_head_kind != "linear":  # (a linear head's saves named as before)
@@ -483,7 +484,7 @@ def _retrieval(backbone: nn.Module, config: SuiteConfig, storage: Storage) -> di
     sets; on AmsterTime its mAP and recalls at 1 and 5 (:func:`~evaluators.retrieval.pair_retrieval`);
     on the Met its GAP (:func:`~evaluators.met.met_recognition`)."""
     if config.retrieval_data:
-        name, _, root = config.retrieval_data.partition(":")
+        [(name, root)] = named_sets(config.retrieval_data)
         if name == "met":
             return met_recognition(backbone, load_met(storage, root), storage, config.image_size,
                                    amp_dtype=config.amp_dtype, num_workers=config.num_workers,

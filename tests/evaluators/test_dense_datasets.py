@@ -622,3 +622,7 @@ def test_a_depth_head_trained_on_nyu_is_tested_on_sunrgbd(tmp_path: Path) -> Non
             SuiteConfig(tasks=("depth",), depth_data=bad)
     with pytest.raises(ValueError, match="a transfer, <train set>:<root>-><test set>:<root>, is depth's alone"):
         SuiteConfig(tasks=("seg",), seg_data="ade20k:/a->voc:/v")
+    with pytest.raises(ValueError, match="a transfer, <train set>:<root>-><test set>:<root>, is depth's alone"):
+        SuiteConfig(tasks=("retrieval",), retrieval_data="roxford5k:/o->rparis6k:/p")
+    with pytest.raises(ValueError, match=f"depth_data = 'nyu:{nyu}->sunrgbd'; give <data set>:<root>"):
+        SuiteConfig(tasks=("depth",), depth_data=f"nyu:{nyu}->sunrgbd")  # the test set's root missing
