@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from pydantic import BaseModel
 
-from dinoflow.config import (ConfigError, DemoConfig, DistillConfig, FinetuneConfig, PretrainConfig, load_config,
-                             to_yaml)
+from dinoflow.config import (CONFIG_DIR, ConfigError, DemoConfig, DistillConfig, FinetuneConfig, PretrainConfig,
+                             load_config, to_yaml)
 
 if TYPE_CHECKING:
     from dinoflow.storage import Storage
@@ -696,6 +696,9 @@ PipelineParams = Annotated[
     typer.Argument(help="pipeline parameters as key=value (values parsed as YAML, e.g. max_minutes=2 "
                         "overrides=[optim.batch_size=64])"),
 ]
+ParamsFileOption = Annotated[str | None, typer.Option("--params", help="a file of the pipeline's parameters, a path "
+                                                      "or a name of configs/pipelines/ (`pipeline: <name>`, "
+                                                      "`parameters: {key: value}`); key=value pairs override it")]
 ImageOption = Annotated[str | None, typer.Option(envvar="DINOFLOW_IMAGE", help="one base image for every component, "
                                                       "with CUDA PyTorch unless --gpus 0 (default: the CPU and GPU "
                                                       "images of --registry and --tag)")]
@@ -729,33 +732,80 @@ def _pipeline(name: str, image: str | None = None, registry: str | None = None, 
 
 
 PARAMETER_TYPES = {"String": str, "Integer": int, "Float": float, "Boolean": bool, "List": list, "Dict": dict}
+PARAMETER_FILES = CONFIG_DIR / "pipelines"  # named parameter sets: configs/pipelines/<name>.yaml
 
 
-def _pipeline_params(pipeline: Any, items: list[str] | None) -> dict[str, Any]:
-    """``key=value`` pairs checked against the pipeline's parameters before anything runs: a
-    String input takes the text as it is, the others read it as YAML and must get their declared
-    type (an integer is a valid Float: ``max_minutes=2``); anything else exits 2 in one line."""
+def _typed_param(inputs: dict[str, Any], key: str, value: Any) -> tuple[Any, str]:
+    """``value`` as the pipeline's input ``key`` takes it (an integer is a valid Float), and the
+    problem with it ("" when none)."""
+    kind = inputs[key].type
+    if kind == "Float" and type(value) is int:
+        value = float(value)
+    expected = PARAMETER_TYPES.get(kind)
+    if expected and (not isinstance(value, expected) or (expected is int and isinstance(value, bool))):
+        return value, f"{key} takes a {kind}, got {type(value).__name__} {value!r}"
+    return value, ""
+
+
+def _param_file(pipeline: Any, given: str) -> dict[str, Any]:
+    """The parameters a file holds (``pipeline: <name>`` and ``parameters: {key: value}``; a path,
+    or a name of :data:`PARAMETER_FILES`), each checked as a ``key=value`` item is: a named
+    parameter set kept with the code, e.g. the weekly retraining's or a cluster's benchmark data
+    sets. Anything wrong exits 2 in one line naming the file."""
+    import yaml
+
+    def refuse(problem: str) -> None:
+        typer.echo(f"error: bad parameter file {given!r}; {problem}", err=True)
+        raise typer.Exit(2)
+
+    path = Path(given)
+    if not path.is_file():
+        path = PARAMETER_FILES / f"{given.removesuffix('.yaml')}.yaml"
+    if not path.is_file():
+        named = ", ".join(sorted(p.stem for p in PARAMETER_FILES.glob("*.yaml")))
+        refuse(f"no such file, nor a name of {PARAMETER_FILES.relative_to(CONFIG_DIR.parent)}/: {named}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        refuse(f"not valid YAML ({' '.join(str(err).split())})")
+    if not isinstance(data, dict) or set(data) != {"pipeline", "parameters"} or not isinstance(
+            data["parameters"] or {}, dict):
+        refuse("give a mapping of `pipeline: <name>` and `parameters: {key: value}`")
+    name = pipeline.name.replace("-", "_")
+    if str(data["pipeline"]).replace("-", "_") != name:
+        refuse(f"it holds parameters of the {data['pipeline']!r} pipeline, not of {name!r}")
+    inputs = pipeline.component_spec.inputs or {}
+    params: dict[str, Any] = {}
+    for key, value in (data["parameters"] or {}).items():
+        if key not in inputs:
+            refuse(f"unknown parameter {key!r}; allowed: {', '.join(inputs)}")
+        params[key], problem = _typed_param(inputs, key, value)
+        if problem:
+            refuse(problem)
+    return params
+
+
+def _pipeline_params(pipeline: Any, items: list[str] | None, params_file: str | None = None) -> dict[str, Any]:
+    """``key=value`` pairs checked against the pipeline's parameters before anything runs, over
+    those of ``params_file`` (:func:`_param_file`) when given: a String input takes the text as it
+    is, the others read it as YAML and must get their declared type (an integer is a valid Float:
+    ``max_minutes=2``); anything else exits 2 in one line."""
     import yaml
 
     inputs = pipeline.component_spec.inputs or {}
-    params: dict[str, Any] = {}
+    params: dict[str, Any] = _param_file(pipeline, params_file) if params_file else {}
     for item in items or []:
         key, sep, text = item.partition("=")
         problem, value = "", None
         if not sep or key not in inputs:
             problem = f"give key=value with key one of: {', '.join(inputs)}"
         else:
-            kind = inputs[key].type
             try:
-                value = text if kind == "String" else yaml.safe_load(text) if text else ""
+                value = text if inputs[key].type == "String" else yaml.safe_load(text) if text else ""
             except (yaml.YAMLError, ValueError, RecursionError) as err:
                 problem = f"not valid YAML ({' '.join(str(err).split())})"
             else:
-                if kind == "Float" and type(value) is int:
-                    value = float(value)
-                expected = PARAMETER_TYPES.get(kind)
-                if expected and (not isinstance(value, expected) or (expected is int and isinstance(value, bool))):
-                    problem = f"{key} takes a {kind}, got {type(value).__name__} {value!r}"
+                value, problem = _typed_param(inputs, key, value)
         if problem:
             typer.echo(f"error: bad pipeline parameter {item!r}; {problem}", err=True)
             raise typer.Exit(2)
@@ -786,6 +836,7 @@ def pipeline_compile(
 def pipeline_run(
     name: Annotated[str, typer.Argument(help="full, evaluate_only, retrain, distill, finetune or promote")],
     params: PipelineParams = None,
+    params_file: ParamsFileOption = None,
     run_root: Annotated[str, typer.Option(help="folder or s3:// URI for stage state (and the sqlite MLflow "
                                                "store when MLFLOW_TRACKING_URI is unset)")] = "runs/pipeline",
     kfp_root: Annotated[str, typer.Option(help="local folder for KFP's task outputs")] = "runs/pipeline/kfp",
@@ -794,7 +845,7 @@ def pipeline_run(
     from pipelines.local import PipelineFailed, run_locally
 
     pipeline = _pipeline(name, None)
-    values = _pipeline_params(pipeline, params)
+    values = _pipeline_params(pipeline, params, params_file)
     storage, tracking_uri = _run_root(run_root)
     started = time.perf_counter()
     try:
@@ -810,6 +861,7 @@ def pipeline_submit(
     name: Annotated[str, typer.Argument(help="full, evaluate_only, retrain, distill, finetune or promote")],
     host: Annotated[str, typer.Option(help="KFP API endpoint, e.g. https://kubeflow.example.com/pipeline")],
     params: PipelineParams = None,
+    params_file: ParamsFileOption = None,
     experiment: Annotated[str, typer.Option(help="KFP experiment")] = "dinoflow",
     image: ImageOption = None,
     registry: RegistryOption = None,
@@ -824,7 +876,7 @@ def pipeline_submit(
 
     pipeline = _pipeline(name, image, registry, tag, s3_secret, GPUS if gpus is None else gpus)
     with _bad_input():
-        run_id = submit(pipeline, host, _pipeline_params(pipeline, params), experiment, namespace,
+        run_id = submit(pipeline, host, _pipeline_params(pipeline, params, params_file), experiment, namespace,
                         token=os.environ.get("KF_PIPELINES_TOKEN"))
     typer.echo(f"submitted {name!r}: run {run_id} on {host}")
 

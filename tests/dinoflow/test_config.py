@@ -33,8 +33,8 @@ SCHEMA_OF_FOLDER = {"configs": DemoConfig, "pretrain": PretrainConfig, "distill"
 
 
 def test_every_preset_round_trips(tmp_path: Path) -> None:
-    presets = sorted(CONFIG_DIR.rglob("*.yaml"))
-    assert len(presets) >= 2, "configs/ holds no presets"
+    presets = sorted(set(CONFIG_DIR.rglob("*.yaml")) - set(CONFIG_DIR.glob("pipelines/*.yaml")))  # (pipelines':
+    assert len(presets) >= 2, "configs/ holds no presets"  # tests/pipelines/test_param_files.py)
     for preset in presets:
         schema = SCHEMA_OF_FOLDER[preset.parent.name]
         config = load_config(schema, preset)

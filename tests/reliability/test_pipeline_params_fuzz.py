@@ -130,6 +130,8 @@ def test_a_value_of_the_wrong_type_is_refused_naming_its_input_before_any_task(n
         "Boolean": st.one_of(st.integers(), st.floats(), st.text(max_size=5)),
         "List": st.one_of(st.integers(), st.floats(), st.booleans(), st.text(max_size=5),
                           st.dictionaries(st.text(max_size=3), st.integers(), min_size=1, max_size=1)),
+        "Dict": st.one_of(st.integers(), st.floats(), st.booleans(), st.text(max_size=5),
+                          st.lists(st.integers(), min_size=1, max_size=1)),
     }[inputs[key].type]
     error = type_check(name, {**required(name), key: data.draw(wrong_values)})
     assert not passes_type_check(error) and f"'{key}'" in str(error), f"{type(error).__name__}: {error}"
