@@ -27,7 +27,8 @@ The synthetic scenes (:mod:`evaluators.synthetic`) make the dense and retrieval 
 anywhere with exact ground truth; the adapters of :mod:`evaluators.dense_datasets` feed the same
 heads with the real data sets (``seg_data="ade20k:<root>"``, ``"voc:<root>"`` or ``"cityscapes:<root>"``,
 ``depth_data="nyu:<root>"`` or ``"kitti:<root>"``, ``"nyu:<root>->sunrgbd:<root>"`` the head trained on
-the first and tested on the second's test split; images at ``image_size``, ``train_limit`` /
+the first and tested on the second's test split; images at ``image_size`` (``dense_image_size``
+when given, as ``retrieval_image_size`` for retrieval: one run scores each task at its size), ``train_limit`` /
 ``test_limit`` of each; on a real data set the head trained on square crops (NYU's and KITTI's of the
 depth toolbox's shapes) of the aspect-kept images,
 drawn anew at each step, flipped, their colours jittered, resized (seg) or turned (depth) (:func:`train_fit`,
@@ -118,6 +119,8 @@ class SuiteConfig:
     data_kind: DataKind = "auto"
     image_size: int = 224  # class folders: the centre crop's side; dense sets: the side (real ones: of the training
     # crops and the test windows, the images' shorter side at it); Oxford/Paris: the longer
+    dense_image_size: int = 0  # seg and depth's image_size when they want another (the original: 512-ish), 0: the same
+    retrieval_image_size: int = 0  # retrieval's image_size, 0: the same
     num_workers: int = 0  # decoding processes of class folders and the real dense and retrieval sets
     precision: str = "fp32"  # every feature pass: fp32, or the backbone under autocast (bf16, fp16: 2-3x on a GPU)
     train_limit: int = 0
@@ -146,6 +149,12 @@ class SuiteConfig:
     video_pool: str = "mean"  # their CLS tokens averaged (UCF-101, Kinetics) or concatenated (SSv2): "concat"
     seed: int = 0
 
+    def sized_for(self, tasks: str) -> SuiteConfig:
+        """The config ``tasks`` ("dense": seg and depth; "retrieval") run with: ``image_size`` their
+        own when given, so one evaluation scores classification at 224 and segmentation at 518."""
+        own = self.dense_image_size if tasks == "dense" else self.retrieval_image_size
+        return replace(self, image_size=own) if own else self
+
     @property
     def amp_dtype(self) -> torch.dtype | None:
         """The autocast dtype of every feature pass (:data:`PRECISIONS`)."""
@@ -159,6 +168,10 @@ class SuiteConfig:
             raise ValueError("knn, linear and logreg need data_uri (Fashion-MNIST's folder, or one of class folders)")
         if self.depth_head_kind not in DEPTH_HEADS:
             raise ValueError(f"unknown depth head {self.depth_head_kind!r}; allowed: {', '.join(DEPTH_HEADS)}")
+        if self.image_size < 1 or min(self.dense_image_size, self.retrieval_image_size) < 0:
+            raise ValueError(f"image_size must be >= 1 and dense_image_size, retrieval_image_size >= 0 (0: "
+                             f"image_size), got {self.image_size}, {self.dense_image_size}, "
+                             f"{self.retrieval_image_size}")
         if self.dense_cache_gib < 0:
             raise ValueError(f"dense_cache_gib must be >= 0 (0: features made per batch), got {self.dense_cache_gib}")
         if self.precision not in PRECISIONS:
@@ -568,18 +581,19 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
         features = result["features"]
         looked_at = result["looked_at"]  # Fashion-MNIST's with the garments' silhouettes, or class folders'
 
-    dense = _dense_tasks(backbone, config, storage) if {"seg", "depth"} & set(config.tasks) else {}
+    sized = config.sized_for("dense")  # seg and depth at their image size
+    dense = _dense_tasks(backbone, sized, storage) if {"seg", "depth"} & set(config.tasks) else {}
     shown = slice(0, 6)
     predicted: dict[str, np.ndarray] = {}  # the first test images' predictions, for the pictures
     if "seg" in dense:
-        saves = _head_saves("seg", config, storage, digest, dense["seg"])
-        seg, maps = _segmentation(backbone, dense["seg"], config, saves, keep=shown.stop)
+        saves = _head_saves("seg", sized, storage, digest, dense["seg"])
+        seg, maps = _segmentation(backbone, dense["seg"], sized, saves, keep=shown.stop)
         predicted["seg"] = maps.numpy().astype(np.uint8)
         tasks["seg"] = seg
         metrics.update({"seg_miou": seg["miou"], "seg_pixel_accuracy": seg["pixel_accuracy"]})
     if "depth" in dense:
-        saves = _head_saves("depth", config, storage, digest, dense["depth"])
-        depth, maps = _depth(dense["depth"], config, device, saves, keep=shown.stop)
+        saves = _head_saves("depth", sized, storage, digest, dense["depth"])
+        depth, maps = _depth(dense["depth"], sized, device, saves, keep=shown.stop)
         predicted["depth"] = maps.numpy()
         tasks["depth"] = depth
         metrics.update({f"depth_{k}": v for k, v in depth.items()})
@@ -587,12 +601,12 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
     if scenes:  # the scenes' shapes, not their plane, are the attention's foreground
         looked_at = scenes[0].test.split.images[:ATTENTION_IMAGES], scenes[0].foreground[:ATTENTION_IMAGES]
     if pictures is not None and dense:
-        _dense_pictures(dense, predicted, Path(pictures), shown.stop, config.image_size)
+        _dense_pictures(dense, predicted, Path(pictures), shown.stop, sized.image_size)
     if looked_at is not None and hasattr(backbone, "self_attention"):
         tasks["attention"] = attention_figures(backbone, *looked_at, pictures)
         metrics.update(tasks["attention"])
     if "retrieval" in config.tasks:
-        tasks["retrieval"] = _retrieval(backbone, config, storage)
+        tasks["retrieval"] = _retrieval(backbone, config.sized_for("retrieval"), storage)
         metrics.update({f"retrieval_{k}": v for k, v in tasks["retrieval"].items()})
     if "video" in config.tasks:
         video = VideoConfig(frames=config.video_frames, pool=config.video_pool,  # type: ignore[arg-type]

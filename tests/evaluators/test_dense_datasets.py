@@ -626,3 +626,30 @@ def test_a_depth_head_trained_on_nyu_is_tested_on_sunrgbd(tmp_path: Path) -> Non
         SuiteConfig(tasks=("retrieval",), retrieval_data="roxford5k:/o->rparis6k:/p")
     with pytest.raises(ValueError, match=f"depth_data = 'nyu:{nyu}->sunrgbd'; give <data set>:<root>"):
         SuiteConfig(tasks=("depth",), depth_data=f"nyu:{nyu}->sunrgbd")  # the test set's root missing
+
+
+def test_dense_and_retrieval_tasks_take_image_sizes_of_their_own(tmp_path: Path) -> None:
+    """``dense_image_size`` and ``retrieval_image_size``: one suite scores seg at 42 px and
+    retrieval at 56 px beside a 28 px ``image_size``, as two suites at those image sizes score
+    each; 0 keeps ``image_size``; a negative size is refused."""
+    from evaluators.dense import HeadConfig
+    from evaluators.suite import SuiteConfig, run_suite
+    from tests.evaluators.test_retrieval import write_revisited
+    from trainer.models.vit import build_vit
+
+    voc, _ = write_halves(tmp_path)
+    write_revisited(tmp_path / "oxford")
+    torch.manual_seed(0)
+    backbone = build_vit("vit_small", patch_size=7, embed_dim=32, depth=2, num_heads=2, img_size=28).eval()
+    data = {"seg_data": f"voc:{voc}", "retrieval_data": f"roxford5k:{tmp_path / 'oxford'}",
+            "seg_head": HeadConfig(steps=20), "dense_augment": False}
+    both = run_suite(backbone, SuiteConfig(tasks=("seg", "retrieval"), image_size=28, dense_image_size=42,
+                                           retrieval_image_size=56, **data))["metrics"]
+    seg = run_suite(backbone, SuiteConfig(tasks=("seg",), image_size=42, **data))["metrics"]
+    retrieval = run_suite(backbone, SuiteConfig(tasks=("retrieval",), image_size=56, **data))["metrics"]
+    assert both == pytest.approx({**seg, **retrieval}, abs=1e-6)
+    at_28 = run_suite(backbone, SuiteConfig(tasks=("seg",), image_size=28, **data))["metrics"]
+    assert at_28 != pytest.approx(seg, abs=1e-6)  # the sizes change the scores: the check above could fail
+    with pytest.raises(ValueError, match="dense_image_size, retrieval_image_size >= 0 \\(0: image_size\\), got 28, "
+                                         "-1, 0"):
+        SuiteConfig(tasks=("seg",), image_size=28, dense_image_size=-1)
