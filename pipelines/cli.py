@@ -832,6 +832,21 @@ def pipeline_compile(
     typer.echo(out)
 
 
+@pipeline_app.command("params")
+def pipeline_params(
+    name: Annotated[str, typer.Argument(help="full, evaluate_only, retrain, distill, finetune or promote")],
+    params: PipelineParams = None,
+    params_file: ParamsFileOption = None,
+) -> None:
+    """Print a pipeline's parameters as a parameter file (--params), its defaults with yours over them."""
+    import yaml
+
+    pipeline = _pipeline(name, None)
+    given = _pipeline_params(pipeline, params, params_file)
+    values = {key: given.get(key, spec.default) for key, spec in (pipeline.component_spec.inputs or {}).items()}
+    typer.echo(yaml.safe_dump({"pipeline": name.replace("-", "_"), "parameters": values}, sort_keys=False), nl=False)
+
+
 @pipeline_app.command("run")
 def pipeline_run(
     name: Annotated[str, typer.Argument(help="full, evaluate_only, retrain, distill, finetune or promote")],

@@ -76,3 +76,20 @@ def test_a_missing_parameter_file_names_the_shipped_ones(tmp_path: Path) -> None
     assert result.exit_code == 2
     assert "no such file, nor a name of configs/pipelines/: benchmarks-cluster, full-vitl14-curated, retrain-weekly" \
         in result.stderr
+
+
+@pytest.mark.parametrize("name", ["full", "evaluate_only", "retrain", "distill", "finetune", "promote"])
+def test_params_prints_a_parameter_file_of_the_defaults_that_reads_back(tmp_path: Path, name: str) -> None:
+    """``dinoflow pipeline params <name>``: every parameter with its default (yours over them), as
+    a file ``--params`` takes: the template of a named set."""
+    changed = {"promote": {"reason": "x"}, "evaluate_only": {"knn_k": 7}}.get(name, {"seed": 7})
+    items = [f"{key}={value}" for key, value in changed.items()]
+    result = CliRunner().invoke(app, ["pipeline", "params", name, *items])
+    assert result.exit_code == 0, result.output
+    (tmp_path / "set.yaml").write_text(result.stdout)
+    pipeline = _pipeline(name)
+    read = _pipeline_params(pipeline, [], str(tmp_path / "set.yaml"))
+    inputs = pipeline.component_spec.inputs
+    assert set(read) == set(inputs)
+    assert read == {**{key: spec.default for key, spec in inputs.items()}, **changed}
+    assert all(read[key] != spec.default for key, spec in inputs.items() if key in changed)
