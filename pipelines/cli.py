@@ -758,15 +758,21 @@ def _param_file(pipeline: Any, given: str) -> dict[str, Any]:
         typer.echo(f"error: bad parameter file {given!r}; {problem}", err=True)
         raise typer.Exit(2)
 
+    def is_file(path: Path) -> bool:
+        try:
+            return path.is_file()
+        except OSError:  # a name too long for the file system, say
+            return False
+
     path = Path(given)
-    if not path.is_file():
+    if not is_file(path):
         path = PARAMETER_FILES / f"{given.removesuffix('.yaml')}.yaml"
-    if not path.is_file():
+    if not is_file(path):
         named = ", ".join(sorted(p.stem for p in PARAMETER_FILES.glob("*.yaml")))
         refuse(f"no such file, nor a name of {PARAMETER_FILES.relative_to(CONFIG_DIR.parent)}/: {named}")
     try:
         data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError, RecursionError) as err:  # (ValueError: a date 0000-00-00)
         refuse(f"not valid YAML ({' '.join(str(err).split())})")
     if not isinstance(data, dict) or set(data) != {"pipeline", "parameters"} or not isinstance(
             data["parameters"] or {}, dict):

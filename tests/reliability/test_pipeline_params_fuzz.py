@@ -52,12 +52,12 @@ ITEMS = st.one_of(
 )
 
 
-def parse(name: str, items: list[str]) -> dict | str:
+def parse(name: str, items: list[str], params_file: str | None = None) -> dict | str:
     """``_pipeline_params``'s parameters, or the one-line message it refused them with (exit 2)."""
     stderr = io.StringIO()
     try:
         with contextlib.redirect_stderr(stderr):
-            return _pipeline_params(PIPELINES[name], items)
+            return _pipeline_params(PIPELINES[name], items, params_file)
     except (typer.Exit, click.exceptions.Exit) as refused:
         message = stderr.getvalue().strip()
         assert refused.exit_code == 2 and message.startswith("error: ") and "\n" not in message, message
@@ -183,3 +183,42 @@ def test_a_recipe_that_validates_has_a_seed_the_trainer_can_use(seed: int) -> No
     except ConfigError:
         return
     list(engine_seeds(cfg.seed))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(NAMES), st.dictionaries(st.sampled_from([*KEYS, "nope"]), YAML_VALUES, max_size=4),
+       st.sampled_from(["pipeline", "name", ""]), st.lists(ITEMS, max_size=2))
+@example("distill", {"alias": "0000-00-00"}, "pipeline", [])  # a date YAML parses and Python refuses
+def test_a_parameter_file_gives_parameters_kfp_accepts_or_a_one_line_refusal(
+        tmp_path_factory: pytest.TempPathFactory, name: str, values: dict, key: str, items: list[str]) -> None:
+    """``--params``: any file (values parsed as YAML, a wrong or missing ``pipeline`` key) is read
+    into parameters KFP's type check accepts, with the items over them, or refused in one line."""
+    import yaml
+
+    parsed = {}
+    for param, text in values.items():
+        try:
+            parsed[param] = yaml.safe_load(text)
+        except (yaml.YAMLError, ValueError, RecursionError):
+            parsed[param] = text
+    path = tmp_path_factory.mktemp("params") / "set.yaml"
+    path.write_text(yaml.safe_dump({key: name, "parameters": parsed} if key else parsed))
+    (path.parent / "raw.yaml").write_text(f"pipeline: {name}\nparameters:\n" + "".join(
+        f"  {param}: {text}\n" for param, text in values.items() if "\n" not in text))  # YAML as written
+    assert isinstance(parse(name, [], str(path.parent / "raw.yaml")), dict | str)  # read or refused in one line
+    params = parse(name, items, str(path))
+    if isinstance(params, str):
+        return
+    assert key == "pipeline"
+    error = type_check(name, {**required(name), **params})
+    assert passes_type_check(error), f"{values} {items} -> {params}: {type(error).__name__}: {error}"
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.sampled_from(NAMES), st.one_of(st.text(max_size=30), st.sampled_from(["", ".", "/", "/dev/null", "a" * 5000,
+                                                                                "retrain-weekly", "../README.md"])))
+def test_any_parameter_file_name_is_read_or_refused_in_one_line(name: str, given: str) -> None:
+    if "\x00" in given:
+        return
+    result = parse(name, [], given)
+    assert isinstance(result, dict) or result.startswith("error: bad parameter file")
