@@ -828,13 +828,20 @@ def pipeline_compile(
     tag: TagOption = None,
     s3_secret: SecretOption = None,
     gpus: GpusOption = None,
+    params: PipelineParams = None,
+    params_file: ParamsFileOption = None,
 ) -> None:
-    """Compile a pipeline to KFP IR YAML (upload it in the Kubeflow UI, or submit it)."""
+    """Compile a pipeline to KFP IR YAML (upload it in the Kubeflow UI, or submit it).
+
+    With --params or key=value items, those values are the compiled
+    pipeline's defaults: the Kubeflow UI's run form opens filled with them."""
     from kfp import compiler
 
     from pipelines.definitions import GPUS
 
-    compiler.Compiler().compile(_pipeline(name, image, registry, tag, s3_secret, GPUS if gpus is None else gpus), out)
+    pipeline = _pipeline(name, image, registry, tag, s3_secret, GPUS if gpus is None else gpus)
+    defaults = _pipeline_params(pipeline, params, params_file)
+    compiler.Compiler().compile(pipeline, out, pipeline_parameters=defaults or None)
     typer.echo(out)
 
 

@@ -93,3 +93,21 @@ def test_params_prints_a_parameter_file_of_the_defaults_that_reads_back(tmp_path
     assert set(read) == set(inputs)
     assert read == {**{key: spec.default for key, spec in inputs.items()}, **changed}
     assert all(read[key] != spec.default for key, spec in inputs.items() if key in changed)
+
+
+def test_compile_makes_a_sets_values_the_defaults_of_the_ui_form(tmp_path: Path) -> None:
+    """``pipeline compile --params``: the compiled YAML's parameters default to the set's values
+    (the items over them), so the Kubeflow UI's run form opens filled with them; the others keep
+    the pipeline's defaults."""
+    out = tmp_path / "evaluate_only.yaml"
+    result = CliRunner().invoke(app, ["pipeline", "compile", "evaluate_only", "--out", str(out), "--params",
+                                      "benchmarks-cluster", "model=dinoflow-vitl14/3"])
+    assert result.exit_code == 0, result.output
+    spec, _ = yaml.safe_load_all(out.read_text())
+    defaults = {key: given.get("defaultValue") for key, given in spec["root"]["inputDefinitions"]["parameters"].items()}
+    expected = {**yaml.safe_load((PARAMETER_FILES / "benchmarks-cluster.yaml").read_text())["parameters"],
+                "model": "dinoflow-vitl14/3"}
+    assert {key: defaults[key] for key in expected} == expected  # (a Struct's 518 reads back as 518.0: equal)
+    pipeline = _pipeline("evaluate_only")
+    assert all(defaults[key] == spec.default for key, spec in pipeline.component_spec.inputs.items()
+               if key not in expected and spec.default is not None)
