@@ -22,7 +22,7 @@ tokens), the view whose probe wins on the held-out split reported.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -108,20 +108,30 @@ def labelled_images(uri: str, kind: DataKind, storage: Storage, train_limit: int
         raise ValueError(f"{join_uri(uri, 'train')}: every image must lie in a class folder, train/<class>/<image>")
     separate = bool(test_uri)
     test_uri = test_uri or (join_uri(uri, "val") if storage.list(join_uri(uri, "val")) else join_uri(uri, "test"))
+    test, remap = _test_split(test_uri, train.classes, storage, image_size, test_limit, seed)
+    restricted = separate and len(remap) < len(train.classes)
+    return FolderImages(_limited(train, train_limit, seed), test, train.classes, remap, image_size, num_workers,
+                        restricted)
+
+
+def _limited(dataset: ImageFolderDataset, limit: int, seed: int) -> Subset:
+    """All of ``dataset``, or with a limit below its size a seeded random subset, in listing order."""
+    rows = np.arange(len(dataset))
+    if limit and limit < len(rows):
+        rows = np.sort(np.random.default_rng(seed).permutation(len(rows))[:limit])
+    return Subset(dataset, rows.tolist())
+
+
+def _test_split(test_uri: str, classes: tuple[str, ...], storage: Storage, image_size: int, limit: int,
+                seed: int) -> tuple[Subset, Tensor]:
+    """A test split's class folders (limited as :func:`_limited`), refused unless its classes are
+    among train's ``classes``, and the map of its class indices into train's."""
     test = ImageFolderDataset(storage, test_uri, round(image_size / CROP_RATIO))
-    unknown = sorted(set(test.classes) - set(train.classes))
+    unknown = sorted(set(test.classes) - set(classes))
     if unknown or not test.classes:
         raise ValueError(f"{test_uri}: classes {unknown or '(none: images outside class folders)'} are not "
-                         f"among train's {len(train.classes)} class folders")
-    subsets = []
-    for dataset, limit in ((train, train_limit), (test, test_limit)):
-        rows = np.arange(len(dataset))
-        if limit and limit < len(rows):
-            rows = np.sort(np.random.default_rng(seed).permutation(len(rows))[:limit])
-        subsets.append(Subset(dataset, rows.tolist()))
-    remap = torch.tensor([train.classes.index(name) for name in test.classes])
-    restricted = separate and len(test.classes) < len(train.classes)
-    return FolderImages(subsets[0], subsets[1], train.classes, remap, image_size, num_workers, restricted)
+                         f"among train's {len(classes)} class folders")
+    return _limited(test, limit, seed), torch.tensor([classes.index(name) for name in test.classes])
 
 
 @dataclass(frozen=True)
@@ -188,43 +198,65 @@ class FolderImages:
         inputs, :func:`view`; ``amp_dtype``: the backbone under autocast), the undecodable images of
         each counted; with ``parts``, made and saved a part at a time, the parts saved there by an
         earlier pass of the same features loaded instead (:mod:`evaluators.feature_parts`)."""
+        if parts is not None:
+            parts.claim()
+        train, train_bad = self._split_rows("train", self.train, None, 0, backbone, views, batch_size, amp_dtype,
+                                            parts)
+        test, test_bad = self._split_rows("test", self.test, self.remap, ATTENTION_IMAGES, backbone, views,
+                                          batch_size, amp_dtype, parts)
+        return _labelled(train["features"], train["labels"], test["features"], test["labels"], self.classes,
+                         backbone, views, test["kept"], None, None, {"train": train_bad, "test": test_bad},
+                         self.test_classes)
+
+    def with_test(self, test_uri: str, storage: Storage, test_limit: int = 0, seed: int = 0) -> FolderImages:
+        """The same train split with ``test_uri``'s class folders as its test split (checked, remapped
+        and, holding fewer classes, restricted as :func:`labelled_images`' ``test_uri``): a further
+        test set, an ImageNet-C folder, without listing the train split again."""
+        test, remap = _test_split(test_uri, self.classes, storage, self.image_size, test_limit, seed)
+        return replace(self, test=test, remap=remap, restricted=len(remap) < len(self.classes))
+
+    def test_features(self, trained: LabelledFeatures, backbone: nn.Module, batch_size: int = 128,
+                      amp_dtype: torch.dtype | None = None) -> LabelledFeatures:
+        """``trained`` (both splits' features, :meth:`features`'s) with this test split's features in
+        place of its test split's, taken as trained's were (with views when it has them): classifiers
+        trained once on the train split score a further test set, its features alone made here."""
+        views = trained.views is not None
+        test, bad = self._split_rows("test", self.test, self.remap, 0, backbone, views, batch_size, amp_dtype, None)
+        train_f = trained.views[0] if trained.views is not None else trained.train_x
+        return _labelled(train_f, trained.train_y, test["features"], test["labels"], self.classes, backbone, views,
+                         test["kept"], None, None, {"train": trained.bad.get("train", 0), "test": bad},
+                         self.test_classes)
+
+    def _split_rows(self, split: str, subset: Subset, remap: Tensor | None, keep: int, backbone: nn.Module,
+                    views: bool, batch_size: int, amp_dtype: torch.dtype | None,
+                    parts: FeatureParts | None) -> tuple[dict[str, Tensor], int]:
+        """The split's features and labels and its first ``keep`` images' pixels (``kept``), and how
+        many of its images were undecodable: counted against the limit for the split (not for each
+        part)."""
         blocks = min(4, len(backbone.blocks)) if views else 1
         patch = int(getattr(backbone, "patch_size", 14))
         if self.image_size <= 0 or self.image_size % patch:
             raise ValueError(f"image_size {self.image_size} is not a positive multiple of the patch size {patch}")
-        if parts is not None:
-            parts.claim()
+        tracker = BadImageTracker(MAX_BAD_FRACTION)
+        kept: list[Tensor] = []
 
-        def split_rows(split: str, subset: Subset, remap: Tensor | None, keep: int) -> dict[str, Tensor]:
-            """The split's features and labels; its undecodable images counted against the limit for
-            the split (not for each part), its first ``keep`` images' pixels kept."""
-            tracker = BadImageTracker(MAX_BAD_FRACTION)
-            kept: list[Tensor] = []
+        def part(rows: list[int]) -> dict[str, Tensor]:
+            loader = DataLoader(Subset(subset.dataset, [subset.indices[r] for r in rows]), batch_size=batch_size,
+                                num_workers=self.num_workers, collate_fn=collate_samples)
+            shown = keep - sum(len(k) for k in kept)  # the first test images' pixels still wanted
+            batches = _ModelInput(loader, self.image_size, patch, remap, next(backbone.parameters()).device,
+                                  keep=shown)
+            return self._part(batches, backbone, blocks, views, amp_dtype)
 
-            def part(rows: list[int]) -> dict[str, Tensor]:
-                loader = DataLoader(Subset(subset.dataset, [subset.indices[r] for r in rows]), batch_size=batch_size,
-                                    num_workers=self.num_workers, collate_fn=collate_samples)
-                shown = keep - sum(len(k) for k in kept)  # the first test images' pixels still wanted
-                batches = _ModelInput(loader, self.image_size, patch, remap, next(backbone.parameters()).device,
-                                      keep=shown)
-                return self._part(batches, backbone, blocks, views, amp_dtype)
+        def tallied(pieces: Iterator[dict[str, Tensor]]) -> Iterator[dict[str, Tensor]]:
+            for piece in pieces:
+                tracker.add(len(piece["labels"]), text_of(piece.pop("bad_keys")).splitlines())
+                kept.append(piece.pop("kept"))
+                yield piece
 
-            def tallied(pieces: Iterator[dict[str, Tensor]]) -> Iterator[dict[str, Tensor]]:
-                for piece in pieces:
-                    tracker.add(len(piece["labels"]), text_of(piece.pop("bad_keys")).splitlines())
-                    kept.append(piece.pop("kept"))
-                    yield piece
-
-            joined = join_rows(tallied(in_parts(split, len(subset), parts, part)), len(subset))
-            tracker.check(final=True)
-            bad[split] = tracker.bad
-            return {**joined, "kept": torch.cat(kept)}
-
-        bad: dict[str, int] = {}
-        train, test = (split_rows("train", self.train, None, 0),
-                       split_rows("test", self.test, self.remap, ATTENTION_IMAGES))
-        return _labelled(train["features"], train["labels"], test["features"], test["labels"], self.classes,
-                         backbone, views, test["kept"], None, None, bad, self.test_classes)
+        joined = join_rows(tallied(in_parts(split, len(subset), parts, part)), len(subset))
+        tracker.check(final=True)
+        return {**joined, "kept": torch.cat(kept)}, tracker.bad
 
     @property
     def test_classes(self) -> Tensor | None:

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from evaluators.classification import PROBE_VIEWS, LabelledFeatures, view
 from evaluators.knn import knn_predictions
-from evaluators.linear import LinearProbeConfig, best_by_val, linear_probe
+from evaluators.linear import LinearProbeConfig, LinearProbeResult, best_by_val, linear_probe
 from evaluators.logreg import LogRegConfig, logistic_regression
 
 DEFAULT_KS: tuple[int, ...] = (10, 20, 100, 200)  # the original's k-NN protocol
@@ -91,16 +91,25 @@ def classification_report(data: LabelledFeatures, ks: tuple[int, ...], temperatu
     if data.test_classes is not None:
         report["test_classes"] = len(data.test_classes)
     if linear is not None:
-        if data.views is None:
-            raise ValueError("the linear probe needs the features taken with views=True")
-        dim = data.train_x.shape[1]
-        probes = {name: linear_probe(view(data.views[0], name, dim), data.train_y, view(data.views[1], name, dim),
-                                     data.test_y, linear, num_classes=classes, device=device,
-                                     test_classes=data.test_classes) for name in PROBE_VIEWS}
-        best = best_by_val(probes)
-        report["linear"] = {**probes[best].to_dict(), "view": best,
-                            "val_accuracy_by_view": {name: probe.val_accuracy for name, probe in probes.items()}}
+        report["linear"] = linear_report(data, linear, device)[0]
     if logreg is not None:
         report["logreg"] = logistic_regression(data.train_x, data.train_y, data.test_x, data.test_y, logreg, classes,
                                                device, data.test_classes).to_dict()
     return report
+
+
+def linear_report(data: LabelledFeatures, linear: LinearProbeConfig,
+                  device: str | torch.device = "cpu") -> tuple[dict, LinearProbeResult]:
+    """The linear probe on each of :data:`PROBE_VIEWS` of ``data`` (features taken with views):
+    the report of the view whose probe wins on the held-out split (``{..., "view": name,
+    "val_accuracy_by_view": {name: acc}}``), and that probe, its classifier kept to score further
+    test sets of the same view (:func:`~evaluators.linear.probe_accuracy`: ImageNet-C's folders)."""
+    if data.views is None:
+        raise ValueError("the linear probe needs the features taken with views=True")
+    dim = data.train_x.shape[1]
+    probes = {name: linear_probe(view(data.views[0], name, dim), data.train_y, view(data.views[1], name, dim),
+                                 data.test_y, linear, num_classes=len(data.classes), device=device,
+                                 test_classes=data.test_classes) for name in PROBE_VIEWS}
+    best = best_by_val(probes)
+    return ({**probes[best].to_dict(), "view": best,
+             "val_accuracy_by_view": {name: probe.val_accuracy for name, probe in probes.items()}}, probes[best])

@@ -6,7 +6,8 @@ Tasks:
   linear probe; the logistic regression swept over ``C``, :mod:`evaluators.logreg`) on Fashion-MNIST,
   next to the raw-pixel k-NN baseline (``pixels_knn_top1_k*``), or on folders of class folders, e.g.
   ImageNet, its test set from ``val/`` or from ``test_uri`` (ImageNet-A, -R, -Sketch, -C: scored over
-  their own classes when fewer) (:mod:`evaluators.classification`);
+  their own classes when fewer) (:mod:`evaluators.classification`), and with ``corruption_uri`` the
+  same k-NN and probe on each of ImageNet-C's corruption/severity folders (mCE, :mod:`evaluators.corruptions`);
 * ``seg``: the linear segmentation head on synthetic scenes, or on ADE20K or Pascal VOC
   (``seg_data``) (mIoU, pixel accuracy);
 * ``depth``: the linear depth head (or DPT's decoder, ``depth_head_kind="dpt"``) on the same scenes,
@@ -58,7 +59,8 @@ from torch import nn
 
 from dinoflow.storage import Storage, join_uri
 from evaluators.attention import ATTENTION_IMAGES, attention_summary
-from evaluators.classification import DATA_KINDS, DataKind, labelled_images
+from evaluators.classification import DATA_KINDS, DataKind, FolderImages, labelled_images
+from evaluators.corruptions import corruption_folders, corruption_metrics, score_corruptions
 from evaluators.dense import (
     DEPTH_HEADS,
     HeadConfig,
@@ -86,7 +88,7 @@ from evaluators.knn import knn_predict
 from evaluators.linear import LinearProbeConfig
 from evaluators.logreg import LogRegConfig
 from evaluators.met import load_met, met_recognition
-from evaluators.report import classification_report, knn_accuracies, knn_bank, report_metrics
+from evaluators.report import classification_report, knn_accuracies, knn_bank, linear_report, report_metrics
 from evaluators.retrieval import (global_descriptors, load_amstertime, load_revisited, pair_retrieval, rank_database,
                                   revisited_descriptors)
 from evaluators.synthetic import CLASS_NAMES, SceneConfig, make_retrieval_set, make_scenes
@@ -116,6 +118,8 @@ class SuiteConfig:
     tasks: tuple[str, ...] = ("knn", "linear")
     data_uri: str = ""  # knn, linear, logreg: Fashion-MNIST's files, or train/ and val/ class folders
     test_uri: str = ""  # knn, linear, logreg: a test set's class folders instead of val/ (ImageNet-A/R/Sketch/C)
+    corruption_uri: str = ""  # ImageNet-C's root, <corruption>/<severity>/<class>/<image>: k-NN and probe also
+    # scored on each folder, a folder's features at a time (corruption_*_mce, :mod:`evaluators.corruptions`)
     data_kind: DataKind = "auto"
     image_size: int = 224  # class folders: the centre crop's side; dense sets: the side (real ones: of the training
     # crops and the test windows, the images' shorter side at it); Oxford/Paris: the longer
@@ -166,6 +170,10 @@ class SuiteConfig:
             raise ValueError(f"unknown tasks {unknown or '(none)'}; allowed: {', '.join(TASKS)}")
         if set(CLASSIFICATION_TASKS) & set(self.tasks) and not self.data_uri:
             raise ValueError("knn, linear and logreg need data_uri (Fashion-MNIST's folder, or one of class folders)")
+        if self.corruption_uri and (not set(CLASSIFICATION_TASKS) & set(self.tasks)
+                                    or self.data_kind == "fashion_mnist"):
+            raise ValueError(f"corruption_uri {self.corruption_uri!r} scores the classification probes on ImageNet-C: "
+                             f"it needs knn, linear or logreg on a data_uri of class folders (train/<class>/)")
         if self.depth_head_kind not in DEPTH_HEADS:
             raise ValueError(f"unknown depth head {self.depth_head_kind!r}; allowed: {', '.join(DEPTH_HEADS)}")
         if self.image_size < 1 or min(self.dense_image_size, self.retrieval_image_size) < 0:
@@ -258,6 +266,11 @@ def _classification(backbone: nn.Module, config: SuiteConfig, storage: Storage, 
     logreg = LogRegConfig() if "logreg" in config.tasks else None
     images = labelled_images(config.data_uri, config.data_kind, storage, config.train_limit, config.test_limit,
                              config.image_size, config.seed, config.num_workers, config.test_uri)
+    if config.corruption_uri and not isinstance(images, FolderImages):
+        raise ValueError(f"corruption_uri {config.corruption_uri}: ImageNet-C's folders are tested with probes "
+                         f"trained on class folders, train/<class>/<image>; {config.data_uri} holds Fashion-MNIST")
+    # ImageNet-C's folders found (or their layout refused) before the long train pass
+    corrupted = corruption_folders(storage, config.corruption_uri) if config.corruption_uri else []
     parts = None
     if config.work_dir:
         identity = {"backbone_sha256": digest, "views": linear is not None,
@@ -267,12 +280,21 @@ def _classification(backbone: nn.Module, config: SuiteConfig, storage: Storage, 
     data = images.features(backbone, views=linear is not None, amp_dtype=config.amp_dtype, parts=parts)
     splits = [data.train_x, data.train_y, data.test_x, data.test_y]
     classes = len(data.classes)
-    report = classification_report(data, config.ks, config.temperature, linear, device, logreg)
+    report = classification_report(data, config.ks, config.temperature, None, device, logreg)
+    probe = None  # the chosen view's probe, its classifier kept for ImageNet-C's folders
+    if linear is not None:
+        report["linear"], result = linear_report(data, linear, device)
+        probe = report["linear"]["view"], result
     report.update(classes=list(data.classes), bad_images=data.bad)
     metrics = report_metrics(report)
     usable = [k for k in config.ks if f"k{k}" in report["knn"]]  # (ks above the train set's size are skipped)
-    if pictures is not None and classes <= MAX_CONFUSION_CLASSES and usable:
-        k = 20 if 20 in usable else usable[-1]
+    k = (20 if 20 in usable else usable[-1]) if usable else None  # the k of the confusion matrix and ImageNet-C
+    if corrupted:
+        assert isinstance(images, FolderImages)
+        report["corruptions"] = score_corruptions(images, data, backbone, storage, corrupted, k, config.temperature,
+                                                  probe, device, config.amp_dtype, config.test_limit, config.seed)
+        metrics.update(corruption_metrics(report["corruptions"]))
+    if pictures is not None and classes <= MAX_CONFUSION_CLASSES and k is not None:
         predictions = knn_predict(*knn_bank(data), data.test_x, k=k, temperature=config.temperature,
                                   num_classes=classes, device=device).numpy()
         save_confusion_matrix(confusion_matrix(data.test_y.numpy(), predictions, classes), data.classes,
@@ -280,9 +302,9 @@ def _classification(backbone: nn.Module, config: SuiteConfig, storage: Storage, 
                               title=f"k-NN (k={k}) on frozen CLS features: {100 * report['knn'][f'k{k}']:.1f}%")
     sweeps = {}  # each probe's held-out accuracy over its hyper-parameter
     if "linear" in report:
-        linear_report = report["linear"]
-        sweeps[f"linear probe ({linear_report['view']})"] = ("learning rate", linear_report["learning_rates"],
-                                                             linear_report["val_accuracies"])
+        chosen = report["linear"]
+        sweeps[f"linear probe ({chosen['view']})"] = ("learning rate", chosen["learning_rates"],
+                                                      chosen["val_accuracies"])
     if "logreg" in report:
         sweeps["logistic regression"] = ("C", report["logreg"]["c_values"], report["logreg"]["val_accuracies"])
     if pictures is not None and sweeps:
