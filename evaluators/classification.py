@@ -123,10 +123,11 @@ def _limited(dataset: ImageFolderDataset, limit: int, seed: int) -> Subset:
 
 
 def _test_split(test_uri: str, classes: tuple[str, ...], storage: Storage, image_size: int, limit: int,
-                seed: int) -> tuple[Subset, Tensor]:
-    """A test split's class folders (limited as :func:`_limited`), refused unless its classes are
-    among train's ``classes``, and the map of its class indices into train's."""
-    test = ImageFolderDataset(storage, test_uri, round(image_size / CROP_RATIO))
+                seed: int, load: int = 0) -> tuple[Subset, Tensor]:
+    """A test split's class folders (limited as :func:`_limited`; decoded with the shorter side at
+    ``load``, 0: ``image_size / 0.875``), refused unless its classes are among train's ``classes``,
+    and the map of its class indices into train's."""
+    test = ImageFolderDataset(storage, test_uri, load or round(image_size / CROP_RATIO))
     unknown = sorted(set(test.classes) - set(classes))
     if unknown or not test.classes:
         raise ValueError(f"{test_uri}: classes {unknown or '(none: images outside class folders)'} are not "
@@ -208,11 +209,13 @@ class FolderImages:
                          backbone, views, test["kept"], None, None, {"train": train_bad, "test": test_bad},
                          self.test_classes)
 
-    def with_test(self, test_uri: str, storage: Storage, test_limit: int = 0, seed: int = 0) -> FolderImages:
+    def with_test(self, test_uri: str, storage: Storage, test_limit: int = 0, seed: int = 0,
+                  load: int = 0) -> FolderImages:
         """The same train split with ``test_uri``'s class folders as its test split (checked, remapped
         and, holding fewer classes, restricted as :func:`labelled_images`' ``test_uri``): a further
-        test set, an ImageNet-C folder, without listing the train split again."""
-        test, remap = _test_split(test_uri, self.classes, storage, self.image_size, test_limit, seed)
+        test set, an ImageNet-C folder, without listing the train split again. ``load``: the shorter
+        side its images are decoded at before the centre crop (0: ``image_size / 0.875``, as val's)."""
+        test, remap = _test_split(test_uri, self.classes, storage, self.image_size, test_limit, seed, load)
         return replace(self, test=test, remap=remap, restricted=len(remap) < len(self.classes))
 
     def test_features(self, trained: LabelledFeatures, backbone: nn.Module, batch_size: int = 128,

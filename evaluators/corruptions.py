@@ -9,9 +9,10 @@ an error is 1 - top-1 accuracy).
 
 The root holds ``<corruption>/<severity 1-5>/<class>/<image>``. Each of its folders is a test set
 of its own (:meth:`~evaluators.classification.FolderImages.with_test`: classes among train's,
-remapped), its features made, scored by the k-NN on the train features and by the chosen probe
-(its best view's classifier, :func:`~evaluators.linear.probe_accuracy`), then dropped before the
-next folder's are made: ImageNet-C is 3.75M images, 75 test sets of 50k, never held at once.
+remapped; decoded at ``image_size`` and centre-cropped, as its own evaluation crops its 224 px
+images, not resized to 256 first as val's), its features made, scored by the k-NN on the train
+features and by the chosen probe (its best view's classifier, :func:`~evaluators.linear.probe_accuracy`),
+then dropped before the next folder's are made: ImageNet-C is 3.75M images, 75 test sets of 50k, never held at once.
 """
 
 from __future__ import annotations
@@ -87,8 +88,10 @@ def score_corruptions(images: FolderImages, trained: LabelledFeatures, backbone:
     knn: dict[str, dict[str, float]] = {}
     linear: dict[str, dict[str, float]] = {}
     for corruption, severity, uri in progress(folders, "ImageNet-C folders", unit="folder"):
-        scores = _score_folder(images.with_test(uri, storage, test_limit, seed), trained, backbone, knn_k,
-                               temperature, probe, device, amp_dtype)
+        # ImageNet-C's images are 224 px centre crops already: its evaluation only crops them, where
+        # val's resize to 256 first would zoom them by 8/7
+        folder = images.with_test(uri, storage, test_limit, seed, load=images.image_size)
+        scores = _score_folder(folder, trained, backbone, knn_k, temperature, probe, device, amp_dtype)
         for name, scored in (("knn", knn), ("linear", linear)):
             if name in scores:
                 scored.setdefault(corruption, {})[str(severity)] = scores[name]

@@ -17,6 +17,7 @@ from evaluators.corruptions import (ALEXNET_ERRORS, CORRUPTIONS, corruption_metr
 from evaluators.linear import LinearProbeConfig, linear_probe, probe_accuracy
 from evaluators.suite import SuiteConfig, run_suite
 from tests.evaluators.test_classification import CLASSES, backbone, write_folders
+from trainer.data.datasets import read_image
 
 
 def noisy(image: Image.Image, severity: int) -> Image.Image:
@@ -58,9 +59,27 @@ def write_corruptions(root: Path, val: Path, severities: tuple[int, ...] = (1, 2
     return folders
 
 
+def cropped_only(folder: Path, out: Path, size: int) -> Path:
+    """``folder``'s images as ImageNet-C's evaluation sees them (the centre ``size`` square of the
+    image with its shorter side at ``size``: no resize to 256 first), each written in the middle
+    of a square of ``size / 0.875`` (lossless PNG), so that val's transform (resize to that, centre
+    crop ``size``) reads exactly those pixels back: a ``test_uri`` of them is the reference."""
+    load = round(size / 0.875)
+    for image_file in sorted(folder.rglob("*.png")):
+        pixels = read_image(image_file.read_bytes(), size).permute(1, 2, 0).numpy()
+        canvas = np.full((load, load, 3), 255, np.uint8)  # a border the crop drops
+        offset = (load - size) // 2
+        canvas[offset:offset + size, offset:offset + size] = pixels
+        target = out / image_file.relative_to(folder)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(canvas).save(target)
+    return out
+
+
 def test_each_folder_is_scored_by_the_probe_and_knn_trained_on_the_clean_train_split(tmp_path: Path) -> None:
-    """The independent reference: the suite run with ``test_uri`` = one folder trains the same probe
-    (same seed, same train features) and k-NN bank, so its test accuracies are that folder's."""
+    """The independent reference: the suite run with ``test_uri`` = one folder's images as
+    ImageNet-C's evaluation crops them (:func:`cropped_only`) trains the same probe (same seed,
+    same train features) and k-NN bank, so its test accuracies are that folder's."""
     write_folders(tmp_path / "in", {"cat": (12, 6), "dog": (12, 6), "fish": (12, 6)})
     folders = write_corruptions(tmp_path / "c", tmp_path / "in" / "val")
     model = backbone()
@@ -71,8 +90,9 @@ def test_each_folder_is_scored_by_the_probe_and_knn_trained_on_the_clean_train_s
     assert section["knn_k"] == 20 and section["view"] == report["tasks"]["classification"]["linear"]["view"]
     assert sorted(section["linear"]) == sorted(PERTURBATIONS) and section["linear"]["fog"].keys() == {"1", "2"}
     for folder in folders:
+        as_val = cropped_only(folder, tmp_path / "ref" / folder.parent.name / folder.name, 28)
         alone = run_suite(model, SuiteConfig(tasks=("knn", "linear"), data_uri=str(tmp_path / "in"), image_size=28,
-                                             test_uri=str(folder)))["metrics"]
+                                             test_uri=str(as_val)))["metrics"]
         corruption, severity = folder.parent.name, folder.name
         assert section["linear"][corruption][severity] == pytest.approx(alone["linear_top1"]), folder
         assert section["knn"][corruption][severity] == pytest.approx(alone["knn_top1_k20"]), folder
