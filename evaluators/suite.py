@@ -205,13 +205,14 @@ class SuiteConfig:
 
 
 OPTION_TYPES = (bool, int, float, str)  # what a settable field holds; tuples and literals keep their own inputs
+OPTION_HEADS = ("seg_head", "depth_head")  # the nested configs whose fields are set as <head>.<field>
 
 
 def settable_options(config: SuiteConfig) -> dict[str, type]:
     """Every setting :func:`with_options` takes: the config's fields of one plain value, its heads'
     as ``seg_head.<field>`` and ``depth_head.<field>``, each with its type."""
     found: dict[str, type] = {}
-    for prefix, obj in (("", config), ("seg_head.", config.seg_head), ("depth_head.", config.depth_head)):
+    for prefix, obj in (("", config), *((f"{head}.", getattr(config, head)) for head in OPTION_HEADS)):
         for name, kind in get_type_hints(type(obj)).items():
             if kind in OPTION_TYPES:
                 found[prefix + name] = kind
@@ -234,7 +235,7 @@ def with_options(config: SuiteConfig, options: Mapping[str, Any], taken: Mapping
     mapping holds JSON numbers); the config then checks its range."""
     known = settable_options(config)
     taken = taken or {}
-    heads: dict[str, dict[str, Any]] = {"seg_head": {}, "depth_head": {}}
+    heads: dict[str, dict[str, Any]] = {head: {} for head in OPTION_HEADS}
     flat: dict[str, Any] = {}
     for name, value in options.items():
         if name in taken:
