@@ -6,7 +6,8 @@ every task runs this checkout's code with no ``pip install`` per task, locally a
 KFP embeds the folder as base64 inside one command-line argument, and Linux caps a single argument
 at 128 KiB (``MAX_ARG_STRLEN``), so each component's bundle holds only the import closure of its
 function (every module of :data:`PACKAGES` reachable through any ``import``, even one inside a
-function, plus their packages' ``__init__``) and the YAML presets; its Python files lose their
+function, plus their packages' ``__init__``) and, where a shipped module reads presets, the YAML
+presets; its Python files lose their
 docstrings, comments and functions' annotations (:func:`shipped_source`, ``ast.unparse``: about
 45 % smaller; the checkout stays the readable source, and line numbers in a task's traceback
 refer to the shipped copy); and its size is checked
@@ -32,6 +33,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("dinoflow", "trainer", "evaluators", "curation", "components", "configs")
 # modules a shipped module hands to a library by file path instead of importing them
 LOADED_BY_PATH = {"trainer.models.packaging": ("trainer.models.mlflow_entry",)}  # MLflow "models from code"
+# the functions that read the YAML presets under configs/ (by name or path): a bundle without them ships none
+PRESET_READERS = frozenset({"dinoflow.config.load_config", "dinoflow.config.preset_path", "dinoflow.config.load_yaml"})
 ARGUMENT_LIMIT = 128 * 1024  # bytes in one execve argument (MAX_ARG_STRLEN, its closing NUL included)
 HEADROOM = 8 * 1024  # for the component's own source next to the archive (2-3 KiB; checked exactly: longest_argument)
 
@@ -95,16 +98,29 @@ def import_closure(roots: Iterable[str], root: Path = REPO_ROOT) -> list[Path]:
 
 
 def bundle_files(root: Path = REPO_ROOT, roots: Iterable[str] | None = None) -> list[Path]:
-    """What a bundle under ``root`` holds: the import closure of ``roots`` and the YAML presets,
-    or (``roots=None``) every source and preset of :data:`PACKAGES` there; sorted."""
+    """What a bundle under ``root`` holds: the import closure of ``roots`` and, when it reads
+    presets (:data:`PRESET_READERS`), the YAML presets; or (``roots=None``) every source and preset
+    of :data:`PACKAGES` there; sorted."""
     folders = [root / package for package in PACKAGES if (root / package).is_dir()]
     if not folders:
         raise FileNotFoundError(f"cannot bundle {root}: none of {', '.join(PACKAGES)} is there "
                                 "(run from a dinoflow checkout)")
-    wanted = (".yaml",) if roots is not None else (".py", ".yaml")
+    closure = import_closure(roots, root) if roots is not None else []
+    wanted = (".py", ".yaml") if roots is None else (".yaml",) if _reads_presets(closure, root) else ()
     files = [p for folder in folders for p in folder.rglob("*")
              if p.is_file() and p.suffix in wanted and "__pycache__" not in p.parts]
-    return sorted({*files, *(import_closure(roots, root) if roots is not None else ())})
+    return sorted({*files, *closure})
+
+
+def _reads_presets(files: Iterable[Path], root: Path) -> bool:
+    """Whether any of ``files`` imports a function of :data:`PRESET_READERS`: only then does the
+    bundle need the YAML presets (the evaluate stage's saves their 8 KiB of its argument)."""
+    for path in files:
+        module = ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+        stat = path.stat()
+        if _file_imports(path, module, stat.st_mtime_ns, stat.st_size) & PRESET_READERS:
+            return True
+    return False
 
 
 def code_digest(root: Path = REPO_ROOT, roots: Iterable[str] | None = None) -> str:

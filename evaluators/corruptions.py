@@ -11,21 +11,29 @@ The root holds ``<corruption>/<severity 1-5>/<class>/<image>``. Each of its fold
 of its own (:meth:`~evaluators.classification.FolderImages.with_test`: classes among train's,
 remapped; decoded at ``image_size`` and centre-cropped, as its own evaluation crops its 224 px
 images, not resized to 256 first as val's), its features made, scored by the k-NN on the train
-features and by the chosen probe (its best view's classifier, :func:`~evaluators.linear.probe_accuracy`),
-then dropped before the next folder's are made: ImageNet-C is 3.75M images, 75 test sets of 50k, never held at once.
+features, by the chosen probe (its best view's classifier, :func:`~evaluators.linear.probe_accuracy`)
+and by the logistic regression's refit (:func:`~evaluators.logreg.logreg_accuracy`), then dropped
+before the next folder's are made: ImageNet-C is 3.75M images, 75 test sets of 50k, never held at
+once. With a ``work_dir`` each folder's scores are saved as they are made, so a preempted task
+passes only over the folders not yet scored (:func:`scores_uri`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from dinoflow.progress import progress
-from dinoflow.storage import Storage
+from dinoflow.storage import Storage, join_uri
 from evaluators.classification import FolderImages, LabelledFeatures, view
 from evaluators.linear import LinearProbeResult, probe_accuracy
+from evaluators.logreg import LogRegResult, logreg_accuracy
 from evaluators.report import knn_accuracies, knn_bank
 
 CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
@@ -39,6 +47,7 @@ SEVERITIES = (1, 2, 3, 4, 5)
 ALEXNET_ERRORS = dict(zip(CORRUPTIONS, (0.886428, 0.894468, 0.922640, 0.819880, 0.826268, 0.785948, 0.798360,
                                         0.866816, 0.826572, 0.819324, 0.564592, 0.853204, 0.646056, 0.717840,
                                         0.606500)))
+CLASSIFIERS = ("knn", "linear", "logreg")  # each scored on every folder when the suite ran it
 LAYOUT = "<corruption>/<severity 1-5>/<class>/<image> (ImageNet-C's, e.g. gaussian_noise/3/n01440764/x.JPEG)"
 
 Errors = Mapping[str, Mapping[int, float]]  # corruption -> severity -> top-1 error
@@ -76,57 +85,109 @@ def mean_corruption_error(errors: Errors) -> float | None:
     return sum(sum(errors[c].values()) / (len(SEVERITIES) * ALEXNET_ERRORS[c]) for c in CORRUPTIONS) / len(CORRUPTIONS)
 
 
+@dataclass(frozen=True)
+class CleanClassifiers:
+    """What ImageNet-C's folders are scored by, all trained on the clean train split: the k-NN at
+    ``knn_k`` over its features (None: not scored), the linear probe (the view it trained on and
+    its result; None: not run) and the logistic regression (None: not run)."""
+
+    knn_k: int | None
+    temperature: float
+    linear: tuple[str, LinearProbeResult] | None = None
+    logreg: LogRegResult | None = None
+
+    def digest(self) -> str:
+        """sha256 of the settings and every tensor of the classifiers: a folder's scores saved for
+        these classifiers are these classifiers' (a probe retrained to other weights scores anew)."""
+        digest = hashlib.sha256(json.dumps([self.knn_k, self.temperature,
+                                            self.linear and self.linear[0]]).encode())
+        tensors: list[Tensor | None] = []
+        if self.linear is not None:
+            probe = self.linear[1]
+            grid = probe.classifier
+            tensors += [grid.weight, grid.bias] if grid is not None else [None]
+            tensors += list(probe.scaling) if probe.scaling is not None else [None]
+        if self.logreg is not None:
+            tensors += [self.logreg.weight, self.logreg.bias]
+        for tensor in tensors:
+            data = b"-" if tensor is None else tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
+            digest.update(f"{None if tensor is None else tuple(tensor.shape)}".encode())
+            digest.update(bytes(data))
+        return digest.hexdigest()
+
+
+def scores_uri(work_dir: str, identity: Mapping[str, Any], classifiers: CleanClassifiers) -> str:
+    """``<work_dir>/corruptions/<digest>``: where :func:`score_corruptions` keeps each folder's
+    scores, a folder of its own for each ``identity`` (the train features': backbone, data,
+    preparation) and ``classifiers``, so that scores of other features or classifiers are never
+    taken for these (they are left beside, not refused: a probe retrained on another GPU may
+    differ in its last bits)."""
+    key = json.dumps({"features": identity, "classifiers": classifiers.digest()}, sort_keys=True, default=str)
+    return join_uri(work_dir, "corruptions", hashlib.sha256(key.encode()).hexdigest()[:16])
+
+
 def score_corruptions(images: FolderImages, trained: LabelledFeatures, backbone: nn.Module, storage: Storage,
-                      folders: list[tuple[str, int, str]], knn_k: int | None, temperature: float,
-                      probe: tuple[str, LinearProbeResult] | None, device: torch.device,
-                      amp_dtype: torch.dtype | None = None, test_limit: int = 0, seed: int = 0) -> dict:
-    """Top-1 accuracies on each of ``folders`` (:func:`corruption_folders`') of the k-NN at
-    ``knn_k`` (None: not scored) over ``trained``'s train features and of ``probe`` (the view it
-    trained on and its result; None: not scored): ``{"knn_k", "view", "knn": {corruption:
-    {severity: acc}}, "linear": {...}}``, severities as strings (JSON's keys). ``test_limit`` keeps
-    a seeded random subset of each folder, as of a test split."""
-    knn: dict[str, dict[str, float]] = {}
-    linear: dict[str, dict[str, float]] = {}
+                      folders: list[tuple[str, int, str]], classifiers: CleanClassifiers, device: torch.device,
+                      amp_dtype: torch.dtype | None = None, test_limit: int = 0, seed: int = 0,
+                      saves: str = "") -> dict:
+    """Top-1 accuracies on each of ``folders`` (:func:`corruption_folders`') of ``classifiers``:
+    ``{"knn_k", "view", "knn": {corruption: {severity: acc}}, "linear": {...}, "logreg": {...}}``,
+    severities as strings (JSON's keys). ``test_limit`` keeps a seeded random subset of each
+    folder, as of a test split. With ``saves`` (:func:`scores_uri`), each folder's scores are
+    written there as ``<corruption>/<severity>.json`` once made, and a rerun (a preempted task)
+    reads them back instead of passing over that folder's images again."""
+    scored: dict[str, dict[str, dict[str, float]]] = {name: {} for name in CLASSIFIERS}
     for corruption, severity, uri in progress(folders, "ImageNet-C folders", unit="folder"):
-        # ImageNet-C's images are 224 px centre crops already: its evaluation only crops them, where
-        # val's resize to 256 first would zoom them by 8/7
-        folder = images.with_test(uri, storage, test_limit, seed, load=images.image_size)
-        scores = _score_folder(folder, trained, backbone, knn_k, temperature, probe, device, amp_dtype)
-        for name, scored in (("knn", knn), ("linear", linear)):
-            if name in scores:
-                scored.setdefault(corruption, {})[str(severity)] = scores[name]
-    section: dict = {"knn_k": knn_k, "knn": knn}
-    if probe is not None:
-        section.update(view=probe[0], linear=linear)
+        saved = join_uri(saves, corruption, f"{severity}.json") if saves else ""
+        if saved and storage.exists(saved):
+            scores = json.loads(storage.read_bytes(saved))
+        else:
+            # ImageNet-C's images are 224 px centre crops already: its evaluation only crops them, where
+            # val's resize to 256 first would zoom them by 8/7
+            folder = images.with_test(uri, storage, test_limit, seed, load=images.image_size)
+            scores = _score_folder(folder, trained, backbone, classifiers, device, amp_dtype)
+            if saved:
+                storage.write_bytes(saved, json.dumps(scores).encode())
+        for name, accuracy in scores.items():
+            scored[name].setdefault(corruption, {})[str(severity)] = accuracy
+    section: dict = {"knn_k": classifiers.knn_k, "knn": scored["knn"]}
+    if classifiers.linear is not None:
+        section.update(view=classifiers.linear[0], linear=scored["linear"])
+    if classifiers.logreg is not None:
+        section["logreg"] = scored["logreg"]
     return section
 
 
-def _score_folder(folder: FolderImages, trained: LabelledFeatures, backbone: nn.Module, knn_k: int | None,
-                  temperature: float, probe: tuple[str, LinearProbeResult] | None, device: torch.device,
+def _score_folder(folder: FolderImages, trained: LabelledFeatures, backbone: nn.Module,
+                  classifiers: CleanClassifiers, device: torch.device,
                   amp_dtype: torch.dtype | None) -> dict[str, float]:
     """One folder's accuracies; its features live only in here, so each folder's are freed before
     the next folder's are made."""
     data = folder.test_features(trained, backbone, amp_dtype=amp_dtype)
     scores = {}
-    if knn_k is not None:
+    if classifiers.knn_k is not None:
+        k = classifiers.knn_k
         bank = knn_bank(data)  # restricted to the folder's classes when it holds fewer, as a test set's
-        accuracy = knn_accuracies(*bank, data.test_x, data.test_y, (knn_k,), temperature, len(data.classes), device)
+        accuracy = knn_accuracies(*bank, data.test_x, data.test_y, (k,), classifiers.temperature, len(data.classes),
+                                  device)
         if accuracy:
-            scores["knn"] = accuracy[f"k{knn_k}"]
-    if probe is not None:
+            scores["knn"] = accuracy[f"k{k}"]
+    if classifiers.linear is not None:
         assert data.views is not None  # trained with views: the probe's
-        name, result = probe
+        name, result = classifiers.linear
         scores["linear"] = probe_accuracy(result, view(data.views[1], name, data.train_x.shape[1]), data.test_y,
                                           data.test_classes)
+    if classifiers.logreg is not None:
+        scores["logreg"] = logreg_accuracy(classifiers.logreg, data.test_x, data.test_y, data.test_classes)
     return scores
 
 
 def corruption_metrics(section: Mapping) -> dict[str, float]:
-    """Flat metrics of :func:`score_corruptions`' section: ``corruption_knn_error`` and
-    ``corruption_linear_error`` (:func:`mean_error`, always), ``corruption_knn_mce`` and
-    ``corruption_linear_mce`` (:func:`mean_corruption_error`, with all 15 corruptions at 5 severities)."""
+    """Flat metrics of :func:`score_corruptions`' section, for each classifier scored (knn, linear,
+    logreg): ``corruption_<name>_error`` (:func:`mean_error`, always) and ``corruption_<name>_mce``
+    (:func:`mean_corruption_error`, with all 15 corruptions at 5 severities)."""
     metrics = {}
-    for name in ("knn", "linear"):
+    for name in CLASSIFIERS:
         accuracies = section.get(name)
         if not accuracies:
             continue

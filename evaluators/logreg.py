@@ -24,7 +24,7 @@ their optimum.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -77,9 +77,14 @@ class LogRegResult:
     num_test: int
     num_classes: int
     feature_dim: int
+    # the refit classifier tested, (F, C) and (C,): the same fit scores further test sets
+    # (ImageNet-C's folders, :func:`logreg_accuracy`) without the sweep again
+    weight: Tensor | None = field(default=None, repr=False, compare=False)
+    bias: Tensor | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        out = asdict(self)
+        """A JSON-able dict (the classifier left out)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("weight", "bias")}
         out["c_values"], out["val_accuracies"] = list(self.c_values), list(self.val_accuracies)
         return out
 
@@ -157,4 +162,18 @@ def logistic_regression(train_features: Tensor, train_labels: Tensor, test_featu
     return LogRegResult(best_c=config.c_values[best], val_accuracy=val_accuracies[best], test_accuracy=test_accuracy,
                         c_values=tuple(config.c_values), val_accuracies=tuple(val_accuracies),
                         num_train=len(fit_rows), num_val=len(val_rows), num_test=len(test_x), num_classes=classes,
-                        feature_dim=features.shape[1])
+                        feature_dim=features.shape[1], weight=weight, bias=bias)
+
+
+def logreg_accuracy(result: LogRegResult, features: Tensor, labels: Tensor,
+                    test_classes: Tensor | None = None) -> float:
+    """Top-1 accuracy of ``result``'s refit classifier on another test set's ``(M, F)`` final CLS
+    features (raw: L2-normalised here, as its train set's were) and ``(M,)`` labels; ``test_classes``:
+    over these classes only, as :func:`logistic_regression`'s. Why: a robustness benchmark
+    (ImageNet-C) scores the classifier fit on the clean train set, not a new sweep."""
+    if result.weight is None or result.bias is None:
+        raise ValueError("this logistic regression result holds no classifier (made without logistic_regression)")
+    device = result.weight.device
+    classes = None if test_classes is None else test_classes.to(device)
+    predicted = predict(normalized(features, device), result.weight, result.bias, classes)
+    return float((predicted == labels.to(device, torch.long)).double().mean()) if len(labels) else 0.0

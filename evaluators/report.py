@@ -20,7 +20,7 @@ from torch import Tensor
 from evaluators.classification import PROBE_VIEWS, LabelledFeatures, view
 from evaluators.knn import knn_predictions
 from evaluators.linear import LinearProbeConfig, LinearProbeResult, best_by_val, linear_probe
-from evaluators.logreg import LogRegConfig, logistic_regression
+from evaluators.logreg import LogRegConfig, LogRegResult, logistic_regression
 
 DEFAULT_KS: tuple[int, ...] = (10, 20, 100, 200)  # the original's k-NN protocol
 DEFAULT_TEMPERATURE = 0.07
@@ -93,9 +93,16 @@ def classification_report(data: LabelledFeatures, ks: tuple[int, ...], temperatu
     if linear is not None:
         report["linear"] = linear_report(data, linear, device)[0]
     if logreg is not None:
-        report["logreg"] = logistic_regression(data.train_x, data.train_y, data.test_x, data.test_y, logreg, classes,
-                                               device, data.test_classes).to_dict()
+        report["logreg"] = logreg_fit(data, logreg, device).to_dict()
     return report
+
+
+def logreg_fit(data: LabelledFeatures, logreg: LogRegConfig, device: str | torch.device = "cpu") -> LogRegResult:
+    """The logistic regression on ``data``'s final CLS features (over its test classes when
+    restricted), its refit classifier kept to score further test sets
+    (:func:`~evaluators.logreg.logreg_accuracy`: ImageNet-C's folders)."""
+    return logistic_regression(data.train_x, data.train_y, data.test_x, data.test_y, logreg, len(data.classes),
+                               device, data.test_classes)
 
 
 def linear_report(data: LabelledFeatures, linear: LinearProbeConfig,

@@ -7,7 +7,7 @@ Tasks:
   next to the raw-pixel k-NN baseline (``pixels_knn_top1_k*``), or on folders of class folders, e.g.
   ImageNet, its test set from ``val/`` or from ``test_uri`` (ImageNet-A, -R, -Sketch, -C: scored over
   their own classes when fewer) (:mod:`evaluators.classification`), and with ``corruption_uri`` the
-  same k-NN and probe on each of ImageNet-C's corruption/severity folders (mCE, :mod:`evaluators.corruptions`);
+  same k-NN and probes on each of ImageNet-C's corruption/severity folders (mCE, :mod:`evaluators.corruptions`);
 * ``seg``: the linear segmentation head on synthetic scenes, or on ADE20K or Pascal VOC
   (``seg_data``) (mIoU, pixel accuracy);
 * ``depth``: the linear depth head (or DPT's decoder, ``depth_head_kind="dpt"``) on the same scenes,
@@ -60,7 +60,8 @@ from torch import nn
 from dinoflow.storage import Storage, join_uri
 from evaluators.attention import ATTENTION_IMAGES, attention_summary
 from evaluators.classification import DATA_KINDS, DataKind, FolderImages, labelled_images
-from evaluators.corruptions import corruption_folders, corruption_metrics, score_corruptions
+from evaluators.corruptions import (CleanClassifiers, corruption_folders, corruption_metrics, score_corruptions,
+                                    scores_uri)
 from evaluators.dense import (
     DEPTH_HEADS,
     HeadConfig,
@@ -88,7 +89,8 @@ from evaluators.knn import knn_predict
 from evaluators.linear import LinearProbeConfig
 from evaluators.logreg import LogRegConfig
 from evaluators.met import load_met, met_recognition
-from evaluators.report import classification_report, knn_accuracies, knn_bank, linear_report, report_metrics
+from evaluators.report import (classification_report, knn_accuracies, knn_bank, linear_report, logreg_fit,
+                               report_metrics)
 from evaluators.retrieval import (global_descriptors, load_amstertime, load_revisited, pair_retrieval, rank_database,
                                   revisited_descriptors)
 from evaluators.synthetic import CLASS_NAMES, SceneConfig, make_retrieval_set, make_scenes
@@ -118,7 +120,7 @@ class SuiteConfig:
     tasks: tuple[str, ...] = ("knn", "linear")
     data_uri: str = ""  # knn, linear, logreg: Fashion-MNIST's files, or train/ and val/ class folders
     test_uri: str = ""  # knn, linear, logreg: a test set's class folders instead of val/ (ImageNet-A/R/Sketch/C)
-    corruption_uri: str = ""  # ImageNet-C's root, <corruption>/<severity>/<class>/<image>: k-NN and probe also
+    corruption_uri: str = ""  # ImageNet-C's root, <corruption>/<severity>/<class>/<image>: k-NN and probes also
     # scored on each folder, a folder's features at a time (corruption_*_mce, :mod:`evaluators.corruptions`)
     data_kind: DataKind = "auto"
     image_size: int = 224  # class folders: the centre crop's side; dense sets: the side (real ones: of the training
@@ -272,7 +274,7 @@ def _classification(backbone: nn.Module, config: SuiteConfig, storage: Storage, 
                          f"trained on class folders, train/<class>/<image>; {config.data_uri} holds Fashion-MNIST")
     # ImageNet-C's folders found (or their layout refused) before the long train pass
     corrupted = corruption_folders(storage, config.corruption_uri) if config.corruption_uri else []
-    parts = None
+    parts, identity = None, {}
     if config.work_dir:
         identity = {"backbone_sha256": digest, "views": linear is not None,
                     **{name: getattr(config, name) for name in ("data_uri", "test_uri", "data_kind", "train_limit",
@@ -281,19 +283,26 @@ def _classification(backbone: nn.Module, config: SuiteConfig, storage: Storage, 
     data = images.features(backbone, views=linear is not None, amp_dtype=config.amp_dtype, parts=parts)
     splits = [data.train_x, data.train_y, data.test_x, data.test_y]
     classes = len(data.classes)
-    report = classification_report(data, config.ks, config.temperature, None, device, logreg)
+    report = classification_report(data, config.ks, config.temperature, None, device)
     probe = None  # the chosen view's probe, its classifier kept for ImageNet-C's folders
     if linear is not None:
         report["linear"], result = linear_report(data, linear, device)
         probe = report["linear"]["view"], result
+    fit = None  # the logistic regression's refit, kept for ImageNet-C's folders too
+    if logreg is not None:
+        fit = logreg_fit(data, logreg, device)
+        report["logreg"] = fit.to_dict()
     report.update(classes=list(data.classes), bad_images=data.bad)
     metrics = report_metrics(report)
     usable = [k for k in config.ks if f"k{k}" in report["knn"]]  # (ks above the train set's size are skipped)
     k = (20 if 20 in usable else usable[-1]) if usable else None  # the k of the confusion matrix and ImageNet-C
     if corrupted:
         assert isinstance(images, FolderImages)
-        report["corruptions"] = score_corruptions(images, data, backbone, storage, corrupted, k, config.temperature,
-                                                  probe, device, config.amp_dtype, config.test_limit, config.seed)
+        clean = CleanClassifiers(k, config.temperature, probe, fit)
+        saves = scores_uri(config.work_dir, {**identity, "corruption_uri": config.corruption_uri},
+                           clean) if config.work_dir else ""
+        report["corruptions"] = score_corruptions(images, data, backbone, storage, corrupted, clean, device,
+                                                  config.amp_dtype, config.test_limit, config.seed, saves)
         metrics.update(corruption_metrics(report["corruptions"]))
     if pictures is not None and classes <= MAX_CONFUSION_CLASSES and k is not None:
         predictions = knn_predict(*knn_bank(data), data.test_x, k=k, temperature=config.temperature,

@@ -16,6 +16,7 @@ from components.bundle import (
     PACKAGES,
     REPO_ROOT,
     build_bundle,
+    bundle_files,
     code_digest,
     encoded_size,
     import_closure,
@@ -93,6 +94,21 @@ def test_closure_follows_imports_transitively_with_packages(tmp_path: Path) -> N
     shipped = {p.relative_to(tmp_path).as_posix() for p in import_closure(["trainer.a"], tmp_path)}
     assert shipped == {"trainer/__init__.py", "trainer/a.py", "trainer/sub/__init__.py", "trainer/sub/b.py",
                        "dinoflow/__init__.py", "dinoflow/c.py"}
+
+
+def test_presets_ship_only_with_the_stages_that_read_them(tmp_path: Path) -> None:
+    """A bundle holds configs/*.yaml only when a shipped module imports a preset reader
+    (load_config and its kin); importing dinoflow.config for its types alone ships none."""
+    shipped = {stage.__name__ for stage in STAGES if list(stage_bundle(stage).rglob("*.yaml"))}
+    assert shipped == {"pretrain", "distill", "finetune"}
+    files = {"dinoflow/__init__.py": "", "dinoflow/config.py": "def load_config():\n    pass\n",
+             "components/__init__.py": "", "components/reads.py": "from dinoflow.config import load_config\n",
+             "components/types.py": "import dinoflow.config\n", "configs/x/p.yaml": "a: 1\n"}
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert (tmp_path / "configs/x/p.yaml") in bundle_files(tmp_path, ["components.reads"])
+    assert not [p for p in bundle_files(tmp_path, ["components.types"]) if p.suffix == ".yaml"]
 
 
 @pytest.mark.parametrize("func", STAGES, ids=lambda f: f.__name__)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import weakref
 from pathlib import Path
@@ -83,25 +84,28 @@ def test_each_folder_is_scored_by_the_probe_and_knn_trained_on_the_clean_train_s
     write_folders(tmp_path / "in", {"cat": (12, 6), "dog": (12, 6), "fish": (12, 6)})
     folders = write_corruptions(tmp_path / "c", tmp_path / "in" / "val")
     model = backbone()
-    config = SuiteConfig(tasks=("knn", "linear"), data_uri=str(tmp_path / "in"), image_size=28,
+    tasks = ("knn", "linear", "logreg")
+    config = SuiteConfig(tasks=tasks, data_uri=str(tmp_path / "in"), image_size=28,
                          corruption_uri=str(tmp_path / "c"))
     report = run_suite(model, config)
     section = report["tasks"]["classification"]["corruptions"]
     assert section["knn_k"] == 20 and section["view"] == report["tasks"]["classification"]["linear"]["view"]
     assert sorted(section["linear"]) == sorted(PERTURBATIONS) and section["linear"]["fog"].keys() == {"1", "2"}
+    assert section["logreg"].keys() == section["knn"].keys() == section["linear"].keys()
     for folder in folders:
         as_val = cropped_only(folder, tmp_path / "ref" / folder.parent.name / folder.name, 28)
-        alone = run_suite(model, SuiteConfig(tasks=("knn", "linear"), data_uri=str(tmp_path / "in"), image_size=28,
+        alone = run_suite(model, SuiteConfig(tasks=tasks, data_uri=str(tmp_path / "in"), image_size=28,
                                              test_uri=str(as_val)))["metrics"]
         corruption, severity = folder.parent.name, folder.name
         assert section["linear"][corruption][severity] == pytest.approx(alone["linear_top1"]), folder
         assert section["knn"][corruption][severity] == pytest.approx(alone["knn_top1_k20"]), folder
-    scored = [acc for name in ("knn", "linear") for by_severity in section[name].values()
-              for acc in by_severity.values()]
+        assert section["logreg"][corruption][severity] == pytest.approx(alone["logreg_top1"]), folder
+    scored = [acc for name in tasks for by_severity in section[name].values() for acc in by_severity.values()]
     assert len(set(scored)) > 3 and min(scored) < 1  # the folders differ: a check that can fail
-    errors = {c: [1 - acc for acc in by_severity.values()] for c, by_severity in section["linear"].items()}
     metrics = report["metrics"]
-    assert metrics["corruption_linear_error"] == pytest.approx(np.mean([np.mean(e) for e in errors.values()]))
+    for name in ("linear", "logreg"):
+        errors = {c: [1 - acc for acc in by_severity.values()] for c, by_severity in section[name].items()}
+        assert metrics[f"corruption_{name}_error"] == pytest.approx(np.mean([np.mean(e) for e in errors.values()]))
     assert 0 <= metrics["corruption_knn_error"] <= 1
     assert "corruption_linear_mce" not in metrics  # 3 of the 15 corruptions: no mCE
     report.pop("features")
@@ -128,6 +132,40 @@ def test_features_are_made_one_folder_at_a_time(tmp_path: Path, monkeypatch: pyt
     run_suite(backbone(), config)
     expected = sorted((f.parent.name, int(f.name), len(list(f.rglob("*.png")))) for f in folders)
     assert [rows for rows, _ in made] == [count for _, _, count in expected]
+
+
+def test_a_rerun_reads_each_folders_saved_scores_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a work_dir, a folder scored once is not passed over again (a preempted task resumes):
+    the rerun makes no folder's features and reports the same; a folder whose scores are gone is
+    scored anew, alone; other classifiers (the k-NN's k) score into a folder of their own."""
+    write_folders(tmp_path / "in", {"cat": (8, 3), "dog": (8, 3), "fish": (8, 3)})
+    folders = write_corruptions(tmp_path / "c", tmp_path / "in" / "val")
+    made: list[int] = []
+    original = FolderImages.test_features
+
+    def counted(self: FolderImages, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        data = original(self, *args, **kwargs)
+        made.append(len(data.test_y))
+        return data
+
+    monkeypatch.setattr(FolderImages, "test_features", counted)
+    work = tmp_path / "work"
+    config = SuiteConfig(tasks=("knn", "linear"), data_uri=str(tmp_path / "in"), image_size=28, ks=(5,),
+                         corruption_uri=str(tmp_path / "c"), work_dir=str(work))
+    model = backbone()
+    first = run_suite(model, config)["tasks"]["classification"]["corruptions"]
+    assert len(made) == len(folders)
+    saved = sorted((work / "corruptions").glob("*/*/*.json"))
+    assert len(saved) == len(folders) and len({path.parent.parent for path in saved}) == 1
+    made.clear()
+    assert run_suite(model, config)["tasks"]["classification"]["corruptions"] == first and made == []
+    saved[0].unlink()  # a folder the preempted run did not reach
+    assert run_suite(model, config)["tasks"]["classification"]["corruptions"] == first
+    assert made == [len(list((tmp_path / "c" / saved[0].parent.name / saved[0].stem).rglob("*.png")))]
+    made.clear()
+    other = run_suite(model, dataclasses.replace(config, ks=(3,)))["tasks"]["classification"]["corruptions"]
+    assert len(made) == len(folders) and other["knn_k"] == 3 and other["linear"] == first["linear"]
+    assert len(list((work / "corruptions").iterdir())) == 2
 
 
 def test_the_mce_is_alexnets_normalised_error_averaged_over_the_15_corruptions() -> None:

@@ -3,6 +3,8 @@ L-BFGS), and the sweep's selection, refit and restricted test classes."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 
 import evaluators.logreg as logreg
-from evaluators.logreg import ORIGINAL_C_VALUES, LogRegConfig, fit_logistic, logistic_regression
+from evaluators.logreg import ORIGINAL_C_VALUES, LogRegConfig, fit_logistic, logistic_regression, logreg_accuracy
 from tests.evaluators.test_linear import blobs
 
 
@@ -89,6 +91,27 @@ def test_a_restricted_test_set_is_scored_over_its_classes() -> None:
     restricted = logistic_regression(train_x, train_y, test_x[kept], test_y[kept], config, num_classes=5,
                                      test_classes=torch.tensor([3, 4]))
     assert restricted.test_accuracy > whole.test_accuracy  # confusions with classes 0-2 are ruled out
+
+
+def test_the_refit_classifier_scores_further_test_sets() -> None:
+    """The refit stays on the result, out of its JSON: on the test set it was scored on it gives
+    the result's accuracy, on another (scaled features: normalised again) scikit-learn's refit's."""
+    train_x, train_y = blobs(400, 16, 5, spread=2.0, seed=4)
+    test_x, test_y = blobs(200, 16, 5, spread=2.0, seed=5)
+    other_x, other_y = blobs(150, 16, 5, spread=3.0, seed=6)
+    result = logistic_regression(train_x, train_y, test_x, test_y, LogRegConfig(c_values=(0.1, 10.0)))
+    assert logreg_accuracy(result, test_x, test_y) == result.test_accuracy
+    reference = LogisticRegression(C=result.best_c, tol=1e-10, max_iter=20_000).fit(
+        F.normalize(train_x, dim=1).numpy(), train_y.numpy())
+    want = reference.score(F.normalize(other_x, dim=1).numpy(), other_y.numpy())
+    assert logreg_accuracy(result, other_x * 7.0, other_y) == pytest.approx(want, abs=1 / 150)
+    kept = other_y >= 3
+    restricted = logistic_regression(train_x, train_y, other_x[kept], other_y[kept], LogRegConfig(c_values=(0.1, 10.0)),
+                                     test_classes=torch.tensor([3, 4]))
+    assert logreg_accuracy(result, other_x[kept], other_y[kept], torch.tensor([3, 4])) == restricted.test_accuracy
+    assert "weight" not in result.to_dict() and "bias" not in result.to_dict()
+    with pytest.raises(ValueError, match="holds no classifier"):
+        logreg_accuracy(dataclasses.replace(result, weight=None), test_x, test_y)
 
 
 def test_the_default_sweep_is_the_originals_and_bad_settings_are_named() -> None:
