@@ -173,9 +173,9 @@ def evaluate(run_root: str, tracking_uri: str, experiment: str, parent_run_id: s
              seg_data: str = "", depth_data: str = "", retrieval_data: str = "", image_size: int = 224,
              precision: str = "fp32", seg_steps: int = 0, depth_steps: int = 0, test_uri: str = "",
              depth_head: str = "linear", video_data: str = "", options: dict = {}) -> float:  # noqa: B006
-    """The benchmark suite (``tasks`` of knn, linear, logreg, seg, depth, retrieval, video) on the labelled images
-    at ``eval_data_uri``, else ``data_uri`` (tested on ``test_uri``'s class folders when given), and
-    seg, depth, retrieval, video on the data sets named (else
+    """The benchmark suite (``tasks`` of knn, linear, logreg, seg, depth, retrieval, video, finegrained) on the
+    labelled images at ``eval_data_uri``, else ``data_uri`` (tested on ``test_uri``'s class folders when
+    given), and seg, depth, retrieval, video on the data sets named (else
     synthetic ones; the dense heads trained ``seg_steps`` and ``depth_steps`` steps, 0: the suite's;
     ``depth_head``: linear or dpt; ``options``: the suite's other settings by name, e.g. ``video_frames``),
     on ``device`` (images decoded by ``num_workers`` processes); returns k-NN top-1 (k=20), NaN when

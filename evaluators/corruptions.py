@@ -182,16 +182,20 @@ def _score_folder(folder: FolderImages, trained: LabelledFeatures, backbone: nn.
     return scores
 
 
+def corruption_errors(section: Mapping) -> dict[str, dict[str, dict[str, float]]]:
+    """:func:`score_corruptions`' accuracies as top-1 errors, ``classifier -> corruption -> severity
+    -> 1 - accuracy``, for each classifier scored."""
+    return {name: {c: {s: 1.0 - acc for s, acc in by_severity.items()} for c, by_severity in section[name].items()}
+            for name in CLASSIFIERS if section.get(name)}
+
+
 def corruption_metrics(section: Mapping) -> dict[str, float]:
     """Flat metrics of :func:`score_corruptions`' section, for each classifier scored (knn, linear,
     logreg): ``corruption_<name>_error`` (:func:`mean_error`, always) and ``corruption_<name>_mce``
     (:func:`mean_corruption_error`, with all 15 corruptions at 5 severities)."""
     metrics = {}
-    for name in CLASSIFIERS:
-        accuracies = section.get(name)
-        if not accuracies:
-            continue
-        errors = {c: {int(s): 1.0 - acc for s, acc in by_severity.items()} for c, by_severity in accuracies.items()}
+    for name, by_corruption in corruption_errors(section).items():
+        errors = {c: {int(s): error for s, error in by_severity.items()} for c, by_severity in by_corruption.items()}
         metrics[f"corruption_{name}_error"] = mean_error(errors)
         mce = mean_corruption_error(errors)
         if mce is not None:

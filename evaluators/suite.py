@@ -20,6 +20,9 @@ Tasks:
 * ``video``: the linear probe on ``video_frames`` frames' CLS tokens, averaged or concatenated
   (``video_pool``), on synthetic clips or on class folders of videos (``video_data``: UCF-101,
   Kinetics-400, Something-Something v2) (:mod:`evaluators.video`; top-1);
+* ``finegrained``: the logistic regression on each of ``finegrained_data``'s class-folder sets, the
+  paper's fine-grained benchmarks (Food-101, Cars, Aircraft, ...) in one run (:mod:`evaluators.finegrained`;
+  top-1 and mean per-class accuracy);
 
 and with any of the first four, on the test images (scenes, else Fashion-MNIST), the share of
 high-norm patch tokens and the CLS token's attention on the patches (:mod:`evaluators.attention`).
@@ -60,8 +63,8 @@ from torch import nn
 from dinoflow.storage import Storage, join_uri
 from evaluators.attention import ATTENTION_IMAGES, attention_summary
 from evaluators.classification import DATA_KINDS, DataKind, FolderImages, labelled_images
-from evaluators.corruptions import (CleanClassifiers, corruption_folders, corruption_metrics, score_corruptions,
-                                    scores_uri)
+from evaluators.corruptions import (CleanClassifiers, corruption_errors, corruption_folders, corruption_metrics,
+                                    score_corruptions, scores_uri)
 from evaluators.dense import (
     DEPTH_HEADS,
     HeadConfig,
@@ -94,18 +97,20 @@ from evaluators.report import (classification_report, knn_accuracies, knn_bank, 
 from evaluators.retrieval import (global_descriptors, load_amstertime, load_revisited, pair_retrieval, rank_database,
                                   revisited_descriptors)
 from evaluators.synthetic import CLASS_NAMES, SceneConfig, make_retrieval_set, make_scenes
+from evaluators.finegrained import finegrained_metrics, finegrained_scores, finegrained_sets
 from evaluators.video import POOLS, VideoConfig, video_probe
 from evaluators.visualize import (
     MAX_CONFUSION_CLASSES,
     confusion_matrix,
     save_attention_maps,
     save_confusion_matrix,
+    save_corruption_errors,
     save_dense_predictions,
     save_pca_maps,
     save_sweeps,
 )
 
-TASKS = ("knn", "linear", "logreg", "seg", "depth", "retrieval", "video")
+TASKS = ("knn", "linear", "logreg", "seg", "depth", "retrieval", "video", "finegrained")
 CLASSIFICATION_TASKS = ("knn", "linear", "logreg")  # on labelled images (data_uri)
 RETRIEVAL_SETS = ("roxford5k", "rparis6k", "amstertime", "met")  # retrieval_data's data sets
 SEG_SETS, DEPTH_SETS = ("ade20k", "voc", "cityscapes"), ("nyu", "kitti", "sunrgbd")
@@ -153,6 +158,7 @@ class SuiteConfig:
     video_data: str = ""  # "": synthetic clips (drawn at scene_size); else <root>/train/<class>/<video>, val/ or test/
     video_frames: int = 8  # frames of each video through the backbone
     video_pool: str = "mean"  # their CLS tokens averaged (UCF-101, Kinetics) or concatenated (SSv2): "concat"
+    finegrained_data: str = ""  # finegrained: comma-separated roots of class-folder sets (Food-101, ...): logreg
     seed: int = 0
 
     def sized_for(self, tasks: str) -> SuiteConfig:
@@ -172,6 +178,12 @@ class SuiteConfig:
             raise ValueError(f"unknown tasks {unknown or '(none)'}; allowed: {', '.join(TASKS)}")
         if set(CLASSIFICATION_TASKS) & set(self.tasks) and not self.data_uri:
             raise ValueError("knn, linear and logreg need data_uri (Fashion-MNIST's folder, or one of class folders)")
+        # (the task without finegrained_data is refused when the suite runs: an option may set them after the tasks)
+        if self.finegrained_data:
+            finegrained_sets(self.finegrained_data)
+            if "finegrained" not in self.tasks:
+                raise ValueError(f"finegrained_data {self.finegrained_data!r} is scored by the finegrained task: "
+                                 f"add it to tasks {list(self.tasks)}")
         if self.corruption_uri and (not set(CLASSIFICATION_TASKS) & set(self.tasks)
                                     or self.data_kind == "fashion_mnist"):
             raise ValueError(f"corruption_uri {self.corruption_uri!r} scores the classification probes on ImageNet-C: "
@@ -304,6 +316,8 @@ def _classification(backbone: nn.Module, config: SuiteConfig, storage: Storage, 
         report["corruptions"] = score_corruptions(images, data, backbone, storage, corrupted, clean, device,
                                                   config.amp_dtype, config.test_limit, config.seed, saves)
         metrics.update(corruption_metrics(report["corruptions"]))
+        if pictures is not None:
+            save_corruption_errors(corruption_errors(report["corruptions"]), Path(pictures) / "corruption_errors.png")
     if pictures is not None and classes <= MAX_CONFUSION_CLASSES and k is not None:
         predictions = knn_predict(*knn_bank(data), data.test_x, k=k, temperature=config.temperature,
                                   num_classes=classes, device=device).numpy()
@@ -324,6 +338,30 @@ def _classification(backbone: nn.Module, config: SuiteConfig, storage: Storage, 
                                               temperature=config.temperature, num_classes=classes, device=device)
         metrics.update({f"pixels_knn_top1_{k}": v for k, v in report["pixels_knn"].items()})
     return {"metrics": metrics, "report": report, "features": splits, "looked_at": (data.test_images, data.foreground)}
+
+
+def _finegrained(backbone: nn.Module, config: SuiteConfig, storage: Storage, device: torch.device, digest: str,
+              pictures: str | Path | None) -> dict[str, dict]:
+    """Each set of ``finegrained_data`` (:mod:`evaluators.finegrained`; ``train_limit``, ``test_limit``
+    and ``image_size`` as the classification's) scored by the logistic regression, one set's
+    features held at a time, its feature pass saved under ``<work_dir>/finegrained/<name>``; with
+    ``pictures``, each set's sweep over C in ``finegrained_sweeps.png``."""
+    report = {}
+    for name, root in finegrained_sets(config.finegrained_data):
+        images = labelled_images(root, "folder", storage, config.train_limit, config.test_limit, config.image_size,
+                                 config.seed, config.num_workers)
+        parts = None
+        if config.work_dir:
+            identity = {"backbone_sha256": digest, "data_uri": root,
+                        **{key: getattr(config, key) for key in ("train_limit", "test_limit", "image_size",
+                                                                 "precision", "seed")}}
+            parts = FeatureParts(storage, join_uri(config.work_dir, "finegrained", name), identity)
+        data = images.features(backbone, amp_dtype=config.amp_dtype, parts=parts)
+        report[name] = {**finegrained_scores(data, device), "root": root}
+    if pictures is not None:
+        save_sweeps({f"logistic regression ({name})": ("C", scores["c_values"], scores["val_accuracies"])
+                     for name, scores in report.items()}, Path(pictures) / "finegrained_sweeps.png")
+    return report
 
 
 # a real dense data set: its loader, (train split, test split), and its classes (seg) or
@@ -596,8 +634,13 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
     ``dense_predictions.png`` (masks and depth maps, true and predicted; on real data sets
     ``seg_predictions.png`` and ``depth_predictions.png``); with either the dense
     or the classification tasks, ``attention_maps.png`` (:func:`attention_figures`); with video,
-    ``video_frames.png`` (the first test videos' frames as the backbone sees them).
+    ``video_frames.png`` (the first test videos' frames as the backbone sees them); with
+    ``corruption_uri``, ``corruption_errors.png`` (each classifier's error over the severities);
+    with finegrained, ``finegrained_sweeps.png``.
     """
+    if "finegrained" in config.tasks and not config.finegrained_data:
+        raise ValueError("the finegrained task needs finegrained_data: comma-separated roots of class folders "
+                         "(train/<class>/, val/<class>/), e.g. s3://d/food101,s3://d/cars")
     backbone.eval()
     storage = storage or Storage()
     metrics: dict[str, float] = {}
@@ -640,6 +683,9 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
     if "retrieval" in config.tasks:
         tasks["retrieval"] = _retrieval(backbone, config.sized_for("retrieval"), storage)
         metrics.update({f"retrieval_{k}": v for k, v in tasks["retrieval"].items()})
+    if "finegrained" in config.tasks:
+        tasks["finegrained"] = _finegrained(backbone, config, storage, device, digest, pictures)
+        metrics.update(finegrained_metrics(tasks["finegrained"]))
     if "video" in config.tasks:
         video = VideoConfig(frames=config.video_frames, pool=config.video_pool,  # type: ignore[arg-type]
                             image_size=config.image_size if config.video_data else config.scene_size,

@@ -266,6 +266,25 @@ def save_sweeps(sweeps: dict[str, tuple[str, Sequence[float], Sequence[float]]],
     return _save(figure, path)
 
 
+def save_corruption_errors(errors: dict[str, dict[str, dict[str, float]]], path: str | Path) -> Path:
+    """Top-1 error (%) against severity, a line per corruption, a panel per classifier
+    (``classifier -> corruption -> severity -> error``): which corruptions a backbone fails on,
+    and how fast, at a glance where the mCE is one number."""
+    figure, axes = plt.subplots(1, len(errors), figsize=(4.6 * len(errors), 3.6), squeeze=False, sharey=True)
+    for axis, (classifier, by_corruption) in zip(axes[0], errors.items()):
+        for corruption, by_severity in sorted(by_corruption.items()):
+            severities = sorted(by_severity, key=int)
+            axis.plot([int(s) for s in severities], [100 * by_severity[s] for s in severities], marker="o", lw=1,
+                      markersize=3, label=corruption)
+        axis.set_xlabel("severity")
+        axis.set_title(classifier, fontsize=9)
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel("top-1 error (%)")
+    axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    figure.tight_layout()
+    return _save(figure, path)
+
+
 def _save(figure: plt.Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -210,3 +210,24 @@ def test_eval_options_reach_the_suite_key_the_cache_and_are_recorded(tmp_path: P
         run_evaluate_stage(ctx, tmp_path / "backbone", tmp_path / "bad", "", tasks=["seg"],
                            options={"seg_head.steps": 5})
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_finegrained_sets_come_through_eval_options(tmp_path: Path) -> None:
+    """The task in ``tasks`` and its sets in ``options`` (set after the tasks: the pipelines'
+    ``eval_options``): each set's logistic regression reported and drawn; the task without its
+    sets refused naming them."""
+    write_folders(tmp_path / "cub", {"cat": (8, 3), "dog": (8, 3), "fish": (8, 3)})
+    write_folders(tmp_path / "dtd", {"cat": (6, 2), "dog": (6, 2), "fish": (6, 2)}, seed=3)
+    torch.manual_seed(0)
+    (tmp_path / "backbone").mkdir()
+    save_backbone(build_vit("vit_small", patch_size=14, embed_dim=32, depth=2, num_heads=2, img_size=56,
+                            layerscale_init=1.0), str(tmp_path / "backbone" / "backbone.safetensors"))
+    ctx = StageContext(run_root=str(tmp_path / "root"))
+    result = run_evaluate_stage(ctx, tmp_path / "backbone", tmp_path / "out", "", tasks=["finegrained"],
+                                image_size=56, options={"finegrained_data": f"{tmp_path / 'cub'},{tmp_path / 'dtd'}"})
+    assert {"finegrained_cub_top1", "finegrained_dtd_class_mean", "finegrained_mean_top1"} <= set(result["metrics"])
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert list(report["tasks"]["finegrained"]) == ["cub", "dtd"]
+    assert (tmp_path / "out" / "finegrained_sweeps.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="the finegrained task needs finegrained_data"):
+        run_evaluate_stage(ctx, tmp_path / "backbone", tmp_path / "bad", "", tasks=["finegrained"])

@@ -87,7 +87,8 @@ def test_each_folder_is_scored_by_the_probe_and_knn_trained_on_the_clean_train_s
     tasks = ("knn", "linear", "logreg")
     config = SuiteConfig(tasks=tasks, data_uri=str(tmp_path / "in"), image_size=28,
                          corruption_uri=str(tmp_path / "c"))
-    report = run_suite(model, config)
+    report = run_suite(model, config, pictures=tmp_path / "pictures")
+    assert (tmp_path / "pictures" / "corruption_errors.png").read_bytes()[:4] == b"\x89PNG"
     section = report["tasks"]["classification"]["corruptions"]
     assert section["knn_k"] == 20 and section["view"] == report["tasks"]["classification"]["linear"]["view"]
     assert sorted(section["linear"]) == sorted(PERTURBATIONS) and section["linear"]["fog"].keys() == {"1", "2"}
