@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from dinoflow.progress import progress
 from dinoflow.storage import Storage, join_uri
 from evaluators.classification import FolderImages, LabelledFeatures, view
+from evaluators.feature_parts import tensors_digest
 from evaluators.linear import LinearProbeResult, probe_accuracy
 from evaluators.logreg import LogRegResult, logreg_accuracy
 from evaluators.report import knn_accuracies, knn_bank
@@ -99,21 +100,17 @@ class CleanClassifiers:
     def digest(self) -> str:
         """sha256 of the settings and every tensor of the classifiers: a folder's scores saved for
         these classifiers are these classifiers' (a probe retrained to other weights scores anew)."""
-        digest = hashlib.sha256(json.dumps([self.knn_k, self.temperature,
-                                            self.linear and self.linear[0]]).encode())
-        tensors: list[Tensor | None] = []
+        tensors: dict[str, Tensor] = {}
         if self.linear is not None:
             probe = self.linear[1]
-            grid = probe.classifier
-            tensors += [grid.weight, grid.bias] if grid is not None else [None]
-            tensors += list(probe.scaling) if probe.scaling is not None else [None]
-        if self.logreg is not None:
-            tensors += [self.logreg.weight, self.logreg.bias]
-        for tensor in tensors:
-            data = b"-" if tensor is None else tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
-            digest.update(f"{None if tensor is None else tuple(tensor.shape)}".encode())
-            digest.update(bytes(data))
-        return digest.hexdigest()
+            if probe.classifier is not None:
+                tensors.update({"linear.weight": probe.classifier.weight, "linear.bias": probe.classifier.bias})
+            if probe.scaling is not None:
+                tensors.update({f"linear.scaling.{i}": part for i, part in enumerate(probe.scaling)})
+        if self.logreg is not None and self.logreg.weight is not None and self.logreg.bias is not None:
+            tensors.update({"logreg.weight": self.logreg.weight, "logreg.bias": self.logreg.bias})
+        settings = json.dumps([self.knn_k, self.temperature, self.linear and self.linear[0]]).encode()
+        return tensors_digest(tensors, settings)
 
 
 def scores_uri(work_dir: str, identity: Mapping[str, Any], classifiers: CleanClassifiers) -> str:

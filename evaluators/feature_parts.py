@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,13 +32,18 @@ PART_ROWS = 16384  # images per part: ~20 s of a ViT-L/14 pass on a GPU, 330 MB 
 IDENTITY_FILE = "identity.json"
 
 
-def backbone_digest(backbone: nn.Module) -> str:
-    """sha256 of the backbone's state: every tensor's name, dtype, shape and bytes, in order."""
-    digest = hashlib.sha256()
-    for name, tensor in backbone.state_dict().items():
+def tensors_digest(tensors: Mapping[str, Tensor], prefix: bytes = b"") -> str:
+    """sha256 of ``prefix`` and every tensor's name, dtype, shape and bytes, in order."""
+    digest = hashlib.sha256(prefix)
+    for name, tensor in tensors.items():
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def backbone_digest(backbone: nn.Module) -> str:
+    """sha256 of the backbone's state (:func:`tensors_digest`)."""
+    return tensors_digest(backbone.state_dict())
 
 
 def claim(storage: Storage, uri: str, identity: dict[str, Any], what: str) -> None:
