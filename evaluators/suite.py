@@ -88,6 +88,7 @@ from evaluators.dense_metrics import retrieval_map
 from evaluators.dense_source import FeatureSource, feature_sources, relabelled
 from evaluators.feature_parts import FeatureParts, backbone_digest
 from evaluators.features import patch_sides, to_model_input
+from evaluators.finegrained import finegrained_metrics, finegrained_scores, finegrained_sets
 from evaluators.knn import knn_predict
 from evaluators.linear import LinearProbeConfig
 from evaluators.logreg import LogRegConfig
@@ -97,7 +98,6 @@ from evaluators.report import (classification_report, knn_accuracies, knn_bank, 
 from evaluators.retrieval import (global_descriptors, load_amstertime, load_revisited, pair_retrieval, rank_database,
                                   revisited_descriptors)
 from evaluators.synthetic import CLASS_NAMES, SceneConfig, make_retrieval_set, make_scenes
-from evaluators.finegrained import finegrained_metrics, finegrained_scores, finegrained_sets
 from evaluators.video import POOLS, VideoConfig, video_probe
 from evaluators.visualize import (
     MAX_CONFUSION_CLASSES,
