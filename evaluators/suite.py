@@ -93,6 +93,7 @@ from evaluators.knn import knn_predict
 from evaluators.linear import LinearProbeConfig
 from evaluators.logreg import LogRegConfig
 from evaluators.met import load_met, met_recognition
+from evaluators.reference import paper_comparison, save_comparison
 from evaluators.report import (classification_report, knn_accuracies, knn_bank, linear_report, logreg_fit,
                                report_metrics)
 from evaluators.retrieval import (global_descriptors, load_amstertime, load_revisited, pair_retrieval, rank_database,
@@ -636,7 +637,9 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
     or the classification tasks, ``attention_maps.png`` (:func:`attention_figures`); with video,
     ``video_frames.png`` (the first test videos' frames as the backbone sees them); with
     ``corruption_uri``, ``corruption_errors.png`` (each classifier's error over the severities);
-    with finegrained, ``finegrained_sweeps.png``.
+    with finegrained, ``finegrained_sweeps.png``; where a benchmark ran as the original's on a
+    backbone of a released model's shape, ``paper_comparison.md`` (:mod:`evaluators.reference`; the
+    report's ``tasks["paper"]``).
     """
     if "finegrained" in config.tasks and not config.finegrained_data:
         raise ValueError("the finegrained task needs finegrained_data: comma-separated roots of class folders "
@@ -694,6 +697,12 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
                                      config.seed + 3, Path(pictures) if pictures is not None else None)
         metrics.update({"video_top1": tasks["video"]["test_accuracy"], "video_val_top1": tasks["video"]["val_accuracy"],
                         "video_best_lr": tasks["video"]["best_lr"]})
+    classes = len(tasks["classification"]["classes"]) if "classification" in tasks else None
+    compared = paper_comparison(metrics, config, backbone, classes)
+    if compared:
+        tasks["paper"] = compared
+        if pictures is not None:
+            save_comparison(compared, Path(pictures) / "paper_comparison.md")
     return {"metrics": metrics, "tasks": tasks, "config": _jsonable(asdict(config)), "features": features}
 
 
