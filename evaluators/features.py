@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dinoflow.progress import progress
-from trainer.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from trainer.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 
 
 Batch = Tensor | tuple[Tensor, Tensor] | list[Tensor]

@@ -63,8 +63,9 @@ from evaluators.classification import FolderImages, LabelledImages, labelled_ima
 from evaluators.visualize import MAX_CONFUSION_CLASSES, confusion_matrix, save_confusion_matrix
 from trainer.batches import ImageStream, LoaderWatch
 from trainer.checkpoints import TrainState, load_latest_checkpoint, save_checkpoint, write_training_curves
-from trainer.data.augment import IMAGENET_MEAN, IMAGENET_STD, crop_boxes, resized_crops
+from trainer.data.augment import crop_boxes, resized_crops
 from trainer.data.datasets import BadImageTracker, FashionMnistDataset, collate_samples
+from trainer.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from trainer.devices import available_device
 from trainer.engine import ema_update, training_autocast
 from trainer.models.classifier import Classifier, load_classifier, save_classifier

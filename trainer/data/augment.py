@@ -43,10 +43,9 @@ from kornia.filters import filter2d_separable, get_gaussian_kernel1d
 from torch import Tensor, nn
 
 from dinoflow.config import CropsConfig
+from trainer.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from trainer.models.compile import compile_function
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 SOLARIZE_THRESHOLD = 128 / 255
 ASPECT_RATIOS = (3 / 4, 4 / 3)  # of the random resized crop, as torchvision's
 CROP_TRIES = 10  # boxes drawn per crop; the first that fits is kept, else the whole image

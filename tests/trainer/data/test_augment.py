@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from dinoflow.config import CropsConfig
-from trainer.data.augment import (ASPECT_RATIOS, IMAGENET_MEAN, IMAGENET_STD, SOLARIZE_THRESHOLD, AugmentParams,
-                                  MultiCrop, Stages, augment_crops, crop_boxes, draw_params, resized_crops)
+from trainer.data.augment import (ASPECT_RATIOS, SOLARIZE_THRESHOLD, AugmentParams, MultiCrop, Stages, augment_crops,
+                                  crop_boxes, draw_params, resized_crops)
+from trainer.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from trainer.models.compile import compiled_now
 
 
