@@ -701,6 +701,7 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
     compared = paper_comparison(metrics, config, backbone, classes)
     if compared:
         tasks["paper"] = compared
+        metrics.update({f"paper_gap_{row['key']}": row["gap"] for row in compared})
         if pictures is not None:
             save_comparison(compared, Path(pictures) / "paper_comparison.md")
     return {"metrics": metrics, "tasks": tasks, "config": _jsonable(asdict(config)), "features": features}

@@ -88,6 +88,6 @@ def test_an_imagenet_shaped_evaluation_of_a_vit_s_reports_the_papers_figure(tmp_
                        pictures=tmp_path / "pictures")
     [row] = report["tasks"]["paper"]
     assert row["ours"] == report["metrics"]["knn_top1_k20"] and row["paper"] == 0.790
-    assert row["gap"] == pytest.approx(row["ours"] - 0.790)
+    assert row["gap"] == pytest.approx(row["ours"] - 0.790) == report["metrics"]["paper_gap_in1k_knn"]
     table = (tmp_path / "pictures" / "paper_comparison.md").read_text()
     assert "| ImageNet-1k k-NN (k=20) | ViT-S/14 | " in table and "| 79.0 |" in table
