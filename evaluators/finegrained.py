@@ -5,7 +5,8 @@ CIFAR-10/100, SUN397, Stanford Cars, FGVC Aircraft, VOC 2007, DTD, Oxford Pets, 
 Flowers-102, CUB-200), each scored by the logistic regression on the final CLS token
 (:mod:`evaluators.logreg`: no learning rate or epochs to tune per set, so the accuracy is the
 features'). One evaluation runs them all: ``finegrained_data`` names their roots, each class folders
-of its own (``train/<class>/``, and ``val/`` or ``test/``), the set named by its root's last part.
+of its own (``train/<class>/``, and ``val/`` or ``test/``), the set named by its root's last part
+(:func:`~evaluators.classification.named_roots`).
 
 Besides top-1, each set's mean per-class accuracy (the mean over the test classes of each one's
 recall): the metric the protocol reports for the sets whose test classes are unevenly sized
@@ -18,28 +19,12 @@ The suite runs the sets one after another, one set's features held at a time; wi
 
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import Tensor
 
 from evaluators.classification import LabelledFeatures
 from evaluators.logreg import LogRegConfig, normalized, predict
 from evaluators.report import logreg_fit
-
-
-def finegrained_sets(given: str) -> list[tuple[str, str]]:
-    """``(name, root)`` of each comma-separated root of ``given``, named by its last part
-    (``s3://bucket/datasets/food101`` -> ``food101``); two of one name are refused."""
-    roots = [root.strip().rstrip("/") for root in given.split(",") if root.strip()]
-    sets = [(root.rsplit("/", 1)[-1], root) for root in roots]
-    names = [name for name, _ in sets]
-    bad = sorted({name for name in names if names.count(name) > 1 or not re.fullmatch(r"[\w.-]+", name)})
-    if not sets or bad:
-        raise ValueError(f"finegrained_data = {given!r}: give comma-separated roots of class folders, each named by "
-                         f"its last part, of letters, digits, '_', '.' or '-', once (e.g. s3://d/food101,s3://d/cars); "
-                         f"{'repeated or bad: ' + ', '.join(bad) if bad else 'none given'}")
-    return sets
 
 
 def mean_class_accuracy(predicted: Tensor, labels: Tensor) -> float:

@@ -62,7 +62,7 @@ from torch import nn
 
 from dinoflow.storage import Storage, join_uri
 from evaluators.attention import ATTENTION_IMAGES, attention_summary
-from evaluators.classification import DATA_KINDS, DataKind, FolderImages, labelled_images
+from evaluators.classification import DATA_KINDS, DataKind, FolderImages, labelled_images, named_roots
 from evaluators.corruptions import (CleanClassifiers, corruption_errors, corruption_folders, corruption_metrics,
                                     score_corruptions, scores_uri)
 from evaluators.dense import (
@@ -88,7 +88,7 @@ from evaluators.dense_metrics import retrieval_map
 from evaluators.dense_source import FeatureSource, feature_sources, relabelled
 from evaluators.feature_parts import FeatureParts, backbone_digest
 from evaluators.features import patch_sides, to_model_input
-from evaluators.finegrained import finegrained_metrics, finegrained_scores, finegrained_sets
+from evaluators.finegrained import finegrained_metrics, finegrained_scores
 from evaluators.knn import knn_predict
 from evaluators.linear import LinearProbeConfig
 from evaluators.logreg import LogRegConfig
@@ -181,7 +181,7 @@ class SuiteConfig:
             raise ValueError("knn, linear and logreg need data_uri (Fashion-MNIST's folder, or one of class folders)")
         # (the task without finegrained_data is refused when the suite runs: an option may set them after the tasks)
         if self.finegrained_data:
-            finegrained_sets(self.finegrained_data)
+            named_roots(self.finegrained_data, "finegrained_data")
             if "finegrained" not in self.tasks:
                 raise ValueError(f"finegrained_data {self.finegrained_data!r} is scored by the finegrained task: "
                                  f"add it to tasks {list(self.tasks)}")
@@ -348,7 +348,7 @@ def _finegrained(backbone: nn.Module, config: SuiteConfig, storage: Storage, dev
     features held at a time, its feature pass saved under ``<work_dir>/finegrained/<name>``; with
     ``pictures``, each set's sweep over C in ``finegrained_sweeps.png``."""
     report = {}
-    for name, root in finegrained_sets(config.finegrained_data):
+    for name, root in named_roots(config.finegrained_data, "finegrained_data"):
         images = labelled_images(root, "folder", storage, config.train_limit, config.test_limit, config.image_size,
                                  config.seed, config.num_workers)
         parts = None

@@ -11,8 +11,8 @@ import pytest
 import torch
 from sklearn.metrics import balanced_accuracy_score
 
-from evaluators.classification import FolderImages
-from evaluators.finegrained import finegrained_sets, mean_class_accuracy
+from evaluators.classification import FolderImages, named_roots
+from evaluators.finegrained import mean_class_accuracy
 from evaluators.suite import SuiteConfig, run_suite, with_options
 from tests.evaluators.test_classification import backbone, write_folders
 
@@ -74,16 +74,16 @@ def test_a_rerun_loads_each_sets_saved_features(tmp_path: Path, monkeypatch: pyt
 
 
 def test_finegrained_data_is_an_option_and_bad_sets_are_refused(tmp_path: Path) -> None:
-    assert finegrained_sets("s3://b/d/food101, /data/cars/") == [("food101", "s3://b/d/food101"),
-                                                               ("cars", "/data/cars")]
+    assert named_roots("s3://b/d/food101, /data/cars/", "finegrained_data") == [
+        ("food101", "s3://b/d/food101"), ("cars", "/data/cars")]
     config = with_options(SuiteConfig(tasks=("finegrained",)), {"finegrained_data": "/data/cub"})
     assert config.finegrained_data == "/data/cub"
-    with pytest.raises(ValueError, match="repeated or bad: food101"):
-        finegrained_sets("/a/food101,/b/food101")
+    with pytest.raises(ValueError, match="finegrained_data = '/a/food101,/b/food101': .*repeated or bad: food101"):
+        named_roots("/a/food101,/b/food101", "finegrained_data")
     with pytest.raises(ValueError, match="repeated or bad: d e"):
-        finegrained_sets("/a/d e")
+        named_roots("/a/d e", "finegrained_data")
     with pytest.raises(ValueError, match="none given"):
-        finegrained_sets(" , ")
+        named_roots(" , ", "finegrained_data")
     with pytest.raises(ValueError, match="is scored by the finegrained task: add it to tasks"):
         SuiteConfig(tasks=("knn",), data_uri="/x", finegrained_data="/data/cub")
     with pytest.raises(ValueError, match="the finegrained task needs finegrained_data"):
