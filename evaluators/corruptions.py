@@ -15,27 +15,20 @@ features, by the chosen probe (its best view's classifier, :func:`~evaluators.li
 and by the logistic regression's refit (:func:`~evaluators.logreg.logreg_accuracy`), then dropped
 before the next folder's are made: ImageNet-C is 3.75M images, 75 test sets of 50k, never held at
 once. With a ``work_dir`` each folder's scores are saved as they are made, so a preempted task
-passes only over the folders not yet scored (:func:`scores_uri`).
+passes only over the folders not yet scored (:mod:`evaluators.clean_probes`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from dinoflow.progress import progress
 from dinoflow.storage import Storage, join_uri
-from evaluators.classification import FolderImages, LabelledFeatures, view
-from evaluators.feature_parts import tensors_digest
-from evaluators.linear import LinearProbeResult, probe_accuracy
-from evaluators.logreg import LogRegResult, logreg_accuracy
-from evaluators.report import knn_accuracies, knn_bank
+from evaluators.classification import FolderImages, LabelledFeatures
+from evaluators.clean_probes import CLASSIFIERS, CleanClassifiers, saved_scores, score_test_set
 
 CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
                "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
@@ -48,7 +41,6 @@ SEVERITIES = (1, 2, 3, 4, 5)
 ALEXNET_ERRORS = dict(zip(CORRUPTIONS, (0.886428, 0.894468, 0.922640, 0.819880, 0.826268, 0.785948, 0.798360,
                                         0.866816, 0.826572, 0.819324, 0.564592, 0.853204, 0.646056, 0.717840,
                                         0.606500)))
-CLASSIFIERS = ("knn", "linear", "logreg")  # each scored on every folder when the suite ran it
 LAYOUT = "<corruption>/<severity 1-5>/<class>/<image> (ImageNet-C's, e.g. gaussian_noise/3/n01440764/x.JPEG)"
 
 Errors = Mapping[str, Mapping[int, float]]  # corruption -> severity -> top-1 error
@@ -86,43 +78,6 @@ def mean_corruption_error(errors: Errors) -> float | None:
     return sum(sum(errors[c].values()) / (len(SEVERITIES) * ALEXNET_ERRORS[c]) for c in CORRUPTIONS) / len(CORRUPTIONS)
 
 
-@dataclass(frozen=True)
-class CleanClassifiers:
-    """What ImageNet-C's folders are scored by, all trained on the clean train split: the k-NN at
-    ``knn_k`` over its features (None: not scored), the linear probe (the view it trained on and
-    its result; None: not run) and the logistic regression (None: not run)."""
-
-    knn_k: int | None
-    temperature: float
-    linear: tuple[str, LinearProbeResult] | None = None
-    logreg: LogRegResult | None = None
-
-    def digest(self) -> str:
-        """sha256 of the settings and every tensor of the classifiers: a folder's scores saved for
-        these classifiers are these classifiers' (a probe retrained to other weights scores anew)."""
-        tensors: dict[str, Tensor] = {}
-        if self.linear is not None:
-            probe = self.linear[1]
-            if probe.classifier is not None:
-                tensors.update({"linear.weight": probe.classifier.weight, "linear.bias": probe.classifier.bias})
-            if probe.scaling is not None:
-                tensors.update({f"linear.scaling.{i}": part for i, part in enumerate(probe.scaling)})
-        if self.logreg is not None and self.logreg.weight is not None and self.logreg.bias is not None:
-            tensors.update({"logreg.weight": self.logreg.weight, "logreg.bias": self.logreg.bias})
-        settings = json.dumps([self.knn_k, self.temperature, self.linear and self.linear[0]]).encode()
-        return tensors_digest(tensors, settings)
-
-
-def scores_uri(work_dir: str, identity: Mapping[str, Any], classifiers: CleanClassifiers) -> str:
-    """``<work_dir>/corruptions/<digest>``: where :func:`score_corruptions` keeps each folder's
-    scores, a folder of its own for each ``identity`` (the train features': backbone, data,
-    preparation) and ``classifiers``, so that scores of other features or classifiers are never
-    taken for these (they are left beside, not refused: a probe retrained on another GPU may
-    differ in its last bits)."""
-    key = json.dumps({"features": identity, "classifiers": classifiers.digest()}, sort_keys=True, default=str)
-    return join_uri(work_dir, "corruptions", hashlib.sha256(key.encode()).hexdigest()[:16])
-
-
 def score_corruptions(images: FolderImages, trained: LabelledFeatures, backbone: nn.Module, storage: Storage,
                       folders: list[tuple[str, int, str]], classifiers: CleanClassifiers, device: torch.device,
                       amp_dtype: torch.dtype | None = None, test_limit: int = 0, seed: int = 0,
@@ -130,21 +85,17 @@ def score_corruptions(images: FolderImages, trained: LabelledFeatures, backbone:
     """Top-1 accuracies on each of ``folders`` (:func:`corruption_folders`') of ``classifiers``:
     ``{"knn_k", "view", "knn": {corruption: {severity: acc}}, "linear": {...}, "logreg": {...}}``,
     severities as strings (JSON's keys). ``test_limit`` keeps a seeded random subset of each
-    folder, as of a test split. With ``saves`` (:func:`scores_uri`), each folder's scores are
-    written there as ``<corruption>/<severity>.json`` once made, and a rerun (a preempted task)
-    reads them back instead of passing over that folder's images again."""
+    folder, as of a test split. With ``saves`` (:func:`~evaluators.clean_probes.scores_uri`), each
+    folder's scores are written there as ``<corruption>/<severity>.json`` once made, and a rerun (a
+    preempted task) reads them back instead of passing over that folder's images again."""
     scored: dict[str, dict[str, dict[str, float]]] = {name: {} for name in CLASSIFIERS}
     for corruption, severity, uri in progress(folders, "ImageNet-C folders", unit="folder"):
-        saved = join_uri(saves, corruption, f"{severity}.json") if saves else ""
-        if saved and storage.exists(saved):
-            scores = json.loads(storage.read_bytes(saved))
-        else:
-            # ImageNet-C's images are 224 px centre crops already: its evaluation only crops them, where
-            # val's resize to 256 first would zoom them by 8/7
-            folder = images.with_test(uri, storage, test_limit, seed, load=images.image_size)
-            scores = _score_folder(folder, trained, backbone, classifiers, device, amp_dtype)
-            if saved:
-                storage.write_bytes(saved, json.dumps(scores).encode())
+        # ImageNet-C's images are 224 px centre crops already: its evaluation only crops them, where
+        # val's resize to 256 first would zoom them by 8/7
+        scores = saved_scores(storage, join_uri(saves, corruption, f"{severity}.json") if saves else "",
+                              lambda: score_test_set(images.with_test(uri, storage, test_limit, seed,
+                                                                      load=images.image_size),
+                                                     trained, backbone, classifiers, device, amp_dtype))
         for name, accuracy in scores.items():
             scored[name].setdefault(corruption, {})[str(severity)] = accuracy
     section: dict = {"knn_k": classifiers.knn_k, "knn": scored["knn"]}
@@ -153,30 +104,6 @@ def score_corruptions(images: FolderImages, trained: LabelledFeatures, backbone:
     if classifiers.logreg is not None:
         section["logreg"] = scored["logreg"]
     return section
-
-
-def _score_folder(folder: FolderImages, trained: LabelledFeatures, backbone: nn.Module,
-                  classifiers: CleanClassifiers, device: torch.device,
-                  amp_dtype: torch.dtype | None) -> dict[str, float]:
-    """One folder's accuracies; its features live only in here, so each folder's are freed before
-    the next folder's are made."""
-    data = folder.test_features(trained, backbone, amp_dtype=amp_dtype)
-    scores = {}
-    if classifiers.knn_k is not None:
-        k = classifiers.knn_k
-        bank = knn_bank(data)  # restricted to the folder's classes when it holds fewer, as a test set's
-        accuracy = knn_accuracies(*bank, data.test_x, data.test_y, (k,), classifiers.temperature, len(data.classes),
-                                  device)
-        if accuracy:
-            scores["knn"] = accuracy[f"k{k}"]
-    if classifiers.linear is not None:
-        assert data.views is not None  # trained with views: the probe's
-        name, result = classifiers.linear
-        scores["linear"] = probe_accuracy(result, view(data.views[1], name, data.train_x.shape[1]), data.test_y,
-                                          data.test_classes)
-    if classifiers.logreg is not None:
-        scores["logreg"] = logreg_accuracy(classifiers.logreg, data.test_x, data.test_y, data.test_classes)
-    return scores
 
 
 def corruption_errors(section: Mapping) -> dict[str, dict[str, dict[str, float]]]:

@@ -5,7 +5,8 @@ original's level, and the answer needs the protocol to match as well as the mode
 the backbone is one of the released shapes (ViT-S/B/L/g, patch 14, with or without registers) and
 a benchmark ran as the original runs it, the report gets the original's figure for it (from the
 released models' table in the DINOv2 repository's README and the paper): ImageNet-1k k-NN (k = 20,
-T = 0.07) and linear on its 1,000 class folders, ImageNet-V2 linear (a ``test_uri`` naming v2),
+T = 0.07) and linear on its 1,000 class folders, ImageNet-V2 linear (a ``test_uri`` or one of
+``test_sets`` naming v2),
 iNaturalist 2018 linear (8,142 classes), ADE20K linear (1 layer) and +ms (4 layers, multi-scale),
 NYU-Depth v2 lin.4 RMSE and its transfer to SUN RGB-D, and revisited Oxford's hard mAP. Anything
 else (another data set, another k, a DPT head) gets no figure: one not measured the same way
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
+
+from evaluators.classification import named_roots
 
 SHAPES = {(384, 12): "ViT-S/14", (768, 12): "ViT-B/14", (1024, 24): "ViT-L/14", (1536, 40): "ViT-g/14"}
 IMAGENET_CLASSES, INAT18_CLASSES = 1000, 8142
@@ -60,8 +63,11 @@ def benchmarks_run(config: Any, classes: int | None) -> dict[str, str]:
             found["in1k_knn"] = "knn_top1_k20"
         if "linear" in tasks:
             found["in1k_linear"] = "linear_top1"
-    if classes == IMAGENET_CLASSES and "v2" in config.test_uri.lower() and "linear" in tasks:
-        found["inv2_linear"] = "linear_top1"
+    if classes == IMAGENET_CLASSES and "linear" in tasks:
+        if "v2" in config.test_uri.lower():
+            found["inv2_linear"] = "linear_top1"
+        further = named_roots(config.test_sets, "test_sets") if config.test_sets else []
+        found.update({"inv2_linear": f"test_{name}_linear_top1" for name, _ in further if "v2" in name.lower()})
     if classes == INAT18_CLASSES and not config.test_uri and "linear" in tasks:
         found["inat18_linear"] = "linear_top1"
     if "seg" in tasks and config.seg_data.startswith("ade20k:"):

@@ -6,7 +6,8 @@ Tasks:
   linear probe; the logistic regression swept over ``C``, :mod:`evaluators.logreg`) on Fashion-MNIST,
   next to the raw-pixel k-NN baseline (``pixels_knn_top1_k*``), or on folders of class folders, e.g.
   ImageNet, its test set from ``val/`` or from ``test_uri`` (ImageNet-A, -R, -Sketch, -C: scored over
-  their own classes when fewer) (:mod:`evaluators.classification`), and with ``corruption_uri`` the
+  their own classes when fewer) (:mod:`evaluators.classification`), with ``test_sets`` the same
+  classifiers on further test sets, several in one run (:mod:`evaluators.clean_probes`), and with ``corruption_uri`` the
   same k-NN and probes on each of ImageNet-C's corruption/severity folders (mCE, :mod:`evaluators.corruptions`);
 * ``seg``: the linear segmentation head on synthetic scenes, or on ADE20K or Pascal VOC
   (``seg_data``) (mIoU, pixel accuracy);
@@ -63,8 +64,9 @@ from torch import nn
 from dinoflow.storage import Storage, join_uri
 from evaluators.attention import ATTENTION_IMAGES, attention_summary
 from evaluators.classification import DATA_KINDS, DataKind, FolderImages, labelled_images, named_roots
-from evaluators.corruptions import (CleanClassifiers, corruption_errors, corruption_folders, corruption_metrics,
-                                    score_corruptions, scores_uri)
+from evaluators.clean_probes import (CleanClassifiers, score_test_sets, scores_uri, test_set_folders,
+                                     test_set_metrics)
+from evaluators.corruptions import corruption_errors, corruption_folders, corruption_metrics, score_corruptions
 from evaluators.dense import (
     DEPTH_HEADS,
     HeadConfig,
@@ -126,6 +128,8 @@ class SuiteConfig:
     tasks: tuple[str, ...] = ("knn", "linear")
     data_uri: str = ""  # knn, linear, logreg: Fashion-MNIST's files, or train/ and val/ class folders
     test_uri: str = ""  # knn, linear, logreg: a test set's class folders instead of val/ (ImageNet-A/R/Sketch/C)
+    test_sets: str = ""  # knn, linear, logreg: comma-separated further test sets of class folders (ImageNet-V2, -A,
+    # -R, -Sketch), each scored by the same trained classifiers (test_<set>_<task>_top1, :mod:`evaluators.clean_probes`)
     corruption_uri: str = ""  # ImageNet-C's root, <corruption>/<severity>/<class>/<image>: k-NN and probes also
     # scored on each folder, a folder's features at a time (corruption_*_mce, :mod:`evaluators.corruptions`)
     data_kind: DataKind = "auto"
@@ -189,6 +193,11 @@ class SuiteConfig:
                                     or self.data_kind == "fashion_mnist"):
             raise ValueError(f"corruption_uri {self.corruption_uri!r} scores the classification probes on ImageNet-C: "
                              f"it needs knn, linear or logreg on a data_uri of class folders (train/<class>/)")
+        if self.test_sets:
+            named_roots(self.test_sets, "test_sets")
+            if not set(CLASSIFICATION_TASKS) & set(self.tasks) or self.data_kind == "fashion_mnist":
+                raise ValueError(f"test_sets {self.test_sets!r} are scored by the classification probes: they need "
+                                 f"knn, linear or logreg on a data_uri of class folders (train/<class>/)")
         if self.depth_head_kind not in DEPTH_HEADS:
             raise ValueError(f"unknown depth head {self.depth_head_kind!r}; allowed: {', '.join(DEPTH_HEADS)}")
         if self.image_size < 1 or min(self.dense_image_size, self.retrieval_image_size) < 0:
@@ -282,11 +291,14 @@ def _classification(backbone: nn.Module, config: SuiteConfig, storage: Storage, 
     logreg = LogRegConfig() if "logreg" in config.tasks else None
     images = labelled_images(config.data_uri, config.data_kind, storage, config.train_limit, config.test_limit,
                              config.image_size, config.seed, config.num_workers, config.test_uri)
-    if config.corruption_uri and not isinstance(images, FolderImages):
-        raise ValueError(f"corruption_uri {config.corruption_uri}: ImageNet-C's folders are tested with probes "
-                         f"trained on class folders, train/<class>/<image>; {config.data_uri} holds Fashion-MNIST")
-    # ImageNet-C's folders found (or their layout refused) before the long train pass
+    for setting in ("corruption_uri", "test_sets"):
+        if getattr(config, setting) and not isinstance(images, FolderImages):
+            raise ValueError(f"{setting} {getattr(config, setting)}: further test sets are scored by probes trained "
+                             f"on class folders, train/<class>/<image>; {config.data_uri} holds Fashion-MNIST")
+    # ImageNet-C's folders and the further test sets found (or refused) before the long train pass
     corrupted = corruption_folders(storage, config.corruption_uri) if config.corruption_uri else []
+    further = test_set_folders(images, storage, config.test_sets, config.test_limit,
+                               config.seed) if config.test_sets else []
     parts, identity = None, {}
     if config.work_dir:
         identity = {"backbone_sha256": digest, "views": linear is not None,
@@ -309,10 +321,16 @@ def _classification(backbone: nn.Module, config: SuiteConfig, storage: Storage, 
     metrics = report_metrics(report)
     usable = [k for k in config.ks if f"k{k}" in report["knn"]]  # (ks above the train set's size are skipped)
     k = (20 if 20 in usable else usable[-1]) if usable else None  # the k of the confusion matrix and ImageNet-C
+    clean = CleanClassifiers(k, config.temperature, probe, fit)
+    if further:
+        saves = scores_uri(config.work_dir, "test-sets", {**identity, "test_sets": config.test_sets},
+                           clean) if config.work_dir else ""
+        report["test_sets"] = score_test_sets(further, data, backbone, storage, clean, device, config.amp_dtype,
+                                              saves)
+        metrics.update(test_set_metrics(report["test_sets"]))
     if corrupted:
         assert isinstance(images, FolderImages)
-        clean = CleanClassifiers(k, config.temperature, probe, fit)
-        saves = scores_uri(config.work_dir, {**identity, "corruption_uri": config.corruption_uri},
+        saves = scores_uri(config.work_dir, "corruptions", {**identity, "corruption_uri": config.corruption_uri},
                            clean) if config.work_dir else ""
         report["corruptions"] = score_corruptions(images, data, backbone, storage, corrupted, clean, device,
                                                   config.amp_dtype, config.test_limit, config.seed, saves)

@@ -227,6 +227,7 @@ def test_bad_corruption_layouts_are_refused_with_the_path_and_the_layout(tmp_pat
         SuiteConfig(tasks=("seg",), corruption_uri=str(tmp_path / "c"))
     with pytest.raises(ValueError, match="corruption_uri .* needs knn, linear or logreg on a data_uri of class"):
         SuiteConfig(data_uri="x", data_kind="fashion_mnist", corruption_uri=str(tmp_path / "c"))
-    with pytest.raises(ValueError, match="tested with probes trained on class folders.* holds Fashion-MNIST"):
+    with pytest.raises(ValueError, match="corruption_uri .*: further test sets are scored by probes trained on "
+                                         "class folders.* holds Fashion-MNIST"):
         run_suite(backbone(), SuiteConfig(tasks=("knn",), data_uri="/usr/share/datasets/fashion-mnist",
                                           train_limit=50, test_limit=10, corruption_uri=str(tmp_path / "c")))
