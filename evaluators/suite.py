@@ -309,18 +309,18 @@ def _classification(backbone: nn.Module, config: SuiteConfig, storage: Storage, 
     splits = [data.train_x, data.train_y, data.test_x, data.test_y]
     classes = len(data.classes)
     report = classification_report(data, config.ks, config.temperature, None, device)
-    probe = None  # the chosen view's probe, its classifier kept for ImageNet-C's folders
+    probe = None  # the chosen view's probe, its classifier kept for the further test sets and ImageNet-C
     if linear is not None:
         report["linear"], result = linear_report(data, linear, device)
         probe = report["linear"]["view"], result
-    fit = None  # the logistic regression's refit, kept for ImageNet-C's folders too
+    fit = None  # the logistic regression's refit, kept for them too
     if logreg is not None:
         fit = logreg_fit(data, logreg, device)
         report["logreg"] = fit.to_dict()
     report.update(classes=list(data.classes), bad_images=data.bad)
     metrics = report_metrics(report)
     usable = [k for k in config.ks if f"k{k}" in report["knn"]]  # (ks above the train set's size are skipped)
-    k = (20 if 20 in usable else usable[-1]) if usable else None  # the k of the confusion matrix and ImageNet-C
+    k = (20 if 20 in usable else usable[-1]) if usable else None  # the confusion matrix's k, the test sets' too
     clean = CleanClassifiers(k, config.temperature, probe, fit)
     if further:
         saves = scores_uri(config.work_dir, "test-sets", {**identity, "test_sets": config.test_sets},
@@ -360,7 +360,7 @@ def _classification(backbone: nn.Module, config: SuiteConfig, storage: Storage, 
 
 
 def _finegrained(backbone: nn.Module, config: SuiteConfig, storage: Storage, device: torch.device, digest: str,
-              pictures: str | Path | None) -> dict[str, dict]:
+                 pictures: str | Path | None) -> dict[str, dict]:
     """Each set of ``finegrained_data`` (:mod:`evaluators.finegrained`; ``train_limit``, ``test_limit``
     and ``image_size`` as the classification's) scored by the logistic regression, one set's
     features held at a time, its feature pass saved under ``<work_dir>/finegrained/<name>``; with
