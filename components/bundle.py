@@ -7,11 +7,10 @@ KFP embeds the folder as base64 inside one command-line argument, and Linux caps
 at 128 KiB (``MAX_ARG_STRLEN``), so each component's bundle holds only the import closure of its
 function (every module of :data:`PACKAGES` reachable through any ``import``, even one inside a
 function, plus their packages' ``__init__``) and, where a shipped module reads presets, the YAML
-presets; its Python files lose their
-docstrings, comments and functions' annotations (:func:`shipped_source`, ``ast.unparse``: about
-45 % smaller; the checkout stays the readable source, and line numbers in a task's traceback
-refer to the shipped copy); and its size is checked
-here, before anything runs. A side effect: a stage's cache key (:func:`code_digest` of its bundle)
+presets; its Python files lose their docstrings, comments and functions' annotations
+(:func:`shipped_source`, ``ast.unparse``: about 45 % smaller; the checkout stays the readable
+source, and line numbers in a task's traceback refer to the shipped copy); and its size is
+checked here, before anything runs. A side effect: a stage's cache key (:func:`code_digest` of its bundle)
 changes only when code the stage can run changes.
 """
 
