@@ -10,6 +10,7 @@ import pytest
 from evaluators.classification import FolderImages
 from evaluators.suite import SuiteConfig, run_suite
 from tests.evaluators.test_classification import backbone, write_folders
+from tests.evaluators.test_corruptions import counted_test_passes
 
 TASKS = ("knn", "linear", "logreg")
 
@@ -51,15 +52,7 @@ def test_each_test_set_scores_as_a_run_with_it_as_the_test_set(tmp_path: Path) -
 
 def test_a_rerun_reads_each_sets_saved_scores_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     given = sets(tmp_path)
-    made: list[int] = []
-    original = FolderImages.test_features
-
-    def counted(self: FolderImages, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
-        data = original(self, *args, **kwargs)
-        made.append(len(data.test_y))
-        return data
-
-    monkeypatch.setattr(FolderImages, "test_features", counted)
+    made = counted_test_passes(monkeypatch)
     config = SuiteConfig(tasks=("knn", "linear"), data_uri=str(tmp_path / "in"), image_size=28, ks=(5,),
                          test_sets=given, work_dir=str(tmp_path / "work"))
     model = backbone()

@@ -77,6 +77,20 @@ def cropped_only(folder: Path, out: Path, size: int) -> Path:
     return out
 
 
+def counted_test_passes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The rows of each further test set's feature pass, appended as they are made."""
+    made: list[int] = []
+    original = FolderImages.test_features
+
+    def counted(self: FolderImages, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        data = original(self, *args, **kwargs)
+        made.append(len(data.test_y))
+        return data
+
+    monkeypatch.setattr(FolderImages, "test_features", counted)
+    return made
+
+
 def test_each_folder_is_scored_by_the_probe_and_knn_trained_on_the_clean_train_split(tmp_path: Path) -> None:
     """The independent reference: the suite run with ``test_uri`` = one folder's images as
     ImageNet-C's evaluation crops them (:func:`cropped_only`) trains the same probe (same seed,
@@ -141,15 +155,7 @@ def test_a_rerun_reads_each_folders_saved_scores_back(tmp_path: Path, monkeypatc
     scored anew, alone; other classifiers (the k-NN's k) score into a folder of their own."""
     write_folders(tmp_path / "in", {"cat": (8, 3), "dog": (8, 3), "fish": (8, 3)})
     folders = write_corruptions(tmp_path / "c", tmp_path / "in" / "val")
-    made: list[int] = []
-    original = FolderImages.test_features
-
-    def counted(self: FolderImages, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
-        data = original(self, *args, **kwargs)
-        made.append(len(data.test_y))
-        return data
-
-    monkeypatch.setattr(FolderImages, "test_features", counted)
+    made = counted_test_passes(monkeypatch)
     work = tmp_path / "work"
     config = SuiteConfig(tasks=("knn", "linear"), data_uri=str(tmp_path / "in"), image_size=28, ks=(5,),
                          corruption_uri=str(tmp_path / "c"), work_dir=str(work))
