@@ -142,9 +142,13 @@ def _test_split(test_uri: str, classes: tuple[str, ...], storage: Storage, image
                 seed: int, load: int = 0) -> tuple[Subset, Tensor]:
     """A test split's class folders (limited as :func:`_limited`; decoded with the shorter side at
     ``load``, 0: ``image_size / 0.875``), refused unless its classes are among train's ``classes``,
-    and the map of its class indices into train's."""
+    and the map of its class indices into train's. Folders named by class index instead (``0`` to
+    ``999``: ImageNet-V2's release, its indices those of the sorted class names) are read as
+    train's class of that index."""
     test = ImageFolderDataset(storage, test_uri, load or round(image_size / CROP_RATIO))
     unknown = sorted(set(test.classes) - set(classes))
+    if unknown and all(name.isdecimal() and int(name) < len(classes) for name in test.classes):
+        return _limited(test, limit, seed), torch.tensor([int(name) for name in test.classes])
     if unknown or not test.classes:
         raise ValueError(f"{test_uri}: classes {unknown or '(none: images outside class folders)'} are not "
                          f"among train's {len(classes)} class folders")

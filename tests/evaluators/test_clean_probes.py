@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,23 @@ def test_bad_test_sets_are_refused_before_the_train_pass(tmp_path: Path, monkeyp
                                          "folders.* holds Fashion-MNIST"):
         run_suite(backbone(), SuiteConfig(tasks=("knn",), data_uri="/usr/share/datasets/fashion-mnist",
                                           train_limit=50, test_limit=10, test_sets=str(tmp_path / "imagenetv2")))
+
+
+def test_folders_named_by_class_index_are_train_classes_of_that_index(tmp_path: Path) -> None:
+    """ImageNet-V2's release names its folders 0-999, the indices of the sorted class names: the
+    same images under cat/dog/fish and under 0/1/2 score alike; an index past train's is refused."""
+    given = sets(tmp_path)
+    named = Path(given.split(",")[0])
+    indexed = tmp_path / "imagenetv2-indexed"
+    shutil.copytree(named, indexed)
+    for index, name in enumerate(("cat", "dog", "fish")):
+        (indexed / name).rename(indexed / str(index))
+    config = SuiteConfig(tasks=("knn", "linear"), data_uri=str(tmp_path / "in"), image_size=28, ks=(5,),
+                         test_sets=f"{named},{indexed}")
+    metrics = run_suite(backbone(), config)["metrics"]
+    assert metrics["test_imagenetv2_knn_top1"] > 0.8  # the colours' classes: a wrong map would score near 0
+    for task in ("knn", "linear"):
+        assert metrics[f"test_imagenetv2-indexed_{task}_top1"] == metrics[f"test_imagenetv2_{task}_top1"]
+    (indexed / "2").rename(indexed / "3")
+    with pytest.raises(ValueError, match=r"classes \['0', '1', '3'\] are not among train's 3 class folders"):
+        run_suite(backbone(), config)

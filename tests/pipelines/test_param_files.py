@@ -74,8 +74,8 @@ def test_a_bad_parameter_file_is_refused_in_one_line_naming_it(tmp_path: Path, t
 def test_a_missing_parameter_file_names_the_shipped_ones(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["pipeline", "run", "retrain", "--params", "weekly"])
     assert result.exit_code == 2
-    assert "no such file, nor a name of configs/pipelines/: benchmarks-cluster, full-vitl14-curated, retrain-weekly" \
-        in result.stderr
+    assert ("no such file, nor a name of configs/pipelines/: benchmarks-cluster, benchmarks-finegrained, "
+            "benchmarks-robustness, full-vitl14-curated, retrain-weekly") in result.stderr
 
 
 @pytest.mark.parametrize("name", ["full", "evaluate_only", "retrain", "distill", "finetune", "promote"])
