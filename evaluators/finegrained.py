@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from evaluators.classification import LabelledFeatures
-from evaluators.logreg import LogRegConfig, normalized, predict
+from evaluators.logreg import LogRegConfig, logreg_predictions
 from evaluators.report import logreg_fit
 
 
@@ -36,13 +36,12 @@ def mean_class_accuracy(predicted: Tensor, labels: Tensor) -> float:
 
 
 def finegrained_scores(data: LabelledFeatures, device: str | torch.device = "cpu",
-                    logreg: LogRegConfig = LogRegConfig()) -> dict:
+                       logreg: LogRegConfig = LogRegConfig()) -> dict:
     """One set's features (:meth:`~evaluators.classification.FolderImages.features`) scored by the
     logistic regression fit on its own train split: ``{**LogRegResult.to_dict(), "mean_class_accuracy",
     "classes"}``."""
     fit = logreg_fit(data, logreg, device)
-    assert fit.weight is not None and fit.bias is not None
-    predicted = predict(normalized(data.test_x, device), fit.weight, fit.bias).cpu()
+    predicted = logreg_predictions(fit, data.test_x, data.test_classes).cpu()
     return {**fit.to_dict(), "mean_class_accuracy": mean_class_accuracy(predicted, data.test_y),
             "classes": len(data.classes)}
 

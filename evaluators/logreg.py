@@ -165,15 +165,20 @@ def logistic_regression(train_features: Tensor, train_labels: Tensor, test_featu
                         feature_dim=features.shape[1], weight=weight, bias=bias)
 
 
-def logreg_accuracy(result: LogRegResult, features: Tensor, labels: Tensor,
-                    test_classes: Tensor | None = None) -> float:
-    """Top-1 accuracy of ``result``'s refit classifier on another test set's ``(M, F)`` final CLS
-    features (raw: L2-normalised here, as its train set's were) and ``(M,)`` labels; ``test_classes``:
-    over these classes only, as :func:`logistic_regression`'s. Why: a robustness benchmark
-    (ImageNet-C) scores the classifier fit on the clean train set, not a new sweep."""
+def logreg_predictions(result: LogRegResult, features: Tensor, test_classes: Tensor | None = None) -> Tensor:
+    """Each row's class under ``result``'s refit classifier, on the classifier's device, from another
+    test set's ``(M, F)`` final CLS features (raw: L2-normalised here, as its train set's were);
+    ``test_classes``: among these classes only, as :func:`logistic_regression`'s."""
     if result.weight is None or result.bias is None:
         raise ValueError("this logistic regression result holds no classifier (made without logistic_regression)")
     device = result.weight.device
     classes = None if test_classes is None else test_classes.to(device)
-    predicted = predict(normalized(features, device), result.weight, result.bias, classes)
-    return float((predicted == labels.to(device, torch.long)).double().mean()) if len(labels) else 0.0
+    return predict(normalized(features, device), result.weight, result.bias, classes)
+
+
+def logreg_accuracy(result: LogRegResult, features: Tensor, labels: Tensor,
+                    test_classes: Tensor | None = None) -> float:
+    """Top-1 accuracy of :func:`logreg_predictions` against ``(M,)`` ``labels``. Why: a robustness
+    benchmark (ImageNet-C) scores the classifier fit on the clean train set, not a new sweep."""
+    predicted = logreg_predictions(result, features, test_classes)
+    return float((predicted == labels.to(predicted.device, torch.long)).double().mean()) if len(labels) else 0.0
