@@ -21,7 +21,6 @@ tokens), the view whose probe wins on the held-out split reported.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -81,21 +80,6 @@ def view(features: Tensor, name: str, dim: int) -> Tensor:
     blocks = features.shape[1] // dim - 1
     start = (blocks - 1) * dim if name.startswith("last1") else 0
     return features[:, start : features.shape[1] if name.endswith("+avgpool") else blocks * dim]
-
-
-def named_roots(given: str, setting: str) -> list[tuple[str, str]]:
-    """``(name, root)`` of each comma-separated root of ``given`` (the value of ``setting``, named
-    in the error), named by its last part (``s3://bucket/datasets/food101`` -> ``food101``): a name
-    of letters, digits, ``_``, ``.`` or ``-``, used once, as it names metrics."""
-    roots = [root.strip().rstrip("/") for root in given.split(",") if root.strip()]
-    sets = [(root.rsplit("/", 1)[-1], root) for root in roots]
-    names = [name for name, _ in sets]
-    bad = sorted({name for name in names if names.count(name) > 1 or not re.fullmatch(r"[\w.-]+", name)})
-    if not sets or bad:
-        raise ValueError(f"{setting} = {given!r}: give comma-separated roots of class folders, each named by its "
-                         f"last part, of letters, digits, '_', '.' or '-', once (e.g. s3://d/food101,s3://d/cars); "
-                         f"{'repeated or bad: ' + ', '.join(bad) if bad else 'none given'}")
-    return sets
 
 
 def labelled_images(uri: str, kind: DataKind, storage: Storage, train_limit: int = 0, test_limit: int = 0,

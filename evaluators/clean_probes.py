@@ -27,7 +27,8 @@ from torch import Tensor, nn
 
 from dinoflow.progress import progress
 from dinoflow.storage import Storage, join_uri
-from evaluators.classification import FolderImages, LabelledFeatures, named_roots, view
+from evaluators.classification import FolderImages, LabelledFeatures, view
+from evaluators.data_settings import named_roots
 from evaluators.feature_parts import tensors_digest
 from evaluators.linear import LinearProbeResult, probe_accuracy
 from evaluators.logreg import LogRegResult, logreg_accuracy

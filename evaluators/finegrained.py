@@ -6,7 +6,7 @@ Flowers-102, CUB-200), each scored by the logistic regression on the final CLS t
 (:mod:`evaluators.logreg`: no learning rate or epochs to tune per set, so the accuracy is the
 features'). One evaluation runs them all: ``finegrained_data`` names their roots, each class folders
 of its own (``train/<class>/``, and ``val/`` or ``test/``), the set named by its root's last part
-(:func:`~evaluators.classification.named_roots`).
+(:func:`~evaluators.data_settings.named_roots`).
 
 Besides top-1, each set's mean per-class accuracy (the mean over the test classes of each one's
 recall): the metric the protocol reports for the sets whose test classes are unevenly sized

@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-from evaluators.classification import named_roots
+from evaluators.data_settings import named_roots, named_sets
 
 SHAPES = {(384, 12): "ViT-S/14", (768, 12): "ViT-B/14", (1024, 24): "ViT-L/14", (1536, 40): "ViT-g/14"}
 IMAGENET_CLASSES, INAT18_CLASSES = 1000, 8142
@@ -70,17 +70,19 @@ def benchmarks_run(config: Any, classes: int | None) -> dict[str, str]:
         found.update({"inv2_linear": f"test_{name}_linear_top1" for name, _ in further if "v2" in name.lower()})
     if classes == INAT18_CLASSES and not config.test_uri and "linear" in tasks:
         found["inat18_linear"] = "linear_top1"
-    if "seg" in tasks and config.seg_data.startswith("ade20k:"):
+    seg, depth, retrieval = ([name for name, _ in named_sets(given)]
+                             for given in (config.seg_data, config.depth_data, config.retrieval_data))
+    if "seg" in tasks and seg == ["ade20k"]:
         if config.layers == 1 and not config.multiscale:
             found["ade20k_linear"] = "seg_miou"
         elif config.layers == 4 and config.multiscale:
             found["ade20k_ms"] = "seg_miou"
     if "depth" in tasks and config.layers == 4 and config.depth_head_kind == "linear":
-        if config.depth_data.startswith("nyu:") and "->" not in config.depth_data:
+        if depth == ["nyu"]:
             found["nyu_lin4"] = "depth_rmse"
-        elif config.depth_data.startswith("nyu:") and config.depth_data.split("->")[1].startswith("sunrgbd:"):
+        elif depth == ["nyu", "sunrgbd"]:
             found["sunrgbd_lin4"] = "depth_rmse"
-    if "retrieval" in tasks and config.retrieval_data.startswith("roxford5k:"):
+    if "retrieval" in tasks and retrieval == ["roxford5k"]:
         found["oxford_hard"] = "retrieval_map_hard"
     return found
 

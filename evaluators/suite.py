@@ -63,10 +63,11 @@ from torch import nn
 
 from dinoflow.storage import Storage, join_uri
 from evaluators.attention import ATTENTION_IMAGES, attention_summary
-from evaluators.classification import DATA_KINDS, DataKind, FolderImages, labelled_images, named_roots
+from evaluators.classification import DATA_KINDS, DataKind, FolderImages, labelled_images
 from evaluators.clean_probes import (CleanClassifiers, score_test_sets, scores_uri, test_set_folders,
                                      test_set_metrics)
 from evaluators.corruptions import corruption_errors, corruption_folders, corruption_metrics, score_corruptions
+from evaluators.data_settings import TRANSFER, named_roots, named_sets
 from evaluators.dense import (
     DEPTH_HEADS,
     HeadConfig,
@@ -117,7 +118,6 @@ TASKS = ("knn", "linear", "logreg", "seg", "depth", "retrieval", "video", "fineg
 CLASSIFICATION_TASKS = ("knn", "linear", "logreg")  # on labelled images (data_uri)
 RETRIEVAL_SETS = ("roxford5k", "rparis6k", "amstertime", "met")  # retrieval_data's data sets
 SEG_SETS, DEPTH_SETS = ("ade20k", "voc", "cityscapes"), ("nyu", "kitti", "sunrgbd")
-TRANSFER = "->"  # depth_data's "<train set>:<root>-><test set>:<root>"
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # the feature pass's autocast dtype
 
 
@@ -421,13 +421,6 @@ def train_fit(task: str, config: SuiteConfig, patch: int) -> Fit:
     return Fit("crop", config.image_size, config.seed, augment=True, crop=crop,
                **({"scales": SEG_SCALES, "max_class_share": SEG_MAX_CLASS_SHARE} if task == "seg"
                   else {"rotation": DEPTH_ROTATION, "brightness": DEPTH_BRIGHTNESS.get(trained_on, JITTER_BRIGHTNESS)}))
-
-
-def named_sets(given: str) -> list[tuple[str, str]]:
-    """The ``(set, root)`` pairs a task's ``<set>:<root>`` names: one, or for depth's
-    ``<set>:<root>-><set>:<root>`` (a transfer) the training and the test set; none for ``""``
-    (a part without ``:`` has the root ``""``)."""
-    return [(name, root) for name, _, root in (part.partition(":") for part in given.split(TRANSFER))] if given else []
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ import pytest
 import torch
 from sklearn.metrics import balanced_accuracy_score
 
-from evaluators.classification import FolderImages, named_roots
+from evaluators.classification import FolderImages
+from evaluators.data_settings import named_roots
 from evaluators.finegrained import mean_class_accuracy
 from evaluators.suite import SuiteConfig, run_suite, with_options
 from tests.evaluators.test_classification import backbone, write_folders
