@@ -21,6 +21,7 @@ from typing import Any
 
 from torch import nn
 
+from dinoflow.storage import Storage
 from evaluators.data_settings import named_roots, named_sets
 
 SHAPES = {(384, 12): "ViT-S/14", (768, 12): "ViT-B/14", (1024, 24): "ViT-L/14", (1536, 40): "ViT-g/14"}
@@ -117,9 +118,5 @@ def save_comparison(rows: list[dict[str, Any]], path: str | Path) -> Path:
     lines = ["| benchmark | model | ours | paper | gap (+: better) |", "|---|---|---|---|---|"]
     lines += [f"| {row['benchmark']} | {row['model']} | {shown(row, row['ours'])} | {shown(row, row['paper'])} | "
               f"{'+' if row['gap'] >= 0 else '-'}{shown(row, abs(row['gap']))} |" for row in rows]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text("\n".join(lines) + "\n")
-    partial.replace(path)
-    return path
+    Storage().write_bytes(str(path), ("\n".join(lines) + "\n").encode())
+    return Path(path)
