@@ -34,6 +34,8 @@ PACKAGES = ("dinoflow", "trainer", "evaluators", "curation", "components", "conf
 LOADED_BY_PATH = {"trainer.models.packaging": ("trainer.models.mlflow_entry",)}  # MLflow "models from code"
 # the functions that read the YAML presets under configs/ (by name or path): a bundle without them ships none
 PRESET_READERS = frozenset({"dinoflow.config.load_config", "dinoflow.config.preset_path", "dinoflow.config.load_yaml"})
+# YAML under configs/ that only the host reads (the demo's settings, the pipelines' parameter sets): never shipped
+HOST_CONFIGS = ("configs/demo.yaml", "configs/pipelines")
 ARGUMENT_LIMIT = 128 * 1024  # bytes in one execve argument (MAX_ARG_STRLEN, its closing NUL included)
 HEADROOM = 8 * 1024  # for the component's own source next to the archive (2-3 KiB; checked exactly: longest_argument)
 
@@ -98,16 +100,18 @@ def import_closure(roots: Iterable[str], root: Path = REPO_ROOT) -> list[Path]:
 
 def bundle_files(root: Path = REPO_ROOT, roots: Iterable[str] | None = None) -> list[Path]:
     """What a bundle under ``root`` holds: the import closure of ``roots`` and, when it reads
-    presets (:data:`PRESET_READERS`), the YAML presets; or (``roots=None``) every source and preset
-    of :data:`PACKAGES` there; sorted."""
+    presets (:data:`PRESET_READERS`), the YAML presets (not :data:`HOST_CONFIGS`: no stage reads
+    them); or (``roots=None``) every source and YAML file of :data:`PACKAGES` there; sorted."""
     folders = [root / package for package in PACKAGES if (root / package).is_dir()]
     if not folders:
         raise FileNotFoundError(f"cannot bundle {root}: none of {', '.join(PACKAGES)} is there "
                                 "(run from a dinoflow checkout)")
     closure = import_closure(roots, root) if roots is not None else []
     wanted = (".py", ".yaml") if roots is None else (".yaml",) if _reads_presets(closure, root) else ()
+    host = [root / path for path in HOST_CONFIGS] if roots is not None else []
     files = [p for folder in folders for p in folder.rglob("*")
-             if p.is_file() and p.suffix in wanted and "__pycache__" not in p.parts]
+             if p.is_file() and p.suffix in wanted and "__pycache__" not in p.parts
+             and not any(p == h or h in p.parents for h in host)]
     return sorted({*files, *closure})
 
 

@@ -98,16 +98,24 @@ def test_closure_follows_imports_transitively_with_packages(tmp_path: Path) -> N
 
 def test_presets_ship_only_with_the_stages_that_read_them(tmp_path: Path) -> None:
     """A bundle holds configs/*.yaml only when a shipped module imports a preset reader
-    (load_config and its kin); importing dinoflow.config for its types alone ships none."""
+    (load_config and its kin); importing dinoflow.config for its types alone ships none; the
+    host's YAML (the demo's settings, the pipelines' parameter sets) ships with no stage."""
     shipped = {stage.__name__ for stage in STAGES if list(stage_bundle(stage).rglob("*.yaml"))}
     assert shipped == {"pretrain", "distill", "finetune"}
+    pretrain = stage_bundle(next(stage for stage in STAGES if stage.__name__ == "pretrain"))
+    presets = {p.relative_to(pretrain).as_posix() for p in pretrain.rglob("*.yaml")}
+    assert "configs/pretrain/tiny.yaml" in presets and "configs/finetune/finetune-tiny.yaml" in presets
+    assert not [p for p in presets if p == "configs/demo.yaml" or p.startswith("configs/pipelines/")]
     files = {"dinoflow/__init__.py": "", "dinoflow/config.py": "def load_config():\n    pass\n",
              "components/__init__.py": "", "components/reads.py": "from dinoflow.config import load_config\n",
-             "components/types.py": "import dinoflow.config\n", "configs/x/p.yaml": "a: 1\n"}
+             "components/types.py": "import dinoflow.config\n", "configs/x/p.yaml": "a: 1\n",
+             "configs/pipelines/run.yaml": "a: 1\n", "configs/demo.yaml": "a: 1\n"}
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
-    assert (tmp_path / "configs/x/p.yaml") in bundle_files(tmp_path, ["components.reads"])
+    assert [p for p in bundle_files(tmp_path, ["components.reads"]) if p.suffix == ".yaml"] == [
+        tmp_path / "configs/x/p.yaml"]
+    assert len([p for p in bundle_files(tmp_path) if p.suffix == ".yaml"]) == 3
     assert not [p for p in bundle_files(tmp_path, ["components.types"]) if p.suffix == ".yaml"]
 
 
