@@ -34,7 +34,7 @@ from dinoflow.storage import Storage, join_uri
 from evaluators.attention import ATTENTION_IMAGES, garment_foreground
 from evaluators.feature_parts import FeatureParts, in_parts, join_rows, text_of, text_tensor
 from evaluators.features import extract_features, to_model_input
-from trainer.data.datasets import BadImageTracker, ImageFolderDataset, collate_samples
+from trainer.data.datasets import BadImageTracker, ImageFolderDataset, ImageListDataset, collate_samples
 from trainer.data.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
 from trainer.data.fashion_mnist import FILES, load_split
 
@@ -110,11 +110,11 @@ def labelled_images(uri: str, kind: DataKind, storage: Storage, train_limit: int
     test_uri = test_uri or (join_uri(uri, "val") if storage.list(join_uri(uri, "val")) else join_uri(uri, "test"))
     test, remap = _test_split(test_uri, train.classes, storage, image_size, test_limit, seed)
     restricted = separate and len(remap) < len(train.classes)
-    return FolderImages(_limited(train, train_limit, seed), test, train.classes, remap, image_size, num_workers,
+    return FolderImages(limited(train, train_limit, seed), test, train.classes, remap, image_size, num_workers,
                         restricted)
 
 
-def _limited(dataset: ImageFolderDataset, limit: int, seed: int) -> Subset:
+def limited(dataset: ImageListDataset, limit: int, seed: int) -> Subset:
     """All of ``dataset``, or with a limit below its size a seeded random subset, in listing order."""
     rows = np.arange(len(dataset))
     if limit and limit < len(rows):
@@ -124,7 +124,7 @@ def _limited(dataset: ImageFolderDataset, limit: int, seed: int) -> Subset:
 
 def _test_split(test_uri: str, classes: tuple[str, ...], storage: Storage, image_size: int, limit: int,
                 seed: int, load: int = 0) -> tuple[Subset, Tensor]:
-    """A test split's class folders (limited as :func:`_limited`; decoded with the shorter side at
+    """A test split's class folders (limited as :func:`limited`; decoded with the shorter side at
     ``load``, 0: ``image_size / 0.875``), refused unless its classes are among train's ``classes``,
     and the map of its class indices into train's. Folders named by class index instead (``0`` to
     ``999``: ImageNet-V2's release, its indices those of the sorted class names) are read as
@@ -132,11 +132,11 @@ def _test_split(test_uri: str, classes: tuple[str, ...], storage: Storage, image
     test = ImageFolderDataset(storage, test_uri, load or round(image_size / CROP_RATIO))
     unknown = sorted(set(test.classes) - set(classes))
     if unknown and all(name.isdecimal() and int(name) < len(classes) for name in test.classes):
-        return _limited(test, limit, seed), torch.tensor([int(name) for name in test.classes])
+        return limited(test, limit, seed), torch.tensor([int(name) for name in test.classes])
     if unknown or not test.classes:
         raise ValueError(f"{test_uri}: classes {unknown or '(none: images outside class folders)'} are not "
                          f"among train's {len(classes)} class folders")
-    return _limited(test, limit, seed), torch.tensor([classes.index(name) for name in test.classes])
+    return limited(test, limit, seed), torch.tensor([classes.index(name) for name in test.classes])
 
 
 @dataclass(frozen=True)
@@ -187,12 +187,13 @@ class FashionMnistImages:
 @dataclass(frozen=True)
 class FolderImages:
     """Class folders' image lists (a limit keeps a seeded random subset), decoded as each feature
-    pass streams them; ``remap`` maps the test split's class indices into train's."""
+    pass streams them; ``remap`` maps the test split's class indices into train's (None: they are
+    train's, as in Pascal VOC's lists, :mod:`evaluators.multilabel`)."""
 
     train: Subset
     test: Subset
     classes: tuple[str, ...]
-    remap: Tensor
+    remap: Tensor | None
     image_size: int
     num_workers: int = 0  # decoding processes
     restricted: bool = False  # a separate test set of fewer classes: scored over its classes only

@@ -6,7 +6,9 @@ Flowers-102, CUB-200), each scored by the logistic regression on the final CLS t
 (:mod:`evaluators.logreg`: no learning rate or epochs to tune per set, so the accuracy is the
 features'). One evaluation runs them all: ``finegrained_data`` names their roots, each class folders
 of its own (``train/<class>/``, and ``val/`` or ``test/``), the set named by its root's last part
-(:func:`~evaluators.data_settings.named_roots`).
+(:func:`~evaluators.data_settings.named_roots`). VOC 2007, multi-label, is scored by its own
+protocol (:mod:`evaluators.multilabel`: a binary regression per class, 11-point mAP) when its root
+is a Pascal VOC release.
 
 Besides top-1, each set's mean per-class accuracy (the mean over the test classes of each one's
 recall): the metric the protocol reports for the sets whose test classes are unevenly sized
@@ -47,13 +49,18 @@ def finegrained_scores(data: LabelledFeatures, device: str | torch.device = "cpu
 
 
 def finegrained_metrics(report: dict[str, dict]) -> dict[str, float]:
-    """``finegrained_<name>_top1`` and ``finegrained_<name>_class_mean`` of each set, and their means over
-    the sets, ``finegrained_mean_top1`` and ``finegrained_mean_class_mean``."""
+    """``finegrained_<name>_top1`` and ``finegrained_<name>_class_mean`` of each set of class folders,
+    and their means over those sets, ``finegrained_mean_top1`` and ``finegrained_mean_class_mean``;
+    ``finegrained_<name>_map`` of a Pascal VOC release (:mod:`evaluators.multilabel`: no top-1)."""
     metrics = {}
+    single = {name: scores for name, scores in report.items() if "test_accuracy" in scores}
     for name, scores in report.items():
+        if name not in single:
+            metrics[f"finegrained_{name}_map"] = float(scores["test_map"])
+    for name, scores in single.items():
         metrics[f"finegrained_{name}_top1"] = float(scores["test_accuracy"])
         metrics[f"finegrained_{name}_class_mean"] = float(scores["mean_class_accuracy"])
-    if report:
-        metrics["finegrained_mean_top1"] = sum(s["test_accuracy"] for s in report.values()) / len(report)
-        metrics["finegrained_mean_class_mean"] = sum(s["mean_class_accuracy"] for s in report.values()) / len(report)
+    if single:
+        metrics["finegrained_mean_top1"] = sum(s["test_accuracy"] for s in single.values()) / len(single)
+        metrics["finegrained_mean_class_mean"] = sum(s["mean_class_accuracy"] for s in single.values()) / len(single)
     return metrics

@@ -24,6 +24,7 @@ their optimum.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -89,10 +90,18 @@ class LogRegResult:
         return out
 
 
+def multinomial_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """``sum_i CE(logits_i, y_i)``: the multinomial regression's data term, ``labels`` ``(N,)`` class indices."""
+    return F.cross_entropy(logits, labels, reduction="sum")
+
+
 def fit_logistic(features: Tensor, labels: Tensor, num_classes: int, c: float, max_iter: int = 1000,
-                 start: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+                 start: tuple[Tensor, Tensor] | None = None,
+                 loss: Callable[[Tensor, Tensor], Tensor] = multinomial_loss) -> tuple[Tensor, Tensor]:
     """The minimiser ``(W (F, C), b (C,))`` of the module's ``L`` on ``features`` ``(N, F)`` and
-    ``labels`` ``(N,)``, from ``start`` (else zeros), by full-batch L-BFGS on the features' device."""
+    ``labels`` (rows of ``labels`` go with rows of ``features``), from ``start`` (else zeros), by
+    full-batch L-BFGS on the features' device; ``loss``: the data term summed over a chunk of rows
+    (the cross-entropy; :func:`evaluators.multilabel.one_vs_rest_loss` for one binary problem per class)."""
     rows, dim = features.shape
     weight = (features.new_zeros(dim, num_classes) if start is None else start[0].clone()).requires_grad_()
     bias = (features.new_zeros(num_classes) if start is None else start[1].clone()).requires_grad_()
@@ -100,7 +109,7 @@ def fit_logistic(features: Tensor, labels: Tensor, num_classes: int, c: float, m
                                   tolerance_grad=GRAD_TOLERANCE, tolerance_change=CHANGE_TOLERANCE,
                                   line_search_fn="strong_wolfe")
 
-    def loss() -> Tensor:
+    def objective() -> Tensor:
         """``L`` with its gradient accumulated chunk by chunk (no ``(N, C)`` logits at once)."""
         optimizer.zero_grad()
         penalty = weight.square().sum() / (2 * c * rows)
@@ -108,14 +117,31 @@ def fit_logistic(features: Tensor, labels: Tensor, num_classes: int, c: float, m
         total = penalty.detach()
         for first in range(0, rows, CHUNK_ROWS):
             logits = features[first:first + CHUNK_ROWS] @ weight + bias
-            part = F.cross_entropy(logits, labels[first:first + CHUNK_ROWS], reduction="sum") / rows
+            part = loss(logits, labels[first:first + CHUNK_ROWS]) / rows
             part.backward()
             total = total + part.detach()
         return total
 
     with torch.enable_grad():
-        optimizer.step(loss)
+        optimizer.step(objective)
     return weight.detach(), bias.detach()
+
+
+def sweep_c(fit: tuple[Tensor, Tensor], held_out: tuple[Tensor, Tensor], width: int, config: LogRegConfig,
+            score: Callable[[Tensor, Tensor, Tensor, Tensor], float],
+            loss: Callable[[Tensor, Tensor], Tensor] = multinomial_loss,
+            ) -> tuple[int, tuple[Tensor, Tensor], list[float]]:
+    """Fits on ``fit`` (features, labels) at each of ``config.c_values`` in turn (warm-started), each
+    scored on ``held_out`` by ``score(features, labels, W, b)``: the index of the best (ties: the
+    smallest ``C``), its solution and every score."""
+    scores: list[float] = []
+    solution: tuple[Tensor, Tensor] | None = None
+    for c in progress(config.c_values, desc="logistic regression: C", unit="C"):
+        solution = fit_logistic(*fit, width, c, config.max_iter, solution, loss)
+        scores.append(score(*held_out, *solution))
+        if scores[-1] > max(scores[:-1], default=-float("inf")):  # the first best: the smallest C among ties
+            best, picked = len(scores) - 1, solution
+    return best, picked, scores
 
 
 def predict(features: Tensor, weight: Tensor, bias: Tensor, classes: Tensor | None = None) -> Tensor:
@@ -148,14 +174,12 @@ def logistic_regression(train_features: Tensor, train_labels: Tensor, test_featu
     labels, test_y = train_labels.to(device, torch.long), test_labels.to(device, torch.long)
     split = split_train_val(len(features), config.val_fraction, torch.Generator().manual_seed(config.seed))
     fit_rows, val_rows = (rows.to(device) for rows in split)
-    fit_x, fit_y, val_x, val_y = features[fit_rows], labels[fit_rows], features[val_rows], labels[val_rows]
-    val_accuracies: list[float] = []
-    solution: tuple[Tensor, Tensor] | None = None
-    for c in progress(config.c_values, desc="logistic regression: C", unit="C"):
-        solution = fit_logistic(fit_x, fit_y, classes, c, config.max_iter, solution)
-        val_accuracies.append(float((predict(val_x, *solution) == val_y).double().mean()))
-        if val_accuracies[-1] > max(val_accuracies[:-1], default=-1.0):  # the first best: the smallest C among ties
-            best, picked = len(val_accuracies) - 1, solution
+
+    def accuracy(x: Tensor, y: Tensor, weight: Tensor, bias: Tensor) -> float:
+        return float((predict(x, weight, bias) == y).double().mean())
+
+    best, picked, val_accuracies = sweep_c((features[fit_rows], labels[fit_rows]),
+                                           (features[val_rows], labels[val_rows]), classes, config, accuracy)
     weight, bias = fit_logistic(features, labels, classes, config.c_values[best], config.max_iter, picked)
     test_classes = None if test_classes is None else test_classes.to(device)
     test_accuracy = float((predict(test_x, weight, bias, test_classes) == test_y).double().mean())

@@ -23,7 +23,8 @@ Tasks:
   Kinetics-400, Something-Something v2) (:mod:`evaluators.video`; top-1);
 * ``finegrained``: the logistic regression on each of ``finegrained_data``'s class-folder sets, the
   paper's fine-grained benchmarks (Food-101, Cars, Aircraft, ...) in one run (:mod:`evaluators.finegrained`;
-  top-1 and mean per-class accuracy);
+  top-1 and mean per-class accuracy), and a binary one per class on a Pascal VOC release among them
+  (VOC 2007's protocol, :mod:`evaluators.multilabel`; 11-point mAP);
 
 and with any of the first four, on the test images (scenes, else Fashion-MNIST), the share of
 high-norm patch tokens and the CLS token's attention on the patches (:mod:`evaluators.attention`).
@@ -92,6 +93,7 @@ from evaluators.dense_source import FeatureSource, feature_sources, relabelled
 from evaluators.feature_parts import FeatureParts, backbone_digest
 from evaluators.features import patch_sides, to_model_input
 from evaluators.finegrained import finegrained_metrics, finegrained_scores
+from evaluators.multilabel import is_voc, voc_images, voc_scores
 from evaluators.knn import knn_predict
 from evaluators.linear import LinearProbeConfig
 from evaluators.logreg import LogRegConfig
@@ -163,7 +165,7 @@ class SuiteConfig:
     video_data: str = ""  # "": synthetic clips (drawn at scene_size); else <root>/train/<class>/<video>, val/ or test/
     video_frames: int = 8  # frames of each video through the backbone
     video_pool: str = "mean"  # their CLS tokens averaged (UCF-101, Kinetics) or concatenated (SSv2): "concat"
-    finegrained_data: str = ""  # finegrained: comma-separated roots of class-folder sets (Food-101, ...): logreg
+    finegrained_data: str = ""  # finegrained: comma-separated roots of class-folder sets (Food-101, ...) or VOC2007
     seed: int = 0
 
     def sized_for(self, tasks: str) -> SuiteConfig:
@@ -347,9 +349,9 @@ def _classification(backbone: nn.Module, config: SuiteConfig, storage: Storage, 
     if "linear" in report:
         chosen = report["linear"]
         sweeps[f"linear probe ({chosen['view']})"] = ("learning rate", chosen["learning_rates"],
-                                                      chosen["val_accuracies"])
+                                                      chosen["val_accuracies"], "top-1")
     if "logreg" in report:
-        sweeps["logistic regression"] = ("C", report["logreg"]["c_values"], report["logreg"]["val_accuracies"])
+        sweeps["logistic regression"] = ("C", report["logreg"]["c_values"], report["logreg"]["val_accuracies"], "top-1")
     if pictures is not None and sweeps:
         save_sweeps(sweeps, Path(pictures) / "probe_sweeps.png")
     if data.pixels is not None:
@@ -362,13 +364,16 @@ def _classification(backbone: nn.Module, config: SuiteConfig, storage: Storage, 
 def _finegrained(backbone: nn.Module, config: SuiteConfig, storage: Storage, device: torch.device, digest: str,
                  pictures: str | Path | None) -> dict[str, dict]:
     """Each set of ``finegrained_data`` (:mod:`evaluators.finegrained`; ``train_limit``, ``test_limit``
-    and ``image_size`` as the classification's) scored by the logistic regression, one set's
-    features held at a time, its feature pass saved under ``<work_dir>/finegrained/<name>``; with
-    ``pictures``, each set's sweep over C in ``finegrained_sweeps.png``."""
+    and ``image_size`` as the classification's) scored by the logistic regression (a Pascal VOC
+    release by one per class, :mod:`evaluators.multilabel`), one set's features held at a time, its
+    feature pass saved under ``<work_dir>/finegrained/<name>``; with ``pictures``, each set's sweep
+    over C in ``finegrained_sweeps.png``."""
     report = {}
     for name, root in named_roots(config.finegrained_data, "finegrained_data"):
-        images = labelled_images(root, "folder", storage, config.train_limit, config.test_limit, config.image_size,
-                                 config.seed, config.num_workers)
+        voc = voc_images(root, storage, config.train_limit, config.test_limit, config.image_size, config.seed,
+                         config.num_workers) if is_voc(root, storage) else None
+        images = voc.images if voc else labelled_images(root, "folder", storage, config.train_limit, config.test_limit,
+                                                        config.image_size, config.seed, config.num_workers)
         parts = None
         if config.work_dir:
             identity = {"backbone_sha256": digest, "data_uri": root,
@@ -376,10 +381,13 @@ def _finegrained(backbone: nn.Module, config: SuiteConfig, storage: Storage, dev
                                                                  "precision", "seed")}}
             parts = FeatureParts(storage, join_uri(config.work_dir, "finegrained", name), identity)
         data = images.features(backbone, amp_dtype=config.amp_dtype, parts=parts)
-        report[name] = {**finegrained_scores(data, device), "root": root}
+        report[name] = {**(voc_scores(voc, data, device) if voc else finegrained_scores(data, device)), "root": root}
     if pictures is not None:
-        save_sweeps({f"logistic regression ({name})": ("C", scores["c_values"], scores["val_accuracies"])
-                     for name, scores in report.items()}, Path(pictures) / "finegrained_sweeps.png")
+        sweeps = {}
+        for name, scores in report.items():
+            held_out = (scores["val_maps"], "mAP") if "val_maps" in scores else (scores["val_accuracies"], "top-1")
+            sweeps[f"logistic regression ({name})"] = ("C", scores["c_values"], *held_out)
+        save_sweeps(sweeps, Path(pictures) / "finegrained_sweeps.png")
     return report
 
 
@@ -654,7 +662,7 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
     """
     if "finegrained" in config.tasks and not config.finegrained_data:
         raise ValueError("the finegrained task needs finegrained_data: comma-separated roots of class folders "
-                         "(train/<class>/, val/<class>/), e.g. s3://d/food101,s3://d/cars")
+                         "(train/<class>/, val/<class>/) or of a Pascal VOC release, e.g. s3://d/food101,s3://d/cars")
     backbone.eval()
     storage = storage or Storage()
     metrics: dict[str, float] = {}

@@ -247,19 +247,19 @@ def save_training_curves(curves: Sequence[dict[str, float]], evaluations: Sequen
     return _save(figure, path)
 
 
-def save_sweeps(sweeps: dict[str, tuple[str, Sequence[float], Sequence[float]]], path: str | Path) -> Path:
-    """Held-out accuracy against a hyper-parameter on a log scale, a panel per sweep (``title ->
-    (the parameter's name, its values, the accuracies)``), the value picked (the first best) marked:
-    a best at the sweep's edge says the sweep was too narrow."""
+def save_sweeps(sweeps: dict[str, tuple[str, Sequence[float], Sequence[float], str]], path: str | Path) -> Path:
+    """A held-out score against a hyper-parameter on a log scale, a panel per sweep (``title ->
+    (the parameter's name, its values, the scores, the score's name)``: top-1, or mAP), the value
+    picked (the first best) marked: a best at the sweep's edge says the sweep was too narrow."""
     figure, axes = plt.subplots(1, len(sweeps), figsize=(4.2 * len(sweeps), 3.2), squeeze=False)
-    for axis, (title, (name, values, accuracies)) in zip(axes[0], sweeps.items()):
-        best = int(np.argmax(accuracies))
-        axis.plot(values, [100 * a for a in accuracies], marker="o", lw=1, markersize=3)
-        axis.plot([values[best]], [100 * accuracies[best]], marker="*", markersize=12, color="tab:red",
-                  label=f"picked: {name} = {values[best]:.3g}, {100 * accuracies[best]:.1f} %")
+    for axis, (title, (name, values, scores, score)) in zip(axes[0], sweeps.items()):
+        best = int(np.argmax(scores))
+        axis.plot(values, [100 * a for a in scores], marker="o", lw=1, markersize=3)
+        axis.plot([values[best]], [100 * scores[best]], marker="*", markersize=12, color="tab:red",
+                  label=f"picked: {name} = {values[best]:.3g}, {100 * scores[best]:.1f} %")
         axis.set_xscale("log")
         axis.set_xlabel(name)
-        axis.set_ylabel("held-out top-1 (%)")
+        axis.set_ylabel(f"held-out {score} (%)")
         axis.set_title(title, fontsize=9)
         axis.legend(fontsize=6)
     figure.tight_layout()

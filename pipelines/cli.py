@@ -341,7 +341,7 @@ def evaluate(
     source: SourceOption = "auto",
     tasks: Annotated[str, typer.Option(help="for suite: comma-separated knn, linear, logreg, seg, depth, "
                                        "retrieval, video, finegrained (--option finegrained_data=<root>,...: "
-                                       "logreg on each set of class folders)")] = (
+                                       "logreg on each set of class folders or VOC)")] = (
         "knn,linear,seg,depth,retrieval"),
     data_uri: Annotated[str, typer.Option(help="labelled images for knn, linear, logreg: Fashion-MNIST's folder, or "
                                                 "one of class folders, train/<class>/ and val/<class>/ (ImageNet's "

@@ -54,11 +54,12 @@ def test_a_sweep_is_drawn_with_its_pick_marked(tmp_path: Path, monkeypatch: pyte
     drawn = []
     save = visualize._save
     monkeypatch.setattr(visualize, "_save", lambda figure, path: (drawn.append(figure), save(figure, path))[1])
-    path = visualize.save_sweeps({"linear probe": ("learning rate", [1e-3, 1e-2, 1e-1], [0.5, 0.8, 0.8]),
-                                  "logistic regression": ("C", [1e-6, 1.0, 1e5], [0.1, 0.9, 0.7])},
+    path = visualize.save_sweeps({"linear probe": ("learning rate", [1e-3, 1e-2, 1e-1], [0.5, 0.8, 0.8], "top-1"),
+                                  "logistic regression": ("C", [1e-6, 1.0, 1e5], [0.1, 0.9, 0.7], "mAP")},
                                  tmp_path / "sweeps.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
     axes = drawn[0].axes
     assert [a.get_title() for a in axes] == ["linear probe", "logistic regression"]
     labels = [a.get_legend().get_texts()[0].get_text() for a in axes]
     assert labels == ["picked: learning rate = 0.01, 80.0 %", "picked: C = 1, 90.0 %"]
+    assert [a.get_ylabel() for a in axes] == ["held-out top-1 (%)", "held-out mAP (%)"]

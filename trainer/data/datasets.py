@@ -249,7 +249,46 @@ def _has_extension(uri: str, extensions: Sequence[str]) -> bool:
     return uri.lower().endswith(tuple("." + ext.lower().lstrip(".") for ext in extensions))
 
 
-class ImageFolderDataset(Dataset[Sample]):
+class ImageListDataset(Dataset[Sample]):
+    """The images at ``keys`` (URIs), each with its label: a split whose files a data set lists
+    itself (Pascal VOC's ``ImageSets``), decoded as :class:`ImageFolderDataset`'s."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        keys: Sequence[str],
+        labels: Sequence[int] | np.ndarray,
+        load_size: int,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_aspect: float = 1.0,
+    ) -> None:
+        check_positive(load_size=load_size, max_pixels=max_pixels)
+        check_max_aspect(max_aspect)
+        if len(keys) != len(labels):
+            raise ValueError(f"{len(keys)} image keys but {len(labels)} labels: give one label per image")
+        self.load_size = load_size
+        self.max_pixels = max_pixels
+        self.max_aspect = max_aspect
+        self._storage = ProcessLocalStorage(storage)
+        # numpy arrays rather than lists of Python objects: forked workers then share the pages
+        self._keys = np.array(keys, dtype=str)
+        self._labels = np.asarray(labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Every image's label (``(N,)`` int64; a folder's: -1 outside class folders), known without decoding."""
+        return self._labels
+
+    def __getitem__(self, index: int) -> Sample:
+        key = str(self._keys[index])
+        region = decode_region(self._storage.get().read_bytes(key), self.load_size, self.max_pixels, self.max_aspect)
+        return sample_of(region, int(self._labels[index]), key)
+
+
+class ImageFolderDataset(ImageListDataset):
     """Every image file under ``root_uri`` (recursively), labelled by its first-level folder.
 
     Files match ``extensions`` (with or without the dot) case-insensitively; hidden files and
@@ -282,32 +321,14 @@ class ImageFolderDataset(Dataset[Sample]):
                 "(any case; hidden files are skipped)"
             )
         self.root_uri = root_uri
-        self.load_size = load_size
-        self.max_pixels = max_pixels
-        self.max_aspect = max_aspect
-        self._storage = ProcessLocalStorage(storage)
-        # numpy arrays rather than lists of Python objects: forked workers then share the pages
-        self._keys = np.array([prefix + path for path in relative])
         if all("/" in path for path in relative):
             self.classes: tuple[str, ...] = tuple(sorted({path.split("/", 1)[0] for path in relative}))
             index = {name: i for i, name in enumerate(self.classes)}
-            self._labels = np.array([index[path.split("/", 1)[0]] for path in relative], dtype=np.int64)
+            labels = np.array([index[path.split("/", 1)[0]] for path in relative], dtype=np.int64)
         else:
             self.classes = ()
-            self._labels = np.full(len(relative), -1, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    @property
-    def labels(self) -> np.ndarray:
-        """Every image's label (``(N,)`` int64, -1 outside class folders), read from the listing: no image decoded."""
-        return self._labels
-
-    def __getitem__(self, index: int) -> Sample:
-        key = str(self._keys[index])
-        region = decode_region(self._storage.get().read_bytes(key), self.load_size, self.max_pixels, self.max_aspect)
-        return sample_of(region, int(self._labels[index]), key)
+            labels = np.full(len(relative), -1, dtype=np.int64)
+        super().__init__(storage, [prefix + path for path in relative], labels, load_size, max_pixels, max_aspect)
 
 
 class FashionMnistDataset(Dataset[Sample]):
