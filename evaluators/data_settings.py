@@ -2,8 +2,9 @@
 
 ``seg_data``, ``depth_data`` and ``retrieval_data`` name one data set as ``<set>:<root>``
 (``ade20k:s3://d/ADEChallengeData2016``), depth's transfer two as ``<set>:<root>-><set>:<root>``;
-``test_sets`` and ``finegrained_data`` list roots of class folders, comma-separated, each set named
-by its root's last part.
+``test_sets`` and ``finegrained_data`` list roots of class folders (``finegrained_data``: or of
+sets as released, :mod:`evaluators.released_sets`), comma-separated, each set named by its root's
+last part.
 """
 
 from __future__ import annotations

@@ -21,8 +21,9 @@ Tasks:
 * ``video``: the linear probe on ``video_frames`` frames' CLS tokens, averaged or concatenated
   (``video_pool``), on synthetic clips or on class folders of videos (``video_data``: UCF-101,
   Kinetics-400, Something-Something v2) (:mod:`evaluators.video`; top-1);
-* ``finegrained``: the logistic regression on each of ``finegrained_data``'s class-folder sets, the
-  paper's fine-grained benchmarks (Food-101, Cars, Aircraft, ...) in one run (:mod:`evaluators.finegrained`;
+* ``finegrained``: the logistic regression on each of ``finegrained_data``'s sets (class folders, or
+  releases as extracted, :mod:`evaluators.released_sets`), the paper's fine-grained benchmarks
+  (Food-101, Cars, Aircraft, ...) in one run (:mod:`evaluators.finegrained`;
   top-1 and mean per-class accuracy), and a binary one per class on a Pascal VOC release among them
   (VOC 2007's protocol, :mod:`evaluators.multilabel`; 11-point mAP);
 
@@ -94,6 +95,7 @@ from evaluators.feature_parts import FeatureParts, backbone_digest
 from evaluators.features import patch_sides, to_model_input
 from evaluators.finegrained import finegrained_metrics, finegrained_scores
 from evaluators.multilabel import is_voc, voc_images, voc_scores
+from evaluators.released_sets import release_at, release_images
 from evaluators.knn import knn_predict
 from evaluators.linear import LinearProbeConfig
 from evaluators.logreg import LogRegConfig
@@ -165,7 +167,7 @@ class SuiteConfig:
     video_data: str = ""  # "": synthetic clips (drawn at scene_size); else <root>/train/<class>/<video>, val/ or test/
     video_frames: int = 8  # frames of each video through the backbone
     video_pool: str = "mean"  # their CLS tokens averaged (UCF-101, Kinetics) or concatenated (SSv2): "concat"
-    finegrained_data: str = ""  # finegrained: comma-separated roots of class-folder sets (Food-101, ...) or VOC2007
+    finegrained_data: str = ""  # finegrained: comma-separated roots of sets (class folders, releases, VOC2007)
     seed: int = 0
 
     def sized_for(self, tasks: str) -> SuiteConfig:
@@ -365,15 +367,21 @@ def _finegrained(backbone: nn.Module, config: SuiteConfig, storage: Storage, dev
                  pictures: str | Path | None) -> dict[str, dict]:
     """Each set of ``finegrained_data`` (:mod:`evaluators.finegrained`; ``train_limit``, ``test_limit``
     and ``image_size`` as the classification's) scored by the logistic regression (a Pascal VOC
-    release by one per class, :mod:`evaluators.multilabel`), one set's features held at a time, its
+    release by one per class, :mod:`evaluators.multilabel`; a set's release read as it is laid out,
+    :mod:`evaluators.released_sets`, else class folders), one set's features held at a time, its
     feature pass saved under ``<work_dir>/finegrained/<name>``; with ``pictures``, each set's sweep
     over C in ``finegrained_sweeps.png``."""
     report = {}
     for name, root in named_roots(config.finegrained_data, "finegrained_data"):
-        voc = voc_images(root, storage, config.train_limit, config.test_limit, config.image_size, config.seed,
-                         config.num_workers) if is_voc(root, storage) else None
-        images = voc.images if voc else labelled_images(root, "folder", storage, config.train_limit, config.test_limit,
-                                                        config.image_size, config.seed, config.num_workers)
+        sizes = (config.train_limit, config.test_limit, config.image_size, config.seed, config.num_workers)
+        voc = voc_images(root, storage, *sizes) if is_voc(root, storage) else None
+        release = None if voc else release_at(root, storage)
+        if voc:
+            images = voc.images
+        elif release:
+            images = release_images(release, root, storage, *sizes)
+        else:
+            images = labelled_images(root, "folder", storage, *sizes)
         parts = None
         if config.work_dir:
             identity = {"backbone_sha256": digest, "data_uri": root,
@@ -381,7 +389,8 @@ def _finegrained(backbone: nn.Module, config: SuiteConfig, storage: Storage, dev
                                                                  "precision", "seed")}}
             parts = FeatureParts(storage, join_uri(config.work_dir, "finegrained", name), identity)
         data = images.features(backbone, amp_dtype=config.amp_dtype, parts=parts)
-        report[name] = {**(voc_scores(voc, data, device) if voc else finegrained_scores(data, device)), "root": root}
+        report[name] = {**(voc_scores(voc, data, device) if voc else finegrained_scores(data, device)), "root": root,
+                        "release": "Pascal VOC" if voc else release or "class folders"}
     if pictures is not None:
         sweeps = {}
         for name, scores in report.items():

@@ -1,0 +1,212 @@
+"""The fine-grained benchmarks' sets read as released: their own split lists, no conversion to class folders.
+
+Why: each set ships its split in a form of its own (text lists, MATLAB files, no split at all), and
+rewriting it as ``train/<class>/`` folders by hand is where a benchmark goes wrong unnoticed
+(Flowers-102's test split is its largest, DTD has ten splits, Caltech-101 none). A root laid out as
+one of these releases (as its archives extract) is read as it is; any other root is class folders
+(:mod:`evaluators.classification`); Pascal VOC has its own protocol (:mod:`evaluators.multilabel`).
+
+==================  ===================================  ==============================  ===================
+set                 root holds                           train                           test
+==================  ===================================  ==============================  ===================
+Food-101            ``meta/``, ``images/<class>/``       ``meta/train.txt``              ``meta/test.txt``
+DTD                 ``labels/``, ``images/<class>/``     ``labels/train1.txt``, val1     ``labels/test1.txt``
+Oxford-IIIT Pets    ``annotations/``, ``images/``        ``annotations/trainval.txt``    ``annotations/test.txt``
+FGVC-Aircraft       ``data/`` (2013b)                    ``images_variant_trainval.txt`` ``..._test.txt``
+CUB-200-2011        ``images.txt`` and its kin           ``train_test_split.txt``: 1     its 0
+Flowers-102         ``jpg/``, ``imagelabels.mat``,        ``setid.mat``: trnid, valid     tstid
+                    ``setid.mat``
+SUN397              ``Partitions/``, ``<l>/<class>/``    ``Partitions/Training_01.txt``  ``Testing_01.txt``
+Caltech-101         ``101_ObjectCategories/<class>/``     30 a class, a seeded draw       the rest
+==================  ===================================  ==============================  ===================
+
+Train and val merge where a release has both (the logistic regression holds out its own share to
+pick ``C``); DTD and SUN397 are read at their first split, as the transfer benchmarks read them;
+Caltech-101's ``BACKGROUND_Google`` folder is not a class.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from pathlib import PurePosixPath
+
+import numpy as np
+from scipy.io import loadmat
+
+from dinoflow.storage import Storage, join_uri
+from evaluators.classification import CROP_RATIO, FolderImages, limited
+from trainer.data.datasets import IMAGE_EXTENSIONS, ImageListDataset
+
+CALTECH_TRAIN_PER_CLASS = 30
+Split = tuple[list[str], list[int]]  # the images' URIs and their classes' indices
+Release = tuple[tuple[str, ...], Split, Split]  # classes, train, test
+
+
+def _lines(storage: Storage, root: str, *path: str) -> list[str]:
+    """The non-empty lines of a release's list (``#`` comments left out), or an error naming it."""
+    uri = join_uri(root, *path)
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"{uri} is missing: {root} looks like a release of a fine-grained set whose lists "
+                                f"are incomplete (see evaluators/released_sets.py for each set's files)")
+    text = storage.read_bytes(uri).decode()
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def _by_name(root: str, folder: str, paths: list[str], classes: tuple[str, ...], suffix: str = "") -> Split:
+    """The images ``<root>/<folder>/<path><suffix>`` of each of ``paths``, classed by their first folder."""
+    index = {name: i for i, name in enumerate(classes)}
+    unknown = sorted({path.split("/", 1)[0] for path in paths} - set(index))
+    if unknown:
+        raise ValueError(f"{root}: images of classes {unknown[:5]} that its class list lacks")
+    return [join_uri(root, folder, f"{path}{suffix}") for path in paths], [index[path.split("/", 1)[0]]
+                                                                          for path in paths]
+
+
+def _food101(storage: Storage, root: str, seed: int) -> Release:
+    classes = tuple(_lines(storage, root, "meta", "classes.txt"))
+    return classes, *(_by_name(root, "images", _lines(storage, root, "meta", f"{split}.txt"), classes, ".jpg")
+                      for split in ("train", "test"))
+
+
+def _dtd(storage: Storage, root: str, seed: int) -> Release:
+    train, test = (_lines(storage, root, "labels", "train1.txt") + _lines(storage, root, "labels", "val1.txt"),
+                   _lines(storage, root, "labels", "test1.txt"))
+    classes = tuple(sorted({path.split("/", 1)[0] for path in train + test}))
+    return classes, _by_name(root, "images", train, classes), _by_name(root, "images", test, classes)
+
+
+def _pets(storage: Storage, root: str, seed: int) -> Release:
+    """``annotations/<split>.txt``: ``<image> <class id from 1> <species> <breed id>``, the breed the
+    image name less its number."""
+    splits = [[line.split() for line in _lines(storage, root, "annotations", f"{split}.txt")]
+              for split in ("trainval", "test")]
+    names = {int(row[1]): row[0].rsplit("_", 1)[0] for rows in splits for row in rows}
+    position = {number: i for i, number in enumerate(sorted(names))}
+    return tuple(names[i] for i in sorted(names)), *(([join_uri(root, "images", f"{row[0]}.jpg") for row in rows],
+                                                     [position[int(row[1])] for row in rows]) for rows in splits)
+
+
+def _aircraft(storage: Storage, root: str, seed: int) -> Release:
+    """``data/images_variant_<split>.txt``: ``<image id> <variant>``, the variant's name with spaces."""
+    classes = tuple(_lines(storage, root, "data", "variants.txt"))
+    index = {name: i for i, name in enumerate(classes)}
+    splits = []
+    for split in ("trainval", "test"):
+        rows = [line.split(" ", 1) for line in _lines(storage, root, "data", f"images_variant_{split}.txt")]
+        splits.append(([join_uri(root, "data", "images", f"{image}.jpg") for image, _ in rows],
+                       [index[variant] for _, variant in rows]))
+    return classes, *splits
+
+
+def _cub(storage: Storage, root: str, seed: int) -> Release:
+    """``images.txt`` (id, path), ``image_class_labels.txt`` (id, class id), ``train_test_split.txt``
+    (id, 1 for train), ``classes.txt`` (class id, name), every id from 1."""
+    table = {name: dict(line.split(" ", 1) for line in _lines(storage, root, f"{name}.txt"))
+             for name in ("images", "image_class_labels", "train_test_split", "classes")}
+    ids = sorted(table["classes"], key=int)
+    classes = tuple(table["classes"][i] for i in ids)
+    splits: tuple[Split, Split] = (([], []), ([], []))
+    for image, path in table["images"].items():
+        keys, labels = splits[0] if table["train_test_split"][image] == "1" else splits[1]
+        keys.append(join_uri(root, "images", path))
+        labels.append(ids.index(table["image_class_labels"][image]))
+    return classes, *splits
+
+
+def _flowers(storage: Storage, root: str, seed: int) -> Release:
+    """``imagelabels.mat``'s ``labels`` (1 to 102, image ``jpg/image_<n>.jpg`` the n-th) and
+    ``setid.mat``'s image numbers: ``trnid`` and ``valid`` train, ``tstid`` test."""
+    labels = _matrix(storage, root, "imagelabels.mat")["labels"].ravel().astype(int)
+    ids = _matrix(storage, root, "setid.mat")
+    classes = tuple(f"{i:03d}" for i in range(1, int(labels.max()) + 1))
+
+    def split(numbers: np.ndarray) -> Split:
+        numbers = numbers.ravel().astype(int)
+        return ([join_uri(root, "jpg", f"image_{n:05d}.jpg") for n in numbers], (labels[numbers - 1] - 1).tolist())
+
+    return classes, split(np.concatenate([ids["trnid"].ravel(), ids["valid"].ravel()])), split(ids["tstid"])
+
+
+def _matrix(storage: Storage, root: str, name: str) -> dict:
+    uri = join_uri(root, name)
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"{uri} is missing: Flowers-102's root holds jpg/, imagelabels.mat and setid.mat")
+    return loadmat(io.BytesIO(storage.read_bytes(uri)))
+
+
+def _sun397(storage: Storage, root: str, seed: int) -> Release:
+    """``Partitions/ClassName.txt`` (``/a/abbey``) and the first split's lists of image paths under
+    the root (``/a/abbey/sun_<id>.jpg``), the class an image's folder."""
+    classes = tuple(_lines(storage, root, "Partitions", "ClassName.txt"))
+    index = {name: i for i, name in enumerate(classes)}
+    splits = []
+    for split in ("Training_01", "Testing_01"):
+        paths = _lines(storage, root, "Partitions", f"{split}.txt")
+        unknown = sorted({str(PurePosixPath(p).parent) for p in paths} - set(index))
+        if unknown:
+            raise ValueError(f"{root}: images of classes {unknown[:5]} that Partitions/ClassName.txt lacks")
+        splits.append(([join_uri(root, p.lstrip("/")) for p in paths], [index[str(PurePosixPath(p).parent)]
+                                                                         for p in paths]))
+    return classes, *splits
+
+
+def _caltech101(storage: Storage, root: str, seed: int) -> Release:
+    """Every class folder of ``101_ObjectCategories`` but ``BACKGROUND_Google``: a seeded draw of
+    :data:`CALTECH_TRAIN_PER_CLASS` images of each to train, the rest to test."""
+    folder = join_uri(root, "101_ObjectCategories")
+    prefix = folder.rstrip("/") + "/"
+    found: dict[str, list[str]] = {}
+    for uri in storage.list(folder, recursive=True):
+        parts = uri[len(prefix):].split("/")
+        if len(parts) == 2 and parts[0] != "BACKGROUND_Google" and uri.lower().endswith(tuple(IMAGE_EXTENSIONS)):
+            found.setdefault(parts[0], []).append(uri)
+    classes = tuple(sorted(found))
+    rng = np.random.default_rng(seed)
+    train: Split = ([], [])
+    test: Split = ([], [])
+    for label, name in enumerate(classes):
+        images = sorted(found[name])
+        drawn = set(rng.permutation(len(images))[:CALTECH_TRAIN_PER_CLASS].tolist())
+        for row, uri in enumerate(images):
+            split = train if row in drawn else test
+            split[0].append(uri)
+            split[1].append(label)
+    return classes, train, test
+
+
+# each release: a file only it holds (relative to its root), and its reader
+RELEASES: dict[str, tuple[str, Callable[[Storage, str, int], Release]]] = {
+    "Food-101": ("meta/train.txt", _food101), "DTD": ("labels/train1.txt", _dtd),
+    "Oxford-IIIT Pets": ("annotations/trainval.txt", _pets), "FGVC-Aircraft": ("data/variants.txt", _aircraft),
+    "CUB-200-2011": ("train_test_split.txt", _cub), "Flowers-102": ("setid.mat", _flowers),
+    "SUN397": ("Partitions/ClassName.txt", _sun397), "Caltech-101": ("101_ObjectCategories", _caltech101)}
+
+
+def release_at(root: str, storage: Storage) -> str | None:
+    """The release of :data:`RELEASES` laid out at ``root``, or None (class folders, say)."""
+    for name, (marker, _) in RELEASES.items():
+        if storage.exists(join_uri(root, marker)):
+            return name
+    return None
+
+
+def read_release(name: str, root: str, storage: Storage, seed: int = 0) -> Release:
+    """``(classes, (train URIs, labels), (test URIs, labels))`` of release ``name`` at ``root``
+    (``seed``: Caltech-101's draw), each split non-empty."""
+    classes, train, test = RELEASES[name][1](storage, root, seed)
+    if not train[0] or not test[0]:
+        raise ValueError(f"{root} ({name}) lists {len(train[0])} train and {len(test[0])} test images: both "
+                         "splits need images")
+    return classes, train, test
+
+
+def release_images(name: str, root: str, storage: Storage, train_limit: int = 0, test_limit: int = 0,
+                   image_size: int = 224, seed: int = 0, num_workers: int = 0) -> FolderImages:
+    """Release ``name`` at ``root`` listed for the feature pass as class folders are (a limit keeps
+    a seeded random subset; decoded and centre-cropped as :mod:`evaluators.classification`'s)."""
+    classes, train, test = read_release(name, root, storage, seed)
+    load = round(image_size / CROP_RATIO)
+    listed = [limited(ImageListDataset(storage, keys, labels, load), limit, seed)
+              for (keys, labels), limit in ((train, train_limit), (test, test_limit))]
+    return FolderImages(listed[0], listed[1], classes, None, image_size, num_workers)

@@ -1,0 +1,209 @@
+"""The fine-grained sets read as released: each release's lists in miniature, and the suite on one."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy.io import savemat
+
+from dinoflow.storage import Storage
+from evaluators import released_sets
+from evaluators.released_sets import RELEASES, read_release, release_at
+from evaluators.suite import SuiteConfig, run_suite
+from tests.evaluators.test_classification import backbone
+
+TRAIN, TEST = 3, 2  # images of each class in each split
+Expected = tuple[tuple[str, ...], set[tuple[str, str]], set[tuple[str, str]]]  # classes, (path, class) per split
+
+
+def picture(path: Path, label: int, rng: np.random.Generator) -> None:
+    """A small JPEG of the class's colour with noise (a classifier of colours tells the classes apart)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    colour = np.eye(3)[label % 3] * 200 + 30
+    Image.fromarray(np.clip(colour + rng.normal(0, 30, (36, 44, 3)), 0, 255).astype(np.uint8)).save(path)
+
+
+def splits_of(classes: tuple[str, ...]) -> list[tuple[int, str, int]]:
+    """``(class index, split, number)`` of every image: TRAIN then TEST of each class, in class order."""
+    return [(c, split, n) for c in range(len(classes))
+            for split, count in (("train", TRAIN), ("test", TEST)) for n in range(count)]
+
+
+def write(root: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+
+
+def food101(root: Path, rng: np.random.Generator) -> Expected:
+    classes = ("apple_pie", "baby_back_ribs", "baklava")
+    lists: dict[str, list[str]] = {"train": [], "test": []}
+    expected: dict[str, set] = {"train": set(), "test": set()}
+    for c, split, n in splits_of(classes):
+        stem = f"{classes[c]}/{100 + n + (10 if split == 'test' else 0)}"
+        picture(root / "images" / f"{stem}.jpg", c, rng)
+        lists[split].append(stem)
+        expected[split].add((f"images/{stem}.jpg", classes[c]))
+    write(root, {"meta/classes.txt": "\n".join(classes) + "\n",
+                 **{f"meta/{s}.txt": "\n".join(lines) + "\n" for s, lines in lists.items()}})
+    return classes, expected["train"], expected["test"]
+
+
+def dtd(root: Path, rng: np.random.Generator) -> Expected:
+    classes = ("banded", "blotchy", "braided")
+    lists: dict[str, list[str]] = {"train1": [], "val1": [], "test1": [], "train2": []}
+    expected: dict[str, set] = {"train": set(), "test": set()}
+    for c, split, n in splits_of(classes):
+        path = f"{classes[c]}/{classes[c]}_{split}_{n:04d}.jpg"
+        picture(root / "images" / path, c, rng)
+        lists["test1" if split == "test" else "val1" if n == 0 else "train1"].append(path)
+        lists["train2"].append(path)  # another split's list, not read
+        expected[split].add((f"images/{path}", classes[c]))
+    write(root, {f"labels/{name}.txt": "\n".join(lines) + "\n" for name, lines in lists.items()})
+    return classes, expected["train"], expected["test"]
+
+
+def pets(root: Path, rng: np.random.Generator) -> Expected:
+    classes = ("Abyssinian", "american_bulldog", "beagle")
+    lists: dict[str, list[str]] = {"trainval": ["#Image CLASS-ID SPECIES BREED ID"], "test": []}
+    expected: dict[str, set] = {"train": set(), "test": set()}
+    for c, split, n in splits_of(classes):
+        stem = f"{classes[c]}_{n + (50 if split == 'test' else 1)}"
+        picture(root / "images" / f"{stem}.jpg", c, rng)
+        lists["test" if split == "test" else "trainval"].append(f"{stem} {c + 1} {1 + (c > 0)} {c + 1}")
+        expected[split].add((f"images/{stem}.jpg", classes[c]))
+    write(root, {f"annotations/{name}.txt": "\n".join(lines) + "\n" for name, lines in lists.items()})
+    return classes, expected["train"], expected["test"]
+
+
+def aircraft(root: Path, rng: np.random.Generator) -> Expected:
+    classes = ("707-320", "A300B4", "Cessna 172")
+    lists: dict[str, list[str]] = {"trainval": [], "test": []}
+    expected: dict[str, set] = {"train": set(), "test": set()}
+    for image, (c, split, n) in enumerate(splits_of(classes)):
+        picture(root / "data" / "images" / f"{1000 + image:07d}.jpg", c, rng)
+        lists["test" if split == "test" else "trainval"].append(f"{1000 + image:07d} {classes[c]}")
+        expected[split].add((f"data/images/{1000 + image:07d}.jpg", classes[c]))
+    write(root, {"data/variants.txt": "\n".join(classes) + "\n",
+                 **{f"data/images_variant_{s}.txt": "\n".join(lines) + "\n" for s, lines in lists.items()}})
+    return classes, expected["train"], expected["test"]
+
+
+def cub(root: Path, rng: np.random.Generator) -> Expected:
+    classes = ("001.Black_footed_Albatross", "002.Laysan_Albatross", "003.Sooty_Albatross")
+    tables: dict[str, list[str]] = {"images": [], "image_class_labels": [], "train_test_split": []}
+    expected: dict[str, set] = {"train": set(), "test": set()}
+    for image, (c, split, n) in enumerate(splits_of(classes), start=1):
+        path = f"{classes[c]}/{classes[c][4:]}_{split}_{n:04d}.jpg"
+        picture(root / "images" / path, c, rng)
+        tables["images"].append(f"{image} {path}")
+        tables["image_class_labels"].append(f"{image} {c + 1}")
+        tables["train_test_split"].append(f"{image} {int(split == 'train')}")
+        expected[split].add((f"images/{path}", classes[c]))
+    write(root, {"classes.txt": "".join(f"{c + 1} {name}\n" for c, name in enumerate(classes)),
+                 **{f"{name}.txt": "\n".join(lines) + "\n" for name, lines in tables.items()}})
+    return classes, expected["train"], expected["test"]
+
+
+def flowers(root: Path, rng: np.random.Generator) -> Expected:
+    classes = ("001", "002", "003")
+    labels, ids = [], {"trnid": [], "valid": [], "tstid": []}
+    expected: dict[str, set] = {"train": set(), "test": set()}
+    for image, (c, split, n) in enumerate(splits_of(classes), start=1):
+        picture(root / "jpg" / f"image_{image:05d}.jpg", c, rng)
+        labels.append(c + 1)
+        ids["tstid" if split == "test" else "valid" if n == 0 else "trnid"].append(image)
+        expected[split].add((f"jpg/image_{image:05d}.jpg", classes[c]))
+    savemat(root / "imagelabels.mat", {"labels": np.array([labels], dtype=np.uint8)})
+    savemat(root / "setid.mat", {name: np.array([numbers], dtype=np.uint16) for name, numbers in ids.items()})
+    return classes, expected["train"], expected["test"]
+
+
+def sun397(root: Path, rng: np.random.Generator) -> Expected:
+    classes = ("/a/abbey", "/b/beach", "/c/canyon")
+    lists: dict[str, list[str]] = {"Training_01": [], "Testing_01": []}
+    expected: dict[str, set] = {"train": set(), "test": set()}
+    for c, split, n in splits_of(classes):
+        path = f"{classes[c]}/sun_{split}{n}.jpg"
+        picture(root / path.lstrip("/"), c, rng)
+        lists["Testing_01" if split == "test" else "Training_01"].append(path)
+        expected[split].add((path.lstrip("/"), classes[c]))
+    write(root, {"Partitions/ClassName.txt": "\n".join(classes) + "\n",
+                 **{f"Partitions/{name}.txt": "\n".join(lines) + "\n" for name, lines in lists.items()}})
+    return classes, expected["train"], expected["test"]
+
+
+WRITERS: dict[str, Callable[[Path, np.random.Generator], Expected]] = {
+    "Food-101": food101, "DTD": dtd, "Oxford-IIIT Pets": pets, "FGVC-Aircraft": aircraft,
+    "CUB-200-2011": cub, "Flowers-102": flowers, "SUN397": sun397}
+
+
+@pytest.mark.parametrize("name", WRITERS)
+def test_each_release_reads_as_its_lists_say(tmp_path: Path, name: str) -> None:
+    """Each image in the split its lists put it, of the class they give, the classes in the
+    release's order; found by its marker file, and no other release's."""
+    classes, train, test = WRITERS[name](tmp_path, np.random.default_rng(0))
+    storage = Storage()
+    assert release_at(str(tmp_path), storage) == name
+    got_classes, *splits = read_release(name, str(tmp_path), storage)
+    assert got_classes == classes
+    for (keys, labels), want in zip(splits, (train, test)):
+        assert {(Path(k).relative_to(tmp_path).as_posix(), classes[label]) for k, label in zip(keys, labels)} == want
+        assert all(Path(k).is_file() for k in keys)
+
+
+def test_caltech101_draws_30_a_class_by_seed_and_skips_the_background(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(released_sets, "CALTECH_TRAIN_PER_CLASS", 3)
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(("BACKGROUND_Google", "Faces", "accordion", "airplanes")):
+        for n in range(5):
+            picture(tmp_path / "101_ObjectCategories" / name / f"image_{n + 1:04d}.jpg", c, rng)
+    storage = Storage()
+    assert release_at(str(tmp_path), storage) == "Caltech-101"
+    classes, (train, train_y), (test, test_y) = read_release("Caltech-101", str(tmp_path), storage, seed=0)
+    assert classes == ("Faces", "accordion", "airplanes")
+    assert np.bincount(train_y).tolist() == [3, 3, 3] and np.bincount(test_y).tolist() == [2, 2, 2]
+    assert sorted(train + test) == sorted(str(p) for p in tmp_path.rglob("*.jpg") if "BACKGROUND" not in str(p))
+    assert all(Path(uri).parent.name == classes[y] for uri, y in zip(train + test, train_y + test_y))
+    again = read_release("Caltech-101", str(tmp_path), storage, seed=0)[1][0]
+    other = read_release("Caltech-101", str(tmp_path), storage, seed=1)[1][0]
+    assert again == train and other != train
+
+
+def test_incomplete_releases_are_refused_naming_the_file(tmp_path: Path) -> None:
+    food101(tmp_path / "food", np.random.default_rng(0))
+    (tmp_path / "food" / "meta" / "test.txt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"meta/test.txt is missing"):
+        read_release("Food-101", str(tmp_path / "food"), Storage())
+    sun397(tmp_path / "sun", np.random.default_rng(0))
+    (tmp_path / "sun" / "Partitions" / "ClassName.txt").write_text("/a/abbey\n/b/beach\n")
+    with pytest.raises(ValueError, match=r"classes \['/c/canyon'\] that Partitions/ClassName.txt lacks"):
+        read_release("SUN397", str(tmp_path / "sun"), Storage())
+    assert release_at(str(tmp_path), Storage()) is None and set(RELEASES) == {*WRITERS, "Caltech-101"}
+
+
+def test_the_suite_scores_a_release_as_the_same_images_in_class_folders(tmp_path: Path) -> None:
+    """The independent reference: the images copied into train/<class>/ and val/<class>/ folders
+    (listed in the release's order), scored by the suite as class folders: the same figures."""
+    classes, train, test = cub(tmp_path / "CUB_200_2011", np.random.default_rng(0))
+    for split, images in (("train", train), ("val", test)):
+        for path, name in images:
+            target = tmp_path / "folders" / split / name / Path(path).name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(tmp_path / "CUB_200_2011" / path, target)
+    model = backbone()
+    report = run_suite(model, SuiteConfig(tasks=("finegrained",), image_size=28,
+                                          finegrained_data=f"{tmp_path / 'CUB_200_2011'},{tmp_path / 'folders'}"))
+    metrics, section = report["metrics"], report["tasks"]["finegrained"]
+    assert section["CUB_200_2011"]["release"] == "CUB-200-2011" and section["folders"]["release"] == "class folders"
+    for kind in ("top1", "class_mean"):
+        assert metrics[f"finegrained_CUB_200_2011_{kind}"] == metrics[f"finegrained_folders_{kind}"]
+    assert section["CUB_200_2011"]["best_c"] == section["folders"]["best_c"]
+    assert section["CUB_200_2011"]["val_accuracies"] == section["folders"]["val_accuracies"]
+    assert metrics["finegrained_CUB_200_2011_top1"] > 0.8 and section["CUB_200_2011"]["num_test"] == 3 * TEST
