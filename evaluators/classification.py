@@ -28,13 +28,13 @@ from typing import Literal
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from dinoflow.storage import Storage, join_uri
 from evaluators.attention import ATTENTION_IMAGES, garment_foreground
 from evaluators.feature_parts import FeatureParts, in_parts, join_rows, text_of, text_tensor
 from evaluators.features import extract_features, to_model_input
-from trainer.data.datasets import BadImageTracker, ImageFolderDataset, ImageListDataset, collate_samples
+from trainer.data.datasets import BadImageTracker, ImageFolderDataset, collate_samples
 from trainer.data.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
 from trainer.data.fashion_mnist import FILES, load_split
 
@@ -114,7 +114,7 @@ def labelled_images(uri: str, kind: DataKind, storage: Storage, train_limit: int
                         restricted)
 
 
-def limited(dataset: ImageListDataset, limit: int, seed: int) -> Subset:
+def limited(dataset: Dataset, limit: int, seed: int) -> Subset:
     """All of ``dataset``, or with a limit below its size a seeded random subset, in listing order."""
     rows = np.arange(len(dataset))
     if limit and limit < len(rows):

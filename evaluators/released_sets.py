@@ -18,25 +18,36 @@ Flowers-102         ``jpg/``, ``imagelabels.mat``,        ``setid.mat``: trnid, 
                     ``setid.mat``
 SUN397              ``Partitions/``, ``<l>/<class>/``    ``Partitions/Training_01.txt``  ``Testing_01.txt``
 Caltech-101         ``101_ObjectCategories/<class>/``     30 a class, a seeded draw       the rest
+Stanford Cars       ``devkit/``, ``cars_train/``,         ``devkit/cars_train_annos.mat`` ``cars_test_annos_
+                    ``cars_test/``                                                        withlabels.mat``
+CIFAR-10            ``cifar-10-batches-py``'s files       ``data_batch_1`` to ``_5``      ``test_batch``
+CIFAR-100           ``cifar-100-python``'s files          ``train``                       ``test``
 ==================  ===================================  ==============================  ===================
 
 Train and val merge where a release has both (the logistic regression holds out its own share to
 pick ``C``); DTD and SUN397 are read at their first split, as the transfer benchmarks read them;
-Caltech-101's ``BACKGROUND_Google`` folder is not a class.
+Caltech-101's ``BACKGROUND_Google`` folder is not a class. CIFAR's python batches are pickles: they
+are read by an unpickler that makes arrays, lists and numbers only (a pickle could otherwise run
+any code), their 32 px images resized as decoded files are (:class:`ImageArray`).
 """
 
 from __future__ import annotations
 
 import io
+import pickle
 from collections.abc import Callable
 from pathlib import PurePosixPath
+from typing import Any
 
 import numpy as np
+import torch
+from PIL import Image
 from scipy.io import loadmat
+from torch.utils.data import Dataset
 
 from dinoflow.storage import Storage, join_uri
 from evaluators.classification import CROP_RATIO, FolderImages, limited
-from trainer.data.datasets import IMAGE_EXTENSIONS, ImageListDataset
+from trainer.data.datasets import IMAGE_EXTENSIONS, ImageListDataset, Sample, resize_center_crop
 
 CALTECH_TRAIN_PER_CLASS = 30
 Split = tuple[list[str], list[int]]  # the images' URIs and their classes' indices
@@ -117,8 +128,8 @@ def _cub(storage: Storage, root: str, seed: int) -> Release:
 def _flowers(storage: Storage, root: str, seed: int) -> Release:
     """``imagelabels.mat``'s ``labels`` (1 to 102, image ``jpg/image_<n>.jpg`` the n-th) and
     ``setid.mat``'s image numbers: ``trnid`` and ``valid`` train, ``tstid`` test."""
-    labels = _matrix(storage, root, "imagelabels.mat")["labels"].ravel().astype(int)
-    ids = _matrix(storage, root, "setid.mat")
+    labels = np.atleast_1d(_matlab(storage, root, "imagelabels.mat")["labels"]).astype(int)
+    ids = _matlab(storage, root, "setid.mat")
     classes = tuple(f"{i:03d}" for i in range(1, int(labels.max()) + 1))
 
     def split(numbers: np.ndarray) -> Split:
@@ -128,11 +139,31 @@ def _flowers(storage: Storage, root: str, seed: int) -> Release:
     return classes, split(np.concatenate([ids["trnid"].ravel(), ids["valid"].ravel()])), split(ids["tstid"])
 
 
-def _matrix(storage: Storage, root: str, name: str) -> dict:
-    uri = join_uri(root, name)
+def _matlab(storage: Storage, root: str, path: str) -> dict:
+    """A release's MATLAB file, its arrays squeezed (a struct array's fields by name)."""
+    uri = join_uri(root, path)
     if not storage.exists(uri):
-        raise FileNotFoundError(f"{uri} is missing: Flowers-102's root holds jpg/, imagelabels.mat and setid.mat")
-    return loadmat(io.BytesIO(storage.read_bytes(uri)))
+        raise FileNotFoundError(f"{uri} is missing: {root} looks like a release of a fine-grained set whose files "
+                                "are incomplete (see evaluators/released_sets.py for each set's files)")
+    return loadmat(io.BytesIO(storage.read_bytes(uri)), squeeze_me=True)
+
+
+def _cars(storage: Storage, root: str, seed: int) -> Release:
+    """``devkit/cars_meta.mat``'s ``class_names``; ``devkit/cars_train_annos.mat`` and
+    ``cars_test_annos_withlabels.mat`` (released apart: at the root or in ``devkit/``), each image's
+    ``fname`` (under ``cars_train/``, ``cars_test/``) and ``class`` (from 1)."""
+    classes = tuple(str(name) for name in np.atleast_1d(_matlab(storage, root, "devkit/cars_meta.mat")["class_names"]))
+    test = "cars_test_annos_withlabels.mat"
+    splits = []
+    for folder, listing in (("cars_train", "devkit/cars_train_annos.mat"),
+                            ("cars_test", test if storage.exists(join_uri(root, test)) else f"devkit/{test}")):
+        table = np.atleast_1d(_matlab(storage, root, listing)["annotations"])
+        if "class" not in (table.dtype.names or ()):
+            raise ValueError(f"{join_uri(root, listing)} holds no classes: the test labels are released apart, "
+                             f"as {test}")
+        splits.append(([join_uri(root, folder, str(name)) for name in table["fname"]],
+                       (table["class"].astype(int) - 1).tolist()))
+    return classes, *splits
 
 
 def _sun397(storage: Storage, root: str, seed: int) -> Release:
@@ -180,13 +211,72 @@ RELEASES: dict[str, tuple[str, Callable[[Storage, str, int], Release]]] = {
     "Food-101": ("meta/train.txt", _food101), "DTD": ("labels/train1.txt", _dtd),
     "Oxford-IIIT Pets": ("annotations/trainval.txt", _pets), "FGVC-Aircraft": ("data/variants.txt", _aircraft),
     "CUB-200-2011": ("train_test_split.txt", _cub), "Flowers-102": ("setid.mat", _flowers),
-    "SUN397": ("Partitions/ClassName.txt", _sun397), "Caltech-101": ("101_ObjectCategories", _caltech101)}
+    "SUN397": ("Partitions/ClassName.txt", _sun397), "Caltech-101": ("101_ObjectCategories", _caltech101),
+    "Stanford Cars": ("devkit/cars_meta.mat", _cars)}
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles what CIFAR's batches hold (dicts, lists, bytes, numbers, numpy arrays) and refuses
+    any other class a pickle names: one from storage could otherwise run any code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name}: a CIFAR batch holds only arrays, lists and numbers")
+        return super().find_class(module, name)
+
+
+def _batch(storage: Storage, root: str, name: str) -> dict:
+    uri = join_uri(root, name)
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"{uri} is missing: a CIFAR root holds the python version's batches as extracted "
+                                "(cifar-10-batches-py: data_batch_1-5, test_batch, batches.meta; cifar-100-python: "
+                                "train, test, meta)")
+    return _ArraysOnly(io.BytesIO(storage.read_bytes(uri)), encoding="bytes").load()
+
+
+def _cifar(storage: Storage, root: str, hundred: bool) -> tuple[tuple[str, ...], list[tuple[np.ndarray, np.ndarray]]]:
+    """CIFAR's classes and its train and test images ``(N, 32, 32, 3)`` uint8 with their labels
+    (CIFAR-100's fine labels)."""
+    names = _batch(storage, root, "meta" if hundred else "batches.meta")[b"fine_label_names" if hundred
+                                                                        else b"label_names"]
+    parts = (["train"], ["test"]) if hundred else ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"])
+    splits = []
+    for files in parts:
+        batches = [_batch(storage, root, name) for name in files]
+        images = [np.asarray(b[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1) for b in batches]
+        labels = [np.asarray(b[b"fine_labels" if hundred else b"labels"], dtype=np.int64) for b in batches]
+        splits.append((np.concatenate(images), np.concatenate(labels)))
+    return tuple(name.decode() for name in names), splits
+
+
+class ImageArray(Dataset[Sample]):
+    """Images held as ``(N, H, W, 3)`` uint8 (CIFAR's), each resized as a decoded file is (the
+    shorter side to ``load_size``, the centre square kept); ``Sample.key`` ``<uri>#<index>``."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, load_size: int, uri: str) -> None:
+        self.images, self.labels, self.load_size, self.uri = images, labels, load_size, uri
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> Sample:
+        square = resize_center_crop(Image.fromarray(self.images[index]), self.load_size)
+        pixels = torch.from_numpy(np.array(square, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+        return Sample(pixels, int(self.labels[index]), f"{self.uri}#{index}")
+
+
+# CIFAR's python versions: a file only each holds, and whether it is CIFAR-100
+CIFARS = {"CIFAR-10": ("batches.meta", False), "CIFAR-100": ("meta", True)}
 
 
 def release_at(root: str, storage: Storage) -> str | None:
-    """The release of :data:`RELEASES` laid out at ``root``, or None (class folders, say)."""
-    for name, (marker, _) in RELEASES.items():
-        if storage.exists(join_uri(root, marker)):
+    """The release of :data:`RELEASES` or :data:`CIFARS` laid out at ``root``, or None (class folders, say)."""
+    for name, (marker, _) in {**RELEASES, **CIFARS}.items():
+        if storage.exists(join_uri(root, marker)) and (name != "CIFAR-100" or storage.exists(join_uri(root, "train"))):
             return name
     return None
 
@@ -205,8 +295,13 @@ def release_images(name: str, root: str, storage: Storage, train_limit: int = 0,
                    image_size: int = 224, seed: int = 0, num_workers: int = 0) -> FolderImages:
     """Release ``name`` at ``root`` listed for the feature pass as class folders are (a limit keeps
     a seeded random subset; decoded and centre-cropped as :mod:`evaluators.classification`'s)."""
-    classes, train, test = read_release(name, root, storage, seed)
     load = round(image_size / CROP_RATIO)
-    listed = [limited(ImageListDataset(storage, keys, labels, load), limit, seed)
-              for (keys, labels), limit in ((train, train_limit), (test, test_limit))]
-    return FolderImages(listed[0], listed[1], classes, None, image_size, num_workers)
+    if name in CIFARS:
+        classes, arrays = _cifar(storage, root, CIFARS[name][1])
+        sets: list[Dataset[Sample]] = [ImageArray(images, labels, load, join_uri(root, split))
+                                       for (images, labels), split in zip(arrays, ("train", "test"))]
+    else:
+        classes, *lists = read_release(name, root, storage, seed)
+        sets = [ImageListDataset(storage, keys, labels, load) for keys, labels in lists]
+    train, test = (limited(dataset, limit, seed) for dataset, limit in zip(sets, (train_limit, test_limit)))
+    return FolderImages(train, test, classes, None, image_size, num_workers)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import pickle
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +15,7 @@ from scipy.io import savemat
 
 from dinoflow.storage import Storage
 from evaluators import released_sets
-from evaluators.released_sets import RELEASES, read_release, release_at
+from evaluators.released_sets import RELEASES, read_release, release_at, release_images
 from evaluators.suite import SuiteConfig, run_suite
 from tests.evaluators.test_classification import backbone
 
@@ -138,9 +140,30 @@ def sun397(root: Path, rng: np.random.Generator) -> Expected:
     return classes, expected["train"], expected["test"]
 
 
+def cars(root: Path, rng: np.random.Generator) -> Expected:
+    """The devkit's MATLAB files (struct arrays of annotations, a cell array of names), the test
+    labels released apart at the root."""
+    classes = ("AM General Hummer SUV 2000", "Acura RL Sedan 2012", "Audi S4 Sedan 2007")
+    rows: dict[str, list[tuple]] = {"train": [], "test": []}
+    expected: dict[str, set] = {"train": set(), "test": set()}
+    for image, (c, split, n) in enumerate(splits_of(classes), start=1):
+        picture(root / f"cars_{split}" / f"{image:05d}.jpg", c, rng)
+        rows[split].append((1, 1, 30, 20, c + 1, f"{image:05d}.jpg"))
+        expected[split].add((f"cars_{split}/{image:05d}.jpg", classes[c]))
+    fields = [(name, "O") for name in ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "fname")]
+    (root / "devkit").mkdir()
+    savemat(root / "devkit" / "cars_meta.mat", {"class_names": np.array([classes], dtype=object)})
+    for path, split in (("devkit/cars_train_annos.mat", "train"), ("cars_test_annos_withlabels.mat", "test")):
+        savemat(root / path, {"annotations": np.array(rows[split], dtype=fields).reshape(1, -1)})
+    unlabelled = [(name, "O") for name, _ in fields if name != "class"]  # the devkit's own test list
+    savemat(root / "devkit" / "cars_test_annos.mat",
+            {"annotations": np.array([r[:4] + r[5:] for r in rows["test"]], dtype=unlabelled).reshape(1, -1)})
+    return classes, expected["train"], expected["test"]
+
+
 WRITERS: dict[str, Callable[[Path, np.random.Generator], Expected]] = {
     "Food-101": food101, "DTD": dtd, "Oxford-IIIT Pets": pets, "FGVC-Aircraft": aircraft,
-    "CUB-200-2011": cub, "Flowers-102": flowers, "SUN397": sun397}
+    "CUB-200-2011": cub, "Flowers-102": flowers, "SUN397": sun397, "Stanford Cars": cars}
 
 
 @pytest.mark.parametrize("name", WRITERS)
@@ -185,6 +208,14 @@ def test_incomplete_releases_are_refused_naming_the_file(tmp_path: Path) -> None
     (tmp_path / "sun" / "Partitions" / "ClassName.txt").write_text("/a/abbey\n/b/beach\n")
     with pytest.raises(ValueError, match=r"classes \['/c/canyon'\] that Partitions/ClassName.txt lacks"):
         read_release("SUN397", str(tmp_path / "sun"), Storage())
+    cars(tmp_path / "cars", np.random.default_rng(0))
+    (tmp_path / "cars" / "cars_test_annos_withlabels.mat").unlink()
+    with pytest.raises(FileNotFoundError, match=r"devkit/cars_test_annos_withlabels.mat is missing"):
+        read_release("Stanford Cars", str(tmp_path / "cars"), Storage())
+    shutil.copyfile(tmp_path / "cars" / "devkit" / "cars_test_annos.mat",
+                    tmp_path / "cars" / "devkit" / "cars_test_annos_withlabels.mat")
+    with pytest.raises(ValueError, match=r"holds no classes: the test labels are released apart"):
+        read_release("Stanford Cars", str(tmp_path / "cars"), Storage())
     assert release_at(str(tmp_path), Storage()) is None and set(RELEASES) == {*WRITERS, "Caltech-101"}
 
 
@@ -207,3 +238,46 @@ def test_the_suite_scores_a_release_as_the_same_images_in_class_folders(tmp_path
     assert section["CUB_200_2011"]["best_c"] == section["folders"]["best_c"]
     assert section["CUB_200_2011"]["val_accuracies"] == section["folders"]["val_accuracies"]
     assert metrics["finegrained_CUB_200_2011_top1"] > 0.8 and section["CUB_200_2011"]["num_test"] == 3 * TEST
+
+
+def write_cifar(root: Path, hundred: bool, rng: np.random.Generator) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """CIFAR's python version in miniature: pickled dicts with bytes keys (as its Python 2 pickles
+    load), rows of 3072 bytes (red plane, green, blue); returns each split's (N, 32, 32, 3) images and labels."""
+    root.mkdir(parents=True)
+    names = [b"apple", b"aquarium_fish", b"baby"] if hundred else [b"airplane", b"automobile", b"bird"]
+    (root / ("meta" if hundred else "batches.meta")).write_bytes(
+        pickle.dumps({b"fine_label_names" if hundred else b"label_names": names}))
+    files = {"train": ["train"], "test": ["test"]} if hundred else {
+        "train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+    splits = {}
+    for split, names_of_files in files.items():
+        images, labels = [], []
+        for name in names_of_files:
+            label = rng.integers(0, 3, 4)
+            planes = rng.integers(0, 256, (4, 3, 32, 32), dtype=np.uint8)
+            batch = {b"data": planes.reshape(4, 3072), b"fine_labels" if hundred else b"labels": label.tolist()}
+            (root / name).write_bytes(pickle.dumps(batch))
+            images.append(planes.transpose(0, 2, 3, 1))
+            labels.append(label)
+        splits[split] = (np.concatenate(images), np.concatenate(labels))
+    return splits
+
+
+@pytest.mark.parametrize("hundred", [False, True], ids=["cifar10", "cifar100"])
+def test_cifar_batches_read_as_images_and_a_pickle_of_anything_else_is_refused(tmp_path: Path, hundred: bool) -> None:
+    """At 32 px (the images' own size) every pixel comes back as the batch holds it, in HWC order."""
+    written = write_cifar(tmp_path / "cifar", hundred, np.random.default_rng(0))
+    storage = Storage()
+    name = "CIFAR-100" if hundred else "CIFAR-10"
+    assert release_at(str(tmp_path / "cifar"), storage) == name
+    images = release_images(name, str(tmp_path / "cifar"), storage, image_size=28)  # loads at round(28 / 0.875) = 32
+    assert images.classes == (("apple", "aquarium_fish", "baby") if hundred else ("airplane", "automobile", "bird"))
+    for subset, (pixels, labels) in zip((images.train, images.test), (written["train"], written["test"])):
+        assert len(subset) == len(labels) == (4 if hundred else 20 if subset is images.train else 4)
+        for row in range(len(subset)):
+            sample = subset[row]
+            np.testing.assert_array_equal(sample.image.permute(1, 2, 0).numpy(), pixels[row])
+            assert sample.label == labels[row]
+    (tmp_path / "cifar" / ("test" if hundred else "test_batch")).write_bytes(pickle.dumps({b"data": os.system}))
+    with pytest.raises(pickle.UnpicklingError, match="system: a CIFAR batch holds only arrays"):
+        release_images(name, str(tmp_path / "cifar"), storage, image_size=28)
