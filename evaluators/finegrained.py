@@ -12,7 +12,10 @@ is a Pascal VOC release.
 
 Besides top-1, each set's mean per-class accuracy (the mean over the test classes of each one's
 recall): the metric the protocol reports for the sets whose test classes are unevenly sized
-(Aircraft, Pets, Caltech-101, Flowers), where top-1 favours the large classes.
+(Aircraft, Pets, Caltech-101, Flowers), where top-1 favours the large classes. ``finegrained_mean``
+averages each set's protocol figure (:func:`protocol_figure`), as the paper's transfer table does:
+a set read from its release (:mod:`evaluators.released_sets`) is known by name; class folders
+count by their top-1.
 
 The suite runs the sets one after another, one set's features held at a time; with a
 ``work_dir`` each set's feature pass is saved in parts (:mod:`evaluators.feature_parts`) under
@@ -27,6 +30,9 @@ from torch import Tensor
 from evaluators.classification import LabelledFeatures
 from evaluators.logreg import LogRegConfig, logreg_predictions
 from evaluators.report import logreg_fit
+
+# the released sets whose test classes are unevenly sized: the protocol reports their mean per-class accuracy
+CLASS_MEAN_RELEASES = frozenset({"FGVC-Aircraft", "Oxford-IIIT Pets", "Caltech-101", "Flowers-102"})
 
 
 def mean_class_accuracy(predicted: Tensor, labels: Tensor) -> float:
@@ -48,10 +54,23 @@ def finegrained_scores(data: LabelledFeatures, device: str | torch.device = "cpu
             "classes": len(data.classes)}
 
 
+def protocol_figure(scores: dict) -> tuple[str, float]:
+    """The figure the transfer protocol reports for a set (its report's ``scores``): 11-point mAP for
+    Pascal VOC, mean per-class accuracy for the releases of :data:`CLASS_MEAN_RELEASES`, else top-1
+    (class folders: their set unknown)."""
+    if "test_map" in scores:
+        return "map", float(scores["test_map"])
+    if scores.get("release") in CLASS_MEAN_RELEASES:
+        return "class_mean", float(scores["mean_class_accuracy"])
+    return "top1", float(scores["test_accuracy"])
+
+
 def finegrained_metrics(report: dict[str, dict]) -> dict[str, float]:
-    """``finegrained_<name>_top1`` and ``finegrained_<name>_class_mean`` of each set of class folders,
+    """``finegrained_<name>_top1`` and ``finegrained_<name>_class_mean`` of each single-label set,
     and their means over those sets, ``finegrained_mean_top1`` and ``finegrained_mean_class_mean``;
-    ``finegrained_<name>_map`` of a Pascal VOC release (:mod:`evaluators.multilabel`: no top-1)."""
+    ``finegrained_<name>_map`` of a Pascal VOC release (:mod:`evaluators.multilabel`: no top-1);
+    ``finegrained_mean``: the mean over every set of its :func:`protocol_figure`, the paper's
+    average over its transfer sets."""
     metrics = {}
     single = {name: scores for name, scores in report.items() if "test_accuracy" in scores}
     for name, scores in report.items():
@@ -63,4 +82,6 @@ def finegrained_metrics(report: dict[str, dict]) -> dict[str, float]:
     if single:
         metrics["finegrained_mean_top1"] = sum(s["test_accuracy"] for s in single.values()) / len(single)
         metrics["finegrained_mean_class_mean"] = sum(s["mean_class_accuracy"] for s in single.values()) / len(single)
+    if report:
+        metrics["finegrained_mean"] = sum(protocol_figure(scores)[1] for scores in report.values()) / len(report)
     return metrics

@@ -93,7 +93,7 @@ from evaluators.dense_metrics import retrieval_map
 from evaluators.dense_source import FeatureSource, feature_sources, relabelled
 from evaluators.feature_parts import FeatureParts, backbone_digest
 from evaluators.features import patch_sides, to_model_input
-from evaluators.finegrained import finegrained_metrics, finegrained_scores
+from evaluators.finegrained import finegrained_metrics, finegrained_scores, protocol_figure
 from evaluators.multilabel import is_voc, voc_images, voc_scores
 from evaluators.released_sets import release_at, release_images
 from evaluators.knn import knn_predict
@@ -391,6 +391,7 @@ def _finegrained(backbone: nn.Module, config: SuiteConfig, storage: Storage, dev
         data = images.features(backbone, amp_dtype=config.amp_dtype, parts=parts)
         report[name] = {**(voc_scores(voc, data, device) if voc else finegrained_scores(data, device)), "root": root,
                         "release": "Pascal VOC" if voc else release or "class folders"}
+        report[name]["protocol"] = protocol_figure(report[name])[0]
     if pictures is not None:
         sweeps = {}
         for name, scores in report.items():

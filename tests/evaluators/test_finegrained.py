@@ -13,7 +13,7 @@ from sklearn.metrics import balanced_accuracy_score
 
 from evaluators.classification import FolderImages
 from evaluators.data_settings import named_roots
-from evaluators.finegrained import mean_class_accuracy
+from evaluators.finegrained import finegrained_metrics, mean_class_accuracy
 from evaluators.suite import SuiteConfig, run_suite, with_options
 from tests.evaluators.test_classification import backbone, write_folders
 
@@ -93,3 +93,15 @@ def test_finegrained_data_is_an_option_and_bad_sets_are_refused(tmp_path: Path) 
     with pytest.raises(FileNotFoundError, match="no images under .*flat/train"):
         run_suite(backbone(), SuiteConfig(tasks=("finegrained",), finegrained_data=str(tmp_path / "flat"),
                                           image_size=28))
+
+
+def test_the_mean_over_the_sets_takes_each_ones_protocol_figure() -> None:
+    """Pets (a release of uneven classes): mean per-class accuracy; VOC: mAP; class folders: top-1."""
+    report = {"pets": {"release": "Oxford-IIIT Pets", "test_accuracy": 0.5, "mean_class_accuracy": 0.4},
+              "cars": {"release": "class folders", "test_accuracy": 0.7, "mean_class_accuracy": 0.6},
+              "food": {"release": "Food-101", "test_accuracy": 0.8, "mean_class_accuracy": 0.1},
+              "VOC2007": {"release": "Pascal VOC", "test_map": 0.9}}
+    metrics = finegrained_metrics(report)
+    assert metrics["finegrained_mean"] == pytest.approx((0.4 + 0.7 + 0.8 + 0.9) / 4)
+    assert metrics["finegrained_mean_top1"] == pytest.approx((0.5 + 0.7 + 0.8) / 3)
+    assert metrics["finegrained_VOC2007_map"] == 0.9 and "finegrained_VOC2007_top1" not in metrics

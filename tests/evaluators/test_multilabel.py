@@ -181,6 +181,9 @@ def test_the_suite_scores_a_voc_release_among_the_finegrained_sets(tmp_path: Pat
                                           torch.from_numpy(written["test"][1]))
     assert metrics["finegrained_VOC2007_map"] == pytest.approx(want.test_map, abs=1e-6)
     assert section["best_c"] == want.best_c and section["classes"] == list(VOC_CLASSES)
+    assert (section["release"], section["protocol"]) == ("Pascal VOC", "map")
+    assert metrics["finegrained_mean"] == pytest.approx((metrics["finegrained_VOC2007_map"]
+                                                         + metrics["finegrained_pets_top1"]) / 2)
     assert (section["num_train"], section["num_val"], section["num_test"]) == (14, 10, 14)
     assert min(section["class_ap"][:COLOURED]) > 0.9  # the colours' classes, against ~1/3 by chance
     assert (tmp_path / "pictures" / "finegrained_sweeps.png").read_bytes()[:4] == b"\x89PNG"

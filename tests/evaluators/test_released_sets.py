@@ -233,6 +233,8 @@ def test_the_suite_scores_a_release_as_the_same_images_in_class_folders(tmp_path
                                           finegrained_data=f"{tmp_path / 'CUB_200_2011'},{tmp_path / 'folders'}"))
     metrics, section = report["metrics"], report["tasks"]["finegrained"]
     assert section["CUB_200_2011"]["release"] == "CUB-200-2011" and section["folders"]["release"] == "class folders"
+    assert section["CUB_200_2011"]["protocol"] == "top1" and metrics["finegrained_mean"] == pytest.approx(
+        metrics["finegrained_mean_top1"])
     for kind in ("top1", "class_mean"):
         assert metrics[f"finegrained_CUB_200_2011_{kind}"] == metrics[f"finegrained_folders_{kind}"]
     assert section["CUB_200_2011"]["best_c"] == section["folders"]["best_c"]
