@@ -17,7 +17,8 @@ from typing import Any
 
 from components.pretrain import run_training
 from components.stage import StageContext, cache_key, recording_errors, stage_run, storage_from_env
-from dinoflow.config import DistillConfig, load_config, to_yaml
+from dinoflow.config import DistillConfig, load_config
+from dinoflow.config_dump import to_yaml
 from dinoflow.run_files import BACKBONE_FILE, HEADS_FILE
 from dinoflow.storage import Storage, join_uri
 from dinoflow.tracking import Tracker

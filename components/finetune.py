@@ -28,7 +28,8 @@ from components.stage import (
     stage_run,
     storage_from_env,
 )
-from dinoflow.config import FinetuneConfig, load_config, to_yaml
+from dinoflow.config import FinetuneConfig, load_config
+from dinoflow.config_dump import to_yaml
 from dinoflow.run_files import BACKBONE_FILE, CLASSIFIER_FILE, SUMMARY_FILE
 from dinoflow.storage import join_uri
 

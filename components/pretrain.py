@@ -24,7 +24,8 @@ from components.stage import (
     stage_run,
     storage_from_env,
 )
-from dinoflow.config import PretrainConfig, load_config, to_yaml
+from dinoflow.config import PretrainConfig, load_config
+from dinoflow.config_dump import to_yaml
 from dinoflow.run_files import BACKBONE_FILE, HEADS_FILE, SUMMARY_FILE
 from dinoflow.storage import Storage, join_uri
 from dinoflow.tracking import TAG_HEALTH, Tracker

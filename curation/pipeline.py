@@ -41,7 +41,7 @@ from curation.kmeans import LevelConfig, balanced_sample, entropy, hierarchical_
 from curation.report import image_grid_png
 from curation.retrieve import kmeans_clusters, retrieve_cluster, retrieve_nearest
 from curation.shards import ImageBytesReader, write_shards
-from dinoflow.config import flatten
+from dinoflow.config_dump import flatten
 from dinoflow.storage import Storage, join_uri
 from dinoflow.tracking import NullTracker, Tracker
 from trainer.data.datasets import ImageFolderDataset, Sample, decode_image

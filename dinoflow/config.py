@@ -415,24 +415,6 @@ def load_config(
     return validate(schema, apply_overrides(data, overrides))
 
 
-def to_yaml(config: BaseModel) -> str:
-    """The resolved config as YAML; loading it back gives an equal config."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
-
-
-def flatten(config: BaseModel | Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Dotted ``section.field -> value`` pairs, as logged to MLflow params."""
-    data = config.model_dump(mode="json") if isinstance(config, BaseModel) else config
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, f"{dotted}."))
-        else:
-            flat[dotted] = value
-    return flat
-
-
 class TeacherConfig(Section):
     """The frozen teacher of a distillation run."""
 

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel
 
-from dinoflow.config import flatten, to_yaml
+from dinoflow.config_dump import flatten, to_yaml
 
 PARAM_VALUE_LIMIT = 6000  # MLflow rejects longer parameter values
 BATCH_LIMIT = 100  # parameters per log_batch call

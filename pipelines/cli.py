@@ -22,7 +22,8 @@ import typer
 from pydantic import BaseModel
 
 from dinoflow.config import (CONFIG_DIR, ConfigError, DemoConfig, DistillConfig, FinetuneConfig, PretrainConfig,
-                             load_config, to_yaml)
+                             load_config)
+from dinoflow.config_dump import to_yaml
 
 if TYPE_CHECKING:
     from dinoflow.storage import Storage

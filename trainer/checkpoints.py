@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dinoflow.config import PretrainConfig, to_yaml
+from dinoflow.config import PretrainConfig
+from dinoflow.config_dump import to_yaml
 from dinoflow.storage import Storage, join_uri
 from dinoflow.tracking import Tracker
 from trainer.strategy import Strategy

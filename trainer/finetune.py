@@ -54,7 +54,8 @@ from kornia.augmentation.auto import RandAugment
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
-from dinoflow.config import FinetuneAugmentConfig, FinetuneConfig, to_yaml, validate
+from dinoflow.config import FinetuneAugmentConfig, FinetuneConfig, validate
+from dinoflow.config_dump import to_yaml
 from dinoflow.progress import progress
 from dinoflow.run_files import BACKBONE_FILE, CLASSIFIER_FILE, SUMMARY_FILE
 from dinoflow.storage import Storage, join_uri

@@ -21,10 +21,9 @@ from dinoflow.config import (
     FinetuneConfig,
     PretrainConfig,
     apply_overrides,
-    flatten,
     load_config,
-    to_yaml,
 )
+from dinoflow.config_dump import flatten, to_yaml
 from pipelines.cli import app
 
 
