@@ -34,11 +34,12 @@ from dinoflow.storage import Storage, join_uri
 from evaluators.attention import ATTENTION_IMAGES, garment_foreground
 from evaluators.feature_parts import FeatureParts, in_parts, join_rows, text_of, text_tensor
 from evaluators.features import extract_features, to_model_input
+from evaluators.released_sets import release_at, release_datasets
 from trainer.data.datasets import BadImageTracker, ImageFolderDataset, collate_samples
 from trainer.data.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
 from trainer.data.fashion_mnist import FILES, load_split
 
-DataKind = Literal["auto", "fashion_mnist", "folder"]
+DataKind = Literal["auto", "fashion_mnist", "folder", "release"]
 DATA_KINDS = ("auto", "fashion_mnist", "folder")
 CROP_RATIO = 0.875  # the original's evaluation: resize to 256, centre crop 224
 MAX_BAD_FRACTION = 0.05
@@ -62,13 +63,17 @@ class LabelledFeatures:
     test_classes: Tensor | None = None  # the train classes a separate test set holds, its scores restricted to them
 
 
-def data_kind(uri: str, storage: Storage) -> Literal["fashion_mnist", "folder"]:
-    """The kind of labelled data at ``uri``: Fashion-MNIST's files, else ``train/`` class folders."""
+def data_kind(uri: str, storage: Storage) -> Literal["fashion_mnist", "folder", "release"]:
+    """The kind of labelled data at ``uri``: Fashion-MNIST's files, a data set as released
+    (:func:`~evaluators.released_sets.release_at`), else ``train/`` class folders."""
     if storage.exists(join_uri(uri, FILES["train"][0])):
         return "fashion_mnist"
+    if release_at(uri, storage):
+        return "release"
     if storage.list(join_uri(uri, "train")):
         return "folder"
-    raise ValueError(f"{uri} holds neither Fashion-MNIST ({', '.join(FILES['train'] + FILES['test'])}) nor "
+    raise ValueError(f"{uri} holds neither Fashion-MNIST ({', '.join(FILES['train'] + FILES['test'])}), nor a "
+                     "released set evaluators/released_sets.py reads (iNaturalist, Food-101, CIFAR, ...), nor "
                      "train/<class>/ image folders (with val/<class>/ or test/<class>/ beside)")
 
 
@@ -95,8 +100,14 @@ def labelled_images(uri: str, kind: DataKind, storage: Storage, train_limit: int
     are over their 200."""
     resolved = data_kind(uri, storage) if kind == "auto" else kind
     if test_uri and resolved != "folder":
+        holds = "Fashion-MNIST" if resolved == "fashion_mnist" else "a released set"
         raise ValueError(f"test_uri {test_uri!r} is a test set of class folders, for a train split of class "
-                         f"folders; {uri} holds Fashion-MNIST, whose test split is its own")
+                         f"folders; {uri} holds {holds}, whose test split is its own")
+    if resolved == "release":
+        name = release_at(uri, storage)
+        if name is None:
+            raise ValueError(f"{uri} holds no released set evaluators/released_sets.py reads")
+        return release_images(name, uri, storage, train_limit, test_limit, image_size, seed, num_workers)
     if resolved == "fashion_mnist":
         splits = [load_split(storage, uri, split) for split in ("train", "test")]  # type: ignore[arg-type]
         (train, train_y), (test, test_y) = ((torch.from_numpy(data.images[: limit or len(data.images)]),
@@ -112,6 +123,15 @@ def labelled_images(uri: str, kind: DataKind, storage: Storage, train_limit: int
     restricted = separate and len(remap) < len(train.classes)
     return FolderImages(limited(train, train_limit, seed), test, train.classes, remap, image_size, num_workers,
                         restricted)
+
+
+def release_images(name: str, root: str, storage: Storage, train_limit: int = 0, test_limit: int = 0,
+                   image_size: int = 224, seed: int = 0, num_workers: int = 0) -> FolderImages:
+    """Release ``name`` at ``root`` (:mod:`evaluators.released_sets`) listed for the feature pass as
+    class folders are: a limit keeps a seeded random subset, images prepared as the folders' are."""
+    classes, train, test = release_datasets(name, root, storage, round(image_size / CROP_RATIO), seed)
+    return FolderImages(limited(train, train_limit, seed), limited(test, test_limit, seed), classes, None,
+                        image_size, num_workers)
 
 
 def limited(dataset: Dataset, limit: int, seed: int) -> Subset:

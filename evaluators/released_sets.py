@@ -3,8 +3,9 @@
 Why: each set ships its split in a form of its own (text lists, MATLAB files, no split at all), and
 rewriting it as ``train/<class>/`` folders by hand is where a benchmark goes wrong unnoticed
 (Flowers-102's test split is its largest, DTD has ten splits, Caltech-101 none). A root laid out as
-one of these releases (as its archives extract) is read as it is; any other root is class folders
-(:mod:`evaluators.classification`); Pascal VOC has its own protocol (:mod:`evaluators.multilabel`).
+one of these releases (as its archives extract) is read as it is, by the fine-grained task or as
+any classification's data (:func:`evaluators.classification.labelled_images`); any other root is
+class folders; Pascal VOC has its own protocol (:mod:`evaluators.multilabel`).
 
 ==================  ===================================  ==============================  ===================
 set                 root holds                           train                           test
@@ -22,6 +23,8 @@ Stanford Cars       ``devkit/``, ``cars_train/``,         ``devkit/cars_train_an
                     ``cars_test/``                                                        withlabels.mat``
 CIFAR-10            ``cifar-10-batches-py``'s files       ``data_batch_1`` to ``_5``      ``test_batch``
 CIFAR-100           ``cifar-100-python``'s files          ``train``                       ``test``
+iNaturalist         ``train2018.json``, ``val2018.json``  its ``images``, ``annotations`` ``val2018.json``
+                    (2017's, 2021's ``train.json``)
 ==================  ===================================  ==============================  ===================
 
 Train and val merge where a release has both (the logistic regression holds out its own share to
@@ -34,6 +37,7 @@ any code), their 32 px images resized as decoded files are (:class:`ImageArray`)
 from __future__ import annotations
 
 import io
+import json
 import pickle
 from collections.abc import Callable
 from pathlib import PurePosixPath
@@ -46,7 +50,6 @@ from scipy.io import loadmat
 from torch.utils.data import Dataset
 
 from dinoflow.storage import Storage, join_uri
-from evaluators.classification import CROP_RATIO, FolderImages, limited
 from trainer.data.datasets import IMAGE_EXTENSIONS, ImageListDataset, Sample, resize_center_crop
 
 CALTECH_TRAIN_PER_CLASS = 30
@@ -206,13 +209,48 @@ def _caltech101(storage: Storage, root: str, seed: int) -> Release:
     return classes, train, test
 
 
+def _json(storage: Storage, root: str, name: str) -> Any:
+    uri = join_uri(root, name)
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"{uri} is missing: an iNaturalist root holds its train and val JSON files and "
+                                "the image folders they name, as extracted")
+    return json.loads(storage.read_bytes(uri))
+
+
+def _inaturalist(files: tuple[str, str]) -> Callable[[Storage, str, int], Release]:
+    """The reader of an iNaturalist release whose train and val lists are ``files``: COCO-style JSON
+    (``images``' ``id`` and ``file_name`` under the root, ``annotations``' ``image_id`` and
+    ``category_id``, ``categories``' ``id`` and ``name``; 2018's names in ``categories.json`` where
+    given); val is the test split (the test labels are withheld), classes ordered by id."""
+
+    def read(storage: Storage, root: str, seed: int) -> Release:
+        tables = [_json(storage, root, name) for name in files]
+        listed = _json(storage, root, "categories.json") if storage.exists(join_uri(root, "categories.json")) else []
+        categories = [*listed, *(c for table in tables for c in table.get("categories", []))]
+        names = {c["id"]: str(c["name"]) for c in categories if "name" in c}
+        ids = sorted({*(c["id"] for c in categories), *(a["category_id"] for t in tables for a in t["annotations"])})
+        index = {category: i for i, category in enumerate(ids)}
+        splits = []
+        for table in tables:
+            labels = {a["image_id"]: a["category_id"] for a in table["annotations"]}
+            images = [image for image in table["images"] if image["id"] in labels]
+            splits.append(([join_uri(root, image["file_name"]) for image in images],
+                           [index[labels[image["id"]]] for image in images]))
+        return tuple(names.get(category, str(category)) for category in ids), *splits
+
+    return read
+
+
 # each release: a file only it holds (relative to its root), and its reader
 RELEASES: dict[str, tuple[str, Callable[[Storage, str, int], Release]]] = {
     "Food-101": ("meta/train.txt", _food101), "DTD": ("labels/train1.txt", _dtd),
     "Oxford-IIIT Pets": ("annotations/trainval.txt", _pets), "FGVC-Aircraft": ("data/variants.txt", _aircraft),
     "CUB-200-2011": ("train_test_split.txt", _cub), "Flowers-102": ("setid.mat", _flowers),
     "SUN397": ("Partitions/ClassName.txt", _sun397), "Caltech-101": ("101_ObjectCategories", _caltech101),
-    "Stanford Cars": ("devkit/cars_meta.mat", _cars)}
+    "Stanford Cars": ("devkit/cars_meta.mat", _cars),
+    "iNaturalist 2017": ("train2017.json", _inaturalist(("train2017.json", "val2017.json"))),
+    "iNaturalist 2018": ("train2018.json", _inaturalist(("train2018.json", "val2018.json"))),
+    "iNaturalist 2021": ("val.json", _inaturalist(("train.json", "val.json")))}
 
 
 class _ArraysOnly(pickle.Unpickler):
@@ -291,17 +329,15 @@ def read_release(name: str, root: str, storage: Storage, seed: int = 0) -> Relea
     return classes, train, test
 
 
-def release_images(name: str, root: str, storage: Storage, train_limit: int = 0, test_limit: int = 0,
-                   image_size: int = 224, seed: int = 0, num_workers: int = 0) -> FolderImages:
-    """Release ``name`` at ``root`` listed for the feature pass as class folders are (a limit keeps
-    a seeded random subset; decoded and centre-cropped as :mod:`evaluators.classification`'s)."""
-    load = round(image_size / CROP_RATIO)
+def release_datasets(name: str, root: str, storage: Storage, load_size: int,
+                     seed: int = 0) -> tuple[tuple[str, ...], Dataset[Sample], Dataset[Sample]]:
+    """Release ``name`` at ``root`` as its classes and its train and test images, each decoded (or,
+    CIFAR's, resized) with the shorter side at ``load_size``, labelled by class index."""
     if name in CIFARS:
         classes, arrays = _cifar(storage, root, CIFARS[name][1])
-        sets: list[Dataset[Sample]] = [ImageArray(images, labels, load, join_uri(root, split))
-                                       for (images, labels), split in zip(arrays, ("train", "test"))]
-    else:
-        classes, *lists = read_release(name, root, storage, seed)
-        sets = [ImageListDataset(storage, keys, labels, load) for keys, labels in lists]
-    train, test = (limited(dataset, limit, seed) for dataset, limit in zip(sets, (train_limit, test_limit)))
-    return FolderImages(train, test, classes, None, image_size, num_workers)
+        train, test = (ImageArray(images, labels, load_size, join_uri(root, split))
+                       for (images, labels), split in zip(arrays, ("train", "test")))
+        return classes, train, test
+    classes, *lists = read_release(name, root, storage, seed)
+    train, test = (ImageListDataset(storage, keys, labels, load_size) for keys, labels in lists)
+    return classes, train, test

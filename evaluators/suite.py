@@ -65,7 +65,7 @@ from torch import nn
 
 from dinoflow.storage import Storage, join_uri
 from evaluators.attention import ATTENTION_IMAGES, attention_summary
-from evaluators.classification import DATA_KINDS, DataKind, FolderImages, labelled_images
+from evaluators.classification import DATA_KINDS, DataKind, FolderImages, labelled_images, release_images
 from evaluators.clean_probes import (CleanClassifiers, score_test_sets, scores_uri, test_set_folders,
                                      test_set_metrics)
 from evaluators.corruptions import corruption_errors, corruption_folders, corruption_metrics, score_corruptions
@@ -95,7 +95,7 @@ from evaluators.feature_parts import FeatureParts, backbone_digest
 from evaluators.features import patch_sides, to_model_input
 from evaluators.finegrained import finegrained_metrics, finegrained_scores, protocol_figure
 from evaluators.multilabel import is_voc, voc_images, voc_scores
-from evaluators.released_sets import release_at, release_images
+from evaluators.released_sets import release_at
 from evaluators.knn import knn_predict
 from evaluators.linear import LinearProbeConfig
 from evaluators.logreg import LogRegConfig

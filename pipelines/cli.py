@@ -344,9 +344,10 @@ def evaluate(
                                        "retrieval, video, finegrained (--option finegrained_data=<root>,...: "
                                        "logreg on each set of class folders or VOC)")] = (
         "knn,linear,seg,depth,retrieval"),
-    data_uri: Annotated[str, typer.Option(help="labelled images for knn, linear, logreg: Fashion-MNIST's folder, or "
+    data_uri: Annotated[str, typer.Option(help="labelled images for knn, linear, logreg: Fashion-MNIST's folder, "
                                                 "one of class folders, train/<class>/ and val/<class>/ (ImageNet's "
-                                                "layout; path or URI)")] = "/usr/share/datasets/fashion-mnist",
+                                                "layout), or a set as released (iNaturalist, Food-101, ...; "
+                                                "path or URI)")] = "/usr/share/datasets/fashion-mnist",
     test_uri: Annotated[str, typer.Option(help="knn, linear, logreg: a test set of class folders of its own instead of "
                                                "<data-uri>/val, e.g. ImageNet-R beside ImageNet's train/; with "
                                                "fewer classes than train it is scored over its own (ImageNet-A "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
@@ -15,7 +16,8 @@ from scipy.io import savemat
 
 from dinoflow.storage import Storage
 from evaluators import released_sets
-from evaluators.released_sets import RELEASES, read_release, release_at, release_images
+from evaluators.classification import labelled_images, release_images
+from evaluators.released_sets import RELEASES, read_release, release_at
 from evaluators.suite import SuiteConfig, run_suite
 from tests.evaluators.test_classification import backbone
 
@@ -161,9 +163,40 @@ def cars(root: Path, rng: np.random.Generator) -> Expected:
     return classes, expected["train"], expected["test"]
 
 
+def inaturalist(year: int) -> Callable[[Path, np.random.Generator], Expected]:
+    """An iNaturalist release: COCO-style JSON lists naming images under the root, the category ids
+    not in order of the names; 2017/2018 names in categories.json (their lists' categories give ids
+    only), 2021's in the lists; an image without an annotation is left out."""
+    def writer(root: Path, rng: np.random.Generator) -> Expected:
+        ids, classes = (7, 2, 5), ("Aves_Larus", "Plantae_Acer", "Fungi_Amanita")  # by id: 2, 5, 7
+        order = sorted(range(3), key=lambda c: ids[c])
+        folder = "train_val" if year < 2021 else "images"
+        tables: dict[str, dict] = {split: {"images": [], "annotations": [], "categories": [
+            {"id": i} if year < 2021 else {"id": i, "name": classes[c]} for c, i in enumerate(ids)]}
+            for split in ("train", "val")}
+        expected: dict[str, set] = {"train": set(), "test": set()}
+        for image, (c, split, n) in enumerate(splits_of(classes)):
+            path = f"{folder}{year}/{ids[c]}/{image:04d}.jpg"
+            picture(root / path, c, rng)
+            table = tables["val" if split == "test" else "train"]
+            table["images"].append({"id": 100 + image, "file_name": path, "width": 44, "height": 36})
+            table["annotations"].append({"id": image, "image_id": 100 + image, "category_id": ids[c]})
+            expected[split].add((path, classes[c]))
+        tables["train"]["images"].append({"id": 999, "file_name": f"{folder}{year}/unlabelled.jpg"})
+        names = {"train": "train.json", "val": "val.json"} if year == 2021 else {
+            split: f"{split}{year}.json" for split in tables}
+        write(root, {names[split]: json.dumps(table) for split, table in tables.items()})
+        if year < 2021:
+            write(root, {"categories.json": json.dumps([{"id": i, "name": classes[c]} for c, i in enumerate(ids)])})
+        return tuple(classes[c] for c in order), expected["train"], expected["test"]
+
+    return writer
+
+
 WRITERS: dict[str, Callable[[Path, np.random.Generator], Expected]] = {
     "Food-101": food101, "DTD": dtd, "Oxford-IIIT Pets": pets, "FGVC-Aircraft": aircraft,
-    "CUB-200-2011": cub, "Flowers-102": flowers, "SUN397": sun397, "Stanford Cars": cars}
+    "CUB-200-2011": cub, "Flowers-102": flowers, "SUN397": sun397, "Stanford Cars": cars,
+    **{f"iNaturalist {year}": inaturalist(year) for year in (2017, 2018, 2021)}}
 
 
 @pytest.mark.parametrize("name", WRITERS)
@@ -240,6 +273,13 @@ def test_the_suite_scores_a_release_as_the_same_images_in_class_folders(tmp_path
     assert section["CUB_200_2011"]["best_c"] == section["folders"]["best_c"]
     assert section["CUB_200_2011"]["val_accuracies"] == section["folders"]["val_accuracies"]
     assert metrics["finegrained_CUB_200_2011_top1"] > 0.8 and section["CUB_200_2011"]["num_test"] == 3 * TEST
+    # a release is any classification's data too (data_kind auto): the k-NN on it is the folders'
+    knn = [run_suite(model, SuiteConfig(tasks=("knn",), image_size=28, ks=(1, 3),
+                                        data_uri=str(tmp_path / folder)))["metrics"]
+           for folder in ("CUB_200_2011", "folders")]
+    assert knn[0] == knn[1] and knn[0]["knn_top1_k3"] > 0.8
+    with pytest.raises(ValueError, match="holds a released set, whose test split is its own"):
+        labelled_images(str(tmp_path / "CUB_200_2011"), "auto", Storage(), test_uri=str(tmp_path / "folders" / "val"))
 
 
 def write_cifar(root: Path, hundred: bool, rng: np.random.Generator) -> dict[str, tuple[np.ndarray, np.ndarray]]:
