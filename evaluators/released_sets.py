@@ -57,13 +57,18 @@ Split = tuple[list[str], list[int]]  # the images' URIs and their classes' indic
 Release = tuple[tuple[str, ...], Split, Split]  # classes, train, test
 
 
-def _lines(storage: Storage, root: str, *path: str) -> list[str]:
-    """The non-empty lines of a release's list (``#`` comments left out), or an error naming it."""
+def _read(storage: Storage, root: str, *path: str) -> bytes:
+    """A file of the release at ``root``, or an error naming it."""
     uri = join_uri(root, *path)
     if not storage.exists(uri):
-        raise FileNotFoundError(f"{uri} is missing: {root} looks like a release of a fine-grained set whose lists "
-                                f"are incomplete (see evaluators/released_sets.py for each set's files)")
-    text = storage.read_bytes(uri).decode()
+        raise FileNotFoundError(f"{uri} is missing: {root} looks like a released set whose files are incomplete "
+                                "(evaluators/released_sets.py lists each set's files, as its archives extract)")
+    return storage.read_bytes(uri)
+
+
+def _lines(storage: Storage, root: str, *path: str) -> list[str]:
+    """The non-empty lines of a release's list (``#`` comments left out)."""
+    text = _read(storage, root, *path).decode()
     return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
@@ -108,6 +113,9 @@ def _aircraft(storage: Storage, root: str, seed: int) -> Release:
     splits = []
     for split in ("trainval", "test"):
         rows = [line.split(" ", 1) for line in _lines(storage, root, "data", f"images_variant_{split}.txt")]
+        unknown = sorted({variant for _, variant in rows} - set(index))
+        if unknown:
+            raise ValueError(f"{root}: images of variants {unknown[:5]} that data/variants.txt lacks")
         splits.append(([join_uri(root, "data", "images", f"{image}.jpg") for image, _ in rows],
                        [index[variant] for _, variant in rows]))
     return classes, *splits
@@ -119,12 +127,13 @@ def _cub(storage: Storage, root: str, seed: int) -> Release:
     table = {name: dict(line.split(" ", 1) for line in _lines(storage, root, f"{name}.txt"))
              for name in ("images", "image_class_labels", "train_test_split", "classes")}
     ids = sorted(table["classes"], key=int)
-    classes = tuple(table["classes"][i] for i in ids)
+    position = {class_id: i for i, class_id in enumerate(ids)}
     splits: tuple[Split, Split] = (([], []), ([], []))
     for image, path in table["images"].items():
         keys, labels = splits[0] if table["train_test_split"][image] == "1" else splits[1]
         keys.append(join_uri(root, "images", path))
-        labels.append(ids.index(table["image_class_labels"][image]))
+        labels.append(position[table["image_class_labels"][image]])
+    classes = tuple(table["classes"][i] for i in ids)
     return classes, *splits
 
 
@@ -144,11 +153,7 @@ def _flowers(storage: Storage, root: str, seed: int) -> Release:
 
 def _matlab(storage: Storage, root: str, path: str) -> dict:
     """A release's MATLAB file, its arrays squeezed (a struct array's fields by name)."""
-    uri = join_uri(root, path)
-    if not storage.exists(uri):
-        raise FileNotFoundError(f"{uri} is missing: {root} looks like a release of a fine-grained set whose files "
-                                "are incomplete (see evaluators/released_sets.py for each set's files)")
-    return loadmat(io.BytesIO(storage.read_bytes(uri)), squeeze_me=True)
+    return loadmat(io.BytesIO(_read(storage, root, path)), squeeze_me=True)
 
 
 def _cars(storage: Storage, root: str, seed: int) -> Release:
@@ -209,14 +214,6 @@ def _caltech101(storage: Storage, root: str, seed: int) -> Release:
     return classes, train, test
 
 
-def _json(storage: Storage, root: str, name: str) -> Any:
-    uri = join_uri(root, name)
-    if not storage.exists(uri):
-        raise FileNotFoundError(f"{uri} is missing: an iNaturalist root holds its train and val JSON files and "
-                                "the image folders they name, as extracted")
-    return json.loads(storage.read_bytes(uri))
-
-
 def _inaturalist(files: tuple[str, str]) -> Callable[[Storage, str, int], Release]:
     """The reader of an iNaturalist release whose train and val lists are ``files``: COCO-style JSON
     (``images``' ``id`` and ``file_name`` under the root, ``annotations``' ``image_id`` and
@@ -224,8 +221,9 @@ def _inaturalist(files: tuple[str, str]) -> Callable[[Storage, str, int], Releas
     given); val is the test split (the test labels are withheld), classes ordered by id."""
 
     def read(storage: Storage, root: str, seed: int) -> Release:
-        tables = [_json(storage, root, name) for name in files]
-        listed = _json(storage, root, "categories.json") if storage.exists(join_uri(root, "categories.json")) else []
+        tables = [json.loads(_read(storage, root, name)) for name in files]
+        given = storage.exists(join_uri(root, "categories.json"))
+        listed = json.loads(_read(storage, root, "categories.json")) if given else []
         categories = [*listed, *(c for table in tables for c in table.get("categories", []))]
         names = {c["id"]: str(c["name"]) for c in categories if "name" in c}
         ids = sorted({*(c["id"] for c in categories), *(a["category_id"] for t in tables for a in t["annotations"])})
@@ -268,12 +266,8 @@ class _ArraysOnly(pickle.Unpickler):
 
 
 def _batch(storage: Storage, root: str, name: str) -> dict:
-    uri = join_uri(root, name)
-    if not storage.exists(uri):
-        raise FileNotFoundError(f"{uri} is missing: a CIFAR root holds the python version's batches as extracted "
-                                "(cifar-10-batches-py: data_batch_1-5, test_batch, batches.meta; cifar-100-python: "
-                                "train, test, meta)")
-    return _ArraysOnly(io.BytesIO(storage.read_bytes(uri)), encoding="bytes").load()
+    """One of CIFAR's pickled batches (python version), by :class:`_ArraysOnly`."""
+    return _ArraysOnly(io.BytesIO(_read(storage, root, name)), encoding="bytes").load()
 
 
 def _cifar(storage: Storage, root: str, hundred: bool) -> tuple[tuple[str, ...], list[tuple[np.ndarray, np.ndarray]]]:
