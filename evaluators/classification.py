@@ -1,10 +1,11 @@
-"""Labelled images for the k-NN and linear benchmarks: Fashion-MNIST, or folders of class folders.
+"""Labelled images for the k-NN and linear benchmarks: Fashion-MNIST, folders of class folders, or a released set.
 
 Why: a backbone pretrained on one's own images is judged on one's own labels (or on ImageNet),
 not only on Fashion-MNIST. A folder source uses the layout torchvision's ``ImageFolder`` and the
 original's evaluation read, ``<uri>/train/<class>/<image>`` and ``<uri>/val/<class>/<image>``
-(``test/`` when there is no ``val/``); the classes are the train split's subfolders, sorted.
-Its images are prepared as the original's evaluation prepares them: the shorter side resized to
+(``test/`` when there is no ``val/``); the classes are the train split's subfolders, sorted. A
+set as released (iNaturalist, Food-101, CIFAR, ...: :mod:`evaluators.released_sets`) is read by
+its own split lists instead. Its images are prepared as the original's evaluation prepares them: the shorter side resized to
 ``image_size / 0.875`` (256 px for 224), the centre ``image_size`` square kept. They stream
 through the backbone in batches, so only the features are held (ImageNet's 1.28M train images
 are 2 GB of ViT-S/14 features, 190 GB of pixels). Undecodable images are skipped and counted; more
@@ -208,7 +209,8 @@ class FashionMnistImages:
 class FolderImages:
     """Class folders' image lists (a limit keeps a seeded random subset), decoded as each feature
     pass streams them; ``remap`` maps the test split's class indices into train's (None: they are
-    train's, as in Pascal VOC's lists, :mod:`evaluators.multilabel`)."""
+    train's, as in released sets' lists and Pascal VOC's, :mod:`evaluators.released_sets`,
+    :mod:`evaluators.multilabel`)."""
 
     train: Subset
     test: Subset

@@ -94,13 +94,13 @@ from evaluators.dense_source import FeatureSource, feature_sources, relabelled
 from evaluators.feature_parts import FeatureParts, backbone_digest
 from evaluators.features import patch_sides, to_model_input
 from evaluators.finegrained import finegrained_metrics, finegrained_scores, protocol_figure
-from evaluators.multilabel import is_voc, voc_images, voc_scores
-from evaluators.released_sets import release_at
 from evaluators.knn import knn_predict
 from evaluators.linear import LinearProbeConfig
 from evaluators.logreg import LogRegConfig
 from evaluators.met import load_met, met_recognition
+from evaluators.multilabel import is_voc, voc_images, voc_scores
 from evaluators.reference import paper_comparison, save_comparison
+from evaluators.released_sets import release_at
 from evaluators.report import (classification_report, knn_accuracies, knn_bank, linear_report, logreg_fit,
                                report_metrics)
 from evaluators.retrieval import (global_descriptors, load_amstertime, load_revisited, pair_retrieval, rank_database,
@@ -672,7 +672,8 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
     """
     if "finegrained" in config.tasks and not config.finegrained_data:
         raise ValueError("the finegrained task needs finegrained_data: comma-separated roots of class folders "
-                         "(train/<class>/, val/<class>/) or of a Pascal VOC release, e.g. s3://d/food101,s3://d/cars")
+                         "(train/<class>/, val/<class>/), of sets as released (Food-101, CUB_200_2011, ...) or of "
+                         "Pascal VOC 2007, e.g. s3://d/food101,s3://d/cars")
     backbone.eval()
     storage = storage or Storage()
     metrics: dict[str, float] = {}
