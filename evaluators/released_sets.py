@@ -239,16 +239,16 @@ def _inaturalist(files: tuple[str, str]) -> Callable[[Storage, str, int], Releas
     return read
 
 
-# each release: a file only it holds (relative to its root), and its reader
-RELEASES: dict[str, tuple[str, Callable[[Storage, str, int], Release]]] = {
-    "Food-101": ("meta/train.txt", _food101), "DTD": ("labels/train1.txt", _dtd),
-    "Oxford-IIIT Pets": ("annotations/trainval.txt", _pets), "FGVC-Aircraft": ("data/variants.txt", _aircraft),
-    "CUB-200-2011": ("train_test_split.txt", _cub), "Flowers-102": ("setid.mat", _flowers),
-    "SUN397": ("Partitions/ClassName.txt", _sun397), "Caltech-101": ("101_ObjectCategories", _caltech101),
-    "Stanford Cars": ("devkit/cars_meta.mat", _cars),
-    "iNaturalist 2017": ("train2017.json", _inaturalist(("train2017.json", "val2017.json"))),
-    "iNaturalist 2018": ("train2018.json", _inaturalist(("train2018.json", "val2018.json"))),
-    "iNaturalist 2021": ("val.json", _inaturalist(("train.json", "val.json")))}
+# each release: the files that together only it holds (relative to its root), and its reader
+RELEASES: dict[str, tuple[tuple[str, ...], Callable[[Storage, str, int], Release]]] = {
+    "Food-101": (("meta/train.txt",), _food101), "DTD": (("labels/train1.txt",), _dtd),
+    "Oxford-IIIT Pets": (("annotations/trainval.txt",), _pets), "FGVC-Aircraft": (("data/variants.txt",), _aircraft),
+    "CUB-200-2011": (("train_test_split.txt",), _cub), "Flowers-102": (("setid.mat",), _flowers),
+    "SUN397": (("Partitions/ClassName.txt",), _sun397), "Caltech-101": (("101_ObjectCategories",), _caltech101),
+    "Stanford Cars": (("devkit/cars_meta.mat",), _cars),
+    "iNaturalist 2017": (("train2017.json",), _inaturalist(("train2017.json", "val2017.json"))),
+    "iNaturalist 2018": (("train2018.json",), _inaturalist(("train2018.json", "val2018.json"))),
+    "iNaturalist 2021": (("val.json",), _inaturalist(("train.json", "val.json")))}
 
 
 class _ArraysOnly(pickle.Unpickler):
@@ -273,8 +273,8 @@ def _batch(storage: Storage, root: str, name: str) -> dict:
 def _cifar(storage: Storage, root: str, hundred: bool) -> tuple[tuple[str, ...], list[tuple[np.ndarray, np.ndarray]]]:
     """CIFAR's classes and its train and test images ``(N, 32, 32, 3)`` uint8 with their labels
     (CIFAR-100's fine labels)."""
-    names = _batch(storage, root, "meta" if hundred else "batches.meta")[b"fine_label_names" if hundred
-                                                                        else b"label_names"]
+    meta, key = ("meta", b"fine_label_names") if hundred else ("batches.meta", b"label_names")
+    names = _batch(storage, root, meta)[key]
     parts = (["train"], ["test"]) if hundred else ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"])
     splits = []
     for files in parts:
@@ -301,14 +301,14 @@ class ImageArray(Dataset[Sample]):
         return Sample(pixels, int(self.labels[index]), f"{self.uri}#{index}")
 
 
-# CIFAR's python versions: a file only each holds, and whether it is CIFAR-100
-CIFARS = {"CIFAR-10": ("batches.meta", False), "CIFAR-100": ("meta", True)}
+# CIFAR's python versions: the files that together only each holds (as RELEASES'), and whether it is CIFAR-100
+CIFARS = {"CIFAR-10": (("batches.meta",), False), "CIFAR-100": (("meta", "train"), True)}
 
 
 def release_at(root: str, storage: Storage) -> str | None:
     """The release of :data:`RELEASES` or :data:`CIFARS` laid out at ``root``, or None (class folders, say)."""
-    for name, (marker, _) in {**RELEASES, **CIFARS}.items():
-        if storage.exists(join_uri(root, marker)) and (name != "CIFAR-100" or storage.exists(join_uri(root, "train"))):
+    for name, (markers, _) in {**RELEASES, **CIFARS}.items():
+        if all(storage.exists(join_uri(root, marker)) for marker in markers):
             return name
     return None
 
