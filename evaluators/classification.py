@@ -67,12 +67,17 @@ class LabelledFeatures:
 def data_kind(uri: str, storage: Storage) -> Literal["fashion_mnist", "folder", "release"]:
     """The kind of labelled data at ``uri``: Fashion-MNIST's files, a data set as released
     (:func:`~evaluators.released_sets.release_at`), else ``train/`` class folders."""
+    return _found_data(uri, storage)[0]
+
+
+def _found_data(uri: str, storage: Storage) -> tuple[Literal["fashion_mnist", "folder", "release"], str | None]:
+    """:func:`data_kind` with the release's name when it is one, found by one look at ``uri``."""
     if storage.exists(join_uri(uri, FILES["train"][0])):
-        return "fashion_mnist"
-    if release_at(uri, storage):
-        return "release"
+        return "fashion_mnist", None
+    if name := release_at(uri, storage):
+        return "release", name
     if storage.list(join_uri(uri, "train")):
-        return "folder"
+        return "folder", None
     raise ValueError(f"{uri} holds neither Fashion-MNIST ({', '.join(FILES['train'] + FILES['test'])}), nor a "
                      "released set evaluators/released_sets.py reads (iNaturalist, Food-101, CIFAR, ...), nor "
                      "train/<class>/ image folders (with val/<class>/ or test/<class>/ beside)")
@@ -99,13 +104,13 @@ def labelled_images(uri: str, kind: DataKind, storage: Storage, train_limit: int
     -Sketch, -C beside ImageNet's train split), its classes among train's; holding fewer, it is
     scored over its own classes only (:attr:`LabelledFeatures.test_classes`), as ImageNet-A and -R
     are over their 200."""
-    resolved = data_kind(uri, storage) if kind == "auto" else kind
+    resolved, name = _found_data(uri, storage) if kind == "auto" else (kind, None)
     if test_uri and resolved != "folder":
         holds = "Fashion-MNIST" if resolved == "fashion_mnist" else "a released set"
         raise ValueError(f"test_uri {test_uri!r} is a test set of class folders, for a train split of class "
                          f"folders; {uri} holds {holds}, whose test split is its own")
     if resolved == "release":
-        name = release_at(uri, storage)
+        name = name or release_at(uri, storage)
         if name is None:
             raise ValueError(f"{uri} holds no released set evaluators/released_sets.py reads")
         return release_images(name, uri, storage, train_limit, test_limit, image_size, seed, num_workers)
