@@ -45,9 +45,11 @@ PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" "$TORCH"
 # The rest through uv, which resolves and fetches in parallel (on 2 cores: ~15 s where pip takes ~7 min).
 # uv does not look at the torch file on disk, so pip installs torch first and uv keeps it (the constraints
-# pin it); where uv cannot be had or fails, pip installs the same set.
+# pin it); its files compiled to bytecode as pip's are (tasks and ranks start many Python processes, some
+# with -B); where uv cannot be had or fails, pip installs the same set.
 if ! { "${PIP[@]}" "uv>=0.5,<1" \
-       && "$VENV/bin/uv" pip install --quiet --python "$VENV/bin/python" -c constraints.txt -e ".[$EXTRAS]"; }; then
+       && "$VENV/bin/uv" pip install --quiet --compile-bytecode --python "$VENV/bin/python" \
+            -c constraints.txt -e ".[$EXTRAS]"; }; then
   echo "setup: uv failed, installing with pip" >&2
   "${PIP[@]}" -c constraints.txt -e ".[$EXTRAS]"
 fi
