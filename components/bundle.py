@@ -10,7 +10,10 @@ function, plus their packages' ``__init__``) and, where a shipped module reads p
 presets; its Python files lose their docstrings, comments and functions' annotations
 (:func:`shipped_source`, ``ast.unparse``: about 45 % smaller; the checkout stays the readable
 source, and line numbers in a task's traceback refer to the shipped copy); and its size is
-checked here, before anything runs. A side effect: a stage's cache key (:func:`code_digest` of its bundle)
+checked here, before anything runs. What a component embeds is the bundle packed
+(:func:`pack_bundle`): the same files as one xz archive with a small loader
+(:mod:`components.unpack`) that extracts it at the first import, about 16 % smaller than KFP's
+gzip of the files. A side effect: a stage's cache key (:func:`code_digest` of its bundle)
 changes only when code the stage can run changes.
 """
 
@@ -22,11 +25,14 @@ import functools
 import gzip
 import hashlib
 import io
+import lzma
 import shutil
 import tarfile
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+
+from components import unpack
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("dinoflow", "trainer", "evaluators", "curation", "components", "configs")
@@ -171,24 +177,53 @@ def longest_argument(arguments: Iterable[str]) -> int:
     return max((len(argument.encode()) + 1 for argument in arguments), default=0)
 
 
-def build_bundle(root: Path = REPO_ROOT, cache: Path | None = None, roots: Iterable[str] | None = None) -> Path:
-    """A folder holding the shipped copy of :func:`bundle_files`, made once per code version.
+def pack_bundle(tree: Path, packed: Path) -> Path:
+    """Write into the new folder ``packed`` what a component embeds for the bundle folder ``tree``:
+    ``tree`` as one xz archive (:data:`~components.unpack.ARCHIVE`; entries sorted, times and
+    owners zeroed, so the same code packs to the same bytes), the loader
+    (:mod:`components.unpack`, as :data:`~components.unpack.MODULE`) and a stub ``__init__``
+    for each top-level package of ``tree`` (namespace packages too) that hands its import to the
+    loader; returns ``packed``."""
+    packed.mkdir(parents=True)
 
-    Raises ``ValueError`` when the encoded bundle would not fit in one command-line argument.
+    def plain(info: tarfile.TarInfo) -> tarfile.TarInfo:
+        info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+        info.mode = 0o755 if info.isdir() else 0o644
+        return info
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(tree.rglob("*")):
+            tar.add(path, arcname=path.relative_to(tree).as_posix(), recursive=False, filter=plain)
+    (packed / unpack.ARCHIVE).write_bytes(lzma.compress(buffer.getvalue(), preset=9 | lzma.PRESET_EXTREME))
+    loader = Path(unpack.__file__).read_text()
+    (packed / f"{unpack.MODULE}.py").write_text(shipped_source(loader))
+    for package in sorted(p.name for p in tree.iterdir() if p.is_dir() and any(p.rglob("*.py"))):
+        (packed / package).mkdir()
+        (packed / package / "__init__.py").write_text(f"import {unpack.MODULE}\n{unpack.MODULE}.replace(__name__)\n")
+    return packed
+
+
+def build_bundle(root: Path = REPO_ROOT, cache: Path | None = None, roots: Iterable[str] | None = None) -> Path:
+    """A folder holding the shipped copy of :func:`bundle_files`, made once per code version, with
+    its packed form beside it (:func:`packed_bundle`).
+
+    Raises ``ValueError`` when the encoded packed bundle would not fit in one command-line argument.
     """
     digest = code_digest(root, roots)
-    target = (cache or Path(tempfile.gettempdir()) / "dinoflow-bundles") / digest[:16]
-    if target.is_dir():
-        return target
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent if target.parent.exists() else None))
+    made = (cache or Path(tempfile.gettempdir()) / "dinoflow-bundles") / digest[:16]
+    if made.is_dir():
+        return made / "code"
+    made.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=made.parent))
     for path in bundle_files(root, roots):
-        destination = staging / path.relative_to(root)
+        destination = staging / "code" / path.relative_to(root)
         destination.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix == ".py":
             destination.write_text(shipped_source(path.read_text()))
         else:
             shutil.copyfile(path, destination)
-    size = encoded_size(staging)
+    size = encoded_size(pack_bundle(staging / "code", staging / "packed"))
     if size > ARGUMENT_LIMIT - HEADROOM:
         shutil.rmtree(staging)
         raise ValueError(
@@ -196,9 +231,14 @@ def build_bundle(root: Path = REPO_ROOT, cache: Path | None = None, roots: Itera
             f"{(ARGUMENT_LIMIT - HEADROOM) // 1024} KiB that fit in one container argument; "
             f"trim the modules it imports or ship the code in the base image"
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
     try:
-        staging.rename(target)
+        staging.rename(made)
     except OSError:  # another process made it first
         shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return made / "code"
+
+
+def packed_bundle(tree: Path) -> Path:
+    """The packed form (:func:`pack_bundle`) of a bundle folder made by :func:`build_bundle`: the
+    folder a component embeds."""
+    return tree.parent / "packed"

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 from kfp import dsl
 from kfp.dsl import Artifact, Input, Metrics, Model, Output
 
-from components.bundle import ARGUMENT_LIMIT, build_bundle, imported_modules, longest_argument
+from components.bundle import ARGUMENT_LIMIT, build_bundle, imported_modules, longest_argument, packed_bundle
 
 REGISTRY = "ghcr.io/dinoflow"
 TAG = "0.1.0"  # the project's version: images are built and tagged per release (infra/README.md)
@@ -242,7 +242,8 @@ def build_components(images: Images | str = DEFAULT_IMAGES, gpus: int = 1) -> Si
     made = {}
     for func in STAGES:
         component = dsl.component(func, base_image=chosen.for_stage(func.__name__, gpus),
-                                  embedded_artifact_path=str(stage_bundle(func)), install_kfp_package=False)
+                                  embedded_artifact_path=str(packed_bundle(stage_bundle(func))),
+                                  install_kfp_package=False)
         container = component.component_spec.implementation.container
         size = longest_argument([*container.command, *(container.args or [])])
         if size > ARGUMENT_LIMIT:
