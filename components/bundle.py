@@ -12,7 +12,7 @@ presets; its Python files lose their docstrings, comments and functions' annotat
 source, and line numbers in a task's traceback refer to the shipped copy); and its size is
 checked here, before anything runs. What a component embeds is the bundle packed
 (:func:`pack_bundle`): the same files as one xz archive with a small loader
-(:mod:`components.unpack`) that extracts it at the first import, about 16 % smaller than KFP's
+(:mod:`components.unpack`) that extracts it at the first import, about 15 % smaller than KFP's
 gzip of the files. A side effect: a stage's cache key (:func:`code_digest` of its bundle)
 changes only when code the stage can run changes.
 """

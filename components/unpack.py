@@ -1,7 +1,7 @@
 """The run-time half of a packed bundle (:func:`components.bundle.pack_bundle`).
 
 Why: KFP embeds a component's folder as gzip inside one command-line argument of at most 128 KiB;
-the same code as one xz archive is about 16 % smaller, room that the training stages' bundles
+the same code as one xz archive is about 15 % smaller, room that the training stages' bundles
 need. A packed folder holds that archive, this module (as :data:`MODULE`) and, for each top-level
 package, a two-line ``__init__`` that calls :func:`replace`: the first import of any of them
 extracts the archive beside it, puts the extracted folder on ``sys.path`` in the packed
