@@ -15,6 +15,7 @@ import pytest
 from kfp import compiler
 from mlflow.tracking import MlflowClient
 
+from components import unpack
 from components.stage import StageContext, error_uri, recording_errors, storage_from_env
 from dinoflow.storage import RetryPolicy, S3Settings, Storage, StorageError
 from dinoflow.tracking import (
@@ -44,18 +45,24 @@ def assert_clean(text: str, where: str, needles: tuple[str, ...] = (SECRET, KEY_
         assert needle not in text, f"planted credential {needle!r} found in {where}"
 
 
+def tar_files(archive: bytes, mode: str = "r") -> dict[str, bytes]:
+    with tarfile.open(fileobj=io.BytesIO(archive), mode=mode) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}  # type: ignore[union-attr]
+
+
 def embedded_files(text: str) -> dict[str, bytes]:
-    """The files of every code bundle KFP embedded in the YAML (base64 of a gzipped tar)."""
+    """The files of every code bundle KFP embedded in the YAML (base64 of a gzipped tar), the
+    packed code's archive (``code.tar.xz``) opened too."""
     files: dict[str, bytes] = {}
     for blob in re.findall(r"[A-Za-z0-9+/]{2000,}={0,2}", text):
         try:
             archive = gzip.decompress(base64.b64decode(blob))
         except (ValueError, OSError):
             continue
-        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-            for member in tar.getmembers():
-                if member.isfile():
-                    files[member.name] = tar.extractfile(member).read()  # type: ignore[union-attr]
+        for name, data in tar_files(archive).items():
+            files[name] = data
+            if name.endswith(unpack.ARCHIVE):
+                files.update({f"{name}/{inner}": packed for inner, packed in tar_files(data, "r:xz").items()})
     return files
 
 
