@@ -17,14 +17,17 @@ FGVC-Aircraft       ``data/`` (2013b)                    ``images_variant_trainv
 CUB-200-2011        ``images.txt`` and its kin           ``train_test_split.txt``: 1     its 0
 Flowers-102         ``jpg/``, ``imagelabels.mat``,        ``setid.mat``: trnid, valid     tstid
                     ``setid.mat``
-SUN397              ``Partitions/``, ``<l>/<class>/``    ``Partitions/Training_01.txt``  ``Testing_01.txt``
+SUN397              ``ClassName.txt``, ``<l>/<class>/``  ``Training_01.txt`` (in         ``Testing_01.txt``
+                                                         ``Partitions/`` or the root)
 Caltech-101         ``101_ObjectCategories/<class>/``     30 a class, a seeded draw       the rest
 Stanford Cars       ``devkit/``, ``cars_train/``,         ``devkit/cars_train_annos.mat`` ``cars_test_annos_
                     ``cars_test/``                                                        withlabels.mat``
 CIFAR-10            ``cifar-10-batches-py``'s files       ``data_batch_1`` to ``_5``      ``test_batch``
 CIFAR-100           ``cifar-100-python``'s files          ``train``                       ``test``
 iNaturalist         ``train2018.json``, ``val2018.json``  its ``images``, ``annotations`` ``val2018.json``
-                    (2017's, 2021's ``train.json``)
+                    (2017's, 2021's ``train.json`` or
+                    ``train_mini.json``; 2018's names
+                    in ``categories.json``)
 ==================  ===================================  ==============================  ===================
 
 Train and val merge where a release has both (the logistic regression holds out its own share to
@@ -175,16 +178,21 @@ def _cars(storage: Storage, root: str, seed: int) -> Release:
 
 
 def _sun397(storage: Storage, root: str, seed: int) -> Release:
-    """``Partitions/ClassName.txt`` (``/a/abbey``) and the first split's lists of image paths under
-    the root (``/a/abbey/sun_<id>.jpg``), the class an image's folder."""
-    classes = tuple(_lines(storage, root, "Partitions", "ClassName.txt"))
+    """The first split's lists of image paths under the root (``/a/abbey/sun_<id>.jpg``, the class an
+    image's folder) and the class list (``/a/abbey``): ``Partitions.zip``'s files in ``Partitions/``
+    or, as the zip extracts, beside the image folders; the class list there or the image archive's
+    own ``ClassName.txt`` at the root."""
+    lists = ("Partitions",) if storage.exists(join_uri(root, "Partitions", "Training_01.txt")) else ()
+    names = lists if storage.exists(join_uri(root, *lists, "ClassName.txt")) else ()
+    classes = tuple(_lines(storage, root, *names, "ClassName.txt"))
     index = {name: i for i, name in enumerate(classes)}
     splits = []
     for split in ("Training_01", "Testing_01"):
-        paths = _lines(storage, root, "Partitions", f"{split}.txt")
+        paths = _lines(storage, root, *lists, f"{split}.txt")
         unknown = sorted({str(PurePosixPath(p).parent) for p in paths} - set(index))
         if unknown:
-            raise ValueError(f"{root}: images of classes {unknown[:5]} that Partitions/ClassName.txt lacks")
+            raise ValueError(f"{root}: images of classes {unknown[:5]} that {'/'.join((*names, 'ClassName.txt'))} "
+                             "lacks")
         splits.append(([join_uri(root, p.lstrip("/")) for p in paths], [index[str(PurePosixPath(p).parent)]
                                                                          for p in paths]))
     return classes, *splits
@@ -214,17 +222,21 @@ def _caltech101(storage: Storage, root: str, seed: int) -> Release:
     return classes, train, test
 
 
-def _inaturalist(files: tuple[str, str]) -> Callable[[Storage, str, int], Release]:
-    """The reader of an iNaturalist release whose train and val lists are ``files``: COCO-style JSON
-    (``images``' ``id`` and ``file_name`` under the root, ``annotations``' ``image_id`` and
-    ``category_id``, ``categories``' ``id`` and ``name``; 2018's names in ``categories.json`` where
-    given); val is the test split (the test labels are withheld), classes ordered by id."""
+def _inaturalist(train: tuple[str, ...], val: str) -> Callable[[Storage, str, int], Release]:
+    """The reader of an iNaturalist release whose train list is the first of ``train`` the root holds
+    (2021's full ``train.json``, else its ``train_mini.json``) and whose val list is ``val``:
+    COCO-style JSON (``images``' ``id`` and ``file_name`` under the root, ``annotations``'
+    ``image_id`` and ``category_id``, ``categories``' ``id`` and ``name``); val is the test split
+    (the test labels are withheld), classes ordered by id. 2018's lists name their categories by
+    obfuscated names, the real ones released later as ``categories.json``: where the root holds it,
+    its names replace the lists'."""
 
     def read(storage: Storage, root: str, seed: int) -> Release:
-        tables = [json.loads(_read(storage, root, name)) for name in files]
+        found = next((name for name in train if storage.exists(join_uri(root, name))), train[0])
+        tables = [json.loads(_read(storage, root, name)) for name in (found, val)]
         given = storage.exists(join_uri(root, "categories.json"))
         listed = json.loads(_read(storage, root, "categories.json")) if given else []
-        categories = [*listed, *(c for table in tables for c in table.get("categories", []))]
+        categories = [*(c for table in tables for c in table.get("categories", [])), *listed]
         names = {c["id"]: str(c["name"]) for c in categories if "name" in c}
         ids = sorted({*(c["id"] for c in categories), *(a["category_id"] for t in tables for a in t["annotations"])})
         index = {category: i for i, category in enumerate(ids)}
@@ -239,16 +251,18 @@ def _inaturalist(files: tuple[str, str]) -> Callable[[Storage, str, int], Releas
     return read
 
 
-# each release: the files that together only it holds (relative to its root), and its reader
-RELEASES: dict[str, tuple[tuple[str, ...], Callable[[Storage, str, int], Release]]] = {
+# a file a release holds (relative to its root), or files of which it holds one at least
+Marker = str | tuple[str, ...]
+# each release: the files that together only it holds, and its reader
+RELEASES: dict[str, tuple[tuple[Marker, ...], Callable[[Storage, str, int], Release]]] = {
     "Food-101": (("meta/train.txt",), _food101), "DTD": (("labels/train1.txt",), _dtd),
     "Oxford-IIIT Pets": (("annotations/trainval.txt",), _pets), "FGVC-Aircraft": (("data/variants.txt",), _aircraft),
     "CUB-200-2011": (("train_test_split.txt",), _cub), "Flowers-102": (("setid.mat",), _flowers),
-    "SUN397": (("Partitions/ClassName.txt",), _sun397), "Caltech-101": (("101_ObjectCategories",), _caltech101),
-    "Stanford Cars": (("devkit/cars_meta.mat",), _cars),
-    "iNaturalist 2017": (("train2017.json",), _inaturalist(("train2017.json", "val2017.json"))),
-    "iNaturalist 2018": (("train2018.json",), _inaturalist(("train2018.json", "val2018.json"))),
-    "iNaturalist 2021": (("val.json",), _inaturalist(("train.json", "val.json")))}
+    "SUN397": ((("Partitions/ClassName.txt", "ClassName.txt"),), _sun397),
+    "Caltech-101": (("101_ObjectCategories",), _caltech101), "Stanford Cars": (("devkit/cars_meta.mat",), _cars),
+    "iNaturalist 2017": (("train2017.json",), _inaturalist(("train2017.json",), "val2017.json")),
+    "iNaturalist 2018": (("train2018.json",), _inaturalist(("train2018.json",), "val2018.json")),
+    "iNaturalist 2021": (("val.json",), _inaturalist(("train.json", "train_mini.json"), "val.json"))}
 
 
 class _ArraysOnly(pickle.Unpickler):
@@ -308,7 +322,8 @@ CIFARS = {"CIFAR-10": (("batches.meta",), False), "CIFAR-100": (("meta", "train"
 def release_at(root: str, storage: Storage) -> str | None:
     """The release of :data:`RELEASES` or :data:`CIFARS` laid out at ``root``, or None (class folders, say)."""
     for name, (markers, _) in {**RELEASES, **CIFARS}.items():
-        if all(storage.exists(join_uri(root, marker)) for marker in markers):
+        if all(any(storage.exists(join_uri(root, file)) for file in ((marker,) if isinstance(marker, str) else marker))
+               for marker in markers):
             return name
     return None
 

@@ -165,15 +165,16 @@ def cars(root: Path, rng: np.random.Generator) -> Expected:
 
 def inaturalist(year: int) -> Callable[[Path, np.random.Generator], Expected]:
     """An iNaturalist release: COCO-style JSON lists naming images under the root, the category ids
-    not in order of the names; 2017/2018 names in categories.json (their lists' categories give ids
-    only), 2021's in the lists; an image without an annotation is left out."""
+    not in order of the names; 2018's lists name them by obfuscated names, the real ones in
+    categories.json (as released), 2017's and 2021's in the lists; an image without an annotation
+    is left out."""
     def writer(root: Path, rng: np.random.Generator) -> Expected:
         ids, classes = (7, 2, 5), ("Aves_Larus", "Plantae_Acer", "Fungi_Amanita")  # by id: 2, 5, 7
         order = sorted(range(3), key=lambda c: ids[c])
         folder = "train_val" if year < 2021 else "images"
+        listed = {i: f"{i:x}3b9e1f" if year == 2018 else classes[c] for c, i in enumerate(ids)}
         tables: dict[str, dict] = {split: {"images": [], "annotations": [], "categories": [
-            {"id": i} if year < 2021 else {"id": i, "name": classes[c]} for c, i in enumerate(ids)]}
-            for split in ("train", "val")}
+            {"id": i, "name": name} for i, name in listed.items()]} for split in ("train", "val")}
         expected: dict[str, set] = {"train": set(), "test": set()}
         for image, (c, split, n) in enumerate(splits_of(classes)):
             path = f"{folder}{year}/{ids[c]}/{image:04d}.jpg"
@@ -186,7 +187,7 @@ def inaturalist(year: int) -> Callable[[Path, np.random.Generator], Expected]:
         names = {"train": "train.json", "val": "val.json"} if year == 2021 else {
             split: f"{split}{year}.json" for split in tables}
         write(root, {names[split]: json.dumps(table) for split, table in tables.items()})
-        if year < 2021:
+        if year == 2018:
             write(root, {"categories.json": json.dumps([{"id": i, "name": classes[c]} for c, i in enumerate(ids)])})
         return tuple(classes[c] for c in order), expected["train"], expected["test"]
 
@@ -211,6 +212,48 @@ def test_each_release_reads_as_its_lists_say(tmp_path: Path, name: str) -> None:
     for (keys, labels), want in zip(splits, (train, test)):
         assert {(Path(k).relative_to(tmp_path).as_posix(), classes[label]) for k, label in zip(keys, labels)} == want
         assert all(Path(k).is_file() for k in keys)
+
+
+def test_sun397_reads_its_lists_beside_the_images_as_partitions_zip_extracts(tmp_path: Path) -> None:
+    """The image archive holds ``ClassName.txt`` at its root and ``Partitions.zip`` extracts its
+    lists without a folder: read there as in ``Partitions/``, the same images and classes; the
+    root's class list serves lists in ``Partitions/`` that come without one."""
+    storage = Storage()
+    want = sun397(tmp_path, np.random.default_rng(0))
+    partitions = tmp_path / "Partitions"
+    shutil.copyfile(partitions / "ClassName.txt", tmp_path / "ClassName.txt")
+    (partitions / "ClassName.txt").unlink()
+    assert release_at(str(tmp_path), storage) == "SUN397"
+    layouts = [read_release("SUN397", str(tmp_path), storage)]
+    for name in ("Training_01.txt", "Testing_01.txt"):
+        (partitions / name).rename(tmp_path / name)
+    partitions.rmdir()
+    assert release_at(str(tmp_path), storage) == "SUN397"
+    layouts.append(read_release("SUN397", str(tmp_path), storage))
+    for classes, *splits in layouts:
+        assert classes == want[0]
+        for (keys, labels), expected in zip(splits, want[1:]):
+            assert {(Path(k).relative_to(tmp_path).as_posix(), classes[y]) for k, y in zip(keys, labels)} == expected
+    (tmp_path / "Testing_01.txt").write_text("/a/abbey/sun_test0.jpg\n/d/desert/sun_x.jpg\n")
+    with pytest.raises(ValueError, match=r"classes \['/d/desert'\] that ClassName.txt lacks"):
+        read_release("SUN397", str(tmp_path), storage)
+
+
+def test_inaturalist_2021_reads_train_mini_where_the_full_train_list_is_absent(tmp_path: Path) -> None:
+    """2021's ``train_mini.json`` (the 50-a-class subset) is the train split when ``train.json``
+    is absent; where both are, the full list."""
+    storage = Storage()
+    classes, train, test = inaturalist(2021)(tmp_path, np.random.default_rng(0))
+    full = json.loads((tmp_path / "train.json").read_text())
+    mini = {**full, "images": full["images"][:2], "annotations": full["annotations"][:2]}
+    (tmp_path / "train_mini.json").write_text(json.dumps(mini))
+    assert len(read_release("iNaturalist 2021", str(tmp_path), storage)[1][0]) == len(train)
+    (tmp_path / "train.json").unlink()
+    assert release_at(str(tmp_path), storage) == "iNaturalist 2021"
+    got_classes, (keys, labels), (test_keys, _) = read_release("iNaturalist 2021", str(tmp_path), storage)
+    assert got_classes == classes and len(test_keys) == len(test)
+    assert [Path(k).relative_to(tmp_path).as_posix() for k in keys] == [i["file_name"] for i in mini["images"]]
+    assert {(Path(k).relative_to(tmp_path).as_posix(), classes[y]) for k, y in zip(keys, labels)} <= train
 
 
 def test_caltech101_draws_30_a_class_by_seed_and_skips_the_background(tmp_path: Path,
