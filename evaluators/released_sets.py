@@ -41,10 +41,8 @@ from __future__ import annotations
 
 import io
 import json
-import pickle
 from collections.abc import Callable
 from pathlib import PurePosixPath
-from typing import Any
 
 import numpy as np
 import torch
@@ -53,6 +51,7 @@ from scipy.io import loadmat
 from torch.utils.data import Dataset
 
 from dinoflow.storage import Storage, join_uri
+from evaluators.pickles import load_data_pickle
 from trainer.data.datasets import IMAGE_EXTENSIONS, ImageListDataset, Sample, resize_center_crop
 
 CALTECH_TRAIN_PER_CLASS = 30
@@ -265,23 +264,9 @@ RELEASES: dict[str, tuple[tuple[Marker, ...], Callable[[Storage, str, int], Rele
     "iNaturalist 2021": (("val.json",), _inaturalist(("train.json", "train_mini.json"), "val.json"))}
 
 
-class _ArraysOnly(pickle.Unpickler):
-    """Unpickles what CIFAR's batches hold (dicts, lists, bytes, numbers, numpy arrays) and refuses
-    any other class a pickle names: one from storage could otherwise run any code."""
-
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-               ("numpy", "ndarray"), ("numpy", "dtype")}
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"{module}.{name}: a CIFAR batch holds only arrays, lists and numbers")
-        return super().find_class(module, name)
-
-
 def _batch(storage: Storage, root: str, name: str) -> dict:
-    """One of CIFAR's pickled batches (python version), by :class:`_ArraysOnly`."""
-    return _ArraysOnly(io.BytesIO(_read(storage, root, name)), encoding="bytes").load()
+    """One of CIFAR's pickled batches (python version), by :func:`~evaluators.pickles.load_data_pickle`."""
+    return load_data_pickle(_read(storage, root, name), encoding="bytes")
 
 
 def _cifar(storage: Storage, root: str, hundred: bool) -> tuple[tuple[str, ...], list[tuple[np.ndarray, np.ndarray]]]:

@@ -7,26 +7,28 @@ product of faiss' exact ``IndexFlatIP`` is the cosine. The whole database is ran
 query, as the protocol requires, and scored by :func:`evaluators.dense_metrics.retrieval_map`.
 
 The ground truth of revisited Oxford/Paris ships as a pickle (``gnd_roxford5k.pkl``); it is read
-with an unpickler that admits no class or function at all (plain dicts, lists, strings and
-numbers), so a crafted file cannot run code. A JSON file with the same structure works too. Its
+with an unpickler that admits no class or function but numpy's arrays (plain dicts, lists,
+strings, numbers and arrays: :mod:`evaluators.pickles`), so a crafted file cannot run code. A JSON
+file with the same structure works too. Its
 images (``<root>/jpg/<name>.jpg``) keep their aspect ratio: the longer side is resized to the
 evaluation's size and each side rounded to a multiple of the patch size, the queries first cropped
 to their box, as the protocol asks; they are decoded by a DataLoader's workers and go through the
 backbone in batches of one shape (:func:`file_descriptors`).
 
 AmsterTime (the original's other landmark benchmark) pairs an archival photograph of an Amsterdam
-place (``<root>/old/<name>``, the query) with a street-level one of it today (``<root>/new/<name>``,
-the database), the two under one file name: a query's only positive is its pair, and
-:func:`pair_retrieval` scores the ranks of the pairs (mAP: the mean of one over the pair's rank).
+place (``<root>/old/<stem>.jpg``) with a street-level one of it today (``<root>/new/<stem>.png``),
+the two under one file stem: a query's only positive is its pair, and :func:`pair_retrieval`
+scores the ranks of the pairs (mAP: the mean of one over the pair's rank, within the first 128 as
+AmsterTime's evaluation reads them), the old querying the new and the new the old, as its
+evaluation's "All" does.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import pickle
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -38,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 from dinoflow.progress import progress
 from dinoflow.storage import Storage, join_uri
 from evaluators.dense_metrics import QueryTruth
+from evaluators.pickles import load_data_pickle
 from evaluators.features import patch_sides, to_model_input, under_autocast
 from trainer.data.datasets import IMAGE_EXTENSIONS, ProcessLocalStorage
 
@@ -78,17 +81,6 @@ def rank_database(queries: Tensor, database: Tensor, k: int = 0) -> tuple[np.nda
     return ranking, similarity
 
 
-class _PlainUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        raise pickle.UnpicklingError(
-            f"refusing to load {module}.{name}: ground-truth files may hold only dicts, lists, strings and numbers")
-
-
-def load_plain_pickle(data: bytes) -> Any:
-    """Unpickle data made only of builtin containers and scalars (no class, no function)."""
-    return _PlainUnpickler(io.BytesIO(data)).load()
-
-
 @dataclass(frozen=True)
 class RevisitedDataset:
     """A retrieval set on disk: database and query image names and files, the ground truth, and
@@ -108,14 +100,14 @@ def load_revisited(storage: Storage, root: str, name: str) -> RevisitedDataset:
     dict per query with ``easy``, ``hard``, ``junk`` and ``bbx``); images are ``<root>/jpg/<id>.jpg``."""
     pkl, js = join_uri(root, f"gnd_{name}.pkl"), join_uri(root, f"gnd_{name}.json")
     if storage.exists(pkl):
-        raw = load_plain_pickle(storage.read_bytes(pkl))
+        raw = load_data_pickle(storage.read_bytes(pkl))
     elif storage.exists(js):
         raw = json.loads(storage.read_bytes(js))
     else:
         raise FileNotFoundError(f"no ground truth for {name!r}: expected {pkl} or {js}")
     try:
-        images, queries, gnd = list(raw["imlist"]), list(raw["qimlist"]), list(raw["gnd"])
-        truths = [QueryTruth(list(g["easy"]), list(g["hard"]), list(g["junk"])) for g in gnd]
+        images, queries, gnd = [str(n) for n in raw["imlist"]], [str(n) for n in raw["qimlist"]], list(raw["gnd"])
+        truths = [QueryTruth(*([int(i) for i in g[kind]] for kind in ("easy", "hard", "junk"))) for g in gnd]
         boxes = [tuple(float(v) for v in g["bbx"]) for g in gnd]
     except (KeyError, TypeError) as err:
         raise ValueError(f"{pkl}: not a revisited Oxford/Paris ground truth ({err!r})") from None
@@ -130,31 +122,49 @@ def load_revisited(storage: Storage, root: str, name: str) -> RevisitedDataset:
 
 
 def load_amstertime(storage: Storage, root: str) -> RevisitedDataset:
-    """AmsterTime's pairs: ``<root>/old/<name>`` (queries) and ``<root>/new/<name>`` (database),
-    matched by name; a query's only positive is its pair (the ``easy`` list, no hard or junk)."""
-    names = {}
+    """AmsterTime's pairs as released: an archival photo ``<root>/old/<stem>.jpg`` and today's
+    street view ``<root>/new/<stem>.png``, paired by file stem (any image extension); the old are
+    the queries and the new the database, in stem order, a query's only positive its pair (the
+    ``easy`` list, no hard or junk)."""
+    stems: dict[str, dict[str, str]] = {}
     for side in ("old", "new"):
-        listed = [uri.rsplit("/", 1)[1] for uri in storage.list(join_uri(root, side))]
-        names[side] = sorted(name for name in listed if name.lower().endswith(IMAGE_EXTENSIONS))
-    if not names["old"]:
+        found: dict[str, str] = {}
+        for uri in storage.list(join_uri(root, side)):
+            name = uri.rsplit("/", 1)[1]
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                stem = name.rsplit(".", 1)[0]
+                if stem in found:
+                    raise ValueError(f"AmsterTime at {root}: {side}/ holds two images of stem {stem!r} "
+                                     f"({found[stem]}, {name}): a pair is one image on each side")
+                found[stem] = name
+        stems[side] = found
+    if not stems["old"]:
         raise FileNotFoundError(f"no AmsterTime queries: expected images in {join_uri(root, 'old')} "
-                                f"({', '.join(IMAGE_EXTENSIONS)}), their pairs under the same names in new/")
-    unpaired = sorted(set(names["old"]) ^ set(names["new"]))
+                                f"({', '.join(IMAGE_EXTENSIONS)}), their pairs under the same stems in new/")
+    unpaired = sorted(set(stems["old"]).symmetric_difference(stems["new"]))
     if unpaired:
-        raise ValueError(f"AmsterTime at {root}: {len(unpaired)} images without a pair of the same name in the other "
-                         f"of old/ and new/ (first: {', '.join(unpaired[:3])})")
-    pairs = names["old"]
-    return RevisitedDataset("amstertime", pairs, pairs, [QueryTruth([i], [], []) for i in range(len(pairs))], None,
-                            [join_uri(root, "new", name) for name in pairs],
-                            [join_uri(root, "old", name) for name in pairs])
+        raise ValueError(f"AmsterTime at {root}: {len(unpaired)} images without a pair of the same stem in the other "
+                         f"of old/ and new/ (first stems: {', '.join(unpaired[:3])})")
+    order = sorted(stems["old"])
+    queries, images = ([stems[side][stem] for stem in order] for side in ("old", "new"))
+    return RevisitedDataset("amstertime", images, queries, [QueryTruth([i], [], []) for i in range(len(order))], None,
+                            [join_uri(root, "new", name) for name in images],
+                            [join_uri(root, "old", name) for name in queries])
 
 
-def pair_retrieval(rankings: np.ndarray) -> dict[str, float]:
-    """Scores of rankings ``(N, N)`` where query ``i``'s only positive is database image ``i``: mAP
-    (with one positive, a query's AP is one over the positive's 1-based rank) and recall at 1
-    and 5 (the share of queries whose pair is among the first k)."""
-    ranks = np.argmax(rankings == np.arange(len(rankings))[:, None], axis=1)  # 0-based
-    return {"map": float(np.mean(1.0 / (ranks + 1))), "recall_at_1": float(np.mean(ranks < 1)),
+AMSTERTIME_CUTOFF = 128  # the ranks AmsterTime's evaluation reads (its published figures' ``--k 128``)
+
+
+def pair_retrieval(rankings: np.ndarray, cutoff: int = 0) -> dict[str, float]:
+    """Scores of rankings ``(Q, N)`` where query ``i``'s only positive is database image ``i % N``
+    (both directions of a paired set stacked: ``N`` queries one way, then ``N`` the other): mAP
+    (with one positive, a query's AP is one over the positive's 1-based rank; 0 past ``cutoff``
+    ranks where one is given, as AmsterTime's evaluation reads only its first ``k``) and recall at
+    1 and 5 (the share of queries whose pair is among the first k)."""
+    pairs = np.arange(len(rankings)) % rankings.shape[1]
+    ranks = np.argmax(rankings == pairs[:, None], axis=1)  # 0-based
+    precision = np.where(ranks < cutoff, 1.0 / (ranks + 1), 0.0) if cutoff else 1.0 / (ranks + 1)
+    return {"map": float(np.mean(precision)), "recall_at_1": float(np.mean(ranks < 1)),
             "recall_at_5": float(np.mean(ranks < 5))}
 
 

@@ -103,8 +103,8 @@ from evaluators.reference import paper_comparison, save_comparison
 from evaluators.released_sets import release_at
 from evaluators.report import (classification_report, knn_accuracies, knn_bank, linear_report, logreg_fit,
                                report_metrics)
-from evaluators.retrieval import (global_descriptors, load_amstertime, load_revisited, pair_retrieval, rank_database,
-                                  revisited_descriptors)
+from evaluators.retrieval import (AMSTERTIME_CUTOFF, global_descriptors, load_amstertime, load_revisited,
+                                  pair_retrieval, rank_database, revisited_descriptors)
 from evaluators.synthetic import CLASS_NAMES, SceneConfig, make_retrieval_set, make_scenes
 from evaluators.video import POOLS, VideoConfig, video_probe
 from evaluators.visualize import (
@@ -594,7 +594,8 @@ def _depth(data: _DenseTask, config: SuiteConfig, device: torch.device, saves: H
 
 def _retrieval(backbone: nn.Module, config: SuiteConfig, storage: Storage) -> dict[str, float]:
     """mAP (easy, medium, hard) of CLS descriptors on revisited Oxford or Paris, else on synthetic
-    sets; on AmsterTime its mAP and recalls at 1 and 5 (:func:`~evaluators.retrieval.pair_retrieval`);
+    sets; on AmsterTime its mAP and recalls at 1 and 5, both ways (archival photos querying today's
+    and today's the archival, as its evaluation scores them; :func:`~evaluators.retrieval.pair_retrieval`);
     on the Met its GAP (:func:`~evaluators.met.met_recognition`)."""
     if config.retrieval_data:
         [(name, root)] = named_sets(config.retrieval_data)
@@ -605,8 +606,9 @@ def _retrieval(backbone: nn.Module, config: SuiteConfig, storage: Storage) -> di
         revisited = load_amstertime(storage, root) if name == "amstertime" else load_revisited(storage, root, name)
         queries, database = revisited_descriptors(backbone, revisited, storage, config.image_size,
                                                   amp_dtype=config.amp_dtype, num_workers=config.num_workers)
-        if name == "amstertime":
-            return pair_retrieval(rank_database(queries, database)[0])
+        if name == "amstertime":  # AmsterTime's "All": the old queried on the new and the new on the old
+            return pair_retrieval(np.concatenate([rank_database(queries, database)[0],
+                                                  rank_database(database, queries)[0]]), AMSTERTIME_CUTOFF)
         truths = revisited.truths
     else:
         synthetic = make_retrieval_set(config.retrieval_scenes, seed=config.seed + 2,

@@ -371,7 +371,7 @@ def evaluate(
                                                  "synthetic scenes")] = "",
     retrieval_data: Annotated[str, typer.Option(help="retrieval on revisited Oxford or Paris, roxford5k:<root> "
                                                      "or rparis6k:<root> (gnd_<name>.pkl, jpg/), or AmsterTime, "
-                                                     "amstertime:<root> (old/ and new/, pairs by name), or the Met's "
+                                                     "amstertime:<root> (old/ and new/, pairs by stem), or the Met's "
                                                      "GAP, met:<root> (ground_truth/, images/); the longer side at "
                                                      "--image-size; default: synthetic sets")] = "",
     video_data: Annotated[str, typer.Option(help="video on class folders of videos, <root>/train/<class>/<video> "

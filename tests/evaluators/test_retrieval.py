@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,7 +15,8 @@ import torch
 from dinoflow.storage import Storage
 from evaluators.dense_metrics import rank, retrieval_map
 from evaluators.features import to_model_input
-from evaluators.retrieval import (global_descriptors, load_amstertime, load_plain_pickle, load_revisited,
+from evaluators.pickles import load_data_pickle
+from evaluators.retrieval import (global_descriptors, load_amstertime, load_revisited,
                                   pair_retrieval, rank_database)
 from evaluators.synthetic import make_retrieval_set
 from trainer.models.vit import build_vit
@@ -109,8 +111,15 @@ class _Payload:
 
 def test_a_pickle_with_code_is_refused_and_bad_structure_named(tmp_path) -> None:
     with pytest.raises(pickle.UnpicklingError, match="refusing to load posix.system"):
-        load_plain_pickle(pickle.dumps({"imlist": [_Payload()]}))
+        load_data_pickle(pickle.dumps({"imlist": [_Payload()]}))
     storage = Storage()
+    arrays = _ground_truth()  # the entries as numpy arrays (as converted from the MATLAB release), protocol 2
+    arrays["gnd"] = [{kind: np.asarray(v, dtype=np.float64 if kind == "bbx" else np.int64) for kind, v in g.items()}
+                     for g in arrays["gnd"]]
+    (tmp_path / "gnd_arrays.pkl").write_bytes(pickle.dumps(arrays, protocol=2))
+    (tmp_path / "gnd_lists.json").write_text(json.dumps(_ground_truth()))
+    read = {name: load_revisited(storage, str(tmp_path), name) for name in ("arrays", "lists")}
+    assert replace(read["arrays"], name="lists") == read["lists"]
     bad = _ground_truth()
     bad["gnd"][0]["easy"] = [9]
     (tmp_path / "gnd_bad.json").write_text(json.dumps(bad))
@@ -200,11 +209,21 @@ def test_pair_scores_are_the_mean_reciprocal_rank_and_scikit_learns_average_prec
     pair_rank = (similarity > similarity[np.arange(30), np.arange(30)][:, None]).sum(1)  # others above the pair
     assert scores["recall_at_1"] == np.mean(pair_rank == 0) and scores["recall_at_5"] == np.mean(pair_rank < 5)
     assert pair_retrieval(rank(np.eye(4))) == {"map": 1.0, "recall_at_1": 1.0, "recall_at_5": 1.0}
+    # both directions stacked, the ranks read to a cutoff: AmsterTime's own formula, AP = sum_r P@r * hit_r
+    # over the first k ranks (1/rank of the pair within them, else 0), averaged over all 60 queries
+    both = np.concatenate([rank(similarity), rank(similarity.T)])
+    hits = both[:, :4] == (np.arange(60) % 30)[:, None]
+    official = (np.cumsum(hits, axis=1) / np.arange(1, 5) * hits).sum(1).mean()
+    assert pair_retrieval(both, cutoff=4)["map"] == pytest.approx(official, abs=1e-12)
+    assert pair_retrieval(both, cutoff=4)["recall_at_1"] == hits[:, 0].mean()
+    assert pair_retrieval(both, cutoff=4)["map"] < pair_retrieval(both)["map"]
 
 
-def test_amstertime_pairs_old_and_new_by_name_and_the_suite_scores_them(backbone: torch.nn.Module, tmp_path) -> None:
-    """AmsterTime's layout: an archival photo in old/ and today's in new/ under one name; the
-    suite's scores are those of descriptors made by hand from the whole images."""
+def test_amstertime_pairs_old_and_new_by_stem_and_the_suite_scores_them_both_ways(backbone: torch.nn.Module,
+                                                                                   tmp_path) -> None:
+    """AmsterTime's layout as released: an archival photo old/<stem>.jpg and today's new/<stem>.png;
+    the suite's scores are those of descriptors made by hand from the whole images, the old
+    querying the new and the new the old (its evaluation's "All")."""
     from PIL import Image
 
     from evaluators.suite import SuiteConfig, run_suite
@@ -213,30 +232,34 @@ def test_amstertime_pairs_old_and_new_by_name_and_the_suite_scores_them(backbone
     for side in ("old", "new"):
         (tmp_path / "amstertime" / side).mkdir(parents=True)
     for index, (query, copies) in enumerate(zip(data.queries, data.truths)):
-        Image.fromarray(query.transpose(1, 2, 0)).save(tmp_path / "amstertime" / "old" / f"{index:04d}.png")
+        Image.fromarray(query.transpose(1, 2, 0)).save(tmp_path / "amstertime" / "old" / f"{index:04d}.jpg")
         today = data.database[copies.hard[0]].transpose(1, 2, 0)  # a strong change of the same scene
         Image.fromarray(today).save(tmp_path / "amstertime" / "new" / f"{index:04d}.png")
     root = str(tmp_path / "amstertime")
     pairs = load_amstertime(Storage(), root)
-    assert pairs.queries == pairs.images == [f"{i:04d}.png" for i in range(6)] and pairs.query_boxes is None
-    assert [t.easy for t in pairs.truths] == [[i] for i in range(6)]
+    assert pairs.queries == [f"{i:04d}.jpg" for i in range(6)] and pairs.images == [f"{i:04d}.png" for i in range(6)]
+    assert [t.easy for t in pairs.truths] == [[i] for i in range(6)] and pairs.query_boxes is None
     report = run_suite(backbone, SuiteConfig(tasks=("retrieval",), retrieval_data=f"amstertime:{root}", image_size=28))
 
-    def described(side: str) -> torch.Tensor:  # 56 px squares: the longer side to 28 as the protocol resizes
+    def described(side: str, names: list[str]) -> torch.Tensor:  # 56 px squares: the longer side to 28
         pixels = [np.array(Image.open(tmp_path / "amstertime" / side / name).convert("RGB").resize((28, 28),
                                                                                                  Image.BICUBIC))
-                  for name in pairs.images]
+                  for name in names]
         return global_descriptors(backbone, to_model_input(torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2),
                                                            patch_size=7))
 
-    similarity = (described("old") @ described("new").T).numpy()
-    expected = pair_retrieval(rank(similarity))
+    similarity = (described("old", pairs.queries) @ described("new", pairs.images).T).numpy()
+    expected = pair_retrieval(np.concatenate([rank(similarity), rank(similarity.T)]))
     assert report["tasks"]["retrieval"] == pytest.approx(expected, abs=1e-6)
     assert report["metrics"]["retrieval_map"] == report["tasks"]["retrieval"]["map"]
 
+    (tmp_path / "amstertime" / "old" / "0001.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"old/ holds two images of stem '0001' \(0001.jpg, 0001.png\)"):
+        load_amstertime(Storage(), root)
+    (tmp_path / "amstertime" / "old" / "0001.png").unlink()
     (tmp_path / "amstertime" / "new" / "0000.png").rename(tmp_path / "amstertime" / "new" / "9999.png")
-    with pytest.raises(ValueError, match=r"2 images without a pair of the same name in the other of old/ and new/ "
-                                         r"\(first: 0000.png, 9999.png\)"):
+    with pytest.raises(ValueError, match=r"2 images without a pair of the same stem in the other of old/ and new/ "
+                                         r"\(first stems: 0000, 9999\)"):
         load_amstertime(Storage(), root)
     with pytest.raises(FileNotFoundError, match="no AmsterTime queries"):
         load_amstertime(Storage(), str(tmp_path / "none"))
