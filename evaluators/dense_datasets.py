@@ -21,9 +21,14 @@ holds a whole split: ADE20K's 20k training images are 16 GB of pixels at 512 px.
   ``gtFine/{train,val}/<city>/<name>_gtFine_labelIds.png``; the 34 label ids become the 19
   evaluated classes 0..18 (:data:`CITYSCAPES_TRAIN_IDS`, the data set's own ``trainId`` column),
   every other id ignored.
-* **NYU-Depth v2** (this project's layout): ``{train,test}/*.npz``, each with ``image``
-  ``(H, W, 3)`` uint8 and ``depth`` ``(H, W)`` float32 metres. The test split is scored inside the
-  Eigen crop, as NYU's depth results are reported (:func:`eigen_crop`).
+* **NYU-Depth v2**, the layout of the depth toolbox the original's depth evaluation used:
+  ``nyu_{train,test}.txt`` lines ``<image> <depth> <focal>`` (``/kitchen_0028b/rgb_00045.jpg
+  /kitchen_0028b/sync_depth_00045.png 518.8579``), paths under the root, the depth a 16-bit PNG of
+  millimetres (0 unknown), depths of 10 m or more unknown as the toolbox scores none; the training
+  frames cut to rows 45-471 and columns 43-607 of their 480 x 640 (the RGB frame's white border:
+  the toolbox's ``NYUCrop``). Or this project's own layout: ``{train,test}/*.npz``, each with
+  ``image`` ``(H, W, 3)`` uint8 and ``depth`` ``(H, W)`` float32 metres, taken as they are. The test
+  split is scored inside the Eigen crop, as NYU's depth results are reported (:func:`eigen_crop`).
 * **KITTI** (Eigen split, the layout of the depth toolbox the original's depth evaluation used):
   ``kitti_eigen_{train,test}.txt`` lines ``<image> <depth> <focal>``, the image (a camera PNG)
   under ``input/``, the projected LiDAR depth (a 16-bit PNG, metres x 256, 0 unknown) under
@@ -42,6 +47,7 @@ from __future__ import annotations
 import io
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import PurePosixPath
 
 import numpy as np
@@ -311,6 +317,33 @@ def _depth_png(read: Callable[[str], bytes], uri: str, expected: str) -> Image.I
     return depth
 
 
+NYU_MAX_DEPTH = 10.0  # metres: the depth toolbox's NYU range; its PNGs' farther depths are not scored (nor trained on)
+NYU_FRAME = (480, 640)  # rows, columns of NYU's frames
+NYU_BORDER_CROP = (45, 472, 43, 608)  # rows, columns of a training frame kept: the toolbox's NYUCrop
+
+
+def _nyu_png_sample(read: Callable[[str], bytes], files: tuple[str, ...], with_image: bool,
+                    train: bool = False) -> tuple[Image.Image | None, Image.Image]:
+    """An NYU frame of the depth toolbox's layout: its RGB image and its depths in metres (a 16-bit PNG
+    of millimetres; 0 and :data:`NYU_MAX_DEPTH` or more unknown), a training frame cut to
+    :data:`NYU_BORDER_CROP`."""
+    image_uri, depth_uri = files
+    depth = _depth_png(read, depth_uri, "an NYU depth map is a 16-bit PNG (millimetres)")
+    metres = np.asarray(depth, dtype=np.float32) / 1000
+    metres = np.where(metres < NYU_MAX_DEPTH, metres, 0).astype(np.float32)
+    image = _image(read(image_uri)) if with_image else None
+    if image is not None and image.size != depth.size:
+        raise ValueError(f"{image_uri}: {image.size} differs from its depth map's {depth.size}")
+    if train:
+        if metres.shape != NYU_FRAME:
+            raise ValueError(f"{depth_uri}: {metres.shape[1]} x {metres.shape[0]}, not NYU's 640 x 480 frame (its "
+                             "training frames are cut to the toolbox's NYUCrop)")
+        top, bottom, left, right = NYU_BORDER_CROP
+        metres = metres[top:bottom, left:right]
+        image = image.crop((left, top, right, bottom)) if image is not None else None
+    return image, Image.fromarray(np.ascontiguousarray(metres), mode="F")
+
+
 KB_CROP = (352, 1216)  # KITTI frames cut to their bottom-centred rows x columns, as the depth toolbox does
 KITTI_MAX_DEPTH = 80.0  # metres: farther LiDAR returns are not scored (nor trained on)
 
@@ -370,12 +403,24 @@ def load_cityscapes(storage: Storage, root: str, split: str, fit: Fit | int, lim
 
 
 def load_nyu(storage: Storage, root: str, split: str, fit: Fit | int, limit: int = 0) -> DenseSplit:
-    """NYU-Depth v2 images and depth maps (metres, 0 unknown) of ``split`` (train or test); the test
-    split's depths outside the Eigen crop unknown (:func:`eigen_crop`), so they are not scored."""
+    """NYU-Depth v2 images and depth maps (metres, 0 unknown) of ``split`` (train or test): the
+    frames listed in ``nyu_<split>.txt`` where the root holds it (the depth toolbox's layout, in the
+    order of their image paths, as it sorts them), else ``<split>/*.npz``; the test split's depths
+    outside the Eigen crop unknown (:func:`eigen_crop`), so they are not scored."""
+    if split not in ("train", "test"):
+        raise ValueError(f"NYU split must be train or test, got {split!r}")
+    crop = eigen_crop if split == "test" else None
+    listing = join_uri(root, f"nyu_{split}.txt")
+    if storage.exists(listing):
+        pairs = sorted(_listed_pairs(storage, listing))[: limit or None]
+        return DenseSplit(storage, [(join_uri(root, image), join_uri(root, depth)) for image, depth in pairs],
+                          [image.replace("/", "_").rsplit(".", 1)[0] for image, _ in pairs],
+                          partial(_nyu_png_sample, train=split == "train"), fit,
+                          f"NYU frames with depth in {listing}", crop)
     samples = sorted(u for u in storage.list(join_uri(root, split)) if u.endswith(".npz"))
     samples = samples[:limit] if limit else samples
     return DenseSplit(storage, [(uri,) for uri in samples], [PurePosixPath(uri).stem for uri in samples], _nyu_sample,
-                      fit, f"NYU samples under {join_uri(root, split)}", eigen_crop if split == "test" else None)
+                      fit, f"NYU frames (a split list {listing} or {join_uri(root, split)}/*.npz)", crop)
 
 
 def load_kitti(storage: Storage, root: str, split: str, fit: Fit | int, limit: int = 0) -> DenseSplit:

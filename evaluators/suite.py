@@ -87,8 +87,8 @@ from evaluators.dense import (
     train_depth_head,
     train_segmentation_head,
 )
-from evaluators.dense_datasets import (JITTER_BRIGHTNESS, KITTI_MAX_DEPTH, SUN_MAX_DEPTH, ArraySplit, Fit, load_ade20k,
-                                       load_cityscapes, load_kitti, load_nyu, load_sunrgbd, load_voc)
+from evaluators.dense_datasets import (JITTER_BRIGHTNESS, KITTI_MAX_DEPTH, NYU_MAX_DEPTH, SUN_MAX_DEPTH, ArraySplit,
+                                       Fit, load_ade20k, load_cityscapes, load_kitti, load_nyu, load_sunrgbd, load_voc)
 from evaluators.dense_metrics import retrieval_map
 from evaluators.dense_source import FeatureSource, feature_sources, relabelled
 from evaluators.feature_parts import FeatureParts, backbone_digest
@@ -405,7 +405,8 @@ def _finegrained(backbone: nn.Module, config: SuiteConfig, storage: Storage, dev
 # largest depth in metres (depth), the heads' label range (a depth set's predictions capped there when tested)
 DENSE_SETS = {"ade20k": (load_ade20k, ("training", "validation"), 150), "voc": (load_voc, ("train", "val"), 21),
               "cityscapes": (load_cityscapes, ("train", "val"), 19),
-              "nyu": (load_nyu, ("train", "test"), 10.0), "kitti": (load_kitti, ("train", "test"), KITTI_MAX_DEPTH),
+              "nyu": (load_nyu, ("train", "test"), NYU_MAX_DEPTH),
+              "kitti": (load_kitti, ("train", "test"), KITTI_MAX_DEPTH),
               "sunrgbd": (load_sunrgbd, ("train", "val"), SUN_MAX_DEPTH)}
 
 
@@ -413,15 +414,16 @@ SEG_SCALES, DEPTH_ROTATION = (0.5, 2.0), 2.5  # the original's heads' resize rat
 SEG_MAX_CLASS_SHARE = 0.75  # mmseg's cat_max_ratio: a crop placed again while one class holds this much of it
 
 
-# the training crops' (rows, columns) / the images' shorter side: the depth toolbox's NYU and KITTI crops, mmseg's
-# Cityscapes crop (512 x 1024 of 1024 x 2048 frames); the other sets' crops are image_size squares
-TRAIN_CROPS = {"nyu": (416 / 480, 544 / 480), "kitti": (1.0, 2.0), "cityscapes": (0.5, 1.0)}
+# the training crops' (rows, columns) / the images' shorter side: the depth toolbox's NYU crops (416 x 544 of the
+# 427 x 565 its NYUCrop leaves of a 480 x 640 frame) and KITTI's, mmseg's Cityscapes crop (512 x 1024 of
+# 1024 x 2048 frames); the other sets' crops are image_size squares
+TRAIN_CROPS = {"nyu": (416 / 427, 544 / 427), "kitti": (1.0, 2.0), "cityscapes": (0.5, 1.0)}
 DEPTH_BRIGHTNESS = {"kitti": (0.9, 1.1)}  # the toolbox's jitter of KITTI's outdoor frames; others: JITTER_BRIGHTNESS
 
 
 def train_fit(task: str, config: SuiteConfig, patch: int) -> Fit:
     """The training crops of a real dense set: ``image_size`` squares (NYU's and KITTI's of the
-    depth toolbox's shape, 416 x 544 of 480 x 640 and 352 x 704 of 352 x 1216, Cityscapes' of
+    depth toolbox's shape, 416 x 544 of 427 x 565 and 352 x 704 of 352 x 1216, Cityscapes' of
     mmseg's, 512 x 1024 of 1024 x 2048, at ``image_size`` for the shorter side, each side a
     multiple of ``patch``), drawn anew at each step with
     ``dense_augment`` (flipped, colours jittered, KITTI's brightness by 0.9-1.1, the others' by

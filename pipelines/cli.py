@@ -364,7 +364,8 @@ def evaluate(
     seg_data: Annotated[str, typer.Option(help="seg on a real data set, ade20k:<root>, voc:<root> or "
                                                "cityscapes:<root> (its own "
                                                "layout; images at --image-size; default: synthetic scenes)")] = "",
-    depth_data: Annotated[str, typer.Option(help="depth on NYU-Depth v2, nyu:<root> (train/*.npz, test/*.npz), or "
+    depth_data: Annotated[str, typer.Option(help="depth on NYU-Depth v2, nyu:<root> (nyu_{train,test}.txt as the "
+                                                 "depth toolbox lists it, or train/*.npz, test/*.npz), or "
                                                  "KITTI's Eigen split, kitti:<root> (kitti_eigen_{train,test}.txt, "
                                                  "input/, gt_depth/); trained on one, tested on another: "
                                                  "nyu:<root>->sunrgbd:<root> (SUNRGBD_val_splits.txt); default: "

@@ -206,7 +206,7 @@ def test_drawn_rotations_turn_half_the_crops_by_at_most_the_angle(tmp_path: Path
 def test_dense_crops_take_the_originals_shapes(tmp_path: Path) -> None:
     """crop=(21, 35): each draw of a 30 x 40 NYU frame (its depth naming each pixel's row and column)
     is a 21 x 35 window of the frame resized to 28 rows (PIL's nearest resize, the reference), at a
-    place of its own, flipped or not. The suite gives NYU the toolbox's 416 x 544 of 480 x 640 and
+    place of its own, flipped or not. The suite gives NYU the toolbox's 416 x 544 of 427 x 565 and
     KITTI its 352 x 704 of 352 x 1216 at image_size for the shorter side, each a multiple of the
     patch, Cityscapes mmseg's 512 x 1024 of 1024 x 2048; ADE20K and VOC keep squares."""
     from evaluators.suite import SuiteConfig, train_fit
@@ -226,12 +226,12 @@ def test_dense_crops_take_the_originals_shapes(tmp_path: Path) -> None:
         assert len(found) == 1
         places.add(found[0])
     assert len(places) > 4
-    for data, task, window in (("nyu:/n", "depth", (21, 35)), ("kitti:/k", "depth", (28, 56)),
+    for data, task, window in (("nyu:/n", "depth", (28, 35)), ("kitti:/k", "depth", (28, 56)),
                                ("ade20k:/a", "seg", (28, 28)), ("cityscapes:/c", "seg", (14, 28))):
         config = SuiteConfig(tasks=(task,), image_size=28, **{f"{task}_data": data})
         assert train_fit(task, config, 7).window == window
     assert train_fit("depth", SuiteConfig(tasks=("depth",), image_size=448, depth_data="nyu:/n"), 14).window == (
-        392, 504)  # 388.3 and 507.7 to multiples of 14
+        434, 574)  # 436.4 and 570.8 to multiples of 14
     with pytest.raises(ValueError, match="crop must be the window's \\(rows, columns\\), both >= 1"):
         Fit("crop", 28, crop=(0, 35))
 
@@ -339,8 +339,76 @@ def test_nyu_npz_layout(tmp_path: Path) -> None:
     split = load_nyu(Storage(), str(tmp_path), "test", 16)  # files are read when a sample is asked for
     with pytest.raises(ValueError, match="bad.npz: an NYU sample needs arrays 'image' and 'depth'"):
         split[2]
-    with pytest.raises(FileNotFoundError, match="no NYU samples under .*train found"):
+    with pytest.raises(FileNotFoundError, match=r"no NYU frames \(a split list .*nyu_train.txt or .*train/\*.npz\)"):
         load_nyu(Storage(), str(tmp_path), "train", 16)
+
+
+def write_nyu_toolbox(root: Path, frames: dict[str, int]) -> dict[str, list[np.ndarray]]:
+    """The depth toolbox's NYU layout: per split its list (lines '/<scene>/rgb_<n>.jpg
+    /<scene>/sync_depth_<n>.png <focal>', not in path order; the train list names a frame without
+    depth), 480 x 640 JPEGs and 16-bit PNGs of millimetres, each with a 12 m patch; returns each
+    split's depths in millimetres, in the order of their image paths."""
+    rng = np.random.default_rng(0)
+    stored: dict[str, list[np.ndarray]] = {}
+    for split, count in frames.items():
+        lines, depths = [], {}
+        for i in reversed(range(count)):
+            scene = f"{'kitchen' if split == 'train' else 'bathroom'}_{i:04d}a"
+            image, depth = f"{scene}/rgb_{i:05d}.jpg", f"{scene}/sync_depth_{i:05d}.png"
+            lines.append(f"/{image} /{depth} 518.8579")
+            (root / scene).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)).save(root / image)
+            millimetres = rng.integers(0, 9999, (480, 640)).astype(np.uint16)
+            millimetres[100:120, 200:260] = 12000  # beyond the toolbox's 10 m
+            Image.fromarray(millimetres).save(root / depth)
+            depths[image] = millimetres
+        if split == "train":
+            lines.append("/kitchen_0099a/rgb_00099.jpg None 518.8579")
+        (root / f"nyu_{split}.txt").write_text("\n".join(lines) + "\n")
+        stored[split] = [depths[image] for image in sorted(depths)]
+    return stored
+
+
+def test_nyu_toolbox_layout_millimetres_the_10_m_range_and_the_border_cut(tmp_path: Path) -> None:
+    """The toolbox's lists read in image-path order (a frame without depth skipped), its 16-bit
+    millimetres in metres, 10 m or more unknown; a training frame cut to rows 45-471 and columns
+    43-607 (its image alike), a test frame whole, scored inside the Eigen crop; the lists win over
+    the npz layout; a frame of another size or a depth of another mode is refused."""
+    stored = write_nyu_toolbox(tmp_path, {"train": 2, "test": 2})
+    (tmp_path / "train").mkdir()
+    np.savez(tmp_path / "train" / "00000.npz", image=np.zeros((4, 4, 3), np.uint8), depth=np.ones((4, 4), np.float32))
+
+    def metres(millimetres: np.ndarray) -> np.ndarray:
+        depth = millimetres.astype(np.float64) / 1000
+        return np.where(depth < 10, depth, 0)
+
+    train = load_nyu(Storage(), str(tmp_path), "train", Fit("whole", 28))
+    assert train.names == ["kitchen_0000a_rgb_00000", "kitchen_0001a_rgb_00001"]
+    images, depths = _whole(train)
+    assert images.shape == (2, 3, 28, 37) and depths.shape == (2, 427, 565) and depths.dtype == np.float32
+    for depth, millimetres in zip(depths, stored["train"]):
+        np.testing.assert_allclose(depth, metres(millimetres)[45:472, 43:608], rtol=1e-6)
+    assert (depths[:, 100 - 45:120 - 45, 200 - 43:260 - 43] == 0).all()
+    frame = np.asarray(Image.open(tmp_path / "kitchen_0000a" / "rgb_00000.jpg").convert("RGB"))
+    cut = np.asarray(Image.fromarray(frame[45:472, 43:608]).resize((37, 28), Image.BILINEAR))
+    assert np.abs(images[0].transpose(1, 2, 0).astype(int) - cut.astype(int)).max() <= 1
+    test = load_nyu(Storage(), str(tmp_path), "test", Fit("whole", 28))
+    assert len(test) == 2 and test.names[0] == "bathroom_0000a_rgb_00000"
+    inside = np.zeros((480, 640), bool)
+    inside[45:471, 41:601] = True
+    for index, millimetres in enumerate(stored["test"]):
+        scored = test.label(index).numpy()
+        np.testing.assert_allclose(scored[inside], metres(millimetres)[inside], rtol=1e-6)
+        assert (scored[~inside] == 0).all()
+    assert len(load_nyu(Storage(), str(tmp_path), "train", 28, limit=1)) == 1
+    Image.fromarray(np.zeros((240, 320), np.uint16)).save(tmp_path / "kitchen_0001a" / "sync_depth_00001.png")
+    with pytest.raises(ValueError, match=r"sync_depth_00001.png: 320 x 240, not NYU's 640 x 480 frame"):
+        train.label(1)
+    Image.fromarray(np.zeros((480, 640), np.uint8)).save(tmp_path / "kitchen_0001a" / "sync_depth_00001.png")
+    with pytest.raises(ValueError, match=r"an NYU depth map is a 16-bit PNG \(millimetres\), got mode L"):
+        train.label(1)
+    with pytest.raises(ValueError, match="NYU split must be train or test"):
+        load_nyu(Storage(), str(tmp_path), "val", 28)
 
 
 def test_nyus_test_depths_are_scored_inside_the_eigen_crop(tmp_path: Path) -> None:
