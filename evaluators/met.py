@@ -13,10 +13,11 @@ confidence. Its release reads here as::
     <root>/images/<path>
 
 The protocol is the data set's k-NN classifier on L2-normalised global descriptors: of the ``k``
-nearest database images each exhibit among them keeps its highest similarity ``s_c``, and a
-softmax over all ``n`` exhibits of the database, those not among the neighbours at similarity 0,
-gives the prediction (the nearest neighbour's exhibit) and its confidence
-``p = exp(t s_1) / (sum_c exp(t s_c) + n - u)`` (``u`` exhibits among the neighbours). ``k`` and
+nearest database images each exhibit among them keeps its highest similarity ``s_c``, floored at
+0 as the data set's classifier starts every score there, and a softmax over all ``n`` exhibits of
+the database, those not among the neighbours at 0, gives the prediction (the nearest neighbour's
+exhibit) and its confidence ``p = exp(t s_1) / (sum_c exp(t s_c) + n - u)`` (``u`` exhibits among
+the neighbours; the floor matters only to whitened descriptors, whose similarities go negative). ``k`` and
 the temperature ``t`` are tuned on the validation queries over the data set's grid, by GAP.
 
 The paper's baselines whiten their descriptors first (``whiten``, off by default): PCA whitening
@@ -151,15 +152,21 @@ def load_met(storage: Storage, root: str) -> MetDataset:
 def knn_recognise(similarities: np.ndarray, neighbour_labels: np.ndarray, num_classes: int,
                   temperature: float) -> tuple[np.ndarray, np.ndarray]:
     """Predictions and confidences of the Met's k-NN classifier from each query's ``k`` nearest
-    neighbours ``(Q, k)``, most similar first: the nearest's exhibit, and its softmax probability
-    over the ``num_classes`` exhibits (each at its best neighbour's similarity, the absent at 0)."""
+    neighbours ``(Q, k)``, most similar first, as the data set's own classifier makes them: each
+    exhibit among the neighbours scores its best neighbour's similarity floored at 0 (a score starts
+    at 0 and only a positive similarity raises it), every other exhibit 0; the confidence is the
+    softmax probability at ``temperature`` of the best score over the ``num_classes`` exhibits, the
+    prediction its exhibit: the nearest's, or where no neighbour is similar (all scores 0) the
+    lowest exhibit among the neighbours."""
     same = neighbour_labels[:, :, None] == neighbour_labels[:, None, :]
     first = ~np.tril(same, k=-1).any(axis=2)  # an exhibit's first (most similar) neighbour
-    logits = np.where(first, temperature * similarities, -np.inf)
+    floored = np.maximum(similarities, 0.0)
+    logits = np.where(first, temperature * floored, -np.inf)
     absent = num_classes - first.sum(axis=1)
     with np.errstate(divide="ignore"):  # each absent exhibit adds exp(t x 0); none: log 0
         denominator = np.logaddexp(np.logaddexp.reduce(logits, axis=1), np.log(absent))
-    return neighbour_labels[:, 0].copy(), np.exp(temperature * similarities[:, 0] - denominator)
+    predictions = np.where(similarities[:, 0] > 0, neighbour_labels[:, 0], neighbour_labels.min(axis=1))
+    return predictions, np.exp(temperature * floored[:, 0] - denominator)
 
 
 def gap(predictions: np.ndarray, confidences: np.ndarray, truths: np.ndarray) -> float:

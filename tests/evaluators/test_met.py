@@ -24,15 +24,16 @@ from trainer.models.vit import build_vit
 
 def recognise_by_loop(similarities: np.ndarray, labels: np.ndarray, num_classes: int,
                       temperature: float) -> tuple[np.ndarray, np.ndarray]:
-    """The data set's classifier written out: each exhibit's best similarity, a softmax over all."""
+    """The data set's classifier written out: each exhibit among the neighbours at its best
+    similarity, starting from 0; a softmax over all; the best, the lowest exhibit of a tie."""
     predictions, confidences = [], []
     for sims, names in zip(similarities, labels):
         best: dict[int, float] = {}
         for sim, name in zip(sims, names):
-            best[int(name)] = max(best.get(int(name), -math.inf), float(sim))
+            best[int(name)] = max(best.get(int(name), 0.0), float(sim))
         weights = {name: math.exp(temperature * sim) for name, sim in best.items()}
         total = sum(weights.values()) + (num_classes - len(best))
-        name = max(weights, key=weights.get)
+        name = max(sorted(weights), key=weights.get)
         predictions.append(name)
         confidences.append(weights[name] / total)
     return np.array(predictions), np.array(confidences)
@@ -49,6 +50,8 @@ def test_knn_recogniser_matches_a_plain_loop() -> None:
         np.testing.assert_allclose(confidences, expected_confidences, rtol=1e-9, atol=1e-300)
     one = knn_recognise(np.array([[0.9, 0.5]]), np.array([[3, 3]]), 1, 10.0)  # the only exhibit: certain
     assert one[0].tolist() == [3] and one[1] == pytest.approx([1.0])
+    unlike = knn_recognise(np.array([[-0.1, -0.2, -0.4]]), np.array([[5, 2, 7]]), 10, 25.0)  # no neighbour similar
+    assert unlike[0].tolist() == [2] and unlike[1] == pytest.approx([0.1])  # every exhibit at 0: 1/10
 
 
 def test_gap_against_average_precision() -> None:
