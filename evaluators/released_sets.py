@@ -59,18 +59,20 @@ Split = tuple[list[str], list[int]]  # the images' URIs and their classes' indic
 Release = tuple[tuple[str, ...], Split, Split]  # classes, train, test
 
 
-def _read(storage: Storage, root: str, *path: str) -> bytes:
-    """A file of the release at ``root``, or an error naming it."""
+def release_file(storage: Storage, root: str, *path: str) -> bytes:
+    """A file of the release at ``root``, or an error naming it (here and in
+    :mod:`evaluators.video_sets`, each set's files listed)."""
     uri = join_uri(root, *path)
     if not storage.exists(uri):
         raise FileNotFoundError(f"{uri} is missing: {root} looks like a released set whose files are incomplete "
-                                "(evaluators/released_sets.py lists each set's files, as its archives extract)")
+                                "(evaluators/released_sets.py and video_sets.py list each set's files, as its "
+                                "archives extract)")
     return storage.read_bytes(uri)
 
 
-def _lines(storage: Storage, root: str, *path: str) -> list[str]:
-    """The non-empty lines of a release's list (``#`` comments left out)."""
-    text = _read(storage, root, *path).decode()
+def release_lines(storage: Storage, root: str, *path: str) -> list[str]:
+    """The non-empty lines of a release's list (LF or CRLF; ``#`` comments left out), stripped."""
+    text = release_file(storage, root, *path).decode("utf-8-sig")
     return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
@@ -85,14 +87,14 @@ def _by_name(root: str, folder: str, paths: list[str], classes: tuple[str, ...],
 
 
 def _food101(storage: Storage, root: str, seed: int) -> Release:
-    classes = tuple(_lines(storage, root, "meta", "classes.txt"))
-    return classes, *(_by_name(root, "images", _lines(storage, root, "meta", f"{split}.txt"), classes, ".jpg")
+    classes = tuple(release_lines(storage, root, "meta", "classes.txt"))
+    return classes, *(_by_name(root, "images", release_lines(storage, root, "meta", f"{split}.txt"), classes, ".jpg")
                       for split in ("train", "test"))
 
 
 def _dtd(storage: Storage, root: str, seed: int) -> Release:
-    train, test = (_lines(storage, root, "labels", "train1.txt") + _lines(storage, root, "labels", "val1.txt"),
-                   _lines(storage, root, "labels", "test1.txt"))
+    lists = [release_lines(storage, root, "labels", f"{split}1.txt") for split in ("train", "val", "test")]
+    train, test = lists[0] + lists[1], lists[2]
     classes = tuple(sorted({path.split("/", 1)[0] for path in train + test}))
     return classes, _by_name(root, "images", train, classes), _by_name(root, "images", test, classes)
 
@@ -100,7 +102,7 @@ def _dtd(storage: Storage, root: str, seed: int) -> Release:
 def _pets(storage: Storage, root: str, seed: int) -> Release:
     """``annotations/<split>.txt``: ``<image> <class id from 1> <species> <breed id>``, the breed the
     image name less its number."""
-    splits = [[line.split() for line in _lines(storage, root, "annotations", f"{split}.txt")]
+    splits = [[line.split() for line in release_lines(storage, root, "annotations", f"{split}.txt")]
               for split in ("trainval", "test")]
     names = {int(row[1]): row[0].rsplit("_", 1)[0] for rows in splits for row in rows}
     position = {number: i for i, number in enumerate(sorted(names))}
@@ -110,11 +112,11 @@ def _pets(storage: Storage, root: str, seed: int) -> Release:
 
 def _aircraft(storage: Storage, root: str, seed: int) -> Release:
     """``data/images_variant_<split>.txt``: ``<image id> <variant>``, the variant's name with spaces."""
-    classes = tuple(_lines(storage, root, "data", "variants.txt"))
+    classes = tuple(release_lines(storage, root, "data", "variants.txt"))
     index = {name: i for i, name in enumerate(classes)}
     splits = []
     for split in ("trainval", "test"):
-        rows = [line.split(" ", 1) for line in _lines(storage, root, "data", f"images_variant_{split}.txt")]
+        rows = [line.split(" ", 1) for line in release_lines(storage, root, "data", f"images_variant_{split}.txt")]
         unknown = sorted({variant for _, variant in rows} - set(index))
         if unknown:
             raise ValueError(f"{root}: images of variants {unknown[:5]} that data/variants.txt lacks")
@@ -126,7 +128,7 @@ def _aircraft(storage: Storage, root: str, seed: int) -> Release:
 def _cub(storage: Storage, root: str, seed: int) -> Release:
     """``images.txt`` (id, path), ``image_class_labels.txt`` (id, class id), ``train_test_split.txt``
     (id, 1 for train), ``classes.txt`` (class id, name), every id from 1."""
-    table = {name: dict(line.split(" ", 1) for line in _lines(storage, root, f"{name}.txt"))
+    table = {name: dict(line.split(" ", 1) for line in release_lines(storage, root, f"{name}.txt"))
              for name in ("images", "image_class_labels", "train_test_split", "classes")}
     ids = sorted(table["classes"], key=int)
     position = {class_id: i for i, class_id in enumerate(ids)}
@@ -155,7 +157,7 @@ def _flowers(storage: Storage, root: str, seed: int) -> Release:
 
 def _matlab(storage: Storage, root: str, path: str) -> dict:
     """A release's MATLAB file, its arrays squeezed (a struct array's fields by name)."""
-    return loadmat(io.BytesIO(_read(storage, root, path)), squeeze_me=True)
+    return loadmat(io.BytesIO(release_file(storage, root, path)), squeeze_me=True)
 
 
 def _cars(storage: Storage, root: str, seed: int) -> Release:
@@ -183,11 +185,11 @@ def _sun397(storage: Storage, root: str, seed: int) -> Release:
     own ``ClassName.txt`` at the root."""
     lists = ("Partitions",) if storage.exists(join_uri(root, "Partitions", "Training_01.txt")) else ()
     names = lists if storage.exists(join_uri(root, *lists, "ClassName.txt")) else ()
-    classes = tuple(_lines(storage, root, *names, "ClassName.txt"))
+    classes = tuple(release_lines(storage, root, *names, "ClassName.txt"))
     index = {name: i for i, name in enumerate(classes)}
     splits = []
     for split in ("Training_01", "Testing_01"):
-        paths = _lines(storage, root, *lists, f"{split}.txt")
+        paths = release_lines(storage, root, *lists, f"{split}.txt")
         unknown = sorted({str(PurePosixPath(p).parent) for p in paths} - set(index))
         if unknown:
             raise ValueError(f"{root}: images of classes {unknown[:5]} that {'/'.join((*names, 'ClassName.txt'))} "
@@ -232,9 +234,9 @@ def _inaturalist(train: tuple[str, ...], val: str) -> Callable[[Storage, str, in
 
     def read(storage: Storage, root: str, seed: int) -> Release:
         found = next((name for name in train if storage.exists(join_uri(root, name))), train[0])
-        tables = [json.loads(_read(storage, root, name)) for name in (found, val)]
+        tables = [json.loads(release_file(storage, root, name)) for name in (found, val)]
         given = storage.exists(join_uri(root, "categories.json"))
-        listed = json.loads(_read(storage, root, "categories.json")) if given else []
+        listed = json.loads(release_file(storage, root, "categories.json")) if given else []
         categories = [*(c for table in tables for c in table.get("categories", [])), *listed]
         names = {c["id"]: str(c["name"]) for c in categories if "name" in c}
         ids = sorted({*(c["id"] for c in categories), *(a["category_id"] for t in tables for a in t["annotations"])})
@@ -266,7 +268,7 @@ RELEASES: dict[str, tuple[tuple[Marker, ...], Callable[[Storage, str, int], Rele
 
 def _batch(storage: Storage, root: str, name: str) -> dict:
     """One of CIFAR's pickled batches (python version), by :func:`~evaluators.pickles.load_data_pickle`."""
-    return load_data_pickle(_read(storage, root, name), encoding="bytes")
+    return load_data_pickle(release_file(storage, root, name), encoding="bytes")
 
 
 def _cifar(storage: Storage, root: str, hundred: bool) -> tuple[tuple[str, ...], list[tuple[np.ndarray, np.ndarray]]]:

@@ -19,8 +19,8 @@ Tasks:
   (GAP of the k-NN recogniser, :mod:`evaluators.met`; ``met_whiten``: PCA whitening learned on its
   database);
 * ``video``: the linear probe on ``video_frames`` frames' CLS tokens, averaged or concatenated
-  (``video_pool``), on synthetic clips or on class folders of videos (``video_data``: UCF-101,
-  Kinetics-400, Something-Something v2) (:mod:`evaluators.video`; top-1);
+  (``video_pool``), on synthetic clips or on UCF-101, Kinetics-400 or Something-Something v2 as
+  released, or class folders of videos (``video_data``) (:mod:`evaluators.video`; top-1);
 * ``finegrained``: the logistic regression on each of ``finegrained_data``'s sets (class folders, or
   releases as extracted, :mod:`evaluators.released_sets`), the paper's fine-grained benchmarks
   (Food-101, Cars, Aircraft, ...) in one run (:mod:`evaluators.finegrained`;
@@ -164,7 +164,7 @@ class SuiteConfig:
     retrieval_data: str = ""  # "": synthetic; roxford5k:<root>, rparis6k:<root>, amstertime:<root> or met:<root>
     met_whiten: bool = False  # the Met: descriptors PCA-whitened as learned on its database (the paper's baselines)
     met_whiten_dim: int = 0  # the components whitening keeps; 0: all the database allows (min(D, N - 1))
-    video_data: str = ""  # "": synthetic clips (drawn at scene_size); else <root>/train/<class>/<video>, val/ or test/
+    video_data: str = ""  # "": synthetic clips (at scene_size); else a release's root or <root>/train/<class>/<video>
     video_frames: int = 8  # frames of each video through the backbone
     video_pool: str = "mean"  # their CLS tokens averaged (UCF-101, Kinetics) or concatenated (SSv2): "concat"
     finegrained_data: str = ""  # finegrained: comma-separated roots of sets (class folders, releases, VOC2007)

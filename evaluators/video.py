@@ -14,11 +14,16 @@ features, its learning rate picked on held-out videos.
 The frames taken are ``linspace(0, T - 1, frames)`` rounded: the first and the last, the rest
 evenly between (a short video gives some twice).
 
-Layout: ``<root>/train/<class>/<video>`` and ``<root>/val/<class>/<video>`` (``test/`` when there
-is no ``val/``), a video being a file FFmpeg reads through PyAV (``.mp4``, ``.avi``, ``.mkv``,
-``.webm``, ``.mov``), an animated GIF or WebP (Pillow), or a folder of frame images taken in name
-order (UCF-101 and Kinetics as extracted frames). Undecodable videos are skipped and counted, as
-images are (more than 5 % of a split stops it).
+Layout: a release as it extracts, where ``root`` holds one (:mod:`evaluators.video_sets`): UCF-101
+(``UCF-101/`` and ``ucfTrainTestlist/``: split 1), Kinetics-400 (CVDF's ``k400/``: ``annotations/*.csv``,
+``train/`` and ``val/``) or Something-Something v2 (``20bn-something-something-v2/`` and ``labels/``:
+validation), each video in the split and class its lists say, the videos they name that are absent
+skipped and counted (``missing``); else class folders, ``<root>/train/<class>/<video>`` and
+``<root>/val/<class>/<video>`` (``test/`` when there is no ``val/``). A video is a file FFmpeg reads
+through PyAV (``.mp4``, ``.avi``, ``.mkv``, ``.webm``, ``.mov``), an animated GIF or WebP (Pillow),
+or (class folders) a folder of frame images taken in name order (UCF-101 and Kinetics as extracted
+frames). Undecodable videos are skipped and counted, as images are (more than 5 % of a split stops
+it).
 
 Without a data set, :func:`make_videos` draws synthetic clips of a textured square crossing a
 textured background, the classes its direction (left, right, up, down): a mean sees each
@@ -29,9 +34,10 @@ scores at most half, a concatenation can score all.
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import av
 import numpy as np
@@ -45,6 +51,7 @@ from dinoflow.storage import Storage, join_uri
 from evaluators.classification import CROP_RATIO, MAX_BAD_FRACTION
 from evaluators.features import to_model_input
 from evaluators.linear import LinearProbeConfig, linear_probe
+from evaluators.video_sets import read_video_release, video_release_at
 from evaluators.visualize import save_image_grid
 from trainer.data.datasets import (
     DECODE_ERRORS,
@@ -102,15 +109,47 @@ def decode_video(data: bytes, name: str, count: int) -> list[Image.Image]:
     return [decoded[index] for index in frame_indices(len(decoded), count)]
 
 
-class VideoFolder(Dataset[Sample]):
-    """The videos of ``<root_uri>/<class>/``, each a :class:`~trainer.data.datasets.Sample` whose
-    image is its ``frames`` frames ``(frames, 3, load_size, load_size)`` uint8 (centre squares);
-    ``classes`` are the class folders, sorted, or those given (a test split's, by train's names)."""
+class VideoList(Dataset[Sample]):
+    """Videos given as ``(key, files, label)``: a video file (:func:`decode_video`) or a video's frame
+    files in time order; each a :class:`~trainer.data.datasets.Sample` keyed ``key`` whose image is
+    its ``frames`` frames ``(frames, 3, load_size, load_size)`` uint8 (centre squares), labelled by
+    an index into ``classes``."""
+
+    def __init__(self, storage: Storage, videos: Sequence[tuple[str, str | list[str], int]],
+                 classes: tuple[str, ...], frames: int, load_size: int) -> None:
+        if frames < 1:
+            raise ValueError(f"frames must be >= 1, got {frames}")
+        self.classes, self.frames, self.load_size = classes, frames, load_size
+        self._storage = ProcessLocalStorage(storage)
+        self._keys = [key for key, _, _ in videos]
+        self._files = [files for _, files, _ in videos]
+        self._labels = [label for _, _, label in videos]
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __getitem__(self, index: int) -> Sample:
+        files, key = self._files[index], self._keys[index]
+        storage = self._storage.get()
+        try:
+            if isinstance(files, str):
+                pictures = decode_video(storage.read_bytes(files), files, self.frames)
+            else:
+                pictures = [Image.open(io.BytesIO(storage.read_bytes(files[i]))).convert("RGB")
+                            for i in frame_indices(len(files), self.frames)]
+        except (*DECODE_ERRORS, ValueError, av.error.FFmpegError):
+            return Sample(None, self._labels[index], key)
+        squares = [np.asarray(resize_center_crop(picture, self.load_size)) for picture in pictures]
+        return Sample(torch.from_numpy(np.stack(squares)).permute(0, 3, 1, 2).contiguous(), self._labels[index], key)
+
+
+class VideoFolder(VideoList):
+    """The videos of ``<root_uri>/<class>/`` (files, or folders of frames), keyed by their URIs, in
+    name order; ``classes`` are the class folders, sorted, or those given (a test split's, by
+    train's names)."""
 
     def __init__(self, storage: Storage, root_uri: str, frames: int, load_size: int,
                  classes: tuple[str, ...] | None = None) -> None:
-        if frames < 1:
-            raise ValueError(f"frames must be >= 1, got {frames}")
         prefix = root_uri.rstrip("/") + "/"
         files: dict[str, str] = {}  # <class>/<video> -> its file
         folders: dict[str, list[str]] = {}  # <class>/<video> -> its frames' files
@@ -128,33 +167,13 @@ class VideoFolder(Dataset[Sample]):
                                     f"({', '.join(VIDEO_EXTENSIONS + ANIMATED_EXTENSIONS)}) or <class>/<video>/ "
                                     f"folders of frames ({', '.join(IMAGE_EXTENSIONS)})")
         found = tuple(sorted({key.split("/")[0] for key in videos}))
-        self.classes = classes if classes is not None else found
-        unknown = sorted(set(found) - set(self.classes))
+        classes = classes if classes is not None else found
+        unknown = sorted(set(found) - set(classes))
         if unknown:
-            raise ValueError(f"{root_uri}: classes {unknown} are not among train's {len(self.classes)}")
-        self.frames, self.load_size = frames, load_size
-        self._storage = ProcessLocalStorage(storage)
-        self._keys = sorted(videos)
-        self._files = [videos[key] for key in self._keys]
-        self._labels = [self.classes.index(key.split("/")[0]) for key in self._keys]
+            raise ValueError(f"{root_uri}: classes {unknown} are not among train's {len(classes)}")
+        super().__init__(storage, [(join_uri(root_uri, key), videos[key], classes.index(key.split("/")[0]))
+                                   for key in sorted(videos)], classes, frames, load_size)
         self.root_uri = root_uri
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def __getitem__(self, index: int) -> Sample:
-        files, key = self._files[index], join_uri(self.root_uri, self._keys[index])
-        storage = self._storage.get()
-        try:
-            if isinstance(files, str):
-                pictures = decode_video(storage.read_bytes(files), files, self.frames)
-            else:
-                pictures = [Image.open(io.BytesIO(storage.read_bytes(files[i]))).convert("RGB")
-                            for i in frame_indices(len(files), self.frames)]
-        except (*DECODE_ERRORS, ValueError, av.error.FFmpegError):
-            return Sample(None, self._labels[index], key)
-        squares = [np.asarray(resize_center_crop(picture, self.load_size)) for picture in pictures]
-        return Sample(torch.from_numpy(np.stack(squares)).permute(0, 3, 1, 2).contiguous(), self._labels[index], key)
 
 
 class ClipArray(Dataset[Sample]):
@@ -221,18 +240,37 @@ class VideoConfig:
             raise ValueError(f"video frames must be >= 1, got {self.frames}")
 
 
-def video_splits(root: str, config: VideoConfig, storage: Storage,
-                 seed: int = 0) -> tuple[Dataset[Sample], Dataset[Sample], tuple[str, ...]]:
-    """The train and test videos of ``root`` (its ``val/``, else ``test/``) read at ``image_size /
-    0.875``, or (``root`` empty) synthetic clips at ``image_size``; and the class names."""
+class VideoSplits(NamedTuple):
+    """What :func:`video_splits` read: the train and test videos, the class names, where they came
+    from (``"synthetic clips"``, ``"class folders"`` or a release's name) and how many videos each
+    split's lists name that were not on disk (a release's; else 0)."""
+
+    train: Dataset[Sample]
+    test: Dataset[Sample]
+    classes: tuple[str, ...]
+    source: str
+    missing: dict[str, int]
+
+
+def video_splits(root: str, config: VideoConfig, storage: Storage, seed: int = 0) -> VideoSplits:
+    """The train and test videos of ``root`` read at ``image_size / 0.875``: a release's
+    (:func:`~evaluators.video_sets.video_release_at`), else class folders' (its ``val/``, else
+    ``test/``); or (``root`` empty) synthetic clips at ``image_size``."""
     if not root:
         train, test = (make_videos(count, config.clip_length, config.image_size, seed + index)
                        for index, count in enumerate(config.clips_per_class))
-        return ClipArray(*train, config.frames), ClipArray(*test, config.frames), DIRECTIONS
+        return VideoSplits(ClipArray(*train, config.frames), ClipArray(*test, config.frames), DIRECTIONS,
+                           "synthetic clips", {"train": 0, "test": 0})
     load = round(config.image_size / CROP_RATIO)
-    train = VideoFolder(storage, join_uri(root, "train"), config.frames, load)
+    if name := video_release_at(root, storage):
+        release = read_video_release(name, root, storage)
+        train_list, test_list = (VideoList(storage, videos, release.classes, config.frames, load)
+                                 for videos in (release.train, release.test))
+        return VideoSplits(train_list, test_list, release.classes, name, release.missing)
+    folder = VideoFolder(storage, join_uri(root, "train"), config.frames, load)
     test_root = join_uri(root, "val") if storage.list(join_uri(root, "val")) else join_uri(root, "test")
-    return train, VideoFolder(storage, test_root, config.frames, load, train.classes), train.classes
+    return VideoSplits(folder, VideoFolder(storage, test_root, config.frames, load, folder.classes), folder.classes,
+                       "class folders", {"train": 0, "test": 0})
 
 
 def save_video_frames(videos: Dataset[Sample], classes: tuple[str, ...], image_size: int, path: Path,
@@ -254,9 +292,10 @@ def save_video_frames(videos: Dataset[Sample], classes: tuple[str, ...], image_s
 def video_probe(backbone: nn.Module, root: str, config: VideoConfig, storage: Storage, device: torch.device,
                 amp_dtype: torch.dtype | None = None, seed: int = 0, pictures: Path | None = None) -> dict:
     """The linear probe on pooled frame features of ``root``'s videos (synthetic clips when empty):
-    ``{"test_accuracy", "val_accuracy", "best_lr", ..., "frames", "pool", "classes", "bad"}``; with
-    ``pictures`` (a folder), ``video_frames.png`` of the first test videos (:func:`save_video_frames`)."""
-    train, test, classes = video_splits(root, config, storage, seed)
+    ``{"test_accuracy", "val_accuracy", "best_lr", ..., "frames", "pool", "classes", "bad", "source",
+    "missing"}`` (:class:`VideoSplits`); with ``pictures`` (a folder), ``video_frames.png`` of the
+    first test videos (:func:`save_video_frames`)."""
+    train, test, classes, source, missing = video_splits(root, config, storage, seed)
     size = config.image_size
     if pictures is not None:
         save_video_frames(test, classes, size, pictures / VIDEO_PICTURE)
@@ -265,7 +304,7 @@ def video_probe(backbone: nn.Module, root: str, config: VideoConfig, storage: St
         for split in (train, test))
     probe = linear_probe(train_x, train_y, test_x, test_y, config.probe, num_classes=len(classes), device=device)
     return {**probe.to_dict(), "frames": config.frames, "pool": config.pool, "classes": list(classes),
-            "bad": {"train": train_bad, "test": test_bad}}
+            "bad": {"train": train_bad, "test": test_bad}, "source": source, "missing": missing}
 
 
 def make_videos(per_class: int, length: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -375,9 +375,11 @@ def evaluate(
                                                      "amstertime:<root> (old/ and new/, pairs by stem), or the Met's "
                                                      "GAP, met:<root> (ground_truth/, images/); the longer side at "
                                                      "--image-size; default: synthetic sets")] = "",
-    video_data: Annotated[str, typer.Option(help="video on class folders of videos, <root>/train/<class>/<video> "
-                                                 "and val/ (UCF-101, Kinetics-400, SSv2; a video a file or a folder "
-                                                 "of frames); default: synthetic clips")] = "",
+    video_data: Annotated[str, typer.Option(help="video on UCF-101 (UCF-101/, ucfTrainTestlist/), Kinetics-400 "
+                                                 "(CVDF's k400/) or SSv2 (20bn-something-something-v2/, labels/) as "
+                                                 "released, or on class folders of videos, <root>/train/<class>/"
+                                                 "<video> and val/ (a video a file or a folder of frames); "
+                                                 "default: synthetic clips")] = "",
     video_frames: Annotated[int, typer.Option(min=1, help="video: frames of each video through the backbone")] = 8,
     video_pool: Annotated[str, typer.Option(help="video: the frames' CLS tokens averaged (mean: UCF-101, Kinetics) "
                                                  "or concatenated in time order (concat: SSv2)")] = "mean",
@@ -423,7 +425,8 @@ def evaluate(
     Classification on Fashion-MNIST or on your class folders (ImageNet's
     layout); segmentation and depth on synthetic scenes or on ADE20K, VOC
     and NYU-Depth v2; retrieval on synthetic sets; video (a linear probe on
-    frame features) on synthetic clips or on class folders of videos.
+    frame features) on synthetic clips, on UCF-101, Kinetics-400 or SSv2 as
+    released, or on class folders of videos.
     `classify` scores a fine-tuned model's classifier (a `dinoflow finetune`
     folder or a registered one) on the test images, e.g. ImageNet-R with
     --test-uri. With MLFLOW_TRACKING_URI set, the run is recorded there: its
