@@ -486,6 +486,11 @@ def test_kitti_eigen_layout_kb_crop_far_depths_and_garg_crop(tmp_path: Path) -> 
     assert (scored[~inside] == 0).all()
     with pytest.raises(FileNotFoundError, match="KITTI split list .*kitti_eigen_train.txt is missing"):
         load_kitti(Storage(), str(tmp_path / "nowhere"), "train", 28)
+    first = tmp_path / "gt_depth" / train._files[0][1].split("gt_depth/", 1)[1]
+    first.rename(first.with_suffix(".moved"))  # e.g. the depth archive's train/<drive>/ not merged under gt_depth/
+    with pytest.raises(FileNotFoundError, match=r"sync/proj_depth/groundtruth/image_02/0000000000.png is missing: a "
+                                                r"file of the first of the KITTI frames with depth in"):
+        load_kitti(Storage(), str(tmp_path), "train", 28)
     (tmp_path / "kitti_eigen_train.txt").write_text("only_one_field.png\n")
     with pytest.raises(ValueError, match="line 1: 'only_one_field.png' is not '<image> <depth> \\[<focal>\\]'"):
         load_kitti(Storage(), str(tmp_path), "train", 28)
