@@ -8,7 +8,8 @@ or drawn anew, flipped and colour-jittered at each step), or the
 whole aspect-kept image with the labels as stored (scored through sliding windows, the original's
 protocol for ADE20K, VOC and Cityscapes, used for NYU too). A split lists its files when made (a
 missing split, or its first sample's files, fail there) and decodes a sample when asked, so a
-DataLoader's workers decode in parallel and nothing holds a whole split: ADE20K's 20k training images are 16 GB of pixels at 512 px.
+DataLoader's workers decode in parallel and nothing holds a whole split: ADE20K's 20k training
+images are 16 GB of pixels at 512 px.
 
 * **ADE20K** (``ADEChallengeData2016``): ``images/{training,validation}/*.jpg`` and
   ``annotations/{training,validation}/*.png`` (same stem). Label 0 ("other") is ignored and the
@@ -34,7 +35,8 @@ DataLoader's workers decode in parallel and nothing holds a whole split: ADE20K'
   under ``input/``, the projected LiDAR depth (a 16-bit PNG, metres x 256, 0 unknown) under
   ``gt_depth/`` (``None``: a frame without one, skipped; the depth archive extracts as
   ``train/<drive>/`` and ``val/<drive>/``, which the toolbox's layout merges under ``gt_depth/``).
-  Both cut to the bottom-centred 352 x 1216 (KB crop), depths beyond 80 m unknown, the test split scored inside the Garg crop (:func:`garg_crop`).
+  Both cut to the bottom-centred 352 x 1216 (KB crop), depths beyond 80 m unknown, the test split
+  scored inside the Garg crop (:func:`garg_crop`).
 * **SUN RGB-D** (the toolbox's layout, where NYU-trained heads are tested): ``SUNRGBD_{train,val}_splits.txt``
   lines ``<image> <depth>``, paths under the root; a depth a 16-bit PNG of millimetres with its bits
   rotated left by 3, as the data set stores them; capped at 8 m, the val split scored at NYU's Eigen
