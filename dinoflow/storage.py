@@ -153,6 +153,26 @@ def join_uri(base: str, *parts: str) -> str:
     return joined
 
 
+def _walk_local(path: str) -> list[str]:
+    """Every file under the local ``path`` (``path`` itself if a file), following links to folders:
+    a data set staged as links to its class folders is listed whole (fsspec's ``find`` lists such a
+    link as one file), each real folder once, so a link back up the tree cannot loop."""
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise FileNotFoundError(path)
+    seen: set[str] = set()
+    found = []
+    for folder, folders, files in os.walk(path, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            folders.clear()
+            continue
+        seen.add(real)
+        found.extend(os.path.join(folder, name) for name in files)
+    return found
+
+
 def _is_partial(path: str) -> bool:
     return PARTIAL_MARKER in path.rsplit("/", 1)[-1]
 
@@ -319,6 +339,8 @@ class Storage:
 
         def listing() -> list[str]:
             try:
+                if recursive and kind == "local":
+                    return _walk_local(path)
                 found = fs.find(path) if recursive else fs.ls(path, detail=False)
             except FileNotFoundError:
                 return []

@@ -72,6 +72,21 @@ def test_listing(storage_root: tuple[Storage, str]) -> None:
     assert not storage.exists(join_uri(root, "y.bin"))
 
 
+def test_a_local_listing_follows_links_to_folders_once(tmp_path: Path) -> None:
+    """A data set staged as links to its class folders is listed whole (each linked file under the
+    link's name), a link back up the tree listed once and not followed round."""
+    storage = Storage()
+    for name in ("real/cat/1.jpg", "real/cat/2.jpg", "staged/dog/3.jpg"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "staged" / "cat").symlink_to(tmp_path / "real" / "cat", target_is_directory=True)
+    (tmp_path / "staged" / "dog" / "up").symlink_to(tmp_path / "staged", target_is_directory=True)
+    listed = storage.list(str(tmp_path / "staged"), recursive=True)
+    assert listed == [str(tmp_path / "staged" / name) for name in ("cat/1.jpg", "cat/2.jpg", "dog/3.jpg")]
+    assert storage.read_bytes(listed[0]) == b"x"
+    assert storage.list(str(tmp_path / "nowhere"), recursive=True) == []
+
+
 def test_a_range_of_an_object_is_read_alone(storage_root: tuple[Storage, str]) -> None:
     storage, root = storage_root
     uri = join_uri(root, "shard.tar")
