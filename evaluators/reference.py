@@ -6,10 +6,10 @@ the backbone is one of the released shapes (ViT-S/B/L/g, patch 14, with or witho
 a benchmark ran as the original runs it, the report gets the original's figure for it (from the
 released models' table in the DINOv2 repository's README and the paper): ImageNet-1k k-NN (k = 20,
 T = 0.07) and linear on its 1,000 class folders, ImageNet-V2 linear (a ``test_uri`` or one of
-``test_sets`` naming v2),
+``test_sets`` naming v2, not its Threshold0.7 or TopImages variant: the figure is MatchedFrequency's),
 iNaturalist 2018 linear (8,142 classes), ADE20K linear (1 layer) and +ms (4 layers, multi-scale),
 NYU-Depth v2 lin.4 RMSE and its transfer to SUN RGB-D, and revisited Oxford's hard mAP. Anything
-else (another data set, another k, a DPT head) gets no figure: one not measured the same way
+else (another data set, another k, a DPT head, a part of a split) gets no figure: one not measured the same way
 would mislead. The comparison is a table in the report and ``paper_comparison.md``, each gap a
 metric (``paper_gap_<benchmark>``, MLflow's column to sort runs by); it gates nothing.
 """
@@ -55,20 +55,29 @@ def released_shape(backbone: nn.Module) -> tuple[str, bool] | None:
     return SHAPES[size], bool(getattr(backbone, "num_register_tokens", 0))
 
 
+def _matched_v2(name: str) -> bool:
+    """Whether a test set's root or name is ImageNet-V2's MatchedFrequency, the variant of the paper's
+    figure: it names v2 and not one of the other two variants (Threshold0.7, TopImages)."""
+    lowered = name.lower()
+    return "v2" in lowered and not any(other in lowered for other in ("threshold", "top-images", "topimages"))
+
+
 def benchmarks_run(config: Any, classes: int | None) -> dict[str, str]:
     """Which of :data:`BENCHMARKS` ``config`` (a :class:`~evaluators.suite.SuiteConfig`) ran as the
     original runs it, each with the metric holding its figure; ``classes``: the labelled set's."""
     tasks, found = set(config.tasks), {}
+    if config.train_limit or config.test_limit:  # a part of each split: not the benchmark the figures are of
+        return found
     if classes == IMAGENET_CLASSES and not config.test_uri:
         if "knn" in tasks and 20 in config.ks and config.temperature == 0.07:
             found["in1k_knn"] = "knn_top1_k20"
         if "linear" in tasks:
             found["in1k_linear"] = "linear_top1"
     if classes == IMAGENET_CLASSES and "linear" in tasks:
-        if "v2" in config.test_uri.lower():
+        if _matched_v2(config.test_uri):
             found["inv2_linear"] = "linear_top1"
         further = named_roots(config.test_sets, "test_sets") if config.test_sets else []
-        found.update({"inv2_linear": f"test_{name}_linear_top1" for name, _ in further if "v2" in name.lower()})
+        found.update({"inv2_linear": f"test_{name}_linear_top1" for name, _ in further if _matched_v2(name)})
     if classes == INAT18_CLASSES and not config.test_uri and "linear" in tasks:
         found["inat18_linear"] = "linear_top1"
     seg, depth, retrieval = ([name for name, _ in named_sets(given)]

@@ -256,7 +256,7 @@ def _inaturalist(train: tuple[str, ...], val: str) -> Callable[[Storage, str, in
 Marker = str | tuple[str, ...]
 # each release: the files that together only it holds, and its reader
 RELEASES: dict[str, tuple[tuple[Marker, ...], Callable[[Storage, str, int], Release]]] = {
-    "Food-101": (("meta/train.txt",), _food101), "DTD": (("labels/train1.txt",), _dtd),
+    "Food-101": (("meta/train.txt", "meta/classes.txt"), _food101), "DTD": (("labels/train1.txt",), _dtd),
     "Oxford-IIIT Pets": (("annotations/trainval.txt",), _pets), "FGVC-Aircraft": (("data/variants.txt",), _aircraft),
     "CUB-200-2011": (("train_test_split.txt",), _cub), "Flowers-102": (("setid.mat",), _flowers),
     "SUN397": ((("Partitions/ClassName.txt", "ClassName.txt"),), _sun397),
@@ -307,10 +307,15 @@ CIFARS = {"CIFAR-10": (("batches.meta",), False), "CIFAR-100": (("meta", "train"
 
 
 def release_at(root: str, storage: Storage) -> str | None:
-    """The release of :data:`RELEASES` or :data:`CIFARS` laid out at ``root``, or None (class folders, say)."""
-    for name, (markers, _) in {**RELEASES, **CIFARS}.items():
+    """The release of :data:`RELEASES` or :data:`CIFARS` laid out at ``root``, or None (class folders, say).
+    CIFAR's markers must be files (an ImageNet root may hold ``meta/`` and ``train/`` folders)."""
+    for name, (markers, _) in RELEASES.items():
         if all(any(storage.exists(join_uri(root, file)) for file in ((marker,) if isinstance(marker, str) else marker))
                for marker in markers):
+            return name
+    for name, (files, _) in CIFARS.items():
+        uris = [join_uri(root, file) for file in files]
+        if all(storage.exists(uri) and not storage.list(uri, recursive=True) for uri in uris):
             return name
     return None
 

@@ -44,6 +44,12 @@ def test_the_released_shapes_are_recognised() -> None:
     ({"tasks": ("knn", "linear"), "data_uri": "/in1k", "test_sets": "/d/imagenet-r,/d/imagenetv2-matched-frequency"},
      1000, {"in1k_knn": "knn_top1_k20", "in1k_linear": "linear_top1",
             "inv2_linear": "test_imagenetv2-matched-frequency_linear_top1"}),
+    ({"tasks": ("linear",), "data_uri": "/in1k", "test_sets": "/d/imagenetv2-top-images-format-val,"
+      "/d/imagenetv2-threshold0.7-format-val,/d/imagenetv2-matched-frequency-format-val"}, 1000,
+     {"in1k_linear": "linear_top1",
+      "inv2_linear": "test_imagenetv2-matched-frequency-format-val_linear_top1"}),  # the paper's variant alone
+    ({"tasks": ("linear",), "data_uri": "/in1k", "test_uri": "/imagenetv2-top-images-format-val"}, 1000, {}),
+    ({"tasks": ("knn", "linear"), "data_uri": "/in1k", "train_limit": 5000}, 1000, {}),  # a part of the split
     ({"tasks": ("linear",), "data_uri": "/inat2018"}, 8142, {"inat18_linear": "linear_top1"}),
     ({"tasks": ("seg",), "seg_data": "ade20k:/a"}, None, {"ade20k_linear": "seg_miou"}),
     ({"tasks": ("seg",), "seg_data": "ade20k:/a", "layers": 4, "multiscale": True}, None, {"ade20k_ms": "seg_miou"}),

@@ -293,6 +293,10 @@ def test_incomplete_releases_are_refused_naming_the_file(tmp_path: Path) -> None
     with pytest.raises(ValueError, match=r"holds no classes: the test labels are released apart"):
         read_release("Stanford Cars", str(tmp_path / "cars"), Storage())
     assert release_at(str(tmp_path), Storage()) is None and set(RELEASES) == {*WRITERS, "Caltech-101"}
+    mmpretrain = tmp_path / "imagenet"  # MMPretrain's ImageNet root (meta/, train/ folders): not Food-101, not CIFAR-100
+    write(mmpretrain, {"meta/train.txt": "n01440764/a.JPEG 0\n", "meta/val.txt": "b.JPEG 0\n"})
+    picture(mmpretrain / "train" / "n01440764" / "a.JPEG", 0, np.random.default_rng(0))
+    assert release_at(str(mmpretrain), Storage()) is None
 
 
 def test_the_suite_scores_a_release_as_the_same_images_in_class_folders(tmp_path: Path) -> None:
