@@ -35,8 +35,9 @@ from dinoflow.storage import Storage, join_uri
 from evaluators.attention import ATTENTION_IMAGES, garment_foreground
 from evaluators.feature_parts import FeatureParts, in_parts, join_rows, text_of, text_tensor
 from evaluators.features import extract_features, to_model_input
+from evaluators.imagenet_val import flat_val_images, flat_val_split
 from evaluators.released_sets import release_at, release_datasets
-from trainer.data.datasets import BadImageTracker, ImageFolderDataset, collate_samples
+from trainer.data.datasets import BadImageTracker, ImageFolderDataset, ImageListDataset, collate_samples
 from trainer.data.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
 from trainer.data.fashion_mnist import FILES, load_split
 
@@ -154,8 +155,13 @@ def _test_split(test_uri: str, classes: tuple[str, ...], storage: Storage, image
     ``load``, 0: ``image_size / 0.875``), refused unless its classes are among train's ``classes``,
     and the map of its class indices into train's. Folders named by class index instead (``0`` to
     ``999``: ImageNet-V2's release, its indices those of the sorted class names) are read as
-    train's class of that index."""
-    test = ImageFolderDataset(storage, test_uri, load or round(image_size / CROP_RATIO))
+    train's class of that index; ImageNet's validation images as released, flat, by the list beside
+    them (:mod:`evaluators.imagenet_val`)."""
+    load = load or round(image_size / CROP_RATIO)
+    if flat_val_images(storage, test_uri):
+        keys, labels = flat_val_split(storage, test_uri, classes)
+        return limited(ImageListDataset(storage, keys, labels, load), limit, seed), torch.arange(len(classes))
+    test = ImageFolderDataset(storage, test_uri, load)
     unknown = sorted(set(test.classes) - set(classes))
     if unknown and all(name.isdecimal() and int(name) < len(classes) for name in test.classes):
         return limited(test, limit, seed), torch.tensor([int(name) for name in test.classes])

@@ -204,3 +204,53 @@ def test_a_separate_test_set_of_fewer_classes_is_scored_over_its_own(tmp_path: P
     assert same.test_classes is None  # every train class there: nothing to restrict
     with pytest.raises(ValueError, match="test_uri .* is a test set of class folders, for a train split of class"):
         labelled_images(FASHION_MNIST, "auto", Storage(), test_uri=str(tmp_path / "r" / "val"))
+
+
+def test_imagenets_validation_split_as_released_is_read_by_the_list_beside_it(tmp_path: Path) -> None:
+    """val/ flat as ILSVRC2012_img_val.tar extracts, the classes from Kaggle's LOC_val_solution.csv
+    (rows in any order) or from the devkit's ground truth through meta.mat, whose ILSVRC2012 IDs are
+    not the sorted-WNID order of train's folders: the same labels, each image's features its own."""
+    from scipy.io import savemat
+
+    wnids = ("n01440764", "n01443537", "n02119789")  # train's sorted class folders
+    rng = np.random.default_rng(0)
+    for index, wnid in enumerate(wnids):
+        (tmp_path / "train" / wnid).mkdir(parents=True)
+        for i in range(2):
+            colour = np.eye(3)[index] * 200 + 30
+            Image.fromarray(np.clip(colour + rng.normal(0, 40, (36, 44, 3)), 0, 255).astype(np.uint8)).save(
+                tmp_path / "train" / wnid / f"{wnid}_{i}.JPEG")
+    truth = [2, 0, 1, 2, 1, 0]  # the n-th validation image's class (an index into wnids)
+    (tmp_path / "val").mkdir()
+    for n, index in enumerate(truth, 1):
+        colour = np.eye(3)[index] * 200 + 30
+        Image.fromarray(np.clip(colour + rng.normal(0, 40, (40, 30, 3)), 0, 255).astype(np.uint8)).save(
+            tmp_path / "val" / f"ILSVRC2012_val_{n:08d}.JPEG")
+    rows = [f"ILSVRC2012_val_{n:08d},{wnids[index]} 1 2 30 40 {wnids[index]} 3 4 20 20"
+            for n, index in enumerate(truth, 1)]
+    (tmp_path / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + "\n".join(rows[::-1]) + "\n")
+    model = backbone()
+    val_files = sorted((tmp_path / "val").glob("*.JPEG"))
+
+    def read() -> tuple[list[int], torch.Tensor]:
+        data = labelled_images(str(tmp_path), "auto", Storage(), image_size=28).features(model, batch_size=4)
+        assert data.classes == wnids
+        return data.test_y.tolist(), data.test_x
+
+    labels, features = read()
+    assert labels == truth
+    torch.testing.assert_close(features, expected_features(model, val_files, 28), rtol=0, atol=1e-5)
+    (tmp_path / "LOC_val_solution.csv").unlink()
+    ids = {"n02119789": 1, "n01440764": 2, "n01443537": 3}  # the devkit's IDs: not the sorted order
+    fields = [(name, "O") for name in ("ILSVRC2012_ID", "WNID", "words", "gloss", "num_children")]
+    synsets = np.array([(ids[w], w, w, "", 0) for w in wnids] + [(1001, "n00001740", "entity", "", 3)],
+                       dtype=fields).reshape(1, -1)
+    data = tmp_path / "ILSVRC2012_devkit_t12" / "data"
+    data.mkdir(parents=True)
+    savemat(data / "meta.mat", {"synsets": synsets})
+    (data / "ILSVRC2012_validation_ground_truth.txt").write_text("".join(f"{ids[wnids[i]]}\n" for i in truth))
+    assert read()[0] == truth
+    (data / "ILSVRC2012_validation_ground_truth.txt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"val holds ImageNet's validation images as released \(flat\), but "
+                                                r"neither LOC_val_solution.csv nor ILSVRC2012_devkit_t12/data/"):
+        labelled_images(str(tmp_path), "auto", Storage(), image_size=28)
