@@ -19,6 +19,8 @@ Flowers-102         ``jpg/``, ``imagelabels.mat``,        ``setid.mat``: trnid, 
                     ``setid.mat``
 SUN397              ``ClassName.txt``, ``<l>/<class>/``  ``Training_01.txt`` (in         ``Testing_01.txt``
                                                          ``Partitions/`` or the root)
+Places205           ``trainvalsplit_places205/``,        ``train_places205.csv``         ``val_places205.csv``
+                    ``data/.../images256/``
 Caltech-101         ``101_ObjectCategories/<class>/``     30 a class, a seeded draw       the rest
 Stanford Cars       ``devkit/``, ``cars_train/``,         ``devkit/cars_train_annos.mat`` ``cars_test_annos_
                     ``cars_test/``                                                        withlabels.mat``
@@ -199,6 +201,29 @@ def _sun397(storage: Storage, root: str, seed: int) -> Release:
     return classes, *splits
 
 
+PLACES_IMAGES = ("data", "vision", "torralba", "deeplearning", "images256")  # where Places205's archive puts them
+
+
+def _places205(storage: Storage, root: str, seed: int) -> Release:
+    """``trainvalsplit_places205/{train,val}_places205.csv`` (space-separated ``a/abbey/gsun_<id>.jpg
+    0``: the image under :data:`PLACES_IMAGES`, its class numbered from 0), a class named by its
+    images' folders below the letter (``abbey``, ``apartment_building/outdoor``)."""
+    names: dict[int, str] = {}
+    splits = []
+    for split in ("train", "val"):
+        keys, labels = [], []
+        for line in release_lines(storage, root, "trainvalsplit_places205", f"{split}_places205.csv"):
+            path, label = line.rsplit(maxsplit=1)
+            keys.append(join_uri(root, *PLACES_IMAGES, path))
+            labels.append(int(label))
+            names.setdefault(int(label), "/".join(PurePosixPath(path).parts[1:-1]))
+        splits.append((keys, labels))
+    if sorted(names) != list(range(len(names))):
+        raise ValueError(f"{join_uri(root, 'trainvalsplit_places205')}: class numbers must run 0 to {len(names) - 1}, "
+                         f"got {sorted(names)[:5]}...")
+    return tuple(names[i] for i in range(len(names))), *splits
+
+
 def _caltech101(storage: Storage, root: str, seed: int) -> Release:
     """Every class folder of ``101_ObjectCategories`` but ``BACKGROUND_Google``: a seeded draw of
     :data:`CALTECH_TRAIN_PER_CLASS` images of each to train, the rest to test."""
@@ -260,6 +285,7 @@ RELEASES: dict[str, tuple[tuple[Marker, ...], Callable[[Storage, str, int], Rele
     "Oxford-IIIT Pets": (("annotations/trainval.txt",), _pets), "FGVC-Aircraft": (("data/variants.txt",), _aircraft),
     "CUB-200-2011": (("train_test_split.txt",), _cub), "Flowers-102": (("setid.mat",), _flowers),
     "SUN397": ((("Partitions/ClassName.txt", "ClassName.txt"),), _sun397),
+    "Places205": (("trainvalsplit_places205/train_places205.csv",), _places205),
     "Caltech-101": (("101_ObjectCategories",), _caltech101), "Stanford Cars": (("devkit/cars_meta.mat",), _cars),
     "iNaturalist 2017": (("train2017.json",), _inaturalist(("train2017.json",), "val2017.json")),
     "iNaturalist 2018": (("train2018.json",), _inaturalist(("train2018.json",), "val2018.json")),

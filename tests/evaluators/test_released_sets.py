@@ -142,6 +142,22 @@ def sun397(root: Path, rng: np.random.Generator) -> Expected:
     return classes, expected["train"], expected["test"]
 
 
+def places205(root: Path, rng: np.random.Generator) -> Expected:
+    """Places205's split lists (space-separated path and class number) and its images under
+    data/vision/torralba/deeplearning/images256/, a class two folders deep."""
+    classes = ("abbey", "apartment_building/outdoor", "bakery/shop")
+    lists: dict[str, list[str]] = {"train": [], "val": []}
+    expected: dict[str, set] = {"train": set(), "test": set()}
+    for c, split, n in splits_of(classes):
+        path = f"{classes[c][0]}/{classes[c]}/gsun_{split}{n}.jpg"
+        picture(root / "data/vision/torralba/deeplearning/images256" / path, c, rng)
+        lists["val" if split == "test" else "train"].append(f"{path} {c}")
+        expected[split].add((f"data/vision/torralba/deeplearning/images256/{path}", classes[c]))
+    write(root, {f"trainvalsplit_places205/{name}_places205.csv": "\n".join(lines[::-1]) + "\n"
+                 for name, lines in lists.items()})
+    return classes, expected["train"], expected["test"]
+
+
 def cars(root: Path, rng: np.random.Generator) -> Expected:
     """The devkit's MATLAB files (struct arrays of annotations, a cell array of names), the test
     labels released apart at the root."""
@@ -196,7 +212,7 @@ def inaturalist(year: int) -> Callable[[Path, np.random.Generator], Expected]:
 
 WRITERS: dict[str, Callable[[Path, np.random.Generator], Expected]] = {
     "Food-101": food101, "DTD": dtd, "Oxford-IIIT Pets": pets, "FGVC-Aircraft": aircraft,
-    "CUB-200-2011": cub, "Flowers-102": flowers, "SUN397": sun397, "Stanford Cars": cars,
+    "CUB-200-2011": cub, "Flowers-102": flowers, "SUN397": sun397, "Places205": places205, "Stanford Cars": cars,
     **{f"iNaturalist {year}": inaturalist(year) for year in (2017, 2018, 2021)}}
 
 
@@ -293,7 +309,7 @@ def test_incomplete_releases_are_refused_naming_the_file(tmp_path: Path) -> None
     with pytest.raises(ValueError, match=r"holds no classes: the test labels are released apart"):
         read_release("Stanford Cars", str(tmp_path / "cars"), Storage())
     assert release_at(str(tmp_path), Storage()) is None and set(RELEASES) == {*WRITERS, "Caltech-101"}
-    mmpretrain = tmp_path / "imagenet"  # MMPretrain's ImageNet root (meta/, train/ folders): not Food-101, not CIFAR-100
+    mmpretrain = tmp_path / "imagenet"  # MMPretrain's ImageNet root (meta/, train/ folders): neither Food-101 nor CIFAR
     write(mmpretrain, {"meta/train.txt": "n01440764/a.JPEG 0\n", "meta/val.txt": "b.JPEG 0\n"})
     picture(mmpretrain / "train" / "n01440764" / "a.JPEG", 0, np.random.default_rng(0))
     assert release_at(str(mmpretrain), Storage()) is None
