@@ -6,9 +6,12 @@ import dataclasses
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
-from evaluators.classification import FolderImages
+from dinoflow.storage import Storage
+from evaluators.classification import FolderImages, _test_split
 from evaluators.suite import SuiteConfig, run_suite
 from tests.evaluators.test_classification import backbone, write_folders
 from tests.evaluators.test_corruptions import counted_test_passes
@@ -103,3 +106,15 @@ def test_folders_named_by_class_index_are_train_classes_of_that_index(tmp_path: 
     (indexed / "2").rename(indexed / "3")
     with pytest.raises(ValueError, match=r"classes \['0', '1', '3'\] are not among train's 3 class folders"):
         run_suite(backbone(), config)
+
+
+def test_index_folders_past_nine_map_by_their_number_not_their_sorted_place(tmp_path: Path) -> None:
+    """With 12 classes ImageNet-V2's folders list as 0, 1, 10, 11, 2, ...: each image is labelled
+    train's class of its folder's number (an image's key names its folder), never its listing place."""
+    classes = tuple(f"n{index:08d}" for index in range(12))
+    for index in range(12):
+        (tmp_path / str(index)).mkdir()
+        Image.fromarray(np.full((8, 8, 3), index * 20, np.uint8)).save(tmp_path / str(index) / "a.png")
+    test, remap = _test_split(str(tmp_path), classes, Storage(), image_size=28, limit=0, seed=0)
+    labels = {Path(test[row].key).parent.name: int(remap[test[row].label]) for row in range(len(test))}
+    assert labels == {str(index): index for index in range(12)}
