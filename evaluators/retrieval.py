@@ -9,11 +9,10 @@ query, as the protocol requires, and scored by :func:`evaluators.dense_metrics.r
 The ground truth of revisited Oxford/Paris ships as a pickle (``gnd_roxford5k.pkl``); it is read
 with an unpickler that admits no class or function but numpy's arrays (plain dicts, lists,
 strings, numbers and arrays: :mod:`evaluators.pickles`), so a crafted file cannot run code. A JSON
-file with the same structure works too. Its
-images (``<root>/jpg/<name>.jpg``) keep their aspect ratio: the longer side is resized to the
-evaluation's size and each side rounded to a multiple of the patch size, the queries first cropped
-to their box, as the protocol asks; they are decoded by a DataLoader's workers and go through the
-backbone in batches of one shape (:func:`file_descriptors`).
+file with the same structure works too. Its images (``<root>/jpg/<name>.jpg``) keep their aspect
+ratio: the longer side is resized to the evaluation's size and each side rounded to a multiple of
+the patch size, the queries first cropped to their box, as the protocol asks; they are decoded by a
+DataLoader's workers and go through the backbone in batches of one shape (:func:`file_descriptors`).
 
 AmsterTime (the original's other landmark benchmark) pairs an archival photograph of an Amsterdam
 place (``<root>/old/<stem>.jpg``) with a street-level one of it today (``<root>/new/<stem>.png``),
@@ -40,8 +39,8 @@ from torch.utils.data import DataLoader, Dataset
 from dinoflow.progress import progress
 from dinoflow.storage import Storage, join_uri
 from evaluators.dense_metrics import QueryTruth
-from evaluators.pickles import load_data_pickle
 from evaluators.features import patch_sides, to_model_input, under_autocast
+from evaluators.pickles import load_data_pickle
 from trainer.data.datasets import IMAGE_EXTENSIONS, ProcessLocalStorage
 
 Pooling = Literal["cls", "gem", "cls+gem"]
