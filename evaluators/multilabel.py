@@ -39,8 +39,12 @@ from trainer.data.datasets import ImageListDataset
 
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
                "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
-# the recall levels of the 11-point AP as the devkit's Python ports make them (0.3 is 0.30000000000000004 there)
-RECALL_LEVELS = torch.from_numpy(np.arange(0.0, 1.1, 0.1))
+# the recall levels of the 11-point AP exactly as the devkit's MATLAB loop `for t=0:0.1:1` makes them: its colon
+# operator adds multiples of the step to the start for the first half and takes them from the end for the second,
+# so 0.3 is 0.30000000000000004 but 0.6 and 0.7 are exact (numpy's arange(0, 1.1, 0.1) makes 0.6000000000000001,
+# which a recall of exactly 3/5 misses)
+RECALL_LEVELS = torch.tensor([k * 0.1 for k in range(5)] + [0.5] + [1 - k * 0.1 for k in range(4, -1, -1)],
+                             dtype=torch.float64)
 
 
 def is_voc(root: str, storage: Storage) -> bool:

@@ -54,14 +54,23 @@ def write_voc(root: Path, seed: int = 0) -> dict[str, tuple[list[str], np.ndarra
     return splits
 
 
+def matlab_colon(start: float, step: float, stop: float) -> list[float]:
+    """MATLAB's ``start:step:stop`` as its colon operator computes it: the first half of the points
+    as start + k step, the second half as stop - (n - k) step, an even count's middle (start + stop) / 2."""
+    n = round((stop - start) / step)
+    return [start + k * step if 2 * k < n else (start + stop) / 2 if 2 * k == n else stop - (n - k) * step
+            for k in range(n + 1)]
+
+
 def reference_ap(scores: np.ndarray, targets: np.ndarray) -> float:
-    """The devkit's 11-point AP from scikit-learn's precision-recall curve (less the point it adds
-    at recall 0, precision 1, which no threshold gives), difficult rows dropped."""
+    """The devkit's 11-point AP (its loop over MATLAB's 0:0.1:1) from scikit-learn's precision-recall
+    curve (less the point it adds at recall 0, precision 1, which no threshold gives), difficult rows
+    dropped."""
     kept = targets != 0
     precision, recall, _ = precision_recall_curve(targets[kept] > 0, scores[kept])
     precision, recall = precision[:-1], recall[:-1]
     return float(np.mean([precision[recall >= t].max() if (recall >= t).any() else 0.0
-                          for t in np.arange(0.0, 1.1, 0.1)]))
+                          for t in matlab_colon(0.0, 0.1, 1.0)]))
 
 
 def test_the_11_point_ap_is_the_devkits_from_scikit_learns_curve() -> None:
@@ -73,6 +82,11 @@ def test_the_11_point_ap_is_the_devkits_from_scikit_learns_curve() -> None:
         got = average_precision_11(scores, targets)
         for k in range(classes):
             assert float(got[k]) == pytest.approx(reference_ap(scores[:, k].numpy(), targets[:, k].numpy()))
+    # a recall of exactly 3/5 at precision 1, the next hit at rank 8: the level 0.6 takes precision 1
+    # (MATLAB's 0.6, where numpy's arange makes 0.6000000000000001 and would take 5/9 there)
+    ranked = torch.tensor([[1], [1], [1], [-1], [-1], [-1], [-1], [1], [1]], dtype=torch.int8)
+    scores = -torch.arange(9, dtype=torch.float64)[:, None]
+    assert float(average_precision_11(scores, ranked)[0]) == pytest.approx((7 * 1 + 4 * 5 / 9) / 11, abs=1e-15)
     # hand-counted: ranked +, -, + gives precision 1 up to recall 0.5 (6 levels), 2/3 beyond (5 levels);
     # a difficult row ranked first or between counts neither way; a class without a positive is NaN
     scores = torch.tensor([[0.9, 0.9], [0.8, 0.8], [0.7, 0.7], [0.95, 0.95]])
