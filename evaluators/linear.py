@@ -367,6 +367,19 @@ def probe_accuracy(result: LinearProbeResult, features: Tensor, labels: Tensor,
     return float(result.classifier.accuracies(features, labels, scaling=result.scaling, classes=test_classes)[0])
 
 
+def probe_predictions(result: LinearProbeResult, features: Tensor, chunk_size: int = 4096) -> Tensor:
+    """The class ``result``'s tested classifier predicts for each row of raw ``(M, F)`` features
+    (standardised here by the train set's scaling, as :func:`probe_accuracy` reads them), ``(M,)``:
+    what a score other than top-1 accuracy needs (ImageNet-ReaL's sets of right classes)."""
+    if result.classifier is None:
+        raise ValueError("this probe result holds no classifier (made without linear_probe)")
+    classifier, out = result.classifier, []
+    for start in range(0, len(features), chunk_size):
+        x = scaled(features[start:start + chunk_size].to(classifier.weight), result.scaling)
+        out.append(classifier.logits(x)[0].argmax(dim=-1).cpu())
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+
 def best_by_val(results: Mapping[str, LinearProbeResult]) -> str:
     """The name of the feature variant whose probe won on the held-out split (ties: the first).
 

@@ -53,13 +53,15 @@ def knn_accuracies(
 
 def report_metrics(report: Mapping[str, Any]) -> dict[str, float]:
     """Flat metric names for a report: ``knn_top1_k20``, ``linear_top1``, ``linear_val_top1``, ``linear_best_lr``,
-    ``logreg_top1``, ``logreg_val_top1``, ``logreg_best_c``."""
+    ``linear_real_top1`` (ImageNet-ReaL's), ``logreg_top1``, ``logreg_val_top1``, ``logreg_best_c``."""
     metrics = {f"knn_top1_{name}": float(acc) for name, acc in report.get("knn", {}).items()}
     linear = report.get("linear")
     if linear is not None:
         metrics["linear_top1"] = float(linear["test_accuracy"])
         metrics["linear_val_top1"] = float(linear["val_accuracy"])
         metrics["linear_best_lr"] = float(linear["best_lr"])
+        if "real_accuracy" in linear:  # scored by ImageNet-ReaL's labels too (:mod:`evaluators.real_labels`)
+            metrics["linear_real_top1"] = float(linear["real_accuracy"])
     logreg = report.get("logreg")
     if logreg is not None:
         metrics["logreg_top1"] = float(logreg["test_accuracy"])

@@ -65,7 +65,8 @@ from torch import nn
 
 from dinoflow.storage import Storage, join_uri
 from evaluators.attention import ATTENTION_IMAGES, attention_summary
-from evaluators.classification import DATA_KINDS, DataKind, FolderImages, labelled_images, release_images
+from evaluators.classification import (DATA_KINDS, DataKind, FolderImages, LabelledFeatures, LabelledImages,
+                                       labelled_images, release_images, view)
 from evaluators.clean_probes import (CleanClassifiers, score_test_sets, scores_uri, test_set_folders,
                                      test_set_metrics)
 from evaluators.corruptions import corruption_errors, corruption_folders, corruption_metrics, score_corruptions
@@ -95,10 +96,11 @@ from evaluators.feature_parts import FeatureParts, backbone_digest
 from evaluators.features import patch_sides, to_model_input
 from evaluators.finegrained import finegrained_metrics, finegrained_scores, protocol_figure
 from evaluators.knn import knn_predict
-from evaluators.linear import LinearProbeConfig
+from evaluators.linear import LinearProbeConfig, LinearProbeResult, probe_predictions
 from evaluators.logreg import LogRegConfig
 from evaluators.met import load_met, met_recognition
 from evaluators.multilabel import is_voc, voc_images, voc_scores
+from evaluators.real_labels import load_real, real_accuracy
 from evaluators.reference import paper_comparison, save_comparison
 from evaluators.released_sets import release_at
 from evaluators.report import (classification_report, knn_accuracies, knn_bank, linear_report, logreg_fit,
@@ -134,6 +136,8 @@ class SuiteConfig:
     test_uri: str = ""  # knn, linear, logreg: a test set's class folders instead of val/ (ImageNet-A/R/Sketch/C)
     test_sets: str = ""  # knn, linear, logreg: comma-separated further test sets of class folders (ImageNet-V2, -A,
     # -R, -Sketch), each scored by the same trained classifiers (test_<set>_<task>_top1, :mod:`evaluators.clean_probes`)
+    real_labels: str = ""  # linear on ImageNet: ReaL's real.json, the probe also scored by it (linear_real_top1,
+    # :mod:`evaluators.real_labels`)
     corruption_uri: str = ""  # ImageNet-C's root, <corruption>/<severity>/<class>/<image>: k-NN and probes also
     # scored on each folder, a folder's features at a time (corruption_*_mce, :mod:`evaluators.corruptions`)
     data_kind: DataKind = "auto"
@@ -202,6 +206,9 @@ class SuiteConfig:
             if not set(CLASSIFICATION_TASKS) & set(self.tasks) or self.data_kind == "fashion_mnist":
                 raise ValueError(f"test_sets {self.test_sets!r} are scored by the classification probes: they need "
                                  f"knn, linear or logreg on a data_uri of class folders (train/<class>/)")
+        if self.real_labels and ("linear" not in self.tasks or self.data_kind == "fashion_mnist" or self.test_uri):
+            raise ValueError(f"real_labels {self.real_labels!r} scores the linear probe on ImageNet's validation "
+                             "images: it needs the linear task on a data_uri of class folders, without test_uri")
         if self.depth_head_kind not in DEPTH_HEADS:
             raise ValueError(f"unknown depth head {self.depth_head_kind!r}; allowed: {', '.join(DEPTH_HEADS)}")
         if self.image_size < 1 or min(self.dense_image_size, self.retrieval_image_size) < 0:
@@ -289,6 +296,23 @@ def with_options(config: SuiteConfig, options: Mapping[str, Any], taken: Mapping
                                       for head, given in heads.items() if given})
 
 
+def _real_scores(images: LabelledImages, data: LabelledFeatures, view_name: str, result: LinearProbeResult,
+                 config: SuiteConfig, storage: Storage) -> dict[str, float]:
+    """The chosen linear probe scored by ImageNet-ReaL's labels of the validation images
+    (:mod:`evaluators.real_labels`): ``real_accuracy`` and the images it is over (``real_images``)."""
+    if not isinstance(images, FolderImages) or not hasattr(images.test.dataset, "keys"):
+        raise ValueError(f"real_labels {config.real_labels!r}: ReaL scores ImageNet's validation images; "
+                         f"{config.data_uri} holds no class folders")
+    if data.bad["test"]:
+        raise ValueError(f"real_labels: ReaL matches every validation image to its row; {data.bad['test']} of "
+                         "them could not be decoded")
+    keys = [str(key) for key in images.test.dataset.keys[images.test.indices]]
+    features = view(data.views[1], view_name, data.train_x.shape[1]) if data.views is not None else data.test_x
+    accuracy, count = real_accuracy(probe_predictions(result, features), keys,
+                                    load_real(storage, config.real_labels))
+    return {"real_accuracy": accuracy, "real_images": count}
+
+
 def _classification(backbone: nn.Module, config: SuiteConfig, storage: Storage, device: torch.device,
                     pictures: str | Path | None, digest: str) -> dict[str, Any]:
     linear = LinearProbeConfig() if "linear" in config.tasks else None
@@ -317,6 +341,8 @@ def _classification(backbone: nn.Module, config: SuiteConfig, storage: Storage, 
     if linear is not None:
         report["linear"], result = linear_report(data, linear, device)
         probe = report["linear"]["view"], result
+        if config.real_labels:
+            report["linear"].update(_real_scores(images, data, report["linear"]["view"], result, config, storage))
     fit = None  # the logistic regression's refit, kept for them too
     if logreg is not None:
         fit = logreg_fit(data, logreg, device)

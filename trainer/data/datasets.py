@@ -282,6 +282,11 @@ class ImageListDataset(Dataset[Sample]):
         """Every image's label (``(N,)`` int64; a folder's: -1 outside class folders), known without decoding."""
         return self._labels
 
+    @property
+    def keys(self) -> np.ndarray:
+        """Every image's URI (``(N,)`` str), known without decoding."""
+        return self._keys
+
     def __getitem__(self, index: int) -> Sample:
         key = str(self._keys[index])
         region = decode_region(self._storage.get().read_bytes(key), self.load_size, self.max_pixels, self.max_aspect)
