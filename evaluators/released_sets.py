@@ -332,12 +332,17 @@ class ImageArray(Dataset[Sample]):
 CIFARS = {"CIFAR-10": (("batches.meta",), False), "CIFAR-100": (("meta", "train"), True)}
 
 
+def holds_markers(storage: Storage, root: str, markers: tuple[Marker, ...]) -> bool:
+    """Whether ``root`` holds every one of ``markers`` (of a tuple of files, any one)."""
+    return all(any(storage.exists(join_uri(root, file)) for file in ((marker,) if isinstance(marker, str) else marker))
+               for marker in markers)
+
+
 def release_at(root: str, storage: Storage) -> str | None:
     """The release of :data:`RELEASES` or :data:`CIFARS` laid out at ``root``, or None (class folders, say).
     CIFAR's markers must be files (an ImageNet root may hold ``meta/`` and ``train/`` folders)."""
     for name, (markers, _) in RELEASES.items():
-        if all(any(storage.exists(join_uri(root, file)) for file in ((marker,) if isinstance(marker, str) else marker))
-               for marker in markers):
+        if holds_markers(storage, root, markers):
             return name
     for name, (files, _) in CIFARS.items():
         uris = [join_uri(root, file) for file in files]

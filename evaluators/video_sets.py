@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from dinoflow.storage import Storage, join_uri
-from evaluators.released_sets import release_file, release_lines
+from evaluators.released_sets import Marker, holds_markers, release_file, release_lines
 
 UCF_SPLIT = 1  # the split the original reports (of three)
 SSV2_PREFIXES = ("something-something-v2-", "")  # its label files' names: 20BN's release, then the later one
@@ -148,19 +148,17 @@ def _ssv2(storage: Storage, root: str) -> Listing:
     return classes, *splits
 
 
-# each release: the files or folders of which its root holds one at least (relative to it), and its reader
-VIDEO_RELEASES: dict[str, tuple[tuple[str, ...], Callable[[Storage, str], Listing]]] = {
+# each release: the files or folders its root holds (relative to it; of a tuple, one at least), and its reader
+VIDEO_RELEASES: dict[str, tuple[tuple[Marker, ...], Callable[[Storage, str], Listing]]] = {
     "UCF-101": (("UCF-101",), _ucf101),
-    "Kinetics-400": (("annotations/train.csv", "k400/annotations/train.csv"), _kinetics),
+    "Kinetics-400": ((("annotations/train.csv", "k400/annotations/train.csv"),), _kinetics),
     "Something-Something v2": (("20bn-something-something-v2",), _ssv2)}
 
 
 def video_release_at(root: str, storage: Storage) -> str | None:
     """The release of :data:`VIDEO_RELEASES` laid out at ``root``, or None (class folders, say)."""
-    for name, (markers, _) in VIDEO_RELEASES.items():
-        if any(storage.exists(join_uri(root, marker)) for marker in markers):
-            return name
-    return None
+    return next((name for name, (markers, _) in VIDEO_RELEASES.items() if holds_markers(storage, root, markers)),
+                None)
 
 
 def read_video_release(name: str, root: str, storage: Storage) -> VideoRelease:
