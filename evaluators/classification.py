@@ -35,7 +35,7 @@ from dinoflow.storage import Storage, join_uri
 from evaluators.attention import ATTENTION_IMAGES, garment_foreground
 from evaluators.feature_parts import FeatureParts, in_parts, join_rows, text_of, text_tensor
 from evaluators.features import extract_features, to_model_input
-from evaluators.imagenet_val import flat_val_images, flat_val_split
+from evaluators.imagenet_val import flat_val_images, flat_val_labels
 from evaluators.released_sets import release_at, release_datasets
 from trainer.data.datasets import BadImageTracker, ImageFolderDataset, ImageListDataset, collate_samples
 from trainer.data.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
@@ -158,9 +158,9 @@ def _test_split(test_uri: str, classes: tuple[str, ...], storage: Storage, image
     train's class of that index; ImageNet's validation images as released, flat, by the list beside
     them (:mod:`evaluators.imagenet_val`)."""
     load = load or round(image_size / CROP_RATIO)
-    if flat_val_images(storage, test_uri):
-        keys, labels = flat_val_split(storage, test_uri, classes)
-        return limited(ImageListDataset(storage, keys, labels, load), limit, seed), torch.arange(len(classes))
+    if flat := flat_val_images(storage, test_uri):
+        labels = flat_val_labels(storage, test_uri, flat, classes)
+        return limited(ImageListDataset(storage, flat, labels, load), limit, seed), torch.arange(len(classes))
     test = ImageFolderDataset(storage, test_uri, load)
     unknown = sorted(set(test.classes) - set(classes))
     if unknown and all(name.isdecimal() and int(name) < len(classes) for name in test.classes):

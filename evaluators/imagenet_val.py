@@ -60,10 +60,10 @@ def val_wnids(storage: Storage, val_uri: str) -> dict[str, str]:
                             f"lies in it or in {_parent(val_uri)}: their classes come from one of them")
 
 
-def flat_val_split(storage: Storage, val_uri: str, classes: tuple[str, ...]) -> tuple[list[str], np.ndarray]:
-    """The released validation images at ``val_uri`` and their classes' indices in ``classes``
-    (train's sorted WNID folders); an image the list lacks, or of a class train lacks, is refused."""
-    images = flat_val_images(storage, val_uri)
+def flat_val_labels(storage: Storage, val_uri: str, images: list[str], classes: tuple[str, ...]) -> np.ndarray:
+    """The classes' indices in ``classes`` (train's sorted WNID folders) of ``images``, the released
+    validation images at ``val_uri`` (:func:`flat_val_images`); an image the list lacks, or of a
+    class train lacks, is refused."""
     wnids = val_wnids(storage, val_uri)
     index = {name: i for i, name in enumerate(classes)}
     labels = []
@@ -74,4 +74,4 @@ def flat_val_split(storage: Storage, val_uri: str, classes: tuple[str, ...]) -> 
         if wnids[stem] not in index:
             raise ValueError(f"{uri} is of class {wnids[stem]}, which train's {len(classes)} class folders lack")
         labels.append(index[wnids[stem]])
-    return images, np.asarray(labels, dtype=np.int64)
+    return np.asarray(labels, dtype=np.int64)
