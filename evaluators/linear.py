@@ -78,6 +78,12 @@ class ClassifierGrid:
         # b: batch, f: feature, g: classifier, c: class
         return torch.einsum("bf,gfc->gbc", features, self.weight) + self.bias[:, None, :]
 
+    def predict(self, features: Tensor, classes: Tensor | None = None) -> Tensor:
+        """Each classifier's class for each row of ``(B, F)`` features, ``(G, B)``; ``classes``: the
+        best of these classes' logits, the others left out."""
+        logits = self.logits(features)  # (G, B, C)
+        return logits.argmax(dim=-1) if classes is None else classes[logits[..., classes].argmax(dim=-1)]
+
     def accuracies(self, features: Tensor, labels: Tensor, chunk_size: int = 4096, rows: Tensor | None = None,
                    scaling: Scaling | None = None, classes: Tensor | None = None) -> Tensor:
         """Top-1 accuracy of each classifier ``(G,)`` on ``(N, F)`` features and ``(N,)`` labels
@@ -90,9 +96,7 @@ class ClassifierGrid:
             index = slice(start, start + chunk_size) if rows is None else rows[start : start + chunk_size]
             x = scaled(features[index].to(self.weight), scaling)
             y = labels[index].to(self.weight.device)
-            logits = self.logits(x)  # (G, B, C)
-            predicted = logits.argmax(dim=-1) if kept is None else kept[logits[..., kept].argmax(dim=-1)]
-            correct += (predicted == y).sum(dim=1)  # (G,)
+            correct += (self.predict(x, kept) == y).sum(dim=1)  # (G,)
         return correct.double().cpu() / max(count, 1)
 
     def clone(self) -> ClassifierGrid:
@@ -375,8 +379,8 @@ def probe_predictions(result: LinearProbeResult, features: Tensor, chunk_size: i
         raise ValueError("this probe result holds no classifier (made without linear_probe)")
     classifier, out = result.classifier, []
     for start in range(0, len(features), chunk_size):
-        x = scaled(features[start:start + chunk_size].to(classifier.weight), result.scaling)
-        out.append(classifier.logits(x)[0].argmax(dim=-1).cpu())
+        out.append(classifier.predict(scaled(features[start:start + chunk_size].to(classifier.weight),
+                                             result.scaling))[0].cpu())
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
 
