@@ -324,6 +324,14 @@ def _depth_png(read: Callable[[str], bytes], uri: str, expected: str) -> Image.I
     return depth
 
 
+def _image_beside(read: Callable[[str], bytes], uri: str, size: tuple[int, int]) -> Image.Image:
+    """The RGB image at ``uri``, refused unless of its depth map's ``size`` (width, height)."""
+    image = _image(read(uri))
+    if image.size != size:
+        raise ValueError(f"{uri}: {image.size} differs from its depth map's {size}")
+    return image
+
+
 NYU_MAX_DEPTH = 10.0  # metres: the depth toolbox's NYU range; its PNGs' farther depths are not scored (nor trained on)
 NYU_FRAME = (480, 640)  # rows, columns of NYU's frames
 NYU_BORDER_CROP = (45, 472, 43, 608)  # rows, columns of a training frame kept: the toolbox's NYUCrop
@@ -338,9 +346,7 @@ def _nyu_png_sample(read: Callable[[str], bytes], files: tuple[str, ...], with_i
     depth = _depth_png(read, depth_uri, "an NYU depth map is a 16-bit PNG (millimetres)")
     metres = np.asarray(depth, dtype=np.float32) / 1000
     metres = np.where(metres < NYU_MAX_DEPTH, metres, 0).astype(np.float32)
-    image = _image(read(image_uri)) if with_image else None
-    if image is not None and image.size != depth.size:
-        raise ValueError(f"{image_uri}: {image.size} differs from its depth map's {depth.size}")
+    image = _image_beside(read, image_uri, depth.size) if with_image else None
     if train:
         if metres.shape != NYU_FRAME:
             raise ValueError(f"{depth_uri}: {metres.shape[1]} x {metres.shape[0]}, not NYU's 640 x 480 frame (its "
@@ -472,9 +478,7 @@ def _sunrgbd_sample(read: Callable[[str], bytes], files: tuple[str, ...],
     depth = _depth_png(read, depth_uri, "a SUN RGB-D depth map is a 16-bit PNG")
     stored = np.asarray(depth, dtype=np.int64).astype(np.uint16)
     metres = (np.right_shift(stored, 3) | np.left_shift(stored, 13)).astype(np.float32) / 1000  # its bits rotated by 3
-    image = _image(read(image_uri)) if with_image else None
-    if image is not None and image.size != depth.size:
-        raise ValueError(f"{image_uri}: {image.size} differs from its depth map's {depth.size}")
+    image = _image_beside(read, image_uri, depth.size) if with_image else None
     return image, Image.fromarray(np.minimum(metres, SUN_MAX_DEPTH), mode="F")
 
 
