@@ -267,7 +267,8 @@ def distill(
                                                 "backbone), checkpoint or backbone (with distill.objective=heads, "
                                                 "the heads.safetensors beside it, else frozen random "
                                                 "heads)")] = "auto",
-    student: Annotated[str, typer.Option(help="the student's recipe: a distill preset name or YAML path")] = "distill-tiny",
+    student: Annotated[str, typer.Option(help="the student's recipe: a preset name (distill-tiny, or a pretrain "
+                                              "preset such as vits14) or a YAML path")] = "distill-tiny",
 ) -> None:
     """Distil a frozen teacher into a smaller student (its EMA is released); resumes when OUT holds a checkpoint.
 
@@ -423,10 +424,11 @@ def evaluate(
     """Benchmark frozen features of a backbone: k-NN, linear probe, logistic regression, video, or the whole suite.
 
     Classification on Fashion-MNIST or on your class folders (ImageNet's
-    layout); segmentation and depth on synthetic scenes or on ADE20K, VOC
-    and NYU-Depth v2; retrieval on synthetic sets; video (a linear probe on
-    frame features) on synthetic clips, on UCF-101, Kinetics-400 or SSv2 as
-    released, or on class folders of videos.
+    layout); segmentation and depth on synthetic scenes, or on ADE20K, VOC
+    or Cityscapes and on NYU-Depth v2, KITTI or SUN RGB-D; retrieval on
+    synthetic sets or on revisited Oxford and Paris, AmsterTime and the Met;
+    video (a linear probe on frame features) on synthetic clips, on UCF-101,
+    Kinetics-400 or SSv2 as released, or on class folders of videos.
     `classify` scores a fine-tuned model's classifier (a `dinoflow finetune`
     folder or a registered one) on the test images, e.g. ImageNet-R with
     --test-uri. With MLFLOW_TRACKING_URI set, the run is recorded there: its
@@ -1113,7 +1115,7 @@ def serve(
         help="poll the registry alias of a models:/<name>@<alias> model this often and serve the version it "
              "moves to (0: off; not with --index)")] = 0.0,
 ) -> None:
-    """HTTP service: /v1/embed, /v1/neighbours, /v1/classify, /v1/pca, /v1/pca-video, /healthz, /metrics, a page at /.
+    """HTTP service: /v1/embed, neighbours, classify, pca, attention, pca-video; /healthz, /metrics; a page at /.
 
     /v1/classify ranks a fine-tuned model's classes (a `dinoflow finetune`
     folder, or a model the finetune pipeline registered).

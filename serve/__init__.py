@@ -8,6 +8,6 @@ Layer 4-and-a-half: it uses the science (``trainer``, ``evaluators``) and the pl
   with a bounded queue and a per-request timeout;
 * :mod:`serve.index`: build and load a faiss index of a folder or tar shards;
 * :mod:`serve.reload`: a swappable model slot and the registry poller that picks up a new champion;
-* :mod:`serve.app`: the FastAPI application (``/v1/embed``, ``/v1/neighbours``, ``/v1/pca``,
-  ``/v1/pca-video``, ``/healthz``, ``/metrics``, ``/``).
+* :mod:`serve.app`: the FastAPI application (``/v1/embed``, ``/v1/neighbours``, ``/v1/classify``,
+  ``/v1/pca``, ``/v1/attention``, ``/v1/pca-video``, ``/healthz``, ``/metrics``, ``/``).
 """
