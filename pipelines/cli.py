@@ -404,9 +404,9 @@ def evaluate(
                                                "linear's feature pass in parts (ImageNet's: an hour on a GPU), "
                                                "the seg and depth heads' training; the same command run again "
                                                "resumes it")] = "",
-    ms: Annotated[bool, typer.Option("--ms", help="seg and depth by the +ms protocol: the last 4 blocks' patch "
-                                                  "tokens (all of a shallower model's), and seg over scales 0.75, 1, "
-                                                  "1.25 with flips")] = False,
+    ms: Annotated[bool, typer.Option("--ms", help="seg by the +ms protocol (the last 4 blocks' patch tokens, "
+                                                  "all of a shallower model's, over scales 0.75, 1, 1.25 with "
+                                                  "flips) and depth by lin.4 (4 evenly spaced blocks)")] = False,
     device: Annotated[str, typer.Option(help="where the backbone runs: cpu or cuda")] = "cpu",
     precision: Annotated[str, typer.Option(help="every feature pass in fp32, or the backbone under autocast in "
                                                 "bf16 or fp16 (the original evaluates in half precision; 2-3x "
@@ -712,16 +712,16 @@ ImageOption = Annotated[str | None, typer.Option(envvar="DINOFLOW_IMAGE", help="
                                                       "with CUDA PyTorch unless --gpus 0 (default: the CPU and GPU "
                                                       "images of --registry and --tag)")]
 RegistryOption = Annotated[str | None, typer.Option(envvar="DINOFLOW_REGISTRY", help="registry of the dinoflow-cpu "
-                                                    "and dinoflow-gpu images (GPU: pretrain) "
-                                                    "[default: ghcr.io/dinoflow]")]
+                                                    "and dinoflow-gpu images (GPU: pretrain, distill, finetune, "
+                                                    "evaluate) [default: ghcr.io/dinoflow]")]
 TagOption = Annotated[str | None, typer.Option(envvar="DINOFLOW_TAG", help="tag of those images "
                                                "[default: this release's version]")]
 SecretOption = Annotated[str | None, typer.Option(help="Secret holding AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                                                   "in the pipelines' namespace [default: dinoflow-s3]")]
 GpusOption = Annotated[int | None, typer.Option(envvar="DINOFLOW_GPUS", help="GPUs (nvidia.com/gpu) of each "
-                                                "pretrain, distill and evaluate task, which tolerate the GPU nodes' "
-                                                "taint and run on cuda; 0: a CPU-only cluster (no GPU request, CPU "
-                                                "image, runs on cpu) [default: 1]")]
+                                                "pretrain, distill, finetune and evaluate task, which tolerate the "
+                                                "GPU nodes' taint and run on cuda; 0: a CPU-only cluster (no GPU "
+                                                "request, CPU image, runs on cpu) [default: 1]")]
 
 
 def _pipeline(name: str, image: str | None = None, registry: str | None = None, tag: str | None = None,
