@@ -21,7 +21,7 @@ import yaml
 from typer.testing import CliRunner
 
 from components.definitions import REGISTRY, TAG
-from pipelines.cli import app
+from pipelines.cli import PARAMETER_FILES, app
 from pipelines.definitions import GPU_RESOURCE, GPUS
 from tests.infra.helpers import run_tool, tool
 from tests.infra.workflows import WORKFLOWS, check_commands, command_lines, job_env, triggers, unpinned_actions
@@ -81,10 +81,15 @@ def _images_gpus_tolerations(spec: dict[str, Any], platform: dict[str, Any]) -> 
 
 def test_pretrain_and_evaluate_get_the_gpu_image_and_a_gpu_by_default(tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    tasks = _images_gpus_tolerations(*_compiled_by_the_workflow(tmp_path, monkeypatch, {}))
+    spec, platform = _compiled_by_the_workflow(tmp_path, monkeypatch, {})
+    tasks = _images_gpus_tolerations(spec, platform)
     assert GPUS == 1
     assert tasks.pop("pretrain") == tasks.pop("evaluate") == (f"{REGISTRY}/dinoflow-gpu:{TAG}", "1", True)
     assert set(tasks.values()) == {(f"{REGISTRY}/dinoflow-cpu:{TAG}", "", False)}
+    # the artifact a person uploads to the Kubeflow UI opens with the weekly set's values, as the run gets them
+    weekly = yaml.safe_load((PARAMETER_FILES / "retrain-weekly.yaml").read_text())["parameters"]
+    defaults = spec["root"]["inputDefinitions"]["parameters"]
+    assert {key: defaults[key]["defaultValue"] for key in weekly} == weekly
 
 
 def test_repository_variables_pick_the_registry_tag_and_gpus(tmp_path: Path,
