@@ -5,6 +5,8 @@ class folders of video files, frame folders and animations read as the pictures 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import av
@@ -22,6 +24,7 @@ from evaluators.video import (
     ClipArray,
     VideoConfig,
     VideoFolder,
+    decode_video,
     frame_indices,
     make_videos,
     video_features,
@@ -105,6 +108,16 @@ def write_folders(root: Path, clips: np.ndarray, labels: np.ndarray) -> None:
         else:
             first, *rest = [Image.fromarray(frame) for frame in clip]
             first.save(folder / f"clip{index}.webp", save_all=True, append_images=rest, lossless=True)
+
+
+def test_an_unreadable_video_is_a_value_error_naming_it_and_the_suite_imports_without_pyav() -> None:
+    """PyAV's own errors become the ``ValueError`` a clip's reader skips; PyAV is imported only to
+    decode a video file, so the suite (and a GPU image without PyAV) runs every other task."""
+    with pytest.raises(ValueError, match="^clips/broken.mp4: "):
+        decode_video(b"\x00\x00\x00\x18ftypmp42" + bytes(200), "clips/broken.mp4", 4)
+    blocked = "import sys; sys.modules['av'] = None; import evaluators.suite; import evaluators.video; print('ok')"
+    done = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, timeout=120, check=False)
+    assert done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 def test_class_folders_of_videos_frames_and_animations_read_as_their_pictures(tmp_path: Path) -> None:
