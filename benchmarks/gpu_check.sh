@@ -25,7 +25,7 @@
 #                                                         profile_small_trace.json.gz, profile_small_probe_trace.json.gz
 #                  With AUTOTUNE=1 in the environment also once more with autotuned matrix products
 #                  (train_step.py --autotune; its cap 180 s longer, so raise BUDGET by as much)
-#   probe_large    the same for the ViT-L/14 recipe, batch 64                               -> probe_large.json
+#   probe_large    --probe --compile only (four rows, no rounds nor profile), ViT-L/14, batch 64 -> probe_large.json
 #   preparation    benchmarks/batch_preparation.py --sync-check: the loop's batch preparation at ViT-S/14's
 #                  sizes alone, the host time it takes behind queued GPU work, whether any of its calls
 #                  waits for the GPU, and its pixel stages eager against compiled -> preparation.json

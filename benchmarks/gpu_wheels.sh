@@ -7,7 +7,8 @@
 # The versions are the ones installed in the project's environment (.venv, or $PYTHON), so the GPU
 # run imports what the CPU tests ran; .whl/ is emptied first (two versions of a package there
 # would stop the install). The lent machines (torch 2.11 image) have torch, numpy, Pillow, PyYAML, fsspec,
-# safetensors and tqdm already; what they lack is pydantic (with its core and helpers) and kornia.
+# safetensors and tqdm already; what they lack is pydantic (with its core and helpers), kornia and,
+# for eval_device.py's retrieval, faiss (with packaging, which it imports): about 28 MB.
 # Then, on the device (RESULTS.md, "How to measure"; carry [".whl"]):
 #
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
@@ -17,7 +18,8 @@ set -euo pipefail
 PYTHON_VERSION=${1:-3.12}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-$ROOT/.venv/bin/python}
-PACKAGES=(pydantic pydantic_core annotated-types typing-inspection typing_extensions kornia kornia_rs)
+PACKAGES=(pydantic pydantic_core annotated-types typing-inspection typing_extensions kornia kornia_rs faiss-cpu
+          packaging)
 mapfile -t PINS < <("$PY" - "${PACKAGES[@]}" <<'EOF'
 import sys
 from importlib.metadata import version
