@@ -18,8 +18,9 @@ import numpy as np
 from torch import Tensor
 
 from dinoflow.storage import Storage
+from evaluators.imagenet_val import VAL_PREFIX
 
-NAME = re.compile(r"ILSVRC2012_val_(\d{8})\.JPEG$", re.IGNORECASE)
+NAME = re.compile(rf"{VAL_PREFIX}(\d{{8}})\.JPEG$", re.IGNORECASE)
 
 
 def load_real(storage: Storage, uri: str) -> list[list[int]]:

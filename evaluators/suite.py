@@ -307,7 +307,7 @@ def _real_scores(images: LabelledImages, data: LabelledFeatures, view_name: str,
         raise ValueError(f"real_labels: ReaL matches every validation image to its row; {data.bad['test']} of "
                          "them could not be decoded")
     keys = [str(key) for key in images.test.dataset.keys[images.test.indices]]
-    features = view(data.views[1], view_name, data.train_x.shape[1]) if data.views is not None else data.test_x
+    features = view(data.views[1], view_name, data.train_x.shape[1])  # the probe's view (linear_report needs views)
     accuracy, count = real_accuracy(probe_predictions(result, features), keys,
                                     load_real(storage, config.real_labels))
     return {"real_accuracy": accuracy, "real_images": count}
