@@ -13,8 +13,9 @@ images: 2 global crops of ``--global-tokens`` tokens and ``--locals`` local crop
 
 Each form is timed in ``--rounds`` alternating rounds (the order reversed every other round); this
 prints each form's median ms and its ratio to the mask's, the peak memory of a step on a GPU, and
-the subset forms' largest output difference from the same draws. Under bf16 autocast on CUDA, as
-training runs. Asserts nothing.
+the subset forms' largest output difference from the same draws (with ``--json``, written once the
+forms are compiled and again when they are timed). Under bf16 autocast on CUDA, as training runs.
+Asserts nothing.
 
     python benchmarks/drop_path.py --device cpu --batch 10 --rounds 3
     python benchmarks/drop_path.py --device cuda --batch 128   # ViT-S/14's block at batch 128
@@ -27,7 +28,6 @@ import contextlib
 import json
 import statistics
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from train_step import alternating_rounds  # this script's folder is first on sys.path
+from dinoflow.storage import Storage
 from trainer.models import layers
 
 FORMS = ("mask", "subset", "index_add")
@@ -129,6 +130,11 @@ def main() -> None:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "dim": args.dim, "heads": args.heads, "shapes": shapes, "rate": args.rate,
         "kept": subset_keeps(shapes, args.rate), "forms": {}}
+
+    def save() -> None:  # once the forms are compiled and again when timed: a run stopped early keeps the first
+        if args.json:
+            Storage().write_bytes(args.json, json.dumps(figures, indent=2).encode())
+
     outputs = {}
     for name in FORMS:  # compiled, and each form's one step from the same draws
         steps[name]()
@@ -140,6 +146,8 @@ def main() -> None:
         outputs[name] = steps[name]().float()
         figures["forms"][name] = {"peak_mib": (torch.cuda.max_memory_allocated(device) - since) / 2**20
                                   if device.type == "cuda" else None}
+    figures["subset_vs_index_add_max_difference"] = (outputs["subset"] - outputs["index_add"]).abs().max().item()
+    save()  # the rounds take most of the run: a timeout during them keeps the above
     seconds = alternating_rounds(steps, args.rounds, args.steps, device)
     print(f"drop path at rate {args.rate} in one compiled block (dim {args.dim}, {args.heads} heads) on "
           f"{figures['device_name']}, groups {shapes}, kept {figures['kept']}; torch {torch.__version__}; "
@@ -152,11 +160,9 @@ def main() -> None:
         row["mask_over_this"] = mask_ms / row["ms"]
         peak = f"{row['peak_mib']:10.0f}" if row["peak_mib"] is not None else f"{'-':>10}"
         print(f"{name:<10}{row['ms']:10.2f}{row['mask_over_this']:9.2f}{peak}")
-    figures["subset_vs_index_add_max_difference"] = (outputs["subset"] - outputs["index_add"]).abs().max().item()
     print(f"subset against index_add from the same draws: max |output difference| "
           f"{figures['subset_vs_index_add_max_difference']:.2e}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2))
+    save()
 
 
 if __name__ == "__main__":

@@ -115,9 +115,10 @@ def drop_path_lines(result: dict[str, Any]) -> list[str]:
     and its speed over the mask form's, its peak memory; the subset forms' difference from the same draws."""
     lines = [f"groups {result['shapes']}, kept {result['kept']}, forward and backward", "",
              "| form | ms | mask / form | peak MiB |", "|---|---:|---:|---:|"]
-    for name, form in result["forms"].items():
+    for name, form in result["forms"].items():  # without ms where the rounds were cut short
         peak = f"{form['peak_mib']:.0f}" if form["peak_mib"] is not None else ""
-        lines.append(f"| {name} | {form['ms']:.3f} | {form['mask_over_this']:.2f} | {peak} |")
+        timed = f"{form['ms']:.3f} | {form['mask_over_this']:.2f}" if "ms" in form else "- | -"
+        lines.append(f"| {name} | {timed} | {peak} |")
     return lines + ["", "subset against index_add from the same draws: max abs output difference "
                         f"{result['subset_vs_index_add_max_difference']:.2g}"]
 

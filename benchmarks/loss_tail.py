@@ -34,7 +34,6 @@ import argparse
 import functools
 import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from train_step import time_steps  # this script's folder is first on sys.path
+from dinoflow.storage import Storage
 from trainer.losses import (
     PATCH_LOSS_BLOCK_ELEMENTS,
     Targets,
@@ -171,6 +171,10 @@ def main() -> None:
         "config": f"a block of {rows} x {args.prototypes}", "overrides": [],
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "rows": rows, "prototypes": args.prototypes, "kinds": {}}
+    def save() -> None:  # as each part is measured, so a run stopped by its timeout keeps what it finished
+        if args.json:
+            Storage().write_bytes(args.json, json.dumps(figures, indent=2).encode())
+
     print(f"loss tail, {figures['config']} on {figures['device_name']}, torch {torch.__version__}")
     print(f"{'targets':<14}{'tail':<10}{'ms':>9}{'GB/s':>9}{'library/this':>14}")
     for kind in ("centred", "probabilities", "indexed"):
@@ -187,8 +191,10 @@ def main() -> None:
         print(f"{'':<14}compiled gradient vs the library's: max |difference| {row['max_grad_difference']:.2e} "
               f"of {row['grad_scale']:.2e}")
         figures["kinds"][kind] = row
+        save()
     norm = weight_norm_figures(args.prototypes, args.bottleneck, device, timing)
     figures["weight_norm"] = norm
+    save()
     print(f"prototypes' weight norm ({args.prototypes} x {args.bottleneck}, forward and backward): autograd "
           f"{norm['autograd_ms']:.3f} ms, written out {norm['written_ms']:.3f} ms "
           f"({norm['autograd_ms'] / norm['written_ms']:.2f}x); max |v gradient difference| "
@@ -199,8 +205,7 @@ def main() -> None:
           f"patch rows, fused losses, forward and backward: one call {head['one_call_ms']:.3f} ms, a call each "
           f"{head['call_each_ms']:.3f} ms ({head['call_each_ms'] / head['one_call_ms']:.2f}x); loss difference "
           f"{head['max_loss_difference']:.2e} of {head['loss']:.2e}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2))
+    save()
 
 
 if __name__ == "__main__":
