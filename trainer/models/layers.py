@@ -287,7 +287,8 @@ def residual(
         return tokens + branch(tokens, shapes) * (per_token / (1 - drop_rate)).unsqueeze(1).to(tokens.dtype)
     index, inverse, picked, scales, kept_shapes = _subset_rows(shapes, keeps, tokens)
     update = branch(PickRows.apply(tokens, index, None, inverse, picked), kept_shapes)
-    # under autocast the branch may return bf16 for the fp32 stream: the fp32 scale promotes it, as on the mask path
+    # the scales take the stream's dtype, so the sum keeps it: bf16 under autocast (prepare_tokens casts the
+    # stream to the patch projection's dtype), fp32 without; as on the mask path
     return tokens + PickRows.apply(update * scales.unsqueeze(1), inverse, picked, index, None)
 
 

@@ -134,7 +134,12 @@ class DinoVisionTransformer(nn.Module):
         return table.to(dtype)
 
     def prepare_tokens(self, images: Tensor, masks: Tensor | None = None) -> Tensor:
-        """``(B, C, H, W)`` (+ ``(B, N)`` bool masks) -> ``(B, 1 + R + N, D)`` input tokens."""
+        """``(B, C, H, W)`` (+ ``(B, N)`` bool masks) -> ``(B, 1 + R + N, D)`` input tokens.
+
+        The tokens take the patch projection's dtype: under bf16 autocast the residual stream is bf16
+        (half the memory traffic of its adds, as the original's training with half-precision
+        parameters), where the original's evaluation keeps an fp32 stream (its CLS token promotes
+        it): ViT-S/14 patch features taken under autocast differ from fp32 ones by 8e-3 relative, not 3e-3."""
         batch, _, height, width = images.shape
         tokens = self.patch_embed(images)  # (B, N, D)
         if masks is not None:
@@ -213,6 +218,8 @@ class DinoVisionTransformer(nn.Module):
         wanted = set(range(self.depth - n, self.depth)) if isinstance(n, int) else set(n)
         if not wanted or min(wanted) < 0 or max(wanted) >= self.depth:
             raise ValueError(f"blocks {sorted(wanted)} out of range for depth {self.depth}")
+        if not isinstance(n, int) and len(wanted) != len(n):  # one output a block: a repeat would misalign them
+            raise ValueError(f"blocks {list(n)} name a block twice; give each block once")
         tokens, shapes = pack([self.prepare_tokens(images)])
         outputs = []
         for index, block in enumerate(self.blocks):

@@ -212,6 +212,8 @@ def test_intermediate_layers() -> None:
     torch.testing.assert_close(raw[1], features["x_prenorm"][:, 5:])
     with pytest.raises(ValueError, match="out of range"):
         model.get_intermediate_layers(images, n=[3])
+    with pytest.raises(ValueError, match=r"blocks \[0, 2, 2\] name a block twice"):  # 2 outputs for 3 names
+        model.get_intermediate_layers(images, n=[0, 2, 2])
 
 
 def test_bad_sizes_are_refused() -> None:
