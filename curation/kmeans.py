@@ -5,9 +5,10 @@ the assignment chunked so the ``(chunk, k)`` distance matrix stays bounded.
 
 * :func:`kmeans`: k-means++ seeding (``2 + floor(ln k)`` local trials), Lloyd iterations, L2.
 * :func:`hierarchical_kmeans`: level 1 clusters the points, level ``l+1`` the centroids of level
-  ``l``. Each level optionally runs resampling steps: take the ``sample_size`` points nearest each
-  centroid, rerun k-means on that union from the current centroids, reassign all points. This moves
-  centroids from dense regions towards an even cover of the support.
+  ``l``. Each level optionally runs resampling steps: take the ``sample_size`` members of each
+  cluster nearest its centroid, rerun k-means (fresh k-means++ seeds) on that union, reassign all
+  points. A dense region then weighs no more than a sparse one in the rerun, which moves centroids
+  from dense regions towards an even cover of the support.
 * :func:`balanced_sample`: split a target size over the top clusters by water-filling
   (largest cap ``x`` with ``sum(min(x, size_i)) <= T``, remainder +1 to random clusters above the
   cap), recursively down the tree; at the leaves take points closest to the centroid or at random.
@@ -43,6 +44,19 @@ def assign(x: Tensor, centroids: Tensor, chunk_elements: int = 100_000_000) -> t
     return torch.cat(labels), torch.cat(dists)
 
 
+def weighted_draws(weights: Tensor, count: int, generator: torch.Generator) -> Tensor:
+    """``count`` indices drawn with replacement, each with probability ``weights[i] / sum(weights)``
+    (``weights >= 0`` with a positive sum), by inverse CDF: a uniform draw in ``(0, total]`` looked
+    up in the cumulative sums.
+
+    Why not ``torch.multinomial``: it refuses more than ``2**24`` categories, i.e. the first level of
+    a pool above ~16.8M points."""
+    cdf = weights.cumsum(0)
+    # (0, total], never 0: a zero-weight prefix (cdf 0) is then never the first cdf >= u
+    u = (1 - torch.rand(count, generator=generator, dtype=cdf.dtype)) * cdf[-1]
+    return torch.searchsorted(cdf, u)
+
+
 def kmeans_plusplus(x: Tensor, k: int, generator: torch.Generator) -> Tensor:
     """k-means++ seeds ``(k, F)`` with ``2 + floor(ln k)`` candidates per step (greedy)."""
     n = len(x)
@@ -55,7 +69,7 @@ def kmeans_plusplus(x: Tensor, k: int, generator: torch.Generator) -> Tensor:
         if total <= 0:  # fewer distinct points than k: duplicate seeds
             candidates = torch.randint(n, (trials,), generator=generator)
         else:
-            candidates = torch.multinomial(closest / total, trials, replacement=True, generator=generator)
+            candidates = weighted_draws(closest, trials, generator)
         candidate_d = torch.minimum(closest[None], _sq_dist(x, x[candidates]).T)  # (trials, n)
         best = int(candidate_d.sum(1).argmin())
         centroids.append(x[candidates[best]])
@@ -64,13 +78,13 @@ def kmeans_plusplus(x: Tensor, k: int, generator: torch.Generator) -> Tensor:
 
 
 def kmeans(x: Tensor | np.ndarray, k: int, iterations: int = 50, seed: int = 0,
-           init: Tensor | None = None, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+           dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
     """Centroids ``(k, F)`` and labels ``(n,)`` of Lloyd's k-means; an empty cluster keeps its centroid."""
     points = torch.as_tensor(x).to(dtype)
     if not 1 <= k <= len(points):
         raise ValueError(f"k must be in [1, {len(points)}] (the number of points), got {k}")
     generator = torch.Generator().manual_seed(seed)
-    centroids = init.to(dtype).clone() if init is not None else kmeans_plusplus(points, k, generator)
+    centroids = kmeans_plusplus(points, k, generator)
     labels = assign(points, centroids)[0]
     for _ in range(iterations):
         sums = torch.zeros_like(centroids).index_add_(0, labels, points)
@@ -84,25 +98,55 @@ def kmeans(x: Tensor | np.ndarray, k: int, iterations: int = 50, seed: int = 0,
     return centroids, labels
 
 
+def cluster_samples(labels: Tensor, dists: Tensor, sample_size: int) -> Tensor:
+    """Sorted indices of the ``sample_size`` members of each cluster nearest its centroid (all the
+    members of a smaller cluster), given each point's cluster ``labels`` and squared distance
+    ``dists`` to it; ties go to the lower index.
+
+    Why members only: a point of a dense neighbouring cluster can be nearer a centroid than that
+    cluster's own members; sampling it would pull the rerun back towards the dense region."""
+    by_dist = dists.argsort(stable=True)
+    order = by_dist[labels[by_dist].argsort(stable=True)]  # by cluster, nearest first within one
+    grouped = labels[order]
+    counts = torch.bincount(grouped)
+    rank = torch.arange(len(order)) - (counts.cumsum(0) - counts)[grouped]  # position within its cluster
+    return order[rank < sample_size].sort().values
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The k-means++ seed of resampling step ``step`` of a run seeded ``seed``, from a
+    ``SeedSequence`` of both: ``seed + step`` would repeat the seeds of the next level's run
+    (:func:`hierarchical_kmeans` seeds level ``l`` with ``seed + l``)."""
+    return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
+
+
 def resampling_kmeans(x: Tensor, k: int, steps: int, sample_size: int, iterations: int = 50,
                       seed: int = 0) -> tuple[Tensor, Tensor]:
-    """k-means, then ``steps`` rounds of: the ``sample_size`` points nearest each centroid -> k-means
-    on their union from the current centroids -> reassign all points."""
+    """k-means, then ``steps`` rounds of: the ``sample_size`` members of each cluster nearest its
+    centroid (:func:`cluster_samples`) -> k-means on their union from fresh k-means++ seeds ->
+    reassign all points. ``sample_size <= 1`` resamples nothing (as ``ssl-data-curation``).
+
+    Why fresh seeds: started from the current centroids, the rerun is nearly a no-op (each
+    centroid's nearest members average back to it); reseeded, the union (where a dense cluster
+    counts no more than a sparse one) decides where the centroids go."""
     centroids, labels = kmeans(x, k, iterations, seed)
-    for _ in range(steps):
-        d = _sq_dist(x, centroids)  # (n, k)
-        nearest = d.topk(min(sample_size, len(x)), dim=0, largest=False).indices  # (s, k)
-        subset = torch.unique(nearest.flatten())
+    if sample_size <= 1 or steps <= 0:
+        return centroids, labels
+    points = torch.as_tensor(x).to(centroids.dtype)
+    labels, dists = assign(points, centroids)
+    for step in range(steps):
+        subset = cluster_samples(labels, dists, sample_size)
         if len(subset) < k:
             break
-        centroids, _ = kmeans(x[subset], k, iterations, seed, init=centroids)
-        labels = assign(x, centroids)[0]
+        centroids, _ = kmeans(points[subset], k, iterations, step_seed(seed, step))
+        labels, dists = assign(points, centroids)
     return centroids, labels
 
 
 @dataclass(frozen=True)
 class LevelConfig:
-    """One level: ``clusters``, resampling ``steps`` and ``sample_size`` (points per centroid)."""
+    """One level: ``clusters``, resampling ``steps`` and ``sample_size`` (members per cluster; <= 1:
+    no resampling, whatever the steps)."""
 
     clusters: int
     resampling_steps: int = 0

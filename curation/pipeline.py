@@ -40,7 +40,7 @@ from curation.index import IndexConfig, SearchIndex, build_index
 from curation.kmeans import LevelConfig, balanced_sample, entropy, hierarchical_kmeans
 from curation.report import image_grid_png
 from curation.retrieve import kmeans_clusters, retrieve_cluster, retrieve_nearest
-from curation.shards import ImageBytesReader, write_shards
+from curation.shards import ImageBytesReader, source_uri, write_shards
 from dinoflow.config_dump import flatten
 from dinoflow.storage import Storage, join_uri
 from dinoflow.tracking import NullTracker, Tracker
@@ -204,7 +204,7 @@ def run_curation(pool_uri: str, out_uri: str, storage: Storage, embedder: Embedd
     counts["curated"] = len(rows)
     # 5. write shards + manifest
     keys = [emb.ids[r] for r in rows]
-    records = [{"id": emb.ids[r], "source": emb.ids[r].split("#", 1)[0], "rule": rule,
+    records = [{"id": emb.ids[r], "source": source_uri(emb.ids[r]), "rule": rule,
                 "component": int(dedup.component[r]), "clusters": clusters[r].tolist()} for r in rows]
     report["shards"] = write_shards(keys, records, join_uri(out_uri, "shards"), storage, config.shard_size)
     lap("shards")

@@ -1,8 +1,8 @@
 """Write the curated set: webdataset tar shards of the original image bytes, a JSONL manifest.
 
-Images are copied byte for byte (no re-encoding). A key ``<shard URI>#<member>`` (as
-:class:`trainer.data.shards.ShardDataset` names samples) is read out of its tar; any other key
-is an object URI.
+Images are copied byte for byte (no re-encoding). A key ``<shard URI>#<member>`` whose shard URI
+ends in ``.tar`` (as :class:`trainer.data.shards.ShardDataset` names samples) is read out of its
+tar; any other key, ``#`` in it or not (a file ``a#1.jpg``), is an object URI.
 """
 
 from __future__ import annotations
@@ -18,6 +18,26 @@ from dinoflow.storage import Storage, join_uri
 from trainer.data.shards import check_index_fits, load_shard_index, write_shard_index
 
 
+SHARD_MEMBER_MARK = ".tar#"  # a shard (``*.tar``, any case, as list_shards finds them) then its member
+
+
+def shard_member(key: str) -> tuple[str, str] | None:
+    """``(shard URI, member)`` of a key naming a tar shard's member, else None (an object's URI).
+
+    Why not any ``#``: an image folder's file may hold one (``a#1.jpg``); only a shard's URI ends in
+    ``.tar`` right before it. The first such mark splits, so a member's name may hold ``#`` too."""
+    at = key.lower().find(SHARD_MEMBER_MARK)
+    if at < 0:
+        return None
+    return key[: at + len(".tar")], key[at + len(SHARD_MEMBER_MARK):]
+
+
+def source_uri(key: str) -> str:
+    """The object holding the key's image bytes: its shard, or the key itself."""
+    named = shard_member(key)
+    return key if named is None else named[0]
+
+
 class ImageBytesReader:
     """Original bytes of a pool image by key: an object, or a tar shard's member read by its byte
     range (the shard's index read, or made, the first time one of its members is asked for).
@@ -30,9 +50,10 @@ class ImageBytesReader:
         self._ranges: dict[str, dict[str, tuple[int, int]]] = {}  # shard -> image member -> (offset, size)
 
     def read(self, key: str) -> bytes:
-        if "#" not in key:
+        named = shard_member(key)
+        if named is None:
             return self.storage.read_bytes(key)
-        shard_uri, member = key.split("#", 1)
+        shard_uri, member = named
         if shard_uri not in self._ranges:
             made, from_file = load_shard_index(self.storage, shard_uri)
             if from_file:

@@ -151,6 +151,22 @@ def test_run_curation_on_near_copies(tmp_path: Path) -> None:
         assert (tmp_path / "out" / "grids" / f"{grid}.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_run_curation_copies_an_image_whose_file_name_holds_a_hash(tmp_path: Path) -> None:
+    """``a#1.jpg`` in an image folder is an object, not ``<shard>#<member>``: its key reaches the
+    shards (once all the embedding is done) and is copied byte for byte, its own source."""
+    storage = Storage()
+    pool = _write_pool(tmp_path / "pool", 30, 5)
+    single = next(i for i in range(len(pool.names)) if (pool.group == pool.group[i]).sum() == 1)
+    hashed = tmp_path / "pool" / f"a#1{Path(pool.names[single]).suffix}"
+    (tmp_path / "pool" / pool.names[single]).rename(hashed)
+    config = CurationConfig(dedup_threshold=0.85, load_size=48, shard_size=50)
+    report = run_curation(str(tmp_path / "pool"), str(tmp_path / "out"), storage, pixel_embedder(6), config)
+    (record,) = [r for r in _manifest(tmp_path / "out") if r["id"] == str(hashed)]
+    assert record["source"] == str(hashed) and record["shard"] in report["shards"]
+    with tarfile.open(record["shard"]) as tar:
+        assert tar.extractfile(record["member"]).read() == hashed.read_bytes()  # type: ignore[union-attr]
+
+
 def test_dedup_quality_on_small_pool() -> None:
     pool = make_copy_pool(300, 100, 2, seed=1, size=64)
     images = torch.stack([decode_image(b, 64) for b in pool.encoded])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from curation.shards import write_shards
+from curation.shards import shard_member, source_uri, write_shards
 from tests.trainer.data.test_shards import CountedStorage, indexed_shards
 from trainer.data.shards import shard_index_uri
 
@@ -38,3 +38,20 @@ def test_curated_shards_copy_pool_members_by_their_byte_ranges(tmp_path: Path) -
     Path(pool[0]).write_bytes(Path(pool[0]).read_bytes() + b"\0" * 512)
     with pytest.raises(ValueError, match="the shard changed since; index it again"):
         write_shards(keys, [{"id": key} for key in keys], str(tmp_path / "again"), storage)
+
+
+def test_only_a_tar_shards_uri_before_the_hash_names_a_member() -> None:
+    assert shard_member("s3://b/pool/shard-0.tar#0001.png") == ("s3://b/pool/shard-0.tar", "0001.png")
+    assert shard_member("/pool/run#2/SHARD.TAR#a#1.jpg") == ("/pool/run#2/SHARD.TAR", "a#1.jpg")
+    assert shard_member("/pool/a#1.jpg") is None and shard_member("/pool/x.tar") is None
+    assert source_uri("/pool/a#1.jpg") == "/pool/a#1.jpg" and source_uri("/p/s.tar#1.png") == "/p/s.tar"
+
+
+def test_curated_shards_copy_an_image_whose_name_holds_a_hash(tmp_path: Path) -> None:
+    storage = CountedStorage()
+    (tmp_path / "pool").mkdir()
+    (tmp_path / "pool" / "a#1.jpg").write_bytes(b"jpeg bytes")
+    key = str(tmp_path / "pool" / "a#1.jpg")
+    (written,) = write_shards([key], [{"id": key}], str(tmp_path / "out"), storage)
+    with tarfile.open(written) as tar:
+        assert tar.extractfile("000000000.jpg").read() == b"jpeg bytes"  # type: ignore[union-attr]
