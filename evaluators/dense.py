@@ -10,12 +10,16 @@ on features extracted once:
   ``(1 / pixel frequency) ** class_balance`` (0 gives the original's plain loss; the default 0.5
   keeps a dominant class, like the synthetic scenes' ground plane at 80 % of pixels, from
   drowning the rest: mIoU weighs every class alike). "+ms" testing averages the softmax over
-  input scales and horizontal flips (features re-extracted per scale).
+  input scales and horizontal flips (features re-extracted per scale). Its features are the
+  blocks' outputs through the backbone's final LayerNorm, as the original's segmentation reads them.
 * **Depth** (the original's linear head): each patch feature concatenated with the CLS token,
   upsampled x4, BatchNorm + 1x1 convolution to ``B`` depth bins (uniform over
-  ``[min_depth, max_depth]``); the depth is the softmax-weighted mean of the bin centres,
-  upsampled to the target size. Trained with the scale-invariant log loss
-  ``10 * sqrt(mean(g^2) - 0.85 mean(g)^2)``, ``g = log d - log d*`` over valid pixels.
+  ``[min_depth, max_depth]``); the bins' weights are normalised linearly, as the original's
+  default: ``p_k = relu(logit_k) + 0.1``, divided by their sum over the bins, and the depth is
+  ``sum_k p_k * centre_k``, upsampled to the target size. Trained with the scale-invariant log loss
+  ``10 * sqrt(mean(g^2) - 0.85 mean(g)^2)``, ``g = log d - log d*`` over valid pixels. Its
+  features (and the DPT head's, :mod:`evaluators.dpt`) are the blocks' outputs without the final
+  LayerNorm: the original's depth backbones call ``get_intermediate_layers`` with ``norm=False``.
 
 Both are trained for a number of AdamW steps (the original counts iterations too) on seeded
 mini-batches of (features, labels) (:func:`head_batches` picks the rows of each step; where the
@@ -24,8 +28,8 @@ a given device (the backbone's: a GPU's for real data sets). With :class:`HeadSa
 saves its state every minute or so and a rerun goes on from the last save, asking only for the
 batches it has not trained on (ADE20K's head, the backbone run on every batch, takes the better
 part of an hour on a GPU): the resumed head is the head an unbroken run makes. They are scored
-(:mod:`evaluators.dense_metrics`) a few test images at a time, the confusion matrix and the depth
-sums added up: a test set's per-pixel outputs (ADE20K's 2000 validation images x 150 classes at
+(:mod:`evaluators.dense_metrics`) a few test images at a time, the confusion matrix and the per-image
+depth scores added up: a test set's per-pixel outputs (ADE20K's 2000 validation images x 150 classes at
 512 px: 300 GB) are never held at once.
 """
 
@@ -58,6 +62,7 @@ from evaluators.linear import epoch_batches
 
 EVAL_BATCH = 4  # test images scored at once
 SAVE_EVERY_S = 60.0  # a head's training state saved at most this often (and at its end)
+BIN_FLOOR = 0.1  # added to each depth bin's ReLU'd logit before they are normalised (the original's eps)
 HEAD_STATE_FILE = "head_state.pt"
 
 
@@ -69,27 +74,37 @@ def layer_count(layers: Layers) -> int:
     return layers if isinstance(layers, int) else len(layers)
 
 
+# the blocks (0-based) the original's 4-layer depth heads read, by the released backbones' depths: ViT-S/B, L, g
+ORIGINAL_DEPTH_BLOCKS = {12: (2, 5, 8, 11), 24: (4, 11, 17, 23), 40: (9, 19, 29, 39)}
+
+
 def spaced_blocks(depth: int, count: int) -> Layers:
-    """``count`` blocks evenly spaced over a backbone of ``depth``, ending with the last (12 blocks,
-    4: 2, 5, 8, 11; 40 blocks: 9, 19, 29, 39), as the original's 4-layer depth heads read them;
-    one block: the last, as an int."""
+    """The ``count`` blocks a multi-layer depth head reads of a backbone of ``depth``: 4 of a
+    released model's depth (12, 24 or 40), the original's table (:data:`ORIGINAL_DEPTH_BLOCKS`: it
+    is written out, not a formula: ViT-L's 4, 11, 17, 23 are not evenly spaced), so its heads
+    compare with the paper's; else ``count`` evenly spaced, ending with the last (the tiny test
+    backbones); one block: the last, as an int."""
     if count <= 1:
         return 1
     if count > depth:
         raise ValueError(f"{count} blocks asked of a backbone of {depth}")
+    if count == 4 and depth in ORIGINAL_DEPTH_BLOCKS:
+        return ORIGINAL_DEPTH_BLOCKS[depth]
     return tuple(round((i + 1) * depth / count) - 1 for i in range(count))
 
 
 @torch.no_grad()
 def patch_tokens(backbone: nn.Module, images: Tensor, layers: Layers = 1,
-                 amp_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+                 amp_dtype: torch.dtype | None = None, norm: bool = True) -> tuple[Tensor, Tensor]:
     """Patch features ``(B, L*D, h, w)`` and CLS tokens ``(B, L*D)`` of the last ``layers`` blocks (or
     the blocks it lists) for one batch of model input, float32 on the backbone's device
-    (``amp_dtype``: under autocast)."""
+    (``amp_dtype``: under autocast); ``norm``: through the backbone's final LayerNorm (segmentation's
+    features), else the blocks' raw outputs (depth's, as the original's depth heads read them)."""
     device = next(backbone.parameters()).device
     wanted = layers if isinstance(layers, int) else list(layers)
     with under_autocast(device, amp_dtype):
-        out = backbone.get_intermediate_layers(images.to(device), n=wanted, reshape=True, return_class_token=True)
+        out = backbone.get_intermediate_layers(images.to(device), n=wanted, reshape=True, return_class_token=True,
+                                               norm=norm)
     return torch.cat([p for p, _ in out], dim=1).float(), torch.cat([c for _, c in out], dim=1).float()
 
 
@@ -124,7 +139,8 @@ class LinearSegmentationHead(nn.Module):
 
 
 class LinearDepthHead(nn.Module):
-    """[patch, CLS] -> x4 upsampling -> BatchNorm + 1x1 conv to bins -> expected depth ``(B, H, W)``."""
+    """[patch, CLS] -> x4 upsampling -> BatchNorm + 1x1 conv to bins -> their centres weighted by the
+    linearly normalised bins (see the module docstring) -> depth ``(B, H, W)``."""
 
     def __init__(self, in_channels: int, bins: int = 256, min_depth: float = 1e-3, max_depth: float = 10.0) -> None:
         super().__init__()
@@ -135,14 +151,19 @@ class LinearDepthHead(nn.Module):
         self.register_buffer("centres", torch.linspace(min_depth, max_depth, bins))
 
     def forward(self, patches: Tensor, cls: Tensor, size: tuple[int, int]) -> Tensor:
-        # Bilinear upsampling and the per-pixel affine BatchNorm + 1x1 conv commute (interpolation
-        # weights sum to 1), so the bins' logits are computed at patch resolution and upsampled x4:
-        # the original's order gives the same logits at 16x the cost. The upsampling is written as
-        # two small matrices that leave the bins last, where the softmax is cheapest on a CPU.
+        # The bins' logits are computed at patch resolution and upsampled x4, the original's order
+        # reversed at 1/16 the cost. In eval mode the two give the same logits: BatchNorm with its
+        # running statistics and the 1x1 conv are one per-pixel affine map, which commutes with
+        # bilinear upsampling (interpolation weights sum to 1). In training they do not: BatchNorm
+        # normalises by the batch's statistics, and the upsampled map's (the original's) differ from
+        # the patch grid's (interpolation smooths, lowering the variance), so the head trained here is
+        # not quite the original's. The upsampling is written as two small matrices that leave the
+        # bins last, where their normalisation is cheapest on a CPU.
         x = torch.cat([patches, cls[:, :, None, None].expand_as(patches)], dim=1)
         rows, cols = (upsampling_matrix(n, 4).to(x) for n in patches.shape[-2:])
         logits = torch.einsum("bkhw,ih,jw->bijk", self.classifier(self.norm(x)), rows, cols)
-        depth = logits.softmax(dim=-1) @ self.centres
+        weights = logits.relu() + BIN_FLOOR  # the original's "linear" normalisation, not a softmax
+        depth = (weights @ self.centres) / weights.sum(dim=-1)
         return F.interpolate(depth[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
@@ -308,7 +329,7 @@ def multiscale_probabilities(backbone: nn.Module, head: LinearSegmentationHead, 
                              amp_dtype: torch.dtype | None = None, window: int = 0) -> Tensor:
     """Softmax averaged over input scales (sides rounded to the patch size) and flips, at input size
     (``amp_dtype``: the backbone under autocast); ``window``: each scale seen through sliding
-    windows of that side (:func:`slid_probabilities`), else whole."""
+    windows of that side (:func:`slid_logits`, the softmax of their average logits), else whole."""
     size = tuple(images.shape[-2:])
     patch = backbone.patch_size
     total = torch.zeros(0)
@@ -318,8 +339,8 @@ def multiscale_probabilities(backbone: nn.Module, head: LinearSegmentationHead, 
         for flipped in ([False, True] if flip else [False]):
             x = scaled.flip(-1) if flipped else scaled
             if window:
-                probabilities = F.interpolate(slid_probabilities(backbone, head, x, window, layers, amp_dtype),
-                                              size=size, mode="bilinear", align_corners=False)
+                probabilities = F.interpolate(slid_logits(backbone, head, x, window, layers, amp_dtype), size=size,
+                                              mode="bilinear", align_corners=False).softmax(dim=1)
             else:
                 features = patch_tokens(backbone, x, layers, amp_dtype)[0].to(next(head.parameters()).device)
                 probabilities = head(features, size).softmax(dim=1)
@@ -339,14 +360,14 @@ def window_starts(length: int, window: int, stride: int) -> list[int]:
 @torch.no_grad()
 def slid_average(backbone: nn.Module, predict: Callable[[Tensor, Tensor, tuple[int, int]], Tensor], images: Tensor,
                  window: int, layers: Layers = 1, amp_dtype: torch.dtype | None = None, stride: int = 0,
-                 windows_per_pass: int = 16) -> Tensor:
+                 windows_per_pass: int = 16, norm: bool = True) -> Tensor:
     """A dense prediction ``(1, ..., H, W)`` of one image of any size (model input ``(1, 3, H, W)``,
     each side a multiple of the patch): ``predict(patch features, CLS tokens, (h, w))`` (a head's
-    ``(n, ..., h, w)``) on ``window``-square windows ``stride`` apart (default two thirds of a
-    window, the original's 341 of 512), averaged where windows overlap; a side shorter than
-    ``window`` is one window of its own length. Why: the original scores its dense benchmarks so,
-    at the images' own aspect ratios, with the heads' training crops' scale; ``windows_per_pass``
-    bounds the backbone's batch."""
+    ``(n, ..., h, w)``; the features normed or not as :func:`patch_tokens`'s ``norm``) on
+    ``window``-square windows ``stride`` apart (default two thirds of a window, the original's 341
+    of 512), averaged where windows overlap; a side shorter than ``window`` is one window of its own
+    length. Why: the original scores its dense benchmarks so, at the images' own aspect ratios,
+    with the heads' training crops' scale; ``windows_per_pass`` bounds the backbone's batch."""
     height, width = images.shape[-2:]
     tall, wide = min(window, height), min(window, width)
     step = stride or max(1, round(2 * window / 3))
@@ -356,7 +377,7 @@ def slid_average(backbone: nn.Module, predict: Callable[[Tensor, Tensor, tuple[i
     for first in range(0, len(places), windows_per_pass):
         group = places[first : first + windows_per_pass]
         crops = torch.cat([images[..., top : top + tall, left : left + wide] for top, left in group])
-        predicted = predict(*patch_tokens(backbone, crops, layers, amp_dtype), (tall, wide))
+        predicted = predict(*patch_tokens(backbone, crops, layers, amp_dtype, norm), (tall, wide))
         if not total.numel():
             total = predicted.new_zeros((1, *predicted.shape[1:-2], height, width))
             covered = covered.to(predicted.device)
@@ -366,14 +387,16 @@ def slid_average(backbone: nn.Module, predict: Callable[[Tensor, Tensor, tuple[i
     return total / covered
 
 
-def slid_probabilities(backbone: nn.Module, head: LinearSegmentationHead, images: Tensor, window: int,
-                       layers: Layers = 1, amp_dtype: torch.dtype | None = None, stride: int = 0,
-                       windows_per_pass: int = 16) -> Tensor:
-    """Class probabilities ``(1, C, H, W)`` of one image through sliding windows (:func:`slid_average`
-    of the segmentation head's softmax)."""
+def slid_logits(backbone: nn.Module, head: LinearSegmentationHead, images: Tensor, window: int,
+                layers: Layers = 1, amp_dtype: torch.dtype | None = None, stride: int = 0,
+                windows_per_pass: int = 16) -> Tensor:
+    """Class logits ``(1, C, H, W)`` of one image through sliding windows (:func:`slid_average` of
+    the segmentation head's logits). The windows' logits are averaged, not their softmax: mmseg's
+    slide inference, which the original scores with, averages logits and takes the softmax (or the
+    argmax) of the average."""
     device = next(head.parameters()).device
-    return slid_average(backbone, lambda patches, _, size: head(patches.to(device), size).softmax(1), images,
-                        window, layers, amp_dtype, stride, windows_per_pass)
+    return slid_average(backbone, lambda patches, _, size: head(patches.to(device), size), images, window, layers,
+                        amp_dtype, stride, windows_per_pass)
 
 
 DEPTH_HEADS = ("linear", "dpt")
@@ -383,14 +406,15 @@ def train_depth_head(batches: Batches, count: int, in_channels: int, config: Hea
                      bins: int = 256, min_depth: float = 1e-3, max_depth: float = 10.0,
                      device: str | torch.device = "cpu", saves: HeadSaves | None = None,
                      kind: str = "linear") -> nn.Module:
-    """Fit the ``kind`` head (:data:`DEPTH_HEADS`: :class:`LinearDepthHead`, or
-    :class:`~evaluators.dpt.DPTDepthHead` on four blocks) on ``config.steps`` batches, of ``count``
-    training rows, of (patch features, CLS tokens, depth maps ``(b, H, W)``, 0 = unknown) with the
-    SiLog loss, on ``device``; ``batches`` maps the steps' rows to them."""
+    """Fit the ``kind`` head (:data:`DEPTH_HEADS`: :class:`LinearDepthHead` over ``bins`` bins up to
+    ``max_depth``, or :class:`~evaluators.dpt.DPTDepthHead` on four blocks, regressing the depth as
+    the original's does) on ``config.steps`` batches, of ``count`` training rows, of (patch features,
+    CLS tokens, depth maps ``(b, H, W)``, 0 = unknown) with the SiLog loss, on ``device``;
+    ``batches`` maps the steps' rows to them."""
     if kind not in DEPTH_HEADS:
         raise ValueError(f"unknown depth head {kind!r}; allowed: {', '.join(DEPTH_HEADS)}")
     torch.manual_seed(config.seed)
-    head = (DPTDepthHead(in_channels, bins=bins, min_depth=min_depth, max_depth=max_depth) if kind == "dpt"
+    head = (DPTDepthHead(in_channels, min_depth=min_depth) if kind == "dpt"
             else LinearDepthHead(in_channels, bins, min_depth, max_depth)).to(device)
 
     def loss_of(head: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
@@ -406,7 +430,8 @@ def train_depth_head(batches: Batches, count: int, in_channels: int, config: Hea
 def evaluate_depth(scored: Iterable[tuple[Tensor, Tensor]], keep: int = 0,
                    kept_side: int = 0) -> tuple[dict[str, float], Tensor]:
     """RMSE, AbsRel and delta1 of batches of (predicted, true depth maps ``(b, H, W)``; each batch of
-    its own size), the sums added up batch by batch; also the first ``keep`` predicted depth maps
+    its own size), each image's scores added up batch by batch and averaged over the images
+    (:func:`~evaluators.dense_metrics.depth_tally`); also the first ``keep`` predicted depth maps
     (``kept_side``: resized to ``kept_side`` squares), for pictures."""
     tally, maps = _tally(scored, depth_tally, keep, kept_side)
     return depth_scores_of(tally), maps

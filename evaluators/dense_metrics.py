@@ -7,9 +7,11 @@ exact formulas that every task's report and its tests share.
   columns: prediction), pixels labelled ``ignore_index`` (255) skipped. Per class
   ``IoU_c = TP_c / (TP_c + FP_c + FN_c)``; mIoU averages the classes that occur in the ground
   truth or the predictions (union > 0); pixel accuracy is ``trace / total``.
-* **Depth** over valid pixels (ground truth > 0, optionally below ``max_depth``), pooled over all
-  images: ``RMSE = sqrt(mean((d - d*)^2))``, ``AbsRel = mean(|d - d*| / d*)``,
-  ``delta1 = mean(max(d / d*, d* / d) < 1.25)``.
+* **Depth** over each image's valid pixels (ground truth > 0, optionally at most ``max_depth``):
+  ``RMSE_i = sqrt(mean((d - d*)^2))``, ``AbsRel_i = mean(|d - d*| / d*)``,
+  ``delta1_i = mean(max(d / d*, d* / d) < 1.25)``, then each averaged over the images that have a
+  valid pixel (``RMSE = mean_i RMSE_i``, ...), as the depth toolbox the paper used scores them
+  (per image, then the mean; not pooled over the test set's pixels).
 * **Retrieval** (revisited Oxford/Paris, Radenovic et al. 2018): each query has ``easy``,
   ``hard`` and ``junk`` database images. The protocols pick positives and ignored images:
   easy (positives easy; ignore junk + hard), medium (easy + hard; ignore junk), hard (hard;
@@ -61,31 +63,41 @@ def segmentation_scores(confusion: Tensor) -> dict[str, float]:
 
 
 def depth_scores(predictions: Tensor, targets: Tensor, max_depth: float | None = None) -> dict[str, float]:
-    """``rmse``, ``abs_rel`` and ``delta1`` over valid pixels of ``(N, H, W)`` depth maps (metres)."""
+    """``rmse``, ``abs_rel`` and ``delta1`` of ``(N, H, W)`` depth maps (metres), each image's over
+    its valid pixels, averaged over the images (see the module docstring)."""
     return depth_scores_of(depth_tally(predictions, targets, max_depth))
 
 
 def depth_tally(predictions: Tensor, targets: Tensor, max_depth: float | None = None) -> Tensor:
-    """The sums the depth scores pool over pixels, ``(4,)`` float64: valid pixels, squared errors,
-    relative errors, pixels within delta 1.25. Added over batches of images, they score the whole
-    test set without holding its depth maps (:func:`depth_scores_of`)."""
+    """``(4,)`` float64: the images of ``(N, H, W)`` maps with a valid pixel, and the sums over them
+    of each image's RMSE, AbsRel and delta1. Added over batches of images, they score the whole
+    test set per image without holding its depth maps (:func:`depth_scores_of`); an image with no
+    valid pixel adds nothing, as the toolbox leaves it out of the mean."""
     if predictions.shape != targets.shape:
         raise ValueError(f"predictions {tuple(predictions.shape)} and targets {tuple(targets.shape)} differ in shape")
+    if targets.ndim != 3:  # the first dimension is the images scored one by one
+        raise ValueError(f"depth maps must be (N, H, W), got {tuple(targets.shape)}")
     valid = targets > 0
     if max_depth is not None:
         valid &= targets <= max_depth
-    guess, truth = predictions[valid].double().clamp(min=1e-6), targets[valid].double()
+    valid = valid.flatten(1)
+    truth = torch.where(valid, targets.flatten(1).double(), 1.0)  # 1: any positive value, masked out below
+    guess = predictions.flatten(1).double().clamp(min=1e-6)
     ratio = torch.maximum(guess / truth, truth / guess)
-    return torch.stack([torch.tensor(float(len(truth)), dtype=torch.float64), ((guess - truth) ** 2).sum(),
-                        ((guess - truth).abs() / truth).sum(), (ratio < 1.25).double().sum()]).cpu()
+    pixels = valid.sum(dim=1)
+    scored = pixels > 0
+    per_pixel = torch.stack([(guess - truth) ** 2, (guess - truth).abs() / truth, (ratio < 1.25).double()])
+    means = torch.where(valid, per_pixel, 0.0).sum(dim=2)[:, scored] / pixels[scored]  # (3, images scored)
+    means[0] = means[0].sqrt()
+    return torch.cat([scored.sum().double()[None], means.sum(dim=1)]).cpu()
 
 
 def depth_scores_of(tally: Tensor) -> dict[str, float]:
-    """``rmse``, ``abs_rel`` and ``delta1`` from :func:`depth_tally`'s sums."""
-    pixels, squared, relative, within = tally.tolist()
-    if not pixels:
+    """``rmse``, ``abs_rel`` and ``delta1``, the means over images of :func:`depth_tally`'s sums."""
+    images, rmse, relative, within = tally.tolist()
+    if not images:
         raise ValueError("no valid ground-truth pixel (depth > 0) to score")
-    return {"rmse": (squared / pixels) ** 0.5, "abs_rel": relative / pixels, "delta1": within / pixels}
+    return {"rmse": rmse / images, "abs_rel": relative / images, "delta1": within / images}
 
 
 @dataclass(frozen=True)

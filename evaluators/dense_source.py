@@ -16,14 +16,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from dinoflow.progress import progress
 from evaluators.dense import Layers, class_counts, layer_count, patch_tokens, row_batches
-from evaluators.dense_datasets import ArraySplit
 from evaluators.feature_parts import join_rows
 from evaluators.features import to_model_input
 
@@ -34,14 +32,17 @@ Rows = Sequence[int] | Tensor
 @dataclass(frozen=True)
 class FeatureSource:
     """A dense split (items: uint8 image ``(3, S, S)``, labels ``(S, S)``) seen through a frozen
-    backbone's last ``layers`` blocks (or the blocks it lists): ``held`` (patch features, CLS tokens,
-    labels of every item, on the CPU) or None for features made per batch."""
+    backbone's last ``layers`` blocks (or the blocks it lists), through its final LayerNorm or not
+    (``norm``: segmentation's features are, depth's are not; :func:`~evaluators.dense.patch_tokens`):
+    ``held`` (patch features, CLS tokens, labels of every item, on the CPU) or None for features
+    made per batch."""
 
     split: Dataset[tuple[Tensor, Tensor]]
     backbone: nn.Module
     layers: Layers = 1
     amp_dtype: torch.dtype | None = None
     num_workers: int = 0
+    norm: bool = True
     held: tuple[Tensor, Tensor, Tensor] | None = None
 
     def __len__(self) -> int:
@@ -80,7 +81,7 @@ class FeatureSource:
                 yield tuple(t[index] for t in self.held)  # type: ignore[misc]
             return
         for images, labels in self.inputs(rows):
-            yield (*patch_tokens(self.backbone, images, self.layers, self.amp_dtype), labels)
+            yield (*patch_tokens(self.backbone, images, self.layers, self.amp_dtype, self.norm), labels)
 
     def class_counts(self, num_classes: int) -> Tensor:
         """Pixels of each class in the split's masks (:func:`~evaluators.dense.class_counts`), from
@@ -122,23 +123,14 @@ def hold(source: FeatureSource) -> FeatureSource:
     return replace(source, held=(held["patches"], held["cls"], held["labels"]))
 
 
-def relabelled(source: FeatureSource, labels: np.ndarray) -> FeatureSource:
-    """``source``'s in-memory images with other labels (the scenes' depths beside their masks),
-    its held features kept."""
-    if not isinstance(source.split, ArraySplit):
-        raise TypeError(f"only images in memory (ArraySplit) can be relabelled, not {type(source.split).__name__}")
-    held = None if source.held is None else (source.held[0], source.held[1], torch.from_numpy(labels))
-    return replace(source, split=ArraySplit(source.split.images, labels), held=held)
-
-
 def feature_sources(backbone: nn.Module, splits: Sequence[Dataset[tuple[Tensor, Tensor]]], layers: Layers,
                     amp_dtype: torch.dtype | None, num_workers: int, budget_bytes: float,
-                    read: Sequence[bool] | None = None) -> list[FeatureSource]:
-    """One source per split; the splits whose features are ``read`` (default: all; +ms scores its
-    test split from the images at other scales, never from these features) all held when their
-    features fit in ``budget_bytes`` together, else all made per batch (a split's side is read from
-    its first item)."""
-    sources = [FeatureSource(split, backbone, layers, amp_dtype, num_workers) for split in splits]
+                    read: Sequence[bool] | None = None, norm: bool = True) -> list[FeatureSource]:
+    """One source per split (features through the final LayerNorm or not: ``norm``); the splits
+    whose features are ``read`` (default: all; +ms scores its test split from the images at other
+    scales, never from these features) all held when their features fit in ``budget_bytes``
+    together, else all made per batch (a split's side is read from its first item)."""
+    sources = [FeatureSource(split, backbone, layers, amp_dtype, num_workers, norm) for split in splits]
     read = [True] * len(sources) if read is None else list(read)
     needed = sum(feature_bytes(backbone, len(s), int(s.split[0][0].shape[-1]), layers)
                  for s, wanted in zip(sources, read, strict=True) if wanted)

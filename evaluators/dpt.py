@@ -4,19 +4,22 @@ DPT (Ranftl et al., 2021) reads four blocks of a ViT and builds an image-like py
 
 * **Reassemble.** Each block's patch tokens take its CLS token in (the "project" readout: the
   concatenation ``[patch, CLS]`` through a linear layer and GELU), go to ``channels[i]`` by a 1x1
-  convolution and are resampled to 4x, 2x, 1x and 1/2x the patch grid (transposed convolutions
-  up, a stride-2 convolution down), then to ``features`` channels by a 3x3 convolution.
+  convolution (the original's widths by default: ``D/8, D/4, D/2, D`` of the backbone's width
+  ``D``) and are resampled to 4x, 2x, 1x and 1/2x the patch grid (transposed convolutions up, a
+  stride-2 convolution down), then to ``features`` (256) channels by a 3x3 convolution.
 * **Fuse.** From the coarsest level down, each fusion block adds a residual-refined level to the
   path coming from above (resized to it), refines the sum and projects it (1x1); the finest comes
-  out at 8x the patch grid.
+  out at 8x the patch grid, where a 3x3 convolution and ReLU project it once more.
 * **Head.** A 3x3 convolution halves the channels, a 2x upsampling reaches 16x the grid (about
-  the image's size for patch 14), then 3x3 to 32 channels, ReLU and 1x1 to ``B`` depth bins.
+  the image's size for patch 14), then 3x3 to 32 channels, ReLU and 1x1 to one channel.
 
-As the linear head (:class:`~evaluators.dense.LinearDepthHead`, the original's "bins" output),
-the depth is the softmax-weighted mean of ``B`` bin centres uniform over ``[min_depth, max_depth]``,
-resized bilinearly to the labels; it trains with the same scale-invariant log loss. The four
-blocks are evenly spaced over the backbone (:func:`~evaluators.dense.spaced_blocks`), as the
-original's DPT heads read them.
+Unlike the linear head (:class:`~evaluators.dense.LinearDepthHead`, the original's bins), it
+regresses the depth, as the original's DPT head does (no bins: its ``classify`` is off):
+``relu(output) + min_depth``, resized bilinearly to the labels (the last convolution's bias
+starts at 1, so that no pixel starts below the ReLU's 0); it trains with the same scale-invariant
+log loss. The four blocks are the original's DPT heads' (its table for the released depths, else
+evenly spaced: :func:`~evaluators.dense.spaced_blocks`), read without the backbone's final
+LayerNorm as the linear depth head's.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 LEVELS = 4  # blocks read, one per pyramid level
+INITIAL_OUTPUT = 1.0  # the last convolution's initial bias: every pixel's output starts above the ReLU's 0
 SCALES = (4.0, 2.0, 1.0, 0.5)  # each level's size over the patch grid
 
 
@@ -73,24 +77,33 @@ class DPTDepthHead(nn.Module):
     concatenated, as :func:`~evaluators.dense.patch_tokens` gives them) -> depth ``(B, H, W)``."""
 
     def __init__(self, in_channels: int, features: int = 256, channels: tuple[int, ...] | None = None,
-                 bins: int = 256, min_depth: float = 1e-3, max_depth: float = 10.0) -> None:
+                 min_depth: float = 1e-3) -> None:
         super().__init__()
         if in_channels % LEVELS:
             raise ValueError(f"the DPT head reads {LEVELS} blocks: in_channels {in_channels} is not 4 x the width")
-        if not 0 < min_depth < max_depth:
-            raise ValueError(f"need 0 < min_depth < max_depth, got {min_depth}, {max_depth}")
+        if min_depth <= 0:
+            raise ValueError(f"need min_depth > 0, got {min_depth}")
         width = in_channels // LEVELS
-        channels = channels or (features // 4, features // 2, features, features)
+        if channels is None and width < 2 ** (LEVELS - 1):
+            raise ValueError(f"the default reassemble widths are D/8 ... D: a width of {width} leaves none; "
+                             "give channels")
+        channels = channels or tuple(width // 2 ** (LEVELS - 1 - level) for level in range(LEVELS))
+        self.min_depth = min_depth
         self.readout = nn.ModuleList(nn.Sequential(nn.Linear(2 * width, width), nn.GELU()) for _ in range(LEVELS))
         self.reassemble = nn.ModuleList(
             nn.Sequential(nn.Conv2d(width, out, 1), _resample(out, scale), nn.Conv2d(out, features, 3, padding=1,
                                                                                       bias=False))
             for out, scale in zip(channels, SCALES))
         self.fusion = nn.ModuleList(FusionBlock(features, coarsest=level == LEVELS - 1) for level in range(LEVELS))
+        self.project = nn.Sequential(nn.Conv2d(features, features, 3, padding=1), nn.ReLU())
         self.head = nn.Sequential(nn.Conv2d(features, features // 2, 3, padding=1), nn.Upsample(
             scale_factor=2, mode="bilinear", align_corners=True), nn.Conv2d(features // 2, 32, 3, padding=1),
-            nn.ReLU(), nn.Conv2d(32, bins, 1))
-        self.register_buffer("centres", torch.linspace(min_depth, max_depth, bins))
+            nn.ReLU(), nn.Conv2d(32, 1, 1))
+        # The original's released code is for inference and fixes no initialisation. PyTorch's default
+        # leaves this convolution's output nearly constant over the image (about +-0.05), so for about
+        # half the seeds it is negative everywhere: the ReLU then passes no gradient and the head never
+        # trains. Starting its bias at 1 puts every pixel on the ReLU's live side.
+        nn.init.constant_(self.head[-1].bias, INITIAL_OUTPUT)
 
     def forward(self, patches: Tensor, cls: Tensor, size: tuple[int, int]) -> Tensor:
         levels = []
@@ -103,5 +116,5 @@ class DPTDepthHead(nn.Module):
             path = self.fusion[level](levels[level], path)
         assert path is not None
         path = F.interpolate(path, scale_factor=2, mode="bilinear", align_corners=True)  # 8x the patch grid
-        depth = self.head(path).softmax(dim=1).permute(0, 2, 3, 1) @ self.centres
-        return F.interpolate(depth[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        depth = F.relu(self.head(self.project(path))) + self.min_depth
+        return F.interpolate(depth, size=size, mode="bilinear", align_corners=False)[:, 0]

@@ -84,14 +84,14 @@ from evaluators.dense import (
     row_batches,
     spaced_blocks,
     slid_average,
-    slid_probabilities,
+    slid_logits,
     train_depth_head,
     train_segmentation_head,
 )
 from evaluators.dense_datasets import (JITTER_BRIGHTNESS, KITTI_MAX_DEPTH, NYU_MAX_DEPTH, SUN_MAX_DEPTH, ArraySplit,
                                        Fit, load_ade20k, load_cityscapes, load_kitti, load_nyu, load_sunrgbd, load_voc)
 from evaluators.dense_metrics import retrieval_map
-from evaluators.dense_source import FeatureSource, feature_sources, relabelled
+from evaluators.dense_source import FeatureSource, feature_sources
 from evaluators.feature_parts import FeatureParts, backbone_digest
 from evaluators.features import patch_sides, to_model_input
 from evaluators.finegrained import finegrained_metrics, finegrained_scores, protocol_figure
@@ -107,7 +107,7 @@ from evaluators.report import (classification_report, knn_accuracies, knn_bank, 
                                report_metrics)
 from evaluators.retrieval import (AMSTERTIME_CUTOFF, global_descriptors, load_amstertime, load_revisited,
                                   pair_retrieval, rank_database, revisited_descriptors)
-from evaluators.synthetic import CLASS_NAMES, SceneConfig, make_retrieval_set, make_scenes
+from evaluators.synthetic import CLASS_NAMES, SceneConfig, Scenes, make_retrieval_set, make_scenes
 from evaluators.video import POOLS, VideoConfig, video_probe
 from evaluators.visualize import (
     MAX_CONFUSION_CLASSES,
@@ -154,13 +154,13 @@ class SuiteConfig:
     train_scenes: int = 1024
     test_scenes: int = 128
     scene_size: int = 56
-    layers: int = 1  # 4: seg's "+ms" protocol's last four blocks, depth's "lin.4" four evenly spaced
+    layers: int = 1  # 4: seg's "+ms" protocol's last four blocks, depth's "lin.4" the original's four (spaced_blocks)
     multiscale: bool = False  # segmentation tested over scales 0.75/1/1.25 and flips ("+ms")
     seg_data: str = ""  # "": the scenes; ade20k:<root>, voc:<root> or cityscapes:<root>
     depth_data: str = ""  # "": the scenes; nyu:<root> or kitti:<root>; nyu:<root>->sunrgbd:<root>: a transfer
     seg_head: HeadConfig = field(default_factory=HeadConfig)
     depth_head: HeadConfig = field(default_factory=lambda: HeadConfig(steps=1000))  # ~10x a seg step's cost
-    depth_head_kind: str = "linear"  # or "dpt": the DPT decoder on 4 evenly spaced blocks (evaluators/dpt.py)
+    depth_head_kind: str = "linear"  # or "dpt": the DPT decoder on the same four blocks (evaluators/dpt.py)
     dense_cache_gib: float = 4.0  # seg, depth: features held when both splits' fit, else made per batch
     dense_augment: bool = True  # real seg/depth sets: a crop drawn anew each step, flipped, jittered, scaled/turned
     work_dir: str = ""  # save the long work here (feature pass in parts, dense heads' training); a rerun resumes it
@@ -485,19 +485,19 @@ class _DenseTask:
 
 
 def _dense_tasks(backbone: nn.Module, config: SuiteConfig, storage: Storage) -> dict[str, _DenseTask]:
-    """The data of each dense task asked for: a real data set when named, else the scenes (shared
-    by seg and depth, their features held once)."""
+    """The data of each dense task asked for: a real data set when named, else the scenes (made
+    once for seg and depth; each task's features its own, the blocks read differing: :func:`task_norm`)."""
     made: dict[str, _DenseTask] = {}
-    scenes: _DenseTask | None = None
+    scenes: tuple[Scenes, Scenes] | None = None  # the training and test scenes, when made
 
-    def sources(splits: list, test_read: bool, layers: Layers) -> list[FeatureSource]:
+    def sources(splits: list, test_read: bool, layers: Layers, norm: bool) -> list[FeatureSource]:
         return feature_sources(backbone, splits, layers, config.amp_dtype, config.num_workers,
-                               config.dense_cache_gib * 2**30, read=(True, test_read))
+                               config.dense_cache_gib * 2**30, read=(True, test_read), norm=norm)
 
     for task, given in (("seg", config.seg_data), ("depth", config.depth_data)):
         if task not in config.tasks:
             continue
-        layers = task_layers(task, config, len(backbone.blocks))
+        layers, norm = task_layers(task, config, len(backbone.blocks)), task_norm(task)
         if given:
             parts = named_sets(given)  # a transfer: trained on the first
             (name, root), (test_name, test_root) = parts[0], parts[-1]
@@ -507,33 +507,31 @@ def _dense_tasks(backbone: nn.Module, config: SuiteConfig, storage: Storage) -> 
             splits = [load(storage, root, train_split, fits[0], config.train_limit),
                       test_load(storage, test_root, test_split, fits[1], config.test_limit)]
             if config.dense_augment:  # each step's crops drawn anew: the backbone runs on every head batch
-                train, test = (FeatureSource(split, backbone, layers, config.amp_dtype, config.num_workers)
+                train, test = (FeatureSource(split, backbone, layers, config.amp_dtype, config.num_workers, norm)
                                for split in splits)
-            else:
-                train, test = sources(splits, test_read=False, layers=layers)  # tested on whole images, by windows
+            else:  # tested on whole images, by windows
+                train, test = sources(splits, test_read=False, layers=layers, norm=norm)
             made[task] = _DenseTask(train, test, float(label_range), None, windowed=True, test_range=float(test_range),
                                     fit=fits[0])
             continue
-        if scenes is None or scenes.train.layers != layers:  # the scenes' features shared by seg and depth if alike
-            shared = "depth" in config.tasks and task_layers("depth", config, len(backbone.blocks)) == layers
-            scene = SceneConfig(size=config.scene_size)
-            train_scenes = make_scenes(config.train_scenes, config.seed, scene)
-            test_scenes = make_scenes(config.test_scenes, config.seed + 1, scene)
-            train, test = sources([ArraySplit(train_scenes.images, train_scenes.masks),
-                                   ArraySplit(test_scenes.images, test_scenes.masks)],
-                                  test_read=task == "depth" or shared or not config.multiscale, layers=layers)
-            scenes = _DenseTask(train, test, float(len(CLASS_NAMES)), test_scenes.masks != 0)
-            depths = (train_scenes.depths, test_scenes.depths, float(scene.far))
-        made[task] = scenes if task == "seg" else replace(
-            scenes, train=relabelled(scenes.train, depths[0]), test=relabelled(scenes.test, depths[1]),
-            label_range=depths[2])
+        scene = SceneConfig(size=config.scene_size)
+        if scenes is None:
+            scenes = (make_scenes(config.train_scenes, config.seed, scene),
+                      make_scenes(config.test_scenes, config.seed + 1, scene))
+        train_scenes, test_scenes = scenes
+        labels = [(s.masks if task == "seg" else s.depths) for s in scenes]
+        train, test = sources([ArraySplit(train_scenes.images, labels[0]), ArraySplit(test_scenes.images, labels[1])],
+                              test_read=task == "depth" or not config.multiscale, layers=layers, norm=norm)
+        made[task] = _DenseTask(train, test, float(len(CLASS_NAMES)) if task == "seg" else float(scene.far),
+                                test_scenes.masks != 0)
     return made
 
 
 def task_layers(task: str, config: SuiteConfig, depth: int) -> Layers:
     """The blocks a dense head reads: one, the last; with 4 (``config.layers``), segmentation's
-    "+ms" the last four, depth's "lin.4" four evenly spaced (:func:`~evaluators.dense.spaced_blocks`),
-    as the original's heads do; the DPT depth head four evenly spaced, always."""
+    "+ms" the last four, depth's "lin.4" four spread over the backbone (the original's table for
+    the released depths, else evenly spaced: :func:`~evaluators.dense.spaced_blocks`), as the
+    original's heads do; the DPT depth head those four, always."""
     if task != "depth":
         return config.layers
     if config.depth_head_kind == "dpt" and depth < 4:
@@ -541,10 +539,17 @@ def task_layers(task: str, config: SuiteConfig, depth: int) -> Layers:
     return spaced_blocks(depth, 4 if config.depth_head_kind == "dpt" else config.layers)
 
 
+def task_norm(task: str) -> bool:
+    """Whether a dense head reads its blocks through the backbone's final LayerNorm: segmentation's
+    does, depth's (linear or DPT) does not, as the original's depth backbones call
+    ``get_intermediate_layers(..., norm=False)`` and its segmentation ones the default."""
+    return task != "depth"
+
+
 def _head_saves(task: str, config: SuiteConfig, storage: Storage, digest: str, dense: _DenseTask) -> HeadSaves | None:
     """Where the ``task`` head's training saves its state under ``config.work_dir`` (None: no
-    work_dir), named by what it is of: the backbone, the blocks it reads, the training data and its
-    crops (``dense``'s) and the head's settings."""
+    work_dir), named by what it is of: the backbone, the blocks it reads (and whether through the
+    final LayerNorm), the training data and its crops (``dense``'s) and the head's settings."""
     if not config.work_dir:
         return None
     given = getattr(config, f"{task}_data")  # a transfer's test set is not the head's: its training set alone
@@ -557,6 +562,9 @@ def _head_saves(task: str, config: SuiteConfig, storage: Storage, digest: str, d
     identity = {"backbone_sha256": digest, "data": data, "head": head,
                 "samples": asdict(dense.fit) if dense.fit else "squares", "layers": dense.train.layers,
                 **{name: getattr(config, name) for name in settings}}
+    if not dense.train.norm:  # depth's blocks read unnormed: saves from before (normed blocks, softmax or DPT bins)
+        # are refused, not resumed
+        identity["norm"] = False
     return HeadSaves(storage, join_uri(config.work_dir, f"{task}-head"), identity)
 
 
@@ -571,12 +579,12 @@ def _segmentation(backbone: nn.Module, data: _DenseTask, config: SuiteConfig, sa
     head = train_segmentation_head(lambda rows: ((patches, masks) for patches, _, masks in source.batches(rows)),
                                    len(source), source.channels, classes, weight, config.seg_head, device, saves)
     if data.windowed:
-        def probabilities(x: torch.Tensor) -> torch.Tensor:
+        def scores(x: torch.Tensor) -> torch.Tensor:  # +ms: probabilities; else the windows' mean logits, as mmseg's
             return (multiscale_probabilities(backbone, head, x, config.layers, amp_dtype=config.amp_dtype,
                                              window=config.image_size) if config.multiscale else
-                    slid_probabilities(backbone, head, x, config.image_size, config.layers, config.amp_dtype))
+                    slid_logits(backbone, head, x, config.image_size, config.layers, config.amp_dtype))
 
-        return evaluate_segmentation(_windowed(probabilities, data.test, config), classes, keep=keep,
+        return evaluate_segmentation(_windowed(scores, data.test, config), classes, keep=keep,
                                      kept_side=config.image_size)
     tests = row_batches(len(data.test))
     scored = (((multiscale_probabilities(backbone, head, images, config.layers, amp_dtype=config.amp_dtype), masks)
@@ -589,8 +597,8 @@ def _segmentation(backbone: nn.Module, data: _DenseTask, config: SuiteConfig, sa
 def _windowed(predict: Callable[[torch.Tensor], torch.Tensor], test: FeatureSource,
               config: SuiteConfig) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(prediction, labels ``(1, H, W)``) of each whole test image at its labels' own resolution:
-    ``predict`` (class probabilities ``(1, C, h, w)`` or depths ``(1, h, w)`` through sliding windows
-    of ``image_size``) on the image with its shorter side at ``image_size`` (its longer one rounded
+    ``predict`` (class logits or probabilities ``(1, C, h, w)``, or depths ``(1, h, w)``, through
+    sliding windows of ``image_size``) on the image with its shorter side at ``image_size`` (its longer one rounded
     to the patch), resized bilinearly to the labels."""
     patch = int(test.backbone.patch_size)
     for image, labels in test.whole_images():
@@ -613,7 +621,8 @@ def _depth(data: _DenseTask, config: SuiteConfig, device: torch.device, saves: H
 
         def depths(x: torch.Tensor) -> torch.Tensor:  # capped at the test set's range (SUN RGB-D's 8 m after NYU)
             return slid_average(backbone, lambda patches, cls, size: head(patches.to(device), cls.to(device), size),
-                                x, config.image_size, data.test.layers, config.amp_dtype).clamp(max=data.test_range)
+                                x, config.image_size, data.test.layers, config.amp_dtype,
+                                norm=data.test.norm).clamp(max=data.test_range)
 
         return evaluate_depth(_windowed(depths, data.test, config), keep=keep, kept_side=config.image_size)
     return evaluate_depth(((head(patches.to(device), cls.to(device), tuple(depths.shape[-2:])), depths)
@@ -670,7 +679,7 @@ def _dense_pictures(dense: dict[str, _DenseTask], predicted: dict[str, np.ndarra
     source, images = dense[lead].test, truths[lead][0]
     model_input = to_model_input(images.to(next(source.backbone.parameters()).device),
                                  patch_size=int(source.backbone.patch_size))
-    patches = patch_tokens(source.backbone, model_input, source.layers, source.amp_dtype)[0]
+    patches = patch_tokens(source.backbone, model_input, source.layers, source.amp_dtype, source.norm)[0]
     save_pca_maps(images.numpy(), patches.cpu().numpy(), folder / "pca_features.png")
     seg = {"masks": truths["seg"][1], "predicted_masks": predicted["seg"], "num_classes": int(dense["seg"].label_range)
            } if "seg" in dense else {}

@@ -19,7 +19,7 @@ from evaluators.dense import (
     row_batches,
     silog_loss,
     slid_average,
-    slid_probabilities,
+    slid_logits,
     train_depth_head,
     train_segmentation_head,
     window_starts,
@@ -114,7 +114,7 @@ def test_depth_head_learns_features_that_hold_the_depth() -> None:
             yield streamed[-1], d
 
     good, maps = evaluate_depth(scored(patches), keep=5)
-    whole = torch.cat(streamed)  # the very predictions scored 4 images at a time, so only the pooling differs
+    whole = torch.cat(streamed)  # the very predictions, scored 4 images at a time: the tallies add up to these
     flat, _ = evaluate_depth(scored(torch.full_like(patches, 0.5)))
     assert good["abs_rel"] < 0.25 and good["rmse"] < 0.6 * flat["rmse"]
     assert good == pytest.approx(depth_scores(whole, depths), rel=1e-9)
@@ -122,19 +122,50 @@ def test_depth_head_learns_features_that_hold_the_depth() -> None:
     assert silog_loss(depths + (depths == 0), depths) < 1e-3
 
 
-def test_depth_head_at_patch_resolution_equals_the_originals_upsample_first_order() -> None:
+def _upsample_first_depth(head: LinearDepthHead, patches: torch.Tensor, cls: torch.Tensor,
+                          size: tuple[int, int]) -> torch.Tensor:
+    """The original's linear depth head, written plainly: [patch, CLS] upsampled x4, BatchNorm and
+    the 1x1 conv, the bins' logits ReLU'd plus 0.1 and divided by their sum, the centres' weighted
+    sum, resized to ``size``."""
+    x = torch.cat([patches, cls[:, :, None, None].expand_as(patches)], dim=1)
+    upsampled = torch.nn.functional.interpolate(x, scale_factor=4, mode="bilinear", align_corners=False)
+    weights = head.classifier(head.norm(upsampled)).relu() + 0.1
+    weights = weights / weights.sum(dim=1, keepdim=True)
+    return torch.nn.functional.interpolate(torch.einsum("bkhw,k->bhw", weights, head.centres)[:, None],
+                                           size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def test_depth_head_at_patch_resolution_equals_the_originals_upsample_first_order_in_eval_mode() -> None:
+    """In eval mode the cheap order gives the original's depths; in training mode it does not
+    (BatchNorm's batch statistics differ between the patch grid and its upsampled map), which is
+    why the head's comment claims the equality for eval mode alone."""
     torch.manual_seed(0)
     head = LinearDepthHead(6, bins=16, max_depth=5.0)
     torch.nn.init.normal_(head.norm.running_mean)
     torch.nn.init.uniform_(head.norm.running_var, 0.5, 2.0)
-    head.eval()
     patches, cls = torch.randn(2, 6, 3, 4), torch.randn(2, 6)
-    x = torch.cat([patches, cls[:, :, None, None].expand_as(patches)], dim=1)
-    upsampled = torch.nn.functional.interpolate(x, scale_factor=4, mode="bilinear", align_corners=False)
-    probabilities = head.classifier(head.norm(upsampled)).softmax(dim=1)
-    reference = torch.nn.functional.interpolate(torch.einsum("bkhw,k->bhw", probabilities, head.centres)[:, None],
-                                                size=(21, 28), mode="bilinear", align_corners=False)[:, 0]
-    torch.testing.assert_close(head(patches, cls, (21, 28)), reference, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        trained = head.train()(patches, cls, (21, 28)), _upsample_first_depth(head, patches, cls, (21, 28))
+    assert (trained[0] - trained[1]).abs().max() > 1e-3
+    head.eval()
+    torch.testing.assert_close(head(patches, cls, (21, 28)), _upsample_first_depth(head, patches, cls, (21, 28)),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_depth_bins_are_normalised_linearly_as_the_originals() -> None:
+    """With a zero 1x1 conv the bins' logits are its biases everywhere: the depth is the centres
+    weighted by ``relu(bias) + 0.1`` over their sum (the original's "linear" norm_strategy), which a
+    softmax over the biases is not."""
+    head = LinearDepthHead(3, bins=4, min_depth=1.0, max_depth=4.0).eval()
+    biases = torch.tensor([-2.0, 0.0, 0.0, 0.5])
+    with torch.no_grad():
+        head.classifier.weight.zero_()
+        head.classifier.bias.copy_(biases)
+    depth = head(torch.randn(2, 3, 2, 3), torch.randn(2, 3), (5, 7))
+    weights = torch.tensor([0.1, 0.1, 0.1, 0.6])  # the negative logit counts as 0
+    expected = float((weights * torch.tensor([1.0, 2.0, 3.0, 4.0])).sum() / weights.sum())  # 10 / 3
+    torch.testing.assert_close(depth, torch.full((2, 5, 7), expected))
+    assert abs(expected - float(biases.softmax(0) @ head.centres)) > 0.1
 
 
 def test_features_and_multiscale_probabilities_have_the_right_shapes() -> None:
@@ -166,9 +197,10 @@ def test_windows_cover_every_pixel_stride_apart_and_end_flush(length: int, windo
     assert len(starts) == len(range(0, length - window, stride)) + 1  # no window more than needed
 
 
-def test_sliding_windows_average_the_heads_softmax_where_they_overlap() -> None:
-    """Against a second implementation: each window run alone, its softmax added pixel by pixel
-    and divided by how many windows cover each pixel."""
+def test_sliding_windows_average_the_heads_logits_where_they_overlap() -> None:
+    """Against a second implementation: each window run alone, its logits added pixel by pixel and
+    divided by how many windows cover each pixel (mmseg's slide inference: the softmax is taken of
+    that average, which is not the average of the windows' softmax where they overlap)."""
     torch.manual_seed(0)
     backbone = build_vit("vit_small", patch_size=7, embed_dim=16, depth=2, num_heads=2, img_size=28).eval()
     images = torch.randn(1, 3, 35, 63)  # 5 x 9 patches: windows of 28 at 19 apart, 2 x 3 of them
@@ -176,33 +208,37 @@ def test_sliding_windows_average_the_heads_softmax_where_they_overlap() -> None:
     head = _segmentation_head(patches, torch.zeros(1, 28, 28, dtype=torch.long), 4, HeadConfig(steps=1))
     with torch.no_grad():  # a head whose classes differ from place to place
         head.classifier.weight.normal_()
-    got = slid_probabilities(backbone, head, images, window=28, windows_per_pass=4)
-    total, count = torch.zeros(1, 4, 35, 63), torch.zeros(1, 1, 35, 63)
+    got = slid_logits(backbone, head, images, window=28, windows_per_pass=4)
+    logits, softmax, count = torch.zeros(1, 4, 35, 63), torch.zeros(1, 4, 35, 63), torch.zeros(1, 1, 35, 63)
     for top in (0, 7):
         for left in (0, 19, 35):
             crop = images[..., top : top + 28, left : left + 28]
             with torch.no_grad():
-                total[..., top : top + 28, left : left + 28] += head(patch_tokens(backbone, crop)[0], (28, 28)).softmax(1)
+                window = head(patch_tokens(backbone, crop)[0], (28, 28))
+            logits[..., top : top + 28, left : left + 28] += window
+            softmax[..., top : top + 28, left : left + 28] += window.softmax(1)
             count[..., top : top + 28, left : left + 28] += 1
-    torch.testing.assert_close(got, total / count)
-    torch.testing.assert_close(got.sum(dim=1), torch.ones(1, 35, 63))
+    torch.testing.assert_close(got, logits / count)
+    assert (got.softmax(1) - softmax / count).abs().max() > 1e-2  # the two averages differ where windows overlap
     # a side shorter than the window is one window of its length; an image the window's size, the plain head
     narrow = images[..., :21, :]
-    assert slid_probabilities(backbone, head, narrow, window=28).shape == (1, 4, 21, 63)
+    assert slid_logits(backbone, head, narrow, window=28).shape == (1, 4, 21, 63)
     square = images[..., :28, :28]
     with torch.no_grad():
-        plain = head(patch_tokens(backbone, square)[0], (28, 28)).softmax(1)
-    torch.testing.assert_close(slid_probabilities(backbone, head, square, window=28), plain)
-    # +ms through windows: at scale 1 without flips it is the windows' own average
+        plain = head(patch_tokens(backbone, square)[0], (28, 28))
+    torch.testing.assert_close(slid_logits(backbone, head, square, window=28), plain)
+    # +ms through windows: at scale 1 without flips it is the softmax of the windows' average logits
     torch.testing.assert_close(multiscale_probabilities(backbone, head, images, 1, scales=(1.0,), flip=False,
-                                                        window=28), got)
-    # depths (no channel dimension) average the same way: where one window covers, its own prediction
+                                                        window=28), got.softmax(1))
+    # depths (no channel dimension) average the same way: where one window covers, its own prediction,
+    # from the blocks normed or not as asked
     depth_head = LinearDepthHead(16).eval()
-    depths = slid_average(backbone, depth_head, images, window=28, windows_per_pass=4)
-    assert depths.shape == (1, 35, 63)
-    with torch.no_grad():
-        corner = depth_head(*patch_tokens(backbone, images[..., :28, :28]), (28, 28))
-    torch.testing.assert_close(depths[..., :7, :19], corner[..., :7, :19])  # covered by the first window alone
+    for norm in (True, False):
+        depths = slid_average(backbone, depth_head, images, window=28, windows_per_pass=4, norm=norm)
+        assert depths.shape == (1, 35, 63)
+        with torch.no_grad():
+            corner = depth_head(*patch_tokens(backbone, images[..., :28, :28], norm=norm), (28, 28))
+        torch.testing.assert_close(depths[..., :7, :19], corner[..., :7, :19])  # covered by the first window alone
 
 
 def test_pca_pictures_match_scikit_learn_and_stay_in_range(tmp_path) -> None:

@@ -11,6 +11,8 @@ from evaluators.dense_metrics import (
     QueryTruth,
     average_precision,
     depth_scores,
+    depth_scores_of,
+    depth_tally,
     rank,
     retrieval_map,
     segmentation_confusion,
@@ -51,21 +53,46 @@ def test_segmentation_rejects_bad_labels() -> None:
         segmentation_confusion(torch.zeros(2, 2), torch.zeros(2, 3), 3)
 
 
-def test_depth_scores_follow_their_formulas() -> None:
+def _per_image(guess: np.ndarray, truth: np.ndarray, valid: np.ndarray) -> dict[str, float]:
+    """The depth toolbox's way, written plainly: each image's scores over its valid pixels, then the
+    mean over the images that have one."""
+    per_image = []
+    for d, g, keep in zip(guess, truth, valid):
+        if keep.any():
+            d, g = d[keep], g[keep]
+            per_image.append((np.sqrt(np.mean((d - g) ** 2)), np.mean(np.abs(d - g) / g),
+                              np.mean(np.maximum(d / g, g / d) < 1.25)))
+    rmse, abs_rel, delta1 = np.mean(per_image, axis=0)
+    return {"rmse": rmse, "abs_rel": abs_rel, "delta1": delta1}
+
+
+def test_depth_scores_are_per_image_then_averaged_over_images() -> None:
+    """Random maps whose images keep different shares of valid pixels (one none, one a single
+    pixel), scored in batches of 2 and 3 and at once: the toolbox's per-image means averaged over
+    the images with a valid pixel, not the pixels pooled (which differ here)."""
     rng = np.random.default_rng(1)
-    truth = rng.uniform(0.5, 10, (3, 8, 8))
-    truth[rng.random(truth.shape) < 0.2] = 0  # missing depth
-    guess = truth * rng.uniform(0.7, 1.4, truth.shape)
+    truth = rng.uniform(0.5, 10, (7, 8, 8))
+    truth[rng.random(truth.shape) < rng.uniform(0.05, 0.9, (7, 1, 1))] = 0  # missing depth, a share per image
+    truth[2] = 0  # no valid pixel: left out
+    truth[4] = 0
+    truth[4, 3, 3] = 2.0
+    guess = truth * rng.uniform(0.6, 1.5, truth.shape) + rng.uniform(0, 3, (7, 1, 1))
+    guess[truth == 0] = np.nan  # never read
+    expected = _per_image(guess, truth, truth > 0)
     scores = depth_scores(torch.from_numpy(guess), torch.from_numpy(truth))
+    assert scores == pytest.approx(expected, rel=1e-12)
+    batched = depth_tally(torch.from_numpy(guess[:2]), torch.from_numpy(truth[:2])) + depth_tally(
+        torch.from_numpy(guess[2:5]), torch.from_numpy(truth[2:5])) + depth_tally(torch.from_numpy(guess[5:]),
+                                                                                  torch.from_numpy(truth[5:]))
+    assert batched[0] == 6 and depth_scores_of(batched) == pytest.approx(expected, rel=1e-12)
     d, g = guess[truth > 0], truth[truth > 0]
-    assert scores["rmse"] == pytest.approx(np.sqrt(np.mean((d - g) ** 2)))
-    assert scores["abs_rel"] == pytest.approx(np.mean(np.abs(d - g) / g))
-    assert scores["delta1"] == pytest.approx(np.mean(np.maximum(d / g, g / d) < 1.25))
+    assert abs(scores["rmse"] - np.sqrt(np.mean((d - g) ** 2))) > 0.05  # the pooled RMSE is another number
     capped = depth_scores(torch.from_numpy(guess), torch.from_numpy(truth), max_depth=5.0)
-    near = (truth > 0) & (truth <= 5)
-    assert capped["rmse"] == pytest.approx(np.sqrt(np.mean((guess[near] - truth[near]) ** 2)))
+    assert capped == pytest.approx(_per_image(guess, truth, (truth > 0) & (truth <= 5)), rel=1e-12)
     with pytest.raises(ValueError, match="no valid ground-truth pixel"):
-        depth_scores(torch.ones(2, 2), torch.zeros(2, 2))
+        depth_scores(torch.ones(1, 2, 2), torch.zeros(1, 2, 2))
+    with pytest.raises(ValueError, match=r"depth maps must be \(N, H, W\), got \(2, 2\)"):
+        depth_tally(torch.ones(2, 2), torch.ones(2, 2))
 
 
 def brute_force_ap(ranking: list[int], positives: set[int], ignored: set[int]) -> float:

@@ -13,7 +13,8 @@ import torch
 from dinoflow.storage import Storage
 from evaluators.dense import HeadConfig, head_batches, row_batches
 from evaluators.dense_datasets import ArraySplit, load_voc
-from evaluators.dense_source import FeatureSource, feature_bytes, feature_sources, hold, relabelled
+from evaluators.dense_source import FeatureSource, feature_bytes, feature_sources, hold
+from evaluators.features import to_model_input
 from tests.evaluators.test_dense_datasets import write_halves
 from trainer.models.vit import build_vit
 
@@ -87,20 +88,26 @@ def test_plus_ms_makes_no_feature_of_the_test_images_at_their_own_scale(monkeypa
     report = suite.run_suite(backbone, config)["metrics"]
     assert held == [16]  # the training scenes only
     every = dense_source.feature_sources
-    monkeypatch.setattr(suite, "feature_sources", lambda *args, read=None: every(*args))  # both held, as before
+    monkeypatch.setattr(suite, "feature_sources", lambda *args, read=None, **kw: every(*args, **kw))  # both held
     assert suite.run_suite(backbone, config)["metrics"] == report and held == [16, 16, 4]
 
 
-def test_relabelled_keeps_the_held_features(tmp_path: Path) -> None:
-    voc, _ = write_halves(tmp_path)
-    split = _scenes(8, 0)
-    held = hold(FeatureSource(split, _backbone()))
-    depths = np.random.default_rng(1).uniform(1, 5, (8, 28, 28)).astype(np.float32)
-    moved = relabelled(held, depths)
-    assert moved.held[0] is held.held[0] and torch.equal(moved.held[2], torch.from_numpy(depths))
-    assert torch.equal(moved.split[3][1], torch.from_numpy(depths[3]))
-    with pytest.raises(TypeError, match="only images in memory \\(ArraySplit\\) can be relabelled, not DenseSplit"):
-        relabelled(FeatureSource(load_voc(Storage(), str(voc), "val", 28), _backbone()), depths)
+def test_a_source_reads_its_blocks_through_the_final_norm_or_not() -> None:
+    """``norm=False`` (depth's): the blocks' raw outputs, held or made per batch alike; the default
+    (segmentation's): through the final LayerNorm."""
+    backbone = _backbone(depth=3)
+    split = _scenes(6, 0)
+    images = torch.from_numpy(split.images)
+    for norm in (True, False):
+        live = FeatureSource(split, backbone, layers=2, norm=norm)
+        [held] = feature_sources(backbone, [split], 2, None, 0, budget_bytes=2**30, norm=norm)
+        assert held.held is not None and held.norm is norm
+        _assert_same_batches(live, held, row_batches(6))
+        (patches, _, _), = live.batches([range(6)])
+        with torch.no_grad():
+            blocks = backbone.get_intermediate_layers(to_model_input(images, patch_size=7), n=2, reshape=True,
+                                                      norm=norm)
+        torch.testing.assert_close(patches, torch.cat(blocks, dim=1))
 
 
 def test_workers_decode_a_real_layout_from_storage(storage_root: tuple[Storage, str], tmp_path: Path) -> None:

@@ -79,28 +79,36 @@ def test_the_logistic_regression_task_sweeps_c_on_the_final_cls_features() -> No
     assert len(report["tasks"]["classification"]["logreg"]["val_accuracies"]) == 45
 
 
-def test_four_layer_depth_reads_evenly_spaced_blocks_and_segmentation_the_last_four() -> None:
-    """layers=4: seg's "+ms" head reads the last 4 blocks, depth's "lin.4" 4 evenly spaced ones (of 8
-    blocks: 1, 3, 5, 7), each the features the backbone gives for those blocks."""
+def test_four_layer_depth_reads_the_originals_blocks_and_segmentation_the_last_four() -> None:
+    """layers=4: seg's "+ms" head reads the last 4 blocks, depth's "lin.4" the original's 4 (its
+    table for 12, 24 and 40 blocks; of 8 blocks evenly spaced: 1, 3, 5, 7). Seg reads them through
+    the final LayerNorm, depth without it (the original's depthers pass ``norm=False``)."""
     from evaluators.dense import patch_tokens, spaced_blocks
     from evaluators.suite import _dense_tasks
 
-    assert [spaced_blocks(12, 4), spaced_blocks(40, 4), spaced_blocks(24, 4), spaced_blocks(12, 1)] == [
-        (2, 5, 8, 11), (9, 19, 29, 39), (5, 11, 17, 23), 1]
+    assert [spaced_blocks(12, 4), spaced_blocks(24, 4), spaced_blocks(40, 4), spaced_blocks(12, 1)] == [
+        (2, 5, 8, 11), (4, 11, 17, 23), (9, 19, 29, 39), 1]
+    assert [spaced_blocks(8, 4), spaced_blocks(16, 4), spaced_blocks(24, 2)] == [(1, 3, 5, 7), (3, 7, 11, 15),
+                                                                                 (11, 23)]
     torch.manual_seed(0)
     backbone = build_vit("vit_small", patch_size=7, embed_dim=16, depth=8, num_heads=2, img_size=28,
                          layerscale_init=1.0).eval()
-    config = SuiteConfig(tasks=("seg", "depth"), train_scenes=6, test_scenes=2, layers=4,
+    config = SuiteConfig(tasks=("seg", "depth"), train_scenes=6, test_scenes=2, scene_size=28, layers=4,
                          seg_head=HeadConfig(steps=2), depth_head=HeadConfig(steps=2))
     dense = _dense_tasks(backbone, config, Storage())
     assert dense["seg"].train.layers == 4 and dense["depth"].train.layers == (1, 3, 5, 7)
     assert dense["seg"].train.channels == dense["depth"].train.channels == 64
-    images = to_model_input(torch.from_numpy(make_scenes(2, 0, SceneConfig(size=28)).images), patch_size=7)
-    patches, cls = patch_tokens(backbone, images, (1, 3, 5, 7))
-    with torch.no_grad():
-        blocks = backbone.get_intermediate_layers(images, n=[1, 3, 5, 7], reshape=True, return_class_token=True)
-    torch.testing.assert_close(patches, torch.cat([p for p, _ in blocks], dim=1))
-    torch.testing.assert_close(cls, torch.cat([c for _, c in blocks], dim=1))
+    images = to_model_input(torch.from_numpy(make_scenes(6, 0, SceneConfig(size=28)).images), patch_size=7)
+    for task, blocks, norm in (("seg", [4, 5, 6, 7], True), ("depth", [1, 3, 5, 7], False)):
+        with torch.no_grad():
+            outputs = backbone.get_intermediate_layers(images, n=blocks, reshape=True, return_class_token=True,
+                                                       norm=norm)
+        expected = torch.cat([p for p, _ in outputs], dim=1), torch.cat([c for _, c in outputs], dim=1)
+        assert dense[task].train.norm is norm
+        for got, want in zip((*patch_tokens(backbone, images, tuple(blocks), norm=norm), *dense[task].train.held[:2]),
+                             expected * 2):
+            torch.testing.assert_close(got, want)
+    assert not torch.allclose(dense["depth"].train.held[0], patch_tokens(backbone, images, (1, 3, 5, 7))[0])
     metrics = run_suite(backbone, config)["metrics"]
     assert metrics["depth_rmse"] > 0 and 0 <= metrics["seg_miou"] <= 1
 
