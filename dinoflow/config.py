@@ -178,7 +178,11 @@ class OptimConfig(Section):
     clip_grad: float = Field(3.0, ge=0, description="per-module max norm; 0 disables")
     adamw_beta1: float = Field(0.9, ge=0, lt=1)
     adamw_beta2: float = Field(0.999, ge=0, lt=1)
-    grad_accumulation: int = Field(1, ge=1)
+    grad_accumulation: int = Field(
+        1, ge=1, description="micro-batches of batch_size per optimiser step, their gradients summed: the step and "
+        "the learning rate's batch scaling count batch_size x grad_accumulation images a rank; the teacher's targets "
+        "are made per micro-batch (the centre moves and Sinkhorn-Knopp normalises over one micro-batch's rows)",
+    )
     fused_adamw: Literal["auto", "on", "off"] = Field(
         "auto", description="torch's fused AdamW kernel: auto: on CUDA (except under distributed.strategy="
         "deepspeed), else torch's default (foreach on CUDA, a per-tensor loop on CPU); on: always; off: "
