@@ -180,8 +180,8 @@ class OptimConfig(Section):
     adamw_beta2: float = Field(0.999, ge=0, lt=1)
     grad_accumulation: int = Field(
         1, ge=1, description="micro-batches of batch_size per optimiser step, their gradients summed: the step and "
-        "the learning rate's batch scaling count batch_size x grad_accumulation images a rank; the teacher's targets "
-        "are made per micro-batch (the centre moves and Sinkhorn-Knopp normalises over one micro-batch's rows)",
+        "the learning rate's batch scaling count batch_size x grad_accumulation images a rank, and the softmax "
+        "centres move once a step by all its teacher rows; Sinkhorn-Knopp normalises over one micro-batch's rows",
     )
     fused_adamw: Literal["auto", "on", "off"] = Field(
         "auto", description="torch's fused AdamW kernel: auto: on CUDA (except under distributed.strategy="
@@ -425,14 +425,17 @@ class TeacherConfig(Section):
     uri: str = Field("", description="a dinoflow run folder (its checkpoints/latest.json), backbone weights "
                      "(path or URI) or a registered model (models:/<name>@<alias>, models:/<name>/<version>; "
                      "fetched by the CLI with the heads registered with it)")
-    source: Literal["auto", "checkpoint", "backbone"] = Field(
+    source: Literal["auto", "checkpoint", "backbone", "training"] = Field(
         "auto", description="auto: checkpoint when teacher.uri holds checkpoints/latest.json, else backbone; "
         "checkpoint: the teacher network of a pretrain (or distill) run, with its "
-        "frozen DINO/iBOT heads and its centres (distill.objective=features reads its backbone only); backbone: "
+        "frozen DINO/iBOT heads and its centres (a distill run's: its student EMA and heads, no centres; "
+        "distill.objective=features reads its backbone only); backbone: "
         "backbone weights in any layout found from the path (a .safetensors, a run folder's, Meta's released .pth, "
         "a Hugging Face folder), with the heads trained with them, frozen, where there are (a heads.safetensors "
-        "beside the backbone's file or in the run folder, a training dump's teacher heads), else frozen, randomly "
-        "initialised heads built from `heads` (seeded by `seed`); none for distill.objective=features",
+        "beside the backbone's file or in the run folder), else frozen, randomly "
+        "initialised heads built from `heads` (seeded by `seed`); none for distill.objective=features; "
+        "training: a training dump (a .pth like the original's, {'teacher': ...}: never found from the path, "
+        "a .pth being Meta's released layout too), its teacher's backbone and DINO/iBOT heads, read once",
     )
 
 

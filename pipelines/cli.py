@@ -264,9 +264,10 @@ def distill(
                                          "(path or URI), or a registered model (models:/<name>@<alias>, "
                                          "models:/<name>/<version>: with the heads registered with it)")] = "",
     teacher_source: Annotated[str, typer.Option(help="auto (checkpoint for a folder holding checkpoints, else "
-                                                "backbone), checkpoint or backbone (with distill.objective=heads, "
+                                                "backbone), checkpoint, backbone (with distill.objective=heads, "
                                                 "the heads.safetensors beside it, else frozen random "
-                                                "heads)")] = "auto",
+                                                "heads) or training (a training dump: its teacher's backbone "
+                                                "and heads)")] = "auto",
     student: Annotated[str, typer.Option(help="the student's recipe: a preset name (distill-tiny, or a pretrain "
                                               "preset such as vits14) or a YAML path")] = "distill-tiny",
 ) -> None:

@@ -85,7 +85,7 @@ from trainer.devices import available_device
 from trainer.losses import CLSFeatureLoss, PatchFeatureLoss
 from trainer.models.compile import compile_blocks
 from trainer.models.head_weights import find_heads, heads_of, network_heads, save_heads
-from trainer.models.hub import load_backbone, load_strict, save_backbone
+from trainer.models.hub import load_backbone, load_strict, read_torch_checkpoint, save_backbone
 from trainer.models.vit import DinoVisionTransformer
 from trainer.optim import build_adamw, with_kernel_choice
 from trainer.schedules import ScheduleValues, schedule_values, total_steps
@@ -160,12 +160,16 @@ def load_teacher(cfg: DistillConfig, storage: Storage) -> tuple[Teacher, dict[st
         backbone = build_backbone(teacher_cfg, drop_path=False)
         network = SSLNetwork(backbone, *build_heads(backbone.embed_dim, teacher_cfg.heads))
         network.load_state_dict(checkpoint["teacher"])
-        objective_state = checkpoint["objective"]
-    elif features:
-        network = HeadlessNetwork(load_backbone(source.uri, "auto", storage))
+        # a distillation's centres followed its own teacher's outputs, not those of its student EMA (the
+        # network here): none, as its heads.safetensors has none
+        objective_state = None if isinstance(teacher_cfg, DistillConfig) else checkpoint["objective"]
     else:
-        backbone = load_backbone(source.uri, "auto", storage)
-        saved = find_heads(source.uri, "auto", storage)
+        layout = "training" if kind == "training" else "auto"  # a training dump is named, never guessed
+        dump = read_torch_checkpoint(storage.read_bytes(source.uri), source.uri) if layout == "training" else None
+        backbone = load_backbone(source.uri, layout, storage, dump=dump)
+        if features:
+            return _frozen(HeadlessNetwork(backbone), cfg), None
+        saved = find_heads(source.uri, layout, storage, dump)
         if saved is not None:  # the heads trained with this backbone (a pipeline's pretrain output)
             found = saved.settings()
             if found["in_dim"] != backbone.embed_dim:
@@ -331,9 +335,10 @@ def distill_step(student: Student, student_ema: Teacher, teacher: Teacher, objec
     or to be read (:meth:`StepLosses.read`): it ends as pretraining's step does
     (:func:`trainer.engine.finish_step`, queued ``after`` the step before if that one is unread)."""
     begin_step(optimizer, sched)
-    losses, names = accumulate(
-        micro_batches, autocast_dtype,
-        lambda batch: distill_loss(student, teacher, objective, batch, cfg, sched.teacher_temp), Tensor.backward)
+    with objective.one_step():
+        losses, names = accumulate(
+            micro_batches, autocast_dtype,
+            lambda batch: distill_loss(student, teacher, objective, batch, cfg, sched.teacher_temp), Tensor.backward)
     if isinstance(student_ema, HeadlessNetwork):  # projectors: not released
         ema = functools.partial(ema_update, student_ema.backbone, student.backbone, sched.teacher_momentum)
     else:

@@ -197,6 +197,22 @@ class Objective(nn.Module):
         center.update(logits, self.all_reduce)
         return probs
 
+    @contextlib.contextmanager
+    def one_step(self) -> Iterator[None]:
+        """Within it, the centres move once, by the mean of all the teacher rows their updates saw
+        (a step's micro-batches: their union's, as one batch's); an error drops the updates."""
+        centres = (self.dino_center, self.ibot_center)
+        for centre in centres:
+            centre.hold()
+        try:
+            yield
+        except BaseException:
+            for centre in centres:
+                centre.release(apply=False)
+            raise
+        for centre in centres:
+            centre.release(self.all_reduce)
+
     def patch_targets(self, features: Tensor, prototypes: Tensor, temp: float, valid: Tensor | None = None) -> Targets:
         """The iBOT teacher targets of the teacher head's bottleneck ``features`` ``(M, d)`` and
         ``prototypes`` ``(K, d)`` (the head calls this: ``DINOHead.forward(x, fused=...)``):
@@ -269,7 +285,8 @@ def queue_step(
         return (weights.dino_weight * terms["dino"] + weights.ibot_weight * terms["ibot"]
                 + weights.koleo_weight * terms["koleo"]), terms
 
-    losses, names = accumulate(micro_batches, autocast_dtype, loss_of, strategy.backward)
+    with objective.one_step():
+        losses, names = accumulate(micro_batches, autocast_dtype, loss_of, strategy.backward)
     modules = [m for m in (student.backbone, student.dino_head, student.ibot_head) if m is not None]
     ema = functools.partial(ema_update, teacher, student, sched.teacher_momentum)
     return finish_step(losses, names, optimizer, modules, clip_grad, ema, strategy, while_waiting, after)

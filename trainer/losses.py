@@ -310,7 +310,10 @@ class SoftmaxCentering(nn.Module):
     """Teacher targets ``softmax((t - c) / tau_t)`` with a running centre ``c``.
 
     ``c`` is an EMA (momentum 0.9) of the mean teacher logits over all ranks; it is updated
-    only by an explicit :meth:`update` call after the targets of a step are computed.
+    only by an explicit :meth:`update` call after the targets of a step are computed, or, between
+    :meth:`hold` and :meth:`release`, once for all the updates made in between: a step's
+    micro-batches (gradient accumulation) then move it once, by their union's mean, as one batch
+    would, where a move each would take the momentum to ``0.9 ** micro-batches`` a step.
     ``compiled``: see the module docstring.
     """
 
@@ -319,6 +322,19 @@ class SoftmaxCentering(nn.Module):
         self.momentum = momentum
         self.register_buffer("center", torch.zeros(1, num_prototypes))
         self.softmax = maybe_compiled(centered_softmax, compiled)
+        self._held: list[tuple[Tensor, int | Tensor]] | None = None  # (column sums, rows) while held
+
+    def hold(self) -> None:
+        """Keep the updates from now on, to apply them as one at :meth:`release`."""
+        self._held = []
+
+    @torch.no_grad()
+    def release(self, all_reduce: AllReduce = no_reduce, apply: bool = True) -> None:
+        """Move the centre once by every update kept since :meth:`hold` (``apply=False``: drop them)."""
+        held, self._held = self._held, None
+        if apply and held:
+            totals, rows = zip(*held)
+            self.update_with_sum(torch.stack(totals).sum(dim=0), sum(rows), all_reduce)
 
     def forward(self, teacher_logits: Tensor, teacher_temp: float) -> Tensor:
         return self.softmax(teacher_logits, self.center, teacher_temp)
@@ -335,6 +351,9 @@ class SoftmaxCentering(nn.Module):
         logits never written whole: ``sum_r f_r W^T = (sum_r f_r) W^T``; ``rows`` a device scalar when
         only the device knows it). No rows on any rank (a step with no masked patch) leave the centre
         as it is, decided on the device."""
+        if self._held is not None:
+            self._held.append((total.float(), rows))
+            return
         count = all_reduce(rows.float() if isinstance(rows, Tensor)
                            else torch.full((), float(rows), device=total.device))  # a fill, not a copy
         moved = self.center * self.momentum + all_reduce(total.float()) / count.clamp(min=1) * (1 - self.momentum)

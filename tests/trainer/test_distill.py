@@ -490,6 +490,39 @@ def test_a_teachers_heads_beside_its_backbone_are_its_trained_heads(teacher_run:
                                     "distill.objective=heads", "heads.num_prototypes=32"), storage)
 
 
+def test_a_training_dump_named_as_such_is_a_teacher_with_its_heads(teacher_run: Path, tmp_path: Path,
+                                                                    storage: Storage, dataset) -> None:
+    """teacher.source=training: a dump like the original's (``{"teacher": {"backbone.*", "dino_head.*",
+    ...}}``, read once) gives the run's teacher network and heads, and distils; a dump is never found from
+    its path (a .pth is Meta's released layout too), so auto refuses it."""
+    from_run, _ = load_teacher(student_config(teacher_run, tmp_path, "distill.objective=heads"), storage)
+    checkpoint = load_latest_checkpoint(storage, str(teacher_run))
+    torch.save({"teacher": checkpoint["teacher"], "iteration": 7}, tmp_path / "training_dump.pth")
+    dump = tmp_path / "training_dump.pth"
+    teacher, centres = load_teacher(student_config(dump, tmp_path, "teacher.source=training",
+                                                   "distill.objective=heads"), storage)
+    assert fingerprint(teacher) == fingerprint(from_run) and centres is None  # a dump holds no centres
+    headless, _ = load_teacher(student_config(dump, tmp_path, "teacher.source=training",
+                                              "distill.objective=features"), storage)
+    assert all(torch.equal(headless.backbone.state_dict()[k], v) for k, v in from_run.backbone.state_dict().items())
+    with pytest.raises(ValueError, match="cannot infer the architecture"):
+        load_teacher(student_config(dump, tmp_path, "distill.objective=heads"), storage)
+    cfg = student_config(dump, tmp_path / "run", "teacher.source=training", "distill.objective=heads", "max_steps=2")
+    assert distill(cfg, dataset, collate_samples, storage)["steps"] == 2
+
+
+def test_a_distilled_runs_centres_are_not_its_student_emas(teacher_run: Path, tmp_path: Path, storage: Storage,
+                                                          dataset) -> None:
+    """A distill run as the teacher is its student EMA with its heads; the centres in its checkpoint
+    followed its own teacher's outputs, so none are taken (as its heads.safetensors holds none)."""
+    first = student_config(teacher_run, tmp_path / "first", "distill.objective=heads", "max_steps=2")
+    distill(first, dataset, collate_samples, storage)
+    teacher, centres = load_teacher(student_config(tmp_path / "first", tmp_path, "distill.objective=heads"), storage)
+    assert centres is None and hasattr(teacher, "dino_head")
+    _, pretrained_centres = load_teacher(student_config(teacher_run, tmp_path, "distill.objective=heads"), storage)
+    assert pretrained_centres is not None  # a pretrain run's centres are its teacher's: still taken
+
+
 def test_a_distilled_run_writes_its_students_heads_and_a_student_may_start_from_them(
         teacher_run: Path, tmp_path: Path, storage: Storage, dataset) -> None:
     from trainer.engine import start_from_weights

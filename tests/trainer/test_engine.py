@@ -100,6 +100,43 @@ def test_gradient_accumulation_matches_one_big_batch() -> None:
     assert cosine > 0.9
 
 
+def test_accumulated_micro_batches_move_the_centres_once_as_their_union() -> None:
+    """Softmax centring under gradient accumulation: the DINO and iBOT centres move once a step, by
+    the mean of both halves' teacher rows, as for the whole batch (a move each would weigh the
+    first half by 0.9 x 0.1 and the second by 0.1)."""
+    cfg = config("model.drop_path_rate=0", "loss.centering=softmax", "loss.mask_probability=1")
+    torch.manual_seed(0)
+    student, teacher = build_networks(cfg)
+    batch = make_batch(images(8), 0, cfg, MultiCrop(cfg.crops))
+    assert batch.masks.any()
+    halves = [type(batch)(batch.global_crops[:, i:i + 4], batch.local_crops[:, i:i + 4],
+                          batch.masks.view(2, 8, -1)[:, i:i + 4].reshape(8, -1)) for i in (0, 4)]
+    sched = ScheduleValues(lr=1e-3, last_layer_lr=1e-3, weight_decay=0.0, teacher_momentum=0.5, teacher_temp=0.07)
+    centres = []
+    for micro in ([batch], halves):
+        s, t, objective = copy.deepcopy(student), copy.deepcopy(teacher), Objective(cfg)
+        train_step(s, t, objective, micro, sched, torch.optim.SGD(param_groups(s, cfg), lr=0), clip_grad=0)
+        centres.append([objective.dino_center.center.clone(), objective.ibot_center.center.clone()])
+        assert objective.dino_center.center.abs().sum() > 0 and objective.ibot_center.center.abs().sum() > 0
+    for whole, accumulated in zip(*centres):
+        torch.testing.assert_close(accumulated, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_a_failed_step_leaves_the_centres_as_they_were() -> None:
+    """An error inside a step drops the centre updates it had made: a rerun of the step starts from
+    the same centre."""
+    cfg = config("loss.centering=softmax")
+    objective = Objective(cfg)
+    logits = torch.randn(6, cfg.heads.num_prototypes)
+    with pytest.raises(RuntimeError, match="the second micro-batch failed"), objective.one_step():
+        objective.targets(logits, objective.dino_center, 0.07)
+        raise RuntimeError("the second micro-batch failed")
+    assert objective.dino_center.center.abs().sum() == 0
+    with objective.one_step():
+        objective.targets(logits, objective.dino_center, 0.07)
+    torch.testing.assert_close(objective.dino_center.center, 0.1 * logits.mean(dim=0, keepdim=True))
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_nan_loss_halts_with_a_clear_error(fused: bool) -> None:
     """A non-finite loss raises and the student's weights stay as they were: checked on the host

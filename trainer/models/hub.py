@@ -317,11 +317,12 @@ def with_positions_for(backbone: DinoVisionTransformer, state_dict: dict[str, Te
 
 
 def load_backbone(
-    uri: str, source: Source, storage: Storage | None = None, arch_kwargs: dict[str, Any] | None = None
+    uri: str, source: Source, storage: Storage | None = None, arch_kwargs: dict[str, Any] | None = None,
+    dump: Mapping[str, Any] | None = None,
 ) -> DinoVisionTransformer:
     """Build and load a backbone; the architecture comes from ``arch_kwargs``, else the file's
-    metadata or config, else the tensor shapes (official family)."""
-    state_dict, found = read_weights(uri, source, storage or Storage())
+    metadata or config, else the tensor shapes (official family). ``dump``: :func:`read_weights`'."""
+    state_dict, found = read_weights(uri, source, storage or Storage(), dump)
     model = DinoVisionTransformer(**(arch_kwargs or found or infer_arch_kwargs(state_dict)))
     load_strict(model, state_dict)
     return model.eval()
