@@ -172,10 +172,11 @@ def parse_args() -> argparse.Namespace:
 
 
 class RandomImages(torch.utils.data.Dataset):
-    """``length`` random uint8 images ``(3, size, size)``, image ``i`` seeded by ``i``."""
+    """``length`` random uint8 images ``(3, load_size, load_size)``, image ``i`` seeded by ``i``
+    (``load_size`` as the data sets name it: the high-resolution phase's reads set it)."""
 
-    def __init__(self, length: int, size: int) -> None:
-        self.length, self.size = length, size
+    def __init__(self, length: int, load_size: int) -> None:
+        self.length, self.load_size = length, load_size
 
     def __len__(self) -> int:
         return self.length
@@ -184,7 +185,7 @@ class RandomImages(torch.utils.data.Dataset):
         from trainer.data.datasets import Sample
 
         generator = torch.Generator().manual_seed(index)
-        image = torch.randint(0, 256, (3, self.size, self.size), generator=generator, dtype=torch.uint8)
+        image = torch.randint(0, 256, (3, self.load_size, self.load_size), generator=generator, dtype=torch.uint8)
         return Sample(image=image, label=-1, key=f"random{index}")
 
 

@@ -157,6 +157,11 @@ class CropsConfig(Section):
     highres_steps: int = Field(0, ge=0, description="final steps of the schedule at high resolution")
     highres_global_crop_size: int = Field(518, ge=8)
     highres_local_crop_size: int = Field(224, ge=8)
+    highres_load_size: int = Field(
+        0, ge=0, description="the high-resolution phase's images decoded to this square (its batches read at "
+        "this size from the phase's first step, resumed runs too), so that its crops get detail: the recipe's "
+        "load_size / global_crop_size ratio at 518 px is 592; 0: load_size, the crops then upsample",
+    )
 
 
 class OptimConfig(Section):

@@ -9,6 +9,7 @@ is made, where its images come from and when is the loop's business, shared with
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import time
 from collections import deque
@@ -158,15 +159,18 @@ class ResumableBatches:
     per rank, fixed by the seed and the world size."""
 
     def __init__(self, length: int, batch_size: int, seed: int, start: int = 0, rank: int = 0,
-                 world_size: int = 1) -> None:
+                 world_size: int = 1, resize_from: tuple[int, int] | None = None) -> None:
         global_size = batch_size * world_size
         if length < global_size:
             raise ValueError(f"data set of {length} images is smaller than one batch ({global_size})")
         self.length, self.batch_size, self.seed, self.start = length, batch_size, seed, start
         self.rank, self.world_size = rank, world_size
         self.per_epoch = length // global_size
+        self.resize_from = resize_from
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[int] | list[tuple[int, int]]]:
+        """Each batch's indices; from batch ``resize_from[0]`` on, ``(index, resize_from[1])`` pairs:
+        read at that load size (:class:`SizedReads`)."""
         index = self.start
         global_size = self.batch_size * self.world_size
         made_for, order = -1, np.empty(0, dtype=np.int64)
@@ -175,8 +179,41 @@ class ResumableBatches:
             if epoch != made_for:  # once an epoch: ImageNet's permutation alone takes 70 ms on a CPU core
                 made_for, order = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.length)
             first = offset * global_size + self.rank * self.batch_size
-            yield order[first : first + self.batch_size].tolist()
+            indices = order[first : first + self.batch_size].tolist()
+            if self.resize_from is not None and index >= self.resize_from[0]:
+                yield [(i, self.resize_from[1]) for i in indices]
+            else:
+                yield indices
             index += 1
+
+
+class SizedReads(torch.utils.data.Dataset):
+    """``dataset`` read by index, and by ``(index, load_size)``: the image decoded to that square by a
+    copy of ``dataset`` with its ``load_size`` set (one copy a size, made at its first read).
+
+    Why: the final high-resolution phase's 518 px crops want images decoded larger than the
+    recipe's 256 px squares, or they are only upsampled; the size goes with the batch's number
+    (:class:`ResumableBatches`), so a run resumed in either phase reads what it would have read."""
+
+    def __init__(self, dataset: Any) -> None:
+        if not hasattr(dataset, "load_size"):
+            raise ValueError(f"crops.highres_load_size needs a data set that decodes its images to a load_size "
+                             f"(image folders, shards, Fashion-MNIST); {type(dataset).__name__} has none: set "
+                             "crops.highres_load_size=0")
+        self.dataset = dataset
+        self._sized: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: int | tuple[int, int]) -> Any:
+        if not isinstance(item, tuple):
+            return self.dataset[item]
+        index, size = item
+        if size not in self._sized:
+            self._sized[size] = copy.copy(self.dataset)
+            self._sized[size].load_size = size
+        return self._sized[size][index]
 
 
 class ImageStream:
@@ -192,9 +229,11 @@ class ImageStream:
 
     def __init__(self, dataset: Any, collate: Callable, start_batch: int, device: torch.device,
                  bad_images: BadImageTracker, *, batch_size: int, seed: int, num_workers: int, rank: int = 0,
-                 world_size: int = 1) -> None:
+                 world_size: int = 1, resize_from: tuple[int, int] | None = None) -> None:
+        """``resize_from``: ``(batch, load_size)``, the images of that batch on decoded to that size."""
+        batches = ResumableBatches(len(dataset), batch_size, seed, start_batch, rank, world_size, resize_from)
         loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=ResumableBatches(len(dataset), batch_size, seed, start_batch, rank, world_size),
+            dataset if resize_from is None else SizedReads(dataset), batch_sampler=batches,
             collate_fn=collate, num_workers=num_workers, persistent_workers=num_workers > 0,
             pin_memory=device.type == "cuda",  # Batch.pin_memory: the copy below then waits for nothing
         )

@@ -77,6 +77,7 @@ from trainer.engine import (
     crop_outputs,
     ema_update,
     finish_step,
+    highres_reads,
     start_from_weights,
     step_crops,
     training_autocast,
@@ -409,7 +410,7 @@ def distill(
     bad_images = BadImageTracker(cfg.data.max_bad_fraction)
     bad_images.restore(state.bad_images)
     next_images = ImageStream(dataset, collate, state.step * micro, device, bad_images, batch_size=cfg.optim.batch_size,
-                              seed=cfg.seed, num_workers=cfg.data.num_workers)
+                              seed=cfg.seed, num_workers=cfg.data.num_workers, resize_from=highres_reads(cfg, micro))
     loader_watch = LoaderWatch(cfg.data.num_workers)
 
     marks = sorted(m for m in cfg.eval.at_minutes if m > state.train_seconds / 60)

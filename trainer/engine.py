@@ -446,13 +446,28 @@ def begin_step(optimizer: torch.optim.Optimizer, sched: ScheduleValues) -> None:
         group["weight_decay"] = sched.weight_decay * group["wd_multiplier"]
 
 
+def highres_start(cfg: PretrainConfig) -> int:
+    """The first step of the final high-resolution phase (the last ``crops.highres_steps`` of the
+    schedule, as the original ends)."""
+    return total_steps(cfg.optim) - cfg.crops.highres_steps
+
+
+def highres_reads(cfg: PretrainConfig, micro_batches: int) -> tuple[int, int] | None:
+    """``(first batch, load size)`` of the high-resolution phase's images for
+    :class:`~trainer.batches.ImageStream` (``micro_batches`` batches a step): decoded to
+    ``crops.highres_load_size``; None where the phase keeps ``crops.load_size``."""
+    if not (cfg.crops.highres_steps and cfg.crops.highres_load_size):
+        return None
+    return highres_start(cfg) * micro_batches, cfg.crops.highres_load_size
+
+
 def step_crops(cfg: PretrainConfig, device: torch.device) -> Callable[[int], MultiCrop]:
-    """The multi-crop of each step: the recipe's crops, and in the final adaptation phase (the last
-    ``crops.highres_steps`` of the schedule, as the original ends) the high-resolution ones."""
+    """The multi-crop of each step: the recipe's crops, and in the final high-resolution phase
+    (:func:`highres_start`) the high-resolution ones."""
     multi_crop = MultiCrop(cfg.crops).to(device)
     if not cfg.crops.highres_steps:
         return lambda step: multi_crop
-    highres_from = total_steps(cfg.optim) - cfg.crops.highres_steps
+    highres_from = highres_start(cfg)
     highres = MultiCrop(cfg.crops.model_copy(update={
         "global_crop_size": cfg.crops.highres_global_crop_size,
         "local_crop_size": cfg.crops.highres_local_crop_size,
@@ -583,7 +598,7 @@ def _pretrain(cfg: PretrainConfig, dataset: Any, collate: Callable, storage: Sto
     bad_images.restore(state.bad_images)
     next_images = ImageStream(dataset, collate, state.step * micro, device, bad_images, batch_size=cfg.optim.batch_size,
                               seed=cfg.seed, num_workers=cfg.data.num_workers, rank=strategy.rank,
-                              world_size=strategy.world_size)
+                              world_size=strategy.world_size, resize_from=highres_reads(cfg, micro))
     loader_watch = LoaderWatch(cfg.data.num_workers)
 
     marks = sorted(m for m in cfg.eval.at_minutes if m > state.train_seconds / 60)

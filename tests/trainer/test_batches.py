@@ -84,3 +84,24 @@ def test_the_stream_hands_each_images_region_aspect_to_the_crops(tmp_path: Path)
     square = multi_crop(batch.images)
     assert torch.equal(made.global_crops, want[0]) and torch.equal(made.local_crops, want[1])
     assert not torch.equal(made.global_crops, square[0])
+
+
+def test_the_high_resolution_phase_reads_its_batches_at_its_load_size(tmp_path: Path) -> None:
+    """``resize_from=(batch, size)``: from that batch on, the images are decoded to ``size`` (by a copy
+    of the data set), before it to the data set's own; resumed past it, the first batch is read at
+    ``size`` too. A data set without a load size is refused, naming the setting."""
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    dataset = ImageFolderDataset(Storage(), str(tmp_path), 28)
+    common = dict(batch_size=4, seed=0, num_workers=0, resize_from=(3, 42))
+    stream = ImageStream(dataset, collate_samples, 0, torch.device("cpu"), BadImageTracker(0.0), **common)
+    batches = [stream() for _ in range(5)]
+    assert [b.images.shape[-1] for b in batches] == [28, 28, 28, 42, 42] and dataset.load_size == 28
+    resumed = ImageStream(dataset, collate_samples, 4, torch.device("cpu"), BadImageTracker(0.0), **common)()
+    assert resumed.keys == batches[4].keys and torch.equal(resumed.images, batches[4].images)
+    assert list(ResumableBatches(8, 4, seed=0, start=1, resize_from=(2, 42)).__iter__().__next__()) == \
+        next(iter(ResumableBatches(8, 4, seed=0, start=1)))  # before the phase: plain indices
+    with pytest.raises(ValueError, match="crops.highres_load_size needs a data set that decodes its images to a "
+                                         "load_size .* list has none"):
+        ImageStream([1, 2, 3, 4], collate_samples, 0, torch.device("cpu"), BadImageTracker(0.0), **common)

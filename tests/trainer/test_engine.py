@@ -268,6 +268,38 @@ def test_pretrain_evaluates_on_the_training_clock(tmp_path) -> None:
     assert 0 < summary["train_minutes"] < 5 and summary["steps"] == 3
 
 
+class _SizedImages(torch.utils.data.Dataset):
+    """24 random images decoded to ``load_size``; ``read``: the size of each image read, in order
+    (a list the high-resolution phase's copy of the data set shares)."""
+
+    def __init__(self) -> None:
+        self.load_size, self.read = 28, []
+
+    def __len__(self) -> int:
+        return 24
+
+    def __getitem__(self, index: int):
+        from trainer.data.datasets import Sample
+
+        self.read.append(self.load_size)
+        pixels = torch.rand(3, self.load_size, self.load_size, generator=torch.Generator().manual_seed(index))
+        return Sample(image=(pixels * 255).to(torch.uint8), label=-1, key=f"img{index}")
+
+
+def test_the_high_resolution_phase_crops_images_decoded_at_its_load_size(tmp_path) -> None:
+    """``crops.highres_load_size``: the last step (``crops.highres_steps=1`` of 3) reads its images at
+    56 px for its 42 px crops; the steps before at the recipe's 28."""
+    from trainer.data.datasets import collate_samples
+    from trainer.engine import pretrain
+
+    cfg = config(f"out={tmp_path / 'run'}", "optim.epochs=1", "optim.epoch_length=3", "crops.highres_steps=1",
+                 "crops.highres_global_crop_size=42", "crops.highres_local_crop_size=14",
+                 "crops.highres_load_size=56")
+    data = _SizedImages()
+    assert pretrain(cfg, data, collate_samples, Storage())["steps"] == 3
+    assert data.read == [28] * 16 + [56] * 8
+
+
 def test_a_fresh_run_starts_from_init_weights_and_a_resumed_one_ignores_them(tmp_path) -> None:
     from trainer.data.datasets import collate_samples
     from trainer.engine import pretrain
