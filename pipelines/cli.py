@@ -268,8 +268,9 @@ def distill(
                                                 "the heads.safetensors beside it, else frozen random "
                                                 "heads) or training (a training dump: its teacher's backbone "
                                                 "and heads)")] = "auto",
-    student: Annotated[str, typer.Option(help="the student's recipe: a preset name (distill-tiny, or a pretrain "
-                                              "preset such as vits14) or a YAML path")] = "distill-tiny",
+    student: Annotated[str, typer.Option(help="the student's recipe: a preset name (distill-tiny, distill-vits14: "
+                                              "the paper's, or a pretrain preset such as vits14) or a YAML "
+                                              "path")] = "distill-tiny",
 ) -> None:
     """Distil a frozen teacher into a smaller student (its EMA is released); resumes when OUT holds a checkpoint.
 

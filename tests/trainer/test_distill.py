@@ -490,6 +490,19 @@ def test_a_teachers_heads_beside_its_backbone_are_its_trained_heads(teacher_run:
                                     "distill.objective=heads", "heads.num_prototypes=32"), storage)
 
 
+def test_the_papers_vits14_distillation_preset_fits_a_vitg14_teachers_heads() -> None:
+    """``distill-vits14``: a ViT-S/14 student whose heads take the ViT-g/14 recipe's targets (131k
+    prototypes, a separate iBOT head), without stochastic depth, at the paper's lr and schedule."""
+    from trainer.distill import _check_prototypes
+    from trainer.schedules import total_steps
+
+    student = load_config(DistillConfig, "distill-vits14")
+    _check_prototypes(load_config(PretrainConfig, "vitg14").heads, student.heads)
+    assert (student.model.arch, student.model.ffn_layer, student.model.drop_path_rate) == ("vit_small", "mlp", 0.0)
+    assert student.distill.objective == "heads" and student.optim.base_lr == 1e-3
+    assert total_steps(student.optim) == 625_000 and student.loss.centering == "sinkhorn_knopp"
+
+
 def test_a_training_dump_named_as_such_is_a_teacher_with_its_heads(teacher_run: Path, tmp_path: Path,
                                                                     storage: Storage, dataset) -> None:
     """teacher.source=training: a dump like the original's (``{"teacher": {"backbone.*", "dino_head.*",
