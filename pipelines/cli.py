@@ -651,7 +651,8 @@ def curate(
     per_seed: Annotated[int, typer.Option(help="pool images retrieved per seed image")] = 4,
     retrieve_clusters: Annotated[int, typer.Option(help="--retrieve cluster: k-means clusters of the pool "
                                                         "(0: about sqrt of the kept pool)")] = 0,
-    dedup_threshold: Annotated[float, typer.Option(help="cosine similarity of near-copies in the pool")] = 0.6,
+    dedup_threshold: Annotated[float, typer.Option(help="cosine similarity of near-copies in the pool (0.6 is "
+                                                   "SSCD's; the pixel embedder's best is 0.9)")] = 0.9,
     decontaminate_threshold: Annotated[float, typer.Option(help="cosine similarity to eval images")] = 0.45,
     balance_target: Annotated[int, typer.Option(help="images to keep by balanced sampling (0: off)")] = 0,
     balance_clusters: Annotated[str, typer.Option(help="clusters per level, bottom to top, e.g. 1000,100")] = "",

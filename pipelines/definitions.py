@@ -205,7 +205,7 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                                            "teacher in parallel, then evaluate and register each.")
     def full(run_root: str = CLUSTER_RUN_ROOT, tracking_uri: str = CLUSTER_TRACKING_URI,
              experiment: str = EXPERIMENT, use_cache: bool = True, data_source: str = CLUSTER_DATA,
-             pool_uri: str = "", curation_eval_uris: list = [], curation_dedup_threshold: float = 0.6,  # noqa: B006
+             pool_uri: str = "", curation_eval_uris: list = [], curation_dedup_threshold: float = 0.9,  # noqa: B006
              curation_decontaminate_threshold: float = 0.45, curation_balance_target: int = 0,
              curation_balance_clusters: list = [], curation_embed_weights: str = "",  # noqa: B006
              preset: str = "tiny", overrides: list = [], max_minutes: float = 3.0, seed: int = 0,  # noqa: B006
