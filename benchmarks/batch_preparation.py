@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import time
 import traceback
 from collections.abc import Callable
@@ -38,9 +37,9 @@ from typing import Any
 
 import torch
 
-from train_step import batch_preparation, preparation_inputs, time_steps  # this script's folder is first on sys.path
+from train_step import (  # this script's folder is first on sys.path
+    batch_preparation, preparation_inputs, time_steps, write_figures)
 from dinoflow.config import PretrainConfig, load_config
-from dinoflow.storage import Storage
 from trainer.data.augment import MultiCrop
 
 
@@ -81,9 +80,6 @@ def main() -> None:
     figures: dict[str, Any] = {
         "config": args.config, "overrides": args.overrides, "torch": torch.__version__, "batch": batch,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-    def save() -> None:  # as each figure is measured, so a run stopped by its timeout keeps what it finished
-        if args.json:
-            Storage().write_bytes(args.json, json.dumps(figures, indent=2).encode())
 
     print(f"batch preparation, preset {args.config!r}, batch {batch}, load size {size}, "
           f"{cfg.crops.num_local_crops} local crops, on {device}")
@@ -93,9 +89,9 @@ def main() -> None:
     print(f"  prepare            {1000 * whole:8.2f} ms  {batch / whole:9.1f} img/s")
     print(f"    crops            {1000 * crops:8.2f} ms")
     print(f"    the rest (masks) {1000 * (whole - crops):8.2f} ms")
-    save()
+    write_figures(args.json, figures)
     figures.update(compare_stages(cfg, images, timing, device))
-    save()
+    write_figures(args.json, figures)
     print(f"  crops eager {figures['crops_eager_ms']:8.2f} ms, compiled {figures['crops_compiled_ms']:8.2f} ms "
           f"({figures['crops_eager_ms'] / figures['crops_compiled_ms']:.2f}x), largest difference "
           f"{figures['crops_compiled_max_diff']:.2e}")
@@ -108,14 +104,14 @@ def main() -> None:
         for name, source in (("pageable", host), ("pinned", pinned)):
             copy = functools.partial(source.to, device, non_blocking=True)
             figures[f"copy_{name}_ms"] = 1000 * queue_seconds(copy, device, args)
-        save()
+        write_figures(args.json, figures)
         print(f"  copy behind busy device: the loader's images from pageable memory {figures['copy_pageable_ms']:8.2f} "
               f"ms to return, from pinned memory {figures['copy_pinned_ms']:8.2f} ms (medians)")
         if args.sync_check:
             figures["waited"] = first_wait(prepare)
             print("  sync check: " + (f"a call waited for the device:\n{figures['waited']}" if figures["waited"]
                                       else "no call waited for the device"))
-            save()
+            write_figures(args.json, figures)
 
 
 def compare_stages(cfg: PretrainConfig, images: torch.Tensor, timing: argparse.Namespace,

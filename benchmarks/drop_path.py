@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -34,8 +33,7 @@ from unittest import mock
 import torch
 from torch import Tensor
 
-from train_step import alternating_rounds  # this script's folder is first on sys.path
-from dinoflow.storage import Storage
+from train_step import alternating_rounds, write_figures  # this script's folder is first on sys.path
 from trainer.models import layers
 
 FORMS = ("mask", "subset", "index_add")
@@ -131,10 +129,6 @@ def main() -> None:
         "torch": torch.__version__, "dim": args.dim, "heads": args.heads, "shapes": shapes, "rate": args.rate,
         "kept": subset_keeps(shapes, args.rate), "forms": {}}
 
-    def save() -> None:  # once the forms are compiled and again when timed: a run stopped early keeps the first
-        if args.json:
-            Storage().write_bytes(args.json, json.dumps(figures, indent=2).encode())
-
     outputs = {}
     for name in FORMS:  # compiled, and each form's one step from the same draws
         steps[name]()
@@ -147,7 +141,7 @@ def main() -> None:
         figures["forms"][name] = {"peak_mib": (torch.cuda.max_memory_allocated(device) - since) / 2**20
                                   if device.type == "cuda" else None}
     figures["subset_vs_index_add_max_difference"] = (outputs["subset"] - outputs["index_add"]).abs().max().item()
-    save()  # the rounds take most of the run: a timeout during them keeps the above
+    write_figures(args.json, figures)  # the rounds take most of the run: a timeout during them keeps the above
     seconds = alternating_rounds(steps, args.rounds, args.steps, device)
     print(f"drop path at rate {args.rate} in one compiled block (dim {args.dim}, {args.heads} heads) on "
           f"{figures['device_name']}, groups {shapes}, kept {figures['kept']}; torch {torch.__version__}; "
@@ -162,7 +156,7 @@ def main() -> None:
         print(f"{name:<10}{row['ms']:10.2f}{row['mask_over_this']:9.2f}{peak}")
     print(f"subset against index_add from the same draws: max |output difference| "
           f"{figures['subset_vs_index_add_max_difference']:.2e}")
-    save()
+    write_figures(args.json, figures)
 
 
 if __name__ == "__main__":

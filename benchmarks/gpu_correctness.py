@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 from typing import Any
 
@@ -49,9 +48,8 @@ import torch
 from torch import Tensor
 
 from drop_path import index_add_form  # this script's folder is first on sys.path
-from train_step import preparation_inputs
+from train_step import preparation_inputs, write_figures
 from dinoflow.config import PretrainConfig, load_config
-from dinoflow.storage import Storage
 from trainer.batches import CropBatch, SideStream, make_batch
 from trainer.data.masking import sample_crop_masks
 from trainer.engine import Objective, SSLNetwork, build_networks, queue_step, train_step
@@ -283,8 +281,7 @@ def main() -> None:
                   ", ".join(f"{t} {v['got']:.5f} vs {v['reference']:.5f}" for t, v in check["terms"].items()))
         print(f"{'PASS' if check['ok'] else 'FAIL'} {check['name']} (rtol {check['rtol']}): {detail}"
               + ("" if check.get("stayed_compiled", True) else "; compilation fell back to eager"), flush=True)
-        if args.out:
-            Storage().write_bytes(args.out, json.dumps(result, indent=2).encode())
+        write_figures(args.out, result)
 
     want, got = (backbone_tokens(cfg, weights, batch, d) for d in (reference, device))
     scale = max(1.0, want.abs().max().item())

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 from collections.abc import Callable
 from typing import Any
 
@@ -40,8 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from train_step import time_steps  # this script's folder is first on sys.path
-from dinoflow.storage import Storage
+from train_step import time_steps, write_figures  # this script's folder is first on sys.path
 from trainer.losses import (
     PATCH_LOSS_BLOCK_ELEMENTS,
     Targets,
@@ -171,9 +169,6 @@ def main() -> None:
         "config": f"a block of {rows} x {args.prototypes}", "overrides": [],
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "rows": rows, "prototypes": args.prototypes, "kinds": {}}
-    def save() -> None:  # as each part is measured, so a run stopped by its timeout keeps what it finished
-        if args.json:
-            Storage().write_bytes(args.json, json.dumps(figures, indent=2).encode())
 
     print(f"loss tail, {figures['config']} on {figures['device_name']}, torch {torch.__version__}")
     print(f"{'targets':<14}{'tail':<10}{'ms':>9}{'GB/s':>9}{'library/this':>14}")
@@ -191,10 +186,10 @@ def main() -> None:
         print(f"{'':<14}compiled gradient vs the library's: max |difference| {row['max_grad_difference']:.2e} "
               f"of {row['grad_scale']:.2e}")
         figures["kinds"][kind] = row
-        save()
+        write_figures(args.json, figures)
     norm = weight_norm_figures(args.prototypes, args.bottleneck, device, timing)
     figures["weight_norm"] = norm
-    save()
+    write_figures(args.json, figures)
     print(f"prototypes' weight norm ({args.prototypes} x {args.bottleneck}, forward and backward): autograd "
           f"{norm['autograd_ms']:.3f} ms, written out {norm['written_ms']:.3f} ms "
           f"({norm['autograd_ms'] / norm['written_ms']:.2f}x); max |v gradient difference| "
@@ -205,7 +200,7 @@ def main() -> None:
           f"patch rows, fused losses, forward and backward: one call {head['one_call_ms']:.3f} ms, a call each "
           f"{head['call_each_ms']:.3f} ms ({head['call_each_ms'] / head['one_call_ms']:.2f}x); loss difference "
           f"{head['max_loss_difference']:.2e} of {head['loss']:.2e}")
-    save()
+    write_figures(args.json, figures)
 
 
 if __name__ == "__main__":

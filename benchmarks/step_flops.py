@@ -24,7 +24,6 @@ losses`` is the rest of the step.
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 import torch
@@ -34,8 +33,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from gpu_correctness import synthetic_batch  # this script's folder is first on sys.path
 from step_probe import probe_flops_per_image, probe_shape  # this script's folder is first on sys.path
+from train_step import write_figures  # this script's folder is first on sys.path
 from dinoflow.config import PretrainConfig, load_config
-from dinoflow.storage import Storage
 from trainer.batches import CropBatch
 from trainer.engine import Objective, SSLNetwork, build_networks, crop_outputs, loss_terms
 
@@ -102,8 +101,7 @@ def main() -> None:
                        ("dinoflow's step", "gflop_per_image"), ("ceiling probe", "probe_gflop_per_image")):
         print(f"  {label:<18} {figures[key]:>10.2f}")
     print(f"  {'ours / probe':<18} {figures['ours_vs_probe']:>10.3f}")
-    if args.json:
-        Storage().write_bytes(args.json, json.dumps(figures, indent=2).encode())
+    write_figures(args.json, figures)
 
 
 if __name__ == "__main__":

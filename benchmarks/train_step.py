@@ -268,6 +268,14 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def write_figures(path: str, figures: Mapping[str, Any]) -> None:
+    """``figures`` as JSON at ``path`` (nothing where it is empty), written whole (``Storage``'s temp
+    file and rename). The GPU check's steps call it as they go: one its timeout stops keeps its last
+    complete write, which ``gpu_summary.py`` reads."""
+    if path:
+        Storage().write_bytes(path, json.dumps(figures, indent=2).encode())
+
+
 def time_steps(step: Callable[[], None], args: argparse.Namespace, device: torch.device) -> float:
     """Seconds per step of ``step`` over ``args.steps`` after ``args.warmup`` untimed ones."""
     for _ in range(args.warmup):
@@ -338,10 +346,6 @@ def probe(args: argparse.Namespace) -> None:
         measures["dinoflow_autotune"] = lambda: time_dinoflow(args, device, True, crop_batch,
                                                               mode="max-autotune-no-cudagraphs")
 
-    def save_report() -> None:  # as each row completes, so a run cut short keeps what it finished
-        if args.json:
-            Storage().write_bytes(args.json, json.dumps(report, indent=2).encode())
-
     plain: float | None = None  # the eager probe's seconds per step: every row's reference
     kept: dict[str, Callable[[], None]] = {}  # the compiled rows' steps, for --rounds
     for label, measure in measures.items():
@@ -380,14 +384,14 @@ def probe(args: argparse.Namespace) -> None:
                 kept[label] = timed.step
             del timed  # the row's networks go with its step, unless kept
         report["batch_preparation"] = preparation_figures(preparation, batch, report["rows"])
-        save_report()
+        write_figures(args.json, report)  # as each row completes: a run cut short keeps them
     print(preparation_text(report["batch_preparation"], f"batch preparation (multi-crop on {device}, masks on the host)"),
           flush=True)
     if "probe_compiled" in kept and len(kept) > 1:
         report["rounds"] = {"rounds": args.rounds, "steps": args.steps,
                             "ours_vs_probe": rounds_ratios(alternating_rounds(kept, args.rounds, args.steps, device))}
         print(rounds_text(report["rounds"]), flush=True)
-        save_report()
+        write_figures(args.json, report)
 
 
 def alternating_rounds(steps: Mapping[str, Callable[[], None]], rounds: int, count: int,
