@@ -30,9 +30,9 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    """Base of every config section: unknown keys are errors and values are immutable."""
+    """Base of every config section: unknown keys are errors, numbers finite and values immutable."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class TrackingConfig(Section):
@@ -133,6 +133,13 @@ class LossConfig(Section):
         "logits; eager fallback with a warning on failure",
     )
 
+    @model_validator(mode="after")
+    def _mask_ratios_ordered(self) -> LossConfig:
+        if self.mask_ratio_min > self.mask_ratio_max:
+            raise ValueError(f"loss.mask_ratio_min = {self.mask_ratio_min} must be at most loss.mask_ratio_max = "
+                             f"{self.mask_ratio_max}")
+        return self
+
 
 class CropsConfig(Section):
     """Multi-crop augmentation (sizes in pixels; scales as fractions of the image area)."""
@@ -162,6 +169,15 @@ class CropsConfig(Section):
         "this size from the phase's first step, resumed runs too), so that its crops get detail: the recipe's "
         "load_size / global_crop_size ratio at 518 px is 592; 0: load_size, the crops then upsample",
     )
+
+    @model_validator(mode="after")
+    def _scales_ordered(self) -> CropsConfig:
+        for name in ("global_crop_scale", "local_crop_scale"):
+            low, high = getattr(self, name)
+            if not 0 < low <= high <= 1:
+                raise ValueError(f"crops.{name} = {list(getattr(self, name))} must hold 0 < low <= high <= 1 "
+                                 "(fractions of the image's area)")
+        return self
 
 
 class OptimConfig(Section):
@@ -298,13 +314,19 @@ class PretrainConfig(Section):
 
 
 def preset_path(name_or_path: str | Path) -> Path:
-    """Find a preset: an existing file, else ``configs/**/<name>.yaml`` (one match)."""
+    """Find a preset: an existing file, else ``configs/**/<name>.yaml`` (one match) for a bare name.
+
+    Why not any path's name: a mistyped path to one's own recipe (``runs/tiny.yaml``) would run the
+    built-in preset of that name instead."""
     path = Path(name_or_path)
     try:
         if path.is_file():
             return path
     except OSError as err:  # a name too long for the file system, say
         raise ConfigError(f"preset {str(name_or_path)[:80]!r} cannot be a file: {err.strerror}") from err
+    if len(path.parts) > 1:
+        raise ConfigError(f"preset file {str(name_or_path)!r} not found (a bare name, such as {path.stem!r}, "
+                          f"picks a preset under {CONFIG_DIR})")
     stem = path.name.removesuffix(".yaml")
     matches = sorted(CONFIG_DIR.rglob(f"{stem}.yaml"))
     if len(matches) == 1:

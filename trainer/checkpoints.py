@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+import yaml
+from pydantic import BaseModel
 
 from dinoflow.config import PretrainConfig
-from dinoflow.config_dump import to_yaml
+from dinoflow.config_dump import flatten, to_yaml
 from dinoflow.storage import Storage, join_uri
 from dinoflow.tracking import Tracker
 from trainer.strategy import Strategy
@@ -20,6 +23,9 @@ from trainer.strategy import Strategy
 if TYPE_CHECKING:
     from trainer.engine import Objective, SSLNetwork
 
+RESUME_SETTINGS = ("seed", "data.kind", "data.uri", "optim.grad_accumulation", "model.arch", "model.patch_size",
+                   "model.embed_dim", "model.depth", "model.num_heads", "model.ffn_layer", "model.num_register_tokens",
+                   "heads")  # a resumed pretraining or distillation run keeps these (and its global batch)
 CURVE_POINTS = 1000  # rows of step metrics a run keeps for its training curves (TrainState.record)
 CURVES_FILE = "training_curves.png"
 
@@ -86,7 +92,7 @@ def checkpoint_bytes(student: SSLNetwork, teacher: SSLNetwork, objective: Object
     torch.save({
         "student": strategy.full_state_dict(student), "teacher": strategy.full_state_dict(teacher),
         "objective": objective.state_dict(), "optimizer": strategy.optimizer_state(student, optimizer),
-        "config": to_yaml(cfg), **state.to_checkpoint(),
+        "config": to_yaml(cfg), "world_size": strategy.world_size, **state.to_checkpoint(),
     }, buffer)
     return buffer.getvalue()
 
@@ -99,21 +105,66 @@ def pointer_uri(out: str) -> str:
 
 def save_checkpoint(storage: Storage, out: str, data: bytes, step: int, keep: int = 2) -> str:
     """Write ``checkpoints/step_N.pt`` then point ``checkpoints/latest.json`` at it (both atomic);
-    a checkpoint is only ever found through the pointer, so a half-written one is never read."""
+    a checkpoint is only ever found through the pointer, so a half-written one is never read.
+
+    The pointer names the file, not its URI: a run folder copied or synced elsewhere (to object
+    storage, say, as a distillation's teacher) resumes from its own checkpoint, not the original's."""
     folder = join_uri(out, "checkpoints")
-    uri = join_uri(folder, f"step_{step:09d}.pt")
+    name = f"step_{step:09d}.pt"
+    uri = join_uri(folder, name)
     storage.write_bytes(uri, data)
-    storage.write_bytes(pointer_uri(out), json.dumps({"step": step, "uri": uri}).encode())
+    storage.write_bytes(pointer_uri(out), json.dumps({"step": step, "file": name}).encode())
     old = [u for u in storage.list(folder) if u.endswith(".pt") and u != uri]
     for stale in old[: max(len(old) - (keep - 1), 0)]:
         storage.delete(stale)
     return uri
 
 
-def load_latest_checkpoint(storage: Storage, out: str) -> dict[str, Any] | None:
-    """The checkpoint ``latest.json`` points at, or None for a fresh run."""
+def check_same_run(cfg: BaseModel, saved_config: str, settings: Sequence[str], run: str, out: str,
+                   derived: Mapping[str, tuple[Any, Any]] | None = None) -> None:
+    """Refuse to resume the ``run`` (its kind, in words) in ``out`` under ``settings`` (dotted
+    names; a section's name covers its fields) other than its checkpoint's config (``saved_config``,
+    YAML), or ``derived`` values ``name -> (now, the run's)`` that differ.
+
+    Why: a resumed run continues the run it finds; with other data, seed or batch its loader would
+    skip or repeat images, with another architecture the weights would not load, and neither would
+    say which setting moved. Settings the saved config lacks (written before they existed) pass."""
+    now, then = flatten(cfg), flatten(yaml.safe_load(saved_config))
+    differ = [f"{key} = {now[key]!r} (the run: {then[key]!r})" for setting in settings for key in now
+              if (key == setting or key.startswith(f"{setting}.")) and key in then and now[key] != then[key]]
+    differ += [f"{name} = {current!r} (the run: {saved!r})" for name, (current, saved) in (derived or {}).items()
+               if current != saved]
+    if differ:
+        raise ValueError(f"{out} holds a {run} run started otherwise: {'; '.join(differ)}; resume it with its "
+                         "settings or use a new out")
+
+
+def check_resumed(cfg: PretrainConfig, checkpoint: dict[str, Any], run: str, world_size: int,
+                  settings: Sequence[str] = RESUME_SETTINGS) -> None:
+    """A pretraining or distillation ``run`` resumes from ``checkpoint`` on ``world_size`` ranks
+    with its ``settings`` and its global batch (``optim.batch_size`` images on each rank: another
+    world size resumes with the same product, :func:`check_same_run`)."""
+    derived = {}
+    if "world_size" in checkpoint:  # (checkpoints written before they recorded it: the batch unchecked)
+        saved = yaml.safe_load(checkpoint["config"])["optim"]["batch_size"]
+        derived["the global batch (optim.batch_size x ranks)"] = (cfg.optim.batch_size * world_size,
+                                                                  saved * checkpoint["world_size"])
+    check_same_run(cfg, checkpoint["config"], settings, run, cfg.out, derived)
+
+
+def latest_checkpoint_uri(storage: Storage, out: str) -> str | None:
+    """The URI of the checkpoint ``latest.json`` points at (in ``out``'s own folder), or None for a
+    fresh run. A pointer written before it named its file holds the file's URI: its name is kept."""
     pointer = pointer_uri(out)
     if not storage.exists(pointer):
         return None
-    uri = json.loads(storage.read_bytes(pointer))["uri"]
+    named = json.loads(storage.read_bytes(pointer))
+    return join_uri(out, "checkpoints", named.get("file") or named["uri"].rstrip("/").rsplit("/", 1)[-1])
+
+
+def load_latest_checkpoint(storage: Storage, out: str) -> dict[str, Any] | None:
+    """The checkpoint ``latest.json`` points at, or None for a fresh run."""
+    uri = latest_checkpoint_uri(storage, out)
+    if uri is None:
+        return None
     return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)

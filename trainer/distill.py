@@ -55,7 +55,9 @@ from dinoflow.storage import Storage, join_uri
 from dinoflow.tracking import NullTracker, Tracker
 from trainer.batches import CropBatch, ImageStream, LoaderWatch, PreparedStep, SideStream, settle, streams_kept
 from trainer.checkpoints import (
+    RESUME_SETTINGS,
     TrainState,
+    check_resumed,
     checkpoint_bytes,
     load_latest_checkpoint,
     pointer_uri,
@@ -381,10 +383,7 @@ def distill(
     state = TrainState()
     checkpoint = load_latest_checkpoint(storage, cfg.out)
     if checkpoint is not None:
-        started_with = checkpoint_config(checkpoint["config"])
-        if isinstance(started_with, DistillConfig) and started_with.distill.objective != cfg.distill.objective:
-            raise ValueError(f"{cfg.out} was distilled with distill.objective = {started_with.distill.objective!r}, "
-                             f"not {cfg.distill.objective!r}: resume it with the same objective or use a new out")
+        check_resumed(cfg, checkpoint, "distillation", 1, ("distill.objective", *RESUME_SETTINGS))
     _check_same_teacher(storage, cfg, teacher_hash, resuming=checkpoint is not None)
     if checkpoint is not None:
         student.load_state_dict(checkpoint["student"])

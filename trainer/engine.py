@@ -44,6 +44,7 @@ from trainer.batches import (
 )
 from trainer.checkpoints import (
     TrainState,
+    check_resumed,
     checkpoint_bytes,
     load_latest_checkpoint,
     save_checkpoint,
@@ -582,6 +583,7 @@ def _pretrain(cfg: PretrainConfig, dataset: Any, collate: Callable, storage: Sto
         teacher.load_state_dict(student.state_dict())
         tracker.set_tags({"init_heads": heads_from or "fresh"})
     if checkpoint is not None:
+        check_resumed(cfg, checkpoint, "pretraining", strategy.world_size)
         student.load_state_dict(checkpoint["student"])
         teacher.load_state_dict(checkpoint["teacher"])
         objective.load_state_dict(checkpoint["objective"])

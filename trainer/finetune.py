@@ -48,13 +48,12 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from kornia import augmentation as K
 from kornia.augmentation.auto import RandAugment
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
-from dinoflow.config import FinetuneAugmentConfig, FinetuneConfig, validate
+from dinoflow.config import FinetuneAugmentConfig, FinetuneConfig
 from dinoflow.config_dump import to_yaml
 from dinoflow.progress import progress
 from dinoflow.run_files import BACKBONE_FILE, CLASSIFIER_FILE, SUMMARY_FILE
@@ -63,7 +62,8 @@ from dinoflow.tracking import NullTracker, Tracker
 from evaluators.classification import FolderImages, LabelledImages, labelled_images
 from evaluators.visualize import MAX_CONFUSION_CLASSES, confusion_matrix, save_confusion_matrix
 from trainer.batches import ImageStream, LoaderWatch
-from trainer.checkpoints import TrainState, load_latest_checkpoint, save_checkpoint, write_training_curves
+from trainer.checkpoints import (TrainState, check_same_run, load_latest_checkpoint, save_checkpoint,
+                                 write_training_curves)
 from trainer.data.augment import crop_boxes, resized_crops
 from trainer.data.datasets import BadImageTracker, FashionMnistDataset, collate_samples
 from trainer.data.normalization import IMAGENET_MEAN, IMAGENET_STD
@@ -360,22 +360,6 @@ def _checkpoint_bytes(model: Classifier, ema: Classifier | None, optimizer: torc
     return buffer.getvalue()
 
 
-def _check_same_run(checkpoint: dict[str, Any], cfg: FinetuneConfig) -> None:
-    """A resumed run keeps its weights, data, held-out images, crop size and classifier input
-    (:data:`RESUME_SETTINGS`)."""
-    started = validate(FinetuneConfig, yaml.safe_load(checkpoint["config"]))
-
-    def setting(config: FinetuneConfig, dotted: str) -> Any:
-        section, _, name = dotted.rpartition(".")
-        return getattr(getattr(config, section) if section else config, name)
-
-    differ = [f"{key} = {setting(cfg, key)!r} (the run: {setting(started, key)!r})"
-              for key in RESUME_SETTINGS if setting(cfg, key) != setting(started, key)]
-    if differ:
-        raise ValueError(f"{cfg.out} holds a fine-tuning run started otherwise: {'; '.join(differ)}; resume it with "
-                         "its settings or use a new out")
-
-
 def finetune(cfg: FinetuneConfig, storage: Storage, tracker: Tracker | None = None) -> dict[str, Any]:
     """Fine-tune (or resume fine-tuning) into ``cfg.out``; returns the summary written to
     ``summary.json``: the final top-1/top-5 on the test split (and ``val_*`` on the held-out
@@ -416,7 +400,7 @@ def _finetune(cfg: FinetuneConfig, storage: Storage, tracker: Tracker, strategy:
     checkpoint = load_latest_checkpoint(storage, cfg.out)
     state = TrainState()
     if checkpoint is not None:
-        _check_same_run(checkpoint, cfg)
+        check_same_run(cfg, checkpoint["config"], RESUME_SETTINGS, "fine-tuning", cfg.out)
         model.load_state_dict(checkpoint["model"])
         state = TrainState.from_checkpoint(checkpoint)
     ema = None

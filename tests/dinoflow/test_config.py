@@ -100,6 +100,13 @@ def test_bad_yaml_and_bad_presets(tmp_path: Path) -> None:
         load_config(DemoConfig, looped)
     with pytest.raises(ConfigError, match="preset 'no-such-preset' not found; available: .*demo"):
         load_config(DemoConfig, "no-such-preset")
+    with pytest.raises(ConfigError, match="preset file '.*/runs/demo.yaml' not found"):  # not the built-in demo
+        load_config(DemoConfig, tmp_path / "runs" / "demo.yaml")
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "child.yaml").write_text("_base_: ../nowhere/demo\n")
+    with pytest.raises(ConfigError, match="preset file '../nowhere/demo' not found"):
+        load_config(DemoConfig, sub / "child.yaml")
     unknown = tmp_path / "unknown.yaml"
     unknown.write_text("tracking:\n  experimnt: x\n")
     with pytest.raises(ConfigError, match="unknown key 'tracking.experimnt'"):
@@ -112,6 +119,21 @@ def test_cross_field_check_names_the_fields() -> None:
     assert str(caught.value) == (
         "invalid PretrainConfig: crops.local_crop_size = 12 is not a multiple of model.patch_size = 7"
     )
+
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("crops.global_crop_scale=[1.0,0.32]", r"crops.global_crop_scale = \[1.0, 0.32\] must hold 0 < low <= high <= 1"),
+    ("crops.local_crop_scale=[0,0.3]", r"crops.local_crop_scale = \[0.0, 0.3\] must hold 0 < low <= high <= 1"),
+    ("crops.local_crop_scale=[0.05,2]", r"crops.local_crop_scale = \[0.05, 2.0\] must hold"),
+    ("loss.mask_ratio_min=0.9", r"loss.mask_ratio_min = 0.9 must be at most loss.mask_ratio_max = 0.5"),
+    ("optim.epochs=inf", r"optim.epochs = 'inf': Input should be a finite number"),
+    ("loss.student_temp=nan", r"loss.student_temp = 'nan': Input should be a finite number"),
+])
+def test_values_that_would_fail_later_are_refused_naming_them(override: str, message: str) -> None:
+    """Accepted, each failed at the first step (or the schedule) with an error naming no setting."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(PretrainConfig, "tiny", [override])
 
 
 def test_config_is_frozen_and_flattens() -> None:

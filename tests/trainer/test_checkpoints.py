@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from dinoflow.storage import Storage
-from trainer.checkpoints import load_latest_checkpoint, save_checkpoint
+from trainer.checkpoints import latest_checkpoint_uri, load_latest_checkpoint, save_checkpoint
 
 
 def test_checkpoints_are_found_only_through_the_pointer(tmp_path) -> None:
@@ -25,3 +25,20 @@ def _payload(step: int) -> bytes:
     buffer = io.BytesIO()
     torch.save({"step": step, "weights": torch.ones(3) * step}, buffer)
     return buffer.getvalue()
+
+
+def test_a_copied_run_folder_resumes_from_its_own_checkpoint(tmp_path) -> None:
+    import json
+    import shutil
+
+    storage = Storage()
+    save_checkpoint(storage, str(tmp_path / "a"), _payload(100), 100)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    save_checkpoint(storage, str(tmp_path / "a"), _payload(200), 200, keep=1)  # the original moves on
+    assert load_latest_checkpoint(storage, str(tmp_path / "b"))["step"] == 100
+    own = tmp_path / "b" / "checkpoints" / "step_000000100.pt"
+    assert latest_checkpoint_uri(storage, str(tmp_path / "b")) == str(own)
+    # a pointer from before the file's name was written alone: its URI's name, in the folder read
+    (tmp_path / "b" / "checkpoints" / "latest.json").write_text(
+        json.dumps({"step": 100, "uri": str(tmp_path / "gone" / "checkpoints" / "step_000000100.pt")}))
+    assert load_latest_checkpoint(storage, str(tmp_path / "b"))["step"] == 100

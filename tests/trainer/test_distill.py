@@ -17,7 +17,7 @@ from dinoflow.storage import Storage
 from tests.trainer.host_reads import host_reads
 from tests.trainer.test_engine import SCHED
 from trainer.batches import CropBatch
-from trainer.checkpoints import load_latest_checkpoint
+from trainer.checkpoints import latest_checkpoint_uri, load_latest_checkpoint
 from trainer.data.augment import MultiCrop
 from trainer.data.datasets import collate_samples
 from trainer.distill import (
@@ -197,7 +197,7 @@ def test_resume_is_exact_and_student_exports(teacher_run: Path, tmp_path: Path, 
         distill(config(split, "max_steps=7"), dataset, collate_samples, storage,
                 teacher=(other_teacher, teacher[1]))
     other = "heads" if objective == "features" else "features"
-    with pytest.raises(ValueError, match=f"distill.objective = '{objective}', not '{other}'"):
+    with pytest.raises(ValueError, match=f"distill.objective = '{other}' \\(the run: '{objective}'\\)"):
         distill(student_config(teacher_run, split, "max_steps=7", f"distill.objective={other}"), dataset,
                 collate_samples, storage)
 
@@ -206,7 +206,7 @@ def test_resume_is_exact_and_student_exports(teacher_run: Path, tmp_path: Path, 
     assert exported.embed_dim == 16
     for key, tensor in exported.state_dict().items():
         assert torch.equal(tensor, want["teacher"][f"backbone.{key}"]), key
-    checkpoint_file = json.loads((tmp_path / "whole" / "checkpoints" / "latest.json").read_text())["uri"]
+    checkpoint_file = latest_checkpoint_uri(storage, str(tmp_path / "whole"))
     from_training = load_backbone(checkpoint_file, "training", storage, exported.arch_kwargs)
     images = torch.rand(3, 3, 28, 28)
     torch.testing.assert_close(from_training.eval()(images), exported.eval()(images), rtol=0, atol=0)

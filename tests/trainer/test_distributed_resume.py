@@ -9,7 +9,6 @@ by ``dinoflow pretrain --nproc 2`` for the engine's loop) starts 2 processes tha
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from tests.trainer.test_distributed import (
     _run,
     _wait,
 )
+from trainer.checkpoints import load_latest_checkpoint
 from trainer.models.head_weights import find_heads
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -119,8 +119,7 @@ def _finish(process: subprocess.Popen, out: Path, log: str) -> None:
 
 
 def _latest(out: Path) -> dict:
-    pointer = json.loads((out / "checkpoints" / "latest.json").read_text())
-    return torch.load(pointer["uri"], weights_only=True)
+    return load_latest_checkpoint(Storage(), str(out))
 
 
 def _tracked_steps(out: Path) -> list[list[int]]:

@@ -321,6 +321,15 @@ def test_a_fresh_run_starts_from_init_weights_and_a_resumed_one_ignores_them(tmp
     broken = config(f"out={tmp_path / 'run'}", "max_steps=2", f"init_weights={tmp_path / 'missing.safetensors'}",
                     "data.max_bad_fraction=0.1", "seed=7")
     assert pretrain(broken, _RandomImages(), collate_samples, Storage())["steps"] == 2
+    # ... but not under another seed, batch or architecture: named, the checkpoint kept
+    moved_on = config(f"out={tmp_path / 'run'}", "max_steps=3", "data.max_bad_fraction=0.1", "seed=8",
+                      f"optim.batch_size={cfg.optim.batch_size * 2}", "model.num_register_tokens=1")
+    batch = cfg.optim.batch_size
+    with pytest.raises(ValueError, match=r"holds a pretraining run started otherwise: seed = 8 \(the run: 7\); "
+                       r"model.num_register_tokens = 1 \(the run: 0\); the global batch \(optim.batch_size x "
+                       rf"ranks\) = {batch * 2} \(the run: {batch}\); resume it with its settings"):
+        pretrain(moved_on, _RandomImages(), collate_samples, Storage())
+    assert load_latest_checkpoint(Storage(), str(tmp_path / "run"))["step"] == 2
     fresh = config(f"out={tmp_path / 'other'}", "max_steps=1", f"init_weights={tmp_path / 'missing.safetensors'}")
     with pytest.raises(Exception, match="missing.safetensors"):
         pretrain(fresh, _RandomImages(), collate_samples, Storage())
