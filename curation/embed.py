@@ -7,7 +7,7 @@ knows nothing of semantics, so it suits dedup tests and benchmarks, not retrieva
 
 Layout under ``out_uri`` (each object written atomically)::
 
-    meta.json                     {"count", "part_size", "dtype", "embedder"}: checked on resume
+    meta.json                     what the parts are of: checked on resume (:func:`embed_dataset`)
     part-00000.npy                (n, F) float16/float32, rows in dataset order, bad images left out
     part-00000.json               {"ids": [...], "bad": [...]}: written last, marks the part done
     index.json                    {"parts", "count", "dim", "dtype", "bad"}: written when all are done
@@ -18,11 +18,12 @@ part whose ``.json`` exists, so an interrupted job resumes at part granularity.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -32,10 +33,12 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from dinoflow.progress import progress
 from dinoflow.storage import Storage, join_uri
-from trainer.data.datasets import BadImageTracker, Sample, collate_samples
+from trainer.data.datasets import BadImageTracker, FashionMnistDataset, ImageListDataset, Sample, collate_samples
+from trainer.data.shards import ShardDataset
 
 Embedder = Callable[[Tensor], Tensor | np.ndarray]
-"""uint8 images ``(B, 3, S, S)`` -> features ``(B, F)``."""
+"""uint8 images ``(B, 3, S, S)`` -> features ``(B, F)``. One with weights carries their sha256 as
+``weights_sha256`` (:func:`backbone_embedder`'s do): its name alone does not say which weights."""
 
 EmbeddingDtype = Literal["float16", "float32"]
 
@@ -62,7 +65,9 @@ def pixel_embedder(side: int = 16) -> Embedder:
 def backbone_embedder(model: nn.Module, size: int = 224, patch_size: int | None = None,
                       device: str | torch.device | None = None, amp_dtype: torch.dtype | None = None
                       ) -> Embedder:
-    """The final normalised CLS token of a dinoflow backbone, on images resized to ``size``."""
+    """The final normalised CLS token of a dinoflow backbone, on images resized to ``size``; it
+    carries the backbone's digest (``weights_sha256``), so a resumed pass never mixes two backbones."""
+    from evaluators.feature_parts import backbone_digest
     from evaluators.features import extract_features, to_model_input
 
     patch = patch_size or int(getattr(model, "patch_size", 14))
@@ -74,6 +79,7 @@ def backbone_embedder(model: nn.Module, size: int = 224, patch_size: int | None 
         return features
 
     embed.__name__ = f"backbone{size}"
+    embed.weights_sha256 = backbone_digest(model)  # type: ignore[attr-defined]
     return embed
 
 
@@ -99,6 +105,40 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def _keys_sha256(keys: Iterable[str]) -> str:
+    digest = hashlib.sha256()
+    for key in keys:
+        digest.update(key.encode() + b"\0")  # no key holds a NUL: it ends each unambiguously
+    return digest.hexdigest()
+
+
+def pool_identity(dataset: Dataset[Sample]) -> dict[str, Any]:
+    """Which images a pass over ``dataset`` embeds, known without decoding any: every image's key in
+    order (sha256) and the size each is loaded at.
+
+    Why keys: two pools of one size are otherwise alike, and a resumed pass would hand back the
+    other pool's embeddings. A shard set's images are named by their shard and byte range (what
+    :meth:`~trainer.data.shards.ShardDataset.location` tells; its member names are not public).
+    Raises TypeError for another kind of dataset, whose keys cannot be known without decoding."""
+    if isinstance(dataset, ImageListDataset):
+        keys: Iterable[str] = (str(key) for key in dataset.keys)
+    elif isinstance(dataset, ShardDataset):
+        keys = (f"{shard}@{offset}+{size}" for shard, offset, size in map(dataset.location, range(len(dataset))))
+    elif isinstance(dataset, FashionMnistDataset):
+        keys = (f"{dataset.root_uri}#{dataset.split}/{index}" for index in range(len(dataset)))  # its Sample.key
+    else:
+        raise TypeError(f"cannot tell which images a {type(dataset).__name__} holds without decoding them; "
+                        "embed an ImageListDataset (or ImageFolderDataset), ShardDataset or FashionMnistDataset")
+    return {"load_size": dataset.load_size, "keys_sha256": _keys_sha256(keys)}
+
+
+def _differences(found: dict[str, Any], wanted: dict[str, Any]) -> str:
+    """The fields where ``found`` and ``wanted`` differ, with both values (a digest by name only)."""
+    differ = sorted(k for k in found.keys() | wanted.keys() if found.get(k) != wanted.get(k))
+    return ", ".join(k if k.endswith("_sha256") else f"{k} ({found.get(k)!r} there, {wanted.get(k)!r} here)"
+                     for k in differ)
+
+
 def embed_dataset(
     dataset: Dataset[Sample],
     embedder: Embedder,
@@ -113,8 +153,10 @@ def embed_dataset(
 ) -> Embeddings:
     """Embed every image of ``dataset`` into parts under ``out_uri``; resumes finished parts.
 
-    Raises ValueError when ``out_uri`` holds an embedding of another pool (other count, part
-    size, dtype or embedder), or when more than ``max_bad_fraction`` images cannot be decoded.
+    ``meta.json`` records what the parts are of: the images (:func:`pool_identity`), the embedder's
+    name and weights (``weights_sha256``, when it carries one), the part size and dtype. Raises
+    ValueError when ``out_uri`` holds parts of anything else (naming where they differ: nothing is
+    mixed in, nothing deleted), or when more than ``max_bad_fraction`` images cannot be decoded.
     """
     if dtype not in ("float16", "float32"):
         raise ValueError(f"dtype must be float16 or float32, got {dtype!r}")
@@ -122,13 +164,14 @@ def embed_dataset(
         raise ValueError(f"part_size and batch_size must be >= 1, got {part_size}, {batch_size}")
     count = len(dataset)  # type: ignore[arg-type]
     meta = {"count": count, "part_size": part_size, "dtype": dtype,
-            "embedder": embedder_name or getattr(embedder, "__name__", type(embedder).__name__)}
+            "embedder": embedder_name or getattr(embedder, "__name__", type(embedder).__name__),
+            "weights_sha256": getattr(embedder, "weights_sha256", None), **pool_identity(dataset)}
     meta_uri = join_uri(out_uri, "meta.json")
     if storage.exists(meta_uri):
         found = json.loads(storage.read_bytes(meta_uri))
         if found != meta:
-            raise ValueError(f"{out_uri} holds embeddings of another run ({found}), not {meta}; "
-                             "use a new output folder")
+            raise ValueError(f"{out_uri} holds embeddings of another run (it differs in {_differences(found, meta)}): "
+                             "give another output folder, or delete this one to embed again")
     else:
         storage.write_bytes(meta_uri, json.dumps(meta).encode())
     parts = -(-count // part_size)

@@ -29,7 +29,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -92,6 +92,13 @@ class CurationConfig:
                              f"{self.retrieve_per_seed}, {self.retrieve_clusters}")
         if self.batch_size < 1 or self.num_workers < 0:
             raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {self.batch_size}, {self.num_workers}")
+        for name in ("dedup_k", "load_size", "part_size", "shard_size"):  # refused now, not after the embedding pass
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.grid_examples < 0:
+            raise ValueError(f"grid_examples must be >= 0 (0: empty grids), got {self.grid_examples}")
+        if self.dtype not in get_args(EmbeddingDtype):
+            raise ValueError(f"dtype must be one of {', '.join(get_args(EmbeddingDtype))}, got {self.dtype!r}")
         if self.balance_target < 0:
             raise ValueError(f"balance_target must be >= 0, got {self.balance_target}")
         if self.balance_target and not self.balance_levels:
@@ -208,6 +215,7 @@ def run_curation(pool_uri: str, out_uri: str, storage: Storage, embedder: Embedd
     keys = [emb.ids[r] for r in rows]
     records = [{"id": emb.ids[r], "source": source_uri(emb.ids[r]), "rule": rule,
                 "component": int(dedup.component[r]), "clusters": clusters[r].tolist()} for r in rows]
+    storage.delete(join_uri(out_uri, "report.json"))  # an earlier run's: it must not outlive its shards in a crash
     report["shards"] = write_shards(keys, records, join_uri(out_uri, "shards"), storage, config.shard_size)
     lap("shards")
     # 6. grids

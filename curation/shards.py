@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 from collections.abc import Sequence
 from typing import Any
 
 from dinoflow.progress import progress
 from dinoflow.storage import Storage, join_uri
-from trainer.data.shards import check_index_fits, load_shard_index, write_shard_index
+from trainer.data.shards import SHARD_INDEX_SUFFIX, check_index_fits, load_shard_index, write_shard_index
 
 
 SHARD_MEMBER_MARK = ".tar#"  # a shard (``*.tar``, any case, as list_shards finds them) then its member
+WRITTEN_NAME = re.compile(rf"shard-\d{{5,}}\.tar(?:{re.escape(SHARD_INDEX_SUFFIX)})?")  # write_shards' shards, indexes
+MANIFEST = "manifest.jsonl"
 
 
 def shard_member(key: str) -> tuple[str, str] | None:
@@ -72,9 +75,15 @@ def write_shards(keys: Sequence[str], records: Sequence[dict[str, Any]], out_uri
                  shard_size: int = 1000) -> list[str]:
     """Tar shards ``shard-00000.tar`` ... (members ``<000000000>.<ext>`` and ``<...>.json`` with the
     record), each with its index beside it (:func:`~trainer.data.shards.write_shard_index`), and
-    ``manifest.jsonl`` (one record a line, with its ``shard`` and ``member``)."""
+    ``manifest.jsonl`` (one record a line, with its ``shard`` and ``member``).
+
+    An earlier run's shards and indexes that this one does not overwrite are deleted: training
+    reads every ``*.tar`` of the folder, so they would bring back images this curation removed.
+    Files of other names are left alone. Order: old manifest deleted, shards written, stale ones
+    deleted, manifest written last, so the folder holds a manifest only when it is exactly its set."""
     if len(keys) != len(records):
         raise ValueError(f"{len(keys)} keys but {len(records)} records")
+    storage.delete(join_uri(out_uri, MANIFEST))
     reader = ImageBytesReader(storage)
     shard_uris, manifest = [], []
     for start in progress(range(0, len(keys), shard_size), desc="write shards", unit="shard"):
@@ -93,6 +102,20 @@ def write_shards(keys: Sequence[str], records: Sequence[dict[str, Any]], out_uri
         storage.write_bytes(shard_uri, buffer.getvalue())
         write_shard_index(storage, shard_uri, buffer.getvalue())  # training reads it, not the whole shard, to start
         shard_uris.append(shard_uri)
-    storage.write_bytes(join_uri(out_uri, "manifest.jsonl"),
-                        "".join(json.dumps(row) + "\n" for row in manifest).encode())
+    _delete_stale(storage, out_uri, shard_uris)
+    storage.write_bytes(join_uri(out_uri, MANIFEST), "".join(json.dumps(row) + "\n" for row in manifest).encode())
     return shard_uris
+
+
+def _delete_stale(storage: Storage, out_uri: str, written: Sequence[str]) -> None:
+    """Delete the shards and indexes under ``out_uri`` named as :func:`write_shards` names them but
+    not among ``written`` (an earlier, bigger run's), each shard before its index (the listing's
+    order): a crash between leaves an index of nothing, which no reader lists."""
+    kept = {name for uri in written for name in (_name(uri), _name(uri) + SHARD_INDEX_SUFFIX)}
+    for uri in storage.list(out_uri):
+        if WRITTEN_NAME.fullmatch(_name(uri)) and _name(uri) not in kept:
+            storage.delete(uri)
+
+
+def _name(uri: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[-1]

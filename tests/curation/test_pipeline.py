@@ -4,6 +4,7 @@ shards, MLflow tracking, the CLI."""
 from __future__ import annotations
 
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -14,12 +15,14 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from curation.dedup import deduplicate
-from curation.embed import embed_dataset, embed_images, pixel_embedder
+from curation.embed import backbone_embedder, embed_dataset, embed_images, pixel_embedder, pool_identity
 from curation.kmeans import LevelConfig
 from curation.pipeline import CurationConfig, run_curation
 from curation.synthetic import COPY_KINDS, CopyPool, make_copy_pool, near_copy, removal_quality
 from dinoflow.storage import Storage
 from evaluators.synthetic import SceneConfig, make_scenes
+from tests.evaluators.test_features import tiny_vit
+from tests.trainer.data.test_shards import indexed_shards
 from trainer.data.datasets import ImageFolderDataset, decode_image
 from trainer.data.shards import ShardDataset
 
@@ -79,6 +82,67 @@ def test_embedding_resumes_and_checks_meta(tmp_path: Path) -> None:
         assert "another run" in str(err)
     else:
         raise AssertionError("a changed part_size must be refused")
+
+
+def test_embedding_refuses_a_folder_holding_another_pool_or_backbone(tmp_path: Path) -> None:
+    """Two pools of one size, two backbones of one shape: a resumed pass trusted ``meta.json``'s
+    count and embedder name, so it handed back the first pool's (or backbone's) embeddings. Now
+    refused, naming the folder and what differs; the parts already there stay as they were."""
+    storage = Storage()
+    _write_pool(tmp_path / "a", 3, 0, seed=0)
+    _write_pool(tmp_path / "b", 3, 0, seed=1)  # the same file names
+    out = str(tmp_path / "emb")
+    first = embed_dataset(ImageFolderDataset(storage, str(tmp_path / "a"), 48), pixel_embedder(6), out, storage)
+    written = {p.name: p.read_bytes() for p in (tmp_path / "emb").iterdir()}
+    with pytest.raises(ValueError, match=rf"^{re.escape(out)} holds embeddings of another run \(it differs in "
+                                         r"keys_sha256\): give another output folder, or delete this one"):
+        embed_dataset(ImageFolderDataset(storage, str(tmp_path / "b"), 48), pixel_embedder(6), out, storage)
+    with pytest.raises(ValueError, match=r"differs in load_size \(48 there, 40 here\)"):
+        embed_dataset(ImageFolderDataset(storage, str(tmp_path / "a"), 40), pixel_embedder(6), out, storage)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "emb").iterdir()} == written
+    again = embed_dataset(ImageFolderDataset(storage, str(tmp_path / "a"), 48), pixel_embedder(6), out, storage)
+    assert again.ids == first.ids
+    model = tiny_vit()
+    dataset = ImageFolderDataset(storage, str(tmp_path / "a"), 28)
+    embed_dataset(dataset, backbone_embedder(model, size=28), str(tmp_path / "net"), storage)
+    with torch.no_grad():
+        model.cls_token.add_(1.0)  # other weights, the same name ("backbone28")
+    with pytest.raises(ValueError, match=r"differs in weights_sha256\)"):
+        embed_dataset(dataset, backbone_embedder(model, size=28), str(tmp_path / "net"), storage)
+
+
+def test_the_pool_identity_of_shards_tells_their_images_apart(tmp_path: Path) -> None:
+    storage = Storage()
+    indexed_shards(storage, str(tmp_path / "a"), count=2, per_shard=3)
+    indexed_shards(storage, str(tmp_path / "b"), count=2, per_shard=3)
+    a, b = (pool_identity(ShardDataset(storage, str(tmp_path / name / "shards"), 48)) for name in "ab")
+    assert a != b and a == pool_identity(ShardDataset(storage, str(tmp_path / "a" / "shards"), 48))
+    with pytest.raises(TypeError, match="cannot tell which images a list holds"):
+        pool_identity([])  # type: ignore[arg-type]
+
+
+def test_a_rerun_with_another_eval_set_is_refused_at_its_embeddings(tmp_path: Path) -> None:
+    """``embeddings/eval-<i>`` is named by position: a rerun with another set at that position
+    would have decontaminated against the earlier set's embeddings."""
+    storage = Storage()
+    pool = _write_pool(tmp_path / "pool", 30, 5)
+    _write_fresh_copies(tmp_path / "eval-a", pool, _copied_groups(pool, 3), originals=30)
+    _write_fresh_copies(tmp_path / "eval-b", pool, _copied_groups(pool, 3), originals=30)
+    config = CurationConfig(dedup_threshold=0.85, load_size=48, grid_examples=1)
+    out = str(tmp_path / "out")
+    run_curation(str(tmp_path / "pool"), out, storage, pixel_embedder(6), config, (str(tmp_path / "eval-a"),))
+    with pytest.raises(ValueError, match=rf"^{re.escape(out)}/embeddings/eval-0 holds embeddings of another run"):
+        run_curation(str(tmp_path / "pool"), out, storage, pixel_embedder(6), config, (str(tmp_path / "eval-b"),))
+
+
+@pytest.mark.parametrize(("name", "value", "allowed"), [
+    ("shard_size", 0, ">= 1"), ("dedup_k", 0, ">= 1"), ("part_size", -1, ">= 1"), ("load_size", 0, ">= 1"),
+    ("grid_examples", -1, ">= 0"), ("dtype", "bfloat16", "one of float16, float32")])
+def test_config_refuses_sizes_and_dtypes_it_cannot_run_with(name: str, value: object, allowed: str) -> None:
+    """Before, ``shard_size=0`` failed in ``write_shards`` (``range() arg 3 must not be zero``)
+    after the whole embedding and dedup pass."""
+    with pytest.raises(ValueError, match=rf"^{name} must be {allowed}.*, got {value!r}$"):
+        CurationConfig(**{name: value})  # type: ignore[arg-type]
 
 
 def test_loaded_embeddings_are_the_parts_in_order_and_a_damaged_part_is_named(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from curation.shards import shard_member, source_uri, write_shards
 from tests.trainer.data.test_shards import CountedStorage, indexed_shards
-from trainer.data.shards import shard_index_uri
+from trainer.data.shards import SHARD_INDEX_SUFFIX, shard_index_uri
 
 
 def test_curated_shards_copy_pool_members_by_their_byte_ranges(tmp_path: Path) -> None:
@@ -55,3 +55,29 @@ def test_curated_shards_copy_an_image_whose_name_holds_a_hash(tmp_path: Path) ->
     (written,) = write_shards([key], [{"id": key}], str(tmp_path / "out"), storage)
     with tarfile.open(written) as tar:
         assert tar.extractfile("000000000.jpg").read() == b"jpeg bytes"  # type: ignore[union-attr]
+
+
+def test_a_smaller_rewrite_leaves_none_of_the_earlier_runs_shards(tmp_path: Path) -> None:
+    """Rewritten with fewer images, the folder held the earlier run's higher-numbered shards, which
+    training (every ``*.tar``) read: images the new curation removed. Other files stay; a rewrite
+    that fails midway leaves no manifest, the mark of a finished set."""
+    storage = CountedStorage()
+    (tmp_path / "pool").mkdir()
+    keys = []
+    for index in range(7):
+        (tmp_path / "pool" / f"{index}.png").write_bytes(b"png %d" % index)
+        keys.append(str(tmp_path / "pool" / f"{index}.png"))
+    out = tmp_path / "out"
+    write_shards(keys, [{"id": key} for key in keys], str(out), storage, shard_size=2)
+    assert len(list(out.glob("shard-*.tar"))) == 4
+    for other in ("notes.txt", "shard-7.tar", "shard-00009.tar.bak", "old-shard-00003.tar"):
+        (out / other).write_bytes(b"not write_shards'")
+    written = write_shards(keys[:3], [{"id": key} for key in keys[:3]], str(out), storage, shard_size=2)
+    ours = [f"shard-0000{i}.tar{index}" for i in range(2) for index in ("", SHARD_INDEX_SUFFIX)]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*ours, "manifest.jsonl", "notes.txt", "shard-7.tar",
+                                                            "shard-00009.tar.bak", "old-shard-00003.tar"])
+    assert [Path(uri).name for uri in written] == ["shard-00000.tar", "shard-00001.tar"]
+    assert len((out / "manifest.jsonl").read_text().splitlines()) == 3
+    with pytest.raises(FileNotFoundError):
+        write_shards([*keys[:3], str(tmp_path / "pool" / "gone.png")], [{"id": 0}] * 4, str(out), storage, 2)
+    assert not (out / "manifest.jsonl").exists()
