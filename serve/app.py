@@ -6,6 +6,8 @@ Routes:
   ``images`` (one or more), or as JSON ``{"images": ["<base64>", ...]}`` (data URLs accepted).
   Query: ``features`` (comma list of ``cls``, ``pooled``, ``patch``; default ``cls``) and
   ``format`` (``json``, or ``npy`` for exactly one feature kind: the array as a ``.npy`` file).
+  The answer names the model and registry version that computed the features (``model_version``;
+  the header ``X-Model-Version`` with ``npy``), which a champion swap may change between requests.
 * ``POST /v1/neighbours``: the same images in; the top ``k`` images of the index (cosine of the
   CLS features) out.
 * ``POST /v1/pca``: one image in; a PNG of its patch features' first three principal components
@@ -175,7 +177,9 @@ def create_app(model: ServedModel, index: NeighbourIndex | None = None, settings
         metrics.rejected.labels(reason).inc()
         return HTTPException(503, message, headers={"Retry-After": RETRY_AFTER_S})
 
-    async def features_of(pixels: torch.Tensor, queue: DynamicBatcher = batcher) -> dict[str, torch.Tensor]:
+    async def features_of(pixels: torch.Tensor,
+                          queue: DynamicBatcher = batcher) -> tuple[dict[str, torch.Tensor], ServedModel]:
+        """The features of ``pixels`` and the model that computed them (a swap may land while they wait)."""
         try:
             return await queue.run(pixels)
         except Overloaded as err:
@@ -256,15 +260,16 @@ def create_app(model: ServedModel, index: NeighbourIndex | None = None, settings
         if format == "npy" and len(kinds) != 1:
             raise HTTPException(400, f"format=npy returns one array: ask for one feature kind, got {kinds}")
         pixels = await pixels_of(request)
-        outputs = await features_of(pixels)
+        outputs, model = await features_of(pixels)
         if format == "npy":
             buffer = io.BytesIO()
             np.save(buffer, outputs[kinds[0]].numpy())
-            return Response(buffer.getvalue(), media_type="application/x-npy",
-                            headers={"X-Feature-Shape": ",".join(map(str, outputs[kinds[0]].shape))})
-        model = slot.current
+            headers = {"X-Feature-Shape": ",".join(map(str, outputs[kinds[0]].shape))}
+            if model.version is not None:
+                headers["X-Model-Version"] = model.version
+            return Response(buffer.getvalue(), media_type="application/x-npy", headers=headers)
         return JSONResponse({
-            "model": model.name, "count": len(pixels), "image_size": model.image_size,
+            "model": model.name, "model_version": model.version, "count": len(pixels), "image_size": model.image_size,
             "grid": [model.grid, model.grid],
             "shapes": {kind: list(outputs[kind].shape) for kind in kinds},
             "features": {kind: outputs[kind].tolist() for kind in kinds},
@@ -272,16 +277,19 @@ def create_app(model: ServedModel, index: NeighbourIndex | None = None, settings
 
     @app.post("/v1/classify")
     async def classify(request: Request, k: int = 5) -> dict[str, Any]:
-        model = slot.current
-        if model.classifier is None:
-            raise HTTPException(404, f"{model.name} has no classifier: serve a fine-tuned model (`dinoflow "
+        current = slot.current  # checked before the body is read; the answer is the model's that ran
+        if current.classifier is None:
+            raise HTTPException(404, f"{current.name} has no classifier: serve a fine-tuned model (`dinoflow "
                                      "finetune`'s folder, or one the finetune pipeline registered)")
-        if not 1 <= k <= len(model.classes):
-            raise HTTPException(400, f"k must be in [1, {len(model.classes)}], got {k}")
+        if not 1 <= k <= len(current.classes):
+            raise HTTPException(400, f"k must be in [1, {len(current.classes)}], got {k}")
         pixels = await pixels_of(request)
-        outputs = await features_of(pixels)
+        outputs, model = await features_of(pixels)
         if "probabilities" not in outputs:  # the champion watcher swapped in a model without a classifier
             raise overloaded("model_changed", "the served model changed to one without a classifier; retry")
+        if k > len(model.classes):
+            raise overloaded("model_changed", f"the served model changed to version {model.version} with "
+                                              f"{len(model.classes)} classes, fewer than k={k}; retry")
         top = outputs["probabilities"].topk(k, dim=1)
         return {"model": model.name, "model_version": model.version, "k": k, "results": [
             [{"class": model.classes[int(i)], "index": int(i), "probability": float(p)}
@@ -295,8 +303,8 @@ def create_app(model: ServedModel, index: NeighbourIndex | None = None, settings
         if not 1 <= k <= settings.max_k:
             raise HTTPException(400, f"k must be in [1, {settings.max_k}], got {k}")
         pixels = await pixels_of(request)
-        outputs = await features_of(pixels)
-        return {"model": slot.current.name, "index_size": len(index), "k": k,
+        outputs, model = await features_of(pixels)
+        return {"model": model.name, "index_size": len(index), "k": k,
                 "results": index.search(outputs["cls"], k)}
 
     async def one_image(request: Request, size: int, picture: str, queue: DynamicBatcher = batcher) -> torch.Tensor:
@@ -311,14 +319,14 @@ def create_app(model: ServedModel, index: NeighbourIndex | None = None, settings
     @app.post("/v1/pca")
     async def pca(request: Request, size: int = 224) -> Response:
         pixels = await one_image(request, size, "a PCA map")
-        patch = (await features_of(pixels))["patch"]  # (1, h*w, D)
+        patch = (await features_of(pixels))[0]["patch"]  # (1, h*w, D)
         (picture,) = await run_in_threadpool(pca_frames, patch, size)
         return Response(_png(picture), media_type="image/png")
 
     @app.post("/v1/attention")
     async def attention(request: Request, size: int = 224, heads: bool = False) -> Response:
         pixels = await one_image(request, size, "an attention map", looker)
-        looked = await features_of(pixels, looker)
+        looked, _ = await features_of(pixels, looker)
         maps = looked["maps"].numpy()  # (1, heads, h, w)
 
         def draw() -> bytes:
@@ -346,7 +354,7 @@ def create_app(model: ServedModel, index: NeighbourIndex | None = None, settings
         if format not in ("apng", "zip"):
             raise HTTPException(400, f"unknown format {format!r}; allowed: apng, zip")
         pixels = await pixels_of(request, frames=True)  # (n, 3, S, S): every frame of every file, in order
-        patch = (await features_of(pixels))["patch"]  # (n, h*w, D)
+        patch = (await features_of(pixels))[0]["patch"]  # (n, h*w, D)
 
         def encode() -> bytes:
             pictures = pca_frames(patch, size)
@@ -364,12 +372,16 @@ def create_app(model: ServedModel, index: NeighbourIndex | None = None, settings
             raise HTTPException(404, "no index loaded")
         if not 0 <= item < len(index) or not 16 <= size <= 512:
             raise HTTPException(404, f"item must be in [0, {len(index)}) and size in [16, 512]")
-        data = await run_in_threadpool(index.image_bytes, item)
+
+        def thumbnail() -> bytes:
+            """Read, decoded as the model saw it and re-encoded: never the stored bytes as they are."""
+            pixels = decode_upload(index.image_bytes(item), size, settings.max_pixels)
+            return _png(Image.fromarray(pixels.permute(1, 2, 0).numpy()))
+
         try:
-            pixels = decode_upload(data, size, settings.max_pixels)  # re-encoded: never the stored bytes as-is
+            return Response(await run_in_threadpool(thumbnail), media_type="image/png")
         except ImageError as err:
             raise HTTPException(422, f"indexed image {item} can no longer be read: {err}") from None
-        return Response(_png(Image.fromarray(pixels.permute(1, 2, 0).numpy())), media_type="image/png")
 
     return app
 

@@ -13,6 +13,11 @@ Overload is bounded, never queued without limit: at most ``max_queue`` requests 
 (one more raises :class:`Overloaded` at once), and :meth:`DynamicBatcher.run` gives up after
 ``timeout_s`` (:class:`RequestTimeout`), cancelling its job so the worker skips it. The service
 turns both into a 503 that says so; the worker, and every other request, go on.
+
+Why ``forward`` returns what ran a batch beside its outputs, handed to each request with its rows:
+the model may be swapped while a request waits in the queue (:mod:`serve.reload`), so a request
+must read its class names and version from the model that computed its features, not from the one
+current when it was queued or answered.
 """
 
 from __future__ import annotations
@@ -24,11 +29,13 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 import torch
 from torch import Tensor
 
-Forward = Callable[[Tensor], dict[str, Tensor]]
+Ran = TypeVar("Ran")  # what ran a batch (the service: its model)
+Forward = Callable[[Tensor], tuple[dict[str, Tensor], Ran]]
 
 
 class Overloaded(RuntimeError):
@@ -45,11 +52,12 @@ class _Job:
     future: Future = field(default_factory=Future)
 
 
-class DynamicBatcher:
+class DynamicBatcher(Generic[Ran]):
     """Runs ``forward`` on batches of the images submitted from any thread or event loop.
 
     Args:
-        forward: uint8 ``(B, 3, S, S)`` -> dict of tensors whose first axis is ``B``.
+        forward: uint8 ``(B, 3, S, S)`` -> (dict of tensors whose first axis is ``B``, what ran the
+            batch: given as it is to every request of the batch with its rows).
         max_batch_size: most images in one forward pass (1: no batching).
         max_wait_ms: longest wait for more requests after the first one of a batch.
         on_batch: called with the number of images of each batch run (metrics).
@@ -57,7 +65,7 @@ class DynamicBatcher:
         timeout_s: longest wait of :meth:`run` for its features (None: no limit).
     """
 
-    def __init__(self, forward: Forward, max_batch_size: int = 32, max_wait_ms: float = 5.0,
+    def __init__(self, forward: Forward[Ran], max_batch_size: int = 32, max_wait_ms: float = 5.0,
                  on_batch: Callable[[int], None] | None = None, max_queue: int | None = None,
                  timeout_s: float | None = None) -> None:
         if max_batch_size < 1:
@@ -91,7 +99,7 @@ class DynamicBatcher:
         return self.max_queue is not None and self._queued >= self.max_queue
 
     def submit(self, pixels: Tensor) -> Future:
-        """Queue uint8 images ``(n, 3, S, S)``; the future gives their slice of the features.
+        """Queue uint8 images ``(n, 3, S, S)``; the future gives their slice of the features and what ran them.
 
         Raises :class:`Overloaded` when ``max_queue`` requests are waiting already.
         """
@@ -106,8 +114,8 @@ class DynamicBatcher:
         self._queue.put(job)
         return job.future
 
-    async def run(self, pixels: Tensor) -> dict[str, Tensor]:
-        """``submit`` for an event loop: await the features of ``pixels``, at most ``timeout_s``.
+    async def run(self, pixels: Tensor) -> tuple[dict[str, Tensor], Ran]:
+        """``submit`` for an event loop: await the features of ``pixels`` and what ran them, at most ``timeout_s``.
 
         Raises :class:`Overloaded`, or :class:`RequestTimeout` (the job is cancelled: if it still
         waits in the queue, the worker drops it).
@@ -167,7 +175,7 @@ class DynamicBatcher:
 
     def _run(self, jobs: list[_Job], count: int) -> None:
         try:
-            outputs = self.forward(torch.cat([job.pixels for job in jobs]))  # each (count, ...)
+            outputs, ran = self.forward(torch.cat([job.pixels for job in jobs]))  # each output (count, ...)
         except Exception as err:  # noqa: BLE001 - every waiting request gets the error
             for job in jobs:
                 job.future.set_exception(err)
@@ -177,5 +185,5 @@ class DynamicBatcher:
         start = 0
         for job in jobs:
             end = start + len(job.pixels)
-            job.future.set_result({name: value[start:end] for name, value in outputs.items()})
+            job.future.set_result(({name: value[start:end] for name, value in outputs.items()}, ran))
             start = end

@@ -3,12 +3,16 @@
 Why CLS features, L2-normalised, in an exact ``IndexFlatIP``: the inner product is then the
 cosine, as in :mod:`evaluators.retrieval`, and an exact index needs no training and no tuning
 for the collections this serves (up to a few million images fit in memory). Images are decoded by
-the datasets of :mod:`trainer.data.datasets` at the served model's ``image_size``, so an indexed
-image and the same file uploaded to the service give the same pixels and the same feature.
+the datasets of :mod:`trainer.data.datasets` and cropped as :func:`~serve.model.decode_upload`
+prepares an upload, so an indexed image and the same file uploaded to the service give the same
+pixels and the same feature.
 
 On storage an index is a folder: ``index.faiss`` (faiss' own serialisation) and ``index.json``
-(the keys, i.e. each vector's image URI, in order, plus the model and image size it was built
-with, and the images that could not be decoded).
+(the keys, i.e. each vector's image URI, in order, plus the model, the fingerprint of its weights,
+the image size and pixel transform it was built with, and the images that could not be decoded).
+Why the fingerprint and the transform: another model of the same width, or the same model on
+pixels prepared otherwise, would answer with neighbours that mean nothing, and nothing would say
+so; :func:`load_index` refuses such an index, naming what differs and how to rebuild it.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import torch.nn.functional as F
 
 from dinoflow.progress import progress
 from dinoflow.storage import Storage, join_uri
-from serve.model import ServedModel
+from serve.model import PIXEL_TRANSFORM, ServedModel, centre_crop, load_size
 
 SourceKind = Literal["folder", "shards"]
 INDEX_FILE = "index.faiss"
@@ -52,9 +56,9 @@ def build_index(model: ServedModel, source_uri: str, out_uri: str, kind: SourceK
 
     storage = storage or Storage()
     if kind == "folder":
-        dataset: Any = ImageFolderDataset(storage, source_uri, load_size=model.image_size)
+        dataset: Any = ImageFolderDataset(storage, source_uri, load_size=load_size(model.image_size))
     elif kind == "shards":
-        dataset = ShardDataset(storage, source_uri, load_size=model.image_size)
+        dataset = ShardDataset(storage, source_uri, load_size=load_size(model.image_size))
     else:
         raise ValueError(f"unknown source kind {kind!r}; allowed: folder, shards")
     keys: list[str] = []
@@ -65,7 +69,7 @@ def build_index(model: ServedModel, source_uri: str, out_uri: str, kind: SourceK
         skipped += batch.bad_keys
         if not batch.keys:
             continue
-        features = model.embed(batch.images)["cls"]  # (B, D)
+        features = model.embed(centre_crop(batch.images, model.image_size))["cls"]  # (B, D)
         vectors = np.ascontiguousarray(F.normalize(features, dim=-1).numpy(), dtype=np.float32)
         if index is None:
             index = faiss.IndexFlatIP(vectors.shape[1])
@@ -73,8 +77,8 @@ def build_index(model: ServedModel, source_uri: str, out_uri: str, kind: SourceK
         keys += batch.keys
     if index is None:
         raise ValueError(f"no decodable image under {source_uri} ({len(skipped)} bad)")
-    meta = {"model": model.name, "image_size": model.image_size, "dim": int(index.d), "metric": "cosine",
-            "source": source_uri, "kind": kind, "count": len(keys), "keys": keys, "skipped": skipped}
+    meta = {"model": model.name, **index_fields(model), "metric": "cosine", "source": source_uri, "kind": kind,
+            "count": len(keys), "keys": keys, "skipped": skipped}
     storage.write_bytes(join_uri(out_uri, INDEX_FILE), faiss.serialize_index(index).tobytes())
     storage.write_bytes(join_uri(out_uri, META_FILE), json.dumps(meta, indent=1).encode())
     return meta
@@ -113,8 +117,20 @@ class NeighbourIndex:
         return self.storage.read_bytes(key)
 
 
+def index_fields(model: ServedModel) -> dict[str, Any]:
+    """What an index's vectors depend on: the feature width, the image size, the pixel transform and
+    the weights (their SHA-256, :func:`trainer.distill.fingerprint`: a pass over every weight, a few
+    seconds for ViT-g, once when an index is built or loaded)."""
+    from trainer.distill import fingerprint
+
+    return {"dim": model.embed_dim, "image_size": model.image_size, "transform": PIXEL_TRANSFORM,
+            "backbone_sha256": fingerprint(model.backbone)}
+
+
 def load_index(uri: str, model: ServedModel | None = None, storage: Storage | None = None) -> NeighbourIndex:
-    """Read an index folder; with ``model``, check it was built at the same feature size and image size."""
+    """Read an index folder; with ``model``, refuse it unless it was built with the same weights,
+    feature size, image size and pixel transform (:func:`index_fields`; an index from before one of
+    them was recorded is refused too), naming each difference and the command that rebuilds it."""
     import faiss
 
     storage = storage or Storage()
@@ -122,7 +138,13 @@ def load_index(uri: str, model: ServedModel | None = None, storage: Storage | No
     index = faiss.deserialize_index(np.frombuffer(storage.read_bytes(join_uri(uri, INDEX_FILE)), dtype=np.uint8))
     if index.ntotal != len(meta["keys"]):
         raise ValueError(f"{uri}: the faiss index holds {index.ntotal} vectors but index.json {len(meta['keys'])} keys")
-    if model is not None and (meta["dim"] != model.embed_dim or meta["image_size"] != model.image_size):
-        raise ValueError(f"{uri}: built with dim={meta['dim']}, image_size={meta['image_size']} (model {meta['model']}); "
-                         f"the served model has dim={model.embed_dim}, image_size={model.image_size}")
+    if model is not None:
+        served = index_fields(model)
+        differ = [f"{name}={meta.get(name, '(not recorded: built by an older dinoflow)')} (served: {value})"
+                  for name, value in served.items() if meta.get(name) != value]
+        if differ:
+            raise ValueError(f"{uri}: its vectors are not the served model's features: {'; '.join(differ)} (built "
+                             f"with model {meta['model']}); rebuild it for {model.name}: dinoflow index build "
+                             f"--model {model.name} --image-size {model.image_size} --images {meta['source']} "
+                             f"--kind {meta['kind']} --out {uri}")
     return NeighbourIndex(index=index, keys=list(meta["keys"]), meta=meta, storage=storage)

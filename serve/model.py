@@ -1,12 +1,14 @@
 """A served backbone: loaded from an MLflow model URI or a weight file, and its features.
 
-Why one decode path: the service, the index builder and the training data loaders must turn the
-same bytes into the same pixels, so images are decoded exactly as
-:func:`trainer.data.datasets.decode_image` does it (RGB, shorter side resized bicubic, centre
-crop to ``image_size``), and the features are the library's: the CLS feature is
-:func:`evaluators.features.extract_features` (``layers=1``) on :func:`to_model_input` of those
-pixels. Unlike ``decode_image``, a bad image raises :class:`ImageError` with the reason, because
-the reason goes back to the client.
+Why one decode path: the service, the index builder, the training data loaders and the evaluations
+must turn the same bytes into the same pixels, so images are decoded by
+:func:`trainer.data.datasets.read_image` (RGB, upright as their EXIF orientation says, shorter side
+resized bicubic, the centre square kept) and prepared as the k-NN, linear and fine-tuned
+classifiers' scores were (:mod:`evaluators.classification`): decoded at ``image_size / 0.875``
+(256 px for 224), the centre ``image_size`` square kept (:func:`decode_upload`). The features are
+the library's: the CLS feature is :func:`evaluators.features.extract_features` (``layers=1``) on
+:func:`to_model_input` of those pixels. Unlike ``decode_image``, a bad image raises
+:class:`ImageError` with the reason, because the reason goes back to the client.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch import Tensor
 from dinoflow.registry import parse_registry_uri
 from dinoflow.run_files import BACKBONE_FILE, CLASSIFIER_FILE
 from dinoflow.storage import Storage
+from evaluators.classification import CROP_RATIO
 from evaluators.features import to_model_input
 from trainer.data.datasets import (
     DECODE_ERRORS,
@@ -33,6 +36,8 @@ from trainer.data.datasets import (
 )
 
 FEATURE_KINDS = ("cls", "pooled", "patch")
+# the pixels :func:`decode_upload` makes, recorded in an index (serve.index): one built otherwise is refused
+PIXEL_TRANSFORM = f"upright (EXIF), shorter side to round(image_size / {CROP_RATIO}), centre image_size square"
 
 
 class ImageError(ValueError):
@@ -46,7 +51,8 @@ class ServedModel:
     Attributes:
         backbone: a :class:`~trainer.models.vit.DinoVisionTransformer` (eval mode, CPU or GPU).
         patch_size: its patch side.
-        image_size: the square side images are resized and cropped to (a multiple of patch_size).
+        image_size: the side of the centre square the model sees (a multiple of patch_size):
+            :func:`decode_upload`.
         name: where it came from (URI), shown by ``/healthz``.
         version: the registry version for ``models:/`` URIs (an alias resolved when loading), else None.
         classifier: a fine-tuned model's :class:`~trainer.models.classifier.Classifier` around
@@ -103,12 +109,25 @@ class ServedModel:
         return {name: summary[name] for name in ("maps", "high_norm", "masks", "on_patches")}
 
 
+def load_size(image_size: int) -> int:
+    """The side images are decoded at before their centre ``image_size`` square is kept: the
+    evaluations' ``round(image_size / CROP_RATIO)``."""
+    return round(image_size / CROP_RATIO)
+
+
+def centre_crop(pixels: Tensor, size: int) -> Tensor:
+    """The centre ``size`` square of images ``(..., S, S)``, at the evaluations' offset."""
+    offset = (pixels.shape[-1] - size) // 2
+    return pixels[..., offset:offset + size, offset:offset + size]
+
+
 def decode_upload(data: bytes, image_size: int, max_pixels: int) -> Tensor:
-    """Encoded image bytes -> uint8 ``(3, image_size, image_size)``; :class:`ImageError` says why not."""
+    """Encoded image bytes -> uint8 ``(3, image_size, image_size)``, the evaluations' input
+    (module docstring); :class:`ImageError` says why not."""
     if not data:
         raise ImageError("empty file: expected a JPEG, PNG, WebP, GIF or BMP image")
     try:
-        return read_image(data, image_size, max_pixels)
+        return centre_crop(read_image(data, load_size(image_size), max_pixels), image_size)
     except TooManyPixels as err:
         raise ImageError(f"image is {err.width}x{err.height} = {err.width * err.height} pixels; "
                          f"the limit is {err.max_pixels}") from None

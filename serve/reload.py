@@ -2,9 +2,12 @@
 
 Why a slot read once per forward pass: the batcher calls :meth:`ModelSlot.embed`, which reads the
 current model once, so a whole batch runs on one model and a swap lands between two batches; no
-lock is held during a forward pass. A request decodes its images at the model's ``image_size``
-before it is queued, so a swap is refused unless the new model has the same ``image_size`` and
-``patch_size`` (pixels decoded for one are then valid for the other, and the PCA grid is the same).
+lock is held during a forward pass. The batch's requests get that model with their features, so
+the classes and version they answer with are those of the model that ran them, even when a swap
+landed while they waited (:mod:`serve.batching`). A request decodes its images at the model's
+``image_size`` before it is queued, so a swap is refused unless the new model has the same
+``image_size`` and ``patch_size`` (pixels decoded for one are then valid for the other, and the
+PCA grid is the same).
 
 Why polling: the MLflow registry has no change notifications; :class:`ChampionWatcher` resolves
 the alias of ``models:/<name>@<alias>`` every ``every_s`` seconds, loads the exact version it
@@ -39,13 +42,15 @@ class ModelSlot:
     def current(self) -> ServedModel:
         return self._model
 
-    def embed(self, pixels: Tensor) -> dict[str, Tensor]:
-        """:meth:`ServedModel.embed` of the model current when the batch starts."""
-        return self._model.embed(pixels)
+    def embed(self, pixels: Tensor) -> tuple[dict[str, Tensor], ServedModel]:
+        """:meth:`ServedModel.embed` of the model current when the batch starts, and that model."""
+        model = self._model
+        return model.embed(pixels), model
 
-    def attention(self, pixels: Tensor) -> dict[str, Tensor]:
-        """:meth:`ServedModel.attention` of the model current when the batch starts."""
-        return self._model.attention(pixels)
+    def attention(self, pixels: Tensor) -> tuple[dict[str, Tensor], ServedModel]:
+        """:meth:`ServedModel.attention` of the model current when the batch starts, and that model."""
+        model = self._model
+        return model.attention(pixels), model
 
     def swap(self, model: ServedModel) -> ServedModel:
         """Serve ``model`` from the next forward pass on; returns the previous one.

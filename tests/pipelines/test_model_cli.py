@@ -18,8 +18,7 @@ from evaluators.report import knn_accuracies
 from evaluators.suite import SuiteConfig
 from trainer.data.fashion_mnist import load_split
 from pipelines.cli import app
-from trainer.models.hf import load_hf_dir
-from trainer.models.hub import load_backbone, save_backbone
+from trainer.models.hub import load_backbone, read_weights, save_backbone
 from trainer.models.vit import build_vit
 
 
@@ -41,7 +40,7 @@ def test_export_to_every_format(weights: Path, tmp_path: Path) -> None:
         result = runner.invoke(app, ["export", "--weights", str(weights), "--format", export_format,
                                      "--out", str(out), "--height", "28", "--width", "42"])
         assert result.exit_code == 0, result.output
-    state, arch = load_hf_dir(tmp_path / "hf")
+    state, arch = read_weights(str(tmp_path / "hf"), "hf", Storage())
     assert arch["num_register_tokens"] == 4 and set(state) == set(model.state_dict())
     images = torch.randn(1, 3, 28, 42)
     session = onnxruntime.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])

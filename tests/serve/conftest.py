@@ -19,6 +19,7 @@ from serve.index import build_index, load_index
 from serve.model import ServedModel, load_served_model
 from tests.servers import free_port
 from dinoflow.storage import Storage
+from trainer.data.datasets import read_image
 from trainer.models.classifier import Classifier, save_classifier
 from trainer.models.hub import load_backbone, save_backbone
 from trainer.models.vit import build_vit
@@ -41,6 +42,14 @@ def png_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def evaluation_pixels(data: bytes, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """``(3, size, size)`` uint8 as the evaluations prepare an image, written out: decoded with the
+    shorter side at ``size / 0.875`` (32 px for 28), the centre ``size`` square kept."""
+    load = round(size / 0.875)
+    offset = (load - size) // 2
+    return read_image(data, load)[:, offset:offset + size, offset:offset + size]
 
 
 def write_tiny_weights(path: Path, seed: int = 0) -> Path:

@@ -13,9 +13,9 @@ import requests
 import torch
 
 from evaluators.features import extract_features, labelled_features, to_model_input
-from trainer.data.datasets import decode_image
+from serve.model import decode_upload
 
-from .conftest import IMAGE_SIZE, PATCH_SIZE, Running, png_bytes
+from .conftest import IMAGE_SIZE, PATCH_SIZE, Running, evaluation_pixels, png_bytes
 
 
 def _files(paths: list) -> list[tuple[str, tuple[str, bytes, str]]]:
@@ -23,8 +23,8 @@ def _files(paths: list) -> list[tuple[str, tuple[str, bytes, str]]]:
 
 
 def _library(service: Running, paths: list) -> dict[str, torch.Tensor]:
-    """What the library computes for the same files: decoded as the datasets do, then extract_features."""
-    pixels = torch.stack([decode_image(p.read_bytes(), IMAGE_SIZE) for p in paths])  # (N, 3, S, S) uint8
+    """What the library computes for the same files: prepared as the evaluations do, then extract_features."""
+    pixels = torch.stack([evaluation_pixels(p.read_bytes()) for p in paths])  # (N, 3, S, S) uint8
     backbone = service.model.backbone
     cls = labelled_features(backbone, pixels, PATCH_SIZE)
     both, _ = extract_features(backbone, to_model_input(pixels, patch_size=PATCH_SIZE), with_patch_mean=True)
@@ -141,6 +141,33 @@ def test_neighbours_find_the_image_itself(service: Running) -> None:
     assert bad.status_code == 400 and "k must be in" in bad.json()["detail"]
 
 
+def test_an_indexed_image_is_decoded_off_the_event_loop_as_the_model_saw_it(service: Running,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoding blocks for as long as the image takes: on the event loop it would stall every other
+    request, so the thumbnail is decoded in the thread pool, as every upload is."""
+    import asyncio
+
+    from PIL import Image
+
+    import serve.app
+
+    decoded_on_loop: list[bool] = []
+
+    def decode(*args: object) -> torch.Tensor:
+        try:
+            asyncio.get_running_loop()
+            decoded_on_loop.append(True)
+        except RuntimeError:  # no event loop runs in this thread
+            decoded_on_loop.append(False)
+        return decode_upload(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(serve.app, "decode_upload", decode)
+    thumb = requests.get(service.url + "/v1/index/items/0/image", params={"size": 32}, timeout=10)
+    assert thumb.status_code == 200 and decoded_on_loop == [False]
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(thumb.content))),
+                                  evaluation_pixels(service.images[0].read_bytes(), 32).permute(1, 2, 0).numpy())
+
+
 def test_pca_map_is_a_png(service: Running) -> None:
     from PIL import Image
 
@@ -163,7 +190,7 @@ def test_attention_map_is_the_librarys(service: Running) -> None:
     assert response.status_code == 200, response.text
     image = Image.open(io.BytesIO(response.content))
     assert image.format == "PNG" and image.size == (64, 64) and image.mode == "RGB"
-    pixels = torch.stack([decode_image(service.images[-1].read_bytes(), IMAGE_SIZE)])
+    pixels = torch.stack([evaluation_pixels(service.images[-1].read_bytes())])
     summary = attention_summary(service.model.backbone, to_model_input(pixels, patch_size=PATCH_SIZE))
     colours = (attention_rgb(summary["maps"].numpy())[0] * 255).round().astype(np.uint8)  # (h, w, 3)
     cell = 64 // (IMAGE_SIZE // PATCH_SIZE)

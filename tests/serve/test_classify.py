@@ -1,8 +1,13 @@
 """A fine-tuned model served: ``/v1/classify`` ranks the classes as the classifier computes them,
-from a run folder and from an MLflow package; a backbone without a classifier gets a 404."""
+from a run folder and from an MLflow package, with the classes of the model that ran (a champion
+swapped in while a request waits); a backbone without a classifier gets a 404."""
 
 from __future__ import annotations
 
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -10,22 +15,22 @@ import requests
 import torch
 
 from dinoflow.storage import Storage
-from serve.app import create_app
-from serve.model import load_served_model
-from trainer.data.datasets import decode_image
-from trainer.models.classifier import class_probabilities
+from serve.app import ServeSettings, create_app
+from serve.model import ServedModel, load_served_model
+from trainer.models.classifier import Classifier, class_probabilities
 from trainer.models.hub import load_backbone
 from trainer.models.packaging import save_mlflow_model
 
-from .conftest import CLASSES, IMAGE_SIZE, PATCH_SIZE, Running, start_server
+from .conftest import CLASSES, IMAGE_SIZE, PATCH_SIZE, Running, evaluation_pixels, start_server, write_tiny_weights
+
 
 def expected(folder: Path, paths: list[Path]) -> np.ndarray:
-    """The classifier's probabilities of the files, decoded as the service decodes them."""
+    """The classifier's probabilities of the files, prepared as the evaluations prepare them."""
     from trainer.models.classifier import load_classifier
 
     model, _ = load_classifier(load_backbone(str(folder / "backbone.safetensors"), "safetensors"),
                                str(folder / "classifier.safetensors"), Storage())
-    pixels = torch.stack([decode_image(p.read_bytes(), IMAGE_SIZE) for p in paths])
+    pixels = torch.stack([evaluation_pixels(p.read_bytes()) for p in paths])
     return class_probabilities(model, pixels, PATCH_SIZE)
 
 
@@ -62,7 +67,7 @@ def test_a_packaged_fine_tuned_model_serves_the_same_classes(finetuned: Path, im
                                 classifier=finetuned / "classifier.safetensors")
     model = load_served_model(str(package))
     assert model.classes == CLASSES
-    pixels = torch.stack([decode_image(p.read_bytes(), IMAGE_SIZE) for p in image_folder])
+    pixels = torch.stack([evaluation_pixels(p.read_bytes()) for p in image_folder])
     np.testing.assert_allclose(model.embed(pixels)["probabilities"].numpy(), expected(finetuned, image_folder),
                                rtol=1e-4, atol=1e-6)
 
@@ -72,3 +77,64 @@ def test_a_backbone_without_a_classifier_says_so(service: Running) -> None:
     response = requests.post(service.url + "/v1/classify", files=files, timeout=10)
     assert response.status_code == 404 and "has no classifier" in response.text
     assert requests.get(service.url + "/healthz", timeout=10).json()["classes"] is None
+
+
+@dataclass
+class HeldModel(ServedModel):
+    """The served model whose forward passes wait for ``gate`` (``entered``: one is waiting)."""
+
+    gate: threading.Event = field(default_factory=threading.Event)
+    entered: threading.Event = field(default_factory=threading.Event)
+
+    def embed(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.entered.set()
+        assert self.gate.wait(30)
+        return super().embed(pixels)
+
+
+def test_a_request_waiting_through_a_swap_answers_with_the_model_that_ran_it(finetuned: Path,
+                                                                             image_folder: list[Path],
+                                                                             tmp_path: Path) -> None:
+    """A new champion swapped in while a request waits in the queue computes its features: the
+    request's classes and version are that model's (not the names of the old one's classes over the
+    new one's probabilities), and ``/v1/embed`` names the version that computed its vectors."""
+    first = load_served_model(str(finetuned))
+    held = HeldModel(first.backbone, first.patch_size, first.image_size, first.name, "1", first.classifier,
+                     first.classes)
+    backbone = load_backbone(str(write_tiny_weights(tmp_path / "second.safetensors", seed=4)), "safetensors")
+    torch.manual_seed(1)
+    classifier = Classifier(backbone, 5, "cls+avgpool")
+    torch.nn.init.normal_(classifier.head.weight, std=1.0)
+    second = ServedModel(backbone.eval(), PATCH_SIZE, IMAGE_SIZE, first.name, "2", classifier.eval(),
+                         ("ant", "bee", "cow", "doe", "elk"))
+    app = create_app(held, None, ServeSettings(max_batch_size=1, max_wait_ms=0))
+    server, thread, url = start_server(app)
+    files = [("images", (p.name, p.read_bytes(), "image/png")) for p in image_folder[:3]]
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            embedding = pool.submit(requests.post, url + "/v1/embed", files=files, timeout=60)
+            assert held.entered.wait(30)  # version 1 computes the embedding, held there
+            classifying = pool.submit(requests.post, url + "/v1/classify", params={"k": 4}, files=files, timeout=60)
+            deadline = time.monotonic() + 30
+            while app.state.batcher.queued < 1:  # the classification waits in the queue
+                assert time.monotonic() < deadline, "the classification never reached the queue"
+                time.sleep(0.01)
+            app.state.slot.swap(second)
+            held.gate.set()
+            embedded, classified = embedding.result(), classifying.result()
+        assert embedded.status_code == 200 and embedded.json()["model_version"] == "1"
+        assert classified.status_code == 200, classified.text
+        body = classified.json()
+        assert body["model_version"] == "2"
+        probabilities = class_probabilities(classifier, torch.stack([evaluation_pixels(p.read_bytes())
+                                                                     for p in image_folder[:3]]), PATCH_SIZE)
+        for row, ranked in zip(probabilities, body["results"]):
+            order = np.argsort(-row)[:4]
+            assert [r["class"] for r in ranked] == [second.classes[i] for i in order]
+            np.testing.assert_allclose([r["probability"] for r in ranked], row[order], rtol=1e-4, atol=1e-6)
+        npy = requests.post(url + "/v1/embed", params={"format": "npy"}, files=files, timeout=30)
+        assert npy.headers["X-Model-Version"] == "2"
+    finally:
+        held.gate.set()
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -20,8 +20,9 @@ from pipelines.cli import app
 from serve.model import load_served_model
 from tests.registry import promote_package
 from tests.servers import free_port
-from trainer.data.datasets import decode_image
 from trainer.models.packaging import save_mlflow_model
+
+from .conftest import evaluation_pixels
 
 
 @pytest.fixture
@@ -73,7 +74,7 @@ def test_index_build_and_serve_the_champion(champion: str, image_folder: list[Pa
         assert health["model"] == champion and health["image_size"] == 14 and health["index_size"] == 8
         files = [("images", (p.name, p.read_bytes(), "image/png")) for p in image_folder[:3]]
         embedded = requests.post(url + "/v1/embed", files=files, timeout=30).json()
-        pixels = torch.stack([decode_image(p.read_bytes(), 14) for p in image_folder[:3]])
+        pixels = torch.stack([evaluation_pixels(p.read_bytes(), 14) for p in image_folder[:3]])
         expected = labelled_features(model.backbone, pixels, 7).numpy()
         np.testing.assert_allclose(np.array(embedded["features"]["cls"]), expected, rtol=1e-5, atol=1e-5)
         found = requests.post(url + "/v1/neighbours", params={"k": 1}, files=files, timeout=30).json()["results"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -48,3 +50,29 @@ def test_index_of_another_model_is_refused(index_uri: str, tiny_weights: Path) -
         load_index(index_uri, other)
     with pytest.raises(ValueError, match="unknown source kind"):
         build_index(other, "x", "y", kind="zip")  # type: ignore[arg-type]
+
+
+
+def test_an_index_of_other_weights_or_an_older_transform_is_refused_saying_how_to_rebuild(
+        served_model: ServedModel, index_uri: str, tmp_path: Path) -> None:
+    """Another model of the same width and image size (other weights), or an index that does not
+    record the weights and pixel transform it was built with, would give meaningless neighbours."""
+    from .conftest import write_tiny_weights
+
+    other = load_served_model(str(write_tiny_weights(tmp_path / "other.safetensors", seed=1)))
+    with pytest.raises(ValueError, match=r"backbone_sha256=[0-9a-f]{64} \(served: [0-9a-f]{64}\)") as refused:
+        load_index(index_uri, other)
+    message = str(refused.value)
+    assert "dim=" not in message and "transform=" not in message  # only what differs is named
+    assert f"rebuild it for {other.name}: dinoflow index build --model {other.name} --image-size 28 --images" in message
+
+    old = tmp_path / "old"
+    shutil.copytree(index_uri, old)
+    meta = json.loads((old / "index.json").read_text())
+    for recorded in ("transform", "backbone_sha256"):  # as an index built before they were recorded
+        del meta[recorded]
+    (old / "index.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"transform=\(not recorded: built by an older dinoflow\) \(served: "
+                                         r"upright \(EXIF\), shorter side to round\(image_size / 0.875\)"):
+        load_index(str(old), served_model)
+    assert len(load_index(index_uri, served_model)) == 8  # the model that built it

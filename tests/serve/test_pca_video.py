@@ -11,9 +11,8 @@ import torch
 from PIL import Image
 
 from evaluators.visualize import pca_rgb
-from trainer.data.datasets import decode_image
 
-from .conftest import IMAGE_SIZE, PATCH_SIZE, Running, png_bytes
+from .conftest import IMAGE_SIZE, PATCH_SIZE, Running, evaluation_pixels, png_bytes
 
 GRID = IMAGE_SIZE // PATCH_SIZE
 
@@ -34,7 +33,7 @@ def _zip_frames(response: requests.Response) -> list[np.ndarray]:
 
 def _library_joint_pca(service: Running, frames: list[bytes], size: int) -> np.ndarray:
     """What the endpoint should return: the patch features of all frames, one pca_rgb over all of them."""
-    pixels = torch.stack([decode_image(data, IMAGE_SIZE) for data in frames])  # (n, 3, S, S)
+    pixels = torch.stack([evaluation_pixels(data) for data in frames])  # (n, 3, S, S)
     patch = service.model.embed(pixels)["patch"]  # (n, h*w, D)
     maps = patch.reshape(len(frames), GRID, GRID, -1).permute(0, 3, 1, 2).numpy()  # (n, D, h, w)
     colours = (pca_rgb(maps) * 255).round().astype(np.uint8)  # (n, h, w, 3)

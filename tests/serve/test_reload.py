@@ -19,10 +19,9 @@ from serve.app import ServeSettings, create_app
 from serve.index import load_index
 from serve.model import ServedModel, load_served_model
 from serve.reload import ChampionWatcher, ModelSlot
-from trainer.data.datasets import decode_image
 from trainer.models.packaging import save_mlflow_model
 
-from .conftest import start_server, write_tiny_weights
+from .conftest import evaluation_pixels, start_server, write_tiny_weights
 
 
 def _wait_for(url: str, condition, timeout_s: float = 60.0) -> dict:
@@ -56,7 +55,7 @@ def test_a_new_champion_is_served_without_a_restart(image_folder: list[Path], tm
     assert served.version == first and served.image_size == 14
     server, thread, url = start_server(create_app(served, None, ServeSettings(reload_every_s=0.2)))
     files = [("images", (p.name, p.read_bytes(), "image/png")) for p in image_folder[:3]]
-    pixels = torch.stack([decode_image(p.read_bytes(), 14) for p in image_folder[:3]])
+    pixels = torch.stack([evaluation_pixels(p.read_bytes(), 14) for p in image_folder[:3]])
     try:
         health = requests.get(url + "/healthz", timeout=10).json()
         assert health["model"] == "models:/tiny@champion" and health["model_version"] == first

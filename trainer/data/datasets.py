@@ -40,7 +40,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from dinoflow.storage import Storage
@@ -165,11 +165,35 @@ class TooManyPixels(ValueError):
         self.width, self.height, self.max_pixels = width, height, max_pixels
 
 
+# how a picture stored with each EXIF orientation is turned upright (ImageOps.exif_transpose's; 1: as stored)
+UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+           5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+           8: Image.Transpose.ROTATE_90}
+QUARTER_TURNS = (5, 6, 7, 8)  # the orientations stored a quarter turn from upright: width and height swap
+
+
+def exif_orientation(img: Image.Image) -> int | None:
+    """The EXIF (or XMP) orientation of an opened image, None when it has none or its EXIF cannot be
+    read: a broken EXIF block does not make the picture unreadable (viewers show it as stored)."""
+    try:
+        orientation = img.getexif().get(ExifTags.Base.Orientation)
+    except DECODE_ERRORS:
+        return None
+    return orientation if isinstance(orientation, int) else None
+
+
 def read_region(data: bytes, load_size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
                 max_aspect: float = 1.0) -> tuple[torch.Tensor, float]:
     """An encoded image's region of aspect at most ``max_aspect`` (module docstring) as
     ``(3, load_size, load_size)`` uint8, and that region's aspect ratio (width / height); raises
     one of ``DECODE_ERRORS``.
+
+    The image is the upright one its EXIF (or XMP) orientation says a viewer shows (a phone stores
+    a portrait photo sideways with orientation 6): the region and its aspect are the upright
+    image's. Why the square is turned upright rather than the decoded image: the centred region of
+    a turned image is the turned centred region (:func:`region_size` is the same with width and
+    height swapped), a draft's extent (below) holds only in the stored orientation, and turning the
+    small square costs next to nothing (nothing at all without an orientation).
 
     A large JPEG is decoded at a reduced scale (module docstring), its region's shorter side kept
     at least ``DRAFT_GAP x load_size``.
@@ -185,9 +209,13 @@ def read_region(data: bytes, load_size: int, max_pixels: int = DEFAULT_MAX_PIXEL
         side = max(int(min(region_width, region_height)), 1)
         draft = img.draft(None, (width * DRAFT_GAP * load_size // side, height * DRAFT_GAP * load_size // side))
         img.load()
-        rgb = to_rgb(img)
-    pixels = _to_tensor(resize_center_crop(rgb, load_size, draft[1][2:] if draft else None, max_aspect))
-    return pixels, region_width / region_height
+        square = resize_center_crop(to_rgb(img), load_size, draft[1][2:] if draft else None, max_aspect)
+        orientation = exif_orientation(img)  # read once loaded: a PNG may hold it after the pixels
+    if orientation in UPRIGHT:
+        square = square.transpose(UPRIGHT[orientation])
+    if orientation in QUARTER_TURNS:
+        region_width, region_height = region_height, region_width
+    return _to_tensor(square), region_width / region_height
 
 
 def read_image(data: bytes, load_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:

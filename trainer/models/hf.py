@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Literal, NoReturn
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from trainer.models.vit import DinoVisionTransformer
@@ -299,17 +299,3 @@ def export_hf(model: DinoVisionTransformer, out_dir: str | os.PathLike) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
-
-
-def load_hf_dir(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """``(state dict in our layout, arch kwargs)`` of an HF folder: ``config.json`` plus
-    ``model.safetensors`` or the shards listed in ``model.safetensors.index.json``."""
-    path = Path(path)
-    arch_kwargs = arch_kwargs_from_hf_config(json.loads((path / "config.json").read_text()))
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        tensors = {k: v for shard in shards for k, v in load_file(path / shard).items()}
-    else:
-        tensors = load_file(path / "model.safetensors")
-    return from_hf_state_dict(tensors, arch_kwargs), arch_kwargs

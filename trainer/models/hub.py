@@ -160,9 +160,7 @@ def read_weights(uri: str, source: Source, storage: Storage,
 
         config = json.loads(storage.read_bytes(join_uri(uri, "config.json")))
         arch_kwargs = arch_kwargs_from_hf_config(config)
-        weights_uri = join_uri(uri, "model.safetensors")
-        tensors = read_safetensors(storage.read_bytes(weights_uri), weights_uri)
-        return from_hf_state_dict(tensors, arch_kwargs), arch_kwargs
+        return from_hf_state_dict(read_hf_tensors(uri, storage), arch_kwargs), arch_kwargs
     data = storage.read_bytes(uri)
     if source == "safetensors":
         arch_kwargs = _safetensors_arch(data, uri)
@@ -171,6 +169,26 @@ def read_weights(uri: str, source: Source, storage: Storage,
     if source == "training":
         return convert_training_state_dict(checkpoint), None
     return convert_official_state_dict(checkpoint), None
+
+
+HF_WEIGHTS_FILE, HF_INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
+
+
+def read_hf_tensors(uri: str, storage: Storage) -> dict[str, Tensor]:
+    """The tensors of the Hugging Face folder ``uri``, in its own layout: the shards its
+    ``model.safetensors.index.json`` lists, else ``model.safetensors``. Why both: ``save_pretrained``
+    and the Hub split a model over shards above a size (ViT-g's 4.4 GB), a small one is one file."""
+    index_uri = join_uri(uri, HF_INDEX_FILE)
+    if storage.exists(index_uri):
+        index = json.loads(storage.read_bytes(index_uri))
+        files = sorted(set(index["weight_map"].values()))
+    else:
+        files = [HF_WEIGHTS_FILE]
+    tensors: dict[str, Tensor] = {}
+    for name in files:
+        file_uri = join_uri(uri, name)
+        tensors.update(read_safetensors(storage.read_bytes(file_uri), file_uri))
+    return tensors
 
 
 def read_torch_checkpoint(data: bytes, uri: str) -> Mapping[str, Any]:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 from torch.utils.data import DataLoader
 
 from dinoflow.storage import Storage, join_uri
@@ -183,6 +183,44 @@ def test_gray_cmyk_and_progressive_jpegs_decode_at_a_reduced_scale_too(mode: str
     assert got is not None and got.shape == (3, S, S)
     diff = np.abs(got.numpy().astype(int) - want.astype(int))
     assert diff.mean() < 1.5 and diff.max() <= 12, (diff.mean(), diff.max())
+
+
+# how each EXIF orientation stores an upright picture (exif_transpose undoes it)
+STORED_AS = {1: None, 2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+             4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90,
+             7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_270}
+
+
+@pytest.mark.parametrize("orientation", sorted(STORED_AS))
+@pytest.mark.parametrize(("fmt", "width", "height"), [("JPEG", 401, 203), ("PNG", 61, 31)])
+def test_an_exif_orientation_is_decoded_upright(orientation: int, fmt: str, width: int, height: int) -> None:
+    """A photo stored turned with an EXIF orientation (a phone's portrait: 6) gives the pixels and
+    the region's aspect of the upright picture a viewer shows, also when a JPEG is decoded at a
+    reduced scale (401 x 203 at 16 px: 1/4, its last pixel row and column partly outside the picture)."""
+    upright = Image.fromarray(smooth_rgb(width, height, 11))
+    method = STORED_AS[orientation]
+    stored = upright if method is None else upright.transpose(method)
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    data = encode(stored, fmt, exif=exif.tobytes(), **({"quality": 95} if fmt == "JPEG" else {}))
+    shown = ImageOps.exif_transpose(Image.open(io.BytesIO(data)).convert("RGB"))  # as a viewer shows it
+    assert shown.size == (width, height)
+    pixels, aspect = read_region(data, S, max_aspect=1.5)
+    assert aspect == pytest.approx(1.5)
+    left = (width - 1.5 * height) / 2  # the centred 3:2 of the upright picture
+    want = np.asarray(shown.resize((S, S), Image.Resampling.BICUBIC, box=(left, 0, width - left, height)))
+    diff = np.abs(pixels.numpy().astype(int) - want.transpose(2, 0, 1).astype(int))
+    assert diff.mean() < 0.5 and diff.max() <= 4, (diff.mean(), diff.max())
+
+
+def test_a_broken_exif_block_leaves_the_picture_as_stored() -> None:
+    """EXIF that Pillow cannot parse (a crawl has such files) does not make a readable picture bad."""
+    rgb = smooth_rgb(48, 32, 12)
+    data = encode(Image.fromarray(rgb), "JPEG", quality=95)
+    broken = b"Exif\x00\x00not a TIFF header"
+    with_broken = data[:2] + b"\xff\xe1" + (len(broken) + 2).to_bytes(2, "big") + broken + data[2:]
+    pixels, aspect = read_region(with_broken, S, max_aspect=1.5)
+    assert aspect == 1.5 and torch.equal(pixels, read_region(data, S, max_aspect=1.5)[0])
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

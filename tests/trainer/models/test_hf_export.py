@@ -9,15 +9,15 @@ import pytest
 import torch
 from torch import nn
 
+from dinoflow.storage import Storage
 from trainer.models.hf import (
     arch_kwargs_from_hf_config,
     export_hf,
     from_hf_state_dict,
     hf_config,
-    load_hf_dir,
     to_hf_state_dict,
 )
-from trainer.models.hub import PRETRAINED, pretrained_arch_kwargs
+from trainer.models.hub import PRETRAINED, pretrained_arch_kwargs, read_weights
 from trainer.models.vit import DinoVisionTransformer, build_vit
 
 transformers = pytest.importorskip("transformers")
@@ -182,7 +182,7 @@ def test_export_folder_loads_back(tmp_path: Path) -> None:
     folder = export_hf(model, tmp_path / "out")
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging folder left behind
-    state_dict, kwargs = load_hf_dir(folder)
+    state_dict, kwargs = read_weights(str(folder), "hf", Storage())
     assert kwargs == model.arch_kwargs
     for key, tensor in model.state_dict().items():
         assert torch.equal(state_dict[key], tensor), key
@@ -195,7 +195,7 @@ def test_reads_folders_saved_by_transformers(tmp_path: Path, registers: int) -> 
     config = transformers.AutoConfig.for_model(**hf_config(kwargs))
     theirs = randomize(transformers.AutoModel.from_config(config), seed=5)
     theirs.save_pretrained(tmp_path / "saved")
-    state_dict, loaded_kwargs = load_hf_dir(tmp_path / "saved")
+    state_dict, loaded_kwargs = read_weights(str(tmp_path / "saved"), "hf", Storage())
     assert loaded_kwargs == kwargs
     model = DinoVisionTransformer(**loaded_kwargs)
     model.load_state_dict(state_dict, strict=True)

@@ -184,6 +184,31 @@ def test_every_layout_loads_with_source_auto(tmp_path: Path) -> None:
             torch.testing.assert_close(loaded(images), expected, rtol=0, atol=1e-5, msg=uri)
 
 
+def test_a_sharded_hugging_face_folder_loads_on_any_storage(storage_root: tuple[Storage, str],
+                                                           tmp_path: Path) -> None:
+    """A folder whose ``model.safetensors.index.json`` lists shards (``save_pretrained`` above its shard
+    size, the Hub's large models) loads as the single file does, with source hf and auto."""
+    import json
+
+    from safetensors.torch import load_file, save
+
+    from trainer.models.hf import export_hf
+
+    storage, root = storage_root
+    model = small_model(num_register_tokens=4)
+    tensors = load_file(export_hf(model, tmp_path / "hf") / "model.safetensors")
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, keys in shards.items():
+        storage.write_bytes(join_uri(root, shard), save({key: tensors[key] for key in keys}))
+    weight_map = {key: shard for shard, keys in shards.items() for key in keys}
+    storage.write_bytes(join_uri(root, "model.safetensors.index.json"),
+                        json.dumps({"metadata": {}, "weight_map": weight_map}).encode())
+    storage.write_bytes(join_uri(root, "config.json"), (tmp_path / "hf" / "config.json").read_bytes())
+    for source in ("hf", "auto"):
+        same_outputs(model, load_backbone(root, source, storage))  # type: ignore[arg-type]
+
+
 def test_a_refused_torch_file_is_named_in_one_line(tmp_path: Path) -> None:
     """torch's refusal runs to a dozen lines and advises loading unsafely: only its reason is kept;
     a safetensors file given as a torch checkpoint is named as one."""
