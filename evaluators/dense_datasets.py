@@ -324,11 +324,14 @@ def _depth_png(read: Callable[[str], bytes], uri: str, expected: str) -> Image.I
     return depth
 
 
-def _image_beside(read: Callable[[str], bytes], uri: str, size: tuple[int, int]) -> Image.Image:
-    """The RGB image at ``uri``, refused unless of its depth map's ``size`` (width, height)."""
+def _image_beside(read: Callable[[str], bytes], uri: str, depth_uri: str, size: tuple[int, int]) -> Image.Image:
+    """The RGB image at ``uri``, refused unless of its depth map's ``size`` (width, height): a pair of
+    another size (another camera, a list's line pairing the wrong files) would be cut or scaled out of
+    register with its depths, every pixel's depth then scored against another pixel's."""
     image = _image(read(uri))
     if image.size != size:
-        raise ValueError(f"{uri}: {image.size} differs from its depth map's {size}")
+        raise ValueError(f"{uri} is {image.size[0]} x {image.size[1]} but its depth map {depth_uri} is "
+                         f"{size[0]} x {size[1]}: an image and its depths must be of one frame")
     return image
 
 
@@ -346,7 +349,7 @@ def _nyu_png_sample(read: Callable[[str], bytes], files: tuple[str, ...], with_i
     depth = _depth_png(read, depth_uri, "an NYU depth map is a 16-bit PNG (millimetres)")
     metres = np.asarray(depth, dtype=np.float32) / 1000
     metres = np.where(metres < NYU_MAX_DEPTH, metres, 0).astype(np.float32)
-    image = _image_beside(read, image_uri, depth.size) if with_image else None
+    image = _image_beside(read, image_uri, depth_uri, depth.size) if with_image else None
     if train:
         if metres.shape != NYU_FRAME:
             raise ValueError(f"{depth_uri}: {metres.shape[1]} x {metres.shape[0]}, not NYU's 640 x 480 frame (its "
@@ -363,6 +366,8 @@ KITTI_MAX_DEPTH = 80.0  # metres: farther LiDAR returns are not scored (nor trai
 
 def _kitti_sample(read: Callable[[str], bytes], files: tuple[str, ...],
                   with_image: bool) -> tuple[Image.Image | None, Image.Image]:
+    """A KITTI frame and its LiDAR depths in metres (a 16-bit PNG of metres x 256; 0 and beyond
+    :data:`KITTI_MAX_DEPTH` unknown), both cut to the bottom-centred :data:`KB_CROP` as the depth toolbox does."""
     image_uri, depth_uri = files
     depth = _depth_png(read, depth_uri, "a KITTI depth map is a 16-bit PNG (metres x 256)")
     width, height = depth.size
@@ -372,9 +377,8 @@ def _kitti_sample(read: Callable[[str], bytes], files: tuple[str, ...],
     top, left = height - rows, (width - cols) // 2
     box = (left, top, left + cols, top + rows)
     metres = np.asarray(depth.crop(box), dtype=np.float32) / 256
-    image = _image(read(image_uri)).crop(box) if with_image else None
-    if image is not None and image.size != (cols, rows):
-        raise ValueError(f"{image_uri}: its size differs from its depth map's ({width} x {height})")
+    # the sizes compared before the cut: PIL pads a crop to its box, so after it any image would pass
+    image = _image_beside(read, image_uri, depth_uri, depth.size).crop(box) if with_image else None
     return image, Image.fromarray(np.where(metres <= KITTI_MAX_DEPTH, metres, 0).astype(np.float32), mode="F")
 
 
@@ -478,7 +482,7 @@ def _sunrgbd_sample(read: Callable[[str], bytes], files: tuple[str, ...],
     depth = _depth_png(read, depth_uri, "a SUN RGB-D depth map is a 16-bit PNG")
     stored = np.asarray(depth, dtype=np.int64).astype(np.uint16)
     metres = (np.right_shift(stored, 3) | np.left_shift(stored, 13)).astype(np.float32) / 1000  # its bits rotated by 3
-    image = _image_beside(read, image_uri, depth.size) if with_image else None
+    image = _image_beside(read, image_uri, depth_uri, depth.size) if with_image else None
     return image, Image.fromarray(np.minimum(metres, SUN_MAX_DEPTH), mode="F")
 
 

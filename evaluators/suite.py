@@ -19,8 +19,9 @@ Tasks:
   (GAP of the k-NN recogniser, :mod:`evaluators.met`; ``met_whiten``: PCA whitening learned on its
   database);
 * ``video``: the linear probe on ``video_frames`` frames' CLS tokens, averaged or concatenated
-  (``video_pool``), on synthetic clips or on UCF-101, Kinetics-400 or Something-Something v2 as
-  released, or class folders of videos (``video_data``) (:mod:`evaluators.video`; top-1);
+  (``video_pool``; ``auto``: each source's protocol, concatenated on SSv2 alone), on synthetic clips
+  or on UCF-101, Kinetics-400 or Something-Something v2 as released, or class folders of videos
+  (``video_data``) (:mod:`evaluators.video`; top-1);
 * ``finegrained``: the logistic regression on each of ``finegrained_data``'s sets (class folders, or
   releases as extracted, :mod:`evaluators.released_sets`), the paper's fine-grained benchmarks
   (Food-101, Cars, Aircraft, ...) in one run (:mod:`evaluators.finegrained`;
@@ -108,7 +109,7 @@ from evaluators.report import (classification_report, knn_accuracies, knn_bank, 
 from evaluators.retrieval import (AMSTERTIME_CUTOFF, global_descriptors, load_amstertime, load_revisited,
                                   pair_retrieval, rank_database, revisited_descriptors)
 from evaluators.synthetic import CLASS_NAMES, SceneConfig, Scenes, make_retrieval_set, make_scenes
-from evaluators.video import POOLS, VideoConfig, video_probe
+from evaluators.video import POOL_CHOICES, VideoConfig, video_probe
 from evaluators.visualize import (
     MAX_CONFUSION_CLASSES,
     confusion_matrix,
@@ -170,7 +171,7 @@ class SuiteConfig:
     met_whiten_dim: int = 0  # the components whitening keeps; 0: all the database allows (min(D, N - 1))
     video_data: str = ""  # "": synthetic clips (at scene_size); else a release's root or <root>/train/<class>/<video>
     video_frames: int = 8  # frames of each video through the backbone
-    video_pool: str = "mean"  # their CLS tokens averaged (UCF-101, Kinetics) or concatenated (SSv2): "concat"
+    video_pool: str = "auto"  # mean (CLS tokens averaged) or concat; auto: the protocol's, concat on SSv2 alone
     finegrained_data: str = ""  # finegrained: comma-separated roots of sets (class folders, releases, VOC2007)
     seed: int = 0
 
@@ -219,8 +220,8 @@ class SuiteConfig:
             raise ValueError(f"dense_cache_gib must be >= 0 (0: features made per batch), got {self.dense_cache_gib}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; allowed: {', '.join(PRECISIONS)}")
-        if self.video_pool not in POOLS:
-            raise ValueError(f"unknown video pool {self.video_pool!r}; allowed: {', '.join(POOLS)}")
+        if self.video_pool not in POOL_CHOICES:
+            raise ValueError(f"unknown video pool {self.video_pool!r}; allowed: {', '.join(POOL_CHOICES)}")
         if self.met_whiten_dim < 0 or (self.met_whiten_dim and not self.met_whiten):
             raise ValueError(f"met_whiten_dim = {self.met_whiten_dim}: must be >= 0 (0: all), and is set only with "
                              f"met_whiten")

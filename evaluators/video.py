@@ -9,7 +9,10 @@ tokens averaged (``pool="mean"``: UCF-101 and Kinetics-400, whose classes are in
 concatenated in time order (``"concat"``: Something-Something v2, whose classes are motions:
 "pushing something left" and "... right" show the same frames in the other order, which a mean
 cannot tell apart); then the linear probe of :func:`evaluators.linear.linear_probe` on those
-features, its learning rate picked on held-out videos.
+features, its learning rate picked on held-out videos. ``pool="auto"`` (the default) runs each
+source's protocol, :func:`protocol_pool`: concat on Something-Something v2 as released, mean on
+anything else (the synthetic clips and class folders included); ``"mean"`` or ``"concat"`` is run
+as given. The report's ``pool`` is the one that ran.
 
 The frames taken are ``linspace(0, T - 1, frames)`` rounded: the first and the last, the rest
 evenly between (a short video gives some twice).
@@ -21,9 +24,10 @@ validation), each video in the split and class its lists say, the videos they na
 skipped and counted (``missing``); else class folders, ``<root>/train/<class>/<video>`` and
 ``<root>/val/<class>/<video>`` (``test/`` when there is no ``val/``). A video is a file FFmpeg reads
 through PyAV (``.mp4``, ``.avi``, ``.mkv``, ``.webm``, ``.mov``), an animated GIF or WebP (Pillow),
-or (class folders) a folder of frame images taken in name order (UCF-101 and Kinetics as extracted
-frames). Undecodable videos are skipped and counted, as images are (more than 5 % of a split stops
-it).
+or (class folders) a folder of frame images taken in the order of the numbers in their names
+(:func:`frame_order`: FFmpeg's ``%d`` names, ``1.jpg`` ... ``10.jpg``, and zero-padded ones alike;
+UCF-101 and Kinetics as extracted frames). Undecodable videos are skipped and counted, as images
+are (more than 5 % of a split stops it).
 
 Without a data set, :func:`make_videos` draws synthetic clips of a textured square crossing a
 textured background, the classes its direction (left, right, up, down): a mean sees each
@@ -34,6 +38,7 @@ scores at most half, a concatenation can score all.
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,11 +68,29 @@ from trainer.data.datasets import (
 )
 
 Pool = Literal["mean", "concat"]
-POOLS = ("mean", "concat")
+POOLS = ("mean", "concat")  # how the frames' features pool
+PoolChoice = Literal["auto", "mean", "concat"]
+POOL_CHOICES = ("auto", *POOLS)  # "auto": the protocol's pool for the videos read (:func:`protocol_pool`)
+CONCAT_RELEASES = frozenset({"Something-Something v2"})  # releases whose classes are motions: concatenated
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov")  # read by PyAV
 ANIMATED_EXTENSIONS = (".gif", ".webp")  # read by Pillow
 DIRECTIONS = ("left", "right", "up", "down")  # the synthetic clips' classes
 VIDEO_PICTURE = "video_frames.png"
+
+
+def protocol_pool(source: str) -> Pool:
+    """The pool the original's protocol runs on ``source`` (a :class:`VideoSplits` source): concat on
+    the releases of :data:`CONCAT_RELEASES`, whose classes are motions a mean cannot tell from their
+    reversals; mean on the rest, whose classes are in the scene."""
+    return "concat" if source in CONCAT_RELEASES else "mean"
+
+
+def frame_order(uri: str) -> tuple[tuple[str | int, ...], str]:
+    """The sort key of a frame file: its text with each run of digits read as a number, so that
+    FFmpeg's unpadded ``%d`` names come in time order (``2.jpg`` before ``10.jpg``, where text order
+    puts ``10`` first) as zero-padded ones do; the text itself breaks ties (``01`` beside ``1``)."""
+    runs = re.split(r"(\d+)", uri)  # text, digits, text, ...: a number at every odd place
+    return tuple(int(run) if index % 2 else run for index, run in enumerate(runs)), uri
 
 
 def frame_indices(total: int, count: int) -> list[int]:
@@ -150,9 +173,9 @@ class VideoList(Dataset[Sample]):
 
 
 class VideoFolder(VideoList):
-    """The videos of ``<root_uri>/<class>/`` (files, or folders of frames), keyed by their URIs, in
-    name order; ``classes`` are the class folders, sorted, or those given (a test split's, by
-    train's names)."""
+    """The videos of ``<root_uri>/<class>/`` (files, or folders of frames, each in :func:`frame_order`),
+    keyed by their URIs, in name order; ``classes`` are the class folders, sorted, or those given (a
+    test split's, by train's names)."""
 
     def __init__(self, storage: Storage, root_uri: str, frames: int, load_size: int,
                  classes: tuple[str, ...] | None = None) -> None:
@@ -167,7 +190,8 @@ class VideoFolder(VideoList):
                 files["/".join(parts)] = uri
             elif len(parts) == 3 and parts[2].lower().endswith(IMAGE_EXTENSIONS):
                 folders.setdefault("/".join(parts[:2]), []).append(uri)
-        videos: dict[str, str | list[str]] = {**files, **{key: sorted(frames) for key, frames in folders.items()}}
+        videos: dict[str, str | list[str]] = {**files, **{key: sorted(frames, key=frame_order)
+                                                         for key, frames in folders.items()}}
         if not videos:
             raise FileNotFoundError(f"no videos under {root_uri}: give <class>/<video> files "
                                     f"({', '.join(VIDEO_EXTENSIONS + ANIMATED_EXTENSIONS)}) or <class>/<video>/ "
@@ -228,10 +252,11 @@ def video_features(backbone: nn.Module, videos: Dataset[Sample], image_size: int
 
 @dataclass(frozen=True)
 class VideoConfig:
-    """The video probe: frames a video, how they pool, the probe; synthetic clips when no data."""
+    """The video probe: frames a video, how they pool (``"auto"``: :func:`protocol_pool`), the probe;
+    synthetic clips when no data."""
 
     frames: int = 8
-    pool: Pool = "mean"
+    pool: PoolChoice = "auto"
     image_size: int = 224  # the frames' centre crop (a data set's; the synthetic clips are drawn at it)
     clips_per_class: tuple[int, int] = (48, 16)  # synthetic train and test clips of each direction
     clip_length: int = 8  # synthetic frames per clip
@@ -240,8 +265,8 @@ class VideoConfig:
     probe: LinearProbeConfig = LinearProbeConfig()
 
     def __post_init__(self) -> None:
-        if self.pool not in POOLS:
-            raise ValueError(f"unknown video pool {self.pool!r}; allowed: {', '.join(POOLS)}")
+        if self.pool not in POOL_CHOICES:
+            raise ValueError(f"unknown video pool {self.pool!r}; allowed: {', '.join(POOL_CHOICES)}")
         if self.frames < 1:
             raise ValueError(f"video frames must be >= 1, got {self.frames}")
 
@@ -299,17 +324,19 @@ def video_probe(backbone: nn.Module, root: str, config: VideoConfig, storage: St
                 amp_dtype: torch.dtype | None = None, seed: int = 0, pictures: Path | None = None) -> dict:
     """The linear probe on pooled frame features of ``root``'s videos (synthetic clips when empty):
     ``{"test_accuracy", "val_accuracy", "best_lr", ..., "frames", "pool", "classes", "bad", "source",
-    "missing"}`` (:class:`VideoSplits`); with ``pictures`` (a folder), ``video_frames.png`` of the
+    "missing"}`` (:class:`VideoSplits`; ``pool`` the one that ran, ``"auto"`` resolved by
+    :func:`protocol_pool`); with ``pictures`` (a folder), ``video_frames.png`` of the
     first test videos (:func:`save_video_frames`)."""
     train, test, classes, source, missing = video_splits(root, config, storage, seed)
+    pool = protocol_pool(source) if config.pool == "auto" else config.pool
     size = config.image_size
     if pictures is not None:
         save_video_frames(test, classes, size, pictures / VIDEO_PICTURE)
     (train_x, train_y, train_bad), (test_x, test_y, test_bad) = (
-        video_features(backbone, split, size, config.pool, config.batch_size, config.num_workers, amp_dtype)
+        video_features(backbone, split, size, pool, config.batch_size, config.num_workers, amp_dtype)
         for split in (train, test))
     probe = linear_probe(train_x, train_y, test_x, test_y, config.probe, num_classes=len(classes), device=device)
-    return {**probe.to_dict(), "frames": config.frames, "pool": config.pool, "classes": list(classes),
+    return {**probe.to_dict(), "frames": config.frames, "pool": pool, "classes": list(classes),
             "bad": {"train": train_bad, "test": test_bad}, "source": source, "missing": missing}
 
 

@@ -496,6 +496,20 @@ def test_kitti_eigen_layout_kb_crop_far_depths_and_garg_crop(tmp_path: Path) -> 
         load_kitti(Storage(), str(tmp_path), "train", 28)
 
 
+def test_a_kitti_image_of_another_size_than_its_depth_map_is_refused_naming_both(tmp_path: Path) -> None:
+    """A pair of two frames' sizes (another camera's image, a list's line pairing the wrong files) is
+    refused before the cut: cropping first would pad the image to the box and pass it out of register."""
+    write_kitti(tmp_path, {"train": 1})
+    train = load_kitti(Storage(), str(tmp_path), "train", Fit("whole", 352))
+    image_uri, depth_uri = train._files[0]
+    Image.new("RGB", (1226, 370)).save(image_uri)  # larger than the 1216 x 352 cut, smaller than 1242 x 376
+    assert float(train.label(0).max()) > 0  # the depths alone still read
+    with pytest.raises(ValueError) as refused:
+        train[0]
+    assert str(refused.value) == (f"{image_uri} is 1226 x 370 but its depth map {depth_uri} is 1242 x 376: "
+                                  "an image and its depths must be of one frame")
+
+
 def test_the_suite_scores_depth_on_kitti_up_to_80_metres(tmp_path: Path) -> None:
     """depth_data=kitti:<root>: the head's bins reach 80 m: a head topping out at 10 m (NYU's) could
     come no closer than ~18 m RMSE to these 17-38 m test depths; this one reads them off the frames'

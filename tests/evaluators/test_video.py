@@ -88,7 +88,7 @@ def test_pooled_features_are_the_frames_cls_tokens_and_only_a_concatenation_sees
     suite = run_suite(backbone, SuiteConfig(tasks=("video",), scene_size=28, video_pool="concat", seed=5))
     direct = video_probe(backbone, "", VideoConfig(pool="concat", image_size=28), Storage(), torch.device("cpu"), seed=8)
     assert suite["metrics"]["video_top1"] == direct["test_accuracy"] == suite["tasks"]["video"]["test_accuracy"]
-    with pytest.raises(ValueError, match="unknown video pool 'max'; allowed: mean, concat"):
+    with pytest.raises(ValueError, match="unknown video pool 'max'; allowed: auto, mean, concat"):
         SuiteConfig(tasks=("video",), video_pool="max")
 
 
@@ -162,6 +162,20 @@ def test_class_folders_of_videos_frames_and_animations_read_as_their_pictures(tm
         VideoFolder(Storage(), str(tmp_path / "val"), 4, 32, videos.classes)
 
 
+def test_a_folder_of_frames_is_taken_in_the_order_of_the_numbers_in_their_names(tmp_path: Path) -> None:
+    """FFmpeg's ``%d`` names (1.png ... 12.png) sort as text as 1, 10, 11, 12, 2, ...: the frames are
+    taken by their numbers instead, as zero-padded names (already in text order) still are."""
+    names = {"ffmpeg": "{}.png", "padded": "{:05d}.png", "prefixed": "frame_{}.png"}
+    for video, pattern in names.items():
+        (tmp_path / "train" / "left" / video).mkdir(parents=True)
+        for t in range(12):  # frame t (from 1 in FFmpeg's numbering) of the shade 20 t
+            Image.new("RGB", (8, 8), (20 * t,) * 3).save(tmp_path / "train" / "left" / video / pattern.format(t + 1))
+    videos = VideoFolder(Storage(), str(tmp_path / "train"), frames=12, load_size=8)
+    for index in range(len(videos)):
+        sample = videos[index]
+        assert sample.image[:, 0, 0, 0].tolist() == [20 * t for t in range(12)], sample.key
+
+
 def test_the_command_probes_class_folders_of_videos_and_refuses_a_bad_pool(tmp_path: Path) -> None:
     save_backbone(tiny_backbone(), str(tmp_path / "backbone.safetensors"))
     for split, seed in (("train", 2), ("val", 3)):
@@ -177,4 +191,4 @@ def test_the_command_probes_class_folders_of_videos_and_refuses_a_bad_pool(tmp_p
     assert (video["num_train"] + video["num_val"], video["num_test"], video["pool"]) == (24, 8, "concat")
     assert video["feature_dim"] == 8 * 64 and report["metrics"]["video_top1"] == video["test_accuracy"]
     refused = CliRunner().invoke(app, [*args[:-1], "max"])
-    assert refused.exit_code == 2 and "unknown video pool 'max'; allowed: mean, concat" in refused.stderr
+    assert refused.exit_code == 2 and "unknown video pool 'max'; allowed: auto, mean, concat" in refused.stderr

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from dinoflow.storage import Storage
+from evaluators.suite import SuiteConfig, run_suite
 from evaluators.video import VideoConfig, video_probe, video_splits
 from evaluators.video_sets import read_video_release, video_release_at
 from tests.evaluators.test_video import tiny_backbone, write_video
@@ -206,6 +207,22 @@ def test_something_something_reads_classes_by_the_labels_index_and_templates_wit
         read_video_release("Something-Something v2", str(tmp_path), Storage())
 
 
+def test_ssv2_concatenates_its_frames_by_default_and_a_pool_given_is_run(tmp_path: Path) -> None:
+    """SSv2's classes are motions (left to right, right to left: the same frames reversed), so its
+    protocol concatenates; "auto", the default of the probe and the suite, runs it, and the report
+    says which pool ran; a pool given is run as given."""
+    write_ssv2(tmp_path)
+    backbone = tiny_backbone()
+    scores = video_probe(backbone, str(tmp_path), CONFIG, Storage(), torch.device("cpu"))
+    assert (CONFIG.pool, scores["pool"], scores["feature_dim"]) == ("auto", "concat", 4 * 64)
+    given = video_probe(backbone, str(tmp_path), VideoConfig(frames=4, image_size=28, pool="mean"), Storage(),
+                        torch.device("cpu"))
+    assert (given["pool"], given["feature_dim"]) == ("mean", 64)
+    suite = run_suite(backbone, SuiteConfig(tasks=("video",), video_data=str(tmp_path), image_size=28,
+                                            video_frames=4))
+    assert (suite["config"]["video_pool"], suite["tasks"]["video"]["pool"]) == ("auto", "concat")
+
+
 def test_a_ucf101_root_without_its_split_lists_is_refused_and_class_folders_are_no_release(tmp_path: Path) -> None:
     (tmp_path / "UCF-101" / "YoYo").mkdir(parents=True)
     (tmp_path / "UCF-101" / "YoYo" / "v_YoYo_g01_c01.avi").write_bytes(b"not read")
@@ -220,6 +237,7 @@ def test_the_probe_scores_a_release(tmp_path: Path) -> None:
     write_kinetics(tmp_path / "k400")
     scores = video_probe(tiny_backbone(), str(tmp_path / "k400"), CONFIG, Storage(), torch.device("cpu"))
     assert (scores["source"], scores["classes"], scores["num_classes"]) == ("Kinetics-400", list(K400_CLASSES), 3)
+    assert scores["pool"] == "mean"  # "auto": Kinetics' classes are in the scene, its frames averaged
     assert (scores["num_train"] + scores["num_val"], scores["num_test"], scores["feature_dim"]) == (6, 3, 64)
     assert scores["missing"] == {"train": 1, "test": 1} and scores["bad"] == {"train": 0, "test": 0}
     assert 0 <= scores["test_accuracy"] <= 1 and 0 <= scores["val_accuracy"] <= 1
