@@ -9,22 +9,30 @@ from __future__ import annotations
 
 import json
 
-from components.stage import StageContext, errors_uri, storage_from_env
+from components.stage import StageContext, errors_uri, recording_errors, storage_from_env
 from dinoflow.tracking import TAG_PIPELINE_RUN, MlflowTracker, default_artifact_location, standard_tags
 
 TAG_PIPELINE = "dinoflow.pipeline"
 TAG_FAILED_STAGES = "dinoflow.failed_stages"
+# how long the opener waits for the store to create the parent run: every stage names it as its
+# parent, so without its id the pipeline cannot start (a store restarting answers within this)
+PARENT_START_TIMEOUT_S = 120.0
 
 
 def open_pipeline_run(ctx: StageContext, pipeline: str) -> str:
-    """Create the parent run (tagged with the pipeline and its KFP run id); returns its id."""
+    """Create the parent run (tagged with the pipeline and its KFP run id); returns its id. Fails,
+    with an error record naming the store, when the store has not created it within
+    :data:`PARENT_START_TIMEOUT_S`."""
     if not ctx.tracking_uri:
         return ""
     tags = {**standard_tags("pipeline", ctx.pipeline_run_id or None), TAG_PIPELINE: pipeline}
-    tracker = MlflowTracker.start(ctx.tracking_uri, ctx.experiment, run_name=pipeline, tags=tags,
-                                  artifact_location=default_artifact_location(ctx.tracking_uri, ctx.run_root))
+    with recording_errors(ctx, storage_from_env(), "open_run"):
+        tracker = MlflowTracker.start(ctx.tracking_uri, ctx.experiment, run_name=pipeline, tags=tags,
+                                      artifact_location=default_artifact_location(ctx.tracking_uri, ctx.run_root),
+                                      start_timeout_s=PARENT_START_TIMEOUT_S, require_run=True)
     tracker.log_params({"run_root": ctx.run_root, "pipeline_run_id": ctx.pipeline_run_id})
-    return str(tracker.run_id)
+    assert tracker.run_id is not None  # (require_run)
+    return tracker.run_id
 
 
 def close_pipeline_run(ctx: StageContext, state: str) -> dict[str, object]:

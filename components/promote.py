@@ -18,16 +18,17 @@ from dinoflow.registry import move_alias
 def run_promote_stage(ctx: StageContext, model_name: str, version: str, alias: str = "champion",
                       reason: str = "") -> dict[str, Any]:
     """Point ``alias`` of ``model_name`` at ``version``; returns ``{"previous": ..., "version": ...}``
-    (``previous`` "" when the alias pointed nowhere)."""
+    (``previous`` "" when the alias pointed nowhere). The checks run inside the error record: an
+    empty ``version``, the pipeline's default, is named in the pipeline's failure."""
     from mlflow.tracking import MlflowClient
 
-    if not ctx.tracking_uri:
-        raise ValueError("promote needs an MLflow tracking URI (the registry lives there)")
-    if not model_name or not version:
-        raise ValueError(f"promote needs model_name and version (the registered model and the version its alias "
-                         f"should point at), got {model_name!r} and {version!r}")
     storage = storage_from_env()
     with recording_errors(ctx, storage, "promote"), stage_run(ctx, "promote") as tracker:
+        if not ctx.tracking_uri:
+            raise ValueError("promote needs an MLflow tracking URI (the registry lives there)")
+        if not model_name or not version:
+            raise ValueError(f"promote needs model_name and version (the registered model and the version its "
+                             f"alias should point at), got {model_name!r} and {version!r}")
         client = MlflowClient(tracking_uri=ctx.tracking_uri, registry_uri=ctx.tracking_uri)
         previous = move_alias(client, model_name, version, alias, reason) or ""
         tracker.set_tags({"promote.model": model_name, "promote.alias": alias, "promote.version": version,

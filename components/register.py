@@ -29,6 +29,7 @@ from components.stage import (
 )
 from dinoflow.registry import gate, register_version
 from dinoflow.run_files import BACKBONE_FILE, CLASSIFIER_FILE, HEADS_FILE
+from dinoflow.tracking import MlflowTracker
 from trainer.models.packaging import save_mlflow_model
 
 MODEL_ARTIFACT = "backbone"
@@ -38,15 +39,21 @@ HEADS_ARTIFACT = "heads"  # the run's heads.safetensors: a retrain from this ver
 
 def run_register_stage(ctx: StageContext, backbone_dir: str | Path, report_dir: str | Path, out_dir: str | Path,
                        model_name: str, metric: str = "knn_top1_k20", margin: float = 0.0) -> dict[str, Any]:
-    """Register and gate; returns the decision as a dict (``promoted``, ``version``, the numbers)."""
-    if not ctx.tracking_uri:
-        raise ValueError("register needs an MLflow tracking URI (the registry lives there)")
+    """Register and gate; returns the decision as a dict (``promoted``, ``version``, the numbers).
+
+    The version points at the run's artifacts, so they are uploaded before it is made
+    (:meth:`~dinoflow.tracking.MlflowTracker.upload_artifact`): an upload that fails fails the
+    stage with nothing registered. Every check runs inside the error record, so a bad parameter
+    reaches the pipeline's parent run."""
     storage = storage_from_env()
     backbone = Path(backbone_dir)
-    metrics = json.loads((Path(report_dir) / REPORT_FILE).read_text())["metrics"]
-    if metric not in metrics:
-        raise ValueError(f"gate metric {metric!r} is not in the evaluate report; it has: {', '.join(sorted(metrics))}")
     with recording_errors(ctx, storage, "register"), stage_run(ctx, "register") as tracker:
+        if not isinstance(tracker, MlflowTracker):  # stage_run's NullTracker: no tracking URI
+            raise ValueError("register needs an MLflow tracking URI (the registry lives there)")
+        metrics = json.loads((Path(report_dir) / REPORT_FILE).read_text())["metrics"]
+        if metric not in metrics:
+            raise ValueError(f"gate metric {metric!r} is not in the evaluate report; it has: "
+                             f"{', '.join(sorted(metrics))}")
         with tempfile.TemporaryDirectory() as scratch:
             arch = _arch(backbone)
             size = arch["image_size"]
@@ -54,11 +61,11 @@ def run_register_stage(ctx: StageContext, backbone_dir: str | Path, report_dir: 
             model_dir = save_mlflow_model(backbone / BACKBONE_FILE, arch, Path(scratch) / MODEL_ARTIFACT,
                                           example=np.zeros((2, size, size), dtype=np.uint8),
                                           classifier=classifier if classifier.is_file() else None)
-            tracker.log_artifact(model_dir, MODEL_ARTIFACT)
+            tracker.upload_artifact(model_dir, MODEL_ARTIFACT)
         heads = f"{HEADS_ARTIFACT}/{HEADS_FILE}" if (backbone / HEADS_FILE).is_file() else ""
-        if heads:  # beside the model, not in it: serving needs no heads
-            tracker.log_artifact(backbone / HEADS_FILE, HEADS_ARTIFACT)
-        client = tracker.client  # type: ignore[attr-defined]
+        if heads:  # beside the model, not in it: serving needs no heads; the version names them
+            tracker.upload_artifact(backbone / HEADS_FILE, HEADS_ARTIFACT)
+        client = tracker.client
         version = register_version(client, model_name, str(tracker.run_id), MODEL_ARTIFACT, metrics,
                                    description=f"pipeline run {ctx.pipeline_run_id}", heads=heads)
         decision = gate(client, model_name, version, metric, margin)
@@ -97,10 +104,10 @@ def run_champion_stage(ctx: StageContext, model_name: str, out_dir: str | Path) 
 
     from dinoflow.registry import download_version, pick_version
 
-    if not ctx.tracking_uri:
-        raise ValueError("champion needs an MLflow tracking URI (the registry lives there)")
     storage = storage_from_env()
     with recording_errors(ctx, storage, "champion"), stage_run(ctx, "champion") as tracker:
+        if not ctx.tracking_uri:
+            raise ValueError("champion needs an MLflow tracking URI (the registry lives there)")
         client = MlflowClient(tracking_uri=ctx.tracking_uri)
         found = pick_version(client, model_name)
         download_version(client, found, BACKBONE_IN_RUN, Path(out_dir))

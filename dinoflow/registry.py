@@ -32,6 +32,9 @@ CHAMPION = "champion"
 METRIC_TAG = "metric."
 ALIAS_TAG = "alias."  # alias.<alias> on a version: when and why that alias last moved to it
 HEADS_TAG = "heads"  # on a version: where in its run the heads trained with the backbone are
+# the ends of the names of the metrics that measure an error, where smaller is better (depth_rmse,
+# depth_abs_rel, corruption_<set>_mce, corruption_<set>_error); every other metric is a score
+ERROR_METRICS = ("rmse", "abs_rel", "mce", "error")
 
 
 @dataclass(frozen=True)
@@ -133,9 +136,18 @@ def download_version(client: Any, found: Any, backbone_artifact: str, out: Path)
                 shutil.copyfile(client.download_artifacts(found.run_id, artifact, scratch), out / name)
 
 
+def lower_is_better(metric: str) -> bool:
+    """Whether a smaller ``metric`` is the better one: an error (its name ``<name>`` or ending in
+    ``_<name>``, a name of :data:`ERROR_METRICS`), not a score (accuracy, mIoU, mAP, delta1, the
+    signed ``paper_gap_*``). Read from the name, so the gate is right for every metric the suite
+    reports with no parameter to set."""
+    return any(metric == name or metric.endswith(f"_{name}") for name in ERROR_METRICS)
+
+
 def gate(client: Any, name: str, version: str, metric: str, margin: float = 0.0) -> GateDecision:
     """Point ``champion`` at ``version`` if its ``metric`` beats the champion's by more than
-    ``margin`` (higher is better), or if there is no champion (or it lacks the metric).
+    ``margin`` (higher is better; lower for an error, :func:`lower_is_better`), or if there is no
+    champion (or it lacks the metric).
 
     Raises ``ValueError`` when ``version`` itself has no finite value for ``metric``.
     """
@@ -149,10 +161,12 @@ def gate(client: Any, name: str, version: str, metric: str, margin: float = 0.0)
         promoted, reason = True, "no champion yet"
     elif current_value is None:
         promoted, reason = True, f"champion v{current} has no {metric}"
-    elif value > current_value + margin:
-        promoted, reason = True, f"{value:.4f} > {current_value:.4f} + margin {margin:g}"
+    elif lower_is_better(metric):
+        promoted = value < current_value - margin
+        reason = f"{value:.4f} {'<' if promoted else '>='} {current_value:.4f} - margin {margin:g} (lower is better)"
     else:
-        promoted, reason = False, f"{value:.4f} <= {current_value:.4f} + margin {margin:g}"
+        promoted = value > current_value + margin
+        reason = f"{value:.4f} {'>' if promoted else '<='} {current_value:.4f} + margin {margin:g}"
     if promoted:
         _set_alias(client, name, version, CHAMPION, f"gate: {reason}")
     return GateDecision(name, version, metric, value, margin, current, current_value, promoted, reason)

@@ -150,9 +150,11 @@ class MlflowTracker:
     values (metric values, params, tags) the oldest metric batches are dropped and counted. The
     time is bounded: only :meth:`start` (up to ``start_timeout_s``, for the run id),
     :meth:`log_artifact` (up to ``flush_timeout_s``, only while the store answers) and
-    :meth:`finish` (up to ``flush_timeout_s``) wait for the store. What was never recorded is
-    logged as a warning at :meth:`finish` and counted in :meth:`delivery`; a tracker never
-    finished (a run left open for a later task) is flushed at interpreter exit.
+    :meth:`finish` (up to ``flush_timeout_s``) wait for the store; :meth:`upload_artifact`, for
+    files that something points at as soon as it returns (a registered model version), bypasses
+    the queue: it uploads in the caller's thread and raises when it could not. What was never
+    recorded is logged as a warning at :meth:`finish` and counted in :meth:`delivery`; a tracker
+    never finished (a run left open for a later task) is flushed at interpreter exit.
 
     A record the store refuses (a 4xx answer, or another 5xx than 502-504 three times) is
     dropped, counted as rejected and logged, so it does not hold up the records behind it.
@@ -205,12 +207,15 @@ class MlflowTracker:
         start_timeout_s: float = 10.0,
         flush_timeout_s: float = 60.0,
         max_pending_values: int = 100_000,
+        require_run: bool = False,
     ) -> MlflowTracker:
         """Open a run in ``experiment`` (created if missing, with ``artifact_location``).
 
         Waits up to ``start_timeout_s`` for the store to create the run; if it has not answered by
-        then, returns with ``run_id`` None and a warning, and the run is created when it does. A
-        refusal (e.g. an experiment in the deleted state) raises here.
+        then, returns with ``run_id`` None and a warning, and the run is created when it does; with
+        ``require_run`` it raises instead, naming the store: for a run whose id is handed on at once
+        (a pipeline's parent run, which every stage run names as its parent). A refusal (e.g. an
+        experiment in the deleted state) raises here.
         """
         from mlflow.tracking import MlflowClient
 
@@ -219,7 +224,7 @@ class MlflowTracker:
                       max_pending_values=max_pending_values)
         run_tags = {**(tags or {}), **({TAG_PARENT: parent_run_id} if parent_run_id else {})}
         tracker._open(lambda: _experiment_id(client, experiment, artifact_location, tracking_uri), run_name,
-                      run_tags, start_timeout_s)
+                      run_tags, start_timeout_s, require_run)
         return tracker
 
     def child(self, run_name: str, tags: Mapping[str, str] | None = None,
@@ -234,8 +239,9 @@ class MlflowTracker:
         return child
 
     def _open(self, experiment_id: Callable[[], str | None], run_name: str, tags: dict[str, str],
-              timeout_s: float) -> None:
-        """Queue the run's creation (in ``experiment_id()``) and wait up to ``timeout_s`` for it."""
+              timeout_s: float, require_run: bool = False) -> None:
+        """Queue the run's creation (in ``experiment_id()``) and wait up to ``timeout_s`` for it
+        (``require_run``: raise when it is not created by then, rather than create it later)."""
 
         def create() -> None:
             self.experiment_id = experiment_id()
@@ -246,6 +252,11 @@ class MlflowTracker:
         if self._refusal:
             self._close()
             raise RuntimeError(f"MLflow at {self.tracking_uri} refused to start run {run_name!r}: {self._refusal}")
+        if self.run_id is None and require_run:
+            self._close()
+            raise RuntimeError(f"MLflow at {self.tracking_uri} did not create run {run_name!r} within {timeout_s:g} s: "
+                               "check that the server is up and that this address (MLFLOW_TRACKING_URI, the "
+                               "pipeline's tracking_uri) reaches it from here")
         if self.run_id is None:
             _log.warning("MLflow at %s did not answer within %.0f s; run %r starts when it does",
                          self.tracking_uri, timeout_s, run_name)
@@ -325,6 +336,27 @@ class MlflowTracker:
         self._put("artifact", (path, artifact_path), 1)
         if self._down_since is None:
             self._wait(self.flush_timeout_s)
+
+    def upload_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Upload a file, or a folder's contents, into the run's artifacts now, in the caller's
+        thread; raises when it was not uploaded.
+
+        For what is pointed at as soon as this returns (a registered model version's
+        ``runs:/<id>/<path>``): :meth:`log_artifact` gives up waiting after ``flush_timeout_s``, and
+        a caller that then deletes the file or registers it would point at nothing. Waits up to
+        ``flush_timeout_s`` for the run to be created when it is not yet; MLflow's own HTTP retries
+        run inside the upload.
+        """
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"artifact {path} does not exist")
+        if self.run_id is None:
+            self.flush()
+        if self.run_id is None:
+            raise RuntimeError(f"MLflow at {self.tracking_uri} has not created the run within "
+                               f"{self.flush_timeout_s:g} s: {path} was not uploaded")
+        upload = self.client.log_artifacts if path.is_dir() else self.client.log_artifact
+        upload(self.run_id, str(path), artifact_path)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         """Set run tags."""

@@ -385,7 +385,8 @@ def evaluate(
                                                  "default: synthetic clips")] = "",
     video_frames: Annotated[int, typer.Option(min=1, help="video: frames of each video through the backbone")] = 8,
     video_pool: Annotated[str, typer.Option(help="video: the frames' CLS tokens averaged (mean: UCF-101, Kinetics) "
-                                                 "or concatenated in time order (concat: SSv2)")] = "mean",
+                                                 "or concatenated in time order (concat: SSv2); auto: concat on "
+                                                 "Something-Something v2, else mean")] = "auto",
     seg_steps: Annotated[int, typer.Option(min=1, help="seg: the linear head's training steps (AdamW, lr 1e-3; "
                                                       "the scenes' default; a real data set may want more)")] = 2000,
     depth_steps: Annotated[int, typer.Option(min=1, help="depth: the linear head's training steps")] = 1000,
@@ -877,19 +878,29 @@ def pipeline_run(
     name: Annotated[str, typer.Argument(help="full, evaluate_only, retrain, distill, finetune or promote")],
     params: PipelineParams = None,
     params_file: ParamsFileOption = None,
-    run_root: Annotated[str, typer.Option(help="folder or s3:// URI for stage state (and the sqlite MLflow "
-                                               "store when MLFLOW_TRACKING_URI is unset)")] = "runs/pipeline",
+    run_root: Annotated[str | None, typer.Option(help="folder or s3:// URI for stage state (and the sqlite MLflow "
+                                                      "store when MLFLOW_TRACKING_URI is unset), or a run_root "
+                                                      "parameter's; else runs/pipeline")] = None,
     kfp_root: Annotated[str, typer.Option(help="local folder for KFP's task outputs")] = "runs/pipeline/kfp",
 ) -> None:
-    """Run a pipeline on this machine (kfp.local), then print a summary of its stages."""
-    from pipelines.local import PipelineFailed, run_locally
+    """Run a pipeline on this machine (kfp.local), then print a summary of its stages.
+
+    The run_root and tracking_uri parameters at their defaults (the
+    cluster's, as `pipeline params` writes them) are left out; another
+    value stands for --run-root or MLFLOW_TRACKING_URI."""
+    from pipelines.local import PipelineFailed, local_settings, run_locally
 
     pipeline = _pipeline(name, None)
     values = _pipeline_params(pipeline, params, params_file)
-    storage, tracking_uri = _run_root(run_root)
+    defaults = {key: spec.default for key, spec in (pipeline.component_spec.inputs or {}).items()}
+    settings = {"run_root": run_root, "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI")}
+    with _bad_input():
+        root, store, values = local_settings(values, defaults, settings)
+    root = root or "runs/pipeline"
+    storage, tracking_uri = _run_root(root, store)
     started = time.perf_counter()
     try:
-        stages = run_locally(pipeline, name, run_root, kfp_root, tracking_uri, values, storage)
+        stages = run_locally(pipeline, name, root, kfp_root, tracking_uri, values, storage)
     except PipelineFailed as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
@@ -945,15 +956,15 @@ def _run_tracker(cfg: Any, stage: str, tracking_uri: str) -> contextlib.Abstract
                                metric_every=cfg.tracking.metric_every)
 
 
-def _run_root(out: str) -> tuple[Any, str]:
+def _run_root(out: str, tracking_uri: str | None = None) -> tuple[Any, str]:
     """Storage from the environment with the run root's bucket made, and the tracking URI
-    (``MLFLOW_TRACKING_URI``, else sqlite under the run root)."""
+    (``tracking_uri``, else ``MLFLOW_TRACKING_URI``, else sqlite under the run root)."""
     from components.stage import storage_from_env
     from dinoflow.tracking import default_tracking_uri
 
     storage = storage_from_env()
     storage.make_bucket(out)
-    return storage, os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(out)
+    return storage, tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(out)
 
 
 index_app = typer.Typer(help="Nearest-neighbour indexes for `dinoflow serve`.", no_args_is_help=True)

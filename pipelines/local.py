@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,16 +48,46 @@ def local_root(run_root: str) -> str:
     return str(Path(run_root.removeprefix("file://")).resolve())
 
 
+# the pipeline parameters a local run takes from settings of its own, and the setting of each
+LOCAL_SETTINGS = {"run_root": "--run-root", "tracking_uri": "MLFLOW_TRACKING_URI"}
+
+
+def local_settings(params: Mapping[str, Any], defaults: Mapping[str, Any],
+                   given: Mapping[str, str | None]) -> tuple[str | None, str | None, dict[str, Any]]:
+    """A local run's run root and MLflow store, and the other ``params``.
+
+    Why: ``run_root`` and ``tracking_uri`` are pipeline parameters too, so a parameter file that
+    ``dinoflow pipeline params`` wrote holds them at the pipeline's defaults, the cluster's
+    (``s3://dinoflow/runs``, the in-cluster MLflow); these say nothing of a run on this machine and
+    are left out. Another value (a file's or a ``key=value``) is that setting, as
+    :data:`LOCAL_SETTINGS` names it; ``given`` holds those settings' values (None: not set), and a
+    setting given both ways must agree. Returns (run root, tracking URI, the other parameters).
+    """
+    rest = dict(params)
+    chosen = {key: given.get(key) for key in LOCAL_SETTINGS}
+    for key, setting in LOCAL_SETTINGS.items():
+        value = rest.pop(key, None)
+        if not value or value == defaults.get(key):
+            continue
+        if chosen[key] not in (None, value):
+            raise ValueError(f"the parameter {key}={value!r} and {setting} {chosen[key]!r} disagree: give one of them")
+        chosen[key] = value
+    return chosen["run_root"], chosen["tracking_uri"], rest
+
+
 def run_locally(pipeline: Any, name: str, run_root: str, kfp_root: str, tracking_uri: str, params: dict[str, Any],
                 storage: Storage) -> list[StageSummary]:
     """Run ``pipeline`` (a ``@dsl.pipeline`` function) with kfp.local's subprocess runner.
 
     ``run_root`` (local or ``s3://``) holds the stages' state; KFP's own outputs go to the local
-    folder ``kfp_root``. Returns the stage runs of this pipeline run (in start order); raises
-    :class:`PipelineFailed` with the failing stages' errors.
+    folder ``kfp_root``; ``params`` holds neither ``run_root`` nor ``tracking_uri``
+    (:func:`local_settings`). ``name`` may be spelt with hyphens (``evaluate-only``). Returns the
+    stage runs of this pipeline run (in start order); raises :class:`PipelineFailed` with the
+    failing stages' errors.
     """
     from kfp import local
 
+    name = name.replace("-", "_")  # as the pipelines tag their parent runs (pipelines.definitions)
     root = local_root(run_root)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(Path(kfp_root).resolve()))
     started = time.time()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from dinoflow.registry import champion_version, gate, register_version, version_metric
+from dinoflow.registry import champion_version, gate, lower_is_better, register_version, version_metric
 from tests.servers import MlflowServer
 
 
@@ -52,6 +52,30 @@ def test_the_alias_moves_only_for_a_better_version(client: MlflowClient, tmp_pat
     assert decision.promoted and "0.7500 > 0.7000 + margin 0.01" == decision.reason
     assert champion_version(client, name) == better
     assert [v.version for v in client.search_model_versions(f"name='{name}'")].__len__() == 4
+
+
+def test_an_error_metric_moves_the_alias_only_for_a_smaller_error(client: MlflowClient, tmp_path: Path) -> None:
+    """A gate on depth RMSE (the suite's depth_rmse): a larger error kept out, a smaller one past
+    the margin promoted; the direction is read from the metric's name."""
+    name = f"gate-{uuid.uuid4().hex[:8]}"
+    first = _version(client, name, tmp_path, {"depth_rmse": 0.40})
+    assert gate(client, name, first, "depth_rmse").promoted
+    worse = _version(client, name, tmp_path, {"depth_rmse": 0.90})
+    decision = gate(client, name, worse, "depth_rmse")
+    assert not decision.promoted and decision.reason == "0.9000 >= 0.4000 - margin 0 (lower is better)"
+    within_margin = _version(client, name, tmp_path, {"depth_rmse": 0.395})
+    assert not gate(client, name, within_margin, "depth_rmse", margin=0.01).promoted
+    better = _version(client, name, tmp_path, {"depth_rmse": 0.30})
+    decision = gate(client, name, better, "depth_rmse", margin=0.01)
+    assert decision.promoted and decision.reason == "0.3000 < 0.4000 - margin 0.01 (lower is better)"
+    assert champion_version(client, name) == better
+
+
+def test_the_errors_among_the_suites_metrics_are_named_by_their_ends() -> None:
+    errors = ["depth_rmse", "depth_abs_rel", "corruption_imagenet-c_mce", "corruption_imagenet-c_error", "rmse"]
+    scores = ["knn_top1_k20", "linear_top1", "depth_delta1", "seg_miou", "finetune_top1", "paper_gap_nyu_lin4",
+              "retrieval_map_hard"]
+    assert [lower_is_better(metric) for metric in errors + scores] == [True] * len(errors) + [False] * len(scores)
 
 
 def test_a_version_without_the_metric_cannot_pass(client: MlflowClient, tmp_path: Path) -> None:

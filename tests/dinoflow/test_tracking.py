@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -21,7 +23,7 @@ from dinoflow.tracking import (
     git_commit,
     standard_tags,
 )
-from tests.servers import MlflowServer
+from tests.servers import MlflowServer, free_port
 
 
 @pytest.fixture(params=["sqlite", "server"])
@@ -93,6 +95,48 @@ def test_missing_artifact_and_bad_cadence(tmp_path: Path) -> None:
             tracker.log_artifact(tmp_path / "nothing-here.png")
     with pytest.raises(ValueError, match="metric_every"):
         MlflowTracker(MlflowClient(tracking_uri=uri), tracker.run_id or "", metric_every=0)
+
+
+def test_an_upload_something_points_at_lands_before_it_returns_or_raises(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``upload_artifact`` (a registered model's files): an upload slower than the flush budget is
+    waited for, so the file may go at once; a failed one raises to the caller."""
+    uri = default_tracking_uri(tmp_path)
+    upload = MlflowClient.log_artifact
+
+    def slow(self: MlflowClient, *args: Any, **kwargs: Any) -> None:
+        time.sleep(1.5)
+        upload(self, *args, **kwargs)
+
+    def refused(self: MlflowClient, *args: Any, **kwargs: Any) -> None:
+        raise OSError("store down")
+
+    model = tmp_path / "model.bin"
+    model.write_bytes(b"weights")
+    with MlflowTracker.start(uri, "tests", "upload", artifact_location=f"file://{tmp_path / 'a'}",
+                             flush_timeout_s=0.2) as tracker:
+        monkeypatch.setattr(MlflowClient, "log_artifact", slow)
+        tracker.upload_artifact(model, "backbone")
+        model.unlink()  # as the register stage's scratch folder goes
+        monkeypatch.setattr(MlflowClient, "log_artifact", refused)
+        (tmp_path / "heads.bin").write_bytes(b"heads")
+        with pytest.raises(OSError, match="store down"):
+            tracker.upload_artifact(tmp_path / "heads.bin", "heads")
+    client = MlflowClient(tracking_uri=uri)
+    assert [item.path for item in client.list_artifacts(tracker.run_id, "backbone")] == ["backbone/model.bin"]
+
+
+def test_a_run_that_must_start_fails_naming_the_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``require_run`` (a pipeline's parent run, whose id every stage names): no run id, no run
+    created later, an error naming the store; a required upload to a run never created raises."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with pytest.raises(RuntimeError, match=rf"MLflow at {uri} did not create run 'full' within 1 s: check that"):
+        MlflowTracker.start(uri, "tests", "full", start_timeout_s=1, require_run=True)
+    tracker = MlflowTracker.start(uri, "tests", "stage", start_timeout_s=0.5, flush_timeout_s=0.5)
+    with pytest.raises(RuntimeError, match=rf"MLflow at {uri} has not created the run within 0.5 s: .* not uploaded"):
+        tracker.upload_artifact(Path(__file__))
+    tracker.finish()
 
 
 def test_default_store_is_sqlite_under_the_run_root(tmp_path: Path) -> None:
