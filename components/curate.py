@@ -70,13 +70,16 @@ def run_curate_stage(ctx: StageContext, pool_uri: str, eval_uris: list[str], ded
         pool = sorted(storage.list(pool_uri, recursive=True))
         if not pool:
             raise FileNotFoundError(f"the image pool {pool_uri} is empty or missing")
+        embedder = make_embedder(embed_weights, storage)
+        # keyed by the weights themselves, not their path: a path (an alias's download, a file
+        # overwritten in place) can hold other weights from one run to the next
         key = cache_key("curate", {"pool": pool, "config": asdict(config), "eval_uris": eval_uris,
-                                   "embed_weights": embed_weights})
+                                   "embed_weights": getattr(embedder, "weights_sha256", None)})
         out = join_uri(ctx.run_root, "curated", key[:20])
         done = join_uri(out, "report.json")
         cached = ctx.use_cache and storage.exists(done)
         report = json.loads(storage.read_bytes(done)) if cached else run_curation(
-            pool_uri, out, storage, make_embedder(embed_weights, storage), config, tuple(eval_uris))
+            pool_uri, out, storage, embedder, config, tuple(eval_uris))
         tracker.log_params({"pool_uri": pool_uri, "out": out, "embedder": embed_weights or f"pixels{PIXEL_SIDE}",
                             "dedup_threshold": dedup_threshold, "decontaminate_threshold": decontaminate_threshold,
                             "balance_target": balance_target, "balance_clusters": balance_clusters})

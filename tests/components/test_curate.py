@@ -88,3 +88,27 @@ def test_the_stage_embeds_with_meta_released_weights(tmp_path: Path) -> None:
     ours = make_embedder(str(tmp_path / "backbone.safetensors"), Storage())(images)
     torch.testing.assert_close(released, ours, rtol=0, atol=1e-5)
     assert released.shape == (4, 64)
+
+
+def test_the_cache_follows_the_embedders_weights_not_their_path(tmp_path: Path) -> None:
+    """Weights overwritten at the same path curate again; the same weights at another path do not."""
+    import torch
+
+    from trainer.models.hub import save_backbone
+    from trainer.models.vit import build_vit
+
+    write_pool(tmp_path / "pool", originals=6, copied=2)
+    ctx = StageContext(run_root=str(tmp_path / "root"))
+
+    def curate(weights: Path) -> str:
+        return run_curate_stage(ctx, str(tmp_path / "pool"), [], 0.85, 0.95, 0, [], str(weights), "fashion_mnist",
+                                "")[1]
+
+    def weights(seed: int, path: Path) -> Path:
+        torch.manual_seed(seed)
+        save_backbone(build_vit("vit_small", patch_size=14, embed_dim=32, depth=1, num_heads=1, img_size=56), str(path))
+        return path
+
+    first = curate(weights(0, tmp_path / "w.safetensors"))
+    assert curate(weights(0, tmp_path / "copy.safetensors")) == first  # the same weights: reused
+    assert curate(weights(1, tmp_path / "w.safetensors")) != first  # other weights at the same path: curated anew
