@@ -5,7 +5,10 @@
 # Why this shape: one builder stage installs the repo once, editable at /opt/dinoflow (presets are
 # read from configs/ next to the package), with the project's own pins: `-c constraints.txt` and
 # the extras of pyproject.toml, never a second list. The runtime stages copy the venv and the
-# source and run as an unprivileged user (uid 1000).
+# source and run as an unprivileged user (uid 1000; Debian bookworm has no user of that id). The
+# `cpu` target adds g++ (as scripts/setup.sh does): torch.compile's CPU backend builds C++ against
+# Python.h, which the python image already ships (/usr/local/include); without a compiler every
+# compile the presets ask for falls back to eager. The tracking server compiles nothing.
 #
 #   docker build -f infra/docker/cpu.Dockerfile -t ghcr.io/dinoflow/dinoflow-cpu:0.1.0 .
 #   docker build -f infra/docker/cpu.Dockerfile --target mlflow-server \
@@ -47,6 +50,9 @@ EXPOSE 5000
 ENTRYPOINT ["mlflow", "server"]
 
 FROM base AS cpu
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/*
 COPY --from=builder /opt/venv /opt/venv
 COPY --from=builder /opt/dinoflow /opt/dinoflow
 USER 1000:1000

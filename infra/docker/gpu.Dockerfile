@@ -5,8 +5,11 @@
 # Why this shape: the builder installs the repo once, editable at /opt/dinoflow, with the
 # project's pins (`-c constraints.txt`, pyproject extras); torch comes from the CUDA index at the
 # version constraints.txt pins (`==2.13.0` matches the `+cu128` build). The runtime keeps the CUDA
-# *devel* base because DeepSpeed compiles its fused ops just in time (it needs nvcc); it runs as
-# an unprivileged user (uid 1000).
+# *devel* base (nvcc, CUDA headers) and adds a C/C++ compiler and Python's headers (python3-dev, for
+# the image's Python 3.12): torch.compile's Triton builds its launcher against Python.h, and
+# DeepSpeed's fused ops compile just in time (nvcc, g++, Python.h); without them every compile the
+# presets ask for (model.compile_blocks, loss.compile, crops.compile) would fall back to eager.
+# It runs as an unprivileged user (uid 1000).
 #
 #   docker build -f infra/docker/gpu.Dockerfile -t ghcr.io/dinoflow/dinoflow-gpu:0.1.0 .
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04
@@ -32,9 +35,13 @@ RUN pip install -c constraints.txt -e ".[${EXTRAS}]" \
 FROM ${CUDA_IMAGE} AS gpu
 ENV DEBIAN_FRONTEND=noninteractive
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 libgomp1 \
+    && apt-get install -y --no-install-recommends python3 python3-dev g++ libgomp1 \
     && rm -rf /var/lib/apt/lists/*
-RUN groupadd --gid 1000 dinoflow \
+# Ubuntu 24.04 images ship user and group `ubuntu` as uid/gid 1000: free the id first (a base
+# without that user skips this).
+RUN if id -u ubuntu >/dev/null 2>&1; then userdel --remove ubuntu; fi \
+    && if getent group ubuntu >/dev/null; then groupdel ubuntu; fi \
+    && groupadd --gid 1000 dinoflow \
     && useradd --uid 1000 --gid 1000 --create-home --shell /usr/sbin/nologin dinoflow
 ENV PATH=/opt/venv/bin:${PATH} \
     PYTHONUNBUFFERED=1 \

@@ -158,3 +158,77 @@ def test_manifests_use_the_images_of_this_version() -> None:
                 for container in spec.get("containers", []):
                     if container["image"].startswith("ghcr.io/dinoflow/"):
                         assert container["image"].endswith(f":{version}"), container["image"]
+
+
+def _stage_chain(dockerfile: Path, target: str) -> tuple[str, list[tuple[str, str]]]:
+    """The external image ``target`` starts from (ARG defaults resolved) and the instructions of
+    ``target`` and of the stages it is built ``FROM``, in build order."""
+    defaults = _arg_defaults(dockerfile)
+    stages: dict[str, tuple[str, list[tuple[str, str]]]] = {}
+    current: list[tuple[str, str]] = []
+    for kind, args in _instructions(dockerfile):
+        if kind == "FROM":
+            words = args.split()
+            image = re.sub(r"\$\{(\w+)\}", lambda m: defaults.get(m.group(1), m.group(0)), words[0])
+            current = []
+            stages[words[2] if len(words) > 2 and words[1].upper() == "AS" else str(len(stages))] = (image, current)
+        else:
+            current.append((kind, args))
+    image, instructions = stages[target]
+    while image in stages and image != target:
+        image, parent = stages[image]
+        instructions = parent + instructions
+    return image, instructions
+
+
+def _apt_packages(instructions: list[tuple[str, str]]) -> set[str]:
+    """The packages of every ``apt-get install`` in these RUN instructions."""
+    packages: set[str] = set()
+    for kind, args in instructions:
+        for command in re.split(r"&&|;|\|\|", args) if kind == "RUN" else []:
+            words = shlex.split(command)
+            if words[:2] in (["apt-get", "install"], ["apt", "install"]):
+                packages |= {word for word in words[2:] if not word.startswith("-")}
+    return packages
+
+
+# the targets that run training (the presets turn on model.compile_blocks, loss.compile and
+# crops.compile): torch.compile needs a C/C++ compiler (Inductor's CPU code, Triton's launcher,
+# DeepSpeed's JIT ops) and the headers of the Python it runs on (Python.h), or it runs eager
+CXX_PACKAGES = {"g++", "build-essential"}
+COMPILING_TARGETS = {"cpu.Dockerfile": ("cpu",), "gpu.Dockerfile": ("gpu",)}
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_training_targets_can_run_torch_compile(dockerfile: Path) -> None:
+    for target in COMPILING_TARGETS[dockerfile.name]:
+        image, instructions = _stage_chain(dockerfile, target)
+        packages = _apt_packages(instructions)
+        assert packages & CXX_PACKAGES, f"{dockerfile.name} target {target}: no C++ compiler ({CXX_PACKAGES})"
+        python_dev = {p for p in packages if re.fullmatch(r"(lib)?python3(\.\d+)?-dev", p)}
+        if re.match(r"(docker\.io/(library/)?)?python:", image):
+            # the official python images ship their own headers (/usr/local/include); Debian's
+            # python3-dev would be another Python's
+            assert not python_dev, f"{dockerfile.name} target {target}: {python_dev} on {image}"
+        else:
+            assert python_dev, f"{dockerfile.name} target {target}: no Python headers (python3-dev) on {image}"
+
+
+def _has_uid_1000_user(image: str) -> bool:
+    """Whether the base image is Ubuntu 23.04 or later, which ship user and group `ubuntu` as 1000."""
+    release = re.search(r"ubuntu:?(\d{2})\.\d{2}", image)
+    return bool(release and int(release.group(1)) >= 23) or bool(re.search(r"\b(noble|oracular|plucky)\b", image))
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_uid_1000_is_free_before_the_user_is_made(dockerfile: Path) -> None:
+    """``groupadd --gid 1000`` fails on a base that already has gid 1000 (Ubuntu 24.04: `ubuntu`)."""
+    for target in TARGETS[dockerfile.name]:
+        image, instructions = _stage_chain(dockerfile, target)
+        script = " && ".join(args for kind, args in instructions if kind == "RUN")
+        made = re.search(r"(groupadd|useradd)\b[^&;|]*--(gid|uid) 1000\b", script)
+        if not made or not _has_uid_1000_user(image):
+            continue
+        before = script[:made.start()]
+        assert re.search(r"userdel\b[^&;|]*\bubuntu\b", before), (
+            f"{dockerfile.name} target {target}: {image} has user ubuntu (uid/gid 1000); remove it first")

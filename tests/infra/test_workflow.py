@@ -10,6 +10,7 @@ GPU, the other stages on the CPU image.
 
 from __future__ import annotations
 
+import inspect
 import re
 import shlex
 import subprocess
@@ -21,13 +22,18 @@ import yaml
 from typer.testing import CliRunner
 
 from components.definitions import REGISTRY, TAG
+from infra.ci.report_verdict import main as report_verdict
 from pipelines.cli import PARAMETER_FILES, app
 from pipelines.definitions import GPU_RESOURCE, GPUS
 from tests.infra.helpers import run_tool, tool
-from tests.infra.workflows import WORKFLOWS, check_commands, command_lines, job_env, triggers, unpinned_actions
+from tests.infra.workflows import WORKFLOWS, check_commands, command_lines, job_env, load, triggers, unpinned_actions
 from tests.pipelines.test_submit import kfp_api  # noqa: F401  (the stand-in KFP API fixture)
 
 WORKFLOW = WORKFLOWS / "retrain.yml"
+# GitHub-hosted runners stop any job after 6 hours, whatever its timeout-minutes says
+HOSTED_JOB_LIMIT_MIN = 360
+# what the job does before the wait: install dinoflow, compile, submit
+SETUP_MARGIN_S = 10 * 60
 # shell commands the workflow may use besides the repository's own
 SHELL = {"test", "echo", "exit", "tee", "sed"}
 
@@ -48,6 +54,21 @@ def test_every_command_exists() -> None:
 
 def test_actions_are_standard_and_pinned_by_commit() -> None:
     assert unpinned_actions(WORKFLOW) == []
+
+
+def test_the_wait_fits_in_a_github_hosted_job() -> None:
+    """The job's timeout is within the hosted runners' 6 h, and the wait for the run (the last
+    step) leaves the setup's minutes inside it: a slow run fails the wait, not GitHub's clock."""
+    job = load(WORKFLOW)["jobs"]["retrain"]
+    labels = job["runs-on"] if isinstance(job["runs-on"], list) else [job["runs-on"]]
+    timeout_min = job.get("timeout-minutes", HOSTED_JOB_LIMIT_MIN)
+    if "self-hosted" not in labels:
+        assert timeout_min < HOSTED_JOB_LIMIT_MIN, f"timeout-minutes {timeout_min}: hosted runners stop at 6 h"
+    (line,) = [line for line in command_lines(WORKFLOW) if line.startswith("python -m infra.ci.report_verdict")]
+    words = shlex.split(line)
+    wait_s = (int(words[words.index("--timeout-s") + 1]) if "--timeout-s" in words
+              else inspect.signature(report_verdict).parameters["timeout_s"].default)
+    assert wait_s + SETUP_MARGIN_S <= timeout_min * 60, f"--timeout-s {wait_s} leaves no room in {timeout_min} min"
 
 
 def _compiled_by_the_workflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
