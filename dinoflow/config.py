@@ -369,7 +369,10 @@ def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any
 
 
 def _override_value(text: str) -> Any:
-    """YAML-read an override; scalars stay text so the schema coerces them to its own type."""
+    """YAML-read an override; scalars stay text so the schema coerces them to its own type, and
+    nothing (``data.uri=``) is the empty text, not YAML's null (``null`` or ``~`` is)."""
+    if not text:
+        return text
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:

@@ -19,6 +19,7 @@ distillation from the version starts from them.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -53,6 +54,34 @@ class GateDecision:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def registry_store(tracking_uri: str = "") -> str:
+    """The MLflow store every ``models:/`` and ``runs:/`` URI of dinoflow is resolved in:
+    ``tracking_uri``, else ``MLFLOW_TRACKING_URI``, else the demo's (``sqlite:///runs/demo/mlflow.db``).
+
+    Why one function: each command used to pick its own (MLflow's default opened an empty
+    ``./mlflow.db`` and missed the model the demo registered). The demo's store must exist: opening
+    a sqlite store that is not there would make an empty one."""
+    from dinoflow.config import DemoConfig
+    from dinoflow.tracking import default_tracking_uri
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri:
+        return uri
+    demo = Path(DemoConfig().out)
+    if not (demo / "mlflow.db").is_file():
+        raise ValueError(f"no MLflow store given and the demo's (sqlite:///{demo.resolve() / 'mlflow.db'}) is not "
+                         "there yet: run `make demo`, or give --tracking-uri or MLFLOW_TRACKING_URI")
+    return default_tracking_uri(demo)
+
+
+def registry_client(tracking_uri: str = "") -> Any:
+    """An MLflow client whose tracking and registry are :func:`registry_store`'s."""
+    from mlflow.tracking import MlflowClient
+
+    uri = registry_store(tracking_uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def register_version(client: Any, name: str, run_id: str, artifact_path: str,

@@ -18,20 +18,51 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
+import click
 import typer
 from pydantic import BaseModel
+from typer.core import TyperGroup
 
-from dinoflow.config import (CONFIG_DIR, ConfigError, DemoConfig, DistillConfig, FinetuneConfig, PretrainConfig,
-                             load_config)
+from dinoflow.config import (CONFIG_DIR, DemoConfig, DistillConfig, FinetuneConfig, PretrainConfig, load_config,
+                             preset_path)
 from dinoflow.config_dump import to_yaml
 
 if TYPE_CHECKING:
     from dinoflow.storage import Storage
     from trainer.models.vit import DinoVisionTransformer
 
+
+def _unreachable() -> tuple[type[BaseException], ...]:
+    """The errors of an endpoint that cannot be reached or refuses for good: the storage's (S3, after
+    its retries), MLflow's, and the HTTP clients' connection errors (Kubeflow's API), each taken only
+    when its module is loaded (one not loaded raised none, and importing mlflow takes seconds)."""
+    from dinoflow.storage import StorageError
+
+    found: list[type[BaseException]] = [StorageError]
+    for module, names in (("mlflow.exceptions", ("MlflowException",)),
+                          ("requests.exceptions", ("ConnectionError", "Timeout")),
+                          ("urllib3.exceptions", ("MaxRetryError", "NewConnectionError", "TimeoutError"))):
+        if module in sys.modules:
+            found += [getattr(sys.modules[module], name) for name in names]
+    return tuple(found)
+
+
+class _OneLineErrors(TyperGroup):
+    """The command group: an endpoint a command cannot reach (S3, MLflow, Kubeflow) is said in one
+    line, its client's own message naming it, with exit status 1, not a traceback of retries."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except _unreachable() as err:
+            typer.echo(f"error: {' '.join(str(err).split())}", err=True)
+            raise typer.Exit(1) from None
+
+
 # The help prints a command docstring's first paragraph as one line and keeps the line breaks of
 # the others: write those in lines of at most 76 characters.
 app = typer.Typer(
+    cls=_OneLineErrors,
     name="dinoflow",
     help="Train, distil, evaluate and ship DINOv2 vision backbones.",
     no_args_is_help=True,
@@ -46,6 +77,10 @@ app.add_typer(pipeline_app, name="pipeline")
 
 SCHEMAS: dict[str, type[BaseModel]] = {"demo": DemoConfig, "pretrain": PretrainConfig, "distill": DistillConfig,
                                        "finetune": FinetuneConfig}
+# the kinds of built-in presets (configs/<kind>/; demo: configs/ itself) each schema reads: a distillation's
+# student recipe may be a pretraining's
+PRESET_KINDS = {"demo": ("demo",), "pretrain": ("pretrain",), "distill": ("distill", "pretrain"),
+                "finetune": ("finetune",)}
 
 Overrides = Annotated[
     list[str] | None, typer.Argument(help="dotted overrides, e.g. out=runs/x data.knn_k=10")
@@ -132,9 +167,9 @@ def _registered(uri: str) -> Iterator[str]:
         yield uri
         return
     from components.register import BACKBONE_IN_RUN
-    from dinoflow.registry import download_version, pick_version
+    from dinoflow.registry import download_version, pick_version, registry_client
 
-    client = _registry_client("")
+    client = registry_client()
     found = pick_version(client, uri)
     with tempfile.TemporaryDirectory() as folder:
         download_version(client, found, BACKBONE_IN_RUN, Path(folder))
@@ -142,9 +177,39 @@ def _registered(uri: str) -> Iterator[str]:
         yield folder
 
 
-def _load(schema: type[BaseModel], preset: str, overrides: list[str] | None) -> BaseModel:
+def _preset_kind(preset: str) -> str | None:
+    """The kind of a built-in preset, its folder under configs/ (``pretrain`` for configs/pretrain/tiny.yaml,
+    ``demo`` for configs/demo.yaml, ``pipelines`` for a parameter set); None for a YAML file elsewhere."""
+    path = preset_path(preset).resolve()
+    if path.parent == CONFIG_DIR:
+        return "demo"
+    return path.parent.name if path.parent.parent == CONFIG_DIR else None
+
+
+def _presets(kind: str) -> str:
+    """The names of the built-in presets of ``kind``."""
+    folder = CONFIG_DIR if kind == "demo" else CONFIG_DIR / kind
+    return ", ".join(sorted(path.stem for path in folder.glob("*.yaml")))
+
+
+def _check_kind(preset: str, kind: str) -> None:
+    """Refuse (``ValueError``) a built-in preset of a kind schema ``kind`` does not read, naming its
+    kind and the presets that fit: else the schema lists every key of it that it lacks."""
+    found = _preset_kind(preset)
+    if found == "pipelines":
+        raise ValueError(f"{preset!r} is a pipeline parameter set (configs/pipelines/): give it to "
+                         "`dinoflow pipeline run|submit|compile|params NAME --params`")
+    if found is not None and found not in PRESET_KINDS[kind]:
+        raise ValueError(f"{preset!r} is a {found} preset (configs/{found}/), not a {kind} one; "
+                         f"{' and '.join(PRESET_KINDS[kind])} presets: "
+                         f"{', '.join(_presets(k) for k in PRESET_KINDS[kind])}")
+
+
+def _load(kind: str, preset: str, overrides: list[str] | None) -> BaseModel:
+    """The config of schema ``kind`` (:data:`SCHEMAS`): ``preset`` (:func:`_check_kind`) with ``overrides``."""
     with _bad_input():
-        return load_config(schema, preset, overrides or [])
+        _check_kind(preset, kind)
+        return load_config(SCHEMAS[kind], preset, overrides or [])
 
 
 def _check_device(device: str) -> None:
@@ -165,13 +230,18 @@ def version() -> None:
 def config_show(
     preset: Annotated[str, typer.Argument(help="preset name under configs/ or a YAML path")],
     overrides: Overrides = None,
-    kind: Annotated[str, typer.Option(help=f"config schema: {', '.join(SCHEMAS)}")] = "demo",
+    kind: Annotated[str | None, typer.Option(help=f"config schema: {', '.join(SCHEMAS)} \\[default: a built-in "
+                                                  "preset's folder, configs/<kind>/; else demo]")] = None,
 ) -> None:
     """Print a resolved config (preset + overrides) as YAML, after validating it."""
-    if kind not in SCHEMAS:
+    if kind is not None and kind not in SCHEMAS:
         typer.echo(f"error: unknown kind {kind!r}; allowed: {', '.join(SCHEMAS)}", err=True)
         raise typer.Exit(2)
-    typer.echo(to_yaml(_load(SCHEMAS[kind], preset, overrides)), nl=False)
+    if kind is None:
+        with _bad_input():
+            found = _preset_kind(preset)
+        kind = found if found in SCHEMAS else "demo"
+    typer.echo(to_yaml(_load(kind, preset, overrides)), nl=False)
 
 
 @app.command()
@@ -183,12 +253,15 @@ def demo(
     from pipelines.demo import check_recipe, demo_params
     from pipelines.local import PipelineFailed, local_root, run_locally
 
-    cfg = _load(DemoConfig, config, overrides)
+    cfg = _load("demo", config, overrides)
     assert isinstance(cfg, DemoConfig)
+    key = "pretrain_preset"
     try:
+        _check_kind(cfg.pretrain_preset, "pretrain")  # (one not found: a ConfigError, a ValueError)
+        key = "pretrain_overrides" if cfg.pretrain_overrides else key
         check_recipe(cfg)
-    except ConfigError as err:
-        typer.echo(f"error: pretrain_overrides: {err}", err=True)
+    except ValueError as err:  # named by the setting that holds the problem
+        typer.echo(f"error: {key}: {err}", err=True)
         raise typer.Exit(2) from None
     storage, tracking_uri = _run_root(cfg.out)
     root = local_root(cfg.out)
@@ -200,7 +273,8 @@ def demo(
     )
     started = time.perf_counter()
     try:
-        stages = run_locally(_pipeline("full", None), "full", cfg.out, kfp_root, tracking_uri, demo_params(cfg), storage)
+        stages = run_locally(_pipeline("full", None), "full", cfg.out, kfp_root, tracking_uri, demo_params(cfg),
+                             storage)
     except PipelineFailed as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
@@ -236,7 +310,7 @@ def pretrain(
     from dinoflow.tracking import NullTracker
     from trainer.run import run_pretrain
 
-    cfg = _load(PretrainConfig, config, overrides)
+    cfg = _load("pretrain", config, overrides)
     assert isinstance(cfg, PretrainConfig)
     _check_device(cfg.device)
     if nproc > 1:
@@ -282,7 +356,7 @@ def distill(
     from trainer.distill import run_distill
 
     given = [f"teacher.uri={teacher}"] if teacher else []
-    cfg = _load(DistillConfig, student, [*given, f"teacher.source={teacher_source}", *(overrides or [])])
+    cfg = _load("distill", student, [*given, f"teacher.source={teacher_source}", *(overrides or [])])
     assert isinstance(cfg, DistillConfig)
     _check_device(cfg.device)
     storage, tracking_uri = _run_root(cfg.out)
@@ -321,7 +395,7 @@ def finetune(
     from trainer.strategy import leave_rank
 
     given = [*([f"weights={weights}"] if weights else []), *(overrides or [])]
-    cfg = _load(FinetuneConfig, config, given)
+    cfg = _load("finetune", config, given)
     assert isinstance(cfg, FinetuneConfig)
     _check_device(cfg.device)
     if nproc > 1:
@@ -356,12 +430,12 @@ def evaluate(
                                                "fewer classes than train it is scored over its own (ImageNet-A "
                                                "and -R's protocol)")] = "",
     train_limit: Annotated[int, typer.Option(help="labelled train images used (0: all; class folders: a seeded "
-                                                  "random subset)")] = 0,
-    test_limit: Annotated[int, typer.Option(help="test images used (0: all)")] = 0,
+                                                  "random subset)", min=0)] = 0,
+    test_limit: Annotated[int, typer.Option(min=0, help="test images used (0: all)")] = 0,
     image_size: Annotated[int, typer.Option(help="class folders: the centre crop's side, after the shorter side "
                                                  "is resized to it / 0.875 (256 for 224); real dense data sets: "
                                                  "their images' shorter side, the heads' training crops' and the "
-                                                 "test windows' side; Oxford/Paris: the longer side")] = 224,
+                                                 "test windows' side; Oxford/Paris: the longer side", min=1)] = 224,
     num_workers: Annotated[int, typer.Option(min=0, help="class folders, real dense and retrieval data sets: "
                                                          "decoding processes")] = 0,
     seg_data: Annotated[str, typer.Option(help="seg on a real data set, ade20k:<root>, voc:<root> or "
@@ -414,7 +488,7 @@ def evaluate(
     precision: Annotated[str, typer.Option(help="every feature pass in fp32, or the backbone under autocast in "
                                                 "bf16 or fp16 (the original evaluates in half precision; 2-3x "
                                                 "faster on a GPU); heads and probes train in fp32")] = "fp32",
-    k: Annotated[int, typer.Option(help="neighbours for k-NN (k=20 is always reported too)")] = 20,
+    k: Annotated[int, typer.Option(min=1, help="neighbours for k-NN (k=20 is always reported too)")] = 20,
     option: Annotated[list[str] | None, typer.Option(help="any other setting of the suite, name=value, repeatable: "
                                                           "e.g. met_whiten=true, seg_head.lr=3e-4, seed=1 (the "
                                                           "names: a pipeline's eval_options)")] = None,
@@ -603,8 +677,8 @@ def export(
     model: Annotated[
         str | None, typer.Option(help="released architecture, e.g. dinov2_vits14_reg (else inferred)")
     ] = None,
-    height: Annotated[int, typer.Option(help="ONNX input height (multiple of the patch size)")] = 224,
-    width: Annotated[int, typer.Option(help="ONNX input width (multiple of the patch size)")] = 224,
+    height: Annotated[int, typer.Option(min=1, help="ONNX input height (multiple of the patch size)")] = 224,
+    width: Annotated[int, typer.Option(min=1, help="ONNX input width (multiple of the patch size)")] = 224,
 ) -> None:
     """Export a backbone to a Hugging Face folder, an ONNX file or safetensors."""
     from components.stage import storage_from_env
@@ -680,7 +754,12 @@ def curate(
     _check_device(device)
     storage = storage_from_env()
     with _bad_input():
-        levels = balance_levels([int(v) for v in balance_clusters.split(",") if v.strip()])
+        try:
+            clusters = [int(v) for v in balance_clusters.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"--balance-clusters {balance_clusters!r}: give whole numbers, comma-separated, e.g. "
+                             "1000,100") from None
+        levels = balance_levels(clusters)
         config = CurationConfig(dedup_threshold=dedup_threshold, decontaminate_threshold=decontaminate_threshold,
                                 retrieve_mode=retrieve, retrieve_per_seed=per_seed,
                                 retrieve_clusters=retrieve_clusters, balance_target=balance_target,
@@ -704,10 +783,11 @@ def curate(
         typer.echo(f"MLflow run {tracker.run_id} in {tracking_uri}", err=True)
 
 
+# Help texts are Rich markup: a literal "[" is written "\\[", else "[word ...]" is taken for a tag and dropped.
 PipelineParams = Annotated[
     list[str] | None,
     typer.Argument(help="pipeline parameters as key=value (values parsed as YAML, e.g. max_minutes=2 "
-                        "overrides=[optim.batch_size=64])"),
+                        "overrides=\\[optim.batch_size=64])"),
 ]
 ParamsFileOption = Annotated[str | None, typer.Option("--params", help="a file of the pipeline's parameters, a path "
                                                       "or a name of configs/pipelines/ (`pipeline: <name>`, "
@@ -717,15 +797,15 @@ ImageOption = Annotated[str | None, typer.Option(envvar="DINOFLOW_IMAGE", help="
                                                       "images of --registry and --tag)")]
 RegistryOption = Annotated[str | None, typer.Option(envvar="DINOFLOW_REGISTRY", help="registry of the dinoflow-cpu "
                                                     "and dinoflow-gpu images (GPU: pretrain, distill, finetune, "
-                                                    "evaluate) [default: ghcr.io/dinoflow]")]
+                                                    "evaluate) \\[default: ghcr.io/dinoflow]")]
 TagOption = Annotated[str | None, typer.Option(envvar="DINOFLOW_TAG", help="tag of those images "
-                                               "[default: this release's version]")]
+                                               "\\[default: this release's version]")]
 SecretOption = Annotated[str | None, typer.Option(help="Secret holding AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-                                                  "in the pipelines' namespace [default: dinoflow-s3]")]
-GpusOption = Annotated[int | None, typer.Option(envvar="DINOFLOW_GPUS", help="GPUs (nvidia.com/gpu) of each "
+                                                  "in the pipelines' namespace \\[default: dinoflow-s3]")]
+GpusOption = Annotated[int | None, typer.Option(envvar="DINOFLOW_GPUS", min=0, help="GPUs (nvidia.com/gpu) of each "
                                                 "pretrain, distill, finetune and evaluate task, which tolerate the "
                                                 "GPU nodes' taint and run on cuda; 0: a CPU-only cluster (no GPU "
-                                                "request, CPU image, runs on cpu) [default: 1]")]
+                                                "request, CPU image, runs on cpu) \\[default: 1]")]
 
 
 def _pipeline(name: str, image: str | None = None, registry: str | None = None, tag: str | None = None,
@@ -854,7 +934,8 @@ def pipeline_compile(
 
     pipeline = _pipeline(name, image, registry, tag, s3_secret, GPUS if gpus is None else gpus)
     defaults = _pipeline_params(pipeline, params, params_file)
-    compiler.Compiler().compile(pipeline, out, pipeline_parameters=defaults or None)
+    with _bad_input():  # (a folder of --out that is not there)
+        compiler.Compiler().compile(pipeline, out, pipeline_parameters=defaults or None)
     typer.echo(out)
 
 
@@ -972,7 +1053,7 @@ app.add_typer(index_app, name="index")
 ModelOption = Annotated[str, typer.Option(help="models:/<name>@champion, runs:/..., an MLflow model folder "
                                                "or backbone weights (a .safetensors, a run folder, Meta's .pth, "
                                                "a Hugging Face folder; path or URI)")]
-ImageSizeOption = Annotated[int, typer.Option(help="image side (multiple of the patch size); 0: the model's")]
+ImageSizeOption = Annotated[int, typer.Option(min=0, help="image side (multiple of the patch size); 0: the model's")]
 
 
 @index_app.command("build")
@@ -982,9 +1063,9 @@ def index_build(
     out: Annotated[str, typer.Option(help="index folder to write (path or URI)")],
     kind: Annotated[str, typer.Option(help="folder or shards: how to read --images")] = "folder",
     image_size: ImageSizeOption = 0,
-    batch_size: Annotated[int, typer.Option(help="images per forward pass")] = 64,
+    batch_size: Annotated[int, typer.Option(min=1, help="images per forward pass")] = 64,
     device: Annotated[str, typer.Option(help="where the model embeds: cpu or cuda")] = "cpu",
-    num_workers: Annotated[int, typer.Option(help="image decoding processes")] = 0,
+    num_workers: Annotated[int, typer.Option(min=0, help="image decoding processes")] = 0,
 ) -> None:
     """Embed a folder (or shards) and write a faiss index that `dinoflow serve --index` loads."""
     from components.stage import storage_from_env
@@ -1040,20 +1121,22 @@ StoreOption = Annotated[str, typer.Option(help="the MLflow store: MLFLOW_TRACKIN
                                                "demo's (sqlite under runs/demo)")]
 
 
-def _registry_client(tracking_uri: str) -> Any:
-    """An MLflow client of ``tracking_uri``, else ``MLFLOW_TRACKING_URI``, else the demo's store
-    (which must exist: opening a sqlite store that is not there would make an empty one)."""
-    from mlflow.tracking import MlflowClient
+# MLflow's HTTP settings for the registry commands: a dead server said in about 10-20 s, not after
+# MLflow's ~4 minutes of backoff (its defaults, kept for training runs that must outlast a rate limit)
+QUICK_REGISTRY = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
 
-    from dinoflow.tracking import default_tracking_uri
 
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
-    if not uri:
-        uri = default_tracking_uri(DemoConfig().out)
-        if not os.path.exists(uri.removeprefix("sqlite:///")):
-            raise ValueError(f"no MLflow store given and the demo's ({uri}) is not there yet: run `make demo`, "
-                             "or give --tracking-uri or MLFLOW_TRACKING_URI")
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+@contextlib.contextmanager
+def _quick_registry() -> Iterator[None]:
+    """:data:`QUICK_REGISTRY` in the environment (where MLflow reads them at each request) for the
+    block, except a setting the user gave; put back as it was after."""
+    added = {name: value for name, value in QUICK_REGISTRY.items() if name not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
 
 
 @models_app.command("list")
@@ -1068,10 +1151,10 @@ def models_list(
 
     "heads": the version was registered with its DINO/iBOT heads (a
     retrain or a distillation from it starts from them)."""
-    from dinoflow.registry import model_versions
+    from dinoflow.registry import model_versions, registry_client
 
-    with _bad_input():
-        rows = model_versions(_registry_client(tracking_uri), name)
+    with _quick_registry(), _bad_input():
+        rows = model_versions(registry_client(tracking_uri), name)
     if as_json:
         typer.echo(json.dumps([row.to_dict() for row in rows], indent=2))
         return
@@ -1103,10 +1186,10 @@ def models_promote(
     version from then on. The move is written on the version (`alias.<alias>`:
     when, by hand, the reason), as the gate writes its own.
     """
-    from dinoflow.registry import move_alias
+    from dinoflow.registry import move_alias, registry_client
 
-    with _bad_input():
-        before = move_alias(_registry_client(tracking_uri), name, version, alias, reason)
+    with _quick_registry(), _bad_input():
+        before = move_alias(registry_client(tracking_uri), name, version, alias, reason)
     typer.echo(f"models:/{name}@{alias}: version {before or '(none)'} -> {version}")
 
 
@@ -1115,7 +1198,7 @@ def serve(
     model: ModelOption,
     index: Annotated[str | None, typer.Option(help="index folder from `dinoflow index build`")] = None,
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="port to listen on")] = 8000,
     image_size: ImageSizeOption = 0,
     device: Annotated[str, typer.Option(help="torch device of the model")] = "cpu",
     max_batch_size: Annotated[int, typer.Option(help="images per forward pass; 1 turns dynamic batching off")] = 32,

@@ -23,7 +23,7 @@ import torch
 from PIL import UnidentifiedImageError
 from torch import Tensor
 
-from dinoflow.registry import parse_registry_uri
+from dinoflow.registry import CHAMPION, parse_registry_uri, registry_client, registry_store
 from dinoflow.run_files import BACKBONE_FILE, CLASSIFIER_FILE
 from dinoflow.storage import Storage
 from evaluators.classification import CROP_RATIO
@@ -176,10 +176,8 @@ def split_frames(uploads: list[bytes], max_frames: int, max_pixels: int) -> list
 
 
 def resolve_alias(name: str, alias: str) -> str:
-    """The version the registry alias points at now (registry URI from the environment, as MLflow reads it)."""
-    from mlflow.tracking import MlflowClient
-
-    return str(MlflowClient().get_model_version_by_alias(name, alias).version)
+    """The version the registry alias points at now, in :func:`~dinoflow.registry.registry_store`'s store."""
+    return str(registry_client().get_model_version_by_alias(name, alias).version)
 
 
 def is_mlflow_model(uri: str) -> bool:
@@ -189,19 +187,20 @@ def is_mlflow_model(uri: str) -> bool:
 
 def load_served_model(uri: str, image_size: int | None = None, device: str = "cpu",
                       storage: Storage | None = None) -> ServedModel:
-    """Load ``models:/<name>@<alias>``, ``models:/<name>/<version>``, ``runs:/...``, an MLflow model
-    folder, or backbone weights (path or URI) in any layout :func:`~trainer.models.hub.locate_weights`
-    finds from the path: a ``.safetensors`` file, a run folder, Meta's released ``.pth``, a Hugging
-    Face folder.
+    """Load ``models:/<name>@<alias>``, ``models:/<name>/<version>``, ``models:/<name>`` (its
+    champion), ``runs:/...``, an MLflow model folder, or backbone weights (path or URI) in any layout
+    :func:`~trainer.models.hub.locate_weights` finds from the path: a ``.safetensors`` file, a run
+    folder, Meta's released ``.pth``, a Hugging Face folder.
 
-    MLflow models are loaded through ``mlflow.pyfunc.load_model`` (the tracking/registry URI comes
-    from the environment, as MLflow reads it) and unwrapped to dinoflow's
-    :class:`~trainer.models.packaging.BackbonePyfunc`. An alias is resolved to its version first
-    and that exact version is loaded, so :attr:`ServedModel.version` is the one served even if the
-    alias moves meanwhile. ``image_size`` defaults to the package's ``config.json`` ``image_size``,
-    else the backbone's own ``img_size``. ``storage`` reads weight files (S3 settings); MLflow reads
-    its artifacts itself. A fine-tuned model comes with its classifier: a package made with one, or
-    a ``classifier.safetensors`` beside the ``backbone.safetensors`` of a fine-tuning run's folder.
+    MLflow models are loaded through ``mlflow.pyfunc.load_model`` (a ``models:/`` or ``runs:/`` URI
+    fetched from :func:`~dinoflow.registry.registry_store`'s store, as every command resolves one)
+    and unwrapped to dinoflow's :class:`~trainer.models.packaging.BackbonePyfunc`. An alias is
+    resolved to its version first and that exact version is loaded, so :attr:`ServedModel.version`
+    is the one served even if the alias moves meanwhile. ``image_size`` defaults to the package's
+    ``config.json`` ``image_size``, else the backbone's own ``img_size``. ``storage`` reads weight
+    files (S3 settings); MLflow reads its artifacts itself. A fine-tuned model comes with its
+    classifier: a package made with one, or a ``classifier.safetensors`` beside the
+    ``backbone.safetensors`` of a fine-tuning run's folder.
     """
     from trainer.models.classifier import load_classifier
     from trainer.models.hub import load_backbone, locate_weights
@@ -209,16 +208,19 @@ def load_served_model(uri: str, image_size: int | None = None, device: str = "cp
     config: dict[str, Any] = {}
     version, classifier, classes = None, None, ()
     if is_mlflow_model(uri):
+        import mlflow.artifacts
         import mlflow.pyfunc
         from mlflow.exceptions import MlflowException
 
-        registered = parse_registry_uri(uri)
         load_uri = uri
         try:
-            if registered is not None:
-                name, alias, version = registered
-                version = version or resolve_alias(name, alias or "")
-                load_uri = f"models:/{name}/{version}"
+            if uri.startswith(("models:/", "runs:/")):  # fetched through our store, not MLflow's default ./mlflow.db
+                store = registry_store()
+                if uri.startswith("models:/"):  # models:/<name> is its champion, as for every command
+                    name, alias, version = parse_registry_uri(uri) or (uri.removeprefix("models:/"), CHAMPION, None)
+                    version = version or resolve_alias(name, alias or "")
+                    load_uri = registry_client(store).get_model_version_download_uri(name, version)
+                load_uri = mlflow.artifacts.download_artifacts(load_uri, tracking_uri=store, registry_uri=store)
             package = mlflow.pyfunc.load_model(load_uri)
         except MlflowException as err:  # no such model, version or alias: the registry's words, in one line
             raise ValueError(f"{uri}: {' '.join(err.message.split())}") from None

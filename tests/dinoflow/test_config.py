@@ -148,6 +148,7 @@ def test_config_is_frozen_and_flattens() -> None:
 def test_apply_overrides_does_not_touch_its_input() -> None:
     data = {"data": {"knn_k": 1}}
     assert apply_overrides(data, ["data.knn_k=2"]) == {"data": {"knn_k": "2"}}
+    assert apply_overrides(data, ["data.uri=", "data.limit=null"]) == {"data": {"knn_k": 1, "uri": "", "limit": None}}
     assert data == {"data": {"knn_k": 1}}
 
 

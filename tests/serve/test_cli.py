@@ -107,3 +107,28 @@ def test_commands_take_a_registered_model(champion: str, tiny_weights: Path, tmp
     assert missing.exit_code == 2, missing.output
     assert missing.stderr.strip().splitlines()[-1] == ("error: models:/nope@champion: Registered Model with "
                                                        "name=nope not found")
+
+
+def test_a_registered_model_is_found_in_the_demos_store_as_every_command_finds_it(
+        tiny_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without MLFLOW_TRACKING_URI, export (as eval, serve, index build, attention, curate) reads the
+    demo's store, as `models list` and `pretrain init_weights=` do; MLflow's own default would make
+    an empty ./mlflow.db and not find the model."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    folder = save_mlflow_model(tiny_weights, {"patch_size": 7, "image_size": 14}, tmp_path / "pkg" / "backbone",
+                               example=np.zeros((1, 3, 14, 14), np.uint8))
+    absent = CliRunner().invoke(app, ["export", "--weights", "models:/tiny@champion", "--format", "safetensors",
+                                      "--out", str(tmp_path / "none")])
+    assert absent.exit_code == 2 and "the demo's (sqlite:///" in absent.stderr, absent.output
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    promote_package(folder, tmp_path / "runs" / "demo")
+    for model in ("models:/tiny@champion", "models:/tiny"):  # (models:/<name>: its champion, as for pretrain)
+        out = tmp_path / "export" / model.replace(":/", "-").replace("@", "-")
+        exported = CliRunner().invoke(app, ["export", "--weights", model, "--format", "safetensors",
+                                            "--out", str(out)])
+        assert exported.exit_code == 0, exported.output
+        assert (out / "backbone.safetensors").is_file()
+    listed = CliRunner().invoke(app, ["models", "list"])
+    assert listed.exit_code == 0 and listed.stdout.splitlines()[1].split()[:3] == ["tiny", "1", "champion"]
+    assert not (tmp_path / "mlflow.db").exists()  # no stray store in the current folder
