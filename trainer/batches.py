@@ -63,19 +63,25 @@ def make_batch(images: Tensor, step: int, cfg: PretrainConfig, multi_crop: Multi
     """Crops and masks for uint8 images (``aspects``: their regions', :class:`MultiCrop`); the
     masks' random draws are seeded from ``(seed, step)``.
 
-    Under ``strategy`` the masks are drawn for the global batch (every rank draws the same) and
-    this rank keeps its images' rows, so masking does not depend on how the batch is split. The
-    masked patches' index is padded to the most this rank's crops can hold (:class:`CropBatch`).
+    The masks are drawn for the nominal global batch, ``cfg.optim.batch_size`` images on each of
+    ``strategy``'s ranks (every rank draws the same), and this rank keeps its block's rows, the
+    first ``len(images)``: fewer where bad images were dropped. So masking depends neither on how
+    the batch is split nor on the images a rank could not decode (the ratios spread over the
+    global batch as drawn), and the masked patches' index is padded to the same count every step
+    (the most a rank's block can hold: static shapes, :class:`CropBatch`). A batch larger than
+    ``cfg.optim.batch_size`` (a whole global batch made in one process) is its own nominal one.
     """
     strategy = strategy or Strategy()
     global_crops, local_crops = multi_crop(images, aspects)
     grid = global_crops.shape[-1] // cfg.model.patch_size
     rng = np.random.default_rng([cfg.seed, step])
-    global_images = len(images) * strategy.world_size
+    nominal = max(cfg.optim.batch_size, len(images))  # this rank's images before bad ones were dropped
+    global_images = nominal * strategy.world_size
     ratios = (cfg.loss.mask_ratio_min, cfg.loss.mask_ratio_max)
     masks, _ = sample_crop_masks(2 * global_images, grid, grid, rng, cfg.loss.mask_probability, ratios)
-    masks = masks.view(2, global_images, -1)[:, strategy.rank_slice(global_images)].flatten(0, 1)  # (2B, N)
-    rows = masked_patch_bound(2 * global_images, grid * grid, cfg.loss.mask_probability, ratios, kept=len(masks))
+    block = masks.view(2, global_images, -1)[:, strategy.rank_slice(global_images)]  # (2, nominal, N)
+    masks = block[:, : len(images)].flatten(0, 1)  # (2B, N)
+    rows = masked_patch_bound(2 * global_images, grid * grid, cfg.loss.mask_probability, ratios, kept=2 * nominal)
     index = masked_positions(masks, rows)  # on the host: no wait for the GPU
     return CropBatch(global_crops, local_crops, to_device_async(masks, images.device),
                      to_device_async(index, images.device))
@@ -83,13 +89,15 @@ def make_batch(images: Tensor, step: int, cfg: PretrainConfig, multi_crop: Multi
 
 @dataclass
 class PreparedStep:
-    """A step's micro-batches, its images on this rank, and the bad-image tally once they were read
-    (:class:`BadImageTracker.summary`), which is the one its checkpoint keeps: the loop reads the
-    next step's images before this step's checkpoint is written."""
+    """A step's micro-batches, its images on this rank, and the bad-image tally and the loader's
+    next batch once they were read (:class:`BadImageTracker.summary`, :attr:`ImageStream.loader_batch`),
+    which are what its checkpoint keeps: the loop reads the next step's images before this step's
+    checkpoint is written."""
 
     micro_batches: list[CropBatch]
     images: int
     bad_images: dict[str, Any]
+    loader_batch: int
 
 
 def settle(future: Future[Any], make: Callable[[int], Any], step: int) -> None:
@@ -221,6 +229,14 @@ class ImageStream:
     ``start_batch`` of :class:`ResumableBatches` on; undecodable images are tallied in
     ``bad_images`` (which stops the run above its fraction) and empty batches skipped.
 
+    Why :attr:`loader_batch` (the index of the next batch it takes) is what a resumed run starts
+    from, not ``step x micro-batches``: a skipped batch moves the stream one batch on, so a run
+    resumed from the step would read a batch twice and stay a batch off the order (and the
+    high-resolution phase's switch, ``resize_from``) of a run never stopped. Each rank's stream
+    skips its own empty batches; a checkpoint keeps rank 0's position and every rank resumes from
+    it, so a rank that skipped a different number of batches than rank 0 resumes that many batches
+    off its own order (it re-reads or passes over some of its images; no rank waits for another).
+
     Why it clocks its waits (:meth:`take_wait`): the loop asks for the next step's images in the
     step's wait for its losses, so a loader whose workers keep up costs nothing, and one that does
     not adds its lag to every step, which a GPU run shows only as fewer images a second. The loops
@@ -239,6 +255,7 @@ class ImageStream:
         )
         self.batches, self.device, self.bad_images = iter(loader), device, bad_images
         self.waited = 0.0
+        self.loader_batch = start_batch
 
     def __call__(self) -> Batch:
         """The next batch (of at least one image), its tensors on the device."""
@@ -246,6 +263,7 @@ class ImageStream:
             tick = time.perf_counter()
             batch = next(self.batches)
             self.waited += time.perf_counter() - tick
+            self.loader_batch += 1
             self.bad_images.update(batch)
             self.bad_images.check()
             if len(batch.images):

@@ -41,18 +41,26 @@ class TrainState:
     bad_images: dict[str, Any] = field(default_factory=dict)  # BadImageTracker.summary() at the save
     curves: list[dict[str, float]] = field(default_factory=list)  # step metrics every curve_every steps
     curve_every: int = 0  # 0 until the first record
+    loader_batch: int | None = None  # ImageStream.loader_batch after the last step run (rank 0's); None: unknown
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict[str, Any]) -> TrainState:
         return cls(checkpoint["step"], checkpoint["images_seen"], checkpoint["train_seconds"],
                    json.loads(checkpoint["history"]), json.loads(checkpoint.get("bad_images", "{}")),
-                   json.loads(checkpoint.get("curves", "[]")), int(checkpoint.get("curve_every", 0)))
+                   json.loads(checkpoint.get("curves", "[]")), int(checkpoint.get("curve_every", 0)),
+                   checkpoint.get("loader_batch"))
 
     def to_checkpoint(self) -> dict[str, Any]:
         """The fields a checkpoint stores, as :meth:`from_checkpoint` reads them back."""
         return {"step": self.step, "images_seen": self.images_seen, "train_seconds": self.train_seconds,
                 "history": json.dumps(self.history), "bad_images": json.dumps(self.bad_images),
-                "curves": json.dumps(self.curves), "curve_every": self.curve_every}
+                "curves": json.dumps(self.curves), "curve_every": self.curve_every, "loader_batch": self.loader_batch}
+
+    def start_batch(self, micro_batches: int) -> int:
+        """The loader batch the run's :class:`~trainer.batches.ImageStream` starts from: the one kept
+        (the stream skips batches all bad, so it may be past ``step x micro_batches``), else, for a
+        fresh run or a checkpoint written before it was kept, ``step x micro_batches``."""
+        return self.step * micro_batches if self.loader_batch is None else self.loader_batch
 
     def record(self, step: int, metrics: dict[str, float], every: int) -> None:
         """Keep step ``step``'s ``metrics`` for the training curves when it falls on the stride

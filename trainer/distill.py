@@ -408,8 +408,9 @@ def distill(
     last_step = total_steps(cfg.optim) if cfg.max_steps == 0 else min(cfg.max_steps, total_steps(cfg.optim))
     bad_images = BadImageTracker(cfg.data.max_bad_fraction)
     bad_images.restore(state.bad_images)
-    next_images = ImageStream(dataset, collate, state.step * micro, device, bad_images, batch_size=cfg.optim.batch_size,
-                              seed=cfg.seed, num_workers=cfg.data.num_workers, resize_from=highres_reads(cfg, micro))
+    next_images = ImageStream(dataset, collate, state.start_batch(micro), device, bad_images,
+                              batch_size=cfg.optim.batch_size, seed=cfg.seed, num_workers=cfg.data.num_workers,
+                              resize_from=highres_reads(cfg, micro))
     loader_watch = LoaderWatch(cfg.data.num_workers)
 
     marks = sorted(m for m in cfg.eval.at_minutes if m > state.train_seconds / 60)
@@ -426,7 +427,8 @@ def distill(
             images = [next_images() for _ in range(micro)]
             batches = [CropBatch(*crop(x.images, x.aspects), torch.zeros(0, dtype=torch.bool, device=device),
                                  torch.zeros(0, dtype=torch.long, device=device)) for x in images]  # no masking
-            return PreparedStep(batches, sum(len(x.images) for x in images), bad_images.summary())
+            return PreparedStep(batches, sum(len(x.images) for x in images), bad_images.summary(),
+                                next_images.loader_batch)
 
         return side.run(make)
 
@@ -461,7 +463,7 @@ def distill(
         losses = distill_step(student, student_ema, teacher_network, objective, prepared.micro_batches, sched,
                               optimizer, cfg, autocast_dtype,
                               functools.partial(settle, upcoming, prepare, step + 1) if upcoming else None, reads.after)
-        state.bad_images = prepared.bad_images
+        state.bad_images, state.loader_batch = prepared.bad_images, prepared.loader_batch
         save = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == last_step
         due = bool(cfg.eval.every_steps) and (step + 1) % cfg.eval.every_steps == 0
         if not reads.queued(QueuedStep(step, sched, prepared.images, losses), now=lambda: (

@@ -598,9 +598,10 @@ def _pretrain(cfg: PretrainConfig, dataset: Any, collate: Callable, storage: Sto
     last_step = total_steps(cfg.optim) if cfg.max_steps == 0 else min(cfg.max_steps, total_steps(cfg.optim))
     bad_images = BadImageTracker(cfg.data.max_bad_fraction)
     bad_images.restore(state.bad_images)
-    next_images = ImageStream(dataset, collate, state.step * micro, device, bad_images, batch_size=cfg.optim.batch_size,
-                              seed=cfg.seed, num_workers=cfg.data.num_workers, rank=strategy.rank,
-                              world_size=strategy.world_size, resize_from=highres_reads(cfg, micro))
+    next_images = ImageStream(dataset, collate, state.start_batch(micro), device, bad_images,
+                              batch_size=cfg.optim.batch_size, seed=cfg.seed, num_workers=cfg.data.num_workers,
+                              rank=strategy.rank, world_size=strategy.world_size,
+                              resize_from=highres_reads(cfg, micro))
     loader_watch = LoaderWatch(cfg.data.num_workers)
 
     marks = sorted(m for m in cfg.eval.at_minutes if m > state.train_seconds / 60)
@@ -621,7 +622,8 @@ def _pretrain(cfg: PretrainConfig, dataset: Any, collate: Callable, storage: Sto
             images = [next_images() for _ in range(micro)]
             micro_batches = [make_batch(x.images, step * micro + i, cfg, crop, strategy, x.aspects)
                              for i, x in enumerate(images)]
-            return PreparedStep(micro_batches, sum(len(x.images) for x in images), bad_images.summary())
+            return PreparedStep(micro_batches, sum(len(x.images) for x in images), bad_images.summary(),
+                                next_images.loader_batch)
 
         return side.run(make)
 
@@ -671,7 +673,7 @@ def _pretrain(cfg: PretrainConfig, dataset: Any, collate: Callable, storage: Sto
                             autocast_dtype, strategy,
                             while_waiting=functools.partial(settle, upcoming, prepare, step + 1) if upcoming else None,
                             after=reads.after)
-        state.bad_images = prepared.bad_images
+        state.bad_images, state.loader_batch = prepared.bad_images, prepared.loader_batch
         save = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == last_step
         # read at once if this step's weights are evaluated or saved next
         if not reads.queued(QueuedStep(step, sched, prepared.images * strategy.world_size, losses), now=lambda: (
@@ -684,7 +686,7 @@ def _pretrain(cfg: PretrainConfig, dataset: Any, collate: Callable, storage: Sto
         if evaluate is not None and due:
             with streams_kept(device):  # the next step's draws began (and a sharded teacher's gather builds a network)
                 whole = strategy.whole(teacher.backbone, teacher_backbone)
-                results = evaluate(whole, state.step) if strategy.is_main else {}
+                results = strategy.on_main(lambda: evaluate(whole, state.step)) or {}
             tracker.log_metrics(results, step=state.step, force=True)
             state.history.append({"step": state.step, "train_minutes": round(state.train_seconds / 60, 3),
                                   "images_seen": state.images_seen, **results})
@@ -707,10 +709,10 @@ def _pretrain(cfg: PretrainConfig, dataset: Any, collate: Callable, storage: Sto
     final: dict[str, float] = {}
     closing = final_evaluate or evaluate
     backbone = strategy.whole(teacher.backbone, teacher_backbone)
-    if closing is not None and strategy.is_main:
-        final = closing(backbone, state.step)
-        tracker.log_metrics(final, step=state.step, force=True)
     heads = network_heads(teacher, strategy.full_state_dict)  # the released backbone's: to continue from
+    if closing is not None:  # (every collective made before: the other ranks only wait)
+        final = strategy.on_main(lambda: closing(backbone, state.step)) or {}
+        tracker.log_metrics(final, step=state.step, force=True)
     if strategy.is_main:
         save_backbone(backbone.cpu(), join_uri(cfg.out, BACKBONE_FILE), storage)
         save_heads(heads, objective.state_dict(), join_uri(cfg.out, HEADS_FILE), storage)

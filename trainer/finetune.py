@@ -438,9 +438,9 @@ def _finetune(cfg: FinetuneConfig, storage: Storage, tracker: Tracker, strategy:
     eval_every = max(round(cfg.eval_every_epochs * per_epoch), 1) if cfg.eval_every_epochs else 0
     bad_images = BadImageTracker(cfg.data.max_bad_fraction)
     bad_images.restore(state.bad_images)
-    stream = ImageStream(train, collate_samples, state.step * micro, device, bad_images, batch_size=optim.batch_size,
-                         seed=cfg.seed, num_workers=cfg.data.num_workers, rank=strategy.rank,
-                         world_size=strategy.world_size)
+    stream = ImageStream(train, collate_samples, state.start_batch(micro), device, bad_images,
+                         batch_size=optim.batch_size, seed=cfg.seed, num_workers=cfg.data.num_workers,
+                         rank=strategy.rank, world_size=strategy.world_size)
     loader_watch = LoaderWatch(cfg.data.num_workers)
     augment = train_augment(cfg).to(device)
     seen = 0  # images in the step's micro-batches
@@ -464,15 +464,22 @@ def _finetune(cfg: FinetuneConfig, storage: Storage, tracker: Tracker, strategy:
         scored: dict[str, Scored] = {}
         row: dict[str, Any] = {"step": state.step, "train_minutes": round(state.train_seconds / 60, 3),
                                "images_seen": state.images_seen}
-        for kind, network in (("weights", model), ("ema", ema)):
-            if network is None:
-                continue
-            gathered = whole(network)
-            metrics, truth, predicted = (score(gathered, images, cfg.image_size, device, autocast_dtype)
-                                         if strategy.is_main else ({}, None, None))
-            if validation is not None and strategy.is_main:
-                held = score(gathered, validation, cfg.image_size, device, autocast_dtype)[0]
-                metrics.update({f"val_{name}": value for name, value in held.items()})
+        networks = {kind: whole(network) for kind, network in (("weights", model), ("ema", ema))
+                    if network is not None}  # gathered by every rank before rank 0 alone scores
+
+        def score_all() -> dict[str, tuple[dict[str, float], np.ndarray, np.ndarray]]:
+            scores = {}
+            for kind, gathered in networks.items():
+                metrics, truth, predicted = score(gathered, images, cfg.image_size, device, autocast_dtype)
+                if validation is not None:
+                    held = score(gathered, validation, cfg.image_size, device, autocast_dtype)[0]
+                    metrics.update({f"val_{name}": value for name, value in held.items()})
+                scores[kind] = (metrics, truth, predicted)
+            return scores
+
+        scores = strategy.on_main(score_all) or {kind: ({}, None, None) for kind in networks}
+        for kind, gathered in networks.items():
+            metrics, truth, predicted = scores[kind]
             scored[kind] = (metrics, truth, predicted, gathered)
             row.update({(f"{kind}_" if kind == "ema" else "") + name: value for name, value in metrics.items()})
         tracker.log_metrics({k: v for k, v in row.items() if k not in ("step", "train_minutes", "images_seen")},
@@ -518,7 +525,7 @@ def _finetune(cfg: FinetuneConfig, storage: Storage, tracker: Tracker, strategy:
         loader_watch.update(seconds, waited)
         state.step, state.images_seen, state.train_seconds = step + 1, state.images_seen + stepped, \
             state.train_seconds + seconds
-        state.bad_images = bad_images.summary()
+        state.bad_images, state.loader_batch = bad_images.summary(), stream.loader_batch
         metrics = {"loss_train": loss, "lr": lr, "images_per_second": stepped / seconds,
                    "data_wait_share": waited / seconds}
         tracker.log_metrics(metrics, step=state.step)
@@ -532,8 +539,9 @@ def _finetune(cfg: FinetuneConfig, storage: Storage, tracker: Tracker, strategy:
         save()
     bad_images.check(final=True)
     scored, final_row = evaluate()
-    summary_released: dict[str, Any] = {}
-    if strategy.is_main:
+
+    def release() -> tuple[dict[str, Any], dict[str, Any]]:
+        """The weights released and the best evaluation (rank 0's work: no collective in it)."""
         best_step, best_kind, best_scores = pick_weights(state.history, picked_on)
         step, kind, metrics = (pick_weights([final_row], picked_on) if cfg.keep == "last"
                                else (best_step, best_kind, best_scores))
@@ -553,13 +561,16 @@ def _finetune(cfg: FinetuneConfig, storage: Storage, tracker: Tracker, strategy:
         if cfg.keep == "best":  # the best's folder stays: a finished run started again releases it again
             prune_best(cfg.out, best_step, storage)
         write_training_curves(state, storage, cfg.out, tracker)
+        return ({"step": best_step, "weights": best_kind, "picked_on": picked_on, **best_scores},
+                summary_released)
+
+    best, summary_released = strategy.on_main(release) or ({}, {})
     summary = {"name": cfg.name, "weights": cfg.weights, "steps": state.step,
                "epochs": round(state.step / per_epoch, 3),
                "images_seen": state.images_seen, "train_minutes": round(state.train_seconds / 60, 3),
                "stopped_early": stopped_early, "classes": list(images.classes),
                "final": scored["weights"][0], **({"final_ema": scored["ema"][0]} if ema is not None else {}),
-               "best": ({"step": best_step, "weights": best_kind, "picked_on": picked_on, **best_scores}
-                        if strategy.is_main else {}),
+               "best": best,
                "released": summary_released,
                "backbone": join_uri(cfg.out, BACKBONE_FILE), "classifier": join_uri(cfg.out, CLASSIFIER_FILE),
                "bad_images": bad_images.summary(), "history": state.history, "mlflow_run_id": tracker.run_id,

@@ -30,7 +30,7 @@ import os
 import sys
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -38,6 +38,10 @@ from torch import Tensor, nn
 
 from dinoflow.config import DistributedConfig
 from trainer.models.layers import external_parameters
+
+
+T = TypeVar("T")
+MAIN_WORK_TIMEOUT = timedelta(days=2)  # how long ranks wait for the main rank's work (Strategy.on_main)
 
 
 def local_tensor(tensor: Tensor) -> Tensor:
@@ -147,6 +151,12 @@ class Strategy:
         per_rank = global_count // self.world_size
         return slice(self.rank * per_rank, (self.rank + 1) * per_rank)
 
+    def on_main(self, work: Callable[[], T]) -> T | None:
+        """``work()`` on the main rank alone (an evaluation), the others waiting for it; its result
+        on the main rank, None on the others. Every collective the work needs (a whole network:
+        :meth:`whole`) must be made before, by all ranks."""
+        return work()
+
     def close(self, finished: bool = True) -> None:
         """Release what :func:`build_strategy` started. ``finished``: every rank got through the
         run, so the ranks wait for each other before tearing down; after an error they must not
@@ -170,6 +180,7 @@ class FSDP2Strategy(Strategy):
         self.device = device
         self.owns_group = owns_group
         self.mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        self._waiting_group: Any = None  # on_main's
 
     @property
     def rank(self) -> int:
@@ -244,6 +255,18 @@ class FSDP2Strategy(Strategy):
         copy.load_state_dict(self.full_state_dict(module))
         return copy.requires_grad_(False).train(module.training)
 
+    def on_main(self, work: Callable[[], T]) -> T | None:
+        """As :meth:`Strategy.on_main`; the other ranks wait in a barrier of a gloo group of their
+        own whose timeout is :data:`MAIN_WORK_TIMEOUT`, not the run's collective timeout
+        (``distributed.timeout_seconds``, there to catch hangs): a final k-NN and linear probe on
+        ImageNet takes hours, and a rank timing out in its next collective killed the run at every
+        resume. If the work fails, torchrun stops the waiting ranks."""
+        if self._waiting_group is None:  # made by every rank, at the same call
+            self._waiting_group = dist.new_group(backend="gloo", timeout=MAIN_WORK_TIMEOUT)
+        result = work() if self.is_main else None
+        dist.barrier(group=self._waiting_group)
+        return result
+
     def close(self, finished: bool = True) -> None:
         if self.owns_group and dist.is_initialized():
             if finished:
@@ -283,6 +306,7 @@ class DeepSpeedStrategy(FSDP2Strategy):
         self.device = device
         self.owns_group = owns_group
         deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+        self._waiting_group: Any = None  # on_main's
         self.student_engine: Any = None
         self.teacher_engine: Any = None
         self._student: nn.Module | None = None

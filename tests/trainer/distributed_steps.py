@@ -61,6 +61,8 @@ def main(out: str, global_batch: int, steps: int, args: list[str]) -> None:
         strategy.load_optimizer_state(student, optimizer, with_kernel_choice(checkpoint["optimizer"], optimizer))
     multi_crop = MultiCrop(cfg.crops)
     mine = strategy.rank_slice(global_batch // micro)
+    # the masks drawn for the whole micro-batch made here (make_batch's nominal batch: all its images)
+    whole = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"batch_size": global_batch // micro})})
     history = []
     for step in range(checkpoint["step"] if checkpoint is not None else 0, steps):
         sched = ScheduleValues(lr=1e-3, last_layer_lr=1e-3 if step >= 2 else 0.0, weight_decay=0.04,
@@ -68,7 +70,7 @@ def main(out: str, global_batch: int, steps: int, args: list[str]) -> None:
         torch.manual_seed(cfg.seed * 1_000_003 + step)
         batches = []
         for index in range(step * micro, (step + 1) * micro):
-            full = make_batch(global_images(index, global_batch // micro), index, cfg, multi_crop)
+            full = make_batch(global_images(index, global_batch // micro), index, whole, multi_crop)
             masks = full.masks.view(2, global_batch // micro, -1)[:, mine].flatten(0, 1)
             # padded as make_batch pads a rank's share: the most its crops can hold, padding left out
             rows = masked_patch_bound(len(full.masks), masks.shape[1], cfg.loss.mask_probability,

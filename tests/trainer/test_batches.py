@@ -15,7 +15,7 @@ from dinoflow.storage import Storage
 from tests.trainer.test_engine import config, images
 from trainer.batches import ImageStream, ResumableBatches, make_batch
 from trainer.data.augment import MultiCrop
-from trainer.data.datasets import BadImageTracker, ImageFolderDataset, collate_samples
+from trainer.data.datasets import BadImageTracker, ImageFolderDataset, Sample, collate_samples
 from trainer.data.masking import masked_patch_bound
 
 
@@ -105,3 +105,36 @@ def test_the_high_resolution_phase_reads_its_batches_at_its_load_size(tmp_path: 
     with pytest.raises(ValueError, match="crops.highres_load_size needs a data set that decodes its images to a "
                                          "load_size .* list has none"):
         ImageStream([1, 2, 3, 4], collate_samples, 0, torch.device("cpu"), BadImageTracker(0.0), **common)
+
+
+class _KeyedImages(torch.utils.data.Dataset):
+    """``count`` 4 x 4 images keyed by their index; those at ``bad`` undecodable."""
+
+    def __init__(self, count: int, bad: set[int]) -> None:
+        self.count, self.bad = count, bad
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> Sample:
+        return Sample(None if index in self.bad else torch.zeros(3, 4, 4, dtype=torch.uint8), -1, str(index))
+
+
+def test_a_stream_resumed_at_its_loader_batch_goes_on_as_one_never_stopped() -> None:
+    """10 images, batches of 2, the second batch all bad: the stream skips it, so its third batch is
+    loader batch 3 and it moves on to 4. Started again there (not at 3, the batches it handed out)
+    it hands out what the uninterrupted stream does next, without a batch twice."""
+    order = iter(ResumableBatches(10, 2, seed=0))
+    next(order)
+    dataset = _KeyedImages(10, set(next(order)))
+    common = dict(batch_size=2, seed=0, num_workers=0)
+
+    def stream(start: int) -> ImageStream:
+        return ImageStream(dataset, collate_samples, start, torch.device("cpu"), BadImageTracker(1.0), **common)
+
+    whole = stream(0)
+    uninterrupted = [whole().keys for _ in range(4)]
+    first = stream(0)
+    assert [first().keys for _ in range(3)] == uninterrupted[:3] and first.loader_batch == 4
+    assert stream(first.loader_batch)().keys == uninterrupted[3]
+    assert uninterrupted[3] not in uninterrupted[:3]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from dinoflow.storage import Storage
-from trainer.checkpoints import latest_checkpoint_uri, load_latest_checkpoint, save_checkpoint
+from trainer.checkpoints import TrainState, latest_checkpoint_uri, load_latest_checkpoint, save_checkpoint
 
 
 def test_checkpoints_are_found_only_through_the_pointer(tmp_path) -> None:
@@ -42,3 +42,13 @@ def test_a_copied_run_folder_resumes_from_its_own_checkpoint(tmp_path) -> None:
     (tmp_path / "b" / "checkpoints" / "latest.json").write_text(
         json.dumps({"step": 100, "uri": str(tmp_path / "gone" / "checkpoints" / "step_000000100.pt")}))
     assert load_latest_checkpoint(storage, str(tmp_path / "b"))["step"] == 100
+
+
+def test_the_loader_batch_is_kept_and_an_older_checkpoint_resumes_at_its_step() -> None:
+    """A checkpoint keeps the loader's next batch (past ``step x micro-batches`` once batches all bad
+    were skipped); one written before it was kept, and a fresh run, start at ``step x micro-batches``."""
+    kept = TrainState(step=3, loader_batch=7).to_checkpoint()
+    assert TrainState.from_checkpoint(kept).start_batch(2) == 7
+    older = {key: value for key, value in kept.items() if key != "loader_batch"}
+    assert TrainState.from_checkpoint(older).start_batch(2) == 6
+    assert TrainState().start_batch(4) == 0

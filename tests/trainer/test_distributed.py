@@ -98,13 +98,32 @@ class _Rank(Strategy):
 
 
 def test_masks_are_the_global_batch_rows_of_the_rank() -> None:
-    cfg = load_config(PretrainConfig, "tiny", [*SMALL, "loss.mask_probability=0.5"])
+    """A global batch of 8: one process's masks, and 2 ranks' of 4 each, its blocks of rows."""
+    one, two = (load_config(PretrainConfig, "tiny", [*SMALL, "loss.mask_probability=0.5", f"optim.batch_size={size}"])
+                for size in (8, 4))
     images = (torch.rand(8, 3, 28, 28, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
-    crop = MultiCrop(cfg.crops)
-    whole = make_batch(images, 4, cfg, crop).masks.view(2, 8, -1)  # (crop, image, patch)
+    crop = MultiCrop(one.crops)
+    whole = make_batch(images, 4, one, crop).masks.view(2, 8, -1)  # (crop, image, patch)
     for rank in range(2):
-        part = make_batch(images[:4], 4, cfg, crop, _Rank(rank, 2)).masks.view(2, 4, -1)
+        part = make_batch(images[:4], 4, two, crop, _Rank(rank, 2)).masks.view(2, 4, -1)
         assert torch.equal(part, whole[:, 4 * rank: 4 * rank + 4])
+
+
+def test_a_rank_short_of_its_bad_images_keeps_its_rows_of_the_global_masks() -> None:
+    """Rank 1 of 2 decoded 3 of its 4 images: it keeps the first 3 rows of its block of the global
+    batch's masks (drawn for 2 x 4 images, as rank 0 draws them), so the masking ratios are spread
+    over the global batch as on every rank, and its masked-patch index keeps the padded length of a
+    full batch (static shapes); one process short of an image keeps that length too."""
+    cfg = load_config(PretrainConfig, "tiny", [*SMALL, "loss.mask_probability=0.5", "optim.batch_size=4"])
+    images = (torch.rand(4, 3, 28, 28, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    crop = MultiCrop(cfg.crops)
+    full = [make_batch(images, 4, cfg, crop, _Rank(rank, 2)) for rank in range(2)]
+    short = make_batch(images[:3], 4, cfg, crop, _Rank(1, 2))
+    assert torch.equal(short.masks.view(2, 3, -1), full[1].masks.view(2, 4, -1)[:, :3])
+    assert len(short.mask_index) == len(full[1].mask_index) == len(full[0].mask_index)
+    alone = [make_batch(images[:count], 4, cfg, crop) for count in (4, 3, 1)]
+    assert len({len(batch.mask_index) for batch in alone}) == 1
+    assert torch.equal(alone[1].masks.view(2, 3, -1), alone[0].masks.view(2, 4, -1)[:, :3])
 
 
 def test_strategy_is_validated_config_and_needs_a_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -116,3 +135,17 @@ def test_strategy_is_validated_config_and_needs_a_launcher(monkeypatch: pytest.M
     cfg = load_config(PretrainConfig, "tiny", ["distributed.strategy=fsdp2"])
     with pytest.raises(RuntimeError, match="start it with torchrun"):
         build_strategy(cfg.distributed, torch.device("cpu"))
+
+
+def test_an_evaluation_longer_than_the_collective_timeout_finishes(tmp_path: Path) -> None:
+    """Rank 0 evaluates alone, during training and at the end, for longer than the run's collective
+    timeout (3 s): the other rank waits for it (:meth:`Strategy.on_main`) instead of timing out in
+    its next collective, which killed the run, and again at every resume."""
+    out = tmp_path / "run"
+    done = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                 str(HELPER.with_name("slow_main_rank.py")), str(out), "6"], tmp_path / "run.pt")
+    done.wait(timeout=240)
+    log = (tmp_path / "run.log").read_text()
+    assert done.returncode == 0, log[-4000:]
+    assert "finished 2 {'evaluated_at': 2.0}" in log
+    assert (out / "backbone.safetensors").exists() and (out / "summary.json").exists()

@@ -382,6 +382,59 @@ def test_the_bad_image_tally_survives_a_resume(tmp_path) -> None:
     assert run("pieces", 2, 4, 6) == whole
 
 
+class _SkippedBatchImages(torch.utils.data.Dataset):
+    """24 images (three batches of 8 a data epoch under ``seed``); those of the first epoch's second
+    batch undecodable, so the loader skips it. ``read``: the keys read, in order."""
+
+    def __init__(self, seed: int) -> None:
+        from trainer.batches import ResumableBatches
+
+        order = iter(ResumableBatches(24, 8, seed))
+        next(order)
+        self.bad, self.read = set(next(order)), []
+
+    def __len__(self) -> int:
+        return 24
+
+    def __getitem__(self, index: int):
+        from trainer.data.datasets import Sample
+
+        self.read.append(f"img{index}")
+        image = (torch.rand(3, 28, 28, generator=torch.Generator().manual_seed(index)) * 255).to(torch.uint8)
+        return Sample(image=None if index in self.bad else image, label=-1, key=f"img{index}")
+
+
+def test_a_run_resumed_after_a_skipped_batch_ends_where_an_uninterrupted_one_ends(tmp_path) -> None:
+    """The loader skips a batch all bad, so step s reads loader batch s + 1. A run stopped after
+    step 2's checkpoint (written when step 3's images were already read) resumes from the loader
+    batch after step 2's, not from step 2's own: it reads what the uninterrupted run reads and ends
+    on its weights (resumed at ``step x micro-batches``, it read step 2's batch again)."""
+    from trainer.data.datasets import collate_samples
+    from trainer.engine import pretrain
+    from trainer.models.hub import load_backbone
+
+    def cfg(out: str) -> PretrainConfig:
+        return config(f"out={tmp_path / out}", "max_steps=4", "checkpoint_every=1", "eval.every_steps=3",
+                      "data.max_bad_fraction=0.5")
+
+    def stop(backbone, step: int) -> dict[str, float]:
+        raise RuntimeError(f"stopped after step {step}")
+
+    whole_data, cut_data = _SkippedBatchImages(cfg("whole").seed), _SkippedBatchImages(cfg("whole").seed)
+    whole = pretrain(cfg("whole"), whole_data, collate_samples, Storage())
+    with pytest.raises(RuntimeError, match="stopped after step 3"):
+        pretrain(cfg("cut"), cut_data, collate_samples, Storage(), evaluate=stop)
+    saved = load_latest_checkpoint(Storage(), str(tmp_path / "cut"))
+    assert saved["step"] == 2 and len(cut_data.read) == 5 * 8  # step 4's images read during step 3
+    cut_data.read.clear()
+    resumed = pretrain(cfg("cut"), cut_data, collate_samples, Storage())
+    assert cut_data.read == whole_data.read[3 * 8:]  # loader batches 3 and 4
+    ends = [load_backbone(summary["backbone"], "safetensors").state_dict() for summary in (whole, resumed)]
+    for key, value in ends[0].items():
+        torch.testing.assert_close(ends[1][key], value, rtol=0, atol=0, msg=key)
+    assert saved["loader_batch"] == 3
+
+
 @pytest.mark.parametrize("centering", ["softmax", "sinkhorn_knopp"])
 def test_patch_targets_from_features_equal_targets_from_logits(centering: str) -> None:
     """The teacher's iBOT targets made from its bottleneck features and prototypes (the logits never
@@ -504,13 +557,14 @@ class _SpoilingImages(torch.utils.data.Dataset):
 
 
 def test_a_bad_next_batch_stops_the_run_after_this_steps_checkpoint(tmp_path) -> None:
-    """Step 3's images are read while step 2 runs; they break the bad-image limit, and the run
-    stops where a step-by-step loop would: with step 2 trained and checkpointed, its tally clean."""
+    """Step 3's images are read while step 2 runs; they break the bad-image limit (judged from 300
+    images on at 10 %: the loader skips batches all bad until then), and the run stops where a
+    step-by-step loop would: with step 2 trained and checkpointed, its tally clean."""
     from trainer.data.datasets import collate_samples
     from trainer.engine import pretrain
 
     cfg = config(f"out={tmp_path / 'run'}", "max_steps=4", "checkpoint_every=1", "data.max_bad_fraction=0.1")
-    with pytest.raises(ValueError, match="8 of 24 images"):
+    with pytest.raises(ValueError, match="288 of 304 images"):
         pretrain(cfg, _SpoilingImages(), collate_samples, Storage())
     checkpoint = load_latest_checkpoint(Storage(), cfg.out)
     assert checkpoint["step"] == 2
@@ -527,7 +581,7 @@ def test_a_bad_next_batch_with_a_step_unread_reads_and_logs_it_first(tmp_path) -
     metrics = Metrics()
     cfg = config(f"out={tmp_path / 'run'}", "max_steps=4", "checkpoint_every=10", "optim.fused_adamw=on",
                  "data.max_bad_fraction=0.1")
-    with pytest.raises(ValueError, match="8 of 24 images"):
+    with pytest.raises(ValueError, match="288 of 304 images"):
         pretrain(cfg, _SpoilingImages(), collate_samples, Storage(), tracker=metrics)
     assert sorted(metrics.steps) == [1, 2] and load_latest_checkpoint(Storage(), cfg.out) is None
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -12,6 +11,9 @@ import time
 from pathlib import Path
 
 import torch
+
+from dinoflow.storage import Storage
+from trainer.checkpoints import load_latest_checkpoint
 
 ARGS = [
     "model.embed_dim=32", "model.depth=3", "model.num_heads=2", "model.drop_path_rate=0.2",
@@ -34,8 +36,7 @@ def run(out: Path, wait: bool = True) -> subprocess.Popen:
 
 
 def final_state(out: Path) -> dict:
-    pointer = json.loads((out / "checkpoints" / "latest.json").read_text())
-    return torch.load(io.BytesIO(Path(pointer["uri"]).read_bytes()), weights_only=True)
+    return load_latest_checkpoint(Storage(), str(out))
 
 
 def test_killed_run_resumes_exactly(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from trainer.data.datasets import (DEFAULT_MAX_PIXELS, ProcessLocalStorage, Samp
                                    decode_region, sample_of)
 
 SHARD_LABEL_EXTENSIONS = ("cls", "txt")  # first one present wins
+CAPTION_EXTENSION = "txt"  # not an integer: a caption (img2dataset, LAION), the sample unlabelled
 INDEX_READERS = 16  # shards' indexes read at once when a data set starts (thousands on S3: one round trip each)
 
 
@@ -84,7 +85,7 @@ def _index_shard(shard_uri: str, data: bytes, image_extensions: set[str]) -> lis
     groups: dict[str, dict[str, tarfile.TarInfo]] = {}
     for member in members:
         _check_member(shard_uri, member)
-        if member.isdir():
+        if member.isdir() or _is_hidden(member.name):
             continue
         key, extension = _split_member_name(member.name)
         parts = groups.setdefault(key, {})
@@ -103,17 +104,29 @@ def _index_shard(shard_uri: str, data: bytes, image_extensions: set[str]) -> lis
         label = -1
         label_extension = next((ext for ext in SHARD_LABEL_EXTENSIONS if ext in parts), None)
         if label_extension is not None:
-            label_member = parts[label_extension]
-            text = data[label_member.offset_data : label_member.offset_data + label_member.size]
-            try:
-                label = int(text.decode("utf-8").strip())
-            except (UnicodeDecodeError, ValueError) as err:
-                raise ValueError(
-                    f"shard {shard_uri}: label member {label_member.name!r} holds {text[:40]!r}, "
-                    "not an integer class index"
-                ) from err
+            label = _label(shard_uri, parts[label_extension], label_extension, data)
         samples.append(_IndexedSample(image.name, image.offset_data, image.size, label))
     return samples
+
+
+def _is_hidden(name: str) -> bool:
+    """A member in or under a name starting with '.' (macOS's AppleDouble ``._0001.jpg``, ``.DS_Store``):
+    metadata, not a sample, skipped as image folders skip hidden files."""
+    return any(part.startswith(".") for part in PurePosixPath(name).parts)
+
+
+def _label(shard_uri: str, member: tarfile.TarInfo, extension: str, data: bytes) -> int:
+    """The class index a label member holds; -1 (unlabelled) for a ``.txt`` that holds no integer:
+    a caption, as img2dataset's and LAION's shards (``.jpg`` + caption ``.txt`` + ``.json``) have."""
+    text = data[member.offset_data : member.offset_data + member.size]
+    try:
+        return int(text.decode("utf-8").strip())
+    except (UnicodeDecodeError, ValueError) as err:
+        if extension == CAPTION_EXTENSION:
+            return -1
+        raise ValueError(
+            f"shard {shard_uri}: label member {member.name!r} holds {text[:40]!r}, not an integer class index"
+        ) from err
 
 
 SHARD_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -187,9 +200,11 @@ class ShardDataset(Dataset[Sample]):
 
     Members are grouped into samples by key (folder + basename up to the first dot); each
     sample has exactly one image member (jpg, jpeg, png, webp) and optionally a label member
-    (``cls``, else ``txt``) holding an integer; other members are ignored. ``shards`` is a list of
-    shard URIs, or one folder URI whose ``*.tar`` files (recursively, sorted) are the shards.
-    Members with absolute or ``..`` names, links, devices and sparse files are refused.
+    (``cls``, else ``txt``) holding an integer; a ``txt`` holding anything else is a caption (the
+    sample unlabelled, -1); other members are ignored, and hidden ones (a name or folder starting
+    with '.', e.g. macOS's ``._0001.jpg``) skipped. ``shards`` is a list of shard URIs, or one folder
+    URI whose ``*.tar`` files (recursively, sorted) are the shards. Members with absolute or ``..``
+    names, links, devices and sparse files are refused.
 
     Why an index, and where it comes from: it holds each image's byte range (and label), so a
     sample is read alone and no tar is parsed again. A shard with an index beside it

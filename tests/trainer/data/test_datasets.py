@@ -380,13 +380,13 @@ def batch_of(good: int, bad: int, start: int = 0) -> Batch:
 
 
 def test_tracker_raises_only_above_the_limit() -> None:
-    tracker = BadImageTracker(max_fraction=0.1)
+    tracker = BadImageTracker(max_fraction=0.1, min_seen=20)
     tracker.update(batch_of(0, 19))
     tracker.check()  # 19 seen, all bad: below min_seen
     with pytest.raises(ValueError, match="19 of 19"):
         tracker.check(final=True)
 
-    tracker = BadImageTracker(max_fraction=0.1)
+    tracker = BadImageTracker(max_fraction=0.1, min_seen=20)
     tracker.update(batch_of(45, 5))
     tracker.update(batch_of(45, 5, start=5))
     tracker.check(final=True)  # exactly 10%: allowed
@@ -402,6 +402,43 @@ def test_tracker_raises_only_above_the_limit() -> None:
         "fraction": 11 / 101,
         "examples": ["bad0", "bad1", "bad2", "bad3", "bad4"],
     }
+
+
+def runs_stopped(bad_rate: float, runs: int, steps: int, max_fraction: float = 0.01, batch: int = 64) -> list[int]:
+    """For ``runs`` simulated runs (seeded) of ``steps`` batches, each image bad with probability
+    ``bad_rate``: the step at which the tracker stopped each run that it stopped."""
+    stopped = []
+    for run in range(runs):
+        tracker = BadImageTracker(max_fraction)
+        bad_counts = np.random.default_rng([7, run]).binomial(batch, bad_rate, steps)
+        for step, bad in enumerate(bad_counts.tolist(), start=1):
+            tracker.add(batch - bad, [f"bad{step}_{i}" for i in range(bad)])
+            try:
+                tracker.check()
+            except ValueError:
+                stopped.append(step)
+                break
+    return stopped
+
+
+def test_a_data_set_under_the_limit_is_not_stopped_by_chance_and_a_broken_one_is() -> None:
+    """64 images a step, limit 1 %: a data set 0.5 % bad was stopped within 100 steps in about 4 of
+    10 runs while the limit applied from 20 images on (one bad file in the first batch is 1.6 %);
+    judged from 3,000 images (30 bad allowed) about 1 in 2,500 is. One 5 % bad stops every run at
+    step 47, the first at or past 3,000 images; a first batch all bad stops nothing yet."""
+    assert len(runs_stopped(0.005, runs=2000, steps=100)) <= 4
+    assert runs_stopped(0.05, runs=20, steps=100) == [47] * 20
+    assert BadImageTracker(0.01).min_seen == 3000 and BadImageTracker(0.05).min_seen == 600
+    assert BadImageTracker(0.5).min_seen == 60 and BadImageTracker(0.0).min_seen == 20
+    tracker = BadImageTracker(0.01)
+    tracker.add(63, ["one bad file"])
+    tracker.check()  # 1 of 64 (1.6 %) in the first batch
+    tracker.add(0, ["x"] * 64)
+    tracker.check()  # 65 of 128: not judged yet
+    tracker = BadImageTracker(0.0)
+    tracker.add(63, ["one bad file"])
+    with pytest.raises(ValueError, match="1 of 64 images"):
+        tracker.check()  # none tolerated
 
 
 def test_tracker_arguments_are_checked() -> None:

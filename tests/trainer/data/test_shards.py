@@ -85,6 +85,39 @@ def test_shards_with_labels(storage_root: tuple[Storage, str]) -> None:
     assert clone[3].label == 1
 
 
+def test_caption_shards_load_unlabelled(tmp_path: Path) -> None:
+    """img2dataset's layout (LAION): a ``.txt`` caption beside each ``.jpg`` and ``.json`` is not a
+    label: the sample is unlabelled (-1), as is one in another encoding than UTF-8; an integer
+    ``.txt`` is still a label, and ``.cls`` still wins."""
+    jpeg = encode(Image.fromarray(smooth_rgb(32, 32, 3)), "JPEG")
+    shard = tmp_path / "laion.tar"
+    shard.write_bytes(tar_bytes([
+        ("000000000.jpg", jpeg), ("000000000.txt", b"a photo of a dog"), ("000000000.json", b'{"url": "x"}'),
+        ("000000001.jpg", jpeg), ("000000001.txt", "légende".encode("latin-1")),
+        ("000000002.jpg", jpeg), ("000000002.txt", b" 12\n"),
+        ("000000003.jpg", jpeg), ("000000003.txt", b"a cat"), ("000000003.cls", b"4"),
+    ]))
+    dataset = ShardDataset(Storage(), [str(shard)], load_size=S)
+    samples = [dataset[i] for i in range(len(dataset))]
+    assert [s.label for s in samples] == [-1, -1, 12, 4] and all(s.image is not None for s in samples)
+
+
+def test_hidden_members_are_skipped(tmp_path: Path) -> None:
+    """macOS's AppleDouble members (``._<name>``), ``.DS_Store`` and hidden folders are metadata, as
+    image folders take them: skipped, not refused as samples without an image."""
+    png = encode(Image.new("RGB", (4, 4)), "PNG")
+    shard = tmp_path / "mac.tar"
+    shard.write_bytes(tar_bytes([
+        ("0001.png", png), ("0001.cls", b"3"), ("._0001.png", b"\x00\x05\x16\x07 AppleDouble"),
+        (".DS_Store", b"\x00\x00\x00\x01Bud1"), (".thumbnails/0002.png", png),
+        ("sub/._0003.png", b"meta"), ("sub/0003.png", png),
+    ]))
+    dataset = ShardDataset(Storage(), [str(shard)], load_size=S)
+    samples = [dataset[i] for i in range(len(dataset))]
+    assert [s.key.split("#")[1] for s in samples] == ["0001.png", "sub/0003.png"]
+    assert [s.label for s in samples] == [3, -1]
+
+
 def good_sample() -> tuple[str, bytes]:
     return "000000.png", encode(Image.new("RGB", (4, 4)), "PNG")
 
