@@ -25,7 +25,7 @@ from tests.reliability.helpers import (
     tiny_config,
 )
 from tests.servers import TEST_BUCKET, SeaweedS3, running_s3, s3_settings
-from trainer.checkpoints import load_latest_checkpoint
+from trainer.checkpoints import latest_checkpoint_uri, load_latest_checkpoint
 from trainer.run import run_pretrain
 
 SHARDS, PER_SHARD = 4, 8
@@ -127,7 +127,7 @@ def assert_only_whole_checkpoints(storage: Storage, out: str) -> dict:
     raw = storage._s3().ls(folder.removeprefix("s3://"), detail=False)  # the store's own listing
     assert sorted(p.rsplit("/", 1)[-1] for p in raw) == sorted(names), raw
     pointer = json.loads(storage.read_bytes(join_uri(folder, "latest.json")))
-    assert pointer["uri"] in listed
+    assert latest_checkpoint_uri(storage, out) in listed
     checkpoint = load_latest_checkpoint(storage, out)
     assert checkpoint is not None and checkpoint["step"] == pointer["step"]
     return checkpoint
