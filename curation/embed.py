@@ -18,7 +18,6 @@ part whose ``.json`` exists, so an interrupted job resumes at part granularity.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from collections.abc import Callable, Iterable, Sequence
@@ -33,7 +32,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from dinoflow.progress import progress
 from dinoflow.storage import Storage, join_uri
-from trainer.data.datasets import BadImageTracker, FashionMnistDataset, ImageListDataset, Sample, collate_samples
+from trainer.data.datasets import (BadImageTracker, FashionMnistDataset, ImageListDataset, Sample, collate_samples,
+                                   keys_sha256)
 from trainer.data.shards import ShardDataset
 
 Embedder = Callable[[Tensor], Tensor | np.ndarray]
@@ -105,13 +105,6 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _keys_sha256(keys: Iterable[str]) -> str:
-    digest = hashlib.sha256()
-    for key in keys:
-        digest.update(key.encode() + b"\0")  # no key holds a NUL: it ends each unambiguously
-    return digest.hexdigest()
-
-
 def pool_identity(dataset: Dataset[Sample]) -> dict[str, Any]:
     """Which images a pass over ``dataset`` embeds, known without decoding any: every image's key in
     order (sha256) and the size each is loaded at.
@@ -129,7 +122,7 @@ def pool_identity(dataset: Dataset[Sample]) -> dict[str, Any]:
     else:
         raise TypeError(f"cannot tell which images a {type(dataset).__name__} holds without decoding them; "
                         "embed an ImageListDataset (or ImageFolderDataset), ShardDataset or FashionMnistDataset")
-    return {"load_size": dataset.load_size, "keys_sha256": _keys_sha256(keys)}
+    return {"load_size": dataset.load_size, "keys_sha256": keys_sha256(keys)}
 
 
 def _differences(found: dict[str, Any], wanted: dict[str, Any]) -> str:

@@ -120,6 +120,7 @@ from evaluators.visualize import (
     save_pca_maps,
     save_sweeps,
 )
+from trainer.data.datasets import keys_sha256
 
 TASKS = ("knn", "linear", "logreg", "seg", "depth", "retrieval", "video", "finegrained")
 CLASSIFICATION_TASKS = ("knn", "linear", "logreg")  # on labelled images (data_uri)
@@ -227,6 +228,12 @@ class SuiteConfig:
                              f"met_whiten")
         if self.video_frames < 1:
             raise ValueError(f"video_frames must be >= 1, got {self.video_frames}")
+        if self.layers < 1:  # (spaced_blocks read 0 or less as 1: depth ran lin.1 under layers = 0)
+            raise ValueError(f"layers must be >= 1 (1: the last block; 4: the +ms and lin.4 protocols), got "
+                             f"{self.layers}")
+        if not self.ks or min(self.ks) < 1 or self.temperature <= 0:
+            raise ValueError(f"ks must hold k-NN's neighbour counts, each >= 1, and temperature be > 0; got ks = "
+                             f"{list(self.ks)}, temperature = {self.temperature}")
         if self.data_kind not in DATA_KINDS:
             raise ValueError(f"unknown data kind {self.data_kind!r}; allowed: {', '.join(DATA_KINDS)}")
         if self.depth_data.count(TRANSFER) > 1 or TRANSFER in self.seg_data + self.retrieval_data:
@@ -314,6 +321,16 @@ def _real_scores(images: LabelledImages, data: LabelledFeatures, view_name: str,
     return {"real_accuracy": accuracy, "real_images": count}
 
 
+def _listing(images: LabelledImages) -> list[str | int]:
+    """What the train and test splits hold, for the identity of their saved feature parts: class
+    folders' image keys (:func:`~trainer.data.datasets.keys_sha256`; folders whose files changed
+    between a preempted pass and its resume would mix rows of two listings), else their sizes."""
+    if not isinstance(images, FolderImages):
+        return [len(images.train), len(images.test)]
+    return [keys_sha256(split.dataset.keys[split.indices]) if hasattr(split.dataset, "keys") else len(split)
+            for split in (images.train, images.test)]
+
+
 def _classification(backbone: nn.Module, config: SuiteConfig, storage: Storage, device: torch.device,
                     pictures: str | Path | None, digest: str) -> dict[str, Any]:
     linear = LinearProbeConfig() if "linear" in config.tasks else None
@@ -330,7 +347,7 @@ def _classification(backbone: nn.Module, config: SuiteConfig, storage: Storage, 
                                config.seed) if config.test_sets else []
     parts, identity = None, {}
     if config.work_dir:
-        identity = {"backbone_sha256": digest, "views": linear is not None,
+        identity = {"backbone_sha256": digest, "views": linear is not None, "images": _listing(images),
                     **{name: getattr(config, name) for name in ("data_uri", "test_uri", "data_kind", "train_limit",
                                                                  "test_limit", "image_size", "precision", "seed")}}
         parts = FeatureParts(storage, join_uri(config.work_dir, "classification"), identity)

@@ -87,6 +87,19 @@ def test_fashion_mnist_in_parts_and_the_suite_resuming(tmp_path: Path) -> None:
         run_suite(other, config)
 
 
+def test_the_suite_refuses_parts_of_class_folders_listed_otherwise(tmp_path: Path) -> None:
+    """An image added to a class folder between a pass and its rerun: the saved parts (of the
+    former listing's rows) are refused, not joined with the new listing's."""
+    write_folders(tmp_path, {"cat": (6, 3), "dog": (6, 3)})
+    config = SuiteConfig(tasks=("knn",), data_uri=str(tmp_path), image_size=28, work_dir=str(tmp_path / "work"))
+    model = backbone()
+    run_suite(model, config)
+    first = min((tmp_path / "train" / "cat").iterdir())
+    (tmp_path / "train" / "cat" / f"added{first.suffix}").write_bytes(first.read_bytes())
+    with pytest.raises(ValueError, match="holds features of another pass \\(it differs in images\\)"):
+        run_suite(model, config)
+
+
 def test_the_pass_joins_its_parts_as_they_come(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without a parts folder too, the pass runs in parts (of ``PART_ROWS`` images) copied into
     the split's features as each is made: when a part is made, at most the one before it is still

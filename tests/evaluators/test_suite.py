@@ -129,6 +129,11 @@ def test_bad_task_lists_are_named() -> None:
     with pytest.raises(ValueError, match="need data_uri"):
         SuiteConfig(tasks=("knn",))
     assert SuiteConfig(tasks=("seg",)).tasks == ("seg",)
+    with pytest.raises(ValueError, match="layers must be >= 1 .*, got 0"):  # depth ran lin.1 under it
+        SuiteConfig(tasks=("seg", "depth"), layers=0)
+    for ks, temperature in (((0, 20), 0.07), ((), 0.07), ((20,), -1.0)):
+        with pytest.raises(ValueError, match=r"ks must hold k-NN's neighbour counts, each >= 1, and temperature"):
+            SuiteConfig(tasks=("seg",), ks=ks, temperature=temperature)
 
 
 def test_options_set_any_plain_setting_by_name_and_refuse_what_they_cannot_set() -> None:

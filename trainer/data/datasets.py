@@ -31,11 +31,12 @@ All bytes are read through :class:`~dinoflow.storage.Storage`, so local folders,
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -276,6 +277,15 @@ class ProcessLocalStorage:
 
 def _has_extension(uri: str, extensions: Sequence[str]) -> bool:
     return uri.lower().endswith(tuple("." + ext.lower().lstrip(".") for ext in extensions))
+
+
+def keys_sha256(keys: Iterable[str]) -> str:
+    """The sha256 of image keys in their order: which images a pass reads, known without decoding
+    any (what saved work of that pass is keyed by)."""
+    digest = hashlib.sha256()
+    for key in keys:
+        digest.update(str(key).encode() + b"\0")  # no key holds a NUL: it ends each unambiguously
+    return digest.hexdigest()
 
 
 class ImageListDataset(Dataset[Sample]):
