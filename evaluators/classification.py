@@ -48,6 +48,12 @@ MAX_BAD_FRACTION = 0.05
 PROBE_VIEWS = ("last1", "last1+avgpool", "last4", "last4+avgpool")  # the original's linear inputs
 
 
+def eval_load_size(image_size: int) -> int:
+    """The side images are decoded at before their centre ``image_size`` square is kept: the
+    original's evaluation transform (256 for 224, :data:`CROP_RATIO`)."""
+    return round(image_size / CROP_RATIO)
+
+
 @dataclass(frozen=True)
 class LabelledFeatures:
     """Frozen features of both splits and what the report shows beside them."""
@@ -121,7 +127,7 @@ def labelled_images(uri: str, kind: DataKind, storage: Storage, train_limit: int
                                              torch.from_numpy(data.labels[: limit or len(data.labels)]))
                                             for data, limit in zip(splits, (train_limit, test_limit)))
         return FashionMnistImages(train, train_y, test, test_y)
-    train = ImageFolderDataset(storage, join_uri(uri, "train"), round(image_size / CROP_RATIO))
+    train = ImageFolderDataset(storage, join_uri(uri, "train"), eval_load_size(image_size))
     if not train.classes:
         raise ValueError(f"{join_uri(uri, 'train')}: every image must lie in a class folder, train/<class>/<image>")
     separate = bool(test_uri)
@@ -136,7 +142,7 @@ def release_images(name: str, root: str, storage: Storage, train_limit: int = 0,
                    image_size: int = 224, seed: int = 0, num_workers: int = 0) -> FolderImages:
     """Release ``name`` at ``root`` (:mod:`evaluators.released_sets`) listed for the feature pass as
     class folders are: a limit keeps a seeded random subset, images prepared as the folders' are."""
-    classes, train, test = release_datasets(name, root, storage, round(image_size / CROP_RATIO), seed)
+    classes, train, test = release_datasets(name, root, storage, eval_load_size(image_size), seed)
     return FolderImages(limited(train, train_limit, seed), limited(test, test_limit, seed), classes, None,
                         image_size, num_workers)
 
@@ -157,7 +163,7 @@ def _test_split(test_uri: str, classes: tuple[str, ...], storage: Storage, image
     ``999``: ImageNet-V2's release, its indices those of the sorted class names) are read as
     train's class of that index; ImageNet's validation images as released, flat, by the list beside
     them (:mod:`evaluators.imagenet_val`)."""
-    load = load or round(image_size / CROP_RATIO)
+    load = load or eval_load_size(image_size)
     if flat := flat_val_images(storage, test_uri):
         labels = flat_val_labels(storage, test_uri, flat, classes)
         return limited(ImageListDataset(storage, flat, labels, load), limit, seed), torch.arange(len(classes))

@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.utils.data import Subset
 
 from dinoflow.storage import Storage, join_uri
-from evaluators.classification import CROP_RATIO, FolderImages, LabelledFeatures, limited
+from evaluators.classification import FolderImages, LabelledFeatures, eval_load_size, limited
 from evaluators.logreg import LogRegConfig, fit_logistic, normalized, sweep_c
 from trainer.data.datasets import ImageListDataset
 
@@ -95,7 +95,7 @@ def voc_images(root: str, storage: Storage, train_limit: int = 0, test_limit: in
     (:mod:`evaluators.classification`); a limit keeps a seeded random subset of trainval or test."""
     (train_ids, train_t), (val_ids, val_t), (test_ids, test_t) = (voc_targets(storage, root, split)
                                                                    for split in ("train", "val", "test"))
-    load = round(image_size / CROP_RATIO)
+    load = eval_load_size(image_size)
 
     def listed(ids: list[str], limit: int) -> Subset:
         keys = [join_uri(root, "JPEGImages", f"{i}.jpg") for i in ids]

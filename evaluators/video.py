@@ -52,7 +52,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dinoflow.progress import progress
 from dinoflow.storage import Storage, join_uri
-from evaluators.classification import CROP_RATIO, MAX_BAD_FRACTION
+from evaluators.classification import MAX_BAD_FRACTION, eval_load_size
 from evaluators.features import to_model_input
 from evaluators.linear import LinearProbeConfig, linear_probe
 from evaluators.video_sets import read_video_release, video_release_at
@@ -292,7 +292,7 @@ def video_splits(root: str, config: VideoConfig, storage: Storage, seed: int = 0
                        for index, count in enumerate(config.clips_per_class))
         return VideoSplits(ClipArray(*train, config.frames), ClipArray(*test, config.frames), DIRECTIONS,
                            "synthetic clips", {"train": 0, "test": 0})
-    load = round(config.image_size / CROP_RATIO)
+    load = eval_load_size(config.image_size)
     if name := video_release_at(root, storage):
         release = read_video_release(name, root, storage)
         train_list, test_list = (VideoList(storage, videos, release.classes, config.frames, load)

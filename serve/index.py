@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from dinoflow.progress import progress
 from dinoflow.storage import Storage, join_uri
-from serve.model import PIXEL_TRANSFORM, ServedModel, centre_crop, load_size
+from evaluators.classification import eval_load_size
+from serve.model import PIXEL_TRANSFORM, ServedModel, centre_crop
 
 SourceKind = Literal["folder", "shards"]
 INDEX_FILE = "index.faiss"
@@ -56,9 +57,9 @@ def build_index(model: ServedModel, source_uri: str, out_uri: str, kind: SourceK
 
     storage = storage or Storage()
     if kind == "folder":
-        dataset: Any = ImageFolderDataset(storage, source_uri, load_size=load_size(model.image_size))
+        dataset: Any = ImageFolderDataset(storage, source_uri, load_size=eval_load_size(model.image_size))
     elif kind == "shards":
-        dataset = ShardDataset(storage, source_uri, load_size=load_size(model.image_size))
+        dataset = ShardDataset(storage, source_uri, load_size=eval_load_size(model.image_size))
     else:
         raise ValueError(f"unknown source kind {kind!r}; allowed: folder, shards")
     keys: list[str] = []

@@ -26,7 +26,7 @@ from torch import Tensor
 from dinoflow.registry import CHAMPION, parse_registry_uri, registry_client, registry_store
 from dinoflow.run_files import BACKBONE_FILE, CLASSIFIER_FILE
 from dinoflow.storage import Storage
-from evaluators.classification import CROP_RATIO
+from evaluators.classification import CROP_RATIO, eval_load_size
 from evaluators.features import to_model_input
 from trainer.data.datasets import (
     DECODE_ERRORS,
@@ -109,12 +109,6 @@ class ServedModel:
         return {name: summary[name] for name in ("maps", "high_norm", "masks", "on_patches")}
 
 
-def load_size(image_size: int) -> int:
-    """The side images are decoded at before their centre ``image_size`` square is kept: the
-    evaluations' ``round(image_size / CROP_RATIO)``."""
-    return round(image_size / CROP_RATIO)
-
-
 def centre_crop(pixels: Tensor, size: int) -> Tensor:
     """The centre ``size`` square of images ``(..., S, S)``, at the evaluations' offset."""
     offset = (pixels.shape[-1] - size) // 2
@@ -127,7 +121,7 @@ def decode_upload(data: bytes, image_size: int, max_pixels: int) -> Tensor:
     if not data:
         raise ImageError("empty file: expected a JPEG, PNG, WebP, GIF or BMP image")
     try:
-        return centre_crop(read_image(data, load_size(image_size), max_pixels), image_size)
+        return centre_crop(read_image(data, eval_load_size(image_size), max_pixels), image_size)
     except TooManyPixels as err:
         raise ImageError(f"image is {err.width}x{err.height} = {err.width * err.height} pixels; "
                          f"the limit is {err.max_pixels}") from None
