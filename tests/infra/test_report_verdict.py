@@ -7,6 +7,10 @@ run states and the MLflow tags it reads are the contract with the register stage
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,13 +20,14 @@ import pytest
 from typer.testing import CliRunner
 
 from dinoflow.tracking import TAG_PIPELINE_RUN
-from infra.ci.report_verdict import app
+from infra.ci.report_verdict import EXIT_TIMED_OUT, app
+from tests.infra.helpers import REPO
 
-RUN_STATES = {"run-ok": "SUCCEEDED", "run-failed": "FAILED", "run-silent": "SUCCEEDED"}
+RUN_STATES = {"run-ok": "SUCCEEDED", "run-failed": "FAILED", "run-silent": "SUCCEEDED", "run-canceled": "CANCELED"}
 
 
 class RunStatusApi(BaseHTTPRequestHandler):
-    """Answers ``GET /apis/v2beta1/runs/<id>`` with that run's final state."""
+    """Answers ``GET /apis/v2beta1/runs/<id>`` with that run's final state; any other id is RUNNING for ever."""
 
     def do_GET(self) -> None:
         run_id = self.path.rstrip("/").rsplit("/", 1)[-1].split("?")[0]
@@ -60,10 +65,10 @@ def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
     return uri
 
 
-def _report(kfp_host: str, tracking_uri: str, run_id: str, summary: Path) -> tuple[int, str]:
+def _report(kfp_host: str, tracking_uri: str, run_id: str, summary: Path, timeout_s: int = 30) -> tuple[int, str]:
     env = {"MLFLOW_TRACKING_URI": tracking_uri, "GITHUB_STEP_SUMMARY": str(summary)}
-    result = CliRunner().invoke(app, ["--host", kfp_host, "--run-id", run_id, "--poll-s", "1", "--timeout-s", "30"],
-                                env=env)
+    result = CliRunner().invoke(app, ["--host", kfp_host, "--run-id", run_id, "--poll-s", "1",
+                                      "--timeout-s", str(timeout_s)], env=env)
     return result.exit_code, result.output
 
 
@@ -87,3 +92,26 @@ def test_no_verdict_fails_clearly(kfp_host: str, tracking_uri: str, tmp_path: Pa
 def test_missing_tracking_uri_is_an_error(kfp_host: str) -> None:
     result = CliRunner().invoke(app, ["--host", kfp_host, "--run-id", "run-ok"], env={"MLFLOW_TRACKING_URI": ""})
     assert result.exit_code == 2 and "MLFLOW_TRACKING_URI" in result.output
+
+
+def test_a_run_that_never_ends_times_out_in_one_line(kfp_host: str, tracking_uri: str, tmp_path: Path) -> None:
+    """The wait's timeout is its own exit status with one line saying what was seen and where to look.
+
+    Run as the workflow runs it, a real process (an uncaught exception there is a traceback and exit 1,
+    the status of a failed run)."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "GITHUB_STEP_SUMMARY": str(tmp_path / "summary.md")}
+    result = subprocess.run([sys.executable, "-m", "infra.ci.report_verdict", "--host", kfp_host,
+                             "--run-id", "run-endless", "--poll-s", "1", "--timeout-s", "1"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == EXIT_TIMED_OUT and EXIT_TIMED_OUT not in (0, 1, 2), result.stderr
+    assert result.stdout == "" and "Traceback" not in result.stderr
+    (line,) = result.stderr.splitlines()
+    assert re.match(r"error: KFP run run-endless still RUNNING after waiting [12]s \(--timeout-s 1\); ", line), line
+    assert line.endswith(f"see {kfp_host}/#/runs/details/run-endless")
+    assert "timed out" in (tmp_path / "summary.md").read_text()
+
+
+def test_a_canceled_run_ends_the_wait(kfp_host: str, tracking_uri: str, tmp_path: Path) -> None:
+    """KFP's own wait knows no CANCELED state: a canceled run would be waited on until the timeout."""
+    code, output = _report(kfp_host, tracking_uri, "run-canceled", tmp_path / "summary.md", timeout_s=5)
+    assert code == 1 and "state **CANCELED**" in output
