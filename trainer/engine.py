@@ -314,7 +314,8 @@ def accumulate(micro_batches: list[CropBatch], autocast_dtype: torch.dtype | Non
 class StepLosses:
     """A step's loss terms ``(micro-batches, names)`` on the device, read on the host once (:meth:`read`),
     and with fused AdamW in one process the step's skip flag (its ``found_inf``: 1 where a non-finite
-    loss left every weight as it was), which a step queued before this one is read carries on."""
+    loss left every student weight and the optimiser's state as they were), which a step queued before
+    this one is read carries on."""
 
     losses: Tensor
     names: list[str]
@@ -415,7 +416,11 @@ def finish_step(losses: Tensor, names: list[str], optimizer: torch.optim.Optimiz
     are returned unread, and the loop reads them once the next step is queued, so that the GPU goes
     from one step to the next without waiting for the host. That next step (queued ``after`` this
     one) is skipped on the device too if this one was, so a non-finite loss raises on its read with
-    every weight as it was before it. Elsewhere the losses are read before the weights change."""
+    every student weight and the optimiser's state as they were before it. ``ema()`` and the centres
+    still move on a skipped step (towards the unchanged student), unread: the read raises before the
+    loop evaluates or saves anything, and skipping them on the device would cost a teacher-sized
+    temporary or a kernel a parameter (no foreach lerp takes a device-side weight). Elsewhere the
+    losses are read before the weights change."""
     skip_on_device = type(strategy) is Strategy and bool(optimizer.param_groups[0].get("fused"))
     queued = StepLosses(losses, names)
     if not skip_on_device:
@@ -705,7 +710,7 @@ def _pretrain(cfg: PretrainConfig, dataset: Any, collate: Callable, storage: Sto
         tracker.log_metrics(metrics, step=state.step, force=True)
     tracker.set_tags({TAG_HEALTH: watch.verdict()})
     bad_images.restore(state.bad_images)  # a batch prepared for a step not run (a time limit) does not count
-    bad_images.check(final=True)
+    bad_images.check_run_end()  # a sample of the data: a short run is held to the allowance
     final: dict[str, float] = {}
     closing = final_evaluate or evaluate
     backbone = strategy.whole(teacher.backbone, teacher_backbone)

@@ -382,6 +382,19 @@ def test_the_bad_image_tally_survives_a_resume(tmp_path) -> None:
     assert run("pieces", 2, 4, 6) == whole
 
 
+def test_a_short_run_with_one_bad_image_passes_the_default_limit(tmp_path) -> None:
+    """Three steps read the 24 images once, one of them bad (4.2 %): the default limit (1 %) is
+    judged from 3,000 images on, and a run that ends before is held to the 30 bad images it allows
+    there, not to the fraction of its few images (which failed this run at its end)."""
+    from trainer.data.datasets import collate_samples
+    from trainer.engine import pretrain
+
+    cfg = config(f"out={tmp_path / 'run'}", "max_steps=3")
+    assert cfg.data.max_bad_fraction == 0.01
+    summary = pretrain(cfg, _RandomImages(), collate_samples, Storage())
+    assert (summary["steps"], summary["bad_images"]["seen"], summary["bad_images"]["bad"]) == (3, 24, 1)
+
+
 class _SkippedBatchImages(torch.utils.data.Dataset):
     """24 images (three batches of 8 a data epoch under ``seed``); those of the first epoch's second
     batch undecodable, so the loader skips it. ``read``: the keys read, in order."""

@@ -448,8 +448,15 @@ class BadImageTracker:
     on average, 30 being 4 standard deviations off), 6 of 20,000 simulated runs of 3,000 steps
     stopped. A broken data set still stops at that count: 47 steps of 64 at 1 %. A rate close to
     the limit may cross it by chance (at 80 % of it, 1 simulated run in 5 stopped): leave room.
-    ``max_fraction=0`` tolerates no bad image (judged from 20 on). At the end of the data
-    (``final=True``) the limit applies whatever the count.
+    ``max_fraction=0`` tolerates no bad image (judged from 20 on).
+
+    At the end there are two cases. Where the images were the whole data (an evaluation split, a
+    pool to embed: ``check(final=True)``), their fraction is the data's, no noise, and the limit
+    applies whatever the count. Where they were a sample of it (a training run's shuffled batches:
+    :meth:`check_run_end`), a run that ends before ``min_seen`` images is held to the count the
+    limit allows at ``min_seen`` (:attr:`allowance`, 30 by default), not to the fraction of its
+    few images: those same images followed by good ones would have passed the running check, so
+    one bad file among a smoke run's 40 images (2.5 %) passes a 1 % limit, while 31 fail it.
     """
 
     def __init__(self, max_fraction: float, min_seen: int | None = None, max_examples: int = 5) -> None:
@@ -481,16 +488,32 @@ class BadImageTracker:
         self.bad += len(bad_keys)
         self.examples.extend(bad_keys[: self.max_examples - len(self.examples)])
 
+    @property
+    def allowance(self) -> float:
+        """Bad images the limit allows when it is first judged (``max_fraction x min_seen``)."""
+        return self.max_fraction * self.min_seen
+
     def check(self, final: bool = False) -> None:
-        """Raise ValueError if the bad fraction is above the limit (once enough were seen)."""
+        """Raise ValueError if the bad fraction is above the limit: once ``min_seen`` images were
+        seen, or with ``final`` (the whole data was read) whatever the count."""
         if self.seen == 0 or (self.seen < self.min_seen and not final):
             return
         if self.fraction > self.max_fraction:
-            raise ValueError(
-                f"{self.bad} of {self.seen} images ({self.fraction:.1%}) could not be decoded, "
-                f"more than the allowed max_fraction {self.max_fraction:.1%}; "
-                f"examples: {', '.join(self.examples)}"
-            )
+            self._fail(f"more than the allowed max_fraction {self.max_fraction:.1%}")
+
+    def check_run_end(self) -> None:
+        """The end of a training run, whose images were a sample of the data: :meth:`check` once
+        ``min_seen`` images were seen; before, ValueError if more were bad than the :attr:`allowance`
+        (the class docstring says why)."""
+        if self.seen >= self.min_seen:
+            self.check()
+        elif self.bad > self.allowance:
+            self._fail(f"more than the {math.floor(self.allowance)} that max_fraction {self.max_fraction:.1%} "
+                       f"allows before it is judged at {self.min_seen} images")
+
+    def _fail(self, why: str) -> None:
+        raise ValueError(f"{self.bad} of {self.seen} images ({self.fraction:.1%}) could not be decoded, {why}; "
+                         f"examples: {', '.join(self.examples)}")
 
     def summary(self) -> dict[str, Any]:
         """Counts for logging (and checkpoints): seen, bad, fraction and example keys."""

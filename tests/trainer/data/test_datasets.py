@@ -441,6 +441,34 @@ def test_a_data_set_under_the_limit_is_not_stopped_by_chance_and_a_broken_one_is
         tracker.check()  # none tolerated
 
 
+def test_a_training_run_ending_before_the_limit_is_judged_is_held_to_its_allowance() -> None:
+    """A training run's images are a sample of the data: one ending before ``min_seen`` (3,000 at
+    1 %) is held to the 30 bad images the limit allows there, not to its few images' fraction (one
+    bad file in 40 is 2.5 %); 31 still fail, naming the allowance. A whole data set read
+    (``final=True``) is judged by its fraction; ``max_fraction=0`` tolerates none either way."""
+    tracker = BadImageTracker(0.01)
+    tracker.add(39, ["one bad file"])
+    tracker.check_run_end()
+    with pytest.raises(ValueError, match=r"1 of 40 images \(2\.5%\).*max_fraction 1\.0%"):
+        tracker.check(final=True)
+    tracker.add(0, [f"bad{i}" for i in range(29)])
+    tracker.check_run_end()  # 30 of 69: as many as allowed
+    tracker.add(0, ["one more"])
+    with pytest.raises(ValueError, match=r"^31 of 70 images \(44\.3%\) could not be decoded, more than the 30 "
+                                         r"that max_fraction 1\.0% allows before it is judged at 3000 images; "
+                                         r"examples: one bad file, bad0"):
+        tracker.check_run_end()
+    judged = BadImageTracker(0.01)
+    judged.add(2970, ["x"] * 31)  # 3,001 seen: the fraction (1.03 %), as while running
+    with pytest.raises(ValueError, match=r"31 of 3001 images.*more than the allowed max_fraction 1\.0%"):
+        judged.check_run_end()
+    strict = BadImageTracker(0.0)
+    strict.add(9, ["one bad file"])  # 10 seen, fewer than its 20
+    with pytest.raises(ValueError, match=r"1 of 10 images.*more than the 0 that max_fraction 0\.0% allows"):
+        strict.check_run_end()
+    BadImageTracker(0.01).check_run_end()  # nothing seen
+
+
 def test_tracker_arguments_are_checked() -> None:
     with pytest.raises(ValueError, match=r"max_fraction must be within \[0, 1\], got 1.5"):
         BadImageTracker(max_fraction=1.5)

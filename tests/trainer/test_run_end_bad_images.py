@@ -1,0 +1,54 @@
+"""A training run's end judges its bad images as a sample of the data (``BadImageTracker.check_run_end``):
+a short fine-tuning or distillation run with one broken file passes the default 1 % limit. (Pretraining's run:
+``tests/trainer/test_engine.py``; the rule: ``tests/trainer/data/test_datasets.py``.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dinoflow.config import DistillConfig, FinetuneConfig, PretrainConfig, load_config
+from dinoflow.storage import Storage
+from tests.evaluators.test_classification import write_folders
+from tests.trainer.test_engine import TINY, _RandomImages
+from trainer.data.datasets import collate_samples
+from trainer.distill import distill
+from trainer.engine import build_networks
+from trainer.finetune import finetune
+from trainer.models.hub import save_backbone
+from trainer.models.vit import build_vit
+
+
+def test_a_short_finetuning_run_with_one_broken_file_passes_the_default_limit(tmp_path: Path) -> None:
+    """One epoch of 7 steps of 7 reads the 49 training images once, one broken (2 %): the run ends
+    before the limit is judged (3,000 images at 1 %), within the 30 bad images it allows there
+    (the fraction of its 49 images failed it)."""
+    torch.manual_seed(0)
+    weights = tmp_path / "pretrained" / "backbone.safetensors"
+    weights.parent.mkdir()
+    save_backbone(build_vit("vit_small", img_size=28, patch_size=7, embed_dim=32, depth=2, num_heads=2,
+                            layerscale_init=1.0), str(weights))
+    write_folders(tmp_path / "data", {"cat": (24, 4), "dog": (24, 4)})
+    (tmp_path / "data" / "train" / "dog" / "broken.png").write_bytes(b"not an image")
+    cfg = load_config(FinetuneConfig, "finetune-tiny", [f"weights={weights}", f"data.uri={tmp_path / 'data'}",
+                                                        f"out={tmp_path / 'run'}", "data.test_limit=0",
+                                                        "optim.batch_size=7", "optim.epochs=1"])
+    assert cfg.data.max_bad_fraction == 0.01
+    summary = finetune(cfg, Storage())
+    assert (summary["steps"], summary["bad_images"]["seen"], summary["bad_images"]["bad"]) == (7, 49, 1)
+
+
+def test_a_short_distillation_run_with_one_broken_file_passes_the_default_limit(tmp_path: Path) -> None:
+    """Three steps of 8 read the 24 images once, one of them broken (4.2 %): within the 30 bad
+    images the default limit allows before it is judged at 3,000."""
+    torch.manual_seed(0)
+    teacher = build_networks(load_config(PretrainConfig, "tiny", TINY))[1]
+    cfg = load_config(DistillConfig, "distill-tiny", [
+        f"teacher.uri={tmp_path / 'teacher'}", f"out={tmp_path / 'run'}", "model.embed_dim=16", "model.depth=2",
+        "model.num_heads=2", "model.patch_size=7", "crops.local_crop_size=14", "crops.num_local_crops=2",
+        "heads.num_prototypes=64", "heads.hidden_dim=64", "heads.bottleneck_dim=16", "optim.batch_size=8",
+        "max_steps=3", "eval.every_steps=0"])
+    assert cfg.data.max_bad_fraction == 0.01
+    summary = distill(cfg, _RandomImages(), collate_samples, Storage(), teacher=(teacher, None))
+    assert (summary["steps"], summary["bad_images"]["seen"], summary["bad_images"]["bad"]) == (3, 24, 1)
