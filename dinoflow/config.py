@@ -313,11 +313,20 @@ class PretrainConfig(Section):
         return self
 
 
-def preset_path(name_or_path: str | Path) -> Path:
+def preset_names(kind: str) -> list[str]:
+    """The names of the built-in presets of ``kind``: those in its folder, ``configs/<kind>/``
+    (``demo``: ``configs/`` itself)."""
+    folder = CONFIG_DIR if kind == "demo" else CONFIG_DIR / kind
+    return sorted(path.stem for path in folder.glob("*.yaml"))
+
+
+def preset_path(name_or_path: str | Path, kinds: Sequence[str] = ()) -> Path:
     """Find a preset: an existing file, else ``configs/**/<name>.yaml`` (one match) for a bare name.
+    A name not found is said with the presets of ``kinds`` (:data:`PRESET_KINDS`; none: of every kind).
 
     Why not any path's name: a mistyped path to one's own recipe (``runs/tiny.yaml``) would run the
-    built-in preset of that name instead."""
+    built-in preset of that name instead. Why the kinds: a pretraining's name is no answer to a
+    mistyped fine-tuning recipe."""
     path = Path(name_or_path)
     try:
         if path.is_file():
@@ -331,9 +340,10 @@ def preset_path(name_or_path: str | Path) -> Path:
     matches = sorted(CONFIG_DIR.rglob(f"{stem}.yaml"))
     if len(matches) == 1:
         return matches[0]
-    available = ", ".join(sorted(p.stem for p in CONFIG_DIR.rglob("*.yaml")))
     if not matches:
-        raise ConfigError(f"preset {str(name_or_path)!r} not found; available: {available}")
+        names = [name for kind in kinds for name in preset_names(kind)] if kinds else [
+            p.stem for p in CONFIG_DIR.rglob("*.yaml")]
+        raise ConfigError(f"preset {str(name_or_path)!r} not found; available: {', '.join(sorted(names))}")
     raise ConfigError(f"preset {str(name_or_path)!r} is ambiguous: {[str(m) for m in matches]}")
 
 
@@ -445,7 +455,7 @@ def load_config(
     schema: type[Schema], preset: str | Path | None = None, overrides: Sequence[str] = ()
 ) -> Schema:
     """Load a preset (or the schema's defaults), apply overrides, validate."""
-    data = load_yaml(preset_path(preset)) if preset is not None else {}
+    data = load_yaml(preset_path(preset, PRESET_KINDS.get(schema, ()))) if preset is not None else {}
     return validate(schema, apply_overrides(data, overrides))
 
 
@@ -604,3 +614,9 @@ class FinetuneConfig(Section):
             raise ValueError("ema_warmup is on but ema_decay = 0 keeps no moving average: set ema_decay (e.g. 0.9999)")
         return self
 
+
+# the kinds of built-in presets (configs/<kind>/; demo: configs/ itself) each schema reads: a distillation's
+# student recipe may be a pretraining's
+PRESET_KINDS: dict[type[BaseModel], tuple[str, ...]] = {
+    DemoConfig: ("demo",), PretrainConfig: ("pretrain",), DistillConfig: ("distill", "pretrain"),
+    FinetuneConfig: ("finetune",)}

@@ -23,12 +23,13 @@ import typer
 from pydantic import BaseModel
 from typer.core import TyperGroup
 
-from dinoflow.config import (CONFIG_DIR, DemoConfig, DistillConfig, FinetuneConfig, PretrainConfig, load_config,
-                             preset_path)
+from dinoflow.config import (CONFIG_DIR, PRESET_KINDS, DemoConfig, DistillConfig, FinetuneConfig, PretrainConfig,
+                             load_config, preset_names, preset_path)
 from dinoflow.config_dump import to_yaml
 
 if TYPE_CHECKING:
     from dinoflow.storage import Storage
+    from serve.model import ServedModel
     from trainer.models.vit import DinoVisionTransformer
 
 
@@ -77,10 +78,6 @@ app.add_typer(pipeline_app, name="pipeline")
 
 SCHEMAS: dict[str, type[BaseModel]] = {"demo": DemoConfig, "pretrain": PretrainConfig, "distill": DistillConfig,
                                        "finetune": FinetuneConfig}
-# the kinds of built-in presets (configs/<kind>/; demo: configs/ itself) each schema reads: a distillation's
-# student recipe may be a pretraining's
-PRESET_KINDS = {"demo": ("demo",), "pretrain": ("pretrain",), "distill": ("distill", "pretrain"),
-                "finetune": ("finetune",)}
 
 Overrides = Annotated[
     list[str] | None, typer.Argument(help="dotted overrides, e.g. out=runs/x data.knn_k=10")
@@ -143,15 +140,43 @@ def _suite_options(items: list[str] | None, config: Any) -> dict[str, Any]:
     return options
 
 
+# MLflow's HTTP settings for the commands that read the registry and stop (models, eval, serve...): a dead
+# server said in about 10-20 s, not after MLflow's ~4 minutes of backoff (its defaults, kept for training runs
+# that must outlast a rate limit)
+QUICK_REGISTRY = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+
+
+@contextlib.contextmanager
+def _quick_registry() -> Iterator[None]:
+    """:data:`QUICK_REGISTRY` in the environment (where MLflow reads them at each request) for the
+    block, except a setting the user gave; put back as it was after."""
+    added = {name: value for name, value in QUICK_REGISTRY.items() if name not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
+def _served(uri: str, image_size: int | None, device: str, storage: Storage) -> ServedModel:
+    """:func:`serve.model.load_served_model` with MLflow's retries capped (:func:`_quick_registry`):
+    a ``models:/`` URI on a store that does not answer fails in seconds, as the ``models`` commands do."""
+    from serve.model import load_served_model
+
+    with _quick_registry():
+        return load_served_model(uri, image_size, device, storage)
+
+
 def _backbone(weights: str, source: str, storage: Storage,
               arch_kwargs: dict[str, Any] | None = None) -> DinoVisionTransformer:
     """The backbone of a registered MLflow model (``models:/...``, ``runs:/...``, registry URI from
     the environment), or at ``weights`` in the layout ``source`` (auto: found from the path, said)."""
-    from serve.model import is_mlflow_model, load_served_model
+    from serve.model import is_mlflow_model
     from trainer.models.hub import load_backbone, locate_weights
 
     if is_mlflow_model(weights):
-        return load_served_model(weights, storage=storage).backbone  # type: ignore[return-value]
+        return _served(weights, None, "cpu", storage).backbone  # type: ignore[return-value]
     if source == "auto":
         weights, source = locate_weights(weights, storage)
         typer.echo(f"weights: {weights} ({source}, from the path; --source to choose)", err=True)
@@ -177,32 +202,27 @@ def _registered(uri: str) -> Iterator[str]:
         yield folder
 
 
-def _preset_kind(preset: str) -> str | None:
+def _preset_kind(preset: str, kinds: tuple[str, ...] = ()) -> str | None:
     """The kind of a built-in preset, its folder under configs/ (``pretrain`` for configs/pretrain/tiny.yaml,
-    ``demo`` for configs/demo.yaml, ``pipelines`` for a parameter set); None for a YAML file elsewhere."""
-    path = preset_path(preset).resolve()
+    ``demo`` for configs/demo.yaml, ``pipelines`` for a parameter set); None for a YAML file elsewhere.
+    A name not found is said with the presets of ``kinds`` (:func:`~dinoflow.config.preset_path`)."""
+    path = preset_path(preset, kinds).resolve()
     if path.parent == CONFIG_DIR:
         return "demo"
     return path.parent.name if path.parent.parent == CONFIG_DIR else None
 
 
-def _presets(kind: str) -> str:
-    """The names of the built-in presets of ``kind``."""
-    folder = CONFIG_DIR if kind == "demo" else CONFIG_DIR / kind
-    return ", ".join(sorted(path.stem for path in folder.glob("*.yaml")))
-
-
 def _check_kind(preset: str, kind: str) -> None:
     """Refuse (``ValueError``) a built-in preset of a kind schema ``kind`` does not read, naming its
     kind and the presets that fit: else the schema lists every key of it that it lacks."""
-    found = _preset_kind(preset)
+    kinds = PRESET_KINDS[SCHEMAS[kind]]
+    found = _preset_kind(preset, kinds)
     if found == "pipelines":
         raise ValueError(f"{preset!r} is a pipeline parameter set (configs/pipelines/): give it to "
                          "`dinoflow pipeline run|submit|compile|params NAME --params`")
-    if found is not None and found not in PRESET_KINDS[kind]:
+    if found is not None and found not in kinds:
         raise ValueError(f"{preset!r} is a {found} preset (configs/{found}/), not a {kind} one; "
-                         f"{' and '.join(PRESET_KINDS[kind])} presets: "
-                         f"{', '.join(_presets(k) for k in PRESET_KINDS[kind])}")
+                         f"{' and '.join(kinds)} presets: {', '.join(name for k in kinds for name in preset_names(k))}")
 
 
 def _load(kind: str, preset: str, overrides: list[str] | None) -> BaseModel:
@@ -589,12 +609,11 @@ def _classifying(weights: str, data_uri: str, test_uri: str, test_limit: int, im
     import numpy as np
 
     from evaluators.visualize import save_confusion_matrix
-    from serve.model import load_served_model
     from trainer.finetune import classifier_report
 
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
-    served = load_served_model(weights, image_size, device, storage)
+    served = _served(weights, image_size, device, storage)
     if served.classifier is None:
         raise ValueError(f"{weights} has no classifier: give a fine-tuned model (a `dinoflow finetune` folder, or "
                          "one the finetune pipeline registered); knn, linear and logreg score a backbone alone")
@@ -1070,7 +1089,6 @@ def index_build(
     """Embed a folder (or shards) and write a faiss index that `dinoflow serve --index` loads."""
     from components.stage import storage_from_env
     from serve.index import build_index
-    from serve.model import load_served_model
 
     if kind not in ("folder", "shards"):
         typer.echo(f"error: unknown kind {kind!r}; allowed: folder, shards", err=True)
@@ -1078,7 +1096,7 @@ def index_build(
     _check_device(device)
     storage = storage_from_env()
     with _bad_input():
-        served = load_served_model(model, image_size or None, device, storage)
+        served = _served(model, image_size or None, device, storage)
         meta = build_index(served, images, out, kind, storage, batch_size, num_workers)  # type: ignore[arg-type]
     typer.echo(json.dumps({k: v for k, v in meta.items() if k != "keys"} | {"out": out}, indent=2))
 
@@ -1120,23 +1138,6 @@ app.add_typer(models_app, name="models")
 StoreOption = Annotated[str, typer.Option(help="the MLflow store: MLFLOW_TRACKING_URI when empty, else the "
                                                "demo's (sqlite under runs/demo)")]
 
-
-# MLflow's HTTP settings for the registry commands: a dead server said in about 10-20 s, not after
-# MLflow's ~4 minutes of backoff (its defaults, kept for training runs that must outlast a rate limit)
-QUICK_REGISTRY = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
-
-
-@contextlib.contextmanager
-def _quick_registry() -> Iterator[None]:
-    """:data:`QUICK_REGISTRY` in the environment (where MLflow reads them at each request) for the
-    block, except a setting the user gave; put back as it was after."""
-    added = {name: value for name, value in QUICK_REGISTRY.items() if name not in os.environ}
-    os.environ.update(added)
-    try:
-        yield
-    finally:
-        for name in added:
-            os.environ.pop(name, None)
 
 
 @models_app.command("list")
@@ -1230,7 +1231,7 @@ def serve(
         settings = ServeSettings(max_body_bytes=int(max_body_mb * 1024 * 1024), max_images=max_images,
                                  max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
                                  request_timeout_s=request_timeout_s, reload_every_s=reload_every_s)
-        served = load_served_model(model, image_size or None, device, storage)
+        served = _served(model, image_size or None, device, storage)
         loaded = load_index(index, served, storage) if index else None
         application = create_app(served, loaded, settings,
                                  load=lambda uri: load_served_model(uri, image_size or None, device, storage))

@@ -207,11 +207,12 @@ def create_app(model: ServedModel, index: NeighbourIndex | None = None, settings
             raise overloaded("queue_full", f"the service is busy: {queue.queued} requests are waiting for the "
                                            f"model (the limit is {settings.max_queue}); retry later")
         uploads = await _read_uploads(request, settings)
-        image_size = slot.current.image_size  # a swap keeps it (serve.reload)
+        current = slot.current  # a swap keeps its image size (serve.reload)
 
         def decode() -> list[torch.Tensor]:
             items = split_frames(uploads, settings.max_images, settings.max_pixels) if frames else uploads
-            return [decode_upload(data, image_size, settings.max_pixels) for data in items]
+            return [decode_upload(data, current.image_size, settings.max_pixels, current.whole_images)
+                    for data in items]
 
         try:
             images = await run_in_threadpool(decode)
@@ -375,7 +376,7 @@ def create_app(model: ServedModel, index: NeighbourIndex | None = None, settings
 
         def thumbnail() -> bytes:
             """Read, decoded as the model saw it and re-encoded: never the stored bytes as they are."""
-            pixels = decode_upload(index.image_bytes(item), size, settings.max_pixels)
+            pixels = decode_upload(index.image_bytes(item), size, settings.max_pixels, slot.current.whole_images)
             return _png(Image.fromarray(pixels.permute(1, 2, 0).numpy()))
 
         try:

@@ -29,8 +29,7 @@ import torch.nn.functional as F
 
 from dinoflow.progress import progress
 from dinoflow.storage import Storage, join_uri
-from evaluators.classification import eval_load_size
-from serve.model import PIXEL_TRANSFORM, ServedModel, centre_crop
+from serve.model import ServedModel, centre_crop, load_size
 
 SourceKind = Literal["folder", "shards"]
 INDEX_FILE = "index.faiss"
@@ -56,10 +55,11 @@ def build_index(model: ServedModel, source_uri: str, out_uri: str, kind: SourceK
     from trainer.data.shards import ShardDataset
 
     storage = storage or Storage()
+    side = load_size(model.image_size, model.whole_images)
     if kind == "folder":
-        dataset: Any = ImageFolderDataset(storage, source_uri, load_size=eval_load_size(model.image_size))
+        dataset: Any = ImageFolderDataset(storage, source_uri, load_size=side)
     elif kind == "shards":
-        dataset = ShardDataset(storage, source_uri, load_size=eval_load_size(model.image_size))
+        dataset = ShardDataset(storage, source_uri, load_size=side)
     else:
         raise ValueError(f"unknown source kind {kind!r}; allowed: folder, shards")
     keys: list[str] = []
@@ -124,7 +124,7 @@ def index_fields(model: ServedModel) -> dict[str, Any]:
     seconds for ViT-g, once when an index is built or loaded)."""
     from trainer.distill import fingerprint
 
-    return {"dim": model.embed_dim, "image_size": model.image_size, "transform": PIXEL_TRANSFORM,
+    return {"dim": model.embed_dim, "image_size": model.image_size, "transform": model.transform,
             "backbone_sha256": fingerprint(model.backbone)}
 
 

@@ -5,10 +5,12 @@ must turn the same bytes into the same pixels, so images are decoded by
 :func:`trainer.data.datasets.read_image` (RGB, upright as their EXIF orientation says, shorter side
 resized bicubic, the centre square kept) and prepared as the k-NN, linear and fine-tuned
 classifiers' scores were (:mod:`evaluators.classification`): decoded at ``image_size / 0.875``
-(256 px for 224), the centre ``image_size`` square kept (:func:`decode_upload`). The features are
-the library's: the CLS feature is :func:`evaluators.features.extract_features` (``layers=1``) on
-:func:`to_model_input` of those pixels. Unlike ``decode_image``, a bad image raises
-:class:`ImageError` with the reason, because the reason goes back to the client.
+(256 px for 224), the centre ``image_size`` square kept (:func:`decode_upload`); a classifier of
+Fashion-MNIST's classes was scored on its whole 28 px images resized to ``image_size``
+(:attr:`ServedModel.whole_images`), so its uploads are decoded at ``image_size``, uncropped. The
+features are the library's: the CLS feature is :func:`evaluators.features.extract_features`
+(``layers=1``) on :func:`to_model_input` of those pixels. Unlike ``decode_image``, a bad image
+raises :class:`ImageError` with the reason, because the reason goes back to the client.
 """
 
 from __future__ import annotations
@@ -34,10 +36,13 @@ from trainer.data.datasets import (
     TooManyPixels,
     read_image,
 )
+from trainer.data.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
 
 FEATURE_KINDS = ("cls", "pooled", "patch")
-# the pixels :func:`decode_upload` makes, recorded in an index (serve.index): one built otherwise is refused
+# the pixels :func:`decode_upload` makes (centre-cropped, or whole), recorded in an index (serve.index): one
+# built otherwise is refused
 PIXEL_TRANSFORM = f"upright (EXIF), shorter side to round(image_size / {CROP_RATIO}), centre image_size square"
+WHOLE_TRANSFORM = "upright (EXIF), shorter side to image_size, centre image_size square"
 
 
 class ImageError(ValueError):
@@ -58,6 +63,11 @@ class ServedModel:
         classifier: a fine-tuned model's :class:`~trainer.models.classifier.Classifier` around
             ``backbone`` (its class probabilities are served), else None.
         classes: the classifier's class names.
+        whole_images: the model's evaluation scored whole images resized to ``image_size`` (a
+            classifier of Fashion-MNIST's classes:
+            :meth:`~evaluators.classification.FashionMnistImages.test_batches`), so uploads are
+            decoded at ``image_size``; else, as class folders' images were, at ``image_size / 0.875``
+            with the centre ``image_size`` square kept (:func:`load_size`).
     """
 
     backbone: Any
@@ -67,10 +77,16 @@ class ServedModel:
     version: str | None = None
     classifier: Any = None
     classes: tuple[str, ...] = ()
+    whole_images: bool = False
 
     @property
     def embed_dim(self) -> int:
         return int(self.backbone.embed_dim)
+
+    @property
+    def transform(self) -> str:
+        """The pixels :func:`decode_upload` makes for this model, in words (an index records them)."""
+        return WHOLE_TRANSFORM if self.whole_images else PIXEL_TRANSFORM
 
     @property
     def grid(self) -> int:
@@ -115,13 +131,20 @@ def centre_crop(pixels: Tensor, size: int) -> Tensor:
     return pixels[..., offset:offset + size, offset:offset + size]
 
 
-def decode_upload(data: bytes, image_size: int, max_pixels: int) -> Tensor:
-    """Encoded image bytes -> uint8 ``(3, image_size, image_size)``, the evaluations' input
-    (module docstring); :class:`ImageError` says why not."""
+def load_size(image_size: int, whole_images: bool) -> int:
+    """The side an image is decoded at (its shorter side resized, the centre square kept) before its
+    centre ``image_size`` square is kept: ``image_size`` itself for a model scored on whole images
+    (:attr:`ServedModel.whole_images`), else the evaluations' ``image_size / 0.875``."""
+    return image_size if whole_images else eval_load_size(image_size)
+
+
+def decode_upload(data: bytes, image_size: int, max_pixels: int, whole_images: bool = False) -> Tensor:
+    """Encoded image bytes -> uint8 ``(3, image_size, image_size)``, the evaluations' input (module
+    docstring; ``whole_images``: :attr:`ServedModel.whole_images`); :class:`ImageError` says why not."""
     if not data:
         raise ImageError("empty file: expected a JPEG, PNG, WebP, GIF or BMP image")
     try:
-        return centre_crop(read_image(data, eval_load_size(image_size), max_pixels), image_size)
+        return centre_crop(read_image(data, load_size(image_size, whole_images), max_pixels), image_size)
     except TooManyPixels as err:
         raise ImageError(f"image is {err.width}x{err.height} = {err.width * err.height} pixels; "
                          f"the limit is {err.max_pixels}") from None
@@ -194,7 +217,9 @@ def load_served_model(uri: str, image_size: int | None = None, device: str = "cp
     ``config.json`` ``image_size``, else the backbone's own ``img_size``. ``storage`` reads weight
     files (S3 settings); MLflow reads its artifacts itself. A fine-tuned model comes with its
     classifier: a package made with one, or a ``classifier.safetensors`` beside the
-    ``backbone.safetensors`` of a fine-tuning run's folder.
+    ``backbone.safetensors`` of a fine-tuning run's folder. Its classes say how its evaluation
+    prepared images: Fashion-MNIST's whole (:attr:`ServedModel.whole_images`; no class folder can
+    be named ``T-shirt/top``).
     """
     from trainer.models.classifier import load_classifier
     from trainer.models.hub import load_backbone, locate_weights
@@ -242,4 +267,5 @@ def load_served_model(uri: str, image_size: int | None = None, device: str = "cp
     if classifier is not None:
         classifier = classifier.to(device).eval()  # (its backbone is ``backbone``)
     return ServedModel(backbone=backbone.to(device).eval(), patch_size=int(patch_size), image_size=size, name=uri,
-                       version=version, classifier=classifier, classes=classes)
+                       version=version, classifier=classifier, classes=classes,
+                       whole_images=classes == FASHION_MNIST_CLASSES)

@@ -55,13 +55,18 @@ class ModelSlot:
     def swap(self, model: ServedModel) -> ServedModel:
         """Serve ``model`` from the next forward pass on; returns the previous one.
 
-        Raises ``ValueError`` when its ``image_size`` or ``patch_size`` differ from the current model's.
+        Raises ``ValueError`` when its ``image_size``, ``patch_size`` or image preparation
+        (:attr:`~serve.model.ServedModel.transform`, which a served index was built with) differ from the
+        current model's.
         """
         old = self._model
         if (model.image_size, model.patch_size) != (old.image_size, old.patch_size):
             raise ValueError(f"{model.name} v{model.version}: image_size {model.image_size}, patch_size "
                              f"{model.patch_size} differ from the served {old.image_size}, {old.patch_size}; "
                              "restart the service to change them")
+        if model.transform != old.transform:
+            raise ValueError(f"{model.name} v{model.version}: its images are prepared as {model.transform!r}, the "
+                             f"served model's as {old.transform!r}; restart the service to change it")
         self._model = model  # one reference assignment: atomic for the batcher thread
         return old
 

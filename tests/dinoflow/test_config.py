@@ -98,7 +98,7 @@ def test_bad_yaml_and_bad_presets(tmp_path: Path) -> None:
     looped.write_text("_base_: loop\n")
     with pytest.raises(ConfigError, match="includes itself"):
         load_config(DemoConfig, looped)
-    with pytest.raises(ConfigError, match="preset 'no-such-preset' not found; available: .*demo"):
+    with pytest.raises(ConfigError, match="preset 'no-such-preset' not found; available: demo$"):
         load_config(DemoConfig, "no-such-preset")
     with pytest.raises(ConfigError, match="preset file '.*/runs/demo.yaml' not found"):  # not the built-in demo
         load_config(DemoConfig, tmp_path / "runs" / "demo.yaml")
@@ -111,6 +111,17 @@ def test_bad_yaml_and_bad_presets(tmp_path: Path) -> None:
     unknown.write_text("tracking:\n  experimnt: x\n")
     with pytest.raises(ConfigError, match="unknown key 'tracking.experimnt'"):
         load_config(DemoConfig, unknown)
+
+
+@pytest.mark.parametrize("schema, folders", [(DemoConfig, [CONFIG_DIR]), (PretrainConfig, [CONFIG_DIR / "pretrain"]),
+                                             (DistillConfig, [CONFIG_DIR / "distill", CONFIG_DIR / "pretrain"]),
+                                             (FinetuneConfig, [CONFIG_DIR / "finetune"])])
+def test_a_missing_preset_lists_the_presets_of_the_kind_loaded(schema: type[Any], folders: list[Path]) -> None:
+    """Not every kind's: a pretraining's or a pipeline's parameter set is no answer to a mistyped fine-tuning recipe."""
+    names = sorted(path.stem for folder in folders for path in folder.glob("*.yaml"))
+    with pytest.raises(ConfigError) as caught:
+        load_config(schema, "no-such-preset")
+    assert str(caught.value) == f"preset 'no-such-preset' not found; available: {', '.join(names)}"
 
 
 def test_cross_field_check_names_the_fields() -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import shlex
+import socket
+import threading
 import time
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from click.testing import Result
 from rich.text import Text
 from typer.testing import CliRunner
 
-from pipelines.cli import app
+from pipelines.cli import QUICK_REGISTRY, app
 from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,6 +62,50 @@ def test_an_unreachable_endpoint_is_said_in_one_line(tmp_path: Path, monkeypatch
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
     demo = runner.invoke(app, ["demo", "out=s3://my-bucket/demo"])
     _one_line_error(demo, "make_bucket s3://my-bucket failed")
+
+
+@pytest.mark.timeout(120)  # MLflow's own retries (7, backing off) take over 4 minutes
+@pytest.mark.parametrize("command", [["eval", "knn", "--weights"], ["serve", "--model"]])
+def test_a_registered_model_on_an_unreachable_store_is_said_in_one_line(command: list[str],
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """eval and serve resolve a models:/ URI with the models commands' capped retries, and say the
+    store that does not answer in one line."""
+    port = free_port()  # bound, closed: nothing listens there
+    for name in MLFLOW_HTTP:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    result = CliRunner().invoke(app, [*command, "models:/tiny@champion"])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: models:/tiny@champion: API request to http://127.0.0.1:{port}/api/2.0/mlflow/"
+                           "registered-models/alias failed"), last
+    assert "Connection refused" in last
+    assert not set(MLFLOW_HTTP) & set(os.environ)  # put back as it was
+
+
+@pytest.mark.timeout(120)
+def test_eval_and_serve_make_the_models_commands_few_attempts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The capped retries applied: a store that hangs up on every request is asked 1 + 2 times, not 1 + 7."""
+    attempts = []
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        def hang_up() -> None:
+            while True:
+                try:
+                    connection, _ = listener.accept()
+                except OSError:  # closed: the test is over
+                    return
+                attempts.append(1)
+                connection.close()
+
+        threading.Thread(target=hang_up, daemon=True).start()
+        for name in MLFLOW_HTTP:
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{listener.getsockname()[1]}")
+        for command in (["eval", "knn", "--weights"], ["serve", "--model"]):
+            attempts.clear()
+            result = CliRunner().invoke(app, [*command, "models:/tiny@champion"])
+            assert result.exit_code == 2 and "Max retries exceeded" in result.stderr, result.output
+            assert len(attempts) == 1 + int(QUICK_REGISTRY["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]), command
 
 
 def _commands(command: click.Command, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], click.Command]]:
@@ -111,7 +157,13 @@ def test_presets_are_read_by_their_kind() -> None:
         (["pretrain", "--config", "finetune-tiny"],
          "error: 'finetune-tiny' is a finetune preset (configs/finetune/), not a pretrain one; pretrain presets: "
          "tiny, vitb14"),
-        (["demo", "pretrain_preset=tinyy"], "error: pretrain_preset: preset 'tinyy' not found"),
+        (["demo", "pretrain_preset=tinyy"],
+         "error: pretrain_preset: preset 'tinyy' not found; available: tiny, vitb14, vitg14, vitl14, vits14\n"),
+        (["finetune", "--config", "finetune-tinyy"],
+         "error: preset 'finetune-tinyy' not found; available: finetune-in1k, finetune-tiny\n"),
+        (["distill", "--student", "distill-tinyy"], "error: preset 'distill-tinyy' not found; available: "
+         "distill-tiny, distill-vits14, tiny, vitb14, vitg14, vitl14, vits14\n"),
+        (["config", "show", "tinyy", "--kind", "demo"], "error: preset 'tinyy' not found; available: demo\n"),
         (["demo", "pretrain_preset=distill-tiny"], "error: pretrain_preset: 'distill-tiny' is a distill preset"),
     ]:
         result = runner.invoke(app, args)

@@ -11,17 +11,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pytest
 import requests
 import torch
 
 from dinoflow.storage import Storage
+from evaluators.classification import labelled_images
 from serve.app import ServeSettings, create_app
-from serve.model import ServedModel, load_served_model
-from trainer.models.classifier import Classifier, class_probabilities
+from serve.index import build_index, load_index
+from serve.model import WHOLE_TRANSFORM, ServedModel, load_served_model
+from trainer.data.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
+from trainer.models.classifier import Classifier, class_probabilities, save_classifier
 from trainer.models.hub import load_backbone
 from trainer.models.packaging import save_mlflow_model
 
-from .conftest import CLASSES, IMAGE_SIZE, PATCH_SIZE, Running, evaluation_pixels, start_server, write_tiny_weights
+from .conftest import (CLASSES, IMAGE_SIZE, PATCH_SIZE, Running, evaluation_pixels, png_bytes, start_server,
+                       write_tiny_weights)
+
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 
 def expected(folder: Path, paths: list[Path]) -> np.ndarray:
@@ -138,3 +145,53 @@ def test_a_request_waiting_through_a_swap_answers_with_the_model_that_ran_it(fin
         held.gate.set()
         server.should_exit = True
         thread.join(timeout=10)
+
+
+@pytest.mark.skipif(not Path(FASHION_MNIST).is_dir(), reason="Fashion-MNIST is not installed")
+def test_a_fashion_mnist_classifier_is_served_the_whole_images_it_was_scored_on(tmp_path: Path) -> None:
+    """Fine-tuning scores Fashion-MNIST's 28 px test images whole, resized to image_size (no centre
+    crop): served, an uploaded test image gets the probabilities its evaluation computed, and an
+    index holds the features of those pixels."""
+    folder = tmp_path / "fashion"
+    folder.mkdir()
+    write_tiny_weights(folder / "backbone.safetensors", seed=3)
+    torch.manual_seed(0)
+    classifier = Classifier(load_backbone(str(folder / "backbone.safetensors"), "safetensors"),
+                            len(FASHION_MNIST_CLASSES), "cls+avgpool").eval()
+    torch.nn.init.normal_(classifier.head.weight, std=1.0)
+    save_classifier(classifier, FASHION_MNIST_CLASSES, str(folder / "classifier.safetensors"), Storage())
+    images = labelled_images(FASHION_MNIST, "auto", Storage(), train_limit=1, test_limit=6, image_size=IMAGE_SIZE)
+    ((inputs, _),) = list(images.test_batches(torch.device("cpu"), PATCH_SIZE, IMAGE_SIZE))  # trainer.finetune.score's
+    with torch.no_grad():
+        evaluated = classifier(inputs).softmax(dim=-1).numpy()
+
+    model = load_served_model(str(folder))
+    assert model.whole_images and model.transform == WHOLE_TRANSFORM
+    package = save_mlflow_model(folder / "backbone.safetensors", {"patch_size": PATCH_SIZE, "image_size": IMAGE_SIZE},
+                                tmp_path / "package" / "model", example=np.zeros((1, IMAGE_SIZE, IMAGE_SIZE), np.uint8),
+                                classifier=folder / "classifier.safetensors")
+    assert load_served_model(str(package)).whole_images  # as the finetune pipeline registers it
+    uploads = [png_bytes(image.numpy()) for image in images.test]  # (28, 28) grayscale PNGs
+    server, thread, url = start_server(create_app(model))
+    try:
+        files = [("images", (f"{i}.png", data, "image/png")) for i, data in enumerate(uploads)]
+        response = requests.post(url + "/v1/classify", params={"k": len(FASHION_MNIST_CLASSES)}, files=files,
+                                 timeout=30)
+        assert response.status_code == 200, response.text
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    served = np.array([[{r["class"]: r["probability"] for r in ranked}[name] for name in FASHION_MNIST_CLASSES]
+                       for ranked in response.json()["results"]])
+    np.testing.assert_allclose(served, evaluated, rtol=1e-4, atol=1e-6)
+
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    for i, data in enumerate(uploads):
+        (pool / f"{i}.png").write_bytes(data)
+    build_index(model, str(pool), str(tmp_path / "index"))
+    index = load_index(str(tmp_path / "index"), model)
+    assert index.meta["transform"] == WHOLE_TRANSFORM
+    nearest = index.search(model.embed(images.test)["cls"], k=1)  # the evaluation's pixels' features
+    assert [Path(hits[0]["key"]).name for hits in nearest] == [f"{i}.png" for i in range(len(uploads))]
+    np.testing.assert_allclose([hits[0]["score"] for hits in nearest], 1.0, atol=1e-5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -113,6 +114,19 @@ def test_the_watcher_swaps_only_a_new_fitting_version_and_survives_registry_erro
     aliased["version"] = "4"
     assert watcher.poll() and slot.current.version == "4" and watcher.status.last_error is None
     assert watcher.status.swaps == 2 and watcher.status.polls == 6
+
+
+def test_a_version_prepared_otherwise_is_not_swapped_in() -> None:
+    """An upload is decoded for the model current when it arrives and run by the one current at its batch:
+    a swap between the two must not change how images are prepared (a Fashion-MNIST classifier's whole
+    images against class folders' centre crop)."""
+    slot = ModelSlot(_model("1"))
+    whole = dataclasses.replace(_model("2"), whole_images=True)
+    with pytest.raises(ValueError, match="its images are prepared as 'upright"):
+        slot.swap(whole)
+    assert slot.current.version == "1"
+    slot.swap(_model("3"))
+    assert slot.current.version == "3"
 
 
 def test_reloading_needs_an_alias_and_no_index(served_model: ServedModel, index_uri: str,
