@@ -81,15 +81,18 @@ def knn_bank(data: LabelledFeatures) -> tuple[Tensor, Tensor]:
 
 def classification_report(data: LabelledFeatures, ks: tuple[int, ...], temperature: float,
                           linear: LinearProbeConfig | None = None, device: str | torch.device = "cpu",
-                          logreg: LogRegConfig | None = None) -> dict:
-    """k-NN accuracies on the final CLS token and, with ``linear`` (features taken with views),
-    the linear probe of the view that wins on the held-out split, with ``logreg`` the logistic
+                          logreg: LogRegConfig | None = None, knn: bool = True) -> dict:
+    """With ``knn``, k-NN accuracies on the final CLS token and, with ``linear`` (features taken with
+    views), the linear probe of the view that wins on the held-out split, with ``logreg`` the logistic
     regression on the final CLS token (:mod:`evaluators.logreg`): ``{"knn": {"k20": acc, ...},
-    "linear": {..., "view": name, "val_accuracy_by_view": {name: acc}}, "logreg": {...}}``. All run on
-    ``device``: the backbone's, so a GPU that made the features also scores them (ImageNet's probe:
-    16 classifiers x 4 views x 10 epochs over 1.28M features, hours on a CPU)."""
+    "linear": {..., "view": name, "val_accuracy_by_view": {name: acc}}, "logreg": {...}}``, each key
+    only for what ran (``knn=False``: a suite asked for the probes alone spends nothing on k-NN). All
+    run on ``device``: the backbone's, so a GPU that made the features also scores them (ImageNet's
+    probe: 16 classifiers x 4 views x 10 epochs over 1.28M features, hours on a CPU)."""
     classes = len(data.classes)
-    report: dict = {"knn": knn_accuracies(*knn_bank(data), data.test_x, data.test_y, ks, temperature, classes, device)}
+    report: dict = {}
+    if knn:
+        report["knn"] = knn_accuracies(*knn_bank(data), data.test_x, data.test_y, ks, temperature, classes, device)
     if data.test_classes is not None:
         report["test_classes"] = len(data.test_classes)
     if linear is not None:

@@ -3,12 +3,13 @@
 Tasks:
 
 * ``knn``, ``linear``, ``logreg``: classification (k-NN at ``ks`` with temperature ``T``; the one-pass
-  linear probe; the logistic regression swept over ``C``, :mod:`evaluators.logreg`) on Fashion-MNIST,
-  next to the raw-pixel k-NN baseline (``pixels_knn_top1_k*``), or on folders of class folders, e.g.
-  ImageNet, its test set from ``val/`` or from ``test_uri`` (ImageNet-A, -R, -Sketch, -C: scored over
-  their own classes when fewer) (:mod:`evaluators.classification`), with ``test_sets`` the same
-  classifiers on further test sets, several in one run (:mod:`evaluators.clean_probes`), and with ``corruption_uri`` the
-  same k-NN and probes on each of ImageNet-C's corruption/severity folders (mCE, :mod:`evaluators.corruptions`);
+  linear probe; the logistic regression swept over ``C``, :mod:`evaluators.logreg`; each only when in
+  ``tasks``) on Fashion-MNIST, with knn next to the raw-pixel k-NN baseline (``pixels_knn_top1_k*``), or on
+  folders of class folders, e.g. ImageNet, its test set from ``val/`` or from ``test_uri`` (ImageNet-A, -R,
+  -Sketch, -C: scored over their own classes when fewer) (:mod:`evaluators.classification`), with
+  ``test_sets`` the same classifiers on further test sets, several in one run (:mod:`evaluators.clean_probes`),
+  and with ``corruption_uri`` the same classifiers on each of ImageNet-C's corruption/severity folders (mCE,
+  :mod:`evaluators.corruptions`);
 * ``seg``: the linear segmentation head on synthetic scenes, or on ADE20K or Pascal VOC
   (``seg_data``) (mIoU, pixel accuracy);
 * ``depth``: the linear depth head (or DPT's decoder, ``depth_head_kind="dpt"``) on the same scenes,
@@ -140,8 +141,9 @@ class SuiteConfig:
     # -R, -Sketch), each scored by the same trained classifiers (test_<set>_<task>_top1, :mod:`evaluators.clean_probes`)
     real_labels: str = ""  # linear on ImageNet: ReaL's real.json, the probe also scored by it (linear_real_top1,
     # :mod:`evaluators.real_labels`)
-    corruption_uri: str = ""  # ImageNet-C's root, <corruption>/<severity>/<class>/<image>: k-NN and probes also
-    # scored on each folder, a folder's features at a time (corruption_*_mce, :mod:`evaluators.corruptions`)
+    corruption_uri: str = ""  # ImageNet-C's root, <corruption>/<severity>/<class>/<image>: the classification
+    # tasks run also scored on each folder, a folder's features at a time (corruption_*_mce,
+    # :mod:`evaluators.corruptions`)
     data_kind: DataKind = "auto"
     image_size: int = 224  # class folders: the centre crop's side; dense sets: the side (real ones: of the training
     # crops and the test windows, the images' shorter side at it); Oxford/Paris: the longer
@@ -354,7 +356,8 @@ def _classification(backbone: nn.Module, config: SuiteConfig, storage: Storage, 
     data = images.features(backbone, views=linear is not None, amp_dtype=config.amp_dtype, parts=parts)
     splits = [data.train_x, data.train_y, data.test_x, data.test_y]
     classes = len(data.classes)
-    report = classification_report(data, config.ks, config.temperature, None, device)
+    knn = "knn" in config.tasks  # k-NN (test set, further ones, ImageNet-C, raw pixels) only when asked
+    report = classification_report(data, config.ks, config.temperature, None, device, knn=knn)
     probe = None  # the chosen view's probe, its classifier kept for the further test sets and ImageNet-C
     if linear is not None:
         report["linear"], result = linear_report(data, linear, device)
@@ -367,7 +370,7 @@ def _classification(backbone: nn.Module, config: SuiteConfig, storage: Storage, 
         report["logreg"] = fit.to_dict()
     report.update(classes=list(data.classes), bad_images=data.bad)
     metrics = report_metrics(report)
-    usable = [k for k in config.ks if f"k{k}" in report["knn"]]  # (ks above the train set's size are skipped)
+    usable = [k for k in config.ks if f"k{k}" in report.get("knn", {})]  # (ks above the train set's size: skipped)
     k = (20 if 20 in usable else usable[-1]) if usable else None  # the confusion matrix's k, the test sets' too
     clean = CleanClassifiers(k, config.temperature, probe, fit)
     if further:
@@ -400,7 +403,7 @@ def _classification(backbone: nn.Module, config: SuiteConfig, storage: Storage, 
         sweeps["logistic regression"] = ("C", report["logreg"]["c_values"], report["logreg"]["val_accuracies"], "top-1")
     if pictures is not None and sweeps:
         save_sweeps(sweeps, Path(pictures) / "probe_sweeps.png")
-    if data.pixels is not None:
+    if knn and data.pixels is not None:
         report["pixels_knn"] = knn_accuracies(data.pixels[0], data.train_y, data.pixels[1], data.test_y, ks=config.ks,
                                               temperature=config.temperature, num_classes=classes, device=device)
         metrics.update({f"pixels_knn_top1_{k}": v for k, v in report["pixels_knn"].items()})
@@ -714,7 +717,7 @@ def run_suite(backbone: nn.Module, config: SuiteConfig, storage: Storage | None 
               pictures: str | Path | None = None) -> dict[str, Any]:
     """Run ``config.tasks`` on ``backbone`` (in eval mode, not moved); returns the report.
 
-    With ``pictures`` (a local folder) and knn, linear or logreg, it saves ``confusion_knn.png`` (k-NN's
+    With ``pictures`` (a local folder) and knn, it saves ``confusion_knn.png`` (k-NN's
     confusion matrix, up to 30 classes) and with linear or logreg ``probe_sweeps.png`` (the held-out
     accuracy over the learning rates or C); with the dense tasks, ``pca_features.png``
     (test scenes and their patch features' first three principal components as RGB) and

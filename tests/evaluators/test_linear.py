@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
-
 from sklearn.preprocessing import StandardScaler
+from torch.overrides import TorchFunctionMode
 
 from evaluators.features import float32_on
 from evaluators.linear import (
@@ -23,6 +23,7 @@ from evaluators.linear import (
     scale_learning_rates,
     feature_scaling,
     scaled,
+    split_train_val,
     train_classifier_grid,
 )
 
@@ -231,3 +232,64 @@ def test_scores_over_some_classes_take_the_best_of_their_logits() -> None:
     assert (restricted >= grid.accuracies(features[inside], labels[inside])).all()
     every = grid.accuracies(features, labels, classes=torch.arange(5))
     torch.testing.assert_close(every, grid.accuracies(features, labels))
+
+
+class MetaDevice(TorchFunctionMode):
+    """The meta device (torch's, of shapes without data) standing in for a GPU, which this machine
+    lacks: the shape of every host tensor taken in by an operation on it is recorded in ``sent``,
+    and a meta tensor read back to the host comes as zeros of its shape, so a probe runs to its end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[tuple[int, ...]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cpu and args[0].is_meta:
+            return torch.zeros(args[0].shape, dtype=args[0].dtype)
+        out = func(*args, **kwargs)
+        tensors = [t for t in (*args, *kwargs.values(), out) if isinstance(t, torch.Tensor)]
+        if any(t.is_meta for t in tensors):
+            self.sent += [tuple(t.shape) for t in tensors if t.device.type == "cpu" and t.ndim]
+        return out
+
+
+def test_the_device_receives_a_batch_of_the_features_at_a_time_never_the_matrix() -> None:
+    """The features stay on the host (ImageNet's ViT-g/14 views, ~37 GiB, do not fit beside the
+    probe on its GPU): training sends a batch of rows at a time, scoring a chunk of 4096 at most;
+    the train set's 5000 rows and the test set's 4500 never cross whole."""
+    train, labels = blobs(5000, 8, 3, spread=1.0, seed=11)
+    test, test_labels = blobs(4500, 8, 3, spread=1.0, seed=12)
+    config = LinearProbeConfig(epochs=1, base_learning_rates=(0.1, 1.0))
+    with MetaDevice() as device:
+        result = linear_probe(train.double(), labels, test, test_labels, config, device="meta")
+    assert result.classifier is not None and result.classifier.weight.is_meta  # it trained there
+    assert max(rows for rows, *_ in device.sent) == 4096  # a test chunk: the largest that crossed
+    assert device.sent.count((256, 8)) == 4500 // 256 + 5000 // 256  # the grid's whole batches, then the refit's
+
+
+def test_the_probe_equals_its_steps_on_features_standardised_at_once() -> None:
+    """Batch by batch from the host, the probe gives bit for bit what its steps give on the whole
+    matrix converted and standardised at once (the former path): same seeds, same batches."""
+    train, labels = blobs(300, 12, 3, spread=1.0, seed=9)
+    test, test_labels = blobs(80, 12, 3, spread=1.0, seed=10)
+    wide = torch.cat([train.double(), torch.randn(300, 4, dtype=torch.float64)], dim=1)
+    config = LinearProbeConfig(batch_size=32, epochs=2, seed=3)
+    result = linear_probe(wide[:, :12], labels, test.double(), test_labels, config)  # a view, not float32
+    generator = torch.Generator().manual_seed(3)
+    scaling = feature_scaling(train)
+    standardised = scaled(train, scaling)
+    fit, val = split_train_val(300, config.val_fraction, generator)
+    rates = scale_learning_rates(config.base_learning_rates, config.batch_size)
+    grid = train_classifier_grid(init_classifier_grid(len(rates), 12, 3, generator), standardised[fit],
+                                 labels[fit], rates, config.epochs, config.batch_size, generator)
+    val_accuracies = grid.accuracies(standardised[val], labels[val])
+    best = int(val_accuracies.argmax())
+    chosen = train_classifier_grid(init_classifier_grid(1, 12, 3, generator), standardised, labels, [rates[best]],
+                                   config.epochs, config.batch_size, generator)
+    assert result.classifier is not None and result.scaling is not None
+    assert result.val_accuracies == tuple(val_accuracies.tolist()) and result.best_lr == rates[best]
+    for got, want in ((result.classifier.weight, chosen.weight), (result.classifier.bias, chosen.bias),
+                      (result.scaling[0], scaling[0]), (result.scaling[1], scaling[1])):
+        assert torch.equal(got, want)
+    assert result.test_accuracy == float(chosen.accuracies(scaled(test, scaling), test_labels)[0])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -72,11 +73,53 @@ def test_the_logistic_regression_task_sweeps_c_on_the_final_cls_features() -> No
                          test_limit=100)
     report = run_suite(backbone, config)
     metrics, (train_x, train_y, test_x, test_y) = report["metrics"], report["features"]
-    assert not any(name.startswith("linear") for name in metrics)  # (k-NN comes with every classification)
+    assert not any(name.startswith(("linear", "knn", "pixels_knn")) for name in metrics)  # logreg alone ran
     want = logistic_regression(train_x, train_y, test_x, test_y, LogRegConfig(), num_classes=10)
     assert metrics["logreg_top1"] == want.test_accuracy and metrics["logreg_best_c"] == want.best_c
     assert metrics["logreg_val_top1"] == want.val_accuracy > 0.3  # 10 classes: well above chance
     assert len(report["tasks"]["classification"]["logreg"]["val_accuracies"]) == 45
+
+
+def test_knn_runs_only_when_asked_for(tmp_path) -> None:
+    """``tasks`` decides: the probe alone scores no k-NN, neither on its own features nor on raw
+    pixels, and draws no k-NN confusion matrix; with knn beside it, both are there."""
+    torch.manual_seed(3)
+    backbone = build_vit("vit_small", patch_size=7, embed_dim=16, depth=2, num_heads=2, img_size=28,
+                         layerscale_init=1.0)
+    config = SuiteConfig(tasks=("linear",), data_uri="/usr/share/datasets/fashion-mnist", train_limit=200,
+                         test_limit=50)
+    report = run_suite(backbone, config, pictures=tmp_path / "linear")
+    assert "linear_top1" in report["metrics"] and "knn" not in report["tasks"]["classification"]
+    assert not [name for name in report["metrics"] if "knn" in name]
+    assert "pixels_knn" not in report["tasks"]["classification"]
+    assert not (tmp_path / "linear" / "confusion_knn.png").exists()
+    assert (tmp_path / "linear" / "probe_sweeps.png").is_file()
+    both = run_suite(backbone, replace(config, tasks=("knn", "linear")), pictures=tmp_path / "both")
+    assert {"knn_top1_k20", "pixels_knn_top1_k20"} <= set(both["metrics"])
+    assert both["metrics"]["linear_top1"] == report["metrics"]["linear_top1"]  # the probe as it was
+    assert (tmp_path / "both" / "confusion_knn.png").is_file()
+
+
+def test_further_test_sets_and_corruptions_score_only_the_tasks_asked_for(tmp_path) -> None:
+    """logreg alone: the further test sets and ImageNet-C's folders are scored by the logistic
+    regression, none by a k-NN the tasks did not name."""
+    from tests.evaluators.test_classification import backbone
+    from tests.evaluators.test_clean_probes import sets
+    from tests.evaluators.test_corruptions import write_corruptions
+
+    given = sets(tmp_path)
+    write_corruptions(tmp_path / "c", tmp_path / "in" / "val", severities=(1,))
+    config = SuiteConfig(tasks=("logreg",), data_uri=str(tmp_path / "in"), image_size=28, ks=(5,),
+                         test_sets=given, corruption_uri=str(tmp_path / "c"))
+    report = run_suite(backbone(), config, pictures=tmp_path / "pictures")
+    metrics, section = report["metrics"], report["tasks"]["classification"]
+    assert not [name for name in metrics if "knn" in name]
+    assert {"test_imagenetv2_logreg_top1", "test_imagenet-r_logreg_top1", "corruption_logreg_error"} <= set(metrics)
+    assert all("knn" not in scores for scores in section["test_sets"].values())
+    assert section["corruptions"]["knn"] == {} and section["corruptions"]["knn_k"] is None
+    assert section["corruptions"]["logreg"].keys() == {"gaussian_noise", "defocus_blur", "fog"}
+    assert not (tmp_path / "pictures" / "confusion_knn.png").exists()
+    assert (tmp_path / "pictures" / "corruption_errors.png").is_file()
 
 
 def test_four_layer_depth_reads_the_originals_blocks_and_segmentation_the_last_four() -> None:
