@@ -93,13 +93,19 @@ def write_training_curves(state: TrainState, storage: Storage, out: str, tracker
 
 def checkpoint_bytes(student: SSLNetwork, teacher: SSLNetwork, objective: Objective,
                      optimizer: torch.optim.Optimizer, state: TrainState, cfg: PretrainConfig,
-                     strategy: Strategy | None = None) -> bytes:
-    """The whole run state (gathered from every rank under ``strategy``: all ranks call this)."""
+                     strategy: Strategy | None = None) -> bytes | None:
+    """The whole run state on the main rank, which writes it; None on the other ranks, which only
+    take part in the gathers (under ``strategy`` all ranks call this) and so neither hold nor
+    serialise a copy of it."""
     strategy = strategy or Strategy()
+    student_state, teacher_state = strategy.full_state_dict_on_main(student), strategy.full_state_dict_on_main(teacher)
+    optimizer_state = strategy.optimizer_state(student, optimizer)
+    if not strategy.is_main:
+        return None
     buffer = io.BytesIO()
     torch.save({
-        "student": strategy.full_state_dict(student), "teacher": strategy.full_state_dict(teacher),
-        "objective": objective.state_dict(), "optimizer": strategy.optimizer_state(student, optimizer),
+        "student": student_state, "teacher": teacher_state,
+        "objective": objective.state_dict(), "optimizer": optimizer_state,
         "config": to_yaml(cfg), "world_size": strategy.world_size, **state.to_checkpoint(),
     }, buffer)
     return buffer.getvalue()

@@ -350,12 +350,18 @@ def prune_best(out: str, step: int, storage: Storage) -> None:
 
 
 def _checkpoint_bytes(model: Classifier, ema: Classifier | None, optimizer: torch.optim.Optimizer,
-                      state: TrainState, cfg: FinetuneConfig, strategy: Strategy) -> bytes:
-    """The run state, whole tensors gathered from every rank (all ranks call this); the optimizer's
-    keyed by parameter name, so a run resumes at any world size."""
+                      state: TrainState, cfg: FinetuneConfig, strategy: Strategy) -> bytes | None:
+    """The run state on the main rank, which writes it: whole tensors gathered from every rank (all
+    ranks call this), the optimizer's keyed by parameter name, so a run resumes at any world size;
+    None on the other ranks, which hold no copy (:meth:`Strategy.full_state_dict_on_main`)."""
+    model_state = strategy.full_state_dict_on_main(model)
+    optimizer_state = strategy.optimizer_state(model, optimizer)
+    ema_state = strategy.full_state_dict_on_main(ema) if ema is not None else None
+    if not strategy.is_main:
+        return None
     buffer = io.BytesIO()
-    torch.save({"model": strategy.full_state_dict(model), "optimizer": strategy.optimizer_state(model, optimizer),
-                **({"ema": strategy.full_state_dict(ema)} if ema is not None else {}),
+    torch.save({"model": model_state, "optimizer": optimizer_state,
+                **({"ema": ema_state} if ema_state is not None else {}),
                 "config": to_yaml(cfg), **state.to_checkpoint()}, buffer)
     return buffer.getvalue()
 

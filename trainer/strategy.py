@@ -15,7 +15,8 @@ the few things that change with distribution, chosen by ``distributed.strategy``
 Checkpoints hold whole tensors keyed by parameter name, the optimizer's state included (through
 ``torch.distributed.checkpoint.state_dict`` with ``full_state_dict``) for every strategy, so a run
 written by W ranks resumes on any world size (keep the global batch: ``optim.batch_size`` is per
-rank).
+rank). Every rank takes part in the gathers; only the main rank, which writes the file, keeps
+what they gather (``full_state_dict_on_main``, ``optimizer_state``).
 
 Gradients: FSDP2 averages them over ranks in its reduce-scatter, and every loss term is a mean
 over the rank's images (equal counts on every rank), so W ranks x B images give the gradient of
@@ -94,6 +95,13 @@ class Strategy:
         """``module``'s whole tensors (gathered from all ranks; every rank must call it)."""
         return module.state_dict()
 
+    def full_state_dict_on_main(self, module: nn.Module) -> dict[str, Tensor]:
+        """:meth:`full_state_dict` for a file the main rank writes (a checkpoint): whole tensors on
+        the main rank (on the CPU under sharding), nothing on the others, which only take part in
+        the gathers (every rank must call it). Why: every rank holding what one rank writes cost a
+        sharded ViT-g's ranks host memory for a whole copy each (estimated ~18 GB) at every checkpoint."""
+        return self.full_state_dict(module)
+
     def whole(self, module: nn.Module, build: Callable[[], nn.Module]) -> nn.Module:
         """``module`` with whole parameters, to evaluate or save (every rank must call it); under
         sharding, a frozen copy made by ``build`` holding the gathered weights."""
@@ -101,14 +109,17 @@ class Strategy:
 
     def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """The optimizer's whole state for a checkpoint, keyed by parameter name with whole
-        tensors (gathered under sharding: every rank must call it). The same format for every
-        strategy and world size, so a checkpoint resumes on any of them."""
+        tensors. The same format for every strategy and world size, so a checkpoint resumes on any
+        of them. Under sharding it is gathered (every rank must call it) to the main rank alone, on
+        the CPU, as :meth:`full_state_dict_on_main`: the other ranks get ``{}``."""
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_optimizer_state_dict,
         )
 
-        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
+        # cpu_offload with full_state_dict: each tensor gathered in turn, kept by rank 0 alone
+        options = StateDictOptions(full_state_dict=True, cpu_offload=self.world_size > 1)
+        return get_optimizer_state_dict(model, optimizer, options=options)
 
     def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         """Restore :meth:`optimizer_state` (each rank keeps its shards of the whole tensors)."""
@@ -250,6 +261,14 @@ class FSDP2Strategy(Strategy):
         return {name: value.full_tensor() if hasattr(value, "full_tensor") else value
                 for name, value in module.state_dict().items()}
 
+    def full_state_dict_on_main(self, module: nn.Module) -> dict[str, Tensor]:
+        whole = {}
+        for name, value in module.state_dict().items():
+            tensor = value.full_tensor() if hasattr(value, "full_tensor") else value  # an all-gather: every rank
+            if self.is_main:
+                whole[name] = tensor.cpu()
+        return whole
+
     def whole(self, module: nn.Module, build: Callable[[], nn.Module]) -> nn.Module:
         copy = build().to(self.device)
         copy.load_state_dict(self.full_state_dict(module))
@@ -294,8 +313,8 @@ class DeepSpeedStrategy(FSDP2Strategy):
     partitions until the step, as under the other strategies.
 
     Optimizer state is saved and restored in the same whole-tensor, by-name format as the other
-    strategies (gathered with ``safe_get_full_optimizer_state``), so checkpoints move between
-    strategies and world sizes.
+    strategies (gathered with ``safe_get_full_optimizer_state``, kept by the main rank alone), so
+    checkpoints move between strategies and world sizes.
     """
 
     name = "deepspeed"
@@ -443,6 +462,14 @@ class DeepSpeedStrategy(FSDP2Strategy):
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
             return {name: value.detach().clone() for name, value in module.state_dict().items()}
 
+    def full_state_dict_on_main(self, module: nn.Module) -> dict[str, Tensor]:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):  # every rank
+            if not self.is_main:
+                return {}
+            return {name: value.detach().to("cpu", copy=True) for name, value in module.state_dict().items()}
+
     def _flat(self, param: nn.Parameter) -> Tensor:
         """The flat fp32 partition (of a ZeRO sub-group) holding ``param``'s local part: the tensor
         the wrapped torch optimizer keys its state by."""
@@ -461,12 +488,15 @@ class DeepSpeedStrategy(FSDP2Strategy):
             for name in names:
                 if self._flat(params[name]) not in flat_state:
                     continue  # no step yet: no state, as torch's optimizers
+                moments = {key: safe_get_full_optimizer_state(params[name], key)  # all-gathers: every rank
+                           for key in ("exp_avg", "exp_avg_sq")}
+                if not self.is_main:
+                    continue
                 step = flat_state[self._flat(params[name])]["step"]
-                state[name] = {"step": step.clone() if isinstance(step, Tensor) else torch.tensor(float(step))}
-                for key in ("exp_avg", "exp_avg_sq"):
-                    full = safe_get_full_optimizer_state(params[name], key)  # collective
-                    state[name][key] = full.detach().view(params[name].ds_shape).cpu().clone()
-        return {"state": state, "param_groups": groups}
+                state[name] = {"step": step.clone() if isinstance(step, Tensor) else torch.tensor(float(step)),
+                               **{key: full.detach().view(params[name].ds_shape).cpu().clone()
+                                  for key, full in moments.items()}}
+        return {"state": state, "param_groups": groups} if self.is_main else {}
 
     def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         if any(isinstance(key, int) for key in state["state"]):

@@ -9,6 +9,7 @@ by ``dinoflow pretrain --nproc 2`` for the engine's loop) starts 2 processes tha
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -36,6 +37,7 @@ from trainer.checkpoints import load_latest_checkpoint
 from trainer.models.head_weights import find_heads
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+RECORDER = HELPER.with_name("checkpoint_ranks.py")
 SAVE_AT, STEPS = 4, 8
 OVERRIDES = [*SMALL, "loss.centering=softmax", "heads.ibot_separate_head=true"]
 
@@ -87,6 +89,31 @@ def test_a_checkpoint_resumes_at_another_world_size(tmp_path: Path) -> None:
             for term in ("dino", "ibot", "total"):
                 assert abs(a[term] - b[term]) < LOSS_TOLERANCE, f"step {step} {term}: {a[term]} vs {b[term]}"
         _assert_same_state(resumed, reference, PARAM_TOLERANCE)
+
+
+@pytest.mark.parametrize("strategy", ["fsdp2", "deepspeed"])
+def test_only_the_main_rank_keeps_and_serialises_a_checkpoint(tmp_path: Path, strategy: str) -> None:
+    """Both ranks take part in a checkpoint's gathers, but only rank 0, which writes it, keeps the
+    whole tensors and serialises them: rank 1's calls return nothing (a rank that kept them held a
+    whole copy of student, teacher and optimizer state, ~18 GB for a ViT-g, for nothing). What rank
+    0 writes is what the all-rank gather of the networks holds at the same step, bit for bit."""
+    out, written = tmp_path / "run.pt", tmp_path / "checkpoint.pt"
+    process = _run([*TORCHRUN, str(RECORDER), str(out), str(GLOBAL_BATCH), "2", f"--save-at=2:{written}",
+                    *OVERRIDES, f"distributed.strategy={strategy}"], out, DEEPSPEED_ENV)
+    result = _wait(process, out)
+    calls = [json.loads(out.with_name(f"{out.name}.rank{rank}.json").read_text()) for rank in (0, 1)]
+    order = ["full_state_dict_on_main", "full_state_dict_on_main", "optimizer_state", "checkpoint_bytes"]
+    assert [c["call"] for c in calls[0]] == [c["call"] for c in calls[1]] == order
+    assert [c["size"] for c in calls[1]] == [0, 0, 0, None]
+    checkpoint = torch.load(written, weights_only=True)
+    moments = checkpoint["optimizer"]["state"]  # per trained parameter: its step, exp_avg and exp_avg_sq
+    assert [c["size"] for c in calls[0]] == [
+        *(sum(t.numel() for t in result[part].values()) for part in ("student", "teacher")),
+        sum(1 + 2 * checkpoint["student"][name].numel() for name in moments), written.stat().st_size]
+    for part in ("student", "teacher"):
+        assert checkpoint[part].keys() == result[part].keys()
+        assert all(torch.equal(checkpoint[part][name], tensor) for name, tensor in result[part].items()), part
+    assert {float(m["step"]) for m in moments.values()} == {2.0}
 
 
 def _pretrain(out: Path, ranks: int, strategy: str, steps: int, log: str) -> subprocess.Popen:
