@@ -66,7 +66,7 @@ def run_evaluate_stage(ctx: StageContext, backbone_dir: str | Path, out_dir: str
     returns ``{"metrics": ...}``."""
     storage = storage_from_env()
     out = Path(out_dir)
-    ks = sorted({int(k) for k in ks or []} | {20})  # k=20 always: the default gate metric
+    ks = sorted({int(k) for k in ks or []} | {20})  # k=20 always, with knn: the default gate metric
     with recording_errors(ctx, storage, "evaluate"), stage_run(ctx, "evaluate") as tracker:
         asked = tuple(tasks or ("knn", "linear"))
         if not data_uri and set(CLASSIFICATION_TASKS) & set(asked) and set(asked) <= set(TASKS):  # (unknown: below)

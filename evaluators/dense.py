@@ -10,8 +10,10 @@ on features extracted once:
   ``(1 / pixel frequency) ** class_balance`` (0 gives the original's plain loss; the default 0.5
   keeps a dominant class, like the synthetic scenes' ground plane at 80 % of pixels, from
   drowning the rest: mIoU weighs every class alike). "+ms" testing averages the softmax over
-  input scales and horizontal flips (features re-extracted per scale). Its features are the
-  blocks' outputs through the backbone's final LayerNorm, as the original's segmentation reads them.
+  input scales and horizontal flips (features re-extracted per scale): the original's ADE20K and VOC
+  "ms" configs' (:data:`MS_SCALES`, the test images' shorter side at the crop's times 1 to 3, their
+  windows half a crop apart). Its features are the blocks' outputs through the backbone's final
+  LayerNorm, as the original's segmentation reads them.
 * **Depth** (the original's linear head): each patch feature concatenated with the CLS token,
   upsampled x4, BatchNorm + 1x1 convolution to ``B`` depth bins (uniform over
   ``[min_depth, max_depth]``); the bins' weights are normalised linearly, as the original's
@@ -64,6 +66,9 @@ EVAL_BATCH = 4  # test images scored at once
 SAVE_EVERY_S = 60.0  # a head's training state saved at most this often (and at its end)
 BIN_FLOOR = 0.1  # added to each depth bin's ReLU'd logit before they are normalised (the original's eps)
 HEAD_STATE_FILE = "head_state.pt"
+# +ms: the ratios of a test image's shorter side to the crop's (mmseg's img_ratios of the original's ADE20K and VOC
+# "ms" configs, 640 px crops), each also flipped; its sliding windows half a window apart (their stride 320 of 640)
+MS_SCALES = (1.0, 1.32, 1.73, 2.28, 3.0)
 
 
 Layers = int | tuple[int, ...]  # the last n blocks, or these blocks
@@ -325,11 +330,14 @@ def evaluate_segmentation(scored: Iterable[tuple[Tensor, Tensor]], num_classes: 
 
 @torch.no_grad()
 def multiscale_probabilities(backbone: nn.Module, head: LinearSegmentationHead, images: Tensor, layers: int,
-                             scales: Sequence[float] = (0.75, 1.0, 1.25), flip: bool = True,
-                             amp_dtype: torch.dtype | None = None, window: int = 0) -> Tensor:
+                             scales: Sequence[float] = MS_SCALES, flip: bool = True,
+                             amp_dtype: torch.dtype | None = None, window: int = 0, stride: int = 0) -> Tensor:
     """Softmax averaged over input scales (sides rounded to the patch size) and flips, at input size
     (``amp_dtype``: the backbone under autocast); ``window``: each scale seen through sliding
-    windows of that side (:func:`slid_logits`, the softmax of their average logits), else whole."""
+    windows of that side ``stride`` apart (default half a window, the original's "ms" configs'
+    320 of 640; :func:`slid_logits`, the softmax of their average logits), else whole. The default
+    scales are the original's (:data:`MS_SCALES`): with ``images`` at the crops' scale (the shorter
+    side at ``window``), its test images' shorter side at 1 to 3 crops."""
     size = tuple(images.shape[-2:])
     patch = backbone.patch_size
     total = torch.zeros(0)
@@ -339,8 +347,8 @@ def multiscale_probabilities(backbone: nn.Module, head: LinearSegmentationHead, 
         for flipped in ([False, True] if flip else [False]):
             x = scaled.flip(-1) if flipped else scaled
             if window:
-                probabilities = F.interpolate(slid_logits(backbone, head, x, window, layers, amp_dtype), size=size,
-                                              mode="bilinear", align_corners=False).softmax(dim=1)
+                logits = slid_logits(backbone, head, x, window, layers, amp_dtype, stride or max(1, round(window / 2)))
+                probabilities = F.interpolate(logits, size=size, mode="bilinear", align_corners=False).softmax(dim=1)
             else:
                 features = patch_tokens(backbone, x, layers, amp_dtype)[0].to(next(head.parameters()).device)
                 probabilities = head(features, size).softmax(dim=1)

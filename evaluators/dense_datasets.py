@@ -16,7 +16,10 @@ images are 16 GB of pixels at 512 px.
   150 classes become 0..149, as the original evaluation does (``reduce_zero_label``).
 * **Pascal VOC 2012**: ids in ``ImageSets/Segmentation/{train,val}.txt``, images
   ``JPEGImages/<id>.jpg``, masks ``SegmentationClass/<id>.png`` (palette indices 0..20, 255 on
-  object boundaries, kept as ignore).
+  object boundaries, kept as ignore). The train split is the SBD-augmented "trainaug" set (10,582
+  images, the original's VOC configs' training set) where the root holds it: masks
+  ``SegmentationClassAug/<id>.png`` and a list of its ids (:data:`VOC_AUG_LISTS`: mmseg's ``aug.txt``
+  or ``trainaug.txt``, DeepLab's ``train_aug.txt``), else the release's 1,464 of ``train.txt``.
 * **Cityscapes** (``leftImg8bit_trainvaltest`` and ``gtFine_trainvaltest`` unpacked side by side):
   ``leftImg8bit/{train,val}/<city>/<name>_leftImg8bit.png`` and
   ``gtFine/{train,val}/<city>/<name>_gtFine_labelIds.png``; the 34 label ids become the 19
@@ -48,6 +51,7 @@ images are 16 GB of pixels at 512 px.
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -61,6 +65,8 @@ from torch.utils.data import Dataset
 
 from dinoflow.storage import Storage, join_uri
 from trainer.data.datasets import ProcessLocalStorage
+
+_log = logging.getLogger(__name__)
 
 # Cityscapes' label id -> train id of its 19 evaluated classes (road, sidewalk, building, wall, fence, pole,
 # traffic light, traffic sign, vegetation, terrain, sky, person, rider, car, truck, bus, train, motorcycle,
@@ -210,10 +216,12 @@ class DenseSplit(Dataset[tuple[Tensor, Tensor]]):
     """One split of a data set on storage: per sample its files (``files[i]``, the image's first),
     a decoder, the :class:`Fit` of its samples (a side alone: squares) and a ``relabel`` of their label values (after
     sizing: nearest resizing and cropping keep values); :meth:`label` decodes the labels alone (the
-    loss's class counts need no pixels)."""
+    loss's class counts need no pixels). ``layout`` names the layout the files were found by, where a
+    data set is read in more than one (VOC's train split: trainaug or the release's train)."""
 
     def __init__(self, storage: Storage, files: list[tuple[str, ...]], names: list[str], decode: Decoder,
-                 fit: Fit | int, what: str, relabel: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+                 fit: Fit | int, what: str, relabel: Callable[[np.ndarray], np.ndarray] | None = None,
+                 layout: str = "") -> None:
         if not files:
             raise FileNotFoundError(f"no {what} found")
         absent = [uri for uri in files[0] if not storage.exists(uri)]
@@ -226,6 +234,7 @@ class DenseSplit(Dataset[tuple[Tensor, Tensor]]):
         self._relabel = relabel
         self.names = names
         self.fit = fit if isinstance(fit, Fit) else Fit("square", fit)
+        self.layout = layout  # which of a data set's layouts the files were read by, where it has several (VOC's)
 
     def __len__(self) -> int:
         return len(self._files)
@@ -394,15 +403,66 @@ def load_ade20k(storage: Storage, root: str, split: str, fit: Fit | int, limit: 
                       f"ADE20K images under {join_uri(root, 'images', split)}", _ade20k_labels)
 
 
+# the lists of VOC's SBD-augmented training set ("trainaug", 10,582 images), in the layouts it is downloaded in, the
+# first found read: mmseg's tools/convert_datasets/voc_aug.py writes aug.txt (the 9,118 beyond train.txt, what the
+# original's VOC configs read beside train.txt) and trainaug.txt (all), DeepLab's lists are train_aug.txt, of ids
+# (VainF's DeepLabV3Plus) or of "/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png" lines (deeplab-pytorch's)
+VOC_AUG_LISTS = ("ImageSets/Segmentation/aug.txt", "ImageSets/Segmentation/trainaug.txt",
+                 "ImageSets/Segmentation/train_aug.txt", "ImageSets/SegmentationAug/train_aug.txt")
+
+
+def _voc_ids(storage: Storage, listing: str) -> list[str]:
+    """The image ids of a VOC list: each line's first field, its folder and extension dropped
+    (lines of ids, or of image and mask paths)."""
+    lines = storage.read_bytes(listing).decode().splitlines()
+    return [PurePosixPath(line.split()[0]).stem for line in lines if line.strip()]
+
+
+def _voc_train_aug(storage: Storage, root: str, train: list[str]) -> tuple[list[str], str] | None:
+    """The ids beyond ``train`` (train.txt's) of the first of :data:`VOC_AUG_LISTS` the root holds,
+    and its path; None where it holds none. Refused: a list naming a val image (trained on what is
+    scored), or a first extra id without its ``SegmentationClassAug`` mask."""
+    found = [join_uri(root, listing) for listing in VOC_AUG_LISTS if storage.exists(join_uri(root, listing))]
+    if not found:
+        return None
+    known = set(train)
+    extra = list(dict.fromkeys(i for i in _voc_ids(storage, found[0]) if i not in known))
+    val_list = join_uri(root, "ImageSets", "Segmentation", "val.txt")
+    scored = set(_voc_ids(storage, val_list)) if storage.exists(val_list) else set()
+    leaked = [i for i in extra if i in scored]
+    if leaked:
+        raise ValueError(f"{found[0]} lists {len(leaked)} images of {val_list} (first {leaked[0]}): the training "
+                         "set would hold images the val split scores; trainaug lists leave val's out")
+    if extra and not storage.exists(join_uri(root, "SegmentationClassAug", f"{extra[0]}.png")):
+        raise FileNotFoundError(f"{join_uri(root, 'SegmentationClassAug', f'{extra[0]}.png')} is missing: {found[0]} "
+                                "lists VOC's SBD-augmented training set, whose masks are SegmentationClassAug/<id>.png "
+                                "(mmseg's voc_aug.py output or DeepLab's SegmentationClassAug.zip, under the root)")
+    return extra, found[0]
+
+
 def load_voc(storage: Storage, root: str, split: str, fit: Fit | int, limit: int = 0) -> DenseSplit:
-    """Pascal VOC 2012 segmentation images and masks (0..20, 255 ignored) of ``split`` (train or val)."""
+    """Pascal VOC 2012 segmentation images and masks (0..20, 255 ignored) of ``split`` (train or val).
+
+    The train split is "trainaug" where the root holds one of :data:`VOC_AUG_LISTS`: train.txt's
+    images with their ``SegmentationClass`` masks, then the list's others with their
+    ``SegmentationClassAug`` ones (the SBD's), as the original's VOC configs train (mmseg's
+    ``voc12aug``); else train.txt's alone. The layout read is logged and named in the split's
+    ``layout``."""
     listing = join_uri(root, "ImageSets", "Segmentation", f"{split}.txt")
     if not storage.exists(listing):
         raise FileNotFoundError(f"VOC split list {listing} is missing (splits: train, val)")
-    ids = [line.strip() for line in storage.read_bytes(listing).decode().splitlines() if line.strip()]
-    ids = ids[:limit] if limit else ids
-    files = [(join_uri(root, "JPEGImages", f"{i}.jpg"), join_uri(root, "SegmentationClass", f"{i}.png")) for i in ids]
-    return DenseSplit(storage, files, ids, _segmentation_sample, fit, f"VOC ids in {listing}")
+    ids = _voc_ids(storage, listing)
+    masks = [join_uri(root, "SegmentationClass", f"{i}.png") for i in ids]
+    layout, what = split, f"VOC ids in {listing}"
+    augmented = _voc_train_aug(storage, root, ids) if split == "train" else None
+    if augmented is not None:
+        extra, aug_list = augmented
+        ids, masks = ids + extra, masks + [join_uri(root, "SegmentationClassAug", f"{i}.png") for i in extra]
+        layout, what = "trainaug", f"VOC ids in {listing} and {aug_list}"
+    _log.info("VOC %s split: %d images (%s; %s)", split, len(ids), layout, what)
+    ids, masks = (ids[:limit], masks[:limit]) if limit else (ids, masks)
+    files = [(join_uri(root, "JPEGImages", f"{i}.jpg"), mask) for i, mask in zip(ids, masks)]
+    return DenseSplit(storage, files, ids, _segmentation_sample, fit, what, layout=layout)
 
 
 def load_cityscapes(storage: Storage, root: str, split: str, fit: Fit | int, limit: int = 0) -> DenseSplit:
@@ -513,9 +573,12 @@ GARG_CROP = (0.40810811, 0.99189189, 0.03594771, 0.96405229)  # the share of row
 
 def garg_crop(depth: np.ndarray) -> np.ndarray:
     """``depth`` with every pixel outside the Garg crop set unknown (0): KITTI's depth metrics are
-    reported over rows 40.8-99.2 % and columns 3.6-96.4 % of the full frame (Garg et al., 2016), most
-    of the sky above the LiDAR's reach left out; applied to the KB-cropped frame as the depth
-    toolbox does."""
+    reported over rows 40.8-99.2 % and columns 3.6-96.4 % of a frame (Garg et al., 2016), most of the
+    sky above the LiDAR's reach left out. The shares are of the map given, here the KB-cropped
+    352 x 1216 (rows 143-348, columns 43-1171), as the depth toolbox the original's KITTI results
+    come from masks its KB-cropped ground truth (``eval_kb_crop``, then ``eval_mask``); BTS's
+    evaluation takes them of the whole ~375 x 1242 frame instead (rows 153-370 there, 130-347 of the
+    KB crop), a slightly different set of pixels."""
     height, width = depth.shape[-2:]
     top, bottom = int(GARG_CROP[0] * height), int(GARG_CROP[1] * height)
     left, right = int(GARG_CROP[2] * width), int(GARG_CROP[3] * width)

@@ -130,6 +130,17 @@ SEG_SETS, DEPTH_SETS = ("ade20k", "voc", "cityscapes"), ("nyu", "kitti", "sunrgb
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # the feature pass's autocast dtype
 
 
+def metric_task(metric: str) -> str | None:
+    """The task of :data:`TASKS` whose run reports ``metric`` (a gate's), None where its name names
+    none: a classification task anywhere in it (``knn_top1_k20``, ``pixels_knn_top1_k20``,
+    ``test_v2_linear_top1``, ``corruption_knn_mce``), else its first word (``seg_miou``,
+    ``depth_rmse``). Why: a gate on a metric of a task the run leaves out fails only at the
+    register stage, after the training it was to judge."""
+    words = metric.split("_")
+    return next((task for task in CLASSIFICATION_TASKS if task in words),
+                words[0] if words[0] in TASKS else None)
+
+
 @dataclass(frozen=True)
 class SuiteConfig:
     """What the suite runs and on how much data."""
@@ -159,7 +170,8 @@ class SuiteConfig:
     test_scenes: int = 128
     scene_size: int = 56
     layers: int = 1  # 4: seg's "+ms" protocol's last four blocks, depth's "lin.4" the original's four (spaced_blocks)
-    multiscale: bool = False  # segmentation tested over scales 0.75/1/1.25 and flips ("+ms")
+    multiscale: bool = False  # segmentation trained at resize ratios 1-3, tested over scales 1-3 (1, 1.32, 1.73,
+    # 2.28, 3) and flips, windows half a window apart ("+ms": the original's "ms" configs)
     seg_data: str = ""  # "": the scenes; ade20k:<root>, voc:<root> or cityscapes:<root>
     depth_data: str = ""  # "": the scenes; nyu:<root> or kitti:<root>; nyu:<root>->sunrgbd:<root>: a transfer
     seg_head: HeadConfig = field(default_factory=HeadConfig)
@@ -458,6 +470,7 @@ DENSE_SETS = {"ade20k": (load_ade20k, ("training", "validation"), 150), "voc": (
 
 
 SEG_SCALES, DEPTH_ROTATION = (0.5, 2.0), 2.5  # the original's heads' resize ratios (mmseg), rotation (the toolbox)
+SEG_SCALES_MS = (1.0, 3.0)  # +ms: its "ms" configs' resize ratios, the range its test scales span (MS_SCALES)
 SEG_MAX_CLASS_SHARE = 0.75  # mmseg's cat_max_ratio: a crop placed again while one class holds this much of it
 
 
@@ -474,7 +487,7 @@ def train_fit(task: str, config: SuiteConfig, patch: int) -> Fit:
     mmseg's, 512 x 1024 of 1024 x 2048, at ``image_size`` for the shorter side, each side a
     multiple of ``patch``), drawn anew at each step with
     ``dense_augment`` (flipped, colours jittered, KITTI's brightness by 0.9-1.1, the others' by
-    0.75-1.25; for segmentation resized by a ratio of 0.5-2 and
+    0.75-1.25; for segmentation resized by a ratio of 0.5-2 (+ms: 1-3, its test scales' range) and
     placed again while one class holds 3/4 of the crop, for depth turned by up to 2.5 degrees, as
     the original's heads train), else one per image."""
     trained_on = named_sets(getattr(config, f"{task}_data"))[0][0]
@@ -486,7 +499,8 @@ def train_fit(task: str, config: SuiteConfig, patch: int) -> Fit:
     if not config.dense_augment:
         return Fit("crop", config.image_size, config.seed, crop=crop)
     return Fit("crop", config.image_size, config.seed, augment=True, crop=crop,
-               **({"scales": SEG_SCALES, "max_class_share": SEG_MAX_CLASS_SHARE} if task == "seg"
+               **({"scales": SEG_SCALES_MS if config.multiscale else SEG_SCALES,
+                   "max_class_share": SEG_MAX_CLASS_SHARE} if task == "seg"
                   else {"rotation": DEPTH_ROTATION, "brightness": DEPTH_BRIGHTNESS.get(trained_on, JITTER_BRIGHTNESS)}))
 
 
@@ -586,6 +600,8 @@ def _head_saves(task: str, config: SuiteConfig, storage: Storage, digest: str, d
     if not dense.train.norm:  # depth's blocks read unnormed: saves from before (normed blocks, softmax or DPT bins)
         # are refused, not resumed
         identity["norm"] = False
+    if getattr(dense.train.split, "layout", "") == "trainaug":  # VOC's SBD-augmented set: train.txt's saves refused
+        identity["layout"] = "trainaug"
     return HeadSaves(storage, join_uri(config.work_dir, f"{task}-head"), identity)
 
 

@@ -502,13 +502,14 @@ def evaluate(
                                                "the seg and depth heads' training; the same command run again "
                                                "resumes it")] = "",
     ms: Annotated[bool, typer.Option("--ms", help="seg by the +ms protocol (the last 4 blocks' patch tokens, "
-                                                  "all of a shallower model's, over scales 0.75, 1, 1.25 with "
-                                                  "flips) and depth by lin.4 (4 evenly spaced blocks)")] = False,
+                                                  "all of a shallower model's, trained at resize ratios 1-3, over "
+                                                  "scales 1, 1.32, 1.73, 2.28, 3 with flips) and depth by lin.4 "
+                                                  "(4 evenly spaced blocks)")] = False,
     device: Annotated[str, typer.Option(help="where the backbone runs: cpu or cuda")] = "cpu",
     precision: Annotated[str, typer.Option(help="every feature pass in fp32, or the backbone under autocast in "
                                                 "bf16 or fp16 (the original evaluates in half precision; 2-3x "
                                                 "faster on a GPU); heads and probes train in fp32")] = "fp32",
-    k: Annotated[int, typer.Option(min=1, help="neighbours for k-NN (k=20 is always reported too)")] = 20,
+    k: Annotated[int, typer.Option(min=1, help="neighbours for k-NN (with knn, k=20 is always reported too)")] = 20,
     option: Annotated[list[str] | None, typer.Option(help="any other setting of the suite, name=value, repeatable: "
                                                           "e.g. met_whiten=true, seg_head.lr=3e-4, seed=1 (the "
                                                           "names: a pipeline's eval_options)")] = None,
@@ -928,7 +929,24 @@ def _pipeline_params(pipeline: Any, items: list[str] | None, params_file: str | 
             typer.echo(f"error: bad pipeline parameter {item!r}; {problem}", err=True)
             raise typer.Exit(2)
         params[key] = value
+    _check_gate_metric(inputs, params)
     return params
+
+
+def _check_gate_metric(inputs: dict[str, Any], params: dict[str, Any]) -> None:
+    """Exit 2 in one line when the gate's ``metric`` is reported by a task ``eval_tasks`` leaves out
+    (both as given, else the pipeline's defaults): its register stage would fail after the training."""
+    from evaluators.suite import metric_task
+
+    if "metric" not in inputs or "eval_tasks" not in inputs:
+        return
+    metric = params.get("metric", inputs["metric"].default)
+    tasks = params.get("eval_tasks", inputs["eval_tasks"].default) or []
+    task = metric_task(str(metric))
+    if task is not None and task not in tasks:
+        typer.echo(f"error: the gate's metric {metric!r} is reported by the {task} task, which eval_tasks {tasks} "
+                   f"leaves out: add {task} to eval_tasks or gate on a metric of theirs", err=True)
+        raise typer.Exit(2)
 
 
 @pipeline_app.command("compile")

@@ -184,6 +184,27 @@ def test_features_and_multiscale_probabilities_have_the_right_shapes() -> None:
     torch.testing.assert_close(multiscale_probabilities(backbone, head, images, 4, scales=(1.0,), flip=False), plain)
 
 
+def test_multiscale_defaults_to_the_original_ms_configs_ratios_with_flips() -> None:
+    """+ms by default: the softmax averaged over the images' sides times 1, 1.32, 1.73, 2.28 and 3
+    (mmseg's img_ratios in the original's ADE20K and VOC ms configs), each also flipped; computed
+    here a second way, scale by scale, the flipped input's probabilities flipped back."""
+    torch.manual_seed(0)
+    backbone = build_vit("vit_small", patch_size=7, embed_dim=16, depth=2, num_heads=2, img_size=28).eval()
+    images = torch.randn(2, 3, 28, 35)
+    head = _segmentation_head(patch_tokens(backbone, images)[0], torch.zeros(2, 28, 35, dtype=torch.long), 3,
+                              HeadConfig(steps=1))
+    with torch.no_grad():
+        head.classifier.weight.normal_()
+    total = torch.zeros(2, 3, 28, 35)
+    for ratio in (1.0, 1.32, 1.73, 2.28, 3.0):
+        side = (max(7, round(28 * ratio / 7) * 7), max(7, round(35 * ratio / 7) * 7))
+        scaled = torch.nn.functional.interpolate(images, size=side, mode="bilinear", align_corners=False)
+        with torch.no_grad():
+            total += head(patch_tokens(backbone, scaled)[0], (28, 35)).softmax(1)
+            total += head(patch_tokens(backbone, scaled.flip(-1))[0], (28, 35)).softmax(1).flip(-1)
+    torch.testing.assert_close(multiscale_probabilities(backbone, head, images, 1), total / 10)
+
+
 @pytest.mark.parametrize("length", [5, 14, 15, 28, 41, 60, 97])
 @pytest.mark.parametrize(("window", "stride"), [(14, 9), (14, 14), (14, 5), (28, 19)])
 def test_windows_cover_every_pixel_stride_apart_and_end_flush(length: int, window: int, stride: int) -> None:
@@ -227,9 +248,11 @@ def test_sliding_windows_average_the_heads_logits_where_they_overlap() -> None:
     with torch.no_grad():
         plain = head(patch_tokens(backbone, square)[0], (28, 28))
     torch.testing.assert_close(slid_logits(backbone, head, square, window=28), plain)
-    # +ms through windows: at scale 1 without flips it is the softmax of the windows' average logits
-    torch.testing.assert_close(multiscale_probabilities(backbone, head, images, 1, scales=(1.0,), flip=False,
-                                                        window=28), got.softmax(1))
+    # +ms through windows: at scale 1 without flips it is the softmax of the windows' average logits, the
+    # windows half a window apart (the original's ms configs' stride, 320 of 640), not two thirds as without +ms
+    one_scale = multiscale_probabilities(backbone, head, images, 1, scales=(1.0,), flip=False, window=28)
+    torch.testing.assert_close(one_scale, slid_logits(backbone, head, images, window=28, stride=14).softmax(1))
+    assert (one_scale - got.softmax(1)).abs().max() > 1e-3
     # depths (no channel dimension) average the same way: where one window covers, its own prediction,
     # from the blocks normed or not as asked
     depth_head = LinearDepthHead(16).eval()

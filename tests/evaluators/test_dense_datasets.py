@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +12,8 @@ import torch
 from PIL import Image
 
 from dinoflow.storage import Storage
-from evaluators.dense_datasets import (JITTER_BRIGHTNESS, DenseSplit, Fit, load_ade20k, load_cityscapes, load_kitti,
-                                       load_nyu, load_voc)
+from evaluators.dense_datasets import (JITTER_BRIGHTNESS, DenseSplit, Fit, garg_crop, load_ade20k, load_cityscapes,
+                                       load_kitti, load_nyu, load_voc)
 
 
 def _whole(split: DenseSplit) -> tuple[np.ndarray, np.ndarray]:
@@ -284,6 +286,76 @@ def test_voc_layout_keeps_boundaries_ignored(tmp_path: Path) -> None:
         load_voc(Storage(), str(tmp_path), "train", 20)
 
 
+VOC_TRAIN, VOC_SBD, VOC_VAL = ["2007_000032", "2007_000039"], ["2008_000002", "2008_000003"], ["2007_000033"]
+
+
+def write_voc(root: Path, aug_list: str = "", lines: object = None) -> None:
+    """A VOC 2012 layout of train.txt's and val.txt's images with SegmentationClass masks (class 15,
+    boundaries 255); with ``aug_list``, the SBD-augmented set too: SegmentationClassAug masks of
+    class 7 for the train and SBD images (DeepLab's zip holds train.txt's too) and that list of
+    ``lines(ids)`` (default: the ids, one a line) naming the train and SBD ids."""
+    sets = root / "ImageSets" / "Segmentation"
+    sets.mkdir(parents=True)
+    (sets / "train.txt").write_text("\n".join(VOC_TRAIN) + "\n")
+    (sets / "val.txt").write_text("\n".join(VOC_VAL) + "\n")
+    for i, name in enumerate(VOC_TRAIN + VOC_SBD + VOC_VAL):
+        _jpg(root / "JPEGImages" / f"{name}.jpg", i)
+        labels = np.full((30, 40), 15, np.uint8)
+        labels[:, :3] = 255
+        if name not in VOC_SBD:
+            _png(root / "SegmentationClass" / f"{name}.png", labels, palette=True)
+        if aug_list and name not in VOC_VAL:
+            _png(root / "SegmentationClassAug" / f"{name}.png", np.full((30, 40), 7, np.uint8), palette=False)
+    if aug_list:
+        listed = VOC_TRAIN + VOC_SBD
+        (root / aug_list).parent.mkdir(parents=True, exist_ok=True)
+        (root / aug_list).write_text("\n".join(lines(listed) if callable(lines) else listed) + "\n")
+
+
+def test_vocs_train_split_is_the_release_train_txt_without_an_augmented_layout(tmp_path: Path) -> None:
+    write_voc(tmp_path)
+    train = load_voc(Storage(), str(tmp_path), "train", fit=20)
+    assert train.names == VOC_TRAIN and train.layout == "train"
+    assert set(np.unique(_whole(train)[1])) == {15, 255}
+
+
+@pytest.mark.parametrize(("aug_list", "lines"), [
+    ("ImageSets/Segmentation/aug.txt", lambda ids: ids[2:]),  # mmseg's voc_aug.py: the ids beyond train.txt
+    ("ImageSets/Segmentation/trainaug.txt", None),  # mmseg's voc_aug.py: all of them
+    ("ImageSets/Segmentation/train_aug.txt", None),  # DeepLab's list of ids (VainF's DeepLabV3Plus)
+    ("ImageSets/SegmentationAug/train_aug.txt",  # DeepLab-v2's image and mask paths (deeplab-pytorch)
+     lambda ids: [f"/JPEGImages/{i}.jpg /SegmentationClassAug/{i}.png" for i in ids]),
+])
+def test_vocs_train_split_is_trainaug_where_the_root_holds_it(tmp_path: Path, aug_list: str, lines: object,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """trainaug, as the original's VOC configs train (mmseg's voc12aug): train.txt's images with
+    their SegmentationClass masks (15, boundaries 255), then the SBD's others with their
+    SegmentationClassAug ones (7); the layout named and logged; val as before."""
+    write_voc(tmp_path, aug_list, lines)
+    with caplog.at_level("INFO", logger="evaluators.dense_datasets"):
+        train = load_voc(Storage(), str(tmp_path), "train", fit=20)
+    assert train.names == VOC_TRAIN + VOC_SBD and train.layout == "trainaug"
+    assert f"VOC train split: 4 images (trainaug; VOC ids in {tmp_path}/ImageSets/Segmentation/train.txt and " \
+           f"{tmp_path}/{aug_list})" in caplog.text
+    masks = _whole(train)[1]
+    assert [set(np.unique(m)) for m in masks] == [{15, 255}, {15, 255}, {7}, {7}]
+    assert load_voc(Storage(), str(tmp_path), "train", fit=20, limit=3).names == VOC_TRAIN + VOC_SBD[:1]
+    val = load_voc(Storage(), str(tmp_path), "val", fit=20)
+    assert val.names == VOC_VAL and val.layout == "val" and set(np.unique(_whole(val)[1])) == {15, 255}
+
+
+def test_a_voc_trainaug_list_naming_val_images_or_without_its_masks_is_refused(tmp_path: Path) -> None:
+    write_voc(tmp_path, "ImageSets/Segmentation/train_aug.txt", lambda ids: ids + VOC_VAL)
+    with pytest.raises(ValueError, match=r"train_aug.txt lists 1 images of .*val.txt \(first 2007_000033\): the "
+                                         "training set would hold images the val split scores"):
+        load_voc(Storage(), str(tmp_path), "train", fit=20)
+    (tmp_path / "ImageSets" / "Segmentation" / "train_aug.txt").write_text("\n".join(VOC_TRAIN + VOC_SBD))
+    (tmp_path / "SegmentationClassAug" / f"{VOC_SBD[0]}.png").unlink()
+    with pytest.raises(FileNotFoundError, match=rf"SegmentationClassAug/{VOC_SBD[0]}.png is missing: .*train_aug.txt "
+                                                "lists VOC's SBD-augmented training set"):
+        load_voc(Storage(), str(tmp_path), "train", fit=20)
+
+
 # Cityscapes' 19 evaluated classes in train-id order, with their label ids (its labels table)
 CITYSCAPES = [("road", 7), ("sidewalk", 8), ("building", 11), ("wall", 12), ("fence", 13), ("pole", 17),
               ("traffic light", 19), ("traffic sign", 20), ("vegetation", 21), ("terrain", 22), ("sky", 23),
@@ -494,6 +566,20 @@ def test_kitti_eigen_layout_kb_crop_far_depths_and_garg_crop(tmp_path: Path) -> 
     (tmp_path / "kitti_eigen_train.txt").write_text("only_one_field.png\n")
     with pytest.raises(ValueError, match="line 1: 'only_one_field.png' is not '<image> <depth> \\[<focal>\\]'"):
         load_kitti(Storage(), str(tmp_path), "train", 28)
+
+
+@pytest.mark.parametrize("shape", [(352, 1216), (20, 30), (7, 11)])
+def test_the_garg_crop_is_the_depth_toolboxs_box_of_the_map_it_is_given(shape: tuple[int, int]) -> None:
+    """The toolbox's eval_mask: rows int(0.40810811 h) to int(0.99189189 h), columns int(0.03594771 w)
+    to int(0.96405229 w) of the (KB-cropped) map scored; 352 x 1216: rows 143-348, columns 43-1171."""
+    height, width = shape
+    kept = garg_crop(np.ones(shape, np.float32)) > 0
+    want = np.zeros(shape, bool)
+    want[int(0.40810811 * height):int(0.99189189 * height), int(0.03594771 * width):int(0.96405229 * width)] = True
+    np.testing.assert_array_equal(kept, want)
+    if shape == (352, 1216):
+        rows, cols = np.nonzero(kept)
+        assert (rows.min(), rows.max(), cols.min(), cols.max()) == (143, 348, 43, 1171)
 
 
 def test_a_kitti_image_of_another_size_than_its_depth_map_is_refused_naming_both(tmp_path: Path) -> None:
@@ -739,3 +825,39 @@ def test_dense_and_retrieval_tasks_take_image_sizes_of_their_own(tmp_path: Path)
     with pytest.raises(ValueError, match="dense_image_size, retrieval_image_size >= 0 \\(0: image_size\\), got 28, "
                                          "-1, 0"):
         SuiteConfig(tasks=("seg",), image_size=28, dense_image_size=-1)
+
+
+def test_plus_ms_heads_train_at_the_ratios_their_test_scales_span() -> None:
+    """The original's "ms" configs train at resize ratios 1-3 (640 crops) and test at 1-3 crops'
+    scales; its plain configs train at 0.5-2: +ms's head trained at 0.5-2 would be tested at
+    scales it never saw."""
+    from evaluators.dense import MS_SCALES
+    from evaluators.suite import SuiteConfig, train_fit
+
+    plain = SuiteConfig(tasks=("seg",), image_size=28, seg_data="voc:/v")
+    ms = SuiteConfig(tasks=("seg",), image_size=28, seg_data="voc:/v", layers=4, multiscale=True)
+    assert train_fit("seg", plain, 7).scales == (0.5, 2.0)
+    assert train_fit("seg", ms, 7).scales == (min(MS_SCALES), max(MS_SCALES)) == (1.0, 3.0)
+
+
+def test_a_voc_heads_saves_are_named_by_the_training_set_read(tmp_path: Path) -> None:
+    """A head trained on train.txt's 1,464 is not resumed once the root holds trainaug's list: the
+    saves' identity names the layout (and, for the plain train split, stays as it was)."""
+    from evaluators.dense_source import FeatureSource
+    from evaluators.suite import SuiteConfig, _DenseTask, _head_saves
+
+    write_voc(tmp_path)
+    config = SuiteConfig(tasks=("seg",), image_size=28, seg_data=f"voc:{tmp_path}", work_dir=str(tmp_path / "work"))
+
+    def identity() -> dict:
+        train = FeatureSource(load_voc(Storage(), str(tmp_path), "train", fit=20), backbone=None)
+        dense = _DenseTask(train=train, test=train, label_range=21, foreground=None)
+        return _head_saves("seg", config, Storage(), "digest", dense).identity
+
+    plain = identity()
+    assert "layout" not in plain
+    augmented = tmp_path / "with-sbd"  # the SBD's masks and list added to the root
+    write_voc(augmented, "ImageSets/Segmentation/trainaug.txt")
+    shutil.copytree(augmented / "SegmentationClassAug", tmp_path / "SegmentationClassAug")
+    shutil.copy(augmented / "ImageSets/Segmentation/trainaug.txt", tmp_path / "ImageSets/Segmentation")
+    assert identity() == {**plain, "layout": "trainaug"}

@@ -69,7 +69,7 @@ def test_features_are_held_only_when_they_fit_the_budget() -> None:
 
 
 def test_plus_ms_makes_no_feature_of_the_test_images_at_their_own_scale(monkeypatch: pytest.MonkeyPatch) -> None:
-    """seg by +ms scores the test scenes from their images at three scales and flips: the pass that
+    """seg by +ms scores the test scenes from their images at five scales and flips: the pass that
     held their features at the one scale is not made, and the report is the one made with it."""
     import evaluators.dense_source as dense_source
     import evaluators.suite as suite

@@ -111,3 +111,29 @@ def test_compile_makes_a_sets_values_the_defaults_of_the_ui_form(tmp_path: Path)
     pipeline = _pipeline("evaluate_only")
     assert all(defaults[key] == spec.default for key, spec in pipeline.component_spec.inputs.items()
                if key not in expected and spec.default is not None)
+
+
+@pytest.mark.parametrize(("items", "said"), [
+    (["eval_tasks=[linear]"], "the gate's metric 'knn_top1_k20' is reported by the knn task, which eval_tasks "
+                              "['linear'] leaves out"),
+    (["eval_tasks=[knn]", "metric=linear_top1"], "the gate's metric 'linear_top1' is reported by the linear task"),
+    (["eval_tasks=[knn, linear]", "metric=seg_miou"], "the gate's metric 'seg_miou' is reported by the seg task"),
+])
+def test_a_gate_on_a_metric_no_task_reports_is_refused_before_anything_runs(tmp_path: Path, items: list[str],
+                                                                            said: str) -> None:
+    """k-NN runs only when eval_tasks names it: a gate on knn_top1_k20 with linear alone would fail at
+    the register stage, after the pretraining; refused in one line before anything runs."""
+    result = CliRunner().invoke(app, ["pipeline", "run", "full", *items, "--run-root", str(tmp_path / "runs")])
+    assert result.exit_code == 2 and f"error: {said}" in result.stderr, result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_gate_on_a_metric_of_a_task_run_passes() -> None:
+    from evaluators.suite import metric_task
+
+    pipeline = _pipeline("full")
+    for items in (["eval_tasks=[linear]", "metric=linear_top1"], ["eval_tasks=[knn, seg]", "metric=seg_miou"],
+                  ["eval_tasks=[logreg]", "metric=test_v2_logreg_top1"], ["metric=knn_top1_k10"]):
+        assert _pipeline_params(pipeline, items)  # (no exit)
+    assert [metric_task(m) for m in ("pixels_knn_top1_k20", "corruption_linear_mce", "depth_rmse", "val_loss")] == [
+        "knn", "linear", "depth", None]
