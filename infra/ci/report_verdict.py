@@ -10,8 +10,11 @@ CLI does; MLflow reads ``MLFLOW_TRACKING_USERNAME``/``PASSWORD`` itself.
     python -m infra.ci.report_verdict --host https://kfp.example.com/pipeline --run-id RUN_ID
 
 Exit status: 0 when the run succeeded and the gate decided (promoted or kept), 1 when the run
-did not succeed, 2 when no verdict could be found, 3 when the run was still going at ``--timeout-s``
-(one ``error:`` line names the run, its last state, the wait and the run's page in the KFP UI).
+did not succeed, 2 when no verdict could be found, also when the KFP API could not be read (one
+``error:`` line names the host, the run and the HTTP status or connection error: an unknown run id
+is 404, a refused token 401 or 403), 3 when the run was still going at ``--timeout-s`` (one
+``error:`` line names the run, its last state, the wait and the run's page in the KFP UI). Both
+``error:`` lines also go to the GitHub job summary.
 """
 
 from __future__ import annotations
@@ -19,18 +22,27 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from dinoflow.tracking import TAG_PIPELINE_RUN
 
+if TYPE_CHECKING:
+    from kfp import Client
+
 TAG_VERDICT = "gate.verdict"
 # KFP v2 run states after which nothing changes (ERROR: v1 servers); KFP's own wait_for_run_completion
 # knows no CANCELED and would wait on a canceled run until its timeout
 FINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "SKIPPED", "CANCELED", "ERROR"})
+EXIT_NO_VERDICT = 2
 EXIT_TIMED_OUT = 3
+# what an HTTP status of the KFP API most likely means here
+HTTP_HINTS = {401: "KF_PIPELINES_TOKEN was refused", 403: "KF_PIPELINES_TOKEN may not read this run",
+              404: "no such run, or --host is not the KFP API endpoint"}
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
@@ -52,26 +64,71 @@ class RunTimeout(Exception):
         self.run_id, self.state, self.waited_s = run_id, state, waited_s
 
 
+class KfpApiError(Exception):
+    """The KFP API could not be read: an HTTP error status, or no connection at all."""
+
+    def __init__(self, host: str, run_id: str, what: str) -> None:
+        what = " ".join(what.split())  # one line: an SSL error's reason spans two
+        super().__init__(f"cannot read KFP run {run_id} from {host}: {what}")
+        self.host, self.run_id, self.what = host, run_id, what
+
+
+@contextmanager
+def kfp_api_errors(host: str, run_id: str) -> Iterator[None]:
+    """Turn the KFP client's HTTP and connection errors into a :class:`KfpApiError`.
+
+    Why: they reach the job log as a traceback (``ApiException``'s text spans the response headers
+    and body) and exit 1, the status of a run that did not succeed.
+    """
+    from kfp_server_api import ApiException
+    from urllib3.exceptions import HTTPError
+
+    try:
+        yield
+    except ApiException as err:
+        status = f"HTTP {err.status} {err.reason}" if err.status else str(err.reason)  # status 0: an SSL error
+        hint = HTTP_HINTS.get(err.status or 0)
+        raise KfpApiError(host, run_id, f"{status} ({hint})" if hint else status) from None
+    except HTTPError as err:  # MaxRetryError: connection refused, unknown host, timeouts
+        raise KfpApiError(host, run_id, f"no connection: {getattr(err, 'reason', None) or err}") from None
+
+
+def kfp_client(host: str, namespace: str | None, token: str | None) -> Client:
+    """A KFP client whose constructor asks the API's health once.
+
+    Why once: ``Client`` asks it (to find a multi-user namespace) up to 5 times, 5 s apart, logging
+    a traceback each time, also for errors no retry mends (a refused token); the wait's own polls
+    are what may retry.
+    """
+    from kfp import Client
+
+    class OneHealthCheckClient(Client):
+        def get_kfp_healthz(self, sleep_duration: int = 5) -> Any:
+            return self._healthz_api.healthz_service_get_healthz()
+
+    with warnings.catch_warnings():  # "only works with KFP v2.0.0-beta.2 and later", on every run
+        warnings.filterwarnings("ignore", r"This client only works with", FutureWarning)
+        return OneHealthCheckClient(host=host, namespace=namespace, existing_token=token)
+
+
 def wait_for_run(host: str, run_id: str, timeout_s: int, namespace: str | None = None,
                  token: str | None = None, poll_s: int = 30) -> str:
     """Block until the KFP run ends; returns its final state (e.g. ``SUCCEEDED``, ``FAILED``).
 
-    Raises RunTimeout with the last state seen when the run has not ended after ``timeout_s``.
+    Raises RunTimeout with the last state seen when the run has not ended after ``timeout_s``, and
+    KfpApiError when the API answers with an error status or cannot be reached.
     """
-    from kfp import Client
-
-    with warnings.catch_warnings():  # "only works with KFP v2.0.0-beta.2 and later", on every run
-        warnings.filterwarnings("ignore", r"This client only works with", FutureWarning)
-        client = Client(host=host, namespace=namespace, existing_token=token)
-    started = time.monotonic()
-    while True:
-        state = str(client.get_run(run_id).state)
-        if state.upper() in FINAL_STATES:
-            return state
-        waited = time.monotonic() - started
-        if waited >= timeout_s:
-            raise RunTimeout(run_id, state, waited)
-        time.sleep(min(poll_s, timeout_s - waited))
+    with kfp_api_errors(host, run_id):
+        client = kfp_client(host, namespace, token)
+        started = time.monotonic()
+        while True:
+            state = str(client.get_run(run_id).state)
+            if state.upper() in FINAL_STATES:
+                return state
+            waited = time.monotonic() - started
+            if waited >= timeout_s:
+                raise RunTimeout(run_id, state, waited)
+            time.sleep(min(poll_s, timeout_s - waited))
 
 
 def run_page(host: str, run_id: str) -> str:
@@ -129,7 +186,7 @@ def main(
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
     if not tracking_uri:
         typer.echo("error: MLFLOW_TRACKING_URI is not set (the gate's verdict is read from MLflow)", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(EXIT_NO_VERDICT)
     try:
         state = wait_for_run(host, run_id, timeout_s, namespace, os.environ.get("KF_PIPELINES_TOKEN"), poll_s)
     except RunTimeout as timeout:
@@ -138,6 +195,10 @@ def main(
         _append_summary(f"## dinoflow retraining\n\n- KFP run: `{run_id}`, timed out waiting, last state "
                         f"**{timeout.state}**: {run_page(host, run_id)}\n")
         raise typer.Exit(EXIT_TIMED_OUT) from None
+    except KfpApiError as error:
+        typer.echo(f"error: {error}", err=True)
+        _append_summary(f"## dinoflow retraining\n\n- KFP run: `{run_id}`, not read from {host}: {error.what}\n")
+        raise typer.Exit(EXIT_NO_VERDICT) from None
     verdict = find_verdict(tracking_uri, run_id, experiment)
     report = summary_markdown(run_id, state, verdict)
     typer.echo(report)
@@ -145,7 +206,7 @@ def main(
     if state.upper() != "SUCCEEDED":
         raise typer.Exit(1)
     if verdict is None:
-        raise typer.Exit(2)
+        raise typer.Exit(EXIT_NO_VERDICT)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -20,19 +21,32 @@ import pytest
 from typer.testing import CliRunner
 
 from dinoflow.tracking import TAG_PIPELINE_RUN
-from infra.ci.report_verdict import EXIT_TIMED_OUT, app
+from infra.ci.report_verdict import EXIT_NO_VERDICT, EXIT_TIMED_OUT, app
 from tests.infra.helpers import REPO
 
 RUN_STATES = {"run-ok": "SUCCEEDED", "run-failed": "FAILED", "run-silent": "SUCCEEDED", "run-canceled": "CANCELED"}
+MISSING_RUN = "run-missing"
+REFUSED_TOKEN = "expired-token"
 
 
 class RunStatusApi(BaseHTTPRequestHandler):
-    """Answers ``GET /apis/v2beta1/runs/<id>`` with that run's final state; any other id is RUNNING for ever."""
+    """Answers ``GET /apis/v2beta1/runs/<id>`` with that run's final state; any other id is RUNNING for ever,
+    but ``MISSING_RUN`` is not found (404) and every request with ``REFUSED_TOKEN`` is unauthorized (401), the
+    health check too, with bodies as the KFP API sends them."""
 
     def do_GET(self) -> None:
         run_id = self.path.rstrip("/").rsplit("/", 1)[-1].split("?")[0]
-        body = json.dumps({"run_id": run_id, "state": RUN_STATES.get(run_id, "RUNNING")}).encode()
-        self.send_response(200)
+        if self.headers.get("Authorization") == f"Bearer {REFUSED_TOKEN}":
+            self._answer(401, {"error": "Unauthorized", "code": 16, "message": "Unauthorized"})
+        elif run_id == MISSING_RUN:
+            self._answer(404, {"error": f"Failed to get run {run_id}: ResourceNotFoundError", "code": 5,
+                               "message": f"Failed to get run {run_id}: ResourceNotFoundError"})
+        else:
+            self._answer(200, {"run_id": run_id, "state": RUN_STATES.get(run_id, "RUNNING")})
+
+    def _answer(self, status: int, answer: dict[str, object]) -> None:
+        body = json.dumps(answer).encode()
+        self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -94,15 +108,21 @@ def test_missing_tracking_uri_is_an_error(kfp_host: str) -> None:
     assert result.exit_code == 2 and "MLFLOW_TRACKING_URI" in result.output
 
 
-def test_a_run_that_never_ends_times_out_in_one_line(kfp_host: str, tracking_uri: str, tmp_path: Path) -> None:
-    """The wait's timeout is its own exit status with one line saying what was seen and where to look.
+def _report_process(kfp_host: str, tracking_uri: str, run_id: str, summary: Path, timeout_s: int = 30,
+                    token: str | None = None) -> subprocess.CompletedProcess[str]:
+    """The reporter run as the workflow runs it, a real process (an uncaught exception there is a traceback
+    and exit 1, the status of a failed run)."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "GITHUB_STEP_SUMMARY": str(summary)}
+    env.pop("KF_PIPELINES_TOKEN", None)
+    env.update({"KF_PIPELINES_TOKEN": token} if token else {})
+    return subprocess.run([sys.executable, "-m", "infra.ci.report_verdict", "--host", kfp_host, "--run-id", run_id,
+                           "--poll-s", "1", "--timeout-s", str(timeout_s)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False)
 
-    Run as the workflow runs it, a real process (an uncaught exception there is a traceback and exit 1,
-    the status of a failed run)."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "GITHUB_STEP_SUMMARY": str(tmp_path / "summary.md")}
-    result = subprocess.run([sys.executable, "-m", "infra.ci.report_verdict", "--host", kfp_host,
-                             "--run-id", "run-endless", "--poll-s", "1", "--timeout-s", "1"],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False)
+
+def test_a_run_that_never_ends_times_out_in_one_line(kfp_host: str, tracking_uri: str, tmp_path: Path) -> None:
+    """The wait's timeout is its own exit status with one line saying what was seen and where to look."""
+    result = _report_process(kfp_host, tracking_uri, "run-endless", tmp_path / "summary.md", timeout_s=1)
     assert result.returncode == EXIT_TIMED_OUT and EXIT_TIMED_OUT not in (0, 1, 2), result.stderr
     assert result.stdout == "" and "Traceback" not in result.stderr
     (line,) = result.stderr.splitlines()
@@ -115,3 +135,31 @@ def test_a_canceled_run_ends_the_wait(kfp_host: str, tracking_uri: str, tmp_path
     """KFP's own wait knows no CANCELED state: a canceled run would be waited on until the timeout."""
     code, output = _report(kfp_host, tracking_uri, "run-canceled", tmp_path / "summary.md", timeout_s=5)
     assert code == 1 and "state **CANCELED**" in output
+
+
+@pytest.mark.parametrize(("run_id", "token", "status"), [
+    (MISSING_RUN, None, "HTTP 404 Not Found (no such run, or --host is not the KFP API endpoint)"),
+    ("run-ok", REFUSED_TOKEN, "HTTP 401 Unauthorized (KF_PIPELINES_TOKEN was refused)"),
+])
+def test_an_api_error_ends_in_one_line(kfp_host: str, tracking_uri: str, tmp_path: Path, run_id: str,
+                                       token: str | None, status: str) -> None:
+    """An unknown run id or a refused token is no verdict, in one line naming the host, the run and the status
+    (the refused token fails the client's health check: once, not 5 times 5 s apart with a traceback each)."""
+    result = _report_process(kfp_host, tracking_uri, run_id, tmp_path / "summary.md", token=token)
+    assert result.returncode == EXIT_NO_VERDICT, result.stderr
+    assert result.stdout == "" and result.stderr == f"error: cannot read KFP run {run_id} from {kfp_host}: {status}\n"
+    assert f"`{run_id}`, not read from {kfp_host}: {status}" in (tmp_path / "summary.md").read_text()
+
+
+def test_an_unreachable_host_ends_in_one_line(tracking_uri: str, tmp_path: Path) -> None:
+    """A host where nothing listens (a port just closed) is no verdict, in one line naming the refused connection."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    result = _report_process(closed, tracking_uri, "run-ok", tmp_path / "summary.md")
+    assert result.returncode == EXIT_NO_VERDICT, result.stderr
+    assert result.stdout == "" and "Traceback" not in result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"error: cannot read KFP run run-ok from {closed}: no connection: "), line
+    assert line.endswith("Connection refused"), line
+    assert f"not read from {closed}: no connection: " in (tmp_path / "summary.md").read_text()

@@ -23,7 +23,8 @@ size, and other formats, decode as before.
 Why a bad image is a ``Sample`` with ``image=None`` rather than an error: a few broken files in a
 large crawl are normal and one of them must not kill a multi-day run. :func:`collate_samples`
 drops them and names them in ``Batch.bad_keys``, and :class:`BadImageTracker` fails the run when
-too many go missing, because then the data (or its decoding) is broken.
+too many go missing, because then the data (or its decoding) is broken. A JPEG that lacks only its
+end-of-image marker, as many in crawls and in real data sets do, is not bad (:func:`read_region`).
 
 All bytes are read through :class:`~dinoflow.storage.Storage`, so local folders, ``file://`` and
 ``s3://`` work alike, also inside forked or spawned ``DataLoader`` workers.
@@ -201,12 +202,33 @@ def read_region(data: bytes, load_size: int, max_pixels: int = DEFAULT_MAX_PIXEL
     at least ``DRAFT_GAP x load_size``.
     Refused: not a JPEG/PNG/WebP/GIF/BMP Pillow can read (``UnidentifiedImageError``), truncated
     (the whole image is decoded, so a cut file is caught here and not later), or more than
-    ``max_pixels`` pixels (:class:`TooManyPixels`, checked from the header before decoding).
+    ``max_pixels`` pixels (:class:`TooManyPixels`, checked from the header before decoding). A JPEG
+    that lacks only its end-of-image marker is not truncated: it is read with the marker added
+    (:func:`_with_end_of_image` says when that is so).
     """
-    with Image.open(io.BytesIO(data), formats=DECODE_FORMATS) as img:
+    try:
+        return _read_region(data, load_size, max_pixels, max_aspect)
+    except OSError:  # truncated, broken stream
+        completed = _with_end_of_image(data, max_pixels)
+        if completed is None:
+            raise
+    return _read_region(completed, load_size, max_pixels, max_aspect)
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    """``data`` opened by one of ``DECODE_FORMATS``, refused above ``max_pixels`` from its header, before decoding."""
+    img = Image.open(io.BytesIO(data), formats=DECODE_FORMATS)
+    width, height = img.size
+    if width * height > max_pixels:
+        img.close()
+        raise TooManyPixels(width, height, max_pixels)
+    return img
+
+
+def _read_region(data: bytes, load_size: int, max_pixels: int, max_aspect: float) -> tuple[torch.Tensor, float]:
+    """:func:`read_region` of ``data`` as it is."""
+    with _open(data, max_pixels) as img:
         width, height = img.size
-        if width * height > max_pixels:
-            raise TooManyPixels(width, height, max_pixels)
         region_width, region_height = region_size(width, height, max_aspect)
         side = max(int(min(region_width, region_height)), 1)
         draft = img.draft(None, (width * DRAFT_GAP * load_size // side, height * DRAFT_GAP * load_size // side))
@@ -218,6 +240,92 @@ def read_region(data: bytes, load_size: int, max_pixels: int = DEFAULT_MAX_PIXEL
     if orientation in QUARTER_TURNS:
         region_width, region_height = region_height, region_width
     return _to_tensor(square), region_width / region_height
+
+
+END_OF_IMAGE = b"\xff\xd9"
+# what :func:`_with_end_of_image` decodes after a JPEG's data to see whether libjpeg reads past it: pseudo-random
+# bytes, neither 0x00 (libjpeg pads a cut scan with zero bits) nor 0xFF (a marker); not all ones either, which
+# libjpeg decodes as it decodes zeros where a Huffman table's shortest code is an end of block
+_TAIL_PROBE = bytes((0xA5 + 97 * i) % 254 + 1 for i in range(64))
+# JPEG frames (SOFn markers) whose scans _codes_every_coefficient judges: baseline, extended and progressive Huffman;
+# the others (lossless, hierarchical, arithmetic-coded: rare) are never completed
+_JUDGED_FRAMES = frozenset({0xC0, 0xC1, 0xC2})
+_OTHER_FRAMES = frozenset({0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+
+
+def _with_end_of_image(data: bytes, max_pixels: int) -> bytes | None:
+    """``data`` and the end-of-image marker it lacks (or its second byte) when it is a JPEG whole but for that
+    marker, else None.
+
+    Why: files that end right after their last scan are common in crawls and in real data sets, and Pillow refuses
+    them as truncated (its decoder waits for the marker) though every pixel is there. Why not append the marker
+    alone (all that Pillow's ``LOAD_TRUNCATED_IMAGES``, a process-wide flag, does for a JPEG): libjpeg decodes the
+    rest of a scan cut short by a marker from zero bits, with a warning that Pillow drops, so a file cut in its scan
+    data would be read too, its missing part grey or smeared. Asked instead: the scans that ``data`` starts code
+    every coefficient to its last bit (:func:`_codes_every_coefficient`: a progressive file cut between two scans
+    does not), and the pixels, decoded at full scale, do not depend on what follows ``data``: the same with the
+    marker right after it (past a cut, libjpeg reads zeros) and after ``_TAIL_PROBE`` (which libjpeg skips after a
+    whole scan and reads into a cut one). Both decodes are held to ``max_pixels`` like any other.
+    """
+    body = data.removesuffix(b"\xff")  # a file cut inside the marker
+    if not data.startswith(b"\xff\xd8") or data.endswith(END_OF_IMAGE) or not _codes_every_coefficient(body):
+        return None
+    completed = body + END_OF_IMAGE
+    try:
+        whole = _pixel_digest(completed, max_pixels) == _pixel_digest(body + _TAIL_PROBE + END_OF_IMAGE, max_pixels)
+    except DECODE_ERRORS:
+        return None
+    return completed if whole else None
+
+
+def _pixel_digest(data: bytes, max_pixels: int) -> bytes:
+    """A digest of an image's pixels, decoded at full scale."""
+    with _open(data, max_pixels) as img:
+        img.load()
+        return hashlib.sha256(img.tobytes()).digest()
+
+
+def _codes_every_coefficient(data: bytes) -> bool:
+    """Whether ``data`` (a JPEG from its start-of-image marker, maybe cut) ends in a scan's entropy-coded data and
+    its scans code all 64 coefficients of every component down to their last bit (successive approximation ``Al``
+    0), in a baseline, extended or progressive Huffman frame; False for other frames and for headers that are cut
+    or cannot be read."""
+    components: set[int] = set()
+    coded: set[tuple[int, int]] = set()
+    pos, in_scan = 2, False
+    while pos < len(data):
+        if data[pos] != 0xFF or pos + 4 > len(data):
+            return False
+        marker, end = data[pos + 1], pos + 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker == 0xFF:  # a fill byte before a marker
+            pos += 1
+            continue
+        segment = data[pos + 4 : end]
+        if end > len(data) or marker in _OTHER_FRAMES or 0xD0 <= marker <= 0xD9 or marker == 0x01:
+            return False
+        if marker in _JUDGED_FRAMES:
+            components = set(segment[6 : 6 + 3 * segment[5] : 3]) if len(segment) >= 6 else set()
+        elif marker == 0xDA:  # start of scan: its components, first and last coefficient, last bit (Al)
+            count = segment[0] if segment else 0
+            if len(segment) < 4 + 2 * count:
+                return False
+            first, last, low_bit = segment[1 + 2 * count], segment[2 + 2 * count], segment[3 + 2 * count] & 0x0F
+            if low_bit == 0:
+                coded.update((c, k) for c in segment[1 : 1 + 2 * count : 2] for k in range(first, last + 1))
+            end = _entropy_data_end(data, end)
+        pos, in_scan = end, marker == 0xDA
+    return in_scan and bool(components) and coded >= {(c, k) for c in components for k in range(64)}
+
+
+def _entropy_data_end(data: bytes, pos: int) -> int:
+    """Where the entropy-coded data from ``pos`` ends: at the next marker (not a stuffed 0xFF 0x00, a fill byte or a
+    restart marker), ``len(data)`` when none follows."""
+    while (pos := data.find(b"\xff", pos)) != -1 and pos + 1 < len(data):
+        following = data[pos + 1]
+        if following not in (0x00, 0xFF) and not 0xD0 <= following <= 0xD7:
+            return pos
+        pos += 1
+    return len(data)
 
 
 def read_image(data: bytes, load_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:

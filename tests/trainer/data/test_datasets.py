@@ -26,6 +26,7 @@ from trainer.data.datasets import (
     FashionMnistDataset,
     ImageFolderDataset,
     Sample,
+    TooManyPixels,
     collate_samples,
     decode_image,
     read_image,
@@ -234,6 +235,43 @@ def test_damaged_bytes_never_raise(data: st.DataObject) -> None:
             damaged[data.draw(st.integers(0, len(damaged) - 1))] = data.draw(st.integers(0, 255))
     image = decode_image(bytes(damaged), S)
     assert image is None or (image.shape == (3, S, S) and image.dtype == torch.uint8)
+
+
+@pytest.mark.parametrize("optimize", [False, True])
+@pytest.mark.parametrize("progressive", [False, True])
+def test_a_jpeg_lacking_only_its_end_of_image_marker_reads_as_the_whole_file(progressive: bool, optimize: bool) -> None:
+    """Files that end right after their last scan, common in crawls, hold every pixel: read at full scale and at a
+    reduced one (401 x 203 at 16 px: 1/4), they give exactly what the whole file gives; still held to max_pixels."""
+    data = encode(Image.fromarray(smooth_rgb(401, 203, 13)), "JPEG", quality=90, progressive=progressive,
+                  optimize=optimize)
+    assert data.endswith(b"\xff\xd9")
+    for size in (S, 203):
+        whole, whole_aspect = read_region(data, size, max_aspect=1.5)
+        for cut in (data[:-2], data[:-1]):  # the marker, or its second byte, missing
+            pixels, aspect = read_region(cut, size, max_aspect=1.5)
+            assert torch.equal(pixels, whole) and aspect == whole_aspect == 1.5
+    image = decode_image(data[:-2], S)
+    assert image is not None and torch.equal(image, read_image(data, S))
+    with pytest.raises(TooManyPixels):
+        read_region(data[:-2], S, max_pixels=400 * 203)
+
+
+@pytest.mark.parametrize("optimize", [False, True])
+@pytest.mark.parametrize("progressive", [False, True])
+def test_a_jpeg_cut_in_its_scan_data_stays_bad_with_or_without_its_end_marker(progressive: bool,
+                                                                            optimize: bool) -> None:
+    """libjpeg decodes a scan cut short by a marker from zero bits, with a warning Pillow drops: an end-of-image
+    marker added to a cut file (what Pillow's LOAD_TRUNCATED_IMAGES does) makes it decode, grey or smeared where
+    data is missing. Such files stay bad: cut in the last scan down to its last bytes, or between two scans."""
+    data = encode(Image.fromarray(smooth_rgb(401, 203, 14)), "JPEG", quality=90, progressive=progressive,
+                  optimize=optimize)
+    last_scan = data.rindex(b"\xff\xda")
+    cuts = [len(data) - 3, len(data) - 4, len(data) - 10, (last_scan + len(data)) // 2, last_scan + 20]
+    if progressive:
+        cuts.append(data.rindex(b"\xff\xc4"))  # the last scan's Huffman table: the scans before it are whole
+    for cut in cuts:
+        assert decode_image(data[:cut] + b"\xff\xd9", S) is not None  # what a bare end-of-image marker would read
+        assert decode_image(data[:cut], S) is None, f"cut at {cut} of {len(data)} bytes"
 
 
 # -- image folders ----------------------------------------------------------------------------
