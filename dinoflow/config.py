@@ -491,6 +491,12 @@ class DistillObjectiveConfig(Section):
     )
     patch_weight: float = Field(1.0, ge=0, description="features: weight of the patch-token cosine loss "
                                 "(the CLS cosine loss has weight 1)")
+    centering: Literal["sinkhorn_knopp", "softmax"] = Field(
+        "sinkhorn_knopp", description="heads: how the frozen teacher's DINO/iBOT outputs become the student's "
+        "targets, distillation's own choice (loss.centering, the student recipe's pretraining one, is not read): "
+        "sinkhorn_knopp (the original's: its distillation keeps the ViT-g recipe's loop; DINOv3 distils so too) "
+        "or softmax (a running centre, started from the teacher's where its checkpoint or heads file holds one); "
+        "unused with features")
 
 
 class DistillConfig(PretrainConfig):

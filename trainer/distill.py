@@ -17,8 +17,14 @@ two global crops; KoLeo as in pretraining; an EMA of the student (momentum sched
   KoLeo. No head is built or run, on either side. Use it when the teacher's heads carry less
   than its backbone: a collapsed DINO head gives uniform targets that teach nothing.
 
-Everything else is the engine's: the objective and its teacher-target normalisation, parameter
-groups, schedules, the per-step seeding, the resumable batch order and the checkpoint files.
+Teacher targets (``heads``): normalised per ``distill.centering``, distillation's own choice, not
+the student recipe's ``loss.centering`` (a pretrain preset may be the recipe). Sinkhorn-Knopp by
+default: the original distils in the ViT-g recipe's training loop, which uses it (DINOv3 distils
+with it too). ``softmax`` starts its running centres from the teacher's where they are stored. The
+temperature follows ``loss.teacher_temp`` and its warm-up, as in pretraining.
+
+Everything else is the engine's: the objective, parameter groups, schedules, the per-step
+seeding, the resumable batch order and the checkpoint files.
 A distillation checkpoint stores the student EMA under ``teacher`` (the original's convention
 for the released network; with ``features`` the EMA is of the backbone only, keys ``backbone.*``),
 so a distilled run can itself be a teacher or be read with ``source="training"``; the frozen
@@ -229,6 +235,13 @@ def build_student(cfg: DistillConfig, teacher_dim: int | None = None) -> tuple[S
     return student, student_ema.requires_grad_(False).eval()
 
 
+def distill_objective(cfg: DistillConfig) -> Objective:
+    """The engine's objective with the teacher's targets normalised per ``distill.centering``: the
+    choice is distillation's, declared in its config, never the student recipe's ``loss.centering``."""
+    loss = cfg.loss.model_copy(update={"centering": cfg.distill.centering})
+    return Objective(cfg.model_copy(update={"loss": loss}))
+
+
 def fingerprint(module: nn.Module) -> str:
     """SHA-256 of every tensor of a module's state (names, dtypes, shapes, bytes)."""
     digest = hashlib.sha256()
@@ -379,7 +392,7 @@ def distill(
     teacher_hash = fingerprint(teacher_network)
     torch.manual_seed(cfg.seed)
     student, student_ema = build_student(cfg, teacher_network.backbone.embed_dim)
-    objective = Objective(cfg)  # with ``features``, only its KoLeo is used (the centres stay as built)
+    objective = distill_objective(cfg)  # with ``features``, only its KoLeo is used (the centres stay as built)
     state = TrainState()
     checkpoint = load_latest_checkpoint(storage, cfg.out)
     if checkpoint is not None:
@@ -394,7 +407,7 @@ def distill(
             start_from_weights(cfg, student, None, storage)
             student_ema.backbone.load_state_dict(student.backbone.state_dict())
             heads_of(student_ema).load_state_dict(heads_of(student).state_dict())
-        if teacher_objective is not None and cfg.loss.centering == "softmax" and cfg.distill.objective == "heads":
+        if teacher_objective is not None and cfg.distill.centering == "softmax" and cfg.distill.objective == "heads":
             objective.load_state_dict(teacher_objective)  # the teacher's running centres
     student, student_ema, objective = student.to(device), student_ema.to(device), objective.to(device)
     optimizer = build_adamw(student, cfg, device)

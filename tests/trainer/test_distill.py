@@ -343,7 +343,8 @@ def test_the_teacher_source_is_found_from_the_path(teacher_run: Path, tmp_path: 
 @pytest.mark.parametrize(("override", "message"), [
     ("distill.objective=logits", "distill.objective = 'logits': Input should be 'heads' or 'features'"),
     ("distill.patch_weight=-1", "distill.patch_weight = '-1': Input should be greater than or equal to 0"),
-    ("distill.cls_weight=2", "unknown key 'distill.cls_weight' (allowed: objective, patch_weight)"),
+    ("distill.centering=center", "distill.centering = 'center': Input should be 'sinkhorn_knopp' or 'softmax'"),
+    ("distill.cls_weight=2", "unknown key 'distill.cls_weight' (allowed: objective, patch_weight, centering)"),
 ])
 def test_bad_distill_values_fail_clearly(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -500,7 +501,30 @@ def test_the_papers_vits14_distillation_preset_fits_a_vitg14_teachers_heads() ->
     _check_prototypes(load_config(PretrainConfig, "vitg14").heads, student.heads)
     assert (student.model.arch, student.model.ffn_layer, student.model.drop_path_rate) == ("vit_small", "mlp", 0.0)
     assert student.distill.objective == "heads" and student.optim.base_lr == 1e-3
-    assert total_steps(student.optim) == 625_000 and student.loss.centering == "sinkhorn_knopp"
+    assert total_steps(student.optim) == 625_000 and student.distill.centering == "sinkhorn_knopp"
+    assert (student.loss.warmup_teacher_temp, student.loss.teacher_temp, student.loss.warmup_teacher_temp_epochs) == (
+        0.04, 0.07, 30)
+
+
+def test_the_teachers_targets_follow_distill_centering_not_the_student_recipes(teacher_run: Path, tmp_path: Path,
+                                                                              storage: Storage, dataset) -> None:
+    """A pretrain preset as the student's recipe (``tiny``: loss.centering=softmax) distils against
+    Sinkhorn-Knopp targets, distill.centering's default (the original's): the centres are neither taken
+    from the teacher nor moved. distill.centering=softmax starts them from the teacher's and moves them."""
+    teacher_centres = load_latest_checkpoint(storage, str(teacher_run))["objective"]
+    saved = {}
+    for centering in ("sinkhorn_knopp", "softmax"):
+        told = ["distill.centering=softmax"] if centering == "softmax" else []
+        cfg = load_config(DistillConfig, "tiny", [f"teacher.uri={teacher_run}", f"out={tmp_path / centering}",
+                                                 *STUDENT, "distill.objective=heads", "max_steps=1", *told])
+        assert (cfg.loss.centering, cfg.distill.centering) == ("softmax", centering)
+        distill(cfg, dataset, collate_samples, storage)
+        saved[centering] = load_latest_checkpoint(storage, str(tmp_path / centering))["objective"]
+    fresh = Objective(cfg).state_dict()
+    assert all(torch.equal(v, fresh[k]) for k, v in saved["sinkhorn_knopp"].items())
+    assert not any(torch.equal(v, fresh[k]) for k, v in teacher_centres.items())  # the teacher's had moved
+    for name, centre in saved["softmax"].items():  # one step on from the teacher's: nearer it than the fresh one
+        assert 0 < (centre - teacher_centres[name]).norm() < (centre - fresh[name]).norm()
 
 
 def test_a_training_dump_named_as_such_is_a_teacher_with_its_heads(teacher_run: Path, tmp_path: Path,
