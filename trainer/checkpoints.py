@@ -1,23 +1,26 @@
 """A pretraining run's exact checkpoints: what one restores (:class:`TrainState`, the networks,
-the objective's running state and the optimizer), written atomically behind a pointer, and the
+the objective's running state and the optimizer), written atomically behind a pointer, read by
+the main rank alone under a strategy of several ranks (:func:`shared_checkpoint`), and the
 training curves its record of step metrics draws."""
 
 from __future__ import annotations
 
 import io
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
 from pydantic import BaseModel
+from torch import nn
 
 from dinoflow.config import PretrainConfig
 from dinoflow.config_dump import flatten, to_yaml
 from dinoflow.storage import Storage, join_uri
 from dinoflow.tracking import Tracker
+from trainer.optim import with_kernel_choice
 from trainer.strategy import Strategy
 
 if TYPE_CHECKING:
@@ -28,6 +31,8 @@ RESUME_SETTINGS = ("seed", "data.kind", "data.uri", "optim.grad_accumulation", "
                    "heads")  # a resumed pretraining or distillation run keeps these (and its global batch)
 CURVE_POINTS = 1000  # rows of step metrics a run keeps for its training curves (TrainState.record)
 CURVES_FILE = "training_curves.png"
+# a checkpoint's whole tensors (pretraining, distillation, fine-tuning): only the main rank holds them on resume
+WHOLE_PARTS = ("student", "teacher", "model", "ema", "optimizer")
 
 
 @dataclass
@@ -154,11 +159,13 @@ def check_same_run(cfg: BaseModel, saved_config: str, settings: Sequence[str], r
 
 
 def check_resumed(cfg: PretrainConfig, checkpoint: dict[str, Any], run: str, world_size: int,
-                  settings: Sequence[str] = RESUME_SETTINGS) -> None:
+                  settings: Sequence[str] = RESUME_SETTINGS,
+                  derived: Mapping[str, tuple[Any, Any]] | None = None) -> None:
     """A pretraining or distillation ``run`` resumes from ``checkpoint`` on ``world_size`` ranks
-    with its ``settings`` and its global batch (``optim.batch_size`` images on each rank: another
-    world size resumes with the same product, :func:`check_same_run`)."""
-    derived = {}
+    with its ``settings``, its global batch (``optim.batch_size`` images on each rank: another
+    world size resumes with the same product) and the ``derived`` values given
+    (:func:`check_same_run`)."""
+    derived = dict(derived or {})
     if "world_size" in checkpoint:  # (checkpoints written before they recorded it: the batch unchecked)
         saved = yaml.safe_load(checkpoint["config"])["optim"]["batch_size"]
         derived["the global batch (optim.batch_size x ranks)"] = (cfg.optim.batch_size * world_size,
@@ -176,9 +183,38 @@ def latest_checkpoint_uri(storage: Storage, out: str) -> str | None:
     return join_uri(out, "checkpoints", named.get("file") or named["uri"].rstrip("/").rsplit("/", 1)[-1])
 
 
-def load_latest_checkpoint(storage: Storage, out: str) -> dict[str, Any] | None:
-    """The checkpoint ``latest.json`` points at, or None for a fresh run."""
-    uri = latest_checkpoint_uri(storage, out)
-    if uri is None:
-        return None
-    return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+def load_latest_checkpoint(storage: Storage, out: str, strategy: Strategy | None = None) -> dict[str, Any] | None:
+    """The checkpoint ``latest.json`` points at, or None for a fresh run; under ``strategy``, read
+    by its main rank alone (every rank calls this: :func:`shared_checkpoint`)."""
+
+    def read() -> dict[str, Any] | None:
+        uri = latest_checkpoint_uri(storage, out)
+        if uri is None:
+            return None
+        return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+
+    return shared_checkpoint(strategy or Strategy(), read)
+
+
+def shared_checkpoint(strategy: Strategy, read: Callable[[], dict[str, Any] | None]) -> dict[str, Any] | None:
+    """``read()`` (a checkpoint, or None) on the main rank of ``strategy`` alone (every rank calls
+    this). The other ranks get what the main rank read but for the whole tensors: its settings,
+    counters and objective state (broadcast), and None in place of each of :data:`WHOLE_PARTS` it
+    holds, whose tensors reach them from the main rank through :meth:`Strategy.load_whole` and
+    :func:`restore_optimizer`. So every rank checks the resumed settings as the main rank does.
+
+    Why: each of a ViT-g's 8 ranks on a node read and unpickled the whole file (~18 GB) to keep
+    its shards of it, ~144 GB of host memory at every resume."""
+    checkpoint = read() if strategy.is_main else None
+    outline = None if checkpoint is None else {key: None if key in WHOLE_PARTS else value
+                                               for key, value in checkpoint.items()}
+    outline = strategy.broadcast_from_main(outline)
+    return checkpoint if strategy.is_main else outline
+
+
+def restore_optimizer(strategy: Strategy, model: nn.Module, optimizer: torch.optim.Optimizer,
+                      saved: dict[str, Any] | None) -> None:
+    """Load a checkpoint's optimizer state ``saved`` (:func:`shared_checkpoint`'s: None on the
+    ranks other than the main one, which receive it) into ``optimizer``, with ``optimizer``'s own
+    kernel choice (:func:`~trainer.optim.with_kernel_choice`); every rank calls this."""
+    strategy.load_optimizer_state(model, optimizer, None if saved is None else with_kernel_choice(saved, optimizer))

@@ -47,6 +47,7 @@ from trainer.checkpoints import (
     check_resumed,
     checkpoint_bytes,
     load_latest_checkpoint,
+    restore_optimizer,
     save_checkpoint,
     write_training_curves,
 )
@@ -69,7 +70,7 @@ from trainer.models.head_weights import find_heads, heads_of, network_heads, sav
 from trainer.models.heads import DINOHead, Fused
 from trainer.models.hub import init_backbone, load_strict, locate_weights, read_torch_checkpoint, save_backbone
 from trainer.models.vit import DinoVisionTransformer, build_vit
-from trainer.optim import build_adamw, with_kernel_choice
+from trainer.optim import build_adamw
 from trainer.schedules import ScheduleValues, schedule_values, total_steps
 from trainer.strategy import Strategy, build_strategy, local_tensor
 
@@ -582,20 +583,20 @@ def _pretrain(cfg: PretrainConfig, dataset: Any, collate: Callable, storage: Sto
     objective = Objective(cfg, strategy.all_reduce)
     student, teacher, objective = student.to(device), teacher.to(device), objective.to(device)
     state = TrainState()
-    checkpoint = load_latest_checkpoint(storage, cfg.out)
+    checkpoint = load_latest_checkpoint(storage, cfg.out, strategy)  # the whole tensors on the main rank alone
     if checkpoint is None and cfg.init_weights:
         heads_from = start_from_weights(cfg, student, objective, storage)
         teacher.load_state_dict(student.state_dict())
         tracker.set_tags({"init_heads": heads_from or "fresh"})
     if checkpoint is not None:
         check_resumed(cfg, checkpoint, "pretraining", strategy.world_size)
-        student.load_state_dict(checkpoint["student"])
-        teacher.load_state_dict(checkpoint["teacher"])
+        strategy.load_whole(student, checkpoint["student"])
+        strategy.load_whole(teacher, checkpoint["teacher"])
         objective.load_state_dict(checkpoint["objective"])
     student, teacher = strategy.wrap(student, teacher)  # shards what was loaded
     optimizer = strategy.prepare_optimizer(student, build_adamw(student, cfg, device))
     if checkpoint is not None:
-        strategy.load_optimizer_state(student, optimizer, with_kernel_choice(checkpoint["optimizer"], optimizer))
+        restore_optimizer(strategy, student, optimizer, checkpoint["optimizer"])
         state = TrainState.from_checkpoint(checkpoint)
     tracker.log_config(cfg)
     crop_of = step_crops(cfg, device)

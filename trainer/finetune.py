@@ -62,8 +62,8 @@ from dinoflow.tracking import NullTracker, Tracker
 from evaluators.classification import FolderImages, LabelledImages, labelled_images
 from evaluators.visualize import MAX_CONFUSION_CLASSES, confusion_matrix, save_confusion_matrix
 from trainer.batches import ImageStream, LoaderWatch
-from trainer.checkpoints import (TrainState, check_same_run, load_latest_checkpoint, save_checkpoint,
-                                 write_training_curves)
+from trainer.checkpoints import (TrainState, check_same_run, load_latest_checkpoint, restore_optimizer,
+                                 save_checkpoint, write_training_curves)
 from trainer.data.augment import crop_boxes, resized_crops
 from trainer.data.datasets import BadImageTracker, FashionMnistDataset, collate_samples
 from trainer.data.normalization import IMAGENET_MEAN, IMAGENET_STD
@@ -73,7 +73,7 @@ from trainer.models.classifier import Classifier, load_classifier, save_classifi
 from trainer.models.hub import (infer_arch_kwargs, load_backbone, load_strict, read_weights, save_backbone,
                                 with_positions_for)
 from trainer.models.vit import DinoVisionTransformer
-from trainer.optim import fused_adamw_on, layer_groups, with_kernel_choice
+from trainer.optim import fused_adamw_on, layer_groups
 from trainer.schedules import warmup_cosine
 from trainer.strategy import Strategy, build_strategy
 
@@ -403,17 +403,17 @@ def _finetune(cfg: FinetuneConfig, storage: Storage, tracker: Tracker, strategy:
     backbone = load_for_finetuning(cfg, storage)
     arch, classes = dict(backbone.arch_kwargs), len(images.classes)
     model = Classifier(backbone, classes, cfg.head_input)
-    checkpoint = load_latest_checkpoint(storage, cfg.out)
+    checkpoint = load_latest_checkpoint(storage, cfg.out, strategy)  # the whole tensors on the main rank alone
     state = TrainState()
     if checkpoint is not None:
         check_same_run(cfg, checkpoint["config"], RESUME_SETTINGS, "fine-tuning", cfg.out)
-        model.load_state_dict(checkpoint["model"])
+        strategy.load_whole(model, checkpoint["model"])
         state = TrainState.from_checkpoint(checkpoint)
     ema = None
     if cfg.ema_decay:  # from the weights at the start, or at the resume of a run that had none
         ema = copy.deepcopy(model).requires_grad_(False)
         if checkpoint is not None and "ema" in checkpoint:
-            ema.load_state_dict(checkpoint["ema"])
+            strategy.load_whole(ema, checkpoint["ema"])
         ema = strategy.wrap_one(ema.to(device))  # sharded as the weights are: updated shard by shard
     model = strategy.wrap_one(model.to(device))  # shards what was loaded
     optim = cfg.optim
@@ -422,7 +422,7 @@ def _finetune(cfg: FinetuneConfig, storage: Storage, tracker: Tracker, strategy:
                               fused=True if fused_adamw_on(optim.fused_adamw, device) else None)
     optimizer = strategy.prepare_optimizer(model, adamw)  # DeepSpeed's engine is made around it
     if checkpoint is not None:
-        strategy.load_optimizer_state(model, optimizer, with_kernel_choice(checkpoint["optimizer"], optimizer))
+        restore_optimizer(strategy, model, optimizer, checkpoint["optimizer"])
     tracker.log_config(cfg)
 
     def whole(network: Classifier) -> Classifier:
@@ -543,7 +543,10 @@ def _finetune(cfg: FinetuneConfig, storage: Storage, tracker: Tracker, strategy:
             save()
     if state.step != saved_at:  # stopped by the time limit between checkpoints
         save()
-    bad_images.check_run_end()  # a sample of the data: a short run is held to the allowance
+    if state.step >= per_epoch:  # every training image read: their fraction is the data's
+        bad_images.check(final=True)
+    else:  # a sample of them: a short run is held to the allowance
+        bad_images.check_run_end()
     scored, final_row = evaluate()
 
     def release() -> tuple[dict[str, Any], dict[str, Any]]:

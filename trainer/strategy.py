@@ -16,7 +16,9 @@ Checkpoints hold whole tensors keyed by parameter name, the optimizer's state in
 ``torch.distributed.checkpoint.state_dict`` with ``full_state_dict``) for every strategy, so a run
 written by W ranks resumes on any world size (keep the global batch: ``optim.batch_size`` is per
 rank). Every rank takes part in the gathers; only the main rank, which writes the file, keeps
-what they gather (``full_state_dict_on_main``, ``optimizer_state``).
+what they gather (``full_state_dict_on_main``, ``optimizer_state``). Alike on resume, only the
+main rank reads the file: the others receive its small parts from it (``broadcast_from_main``)
+and its tensors one at a time (``load_whole``, ``load_optimizer_state``).
 
 Gradients: FSDP2 averages them over ranks in its reduce-scatter, and every loss term is a mean
 over the rank's images (equal counts on every rank), so W ranks x B images give the gradient of
@@ -43,6 +45,14 @@ from trainer.models.layers import external_parameters
 
 T = TypeVar("T")
 MAIN_WORK_TIMEOUT = timedelta(days=2)  # how long ranks wait for the main rank's work (Strategy.on_main)
+KEYED_BY_INDEX = ("this checkpoint's optimizer state is keyed by parameter index (an older single-process "
+                  "checkpoint): resume it with distributed.strategy=single")
+
+
+def keyed_by_index(state: dict[str, Any]) -> bool:
+    """An optimizer state written before checkpoints keyed it by parameter name: torch's own
+    single-process format."""
+    return any(isinstance(key, int) for key in state["state"])
 
 
 def local_tensor(tensor: Tensor) -> Tensor:
@@ -102,6 +112,18 @@ class Strategy:
         sharded ViT-g's ranks host memory for a whole copy each (estimated ~18 GB) at every checkpoint."""
         return self.full_state_dict(module)
 
+    def broadcast_from_main(self, value: T | None) -> T:
+        """``value`` as the main rank passes it, on every rank (every rank must call it; the others
+        pass None). For small things only (pickled whole): a checkpoint's settings and counters."""
+        return value
+
+    def load_whole(self, module: nn.Module, state: dict[str, Tensor] | None) -> None:
+        """Load a checkpoint's whole tensors into ``module`` before :meth:`wrap` (every rank must
+        call it): ``state`` is the main rank's, None on the others, which receive each tensor from
+        the main rank (a broadcast into their own copy of ``module``). Why: every rank reading the
+        checkpoint file cost a ViT-g's 8 ranks of a node ~18 GB of host memory each at every resume."""
+        module.load_state_dict(state)
+
     def whole(self, module: nn.Module, build: Callable[[], nn.Module]) -> nn.Module:
         """``module`` with whole parameters, to evaluate or save (every rank must call it); under
         sharding, a frozen copy made by ``build`` holding the gathered weights."""
@@ -121,21 +143,23 @@ class Strategy:
         options = StateDictOptions(full_state_dict=True, cpu_offload=self.world_size > 1)
         return get_optimizer_state_dict(model, optimizer, options=options)
 
-    def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-        """Restore :meth:`optimizer_state` (each rank keeps its shards of the whole tensors)."""
+    def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                             state: dict[str, Any] | None) -> None:
+        """Restore :meth:`optimizer_state` (every rank must call it): ``state`` is the main rank's,
+        None on the others (as :meth:`load_whole`); torch broadcasts each whole tensor from the main
+        rank and each rank keeps its shards of it."""
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             set_optimizer_state_dict,
         )
 
-        if any(isinstance(key, int) for key in state["state"]):
-            # written before checkpoints keyed the state by name: torch's own single-process format
+        if self.broadcast_from_main(self.is_main and keyed_by_index(state)):
             if self.world_size != 1:
-                raise ValueError("this checkpoint's optimizer state is keyed by parameter index (an older "
-                                 "single-process checkpoint): resume it with distributed.strategy=single")
+                raise ValueError(KEYED_BY_INDEX)
             optimizer.load_state_dict(state)
             return
-        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=self.world_size > 1)
+        set_optimizer_state_dict(model, optimizer, state if self.is_main else {}, options=options)
 
     def prepare_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """Called once, with the optimizer of the wrapped ``model``; returns the optimizer whose
@@ -269,6 +293,20 @@ class FSDP2Strategy(Strategy):
                 whole[name] = tensor.cpu()
         return whole
 
+    def broadcast_from_main(self, value: T | None) -> T:
+        box = [value if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def load_whole(self, module: nn.Module, state: dict[str, Tensor] | None) -> None:
+        if self.is_main:
+            module.load_state_dict(state)
+        for tensor in module.state_dict().values():  # the same order on every rank: one tensor at a time
+            on_device = tensor.to(self.device).contiguous()  # (NCCL moves device tensors only)
+            dist.broadcast(on_device, src=0)
+            if on_device is not tensor:
+                tensor.copy_(on_device)
+
     def whole(self, module: nn.Module, build: Callable[[], nn.Module]) -> nn.Module:
         copy = build().to(self.device)
         copy.load_state_dict(self.full_state_dict(module))
@@ -313,8 +351,9 @@ class DeepSpeedStrategy(FSDP2Strategy):
     partitions until the step, as under the other strategies.
 
     Optimizer state is saved and restored in the same whole-tensor, by-name format as the other
-    strategies (gathered with ``safe_get_full_optimizer_state``, kept by the main rank alone), so
-    checkpoints move between strategies and world sizes.
+    strategies (gathered with ``safe_get_full_optimizer_state``, kept by the main rank alone; on
+    resume broadcast from it a tensor at a time, each rank keeping its partition), so checkpoints
+    move between strategies and world sizes.
     """
 
     name = "deepspeed"
@@ -498,12 +537,15 @@ class DeepSpeedStrategy(FSDP2Strategy):
                                   for key, full in moments.items()}}
         return {"state": state, "param_groups": groups} if self.is_main else {}
 
-    def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-        if any(isinstance(key, int) for key in state["state"]):
-            raise ValueError("this checkpoint's optimizer state is keyed by parameter index (an older "
-                             "single-process checkpoint): resume it with distributed.strategy=single")
+    def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                             state: dict[str, Any] | None) -> None:
+        if self.broadcast_from_main(self.is_main and keyed_by_index(state)):
+            raise ValueError(KEYED_BY_INDEX)
+        outline = self.broadcast_from_main({  # all but the moments, which follow a tensor at a time
+            "param_groups": state["param_groups"],
+            "steps": {name: entry["step"] for name, entry in state["state"].items()}} if self.is_main else None)
         params = dict(model.named_parameters())
-        by_first = {g["params"][0]: g for g in state["param_groups"] if g["params"]}
+        by_first = {g["params"][0]: g for g in outline["param_groups"] if g["params"]}
         flat_state = self._ds_optimizer.optimizer.state
         for index, (group, names) in enumerate(zip(optimizer.param_groups, self._group_names)):
             saved = by_first.get(names[0])
@@ -512,21 +554,32 @@ class DeepSpeedStrategy(FSDP2Strategy):
                                  f"(group {index} starts with {names[0]})")
             group.update({k: v for k, v in saved.items() if k != "params"})
             for name in names:
-                if name not in state["state"]:
+                if name not in outline["steps"]:
                     continue
                 p = params[name]
                 flat = self._flat(p)
                 entry = flat_state.setdefault(flat, {})
                 # where torch keeps it: on the partition's device for the fused kernel, else on the CPU
                 step_device = flat.device if group.get("fused") else torch.device("cpu")
-                entry["step"] = torch.as_tensor(state["state"][name]["step"], dtype=torch.float32,
+                entry["step"] = torch.as_tensor(outline["steps"][name], dtype=torch.float32,
                                                 device=step_device).clone()
                 for key in ("exp_avg", "exp_avg_sq"):
                     buffer = entry.setdefault(key, torch.zeros_like(flat, memory_format=torch.preserve_format))
                     local, _ = self._ds_optimizer._get_fp32_opt_state_partition(p, False, key)
                     start = self.rank * p.partition_numel()
-                    full = state["state"][name][key].to(buffer.device, buffer.dtype).flatten()
+                    full = self._flat_from_main(state["state"][name][key] if self.is_main else None, p.ds_numel,
+                                                buffer.dtype)
                     local.copy_(full[start : start + local.numel()])
+
+    def _flat_from_main(self, tensor: Tensor | None, numel: int, dtype: torch.dtype) -> Tensor:
+        """The main rank's whole ``tensor`` (None on the others) of ``numel`` elements, flat, as
+        ``dtype`` on this rank's device, on every rank (a broadcast)."""
+        if self.is_main:
+            full = tensor.to(self.device, dtype).flatten()
+        else:
+            full = torch.empty(numel, dtype=dtype, device=self.device)
+        dist.broadcast(full, src=0)
+        return full
 
 
 def leave_rank() -> None:

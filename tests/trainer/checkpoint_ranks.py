@@ -23,9 +23,12 @@ from trainer.strategy import Strategy, build_strategy, leave_rank
 
 
 def size(value: Any) -> int | None:
-    """The bytes of ``value`` (a serialised payload), else the tensor elements it holds; None for None."""
+    """The bytes of ``value`` (a serialised payload, a storage), else the tensor elements it holds;
+    None for None."""
     if isinstance(value, bytes):
         return len(value)
+    if isinstance(value, (torch.UntypedStorage, torch.TypedStorage)):
+        return value.nbytes()
     if isinstance(value, torch.Tensor):
         return value.numel()
     if isinstance(value, (dict, list, tuple)):

@@ -23,12 +23,12 @@ import torch
 
 from dinoflow.config import PretrainConfig, load_config
 from trainer.batches import CropBatch, make_batch
-from trainer.checkpoints import TrainState, checkpoint_bytes
+from trainer.checkpoints import TrainState, checkpoint_bytes, restore_optimizer, shared_checkpoint
 from trainer.data.augment import MultiCrop
 from trainer.data.masking import masked_patch_bound
 from trainer.engine import Objective, build_networks, train_step
 from trainer.losses import masked_positions
-from trainer.optim import build_adamw, with_kernel_choice
+from trainer.optim import build_adamw
 from trainer.schedules import ScheduleValues
 from trainer.strategy import build_strategy, leave_rank
 
@@ -50,15 +50,16 @@ def main(out: str, global_batch: int, steps: int, args: list[str]) -> None:
     torch.manual_seed(cfg.seed)
     student, teacher = build_networks(cfg)
     objective = Objective(cfg, strategy.all_reduce)
-    checkpoint = torch.load(options["resume"], weights_only=True) if "resume" in options else None
-    if checkpoint is not None:  # as the engine restores: whole tensors before sharding
-        student.load_state_dict(checkpoint["student"])
-        teacher.load_state_dict(checkpoint["teacher"])
+    checkpoint = None
+    if "resume" in options:  # as the engine restores: read by the main rank, whole tensors before sharding
+        checkpoint = shared_checkpoint(strategy, lambda: torch.load(options["resume"], weights_only=True))
+        strategy.load_whole(student, checkpoint["student"])
+        strategy.load_whole(teacher, checkpoint["teacher"])
         objective.load_state_dict(checkpoint["objective"])
     student, teacher = strategy.wrap(student, teacher)
     optimizer = strategy.prepare_optimizer(student, build_adamw(student, cfg, torch.device("cpu")))
     if checkpoint is not None:
-        strategy.load_optimizer_state(student, optimizer, with_kernel_choice(checkpoint["optimizer"], optimizer))
+        restore_optimizer(strategy, student, optimizer, checkpoint["optimizer"])
     multi_crop = MultiCrop(cfg.crops)
     mine = strategy.rank_slice(global_batch // micro)
     # the masks drawn for the whole micro-batch made here (make_batch's nominal batch: all its images)

@@ -2,9 +2,10 @@
 
 A checkpoint holds whole tensors keyed by parameter name (networks, centres, and the optimizer
 state, gathered from the shards or partitions), so a run written by 2 ranks resumes on 1 and the
-other way round, under FSDP2 and under DeepSpeed ZeRO-3. The runs are real: ``torchrun`` (started
-by ``dinoflow pretrain --nproc 2`` for the engine's loop) starts 2 processes that meet over gloo on
-127.0.0.1.
+other way round, under FSDP2 and under DeepSpeed ZeRO-3. Only the main rank keeps and writes a
+checkpoint, and only it reads one back: the other ranks take part in the gathers and receive what
+they resume from. The runs are real: ``torchrun`` (started by ``dinoflow pretrain --nproc 2`` for
+the engine's loop) starts 2 processes that meet over gloo on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from PIL import Image
 
 from dinoflow.storage import Storage
+from tests.trainer.checkpoint_ranks import size
 from tests.trainer.test_deepspeed import ENV as DEEPSPEED_ENV
 from tests.trainer.test_distributed import (
     GLOBAL_BATCH,
@@ -33,11 +35,15 @@ from tests.trainer.test_distributed import (
     _run,
     _wait,
 )
+from tests.trainer.test_finetune import needs_fashion_mnist
 from trainer.checkpoints import load_latest_checkpoint
 from trainer.models.head_weights import find_heads
+from trainer.models.hub import save_backbone
+from trainer.models.vit import build_vit
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 RECORDER = HELPER.with_name("checkpoint_ranks.py")
+READS = HELPER.with_name("resume_ranks.py")
 SAVE_AT, STEPS = 4, 8
 OVERRIDES = [*SMALL, "loss.centering=softmax", "heads.ibot_separate_head=true"]
 
@@ -116,11 +122,15 @@ def test_only_the_main_rank_keeps_and_serialises_a_checkpoint(tmp_path: Path, st
     assert {float(m["step"]) for m in moments.values()} == {2.0}
 
 
-def _pretrain(out: Path, ranks: int, strategy: str, steps: int, log: str) -> subprocess.Popen:
+def _pretrain(out: Path, ranks: int, strategy: str, steps: int, log: str,
+              records: Path | None = None) -> subprocess.Popen:
     """``dinoflow pretrain --nproc RANKS`` (``strategy`` on 2 ranks, ``single`` on 1) on the 16
     images of ``out``'s sibling ``images``: a global batch of 8 on any world size, a checkpoint
-    every 2 steps, every step's metrics tracked to a sqlite store in ``out``."""
-    command = [sys.executable, "-m", "pipelines.cli", "pretrain", "--nproc", str(ranks), "--config", "tiny", *SMALL,
+    every 2 steps, every step's metrics tracked to a sqlite store in ``out``. With ``records``,
+    torchrun starts the 2 ranks here, each through ``resume_ranks.py`` recording its reads there."""
+    launch = ["--nproc", str(ranks)] if records is None else []
+    runner = [sys.executable, "-m", "pipelines.cli"] if records is None else [*TORCHRUN, str(READS), str(records)]
+    command = [*runner, "pretrain", *launch, "--config", "tiny", *SMALL,
                "data.kind=folder", f"data.uri={out.parent / 'images'}",
                f"distributed.strategy={strategy if ranks > 1 else 'single'}", "checkpoint_every=2",
                f"optim.batch_size={8 // ranks}", f"out={out}", f"max_steps={steps}", "tracking.metric_every=1"]
@@ -185,7 +195,10 @@ def test_a_killed_rank_ends_the_job_the_rerun_finishes_like_an_uninterrupted_run
     """``dinoflow pretrain --nproc 2``: rank 1 is SIGKILLed once the step-2 checkpoint exists (a
     checkpoint every 2 of 8 steps); torchrun stops rank 0 and the command fails; the rerun resumes
     from the last whole checkpoint and its step-8 weights equal those of a run that was never
-    killed (same world size: exact but for fp32 noise, 1e-6 absolute).
+    killed (same world size: exact but for fp32 noise, 1e-6 absolute). Only the rerun's rank 0 reads
+    the checkpoint: rank 1 gets the networks, the optimizer's moments and the run's settings and
+    counters from it (every rank reading the file held a whole copy each: ~144 GB of host memory
+    for a ViT-g's 8 ranks at every resume).
 
     Then the same run goes on through the engine's own save and restore at other world sizes: 1 rank
     (single) to step 9, a last checkpoint off the every-2 schedule, and 2 ranks again to 11. Each rank
@@ -202,8 +215,12 @@ def test_a_killed_rank_ends_the_job_the_rerun_finishes_like_an_uninterrupted_run
     assert "SIGKILL" in log, log[-4000:]
     saved = _latest(crashed)["step"]
     assert saved in (2, 4, 6)  # a whole checkpoint from before the crash, steps still to go
-    _finish(_pretrain(crashed, 2, strategy, 8, "rerun"), crashed, "rerun")
+    records = tmp_path / "reads"  # the rerun's ranks record what they read (resume_ranks.py)
+    resumed_from = crashed / "checkpoints" / f"step_{saved:09d}.pt"
+    resumed_state = torch.load(resumed_from, weights_only=True)  # (the rerun deletes it once it saved 2 more)
+    _finish(_pretrain(crashed, 2, strategy, 8, "rerun", records), crashed, "rerun")
     _finish(reference, whole, "launch")
+    assert_read_by_rank_0_alone(records, resumed_from, resumed_state)
 
     assert _tracked_steps(crashed)[-1] == list(range(saved + 1, 9))  # the rerun resumed, not restarted
     want, got = _latest(whole), _latest(crashed)
@@ -222,6 +239,69 @@ def test_a_killed_rank_ends_the_job_the_rerun_finishes_like_an_uninterrupted_run
     written, teacher = find_heads(str(crashed), "auto", Storage()), _latest(crashed)["teacher"]
     assert written.heads.keys() == {name for name in teacher if not name.startswith("backbone.")}
     assert all(torch.equal(tensor, teacher[name]) for name, tensor in written.heads.items())
+
+
+def recorded_reads(records: Path, rank: int) -> list[dict]:
+    """What ``resume_ranks.py`` recorded in ``rank``, in order: ``{"read": uri}``, ``{"load": size, "by": caller}``."""
+    log = records.with_name(f"{records.name}.rank{rank}.jsonl")
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def assert_read_by_rank_0_alone(records: Path, checkpoint: Path, saved: dict | None = None) -> None:
+    """Rank 0 read ``checkpoint`` (and its pointer) and unpickled it once, whole; rank 1 read nothing
+    of the run's checkpoints and unpickled only the small tensors rank 0 broadcast as objects (the
+    running centres, a step count per parameter: ``_load_from_bytes`` unpickles each storage).
+    ``saved``: the checkpoint's contents, read before a run that went on deleted it."""
+    reads = [recorded_reads(records, rank) for rank in (0, 1)]
+    saved = saved if saved is not None else torch.load(checkpoint, weights_only=True)
+
+    def loads(rank: int, pickled: bool) -> list[int]:
+        return [e["load"] for e in reads[rank] if "load" in e and (e["by"] == "_load_from_bytes") == pickled]
+
+    assert [e for e in reads[0] if "/checkpoints/" in e.get("read", "")] == [
+        {"read": str(checkpoint.with_name("latest.json"))}, {"read": str(checkpoint)}]
+    assert (loads(0, pickled=False), loads(0, pickled=True)) == ([size(saved)], [])
+    assert [e for e in reads[1] if "/checkpoints/" in e.get("read", "")] == []
+    assert loads(1, pickled=False) == []
+    small = size(saved.get("objective", {})) + len(saved["optimizer"]["state"])  # fp32 elements
+    assert sum(loads(1, pickled=True)) <= 4 * small  # the storages' bytes
+
+
+@needs_fashion_mnist
+def test_only_the_main_rank_reads_the_checkpoint_a_fine_tuning_run_resumes_from(tmp_path: Path) -> None:
+    """``dinoflow finetune`` on 2 ranks (FSDP2; DeepSpeed's optimizer restore is the killed-rank test's)
+    with an EMA, stopped at its step-2 checkpoint and resumed to step 3: rank 0 alone reads and
+    unpickles the checkpoint, rank 1 gets the weights, the EMA and the optimizer's moments from it,
+    and the run ends bit for bit where one never stopped ends."""
+    strategy = "fsdp2"
+    torch.manual_seed(0)
+    weights = tmp_path / "backbone.safetensors"  # a small random backbone (patch 7, 28 px), as pretraining writes
+    save_backbone(build_vit("vit_small", img_size=28, patch_size=7, embed_dim=64, depth=3, num_heads=4,
+                            layerscale_init=1.0), str(weights))
+    env = {**DEEPSPEED_ENV, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+
+    def finetune(out: Path, steps: int, records: Path | None = None) -> None:
+        runner = [sys.executable, "-m", "pipelines.cli", "finetune", "--nproc", "2"] if records is None else [
+            *TORCHRUN, str(READS), str(records), "finetune"]
+        process = _run([*runner, "--weights", str(weights), f"out={out}", "data.train_limit=512",
+                        "data.test_limit=200", "optim.epochs=1", "optim.batch_size=32", "ema_decay=0.6",
+                        f"max_steps={steps}", f"distributed.strategy={strategy}"], out, env)
+        process.wait(timeout=300)
+        assert process.returncode == 0, out.with_suffix(".log").read_text()[-4000:]
+
+    straight, stopped, records = tmp_path / "straight", tmp_path / "stopped", tmp_path / "reads"
+    finetune(straight, 3)
+    finetune(stopped, 2)
+    finetune(stopped, 3, records)
+
+    assert_read_by_rank_0_alone(records, stopped / "checkpoints" / "step_000000002.pt")
+    want, got = _latest(straight), _latest(stopped)
+    assert want["step"] == got["step"] == 3
+    for part in ("model", "ema"):
+        assert want[part].keys() == got[part].keys()
+        assert all(torch.equal(got[part][name], value) for name, value in want[part].items()), part
+    for name, moments in want["optimizer"]["state"].items():
+        assert all(torch.equal(got["optimizer"]["state"][name][key], value) for key, value in moments.items()), name
 
 
 def test_single_process_optimizer_state_is_keyed_by_name_and_reads_older_checkpoints() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from dinoflow.config import DistillConfig, FinetuneConfig, PretrainConfig, load_config
@@ -20,10 +21,11 @@ from trainer.models.hub import save_backbone
 from trainer.models.vit import build_vit
 
 
-def test_a_short_finetuning_run_with_one_broken_file_passes_the_default_limit(tmp_path: Path) -> None:
-    """One epoch of 7 steps of 7 reads the 49 training images once, one broken (2 %): the run ends
-    before the limit is judged (3,000 images at 1 %), within the 30 bad images it allows there
-    (the fraction of its 49 images failed it)."""
+def test_a_finetuning_run_judges_a_part_of_an_epoch_as_a_sample_and_an_epoch_as_the_data(tmp_path: Path) -> None:
+    """49 training images, one broken (2 %), 7 steps of 7 an epoch. Six steps read 42 of them, the
+    broken one among them: a sample, ending before the limit is judged (3,000 images at 1 %), within
+    the 30 bad images it allows there (the fraction of its 42 images failed it). A whole epoch read
+    them all: their 2 % is the data's, above the 1 % limit, as the evaluations judge a folder."""
     torch.manual_seed(0)
     weights = tmp_path / "pretrained" / "backbone.safetensors"
     weights.parent.mkdir()
@@ -31,12 +33,18 @@ def test_a_short_finetuning_run_with_one_broken_file_passes_the_default_limit(tm
                             layerscale_init=1.0), str(weights))
     write_folders(tmp_path / "data", {"cat": (24, 4), "dog": (24, 4)})
     (tmp_path / "data" / "train" / "dog" / "broken.png").write_bytes(b"not an image")
-    cfg = load_config(FinetuneConfig, "finetune-tiny", [f"weights={weights}", f"data.uri={tmp_path / 'data'}",
-                                                        f"out={tmp_path / 'run'}", "data.test_limit=0",
-                                                        "optim.batch_size=7", "optim.epochs=1"])
-    assert cfg.data.max_bad_fraction == 0.01
-    summary = finetune(cfg, Storage())
-    assert (summary["steps"], summary["bad_images"]["seen"], summary["bad_images"]["bad"]) == (7, 49, 1)
+    def run(name: str, *more: str) -> dict:
+        cfg = load_config(FinetuneConfig, "finetune-tiny", [f"weights={weights}", f"data.uri={tmp_path / 'data'}",
+                                                            f"out={tmp_path / name}", "data.test_limit=0",
+                                                            "optim.batch_size=7", "optim.epochs=1", *more])
+        assert cfg.data.max_bad_fraction == 0.01
+        return finetune(cfg, Storage())
+
+    summary = run("part", "max_steps=6")
+    assert (summary["steps"], summary["bad_images"]["seen"], summary["bad_images"]["bad"]) == (6, 42, 1)
+    with pytest.raises(ValueError, match=r"1 of 49 images \(2.0%\) could not be decoded, more than the allowed "
+                                         r"max_fraction 1.0%; examples: .*broken.png"):
+        run("epoch")
 
 
 def test_a_short_distillation_run_with_one_broken_file_passes_the_default_limit(tmp_path: Path) -> None:
