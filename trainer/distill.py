@@ -242,6 +242,16 @@ def distill_objective(cfg: DistillConfig) -> Objective:
     return Objective(cfg.model_copy(update={"loss": loss}))
 
 
+def _centering_before_its_setting(cfg: DistillConfig, saved_config: str) -> dict[str, tuple[str, str]]:
+    """For a run saved before ``distill.centering`` existed (its targets normalised per the recipe's
+    ``loss.centering``), the centering it resumes with against the one it trained with: a resume
+    must not switch how the targets are normalised midway (its stored centres would go unread)."""
+    saved = yaml.safe_load(saved_config)
+    if cfg.distill.objective != "heads" or "centering" in saved.get("distill", {}):
+        return {}
+    return {"distill.centering": (cfg.distill.centering, saved.get("loss", {}).get("centering", "softmax"))}
+
+
 def fingerprint(module: nn.Module) -> str:
     """SHA-256 of every tensor of a module's state (names, dtypes, shapes, bytes)."""
     digest = hashlib.sha256()
@@ -396,7 +406,8 @@ def distill(
     state = TrainState()
     checkpoint = load_latest_checkpoint(storage, cfg.out)
     if checkpoint is not None:
-        check_resumed(cfg, checkpoint, "distillation", 1, ("distill.objective", *RESUME_SETTINGS))
+        check_resumed(cfg, checkpoint, "distillation", 1, ("distill.objective", "distill.centering", *RESUME_SETTINGS),
+                      _centering_before_its_setting(cfg, checkpoint["config"]))
     _check_same_teacher(storage, cfg, teacher_hash, resuming=checkpoint is not None)
     if checkpoint is not None:
         student.load_state_dict(checkpoint["student"])

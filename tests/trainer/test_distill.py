@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 import torch
+import yaml
 from typer.testing import CliRunner
 
 from dinoflow.config import ConfigError, DistillConfig, PretrainConfig, load_config
@@ -525,6 +526,27 @@ def test_the_teachers_targets_follow_distill_centering_not_the_student_recipes(t
     assert not any(torch.equal(v, fresh[k]) for k, v in teacher_centres.items())  # the teacher's had moved
     for name, centre in saved["softmax"].items():  # one step on from the teacher's: nearer it than the fresh one
         assert 0 < (centre - teacher_centres[name]).norm() < (centre - fresh[name]).norm()
+
+
+def test_a_resume_keeps_how_the_targets_are_normalised(teacher_run: Path, tmp_path: Path, storage: Storage,
+                                                        dataset) -> None:
+    """distill.centering changed on a resume is refused, and so is a run saved before the setting
+    existed (its targets normalised per loss.centering, softmax here) resumed under Sinkhorn-Knopp:
+    its stored centres would go unread midway."""
+    args = [f"teacher.uri={teacher_run}", f"out={tmp_path / 'run'}", *STUDENT, "distill.objective=heads"]
+    distill(load_config(DistillConfig, "tiny", [*args, "max_steps=1"]), dataset, collate_samples, storage)
+    with pytest.raises(ValueError, match=r"otherwise: distill.centering = 'softmax' \(the run: 'sinkhorn_knopp'\)"):
+        distill(load_config(DistillConfig, "tiny", [*args, "max_steps=2", "distill.centering=softmax"]), dataset,
+                collate_samples, storage)
+    pointer = tmp_path / "run" / "checkpoints" / "step_000000001.pt"  # its config as written before the setting
+    checkpoint = torch.load(pointer, weights_only=True)
+    saved = yaml.safe_load(checkpoint["config"])
+    del saved["distill"]["centering"]
+    torch.save({**checkpoint, "config": yaml.safe_dump(saved)}, pointer)
+    with pytest.raises(ValueError, match=r"distill.centering = 'sinkhorn_knopp' \(the run: 'softmax'\)"):
+        distill(load_config(DistillConfig, "tiny", [*args, "max_steps=2"]), dataset, collate_samples, storage)
+    assert distill(load_config(DistillConfig, "tiny", [*args, "max_steps=2", "distill.centering=softmax"]), dataset,
+                   collate_samples, storage)["steps"] == 2
 
 
 def test_a_training_dump_named_as_such_is_a_teacher_with_its_heads(teacher_run: Path, tmp_path: Path,
