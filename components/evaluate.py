@@ -35,7 +35,8 @@ from components.stage import (
     storage_from_env,
 )
 from dinoflow.storage import join_uri
-from evaluators.suite import CLASSIFICATION_TASKS, TASKS, SuiteConfig, option_values, run_suite, with_options
+from evaluators.suite import (CLASSIFICATION_TASKS, DEFAULT_TASKS, TASKS, SuiteConfig, option_values, run_suite,
+                              with_options)
 from trainer.devices import available_device
 from trainer.models.hub import load_backbone, locate_weights
 
@@ -68,7 +69,7 @@ def run_evaluate_stage(ctx: StageContext, backbone_dir: str | Path, out_dir: str
     out = Path(out_dir)
     ks = sorted({int(k) for k in ks or []} | {20})  # k=20 always, with knn: the default gate metric
     with recording_errors(ctx, storage, "evaluate"), stage_run(ctx, "evaluate") as tracker:
-        asked = tuple(tasks or ("knn", "linear"))
+        asked = tuple(tasks or DEFAULT_TASKS)
         if not data_uri and set(CLASSIFICATION_TASKS) & set(asked) and set(asked) <= set(TASKS):  # (unknown: below)
             raise ValueError("no labelled images for knn, linear and logreg: give the pipeline eval_data_uri (class "
                              "folders) or data_source (Fashion-MNIST); evaluate_only: data_uri")

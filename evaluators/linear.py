@@ -31,7 +31,8 @@ the same mini-batches, then keeps the best. Here the backbone has already been r
   probe views of 1.28M images are ~37 GiB, more than the probe's GPU should hold beside the grid);
   each mini-batch (and each chunk scored) is gathered there and moved to the probe's device, so the
   device holds a batch of them, never the matrix. Same seeds, same batches: the results are those of
-  the features moved at once.
+  the features moved at once (on a GPU but for the last bits of the standardisation's mean and
+  std, now taken on the host).
 
 **Selection.** The original picks the best classifier on ImageNet-val, the set it also reports.
 Here a seeded random ``val_fraction`` (10 %) of the train set is held out, the grid is trained on

@@ -75,6 +75,7 @@ from evaluators.corruptions import corruption_errors, corruption_folders, corrup
 from evaluators.data_settings import TRANSFER, named_roots, named_sets
 from evaluators.dense import (
     DEPTH_HEADS,
+    MS_SCALES,
     HeadConfig,
     HeadSaves,
     Layers,
@@ -125,6 +126,7 @@ from trainer.data.datasets import keys_sha256
 
 TASKS = ("knn", "linear", "logreg", "seg", "depth", "retrieval", "video", "finegrained")
 CLASSIFICATION_TASKS = ("knn", "linear", "logreg")  # on labelled images (data_uri)
+DEFAULT_TASKS = ("knn", "linear")  # what the suite runs when no task is named
 RETRIEVAL_SETS = ("roxford5k", "rparis6k", "amstertime", "met")  # retrieval_data's data sets
 SEG_SETS, DEPTH_SETS = ("ade20k", "voc", "cityscapes"), ("nyu", "kitti", "sunrgbd")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # the feature pass's autocast dtype
@@ -145,7 +147,7 @@ def metric_task(metric: str) -> str | None:
 class SuiteConfig:
     """What the suite runs and on how much data."""
 
-    tasks: tuple[str, ...] = ("knn", "linear")
+    tasks: tuple[str, ...] = DEFAULT_TASKS
     data_uri: str = ""  # knn, linear, logreg: Fashion-MNIST's files, or train/ and val/ class folders
     test_uri: str = ""  # knn, linear, logreg: a test set's class folders instead of val/ (ImageNet-A/R/Sketch/C)
     test_sets: str = ""  # knn, linear, logreg: comma-separated further test sets of class folders (ImageNet-V2, -A,
@@ -171,7 +173,8 @@ class SuiteConfig:
     scene_size: int = 56
     layers: int = 1  # 4: seg's "+ms" protocol's last four blocks, depth's "lin.4" the original's four (spaced_blocks)
     multiscale: bool = False  # segmentation trained at resize ratios 1-3, tested over scales 1-3 (1, 1.32, 1.73,
-    # 2.28, 3) and flips, windows half a window apart ("+ms": the original's "ms" configs)
+    # 2.28, 3) and flips, windows half a window apart ("+ms": the original's "ms" configs); where the head
+    # trains at one scale (the scenes, no dense_augment), tested over 0.75, 1, 1.25 and flips
     seg_data: str = ""  # "": the scenes; ade20k:<root>, voc:<root> or cityscapes:<root>
     depth_data: str = ""  # "": the scenes; nyu:<root> or kitti:<root>; nyu:<root>->sunrgbd:<root>: a transfer
     seg_head: HeadConfig = field(default_factory=HeadConfig)
@@ -471,6 +474,9 @@ DENSE_SETS = {"ade20k": (load_ade20k, ("training", "validation"), 150), "voc": (
 
 SEG_SCALES, DEPTH_ROTATION = (0.5, 2.0), 2.5  # the original's heads' resize ratios (mmseg), rotation (the toolbox)
 SEG_SCALES_MS = (1.0, 3.0)  # +ms: its "ms" configs' resize ratios, the range its test scales span (MS_SCALES)
+# +ms where the head trained at its images' own scale alone (the scenes, real sets without dense_augment): the
+# scales near it, not the original's 1-3, at which it never trained
+MS_NEAR_SCALES = (0.75, 1.0, 1.25)
 SEG_MAX_CLASS_SHARE = 0.75  # mmseg's cat_max_ratio: a crop placed again while one class holds this much of it
 
 
@@ -605,6 +611,12 @@ def _head_saves(task: str, config: SuiteConfig, storage: Storage, digest: str, d
     return HeadSaves(storage, join_uri(config.work_dir, f"{task}-head"), identity)
 
 
+def _ms_scales(data: _DenseTask) -> tuple[float, ...]:
+    """+ms's test scales: the original's (:data:`~evaluators.dense.MS_SCALES`, 1-3) for a head
+    trained at their range of resize ratios (:data:`SEG_SCALES_MS`), else :data:`MS_NEAR_SCALES`."""
+    return MS_SCALES if data.fit is not None and data.fit.scales == SEG_SCALES_MS else MS_NEAR_SCALES
+
+
 def _segmentation(backbone: nn.Module, data: _DenseTask, config: SuiteConfig, saves: HeadSaves | None,
                   keep: int) -> tuple[dict[str, float], torch.Tensor]:
     """The segmentation head trained on ``data.train`` (classes weighted by their pixels) and its
@@ -617,14 +629,16 @@ def _segmentation(backbone: nn.Module, data: _DenseTask, config: SuiteConfig, sa
                                    len(source), source.channels, classes, weight, config.seg_head, device, saves)
     if data.windowed:
         def scores(x: torch.Tensor) -> torch.Tensor:  # +ms: probabilities; else the windows' mean logits, as mmseg's
-            return (multiscale_probabilities(backbone, head, x, config.layers, amp_dtype=config.amp_dtype,
-                                             window=config.image_size) if config.multiscale else
+            return (multiscale_probabilities(backbone, head, x, config.layers, _ms_scales(data),
+                                             amp_dtype=config.amp_dtype, window=config.image_size)
+                    if config.multiscale else
                     slid_logits(backbone, head, x, config.image_size, config.layers, config.amp_dtype))
 
         return evaluate_segmentation(_windowed(scores, data.test, config), classes, keep=keep,
                                      kept_side=config.image_size)
     tests = row_batches(len(data.test))
-    scored = (((multiscale_probabilities(backbone, head, images, config.layers, amp_dtype=config.amp_dtype), masks)
+    scored = (((multiscale_probabilities(backbone, head, images, config.layers, _ms_scales(data),
+                                         amp_dtype=config.amp_dtype), masks)
                for images, masks in data.test.inputs(tests)) if config.multiscale else
               ((head(patches.to(device), tuple(masks.shape[-2:])), masks)
                for patches, _, masks in data.test.batches(tests)))

@@ -936,12 +936,12 @@ def _pipeline_params(pipeline: Any, items: list[str] | None, params_file: str | 
 def _check_gate_metric(inputs: dict[str, Any], params: dict[str, Any]) -> None:
     """Exit 2 in one line when the gate's ``metric`` is reported by a task ``eval_tasks`` leaves out
     (both as given, else the pipeline's defaults): its register stage would fail after the training."""
-    from evaluators.suite import metric_task
+    from evaluators.suite import DEFAULT_TASKS, metric_task
 
     if "metric" not in inputs or "eval_tasks" not in inputs:
         return
     metric = params.get("metric", inputs["metric"].default)
-    tasks = params.get("eval_tasks", inputs["eval_tasks"].default) or []
+    tasks = params.get("eval_tasks", inputs["eval_tasks"].default) or list(DEFAULT_TASKS)  # [] runs the default
     task = metric_task(str(metric))
     if task is not None and task not in tasks:
         typer.echo(f"error: the gate's metric {metric!r} is reported by the {task} task, which eval_tasks {tasks} "

@@ -97,8 +97,8 @@ def kfp_client(host: str, namespace: str | None, token: str | None) -> Client:
     """A KFP client whose constructor asks the API's health once.
 
     Why once: ``Client`` asks it (to find a multi-user namespace) up to 5 times, 5 s apart, logging
-    a traceback each time, also for errors no retry mends (a refused token); the wait's own polls
-    are what may retry.
+    a traceback each time, also for errors no retry mends (a refused token); the wait's polls
+    after its first go on through transient errors (:func:`wait_for_run`).
     """
     from kfp import Client
 
@@ -116,19 +116,35 @@ def wait_for_run(host: str, run_id: str, timeout_s: int, namespace: str | None =
     """Block until the KFP run ends; returns its final state (e.g. ``SUCCEEDED``, ``FAILED``).
 
     Raises RunTimeout with the last state seen when the run has not ended after ``timeout_s``, and
-    KfpApiError when the API answers with an error status or cannot be reached.
+    KfpApiError when the API answers with an error status or cannot be reached: at once on the
+    first read (a wrong host, run id or token), later only for what no retry mends (:func:`transient`
+    errors, an API server restarting during an hours-long wait, are polled through until the deadline).
     """
     with kfp_api_errors(host, run_id):
         client = kfp_client(host, namespace, token)
         started = time.monotonic()
-        while True:
-            state = str(client.get_run(run_id).state)
-            if state.upper() in FINAL_STATES:
-                return state
+        state = str(client.get_run(run_id).state)
+        while state.upper() not in FINAL_STATES:
             waited = time.monotonic() - started
             if waited >= timeout_s:
                 raise RunTimeout(run_id, state, waited)
             time.sleep(min(poll_s, timeout_s - waited))
+            try:
+                state = str(client.get_run(run_id).state)
+            except Exception as err:
+                if not transient(err):
+                    raise  # (said by kfp_api_errors)
+        return state
+
+
+def transient(err: BaseException) -> bool:
+    """A KFP API error that a later poll may not meet: an HTTP 429 or 5xx answer, or no connection."""
+    from kfp_server_api import ApiException
+    from urllib3.exceptions import HTTPError
+
+    if isinstance(err, ApiException):
+        return err.status == 429 or (err.status or 0) >= 500
+    return isinstance(err, HTTPError)
 
 
 def run_page(host: str, run_id: str) -> str:

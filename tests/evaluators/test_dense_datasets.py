@@ -840,6 +840,22 @@ def test_plus_ms_heads_train_at_the_ratios_their_test_scales_span() -> None:
     assert train_fit("seg", ms, 7).scales == (min(MS_SCALES), max(MS_SCALES)) == (1.0, 3.0)
 
 
+def test_plus_ms_tests_a_head_trained_at_one_scale_near_it() -> None:
+    """The scenes' heads and those of real sets without dense_augment train at the images' own scale:
+    +ms tests them at 0.75-1.25, not at the original's 1-3 they never saw."""
+    from evaluators.dense import MS_SCALES
+    from evaluators.suite import MS_NEAR_SCALES, SuiteConfig, _DenseTask, _ms_scales, train_fit
+
+    def scales(fit: Fit | None) -> tuple[float, ...]:
+        return _ms_scales(_DenseTask(train=None, test=None, label_range=21, foreground=None, fit=fit))
+
+    ms = SuiteConfig(tasks=("seg",), image_size=28, seg_data="voc:/v", layers=4, multiscale=True)
+    assert scales(train_fit("seg", ms, 7)) == MS_SCALES
+    single = SuiteConfig(tasks=("seg",), image_size=28, seg_data="voc:/v", layers=4, multiscale=True,
+                         dense_augment=False)
+    assert scales(train_fit("seg", single, 7)) == scales(None) == MS_NEAR_SCALES == (0.75, 1.0, 1.25)
+
+
 def test_a_voc_heads_saves_are_named_by_the_training_set_read(tmp_path: Path) -> None:
     """A head trained on train.txt's 1,464 is not resumed once the root holds trainaug's list: the
     saves' identity names the layout (and, for the plain train split, stays as it was)."""

@@ -26,6 +26,8 @@ from tests.infra.helpers import REPO
 
 RUN_STATES = {"run-ok": "SUCCEEDED", "run-failed": "FAILED", "run-silent": "SUCCEEDED", "run-canceled": "CANCELED"}
 MISSING_RUN = "run-missing"
+FLAKY_RUN = "run-flaky"  # RUNNING, then the API server restarting (503) for two polls, then SUCCEEDED
+FLAKY_ANSWERS: list[int] = []  # the statuses the stand-in gave FLAKY_RUN's reads
 REFUSED_TOKEN = "expired-token"
 
 
@@ -38,6 +40,12 @@ class RunStatusApi(BaseHTTPRequestHandler):
         run_id = self.path.rstrip("/").rsplit("/", 1)[-1].split("?")[0]
         if self.headers.get("Authorization") == f"Bearer {REFUSED_TOKEN}":
             self._answer(401, {"error": "Unauthorized", "code": 16, "message": "Unauthorized"})
+        elif run_id == FLAKY_RUN:
+            FLAKY_ANSWERS.append(503 if len(FLAKY_ANSWERS) in (1, 2) else 200)
+            if FLAKY_ANSWERS[-1] == 503:
+                self._answer(503, {"error": "upstream connect error", "code": 14, "message": "unavailable"})
+            else:
+                self._answer(200, {"run_id": run_id, "state": "RUNNING" if len(FLAKY_ANSWERS) == 1 else "SUCCEEDED"})
         elif run_id == MISSING_RUN:
             self._answer(404, {"error": f"Failed to get run {run_id}: ResourceNotFoundError", "code": 5,
                                "message": f"Failed to get run {run_id}: ResourceNotFoundError"})
@@ -72,7 +80,7 @@ def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
     uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
     experiment = client.create_experiment("dinoflow")
-    for run_id in ("run-ok", "run-failed"):
+    for run_id in ("run-ok", "run-failed", FLAKY_RUN):
         client.create_run(experiment, tags={TAG_PIPELINE_RUN: run_id, "gate.verdict": "promoted",
                                             "gate.reason": "0.81 > 0.79", "gate.model_version": "7"})
     client.create_run(experiment, tags={TAG_PIPELINE_RUN: "run-silent"})  # a stage without a verdict
@@ -163,3 +171,12 @@ def test_an_unreachable_host_ends_in_one_line(tracking_uri: str, tmp_path: Path)
     assert line.startswith(f"error: cannot read KFP run run-ok from {closed}: no connection: "), line
     assert line.endswith("Connection refused"), line
     assert f"not read from {closed}: no connection: " in (tmp_path / "summary.md").read_text()
+
+
+def test_an_api_server_restarting_during_the_wait_is_polled_through(kfp_host: str, tracking_uri: str,
+                                                                   tmp_path: Path) -> None:
+    """A 503 after the first read (the API server restarting during an hours-long wait) does not end
+    the wait: the polls go on and the run's verdict is reported."""
+    code, output = _report(kfp_host, tracking_uri, FLAKY_RUN, tmp_path / "summary.md")
+    assert code == 0, output
+    assert FLAKY_ANSWERS == [200, 503, 503, 200] and "gate: **promoted**" in output

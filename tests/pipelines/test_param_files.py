@@ -133,7 +133,8 @@ def test_a_gate_on_a_metric_of_a_task_run_passes() -> None:
 
     pipeline = _pipeline("full")
     for items in (["eval_tasks=[linear]", "metric=linear_top1"], ["eval_tasks=[knn, seg]", "metric=seg_miou"],
-                  ["eval_tasks=[logreg]", "metric=test_v2_logreg_top1"], ["metric=knn_top1_k10"]):
+                  ["eval_tasks=[logreg]", "metric=test_v2_logreg_top1"], ["metric=knn_top1_k10"],
+                  ["eval_tasks=[]"]):  # (an empty list runs the suite's default tasks, knn among them)
         assert _pipeline_params(pipeline, items)  # (no exit)
     assert [metric_task(m) for m in ("pixels_knn_top1_k20", "corruption_linear_mce", "depth_rmse", "val_loss")] == [
         "knn", "linear", "depth", None]
