@@ -326,3 +326,47 @@ def test_single_process_optimizer_state_is_keyed_by_name_and_reads_older_checkpo
         for want, got in zip(optimizer.state_dict()["state"].values(), fresh.state_dict()["state"].values()):
             for key in want:
                 assert torch.equal(got[key], want[key])
+
+
+def _load_whole_on_rank(rank: int, port: int, out: str) -> None:
+    """One of 2 gloo ranks: a Linear loaded by ``load_whole`` from rank 0's state, whole then without
+    its bias; what each rank got (its weights, or the error it raised) written to ``out``/rank<R>.json."""
+    import os
+
+    from torch import nn
+
+    from dinoflow.config import DistributedConfig
+    from trainer.strategy import build_strategy
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    strategy = build_strategy(DistributedConfig(strategy="fsdp2", timeout_seconds=60), torch.device("cpu"))
+    result: dict = {}
+    torch.manual_seed(rank)  # the ranks' modules differ before the load
+    module = nn.Linear(3, 2)
+    whole = {"weight": torch.arange(6.0).view(2, 3), "bias": torch.tensor([7.0, 8.0])}
+    strategy.load_whole(module, whole if rank == 0 else None)
+    result["loaded"] = [module.weight.flatten().tolist(), module.bias.tolist()]
+    try:
+        strategy.load_whole(nn.Linear(3, 2), {"weight": whole["weight"]} if rank == 0 else None)
+    except RuntimeError as err:
+        result["refused"] = str(err)
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    torch.distributed.destroy_process_group()
+
+
+def test_a_checkpoint_the_main_rank_cannot_load_is_refused_on_every_rank(tmp_path: Path) -> None:
+    """``load_whole`` (FSDP2 and DeepSpeed): the main rank's tensors reach the other rank; a state the
+    module does not take (a missing key) raises on every rank, the main rank's error named, where the
+    others waited in the tensors' broadcast until torchrun stopped them (or the group's timeout)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_load_whole_on_rank, args=(port, str(tmp_path)), nprocs=2, join=True)
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert results[0]["loaded"] == results[1]["loaded"] == [[0.0, 1.0, 2.0, 3.0, 4.0, 5.0], [7.0, 8.0]]
+    assert 'Missing key(s) in state_dict: "bias"' in results[0]["refused"]
+    assert results[1]["refused"] == f"the main rank could not load the checkpoint: {results[0]['refused']}"
