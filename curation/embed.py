@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from dinoflow.progress import progress
-from dinoflow.storage import Storage, join_uri
+from dinoflow.storage import Storage, claim, join_uri
 from trainer.data.datasets import (BadImageTracker, FashionMnistDataset, ImageListDataset, Sample, collate_samples,
                                    keys_sha256)
 from trainer.data.shards import ShardDataset
@@ -125,13 +125,6 @@ def pool_identity(dataset: Dataset[Sample]) -> dict[str, Any]:
     return {"load_size": dataset.load_size, "keys_sha256": keys_sha256(keys)}
 
 
-def _differences(found: dict[str, Any], wanted: dict[str, Any]) -> str:
-    """The fields where ``found`` and ``wanted`` differ, with both values (a digest by name only)."""
-    differ = sorted(k for k in found.keys() | wanted.keys() if found.get(k) != wanted.get(k))
-    return ", ".join(k if k.endswith("_sha256") else f"{k} ({found.get(k)!r} there, {wanted.get(k)!r} here)"
-                     for k in differ)
-
-
 def embed_dataset(
     dataset: Dataset[Sample],
     embedder: Embedder,
@@ -148,8 +141,9 @@ def embed_dataset(
 
     ``meta.json`` records what the parts are of: the images (:func:`pool_identity`), the embedder's
     name and weights (``weights_sha256``, when it carries one), the part size and dtype. Raises
-    ValueError when ``out_uri`` holds parts of anything else (naming where they differ: nothing is
-    mixed in, nothing deleted), or when more than ``max_bad_fraction`` images cannot be decoded.
+    ValueError when ``out_uri`` holds parts of anything else (:func:`~dinoflow.storage.claim`, naming
+    where they differ: nothing is mixed in, nothing deleted), or when more than ``max_bad_fraction``
+    images cannot be decoded.
     """
     if dtype not in ("float16", "float32"):
         raise ValueError(f"dtype must be float16 or float32, got {dtype!r}")
@@ -159,14 +153,7 @@ def embed_dataset(
     meta = {"count": count, "part_size": part_size, "dtype": dtype,
             "embedder": embedder_name or getattr(embedder, "__name__", type(embedder).__name__),
             "weights_sha256": getattr(embedder, "weights_sha256", None), **pool_identity(dataset)}
-    meta_uri = join_uri(out_uri, "meta.json")
-    if storage.exists(meta_uri):
-        found = json.loads(storage.read_bytes(meta_uri))
-        if found != meta:
-            raise ValueError(f"{out_uri} holds embeddings of another run (it differs in {_differences(found, meta)}): "
-                             "give another output folder, or delete this one to embed again")
-    else:
-        storage.write_bytes(meta_uri, json.dumps(meta).encode())
+    claim(storage, out_uri, meta, "embeddings of another run", file="meta.json")
     parts = -(-count // part_size)
     tracker = BadImageTracker(max_bad_fraction)
     for part in progress(range(parts), desc="embed", total=parts, unit="part"):

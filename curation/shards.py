@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from dinoflow.progress import progress
-from dinoflow.storage import Storage, join_uri
+from dinoflow.storage import Storage, basename, join_uri
 from trainer.data.shards import SHARD_INDEX_SUFFIX, check_index_fits, load_shard_index, write_shard_index
 
 
@@ -67,7 +67,8 @@ class ImageBytesReader:
 
 
 def _extension(key: str) -> str:
-    ext = key.rsplit("/", 1)[-1].rsplit(".", 1)[-1].lower() if "." in key.rsplit("/", 1)[-1] else "jpg"
+    name = basename(key)
+    ext = name.rsplit(".", 1)[-1].lower() if "." in name else "jpg"
     return "jpg" if ext == "jpeg" else ext
 
 
@@ -111,11 +112,8 @@ def _delete_stale(storage: Storage, out_uri: str, written: Sequence[str]) -> Non
     """Delete the shards and indexes under ``out_uri`` named as :func:`write_shards` names them but
     not among ``written`` (an earlier, bigger run's), each shard before its index (the listing's
     order): a crash between leaves an index of nothing, which no reader lists."""
-    kept = {name for uri in written for name in (_name(uri), _name(uri) + SHARD_INDEX_SUFFIX)}
+    kept = {name for uri in written for name in (basename(uri), basename(uri) + SHARD_INDEX_SUFFIX)}
     for uri in storage.list(out_uri):
-        if WRITTEN_NAME.fullmatch(_name(uri)) and _name(uri) not in kept:
+        if WRITTEN_NAME.fullmatch(basename(uri)) and basename(uri) not in kept:
             storage.delete(uri)
 
-
-def _name(uri: str) -> str:
-    return uri.rstrip("/").rsplit("/", 1)[-1]

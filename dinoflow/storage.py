@@ -20,6 +20,7 @@ The S3 endpoint and credentials come from the standard variables (``AWS_ENDPOINT
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import time
@@ -35,6 +36,7 @@ from fsspec.implementations.local import LocalFileSystem
 from dinoflow.progress import progress
 
 PARTIAL_MARKER = ".partial-"
+IDENTITY_FILE = "identity.json"
 _T = TypeVar("_T")
 
 _TRANSIENT_ERRNOS = {
@@ -153,6 +155,12 @@ def join_uri(base: str, *parts: str) -> str:
     return joined
 
 
+def basename(uri: str) -> str:
+    """The last part of a URI or path (``s3://bucket/runs/demo/`` -> ``demo``), a trailing ``/``
+    ignored: storage reads ``a/b/`` as ``a/b``, and ``os.path.basename`` would give ``""``."""
+    return uri.rstrip("/").rsplit("/", 1)[-1]
+
+
 def _walk_local(path: str) -> list[str]:
     """Every file under the local ``path`` (``path`` itself if a file), following links to folders:
     a data set staged as links to its class folders is listed whole (fsspec's ``find`` lists such a
@@ -174,7 +182,7 @@ def _walk_local(path: str) -> list[str]:
 
 
 def _is_partial(path: str) -> bool:
-    return PARTIAL_MARKER in path.rsplit("/", 1)[-1]
+    return PARTIAL_MARKER in basename(path)
 
 
 class Storage:
@@ -480,6 +488,38 @@ class Storage:
                 raise StorageError(f"download {uri}: refusing key {relative!r} that leaves the folder")
             written.append(self.get_file(source, Path(local_dir) / relative))
         return written
+
+
+def claim(storage: Storage, uri: str, identity: Mapping[str, Any], what: str, file: str = IDENTITY_FILE) -> None:
+    """Write ``<uri>/<file>`` (``identity`` as JSON, atomically), or check that the one there is
+    ``identity``. Why: a folder of saved work (feature parts, a head's saves, embeddings) is resumed
+    only by the same work; one holding ``what`` (another's) is refused, naming where they differ,
+    nothing in it touched."""
+    path = join_uri(uri, file)
+    wanted = json.loads(json.dumps(identity))
+    if storage.exists(path):
+        found = json.loads(storage.read_bytes(path))
+        if found != wanted:
+            raise ValueError(f"{uri} holds {what} (it differs in {_differences(found, wanted)}): "
+                             "give another output folder, or delete this one to start over")
+        return
+    storage.write_bytes(path, json.dumps(wanted, indent=2, sort_keys=True).encode())
+
+
+def _differences(found: Mapping[str, Any], wanted: Mapping[str, Any]) -> str:
+    """The keys where ``found`` and ``wanted`` differ (one lacking a key differs), sorted; a number
+    with both values, ``load_size (48 there, 40 here)``, anything else by name alone: digests, URIs,
+    lists and tables are too long to read in one line."""
+    differ = sorted(k for k in found.keys() | wanted.keys()
+                    if k not in found or k not in wanted or found[k] != wanted[k])
+
+    def named(key: str) -> str:
+        there, here = found.get(key), wanted.get(key)
+        if isinstance(there, (int, float)) and isinstance(here, (int, float)):
+            return f"{key} ({there!r} there, {here!r} here)"
+        return key
+
+    return ", ".join(map(named, differ))
 
 
 def _abandon(handle: Any) -> None:

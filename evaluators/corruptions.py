@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from dinoflow.progress import progress
-from dinoflow.storage import Storage, join_uri
+from dinoflow.storage import Storage, basename, join_uri
 from evaluators.classification import FolderImages, LabelledFeatures
 from evaluators.clean_probes import CLASSIFIERS, CleanClassifiers, saved_scores, score_test_set
 
@@ -51,11 +51,11 @@ def corruption_folders(storage: Storage, root: str) -> list[tuple[str, int, str]
     sorted; refused, naming ``root`` and the layout, when there is none."""
     found = []
     for corruption_uri in storage.list(root):
-        corruption = corruption_uri.rstrip("/").rsplit("/", 1)[-1]
+        corruption = basename(corruption_uri)
         if corruption.startswith("."):
             continue
         for severity_uri in storage.list(corruption_uri):
-            severity = severity_uri.rstrip("/").rsplit("/", 1)[-1]
+            severity = basename(severity_uri)
             if severity.isdigit() and int(severity) in SEVERITIES:
                 found.append((corruption, int(severity), severity_uri.rstrip("/")))
     if not found:

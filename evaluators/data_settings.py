@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 
+from dinoflow.storage import basename
+
 TRANSFER = "->"  # depth_data's "<train set>:<root>-><test set>:<root>"
 
 
@@ -26,7 +28,7 @@ def named_roots(given: str, setting: str) -> list[tuple[str, str]]:
     in the error), named by its last part (``s3://bucket/datasets/food101`` -> ``food101``): a name
     of letters, digits, ``_``, ``.`` or ``-``, used once, as it names metrics."""
     roots = [root.strip().rstrip("/") for root in given.split(",") if root.strip()]
-    sets = [(root.rsplit("/", 1)[-1], root) for root in roots]
+    sets = [(basename(root), root) for root in roots]
     names = [name for name, _ in sets]
     bad = sorted({name for name in names if names.count(name) > 1 or not re.fullmatch(r"[\w.-]+", name)})
     if not sets or bad:

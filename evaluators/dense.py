@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dinoflow.progress import progress
-from dinoflow.storage import Storage, join_uri
+from dinoflow.storage import Storage, claim, join_uri
 from evaluators.dense_metrics import (
     IGNORE_INDEX,
     depth_scores_of,
@@ -58,7 +58,6 @@ from evaluators.dense_metrics import (
     segmentation_scores,
 )
 from evaluators.dpt import DPTDepthHead
-from evaluators.feature_parts import claim
 from evaluators.features import patch_sides, under_autocast
 from evaluators.linear import epoch_batches
 

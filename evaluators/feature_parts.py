@@ -15,7 +15,6 @@ tensors as they come, so a split's features are held once, not gathered and then
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -26,10 +25,9 @@ from safetensors.torch import save as save_tensors
 from torch import Tensor, nn
 
 from dinoflow.progress import progress
-from dinoflow.storage import Storage, join_uri
+from dinoflow.storage import Storage, claim, join_uri
 
 PART_ROWS = 16384  # images per part: ~20 s of a ViT-L/14 pass on a GPU, 330 MB of its probe views
-IDENTITY_FILE = "identity.json"
 
 
 def tensors_digest(tensors: Mapping[str, Tensor], prefix: bytes = b"") -> str:
@@ -44,22 +42,6 @@ def tensors_digest(tensors: Mapping[str, Tensor], prefix: bytes = b"") -> str:
 def backbone_digest(backbone: nn.Module) -> str:
     """sha256 of the backbone's state (:func:`tensors_digest`)."""
     return tensors_digest(backbone.state_dict())
-
-
-def claim(storage: Storage, uri: str, identity: dict[str, Any], what: str) -> None:
-    """Write ``<uri>/identity.json``, or check that the one there is ``identity``: a folder of saved
-    work is resumed only by the same work; one holding ``what`` (another's) is refused, naming
-    where they differ."""
-    path = join_uri(uri, IDENTITY_FILE)
-    wanted = json.loads(json.dumps(identity))
-    if storage.exists(path):
-        found = json.loads(storage.read_bytes(path))
-        if found != wanted:
-            differ = sorted(k for k in found.keys() | wanted.keys() if found.get(k) != wanted.get(k))
-            raise ValueError(f"{uri} holds {what} (it differs in {', '.join(differ)}): "
-                             "give another folder, or delete this one to start over")
-        return
-    storage.write_bytes(path, json.dumps(wanted, indent=2, sort_keys=True).encode())
 
 
 @dataclass(frozen=True)
@@ -77,7 +59,8 @@ class FeatureParts:
             raise ValueError(f"rows per part must be >= 1, got {self.rows}")
 
     def claim(self) -> None:
-        """Write ``identity.json``, or check that the one there names the same features."""
+        """Write ``identity.json``, or check that the one there names the same features
+        (:func:`~dinoflow.storage.claim`)."""
         claim(self.storage, self.uri, self.identity, "features of another pass")
 
     def _part(self, split: str, index: int) -> str:

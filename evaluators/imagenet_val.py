@@ -24,7 +24,7 @@ import io
 import numpy as np
 from scipy.io import loadmat
 
-from dinoflow.storage import Storage, join_uri
+from dinoflow.storage import Storage, basename, join_uri
 
 VAL_PREFIX = "ILSVRC2012_val_"
 SOLUTION = "LOC_val_solution.csv"
@@ -34,7 +34,7 @@ DEVKIT = "ILSVRC2012_devkit_t12"
 def flat_val_images(storage: Storage, val_uri: str) -> list[str]:
     """The released validation images lying directly in ``val_uri`` (``ILSVRC2012_val_*.JPEG``), sorted."""
     return sorted(uri for uri in storage.list(val_uri)
-                  if uri.rsplit("/", 1)[-1].startswith(VAL_PREFIX) and uri.lower().endswith(".jpeg"))
+                  if basename(uri).startswith(VAL_PREFIX) and uri.lower().endswith(".jpeg"))
 
 
 def _parent(uri: str) -> str:
@@ -68,7 +68,7 @@ def flat_val_labels(storage: Storage, val_uri: str, images: list[str], classes: 
     index = {name: i for i, name in enumerate(classes)}
     labels = []
     for uri in images:
-        stem = uri.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        stem = basename(uri).rsplit(".", 1)[0]
         if stem not in wnids:
             raise ValueError(f"{uri}: its class is not in the validation list beside it")
         if wnids[stem] not in index:

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from dinoflow.progress import progress
-from dinoflow.storage import Storage, join_uri
+from dinoflow.storage import Storage, basename, join_uri
 from evaluators.dense_metrics import QueryTruth
 from evaluators.features import patch_sides, to_model_input, under_autocast
 from evaluators.pickles import load_data_pickle
@@ -129,7 +129,7 @@ def load_amstertime(storage: Storage, root: str) -> RevisitedDataset:
     for side in ("old", "new"):
         found: dict[str, str] = {}
         for uri in storage.list(join_uri(root, side)):
-            name = uri.rsplit("/", 1)[1]
+            name = basename(uri)
             if name.lower().endswith(IMAGE_EXTENSIONS):
                 stem = name.rsplit(".", 1)[0]
                 if stem in found:

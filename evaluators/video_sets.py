@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from dinoflow.storage import Storage, join_uri
+from dinoflow.storage import Storage, basename, join_uri
 from evaluators.released_sets import Marker, holds_markers, release_file, release_lines
 
 UCF_SPLIT = 1  # the split the original reports (of three)
@@ -96,7 +96,7 @@ def _ucf101(storage: Storage, root: str) -> Listing:
             if number and numbered.get(int(number[0])) != folder:
                 raise ValueError(f"{listing_uri}: {path} is numbered {number[0]}, which classInd.txt gives to "
                                  f"{numbered.get(int(number[0]))!r}, not {folder!r}")
-            videos.append((path, path.rsplit("/", 1)[-1], index[folder]))
+            videos.append((path, basename(path), index[folder]))
         splits.append((listing_uri, join_uri(root, "UCF-101"), videos))
     return classes, *splits
 
@@ -168,7 +168,7 @@ def read_video_release(name: str, root: str, storage: Storage) -> VideoRelease:
     found, missing = [], {}
     for split, (listing, folder, videos) in zip(("train", "test"), splits):
         if folder not in on_disk:
-            on_disk[folder] = {uri.rsplit("/", 1)[-1]: uri for uri in storage.list(folder, recursive=True)}
+            on_disk[folder] = {basename(uri): uri for uri in storage.list(folder, recursive=True)}
         files = on_disk[folder]
         folded = {file.lower(): uri for file, uri in files.items()}
         entries = [VideoEntry(key, files.get(file) or folded[file.lower()], label) for key, file, label in videos

@@ -18,7 +18,7 @@ from torch import nn
 
 from dinoflow.config import PretrainConfig
 from dinoflow.config_dump import flatten, to_yaml
-from dinoflow.storage import Storage, join_uri
+from dinoflow.storage import Storage, basename, join_uri
 from dinoflow.tracking import Tracker
 from trainer.optim import with_kernel_choice
 from trainer.strategy import Strategy
@@ -180,7 +180,7 @@ def latest_checkpoint_uri(storage: Storage, out: str) -> str | None:
     if not storage.exists(pointer):
         return None
     named = json.loads(storage.read_bytes(pointer))
-    return join_uri(out, "checkpoints", named.get("file") or named["uri"].rstrip("/").rsplit("/", 1)[-1])
+    return join_uri(out, "checkpoints", named.get("file") or basename(named["uri"]))
 
 
 def load_latest_checkpoint(storage: Storage, out: str, strategy: Strategy | None = None) -> dict[str, Any] | None:

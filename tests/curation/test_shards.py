@@ -57,6 +57,17 @@ def test_curated_shards_copy_an_image_whose_name_holds_a_hash(tmp_path: Path) ->
         assert tar.extractfile("000000000.jpg").read() == b"jpeg bytes"  # type: ignore[union-attr]
 
 
+def test_an_image_key_with_a_trailing_slash_keeps_its_extension(tmp_path: Path) -> None:
+    """Storage reads ``b.PNG/`` as ``b.PNG``: its member is a ``.png`` (it was a ``.jpg``, the
+    extension of a name without one)."""
+    (tmp_path / "pool").mkdir()
+    (tmp_path / "pool" / "b.PNG").write_bytes(b"png bytes")
+    key = str(tmp_path / "pool" / "b.PNG") + "/"
+    (written,) = write_shards([key], [{"id": key}], str(tmp_path / "out"), CountedStorage())
+    with tarfile.open(written) as tar:
+        assert tar.extractfile("000000000.png").read() == b"png bytes"  # type: ignore[union-attr]
+
+
 def test_a_smaller_rewrite_leaves_none_of_the_earlier_runs_shards(tmp_path: Path) -> None:
     """Rewritten with fewer images, the folder held the earlier run's higher-numbered shards, which
     training (every ``*.tar``) read: images the new curation removed. Other files stay; a rewrite

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -16,6 +17,8 @@ from dinoflow.storage import (
     RetryPolicy,
     Storage,
     StorageError,
+    basename,
+    claim,
     is_transient,
     join_uri,
 )
@@ -186,6 +189,38 @@ def test_bad_uris_are_rejected() -> None:
         storage.read_bytes("s3://")
     with pytest.raises(ValueError, match="part_size"):
         Storage(part_size=1 << 20)
+
+
+@pytest.mark.parametrize(("uri", "name"), [
+    ("s3://bucket/runs/demo/backbone.safetensors", "backbone.safetensors"), ("s3://bucket/runs/demo/", "demo"),
+    ("s3://bucket", "bucket"), ("file:///data/train/cat.png", "cat.png"), ("file:///data/train//", "train"),
+    ("/data/train/cat.png", "cat.png"), ("relative/folder/", "folder"),
+    ("cat.png", "cat.png"), ("cat/", "cat"), ("", ""), ("/", "")])
+def test_basename_is_the_last_part_a_trailing_slash_ignored(uri: str, name: str) -> None:
+    assert basename(uri) == name
+
+
+def test_a_claimed_folder_is_resumed_by_the_same_work_and_refused_to_another(
+        storage_root: tuple[Storage, str]) -> None:
+    """The first claim writes the identity (as JSON: a tuple reads back as a list); the same identity
+    passes; another is refused naming each key that differs, a number with both values, anything
+    else (and a key one side lacks, even one whose value is None) by name, the file left as it was."""
+    storage, root = storage_root
+    identity = {"load_size": 48, "keys_sha256": "a" * 64, "embedder": "pixels6", "splits": (3, 2), "norm": None}
+    claim(storage, root, identity, "embeddings of another run", file="meta.json")
+    written = storage.read_bytes(join_uri(root, "meta.json"))
+    claim(storage, root, identity, "embeddings of another run", file="meta.json")
+    other = {**identity, "load_size": 40, "keys_sha256": "b" * 64, "embedder": "backbone28", "views": True}
+    del other["norm"]
+    with pytest.raises(ValueError, match=rf"^{re.escape(root)} holds embeddings of another run \(it differs in "
+                                         r"embedder, keys_sha256, load_size \(48 there, 40 here\), norm, views\): "
+                                         r"give another output folder, or delete this one to start over$"):
+        claim(storage, root, other, "embeddings of another run", file="meta.json")
+    assert storage.read_bytes(join_uri(root, "meta.json")) == written
+    assert not storage.exists(join_uri(root, "identity.json"))
+    claim(storage, root, {"task": "depth"}, "another head's training")
+    with pytest.raises(ValueError, match=r"holds another head's training \(it differs in task\)"):
+        claim(storage, root, {"task": "other"}, "another head's training")
 
 
 def test_transient_error_classification() -> None:

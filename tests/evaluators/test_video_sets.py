@@ -102,6 +102,17 @@ def test_ucf101_reads_split_1_in_classind_order_from_crlf_lists(tmp_path: Path) 
         read_video_release("UCF-101", str(tmp_path), Storage())
 
 
+def test_a_ucf101_line_naming_its_video_with_a_trailing_slash_finds_it(tmp_path: Path) -> None:
+    """``YoYo/v_YoYo_g01_c01.avi/`` names the file storage reads as ``YoYo/v_YoYo_g01_c01.avi``: found,
+    not counted missing (its file name was taken as ``""``)."""
+    write_ucf101(tmp_path)
+    listing = tmp_path / "ucfTrainTestlist" / "testlist01.txt"
+    listing.write_bytes(listing.read_bytes().replace(b".avi\r\n", b".avi/\r\n", 1))
+    release = read_video_release("UCF-101", str(tmp_path), Storage())
+    assert len(release.test) == 3 and release.missing == {"train": 0, "test": 0}
+    assert release.test[0].uri == str(tmp_path / "UCF-101" / "YoYo" / "v_YoYo_g01_c01.avi")
+
+
 K400_CLASSES = ("abseiling", "passing American football (in game)", "tying knot (not on a tie)")
 K400_TRAIN = [  # the csv's rows, as released: quoted where the name has spaces; the first a deleted video
     ('"tying knot (not on a tie)"', "gone_video1", 4, 14, None),

@@ -23,7 +23,7 @@ from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor, nn
 
 from dinoflow.run_files import BACKBONE_FILE, HEADS_FILE
-from dinoflow.storage import Storage
+from dinoflow.storage import Storage, basename
 from trainer.models.hub import (
     Source,
     convert_training_heads,
@@ -120,9 +120,9 @@ def find_heads(uri: str, source: Source, storage: Storage,
             dump = read_torch_checkpoint(storage.read_bytes(uri), uri)
         heads = convert_training_heads(dump)
         return SavedHeads(uri, heads) if heads else None
-    if source != "safetensors" or uri.rsplit("/", 1)[-1] != BACKBONE_FILE:
+    if source != "safetensors" or basename(uri) != BACKBONE_FILE:
         return None
-    beside = uri[: -len(BACKBONE_FILE)] + HEADS_FILE
+    beside = uri.rstrip("/")[: -len(BACKBONE_FILE)] + HEADS_FILE
     if not storage.exists(beside):
         return None
     tensors = read_safetensors(storage.read_bytes(beside), beside)

@@ -77,7 +77,8 @@ def test_heads_are_found_beside_a_backbone_and_nowhere_else(storage_root: tuple[
     assert find_heads(run, "auto", storage) is None  # a run folder written before heads were saved
     save_heads(network_heads(net), None, join_uri(run, "heads.safetensors"), storage)
     for uri, source in ((run, "auto"), (join_uri(run, "backbone.safetensors"), "auto"),
-                        (join_uri(run, "backbone.safetensors"), "safetensors")):
+                        (join_uri(run, "backbone.safetensors"), "safetensors"),
+                        (join_uri(run, "backbone.safetensors") + "/", "safetensors")):  # the file storage reads
         found = find_heads(uri, source, storage)
         assert found is not None and found.uri == join_uri(run, "heads.safetensors") and found.centres == {}
     # another name beside them, Meta's layout, a Hugging Face folder: weights without heads
