@@ -5,12 +5,13 @@ must turn the same bytes into the same pixels, so images are decoded by
 :func:`trainer.data.datasets.read_image` (RGB, upright as their EXIF orientation says, shorter side
 resized bicubic, the centre square kept) and prepared as the k-NN, linear and fine-tuned
 classifiers' scores were (:mod:`evaluators.classification`): decoded at ``image_size / 0.875``
-(256 px for 224), the centre ``image_size`` square kept (:func:`decode_upload`); a classifier of
-Fashion-MNIST's classes was scored on its whole 28 px images resized to ``image_size``
-(:attr:`ServedModel.whole_images`), so its uploads are decoded at ``image_size``, uncropped. The
-features are the library's: the CLS feature is :func:`evaluators.features.extract_features`
-(``layers=1``) on :func:`to_model_input` of those pixels. Unlike ``decode_image``, a bad image
-raises :class:`ImageError` with the reason, because the reason goes back to the client.
+(256 px for 224), the centre ``image_size`` square kept (:func:`decode_upload`); a classifier whose
+fine-tuning scored whole images resized to ``image_size`` (Fashion-MNIST's 28 px ones: its recorded
+``eval_transform`` is ``whole``, :attr:`ServedModel.whole_images`) has its uploads decoded at
+``image_size``, uncropped. The features are the library's: the CLS feature is
+:func:`evaluators.features.extract_features` (``layers=1``) on :func:`to_model_input` of those
+pixels. Unlike ``decode_image``, a bad image raises :class:`ImageError` with the reason, because
+the reason goes back to the client.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from PIL import UnidentifiedImageError
 from torch import Tensor
 
-from dinoflow.registry import CHAMPION, parse_registry_uri, registry_client, registry_store
+from dinoflow.registry import CHAMPION, answered, parse_registry_uri, registry_client, registry_store
 from dinoflow.run_files import BACKBONE_FILE, CLASSIFIER_FILE
 from dinoflow.storage import Storage
 from evaluators.classification import CROP_RATIO, eval_load_size
@@ -63,8 +64,8 @@ class ServedModel:
         classifier: a fine-tuned model's :class:`~trainer.models.classifier.Classifier` around
             ``backbone`` (its class probabilities are served), else None.
         classes: the classifier's class names.
-        whole_images: the model's evaluation scored whole images resized to ``image_size`` (a
-            classifier of Fashion-MNIST's classes:
+        whole_images: the model's evaluation scored whole images resized to ``image_size`` (its
+            classifier's recorded ``eval_transform`` is ``whole``, as Fashion-MNIST's are:
             :meth:`~evaluators.classification.FashionMnistImages.test_batches`), so uploads are
             decoded at ``image_size``; else, as class folders' images were, at ``image_size / 0.875``
             with the centre ``image_size`` square kept (:func:`load_size`).
@@ -217,15 +218,15 @@ def load_served_model(uri: str, image_size: int | None = None, device: str = "cp
     ``config.json`` ``image_size``, else the backbone's own ``img_size``. ``storage`` reads weight
     files (S3 settings); MLflow reads its artifacts itself. A fine-tuned model comes with its
     classifier: a package made with one, or a ``classifier.safetensors`` beside the
-    ``backbone.safetensors`` of a fine-tuning run's folder. Its classes say how its evaluation
-    prepared images: Fashion-MNIST's whole (:attr:`ServedModel.whole_images`; no class folder can
-    be named ``T-shirt/top``).
+    ``backbone.safetensors`` of a fine-tuning run's folder. Its uploads are prepared as its
+    evaluation prepared images, as recorded when it was saved (:func:`served_whole_images`).
     """
-    from trainer.models.classifier import load_classifier
+    from trainer.models.classifier import (EVAL_TRANSFORM_KEY, checked_eval_transform, load_classifier,
+                                           saved_eval_transform)
     from trainer.models.hub import load_backbone, locate_weights
 
     config: dict[str, Any] = {}
-    version, classifier, classes = None, None, ()
+    version, classifier, classes, transform = None, None, (), None
     if is_mlflow_model(uri):
         import mlflow.artifacts
         import mlflow.pyfunc
@@ -242,7 +243,10 @@ def load_served_model(uri: str, image_size: int | None = None, device: str = "cp
                 load_uri = mlflow.artifacts.download_artifacts(load_uri, tracking_uri=store, registry_uri=store)
             package = mlflow.pyfunc.load_model(load_uri)
         except MlflowException as err:  # no such model, version or alias: the registry's words, in one line
-            raise ValueError(f"{uri}: {' '.join(err.message.split())}") from None
+            message = f"{uri}: {' '.join(err.message.split())}"
+            if not answered(err):  # the store did not answer: the CLI's one line for an endpoint (exit 1)
+                raise MlflowException(message, error_code=err.error_code) from None
+            raise ValueError(message) from None
         wrapped = package.unwrap_python_model()
         if not hasattr(wrapped, "backbone"):
             raise ValueError(f"{uri}: not a dinoflow backbone package (found {type(wrapped).__name__})")
@@ -253,6 +257,8 @@ def load_served_model(uri: str, image_size: int | None = None, device: str = "cp
         if config_file and Path(config_file).is_file():
             config = json.loads(Path(config_file).read_text())
         classifier, classes = getattr(wrapped, "classifier", None), tuple(config.get("classes", ()))
+        if EVAL_TRANSFORM_KEY in config:
+            transform = checked_eval_transform(config[EVAL_TRANSFORM_KEY], f"{uri}: config.json")
     else:
         storage = storage or Storage()
         located, source = locate_weights(uri, storage)
@@ -261,6 +267,7 @@ def load_served_model(uri: str, image_size: int | None = None, device: str = "cp
         beside = located.removesuffix(BACKBONE_FILE) + CLASSIFIER_FILE
         if located.endswith(f"/{BACKBONE_FILE}") and storage.exists(beside):  # a fine-tuning run's
             classifier, classes = load_classifier(backbone, beside, storage)
+            transform = saved_eval_transform(beside, storage)
     size = image_size or int(config.get("image_size") or backbone.arch_kwargs["img_size"])
     if size <= 0 or size % patch_size:
         raise ValueError(f"image_size {size} is not a positive multiple of the patch size {patch_size}")
@@ -268,4 +275,20 @@ def load_served_model(uri: str, image_size: int | None = None, device: str = "cp
         classifier = classifier.to(device).eval()  # (its backbone is ``backbone``)
     return ServedModel(backbone=backbone.to(device).eval(), patch_size=int(patch_size), image_size=size, name=uri,
                        version=version, classifier=classifier, classes=classes,
-                       whole_images=classes == FASHION_MNIST_CLASSES)
+                       whole_images=served_whole_images(transform, classes))
+
+
+def served_whole_images(eval_transform: str | None, classes: tuple[str, ...]) -> bool:
+    """Whether a classifier's uploads are served whole (:attr:`ServedModel.whole_images`): as its
+    recorded ``eval_transform`` says (:data:`~trainer.models.classifier.EVAL_TRANSFORMS`, checked
+    where it is read), ``whole`` for a fine-tuning run's Fashion-MNIST evaluation.
+
+    Legacy path, for a classifier saved before the record existed (``eval_transform`` None): inferred
+    from its class names, Fashion-MNIST's whole and any other centre-cropped, which misjudges a
+    folder classifier whose classes are named as Fashion-MNIST's; a backbone without a classifier
+    has no classes and is centre-cropped."""
+    from trainer.models.classifier import WHOLE
+
+    if eval_transform is None:
+        return classes == FASHION_MNIST_CLASSES
+    return eval_transform == WHOLE

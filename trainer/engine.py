@@ -110,14 +110,34 @@ def build_backbone(cfg: PretrainConfig, drop_path: bool = True) -> DinoVisionTra
     )
 
 
-def start_from_weights(cfg: PretrainConfig, network: nn.Module, objective: Objective | None, storage: Storage) -> str:
+def start_from_weights(cfg: PretrainConfig, network: nn.Module, objective: Objective | None, storage: Storage,
+                       strategy: Strategy | None = None) -> str:
     """A fresh run's ``network`` (an ``SSLNetwork``, or any module with a ``backbone``) loaded from
     ``cfg.init_weights`` (its layout ``init_weights_source``, by default from the path): the backbone
     (:func:`~trainer.models.hub.init_backbone`) and, with ``init_heads=auto``, the DINO/iBOT heads
     trained with those weights where there are (:func:`~trainer.models.head_weights.find_heads`), with
     their centres into ``objective`` when given and saved. Returns where the heads came from (``""``:
     they stay as built). Heads that do not fit the recipe fail naming each ``heads.*`` setting. A
-    training dump, which holds both, is read once (ViT-g's: several GB, maybe from object storage)."""
+    training dump, which holds both, is read once (ViT-g's: several GB, maybe from object storage).
+
+    Under a ``strategy`` of several ranks (every rank calls this, each with the same ``network``
+    built) only the main rank reads the weights: the others receive what it loaded
+    (:meth:`~trainer.strategy.Strategy.load_whole`), and its error, if any
+    (:meth:`~trainer.strategy.Strategy.read_on_main`). Why: every rank read and unpickled the file,
+    a ViT-g training dump's several GB of host memory on each of a node's 8 ranks."""
+    strategy = strategy or Strategy()
+    heads_from = strategy.read_on_main(lambda: _load_weights(cfg, network, objective, storage),
+                                       f"start from init_weights {cfg.init_weights}")
+    if strategy.world_size > 1:
+        loaded = [network.backbone, *([heads_of(network), objective] if heads_from else [])]
+        for module in (m for m in loaded if m is not None):
+            strategy.load_whole(module, module.state_dict() if strategy.is_main else None)
+    return heads_from
+
+
+def _load_weights(cfg: PretrainConfig, network: nn.Module, objective: Objective | None, storage: Storage) -> str:
+    """:func:`start_from_weights` in one process: ``network`` (and ``objective``) loaded from
+    ``cfg.init_weights``; where the heads came from (``""``: none)."""
     uri, source = cfg.init_weights, cfg.init_weights_source
     if source == "auto":
         uri, source = locate_weights(uri, storage)
@@ -585,7 +605,7 @@ def _pretrain(cfg: PretrainConfig, dataset: Any, collate: Callable, storage: Sto
     state = TrainState()
     checkpoint = load_latest_checkpoint(storage, cfg.out, strategy)  # the whole tensors on the main rank alone
     if checkpoint is None and cfg.init_weights:
-        heads_from = start_from_weights(cfg, student, objective, storage)
+        heads_from = start_from_weights(cfg, student, objective, storage, strategy)  # read by the main rank alone
         teacher.load_state_dict(student.state_dict())
         tracker.set_tags({"init_heads": heads_from or "fresh"})
     if checkpoint is not None:

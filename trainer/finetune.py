@@ -15,7 +15,9 @@ An epoch here is a pass over the training images (fine-tuning's unit, unlike pre
 fixed-length epochs). A run resumes exactly from its checkpoints (each step's draws seeded by
 the step, the batches in a seeded order) and writes the fine-tuned ``backbone.safetensors`` (the
 official layout: every command that reads a backbone reads it) with ``classifier.safetensors``
-(the linear layer, its class names and input in the metadata) beside it.
+(the linear layer, its class names, input and evaluation transform in the metadata: how
+:func:`score` prepared the images, :func:`eval_transform`, so that serving prepares uploads alike)
+beside it.
 
 With ``ema_decay`` a moving average of the weights trains beside them (DeiT's model EMA, on each
 rank's shards under FSDP2) and is scored at each evaluation; with ``ema_warmup`` its decay after
@@ -69,9 +71,9 @@ from trainer.data.datasets import BadImageTracker, FashionMnistDataset, collate_
 from trainer.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from trainer.devices import available_device
 from trainer.engine import ema_update, training_autocast
-from trainer.models.classifier import Classifier, load_classifier, save_classifier
+from trainer.models.classifier import CENTRE_CROP, WHOLE, Classifier, load_classifier, save_classifier
 from trainer.models.hub import (infer_arch_kwargs, load_backbone, load_strict, read_weights, save_backbone,
-                                with_positions_for)
+                                saved_arch_kwargs, with_positions_for)
 from trainer.models.vit import DinoVisionTransformer
 from trainer.optim import fused_adamw_on, layer_groups
 from trainer.schedules import warmup_cosine
@@ -85,23 +87,54 @@ EMA_WARMUP_STEPS = 10  # ema_warmup's (1 + t) / (10 + t): TensorFlow's Exponenti
 Split = Literal["test", "val"]
 
 
-def load_for_finetuning(cfg: FinetuneConfig, storage: Storage) -> DinoVisionTransformer:
+def load_for_finetuning(cfg: FinetuneConfig, storage: Storage, strategy: Strategy | None = None,
+                        checkpoint: dict[str, Any] | None = None) -> DinoVisionTransformer:
     """The backbone at ``cfg.weights``, its architecture as saved (or inferred from Meta's files),
     its position table sized for ``image_size`` crops (as the weights' own model resizes it),
-    stochastic depth rising linearly to ``drop_path_rate`` over the blocks and its mask token frozen."""
+    stochastic depth rising linearly to ``drop_path_rate`` over the blocks and its mask token frozen.
+
+    Under a ``strategy`` of several ranks (every rank calls this) only the main rank reads the
+    weights: the others get their architecture from it and their tensors through
+    :meth:`~trainer.strategy.Strategy.load_whole` (every rank reading them held a whole copy each).
+    Resuming ``checkpoint`` (:func:`~trainer.checkpoints.shared_checkpoint`'s), whose tensors replace
+    them, the backbone is only built: its architecture read without the weights' tensors
+    (:func:`resumed_architecture`)."""
     if not cfg.weights:
         raise ValueError("weights is empty: give the backbone to fine-tune (a run folder, a .safetensors, Meta's "
                          ".pth, a Hugging Face folder, models:/<name>@<alias>)")
-    state_dict, found = read_weights(cfg.weights, cfg.weights_source, storage)
-    theirs = found or infer_arch_kwargs(state_dict)
+    strategy = strategy or Strategy()
+    read: dict[str, Tensor] = {}  # the weights' tensors, on the main rank of a fresh run
+
+    def architecture() -> dict[str, Any]:
+        if checkpoint is not None:
+            return resumed_architecture(cfg, storage, checkpoint["model"])
+        state_dict, found = read_weights(cfg.weights, cfg.weights_source, storage)
+        read.update(state_dict)
+        return found or infer_arch_kwargs(state_dict)
+
+    theirs = strategy.read_on_main(architecture, f"read the weights {cfg.weights}")
     if cfg.image_size % theirs["patch_size"]:
         raise ValueError(f"image_size = {cfg.image_size} is not a multiple of the backbone's patch size "
                          f"{theirs['patch_size']} ({cfg.weights})")
     backbone = DinoVisionTransformer(**{**theirs, "img_size": cfg.image_size, "drop_path_rate": cfg.drop_path_rate,
                                         "drop_path_uniform": False})
-    load_strict(backbone, with_positions_for(backbone, state_dict, theirs))
     backbone.mask_token.requires_grad_(False)  # no masking here: it stays as pretraining left it
+    if checkpoint is None:
+        strategy.read_on_main(lambda: load_strict(backbone, with_positions_for(backbone, read, theirs)),
+                              f"load the weights {cfg.weights}")
+        if strategy.world_size > 1:
+            strategy.load_whole(backbone, backbone.state_dict() if strategy.is_main else None)
     return backbone
+
+
+def resumed_architecture(cfg: FinetuneConfig, storage: Storage, model: dict[str, Tensor]) -> dict[str, Any]:
+    """The architecture of ``cfg.weights`` for a run resuming a checkpoint whose ``model`` (a
+    ``Classifier``'s state) holds the fine-tuned backbone, without reading the weights' tensors: as
+    they save it (:func:`~trainer.models.hub.saved_arch_kwargs`), else inferred from the backbone's
+    tensors in ``model``, the weights' own shapes (what a fresh run infers from the weights)."""
+    saved = saved_arch_kwargs(cfg.weights, cfg.weights_source, storage)
+    return saved or infer_arch_kwargs({key.removeprefix("backbone."): value for key, value in model.items()
+                                       if key.startswith("backbone.")})
 
 
 def train_labels(images: LabelledImages) -> np.ndarray:
@@ -328,10 +361,20 @@ def best_folder(out: str, step: int) -> str:
     return join_uri(out, BEST_FOLDER, f"step_{step:08d}")
 
 
-def write_weights(model: Classifier, classes: tuple[str, ...], folder: str, storage: Storage) -> None:
-    """``backbone.safetensors`` and ``classifier.safetensors`` of ``model`` (whole) into ``folder``."""
+def eval_transform(images: LabelledImages) -> str:
+    """How :func:`score` prepares ``images``' test split, recorded with the classifier
+    (:data:`~trainer.models.classifier.EVAL_TRANSFORMS`): class folders' (and released sets') centre
+    crops (:meth:`~evaluators.classification.FolderImages.test_batches`), Fashion-MNIST's whole
+    images resized (:meth:`~evaluators.classification.FashionMnistImages.test_batches`)."""
+    return CENTRE_CROP if isinstance(images, FolderImages) else WHOLE
+
+
+def write_weights(model: Classifier, images: LabelledImages, folder: str, storage: Storage) -> None:
+    """``backbone.safetensors`` and ``classifier.safetensors`` of ``model`` (whole), trained on
+    ``images`` (their classes and :func:`eval_transform` recorded), into ``folder``."""
     save_backbone(model.backbone, join_uri(folder, BACKBONE_FILE), storage)
-    save_classifier(model, classes, join_uri(folder, CLASSIFIER_FILE), storage)
+    save_classifier(model, images.classes, join_uri(folder, CLASSIFIER_FILE), storage,
+                    eval_transform=eval_transform(images))
 
 
 def read_written(folder: str, storage: Storage) -> Classifier:
@@ -399,14 +442,15 @@ def _finetune(cfg: FinetuneConfig, storage: Storage, tracker: Tracker, strategy:
     validation = validation_images(images, held_out) if cfg.data.val_fraction else None
     picked_on: Split = "val" if validation is not None else "test"
     train = training_images(images, cfg, storage, held_out)
-    torch.manual_seed(cfg.seed)
-    backbone = load_for_finetuning(cfg, storage)
-    arch, classes = dict(backbone.arch_kwargs), len(images.classes)
-    model = Classifier(backbone, classes, cfg.head_input)
     checkpoint = load_latest_checkpoint(storage, cfg.out, strategy)  # the whole tensors on the main rank alone
-    state = TrainState()
     if checkpoint is not None:
         check_same_run(cfg, checkpoint["config"], RESUME_SETTINGS, "fine-tuning", cfg.out)
+    torch.manual_seed(cfg.seed)
+    backbone = load_for_finetuning(cfg, storage, strategy, checkpoint)  # read by the main rank alone
+    arch, classes = dict(backbone.arch_kwargs), len(images.classes)
+    model = Classifier(backbone, classes, cfg.head_input)
+    state = TrainState()
+    if checkpoint is not None:
         strategy.load_whole(model, checkpoint["model"])
         state = TrainState.from_checkpoint(checkpoint)
     ema = None
@@ -494,8 +538,8 @@ def _finetune(cfg: FinetuneConfig, storage: Storage, tracker: Tracker, strategy:
             return scored, row
         state.history.append(row)
         if cfg.keep == "best" and strategy.is_main and pick_weights(state.history, picked_on)[0] == state.step:
-            write_weights(scored[pick_weights([row], picked_on)[1]][3], images.classes,
-                          best_folder(cfg.out, state.step), storage)
+            write_weights(scored[pick_weights([row], picked_on)[1]][3], images, best_folder(cfg.out, state.step),
+                          storage)
         return scored, row
 
     saved_at = state.step  # the step of the last checkpoint written (or loaded)
@@ -566,7 +610,7 @@ def _finetune(cfg: FinetuneConfig, storage: Storage, tracker: Tracker, strategy:
                                             f"{cfg.name}: top-1 {100 * metrics['top1']:.1f} %")
             storage.write_bytes(join_uri(cfg.out, CONFUSION_FILE), picture.read_bytes())
             tracker.log_artifact(picture)
-        write_weights(released.cpu(), images.classes, cfg.out, storage)
+        write_weights(released.cpu(), images, cfg.out, storage)
         if cfg.keep == "best":  # the best's folder stays: a finished run started again releases it again
             prune_best(cfg.out, best_step, storage)
         write_training_curves(state, storage, cfg.out, tracker)
@@ -578,6 +622,7 @@ def _finetune(cfg: FinetuneConfig, storage: Storage, tracker: Tracker, strategy:
                "epochs": round(state.step / per_epoch, 3),
                "images_seen": state.images_seen, "train_minutes": round(state.train_seconds / 60, 3),
                "stopped_early": stopped_early, "classes": list(images.classes),
+               "eval_transform": eval_transform(images),
                "final": scored["weights"][0], **({"final_ema": scored["ema"][0]} if ema is not None else {}),
                "best": best,
                "released": summary_released,

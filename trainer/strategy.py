@@ -124,6 +124,25 @@ class Strategy:
         checkpoint file cost a ViT-g's 8 ranks of a node ~18 GB of host memory each at every resume."""
         module.load_state_dict(state)
 
+    def read_on_main(self, read: Callable[[], T], what: str) -> T:
+        """``read()`` on the main rank alone, its (small: pickled whole) result on every rank (every
+        rank must call it): a run's source weights, read and loaded into the main rank's modules,
+        whose tensors then reach the others through :meth:`load_whole`. An error of ``read`` raises
+        on every rank: as it was on the main rank, on the others naming it (``the main rank could not
+        <what>: ...``), where they would have waited for the main rank in the next collective."""
+        result, refused, failure = None, None, None
+        if self.is_main:
+            try:
+                result = read()
+            except Exception as err:  # noqa: BLE001 - said to every rank, then raised here as it was
+                failure, refused = err, f"{type(err).__name__}: {err}"
+        result, refused = self.broadcast_from_main((result, refused))
+        if failure is not None:
+            raise failure
+        if refused is not None:
+            raise RuntimeError(f"the main rank could not {what}: {refused}")
+        return result
+
     def whole(self, module: nn.Module, build: Callable[[], nn.Module]) -> nn.Module:
         """``module`` with whole parameters, to evaluate or save (every rank must call it); under
         sharding, a frozen copy made by ``build`` holding the gathered weights."""

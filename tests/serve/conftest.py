@@ -97,7 +97,8 @@ def finetuned(tmp_path_factory: pytest.TempPathFactory) -> Path:
     classifier = Classifier(load_backbone(str(folder / "backbone.safetensors"), "safetensors"), len(CLASSES),
                             "cls+avgpool")
     torch.nn.init.normal_(classifier.head.weight, std=1.0)  # distinct probabilities, not the near-zero init
-    save_classifier(classifier, CLASSES, str(folder / "classifier.safetensors"), Storage())
+    save_classifier(classifier, CLASSES, str(folder / "classifier.safetensors"), Storage(),
+                    eval_transform="centre_crop")
     return folder
 
 

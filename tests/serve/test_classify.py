@@ -4,6 +4,7 @@ swapped in while a request waits); a backbone without a classifier gets a 404.""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +20,7 @@ from dinoflow.storage import Storage
 from evaluators.classification import labelled_images
 from serve.app import ServeSettings, create_app
 from serve.index import build_index, load_index
-from serve.model import WHOLE_TRANSFORM, ServedModel, load_served_model
+from serve.model import PIXEL_TRANSFORM, WHOLE_TRANSFORM, ServedModel, load_served_model
 from trainer.data.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
 from trainer.models.classifier import Classifier, class_probabilities, save_classifier
 from trainer.models.hub import load_backbone
@@ -159,7 +160,8 @@ def test_a_fashion_mnist_classifier_is_served_the_whole_images_it_was_scored_on(
     classifier = Classifier(load_backbone(str(folder / "backbone.safetensors"), "safetensors"),
                             len(FASHION_MNIST_CLASSES), "cls+avgpool").eval()
     torch.nn.init.normal_(classifier.head.weight, std=1.0)
-    save_classifier(classifier, FASHION_MNIST_CLASSES, str(folder / "classifier.safetensors"), Storage())
+    save_classifier(classifier, FASHION_MNIST_CLASSES, str(folder / "classifier.safetensors"), Storage(),
+                    eval_transform="whole")
     images = labelled_images(FASHION_MNIST, "auto", Storage(), train_limit=1, test_limit=6, image_size=IMAGE_SIZE)
     ((inputs, _),) = list(images.test_batches(torch.device("cpu"), PATCH_SIZE, IMAGE_SIZE))  # trainer.finetune.score's
     with torch.no_grad():
@@ -195,3 +197,90 @@ def test_a_fashion_mnist_classifier_is_served_the_whole_images_it_was_scored_on(
     nearest = index.search(model.embed(images.test)["cls"], k=1)  # the evaluation's pixels' features
     assert [Path(hits[0]["key"]).name for hits in nearest] == [f"{i}.png" for i in range(len(uploads))]
     np.testing.assert_allclose([hits[0]["score"] for hits in nearest], 1.0, atol=1e-5)
+
+
+def classifier_folder(root: Path, classes: tuple[str, ...], metadata: dict[str, str] | None = None,
+                      eval_transform: str = "") -> Path:
+    """A fine-tuning run's folder whose classifier records ``eval_transform``; with ``metadata``
+    instead, written as that file's metadata alone (a classifier saved before the record existed)."""
+    from safetensors.torch import save_file
+
+    root.mkdir()
+    write_tiny_weights(root / "backbone.safetensors", seed=3)
+    torch.manual_seed(0)
+    classifier = Classifier(load_backbone(str(root / "backbone.safetensors"), "safetensors"), len(classes),
+                            "cls+avgpool").eval()
+    torch.nn.init.normal_(classifier.head.weight, std=1.0)
+    if metadata is None:
+        save_classifier(classifier, classes, str(root / "classifier.safetensors"), Storage(),
+                        eval_transform=eval_transform)
+    else:
+        save_file({f"head.{k}": v.contiguous() for k, v in classifier.head.state_dict().items()},
+                  str(root / "classifier.safetensors"), metadata=metadata)
+    return root
+
+
+def packaged(folder: Path) -> Path:
+    """``folder``'s backbone and classifier as an MLflow package, as the register stage makes it."""
+    return save_mlflow_model(folder / "backbone.safetensors", {"patch_size": PATCH_SIZE, "image_size": IMAGE_SIZE},
+                             folder.parent / f"{folder.name}-package" / "model",
+                             example=np.zeros((1, IMAGE_SIZE, IMAGE_SIZE), np.uint8),
+                             classifier=folder / "classifier.safetensors")
+
+
+def test_a_folder_classifier_named_as_fashion_mnist_is_served_the_centre_crops_it_was_scored_on(
+        image_folder: list[Path], tmp_path: Path) -> None:
+    """The recorded transform decides, not the class names: a classifier of Fashion-MNIST's class
+    names whose evaluation scored centre crops is served centre crops (from its run folder and its
+    package), its probabilities those of the evaluation's pixels; one of other names recorded
+    ``whole`` is served whole."""
+    folder = classifier_folder(tmp_path / "named", FASHION_MNIST_CLASSES, eval_transform="centre_crop")
+    package = packaged(folder)
+    assert json.loads(next(package.rglob("config.json")).read_text())["eval_transform"] == "centre_crop"
+    for model in (load_served_model(str(folder)), load_served_model(str(package))):
+        assert model.classes == FASHION_MNIST_CLASSES and not model.whole_images
+        assert model.transform == PIXEL_TRANSFORM
+    server, thread, url = start_server(create_app(load_served_model(str(folder))))
+    try:
+        files = [("images", (p.name, p.read_bytes(), "image/png")) for p in image_folder]
+        response = requests.post(url + "/v1/classify", params={"k": len(FASHION_MNIST_CLASSES)}, files=files,
+                                 timeout=30)
+        assert response.status_code == 200, response.text
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    served = np.array([[{r["class"]: r["probability"] for r in ranked}[name] for name in FASHION_MNIST_CLASSES]
+                       for ranked in response.json()["results"]])
+    np.testing.assert_allclose(served, expected(folder, image_folder), rtol=1e-4, atol=1e-6)
+
+    whole = classifier_folder(tmp_path / "whole", CLASSES, eval_transform="whole")
+    for model in (load_served_model(str(whole)), load_served_model(str(packaged(whole)))):
+        assert model.whole_images and model.transform == WHOLE_TRANSFORM
+
+
+def test_a_classifier_saved_before_the_record_is_served_as_its_class_names_say(tmp_path: Path) -> None:
+    """Legacy: a classifier file without ``eval_transform`` (and its package, whose config.json then
+    has none) is served as before: Fashion-MNIST's class names whole, any other centre-cropped."""
+    for classes, whole in ((FASHION_MNIST_CLASSES, True), (CLASSES, False)):
+        folder = classifier_folder(tmp_path / f"legacy{len(classes)}", classes,
+                                   metadata={"classes": json.dumps(list(classes)), "head_input": "cls+avgpool"})
+        package = packaged(folder)
+        assert "eval_transform" not in json.loads(next(package.rglob("config.json")).read_text())
+        for model in (load_served_model(str(folder)), load_served_model(str(package))):
+            assert model.classes == classes and model.whole_images is whole
+
+
+def test_an_unknown_eval_transform_is_refused_naming_the_allowed_ones(tmp_path: Path) -> None:
+    allowed = "is not one of whole, centre_crop"
+    with pytest.raises(ValueError, match=f"eval_transform 'resize' {allowed}"):
+        classifier_folder(tmp_path / "saved", CLASSES, eval_transform="resize")
+    folder = classifier_folder(tmp_path / "bad", CLASSES, metadata={"classes": json.dumps(list(CLASSES)),
+                                                                    "head_input": "cls+avgpool",
+                                                                    "eval_transform": "resize"})
+    with pytest.raises(ValueError, match=f"classifier.safetensors: eval_transform 'resize' {allowed}"):
+        load_served_model(str(folder))
+    package = packaged(classifier_folder(tmp_path / "good", CLASSES, eval_transform="whole"))
+    config = next(package.rglob("config.json"))
+    config.write_text(json.dumps({**json.loads(config.read_text()), "eval_transform": "crop"}))
+    with pytest.raises(ValueError, match=f"config.json: eval_transform 'crop' {allowed}"):
+        load_served_model(str(package))

@@ -137,3 +137,45 @@ def test_reloading_needs_an_alias_and_no_index(served_model: ServedModel, index_
         create_app(served_model, load_index(index_uri, served_model), ServeSettings(reload_every_s=1))
     result = CliRunner().invoke(cli, ["serve", "--model", str(tiny_weights), "--reload-every-s", "1"])
     assert result.exit_code == 2 and "needs a registry alias URI" in result.stderr
+
+
+def test_a_champion_whose_classifier_recorded_another_preparation_is_not_swapped_in(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Classifiers of the same class names, registered through a real registry: one whose
+    evaluation scored whole images (its package's config.json records ``whole``) is refused by the
+    watcher of a centre-cropped champion; another centre-cropped one is swapped in."""
+    from dinoflow.storage import Storage
+    from trainer.models.classifier import Classifier, save_classifier
+    from trainer.models.hub import load_backbone
+
+    from .conftest import CLASSES
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("serve", artifact_location=f"file://{tmp_path / 'artifacts'}")
+
+    def register(seed: int, eval_transform: str) -> str:
+        folder = tmp_path / f"run{seed}"
+        folder.mkdir()
+        weights = write_tiny_weights(folder / "backbone.safetensors", seed)
+        classifier = Classifier(load_backbone(str(weights), "safetensors"), len(CLASSES), "cls")
+        save_classifier(classifier, CLASSES, str(folder / "classifier.safetensors"), Storage(),
+                        eval_transform=eval_transform)
+        package = save_mlflow_model(weights, {"patch_size": 7, "image_size": 28}, tmp_path / f"pkg{seed}" / "b",
+                                    example=np.zeros((1, 3, 28, 28), np.uint8),
+                                    classifier=folder / "classifier.safetensors")
+        run = client.create_run(experiment)
+        client.log_artifacts(run.info.run_id, str(package), "backbone")
+        return register_version(client, "tiny", run.info.run_id, "backbone", {"knn_top1_k20": 0.5})
+
+    first, whole, cropped = register(0, "centre_crop"), register(1, "whole"), register(2, "centre_crop")
+    client.set_registered_model_alias("tiny", "champion", first)
+    slot = ModelSlot(load_served_model("models:/tiny@champion"))
+    watcher = ChampionWatcher(slot, "models:/tiny@champion", 60, load_served_model)
+    client.set_registered_model_alias("tiny", "champion", whole)
+    assert not watcher.poll() and slot.current.version == first
+    assert f"version {whole} not served" in watcher.status.last_error
+    assert "its images are prepared as 'upright (EXIF), shorter side to image_size," in watcher.status.last_error
+    client.set_registered_model_alias("tiny", "champion", cropped)
+    assert watcher.poll() and slot.current.version == cropped and not slot.current.whole_images

@@ -123,17 +123,19 @@ def test_only_the_main_rank_keeps_and_serialises_a_checkpoint(tmp_path: Path, st
 
 
 def _pretrain(out: Path, ranks: int, strategy: str, steps: int, log: str,
-              records: Path | None = None) -> subprocess.Popen:
+              records: Path | None = None, *overrides: str) -> subprocess.Popen:
     """``dinoflow pretrain --nproc RANKS`` (``strategy`` on 2 ranks, ``single`` on 1) on the 16
     images of ``out``'s sibling ``images``: a global batch of 8 on any world size, a checkpoint
     every 2 steps, every step's metrics tracked to a sqlite store in ``out``. With ``records``,
-    torchrun starts the 2 ranks here, each through ``resume_ranks.py`` recording its reads there."""
+    torchrun starts the 2 ranks here, each through ``resume_ranks.py`` recording its reads there.
+    ``overrides``: more config settings."""
     launch = ["--nproc", str(ranks)] if records is None else []
     runner = [sys.executable, "-m", "pipelines.cli"] if records is None else [*TORCHRUN, str(READS), str(records)]
     command = [*runner, "pretrain", *launch, "--config", "tiny", *SMALL,
                "data.kind=folder", f"data.uri={out.parent / 'images'}",
                f"distributed.strategy={strategy if ranks > 1 else 'single'}", "checkpoint_every=2",
-               f"optim.batch_size={8 // ranks}", f"out={out}", f"max_steps={steps}", "tracking.metric_every=1"]
+               f"optim.batch_size={8 // ranks}", f"out={out}", f"max_steps={steps}", "tracking.metric_every=1",
+               *overrides]
     return _run(command, out / log, {**DEEPSPEED_ENV, "MLFLOW_TRACKING_URI": f"sqlite:///{out / 'mlflow.db'}"})
 
 
@@ -370,3 +372,211 @@ def test_a_checkpoint_the_main_rank_cannot_load_is_refused_on_every_rank(tmp_pat
     assert results[0]["loaded"] == results[1]["loaded"] == [[0.0, 1.0, 2.0, 3.0, 4.0, 5.0], [7.0, 8.0]]
     assert 'Missing key(s) in state_dict: "bias"' in results[0]["refused"]
     assert results[1]["refused"] == f"the main rank could not load the checkpoint: {results[0]['refused']}"
+
+
+def _init_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """A pretraining run's released files in ``folder`` for the tiny recipe with ``SMALL``: a random
+    network's backbone (``backbone.safetensors``) and heads with non-zero centres (``heads.safetensors``),
+    of another seed than the runs' own; returns the network's state, then the centres' under ``objective.``."""
+    from dinoflow.config import PretrainConfig, load_config
+    from dinoflow.run_files import BACKBONE_FILE, HEADS_FILE
+    from trainer.engine import Objective, build_networks
+    from trainer.models.head_weights import network_heads, save_heads
+
+    cfg = load_config(PretrainConfig, "tiny", SMALL)
+    torch.manual_seed(123)
+    network, objective = build_networks(cfg)[1], Objective(cfg)
+    for centre in objective.buffers():
+        centre.normal_()
+    folder.mkdir()
+    save_backbone(network.backbone, str(folder / BACKBONE_FILE))
+    save_heads(network_heads(network), objective.state_dict(), str(folder / HEADS_FILE), Storage())
+    return {**network.state_dict(), **{f"objective.{k}": v for k, v in objective.state_dict().items()}}
+
+
+def _reads_of(records: Path, rank: int, folder: Path) -> list[dict]:
+    """What ``rank`` read (whole, ``read``, or a range of, ``range``) of the files in ``folder``."""
+    return [e for e in recorded_reads(records, rank)
+            if e.get("read", e.get("range", "")).startswith(f"{folder}/")]
+
+
+def test_only_the_main_rank_reads_the_weights_a_pretraining_run_starts_from(tmp_path: Path) -> None:
+    """``dinoflow pretrain`` on 2 ranks (FSDP2) from ``init_weights`` (a run's backbone and heads):
+    rank 0 alone reads them, once each (every rank read them: a ViT-g training dump's several GB on each
+    of a node's 8 ranks); rank 1 receives them. Its one step, at the warm-up's lr 0, leaves the student
+    where it started, so the checkpoint gathered from both ranks' shards holds the weights exactly: rank
+    1's shards started from them too."""
+    (run,) = _runs(tmp_path, "run")
+    init, records = tmp_path / "init", tmp_path / "reads"
+    saved = _init_weights(init)
+    _finish(_pretrain(run, 2, "fsdp2", 1, "launch", records, f"init_weights={init}"), run, "launch")
+    assert _reads_of(records, 0, init) == [{"read": str(init / "backbone.safetensors")},
+                                           {"read": str(init / "heads.safetensors")}]
+    assert _reads_of(records, 1, init) == []
+    checkpoint = _latest(run)
+    assert checkpoint["step"] == 1
+    for part in ("student", "teacher"):
+        assert checkpoint[part].keys() == {k for k in saved if not k.startswith("objective.")}
+        assert all(torch.equal(tensor, saved[name]) for name, tensor in checkpoint[part].items()), part
+
+
+def _start_on_rank(rank: int, port: int, folder: str) -> None:
+    """One of 2 gloo ranks (FSDP2) starting networks of its own seed from the weights in ``folder``
+    (``init``, :func:`_init_weights`): a pretraining student and centres (``start_from_weights``), then
+    a fine-tuning backbone (``load_for_finetuning``), then each from weights that do not fit or are
+    not there. Writes ``rank<R>.pt``: the states loaded, what was returned, the files read, the errors."""
+    import os
+
+    from dinoflow.config import DistributedConfig, FinetuneConfig, PretrainConfig, load_config
+    from trainer.engine import Objective, build_networks, start_from_weights
+    from trainer.finetune import load_for_finetuning
+    from trainer.strategy import build_strategy
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    strategy = build_strategy(DistributedConfig(strategy="fsdp2", timeout_seconds=60), torch.device("cpu"))
+    reads: list[str] = []
+
+    class Recorded(Storage):
+        def read_bytes(self, uri: str) -> bytes:
+            reads.append(uri)
+            return super().read_bytes(uri)
+
+    storage, init, result = Recorded(), Path(folder, "init"), {}
+    torch.manual_seed(rank)  # the ranks' networks differ before the start
+    cfg = load_config(PretrainConfig, "tiny", [*SMALL, f"init_weights={init}"])
+    student, objective = build_networks(cfg)[0], Objective(cfg)
+    result["heads_from"] = start_from_weights(cfg, student, objective, storage, strategy)
+    result["pretraining"] = {**student.state_dict(), **{f"objective.{k}": v for k, v in objective.state_dict().items()}}
+    result["pretraining reads"], reads[:] = list(reads), []
+    tuning = load_config(FinetuneConfig, "finetune-tiny", [f"weights={init}", "drop_path_rate=0"])
+    result["finetuning"] = load_for_finetuning(tuning, storage, strategy).state_dict()
+    result["finetuning reads"] = list(reads)
+    misfit = load_config(PretrainConfig, "tiny", [*SMALL, f"init_weights={init}", "heads.num_prototypes=32"])
+    for name, start in (("misfit", lambda: start_from_weights(misfit, build_networks(misfit)[0], None, storage,
+                                                                 strategy)),
+                        ("missing", lambda: load_for_finetuning(
+                            tuning.model_copy(update={"weights": f"{init}/gone.safetensors"}), storage, strategy))):
+        try:
+            start()
+        except Exception as err:  # noqa: BLE001 - whatever each rank raised, recorded
+            result[name] = f"{type(err).__name__}: {err}"
+    torch.save(result, Path(folder, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_the_weights_a_run_starts_from_reach_every_rank_from_the_main_one_and_so_does_its_error(
+        tmp_path: Path) -> None:
+    """``start_from_weights`` and ``load_for_finetuning`` on 2 gloo ranks whose networks differ at first:
+    rank 0 alone reads the weights, and every rank ends with them (the pretraining backbone, heads and
+    centres; the fine-tuning backbone) and with where the heads came from. Weights the main rank cannot
+    fit (heads of other sizes) or read (no file) raise on every rank, the main rank's error named, where
+    the other ranks would wait for it in the tensors' broadcast."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    saved = _init_weights(tmp_path / "init")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_start_on_rank, args=(port, str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    heads = str(tmp_path / "init" / "heads.safetensors")
+    assert results[0]["heads_from"] == results[1]["heads_from"] == heads
+    assert results[0]["pretraining reads"] == [str(tmp_path / "init" / "backbone.safetensors"), heads]
+    assert results[0]["finetuning reads"] == [str(tmp_path / "init" / "backbone.safetensors")]
+    assert results[1]["pretraining reads"] == results[1]["finetuning reads"] == []
+    backbone = {k.removeprefix("backbone."): v for k, v in saved.items() if k.startswith("backbone.")}
+    for result in results:
+        assert result["pretraining"].keys() == saved.keys()
+        assert all(torch.equal(tensor, saved[name]) for name, tensor in result["pretraining"].items())
+        assert result["finetuning"].keys() == backbone.keys()
+        assert all(torch.equal(tensor, backbone[name]) for name, tensor in result["finetuning"].items())
+    assert results[0]["misfit"].startswith(f"ValueError: init heads {heads} do not fit the recipe's heads: "
+                                           "heads.num_prototypes = 32 (the heads: 64)")
+    assert results[1]["misfit"] == (f"RuntimeError: the main rank could not start from init_weights "
+                                    f"{tmp_path / 'init'}: {results[0]['misfit']}")
+    gone = f"{tmp_path / 'init'}/gone.safetensors"
+    assert gone in results[0]["missing"]
+    assert results[1]["missing"] == f"RuntimeError: the main rank could not read the weights {gone}: " + \
+        results[0]["missing"]
+
+
+def _finetune_on_two_ranks(weights: Path, out: Path, steps: int, records: Path | None = None) -> None:
+    """``dinoflow finetune --nproc 2`` (FSDP2, with an EMA) from ``weights`` into ``out`` to step
+    ``steps`` on 512 Fashion-MNIST images, 200 to test; with ``records``, torchrun starts the ranks
+    here, each through ``resume_ranks.py`` recording its reads there."""
+    runner = [sys.executable, "-m", "pipelines.cli", "finetune", "--nproc", "2"] if records is None else [
+        *TORCHRUN, str(READS), str(records), "finetune"]
+    env = {**DEEPSPEED_ENV, "MLFLOW_TRACKING_URI": f"sqlite:///{out.parent / 'mlflow.db'}"}
+    process = _run([*runner, "--weights", str(weights), f"out={out}", "data.train_limit=512", "data.test_limit=200",
+                    "optim.epochs=1", "optim.batch_size=32", "ema_decay=0.6", f"max_steps={steps}",
+                    "distributed.strategy=fsdp2"], out, env)
+    process.wait(timeout=300)
+    assert process.returncode == 0, out.with_suffix(".log").read_text()[-4000:]
+
+
+@needs_fashion_mnist
+def test_only_the_main_rank_reads_the_weights_a_fine_tuning_run_starts_from_and_no_tensor_of_them_on_resume(
+        tmp_path: Path) -> None:
+    """``dinoflow finetune`` on 2 ranks (FSDP2): rank 0 alone reads the backbone it starts from (every
+    rank read it); rank 1 receives it. Its first step, at the warm-up's lr 0, leaves the weights and
+    their EMA where they started, so the checkpoint gathered from both ranks' shards holds the backbone
+    exactly. Resumed, no rank reads the backbone's tensors (the checkpoint's replace them): rank 0 reads
+    the architecture in its header alone, rank 1 nothing."""
+    torch.manual_seed(0)
+    weights = tmp_path / "backbone.safetensors"  # a small random backbone (patch 7, 28 px), as pretraining writes
+    backbone = build_vit("vit_small", img_size=28, patch_size=7, embed_dim=64, depth=3, num_heads=4,
+                         layerscale_init=1.0)
+    save_backbone(backbone, str(weights))
+    out, started, resumed = tmp_path / "run", tmp_path / "started", tmp_path / "resumed"
+    _finetune_on_two_ranks(weights, out, 1, started)
+    assert [e for e in recorded_reads(started, 0) if e.get("read") == str(weights)] == [{"read": str(weights)}]
+    assert _reads_of(started, 1, tmp_path) == []
+    first = _latest(out)
+    assert first["step"] == 1
+    for part in ("model", "ema"):
+        assert all(torch.equal(first[part][f"backbone.{name}"], value) for name, value in backbone.state_dict().items())
+
+    _finetune_on_two_ranks(weights, out, 2, resumed)
+    assert _latest(out)["step"] == 2
+    header = [e for e in _reads_of(resumed, 0, tmp_path) if "checkpoints" not in e.get("read", "")]
+    assert {e.get("range") for e in header} == {str(weights)}
+    header_size = 8 + int.from_bytes(weights.read_bytes()[:8], "little")  # its length, then its JSON
+    assert sum(e["size"] for e in header) == header_size < weights.stat().st_size / 50
+    assert _reads_of(resumed, 1, tmp_path) == []
+
+
+def test_a_fine_tuning_run_of_weights_that_save_no_architecture_resumes_without_reading_them(tmp_path: Path) -> None:
+    """Meta's ``.pth`` layout saves no architecture (a fresh run infers it from the tensors' shapes): a
+    resumed run infers it from its checkpoint's backbone, the same shapes, and reads nothing of the
+    weights. It builds the backbone a fresh run builds, for the checkpoint's tensors to load into."""
+    from dinoflow.config import FinetuneConfig, load_config
+    from trainer.finetune import load_for_finetuning
+    from trainer.models.classifier import Classifier
+    from trainer.strategy import Strategy
+
+    torch.manual_seed(0)
+    weights = tmp_path / "backbone.pth"
+    torch.save(build_vit("vit_small", img_size=56, patch_size=7, embed_dim=128, depth=2, num_heads=2,
+                         layerscale_init=1.0).state_dict(), weights)
+    reads: list[str] = []
+
+    class Recorded(Storage):
+        def read_bytes(self, uri: str) -> bytes:
+            reads.append(uri)
+            return super().read_bytes(uri)
+
+        def read_range(self, uri: str, start: int, size: int) -> bytes:
+            reads.append(uri)
+            return super().read_range(uri, start, size)
+
+    cfg = load_config(FinetuneConfig, "finetune-tiny", [f"weights={weights}"])
+    fresh = load_for_finetuning(cfg, Recorded())
+    assert reads == [str(weights)]
+    checkpoint = {"model": Classifier(fresh, 10, cfg.head_input).state_dict()}
+    reads.clear()
+    resumed = load_for_finetuning(cfg, Recorded(), Strategy(), checkpoint)
+    assert reads == []
+    assert resumed.arch_kwargs == fresh.arch_kwargs
+    Classifier(resumed, 10, cfg.head_input).load_state_dict(checkpoint["model"])

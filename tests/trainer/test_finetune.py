@@ -507,3 +507,46 @@ def test_the_command_fine_tunes_and_says_bad_input_in_one_line(weights: Path, tm
                                                                    "the classifier's 2 (cat, dog, ...)")):
         refused = CliRunner().invoke(app, [*evaluate, *bad])
         assert refused.exit_code == 2 and message in refused.stderr.strip().splitlines()[-1], refused.output
+
+
+def packaged_config(run: Path, tmp_path: Path) -> dict:
+    """The ``config.json`` of the MLflow package the register stage makes of a fine-tuning run's folder."""
+    from trainer.models.packaging import save_mlflow_model
+
+    package = save_mlflow_model(run / "backbone.safetensors", {"patch_size": 7, "image_size": 28},
+                                tmp_path / f"package-{run.name}" / "model", example=np.zeros((1, 28, 28), np.uint8),
+                                classifier=run / CLASSIFIER_FILE)
+    return json.loads(next(package.rglob("config.json")).read_text())
+
+
+def test_class_folders_record_the_centre_crop_their_evaluation_scored_with_the_classifier(weights: Path,
+                                                                                        tmp_path: Path) -> None:
+    """A run on class folders scores centre crops: its classifier (released and held by ``keep=best``),
+    its summary and its package record ``centre_crop``, and it is served centre-cropped."""
+    from serve.model import PIXEL_TRANSFORM, load_served_model
+    from tests.evaluators.test_classification import write_folders
+    from trainer.models.classifier import saved_eval_transform
+
+    write_folders(tmp_path / "data", {"cat": (16, 4), "dog": (16, 4)})
+    summary = finetune(load_config(FinetuneConfig, "finetune-tiny", [
+        f"weights={weights}", f"out={tmp_path / 'run'}", f"data.uri={tmp_path / 'data'}", "data.test_limit=0",
+        "optim.batch_size=8", "max_steps=1", "keep=best"]), Storage())
+    assert summary["eval_transform"] == "centre_crop"
+    held = next((tmp_path / "run" / "best").iterdir()) / CLASSIFIER_FILE
+    for classifier in (tmp_path / "run" / CLASSIFIER_FILE, held):
+        assert saved_eval_transform(str(classifier), Storage()) == "centre_crop", classifier
+    assert packaged_config(tmp_path / "run", tmp_path)["eval_transform"] == "centre_crop"
+    served = load_served_model(str(tmp_path / "run"))
+    assert not served.whole_images and served.transform == PIXEL_TRANSFORM
+
+
+@needs_fashion_mnist
+def test_fashion_mnist_records_the_whole_images_its_evaluation_scored(weights: Path, tmp_path: Path) -> None:
+    from serve.model import WHOLE_TRANSFORM, load_served_model
+    from trainer.models.classifier import saved_eval_transform
+
+    summary = finetune(config(weights, tmp_path / "run", "max_steps=1"), Storage())
+    assert summary["eval_transform"] == "whole"
+    assert saved_eval_transform(str(tmp_path / "run" / CLASSIFIER_FILE), Storage()) == "whole"
+    assert packaged_config(tmp_path / "run", tmp_path)["eval_transform"] == "whole"
+    assert load_served_model(str(tmp_path / "run")).transform == WHOLE_TRANSFORM

@@ -2,8 +2,14 @@
 
 The classifier reads the final CLS token (``cls``), or it and the mean patch token
 (``cls+avgpool``, the original's best linear input). It is saved apart from the backbone, as
-``classifier.safetensors`` with its class names and input in the metadata, so the fine-tuned
-backbone stays a plain backbone that every command reads.
+``classifier.safetensors`` with its class names, input and evaluation transform in the metadata,
+so the fine-tuned backbone stays a plain backbone that every command reads.
+
+The evaluation transform (:data:`EVAL_TRANSFORMS`) is how the fine-tuning run's evaluation
+prepared the images it scored, recorded so that serving prepares uploads alike: ``whole``
+(Fashion-MNIST's 28 px images resized whole to ``image_size``) or ``centre_crop`` (class folders'
+images decoded at ``image_size / 0.875``, the centre ``image_size`` square kept). A file saved
+before the record existed has none (:func:`saved_eval_transform` returns None).
 """
 
 from __future__ import annotations
@@ -20,6 +26,9 @@ from trainer.models.hub import load_strict, read_safetensors, safetensors_metada
 from trainer.models.vit import DinoVisionTransformer
 
 HEAD_INPUTS = ("cls", "cls+avgpool")
+WHOLE, CENTRE_CROP = "whole", "centre_crop"
+EVAL_TRANSFORMS = (WHOLE, CENTRE_CROP)
+EVAL_TRANSFORM_KEY = "eval_transform"  # the record's name in the file's metadata and a package's config.json
 
 
 class Classifier(nn.Module):
@@ -45,10 +54,20 @@ class Classifier(nn.Module):
         return self.head(cls if self.head_input == "cls" else torch.cat([cls, patch_mean], dim=-1))
 
 
-def save_classifier(model: Classifier, classes: tuple[str, ...], uri: str, storage: Storage) -> None:
-    """The linear layer as safetensors, its class names and input in the metadata (atomic)."""
+def checked_eval_transform(value: str, where: str) -> str:
+    """``value`` if it is one of :data:`EVAL_TRANSFORMS`; else a ValueError naming ``where`` it came from."""
+    if value not in EVAL_TRANSFORMS:
+        raise ValueError(f"{where}: {EVAL_TRANSFORM_KEY} {value!r} is not one of {', '.join(EVAL_TRANSFORMS)}")
+    return value
+
+
+def save_classifier(model: Classifier, classes: tuple[str, ...], uri: str, storage: Storage, *,
+                    eval_transform: str) -> None:
+    """The linear layer as safetensors, its class names, input and ``eval_transform`` (how the
+    evaluation that scored it prepared images: :data:`EVAL_TRANSFORMS`) in the metadata (atomic)."""
     tensors = {f"head.{name}": value.detach().cpu().contiguous() for name, value in model.head.state_dict().items()}
-    metadata = {"classes": json.dumps(list(classes)), "head_input": model.head_input}
+    metadata = {"classes": json.dumps(list(classes)), "head_input": model.head_input,
+                EVAL_TRANSFORM_KEY: checked_eval_transform(eval_transform, uri)}
     storage.write_bytes(uri, save_safetensors_bytes(tensors, metadata=metadata))
 
 
@@ -67,6 +86,13 @@ def load_classifier(backbone: DinoVisionTransformer, uri: str, storage: Storage)
     model = Classifier(backbone, len(classes), head_input)
     load_strict(model.head, {name.removeprefix("head."): value for name, value in tensors.items()})
     return model.eval(), classes
+
+
+def saved_eval_transform(uri: str, storage: Storage) -> str | None:
+    """The evaluation transform a :func:`save_classifier` file records (checked), or None for a
+    file saved before the record existed (the caller infers it: :func:`serve.model.load_served_model`)."""
+    value = safetensors_metadata(storage.read_bytes(uri), uri).get(EVAL_TRANSFORM_KEY)
+    return None if value is None else checked_eval_transform(value, uri)
 
 
 def class_probabilities(model: Classifier, images: np.ndarray | Tensor, patch_size: int,

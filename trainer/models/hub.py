@@ -171,6 +171,24 @@ def read_weights(uri: str, source: Source, storage: Storage,
     return convert_official_state_dict(checkpoint), None
 
 
+def saved_arch_kwargs(uri: str, source: Source, storage: Storage) -> dict[str, Any] | None:
+    """The architecture the weights at ``uri`` save beside their tensors, read without the tensors:
+    a safetensors header's (:func:`save_backbone`'s metadata; two ranged reads) or a Hugging Face
+    folder's ``config.json``; None for layouts that save none (Meta's ``.pth``, a training dump, a
+    safetensors file without it), whose architecture is their tensors' shapes (:func:`infer_arch_kwargs`).
+    Why: a resumed fine-tuning run builds its backbone from them, then loads its checkpoint's tensors."""
+    if source == "auto":
+        uri, source = locate_weights(uri, storage)
+    if source == "hf":
+        from trainer.models.hf import arch_kwargs_from_hf_config
+
+        return arch_kwargs_from_hf_config(json.loads(storage.read_bytes(join_uri(uri, "config.json"))))
+    if source != "safetensors":
+        return None
+    length = storage.read_range(uri, 0, 8)
+    return _safetensors_arch(length + storage.read_range(uri, 8, int.from_bytes(length, "little")), uri)
+
+
 HF_WEIGHTS_FILE, HF_INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 
 

@@ -7,8 +7,10 @@ folder: the weights (``backbone.safetensors``, tensors only: loading never runs 
 requirements and an input example. ``predict`` takes uint8 images ``(N, H, W)`` or
 ``(N, 3, H, W)`` and returns the final normalised CLS features ``(N, D)`` float32, exactly as
 :func:`evaluators.features.extract_features` computes them; a fine-tuned model packaged with its
-classifier (``classifier.safetensors``, its class names in ``config.json``) returns the class
-probabilities ``(N, C)`` instead.
+classifier (``classifier.safetensors``, its class names in ``config.json`` as ``classes`` and the
+transform its evaluation prepared images with as ``eval_transform``, when the classifier records
+one: :data:`~trainer.models.classifier.EVAL_TRANSFORMS`) returns the class probabilities
+``(N, C)`` instead.
 """
 
 from __future__ import annotations
@@ -84,12 +86,14 @@ def save_mlflow_model(weights: str | Path, config: dict[str, Any], path: str | P
         example: a small uint8 image batch stored as the input example.
         classifier: a fine-tuned backbone's ``classifier.safetensors``
             (:func:`trainer.models.classifier.save_classifier`): the model predicts class
-            probabilities, its class names written into ``config.json`` as ``classes``.
+            probabilities, its class names written into ``config.json`` as ``classes`` and its
+            evaluation transform as ``eval_transform`` (none for a classifier saved before the
+            record existed: the server infers it from the classes).
     """
     from mlflow.models import infer_signature
 
     from dinoflow.storage import Storage
-    from trainer.models.classifier import load_classifier
+    from trainer.models.classifier import EVAL_TRANSFORM_KEY, load_classifier, saved_eval_transform
     from trainer.models.hub import load_backbone
 
     if "patch_size" not in config:
@@ -101,7 +105,8 @@ def save_mlflow_model(weights: str | Path, config: dict[str, Any], path: str | P
     model, artifacts = None, {"weights": str(weights)}
     if classifier is not None:
         model, classes = load_classifier(backbone, str(classifier), Storage())
-        config = {**config, "classes": list(classes)}
+        transform = saved_eval_transform(str(classifier), Storage())
+        config = {**config, "classes": list(classes), **({EVAL_TRANSFORM_KEY: transform} if transform else {})}
         artifacts["classifier"] = str(classifier)
     config_file = inputs / "config.json"
     config_file.write_text(json.dumps(config, indent=2))

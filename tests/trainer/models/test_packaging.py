@@ -63,7 +63,8 @@ def test_a_fine_tuned_model_packaged_with_its_classifier_predicts_class_probabil
     path, backbone = weights
     classifier = Classifier(backbone, 3, "cls+avgpool")
     torch.nn.init.normal_(classifier.head.weight, std=0.5)  # not the near-zero init: distinct probabilities
-    save_classifier(classifier, ("cat", "dog", "fish"), str(tmp_path / "classifier.safetensors"), Storage())
+    save_classifier(classifier, ("cat", "dog", "fish"), str(tmp_path / "classifier.safetensors"), Storage(),
+                    eval_transform="centre_crop")
     images = np.random.default_rng(1).integers(0, 256, (4, 3, 28, 28), dtype=np.uint8)
     folder = save_mlflow_model(path, {"patch_size": 7}, tmp_path / "package" / "model", example=images[:2],
                                classifier=tmp_path / "classifier.safetensors")
