@@ -56,6 +56,19 @@ class GateDecision:
         return asdict(self)
 
 
+# the registry's answers about what was asked: no such model or version, no such alias, a name it refuses
+ANSWER_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
+
+def answered(err: Exception) -> bool:
+    """Whether ``err`` (an ``MlflowException``) is the registry's answer (:data:`ANSWER_CODES`), not
+    its store failing (unreachable, timed out, a 5xx). Why: a caller turns an answer into its own
+    message or default ("no champion yet"), but a store that did not answer must not read as one:
+    the gate would crown a new version, a command would say a model has no champion. Failures go
+    through (one line, exit status 1, in the CLI)."""
+    return getattr(err, "error_code", None) in ANSWER_CODES
+
+
 def registry_store(tracking_uri: str = "") -> str:
     """The MLflow store every ``models:/`` and ``runs:/`` URI of dinoflow is resolved in:
     ``tracking_uri``, else ``MLFLOW_TRACKING_URI``, else the demo's (``sqlite:///runs/demo/mlflow.db``).
@@ -94,7 +107,9 @@ def register_version(client: Any, name: str, run_id: str, artifact_path: str,
 
     try:
         client.get_registered_model(name)
-    except MlflowException:
+    except MlflowException as err:
+        if not answered(err):
+            raise
         client.create_registered_model(name)
     version = client.create_model_version(
         name, f"runs:/{run_id}/{artifact_path}", run_id=run_id, description=description or None,
@@ -117,7 +132,9 @@ def champion_version(client: Any, name: str, alias: str = CHAMPION) -> str | Non
 
     try:
         return str(client.get_model_version_by_alias(name, alias).version)
-    except MlflowException:
+    except MlflowException as err:
+        if not answered(err):
+            raise
         return None
 
 
@@ -149,6 +166,8 @@ def pick_version(client: Any, model: str) -> Any:
     try:
         return client.get_model_version(name, version)
     except MlflowException as err:
+        if not answered(err):
+            raise
         raise ValueError(f"registered model {name!r}: {' '.join(err.message.split())}") from None
 
 
@@ -249,7 +268,9 @@ def move_alias(client: Any, name: str, version: str, alias: str = CHAMPION, reas
     _registered_model(client, name)
     try:
         client.get_model_version(name, version)
-    except MlflowException:
+    except MlflowException as err:
+        if not answered(err):
+            raise
         known = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
         raise ValueError(f"model {name!r} has no version {version!r}; its versions: "
                          f"{', '.join(map(str, known)) or '(none)'}") from None
@@ -257,6 +278,8 @@ def move_alias(client: Any, name: str, version: str, alias: str = CHAMPION, reas
     try:
         _set_alias(client, name, version, alias, f"by hand: {reason or '(no reason given)'}")
     except MlflowException as err:  # e.g. a reserved alias: "latest", "v<number>"
+        if not answered(err):
+            raise
         raise ValueError(f"alias {alias!r}: {err.message}") from None
     return before
 
@@ -272,7 +295,9 @@ def _registered_model(client: Any, name: str) -> Any:
 
     try:
         return client.get_registered_model(name)
-    except MlflowException:
+    except MlflowException as err:
+        if not answered(err):
+            raise
         held = sorted(model.name for model in client.search_registered_models())
         raise ValueError(f"no registered model {name!r}; the registry holds: {', '.join(held) or '(none)'}") from None
 

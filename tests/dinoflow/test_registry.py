@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
+import threading
+import urllib.error
+import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from dinoflow.registry import champion_version, gate, lower_is_better, register_version, version_metric
-from tests.servers import MlflowServer
+from dinoflow.registry import (champion_version, gate, lower_is_better, pick_version, register_version,
+                               version_metric)
+from tests.servers import MlflowServer, free_port
 
 
 @pytest.fixture(params=["sqlite", "server"])
@@ -114,3 +122,69 @@ def test_a_person_moves_the_alias_back_and_every_move_is_written_on_its_version(
     with pytest.raises(ValueError, match="alias 'latest'"):
         move_alias(client, name, first, alias="latest")
     assert champion_version(client, name) == first
+
+
+@contextlib.contextmanager
+def _failing_aliases(server: MlflowServer) -> Iterator[str]:
+    """A proxy to the real ``server`` whose alias lookups (GET) fail as a struggling store's do (HTTP
+    503); every other request, an alias's move too, is passed through. Yields its URI."""
+
+    class Proxy(http.server.BaseHTTPRequestHandler):
+        def _forward(self) -> None:
+            if self.command == "GET" and "/registered-models/alias" in self.path:
+                self.send_response(503)
+                self.end_headers()
+                self.wfile.write(b"store busy")
+                return
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) or None
+            request = urllib.request.Request(f"{server.uri}{self.path}", data=body, method=self.command,
+                                             headers={"Content-Type": self.headers.get("Content-Type", "")})
+            try:
+                with urllib.request.urlopen(request) as answer:
+                    status, payload = answer.status, answer.read()
+            except urllib.error.HTTPError as err:
+                status, payload = err.code, err.read()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        do_GET = do_POST = do_PATCH = do_DELETE = _forward
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Proxy) as proxy:
+        threading.Thread(target=proxy.serve_forever, daemon=True).start()
+        try:
+            yield f"http://127.0.0.1:{proxy.server_address[1]}"
+        finally:
+            proxy.shutdown()
+
+
+def test_a_store_that_does_not_answer_is_not_read_as_a_missing_champion(
+        mlflow_server: MlflowServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The registry's "no such alias" means no champion yet; a store that fails the lookup (a 503,
+    or nothing listening) raises instead: the gate crowned any new version over a champion it could
+    not read, and a command said a model had no champion."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    direct = MlflowClient(tracking_uri=mlflow_server.uri)
+    name = f"m-{uuid.uuid4().hex[:8]}"
+    first = _version(direct, name, tmp_path, {"knn_top1": 0.9})
+    assert gate(direct, name, first, "knn_top1").promoted
+    worse = _version(direct, name, tmp_path, {"knn_top1": 0.1})
+    with _failing_aliases(mlflow_server) as uri:
+        proxied = MlflowClient(tracking_uri=uri)
+        assert version_metric(proxied, name, worse, "knn_top1") == 0.1  # the rest of the store answers
+        with pytest.raises(MlflowException, match="503"):
+            gate(proxied, name, worse, "knn_top1")
+        with pytest.raises(MlflowException, match="503"):
+            pick_version(proxied, f"models:/{name}")
+    assert champion_version(direct, name) == first
+    assert champion_version(direct, name, "nope") is None  # the registry's own answer: no such alias
+    with pytest.raises(ValueError, match="has no alias 'nope'"):
+        pick_version(direct, f"models:/{name}@nope")
+    nobody = MlflowClient(tracking_uri=f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(MlflowException, match="Connection refused"):
+        register_version(nobody, name, "run", "backbone", {"knn_top1": 0.5})

@@ -75,7 +75,7 @@ def test_a_registered_model_on_an_unreachable_store_is_said_in_one_line(command:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
     result = CliRunner().invoke(app, [*command, "models:/tiny@champion"])
-    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: models:/tiny@champion: API request to http://127.0.0.1:{port}/api/2.0/mlflow/"
                            "registered-models/alias failed"), last
@@ -104,7 +104,7 @@ def test_eval_and_serve_make_the_models_commands_few_attempts(monkeypatch: pytes
         for command in (["eval", "knn", "--weights"], ["serve", "--model"]):
             attempts.clear()
             result = CliRunner().invoke(app, [*command, "models:/tiny@champion"])
-            assert result.exit_code == 2 and "Max retries exceeded" in result.stderr, result.output
+            assert result.exit_code == 1 and "Max retries exceeded" in result.stderr, result.output
             assert len(attempts) == 1 + int(QUICK_REGISTRY["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]), command
 
 
