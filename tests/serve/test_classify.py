@@ -148,6 +148,21 @@ def test_a_request_waiting_through_a_swap_answers_with_the_model_that_ran_it(fin
         thread.join(timeout=10)
 
 
+def served_probabilities(model: ServedModel, uploads: list[tuple[str, bytes]]) -> np.ndarray:
+    """The probabilities ``(N, C)`` of ``model``'s classes, in their order, that ``/v1/classify``
+    answers for ``uploads`` (``(file name, PNG bytes)``) on a real server."""
+    server, thread, url = start_server(create_app(model))
+    try:
+        files = [("images", (name, data, "image/png")) for name, data in uploads]
+        response = requests.post(url + "/v1/classify", params={"k": len(model.classes)}, files=files, timeout=30)
+        assert response.status_code == 200, response.text
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    return np.array([[{r["class"]: r["probability"] for r in ranked}[name] for name in model.classes]
+                     for ranked in response.json()["results"]])
+
+
 @pytest.mark.skipif(not Path(FASHION_MNIST).is_dir(), reason="Fashion-MNIST is not installed")
 def test_a_fashion_mnist_classifier_is_served_the_whole_images_it_was_scored_on(tmp_path: Path) -> None:
     """Fine-tuning scores Fashion-MNIST's 28 px test images whole, resized to image_size (no centre
@@ -174,17 +189,7 @@ def test_a_fashion_mnist_classifier_is_served_the_whole_images_it_was_scored_on(
                                 classifier=folder / "classifier.safetensors")
     assert load_served_model(str(package)).whole_images  # as the finetune pipeline registers it
     uploads = [png_bytes(image.numpy()) for image in images.test]  # (28, 28) grayscale PNGs
-    server, thread, url = start_server(create_app(model))
-    try:
-        files = [("images", (f"{i}.png", data, "image/png")) for i, data in enumerate(uploads)]
-        response = requests.post(url + "/v1/classify", params={"k": len(FASHION_MNIST_CLASSES)}, files=files,
-                                 timeout=30)
-        assert response.status_code == 200, response.text
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-    served = np.array([[{r["class"]: r["probability"] for r in ranked}[name] for name in FASHION_MNIST_CLASSES]
-                       for ranked in response.json()["results"]])
+    served = served_probabilities(model, [(f"{i}.png", data) for i, data in enumerate(uploads)])
     np.testing.assert_allclose(served, evaluated, rtol=1e-4, atol=1e-6)
 
     pool = tmp_path / "pool"
@@ -240,17 +245,7 @@ def test_a_folder_classifier_named_as_fashion_mnist_is_served_the_centre_crops_i
     for model in (load_served_model(str(folder)), load_served_model(str(package))):
         assert model.classes == FASHION_MNIST_CLASSES and not model.whole_images
         assert model.transform == PIXEL_TRANSFORM
-    server, thread, url = start_server(create_app(load_served_model(str(folder))))
-    try:
-        files = [("images", (p.name, p.read_bytes(), "image/png")) for p in image_folder]
-        response = requests.post(url + "/v1/classify", params={"k": len(FASHION_MNIST_CLASSES)}, files=files,
-                                 timeout=30)
-        assert response.status_code == 200, response.text
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-    served = np.array([[{r["class"]: r["probability"] for r in ranked}[name] for name in FASHION_MNIST_CLASSES]
-                       for ranked in response.json()["results"]])
+    served = served_probabilities(load_served_model(str(folder)), [(p.name, p.read_bytes()) for p in image_folder])
     np.testing.assert_allclose(served, expected(folder, image_folder), rtol=1e-4, atol=1e-6)
 
     whole = classifier_folder(tmp_path / "whole", CLASSES, eval_transform="whole")
