@@ -8,11 +8,14 @@ terminal. It builds configs, storage and trackers and hands them to library code
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
@@ -183,23 +186,63 @@ def _backbone(weights: str, source: str, storage: Storage,
     return load_backbone(weights, source, storage, arch_kwargs)  # type: ignore[arg-type]
 
 
+CACHE_ENV = "DINOFLOW_CACHE_DIR"  # where registered versions are fetched to (else ~/.cache/dinoflow); kept
+
+
+def _cache_folder(store: str, name: str, version: str) -> Path:
+    """Where version ``version`` of registered model ``name`` in the MLflow store ``store`` is kept:
+    ``registered/<the store URI's hash>/<name>/<version>`` in ``$DINOFLOW_CACHE_DIR``, else
+    ``~/.cache/dinoflow``. Why one fixed folder: a run records it in its config, so the same command
+    rerun resumes (a fine-tuning refuses other weights), and a machine's ranks fetch it once."""
+    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "dinoflow")
+    store_key = hashlib.sha256(store.encode()).hexdigest()[:12]
+    return root / "registered" / store_key / urllib.parse.quote(name, safe="") / version
+
+
+def _fetch_version(client: Any, store: str, found: Any) -> Path:
+    """The registered version ``found`` (of ``client``'s store ``store``) in its :func:`_cache_folder`,
+    downloaded unless a complete copy is there. Under a file lock, so a machine's ranks download it
+    once; into a sibling ``.<version>.partial`` renamed when whole, so a download killed half-way
+    leaves no folder that could be reused (its sibling is replaced by the next fetch)."""
+    from filelock import FileLock
+
+    from components.register import BACKBONE_IN_RUN
+    from dinoflow.registry import download_version
+    from dinoflow.run_files import BACKBONE_FILE
+
+    folder = _cache_folder(store, found.name, str(found.version))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(folder.with_name(f".{folder.name}.lock")):
+        if not (folder / BACKBONE_FILE).is_file():
+            partial = folder.with_name(f".{folder.name}.partial")
+            for stale in (partial, folder):  # a killed download's, or a folder emptied by hand
+                shutil.rmtree(stale, ignore_errors=True)
+            typer.echo(f"downloading version {found.version} of {found.name} into {folder}", err=True)
+            download_version(client, found, BACKBONE_IN_RUN, partial)
+            partial.rename(folder)
+    return folder
+
+
 @contextlib.contextmanager
 def _registered(uri: str) -> Iterator[str]:
     """``uri`` itself, or for a registered model (``models:/<name>@<alias>``, ``models:/<name>/<version>``,
     ``models:/<name>``: its champion) a folder holding its backbone and the heads registered with it,
-    fetched from the registry (``MLFLOW_TRACKING_URI``, else the demo's store) for the command's length."""
+    fetched from the registry (``MLFLOW_TRACKING_URI``, else the demo's store) into the cache
+    (:func:`_fetch_version`). An alias is resolved at each start: after it moved, a rerun finds
+    another version, and a fine-tuning refuses to resume with it; the version's URI resumes it."""
     if not uri.startswith("models:/"):
         yield uri
         return
-    from components.register import BACKBONE_IN_RUN
-    from dinoflow.registry import download_version, pick_version, registry_client
+    from dinoflow.registry import pick_version, registry_client, registry_store
 
-    client = registry_client()
+    store = registry_store()
+    client = registry_client(store)
     found = pick_version(client, uri)
-    with tempfile.TemporaryDirectory() as folder:
-        download_version(client, found, BACKBONE_IN_RUN, Path(folder))
-        typer.echo(f"{uri}: version {found.version} of {found.name}", err=True)
-        yield folder
+    folder = _fetch_version(client, store, found)
+    pinned = f"models:/{found.name}/{found.version}"
+    typer.echo(f"{uri}: version {found.version} of {found.name}, in {folder}"
+               + ("" if uri == pinned else f" (to resume after the alias moves: {pinned})"), err=True)
+    yield str(folder)
 
 
 def _preset_kind(preset: str, kinds: tuple[str, ...] = ()) -> str | None:
