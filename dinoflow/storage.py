@@ -506,18 +506,29 @@ def claim(storage: Storage, uri: str, identity: Mapping[str, Any], what: str, fi
     storage.write_bytes(path, json.dumps(wanted, indent=2, sort_keys=True).encode())
 
 
+SHOWN_TEXT = 40  # the longest text a difference shows; a longer one (a URI, a listing) is named alone
+
+
 def _differences(found: Mapping[str, Any], wanted: Mapping[str, Any]) -> str:
-    """The keys where ``found`` and ``wanted`` differ (one lacking a key differs), sorted; a number
-    with both values, ``load_size (48 there, 40 here)``, anything else by name alone: digests, URIs,
-    lists and tables are too long to read in one line."""
+    """The keys where ``found`` and ``wanted`` differ (one lacking a key differs), sorted; with both
+    values where both are short, ``load_size (48 there, 40 here)``, ``dtype ('float16' there,
+    'float32' here)``; by name alone a digest (``*_sha256``), a long text, a list or a table, too
+    long to read in one line."""
     differ = sorted(k for k in found.keys() | wanted.keys()
                     if k not in found or k not in wanted or found[k] != wanted[k])
 
+    def short(value: Any) -> bool:
+        return value is None or isinstance(value, (bool, int, float)) or (
+            isinstance(value, str) and len(value) <= SHOWN_TEXT)
+
+    def said(side: Mapping[str, Any], key: str) -> str:
+        return repr(side[key]) if key in side else "absent"
+
     def named(key: str) -> str:
         there, here = found.get(key), wanted.get(key)
-        if isinstance(there, (int, float)) and isinstance(here, (int, float)):
-            return f"{key} ({there!r} there, {here!r} here)"
-        return key
+        if key.endswith("_sha256") or not (short(there) and short(here)):
+            return key
+        return f"{key} ({said(found, key)} there, {said(wanted, key)} here)"
 
     return ", ".join(map(named, differ))
 

@@ -40,6 +40,7 @@ from evaluators.released_sets import release_at, release_datasets
 from trainer.data.datasets import BadImageTracker, ImageFolderDataset, ImageListDataset, collate_samples
 from trainer.data.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
 from trainer.data.fashion_mnist import FILES, load_split
+from trainer.models.classifier import CENTRE_CROP, WHOLE
 
 DataKind = Literal["auto", "fashion_mnist", "folder", "release"]
 DATA_KINDS = ("auto", "fashion_mnist", "folder")
@@ -187,6 +188,7 @@ class FashionMnistImages:
     test_y: Tensor
     classes: tuple[str, ...] = FASHION_MNIST_CLASSES
     test_classes = None  # the test split holds every class
+    eval_transform = WHOLE  # as test_batches prepares images, recorded with a classifier (served alike)
 
     def features(self, backbone: nn.Module, views: bool = False, batch_size: int = 512,
                  amp_dtype: torch.dtype | None = None, parts: FeatureParts | None = None) -> LabelledFeatures:
@@ -234,6 +236,7 @@ class FolderImages:
     classes: tuple[str, ...]
     remap: Tensor | None
     image_size: int
+    eval_transform = CENTRE_CROP  # as test_batches prepares images, recorded with a classifier (served alike)
     num_workers: int = 0  # decoding processes
     restricted: bool = False  # a separate test set of fewer classes: scored over its classes only
 

@@ -231,6 +231,7 @@ def load_served_model(uri: str, image_size: int | None = None, device: str = "cp
         import mlflow.artifacts
         import mlflow.pyfunc
         from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import ErrorCode
 
         load_uri = uri
         try:
@@ -245,7 +246,7 @@ def load_served_model(uri: str, image_size: int | None = None, device: str = "cp
         except MlflowException as err:  # no such model, version or alias: the registry's words, in one line
             message = f"{uri}: {' '.join(err.message.split())}"
             if not answered(err):  # the store did not answer: the CLI's one line for an endpoint (exit 1)
-                raise MlflowException(message, error_code=err.error_code) from None
+                raise MlflowException(message, error_code=ErrorCode.Value(err.error_code)) from None
             raise ValueError(message) from None
         wrapped = package.unwrap_python_model()
         if not hasattr(wrapped, "backbone"):

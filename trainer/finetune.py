@@ -16,7 +16,7 @@ fixed-length epochs). A run resumes exactly from its checkpoints (each step's dr
 the step, the batches in a seeded order) and writes the fine-tuned ``backbone.safetensors`` (the
 official layout: every command that reads a backbone reads it) with ``classifier.safetensors``
 (the linear layer, its class names, input and evaluation transform in the metadata: how
-:func:`score` prepared the images, :func:`eval_transform`, so that serving prepares uploads alike)
+:func:`score` prepared the images, the images' ``eval_transform``, so that serving prepares uploads alike)
 beside it.
 
 With ``ema_decay`` a moving average of the weights trains beside them (DeiT's model EMA, on each
@@ -71,7 +71,7 @@ from trainer.data.datasets import BadImageTracker, FashionMnistDataset, collate_
 from trainer.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from trainer.devices import available_device
 from trainer.engine import ema_update, training_autocast
-from trainer.models.classifier import CENTRE_CROP, WHOLE, Classifier, load_classifier, save_classifier
+from trainer.models.classifier import Classifier, load_classifier, save_classifier
 from trainer.models.hub import (infer_arch_kwargs, load_backbone, load_strict, read_weights, save_backbone,
                                 saved_arch_kwargs, with_positions_for)
 from trainer.models.vit import DinoVisionTransformer
@@ -361,20 +361,12 @@ def best_folder(out: str, step: int) -> str:
     return join_uri(out, BEST_FOLDER, f"step_{step:08d}")
 
 
-def eval_transform(images: LabelledImages) -> str:
-    """How :func:`score` prepares ``images``' test split, recorded with the classifier
-    (:data:`~trainer.models.classifier.EVAL_TRANSFORMS`): class folders' (and released sets') centre
-    crops (:meth:`~evaluators.classification.FolderImages.test_batches`), Fashion-MNIST's whole
-    images resized (:meth:`~evaluators.classification.FashionMnistImages.test_batches`)."""
-    return CENTRE_CROP if isinstance(images, FolderImages) else WHOLE
-
-
 def write_weights(model: Classifier, images: LabelledImages, folder: str, storage: Storage) -> None:
     """``backbone.safetensors`` and ``classifier.safetensors`` of ``model`` (whole), trained on
-    ``images`` (their classes and :func:`eval_transform` recorded), into ``folder``."""
+    ``images`` (their classes and ``eval_transform``, how :func:`score` prepared them, recorded), into ``folder``."""
     save_backbone(model.backbone, join_uri(folder, BACKBONE_FILE), storage)
     save_classifier(model, images.classes, join_uri(folder, CLASSIFIER_FILE), storage,
-                    eval_transform=eval_transform(images))
+                    eval_transform=images.eval_transform)
 
 
 def read_written(folder: str, storage: Storage) -> Classifier:
@@ -622,7 +614,7 @@ def _finetune(cfg: FinetuneConfig, storage: Storage, tracker: Tracker, strategy:
                "epochs": round(state.step / per_epoch, 3),
                "images_seen": state.images_seen, "train_minutes": round(state.train_seconds / 60, 3),
                "stopped_early": stopped_early, "classes": list(images.classes),
-               "eval_transform": eval_transform(images),
+               "eval_transform": images.eval_transform,
                "final": scored["weights"][0], **({"final_ema": scored["ema"][0]} if ema is not None else {}),
                "best": best,
                "released": summary_released,

@@ -15,9 +15,9 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from dinoflow.registry import (champion_version, gate, lower_is_better, pick_version, register_version,
-                               version_metric)
-from tests.servers import MlflowServer, free_port
+from dinoflow.registry import (champion_version, gate, lower_is_better, move_alias, pick_version,
+                               register_version, version_metric)
+from tests.servers import MlflowServer
 
 
 @pytest.fixture(params=["sqlite", "server"])
@@ -125,14 +125,17 @@ def test_a_person_moves_the_alias_back_and_every_move_is_written_on_its_version(
 
 
 @contextlib.contextmanager
-def _failing_aliases(server: MlflowServer) -> Iterator[str]:
-    """A proxy to the real ``server`` whose alias lookups (GET) fail as a struggling store's do (HTTP
-    503); every other request, an alias's move too, is passed through. Yields its URI."""
+def _failing(server: MlflowServer, failing: str, code: int = 503) -> Iterator[tuple[str, list[str]]]:
+    """A proxy to the real ``server`` whose GET requests to paths holding ``failing`` fail with
+    ``code`` (503: as a struggling store's do); every other request is passed through. Yields its
+    URI and the ``"METHOD path"`` of each request it received."""
+    received: list[str] = []
 
     class Proxy(http.server.BaseHTTPRequestHandler):
         def _forward(self) -> None:
-            if self.command == "GET" and "/registered-models/alias" in self.path:
-                self.send_response(503)
+            received.append(f"{self.command} {self.path}")
+            if self.command == "GET" and failing in self.path:
+                self.send_response(code)
                 self.end_headers()
                 self.wfile.write(b"store busy")
                 return
@@ -158,33 +161,60 @@ def _failing_aliases(server: MlflowServer) -> Iterator[str]:
     with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Proxy) as proxy:
         threading.Thread(target=proxy.serve_forever, daemon=True).start()
         try:
-            yield f"http://127.0.0.1:{proxy.server_address[1]}"
+            yield f"http://127.0.0.1:{proxy.server_address[1]}", received
         finally:
             proxy.shutdown()
 
 
 def test_a_store_that_does_not_answer_is_not_read_as_a_missing_champion(
         mlflow_server: MlflowServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The registry's "no such alias" means no champion yet; a store that fails the lookup (a 503,
-    or nothing listening) raises instead: the gate crowned any new version over a champion it could
-    not read, and a command said a model had no champion."""
+    """The registry's "no such alias" means no champion yet; a store that fails the lookup (a 503)
+    raises instead: the gate crowned any new version over a champion it could not read, and a
+    command said a model had no champion. A served models:/ URI keeps the store's error code."""
+    from serve.model import load_served_model
+
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     direct = MlflowClient(tracking_uri=mlflow_server.uri)
     name = f"m-{uuid.uuid4().hex[:8]}"
     first = _version(direct, name, tmp_path, {"knn_top1": 0.9})
     assert gate(direct, name, first, "knn_top1").promoted
     worse = _version(direct, name, tmp_path, {"knn_top1": 0.1})
-    with _failing_aliases(mlflow_server) as uri:
+    with _failing(mlflow_server, "/registered-models/alias") as (uri, _):
         proxied = MlflowClient(tracking_uri=uri)
         assert version_metric(proxied, name, worse, "knn_top1") == 0.1  # the rest of the store answers
         with pytest.raises(MlflowException, match="503"):
             gate(proxied, name, worse, "knn_top1")
         with pytest.raises(MlflowException, match="503"):
             pick_version(proxied, f"models:/{name}")
+    with _failing(mlflow_server, "/registered-models/alias", code=403) as (uri, _):  # not retried
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        with pytest.raises(MlflowException, match=rf"^models:/{name}@champion: .*403") as served:
+            load_served_model(f"models:/{name}@champion")
+        assert served.value.error_code == "PERMISSION_DENIED"  # the store's, kept
     assert champion_version(direct, name) == first
     assert champion_version(direct, name, "nope") is None  # the registry's own answer: no such alias
     with pytest.raises(ValueError, match="has no alias 'nope'"):
         pick_version(direct, f"models:/{name}@nope")
-    nobody = MlflowClient(tracking_uri=f"http://127.0.0.1:{free_port()}")
-    with pytest.raises(MlflowException, match="Connection refused"):
-        register_version(nobody, name, "run", "backbone", {"knn_top1": 0.5})
+
+
+def test_a_store_that_does_not_answer_is_not_read_as_a_missing_model_or_version(
+        mlflow_server: MlflowServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed lookup of a model does not create it anew (registering) nor read as "no such model"
+    or "no such version" (moving an alias by hand); the registry's own answers still do."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    direct = MlflowClient(tracking_uri=mlflow_server.uri)
+    name = f"m-{uuid.uuid4().hex[:8]}"
+    first = _version(direct, name, tmp_path, {"knn_top1": 0.9})
+    with _failing(mlflow_server, "/registered-models/get") as (uri, received):
+        with pytest.raises(MlflowException, match="503"):
+            register_version(MlflowClient(tracking_uri=uri), name, "run", "backbone", {"knn_top1": 0.5})
+        with pytest.raises(MlflowException, match="503"):
+            move_alias(MlflowClient(tracking_uri=uri), name, first)
+    assert not [line for line in received if "/registered-models/create" in line]
+    with _failing(mlflow_server, "/model-versions/get") as (uri, _):
+        with pytest.raises(MlflowException, match="503"):
+            move_alias(MlflowClient(tracking_uri=uri), name, first)
+    with pytest.raises(ValueError, match=r"has no version '9'; its versions: 1"):
+        move_alias(direct, name, "9")
+    with pytest.raises(ValueError, match=rf"no registered model 'other-{name}'"):
+        move_alias(direct, f"other-{name}", "1")

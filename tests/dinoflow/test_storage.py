@@ -203,23 +203,29 @@ def test_basename_is_the_last_part_a_trailing_slash_ignored(uri: str, name: str)
 def test_a_claimed_folder_is_resumed_by_the_same_work_and_refused_to_another(
         storage_root: tuple[Storage, str]) -> None:
     """The first claim writes the identity (as JSON: a tuple reads back as a list); the same identity
-    passes; another is refused naming each key that differs, a number with both values, anything
-    else (and a key one side lacks, even one whose value is None) by name, the file left as it was."""
+    passes; another is refused naming each key that differs (a key one side lacks too), with both
+    values where both are short (numbers, flags, short texts, None), a digest, a long text or a list
+    by name alone, the file left as it was."""
     storage, root = storage_root
-    identity = {"load_size": 48, "keys_sha256": "a" * 64, "embedder": "pixels6", "splits": (3, 2), "norm": None}
+    identity = {"load_size": 48, "keys_sha256": "a" * 64, "embedder": "pixels6", "splits": (3, 2), "norm": None,
+                "source": "s3://bucket/" + "x" * 40}
     claim(storage, root, identity, "embeddings of another run", file="meta.json")
     written = storage.read_bytes(join_uri(root, "meta.json"))
     claim(storage, root, identity, "embeddings of another run", file="meta.json")
-    other = {**identity, "load_size": 40, "keys_sha256": "b" * 64, "embedder": "backbone28", "views": True}
+    other = {**identity, "load_size": 40, "keys_sha256": "b" * 64, "embedder": "backbone28", "views": True,
+             "splits": [3, 1], "source": "s3://bucket/" + "y" * 40}
     del other["norm"]
     with pytest.raises(ValueError, match=rf"^{re.escape(root)} holds embeddings of another run \(it differs in "
-                                         r"embedder, keys_sha256, load_size \(48 there, 40 here\), norm, views\): "
+                                         r"embedder \('pixels6' there, 'backbone28' here\), keys_sha256, "
+                                         r"load_size \(48 there, 40 here\), norm \(None there, absent here\), "
+                                         r"source, splits, views \(absent there, True here\)\): "
                                          r"give another output folder, or delete this one to start over$"):
         claim(storage, root, other, "embeddings of another run", file="meta.json")
     assert storage.read_bytes(join_uri(root, "meta.json")) == written
     assert not storage.exists(join_uri(root, "identity.json"))
     claim(storage, root, {"task": "depth"}, "another head's training")
-    with pytest.raises(ValueError, match=r"holds another head's training \(it differs in task\)"):
+    with pytest.raises(ValueError, match=r"holds another head's training \(it differs in task \('depth' there, "
+                                         r"'other' here\)\)"):
         claim(storage, root, {"task": "other"}, "another head's training")
 
 
