@@ -20,6 +20,7 @@ from dinoflow.config import PretrainConfig
 from dinoflow.config_dump import flatten, to_yaml
 from dinoflow.storage import Storage, basename, join_uri
 from dinoflow.tracking import Tracker
+from trainer.models.hub import read_torch_checkpoint
 from trainer.optim import with_kernel_choice
 from trainer.strategy import Strategy
 
@@ -191,7 +192,7 @@ def load_latest_checkpoint(storage: Storage, out: str, strategy: Strategy | None
         uri = latest_checkpoint_uri(storage, out)
         if uri is None:
             return None
-        return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+        return dict(read_torch_checkpoint(storage.read_bytes(uri), uri))
 
     return shared_checkpoint(strategy or Strategy(), read)
 
@@ -204,12 +205,17 @@ def shared_checkpoint(strategy: Strategy, read: Callable[[], dict[str, Any] | No
     :func:`restore_optimizer`. So every rank checks the resumed settings as the main rank does.
 
     Why: each of a ViT-g's 8 ranks on a node read and unpickled the whole file (~18 GB) to keep
-    its shards of it, ~144 GB of host memory at every resume."""
-    checkpoint = read() if strategy.is_main else None
-    outline = None if checkpoint is None else {key: None if key in WHOLE_PARTS else value
-                                               for key, value in checkpoint.items()}
-    outline = strategy.broadcast_from_main(outline)
-    return checkpoint if strategy.is_main else outline
+    its shards of it, ~144 GB of host memory at every resume. A file the main rank cannot read
+    raises on every rank (:meth:`Strategy.read_on_main`), where the others waited for it."""
+    read_whole: list[dict[str, Any] | None] = [None]
+
+    def outline() -> dict[str, Any] | None:
+        read_whole[0] = checkpoint = read()
+        return None if checkpoint is None else {key: None if key in WHOLE_PARTS else value
+                                                for key, value in checkpoint.items()}
+
+    shared = strategy.read_on_main(outline, "read the latest checkpoint")
+    return read_whole[0] if strategy.is_main else shared
 
 
 def restore_optimizer(strategy: Strategy, model: nn.Module, optimizer: torch.optim.Optimizer,

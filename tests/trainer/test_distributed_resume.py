@@ -10,6 +10,7 @@ the engine's loop) starts 2 processes that meet over gloo on 127.0.0.1.
 
 from __future__ import annotations
 
+import io
 import json
 import signal
 import subprocess
@@ -352,6 +353,10 @@ def _load_whole_on_rank(rank: int, port: int, out: str) -> None:
         strategy.load_whole(nn.Linear(3, 2), {"weight": whole["weight"]} if rank == 0 else None)
     except RuntimeError as err:
         result["refused"] = str(err)
+    try:
+        load_latest_checkpoint(Storage(), str(Path(out, "run")), strategy)
+    except Exception as err:  # noqa: BLE001 - whatever each rank raised, compared by the test
+        result["unread"] = f"{type(err).__name__}: {err}"
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
     torch.distributed.destroy_process_group()
 
@@ -359,7 +364,8 @@ def _load_whole_on_rank(rank: int, port: int, out: str) -> None:
 def test_a_checkpoint_the_main_rank_cannot_load_is_refused_on_every_rank(tmp_path: Path) -> None:
     """``load_whole`` (FSDP2 and DeepSpeed): the main rank's tensors reach the other rank; a state the
     module does not take (a missing key) raises on every rank, the main rank's error named, where the
-    others waited in the tensors' broadcast until torchrun stopped them (or the group's timeout)."""
+    others waited in the tensors' broadcast until torchrun stopped them (or the group's timeout). So
+    does a checkpoint file the main rank cannot read (cut short)."""
     import socket
 
     import torch.multiprocessing as mp
@@ -367,11 +373,21 @@ def test_a_checkpoint_the_main_rank_cannot_load_is_refused_on_every_rank(tmp_pat
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    buffer = io.BytesIO()
+    torch.save({"step": 2, "student": {"w": torch.ones(64)}}, buffer)
+    (checkpoints / "step_00000002.pt").write_bytes(buffer.getvalue()[:-100])  # cut short
+    (checkpoints / "latest.json").write_text(json.dumps({"file": "step_00000002.pt"}))
     mp.spawn(_load_whole_on_rank, args=(port, str(tmp_path)), nprocs=2, join=True)
     results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert results[0]["loaded"] == results[1]["loaded"] == [[0.0, 1.0, 2.0, 3.0, 4.0, 5.0], [7.0, 8.0]]
     assert 'Missing key(s) in state_dict: "bias"' in results[0]["refused"]
     assert results[1]["refused"] == f"the main rank could not load the checkpoint: {results[0]['refused']}"
+    assert results[0]["unread"].startswith(f"ValueError: {checkpoints / 'step_00000002.pt'}: not a tensor-only torch "
+                                           "checkpoint (")
+    assert results[1]["unread"] == f"RuntimeError: the main rank could not read the latest checkpoint: " \
+                                   f"{results[0]['unread']}"
 
 
 def _init_weights(folder: Path) -> dict[str, torch.Tensor]:
