@@ -18,10 +18,12 @@ distillation from the version starts from them.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import shutil
 import tempfile
+import urllib.parse
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -182,6 +184,54 @@ def download_version(client: Any, found: Any, backbone_artifact: str, out: Path)
         for name, artifact in wanted.items():
             if artifact:
                 shutil.copyfile(client.download_artifacts(found.run_id, artifact, scratch), out / name)
+
+
+def pinned_uri(client: Any, uri: str) -> str:
+    """``uri`` with the version it names now: ``models:/<name>@<alias>`` and ``models:/<name>`` (its
+    champion) as ``models:/<name>/<version>``; a version's URI as it is, any other URI untouched.
+    Why: processes that each resolve an alias (a command's ranks) find different versions when it
+    moves between their lookups; resolved once and handed on, the version is the same for all."""
+    if not uri.startswith("models:/"):
+        return uri
+    found = pick_version(client, uri)
+    return f"models:/{found.name}/{found.version}"
+
+
+@dataclass(frozen=True)
+class CachedVersion:
+    """Where :func:`cached_version` keeps a registered version, and whether this call downloaded it
+    (else a whole copy was there)."""
+
+    folder: Path
+    downloaded: bool
+
+
+def cached_version(client: Any, store: str, found: Any, backbone_artifact: str, cache: Path) -> CachedVersion:
+    """The registered version ``found`` of ``client``'s store ``store`` as :func:`download_version`
+    lays it out, in its folder of ``cache``: ``registered/<the store URI's hash>/<name>/<version>-<run
+    id>``, downloaded unless a whole copy is there.
+
+    Why one fixed folder: a run records it in its config, so the same command rerun resumes (a
+    fine-tuning refuses other weights), and a machine's ranks fetch it once. The run id is in its
+    name because a store numbers versions anew when a model is deleted and registered again: the new
+    version 1 must not be read from the old one's folder. Under a file lock, so processes download
+    it once; into a sibling ``.<folder>.partial`` renamed when whole, so a download killed half-way
+    leaves no folder that could be reused (its sibling is replaced by the next fetch). Raises the
+    ``OSError`` of a cache that cannot be made, locked or written, for the caller to name it."""
+    from filelock import FileLock
+
+    folder = (cache / "registered" / hashlib.sha256(store.encode()).hexdigest()[:12]
+              / urllib.parse.quote(found.name, safe="") / f"{found.version}-{found.run_id}")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(folder.with_name(f".{folder.name}.lock")):
+        if (folder / BACKBONE_FILE).is_file():
+            return CachedVersion(folder, downloaded=False)
+        partial = folder.with_name(f".{folder.name}.partial")
+        for stale in (partial, folder):  # a killed download's, or a folder emptied by hand
+            shutil.rmtree(stale, ignore_errors=True)
+        download_version(client, found, backbone_artifact, partial)
+        partial.rename(folder)
+    return CachedVersion(folder, downloaded=True)
 
 
 def lower_is_better(metric: str) -> bool:

@@ -8,14 +8,11 @@ terminal. It builds configs, storage and trackers and hands them to library code
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
-import urllib.parse
 from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
@@ -186,41 +183,16 @@ def _backbone(weights: str, source: str, storage: Storage,
     return load_backbone(weights, source, storage, arch_kwargs)  # type: ignore[arg-type]
 
 
-CACHE_ENV = "DINOFLOW_CACHE_DIR"  # where registered versions are fetched to (else ~/.cache/dinoflow); kept
+CACHE_ENV = "DINOFLOW_CACHE_DIR"  # where registered versions are fetched to and kept (see _cache_root)
 
 
-def _cache_folder(store: str, name: str, version: str) -> Path:
-    """Where version ``version`` of registered model ``name`` in the MLflow store ``store`` is kept:
-    ``registered/<the store URI's hash>/<name>/<version>`` in ``$DINOFLOW_CACHE_DIR``, else
-    ``~/.cache/dinoflow``. Why one fixed folder: a run records it in its config, so the same command
-    rerun resumes (a fine-tuning refuses other weights), and a machine's ranks fetch it once."""
-    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "dinoflow")
-    store_key = hashlib.sha256(store.encode()).hexdigest()[:12]
-    return root / "registered" / store_key / urllib.parse.quote(name, safe="") / version
-
-
-def _fetch_version(client: Any, store: str, found: Any) -> Path:
-    """The registered version ``found`` (of ``client``'s store ``store``) in its :func:`_cache_folder`,
-    downloaded unless a complete copy is there. Under a file lock, so a machine's ranks download it
-    once; into a sibling ``.<version>.partial`` renamed when whole, so a download killed half-way
-    leaves no folder that could be reused (its sibling is replaced by the next fetch)."""
-    from filelock import FileLock
-
-    from components.register import BACKBONE_IN_RUN
-    from dinoflow.registry import download_version
-    from dinoflow.run_files import BACKBONE_FILE
-
-    folder = _cache_folder(store, found.name, str(found.version))
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(folder.with_name(f".{folder.name}.lock")):
-        if not (folder / BACKBONE_FILE).is_file():
-            partial = folder.with_name(f".{folder.name}.partial")
-            for stale in (partial, folder):  # a killed download's, or a folder emptied by hand
-                shutil.rmtree(stale, ignore_errors=True)
-            typer.echo(f"downloading version {found.version} of {found.name} into {folder}", err=True)
-            download_version(client, found, BACKBONE_IN_RUN, partial)
-            partial.rename(folder)
-    return folder
+def _cache_root() -> Path:
+    """The cache that registered versions are fetched into and kept in
+    (:func:`~dinoflow.registry.cached_version`): ``$DINOFLOW_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/dinoflow``, else ``~/.cache/dinoflow``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dinoflow"
 
 
 @contextlib.contextmanager
@@ -228,21 +200,45 @@ def _registered(uri: str) -> Iterator[str]:
     """``uri`` itself, or for a registered model (``models:/<name>@<alias>``, ``models:/<name>/<version>``,
     ``models:/<name>``: its champion) a folder holding its backbone and the heads registered with it,
     fetched from the registry (``MLFLOW_TRACKING_URI``, else the demo's store) into the cache
-    (:func:`_fetch_version`). An alias is resolved at each start: after it moved, a rerun finds
+    (:func:`_cache_root`). An alias is resolved at each start: after it moved, a rerun finds
     another version, and a fine-tuning refuses to resume with it; the version's URI resumes it."""
     if not uri.startswith("models:/"):
         yield uri
         return
-    from dinoflow.registry import pick_version, registry_client, registry_store
+    from components.register import BACKBONE_IN_RUN
+    from dinoflow.registry import cached_version, pick_version, registry_client, registry_store
 
     store = registry_store()
     client = registry_client(store)
     found = pick_version(client, uri)
-    folder = _fetch_version(client, store, found)
+    cache = _cache_root()
+    try:
+        fetched = cached_version(client, store, found, BACKBONE_IN_RUN, cache)
+    except OSError as err:  # e.g. a read-only home in a container
+        raise ValueError(f"{uri}: version {found.version} of {found.name} could not be fetched into the cache "
+                         f"{cache}: {err} (the cache is ${CACHE_ENV}, else $XDG_CACHE_HOME/dinoflow, else "
+                         "~/.cache/dinoflow: set it to a folder that can be written)") from None
     pinned = f"models:/{found.name}/{found.version}"
-    typer.echo(f"{uri}: version {found.version} of {found.name}, in {folder}"
+    typer.echo(f"{uri}: version {found.version} of {found.name}, "
+               f"{'downloaded into' if fetched.downloaded else 'in'} {fetched.folder}"
                + ("" if uri == pinned else f" (to resume after the alias moves: {pinned})"), err=True)
-    yield str(folder)
+    yield str(fetched.folder)
+
+
+def _pinned(settings: dict[str, str]) -> list[str]:
+    """``<setting>=models:/<name>/<version>`` for each of ``settings`` (setting: URI) that names a
+    registered model by an alias or by its bare name, resolved now. Why: each rank of ``--nproc``
+    re-runs the command; given the alias, each would resolve it and, were it moved meanwhile, the
+    ranks would start from different weights. Passed to them as overrides, the version is one."""
+    registered = {setting: uri for setting, uri in settings.items() if uri.startswith("models:/")}
+    if not registered:
+        return []
+    from dinoflow.registry import pinned_uri, registry_client
+
+    with _bad_input():
+        client = registry_client()
+        pins = {setting: pinned_uri(client, uri) for setting, uri in registered.items()}
+    return [f"{setting}={pin}" for setting, pin in pins.items() if pin != registered[setting]]
 
 
 def _preset_kind(preset: str, kinds: tuple[str, ...] = ()) -> str | None:
@@ -377,7 +373,8 @@ def pretrain(
     assert isinstance(cfg, PretrainConfig)
     _check_device(cfg.device)
     if nproc > 1:
-        _rerun_on_ranks(nproc, ["pretrain", "--config", config, *(overrides or [])], cfg.distributed.strategy)
+        _rerun_on_ranks(nproc, ["pretrain", "--config", config, *(overrides or []),
+                                *_pinned({"init_weights": cfg.init_weights})], cfg.distributed.strategy)
     main_rank = int(os.environ.get("RANK", "0")) == 0  # torchrun's; rank 0 alone tracks and reports
     storage, tracking_uri = _run_root(cfg.out)
     with (_run_tracker(cfg, "pretrain", tracking_uri) if main_rank else contextlib.nullcontext(NullTracker())) \
@@ -462,7 +459,8 @@ def finetune(
     assert isinstance(cfg, FinetuneConfig)
     _check_device(cfg.device)
     if nproc > 1:
-        _rerun_on_ranks(nproc, ["finetune", "--config", config, *given], cfg.distributed.strategy)
+        _rerun_on_ranks(nproc, ["finetune", "--config", config, *given, *_pinned({"weights": cfg.weights})],
+                        cfg.distributed.strategy)
     main_rank = int(os.environ.get("RANK", "0")) == 0  # torchrun's; rank 0 alone tracks and reports
     storage, tracking_uri = _run_root(cfg.out)
     with (_run_tracker(cfg, "finetune", tracking_uri) if main_rank else contextlib.nullcontext(NullTracker())) \
