@@ -220,6 +220,9 @@ def cached_version(client: Any, store: str, found: Any, backbone_artifact: str, 
     ``OSError`` of a cache that cannot be made, locked or written, for the caller to name it."""
     from filelock import FileLock
 
+    if not found.run_id:  # its run names its folder, and its weights are that run's artifacts
+        raise ValueError(f"registered model {found.name!r} version {found.version} has no run to fetch it from "
+                         f"(its source: {found.source}); register it from a run")
     folder = (cache / "registered" / hashlib.sha256(store.encode()).hexdigest()[:12]
               / urllib.parse.quote(found.name, safe="") / f"{found.version}-{found.run_id}")
     folder.parent.mkdir(parents=True, exist_ok=True)

@@ -35,13 +35,14 @@ if TYPE_CHECKING:
 
 def _unreachable() -> tuple[type[BaseException], ...]:
     """The errors of an endpoint that cannot be reached or refuses for good: the storage's (S3, after
-    its retries), MLflow's, and the HTTP clients' connection errors (Kubeflow's API), each taken only
-    when its module is loaded (one not loaded raised none, and importing mlflow takes seconds)."""
+    its retries), MLflow's, and the HTTP clients' connection errors and refusals (Kubeflow's API, an
+    artifact server's 403), each taken only when its module is loaded (one not loaded raised none,
+    and importing mlflow takes seconds)."""
     from dinoflow.storage import StorageError
 
     found: list[type[BaseException]] = [StorageError]
     for module, names in (("mlflow.exceptions", ("MlflowException",)),
-                          ("requests.exceptions", ("ConnectionError", "Timeout")),
+                          ("requests.exceptions", ("ConnectionError", "Timeout", "HTTPError")),
                           ("urllib3.exceptions", ("MaxRetryError", "NewConnectionError", "TimeoutError"))):
         if module in sys.modules:
             found += [getattr(sys.modules[module], name) for name in names]
@@ -214,7 +215,9 @@ def _registered(uri: str) -> Iterator[str]:
     cache = _cache_root()
     try:
         fetched = cached_version(client, store, found, BACKBONE_IN_RUN, cache)
-    except OSError as err:  # e.g. a read-only home in a container
+    except OSError as err:  # e.g. a read-only home in a container; other OSErrors (the artifact server's) go on
+        if not str(getattr(err, "filename", None) or "").startswith(str(cache)):
+            raise
         raise ValueError(f"{uri}: version {found.version} of {found.name} could not be fetched into the cache "
                          f"{cache}: {err} (the cache is ${CACHE_ENV}, else $XDG_CACHE_HOME/dinoflow, else "
                          "~/.cache/dinoflow: set it to a folder that can be written)") from None
@@ -238,7 +241,10 @@ def _pinned(settings: dict[str, str]) -> list[str]:
     with _bad_input():
         client = registry_client()
         pins = {setting: pinned_uri(client, uri) for setting, uri in registered.items()}
-    return [f"{setting}={pin}" for setting, pin in pins.items() if pin != registered[setting]]
+    pinned = {setting: pin for setting, pin in pins.items() if pin != registered[setting]}
+    for setting, pin in pinned.items():  # the ranks see only the version: said here, to resume after the alias moves
+        typer.echo(f"{setting}: {registered[setting]} is {pin}", err=True)
+    return [f"{setting}={pin}" for setting, pin in pinned.items()]
 
 
 def _preset_kind(preset: str, kinds: tuple[str, ...] = ()) -> str | None:

@@ -15,7 +15,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from dinoflow.registry import (champion_version, gate, lower_is_better, move_alias, pick_version,
+from dinoflow.registry import (cached_version, champion_version, gate, lower_is_better, move_alias, pick_version,
                                register_version, version_metric)
 from tests.servers import MlflowServer
 
@@ -218,3 +218,42 @@ def test_a_store_that_does_not_answer_is_not_read_as_a_missing_model_or_version(
         move_alias(direct, name, "9")
     with pytest.raises(ValueError, match=rf"no registered model 'other-{name}'"):
         move_alias(direct, f"other-{name}", "1")
+
+
+def test_an_artifact_server_refusing_a_registered_models_download_is_said_as_its_error(
+        mlflow_server: MlflowServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A registered model whose download the artifact server refuses (a 403, not retried) ends the
+    command in one line with MLflow's error and exit status 1, as an endpoint's: the cache folder,
+    which could be written, is not blamed."""
+    from typer.testing import CliRunner
+
+    from components.register import BACKBONE_IN_RUN
+    from pipelines.cli import app
+
+    direct = MlflowClient(tracking_uri=mlflow_server.uri)
+    name = f"m-{uuid.uuid4().hex[:8]}"
+    run = direct.create_run(direct.create_experiment(f"proxied-{name}"))  # artifacts through the server
+    (tmp_path / "backbone.safetensors").write_bytes(b"weights")
+    direct.log_artifact(run.info.run_id, str(tmp_path / "backbone.safetensors"), BACKBONE_IN_RUN.rsplit("/", 1)[0])
+    version = register_version(direct, name, run.info.run_id, "model", {"knn_top1": 0.5})
+    assert gate(direct, name, version, "knn_top1").promoted
+    monkeypatch.setenv("DINOFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    with _failing(mlflow_server, "/mlflow-artifacts/", code=403) as (uri, received):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        result = CliRunner().invoke(app, ["pretrain", "--config", "tiny", f"init_weights=models:/{name}@champion",
+                                          f"out={tmp_path / 'run'}"])
+    assert any("/mlflow-artifacts/" in line for line in received)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: Failed to download artifacts") and "cache" not in last, last
+
+
+def test_a_version_without_a_run_is_refused_before_its_cache_folder_is_made(tmp_path: Path) -> None:
+    """A version registered from a path, not a run, has no run to fetch from nor to name its cache
+    folder by (it would be ``<version>-None``, shared by every such version 1)."""
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client.create_registered_model("bare")
+    found = client.create_model_version("bare", f"file://{tmp_path / 'weights'}")
+    with pytest.raises(ValueError, match=r"'bare' version 1 has no run to fetch it from \(its source: file://"):
+        cached_version(client, "sqlite:///x", found, "model/backbone.safetensors", tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()

@@ -214,7 +214,8 @@ def test_ranks_are_given_the_version_the_alias_names_as_they_start(tmp_path: Pat
                                              "init_weights=models:/tiny/2 distributed.strategy=fsdp2"), ranks.stderr
     # a rank's fetch (the first to stop at the missing data may end the other before it fetched)
     assert "models:/tiny/2: version 2 of tiny, " in ranks.stderr
-    assert "models:/tiny@champion: version" not in ranks.stderr
+    assert "models:/tiny@champion: version" not in ranks.stderr  # resolved once, by the launcher, which says so:
+    assert "init_weights: models:/tiny@champion is models:/tiny/2\n" in ranks.stderr
     refused = CliRunner().invoke(app, ["pretrain", "--nproc", "2", "init_weights=models:/tiny@nope"],
                                  env={"MLFLOW_TRACKING_URI": store})
     assert refused.exit_code == 2 and refused.stderr == "error: registered model 'tiny' has no alias 'nope'\n"

@@ -72,12 +72,15 @@ def test_safetensors_sources_refuse_a_pickle(tmp_path: Path, source: str) -> Non
 
 
 def test_resume_refuses_a_pickle_with_code(tmp_path: Path) -> None:
-    """A planted training checkpoint behind latest.json does not run when a run resumes."""
+    """A planted training checkpoint behind latest.json does not run when a run resumes; it is
+    refused naming the file and the global it would have run, not advising an unsafe load."""
     marker = tmp_path / "pwned"
     storage, out = Storage(), str(tmp_path / "run")
     save_checkpoint(storage, out, malicious_checkpoint(marker), step=5)
-    with pytest.raises(Exception, match="Weights only load failed"):
+    with pytest.raises(ValueError, match=r"step_0+5\.pt: not a tensor-only torch checkpoint \(UnpicklingError: "
+                                         r"WeightsUnpickler error: Unsupported global") as refused:
         load_latest_checkpoint(storage, out)
+    assert "weights_only set to False" not in str(refused.value)
     assert_not_run(marker)
 
 

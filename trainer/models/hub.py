@@ -279,7 +279,8 @@ def load_strict(model: torch.nn.Module, state_dict: Mapping[str, Tensor]) -> Non
     model.load_state_dict(dict(state_dict), strict=True, assign=meta)
 
 
-_TORCH_LOAD_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+_TORCH_LOAD_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation", "(1)",
+                           "(2)")
 
 
 def _load_refusal(err: Exception, data: bytes) -> str:
