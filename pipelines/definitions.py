@@ -38,6 +38,7 @@ machine, so local callers build with ``gpus=0``.
 No ``from __future__ import annotations``: KFP reads the pipeline signatures' annotations as types.
 """
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -128,7 +129,18 @@ def build_pipelines(images: Images | str = DEFAULT_IMAGES, s3_secret: str = S3_S
                     settings_config_map: str = SETTINGS_CONFIG_MAP, gpus: int = GPUS) -> dict[str, Callable[..., Any]]:
     """The pipeline functions (``@dsl.pipeline``) by name, for components on ``images`` (a str: one
     image for every stage) whose tasks read the Secret and ConfigMap of these names on a cluster;
-    the training and evaluation stages get ``gpus`` GPUs (0 or 1; 0: they run on the CPU image, on CPU)."""
+    the training and evaluation stages get ``gpus`` GPUs (0 or 1; 0: they run on the CPU image, on CPU).
+
+    Built once a process for each set of arguments (a new dict of the same pipelines after): KFP's
+    resource setters each call ``inspect.stack()``, which reads every frame's source, so a build
+    took seconds (~20 s under pytest's deep stacks, for each test that built them), and the compiler and
+    the local runner only read a pipeline."""
+    return dict(_built_pipelines(images, s3_secret, settings_config_map, gpus))
+
+
+@functools.lru_cache(maxsize=8)
+def _built_pipelines(images: Images | str, s3_secret: str, settings_config_map: str,
+                     gpus: int) -> dict[str, Callable[..., Any]]:
     if gpus not in (0, 1):
         raise ValueError(f"gpus must be 0 (a CPU-only cluster) or 1: the pretrain task trains in one process "
                          f"(multi-GPU training: the PyTorchJob, infra/README.md step 7), got {gpus}")
