@@ -318,15 +318,10 @@ class FSDP2Strategy(Strategy):
         return box[0]
 
     def load_whole(self, module: nn.Module, state: dict[str, Tensor] | None) -> None:
-        refused = None  # the main rank's load error, said on every rank: the others would wait in a broadcast
-        if self.is_main:
-            try:
-                module.load_state_dict(state)
-            except RuntimeError as err:  # keys or shapes the module lacks
-                refused = str(err)
-        refused = self.broadcast_from_main(refused)
-        if refused is not None:
-            raise RuntimeError(refused if self.is_main else f"the main rank could not load the checkpoint: {refused}")
+        def load() -> None:  # keys or shapes the module lacks raise on every rank: the others would wait below
+            module.load_state_dict(state)
+
+        self.read_on_main(load, "load the checkpoint")
         for tensor in module.state_dict().values():  # the same order on every rank: one tensor at a time
             on_device = tensor.to(self.device).contiguous()  # (NCCL moves device tensors only)
             dist.broadcast(on_device, src=0)

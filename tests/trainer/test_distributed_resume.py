@@ -383,7 +383,8 @@ def test_a_checkpoint_the_main_rank_cannot_load_is_refused_on_every_rank(tmp_pat
     results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert results[0]["loaded"] == results[1]["loaded"] == [[0.0, 1.0, 2.0, 3.0, 4.0, 5.0], [7.0, 8.0]]
     assert 'Missing key(s) in state_dict: "bias"' in results[0]["refused"]
-    assert results[1]["refused"] == f"the main rank could not load the checkpoint: {results[0]['refused']}"
+    assert results[1]["refused"] == ("the main rank could not load the checkpoint: "
+                                     f"RuntimeError: {results[0]['refused']}")
     assert results[0]["unread"].startswith(f"ValueError: {checkpoints / 'step_00000002.pt'}: not a tensor-only torch "
                                            "checkpoint (")
     assert results[1]["unread"] == f"RuntimeError: the main rank could not read the latest checkpoint: " \
