@@ -196,16 +196,14 @@ def _cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dinoflow"
 
 
-@contextlib.contextmanager
-def _registered(uri: str) -> Iterator[str]:
+def _registered(uri: str) -> str:
     """``uri`` itself, or for a registered model (``models:/<name>@<alias>``, ``models:/<name>/<version>``,
     ``models:/<name>``: its champion) a folder holding its backbone and the heads registered with it,
     fetched from the registry (``MLFLOW_TRACKING_URI``, else the demo's store) into the cache
     (:func:`_cache_root`). An alias is resolved at each start: after it moved, a rerun finds
     another version, and a fine-tuning refuses to resume with it; the version's URI resumes it."""
     if not uri.startswith("models:/"):
-        yield uri
-        return
+        return uri
     from components.register import BACKBONE_IN_RUN
     from dinoflow.registry import cached_version, pick_version, registry_client, registry_store
 
@@ -225,7 +223,7 @@ def _registered(uri: str) -> Iterator[str]:
     typer.echo(f"{uri}: version {found.version} of {found.name}, "
                f"{'downloaded into' if fetched.downloaded else 'in'} {fetched.folder}"
                + ("" if uri == pinned else f" (to resume after the alias moves: {pinned})"), err=True)
-    yield str(fetched.folder)
+    return str(fetched.folder)
 
 
 def _pinned(settings: dict[str, str]) -> list[str]:
@@ -384,9 +382,8 @@ def pretrain(
     main_rank = int(os.environ.get("RANK", "0")) == 0  # torchrun's; rank 0 alone tracks and reports
     storage, tracking_uri = _run_root(cfg.out)
     with (_run_tracker(cfg, "pretrain", tracking_uri) if main_rank else contextlib.nullcontext(NullTracker())) \
-            as tracker, _bad_input(), \
-            _registered(cfg.init_weights) as init:
-        cfg = cfg.model_copy(update={"init_weights": init})  # a registered model: fetched, with its heads
+            as tracker, _bad_input():
+        cfg = cfg.model_copy(update={"init_weights": _registered(cfg.init_weights)})  # fetched, with its heads
         summary = run_pretrain(cfg, storage, tracker)  # bad input met as it starts: a missing data folder, ...
     if main_rank:
         typer.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
@@ -426,10 +423,10 @@ def distill(
     assert isinstance(cfg, DistillConfig)
     _check_device(cfg.device)
     storage, tracking_uri = _run_root(cfg.out)
-    with _run_tracker(cfg, "distill", tracking_uri) as tracker, _bad_input(), \
-            _registered(cfg.teacher.uri) as teacher_uri, _registered(cfg.init_weights) as init:
+    with _run_tracker(cfg, "distill", tracking_uri) as tracker, _bad_input():
+        teacher_uri = _registered(cfg.teacher.uri)  # registered models: fetched, with their heads
         cfg = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"uri": teacher_uri}),
-                                     "init_weights": init})  # registered models: fetched, with their heads
+                                     "init_weights": _registered(cfg.init_weights)})
         summary = run_distill(cfg, storage, tracker)
     typer.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
 
@@ -470,8 +467,8 @@ def finetune(
     main_rank = int(os.environ.get("RANK", "0")) == 0  # torchrun's; rank 0 alone tracks and reports
     storage, tracking_uri = _run_root(cfg.out)
     with (_run_tracker(cfg, "finetune", tracking_uri) if main_rank else contextlib.nullcontext(NullTracker())) \
-            as tracker, _bad_input(), _registered(cfg.weights) as fetched:
-        summary = run_finetune(cfg.model_copy(update={"weights": fetched}), storage, tracker)
+            as tracker, _bad_input():
+        summary = run_finetune(cfg.model_copy(update={"weights": _registered(cfg.weights)}), storage, tracker)
     if main_rank:
         typer.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
     leave_rank()  # a torchrun rank ends here, its run finished and written
